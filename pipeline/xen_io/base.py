@@ -1,0 +1,91 @@
+"""The hypervisor boundary: the one interface the pipeline uses to drive a guest.
+
+The pipeline never imports a backend module directly; it calls
+:func:`pipeline.xen_io.open_domain` with the ``[guest]`` settings and gets a
+:class:`Domain`. Backends: ``sim`` (a simulated guest process whose RAM is a
+shared memfd) and ``xen`` (a real Xen domain through libxenctrl /
+libxenforeignmemory via ctypes).
+
+Frame numbers (``pfns``) are guest frame numbers: indexes of pages of the
+guest's physical memory, ``0 <= pfn < page_count``.
+"""
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+
+class DomainError(RuntimeError):
+    """A hypervisor call failed. The message names the call, the domain and the cause."""
+
+
+class Domain(abc.ABC):
+    """A guest whose memory and vCPU state the pipeline reads (primary) or writes (secondary)."""
+
+    #: bytes per guest page (4096 on x86)
+    page_size: int
+    #: number of guest frames; valid pfns are ``range(page_count)``
+    page_count: int
+    #: a human-readable name used in log lines and error messages
+    name: str
+
+    # -- execution ------------------------------------------------------
+    @abc.abstractmethod
+    def pause(self) -> None:
+        """Stop the guest's vCPUs. Returns once the guest is stopped and its state is stable."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """Let a paused guest run again."""
+
+    @property
+    @abc.abstractmethod
+    def is_paused(self) -> bool:
+        ...
+
+    # -- dirty log ------------------------------------------------------
+    @abc.abstractmethod
+    def enable_dirty_log(self) -> None:
+        """Start tracking written pages; every page counts as clean from here on."""
+
+    @abc.abstractmethod
+    def read_and_clear_dirty(self) -> np.ndarray:
+        """Pages written since the last call (or since enable), and clear them.
+
+        Xen log-dirty CLEAN semantics. Returns a sorted, duplicate-free
+        ``uint64`` array of pfns. Call it with the guest paused for an exact set.
+        """
+
+    # -- memory ---------------------------------------------------------
+    @abc.abstractmethod
+    def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        """Copy the pages ``pfns`` into ``out[:len(pfns)]`` (shape ``(n, page_size)``, uint8)."""
+
+    @abc.abstractmethod
+    def write_pages(self, pfns: np.ndarray, data: np.ndarray) -> None:
+        """Copy ``data[:len(pfns)]`` (shape ``(n, page_size)``, uint8) into the pages ``pfns``."""
+
+    def memory_view(self) -> np.ndarray | None:
+        """The whole guest RAM as a writable ``(page_count, page_size)`` uint8 array, if the
+        backend can map it all at once (sim); ``None`` otherwise (xen maps in batches)."""
+        return None
+
+    # -- vCPU / platform state -----------------------------------------
+    @abc.abstractmethod
+    def get_vcpu_state(self) -> bytes:
+        """The vCPU and platform state as an opaque blob (Xen: the HVM context). Guest paused."""
+
+    @abc.abstractmethod
+    def set_vcpu_state(self, blob: bytes) -> None:
+        """Load a blob produced by :meth:`get_vcpu_state` of the peer domain. Guest paused."""
+
+    # -- lifetime -------------------------------------------------------
+    def close(self) -> None:
+        """Release what this object holds (mappings, handles, child processes it owns)."""
+
+    def __enter__(self) -> "Domain":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
