@@ -1,0 +1,216 @@
+"""Node configuration: one schema in code, TOML files on disk.
+
+The schema is a tree of frozen dataclasses; every field carries its documentation
+and its constraints in ``field(metadata=...)``, so the loader, ``check-config``
+and the generated reference page (docs/config.md) all read the same source.
+Errors name the file and the dotted key: ``demo.toml:checkpoint.min_interval_ms:
+must be >= 1 (expected an integer >= 1)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used. ``str()`` is ``file:key: problem (expected …)``."""
+
+    def __init__(self, path: str, key: str, problem: str, expected: str = "") -> None:
+        self.path, self.key, self.problem, self.expected = path, key, problem, expected
+        where = f"{path}:{key}" if key else path
+        tail = f" (expected {expected})" if expected else ""
+        super().__init__(f"{where}: {problem}{tail}")
+
+
+def _f(default: Any, doc: str, *, choices: tuple = (), min: float | None = None,
+       max: float | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str = _f("colo", "Name of this node; names its shared memory (`colo-<name>-*`) and "
+                   "its run directory, and is how `colo-pipeline stats` finds it.")
+    role: str = _f("primary", "What this node is.", choices=("primary", "secondary"))
+    run_dir: str = _f("", "Directory for local sockets; default `/tmp/colo-pipeline/<name>`.")
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    seed: int = _f(1, "Seed of the sim guest's deterministic workload.", min=0)
+    pages_per_input: int = _f(16, "Pages the sim guest writes per input.", min=1)
+    run_length: int = _f(8, "The sim guest writes pages in runs of this many consecutive pages.",
+                         min=1)
+    mix_zero: float = _f(0.30, "Share of written pages that are all zero.", min=0.0, max=1.0)
+    mix_text: float = _f(0.40, "Share of written pages that are text-like.", min=0.0, max=1.0)
+    mix_random: float = _f(0.30, "Share of written pages that are random.", min=0.0, max=1.0)
+    nondeterminism: float = _f(0.0, "Probability per input that the guest mixes real randomness "
+                               "into its work, so PVM and SVM diverge.", min=0.0, max=1.0)
+    input_rate_hz: float = _f(200.0, "Primary: client inputs fed to the guest per second.",
+                              min=0.0)
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    backend: str = _f("sim", "Hypervisor backend.", choices=("sim", "xen"))
+    page_count: int = _f(16384, "sim: guest RAM in pages of 4 KiB.", min=16)
+    domain: str = _f("", "xen: the domain's name or id.")
+    dirty_log: str = _f("auto", "sim: how written pages are tracked: the kernel (userfaultfd "
+                        "write-protect + PAGEMAP_SCAN), a bitmap kept by the guest, or the "
+                        "kernel when it can.", choices=("auto", "uffd", "bitmap"))
+    workload: WorkloadSettings = _section(WorkloadSettings, "The sim guest's workload.")
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    address: str = _f("tcp://127.0.0.1:7400", "Secondary: the address it listens on; primary: "
+                      "the secondary's address. Pages use this port, control port + 1, "
+                      "mirrored input port + 2.")
+    connect_timeout_ms: int = _f(10000, "How long the primary waits for the secondary's HELLO.",
+                                 min=100)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    digest_workers: int = _f(2, "Primary: processes that hash and compress pages.", min=1,
+                             max=64)
+    verify_workers: int = _f(2, "Secondary: processes that decompress and verify pages.",
+                             min=1, max=64)
+    batch_pages: int = _f(64, "Pages per ring slot and per PAGES record.", min=1, max=1024)
+    ring_slots: int = _f(0, "Slots per ring; 0 sizes the rings so one dirty threshold's worth "
+                         "of pages fits, so the PVM never waits for the digest workers.", min=0)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    max_interval_ms: int = _f(2000, "Checkpoint at least this often.", min=1)
+    min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
+    dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
+                                    "(bounds the snapshot buffer).", min=1)
+    epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
+                               min=100)
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = _section(NodeSettings, "This node.")
+    guest: GuestSettings = _section(GuestSettings, "The protected guest.")
+    peer: PeerSettings = _section(PeerSettings, "The other node.")
+    pipeline: PipelineSettings = _section(PipelineSettings, "Stage processes and rings.")
+    checkpoint: CheckpointSettings = _section(CheckpointSettings, "When to checkpoint.")
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> str:
+        return self.node.run_dir or os.path.join("/tmp/colo-pipeline", self.node.name)
+
+    def ring_slots(self) -> int:
+        if self.pipeline.ring_slots:
+            return self.pipeline.ring_slots
+        per_worker = -(-self.checkpoint.dirty_threshold_pages // self.pipeline.digest_workers)
+        return max(4, -(-per_worker // self.pipeline.batch_pages) + 2)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(path, prefix.rstrip("."), f"is {type(data).__name__}", "a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(path, prefix + key, "unknown key",
+                              "one of " + ", ".join(sorted(fields)))
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key, value, typ = prefix + name, data[name], hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, value, path, key + ".")
+            continue
+        meta = f.metadata
+        expected = _TYPE_NAMES.get(typ, str(typ))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not typ:
+            raise ConfigError(path, key, f"{value!r} is {type(value).__name__}", expected)
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(path, key, f"{value!r} is not allowed",
+                              "one of " + ", ".join(repr(c) for c in meta["choices"]))
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise ConfigError(path, key, f"{value} is too small", f"{expected} >= {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(path, key, f"{value} is too large", f"{expected} <= {hi}")
+        values[name] = value
+    return cls(**values)
+
+
+def _check(settings: Settings, path: str) -> None:
+    """Constraints that involve more than one key."""
+    w = settings.guest.workload
+    if abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) > 1e-6:
+        raise ConfigError(path, "guest.workload.mix_*", "mix_zero + mix_text + mix_random = "
+                          f"{w.mix_zero + w.mix_text + w.mix_random:g}", "1.0")
+    c = settings.checkpoint
+    if c.min_interval_ms > c.max_interval_ms:
+        raise ConfigError(path, "checkpoint.min_interval_ms",
+                          f"{c.min_interval_ms} is above max_interval_ms {c.max_interval_ms}",
+                          "min_interval_ms <= max_interval_ms")
+    if settings.guest.backend == "xen" and not settings.guest.domain:
+        raise ConfigError(path, "guest.domain", "missing for backend 'xen'",
+                          "the Xen domain's name or id")
+    addr = settings.peer.address
+    if not addr.startswith("tcp://") or ":" not in addr[6:]:
+        raise ConfigError(path, "peer.address", f"{addr!r} is not a tcp address",
+                          "tcp://HOST:PORT")
+    try:
+        port = int(addr.rsplit(":", 1)[1])
+    except ValueError:
+        raise ConfigError(path, "peer.address", f"{addr!r} has no numeric port",
+                          "tcp://HOST:PORT") from None
+    if not 1 <= port <= 65533:
+        raise ConfigError(path, "peer.address", f"port {port} out of range",
+                          "a port from 1 to 65533 (the next two are used too)")
+
+
+def from_dict(data: dict, path: str = "<dict>") -> Settings:
+    settings = _build(Settings, data, path, "")
+    settings = dataclasses.replace(settings, source=path)
+    _check(settings, path)
+    return settings
+
+
+def load(path: str) -> Settings:
+    """Read and validate a TOML config file. Raises ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    return from_dict(data, path)
+
+
+def peer_endpoints(settings: Settings) -> dict[str, str]:
+    """The three host-to-host channels' addresses (pages, control, inputs)."""
+    base, port = settings.peer.address.rsplit(":", 1)
+    p = int(port)
+    return {"pages": f"{base}:{p}", "control": f"{base}:{p + 1}", "inputs": f"{base}:{p + 2}"}

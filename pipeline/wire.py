@@ -1,0 +1,312 @@
+"""The wire format between a primary and a secondary node (docs/wire-format.md).
+
+One encoder and one validator per record type, named as in the document. Every
+validator raises :class:`WireError` naming the record type and the field that is
+wrong; nothing is applied from a record that did not validate.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MARKER = b"COLO"
+VERSION = 1
+OPTIONAL_BIT = 0x8000
+
+HELLO = 0x0001
+CHECKPOINT_BEGIN = 0x0002
+SVM_DIRTY = 0x0003
+PAGES = 0x0004
+EPOCH_END = 0x0005
+ACK = 0x0006
+INPUT = 0x0007
+SHUTDOWN = 0x8008
+
+RECORD_NAMES = {
+    HELLO: "HELLO", CHECKPOINT_BEGIN: "CHECKPOINT_BEGIN", SVM_DIRTY: "SVM_DIRTY",
+    PAGES: "PAGES", EPOCH_END: "EPOCH_END", ACK: "ACK", INPUT: "INPUT", SHUTDOWN: "SHUTDOWN",
+}
+
+# enc_kind of a page in a PAGES record
+ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF = 0, 1, 2, 3
+
+FLAG_SYNC = 1
+ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
+ACK_COMMITTED, ACK_ABORTED = 0, 1
+
+_HEADER = struct.Struct("<4sHHQII")
+HEADER_SIZE = _HEADER.size  # 24
+
+
+class WireError(ValueError):
+    """A record that does not follow the wire format; the message says which field."""
+
+
+@dataclass(frozen=True)
+class Header:
+    type: int
+    epoch: int
+    body_length: int
+
+    @property
+    def name(self) -> str:
+        return RECORD_NAMES.get(self.type, f"0x{self.type:04x}")
+
+
+def _record(rtype: int, epoch: int, *body: bytes) -> bytes:
+    length = sum(len(b) for b in body)
+    return b"".join((_HEADER.pack(MARKER, VERSION, rtype, epoch, length, 0), *body))
+
+
+def decode_header(msg: bytes | memoryview) -> Header:
+    """Validate the record header of one message. Unknown optional types are returned as they
+    are (the caller skips them); unknown mandatory types raise."""
+    if len(msg) < HEADER_SIZE:
+        raise WireError(f"record: message of {len(msg)} bytes is shorter than the "
+                        f"{HEADER_SIZE}-byte header")
+    marker, version, rtype, epoch, length, _reserved = _HEADER.unpack_from(msg, 0)
+    if marker != MARKER:
+        raise WireError(f"record: bad marker {bytes(marker)!r} (expected {MARKER!r})")
+    if version != VERSION:
+        raise WireError(f"record: unsupported version {version} (this node speaks {VERSION})")
+    if length != len(msg) - HEADER_SIZE:
+        raise WireError(f"{RECORD_NAMES.get(rtype, hex(rtype))}: body_length {length} but "
+                        f"{len(msg) - HEADER_SIZE} bytes follow the header")
+    if rtype not in RECORD_NAMES and not rtype & OPTIONAL_BIT:
+        raise WireError(f"record: unknown mandatory record type 0x{rtype:04x}")
+    return Header(rtype, epoch, length)
+
+
+def _body(msg: bytes | memoryview, expected_type: int) -> tuple[Header, memoryview]:
+    hdr = decode_header(msg)
+    if hdr.type != expected_type:
+        raise WireError(f"expected a {RECORD_NAMES[expected_type]} record, got {hdr.name}")
+    return hdr, memoryview(msg)[HEADER_SIZE:]
+
+
+def _need(name: str, body: memoryview, size: int, what: str) -> None:
+    if len(body) < size:
+        raise WireError(f"{name}: body of {len(body)} bytes is too short for {what} "
+                        f"({size} bytes needed)")
+
+
+# -- HELLO ---------------------------------------------------------------
+_HELLO = struct.Struct("<IB3xQII")
+
+
+@dataclass(frozen=True)
+class Hello:
+    page_size: int
+    role: int
+    page_count: int
+    name: str
+
+
+def encode_hello(page_size: int, role: int, page_count: int, name: str) -> bytes:
+    raw = name.encode()
+    return _record(HELLO, 0, _HELLO.pack(page_size, role, page_count, len(raw), 0), raw)
+
+
+def decode_hello(msg: bytes | memoryview) -> Hello:
+    _, body = _body(msg, HELLO)
+    _need("HELLO", body, _HELLO.size, "the fixed fields")
+    page_size, role, page_count, name_len, _ = _HELLO.unpack_from(body, 0)
+    if len(body) != _HELLO.size + name_len:
+        raise WireError(f"HELLO: name_length {name_len} does not match the body")
+    if role not in (ROLE_PRIMARY, ROLE_SECONDARY):
+        raise WireError(f"HELLO: unknown role {role}")
+    try:
+        name = bytes(body[_HELLO.size:]).decode()
+    except UnicodeDecodeError as exc:
+        raise WireError(f"HELLO: name is not UTF-8 ({exc})") from None
+    return Hello(page_size, role, page_count, name)
+
+
+# -- CHECKPOINT_BEGIN ----------------------------------------------------
+_BEGIN = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class CheckpointBegin:
+    epoch: int
+    cause: int
+    flags: int
+
+
+def encode_checkpoint_begin(epoch: int, cause: int, flags: int = 0) -> bytes:
+    return _record(CHECKPOINT_BEGIN, epoch, _BEGIN.pack(cause, flags))
+
+
+def decode_checkpoint_begin(msg: bytes | memoryview) -> CheckpointBegin:
+    hdr, body = _body(msg, CHECKPOINT_BEGIN)
+    if len(body) != _BEGIN.size:
+        raise WireError(f"CHECKPOINT_BEGIN: body is {len(body)} bytes, expected {_BEGIN.size}")
+    cause, flags = _BEGIN.unpack_from(body, 0)
+    return CheckpointBegin(hdr.epoch, cause, flags)
+
+
+# -- SVM_DIRTY -----------------------------------------------------------
+def encode_svm_dirty(epoch: int, pfns: np.ndarray) -> bytes:
+    pfns = np.ascontiguousarray(pfns, dtype="<u8")
+    return _record(SVM_DIRTY, epoch, struct.pack("<Q", len(pfns)), pfns.tobytes())
+
+
+def decode_svm_dirty(msg: bytes | memoryview, page_count: int) -> tuple[int, np.ndarray]:
+    hdr, body = _body(msg, SVM_DIRTY)
+    _need("SVM_DIRTY", body, 8, "count")
+    (count,) = struct.unpack_from("<Q", body, 0)
+    if len(body) != 8 + 8 * count:
+        raise WireError(f"SVM_DIRTY: count {count} does not match a body of {len(body)} bytes")
+    pfns = np.frombuffer(body, dtype="<u8", count=count, offset=8)
+    if count and int(pfns.max()) >= page_count:
+        raise WireError(f"SVM_DIRTY: pfn {int(pfns.max())} beyond the guest's {page_count} pages")
+    return hdr.epoch, pfns
+
+
+# -- PAGES ---------------------------------------------------------------
+_PAGES = struct.Struct("<II")
+
+
+@dataclass
+class PageBatch:
+    """A decoded PAGES record: numpy views into the message (no copies)."""
+    epoch: int
+    pfns: np.ndarray      # (n,) uint64
+    hashes: np.ndarray    # (n, 32) uint8
+    enc_len: np.ndarray   # (n,) uint32
+    enc_kind: np.ndarray  # (n,) uint8
+    data: np.ndarray      # (sum(enc_len),) uint8
+    offsets: np.ndarray   # (n,) int64: where page i's encoding starts in data
+
+    @property
+    def count(self) -> int:
+        return len(self.pfns)
+
+
+def _pad8(n: int) -> int:
+    return -n % 8
+
+
+def encode_pages(epoch: int, pfns: np.ndarray, hashes: np.ndarray, enc_len: np.ndarray,
+                 enc_kind: np.ndarray, data: np.ndarray | bytes | memoryview) -> bytes:
+    """``data`` holds the encoded pages back to back (``sum(enc_len)`` bytes)."""
+    n = len(pfns)
+    return _record(
+        PAGES, epoch, _PAGES.pack(n, 0),
+        np.ascontiguousarray(pfns, "<u8").tobytes(),
+        np.ascontiguousarray(hashes, np.uint8).tobytes(),
+        np.ascontiguousarray(enc_len, "<u4").tobytes(),
+        np.ascontiguousarray(enc_kind, np.uint8).tobytes(),
+        bytes(_pad8(n * (8 + 32 + 4 + 1))),
+        data,
+    )
+
+
+def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
+                 max_batch: int) -> PageBatch:
+    hdr, body = _body(msg, PAGES)
+    _need("PAGES", body, _PAGES.size, "count")
+    n, _flags = _PAGES.unpack_from(body, 0)
+    if not 1 <= n <= max_batch:
+        raise WireError(f"PAGES: count {n} outside 1..{max_batch}")
+    meta = n * (8 + 32 + 4 + 1)
+    data_at = _PAGES.size + meta + _pad8(meta)
+    _need("PAGES", body, data_at, f"the arrays of {n} pages")
+    off = _PAGES.size
+    pfns = np.frombuffer(body, "<u8", n, off); off += 8 * n
+    hashes = np.frombuffer(body, np.uint8, 32 * n, off).reshape(n, 32); off += 32 * n
+    enc_len = np.frombuffer(body, "<u4", n, off); off += 4 * n
+    enc_kind = np.frombuffer(body, np.uint8, n, off)
+    data = np.frombuffer(body, np.uint8, len(body) - data_at, data_at)
+    if int(pfns.max()) >= page_count:
+        raise WireError(f"PAGES: pfn {int(pfns.max())} beyond the guest's {page_count} pages")
+    if int(enc_kind.max()) > ENC_REF:
+        raise WireError(f"PAGES: unknown enc_kind {int(enc_kind.max())}")
+    raw = enc_kind == ENC_RAW
+    if np.any(enc_len[raw] != page_size):
+        raise WireError(f"PAGES: a RAW page whose enc_len is not the page size {page_size}")
+    lz = enc_kind == ENC_LZ4
+    if np.any((enc_len[lz] == 0) | (enc_len[lz] >= page_size)):
+        raise WireError("PAGES: an LZ4 page with enc_len 0 or not smaller than a page")
+    if np.any(enc_len[~(raw | lz)] != 0):
+        raise WireError("PAGES: a ZERO or REF page with data")
+    total = int(enc_len.sum(dtype=np.int64))
+    if total != len(data):
+        raise WireError(f"PAGES: enc_len adds up to {total} bytes but {len(data)} bytes of "
+                        "data follow")
+    offsets = np.zeros(n, np.int64)
+    np.cumsum(enc_len[:-1], out=offsets[1:])
+    return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets)
+
+
+# -- EPOCH_END -----------------------------------------------------------
+_END = struct.Struct("<QQII")
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    epoch: int
+    pages: int
+    records: int
+    flags: int
+    vcpu: bytes
+
+
+def encode_epoch_end(epoch: int, pages: int, records: int, flags: int, vcpu: bytes) -> bytes:
+    return _record(EPOCH_END, epoch, _END.pack(pages, records, flags, len(vcpu)), vcpu)
+
+
+def decode_epoch_end(msg: bytes | memoryview) -> EpochEnd:
+    hdr, body = _body(msg, EPOCH_END)
+    _need("EPOCH_END", body, _END.size, "the fixed fields")
+    pages, records, flags, vlen = _END.unpack_from(body, 0)
+    if len(body) != _END.size + vlen:
+        raise WireError(f"EPOCH_END: vcpu_length {vlen} does not match the body")
+    return EpochEnd(hdr.epoch, pages, records, flags, bytes(body[_END.size:]))
+
+
+# -- ACK -----------------------------------------------------------------
+_ACK = struct.Struct("<IIQ")
+
+
+@dataclass(frozen=True)
+class Ack:
+    epoch: int
+    status: int
+    pages_applied: int
+    reason: str
+
+
+def encode_ack(epoch: int, status: int, pages_applied: int = 0, reason: str = "") -> bytes:
+    raw = reason.encode()
+    return _record(ACK, epoch, _ACK.pack(status, len(raw), pages_applied), raw)
+
+
+def decode_ack(msg: bytes | memoryview) -> Ack:
+    hdr, body = _body(msg, ACK)
+    _need("ACK", body, _ACK.size, "the fixed fields")
+    status, rlen, applied = _ACK.unpack_from(body, 0)
+    if len(body) != _ACK.size + rlen:
+        raise WireError(f"ACK: reason_length {rlen} does not match the body")
+    if status not in (ACK_COMMITTED, ACK_ABORTED):
+        raise WireError(f"ACK: unknown status {status}")
+    return Ack(hdr.epoch, status, applied, bytes(body[_ACK.size:]).decode(errors="replace"))
+
+
+# -- INPUT ---------------------------------------------------------------
+def encode_input(epoch: int, seq: int, payload: bytes) -> bytes:
+    return _record(INPUT, epoch, struct.pack("<Q", seq), payload)
+
+
+def decode_input(msg: bytes | memoryview) -> tuple[int, int, bytes]:
+    hdr, body = _body(msg, INPUT)
+    _need("INPUT", body, 8, "seq")
+    (seq,) = struct.unpack_from("<Q", body, 0)
+    return hdr.epoch, seq, bytes(body[8:])
+
+
+# -- SHUTDOWN ------------------------------------------------------------
+def encode_shutdown(epoch: int) -> bytes:
+    return _record(SHUTDOWN, epoch)
