@@ -71,6 +71,23 @@ class Domain(abc.ABC):
         backend can map it all at once (sim); ``None`` otherwise (xen maps in batches)."""
         return None
 
+    def memory_digest(self, batch_pages: int = 1024) -> bytes:
+        """blake3 over all of guest RAM in pfn order (pause the guest for a stable answer).
+        Backends that can map all of RAM at once may override this with a faster path."""
+        import blake3
+
+        h = blake3.blake3()
+        view = self.memory_view()
+        if view is not None:
+            h.update(view)
+            return h.digest()
+        buf = np.empty((batch_pages, self.page_size), np.uint8)
+        for start in range(0, self.page_count, batch_pages):
+            pfns = np.arange(start, min(start + batch_pages, self.page_count), dtype=np.uint64)
+            self.read_pages(pfns, buf)
+            h.update(buf[:len(pfns)])
+        return h.digest()
+
     # -- vCPU / platform state -----------------------------------------
     @abc.abstractmethod
     def get_vcpu_state(self) -> bytes:
