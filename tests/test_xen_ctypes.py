@@ -1,0 +1,259 @@
+"""The Xen backend's ctypes layer, without a hypervisor.
+
+Struct layouts are checked against the installed libxen-dev headers by compiling
+a small C program that prints sizeof/offsetof; the rest pins down the pure
+logic: bitmap decoding, HVM-context fix-ups, PV refusal, error text, and the
+refusal on a host without /dev/xen/privcmd.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.xen_io import DomainError
+from pipeline.xen_io import xen_ctypes as xc
+
+HEADERS = Path("/usr/include/xenctrl.h")
+
+LAYOUT_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+#include <xenctrl.h>
+#include <xen/hvm/save.h>
+#define S(t) printf(#t " sizeof %zu\n", sizeof(t))
+#define O(t, f) printf(#t " " #f " %zu\n", offsetof(t, f))
+#define V(c) printf("const " #c " %lld\n", (long long)(c))
+int main(void) {
+    S(xc_domaininfo_t);
+    O(xc_domaininfo_t, domain); O(xc_domaininfo_t, flags); O(xc_domaininfo_t, tot_pages);
+    O(xc_domaininfo_t, max_pages); O(xc_domaininfo_t, outstanding_pages); O(xc_domaininfo_t, shr_pages);
+    O(xc_domaininfo_t, paged_pages); O(xc_domaininfo_t, shared_info_frame); O(xc_domaininfo_t, cpu_time);
+    O(xc_domaininfo_t, nr_online_vcpus); O(xc_domaininfo_t, max_vcpu_id); O(xc_domaininfo_t, ssidref);
+    O(xc_domaininfo_t, handle); O(xc_domaininfo_t, cpupool); O(xc_domaininfo_t, gpaddr_bits);
+    O(xc_domaininfo_t, arch_config);
+    S(struct xen_arch_domainconfig); O(struct xen_arch_domainconfig, emulation_flags);
+    O(struct xen_arch_domainconfig, misc_flags);
+    S(xc_hypercall_buffer_t); O(xc_hypercall_buffer_t, hbuf); O(xc_hypercall_buffer_t, param_shadow);
+    O(xc_hypercall_buffer_t, dir); O(xc_hypercall_buffer_t, ubuf); O(xc_hypercall_buffer_t, sz);
+    S(xc_shadow_op_stats_t); O(xc_shadow_op_stats_t, fault_count); O(xc_shadow_op_stats_t, dirty_count);
+    S(struct hvm_save_descriptor); O(struct hvm_save_descriptor, typecode);
+    O(struct hvm_save_descriptor, instance); O(struct hvm_save_descriptor, length);
+    S(xen_pfn_t); S(struct hvm_hw_lapic_regs);
+    V(XEN_DOMINF_dying); V(XEN_DOMINF_hvm_guest); V(XEN_DOMINF_shutdown); V(XEN_DOMINF_paused);
+    V(XEN_DOMINF_blocked); V(XEN_DOMINF_running); V(XEN_DOMINF_hap);
+    V(XEN_DOMCTL_SHADOW_OP_OFF); V(XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY); V(XEN_DOMCTL_SHADOW_OP_CLEAN);
+    V(XEN_DOMCTL_SHADOW_OP_PEEK); V(XEN_DOMCTL_SENDTRIGGER_NMI); V(XEN_X86_EMU_LAPIC); V(XEN_X86_EMU_ALL);
+    V(XTL_ERROR); V(HVM_SAVE_CODE(END)); V(HVM_SAVE_CODE(LAPIC_REGS));
+    V(HVM_PARAM_STORE_PFN); V(HVM_PARAM_CONSOLE_PFN);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def header_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """sizeof/offsetof/constant values as the installed Xen headers define them."""
+    if not HEADERS.exists():
+        pytest.skip("libxen-dev headers (/usr/include/xenctrl.h) are not installed")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to check struct layouts against the headers")
+    work = tmp_path_factory.mktemp("xenlayout")
+    (work / "layout.c").write_text(LAYOUT_PROGRAM)
+    subprocess.run([cc, "-o", str(work / "layout"), str(work / "layout.c")], check=True, timeout=60,
+                   capture_output=True)
+    out = subprocess.run([str(work / "layout")], check=True, capture_output=True, text=True, timeout=10)
+    layout = {}
+    for line in out.stdout.splitlines():
+        key, value = line.rsplit(" ", 1)
+        layout[key] = int(value)
+    return layout
+
+
+STRUCTS = [
+    ("xc_domaininfo_t", xc.XenDomctlGetDomainInfo),
+    ("struct xen_arch_domainconfig", xc.XenArchDomainConfig),
+    ("xc_hypercall_buffer_t", xc.XcHypercallBuffer),
+    ("xc_shadow_op_stats_t", xc.XenShadowOpStats),
+    ("struct hvm_save_descriptor", xc.HvmSaveDescriptor),
+]
+
+
+@pytest.mark.parametrize("c_name,py_struct", STRUCTS, ids=[s[0] for s in STRUCTS])
+def test_struct_layout_matches_installed_headers(header_layout, c_name, py_struct) -> None:
+    assert ctypes.sizeof(py_struct) == header_layout[f"{c_name} sizeof"]
+    for field, *_ in py_struct._fields_:
+        if field.startswith("pad"):
+            continue  # padding has no name worth checking; the size check covers it
+        assert getattr(py_struct, field).offset == header_layout[f"{c_name} {field}"], field
+
+
+def test_constants_match_installed_headers(header_layout) -> None:
+    assert ctypes.sizeof(xc.xen_pfn_t) == header_layout["xen_pfn_t sizeof"]
+    assert xc.LAPIC_REGS_SIZE == header_layout["struct hvm_hw_lapic_regs sizeof"]
+    mine = {
+        "XEN_DOMINF_dying": xc.XEN_DOMINF_dying, "XEN_DOMINF_hvm_guest": xc.XEN_DOMINF_hvm_guest,
+        "XEN_DOMINF_shutdown": xc.XEN_DOMINF_shutdown, "XEN_DOMINF_paused": xc.XEN_DOMINF_paused,
+        "XEN_DOMINF_blocked": xc.XEN_DOMINF_blocked, "XEN_DOMINF_running": xc.XEN_DOMINF_running,
+        "XEN_DOMINF_hap": xc.XEN_DOMINF_hap, "XEN_DOMCTL_SHADOW_OP_OFF": xc.XEN_DOMCTL_SHADOW_OP_OFF,
+        "XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY": xc.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
+        "XEN_DOMCTL_SHADOW_OP_CLEAN": xc.XEN_DOMCTL_SHADOW_OP_CLEAN,
+        "XEN_DOMCTL_SHADOW_OP_PEEK": xc.XEN_DOMCTL_SHADOW_OP_PEEK,
+        "XEN_DOMCTL_SENDTRIGGER_NMI": xc.XEN_DOMCTL_SENDTRIGGER_NMI,
+        "XEN_X86_EMU_LAPIC": xc.XEN_X86_EMU_LAPIC, "XEN_X86_EMU_ALL": xc.XEN_X86_EMU_ALL,
+        "XTL_ERROR": xc.XTL_ERROR, "HVM_SAVE_CODE(END)": xc.HVM_SAVE_CODE_END,
+        "HVM_SAVE_CODE(LAPIC_REGS)": xc.HVM_SAVE_CODE_LAPIC_REGS,
+        "HVM_PARAM_STORE_PFN": xc.HVM_PARAM_STORE_PFN, "HVM_PARAM_CONSOLE_PFN": xc.HVM_PARAM_CONSOLE_PFN,
+    }
+    for name, value in mine.items():
+        assert value == header_layout[f"const {name}"], name
+
+
+# -- bitmap decoding --------------------------------------------------------------------------
+def test_bitmap_decodes_to_sorted_pfns_including_word_edges() -> None:
+    nbits = 1_044_480  # a PVH guest's gpfn space (max_gpfn 0xfefff + 1)
+    expected = np.array([0, 1, 63, 64, 127, 4096, 65_535, 0xFEFFC, nbits - 1], dtype=np.uint64)
+    words = np.zeros((nbits + 63) // 64, dtype=np.uint64)
+    for pfn in expected:
+        words[int(pfn) // 64] |= np.uint64(1) << np.uint64(int(pfn) % 64)
+    got = xc.bitmap_to_pfns(words, nbits)
+    assert got.dtype == np.uint64
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_bitmap_ignores_bits_beyond_the_frame_count_and_empty_is_empty() -> None:
+    words = np.zeros(2, dtype=np.uint64)
+    assert xc.bitmap_to_pfns(words, 128).size == 0
+    words[1] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    np.testing.assert_array_equal(xc.bitmap_to_pfns(words, 70), np.arange(64, 70, dtype=np.uint64))
+
+
+def test_bitmap_matches_a_reference_decoder_on_random_bits() -> None:
+    rng = np.random.default_rng(6)
+    bits = rng.random(10_000) < 0.03
+    words = np.packbits(bits, bitorder="little").view(np.uint8)
+    words = np.concatenate([words, np.zeros((-words.size) % 8, np.uint8)]).view(np.uint64)
+    np.testing.assert_array_equal(xc.bitmap_to_pfns(words, bits.size), np.flatnonzero(bits).astype(np.uint64))
+
+
+def test_bitmap_rejects_wrong_dtype_and_short_buffer() -> None:
+    with pytest.raises(ValueError, match="uint64"):
+        xc.bitmap_to_pfns(np.zeros(4, dtype=np.uint32), 64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        xc.bitmap_to_pfns(np.zeros(1, dtype=np.uint64), 65)
+
+
+# -- HVM context fix-ups ----------------------------------------------------------------------
+def record(typecode: int, instance: int, body: bytes) -> bytes:
+    return bytes(xc.HvmSaveDescriptor(typecode, instance, len(body))) + body
+
+
+def fabricated_context(vcpus: int = 1) -> bytes:
+    """A context blob shaped like Xen's: a header-ish record, LAPIC_REGS per vCPU, END."""
+    blob = record(1, 0, b"\x11" * 24)
+    for vcpu in range(vcpus):
+        blob += record(xc.HVM_SAVE_CODE_LAPIC_REGS, vcpu, bytes(xc.LAPIC_REGS_SIZE))
+    return blob + record(xc.HVM_SAVE_CODE_END, 0, b"")
+
+
+def lapic_irr_bits(blob: bytes, vcpu: int) -> set[int]:
+    for typecode, instance, body, _ in xc.iter_hvm_records(blob):
+        if typecode == xc.HVM_SAVE_CODE_LAPIC_REGS and instance == vcpu:
+            return {32 * reg + bit for reg in range(8) for bit in range(32)
+                    if int.from_bytes(blob[body + 0x200 + 16 * reg: body + 0x204 + 16 * reg], "little") >> bit & 1}
+    raise AssertionError(f"no LAPIC record for vCPU {vcpu}")
+
+
+def test_mark_vector_pending_sets_only_that_irr_bit_on_every_vcpu() -> None:
+    blob = fabricated_context(vcpus=2)
+    fixed = xc.mark_vector_pending(blob, 0xF3)
+    assert len(fixed) == len(blob)
+    assert lapic_irr_bits(fixed, 0) == {0xF3} and lapic_irr_bits(fixed, 1) == {0xF3}
+    diff = [i for i in range(len(blob)) if blob[i] != fixed[i]]
+    assert len(diff) == 2  # one byte per vCPU
+
+
+def test_mark_vector_pending_one_vcpu_and_errors() -> None:
+    fixed = xc.mark_vector_pending(fabricated_context(vcpus=2), 0x20, vcpu=1)
+    assert lapic_irr_bits(fixed, 0) == set() and lapic_irr_bits(fixed, 1) == {0x20}
+    with pytest.raises(ValueError, match="no LAPIC_REGS"):
+        xc.mark_vector_pending(record(1, 0, b"x" * 8) + record(0, 0, b""), 0xF3)
+    with pytest.raises(ValueError, match="16..255"):
+        xc.mark_vector_pending(fabricated_context(), 300)
+    truncated = fabricated_context()[:100]
+    with pytest.raises(ValueError, match="claims 1024 bytes"):
+        xc.mark_vector_pending(truncated, 0xF3)
+
+
+def test_msi_for_vector_addresses_the_lapic() -> None:
+    assert xc.msi_for_vector(0xF3, apic_id=0) == (0xFEE00000, 0xF3)
+    assert xc.msi_for_vector(0x40, apic_id=2) == (0xFEE02000, 0x40)
+
+
+# -- domain info and PV refusal ---------------------------------------------------------------
+def fabricated_info(flags: int, emulation_flags: int) -> xc.DomainInfo:
+    raw = xc.XenDomctlGetDomainInfo(domain=7, flags=flags, tot_pages=32768, shared_info_frame=0x10,
+                                    nr_online_vcpus=1)
+    raw.arch_config.emulation_flags = emulation_flags
+    return xc.DomainInfo.from_struct(xc.XenDomctlGetDomainInfo.from_buffer_copy(bytes(raw)))
+
+
+def test_guest_type_from_flags_and_emulation() -> None:
+    assert fabricated_info(0, 0).guest_type == "pv"
+    assert fabricated_info(xc.XEN_DOMINF_hvm_guest, xc.XEN_X86_EMU_LAPIC).guest_type == "pvh"
+    assert fabricated_info(xc.XEN_DOMINF_hvm_guest, xc.XEN_X86_EMU_ALL).guest_type == "hvm"
+    info = fabricated_info(xc.XEN_DOMINF_hvm_guest | xc.XEN_DOMINF_paused, xc.XEN_X86_EMU_LAPIC)
+    assert info.paused and not info.dying and info.shared_info_frame == 0x10 and info.domid == 7
+
+
+def test_pv_guest_is_refused_with_reason() -> None:
+    with pytest.raises(DomainError, match=r"domain 'web' \(id 7\) is a PV guest.*PVH and HVM"):
+        xc.check_replicable(fabricated_info(0, 0), "'web'")
+
+
+def test_dying_guest_is_refused_and_pvh_hvm_accepted() -> None:
+    with pytest.raises(DomainError, match="is dying"):
+        xc.check_replicable(fabricated_info(xc.XEN_DOMINF_hvm_guest | xc.XEN_DOMINF_dying, 1), "d")
+    xc.check_replicable(fabricated_info(xc.XEN_DOMINF_hvm_guest, xc.XEN_X86_EMU_LAPIC), "d")
+    xc.check_replicable(fabricated_info(xc.XEN_DOMINF_hvm_guest, xc.XEN_X86_EMU_ALL), "d")
+
+
+# -- errors and refusal -----------------------------------------------------------------------
+def test_call_error_names_call_domain_and_errno_text() -> None:
+    err = xc.call_error("xc_logdirty_control(CLEAN)", "prim (id 3)", errno.EOPNOTSUPP)
+    assert isinstance(err, DomainError)
+    text = str(err)
+    assert "xc_logdirty_control(CLEAN)" in text and "prim (id 3)" in text
+    assert errno.errorcode[errno.EOPNOTSUPP] in text and os.strerror(errno.EOPNOTSUPP) in text
+
+
+def test_refuses_host_without_privcmd(tmp_path: Path) -> None:
+    from pipeline.xen_io.xen import open_xen_domain
+
+    missing = tmp_path / "privcmd"
+    with pytest.raises(DomainError, match="this host is not a Xen dom0.*privcmd is absent"):
+        open_xen_domain("prim", privcmd_path=str(missing))
+
+
+def test_backend_registered_under_xen() -> None:
+    import importlib
+
+    from pipeline.xen_io import BACKENDS
+
+    module, factory = BACKENDS["xen"].split(":")
+    assert callable(getattr(importlib.import_module(module), factory))
+
+
+@pytest.mark.skipif(not Path("/usr/lib/x86_64-linux-gnu/libxenctrl.so.4.17").exists(),
+                    reason="Xen runtime libraries are not installed")
+def test_libraries_load_and_prototypes_resolve() -> None:
+    libs = xc.load_libraries()
+    assert libs.xc.xc_logdirty_control.restype is ctypes.c_longlong
+    assert libs.fmem.xenforeignmemory_map.restype is ctypes.c_void_p
