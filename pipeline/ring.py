@@ -284,6 +284,11 @@ class Ring:
         return int(self._ctl[_W_ERRORS])
 
     @property
+    def closed(self) -> bool:
+        """True once close() was called in this process."""
+        return self._segment is None
+
+    @property
     def closed_for_write(self) -> bool:
         return bool(self._ctl[_W_CLOSED])
 
