@@ -1,0 +1,80 @@
+"""Named counters of the disk stage.
+
+The stage keeps its own totals (so tests and ``stats()`` can read them without the
+shared-memory counters) and mirrors every update onto an optional sink with
+``add(name, n)`` / ``set(name, v)`` — the lead maps that onto
+``pipeline.counters.StageCounters``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+
+class CounterSink(Protocol):
+    def add(self, name: str, n: int) -> None: ...
+    def set(self, name: str, v: int) -> None: ...
+
+
+#: every counter name the disk stage uses, with what it counts
+COUNTER_NAMES = {
+    "reads": "NBD read requests served",
+    "read_bytes": "bytes returned by NBD reads",
+    "writes": "NBD write/zero/trim requests applied",
+    "write_bytes": "bytes written (zero/trim count their length)",
+    "flushes": "NBD flush requests",
+    "forwarded": "writes acknowledged by the secondary (primary side)",
+    "forward_latency_ns": "sum of forward round trips, ns (primary side)",
+    "forward_latency_max_ns": "largest forward round trip, ns (primary side)",
+    "forward_errors": "writes failed because the secondary refused or timed out",
+    "forward_stalls": "times a connection stopped reading: forward window full",
+    "received": "forwarded writes accepted into the buffer (secondary side)",
+    "bad_requests": "NBD requests refused (bounds, alignment, size, unknown command)",
+    "bad_forwards": "forwarded writes refused (epoch, bounds, hash, malformed)",
+    "client_disconnects": "NBD clients that vanished mid-request",
+    "commits": "epochs committed into the secondary image",
+    "discards": "uncommitted epochs discarded",
+    "journal_replays": "interrupted commits/merges finished at open",
+    "failovers": "overlay merges into the image (secondary became active)",
+    "divergences": "PVM and SVM write streams differed (counted with compare off too)",
+    "checkpoint_requests": "checkpoints requested by the disk stage",
+    "overlay_bytes": "bytes held in the SVM overlay (gauge)",
+    "buffer_bytes": "bytes of uncommitted PVM writes buffered (gauge)",
+    "epoch": "current epoch (primary: tag of new writes; secondary: last committed)",
+}
+
+
+class DiskCounters:
+    """Thread-safe named counters with an optional mirror sink."""
+
+    def __init__(self, sink: CounterSink | None = None) -> None:
+        self._values = dict.fromkeys(COUNTER_NAMES, 0)
+        self._sink = sink
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+        if self._sink is not None:
+            self._sink.add(name, n)
+
+    def set(self, name: str, v: int) -> None:
+        with self._lock:
+            self._values[name] = v
+        if self._sink is not None:
+            self._sink.set(name, v)
+
+    def max(self, name: str, v: int) -> None:
+        with self._lock:
+            if v <= self._values[name]:
+                return
+            self._values[name] = v
+        if self._sink is not None:
+            self._sink.set(name, v)
+
+    def __getitem__(self, name: str) -> int:
+        return self._values[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)

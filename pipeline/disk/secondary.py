@@ -1,0 +1,142 @@
+"""The secondary's side: the SVM's export over the store, and the receiver of forwarded
+PVM writes (validated, buffered, compared, acknowledged)."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+
+from pipeline.disk import nbd_protocol as P
+from pipeline.disk import wire
+from pipeline.disk.comparator import PVM, SVM, DiskComparator
+from pipeline.disk.counters import DiskCounters
+from pipeline.disk.store import SecondaryStore, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+
+
+class SvmBackend:
+    """Export backend of the SVM's disk: reads see the overlay, then the image."""
+
+    window = 1  # writes complete at once; nothing is ever in flight
+
+    def __init__(self, store: SecondaryStore, comparator: DiskComparator,
+                 max_request: int, counters: DiskCounters) -> None:
+        self.store = store
+        self.comparator = comparator
+        self.size = store.size
+        self.block_size = store.block
+        self.max_request = max_request
+        self.counters = counters
+
+    def connect(self) -> "SvmLink":
+        return SvmLink(self)
+
+
+class SvmLink:
+    socket = None
+    inflight = 0
+
+    def __init__(self, backend: SvmBackend) -> None:
+        self.b = backend
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        return self.b.store.svm_read(offset, length)
+
+    def write(self, cookie: int, offset: int, data: bytearray) -> bool:
+        self._apply(lambda: self.b.store.svm_write(offset, data), offset, len(data))
+        self._compare(offset, len(data), wire.digest_of(data))
+        return True
+
+    def zero(self, cookie: int, offset: int, length: int) -> bool:
+        self._apply(lambda: self.b.store.svm_zero(offset, length), offset, length)
+        self._compare(offset, length, wire.ZERO_DIGEST)
+        return True
+
+    def _apply(self, op, offset: int, length: int) -> None:
+        try:
+            op()
+        except StoreFull as e:
+            # the overlay is full: a checkpoint empties it; the guest sees ENOSPC meanwhile
+            self.b.comparator.request_checkpoint("dirty_threshold", str(e))
+            raise P.NbdError(P.ENOSPC, str(e)) from None
+
+    def _compare(self, offset: int, length: int, digest: bytes) -> None:
+        store = self.b.store
+        if not store.active:
+            self.b.comparator.record(SVM, store.committed_epoch + 1, offset, length, digest)
+
+    def flush(self) -> None:
+        self.b.store.flush()
+
+    def completions(self, now_ns: int) -> list[tuple[int, int]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class ForwardReceiver(threading.Thread):
+    """Binds the ROUTER end of the forwarding link and serves it until :meth:`stop`."""
+
+    def __init__(self, address: str, store: SecondaryStore, comparator: DiskComparator,
+                 counters: DiskCounters, context: zmq.Context | None = None) -> None:
+        super().__init__(name="disk-forward-receiver", daemon=True)
+        self.store = store
+        self.comparator = comparator
+        self.counters = counters
+        ctx = context or zmq.Context.instance()
+        self.writes_in = ctx.socket(zmq.ROUTER)
+        self.writes_in.setsockopt(zmq.LINGER, 0)
+        self.writes_in.bind(address)
+        #: the bound address (a ``tcp://host:*`` request resolved to its port)
+        self.endpoint = self.writes_in.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                if self.writes_in.poll(100):
+                    for _ in range(256):  # a burst, then look at the clock again
+                        try:
+                            frames = self.writes_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self.comparator.check_timeouts()
+        finally:
+            self.writes_in.close(0)
+
+    def _handle(self, frames: list) -> None:
+        identity, body = frames[0], [f.buffer for f in frames[1:]]
+        seq = 0
+        try:
+            if body and len(body[0]) == wire.FORWARD_HEADER.size:
+                seq = wire.FORWARD_HEADER.unpack(body[0])[3]
+            fw = wire.decode_forward(body, self.store.size, self.store.block,
+                                     self.store.committed_epoch)
+            self.store.buffer_pvm_write(fw.epoch, fw.kind, fw.offset, fw.length, fw.digest,
+                                        fw.data)
+        except wire.ForwardError as e:
+            self._refuse(identity, seq, e.status, str(e))
+            return
+        except StoreFull as e:
+            self.comparator.request_checkpoint("dirty_threshold", str(e))
+            self._refuse(identity, seq, P.ENOSPC, str(e))
+            return
+        except StoreError as e:
+            self._refuse(identity, seq, P.EIO, str(e))
+            return
+        self.counters.add("received")
+        self.comparator.record(PVM, fw.epoch, fw.offset, fw.length, fw.digest)
+        self.writes_in.send_multipart([identity] + wire.encode_ack(fw.seq))
+
+    def _refuse(self, identity, seq: int, status: int, reason: str) -> None:
+        log.warning("secondary disk: refused a forwarded write: %s", reason)
+        self.counters.add("bad_forwards")
+        self.writes_in.send_multipart([identity] + wire.encode_ack(seq, status, reason))

@@ -1,0 +1,380 @@
+"""The secondary's disk: image at the last checkpoint, PVM write buffer, SVM overlay, journal.
+
+Files in ``state_dir`` (all sparse / append-only, so RAM use does not grow with
+the amount written):
+
+* ``overlay.img``   — the SVM's own writes since the last checkpoint, at their offsets;
+  an in-memory bitmap (one bit per block) says which blocks are in it.
+* ``buffer-<epoch>.log`` — the PVM's forwarded writes of one epoch, in arrival order:
+  64-byte record header (magic, kind, epoch, offset, length, data length, blake3)
+  then the data. This is also the commit's redo journal.
+* ``journal.json``  — the commit state, replaced atomically (write, fsync, rename, fsync dir):
+  ``{"committed": e, "committing": e2|null, "merging": bool, "active": bool}``.
+* ``overlay.bitmap`` — the overlay bitmap, saved only while a failover merge runs.
+
+Commit of epoch e: fsync the logs ≤ e; journal ``committing = e``; pwrite every record
+of those logs into the image in order; fsync the image; journal ``committed = e``;
+delete the logs; drop the overlay. Redoing writes is idempotent, so a crash anywhere
+is repaired at the next open by redoing the apply (``journal_replays``): the image
+ends exactly at e, or — if the crash came before the ``committing`` record — exactly
+at the previous checkpoint with the logs intact, so the commit can simply be retried.
+
+Failover: save the bitmap, journal ``merging``, copy overlay blocks into the image,
+fsync, journal ``active``. From then on the SVM reads and writes the image directly.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.disk.counters import DiskCounters
+from pipeline.disk.image import ImageFile
+from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
+
+log = logging.getLogger(__name__)
+
+RECORD = struct.Struct("<4sB3xQQII32s")   # magic, kind, epoch, offset, length, data_len, blake3
+RECORD_MAGIC = b"CBR1"
+JOURNAL = "journal.json"
+_LOG_NAME = re.compile(r"^buffer-(\d+)\.log$")
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot be done in the current state; nothing was changed."""
+
+
+class StoreFull(StoreError):
+    """The overlay or the buffer reached its configured bound."""
+
+    errno = errno.ENOSPC
+
+
+@dataclass
+class _EpochLog:
+    epoch: int
+    path: str
+    fd: int
+    bytes: int
+
+
+class SecondaryStore:
+    """Thread-safe: the forward receiver, the SVM export's connections and the command
+    handler all call in; one lock orders them (commit runs with the SVM paused anyway)."""
+
+    def __init__(self, image_path: str, export_size: int, block_size: int, state_dir: str,
+                 overlay_max_bytes: int, buffer_max_bytes: int,
+                 counters: DiskCounters | None = None) -> None:
+        self.size = export_size
+        self.block = block_size
+        self.state_dir = state_dir
+        self.overlay_max_bytes = overlay_max_bytes
+        self.buffer_max_bytes = buffer_max_bytes
+        self.counters = counters or DiskCounters()
+        self._lock = threading.RLock()
+        os.makedirs(state_dir, exist_ok=True)
+        self.image = ImageFile(image_path, export_size)
+        self.overlay = ImageFile(os.path.join(state_dir, "overlay.img"), export_size)
+        self.bitmap = np.zeros(export_size // block_size, dtype=bool)
+        self._logs: dict[int, _EpochLog] = {}
+        self._state = self._read_journal()
+        self._recover()
+
+    # -- state -----------------------------------------------------------
+    @property
+    def committed_epoch(self) -> int:
+        return self._state["committed"]
+
+    @property
+    def active(self) -> bool:
+        """True after failover: the SVM is the VM, its writes go straight to the image."""
+        return self._state["active"]
+
+    @property
+    def overlay_bytes(self) -> int:
+        return int(self.bitmap.sum()) * self.block
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(lg.bytes for lg in self._logs.values())
+
+    def _read_journal(self) -> dict:
+        path = os.path.join(self.state_dir, JOURNAL)
+        state = {"committed": 0, "committing": None, "merging": False, "active": False}
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    state.update(json.load(f))
+                except ValueError as e:
+                    # only ever replaced atomically, so this is not a torn write
+                    raise StoreError(f"commit journal {path} is corrupt: {e}") from None
+        return state
+
+    def _write_journal(self, **changes: object) -> None:
+        state = {**self._state, **changes}
+        path = os.path.join(self.state_dir, JOURNAL)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(state).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._state = state
+
+    # -- open / recovery -------------------------------------------------
+    def _recover(self) -> None:
+        if self._state["merging"]:
+            bits = np.fromfile(os.path.join(self.state_dir, "overlay.bitmap"), dtype=np.uint8)
+            self.bitmap[:] = np.unpackbits(bits, count=len(self.bitmap)).astype(bool)
+            log.warning("store %s: finishing an interrupted failover merge", self.state_dir)
+            self.counters.add("journal_replays")
+            self._merge_overlay()
+            return
+        # the SVM that wrote a previous overlay is gone with the process that served it
+        self.overlay.reset()
+        for name in sorted(os.listdir(self.state_dir)):
+            m = _LOG_NAME.match(name)
+            if m:
+                self._open_log(int(m.group(1)), scan=True)
+        if self._state["committing"] is not None:
+            e = self._state["committing"]
+            log.warning("store %s: replaying the interrupted commit of epoch %d",
+                        self.state_dir, e)
+            self.counters.add("journal_replays")
+            self._apply_and_finish(e)
+        for ep in [ep for ep in self._logs if ep <= self.committed_epoch]:
+            self._drop_log(ep)  # committed, crash came before the delete
+        if self._state["active"]:
+            self.discard_uncommitted()
+        self._update_gauges()
+
+    def _open_log(self, epoch: int, scan: bool = False) -> _EpochLog:
+        path = os.path.join(self.state_dir, f"buffer-{epoch}.log")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        size = os.fstat(fd).st_size
+        if scan:
+            good = 0
+            for end in self._valid_record_ends(path, epoch):
+                good = end
+            if good != size:
+                log.warning("%s: dropping a torn tail of %d bytes", path, size - good)
+                os.ftruncate(fd, good)
+                size = good
+        lg = _EpochLog(epoch, path, fd, size)
+        self._logs[epoch] = lg
+        return lg
+
+    def _drop_log(self, epoch: int) -> None:
+        lg = self._logs.pop(epoch)
+        os.close(lg.fd)
+        os.unlink(lg.path)
+
+    @staticmethod
+    def _records(path: str, epoch: int):
+        """(end offset, kind, offset, length, data) of each valid record, stopping at the
+        first torn or corrupt one."""
+        with open(path, "rb") as f:
+            pos = 0
+            while True:
+                hdr = f.read(RECORD.size)
+                if len(hdr) < RECORD.size:
+                    return
+                magic, kind, ep, off, length, data_len, digest = RECORD.unpack(hdr)
+                if magic != RECORD_MAGIC or ep != epoch or kind not in (KIND_WRITE, KIND_ZERO):
+                    return
+                data = f.read(data_len)
+                if len(data) < data_len:
+                    return
+                if (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
+                    return
+                pos += RECORD.size + data_len
+                yield pos, kind, off, length, data
+
+    def _valid_record_ends(self, path: str, epoch: int):
+        for end, *_ in self._records(path, epoch):
+            yield end
+
+    # -- PVM writes (from the forward receiver) ---------------------------
+    def buffer_pvm_write(self, epoch: int, kind: int, offset: int, length: int,
+                         digest: bytes, data: bytes | memoryview | None) -> None:
+        """Append one validated forwarded write to its epoch's buffer log."""
+        with self._lock:
+            if self.active:
+                raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
+                                 f"no longer takes the primary's writes")
+            if epoch <= self.committed_epoch:
+                raise StoreError(f"PVM write for epoch {epoch}: epoch already committed "
+                                 f"(last committed {self.committed_epoch})")
+            data_len = 0 if data is None else len(data)
+            if self.buffer_bytes + RECORD.size + data_len > self.buffer_max_bytes:
+                raise StoreFull(f"PVM write for epoch {epoch} [{offset}, +{length}): the "
+                                f"buffer holds {self.buffer_bytes} bytes, bound "
+                                f"{self.buffer_max_bytes}")
+            lg = self._logs.get(epoch) or self._open_log(epoch)
+            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, offset, length, data_len, digest)
+            n = os.writev(lg.fd, [hdr] if data is None else [hdr, data])
+            if n != RECORD.size + data_len:  # disk full mid-record: cut it off again
+                os.ftruncate(lg.fd, lg.bytes)
+                raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
+            lg.bytes += n
+            self.counters.add("buffer_bytes", n)
+
+    # -- commit / discard --------------------------------------------------
+    def commit(self, epoch: int) -> None:
+        """Make the image exactly the primary's disk at checkpoint ``epoch``; drop the overlay.
+        Committing an epoch at or below the last committed one does nothing."""
+        with self._lock:
+            if self.active:
+                raise StoreError(f"commit({epoch}): this node failed over; nothing to commit")
+            if epoch <= self.committed_epoch:
+                return
+            for ep in sorted(self._logs):
+                if ep <= epoch:
+                    os.fdatasync(self._logs[ep].fd)
+            self._write_journal(committing=epoch)
+            self._apply_and_finish(epoch)
+            self.counters.add("commits")
+
+    def _apply_and_finish(self, epoch: int) -> None:
+        for ep in sorted(x for x in self._logs if x <= epoch):
+            for _end, kind, off, length, data in self._records(self._logs[ep].path, ep):
+                if kind == KIND_WRITE:
+                    self.image.pwrite(off, data)
+                else:
+                    self.image.zero(off, length)
+        self.image.sync()
+        self._write_journal(committed=epoch, committing=None)
+        for ep in [x for x in self._logs if x <= epoch]:
+            self._drop_log(ep)
+        self._drop_overlay()
+        self._update_gauges()
+
+    def discard_uncommitted(self) -> int:
+        """Forget the buffered PVM writes of every uncommitted (torn) epoch. Returns how many
+        epochs were dropped. The overlay is the SVM's state and stays."""
+        with self._lock:
+            epochs = [ep for ep in self._logs if ep > self.committed_epoch]
+            for ep in epochs:
+                self._drop_log(ep)
+            if epochs:
+                self.counters.add("discards", len(epochs))
+            self._update_gauges()
+            return len(epochs)
+
+    def _drop_overlay(self) -> None:
+        self.overlay.reset()
+        self.bitmap[:] = False
+
+    # -- failover ------------------------------------------------------------
+    def failover(self) -> None:
+        """The SVM becomes the VM: merge its overlay into the image (journalled) and drop
+        the uncommitted PVM writes. Idempotent."""
+        with self._lock:
+            if self.active:
+                return
+            path = os.path.join(self.state_dir, "overlay.bitmap")
+            with open(path, "wb") as f:
+                np.packbits(self.bitmap).tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._write_journal(merging=True)
+            self._merge_overlay()
+            self.counters.add("failovers")
+
+    def _merge_overlay(self) -> None:
+        for start, stop in _runs(self.bitmap):
+            off, length = start * self.block, (stop - start) * self.block
+            for pos in range(off, off + length, 1 << 22):
+                n = min(1 << 22, off + length - pos)
+                self.image.pwrite(pos, self.overlay.pread(pos, n))
+        self.image.sync()
+        self._write_journal(merging=False, active=True)
+        os.unlink(os.path.join(self.state_dir, "overlay.bitmap"))
+        self._drop_overlay()
+        for ep in list(self._logs):
+            self._drop_log(ep)
+        self._update_gauges()
+
+    # -- SVM I/O (from the SVM's NBD export) ---------------------------------
+    def svm_read(self, offset: int, length: int) -> bytes | bytearray:
+        with self._lock:
+            if self.active:
+                return self.image.pread(offset, length)
+            b0, b1 = offset // self.block, (offset + length) // self.block
+            bits = self.bitmap[b0:b1]
+            if not bits.any():
+                return self.image.pread(offset, length)
+            if bits.all():
+                return self.overlay.pread(offset, length)
+            out = bytearray(self.image.pread(offset, length))
+            for start, stop in _runs(bits):
+                lo, hi = start * self.block, stop * self.block
+                out[lo:hi] = self.overlay.pread(offset + lo, hi - lo)
+            return out
+
+    def svm_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            if self.active:
+                self.image.pwrite(offset, data)
+                return
+            b0, b1 = self._reserve(offset, len(data))
+            self.overlay.pwrite(offset, data)
+            self.bitmap[b0:b1] = True
+            self._update_gauges()
+
+    def svm_zero(self, offset: int, length: int) -> None:
+        with self._lock:
+            if self.active:
+                self.image.zero(offset, length)
+                return
+            b0, b1 = self._reserve(offset, length)
+            self.overlay.zero(offset, length)
+            self.bitmap[b0:b1] = True
+            self._update_gauges()
+
+    def _reserve(self, offset: int, length: int) -> tuple[int, int]:
+        b0, b1 = offset // self.block, (offset + length) // self.block
+        new = int((~self.bitmap[b0:b1]).sum()) * self.block
+        if new and self.overlay_bytes + new > self.overlay_max_bytes:
+            raise StoreFull(f"SVM write [{offset}, +{length}): the overlay holds "
+                            f"{self.overlay_bytes} bytes, bound {self.overlay_max_bytes}")
+        return b0, b1
+
+    def flush(self) -> None:
+        with self._lock:
+            (self.image if self.active else self.overlay).sync()
+
+    # -- misc ---------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        self.counters.set("overlay_bytes", self.overlay_bytes)
+        self.counters.set("buffer_bytes", self.buffer_bytes)
+        self.counters.set("epoch", self.committed_epoch)
+
+    def close(self) -> None:
+        with self._lock:
+            for lg in self._logs.values():
+                os.close(lg.fd)
+            self._logs.clear()
+            self.image.close()
+            self.overlay.close()
+
+
+def _runs(bits: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index ranges where ``bits`` is True."""
+    padded = np.concatenate(([False], bits, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

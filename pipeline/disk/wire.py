@@ -1,0 +1,119 @@
+"""The write-forwarding link between the primary's and the secondary's disk stage.
+
+ZeroMQ DEALER (primary, one per NBD connection, connects) ↔ ROUTER (secondary, binds).
+Fixed-width little-endian fields, reserved fields zero on write and ignored on read.
+
+FORWARD message (primary → secondary), two frames (one for ZERO):
+
+    frame 0, 64 bytes: magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
+                       epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
+                       blake3(data) 32 bytes (all zero for ZERO)
+    frame 1 (WRITE only): the ``length`` data bytes
+
+ACK message (secondary → primary), two frames:
+
+    frame 0, 16 bytes: magic "CDA1" | status u32 (0 ok, else an errno) | seq u64
+    frame 1: utf-8 reason (empty when ok)
+
+The secondary acks a write once it is appended to its buffer file (page cache, not
+fsync): the guest's write then survives the loss of the primary host, which is the
+failure COLO protects against; losing both hosts at once is outside the model.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+FORWARD_MAGIC = b"CDW1"
+ACK_MAGIC = b"CDA1"
+KIND_WRITE = 1
+KIND_ZERO = 2
+ZERO_DIGEST = bytes(32)
+FORWARD_HEADER = struct.Struct("<4sB3xQQQI4x32s")
+ACK_HEADER = struct.Struct("<4sIQ")
+#: how far ahead of the last committed epoch a write may be tagged. Normally 1 or 2
+#: (e+2 starts when the primary snapshots e+1 before the secondary committed it), but
+#: aborted checkpoints let the primary run further ahead; this only catches garbage.
+MAX_EPOCH_LEAD = 1 << 16
+
+
+class ForwardError(ValueError):
+    """A forwarded write that was refused; nothing of it was applied."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ForwardedWrite:
+    kind: int
+    epoch: int
+    seq: int
+    offset: int
+    length: int
+    digest: bytes
+    data: bytes | memoryview | None  # None for ZERO
+
+
+def digest_of(data: bytes | bytearray | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def encode_forward(kind: int, epoch: int, seq: int, offset: int, length: int,
+                   data: bytes | bytearray | memoryview | None) -> list:
+    digest = ZERO_DIGEST if data is None else digest_of(data)
+    header = FORWARD_HEADER.pack(FORWARD_MAGIC, kind, epoch, seq, offset, length, digest)
+    return [header] if data is None else [header, data]
+
+
+def decode_forward(frames: list, export_size: int, block_size: int,
+                   committed_epoch: int) -> ForwardedWrite:
+    """Validate one FORWARD message; raise ForwardError naming what is wrong."""
+    if not frames or len(frames[0]) != FORWARD_HEADER.size:
+        raise ForwardError(errno.EINVAL, f"forward header of {len(frames[0]) if frames else 0}"
+                                         f" bytes, expected {FORWARD_HEADER.size}")
+    magic, kind, epoch, seq, offset, length, digest = FORWARD_HEADER.unpack(frames[0])
+    what = f"forwarded write seq {seq} epoch {epoch} [{offset}, +{length})"
+    if magic != FORWARD_MAGIC:
+        raise ForwardError(errno.EINVAL, f"{what}: magic {magic!r}, expected {FORWARD_MAGIC!r}")
+    if kind not in (KIND_WRITE, KIND_ZERO):
+        raise ForwardError(errno.EINVAL, f"{what}: unknown kind {kind}")
+    if epoch <= committed_epoch or epoch > committed_epoch + MAX_EPOCH_LEAD:
+        raise ForwardError(errno.ESTALE, f"{what}: wrong epoch, the last committed is "
+                                         f"{committed_epoch} (accepted: {committed_epoch + 1}.."
+                                         f"{committed_epoch + MAX_EPOCH_LEAD})")
+    if length == 0 or offset % block_size or length % block_size:
+        raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
+    if offset + length > export_size:
+        raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
+    expected_frames = 2 if kind == KIND_WRITE else 1
+    if len(frames) != expected_frames:
+        raise ForwardError(errno.EINVAL, f"{what}: {len(frames)} frames, expected {expected_frames}")
+    data = None
+    if kind == KIND_WRITE:
+        data = frames[1]
+        if len(data) != length:
+            raise ForwardError(errno.EINVAL, f"{what}: {len(data)} data bytes")
+        if digest_of(data) != digest:
+            raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
+    elif digest != ZERO_DIGEST:
+        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a non-zero digest")
+    return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
+
+
+def encode_ack(seq: int, status: int = 0, reason: str = "") -> list[bytes]:
+    return [ACK_HEADER.pack(ACK_MAGIC, status, seq), reason.encode()]
+
+
+def decode_ack(frames: list) -> tuple[int, int, str]:
+    """(seq, status, reason); raise ValueError on a malformed ack."""
+    if len(frames) != 2 or len(frames[0]) != ACK_HEADER.size:
+        raise ValueError(f"malformed ack: {len(frames)} frames")
+    magic, status, seq = ACK_HEADER.unpack(frames[0])
+    if magic != ACK_MAGIC:
+        raise ValueError(f"ack magic {magic!r}, expected {ACK_MAGIC!r}")
+    return seq, status, bytes(frames[1]).decode(errors="replace")
