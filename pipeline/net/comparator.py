@@ -1,0 +1,541 @@
+"""The comparison core: one object that owns every held frame.
+
+Per connection (keyed by :attr:`Packet.key`) it keeps the PVM's and the SVM's
+frames in arrival order and compares them with one function per kind:
+
+* TCP by sequence range (``_compare_tcp``): the SVM's payload bytes are gathered
+  into a per-connection stream, so a PVM segment may match several SVM segments
+  or part of one. SYN/FIN/RST must agree; window, checksum, IP id and options are
+  ignored. Pure ACKs carry no output and are released at once (as QEMU does).
+  The SVM's sequence numbers must already be in the PVM's space (our
+  :mod:`pipeline.net.rewriter` or QEMU's filter-rewriter does that); SYN
+  segments are placed at relative position 0 on both sides, so an SVM SYN-ACK
+  that was not rewritten still matches.
+* UDP and ICMP (``_compare_datagram``): the bytes after the IP header.
+* Anything else (``_compare_datagram`` too, on the whole frame).
+
+Frames leave through :meth:`_release` and checkpoints are asked for through
+:meth:`_request`, at most once per epoch; nothing else releases or requests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import Callable, Protocol
+
+from pipeline.net.fragments import Reassembler
+from pipeline.net.packet import (KIND_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, MalformedFrame,
+                                 Packet, parse_frame)
+from pipeline.net.settings import NetSettings
+
+log = logging.getLogger(__name__)
+
+PRIMARY, SECONDARY = 0, 1
+SIDE_NAMES = ("primary", "secondary")
+
+#: every counter the comparator keeps (the stage maps them onto StageCounters)
+COUNTER_NAMES = (
+    "primary_frames_in", "secondary_frames_in", "primary_bytes_in", "secondary_bytes_in",
+    "frames_released", "bytes_released", "secondary_frames_dropped", "primary_frames_dropped",
+    "malformed_frames", "mismatches", "timeouts", "checkpoint_requests", "requests_coalesced",
+    "table_full", "queue_full", "connections_evicted", "connections_closed",
+    "fragments_held", "fragments_dropped", "commits", "passthrough_frames",
+)
+
+#: SVM payload bytes held per connection before the queue counts as full
+BYTES_PER_QUEUED_FRAME = 1514
+
+Release = Callable[[bytes, int], None]
+Request = Callable[[str, str], None]
+
+
+class CounterSink(Protocol):
+    def add(self, name: str, n: int) -> None: ...
+
+
+class Held:
+    """One frame (or the fragments of one datagram) waiting in a connection queue."""
+
+    __slots__ = ("packet", "frames", "arrived", "epoch", "done", "start", "end", "ctrl")
+
+    def __init__(self, packet: Packet, frames: list[tuple[bytes, int]], arrived: float,
+                 epoch: int) -> None:
+        self.packet = packet
+        self.frames = frames
+        self.arrived = arrived
+        self.epoch = epoch
+        self.done = False
+        # TCP: relative sequence range of the payload and the control flags
+        self.start = 0
+        self.end = 0
+        self.ctrl = 0
+
+
+class Connection:
+    """Both sides of one flow (guest -> client direction)."""
+
+    __slots__ = ("key", "is_tcp", "primary", "secondary", "diverged", "base", "high_rel",
+                 "verified", "sec_start", "sec_buf", "sec_ooo", "sec_ooo_bytes", "sec_ctrl",
+                 "sec_fin", "sec_rst", "closed")
+
+    def __init__(self, key: tuple, is_tcp: bool) -> None:
+        self.key = key
+        self.is_tcp = is_tcp
+        self.primary: deque[Held] = deque()
+        self.secondary: deque[Held] = deque()
+        #: set while a divergence waits for its checkpoint: no comparing until the commit
+        self.diverged = False
+        # --- TCP: relative sequence space (see _rel) ---
+        self.base: int | None = None
+        self.high_rel = 0
+        #: PVM bytes below this relative position were matched (or released by a commit)
+        self.verified: int | None = None
+        #: the SVM's contiguous bytes: sec_buf holds [sec_start, sec_start + len)
+        self.sec_start: int | None = None
+        self.sec_buf = bytearray()
+        self.sec_ooo: dict[int, bytes] = {}
+        self.sec_ooo_bytes = 0
+        #: relative position -> SYN/FIN flags seen from the SVM
+        self.sec_ctrl: dict[int, int] = {}
+        self.sec_fin: int | None = None
+        self.sec_rst = False
+        #: FIN or RST seen from both sides: drop the connection once its queues are empty
+        self.closed = 0
+
+    def idle(self) -> bool:
+        return not self.primary and not self.secondary and not self.sec_buf and not self.sec_ooo
+
+    def reset_secondary(self) -> None:
+        """Forget the SVM's side: after a checkpoint the SVM restarts from the PVM's state."""
+        self.secondary.clear()
+        self.sec_start = None
+        self.sec_buf = bytearray()
+        self.sec_ooo = {}
+        self.sec_ooo_bytes = 0
+        self.sec_ctrl = {}
+        self.sec_fin = None
+        self.sec_rst = False
+
+
+def _signed32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    return x - 0x100000000 if x & 0x80000000 else x
+
+
+class Comparator:
+    """Compares PVM and SVM frames; releases matched PVM frames; requests checkpoints.
+
+    ``release(frame, vnet_hdr_len)`` gets every PVM frame that may go to the client.
+    ``request(cause, detail)`` is called at most once per epoch with cause
+    ``net_divergence`` or ``net_timeout``. Call :meth:`on_snapshot` /
+    :meth:`on_committed` from the coordinator's events, or :meth:`flush` for
+    Xen's/QEMU's all-at-once ``COLO_CHECKPOINT``.
+    """
+
+    def __init__(self, settings: NetSettings, release: Release, request: Request,
+                 counters: CounterSink | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._release_cb = release
+        self._request_cb = request
+        self._sink = counters
+        self._clock = clock
+        self._timeout = settings.compare_timeout_ms / 1000.0
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.connections: OrderedDict[tuple, Connection] = OrderedDict()
+        #: every Held in arrival order, for the timeout scan (done ones are skipped lazily)
+        self._arrivals: deque[tuple[Held, Connection]] = deque()
+        self._reassembly = (Reassembler(settings.max_fragment_datagrams),
+                            Reassembler(settings.max_fragment_datagrams))
+        self.epoch = 0
+        self._requested_epoch = -1
+        self.passthrough = False
+        self._malformed_logged = 0
+
+    # ------------------------------------------------------------------ input
+    def push_primary(self, frame: bytes, vnet_hdr_len: int = 0, now: float | None = None) -> None:
+        """A frame the PVM sent."""
+        self._count("primary_frames_in")
+        self._count("primary_bytes_in", len(frame))
+        if self.passthrough:
+            self._count("passthrough_frames")
+            self._release_frames([(frame, vnet_hdr_len)])
+            return
+        self._push(PRIMARY, frame, vnet_hdr_len, self._clock() if now is None else now)
+
+    def push_secondary(self, frame: bytes, vnet_hdr_len: int = 0,
+                       now: float | None = None) -> None:
+        """A frame the SVM sent (sequence numbers already in the PVM's space)."""
+        self._count("secondary_frames_in")
+        self._count("secondary_bytes_in", len(frame))
+        if self.passthrough:
+            self._count("secondary_frames_dropped")
+            return
+        self._push(SECONDARY, frame, vnet_hdr_len, self._clock() if now is None else now)
+
+    def _push(self, side: int, frame: bytes, vnet_hdr_len: int, now: float) -> None:
+        try:
+            packet = parse_frame(frame, vnet_hdr_len)
+        except MalformedFrame as exc:
+            self._malformed(side, frame, str(exc))
+            return
+        frames = [(frame, vnet_hdr_len)]
+        if packet.frag_id is not None:
+            try:
+                done = self._reassembly[side].add(packet, now, self.epoch)
+            except MalformedFrame as exc:
+                self._malformed(side, frame, str(exc))
+                return
+            if done is None:
+                self._count("fragments_held")
+                return
+            packet, frames = done
+        conn = self._connection(packet, now)
+        if conn is None:
+            self._drop_for_bound(side, "table_full", packet)
+            return
+        held = Held(packet, frames, now, self.epoch)
+        if conn.is_tcp:
+            self._push_tcp(side, conn, held)
+        else:
+            queue = conn.primary if side == PRIMARY else conn.secondary
+            if len(queue) >= self.settings.max_queue_frames:
+                self._drop_for_bound(side, "queue_full", packet)
+                return
+            queue.append(held)
+            self._arrivals.append((held, conn))
+            if not conn.diverged:
+                self._compare_datagram(conn)
+        self._maybe_forget(conn)
+
+    def _malformed(self, side: int, frame: bytes, reason: str) -> None:
+        self._count("malformed_frames")
+        if side == PRIMARY:
+            self._count("primary_frames_dropped")
+        else:
+            self._count("secondary_frames_dropped")
+        self._malformed_logged += 1
+        n = self._malformed_logged
+        if n <= 10 or n % 1000 == 0:
+            log.warning("dropped malformed %s frame (%d bytes, #%d): %s; starts %s",
+                        SIDE_NAMES[side], len(frame), n, reason, frame[:32].hex())
+
+    def _drop_for_bound(self, side: int, counter: str, packet: Packet) -> None:
+        """A bound was hit: drop the frame and ask for a checkpoint, which empties the queues."""
+        self._count(counter)
+        self._count("primary_frames_dropped" if side == PRIMARY else "secondary_frames_dropped")
+        log.warning("%s: dropped %s frame of connection %r", counter, SIDE_NAMES[side],
+                    packet.key)
+        self._request("net_divergence", f"{counter} on {SIDE_NAMES[side]} side")
+
+    # ------------------------------------------------------------ connections
+    def _connection(self, packet: Packet, now: float) -> Connection | None:
+        conns = self.connections
+        conn = conns.get(packet.key)
+        if conn is not None:
+            conns.move_to_end(packet.key)
+            return conn
+        if len(conns) >= self.settings.max_connections:
+            for key, old in conns.items():   # least recently used first
+                if old.idle():
+                    del conns[key]
+                    self._count("connections_evicted")
+                    break
+            else:
+                return None
+        conn = Connection(packet.key, packet.kind == KIND_TCP)
+        conns[packet.key] = conn
+        return conn
+
+    def _maybe_forget(self, conn: Connection) -> None:
+        if conn.closed == 3 and conn.idle() and not conn.diverged:
+            self.connections.pop(conn.key, None)
+            self._count("connections_closed")
+
+    # -------------------------------------------------------------------- TCP
+    def _rel(self, conn: Connection, seq: int) -> int:
+        """Sequence number -> position relative to the PVM's SYN (unwrapped past 2**32)."""
+        if conn.base is None:
+            conn.base = seq     # joined mid-stream: positions relative to the first seen
+        rel = conn.high_rel + _signed32(seq - conn.base - conn.high_rel)
+        if rel > conn.high_rel:
+            conn.high_rel = rel
+        return rel
+
+    def _push_tcp(self, side: int, conn: Connection, held: Held) -> None:
+        p = held.packet
+        ctrl = p.flags & (TCP_SYN | TCP_FIN | TCP_RST)
+        if ctrl & TCP_SYN:
+            if side == PRIMARY:
+                conn.base, conn.high_rel = p.seq, 0
+            start = 1        # the SYN itself sits at 0; data after it
+        else:
+            start = self._rel(conn, p.seq)
+        held.start, held.end, held.ctrl = start, start + len(p.payload), ctrl
+        if ctrl & (TCP_FIN | TCP_RST):
+            conn.closed |= 1 << side
+        if side == PRIMARY:
+            if not ctrl and not p.payload:
+                # a pure ACK carries no output of the guest: nothing to compare
+                self._release_frames(held.frames)
+                return
+            if len(conn.primary) >= self.settings.max_queue_frames:
+                self._drop_for_bound(side, "queue_full", p)
+                return
+            conn.primary.append(held)
+            self._arrivals.append((held, conn))
+        else:
+            if not ctrl and not p.payload:
+                self._count("secondary_frames_dropped")
+                return
+            if not self._absorb_secondary(conn, held):
+                return
+        if not conn.diverged:
+            self._compare_tcp(conn)
+
+    def _absorb_secondary(self, conn: Connection, held: Held) -> bool:
+        """Add an SVM segment's bytes and flags to the connection's SVM stream."""
+        held_bytes = len(conn.sec_buf) + conn.sec_ooo_bytes
+        if held_bytes + len(held.packet.payload) > \
+                self.settings.max_queue_frames * BYTES_PER_QUEUED_FRAME:
+            self._drop_for_bound(SECONDARY, "queue_full", held.packet)
+            return False
+        ctrl, start, end = held.ctrl, held.start, held.end
+        if ctrl & TCP_SYN:
+            conn.sec_ctrl[0] = conn.sec_ctrl.get(0, 0) | TCP_SYN
+        if ctrl & TCP_FIN:
+            conn.sec_ctrl[end] = conn.sec_ctrl.get(end, 0) | TCP_FIN
+            conn.sec_fin = end if conn.sec_fin is None else min(conn.sec_fin, end)
+        if ctrl & TCP_RST:
+            conn.sec_rst = True
+        payload = held.packet.payload
+        if payload:
+            if conn.sec_start is None:
+                conn.sec_start = start
+            sec_end = conn.sec_start + len(conn.sec_buf)
+            if start < conn.sec_start:
+                # an earlier segment arrived late: it becomes the head of the stream
+                if end >= conn.sec_start:
+                    conn.sec_buf[:0] = payload[:conn.sec_start - start]
+                else:
+                    conn.sec_ooo[conn.sec_start] = bytes(conn.sec_buf)
+                    conn.sec_ooo_bytes += len(conn.sec_buf)
+                    conn.sec_buf = bytearray(payload)
+                conn.sec_start = start
+                self._merge_out_of_order(conn)
+            elif start <= sec_end:
+                if end > sec_end:
+                    conn.sec_buf += payload[sec_end - start:]
+                    self._merge_out_of_order(conn)
+            elif start not in conn.sec_ooo or len(conn.sec_ooo[start]) < len(payload):
+                conn.sec_ooo_bytes += len(payload) - len(conn.sec_ooo.get(start, b""))
+                conn.sec_ooo[start] = payload
+        conn.secondary.append(held)
+        self._arrivals.append((held, conn))
+        return True
+
+    @staticmethod
+    def _merge_out_of_order(conn: Connection) -> None:
+        while conn.sec_ooo:
+            sec_end = conn.sec_start + len(conn.sec_buf)
+            progressed = False
+            for start in sorted(conn.sec_ooo):
+                if start > sec_end:
+                    break
+                payload = conn.sec_ooo.pop(start)
+                conn.sec_ooo_bytes -= len(payload)
+                if start + len(payload) > sec_end:
+                    conn.sec_buf += payload[sec_end - start:]
+                    sec_end = conn.sec_start + len(conn.sec_buf)
+                progressed = True
+            if not progressed:
+                return
+
+    def _compare_tcp(self, conn: Connection) -> None:
+        """Release PVM segments (in arrival order) whose bytes and flags the SVM matched."""
+        while conn.primary:
+            held = conn.primary[0]
+            verdict = self._tcp_verdict(conn, held)
+            if verdict is None:
+                break                                   # wait for more SVM output
+            if verdict:
+                conn.primary.popleft()
+                if conn.verified is None or held.end > conn.verified:
+                    conn.verified = held.end
+                self._release_held(held)
+                continue
+            self._diverged(conn, f"TCP bytes/flags differ at relative seq {held.start}..{held.end}"
+                                 f" of {_describe(conn.key)}")
+            return
+        self._trim_secondary(conn)
+
+    def _tcp_verdict(self, conn: Connection, held: Held) -> bool | None:
+        """True: all of the PVM segment matched; False: it differs; None: not decided yet."""
+        start, end, ctrl = held.start, held.end, held.ctrl
+        sec_start = conn.sec_start
+        sec_end = sec_start + len(conn.sec_buf) if sec_start is not None else None
+        if conn.sec_fin is not None and end > conn.sec_fin:
+            return False                                # the SVM closed before these bytes
+        lo = start if conn.verified is None else max(start, conn.verified)
+        if lo < end:
+            if sec_start is None or sec_end <= lo or sec_start > lo:
+                return None
+            upto = min(end, sec_end)
+            payload = held.packet.payload
+            if payload[lo - start:upto - start] != conn.sec_buf[lo - sec_start:upto - sec_start]:
+                return False
+            if upto < end:
+                return None
+        if ctrl & TCP_RST and not conn.sec_rst:
+            return None
+        if ctrl & TCP_SYN and not conn.sec_ctrl.get(0, 0) & TCP_SYN:
+            return None
+        if ctrl & TCP_FIN:
+            if conn.sec_fin is None:
+                if sec_end is not None and sec_end > end:
+                    return False                        # the SVM sent more where the PVM closed
+                return None
+            if conn.sec_fin != end:
+                return False
+        return True
+
+    def _trim_secondary(self, conn: Connection) -> None:
+        """Drop SVM bytes and segments the PVM's released bytes have covered."""
+        verified = conn.verified
+        if verified is None:
+            return
+        if conn.sec_start is not None and verified > conn.sec_start:
+            cut = min(verified - conn.sec_start, len(conn.sec_buf))
+            del conn.sec_buf[:cut]
+            conn.sec_start += cut
+        secondary = conn.secondary
+        while secondary and secondary[0].end <= verified:
+            held = secondary.popleft()
+            held.done = True
+            self._count("secondary_frames_dropped", len(held.frames))
+
+    # --------------------------------------------------------- UDP/ICMP/other
+    def _compare_datagram(self, conn: Connection) -> None:
+        """The PVM's oldest frame must equal one of the SVM's frames (QEMU's rule)."""
+        primary, secondary = conn.primary, conn.secondary
+        while primary and secondary:
+            held = primary[0]
+            want = held.packet.compare
+            for i, other in enumerate(secondary):
+                if other.packet.compare == want:
+                    break
+            else:
+                self._diverged(conn, f"{len(want)}-byte datagram matches none of "
+                                     f"{len(secondary)} SVM frames on {_describe(conn.key)}")
+                return
+            primary.popleft()
+            del secondary[i]
+            other.done = True
+            self._count("secondary_frames_dropped", len(other.frames))
+            self._release_held(held)
+
+    # ------------------------------------------------------ release / request
+    def _release_held(self, held: Held) -> None:
+        held.done = True
+        self._release_frames(held.frames)
+
+    def _release_frames(self, frames: list[tuple[bytes, int]]) -> None:
+        """The one place frames leave the comparator."""
+        for frame, vnet in frames:
+            self._count("frames_released")
+            self._count("bytes_released", len(frame))
+            self._release_cb(frame, vnet)
+
+    def _request(self, cause: str, detail: str) -> None:
+        """The one place a checkpoint is requested: at most once per epoch."""
+        if self._requested_epoch == self.epoch:
+            self._count("requests_coalesced")
+            return
+        self._requested_epoch = self.epoch
+        self._count("checkpoint_requests")
+        log.info("requesting checkpoint in epoch %d: %s (%s)", self.epoch, cause, detail)
+        self._request_cb(cause, detail)
+
+    def _diverged(self, conn: Connection, detail: str) -> None:
+        conn.diverged = True
+        self._count("mismatches")
+        self._request("net_divergence", detail)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        if self._sink is not None:
+            self._sink.add(name, n)
+
+    # ---------------------------------------------------------------- timers
+    def check_timeouts(self, now: float | None = None) -> None:
+        """Request a checkpoint if a frame waited longer than ``compare_timeout_ms``."""
+        now = self._clock() if now is None else now
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0].done:
+            arrivals.popleft()
+        if arrivals and now - arrivals[0][0].arrived >= self._timeout:
+            held, conn = arrivals[0]
+            if self._requested_epoch != self.epoch:
+                self._count("timeouts")
+                self._request("net_timeout", f"frame of {_describe(conn.key)} unmatched for "
+                                             f"{(now - held.arrived) * 1000:.0f} ms")
+        if self._reassembly[PRIMARY].oldest(now) >= self._timeout \
+                and self._requested_epoch != self.epoch:
+            self._count("timeouts")
+            self._request("net_timeout", "PVM IPv4 fragments incomplete")
+
+    def held_frames(self) -> int:
+        """PVM frames currently held (all connections)."""
+        return sum(len(c.primary) for c in self.connections.values())
+
+    # ------------------------------------------------------------ checkpoints
+    def on_snapshot(self, epoch: int) -> None:
+        """The PVM was snapshotted at the end of ``epoch``: later frames belong to ``epoch + 1``."""
+        self.epoch = max(self.epoch, epoch + 1)
+
+    def on_committed(self, epoch: int) -> None:
+        """The SVM now holds the PVM's state of ``epoch``: release the PVM frames held from it
+        (matched or not), forget the SVM's output, compare what is left against the new SVM."""
+        self._count("commits")
+        for conn in list(self.connections.values()):
+            while conn.primary and conn.primary[0].epoch <= epoch:
+                held = conn.primary.popleft()
+                if conn.is_tcp and (conn.verified is None or held.end > conn.verified):
+                    conn.verified = held.end
+                self._release_held(held)
+            for held in conn.secondary:
+                held.done = True
+                self._count("secondary_frames_dropped", len(held.frames))
+            conn.reset_secondary()
+            conn.diverged = False
+            self._maybe_forget(conn)
+        for frames in self._reassembly[PRIMARY].take_until(epoch):
+            self._release_frames(frames)          # incomplete PVM datagrams are output too
+        for frames in self._reassembly[SECONDARY].take_until(epoch):
+            self._count("fragments_dropped", len(frames))
+        if self.epoch <= epoch:
+            self.epoch = epoch + 1
+
+    def flush(self) -> None:
+        """Xen's/QEMU's ``COLO_CHECKPOINT``: every held PVM frame goes out, the SVM's are dropped."""
+        epoch = self.epoch
+        self.on_snapshot(epoch)
+        self.on_committed(epoch)
+
+    def set_passthrough(self, on: bool) -> None:
+        """Stop comparing (failover, or the secondary is gone): release everything held."""
+        if on and not self.passthrough:
+            self.flush()
+        self.passthrough = on
+
+
+def _describe(key: tuple) -> str:
+    vlans, ver = key[0], key[1]
+    tag = f"vlan{'.'.join(map(str, vlans))} " if vlans else ""
+    if ver == "l2":
+        return f"{tag}ethertype 0x{key[2]:04x} {key[3].hex(':')}"
+    import ipaddress
+    proto, src, dst, sport, dport = key[2:]
+    return (f"{tag}proto {proto} {ipaddress.ip_address(src)}:{sport} -> "
+            f"{ipaddress.ip_address(dst)}:{dport}")

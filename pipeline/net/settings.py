@@ -1,0 +1,74 @@
+"""Settings of the network comparator (the ``[net]`` table of the config file)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+#: QEMU's NET_BUFSIZE (4096 + 65536): the largest frame the socket framing carries
+MAX_FRAME_BYTES = 69632
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """How the comparator compares and how much it may hold.
+
+    Addresses use the forms ``tcp:HOST:PORT``, ``unix:PATH`` (listen, one peer,
+    QEMU's socket framing), ``packet:IFNAME`` (AF_PACKET) and ``pcap:PATH``.
+    An empty address means the role is not used.
+    """
+
+    #: a PVM frame unmatched this long requests a checkpoint (QEMU's default: 3000)
+    compare_timeout_ms: int = 3000
+    #: how often held frames are checked for the timeout (QEMU's expired_scan_cycle)
+    expired_scan_ms: int = 100
+    #: connections tracked at once; when full, idle connections are evicted first
+    max_connections: int = 4096
+    #: frames held per connection and side (QEMU's max_queue_size: 1024)
+    max_queue_frames: int = 1024
+    #: incomplete IPv4 datagrams held for reassembly per side
+    max_fragment_datagrams: int = 256
+    #: the socket framing carries a vnet header length (QEMU's vnet_hdr_support)
+    vnet_hdr: bool = False
+    #: rewrite the SVM's TCP sequence numbers into the PVM's space (filter-rewriter);
+    #: off when the secondary stream is already rewritten (QEMU's filter-rewriter)
+    rewrite_secondary: bool = False
+    #: where PVM frames come from
+    primary_in: str = ""
+    #: where SVM frames come from
+    secondary_in: str = ""
+    #: where released PVM frames go (towards the client)
+    outdev: str = ""
+    #: client frames to mirror to both guests (optional)
+    client_in: str = ""
+    #: where mirrored client frames go to the PVM / the SVM (optional)
+    primary_out: str = ""
+    secondary_out: str = ""
+
+    def __post_init__(self) -> None:
+        def positive(key: str) -> None:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"net.{key} must be a positive integer, got {value!r}")
+
+        for key in ("compare_timeout_ms", "expired_scan_ms", "max_connections",
+                    "max_queue_frames", "max_fragment_datagrams"):
+            positive(key)
+        for key in ("vnet_hdr", "rewrite_secondary"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"net.{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("primary_in", "secondary_in", "outdev", "client_in", "primary_out",
+                    "secondary_out"):
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise ValueError(f"net.{key} must be an address string, got {value!r}")
+            if value and value.split(":", 1)[0] not in ("tcp", "unix", "packet", "pcap"):
+                raise ValueError(f"net.{key}: unknown address {value!r} "
+                                 "(use tcp:HOST:PORT, unix:PATH, packet:IFNAME or pcap:PATH)")
+
+    @classmethod
+    def from_dict(cls, table: dict) -> "NetSettings":
+        """Build from a config table; unknown keys are an error naming the key."""
+        known = {f.name for f in fields(cls)}
+        for key in table:
+            if key not in known:
+                raise ValueError(f"net.{key}: unknown setting (known: {', '.join(sorted(known))})")
+        return cls(**table)

@@ -1,0 +1,345 @@
+"""The comparator core, fed with plain lists of frames (no sockets)."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.net import build
+from pipeline.net.comparator import Comparator
+from pipeline.net.packet import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, parse_frame
+from pipeline.net.settings import NetSettings
+
+G, C = "10.0.0.2", "10.0.0.1"
+ISN = 1000
+
+
+class Harness:
+    def __init__(self, **kw):
+        self.now = 0.0
+        self.released: list[bytes] = []
+        self.requests: list[tuple[str, str]] = []
+        self.cmp = Comparator(NetSettings(**kw), lambda f, v: self.released.append(f),
+                              lambda c, d: self.requests.append((c, d)), clock=lambda: self.now)
+
+    def p(self, frame):
+        self.cmp.push_primary(frame)
+
+    def s(self, frame):
+        self.cmp.push_secondary(frame)
+
+
+def seg(seq, payload=b"", flags=TCP_ACK | TCP_PSH, sport=80, ip_id=0, window=65535):
+    return build.tcp_frame(G, C, sport, 5555, seq, 1, flags, payload, ip_id=ip_id, window=window)
+
+
+def udp(payload, sport=53, ip_id=0):
+    return build.udp_frame(G, C, sport, 4444, payload, ip_id=ip_id)
+
+
+def test_matching_tcp_segments_are_released_and_ignore_window_ipid():
+    h = Harness()
+    a = seg(ISN, b"hello", ip_id=1, window=100)
+    h.p(a)
+    assert h.released == []
+    h.s(seg(ISN, b"hello", ip_id=999, window=7))
+    assert h.released == [a]
+    assert h.requests == []
+    assert h.cmp.counters["secondary_frames_dropped"] == 1
+
+
+def test_tcp_compared_by_byte_range_across_different_splits():
+    h = Harness()
+    data = bytes(range(256)) * 8
+    pvm = [seg(ISN + o, data[o:o + 500]) for o in range(0, 2048, 500)]
+    svm = [seg(ISN + o, data[o:o + 300]) for o in range(0, 2048, 300)]
+    for f in pvm:
+        h.p(f)
+    for f in svm[:2]:            # 600 bytes: covers the first PVM segment only
+        h.s(f)
+    assert h.released == pvm[:1]
+    for f in svm[2:]:
+        h.s(f)
+    assert h.released == pvm
+    assert h.requests == []
+
+
+def test_one_svm_segment_may_cover_several_pvm_segments():
+    h = Harness()
+    h.s(seg(ISN, b"abcdefgh"))
+    h.p(seg(ISN, b"abc"))
+    h.p(seg(ISN + 3, b"defgh"))
+    assert len(h.released) == 2 and h.requests == []
+
+
+def test_tcp_payload_difference_requests_one_checkpoint_and_commit_releases():
+    h = Harness()
+    h.p(seg(ISN, b"aaaa"))
+    h.s(seg(ISN, b"aaab"))
+    assert h.released == []
+    assert h.requests and h.requests[0][0] == "net_divergence"
+    assert "relative seq" in h.requests[0][1]
+    # more divergent traffic in the same epoch: still one request
+    h.p(udp(b"x"))
+    h.s(udp(b"y"))
+    h.p(seg(ISN + 4, b"zz"))
+    assert len(h.requests) == 1
+    assert h.cmp.counters["requests_coalesced"] >= 1
+    h.cmp.on_snapshot(0)
+    h.cmp.on_committed(0)
+    assert len(h.released) == 3
+    assert h.cmp.held_frames() == 0
+
+
+def test_frames_after_snapshot_stay_held_until_matched_by_restored_svm():
+    h = Harness()
+    h.p(seg(ISN, b"aaaa"))
+    h.s(seg(ISN, b"bbbb"))
+    assert len(h.requests) == 1
+    h.cmp.on_snapshot(0)
+    later = seg(ISN + 4, b"cccc")
+    h.p(later)                   # epoch 1
+    h.cmp.on_committed(0)
+    assert len(h.released) == 1  # only the epoch-0 frame
+    h.s(seg(ISN + 4, b"cccc"))   # the restored SVM produces the same bytes
+    assert h.released[-1] == later
+    # a new divergence in epoch 1 may request again
+    h.p(seg(ISN + 8, b"dd"))
+    h.s(seg(ISN + 8, b"ee"))
+    assert len(h.requests) == 2
+
+
+def test_syn_fin_rst_must_agree():
+    h = Harness()
+    synack = build.tcp_frame(G, C, 80, 5555, ISN - 1, 1, TCP_SYN | TCP_ACK)
+    h.p(synack)
+    assert h.released == []
+    # SVM's SYN-ACK with another ISN still matches: SYNs sit at relative 0
+    h.s(build.tcp_frame(G, C, 80, 5555, 77777, 1, TCP_SYN | TCP_ACK))
+    assert h.released == [synack]
+    fin = seg(ISN, b"bye", flags=TCP_ACK | TCP_FIN)
+    h.p(fin)
+    h.s(seg(ISN, b"bye", flags=TCP_ACK | TCP_PSH))
+    assert h.released == [synack] and not h.requests   # bytes match, FIN not seen yet
+    h.s(seg(ISN + 3, flags=TCP_ACK | TCP_FIN))
+    assert h.released == [synack, fin]
+    h2 = Harness()
+    h2.p(seg(ISN, b"x", flags=TCP_ACK | TCP_RST))
+    h2.s(seg(ISN, b"x"))
+    h2.s(seg(ISN + 1, b"more"))
+    assert h2.released == []
+    h2.s(seg(ISN + 5, flags=TCP_RST))
+    assert len(h2.released) == 1
+
+
+def test_svm_closing_early_is_a_divergence():
+    h = Harness()
+    h.s(seg(ISN, b"ab", flags=TCP_ACK | TCP_FIN))
+    h.p(seg(ISN, b"abcd"))
+    assert h.requests[0][0] == "net_divergence"
+
+
+def test_pure_acks_pass_without_comparison():
+    h = Harness()
+    ack = seg(ISN, flags=TCP_ACK)
+    h.p(ack)
+    assert h.released == [ack]
+
+
+def test_out_of_order_svm_segments_are_reassembled():
+    h = Harness()
+    h.p(seg(ISN, b"0123456789"))
+    h.s(seg(ISN + 5, b"56789"))
+    assert h.released == []
+    h.s(seg(ISN, b"01234"))
+    assert len(h.released) == 1 and not h.requests
+
+
+def test_retransmitted_pvm_segment_below_verified_is_released():
+    h = Harness()
+    a = seg(ISN, b"abc")
+    h.p(a)
+    h.s(seg(ISN, b"abc"))
+    h.p(a)
+    assert h.released == [a, a]
+
+
+def test_sequence_wraparound():
+    h = Harness()
+    start = 0xFFFFFFFF - 2
+    h.p(seg(start, b"abcdef"))
+    h.p(seg(start + 6, b"gh"))
+    h.s(seg(start, b"abcdefgh"))
+    assert len(h.released) == 2 and not h.requests
+
+
+def test_udp_and_icmp_compared_on_payload_not_ip_id():
+    h = Harness()
+    a = udp(b"query", ip_id=5)
+    h.p(a)
+    h.s(udp(b"query", ip_id=6))
+    assert h.released == [a]
+    e = build.icmp_echo_frame(G, C, 7, 1, b"ping", ip_id=1)
+    h.p(e)
+    h.s(build.icmp_echo_frame(G, C, 7, 1, b"ping", ip_id=2))
+    assert h.released == [a, e]
+    h.p(udp(b"one"))
+    h.s(udp(b"two"))
+    assert len(h.requests) == 1 and h.released == [a, e]
+
+
+def test_udp_matches_any_queued_svm_frame_like_qemu():
+    h = Harness()
+    h.s(udp(b"B"))
+    h.s(udp(b"A"))
+    h.p(udp(b"A"))
+    h.p(udp(b"B"))
+    assert len(h.released) == 2 and not h.requests
+
+
+def test_other_protocols_compare_the_whole_frame():
+    h = Harness()
+    arp = build.ethernet(bytes(28), 0x0806)
+    h.p(arp)
+    h.s(arp)
+    assert h.released == [arp]
+    gre = build.ethernet(build.ipv4(G, C, 47, b"payload", ip_id=1), 0x0800)
+    h.p(gre)
+    h.s(build.ethernet(build.ipv4(G, C, 47, b"payload", ip_id=2), 0x0800))
+    assert h.released == [arp] and len(h.requests) == 1
+
+
+def test_ipv6_udp_and_vlan_tags_are_part_of_the_key():
+    h = Harness()
+    f6 = build.udp6_frame("fd00::2", "fd00::1", 53, 999, b"v6")
+    h.p(f6)
+    h.s(f6)
+    assert h.released == [f6]
+    v10 = build.udp_frame(G, C, 53, 4444, b"tagged", vlan=10)
+    h.p(v10)
+    h.s(build.udp_frame(G, C, 53, 4444, b"tagged", vlan=20))
+    assert h.released == [f6]             # different VLAN: different connection
+    h.s(v10)
+    assert h.released == [f6, v10]
+
+
+def test_ipv4_fragments_are_reassembled_before_comparison():
+    payload = bytes(range(200)) * 10          # 2000 bytes of UDP payload
+    whole = udp(payload)
+    ip = whole[14:]
+    body = ip[20:]                           # UDP header + payload
+
+    def fragments(split, ip_id):
+        out, off = [], 0
+        for size in split:
+            more = off + size < len(body)
+            frag = (off // 8) | (0x2000 if more else 0)
+            out.append(build.ethernet(build.ipv4(G, C, 17, body[off:off + size], ip_id=ip_id,
+                                                 frag=frag), 0x0800))
+            off += size
+        return out
+
+    h = Harness()
+    pvm = fragments([1480, len(body) - 1480], ip_id=11)
+    svm = fragments([800, 800, len(body) - 1600], ip_id=22)
+    for f in pvm:
+        h.p(f)
+    for f in reversed(svm):
+        h.s(f)
+    assert h.released == pvm and not h.requests
+    h.p(fragments([1480, len(body) - 1480], 12)[0])
+    assert h.released == pvm and h.cmp.counters["fragments_held"] >= 1
+
+
+def test_unmatched_pvm_frame_times_out_once_per_epoch():
+    h = Harness(compare_timeout_ms=100)
+    h.p(seg(ISN, b"late"))
+    h.now = 0.05
+    h.cmp.check_timeouts()
+    assert h.requests == []
+    h.now = 0.2
+    h.cmp.check_timeouts()
+    h.now = 0.3
+    h.cmp.check_timeouts()
+    assert [c for c, _ in h.requests] == ["net_timeout"]
+    assert h.cmp.counters["timeouts"] == 1
+    h.cmp.flush()
+    assert len(h.released) == 1
+
+
+def test_unmatched_svm_output_also_times_out():
+    h = Harness(compare_timeout_ms=100)
+    h.s(udp(b"only the svm said this"))
+    h.now = 1.0
+    h.cmp.check_timeouts()
+    assert [c for c, _ in h.requests] == ["net_timeout"]
+
+
+def test_connection_table_is_bounded_and_evicts_idle_first():
+    h = Harness(max_connections=2)
+    h.p(udp(b"a", sport=1))
+    h.s(udp(b"a", sport=1))            # connection 1 now idle
+    h.p(udp(b"b", sport=2))            # connection 2 holds a frame
+    h.p(udp(b"c", sport=3))            # evicts 1
+    assert h.cmp.counters["connections_evicted"] == 1
+    h.p(udp(b"d", sport=4))            # 2 and 3 both hold frames: table full
+    assert h.cmp.counters["table_full"] == 1
+    assert h.cmp.counters["primary_frames_dropped"] == 1
+    assert len(h.cmp.connections) == 2
+    assert h.requests and "table_full" in h.requests[0][1]
+
+
+def test_queue_is_bounded():
+    h = Harness(max_queue_frames=3)
+    for i in range(5):
+        h.p(udp(bytes([i])))
+    assert h.cmp.counters["queue_full"] == 2
+    assert h.cmp.held_frames() == 3
+    assert len(h.requests) == 1
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"", "shorter than an Ethernet header"),
+    (b"\x00" * 13, "shorter than an Ethernet header"),
+    (build.ethernet(b"\x45" + bytes(10), 0x0800), "IPv4 header truncated"),
+    (build.ethernet(b"\x65" + bytes(19), 0x0800), "IP version 6"),
+    (build.ethernet(bytes.fromhex("4500ffff") + bytes(16), 0x0800), "total length 65535"),
+    (build.ethernet(build.ipv4(G, C, 6, bytes(10)), 0x0800), "TCP header truncated"),
+    (build.ethernet(build.ipv4(G, C, 17, bytes.fromhex("00010002ffff0000")), 0x0800),
+     "UDP length 65535"),
+    (build.ethernet(b"garbage", 0x86DD), "IPv6 header truncated"),
+    (build.ethernet(b"\x81\x00", 0x8100), "VLAN tag truncated"),
+])
+def test_malformed_frames_are_counted_dropped_and_named(frame, reason, caplog):
+    h = Harness()
+    h.p(frame)
+    h.s(frame)
+    assert h.cmp.counters["malformed_frames"] == 2
+    assert h.released == [] and h.requests == []
+    assert reason in caplog.text
+    good = udp(b"still running")
+    h.p(good)
+    h.s(good)
+    assert h.released == [good]
+
+
+def test_passthrough_releases_everything_held():
+    h = Harness()
+    a = seg(ISN, b"held")
+    h.p(a)
+    h.cmp.set_passthrough(True)
+    b = udp(b"direct")
+    h.p(b)
+    assert h.released == [a, b]
+
+
+def test_closed_connections_are_forgotten():
+    h = Harness()
+    h.p(seg(ISN, b"x", flags=TCP_ACK | TCP_FIN))
+    h.s(seg(ISN, b"x", flags=TCP_ACK | TCP_FIN))
+    assert len(h.released) == 1
+    assert h.cmp.connections == {} or h.cmp.counters["connections_closed"] == 1
+
+
+def test_parse_keys_ignore_ip_id():
+    a = parse_frame(seg(ISN, b"x", ip_id=1))
+    b = parse_frame(seg(ISN, b"x", ip_id=2))
+    assert a.key == b.key and a.payload == b"x"
