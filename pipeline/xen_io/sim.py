@@ -1,0 +1,935 @@
+"""The ``sim`` backend: a simulated guest that is its own process.
+
+The guest ("the VM") is a forked process whose RAM is a memfd mapped ``MAP_SHARED``
+by the guest and by the pipeline. It runs a deterministic workload: it consumes
+inputs in seq order from an :class:`~pipeline.xen_io.input_log.InputLog`, and for
+each input reads two pages, writes pages (in runs of consecutive pfns, with a
+configurable zero / text-like / random content mix) and emits one output frame
+derived from what it wrote. Everything it needs to continue is in a small vCPU
+blob, so a guest loaded with its peer's RAM and blob continues exactly as the peer
+would. Real randomness (``os.urandom``) is mixed in with probability
+``nondeterminism`` per input, which makes a pair diverge.
+
+Processes (one user at a time per family of methods):
+
+* the creator (supervisor) calls :func:`open_sim_domain`, :meth:`SimDomain.start`
+  and finally :meth:`SimDomain.close` (only the creator reaps the guest);
+* stage processes forked from the creator *after* it created the domain use it as
+  inherited: the snapshot / restore stage calls ``pause``, ``resume``,
+  ``read_and_clear_dirty*``, ``read_pages``, ``write_pages``, ``get/set_vcpu_state``
+  and ``memory_digest``; the input forwarder calls ``feed_input``; the coordinator
+  calls ``trim_inputs``; the output comparator calls ``read_outputs`` and polls
+  ``output_fileno()``. Control goes through an anonymous shared mapping, two
+  eventfds and a pipe, all inherited over fork, so nothing is pickled and nothing is
+  left in ``/dev/shm``.
+
+Pause is cooperative: the guest looks at a shared flag before every page it writes
+and while it waits, saves its state into the shared vCPU area, acknowledges through
+an eventfd and sleeps until resumed; on resume it reloads the (possibly replaced)
+vCPU area.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import mmap
+import os
+import random
+import select
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import blake3
+import numpy as np
+
+from .base import Domain, DomainError
+from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
+                        uffd_wp_async_unsupported_reason)
+from .input_log import InputLog, InputLogEntryGone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What the simulated guest does."""
+
+    seed: int = 1
+    #: pages the guest writes per input
+    pages_per_input: int = 16
+    #: pages are written in runs of consecutive pfns of this length
+    run_length: int = 8
+    #: content mix of written pages (fractions, sum 1)
+    mix_zero: float = 0.30
+    mix_text: float = 0.40
+    mix_random: float = 0.30
+    #: probability per input that the guest mixes real randomness into what it writes
+    nondeterminism: float = 0.0
+    #: fill all of RAM with the mix at start (primary); False = RAM starts zero
+    fill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pages_per_input < 0:
+            raise ValueError(f"workload pages_per_input must be >= 0, got {self.pages_per_input}")
+        if self.run_length < 1:
+            raise ValueError(f"workload run_length must be >= 1, got {self.run_length}")
+        mix = (self.mix_zero, self.mix_text, self.mix_random)
+        if min(mix) < 0 or abs(sum(mix) - 1.0) > 1e-6:
+            raise ValueError(f"workload mix_zero/mix_text/mix_random must be >= 0 and sum to 1, "
+                             f"got {mix}")
+        if not 0.0 <= self.nondeterminism <= 1.0:
+            raise ValueError(f"workload nondeterminism must be in [0, 1], got {self.nondeterminism}")
+
+    def mix_cdf(self) -> np.ndarray:
+        cdf = np.cumsum([self.mix_zero, self.mix_text, self.mix_random])
+        cdf[-1] = 1.0  # u in [0, 1) then never lands past the last kind
+        return cdf
+
+
+KIND_ZERO, KIND_TEXT, KIND_RANDOM = 0, 1, 2
+
+# -- text-like content -------------------------------------------------------------
+
+_LEVELS = ("INFO", "INFO", "INFO", "INFO", "DEBUG", "DEBUG", "WARN", "ERROR")
+_SERVICES = ("api-gateway", "auth", "billing", "inventory", "search", "mailer", "scheduler",
+             "cache", "orders", "profile")
+_VERBS = ("GET", "GET", "GET", "POST", "PUT", "DELETE")
+_PATHS = ("/api/v1/users", "/api/v1/orders", "/api/v1/items", "/healthz", "/api/v2/search",
+          "/static/app.js", "/login", "/api/v1/cart", "/metrics")
+_MESSAGES = ("request completed", "cache miss for key", "retrying upstream connection",
+             "user session refreshed", "slow query detected", "payment authorized",
+             "scheduled job finished", "connection reset by peer", "template rendered",
+             "rate limit applied")
+_STATUS = (200, 200, 200, 200, 201, 204, 304, 400, 404, 500)
+
+
+@lru_cache(maxsize=1)
+def text_pool(size: int = 1 << 18) -> np.ndarray:
+    """Deterministic ASCII log lines from a small vocabulary (so lz4 compresses them like
+    real logs). Uses only ``random.random()``, whose sequence Python keeps stable."""
+    rng = random.Random(20261126)
+
+    def pick(options: tuple) -> object:
+        return options[int(rng.random() * len(options))]
+
+    lines = []
+    total = 0
+    t_ms = 0
+    while total < size:
+        t_ms += int(rng.random() * 900)
+        s, ms = divmod(t_ms, 1000)
+        m, s = divmod(s, 60)
+        h, m = divmod(m, 60)
+        line = (f"2026-11-26T{h % 24:02d}:{m:02d}:{s:02d}.{ms:03d}Z {pick(_LEVELS):<5} "
+                f"[{pick(_SERVICES)}-{int(rng.random() * 8)}] {pick(_VERBS)} {pick(_PATHS)}/"
+                f"{int(rng.random() * 100000)} status={pick(_STATUS)} "
+                f"bytes={int(rng.random() * 20000)} latency_ms={int(rng.random() * 250)} "
+                f"msg=\"{pick(_MESSAGES)}\"\n")
+        lines.append(line)
+        total += len(line)
+    return np.frombuffer("".join(lines).encode("ascii")[:size], dtype=np.uint8).copy()
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _hex_columns(values: np.ndarray, width: int) -> np.ndarray:
+    """ASCII hex of each value, ``width`` digits, as a (len(values), width) uint8 array."""
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64) * np.uint64(4)
+    return _HEX_DIGITS[(values.astype(np.uint64)[:, None] >> shifts) & np.uint64(15)]
+
+
+# -- inputs ------------------------------------------------------------------------
+
+_WRITE_COMMAND = struct.Struct("<16sQ")
+_WRITE_MAGIC = b"COLO-SIM-WRITE\x00\x01"
+
+
+def _command_pages(payload: bytes) -> int | None:
+    if len(payload) == _WRITE_COMMAND.size and payload.startswith(_WRITE_MAGIC):
+        return _WRITE_COMMAND.unpack(payload)[1]
+    return None
+
+
+# -- vCPU state ----------------------------------------------------------------------
+
+_BLOB_MAGIC = b"COLOSIMV"
+_BLOB_VERSION = 1
+# magic, version, reserved, workload fingerprint, seq, phase, step, npages, key, acc
+_BLOB_BODY = struct.Struct("<8sHH16sQB3xII32s32s")
+_BLOB_CHECK_LEN = 16
+BLOB_SIZE = _BLOB_BODY.size + _BLOB_CHECK_LEN
+
+PHASE_IDLE, PHASE_INPUT = 0, 1
+
+
+@dataclass
+class _GuestState:
+    """Everything the guest needs to continue exactly."""
+
+    seq: int          # the input the guest is on (PHASE_INPUT) or will start next (PHASE_IDLE)
+    phase: int
+    step: int         # pages of the current input already written; == npages: output pending
+    npages: int       # pages the current input writes
+    key: bytes        # the current input's key: its plan and contents derive from it
+    acc: bytes        # the guest's running state; the next input's key derives from it
+
+    def pack(self, fingerprint: bytes) -> bytes:
+        body = _BLOB_BODY.pack(_BLOB_MAGIC, _BLOB_VERSION, 0, fingerprint, self.seq, self.phase,
+                               self.step, self.npages, self.key, self.acc)
+        return body + blake3.blake3(body).digest(_BLOB_CHECK_LEN)
+
+    @classmethod
+    def unpack(cls, blob: bytes, fingerprint: bytes | None, page_count: int) -> "_GuestState":
+        """Parse and check a blob; ``fingerprint`` None skips the workload check."""
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sim vCPU blob must be bytes, got {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) != BLOB_SIZE:
+            raise ValueError(f"sim vCPU blob has {len(blob)} bytes, expected {BLOB_SIZE}")
+        body, check = blob[:_BLOB_BODY.size], blob[_BLOB_BODY.size:]
+        magic, version, _, fp, seq, phase, step, npages, key, acc = _BLOB_BODY.unpack(body)
+        if magic != _BLOB_MAGIC:
+            raise ValueError(f"sim vCPU blob has magic {magic!r}, expected {_BLOB_MAGIC!r}")
+        if version != _BLOB_VERSION:
+            raise ValueError(f"sim vCPU blob version {version} unsupported (this is {_BLOB_VERSION})")
+        if blake3.blake3(body).digest(_BLOB_CHECK_LEN) != check:
+            raise ValueError(f"sim vCPU blob checksum mismatch (corrupt blob {blob[:24].hex()}...)")
+        if fingerprint is not None and fp != fingerprint:
+            raise ValueError(f"sim vCPU blob is from a guest with another workload or size "
+                             f"(fingerprint {fp.hex()}, this guest {fingerprint.hex()})")
+        if phase not in (PHASE_IDLE, PHASE_INPUT):
+            raise ValueError(f"sim vCPU blob has phase {phase}, expected 0 or 1")
+        if step > npages or npages > page_count:
+            raise ValueError(f"sim vCPU blob has step {step} / npages {npages} "
+                             f"(page count {page_count})")
+        return cls(seq, phase, step, npages, key, acc)
+
+
+def _fingerprint(page_count: int, page_size: int, spec: WorkloadSpec) -> bytes:
+    """What must match between two guests for one to continue from the other's state.
+    Seed, fill and nondeterminism only shape the start or the randomness, so they may differ."""
+    text = (f"{page_count}:{page_size}:{spec.pages_per_input}:{spec.run_length}:"
+            f"{spec.mix_zero!r}:{spec.mix_text!r}:{spec.mix_random!r}")
+    return blake3.blake3(text.encode()).digest(16)
+
+
+# -- shared control block ---------------------------------------------------------------
+
+# uint64 words
+W_PAUSE_REQ = 0      # 1 while the pipeline wants the guest paused
+W_PAUSE_EPOCH = 1    # incremented by every pause()
+W_PAUSE_ACK = 2      # the epoch the guest acknowledged (it is paused and its state saved)
+W_RAM_ADDR = 3       # the guest's address of its RAM mapping (for PAGEMAP_SCAN)
+W_GUEST_STATUS = 4   # 0 starting, 1 running, 2 failed
+W_VCPU_LEN = 5
+W_ERROR_LEN = 6
+# counters
+W_INPUTS = 8
+W_PAGES_WRITTEN = 9
+W_OUTPUTS = 10
+W_PAUSES = 11
+W_BAD_BLOBS = 12
+W_NONDET_INPUTS = 13
+W_CLAMPED_COMMANDS = 14
+W_OUTPUT_STALLS = 15
+_WORDS = 32
+_COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
+             "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
+             "nondeterministic_inputs": W_NONDET_INPUTS,
+             "clamped_write_commands": W_CLAMPED_COMMANDS, "output_stalls": W_OUTPUT_STALLS}
+
+_STATUS_STARTING, _STATUS_RUNNING, _STATUS_FAILED = 0, 1, 2
+_VCPU_OFF, _VCPU_CAP = 512, 512
+_ERROR_OFF, _ERROR_CAP = 1024, 1024
+_BITMAP_OFF = 2048
+
+_OUTPUT_HEADER = struct.Struct("<IQ")   # frame length, input seq
+#: the output frame hashes at most this many of the pages an input wrote
+_OUTPUT_SAMPLE_PAGES = 64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+class SimDomain(Domain):
+    """A simulated guest process; see the module docstring for who calls what."""
+
+    def __init__(self, name: str, page_count: int, workload: WorkloadSpec, dirty_log_kind: str,
+                 page_size: int, input_slots: int, input_slot_size: int) -> None:
+        self.name = name
+        self.page_count = page_count
+        self.page_size = page_size
+        self.workload = workload
+        self.dirty_log_kind = dirty_log_kind
+        self.guest_pid = 0
+        self._fingerprint = _fingerprint(page_count, page_size, workload)
+        self._owner_pid = os.getpid()
+        self._closed_in: int | None = None
+        self._exit_status: int | None = None
+
+        size = page_count * page_size
+        memfd = os.memfd_create(f"colo-sim-{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, size)
+            # mmap keeps its own dup of the fd; the guest inherits this very mapping
+            self._ram_map = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(memfd)
+        self._ram_map.madvise(mmap.MADV_NOHUGEPAGE)  # dirty granularity stays one page
+        self._ram = np.frombuffer(self._ram_map, dtype=np.uint8).reshape(page_count, page_size)
+
+        bitmap_size = DirtyBitmap.size_for(page_count) if dirty_log_kind == "bitmap" else 0
+        self._ctl_map = mmap.mmap(-1, _BITMAP_OFF + max(bitmap_size, 8))
+        self._words = memoryview(self._ctl_map)[:_WORDS * 8].cast("Q")
+        self._bitmap = (DirtyBitmap(memoryview(self._ctl_map)[_BITMAP_OFF:], page_count)
+                        if bitmap_size else None)
+        self._inputs = InputLog(input_slots, input_slot_size)
+        # doorbell: pipeline -> guest (input fed, pause, resume); ack: guest -> pipeline
+        self._doorbell = os.eventfd(0, os.EFD_CLOEXEC)
+        self._ack = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._out_r, self._out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            import fcntl
+            fcntl.fcntl(self._out_r, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except OSError:  # above pipe-max-size for this user: the default 64 KiB works too
+            pass
+        # per-process state of the users (a forked user starts fresh, see _mine)
+        self._scanner: PagemapScanner | None = None
+        self._scanner_pid = 0
+        self._out_pending = b""
+        self._out_pid = 0
+
+    def __repr__(self) -> str:
+        return (f"SimDomain({self.name!r}, pages={self.page_count}, dirty_log={self.dirty_log_kind},"
+                f" guest_pid={self.guest_pid})")
+
+    # -- lifetime -------------------------------------------------------------
+    def start(self, paused: bool = True, timeout: float = 120.0) -> None:
+        """Fork the guest. It fills RAM (``workload.fill``), sets up its dirty log and waits
+        paused; with ``paused=False`` it is resumed before this returns."""
+        if self.guest_pid:
+            raise DomainError(f"sim domain {self.name}: already started (guest pid {self.guest_pid})")
+        self._words[W_PAUSE_EPOCH] = 1
+        self._words[W_PAUSE_REQ] = 1
+        pid = os.fork()
+        if pid == 0:  # the guest
+            code = 0
+            try:
+                _Guest(self).run()
+            except BaseException as exc:  # noqa: BLE001 - report whatever killed the guest
+                self._guest_failed(f"{type(exc).__name__}: {exc}")
+                code = 70
+            os._exit(code)
+        self.guest_pid = pid
+        self._owner_pid = os.getpid()
+        os.close(self._out_w)  # only the guest writes outputs
+        self._out_w = -1
+        self._wait_ack(1, timeout, "start")
+        log.info("sim domain %s: guest pid %d up, %d pages of %d bytes, dirty log %s",
+                 self.name, pid, self.page_count, self.page_size, self.dirty_log_kind)
+        if not paused:
+            self.resume()
+
+    def close(self) -> None:
+        """Stop the guest (creator only; it is killed and reaped) and drop this process's
+        mappings and fds. Idempotent per process."""
+        me = os.getpid()
+        if self._closed_in == me:
+            return
+        self._closed_in = me
+        if self.guest_pid and me == self._owner_pid and self._exit_status is None:
+            try:
+                os.kill(self.guest_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self._exit_status = os.waitpid(self.guest_pid, 0)[1]
+            except ChildProcessError:  # someone else reaped it (a SIGCHLD handler)
+                self._exit_status = -1
+        if self._scanner is not None and self._scanner_pid == me:
+            self._scanner.close()
+        self._scanner = None
+        for fd in (self._doorbell, self._ack, self._out_r, self._out_w):
+            if fd >= 0:
+                os.close(fd)
+        self._doorbell = self._ack = self._out_r = self._out_w = -1
+        self._inputs.close()
+        self._bitmap = None
+        self._words.release()
+        self._ram = None  # type: ignore[assignment]
+        for region in (self._ctl_map, self._ram_map):
+            try:
+                region.close()
+            except BufferError:  # a caller still holds a view: unmapped when it goes
+                log.debug("sim domain %s: a mapping is still viewed; it goes with the view",
+                          self.name)
+
+    def _check_open(self) -> None:
+        if self._closed_in == os.getpid():
+            raise DomainError(f"sim domain {self.name}: used after close()")
+        if not self.guest_pid:
+            raise DomainError(f"sim domain {self.name}: not started")
+
+    def _guest_failed(self, message: str) -> None:
+        """In the guest: leave the reason where the pipeline finds it."""
+        data = message.encode("utf-8", "replace")[:_ERROR_CAP]
+        self._ctl_map[_ERROR_OFF:_ERROR_OFF + len(data)] = data
+        self._words[W_ERROR_LEN] = len(data)
+        self._words[W_GUEST_STATUS] = _STATUS_FAILED
+        try:
+            os.write(2, f"sim guest {self.name} (pid {os.getpid()}) failed: {message}\n".encode())
+        except OSError:
+            pass
+
+    def _guest_problem(self) -> str | None:
+        """Why the guest cannot answer, or None if it is alive and not failed."""
+        if self._words[W_GUEST_STATUS] == _STATUS_FAILED:
+            n = self._words[W_ERROR_LEN]
+            return self._ctl_map[_ERROR_OFF:_ERROR_OFF + n].decode("utf-8", "replace")
+        if os.getpid() == self._owner_pid:
+            if self._exit_status is None:
+                try:
+                    pid, status = os.waitpid(self.guest_pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = self.guest_pid, -1
+                if pid:
+                    self._exit_status = status
+            if self._exit_status is not None:
+                return f"guest process {self.guest_pid} exited (wait status {self._exit_status})"
+            return None
+        try:
+            with open(f"/proc/{self.guest_pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            return f"guest process {self.guest_pid} is gone"
+        return f"guest process {self.guest_pid} is dead" if state in (b"Z", b"X") else None
+
+    # -- execution ----------------------------------------------------------------
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop the guest; returns once its whole state is in RAM and the vCPU area."""
+        self._check_open()
+        w = self._words
+        if w[W_PAUSE_REQ] and w[W_PAUSE_ACK] == w[W_PAUSE_EPOCH]:
+            return
+        epoch = w[W_PAUSE_EPOCH] + 1
+        w[W_PAUSE_EPOCH] = epoch  # the epoch first: the guest reads the request, then it
+        w[W_PAUSE_REQ] = 1
+        os.eventfd_write(self._doorbell, 1)
+        self._wait_ack(epoch, timeout, "pause")
+
+    def _wait_ack(self, epoch: int, timeout: float, what: str) -> None:
+        w = self._words
+        # the guest usually answers within tens of µs: a short spin beats a sleep/wakeup
+        spin_until = time.perf_counter() + 50e-6
+        while time.perf_counter() < spin_until:
+            if w[W_PAUSE_ACK] == epoch:
+                self._drain_ack()
+                return
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._ack, select.POLLIN)
+        while w[W_PAUSE_ACK] != epoch:
+            problem = self._guest_problem()
+            if problem:
+                raise DomainError(f"sim domain {self.name}: {what} failed: {problem}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DomainError(f"sim domain {self.name}: {what} not acknowledged by guest pid "
+                                  f"{self.guest_pid} within {timeout}s")
+            if poller.poll(min(left, 0.1) * 1000):
+                self._drain_ack()
+        self._drain_ack()
+
+    def _drain_ack(self) -> None:
+        try:
+            os.eventfd_read(self._ack)
+        except BlockingIOError:
+            pass
+
+    def resume(self) -> None:
+        """Let the paused guest run; returns at once (the guest picks up within µs)."""
+        self._check_open()
+        if not self._words[W_PAUSE_REQ]:
+            return
+        self._words[W_PAUSE_REQ] = 0
+        os.eventfd_write(self._doorbell, 1)
+
+    @property
+    def is_paused(self) -> bool:
+        w = self._words
+        return bool(w[W_PAUSE_REQ]) and w[W_PAUSE_ACK] == w[W_PAUSE_EPOCH]
+
+    def _require_paused(self, what: str) -> None:
+        self._check_open()
+        if not self.is_paused:
+            raise DomainError(f"sim domain {self.name}: {what} needs the guest paused")
+
+    # -- dirty log ----------------------------------------------------------------
+    def enable_dirty_log(self) -> None:
+        """Every page counts as clean from here on (the guest tracks from its start)."""
+        self.read_and_clear_dirty_runs()
+
+    def read_and_clear_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pages the guest wrote since the last call, as runs (start pfns, lengths), both
+        ``uint64``, sorted; and clear them. Exact when the guest is paused."""
+        self._check_open()
+        if self._bitmap is not None:
+            return self._bitmap.read_and_clear_runs()
+        return self._my_scanner().read_and_clear_runs()
+
+    def read_and_clear_dirty(self) -> np.ndarray:
+        return runs_to_pfns(*self.read_and_clear_dirty_runs())
+
+    def _my_scanner(self) -> PagemapScanner:
+        me = os.getpid()
+        if self._scanner is None or self._scanner_pid != me:
+            # an inherited scanner's buffer and fd belong to the parent's use of them
+            self._scanner = PagemapScanner(self.guest_pid, self._words[W_RAM_ADDR],
+                                           self.page_count * self.page_size, self.page_size)
+            self._scanner_pid = me
+        return self._scanner
+
+    # -- memory ---------------------------------------------------------------------
+    def memory_view(self) -> np.ndarray:
+        return self._ram
+
+    def _check_pfns(self, pfns: np.ndarray, pages: np.ndarray, what: str) -> np.ndarray:
+        pfns = np.asarray(pfns)
+        if pfns.ndim != 1 or (pfns.size and pfns.dtype.kind not in "ui"):
+            raise ValueError(f"{what}: pfns must be a 1-d integer array, got {pfns.dtype} "
+                             f"shape {pfns.shape}")
+        if pfns.size:
+            bad = (pfns >= self.page_count) | (pfns < 0) if pfns.dtype.kind == "i" \
+                else pfns >= self.page_count
+            if bad.any():
+                raise ValueError(f"{what}: pfn {int(pfns[np.argmax(bad)])} out of range "
+                                 f"(page count {self.page_count})")
+        if (pages.ndim != 2 or pages.shape[1] != self.page_size or pages.dtype != np.uint8
+                or pages.shape[0] < pfns.size):
+            raise ValueError(f"{what}: page array must be uint8 of shape (>= {pfns.size}, "
+                             f"{self.page_size}), got {pages.dtype} {pages.shape}")
+        return pfns
+
+    def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        self._check_open()
+        pfns = self._check_pfns(pfns, out, "read_pages")
+        # bounds are checked above, so 'clip' only avoids np.take's buffered 'raise' path
+        np.take(self._ram, pfns, axis=0, out=out[:pfns.size], mode="clip")
+
+    def write_pages(self, pfns: np.ndarray, data: np.ndarray) -> None:
+        self._check_open()
+        pfns = self._check_pfns(pfns, data, "write_pages")
+        self._ram[pfns] = data[:pfns.size]
+
+    def memory_digest(self, batch_pages: int = 1024) -> bytes:
+        self._check_open()
+        return blake3.blake3(self._ram).digest()
+
+    # -- vCPU state --------------------------------------------------------------------
+    def get_vcpu_state(self) -> bytes:
+        self._require_paused("get_vcpu_state")
+        n = self._words[W_VCPU_LEN]
+        return bytes(self._ctl_map[_VCPU_OFF:_VCPU_OFF + n])
+
+    def set_vcpu_state(self, blob: bytes) -> None:
+        """Load a blob from this guest or its peer (same workload and size). Checked fully
+        before anything changes: a bad blob raises ValueError and is counted."""
+        self._require_paused("set_vcpu_state")
+        try:
+            state = _GuestState.unpack(blob, self._fingerprint, self.page_count)
+            oldest = self._inputs.free_below()
+            if state.seq < oldest:
+                raise ValueError(f"sim vCPU blob is at input seq {state.seq}, but inputs below "
+                                 f"{oldest} may already be overwritten in the input log")
+        except ValueError:
+            self._words[W_BAD_BLOBS] += 1
+            raise
+        self._ctl_map[_VCPU_OFF:_VCPU_OFF + BLOB_SIZE] = bytes(blob)
+        self._words[W_VCPU_LEN] = BLOB_SIZE
+        self._inputs.set_consumer(state.seq)
+
+    @staticmethod
+    def vcpu_input_seq(blob: bytes) -> int:
+        """The input seq a guest in this vCPU state will consume next (or is in the middle of)."""
+        return _GuestState.unpack(blob, None, 1 << 62).seq
+
+    # -- inputs / outputs -----------------------------------------------------------------
+    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
+        """Append one input for the guest and return its seq. ``seq`` (mirroring) must be
+        the next expected one (ValueError). Blocks while the log is full (TimeoutError)."""
+        self._check_open()
+        seq = self._inputs.append(payload, seq, timeout)
+        os.eventfd_write(self._doorbell, 1)
+        return seq
+
+    def trim_inputs(self, below_seq: int) -> None:
+        """Inputs below ``below_seq`` may be overwritten (after a commit)."""
+        self._inputs.trim(below_seq)
+
+    def input_seq(self) -> int:
+        """The input the guest is on or will consume next (all below are done)."""
+        return self._inputs.consumer_seq
+
+    @property
+    def input_head(self) -> int:
+        """The seq the next :meth:`feed_input` gets."""
+        return self._inputs.head
+
+    def wait_for_input_seq(self, seq: int, timeout: float = 10.0) -> None:
+        """Wait until the guest has consumed every input below ``seq`` (tests, demos)."""
+        deadline = time.monotonic() + timeout
+        while self.input_seq() < seq:
+            problem = self._guest_problem()
+            if problem:
+                raise DomainError(f"sim domain {self.name}: {problem}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sim domain {self.name}: guest at input seq "
+                                   f"{self.input_seq()}, not {seq}, after {timeout}s")
+            time.sleep(0.0005)
+
+    def output_fileno(self) -> int:
+        """Readable while output frames are pending."""
+        return self._out_r
+
+    def read_outputs(self, timeout: float = 0.0) -> list[tuple[int, bytes]]:
+        """Output frames ``(input seq, frame)`` emitted since the last call, oldest first;
+        waits up to ``timeout`` seconds for the first one."""
+        self._check_open()
+        if self._out_pid != os.getpid():
+            self._out_pending, self._out_pid = b"", os.getpid()
+        if timeout > 0 and not self._out_pending:
+            select.select([self._out_r], [], [], timeout)
+        chunks = [self._out_pending]
+        while True:
+            try:
+                chunk = os.read(self._out_r, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        frames = []
+        pos = 0
+        while len(data) - pos >= _OUTPUT_HEADER.size:
+            length, seq = _OUTPUT_HEADER.unpack_from(data, pos)
+            end = pos + _OUTPUT_HEADER.size + length
+            if end > len(data):
+                break
+            frames.append((seq, data[pos + _OUTPUT_HEADER.size:end]))
+            pos = end
+        self._out_pending = data[pos:]
+        return frames
+
+    @staticmethod
+    def write_command(npages: int) -> bytes:
+        """An input that makes the guest write exactly ``npages`` distinct pages (in runs)."""
+        if npages < 0:
+            raise ValueError(f"write_command: npages must be >= 0, got {npages}")
+        return _WRITE_COMMAND.pack(_WRITE_MAGIC, npages)
+
+    def counters(self) -> dict[str, int]:
+        """Guest counters (inputs, pages written, outputs, pauses, rejected blobs/inputs)."""
+        out = {name: int(self._words[i]) for name, i in _COUNTERS.items()}
+        out["rejected_inputs"] = self._inputs.rejected
+        return out
+
+
+# -- the guest process ----------------------------------------------------------------------
+
+class _Guest:
+    """Runs in the forked guest process; never returns normally."""
+
+    def __init__(self, dom: SimDomain) -> None:
+        self.dom = dom
+        self.spec = dom.workload
+        self.w = dom._words
+        self.inputs = dom._inputs
+        self.ram = dom._ram
+        self.page_count = dom.page_count
+        self.page_size = dom.page_size
+        self.bitmap = dom._bitmap.bytes if dom._bitmap is not None else None
+        self.pool = text_pool()
+        self.windows = np.lib.stride_tricks.sliding_window_view(self.pool, dom.page_size)
+        self.cdf = self.spec.mix_cdf()
+        self.state = _GuestState(0, PHASE_IDLE, 0, 0, bytes(32),
+                                 blake3.blake3(b"colo-sim-acc" + self.spec.seed.to_bytes(8, "little",
+                                                                                        signed=True)).digest())
+        self._plan_for: tuple[bytes, int] | None = None
+        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._uffd: UffdWriteProtect | None = None
+        self._last_digest = bytes(32)  # of the output frame just sent
+
+    # -- set-up ----------------------------------------------------------------------
+    def _become_guest_process(self) -> None:
+        # Objects inherited from the creator must never be finalized here: a finalizer
+        # could close an fd number that this process has reused by then.
+        gc.freeze()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.dom._owner_pid:  # the creator died before prctl
+            os._exit(1)
+        # Keep only our fds: copies of the creator's sockets and pipes held here would
+        # keep its ports bound and its pipes open after it closed them.
+        keep = {0, 1, 2, self.dom._doorbell, self.dom._ack, self.dom._out_w}
+        for fd in [int(f) for f in os.listdir("/proc/self/fd")]:
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:  # the listing's own fd, already gone
+                    pass
+        os.set_blocking(self.dom._doorbell, True)
+
+    def run(self) -> None:
+        self._become_guest_process()
+        if self.spec.fill:
+            self._fill()
+        addr = self.ram.ctypes.data
+        if self.dom.dirty_log_kind == "uffd":
+            self._uffd = UffdWriteProtect(addr, self.page_count * self.page_size)
+        self.w[W_RAM_ADDR] = addr
+        self.inputs.set_consumer(0)
+        self._save_state()
+        self.w[W_GUEST_STATUS] = _STATUS_RUNNING
+        self._loop()
+
+    def _fill(self) -> None:
+        """All of RAM with the content mix, vectorized in chunks; depends only on the seed."""
+        rng = np.random.Generator(np.random.PCG64(self.spec.seed))
+        ps = self.page_size
+        chunk = 4096
+        for base in range(0, self.page_count, chunk):
+            n = min(chunk, self.page_count - base)
+            kinds = np.searchsorted(self.cdf, rng.random(n), side="right")
+            block = self.ram[base:base + n]
+            rand_rows = np.flatnonzero(kinds == KIND_RANDOM)
+            if rand_rows.size:
+                words = rng.bit_generator.random_raw(rand_rows.size * ps // 8)
+                block[rand_rows] = words.view(np.uint8).reshape(rand_rows.size, ps)
+            text_rows = np.flatnonzero(kinds == KIND_TEXT)
+            if text_rows.size:
+                block[text_rows] = self.windows[rng.integers(0, len(self.windows), text_rows.size)]
+                # a line naming the page, so that no two text pages are identical
+                block[text_rows, 0] = ord("#")
+                block[text_rows, 1:9] = _hex_columns(base + text_rows, 8)
+                block[text_rows, 9] = ord(" ")
+
+    # -- state -----------------------------------------------------------------------
+    def _save_state(self) -> None:
+        blob = self.state.pack(self.dom._fingerprint)
+        self.dom._ctl_map[_VCPU_OFF:_VCPU_OFF + len(blob)] = blob
+        self.w[W_VCPU_LEN] = len(blob)
+        self.inputs.set_consumer(self.state.seq)
+
+    def _load_state(self) -> None:
+        n = self.w[W_VCPU_LEN]
+        blob = bytes(self.dom._ctl_map[_VCPU_OFF:_VCPU_OFF + n])
+        self.state = _GuestState.unpack(blob, self.dom._fingerprint, self.page_count)
+        self.inputs.set_consumer(self.state.seq)
+
+    # -- main loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        w = self.w
+        while True:
+            if w[W_PAUSE_REQ]:
+                self._paused()
+                continue
+            st = self.state
+            if st.phase == PHASE_IDLE:
+                if not self.inputs.available(st.seq):
+                    os.eventfd_read(self.dom._doorbell)  # sleeps until fed, paused or resumed
+                    continue
+                self._begin_input(self.inputs.get(st.seq))
+            if st.step < st.npages and not self._write_pages():
+                continue  # interrupted by a pause request
+            if not self._emit_output():
+                continue
+            self._finish_input()
+
+    def _paused(self) -> None:
+        w = self.w
+        self._save_state()
+        w[W_PAUSES] += 1
+        while True:
+            if not w[W_PAUSE_REQ]:
+                break
+            epoch = w[W_PAUSE_EPOCH]
+            if w[W_PAUSE_ACK] != epoch:
+                w[W_PAUSE_ACK] = epoch
+                os.eventfd_write(self.dom._ack, 1)
+            os.eventfd_read(self.dom._doorbell)
+        self._load_state()  # the pipeline may have loaded a peer's state meanwhile
+
+    # -- one input -----------------------------------------------------------------------
+    def _begin_input(self, payload: bytes) -> None:
+        st = self.state
+        p = self.spec.nondeterminism
+        salt = bytes(16)
+        if p > 0 and int.from_bytes(os.urandom(4), "little") < p * (1 << 32):
+            salt = os.urandom(16)  # real randomness: a peer cannot reproduce this input
+            self.w[W_NONDET_INPUTS] += 1
+        # the key depends on the guest's history (acc), the input, and two pages it reads,
+        # so a guest whose memory differs anywhere it reads soon behaves differently
+        r1 = int.from_bytes(st.acc[0:8], "little") % self.page_count
+        r2 = int.from_bytes(st.acc[8:16], "little") % self.page_count
+        h = blake3.blake3(st.acc)
+        h.update(st.seq.to_bytes(8, "little"))
+        h.update(salt)
+        h.update(len(payload).to_bytes(4, "little"))
+        h.update(payload)
+        h.update(self.ram[r1])
+        h.update(self.ram[r2])
+        npages = _command_pages(payload)
+        if npages is None:
+            npages = self.spec.pages_per_input
+        if npages > self.page_count:
+            self.w[W_CLAMPED_COMMANDS] += 1
+            npages = self.page_count
+        st.phase, st.step, st.npages, st.key = PHASE_INPUT, 0, npages, h.digest()
+
+    def _get_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pfns, kinds, text offsets) of the current input: a pure function of its key."""
+        st = self.state
+        if self._plan_for != (st.key, st.npages):
+            self._plan = make_plan(st.key, st.npages, self.page_count, self.spec.run_length,
+                                   self.cdf, len(self.windows))
+            self._plan_for = (st.key, st.npages)
+        return self._plan  # type: ignore[return-value]
+
+    def _write_pages(self) -> bool:
+        """Write the rest of the current input's pages; False if a pause interrupted."""
+        st = self.state
+        pfns, kinds, offsets = self._get_plan()
+        w, ram, bitmap, windows = self.w, self.ram, self.bitmap, self.windows
+        key, seq, ps = st.key, st.seq, self.page_size
+        start = st.step
+        for i in range(start, st.npages):
+            if w[W_PAUSE_REQ]:
+                st.step = i
+                w[W_PAGES_WRITTEN] += i - start
+                return False
+            pfn = pfns[i]
+            kind = kinds[i]
+            if kind == KIND_ZERO:
+                ram[pfn] = 0
+            elif kind == KIND_TEXT:
+                page = ram[pfn]
+                page[:] = windows[offsets[i]]
+                stamp = b"@%010x.%08x " % (seq, i)
+                page[:len(stamp)] = np.frombuffer(stamp, dtype=np.uint8)
+            else:
+                ram[pfn] = np.frombuffer(
+                    blake3.blake3(key + i.to_bytes(4, "little")).digest(ps), dtype=np.uint8)
+            if bitmap is not None:
+                bitmap[pfn] = 1  # after the write: see DirtyBitmap
+        w[W_PAGES_WRITTEN] += st.npages - start
+        st.step = st.npages
+        return True
+
+    def _output_frame(self) -> bytes:
+        st = self.state
+        pfns = self._get_plan()[0][:_OUTPUT_SAMPLE_PAGES]
+        h = blake3.blake3(st.seq.to_bytes(8, "little"))
+        h.update(st.key)
+        if pfns.size:
+            h.update(self.ram[pfns])
+            sample = self.ram[pfns[0], :16].tobytes()
+        else:
+            sample = bytes(16)
+        return st.seq.to_bytes(8, "little") + h.digest() + sample
+
+    def _emit_output(self) -> bool:
+        """Send the current input's output frame; False if a pause interrupted the wait
+        for room in the output pipe (the frame is then recomputed after the pause)."""
+        frame = self._output_frame()
+        message = _OUTPUT_HEADER.pack(len(frame), self.state.seq) + frame
+        out_w, doorbell = self.dom._out_w, self.dom._doorbell
+        while True:
+            try:
+                os.write(out_w, message)  # < PIPE_BUF: all or nothing
+                self._last_digest = frame[8:40]
+                return True
+            except BlockingIOError:
+                self.w[W_OUTPUT_STALLS] += 1
+            readable, _, _ = select.select([doorbell], [out_w], [])
+            if readable:
+                os.eventfd_read(doorbell)
+                if self.w[W_PAUSE_REQ]:
+                    return False
+
+    def _finish_input(self) -> None:
+        st = self.state
+        st.acc = blake3.blake3(st.key + self._last_digest).digest()
+        st.seq += 1
+        st.phase, st.step, st.npages, st.key = PHASE_IDLE, 0, 0, bytes(32)
+        self.w[W_INPUTS] += 1
+        self.w[W_OUTPUTS] += 1
+        self.inputs.set_consumer(st.seq)
+
+
+def make_plan(key: bytes, npages: int, page_count: int, run_length: int, cdf: np.ndarray,
+              text_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which pages an input writes and with what: ``npages`` distinct pfns made of runs of
+    ``run_length`` consecutive pages (aligned blocks in random order, the last one cut),
+    a content kind per page, and a text-pool offset per page."""
+    rng = np.random.Generator(np.random.PCG64(np.frombuffer(key, dtype=np.uint64)))
+    if npages == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty.astype(np.uint8), empty
+    run_length = min(run_length, page_count)
+    nblocks = -(-page_count // run_length)
+    # one extra block covers a short last block of RAM
+    k = min(nblocks, -(-npages // run_length) + 1)
+    blocks = rng.choice(nblocks, size=k, replace=False)
+    starts = blocks * run_length
+    lengths = np.minimum(run_length, page_count - starts)
+    pfns = runs_to_pfns(starts, lengths)[:npages].astype(np.int64)
+    kinds = np.searchsorted(cdf, rng.random(npages), side="right").astype(np.uint8)
+    offsets = rng.integers(0, text_windows, npages)
+    return pfns, kinds, offsets
+
+
+def open_sim_domain(name: str, page_count: int, workload: WorkloadSpec = WorkloadSpec(),
+                    dirty_log: str = "auto", page_size: int = 4096, *,
+                    input_slots: int = 1024, input_slot_size: int = 2048) -> SimDomain:
+    """A sim guest (not started: call :meth:`SimDomain.start`).
+
+    ``dirty_log``: ``"uffd"`` (kernel-tracked; DomainError if the kernel cannot),
+    ``"bitmap"`` (kept by the workload), or ``"auto"`` (uffd when possible, else bitmap,
+    with a log line saying why).
+    """
+    if page_count < 1:
+        raise ValueError(f"sim domain {name}: page_count must be >= 1, got {page_count}")
+    if page_size < 256 or page_size & (page_size - 1):
+        raise ValueError(f"sim domain {name}: page_size must be a power of two >= 256, "
+                         f"got {page_size}")
+    if not isinstance(workload, WorkloadSpec):
+        raise ValueError(f"sim domain {name}: workload must be a WorkloadSpec, "
+                         f"got {type(workload).__name__}")
+    if dirty_log not in ("auto", "uffd", "bitmap"):
+        raise ValueError(f"sim domain {name}: dirty_log must be 'auto', 'uffd' or 'bitmap', "
+                         f"got {dirty_log!r}")
+    kind = dirty_log
+    if dirty_log in ("auto", "uffd"):
+        reason = uffd_wp_async_unsupported_reason()
+        if reason is None and page_size != mmap.PAGESIZE:
+            reason = f"page size {page_size} is not the system page size {mmap.PAGESIZE}"
+        if reason is None:
+            kind = "uffd"
+            log.info("sim domain %s: dirty log kept by the kernel (userfaultfd async "
+                     "write-protect + PAGEMAP_SCAN)", name)
+        elif dirty_log == "uffd":
+            raise DomainError(f"sim domain {name}: dirty_log 'uffd' unavailable: {reason}")
+        else:
+            kind = "bitmap"
+            log.warning("sim domain %s: dirty log falls back to a workload-kept bitmap: %s",
+                        name, reason)
+    return SimDomain(name, page_count, workload, kind, page_size, input_slots, input_slot_size)
