@@ -1,0 +1,77 @@
+#!/bin/bash
+# Put the current state of this project into the dom0 image and pack it (cheap; run on every lab run).
+# Needs the heavy outputs of build.sh in $XENLAB_DIR (rootfs/, vmlinuz).
+set -euo pipefail
+LAB=${XENLAB_DIR:-/var/tmp/colo-xenlab}
+HERE=$(dirname "$(readlink -f "$0")")
+PROJECT=$(readlink -f "$HERE/../..")
+cd "$LAB"
+[ -x rootfs/usr/lib/xen-4.17/bin/xl ] || { echo "pack.sh: no dom0 root fs in $LAB; run build.sh first" >&2; exit 1; }
+
+# the project (working tree, not only committed files), importable by dom0's /usr/bin/python3
+rm -rf rootfs/opt/colo-pipeline; mkdir -p rootfs/opt/colo-pipeline
+tar -C "$PROJECT" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache \
+    -cf - . | tar -C rootfs/opt/colo-pipeline -xf -
+echo /opt/colo-pipeline > rootfs/usr/local/lib/python3.11/dist-packages/colo-pipeline.pth
+printf '#!/bin/sh\nexec /usr/bin/python3 -m pipeline.cli "$@"\n' > rootfs/usr/local/bin/colo-pipeline
+chmod +x rootfs/usr/local/bin/colo-pipeline
+
+# the C baseline replicator, built against the host's libxen-dev (same 4.17 ABI as dom0's libraries)
+gcc -O2 -Wall -o rootfs/root/crep "$HERE/dom0/crep.c" -lxenctrl -lxenforeignmemory -lxendevicemodel
+
+# the PVH guest: Debian's kernel + a busybox initrd whose init runs memwork
+rm -rf pvh-initrd; mkdir -p pvh-initrd/{bin,proc,sys,dev,tmp}
+cp /bin/busybox pvh-initrd/bin/
+for a in sh mount echo sleep cat; do ln -sf busybox pvh-initrd/bin/$a; done
+gcc -O2 -Wall -static -o pvh-initrd/bin/memwork "$HERE/guest/memwork.c"
+cat > pvh-initrd/init <<'EOI'
+#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+echo "PVH-GUEST-UP $(cat /proc/cmdline)" > /dev/hvc0
+exec /bin/memwork > /dev/hvc0 2>&1
+EOI
+chmod +x pvh-initrd/init
+(cd pvh-initrd && find . | cpio -o -H newc 2>/dev/null | gzip -1) > rootfs/root/pvh-initrd.gz
+cp vmlinuz rootfs/root/vmlinuz
+# tsc_mode native: QEMU TCG's emulated SVM reports RDTSCP as an RDTSC exit and Xen's emulated-TSC
+# path then crashes the guest. fifo_events=0: 2-level event channels keep no queue state in Xen.
+for n in prim sec; do cat > rootfs/root/$n.cfg <<EOC
+name = "$n"
+type = "pvh"
+kernel = "/root/vmlinuz"
+ramdisk = "/root/pvh-initrd.gz"
+extra = "console=hvc0 xen.fifo_events=0 quiet"
+memory = 128
+vcpus = 1
+on_crash = "preserve"
+tsc_mode = "native"
+EOC
+done
+
+# dom0 init: Xen daemons, guest consoles logged to /var/log/xen/console/guest-<name>.log, then the
+# lab driver when the kernel command line asks for it (xenlab.run=1), else an interactive shell.
+cat > rootfs/init <<'EOI'
+#!/bin/sh
+export PATH=/usr/lib/xen-4.17/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /dev/shm
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do modprobe $m; done
+mount -t xenfs xenfs /proc/xen
+mkdir -p /run/xen /run/xenstored /run/lock /var/log/xen/console /var/lib/xen /var/lib/xenstored /var/run
+/usr/lib/xen-4.17/bin/oxenstored --pid-file /run/xenstored.pid || /usr/lib/xen-4.17/bin/xenstored --pid-file /run/xenstored.pid
+/usr/lib/xen-4.17/bin/xen-init-dom0
+/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+hostname dom0
+echo "XENLAB-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+if grep -q 'xenlab.run=1' /proc/cmdline; then
+    /usr/bin/python3 /opt/colo-pipeline/scripts/xen-lab/dom0/lab_dom0.py </dev/null >/dev/hvc0 2>&1
+    echo "XENLAB-DOM0-EXIT rc=$?" >/dev/hvc0
+fi
+exec setsid sh -c 'exec /bin/bash -i </dev/hvc0 >/dev/hvc0 2>&1'
+EOI
+chmod +x rootfs/init
+
+(cd rootfs && find . | cpio -o -H newc 2>/dev/null) > dom0-rootfs.cpio.tmp
+mv dom0-rootfs.cpio.tmp dom0-rootfs.cpio
+ls -la dom0-rootfs.cpio
