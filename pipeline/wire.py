@@ -32,7 +32,8 @@ RECORD_NAMES = {
 # enc_kind of a page in a PAGES record
 ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF = 0, 1, 2, 3
 
-FLAG_SYNC = 1
+FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
+FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 ACK_COMMITTED, ACK_ABORTED = 0, 1
 
@@ -268,7 +269,7 @@ def decode_epoch_end(msg: bytes | memoryview) -> EpochEnd:
 
 
 # -- ACK -----------------------------------------------------------------
-_ACK = struct.Struct("<IIQ")
+_ACK = struct.Struct("<IIQ32s")
 
 
 @dataclass(frozen=True)
@@ -276,23 +277,27 @@ class Ack:
     epoch: int
     status: int
     pages_applied: int
+    memory_digest: bytes   # 32 zero bytes unless the checkpoint asked for FLAG_DIGEST
     reason: str
 
 
-def encode_ack(epoch: int, status: int, pages_applied: int = 0, reason: str = "") -> bytes:
+def encode_ack(epoch: int, status: int, pages_applied: int = 0, reason: str = "",
+               memory_digest: bytes = b"") -> bytes:
     raw = reason.encode()
-    return _record(ACK, epoch, _ACK.pack(status, len(raw), pages_applied), raw)
+    return _record(ACK, epoch, _ACK.pack(status, len(raw), pages_applied,
+                                         memory_digest.ljust(32, b"\0")), raw)
 
 
 def decode_ack(msg: bytes | memoryview) -> Ack:
     hdr, body = _body(msg, ACK)
     _need("ACK", body, _ACK.size, "the fixed fields")
-    status, rlen, applied = _ACK.unpack_from(body, 0)
+    status, rlen, applied, digest = _ACK.unpack_from(body, 0)
     if len(body) != _ACK.size + rlen:
         raise WireError(f"ACK: reason_length {rlen} does not match the body")
     if status not in (ACK_COMMITTED, ACK_ABORTED):
         raise WireError(f"ACK: unknown status {status}")
-    return Ack(hdr.epoch, status, applied, bytes(body[_ACK.size:]).decode(errors="replace"))
+    return Ack(hdr.epoch, status, applied, digest,
+               bytes(body[_ACK.size:]).decode(errors="replace"))
 
 
 # -- INPUT ---------------------------------------------------------------

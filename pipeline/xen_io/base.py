@@ -57,6 +57,12 @@ class Domain(abc.ABC):
         ``uint64`` array of pfns. Call it with the guest paused for an exact set.
         """
 
+    def dirty_count(self) -> int:
+        """How many pages were written since the last read_and_clear_dirty, without clearing
+        (Xen: log-dirty PEEK). -1 when the backend cannot tell; the dirty-threshold trigger
+        is then off."""
+        return -1
+
     # -- memory ---------------------------------------------------------
     @abc.abstractmethod
     def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> None:

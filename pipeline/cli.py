@@ -1,0 +1,325 @@
+"""The ``colo-pipeline`` launcher.
+
+Exit codes: 0 success; 1 the node failed while running (a stage died, the peer broke
+the protocol, the demo's memory check failed); 2 bad command line or bad config
+(nothing was started).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from pipeline import __version__, config
+
+log = logging.getLogger("pipeline.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+
+def _load(path: str, role: str | None = None) -> config.Settings:
+    settings = config.load(path)
+    if role is not None and settings.node.role != role:
+        raise config.ConfigError(path, "node.role", f"is {settings.node.role!r} but this "
+                                 f"command runs a {role}", repr(role))
+    return settings
+
+
+# -- primary / secondary -------------------------------------------------------------
+def cmd_node(args: argparse.Namespace) -> int:
+    settings = _load(args.config, args.command)
+    from pipeline.supervisor import Supervisor
+    sup = Supervisor(settings)
+    code = sup.run()
+    if code:
+        print(f"colo-pipeline {args.command}: {sup.exit_reason}", file=sys.stderr)
+    return code
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(f"{args.config}: ok ({settings.node.role} {settings.node.name!r}, "
+          f"{settings.guest.backend} guest)")
+    return EXIT_OK
+
+
+# -- stats --------------------------------------------------------------------------
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def summarize(snapshot: dict) -> dict:
+    """Figures a person (or a script) wants from a node's counters."""
+    from pipeline.checkpoint_api import CAUSES
+    cps = [c for c in snapshot["checkpoints"] if c["status"] == 0]
+    pauses = [c["pvm_pause_ns"] / 1e6 for c in cps if c["pvm_pause_ns"]]
+    commits = [c["commit_ns"] / 1e6 for c in cps if c["commit_ns"]]
+    causes: dict[str, int] = {}
+    for c in snapshot["checkpoints"]:
+        name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
+        causes[name] = causes.get(name, 0) + 1
+    return {
+        "checkpoints": len(cps),
+        "aborted": sum(1 for c in snapshot["checkpoints"] if c["status"] != 0),
+        "causes": causes,
+        "pause_ms_p50": round(_percentile(pauses, 50), 3),
+        "pause_ms_p99": round(_percentile(pauses, 99), 3),
+        "commit_ms_p50": round(_percentile(commits, 50), 3),
+        "commit_ms_p99": round(_percentile(commits, 99), 3),
+        "pages_dirty": sum(c["pages_dirty"] for c in cps),
+        "pages_sent": sum(c["pages_sent"] for c in cps),
+        "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
+        "pages_zero": sum(c["pages_zero"] for c in cps),
+        "bytes_sent": sum(c["bytes_wire"] for c in snapshot["checkpoints"]),
+        "bytes_raw": sum(c["bytes_raw"] for c in snapshot["checkpoints"]),
+    }
+
+
+def _stats_table(snap: dict) -> str:
+    lines = [f"node {snap['node']}  " + "  ".join(f"{k}={v}" for k, v in snap["info"].items()
+                                                 if k in ("role", "state", "epoch"))]
+    lines.append(f"{'stage':<14}{'items in':>12}{'items out':>12}{'bytes out':>14}"
+                 f"{'busy s':>9}{'wait s':>9}{'ring hw':>8}{'errors':>8}")
+    for name, c in snap["stages"].items():
+        lines.append(f"{name:<14}{c['items_in']:>12}{c['items_out']:>12}{c['bytes_out']:>14}"
+                     f"{c['busy_ns'] / 1e9:>9.2f}{c['wait_ns'] / 1e9:>9.2f}"
+                     f"{c['ring_high_water']:>8}{c['errors']:>8}")
+    s = summarize(snap)
+    lines.append(f"checkpoints {s['checkpoints']} (aborted {s['aborted']}) causes {s['causes']}"
+                 f"  pause p50/p99 {s['pause_ms_p50']}/{s['pause_ms_p99']} ms"
+                 f"  commit p50 {s['commit_ms_p50']} ms  wire {s['bytes_sent']} B"
+                 f" of {s['bytes_raw']} B raw")
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pipeline.counters import NodeCounters, NodeNotRunning
+    name = args.node or _load(args.config).node.name
+    try:
+        node = NodeCounters.attach(name)
+    except NodeNotRunning as exc:
+        print(f"colo-pipeline stats: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        while True:
+            snap = node.snapshot()
+            if args.json:
+                snap["summary"] = summarize(snap)
+                print(json.dumps(snap))
+                return EXIT_OK
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(_stats_table(snap), flush=True)
+            if not args.watch:
+                return EXIT_OK
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        node.close()
+
+
+# -- demo ---------------------------------------------------------------------------
+def _free_port_base() -> int:
+    import socket
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 65000:
+            continue
+        ok = True
+        for p in (base + 1, base + 2):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+        if ok:
+            return base
+    raise RuntimeError("no three free consecutive TCP ports on 127.0.0.1")
+
+
+def demo_configs(workdir: str, args: argparse.Namespace) -> tuple[str, str]:
+    port = _free_port_base()
+    tag = f"demo{os.getpid()}"
+    common = f"""
+[guest]
+backend = "sim"
+page_count = {args.pages}
+dirty_log = "{args.dirty_log}"
+[guest.workload]
+seed = 7
+pages_per_input = {args.pages_per_input}
+nondeterminism = {args.nondeterminism}
+input_rate_hz = {args.input_rate}
+[peer]
+address = "tcp://127.0.0.1:{port}"
+[checkpoint]
+max_interval_ms = {args.interval_ms}
+min_interval_ms = 10
+dirty_threshold_pages = {max(64, args.pages // 4)}
+epoch_timeout_ms = 20000
+"""
+    paths = []
+    for role in ("primary", "secondary"):
+        path = os.path.join(workdir, f"{role}.toml")
+        with open(path, "w") as fh:
+            fh.write(f'[node]\nname = "{tag}-{role}"\nrole = "{role}"\n'
+                     f'run_dir = "{os.path.join(workdir, role)}"\n' + common)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint_api import CheckpointClient
+    from pipeline.counters import NodeCounters, NodeNotRunning
+    workdir = tempfile.mkdtemp(prefix="colo-demo-")
+    pcfg, scfg = demo_configs(workdir, args)
+    prim_name = config.load(pcfg).node.name
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", args.log_level]
+    out = None if args.verbose else subprocess.DEVNULL
+    secondary = subprocess.Popen(cmd + ["secondary", "--config", scfg], env=env,
+                                 stdout=out, stderr=None if args.verbose else subprocess.PIPE)
+    primary = subprocess.Popen(cmd + ["primary", "--config", pcfg], env=env,
+                               stdout=out, stderr=None if args.verbose else subprocess.PIPE)
+    summary: dict = {"memory_equal": False}
+    node = None
+    code = EXIT_FAILED
+    try:
+        deadline = time.monotonic() + 60
+        while node is None:
+            if primary.poll() is not None or secondary.poll() is not None:
+                raise RuntimeError("a node exited during start-up")
+            try:
+                node = NodeCounters.attach(prim_name)
+            except NodeNotRunning:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the primary did not start within 60 s") from None
+                time.sleep(0.1)
+        while node.node_info().get("state") != "protected":
+            if primary.poll() is not None or secondary.poll() is not None:
+                raise RuntimeError("a node exited during the first sync")
+            time.sleep(0.05)
+        t_end = time.monotonic() + args.duration
+        while time.monotonic() < t_end:
+            if primary.poll() is not None or secondary.poll() is not None:
+                raise RuntimeError("a node exited while protecting the guest")
+            if not args.json:
+                s = summarize(node.snapshot())
+                print(f"\r[{args.duration - (t_end - time.monotonic()):5.1f}s] checkpoints "
+                      f"{s['checkpoints']:4d}  pause p50 {s['pause_ms_p50']:6.2f} ms  "
+                      f"sent {s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}",
+                      end="", flush=True)
+            time.sleep(0.5)
+        # The proof: one more checkpoint where both sides hash all of guest memory while
+        # paused (PVM at its snapshot, SVM right after applying it).
+        client = CheckpointClient(os.path.join(workdir, "primary"), subscribe=False)
+        client.request("request", "digest")
+        deadline = time.monotonic() + 60
+        while "memory_equal" not in node.node_info():
+            if time.monotonic() > deadline or primary.poll() is not None:
+                raise RuntimeError("the final checkpoint did not complete")
+            time.sleep(0.05)
+        client.close()
+        info = node.node_info()
+        summary = summarize(node.snapshot())
+        summary.update(memory_equal=info["memory_equal"], final_epoch=info["final_epoch"],
+                       pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
+                       dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
+        code = EXIT_OK if info["memory_equal"] else EXIT_FAILED
+    except RuntimeError as exc:
+        summary["error"] = str(exc)
+        print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
+    finally:
+        if node is not None:
+            node.close()
+        for p in (primary, secondary):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (primary, secondary):
+            try:
+                _, err = p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+            if code and err:
+                sys.stderr.write(err.decode(errors="replace")[-4000:])
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print()
+        print(f"checkpoints {summary.get('checkpoints')}  causes {summary.get('causes')}  "
+              f"pause p50/p99 {summary.get('pause_ms_p50')}/{summary.get('pause_ms_p99')} ms  "
+              f"bytes sent {summary.get('bytes_sent')}")
+        print(f"memory of SVM == PVM at the last committed checkpoint "
+              f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
+    return code
+
+
+# -- argument parsing ------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="colo-pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"colo-pipeline {__version__}")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    for role in ("primary", "secondary"):
+        sp = sub.add_parser(role, help=f"run this host's {role} node")
+        sp.add_argument("--config", required=True, help="TOML config file")
+        sp.set_defaults(func=cmd_node)
+    sp = sub.add_parser("check-config", help="validate a config file without starting anything")
+    sp.add_argument("config")
+    sp.set_defaults(func=cmd_check_config)
+    sp = sub.add_parser("stats", help="print the counters of a running node")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--node", help="node name")
+    g.add_argument("--config", help="the node's config file")
+    sp.add_argument("--json", action="store_true", help="print one JSON object and exit")
+    sp.add_argument("--watch", type=float, default=0, metavar="S",
+                    help="redraw every S seconds")
+    sp.set_defaults(func=cmd_stats)
+    sp = sub.add_parser("demo", help="a primary and a secondary with simulated guests on this "
+                        "machine; ends by proving the SVM's memory equals the PVM's")
+    sp.add_argument("--duration", type=float, default=10.0, help="seconds of protected running")
+    sp.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
+    sp.add_argument("--pages", type=int, default=16384, help="guest RAM in 4 KiB pages")
+    sp.add_argument("--pages-per-input", type=int, default=16)
+    sp.add_argument("--input-rate", type=float, default=200.0, help="client inputs per second")
+    sp.add_argument("--interval-ms", type=int, default=200, help="checkpoint.max_interval_ms")
+    sp.add_argument("--nondeterminism", type=float, default=0.0)
+    sp.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"])
+    sp.add_argument("--verbose", action="store_true", help="show the nodes' logs")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except config.ConfigError as exc:
+        print(f"colo-pipeline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""What every stage process shares: slot kinds, the stop protocol, logging, ring helpers.
+
+Stages are started by the supervisor with ``fork``; they inherit rings, counters
+and the guest's mappings. A stage stops when its ``stop`` event is set (the
+supervisor sets it on SIGTERM/SIGINT) or when its input ring is closed and drained.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import select
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import numpy as np
+
+from pipeline import wire
+from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
+
+# slot.kind
+SLOT_DATA = 1   # a batch of pages
+SLOT_END = 2    # end of an epoch's pages on this ring; ring 0's marker carries the vCPU blob
+
+# slot.flags
+SLOT_SYNC = wire.FLAG_SYNC      # the epoch is the first full sync
+SLOT_BAD = 2                    # a verify worker found a page that failed its hash or did not decode
+SLOT_DIGEST = wire.FLAG_DIGEST  # hash all of guest memory at this checkpoint
+
+POLL_S = 0.2     # how often a blocked stage looks at its stop event
+
+ZERO_PAGE_HASH: dict[int, bytes] = {}
+
+
+def zero_page_hash(page_size: int) -> bytes:
+    """blake3 of an all-zero page (the hash a ZERO page is sent with)."""
+    h = ZERO_PAGE_HASH.get(page_size)
+    if h is None:
+        h = ZERO_PAGE_HASH[page_size] = blake3.blake3(bytes(page_size)).digest()
+    return h
+
+
+class HashTable:
+    """What the secondary holds: blake3 of every page as of the last committed checkpoint.
+
+    On the primary it is shared memory owned by the supervisor: digest workers read it,
+    the coordinator updates it when an epoch commits (never before: a torn epoch must
+    not change it). On the secondary the restore stage keeps its own, for checking REFs.
+    """
+
+    def __init__(self, hashes: np.ndarray, valid: np.ndarray) -> None:
+        self.hashes = hashes   # (page_count, 32) uint8
+        self.valid = valid     # (page_count,) bool
+
+    def matches(self, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        return self.valid[pfns] & (self.hashes[pfns] == hashes).all(axis=1)
+
+    def update(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
+        self.hashes[pfns] = hashes
+        self.valid[pfns] = True
+
+
+@dataclass
+class StageContext:
+    """Handed to every stage's ``run``: its name, counters and stop event."""
+    name: str
+    counters: Any            # pipeline.counters.StageCounters
+    stop: Any                # multiprocessing.Event
+    log: logging.Logger
+
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+
+def stage_main(ctx: StageContext, run, *args: Any) -> None:
+    """The body of every stage process: signals, logging, a clear line on failure."""
+    # The supervisor decides when stages stop; a Ctrl-C on the terminal reaches the whole
+    # process group, so stages ignore SIGINT and let the supervisor stop them in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
+    try:
+        run(ctx, *args)
+    except (KeyboardInterrupt, RingClosed):
+        pass
+    except Exception:
+        ctx.log.exception("stage %s failed", ctx.name)
+        raise SystemExit(1)
+
+
+def read_slot(ctx: StageContext, ring: Ring) -> Slot | None:
+    """Wait for the next slot of ``ring``; None if the stage should stop. Counts wait time."""
+    t0 = time.perf_counter_ns()
+    try:
+        while True:
+            try:
+                return ring.acquire_read(timeout=POLL_S)
+            except RingTimeout:
+                if ctx.stopping():
+                    return None
+    finally:
+        ctx.counters.add("wait_ns", time.perf_counter_ns() - t0)
+
+
+def write_slot(ctx: StageContext, ring: Ring) -> Slot | None:
+    """Wait for a free slot of ``ring``; None if the stage should stop. Counts wait time."""
+    t0 = time.perf_counter_ns()
+    try:
+        while True:
+            try:
+                return ring.acquire_write(timeout=POLL_S)
+            except RingTimeout:
+                if ctx.stopping():
+                    return None
+    finally:
+        ctx.counters.add("wait_ns", time.perf_counter_ns() - t0)
+
+
+def copy_marker(src: Slot, dst: Slot) -> None:
+    """Forward an END marker (header and its aux payload) from one ring to the next."""
+    dst.kind, dst.epoch, dst.count, dst.seq = src.kind, src.epoch, src.count, src.seq
+    dst.flags, dst.aux_len = src.flags, src.aux_len
+    if src.aux_len:
+        dst.data_flat[:src.aux_len] = src.data_flat[:src.aux_len]
+
+
+def ready_rings(rings: list[Ring], extra_fds: list[int], timeout: float) -> tuple[list[int], list[int]]:
+    """Indexes of rings with a published slot and which of ``extra_fds`` are readable."""
+    fds = [r.fileno() for r in rings]
+    readable, _, _ = select.select(fds + extra_fds, [], [], timeout)
+    rs = set(readable)
+    return [i for i, fd in enumerate(fds) if fd in rs], [fd for fd in extra_fds if fd in rs]
+
+
+def new_event():
+    return multiprocessing.get_context("fork").Event()
+
+
+def as_pfns(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint64)

@@ -1,0 +1,117 @@
+"""Guest input, both sides.
+
+Primary (``run_client``): stands in for the clients of the protected service: feeds
+the PVM a deterministic stream of inputs at ``guest.workload.input_rate_hz``, mirrors
+every input to the secondary tagged with its epoch, and drains the PVM's output.
+Secondary (``run_mirror``): feeds the mirrored inputs to the SVM in sequence order
+and keeps them until a checkpoint past them commits, so an SVM rolled back to a
+checkpoint finds exactly the input that followed the snapshot.
+
+(The network comparator replaces the output draining with real frame comparison.)
+"""
+from __future__ import annotations
+
+import time
+
+import blake3
+import zmq
+
+from pipeline import sockets, wire
+from pipeline.checkpoint_api import CheckpointClient
+from pipeline.config import Settings
+from pipeline.stages.common import StageContext
+
+INPUT_SIZE = 64
+
+
+def client_input(seed: int, seq: int) -> bytes:
+    """The seq-th client request: deterministic, so a test can recompute it."""
+    return blake3.blake3(b"input %d %d" % (seed, seq)).digest(length=INPUT_SIZE)
+
+
+def _drain_outputs(ctx: StageContext, domain) -> None:
+    outs = domain.read_outputs(0.0)
+    if outs:
+        ctx.counters.add("outputs", len(outs))
+        ctx.counters.add("bytes_out", sum(len(f) for _, f in outs))
+
+
+def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> None:
+    zctx = zmq.Context()
+    out = sockets.inputs_out(zctx, settings)
+    rate = settings.guest.workload.input_rate_hz
+    period = 1.0 / rate if rate > 0 else None
+    next_at = time.monotonic()
+    n = 0
+    try:
+        while not ctx.stopping():
+            _drain_outputs(ctx, domain)
+            if period is None:
+                time.sleep(0.05)
+                continue
+            now = time.monotonic()
+            if now < next_at:
+                time.sleep(min(next_at - now, 0.05))
+                continue
+            next_at += period
+            if next_at < now - 1.0:   # fell far behind (guest paused long): do not burst
+                next_at = now
+            payload = client_input(settings.guest.workload.seed, n)
+            try:
+                seq = domain.feed_input(payload)
+            except TimeoutError:
+                ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
+                continue
+            n += 1
+            if not sockets.send_until_stopped(out, wire.encode_input(epoch_value.value, seq,
+                                                                      payload), ctx.stop):
+                return
+            ctx.counters.add("items_out", 1)
+            ctx.counters.add("bytes_out", len(payload))
+            domain.trim_inputs(domain.input_seq())
+    finally:
+        out.close(0)
+        zctx.term()
+
+
+def run_mirror(ctx: StageContext, settings: Settings, domain) -> None:
+    zctx = zmq.Context()
+    inp = sockets.inputs_in(zctx, settings)
+    events = CheckpointClient(settings.run_dir, zctx)
+    held: tuple[int, bytes] | None = None
+    try:
+        while not ctx.stopping():
+            _drain_outputs(ctx, domain)
+            for ev in events.poll_events(0):
+                seq = ev.extra.get("input_seq", -1)
+                if ev.event == "committed" and seq >= 0:
+                    domain.trim_inputs(seq)
+            if held is None:
+                if not inp.poll(20):
+                    continue
+                try:
+                    _epoch, seq, payload = wire.decode_input(inp.recv())
+                except wire.WireError as exc:
+                    ctx.counters.add("errors", 1)
+                    ctx.log.warning("inputs channel: dropped a bad record: %s", exc)
+                    continue
+                held = (seq, payload)
+            try:
+                domain.feed_input(held[1], seq=held[0])
+            except TimeoutError:
+                # The SVM's input log is full until a checkpoint commits and trims it; the
+                # input stays held here (and back-pressure reaches the primary), never dropped.
+                ctx.counters.add("input_full", 1)
+                continue
+            except ValueError as exc:
+                ctx.counters.add("errors", 1)
+                ctx.log.warning("inputs channel: refused input %d: %s", held[0], exc)
+                held = None
+                continue
+            ctx.counters.add("items_in", 1)
+            ctx.counters.add("bytes_in", len(held[1]))
+            held = None
+    finally:
+        events.close()
+        inp.close(0)
+        zctx.term()

@@ -1,0 +1,183 @@
+"""Secondary: the restore stage. Assembles each epoch from the verify workers, and
+applies it to the SVM only when it is complete and every page verified.
+
+It keeps the secondary's cache: a copy of guest memory as of the last committed
+checkpoint, with the blake3 of each page. At commit of epoch e, with the SVM paused:
+  1. the epoch's pages go into the SVM and the cache (REF pages come from the cache),
+  2. pages the SVM dirtied itself during e, and the PVM did not send, are restored
+     from the cache,
+  3. the primary's vCPU state is loaded.
+A torn epoch (bad page, missing pages, newer epoch started, coordinator abort) is
+discarded whole and the SVM is rolled back to the last committed checkpoint.
+
+Talks to the coordinator over a pipe:
+  -> ("ready", e, ok, reason)                 once all END markers of e arrived
+  <- ("apply", e, svm_dirty, want_digest)     -> ("applied", e, pages, digest, input_seq)
+  <- ("abort", e, svm_dirty, reason)          -> ("aborted", e)
+The first epoch (SYNC, all of memory) goes the same way; the staging area is as large
+as guest memory, and only the part an epoch uses is ever backed by RAM.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline import wire
+from pipeline.ring import Ring
+from pipeline.stages.common import (SLOT_BAD, SLOT_END, SLOT_SYNC, HashTable, StageContext,
+                                    ready_rings)
+from pipeline.xen_io.base import Domain
+
+
+class Assembly:
+    """One epoch being put together in the staging area."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.n = 0              # pages staged
+        self.problem = ""       # why the epoch cannot be applied ('' = fine so far)
+        self.markers = 0
+        self.announced = -1     # pages EPOCH_END announced
+        self.vcpu = b""
+        self.sync = False
+
+
+class Restore:
+    def __init__(self, ctx: StageContext, domain: Domain, n_rings: int) -> None:
+        self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
+        pc, ps = domain.page_count, domain.page_size
+        # np.zeros of this size is an anonymous mapping: the kernel only backs what is touched
+        self.cache = np.zeros((pc, ps), np.uint8)
+        self.table = HashTable(np.zeros((pc, 32), np.uint8), np.zeros(pc, bool))
+        self.staged_data = np.zeros((pc, ps), np.uint8)
+        self.staged_pfns = np.zeros(pc, np.uint64)
+        self.staged_hashes = np.zeros((pc, 32), np.uint8)
+        self.staged_from_cache = np.zeros(pc, bool)
+        self.asm: Assembly | None = None
+        self.committed_epoch = -1
+        self.committed_vcpu = b""
+
+    # -- assembling -------------------------------------------------------
+    def _assembly_for(self, epoch: int) -> Assembly | None:
+        c = self.ctx.counters
+        if epoch <= self.committed_epoch:
+            c.add("stale_records", 1)
+            self.ctx.log.warning("dropped a record of epoch %d: epoch %d is already committed",
+                                 epoch, self.committed_epoch)
+            return None
+        if self.asm is not None and epoch < self.asm.epoch:
+            c.add("stale_records", 1)
+            self.ctx.log.warning("dropped a record of old epoch %d while assembling %d",
+                                 epoch, self.asm.epoch)
+            return None
+        if self.asm is None or epoch > self.asm.epoch:
+            if self.asm is not None:
+                c.add("torn_epochs", 1)
+                self.ctx.log.warning("epoch %d torn: epoch %d started before it was complete",
+                                     self.asm.epoch, epoch)
+            self.asm = Assembly(epoch)
+        return self.asm
+
+    def take_slot(self, slot) -> tuple | None:
+        """Stage one slot; returns a ("ready", ...) message when the epoch is assembled."""
+        asm = self._assembly_for(slot.epoch)
+        if asm is None:
+            return None
+        if slot.kind == SLOT_END:
+            asm.markers += 1
+            asm.sync = bool(slot.flags & SLOT_SYNC)
+            if slot.aux_len:
+                asm.vcpu = slot.data_flat[:slot.aux_len].tobytes()
+            asm.announced = slot.seq
+            if asm.markers < self.n_rings:
+                return None
+            if not asm.problem and asm.n != asm.announced:
+                asm.problem = (f"{asm.n} pages arrived and verified but EPOCH_END "
+                               f"announced {asm.announced}")
+            return ("ready", asm.epoch, not asm.problem, asm.problem)
+        n = slot.count
+        if slot.flags & SLOT_BAD:
+            asm.problem = asm.problem or "a page failed verification"
+        if asm.n + n > len(self.staged_pfns):
+            asm.problem = asm.problem or "more pages than the guest has"
+        if asm.problem:
+            return None
+        pfns, kinds = slot.pfns[:n], slot.enc_kind[:n]
+        refs = kinds == wire.ENC_REF
+        if refs.any() and not self.table.matches(pfns[refs], slot.hashes[:n][refs]).all():
+            asm.problem = "a REF page does not match the committed copy"
+            return None
+        k = asm.n
+        self.staged_data[k:k + n] = slot.data[:n]
+        self.staged_from_cache[k:k + n] = refs
+        self.staged_pfns[asm.n:asm.n + n] = pfns
+        self.staged_hashes[asm.n:asm.n + n] = slot.hashes[:n]
+        asm.n += n
+        return None
+
+    # -- applying ---------------------------------------------------------
+    def apply(self, epoch: int, svm_dirty: np.ndarray, want_digest: bool) -> tuple:
+        asm = self.asm
+        if asm is None or asm.epoch != epoch or asm.problem:
+            why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
+            return self.abort(epoch, svm_dirty, why)
+        n = asm.n
+        pfns = self.staged_pfns[:n]
+        data = ~self.staged_from_cache[:n]
+        self.cache[pfns[data]] = self.staged_data[:n][data]
+        self.table.update(pfns, self.staged_hashes[:n])
+        # The SVM now gets the whole committed state of what changed on either side.
+        touched = np.union1d(pfns, svm_dirty).astype(np.uint64)
+        self.domain.write_pages(touched, self.cache[touched])
+        if asm.vcpu:
+            self.domain.set_vcpu_state(asm.vcpu)
+            self.committed_vcpu = asm.vcpu
+        self.committed_epoch = epoch
+        self.asm = None
+        digest = self.domain.memory_digest() if want_digest else b""
+        input_seq = -1
+        if self.committed_vcpu and hasattr(self.domain, "vcpu_input_seq"):
+            input_seq = self.domain.vcpu_input_seq(self.committed_vcpu)
+        self.ctx.counters.add("epochs_applied", 1)
+        self.ctx.counters.add("items_out", n)
+        return ("applied", epoch, n, digest, input_seq)
+
+    def abort(self, epoch: int, svm_dirty: np.ndarray, reason: str) -> tuple:
+        """Discard the epoch and put the SVM back at the last committed checkpoint."""
+        if len(svm_dirty):
+            self.domain.write_pages(svm_dirty, self.cache[svm_dirty])
+        if self.committed_vcpu:
+            self.domain.set_vcpu_state(self.committed_vcpu)
+        if self.asm is not None and self.asm.epoch <= epoch:
+            self.asm = None
+        self.ctx.counters.add("epochs_aborted", 1)
+        self.ctx.log.warning("epoch %d discarded: %s; the SVM stays at epoch %d", epoch, reason,
+                             self.committed_epoch)
+        return ("aborted", epoch, reason)
+
+
+def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
+    r = Restore(ctx, domain, len(rings))
+    c = ctx.counters
+    while not ctx.stopping():
+        ready, fds = ready_rings(rings, [ctrl.fileno()], 0.2)
+        t0 = time.perf_counter_ns()
+        for i in ready:
+            slot = rings[i].try_acquire_read()
+            if slot is None:
+                continue
+            c.add("items_in", slot.count if slot.kind != SLOT_END else 0)
+            msg = r.take_slot(slot)
+            rings[i].release_read(slot)
+            if msg is not None:
+                ctrl.send(msg)
+        if fds:
+            cmd = ctrl.recv()
+            if cmd[0] == "apply":
+                ctrl.send(r.apply(cmd[1], cmd[2], cmd[3]))
+            elif cmd[0] == "abort":
+                ctrl.send(r.abort(cmd[1], cmd[2], cmd[3]))
+            else:
+                raise ValueError(f"restore stage: unknown command {cmd[0]!r}")
+        c.add("busy_ns", time.perf_counter_ns() - t0)

@@ -1,0 +1,100 @@
+"""Primary: the send stage. Turns encoded batches into PAGES records on the ``pages``
+channel and closes each epoch with an EPOCH_END record once every digest worker's
+END marker has arrived (so every page of the epoch was sent before it).
+
+It also records the (pfn, hash) of every page of the epoch in the shared
+``pending`` arrays; the coordinator applies them to the hash table when the
+secondary acknowledges the epoch, and re-sends those pfns if the epoch was torn.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+from pipeline.sockets import send_until_stopped
+from pipeline.ring import Ring
+from pipeline.stages.common import SLOT_END, StageContext, ready_rings
+
+
+@dataclass
+class Pending:
+    """Shared arrays: the pages of the epoch in flight (written by send, read by coordinator)."""
+    pfns: np.ndarray       # (page_count,) uint64
+    hashes: np.ndarray     # (page_count, 32) uint8
+    count: np.ndarray      # (1,) uint64
+
+
+@dataclass
+class EpochStats:
+    pages: int = 0
+    records: int = 0
+    bytes_wire: int = 0
+    kinds: dict[int, int] = field(default_factory=lambda: {k: 0 for k in range(4)})
+    markers: int = 0
+    vcpu: bytes = b""
+    flags: int = 0
+
+
+def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
+        pending: Pending) -> None:
+    c = ctx.counters
+    epochs: dict[int, EpochStats] = {}
+    while not ctx.stopping():
+        ready, _ = ready_rings(rings, [], 0.2)
+        for i in ready:
+            slot = rings[i].try_acquire_read()
+            if slot is None:
+                continue
+            t0 = time.perf_counter_ns()
+            e = slot.epoch
+            st = epochs.get(e)
+            if st is None:
+                st = epochs[e] = EpochStats()
+                pending.count[0] = 0
+            if slot.kind == SLOT_END:
+                st.markers += 1
+                if slot.aux_len:
+                    st.vcpu = slot.data_flat[:slot.aux_len].tobytes()
+                st.flags = slot.flags
+                announced = slot.seq
+                rings[i].release_read(slot)
+                if st.markers == len(rings):
+                    if st.pages != announced:
+                        raise RuntimeError(f"epoch {e}: {st.pages} pages went through the "
+                                           f"digest workers but {announced} were snapshotted")
+                    msg = wire.encode_epoch_end(e, st.pages, st.records, st.flags & 1, st.vcpu)
+                    if not send_until_stopped(pages_out, msg, ctx.stop):
+                        return
+                    st.bytes_wire += len(msg)
+                    c.add("bytes_out", len(msg))
+                    del epochs[e]
+                    ctrl.send(("sent", e, {
+                        "pages": st.pages, "records": st.records, "bytes_wire": st.bytes_wire,
+                        "pages_raw": st.kinds[wire.ENC_RAW], "pages_lz4": st.kinds[wire.ENC_LZ4],
+                        "pages_zero": st.kinds[wire.ENC_ZERO], "pages_ref": st.kinds[wire.ENC_REF],
+                    }))
+            else:
+                n = slot.count
+                msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
+                                        slot.enc_kind[:n], slot.data_flat[:slot.aux_len])
+                k = int(pending.count[0])
+                pending.pfns[k:k + n] = slot.pfns[:n]
+                pending.hashes[k:k + n] = slot.hashes[:n]
+                pending.count[0] = k + n
+                kinds = np.bincount(slot.enc_kind[:n], minlength=4)
+                for kind in range(4):
+                    st.kinds[kind] += int(kinds[kind])
+                rings[i].release_read(slot)
+                if not send_until_stopped(pages_out, msg, ctx.stop, copy=False):
+                    return
+                st.pages += n
+                st.records += 1
+                st.bytes_wire += len(msg)
+                c.add("items_in", n)
+                c.add("items_out", 1)
+                c.add("bytes_out", len(msg))
+            c.add("busy_ns", time.perf_counter_ns() - t0)

@@ -1,0 +1,100 @@
+"""Primary: the snapshot stage. Pauses the PVM, reads its dirty log, copies the dirty pages
+and the vCPU state into the digest rings, and resumes the PVM at once.
+
+The PVM's new output is held by the comparator until this epoch commits, so resuming
+before the pages are hashed, compressed or sent is safe: the PVM pause is the copy of
+the dirty set into shared memory and nothing else.
+
+Commands come from the coordinator over a pipe:
+  ("sync", epoch)                      -> ("synced", epoch, pages)
+  ("snapshot", epoch, flags, carry)    -> ("snapshotted", epoch, pages, pause_ns, input_seq, digest)
+``carry`` holds pages of torn epochs: they were cleared from the dirty log but the
+secondary never applied them, so they go out again.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.ring import Ring
+from pipeline.stages.common import (SLOT_DATA, SLOT_DIGEST, SLOT_END, SLOT_SYNC, StageContext,
+                                    write_slot)
+from pipeline.xen_io.base import Domain
+
+
+def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.ndarray,
+                epoch: int, flags: int) -> bool:
+    """Copy the pages ``pfns`` into batches of the digest rings, round robin."""
+    batch = rings[0].layout.batch_pages
+    for n, start in enumerate(range(0, len(pfns), batch)):
+        chunk = pfns[start:start + batch]
+        slot = write_slot(ctx, rings[n % len(rings)])
+        if slot is None:
+            return False
+        k = len(chunk)
+        slot.pfns[:k] = chunk
+        domain.read_pages(chunk, slot.data[:k])
+        slot.kind, slot.epoch, slot.count, slot.flags, slot.aux_len = SLOT_DATA, epoch, k, flags, 0
+        rings[n % len(rings)].commit_write(slot)
+        ctx.counters.add("items_out", k)
+        ctx.counters.add("bytes_out", k * slot.data.shape[1])
+    return True
+
+
+def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, flags: int,
+                 vcpu: bytes) -> bool:
+    for i, ring in enumerate(rings):
+        slot = write_slot(ctx, ring)
+        if slot is None:
+            return False
+        blob = vcpu if i == 0 else b""
+        if len(blob) > slot.data_flat.size:
+            raise ValueError(f"vCPU state of {len(blob)} bytes does not fit a ring slot "
+                             f"({slot.data_flat.size} bytes); raise pipeline.batch_pages")
+        slot.kind, slot.epoch, slot.count, slot.seq, slot.flags = SLOT_END, epoch, 0, pages, flags
+        slot.aux_len = len(blob)
+        slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
+        ring.commit_write(slot)
+    return True
+
+
+def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
+    log = ctx.log
+    while not ctx.stopping():
+        if not ctrl.poll(0.2):
+            continue
+        cmd = ctrl.recv()
+        t_busy = time.perf_counter_ns()
+        if cmd[0] == "sync":
+            epoch = cmd[1]
+            # Dirty tracking starts before the first page is read: a page the PVM writes
+            # while the sync streams it is sent again by the first checkpoint.
+            domain.enable_dirty_log()
+            pfns = np.arange(domain.page_count, dtype=np.uint64)
+            if not _copy_pages(ctx, domain, rings, pfns, epoch, SLOT_SYNC):
+                return
+            if not _end_markers(ctx, rings, epoch, len(pfns), SLOT_SYNC, b""):
+                return
+            log.info("epoch %d: full sync of %d pages queued", epoch, len(pfns))
+            ctrl.send(("synced", epoch, len(pfns)))
+        elif cmd[0] == "snapshot":
+            _, epoch, flags, carry = cmd
+            t0 = time.perf_counter_ns()
+            domain.pause()
+            dirty = domain.read_and_clear_dirty()
+            if len(carry):
+                dirty = np.union1d(dirty, carry).astype(np.uint64)
+            vcpu = domain.get_vcpu_state()
+            digest = domain.memory_digest() if flags & SLOT_DIGEST else b""
+            ok = _copy_pages(ctx, domain, rings, dirty, epoch, flags)
+            domain.resume()
+            pause_ns = time.perf_counter_ns() - t0
+            if not ok or not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
+                return
+            input_seq = getattr(domain, "vcpu_input_seq", lambda b: -1)(vcpu)
+            ctrl.send(("snapshotted", epoch, len(dirty), pause_ns, input_seq, digest))
+        else:
+            raise ValueError(f"snapshot stage: unknown command {cmd[0]!r}")
+        ctx.counters.add("busy_ns", time.perf_counter_ns() - t_busy)
+        ctx.counters.max("ring_high_water", max(r.high_water for r in rings))

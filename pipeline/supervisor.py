@@ -1,0 +1,274 @@
+"""Starts, watches and stops the stage processes of one node.
+
+The supervisor owns every shared resource of the node: the guest handle, the rings,
+the counters and the primary's hash tables. It creates them all, then forks the
+stages (which inherit them), and it alone unlinks them: on a clean stop, on
+SIGINT/SIGTERM, and when any stage dies (a node with a dead stage cannot keep its
+promise, so it stops whole and says which stage died and how).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from pipeline import sockets
+from pipeline.config import Settings
+from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
+from pipeline.counters import STAGE_COUNTERS, NodeCounters
+from pipeline.ring import Ring, SlotLayout
+from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
+from pipeline.stages import digest, inputs, receive, restore, send, snapshot, verify
+from pipeline.stages.common import HashTable, StageContext, stage_main
+from pipeline.stages.send import Pending
+from pipeline.xen_io import BACKENDS
+from pipeline.xen_io.base import Domain
+
+log = logging.getLogger(__name__)
+FORK = multiprocessing.get_context("fork")
+
+STOP_GRACE_S = 5.0   # how long stages get to finish after SIGTERM before SIGKILL
+
+EXTRA_COUNTERS = {
+    "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records"),
+    "digest": ("pages_zero", "pages_ref", "pages_lz4", "pages_raw"),
+    "receive": ("skipped_optional",),
+    "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
+    "client": ("outputs", "input_full"),
+    "mirror": ("outputs", "input_full"),
+}
+
+
+def open_domain(settings: Settings) -> Domain:
+    """The guest of this node, through the backend the config names."""
+    g = settings.guest
+    module, factory = BACKENDS[g.backend].split(":")
+    make = getattr(importlib.import_module(module), factory)
+    if g.backend == "sim":
+        from pipeline.xen_io.sim import WorkloadSpec
+        w = g.workload
+        spec = WorkloadSpec(seed=w.seed, pages_per_input=w.pages_per_input,
+                            run_length=w.run_length, mix_zero=w.mix_zero, mix_text=w.mix_text,
+                            mix_random=w.mix_random, nondeterminism=w.nondeterminism,
+                            fill=settings.node.role == "primary")
+        dom = make(f"{settings.node.name}-guest", g.page_count, spec, dirty_log=g.dirty_log)
+        dom.start(paused=settings.node.role == "secondary")
+        return dom
+    return make(g.domain)
+
+
+@dataclass
+class StageSpec:
+    name: str
+    target: Callable[..., None]
+    args: tuple
+
+
+def _tables_segment(node: str, page_count: int) -> tuple[Segment, HashTable, Pending]:
+    """The primary's hash table and pending arrays, in one segment."""
+    sizes = [page_count * 32, page_count, page_count * 8, page_count * 32, 8]
+    offsets = np.cumsum([0] + [(s + 63) // 64 * 64 for s in sizes])
+    seg = create_segment(f"{segment_prefix(node)}tables", int(offsets[-1]))
+    buf = seg.buf
+
+    def view(i: int, dtype, shape) -> np.ndarray:
+        return np.ndarray(shape, dtype, buf, int(offsets[i]))
+    table = HashTable(view(0, np.uint8, (page_count, 32)), view(1, np.bool_, (page_count,)))
+    pending = Pending(view(2, np.uint64, (page_count,)), view(3, np.uint8, (page_count, 32)),
+                      view(4, np.uint64, (1,)))
+    return seg, table, pending
+
+
+# -- stage entry points that need sockets (ZeroMQ contexts must be made after fork) ----------
+def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending) -> None:
+    zctx = zmq.Context()
+    sock = sockets.pages_out(zctx, settings)
+    try:
+        send.run(ctx, rings, ctrl, sock, pending)
+    finally:
+        sock.close(0)
+        zctx.term()
+
+
+def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size) -> None:
+    zctx = zmq.Context()
+    sock = sockets.pages_in(zctx, settings)
+    try:
+        receive.run(ctx, sock, rings, page_count, page_size)
+    finally:
+        sock.close(0)
+        zctx.term()
+
+
+def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
+                         epoch_value) -> None:
+    PrimaryCoordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
+                       epoch_value).run()
+
+
+def _secondary_coordinator(ctx, settings, node, domain, restore_ctrl) -> None:
+    SecondaryCoordinator(ctx, settings, node, domain, restore_ctrl).run()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.node.name
+        self.rings: list[Ring] = []
+        self.segments: list[Segment] = []
+        self.procs: dict[str, Any] = {}
+        self.stop_event = FORK.Event()
+        self.domain: Domain | None = None
+        self.node: NodeCounters | None = None
+        self.exit_reason = ""
+
+    # -- building ---------------------------------------------------------
+    def _ring(self, label: str, slots: int, layout: SlotLayout) -> Ring:
+        ring = Ring.create(f"{segment_prefix(self.name)}{label}", slots, layout)
+        self.rings.append(ring)
+        return ring
+
+    def _plan(self) -> list[StageSpec]:
+        s = self.settings
+        dom = self.domain
+        layout = SlotLayout(batch_pages=s.pipeline.batch_pages, page_size=dom.page_size)
+        slots = s.ring_slots()
+        if s.node.role == "primary":
+            n = s.pipeline.digest_workers
+            to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
+            to_send = [self._ring(f"digest{i}-send", slots, layout) for i in range(n)]
+            seg, table, pending = _tables_segment(self.name, dom.page_count)
+            self.segments.append(seg)
+            snap_a, snap_b = FORK.Pipe()
+            send_a, send_b = FORK.Pipe()
+            epoch_value = FORK.Value("q", 0, lock=False)
+            plan = [StageSpec("coordinator", _primary_coordinator,
+                              (s, self.node, dom, snap_a, send_a, table, pending, epoch_value)),
+                    StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b))]
+            plan += [StageSpec(f"digest.{i}", digest.run, (to_digest[i], to_send[i], table))
+                     for i in range(n)]
+            plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending)),
+                     StageSpec("client", inputs.run_client, (s, dom, epoch_value))]
+        else:
+            n = s.pipeline.verify_workers
+            to_verify = [self._ring(f"recv-verify{i}", slots, layout) for i in range(n)]
+            to_restore = [self._ring(f"verify{i}-restore", slots, layout) for i in range(n)]
+            ctl_a, ctl_b = FORK.Pipe()
+            plan = [StageSpec("coordinator", _secondary_coordinator,
+                              (s, self.node, dom, ctl_a)),
+                    StageSpec("receive", _receive_entry,
+                              (s, to_verify, dom.page_count, dom.page_size))]
+            plan += [StageSpec(f"verify.{i}", verify.run,
+                               (to_verify[i], to_restore[i], dom.page_size)) for i in range(n)]
+            plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b)),
+                     StageSpec("mirror", inputs.run_mirror, (s, dom))]
+        return plan
+
+    def start(self) -> None:
+        s = self.settings
+        os.makedirs(s.run_dir, exist_ok=True)
+        stale = cleanup_segments(segment_prefix(self.name))
+        if stale:
+            log.warning("removed %d shared-memory segments left by an earlier run of node %r",
+                        len(stale), self.name)
+        try:
+            self.domain = open_domain(s)
+            # counters first: the plan hands each stage its block
+            names = ["coordinator", "snapshot", "send", "client"] if s.node.role == "primary" \
+                else ["coordinator", "receive", "restore", "mirror"]
+            workers = (s.pipeline.digest_workers if s.node.role == "primary"
+                       else s.pipeline.verify_workers)
+            names += [f"{'digest' if s.node.role == 'primary' else 'verify'}.{i}"
+                      for i in range(workers)]
+            self.node = NodeCounters.create(self.name, {
+                n: STAGE_COUNTERS + EXTRA_COUNTERS.get(n.split(".")[0], ()) for n in names})
+            self.node.set_node_info({"role": s.node.role, "pid": os.getpid(),
+                                     "config": s.source, "started": time.time(),
+                                     "page_count": self.domain.page_count,
+                                     "dirty_log": getattr(self.domain, "dirty_log_kind", "")})
+            for spec in self._plan():
+                ctx = StageContext(spec.name, self.node.stage(spec.name), self.stop_event,
+                                   logging.getLogger(f"pipeline.{spec.name}"))
+                p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
+                                 name=f"colo-{self.name}-{spec.name}", daemon=False)
+                p.start()
+                self.procs[spec.name] = p
+        except BaseException:
+            self.stop()
+            raise
+        log.info("node %s (%s) started %d stage processes", self.name, s.node.role,
+                 len(self.procs))
+
+    # -- watching and stopping ---------------------------------------------
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until a stage exits or ``timeout``; returns 0 while all run, else an exit code."""
+        sentinels = {p.sentinel: name for name, p in self.procs.items()}
+        ready = multiprocessing.connection.wait(list(sentinels), timeout)
+        for sentinel in ready:
+            name = sentinels[sentinel]
+            code = self.procs[name].exitcode
+            if not self.stop_event.is_set():
+                how = f"killed by signal {-code}" if code is not None and code < 0 \
+                    else f"exited with code {code}"
+                self.exit_reason = f"stage {name} {how}"
+                log.error("node %s: %s; stopping the node", self.name, self.exit_reason)
+                return 1
+        return 0
+
+    def stop(self) -> None:
+        """Stop every stage (SIGTERM, then SIGKILL after a grace period) and free everything."""
+        self.stop_event.set()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for name, p in self.procs.items():
+            if p.is_alive():
+                log.warning("stage %s did not stop in %.0f s; killing it", name, STOP_GRACE_S)
+                p.kill()
+                p.join(1.0)
+        self.procs.clear()
+        for ring in self.rings:
+            ring.unlink()
+            ring.close()
+        self.rings.clear()
+        for seg in self.segments:
+            seg.unlink()
+            seg.close()
+        self.segments.clear()
+        if self.node is not None:
+            self.node.unlink()
+            self.node.close()
+            self.node = None
+        if self.domain is not None:
+            self.domain.close()
+            self.domain = None
+
+    def run(self) -> int:
+        """Start, watch until a signal or a stage failure, stop. Returns the exit code."""
+        got_signal = []
+
+        def on_signal(signum, _frame):
+            got_signal.append(signum)
+            self.stop_event.set()
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            code = 0
+            while not self.stop_event.is_set():
+                code = self.wait(0.5)
+                if code:
+                    break
+            return code
+        finally:
+            self.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
