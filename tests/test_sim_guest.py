@@ -1,0 +1,508 @@
+"""The sim guest: a real forked process over a shared memfd, driven through SimDomain."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.xen_io import DomainError
+from pipeline.xen_io import sim as sim_module
+from pipeline.xen_io.dirty_log import uffd_wp_async_unsupported_reason
+from pipeline.xen_io.sim import BLOB_SIZE, SimDomain, WorkloadSpec, open_sim_domain
+
+pytestmark = pytest.mark.timeout(60)
+
+UFFD_OK = uffd_wp_async_unsupported_reason() is None
+MODES = [pytest.param("uffd", marks=pytest.mark.skipif(
+             not UFFD_OK, reason=f"kernel lacks uffd-wp async: {uffd_wp_async_unsupported_reason()}")),
+         "bitmap"]
+PAGES = 2048  # 8 MiB guests keep the suite fast
+#: written pages always change (no zero content), so "pages that changed" is an oracle
+NO_ZERO = WorkloadSpec(mix_zero=0.0, mix_text=0.5, mix_random=0.5)
+
+
+@pytest.fixture
+def make_domain():
+    made: list[SimDomain] = []
+
+    def make(name: str = "g", pages: int = PAGES, workload: WorkloadSpec = WorkloadSpec(),
+             dirty_log: str = "auto", paused: bool = True, **kw) -> SimDomain:
+        dom = open_sim_domain(name, pages, workload, dirty_log, **kw)
+        made.append(dom)
+        dom.start(paused=paused)
+        return dom
+
+    yield make
+    for dom in made:
+        dom.close()
+
+
+def feed_and_wait(dom: SimDomain, payloads: list[bytes]) -> None:
+    for p in payloads:
+        dom.feed_input(p)
+    dom.wait_for_input_seq(dom.input_head)
+
+
+def inputs(n: int, start: int = 0) -> list[bytes]:
+    return [b"client request %d " % i + bytes(i % 50) for i in range(start, start + n)]
+
+
+def all_outputs(dom: SimDomain, expected: int) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + 10
+    while len(out) < expected and time.monotonic() < deadline:
+        out += dom.read_outputs(timeout=0.05)
+    return out
+
+
+# -- dirty log ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dirty_set_is_exactly_the_pages_written_and_clears(make_domain, mode: str) -> None:
+    dom = make_domain(workload=NO_ZERO, dirty_log=mode)
+    assert dom.dirty_log_kind == mode
+    dom.enable_dirty_log()
+    before = dom.memory_view().copy()
+    dom.resume()
+    feed_and_wait(dom, inputs(20) + [SimDomain.write_command(300)])
+    dom.pause()
+    changed = np.flatnonzero((dom.memory_view() != before).any(axis=1))
+    dirty = dom.read_and_clear_dirty()
+    assert dirty.dtype == np.uint64
+    assert np.array_equal(dirty, changed)
+    assert len(dirty) >= 300
+    assert dom.read_and_clear_dirty().size == 0  # cleared by the read
+    starts, lengths = dom.read_and_clear_dirty_runs()
+    assert starts.size == 0 and lengths.size == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_command_dirties_exactly_n_distinct_pages_in_runs(make_domain, mode: str) -> None:
+    dom = make_domain(workload=WorkloadSpec(run_length=8), dirty_log=mode, paused=False)
+    dom.enable_dirty_log()
+    feed_and_wait(dom, [SimDomain.write_command(1000)])
+    dom.pause()
+    starts, lengths = dom.read_and_clear_dirty_runs()
+    assert int(lengths.sum()) == 1000
+    assert len(starts) <= 1000 // 8 + 1  # runs of 8 (some merge), one cut short
+
+
+@pytest.mark.skipif(not UFFD_OK, reason="needs both dirty-log modes")
+def test_uffd_and_bitmap_modes_report_the_same_pfns(make_domain) -> None:
+    a = make_domain("a", dirty_log="uffd", paused=False)
+    b = make_domain("b", dirty_log="bitmap", paused=False)
+    for dom in (a, b):
+        dom.enable_dirty_log()
+    sets = []
+    for batch in (inputs(10), inputs(5, 10) + [SimDomain.write_command(777)]):
+        for dom in (a, b):
+            feed_and_wait(dom, batch)
+            dom.pause()
+        sets.append((a.read_and_clear_dirty(), b.read_and_clear_dirty()))
+        a.resume()
+        b.resume()
+    for from_uffd, from_bitmap in sets:
+        assert from_uffd.size > 0
+        assert np.array_equal(from_uffd, from_bitmap)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pipeline_writes_are_not_in_the_guest_dirty_log(make_domain, mode: str) -> None:
+    dom = make_domain(workload=NO_ZERO, dirty_log=mode)
+    dom.enable_dirty_log()
+    restored = np.array([0, 1, 2, 500, 2047], dtype=np.uint64)
+    dom.write_pages(restored, np.full((5, dom.page_size), 0x5A, dtype=np.uint8))
+    dom.memory_view()[1000:1010] = 7  # through the whole-RAM view as well
+    assert dom.read_and_clear_dirty().size == 0
+    before = dom.memory_view().copy()
+    dom.resume()
+    feed_and_wait(dom, inputs(10))
+    dom.pause()
+    changed = np.flatnonzero((dom.memory_view() != before).any(axis=1))
+    assert np.array_equal(dom.read_and_clear_dirty(), changed)  # only the guest's own writes
+
+
+# -- pause / resume ----------------------------------------------------------------------------
+
+def test_pause_resume_latency_and_nothing_moves_while_paused(make_domain) -> None:
+    dom = make_domain(paused=False)
+    feed_and_wait(dom, inputs(5))
+    pauses, resumes = [], []
+    for i in range(30):
+        dom.feed_input(SimDomain.write_command(200))  # keep the guest busy writing
+        t0 = time.perf_counter()
+        dom.pause()
+        pauses.append(time.perf_counter() - t0)
+        assert dom.is_paused
+        t0 = time.perf_counter()
+        dom.resume()
+        resumes.append(time.perf_counter() - t0)
+        assert not dom.is_paused
+    # generous bounds (2 shared cores); scripts/bench_sim_guest.py measures the real figures
+    assert np.median(pauses) < 0.005, pauses
+    assert np.median(resumes) < 0.002, resumes
+    dom.pause()
+    seq, digest, vcpu = dom.input_seq(), dom.memory_digest(), dom.get_vcpu_state()
+    written = dom.counters()["pages_written"]
+    for p in inputs(20, 100):  # inputs arrive while paused: the guest must not take them
+        dom.feed_input(p)
+    time.sleep(0.05)
+    assert dom.memory_digest() == digest
+    assert dom.input_seq() == seq and dom.get_vcpu_state() == vcpu
+    assert dom.counters()["pages_written"] == written
+    assert all(s < seq for s, _ in dom.read_outputs())  # nothing new emitted
+    dom.resume()
+    dom.wait_for_input_seq(dom.input_head)  # and takes them once resumed
+
+
+def test_vcpu_state_needs_a_paused_guest(make_domain) -> None:
+    dom = make_domain(paused=False)
+    with pytest.raises(DomainError, match="paused"):
+        dom.get_vcpu_state()
+    with pytest.raises(DomainError, match="paused"):
+        dom.set_vcpu_state(b"")
+
+
+# -- determinism -------------------------------------------------------------------------------
+
+def test_two_guests_with_the_same_inputs_stay_identical(make_domain) -> None:
+    a = make_domain("a", paused=False)
+    b = make_domain("b", paused=False)
+    assert a.memory_digest() == b.memory_digest()  # same seed: same fill
+    payloads = inputs(40) + [SimDomain.write_command(500)] + inputs(40, 40)
+    for i, p in enumerate(payloads):
+        a.feed_input(p)
+        if i % 7 == 0:
+            time.sleep(0.001)  # different timing on the two guests
+        b.feed_input(p)
+        if i % 5 == 0:
+            b.pause()  # and pauses at different points
+            b.resume()
+    a.wait_for_input_seq(len(payloads))
+    b.wait_for_input_seq(len(payloads))
+    out_a, out_b = all_outputs(a, len(payloads)), all_outputs(b, len(payloads))
+    assert [s for s, _ in out_a] == list(range(len(payloads)))
+    assert out_a == out_b
+    a.pause()
+    b.pause()
+    assert a.memory_digest() == b.memory_digest()
+    assert a.get_vcpu_state() == b.get_vcpu_state()
+    assert a.counters()["nondeterministic_inputs"] == 0
+
+
+def test_nondeterminism_makes_guests_diverge(make_domain) -> None:
+    spec = WorkloadSpec(nondeterminism=1.0)
+    a = make_domain("a", workload=spec, paused=False)
+    b = make_domain("b", workload=spec, paused=False)
+    feed_and_wait(a, inputs(5))
+    feed_and_wait(b, inputs(5))
+    out_a, out_b = all_outputs(a, 5), all_outputs(b, 5)
+    assert [s for s, _ in out_a] == [s for s, _ in out_b] == list(range(5))
+    assert all(fa != fb for (_, fa), (_, fb) in zip(out_a, out_b))
+    a.pause()
+    b.pause()
+    assert a.memory_digest() != b.memory_digest()
+    assert a.counters()["nondeterministic_inputs"] == 5
+
+
+def test_output_frames_depend_on_memory(make_domain) -> None:
+    """A guest whose RAM differs where it reads emits different output (what a comparator
+    needs to notice a bad restore)."""
+    a = make_domain("a")
+    b = make_domain("b")
+    b.memory_view()[:] ^= 0x01  # every page differs
+    for dom in (a, b):
+        dom.resume()
+        feed_and_wait(dom, inputs(3))
+    assert all(fa != fb for (_, fa), (_, fb) in zip(all_outputs(a, 3), all_outputs(b, 3)))
+
+
+# -- checkpoint-style copy -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mid_input", [False, True])
+def test_copy_of_ram_and_vcpu_makes_b_continue_exactly_as_a(make_domain, mid_input: bool) -> None:
+    a = make_domain("a", paused=False)
+    b = make_domain("b", workload=WorkloadSpec(fill=False, seed=99))  # a fresh secondary
+    first = inputs(10) + [SimDomain.write_command(PAGES)]
+    for p in first:
+        a.feed_input(p)
+        b.feed_input(p)  # mirrored into b's log; b stays paused
+    a.wait_for_input_seq(10)
+    a.pause()
+    while mid_input:  # catch a inside the write command (it pauses between page writes)
+        state = sim_module._GuestState.unpack(a.get_vcpu_state(), None, PAGES)
+        if state.seq == 10 and 0 < state.step < state.npages:
+            break
+        assert state.seq == 10, "the write command finished before a pause caught it"
+        a.resume()
+        time.sleep(0.0005)
+        a.pause()
+    if not mid_input:
+        a.resume()
+        a.wait_for_input_seq(len(first))
+        a.pause()
+    blob = a.get_vcpu_state()
+    b.memory_view()[:] = a.memory_view()
+    b.set_vcpu_state(blob)
+    assert b.input_seq() == SimDomain.vcpu_input_seq(blob)
+    assert b.memory_digest() == a.memory_digest()
+    a.read_outputs()
+    a.resume()
+    b.resume()
+    more = inputs(30, 10)
+    for p in more:
+        a.feed_input(p)
+        b.feed_input(p)
+    total = len(first) + len(more)
+    a.wait_for_input_seq(total)
+    b.wait_for_input_seq(total)
+    out_a = all_outputs(a, total - SimDomain.vcpu_input_seq(blob))
+    out_b = all_outputs(b, total - SimDomain.vcpu_input_seq(blob))
+    assert out_a == out_b and out_a[-1][0] == total - 1
+    a.pause()
+    b.pause()
+    assert a.memory_digest() == b.memory_digest()
+    assert a.get_vcpu_state() == b.get_vcpu_state()
+
+
+# -- input log ---------------------------------------------------------------------------------
+
+def test_input_log_wraps_around_only_after_trim_and_consumption(make_domain) -> None:
+    dom = make_domain(input_slots=8, input_slot_size=64)
+    for i in range(8):
+        assert dom.feed_input(b"in %d" % i) == i
+    with pytest.raises(TimeoutError, match="input log full"):
+        dom.feed_input(b"ninth", timeout=0.05)
+    dom.trim_inputs(8)  # trimmed, but the guest has not consumed them yet
+    with pytest.raises(TimeoutError):
+        dom.feed_input(b"ninth", timeout=0.05)
+    dom.resume()
+    assert dom.feed_input(b"ninth", timeout=5) == 8  # frees as the guest consumes
+    seen = [s for s, _ in all_outputs(dom, 9)]
+    for i in range(9, 100):  # many laps around 8 slots; the guest's progress frees slots
+        dom.trim_inputs(i)
+        assert dom.feed_input(b"in %d" % i, timeout=5) == i
+    dom.wait_for_input_seq(100)
+    seen += [s for s, _ in all_outputs(dom, 100 - len(seen))]
+    assert seen == list(range(100))
+
+
+def test_input_log_keeps_untrimmed_inputs_for_a_rewind(make_domain) -> None:
+    """A checkpoint can move a guest back to an earlier input: untrimmed entries stay."""
+    dom = make_domain(paused=False, input_slots=8, input_slot_size=64)
+    feed_and_wait(dom, inputs(3))
+    dom.pause()
+    at_three = dom.get_vcpu_state()
+    ram = dom.memory_view().copy()
+    dom.resume()
+    for p in inputs(5, 3):  # fills the log (8 entries, trim still 0)
+        dom.feed_input(p)
+    dom.wait_for_input_seq(8)
+    with pytest.raises(TimeoutError):
+        dom.feed_input(b"x", timeout=0.05)
+    first = all_outputs(dom, 8)
+    dom.pause()
+    dom.memory_view()[:] = ram
+    dom.set_vcpu_state(at_three)
+    dom.resume()
+    dom.wait_for_input_seq(8)
+    assert all_outputs(dom, 5) == first[3:]  # replayed from the log, identically
+    dom.trim_inputs(8)
+    dom.pause()
+    with pytest.raises(ValueError, match="overwritten"):
+        dom.set_vcpu_state(at_three)  # below the trim point: refused
+
+
+def test_bad_inputs_are_refused_counted_and_change_nothing(make_domain) -> None:
+    dom = make_domain(input_slot_size=64)
+    assert dom.feed_input(b"a", seq=0) == 0
+    with pytest.raises(ValueError, match="seq 5 out of order.*expects seq 1"):
+        dom.feed_input(b"b", seq=5)
+    with pytest.raises(ValueError, match="100 bytes exceeds.*64"):
+        dom.feed_input(bytes(100))
+    assert dom.input_head == 1
+    assert dom.counters()["rejected_inputs"] == 2
+    assert dom.feed_input(b"b", seq=1) == 1
+    with pytest.raises(ValueError, match="npages"):
+        SimDomain.write_command(-1)
+
+
+# -- bad vCPU blobs ----------------------------------------------------------------------------
+
+def test_bad_vcpu_blob_is_refused_and_guest_state_unchanged(make_domain) -> None:
+    a = make_domain("a", paused=False)
+    control = make_domain("c", paused=False)
+    other_size = make_domain("o", pages=PAGES // 2)
+    feed_and_wait(a, inputs(4))
+    feed_and_wait(control, inputs(4))
+    a.pause()
+    good = a.get_vcpu_state()
+    assert len(good) == BLOB_SIZE
+    flipped = bytearray(good)
+    flipped[30] ^= 0xFF
+    bad = {
+        "truncated": (good[:-1], "bytes, expected"),
+        "magic": (b"XXXXXXXX" + good[8:], "magic"),
+        "checksum": (bytes(flipped), "checksum"),
+        "other guest size": (other_size.get_vcpu_state(), "fingerprint"),
+        "not bytes": (12345, "must be bytes"),
+    }
+    for name, (blob, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            a.set_vcpu_state(blob)  # type: ignore[arg-type]
+        assert a.get_vcpu_state() == good, name
+    assert a.counters()["bad_vcpu_blobs"] == len(bad)
+    a.resume()
+    feed_and_wait(a, inputs(4, 4))
+    feed_and_wait(control, inputs(4, 4))
+    a.pause()
+    control.pause()
+    assert a.memory_digest() == control.memory_digest()  # it went on as if nothing happened
+
+
+# -- memory access -----------------------------------------------------------------------------
+
+def test_read_and_write_pages_vectorized_and_checked(make_domain) -> None:
+    dom = make_domain()
+    pfns = np.array([7, 3, 2000], dtype=np.uint64)
+    data = np.random.default_rng(1).integers(0, 256, (3, dom.page_size), dtype=np.uint8)
+    dom.write_pages(pfns, data)
+    out = np.zeros((4, dom.page_size), np.uint8)
+    dom.read_pages(pfns, out)
+    assert np.array_equal(out[:3], data) and not out[3].any()
+    assert np.array_equal(dom.memory_view()[3], data[1])
+    before = dom.memory_digest()
+    with pytest.raises(ValueError, match="pfn 2048 out of range"):
+        dom.write_pages(np.array([1, 2048]), data[:2])
+    with pytest.raises(ValueError, match="pfn -1 out of range"):
+        dom.read_pages(np.array([-1]), out)
+    with pytest.raises(ValueError, match="shape"):
+        dom.read_pages(pfns, np.zeros((2, dom.page_size), np.uint8))
+    assert dom.memory_digest() == before
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+def test_forked_stage_process_drives_the_guest(make_domain) -> None:
+    """Stages are forked from the creator and use the inherited SimDomain."""
+    dom = make_domain(workload=NO_ZERO, paused=False)
+    dom.enable_dirty_log()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            for p in inputs(6):
+                dom.feed_input(p)
+            dom.wait_for_input_seq(6)
+            dom.pause()
+            dirty = dom.read_and_clear_dirty()
+            blob = dom.get_vcpu_state()
+            outs = all_outputs(dom, 6)
+            dom.resume()
+            ok = (len(dirty) == 6 * 16 and SimDomain.vcpu_input_seq(blob) == 6
+                  and [s for s, _ in outs] == list(range(6)))
+            os.write(w, b"ok" if ok else repr((len(dirty), len(outs))).encode())
+            dom.close()  # a user's close does not stop the guest
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        assert os.read(r, 100) == b"ok"
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(r)
+    assert not dom.is_paused
+    feed_and_wait(dom, inputs(1, 6))  # the guest still runs for the creator
+    dom.pause()
+    assert dom.input_seq() == 7
+
+
+def test_output_fileno_is_readable_when_outputs_are_pending(make_domain) -> None:
+    dom = make_domain(paused=False)
+    assert select.select([dom.output_fileno()], [], [], 0)[0] == []
+    dom.feed_input(b"ping")
+    assert select.select([dom.output_fileno()], [], [], 5)[0] == [dom.output_fileno()]
+    assert [s for s, _ in dom.read_outputs()] == [0]
+
+
+def test_dead_guest_gives_a_clear_error_not_a_hang(make_domain) -> None:
+    dom = make_domain(paused=False)
+    os.kill(dom.guest_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(DomainError, match=f"guest process {dom.guest_pid} exited"):
+        dom.pause(timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_close_leaves_no_process_fd_or_shm_behind() -> None:
+    fds_before = set(os.listdir("/proc/self/fd"))
+    shm_before = set(os.listdir("/dev/shm"))
+    dom = open_sim_domain("closing", PAGES, dirty_log="auto")
+    dom.start(paused=False)
+    pid = dom.guest_pid
+    feed_and_wait(dom, inputs(3))
+    dom.read_outputs()
+    if dom.dirty_log_kind == "uffd":
+        dom.read_and_clear_dirty()  # opens the pagemap fd
+    dom.close()
+    dom.close()  # idempotent
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped: not even a zombie
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    with pytest.raises(DomainError, match="after close"):
+        dom.pause()
+
+
+def test_guest_start_failure_is_reported(make_domain, monkeypatch) -> None:
+    # a mock: the guest's userfaultfd registration failing cannot be caused on a kernel
+    # that supports it, so the registration is replaced by one that raises
+    def failing_register(addr: int, size: int) -> None:
+        raise OSError(1, "UFFDIO_REGISTER: simulated failure")
+    monkeypatch.setattr(sim_module, "UffdWriteProtect", failing_register)
+    dom = open_sim_domain("failing", 256, dirty_log="bitmap")
+    dom.dirty_log_kind = "uffd"  # force the guest down the uffd path
+    try:
+        with pytest.raises(DomainError, match="simulated failure"):
+            dom.start()
+    finally:
+        dom.close()
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+def test_auto_falls_back_to_bitmap_with_a_reason_mocked_kernel(monkeypatch, caplog) -> None:
+    # a mock: a kernel without uffd-wp async cannot be had on this machine
+    monkeypatch.setattr(sim_module, "uffd_wp_async_unsupported_reason",
+                        lambda: "simulated: kernel older than 6.7")
+    with caplog.at_level(logging.WARNING, logger="pipeline.xen_io.sim"):
+        dom = open_sim_domain("old-kernel", 64, dirty_log="auto")
+    try:
+        assert dom.dirty_log_kind == "bitmap"
+        assert "kernel older than 6.7" in caplog.text
+        with pytest.raises(DomainError, match="kernel older than 6.7"):
+            open_sim_domain("old-kernel", 64, dirty_log="uffd")
+    finally:
+        dom.close()
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="sum to 1"):
+        WorkloadSpec(mix_zero=0.5, mix_text=0.5, mix_random=0.5)
+    with pytest.raises(ValueError, match="run_length"):
+        WorkloadSpec(run_length=0)
+    with pytest.raises(ValueError, match="nondeterminism"):
+        WorkloadSpec(nondeterminism=1.5)
+    with pytest.raises(ValueError, match="dirty_log"):
+        open_sim_domain("x", 16, dirty_log="soft-dirty")
+    with pytest.raises(ValueError, match="page_count"):
+        open_sim_domain("x", 0)
+    with pytest.raises(ValueError, match="page_size"):
+        open_sim_domain("x", 16, page_size=3000)
