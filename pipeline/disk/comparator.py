@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 PVM, SVM = "pvm", "svm"
 
 
+class _Write:
+    __slots__ = ("side", "epoch", "key", "digest", "t", "open")
+
+    def __init__(self, side: str, epoch: int, key: tuple[int, int], digest: bytes,
+                 t: int) -> None:
+        self.side, self.epoch, self.key, self.digest, self.t = side, epoch, key, digest, t
+        self.open = True
+
+
 class DiskComparator:
     def __init__(self, mode: str, timeout_ms: int, counters: DiskCounters,
                  request_checkpoint: Callable[[str, str], None]) -> None:
@@ -31,27 +40,33 @@ class DiskComparator:
         self.counters = counters
         self._request = request_checkpoint
         self._lock = threading.Lock()
-        # epoch → extent → queue of (side, digest, arrival ns) not yet matched
+        # epoch → extent → unmatched writes of one side, oldest first
         self._pending: dict[int, dict[tuple[int, int], collections.deque]] = {}
+        # every unmatched write in arrival order, so a timeout scan looks at the oldest only
+        self._by_age: collections.deque[_Write] = collections.deque()
         self._requested: set[int] = set()
 
     def record(self, side: str, epoch: int, offset: int, length: int, digest: bytes,
                now_ns: int | None = None) -> bool:
         """Feed one write; True if it revealed a divergence."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        key = (offset, length)
         with self._lock:
             extents = self._pending.setdefault(epoch, {})
-            queue = extents.setdefault((offset, length), collections.deque())
-            if queue and queue[0][0] != side:
-                _other, other_digest, _t = queue.popleft()
+            queue = extents.get(key)
+            if queue and queue[0].side != side:
+                other = queue.popleft()
+                other.open = False
                 if not queue:
-                    del extents[(offset, length)]
-                if other_digest != digest:
+                    del extents[key]
+                if other.digest != digest:
                     self._diverged(epoch, f"epoch {epoch} [{offset}, +{length}): the PVM and "
                                           f"the SVM wrote different data")
                     return True
                 return False
-            queue.append((side, digest, now_ns))
+            w = _Write(side, epoch, key, digest, now_ns)
+            extents.setdefault(key, collections.deque()).append(w)
+            self._by_age.append(w)
             return False
 
     def check_timeouts(self, now_ns: int | None = None) -> int:
@@ -59,16 +74,24 @@ class DiskComparator:
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         found = 0
         with self._lock:
-            for epoch, extents in self._pending.items():
-                for key in list(extents):
-                    queue = extents[key]
-                    while queue and now_ns - queue[0][2] > self.timeout_ns:
-                        side = queue.popleft()[0]
-                        found += 1
-                        self._diverged(epoch, f"epoch {epoch} [{key[0]}, +{key[1]}): written by "
-                                              f"the {side.upper()} only (timeout)")
+            while self._by_age:
+                w = self._by_age[0]
+                if w.open and now_ns - w.t <= self.timeout_ns:
+                    break
+                self._by_age.popleft()
+                if not w.open:
+                    continue
+                # the oldest open write is also the oldest of its extent's queue
+                w.open = False
+                extents = self._pending.get(w.epoch, {})
+                queue = extents.get(w.key)
+                if queue:
+                    queue.popleft()
                     if not queue:
-                        del extents[key]
+                        del extents[w.key]
+                found += 1
+                self._diverged(w.epoch, f"epoch {w.epoch} [{w.key[0]}, +{w.key[1]}): written "
+                                        f"by the {w.side.upper()} only (timeout)")
         return found
 
     def epoch_committed(self, epoch: int) -> int:
@@ -77,7 +100,11 @@ class DiskComparator:
         found = 0
         with self._lock:
             for ep in [ep for ep in self._pending if ep <= epoch]:
-                unmatched = sum(len(q) for q in self._pending.pop(ep).values())
+                unmatched = 0
+                for queue in self._pending.pop(ep).values():
+                    for w in queue:
+                        w.open = False
+                    unmatched += len(queue)
                 if unmatched:
                     found += unmatched
                     self.counters.add("divergences", unmatched)

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 class ExportLink(Protocol):
     """One client connection's view of the export (may own a forwarding socket)."""
 
-    #: polled for completions of pending writes; None if every write completes at once
-    socket: zmq.Socket | None
+    #: zmq sockets / fds polled for completions of pending writes (empty: writes complete at once)
+    poll_items: list
     inflight: int
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
@@ -87,6 +87,51 @@ def _send_parts(sock: socket.socket, parts: list) -> None:
             views.pop(0)
         if views and sent:
             views[0] = views[0][sent:]
+
+
+class _BufferedReader:
+    """Reads the client socket in large chunks: one recv often carries many small requests."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(self.CHUNK)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def read(self, n: int) -> bytearray:
+        """Exactly ``n`` bytes; EOFError if the peer closes first."""
+        have = self.end - self.start
+        if have >= n:
+            out = self.buf[self.start:self.start + n]
+            self.start += n
+            return out
+        out = bytearray(n)
+        out[:have] = self.view[self.start:self.end]
+        self.start = self.end = 0
+        got = have
+        if n - got >= self.CHUNK:  # big payload: straight into its own buffer
+            view = memoryview(out)
+            while got < n:
+                k = self.sock.recv_into(view[got:], n - got)
+                if k == 0:
+                    raise EOFError(f"peer closed after {got} of {n} bytes")
+                got += k
+            return out
+        while got < n:
+            k = self.sock.recv_into(self.view, self.CHUNK)
+            if k == 0:
+                raise EOFError(f"peer closed after {got} of {n} bytes")
+            take = min(k, n - got)
+            out[got:got + take] = self.view[:take]
+            got += take
+            self.start, self.end = take, k
+        return out
 
 
 class NbdServer:
@@ -243,6 +288,7 @@ class _Connection:
     def __init__(self, server: NbdServer, conn: socket.socket, link: ExportLink) -> None:
         self.server = server
         self.sock = conn
+        self.reader = _BufferedReader(conn)
         self.link = link
         self.counters = server.counters
         b = server.backend
@@ -254,16 +300,20 @@ class _Connection:
         fd = self.sock.fileno()
         poller.register(fd, zmq.POLLIN)
         reading = True
-        if self.link.socket is not None:
-            poller.register(self.link.socket, zmq.POLLIN)
+        for item in self.link.poll_items:
+            poller.register(item, zmq.POLLIN)
         while True:
             events = dict(poller.poll(100 if self.link.inflight else 1000))
             if self.link.inflight:
                 for cookie, error in self.link.completions(time.monotonic_ns()):
                     self.sock.sendall(P.simple_reply(cookie, error))
             if fd in events and reading:
+                # handle every request already received before polling again
                 if not self._one_request():
                     return
+                while self.reader.buffered and self.link.inflight < self.window:
+                    if not self._one_request():
+                        return
             want_read = self.link.inflight < self.window
             if want_read != reading:
                 if want_read:
@@ -292,7 +342,7 @@ class _Connection:
     def _one_request(self) -> bool:
         """Handle one request; False when the client ended the session."""
         try:
-            header = _recv_exact(self.sock, P.REQUEST.size)
+            header = self.reader.read(P.REQUEST.size)
         except EOFError as e:
             if "after 0 of" in str(e):
                 return False  # closed between requests: a plain (if impolite) goodbye
@@ -307,7 +357,7 @@ class _Connection:
                 self._refuse(cookie, P.NbdError(P.EOVERFLOW, f"WRITE of {length} bytes exceeds "
                                                              f"the maximum request {self.max_request}"))
                 return True
-            data = _recv_exact(self.sock, length)
+            data = self.reader.read(length)
             try:
                 self._check(name, offset, length)
                 done = self.link.write(cookie, offset, data)
@@ -352,4 +402,4 @@ class _Connection:
     def _discard(self, length: int) -> None:
         """Read and drop an oversized payload so the stream stays in step."""
         while length:
-            length -= len(_recv_exact(self.sock, min(length, 1 << 20)))
+            length -= len(self.reader.read(min(length, 1 << 20)))

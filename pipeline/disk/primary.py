@@ -13,7 +13,9 @@ import collections
 import itertools
 import logging
 import threading
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
@@ -24,6 +26,10 @@ from pipeline.disk.image import ImageFile
 from pipeline.disk.settings import DiskSettings
 
 log = logging.getLogger(__name__)
+
+#: writes at least this large go through the pwrite pool; smaller ones are done inline
+POOLED_WRITE_MIN = 256 * 1024
+POOL_THREADS = 4
 
 
 class PrimaryBackend:
@@ -44,7 +50,16 @@ class PrimaryBackend:
         self.epoch = 1
         self._inflight = collections.Counter()   # epoch → writes not yet acked
         self._cond = threading.Condition()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         counters.set("epoch", self.epoch)
+
+    def pool(self) -> ThreadPoolExecutor:
+        """Threads that write large requests into the image (shared by all connections)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="disk-pwrite")
+            return self._pool
 
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards)."""
@@ -69,18 +84,41 @@ class PrimaryBackend:
         return PrimaryLink(self)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.image.close()
 
 
+class _Pending:
+    """A write the client has not been answered for: waiting for the secondary's ack,
+    for our own pooled pwrite, or both."""
+    __slots__ = ("cookie", "epoch", "sent", "forwarded", "local", "error")
+
+    def __init__(self, cookie: int, epoch: int, sent: int) -> None:
+        self.cookie, self.epoch, self.sent = cookie, epoch, sent
+        self.forwarded = self.local = False
+        self.error = 0
+
+
 class PrimaryLink:
-    """One NBD connection's forwarding socket and its in-flight writes."""
+    """One NBD connection's forwarding socket and its in-flight writes.
+
+    Large writes go to the primary image through a small thread pool so that writing
+    our copy (page-cache block allocation is slow on a fresh sparse file) overlaps with
+    reading the next request and with the forward; small writes are done inline (a
+    pool hand-off costs more than the pwrite). Overlapping writes of one connection
+    wait for each other, so the primary applies them in the order the secondary does.
+    """
 
     def __init__(self, backend: PrimaryBackend) -> None:
         self.b = backend
         self.socket: zmq.Socket | None = None
         self.inflight = 0
         self._seq = itertools.count(1)
-        self._pending: dict[int, tuple[int, int, int]] = {}  # seq → (cookie, epoch, sent ns)
+        self._pending: dict[int, _Pending] = {}
+        self._writing: dict[int, tuple[int, int, Future]] = {}  # seq → (start, end, pwrite)
+        self._local_done: collections.deque[int] = collections.deque()
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._timeout_ns = backend.settings.forward_timeout_ms * 1_000_000
         if backend.forward_address:
             s = backend.context.socket(zmq.DEALER)
@@ -90,43 +128,90 @@ class PrimaryLink:
             s.setsockopt(zmq.SNDTIMEO, backend.settings.forward_timeout_ms)
             s.connect(backend.forward_address)
             self.socket = s
+        #: what the connection loop polls for completions
+        self.poll_items: list = [self._wakeup] + ([self.socket] if self.socket else [])
 
     def read(self, offset: int, length: int) -> bytes:
         return self.b.image.pread(offset, length)
 
     def write(self, cookie: int, offset: int, data: bytearray) -> bool:
-        self.b.image.pwrite(offset, data)
-        return self._forward(cookie, wire.KIND_WRITE, offset, len(data), data)
+        seq = next(self._seq)
+        p = _Pending(cookie, self.b.epoch, time.monotonic_ns())
+        # forward first: ZeroMQ's I/O thread ships the data while we write our own copy
+        p.forwarded = not self._forward(seq, p, wire.KIND_WRITE, offset, len(data), data)
+        self._wait_overlapping(offset, offset + len(data))
+        if len(data) >= POOLED_WRITE_MIN:
+            fut = self.b.pool().submit(self.b.image.pwrite, offset, data)
+            self._writing[seq] = (offset, offset + len(data), fut)
+            fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
+        else:
+            self.b.image.pwrite(offset, data)
+            p.local = True
+        return self._complete_or_hold(seq, p)
 
     def zero(self, cookie: int, offset: int, length: int) -> bool:
+        seq = next(self._seq)
+        p = _Pending(cookie, self.b.epoch, time.monotonic_ns())
+        p.forwarded = not self._forward(seq, p, wire.KIND_ZERO, offset, length, None)
+        self._wait_overlapping(offset, offset + length)
         self.b.image.zero(offset, length)
-        return self._forward(cookie, wire.KIND_ZERO, offset, length, None)
+        p.local = True
+        return self._complete_or_hold(seq, p)
 
     def flush(self) -> None:
-        # every acked write is at the secondary already; make the primary's copy durable
+        # acked writes are at the secondary and in our page cache: make our copy durable
         self.b.image.sync()
 
-    def _forward(self, cookie: int, kind: int, offset: int, length: int,
-                 data: bytearray | None) -> bool:
-        if self.socket is None:
+    def _complete_or_hold(self, seq: int, p: _Pending) -> bool:
+        if p.local and p.forwarded:
             return True
-        seq, epoch = next(self._seq), self.b.epoch
-        try:
-            self.socket.send_multipart(wire.encode_forward(kind, epoch, seq, offset, length, data),
-                                       copy=False)
-        except zmq.Again:
-            self.b.counters.add("forward_errors")
-            raise P.NbdError(P.EIO, f"forwarding [{offset}, +{length}) epoch {epoch}: the "
-                                    f"secondary took nothing for "
-                                    f"{self.b.settings.forward_timeout_ms} ms") from None
-        self._pending[seq] = (cookie, epoch, time.monotonic_ns())
+        self._pending[seq] = p
         self.inflight += 1
-        self.b._track(epoch, +1)
         return False
 
+    def _wait_overlapping(self, start: int, end: int) -> None:
+        for s, e, fut in list(self._writing.values()):
+            if s < end and start < e:
+                fut.exception()  # waits; its outcome is reported with its own request
+
+    def _pooled_done(self, seq: int) -> None:  # runs on a pool thread
+        self._local_done.append(seq)
+        os.eventfd_write(self._wakeup, 1)
+
+    def _forward(self, seq: int, p: _Pending, kind: int, offset: int, length: int,
+                 data: bytearray | None) -> bool:
+        """Send the write to the secondary; False when there is no secondary to send to."""
+        if self.socket is None:
+            return False
+        try:
+            # zero-copy pays off only for large frames (pyzmq's own advice)
+            self.socket.send_multipart(wire.encode_forward(kind, p.epoch, seq, offset, length,
+                                                           data), copy=length < 65536)
+        except zmq.Again:
+            self.b.counters.add("forward_errors")
+            raise P.NbdError(P.EIO, f"forwarding [{offset}, +{length}) epoch {p.epoch}: the "
+                                    f"secondary took nothing for "
+                                    f"{self.b.settings.forward_timeout_ms} ms") from None
+        self.b._track(p.epoch, +1)
+        return True
+
     def completions(self, now_ns: int) -> list[tuple[int, int]]:
-        """(cookie, NBD error) of every write whose ack arrived or whose wait timed out."""
-        done = []
+        """(cookie, NBD error) of every write now complete: acked by the secondary (or
+        given up on) and written to our image."""
+        done: list[tuple[int, int]] = []
+        try:
+            os.eventfd_read(self._wakeup)
+        except BlockingIOError:
+            pass
+        while self._local_done:
+            seq = self._local_done.popleft()
+            fut = self._writing.pop(seq)[2]
+            p = self._pending[seq]
+            p.local = True
+            if fut.exception() is not None:
+                log.error("primary disk: writing our image failed: %s", fut.exception())
+                p.error = P.EIO
+            self._finish_if_done(seq, p, done)
         while self.socket is not None:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
@@ -137,39 +222,48 @@ class PrimaryLink:
             except ValueError as e:
                 log.error("primary disk: %s from the secondary", e)
                 continue
-            entry = self._pending.pop(seq, None)
-            if entry is None:
+            p = self._pending.get(seq)
+            if p is None or p.forwarded:
                 continue  # ack after we gave up on it (already answered EIO)
-            cookie, epoch, sent = entry
-            self._finish(epoch)
-            latency = time.monotonic_ns() - sent
-            self.b.counters.add("forward_latency_ns", latency)
-            self.b.counters.max("forward_latency_max_ns", latency)
+            self._acked(p, now_ns)
             if status:
                 log.error("primary disk: the secondary refused write seq %d: %s", seq, reason)
                 self.b.counters.add("forward_errors")
-                done.append((cookie, P.EIO))
+                p.error = P.EIO
             else:
                 self.b.counters.add("forwarded")
-                done.append((cookie, 0))
-        for seq, (cookie, epoch, sent) in list(self._pending.items()):
-            if now_ns - sent > self._timeout_ns:
-                del self._pending[seq]
-                self._finish(epoch)
+            self._finish_if_done(seq, p, done)
+        for seq, p in list(self._pending.items()):
+            if not p.forwarded and now_ns - p.sent > self._timeout_ns:
+                self._acked(p, now_ns)
                 self.b.counters.add("forward_errors")
                 log.error("primary disk: no ack for write seq %d (epoch %d) within %d ms",
-                          seq, epoch, self.b.settings.forward_timeout_ms)
-                done.append((cookie, P.EIO))
+                          seq, p.epoch, self.b.settings.forward_timeout_ms)
+                p.error = P.EIO
+                self._finish_if_done(seq, p, done)
         return done
 
-    def _finish(self, epoch: int) -> None:
-        self.inflight -= 1
-        self.b._track(epoch, -1)
+    def _acked(self, p: _Pending, now_ns: int) -> None:
+        p.forwarded = True
+        self.b._track(p.epoch, -1)
+        latency = time.monotonic_ns() - p.sent
+        self.b.counters.add("forward_latency_ns", latency)
+        self.b.counters.max("forward_latency_max_ns", latency)
+
+    def _finish_if_done(self, seq: int, p: _Pending, done: list) -> None:
+        if p.local and p.forwarded:
+            del self._pending[seq]
+            self.inflight -= 1
+            done.append((p.cookie, p.error))
 
     def close(self) -> None:
-        for _cookie, epoch, _sent in self._pending.values():
-            self.b._track(epoch, -1)
+        for _s, _e, fut in list(self._writing.values()):
+            fut.exception()
+        for p in self._pending.values():
+            if not p.forwarded:
+                self.b._track(p.epoch, -1)
         self._pending.clear()
         self.inflight = 0
+        os.close(self._wakeup)
         if self.socket is not None:
             self.socket.close(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import zmq
 
@@ -35,7 +36,7 @@ class SvmBackend:
 
 
 class SvmLink:
-    socket = None
+    poll_items: list = []
     inflight = 0
 
     def __init__(self, backend: SvmBackend) -> None:
@@ -99,6 +100,7 @@ class ForwardReceiver(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
+        last_check = 0
         try:
             while not self._stop_event.is_set():
                 if self.writes_in.poll(100):
@@ -108,7 +110,10 @@ class ForwardReceiver(threading.Thread):
                         except zmq.Again:
                             break
                         self._handle(frames)
-                self.comparator.check_timeouts()
+                now = time.monotonic_ns()
+                if now - last_check > 50_000_000:
+                    self.comparator.check_timeouts(now)
+                    last_check = now
         finally:
             self.writes_in.close(0)
 
