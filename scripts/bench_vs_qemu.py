@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Our full sync vs QEMU 7.2 live migration of the same RAM image, on this machine.
+
+1. The image: the sim guest's deterministic fill with seed 7 (30% zero, 40%
+   text-like, 30% random pages), --size-mb MiB, written to /dev/shm. Our side's
+   full sync (scripts/bench_pipeline.run_full_sync) fills its sim guest with the
+   same seed, i.e. the same bytes.
+2. QEMU: the image file is the source's guest RAM (memory-backend-file, share=on,
+   -S, so no guest code runs and QEMU does not write it: checked by hashing it
+   after start); the destination maps a separate empty file (-incoming defer).
+   max-bandwidth is raised to 100 GiB/s (the default 128 MiB/s would be the limit).
+   Two runs: plain, and multifd with 2 channels. Time and bytes from query-migrate;
+   afterwards the destination's RAM file must have the image's blake3.
+   QEMU's RAM also has its BIOS/option-ROM blocks (a few hundred KiB, not in the
+   file): they are migrated too and counted in its bytes, not in guest MB/s.
+3. Ours: run_full_sync(page_count, digest_workers=2, verify_workers=2), a real
+   primary and secondary node on this machine.
+
+guest MB/s = image bytes / 1e6 / seconds, for every system (the ratio uses the
+same formula, so it does not depend on units). QEMU's seconds are its
+query-migrate total-time (migrate command to source completed); the wall time to
+the destination reporting completed is shown too.
+With --json the last line is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import blake3
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.join(HERE, ".."))
+
+import qemu_migration  # noqa: E402
+
+PAGE = 4096
+SEED = 7
+
+
+def build_image(page_count: int, path: str) -> tuple[str, dict]:
+    """Write the seed-7 sim guest's RAM to ``path``; return (blake3 hex, page mix)."""
+    import numpy as np
+    from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+
+    dom = open_sim_domain("img", page_count, WorkloadSpec(seed=SEED), dirty_log="bitmap")
+    try:
+        dom.start(paused=True)
+        view = dom.memory_view()
+        assert view.shape == (page_count, PAGE), view.shape
+        digest = blake3.blake3(view).hexdigest()
+        zero = int((~view.any(axis=1)).sum())
+        with open(path, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(view)).cast("B"))
+    finally:
+        dom.close()
+    if qemu_migration.file_blake3(path) != digest:
+        raise RuntimeError(f"{path}: written image does not hash like the guest's RAM")
+    return digest, {"pages": page_count, "zero_pages": zero}
+
+
+def mb_s(nbytes: int, seconds: float) -> float:
+    return nbytes / 1e6 / seconds if seconds > 0 else float("nan")
+
+
+def qemu_once(image: str, size_mb: int, digest: str, multifd: bool) -> dict:
+    r = qemu_migration.migrate_image(image, size_mb, multifd=multifd, channels=2,
+                                     max_bandwidth=100 << 30, image_digest=digest)
+    if not r["dst_equal"]:
+        raise RuntimeError(f"QEMU {r['mode']}: destination RAM differs from the image")
+    return r
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The median run by ``key`` (for an even count, the faster of the middle two)."""
+    runs = sorted(runs, key=lambda r: r[key])
+    med = dict(runs[(len(runs) - 1) // 2])
+    med["runs_" + key] = [r[key] for r in runs]
+    return med
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=1024, help="RAM image size in MiB")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--qemu-only", action="store_true", help="skip our full sync")
+    ap.add_argument("--ours-only", action="store_true", help="skip QEMU")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per system, interleaved; the median is reported (default 3)")
+    args = ap.parse_args(argv)
+    if args.size_mb < 1 or args.repeats < 1:
+        ap.error("--size-mb and --repeats must be >= 1")
+    if args.qemu_only and args.ours_only:
+        ap.error("--qemu-only and --ours-only exclude each other")
+
+    run_full_sync = None
+    if not args.qemu_only:  # fail before any QEMU runs if our side is missing
+        try:
+            run_full_sync = importlib.import_module("bench_pipeline").run_full_sync
+        except (ImportError, AttributeError) as exc:
+            print(f"bench_vs_qemu: cannot use scripts/bench_pipeline.run_full_sync ({exc}); "
+                  f"run with --qemu-only to measure QEMU alone", file=sys.stderr)
+            return 2
+
+    page_count = args.size_mb * (1 << 20) // PAGE
+    image_bytes = page_count * PAGE
+    out: dict = {"size_mb": args.size_mb, "image_bytes": image_bytes, "seed": SEED,
+                 "loadavg_start": list(os.getloadavg()), "ncpu": os.cpu_count()}
+    image = f"/dev/shm/colo-bench-ram-{os.getpid()}"
+    try:
+        if not args.ours_only:
+            t = time.perf_counter()
+            digest, mix = build_image(page_count, image)
+            out["image_blake3"] = digest
+            out["image_zero_pages"] = mix["zero_pages"]
+            print(f"image: {args.size_mb} MiB, {mix['zero_pages'] / page_count:.1%} zero pages, "
+                  f"blake3 {digest[:16]}…, built in {time.perf_counter() - t:.1f}s",
+                  file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {"qemu_plain": [], "qemu_multifd": [], "ours": []}
+        for i in range(args.repeats):  # interleaved, so a load change hits all alike
+            if not args.ours_only:
+                for multifd in (False, True):
+                    name = "qemu_multifd" if multifd else "qemu_plain"
+                    r = qemu_once(image, args.size_mb, digest, multifd)
+                    runs[name].append(r)
+                    print(f"[{i + 1}/{args.repeats}] {name}: {r['total_time_ms'] / 1000:.3f}s "
+                          f"{mb_s(image_bytes, r['total_time_ms'] / 1000):.0f} MB/s, "
+                          f"{r['ram_transferred']} bytes, dst equal {r['dst_equal']}",
+                          file=sys.stderr, flush=True)
+            if not args.qemu_only:
+                r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2))
+                runs["ours"].append(r)
+                print(f"[{i + 1}/{args.repeats}] ours: {float(r['seconds']):.3f}s "
+                      f"{mb_s(image_bytes, float(r['seconds'])):.0f} MB/s, "
+                      f"{r['bytes_wire']} bytes", file=sys.stderr, flush=True)
+    finally:
+        try:
+            os.unlink(image)
+        except FileNotFoundError:
+            pass
+
+    for name in ("qemu_plain", "qemu_multifd"):
+        if not runs[name]:
+            continue
+        r = median_run(runs[name], "total_time_ms")
+        secs = r["total_time_ms"] / 1000.0
+        out[name] = {
+            "seconds": secs,
+            "guest_mb_s": mb_s(image_bytes, secs),
+            "wall_to_dst_completed_s": r["wall_to_dst_completed_s"],
+            "guest_mb_s_to_dst_completed": mb_s(image_bytes, r["wall_to_dst_completed_s"]),
+            "bytes_wire": r["ram_transferred"],
+            "ram_total": r["ram_total"],
+            "normal_pages": r["ram_normal_pages"],
+            "zero_pages": r["ram_duplicate_pages"],
+            "multifd_bytes": r["ram_multifd_bytes"],
+            "downtime_ms": r["downtime_ms"],
+            "channels": r["channels"],
+            "max_bandwidth": r["max_bandwidth"],
+            "dst_equal": all(x["dst_equal"] for x in runs[name]),
+            "source_untouched": all(x["source_untouched_at_start"]
+                                    and x["source_untouched_after"] for x in runs[name]),
+            "runs_total_time_ms": r["runs_total_time_ms"],
+        }
+    if runs["ours"]:
+        for x in runs["ours"]:
+            x["seconds"] = float(x["seconds"])
+        r = median_run(runs["ours"], "seconds")
+        secs = r["seconds"]
+        ours = {"seconds": secs, "guest_mb_s": mb_s(image_bytes, secs),
+                "guest_mb_s_reported": r.get("guest_mb_s"),
+                "bytes_wire": int(r["bytes_wire"]), "runs_seconds": r["runs_seconds"]}
+        # anything else it reports (digests, memory equality, worker counts) goes along
+        for k, v in r.items():
+            if k not in ("seconds", "guest_mb_s", "bytes_wire", "runs_seconds") \
+                    and isinstance(v, (int, float, str, bool, type(None))):
+                ours.setdefault(k, v)
+        for k in ("memory_digest", "digest", "secondary_digest", "primary_digest"):
+            v = r.get(k)
+            if isinstance(v, bytes):
+                v = v.hex()
+            if isinstance(v, str) and "image_blake3" in out:
+                ours["same_image_as_qemu"] = v == out["image_blake3"]
+                break
+        out["ours"] = ours
+        if "qemu_multifd" in out:
+            out["ratio_ours_vs_multifd"] = ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s"]
+            out["ratio_ours_vs_plain"] = ours["guest_mb_s"] / out["qemu_plain"]["guest_mb_s"]
+            out["target_met"] = out["ratio_ours_vs_multifd"] >= 1.0
+    out["loadavg_end"] = list(os.getloadavg())
+
+    # side by side
+    cols = [("QEMU plain", "qemu_plain"), ("QEMU multifd×2", "qemu_multifd"), ("ours", "ours")]
+    cols = [(t, k) for t, k in cols if k in out]
+    print(f"\n{args.size_mb} MiB RAM image (sim fill, seed {SEED}), guest MB/s = "
+          f"image bytes / 1e6 / s; loadavg {out['loadavg_start'][0]:.2f} at start")
+    print(f"{'':22}" + "".join(f"{t:>16}" for t, _ in cols))
+    print(f"{'seconds':22}" + "".join(f"{out[k]['seconds']:>16.3f}" for _, k in cols))
+    print(f"{'guest MB/s':22}" + "".join(f"{out[k]['guest_mb_s']:>16.1f}" for _, k in cols))
+    print(f"{'bytes on the wire':22}" + "".join(f"{out[k]['bytes_wire']:>16,}" for _, k in cols))
+    print(f"{'wire / image bytes':22}"
+          + "".join(f"{out[k]['bytes_wire'] / image_bytes:>16.3f}" for _, k in cols))
+    if "qemu_multifd" in out:
+        print(f"{'MB/s to dst completed':22}"
+              + "".join(f"{out[k]['guest_mb_s_to_dst_completed']:>16.1f}"
+                        for _, k in cols if k.startswith("qemu")))
+        print(f"QEMU destination RAM == image (blake3): plain {out['qemu_plain']['dst_equal']}, "
+              f"multifd {out['qemu_multifd']['dst_equal']}")
+    if "ratio_ours_vs_multifd" in out:
+        print(f"ratio ours / QEMU multifd: {out['ratio_ours_vs_multifd']:.2f}  "
+              f"(target >= 1.0: {'met' if out['target_met'] else 'NOT met'}); "
+              f"ours / plain: {out['ratio_ours_vs_plain']:.2f}")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
