@@ -425,6 +425,35 @@ def test_forked_stage_process_drives_the_guest(make_domain) -> None:
     assert dom.input_seq() == 7
 
 
+def test_process_forked_before_start_sees_the_guest() -> None:
+    dom = open_sim_domain("early", 256, dirty_log="auto")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            deadline = time.monotonic() + 20
+            while not dom.guest_pid and time.monotonic() < deadline:
+                time.sleep(0.001)
+            dom.wait_for_input_seq(1, timeout=20)
+            dom.pause()
+            os.write(w, b"%d" % SimDomain.vcpu_input_seq(dom.get_vcpu_state()))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        dom.start(paused=False)
+        dom.feed_input(b"one")
+        assert os.read(r, 10) == b"1"
+        assert os.waitpid(pid, 0)[1] == 0
+        assert dom.is_paused  # paused by the other process
+    finally:
+        os.close(r)
+        dom.close()
+
+
 def test_output_fileno_is_readable_when_outputs_are_pending(make_domain) -> None:
     dom = make_domain(paused=False)
     assert select.select([dom.output_fileno()], [], [], 0)[0] == []
