@@ -332,6 +332,28 @@ def test_bad_inputs_are_refused_counted_and_change_nothing(make_domain) -> None:
         SimDomain.write_command(-1)
 
 
+def test_a_joining_secondary_log_starts_at_the_primary_seq(make_domain) -> None:
+    pvm = make_domain("pvm", paused=False)
+    feed_and_wait(pvm, inputs(50))
+    svm = make_domain("svm", workload=WorkloadSpec(fill=False))
+    svm.start_inputs_at(50)
+    with pytest.raises(ValueError, match="expects seq 50"):
+        svm.feed_input(b"x", seq=0)
+    pvm.pause()
+    svm.memory_view()[:] = pvm.memory_view()
+    svm.set_vcpu_state(pvm.get_vcpu_state())
+    pvm.read_outputs()
+    pvm.resume()
+    svm.resume()
+    for i, p in enumerate(inputs(5, 50)):
+        assert pvm.feed_input(p) == svm.feed_input(p, seq=50 + i) == 50 + i
+    pvm.wait_for_input_seq(55)
+    svm.wait_for_input_seq(55)
+    assert all_outputs(pvm, 5) == all_outputs(svm, 5)
+    with pytest.raises(ValueError, match="still needed"):
+        svm.start_inputs_at(60)  # it holds inputs a rewind may need
+
+
 # -- bad vCPU blobs ----------------------------------------------------------------------------
 
 def test_bad_vcpu_blob_is_refused_and_guest_state_unchanged(make_domain) -> None:
@@ -460,6 +482,26 @@ def test_output_fileno_is_readable_when_outputs_are_pending(make_domain) -> None
     dom.feed_input(b"ping")
     assert select.select([dom.output_fileno()], [], [], 5)[0] == [dom.output_fileno()]
     assert [s for s, _ in dom.read_outputs()] == [0]
+
+
+def test_pause_works_while_the_guest_waits_for_room_in_the_output_pipe(make_domain) -> None:
+    import fcntl
+    dom = make_domain(paused=False)
+    fcntl.fcntl(dom.output_fileno(), fcntl.F_SETPIPE_SZ, 4096)  # ~50 frames fill it
+    for i in range(100):  # nobody reads outputs: the guest ends up blocked emitting one
+        dom.feed_input(b"%d" % i)
+    deadline = time.monotonic() + 10
+    while dom.counters()["output_stalls"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stuck_at = dom.input_seq()
+    assert 0 < stuck_at < 100 and dom.counters()["output_stalls"] > 0
+    dom.pause()  # answered although the guest was blocked on the pipe
+    assert dom.input_seq() == stuck_at
+    dom.resume()
+    got = []
+    while len(got) < 100 and time.monotonic() < deadline:
+        got += dom.read_outputs(timeout=0.05)  # draining lets it go on, in order, none lost
+    assert [s for s, _ in got] == list(range(100))
 
 
 def test_dead_guest_gives_a_clear_error_not_a_hang(make_domain) -> None:

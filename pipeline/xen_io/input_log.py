@@ -125,6 +125,16 @@ class InputLog:
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
 
+    def restart_at(self, seq: int) -> None:
+        """Make ``seq`` the next seq of a log that holds nothing still needed (a secondary
+        joining when the primary's inputs are already at ``seq``)."""
+        head = self.head
+        if seq < head or self.free_below() < head:
+            raise ValueError(f"input log cannot restart at seq {seq}: head is {head}, and "
+                             f"entries from seq {self.free_below()} are still needed")
+        self._header[_TRIM] = seq
+        self._header[_HEAD] = seq
+
     def trim(self, below_seq: int) -> None:
         """Inputs below ``below_seq`` may be overwritten. Never moves backwards."""
         if below_seq > self.trim_seq:

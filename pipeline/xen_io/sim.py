@@ -604,6 +604,13 @@ class SimDomain(Domain):
         """Inputs below ``below_seq`` may be overwritten (after a commit)."""
         self._inputs.trim(below_seq)
 
+    def start_inputs_at(self, seq: int) -> None:
+        """Let the input log continue at ``seq`` (a secondary joining a primary whose inputs
+        are at ``seq``; load the primary's vCPU state before feeding more than the log holds).
+        ValueError if the log still holds inputs the guest or a rewind may need."""
+        self._check_open()
+        self._inputs.restart_at(seq)
+
     def input_seq(self) -> int:
         """The input the guest is on or will consume next (all below are done)."""
         return self._inputs.consumer_seq
