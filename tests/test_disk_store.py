@@ -1,0 +1,294 @@
+"""The secondary's store: overlay semantics, commit, discard, failover, bounds, and crash
+safety of the commit journal (a real child process SIGKILLed at random points)."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import blake3
+import pytest
+
+from pipeline.disk.counters import DiskCounters
+from pipeline.disk.store import SecondaryStore, StoreError, StoreFull
+from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
+
+BS = 4096
+SIZE = 8 << 20
+
+
+def open_store(d: str, counters: DiskCounters | None = None, overlay_max: int = SIZE,
+               buffer_max: int = 1 << 30) -> SecondaryStore:
+    return SecondaryStore(os.path.join(d, "disk.img"), SIZE, BS, os.path.join(d, "state"),
+                          overlay_max, buffer_max, counters)
+
+
+def image_bytes(d: str) -> bytes:
+    with open(os.path.join(d, "disk.img"), "rb") as f:
+        return f.read()
+
+
+def buffer_write(store: SecondaryStore, model: bytearray, epoch: int, offset: int,
+                 data: bytes | None, length: int = 0) -> None:
+    """Buffer one PVM write and apply it to the expected-image model."""
+    if data is None:
+        store.buffer_pvm_write(epoch, KIND_ZERO, offset, length, ZERO_DIGEST, None)
+        model[offset:offset + length] = bytes(length)
+    else:
+        store.buffer_pvm_write(epoch, KIND_WRITE, offset, len(data), digest_of(data), data)
+        model[offset:offset + len(data)] = data
+
+
+def random_writes(rng: random.Random, store: SecondaryStore, model: bytearray, epoch: int,
+                  n: int, max_blocks: int = 16) -> None:
+    for _ in range(n):
+        blocks = rng.randint(1, max_blocks)
+        off = rng.randrange(0, SIZE // BS - blocks) * BS
+        if rng.random() < 0.1:
+            buffer_write(store, model, epoch, off, None, blocks * BS)
+        else:
+            buffer_write(store, model, epoch, off, rng.randbytes(blocks * BS))
+
+
+def test_svm_reads_its_own_writes_over_the_image_and_commit_drops_them(tmp_path):
+    d = str(tmp_path)
+    base = os.urandom(SIZE)
+    with open(os.path.join(d, "disk.img"), "wb") as f:
+        f.write(base)
+    c = DiskCounters()
+    s = open_store(d, c)
+    s.svm_write(BS, b"S" * (2 * BS))
+    s.svm_zero(8 * BS, BS)
+    # a read spanning image, overlay, image, zeroed overlay block
+    got = s.svm_read(0, 10 * BS)
+    want = base[:BS] + b"S" * 2 * BS + base[3 * BS:8 * BS] + bytes(BS) + base[9 * BS:10 * BS]
+    assert bytes(got) == want
+    assert c["overlay_bytes"] == 3 * BS
+    assert image_bytes(d) == base  # the SVM never touches the image before failover
+    model = bytearray(base)
+    buffer_write(s, model, 1, 2 * BS, b"P" * BS)
+    assert bytes(s.svm_read(2 * BS, BS)) == b"S" * BS  # buffered PVM writes are invisible
+    s.commit(1)
+    assert image_bytes(d) == bytes(model)
+    assert bytes(s.svm_read(0, 10 * BS)) == bytes(model[:10 * BS])  # overlay dropped
+    assert c["overlay_bytes"] == 0 and c["buffer_bytes"] == 0 and c["commits"] == 1
+    s.commit(1)  # again: a no-op
+    assert c["commits"] == 1
+    s.close()
+
+
+def test_commit_applies_every_buffered_epoch_up_to_e_and_keeps_later_ones(tmp_path):
+    d = str(tmp_path)
+    rng = random.Random(1)
+    s = open_store(d)
+    models = {0: bytearray(SIZE)}
+    for e in (1, 2, 3):
+        models[e] = bytearray(models[e - 1])
+        random_writes(rng, s, models[e], e, 50)
+    s.commit(2)  # an aborted epoch 1 checkpoint never committed; 2 must include it
+    assert image_bytes(d) == bytes(models[2])
+    assert s.committed_epoch == 2
+    s.close()
+    s = open_store(d)  # epoch 3's buffer survives a restart
+    s.commit(3)
+    assert image_bytes(d) == bytes(models[3])
+    s.close()
+
+
+def test_discard_uncommitted_drops_buffered_writes_only(tmp_path):
+    d = str(tmp_path)
+    c = DiskCounters()
+    s = open_store(d, c)
+    s.buffer_pvm_write(1, KIND_WRITE, 0, BS, digest_of(b"x" * BS), b"x" * BS)
+    s.svm_write(0, b"s" * BS)
+    assert s.discard_uncommitted() == 1
+    s.commit(1)
+    assert image_bytes(d) == bytes(SIZE)
+    assert c["discards"] == 1
+    s.close()
+
+
+def test_stale_epochs_and_bounds_are_refused_and_nothing_is_buffered(tmp_path):
+    d = str(tmp_path)
+    s = open_store(d, overlay_max=4 * BS, buffer_max=3 * BS)
+    s.buffer_pvm_write(1, KIND_WRITE, 0, BS, digest_of(b"a" * BS), b"a" * BS)
+    s.commit(1)
+    with pytest.raises(StoreError, match="epoch 1.*already committed"):
+        s.buffer_pvm_write(1, KIND_WRITE, 0, BS, digest_of(b"b" * BS), b"b" * BS)
+    s.buffer_pvm_write(2, KIND_WRITE, 0, 2 * BS, digest_of(b"c" * 2 * BS), b"c" * 2 * BS)
+    before = s.buffer_bytes
+    with pytest.raises(StoreFull, match="buffer holds"):
+        s.buffer_pvm_write(2, KIND_WRITE, 0, BS, digest_of(b"d" * BS), b"d" * BS)
+    assert s.buffer_bytes == before
+    s.svm_write(0, b"o" * 4 * BS)
+    s.svm_write(0, b"p" * 4 * BS)  # rewriting overlay blocks needs no new space
+    with pytest.raises(StoreFull, match="overlay holds"):
+        s.svm_write(8 * BS, b"q" * BS)
+    assert bytes(s.svm_read(8 * BS, BS)) == bytes(BS)
+    s.commit(2)
+    assert image_bytes(d)[:2 * BS] == b"c" * 2 * BS
+    s.close()
+
+
+def test_a_torn_buffer_record_is_cut_off_at_reopen(tmp_path):
+    d = str(tmp_path)
+    s = open_store(d)
+    model = bytearray(SIZE)
+    buffer_write(s, model, 1, 0, b"1" * BS)
+    buffer_write(s, model, 1, BS, b"2" * BS)
+    s.close()
+    log_path = os.path.join(d, "state", "buffer-1.log")
+    with open(log_path, "ab") as f:  # the receiver died halfway through an append
+        f.write(b"CBR1" + b"\x01" * 40)
+    s = open_store(d)
+    s.commit(1)
+    assert image_bytes(d) == bytes(model)
+    s.close()
+
+
+def test_failover_merges_the_overlay_and_drops_uncommitted_pvm_writes(tmp_path):
+    d = str(tmp_path)
+    c = DiskCounters()
+    s = open_store(d, c)
+    s.buffer_pvm_write(1, KIND_WRITE, 0, BS, digest_of(b"P" * BS), b"P" * BS)
+    s.svm_write(4 * BS, b"S" * BS)
+    s.failover()
+    s.failover()  # idempotent
+    img = image_bytes(d)
+    assert img[4 * BS:5 * BS] == b"S" * BS and img[:BS] == bytes(BS)
+    assert s.active and c["failovers"] == 1
+    s.svm_write(0, b"A" * BS)  # the SVM now writes the image itself
+    assert image_bytes(d)[:BS] == b"A" * BS
+    with pytest.raises(StoreError, match="failed over"):
+        s.commit(1)
+    s.close()
+    s = open_store(d)
+    assert s.active
+    s.close()
+
+
+_COMMIT_CHILD = textwrap.dedent("""
+    import os, sys
+    from pipeline.disk.store import SecondaryStore
+    d, epoch, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    s = SecondaryStore(os.path.join(d, "disk.img"), {size}, {bs}, os.path.join(d, "state"),
+                       1 << 40, 1 << 40)
+    print("go", flush=True)
+    s.commit(epoch) if what == "commit" else s.failover()
+    print("done", flush=True)
+""").format(size=SIZE, bs=BS)
+
+
+def _run_child(d: str, epoch: int, what: str, kill_after: float | None) -> tuple[bool, float]:
+    """Run a commit (or failover) in a real child process; SIGKILL it ``kill_after`` seconds
+    after it starts working. Returns (finished, seconds it worked)."""
+    p = subprocess.Popen([sys.executable, "-c", _COMMIT_CHILD, d, str(epoch), what],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "go"
+        t0 = time.perf_counter()
+        if kill_after is not None:
+            time.sleep(kill_after)
+            p.send_signal(signal.SIGKILL)
+        finished = p.stdout.readline().strip() == "done"
+        worked = time.perf_counter() - t0
+        p.wait(timeout=30)
+        return finished, worked
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_commit_killed_at_random_points_replays_to_exactly_the_checkpoint(tmp_path):
+    rng = random.Random(4)
+    template = str(tmp_path / "template")
+    os.makedirs(template)
+    base = bytearray(rng.randbytes(SIZE))
+    with open(os.path.join(template, "disk.img"), "wb") as f:
+        f.write(base)
+    s = open_store(template)
+    models = {0: base}
+    for e in (1, 2, 3):
+        models[e] = bytearray(models[e - 1])
+        random_writes(rng, s, models[e], e, 400 if e > 1 else 20)
+    s.commit(1)
+    s.svm_write(0, b"S" * 64 * BS)  # an overlay that commit must drop
+    s.close()
+    # how long an undisturbed commit of epochs 2..3 takes in a child
+    work = str(tmp_path / "probe")
+    shutil.copytree(template, work)
+    finished, duration = _run_child(work, 3, "commit", None)
+    assert finished and image_bytes(work) == bytes(models[3])
+    outcomes = {"before": 0, "replayed": 0, "after": 0}
+    for i in range(20):
+        work = str(tmp_path / f"run{i}")
+        shutil.copytree(template, work)
+        finished, _ = _run_child(work, 3, "commit", rng.uniform(0, duration))
+        c = DiskCounters()
+        s = open_store(work, c)  # the restart: replays an interrupted commit
+        assert s.committed_epoch in (1, 3)
+        assert image_bytes(work) == bytes(models[s.committed_epoch]), \
+            f"iteration {i}: image is not exactly at epoch {s.committed_epoch}"
+        outcomes["replayed" if c["journal_replays"] else
+                 "after" if s.committed_epoch == 3 else "before"] += 1
+        s.commit(3)  # the coordinator retries the commit it never heard back about
+        assert image_bytes(work) == bytes(models[3])
+        assert bytes(s.svm_read(0, BS)) == bytes(models[3][:BS])
+        assert not [n for n in os.listdir(os.path.join(work, "state")) if n.startswith("buffer")]
+        s.close()
+        shutil.rmtree(work)
+    # the kills really landed inside the commit, not only before or after it
+    print(outcomes)
+    assert outcomes["replayed"] >= 3, outcomes
+
+
+def test_failover_killed_mid_merge_finishes_at_reopen(tmp_path):
+    rng = random.Random(5)
+    template = str(tmp_path / "template")
+    os.makedirs(template)
+    s = open_store(template)
+    model = bytearray(SIZE)
+    for _ in range(300):
+        off = rng.randrange(0, SIZE // BS - 4) * BS
+        data = rng.randbytes(rng.randint(1, 4) * BS)
+        model[off:off + len(data)] = data  # what the child's SVM will write
+    s.close()
+    # the overlay is only meaningful inside the running process: do it in the child
+    child = _COMMIT_CHILD.replace('print("go", flush=True)', textwrap.dedent("""
+        import random
+        rng = random.Random(5)
+        for _ in range(300):
+            off = rng.randrange(0, {n} - 4) * {bs}
+            s.svm_write(off, rng.randbytes(rng.randint(1, 4) * {bs}))
+        print("go", flush=True)""").format(n=SIZE // BS, bs=BS))
+    merged_mid = 0
+    for i in range(12):
+        work = str(tmp_path / f"run{i}")
+        shutil.copytree(template, work)
+        p = subprocess.Popen([sys.executable, "-c", child, work, "0", "failover"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "go"
+            time.sleep(rng.uniform(0, 0.03))
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        c = DiskCounters()
+        s = open_store(work, c)
+        merged_mid += c["journal_replays"]
+        if s.active:
+            assert image_bytes(work) == bytes(model), f"iteration {i}: merge incomplete"
+        else:  # killed before the merge began: nothing of the overlay reached the image
+            assert image_bytes(work) == bytes(SIZE)
+        s.close()
+        shutil.rmtree(work)
+    assert merged_mid >= 1
