@@ -98,7 +98,8 @@ class CheckpointClient:
                  subscribe: bool = True) -> None:
         self._ctx = context or zmq.Context.instance()
         self.requests_out = self._ctx.socket(zmq.PUSH)
-        self.requests_out.setsockopt(zmq.LINGER, 0)
+        # a request sent just before close() still goes out (close waits up to 0.5 s)
+        self.requests_out.setsockopt(zmq.LINGER, 500)
         self.requests_out.setsockopt(zmq.SNDHWM, 1000)
         self.requests_out.connect(_ipc(rundir, REQUESTS_SOCKET))
         self.events_in = None

@@ -10,10 +10,7 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 from pipeline import __version__, config
@@ -135,92 +132,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 # -- demo ---------------------------------------------------------------------------
-def _free_port_base() -> int:
-    import socket
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base > 65000:
-            continue
-        ok = True
-        for p in (base + 1, base + 2):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return base
-    raise RuntimeError("no three free consecutive TCP ports on 127.0.0.1")
-
-
-def demo_configs(workdir: str, args: argparse.Namespace) -> tuple[str, str]:
-    port = _free_port_base()
-    tag = f"demo{os.getpid()}"
-    common = f"""
-[guest]
-backend = "sim"
-page_count = {args.pages}
-dirty_log = "{args.dirty_log}"
-[guest.workload]
-seed = 7
-pages_per_input = {args.pages_per_input}
-nondeterminism = {args.nondeterminism}
-input_rate_hz = {args.input_rate}
-[peer]
-address = "tcp://127.0.0.1:{port}"
-[checkpoint]
-max_interval_ms = {args.interval_ms}
-min_interval_ms = 10
-dirty_threshold_pages = {max(64, args.pages // 4)}
-epoch_timeout_ms = 20000
-"""
-    paths = []
-    for role in ("primary", "secondary"):
-        path = os.path.join(workdir, f"{role}.toml")
-        with open(path, "w") as fh:
-            fh.write(f'[node]\nname = "{tag}-{role}"\nrole = "{role}"\n'
-                     f'run_dir = "{os.path.join(workdir, role)}"\n' + common)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint_api import CheckpointClient
-    from pipeline.counters import NodeCounters, NodeNotRunning
-    workdir = tempfile.mkdtemp(prefix="colo-demo-")
-    pcfg, scfg = demo_configs(workdir, args)
-    prim_name = config.load(pcfg).node.name
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", args.log_level]
-    out = None if args.verbose else subprocess.DEVNULL
-    secondary = subprocess.Popen(cmd + ["secondary", "--config", scfg], env=env,
-                                 stdout=out, stderr=None if args.verbose else subprocess.PIPE)
-    primary = subprocess.Popen(cmd + ["primary", "--config", pcfg], env=env,
-                               stdout=out, stderr=None if args.verbose else subprocess.PIPE)
+    from pipeline.localpair import LocalPair, PairError
+    tables = {
+        "guest": {"backend": "sim", "page_count": args.pages, "dirty_log": args.dirty_log},
+        "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_input,
+                           "nondeterminism": args.nondeterminism,
+                           "input_rate_hz": args.input_rate},
+        "checkpoint": {"max_interval_ms": args.interval_ms, "min_interval_ms": 10,
+                       "dirty_threshold_pages": max(64, args.pages // 4),
+                       "epoch_timeout_ms": 20000},
+    }
+    pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose)
     summary: dict = {"memory_equal": False}
-    node = None
     code = EXIT_FAILED
     try:
-        deadline = time.monotonic() + 60
-        while node is None:
-            if primary.poll() is not None or secondary.poll() is not None:
-                raise RuntimeError("a node exited during start-up")
-            try:
-                node = NodeCounters.attach(prim_name)
-            except NodeNotRunning:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the primary did not start within 60 s") from None
-                time.sleep(0.1)
-        while node.node_info().get("state") != "protected":
-            if primary.poll() is not None or secondary.poll() is not None:
-                raise RuntimeError("a node exited during the first sync")
-            time.sleep(0.05)
+        pair.start()
+        if not args.json:
+            print(f"primary and secondary started (configs in {pair.workdir}); full sync of "
+                  f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
+        pair.wait_protected()
+        node = pair.node("primary")
         t_end = time.monotonic() + args.duration
         while time.monotonic() < t_end:
-            if primary.poll() is not None or secondary.poll() is not None:
-                raise RuntimeError("a node exited while protecting the guest")
+            pair.check_alive()
             if not args.json:
                 s = summarize(node.snapshot())
                 print(f"\r[{args.duration - (t_end - time.monotonic()):5.1f}s] checkpoints "
@@ -229,38 +164,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       end="", flush=True)
             time.sleep(0.5)
         # The proof: one more checkpoint where both sides hash all of guest memory while
-        # paused (PVM at its snapshot, SVM right after applying it).
-        client = CheckpointClient(os.path.join(workdir, "primary"), subscribe=False)
-        client.request("request", "digest")
-        deadline = time.monotonic() + 60
-        while "memory_equal" not in node.node_info():
-            if time.monotonic() > deadline or primary.poll() is not None:
-                raise RuntimeError("the final checkpoint did not complete")
-            time.sleep(0.05)
-        client.close()
-        info = node.node_info()
+        # paused (the PVM at its snapshot, the SVM right after applying it).
+        pair.request_checkpoint("digest")
+        info = pair.wait_info("memory_equal", timeout=120)
         summary = summarize(node.snapshot())
         summary.update(memory_equal=info["memory_equal"], final_epoch=info["final_epoch"],
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
                        dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
         code = EXIT_OK if info["memory_equal"] else EXIT_FAILED
-    except RuntimeError as exc:
+    except PairError as exc:
         summary["error"] = str(exc)
         print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
     finally:
-        if node is not None:
-            node.close()
-        for p in (primary, secondary):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (primary, secondary):
-            try:
-                _, err = p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                _, err = p.communicate()
-            if code and err:
-                sys.stderr.write(err.decode(errors="replace")[-4000:])
+        codes = pair.stop()
+        if any(codes.values()) and code == EXIT_OK:
+            code = EXIT_FAILED
+            summary["error"] = f"a node did not stop cleanly: exit codes {codes}"
+        pair.cleanup()
     if args.json:
         print(json.dumps(summary))
     else:

@@ -43,7 +43,7 @@ EXTRA_COUNTERS = {
     "digest": ("pages_zero", "pages_ref", "pages_lz4", "pages_raw"),
     "receive": ("skipped_optional",),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
-    "client": ("outputs", "input_full"),
+    "client": ("outputs", "input_full", "pvm_input_seq"),
     "mirror": ("outputs", "input_full"),
 }
 

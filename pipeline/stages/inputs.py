@@ -1,8 +1,10 @@
 """Guest input, both sides.
 
 Primary (``run_client``): stands in for the clients of the protected service: feeds
-the PVM a deterministic stream of inputs at ``guest.workload.input_rate_hz``, mirrors
-every input to the secondary tagged with its epoch, and drains the PVM's output.
+the PVM a deterministic stream of inputs at ``guest.workload.input_rate_hz``, plus any
+input pushed to ``client-inputs.sock`` in the run directory (benchmarks and tests use
+it to make the guest do exact work), mirrors every input to the secondary tagged with
+its epoch, and drains the PVM's output.
 Secondary (``run_mirror``): feeds the mirrored inputs to the SVM in sequence order
 and keeps them until a checkpoint past them commits, so an SVM rolled back to a
 checkpoint finds exactly the input that followed the snapshot.
@@ -11,6 +13,7 @@ checkpoint finds exactly the input that followed the snapshot.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import blake3
@@ -22,6 +25,7 @@ from pipeline.config import Settings
 from pipeline.stages.common import StageContext
 
 INPUT_SIZE = 64
+INJECT_SOCKET = "client-inputs.sock"
 
 
 def client_input(seed: int, seq: int) -> bytes:
@@ -36,40 +40,54 @@ def _drain_outputs(ctx: StageContext, domain) -> None:
         ctx.counters.add("bytes_out", sum(len(f) for _, f in outs))
 
 
+def inject_address(run_dir: str) -> str:
+    return "ipc://" + os.path.join(run_dir, INJECT_SOCKET)
+
+
 def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> None:
     zctx = zmq.Context()
     out = sockets.inputs_out(zctx, settings)
+    injected = zctx.socket(zmq.PULL)
+    injected.setsockopt(zmq.LINGER, 0)
+    injected.bind(inject_address(settings.run_dir))
     rate = settings.guest.workload.input_rate_hz
     period = 1.0 / rate if rate > 0 else None
     next_at = time.monotonic()
     n = 0
+    payload: bytes | None = None
     try:
         while not ctx.stopping():
             _drain_outputs(ctx, domain)
-            if period is None:
-                time.sleep(0.05)
-                continue
-            now = time.monotonic()
-            if now < next_at:
-                time.sleep(min(next_at - now, 0.05))
-                continue
-            next_at += period
-            if next_at < now - 1.0:   # fell far behind (guest paused long): do not burst
-                next_at = now
-            payload = client_input(settings.guest.workload.seed, n)
+            ctx.counters.set("pvm_input_seq", domain.input_seq())
+            if payload is None:
+                if injected.poll(0):
+                    payload = injected.recv()
+                elif period is not None and time.monotonic() >= next_at:
+                    now = time.monotonic()
+                    next_at += period
+                    if next_at < now - 1.0:   # fell far behind (guest paused long): no burst
+                        next_at = now
+                    payload = client_input(settings.guest.workload.seed, n)
+                    n += 1
+                else:
+                    wait = 0.05 if period is None else max(0.0, min(next_at - time.monotonic(),
+                                                                   0.05))
+                    injected.poll(int(wait * 1000))
+                    continue
             try:
                 seq = domain.feed_input(payload)
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
                 continue
-            n += 1
             if not sockets.send_until_stopped(out, wire.encode_input(epoch_value.value, seq,
                                                                       payload), ctx.stop):
                 return
             ctx.counters.add("items_out", 1)
             ctx.counters.add("bytes_out", len(payload))
+            payload = None
             domain.trim_inputs(domain.input_seq())
     finally:
+        injected.close(0)
         out.close(0)
         zctx.term()
 

@@ -1,0 +1,225 @@
+"""A primary and a secondary node on this machine, as real processes.
+
+``colo-pipeline demo``, the benchmarks and the end-to-end tests all use this: it
+writes the two config files, starts ``colo-pipeline primary`` and ``colo-pipeline
+secondary`` as separate processes, and talks to them only the way an operator or a
+client would: through their config, their counters (``NodeCounters.attach``), the
+checkpoint request socket and the client input socket.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zmq
+
+from pipeline.checkpoint_api import CheckpointClient
+from pipeline.counters import NodeCounters, NodeNotRunning
+from pipeline.stages.inputs import inject_address
+
+
+class PairError(RuntimeError):
+    """A node of the pair failed or did not do what was asked in time."""
+
+
+def free_port_base() -> int:
+    """A TCP port on 127.0.0.1 such that it and the next two are free."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 65000:
+            continue
+        try:
+            for p in (base + 1, base + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise PairError("no three free consecutive TCP ports on 127.0.0.1")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def render_toml(tables: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for table, values in tables.items():
+        out.append(f"[{table}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+class LocalPair:
+    def __init__(self, tables: dict[str, dict[str, Any]] | None = None,
+                 workdir: str | None = None, log_level: str = "warning",
+                 capture_logs: bool = True) -> None:
+        """``tables`` are config tables shared by both nodes (e.g. {"guest": {...}})."""
+        self.own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="colo-pair-")
+        self.tag = f"pair{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
+        self.port = free_port_base()
+        self.log_level = log_level
+        self.capture_logs = capture_logs
+        self.configs: dict[str, str] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, str] = {}
+        self.counters: dict[str, NodeCounters] = {}
+        for role in ("primary", "secondary"):
+            t = {k: dict(v) for k, v in (tables or {}).items()}
+            t.setdefault("node", {}).update(name=self.name(role), role=role,
+                                            run_dir=self.run_dir(role))
+            t.setdefault("peer", {}).update(address=f"tcp://127.0.0.1:{self.port}")
+            # dotted tables (guest.workload) must come after their parent table
+            ordered = dict(sorted(t.items(), key=lambda kv: kv[0]))
+            path = os.path.join(self.workdir, f"{role}.toml")
+            with open(path, "w") as fh:
+                fh.write(render_toml(ordered))
+            self.configs[role] = path
+
+    def name(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def run_dir(self, role: str) -> str:
+        return os.path.join(self.workdir, role)
+
+    # -- lifetime -------------------------------------------------------------
+    def start(self, roles: tuple[str, ...] = ("secondary", "primary")) -> "LocalPair":
+        for role in roles:
+            self.start_node(role)
+        return self
+
+    def start_node(self, role: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, role,
+               "--config", self.configs[role]]
+        log_path = os.path.join(self.workdir, f"{role}.log")
+        self.logs[role] = log_path
+        out = open(log_path, "ab") if self.capture_logs else None
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                             start_new_session=True)
+        if out:
+            out.close()
+        self.procs[role] = p
+        return p
+
+    def log_tail(self, role: str, chars: int = 3000) -> str:
+        try:
+            with open(self.logs[role], "rb") as fh:
+                return fh.read().decode(errors="replace")[-chars:]
+        except (KeyError, OSError):
+            return ""
+
+    def check_alive(self) -> None:
+        for role, p in self.procs.items():
+            if p.poll() is not None:
+                raise PairError(f"the {role} node exited with code {p.returncode}:\n"
+                                f"{self.log_tail(role)}")
+
+    def node(self, role: str = "primary", timeout: float = 60.0) -> NodeCounters:
+        """The node's live counters (attached once it is up)."""
+        if role in self.counters:
+            return self.counters[role]
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                self.counters[role] = NodeCounters.attach(self.name(role))
+                return self.counters[role]
+            except NodeNotRunning:
+                if time.monotonic() > deadline:
+                    raise PairError(f"the {role} node did not start within {timeout} s") \
+                        from None
+                time.sleep(0.05)
+
+    def wait_info(self, key: str, value: Any = None, role: str = "primary",
+                  timeout: float = 120.0) -> dict:
+        """Wait until the node's info has ``key`` (equal to ``value`` if given)."""
+        node = self.node(role)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = node.node_info()
+            if key in info and (value is None or info[key] == value):
+                return info
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise PairError(f"{role}: {key}={value!r} not reached within {timeout} s "
+                                f"(info {info})")
+            time.sleep(0.02)
+
+    def wait_protected(self, timeout: float = 300.0) -> dict:
+        return self.wait_info("state", "protected", timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM both nodes and wait; returns their exit codes."""
+        for c in self.counters.values():
+            c.close()
+        self.counters.clear()
+        codes = {}
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for role, p in self.procs.items():
+            try:
+                codes[role] = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                codes[role] = p.wait()
+        return codes
+
+    def cleanup(self) -> None:
+        if self.own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalPair":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.cleanup()
+
+    # -- driving ------------------------------------------------------------
+    def request_checkpoint(self, detail: str = "") -> None:
+        client = CheckpointClient(self.run_dir("primary"), subscribe=False)
+        client.request("request", detail)
+        client.close()
+
+    def inject_input(self, payload: bytes) -> None:
+        """Give the PVM one client input (mirrored to the SVM like any other)."""
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(inject_address(self.run_dir("primary")))
+        s.send(payload)
+        s.close()
+
+    def checkpoints(self, role: str = "primary") -> list[dict]:
+        return self.node(role).checkpoints()
+
+    def wait_checkpoints(self, count: int, timeout: float = 120.0) -> list[dict]:
+        """Wait until the primary has recorded at least ``count`` checkpoints."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cps = self.checkpoints()
+            if len(cps) >= count:
+                return cps
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise PairError(f"only {len(cps)} of {count} checkpoints within {timeout} s")
+            time.sleep(0.01)
+
+    def stage_counter(self, stage: str, counter: str, role: str = "primary") -> int:
+        return self.node(role).stage(stage).as_dict()[counter]
