@@ -209,6 +209,10 @@ class Comparator:
                 self._compare_datagram(conn)
         self._maybe_forget(conn)
 
+    def note_malformed(self, side: int, reason: str) -> None:
+        """An adapter could not even cut a frame out of its stream (e.g. a bad length)."""
+        self._malformed(side, b"", reason)
+
     def _malformed(self, side: int, frame: bytes, reason: str) -> None:
         self._count("malformed_frames")
         if side == PRIMARY:

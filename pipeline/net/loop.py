@@ -1,0 +1,202 @@
+"""The comparator's event loop: polls the adapters and the control channel, hands
+frames to the comparator (and the rewriter), flushes the sinks, runs the timeout scan.
+Used by the stage process and by the standalone drop-in alike."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from pipeline.net.adapters import (FrameSink, FrameSource, PacketSocket, PcapReader,
+                                   PcapWriter, StreamEndpoint, parse_address)
+from pipeline.net.comparator import PRIMARY, SECONDARY, Comparator, CounterSink
+from pipeline.net.control import NoControl
+from pipeline.net.rewriter import SeqRewriter
+from pipeline.net.settings import NetSettings
+
+log = logging.getLogger(__name__)
+
+
+class Adapters:
+    """Creates the adapter of every address once (one interface may serve two roles,
+    e.g. ``packet:eth0`` as client_in and outdev)."""
+
+    def __init__(self, vnet_hdr: bool) -> None:
+        self.vnet_hdr = vnet_hdr
+        self._by_address: dict[tuple[str, str], object] = {}
+        self.malformed_callbacks: dict[str, object] = {}
+
+    def get(self, address: str, role: str, direction: str, on_malformed=None):
+        if not address:
+            return None
+        kind, where = parse_address(address)
+        cache_key = (address, direction if kind == "pcap" else "")
+        if cache_key in self._by_address:
+            return self._by_address[cache_key]
+        if kind in ("tcp", "unix"):
+            adapter = StreamEndpoint(address, self.vnet_hdr, name=role, on_malformed=on_malformed)
+        elif kind == "packet":
+            adapter = PacketSocket(where)
+        elif direction == "in":
+            adapter = PcapReader(where)
+        else:
+            adapter = PcapWriter(where)
+        self._by_address[cache_key] = adapter
+        return adapter
+
+    def all(self) -> list:
+        return list(self._by_address.values())
+
+    def close(self) -> None:
+        for adapter in self._by_address.values():
+            adapter.close()
+        self._by_address.clear()
+
+
+class CompareLoop:
+    """Everything one comparator process runs."""
+
+    def __init__(self, settings: NetSettings, control=None,
+                 counters: CounterSink | None = None) -> None:
+        self.settings = settings
+        self.control = control or NoControl()
+        self.adapters = Adapters(settings.vnet_hdr)
+        try:
+            self.outdev: FrameSink | None = self.adapters.get(settings.outdev, "outdev", "out")
+            release = self.outdev.send if self.outdev is not None else (lambda f, v: None)
+            self.comparator = Comparator(settings, release, self.control.request, counters)
+            get = self.adapters.get
+            self.primary_in: FrameSource | None = get(
+                settings.primary_in, "primary_in", "in", self._malformed_cb(PRIMARY))
+            self.secondary_in: FrameSource | None = get(
+                settings.secondary_in, "secondary_in", "in", self._malformed_cb(SECONDARY))
+            self.client_in: FrameSource | None = get(settings.client_in, "client_in", "in")
+            self.primary_out: FrameSink | None = get(settings.primary_out, "primary_out", "out")
+            self.secondary_out: FrameSink | None = get(settings.secondary_out, "secondary_out",
+                                                       "out")
+        except BaseException:
+            self.adapters.close()
+            raise
+        self.rewriter = SeqRewriter(settings.max_connections) if settings.rewrite_secondary \
+            else None
+        self._roles: list[tuple[FrameSource, object]] = []
+        for source, handler in ((self.primary_in, self._from_primary),
+                                (self.secondary_in, self._from_secondary),
+                                (self.client_in, self._from_client)):
+            if source is not None:
+                self._roles.append((source, handler))
+        self.stop_event = threading.Event()
+
+    def _malformed_cb(self, side: int):
+        return lambda reason: self.comparator.note_malformed(side, reason)
+
+    # ------------------------------------------------------------ dispatch
+    def _from_primary(self, frames) -> None:
+        push = self.comparator.push_primary
+        rewriter = self.rewriter
+        for frame, vnet in frames:
+            if rewriter is not None:
+                rewriter.observe_primary(frame, vnet)
+            push(frame, vnet)
+
+    def _from_secondary(self, frames) -> None:
+        push = self.comparator.push_secondary
+        rewriter = self.rewriter
+        for frame, vnet in frames:
+            if rewriter is not None:
+                frame = rewriter.from_secondary(frame, vnet)
+            push(frame, vnet)
+
+    def _from_client(self, frames) -> None:
+        rewriter = self.rewriter
+        for frame, vnet in frames:
+            if self.primary_out is not None:
+                self.primary_out.send(frame, vnet)
+            if self.secondary_out is not None:
+                if rewriter is not None:
+                    frame = rewriter.to_secondary(frame, vnet)
+                self.secondary_out.send(frame, vnet)
+
+    def _on_checkpoint(self) -> None:
+        if self.rewriter is not None:
+            self.rewriter.reset()      # the restored SVM has the PVM's sequence numbers
+
+    # ---------------------------------------------------------------- loop
+    def _poller(self) -> tuple[zmq.Poller, dict[int, list], bool]:
+        poller = zmq.Poller()
+        by_fd: dict[int, list] = {}
+        always = False
+        for source, handler in self._roles:
+            fd = source.fileno()
+            if fd is None:
+                always = True
+                continue
+            if fd not in by_fd:
+                poller.register(fd, zmq.POLLIN)
+            by_fd.setdefault(fd, []).append((source, handler))
+        control = self.control.pollable()
+        if control is not None:
+            poller.register(control if isinstance(control, zmq.Socket) else control.fileno(),
+                            zmq.POLLIN)
+        # sinks that are listening endpoints accept their peer when it connects
+        for adapter in self.adapters.all():
+            if isinstance(adapter, StreamEndpoint) and not adapter.connected \
+                    and all(adapter is not s for s, _ in self._roles):
+                poller.register(adapter.fileno(), zmq.POLLIN)
+        return poller, by_fd, always
+
+    def fds(self) -> tuple:
+        control = self.control.pollable()
+        return (tuple(s.fileno() for s, _ in self._roles),
+                control.fileno() if isinstance(control, StreamEndpoint) else None,
+                tuple(a.connected for a in self.adapters.all() if isinstance(a, StreamEndpoint)))
+
+    def run_once(self, timeout: float) -> None:
+        """One round: wait up to ``timeout`` s for input, then handle what is ready."""
+        key = self.fds()
+        if key != getattr(self, "_poller_key", None):
+            self._poller_state = self._poller()
+            self._poller_key = key
+        poller, by_fd, always = self._poller_state
+        ready = dict(poller.poll(0 if always else int(timeout * 1000)))
+        for fd, roles in by_fd.items():
+            if fd in ready:
+                for source, handler in roles:
+                    frames = source.recv()
+                    if frames:
+                        handler(frames)
+        if always:
+            for source, handler in self._roles:
+                if source.fileno() is None:
+                    frames = source.recv()
+                    if frames:
+                        handler(frames)
+        for adapter in self.adapters.all():
+            if isinstance(adapter, StreamEndpoint) and not adapter.connected \
+                    and adapter.fileno() in ready and all(adapter is not s for s, _ in self._roles):
+                adapter._accept()
+        self.control.handle(self.comparator, self._on_checkpoint)
+        now = time.monotonic()
+        if now >= getattr(self, "_next_scan", 0.0):
+            self.comparator.check_timeouts(now)
+            self._next_scan = now + self.settings.expired_scan_ms / 1000.0
+        for adapter in self.adapters.all():
+            if isinstance(adapter, FrameSink):
+                adapter.flush()
+
+    def inputs_exhausted(self) -> bool:
+        """True when every input is a pcap file that has been read to the end."""
+        sources = [s for s, _ in self._roles]
+        return bool(sources) and all(isinstance(s, PcapReader) and s.exhausted for s in sources)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or self.stop_event
+        scan = self.settings.expired_scan_ms / 1000.0
+        while not stop.is_set():
+            self.run_once(scan)
+
+    def close(self) -> None:
+        self.adapters.close()
+        self.control.close()
