@@ -18,8 +18,8 @@ from pipeline.xen_io.sim import BLOB_SIZE, SimDomain, WorkloadSpec, open_sim_dom
 pytestmark = pytest.mark.timeout(60)
 
 UFFD_OK = uffd_wp_async_unsupported_reason() is None
-MODES = [pytest.param("uffd", marks=pytest.mark.skipif(
-             not UFFD_OK, reason=f"kernel lacks uffd-wp async: {uffd_wp_async_unsupported_reason()}")),
+NO_UFFD_REASON = f"kernel lacks uffd-wp async: {uffd_wp_async_unsupported_reason()}"
+MODES = [pytest.param("uffd", marks=pytest.mark.skipif(not UFFD_OK, reason=NO_UFFD_REASON)),
          "bitmap"]
 PAGES = 2048  # 8 MiB guests keep the suite fast
 #: written pages always change (no zero content), so "pages that changed" is an oracle

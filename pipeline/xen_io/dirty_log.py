@@ -191,7 +191,8 @@ def uffd_wp_async_unsupported_reason() -> str | None:
             return f"PAGEMAP_SCAN on /proc/self/pagemap failed (needs Linux >= 6.7): {exc}"
         got = runs_to_pfns(starts, lengths).tolist()
         if got != [1, 3] or again[0].size != 0:
-            return f"PAGEMAP_SCAN reported pages {got} then {again[0].tolist()}, expected [1, 3] then []"
+            return (f"PAGEMAP_SCAN reported pages {got} then {again[0].tolist()}, "
+                    f"expected [1, 3] then []")
         return None
     finally:
         if scanner is not None:

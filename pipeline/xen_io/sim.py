@@ -39,7 +39,6 @@ import random
 import select
 import signal
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,7 +49,7 @@ import numpy as np
 from .base import Domain, DomainError
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
-from .input_log import InputLog, InputLogEntryGone
+from .input_log import InputLog
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,8 @@ class WorkloadSpec:
             raise ValueError(f"workload mix_zero/mix_text/mix_random must be >= 0 and sum to 1, "
                              f"got {mix}")
         if not 0.0 <= self.nondeterminism <= 1.0:
-            raise ValueError(f"workload nondeterminism must be in [0, 1], got {self.nondeterminism}")
+            raise ValueError(f"workload nondeterminism must be in [0, 1], "
+                             f"got {self.nondeterminism}")
 
     def mix_cdf(self) -> np.ndarray:
         cdf = np.cumsum([self.mix_zero, self.mix_text, self.mix_random])
@@ -197,7 +197,8 @@ class _GuestState:
         if magic != _BLOB_MAGIC:
             raise ValueError(f"sim vCPU blob has magic {magic!r}, expected {_BLOB_MAGIC!r}")
         if version != _BLOB_VERSION:
-            raise ValueError(f"sim vCPU blob version {version} unsupported (this is {_BLOB_VERSION})")
+            raise ValueError(f"sim vCPU blob version {version} unsupported "
+                             f"(this is {_BLOB_VERSION})")
         if blake3.blake3(body).digest(_BLOB_CHECK_LEN) != check:
             raise ValueError(f"sim vCPU blob checksum mismatch (corrupt blob {blob[:24].hex()}...)")
         if fingerprint is not None and fp != fingerprint:
@@ -314,8 +315,8 @@ class SimDomain(Domain):
         return int(self._words[W_GUEST_PID]) if self._closed_in != os.getpid() else 0
 
     def __repr__(self) -> str:
-        return (f"SimDomain({self.name!r}, pages={self.page_count}, dirty_log={self.dirty_log_kind},"
-                f" guest_pid={self.guest_pid})")
+        return (f"SimDomain({self.name!r}, pages={self.page_count}, "
+                f"dirty_log={self.dirty_log_kind}, guest_pid={self.guest_pid})")
 
     # -- lifetime -------------------------------------------------------------
     def start(self, paused: bool = True, timeout: float = 120.0) -> None:
@@ -326,7 +327,8 @@ class SimDomain(Domain):
         from the supervisor's main thread; only this process can reap it (:meth:`close`).
         """
         if self.guest_pid:
-            raise DomainError(f"sim domain {self.name}: already started (guest pid {self.guest_pid})")
+            raise DomainError(f"sim domain {self.name}: already started "
+                              f"(guest pid {self.guest_pid})")
         self._words[W_PAUSE_EPOCH] = 1
         self._words[W_PAUSE_REQ] = 1
         pid = os.fork()
@@ -697,9 +699,9 @@ class _Guest:
         self.pool = text_pool()
         self.windows = np.lib.stride_tricks.sliding_window_view(self.pool, dom.page_size)
         self.cdf = self.spec.mix_cdf()
+        seed = self.spec.seed.to_bytes(8, "little", signed=True)
         self.state = _GuestState(0, PHASE_IDLE, 0, 0, bytes(32),
-                                 blake3.blake3(b"colo-sim-acc" + self.spec.seed.to_bytes(8, "little",
-                                                                                        signed=True)).digest())
+                                 blake3.blake3(b"colo-sim-acc" + seed).digest())
         self._plan_for: tuple[bytes, int] | None = None
         self._plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._uffd: UffdWriteProtect | None = None
