@@ -18,7 +18,7 @@ from pipeline.net import build
 from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT, PROXY_INIT, PROXY_INIT_REPLY
 from pipeline.net.packet import TCP_ACK, TCP_PSH
 
-from net_peers import QEMU, collect, running_peer
+from pipeline.net.qemu_peer import QEMU, collect, running_peer
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120),
               pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")]
