@@ -1,0 +1,235 @@
+"""The NBD export as real clients see it: nbdinfo, qemu-io, libnbd (Debian's Python, run
+explicitly as /usr/bin/python3), and a raw socket client for requests no polite client sends."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from pipeline.disk import nbd_protocol as P
+from pipeline.disk.settings import DiskSettings
+from pipeline.stages.disk import PrimaryDisk
+
+SIZE = 4 << 20
+BS = 4096
+DEBIAN_PYTHON = "/usr/bin/python3"  # python3-libnbd belongs to Debian's interpreter
+
+needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None,
+                                   reason="qemu-io (Debian qemu-utils) is not installed")
+needs_nbdinfo = pytest.mark.skipif(shutil.which("nbdinfo") is None,
+                                   reason="nbdinfo (Debian libnbd-bin) is not installed")
+
+
+def _has_libnbd() -> bool:
+    return os.path.exists(DEBIAN_PYTHON) and subprocess.run(
+        [DEBIAN_PYTHON, "-c", "import nbd"], capture_output=True).returncode == 0
+
+
+needs_libnbd = pytest.mark.skipif(not _has_libnbd(),
+                                  reason="python3-libnbd (Debian) is not installed")
+
+
+@pytest.fixture
+def export(tmp_path):
+    """An unreplicated export (forwarding off) of a fresh image over TCP on a free port."""
+    s = DiskSettings(image=str(tmp_path / "disk.img"), export_size=SIZE, block_size=BS,
+                     export="127.0.0.1:0", max_request=1 << 20)
+    disk = PrimaryDisk(s, forward=False)
+    yield disk
+    disk.close()
+
+
+@pytest.fixture
+def unix_export(tmp_path):
+    s = DiskSettings(image=str(tmp_path / "disk.img"), export_size=SIZE, block_size=BS,
+                     export=f"unix:{tmp_path}/nbd.sock")
+    disk = PrimaryDisk(s, forward=False)
+    yield disk
+    disk.close()
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+
+def image(disk: PrimaryDisk) -> bytes:
+    with open(disk.backend.settings.image, "rb") as f:
+        return f.read()
+
+
+@needs_nbdinfo
+def test_nbdinfo_sees_size_block_sizes_and_capabilities(unix_export):
+    r = run(["nbdinfo", "--json", unix_export.uri])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    exp = info["exports"][0]
+    assert exp["export-size"] == SIZE
+    assert exp["block_size_minimum"] == BS
+    assert exp["can_flush"] and exp["can_trim"] and exp["can_zero"] and exp["can_multi_conn"]
+    assert not exp["is_read_only"]
+
+
+@needs_qemu_io
+def test_qemu_io_write_read_discard_zero_flush(export):
+    r = run(["qemu-io", "-f", "raw",
+             "-c", "write -P 0x5a 0 64k",
+             "-c", "write -P 0x33 1000 100",          # unaligned: qemu read-modify-writes
+             "-c", "write -P 0x77 1M 1M",
+             "-c", "discard 1M 4k",
+             "-c", "write -z 1081344 8k",              # 1M + 32k
+             "-c", "flush",
+             "-c", "read -P 0x5a 0 1000",
+             "-c", "read -P 0x33 1000 100",
+             "-c", "read -P 0 1M 4k",
+             "-c", "read -P 0x77 1052672 4k",          # 1M + 4k survives
+             "-c", "read -P 0 1081344 8k",
+             export.uri])
+    assert r.returncode == 0, r.stderr
+    assert "Pattern verification failed" not in r.stdout, r.stdout
+    img = image(export)
+    assert img[:1000] == b"\x5a" * 1000 and img[1000:1100] == b"\x33" * 100
+    assert img[(1 << 20):(1 << 20) + BS] == bytes(BS)
+    assert img[(1 << 20) + BS:(1 << 20) + 32 * 1024] == b"\x77" * (28 * 1024)
+    c = export.counters
+    assert c["writes"] >= 5 and c["flushes"] >= 1 and c["bad_requests"] == 0
+
+
+@needs_libnbd
+def test_out_of_bounds_and_misaligned_requests_get_einval_and_change_nothing(export):
+    script = textwrap.dedent("""
+        import errno, json, sys, nbd
+        h = nbd.NBD()
+        h.set_strict_mode(0)          # let the requests through so the server must judge
+        h.connect_uri(sys.argv[1])
+        out = {}
+        def attempt(name, fn):
+            try:
+                fn()
+                out[name] = 0
+            except nbd.Error as e:
+                out[name] = e.errnum
+        attempt("read_past_end", lambda: h.pread(4096, %(size)d))
+        attempt("write_past_end", lambda: h.pwrite(b"x" * 4096, %(size)d - 2048))
+        attempt("write_misaligned", lambda: h.pwrite(b"x" * 4096, 100))
+        attempt("write_short", lambda: h.pwrite(b"x" * 100, 0))
+        attempt("trim_past_end", lambda: h.trim(8192, %(size)d))
+        attempt("zero_misaligned", lambda: h.zero(4096, 512))
+        attempt("good_write", lambda: h.pwrite(b"y" * 4096, 0))
+        print(json.dumps(out))
+        h.shutdown()
+    """) % {"size": SIZE}
+    r = run([DEBIAN_PYTHON, "-c", script, export.uri])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got.pop("good_write") == 0
+    assert got == dict.fromkeys(got, P.EINVAL) and len(got) == 6
+    assert export.counters["bad_requests"] == 6
+    img = image(export)
+    assert img[:BS] == b"y" * BS and img[BS:] == bytes(SIZE - BS)
+
+
+class RawClient:
+    """A bare-bones NBD client: enough to send requests the polite clients refuse to."""
+
+    def __init__(self, uri: str) -> None:
+        host, port = uri[len("nbd://"):].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        hello = self._recv(18)
+        assert hello[:8] == P.NBDMAGIC
+        self.sock.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
+        self.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, 6) + bytes(6))
+        while True:
+            _magic, _opt, rtype, length = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
+            self._recv(length)
+            if rtype == P.REP_ACK:
+                break
+
+    def _recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def request(self, cmd: int, offset: int, length: int, payload: bytes = b"",
+                cookie: int = 7, magic: int = P.REQUEST_MAGIC) -> None:
+        self.sock.sendall(P.REQUEST.pack(magic, 0, cmd, cookie, offset, length) + payload)
+
+    def reply(self, data_len: int = 0) -> tuple[int, int, bytes]:
+        magic, error, cookie = P.SIMPLE_REPLY.unpack(self._recv(P.SIMPLE_REPLY.size))
+        assert magic == P.SIMPLE_REPLY_MAGIC
+        return error, cookie, self._recv(data_len) if not error else b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_oversized_write_is_refused_and_the_connection_stays_in_step(export):
+    c = RawClient(export.uri)
+    try:
+        big = 2 << 20  # max_request is 1 MiB here
+        c.request(P.CMD_WRITE, 0, big, b"z" * big, cookie=1)
+        assert c.reply()[:2] == (P.EOVERFLOW, 1)
+        c.request(P.CMD_READ, 0, 2 << 20, cookie=2)
+        assert c.reply()[:2] == (P.EOVERFLOW, 2)
+        c.request(5, 0, BS, cookie=3)  # CACHE: not offered
+        assert c.reply()[:2] == (P.EINVAL, 3)
+        c.request(P.CMD_WRITE, BS, BS, b"k" * BS, cookie=4)
+        assert c.reply()[:2] == (0, 4)
+        c.request(P.CMD_READ, BS, BS, cookie=5)
+        assert c.reply(BS) == (0, 5, b"k" * BS)
+    finally:
+        c.close()
+    assert export.counters["bad_requests"] == 3
+    assert image(export)[:BS] == bytes(BS)
+
+
+def test_client_vanishing_mid_request_is_counted_and_others_are_served(export):
+    c = RawClient(export.uri)
+    c.request(P.CMD_WRITE, 0, 64 * 1024, b"h" * 1000)  # payload cut short
+    c.close()
+    deadline = time.monotonic() + 5
+    while export.counters["client_disconnects"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert export.counters["client_disconnects"] == 1
+    assert image(export)[:1000] == bytes(1000)  # nothing of the torn write was applied
+    c2 = RawClient(export.uri)
+    try:
+        c2.request(P.CMD_WRITE, 0, BS, b"w" * BS, cookie=9)
+        assert c2.reply()[:2] == (0, 9)
+    finally:
+        c2.close()
+
+
+def test_bad_request_magic_ends_that_connection_only(export):
+    c = RawClient(export.uri)
+    c.request(P.CMD_READ, 0, BS, magic=0xDEADBEEF)
+    with pytest.raises((EOFError, ConnectionError)):
+        c.reply()
+    c.close()
+    assert export.counters["bad_requests"] == 1
+    c2 = RawClient(export.uri)
+    try:
+        c2.request(P.CMD_FLUSH, 0, 0, cookie=3)
+        assert c2.reply()[:2] == (0, 3)
+    finally:
+        c2.close()
+
+
+def test_settings_reject_bad_values_naming_the_key(tmp_path):
+    ok = dict(image=str(tmp_path / "d.img"), export_size=SIZE)
+    DiskSettings(**ok)
+    for key, value in [("export_size", 1000), ("block_size", 3000), ("compare", "maybe"),
+                       ("export", "nohost"), ("forward", "http://x"), ("forward_window", 0),
+                       ("max_request", 64 << 20), ("overlay_max_bytes", 1), ("image", "")]:
+        with pytest.raises(ValueError, match=rf"disk\.{key}"):
+            DiskSettings(**{**ok, key: value})
