@@ -1,7 +1,6 @@
 """Run QEMU's colo-compare (the reference) or our standalone comparator as a process with
 the same four socket roles, and talk to it: used by the differential test and by
 scripts/bench_compare.py."""
-(shared by the differential test and scripts/bench_compare.py)."""
 from __future__ import annotations
 
 import os
