@@ -476,6 +476,26 @@ def test_process_forked_before_start_sees_the_guest() -> None:
         dom.close()
 
 
+def test_guest_started_and_closed_by_a_forked_process() -> None:
+    """The creator may hand start() to a forked supervisor process; that one owns the guest."""
+    dom = open_sim_domain("handed", 256, dirty_log="auto")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            dom.start(paused=False)
+            feed_and_wait(dom, inputs(2))
+            guest = dom.guest_pid
+            dom.close()
+            code = 0 if not os.path.exists(f"/proc/{guest}") else 2
+        finally:
+            os._exit(code)
+    try:
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        dom.close()
+
+
 def test_output_fileno_is_readable_when_outputs_are_pending(make_domain) -> None:
     dom = make_domain(paused=False)
     assert select.select([dom.output_fileno()], [], [], 0)[0] == []

@@ -31,6 +31,7 @@ vCPU area.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import logging
 import mmap
@@ -298,11 +299,10 @@ class SimDomain(Domain):
         self._ack = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._out_r, self._out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            import fcntl
             fcntl.fcntl(self._out_r, fcntl.F_SETPIPE_SZ, 1 << 20)
         except OSError:  # above pipe-max-size for this user: the default 64 KiB works too
             pass
-        # per-process state of the users (a forked user starts fresh, see _mine)
+        # per-process state of the users: a forked user starts afresh (the *_pid fields)
         self._scanner: PagemapScanner | None = None
         self._scanner_pid = 0
         self._out_pending = b""
@@ -331,6 +331,7 @@ class SimDomain(Domain):
                               f"(guest pid {self.guest_pid})")
         self._words[W_PAUSE_EPOCH] = 1
         self._words[W_PAUSE_REQ] = 1
+        self._owner_pid = os.getpid()  # before fork: the guest checks it is still its parent
         pid = os.fork()
         if pid == 0:  # the guest
             code = 0
@@ -341,7 +342,6 @@ class SimDomain(Domain):
                 code = 70
             os._exit(code)
         self._words[W_GUEST_PID] = pid
-        self._owner_pid = os.getpid()
         os.close(self._out_w)  # only the guest writes outputs
         self._out_w = -1
         self._wait_ack(1, timeout, "start")
@@ -504,8 +504,9 @@ class SimDomain(Domain):
     def _my_scanner(self) -> PagemapScanner:
         me = os.getpid()
         if self._scanner is None or self._scanner_pid != me:
-            # an inherited scanner's buffer and fd belong to the parent's use of them
-            self._scanner = PagemapScanner(self.guest_pid, self._words[W_RAM_ADDR],
+            if self._scanner is not None:  # inherited: close our copy of the parent's fd
+                self._scanner.close()
+            self._scanner =  PagemapScanner(self.guest_pid, self._words[W_RAM_ADDR],
                                            self.page_count * self.page_size, self.page_size)
             self._scanner_pid = me
         return self._scanner
