@@ -49,6 +49,19 @@ def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> N
             f"bytes; this node's guest has {domain.page_count} pages of {domain.page_size} bytes")
 
 
+def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters) -> bool:
+    """Send on the control channel; when the peer is gone the record is dropped (counted):
+    the protocol recovers by timeouts and a fresh HELLO, never by blocking a coordinator."""
+    try:
+        sock.send(msg)
+        return True
+    except zmq.Again:
+        counters.add("control_dropped", 1)
+        ctx.log.warning("control channel: peer not reachable, dropped a %s record",
+                        wire.decode_header(msg).name)
+        return False
+
+
 def _recv_control(sock: zmq.Socket, ctx: StageContext, counters) -> tuple[wire.Header, bytes] | None:
     """One validated control record, or None; bad records are counted and dropped."""
     msg = sock.recv()
@@ -88,6 +101,9 @@ class PrimaryCoordinator:
         self.pending_request: tuple[str, int] | None = None
 
     # -- helpers ----------------------------------------------------------
+    def _send(self, msg: bytes) -> bool:
+        return _send_control(self.control, msg, self.ctx, self.c)
+
     def _info(self, **kw) -> None:
         info = self.node.node_info()
         info.update(kw)
@@ -136,8 +152,8 @@ class PrimaryCoordinator:
 
     # -- the protocol -----------------------------------------------------
     def handshake(self) -> None:
-        self.control.send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
-                                            self.domain.page_count, self.settings.node.name))
+        self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
+                                     self.domain.page_count, self.settings.node.name))
         deadline = time.monotonic() + self.settings.peer.connect_timeout_ms / 1000
         while time.monotonic() < deadline and not self.ctx.stopping():
             if self.control.poll(200):
@@ -155,7 +171,7 @@ class PrimaryCoordinator:
         res = EpochResult(e, cause, time.time_ns())
         t0 = time.monotonic()
         sync = bool(flags & wire.FLAG_SYNC)
-        self.control.send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
+        self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         if sync:
             self.snap_ctrl.send(("sync", e))
         else:
@@ -265,6 +281,9 @@ class SecondaryCoordinator:
         self.ready: dict[int, tuple[bool, str]] = {}
         self.svm_started = False
 
+    def _send(self, msg: bytes) -> bool:
+        return _send_control(self.control, msg, self.ctx, self.c)
+
     def _info(self, **kw) -> None:
         info = self.node.node_info()
         info.update(kw)
@@ -273,7 +292,7 @@ class SecondaryCoordinator:
     def on_begin(self, begin: wire.CheckpointBegin) -> None:
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
-        self.control.send(wire.encode_svm_dirty(begin.epoch, dirty))
+        self._send(wire.encode_svm_dirty(begin.epoch, dirty))
         deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
         self.begun[begin.epoch] = (begin, dirty, deadline)
 
@@ -297,7 +316,7 @@ class SecondaryCoordinator:
                 self.domain.enable_dirty_log()
                 self.svm_started = True
             self.domain.resume()
-        self.control.send(wire.encode_ack(
+        self._send(wire.encode_ack(
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
             "" if committed else reason, digest))
         if committed:
@@ -347,9 +366,8 @@ class SecondaryCoordinator:
             if hdr.type == wire.HELLO:
                 hello = wire.decode_hello(msg)
                 _handshake_check(self.settings, self.domain, hello)
-                self.control.send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
-                                                    self.domain.page_count,
-                                                    self.settings.node.name))
+                self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
+                                             self.domain.page_count, self.settings.node.name))
                 self.ctx.log.info("primary %r connected", hello.name)
                 self._info(state="syncing", peer=hello.name)
             elif hdr.type == wire.CHECKPOINT_BEGIN:

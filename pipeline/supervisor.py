@@ -39,7 +39,8 @@ FORK = multiprocessing.get_context("fork")
 STOP_GRACE_S = 5.0   # how long stages get to finish after SIGTERM before SIGKILL
 
 EXTRA_COUNTERS = {
-    "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records"),
+    "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
+                    "control_dropped"),
     "digest": ("pages_zero", "pages_ref", "pages_lz4", "pages_raw"),
     "receive": ("skipped_optional",),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),

@@ -122,6 +122,13 @@ class Restore:
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
             return self.abort(epoch, svm_dirty, why)
+        if asm.vcpu:
+            # first, because the backend checks the blob before changing anything: a blob
+            # it refuses aborts the epoch while memory is still untouched
+            try:
+                self.domain.set_vcpu_state(asm.vcpu)
+            except ValueError as exc:
+                return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
         n = asm.n
         pfns = self.staged_pfns[:n]
         data = ~self.staged_from_cache[:n]
@@ -131,7 +138,6 @@ class Restore:
         touched = np.union1d(pfns, svm_dirty).astype(np.uint64)
         self.domain.write_pages(touched, self.cache[touched])
         if asm.vcpu:
-            self.domain.set_vcpu_state(asm.vcpu)
             self.committed_vcpu = asm.vcpu
         self.committed_epoch = epoch
         self.asm = None

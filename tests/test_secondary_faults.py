@@ -1,0 +1,251 @@
+"""Bad input and faults against a real secondary node.
+
+The secondary is the real thing (``colo-pipeline secondary`` in its own process tree,
+sim guest, ZeroMQ sockets). The primary is driven by hand from the test, through the
+same wire encoders and page encoder the real primary uses, so that it can send what
+a real primary never would: corrupt pages, truncated and unknown records, records of
+an old epoch, and half an epoch before vanishing.
+
+After every fault the secondary must be at its last committed checkpoint: a
+follow-up epoch that carries no pages and asks for a full-memory digest must report
+exactly the digest of the last committed state.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline import config, sockets, wire
+from pipeline.localpair import LocalPair
+from pipeline.stages.common import HashTable
+from pipeline.stages.digest import encode_batch
+from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+
+PAGES = 1024
+BATCH = 16
+
+
+class HandPrimary:
+    """A primary driven step by step by the test."""
+
+    def __init__(self, pair: LocalPair, dom, first_epoch: int = 0) -> None:
+        settings = config.load(pair.configs["primary"])
+        self.zctx = zmq.Context()
+        self.control = sockets.control(self.zctx, settings)
+        self.pages = sockets.pages_out(self.zctx, settings)
+        self.dom = dom
+        self.table = HashTable(np.zeros((PAGES, 32), np.uint8), np.zeros(PAGES, bool))
+        self.epoch = first_epoch
+
+    def close(self) -> None:
+        self.control.close(0)
+        self.pages.close(0)
+        self.zctx.term()
+
+    def recv(self, rtype: int, timeout: float = 10.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.control.poll(100):
+                msg = self.control.recv()
+                if wire.decode_header(msg).type == rtype:
+                    return msg
+        raise AssertionError(f"no {wire.RECORD_NAMES[rtype]} from the secondary in {timeout} s")
+
+    def hello(self) -> None:
+        self.control.send(wire.encode_hello(4096, wire.ROLE_PRIMARY, PAGES, "hand-primary"))
+        hello = wire.decode_hello(self.recv(wire.HELLO))
+        assert (hello.page_count, hello.page_size) == (PAGES, 4096)
+
+    def records(self, epoch: int, pfns: np.ndarray) -> tuple[list[bytes], list, list]:
+        """PAGES records of the PVM's current content of ``pfns``, made like the real
+        digest stage makes them (zero / ref / lz4 / raw)."""
+        msgs, hashes_all = [], []
+        data = np.empty((len(pfns), 4096), np.uint8)
+        self.dom.read_pages(pfns, data)
+        for start in range(0, len(pfns), BATCH):
+            chunk = pfns[start:start + BATCH]
+            n = len(chunk)
+            h = np.zeros((n, 32), np.uint8)
+            ln = np.zeros(n, np.uint32)
+            kind = np.zeros(n, np.uint8)
+            out = np.zeros(n * 4096, np.uint8)
+            used, _ = encode_batch(chunk, data[start:start + n], self.table, h, ln, kind, out)
+            msgs.append(wire.encode_pages(epoch, chunk, h, ln, kind, out[:used]))
+            hashes_all.append(h)
+        return msgs, [pfns], hashes_all
+
+    def checkpoint(self, pfns: np.ndarray, flags: int = 0, mutate=None, extra=(),
+                   vanish_after: int | None = None) -> wire.Ack | None:
+        e = self.epoch
+        self.epoch += 1
+        self.control.send(wire.encode_checkpoint_begin(e, 0, flags))
+        _, dirty = wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES)
+        vcpu = b"" if flags & wire.FLAG_SYNC else self.dom.get_vcpu_state()
+        msgs, _, hashes = self.records(e, pfns)
+        if mutate is not None:
+            msgs = mutate(msgs)
+        for m in list(extra) + msgs[:vanish_after]:
+            self.pages.send(m)
+        if vanish_after is not None:
+            return None
+        self.pages.send(wire.encode_epoch_end(e, len(pfns), len(msgs),
+                                              flags & wire.FLAG_SYNC, vcpu))
+        ack = wire.decode_ack(self.recv(wire.ACK, timeout=20))
+        assert ack.epoch == e
+        if ack.status == wire.ACK_COMMITTED and len(pfns):
+            self.table.update(pfns, np.concatenate(hashes))
+        return ack
+
+    def probe(self) -> bytes:
+        """An epoch with no pages that asks for the SVM's full-memory digest."""
+        ack = self.checkpoint(np.zeros(0, np.uint64), wire.FLAG_DIGEST)
+        assert ack.status == wire.ACK_COMMITTED, ack.reason
+        return ack.memory_digest
+
+    def dirty_some(self, pages: int) -> np.ndarray:
+        """Let the PVM write ``pages`` pages; returns its dirty set (PVM paused again)."""
+        seq = self.dom.feed_input(self.dom.write_command(pages))
+        self.dom.resume()
+        deadline = time.monotonic() + 10
+        while self.dom.input_seq() <= seq:
+            assert time.monotonic() < deadline, "the PVM did not consume its input"
+            time.sleep(0.002)
+        self.dom.pause()
+        return self.dom.read_and_clear_dirty()
+
+
+@pytest.fixture
+def secondary(tmp_path):
+    pair = LocalPair({
+        "guest": {"backend": "sim", "page_count": PAGES},
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH},
+        "checkpoint": {"epoch_timeout_ms": 1500},
+    }, workdir=str(tmp_path), log_level="info")
+    pair.start(roles=("secondary",))
+    pair.node("secondary")
+    dom = open_sim_domain("hand-pvm", PAGES, WorkloadSpec(seed=7), dirty_log="bitmap")
+    dom.start(paused=True)
+    dom.enable_dirty_log()
+    try:
+        yield pair, dom
+    finally:
+        dom.close()
+        codes = pair.stop()
+        assert codes["secondary"] == 0, pair.log_tail("secondary")
+
+
+def committed_pair(pair, dom) -> tuple[HandPrimary, bytes]:
+    """Handshake, full sync, first checkpoint: returns the primary and the committed digest."""
+    prim = HandPrimary(pair, dom)
+    prim.hello()
+    ack = prim.checkpoint(np.arange(PAGES, dtype=np.uint64), wire.FLAG_SYNC)
+    assert ack.status == wire.ACK_COMMITTED, ack.reason
+    ack = prim.checkpoint(prim.dirty_some(40), wire.FLAG_DIGEST)
+    assert ack.status == wire.ACK_COMMITTED, ack.reason
+    assert ack.memory_digest == dom.memory_digest()
+    return prim, ack.memory_digest
+
+
+def counters(pair) -> dict:
+    return pair.node("secondary").snapshot()["stages"]
+
+
+def _flip_data_byte(msgs: list[bytes]) -> list[bytes]:
+    """Flip one byte of the first page that carries data (RAW or LZ4)."""
+    for i, m in enumerate(msgs):
+        b = wire.decode_pages(m, PAGES, 4096, BATCH)
+        if len(b.data):
+            raw = bytearray(m)
+            raw[len(m) - len(b.data) + 100 % len(b.data)] ^= 0x5A
+            return msgs[:i] + [bytes(raw)] + msgs[i + 1:]
+    raise AssertionError("no page with data in this epoch")
+
+
+def test_corrupt_page_discards_the_epoch_whole(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    dirty = prim.dirty_some(64)
+    ack = prim.checkpoint(dirty, mutate=_flip_data_byte)
+    assert ack.status == wire.ACK_ABORTED
+    assert "blake3" in ack.reason or "lz4" in ack.reason or "verification" in ack.reason
+    assert prim.probe() == committed        # nothing of the torn epoch was applied
+    st = counters(pair)
+    assert sum(st[f"verify.{i}"]["errors"] for i in range(2)) >= 1
+    assert st["restore"]["epochs_aborted"] >= 1
+    # the primary sends the torn epoch's pages again: now the SVM matches the PVM
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST)
+    assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
+    prim.close()
+    assert "bad page batch" in pair.log_tail("secondary", 20000)
+
+
+def test_truncated_and_unknown_records_are_dropped_and_counted(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    dirty = prim.dirty_some(64)
+    ack = prim.checkpoint(dirty, mutate=lambda msgs: [msgs[0][:len(msgs[0]) // 2]] + msgs[1:])
+    assert ack.status == wire.ACK_ABORTED and "announced" in ack.reason
+    assert prim.probe() == committed
+    before = counters(pair)["receive"]["errors"]
+    assert before >= 1
+    unknown = wire._record(0x0042, prim.epoch, b"\0" * 16)   # unknown mandatory type
+    garbage = b"\xde\xad\xbe\xef" * 10
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST, extra=[unknown, garbage])
+    assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
+    assert counters(pair)["receive"]["errors"] == before + 2
+    prim.close()
+    log = pair.log_tail("secondary", 20000)
+    assert "unknown mandatory record type 0x0042" in log and "bad marker" in log
+
+
+def test_records_of_an_old_epoch_are_ignored(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    old_epoch = prim.epoch - 1               # committed already
+    dirty = prim.dirty_some(32)
+    stale, _, _ = prim.records(old_epoch, np.arange(8, dtype=np.uint64))
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST, extra=stale)
+    assert ack.status == wire.ACK_COMMITTED
+    assert ack.memory_digest == dom.memory_digest()
+    assert counters(pair)["restore"]["stale_records"] >= 1
+    prim.close()
+
+
+def test_a_bad_vcpu_blob_aborts_before_memory_changes(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    dirty = prim.dirty_some(32)
+    real = dom.get_vcpu_state
+    dom.get_vcpu_state = lambda: b"\x01" * len(real())   # a blob the SVM must refuse
+    try:
+        ack = prim.checkpoint(dirty)
+    finally:
+        dom.get_vcpu_state = real
+    assert ack.status == wire.ACK_ABORTED and "vCPU" in ack.reason
+    assert prim.probe() == committed
+    prim.close()
+
+
+def test_primary_vanishing_mid_epoch_leaves_the_last_checkpoint(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    dirty = prim.dirty_some(96)
+    prim.checkpoint(dirty, vanish_after=2)   # BEGIN and two batches, then gone
+    next_epoch = prim.epoch
+    prim.close()
+    # epoch_timeout_ms is 1.5 s: the secondary gives the epoch up and rolls back
+    deadline = time.monotonic() + 15
+    while counters(pair)["coordinator"]["epochs_aborted"] < 1:
+        assert time.monotonic() < deadline, "the secondary never gave up the torn epoch"
+        time.sleep(0.05)
+    # a primary comes back (same guest): the SVM is exactly at the last commit
+    prim = HandPrimary(pair, dom, first_epoch=next_epoch)
+    prim.hello()
+    assert prim.probe() == committed
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST)
+    assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
+    prim.close()
+    assert "epoch incomplete" in pair.log_tail("secondary", 20000)
