@@ -1,0 +1,197 @@
+"""QEMU's socket framing, the stream/pcap adapters, Xen's notify protocol and the
+standalone drop-in as a real process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from pipeline.net import build
+from pipeline.net.adapters import PcapReader, StreamClient, write_pcap
+from pipeline.net.control import (COLO_CHECKPOINT, DO_CHECKPOINT, PROXY_INIT,
+                                  PROXY_INIT_REPLY)
+from pipeline.net.framing import FrameDecoder, encode_frame
+from pipeline.net.settings import MAX_FRAME_BYTES, NetSettings
+from pipeline.net.qemu_peer import collect
+
+G, C = "10.0.0.2", "10.0.0.1"
+
+
+@hsettings(max_examples=50, deadline=None)
+@given(frames=st.lists(st.binary(min_size=0, max_size=300), max_size=8),
+       cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=30),
+       vnet=st.booleans())
+def test_decoder_yields_the_same_frames_however_the_stream_is_cut(frames, cuts, vnet):
+    stream = b"".join(encode_frame(f, min(2, len(f)), vnet) for f in frames)
+    decoder = FrameDecoder(vnet)
+    out, pos = [], 0
+    for cut in cuts:
+        out += decoder.feed(stream[pos:pos + cut])
+        pos += cut
+    out += decoder.feed(stream[pos:])
+    assert [f for f, _ in out] == frames
+    if vnet:
+        assert [v for _, v in out] == [min(2, len(f)) for f in frames]
+
+
+def test_oversized_frame_is_counted_skipped_and_the_stream_stays_in_step():
+    reasons = []
+    decoder = FrameDecoder(False, on_malformed=reasons.append)
+    big = struct.pack("!I", MAX_FRAME_BYTES + 1) + bytes(MAX_FRAME_BYTES + 1)
+    stream = encode_frame(b"one") + big + encode_frame(b"two")
+    out = []
+    for i in range(0, len(stream), 4096):
+        out += decoder.feed(stream[i:i + 4096])
+    assert [f for f, _ in out] == [b"one", b"two"]
+    assert decoder.malformed == 1 and "69633 exceeds 69632" in reasons[0]
+
+
+def test_vnet_length_beyond_frame_is_counted_and_skipped():
+    decoder = FrameDecoder(True)
+    stream = struct.pack("!II", 4, 9) + b"abcd" + encode_frame(b"ok", 0, True)
+    assert decoder.feed(stream) == [(b"ok", 0)]
+    assert decoder.malformed == 1
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"compare_timeout_ms": 0}, "net.compare_timeout_ms"),
+    ({"max_connections": -1}, "net.max_connections"),
+    ({"vnet_hdr": "yes"}, "net.vnet_hdr"),
+    ({"outdev": "udp:1.2.3.4:5"}, "net.outdev"),
+    ({"no_such_key": 1}, "net.no_such_key"),
+])
+def test_settings_name_the_bad_key(table, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        NetSettings.from_dict(table)
+
+
+class Standalone:
+    """Our comparator as a real process on unix sockets in a temp dir."""
+
+    def __init__(self, *extra: str, inputs=("pin", "sin"), outdev="out"):
+        self.tmp = tempfile.mkdtemp(prefix="ncmp-sa-")
+        self.path = {r: os.path.join(self.tmp, r + ".sock") for r in ("pin", "sin", "out", "ntf")}
+        self.cmd = [sys.executable, "-m", "pipeline.net.standalone",
+                    "--primary-in", "unix:" + self.path["pin"],
+                    "--secondary-in", "unix:" + self.path["sin"],
+                    "--outdev", "unix:" + self.path["out"],
+                    "--notify-dev", "unix:" + self.path["ntf"], "--log-level", "WARNING", *extra]
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        self.pin = StreamClient("unix:" + self.path["pin"], timeout=20)
+        self.sin = StreamClient("unix:" + self.path["sin"], timeout=20)
+        self.out = StreamClient("unix:" + self.path["out"], timeout=20)
+        self.ntf = StreamClient("unix:" + self.path["ntf"], timeout=20)
+
+    def stop(self) -> tuple[dict, str]:
+        for c in (self.pin, self.sin, self.out, self.ntf):
+            c.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        counters = json.loads(err.strip().splitlines()[-1])["counters"]
+        return counters, err
+
+
+@pytest.fixture
+def standalone():
+    procs = []
+
+    def start(*extra):
+        s = Standalone(*extra)
+        procs.append(s)
+        return s
+    yield start
+    for s in procs:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(5)
+        import shutil
+        shutil.rmtree(s.tmp, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_standalone_counts_malformed_frames_and_keeps_comparing(standalone):
+    s = standalone()
+    good = build.udp_frame(G, C, 53, 999, b"fine")
+    garbage = [b"", b"\x01" * 5, build.ethernet(b"\x45" + bytes(3), 0x0800), os.urandom(200)]
+    for g in garbage:
+        s.pin.send(g)
+    s.pin.sock.sendall(struct.pack("!I", 70000) + bytes(70000))        # over 69632
+    s.pin.send(good)
+    s.sin.send(good)
+    assert [f for f, _ in s.out.recv_until(1, 5)] == [good]
+    counters, err = s.stop()
+    assert counters["malformed_frames"] >= len(garbage)           # random bytes may parse
+    assert "70000 exceeds 69632" in err
+    assert counters["frames_released"] == 1
+    assert s.proc.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_xen_notify_protocol(standalone):
+    s = standalone("--compare-timeout-ms", "300", "--expired-scan-ms", "50")
+    s.ntf.send(PROXY_INIT)
+    assert s.ntf.recv_until(1, 5) == [(PROXY_INIT_REPLY, 0)]
+    held = build.udp_frame(G, C, 53, 999, b"pvm")
+    s.pin.send(held)
+    s.sin.send(build.udp_frame(G, C, 53, 999, b"svm"))
+    assert s.ntf.recv_until(1, 5) == [(DO_CHECKPOINT, 0)]
+    assert collect(s.out, quiet=0.2, limit=0.5) == []
+    # timeouts in the same epoch do not ask again
+    time.sleep(0.5)
+    assert collect(s.ntf, quiet=0.2, limit=0.5) == []
+    s.ntf.send(COLO_CHECKPOINT)
+    assert [f for f, _ in s.out.recv_until(1, 5)] == [held]
+    s.ntf.send(b"NONSENSE")
+    late = build.udp_frame(G, C, 54, 999, b"never matched")
+    s.pin.send(late)                                               # new epoch: may ask again
+    assert s.ntf.recv_until(1, 5) == [(DO_CHECKPOINT, 0)]
+    counters, err = s.stop()
+    assert counters["checkpoint_requests"] == 2 and counters["timeouts"] == 1
+    assert "unsupported message b'NONSENSE'" in err
+
+
+@pytest.mark.timeout(60)
+def test_pcap_replay_to_pcap(tmp_path):
+    pvm = [build.udp_frame(G, C, 1000 + i, 53, b"q%d" % i) for i in range(10)]
+    pvm += [build.tcp_frame(G, C, 80, 4000, 1 + 100 * i, 1, 0x18, bytes([i]) * 100)
+            for i in range(10)]
+    svm = [build.udp_frame(G, C, 1000 + i, 53, b"q%d" % i, ip_id=7) for i in range(10)]
+    svm += [build.tcp_frame(G, C, 80, 4000, 1, 1, 0x18, b"".join(bytes([i]) * 100
+                                                                  for i in range(10)))]
+    write_pcap(str(tmp_path / "pvm.pcap"), pvm)
+    write_pcap(str(tmp_path / "svm.pcap"), svm)
+    out = tmp_path / "out.pcap"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.net.standalone", "--primary-in",
+         f"pcap:{tmp_path / 'pvm.pcap'}", "--secondary-in", f"pcap:{tmp_path / 'svm.pcap'}",
+         "--outdev", f"pcap:{out}", "--exit-at-eof", "--log-level", "WARNING"],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(PcapReader(str(out)).frames) == sorted(pvm)
+
+
+def test_pcap_reader_rejects_non_pcap(tmp_path):
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a pcap file at all, sorry")
+    with pytest.raises(ValueError, match="not a pcap file"):
+        PcapReader(str(bad))
+
+
+def test_standalone_rejects_bad_settings():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.net.standalone", "--primary-in",
+                           "unix:/tmp/x", "--secondary-in", "unix:/tmp/y", "--outdev",
+                           "carrier-pigeon:1", "--compare-timeout-ms", "5"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "net.outdev" in proc.stderr
