@@ -303,11 +303,14 @@ class _Connection:
         for item in self.link.poll_items:
             poller.register(item, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(100 if self.link.inflight else 1000))
+            # requests already in our read buffer count as readable: never poll on them
+            pending_input = reading and self.reader.buffered > 0
+            timeout = 0 if pending_input else 100 if self.link.inflight else 1000
+            events = dict(poller.poll(timeout))
             if self.link.inflight:
                 for cookie, error in self.link.completions(time.monotonic_ns()):
                     self.sock.sendall(P.simple_reply(cookie, error))
-            if fd in events and reading:
+            if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
                 if not self._one_request():
                     return

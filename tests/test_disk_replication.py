@@ -1,0 +1,252 @@
+"""Primary and secondary disk stages as real processes, driven by real NBD clients
+(qemu-io, qemu-img), linked by real ZeroMQ over tcp://127.0.0.1, checkpointed through
+a real CheckpointBus."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import blake3
+import pytest
+import zmq
+
+from pipeline.checkpoint_api import CheckpointBus
+from pipeline.disk import wire
+from pipeline.disk.comparator import DiskComparator
+from pipeline.disk.counters import DiskCounters
+from pipeline.stages.disk import start_disk_pair
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
+                                reason="qemu-io/qemu-img (Debian qemu-utils) are not installed")
+
+SIZE = 8 << 20
+BS = 4096
+
+
+def file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return blake3.blake3(f.read()).hexdigest()
+
+
+def export_hash(uri: str, tmp: str) -> str:
+    """Read a whole export through a real NBD client and hash it."""
+    out = os.path.join(tmp, "read-back.raw")
+    r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, out],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    h = file_hash(out)
+    os.unlink(out)
+    return h
+
+
+def qemu_io(uri: str, commands: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return subprocess.run(args + [uri], capture_output=True, text=True, timeout=timeout)
+
+
+def random_workload(rng: random.Random, n: int) -> list[str]:
+    """Writes of random size and place (512-byte granular: qemu read-modify-writes the
+    4 KiB blocks), some zeroing and discards, and a flush."""
+    cmds = []
+    for _ in range(n):
+        length = rng.choice([512, 4096, 12288, 65536, 300 * 512])
+        off = rng.randrange(0, (SIZE - length) // 512) * 512
+        kind = rng.random()
+        if kind < 0.1:
+            cmds.append(f"write -z {off // BS * BS} {BS * 4}")
+        elif kind < 0.15:
+            cmds.append(f"discard {off // BS * BS} {BS * 2}")
+        else:
+            cmds.append(f"write -P {rng.randrange(1, 256)} {off} {length}")
+    return cmds + ["flush"]
+
+
+def wait_for(pred, timeout: float = 10, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def publish_until(bus: CheckpointBus, check, event: str, epoch: int, **extra) -> None:
+    """Publish until the stage shows it heard it (a new SUB misses what came before it joined)."""
+    def attempt():
+        bus.publish(event, epoch, **extra)
+        return check()
+    wait_for(attempt, what=f"{event} {epoch} to be seen")
+
+
+@pytest.fixture
+def rundir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    return str(d)
+
+
+def test_secondary_image_is_the_primary_at_each_checkpoint(tmp_path, rundir):
+    rng = random.Random(7)
+    bus = CheckpointBus(rundir)
+    work = str(tmp_path / "disks")
+    try:
+        with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+            pimg, simg = os.path.join(work, "primary.img"), os.path.join(work, "secondary.img")
+            # epoch 1: the PVM and the SVM both write
+            r = qemu_io(pair.primary_uri, random_workload(rng, 60))
+            assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+            r = qemu_io(pair.secondary_uri, ["write -P 0xee 100k 40k", "write -P 0xdd 7M 64k"])
+            assert r.returncode == 0, r.stderr
+            assert pair.primary.wait_forwarded(1, 10_000)
+            h1 = file_hash(pimg)
+            publish_until(bus, lambda: pair.primary.stats()["counters"]["epoch"] == 2,
+                          "snapshot", 1)
+            # epoch 2: the PVM goes on; the SVM still reads its own writes
+            r = qemu_io(pair.primary_uri, random_workload(rng, 40))
+            assert r.returncode == 0, r.stderr
+            r = qemu_io(pair.secondary_uri, ["read -P 0xee 100k 40k", "read -P 0xdd 7M 64k"])
+            assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+            pair.secondary.commit(1)
+            assert file_hash(simg) == h1  # exactly the primary at checkpoint 1...
+            assert file_hash(pimg) != h1  # ...which is not the primary now
+            assert export_hash(pair.secondary_uri, str(tmp_path)) == h1  # overlay dropped
+            assert pair.primary.wait_forwarded(2, 10_000)
+            h2 = file_hash(pimg)
+            publish_until(bus, lambda: pair.primary.stats()["counters"]["epoch"] == 3,
+                          "snapshot", 2)
+            pair.secondary.commit(2)
+            assert file_hash(simg) == h2
+            stats = pair.secondary.stats()["counters"]
+            assert stats["commits"] == 2 and stats["bad_forwards"] == 0
+            assert stats["received"] == pair.primary.stats()["counters"]["forwarded"] >= 100
+            # failover: the SVM's own writes since the checkpoint become the disk
+            r = qemu_io(pair.secondary_uri, ["write -P 0x42 2M 8k"])
+            assert r.returncode == 0, r.stderr
+            publish_until(bus, lambda: pair.secondary.stats()["counters"]["failovers"] == 1,
+                          "role", 2, role="active")
+            with open(simg, "rb") as f:
+                f.seek(2 << 20)
+                assert f.read(8192) == b"\x42" * 8192
+            r = qemu_io(pair.secondary_uri, ["write -P 0x43 3M 4k", "read -P 0x43 3M 4k"])
+            assert r.returncode == 0 and "Pattern verification failed" not in r.stdout
+    finally:
+        bus.close()
+
+
+def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rundir):
+    work = str(tmp_path / "disks")
+    ctx = zmq.Context.instance()
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(pair.forward)
+        try:
+            good = b"G" * BS
+
+            def send(frames):
+                dealer.send_multipart(frames)
+                assert dealer.poll(10_000)
+                return wire.decode_ack(dealer.recv_multipart())
+
+            def tamper(frames, **fields):
+                h = list(wire.FORWARD_HEADER.unpack(frames[0]))
+                for i, name in enumerate(("magic", "kind", "epoch", "seq", "offset", "length",
+                                          "digest")):
+                    h[i] = fields.get(name, h[i])
+                return [wire.FORWARD_HEADER.pack(*h)] + frames[1:]
+
+            msg = wire.encode_forward(wire.KIND_WRITE, 1, 5, 0, BS, good)
+            cases = {
+                "stale epoch": tamper(msg, epoch=0),
+                "bad hash": tamper(msg, digest=b"\1" * 32),
+                "beyond export": tamper(msg, offset=SIZE),
+                "misaligned": tamper(msg, offset=100),
+                "short data": [msg[0], good[:100]],
+                "bad magic": tamper(msg, magic=b"XXXX"),
+                "short header": [b"CDW1"],
+            }
+            for name, frames in cases.items():
+                seq, status, reason = send(frames)
+                assert status != 0, name
+                assert reason, name
+            assert "epoch" in send(cases["stale epoch"])[2]
+            assert "blake3" in send(cases["bad hash"])[2]
+            assert send(msg)[:2] == (5, 0)
+        finally:
+            dealer.close(0)
+        stats = pair.secondary.stats()["counters"]
+        assert stats["bad_forwards"] == len(cases) + 2
+        assert stats["received"] == 1
+        pair.secondary.commit(1)
+        with open(os.path.join(work, "secondary.img"), "rb") as f:
+            img = f.read()
+        assert img[:BS] == good and img[BS:] == bytes(SIZE - BS)
+
+
+def test_divergent_svm_write_requests_a_checkpoint(tmp_path, rundir):
+    bus = CheckpointBus(rundir)
+    work = str(tmp_path / "disks")
+    try:
+        with start_disk_pair(work, SIZE, rundir=rundir, compare="checkpoint") as pair:
+            assert qemu_io(pair.primary_uri, ["write -P 1 0 64k", "write -P 2 1M 4k"]).returncode == 0
+            assert qemu_io(pair.secondary_uri, ["write -P 1 0 64k"]).returncode == 0  # same
+            assert bus.drain_requests() == []
+            assert qemu_io(pair.secondary_uri, ["write -P 9 1M 4k"]).returncode == 0  # differs
+            reqs = wait_for(bus.drain_requests, what="a checkpoint request")
+            assert reqs[0][0] == "disk_divergence" and "1048576" in reqs[0][1]
+            stats = pair.secondary.stats()["counters"]
+            assert stats["divergences"] == 1 and stats["checkpoint_requests"] == 1
+    finally:
+        bus.close()
+
+
+def test_compare_off_counts_divergences_without_requesting():
+    counters, requests = DiskCounters(), []
+    cmp = DiskComparator("off", 100, counters, lambda *a: requests.append(a))
+    cmp.record("pvm", 1, 0, BS, b"a" * 32, now_ns=0)
+    assert cmp.record("svm", 1, 0, BS, b"b" * 32, now_ns=1)
+    cmp.record("pvm", 1, BS, BS, b"a" * 32, now_ns=0)           # SVM never writes it
+    assert cmp.check_timeouts(now_ns=50_000_000) == 0
+    assert cmp.check_timeouts(now_ns=200_000_000) == 1
+    cmp.record("svm", 2, 0, BS, b"c" * 32, now_ns=0)
+    assert cmp.epoch_committed(2) == 1
+    assert counters["divergences"] == 3 and requests == []
+
+
+def test_slow_secondary_holds_acks_and_a_dead_one_fails_writes(tmp_path, rundir):
+    work = str(tmp_path / "disks")
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", forward_window=2,
+                         forward_timeout_ms=4000) as pair:
+        secondary = pair.processes[1]
+        os.kill(secondary.pid, signal.SIGSTOP)
+        try:
+            bench = subprocess.Popen(["qemu-img", "bench", "-f", "raw", "-w", "-s", "4k",
+                                      "-c", "16", "-d", "8", pair.primary_uri],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                time.sleep(1.0)
+                assert bench.poll() is None  # no write is answered before the secondary has it
+                c = pair.primary.stats()["counters"]
+                assert c["forward_stalls"] >= 1 and c["forwarded"] == 0
+            finally:
+                os.kill(secondary.pid, signal.SIGCONT)
+            assert bench.wait(timeout=30) == 0
+            assert pair.primary.stats()["counters"]["forwarded"] == 16
+            os.kill(secondary.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            r = qemu_io(pair.primary_uri, ["write -P 3 0 4k"])
+            assert time.monotonic() - t0 >= 3.5
+            assert "Input/output error" in r.stdout + r.stderr
+            assert pair.primary.stats()["counters"]["forward_errors"] >= 1
+        finally:
+            os.kill(secondary.pid, signal.SIGCONT)
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait()
