@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.checkpoint_api import CAUSES
 from pipeline.counters import (CHECKPOINT_FIELDS, STAGE_COUNTERS, NodeCounters, NodeNotRunning,
-                               counters_segment_name)
+                               counters_segment_name, prometheus_text)
 from pipeline.shm import cleanup_segments, list_segments, segment_prefix
 
 FORK = mp.get_context("fork")
@@ -223,3 +223,22 @@ def test_bad_stage_definitions_are_rejected(node):
     with pytest.raises(ValueError, match="history=0"):
         NodeCounters.create(node, {"a": STAGE_COUNTERS}, history=0)
     assert list_segments(segment_prefix(node)) == []
+
+
+def test_prometheus_text_parses_and_carries_the_values(counters):
+    parser = pytest.importorskip("prometheus_client.parser",
+                                 reason="prometheus-client checks our exposition format")
+    counters.stage("digest.0").add("bytes_out", 123)
+    counters.stage("digest.0").max("ring_high_water", 6)
+    counters.record_checkpoint(epoch=9, cause="timer", pvm_pause_ns=1500)
+    text = prometheus_text(counters.snapshot())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in parser.text_string_to_metric_families(text)
+               for s in family.samples}
+    node, digest = ("node", counters.node), ("stage", "digest.0")
+    assert samples[("colo_stage_bytes_out_total", (node, digest))] == 123
+    assert samples[("colo_stage_ring_high_water", (node, digest))] == 6
+    assert samples[("colo_stage_items_in_total", (node, ("stage", "snapshot")))] == 0
+    assert samples[("colo_checkpoints_recorded_total", (node,))] == 1
+    assert samples[("colo_last_checkpoint_pvm_pause_ns", (node,))] == 1500
+    assert samples[("colo_node_owner_alive", (node,))] == 1
