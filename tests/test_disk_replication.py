@@ -220,7 +220,7 @@ def test_compare_off_counts_divergences_without_requesting():
     assert counters["divergences"] == 3 and requests == []
 
 
-def test_slow_secondary_holds_acks_and_a_dead_one_fails_writes(tmp_path, rundir):
+def test_slow_secondary_holds_acks_a_dead_one_fails_writes_until_unprotected(tmp_path, rundir):
     work = str(tmp_path / "disks")
     with start_disk_pair(work, SIZE, rundir=rundir, compare="off", forward_window=2,
                          forward_timeout_ms=4000) as pair:
@@ -245,6 +245,26 @@ def test_slow_secondary_holds_acks_and_a_dead_one_fails_writes(tmp_path, rundir)
             assert time.monotonic() - t0 >= 3.5
             assert "Input/output error" in r.stdout + r.stderr
             assert pair.primary.stats()["counters"]["forward_errors"] >= 1
+            # the coordinator declares the secondary lost: the waiting write completes
+            writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 4 0 4k",
+                                       pair.primary_uri], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+            try:
+                time.sleep(0.5)
+                assert writer.poll() is None
+                pair.primary.unprotect()
+                out, _ = writer.communicate(timeout=10)
+                assert writer.returncode == 0 and "error" not in out.lower(), out
+            finally:
+                if writer.poll() is None:
+                    writer.kill()
+                    writer.wait()
+            t0 = time.monotonic()
+            r = qemu_io(pair.primary_uri, ["write -P 5 4k 4k", "read -P 4 0 4k"])
+            assert r.returncode == 0 and "error" not in r.stdout.lower()
+            assert "Pattern verification failed" not in r.stdout
+            assert time.monotonic() - t0 < 3
+            assert pair.primary.stats()["forwarding"] is False
         finally:
             os.kill(secondary.pid, signal.SIGCONT)
             if bench.poll() is None:

@@ -61,6 +61,14 @@ class PrimaryBackend:
                 self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="disk-pwrite")
             return self._pool
 
+    def unprotect(self) -> None:
+        """The secondary is gone: stop forwarding and answer writes waiting for its ack
+        (they are in our image; nobody else will ever have them). Cannot be undone —
+        protection comes back only with a new secondary and a full sync."""
+        if self.forward_address is not None:
+            log.warning("primary disk: running unprotected, writes are no longer forwarded")
+        self.forward_address = None
+
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards)."""
         if epoch > self.epoch:
@@ -181,7 +189,7 @@ class PrimaryLink:
     def _forward(self, seq: int, p: _Pending, kind: int, offset: int, length: int,
                  data: bytearray | None) -> bool:
         """Send the write to the secondary; False when there is no secondary to send to."""
-        if self.socket is None:
+        if self.socket is None or self.b.forward_address is None:
             return False
         try:
             # zero-copy pays off only for large frames (pyzmq's own advice)
@@ -233,8 +241,13 @@ class PrimaryLink:
             else:
                 self.b.counters.add("forwarded")
             self._finish_if_done(seq, p, done)
+        unprotected = self.b.forward_address is None
         for seq, p in list(self._pending.items()):
-            if not p.forwarded and now_ns - p.sent > self._timeout_ns:
+            if not p.forwarded and unprotected:
+                p.forwarded = True  # no secondary any more: our own copy is the only one
+                self.b._track(p.epoch, -1)
+                self._finish_if_done(seq, p, done)
+            elif not p.forwarded and now_ns - p.sent > self._timeout_ns:
                 self._acked(p, now_ns)
                 self.b.counters.add("forward_errors")
                 log.error("primary disk: no ack for write seq %d (epoch %d) within %d ms",

@@ -13,10 +13,12 @@ Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.so
 
 * secondary: ``commit(epoch)`` (call it while the SVM is paused, before acking e),
   ``discard_uncommitted()``, ``failover()``, ``stats()``
-* primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``, ``stats()``
+* primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``, ``unprotect()``,
+  ``stats()``
 
 Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are tagged
-e+1; secondary ``role active`` → failover. An ``aborted`` epoch changes nothing on
+e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
+secondary are answered at once); secondary ``role active`` → failover. An ``aborted`` epoch changes nothing on
 disk: its PVM writes stay buffered and are applied by the next commit (which applies
 every buffered epoch ≤ its own), because the primary's image already holds them.
 
@@ -71,13 +73,19 @@ class PrimaryDisk:
         if cmd == "wait_forwarded":
             return {"done": self.backend.wait_forwarded(int(args["epoch"]),
                                                         int(args.get("timeout_ms", 5000)) / 1e3)}
+        if cmd == "unprotect":
+            self.backend.unprotect()
+            return {"forwarding": False}
         if cmd == "stats":
-            return {"counters": self.counters.snapshot(), "uri": self.uri}
+            return {"counters": self.counters.snapshot(), "uri": self.uri,
+                    "forwarding": self.backend.forward_address is not None}
         raise ValueError(f"unknown primary disk command {cmd!r}")
 
     def on_event(self, event: str, epoch: int, extra: dict) -> None:
         if event == "snapshot":
             self.backend.set_epoch(epoch + 1)
+        elif event == "role" and extra.get("role") == "unprotected":
+            self.backend.unprotect()
 
     def close(self) -> None:
         self.server.stop()
@@ -231,6 +239,9 @@ class DiskControl:
 
     def set_epoch(self, epoch: int) -> None:
         self.call("set_epoch", epoch=epoch)
+
+    def unprotect(self) -> None:
+        self.call("unprotect")
 
     def wait_forwarded(self, epoch: int, timeout_ms: int = 5000) -> bool:
         return self.call("wait_forwarded", epoch=epoch, timeout_ms=timeout_ms)["done"]
