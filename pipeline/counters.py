@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -122,14 +123,14 @@ class _Elapsed:
     """Context manager adding the elapsed perf_counter_ns to one counter (cheaper than
     a @contextmanager generator on the hot path)."""
 
-    __slots__ = ("_values", "_index", "_start")
+    __slots__ = ("_index", "_start", "_values")
 
     def __init__(self, values: np.ndarray, index: int) -> None:
         self._values = values
         self._index = index
         self._start = 0
 
-    def __enter__(self) -> "_Elapsed":
+    def __enter__(self) -> _Elapsed:
         self._start = time.perf_counter_ns()
         return self
 
@@ -215,7 +216,7 @@ class NodeCounters:
     # -- creation / attachment ------------------------------------------------------
     @classmethod
     def create(cls, node_name: str, stages: dict[str, Iterable[str]],
-               history: int = 4096) -> "NodeCounters":
+               history: int = 4096) -> NodeCounters:
         """Create the node's counters segment (owner). ``stages`` maps each stage name
         (e.g. ``"digest.0"``) to its counter names (STAGE_COUNTERS plus extras)."""
         if not isinstance(history, int) or not 1 <= history <= 1 << 20:
@@ -260,7 +261,7 @@ class NodeCounters:
         return cls(segment, schema, os.getpid(), data_start)
 
     @classmethod
-    def attach(cls, node_name: str, allow_stale: bool = False) -> "NodeCounters":
+    def attach(cls, node_name: str, allow_stale: bool = False) -> NodeCounters:
         """Attach read-only to a running node's counters (for ``colo-pipeline stats``).
 
         Raises NodeNotRunning if the node has no counters segment, or if its owner

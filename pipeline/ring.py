@@ -129,8 +129,18 @@ class SlotLayout:
 class Slot:
     """Numpy views into one slot of a ring. Nothing here copies or pickles."""
 
-    __slots__ = ("index", "header", "pfns", "hashes", "enc_len", "enc_kind", "data",
-                 "data_flat", "_h32", "_h64")
+    __slots__ = (
+        "_h32",
+        "_h64",
+        "data",
+        "data_flat",
+        "enc_kind",
+        "enc_len",
+        "hashes",
+        "header",
+        "index",
+        "pfns",
+    )
 
     def __init__(self, buf: memoryview, offset: int, index: int, layout: SlotLayout) -> None:
         b = layout.batch_pages
@@ -193,7 +203,7 @@ class Ring:
         self._filled_poll.register(filled_fd, select.POLLIN)
 
     @classmethod
-    def create(cls, name: str, slots: int, layout: SlotLayout = SlotLayout()) -> "Ring":
+    def create(cls, name: str, slots: int, layout: SlotLayout = SlotLayout()) -> Ring:
         """Create the ring's segment and semaphores; the calling process owns them."""
         if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 1 << 20:
             raise ValueError(f"ring {name!r}: slots={slots!r} must be an int in 1..{1 << 20}")

@@ -31,8 +31,8 @@ import uuid
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pipeline.ring import Ring, RingClosed, SlotLayout  # noqa: E402
-from pipeline.shm import cleanup_segments  # noqa: E402
+from pipeline.ring import Ring, RingClosed, SlotLayout
+from pipeline.shm import cleanup_segments
 
 FORK = mp.get_context("fork")
 PREFIX = f"colo-bench{uuid.uuid4().hex[:8]}-"

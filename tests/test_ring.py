@@ -18,8 +18,13 @@ import numpy as np
 import pytest
 
 from pipeline.ring import Ring, RingClosed, RingTimeout, SlotLayout
-from pipeline.shm import (attach_segment, cleanup_segments, create_segment, list_segments,
-                          segment_prefix)
+from pipeline.shm import (
+    attach_segment,
+    cleanup_segments,
+    create_segment,
+    list_segments,
+    segment_prefix,
+)
 
 FORK = mp.get_context("fork")
 SMALL = SlotLayout(batch_pages=4, page_size=4096)
@@ -398,7 +403,7 @@ def test_ctrl_c_leaves_no_segment(owner, node):
 
 
 def test_killed_stage_is_noticed_and_its_segments_removed(owner, node):
-    proc, (producer_pid, consumer_pid) = owner(-1)
+    proc, (_producer_pid, consumer_pid) = owner(-1)
     time.sleep(0.3)
     os.kill(consumer_pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
