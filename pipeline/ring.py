@@ -317,6 +317,12 @@ class Ring:
         return bool(self._ctl[_W_CLOSED])
 
     # -- lifetime -----------------------------------------------------------
+    def prefault(self) -> bool:
+        """Call once at the start of a stage process: maps the whole ring now, so the
+        first pass through its slots takes no page faults (see Segment.prefault)."""
+        self._check_open()
+        return self._segment.prefault()
+
     def close(self) -> None:
         """Drop this process's views, mapping and semaphore fds. Every user calls it."""
         if self._segment is None:

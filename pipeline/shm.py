@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 NAME_MAX = 255
+# madvise advice values (Linux >= 5.14); Python 3.11's mmap module does not name them
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
 
 
 def segment_prefix(node_name: str) -> str:
@@ -72,6 +75,23 @@ class Segment:
     def is_owner(self) -> bool:
         """True in the process that created the segment (not in forked children)."""
         return self.owner_pid == os.getpid()
+
+    def prefault(self) -> bool:
+        """Map every page into this process's page tables now, without touching the data.
+
+        A forked stage otherwise takes one minor fault per page the first time it
+        touches the segment (about 20-30 ms per 16 MiB here), which would land inside
+        the first checkpoint's PVM pause. Returns False where the kernel lacks
+        MADV_POPULATE_* (the faults then simply happen on first use).
+        """
+        if self._mmap is None:
+            raise ValueError(f"segment {self.name!r} is closed in this process")
+        try:
+            self._mmap.madvise(MADV_POPULATE_READ if self.readonly else MADV_POPULATE_WRITE)
+        except OSError as e:
+            log.debug("segment %s: prefault not supported (%s)", self.name, e)
+            return False
+        return True
 
     def close(self) -> None:
         """Drop this process's mapping. Views made from ``buf`` must be dropped first;

@@ -434,3 +434,31 @@ def test_an_attaching_process_that_exits_does_not_unlink(ring):
     assert list_segments(ring.name) == [ring.name]
     slot = ring.acquire_write(timeout=1)
     assert slot.header["kind"] == 7  # the attacher really wrote into the same memory
+
+
+def _first_pass_minor_faults(ring: Ring, prefault: bool, results) -> None:
+    import resource
+    if prefault:
+        ring.prefault()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for slot in ring._slots:
+        slot.data[:, 0] = 1      # touch every page of every slot
+    results.send(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+
+def test_prefault_spares_a_forked_stage_the_first_pass_page_faults(node):
+    ring = Ring.create(segment_prefix(node) + "ring", 8, SlotLayout(batch_pages=64))
+    pages = 8 * 64
+    ring._slots[3].data[:, 1] = 7   # prefaulting must leave the contents alone
+    faults = {}
+    for prefault in (False, True):
+        receiver, sender = FORK.Pipe(duplex=False)
+        child = _run_child(_first_pass_minor_faults, ring, prefault, sender)
+        assert receiver.poll(30)
+        faults[prefault] = receiver.recv()
+        child.join(10)
+    assert faults[False] >= pages
+    assert faults[True] < pages // 10, faults
+    assert (ring._slots[3].data[:, 1] == 7).all()
+    ring.unlink()
+    ring.close()
