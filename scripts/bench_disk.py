@@ -40,8 +40,8 @@ import blake3
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline.disk.settings import DiskSettings  # noqa: E402
-from pipeline.stages.disk import PrimaryDisk, start_disk_pair  # noqa: E402
+from pipeline.disk.settings import DiskSettings
+from pipeline.stages.disk import PrimaryDisk, start_disk_pair
 
 STRIDE_BLOCKS = 7919
 

@@ -173,7 +173,7 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
                 "short header": [b"CDW1"],
             }
             for name, frames in cases.items():
-                seq, status, reason = send(frames)
+                _seq, status, reason = send(frames)
                 assert status != 0, name
                 assert reason, name
             assert "epoch" in send(cases["stale epoch"])[2]

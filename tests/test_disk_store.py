@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 
-import blake3
 import pytest
 
 from pipeline.disk.counters import DiskCounters

@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.disk.counters import DiskCounters
 
@@ -24,7 +24,7 @@ PVM, SVM = "pvm", "svm"
 
 
 class _Write:
-    __slots__ = ("side", "epoch", "key", "digest", "t", "open")
+    __slots__ = ("digest", "epoch", "key", "open", "side", "t")
 
     def __init__(self, side: str, epoch: int, key: tuple[int, int], digest: bytes,
                  t: int) -> None:

@@ -172,7 +172,7 @@ class NbdServer:
     def port(self) -> int | None:
         return None if self._kind == "unix" else self._listener.getsockname()[1]
 
-    def start(self) -> "NbdServer":
+    def start(self) -> NbdServer:
         self._acceptor.start()
         log.info("%s: NBD export of %d bytes at %s", self.name, self.backend.size, self.uri)
         return self
@@ -350,7 +350,7 @@ class _Connection:
             if "after 0 of" in str(e):
                 return False  # closed between requests: a plain (if impolite) goodbye
             raise
-        magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
+        magic, _flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
         if magic != P.REQUEST_MAGIC:
             raise P.NbdProtocolError(f"request magic {magic:#x} (cmd {cmd}, offset {offset})")
         name = P.CMD_NAMES.get(cmd, f"command {cmd}")

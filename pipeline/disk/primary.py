@@ -12,8 +12,8 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import threading
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -88,7 +88,7 @@ class PrimaryBackend:
                 del self._inflight[epoch]
                 self._cond.notify_all()
 
-    def connect(self) -> "PrimaryLink":
+    def connect(self) -> PrimaryLink:
         return PrimaryLink(self)
 
     def close(self) -> None:
@@ -100,7 +100,7 @@ class PrimaryBackend:
 class _Pending:
     """A write the client has not been answered for: waiting for the secondary's ack,
     for our own pooled pwrite, or both."""
-    __slots__ = ("cookie", "epoch", "sent", "forwarded", "local", "error")
+    __slots__ = ("cookie", "epoch", "error", "forwarded", "local", "sent")
 
     def __init__(self, cookie: int, epoch: int, sent: int) -> None:
         self.cookie, self.epoch, self.sent = cookie, epoch, sent

@@ -31,12 +31,12 @@ class SvmBackend:
         self.max_request = max_request
         self.counters = counters
 
-    def connect(self) -> "SvmLink":
+    def connect(self) -> SvmLink:
         return SvmLink(self)
 
 
 class SvmLink:
-    poll_items: list = []
+    poll_items: tuple = ()
     inflight = 0
 
     def __init__(self, backend: SvmBackend) -> None:

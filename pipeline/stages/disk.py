@@ -279,7 +279,7 @@ class DiskPair:
                 p.kill()
                 p.join(timeout)
 
-    def __enter__(self) -> "DiskPair":
+    def __enter__(self) -> DiskPair:
         return self
 
     def __exit__(self, *exc: object) -> None:
