@@ -6,7 +6,10 @@ Unlike a queue, an entry is not freed when the guest consumes it: a checkpoint c
 move the guest back to an earlier input (the secondary's SVM is reset to the PVM's
 state), so entries stay until :meth:`InputLog.trim` says the pair no longer needs
 them. An entry is overwritten only when it is below both the trim point and the
-input the guest is on.
+input the guest is on (``free_below``). ``free_below`` never decreases: trim only
+moves up, and a vCPU-state load may move the guest back only to a seq at or above
+``free_below`` (SimDomain.set_vcpu_state checks it), so a writer that saw room
+never overwrites an entry someone still needs.
 
 The ring is an anonymous ``MAP_SHARED`` mapping: inherited by every process forked
 after it is created, and it leaves nothing in ``/dev/shm``.
