@@ -12,7 +12,8 @@ Segment layout (little-endian)::
     16  owner pid u64      24  data_start u64 (offsets in the schema are relative to it)
     32  schema: JSON {"version", "node", "stages": {name: {"offset", "counters"}},
                       "info": {"offset", "size"},
-                      "checkpoints": {"count_offset", "offset", "history", "fields"}}
+                      "checkpoints": {"count_offset", "offset", "history", "fields"},
+                      "rejected_offset"}
     data_start + ...   the regions named by the schema, each 64-byte aligned
 
 The schema makes the segment self-describing, so a reader of another version
@@ -209,6 +210,9 @@ class NodeCounters:
         self.history = cp["history"]
         self.checkpoint_fields = tuple(cp["fields"])
         self._cp_count = words(cp["count_offset"], 1)
+        # a reader of an older segment without the word sees a zero
+        self._rejected = (words(schema["rejected_offset"], 1) if "rejected_offset" in schema
+                          else np.zeros(1, np.uint64))
         self._records = words(cp["offset"], self.history * (1 + len(self.checkpoint_fields))) \
             .reshape(self.history, 1 + len(self.checkpoint_fields))
         self._field_index = {f: i + 1 for i, f in enumerate(self.checkpoint_fields)}
@@ -245,6 +249,7 @@ class NodeCounters:
         schema = {
             "version": VERSION, "node": node_name, "stages": schema_stages,
             "info": {"offset": info_offset, "size": INFO_SIZE},
+            "rejected_offset": count_offset + 8,
             "checkpoints": {"count_offset": count_offset, "offset": records_offset,
                             "history": history, "fields": list(CHECKPOINT_FIELDS)},
         }
@@ -306,10 +311,13 @@ class NodeCounters:
     # -- node info ----------------------------------------------------------------
     def set_node_info(self, info: dict[str, Any]) -> None:
         """Store a small JSON-able dict (role, pid, epoch, config path, start time...)."""
-        data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+        try:
+            data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as e:
+            raise self._reject(f"node info of {self.node!r} is not JSON-able: {e}") from None
         if len(data) > len(self._info_bytes):
-            raise ValueError(f"node info of {self.node!r} is {len(data)} bytes as JSON, more "
-                             f"than the {len(self._info_bytes)} allowed")
+            raise self._reject(f"node info of {self.node!r} is {len(data)} bytes as JSON, "
+                               f"more than the {len(self._info_bytes)} allowed")
         seq = int(self._info_seq[0])
         self._info_seq[0] = seq + 1                 # odd: being written
         self._info_bytes[:len(data)] = np.frombuffer(data, np.uint8)
@@ -336,16 +344,16 @@ class NodeCounters:
         for key, value in fields.items():
             if key == "cause" and isinstance(value, str):
                 if value not in CAUSES:
-                    raise ValueError(f"record_checkpoint: unknown cause {value!r} "
-                                     f"(known: {', '.join(CAUSES)})")
+                    raise self._reject(f"record_checkpoint: unknown cause {value!r} "
+                                       f"(known: {', '.join(CAUSES)})")
                 value = CAUSES.index(value)
             i = self._field_index.get(key)
             if i is None:
-                raise ValueError(f"record_checkpoint: unknown field {key!r} "
-                                 f"(fields: {', '.join(self.checkpoint_fields)})")
+                raise self._reject(f"record_checkpoint: unknown field {key!r} "
+                                   f"(fields: {', '.join(self.checkpoint_fields)})")
             if not isinstance(value, (int, np.integer)) or not 0 <= value <= _U64_MAX:
-                raise ValueError(f"record_checkpoint: field {key}={value!r} must be an int "
-                                 "in 0..2**64-1")
+                raise self._reject(f"record_checkpoint: field {key}={value!r} must be an int "
+                                   "in 0..2**64-1")
             row[i - 1] = value
         j = int(self._cp_count[0])
         record = self._records[j % self.history]
@@ -353,6 +361,17 @@ class NodeCounters:
         record[1:] = row
         record[0] = 2 * j + 2                       # even: record j complete
         self._cp_count[0] = j + 1
+
+    def _reject(self, message: str) -> ValueError:
+        """Count a refused write (bad input) and return the error to raise."""
+        if self._rejected.flags.writeable:
+            self._rejected[0] += 1
+        return ValueError(message)
+
+    @property
+    def rejected_writes(self) -> int:
+        """record_checkpoint / set_node_info calls refused as bad input."""
+        return int(self._rejected[0])
 
     @property
     def checkpoints_recorded(self) -> int:
@@ -393,6 +412,7 @@ class NodeCounters:
             "info": self.node_info(),
             "stages": {name: s.as_dict() for name, s in self._stages.items()},
             "checkpoints_recorded": self.checkpoints_recorded,
+            "rejected_writes": self.rejected_writes,
             "checkpoints": self.checkpoints(),
         }
 
@@ -403,6 +423,7 @@ class NodeCounters:
         segment, self._segment = self._segment, None
         self._stages = {}
         self._info_seq = self._info_bytes = self._cp_count = self._records = None  # type: ignore
+        self._rejected = None  # type: ignore
         segment.close()
 
     def unlink(self) -> None:

@@ -198,6 +198,8 @@ def test_bad_checkpoint_fields_raise_and_write_nothing(counters):
         with pytest.raises(ValueError, match=message):
             counters.record_checkpoint(**bad)
     assert counters.checkpoints_recorded == 0 and counters.checkpoints() == []
+    assert counters.rejected_writes == 5
+    assert counters.snapshot()["rejected_writes"] == 5
 
 
 def test_stage_counter_operations(counters):
@@ -224,6 +226,9 @@ def test_node_info_is_bounded(counters):
     counters.set_node_info({"role": "secondary", "config": "/etc/colo.toml"})
     with pytest.raises(ValueError, match="more than the 4080 allowed"):
         counters.set_node_info({"blob": "x" * 5000})
+    with pytest.raises(ValueError, match="not JSON-able"):
+        counters.set_node_info({"when": object()})
+    assert counters.rejected_writes == 2
     assert counters.node_info() == {"role": "secondary", "config": "/etc/colo.toml"}
 
 
