@@ -1,0 +1,276 @@
+"""Real kernel TCP stacks: two network namespaces stand in for the PVM and the SVM
+(same IP, same MAC, the same deterministic TCP and UDP server), a client namespace,
+veth pairs, and our comparator in a middle namespace joined to all three with
+AF_PACKET. It mirrors the client's frames to both guests (rewriting the ACKs for
+the SVM, whose kernel picked another initial sequence number), compares the
+guests' output and releases the PVM's to the client."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from pipeline.net.adapters import StreamClient
+from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT
+
+IP = shutil.which("ip")
+ETHTOOL = shutil.which("ethtool")
+
+pytestmark = [
+    pytest.mark.root, pytest.mark.timeout(180),
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(IP is None, reason="iproute2 (ip) is not installed"),
+    pytest.mark.skipif(ETHTOOL is None, reason="ethtool is needed to turn veth offloads off"),
+]
+
+GUEST_IP, CLIENT_IP = "10.77.0.2", "10.77.0.1"
+GUEST_MAC, CLIENT_MAC = "52:54:00:77:00:02", "52:54:00:77:00:01"
+TCP_PORT, UDP_PORT = 7000, 7001
+PAIRS = 10_000
+UDP_PAIRS = 200
+
+SERVER = r'''
+import os, socket, sys, threading
+nd_at, log_path = int(sys.argv[1]), sys.argv[2]
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", %(udp)d))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(b"udp-reply " + data, peer)
+threading.Thread(target=udp, daemon=True).start()
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", %(tcp)d)); ls.listen(1)
+print("ready", flush=True)
+conn, _ = ls.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = conn.makefile("rb")
+with open(log_path, "wb") as log:
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        n = int(line.split()[1])
+        body = os.urandom(16).hex().encode() if n == nd_at else (b"%%032d" %% (n * 7919))
+        reply = b"resp %%d " %% n + body + b"\n"
+        conn.sendall(reply)
+        log.write(reply)
+conn.close()
+''' % {"udp": UDP_PORT, "tcp": TCP_PORT}
+
+CLIENT = r'''
+import json, socket, sys, time
+pairs, udp_pairs, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+t0 = time.monotonic()
+s = socket.create_connection(("%(ip)s", %(tcp)d), timeout=20)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = s.makefile("rb")
+got = bytearray()
+for i in range(pairs):
+    s.sendall(b"req %%d\n" %% i)
+    line = f.readline()
+    if not line:
+        break
+    got += line
+tcp_time = time.monotonic() - t0
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+udp_ok = 0
+for i in range(udp_pairs):
+    u.sendto(b"ping %%d" %% i, ("%(ip)s", %(udp)d))
+    if u.recvfrom(2048)[0] == b"udp-reply ping %%d" %% i:
+        udp_ok += 1
+s.close()
+open(out_path, "wb").write(got)
+print(json.dumps({"tcp_time": tcp_time, "udp_ok": udp_ok}), flush=True)
+''' % {"ip": GUEST_IP, "tcp": TCP_PORT, "udp": UDP_PORT}
+
+COMPARATOR = r'''
+import logging, sys
+from pipeline.net.control import XenNotify
+from pipeline.net.loop import CompareLoop
+from pipeline.net.settings import NetSettings
+logging.basicConfig(level="WARNING")
+c1, p1, s1, notify = sys.argv[1:5]
+settings = NetSettings(primary_in="packet:" + p1, secondary_in="packet:" + s1,
+                       outdev="packet:" + c1, client_in="packet:" + c1,
+                       primary_out="packet:" + p1, secondary_out="packet:" + s1,
+                       rewrite_secondary=True, compare_timeout_ms=3000)
+loop = CompareLoop(settings, XenNotify(notify))
+# the test's "toolstack" cannot restore the SVM's kernel at a checkpoint, so the SVM keeps
+# its own sequence numbers: keep the rewriter's offsets (a real restore resets them)
+loop.rewriter.reset = lambda: None
+import signal, threading, json
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+print("ready", flush=True)
+try:
+    loop.run(stop)
+finally:
+    print(json.dumps(loop.comparator.counters), flush=True)
+    loop.close()
+'''
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+
+class Lab:
+    """The four namespaces and three veth pairs, removed again by close()."""
+
+    def __init__(self) -> None:
+        tag = f"nc{os.getpid() % 100000}"
+        self.ns = {r: f"{tag}{r}" for r in ("cli", "pvm", "svm", "mid")}
+        self.dev = {"cli": (f"{tag}c0", f"{tag}c1"), "pvm": (f"{tag}p0", f"{tag}p1"),
+                    "svm": (f"{tag}s0", f"{tag}s1")}
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="ncmp-netns-")
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _exec(self, role: str, *args: str) -> None:
+        sh(IP, "netns", "exec", self.ns[role], *args)
+
+    def _build(self) -> None:
+        for ns in self.ns.values():
+            sh(IP, "netns", "add", ns)
+        for role in self.ns:
+            self._exec(role, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                       "net.ipv6.conf.default.disable_ipv6=1")
+            self._exec(role, IP, "link", "set", "lo", "up")
+        for role, (inner, outer) in self.dev.items():
+            sh(IP, "link", "add", inner, "netns", self.ns[role], "type", "veth", "peer",
+               "name", outer, "netns", self.ns["mid"])
+            mac = CLIENT_MAC if role == "cli" else GUEST_MAC
+            addr = CLIENT_IP if role == "cli" else GUEST_IP
+            peer_ip, peer_mac = (GUEST_IP, GUEST_MAC) if role == "cli" else (CLIENT_IP,
+                                                                              CLIENT_MAC)
+            self._exec(role, IP, "link", "set", inner, "address", mac, "up")
+            self._exec(role, IP, "addr", "add", addr + "/24", "dev", inner)
+            # static neighbours: no ARP probes that only one guest would send
+            self._exec(role, IP, "neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", inner,
+                       "nud", "permanent")
+            self._exec("mid", IP, "link", "set", outer, "up")
+            # full-size frames with real checksums, as a NIC would put them on the wire
+            for ns_role, dev in ((role, inner), ("mid", outer)):
+                self._exec(ns_role, ETHTOOL, "-K", dev, "tx", "off", "tso", "off", "gso",
+                           "off", "gro", "off")
+
+    def spawn(self, role: str, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([IP, "netns", "exec", self.ns[role], *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=os.getcwd())
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.communicate(timeout=5)
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
+        for ns in self.ns.values():
+            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def wait_ready(proc: subprocess.Popen, what: str) -> None:
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"{what} did not start: {line!r} {proc.stderr.read()[-2000:]}")
+
+
+class Toolstack(threading.Thread):
+    """Plays Xen's side of notify_dev: every DO_CHECKPOINT is answered with COLO_CHECKPOINT."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(daemon=True)
+        self.client = StreamClient(address, timeout=20)
+        self.requests = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                messages = self.client.recv(0.1)
+            except (ConnectionError, OSError):
+                return
+            for message, _ in messages:
+                if message == DO_CHECKPOINT:
+                    self.requests += 1
+                    time.sleep(0.05)     # "the checkpoint"
+                    self.client.send(COLO_CHECKPOINT)
+
+
+def run_conversation(nd_at: int) -> dict:
+    lab = Lab()
+    toolstack = None
+    try:
+        logs = {r: os.path.join(lab.tmp, r + ".log") for r in ("pvm", "svm")}
+        for role in ("pvm", "svm"):
+            wait_ready(lab.spawn(role, sys.executable, "-c", SERVER, str(nd_at), logs[role]),
+                       role + " server")
+        notify = os.path.join(lab.tmp, "notify.sock")
+        comparator = lab.spawn("mid", sys.executable, "-c", COMPARATOR, lab.dev["cli"][1],
+                               lab.dev["pvm"][1], lab.dev["svm"][1], "unix:" + notify)
+        wait_ready(comparator, "comparator")
+        toolstack = Toolstack("unix:" + notify)
+        toolstack.start()
+        received = os.path.join(lab.tmp, "client.out")
+        client = lab.spawn("cli", sys.executable, "-c", CLIENT, str(PAIRS), str(UDP_PAIRS),
+                           received)
+        out, err = client.communicate(timeout=150)
+        assert client.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        time.sleep(0.3)                    # the FINs go through the comparator too
+        comparator.terminate()
+        out, err = comparator.communicate(timeout=10)
+        result["counters"] = json.loads(out.strip().splitlines()[-1])
+        result["checkpoints"] = toolstack.requests
+        with open(received, "rb") as f:
+            result["received"] = f.read()
+        for role in ("pvm", "svm"):
+            with open(logs[role], "rb") as f:
+                result[role + "_sent"] = f.read()
+        return result
+    finally:
+        if toolstack is not None:
+            toolstack.stop.set()
+            toolstack.join(5)
+            toolstack.client.close()
+        lab.close()
+
+
+def test_deterministic_servers_need_no_checkpoint_despite_different_isns():
+    r = run_conversation(nd_at=-1)
+    assert r["received"] == r["pvm_sent"]
+    assert r["received"].count(b"\n") == PAIRS
+    assert r["udp_ok"] == UDP_PAIRS
+    assert r["checkpoints"] == 0, r["counters"]
+    assert r["counters"]["mismatches"] == 0 and r["counters"]["timeouts"] == 0
+    assert r["counters"]["malformed_frames"] == 0
+
+
+def test_one_nondeterministic_reply_makes_exactly_one_checkpoint():
+    k = PAIRS // 2
+    r = run_conversation(nd_at=k)
+    assert r["pvm_sent"] != r["svm_sent"]                 # the guests really diverged
+    assert r["received"] == r["pvm_sent"]                 # the client got the PVM's bytes
+    assert r["received"].count(b"\n") == PAIRS
+    assert r["checkpoints"] == 1, r["counters"]
+    assert r["counters"]["mismatches"] == 1
+    assert r["udp_ok"] == UDP_PAIRS
