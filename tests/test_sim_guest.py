@@ -409,6 +409,7 @@ def test_read_and_write_pages_vectorized_and_checked(make_domain) -> None:
     with pytest.raises(ValueError, match="shape"):
         dom.read_pages(pfns, np.zeros((2, dom.page_size), np.uint8))
     assert dom.memory_digest() == before
+    assert dom.counters()["bad_page_requests"] == 3
 
 
 # -- processes ---------------------------------------------------------------------------------

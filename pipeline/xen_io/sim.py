@@ -27,6 +27,16 @@ Pause is cooperative: the guest looks at a shared flag before every page it writ
 and while it waits, saves its state into the shared vCPU area, acknowledges through
 an eventfd and sleeps until resumed; on resume it reloads the (possibly replaced)
 vCPU area.
+
+The vCPU blob (``BLOB_SIZE`` = 128 bytes): magic ``COLOSIMV``, version, a fingerprint
+of the workload and RAM size, the input seq, whether the guest is between inputs or
+inside one (then how many of its pages are written), the input's key (its page plan
+and contents derive from it) and the running accumulator (the next key derives from
+it); a 16-byte blake3 check closes it.
+
+An output frame (``read_outputs``): input seq (8 bytes LE) | blake3 over the seq, the
+input's key and the first up to 64 pages it wrote (32 bytes) | the first 16 bytes of
+the first page it wrote.
 """
 from __future__ import annotations
 
@@ -241,11 +251,13 @@ W_BAD_BLOBS = 12
 W_NONDET_INPUTS = 13
 W_CLAMPED_COMMANDS = 14
 W_OUTPUT_STALLS = 15
+W_BAD_PAGE_REQUESTS = 16
 _WORDS = 32
 _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
              "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
              "nondeterministic_inputs": W_NONDET_INPUTS,
-             "clamped_write_commands": W_CLAMPED_COMMANDS, "output_stalls": W_OUTPUT_STALLS}
+             "clamped_write_commands": W_CLAMPED_COMMANDS, "output_stalls": W_OUTPUT_STALLS,
+             "bad_page_requests": W_BAD_PAGE_REQUESTS}
 
 _STATUS_STARTING, _STATUS_RUNNING, _STATUS_FAILED = 0, 1, 2
 _VCPU_OFF, _VCPU_CAP = 512, 512
@@ -532,6 +544,13 @@ class SimDomain(Domain):
             int(self._ram[:, 0].sum())
 
     def _check_pfns(self, pfns: np.ndarray, pages: np.ndarray, what: str) -> np.ndarray:
+        try:
+            return self._valid_pfns(pfns, pages, what)
+        except ValueError:
+            self._words[W_BAD_PAGE_REQUESTS] += 1
+            raise
+
+    def _valid_pfns(self, pfns: np.ndarray, pages: np.ndarray, what: str) -> np.ndarray:
         pfns = np.asarray(pfns)
         if pfns.ndim != 1 or (pfns.size and pfns.dtype.kind not in "ui"):
             raise ValueError(f"{what}: pfns must be a 1-d integer array, got {pfns.dtype} "
