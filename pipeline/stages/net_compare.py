@@ -1,0 +1,106 @@
+"""The net-compare stage process: the network comparator driven by our coordinator.
+
+Builds :class:`pipeline.net.loop.CompareLoop` from the ``[net]`` settings; the
+adapters named there bring the PVM's and the SVM's frames; checkpoints are
+requested through :class:`pipeline.checkpoint_api.CheckpointClient` (causes
+``net_divergence`` / ``net_timeout``) and held frames are released on the
+coordinator's ``committed`` event. A ``role`` event of ``active`` or
+``unprotected`` stops comparing and releases everything held.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Protocol
+
+from pipeline.checkpoint_api import CheckpointClient
+from pipeline.net.comparator import COUNTER_NAMES
+from pipeline.net.control import CoordinatorControl
+from pipeline.net.loop import CompareLoop
+from pipeline.net.settings import NetSettings
+
+log = logging.getLogger(__name__)
+
+#: how often the comparator's counters are copied into the shared-memory block
+COUNTER_SYNC_S = 0.2
+
+#: the comparator's own counters; the supervisor registers them for this stage
+NET_COMPARE_COUNTERS = COUNTER_NAMES
+
+#: the generic stage counters filled from the comparator's
+_GENERIC = {"items_in": ("primary_frames_in", "secondary_frames_in"),
+            "bytes_in": ("primary_bytes_in", "secondary_bytes_in"),
+            "items_out": ("frames_released",), "bytes_out": ("bytes_released",)}
+
+
+class CounterSink(Protocol):
+    def add(self, name: str, n: int) -> None: ...
+
+
+class CounterMirror:
+    """Copies the comparator's counters into a stage's counter block as deltas, a few
+    times a second (cheaper than a shared-memory write per frame)."""
+
+    def __init__(self, source: dict[str, int], sink: CounterSink | None) -> None:
+        self.source, self.sink = source, sink
+        self._last = dict.fromkeys(source, 0)
+
+    def sync(self) -> None:
+        if self.sink is None:
+            return
+        deltas = {}
+        for name, value in self.source.items():
+            delta = value - self._last[name]
+            if delta:
+                deltas[name] = delta
+                self._last[name] = value
+        for name, delta in deltas.items():
+            self._add(name, delta)
+        for generic, names in _GENERIC.items():
+            n = sum(deltas.get(name, 0) for name in names)
+            if n:
+                self._add(generic, n)
+
+    def _add(self, name: str, n: int) -> None:
+        try:
+            self.sink.add(name, n)
+        except KeyError:
+            pass            # the block was made without this counter: keep running
+
+
+def run_net_compare_stage(settings: NetSettings, rundir: str,
+                          counters_sink: CounterSink | None = None, ready: Any = None,
+                          stop: threading.Event | Any | None = None) -> None:
+    """Process entry of net-compare: run until SIGTERM or ``stop`` is set.
+
+    ``ready`` (optional, a multiprocessing Connection) receives ``{"ok": True}`` once
+    every adapter is open, or ``{"error": ...}``.
+    """
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    client = CheckpointClient(rundir)
+    try:
+        loop = CompareLoop(settings, CoordinatorControl(client))
+    except Exception as e:
+        client.close()
+        if ready is not None:
+            ready.send({"error": f"{type(e).__name__}: {e}"})
+        raise
+    if ready is not None:
+        ready.send({"ok": True})
+    mirror = CounterMirror(loop.comparator.counters, counters_sink)
+    scan = settings.expired_scan_ms / 1000.0
+    next_sync = 0.0
+    try:
+        while not stopping.is_set() and not (stop is not None and stop.is_set()):
+            loop.run_once(scan)
+            now = time.monotonic()
+            if now >= next_sync:
+                mirror.sync()
+                next_sync = now + COUNTER_SYNC_S
+    finally:
+        mirror.sync()
+        loop.close()

@@ -1,0 +1,111 @@
+"""The net-compare stage against a real CheckpointBus (the coordinator's end of the
+checkpoint API), with frames fed over the stage's unix sockets."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import shutil
+import time
+
+import pytest
+
+from pipeline.checkpoint_api import CheckpointBus
+from pipeline.net import build
+from pipeline.net.adapters import StreamClient
+from pipeline.net.settings import NetSettings
+from pipeline.stages.net_compare import NET_COMPARE_COUNTERS, run_net_compare_stage
+
+G, C = "10.0.0.2", "10.0.0.1"
+
+
+class Sink:
+    def __init__(self, shared):
+        self.shared = shared
+
+    def add(self, name, n):
+        self.shared[name] = self.shared.get(name, 0) + n
+
+
+def _stage(settings, rundir, shared, ready, stop):
+    run_net_compare_stage(settings, rundir, Sink(shared), ready, stop)
+
+
+@pytest.mark.timeout(60)
+def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
+    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    shared = manager.dict()
+    bus = CheckpointBus(rundir)
+    path = {r: os.path.join(rundir, f"net-{r}.sock") for r in ("pvm", "svm", "out")}
+    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
+                           outdev="unix:" + path["out"], compare_timeout_ms=300,
+                           expired_scan_ms=50)
+    parent, child = ctx.Pipe()
+    stop = ctx.Event()
+    proc = ctx.Process(target=_stage, args=(settings, rundir, shared, child, stop))
+    proc.start()
+    try:
+        assert parent.poll(20) and parent.recv() == {"ok": True}
+        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+        time.sleep(0.2)
+        same = build.udp_frame(G, C, 1, 2, b"same")
+        pvm.send(same)
+        svm.send(same)
+        assert [f for f, _ in out.recv_until(1, 5)] == [same]
+        diverged = build.udp_frame(G, C, 3, 4, b"pvm")
+        pvm.send(diverged)
+        svm.send(build.udp_frame(G, C, 3, 4, b"svm"))
+        deadline = time.monotonic() + 5
+        requests = []
+        while not requests and time.monotonic() < deadline:
+            requests = bus.drain_requests()
+            time.sleep(0.02)
+        assert [c for c, _ in requests] == ["net_divergence"]
+        bus.publish("snapshot", 0)
+        time.sleep(0.1)
+        after_snapshot = build.udp_frame(G, C, 5, 6, b"epoch 1")
+        pvm.send(after_snapshot)
+        time.sleep(0.1)
+        bus.publish("committed", 0)
+        assert [f for f, _ in out.recv_until(1, 5)] == [diverged]
+        # the epoch-1 frame is still held; unmatched it times out: one request for epoch 1
+        deadline = time.monotonic() + 5
+        requests = []
+        while not requests and time.monotonic() < deadline:
+            requests = bus.drain_requests()
+            time.sleep(0.02)
+        assert [c for c, _ in requests] == ["net_timeout"]
+        bus.publish("role", 1, role="unprotected")
+        assert [f for f, _ in out.recv_until(1, 5)] == [after_snapshot]
+        for c in (pvm, svm, out):
+            c.close()
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        bus.close()
+        counters = dict(shared)
+        manager.shutdown()
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert proc.exitcode == 0
+    assert counters["checkpoint_requests"] == 2 and counters["mismatches"] == 1
+    assert counters["items_out"] == counters["frames_released"] == 3
+    assert set(counters) <= set(NET_COMPARE_COUNTERS) | {"items_in", "items_out", "bytes_in",
+                                                        "bytes_out"}
+
+
+def test_stage_reports_bad_settings_on_ready():
+    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
+    bus = CheckpointBus(rundir)
+    try:
+        parent, child = multiprocessing.get_context("fork").Pipe()
+        with pytest.raises(OSError):
+            run_net_compare_stage(NetSettings(primary_in="packet:no-such-if0"), rundir,
+                                  ready=child)
+        assert "no-such-if0" in parent.recv()["error"]
+    finally:
+        bus.close()
+        shutil.rmtree(rundir, ignore_errors=True)
