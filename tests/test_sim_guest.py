@@ -591,6 +591,8 @@ def test_auto_falls_back_to_bitmap_with_a_reason_mocked_kernel(monkeypatch, capl
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         WorkloadSpec(mix_zero=0.5, mix_text=0.5, mix_random=0.5)
+    with pytest.raises(ValueError, match="seed"):
+        WorkloadSpec(seed=-1)
     with pytest.raises(ValueError, match="run_length"):
         WorkloadSpec(run_length=0)
     with pytest.raises(ValueError, match="nondeterminism"):

@@ -84,6 +84,8 @@ class WorkloadSpec:
     fill: bool = True
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"workload seed must be in [0, 2**63), got {self.seed}")
         if self.pages_per_input < 0:
             raise ValueError(f"workload pages_per_input must be >= 0, got {self.pages_per_input}")
         if self.run_length < 1:
@@ -720,7 +722,7 @@ class _Guest:
         self.pool = text_pool()
         self.windows = np.lib.stride_tricks.sliding_window_view(self.pool, dom.page_size)
         self.cdf = self.spec.mix_cdf()
-        seed = self.spec.seed.to_bytes(8, "little", signed=True)
+        seed = self.spec.seed.to_bytes(8, "little")
         self.state = _GuestState(0, PHASE_IDLE, 0, 0, bytes(32),
                                  blake3.blake3(b"colo-sim-acc" + seed).digest())
         self._plan_for: tuple[bytes, int] | None = None
