@@ -52,6 +52,15 @@ def inputs(n: int, start: int = 0) -> list[bytes]:
     return [b"client request %d " % i + bytes(i % 50) for i in range(start, start + n)]
 
 
+def reap(pid: int) -> None:
+    """Make sure a forked test helper is gone (a failed assertion must not leave it)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def all_outputs(dom: SimDomain, expected: int) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     deadline = time.monotonic() + 10
@@ -445,6 +454,7 @@ def test_forked_stage_process_drives_the_guest(make_domain) -> None:
         assert os.waitpid(pid, 0)[1] == 0
     finally:
         os.close(r)
+        reap(pid)
     assert not dom.is_paused
     feed_and_wait(dom, inputs(1, 6))  # the guest still runs for the creator
     dom.pause()
@@ -477,6 +487,7 @@ def test_process_forked_before_start_sees_the_guest() -> None:
         assert dom.is_paused  # paused by the other process
     finally:
         os.close(r)
+        reap(pid)
         dom.close()
 
 
@@ -497,6 +508,7 @@ def test_guest_started_and_closed_by_a_forked_process() -> None:
     try:
         assert os.waitpid(pid, 0)[1] == 0
     finally:
+        reap(pid)
         dom.close()
 
 
