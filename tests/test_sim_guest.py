@@ -512,6 +512,12 @@ def test_guest_started_and_closed_by_a_forked_process() -> None:
         dom.close()
 
 
+def test_pickling_is_refused_with_the_reason(make_domain) -> None:
+    import pickle
+    with pytest.raises(TypeError, match="fork inheritance"):
+        pickle.dumps(make_domain())
+
+
 def test_output_fileno_is_readable_when_outputs_are_pending(make_domain) -> None:
     dom = make_domain(paused=False)
     assert select.select([dom.output_fileno()], [], [], 0)[0] == []

@@ -329,6 +329,10 @@ class SimDomain(Domain):
         """The guest process id (0 before start())."""
         return int(self._words[W_GUEST_PID]) if self._closed_in != os.getpid() else 0
 
+    def __reduce__(self) -> tuple:
+        raise TypeError(f"sim domain {self.name}: a SimDomain is shared with stage processes by "
+                        f"fork inheritance (multiprocessing 'fork' context), not by pickling")
+
     def __repr__(self) -> str:
         return (f"SimDomain({self.name!r}, pages={self.page_count}, "
                 f"dirty_log={self.dirty_log_kind}, guest_pid={self.guest_pid})")
