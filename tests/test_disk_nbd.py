@@ -233,3 +233,34 @@ def test_settings_reject_bad_values_naming_the_key(tmp_path):
                        ("max_request", 64 << 20), ("overlay_max_bytes", 1), ("image", "")]:
         with pytest.raises(ValueError, match=rf"disk\.{key}"):
             DiskSettings(**{**ok, key: value})
+
+
+def test_old_export_name_option_and_unknown_options(export):
+    """A client using NBD_OPT_EXPORT_NAME (no GO) gets size and flags and can transmit;
+    an option we do not offer gets NBD_REP_ERR_UNSUP and negotiation goes on."""
+    host, port = export.uri[len("nbd://"):].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        raw = RawClient.__new__(RawClient)
+        raw.sock = s
+        assert raw._recv(18)[:8] == P.NBDMAGIC
+        s.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
+        s.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_STRUCTURED_REPLY, 0))
+        _m, opt, rtype, length = P.OPTION_REPLY.unpack(raw._recv(P.OPTION_REPLY.size))
+        assert (opt, rtype, length) == (P.OPT_STRUCTURED_REPLY, P.REP_ERR_UNSUP, 0)
+        s.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, 0))
+        size, flags = struct.unpack(">QH", raw._recv(10))
+        assert size == SIZE and flags & P.TFLAG_SEND_FLUSH and flags & P.TFLAG_SEND_TRIM
+        raw.request(P.CMD_WRITE, 0, BS, b"e" * BS, cookie=11)
+        assert raw.reply()[:2] == (0, 11)
+        raw.request(P.CMD_DISC, 0, 0)
+    finally:
+        s.close()
+    assert image(export)[:BS] == b"e" * BS
+
+
+@needs_nbdinfo
+def test_nbdinfo_list_shows_the_one_export(unix_export):
+    r = run(["nbdinfo", "--list", "--json", unix_export.uri])
+    assert r.returncode == 0, r.stderr
+    assert [e["export-name"] for e in json.loads(r.stdout)["exports"]] == [""]

@@ -291,3 +291,56 @@ def test_failover_killed_mid_merge_finishes_at_reopen(tmp_path):
         s.close()
         shutil.rmtree(work)
     assert merged_mid >= 1
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_block = st.integers(0, 63)
+_op = st.one_of(
+    st.tuples(st.just("pvm"), _block, st.integers(1, 4), st.integers(0, 255)),
+    st.tuples(st.just("pvm_zero"), _block, st.integers(1, 4), st.just(0)),
+    st.tuples(st.just("svm"), _block, st.integers(1, 4), st.integers(0, 255)),
+    st.tuples(st.just("svm_zero"), _block, st.integers(1, 4), st.just(0)),
+    st.tuples(st.just("snapshot"), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("commit"), st.just(0), st.just(0), st.just(0)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=40))
+def test_store_matches_a_model_of_image_buffer_and_overlay(tmp_path_factory, ops):
+    """Any mix of PVM writes, SVM writes, epoch ends and commits: the image is the PVM's
+    disk at the last committed epoch, and the SVM reads image + its own writes."""
+    d = str(tmp_path_factory.mktemp("model"))
+    size = 64 * BS + 4 * BS
+    s = SecondaryStore(os.path.join(d, "disk.img"), size, BS, os.path.join(d, "state"),
+                       1 << 30, 1 << 30)
+    pvm = bytearray(size)             # the primary's disk, as it is now
+    at_snapshot = {0: bytes(size)}    # the primary's disk at the end of each epoch
+    svm = bytearray(size)             # what the SVM should read
+    epoch, committed = 1, 0
+    for kind, block, n, byte in ops:
+        off, length = block * BS, n * BS
+        if kind in ("pvm", "pvm_zero"):
+            data = bytes([byte]) * length if kind == "pvm" else None
+            buffer_write(s, pvm, epoch, off, data, length)
+        elif kind in ("svm", "svm_zero"):
+            if kind == "svm":
+                s.svm_write(off, bytes([byte]) * length)
+            else:
+                s.svm_zero(off, length)
+            svm[off:off + length] = bytes([byte]) * length
+        elif kind == "snapshot":
+            at_snapshot[epoch] = bytes(pvm)
+            epoch += 1
+        else:  # commit the newest finished epoch (again: a repeated commit changes nothing)
+            e = epoch - 1
+            s.commit(e)
+            with open(os.path.join(d, "disk.img"), "rb") as f:
+                assert f.read() == at_snapshot[e]
+            if e > committed:  # the SVM is reset to the checkpoint: its overlay is gone
+                svm[:] = at_snapshot[e]
+                committed = e
+        assert bytes(s.svm_read(0, size)) == bytes(svm)
+    s.close()

@@ -308,8 +308,9 @@ class _Connection:
             timeout = 0 if pending_input else 100 if self.link.inflight else 1000
             events = dict(poller.poll(timeout))
             if self.link.inflight:
-                for cookie, error in self.link.completions(time.monotonic_ns()):
-                    self.sock.sendall(P.simple_reply(cookie, error))
+                done = self.link.completions(time.monotonic_ns())
+                if done:  # one send for the whole batch of replies
+                    self.sock.sendall(b"".join(P.simple_reply(c, e) for c, e in done))
             if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
                 if not self._one_request():
