@@ -264,3 +264,37 @@ def test_nbdinfo_list_shows_the_one_export(unix_export):
     r = run(["nbdinfo", "--list", "--json", unix_export.uri])
     assert r.returncode == 0, r.stderr
     assert [e["export-name"] for e in json.loads(r.stdout)["exports"]] == [""]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs: a real filesystem that really runs out of space."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    yield str(mnt)
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_failing_image_file_gives_eio_and_the_export_goes_on(tiny_fs):
+    s = DiskSettings(image=os.path.join(tiny_fs, "disk.img"), export_size=SIZE, block_size=BS,
+                     export="127.0.0.1:0")
+    disk = PrimaryDisk(s, forward=False)
+    try:
+        c = RawClient(disk.uri)
+        try:
+            c.request(P.CMD_WRITE, 0, 1 << 20, b"f" * (1 << 20), cookie=1)  # > the fs
+            assert c.reply()[:2] == (P.EIO, 1)
+            # the failed write filled the fs; a block it did allocate can be rewritten
+            c.request(P.CMD_WRITE, 0, BS, b"s" * BS, cookie=2)
+            assert c.reply()[:2] == (0, 2)
+            c.request(P.CMD_READ, 0, BS, cookie=3)
+            assert c.reply(BS) == (0, 3, b"s" * BS)
+        finally:
+            c.close()
+        assert disk.counters["io_errors"] == 1 and disk.counters["bad_requests"] == 0
+    finally:
+        disk.close()

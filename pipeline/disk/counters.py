@@ -31,6 +31,7 @@ COUNTER_NAMES = {
     "received": "forwarded writes accepted into the buffer (secondary side)",
     "bad_requests": "NBD requests refused (bounds, alignment, size, unknown command)",
     "bad_forwards": "forwarded writes refused (epoch, bounds, hash, malformed)",
+    "io_errors": "requests failed with EIO because the image/overlay/buffer files failed",
     "client_disconnects": "NBD clients that vanished mid-request",
     "commits": "epochs committed into the secondary image",
     "discards": "uncommitted epochs discarded",

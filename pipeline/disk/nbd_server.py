@@ -66,6 +66,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+class _BackendIOError(Exception):
+    """The export's files failed (I/O error, disk full): the client gets EIO."""
+
+
+def _io(name: str, offset: int, length: int, op, *args):
+    """Run a backend operation; an OSError of the files becomes a _BackendIOError naming
+    the request (socket errors never pass through here)."""
+    try:
+        return op(*args)
+    except OSError as e:
+        raise _BackendIOError(f"{name} [{offset}, +{length}): {e}") from e
+
+
 def _info_request_ok(data: bytes) -> bool:
     """INFO/GO data: u32 name length, name, u16 count, count × u16 info types."""
     if len(data) < 6:
@@ -338,9 +351,9 @@ class _Connection:
             raise P.NbdError(P.EINVAL, f"{name} [{offset}, +{length}) not aligned to the "
                                        f"block size {self.block}")
 
-    def _refuse(self, cookie: int, err: P.NbdError) -> None:
+    def _refuse(self, cookie: int, err: P.NbdError, counter: str = "bad_requests") -> None:
         log.warning("%s: refused: %s", self.server.name, err)
-        self.counters.add("bad_requests")
+        self.counters.add(counter)
         self.sock.sendall(P.simple_reply(cookie, err.error))
 
     def _one_request(self) -> bool:
@@ -354,53 +367,55 @@ class _Connection:
         magic, _flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
         if magic != P.REQUEST_MAGIC:
             raise P.NbdProtocolError(f"request magic {magic:#x} (cmd {cmd}, offset {offset})")
-        name = P.CMD_NAMES.get(cmd, f"command {cmd}")
+        payload = None
         if cmd == P.CMD_WRITE:
             if length > self.max_request:
-                self._discard(length)
-                self._refuse(cookie, P.NbdError(P.EOVERFLOW, f"WRITE of {length} bytes exceeds "
-                                                             f"the maximum request {self.max_request}"))
-                return True
-            data = self.reader.read(length)
-            try:
-                self._check(name, offset, length)
-                done = self.link.write(cookie, offset, data)
-            except P.NbdError as e:
-                self._refuse(cookie, e)
-                return True
+                self._discard(length)  # keep the stream in step; refused below
+            else:
+                payload = self.reader.read(length)
+        try:
+            return self._dispatch(cmd, cookie, offset, length, payload)
+        except P.NbdError as e:
+            self._refuse(cookie, e)
+        except _BackendIOError as e:
+            self._refuse(cookie, P.NbdError(P.EIO, str(e)), counter="io_errors")
+        return True
+
+    def _dispatch(self, cmd: int, cookie: int, offset: int, length: int,
+                  payload: bytearray | None) -> bool:
+        name = P.CMD_NAMES.get(cmd, f"command {cmd}")
+        if cmd in (P.CMD_READ, P.CMD_WRITE) and length > self.max_request:
+            raise P.NbdError(P.EOVERFLOW, f"{name} of {length} bytes exceeds the maximum "
+                                          f"request {self.max_request}")
+        if cmd == P.CMD_WRITE:
+            self._check(name, offset, length)
+            done = _io(name, offset, length, self.link.write, cookie, offset, payload)
             self.counters.add("writes")
             self.counters.add("write_bytes", length)
             if done:
                 self.sock.sendall(P.simple_reply(cookie))
-            return True
-        try:
-            if cmd == P.CMD_READ:
-                if length > self.max_request:
-                    raise P.NbdError(P.EOVERFLOW, f"READ of {length} bytes exceeds the "
-                                                  f"maximum request {self.max_request}")
-                self._check(name, offset, length)
-                data = self.link.read(offset, length)
-                _send_parts(self.sock, [P.simple_reply(cookie), data])
-                self.counters.add("reads")
-                self.counters.add("read_bytes", length)
-            elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
-                self._check(name, offset, length)
-                # TRIM is served as zeroing so both replicas read back the same bytes
-                done = self.link.zero(cookie, offset, length)
-                self.counters.add("writes")
-                self.counters.add("write_bytes", length)
-                if done:
-                    self.sock.sendall(P.simple_reply(cookie))
-            elif cmd == P.CMD_FLUSH:
-                self.link.flush()
-                self.counters.add("flushes")
+        elif cmd == P.CMD_READ:
+            self._check(name, offset, length)
+            data = _io(name, offset, length, self.link.read, offset, length)
+            _send_parts(self.sock, [P.simple_reply(cookie), data])
+            self.counters.add("reads")
+            self.counters.add("read_bytes", length)
+        elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            self._check(name, offset, length)
+            # TRIM is served as zeroing so both replicas read back the same bytes
+            done = _io(name, offset, length, self.link.zero, cookie, offset, length)
+            self.counters.add("writes")
+            self.counters.add("write_bytes", length)
+            if done:
                 self.sock.sendall(P.simple_reply(cookie))
-            elif cmd == P.CMD_DISC:
-                return False
-            else:
-                raise P.NbdError(P.EINVAL, f"{name} is not supported by this export")
-        except P.NbdError as e:
-            self._refuse(cookie, e)
+        elif cmd == P.CMD_FLUSH:
+            _io(name, offset, length, self.link.flush)
+            self.counters.add("flushes")
+            self.sock.sendall(P.simple_reply(cookie))
+        elif cmd == P.CMD_DISC:
+            return False
+        else:
+            raise P.NbdError(P.EINVAL, f"{name} is not supported by this export")
         return True
 
     def _discard(self, length: int) -> None:

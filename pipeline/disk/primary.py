@@ -152,17 +152,27 @@ class PrimaryLink:
             fut = self.b.pool().submit(self.b.image.pwrite, offset, data)
             self._writing[seq] = (offset, offset + len(data), fut)
             fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
-        else:
-            self.b.image.pwrite(offset, data)
-            p.local = True
-        return self._complete_or_hold(seq, p)
+            return self._complete_or_hold(seq, p)
+        return self._apply_inline(seq, p, self.b.image.pwrite, offset, data)
 
     def zero(self, cookie: int, offset: int, length: int) -> bool:
         seq = next(self._seq)
         p = _Pending(cookie, self.b.epoch, time.monotonic_ns())
         p.forwarded = not self._forward(seq, p, wire.KIND_ZERO, offset, length, None)
         self._wait_overlapping(offset, offset + length)
-        self.b.image.zero(offset, length)
+        return self._apply_inline(seq, p, self.b.image.zero, offset, length)
+
+    def _apply_inline(self, seq: int, p: _Pending, op, *args) -> bool:
+        """Write our copy now. If that fails after the forward went out, the failure is
+        answered with the ack (the pending entry must stay to account for the forward)."""
+        try:
+            op(*args)
+        except OSError as e:
+            if p.forwarded:  # nothing in flight: fail the request right here
+                raise
+            log.error("primary disk: writing our image failed: %s", e)
+            self.b.counters.add("io_errors")
+            p.error = P.EIO
         p.local = True
         return self._complete_or_hold(seq, p)
 
@@ -218,6 +228,7 @@ class PrimaryLink:
             p.local = True
             if fut.exception() is not None:
                 log.error("primary disk: writing our image failed: %s", fut.exception())
+                self.b.counters.add("io_errors")
                 p.error = P.EIO
             self._finish_if_done(seq, p, done)
         while self.socket is not None:
