@@ -133,6 +133,6 @@ class CheckpointClient:
             out.append(CheckpointEvent(msg.pop("event"), int(msg.pop("epoch")), msg))
 
     def close(self) -> None:
-        self.requests_out.close(0)
+        self.requests_out.close()   # with its LINGER: a request just sent still goes out
         if self.events_in is not None:
             self.events_in.close(0)

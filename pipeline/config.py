@@ -9,7 +9,9 @@ must be >= 1 (expected an integer >= 1)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, doc: str, *, choices: tuple = (), min: float | None = None,
-       max: float | None = None) -> Any:
-    meta = {"doc": doc, "choices": choices, "min": min, "max": max}
+       max: float | None = None, pattern: str = "", pattern_doc: str = "") -> Any:
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "pattern": pattern,
+            "pattern_doc": pattern_doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,7 +44,10 @@ def _section(cls: type, doc: str) -> Any:
 @dataclass(frozen=True)
 class NodeSettings:
     name: str = _f("colo", "Name of this node; names its shared memory (`colo-<name>-*`) and "
-                   "its run directory, and is how `colo-pipeline stats` finds it.")
+                   "its run directory, and is how `colo-pipeline stats` finds it.",
+                   pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}",
+                   pattern_doc="letters, digits, '.', '_', '-' (at most 63, not starting "
+                   "with a punctuation mark)")
     role: str = _f("primary", "What this node is.", choices=("primary", "secondary"))
     run_dir: str = _f("", "Directory for local sockets; default `/tmp/colo-pipeline/<name>`.")
 
@@ -148,6 +154,11 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
             value = float(value)
         if type(value) is not typ:
             raise ConfigError(path, key, f"{value!r} is {type(value).__name__}", expected)
+        if typ is float and not math.isfinite(value):
+            raise ConfigError(path, key, f"{value!r} is not a finite number", expected)
+        pattern = meta.get("pattern")
+        if pattern and not re.fullmatch(pattern, value):
+            raise ConfigError(path, key, f"{value!r} is not allowed", meta["pattern_doc"])
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(path, key, f"{value!r} is not allowed",
                               "one of " + ", ".join(repr(c) for c in meta["choices"]))
@@ -175,8 +186,8 @@ def _check(settings: Settings, path: str) -> None:
         raise ConfigError(path, "guest.domain", "missing for backend 'xen'",
                           "the Xen domain's name or id")
     addr = settings.peer.address
-    if not addr.startswith("tcp://") or ":" not in addr[6:]:
-        raise ConfigError(path, "peer.address", f"{addr!r} is not a tcp address",
+    if not addr.startswith("tcp://") or ":" not in addr[6:] or addr[6:].startswith(":"):
+        raise ConfigError(path, "peer.address", f"{addr!r} is not a tcp address with a host",
                           "tcp://HOST:PORT")
     try:
         port = int(addr.rsplit(":", 1)[1])
@@ -206,6 +217,9 @@ def load(path: str) -> Settings:
         raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                          "a UTF-8 TOML file") from None
     return from_dict(data, path)
 
 

@@ -203,6 +203,9 @@ class Supervisor:
                                  name=f"colo-{self.name}-{spec.name}", daemon=False)
                 p.start()
                 self.procs[spec.name] = p
+            info = self.node.node_info()
+            info["stage_pids"] = {name: p.pid for name, p in self.procs.items()}
+            self.node.set_node_info(info)
         except BaseException:
             self.stop()
             raise
@@ -216,6 +219,7 @@ class Supervisor:
         ready = multiprocessing.connection.wait(list(sentinels), timeout)
         for sentinel in ready:
             name = sentinels[sentinel]
+            self.procs[name].join(1.0)   # exitcode is only known once the child is reaped
             code = self.procs[name].exitcode
             if not self.stop_event.is_set():
                 how = f"killed by signal {-code}" if code is not None and code < 0 \

@@ -227,12 +227,12 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
         raise WireError(f"PAGES: unknown enc_kind {int(enc_kind.max())}")
     raw = enc_kind == ENC_RAW
     if np.any(enc_len[raw] != page_size):
-        raise WireError(f"PAGES: a RAW page whose enc_len is not the page size {page_size}")
+        raise WireError(f"PAGES: enc_len of a RAW page is not the page size {page_size}")
     lz = enc_kind == ENC_LZ4
     if np.any((enc_len[lz] == 0) | (enc_len[lz] >= page_size)):
-        raise WireError("PAGES: an LZ4 page with enc_len 0 or not smaller than a page")
+        raise WireError("PAGES: enc_len of an LZ4 page is 0 or not smaller than a page")
     if np.any(enc_len[~(raw | lz)] != 0):
-        raise WireError("PAGES: a ZERO or REF page with data")
+        raise WireError("PAGES: enc_len of a ZERO or REF page is not 0 (they carry no data)")
     total = int(enc_len.sum(dtype=np.int64))
     if total != len(data):
         raise WireError(f"PAGES: enc_len adds up to {total} bytes but {len(data)} bytes of "

@@ -307,8 +307,6 @@ def test_bad_config_starts_nothing(tmp_path, request, node_extra, rest, key):
 
 
 # -- bugs: configs that check-config accepts but a node cannot use ------------------------
-@pytest.mark.xfail(strict=True, reason="config.load: a file that is not UTF-8 raises "
-                   "UnicodeDecodeError from tomllib (traceback, exit 1) instead of ConfigError")
 def test_check_config_not_utf8(tmp_path, capsys):
     path = os.path.join(str(tmp_path), "latin1.toml")
     with open(path, "wb") as fh:
@@ -318,8 +316,6 @@ def test_check_config_not_utf8(tmp_path, capsys):
     assert path in err
 
 
-@pytest.mark.xfail(strict=True, reason="config._build: NaN passes the min/max checks "
-                   "(nan < lo and nan > hi are both False) and the mix_* sum check")
 @pytest.mark.parametrize("text,key", [
     ("[guest.workload]\nnondeterminism = nan\n", "guest.workload.nondeterminism"),
     ("[guest.workload]\ninput_rate_hz = nan\n", "guest.workload.input_rate_hz"),
@@ -332,9 +328,6 @@ def test_check_config_nan(tmp_path, text, key):
     assert exc_info.value.key == key
 
 
-@pytest.mark.xfail(strict=True, reason="config: node.name is not validated; '' or a name "
-                   "with '/' passes check-config, then `primary` dies in shm.segment_prefix "
-                   "with a ValueError traceback (exit 1)")
 @pytest.mark.parametrize("name", ["", "a/b", ".."])
 def test_check_config_node_name_unusable_for_shm(name):
     with pytest.raises(ConfigError) as exc_info:
@@ -342,8 +335,6 @@ def test_check_config_node_name_unusable_for_shm(name):
     assert exc_info.value.key == "node.name"
 
 
-@pytest.mark.xfail(strict=True, reason="config._check: 'tcp://:7400' (empty host) passes, "
-                   "but the secondary's zmq bind of it fails (ENODEV)")
 def test_check_config_address_without_host():
     with pytest.raises(ConfigError) as exc_info:
         config.from_dict({"peer": {"address": "tcp://:7400"}}, "x.toml")

@@ -338,8 +338,6 @@ def test_pages_zero_or_ref_with_data_is_rejected(kind, enc_len):
     assert "ZERO" in text or "REF" in text
 
 
-@pytest.mark.xfail(strict=True, reason="wire.py decode_pages: the ZERO/REF-with-data error "
-                   "does not name the field (enc_len), unlike the module's contract")
 @pytest.mark.parametrize("kind", [wire.ENC_ZERO, wire.ENC_REF])
 def test_pages_zero_or_ref_with_data_names_enc_len(kind):
     msg = pages_record([kind], enc_len=[1], data=b"\0")
