@@ -137,11 +137,15 @@ class ForwardReceiver(threading.Thread):
         except StoreError as e:
             self._refuse(identity, seq, P.EIO, str(e))
             return
+        except OSError as e:  # the buffer file failed (disk full, I/O error)
+            self._refuse(identity, seq, P.EIO, f"buffering seq {seq}: {e}", counter="io_errors")
+            return
         self.counters.add("received")
         self.comparator.record(PVM, fw.epoch, fw.offset, fw.length, fw.digest)
         self.writes_in.send_multipart([identity] + wire.encode_ack(fw.seq))
 
-    def _refuse(self, identity, seq: int, status: int, reason: str) -> None:
+    def _refuse(self, identity, seq: int, status: int, reason: str,
+                counter: str = "bad_forwards") -> None:
         log.warning("secondary disk: refused a forwarded write: %s", reason)
-        self.counters.add("bad_forwards")
+        self.counters.add(counter)
         self.writes_in.send_multipart([identity] + wire.encode_ack(seq, status, reason))

@@ -226,10 +226,13 @@ class SecondaryStore:
                                 f"{self.buffer_max_bytes}")
             lg = self._logs.get(epoch) or self._open_log(epoch)
             hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, offset, length, data_len, digest)
-            n = os.writev(lg.fd, [hdr] if data is None else [hdr, data])
-            if n != RECORD.size + data_len:  # disk full mid-record: cut it off again
-                os.ftruncate(lg.fd, lg.bytes)
-                raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
+            try:
+                n = os.writev(lg.fd, [hdr] if data is None else [hdr, data])
+                if n != RECORD.size + data_len:
+                    raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
+            except OSError:
+                os.ftruncate(lg.fd, lg.bytes)  # disk full mid-record: no torn record stays
+                raise
             lg.bytes += n
             self.counters.add("buffer_bytes", n)
 
