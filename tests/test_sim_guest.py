@@ -574,6 +574,31 @@ def test_close_leaves_no_process_fd_or_shm_behind() -> None:
         dom.pause()
 
 
+def test_guest_dies_with_a_creator_that_never_closed_it() -> None:
+    import subprocess
+    import sys
+    script = ("import os\n"
+              "from pipeline.xen_io.sim import open_sim_domain\n"
+              "d = open_sim_domain('orphan', 64)\n"
+              "d.start(paused=False)\n"
+              "print(d.guest_pid, flush=True)\n"
+              "os._exit(0)\n")  # no close(), no atexit: as if the supervisor crashed
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    guest = int(out.split()[0])
+
+    def alive() -> bool:  # a zombie is dead: reaping an orphan is init's job, not ours
+        try:
+            with open(f"/proc/{guest}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except OSError:
+            return False
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive()
+
+
 def test_guest_start_failure_is_reported(make_domain, monkeypatch) -> None:
     # a mock: the guest's userfaultfd registration failing cannot be caused on a kernel
     # that supports it, so the registration is replaced by one that raises
