@@ -52,6 +52,13 @@ MAP_BATCH = 1024
 WAKE_METHODS = ("msi", "nmi", "none")
 
 
+class _RawMemory:
+    """Exposes a foreign mapping to numpy without building a ctypes array type per call."""
+
+    def __init__(self, addr: int, shape: tuple[int, int], writable: bool) -> None:
+        self.__array_interface__ = {"data": (addr, not writable), "shape": shape, "typestr": "|u1", "version": 3}
+
+
 class XenHandles:
     """The process-wide library handles (xc interface, foreign memory, device model, logger)."""
 
@@ -183,6 +190,7 @@ class XenDomain(Domain):
         self.last_dirty_stats = (0, 0)
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
+        self._mappable: np.ndarray | None = None
         log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d",
                  self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus)
 
@@ -267,8 +275,11 @@ class XenDomain(Domain):
     @contextmanager
     def map_frames(self, pfns: np.ndarray, writable: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Map ``pfns`` (at most MAP_BATCH) and yield ``(pages, errs)``: a ``(n, 4096)`` view of
-        the mapping and per-frame error codes (0 = mapped, else a negative errno)."""
+        the mapping (valid only inside the ``with``) and per-frame error codes (0 = mapped, else a
+        negative errno)."""
         n = int(pfns.size)
+        if not 0 < n <= MAP_BATCH:
+            raise ValueError(f"map_frames maps 1..{MAP_BATCH} frames at a time, got {n}")
         frames = np.ascontiguousarray(pfns, dtype=np.uint64)  # xen_pfn_t is unsigned long (64-bit)
         errs = np.zeros(n, dtype=np.int32)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -276,9 +287,9 @@ class XenDomain(Domain):
                                                      frames.ctypes.data, errs.ctypes.data)
         if not addr:
             raise call_error("xenforeignmemory_map", f"{self.name} (id {self.domid})", ctypes.get_errno(),
-                             f"{n} frames from {int(frames[0]):#x}")
+                             f"{n} frames {int(pfns[0]):#x}..{int(pfns[-1]):#x}, frames array {frames.shape}")
         try:
-            yield np.ctypeslib.as_array((ctypes.c_uint8 * (n * PAGE_SIZE)).from_address(addr)).reshape(n, PAGE_SIZE), errs
+            yield np.asarray(_RawMemory(addr, (n, PAGE_SIZE), writable)), errs
         finally:
             if self._h.lib.fmem.xenforeignmemory_unmap(self._h.fmem, addr, n) < 0:
                 log.warning("xenforeignmemory_unmap of %d frames of %s failed: %s", n, self.name,
@@ -314,32 +325,52 @@ class XenDomain(Domain):
         """Copy ``data`` into frames, except this domain's own Xen pages (``own_frames``).
         Holes are skipped and returned (also kept in ``last_holes``)."""
         pfns = self._validate(pfns, data, "data")
-        keep = ~np.isin(pfns, self.own_frames) if self.own_frames.size else np.ones(pfns.size, bool)
         holes: list[np.ndarray] = []
         for start in range(0, pfns.size, MAP_BATCH):
-            sel = keep[start : start + MAP_BATCH]
-            batch = pfns[start : start + MAP_BATCH][sel]
-            if batch.size == 0:
-                continue
-            src = data[start : start + sel.size][sel]
+            batch = pfns[start : start + MAP_BATCH]
+            rows = data[start : start + batch.size]
+            if self.own_frames.size:
+                keep = ~np.isin(batch, self.own_frames)
+                if not keep.all():  # rare: copies only in that case
+                    batch, rows = batch[keep], rows[keep]
+                    if batch.size == 0:
+                        continue
             with self.map_frames(batch, writable=True) as (pages, errs):
                 ok = self._note_holes(batch, errs, holes)
                 if ok.all():
-                    pages[:] = src
+                    pages[:] = rows
                 else:
-                    pages[ok] = src[ok]
+                    pages[ok] = rows[ok]
         self.last_holes = np.concatenate(holes) if holes else np.empty(0, dtype=np.uint64)
         return self.last_holes
 
     def mappable_pfns(self) -> np.ndarray:
         """Every frame of ``range(page_count)`` that maps (the guest's RAM plus special pages).
-        Slow (maps the whole gpfn space once); callers cache it."""
-        found = []
-        for start in range(0, self.page_count, MAP_BATCH):
-            batch = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
-            with self.map_frames(batch, writable=False) as (_, errs):
-                found.append(batch[errs == 0])
-        return np.concatenate(found)
+        Found once by mapping the whole gpfn space (seconds under TCG), then cached."""
+        if self._mappable is None:
+            found = []
+            for start in range(0, self.page_count, MAP_BATCH):
+                batch = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
+                with self.map_frames(batch, writable=False) as (_, errs):
+                    found.append(batch[errs == 0])
+            self._mappable = np.concatenate(found)
+        return self._mappable
+
+    def memory_digest(self, batch_pages: int = MAP_BATCH) -> bytes:
+        """blake3 over every mappable frame in pfn order. This domain's own Xen frames
+        (shared_info, not replicated) count as zero pages, so two twin domains whose guest
+        memory is equal give equal digests. Pause the domain for a stable answer."""
+        import blake3
+
+        pfns = self.mappable_pfns()
+        h = blake3.blake3()
+        buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
+        for start in range(0, pfns.size, batch_pages):
+            chunk = pfns[start : start + batch_pages]
+            self.read_pages(chunk, buf)
+            buf[: chunk.size][np.isin(chunk, self.own_frames)] = 0
+            h.update(buf[: chunk.size])
+        return h.digest()
 
     def hvm_param(self, index: int) -> int:
         """xc_hvm_param_get (e.g. HVM_PARAM_CONSOLE_PFN: the console ring frame shared with dom0)."""

@@ -23,13 +23,13 @@ LAB = Path(os.environ.get("XENLAB_DIR", "/var/tmp/colo-xenlab"))
 PAUSE_RATIO_TARGET = 1.5
 
 
-def qemu_command(rounds: int, interval_ms: int, replicator: str) -> list[str]:
+def qemu_command(rounds: int, interval_ms: int, replicator: str, tcg_thread: str) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     xen_args = "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 " \
                "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0"
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
                 f"xenlab.interval_ms={interval_ms} xenlab.replicator={replicator}"
-    return ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-machine", "pc", "-cpu", "max",
+    return ["qemu-system-x86_64", "-accel", f"tcg,thread={tcg_thread}", "-machine", "pc", "-cpu", "max",
             "-m", "3072", "-smp", "2", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=s0,path={LAB}/serial.sock,server=on,wait=off,logfile={LAB}/serial.log",
             "-serial", "chardev:s0", "-monitor", f"unix:{LAB}/mon.sock,server=on,wait=off",
@@ -42,7 +42,7 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
     for name in ("serial.log", "serial.sock", "mon.sock"):
         (LAB / name).unlink(missing_ok=True)
     t0 = time.monotonic()
-    qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.replicator)],
+    qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.replicator, args.tcg_thread)],
                             stdout=open(LAB / "qemu.out", "w"), stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -77,7 +77,7 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
 
 def report(log: str, boot_s: float, total_s: float) -> bool:
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PYREP ", "FAILOVER", "Traceback", "  File", "RuntimeError", "pipeline.")):
+        if line.startswith(("CREP ", "PYREP ", "FAILOVER", "GUESTERR", "Traceback", "  File", "RuntimeError", "pipeline.")):
             print(line.rstrip())
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.M)
     if not m:
@@ -115,7 +115,7 @@ def report(log: str, boot_s: float, total_s: float) -> bool:
     print(f"failover: {fo}")
     differing = sorted({d for r in py_rows for d in r.get("differing", [])})
     if differing:
-        print("frames that differed after a checkpoint:", [hex(d) for d in differing])
+        print("frames that differed after a checkpoint:", ", ".join(differing))
     ok = ("error" not in res and equal_all and guest_errs == 0 and sec_ran and failover_ok
           and len(py_rows) == len(c_rows) > 1 and ratio <= PAUSE_RATIO_TARGET)
     print(f"VERDICT: {'PASS' if ok else 'FAIL'} {len(py_rows) - 1 if py_rows else 0} checkpoints "
@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--interval-ms", type=int, default=1000, help="time between checkpoints")
     ap.add_argument("--replicator", default="python", help="REPLICATORS key in dom0/lab_dom0.py")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before the lab gives up")
+    ap.add_argument("--tcg-thread", choices=("single", "multi"), default="single",
+                    help="QEMU TCG threading (multi-threaded TCG corrupted dom0 memory now and then here)")
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
     args = ap.parse_args()
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):

@@ -1,12 +1,14 @@
 /* crep: the lab's minimal C baseline replicator (libxenctrl + libxenforeignmemory + libxendevicemodel).
- * It does per checkpoint exactly what the Python loop does, so their PVM pauses compare:
- *   pause P and S; log-dirty CLEAN on both; union of the dirty sets; map those frames in P and S
- *   and copy P -> S (S keeps its own shared_info frame); HVM context P -> S; wake S's vCPU with an
- *   MSI carrying the event upcall vector; unpause P; unpause S.
+ * It does per checkpoint what the Python loop does, split the same way, so their PVM pauses compare:
+ *   primary side (the PVM pause): pause P and S; log-dirty CLEAN on P; copy P's dirty frames into a
+ *     checkpoint cache (indexed by frame number); read P's HVM context; unpause P.
+ *   secondary side: CLEAN S; write the union of both dirty sets from the cache into S (S keeps its
+ *     own shared_info frame); load the context; wake S's vCPU with an MSI carrying the event upcall
+ *     vector; unpause S.
  * Round 0 copies every frame mappable in P.  PVM pause = pause(P) .. unpause(P) returned.
  * usage: crep [-r rounds] [-i interval_ms] [-v upcall_vector] <prim-domid> <sec-domid>
  * output: one line per checkpoint
- *   CREP ckpt=<k> dirty_p=<n> dirty_s=<n> copied=<n> holes=<n> pause_ms=<t> clean_ms=<t> copy_ms=<t> ctx_ms=<t> */
+ *   CREP ckpt=<k> dirty_p=<n> dirty_s=<n> copied=<n> holes=<n> pause_ms=<t> clean_ms=<t> copy_ms=<t> ctx_ms=<t> apply_ms=<t> */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
@@ -28,28 +30,26 @@ static xendevicemodel_handle *dmod;
 
 static double now_ms(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e3 + t.tv_nsec / 1e6; }
 
-/* copy frames g[0..n) from P to S, skipping S's shared_info frame; returns frames copied */
-static unsigned long copy_frames(uint32_t P, uint32_t S, const xen_pfn_t *g, unsigned long n,
-                                 xen_pfn_t keep, unsigned long *holes) {
-    static xen_pfn_t a[BATCH], b[BATCH];
-    static int ea[BATCH], eb[BATCH];
+/* map frames g[0..n) of domain d and copy them out to (to_cache) or in from the cache, which holds
+ * frame g at cache + g*4096; frame `keep` is left alone; returns frames copied */
+static unsigned long copy_cache(uint32_t d, int to_cache, char *cache, const xen_pfn_t *g, unsigned long n,
+                                xen_pfn_t keep, unsigned long *holes) {
+    static xen_pfn_t a[BATCH];
+    static int err[BATCH];
     unsigned long copied = 0;
     for (unsigned long off = 0; off < n; off += BATCH) {
         size_t m = n - off < BATCH ? n - off : BATCH;
         memcpy(a, g + off, m * sizeof *a);
-        memcpy(b, g + off, m * sizeof *b);
-        char *src = xenforeignmemory_map(fmem, P, PROT_READ, m, a, ea);
-        if (!src) DIE("xenforeignmemory_map(P dom%u, %zu frames)", P, m);
-        char *dst = xenforeignmemory_map(fmem, S, PROT_READ | PROT_WRITE, m, b, eb);
-        if (!dst) DIE("xenforeignmemory_map(S dom%u, %zu frames)", S, m);
+        char *map = xenforeignmemory_map(fmem, d, to_cache ? PROT_READ : PROT_READ | PROT_WRITE, m, a, err);
+        if (!map) DIE("xenforeignmemory_map(dom%u, %zu frames)", d, m);
         for (size_t i = 0; i < m; i++) {
-            if (ea[i] || eb[i]) { (*holes)++; continue; }
+            if (err[i]) { (*holes)++; continue; }
             if (g[off + i] == keep) continue;
-            memcpy(dst + i * 4096, src + i * 4096, 4096);
+            if (to_cache) memcpy(cache + g[off + i] * 4096, map + i * 4096, 4096);
+            else memcpy(map + i * 4096, cache + g[off + i] * 4096, 4096);
             copied++;
         }
-        xenforeignmemory_unmap(fmem, src, m);
-        xenforeignmemory_unmap(fmem, dst, m);
+        xenforeignmemory_unmap(fmem, map, m);
     }
     return copied;
 }
@@ -79,42 +79,55 @@ int main(int argc, char **argv) {
     bp = xc_hypercall_buffer_alloc_pages(xch, bp, npages);
     bs = xc_hypercall_buffer_alloc_pages(xch, bs, npages);
     if (!bp || !bs) DIE("xc_hypercall_buffer_alloc_pages");
-    xen_pfn_t *list = malloc(nbits * sizeof *list);
+    xen_pfn_t *plist = malloc(nbits * sizeof *plist), *ulist = malloc(nbits * sizeof *ulist);
+    /* P's frames at the last checkpoint; sparse: only the guest's RAM frames are ever touched */
+    char *cache = mmap(NULL, nbits * 4096UL, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (!plist || !ulist || cache == MAP_FAILED) DIE("allocating lists and the checkpoint cache");
     int ctxsz = xc_domain_hvm_getcontext(xch, P, NULL, 0);
     if (ctxsz <= 0) DIE("xc_domain_hvm_getcontext(size)");
     uint8_t *ctx = malloc(ctxsz);
     if (xc_logdirty_control(xch, P, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0, 0, NULL) < 0) DIE("ENABLE_LOGDIRTY P");
     if (xc_logdirty_control(xch, S, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0, 0, NULL) < 0) DIE("ENABLE_LOGDIRTY S");
+    xc_shadow_op_stats_t st;
     for (int r = 0; r <= rounds; r++) {
         if (r) usleep(interval * 1000);
+        /* primary side */
         double t0 = now_ms();
         if (xc_domain_pause(xch, P)) DIE("pause P");
         if (xc_domain_pause(xch, S)) DIE("pause S");
-        memset(bp, 0, npages * 4096); memset(bs, 0, npages * 4096);
-        xc_shadow_op_stats_t st;
+        memset(bp, 0, npages * 4096);
         if (xc_logdirty_control(xch, P, XEN_DOMCTL_SHADOW_OP_CLEAN, HYPERCALL_BUFFER(bp), nbits, 0, &st) < 0) DIE("CLEAN P");
-        if (xc_logdirty_control(xch, S, XEN_DOMCTL_SHADOW_OP_CLEAN, HYPERCALL_BUFFER(bs), nbits, 0, &st) < 0) DIE("CLEAN S");
         double t1 = now_ms();
-        unsigned long n = 0, dp = 0, ds = 0, holes = 0;
+        unsigned long np_ = 0, dp = 0, holes = 0;
         for (unsigned long w = 0; w < words; w++) {
-            unsigned long u = bp[w] | bs[w];
-            dp += __builtin_popcountl(bp[w]); ds += __builtin_popcountl(bs[w]);
-            if (r == 0) u = ~0UL;
-            for (; u; u &= u - 1) { unsigned long g = w * 64 + __builtin_ctzl(u); if (g < nbits) list[n++] = g; }
+            unsigned long u = r == 0 ? ~0UL : bp[w];
+            dp += __builtin_popcountl(bp[w]);
+            for (; u; u &= u - 1) { unsigned long g = w * 64 + __builtin_ctzl(u); if (g < nbits) plist[np_++] = g; }
         }
-        unsigned long copied = copy_frames(P, S, list, n, is.shared_info_frame, &holes);
+        copy_cache(P, 1, cache, plist, np_, ~0UL, &holes);
         double t2 = now_ms();
         int len = xc_domain_hvm_getcontext(xch, P, ctx, ctxsz);
         if (len <= 0) DIE("xc_domain_hvm_getcontext(P)");
-        if (xc_domain_hvm_setcontext(xch, S, ctx, len)) DIE("xc_domain_hvm_setcontext(S)");
-        for (unsigned v = 0; v <= is.max_vcpu_id; v++)
-            if (xendevicemodel_inject_msi(dmod, S, 0xfee00000u | ((2 * v) << 12), vector)) DIE("xendevicemodel_inject_msi(S)");
         double t3 = now_ms();
         if (xc_domain_unpause(xch, P)) DIE("unpause P");
         double t4 = now_ms();
+        /* secondary side */
+        memset(bs, 0, npages * 4096);
+        if (xc_logdirty_control(xch, S, XEN_DOMCTL_SHADOW_OP_CLEAN, HYPERCALL_BUFFER(bs), nbits, 0, &st) < 0) DIE("CLEAN S");
+        unsigned long nu = 0, ds = 0;
+        for (unsigned long w = 0; w < words; w++) {
+            unsigned long u = r == 0 ? ~0UL : bp[w] | bs[w];
+            ds += __builtin_popcountl(bs[w]);
+            for (; u; u &= u - 1) { unsigned long g = w * 64 + __builtin_ctzl(u); if (g < nbits) ulist[nu++] = g; }
+        }
+        unsigned long sholes = 0, copied = copy_cache(S, 0, cache, ulist, nu, is.shared_info_frame, &sholes);
+        if (xc_domain_hvm_setcontext(xch, S, ctx, len)) DIE("xc_domain_hvm_setcontext(S)");
+        for (unsigned v = 0; v <= is.max_vcpu_id; v++)
+            if (xendevicemodel_inject_msi(dmod, S, 0xfee00000u | ((2 * v) << 12), vector)) DIE("xendevicemodel_inject_msi(S)");
         if (xc_domain_unpause(xch, S)) DIE("unpause S");
-        printf("CREP ckpt=%d dirty_p=%lu dirty_s=%lu copied=%lu holes=%lu pause_ms=%.2f clean_ms=%.2f copy_ms=%.2f ctx_ms=%.2f\n",
-               r, dp, ds, copied, holes, t4 - t0, t1 - t0, t2 - t1, t3 - t2);
+        double t5 = now_ms();
+        printf("CREP ckpt=%d dirty_p=%lu dirty_s=%lu copied=%lu holes=%lu pause_ms=%.2f clean_ms=%.2f copy_ms=%.2f ctx_ms=%.2f apply_ms=%.2f\n",
+               r, dp, ds, copied, holes, t4 - t0, t1 - t0, t2 - t1, t3 - t2, t5 - t4);
     }
     xc_logdirty_control(xch, P, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0, 0, NULL);
     xc_logdirty_control(xch, S, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0, 0, NULL);

@@ -27,11 +27,12 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from pipeline.xen_io.xen import MAP_BATCH, XenDomain, open_xen_domain
+from pipeline.xen_io.xen import MAP_BATCH, XenDomain, open_xen_domain, resolve_domain
 
 log = logging.getLogger("xenlab")
 CONSOLE_LOG = "/var/log/xen/console/guest-{}.log"
 TICK = re.compile(r"MW n=(\d+) err=(\d+)")
+BAD_TICK = re.compile(r"MW n=\d+ err=[1-9].*")
 IMAGE = "/tmp/prim.img"
 
 
@@ -81,7 +82,7 @@ def make_twin() -> tuple[int, int]:
     sh(f"xl restore /root/prim.cfg {IMAGE}")
     sh(f"xl restore /root/sec.cfg {IMAGE}")
     time.sleep(3)  # let both finish their resume path before the first checkpoint
-    return int(sh("xl domid prim")), int(sh("xl domid sec"))
+    return resolve_domain("prim"), resolve_domain("sec")
 
 
 # -- the replication loop (the function the lead swaps for colo-pipeline primary/secondary) ---
@@ -100,13 +101,13 @@ class Checkpoint:
     differing: list[int] = field(default_factory=list)
 
 
-def compare_memory(p: XenDomain, s: XenDomain, pfns: np.ndarray, skip: np.ndarray) -> tuple[bool, list[int]]:
-    """blake3 over all of ``pfns`` in both domains (frames in ``skip`` hashed as zero pages);
-    also returns the pfns whose contents differ, for the report."""
+def compare_memory(p: XenDomain, s: XenDomain, pfns: np.ndarray, skip: np.ndarray) -> tuple[bool, list[str]]:
+    """blake3 over all of ``pfns`` in both domains (frames in ``skip`` hashed as zero pages).
+    Also returns, for the report, the differing frames with the byte range that differs."""
     hp, hs = blake3.blake3(), blake3.blake3()
     a = np.empty((MAP_BATCH, p.page_size), np.uint8)
     b = np.empty_like(a)
-    differing: list[int] = []
+    differing: list[str] = []
     for start in range(0, pfns.size, MAP_BATCH):
         chunk = pfns[start : start + MAP_BATCH]
         p.read_pages(chunk, a)
@@ -116,19 +117,25 @@ def compare_memory(p: XenDomain, s: XenDomain, pfns: np.ndarray, skip: np.ndarra
         b[: chunk.size][zero] = 0
         hp.update(a[: chunk.size])
         hs.update(b[: chunk.size])
-        rows = np.flatnonzero(np.any(a[: chunk.size] != b[: chunk.size], axis=1))
-        differing.extend(int(x) for x in chunk[rows])
+        for row in np.flatnonzero(np.any(a[: chunk.size] != b[: chunk.size], axis=1)):
+            at = np.flatnonzero(a[row] != b[row])
+            differing.append(f"{int(chunk[row]):#x}[{int(at[0]):#x}:{int(at[-1]) + 1:#x}]")
     return hp.digest() == hs.digest(), differing
 
 
 def replicate_python(rounds: int, interval_ms: int, failover: bool) -> list[Checkpoint]:
-    """COLO checkpoints of prim into sec with pipeline.xen_io.xen directly.
+    """COLO checkpoints of prim into sec with pipeline.xen_io.xen, split as the pipeline splits them.
 
-    Per checkpoint: pause both; CLEAN both; union of the dirty sets (the secondary's own writes
-    are undone from the primary's copy); copy frames P -> S through a buffer (read_pages /
-    write_pages, as the pipeline's ring does); HVM context with the fix-ups of set_vcpu_state;
-    compare memory (excluded from the pause figure); resume P; resume S. Round 0 copies every
-    mappable frame. With ``failover`` the primary stays paused after the last round.
+    Primary side (the PVM pause): pause P (and S), CLEAN P, read P's dirty frames into a buffer
+    (the pipeline's ring), read P's HVM context, resume P. Secondary side: CLEAN S, update the
+    checkpoint cache with P's frames, write P's dirty frames plus the frames S dirtied itself
+    (restored from the cache) into S, then compare S with P (full-memory blake3), load the
+    context with the fix-ups of set_vcpu_state, resume S. Round 0 copies every mappable frame.
+
+    So that the comparison sees P exactly as it was at the checkpoint, the lab holds P paused
+    until the comparison is done; the PVM pause reported is the primary side plus the unpause
+    call, i.e. what P would be paused without the lab's check. With ``failover`` P stays paused
+    after the last round.
     """
     p, s = open_xen_domain("prim"), open_xen_domain("sec")
     p.enable_dirty_log()
@@ -137,40 +144,53 @@ def replicate_python(rounds: int, interval_ms: int, failover: bool) -> list[Chec
     skip = np.union1d(p.own_frames, s.own_frames)
     log.info("prim %r sec %r: %d mappable frames; hashed as zero: %s", p, s, mappable.size,
              [hex(int(x)) for x in skip])
-    buf = np.empty((4 * MAP_BATCH, p.page_size), np.uint8)
+    cache = np.empty((mappable.size, p.page_size), np.uint8)  # P's frames at the last checkpoint
+    ring = np.empty((8 * MAP_BATCH, p.page_size), np.uint8)
     results = []
     for r in range(rounds + 1):
         if r:
             time.sleep(interval_ms / 1000)
+        last = r == rounds
+        # -- primary side: this is the PVM pause
         t0 = time.perf_counter()
         p.pause()
         s.pause()
         dirty_p = p.read_and_clear_dirty()
-        dirty_s = s.read_and_clear_dirty()
         t1 = time.perf_counter()
-        pfns = mappable if r == 0 else np.union1d(dirty_p, dirty_s)
-        for start in range(0, pfns.size, buf.shape[0]):
-            chunk = pfns[start : start + buf.shape[0]]
-            p.read_pages(chunk, buf)
-            s.write_pages(chunk, buf)
+        if r == 0:
+            p.read_pages(mappable, cache)
+        else:
+            if dirty_p.size > ring.shape[0]:
+                ring = np.empty((dirty_p.size, p.page_size), np.uint8)
+            p.read_pages(dirty_p, ring)
         t2 = time.perf_counter()
-        s.set_vcpu_state(p.get_vcpu_state())
+        blob = p.get_vcpu_state()
         t3 = time.perf_counter()
-        equal, differing = compare_memory(p, s, mappable, skip)
+        # -- secondary side (in the pipeline the primary runs again by now)
+        dirty_s = s.read_and_clear_dirty()
+        if r:
+            cache[np.searchsorted(mappable, dirty_p)] = ring[: dirty_p.size]
+        restore = mappable if r == 0 else np.union1d(dirty_p, dirty_s)
+        s.write_pages(restore, cache[np.searchsorted(mappable, restore)])
         t4 = time.perf_counter()
-        last = r == rounds
+        equal, differing = compare_memory(p, s, mappable, skip)
+        t5 = time.perf_counter()
+        s.set_vcpu_state(blob)
+        t6 = time.perf_counter()
         if not (last and failover):
             p.resume()
-        t5 = time.perf_counter()
+        t7 = time.perf_counter()
         if last and failover:
             print(f"FAILOVER: primary dom{p.domid} left paused, secondary dom{s.domid} resumed", flush=True)
         s.resume()
-        ck = Checkpoint(r, int(dirty_p.size), int(dirty_s.size), int(pfns.size),
-                        pause_ms=((t3 - t0) + (t5 - t4)) * 1e3, clean_ms=(t1 - t0) * 1e3,
-                        copy_ms=(t2 - t1) * 1e3, ctx_ms=(t3 - t2) * 1e3, verify_ms=(t4 - t3) * 1e3,
-                        equal=equal, differing=differing[:16])
-        print("PYREP " + " ".join(f"{k}={v}" for k, v in asdict(ck).items() if k != "differing")
-              + (f" differing={','.join(hex(x) for x in differing[:16])}" if differing else ""), flush=True)
+        ck = Checkpoint(r, int(dirty_p.size), int(dirty_s.size), int(restore.size),
+                        pause_ms=((t3 - t0) + (t7 - t6)) * 1e3, clean_ms=(t1 - t0) * 1e3,
+                        copy_ms=(t2 - t1) * 1e3, ctx_ms=(t3 - t2) * 1e3, verify_ms=(t5 - t4) * 1e3,
+                        equal=equal, differing=differing[:8])
+        print("PYREP " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in asdict(ck).items() if k != "differing")
+              + (f" apply_ms={(t4 - t3 + t6 - t5) * 1e3:.2f}")
+              + (f" differing={','.join(differing[:8])}" if differing else ""), flush=True)
         results.append(ck)
     p.disable_dirty_log()
     s.disable_dirty_log()
@@ -182,6 +202,14 @@ def replicate_python(rounds: int, interval_ms: int, failover: bool) -> list[Chec
 #: name -> replicator(rounds, interval_ms, failover) -> checkpoints; the one place to swap in
 #: ``colo-pipeline primary/secondary --backend xen`` when it is ready.
 REPLICATORS = {"python": replicate_python}
+
+
+def bad_lines(name: str, offset: int, limit: int = 4) -> list[str]:
+    """The first self-check failures the guest printed after ``offset`` (with the bad page)."""
+    path = Path(CONSOLE_LOG.format(name))
+    with path.open("rb") as f:
+        f.seek(offset)
+        return BAD_TICK.findall(f.read().decode(errors="replace"))[:limit]
 
 
 def summarize(ticks: list[tuple[int, int]]) -> dict[str, int]:
@@ -227,6 +255,9 @@ def main() -> int:
         result["c_baseline"] = run_c_baseline(rounds, interval)
         time.sleep(2)
         result["c_phase"] = {n: summarize(ticks_since(n, marks[n])) for n in marks}
+        for n in marks:
+            for line in bad_lines(n, marks[n]):
+                print(f"GUESTERR C-phase {n}: {line.strip()}", flush=True)
 
         marks = {n: console_size(n) for n in ("prim", "sec")}
         make_twin()
@@ -236,6 +267,9 @@ def main() -> int:
         ticks = {n: ticks_since(n, marks[n]) for n in marks}
         result["py_phase"] = {n: summarize(t) for n, t in ticks.items()}
         result["failover"] = failover_summary(ticks["prim"], ticks["sec"])
+        for n in marks:
+            for line in bad_lines(n, marks[n]):
+                print(f"GUESTERR Python-phase {n}: {line.strip()}", flush=True)
         result["xl_list"] = sh("xl list")
         result["dmesg_tail"] = sh("xl dmesg | tail -n 15")
     except Exception as exc:  # the host side reports it; dom0 stays up for a look

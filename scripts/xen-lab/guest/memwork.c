@@ -3,6 +3,7 @@
  * (each word = n ^ page index, so a page copied to the wrong frame is caught too), records the
  * value each page must hold, and then checks three words (first, middle, last) of EVERY page.
  * It prints one line per tick:   MW n=<n> err=<bad pages this tick> errtot=<bad pages so far>
+ * and, when err>0, the first bad page: bad=<page>:<first>/<middle>/<last>!=<expected> (hex).
  * A replica missing a dirty page, holding a torn page or a stale page prints err>0; a replica
  * that took over after failover goes on from the primary's n.                              */
 #include <stdint.h>
@@ -34,12 +35,16 @@ int main(void) {
             fill(mem + (size_t)p * WORDS, want[p]);
         }
         unsigned err = 0;
+        char bad[96] = "";
         for (uint32_t p = 0; p < NPAGES; p++) {
             const uint32_t *page = mem + (size_t)p * WORDS;
-            if (page[0] != want[p] || page[WORDS / 2] != want[p] || page[WORDS - 1] != want[p]) err++;
+            if (page[0] != want[p] || page[WORDS / 2] != want[p] || page[WORDS - 1] != want[p]) {
+                if (!err++) snprintf(bad, sizeof bad, " bad=%u:%x/%x/%x!=%x", p, page[0], page[WORDS / 2],
+                                     page[WORDS - 1], want[p]);
+            }
         }
         errtot += err;
-        printf("MW n=%u err=%u errtot=%lu\n", n, err, errtot);
+        printf("MW n=%u err=%u errtot=%lu%s\n", n, err, errtot, bad);
         struct timespec d = {0, TICK_MS * 1000000L};
         nanosleep(&d, NULL);
     }
