@@ -112,6 +112,25 @@ def test_discard_uncommitted_drops_buffered_writes_only(tmp_path):
     s.close()
 
 
+def test_a_recycled_log_never_replays_stale_records_even_of_the_same_epoch(tmp_path):
+    """Emptied logs are reused; after a discard the same epoch number can come back. A
+    reopen (which finds the valid end by scanning) must not pick up the old records."""
+    d = str(tmp_path)
+    s = open_store(d)
+    for i in range(20):
+        s.buffer_pvm_write(2, KIND_WRITE, i * BS, BS, digest_of(b"o" * BS), b"o" * BS)
+    s.discard_uncommitted()
+    assert [n for n in os.listdir(os.path.join(d, "state")) if n.startswith("spare-")]
+    model = bytearray(SIZE)
+    buffer_write(s, model, 2, 0, b"n" * BS)
+    s.close()
+    s = open_store(d)
+    buffer_write(s, model, 2, 5 * BS, b"m" * BS)  # appended after the scanned end
+    s.commit(2)
+    assert image_bytes(d) == bytes(model)
+    s.close()
+
+
 def test_stale_epochs_and_bounds_are_refused_and_nothing_is_buffered(tmp_path):
     d = str(tmp_path)
     s = open_store(d, overlay_max=4 * BS, buffer_max=3 * BS)

@@ -326,11 +326,12 @@ class _Connection:
                     self.sock.sendall(b"".join(P.simple_reply(c, e) for c, e in done))
             if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
-                if not self._one_request():
+                more = self._one_request()
+                while more and self.reader.buffered and self.link.inflight < self.window:
+                    more = self._one_request()
+                if not more:
+                    self._drain(poller)
                     return
-                while self.reader.buffered and self.link.inflight < self.window:
-                    if not self._one_request():
-                        return
             want_read = self.link.inflight < self.window
             if want_read != reading:
                 if want_read:
@@ -339,6 +340,18 @@ class _Connection:
                     poller.unregister(fd)
                     self.counters.add("forward_stalls")
                 reading = want_read
+
+    def _drain(self, poller: zmq.Poller) -> None:
+        """The client said goodbye (DISC or EOF): answer what is still in flight first, as
+        the protocol asks (bounded by the forward timeout, after which writes fail)."""
+        while self.link.inflight:
+            poller.poll(100)
+            done = self.link.completions(time.monotonic_ns())
+            if done:
+                try:
+                    self.sock.sendall(b"".join(P.simple_reply(c, e) for c, e in done))
+                except OSError:
+                    pass  # a client that closed its end cannot hear them; keep accounting
 
     def _check(self, name: str, offset: int, length: int) -> None:
         """Bounds, alignment and size of one request; raises NbdError naming what is wrong."""

@@ -6,8 +6,11 @@ the amount written):
 * ``overlay.img``   — the SVM's own writes since the last checkpoint, at their offsets;
   an in-memory bitmap (one bit per block) says which blocks are in it.
 * ``buffer-<epoch>.log`` — the PVM's forwarded writes of one epoch, in arrival order:
-  64-byte record header (magic, kind, epoch, offset, length, data length, blake3)
-  then the data. This is also the commit's redo journal.
+  a 64-byte file header (magic, epoch, nonce), then records: 72-byte header (magic,
+  kind, epoch, nonce, offset, length, data length, blake3) and the data. This is also
+  the commit's redo journal. Emptied logs are recycled (``spare-<n>.log``) rather than
+  deleted; the fresh nonce of each reuse makes stale records beyond the valid end
+  unreadable as records, so the valid end is found by scanning, not by the file size.
 * ``journal.json``  — the commit state, replaced atomically (write, fsync, rename, fsync dir):
   ``{"committed": e, "committing": e2|null, "merging": bool, "active": bool}``.
 * ``overlay.bitmap`` — the overlay bitmap, saved only while a failover merge runs.
@@ -41,10 +44,19 @@ from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
 
 log = logging.getLogger(__name__)
 
-RECORD = struct.Struct("<4sB3xQQII32s")   # magic, kind, epoch, offset, length, data_len, blake3
+#: log file header: magic, epoch, nonce (fresh each time a file starts an epoch)
+LOG_HEADER = struct.Struct("<4s4xQQ40x")
+LOG_MAGIC = b"CBL1"
+#: record: magic, kind, epoch, file nonce, offset, length, data_len, blake3; then the data
+RECORD = struct.Struct("<4sB3xQQQII32s")
 RECORD_MAGIC = b"CBR1"
+#: emptied logs kept for reuse (overwriting allocated blocks is several times faster than
+#: appending to a new file), and the size each is cut down to
+SPARE_LOGS = 2
+SPARE_LOG_MAX_BYTES = 256 << 20
 JOURNAL = "journal.json"
 _LOG_NAME = re.compile(r"^buffer-(\d+)\.log$")
+_SPARE_NAME = re.compile(r"^spare-[0-9a-f]+\.log$")
 
 
 class StoreError(RuntimeError):
@@ -62,7 +74,8 @@ class _EpochLog:
     epoch: int
     path: str
     fd: int
-    bytes: int
+    nonce: int
+    bytes: int  # end of the last valid record: appends go here
 
 
 class SecondaryStore:
@@ -84,6 +97,8 @@ class SecondaryStore:
         self.overlay = ImageFile(os.path.join(state_dir, "overlay.img"), export_size)
         self.bitmap = np.zeros(export_size // block_size, dtype=bool)
         self._logs: dict[int, _EpochLog] = {}
+        self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
+                              if _SPARE_NAME.match(n))
         self._state = self._read_journal()
         self._recover()
 
@@ -163,38 +178,69 @@ class SecondaryStore:
         self._update_gauges()
 
     def _open_log(self, epoch: int, scan: bool = False) -> _EpochLog:
+        """The buffer log of ``epoch``: an existing one (``scan``: find its valid end) or a
+        new one, made from a spare when there is one."""
         path = os.path.join(self.state_dir, f"buffer-{epoch}.log")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        size = os.fstat(fd).st_size
+        if not scan and self._spares:
+            os.replace(self._spares.pop(), path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        nonce, end = 0, 0
         if scan:
-            good = 0
-            for end in self._valid_record_ends(path, epoch):
-                good = end
-            if good != size:
-                log.warning("%s: dropping a torn tail of %d bytes", path, size - good)
-                os.ftruncate(fd, good)
-                size = good
-        lg = _EpochLog(epoch, path, fd, size)
+            for end, *_ in self._records(path, epoch):
+                pass
+            nonce = self._log_nonce(path, epoch) or 0
+            if nonce and end == 0:
+                end = LOG_HEADER.size
+            if end != os.fstat(fd).st_size:
+                log.info("%s: valid records end at %d (torn tail or recycled space after)",
+                         path, end)
+        if not nonce:
+            nonce = int.from_bytes(os.urandom(8), "little") or 1
+            os.pwrite(fd, LOG_HEADER.pack(LOG_MAGIC, epoch, nonce), 0)
+            end = LOG_HEADER.size
+        lg = _EpochLog(epoch, path, fd, nonce, end)
         self._logs[epoch] = lg
         return lg
 
     def _drop_log(self, epoch: int) -> None:
         lg = self._logs.pop(epoch)
+        if len(self._spares) < SPARE_LOGS:
+            if os.fstat(lg.fd).st_size > SPARE_LOG_MAX_BYTES:
+                os.ftruncate(lg.fd, SPARE_LOG_MAX_BYTES)
+            os.pwrite(lg.fd, bytes(LOG_HEADER.size), 0)  # no longer any epoch's log
+            spare = os.path.join(self.state_dir, f"spare-{os.urandom(4).hex()}.log")
+            os.replace(lg.path, spare)
+            self._spares.append(spare)
+        else:
+            os.unlink(lg.path)
         os.close(lg.fd)
-        os.unlink(lg.path)
 
     @staticmethod
-    def _records(path: str, epoch: int):
-        """(end offset, kind, offset, length, data) of each valid record, stopping at the
-        first torn or corrupt one."""
+    def _log_nonce(path: str, epoch: int) -> int | None:
         with open(path, "rb") as f:
-            pos = 0
+            head = f.read(LOG_HEADER.size)
+        if len(head) < LOG_HEADER.size:
+            return None
+        magic, ep, nonce = LOG_HEADER.unpack(head)
+        return nonce if magic == LOG_MAGIC and ep == epoch and nonce else None
+
+    @classmethod
+    def _records(cls, path: str, epoch: int):
+        """(end offset, kind, offset, length, data) of each valid record, stopping at the
+        first torn, corrupt or stale (other nonce) one."""
+        nonce = cls._log_nonce(path, epoch)
+        if nonce is None:
+            return
+        with open(path, "rb") as f:
+            f.seek(LOG_HEADER.size)
+            pos = LOG_HEADER.size
             while True:
                 hdr = f.read(RECORD.size)
                 if len(hdr) < RECORD.size:
                     return
-                magic, kind, ep, off, length, data_len, digest = RECORD.unpack(hdr)
-                if magic != RECORD_MAGIC or ep != epoch or kind not in (KIND_WRITE, KIND_ZERO):
+                magic, kind, ep, n, off, length, data_len, digest = RECORD.unpack(hdr)
+                if magic != RECORD_MAGIC or ep != epoch or n != nonce \
+                        or kind not in (KIND_WRITE, KIND_ZERO):
                     return
                 data = f.read(data_len)
                 if len(data) < data_len:
@@ -203,10 +249,6 @@ class SecondaryStore:
                     return
                 pos += RECORD.size + data_len
                 yield pos, kind, off, length, data
-
-    def _valid_record_ends(self, path: str, epoch: int):
-        for end, *_ in self._records(path, epoch):
-            yield end
 
     # -- PVM writes (from the forward receiver) ---------------------------
     def buffer_pvm_write(self, epoch: int, kind: int, offset: int, length: int,
@@ -225,14 +267,13 @@ class SecondaryStore:
                                 f"buffer holds {self.buffer_bytes} bytes, bound "
                                 f"{self.buffer_max_bytes}")
             lg = self._logs.get(epoch) or self._open_log(epoch)
-            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, offset, length, data_len, digest)
-            try:
-                n = os.writev(lg.fd, [hdr] if data is None else [hdr, data])
-                if n != RECORD.size + data_len:
-                    raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
-            except OSError:
-                os.ftruncate(lg.fd, lg.bytes)  # disk full mid-record: no torn record stays
-                raise
+            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, lg.nonce, offset, length, data_len,
+                              digest)
+            # a short or failed write leaves at most a torn record past the valid end,
+            # which the next append overwrites and a scan stops at
+            n = os.pwritev(lg.fd, [hdr] if data is None else [hdr, data], lg.bytes)
+            if n != RECORD.size + data_len:
+                raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
             lg.bytes += n
             self.counters.add("buffer_bytes", n)
 
