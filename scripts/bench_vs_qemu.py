@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(v, str) and len(v) == 64 and "image_blake3" in out:
                 ours["same_image_as_qemu"] = v == out["image_blake3"]
                 break
+        if "pages_zero" in r and "image_zero_pages" in out:
+            # a cheap cross-check that our guest started from the same image
+            ours["pages_zero_equal_image"] = int(r["pages_zero"]) == out["image_zero_pages"]
         out["ours"] = ours
         if "qemu_multifd" in out:
             out["ratio_ours_vs_multifd"] = ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s"]
