@@ -36,12 +36,13 @@ from pipeline.xen_io.base import Domain
 log = logging.getLogger(__name__)
 FORK = multiprocessing.get_context("fork")
 
-STOP_GRACE_S = 5.0   # how long stages get to finish after SIGTERM before SIGKILL
+STOP_GRACE_S = 5.0
+VCPU_BLOB_MAX = 64 * 1024   # room for the vCPU blob in an END marker (Xen HVM context ~5 KiB)   # how long stages get to finish after SIGTERM before SIGKILL
 
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped"),
-    "digest": ("pages_zero", "pages_ref", "pages_lz4", "pages_raw"),
+    "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw"),
     "receive": ("skipped_optional",),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
@@ -162,15 +163,23 @@ class Supervisor:
         else:
             n = s.pipeline.verify_workers
             to_verify = [self._ring(f"recv-verify{i}", slots, layout) for i in range(n)]
-            to_restore = [self._ring(f"verify{i}-restore", slots, layout) for i in range(n)]
+            # verify workers decode into the shared staging area; the rings to the restore
+            # stage carry metadata and END markers only (the vCPU blob rides in a marker)
+            meta = SlotLayout(batch_pages=s.pipeline.batch_pages,
+                              page_size=max(512, -(-VCPU_BLOB_MAX // s.pipeline.batch_pages)))
+            to_restore = [self._ring(f"verify{i}-restore", slots, meta) for i in range(n)]
+            staging_seg = create_segment(f"{segment_prefix(self.name)}staging",
+                                         dom.page_count * dom.page_size)
+            self.segments.append(staging_seg)
+            staging = np.ndarray((dom.page_count, dom.page_size), np.uint8, staging_seg.buf)
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
                               (s, self.node, dom, ctl_a)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size))]
             plan += [StageSpec(f"verify.{i}", verify.run,
-                               (to_verify[i], to_restore[i], dom.page_size)) for i in range(n)]
-            plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b)),
+                               (to_verify[i], to_restore[i], staging)) for i in range(n)]
+            plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)),
                      StageSpec("mirror", inputs.run_mirror, (s, dom))]
         return plan
 

@@ -33,6 +33,7 @@ RECORD_NAMES = {
 ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF = 0, 1, 2, 3
 
 FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
+PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them back to back
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 ACK_COMMITTED, ACK_ABORTED = 0, 1
@@ -178,8 +179,9 @@ class PageBatch:
     hashes: np.ndarray    # (n, 32) uint8
     enc_len: np.ndarray   # (n,) uint32
     enc_kind: np.ndarray  # (n,) uint8
-    data: np.ndarray      # (sum(enc_len),) uint8
-    offsets: np.ndarray   # (n,) int64: where page i's encoding starts in data
+    data: np.ndarray      # (sum(enc_len),) uint8, or the lz4 block when packed
+    offsets: np.ndarray   # (n,) int64: where page i's encoding starts in data (not packed)
+    packed: bool = False
 
     @property
     def count(self) -> int:
@@ -191,11 +193,13 @@ def _pad8(n: int) -> int:
 
 
 def encode_pages(epoch: int, pfns: np.ndarray, hashes: np.ndarray, enc_len: np.ndarray,
-                 enc_kind: np.ndarray, data: np.ndarray | bytes | memoryview) -> bytes:
-    """``data`` holds the encoded pages back to back (``sum(enc_len)`` bytes)."""
+                 enc_kind: np.ndarray, data: np.ndarray | bytes | memoryview,
+                 flags: int = 0) -> bytes:
+    """``data`` holds the encoded pages back to back (``sum(enc_len)`` bytes), or with
+    ``flags=PAGES_PACKED`` one lz4 block of all the RAW pages back to back."""
     n = len(pfns)
     return _record(
-        PAGES, epoch, _PAGES.pack(n, 0),
+        PAGES, epoch, _PAGES.pack(n, flags),
         np.ascontiguousarray(pfns, "<u8").tobytes(),
         np.ascontiguousarray(hashes, np.uint8).tobytes(),
         np.ascontiguousarray(enc_len, "<u4").tobytes(),
@@ -209,7 +213,7 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
                  max_batch: int) -> PageBatch:
     hdr, body = _body(msg, PAGES)
     _need("PAGES", body, _PAGES.size, "count")
-    n, _flags = _PAGES.unpack_from(body, 0)
+    n, flags = _PAGES.unpack_from(body, 0)
     if not 1 <= n <= max_batch:
         raise WireError(f"PAGES: count {n} outside 1..{max_batch}")
     meta = n * (8 + 32 + 4 + 1)
@@ -234,12 +238,21 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
     if np.any(enc_len[~(raw | lz)] != 0):
         raise WireError("PAGES: enc_len of a ZERO or REF page is not 0 (they carry no data)")
     total = int(enc_len.sum(dtype=np.int64))
-    if total != len(data):
+    if flags & ~PAGES_PACKED:
+        raise WireError(f"PAGES: unknown flags 0x{flags:x}")
+    packed = bool(flags & PAGES_PACKED)
+    if packed:
+        if lz.any() or not raw.any():
+            raise WireError("PAGES: a packed record must have RAW pages and no LZ4 page")
+        if not 0 < len(data) <= total:
+            raise WireError(f"PAGES: packed data of {len(data)} bytes for {total} bytes of "
+                            "RAW pages")
+    elif total != len(data):
         raise WireError(f"PAGES: enc_len adds up to {total} bytes but {len(data)} bytes of "
                         "data follow")
     offsets = np.zeros(n, np.int64)
     np.cumsum(enc_len[:-1], out=offsets[1:])
-    return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets)
+    return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets, packed)
 
 
 # -- EPOCH_END -----------------------------------------------------------

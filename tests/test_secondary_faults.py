@@ -72,8 +72,10 @@ class HandPrimary:
             ln = np.zeros(n, np.uint32)
             kind = np.zeros(n, np.uint8)
             out = np.zeros(n * 4096, np.uint8)
-            used, _ = encode_batch(chunk, data[start:start + n], self.table, h, ln, kind, out)
-            msgs.append(wire.encode_pages(epoch, chunk, h, ln, kind, out[:used]))
+            used, packed, _ = encode_batch(chunk, data[start:start + n], self.table, h, ln,
+                                           kind, out)
+            msgs.append(wire.encode_pages(epoch, chunk, h, ln, kind, out[:used],
+                                          wire.PAGES_PACKED if packed else 0))
             hashes_all.append(h)
         return msgs, [pfns], hashes_all
 

@@ -28,6 +28,7 @@ SLOT_END = 2    # end of an epoch's pages on this ring; ring 0's marker carries 
 SLOT_SYNC = wire.FLAG_SYNC      # the epoch is the first full sync
 SLOT_BAD = 2                    # a verify worker found a page that failed its hash or did not decode
 SLOT_DIGEST = wire.FLAG_DIGEST  # hash all of guest memory at this checkpoint
+SLOT_PACKED = 8                 # the batch's data is one lz4 block (wire.PAGES_PACKED)
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 
@@ -81,12 +82,25 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
     try:
+        _prefault(args)
         run(ctx, *args)
     except (KeyboardInterrupt, RingClosed):
         pass
     except Exception:
         ctx.log.exception("stage %s failed", ctx.name)
         raise SystemExit(1)
+
+
+def _prefault(args: tuple) -> None:
+    """Map the rings and guest memory a stage was handed into its page tables now: a
+    forked process starts with none of them, and first-touch faults cost several times
+    the copy they interrupt, so they must not land inside a PVM pause or a commit."""
+    for arg in args:
+        for obj in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(obj, Ring) or hasattr(obj, "memory_view"):
+                prefault = getattr(obj, "prefault", None)
+                if prefault is not None:
+                    prefault()
 
 
 def read_slot(ctx: StageContext, ring: Ring) -> Slot | None:

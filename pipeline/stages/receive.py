@@ -5,6 +5,11 @@ on every verify ring (ring 0's carries the vCPU blob).
 A record that does not validate is dropped, counted and logged; it is never passed on.
 The epoch it belonged to then cannot be complete (EPOCH_END announces more pages than
 arrive), so the restore stage discards that epoch whole.
+
+Each batch is also given its place in the staging area (``slot.seq``: the index of its
+first page), so verify workers decode straight into staging in parallel and no stage
+copies a page twice. A record of an epoch older than the newest one seen is stale
+(the primary has moved on) and is dropped here.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import zmq
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_DATA, SLOT_END, StageContext, write_slot
+from pipeline.stages.common import SLOT_DATA, SLOT_END, SLOT_PACKED, StageContext, write_slot
 
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
@@ -23,6 +28,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
     c = ctx.counters
     batch = rings[0].layout.batch_pages
     rr = 0
+    epoch, staged = -1, 0     # the newest epoch seen, and pages of it placed so far
     while not ctx.stopping():
         if not pages_in.poll(200):
             continue
@@ -35,6 +41,16 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
             hdr = wire.decode_header(msg)
             if hdr.type == wire.PAGES:
                 b = wire.decode_pages(msg, page_count, page_size, batch)
+                if b.epoch < epoch:
+                    c.add("stale_records", 1)
+                    ctx.log.warning("dropped PAGES of epoch %d: epoch %d already began",
+                                    b.epoch, epoch)
+                    continue
+                if b.epoch > epoch:
+                    epoch, staged = b.epoch, 0
+                if staged + b.count > page_count:
+                    raise wire.WireError(f"PAGES: epoch {b.epoch} carries more than the "
+                                         f"guest's {page_count} pages")
                 slot = write_slot(ctx, rings[rr])
                 if slot is None:
                     return
@@ -42,13 +58,22 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 slot.pfns[:n], slot.hashes[:n] = b.pfns, b.hashes
                 slot.enc_len[:n], slot.enc_kind[:n] = b.enc_len, b.enc_kind
                 slot.data_flat[:len(b.data)] = b.data
-                slot.kind, slot.epoch, slot.count, slot.flags = SLOT_DATA, b.epoch, n, 0
-                slot.aux_len, slot.seq = len(b.data), 0
+                slot.kind, slot.epoch, slot.count = SLOT_DATA, b.epoch, n
+                slot.flags = SLOT_PACKED if b.packed else 0
+                slot.aux_len, slot.seq = len(b.data), staged
+                staged += n
                 rings[rr].commit_write(slot)
                 rr = (rr + 1) % len(rings)
                 c.add("items_out", n)
             elif hdr.type == wire.EPOCH_END:
                 end = wire.decode_epoch_end(msg)
+                if end.epoch < epoch:
+                    c.add("stale_records", 1)
+                    ctx.log.warning("dropped EPOCH_END of epoch %d: epoch %d already began",
+                                    end.epoch, epoch)
+                    continue
+                if end.epoch > epoch:
+                    epoch, staged = end.epoch, 0
                 for i, ring in enumerate(rings):
                     slot = write_slot(ctx, ring)
                     if slot is None:

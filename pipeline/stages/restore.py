@@ -14,8 +14,8 @@ Talks to the coordinator over a pipe:
   -> ("ready", e, ok, reason)                 once all END markers of e arrived
   <- ("apply", e, svm_dirty, want_digest)     -> ("applied", e, pages, digest, input_seq)
   <- ("abort", e, svm_dirty, reason)          -> ("aborted", e)
-The first epoch (SYNC, all of memory) goes the same way; the staging area is as large
-as guest memory, and only the part an epoch uses is ever backed by RAM.
+The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
+the verify workers, which decode into it) is as large as guest memory.
 """
 from __future__ import annotations
 
@@ -44,13 +44,14 @@ class Assembly:
 
 
 class Restore:
-    def __init__(self, ctx: StageContext, domain: Domain, n_rings: int) -> None:
+    def __init__(self, ctx: StageContext, domain: Domain, n_rings: int,
+                 staging: np.ndarray) -> None:
         self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
         pc, ps = domain.page_count, domain.page_size
         # np.zeros of this size is an anonymous mapping: the kernel only backs what is touched
         self.cache = np.zeros((pc, ps), np.uint8)
         self.table = HashTable(np.zeros((pc, 32), np.uint8), np.zeros(pc, bool))
-        self.staged_data = np.zeros((pc, ps), np.uint8)
+        self.staging = staging      # shared: the verify workers decode pages into it
         self.staged_pfns = np.zeros(pc, np.uint64)
         self.staged_hashes = np.zeros((pc, 32), np.uint8)
         self.staged_from_cache = np.zeros(pc, bool)
@@ -99,7 +100,7 @@ class Restore:
         n = slot.count
         if slot.flags & SLOT_BAD:
             asm.problem = asm.problem or "a page failed verification"
-        if asm.n + n > len(self.staged_pfns):
+        if slot.seq + n > len(self.staged_pfns):
             asm.problem = asm.problem or "more pages than the guest has"
         if asm.problem:
             return None
@@ -108,11 +109,10 @@ class Restore:
         if refs.any() and not self.table.matches(pfns[refs], slot.hashes[:n][refs]).all():
             asm.problem = "a REF page does not match the committed copy"
             return None
-        k = asm.n
-        self.staged_data[k:k + n] = slot.data[:n]
-        self.staged_from_cache[k:k + n] = refs
-        self.staged_pfns[asm.n:asm.n + n] = pfns
-        self.staged_hashes[asm.n:asm.n + n] = slot.hashes[:n]
+        at = slot.seq               # where the verify worker put the pages in staging
+        self.staged_from_cache[at:at + n] = refs
+        self.staged_pfns[at:at + n] = pfns
+        self.staged_hashes[at:at + n] = slot.hashes[:n]
         asm.n += n
         return None
 
@@ -132,11 +132,18 @@ class Restore:
         n = asm.n
         pfns = self.staged_pfns[:n]
         data = ~self.staged_from_cache[:n]
-        self.cache[pfns[data]] = self.staged_data[:n][data]
+        if data.all():              # the common case: no gather, copy straight from staging
+            data_pfns, rows = pfns, self.staging[:n]
+        else:
+            data_pfns, rows = pfns[data], self.staging[:n][data]
+        self.cache[data_pfns] = rows
+        self.domain.write_pages(data_pfns, rows)
+        # Pages the SVM wrote itself and the epoch did not bring go back to their committed
+        # content; REF pages need nothing more (the SVM holds them unless it wrote them).
+        from_cache = np.setdiff1d(svm_dirty, data_pfns).astype(np.uint64)
+        if len(from_cache):
+            self.domain.write_pages(from_cache, self.cache[from_cache])
         self.table.update(pfns, self.staged_hashes[:n])
-        # The SVM now gets the whole committed state of what changed on either side.
-        touched = np.union1d(pfns, svm_dirty).astype(np.uint64)
-        self.domain.write_pages(touched, self.cache[touched])
         if asm.vcpu:
             self.committed_vcpu = asm.vcpu
         self.committed_epoch = epoch
@@ -163,8 +170,9 @@ class Restore:
         return ("aborted", epoch, reason)
 
 
-def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
-    r = Restore(ctx, domain, len(rings))
+def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
+        staging: np.ndarray) -> None:
+    r = Restore(ctx, domain, len(rings), staging)
     c = ctx.counters
     while not ctx.stopping():
         ready, fds = ready_rings(rings, [ctrl.fileno()], 0.2)

@@ -17,7 +17,7 @@ import zmq
 from pipeline import wire
 from pipeline.sockets import send_until_stopped
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_END, StageContext, ready_rings
+from pipeline.stages.common import SLOT_END, SLOT_PACKED, StageContext, ready_rings
 
 
 @dataclass
@@ -74,13 +74,14 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                     del epochs[e]
                     ctrl.send(("sent", e, {
                         "pages": st.pages, "records": st.records, "bytes_wire": st.bytes_wire,
-                        "pages_raw": st.kinds[wire.ENC_RAW], "pages_lz4": st.kinds[wire.ENC_LZ4],
+                        "pages_data": st.kinds[wire.ENC_RAW] + st.kinds[wire.ENC_LZ4],
                         "pages_zero": st.kinds[wire.ENC_ZERO], "pages_ref": st.kinds[wire.ENC_REF],
                     }))
             else:
                 n = slot.count
                 msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
-                                        slot.enc_kind[:n], slot.data_flat[:slot.aux_len])
+                                        slot.enc_kind[:n], slot.data_flat[:slot.aux_len],
+                                        wire.PAGES_PACKED if slot.flags & SLOT_PACKED else 0)
                 k = int(pending.count[0])
                 pending.pfns[k:k + n] = slot.pfns[:n]
                 pending.hashes[k:k + n] = slot.hashes[:n]
