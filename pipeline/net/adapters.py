@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Callable
 
-from pipeline.net.framing import Frame, FrameDecoder, encode_frame
+from pipeline.net.framing import LENGTH_WORD, Frame, FrameDecoder, encode_frame
 from pipeline.net.settings import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,12 @@ class StreamEndpoint(FrameSource, FrameSink):
         if self._peer is None and not self._accept():
             self.dropped_unconnected += 1
             return
-        self._out += encode_frame(frame, vnet_hdr_len, self.vnet_hdr)
-        if len(self._out) >= READ_CHUNK:
+        out = self._out
+        out += LENGTH_WORD.pack(len(frame))
+        if self.vnet_hdr:
+            out += LENGTH_WORD.pack(vnet_hdr_len)
+        out += frame
+        if len(out) >= READ_CHUNK:
             self.flush()
 
     def send_raw(self, data: bytes) -> None:

@@ -59,7 +59,7 @@ class Held:
 
     __slots__ = ("packet", "frames", "arrived", "epoch", "done", "start", "end", "ctrl")
 
-    def __init__(self, packet: Packet, frames: list[tuple[bytes, int]], arrived: float,
+    def __init__(self, packet: Packet, frames: tuple | list, arrived: float,
                  epoch: int) -> None:
         self.packet = packet
         self.frames = frames
@@ -73,11 +73,27 @@ class Held:
 
 
 class Connection:
-    """Both sides of one flow (guest -> client direction)."""
+    """Both sides of one flow (guest -> client direction).
 
-    __slots__ = ("key", "is_tcp", "primary", "secondary", "diverged", "base", "high_rel",
-                 "verified", "sec_start", "sec_buf", "sec_ooo", "sec_ooo_bytes", "sec_ctrl",
-                 "sec_fin", "sec_rst", "closed")
+    The TCP fields have class-level defaults and get their own mutable containers
+    only for TCP connections (most datagram flows are short: keep them cheap).
+    """
+
+    # --- TCP: relative sequence space (see Comparator._rel) ---
+    base: int | None = None
+    high_rel = 0
+    #: PVM bytes below this relative position were matched (or released by a commit)
+    verified: int | None = None
+    #: the SVM's contiguous bytes: sec_buf holds [sec_start, sec_start + len)
+    sec_start: int | None = None
+    sec_buf: bytearray | bytes = b""
+    #: out-of-order SVM segments: relative start -> payload
+    sec_ooo: dict[int, bytes] | None = None
+    sec_ooo_bytes = 0
+    #: relative position -> SYN/FIN flags seen from the SVM
+    sec_ctrl: dict[int, int] | None = None
+    sec_fin: int | None = None
+    sec_rst = False
 
     def __init__(self, key: tuple, is_tcp: bool) -> None:
         self.key = key
@@ -86,22 +102,10 @@ class Connection:
         self.secondary: deque[Held] = deque()
         #: set while a divergence waits for its checkpoint: no comparing until the commit
         self.diverged = False
-        # --- TCP: relative sequence space (see _rel) ---
-        self.base: int | None = None
-        self.high_rel = 0
-        #: PVM bytes below this relative position were matched (or released by a commit)
-        self.verified: int | None = None
-        #: the SVM's contiguous bytes: sec_buf holds [sec_start, sec_start + len)
-        self.sec_start: int | None = None
-        self.sec_buf = bytearray()
-        self.sec_ooo: dict[int, bytes] = {}
-        self.sec_ooo_bytes = 0
-        #: relative position -> SYN/FIN flags seen from the SVM
-        self.sec_ctrl: dict[int, int] = {}
-        self.sec_fin: int | None = None
-        self.sec_rst = False
         #: FIN or RST seen from both sides: drop the connection once its queues are empty
         self.closed = 0
+        if is_tcp:
+            self.reset_secondary()
 
     def idle(self) -> bool:
         return not self.primary and not self.secondary and not self.sec_buf and not self.sec_ooo
@@ -109,6 +113,8 @@ class Connection:
     def reset_secondary(self) -> None:
         """Forget the SVM's side: after a checkpoint the SVM restarts from the PVM's state."""
         self.secondary.clear()
+        if not self.is_tcp:
+            return
         self.sec_start = None
         self.sec_buf = bytearray()
         self.sec_ooo = {}
@@ -116,11 +122,6 @@ class Connection:
         self.sec_ctrl = {}
         self.sec_fin = None
         self.sec_rst = False
-
-
-def _signed32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    return x - 0x100000000 if x & 0x80000000 else x
 
 
 class Comparator:
@@ -142,6 +143,8 @@ class Comparator:
         self._sink = counters
         self._clock = clock
         self._timeout = settings.compare_timeout_ms / 1000.0
+        self._max_queue = settings.max_queue_frames
+        self._max_secondary_bytes = settings.max_queue_frames * BYTES_PER_QUEUED_FRAME
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.connections: OrderedDict[tuple, Connection] = OrderedDict()
         #: every Held in arrival order, for the timeout scan (done ones are skipped lazily)
@@ -156,8 +159,12 @@ class Comparator:
     # ------------------------------------------------------------------ input
     def push_primary(self, frame: bytes, vnet_hdr_len: int = 0, now: float | None = None) -> None:
         """A frame the PVM sent."""
-        self._count("primary_frames_in")
-        self._count("primary_bytes_in", len(frame))
+        counters = self.counters
+        counters["primary_frames_in"] += 1
+        counters["primary_bytes_in"] += len(frame)
+        if self._sink is not None:
+            self._sink.add("primary_frames_in", 1)
+            self._sink.add("primary_bytes_in", len(frame))
         if self.passthrough:
             self._count("passthrough_frames")
             self._release_frames([(frame, vnet_hdr_len)])
@@ -167,8 +174,12 @@ class Comparator:
     def push_secondary(self, frame: bytes, vnet_hdr_len: int = 0,
                        now: float | None = None) -> None:
         """A frame the SVM sent (sequence numbers already in the PVM's space)."""
-        self._count("secondary_frames_in")
-        self._count("secondary_bytes_in", len(frame))
+        counters = self.counters
+        counters["secondary_frames_in"] += 1
+        counters["secondary_bytes_in"] += len(frame)
+        if self._sink is not None:
+            self._sink.add("secondary_frames_in", 1)
+            self._sink.add("secondary_bytes_in", len(frame))
         if self.passthrough:
             self._count("secondary_frames_dropped")
             return
@@ -180,7 +191,7 @@ class Comparator:
         except MalformedFrame as exc:
             self._malformed(side, frame, str(exc))
             return
-        frames = [(frame, vnet_hdr_len)]
+        frames = ((frame, vnet_hdr_len),)
         if packet.frag_id is not None:
             try:
                 done = self._reassembly[side].add(packet, now, self.epoch)
@@ -200,14 +211,15 @@ class Comparator:
             self._push_tcp(side, conn, held)
         else:
             queue = conn.primary if side == PRIMARY else conn.secondary
-            if len(queue) >= self.settings.max_queue_frames:
+            if len(queue) >= self._max_queue:
                 self._drop_for_bound(side, "queue_full", packet)
                 return
             queue.append(held)
             self._arrivals.append((held, conn))
             if not conn.diverged:
                 self._compare_datagram(conn)
-        self._maybe_forget(conn)
+        if conn.closed == 3:
+            self._maybe_forget(conn)
 
     def note_malformed(self, side: int, reason: str) -> None:
         """An adapter could not even cut a frame out of its stream (e.g. a bad length)."""
@@ -229,8 +241,10 @@ class Comparator:
         """A bound was hit: drop the frame and ask for a checkpoint, which empties the queues."""
         self._count(counter)
         self._count("primary_frames_dropped" if side == PRIMARY else "secondary_frames_dropped")
-        log.warning("%s: dropped %s frame of connection %r", counter, SIDE_NAMES[side],
-                    packet.key)
+        n = self.counters[counter]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("%s (#%d): dropped %s frame of %s", counter, n, SIDE_NAMES[side],
+                        _describe(packet.key))
         self._request("net_divergence", f"{counter} on {SIDE_NAMES[side]} side")
 
     # ------------------------------------------------------------ connections
@@ -262,10 +276,12 @@ class Comparator:
         """Sequence number -> position relative to the PVM's SYN (unwrapped past 2**32)."""
         if conn.base is None:
             conn.base = seq     # joined mid-stream: positions relative to the first seen
-        rel = conn.high_rel + _signed32(seq - conn.base - conn.high_rel)
-        if rel > conn.high_rel:
-            conn.high_rel = rel
-        return rel
+        high = conn.high_rel
+        delta = (seq - conn.base - high) & 0xFFFFFFFF
+        if delta < 0x80000000:
+            conn.high_rel = high + delta
+            return high + delta
+        return high + delta - 0x100000000
 
     def _push_tcp(self, side: int, conn: Connection, held: Held) -> None:
         p = held.packet
@@ -284,7 +300,7 @@ class Comparator:
                 # a pure ACK carries no output of the guest: nothing to compare
                 self._release_frames(held.frames)
                 return
-            if len(conn.primary) >= self.settings.max_queue_frames:
+            if len(conn.primary) >= self._max_queue:
                 self._drop_for_bound(side, "queue_full", p)
                 return
             conn.primary.append(held)
@@ -301,8 +317,7 @@ class Comparator:
     def _absorb_secondary(self, conn: Connection, held: Held) -> bool:
         """Add an SVM segment's bytes and flags to the connection's SVM stream."""
         held_bytes = len(conn.sec_buf) + conn.sec_ooo_bytes
-        if held_bytes + len(held.packet.payload) > \
-                self.settings.max_queue_frames * BYTES_PER_QUEUED_FRAME:
+        if held_bytes + len(held.packet.payload) > self._max_secondary_bytes:
             self._drop_for_bound(SECONDARY, "queue_full", held.packet)
             return False
         ctrl, start, end = held.ctrl, held.start, held.end
@@ -330,8 +345,9 @@ class Comparator:
                 self._merge_out_of_order(conn)
             elif start <= sec_end:
                 if end > sec_end:
-                    conn.sec_buf += payload[sec_end - start:]
-                    self._merge_out_of_order(conn)
+                    conn.sec_buf += payload if start == sec_end else payload[sec_end - start:]
+                    if conn.sec_ooo:
+                        self._merge_out_of_order(conn)
             elif start not in conn.sec_ooo or len(conn.sec_ooo[start]) < len(payload):
                 conn.sec_ooo_bytes += len(payload) - len(conn.sec_ooo.get(start, b""))
                 conn.sec_ooo[start] = payload
@@ -381,13 +397,15 @@ class Comparator:
         sec_end = sec_start + len(conn.sec_buf) if sec_start is not None else None
         if conn.sec_fin is not None and end > conn.sec_fin:
             return False                                # the SVM closed before these bytes
-        lo = start if conn.verified is None else max(start, conn.verified)
+        verified = conn.verified
+        lo = start if verified is None or start >= verified else verified
         if lo < end:
             if sec_start is None or sec_end <= lo or sec_start > lo:
                 return None
-            upto = min(end, sec_end)
+            upto = end if end < sec_end else sec_end
             payload = held.packet.payload
-            if payload[lo - start:upto - start] != conn.sec_buf[lo - sec_start:upto - sec_start]:
+            mine = payload if lo == start and upto == end else payload[lo - start:upto - start]
+            if mine != conn.sec_buf[lo - sec_start:upto - sec_start]:
                 return False
             if upto < end:
                 return None
@@ -414,10 +432,15 @@ class Comparator:
             del conn.sec_buf[:cut]
             conn.sec_start += cut
         secondary = conn.secondary
+        dropped = 0
         while secondary and secondary[0].end <= verified:
             held = secondary.popleft()
             held.done = True
-            self._count("secondary_frames_dropped", len(held.frames))
+            dropped += len(held.frames)
+        if dropped:
+            self.counters["secondary_frames_dropped"] += dropped
+            if self._sink is not None:
+                self._sink.add("secondary_frames_dropped", dropped)
 
     # --------------------------------------------------------- UDP/ICMP/other
     def _compare_datagram(self, conn: Connection) -> None:
@@ -426,17 +449,23 @@ class Comparator:
         while primary and secondary:
             held = primary[0]
             want = held.packet.compare
-            for i, other in enumerate(secondary):
-                if other.packet.compare == want:
-                    break
+            other = secondary[0]
+            if other.packet.compare == want:          # the usual case: the oldest matches
+                secondary.popleft()
             else:
-                self._diverged(conn, f"{len(want)}-byte datagram matches none of "
-                                     f"{len(secondary)} SVM frames on {_describe(conn.key)}")
-                return
+                for other in secondary:
+                    if other.packet.compare == want:
+                        break
+                else:
+                    self._diverged(conn, f"{len(want)}-byte datagram matches none of "
+                                         f"{len(secondary)} SVM frames on {_describe(conn.key)}")
+                    return
+                secondary.remove(other)
             primary.popleft()
-            del secondary[i]
             other.done = True
-            self._count("secondary_frames_dropped", len(other.frames))
+            self.counters["secondary_frames_dropped"] += len(other.frames)
+            if self._sink is not None:
+                self._sink.add("secondary_frames_dropped", len(other.frames))
             self._release_held(held)
 
     # ------------------------------------------------------ release / request
@@ -446,9 +475,13 @@ class Comparator:
 
     def _release_frames(self, frames: list[tuple[bytes, int]]) -> None:
         """The one place frames leave the comparator."""
+        counters = self.counters
         for frame, vnet in frames:
-            self._count("frames_released")
-            self._count("bytes_released", len(frame))
+            counters["frames_released"] += 1
+            counters["bytes_released"] += len(frame)
+            if self._sink is not None:
+                self._sink.add("frames_released", 1)
+                self._sink.add("bytes_released", len(frame))
             self._release_cb(frame, vnet)
 
     def _request(self, cause: str, detail: str) -> None:

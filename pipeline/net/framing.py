@@ -18,7 +18,7 @@ from typing import Callable
 
 from pipeline.net.settings import MAX_FRAME_BYTES
 
-_U32 = struct.Struct("!I")
+LENGTH_WORD = struct.Struct("!I")
 
 Frame = tuple[bytes, int]   # (frame bytes, vnet header length at its start)
 
@@ -26,8 +26,8 @@ Frame = tuple[bytes, int]   # (frame bytes, vnet header length at its start)
 def encode_frame(frame: bytes, vnet_hdr_len: int = 0, vnet_hdr: bool = False) -> bytes:
     """One frame in QEMU's socket framing."""
     if vnet_hdr:
-        return _U32.pack(len(frame)) + _U32.pack(vnet_hdr_len) + frame
-    return _U32.pack(len(frame)) + frame
+        return LENGTH_WORD.pack(len(frame)) + LENGTH_WORD.pack(vnet_hdr_len) + frame
+    return LENGTH_WORD.pack(len(frame)) + frame
 
 
 class FrameDecoder:
@@ -54,31 +54,32 @@ class FrameDecoder:
             n = min(self._skip, len(data))
             self._skip -= n
             data = data[n:]
-        buf = self._buf
-        buf += data
+        buf = bytes(self._buf) + data if self._buf else bytes(data)
         out: list[Frame] = []
-        head = 8 if self.vnet_hdr else 4
+        vnet_hdr = self.vnet_hdr
+        head = 8 if vnet_hdr else 4
+        unpack = LENGTH_WORD.unpack_from
+        size = len(buf)
         pos = 0
-        while len(buf) - pos >= head:
-            (length,) = _U32.unpack_from(buf, pos)
-            vnet = _U32.unpack_from(buf, pos + 4)[0] if self.vnet_hdr else 0
+        while size - pos >= head:
+            (length,) = unpack(buf, pos)
+            vnet = unpack(buf, pos + 4)[0] if vnet_hdr else 0
             if length > self.max_frame:
                 self._bad(f"frame length {length} exceeds {self.max_frame}")
                 pos += head
-                available = min(length, len(buf) - pos)
+                available = min(length, size - pos)
                 pos += available
                 self._skip = length - available
                 if self._skip:
                     break
                 continue
-            if len(buf) - pos - head < length:
+            if size - pos - head < length:
                 break
             pos += head
-            frame = bytes(buf[pos:pos + length])
-            pos += length
             if vnet > length:
                 self._bad(f"vnet header length {vnet} exceeds frame length {length}")
-                continue
-            out.append((frame, vnet))
-        del buf[:pos]
+            else:
+                out.append((buf[pos:pos + length], vnet))
+            pos += length
+        self._buf = bytearray(buf[pos:]) if pos < size else bytearray()
         return out

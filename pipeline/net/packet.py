@@ -34,6 +34,7 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _PORTS = struct.Struct("!HH")
 _TCP = struct.Struct("!HHIIBB")
+_UDP = struct.Struct("!HHH")
 
 
 class MalformedFrame(ValueError):
@@ -64,9 +65,21 @@ class Packet:
     l4_offset: int = 0
 
 
+_ETH_IPV4 = struct.Struct("!6s6sHBBHHHBBH4s4s")
+_FAST_MIN = ETH_HLEN + 20 + 20
+
+
 def parse_frame(frame: bytes, vnet_hdr_len: int = 0) -> Packet:
     """Parse one frame (``vnet_hdr_len`` bytes of vnet header, then Ethernet)."""
     size = len(frame)
+    if vnet_hdr_len == 0 and size >= _FAST_MIN and frame[12:14] == b"\x08\x00" \
+            and frame[14] == 0x45:
+        # the common case, untagged IPv4 without options: one unpack for both headers
+        (_d, _s, _t, _vi, _tos, total_len, _id, frag, _ttl, proto, _c, src,
+         dst) = _ETH_IPV4.unpack_from(frame, 0)
+        if not frag & 0x3FFF and total_len >= 20 and ETH_HLEN + total_len <= size:
+            return _parse_l4(frame, 0, (), 4, proto, src, dst, ETH_HLEN, ETH_HLEN + 20,
+                             ETH_HLEN + total_len)
     if vnet_hdr_len < 0 or vnet_hdr_len > size:
         raise MalformedFrame(f"vnet header length {vnet_hdr_len} outside frame of {size} bytes")
     off = vnet_hdr_len
@@ -154,16 +167,15 @@ def _parse_l4(frame: bytes, vnet: int, vlans: tuple, ipver: int, proto: int, src
         if hlen < 20 or hlen > avail:
             raise MalformedFrame(f"TCP data offset {hlen} outside segment of {avail} bytes")
         return Packet(frame, vnet, (vlans, ipver, proto, src, dst, sport, dport), KIND_TCP,
-                      seq=seq, ack=ack, flags=flags, payload=frame[l4 + hlen:end],
-                      l3_offset=l3, l4_offset=l4)
+                      b"", seq, ack, flags, frame[l4 + hlen:end], None, 0, False, l3, l4)
     if proto == IPPROTO_UDP:
         if avail < 8:
             raise MalformedFrame(f"UDP header truncated: {avail} bytes, need 8")
-        sport, dport, ulen = struct.unpack_from("!HHH", frame, l4)
+        sport, dport, ulen = _UDP.unpack_from(frame, l4)
         if ulen < 8 or ulen > avail:
             raise MalformedFrame(f"UDP length {ulen} outside datagram of {avail} bytes")
         return Packet(frame, vnet, (vlans, ipver, proto, src, dst, sport, dport), KIND_DATAGRAM,
-                      compare=frame[l4:], l3_offset=l3, l4_offset=l4)
+                      frame[l4:], 0, 0, 0, b"", None, 0, False, l3, l4)
     if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         if avail < 4:
             raise MalformedFrame(f"ICMP header truncated: {avail} bytes, need 4")

@@ -36,7 +36,8 @@ def ours_command(paths: dict[str, str], timeout_ms: int, scan_ms: int, vnet_hdr:
            "--primary-in", "unix:" + paths["pin"], "--secondary-in", "unix:" + paths["sin"],
            "--outdev", "unix:" + paths["out"], "--notify-dev", "unix:" + paths["ntf"],
            "--compare-timeout-ms", str(timeout_ms), "--expired-scan-ms", str(scan_ms),
-           "--max-queue-frames", str(max_queue), "--log-level", "WARNING"]
+           "--max-queue-frames", str(max_queue), "--max-connections", str(max(4096, max_queue)),
+           "--log-level", "WARNING"]
     if vnet_hdr:
         cmd.append("--vnet-hdr")
     return cmd
