@@ -9,10 +9,13 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.xen_io import DomainError
 from pipeline.xen_io import sim as sim_module
 from pipeline.xen_io.dirty_log import uffd_wp_async_unsupported_reason
+from pipeline.xen_io.input_log import InputLog
 from pipeline.xen_io.sim import BLOB_SIZE, SimDomain, WorkloadSpec, open_sim_domain
 
 pytestmark = pytest.mark.timeout(60)
@@ -349,6 +352,33 @@ def test_input_log_keeps_untrimmed_inputs_for_a_rewind(make_domain) -> None:
     dom.pause()
     with pytest.raises(ValueError, match="overwritten"):
         dom.set_vcpu_state(at_three)  # below the trim point: refused
+
+
+@given(st.lists(st.tuples(st.sampled_from(["append", "trim", "consume"]),
+                          st.integers(0, 12)), max_size=120))
+@settings(max_examples=60, deadline=None)
+def test_input_log_keeps_every_entry_still_needed(ops: list[tuple[str, int]]) -> None:
+    """Against a model: entries at or above min(trim, consumer) read back intact; an append
+    is refused exactly when it would overwrite one of them."""
+    log = InputLog(slot_count=4, slot_size=16)
+    model: dict[int, bytes] = {}
+    try:
+        for op, arg in ops:
+            if op == "append":
+                payload = b"p%d-%d" % (log.head, arg)
+                if log.head - log.free_below() >= 4:
+                    with pytest.raises(TimeoutError):
+                        log.append(payload, timeout=0)
+                else:
+                    model[log.append(payload, timeout=0)] = payload
+            elif op == "trim":
+                log.trim(log.trim_seq + arg % 3)
+            else:
+                log.set_consumer(min(log.consumer_seq + arg % 3, log.head))
+            for seq in range(log.free_below(), log.head):
+                assert log.get(seq) == model[seq]
+    finally:
+        log.close()
 
 
 def test_bad_inputs_are_refused_counted_and_change_nothing(make_domain) -> None:
