@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"blake3 {digest[:16]}…, built in {time.perf_counter() - t:.1f}s",
                   file=sys.stderr, flush=True)
         runs: dict[str, list[dict]] = {"qemu_plain": [], "qemu_multifd": [], "ours": []}
+        ours_errors: list[str] = []
         for i in range(args.repeats):  # interleaved, so a load change hits all alike
             if not args.ours_only:
                 for multifd in (False, True):
@@ -134,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['ram_transferred']} bytes, dst equal {r['dst_equal']}",
                           file=sys.stderr, flush=True)
             if not args.qemu_only:
-                r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2))
+                try:
+                    r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2))
+                except Exception as exc:  # noqa: BLE001 - report it, keep QEMU's figures
+                    ours_errors.append(f"{type(exc).__name__}: {exc}")
+                    print(f"[{i + 1}/{args.repeats}] ours FAILED: {ours_errors[-1]}",
+                          file=sys.stderr, flush=True)
+                    continue
                 runs["ours"].append(r)
                 print(f"[{i + 1}/{args.repeats}] ours: {float(r['seconds']):.3f}s "
                       f"{mb_s(image_bytes, float(r['seconds'])):.0f} MB/s, "
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             # of a full sync that ends when the secondary holds the memory
             out["ratio_ours_vs_multifd_to_dst_completed"] = (
                 ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s_to_dst_completed"])
+    if ours_errors:
+        out["ours_errors"] = ours_errors
     out["loadavg_end"] = list(os.getloadavg())
 
     # side by side
@@ -225,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(target >= 1.0: {'met' if out['target_met'] else 'NOT met'}); "
               f"ours / plain: {out['ratio_ours_vs_plain']:.2f}; ours / multifd to destination "
               f"completed: {out['ratio_ours_vs_multifd_to_dst_completed']:.2f}")
+    for e in ours_errors:
+        print(f"our full sync failed in a run: {e}")
     if args.json:
         print(json.dumps(out))
-    return 0
+    return 1 if (ours_errors and not runs["ours"]) else 0
 
 
 if __name__ == "__main__":
