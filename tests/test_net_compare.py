@@ -343,3 +343,43 @@ def test_parse_keys_ignore_ip_id():
     a = parse_frame(seg(ISN, b"x", ip_id=1))
     b = parse_frame(seg(ISN, b"x", ip_id=2))
     assert a.key == b.key and a.payload == b"x"
+
+
+def test_ipv6_tcp_compared_by_byte_range():
+    import socket
+    import struct
+
+    def tcp6(seq, payload):
+        s6, d6 = (socket.inet_pton(socket.AF_INET6, a) for a in ("fd00::2", "fd00::1"))
+        seg = bytearray(build.tcp_segment(G, C, 80, 5555, seq, 1, TCP_ACK | TCP_PSH, payload))
+        hdr = struct.pack("!IHBB16s16s", 6 << 28, len(seg), 6, 64, s6, d6)
+        return build.ethernet(hdr + bytes(seg), 0x86DD)
+
+    h = Harness()
+    h.p(tcp6(ISN, b"abcdef"))
+    h.s(tcp6(ISN, b"abc"))
+    assert h.released == []
+    h.s(tcp6(ISN + 3, b"def"))
+    assert len(h.released) == 1 and not h.requests
+    h.p(tcp6(ISN + 6, b"x"))
+    h.s(tcp6(ISN + 6, b"y"))
+    assert h.requests[0][0] == "net_divergence"
+
+
+def test_vlan_tagged_tcp():
+    h = Harness()
+    a = build.tcp_frame(G, C, 80, 5555, ISN, 1, TCP_ACK, b"tagged", vlan=7)
+    h.p(a)
+    h.s(build.tcp_frame(G, C, 80, 5555, ISN, 1, TCP_ACK, b"tagged", vlan=8))
+    assert h.released == []
+    h.s(build.tcp_frame(G, C, 80, 5555, ISN, 1, TCP_ACK, b"tagged", vlan=7))
+    assert h.released == [a]
+
+
+def test_out_of_order_pvm_segments_wait_for_their_bytes():
+    h = Harness()
+    late, early = seg(ISN + 3, b"def"), seg(ISN, b"abc")
+    h.p(late)                       # the PVM retransmits / reorders
+    h.p(early)
+    h.s(seg(ISN, b"abcdef"))
+    assert sorted(h.released) == sorted([late, early]) and not h.requests

@@ -109,3 +109,47 @@ def test_stage_reports_bad_settings_on_ready():
     finally:
         bus.close()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
+    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
+    ctx = multiprocessing.get_context("fork")
+    bus = CheckpointBus(rundir)
+    path = {r: os.path.join(rundir, f"net-{r}.sock")
+            for r in ("pvm", "svm", "out", "cin", "pout", "sout")}
+    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
+                           outdev="unix:" + path["out"], client_in="unix:" + path["cin"],
+                           primary_out="unix:" + path["pout"],
+                           secondary_out="unix:" + path["sout"])
+    parent, child = ctx.Pipe()
+    stop = ctx.Event()
+    proc = ctx.Process(target=run_net_compare_stage, args=(settings, rundir, None, child, stop))
+    proc.start()
+    try:
+        assert parent.poll(20) and parent.recv() == {"ok": True}
+        clients = {r: StreamClient("unix:" + path[r]) for r in ("cin", "pout", "sout")}
+        time.sleep(0.2)
+        before = build.udp_frame(C, G, 4444, 53, b"before the snapshot")
+        clients["cin"].send(before)
+        assert [f for f, _ in clients["pout"].recv_until(1, 5)] == [before]
+        assert [f for f, _ in clients["sout"].recv_until(1, 5)] == [before]
+        bus.publish("snapshot", 0)
+        time.sleep(0.2)
+        during = [build.udp_frame(C, G, 4444, 53, b"after the snapshot %d" % i) for i in range(3)]
+        for f in during:
+            clients["cin"].send(f)
+        assert [f for f, _ in clients["pout"].recv_until(3, 5)] == during
+        assert clients["sout"].recv_until(1, 0.5) == []          # held for the restored SVM
+        bus.publish("committed", 0)
+        assert [f for f, _ in clients["sout"].recv_until(3, 5)] == during
+        for c in clients.values():
+            c.close()
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        bus.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert proc.exitcode == 0

@@ -41,6 +41,7 @@ COUNTER_NAMES = (
     "malformed_frames", "mismatches", "timeouts", "checkpoint_requests", "requests_coalesced",
     "table_full", "queue_full", "connections_evicted", "connections_closed",
     "fragments_held", "fragments_dropped", "commits", "passthrough_frames",
+    "mirror_frames_held", "mirror_frames_dropped",
 )
 
 #: SVM payload bytes held per connection before the queue counts as full

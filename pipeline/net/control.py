@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Callable
+from typing import Callable, Protocol
 
 from pipeline.net.adapters import StreamEndpoint
-from pipeline.net.comparator import Comparator
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +28,17 @@ COLO_CHECKPOINT = b"COLO_CHECKPOINT"
 #: notify messages are short strings; anything longer is garbage
 MAX_NOTIFY_MESSAGE = 256
 
-#: what the loop calls when a checkpoint completed (the rewriter resets its offsets)
-OnCheckpoint = Callable[[], None]
+
+class Events(Protocol):
+    """What a control reports to (the CompareLoop)."""
+
+    def on_snapshot(self, epoch: int) -> None: ...
+
+    def on_committed(self, epoch: int) -> None: ...
+
+    def on_flush(self) -> None: ...
+
+    def on_role(self, role: str) -> None: ...
 
 
 def encode_notify(message: bytes) -> bytes:
@@ -45,7 +53,7 @@ class NoControl:
         log.info("checkpoint wanted (%s: %s) but no notify_dev/coordinator is attached",
                  cause, detail)
 
-    def handle(self, comparator: Comparator, on_checkpoint: OnCheckpoint) -> None:
+    def handle(self, events: Events) -> None:
         pass
 
     def close(self) -> None:
@@ -70,14 +78,13 @@ class XenNotify:
     def request(self, cause: str, detail: str) -> None:
         self.endpoint.send_raw(encode_notify(DO_CHECKPOINT))
 
-    def handle(self, comparator: Comparator, on_checkpoint: OnCheckpoint) -> None:
+    def handle(self, events: Events) -> None:
         for message, _ in self.endpoint.recv():
             message = message.rstrip(b"\0")
             if message == PROXY_INIT:
                 self.endpoint.send_raw(encode_notify(PROXY_INIT_REPLY))
             elif message == COLO_CHECKPOINT:
-                comparator.flush()
-                on_checkpoint()
+                events.on_flush()
             else:
                 self.unknown_messages += 1
                 log.warning("notify_dev: unsupported message %r", message[:64])
@@ -98,17 +105,14 @@ class CoordinatorControl:
     def request(self, cause: str, detail: str) -> None:
         self.client.request(cause, detail)
 
-    def handle(self, comparator: Comparator, on_checkpoint: OnCheckpoint) -> None:
+    def handle(self, events: Events) -> None:
         for event in self.client.poll_events(0):
             if event.event == "snapshot":
-                comparator.on_snapshot(event.epoch)
+                events.on_snapshot(event.epoch)
             elif event.event == "committed":
-                comparator.on_committed(event.epoch)
-                on_checkpoint()
+                events.on_committed(event.epoch)
             elif event.event == "role":
-                role = event.extra.get("role")
-                # active (failover) or unprotected (secondary lost): stop holding output
-                comparator.set_passthrough(role in ("active", "unprotected"))
+                events.on_role(str(event.extra.get("role")))
 
     def close(self) -> None:
         self.client.close()

@@ -13,6 +13,7 @@ from pipeline.net.adapters import (FrameSink, FrameSource, PacketSocket, PcapRea
                                    PcapWriter, StreamEndpoint, parse_address)
 from pipeline.net.comparator import PRIMARY, SECONDARY, Comparator, CounterSink
 from pipeline.net.control import NoControl
+from pipeline.net.mirror import InputMirror
 from pipeline.net.rewriter import SeqRewriter
 from pipeline.net.settings import NetSettings
 
@@ -81,6 +82,12 @@ class CompareLoop:
             raise
         self.rewriter = SeqRewriter(settings.max_connections) if settings.rewrite_secondary \
             else None
+        self.mirror = None
+        if self.secondary_out is not None:
+            self.mirror = InputMirror(
+                self.secondary_out,
+                self.rewriter.to_secondary if self.rewriter is not None else None,
+                settings.max_queue_frames, self.comparator.counters)
         self._roles: list[tuple[FrameSource, object]] = []
         for source, handler in ((self.primary_in, self._from_primary),
                                 (self.secondary_in, self._from_secondary),
@@ -110,18 +117,39 @@ class CompareLoop:
             push(frame, vnet)
 
     def _from_client(self, frames) -> None:
-        rewriter = self.rewriter
         for frame, vnet in frames:
             if self.primary_out is not None:
                 self.primary_out.send(frame, vnet)
-            if self.secondary_out is not None:
-                if rewriter is not None:
-                    frame = rewriter.to_secondary(frame, vnet)
-                self.secondary_out.send(frame, vnet)
+            if self.mirror is not None:
+                self.mirror.send(frame, vnet)
 
-    def _on_checkpoint(self) -> None:
+    # ------------------------------------------------- checkpoint events
+    # (called by the control: CoordinatorControl, XenNotify)
+    def on_snapshot(self, epoch: int) -> None:
+        self.comparator.on_snapshot(epoch)
+        if self.mirror is not None:
+            self.mirror.hold(epoch + 1)
+
+    def on_committed(self, epoch: int) -> None:
+        self.comparator.on_committed(epoch)
+        self._svm_restored()
+
+    def on_flush(self) -> None:
+        """Xen's COLO_CHECKPOINT: the checkpoint is done, release everything held."""
+        self.comparator.flush()
+        self._svm_restored()
+
+    def on_role(self, role: str) -> None:
+        # active (failover) or unprotected (secondary lost): stop holding output
+        self.comparator.set_passthrough(role in ("active", "unprotected"))
+        if self.mirror is not None and self.mirror.holding is not None:
+            self.mirror.release()
+
+    def _svm_restored(self) -> None:
         if self.rewriter is not None:
             self.rewriter.reset()      # the restored SVM has the PVM's sequence numbers
+        if self.mirror is not None:
+            self.mirror.release()
 
     # ---------------------------------------------------------------- loop
     def _poller(self) -> tuple[zmq.Poller, dict[int, list], bool]:
@@ -177,7 +205,7 @@ class CompareLoop:
             if isinstance(adapter, StreamEndpoint) and not adapter.connected \
                     and adapter.fileno() in ready and all(adapter is not s for s, _ in self._roles):
                 adapter._accept()
-        self.control.handle(self.comparator, self._on_checkpoint)
+        self.control.handle(self)
         now = time.monotonic()
         if now >= getattr(self, "_next_scan", 0.0):
             self.comparator.check_timeouts(now)
