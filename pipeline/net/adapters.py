@@ -116,6 +116,12 @@ class StreamEndpoint(FrameSource, FrameSink):
     def connected(self) -> bool:
         return self._peer is not None
 
+    def accept_pending(self) -> bool:
+        """Take the waiting peer, if there is one and none is connected yet."""
+        if self._peer is not None:
+            return True
+        return self._accept()
+
     def _accept(self) -> bool:
         try:
             peer, _ = self._listener.accept()

@@ -27,7 +27,6 @@ class Adapters:
     def __init__(self, vnet_hdr: bool) -> None:
         self.vnet_hdr = vnet_hdr
         self._by_address: dict[tuple[str, str], object] = {}
-        self.malformed_callbacks: dict[str, object] = {}
 
     def get(self, address: str, role: str, direction: str, on_malformed=None):
         if not address:
@@ -94,6 +93,10 @@ class CompareLoop:
                                 (self.client_in, self._from_client)):
             if source is not None:
                 self._roles.append((source, handler))
+        self._handlers = {handler for _, handler in self._roles}
+        self._plan_key: tuple | None = None
+        self._plan: tuple = ()
+        self._next_scan = 0.0
         self.stop_event = threading.Event()
 
     def _malformed_cb(self, side: int):
@@ -152,62 +155,55 @@ class CompareLoop:
             self.mirror.release()
 
     # ---------------------------------------------------------------- loop
-    def _poller(self) -> tuple[zmq.Poller, dict[int, list], bool]:
-        poller = zmq.Poller()
-        by_fd: dict[int, list] = {}
-        always = False
-        for source, handler in self._roles:
-            fd = source.fileno()
-            if fd is None:
-                always = True
-                continue
-            if fd not in by_fd:
-                poller.register(fd, zmq.POLLIN)
-            by_fd.setdefault(fd, []).append((source, handler))
+    def _watched(self) -> list[tuple[object, object]]:
+        """(pollable, what to do when it is readable) for everything the loop waits on."""
+        watched: list[tuple[object, object]] = [(source, handler) for source, handler
+                                                in self._roles]
+        sources = [source for source, _ in self._roles]
         control = self.control.pollable()
         if control is not None:
-            poller.register(control if isinstance(control, zmq.Socket) else control.fileno(),
-                            zmq.POLLIN)
-        # sinks that are listening endpoints accept their peer when it connects
+            watched.append((control, None))          # the control is handled every round
         for adapter in self.adapters.all():
-            if isinstance(adapter, StreamEndpoint) and not adapter.connected \
-                    and all(adapter is not s for s, _ in self._roles):
-                poller.register(adapter.fileno(), zmq.POLLIN)
-        return poller, by_fd, always
+            # an outgoing listening endpoint accepts its peer as soon as it connects
+            if isinstance(adapter, StreamEndpoint) and all(adapter is not s for s in sources):
+                watched.append((adapter, adapter.accept_pending))
+        return watched
 
-    def fds(self) -> tuple:
-        control = self.control.pollable()
-        return (tuple(s.fileno() for s, _ in self._roles),
-                control.fileno() if isinstance(control, StreamEndpoint) else None,
-                tuple(a.connected for a in self.adapters.all() if isinstance(a, StreamEndpoint)))
+    def _poll_plan(self) -> tuple[zmq.Poller, list[tuple[object, object, object]], bool]:
+        """The poller for the current descriptors (they change when a peer (dis)connects)."""
+        watched = self._watched()
+        key = tuple(w.fileno() if not isinstance(w, zmq.Socket) else id(w) for w, _ in watched)
+        if key != self._plan_key:
+            poller = zmq.Poller()
+            plan, always = [], False
+            for (pollable, action), fd in zip(watched, key):
+                if isinstance(pollable, zmq.Socket):
+                    poller.register(pollable, zmq.POLLIN)
+                    fd = pollable
+                elif fd is None:
+                    always = True                    # a pcap file: always readable
+                else:
+                    poller.register(fd, zmq.POLLIN)
+                plan.append((pollable, action, fd))
+            self._plan, self._plan_key = (poller, plan, always), key
+        return self._plan
 
     def run_once(self, timeout: float) -> None:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
-        key = self.fds()
-        if key != getattr(self, "_poller_key", None):
-            self._poller_state = self._poller()
-            self._poller_key = key
-        poller, by_fd, always = self._poller_state
+        poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
-        for fd, roles in by_fd.items():
-            if fd in ready:
-                for source, handler in roles:
-                    frames = source.recv()
-                    if frames:
-                        handler(frames)
-        if always:
-            for source, handler in self._roles:
-                if source.fileno() is None:
-                    frames = source.recv()
-                    if frames:
-                        handler(frames)
-        for adapter in self.adapters.all():
-            if isinstance(adapter, StreamEndpoint) and not adapter.connected \
-                    and adapter.fileno() in ready and all(adapter is not s for s, _ in self._roles):
-                adapter._accept()
+        for pollable, action, fd in plan:
+            if action is None or (fd is not None and fd not in ready):
+                continue
+            if action in self._handlers:
+                frames = pollable.recv()
+                if frames:
+                    action(frames)
+            else:
+                action()
         self.control.handle(self)
         now = time.monotonic()
-        if now >= getattr(self, "_next_scan", 0.0):
+        if now >= self._next_scan:
             self.comparator.check_timeouts(now)
             self._next_scan = now + self.settings.expired_scan_ms / 1000.0
         for adapter in self.adapters.all():
