@@ -1,0 +1,141 @@
+"""The Prometheus endpoint (pipeline/metrics.py), scraped over HTTP from a real pair."""
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.localpair import LocalPair
+from pipeline.metrics import parse_listen, render, serve_metrics
+
+SMALL = {
+    "guest": {"backend": "sim", "page_count": 2048},
+    "guest.workload": {"input_rate_hz": 300.0, "pages_per_input": 8},
+    "checkpoint": {"max_interval_ms": 100, "min_interval_ms": 5},
+}
+
+
+def _scrape(url: str) -> dict[str, list]:
+    """{sample name: [(labels, value), ...]} from one scrape."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    found = [v for lab, v in samples.get(name, []) if all(lab.get(k) == x
+                                                          for k, x in labels.items())]
+    assert len(found) == 1, f"{name}{labels}: {found} in {sorted(samples)}"
+    return found[0]
+
+
+def test_endpoint_of_a_running_pair(tmp_path):
+    pair = LocalPair(SMALL, workdir=str(tmp_path))
+    servers = []
+    try:
+        pair.start()
+        pair.wait_protected()
+        pair.wait_checkpoints(5)
+        servers.append(serve_metrics(pair.name("primary"), "127.0.0.1:0"))
+        servers.append(serve_metrics(pair.name("secondary"), "127.0.0.1:0"))
+        primary, secondary = servers
+        assert primary.port > 0 and primary.url.startswith("http://127.0.0.1:")
+        node = pair.node("primary")
+
+        before = len(node.checkpoints())
+        s = _scrape(primary.url)
+        after = len(node.checkpoints())
+
+        # role: 1 for the node's role, 0 for the others
+        assert _value(s, "colo_node_up") == 1
+        assert _value(s, "colo_role", role="primary") == 1
+        assert {lab["role"] for lab, v in s["colo_role"] if v == 0} == \
+            {"secondary", "active", "unprotected"}
+        assert _value(s, "colo_node_info", state="protected") == 1
+
+        # stage counters, non-zero, and no higher than the counters read just after
+        stages = node.stage_names
+        for stage, direction in (("snapshot", "out"), ("digest.0", "in"), ("digest.1", "out"),
+                                 ("send", "in")):
+            assert stage in stages
+            assert _value(s, f"colo_stage_items_{direction}_total", stage=stage) > 0
+            assert _value(s, "colo_stage_busy_seconds_total", stage=stage) > 0
+            assert _value(s, "colo_stage_errors_total", stage=stage) == 0
+        assert _value(s, "colo_stage_items_in_total", stage="send") <= \
+            node.stage("send").as_dict()["items_in"]
+        assert _value(s, "colo_stage_bytes_out_total", stage="send") > 0
+        assert _value(s, "colo_stage_ring_high_water", stage="digest.0") >= 1
+        assert _value(s, "colo_stage_epochs_committed_total", stage="coordinator") >= 5
+        assert _value(s, "colo_stage_pages_zero_total", stage="digest.0") >= 0
+
+        # checkpoint counts agree with the node's own log
+        counted = sum(v for _, v in s["colo_checkpoints_total"])
+        assert before <= counted <= after and counted >= 5
+        assert counted == _value(s, "colo_checkpoints_recorded_total")
+        assert _value(s, "colo_checkpoints_total", cause="initial", status="committed") >= 1
+        assert _value(s, "colo_checkpoints_unread_total") == 0
+        committed = sum(v for lab, v in s["colo_checkpoints_total"]
+                        if lab["status"] == "committed")
+        assert 0 < _value(s, "colo_checkpoint_pvm_pause_seconds_count") <= counted
+        assert _value(s, "colo_checkpoint_pvm_pause_seconds_bucket", le="+Inf") == \
+            _value(s, "colo_checkpoint_pvm_pause_seconds_count")
+        assert _value(s, "colo_checkpoint_pvm_pause_seconds_sum") > 0
+        assert 0 < _value(s, "colo_checkpoint_commit_seconds_count") <= committed
+        assert _value(s, "colo_checkpoint_pvm_pause_recent_seconds", quantile="0.5") > 0
+        assert _value(s, "colo_checkpoint_pages_total", kind="sent") > 0
+        assert _value(s, "colo_checkpoint_pages_total", kind="dirty") > 0
+        assert _value(s, "colo_checkpoint_bytes_total", kind="wire") > 0
+        assert _value(s, "colo_checkpoint_bytes_total", kind="raw") >= \
+            4096 * _value(s, "colo_checkpoint_pages_total", kind="sent")
+
+        # totals only grow from one scrape to the next
+        pair.wait_checkpoints(counted + 2)
+        s2 = _scrape(primary.url)
+        assert sum(v for _, v in s2["colo_checkpoints_total"]) >= counted + 2
+        assert _value(s2, "colo_checkpoint_pvm_pause_seconds_count") >= \
+            _value(s, "colo_checkpoint_pvm_pause_seconds_count")
+
+        # the secondary's endpoint shows its role and its own stages
+        sec = _scrape(secondary.url)
+        assert _value(sec, "colo_role", role="secondary") == 1
+        assert _value(sec, "colo_role", role="primary") == 0
+        assert _value(sec, "colo_stage_items_in_total", stage="verify.0") > 0
+
+        # one-shot text, same families
+        text = render(pair.name("primary")).decode()
+        assert 'colo_role{node="%s",role="primary"} 1.0' % pair.name("primary") in text
+
+        codes = pair.stop()
+        assert codes == {"secondary": 0, "primary": 0}
+        # a stopped node: the endpoint still answers, and says so
+        gone = _scrape(primary.url)
+        assert _value(gone, "colo_node_up") == 0
+        assert "colo_role" not in gone
+    finally:
+        for server in servers:
+            server.close()
+        pair.stop()
+    # closed: nothing listens on the port any more
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", primary.port), timeout=5).close()
+
+
+def test_endpoint_before_the_node_exists_and_bad_listen_addresses():
+    with serve_metrics("colo-metrics-test-absent", "127.0.0.1:0") as server:
+        s = _scrape(server.url)
+        assert s == {"colo_node_up": [({"node": "colo-metrics-test-absent"}, 0.0)]}
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1:%d" % server.port):
+            serve_metrics("colo-metrics-test-absent", f"127.0.0.1:{server.port}")
+    assert parse_listen("0.0.0.0:9464") == ("0.0.0.0", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "host:", ":9464", "host:http", "host:70000", "[nope]:1"):
+        with pytest.raises(ValueError, match="metrics listen address"):
+            parse_listen(bad)
