@@ -17,8 +17,11 @@ client does not set TCP_NODELAY, which caps small writes over TCP at ~400 IOPS f
   tcp://127.0.0.1 to our secondary stage (another process) and answering after its ack;
 * ``ours_unreplicated`` — our primary export with forwarding off.
 
-After the replicated run the secondary commits everything it buffered; the commit time
-and a whole-image hash comparison of primary and secondary are reported as well.
+During the replicated run a thread plays the coordinators: every ``--checkpoint-ms``
+(default 100) it ends the epoch at the primary, waits for its writes to reach the
+secondary and commits it there — so the secondary applies writes into its image while
+the writes go on, as in COLO. Commit times, and a whole-image hash comparison of
+primary and secondary after the last commit, are reported as well.
 
 Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--json]``; ``--json``
 prints one JSON object with every figure as the last line.
@@ -34,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import blake3
@@ -41,7 +45,7 @@ import blake3
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline.disk.settings import DiskSettings
-from pipeline.stages.disk import PrimaryDisk, start_disk_pair
+from pipeline.stages.disk import DiskControl, PrimaryDisk, start_disk_pair
 
 STRIDE_BLOCKS = 7919
 
@@ -60,7 +64,7 @@ def qemu_img_bench(uri: str, size: int, count: int, depth: int, step: int | None
 
 
 @contextlib.contextmanager
-def qemu_nbd(workdir: str, image_size: int):
+def qemu_nbd(workdir: str, image_size: int, checkpoint_ms: int):
     img, sock = os.path.join(workdir, "qemu-nbd.img"), os.path.join(workdir, "qemu-nbd.sock")
     with open(img, "wb") as f:
         f.truncate(image_size)
@@ -78,33 +82,78 @@ def qemu_nbd(workdir: str, image_size: int):
         p.wait(timeout=10)
 
 
+class Checkpointer(threading.Thread):
+    """Plays the coordinators' part in the disk's checkpoint protocol every ``interval``
+    seconds: end epoch e at the primary, wait until its writes reached the secondary,
+    commit e there (applying the buffered writes into the secondary's image)."""
+
+    def __init__(self, rundir: str, interval: float) -> None:
+        super().__init__(name="bench-checkpointer", daemon=True)
+        self.rundir, self.interval = rundir, interval
+        self.epoch = 1
+        self.commit_seconds: list[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        primary, secondary = DiskControl(self.rundir, "primary"), DiskControl(self.rundir, "secondary")
+        try:
+            while not self.stopping.wait(self.interval):
+                self.checkpoint(primary, secondary)
+        finally:
+            primary.close()
+            secondary.close()
+
+    def checkpoint(self, primary: DiskControl, secondary: DiskControl) -> None:
+        e = self.epoch
+        primary.set_epoch(e + 1)
+        if not primary.wait_forwarded(e, 60_000):
+            raise RuntimeError(f"writes of epoch {e} did not reach the secondary")
+        t0 = time.perf_counter()
+        secondary.commit(e)
+        self.commit_seconds.append(time.perf_counter() - t0)
+        self.epoch = e + 1
+
+    def finish(self) -> None:
+        """Stop the timer and commit everything written so far."""
+        self.stopping.set()
+        self.join()
+        primary, secondary = DiskControl(self.rundir, "primary"), DiskControl(self.rundir, "secondary")
+        try:
+            self.checkpoint(primary, secondary)
+        finally:
+            primary.close()
+            secondary.close()
+
+
 @contextlib.contextmanager
-def ours_replicated(workdir: str, image_size: int):
+def ours_replicated(workdir: str, image_size: int, checkpoint_ms: int):
     d = os.path.join(workdir, "pair")
     pair = start_disk_pair(d, image_size, compare="off",
                            primary_export=f"unix:{d}-primary.sock",
                            secondary_export=f"unix:{d}-secondary.sock")
     extra: dict = {}
+    checkpointer = Checkpointer(pair.rundir, checkpoint_ms / 1e3 if checkpoint_ms else 1e9)
+    checkpointer.start()
     try:
         yield pair.primary_uri, extra
-        assert pair.primary.wait_forwarded(1, 60_000)
+        checkpointer.finish()
         stats = pair.primary.stats()["counters"]
         extra["forward_latency_avg_us"] = stats["forward_latency_ns"] / max(1, stats["forwarded"]) / 1e3
-        extra["commit_MB"] = pair.secondary.stats()["counters"]["buffer_bytes"] / 1e6
-        t0 = time.perf_counter()
-        pair.secondary.commit(1)
-        extra["commit_s"] = time.perf_counter() - t0
+        extra["checkpoints"] = len(checkpointer.commit_seconds)
+        extra["commit_avg_ms"] = 1e3 * sum(checkpointer.commit_seconds) / len(checkpointer.commit_seconds)
+        extra["commit_max_ms"] = 1e3 * max(checkpointer.commit_seconds)
         hashes = []
         for name in ("primary.img", "secondary.img"):
             with open(os.path.join(d, name), "rb") as f:
                 hashes.append(blake3.blake3(f.read()).hexdigest())
         extra["images_identical_after_commit"] = hashes[0] == hashes[1]
     finally:
+        checkpointer.stopping.set()
         pair.stop()
 
 
 @contextlib.contextmanager
-def ours_unreplicated(workdir: str, image_size: int):
+def ours_unreplicated(workdir: str, image_size: int, checkpoint_ms: int):
     s = DiskSettings(image=os.path.join(workdir, "plain.img"), export_size=image_size,
                      export=f"unix:{workdir}/plain.sock")
     disk = PrimaryDisk(s, forward=False)
@@ -123,6 +172,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per server, best kept (default 2, quick 1)")
+    ap.add_argument("--checkpoint-ms", type=int, default=100,
+                    help="replicated run: commit an epoch this often during the writes "
+                         "(0: once at the end)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
     for tool in ("qemu-img", "qemu-nbd"):
@@ -140,12 +192,13 @@ def main() -> int:
     for _ in range(repeats):
         for server, start in SERVERS.items():  # interleaved: load changes hit all alike
             with tempfile.TemporaryDirectory(prefix="bench-disk-") as tmp:
-                with start(tmp, image_size) as (uri, extra):
+                with start(tmp, image_size, args.checkpoint_ms) as (uri, extra):
                     for w, p in workloads.items():
                         secs = qemu_img_bench(uri, **p)
                         best[w][server] = min(best[w].get(server, secs), secs)
                 extras.setdefault(server, {}).update(extra)
-    result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": repeats}
+    result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": repeats,
+                                 "checkpoint_ms": args.checkpoint_ms}
     rows = []
     for w, p in workloads.items():
         for server, secs in best[w].items():

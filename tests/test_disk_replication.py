@@ -153,7 +153,8 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
             def send(frames):
                 dealer.send_multipart(frames)
                 assert dealer.poll(10_000)
-                return wire.decode_ack(dealer.recv_multipart())
+                (entry,) = wire.decode_ack(dealer.recv_multipart())
+                return entry
 
             def tamper(frames, **fields):
                 h = list(wire.FORWARD_HEADER.unpack(frames[0]))

@@ -12,6 +12,8 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.store import SecondaryStore, StoreError, StoreFull
@@ -312,8 +314,6 @@ def test_failover_killed_mid_merge_finishes_at_reopen(tmp_path):
     assert merged_mid >= 1
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _block = st.integers(0, 63)
 _op = st.one_of(

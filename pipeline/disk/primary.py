@@ -237,21 +237,23 @@ class PrimaryLink:
             except zmq.Again:
                 break
             try:
-                seq, status, reason = wire.decode_ack(frames)
+                entries = wire.decode_ack(frames)
             except ValueError as e:
                 log.error("primary disk: %s from the secondary", e)
                 continue
-            p = self._pending.get(seq)
-            if p is None or p.forwarded:
-                continue  # ack after we gave up on it (already answered EIO)
-            self._acked(p, now_ns)
-            if status:
-                log.error("primary disk: the secondary refused write seq %d: %s", seq, reason)
-                self.b.counters.add("forward_errors")
-                p.error = P.EIO
-            else:
-                self.b.counters.add("forwarded")
-            self._finish_if_done(seq, p, done)
+            for seq, status, reason in entries:
+                p = self._pending.get(seq)
+                if p is None or p.forwarded:
+                    continue  # ack after we gave up on it (already answered EIO)
+                self._acked(p, now_ns)
+                if status:
+                    log.error("primary disk: the secondary refused write seq %d: %s",
+                              seq, reason)
+                    self.b.counters.add("forward_errors")
+                    p.error = P.EIO
+                else:
+                    self.b.counters.add("forwarded")
+                self._finish_if_done(seq, p, done)
         unprotected = self.b.forward_address is None
         for seq, p in list(self._pending.items()):
             if not p.forwarded and unprotected:

@@ -104,12 +104,17 @@ class ForwardReceiver(threading.Thread):
         try:
             while not self._stop_event.is_set():
                 if self.writes_in.poll(100):
-                    for _ in range(256):  # a burst, then look at the clock again
+                    # a burst: everything queued (up to a bound), then one ACK per peer
+                    acks: dict[bytes, list[tuple[int, int, str]]] = {}
+                    for _ in range(256):
                         try:
                             frames = self.writes_in.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        identity = frames[0].bytes
+                        acks.setdefault(identity, []).append(self._handle(frames[1:]))
+                    for identity, entries in acks.items():
+                        self.writes_in.send_multipart([identity] + wire.encode_ack(entries))
                 now = time.monotonic_ns()
                 if now - last_check > 50_000_000:
                     self.comparator.check_timeouts(now)
@@ -117,8 +122,9 @@ class ForwardReceiver(threading.Thread):
         finally:
             self.writes_in.close(0)
 
-    def _handle(self, frames: list) -> None:
-        identity, body = frames[0], [f.buffer for f in frames[1:]]
+    def _handle(self, frames: list) -> tuple[int, int, str]:
+        """Validate, buffer and compare one FORWARD; its (seq, status, reason) answer."""
+        body = [f.buffer for f in frames]
         seq = 0
         try:
             if body and len(body[0]) == wire.FORWARD_HEADER.size:
@@ -128,24 +134,20 @@ class ForwardReceiver(threading.Thread):
             self.store.buffer_pvm_write(fw.epoch, fw.kind, fw.offset, fw.length, fw.digest,
                                         fw.data)
         except wire.ForwardError as e:
-            self._refuse(identity, seq, e.status, str(e))
-            return
+            return self._refuse(seq, e.status, str(e))
         except StoreFull as e:
             self.comparator.request_checkpoint("dirty_threshold", str(e))
-            self._refuse(identity, seq, P.ENOSPC, str(e))
-            return
+            return self._refuse(seq, P.ENOSPC, str(e))
         except StoreError as e:
-            self._refuse(identity, seq, P.EIO, str(e))
-            return
+            return self._refuse(seq, P.EIO, str(e))
         except OSError as e:  # the buffer file failed (disk full, I/O error)
-            self._refuse(identity, seq, P.EIO, f"buffering seq {seq}: {e}", counter="io_errors")
-            return
+            return self._refuse(seq, P.EIO, f"buffering seq {seq}: {e}", counter="io_errors")
         self.counters.add("received")
         self.comparator.record(PVM, fw.epoch, fw.offset, fw.length, fw.digest)
-        self.writes_in.send_multipart([identity] + wire.encode_ack(fw.seq))
+        return fw.seq, 0, ""
 
-    def _refuse(self, identity, seq: int, status: int, reason: str,
-                counter: str = "bad_forwards") -> None:
+    def _refuse(self, seq: int, status: int, reason: str,
+                counter: str = "bad_forwards") -> tuple[int, int, str]:
         log.warning("secondary disk: refused a forwarded write: %s", reason)
         self.counters.add(counter)
-        self.writes_in.send_multipart([identity] + wire.encode_ack(seq, status, reason))
+        return seq, status, reason

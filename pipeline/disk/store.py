@@ -97,6 +97,7 @@ class SecondaryStore:
         self.overlay = ImageFile(os.path.join(state_dir, "overlay.img"), export_size)
         self.bitmap = np.zeros(export_size // block_size, dtype=bool)
         self._logs: dict[int, _EpochLog] = {}
+        self._committing: int | None = None  # epoch being applied right now (in memory)
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
         self._state = self._read_journal()
@@ -225,9 +226,11 @@ class SecondaryStore:
         return nonce if magic == LOG_MAGIC and ep == epoch and nonce else None
 
     @classmethod
-    def _records(cls, path: str, epoch: int):
+    def _records(cls, path: str, epoch: int, end: int | None = None):
         """(end offset, kind, offset, length, data) of each valid record, stopping at the
-        first torn, corrupt or stale (other nonce) one."""
+        first torn, corrupt or stale (other nonce) one — or, when the valid ``end`` is
+        known (records this process appended and verified on receipt), at ``end``
+        without hashing everything again."""
         nonce = cls._log_nonce(path, epoch)
         if nonce is None:
             return
@@ -245,10 +248,15 @@ class SecondaryStore:
                 data = f.read(data_len)
                 if len(data) < data_len:
                     return
-                if (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
+                if end is None and \
+                        (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
                     return
                 pos += RECORD.size + data_len
+                if end is not None and pos > end:
+                    return
                 yield pos, kind, off, length, data
+                if pos == end:
+                    return
 
     # -- PVM writes (from the forward receiver) ---------------------------
     def buffer_pvm_write(self, epoch: int, kind: int, offset: int, length: int,
@@ -258,9 +266,10 @@ class SecondaryStore:
             if self.active:
                 raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
                                  f"no longer takes the primary's writes")
-            if epoch <= self.committed_epoch:
+            if epoch <= max(self.committed_epoch, self._committing or 0):
                 raise StoreError(f"PVM write for epoch {epoch}: epoch already committed "
-                                 f"(last committed {self.committed_epoch})")
+                                 f"(last committed {self.committed_epoch}, committing "
+                                 f"{self._committing})")
             data_len = 0 if data is None else len(data)
             if self.buffer_bytes + RECORD.size + data_len > self.buffer_max_bytes:
                 raise StoreFull(f"PVM write for epoch {epoch} [{offset}, +{length}): the "
@@ -286,21 +295,74 @@ class SecondaryStore:
                 raise StoreError(f"commit({epoch}): this node failed over; nothing to commit")
             if epoch <= self.committed_epoch:
                 return
-            for ep in sorted(self._logs):
-                if ep <= epoch:
+            # from here on writes of epochs ≤ e are refused: the logs being applied are final
+            self._committing = epoch
+            todo = [(ep, lg.path, lg.bytes) for ep, lg in sorted(self._logs.items())
+                    if ep <= epoch]
+            try:
+                for ep, _path, _end in todo:
                     os.fdatasync(self._logs[ep].fd)
-            self._write_journal(committing=epoch)
-            self._apply_and_finish(epoch)
-            self.counters.add("commits")
+                self._write_journal(committing=epoch)
+            except BaseException:
+                self._committing = None
+                raise
+        try:
+            # outside the lock: the receiver goes on buffering the next epoch meanwhile
+            self._apply(todo)
+        finally:
+            with self._lock:
+                self._committing = None
+        with self._lock:
+            self._finish_commit(epoch)
+        self.counters.add("commits")
 
-    def _apply_and_finish(self, epoch: int) -> None:
-        for ep in sorted(x for x in self._logs if x <= epoch):
-            for _end, kind, off, length, data in self._records(self._logs[ep].path, ep):
+    def _apply(self, todo: list[tuple[int, str, int | None]]) -> None:
+        """Redo the writes of the given logs into the image and make it durable. ``end``
+        None (a replay): find each log's valid end by verifying every record."""
+        for ep, path, end in todo:
+            if end is not None:
+                self._copy_records(path, ep, end)
+                continue
+            for _end, kind, off, length, data in self._records(path, ep):
                 if kind == KIND_WRITE:
                     self.image.pwrite(off, data)
                 else:
                     self.image.zero(off, length)
         self.image.sync()
+
+    def _copy_records(self, path: str, epoch: int, end: int) -> None:
+        """Apply records this process appended (verified on receipt) up to ``end``: read
+        only the headers; the kernel copies the data (copy_file_range), no user copy."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pos = LOG_HEADER.size
+            while pos < end:
+                hdr = os.pread(fd, RECORD.size, pos)
+                magic, kind, ep, _nonce, off, length, data_len, _digest = RECORD.unpack(hdr)
+                if magic != RECORD_MAGIC or ep != epoch:
+                    raise StoreError(f"{path}: record at {pos} is corrupt (magic {magic!r}, "
+                                     f"epoch {ep}); the log was changed behind our back")
+                pos += RECORD.size
+                if kind == KIND_ZERO:
+                    self.image.zero(off, length)
+                    continue
+                done = 0
+                while done < data_len:
+                    n = os.copy_file_range(fd, self.image.fd, data_len - done, pos + done,
+                                           off + done)
+                    if n == 0:
+                        raise StoreError(f"{path}: record at {pos} ends early")
+                    done += n
+                pos += data_len
+        finally:
+            os.close(fd)
+
+    def _apply_and_finish(self, epoch: int) -> None:
+        """Replay of an interrupted commit (at open)."""
+        self._apply([(ep, self._logs[ep].path, None) for ep in sorted(self._logs) if ep <= epoch])
+        self._finish_commit(epoch)
+
+    def _finish_commit(self, epoch: int) -> None:
         self._write_journal(committed=epoch, committing=None)
         for ep in [x for x in self._logs if x <= epoch]:
             self._drop_log(ep)

@@ -10,10 +10,12 @@ FORWARD message (primary → secondary), two frames (one for ZERO):
                        blake3(data) 32 bytes (all zero for ZERO)
     frame 1 (WRITE only): the ``length`` data bytes
 
-ACK message (secondary → primary), two frames:
+ACK message (secondary → primary): the answers to every FORWARD of one DEALER that the
+secondary handled in one burst, three frames:
 
-    frame 0, 16 bytes: magic "CDA1" | status u32 (0 ok, else an errno) | seq u64
-    frame 1: utf-8 reason (empty when ok)
+    frame 0, 16 bytes: magic "CDA1" | count u32 | reserved u64
+    frame 1, count × 16 bytes: seq u64 | status u32 (0 ok, else an errno) | reason length u32
+    frame 2: the utf-8 reasons, concatenated in entry order (empty when all are ok)
 
 The secondary acks a write once it is appended to its buffer file (page cache, not
 fsync): the guest's write then survives the loss of the primary host, which is the
@@ -33,7 +35,8 @@ KIND_WRITE = 1
 KIND_ZERO = 2
 ZERO_DIGEST = bytes(32)
 FORWARD_HEADER = struct.Struct("<4sB3xQQQI4x32s")
-ACK_HEADER = struct.Struct("<4sIQ")
+ACK_HEADER = struct.Struct("<4sI8x")
+ACK_ENTRY = struct.Struct("<QII")
 #: how far ahead of the last committed epoch a write may be tagged. Normally 1 or 2
 #: (e+2 starts when the primary snapshots e+1 before the secondary committed it), but
 #: aborted checkpoints let the primary run further ahead; this only catches garbage.
@@ -105,15 +108,25 @@ def decode_forward(frames: list, export_size: int, block_size: int,
     return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
 
 
-def encode_ack(seq: int, status: int = 0, reason: str = "") -> list[bytes]:
-    return [ACK_HEADER.pack(ACK_MAGIC, status, seq), reason.encode()]
+def encode_ack(entries: list[tuple[int, int, str]]) -> list[bytes]:
+    """One ACK message for ``entries`` of (seq, status, reason)."""
+    reasons = [r.encode() for _s, _st, r in entries]
+    table = b"".join(ACK_ENTRY.pack(seq, status, len(r))
+                     for (seq, status, _r), r in zip(entries, reasons))
+    return [ACK_HEADER.pack(ACK_MAGIC, len(entries)), table, b"".join(reasons)]
 
 
-def decode_ack(frames: list) -> tuple[int, int, str]:
-    """(seq, status, reason); raise ValueError on a malformed ack."""
-    if len(frames) != 2 or len(frames[0]) != ACK_HEADER.size:
+def decode_ack(frames: list) -> list[tuple[int, int, str]]:
+    """[(seq, status, reason), ...]; raise ValueError on a malformed ack."""
+    if len(frames) != 3 or len(frames[0]) != ACK_HEADER.size:
         raise ValueError(f"malformed ack: {len(frames)} frames")
-    magic, status, seq = ACK_HEADER.unpack(frames[0])
+    magic, count = ACK_HEADER.unpack(frames[0])
     if magic != ACK_MAGIC:
         raise ValueError(f"ack magic {magic!r}, expected {ACK_MAGIC!r}")
-    return seq, status, bytes(frames[1]).decode(errors="replace")
+    if len(frames[1]) != count * ACK_ENTRY.size:
+        raise ValueError(f"ack of {count} entries with a {len(frames[1])}-byte table")
+    out, text, pos = [], bytes(frames[2]), 0
+    for seq, status, n in ACK_ENTRY.iter_unpack(frames[1]):
+        out.append((seq, status, text[pos:pos + n].decode(errors="replace")))
+        pos += n
+    return out
