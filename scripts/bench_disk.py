@@ -15,7 +15,9 @@ client does not set TCP_NODELAY, which caps small writes over TCP at ~400 IOPS f
 * ``qemu_nbd``          — ``qemu-nbd -f raw -t`` serving a plain file (the reference);
 * ``ours_replicated``   — our primary export, forwarding every write over ZeroMQ
   tcp://127.0.0.1 to our secondary stage (another process) and answering after its ack;
-* ``ours_unreplicated`` — our primary export with forwarding off.
+* ``ours_unreplicated`` — our primary export with forwarding off;
+* ``nbdkit_python``     — (if installed) nbdkit's Python plugin doing pread/pwrite on a
+  file: the alternative to our own server, measured for the record.
 
 During the replicated run a thread plays the coordinators: every ``--checkpoint-ms``
 (default 100) it ends the epoch at the primary, waits for its writes to reach the
@@ -163,8 +165,65 @@ def ours_unreplicated(workdir: str, image_size: int, checkpoint_ms: int):
         disk.close()
 
 
+#: the nbdkit Python plugin we measured against before writing our own server: the
+#: same job as ours_unreplicated (pread/pwrite on a file), in nbdkit's embedded Python
+NBDKIT_PLUGIN = """
+import os
+import nbdkit
+API_VERSION = 2
+path = None
+def config(key, value):
+    global path
+    if key == "file":
+        path = value
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+def open(readonly):
+    return os.open(path, os.O_RDWR)
+def get_size(h):
+    return os.fstat(h).st_size
+def pread(h, buf, offset, flags):
+    buf[:] = os.pread(h, len(buf), offset)
+def pwrite(h, buf, offset, flags):
+    os.pwrite(h, buf, offset)
+def flush(h, flags):
+    os.fdatasync(h)
+def close(h):
+    os.close(h)
+"""
+
+
+def nbdkit_python_available() -> bool:
+    return shutil.which("nbdkit") is not None and subprocess.run(
+        ["nbdkit", "python", "--version"], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def nbdkit_python(workdir: str, image_size: int, checkpoint_ms: int):
+    img, sock = os.path.join(workdir, "nbdkit.img"), os.path.join(workdir, "nbdkit.sock")
+    plugin = os.path.join(workdir, "plugin.py")
+    with open(plugin, "w") as f:
+        f.write(NBDKIT_PLUGIN)
+    with open(img, "wb") as f:
+        f.truncate(image_size)
+    p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "python", plugin, f"file={img}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nbdkit did not start: {p.stderr.read().decode()}")
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}", {}
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 SERVERS = {"qemu_nbd": qemu_nbd, "ours_replicated": ours_replicated,
            "ours_unreplicated": ours_unreplicated}
+if nbdkit_python_available():
+    SERVERS["nbdkit_python"] = nbdkit_python
 
 
 def main() -> int:
@@ -206,7 +265,7 @@ def main() -> int:
             iops = p["count"] / secs
             result[f"{w}_{server}_MBps"] = round(mbps, 1)
             result[f"{w}_{server}_IOPS"] = round(iops, 1)
-        for server in ("ours_replicated", "ours_unreplicated"):
+        for server in [x for x in SERVERS if x != "qemu_nbd"]:
             ratio = best[w]["qemu_nbd"] / best[w][server]
             result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(ratio, 3)
         rows.append(w)
