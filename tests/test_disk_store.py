@@ -339,6 +339,7 @@ def test_store_matches_a_model_of_image_buffer_and_overlay(tmp_path_factory, ops
     at_snapshot = {0: bytes(size)}    # the primary's disk at the end of each epoch
     svm = bytearray(size)             # what the SVM should read
     epoch, committed = 1, 0
+    overlay_blocks: set[int] = set()
     for kind, block, n, byte in ops:
         off, length = block * BS, n * BS
         if kind in ("pvm", "pvm_zero"):
@@ -350,6 +351,7 @@ def test_store_matches_a_model_of_image_buffer_and_overlay(tmp_path_factory, ops
             else:
                 s.svm_zero(off, length)
             svm[off:off + length] = bytes([byte]) * length
+            overlay_blocks.update(range(block, block + n))
         elif kind == "snapshot":
             at_snapshot[epoch] = bytes(pvm)
             epoch += 1
@@ -361,5 +363,7 @@ def test_store_matches_a_model_of_image_buffer_and_overlay(tmp_path_factory, ops
             if e > committed:  # the SVM is reset to the checkpoint: its overlay is gone
                 svm[:] = at_snapshot[e]
                 committed = e
+                overlay_blocks.clear()
         assert bytes(s.svm_read(0, size)) == bytes(svm)
+        assert s.overlay_bytes == len(overlay_blocks) * BS
     s.close()

@@ -66,8 +66,6 @@ class StoreError(RuntimeError):
 class StoreFull(StoreError):
     """The overlay or the buffer reached its configured bound."""
 
-    errno = errno.ENOSPC
-
 
 @dataclass
 class _EpochLog:
@@ -96,6 +94,7 @@ class SecondaryStore:
         self.image = ImageFile(image_path, export_size)
         self.overlay = ImageFile(os.path.join(state_dir, "overlay.img"), export_size)
         self.bitmap = np.zeros(export_size // block_size, dtype=bool)
+        self._overlay_blocks = 0  # bitmap.sum(), kept up to date (summing is O(disk size))
         self._logs: dict[int, _EpochLog] = {}
         self._committing: int | None = None  # epoch being applied right now (in memory)
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
@@ -115,7 +114,7 @@ class SecondaryStore:
 
     @property
     def overlay_bytes(self) -> int:
-        return int(self.bitmap.sum()) * self.block
+        return self._overlay_blocks * self.block
 
     @property
     def buffer_bytes(self) -> int:
@@ -156,6 +155,7 @@ class SecondaryStore:
         if self._state["merging"]:
             bits = np.fromfile(os.path.join(self.state_dir, "overlay.bitmap"), dtype=np.uint8)
             self.bitmap[:] = np.unpackbits(bits, count=len(self.bitmap)).astype(bool)
+            self._overlay_blocks = int(self.bitmap.sum())
             log.warning("store %s: finishing an interrupted failover merge", self.state_dir)
             self.counters.add("journal_replays")
             self._merge_overlay()
@@ -384,6 +384,7 @@ class SecondaryStore:
     def _drop_overlay(self) -> None:
         self.overlay.reset()
         self.bitmap[:] = False
+        self._overlay_blocks = 0
 
     # -- failover ------------------------------------------------------------
     def failover(self) -> None:
@@ -437,9 +438,10 @@ class SecondaryStore:
             if self.active:
                 self.image.pwrite(offset, data)
                 return
-            b0, b1 = self._reserve(offset, len(data))
+            b0, b1, new = self._reserve(offset, len(data))
             self.overlay.pwrite(offset, data)
             self.bitmap[b0:b1] = True
+            self._overlay_blocks += new
             self._update_gauges()
 
     def svm_zero(self, offset: int, length: int) -> None:
@@ -447,18 +449,21 @@ class SecondaryStore:
             if self.active:
                 self.image.zero(offset, length)
                 return
-            b0, b1 = self._reserve(offset, length)
+            b0, b1, new = self._reserve(offset, length)
             self.overlay.zero(offset, length)
             self.bitmap[b0:b1] = True
+            self._overlay_blocks += new
             self._update_gauges()
 
-    def _reserve(self, offset: int, length: int) -> tuple[int, int]:
+    def _reserve(self, offset: int, length: int) -> tuple[int, int, int]:
+        """Block range of a new overlay write and how many of its blocks are new; StoreFull
+        if those would take the overlay past its bound."""
         b0, b1 = offset // self.block, (offset + length) // self.block
-        new = int((~self.bitmap[b0:b1]).sum()) * self.block
-        if new and self.overlay_bytes + new > self.overlay_max_bytes:
+        new = int((~self.bitmap[b0:b1]).sum())
+        if new and self.overlay_bytes + new * self.block > self.overlay_max_bytes:
             raise StoreFull(f"SVM write [{offset}, +{length}): the overlay holds "
                             f"{self.overlay_bytes} bytes, bound {self.overlay_max_bytes}")
-        return b0, b1
+        return b0, b1, new
 
     def flush(self) -> None:
         with self._lock:
