@@ -169,13 +169,20 @@ def cross_key_rules() -> list[tuple[str, str]]:
                 and len(node.args) >= 3):
             continue
         key = node.args[1]
-        if not (isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value):
-            continue      # per-key errors of the loader (a variable key) or file errors ("")
+        if isinstance(key, ast.JoinedStr):     # f"security.{key}": any key of the table
+            key_text = "".join(v.value if isinstance(v, ast.Constant) else "*"
+                               for v in key.values)
+        elif isinstance(key, ast.Constant) and isinstance(key.value, str):
+            key_text = key.value
+        else:
+            continue      # the loader's per-key errors (a variable key): shown above
+        if not key_text:
+            continue      # errors about the whole file
         problem = text(node.args[2]) or "…"
         expected = text(node.args[3]) if len(node.args) > 3 else None
-        line = f"`{key.value}`: {problem}" + (f" (expected {expected})" if expected else "")
-        if (key.value, line) not in rules:
-            rules.append((key.value, line))
+        line = f"`{key_text}`: {problem}" + (f" (expected {expected})" if expected else "")
+        if (key_text, line) not in rules:
+            rules.append((key_text, line))
     return rules
 
 

@@ -1,6 +1,7 @@
 """The Prometheus endpoint (pipeline/metrics.py), scraped over HTTP from a real pair."""
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 
@@ -139,3 +140,75 @@ def test_endpoint_before_the_node_exists_and_bad_listen_addresses():
     for bad in ("9464", "host:", ":9464", "host:http", "host:70000", "[nope]:1"):
         with pytest.raises(ValueError, match="metrics listen address"):
             parse_listen(bad)
+
+
+def test_totals_keep_growing_when_the_log_wraps():
+    """Running totals over a log of 8 records: each record is counted once, those
+    overwritten between two scrapes are counted as unread, histograms match the counts."""
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_om
+    from prometheus_client.openmetrics.parser import \
+        text_string_to_metric_families as parse_om
+
+    from pipeline.counters import STAGE_COUNTERS, NodeCounters
+    from pipeline.metrics import NodeCollector
+
+    name = f"metrics-test-{os.getpid()}"
+    node = NodeCounters.create(name, {"coordinator": STAGE_COUNTERS + ("epochs_committed",),
+                                      "digest.0": STAGE_COUNTERS + ("pages_zero",)},
+                               history=8)
+    try:
+        node.set_node_info({"role": "active", "state": "protected", "epoch": 3})
+        node.stage("digest.0").set("busy_ns", 2_500_000_000)
+        node.stage("digest.0").set("pages_zero", 7)
+        collector = NodeCollector(name, node)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+
+        def record(n: int, start: int) -> None:
+            for j in range(start, start + n):
+                node.record_checkpoint(epoch=j, cause="timer" if j % 2 else "request",
+                                       pvm_pause_ns=1_000_000 * (j + 1), commit_ns=5_000_000,
+                                       pages_sent=10, bytes_wire=1000, bytes_raw=40960,
+                                       status=0 if j % 5 else 1)
+
+        def scrape() -> dict:
+            text = generate_latest(registry).decode()
+            samples: dict = {}
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    samples.setdefault(s.name, []).append((s.labels, s.value))
+            return samples
+
+        record(5, 0)
+        s = scrape()
+        assert _value(s, "colo_role", role="active") == 1
+        assert _value(s, "colo_epoch") == 3
+        assert _value(s, "colo_stage_busy_seconds_total", stage="digest.0") == 2.5
+        assert _value(s, "colo_stage_pages_zero_total", stage="digest.0") == 7
+        assert sum(v for _, v in s["colo_checkpoints_total"]) == 5
+        assert _value(s, "colo_checkpoints_total", cause="request", status="aborted") == 1
+        record(6, 5)                               # wraps the log; none lost yet
+        s = scrape()
+        assert sum(v for _, v in s["colo_checkpoints_total"]) == 11
+        assert _value(s, "colo_checkpoints_unread_total") == 0
+        assert _value(s, "colo_checkpoint_pages_total", kind="sent") == 110
+        assert _value(s, "colo_checkpoint_pvm_pause_seconds_count") == 11
+        assert _value(s, "colo_checkpoint_pvm_pause_seconds_bucket", le="0.005") == 5
+        assert _value(s, "colo_checkpoint_pvm_pause_seconds_sum") == pytest.approx(0.066)
+        record(20, 11)                             # 12 of them are overwritten unread
+        s = scrape()
+        counted = sum(v for _, v in s["colo_checkpoints_total"])
+        assert counted == 19 and _value(s, "colo_checkpoints_unread_total") == 12
+        assert _value(s, "colo_checkpoints_recorded_total") == 31 == counted + 12
+        assert _value(s, "colo_checkpoint_bytes_total", kind="wire") == 19 * 1000
+        # quantiles over the 8 records still in the log, committed ones only
+        committed = [j for j in range(23, 31) if j % 5]
+        assert _value(s, "colo_checkpoint_pvm_pause_recent_seconds", quantile="0.99") == \
+            pytest.approx((max(committed) + 1) / 1000)
+        # the same collector in the OpenMetrics format parses too
+        assert list(parse_om(generate_om(registry).decode()))
+    finally:
+        node.unlink()
+        node.close()
