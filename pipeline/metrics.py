@@ -35,16 +35,30 @@ What is exposed (every sample carries ``node``):
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
-                                    GaugeMetricFamily, HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest, start_http_server
 
 from pipeline.checkpoint_api import CAUSES
-from pipeline.counters import (STATUS_ABORTED, STATUS_COMMITTED, NodeCounters, NodeNotRunning,
-                               _pid_alive)
+from pipeline.counters import (
+    STATUS_ABORTED,
+    STATUS_COMMITTED,
+    NodeCounters,
+    NodeNotRunning,
+    _pid_alive,
+)
+
+_log = logging.getLogger(__name__)
 
 ROLES = ("primary", "secondary", "active", "unprotected")
 STATUS_NAMES = {STATUS_COMMITTED: "committed", STATUS_ABORTED: "aborted"}
@@ -143,8 +157,8 @@ class _CheckpointTotals:
             log = node.checkpoints()
             if node.checkpoints_recorded == before:
                 break
-        else:   # a node checkpointing faster than we can read: take what we have
-            before = node.checkpoints_recorded
+        else:   # records kept coming while we read: take them in at the next scrape
+            return log, self.seen
         first_in_log = max(0, before - node.history)
         new = min(len(log), before - max(self.seen, first_in_log))
         if self.seen < first_in_log:
@@ -187,10 +201,9 @@ class NodeCollector:
     # -- attachment ---------------------------------------------------------------
     def _attached(self) -> NodeCounters | None:
         node = self._node
-        if node is not None and self._own:
-            if not _pid_alive(node.owner_pid):
-                node.close()
-                self._node = node = None
+        if node is not None and self._own and not _pid_alive(node.owner_pid):
+            node.close()
+            self._node = node = None
         if node is None and self._own:
             try:
                 node = self._node = NodeCounters.attach(self.node_name)
@@ -217,10 +230,17 @@ class NodeCollector:
             up.add_metric([self.node_name], 1 if node is not None else 0)
             if node is None:
                 return iter([up])
-            families = [up]
-            families += self._node_families(node)
-            families += self._stage_families(node)
-            families += self._checkpoint_families(node)
+            try:
+                families = [up]
+                families += self._node_families(node)
+                families += self._stage_families(node)
+                families += self._checkpoint_families(node)
+            except Exception:   # counters closed under us, a record we cannot read...
+                _log.warning("metrics of node %s: cannot read the counters", self.node_name,
+                            exc_info=True)
+                up.samples.clear()
+                up.add_metric([self.node_name], 0)
+                return iter([up])
             return iter(families)
 
     def _node_families(self, node: NodeCounters) -> list[Metric]:

@@ -21,12 +21,13 @@ import inspect
 import os
 import sys
 import typing
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import config  # noqa: E402
+from pipeline import config
 
 DEFAULT_OUTPUT = os.path.join(ROOT, "docs", "config.md")
 EXIT_STALE = 1

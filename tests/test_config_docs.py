@@ -51,8 +51,8 @@ def test_every_table_and_key_is_documented():
     keys, tables = _schema()
     assert len(keys) > 20
     for table in tables:
-        assert re.search(rf"^## {re.escape(table)}$", page, re.M), f"no section for [{table}]"
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \|.*$", page, re.M)}
+        assert re.search(rf"^## {re.escape(table)}$", page, re.MULTILINE), f"no section for [{table}]"
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \|.*$", page, re.MULTILINE)}
     assert set(rows) == set(keys)
     for key, (f, _) in keys.items():
         doc = " ".join(f.metadata["doc"].split()).replace("|", "\\|")

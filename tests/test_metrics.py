@@ -148,8 +148,7 @@ def test_totals_keep_growing_when_the_log_wraps():
     from prometheus_client.core import CollectorRegistry
     from prometheus_client.exposition import generate_latest
     from prometheus_client.openmetrics.exposition import generate_latest as generate_om
-    from prometheus_client.openmetrics.parser import \
-        text_string_to_metric_families as parse_om
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
     from pipeline.counters import STAGE_COUNTERS, NodeCounters
     from pipeline.metrics import NodeCollector
@@ -209,6 +208,14 @@ def test_totals_keep_growing_when_the_log_wraps():
             pytest.approx((max(committed) + 1) / 1000)
         # the same collector in the OpenMetrics format parses too
         assert list(parse_om(generate_om(registry).decode()))
-    finally:
+        # counters closed under the endpoint (their owner stopped): up 0, no error
         node.unlink()
+        node.close()
+        s = scrape()
+        assert s == {"colo_node_up": [({"node": name}, 0.0)]}
+    finally:
+        try:
+            node.unlink()
+        except (ValueError, FileNotFoundError):
+            pass
         node.close()

@@ -49,7 +49,7 @@ def _subcommands() -> set[str]:
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    m = re.search(r"^positional arguments:\n\s+\{([a-z0-9_,-]+)\}", r.stdout, re.M)
+    m = re.search(r"^positional arguments:\n\s+\{([a-z0-9_,-]+)\}", r.stdout, re.MULTILINE)
     assert m, r.stdout
     return set(m.group(1).split(","))
 
