@@ -257,3 +257,80 @@ def test_libraries_load_and_prototypes_resolve() -> None:
     libs = xc.load_libraries()
     assert libs.xc.xc_logdirty_control.restype is ctypes.c_longlong
     assert libs.fmem.xenforeignmemory_map.restype is ctypes.c_void_p
+
+
+# -- batched copies: holes and the secondary's own frames ----------------------------------------
+class MockForeignMemory:
+    """MOCK of libxenforeignmemory (named as such): per-frame map errors (holes) cannot be caused
+    without a hypervisor. Maps frames of a numpy "guest RAM"; frames in ``holes`` fail with -EINVAL."""
+
+    def __init__(self, ram: np.ndarray, holes: set[int]) -> None:
+        self.ram, self.holes, self.maps = ram, holes, {}
+
+    def xenforeignmemory_map(self, fmem, domid, prot, n, frames_addr, errs_addr):  # noqa: ANN001
+        frames = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(frames_addr))
+        errs = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(errs_addr))
+        window = np.zeros((n, 4096), np.uint8)
+        for i, pfn in enumerate(frames):
+            errs[i] = -errno.EINVAL if int(pfn) in self.holes else 0
+            if not errs[i]:
+                window[i] = self.ram[int(pfn)]
+        self.maps[window.ctypes.data] = (window, frames.copy(), errs.copy())
+        return window.ctypes.data
+
+    def xenforeignmemory_unmap(self, fmem, addr, n):  # noqa: ANN001
+        window, frames, errs = self.maps.pop(addr)
+        for i, pfn in enumerate(frames):  # write back what the caller changed (writable mappings)
+            if not errs[i]:
+                self.ram[int(pfn)] = window[i]
+        return 0
+
+
+def domain_over(ram: np.ndarray, holes: set[int], own: list[int]):  # noqa: ANN201
+    from types import SimpleNamespace
+
+    from pipeline.xen_io.xen import XenDomain
+
+    dom = object.__new__(XenDomain)
+    fmem = MockForeignMemory(ram, holes)
+    dom._h = SimpleNamespace(lib=SimpleNamespace(fmem=fmem), fmem=1)
+    dom.domid, dom.name, dom.page_count, dom.max_gpfn = 9, "mock", ram.shape[0], ram.shape[0] - 1
+    dom.own_frames = np.array(own, dtype=np.uint64)
+    return dom
+
+
+def test_read_pages_zero_fills_and_reports_holes_across_batches() -> None:
+    ram = np.random.default_rng(1).integers(0, 256, (3000, 4096), dtype=np.uint8)
+    dom = domain_over(ram, holes={5, 2500}, own=[])
+    pfns = np.array([1, 5, 7, 1500, 2500, 2999], dtype=np.uint64)
+    out = np.full((6, 4096), 0xAA, np.uint8)
+    holes = dom.read_pages(pfns, out)
+    np.testing.assert_array_equal(holes, [5, 2500])
+    for row, pfn in enumerate(pfns):
+        expected = 0 if int(pfn) in (5, 2500) else ram[int(pfn)]
+        np.testing.assert_array_equal(out[row], expected)
+    many = np.arange(0, 3000, dtype=np.uint64)  # more than one MAP_BATCH
+    big = np.empty((3000, 4096), np.uint8)
+    assert dom.read_pages(many, big).tolist() == [5, 2500]
+    np.testing.assert_array_equal(big[2999], ram[2999])
+
+
+def test_write_pages_keeps_own_frames_and_skips_holes() -> None:
+    ram = np.zeros((64, 4096), np.uint8)
+    dom = domain_over(ram, holes={3}, own=[0x10])
+    pfns = np.array([2, 3, 0x10, 0x11], dtype=np.uint64)
+    data = np.stack([np.full(4096, v, np.uint8) for v in (1, 2, 3, 4)])
+    assert dom.write_pages(pfns, data).tolist() == [3]
+    assert ram[2, 0] == 1 and ram[0x11, 4095] == 4
+    assert not ram[3].any(), "a hole must not be written"
+    assert not ram[0x10].any(), "the domain's own shared_info frame must be kept"
+
+
+def test_copies_reject_bad_buffers_and_frames_beyond_the_domain() -> None:
+    dom = domain_over(np.zeros((8, 4096), np.uint8), holes=set(), own=[])
+    with pytest.raises(ValueError, match=r"\(n, 4096\) uint8"):
+        dom.read_pages(np.array([1], np.uint64), np.zeros((1, 4096), np.uint16))
+    with pytest.raises(ValueError, match="2 rows for 3 pfns"):
+        dom.read_pages(np.array([1, 2, 3], np.uint64), np.zeros((2, 4096), np.uint8))
+    with pytest.raises(ValueError, match="beyond domain mock's last frame 0x7"):
+        dom.write_pages(np.array([8], np.uint64), np.zeros((1, 4096), np.uint8))

@@ -191,6 +191,7 @@ class XenDomain(Domain):
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
         self._mappable: np.ndarray | None = None
+        self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
         log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d",
                  self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus)
 
@@ -386,11 +387,14 @@ class XenDomain(Domain):
 
     # -- vCPU / platform state -----------------------------------------
     def get_vcpu_state(self) -> bytes:
-        size = self._check("xc_domain_hvm_getcontext(size)",
-                           self._xc.xc_domain_hvm_getcontext(self._h.xch, self.domid, None, 0))
-        buf = ctypes.create_string_buffer(size)
+        # The context size is fixed for a domain's life (vCPU count); ask Xen once, reuse the buffer.
+        if self._ctx_buf is None:
+            size = self._check("xc_domain_hvm_getcontext(size)",
+                               self._xc.xc_domain_hvm_getcontext(self._h.xch, self.domid, None, 0))
+            self._ctx_buf = ctypes.create_string_buffer(size)
+        buf = self._ctx_buf
         used = self._check("xc_domain_hvm_getcontext",
-                           self._xc.xc_domain_hvm_getcontext(self._h.xch, self.domid, buf, size))
+                           self._xc.xc_domain_hvm_getcontext(self._h.xch, self.domid, buf, len(buf)))
         return buf.raw[:used]
 
     def set_vcpu_state(self, blob: bytes) -> None:
