@@ -45,6 +45,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pipeline.sockets import write_keypair
+    public, secret = write_keypair(args.dir, args.name)
+    print(f"wrote {public} (give it to the peer: security.peer_public_key_file)")
+    print(f"wrote {secret} (mode 0600, keep it on this host: security.key_file)")
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     print(f"{args.config}: ok ({settings.node.role} {settings.node.name!r}, "
@@ -165,8 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         # The proof: one more checkpoint where both sides hash all of guest memory while
         # paused (the PVM at its snapshot, the SVM right after applying it).
-        pair.request_checkpoint("digest")
-        info = pair.wait_info("memory_equal", timeout=120)
+        info = pair.prove_memory_equal()
         summary = summarize(node.snapshot())
         summary.update(memory_equal=info["memory_equal"], final_epoch=info["final_epoch"],
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
@@ -204,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(role, help=f"run this host's {role} node")
         sp.add_argument("--config", required=True, help="TOML config file")
         sp.set_defaults(func=cmd_node)
+    sp = sub.add_parser("keygen", help="write a CURVE key pair for one host")
+    sp.add_argument("--dir", default=".", help="where to write the two files")
+    sp.add_argument("--name", required=True, help="file name stem, e.g. the host name")
+    sp.set_defaults(func=cmd_keygen)
     sp = sub.add_parser("check-config", help="validate a config file without starting anything")
     sp.add_argument("config")
     sp.set_defaults(func=cmd_check_config)

@@ -95,7 +95,8 @@ class PipelineSettings:
                              min=1, max=64)
     batch_pages: int = _f(64, "Pages per ring slot and per PAGES record.", min=1, max=1024)
     ring_slots: int = _f(0, "Slots per ring; 0 sizes the rings so one dirty threshold's worth "
-                         "of pages fits, so the PVM never waits for the digest workers.", min=0)
+                         "of pages (at most the guest's size) fits, so the PVM never waits "
+                         "for the digest workers.", min=0)
 
 
 @dataclass(frozen=True)
@@ -109,22 +110,39 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    mode: str = _f("curve", "How host-to-host channels are protected: CurveZMQ (encrypted, and "
+                   "only the peer's key may connect) or plaintext (a warning at start; only "
+                   "for a trusted, isolated network).", choices=("curve", "plaintext"))
+    key_file: str = _f("", "curve: this node's secret key file, as written by `colo-pipeline "
+                       "keygen` (mode 0600). Relative paths are relative to the config file.")
+    peer_public_key_file: str = _f("", "curve: the peer's public key file (`*.key`).")
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = _section(NodeSettings, "This node.")
     guest: GuestSettings = _section(GuestSettings, "The protected guest.")
     peer: PeerSettings = _section(PeerSettings, "The other node.")
     pipeline: PipelineSettings = _section(PipelineSettings, "Stage processes and rings.")
     checkpoint: CheckpointSettings = _section(CheckpointSettings, "When to checkpoint.")
+    security: SecuritySettings = _section(SecuritySettings, "Authentication and encryption "
+                                          "of the channels between the two hosts.")
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
     def run_dir(self) -> str:
         return self.node.run_dir or os.path.join("/tmp/colo-pipeline", self.node.name)
 
-    def ring_slots(self) -> int:
+    def ring_slots(self, page_count: int | None = None) -> int:
+        """Slots per ring: enough for one dirty threshold's worth of pages (never more than
+        the guest has) spread over the workers, so the PVM never waits for a digest worker."""
         if self.pipeline.ring_slots:
             return self.pipeline.ring_slots
-        per_worker = -(-self.checkpoint.dirty_threshold_pages // self.pipeline.digest_workers)
+        pages = self.checkpoint.dirty_threshold_pages
+        if page_count is not None:
+            pages = min(pages, page_count)
+        per_worker = -(-pages // self.pipeline.digest_workers)
         return max(4, -(-per_worker // self.pipeline.batch_pages) + 2)
 
 
@@ -199,11 +217,49 @@ def _check(settings: Settings, path: str) -> None:
                           "a port from 1 to 65533 (the next two are used too)")
 
 
+def _check_key_file(path: str, key: str, file: str, secret: bool) -> None:
+    """A key file must exist and hold a CurveZMQ key; a secret key must not be readable by
+    anyone but its owner."""
+    try:
+        st = os.stat(file)
+        with open(file, "rb") as fh:
+            text = fh.read(4096)
+    except OSError as exc:
+        raise ConfigError(path, key, f"cannot read {file!r}: {exc.strerror}",
+                          "a key file written by `colo-pipeline keygen`") from None
+    if secret and st.st_mode & 0o077:
+        raise ConfigError(path, key, f"{file!r} has mode {st.st_mode & 0o777:04o}: a secret "
+                          "key readable by group or others is refused",
+                          "mode 0600 (chmod 600 the file)")
+    needle = b"secret-key" if secret else b"public-key"
+    if needle not in text:
+        raise ConfigError(path, key, f"{file!r} holds no {needle.decode()}",
+                          "a key file written by `colo-pipeline keygen`")
+
+
+def _resolve_keys(settings: Settings, path: str) -> Settings:
+    sec = settings.security
+    if sec.mode != "curve":
+        return settings
+    base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else os.getcwd()
+    files = {}
+    for key, secret in (("key_file", True), ("peer_public_key_file", False)):
+        value = getattr(sec, key)
+        if not value:
+            raise ConfigError(path, f"security.{key}", "missing for mode 'curve'",
+                              "a key file path (make one with `colo-pipeline keygen`), or "
+                              "security.mode = 'plaintext'")
+        full = value if os.path.isabs(value) else os.path.join(base, value)
+        _check_key_file(path, f"security.{key}", full, secret)
+        files[key] = full
+    return dataclasses.replace(settings, security=dataclasses.replace(sec, **files))
+
+
 def from_dict(data: dict, path: str = "<dict>") -> Settings:
     settings = _build(Settings, data, path, "")
     settings = dataclasses.replace(settings, source=path)
     _check(settings, path)
-    return settings
+    return _resolve_keys(settings, path)
 
 
 def load(path: str) -> Settings:

@@ -19,6 +19,7 @@ Secondary, per epoch e:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -243,10 +244,12 @@ class PrimaryCoordinator:
         return None
 
     def run(self) -> None:
-        zctx = zmq.Context()
-        self.control = sockets.control(zctx, self.settings)
-        self.bus = CheckpointBus(self.settings.run_dir, zctx)
-        self._info(role="primary", state="connecting", epoch=-1)
+        nctx = sockets.NodeContext(self.settings)
+        self.control = sockets.control(nctx)
+        self.bus = CheckpointBus(self.settings.run_dir, nctx.ctx)
+        self._info(role="primary", state="connecting", epoch=-1,
+                   stage_pids={**self.node.node_info().get("stage_pids", {}),
+                               "coordinator": os.getpid()})
         try:
             self.handshake()
             self._info(state="syncing")
@@ -267,8 +270,7 @@ class PrimaryCoordinator:
             except zmq.ZMQError:
                 pass
             self.bus.close()
-            self.control.close(0)
-            zctx.term()
+            nctx.close()
 
 
 class SecondaryCoordinator:
@@ -331,10 +333,12 @@ class SecondaryCoordinator:
                                     status=STATUS_COMMITTED if committed else STATUS_ABORTED)
 
     def run(self) -> None:
-        zctx = zmq.Context()
-        self.control = sockets.control(zctx, self.settings)
-        self.bus = CheckpointBus(self.settings.run_dir, zctx)
-        self._info(role="secondary", state="waiting", epoch=-1)
+        nctx = sockets.NodeContext(self.settings)
+        self.control = sockets.control(nctx)
+        self.bus = CheckpointBus(self.settings.run_dir, nctx.ctx)
+        self._info(role="secondary", state="waiting", epoch=-1,
+                   stage_pids={**self.node.node_info().get("stage_pids", {}),
+                               "coordinator": os.getpid()})
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.restore_ctrl.fileno(), zmq.POLLIN)
@@ -358,8 +362,7 @@ class SecondaryCoordinator:
                                     f"{self.settings.checkpoint.epoch_timeout_ms} ms")
         finally:
             self.bus.close()
-            self.control.close(0)
-            zctx.term()
+            nctx.close()
 
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:

@@ -22,6 +22,7 @@ import zmq
 
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
+from pipeline.sockets import write_keypair
 from pipeline.stages.inputs import inject_address
 
 
@@ -68,7 +69,8 @@ class LocalPair:
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None,
                  workdir: str | None = None, log_level: str = "warning",
                  capture_logs: bool = True) -> None:
-        """``tables`` are config tables shared by both nodes (e.g. {"guest": {...}})."""
+        """``tables`` are config tables shared by both nodes (e.g. {"guest": {...}}).
+        Unless they say otherwise, the channels use CURVE with keys made here."""
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="colo-pair-")
         self.tag = f"pair{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
@@ -79,8 +81,16 @@ class LocalPair:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, str] = {}
         self.counters: dict[str, NodeCounters] = {}
+        keys = os.path.join(self.workdir, "keys")
         for role in ("primary", "secondary"):
+            write_keypair(keys, role)
+        for role in ("primary", "secondary"):
+            peer = "secondary" if role == "primary" else "primary"
             t = {k: dict(v) for k, v in (tables or {}).items()}
+            sec = t.setdefault("security", {})
+            if sec.get("mode", "curve") == "curve":
+                sec.setdefault("key_file", os.path.join(keys, f"{role}.key_secret"))
+                sec.setdefault("peer_public_key_file", os.path.join(keys, f"{peer}.key"))
             t.setdefault("node", {}).update(name=self.name(role), role=role,
                                             run_dir=self.run_dir(role))
             t.setdefault("peer", {}).update(address=f"tcp://127.0.0.1:{self.port}")
@@ -194,8 +204,27 @@ class LocalPair:
     # -- driving ------------------------------------------------------------
     def request_checkpoint(self, detail: str = "") -> None:
         client = CheckpointClient(self.run_dir("primary"), subscribe=False)
+        client.requests_out.setsockopt(zmq.LINGER, 5000)   # deliver before closing
         client.request("request", detail)
         client.close()
+
+    def prove_memory_equal(self, timeout: float = 120.0) -> dict:
+        """Ask for a checkpoint where both sides hash all of guest memory; returns the
+        primary's info with ``memory_equal``. Asks again if that checkpoint was torn."""
+        node = self.node("primary")
+        deadline = time.monotonic() + timeout
+        while True:
+            before = node.node_info().get("final_epoch", -1)
+            self.request_checkpoint("digest")
+            retry_at = time.monotonic() + 15
+            while time.monotonic() < min(retry_at, deadline):
+                info = node.node_info()
+                if info.get("final_epoch", -1) > before:
+                    return info
+                self.check_alive()
+                time.sleep(0.02)
+            if time.monotonic() >= deadline:
+                raise PairError(f"no digest checkpoint completed within {timeout} s")
 
     def inject_input(self, payload: bytes) -> None:
         """Give the PVM one client input (mirrored to the SVM like any other)."""

@@ -3,57 +3,132 @@
 The secondary binds, the primary connects (a primary can then be pointed at a new
 secondary). Socket names say their role and direction: ``pages_out`` is the
 primary's end of the pages channel, ``pages_in`` the secondary's.
+
+Security (``[security]``): with ``mode = "curve"`` every channel is CurveZMQ. The
+secondary is the CURVE server and a ZAP handler in each of its processes lets in
+exactly one client key, the primary's; the primary checks the secondary's key. A peer
+without the right key cannot connect, so not one of its messages reaches a stage.
+``mode = "plaintext"`` must be chosen explicitly and logs a warning.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.config import Settings, peer_endpoints
+
+log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_MS = 200   # a blocked send wakes up this often to look at the stop event
 
 
-def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
-    s = ctx.socket(kind)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SNDHWM, hwm)
-    s.setsockopt(zmq.RCVHWM, hwm)
-    s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+class _OnlyThePeer:
+    """ZAP credentials check: the one client key this node accepts."""
+
+    def __init__(self, public_key: bytes) -> None:
+        self.public_key = public_key
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key == self.public_key
+        if not ok:
+            self.refused += 1
+            log.warning("refused a connection with an unknown CURVE key %s",
+                        zmq.utils.z85.encode(key).decode())
+        return ok
+
+
+class NodeContext:
+    """A ZeroMQ context for one process of a node, with its CURVE keys and, on the
+    secondary, the ZAP handler that admits only the primary's key."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
+        self.curve = settings.security.mode == "curve"
+        if self.curve:
+            self.public, self.secret = zmq.auth.load_certificate(settings.security.key_file)
+            self.peer_public, _ = zmq.auth.load_certificate(
+                settings.security.peer_public_key_file)
+            if self.secret is None:
+                raise ValueError(f"{settings.security.key_file}: no secret key in this file")
+            if settings.node.role == "secondary":
+                self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("pipeline.zap"))
+                self.auth.start()
+                self.auth.configure_curve_callback(
+                    domain="*", credentials_provider=_OnlyThePeer(self.peer_public))
+
+    def socket(self, kind: int, hwm: int, bind: bool) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
+        s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        if self.curve:
+            s.curve_secretkey = self.secret
+            s.curve_publickey = self.public
+            if bind:
+                s.curve_server = True
+            else:
+                s.curve_serverkey = self.peer_public
+        return s
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.destroy(linger=0)
+
+
+def warn_if_plaintext(settings: Settings) -> None:
+    if settings.security.mode == "plaintext":
+        log.warning("node %s: host-to-host channels are PLAINTEXT (security.mode = "
+                    "'plaintext'): anyone who reaches %s can read and inject pages",
+                    settings.node.name, settings.peer.address)
+
+
+def _endpoint(settings: Settings, channel: str) -> str:
+    return peer_endpoints(settings)[channel]
+
+
+def pages_out(nctx: NodeContext) -> zmq.Socket:
+    s = nctx.socket(zmq.PUSH, 256, bind=False)
+    s.connect(_endpoint(nctx.settings, "pages"))
     return s
 
 
-def pages_out(ctx: zmq.Context, settings: Settings) -> zmq.Socket:
-    s = _socket(ctx, zmq.PUSH, 256)
-    s.connect(peer_endpoints(settings)["pages"])
+def pages_in(nctx: NodeContext) -> zmq.Socket:
+    s = nctx.socket(zmq.PULL, 256, bind=True)
+    s.bind(_endpoint(nctx.settings, "pages"))
     return s
 
 
-def pages_in(ctx: zmq.Context, settings: Settings) -> zmq.Socket:
-    s = _socket(ctx, zmq.PULL, 256)
-    s.bind(peer_endpoints(settings)["pages"])
-    return s
-
-
-def control(ctx: zmq.Context, settings: Settings) -> zmq.Socket:
+def control(nctx: NodeContext) -> zmq.Socket:
     """Both ways: checkpoint begin/acks and hello. DEALER on both ends (one peer each)."""
-    s = _socket(ctx, zmq.DEALER, 1000)
-    addr = peer_endpoints(settings)["control"]
-    if settings.node.role == "secondary":
+    secondary = nctx.settings.node.role == "secondary"
+    s = nctx.socket(zmq.DEALER, 1000, bind=secondary)
+    addr = _endpoint(nctx.settings, "control")
+    if secondary:
         s.bind(addr)
     else:
         s.connect(addr)
     return s
 
 
-def inputs_out(ctx: zmq.Context, settings: Settings) -> zmq.Socket:
-    s = _socket(ctx, zmq.PUSH, 100000)
-    s.connect(peer_endpoints(settings)["inputs"])
+def inputs_out(nctx: NodeContext) -> zmq.Socket:
+    s = nctx.socket(zmq.PUSH, 100000, bind=False)
+    s.connect(_endpoint(nctx.settings, "inputs"))
     return s
 
 
-def inputs_in(ctx: zmq.Context, settings: Settings) -> zmq.Socket:
-    s = _socket(ctx, zmq.PULL, 100000)
-    s.bind(peer_endpoints(settings)["inputs"])
+def inputs_in(nctx: NodeContext) -> zmq.Socket:
+    s = nctx.socket(zmq.PULL, 100000, bind=True)
+    s.bind(_endpoint(nctx.settings, "inputs"))
     return s
 
 
@@ -66,3 +141,16 @@ def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True) -> bool:
         except zmq.Again:
             if stop.is_set():
                 return False
+
+
+def write_keypair(directory: str, name: str) -> tuple[str, str]:
+    """Write NAME.key (public) and NAME.key_secret (mode 0600) into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    old = os.umask(0o077)   # the secret file is never readable by others, not even briefly
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    return public, secret

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import zmq
 
 from pipeline import sockets
 from pipeline.config import Settings
@@ -92,23 +91,21 @@ def _tables_segment(node: str, page_count: int) -> tuple[Segment, HashTable, Pen
 
 # -- stage entry points that need sockets (ZeroMQ contexts must be made after fork) ----------
 def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending) -> None:
-    zctx = zmq.Context()
-    sock = sockets.pages_out(zctx, settings)
+    nctx = sockets.NodeContext(settings)
+    sock = sockets.pages_out(nctx)
     try:
         send.run(ctx, rings, ctrl, sock, pending)
     finally:
-        sock.close(0)
-        zctx.term()
+        nctx.close()
 
 
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size) -> None:
-    zctx = zmq.Context()
-    sock = sockets.pages_in(zctx, settings)
+    nctx = sockets.NodeContext(settings)
+    sock = sockets.pages_in(nctx)
     try:
         receive.run(ctx, sock, rings, page_count, page_size)
     finally:
-        sock.close(0)
-        zctx.term()
+        nctx.close()
 
 
 def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
@@ -143,7 +140,7 @@ class Supervisor:
         s = self.settings
         dom = self.domain
         layout = SlotLayout(batch_pages=s.pipeline.batch_pages, page_size=dom.page_size)
-        slots = s.ring_slots()
+        slots = s.ring_slots(dom.page_count)
         if s.node.role == "primary":
             n = s.pipeline.digest_workers
             to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
@@ -186,6 +183,7 @@ class Supervisor:
     def start(self) -> None:
         s = self.settings
         os.makedirs(s.run_dir, exist_ok=True)
+        sockets.warn_if_plaintext(s)
         stale = cleanup_segments(segment_prefix(self.name))
         if stale:
             log.warning("removed %d shared-memory segments left by an earlier run of node %r",
@@ -205,21 +203,28 @@ class Supervisor:
                                      "config": s.source, "started": time.time(),
                                      "page_count": self.domain.page_count,
                                      "dirty_log": getattr(self.domain, "dirty_log_kind", "")})
-            for spec in self._plan():
-                ctx = StageContext(spec.name, self.node.stage(spec.name), self.stop_event,
-                                   logging.getLogger(f"pipeline.{spec.name}"))
-                p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
-                                 name=f"colo-{self.name}-{spec.name}", daemon=False)
-                p.start()
-                self.procs[spec.name] = p
+            plan = self._plan()
+            # node info has one writer at a time: the supervisor until the coordinator
+            # starts (last), then the coordinator (which adds its own pid)
+            for spec in [p for p in plan if p.name != "coordinator"]:
+                self._start_stage(spec)
             info = self.node.node_info()
             info["stage_pids"] = {name: p.pid for name, p in self.procs.items()}
             self.node.set_node_info(info)
+            self._start_stage(next(p for p in plan if p.name == "coordinator"))
         except BaseException:
             self.stop()
             raise
         log.info("node %s (%s) started %d stage processes", self.name, s.node.role,
                  len(self.procs))
+
+    def _start_stage(self, spec: StageSpec) -> None:
+        ctx = StageContext(spec.name, self.node.stage(spec.name), self.stop_event,
+                           logging.getLogger(f"pipeline.{spec.name}"))
+        p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
+                         name=f"colo-{self.name}-{spec.name}", daemon=False)
+        p.start()
+        self.procs[spec.name] = p
 
     # -- watching and stopping ---------------------------------------------
     def wait(self, timeout: float | None = None) -> int:

@@ -22,6 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "config")
 EXAMPLES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.toml")))
 EXIT_USAGE = 2
+PLAIN = {"security": {"mode": "plaintext"}}   # tests that are not about keys
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> str:
+    """The example configs copied next to freshly made keys (CURVE configs name key files
+    relative to themselves; secret keys are never committed)."""
+    from pipeline.sockets import write_keypair
+    d = str(tmp_path_factory.mktemp("examples"))
+    for path in EXAMPLES:
+        with open(path) as src, open(os.path.join(d, os.path.basename(path)), "w") as dst:
+            dst.write(src.read())
+    for name in ("primary", "secondary"):
+        write_keypair(os.path.join(d, "keys"), name)
+    return d
 
 
 def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -55,8 +70,9 @@ def assert_keyed_error(stderr: str, path: str, key: str, expected: str | None = 
 
 # -- defaults ------------------------------------------------------------------------
 def test_defaults():
-    s = config.from_dict({})
-    assert s == dataclasses.replace(Settings(), source="<dict>")
+    s = config.from_dict(PLAIN)
+    assert s == dataclasses.replace(Settings(), source="<dict>",
+                                    security=config.SecuritySettings(mode="plaintext"))
     assert s.node.role == "primary" and s.node.name == "colo"
     assert s.guest.backend == "sim" and s.guest.page_count == 16384
     assert s.peer.address == "tcp://127.0.0.1:7400"
@@ -95,16 +111,26 @@ def test_defaults_satisfy_their_own_constraints():
     assert seen >= 20
 
 
-def test_empty_file_loads_defaults(tmp_path):
+def test_empty_file_asks_for_keys(tmp_path):
+    """The default is CURVE: a config that names no keys is refused, naming the key."""
     path = write(tmp_path, "# nothing\n", "empty.toml")
+    with pytest.raises(ConfigError) as exc_info:
+        config.load(path)
+    assert exc_info.value.key == "security.key_file"
+    assert "keygen" in str(exc_info.value) and "plaintext" in str(exc_info.value)
+
+
+def test_plaintext_file_loads_defaults(tmp_path):
+    path = write(tmp_path, "[security]\nmode = 'plaintext'\n", "plain.toml")
     s = config.load(path)
     assert s.source == path
-    assert dataclasses.replace(s, source="<defaults>") == Settings()
+    assert dataclasses.replace(s, source="<defaults>") == dataclasses.replace(
+        Settings(), security=config.SecuritySettings(mode="plaintext"))
 
 
 def test_int_is_accepted_for_a_float_key():
     s = config.from_dict({"guest": {"workload": {"mix_zero": 1, "mix_text": 0, "mix_random": 0,
-                                                 "input_rate_hz": 50}}})
+                                                 "input_rate_hz": 50}}, **PLAIN})
     w = s.guest.workload
     assert (w.mix_zero, w.mix_text, w.input_rate_hz) == (1.0, 0.0, 50.0)
     assert type(w.mix_zero) is float and type(w.input_rate_hz) is float
@@ -112,7 +138,7 @@ def test_int_is_accepted_for_a_float_key():
 
 def test_explicit_ring_slots_and_run_dir():
     s = config.from_dict({"node": {"name": "n1", "run_dir": "/tmp/x"},
-                          "pipeline": {"ring_slots": 7}})
+                          "pipeline": {"ring_slots": 7}, **PLAIN})
     assert s.ring_slots() == 7 and s.run_dir == "/tmp/x"
 
 
@@ -123,8 +149,9 @@ def test_examples_exist():
             "demo-secondary.toml"} <= names
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_example_loads_and_passes_check_config(path):
+@pytest.mark.parametrize("name", [os.path.basename(p) for p in EXAMPLES])
+def test_example_loads_and_passes_check_config(examples, name):
+    path = os.path.join(examples, name)
     s = config.load(path)
     expected_role = "secondary" if "secondary" in os.path.basename(path) else "primary"
     assert s.node.role == expected_role
@@ -135,10 +162,10 @@ def test_example_loads_and_passes_check_config(path):
 
 
 @pytest.mark.parametrize("prefix", ["", "demo-"])
-def test_example_pairs_match(prefix):
+def test_example_pairs_match(examples, prefix):
     """The two halves of a pair run the same guest and talk over the same port."""
-    p = config.load(os.path.join(CONFIG_DIR, f"{prefix}primary.toml"))
-    s = config.load(os.path.join(CONFIG_DIR, f"{prefix}secondary.toml"))
+    p = config.load(os.path.join(examples, f"{prefix}primary.toml"))
+    s = config.load(os.path.join(examples, f"{prefix}secondary.toml"))
     assert (p.node.role, s.node.role) == ("primary", "secondary")
     assert p.node.name != s.node.name       # both may run on one machine (shm names)
     assert p.guest == s.guest
@@ -267,8 +294,8 @@ def test_check_config_invalid_toml_subprocess(tmp_path):
 @pytest.mark.parametrize("command,example", [("primary", "demo-secondary.toml"),
                                              ("secondary", "demo-primary.toml"),
                                              ("primary", "secondary.toml")])
-def test_node_command_refuses_the_other_roles_config(command, example):
-    path = os.path.join(CONFIG_DIR, example)
+def test_node_command_refuses_the_other_roles_config(examples, command, example):
+    path = os.path.join(examples, example)
     t0 = time.monotonic()
     r = cli(command, "--config", path, timeout=10)
     assert r.returncode == EXIT_USAGE, (r.returncode, r.stderr)
@@ -294,7 +321,8 @@ def test_bad_config_starts_nothing(tmp_path, request, node_extra, rest, key):
     name = f"cfgtest{os.getpid()}-{request.node.callspec.id}"
     run_dir = os.path.join(str(tmp_path), "run")
     path = write(tmp_path, f"[node]\nname = '{name}'\nrun_dir = '{run_dir}'\n{node_extra}"
-                 "[peer]\naddress = 'tcp://127.0.0.1:47391'\nconnect_timeout_ms = 100\n" + rest)
+                 "[peer]\naddress = 'tcp://127.0.0.1:47391'\nconnect_timeout_ms = 100\n"
+                 "[security]\nmode = 'plaintext'\n" + rest)
     t0 = time.monotonic()
     r = cli("primary", "--config", path, timeout=10)
     elapsed = time.monotonic() - t0

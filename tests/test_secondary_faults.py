@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from pipeline import config, sockets, wire
 from pipeline.localpair import LocalPair
@@ -33,17 +32,15 @@ class HandPrimary:
 
     def __init__(self, pair: LocalPair, dom, first_epoch: int = 0) -> None:
         settings = config.load(pair.configs["primary"])
-        self.zctx = zmq.Context()
-        self.control = sockets.control(self.zctx, settings)
-        self.pages = sockets.pages_out(self.zctx, settings)
+        self.nctx = sockets.NodeContext(settings)     # the primary's CURVE keys
+        self.control = sockets.control(self.nctx)
+        self.pages = sockets.pages_out(self.nctx)
         self.dom = dom
         self.table = HashTable(np.zeros((PAGES, 32), np.uint8), np.zeros(PAGES, bool))
         self.epoch = first_epoch
 
     def close(self) -> None:
-        self.control.close(0)
-        self.pages.close(0)
-        self.zctx.term()
+        self.nctx.close()
 
     def recv(self, rtype: int, timeout: float = 10.0) -> bytes:
         deadline = time.monotonic() + timeout

@@ -45,9 +45,9 @@ def inject_address(run_dir: str) -> str:
 
 
 def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> None:
-    zctx = zmq.Context()
-    out = sockets.inputs_out(zctx, settings)
-    injected = zctx.socket(zmq.PULL)
+    nctx = sockets.NodeContext(settings)
+    out = sockets.inputs_out(nctx)
+    injected = nctx.ctx.socket(zmq.PULL)
     injected.setsockopt(zmq.LINGER, 0)
     injected.bind(inject_address(settings.run_dir))
     rate = settings.guest.workload.input_rate_hz
@@ -87,15 +87,13 @@ def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> No
             payload = None
             domain.trim_inputs(domain.input_seq())
     finally:
-        injected.close(0)
-        out.close(0)
-        zctx.term()
+        nctx.close()
 
 
 def run_mirror(ctx: StageContext, settings: Settings, domain) -> None:
-    zctx = zmq.Context()
-    inp = sockets.inputs_in(zctx, settings)
-    events = CheckpointClient(settings.run_dir, zctx)
+    nctx = sockets.NodeContext(settings)
+    inp = sockets.inputs_in(nctx)
+    events = CheckpointClient(settings.run_dir, nctx.ctx)
     held: tuple[int, bytes] | None = None
     try:
         while not ctx.stopping():
@@ -131,5 +129,4 @@ def run_mirror(ctx: StageContext, settings: Settings, domain) -> None:
             held = None
     finally:
         events.close()
-        inp.close(0)
-        zctx.term()
+        nctx.close()

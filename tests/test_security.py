@@ -1,0 +1,135 @@
+"""CURVE on the host-to-host channels: only the peer's key gets in.
+
+A real secondary node (CURVE server) faces intruders on its real ports: a plaintext
+peer, a peer with a key of its own, and a peer that does not know the secondary's
+key. None of their messages may reach a stage; then the real primary, with the right
+key, connects and protects the guest.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+
+from pipeline import config, wire
+from pipeline.localpair import LocalPair
+from pipeline.sockets import write_keypair
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_keygen_writes_a_private_secret_key(tmp_path):
+    r = _cli("keygen", "--dir", str(tmp_path), "--name", "hostA")
+    assert r.returncode == 0, r.stderr
+    secret = tmp_path / "hostA.key_secret"
+    public = tmp_path / "hostA.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pub, sec = zmq.auth.load_certificate(str(secret))
+    assert sec is not None and zmq.auth.load_certificate(str(public))[0] == pub
+
+
+def test_loose_secret_key_permissions_are_refused(tmp_path):
+    write_keypair(str(tmp_path), "a")
+    write_keypair(str(tmp_path), "b")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[security]\nkey_file = 'a.key_secret'\npeer_public_key_file = 'b.key'\n")
+    assert _cli("check-config", str(cfg)).returncode == 0
+    os.chmod(tmp_path / "a.key_secret", 0o644)
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 2
+    assert f"{cfg}:security.key_file:" in r.stderr and "0644" in r.stderr
+    assert "chmod 600" in r.stderr
+    # a public key where the secret key belongs is refused too
+    os.chmod(tmp_path / "b.key", 0o600)
+    cfg.write_text("[security]\nkey_file = 'b.key'\npeer_public_key_file = 'a.key'\n")
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 2 and "secret-key" in r.stderr
+
+
+def _pages_record() -> bytes:
+    n = 2
+    return wire.encode_pages(0, np.arange(n, dtype=np.uint64), np.zeros((n, 32), np.uint8),
+                             np.zeros(n, np.uint32), np.full(n, wire.ENC_ZERO, np.uint8), b"")
+
+
+def _intrude(address: str, channel_port_offset: int, curve: dict | None) -> None:
+    """Connect to one of the secondary's ports and try to send a record."""
+    ctx = zmq.Context()
+    try:
+        kind = zmq.DEALER if channel_port_offset == 1 else zmq.PUSH
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDTIMEO, 500)
+        if curve:
+            s.curve_publickey, s.curve_secretkey = curve["public"], curve["secret"]
+            s.curve_serverkey = curve["server"]
+        host, port = address.rsplit(":", 1)
+        s.connect(f"{host}:{int(port) + channel_port_offset}")
+        msg = (wire.encode_hello(4096, wire.ROLE_PRIMARY, 1024, "intruder")
+               if channel_port_offset == 1 else _pages_record())
+        for _ in range(5):
+            try:
+                s.send(msg)
+            except zmq.Again:
+                pass
+            time.sleep(0.05)
+        if kind == zmq.DEALER:
+            assert not s.poll(500), "the secondary answered an intruder's HELLO"
+        s.close(0)
+    finally:
+        ctx.term()
+
+
+def test_only_the_peer_key_gets_in(tmp_path):
+    pair = LocalPair({"guest": {"backend": "sim", "page_count": 1024}},
+                     workdir=str(tmp_path), log_level="info")
+    try:
+        pair.start(roles=("secondary",))
+        node = pair.node("secondary")
+        settings = config.load(pair.configs["primary"])
+        address = settings.peer.address
+        server_pub, _ = zmq.auth.load_certificate(settings.security.peer_public_key_file)
+        rogue_pub, rogue_sec = zmq.auth.load_certificate(
+            write_keypair(str(tmp_path / "rogue"), "rogue")[1])
+        for offset in (0, 1, 2):                       # pages, control, inputs
+            _intrude(address, offset, None)            # plaintext peer
+            _intrude(address, offset, {"public": rogue_pub, "secret": rogue_sec,
+                                       "server": server_pub})            # unknown client key
+            _intrude(address, offset, {"public": rogue_pub, "secret": rogue_sec,
+                                       "server": rogue_pub})             # wrong server key
+        time.sleep(0.5)
+        stages = node.snapshot()["stages"]
+        assert stages["receive"]["items_in"] == 0
+        assert stages["mirror"]["items_in"] == 0 and stages["mirror"]["errors"] == 0
+        assert node.node_info()["state"] == "waiting"   # no HELLO got through
+        assert "refused a connection with an unknown CURVE key" in pair.log_tail(
+            "secondary", 50000)
+        # the real primary, with the right key, gets in and protects the guest
+        pair.start_node("primary")
+        pair.wait_protected(timeout=120)
+        assert node.snapshot()["stages"]["receive"]["items_in"] > 0
+    finally:
+        codes = pair.stop()
+    assert codes.get("secondary") == 0
+
+
+def test_plaintext_mode_warns_at_start(tmp_path):
+    pair = LocalPair({"guest": {"backend": "sim", "page_count": 1024},
+                      "security": {"mode": "plaintext"}}, workdir=str(tmp_path))
+    try:
+        pair.start()
+        pair.wait_protected(timeout=120)
+    finally:
+        pair.stop()
+    for role in ("primary", "secondary"):
+        assert "PLAINTEXT" in pair.log_tail(role, 50000)
