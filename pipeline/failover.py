@@ -1,0 +1,664 @@
+"""The split-brain guard: nobody goes active unless fencing and/or a witness says so.
+
+Before a secondary takes over (its heartbeat said the primary is lost), it must know
+that the primary is not still running somewhere behind a broken link. Two guards,
+either or both (``[failover]``):
+
+* :class:`Fence` runs a configured command that makes sure the other node is down
+  (power its host off through a PDU or a BMC, ``virsh destroy``, ...). It must exit
+  0 within its timeout; otherwise its output goes into the reason.
+* A witness grants the active role of a protected VM to exactly one node per
+  *generation*. :class:`EtcdWitness` is the production one: an etcd cluster (Debian
+  ``etcd-server``), reached through the maintained ``etcd3gw`` client (etcd's v3
+  gRPC-gateway JSON API over HTTP). Two keys per VM::
+
+      /colo/<vm>/active      {"node": N, "generation": g}   attached to N's lease
+      /colo/<vm>/generation  {"node": N, "generation": g}   the last grant, no lease
+
+  A grant is one etcd transaction that compares the mod revisions of both keys as
+  they were read, and then writes both: of two nodes racing, exactly one wins. A
+  generation is granted once, to one node; a higher one only while ``active`` is
+  absent, i.e. after its holder released it or its lease expired (the holder stopped
+  renewing for ``lease_ttl_s``). The holder keeps its lease alive from a thread; when
+  it cannot renew, it counts the role as lost at the latest when etcd drops it (its
+  local deadline starts before the last successful renewal was sent), sets
+  :attr:`lost` and calls ``on_lost``: an active node that can no longer prove its
+  role must stop releasing output.
+* :class:`LocalWitness` is the same API on a lock file: for the one-machine demo
+  ONLY. It protects nothing across hosts (both sides must see the same directory
+  and the same clock).
+
+:func:`guard_takeover` runs them in the safe order: the witness first (a node that
+is refused, or cannot reach the witness, goes no further and fences nobody: in a
+partition only the winner fences), then the fencing command; a failed fence gives
+the role back. It never raises; it returns ``(ok, reason)``.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.failover_settings import FailoverSettings
+
+log = logging.getLogger(__name__)
+
+OUTPUT_LIMIT = 2000   # characters of a fencing command's output kept in a reason
+
+
+class FenceError(RuntimeError):
+    """The fencing command failed: did not start, exited non-zero or timed out."""
+
+
+class WitnessError(RuntimeError):
+    """The witness could not be asked (names the endpoint and the cause)."""
+
+
+class RoleGone(WitnessError):
+    """The witness answered: this node's lease expired or the key is no longer its claim."""
+
+
+# -- fencing ------------------------------------------------------------------------------
+class Fence:
+    """A fencing command: ``argv`` run without a shell, must exit 0 within ``timeout_s``.
+
+    ``{peer}``, ``{node}``, ``{vm}`` and ``{generation}`` inside an argument are
+    replaced by :meth:`run`'s arguments. On timeout the command's whole process group
+    is killed.
+    """
+
+    def __init__(self, argv: tuple[str, ...] | list[str], timeout_s: float = 10) -> None:
+        if not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+            raise ValueError(f"fence command {argv!r}: expected a program and its arguments")
+        if not timeout_s > 0:
+            raise ValueError(f"fence command: timeout {timeout_s!r} must be > 0")
+        self.argv, self.timeout_s = tuple(argv), float(timeout_s)
+
+    def command(self, **subst: Any) -> list[str]:
+        out = []
+        for arg in self.argv:
+            for name, value in subst.items():
+                arg = arg.replace("{" + name + "}", str(value))
+            out.append(arg)
+        return out
+
+    def run(self, peer: str = "", node: str = "", vm: str = "", generation: int = 0) -> str:
+        """Run the command; its output if it exited 0, else FenceError with the output."""
+        argv = self.command(peer=peer, node=node, vm=vm, generation=generation)
+        shown = " ".join(argv)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            raise FenceError(f"fence command `{shown}` did not start: {exc}") from None
+        try:
+            out, _ = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            try:
+                out, _ = proc.communicate(timeout=2)
+            except subprocess.TimeoutExpired:   # a grandchild that left the group holds the pipe
+                out = b""
+            raise FenceError(f"fence command `{shown}` timed out after {self.timeout_s:g} s; "
+                             f"output: {_tail(out)}") from None
+        took = time.monotonic() - t0
+        if proc.returncode != 0:
+            how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+                   else f"exited with code {proc.returncode}")
+            raise FenceError(f"fence command `{shown}` {how}; output: {_tail(out)}")
+        log.info("fence command `%s` succeeded in %.2f s", shown, took)
+        return out.decode(errors="replace")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+
+
+def _tail(out: bytes | None) -> str:
+    text = (out or b"").decode(errors="replace").strip()
+    if not text:
+        return "(none)"
+    return text if len(text) <= OUTPUT_LIMIT else "..." + text[-OUTPUT_LIMIT:]
+
+
+# -- witnesses ----------------------------------------------------------------------------
+def _check_claim(node: str, generation: int) -> None:
+    if not isinstance(node, str) or not node:
+        raise ValueError(f"witness: node {node!r} must be a non-empty string")
+    if type(generation) is not int or generation < 1:
+        raise ValueError(f"witness: generation {generation!r} must be an integer >= 1")
+
+
+def _record(raw: bytes | str | None, where: str) -> dict | None:
+    """A witness value: {"node": str, "generation": int}, or None if absent."""
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+        if isinstance(rec, dict) and isinstance(rec.get("node"), str) \
+                and type(rec.get("generation")) is int:
+            return {"node": rec["node"], "generation": rec["generation"]}
+    except (ValueError, TypeError):
+        pass
+    raise WitnessError(f"{where}: holds {raw!r}, not a witness record")
+
+
+class Witness:
+    """The part both witnesses share: the held role, its local deadline, the keepalive."""
+
+    kind = "witness"
+
+    def __init__(self, ttl_s: int, on_lost: Callable[[str], None] | None) -> None:
+        if type(ttl_s) is not int or ttl_s < 2:
+            raise ValueError(f"witness: lease TTL {ttl_s!r} must be an integer >= 2 (s)")
+        self.ttl_s = ttl_s
+        self.on_lost = on_lost
+        self.lost = threading.Event()      # set when a held role could not be renewed
+        self.lost_reason = ""
+        self._lock = threading.RLock()
+        self._claim: dict | None = None    # what this object holds
+        self._valid_until = 0.0            # monotonic; the role is ours only before it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # the API -----------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the role and its lease is surely still valid."""
+        with self._lock:
+            return self._claim is not None and time.monotonic() < self._valid_until
+
+    def claim(self) -> dict | None:
+        """What this object holds ({"node", "generation"}), or None."""
+        with self._lock:
+            return dict(self._claim) if self.held and self._claim else None
+
+    def valid_until(self) -> float:
+        """time.monotonic() until which the held role is surely valid (0 if none)."""
+        with self._lock:
+            return self._valid_until if self._claim is not None else 0.0
+
+    def acquire(self, node: str, generation: int) -> bool:
+        """True only if ``node`` now holds the active role for ``generation`` (granted now,
+        or renewed: it held it already). Raises WitnessError if the witness is out of
+        reach: never True on doubt."""
+        _check_claim(node, generation)
+        with self._lock:
+            t0 = time.monotonic()
+            ok = self._acquire(node, generation)
+            if ok:
+                self._claim = {"node": node, "generation": generation}
+                self._valid_until = t0 + self.ttl_s
+                self.lost.clear()
+                self.lost_reason = ""
+                self._start_keepalive()
+                log.info("%s: %s holds the active role, generation %d", self.where, node,
+                         generation)
+            return ok
+
+    def release(self) -> None:
+        """Give the role back (the next generation can be granted at once)."""
+        self._stop_keepalive()
+        with self._lock:
+            claim, self._claim, self._valid_until = self._claim, None, 0.0
+            if claim is not None:
+                self._release(claim)
+                log.info("%s: %s released the active role, generation %d", self.where,
+                         claim["node"], claim["generation"])
+
+    def close(self) -> None:
+        """Stop renewing without releasing (the lease runs out by itself)."""
+        self._stop_keepalive()
+        with self._lock:
+            self._claim, self._valid_until = None, 0.0
+
+    def holder(self) -> dict | None:
+        raise NotImplementedError
+
+    def last_generation(self) -> int:
+        """The highest generation ever granted for this VM (0: none yet)."""
+        raise NotImplementedError
+
+    # to implement ------------------------------------------------------------------------
+    def _acquire(self, node: str, generation: int) -> bool:
+        raise NotImplementedError
+
+    def _renew(self) -> None:
+        """Extend the held lease; WitnessError if it cannot, or if the role is gone."""
+        raise NotImplementedError
+
+    def _release(self, claim: dict) -> None:
+        raise NotImplementedError
+
+    # keepalive ---------------------------------------------------------------------------
+    def _start_keepalive(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keepalive, name=f"{self.kind}-keepalive",
+                                        daemon=True)
+        self._thread.start()
+
+    def _stop_keepalive(self) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(10)
+        self._thread = None
+
+    def _keepalive(self) -> None:
+        period = self.ttl_s / 3
+        retry = min(0.25, period)
+        wait = period
+        while not self._stop.wait(wait):
+            with self._lock:
+                if self._claim is None:
+                    return
+                t0 = time.monotonic()
+                try:
+                    self._renew()
+                except RoleGone as exc:
+                    self._lose(str(exc))
+                    return
+                except WitnessError as exc:
+                    if time.monotonic() < self._valid_until:
+                        log.warning("%s: cannot renew the lease yet: %s", self.where, exc)
+                        wait = retry
+                        continue
+                    self._lose(f"lease not renewed for {self.ttl_s} s: {exc}")
+                    return
+                self._valid_until = t0 + self.ttl_s
+                wait = period
+
+    def _lose(self, reason: str) -> None:
+        claim, self._claim, self._valid_until = self._claim, None, 0.0
+        self.lost_reason = reason
+        self.lost.set()
+        log.error("%s: lost the active role (%s): %s", self.where, claim, reason)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(reason)
+            except Exception:
+                log.exception("%s: on_lost callback failed", self.where)
+
+
+class EtcdWitness(Witness):
+    """The active role of one VM in etcd: a lease + compare-and-swap (see module doc)."""
+
+    kind = "etcd"
+
+    def __init__(self, endpoints: tuple[str, ...] | list[str], key: str, ttl_s: int = 5, *,
+                 request_timeout_s: float | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        super().__init__(ttl_s, on_lost)
+        try:
+            import etcd3gw  # noqa: F401 (the maintained client; `pip install etcd3gw`)
+        except ImportError as exc:
+            raise WitnessError(f"etcd witness: the etcd3gw package is missing ({exc})") \
+                from None
+        if not endpoints:
+            raise ValueError("etcd witness: no endpoints")
+        if not key.startswith("/"):
+            raise ValueError(f"etcd witness: key {key!r} must start with '/'")
+        self.endpoints = tuple(endpoints)
+        self.key = key
+        base = key.removesuffix("/active")
+        self.gen_key = base + "/generation"
+        # a request must come back in time for the keepalive to renew before the TTL
+        self.request_timeout_s = request_timeout_s or min(2.0, ttl_s / 4)
+        self._clients = [self._client(ep) for ep in self.endpoints]
+        self._current = 0
+        self._lease = None
+
+    @property
+    def where(self) -> str:
+        return f"etcd witness {self.endpoints[self._current]} key {self.key}"
+
+    def _client(self, url: str):
+        import etcd3gw
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname or not u.port:
+            raise ValueError(f"etcd witness: endpoint {url!r} is not http(s)://HOST:PORT")
+        return etcd3gw.client(host=u.hostname, port=u.port, protocol=u.scheme,
+                              timeout=self.request_timeout_s)
+
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(client)`` on the first endpoint that answers; WitnessError if none does."""
+        from etcd3gw import exceptions as etcd_exc
+        errors = []
+        n = len(self._clients)
+        for i in range(n):
+            idx = (self._current + i) % n
+            try:
+                result = fn(self._clients[idx])
+                self._current = idx
+                return result
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
+                errors.append(f"{self.endpoints[idx]}: {_cause(exc)}")
+            except etcd_exc.Etcd3Exception as exc:
+                errors.append(f"{self.endpoints[idx]}: {_cause(exc)}")
+                break     # it answered, with an error: another member would say the same
+            except (KeyError, ValueError, TypeError) as exc:
+                errors.append(f"{self.endpoints[idx]}: unexpected answer ({exc!r})")
+                break
+        raise WitnessError(f"etcd witness ({self.key}): {what} failed: " + "; ".join(errors))
+
+    def _get(self, key: str) -> tuple[dict | None, int, str]:
+        """(record, mod_revision, lease id) of ``key``; (None, 0, "") if absent."""
+        kvs = self._call(f"reading {key}", lambda c: c.get(key, metadata=True))
+        if not kvs:
+            return None, 0, ""
+        value, meta = kvs[0]
+        return (_record(value, f"etcd key {key}"), int(meta.get("mod_revision", 0)),
+                str(meta.get("lease", "")))
+
+    def holder(self) -> dict | None:
+        return self._get(self.key)[0]
+
+    def last_generation(self) -> int:
+        rec = self._get(self.gen_key)[0]
+        return rec["generation"] if rec else 0
+
+    def _grant_lease(self) -> Any:
+        lease = self._call("granting a lease", lambda c: c.lease(self.ttl_s))
+        return lease
+
+    def _acquire(self, node: str, generation: int) -> bool:
+        cur, cur_rev, cur_lease = self._get(self.key)
+        last, last_rev, _ = self._get(self.gen_key)
+        ours = self._lease is not None and cur_lease == str(self._lease.id)
+        if cur is not None:
+            if cur == {"node": node, "generation": generation} and ours:
+                lease = self._lease
+                return self._call("renewing the lease", lambda c: _keepalive(c, lease.id)) > 0
+            if cur["node"] != node or generation < cur["generation"]:
+                return False      # someone else holds it (or we ask for an old generation)
+            # the same node: adopt its earlier claim or move to a higher generation
+        elif last is not None and (generation < last["generation"] or (
+                generation == last["generation"] and last["node"] != node)):
+            return False          # that generation was granted already
+        if self._lease is None or not ours:
+            self._lease = self._grant_lease()
+        value = json.dumps({"node": node, "generation": generation})
+        txn = {
+            "compare": [_cmp_mod(self.key, cur_rev), _cmp_mod(self.gen_key, last_rev)],
+            "success": [{"request_put": {"key": _b64(self.key), "value": _b64(value),
+                                         "lease": str(self._lease.id)}},
+                        {"request_put": {"key": _b64(self.gen_key), "value": _b64(value)}}],
+            "failure": [],
+        }
+        result = self._call("the compare-and-swap", lambda c: c.transaction(txn))
+        if not result.get("succeeded", False):
+            log.info("%s: %s lost the race for generation %d", self.where, node, generation)
+            return False
+        return True
+
+    def _renew(self) -> None:
+        lease = self._lease
+        if lease is None:
+            raise WitnessError(f"{self.where}: no lease")
+        ttl = self._call("renewing the lease", lambda c: _keepalive(c, lease.id))
+        if ttl <= 0:
+            raise RoleGone(f"{self.where}: lease {lease.id} has expired")
+        cur, _, cur_lease = self._get(self.key)
+        if cur != self._claim or cur_lease != str(lease.id):
+            raise RoleGone(f"{self.where}: the key now holds {cur} (lease {cur_lease}), "
+                               f"not this node's claim")
+
+    def _release(self, claim: dict) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        value = json.dumps(claim)
+        txn = {"compare": [{"key": _b64(self.key), "result": "EQUAL", "target": "VALUE",
+                            "value": _b64(value)}],
+               "success": [{"request_delete_range": {"key": _b64(self.key)}}],
+               "failure": []}
+        self._call("releasing the role", lambda c: c.transaction(txn))
+        self._call("revoking the lease",
+                   lambda c: c.post(c.get_url("/kv/lease/revoke"), json={"ID": lease.id}))
+
+
+def _keepalive(client: Any, lease_id: int) -> int:
+    result = client.post(client.get_url("/lease/keepalive"), json={"ID": lease_id})
+    return int(result.get("result", {}).get("TTL", -1))
+
+
+def _cmp_mod(key: str, mod_revision: int) -> dict:
+    return {"key": _b64(key), "result": "EQUAL", "target": "MOD",
+            "mod_revision": str(mod_revision)}
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def _cause(exc: BaseException) -> str:
+    detail = getattr(exc, "detail_text", None)
+    text = " ".join(str(p) for p in (type(exc).__name__, detail, *exc.args) if p)
+    return text[:500]
+
+
+class LocalWitness(Witness):
+    """DEMO ONLY: the witness API on a JSON file guarded by an fcntl lock, for two nodes
+    on ONE machine. It cannot arbitrate between hosts (it knows nothing of a network
+    partition); use :class:`EtcdWitness` for that.
+
+    The file ``<directory>/<name>.json`` holds the active claim (node, generation,
+    lease token, expiry on CLOCK_MONOTONIC, holder pid) and the last grant. A claim
+    expires after ``ttl_s`` without renewal, or at once when its holder process is gone.
+    """
+
+    kind = "local"
+
+    def __init__(self, directory: str, key: str, ttl_s: int = 5, *,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        super().__init__(ttl_s, on_lost)
+        name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key.strip("/"))
+        if not name:
+            raise ValueError(f"local witness: key {key!r} gives no file name")
+        os.makedirs(directory, exist_ok=True)
+        self.key = key
+        self.path = os.path.join(directory, name + ".json")
+        self._lock_path = os.path.join(directory, name + ".lock")
+        self._token = secrets.token_hex(8)
+
+    @property
+    def where(self) -> str:
+        return f"local witness {self.path} (demo only)"
+
+    def _locked(self):
+        return _FileLock(self._lock_path, self.where)
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except FileNotFoundError:
+            return {"active": None, "last": None}
+        except (OSError, ValueError) as exc:
+            raise WitnessError(f"{self.where}: cannot read: {exc}") from None
+        active = state.get("active")
+        if active is not None and not _claim_alive(active):
+            state["active"] = None
+        return state
+
+    def _write(self, state: dict) -> None:
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise WitnessError(f"{self.where}: cannot write: {exc}") from None
+
+    def holder(self) -> dict | None:
+        with self._locked():
+            a = self._read()["active"]
+        return {"node": a["node"], "generation": a["generation"]} if a else None
+
+    def last_generation(self) -> int:
+        with self._locked():
+            last = self._read()["last"]
+        return last["generation"] if last else 0
+
+    def _acquire(self, node: str, generation: int) -> bool:
+        with self._locked():
+            state = self._read()
+            cur, last = state["active"], state["last"]
+            if cur is not None:
+                if cur["node"] != node or generation < cur["generation"]:
+                    return False
+            elif last is not None and (generation < last["generation"] or (
+                    generation == last["generation"] and last["node"] != node)):
+                return False
+            claim = {"node": node, "generation": generation}
+            state["active"] = dict(claim, token=self._token, pid=os.getpid(),
+                                   pid_start=_start_time(os.getpid()),
+                                   expires=time.monotonic() + self.ttl_s)
+            state["last"] = claim
+            self._write(state)
+            return True
+
+    def _renew(self) -> None:
+        with self._locked():
+            state = self._read()
+            cur = state["active"]
+            if cur is None or cur.get("token") != self._token:
+                raise RoleGone(f"{self.where}: the role is no longer this node's "
+                                   f"(now {cur and {k: cur[k] for k in ('node', 'generation')}})")
+            cur["expires"] = time.monotonic() + self.ttl_s
+            cur["pid"], cur["pid_start"] = os.getpid(), _start_time(os.getpid())
+            self._write(state)
+
+    def _release(self, claim: dict) -> None:
+        with self._locked():
+            state = self._read()
+            cur = state["active"]
+            if cur is not None and cur.get("token") == self._token:
+                state["active"] = None
+                self._write(state)
+
+
+class _FileLock:
+    def __init__(self, path: str, where: str) -> None:
+        self.path, self.where, self.fd = path, where, -1
+
+    def __enter__(self) -> _FileLock:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+            raise WitnessError(f"{self.where}: cannot lock {self.path}: {exc}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)     # drops the lock
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _claim_alive(active: dict) -> bool:
+    if time.monotonic() >= float(active.get("expires", 0)):
+        return False
+    pid = int(active.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return False
+    return _start_time(pid) == int(active.get("pid_start", 0)) or not active.get("pid_start")
+
+
+# -- the guard ----------------------------------------------------------------------------
+def make_witness(settings: FailoverSettings, vm: str,
+                 on_lost: Callable[[str], None] | None = None) -> Witness | None:
+    """The witness ``settings`` name for VM ``vm`` (None for witness = "none")."""
+    key = settings.witness_key or f"/colo/{vm}/active"
+    if settings.witness == "etcd":
+        return EtcdWitness(settings.etcd_endpoints, key, settings.lease_ttl_s, on_lost=on_lost)
+    if settings.witness == "local":
+        return LocalWitness(settings.witness_dir, key, settings.lease_ttl_s, on_lost=on_lost)
+    return None
+
+
+def make_fence(settings: FailoverSettings) -> Fence | None:
+    return Fence(settings.fence_command, settings.fence_timeout_s) \
+        if settings.fence_command else None
+
+
+def guard_takeover(fence: Fence | None, witness: Witness | None, node: str, generation: int,
+                   *, peer: str = "", vm: str = "", wait_s: float | None = None,
+                   poll_s: float = 0.1) -> tuple[bool, str]:
+    """May ``node`` become active in ``generation``? Runs the witness, then the fence.
+
+    The witness is asked until it grants the role or ``wait_s`` passed (default: the
+    lease TTL + 2 s: the longest a dead holder's lease can still run, plus etcd's
+    expiry granularity); a refusal that
+    waiting cannot change (the generation was granted to another node) ends at once.
+    Returns ``(True, what was done)`` or ``(False, why not)``; never raises.
+    """
+    if fence is None and witness is None:
+        return False, ("no fencing command and no witness configured: refusing to go active "
+                       "(set failover.witness and/or failover.fence_command)")
+    done = []
+    if witness is not None:
+        deadline = time.monotonic() + (witness.ttl_s + 2 if wait_s is None else wait_s)
+        while True:
+            try:
+                if witness.acquire(node, generation):
+                    done.append(f"{witness.where} granted generation {generation} to {node}")
+                    break
+                holder = witness.holder()
+                last = witness.last_generation()
+            except (WitnessError, ValueError) as exc:
+                return False, f"witness: {exc}; not going active"
+            if holder is None and last >= generation:
+                return False, (f"{witness.where}: generation {generation} was granted already "
+                               f"(last granted: {last}); not going active")
+            if time.monotonic() >= deadline:
+                return False, (f"{witness.where}: the active role is held by {holder} "
+                               f"(asked for generation {generation} as {node}); not going "
+                               "active")
+            time.sleep(poll_s)
+    if fence is not None:
+        try:
+            out = fence.run(peer=peer, node=node, vm=vm, generation=generation)
+        except FenceError as exc:
+            if witness is not None:
+                try:
+                    witness.release()
+                except WitnessError as rel:
+                    log.warning("after a failed fence, could not release the role: %s", rel)
+            return False, f"fencing failed: {exc}; not going active"
+        done.append(f"fenced {peer or 'the peer'} ({_tail(out.encode())[:200]})")
+    return True, "; ".join(done)

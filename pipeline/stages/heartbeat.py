@@ -1,0 +1,289 @@
+"""The heartbeat stage: each node tells the other it is alive, on a channel of its own.
+
+One process per node, doing nothing else, so heartbeats keep flowing while the
+coordinator, the digest workers and the page path are busy (a 1 GiB full sync or a
+64k-page checkpoint never delays them): the pages and control channels are separate
+sockets, and this process never waits for them.
+
+Channel: one DEALER socket per node at ``heartbeat.address`` (``peer.address`` port
++ 3); the secondary binds, the primary connects. Both ends send a HEARTBEAT record
+every ``interval_ms`` on a grid of absolute deadlines (``t0 + k * interval``): a late
+wake-up sends once and goes back to the grid, so lateness never shifts or bunches
+the schedule. A send that would block (no peer connected) is dropped and counted,
+never queued: a heartbeat is only worth something when it is fresh.
+
+Record HEARTBEAT (48 bytes, little-endian)::
+
+    0  magic "COHB"        4  version u16      6  role u8 (1 primary, 2 secondary)
+    7  reserved u8 (0)     8  interval_ms u32  12 instance u32 (random per process)
+    16 generation u64      24 epoch i64        32 seq u64 (from 0 per instance)
+    40 crc32 of bytes 0..39 u32               44 reserved u32 (0)
+
+A record is accepted only if its length, magic, version, crc, role (the peer's, not
+ours) and reserved fields are right; anything else is counted (``hb_bad``) and
+dropped. An old or repeated ``seq`` of the same instance is counted (``hb_stale``)
+and does not count as a sign of life; missing seqs are counted (``hb_missed``).
+
+Events, sent on ``events_conn`` (a ``multiprocessing`` Connection; the coordinator
+polls its fileno). Times are ``time.monotonic()`` seconds of this node::
+
+    ("peer_up",   heard, info)          the first valid heartbeat from the peer
+    ("peer_lost", last_seen, detected)  no valid heartbeat for miss_count intervals
+    ("peer_back", heard, info)          a valid heartbeat after peer_lost
+
+``info`` is ``{"role", "generation", "epoch", "seq", "instance", "interval_ms"}`` of
+the peer's record. Nothing is reported before the peer was heard once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from pipeline.stages.common import StageContext
+
+MAGIC = b"COHB"
+VERSION = 1
+ROLE_PRIMARY, ROLE_SECONDARY = 1, 2   # the same numbers as pipeline.wire
+ROLES = {"primary": ROLE_PRIMARY, "secondary": ROLE_SECONDARY}
+_RECORD = struct.Struct("<4sHBBIIQqQ")     # up to the crc
+_TAIL = struct.Struct("<II")               # crc32, reserved
+RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
+
+# counters of the heartbeat stage, besides pipeline.counters.STAGE_COUNTERS
+# (items_out: heartbeats sent, items_in: valid heartbeats received, errors: bad records)
+COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "send_dropped", "late_wakeups",
+            "max_late_us", "max_gap_us", "peer_lost", "peer_back")
+
+_U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
+MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
+
+
+class HeartbeatError(ValueError):
+    """A heartbeat record that does not validate; the message says which field."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    role: int
+    interval_ms: int
+    instance: int
+    generation: int
+    epoch: int
+    seq: int
+
+    def info(self) -> dict[str, Any]:
+        return {"role": "primary" if self.role == ROLE_PRIMARY else "secondary",
+                "generation": self.generation, "epoch": self.epoch, "seq": self.seq,
+                "instance": self.instance, "interval_ms": self.interval_ms}
+
+
+def encode_heartbeat(hb: Heartbeat) -> bytes:
+    head = _RECORD.pack(MAGIC, VERSION, hb.role, 0, hb.interval_ms, hb.instance,
+                        hb.generation, hb.epoch, hb.seq)
+    return head + _TAIL.pack(zlib.crc32(head), 0)
+
+
+def decode_heartbeat(msg: bytes | memoryview, expect_role: int | None = None) -> Heartbeat:
+    """Validate one HEARTBEAT record; raises HeartbeatError naming the bad field."""
+    if len(msg) != RECORD_SIZE:
+        raise HeartbeatError(f"HEARTBEAT: length {len(msg)}, expected {RECORD_SIZE}")
+    magic, version, role, res0, interval, instance, gen, epoch, seq = _RECORD.unpack_from(msg)
+    crc, res1 = _TAIL.unpack_from(msg, _RECORD.size)
+    if magic != MAGIC:
+        raise HeartbeatError(f"HEARTBEAT: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise HeartbeatError(f"HEARTBEAT: unsupported version {version} (this node speaks "
+                             f"{VERSION})")
+    if crc != zlib.crc32(bytes(msg[:_RECORD.size])):
+        raise HeartbeatError("HEARTBEAT: crc32 does not match")
+    if role not in (ROLE_PRIMARY, ROLE_SECONDARY):
+        raise HeartbeatError(f"HEARTBEAT: role {role} is neither primary (1) nor secondary (2)")
+    if expect_role is not None and role != expect_role:
+        raise HeartbeatError(f"HEARTBEAT: role {role} is this node's own role, not the peer's")
+    if res0 or res1:
+        raise HeartbeatError("HEARTBEAT: reserved fields are not zero")
+    if interval == 0:
+        raise HeartbeatError("HEARTBEAT: interval_ms is 0")
+    return Heartbeat(role, interval, instance, gen, epoch, seq)
+
+
+def _value(v: Any) -> int:
+    """An int, or a shared ``multiprocessing.Value`` read now."""
+    return int(v.value) if hasattr(v, "value") else int(v)
+
+
+def heartbeat_socket(zctx: zmq.Context, role: str) -> zmq.Socket:
+    """The default socket: a plain DEALER (the caller binds or connects it)."""
+    s = zctx.socket(zmq.DEALER)
+    _options(s, role)
+    return s
+
+
+def _options(s: zmq.Socket, role: str) -> None:
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 4)      # never a backlog of old heartbeats
+    s.setsockopt(zmq.RCVHWM, 1000)
+    s.setsockopt(zmq.RECONNECT_IVL, 50)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
+    if role == "primary":
+        s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+
+
+class _Peer:
+    """What this node knows about the peer's heartbeats."""
+
+    def __init__(self) -> None:
+        self.state = "unknown"   # -> "up" -> "lost" -> "up" ...
+        self.last_seen = 0.0
+        self.instance: int | None = None
+        self.seq = -1
+
+
+def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
+        generation: Any = 0, epoch: Any = -1, *,
+        socket_factory: Callable[[bool], zmq.Socket] | None = None,
+        priority: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    """The heartbeat stage's body (started through ``stage_main``).
+
+    ``settings``: anything with ``interval_ms``, ``miss_count``, ``address`` (and
+    optionally ``priority``; :class:`pipeline.failover_settings.HeartbeatSettings`). ``role``: this node's,
+    "primary" (connects) or "secondary" (binds). ``generation`` and ``epoch``: ints or
+    shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(bind)``,
+    called in this process, returns an unconnected socket of kind DEALER (e.g. with
+    CURVE keys); default: :func:`heartbeat_socket`.
+    """
+    if role not in ROLES:
+        raise ValueError(f"heartbeat: role {role!r} is neither 'primary' nor 'secondary'")
+    if not settings.address:
+        raise ValueError("heartbeat.address: empty (expected tcp://HOST:PORT)")
+    my_role = ROLES[role]
+    peer_role = ROLE_SECONDARY if my_role == ROLE_PRIMARY else ROLE_PRIMARY
+    interval = settings.interval_ms / 1000
+    timeout = interval * settings.miss_count
+    bind = role == "secondary"
+    c = ctx.counters
+    prio = raise_priority(priority or getattr(settings, "priority", "realtime"))
+    zctx = None
+    if socket_factory is None:
+        zctx = zmq.Context()
+        sock = heartbeat_socket(zctx, role)
+    else:
+        sock = socket_factory(bind)
+        _options(sock, role)
+    if bind:
+        sock.bind(settings.address)
+    else:
+        sock.connect(settings.address)
+    instance = random.getrandbits(32)
+    seq = 0
+    peer = _Peer()
+    ctx.log.info("heartbeat: %s %s every %d ms, peer lost after %d missed (%.0f ms), %s",
+                 "listening on" if bind else "sending to", settings.address,
+                 settings.interval_ms, settings.miss_count, timeout * 1000, prio)
+
+    def emit(*event: Any) -> None:
+        events_conn.send(event)
+
+    def receive(now: float) -> None:
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                hb = decode_heartbeat(msg, expect_role=peer_role)
+            except HeartbeatError as exc:
+                c.add("hb_bad", 1)
+                c.add("errors", 1)
+                ctx.log.warning("heartbeat: dropped a bad record: %s", exc)
+                continue
+            if hb.instance == peer.instance and hb.seq <= peer.seq:
+                c.add("hb_stale", 1)
+                continue
+            if hb.instance == peer.instance and hb.seq > peer.seq + 1:
+                c.add("hb_missed", hb.seq - peer.seq - 1)
+            c.add("items_in", 1)
+            if peer.state != "unknown":
+                c.max("max_gap_us", int((now - peer.last_seen) * 1e6))
+            peer.instance, peer.seq, peer.last_seen = hb.instance, hb.seq, now
+            if peer.state == "unknown":
+                peer.state = "up"
+                ctx.log.info("heartbeat: peer %s is up (generation %d)", hb.info()["role"],
+                             hb.generation)
+                emit("peer_up", now, hb.info())
+            elif peer.state == "lost":
+                peer.state = "up"
+                c.add("peer_back", 1)
+                ctx.log.warning("heartbeat: peer %s is back (generation %d)",
+                                hb.info()["role"], hb.generation)
+                emit("peer_back", now, hb.info())
+
+    t0 = clock()
+    next_send = t0
+    try:
+        while not ctx.stopping():
+            now = clock()
+            if now >= next_send:
+                late = now - next_send
+                if late > interval / 2:
+                    c.add("late_wakeups", 1)
+                c.max("max_late_us", int(late * 1e6))
+                msg = encode_heartbeat(Heartbeat(
+                    my_role, settings.interval_ms, instance, min(max(_value(generation), 0),
+                                                                 _U64_MAX),
+                    min(max(_value(epoch), -1), _I64_MAX), seq))
+                seq += 1
+                try:
+                    sock.send(msg, zmq.NOBLOCK)
+                    c.add("items_out", 1)
+                except zmq.Again:
+                    c.add("send_dropped", 1)
+                # the next point of the grid after now: a late wake-up does not shift it
+                next_send = t0 + (math.floor((now - t0) / interval) + 1) * interval
+            # what arrived while we were away counts before we judge the silence
+            receive(now)
+            if peer.state == "up" and now - peer.last_seen > timeout:
+                peer.state = "lost"
+                c.add("peer_lost", 1)
+                ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
+                                (now - peer.last_seen) * 1000, timeout * 1000)
+                emit("peer_lost", peer.last_seen, now)
+            wake = next_send
+            if peer.state == "up":
+                wake = min(wake, peer.last_seen + timeout + 0.0005)
+            wait = max(0.0, min(wake - clock(), MAX_WAIT_S))
+            sock.poll(math.ceil(wait * 1000), zmq.POLLIN)
+    finally:
+        sock.close(0)
+        if zctx is not None:
+            zctx.term()
+
+
+def raise_priority(how: str) -> str:
+    """Make this process win the CPU over busy processes, like corosync does: "realtime"
+    (SCHED_RR, lowest real-time priority; it sleeps between heartbeats and does very
+    little work when awake, so it cannot starve anything), "nice" (nice -10) or "normal".
+    Falls back to what is allowed. Call before the ZeroMQ context is made: its I/O
+    thread inherits the policy. Returns what was done, for the log."""
+    if how == "realtime":
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+            return "SCHED_RR 1"
+        except (OSError, AttributeError):
+            how = "nice"
+    if how == "nice":
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, -10)
+            return "nice -10"
+        except OSError:
+            pass
+    return "normal priority"
