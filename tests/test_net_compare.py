@@ -383,3 +383,20 @@ def test_out_of_order_pvm_segments_wait_for_their_bytes():
     h.p(early)
     h.s(seg(ISN, b"abcdef"))
     assert sorted(h.released) == sorted([late, early]) and not h.requests
+
+
+def test_exact_and_split_svm_segments_mix():
+    h = Harness()
+    pvm = [seg(ISN + o, bytes([65 + o]) * 3) for o in range(0, 30, 3)]
+    for f in pvm:
+        h.p(f)
+    h.s(seg(ISN, b"AAA"))                      # exactly the PVM's first segment
+    h.s(seg(ISN + 3, b"DD"))                   # then split differently
+    h.s(seg(ISN + 5, b"DGGG"))
+    h.s(seg(ISN + 9, b"JJJ"))                  # exact again
+    assert h.released == pvm[:4]
+    h.s(seg(ISN + 15, b"PPPSSS"))              # a gap: [12, 15) comes later
+    assert h.released == pvm[:4]
+    h.s(seg(ISN + 12, b"MMM"))
+    h.s(seg(ISN + 21, b"VVVYYY\\\\\\___"))
+    assert h.released == pvm and not h.requests

@@ -310,6 +310,30 @@ class Comparator:
             if not ctrl and not p.payload:
                 self._count("secondary_frames_dropped")
                 return
+            primary = conn.primary
+            if primary and not conn.sec_buf and not conn.sec_ooo and not conn.diverged \
+                    and conn.sec_fin is None:
+                head = primary[0]
+                if head.start == start and head.end == held.end and head.ctrl == ctrl \
+                        and not ctrl & TCP_RST:
+                    # the usual case: the SVM sent exactly the PVM's oldest held segment
+                    if head.packet.payload == p.payload:
+                        if ctrl & TCP_SYN:
+                            conn.sec_ctrl[0] = TCP_SYN
+                        elif ctrl & TCP_FIN:
+                            conn.sec_ctrl[held.end] = TCP_FIN
+                            conn.sec_fin = held.end
+                        primary.popleft()
+                        if conn.verified is None or head.end > conn.verified:
+                            conn.verified = head.end
+                        conn.sec_start = held.end     # the SVM stream continues from here
+                        self.counters["secondary_frames_dropped"] += 1
+                        if self._sink is not None:
+                            self._sink.add("secondary_frames_dropped", 1)
+                        self._release_held(head)
+                        if primary:
+                            self._compare_tcp(conn)
+                        return
             if not self._absorb_secondary(conn, held):
                 return
         if not conn.diverged:
@@ -331,8 +355,8 @@ class Comparator:
             conn.sec_rst = True
         payload = held.packet.payload
         if payload:
-            if conn.sec_start is None:
-                conn.sec_start = start
+            if conn.sec_start is None or (not conn.sec_buf and not conn.sec_ooo):
+                conn.sec_start = start        # nothing buffered: the stream restarts here
             sec_end = conn.sec_start + len(conn.sec_buf)
             if start < conn.sec_start:
                 # an earlier segment arrived late: it becomes the head of the stream
