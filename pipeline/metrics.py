@@ -37,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -182,6 +183,19 @@ class _CheckpointTotals:
             self.commit.observe(record["commit_ns"] / 1e9)
 
 
+def _node_info(node: NodeCounters, budget_s: float = 1.0) -> dict[str, Any]:
+    """``node.node_info()``, retried while the writer is in the middle of an update (a
+    writer descheduled mid-write on a busy host outlasts node_info's own spinning)."""
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            return node.node_info()
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
+
+
 class NodeCollector:
     """A prometheus-client collector reading one node's counters on every scrape.
 
@@ -245,7 +259,7 @@ class NodeCollector:
 
     def _node_families(self, node: NodeCounters) -> list[Metric]:
         n = self.node_name
-        info = node.node_info()
+        info = _node_info(node)
         role = str(info.get("role", ""))
         roles = GaugeMetricFamily("colo_role", "1 for the node's current role.",
                                   labels=["node", "role"])

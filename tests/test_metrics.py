@@ -20,7 +20,7 @@ SMALL = {
 
 def _scrape(url: str) -> dict[str, list]:
     """{sample name: [(labels, value), ...]} from one scrape."""
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(url, timeout=30) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
