@@ -195,19 +195,21 @@ def test_failover_merges_the_overlay_and_drops_uncommitted_pvm_writes(tmp_path):
 _COMMIT_CHILD = textwrap.dedent("""
     import os, sys
     from pipeline.disk.store import SecondaryStore
-    d, epoch, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    d, epoch, what, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     s = SecondaryStore(os.path.join(d, "disk.img"), {size}, {bs}, os.path.join(d, "state"),
-                       1 << 40, 1 << 40)
+                       1 << 40, 1 << 40, durable=durable)
     print("go", flush=True)
     s.commit(epoch) if what == "commit" else s.failover()
     print("done", flush=True)
 """).format(size=SIZE, bs=BS)
 
 
-def _run_child(d: str, epoch: int, what: str, kill_after: float | None) -> tuple[bool, float]:
+def _run_child(d: str, epoch: int, what: str, kill_after: float | None,
+               durable: bool = True) -> tuple[bool, float]:
     """Run a commit (or failover) in a real child process; SIGKILL it ``kill_after`` seconds
     after it starts working. Returns (finished, seconds it worked)."""
-    p = subprocess.Popen([sys.executable, "-c", _COMMIT_CHILD, d, str(epoch), what],
+    p = subprocess.Popen([sys.executable, "-c", _COMMIT_CHILD, d, str(epoch), what,
+                          "1" if durable else "0"],
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "go"
@@ -245,11 +247,18 @@ def test_commit_killed_at_random_points_replays_to_exactly_the_checkpoint(tmp_pa
     shutil.copytree(template, work)
     finished, duration = _run_child(work, 3, "commit", None)
     assert finished and image_bytes(work) == bytes(models[3])
+    fast = str(tmp_path / "probe-fast")
+    shutil.copytree(template, fast)
+    finished, fast_duration = _run_child(fast, 3, "commit", None, durable=False)
+    assert finished and image_bytes(fast) == bytes(models[3])
     outcomes = {"before": 0, "replayed": 0, "after": 0}
     for i in range(20):
         work = str(tmp_path / f"run{i}")
         shutil.copytree(template, work)
-        finished, _ = _run_child(work, 3, "commit", rng.uniform(0, duration))
+        durable = i % 2 == 0  # the fsync-free mode must survive a kill just as well
+        finished, _ = _run_child(work, 3, "commit",
+                                 rng.uniform(0, duration if durable else fast_duration),
+                                 durable=durable)
         c = DiskCounters()
         s = open_store(work, c)  # the restart: replays an interrupted commit
         assert s.committed_epoch in (1, 3)
@@ -291,7 +300,7 @@ def test_failover_killed_mid_merge_finishes_at_reopen(tmp_path):
     for i in range(12):
         work = str(tmp_path / f"run{i}")
         shutil.copytree(template, work)
-        p = subprocess.Popen([sys.executable, "-c", child, work, "0", "failover"],
+        p = subprocess.Popen([sys.executable, "-c", child, work, "0", "failover", "1"],
                              stdout=subprocess.PIPE, text=True)
         try:
             assert p.stdout.readline().strip() == "go"

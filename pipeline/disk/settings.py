@@ -58,6 +58,10 @@ class DiskSettings:
     overlay_max_bytes: int = 4 * 1024**3
     #: buffered-but-uncommitted PVM write ceiling: forwarded writes beyond it are refused
     buffer_max_bytes: int = 4 * 1024**3
+    #: secondary: fsync buffer logs, image and journal at every commit (survives a power
+    #: loss of the secondary host). false: survives a killed stage process only — a lost
+    #: secondary host is replaced by a full resync in COLO anyway — and commits are cheaper
+    durable_commit: bool = True
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -91,6 +95,8 @@ class DiskSettings:
             raise bad("compare_timeout_ms", "must be a positive integer")
         if not isinstance(self.state_dir, str):
             raise bad("state_dir", "must be a path string")
+        if not isinstance(self.durable_commit, bool):
+            raise bad("durable_commit", "must be true or false")
         for key in ("overlay_max_bytes", "buffer_max_bytes"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < bs:

@@ -100,7 +100,8 @@ class SecondaryDisk:
         self.counters = counters or DiskCounters()
         self.store = SecondaryStore(settings.image, settings.export_size, settings.block_size,
                                     settings.resolved_state_dir, settings.overlay_max_bytes,
-                                    settings.buffer_max_bytes, self.counters)
+                                    settings.buffer_max_bytes, self.counters,
+                                    durable=settings.durable_commit)
         request = checkpoints.request if checkpoints else (lambda cause, detail: None)
         self.comparator = DiskComparator(settings.compare, settings.compare_timeout_ms,
                                          self.counters, request)
