@@ -290,3 +290,10 @@ def test_nbdcopy_over_four_connections_replicates_exactly(tmp_path, rundir):
         assert file_hash(os.path.join(work, "primary.img")) == want
         assert file_hash(os.path.join(work, "secondary.img")) == want
         assert export_hash(pair.secondary_uri, str(tmp_path)) == want
+
+
+def test_a_stage_that_cannot_start_says_why(tmp_path):
+    work = tmp_path / "disks"
+    (work / "secondary.img").mkdir(parents=True)  # the image path is a directory
+    with pytest.raises(RuntimeError, match=r"secondary stage failed to start: .*secondary\.img"):
+        start_disk_pair(str(work), SIZE)
