@@ -41,8 +41,10 @@ class Side:
 
     _n = 0
 
-    def __init__(self, role: str, settings: HeartbeatSettings, generation: int = 1) -> None:
+    def __init__(self, role: str, settings: HeartbeatSettings, generation: int = 1,
+                 factory=None) -> None:
         Side._n += 1
+        self.factory = factory
         self.role, self.settings, self.generation = role, settings, generation
         self.node = NodeCounters.create(f"hbtest-{os.getpid()}-{Side._n}",
                                         {"heartbeat": STAGE_COUNTERS + heartbeat.COUNTERS})
@@ -57,7 +59,8 @@ class Side:
                            logging.getLogger(f"test.heartbeat.{self.role}"))
         # stage_main passes positional args only: the generation goes through a wrapper
         self.proc = FORK.Process(target=_stage, args=(ctx, self.settings, self.role, child,
-                                                      self.generation), daemon=True)
+                                                      self.generation, self.factory),
+                                 daemon=True)
         self.proc.start()
         child.close()
 
@@ -101,9 +104,9 @@ class Side:
 PRIORITY = os.environ.get("HB_PRIORITY")   # None: the settings' (default realtime)
 
 
-def _stage(ctx, settings, role, conn, generation) -> None:
-    stage_main(ctx, lambda c: heartbeat.run(c, settings, role, conn, generation=generation,
-                                            priority=PRIORITY))
+def _stage(ctx, settings, role, conn, generation, factory=None) -> None:
+    stage_main(ctx, lambda c: heartbeat.run(c, settings, role, conn, generation,
+                                            socket_factory=factory, priority=PRIORITY))
 
 
 @pytest.fixture
@@ -245,3 +248,66 @@ def test_bad_records_are_counted_and_dropped(pair_factory):
     assert sec.proc.is_alive()
     time.sleep(0.5)   # still hearing the real primary, no loss
     assert [e for e in sec.drain() if e[0] == "peer_lost"] == []
+
+
+def test_extra_connections_do_not_take_heartbeats_from_the_real_peer(pair_factory):
+    """Idle or foreign connections to the secondary's port get nothing and cost the real
+    primary nothing (a DEALER there would deal heartbeats out among them round-robin)."""
+    pri, _sec, settings = pair_factory()
+    zctx = zmq.Context()
+    try:
+        extra = []
+        for _ in range(3):
+            s = zctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(settings.address)
+            extra.append(s)
+        time.sleep(1.5)
+        got = sum(1 for s in extra if s.poll(0))
+        for s in extra:
+            s.close()
+    finally:
+        zctx.term()
+    c = pri.counters.as_dict()
+    assert got == 0
+    assert c["peer_lost"] == 0 and c["max_gap_us"] < 250_000, c
+    assert [e for e in pri.drain() if e[0] == "peer_lost"] == []
+
+
+def test_a_socket_factory_gives_the_channel_curve_keys():
+    """How the node hands in its own sockets (CurveZMQ keys): the factory is called in
+    the stage process with the socket kind and whether it binds."""
+    server_pub, server_sec = zmq.curve_keypair()
+    client_pub, client_sec = zmq.curve_keypair()
+
+    def factory(kind: int, bind: bool) -> zmq.Socket:
+        s = zmq.Context.instance().socket(kind)
+        if bind:
+            s.curve_secretkey, s.curve_publickey, s.curve_server = server_sec, server_pub, True
+        else:
+            s.curve_secretkey, s.curve_publickey = client_sec, client_pub
+            s.curve_serverkey = server_pub
+        return s
+
+    settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{free_port()}")
+    sec = Side("secondary", settings, 4, factory)
+    pri = Side("primary", settings, 4, factory)
+    try:
+        assert sec.wait_event("peer_up", 5)[2]["generation"] == 4
+        assert pri.wait_event("peer_up", 5)[2]["role"] == "secondary"
+        # a plaintext client gets no heartbeat through
+        zctx = zmq.Context()
+        try:
+            s = zctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(settings.address)
+            s.send(heartbeat.encode_heartbeat(
+                heartbeat.Heartbeat(heartbeat.ROLE_PRIMARY, 100, 9, 9, 0, 0)))
+            assert not s.poll(500)
+            s.close()
+        finally:
+            zctx.term()
+        assert sec.counters.as_dict()["hb_bad"] == 0
+    finally:
+        pri.close()
+        sec.close()

@@ -5,8 +5,11 @@ coordinator, the digest workers and the page path are busy (a 1 GiB full sync or
 64k-page checkpoint never delays them): the pages and control channels are separate
 sockets, and this process never waits for them.
 
-Channel: one DEALER socket per node at ``heartbeat.address`` (``peer.address`` port
-+ 3); the secondary binds, the primary connects. Both ends send a HEARTBEAT record
+Channel: ``heartbeat.address`` (``peer.address`` port + 3); the secondary binds a
+ROUTER, the primary connects a DEALER. The secondary answers every connection it
+has heard a valid heartbeat on (within the last few timeouts), so a stray or extra
+connection neither receives a share of the heartbeats nor steals them from the real
+primary (a DEALER would deal them out round-robin). Both ends send a HEARTBEAT record
 every ``interval_ms`` on a grid of absolute deadlines (``t0 + k * interval``): a late
 wake-up sends once and goes back to the grid, so lateness never shifts or bunches
 the schedule. A send that would block (no peer connected) is dropped and counted,
@@ -121,14 +124,21 @@ def _value(v: Any) -> int:
     return int(v.value) if hasattr(v, "value") else int(v)
 
 
+def socket_kind(role: str) -> int:
+    """ROUTER for the secondary (binds), DEALER for the primary (connects)."""
+    return zmq.ROUTER if role == "secondary" else zmq.DEALER
+
+
 def heartbeat_socket(zctx: zmq.Context, role: str) -> zmq.Socket:
-    """The default socket: a plain DEALER (the caller binds or connects it)."""
-    s = zctx.socket(zmq.DEALER)
+    """The default socket: plain, of :func:`socket_kind` (the caller binds or connects)."""
+    s = zctx.socket(socket_kind(role))
     _options(s, role)
     return s
 
 
 def _options(s: zmq.Socket, role: str) -> None:
+    if role == "secondary":
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a gone peer raises instead of dropping
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, 4)      # never a backlog of old heartbeats
     s.setsockopt(zmq.RCVHWM, 1000)
@@ -150,16 +160,16 @@ class _Peer:
 
 def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
         generation: Any = 0, epoch: Any = -1, *,
-        socket_factory: Callable[[bool], zmq.Socket] | None = None,
+        socket_factory: Callable[[int, bool], zmq.Socket] | None = None,
         priority: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
     """The heartbeat stage's body (started through ``stage_main``).
 
     ``settings``: anything with ``interval_ms``, ``miss_count``, ``address`` (and
     optionally ``priority``; :class:`pipeline.failover_settings.HeartbeatSettings`). ``role``: this node's,
     "primary" (connects) or "secondary" (binds). ``generation`` and ``epoch``: ints or
-    shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(bind)``,
-    called in this process, returns an unconnected socket of kind DEALER (e.g. with
-    CURVE keys); default: :func:`heartbeat_socket`.
+    shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(kind,
+    bind)``, called in this process, returns an unbound, unconnected socket of ``kind``
+    (:func:`socket_kind`; e.g. with CURVE keys); default: :func:`heartbeat_socket`.
     """
     if role not in ROLES:
         raise ValueError(f"heartbeat: role {role!r} is neither 'primary' nor 'secondary'")
@@ -177,7 +187,7 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
         zctx = zmq.Context()
         sock = heartbeat_socket(zctx, role)
     else:
-        sock = socket_factory(bind)
+        sock = socket_factory(socket_kind(role), bind)
         _options(sock, role)
     if bind:
         sock.bind(settings.address)
@@ -186,6 +196,9 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     instance = random.getrandbits(32)
     seq = 0
     peer = _Peer()
+    routes: dict[bytes, float] = {}   # secondary: connection id -> last valid heartbeat
+    route_ttl = max(4 * timeout, 1.0)
+    bad_logged = 0
     ctx.log.info("heartbeat: %s %s every %d ms, peer lost after %d missed (%.0f ms), %s",
                  "listening on" if bind else "sending to", settings.address,
                  settings.interval_ms, settings.miss_count, timeout * 1000, prio)
@@ -193,19 +206,48 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     def emit(*event: Any) -> None:
         events_conn.send(event)
 
+    def send(msg: bytes, now: float) -> None:
+        if not bind:
+            try:
+                sock.send(msg, zmq.NOBLOCK)
+                c.add("items_out", 1)
+            except zmq.Again:
+                c.add("send_dropped", 1)
+            return
+        for ident, heard in list(routes.items()):
+            if now - heard > route_ttl:
+                del routes[ident]
+                continue
+            try:
+                sock.send_multipart((ident, msg), zmq.NOBLOCK)
+                c.add("items_out", 1)
+            except zmq.ZMQError as exc:      # EHOSTUNREACH: gone; EAGAIN: not keeping up
+                c.add("send_dropped", 1)
+                if exc.errno == zmq.EHOSTUNREACH:
+                    del routes[ident]
+
     def receive(now: float) -> None:
+        nonlocal bad_logged
         while True:
             try:
-                msg = sock.recv(zmq.NOBLOCK, copy=True)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
+            ident = frames[0] if bind else b""
             try:
-                hb = decode_heartbeat(msg, expect_role=peer_role)
+                if len(frames) != (2 if bind else 1):
+                    raise HeartbeatError(f"HEARTBEAT: {len(frames) - bind} frames, expected 1")
+                hb = decode_heartbeat(frames[-1], expect_role=peer_role)
             except HeartbeatError as exc:
                 c.add("hb_bad", 1)
                 c.add("errors", 1)
-                ctx.log.warning("heartbeat: dropped a bad record: %s", exc)
+                bad_logged += 1
+                if bad_logged <= 10 or bad_logged % 1000 == 0:
+                    ctx.log.warning("heartbeat: dropped a bad record (%d so far): %s",
+                                    bad_logged, exc)
                 continue
+            if bind:
+                routes[ident] = now
             if hb.instance == peer.instance and hb.seq <= peer.seq:
                 c.add("hb_stale", 1)
                 continue
@@ -242,11 +284,7 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                                                                  _U64_MAX),
                     min(max(_value(epoch), -1), _I64_MAX), seq))
                 seq += 1
-                try:
-                    sock.send(msg, zmq.NOBLOCK)
-                    c.add("items_out", 1)
-                except zmq.Again:
-                    c.add("send_dropped", 1)
+                send(msg, now)
                 # the next point of the grid after now: a late wake-up does not shift it
                 next_send = t0 + (math.floor((now - t0) / interval) + 1) * interval
             # what arrived while we were away counts before we judge the silence
