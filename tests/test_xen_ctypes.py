@@ -267,7 +267,7 @@ class MockForeignMemory:
     def __init__(self, ram: np.ndarray, holes: set[int]) -> None:
         self.ram, self.holes, self.maps = ram, holes, {}
 
-    def xenforeignmemory_map(self, fmem, domid, prot, n, frames_addr, errs_addr):  # noqa: ANN001
+    def xenforeignmemory_map(self, fmem, domid, prot, n, frames_addr, errs_addr):
         frames = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(frames_addr))
         errs = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(errs_addr))
         window = np.zeros((n, 4096), np.uint8)
@@ -278,7 +278,7 @@ class MockForeignMemory:
         self.maps[window.ctypes.data] = (window, frames.copy(), errs.copy())
         return window.ctypes.data
 
-    def xenforeignmemory_unmap(self, fmem, addr, n):  # noqa: ANN001
+    def xenforeignmemory_unmap(self, fmem, addr, n):
         window, frames, errs = self.maps.pop(addr)
         for i, pfn in enumerate(frames):  # write back what the caller changed (writable mappings)
             if not errs[i]:
@@ -286,7 +286,7 @@ class MockForeignMemory:
         return 0
 
 
-def domain_over(ram: np.ndarray, holes: set[int], own: list[int]):  # noqa: ANN201
+def domain_over(ram: np.ndarray, holes: set[int], own: list[int]):
     from types import SimpleNamespace
 
     from pipeline.xen_io.xen import XenDomain

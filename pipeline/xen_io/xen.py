@@ -17,6 +17,7 @@ replaced its vCPU is woken with the event upcall vector pending (see
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -26,8 +27,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import Domain, DomainError
 from . import xen_ctypes as xc_
+from .base import Domain, DomainError
 from .xen_ctypes import (
     DEFAULT_UPCALL_VECTOR,
     PAGE_SIZE,
@@ -182,7 +183,6 @@ class XenDomain(Domain):
         self.own_frames = np.array([self.shared_info_frame] if keep_own_shared_info else [], dtype=np.uint64)
         self.upcall_vector = upcall_vector
         self.wake = wake
-        self._paused_by_us = False
         self._bitmap: XcHypercallBuffer | None = None
         self._bitmap_pages = 0
         self._bitmap_words: np.ndarray | None = None
@@ -208,11 +208,9 @@ class XenDomain(Domain):
     # -- execution ------------------------------------------------------
     def pause(self) -> None:
         self._check("xc_domain_pause", self._xc.xc_domain_pause(self._h.xch, self.domid))
-        self._paused_by_us = True
 
     def resume(self) -> None:
         self._check("xc_domain_unpause", self._xc.xc_domain_unpause(self._h.xch, self.domid))
-        self._paused_by_us = False
 
     @property
     def is_paused(self) -> bool:
@@ -223,11 +221,11 @@ class XenDomain(Domain):
         self._ensure_bitmap()
         rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
                                           None, 0, 0, None)
-        if rc < 0 and ctypes.get_errno() == 16:  # EBUSY: already on (e.g. a previous run); restart it
+        if rc < 0 and ctypes.get_errno() == errno.EBUSY:  #: already on (e.g. a previous run); restart it
             self.disable_dirty_log()
             rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
                                               None, 0, 0, None)
-        if rc < 0 and ctypes.get_errno() == 95:
+        if rc < 0 and ctypes.get_errno() == errno.EOPNOTSUPP:
             self._check("xc_logdirty_control(ENABLE_LOGDIRTY)", rc,
                         "the hypervisor lacks log-dirty support: build it with CONFIG_SHADOW_PAGING=y")
         self._check("xc_logdirty_control(ENABLE_LOGDIRTY)", rc)

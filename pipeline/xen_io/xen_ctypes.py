@@ -111,7 +111,7 @@ class XcHypercallBuffer(ctypes.Structure):
     ]
 
     @classmethod
-    def no_bounce(cls) -> "XcHypercallBuffer":
+    def no_bounce(cls) -> XcHypercallBuffer:
         return cls(hbuf=None, param_shadow=None, dir=0, ubuf=ctypes.c_void_p(-1).value, sz=0)
 
 
@@ -146,7 +146,7 @@ class DomainInfo:
     emulation_flags: int
 
     @classmethod
-    def from_struct(cls, raw: XenDomctlGetDomainInfo) -> "DomainInfo":
+    def from_struct(cls, raw: XenDomctlGetDomainInfo) -> DomainInfo:
         return cls(
             domid=raw.domain,
             flags=raw.flags,

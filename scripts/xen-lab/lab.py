@@ -42,8 +42,10 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
     for name in ("serial.log", "serial.sock", "mon.sock"):
         (LAB / name).unlink(missing_ok=True)
     t0 = time.monotonic()
-    qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.replicator, args.tcg_thread)],
-                            stdout=open(LAB / "qemu.out", "w"), stderr=subprocess.STDOUT)
+    with open(LAB / "qemu.out", "w") as qemu_out:  # the child keeps its own copy of the descriptor
+        qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.replicator,
+                                                                   args.tcg_thread)],
+                                stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
     log = ""
@@ -79,7 +81,7 @@ def report(log: str, boot_s: float, total_s: float) -> bool:
     for line in log.splitlines():
         if line.startswith(("CREP ", "PYREP ", "FAILOVER", "GUESTERR", "Traceback", "  File", "RuntimeError", "pipeline.")):
             print(line.rstrip())
-    m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.M)
+    m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
     if not m:
         print(f"VERDICT: FAIL no result from dom0 (see {LAB}/serial.log) wall={total_s:.0f}s")
         return False

@@ -27,7 +27,7 @@ buf, t0 = b"", time.monotonic()
 while time.monotonic() - t0 < args.timeout and not done.search(buf):
     try:
         buf += sock.recv(65536)
-    except socket.timeout:
+    except TimeoutError:
         pass
 text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]|\r", "", buf.decode(errors="replace"))
 m = done.search(buf)
