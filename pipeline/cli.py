@@ -20,10 +20,26 @@ log = logging.getLogger("pipeline.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, process, logger, message, and the epoch
+    when the event belongs to one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 6), "level": record.levelname,
+               "process": record.processName, "logger": record.name,
+               "msg": record.getMessage()}
+        if hasattr(record, "epoch"):
+            out["epoch"] = record.epoch
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _load(path: str, role: str | None = None) -> config.Settings:
@@ -39,10 +55,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     settings = _load(args.config, args.command)
     from pipeline.supervisor import Supervisor
     sup = Supervisor(settings)
-    code = sup.run()
+    try:
+        code = sup.run()
+    except OSError as exc:      # e.g. the metrics port is taken: say so, no traceback
+        print(f"colo-pipeline {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if code:
         print(f"colo-pipeline {args.command}: {sup.exit_reason}", file=sys.stderr)
     return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the node its config describes (node.role); what the systemd unit runs."""
+    args.command = _load(args.config).node.role
+    return cmd_node(args)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -206,11 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"colo-pipeline {__version__}")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line (ts, level, process, logger, msg, epoch)")
     sub = p.add_subparsers(dest="command", required=True)
     for role in ("primary", "secondary"):
         sp = sub.add_parser(role, help=f"run this host's {role} node")
         sp.add_argument("--config", required=True, help="TOML config file")
         sp.set_defaults(func=cmd_node)
+    sp = sub.add_parser("run", help="run the node its config file describes (node.role); "
+                        "the systemd unit runs this")
+    sp.add_argument("--config", required=True, help="TOML config file")
+    sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("keygen", help="write a CURVE key pair for one host")
     sp.add_argument("--dir", default=".", help="where to write the two files")
     sp.add_argument("--name", required=True, help="file name stem, e.g. the host name")
@@ -244,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
     except config.ConfigError as exc:

@@ -120,6 +120,14 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = _f("", "Serve the node's counters for Prometheus at http://HOST:PORT/metrics "
+                     "(e.g. \"0.0.0.0:9464\", IPv6 \"[::]:9464\"); empty: no endpoint.",
+                     pattern=r"(|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})",
+                     pattern_doc="empty, or HOST:PORT such as 0.0.0.0:9464")
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = _section(NodeSettings, "This node.")
     guest: GuestSettings = _section(GuestSettings, "The protected guest.")
@@ -128,6 +136,7 @@ class Settings:
     checkpoint: CheckpointSettings = _section(CheckpointSettings, "When to checkpoint.")
     security: SecuritySettings = _section(SecuritySettings, "Authentication and encryption "
                                           "of the channels between the two hosts.")
+    metrics: MetricsSettings = _section(MetricsSettings, "The Prometheus endpoint.")
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -203,6 +212,10 @@ def _check(settings: Settings, path: str) -> None:
     if settings.guest.backend == "xen" and not settings.guest.domain:
         raise ConfigError(path, "guest.domain", "missing for backend 'xen'",
                           "the Xen domain's name or id")
+    listen = settings.metrics.listen
+    if listen and not 1 <= int(listen.rsplit(":", 1)[1]) <= 65535:
+        raise ConfigError(path, "metrics.listen", f"port of {listen!r} out of range",
+                          "a port from 1 to 65535")
     addr = settings.peer.address
     if not addr.startswith("tcp://") or ":" not in addr[6:] or addr[6:].startswith(":"):
         raise ConfigError(path, "peer.address", f"{addr!r} is not a tcp address with a host",

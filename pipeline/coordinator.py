@@ -196,7 +196,8 @@ class PrimaryCoordinator:
             self.carry = np.union1d(self.carry, self.pending.pfns[:n]).astype(np.uint64)
             self.bus.publish("aborted", e, reason=reason)
             self.c.add("epochs_aborted", 1)
-            self.ctx.log.warning("epoch %d aborted: %s; its %d pages go out again", e, reason, n)
+            self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e, reason,
+                                 n, extra={"epoch": e})
         sent = res.sent or {}
         self.node.record_checkpoint(
             epoch=e, cause=CAUSES.index(cause), started_ns=res.started_ns,
@@ -206,9 +207,12 @@ class PrimaryCoordinator:
             bytes_wire=sent.get("bytes_wire", 0),
             bytes_raw=sent.get("pages", 0) * self.domain.page_size,
             status=STATUS_COMMITTED if ok else STATUS_ABORTED)
-        self.ctx.log.info("epoch %d %s (%s): %d dirty, %d sent, pause %.2f ms, commit %.1f ms",
+        self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
+                          "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f",
                           e, "committed" if ok else "aborted", cause, res.pages_dirty,
-                          sent.get("pages", 0), res.pause_ns / 1e6, commit_ns / 1e6)
+                          sent.get("pages", 0), sent.get("pages_ref", 0),
+                          sent.get("pages_zero", 0), sent.get("bytes_wire", 0),
+                          res.pause_ns / 1e6, commit_ns / 1e6, extra={"epoch": e})
         self._info(epoch=e, committed=ok)
         if ok and flags & wire.FLAG_DIGEST:
             svm = res.ack.memory_digest
@@ -321,6 +325,9 @@ class SecondaryCoordinator:
         self._send(wire.encode_ack(
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
             "" if committed else reason, digest))
+        self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
+                          "applied" if committed else "discarded", applied, len(dirty),
+                          "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
         if committed:
             self.bus.publish("committed", epoch, input_seq=input_seq)
             self.c.add("epochs_committed", 1)

@@ -325,14 +325,23 @@ class NodeCounters:
         self._info_seq[0] = seq + 2                 # even: complete
 
     def node_info(self) -> dict[str, Any]:
-        for _ in range(_SEQLOCK_RETRIES):
+        deadline = time.monotonic() + 1.0
+        for attempt in range(1 << 30):
             before = int(self._info_seq[0])
             if before & 1:
+                # the writer is mid-update; if it was descheduled there (a loaded host),
+                # spinning cannot help: yield, and give up only after a second
+                if attempt >= _SEQLOCK_RETRIES:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.001)
                 continue
             length = min(int(self._info_seq[1]), len(self._info_bytes))
             data = self._info_bytes[:length].tobytes()
             if int(self._info_seq[0]) == before:
                 return json.loads(data) if data else {}
+            if attempt >= _SEQLOCK_RETRIES and time.monotonic() > deadline:
+                break
         raise TimeoutError(f"node info of {self.node!r} kept changing while being read")
 
     # -- checkpoint log ---------------------------------------------------------------

@@ -129,6 +129,7 @@ class Supervisor:
         self.domain: Domain | None = None
         self.node: NodeCounters | None = None
         self.exit_reason = ""
+        self.metrics = None
 
     # -- building ---------------------------------------------------------
     def _ring(self, label: str, slots: int, layout: SlotLayout) -> Ring:
@@ -212,6 +213,11 @@ class Supervisor:
             info["stage_pids"] = {name: p.pid for name, p in self.procs.items()}
             self.node.set_node_info(info)
             self._start_stage(next(p for p in plan if p.name == "coordinator"))
+            # after the forks, or every stage would inherit the listening socket
+            if s.metrics.listen:
+                from pipeline.metrics import serve_metrics
+                self.metrics = serve_metrics(self.name, s.metrics.listen, counters=self.node)
+                log.info("node %s: metrics at %s", self.name, self.metrics.url)
         except BaseException:
             self.stop()
             raise
@@ -246,6 +252,9 @@ class Supervisor:
     def stop(self) -> None:
         """Stop every stage (SIGTERM, then SIGKILL after a grace period) and free everything."""
         self.stop_event.set()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         deadline = time.monotonic() + STOP_GRACE_S
         for p in self.procs.values():
             p.join(max(0.0, deadline - time.monotonic()))
