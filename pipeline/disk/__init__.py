@@ -1,2 +1,27 @@
 """Disk replication over NBD: the exports, write forwarding, the secondary's store with
-its commit journal, and the disk comparator. The stage process is pipeline.stages.disk."""
+its commit journal, and the disk comparator. The stage process is pipeline.stages.disk.
+
+Data flow::
+
+    PVM ──NBD──► primary export (nbd_server + primary.PrimaryLink)
+                   │ pwrite into the primary image
+                   │ FORWARD {epoch, seq, offset, length, blake3} + data   (wire.py)
+                   ▼ ZeroMQ DEALER ─tcp─► ROUTER (secondary.ForwardReceiver)
+                                            │ validate; append to buffer-<epoch>.log
+                                            │ compare (comparator.py); ACK
+                   ◄────────────────────────┘
+                   reply to the PVM only now (or EIO after forward_timeout_ms)
+
+    SVM ──NBD──► secondary export (nbd_server + secondary.SvmLink)
+                   reads: overlay blocks, else the image; writes: overlay (store.py)
+
+    commit(e)  (coordinator, SVM paused): apply buffer logs ≤ e to the image, journalled;
+               drop the overlay.                          → image == primary at checkpoint e
+    failover() (primary lost): merge the overlay into the image, journalled; the SVM then
+               writes the image directly.
+
+Modules: settings (DiskSettings), counters (DiskCounters), nbd_protocol (wire constants),
+nbd_server (the NBD server), image (a sparse file with pread/pwrite/punch), wire (the
+forwarding messages), primary (PVM side), secondary (SVM side and the receiver), store
+(image + overlay + buffer + journal), comparator.
+"""
