@@ -205,6 +205,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
                        dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
         code = EXIT_OK if info["memory_equal"] else EXIT_FAILED
+        if args.kill_primary_after is not None and code == EXIT_OK:
+            summary.update(_demo_failover(pair, args))
+            code = EXIT_OK if summary.get("failover_ok") else EXIT_FAILED
     except PairError as exc:
         summary["error"] = str(exc)
         print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
@@ -224,6 +227,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"memory of SVM == PVM at the last committed checkpoint "
               f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
     return code
+
+
+def _demo_failover(pair, args: argparse.Namespace) -> dict:
+    """Kill the primary node (every process, SIGKILL) and watch the secondary take over."""
+    time.sleep(args.kill_primary_after)
+    sec = pair.node("secondary")
+    before = sec.stage("mirror").as_dict()["outputs"]
+    killed_at = pair.kill("primary")
+    if not args.json:
+        print("\nprimary killed (SIGKILL); waiting for the secondary to take over ...",
+              flush=True)
+    info = pair.wait_info("role", "active", role="secondary", timeout=30)
+    detect_ms = (info["failover_detected_at"] - killed_at) * 1000
+    time.sleep(1.0)                       # the SVM serves on: its output keeps coming
+    after = sec.stage("mirror").as_dict()
+    out = {"failover_detect_ms": round(detect_ms, 1), "takeover_ms": info["takeover_ms"],
+           "failover_generation": info["generation"],
+           "active_outputs_after_takeover": after["outputs"] - before,
+           "active_inputs_generated": after["inputs_generated"]}
+    out["failover_ok"] = out["active_outputs_after_takeover"] > 0
+    if not args.json:
+        print(f"secondary active (generation {info['generation']}): primary loss noticed "
+              f"{detect_ms:.0f} ms after the kill, SVM live {info['takeover_ms']:.0f} ms later; "
+              f"{out['active_outputs_after_takeover']} outputs since")
+    return out
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -269,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nondeterminism", type=float, default=0.0)
     sp.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"])
     sp.add_argument("--verbose", action="store_true", help="show the nodes' logs")
+    sp.add_argument("--kill-primary-after", type=float, default=None, metavar="S",
+                    help="after the memory proof, wait S seconds, kill the primary node with "
+                    "SIGKILL and show the secondary taking over")
     sp.set_defaults(func=cmd_demo)
     return p
 

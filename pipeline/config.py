@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.failover_settings import FailoverSettings, HeartbeatSettings
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used. ``str()`` is ``file:key: problem (expected …)``."""
@@ -107,6 +109,9 @@ class CheckpointSettings:
                                     "(bounds the snapshot buffer).", min=1)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
                                min=100)
+    precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "
+                                   "the guest wrote meanwhile until a round has at most this "
+                                   "many pages; then the first (paused) checkpoint.", min=0)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,10 @@ class Settings:
     security: SecuritySettings = _section(SecuritySettings, "Authentication and encryption "
                                           "of the channels between the two hosts.")
     metrics: MetricsSettings = _section(MetricsSettings, "The Prometheus endpoint.")
+    heartbeat: HeartbeatSettings = _section(HeartbeatSettings, "Liveness of the peer, on its "
+                                            "own channel.")
+    failover: FailoverSettings = _section(FailoverSettings, "Taking over when the primary is "
+                                          "lost, and the guard against split brain.")
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -155,7 +164,8 @@ class Settings:
         return max(4, -(-per_worker // self.pipeline.batch_pages) + 2)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               tuple[str, ...]: "a list of strings"}
 
 
 def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
@@ -179,6 +189,11 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
         expected = _TYPE_NAMES.get(typ, str(typ))
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if typ == tuple[str, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(path, key, f"{value!r} is not a list of strings", expected)
+            values[name] = tuple(value)
+            continue
         if type(value) is not typ:
             raise ConfigError(path, key, f"{value!r} is {type(value).__name__}", expected)
         if typ is float and not math.isfinite(value):
@@ -195,7 +210,12 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
         if hi is not None and value > hi:
             raise ConfigError(path, key, f"{value} is too large", f"{expected} <= {hi}")
         values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:   # a section that checks itself says "section.key: problem"
+        where, _, problem = str(exc).partition(": ")
+        problem, _, expected = problem.rpartition(" (expected ")
+        raise ConfigError(path, where, problem or str(exc), expected.rstrip(")")) from None
 
 
 def _check(settings: Settings, path: str) -> None:
@@ -225,9 +245,9 @@ def _check(settings: Settings, path: str) -> None:
     except ValueError:
         raise ConfigError(path, "peer.address", f"{addr!r} has no numeric port",
                           "tcp://HOST:PORT") from None
-    if not 1 <= port <= 65533:
+    if not 1 <= port <= 65532:
         raise ConfigError(path, "peer.address", f"port {port} out of range",
-                          "a port from 1 to 65533 (the next two are used too)")
+                          "a port from 1 to 65532 (the next three are used too)")
 
 
 def _check_key_file(path: str, key: str, file: str, secret: bool) -> None:
@@ -293,7 +313,8 @@ def load(path: str) -> Settings:
 
 
 def peer_endpoints(settings: Settings) -> dict[str, str]:
-    """The three host-to-host channels' addresses (pages, control, inputs)."""
+    """The host-to-host channels' addresses (pages, control, inputs, heartbeat)."""
     base, port = settings.peer.address.rsplit(":", 1)
     p = int(port)
-    return {"pages": f"{base}:{p}", "control": f"{base}:{p + 1}", "inputs": f"{base}:{p + 2}"}
+    return {"pages": f"{base}:{p}", "control": f"{base}:{p + 1}", "inputs": f"{base}:{p + 2}",
+            "heartbeat": settings.heartbeat.address or f"{base}:{p + 3}"}

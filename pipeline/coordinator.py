@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from pipeline import sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
+from pipeline.failover import guard_takeover, make_fence, make_witness
 from pipeline.stages.common import HashTable, StageContext
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain
@@ -41,6 +43,22 @@ TICK_S = 0.002   # how often the primary looks at its triggers
 
 class ProtocolError(RuntimeError):
     """The peer said something that breaks the checkpoint protocol."""
+
+
+class PeerLost(RuntimeError):
+    """The heartbeat stage declared the peer lost."""
+
+
+class RoleLost(RuntimeError):
+    """This node may no longer act as the active side (the witness or the peer says so)."""
+
+
+PRECOPY_MAX_ROUNDS = 8   # live pre-copy rounds before the first paused checkpoint
+
+
+def witness_vm(settings: Settings) -> str:
+    """The name both nodes of a pair use for their VM at the witness."""
+    return settings.failover.witness_key or f"colo-{settings.peer.address.rsplit(':', 1)[1]}"
 
 
 def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> None:
@@ -91,15 +109,20 @@ class EpochResult:
 
 class PrimaryCoordinator:
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
-                 snap_ctrl, send_ctrl, table: HashTable, pending: Pending, epoch_value) -> None:
+                 snap_ctrl, send_ctrl, table: HashTable, pending: Pending, shared,
+                 hb_events) -> None:
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.snap_ctrl, self.send_ctrl = snap_ctrl, send_ctrl
-        self.table, self.pending, self.epoch_value = table, pending, epoch_value
+        self.table, self.pending, self.shared = table, pending, shared
+        self.hb_events = hb_events
         self.c = ctx.counters
         self.epoch = 0
         self.carry = np.zeros(0, np.uint64)
         self.last_checkpoint = 0.0
         self.pending_request: tuple[str, int] | None = None
+        self.unprotected = False
+        self.witness = None
+        self.role_lost = ""
 
     # -- helpers ----------------------------------------------------------
     def _send(self, msg: bytes) -> bool:
@@ -110,24 +133,62 @@ class PrimaryCoordinator:
         info.update(kw)
         self.node.set_node_info(info)
 
-    def _wait(self, deadline: float, want: set[str], res: EpochResult) -> None:
+    def _heartbeat_lost(self) -> bool:
+        """Read the heartbeat stage's events; True if it declared the secondary lost."""
+        lost = False
+        while self.hb_events.poll(0):
+            ev = self.hb_events.recv()
+            if ev[0] == "peer_lost":
+                lost = True
+            elif ev[0] in ("peer_up", "peer_back"):
+                gen = int(ev[2].get("generation", 0))
+                if gen > self.shared.generation.value:
+                    # the other side took the active role in a later generation
+                    raise RoleLost(f"the peer is active in generation {gen} (ours "
+                                   f"{self.shared.generation.value})")
+        if self.role_lost:
+            raise RoleLost(self.role_lost)
+        return lost
+
+    def _progress(self, res: EpochResult, total: int, base: int) -> None:
+        """Full sync progress: node info for stats, a bar on a terminal."""
+        done = self.node.stage("send").as_dict()["items_in"] - base
+        frac = min(1.0, done / total) if total else 1.0
+        self._info(sync_progress=round(frac, 4), sync_epoch=res.epoch)
+        if sys.stderr.isatty():
+            bar = "#" * int(frac * 40)
+            sys.stderr.write(f"\rfull sync epoch {res.epoch} [{bar:<40}] {frac * 100:5.1f}%")
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _wait(self, deadline: float, want: set[str], res: EpochResult,
+              sync_total: int = 0) -> None:
         """Wait until every event in ``want`` happened for ``res.epoch`` (or the deadline)."""
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.snap_ctrl.fileno(), zmq.POLLIN)
         poller.register(self.send_ctrl.fileno(), zmq.POLLIN)
+        poller.register(self.hb_events.fileno(), zmq.POLLIN)
+        base = self.node.stage("send").as_dict()["items_in"]
         while want and not self.ctx.stopping():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"epoch {res.epoch}: no {', '.join(sorted(want))} within "
                                    f"{self.settings.checkpoint.epoch_timeout_ms} ms")
             events = dict(poller.poll(min(left, 0.2) * 1000))
+            if self.hb_events.fileno() in events and self._heartbeat_lost():
+                raise PeerLost(f"epoch {res.epoch}: the secondary was lost")
+            if sync_total:
+                self._progress(res, sync_total, base)
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
                 if m[0] == "snapshotted":
                     _, e, res.pages_dirty, res.pause_ns, res.input_seq, res.pvm_digest = m
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
-                want.discard("synced" if m[0] == "synced" else "snapshotted")
+                elif m[0] in ("synced", "precopied"):
+                    res.pages_dirty = m[2]
+                want.discard("snapshotted")
             if self.send_ctrl.fileno() in events:
                 m = self.send_ctrl.recv()
                 if m[1] == res.epoch:
@@ -152,39 +213,43 @@ class PrimaryCoordinator:
                                          hdr.name, hdr.epoch, res.epoch)
 
     # -- the protocol -----------------------------------------------------
-    def handshake(self) -> None:
-        self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
-                                     self.domain.page_count, self.settings.node.name))
-        deadline = time.monotonic() + self.settings.peer.connect_timeout_ms / 1000
-        while time.monotonic() < deadline and not self.ctx.stopping():
-            if self.control.poll(200):
-                hello = wire.decode_hello(self.control.recv())
-                _handshake_check(self.settings, self.domain, hello)
-                self.ctx.log.info("secondary %r connected", hello.name)
-                return
-        raise ProtocolError(f"no secondary answered at {self.settings.peer.address} within "
-                            f"{self.settings.peer.connect_timeout_ms} ms")
+    def take_role(self) -> None:
+        """With a witness, the primary holds the active role for a generation of its own
+        before its guest's output counts; if another node holds it, this one refuses."""
+        f = self.settings.failover
+        if f.witness == "none":
+            return
+        self.witness = make_witness(f, witness_vm(self.settings), on_lost=self._on_role_lost)
+        gen = self.witness.last_generation() + 1
+        if not self.witness.acquire(self.settings.node.name, gen):
+            raise RoleLost(f"the witness gives the active role to {self.witness.holder()}; "
+                           "this primary does not start")
+        self.shared.generation.value = gen
+        self._info(generation=gen)
 
-    def checkpoint(self, cause: str, flags: int = 0) -> EpochResult:
+    def checkpoint(self, cause: str, flags: int = 0, kind: str = "snapshot") -> EpochResult:
+        """One epoch. ``kind``: "snapshot" (pause the PVM: a checkpoint), "sync" (all of
+        memory, live) or "precopy" (what changed since the last round, live)."""
         e = self.epoch
         self.epoch += 1
-        self.epoch_value.value = e + 1
+        self.shared.epoch.value = e + 1
         res = EpochResult(e, cause, time.time_ns())
         t0 = time.monotonic()
-        sync = bool(flags & wire.FLAG_SYNC)
+        if kind != "snapshot":
+            flags |= wire.FLAG_SYNC
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
-        if sync:
-            self.snap_ctrl.send(("sync", e))
-        else:
-            self.snap_ctrl.send(("snapshot", e, flags, self.carry))
+        self.snap_ctrl.send((kind, e) if kind != "snapshot" else (kind, e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
-        want = {"synced" if sync else "snapshotted", "svm_dirty", "sent", "ack"}
+        want = {"snapshotted", "svm_dirty", "sent", "ack"}
         try:
-            self._wait(deadline, want, res)
+            self._wait(deadline, want, res,
+                       sync_total=self.domain.page_count if kind == "sync" else 0)
             ok = res.ack is not None and res.ack.status == wire.ACK_COMMITTED
             reason = res.ack.reason if res.ack is not None else "stopped"
-        except TimeoutError as exc:
+        except (TimeoutError, PeerLost) as exc:
             ok, reason = False, str(exc)
+            if isinstance(exc, PeerLost):
+                res.extra["peer_lost"] = True
         commit_ns = int((time.monotonic() - t0) * 1e9)
         n = int(self.pending.count[0])
         if ok:
@@ -220,7 +285,85 @@ class PrimaryCoordinator:
                        memory_equal=res.pvm_digest == svm)
         self.last_checkpoint = time.monotonic()
         res.extra["ok"] = ok
+        if res.extra.get("peer_lost"):
+            self.go_unprotected()
         return res
+
+    # -- protection, loss of the secondary, re-protection ------------------
+    def protect(self) -> bool:
+        """Full sync, live pre-copy rounds until the dirty set is small, then the first
+        checkpoint. True once the secondary holds a consistent copy."""
+        self._info(state="syncing", sync_progress=0.0)
+        res = self.checkpoint("initial", kind="sync")
+        rounds = 0
+        target = self.settings.checkpoint.precopy_target_pages
+        while res.extra["ok"] and res.pages_dirty > target and rounds < PRECOPY_MAX_ROUNDS:
+            rounds += 1
+            res = self.checkpoint("initial", kind="precopy")
+        if res.extra["ok"]:
+            res = self.checkpoint("initial")
+        if res.extra["ok"]:
+            self._info(state="protected", precopy_rounds=rounds)
+            self.ctx.log.info("epoch=%d event=protected precopy_rounds=%d", res.epoch, rounds,
+                              extra={"epoch": res.epoch})
+        return res.extra["ok"]
+
+    def go_unprotected(self) -> None:
+        """The secondary is gone: stop comparing and checkpointing, let the PVM run free."""
+        if self.unprotected:
+            return
+        self.unprotected = True
+        self.shared.unprotected.value = 1
+        self.c.add("peer_lost", 1)
+        self.bus.publish("role", self.epoch, role="unprotected")
+        self._info(state="unprotected", unprotected_since=time.time())
+        self.ctx.log.warning("epoch=%d event=secondary_lost the guest runs unprotected; "
+                             "waiting for a secondary to re-protect it", self.epoch,
+                             extra={"epoch": self.epoch})
+
+    def wait_for_secondary(self, timeout: float | None) -> bool:
+        """Say HELLO until a secondary answers (re-sent every second: a new secondary
+        binds the same address and the control socket reconnects to it by itself)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_hello = 0.0
+        while not self.ctx.stopping():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if time.monotonic() >= next_hello:
+                self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
+                                             self.domain.page_count, self.settings.node.name))
+                next_hello = time.monotonic() + 1.0
+            self._heartbeat_lost()
+            if not self.control.poll(100):
+                continue
+            msg = self.control.recv()
+            try:
+                if wire.decode_header(msg).type != wire.HELLO:
+                    continue
+                hello = wire.decode_hello(msg)
+            except wire.WireError as exc:
+                self.c.add("errors", 1)
+                self.ctx.log.warning("control channel: dropped a bad record: %s", exc)
+                continue
+            _handshake_check(self.settings, self.domain, hello)
+            self.ctx.log.info("secondary %r connected", hello.name)
+            return True
+        return False
+
+    def reprotect(self) -> None:
+        """A new secondary answered: it holds nothing, so forget what the old one held."""
+        self.shared.unprotected.value = 0
+        self.unprotected = False
+        self.table.valid[:] = False
+        self.carry = np.zeros(0, np.uint64)
+        self.c.add("reprotections", 1)
+        self.bus.publish("role", self.epoch, role="primary")
+        if not self.protect():
+            self.go_unprotected()
+
+    def _on_role_lost(self, why: str) -> None:
+        """From the witness's keepalive thread: our lease is gone; the main loop stops."""
+        self.role_lost = f"the witness lease was lost: {why}"
 
     def next_trigger(self) -> tuple[str, int] | None:
         cp = self.settings.checkpoint
@@ -255,20 +398,28 @@ class PrimaryCoordinator:
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
         try:
-            self.handshake()
-            self._info(state="syncing")
-            res = self.checkpoint("initial", wire.FLAG_SYNC)
-            if not res.extra["ok"]:
+            self.take_role()
+            if not self.wait_for_secondary(self.settings.peer.connect_timeout_ms / 1000):
+                raise ProtocolError(f"no secondary answered at {self.settings.peer.address} "
+                                    f"within {self.settings.peer.connect_timeout_ms} ms")
+            if not self.protect():
                 raise ProtocolError("the first full sync failed; the secondary is not protected")
-            self.checkpoint("initial")
-            self._info(state="protected")
             while not self.ctx.stopping():
+                if self.unprotected:
+                    if self.wait_for_secondary(timeout=None):
+                        self.reprotect()
+                    continue
+                if self._heartbeat_lost():
+                    self.go_unprotected()
+                    continue
                 trig = self.next_trigger()
                 if trig is None:
                     time.sleep(TICK_S)
                     continue
                 self.checkpoint(*trig)
         finally:
+            if self.witness is not None:
+                self.witness.close()
             try:
                 self.control.send(wire.encode_shutdown(self.epoch), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -279,13 +430,19 @@ class PrimaryCoordinator:
 
 class SecondaryCoordinator:
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
-                 restore_ctrl) -> None:
+                 restore_ctrl, shared, hb_events) -> None:
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
-        self.restore_ctrl = restore_ctrl
+        self.restore_ctrl, self.shared, self.hb_events = restore_ctrl, shared, hb_events
         self.c = ctx.counters
         self.begun: dict[int, tuple[wire.CheckpointBegin, np.ndarray, float]] = {}
         self.ready: dict[int, tuple[bool, str]] = {}
         self.svm_started = False
+        self.active = False
+        self.last_epoch = -1
+        self.peer_generation = 0
+        self.peer_name = ""
+        self.witness = None
+        self.active_digests = 0
 
     def _send(self, msg: bytes) -> bool:
         return _send_control(self.control, msg, self.ctx, self.c)
@@ -329,6 +486,7 @@ class SecondaryCoordinator:
                           "applied" if committed else "discarded", applied, len(dirty),
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
         if committed:
+            self.last_epoch = epoch
             self.bus.publish("committed", epoch, input_seq=input_seq)
             self.c.add("epochs_committed", 1)
             self._info(epoch=epoch, state="protected" if self.svm_started else "syncing")
@@ -349,12 +507,17 @@ class SecondaryCoordinator:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.restore_ctrl.fileno(), zmq.POLLIN)
+        poller.register(self.hb_events.fileno(), zmq.POLLIN)
         try:
             while not self.ctx.stopping():
                 events = dict(poller.poll(100))
+                if self.hb_events.fileno() in events:
+                    self.on_heartbeat()
+                if self.active:
+                    self.serve_requests()
                 if self.control in events:
                     got = _recv_control(self.control, self.ctx, self.c)
-                    if got is not None:
+                    if got is not None and not self.active:
                         self.on_control(*got)
                 if self.restore_ctrl.fileno() in events:
                     m = self.restore_ctrl.recv()
@@ -368,8 +531,85 @@ class SecondaryCoordinator:
                         self.finish(e, False, f"epoch incomplete after "
                                     f"{self.settings.checkpoint.epoch_timeout_ms} ms")
         finally:
+            if self.witness is not None:
+                self.witness.close()
             self.bus.close()
             nctx.close()
+
+    # -- failover ---------------------------------------------------------
+    def on_heartbeat(self) -> None:
+        while self.hb_events.poll(0):
+            ev = self.hb_events.recv()
+            if ev[0] in ("peer_up", "peer_back"):
+                self.peer_generation = int(ev[2].get("generation", 0))
+            elif ev[0] == "peer_lost" and not self.active:
+                self.take_over(last_seen=ev[1], detected=ev[2])
+
+    def take_over(self, last_seen: float, detected: float) -> None:
+        """The primary is lost: discard a torn epoch, pass the split-brain guard, and make
+        the SVM the active VM, going on from its own state."""
+        self.c.add("peer_lost", 1)
+        detect_ms = (detected - last_seen) * 1000
+        if not self.svm_started:
+            self._info(state="primary lost before protection")
+            self.ctx.log.error("event=primary_lost the primary was lost before the first "
+                               "checkpoint committed: the SVM has no consistent state to take "
+                               "over from; staying passive")
+            return
+        for e in sorted(self.begun):
+            self.finish(e, False, "the primary was lost mid-epoch")
+        f = self.settings.failover
+        vm = witness_vm(self.settings)
+        if self.witness is None and f.witness != "none":
+            self.witness = make_witness(f, vm)
+        # the next generation after any the peer or the witness knows of
+        generation = max(self.peer_generation,
+                         self.witness.last_generation() if self.witness else 0) + 1
+        ok, why = guard_takeover(make_fence(f), self.witness, self.settings.node.name,
+                                 generation, peer=self.peer_name, vm=vm)
+        if not ok:
+            self.c.add("takeovers_refused", 1)
+            self._info(state="standby", takeover_refused=why)
+            self.ctx.log.error("event=takeover_refused the SVM does not go live: %s", why)
+            return
+        self.shared.generation.value = generation
+        self.shared.active.value = 1
+        self.active = True
+        if self.domain.is_paused:
+            self.domain.resume()
+        takeover_ms = (time.monotonic() - detected) * 1000
+        self.c.add("takeovers", 1)
+        self._info(role="active", state="active", generation=generation,
+                   failover_detect_ms=round(detect_ms, 1), takeover_ms=round(takeover_ms, 1),
+                   failover_detected_at=time.time() - (time.monotonic() - detected),
+                   active_since_epoch=self.last_epoch, takeover_guard=why)
+        self.bus.publish("role", self.last_epoch, role="active")
+        self.ctx.log.warning("epoch=%d event=takeover the SVM is the active VM (generation %d); "
+                             "detected %.0f ms after the last heartbeat, live %.0f ms later",
+                             self.last_epoch, generation, detect_ms, takeover_ms,
+                             extra={"epoch": self.last_epoch})
+
+    def serve_requests(self) -> None:
+        """Active: a "digest" request hashes all of the guest's memory between two inputs
+        (the input stream is held until the guest is idle), for checks and the demo."""
+        for cause, detail in self.bus.drain_requests():
+            if detail != "digest":
+                continue
+            self.shared.hold_inputs.value = 1
+            try:
+                deadline = time.monotonic() + 10
+                while (self.domain.input_seq() < self.domain.input_head
+                       and time.monotonic() < deadline):
+                    time.sleep(0.002)
+                self.domain.pause()
+                digest = self.domain.memory_digest()
+                seq = self.domain.vcpu_input_seq(self.domain.get_vcpu_state())
+                self.domain.resume()
+            finally:
+                self.shared.hold_inputs.value = 0
+            self.active_digests += 1
+            self._info(active_digest=digest.hex(), active_input_seq=seq,
+                       active_digests=self.active_digests)
 
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:
@@ -379,7 +619,9 @@ class SecondaryCoordinator:
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
                                              self.domain.page_count, self.settings.node.name))
                 self.ctx.log.info("primary %r connected", hello.name)
-                self._info(state="syncing", peer=hello.name)
+                self.peer_name = hello.name
+                if not self.svm_started:
+                    self._info(state="syncing", peer=hello.name)
             elif hdr.type == wire.CHECKPOINT_BEGIN:
                 begin = wire.decode_checkpoint_begin(msg)
                 for e in [e for e in self.begun if e < begin.epoch]:

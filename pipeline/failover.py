@@ -587,10 +587,21 @@ def _start_time(pid: int) -> int:
         return 0
 
 
+def _is_zombie(pid: int) -> bool:
+    """A killed process stays a zombie until its (re)parent reaps it; it holds nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def _claim_alive(active: dict) -> bool:
     if time.monotonic() >= float(active.get("expires", 0)):
         return False
     pid = int(active.get("pid", 0))
+    if _is_zombie(pid):
+        return False
     try:
         os.kill(pid, 0)
     except OSError as exc:

@@ -87,6 +87,9 @@ class LocalPair:
         for role in ("primary", "secondary"):
             peer = "secondary" if role == "primary" else "primary"
             t = {k: dict(v) for k, v in (tables or {}).items()}
+            # one machine: the demo-only witness in the pair's directory guards takeovers
+            t.setdefault("failover", {"witness": "local",
+                                      "witness_dir": os.path.join(self.workdir, "witness")})
             sec = t.setdefault("security", {})
             if sec.get("mode", "curve") == "curve":
                 sec.setdefault("key_file", os.path.join(keys, f"{role}.key_secret"))
@@ -132,6 +135,17 @@ class LocalPair:
                 return fh.read().decode(errors="replace")[-chars:]
         except (KeyError, OSError):
             return ""
+
+    def kill(self, role: str) -> float:
+        """SIGKILL every process of a node (its process group); returns the wall time."""
+        p = self.procs.pop(role)
+        t = time.time()
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        c = self.counters.pop(role, None)
+        if c is not None:
+            c.close()
+        return t
 
     def check_alive(self) -> None:
         for role, p in self.procs.items():

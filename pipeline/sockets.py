@@ -132,14 +132,16 @@ def inputs_in(nctx: NodeContext) -> zmq.Socket:
     return s
 
 
-def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True) -> bool:
-    """Send, retrying while the peer is slow or away; False if ``stop`` was set first."""
+def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True,
+                       give_up=lambda: False) -> bool:
+    """Send, retrying while the peer is slow or away; False if ``stop`` was set (or
+    ``give_up()`` became true, e.g. the peer was declared lost) first."""
     while True:
         try:
             sock.send(msg, copy=copy)
             return True
         except zmq.Again:
-            if stop.is_set():
+            if stop.is_set() or give_up():
                 return False
 
 

@@ -8,6 +8,7 @@ promise, so it stops whole and says which stage died and how).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -26,7 +27,7 @@ from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
-from pipeline.stages import digest, inputs, receive, restore, send, snapshot, verify
+from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
 from pipeline.stages.common import HashTable, StageContext, stage_main
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
@@ -38,14 +39,34 @@ FORK = multiprocessing.get_context("fork")
 STOP_GRACE_S = 5.0
 VCPU_BLOB_MAX = 64 * 1024   # room for the vCPU blob in an END marker (Xen HVM context ~5 KiB)   # how long stages get to finish after SIGTERM before SIGKILL
 
+@dataclass
+class SharedState:
+    """Small values the stages of one node share (fork-inherited, lock-free words)."""
+    epoch: Any          # the epoch whose output the PVM now produces (inputs are tagged with it)
+    generation: Any     # this node's generation of the active role (heartbeats carry it)
+    unprotected: Any    # primary: 1 while no secondary protects the guest (send drops pages,
+                        # the client does not mirror input)
+    active: Any         # secondary: 1 once it took over (the mirror becomes the client)
+    hold_inputs: Any    # 1 while the coordinator wants the guest's input stream held
+
+    @classmethod
+    def create(cls) -> "SharedState":
+        return cls(FORK.Value("q", 0, lock=False), FORK.Value("Q", 0, lock=False),
+                   FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
+                   FORK.Value("b", 0, lock=False))
+
+
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
-                    "control_dropped"),
+                    "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
+                    "reprotections"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw"),
-    "receive": ("skipped_optional",),
+    "receive": ("skipped_optional", "stale_records"),
+    "send": ("dropped_unprotected",),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
-    "mirror": ("outputs", "input_full"),
+    "mirror": ("outputs", "input_full", "inputs_generated"),
+    "heartbeat": heartbeat.COUNTERS,
 }
 
 
@@ -90,11 +111,11 @@ def _tables_segment(node: str, page_count: int) -> tuple[Segment, HashTable, Pen
 
 
 # -- stage entry points that need sockets (ZeroMQ contexts must be made after fork) ----------
-def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending) -> None:
+def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, shared) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_out(nctx)
     try:
-        send.run(ctx, rings, ctrl, sock, pending)
+        send.run(ctx, rings, ctrl, sock, pending, shared)
     finally:
         nctx.close()
 
@@ -109,13 +130,31 @@ def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, pag
 
 
 def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
-                         epoch_value) -> None:
+                         shared, hb_events) -> None:
     PrimaryCoordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
-                       epoch_value).run()
+                       shared, hb_events).run()
 
 
-def _secondary_coordinator(ctx, settings, node, domain, restore_ctrl) -> None:
-    SecondaryCoordinator(ctx, settings, node, domain, restore_ctrl).run()
+def _secondary_coordinator(ctx, settings, node, domain, restore_ctrl, shared, hb_events) -> None:
+    SecondaryCoordinator(ctx, settings, node, domain, restore_ctrl, shared, hb_events).run()
+
+
+def _heartbeat_entry(ctx: StageContext, settings: Settings, events, shared: SharedState) -> None:
+    hb = dataclasses.replace(settings.heartbeat,
+                             address=sockets.peer_endpoints(settings)["heartbeat"])
+
+    def make_socket(kind: int, bind: bool):
+        # one CURVE context for this process, made here (after fork)
+        nonlocal nctx
+        nctx = nctx or sockets.NodeContext(settings)
+        return nctx.socket(kind, 1000, bind=bind)
+    nctx = None
+    try:
+        heartbeat.run(ctx, hb, settings.node.role, events, shared.generation, shared.epoch,
+                      socket_factory=make_socket)
+    finally:
+        if nctx is not None:
+            nctx.close()
 
 
 class Supervisor:
@@ -142,6 +181,8 @@ class Supervisor:
         dom = self.domain
         layout = SlotLayout(batch_pages=s.pipeline.batch_pages, page_size=dom.page_size)
         slots = s.ring_slots(dom.page_count)
+        shared = SharedState.create()
+        hb_in, hb_out = FORK.Pipe(duplex=False)
         if s.node.role == "primary":
             n = s.pipeline.digest_workers
             to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
@@ -150,14 +191,14 @@ class Supervisor:
             self.segments.append(seg)
             snap_a, snap_b = FORK.Pipe()
             send_a, send_b = FORK.Pipe()
-            epoch_value = FORK.Value("q", 0, lock=False)
             plan = [StageSpec("coordinator", _primary_coordinator,
-                              (s, self.node, dom, snap_a, send_a, table, pending, epoch_value)),
+                              (s, self.node, dom, snap_a, send_a, table, pending, shared,
+                               hb_in)),
                     StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b))]
             plan += [StageSpec(f"digest.{i}", digest.run, (to_digest[i], to_send[i], table))
                      for i in range(n)]
-            plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending)),
-                     StageSpec("client", inputs.run_client, (s, dom, epoch_value))]
+            plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)),
+                     StageSpec("client", inputs.run_client, (s, dom, shared))]
         else:
             n = s.pipeline.verify_workers
             to_verify = [self._ring(f"recv-verify{i}", slots, layout) for i in range(n)]
@@ -172,13 +213,14 @@ class Supervisor:
             staging = np.ndarray((dom.page_count, dom.page_size), np.uint8, staging_seg.buf)
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
-                              (s, self.node, dom, ctl_a)),
+                              (s, self.node, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging)) for i in range(n)]
             plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)),
-                     StageSpec("mirror", inputs.run_mirror, (s, dom))]
+                     StageSpec("mirror", inputs.run_mirror, (s, dom, shared))]
+        plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         return plan
 
     def start(self) -> None:
@@ -194,6 +236,7 @@ class Supervisor:
             # counters first: the plan hands each stage its block
             names = ["coordinator", "snapshot", "send", "client"] if s.node.role == "primary" \
                 else ["coordinator", "receive", "restore", "mirror"]
+            names.append("heartbeat")
             workers = (s.pipeline.digest_workers if s.node.role == "primary"
                        else s.pipeline.verify_workers)
             names += [f"{'digest' if s.node.role == 'primary' else 'verify'}.{i}"

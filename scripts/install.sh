@@ -23,7 +23,8 @@ apt_install() {
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv python3-pip
 [ -x .venv/bin/python ] || python3 -m venv .venv
 if [ "$with_test" = 1 ]; then
-    apt_install qemu-system-x86 qemu-utils libnbd-bin nbdkit iproute2 libxen-dev gcc libc6-dev
+    apt_install qemu-system-x86 qemu-utils libnbd-bin nbdkit iproute2 libxen-dev gcc libc6-dev \
+        etcd-server
     .venv/bin/pip install -q -e '.[test]'
 else
     .venv/bin/pip install -q .

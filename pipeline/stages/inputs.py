@@ -44,7 +44,7 @@ def inject_address(run_dir: str) -> str:
     return "ipc://" + os.path.join(run_dir, INJECT_SOCKET)
 
 
-def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> None:
+def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
     nctx = sockets.NodeContext(settings)
     out = sockets.inputs_out(nctx)
     injected = nctx.ctx.socket(zmq.PULL)
@@ -79,9 +79,13 @@ def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> No
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
                 continue
-            if not sockets.send_until_stopped(out, wire.encode_input(epoch_value.value, seq,
-                                                                      payload), ctx.stop):
-                return
+            # unprotected (no secondary): nothing to mirror to; a new secondary gets the
+            # guest's state by a full sync, not by replaying input
+            if not shared.unprotected.value and not sockets.send_until_stopped(
+                    out, wire.encode_input(shared.epoch.value, seq, payload), ctx.stop,
+                    give_up=lambda: bool(shared.unprotected.value)):
+                if ctx.stopping():
+                    return
             ctx.counters.add("items_out", 1)
             ctx.counters.add("bytes_out", len(payload))
             payload = None
@@ -90,14 +94,37 @@ def run_client(ctx: StageContext, settings: Settings, domain, epoch_value) -> No
         nctx.close()
 
 
-def run_mirror(ctx: StageContext, settings: Settings, domain) -> None:
+def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
+    """Until a takeover: feed the SVM the primary's inputs. After it (``shared.active``):
+    the SVM is the service, and this stage becomes its client, going on with the same
+    input stream where the mirrored one stopped."""
     nctx = sockets.NodeContext(settings)
     inp = sockets.inputs_in(nctx)
     events = CheckpointClient(settings.run_dir, nctx.ctx)
     held: tuple[int, bytes] | None = None
+    rate = settings.guest.workload.input_rate_hz
+    next_at = 0.0
     try:
         while not ctx.stopping():
             _drain_outputs(ctx, domain)
+            if shared.active.value:
+                if shared.hold_inputs.value or rate <= 0:
+                    time.sleep(0.005)
+                    continue
+                now = time.monotonic()
+                if now < next_at:
+                    time.sleep(min(next_at - now, 0.05))
+                    continue
+                next_at = max(next_at + 1.0 / rate, now - 1.0)
+                n = domain.input_head
+                try:
+                    domain.feed_input(client_input(settings.guest.workload.seed, n), seq=n)
+                except TimeoutError:
+                    ctx.counters.add("input_full", 1)
+                    continue
+                domain.trim_inputs(domain.input_seq())
+                ctx.counters.add("inputs_generated", 1)
+                continue
             for ev in events.poll_events(0):
                 seq = ev.extra.get("input_seq", -1)
                 if ev.event == "committed" and seq >= 0:

@@ -40,9 +40,20 @@ class EpochStats:
 
 
 def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
-        pending: Pending) -> None:
+        pending: Pending, shared) -> None:
+    """While ``shared.unprotected`` is set (the secondary is lost) batches are drained and
+    dropped, so the snapshot stage never waits on a ring that nobody empties."""
     c = ctx.counters
     epochs: dict[int, EpochStats] = {}
+
+    def deliver(msg, copy: bool = True) -> bool:
+        if shared.unprotected.value:
+            c.add("dropped_unprotected", 1)
+            return True
+        return send_until_stopped(pages_out, msg, ctx.stop, copy,
+                                  give_up=lambda: bool(shared.unprotected.value)) \
+            or not ctx.stopping()
+
     while not ctx.stopping():
         ready, _ = ready_rings(rings, [], 0.2)
         for i in ready:
@@ -67,7 +78,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                         raise RuntimeError(f"epoch {e}: {st.pages} pages went through the "
                                            f"digest workers but {announced} were snapshotted")
                     msg = wire.encode_epoch_end(e, st.pages, st.records, st.flags & 1, st.vcpu)
-                    if not send_until_stopped(pages_out, msg, ctx.stop):
+                    if not deliver(msg):
                         return
                     st.bytes_wire += len(msg)
                     c.add("bytes_out", len(msg))
@@ -90,7 +101,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 for kind in range(4):
                     st.kinds[kind] += int(kinds[kind])
                 rings[i].release_read(slot)
-                if not send_until_stopped(pages_out, msg, ctx.stop, copy=False):
+                if not deliver(msg, copy=False):
                     return
                 st.pages += n
                 st.records += 1

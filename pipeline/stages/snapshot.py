@@ -7,6 +7,8 @@ the dirty set into shared memory and nothing else.
 
 Commands come from the coordinator over a pipe:
   ("sync", epoch)                      -> ("synced", epoch, pages)
+  ("precopy", epoch)                   -> ("precopied", epoch, pages)   (live: pages written
+                                           since the last round, the PVM keeps running)
   ("snapshot", epoch, flags, carry)    -> ("snapshotted", epoch, pages, pause_ns, input_seq, digest)
 ``carry`` holds pages of torn epochs: they were cleared from the dirty log but the
 secondary never applied them, so they go out again.
@@ -76,8 +78,16 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
                 return
             if not _end_markers(ctx, rings, epoch, len(pfns), SLOT_SYNC, b""):
                 return
-            log.info("epoch %d: full sync of %d pages queued", epoch, len(pfns))
+            log.info("epoch=%d event=sync_queued pages=%d", epoch, len(pfns))
             ctrl.send(("synced", epoch, len(pfns)))
+        elif cmd[0] == "precopy":
+            epoch = cmd[1]
+            dirty = domain.read_and_clear_dirty()
+            if not _copy_pages(ctx, domain, rings, dirty, epoch, SLOT_SYNC):
+                return
+            if not _end_markers(ctx, rings, epoch, len(dirty), SLOT_SYNC, b""):
+                return
+            ctrl.send(("precopied", epoch, len(dirty)))
         elif cmd[0] == "snapshot":
             _, epoch, flags, carry = cmd
             t0 = time.perf_counter_ns()
