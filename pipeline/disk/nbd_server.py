@@ -42,6 +42,9 @@ class ExportLink(Protocol):
     def zero(self, cookie: int, offset: int, length: int) -> bool: ...
     def flush(self) -> None: ...
     def completions(self, now_ns: int) -> list[tuple[int, int]]: ...
+    #: True when pending work should be sent before reading more requests
+    outbox_full: bool
+    def end_of_burst(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -327,8 +330,10 @@ class _Connection:
             if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
                 more = self._one_request()
-                while more and self.reader.buffered and self.link.inflight < self.window:
+                while more and self.reader.buffered and self.link.inflight < self.window \
+                        and not self.link.outbox_full:
                     more = self._one_request()
+                self.link.end_of_burst()
                 if not more:
                     self._drain(poller)
                     return

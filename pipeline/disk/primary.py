@@ -27,6 +27,8 @@ from pipeline.disk.settings import DiskSettings
 
 log = logging.getLogger(__name__)
 
+#: a burst's forwards are sent early once they carry this much data
+FORWARD_BATCH_BYTES = 256 * 1024
 #: writes at least this large go through the pwrite pool; smaller ones are done inline
 POOLED_WRITE_MIN = 256 * 1024
 POOL_THREADS = 4
@@ -128,6 +130,11 @@ class PrimaryLink:
         self._local_done: collections.deque[int] = collections.deque()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._timeout_ns = backend.settings.forward_timeout_ms * 1_000_000
+        # forwards of the current burst of requests, sent as one message by end_of_burst
+        self._outbox: list = []
+        self._outbox_seqs: list[int] = []
+        self._outbox_bytes = 0
+        self._send_failed: list[int] = []
         if backend.forward_address:
             s = backend.context.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
@@ -201,17 +208,33 @@ class PrimaryLink:
         """Send the write to the secondary; False when there is no secondary to send to."""
         if self.socket is None or self.b.forward_address is None:
             return False
-        try:
-            # zero-copy pays off only for large frames (pyzmq's own advice)
-            self.socket.send_multipart(wire.encode_forward(kind, p.epoch, seq, offset, length,
-                                                           data), copy=length < 65536)
-        except zmq.Again:
-            self.b.counters.add("forward_errors")
-            raise P.NbdError(P.EIO, f"forwarding [{offset}, +{length}) epoch {p.epoch}: the "
-                                    f"secondary took nothing for "
-                                    f"{self.b.settings.forward_timeout_ms} ms") from None
+        self._outbox += wire.encode_forward(kind, p.epoch, seq, offset, length, data)
+        self._outbox_seqs.append(seq)
+        self._outbox_bytes += length
         self.b._track(p.epoch, +1)
         return True
+
+    @property
+    def outbox_full(self) -> bool:
+        """Enough collected to send now rather than at the end of the burst."""
+        return self._outbox_bytes >= FORWARD_BATCH_BYTES
+
+    def end_of_burst(self) -> None:
+        """Send the forwards collected while handling one burst of requests as one message
+        (one wakeup of the link and of the secondary for many small writes)."""
+        if not self._outbox:
+            return
+        frames, seqs = self._outbox, self._outbox_seqs
+        self._outbox, self._outbox_seqs, self._outbox_bytes = [], [], 0
+        try:
+            for i, frame in enumerate(frames):
+                # zero-copy pays off only for large frames (pyzmq's own advice)
+                self.socket.send(frame, zmq.SNDMORE if i < len(frames) - 1 else 0,
+                                 copy=len(frame) < 65536)
+        except zmq.Again:
+            log.error("primary disk: the secondary took nothing for %d ms; failing %d writes",
+                      self.b.settings.forward_timeout_ms, len(seqs))
+            self._send_failed += seqs
 
     def completions(self, now_ns: int) -> list[tuple[int, int]]:
         """(cookie, NBD error) of every write now complete: acked by the secondary (or
@@ -221,6 +244,14 @@ class PrimaryLink:
             os.eventfd_read(self._wakeup)
         except BlockingIOError:
             pass
+        for seq in self._send_failed:
+            p = self._pending[seq]
+            p.forwarded = True
+            self.b._track(p.epoch, -1)
+            self.b.counters.add("forward_errors")
+            p.error = P.EIO
+            self._finish_if_done(seq, p, done)
+        self._send_failed.clear()
         while self._local_done:
             seq = self._local_done.popleft()
             fut = self._writing.pop(seq)[2]

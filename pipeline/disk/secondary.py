@@ -74,6 +74,11 @@ class SvmLink:
     def completions(self, now_ns: int) -> list[tuple[int, int]]:
         return []
 
+    outbox_full = False
+
+    def end_of_burst(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -111,8 +116,14 @@ class ForwardReceiver(threading.Thread):
                             frames = self.writes_in.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        identity = frames[0].bytes
-                        acks.setdefault(identity, []).append(self._handle(frames[1:]))
+                        entries = acks.setdefault(frames[0].bytes, [])
+                        body = frames[1:]
+                        if not body or len(body) % 2:
+                            entries.append(self._refuse(0, P.EINVAL, f"FORWARD message of "
+                                                                     f"{len(body)} frames"))
+                            continue
+                        for i in range(0, len(body), 2):
+                            entries.append(self._handle(body[i:i + 2]))
                     for identity, entries in acks.items():
                         self.writes_in.send_multipart([identity] + wire.encode_ack(entries))
                 now = time.monotonic_ns()

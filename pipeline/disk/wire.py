@@ -3,12 +3,13 @@
 ZeroMQ DEALER (primary, one per NBD connection, connects) ↔ ROUTER (secondary, binds).
 Fixed-width little-endian fields, reserved fields zero on write and ignored on read.
 
-FORWARD message (primary → secondary), two frames (one for ZERO):
+FORWARD message (primary → secondary): one or more writes (the primary sends what one
+burst of NBD requests produced as one message), two frames each:
 
-    frame 0, 64 bytes: magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
-                       epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
-                       blake3(data) 32 bytes (all zero for ZERO)
-    frame 1 (WRITE only): the ``length`` data bytes
+    frame 2i, 64 bytes: magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
+                        epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
+                        blake3(data) 32 bytes (all zero for ZERO)
+    frame 2i+1: the ``length`` data bytes (empty for ZERO)
 
 ACK message (secondary → primary): the answers to every FORWARD of one DEALER that the
 secondary handled in one burst, three frames:
@@ -70,12 +71,13 @@ def encode_forward(kind: int, epoch: int, seq: int, offset: int, length: int,
                    data: bytes | bytearray | memoryview | None) -> list:
     digest = ZERO_DIGEST if data is None else digest_of(data)
     header = FORWARD_HEADER.pack(FORWARD_MAGIC, kind, epoch, seq, offset, length, digest)
-    return [header] if data is None else [header, data]
+    return [header, b"" if data is None else data]
 
 
 def decode_forward(frames: list, export_size: int, block_size: int,
                    committed_epoch: int) -> ForwardedWrite:
-    """Validate one FORWARD message; raise ForwardError naming what is wrong."""
+    """Validate one write (its two frames) of a FORWARD message; raise ForwardError naming
+    what is wrong."""
     if not frames or len(frames[0]) != FORWARD_HEADER.size:
         raise ForwardError(errno.EINVAL, f"forward header of {len(frames[0]) if frames else 0}"
                                          f" bytes, expected {FORWARD_HEADER.size}")
@@ -93,9 +95,8 @@ def decode_forward(frames: list, export_size: int, block_size: int,
         raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
     if offset + length > export_size:
         raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
-    expected_frames = 2 if kind == KIND_WRITE else 1
-    if len(frames) != expected_frames:
-        raise ForwardError(errno.EINVAL, f"{what}: {len(frames)} frames, expected {expected_frames}")
+    if len(frames) != 2:
+        raise ForwardError(errno.EINVAL, f"{what}: {len(frames)} frames, expected 2")
     data = None
     if kind == KIND_WRITE:
         data = frames[1]
@@ -103,8 +104,8 @@ def decode_forward(frames: list, export_size: int, block_size: int,
             raise ForwardError(errno.EINVAL, f"{what}: {len(data)} data bytes")
         if digest_of(data) != digest:
             raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
-    elif digest != ZERO_DIGEST:
-        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a non-zero digest")
+    elif digest != ZERO_DIGEST or len(frames[1]):
+        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest or data")
     return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
 
 
