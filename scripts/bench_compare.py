@@ -18,7 +18,8 @@ raised to the stream length so it drops nothing.
 Note: QEMU 7.2 writes a released frame out only when the next one is written (its
 send coroutine), so its latency at low rates includes the gap to the next frame.
 
-With ``--json`` the last line is one JSON object with every figure and the ratios
+Each figure is the median of ``--trials`` runs that alternate which comparator goes
+first (the machine's load drifts). With ``--json`` the last line is one JSON object with every figure and the ratios
 (ours / QEMU for frames/s; QEMU / ours for latency: > 1 means ours is better).
 """
 from __future__ import annotations
@@ -144,9 +145,10 @@ def latency(kind: str, pvm: list[bytes], svm: list[bytes], rate: float) -> dict:
         gap = 1.0 / rate
         start = time.perf_counter()
         for i, (p, s) in enumerate(zip(pvm, svm)):
-            target = start + i * gap
-            while time.perf_counter() < target:
-                pass
+            # sleep, not spin: the receiver thread needs the GIL to timestamp releases
+            delay = start + i * gap - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
             sent[i] = time.perf_counter()
             peer.pin.sock.sendall(encode_frame(p))
             peer.sin.sock.sendall(encode_frame(s))
@@ -159,6 +161,15 @@ def latency(kind: str, pvm: list[bytes], svm: list[bytes], rate: float) -> dict:
             "p99_us": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)}
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """Each figure's median over the trials (None where a trial had none)."""
+    out = {}
+    for key in runs[0]:
+        values = sorted(r[key] for r in runs if r[key] is not None)
+        out[key] = values[len(values) // 2] if values else None
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=20000, help="frame pairs per stream")
@@ -167,6 +178,8 @@ def main() -> int:
     parser.add_argument("--udp-payload", type=int, default=64)
     parser.add_argument("--latency-frames", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=2000.0, help="pairs/s in the latency run")
+    parser.add_argument("--trials", type=int, default=3,
+                        help="alternating runs per implementation; figures are medians")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if QEMU is None:
@@ -177,14 +190,18 @@ def main() -> int:
     lat_streams = {"tcp": tcp_stream(args.latency_frames, args.connections, args.tcp_payload),
                    "udp": udp_stream(args.latency_frames, args.udp_payload)}
     result: dict = {"frames": args.frames, "latency_frames": args.latency_frames,
-                    "rate": args.rate}
+                    "rate": args.rate, "trials": args.trials}
     for name in ("tcp", "udp"):
-        row = {}
-        for kind in ("qemu", "ours"):
-            tp = throughput(kind, *streams[name], timeout=120)
-            lt = latency(kind, *lat_streams[name], rate=args.rate)
-            row[kind] = {**tp, **{k: v for k, v in lt.items() if k != "frames"},
-                         "latency_frames": lt["frames"]}
+        runs: dict[str, list[dict]] = {"qemu": [], "ours": []}
+        for trial in range(args.trials):
+            # alternate who goes first: the machine's load drifts during a run
+            order = ("qemu", "ours") if trial % 2 == 0 else ("ours", "qemu")
+            for kind in order:
+                tp = throughput(kind, *streams[name], timeout=120)
+                lt = latency(kind, *lat_streams[name], rate=args.rate)
+                runs[kind].append({**tp, **{k: v for k, v in lt.items() if k != "frames"},
+                                   "latency_frames": lt["frames"]})
+        row = {kind: _median_row(rs) for kind, rs in runs.items()}
         q, o = row["qemu"], row["ours"]
         row["ratio_frames_per_s"] = round(o["frames_per_s"] / q["frames_per_s"], 3) \
             if q["frames_per_s"] else None
@@ -193,7 +210,7 @@ def main() -> int:
         result[name] = row
         print(f"{name}: frames/s ours {o['frames_per_s']:>10.0f}  qemu {q['frames_per_s']:>10.0f}"
               f"  ratio {row['ratio_frames_per_s']}  (released ours {o['frames']}/"
-              f"{args.frames}, qemu {q['frames']}/{args.frames})")
+              f"{args.frames}, qemu {q['frames']}/{args.frames}; median of {args.trials})")
         print(f"{name}: latency p50 ours {o['p50_us']} us  qemu {q['p50_us']} us  "
               f"(qemu/ours {row['ratio_p50_us']});  p99 ours {o['p99_us']} us  "
               f"qemu {q['p99_us']} us  (qemu/ours {row['ratio_p99_us']})")

@@ -64,7 +64,7 @@ def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
             time.sleep(0.02)
         assert [c for c, _ in requests] == ["net_divergence"]
         bus.publish("snapshot", 0)
-        time.sleep(0.1)
+        time.sleep(0.3)
         after_snapshot = build.udp_frame(G, C, 5, 6, b"epoch 1")
         pvm.send(after_snapshot)
         time.sleep(0.1)

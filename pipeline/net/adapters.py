@@ -80,6 +80,9 @@ class StreamEndpoint(FrameSource, FrameSink):
     """A listening stream socket with at most one peer, in QEMU's socket framing.
     When the peer goes away the endpoint listens again (like a ``server=on`` chardev)."""
 
+    #: bumped whenever any endpoint's peer comes or goes (pollers watch this to re-plan)
+    peer_changes = 0
+
     def __init__(self, address: str, vnet_hdr: bool = False, name: str = "",
                  on_malformed: Callable[[str], None] | None = None,
                  max_frame: int = MAX_FRAME_BYTES, vnet_hdr_in: bool | None = None) -> None:
@@ -132,6 +135,7 @@ class StreamEndpoint(FrameSource, FrameSink):
             peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._peer = peer
         self._decoder = self._new_decoder()
+        StreamEndpoint.peer_changes += 1
         log.info("%s: peer connected", self.name)
         return True
 
@@ -151,6 +155,7 @@ class StreamEndpoint(FrameSource, FrameSink):
             self._peer.close()
         self._peer = None
         self._out.clear()
+        StreamEndpoint.peer_changes += 1
 
     def recv(self, timeout: float = 0.0) -> list[Frame]:
         if timeout and not _wait_readable(self.fileno(), timeout):

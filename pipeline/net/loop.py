@@ -3,6 +3,7 @@ frames to the comparator (and the rewriter), flushes the sinks, runs the timeout
 Used by the stage process and by the standalone drop-in alike."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -18,6 +19,19 @@ from pipeline.net.rewriter import SeqRewriter
 from pipeline.net.settings import NetSettings
 
 log = logging.getLogger(__name__)
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector out of the frame path.
+
+    The comparator allocates a few objects per frame and makes no reference
+    cycles (reference counting frees them), but a full collection walks every
+    tracked object, a large connection table included, and stalls the loop for
+    milliseconds: added latency on the frames held meanwhile. So: freeze what
+    exists at start-up and let collections run far less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
 
 
 class Adapters:
@@ -94,7 +108,7 @@ class CompareLoop:
             if source is not None:
                 self._roles.append((source, handler))
         self._handlers = {handler for _, handler in self._roles}
-        self._plan_key: tuple | None = None
+        self._plan_key: int | None = None
         self._plan: tuple = ()
         self._next_scan = 0.0
         self.stop_event = threading.Event()
@@ -157,12 +171,13 @@ class CompareLoop:
     # ---------------------------------------------------------------- loop
     def _watched(self) -> list[tuple[object, object]]:
         """(pollable, what to do when it is readable) for everything the loop waits on."""
-        watched: list[tuple[object, object]] = [(source, handler) for source, handler
-                                                in self._roles]
-        sources = [source for source, _ in self._roles]
+        watched: list[tuple[object, object]] = []
         control = self.control.pollable()
         if control is not None:
-            watched.append((control, None))          # the control is handled every round
+            # first: a snapshot event must be seen before frames that arrived after it
+            watched.append((control, self._handle_control))
+        watched += self._roles
+        sources = [source for source, _ in self._roles]
         for adapter in self.adapters.all():
             # an outgoing listening endpoint accepts its peer as soon as it connects
             if isinstance(adapter, StreamEndpoint) and all(adapter is not s for s in sources):
@@ -170,17 +185,18 @@ class CompareLoop:
         return watched
 
     def _poll_plan(self) -> tuple[zmq.Poller, list[tuple[object, object, object]], bool]:
-        """The poller for the current descriptors (they change when a peer (dis)connects)."""
-        watched = self._watched()
-        key = tuple(w.fileno() if not isinstance(w, zmq.Socket) else id(w) for w, _ in watched)
+        """The poller for the current descriptors; rebuilt only when a stream endpoint's
+        peer came or went (its descriptor changes then)."""
+        key = StreamEndpoint.peer_changes
         if key != self._plan_key:
+            watched = self._watched()
             poller = zmq.Poller()
             plan, always = [], False
-            for (pollable, action), fd in zip(watched, key):
+            for pollable, action in watched:
                 if isinstance(pollable, zmq.Socket):
                     poller.register(pollable, zmq.POLLIN)
                     fd = pollable
-                elif fd is None:
+                elif (fd := pollable.fileno()) is None:
                     always = True                    # a pcap file: always readable
                 else:
                     poller.register(fd, zmq.POLLIN)
@@ -188,12 +204,15 @@ class CompareLoop:
             self._plan, self._plan_key = (poller, plan, always), key
         return self._plan
 
+    def _handle_control(self) -> None:
+        self.control.handle(self)
+
     def run_once(self, timeout: float) -> None:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
         for pollable, action, fd in plan:
-            if action is None or (fd is not None and fd not in ready):
+            if fd is not None and fd not in ready:
                 continue
             if action in self._handlers:
                 frames = pollable.recv()
@@ -201,7 +220,6 @@ class CompareLoop:
                     action(frames)
             else:
                 action()
-        self.control.handle(self)
         now = time.monotonic()
         if now >= self._next_scan:
             self.comparator.check_timeouts(now)

@@ -20,7 +20,7 @@ import sys
 import threading
 
 from pipeline.net.control import NoControl, XenNotify
-from pipeline.net.loop import CompareLoop
+from pipeline.net.loop import CompareLoop, tune_gc
 from pipeline.net.settings import NetSettings
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def run_compare(args: argparse.Namespace) -> int:
             control.close()
         print(f"colo-pipeline compare: {exc}", file=sys.stderr)
         return 1
+    tune_gc()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

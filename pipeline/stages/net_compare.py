@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.net.comparator import COUNTER_NAMES
 from pipeline.net.control import CoordinatorControl
-from pipeline.net.loop import CompareLoop
+from pipeline.net.loop import CompareLoop, tune_gc
 from pipeline.net.settings import NetSettings
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
         raise
     if ready is not None:
         ready.send({"ok": True})
+    tune_gc()
     mirror = CounterMirror(loop.comparator.counters, counters_sink)
     scan = settings.expired_scan_ms / 1000.0
     next_sync = 0.0
