@@ -180,15 +180,26 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
             assert "epoch" in send(cases["stale epoch"])[2]
             assert "blake3" in send(cases["bad hash"])[2]
             assert send(msg)[:2] == (5, 0)
+            # one message carrying several writes: each is judged on its own
+            second = wire.encode_forward(wire.KIND_WRITE, 1, 6, BS, BS, b"H" * BS)
+            bad = tamper(wire.encode_forward(wire.KIND_WRITE, 1, 7, 2 * BS, BS, b"I" * BS),
+                         digest=b"\2" * 32)
+            zero_with_data = [wire.encode_forward(wire.KIND_ZERO, 1, 8, 0, BS, None)[0], b"x"]
+            dealer.send_multipart(second + bad + zero_with_data)
+            assert dealer.poll(10_000)
+            acks = wire.decode_ack(dealer.recv_multipart())
+            assert [(seq, status != 0) for seq, status, _r in acks] == \
+                [(6, False), (7, True), (8, True)]
         finally:
             dealer.close(0)
         stats = pair.secondary.stats()["counters"]
-        assert stats["bad_forwards"] == len(cases) + 2
-        assert stats["received"] == 1
+        assert stats["bad_forwards"] == len(cases) + 4
+        assert stats["received"] == 2
         pair.secondary.commit(1)
         with open(os.path.join(work, "secondary.img"), "rb") as f:
             img = f.read()
-        assert img[:BS] == good and img[BS:] == bytes(SIZE - BS)
+        assert img[:BS] == good and img[BS:2 * BS] == b"H" * BS
+        assert img[2 * BS:] == bytes(SIZE - 2 * BS)
 
 
 def test_divergent_svm_write_requests_a_checkpoint(tmp_path, rundir):
