@@ -67,6 +67,7 @@ def test_vnet_length_beyond_frame_is_counted_and_skipped():
     ({"vnet_hdr": "yes"}, "net.vnet_hdr"),
     ({"outdev": "udp:1.2.3.4:5"}, "net.outdev"),
     ({"no_such_key": 1}, "net.no_such_key"),
+    ({"primary_in": "unix:/x", "secondary_in": "unix:/x"}, "net.secondary_in"),
 ])
 def test_settings_name_the_bad_key(table, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -195,3 +196,17 @@ def test_standalone_rejects_bad_settings():
                            "carrier-pigeon:1", "--compare-timeout-ms", "5"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "net.outdev" in proc.stderr
+
+
+def test_guest_output_frames_match_across_ip_ids_and_name_bad_input():
+    from pipeline.net.comparator import Comparator
+    released = []
+    cmp = Comparator(NetSettings(), lambda f, v: released.append(f), lambda c, d: None)
+    pvm = build.guest_output_frame(b"out-1", flow=3, ip_id=1)
+    cmp.push_primary(pvm)
+    cmp.push_secondary(build.guest_output_frame(b"out-1", flow=3, ip_id=2))
+    assert released == [pvm]
+    with pytest.raises(ValueError, match="70000 bytes"):
+        build.guest_output_frame(bytes(70000))
+    with pytest.raises(ValueError, match="flow 50000"):
+        build.guest_output_frame(b"x", flow=50000)

@@ -85,3 +85,24 @@ def udp6_frame(src: str, dst: str, sport: int, dport: int, payload: bytes) -> by
     struct.pack_into("!H", dgram, 6, l4_checksum(s, d, IPPROTO_UDP, dgram) or 0xFFFF)
     header = struct.pack("!IHBB16s16s", 6 << 28, len(dgram), IPPROTO_UDP, 64, s, d)
     return ethernet(header + bytes(dgram), ETH_P_IPV6)
+
+
+#: the addresses a simulated guest's output is wrapped in (demo; see guest_output_frame)
+DEMO_GUEST_IP, DEMO_CLIENT_IP, DEMO_PORT = "10.0.0.2", "10.0.0.1", 9
+MAX_UDP_PAYLOAD = 65507
+
+
+def guest_output_frame(payload: bytes, flow: int = 0, ip_id: int = 0) -> bytes:
+    """A simulated guest's output packet as the Ethernet/UDP frame the comparator compares.
+
+    The PVM's and the SVM's outputs with the same ``flow`` and ``payload`` become frames
+    that match (the IP id may differ, as between real guests). Each flow is its own
+    connection: its datagrams are compared in order.
+    """
+    if len(payload) > MAX_UDP_PAYLOAD:
+        raise ValueError(f"guest output of {len(payload)} bytes exceeds the "
+                         f"{MAX_UDP_PAYLOAD}-byte UDP payload limit")
+    if not 0 <= flow < 50000:
+        raise ValueError(f"flow {flow} outside 0..49999")
+    return udp_frame(DEMO_GUEST_IP, DEMO_CLIENT_IP, 10000 + flow, DEMO_PORT, payload,
+                     ip_id=ip_id)

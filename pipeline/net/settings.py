@@ -64,6 +64,14 @@ class NetSettings:
                 raise ValueError(f"net.{key}: unknown address {value!r} "
                                  "(use tcp:HOST:PORT, unix:PATH, packet:IFNAME or pcap:PATH)")
 
+        streams = [(key, getattr(self, key)) for key in ("primary_in", "secondary_in", "outdev")
+                   if getattr(self, key).split(":", 1)[0] in ("tcp", "unix")]
+        for i, (key, value) in enumerate(streams):
+            for other, other_value in streams[:i]:
+                if value == other_value:
+                    raise ValueError(f"net.{key}: {value!r} is already net.{other} "
+                                     "(each socket role needs its own address)")
+
     @classmethod
     def from_dict(cls, table: dict) -> "NetSettings":
         """Build from a config table; unknown keys are an error naming the key."""
