@@ -33,10 +33,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline.net import build  # noqa: E402
-from pipeline.net.framing import FrameDecoder, encode_frame  # noqa: E402
-from pipeline.net.packet import TCP_ACK, TCP_PSH  # noqa: E402
-from pipeline.net.qemu_peer import QEMU, running_peer  # noqa: E402
+from pipeline.net import build
+from pipeline.net.framing import FrameDecoder, encode_frame
+from pipeline.net.packet import TCP_ACK, TCP_PSH
+from pipeline.net.qemu_peer import QEMU, running_peer
 
 G, C = "10.1.0.2", "10.1.0.1"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,13 +41,13 @@ import os, socket, sys, threading
 nd_at, log_path = int(sys.argv[1]), sys.argv[2]
 def udp():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", %(udp)d))
+    s.bind(("0.0.0.0", @UDP@))
     while True:
         data, peer = s.recvfrom(2048)
         s.sendto(b"udp-reply " + data, peer)
 threading.Thread(target=udp, daemon=True).start()
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("0.0.0.0", %(tcp)d)); ls.listen(1)
+ls.bind(("0.0.0.0", @TCP@)); ls.listen(1)
 print("ready", flush=True)
 conn, _ = ls.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -59,23 +58,23 @@ with open(log_path, "wb") as log:
         if not line:
             break
         n = int(line.split()[1])
-        body = os.urandom(16).hex().encode() if n == nd_at else (b"%%032d" %% (n * 7919))
-        reply = b"resp %%d " %% n + body + b"\n"
+        body = os.urandom(16).hex().encode() if n == nd_at else (b"%032d" % (n * 7919))
+        reply = b"resp %d " % n + body + b"\n"
         conn.sendall(reply)
         log.write(reply)
 conn.close()
-''' % {"udp": UDP_PORT, "tcp": TCP_PORT}
+'''.replace("@UDP@", str(UDP_PORT)).replace("@TCP@", str(TCP_PORT))
 
 CLIENT = r'''
 import json, socket, sys, time
 pairs, udp_pairs, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 t0 = time.monotonic()
-s = socket.create_connection(("%(ip)s", %(tcp)d), timeout=20)
+s = socket.create_connection(("@IP@", @TCP@), timeout=20)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 f = s.makefile("rb")
 got = bytearray()
 for i in range(pairs):
-    s.sendall(b"req %%d\n" %% i)
+    s.sendall(b"req %d\n" % i)
     line = f.readline()
     if not line:
         break
@@ -84,13 +83,14 @@ tcp_time = time.monotonic() - t0
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
 udp_ok = 0
 for i in range(udp_pairs):
-    u.sendto(b"ping %%d" %% i, ("%(ip)s", %(udp)d))
-    if u.recvfrom(2048)[0] == b"udp-reply ping %%d" %% i:
+    u.sendto(b"ping %d" % i, ("@IP@", @UDP@))
+    if u.recvfrom(2048)[0] == b"udp-reply ping %d" % i:
         udp_ok += 1
 s.close()
 open(out_path, "wb").write(got)
 print(json.dumps({"tcp_time": tcp_time, "udp_ok": udp_ok}), flush=True)
-''' % {"ip": GUEST_IP, "tcp": TCP_PORT, "udp": UDP_PORT}
+'''.replace("@IP@", GUEST_IP).replace("@TCP@", str(TCP_PORT)).replace(
+    "@UDP@", str(UDP_PORT))
 
 COMPARATOR = r'''
 import logging, sys
@@ -183,7 +183,7 @@ class Lab:
             except (subprocess.TimeoutExpired, ValueError):
                 pass
         for ns in self.ns.values():
-            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)
+            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ import pytest
 from pipeline.net import build
 from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT, PROXY_INIT, PROXY_INIT_REPLY
 from pipeline.net.packet import TCP_ACK, TCP_PSH
-
 from pipeline.net.qemu_peer import QEMU, collect, running_peer
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120),

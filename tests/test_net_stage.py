@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import shutil
+import tempfile
 import time
 
 import pytest

@@ -18,7 +18,7 @@ import select
 import socket
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.net.framing import LENGTH_WORD, Frame, FrameDecoder, encode_frame
 from pipeline.net.settings import MAX_FRAME_BYTES
@@ -359,7 +359,8 @@ class PcapWriter(FrameSink):
     """Records frames to a classic pcap file (microsecond timestamps, Ethernet)."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "wb")
+        # held open for the writer's lifetime; close() closes it
+        self._file = open(path, "wb")  # noqa: SIM115
         self._file.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535,
                                      LINKTYPE_ETHERNET))
 

@@ -14,19 +14,36 @@ frames in arrival order and compares them with one function per kind:
 * UDP and ICMP (``_compare_datagram``): the bytes after the IP header.
 * Anything else (``_compare_datagram`` too, on the whole frame).
 
-Frames leave through :meth:`_release` and checkpoints are asked for through
+Frames leave through :meth:`_release_frames` and checkpoints are asked for through
 :meth:`_request`, at most once per epoch; nothing else releases or requests.
+
+Epochs: frames are tagged with the epoch they arrived in. ``on_snapshot(e)``
+starts epoch ``e + 1``; ``on_committed(e)`` releases every PVM frame of epoch
+``e`` or earlier (matched or not), forgets the SVM's side (it was restored from
+the PVM) and keeps comparing later PVM frames against the restored SVM.
+A connection that diverged is not compared again until that commit, so one
+divergence asks once. Not done (QEMU does it): holding a matched PVM segment
+until the SVM has acknowledged the same client bytes.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from pipeline.net.fragments import Reassembler
-from pipeline.net.packet import (KIND_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, MalformedFrame,
-                                 Packet, parse_frame)
+from pipeline.net.packet import (
+    KIND_TCP,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    MalformedFrame,
+    Packet,
+    parse_frame,
+)
 from pipeline.net.settings import NetSettings
 
 log = logging.getLogger(__name__)
@@ -58,7 +75,7 @@ class CounterSink(Protocol):
 class Held:
     """One frame (or the fragments of one datagram) waiting in a connection queue."""
 
-    __slots__ = ("packet", "frames", "arrived", "epoch", "done", "start", "end", "ctrl")
+    __slots__ = ("arrived", "ctrl", "done", "end", "epoch", "frames", "packet", "start")
 
     def __init__(self, packet: Packet, frames: tuple | list, arrived: float,
                  epoch: int) -> None:
@@ -314,26 +331,25 @@ class Comparator:
             if primary and not conn.sec_buf and not conn.sec_ooo and not conn.diverged \
                     and conn.sec_fin is None:
                 head = primary[0]
+                # the usual case: the SVM sent exactly the PVM's oldest held segment
                 if head.start == start and head.end == held.end and head.ctrl == ctrl \
-                        and not ctrl & TCP_RST:
-                    # the usual case: the SVM sent exactly the PVM's oldest held segment
-                    if head.packet.payload == p.payload:
-                        if ctrl & TCP_SYN:
-                            conn.sec_ctrl[0] = TCP_SYN
-                        elif ctrl & TCP_FIN:
-                            conn.sec_ctrl[held.end] = TCP_FIN
-                            conn.sec_fin = held.end
-                        primary.popleft()
-                        if conn.verified is None or head.end > conn.verified:
-                            conn.verified = head.end
-                        conn.sec_start = held.end     # the SVM stream continues from here
-                        self.counters["secondary_frames_dropped"] += 1
-                        if self._sink is not None:
-                            self._sink.add("secondary_frames_dropped", 1)
-                        self._release_held(head)
-                        if primary:
-                            self._compare_tcp(conn)
-                        return
+                        and not ctrl & TCP_RST and head.packet.payload == p.payload:
+                    if ctrl & TCP_SYN:
+                        conn.sec_ctrl[0] = TCP_SYN
+                    elif ctrl & TCP_FIN:
+                        conn.sec_ctrl[held.end] = TCP_FIN
+                        conn.sec_fin = held.end
+                    primary.popleft()
+                    if conn.verified is None or head.end > conn.verified:
+                        conn.verified = head.end
+                    conn.sec_start = held.end     # the SVM stream continues from here
+                    self.counters["secondary_frames_dropped"] += 1
+                    if self._sink is not None:
+                        self._sink.add("secondary_frames_dropped", 1)
+                    self._release_held(head)
+                    if primary:
+                        self._compare_tcp(conn)
+                    return
             if not self._absorb_secondary(conn, held):
                 return
         if not conn.diverged:
@@ -427,7 +443,7 @@ class Comparator:
         if lo < end:
             if sec_start is None or sec_end <= lo or sec_start > lo:
                 return None
-            upto = end if end < sec_end else sec_end
+            upto = min(sec_end, end)
             payload = held.packet.payload
             mine = payload if lo == start and upto == end else payload[lo - start:upto - start]
             if mine != conn.sec_buf[lo - sec_start:upto - sec_start]:
@@ -597,7 +613,6 @@ def _describe(key: tuple) -> str:
     tag = f"vlan{'.'.join(map(str, vlans))} " if vlans else ""
     if ver == "l2":
         return f"{tag}ethertype 0x{key[2]:04x} {key[3].hex(':')}"
-    import ipaddress
     proto, src, dst, sport, dport = key[2:]
     return (f"{tag}proto {proto} {ipaddress.ip_address(src)}:{sport} -> "
             f"{ipaddress.ip_address(dst)}:{dport}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from pipeline.net.adapters import StreamEndpoint
 

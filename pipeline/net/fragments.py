@@ -11,7 +11,7 @@ MAX_DATAGRAM = 65535
 
 
 class _Partial:
-    __slots__ = ("pieces", "frames", "total", "first", "started", "epoch")
+    __slots__ = ("epoch", "first", "frames", "pieces", "started", "total")
 
     def __init__(self, started: float, epoch: int) -> None:
         self.pieces: dict[int, bytes] = {}

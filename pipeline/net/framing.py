@@ -14,7 +14,7 @@ Xen's notify channel uses the same length prefix without a vnet word.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.net.settings import MAX_FRAME_BYTES
 

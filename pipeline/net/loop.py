@@ -10,8 +10,15 @@ import time
 
 import zmq
 
-from pipeline.net.adapters import (FrameSink, FrameSource, PacketSocket, PcapReader,
-                                   PcapWriter, StreamEndpoint, parse_address)
+from pipeline.net.adapters import (
+    FrameSink,
+    FrameSource,
+    PacketSocket,
+    PcapReader,
+    PcapWriter,
+    StreamEndpoint,
+    parse_address,
+)
 from pipeline.net.comparator import PRIMARY, SECONDARY, Comparator, CounterSink
 from pipeline.net.control import NoControl
 from pipeline.net.mirror import InputMirror

@@ -9,7 +9,7 @@ rewriter, whose offsets the commit has just reset) to the restored SVM.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.net.adapters import FrameSink
 

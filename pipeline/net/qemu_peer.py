@@ -23,10 +23,10 @@ def qemu_command(paths: dict[str, str], timeout_ms: int, scan_ms: int, vnet_hdr:
            "-object", "iothread,id=io1"]
     for role in ROLES:
         cmd += ["-chardev", f"socket,id={role},path={paths[role]},server=on,wait=off"]
-    cmd += ["-object", "colo-compare,id=c0,primary_in=pin,secondary_in=sin,outdev=out,"
-            f"notify_dev=ntf,iothread=io1,compare_timeout={timeout_ms},"
-            f"expired_scan_cycle={scan_ms},max_queue_size={max_queue},"
-            f"vnet_hdr_support={'on' if vnet_hdr else 'off'}"]
+    cmd += ["-object", ("colo-compare,id=c0,primary_in=pin,secondary_in=sin,outdev=out,"
+                        f"notify_dev=ntf,iothread=io1,compare_timeout={timeout_ms},"
+                        f"expired_scan_cycle={scan_ms},max_queue_size={max_queue},"
+                        f"vnet_hdr_support={'on' if vnet_hdr else 'off'}")]
     return cmd
 
 

@@ -27,7 +27,7 @@ M32 = 0xFFFFFFFF
 
 
 class _Flow:
-    __slots__ = ("pvm_isn", "svm_isn", "pvm_ts", "svm_ts", "seq_offset", "ts_offset")
+    __slots__ = ("pvm_isn", "pvm_ts", "seq_offset", "svm_isn", "svm_ts", "ts_offset")
 
     def __init__(self) -> None:
         self.pvm_isn = self.svm_isn = self.pvm_ts = self.svm_ts = None
