@@ -211,3 +211,38 @@ def test_guest_output_frames_match_across_ip_ids_and_name_bad_input():
         build.guest_output_frame(bytes(70000))
     with pytest.raises(ValueError, match="flow 50000"):
         build.guest_output_frame(b"x", flow=50000)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_standalone_over_tcp_addresses():
+    ports = [_free_port() for _ in range(4)]
+    addr = [f"tcp:127.0.0.1:{p}" for p in ports]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.net.standalone", "--primary-in",
+                             addr[0], "--secondary-in", addr[1], "--outdev", addr[2],
+                             "--notify-dev", addr[3], "--log-level", "WARNING"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pin, sin, out, ntf = (StreamClient(a, timeout=20) for a in addr)
+        frame = build.tcp_frame(G, C, 80, 4000, 1, 1, 0x18, b"over tcp")
+        pin.send(frame)
+        sin.send(frame)
+        assert [f for f, _ in out.recv_until(1, 5)] == [frame]
+        ntf.send(PROXY_INIT)
+        assert ntf.recv_until(1, 5) == [(PROXY_INIT_REPLY, 0)]
+        for c in (pin, sin, out, ntf):
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
