@@ -275,8 +275,8 @@ def test_unmatched_svm_output_also_times_out():
 
 def test_connection_table_is_bounded_and_evicts_idle_first():
     h = Harness(max_connections=2)
-    h.p(udp(b"a", sport=1))
-    h.s(udp(b"a", sport=1))            # connection 1 now idle
+    h.p(seg(ISN, b"a", sport=1))
+    h.s(seg(ISN, b"a", sport=1))       # TCP connection 1 now idle (kept for its seq state)
     h.p(udp(b"b", sport=2))            # connection 2 holds a frame
     h.p(udp(b"c", sport=3))            # evicts 1
     assert h.cmp.counters["connections_evicted"] == 1
@@ -337,6 +337,14 @@ def test_closed_connections_are_forgotten():
     h.s(seg(ISN, b"x", flags=TCP_ACK | TCP_FIN))
     assert len(h.released) == 1
     assert h.cmp.connections == {} or h.cmp.counters["connections_closed"] == 1
+
+
+def test_idle_datagram_flows_are_forgotten_at_once():
+    h = Harness()
+    for i in range(100):
+        h.p(udp(b"x", sport=1000 + i))
+        h.s(udp(b"x", sport=1000 + i))
+    assert len(h.released) == 100 and len(h.cmp.connections) == 0
 
 
 def test_parse_keys_ignore_ip_id():

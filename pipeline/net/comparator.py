@@ -236,6 +236,9 @@ class Comparator:
             self._arrivals.append((held, conn))
             if not conn.diverged:
                 self._compare_datagram(conn)
+                if not conn.primary and not conn.secondary:
+                    # a datagram flow keeps no state between frames: forget it when idle
+                    del self.connections[conn.key]
         if conn.closed == 3:
             self._maybe_forget(conn)
 
@@ -288,6 +291,8 @@ class Comparator:
         if conn.closed == 3 and conn.idle() and not conn.diverged:
             self.connections.pop(conn.key, None)
             self._count("connections_closed")
+        elif not conn.is_tcp and conn.idle() and not conn.diverged:
+            self.connections.pop(conn.key, None)
 
     # -------------------------------------------------------------------- TCP
     def _rel(self, conn: Connection, seq: int) -> int:
