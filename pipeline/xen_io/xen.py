@@ -192,8 +192,9 @@ class XenDomain(Domain):
         self.last_holes = np.empty(0, dtype=np.uint64)
         self._mappable: np.ndarray | None = None
         self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
-        log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d",
-                 self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus)
+        log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d paging=%s",
+                 self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus,
+                 "hap" if self.info.flags & xc_.XEN_DOMINF_hap else "shadow")
 
     # -- helpers --------------------------------------------------------
     def _check(self, call: str, rc: int, detail: str = "") -> int:
