@@ -441,7 +441,7 @@ class XenDomain(Domain):
 
 
 def open_xen_domain(
-    name_or_id: str | int,
+    domain: str | int,
     *,
     privcmd_path: str = PRIVCMD_PATH,
     keep_own_shared_info: bool = True,
@@ -449,13 +449,14 @@ def open_xen_domain(
     wake: str = "msi",
     **other_settings: object,
 ) -> XenDomain:
-    """Open a PVH/HVM domain by name or id. Refuses PV guests and hosts that are not a dom0.
+    """Open the PVH/HVM ``domain`` (a name or an id; config ``guest.domain``). Refuses PV guests
+    and hosts that are not a Xen dom0.
 
     ``other_settings`` are the remaining ``[guest]`` keys meant for other backends; ignored."""
     if other_settings:
         log.debug("xen backend ignores settings %s", ", ".join(sorted(other_settings)))
     handles = xen_handles(privcmd_path)
-    domid = resolve_domain(name_or_id, handles)
-    name = str(name_or_id) if not str(name_or_id).isdigit() else f"dom{domid}"
+    domid = resolve_domain(domain, handles)
+    name = str(domain) if not str(domain).isdigit() else f"dom{domid}"
     return XenDomain(domid, name, handles=handles, keep_own_shared_info=keep_own_shared_info,
                      upcall_vector=upcall_vector, wake=wake)
