@@ -270,15 +270,31 @@ class StreamClient:
         self.sock.close()
 
 
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+#: struct tpacket_auxdata: status, len, snaplen (u32); mac, net, vlan_tci, vlan_tpid (u16)
+_AUXDATA = struct.Struct("=IIIHHHH")
+_AUX_SPACE = socket.CMSG_SPACE(_AUXDATA.size)
+
+
 class PacketSocket(FrameSource, FrameSink):
     """AF_PACKET on one interface: reads frames arriving on it, injects frames into it.
-    Frames this host sends out of the interface (our own injections) are skipped."""
+    Frames this host sends out of the interface (our own injections) are skipped.
+
+    The kernel hands 802.1Q tags over beside the frame (PACKET_AUXDATA), not in it;
+    they are put back into the frame so that comparison and re-injection see them.
+    The interfaces must not leave checksums to offload (``ethtool -K IF tx off``)
+    nor merge segments (``tso off gso off gro off``): frames are moved as read.
+    """
 
     def __init__(self, ifname: str) -> None:
         self.name = ifname
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             self.sock.bind((ifname, 0))
         except OSError as exc:
             raise OSError(exc.errno, f"AF_PACKET on interface {ifname!r}: {exc.strerror}") from exc
@@ -293,11 +309,19 @@ class PacketSocket(FrameSource, FrameSink):
         out: list[Frame] = []
         for _ in range(1024):
             try:
-                data, addr = self.sock.recvfrom(65536)
+                data, ancdata, _flags, addr = self.sock.recvmsg(65536, _AUX_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
-            if addr[2] != PACKET_OUTGOING:
-                out.append((data, 0))
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            for level, kind, aux in ancdata:
+                if level == SOL_PACKET and kind == PACKET_AUXDATA and len(aux) >= _AUXDATA.size:
+                    status, _, _, _, _, tci, tpid = _AUXDATA.unpack_from(aux)
+                    if status & TP_STATUS_VLAN_VALID:
+                        if not status & TP_STATUS_VLAN_TPID_VALID:
+                            tpid = 0x8100
+                        data = data[:12] + struct.pack("!HH", tpid, tci) + data[12:]
+            out.append((data, 0))
         return out
 
     def send(self, frame: bytes, vnet_hdr_len: int = 0) -> None:
