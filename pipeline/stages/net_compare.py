@@ -46,6 +46,7 @@ class CounterMirror:
     def __init__(self, source: dict[str, int], sink: CounterSink | None) -> None:
         self.source, self.sink = source, sink
         self._last = dict.fromkeys(source, 0)
+        self._missing: set[str] = set()
 
     def sync(self) -> None:
         if self.sink is None:
@@ -67,7 +68,11 @@ class CounterMirror:
         try:
             self.sink.add(name, n)
         except KeyError:
-            pass            # the block was made without this counter: keep running
+            # the block was made without this counter: say so once, keep running
+            if name not in self._missing:
+                self._missing.add(name)
+                log.warning("net-compare: the counter block has no %r (register "
+                            "NET_COMPARE_COUNTERS for this stage)", name)
 
 
 def run_net_compare_stage(settings: NetSettings, rundir: str,
