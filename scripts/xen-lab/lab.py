@@ -79,7 +79,7 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
 
 def report(log: str, boot_s: float, total_s: float) -> bool:
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PYREP ", "FAILOVER", "GUESTERR", "Traceback", "  File", "RuntimeError", "pipeline.")):
+        if line.startswith(("CREP ", "PYREP ", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File", "RuntimeError", "pipeline.")):
             print(line.rstrip())
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
     if not m:
