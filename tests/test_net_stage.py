@@ -153,3 +153,27 @@ def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
         bus.close()
         shutil.rmtree(rundir, ignore_errors=True)
     assert proc.exitcode == 0
+
+
+def test_counter_mirror_fills_a_real_stage_counter_block(caplog):
+    import numpy as np
+
+    from pipeline.counters import STAGE_COUNTERS, StageCounters
+    from pipeline.stages.net_compare import CounterMirror
+
+    names = STAGE_COUNTERS + tuple(n for n in NET_COMPARE_COUNTERS if n != "commits")
+    block = StageCounters("net_compare", names, np.zeros(len(names), dtype=np.uint64))
+    source = dict.fromkeys(NET_COMPARE_COUNTERS, 0)
+    mirror = CounterMirror(source, block)
+    source["primary_frames_in"] += 3
+    source["secondary_frames_in"] += 2
+    source["frames_released"] += 2
+    source["commits"] += 1                      # not in this block: warned about, once
+    mirror.sync()
+    source["frames_released"] += 1
+    source["commits"] += 1
+    mirror.sync()
+    got = block.as_dict()
+    assert got["items_in"] == 5 and got["items_out"] == 3
+    assert got["frames_released"] == 3 and got["primary_frames_in"] == 3
+    assert caplog.text.count("has no 'commits'") == 1
