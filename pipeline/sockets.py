@@ -76,6 +76,11 @@ class NodeContext:
                 s.curve_server = True
             else:
                 s.curve_serverkey = self.peer_public
+        if not bind:
+            # queue only for a connected peer: a secondary that dies takes what was queued
+            # for it along, so a new secondary at the same address never gets an old
+            # epoch's pages or an old input replayed into its fresh guest
+            s.setsockopt(zmq.IMMEDIATE, 1)
         return s
 
     def close(self) -> None:

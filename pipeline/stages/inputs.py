@@ -55,10 +55,21 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
     next_at = time.monotonic()
     n = 0
     payload: bytes | None = None
+    was_unprotected = False
     try:
         while not ctx.stopping():
             _drain_outputs(ctx, domain)
             ctx.counters.set("pvm_input_seq", domain.input_seq())
+            if shared.unprotected.value:
+                was_unprotected = True
+            elif was_unprotected:
+                # a new secondary: it needs every input the PVM has not consumed yet (its
+                # first checkpoint may be taken before the PVM gets to them)
+                was_unprotected = False
+                for seq in range(domain.input_seq(), domain.input_head):
+                    sockets.send_until_stopped(
+                        out, wire.encode_input(shared.epoch.value, seq,
+                                               domain.input_payload(seq)), ctx.stop)
             if payload is None:
                 if injected.poll(0):
                     payload = injected.recv()
@@ -102,6 +113,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
     inp = sockets.inputs_in(nctx)
     events = CheckpointClient(settings.run_dir, nctx.ctx)
     held: tuple[int, bytes] | None = None
+    fed = 0
     rate = settings.guest.workload.input_rate_hz
     next_at = 0.0
     try:
@@ -139,8 +151,12 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
                     ctx.log.warning("inputs channel: dropped a bad record: %s", exc)
                     continue
                 held = (seq, payload)
+            if fed == 0 and held[0] != domain.input_head:
+                # joining a primary whose input stream is already at held[0]
+                domain.start_inputs_at(held[0])
             try:
                 domain.feed_input(held[1], seq=held[0])
+                fed += 1
             except TimeoutError:
                 # The SVM's input log is full until a checkpoint commits and trims it; the
                 # input stays held here (and back-pressure reaches the primary), never dropped.

@@ -640,6 +640,11 @@ class SimDomain(Domain):
         self._check_open()
         self._inputs.restart_at(seq)
 
+    def input_payload(self, seq: int) -> bytes:
+        """The input ``seq`` as it was fed (it must still be in the log: not trimmed)."""
+        self._check_open()
+        return self._inputs.get(seq)
+
     def input_seq(self) -> int:
         """The input the guest is on or will consume next (all below are done)."""
         return self._inputs.consumer_seq
