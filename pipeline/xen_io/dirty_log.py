@@ -258,6 +258,15 @@ class PagemapScanner:
 
     def read_and_clear_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Runs of pages written since the last call, as (start pfns, lengths); re-protects them."""
+        return self._scan(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+
+    def count(self) -> int:
+        """Pages written since the last read_and_clear_runs, without clearing them."""
+        _, lengths = self._scan(PM_SCAN_CHECK_WPASYNC)
+        return int(lengths.sum())
+
+    def _scan(self, flags: int) -> tuple[np.ndarray, np.ndarray]:
+        self._arg.flags = flags
         end = self.addr + self.size
         start = self.addr
         pieces = []
@@ -305,6 +314,9 @@ class DirtyBitmap:
 
     def clear_all(self) -> None:
         self.bytes[:] = 0
+
+    def count(self) -> int:
+        return int(np.count_nonzero(self.bytes))
 
     def read_and_clear_runs(self) -> tuple[np.ndarray, np.ndarray]:
         pfns = np.flatnonzero(self.bytes).astype(np.uint64)

@@ -505,6 +505,18 @@ class SimDomain(Domain):
         """Every page counts as clean from here on (the guest tracks from its start)."""
         self.read_and_clear_dirty_runs()
 
+    def dirty_count(self) -> int:
+        """Pages written since the last read_and_clear_dirty, without clearing them (for
+        the dirty-threshold trigger; approximate while the guest runs)."""
+        self._check_open()
+        if self._bitmap is not None:
+            return self._bitmap.count()
+        try:
+            return self._my_scanner().count()
+        except OSError as exc:
+            raise DomainError(f"sim domain {self.name}: reading the dirty log failed: {exc}"
+                              f" ({self._guest_problem() or 'guest alive'})") from exc
+
     def read_and_clear_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Pages the guest wrote since the last call, as runs (start pfns, lengths), both
         ``uint64``, sorted; and clear them. Exact when the guest is paused."""
