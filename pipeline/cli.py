@@ -177,7 +177,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        "dirty_threshold_pages": max(64, args.pages // 4),
                        "epoch_timeout_ms": 20000},
     }
-    pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose)
+    role_tables = None
+    if args.disk_mb:
+        from pipeline.localpair import free_port_base
+        disk = {"export_size": args.disk_mb << 20, "durable_commit": False,
+                "forward": f"tcp://127.0.0.1:{free_port_base()}"}
+        role_tables = {role: {"disk": {**disk, "image": f"{{workdir}}/{role}-disk.img",
+                                       "export": f"unix:{{workdir}}/{role}-disk.nbd"}}
+                       for role in ("primary", "secondary")}
+    pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose,
+                     role_tables=role_tables)
+    disk_driver = None
     summary: dict = {"memory_equal": False}
     code = EXIT_FAILED
     try:
@@ -187,6 +197,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
         pair.wait_protected()
         node = pair.node("primary")
+        if args.disk_mb:
+            disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
+                                          args.disk_mb << 20)
         t_end = time.monotonic() + args.duration
         while time.monotonic() < t_end:
             pair.check_alive()
@@ -197,6 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"sent {s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}",
                       end="", flush=True)
             time.sleep(0.5)
+        if disk_driver is not None:
+            disk_driver.stop()
         # The proof: one more checkpoint where both sides hash all of guest memory while
         # paused (the PVM at its snapshot, the SVM right after applying it).
         info = pair.prove_memory_equal()
@@ -205,6 +220,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
                        dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
         code = EXIT_OK if info["memory_equal"] else EXIT_FAILED
+        if disk_driver is not None:
+            # the disk committed with that checkpoint, and nothing was written since
+            images = [_file_digest(os.path.join(pair.workdir, f"{role}-disk.img"))
+                      for role in ("primary", "secondary")]
+            summary.update(disk_equal=images[0] == images[1], disk_writes=disk_driver.writes,
+                           disk_digest=images[0])
+            if not summary["disk_equal"]:
+                code = EXIT_FAILED
         if args.kill_primary_after is not None and code == EXIT_OK:
             summary.update(_demo_failover(pair, args))
             code = EXIT_OK if summary.get("failover_ok") else EXIT_FAILED
@@ -212,6 +235,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary["error"] = str(exc)
         print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
     finally:
+        if disk_driver is not None:
+            disk_driver.stop()
         codes = pair.stop()
         if any(codes.values()) and code == EXIT_OK:
             code = EXIT_FAILED
@@ -227,6 +252,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"memory of SVM == PVM at the last committed checkpoint "
               f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
     return code
+
+
+def _file_digest(path: str) -> str:
+    import blake3
+    with open(path, "rb") as fh:
+        return blake3.blake3(fh.read()).hexdigest()
+
+
+class GuestDiskDriver:
+    """The demo's stand-in for the guest's disk driver: deterministic block writes to the
+    PVM's NBD export from a thread (the sim guest itself has no disk)."""
+
+    def __init__(self, socket_path: str, size: int, block: int = 4096,
+                 rate_hz: float = 100.0) -> None:
+        import threading
+        self.path, self.size, self.block, self.period = socket_path, size, block, 1 / rate_hz
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="guest-disk", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import random
+        from pipeline.disk.nbd_client import NbdClient
+        client = NbdClient(f"nbd+unix:///?socket={self.path}")
+        rng = random.Random(11)
+        try:
+            while not self._stop.wait(self.period):
+                nblocks = rng.randint(1, 16)
+                offset = rng.randrange(0, self.size // self.block - nblocks) * self.block
+                client.write(offset, rng.randbytes(nblocks * self.block))
+                self.writes += 1
+                if self.writes % 50 == 0:
+                    client.flush()
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def _demo_failover(pair, args: argparse.Namespace) -> dict:
@@ -297,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nondeterminism", type=float, default=0.0)
     sp.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"])
     sp.add_argument("--verbose", action="store_true", help="show the nodes' logs")
+    sp.add_argument("--disk-mb", type=int, default=0, metavar="N",
+                    help="give the guest a replicated disk of N MiB (served over NBD; a "
+                    "driver thread writes to it) and check both images are equal at the end")
     sp.add_argument("--kill-primary-after", type=float, default=None, metavar="S",
                     help="after the memory proof, wait S seconds, kill the primary node with "
                     "SIGKILL and show the secondary taking over")

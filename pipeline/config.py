@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.disk.settings import DiskSettings
 from pipeline.failover_settings import FailoverSettings, HeartbeatSettings
 
 
@@ -146,6 +147,8 @@ class Settings:
                                             "own channel.")
     failover: FailoverSettings = _section(FailoverSettings, "Taking over when the primary is "
                                           "lost, and the guard against split brain.")
+    disk: DiskSettings = _section(DiskSettings, "The guest's disk, served over NBD and "
+                                  "replicated with the checkpoints (no `image`: no disk).")
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property

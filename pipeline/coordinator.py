@@ -123,6 +123,7 @@ class PrimaryCoordinator:
         self.unprotected = False
         self.witness = None
         self.role_lost = ""
+        self.disk = None
 
     # -- helpers ----------------------------------------------------------
     def _send(self, msg: bytes) -> bool:
@@ -186,6 +187,10 @@ class PrimaryCoordinator:
                 if m[0] == "snapshotted":
                     _, e, res.pages_dirty, res.pause_ns, res.input_seq, res.pvm_digest = m
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
+                    if self.disk is not None:
+                        # writes the guest issued before the snapshot reach the
+                        # secondary's buffer before it can commit this epoch
+                        self.disk.wait_forwarded(e, self.settings.checkpoint.epoch_timeout_ms)
                 elif m[0] in ("synced", "precopied"):
                     res.pages_dirty = m[2]
                 want.discard("snapshotted")
@@ -397,6 +402,9 @@ class PrimaryCoordinator:
         self._info(role="primary", state="connecting", epoch=-1,
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
+        if self.settings.disk.enabled:
+            from pipeline.stages.disk import DiskControl
+            self.disk = DiskControl(self.settings.run_dir, "primary")
         try:
             self.take_role()
             if not self.wait_for_secondary(self.settings.peer.connect_timeout_ms / 1000):
@@ -443,6 +451,7 @@ class SecondaryCoordinator:
         self.peer_name = ""
         self.witness = None
         self.active_digests = 0
+        self.disk = None
 
     def _send(self, msg: bytes) -> bool:
         return _send_control(self.control, msg, self.ctx, self.c)
@@ -472,6 +481,9 @@ class SecondaryCoordinator:
         digest, input_seq, applied = b"", -1, 0
         if committed:
             _, _, applied, digest, input_seq = reply
+            if self.disk is not None and not begin.flags & wire.FLAG_SYNC:
+                # the disk goes to the same checkpoint before the SVM runs on from it
+                self.disk.commit(epoch)
         else:
             reason = reply[2]
         if not begin.flags & wire.FLAG_SYNC or self.svm_started:
@@ -501,6 +513,9 @@ class SecondaryCoordinator:
         nctx = sockets.NodeContext(self.settings)
         self.control = sockets.control(nctx)
         self.bus = CheckpointBus(self.settings.run_dir, nctx.ctx)
+        if self.settings.disk.enabled:
+            from pipeline.stages.disk import DiskControl
+            self.disk = DiskControl(self.settings.run_dir, "secondary")
         self._info(role="secondary", state="waiting", epoch=-1,
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})

@@ -68,9 +68,12 @@ def render_toml(tables: dict[str, dict[str, Any]]) -> str:
 class LocalPair:
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None,
                  workdir: str | None = None, log_level: str = "warning",
-                 capture_logs: bool = True) -> None:
-        """``tables`` are config tables shared by both nodes (e.g. {"guest": {...}}).
-        Unless they say otherwise, the channels use CURVE with keys made here."""
+                 capture_logs: bool = True,
+                 role_tables: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
+        """``tables`` are config tables shared by both nodes (e.g. {"guest": {...}});
+        ``role_tables`` add per-node ones ({"primary": {"disk": {...}}}). String values
+        may say ``{workdir}``. Unless they say otherwise, the channels use CURVE with keys
+        made here and takeovers are guarded by a local (demo-only) witness."""
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="colo-pair-")
         self.tag = f"pair{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
@@ -87,6 +90,10 @@ class LocalPair:
         for role in ("primary", "secondary"):
             peer = "secondary" if role == "primary" else "primary"
             t = {k: dict(v) for k, v in (tables or {}).items()}
+            for k, v in (role_tables or {}).get(role, {}).items():
+                t.setdefault(k, {}).update(v)
+            t = {k: {kk: vv.replace("{workdir}", self.workdir) if isinstance(vv, str) else vv
+                     for kk, vv in v.items()} for k, v in t.items()}
             # one machine: the demo-only witness in the pair's directory guards takeovers
             t.setdefault("failover", {"witness": "local",
                                       "witness_dir": os.path.join(self.workdir, "witness")})

@@ -25,6 +25,7 @@ from pipeline import sockets
 from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
+from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
@@ -67,6 +68,7 @@ EXTRA_COUNTERS = {
     "client": ("outputs", "input_full", "pvm_input_seq"),
     "mirror": ("outputs", "input_full", "inputs_generated"),
     "heartbeat": heartbeat.COUNTERS,
+    "disk": tuple(DISK_COUNTERS),
 }
 
 
@@ -127,6 +129,14 @@ def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, pag
         receive.run(ctx, sock, rings, page_count, page_size)
     finally:
         nctx.close()
+
+
+def _disk_entry(ctx: StageContext, settings: Settings) -> None:
+    """The replicated disk: an NBD export of this side's image, forwarding (primary) or
+    buffering and committing (secondary) the PVM's writes with the checkpoints."""
+    from pipeline.stages.disk import run_disk_stage
+    run_disk_stage(settings.node.role, settings.disk, settings.run_dir, ctx.counters,
+                   stop=ctx.stop)
 
 
 def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
@@ -221,6 +231,8 @@ class Supervisor:
             plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)),
                      StageSpec("mirror", inputs.run_mirror, (s, dom, shared))]
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
+        if s.disk.enabled:
+            plan.append(StageSpec("disk", _disk_entry, (s,)))
         return plan
 
     def start(self) -> None:
@@ -237,6 +249,8 @@ class Supervisor:
             names = ["coordinator", "snapshot", "send", "client"] if s.node.role == "primary" \
                 else ["coordinator", "receive", "restore", "mirror"]
             names.append("heartbeat")
+            if s.disk.enabled:
+                names.append("disk")
             workers = (s.pipeline.digest_workers if s.node.role == "primary"
                        else s.pipeline.verify_workers)
             names += [f"{'digest' if s.node.role == 'primary' else 'verify'}.{i}"

@@ -79,7 +79,8 @@ def test_defaults():
     assert s.run_dir == "/tmp/colo-pipeline/colo"
     assert config.peer_endpoints(s) == {"pages": "tcp://127.0.0.1:7400",
                                         "control": "tcp://127.0.0.1:7401",
-                                        "inputs": "tcp://127.0.0.1:7402"}
+                                        "inputs": "tcp://127.0.0.1:7402",
+                                        "heartbeat": "tcp://127.0.0.1:7403"}
     w = s.guest.workload
     assert abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) < 1e-9
     assert s.checkpoint.min_interval_ms <= s.checkpoint.max_interval_ms
@@ -180,7 +181,7 @@ def test_example_pairs_match(examples, prefix):
 # -- errors, through the command line (exit code 2, FILE:KEY: problem (expected …)) ------
 KEYED_ERRORS = [
     # id, file text, dotted key, part of the expectation
-    ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, guest, metrics, node"),
+    ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, disk, failover, guest, heartbeat, metrics, node"),
     ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of name, role, run_dir"),
     ("unknown-nested-2", "[guest.workload]\nmix_blue = 0.1\n", "guest.workload.mix_blue",
      "mix_random"),
@@ -217,9 +218,9 @@ KEYED_ERRORS = [
      "tcp://HOST:PORT"),
     ("address-port-not-numeric", "[peer]\naddress = 'tcp://host:http'\n", "peer.address",
      "tcp://HOST:PORT"),
-    ("address-port-0", "[peer]\naddress = 'tcp://host:0'\n", "peer.address", "1 to 65533"),
+    ("address-port-0", "[peer]\naddress = 'tcp://host:0'\n", "peer.address", "1 to 65532"),
     ("address-port-too-high", "[peer]\naddress = 'tcp://host:65534'\n", "peer.address",
-     "1 to 65533"),
+     "1 to 65532"),
     ("xen-without-domain", "[guest]\nbackend = 'xen'\n", "guest.domain", "domain"),
 ]
 

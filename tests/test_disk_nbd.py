@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pipeline.disk import nbd_protocol as P
+from pipeline.disk.nbd_client import NbdClient
 from pipeline.disk.settings import DiskSettings
 from pipeline.stages.disk import PrimaryDisk
 
@@ -135,42 +136,8 @@ def test_out_of_bounds_and_misaligned_requests_get_einval_and_change_nothing(exp
     assert img[:BS] == b"y" * BS and img[BS:] == bytes(SIZE - BS)
 
 
-class RawClient:
-    """A bare-bones NBD client: enough to send requests the polite clients refuse to."""
-
-    def __init__(self, uri: str) -> None:
-        host, port = uri[len("nbd://"):].rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        hello = self._recv(18)
-        assert hello[:8] == P.NBDMAGIC
-        self.sock.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
-        self.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, 6) + bytes(6))
-        while True:
-            _magic, _opt, rtype, length = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
-            self._recv(length)
-            if rtype == P.REP_ACK:
-                break
-
-    def _recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
-            buf += chunk
-        return buf
-
-    def request(self, cmd: int, offset: int, length: int, payload: bytes = b"",
-                cookie: int = 7, magic: int = P.REQUEST_MAGIC) -> None:
-        self.sock.sendall(P.REQUEST.pack(magic, 0, cmd, cookie, offset, length) + payload)
-
-    def reply(self, data_len: int = 0) -> tuple[int, int, bytes]:
-        magic, error, cookie = P.SIMPLE_REPLY.unpack(self._recv(P.SIMPLE_REPLY.size))
-        assert magic == P.SIMPLE_REPLY_MAGIC
-        return error, cookie, self._recv(data_len) if not error else b""
-
-    def close(self) -> None:
-        self.sock.close()
+class RawClient(NbdClient):
+    """The package's NBD client, used here for requests polite clients refuse to send."""
 
 
 def test_oversized_write_is_refused_and_the_connection_stays_in_step(export):

@@ -116,3 +116,14 @@ def test_killed_stage_stops_the_node_and_frees_shared_memory(tmp_path, victim):
     finally:
         pair.stop()
     assert _node_segments(pair, role) == []
+
+
+def test_demo_with_a_replicated_disk():
+    """The guest's disk (NBD, written by the demo's driver thread) is committed with the
+    checkpoints: after the final one the secondary's image equals the primary's."""
+    r = _cli("demo", "--duration", "2", "--pages", "2048", "--disk-mb", "32", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["memory_equal"] is True
+    assert summary["disk_writes"] > 20
+    assert summary["disk_equal"] is True

@@ -7,7 +7,7 @@ it connects to, the secondary as the address it binds. Validation raises
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COMPARE_MODES = ("off", "checkpoint")
 #: NBD's own ceiling on one request's payload; we never advertise more
@@ -29,44 +29,52 @@ def parse_export_address(address: str) -> tuple[str, str | tuple[str, int]]:
 
 @dataclass(frozen=True)
 class DiskSettings:
-    #: the disk image this host serves (primary: the PVM's disk; secondary: the image
-    #: as of the last checkpoint). Created sparse at ``export_size`` if missing.
-    image: str
-    #: bytes the NBD export reports; a multiple of ``block_size``
-    export_size: int
-    #: NBD minimum/preferred block size and the overlay's granularity (power of two, 512..64 KiB)
-    block_size: int = 4096
-    #: largest single NBD request accepted (bytes, multiple of block_size, ≤ 32 MiB)
-    max_request: int = NBD_MAX_REQUEST
-    #: where the NBD export listens: ``HOST:PORT`` or ``unix:PATH``
-    export: str = "127.0.0.1:10809"
-    #: ZeroMQ address of the write forwarding link (primary connects, secondary binds)
-    forward: str = "tcp://127.0.0.1:10810"
-    #: forwarded writes in flight per NBD connection before the primary stops reading
-    #: new requests (back-pressure on the guest when the secondary is slow)
-    forward_window: int = 64
-    #: how long the primary waits for the secondary's ack before failing a write with EIO
-    forward_timeout_ms: int = 10_000
-    #: ``"off"``: never compare write streams; ``"checkpoint"``: a divergence requests one
-    compare: str = "checkpoint"
-    #: an unmatched write older than this counts as a divergence (secondary side)
-    compare_timeout_ms: int = 2000
-    #: directory of the overlay, the PVM write buffer and the commit journal
-    #: (secondary); empty = ``<image>.colo/`` next to the image
-    state_dir: str = ""
-    #: SVM overlay ceiling: writes to new blocks beyond it fail with ENOSPC
-    overlay_max_bytes: int = 4 * 1024**3
-    #: buffered-but-uncommitted PVM write ceiling: forwarded writes beyond it are refused
-    buffer_max_bytes: int = 4 * 1024**3
-    #: secondary: fsync buffer logs, image and journal at every commit (survives a power
-    #: loss of the secondary host). false: survives a killed stage process only — a lost
-    #: secondary host is replaced by a full resync in COLO anyway — and commits are cheaper
-    durable_commit: bool = True
+    """The ``[disk]`` table. ``image`` empty (the default): no replicated disk."""
+    image: str = field(default="", metadata={"doc": (
+        "The disk image this host serves (primary: the PVM's disk; secondary: the image "
+        'as of the last checkpoint). Created sparse at ``export_size`` if missing.')})
+    export_size: int = field(default=0, metadata={"doc": (
+        'Bytes the NBD export reports; a multiple of ``block_size``.')})
+    block_size: int = field(default=4096, metadata={"doc": (
+        "NBD minimum/preferred block size and the overlay's granularity (power of two, "
+        '512..64 KiB).')})
+    max_request: int = field(default=NBD_MAX_REQUEST, metadata={"doc": (
+        'Largest single NBD request accepted (bytes, multiple of block_size, ≤ 32 MiB).')})
+    export: str = field(default="127.0.0.1:10809", metadata={"doc": (
+        'Where the NBD export listens: ``HOST:PORT`` or ``unix:PATH``.')})
+    forward: str = field(default="tcp://127.0.0.1:10810", metadata={"doc": (
+        'ZeroMQ address of the write forwarding link (primary connects, secondary binds).')})
+    forward_window: int = field(default=64, metadata={"doc": (
+        'Forwarded writes in flight per NBD connection before the primary stops reading '
+        'new requests (back-pressure on the guest when the secondary is slow).')})
+    forward_timeout_ms: int = field(default=10_000, metadata={"doc": (
+        "How long the primary waits for the secondary's ack before failing a write with "
+        'EIO.')})
+    compare: str = field(default="checkpoint", metadata={"doc": (
+        '``"off"``: never compare write streams; ``"checkpoint"``: a divergence requests '
+        'one.'), "choices": COMPARE_MODES})
+    compare_timeout_ms: int = field(default=2000, metadata={"doc": (
+        'An unmatched write older than this counts as a divergence (secondary side).')})
+    state_dir: str = field(default="", metadata={"doc": (
+        'Directory of the overlay, the PVM write buffer and the commit journal '
+        '(secondary); empty = ``<image>.colo/`` next to the image.')})
+    overlay_max_bytes: int = field(default=4 * 1024**3, metadata={"doc": (
+        'SVM overlay ceiling: writes to new blocks beyond it fail with ENOSPC.')})
+    buffer_max_bytes: int = field(default=4 * 1024**3, metadata={"doc": (
+        'Buffered-but-uncommitted PVM write ceiling: forwarded writes beyond it are '
+        'refused.')})
+    durable_commit: bool = field(default=True, metadata={"doc": (
+        'Secondary: fsync buffer logs, image and journal at every commit (survives a '
+        'power loss of the secondary host). false: survives a killed stage process only — '
+        'a lost secondary host is replaced by a full resync in COLO anyway — and commits '
+        'are cheaper.')})
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"disk.{key} = {getattr(self, key)!r}: {why}")
+            return ValueError(f"disk.{key}: {getattr(self, key)!r} {why}")
 
+        if self.image == "" and self.export_size == 0:
+            return                     # no [disk] table: no replicated disk
         if not isinstance(self.image, str) or not self.image:
             raise bad("image", "must be a non-empty path")
         bs = self.block_size
@@ -101,6 +109,10 @@ class DiskSettings:
             v = getattr(self, key)
             if not isinstance(v, int) or v < bs:
                 raise bad(key, f"must be an integer ≥ block_size ({bs})")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.image)
 
     @property
     def resolved_state_dir(self) -> str:
