@@ -121,20 +121,32 @@ def summarize(snapshot: dict) -> dict:
     }
 
 
-def _stats_table(snap: dict) -> str:
-    lines = [f"node {snap['node']}  " + "  ".join(f"{k}={v}" for k, v in snap["info"].items()
-                                                 if k in ("role", "state", "epoch"))]
-    lines.append(f"{'stage':<14}{'items in':>12}{'items out':>12}{'bytes out':>14}"
-                 f"{'busy s':>9}{'wait s':>9}{'ring hw':>8}{'errors':>8}")
+def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
+    """Per stage: throughput and busy/wait share over ``elapsed`` seconds (since ``prev``,
+    or since the node started), ring high-water and errors; then the checkpoints."""
+    def per_s(c: dict, p: dict | None, key: str) -> float:
+        return (c[key] - (p[key] if p else 0)) / elapsed if elapsed > 0 else 0.0
+    info = snap["info"]
+    lines = [f"node {snap['node']}  " + "  ".join(f"{k}={info[k]}" for k in
+                                                 ("role", "state", "epoch", "generation")
+                                                 if k in info)]
+    lines.append(f"{'stage':<13}{'items/s':>10}{'MB/s out':>10}{'busy %':>8}{'wait %':>8}"
+                 f"{'ring hw':>8}{'errors':>8}")
     for name, c in snap["stages"].items():
-        lines.append(f"{name:<14}{c['items_in']:>12}{c['items_out']:>12}{c['bytes_out']:>14}"
-                     f"{c['busy_ns'] / 1e9:>9.2f}{c['wait_ns'] / 1e9:>9.2f}"
+        p = prev["stages"].get(name) if prev else None
+        lines.append(f"{name:<13}{per_s(c, p, 'items_in') or per_s(c, p, 'items_out'):>10.0f}"
+                     f"{per_s(c, p, 'bytes_out') / 1e6:>10.2f}"
+                     f"{per_s(c, p, 'busy_ns') / 1e7:>8.1f}{per_s(c, p, 'wait_ns') / 1e7:>8.1f}"
                      f"{c['ring_high_water']:>8}{c['errors']:>8}")
     s = summarize(snap)
-    lines.append(f"checkpoints {s['checkpoints']} (aborted {s['aborted']}) causes {s['causes']}"
-                 f"  pause p50/p99 {s['pause_ms_p50']}/{s['pause_ms_p99']} ms"
-                 f"  commit p50 {s['commit_ms_p50']} ms  wire {s['bytes_sent']} B"
-                 f" of {s['bytes_raw']} B raw")
+    rate = (s["checkpoints"] - (summarize(prev)["checkpoints"] if prev else 0)) / elapsed \
+        if elapsed > 0 else 0.0
+    lines.append(f"checkpoints {s['checkpoints']} ({rate:.1f}/s, aborted {s['aborted']})  "
+                 f"causes {s['causes']}")
+    lines.append(f"PVM pause p50/p99 {s['pause_ms_p50']}/{s['pause_ms_p99']} ms  commit p50/p99 "
+                 f"{s['commit_ms_p50']}/{s['commit_ms_p99']} ms  wire {s['bytes_sent'] / 1e6:.1f} "
+                 f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
+                 f"{s['pages_skipped_hash']}, zero {s['pages_zero']}")
     return "\n".join(lines)
 
 
@@ -147,17 +159,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"colo-pipeline stats: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
+        prev, t_prev = None, node.node_info().get("started", time.time())
         while True:
             snap = node.snapshot()
+            now = time.time()
             if args.json:
                 snap["summary"] = summarize(snap)
                 print(json.dumps(snap))
                 return EXIT_OK
+            if args.prometheus:
+                from pipeline.metrics import render
+                sys.stdout.write(render(name).decode())
+                return EXIT_OK
             if args.watch:
                 sys.stdout.write("\x1b[H\x1b[2J")
-            print(_stats_table(snap), flush=True)
+            print(_stats_table(snap, prev, now - t_prev), flush=True)
             if not args.watch:
                 return EXIT_OK
+            prev, t_prev = snap, now
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return EXIT_OK
@@ -348,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--node", help="node name")
     g.add_argument("--config", help="the node's config file")
     sp.add_argument("--json", action="store_true", help="print one JSON object and exit")
+    sp.add_argument("--prometheus", action="store_true",
+                    help="print the Prometheus text exposition once and exit")
     sp.add_argument("--watch", type=float, default=0, metavar="S",
                     help="redraw every S seconds")
     sp.set_defaults(func=cmd_stats)

@@ -127,3 +127,44 @@ def test_demo_with_a_replicated_disk():
     assert summary["memory_equal"] is True
     assert summary["disk_writes"] > 20
     assert summary["disk_equal"] is True
+
+
+def test_sigterm_during_an_epoch_exits_cleanly(tmp_path):
+    """SIGTERM while a big checkpoint is in flight: exit 0 and no shared memory left."""
+    tables = {"guest": {"backend": "sim", "page_count": 16384},
+              "guest.workload": {"input_rate_hz": 0.0},
+              "checkpoint": {"max_interval_ms": 600000, "min_interval_ms": 0,
+                             "dirty_threshold_pages": 1 << 20}}
+    pair = LocalPair(tables, workdir=str(tmp_path)).start()
+    try:
+        pair.wait_protected()
+        from pipeline.xen_io.sim import SimDomain
+        pair.inject_input(SimDomain.write_command(12000))
+        time.sleep(0.3)
+        n = len(pair.checkpoints())
+        pair.request_checkpoint()
+        deadline = time.monotonic() + 10
+        while pair.node("primary").node_info().get("epoch", -1) < 0 and \
+                time.monotonic() < deadline:
+            time.sleep(0.001)
+        for p in pair.procs.values():          # both nodes, mid-epoch
+            p.send_signal(signal.SIGTERM)
+        codes = {role: p.wait(30) for role, p in pair.procs.items()}
+        assert codes == {"primary": 0, "secondary": 0}, (codes, pair.log_tail("primary"))
+        assert n >= 2
+    finally:
+        pair.stop()
+    assert _node_segments(pair, "primary") == [] and _node_segments(pair, "secondary") == []
+
+
+def test_stats_table_and_prometheus_text(tmp_path):
+    with LocalPair(SMALL, workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected()
+        pair.wait_checkpoints(4)
+        table = _cli("stats", "--node", pair.name("primary")).stdout
+        for word in ("items/s", "busy %", "wait %", "ring hw", "PVM pause p50/p99",
+                     "skipped by hash", "digest.0", "send"):
+            assert word in table, table
+        prom = _cli("stats", "--node", pair.name("primary"), "--prometheus").stdout
+        assert "colo_role" in prom and "colo_checkpoints_total" in prom
