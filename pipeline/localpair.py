@@ -22,8 +22,16 @@ import zmq
 
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
+from pipeline.shm import cleanup_segments, segment_prefix
 from pipeline.sockets import write_keypair
 from pipeline.stages.inputs import inject_address
+
+
+def _die_with_parent() -> None:
+    """In the node's child process: SIGTERM it when the process that started it dies, so a
+    test or demo killed by a timeout leaves no node running (Linux PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
 
 
 class PairError(RuntimeError):
@@ -130,7 +138,7 @@ class LocalPair:
         self.logs[role] = log_path
         out = open(log_path, "ab") if self.capture_logs else None
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_die_with_parent)
         if out:
             out.close()
         self.procs[role] = p
@@ -152,6 +160,9 @@ class LocalPair:
         c = self.counters.pop(role, None)
         if c is not None:
             c.close()
+        # a killed supervisor could not unlink its segments; a restarted node would remove
+        # them at start, here nobody restarts it
+        cleanup_segments(segment_prefix(self.name(role)))
         return t
 
     def check_alive(self) -> None:
