@@ -249,11 +249,13 @@ class XenDomain(Domain):
                              ctypes.get_errno(), f"{pages} pages for a {self.page_count}-bit bitmap")
         self._bitmap, self._bitmap_pages = buf, pages
         self._bitmap_words = np.ctypeslib.as_array((ctypes.c_uint64 * words).from_address(ptr))
+        self._bitmap_words[:] = 0  # the bits past page_count in the last word are never written by Xen
 
     def read_and_clear_dirty(self) -> np.ndarray:
         self._ensure_bitmap()
         assert self._bitmap is not None and self._bitmap_words is not None
-        self._bitmap_words[:] = 0
+        # No memset per call: Xen writes every byte of the requested range, copying dirty chunks
+        # and clearing the others (paging_log_dirty_op, xen/arch/x86/mm/paging.c).
         stats = XenShadowOpStats()
         rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_CLEAN,
                                           ctypes.byref(self._bitmap), self.page_count, 0, ctypes.byref(stats))

@@ -210,12 +210,12 @@ def bitmap_to_pfns(words: np.ndarray, nbits: int) -> np.ndarray:
         raise ValueError(f"dirty bitmap must be uint64 words, got {words.dtype}")
     if nbits > words.size * 64:
         raise ValueError(f"bitmap of {words.size} words cannot hold {nbits} bits")
-    hot = np.flatnonzero(words)
+    hot = np.flatnonzero(words).astype(np.uint64)
     if hot.size == 0:
-        return np.empty(0, dtype=np.uint64)
-    bits = np.unpackbits(words[hot].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    word_idx, bit_idx = np.nonzero(bits)
-    pfns = hot[word_idx].astype(np.uint64) * 64 + bit_idx.astype(np.uint64)
+        return hot
+    # bit b of hot word k is bit (64 * k + b) of the unpacked little-endian bytes
+    set_bits = np.flatnonzero(np.unpackbits(words[hot].view(np.uint8), bitorder="little")).astype(np.uint64)
+    pfns = hot[set_bits >> np.uint64(6)] * np.uint64(64) + (set_bits & np.uint64(63))
     return pfns[pfns < nbits]
 
 
