@@ -29,7 +29,7 @@ from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
-from pipeline.stages.common import HashTable, StageContext, stage_main
+from pipeline.stages.common import HashTable, PageBuffer, StageContext, stage_main
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
 from pipeline.xen_io.base import Domain
@@ -199,14 +199,21 @@ class Supervisor:
             to_send = [self._ring(f"digest{i}-send", slots, layout) for i in range(n)]
             seg, table, pending = _tables_segment(self.name, dom.page_count)
             self.segments.append(seg)
+            # room for a checkpoint's dirty set twice over (a timer checkpoint may overshoot
+            # the threshold; torn epochs add their pages), never more than the guest
+            snap_pages = min(dom.page_count, max(2 * s.checkpoint.dirty_threshold_pages, 4096))
+            snap_seg = create_segment(f"{segment_prefix(self.name)}snapshot",
+                                      snap_pages * dom.page_size)
+            self.segments.append(snap_seg)
+            snapbuf = PageBuffer(snap_seg, dom.page_size)
             snap_a, snap_b = FORK.Pipe()
             send_a, send_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _primary_coordinator,
                               (s, self.node, dom, snap_a, send_a, table, pending, shared,
                                hb_in)),
-                    StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b))]
-            plan += [StageSpec(f"digest.{i}", digest.run, (to_digest[i], to_send[i], table))
-                     for i in range(n)]
+                    StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b, snapbuf))]
+            plan += [StageSpec(f"digest.{i}", digest.run,
+                               (to_digest[i], to_send[i], table, snapbuf)) for i in range(n)]
             plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)),
                      StageSpec("client", inputs.run_client, (s, dom, shared))]
         else:

@@ -29,6 +29,7 @@ SLOT_SYNC = wire.FLAG_SYNC      # the epoch is the first full sync
 SLOT_BAD = 2                    # a verify worker found a page that failed its hash or did not decode
 SLOT_DIGEST = wire.FLAG_DIGEST  # hash all of guest memory at this checkpoint
 SLOT_PACKED = 8                 # the batch's data is one lz4 block (wire.PAGES_PACKED)
+SLOT_BUFFERED = 16              # the pages are in the snapshot buffer at row ``seq``
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 
@@ -61,6 +62,18 @@ class HashTable:
     def update(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
         self.hashes[pfns] = hashes
         self.valid[pfns] = True
+
+
+class PageBuffer:
+    """Rows of guest pages in a shared segment the supervisor owns (the primary's
+    snapshot buffer, the secondary's staging area)."""
+
+    def __init__(self, segment, page_size: int) -> None:
+        self.segment = segment
+        self.pages = np.ndarray((segment.size // page_size, page_size), np.uint8, segment.buf)
+
+    def prefault(self) -> None:
+        self.segment.prefault()
 
 
 @dataclass
@@ -97,7 +110,7 @@ def _prefault(args: tuple) -> None:
     the copy they interrupt, so they must not land inside a PVM pause or a commit."""
     for arg in args:
         for obj in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(obj, Ring) or hasattr(obj, "memory_view"):
+            if isinstance(obj, (Ring, PageBuffer)) or hasattr(obj, "memory_view"):
                 prefault = getattr(obj, "prefault", None)
                 if prefault is not None:
                     prefault()

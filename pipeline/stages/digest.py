@@ -17,8 +17,9 @@ import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_END, SLOT_PACKED, HashTable, StageContext,
-                                    copy_marker, read_slot, write_slot, zero_page_hash)
+from pipeline.stages.common import (SLOT_BUFFERED, SLOT_END, SLOT_PACKED, HashTable, PageBuffer,
+                                    StageContext, copy_marker, read_slot, write_slot,
+                                    zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
@@ -52,7 +53,8 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
     return block.nbytes, False, counts
 
 
-def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable) -> None:
+def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
+        snapbuf: PageBuffer) -> None:
     c = ctx.counters
     while True:
         slot = read_slot(ctx, ring_in)
@@ -67,14 +69,16 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable) -> N
         else:
             n = slot.count
             out.pfns[:n] = slot.pfns[:n]
-            nbytes, packed, counts = encode_batch(slot.pfns[:n], slot.data[:n], table,
+            pages = snapbuf.pages[slot.seq:slot.seq + n] if slot.flags & SLOT_BUFFERED \
+                else slot.data[:n]
+            nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table,
                                                   out.hashes, out.enc_len, out.enc_kind,
                                                   out.data_flat)
             out.kind, out.epoch, out.count = slot.kind, slot.epoch, n
-            out.flags = slot.flags | (SLOT_PACKED if packed else 0)
+            out.flags = (slot.flags & ~SLOT_BUFFERED) | (SLOT_PACKED if packed else 0)
             out.aux_len, out.seq = nbytes, 0
             c.add("items_in", n)
-            c.add("bytes_in", n * slot.data.shape[1])
+            c.add("bytes_in", n * pages.shape[1])
             c.add("items_out", n)
             c.add("bytes_out", nbytes)
             c.add("pages_zero", counts[wire.ENC_ZERO])

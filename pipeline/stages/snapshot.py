@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_DATA, SLOT_DIGEST, SLOT_END, SLOT_SYNC, StageContext,
-                                    write_slot)
+from pipeline.stages.common import (SLOT_BUFFERED, SLOT_DATA, SLOT_DIGEST, SLOT_END, SLOT_SYNC,
+                                    PageBuffer, StageContext, write_slot)
 from pipeline.xen_io.base import Domain
 
 
@@ -61,7 +61,27 @@ def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, f
     return True
 
 
-def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
+def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int,
+                       flags: int) -> bool:
+    """Hand the digest workers the pages already copied to the snapshot buffer: each slot
+    names its pfns and where they sit in the buffer (``seq``), no page data."""
+    batch = rings[0].layout.batch_pages
+    for n, start in enumerate(range(0, len(pfns), batch)):
+        chunk = pfns[start:start + batch]
+        slot = write_slot(ctx, rings[n % len(rings)])
+        if slot is None:
+            return False
+        k = len(chunk)
+        slot.pfns[:k] = chunk
+        slot.kind, slot.epoch, slot.count, slot.seq = SLOT_DATA, epoch, k, start
+        slot.flags, slot.aux_len = flags | SLOT_BUFFERED, 0
+        rings[n % len(rings)].commit_write(slot)
+        ctx.counters.add("items_out", k)
+    return True
+
+
+def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
+        snapbuf: PageBuffer) -> None:
     log = ctx.log
     while not ctx.stopping():
         if not ctrl.poll(0.2):
@@ -97,10 +117,17 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl) -> None:
                 dirty = np.union1d(dirty, carry).astype(np.uint64)
             vcpu = domain.get_vcpu_state()
             digest = domain.memory_digest() if flags & SLOT_DIGEST else b""
-            ok = _copy_pages(ctx, domain, rings, dirty, epoch, flags)
+            # The pause is one gather of the dirty pages into the snapshot buffer, with
+            # every core free for it: the digest workers only hear of the pages after the
+            # PVM runs again. A dirty set larger than the buffer overflows into the rings.
+            k = min(len(dirty), len(snapbuf.pages))
+            domain.read_pages(dirty[:k], snapbuf.pages[:k])
+            ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch, flags)
             domain.resume()
             pause_ns = time.perf_counter_ns() - t0
-            if not ok or not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
+            ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
+            if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch, flags) or \
+                    not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
                 return
             input_seq = getattr(domain, "vcpu_input_seq", lambda b: -1)(vcpu)
             ctrl.send(("snapshotted", epoch, len(dirty), pause_ns, input_seq, digest))
