@@ -115,6 +115,20 @@ def _send_all(client, chunks: list[bytes]) -> None:
         client.sock.sendall(chunk)
 
 
+def _wait_quiet(rx: Receiver, timeout: float, quiet: float = 1.0) -> None:
+    """Wait until every frame came out, or none came for ``quiet`` s (QEMU 7.2 keeps its
+    last released frame until another one is written), at most ``timeout`` s."""
+    end = time.monotonic() + timeout
+    seen, since = rx.count, time.monotonic()
+    while not rx.done.is_set() and time.monotonic() < end:
+        rx.join(0.05)
+        if rx.count != seen:
+            seen, since = rx.count, time.monotonic()
+        elif time.monotonic() - since > quiet:
+            break
+    rx.done.set()
+
+
 def throughput(kind: str, pvm: list[bytes], svm: list[bytes], timeout: float) -> dict:
     with running_peer(kind, timeout_ms=60_000, scan_ms=1000,
                       max_queue=len(pvm) + 16) as peer:
@@ -128,8 +142,7 @@ def throughput(kind: str, pvm: list[bytes], svm: list[bytes], timeout: float) ->
             s.start()
         for s in senders:
             s.join()
-        rx.join(timeout)
-        rx.done.set()
+        _wait_quiet(rx, timeout)
         last = max((t for t in rx.times if t is not None), default=t0)
         elapsed = last - t0
     return {"frames": rx.count, "seconds": round(elapsed, 4),
@@ -152,8 +165,7 @@ def latency(kind: str, pvm: list[bytes], svm: list[bytes], rate: float) -> dict:
             sent[i] = time.perf_counter()
             peer.pin.sock.sendall(encode_frame(p))
             peer.sin.sock.sendall(encode_frame(s))
-        rx.join(10)
-        rx.done.set()
+        _wait_quiet(rx, 10)
     lat = sorted((t - s) * 1e6 for t, s in zip(rx.times, sent) if t is not None)
     if not lat:
         return {"frames": 0, "p50_us": None, "p99_us": None}

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 #: read at most this much per recv() call so one busy source cannot starve the others
 READ_CHUNK = 1 << 20
 PACKET_OUTGOING = 4
+SOCKET_BUFFER = 4 << 20
 ETH_P_ALL = 0x0003
 
 
@@ -131,6 +132,9 @@ class StreamEndpoint(FrameSource, FrameSink):
         except (BlockingIOError, InterruptedError):
             return False
         peer.setblocking(True)
+        # room for bursts: a peer that reads in big gulps should not stall the loop's sendall
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         if peer.family == socket.AF_INET:
             peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._peer = peer
