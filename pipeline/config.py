@@ -97,6 +97,9 @@ class PipelineSettings:
     verify_workers: int = _f(2, "Secondary: processes that decompress and verify pages.",
                              min=1, max=64)
     batch_pages: int = _f(64, "Pages per ring slot and per PAGES record.", min=1, max=1024)
+    compress: str = _f("lz4", "Primary: compress the pages of each batch with lz4 (fewer bytes "
+                       "on the wire, more CPU) or send them as they are (a fast link and "
+                       "few cores).", choices=("lz4", "none"))
     ring_slots: int = _f(0, "Slots per ring; 0 sizes the rings so one dirty threshold's worth "
                          "of pages (at most the guest's size) fits, so the PVM never waits "
                          "for the digest workers.", min=0)

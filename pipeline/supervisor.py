@@ -213,7 +213,8 @@ class Supervisor:
                                hb_in)),
                     StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b, snapbuf))]
             plan += [StageSpec(f"digest.{i}", digest.run,
-                               (to_digest[i], to_send[i], table, snapbuf)) for i in range(n)]
+                               (to_digest[i], to_send[i], table, snapbuf,
+                                s.pipeline.compress == "lz4")) for i in range(n)]
             plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)),
                      StageSpec("client", inputs.run_client, (s, dom, shared))]
         else:

@@ -73,19 +73,21 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 
 
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
-          threshold: int) -> LocalPair:
+          threshold: int, compress: str = "lz4") -> LocalPair:
     return LocalPair({
         "guest": {"backend": "sim", "page_count": page_count},
         "guest.workload": {"seed": SEED, "input_rate_hz": 0.0},
-        "pipeline": {"digest_workers": digest_workers, "verify_workers": verify_workers},
+        "pipeline": {"digest_workers": digest_workers, "verify_workers": verify_workers,
+                     "compress": compress},
         "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
                        "dirty_threshold_pages": threshold, "epoch_timeout_ms": 300_000},
     })
 
 
-def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int = 2) -> dict:
+def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int = 2,
+                  compress: str = "lz4") -> dict:
     """Full sync of a seed-7 sim guest between a real primary and secondary on this machine."""
-    with _pair(page_count, digest_workers, verify_workers, page_count) as pair:
+    with _pair(page_count, digest_workers, verify_workers, page_count, compress) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]

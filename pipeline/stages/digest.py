@@ -24,7 +24,7 @@ from pipeline.stages.common import (SLOT_BUFFERED, SLOT_END, SLOT_PACKED, HashTa
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
                  out_hashes: np.ndarray, out_len: np.ndarray, out_kind: np.ndarray,
-                 out_data: np.ndarray) -> tuple[int, bool, dict[int, int]]:
+                 out_data: np.ndarray, compress: bool = True) -> tuple[int, bool, dict[int, int]]:
     """Encode ``pages`` (n, page_size) into the output arrays.
 
     Returns (bytes of data, packed, pages per kind). Pages that carry data are sent as
@@ -45,8 +45,8 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
     if not k:
         return 0, False, counts
     block = pages if k == n else pages[carry]
-    packed = lz4.block.compress(block, store_size=False)
-    if len(packed) < block.nbytes:
+    packed = lz4.block.compress(block, store_size=False) if compress else b""
+    if packed and len(packed) < block.nbytes:
         out_data[:len(packed)] = np.frombuffer(packed, np.uint8)
         return len(packed), True, counts
     out_data[:block.nbytes] = block.reshape(-1)
@@ -54,7 +54,7 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
 
 
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
-        snapbuf: PageBuffer) -> None:
+        snapbuf: PageBuffer, compress: bool = True) -> None:
     c = ctx.counters
     while True:
         slot = read_slot(ctx, ring_in)
@@ -73,7 +73,7 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
                 else slot.data[:n]
             nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table,
                                                   out.hashes, out.enc_len, out.enc_kind,
-                                                  out.data_flat)
+                                                  out.data_flat, compress)
             out.kind, out.epoch, out.count = slot.kind, slot.epoch, n
             out.flags = (slot.flags & ~SLOT_BUFFERED) | (SLOT_PACKED if packed else 0)
             out.aux_len, out.seq = nbytes, 0
