@@ -11,7 +11,8 @@ frame pairs go to each:
   datagrams newest-first, so several in flight would make it ask for checkpoints).
 
 Figures: frames/s (PVM frames released per second, PVM and SVM streams sent as fast
-as possible from two threads) and the added latency PVM frame in -> released frame
+as possible from two threads), the comparator process's CPU time per frame pair in
+that run (steadier than frames/s on a shared machine) and the added latency PVM frame in -> released frame
 out (p50/p99), measured open-loop at ``--rate`` pairs/s. QEMU's max_queue_size is
 raised to the stream length so it drops nothing.
 
@@ -115,6 +116,13 @@ def _send_all(client, chunks: list[bytes]) -> None:
         client.sock.sendall(chunk)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc; clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_quiet(rx: Receiver, timeout: float, quiet: float = 1.0) -> None:
     """Wait until every frame came out, or none came for ``quiet`` s (QEMU 7.2 keeps its
     last released frame until another one is written), at most ``timeout`` s."""
@@ -135,6 +143,7 @@ def throughput(kind: str, pvm: list[bytes], svm: list[bytes], timeout: float) ->
         rx = Receiver(peer.out, {f: i for i, f in enumerate(pvm)}, len(pvm))
         rx.start()
         pvm_chunks, svm_chunks = _chunks(pvm), _chunks(svm)
+        cpu0 = _cpu_seconds(peer.proc.pid)
         t0 = time.perf_counter()
         senders = [threading.Thread(target=_send_all, args=(peer.pin, pvm_chunks)),
                    threading.Thread(target=_send_all, args=(peer.sin, svm_chunks))]
@@ -143,10 +152,12 @@ def throughput(kind: str, pvm: list[bytes], svm: list[bytes], timeout: float) ->
         for s in senders:
             s.join()
         _wait_quiet(rx, timeout)
+        cpu = _cpu_seconds(peer.proc.pid) - cpu0
         last = max((t for t in rx.times if t is not None), default=t0)
         elapsed = last - t0
     return {"frames": rx.count, "seconds": round(elapsed, 4),
-            "frames_per_s": round(rx.count / elapsed, 1) if elapsed > 0 else 0.0}
+            "frames_per_s": round(rx.count / elapsed, 1) if elapsed > 0 else 0.0,
+            "cpu_us_per_pair": round(cpu / len(pvm) * 1e6, 2)}
 
 
 def latency(kind: str, pvm: list[bytes], svm: list[bytes], rate: float) -> dict:
@@ -217,7 +228,7 @@ def main() -> int:
         q, o = row["qemu"], row["ours"]
         row["ratio_frames_per_s"] = round(o["frames_per_s"] / q["frames_per_s"], 3) \
             if q["frames_per_s"] else None
-        for p in ("p50_us", "p99_us"):
+        for p in ("p50_us", "p99_us", "cpu_us_per_pair"):
             row[f"ratio_{p}"] = round(q[p] / o[p], 3) if q[p] and o[p] else None
         result[name] = row
         print(f"{name}: frames/s ours {o['frames_per_s']:>10.0f}  qemu {q['frames_per_s']:>10.0f}"
@@ -226,6 +237,8 @@ def main() -> int:
         print(f"{name}: latency p50 ours {o['p50_us']} us  qemu {q['p50_us']} us  "
               f"(qemu/ours {row['ratio_p50_us']});  p99 ours {o['p99_us']} us  "
               f"qemu {q['p99_us']} us  (qemu/ours {row['ratio_p99_us']})")
+        print(f"{name}: comparator CPU per frame pair ours {o['cpu_us_per_pair']} us  "
+              f"qemu {q['cpu_us_per_pair']} us  (qemu/ours {row['ratio_cpu_us_per_pair']})")
     if args.json:
         print(json.dumps(result))
     return 0
