@@ -22,12 +22,14 @@ from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT
 
 IP = shutil.which("ip")
 ETHTOOL = shutil.which("ethtool")
+SYSCTL = shutil.which("sysctl")
 
 pytestmark = [
     pytest.mark.root, pytest.mark.timeout(180),
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
     pytest.mark.skipif(IP is None, reason="iproute2 (ip) is not installed"),
     pytest.mark.skipif(ETHTOOL is None, reason="ethtool is needed to turn veth offloads off"),
+    pytest.mark.skipif(SYSCTL is None, reason="sysctl (procps) is needed to turn IPv6 off"),
 ]
 
 GUEST_IP, CLIENT_IP = "10.77.0.2", "10.77.0.1"
