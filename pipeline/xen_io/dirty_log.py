@@ -319,6 +319,9 @@ class DirtyBitmap:
         return int(np.count_nonzero(self.bytes))
 
     def read_and_clear_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        pfns = np.flatnonzero(self.bytes).astype(np.uint64)
+        # a copy first: numpy refuses to count non-zeros in a buffer another process is
+        # writing. A mark set again between the copy and the clear is lost, but harmless:
+        # the caller reads the page's content after this returns, so that write is in it.
+        pfns = np.flatnonzero(self.bytes.copy()).astype(np.uint64)
         self.bytes[pfns] = 0
         return pfns_to_runs(pfns)
