@@ -145,7 +145,7 @@ def compare_memory(p: XenDomain, s: XenDomain, pfns: np.ndarray, skip: np.ndarra
 def replicate_python(rounds: int, interval_ms: int, failover: bool) -> list[Checkpoint]:
     """COLO checkpoints of prim into sec with pipeline.xen_io.xen, split as the pipeline splits them.
 
-    Primary side (the PVM pause): pause P (and S), CLEAN P, read P's dirty frames into a buffer
+    The secondary is paused first (DESIGN.md step 2). Primary side (the PVM pause): pause P, CLEAN P, read P's dirty frames into a buffer
     (the pipeline's ring), read P's HVM context, resume P. Secondary side: CLEAN S, update the
     checkpoint cache with P's frames, write P's dirty frames plus the frames S dirtied itself
     (restored from the cache) into S, then compare S with P (full-memory blake3), load the
@@ -171,10 +171,11 @@ def replicate_python(rounds: int, interval_ms: int, failover: bool) -> list[Chec
         if r:
             time.sleep(interval_ms / 1000)
         last = r == rounds
+        # the secondary stops first (DESIGN.md step 2), then the primary: the PVM pause starts here
+        s.pause()
         # -- primary side: this is the PVM pause
         t0 = time.perf_counter()
         p.pause()
-        s.pause()
         dirty_p = p.read_and_clear_dirty()
         t1 = time.perf_counter()
         if r == 0:
