@@ -188,6 +188,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.localpair import LocalPair, PairError
     tables = {
+        # the network comparator on the primary; both guests' outputs go to it as frames
+        "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+                "secondary_in": "unix:{workdir}/net-svm.sock",
+                "compare_timeout_ms": args.compare_timeout_ms},
         "guest": {"backend": "sim", "page_count": args.pages, "dirty_log": args.dirty_log},
         "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_input,
                            "nondeterminism": args.nondeterminism,
@@ -355,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the systemd unit runs this")
     sp.add_argument("--config", required=True, help="TOML config file")
     sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("compare", help="the network comparator alone, a drop-in for QEMU's "
+                        "colo-compare (same socket roles and framing; Xen's notify protocol)")
+    from pipeline.net.standalone import add_compare_arguments, run_compare
+    add_compare_arguments(sp)
+    sp.set_defaults(func=run_compare)
     sp = sub.add_parser("keygen", help="write a CURVE key pair for one host")
     sp.add_argument("--dir", default=".", help="where to write the two files")
     sp.add_argument("--name", required=True, help="file name stem, e.g. the host name")
@@ -383,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nondeterminism", type=float, default=0.0)
     sp.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"])
     sp.add_argument("--verbose", action="store_true", help="show the nodes' logs")
+    sp.add_argument("--compare-timeout-ms", type=int, default=1000,
+                    help="net.compare_timeout_ms: a PVM output unmatched this long requests "
+                    "a checkpoint")
     sp.add_argument("--disk-mb", type=int, default=0, metavar="N",
                     help="give the guest a replicated disk of N MiB (served over NBD; a "
                     "driver thread writes to it) and check both images are equal at the end")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.disk.settings import DiskSettings
+from pipeline.net.settings import NetSettings
 from pipeline.failover_settings import FailoverSettings, HeartbeatSettings
 
 
@@ -152,6 +153,8 @@ class Settings:
                                           "lost, and the guard against split brain.")
     disk: DiskSettings = _section(DiskSettings, "The guest's disk, served over NBD and "
                                   "replicated with the checkpoints (no `image`: no disk).")
+    net: NetSettings = _section(NetSettings, "The network comparator (primary; no "
+                                "`primary_in`: no comparator).")
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -218,10 +221,13 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
         values[name] = value
     try:
         return cls(**values)
-    except ValueError as exc:   # a section that checks itself says "section.key: problem"
-        where, _, problem = str(exc).partition(": ")
-        problem, _, expected = problem.rpartition(" (expected ")
-        raise ConfigError(path, where, problem or str(exc), expected.rstrip(")")) from None
+    except ValueError as exc:   # a section that checks itself names "section.key" first
+        m = re.match(r"(\w+(?:\.\w+)+):?\s*(.*)", str(exc), re.S)
+        where, problem = (m.group(1), m.group(2)) if m else (prefix.rstrip("."), str(exc))
+        problem, sep, expected = problem.rpartition(" (expected ")
+        if not sep:
+            problem, expected = expected, ""
+        raise ConfigError(path, where, problem, expected.rstrip(")")) from None
 
 
 def _check(settings: Settings, path: str) -> None:

@@ -382,7 +382,10 @@ class PrimaryCoordinator:
                 flags |= wire.FLAG_DIGEST
             cause = cause or (req_cause if req_cause in CAUSES else "request")
         if cause is not None:
-            self.pending_request = (cause, flags)
+            # requests pile up until min_interval_ms allows a checkpoint: keep the first
+            # cause and every flag asked for (a digest request must not be lost)
+            old = self.pending_request
+            self.pending_request = (old[0], old[1] | flags) if old else (cause, flags)
         pend = self.pending_request
         if pend is not None and since >= cp.min_interval_ms:
             self.pending_request = None

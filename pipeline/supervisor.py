@@ -26,6 +26,7 @@ from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
+from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
@@ -69,6 +70,7 @@ EXTRA_COUNTERS = {
     "mirror": ("outputs", "input_full", "inputs_generated"),
     "heartbeat": heartbeat.COUNTERS,
     "disk": tuple(DISK_COUNTERS),
+    "net_compare": tuple(NET_COUNTERS),
 }
 
 
@@ -137,6 +139,13 @@ def _disk_entry(ctx: StageContext, settings: Settings) -> None:
     from pipeline.stages.disk import run_disk_stage
     run_disk_stage(settings.node.role, settings.disk, settings.run_dir, ctx.counters,
                    stop=ctx.stop)
+
+
+def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:
+    """The network comparator: the PVM's and the SVM's output frames, compared."""
+    from pipeline.stages.net_compare import run_net_compare_stage
+    run_net_compare_stage(settings.net, settings.run_dir, counters_sink=ctx.counters,
+                          stop=ctx.stop)
 
 
 def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
@@ -241,6 +250,8 @@ class Supervisor:
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
             plan.append(StageSpec("disk", _disk_entry, (s,)))
+        if s.node.role == "primary" and s.net.primary_in:
+            plan.append(StageSpec("net_compare", _net_compare_entry, (s,)))
         return plan
 
     def start(self) -> None:
@@ -259,12 +270,15 @@ class Supervisor:
             names.append("heartbeat")
             if s.disk.enabled:
                 names.append("disk")
+            if s.node.role == "primary" and s.net.primary_in:
+                names.append("net_compare")
             workers = (s.pipeline.digest_workers if s.node.role == "primary"
                        else s.pipeline.verify_workers)
             names += [f"{'digest' if s.node.role == 'primary' else 'verify'}.{i}"
                       for i in range(workers)]
             self.node = NodeCounters.create(self.name, {
-                n: STAGE_COUNTERS + EXTRA_COUNTERS.get(n.split(".")[0], ()) for n in names})
+                n: STAGE_COUNTERS + tuple(c for c in EXTRA_COUNTERS.get(n.split(".")[0], ())
+                                          if c not in STAGE_COUNTERS) for n in names})
             self.node.set_node_info({"role": s.node.role, "pid": os.getpid(),
                                      "config": s.source, "started": time.time(),
                                      "page_count": self.domain.page_count,

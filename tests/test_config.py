@@ -181,7 +181,7 @@ def test_example_pairs_match(examples, prefix):
 # -- errors, through the command line (exit code 2, FILE:KEY: problem (expected …)) ------
 KEYED_ERRORS = [
     # id, file text, dotted key, part of the expectation
-    ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, disk, failover, guest, heartbeat, metrics, node"),
+    ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, disk, failover, guest, heartbeat, metrics, net, node"),
     ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of name, role, run_dir"),
     ("unknown-nested-2", "[guest.workload]\nmix_blue = 0.1\n", "guest.workload.mix_blue",
      "mix_random"),

@@ -26,6 +26,19 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def test_demo_comparator_requests_checkpoints_on_divergent_output():
+    """The guests' outputs go to the network comparator as frames; a nondeterministic
+    guest makes it request checkpoints through the coordinator (cause net_divergence),
+    and the pair still ends with equal memory."""
+    r = _cli("demo", "--duration", "3", "--pages", "2048", "--nondeterminism", "0.1",
+             "--interval-ms", "5000", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["causes"].get("net_divergence", 0) >= 5, summary["causes"]
+    assert summary["causes"].get("timer", 0) == 0
+    assert summary["memory_equal"] is True
+
+
 @pytest.mark.parametrize("dirty_log", ["uffd", "bitmap"])
 def test_demo_proves_memory_equality(dirty_log):
     r = _cli("demo", "--duration", "2", "--pages", "4096", "--dirty-log", dirty_log,

@@ -1,7 +1,7 @@
 """Settings of the network comparator (the ``[net]`` table of the config file)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 #: QEMU's NET_BUFSIZE (4096 + 65536): the largest frame the socket framing carries
 MAX_FRAME_BYTES = 69632
@@ -16,32 +16,33 @@ class NetSettings:
     An empty address means the role is not used.
     """
 
-    #: a PVM frame unmatched this long requests a checkpoint (QEMU's default: 3000)
-    compare_timeout_ms: int = 3000
-    #: how often held frames are checked for the timeout (QEMU's expired_scan_cycle)
-    expired_scan_ms: int = 100
-    #: connections tracked at once; when full, idle connections are evicted first
-    max_connections: int = 4096
-    #: frames held per connection and side (QEMU's max_queue_size: 1024)
-    max_queue_frames: int = 1024
-    #: incomplete IPv4 datagrams held for reassembly per side
-    max_fragment_datagrams: int = 256
-    #: the socket framing carries a vnet header length (QEMU's vnet_hdr_support)
-    vnet_hdr: bool = False
-    #: rewrite the SVM's TCP sequence numbers into the PVM's space (filter-rewriter);
-    #: off when the secondary stream is already rewritten (QEMU's filter-rewriter)
-    rewrite_secondary: bool = False
-    #: where PVM frames come from
-    primary_in: str = ""
-    #: where SVM frames come from
-    secondary_in: str = ""
-    #: where released PVM frames go (towards the client)
-    outdev: str = ""
-    #: client frames to mirror to both guests (optional)
-    client_in: str = ""
-    #: where mirrored client frames go to the PVM / the SVM (optional)
-    primary_out: str = ""
-    secondary_out: str = ""
+    compare_timeout_ms: int = field(default=3000, metadata={"doc": (
+        "A PVM frame unmatched this long requests a checkpoint (QEMU's default: 3000).")})
+    expired_scan_ms: int = field(default=100, metadata={"doc": (
+        "How often held frames are checked for the timeout (QEMU's expired_scan_cycle).")})
+    max_connections: int = field(default=4096, metadata={"doc": (
+        'Connections tracked at once; when full, idle connections are evicted first.')})
+    max_queue_frames: int = field(default=1024, metadata={"doc": (
+        "Frames held per connection and side (QEMU's max_queue_size: 1024).")})
+    max_fragment_datagrams: int = field(default=256, metadata={"doc": (
+        'Incomplete IPv4 datagrams held for reassembly per side.')})
+    vnet_hdr: bool = field(default=False, metadata={"doc": (
+        "The socket framing carries a vnet header length (QEMU's vnet_hdr_support).")})
+    rewrite_secondary: bool = field(default=False, metadata={"doc": (
+        "Rewrite the SVM's TCP sequence numbers into the PVM's space (filter-rewriter); "
+        "off when the secondary stream is already rewritten (QEMU's filter-rewriter).")})
+    primary_in: str = field(default="", metadata={"doc": (
+        'Where PVM frames come from.')})
+    secondary_in: str = field(default="", metadata={"doc": (
+        'Where SVM frames come from.')})
+    outdev: str = field(default="", metadata={"doc": (
+        'Where released PVM frames go (towards the client).')})
+    client_in: str = field(default="", metadata={"doc": (
+        'Client frames to mirror to both guests (optional).')})
+    primary_out: str = field(default="", metadata={"doc": (
+        'Where mirrored client frames go to the PVM / the SVM (optional).')})
+    secondary_out: str = field(default="", metadata={"doc": (
+        'Where mirrored client frames go to the PVM / the SVM (optional).')})
 
     def __post_init__(self) -> None:
         def positive(key: str) -> None:

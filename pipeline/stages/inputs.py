@@ -33,11 +33,40 @@ def client_input(seed: int, seq: int) -> bytes:
     return blake3.blake3(b"input %d %d" % (seed, seq)).digest(length=INPUT_SIZE)
 
 
-def _drain_outputs(ctx: StageContext, domain) -> None:
-    outs = domain.read_outputs(0.0)
-    if outs:
-        ctx.counters.add("outputs", len(outs))
-        ctx.counters.add("bytes_out", sum(len(f) for _, f in outs))
+class OutputPort:
+    """Where a guest's output goes: to the network comparator as Ethernet/UDP frames
+    (``address`` is its primary_in or secondary_in), or nowhere but the counters."""
+
+    def __init__(self, ctx: StageContext, address: str) -> None:
+        self.ctx, self.address, self.client = ctx, address, None
+
+    def deliver(self, domain, compare: bool = True) -> None:
+        outs = domain.read_outputs(0.0)
+        if not outs:
+            return
+        self.ctx.counters.add("outputs", len(outs))
+        self.ctx.counters.add("bytes_out", sum(len(f) for _, f in outs))
+        if not (compare and self.address):
+            return
+        from pipeline.net.adapters import StreamClient
+        from pipeline.net.build import guest_output_frame
+        try:
+            if self.client is None:
+                self.client = StreamClient(self.address, timeout=0.5)
+            self.client.send_many([guest_output_frame(f) for _, f in outs])
+        except (OSError, ConnectionError) as exc:
+            # the comparator is not there (yet, or any more): the frames are lost to it,
+            # which it sees as unmatched frames (a checkpoint), never as a wrong match
+            self.ctx.counters.add("errors", 1)
+            self.ctx.log.warning("guest output: comparator at %s unreachable: %s",
+                                 self.address, exc)
+            if self.client is not None:
+                self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
 
 
 def inject_address(run_dir: str) -> str:
@@ -56,9 +85,10 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
     n = 0
     payload: bytes | None = None
     was_unprotected = False
+    port = OutputPort(ctx, settings.net.primary_in)
     try:
         while not ctx.stopping():
-            _drain_outputs(ctx, domain)
+            port.deliver(domain)
             ctx.counters.set("pvm_input_seq", domain.input_seq())
             if shared.unprotected.value:
                 was_unprotected = True
@@ -102,6 +132,7 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
             payload = None
             domain.trim_inputs(domain.input_seq())
     finally:
+        port.close()
         nctx.close()
 
 
@@ -116,9 +147,12 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
     fed = 0
     rate = settings.guest.workload.input_rate_hz
     next_at = 0.0
+    port = OutputPort(ctx, settings.net.secondary_in)
     try:
         while not ctx.stopping():
-            _drain_outputs(ctx, domain)
+            # compared while the primary is there; once active the SVM's output is the
+            # service's output
+            port.deliver(domain, compare=not shared.active.value)
             if shared.active.value:
                 if shared.hold_inputs.value or rate <= 0:
                     time.sleep(0.005)
@@ -171,5 +205,6 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
             ctx.counters.add("bytes_in", len(held[1]))
             held = None
     finally:
+        port.close()
         events.close()
         nctx.close()
