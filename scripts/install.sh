@@ -23,7 +23,11 @@ apt_install() {
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv python3-pip
 [ -x .venv/bin/python ] || python3 -m venv .venv
 if [ "$with_test" = 1 ]; then
-    apt_install qemu-system-x86 qemu-utils libnbd-bin nbdkit iproute2 libxen-dev gcc libc6-dev \
+    # QEMU (colo-compare and migration peers), NBD clients (disk tests), iproute2 /
+    # ethtool / procps / iptables (network namespaces, offloads, partitions), the Xen
+    # headers (ctypes layout checks), etcd (the failover witness)
+    apt_install qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit \
+        nbdkit-plugin-python iproute2 ethtool procps iptables libxen-dev gcc libc6-dev \
         etcd-server
     .venv/bin/pip install -q -e '.[test]'
 else
