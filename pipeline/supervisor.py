@@ -148,14 +148,14 @@ def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:
                           stop=ctx.stop)
 
 
-def _primary_coordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
+def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
                          shared, hb_events) -> None:
-    PrimaryCoordinator(ctx, settings, node, domain, snap_ctrl, send_ctrl, table, pending,
+    PrimaryCoordinator(ctx, settings, ctx.node, domain, snap_ctrl, send_ctrl, table, pending,
                        shared, hb_events).run()
 
 
-def _secondary_coordinator(ctx, settings, node, domain, restore_ctrl, shared, hb_events) -> None:
-    SecondaryCoordinator(ctx, settings, node, domain, restore_ctrl, shared, hb_events).run()
+def _secondary_coordinator(ctx, settings, domain, restore_ctrl, shared, hb_events) -> None:
+    SecondaryCoordinator(ctx, settings, ctx.node, domain, restore_ctrl, shared, hb_events).run()
 
 
 def _heartbeat_entry(ctx: StageContext, settings: Settings, events, shared: SharedState) -> None:
@@ -218,14 +218,14 @@ class Supervisor:
             snap_a, snap_b = FORK.Pipe()
             send_a, send_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _primary_coordinator,
-                              (s, self.node, dom, snap_a, send_a, table, pending, shared,
-                               hb_in)),
+                              (s, dom, snap_a, send_a, table, pending, shared, hb_in)),
                     StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b, snapbuf))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress == "lz4")) for i in range(n)]
-            plan += [StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)),
-                     StageSpec("client", inputs.run_client, (s, dom, shared))]
+            plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
+            if hasattr(dom, "feed_input"):     # the sim guest's clients (a real VM has its own)
+                plan.append(StageSpec("client", inputs.run_client, (s, dom, shared)))
         else:
             n = s.pipeline.verify_workers
             to_verify = [self._ring(f"recv-verify{i}", slots, layout) for i in range(n)]
@@ -240,13 +240,14 @@ class Supervisor:
             staging = np.ndarray((dom.page_count, dom.page_size), np.uint8, staging_seg.buf)
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
-                              (s, self.node, dom, ctl_a, shared, hb_in)),
+                              (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging)) for i in range(n)]
-            plan += [StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)),
-                     StageSpec("mirror", inputs.run_mirror, (s, dom, shared))]
+            plan.append(StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)))
+            if hasattr(dom, "feed_input"):
+                plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
             plan.append(StageSpec("disk", _disk_entry, (s,)))
@@ -264,26 +265,15 @@ class Supervisor:
                         len(stale), self.name)
         try:
             self.domain = open_domain(s)
-            # counters first: the plan hands each stage its block
-            names = ["coordinator", "snapshot", "send", "client"] if s.node.role == "primary" \
-                else ["coordinator", "receive", "restore", "mirror"]
-            names.append("heartbeat")
-            if s.disk.enabled:
-                names.append("disk")
-            if s.node.role == "primary" and s.net.primary_in:
-                names.append("net_compare")
-            workers = (s.pipeline.digest_workers if s.node.role == "primary"
-                       else s.pipeline.verify_workers)
-            names += [f"{'digest' if s.node.role == 'primary' else 'verify'}.{i}"
-                      for i in range(workers)]
+            plan = self._plan()
             self.node = NodeCounters.create(self.name, {
-                n: STAGE_COUNTERS + tuple(c for c in EXTRA_COUNTERS.get(n.split(".")[0], ())
-                                          if c not in STAGE_COUNTERS) for n in names})
+                spec.name: STAGE_COUNTERS + tuple(
+                    c for c in EXTRA_COUNTERS.get(spec.name.split(".")[0], ())
+                    if c not in STAGE_COUNTERS) for spec in plan})
             self.node.set_node_info({"role": s.node.role, "pid": os.getpid(),
                                      "config": s.source, "started": time.time(),
                                      "page_count": self.domain.page_count,
                                      "dirty_log": getattr(self.domain, "dirty_log_kind", "")})
-            plan = self._plan()
             # node info has one writer at a time: the supervisor until the coordinator
             # starts (last), then the coordinator (which adds its own pid)
             for spec in [p for p in plan if p.name != "coordinator"]:
@@ -305,7 +295,7 @@ class Supervisor:
 
     def _start_stage(self, spec: StageSpec) -> None:
         ctx = StageContext(spec.name, self.node.stage(spec.name), self.stop_event,
-                           logging.getLogger(f"pipeline.{spec.name}"))
+                           logging.getLogger(f"pipeline.{spec.name}"), self.node)
         p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
                          name=f"colo-{self.name}-{spec.name}", daemon=False)
         p.start()

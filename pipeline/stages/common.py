@@ -80,9 +80,10 @@ class PageBuffer:
 class StageContext:
     """Handed to every stage's ``run``: its name, counters and stop event."""
     name: str
-    counters: Any            # pipeline.counters.StageCounters
+    counters: Any            # pipeline.counters.StageCounters: this stage's block
     stop: Any                # multiprocessing.Event
     log: logging.Logger
+    node: Any = None         # pipeline.counters.NodeCounters: node info, checkpoint log
 
     def stopping(self) -> bool:
         return self.stop.is_set()
