@@ -143,6 +143,13 @@ def test_bitmap_matches_a_reference_decoder_on_random_bits() -> None:
     np.testing.assert_array_equal(xc.bitmap_to_pfns(words, bits.size), np.flatnonzero(bits).astype(np.uint64))
 
 
+def test_bitmap_scan_limited_to_candidate_words_sees_only_those() -> None:
+    words = np.zeros(100, dtype=np.uint64)
+    words[[2, 50, 99]] = np.uint64(1) << np.uint64(3)
+    got = xc.bitmap_to_pfns(words, 6400, candidates=np.array([2, 3, 99], dtype=np.int64))
+    np.testing.assert_array_equal(got, [2 * 64 + 3, 99 * 64 + 3])  # word 50 is not a candidate
+
+
 def test_bitmap_rejects_wrong_dtype_and_short_buffer() -> None:
     with pytest.raises(ValueError, match="uint64"):
         xc.bitmap_to_pfns(np.zeros(4, dtype=np.uint32), 64)

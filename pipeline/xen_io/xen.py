@@ -191,6 +191,8 @@ class XenDomain(Domain):
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
         self._mappable: np.ndarray | None = None
+        #: bitmap words that cover mappable frames (known once mappable_pfns ran): the short scan
+        self._ram_words: np.ndarray | None = None
         self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
         log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d paging=%s",
                  self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus,
@@ -261,6 +263,14 @@ class XenDomain(Domain):
                                           ctypes.byref(self._bitmap), self.page_count, 0, ctypes.byref(stats))
         self._check("xc_logdirty_control(CLEAN)", rc, "was enable_dirty_log called?")
         self.last_dirty_stats = (stats.fault_count, stats.dirty_count)
+        if self._ram_words is not None:
+            # Xen's dirty_count is the number of bits it set since the last CLEAN, so a short scan
+            # over the words covering RAM is checked against it; on a mismatch, scan everything.
+            pfns = bitmap_to_pfns(self._bitmap_words, self.page_count, self._ram_words)
+            if pfns.size == stats.dirty_count:
+                return pfns
+            log.info("%s: %d dirty frames outside the RAM found at start (Xen counted %d); full scan",
+                     self.name, stats.dirty_count - pfns.size, stats.dirty_count)
         return bitmap_to_pfns(self._bitmap_words, self.page_count)
 
     # -- memory ---------------------------------------------------------
@@ -356,6 +366,7 @@ class XenDomain(Domain):
                 with self.map_frames(batch, writable=False) as (_, errs):
                     found.append(batch[errs == 0])
             self._mappable = np.concatenate(found)
+            self._ram_words = np.unique(self._mappable >> np.uint64(6))
         return self._mappable
 
     def memory_digest(self, batch_pages: int = MAP_BATCH) -> bytes:
