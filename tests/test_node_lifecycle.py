@@ -49,7 +49,9 @@ def test_demo_proves_memory_equality(dirty_log):
     assert summary["pvm_digest"] == summary["svm_digest"]
     assert summary["dirty_log"] == dirty_log
     assert summary["checkpoints"] >= 4
-    assert summary["causes"]["initial"] == 2 and summary["causes"]["request"] == 1
+    # the proof's digest request may ride on a checkpoint the comparator asked for first
+    assert summary["causes"]["initial"] == 2
+    assert sum(summary["causes"].values()) == summary["checkpoints"] + summary["aborted"]
     assert summary["bytes_sent"] > 0 and summary["pause_ms_p50"] > 0
 
 
