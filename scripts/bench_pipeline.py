@@ -73,9 +73,9 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 
 
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
-          threshold: int, compress: str = "lz4") -> LocalPair:
+          threshold: int, compress: str = "lz4", dirty_log: str = "auto") -> LocalPair:
     return LocalPair({
-        "guest": {"backend": "sim", "page_count": page_count},
+        "guest": {"backend": "sim", "page_count": page_count, "dirty_log": dirty_log},
         "guest.workload": {"seed": SEED, "input_rate_hz": 0.0},
         "pipeline": {"digest_workers": digest_workers, "verify_workers": verify_workers,
                      "compress": compress},
@@ -97,9 +97,10 @@ def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int 
 
 
 def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, verify_workers: int,
-                    memcpy_s_per_page: float) -> tuple[dict, list[dict]]:
+                    memcpy_s_per_page: float, dirty_log: str = "auto") -> tuple[dict, list[dict]]:
     rows = []
-    with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2) as pair:
+    with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2,
+               dirty_log=dirty_log) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
@@ -147,14 +148,18 @@ def main() -> int:
                     help="dirty pages per checkpoint, comma separated")
     ap.add_argument("--digest-workers", type=int, default=2)
     ap.add_argument("--verify-workers", type=int, default=2)
+    ap.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"],
+                    help="the sim guest's dirty log (uffd: the kernel's, a PAGEMAP_SCAN walk "
+                    "of all of guest memory per checkpoint; bitmap: kept by the guest)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     page_count = args.size_mb * 1024 * 1024 // PAGE
     sizes = [min(int(s), page_count // 2) for s in args.sizes.split(",")]
     ref = references(page_count)
     full, rows = run_checkpoints(page_count, sizes, args.digest_workers, args.verify_workers,
-                                 ref["memcpy_s_per_page"])
-    result = {"size_mb": args.size_mb, "references": ref, "full_sync": full,
+                                 ref["memcpy_s_per_page"], args.dirty_log)
+    result = {"size_mb": args.size_mb, "dirty_log": args.dirty_log, "references": ref,
+              "full_sync": full,
               "full_sync_vs_memcpy": round(full["guest_mb_s"] / ref["memcpy_mb_s"], 4),
               "full_sync_vs_lz4": round(full["guest_mb_s"] / ref["lz4_page_mb_s"], 3),
               "full_sync_vs_blake3": round(full["guest_mb_s"] / ref["blake3_page_mb_s"], 3),
