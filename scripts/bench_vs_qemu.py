@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--qemu-only", action="store_true", help="skip our full sync")
     ap.add_argument("--ours-only", action="store_true", help="skip QEMU")
+    ap.add_argument("--compress", default=None,
+                    help="passed to run_full_sync(compress=...) (lz4 | none); "
+                         "default: run_full_sync's own default")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs per system, interleaved; the median is reported (default 3)")
     args = ap.parse_args(argv)
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr, flush=True)
             if not args.qemu_only:
                 try:
-                    r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2))
+                    kw = {} if args.compress is None else {"compress": args.compress}
+                    r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2, **kw))
                 except Exception as exc:  # noqa: BLE001 - report it, keep QEMU's figures
                     ours_errors.append(f"{type(exc).__name__}: {exc}")
                     print(f"[{i + 1}/{args.repeats}] ours FAILED: {ours_errors[-1]}",
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         secs = r["seconds"]
         ours = {"seconds": secs, "guest_mb_s": mb_s(image_bytes, secs),
                 "guest_mb_s_reported": r.get("guest_mb_s"),
-                "bytes_wire": int(r["bytes_wire"]), "runs_seconds": r["runs_seconds"]}
+                "bytes_wire": int(r["bytes_wire"]), "runs_seconds": r["runs_seconds"],
+                "compress": args.compress or "default"}
         # anything else it reports (digests, memory equality, worker counts) goes along
         for k, v in r.items():
             if k not in ("seconds", "guest_mb_s", "bytes_wire", "runs_seconds") \
