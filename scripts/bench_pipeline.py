@@ -138,6 +138,10 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     "pages_skipped_hash": cp["pages_skipped_hash"],
                     "pages_zero": cp["pages_zero"],
                 })
+        # the heartbeat must not have declared anyone lost during the 1 GiB sync and the
+        # big checkpoints (issue 5: no false failover under load)
+        full["peer_lost"] = sum(pair.stage_counter("coordinator", "peer_lost", role=r)
+                                for r in ("primary", "secondary"))
     return full, rows
 
 
@@ -171,7 +175,7 @@ def main() -> int:
     print(f"full sync: {full['guest_mb_s']} guest MB/s in {full['seconds']} s "
           f"(x{result['full_sync_vs_memcpy']} memcpy, x{result['full_sync_vs_lz4']} lz4, "
           f"x{result['full_sync_vs_blake3']} blake3), {full['bytes_wire'] / 1e6:.1f} MB on "
-          f"the wire")
+          f"the wire; heartbeat losses during the run: {full['peer_lost']}")
     print(f"{'dirty':>7}{'pause ms':>10}{'budget':>9}{'memcpy':>9}{'commit ms':>11}"
           f"{'wire/raw':>10}{'by hash':>9}{'zero':>7}")
     for r in rows:
