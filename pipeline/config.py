@@ -101,9 +101,9 @@ class PipelineSettings:
     compress: str = _f("lz4", "Primary: compress the pages of each batch with lz4 (fewer bytes "
                        "on the wire, more CPU) or send them as they are (a fast link and "
                        "few cores).", choices=("lz4", "none"))
-    ring_slots: int = _f(0, "Slots per ring; 0 sizes the rings so one dirty threshold's worth "
-                         "of pages (at most the guest's size) fits, so the PVM never waits "
-                         "for the digest workers.", min=0)
+    ring_slots: int = _f(0, "Slots per ring; 0: 16 MiB of pages per ring (at most the guest's "
+                         "size). The PVM pause copies into the snapshot buffer (twice "
+                         "checkpoint.dirty_threshold_pages), not into the rings.", min=0)
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,13 @@ class Settings:
         return self.node.run_dir or os.path.join("/tmp/colo-pipeline", self.node.name)
 
     def ring_slots(self, page_count: int | None = None) -> int:
-        """Slots per ring: enough for one dirty threshold's worth of pages (never more than
-        the guest has) spread over the workers, so the PVM never waits for a digest worker."""
+        """Slots per ring. The PVM pause copies into the snapshot buffer, not the rings,
+        so a ring only has to smooth the flow between two stages: 16 MiB of pages (at
+        most the guest's size) is plenty; more only costs memory and page faults."""
         if self.pipeline.ring_slots:
             return self.pipeline.ring_slots
-        pages = self.checkpoint.dirty_threshold_pages
-        if page_count is not None:
-            pages = min(pages, page_count)
-        per_worker = -(-pages // self.pipeline.digest_workers)
-        return max(4, -(-per_worker // self.pipeline.batch_pages) + 2)
+        pages = 4096 if page_count is None else min(4096, page_count)
+        return max(4, -(-pages // self.pipeline.batch_pages))
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",

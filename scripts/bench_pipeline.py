@@ -87,7 +87,7 @@ def _pair(page_count: int, digest_workers: int, verify_workers: int,
 def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int = 2,
                   compress: str = "lz4") -> dict:
     """Full sync of a seed-7 sim guest between a real primary and secondary on this machine."""
-    with _pair(page_count, digest_workers, verify_workers, page_count, compress) as pair:
+    with _pair(page_count, digest_workers, verify_workers, 16384, compress) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
