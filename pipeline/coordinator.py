@@ -107,7 +107,23 @@ class EpochResult:
     extra: dict = field(default_factory=dict)
 
 
-class PrimaryCoordinator:
+class _Coordinator:
+    """What both sides' coordinators share: the control channel and the node info."""
+
+    ctx: StageContext
+    node: NodeCounters
+    control: zmq.Socket
+
+    def _send(self, msg: bytes) -> bool:
+        return _send_control(self.control, msg, self.ctx, self.ctx.counters)
+
+    def _info(self, **kw) -> None:
+        info = self.node.node_info()
+        info.update(kw)
+        self.node.set_node_info(info)
+
+
+class PrimaryCoordinator(_Coordinator):
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
                  snap_ctrl, send_ctrl, table: HashTable, pending: Pending, shared,
                  hb_events) -> None:
@@ -126,13 +142,6 @@ class PrimaryCoordinator:
         self.disk = None
 
     # -- helpers ----------------------------------------------------------
-    def _send(self, msg: bytes) -> bool:
-        return _send_control(self.control, msg, self.ctx, self.c)
-
-    def _info(self, **kw) -> None:
-        info = self.node.node_info()
-        info.update(kw)
-        self.node.set_node_info(info)
 
     def _heartbeat_lost(self) -> bool:
         """Read the heartbeat stage's events; True if it declared the secondary lost."""
@@ -439,7 +448,7 @@ class PrimaryCoordinator:
             nctx.close()
 
 
-class SecondaryCoordinator:
+class SecondaryCoordinator(_Coordinator):
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
                  restore_ctrl, shared, hb_events) -> None:
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
@@ -456,13 +465,6 @@ class SecondaryCoordinator:
         self.active_digests = 0
         self.disk = None
 
-    def _send(self, msg: bytes) -> bool:
-        return _send_control(self.control, msg, self.ctx, self.c)
-
-    def _info(self, **kw) -> None:
-        info = self.node.node_info()
-        info.update(kw)
-        self.node.set_node_info(info)
 
     def on_begin(self, begin: wire.CheckpointBegin) -> None:
         self.domain.pause()

@@ -105,6 +105,29 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
         raise SystemExit(1)
 
 
+def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process) -> None:
+    """The loop of a worker between two rings (digest, verify): each DATA slot of
+    ``ring_in`` becomes one slot of ``ring_out`` through ``process(slot, out)``; END
+    markers pass through unchanged. Stops when the stage stops or ``ring_in`` closes."""
+    c = ctx.counters
+    while True:
+        slot = read_slot(ctx, ring_in)
+        if slot is None:
+            return
+        out = write_slot(ctx, ring_out)
+        if out is None:
+            return
+        t0 = time.perf_counter_ns()
+        if slot.kind == SLOT_END:
+            copy_marker(slot, out)
+        else:
+            process(slot, out)
+        ring_in.release_read(slot)
+        ring_out.commit_write(out)
+        c.add("busy_ns", time.perf_counter_ns() - t0)
+        c.max("ring_high_water", ring_out.high_water)
+
+
 def _prefault(args: tuple) -> None:
     """Map the rings and guest memory a stage was handed into its page tables now: a
     forked process starts with none of them, and first-touch faults cost several times

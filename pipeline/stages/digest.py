@@ -9,7 +9,6 @@ of 0.43) and costs one call instead of dozens.
 """
 from __future__ import annotations
 
-import time
 
 import blake3
 import lz4.block
@@ -17,9 +16,8 @@ import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_BUFFERED, SLOT_END, SLOT_PACKED, HashTable, PageBuffer,
-                                    StageContext, copy_marker, read_slot, write_slot,
-                                    zero_page_hash)
+from pipeline.stages.common import (SLOT_BUFFERED, SLOT_PACKED, HashTable, PageBuffer,
+                                    StageContext, worker_loop, zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
@@ -56,35 +54,24 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         snapbuf: PageBuffer, compress: bool = True) -> None:
     c = ctx.counters
-    while True:
-        slot = read_slot(ctx, ring_in)
-        if slot is None:
-            return
-        out = write_slot(ctx, ring_out)
-        if out is None:
-            return
-        t0 = time.perf_counter_ns()
-        if slot.kind == SLOT_END:
-            copy_marker(slot, out)
-        else:
-            n = slot.count
-            out.pfns[:n] = slot.pfns[:n]
-            pages = snapbuf.pages[slot.seq:slot.seq + n] if slot.flags & SLOT_BUFFERED \
-                else slot.data[:n]
-            nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table,
-                                                  out.hashes, out.enc_len, out.enc_kind,
-                                                  out.data_flat, compress)
-            out.kind, out.epoch, out.count = slot.kind, slot.epoch, n
-            out.flags = (slot.flags & ~SLOT_BUFFERED) | (SLOT_PACKED if packed else 0)
-            out.aux_len, out.seq = nbytes, 0
-            c.add("items_in", n)
-            c.add("bytes_in", n * pages.shape[1])
-            c.add("items_out", n)
-            c.add("bytes_out", nbytes)
-            c.add("pages_zero", counts[wire.ENC_ZERO])
-            c.add("pages_ref", counts[wire.ENC_REF])
-            c.add("pages_packed" if packed else "pages_raw", counts[wire.ENC_RAW])
-        ring_in.release_read(slot)
-        ring_out.commit_write(out)
-        c.add("busy_ns", time.perf_counter_ns() - t0)
-        c.max("ring_high_water", ring_out.high_water)
+
+    def process(slot, out) -> None:
+        n = slot.count
+        out.pfns[:n] = slot.pfns[:n]
+        pages = snapbuf.pages[slot.seq:slot.seq + n] if slot.flags & SLOT_BUFFERED \
+            else slot.data[:n]
+        nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table, out.hashes,
+                                              out.enc_len, out.enc_kind, out.data_flat,
+                                              compress)
+        out.kind, out.epoch, out.count = slot.kind, slot.epoch, n
+        out.flags = (slot.flags & ~SLOT_BUFFERED) | (SLOT_PACKED if packed else 0)
+        out.aux_len, out.seq = nbytes, 0
+        c.add("items_in", n)
+        c.add("bytes_in", n * pages.shape[1])
+        c.add("items_out", n)
+        c.add("bytes_out", nbytes)
+        c.add("pages_zero", counts[wire.ENC_ZERO])
+        c.add("pages_ref", counts[wire.ENC_REF])
+        c.add("pages_packed" if packed else "pages_raw", counts[wire.ENC_RAW])
+
+    worker_loop(ctx, ring_in, ring_out, process)

@@ -7,16 +7,14 @@ on to the restore stage is the batch's metadata only.
 """
 from __future__ import annotations
 
-import time
-
 import blake3
 import lz4.block
 import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring, Slot
-from pipeline.stages.common import (SLOT_BAD, SLOT_END, SLOT_PACKED, StageContext, copy_marker,
-                                    read_slot, write_slot, zero_page_hash)
+from pipeline.stages.common import (SLOT_BAD, SLOT_PACKED, StageContext, worker_loop,
+                                    zero_page_hash)
 
 
 def decode_batch(src: Slot, out: np.ndarray, page_size: int) -> str:
@@ -83,32 +81,21 @@ def _check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int)
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: np.ndarray) -> None:
     page_size = staging.shape[1]
     c = ctx.counters
-    while True:
-        slot = read_slot(ctx, ring_in)
-        if slot is None:
-            return
-        out = write_slot(ctx, ring_out)
-        if out is None:
-            return
-        t0 = time.perf_counter_ns()
-        if slot.kind == SLOT_END:
-            copy_marker(slot, out)
-        else:
-            n = slot.count
-            problem = decode_batch(slot, staging[slot.seq:slot.seq + n], page_size)
-            out.pfns[:n], out.hashes[:n], out.enc_kind[:n] = (slot.pfns[:n], slot.hashes[:n],
-                                                              slot.enc_kind[:n])
-            out.enc_len[:n] = slot.enc_len[:n]
-            out.kind, out.epoch, out.count, out.seq = slot.kind, slot.epoch, n, slot.seq
-            out.flags, out.aux_len = slot.flags | (SLOT_BAD if problem else 0), 0
-            if problem:
-                c.add("errors", 1)
-                ctx.log.warning("epoch %d: bad page batch: %s", slot.epoch, problem)
-            c.add("items_in", n)
-            c.add("items_out", n)
-            c.add("bytes_in", int(slot.enc_len[:n].sum()))
-            c.add("bytes_out", n * page_size)
-        ring_in.release_read(slot)
-        ring_out.commit_write(out)
-        c.add("busy_ns", time.perf_counter_ns() - t0)
-        c.max("ring_high_water", ring_out.high_water)
+
+    def process(slot, out) -> None:
+        n = slot.count
+        problem = decode_batch(slot, staging[slot.seq:slot.seq + n], page_size)
+        out.pfns[:n], out.hashes[:n], out.enc_kind[:n] = (slot.pfns[:n], slot.hashes[:n],
+                                                          slot.enc_kind[:n])
+        out.enc_len[:n] = slot.enc_len[:n]
+        out.kind, out.epoch, out.count, out.seq = slot.kind, slot.epoch, n, slot.seq
+        out.flags, out.aux_len = slot.flags | (SLOT_BAD if problem else 0), 0
+        if problem:
+            c.add("errors", 1)
+            ctx.log.warning("epoch %d: bad page batch: %s", slot.epoch, problem)
+        c.add("items_in", n)
+        c.add("items_out", n)
+        c.add("bytes_in", int(slot.enc_len[:n].sum()))
+        c.add("bytes_out", n * page_size)
+
+    worker_loop(ctx, ring_in, ring_out, process)
