@@ -9,6 +9,7 @@ checkpoint request socket and the client input socket.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,22 +39,21 @@ class PairError(RuntimeError):
     """A node of the pair failed or did not do what was asked in time."""
 
 
-def free_port_base() -> int:
-    """A TCP port on 127.0.0.1 such that it and the next two are free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base > 65000:
-            continue
+def free_port_base(count: int = 4) -> int:
+    """A TCP port on 127.0.0.1 such that it and the next ``count - 1`` are free (a node uses
+    peer.address's port and the next three). Drawn below the kernel's ephemeral range, so
+    the outgoing connections of other tests cannot take them between check and bind."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(20000, 32000 - count)
         try:
-            for p in (base + 1, base + 2):
+            for p in range(base, base + count):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
             return base
         except OSError:
             continue
-    raise PairError("no three free consecutive TCP ports on 127.0.0.1")
+    raise PairError(f"no {count} free consecutive TCP ports on 127.0.0.1")
 
 
 def _toml_value(v: Any) -> str:

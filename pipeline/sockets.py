@@ -69,19 +69,24 @@ class NodeContext:
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
         s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        if self.curve:
-            s.curve_secretkey = self.secret
-            s.curve_publickey = self.public
-            if bind:
-                s.curve_server = True
-            else:
-                s.curve_serverkey = self.peer_public
+        self.secure(s, bind)
         if not bind:
             # queue only for a connected peer: a secondary that dies takes what was queued
             # for it along, so a new secondary at the same address never gets an old
             # epoch's pages or an old input replayed into its fresh guest
             s.setsockopt(zmq.IMMEDIATE, 1)
         return s
+
+    def secure(self, s: zmq.Socket, bind: bool) -> None:
+        """Give a socket of this context the node's CURVE role (server if it binds)."""
+        if not self.curve:
+            return
+        s.curve_secretkey = self.secret
+        s.curve_publickey = self.public
+        if bind:
+            s.curve_server = True
+        else:
+            s.curve_serverkey = self.peer_public
 
     def close(self) -> None:
         if self.auth is not None:

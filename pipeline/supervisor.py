@@ -137,8 +137,12 @@ def _disk_entry(ctx: StageContext, settings: Settings) -> None:
     """The replicated disk: an NBD export of this side's image, forwarding (primary) or
     buffering and committing (secondary) the PVM's writes with the checkpoints."""
     from pipeline.stages.disk import run_disk_stage
-    run_disk_stage(settings.node.role, settings.disk, settings.run_dir, ctx.counters,
-                   stop=ctx.stop)
+    nctx = sockets.NodeContext(settings)      # the forwarding link is CURVE like the others
+    try:
+        run_disk_stage(settings.node.role, settings.disk, settings.run_dir, ctx.counters,
+                       stop=ctx.stop, context=nctx.ctx, secure=nctx.secure)
+    finally:
+        nctx.close()
 
 
 def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:

@@ -133,3 +133,42 @@ def test_plaintext_mode_warns_at_start(tmp_path):
         pair.stop()
     for role in ("primary", "secondary"):
         assert "PLAINTEXT" in pair.log_tail(role, 50000)
+
+
+def test_disk_forwarding_link_admits_only_the_primary(tmp_path):
+    """The PVM's disk writes travel over CURVE too: a peer without the primary's key
+    cannot put a single write into the secondary's buffer."""
+    disk = {"export_size": 4 << 20, "forward": "tcp://127.0.0.1:{fwd}"}
+    from pipeline.localpair import free_port_base
+    fwd = free_port_base(1)
+    roles = {r: {"disk": {**disk, "forward": f"tcp://127.0.0.1:{fwd}",
+                          "image": f"{{workdir}}/{r}.img",
+                          "export": f"unix:{{workdir}}/{r}.nbd"}}
+             for r in ("primary", "secondary")}
+    pair = LocalPair({"guest": {"backend": "sim", "page_count": 1024}},
+                     workdir=str(tmp_path), role_tables=roles)
+    try:
+        pair.start(roles=("secondary",))
+        node = pair.node("secondary")
+        deadline = time.time() + 20
+        while "disk" not in node.stage_names and time.time() < deadline:
+            time.sleep(0.05)
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.1:{fwd}")          # plaintext intruder
+            for _ in range(5):
+                s.send(b"\x00" * 64, zmq.NOBLOCK) if s.poll(0, zmq.POLLOUT) else None
+                time.sleep(0.05)
+            s.close(0)
+        finally:
+            ctx.term()
+        time.sleep(0.5)
+        d = node.stage("disk").as_dict()
+        assert d["received"] == 0 and d["bad_forwards"] == 0   # nothing reached the stage
+        pair.start_node("primary")
+        pair.wait_protected(timeout=120)
+    finally:
+        codes = pair.stop()
+    assert codes.get("secondary") == 0

@@ -39,7 +39,10 @@ class PrimaryBackend:
     (the PVM running unprotected, and the benchmark's forwarding-off figure)."""
 
     def __init__(self, settings: DiskSettings, counters: DiskCounters,
-                 context: zmq.Context | None = None, forward: bool = True) -> None:
+                 context: zmq.Context | None = None, forward: bool = True,
+                 secure=None) -> None:
+        """``secure(socket, bind)``, if given, puts a forwarding socket under the node's
+        CURVE keys (pipeline.sockets.NodeContext.secure) before it connects."""
         self.settings = settings
         self.counters = counters
         self.image = ImageFile(settings.image, settings.export_size)
@@ -49,6 +52,7 @@ class PrimaryBackend:
         self.window = settings.forward_window
         self.forward_address = settings.forward if forward else None
         self.context = context or zmq.Context.instance()
+        self.secure = secure
         self.epoch = 1
         self._inflight = collections.Counter()   # epoch → writes not yet acked
         self._cond = threading.Condition()
@@ -141,6 +145,8 @@ class PrimaryLink:
             s.setsockopt(zmq.SNDHWM, backend.window * 2 + 16)
             s.setsockopt(zmq.RCVHWM, backend.window * 2 + 16)
             s.setsockopt(zmq.SNDTIMEO, backend.settings.forward_timeout_ms)
+            if backend.secure is not None:
+                backend.secure(s, False)
             s.connect(backend.forward_address)
             self.socket = s
         #: what the connection loop polls for completions

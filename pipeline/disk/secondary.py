@@ -87,7 +87,8 @@ class ForwardReceiver(threading.Thread):
     """Binds the ROUTER end of the forwarding link and serves it until :meth:`stop`."""
 
     def __init__(self, address: str, store: SecondaryStore, comparator: DiskComparator,
-                 counters: DiskCounters, context: zmq.Context | None = None) -> None:
+                 counters: DiskCounters, context: zmq.Context | None = None,
+                 secure=None) -> None:
         super().__init__(name="disk-forward-receiver", daemon=True)
         self.store = store
         self.comparator = comparator
@@ -95,6 +96,8 @@ class ForwardReceiver(threading.Thread):
         ctx = context or zmq.Context.instance()
         self.writes_in = ctx.socket(zmq.ROUTER)
         self.writes_in.setsockopt(zmq.LINGER, 0)
+        if secure is not None:          # CURVE server: only the primary's key gets in
+            secure(self.writes_in, True)
         self.writes_in.bind(address)
         #: the bound address (a ``tcp://host:*`` request resolved to its port)
         self.endpoint = self.writes_in.getsockopt_string(zmq.LAST_ENDPOINT)

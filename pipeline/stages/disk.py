@@ -60,9 +60,10 @@ class PrimaryDisk:
     """The primary's disk stage, in-process (the process entry is :func:`run_disk_stage`)."""
 
     def __init__(self, settings: DiskSettings, counters: DiskCounters | None = None,
-                 forward: bool = True) -> None:
+                 forward: bool = True, context=None, secure=None) -> None:
         self.counters = counters or DiskCounters()
-        self.backend = PrimaryBackend(settings, self.counters, forward=forward)
+        self.backend = PrimaryBackend(settings, self.counters, context=context,
+                                      forward=forward, secure=secure)
         self.server = NbdServer(self.backend, settings.export, self.counters, "primary").start()
         self.uri = self.server.uri
 
@@ -96,7 +97,8 @@ class SecondaryDisk:
     """The secondary's disk stage, in-process."""
 
     def __init__(self, settings: DiskSettings, counters: DiskCounters | None = None,
-                 checkpoints: CheckpointClient | None = None) -> None:
+                 checkpoints: CheckpointClient | None = None, context=None,
+                 secure=None) -> None:
         self.counters = counters or DiskCounters()
         self.store = SecondaryStore(settings.image, settings.export_size, settings.block_size,
                                     settings.resolved_state_dir, settings.overlay_max_bytes,
@@ -106,7 +108,7 @@ class SecondaryDisk:
         self.comparator = DiskComparator(settings.compare, settings.compare_timeout_ms,
                                          self.counters, request)
         self.receiver = ForwardReceiver(settings.forward, self.store, self.comparator,
-                                        self.counters)
+                                        self.counters, context=context, secure=secure)
         self.forward_endpoint = self.receiver.endpoint
         self.receiver.start()
         self.server = NbdServer(SvmBackend(self.store, self.comparator, settings.max_request,
@@ -144,7 +146,8 @@ class SecondaryDisk:
 
 def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
                    counters_sink: CounterSink | None = None, ready: Any = None,
-                   stop: threading.Event | Any | None = None) -> None:
+                   stop: threading.Event | Any | None = None, context: Any = None,
+                   secure: Any = None) -> None:
     """Process entry of the disk stage: serve until SIGTERM, a ``stop`` command or ``stop``.
 
     ``ready`` (optional, a multiprocessing Connection) receives
@@ -159,8 +162,9 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
     checkpoints = CheckpointClient(rundir)
     try:
         side: PrimaryDisk | SecondaryDisk = (
-            PrimaryDisk(settings, counters) if role == "primary"
-            else SecondaryDisk(settings, counters, checkpoints))
+            PrimaryDisk(settings, counters, context=context, secure=secure)
+            if role == "primary"
+            else SecondaryDisk(settings, counters, checkpoints, context=context, secure=secure))
     except Exception as e:
         if ready is not None:
             ready.send({"error": f"{type(e).__name__}: {e}"})
