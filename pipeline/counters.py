@@ -278,6 +278,8 @@ class NodeCounters:
         except FileNotFoundError:
             raise NodeNotRunning(f"node {node_name!r} is not running: no counters segment "
                                  f"/dev/shm/{name}") from None
+        except ValueError as exc:   # created but not sized yet: the node is starting up
+            raise NodeNotRunning(f"node {node_name!r} is starting up: {exc}") from None
         try:
             if segment.size < _FIXED_HEADER or bytes(segment.buf[0:8]) != MAGIC:
                 raise NodeNotRunning(f"/dev/shm/{name} is not an initialised counters "
