@@ -257,3 +257,17 @@ def test_prometheus_text_parses_and_carries_the_values(counters):
     assert samples[("colo_checkpoints_recorded_total", (node,))] == 1
     assert samples[("colo_last_checkpoint_pvm_pause_ns", (node,))] == 1500
     assert samples[("colo_node_owner_alive", (node,))] == 1
+
+
+def test_attach_to_a_node_still_creating_its_counters_says_not_running():
+    """Between creating and sizing its segment a starting node must read as 'not running
+    yet' (a caller retries), not as a broken segment."""
+    from pipeline.counters import NodeCounters, NodeNotRunning, counters_segment_name
+    name = f"starting{os.getpid()}"
+    path = f"/dev/shm/{counters_segment_name(name)}"
+    open(path, "wb").close()                  # exists, size 0: what a creator has at first
+    try:
+        with pytest.raises(NodeNotRunning, match="starting up"):
+            NodeCounters.attach(name)
+    finally:
+        os.unlink(path)
