@@ -223,7 +223,9 @@ class Supervisor:
             send_a, send_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _primary_coordinator,
                               (s, dom, snap_a, send_a, table, pending, shared, hb_in)),
-                    StageSpec("snapshot", snapshot.run, (dom, to_digest, snap_b, snapbuf))]
+                    StageSpec("snapshot", snapshot.run,
+                              (dom, to_digest, snap_b, snapbuf,
+                               s.run_dir if s.disk.enabled else ""))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress == "lz4")) for i in range(n)]

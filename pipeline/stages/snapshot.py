@@ -81,7 +81,14 @@ def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, e
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        snapbuf: PageBuffer) -> None:
+        snapbuf: PageBuffer, disk_run_dir: str = "") -> None:
+    """``disk_run_dir``: the node has a replicated disk whose stage listens there; its write
+    epoch moves on while the PVM is paused, so every write is tagged with the epoch whose
+    memory state it follows."""
+    disk = None
+    if disk_run_dir:
+        from pipeline.stages.disk import DiskControl
+        disk = DiskControl(disk_run_dir, "primary")
     log = ctx.log
     while not ctx.stopping():
         if not ctrl.poll(0.2):
@@ -113,6 +120,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             _, epoch, flags, carry = cmd
             t0 = time.perf_counter_ns()
             domain.pause()
+            if disk is not None:
+                disk.set_epoch(epoch + 1)
             dirty = domain.read_and_clear_dirty()
             if len(carry):
                 dirty = np.union1d(dirty, carry).astype(np.uint64)
