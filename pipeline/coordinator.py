@@ -262,8 +262,10 @@ class PrimaryCoordinator(_Coordinator):
             reason = res.ack.reason if res.ack is not None else "stopped"
         except (TimeoutError, PeerLost) as exc:
             ok, reason = False, str(exc)
-            if isinstance(exc, PeerLost):
-                res.extra["peer_lost"] = True
+            # a secondary that does not answer for a whole epoch timeout is as good as
+            # lost, whatever the heartbeat says: holding the guest's output any longer
+            # would stall its clients (the next secondary gets a fresh full sync)
+            res.extra["peer_lost"] = True
         commit_ns = int((time.monotonic() - t0) * 1e9)
         n = int(self.pending.count[0])
         if ok:
@@ -464,6 +466,7 @@ class SecondaryCoordinator(_Coordinator):
         self.witness = None
         self.active_digests = 0
         self.disk = None
+        self.last_control: float | None = None
 
 
     def on_begin(self, begin: wire.CheckpointBegin) -> None:
@@ -537,8 +540,10 @@ class SecondaryCoordinator(_Coordinator):
                     self.serve_requests()
                 if self.control in events:
                     got = _recv_control(self.control, self.ctx, self.c)
+                    self.last_control = time.monotonic()
                     if got is not None and not self.active:
                         self.on_control(*got)
+                self.check_primary_silence()
                 if self.restore_ctrl.fileno() in events:
                     m = self.restore_ctrl.recv()
                     if m[0] == "ready":
@@ -557,6 +562,20 @@ class SecondaryCoordinator(_Coordinator):
             nctx.close()
 
     # -- failover ---------------------------------------------------------
+    def check_primary_silence(self) -> None:
+        """A second opinion beside the heartbeat: a protected secondary that hears nothing
+        on the control channel for longer than a checkpoint interval and an epoch timeout
+        together takes the primary for lost (the split-brain guard still decides)."""
+        if self.active or not self.svm_started or self.last_control is None:
+            return
+        cp = self.settings.checkpoint
+        limit = (cp.max_interval_ms + cp.epoch_timeout_ms) / 1000
+        if time.monotonic() - self.last_control > limit:
+            self.ctx.log.warning("event=primary_silent no control record for %.1f s", limit)
+            last, self.last_control = self.last_control, None   # one decision per silence
+            self.take_over(last_seen=last, detected=time.monotonic(),
+                           detected_by="control silence")
+
     def on_heartbeat(self) -> None:
         while self.hb_events.poll(0):
             ev = self.hb_events.recv()
@@ -565,7 +584,8 @@ class SecondaryCoordinator(_Coordinator):
             elif ev[0] == "peer_lost" and not self.active:
                 self.take_over(last_seen=ev[1], detected=ev[2])
 
-    def take_over(self, last_seen: float, detected: float) -> None:
+    def take_over(self, last_seen: float, detected: float,
+                  detected_by: str = "heartbeat") -> None:
         """The primary is lost: discard a torn epoch, pass the split-brain guard, and make
         the SVM the active VM, going on from its own state."""
         self.c.add("peer_lost", 1)
@@ -601,6 +621,7 @@ class SecondaryCoordinator(_Coordinator):
         self.c.add("takeovers", 1)
         self._info(role="active", state="active", generation=generation,
                    failover_detect_ms=round(detect_ms, 1), takeover_ms=round(takeover_ms, 1),
+                   failover_detected_by=detected_by,
                    failover_detected_at=time.time() - (time.monotonic() - detected),
                    active_since_epoch=self.last_epoch, takeover_guard=why)
         self.bus.publish("role", self.last_epoch, role="active")

@@ -121,7 +121,9 @@ def secondary(tmp_path):
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
         "pipeline": {"verify_workers": 2, "batch_pages": BATCH},
-        "checkpoint": {"epoch_timeout_ms": 1500},
+        # the hand primary sends no heartbeats; a long interval keeps the secondary's
+        # control-silence fallback from taking over between the test's steps
+        "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
     }, workdir=str(tmp_path), log_level="info")
     pair.start(roles=("secondary",))
     pair.node("secondary")
