@@ -29,6 +29,20 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
     batch = rings[0].layout.batch_pages
     rr = 0
     epoch, staged = -1, 0     # the newest epoch seen, and pages of it placed so far
+
+    def fresh(record_epoch: int, name: str) -> bool:
+        """After a record validated: False (counted) if its epoch is older than the newest
+        seen; a newer epoch starts placing pages from the top of the staging area."""
+        nonlocal epoch, staged
+        if record_epoch < epoch:
+            c.add("stale_records", 1)
+            ctx.log.warning("dropped %s of epoch %d: epoch %d already began", name,
+                            record_epoch, epoch)
+            return False
+        if record_epoch > epoch:
+            epoch, staged = record_epoch, 0
+        return True
+
     while not ctx.stopping():
         if not pages_in.poll(200):
             continue
@@ -41,13 +55,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
             hdr = wire.decode_header(msg)
             if hdr.type == wire.PAGES:
                 b = wire.decode_pages(msg, page_count, page_size, batch)
-                if b.epoch < epoch:
-                    c.add("stale_records", 1)
-                    ctx.log.warning("dropped PAGES of epoch %d: epoch %d already began",
-                                    b.epoch, epoch)
+                if not fresh(b.epoch, hdr.name):
                     continue
-                if b.epoch > epoch:
-                    epoch, staged = b.epoch, 0
                 if staged + b.count > page_count:
                     raise wire.WireError(f"PAGES: epoch {b.epoch} carries more than the "
                                          f"guest's {page_count} pages")
@@ -67,13 +76,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 c.add("items_out", n)
             elif hdr.type == wire.EPOCH_END:
                 end = wire.decode_epoch_end(msg)
-                if end.epoch < epoch:
-                    c.add("stale_records", 1)
-                    ctx.log.warning("dropped EPOCH_END of epoch %d: epoch %d already began",
-                                    end.epoch, epoch)
+                if not fresh(end.epoch, hdr.name):
                     continue
-                if end.epoch > epoch:
-                    epoch, staged = end.epoch, 0
                 for i, ring in enumerate(rings):
                     slot = write_slot(ctx, ring)
                     if slot is None:

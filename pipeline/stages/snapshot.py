@@ -25,23 +25,45 @@ from pipeline.stages.common import (SLOT_BUFFERED, SLOT_DATA, SLOT_DIGEST, SLOT_
 from pipeline.xen_io.base import Domain
 
 
-def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.ndarray,
-                epoch: int, flags: int) -> bool:
-    """Copy the pages ``pfns`` into batches of the digest rings, round robin."""
+def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, flags: int,
+          fill) -> bool:
+    """Deal ``pfns`` in batches to the digest rings, round robin; ``fill(slot, chunk, start)``
+    puts a batch's pages (or where to find them) into its slot."""
     batch = rings[0].layout.batch_pages
     for n, start in enumerate(range(0, len(pfns), batch)):
         chunk = pfns[start:start + batch]
-        slot = write_slot(ctx, rings[n % len(rings)])
+        ring = rings[n % len(rings)]
+        slot = write_slot(ctx, ring)
         if slot is None:
             return False
         k = len(chunk)
         slot.pfns[:k] = chunk
-        domain.read_pages(chunk, slot.data[:k])
-        slot.kind, slot.epoch, slot.count, slot.flags, slot.aux_len = SLOT_DATA, epoch, k, flags, 0
-        rings[n % len(rings)].commit_write(slot)
+        slot.kind, slot.epoch, slot.count, slot.aux_len = SLOT_DATA, epoch, k, 0
+        slot.flags = flags
+        fill(slot, chunk, start)
+        ring.commit_write(slot)
         ctx.counters.add("items_out", k)
-        ctx.counters.add("bytes_out", k * slot.data.shape[1])
     return True
+
+
+def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.ndarray,
+                epoch: int, flags: int) -> bool:
+    """Copy the pages ``pfns`` themselves into the ring slots (full sync, pre-copy, and a
+    dirty set that overflowed the snapshot buffer)."""
+    def fill(slot, chunk, start) -> None:
+        domain.read_pages(chunk, slot.data[:len(chunk)])
+        ctx.counters.add("bytes_out", len(chunk) * slot.data.shape[1])
+    return _deal(ctx, rings, pfns, epoch, flags, fill)
+
+
+def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int,
+                       flags: int) -> bool:
+    """Hand the digest workers the pages already copied to the snapshot buffer: each slot
+    names its pfns and where they sit in the buffer (``seq``), no page data."""
+    def fill(slot, chunk, start) -> None:
+        slot.seq = start
+        slot.flags = flags | SLOT_BUFFERED
+    return _deal(ctx, rings, pfns, epoch, flags, fill)
 
 
 def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, flags: int,
@@ -58,25 +80,6 @@ def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, f
         slot.aux_len = len(blob)
         slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
         ring.commit_write(slot)
-    return True
-
-
-def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int,
-                       flags: int) -> bool:
-    """Hand the digest workers the pages already copied to the snapshot buffer: each slot
-    names its pfns and where they sit in the buffer (``seq``), no page data."""
-    batch = rings[0].layout.batch_pages
-    for n, start in enumerate(range(0, len(pfns), batch)):
-        chunk = pfns[start:start + batch]
-        slot = write_slot(ctx, rings[n % len(rings)])
-        if slot is None:
-            return False
-        k = len(chunk)
-        slot.pfns[:k] = chunk
-        slot.kind, slot.epoch, slot.count, slot.seq = SLOT_DATA, epoch, k, start
-        slot.flags, slot.aux_len = flags | SLOT_BUFFERED, 0
-        rings[n % len(rings)].commit_write(slot)
-        ctx.counters.add("items_out", k)
     return True
 
 
