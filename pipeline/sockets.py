@@ -106,40 +106,36 @@ def _endpoint(settings: Settings, channel: str) -> str:
     return peer_endpoints(settings)[channel]
 
 
-def pages_out(nctx: NodeContext) -> zmq.Socket:
-    s = nctx.socket(zmq.PUSH, 256, bind=False)
-    s.connect(_endpoint(nctx.settings, "pages"))
-    return s
-
-
-def pages_in(nctx: NodeContext) -> zmq.Socket:
-    s = nctx.socket(zmq.PULL, 256, bind=True)
-    s.bind(_endpoint(nctx.settings, "pages"))
-    return s
-
-
-def control(nctx: NodeContext) -> zmq.Socket:
-    """Both ways: checkpoint begin/acks and hello. DEALER on both ends (one peer each)."""
-    secondary = nctx.settings.node.role == "secondary"
-    s = nctx.socket(zmq.DEALER, 1000, bind=secondary)
-    addr = _endpoint(nctx.settings, "control")
-    if secondary:
+def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> zmq.Socket:
+    s = nctx.socket(kind, hwm, bind=bind)
+    addr = _endpoint(nctx.settings, channel)
+    if bind:
         s.bind(addr)
     else:
         s.connect(addr)
     return s
 
 
+def pages_out(nctx: NodeContext) -> zmq.Socket:
+    return _open(nctx, zmq.PUSH, 256, "pages", bind=False)
+
+
+def pages_in(nctx: NodeContext) -> zmq.Socket:
+    return _open(nctx, zmq.PULL, 256, "pages", bind=True)
+
+
+def control(nctx: NodeContext) -> zmq.Socket:
+    """Both ways: checkpoint begin/acks and hello. DEALER on both ends (one peer each)."""
+    return _open(nctx, zmq.DEALER, 1000, "control",
+                 bind=nctx.settings.node.role == "secondary")
+
+
 def inputs_out(nctx: NodeContext) -> zmq.Socket:
-    s = nctx.socket(zmq.PUSH, 100000, bind=False)
-    s.connect(_endpoint(nctx.settings, "inputs"))
-    return s
+    return _open(nctx, zmq.PUSH, 100000, "inputs", bind=False)
 
 
 def inputs_in(nctx: NodeContext) -> zmq.Socket:
-    s = nctx.socket(zmq.PULL, 100000, bind=True)
-    s.bind(_endpoint(nctx.settings, "inputs"))
-    return s
+    return _open(nctx, zmq.PULL, 100000, "inputs", bind=True)
 
 
 def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True,

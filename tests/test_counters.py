@@ -7,7 +7,6 @@ import multiprocessing as mp
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -20,7 +19,7 @@ from pipeline.counters import (
     counters_segment_name,
     prometheus_text,
 )
-from pipeline.shm import cleanup_segments, list_segments, segment_prefix
+from pipeline.shm import list_segments, segment_prefix
 
 FORK = mp.get_context("fork")
 
@@ -38,13 +37,6 @@ except ValueError as e:
 c.close()
 print(json.dumps({"first": first, "second": second, "write": wrote}))
 """
-
-
-@pytest.fixture
-def node():
-    name = "t" + uuid.uuid4().hex[:10]
-    yield name
-    cleanup_segments(segment_prefix(name))
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import blake3
 import numpy as np
@@ -28,14 +27,6 @@ from pipeline.shm import (
 
 FORK = mp.get_context("fork")
 SMALL = SlotLayout(batch_pages=4, page_size=4096)
-
-
-@pytest.fixture
-def node():
-    """A unique node name; every segment it left in /dev/shm is removed afterwards."""
-    name = "t" + uuid.uuid4().hex[:10]
-    yield name
-    cleanup_segments(segment_prefix(name))
 
 
 @pytest.fixture
