@@ -117,6 +117,12 @@ class CheckpointSettings:
     precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "
                                    "the guest wrote meanwhile until a round has at most this "
                                    "many pages; then the first (paused) checkpoint.", min=0)
+    verify_every: int = _f(0, "Every Nth checkpoint, both nodes hash all of guest memory at "
+                           "the checkpoint (blake3) and compare: a proof that the secondary "
+                           "holds the primary's state. The primary hashes while its guest is "
+                           "paused, so that pause grows by the hash (logged apart as "
+                           "verify_ms). A mismatch is logged and counted "
+                           "(memory_mismatches). 0: never.", min=0)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ class EpochResult:
     ack: wire.Ack | None = None
     input_seq: int = -1
     pvm_digest: bytes = b""
+    verify_ns: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -140,6 +141,7 @@ class PrimaryCoordinator(_Coordinator):
         self.witness = None
         self.role_lost = ""
         self.disk = None
+        self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
 
     # -- helpers ----------------------------------------------------------
 
@@ -194,7 +196,8 @@ class PrimaryCoordinator(_Coordinator):
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
                 if m[0] == "snapshotted":
-                    _, e, res.pages_dirty, res.pause_ns, res.input_seq, res.pvm_digest = m
+                    (_, e, res.pages_dirty, res.pause_ns, res.input_seq, res.pvm_digest,
+                     res.verify_ns) = m
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
                     if self.disk is not None:
                         # writes the guest issued before the snapshot reach the
@@ -251,6 +254,11 @@ class PrimaryCoordinator(_Coordinator):
         t0 = time.monotonic()
         if kind != "snapshot":
             flags |= wire.FLAG_SYNC
+        else:
+            self.snapshots += 1
+            every = self.settings.checkpoint.verify_every
+            if every and self.snapshots % every == 0:
+                flags |= wire.FLAG_DIGEST
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         self.snap_ctrl.send((kind, e) if kind != "snapshot" else (kind, e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
@@ -287,7 +295,7 @@ class PrimaryCoordinator(_Coordinator):
             pages_skipped_hash=sent.get("pages_ref", 0), pages_zero=sent.get("pages_zero", 0),
             bytes_wire=sent.get("bytes_wire", 0),
             bytes_raw=sent.get("pages", 0) * self.domain.page_size,
-            status=STATUS_COMMITTED if ok else STATUS_ABORTED)
+            status=STATUS_COMMITTED if ok else STATUS_ABORTED, pvm_verify_ns=res.verify_ns)
         self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
                           "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f",
                           e, "committed" if ok else "aborted", cause, res.pages_dirty,
@@ -297,8 +305,15 @@ class PrimaryCoordinator(_Coordinator):
         self._info(epoch=e, committed=ok)
         if ok and flags & wire.FLAG_DIGEST:
             svm = res.ack.memory_digest
+            equal = res.pvm_digest == svm
             self._info(final_epoch=e, pvm_digest=res.pvm_digest.hex(), svm_digest=svm.hex(),
-                       memory_equal=res.pvm_digest == svm)
+                       memory_equal=equal)
+            if not equal:
+                self.c.add("memory_mismatches", 1)
+            (self.ctx.log.info if equal else self.ctx.log.error)(
+                "epoch=%d event=verified memory_equal=%s pvm_digest=%s svm_digest=%s "
+                "verify_ms=%.1f", e, equal, res.pvm_digest.hex()[:16], svm.hex()[:16],
+                res.verify_ns / 1e6, extra={"epoch": e})
         self.last_checkpoint = time.monotonic()
         res.extra["ok"] = ok
         if res.extra.get("peer_lost"):

@@ -61,7 +61,7 @@ class SharedState:
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
-                    "reprotections"),
+                    "reprotections", "memory_mismatches"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw"),
     "receive": ("skipped_optional", "stale_records"),
     "send": ("dropped_unprotected",),
