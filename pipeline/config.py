@@ -76,6 +76,16 @@ class GuestSettings:
     backend: str = _f("sim", "Hypervisor backend.", choices=("sim", "xen"))
     page_count: int = _f(16384, "sim: guest RAM in pages of 4 KiB.", min=16)
     domain: str = _f("", "xen: the domain's name or id.")
+    xen_wake: str = _f("msi", "xen, secondary: how the guest's vCPUs are woken after a "
+                       "checkpoint loaded their state: an MSI carrying the event upcall vector "
+                       "(quiet), an NMI (the guest logs it), or not at all (the guest wakes at "
+                       "its next event).", choices=("msi", "nmi", "none"))
+    xen_find_written: bool = _f(True, "xen: at start, watch the running guest for a moment "
+                                "to find each vCPU's vcpu_info, whose event flags and clock Xen "
+                                "writes for each domain without logging the page dirty. The "
+                                "secondary keeps its own values there and the memory proof "
+                                "(checkpoint.verify_every) skips them. Costs two reads of guest "
+                                "memory at start.")
     dirty_log: str = _f("auto", "sim: how written pages are tracked: the kernel (userfaultfd "
                         "write-protect + PAGEMAP_SCAN), a bitmap kept by the guest, or the "
                         "kernel when it can.", choices=("auto", "uffd", "bitmap"))

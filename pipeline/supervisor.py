@@ -89,7 +89,7 @@ def open_domain(settings: Settings) -> Domain:
         dom = make(f"{settings.node.name}-guest", g.page_count, spec, dirty_log=g.dirty_log)
         dom.start(paused=settings.node.role == "secondary")
         return dom
-    return make(g.domain)
+    return make(g.domain, wake=g.xen_wake, find_xen_written=g.xen_find_written)
 
 
 @dataclass

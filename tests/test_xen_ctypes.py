@@ -271,10 +271,12 @@ class MockForeignMemory:
     """MOCK of libxenforeignmemory (named as such): per-frame map errors (holes) cannot be caused
     without a hypervisor. Maps frames of a numpy "guest RAM"; frames in ``holes`` fail with -EINVAL."""
 
-    def __init__(self, ram: np.ndarray, holes: set[int]) -> None:
-        self.ram, self.holes, self.maps = ram, holes, {}
+    def __init__(self, ram: np.ndarray, holes: set[int], on_map=None) -> None:
+        self.ram, self.holes, self.maps, self.on_map = ram, holes, {}, on_map
 
     def xenforeignmemory_map(self, fmem, domid, prot, n, frames_addr, errs_addr):
+        if self.on_map is not None:
+            self.on_map()
         frames = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(frames_addr))
         errs = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(errs_addr))
         window = np.zeros((n, 4096), np.uint8)
@@ -293,22 +295,47 @@ class MockForeignMemory:
         return 0
 
 
-def domain_over(ram: np.ndarray, holes: set[int], own: list[int]):
+def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
+    """A XenDomain over MockForeignMemory: its frames are the gpfns of ``ram`` outside
+    ``holes`` at open (the hypervisor-side scan runs for real against the mock); ``own`` are
+    gpfns of the domain's own Xen pages. ``on_map`` runs before each map (a writer Xen would be)."""
     from types import SimpleNamespace
 
     from pipeline.xen_io.xen import XenDomain
 
     dom = object.__new__(XenDomain)
-    fmem = MockForeignMemory(ram, holes)
+    fmem = MockForeignMemory(ram, holes, on_map)
     dom._h = SimpleNamespace(lib=SimpleNamespace(fmem=fmem), fmem=1)
-    dom.domid, dom.name, dom.page_count, dom.max_gpfn = 9, "mock", ram.shape[0], ram.shape[0] - 1
-    dom.own_frames = np.array(own, dtype=np.uint64)
+    dom._pid, dom._privcmd_path = os.getpid(), "/dev/null"
+    dom.domid, dom.name, dom.max_gpfn = 9, "mock", ram.shape[0] - 1
+    dom.info = SimpleNamespace(nr_online_vcpus=1)
+    dom.frames = dom._scan_mappable()
+    dom.page_count = int(dom.frames.size)
+    dom.own_frames = dom.indexes_of(np.array(own, dtype=np.uint64))
+    dom.xen_written = {}
+    fmem.holes = set()   # from here on every frame found at open maps
     return dom
+
+
+def test_frames_are_indexes_of_the_mappable_gpfns() -> None:
+    """A PVH guest's RAM is a small part of its gpfn space: the pipeline sees frame indexes."""
+    ram = np.random.default_rng(2).integers(0, 256, (3000, 4096), dtype=np.uint8)
+    dom = domain_over(ram, holes=set(range(100, 2990)), own=[2995])
+    assert dom.page_count == 110
+    np.testing.assert_array_equal(dom.frames[98:102], [98, 99, 2990, 2991])
+    out = np.empty((2, 4096), np.uint8)
+    dom.read_pages(np.array([5, 101], np.uint64), out)
+    np.testing.assert_array_equal(out[1], ram[2991])
+    np.testing.assert_array_equal(dom.own_frames, [105])
+    np.testing.assert_array_equal(dom.indexes_of(np.array([0, 2999], np.uint64)), [0, 109])
+    with pytest.raises(DomainError, match=r"1 frames outside the 110 mapped .*gpfn 0x64.*layout changed"):
+        dom.indexes_of(np.array([3, 100], np.uint64))
 
 
 def test_read_pages_zero_fills_and_reports_holes_across_batches() -> None:
     ram = np.random.default_rng(1).integers(0, 256, (3000, 4096), dtype=np.uint8)
-    dom = domain_over(ram, holes={5, 2500}, own=[])
+    dom = domain_over(ram, holes=set(), own=[])
+    dom._h.lib.fmem.holes = {5, 2500}   # frames that stopped mapping after open
     pfns = np.array([1, 5, 7, 1500, 2500, 2999], dtype=np.uint64)
     out = np.full((6, 4096), 0xAA, np.uint8)
     holes = dom.read_pages(pfns, out)
@@ -322,15 +349,72 @@ def test_read_pages_zero_fills_and_reports_holes_across_batches() -> None:
     np.testing.assert_array_equal(big[2999], ram[2999])
 
 
-def test_write_pages_keeps_own_frames_and_skips_holes() -> None:
+def test_write_pages_keeps_own_frames_xen_written_bytes_and_skips_holes() -> None:
     ram = np.zeros((64, 4096), np.uint8)
-    dom = domain_over(ram, holes={3}, own=[0x10])
-    pfns = np.array([2, 3, 0x10, 0x11], dtype=np.uint64)
-    data = np.stack([np.full(4096, v, np.uint8) for v in (1, 2, 3, 4)])
+    dom = domain_over(ram, holes=set(), own=[0x10])
+    dom._h.lib.fmem.holes = {3}
+    ram[0x20, 0x3c0:0x400] = 0x77               # this domain's vcpu_info at 0x20:0x3c0
+    dom.xen_written = {0x20: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    pfns = np.array([2, 3, 0x10, 0x11, 0x20], dtype=np.uint64)
+    data = np.stack([np.full(4096, v, np.uint8) for v in (1, 2, 3, 4, 5)])
     assert dom.write_pages(pfns, data).tolist() == [3]
     assert ram[2, 0] == 1 and ram[0x11, 4095] == 4
     assert not ram[3].any(), "a hole must not be written"
     assert not ram[0x10].any(), "the domain's own shared_info frame must be kept"
+    assert (ram[0x20, 0x3c0:0x3d0] == 0x77).all() and (ram[0x20, 0x3e0:0x400] == 0x77).all()
+    assert (ram[0x20, 0x3d0:0x3e0] == 5).all() and (ram[0x20, :0x3c0] == 5).all()
+
+
+def _vcpu_info_tick(page: np.ndarray, at: int, step: int) -> None:
+    """What Xen does to a registered vcpu_info: event flags, and a new clock record."""
+    page[at] = step & 1                                     # evtchn_upcall_pending
+    rec = page[at + 0x20: at + 0x40].view(np.uint64)
+    rec[0] = 2 * step                                       # version (even: complete)
+    rec[1] = 3000 * step                                    # tsc_timestamp: a 3 GHz TSC ...
+    rec[2] = 5_000_000 + 1000 * step                        # system_time (ns)
+    rec[3] = 0xAAAA_AAAA | (-1 & 0xFF) << 32                # ... is ns = (tsc >> 1) * 2/3
+
+
+def test_find_xen_written_locates_the_vcpu_info_and_not_guest_data() -> None:
+    """MOCK of a running guest and of Xen's own writes (no hypervisor in CI): the guest keeps
+    rewriting pages (logged dirty in reality; here just changing), and 'Xen' ticks the
+    vcpu_info at gpfn 40 + 0x3c0. Only that block is found, and the digest then ignores it."""
+    ram = np.zeros((64, 4096), np.uint8)
+    step = [0]
+
+    def running_guest() -> None:
+        step[0] += 1
+        ram[7, :64] = step[0] % 251                         # guest data in a 64-byte block
+        ram[9, 0x3e8:0x3f0] = step[0] % 13                 # guest data that happens to sit at vcpu_info offsets
+        _vcpu_info_tick(ram[40], 0x3c0, step[0])
+    dom = domain_over(ram, holes={50}, own=[], on_map=running_guest)
+    found = dom.find_xen_written(window_s=0)
+    assert found == {dom.indexes_of(np.array([40], np.uint64))[0]: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    dom._h.lib.fmem.on_map = None                          # both paused at a checkpoint
+    twin = domain_over(ram.copy(), holes={50}, own=[])
+    twin.xen_written = dict(found)
+    _vcpu_info_tick(twin._h.lib.fmem.ram[40], 0x3c0, 999)  # the twin's own clock differs
+    assert dom.memory_digest() == twin.memory_digest()
+    twin._h.lib.fmem.ram[40, 0x3d0] ^= 1                   # a guest byte of that block differs
+    assert dom.memory_digest() != twin.memory_digest()
+
+
+def test_vcpu_info_blocks_wants_a_clock_that_moves_forward() -> None:
+    before = np.zeros(4096, np.uint8)
+    _vcpu_info_tick(before, 0x80, 3)
+    after = before.copy()
+    _vcpu_info_tick(after, 0x80, 4)
+    assert xc.vcpu_info_blocks(before, after) == [0x80]
+    assert xc.vcpu_info_blocks(after, before) == []        # a clock going back is not Xen's
+    odd = after.copy()
+    odd[0xa0] = 9                                           # version odd: an update in flight
+    assert xc.vcpu_info_blocks(before, odd) == []
+    other = after.copy()
+    other[0x90] = 1                                         # 0x10..0x20 changed: guest data
+    assert xc.vcpu_info_blocks(before, other) == []
+    skewed = after.copy()
+    skewed[0xb0:0xb8].view(np.uint64)[0] += 50_000          # a clock that does not follow its TSC
+    assert xc.vcpu_info_blocks(before, skewed) == []
 
 
 def test_copies_reject_bad_buffers_and_frames_beyond_the_domain() -> None:
@@ -339,5 +423,32 @@ def test_copies_reject_bad_buffers_and_frames_beyond_the_domain() -> None:
         dom.read_pages(np.array([1], np.uint64), np.zeros((1, 4096), np.uint16))
     with pytest.raises(ValueError, match="2 rows for 3 pfns"):
         dom.read_pages(np.array([1, 2, 3], np.uint64), np.zeros((2, 4096), np.uint8))
-    with pytest.raises(ValueError, match="beyond domain mock's last frame 0x7"):
+    with pytest.raises(ValueError, match="frame index 8 is beyond domain mock's 8 frames"):
         dom.write_pages(np.array([8], np.uint64), np.zeros((1, 4096), np.uint8))
+
+
+def test_pause_is_a_state_although_xen_counts_pauses() -> None:
+    """MOCK of libxenctrl's pause calls (no hypervisor in CI): Xen nests controller pauses, so
+    the secondary's coordinator, which pauses at each sync epoch's BEGIN and resumes once, would
+    leave its guest paused for good if every pause() reached Xen."""
+    from types import SimpleNamespace
+
+    dom = domain_over(np.zeros((4, 4096), np.uint8), holes=set(), own=[])
+    count = [0]
+
+    def pause(xch, domid):
+        count[0] += 1
+        return 0
+
+    def unpause(xch, domid):
+        count[0] -= 1
+        return 0 if count[0] >= 0 else -1
+    dom._h.xch = 1
+    dom._xc = SimpleNamespace(xc_domain_pause=pause, xc_domain_unpause=unpause)
+    dom._paused_here = False
+    for _ in range(3):           # the sync epoch and two pre-copy rounds
+        dom.pause()
+    dom.resume()                 # the first checkpoint is applied: the guest runs
+    assert count[0] == 0
+    dom.resume()                 # resuming a running guest changes nothing
+    assert count[0] == 0

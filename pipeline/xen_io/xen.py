@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -93,15 +94,18 @@ class XenHandles:
 
 
 _handles: XenHandles | None = None
+_handles_pid = 0
 _handles_lock = threading.Lock()
 
 
 def xen_handles(privcmd_path: str = PRIVCMD_PATH) -> XenHandles:
-    """Open the library handles once per process (they are shared by all domains)."""
-    global _handles
+    """Open the library handles once per process (they are shared by all domains). A forked
+    child opens its own: libxc's handles and hypercall buffers do not survive fork (the
+    buffers are MADV_DONTFORK), and the pipeline's stages are forked from the node."""
+    global _handles, _handles_pid
     with _handles_lock:
-        if _handles is None:
-            _handles = XenHandles(privcmd_path)
+        if _handles is None or _handles_pid != os.getpid():
+            _handles, _handles_pid = XenHandles(privcmd_path), os.getpid()
         return _handles
 
 
@@ -151,7 +155,14 @@ def resolve_domain(name_or_id: str | int, handles: XenHandles | None = None) -> 
 
 
 class XenDomain(Domain):
-    """One PVH/HVM domain. Frames are guest frame numbers (identical on twin domains)."""
+    """One PVH/HVM domain.
+
+    Frames at this interface are *frame indexes*: positions in :attr:`frames`, the guest
+    frame numbers that map (RAM plus special pages), found when the domain is opened. A PVH
+    guest of 128 MiB has ~32.8k of them in a gpfn space of 1M (its special pages sit just
+    below 4 GiB), so the pipeline's per-frame tables, caches and staging areas are sized by
+    the guest's memory, not by its gpfn space. Twin domains have the same frames.
+    """
 
     page_size = PAGE_SIZE
 
@@ -164,10 +175,14 @@ class XenDomain(Domain):
         keep_own_shared_info: bool = True,
         upcall_vector: int = DEFAULT_UPCALL_VECTOR,
         wake: str = "msi",
+        privcmd_path: str = PRIVCMD_PATH,
     ) -> None:
         if wake not in WAKE_METHODS:
             raise DomainError(f"wake method {wake!r} is not one of {', '.join(WAKE_METHODS)}")
         self._h = handles
+        self._pid = os.getpid()
+        self._privcmd_path = privcmd_path
+        self._paused_here = False
         self._xc = handles.lib.xc
         self.domid = domid
         self.name = name
@@ -177,10 +192,7 @@ class XenDomain(Domain):
         max_gpfn = xc_.xen_pfn_t(0)
         self._check("xc_domain_maximum_gpfn", self._xc.xc_domain_maximum_gpfn(handles.xch, domid, ctypes.byref(max_gpfn)))
         self.max_gpfn = int(max_gpfn.value)
-        self.page_count = self.max_gpfn + 1
         self.shared_info_frame = int(self.info.shared_info_frame)
-        #: frames write_pages never overwrites: Xen's per-domain pages of *this* domain
-        self.own_frames = np.array([self.shared_info_frame] if keep_own_shared_info else [], dtype=np.uint64)
         self.upcall_vector = upcall_vector
         self.wake = wake
         self._bitmap: XcHypercallBuffer | None = None
@@ -190,30 +202,78 @@ class XenDomain(Domain):
         self.last_dirty_stats = (0, 0)
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
-        self._mappable: np.ndarray | None = None
-        #: bitmap words that cover mappable frames (known once mappable_pfns ran): the short scan
-        self._ram_words: np.ndarray | None = None
         self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
-        log.info("opened %s domain %s (id %d): max_gpfn=%#x shared_info_frame=%#x vcpus=%d paging=%s",
-                 self.guest_type, name, domid, self.max_gpfn, self.shared_info_frame, self.info.nr_online_vcpus,
+        #: gpfn of each frame index: every frame of 0..max_gpfn that maps, found once here
+        #: (mapping the whole gpfn space: seconds under TCG)
+        self.frames = self._scan_mappable()
+        self.page_count = int(self.frames.size)
+        #: bitmap words that cover the frames: the short scan of the dirty bitmap
+        self._ram_words = np.unique(self.frames >> np.uint64(6))
+        own = [self.shared_info_frame] if keep_own_shared_info else []
+        #: frame indexes write_pages never overwrites: Xen's per-domain pages of *this* domain
+        self.own_frames = self.indexes_of(np.array([f for f in own if f in set(self.frames.tolist())],
+                                                   dtype=np.uint64))
+        #: frame index -> byte ranges of it that Xen writes itself (the vcpu_info fields found
+        #: by find_xen_written): write_pages keeps this domain's own bytes there, and
+        #: memory_digest hashes them as zeros
+        self.xen_written: dict[int, tuple[tuple[int, int], ...]] = {}
+        log.info("opened %s domain %s (id %d): %d frames mapped of max_gpfn=%#x, shared_info_frame=%#x "
+                 "vcpus=%d paging=%s", self.guest_type, name, domid, self.page_count, self.max_gpfn,
+                 self.shared_info_frame, self.info.nr_online_vcpus,
                  "hap" if self.info.flags & xc_.XEN_DOMINF_hap else "shadow")
 
     # -- helpers --------------------------------------------------------
+    def _live(self) -> None:
+        """In a process forked after the domain was opened (the pipeline's stages), open this
+        process's own library handles and forget the parent's hypercall buffers."""
+        if self._pid != os.getpid():
+            self._h = xen_handles(self._privcmd_path)
+            self._xc = self._h.lib.xc
+            self._bitmap, self._bitmap_words, self._ctx_buf = None, None, None
+            self._paused_here = False
+            self._pid = os.getpid()
+
+    def indexes_of(self, gpfns: np.ndarray) -> np.ndarray:
+        """Frame indexes of guest frame numbers; DomainError for a gpfn that was not mapped
+        when the domain was opened (the guest's memory layout changed since)."""
+        gpfns = np.asarray(gpfns, dtype=np.uint64)
+        at = np.searchsorted(self.frames, gpfns)
+        known = at < self.frames.size
+        known[known] = self.frames[at[known]] == gpfns[known]
+        if not known.all():
+            raise DomainError(
+                f"domain {self.name} (id {self.domid}): {int((~known).sum())} frames outside the "
+                f"{self.frames.size} mapped when it was opened (first gpfn {int(gpfns[~known][0]):#x}): "
+                "its memory layout changed (ballooning, memory hotplug); replicating it needs a "
+                "restart of the pair (a new full sync)")
+        return at.astype(np.uint64)
+
     def _check(self, call: str, rc: int, detail: str = "") -> int:
         if rc < 0:
             raise call_error(call, f"{self.name} (id {self.domid})", ctypes.get_errno(), detail)
         return rc
 
     def refresh_info(self) -> DomainInfo:
+        self._live()
         self.info = domain_info(self.domid, self._h)
         return self.info
 
     # -- execution ------------------------------------------------------
+    # Xen counts a controller's pauses (a domain paused twice needs two unpauses); in the
+    # Domain interface pausing is a state. So this process pauses the domain at most once and
+    # unpauses only what it paused: the secondary's coordinator pauses at every epoch's BEGIN,
+    # and resumes only once the guest may run (not after the sync epochs).
     def pause(self) -> None:
-        self._check("xc_domain_pause", self._xc.xc_domain_pause(self._h.xch, self.domid))
+        self._live()
+        if not self._paused_here:
+            self._check("xc_domain_pause", self._xc.xc_domain_pause(self._h.xch, self.domid))
+            self._paused_here = True
 
     def resume(self) -> None:
-        self._check("xc_domain_unpause", self._xc.xc_domain_unpause(self._h.xch, self.domid))
+        self._live()
+        if self._paused_here:
+            self._check("xc_domain_unpause", self._xc.xc_domain_unpause(self._h.xch, self.domid))
+            self._paused_here = False
 
     @property
     def is_paused(self) -> bool:
@@ -221,6 +281,7 @@ class XenDomain(Domain):
 
     # -- dirty log ------------------------------------------------------
     def enable_dirty_log(self) -> None:
+        self._live()
         self._ensure_bitmap()
         rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
                                           None, 0, 0, None)
@@ -234,6 +295,7 @@ class XenDomain(Domain):
         self._check("xc_logdirty_control(ENABLE_LOGDIRTY)", rc)
 
     def disable_dirty_log(self) -> None:
+        self._live()
         self._check("xc_logdirty_control(OFF)",
                     self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_OFF,
                                                  None, 0, 0, None))
@@ -242,36 +304,36 @@ class XenDomain(Domain):
         """Allocate the bitmap in hypercall-safe memory (libxc's page allocator), once."""
         if self._bitmap is not None:
             return
-        words = (self.page_count + 63) // 64
+        words = (self.max_gpfn + 1 + 63) // 64
         pages = (words * 8 + PAGE_SIZE - 1) // PAGE_SIZE
         buf = XcHypercallBuffer.no_bounce()
         ptr = self._xc.xc__hypercall_buffer_alloc_pages(self._h.xch, ctypes.byref(buf), pages)
         if not ptr:
             raise call_error("xc_hypercall_buffer_alloc_pages", f"{self.name} (id {self.domid})",
-                             ctypes.get_errno(), f"{pages} pages for a {self.page_count}-bit bitmap")
+                             ctypes.get_errno(), f"{pages} pages for a {self.max_gpfn + 1}-bit bitmap")
         self._bitmap, self._bitmap_pages = buf, pages
         self._bitmap_words = np.ctypeslib.as_array((ctypes.c_uint64 * words).from_address(ptr))
         self._bitmap_words[:] = 0  # the bits past page_count in the last word are never written by Xen
 
     def read_and_clear_dirty(self) -> np.ndarray:
+        """Frame indexes written since the last call (see Domain)."""
+        self._live()
         self._ensure_bitmap()
         assert self._bitmap is not None and self._bitmap_words is not None
         # No memset per call: Xen writes every byte of the requested range, copying dirty chunks
         # and clearing the others (paging_log_dirty_op, xen/arch/x86/mm/paging.c).
         stats = XenShadowOpStats()
         rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_CLEAN,
-                                          ctypes.byref(self._bitmap), self.page_count, 0, ctypes.byref(stats))
+                                          ctypes.byref(self._bitmap), self.max_gpfn + 1, 0, ctypes.byref(stats))
         self._check("xc_logdirty_control(CLEAN)", rc, "was enable_dirty_log called?")
         self.last_dirty_stats = (stats.fault_count, stats.dirty_count)
-        if self._ram_words is not None:
-            # Xen's dirty_count is the number of bits it set since the last CLEAN, so a short scan
-            # over the words covering RAM is checked against it; on a mismatch, scan everything.
-            pfns = bitmap_to_pfns(self._bitmap_words, self.page_count, self._ram_words)
-            if pfns.size == stats.dirty_count:
-                return pfns
-            log.info("%s: %d dirty frames outside the RAM found at start (Xen counted %d); full scan",
-                     self.name, stats.dirty_count - pfns.size, stats.dirty_count)
-        return bitmap_to_pfns(self._bitmap_words, self.page_count)
+        # Xen's dirty_count is the number of bits it set since the last CLEAN, so a short scan
+        # over the words covering the frames is checked against it; on a mismatch, scan all
+        # (and indexes_of names the frames that are not ours).
+        gpfns = bitmap_to_pfns(self._bitmap_words, self.max_gpfn + 1, self._ram_words)
+        if gpfns.size != stats.dirty_count:
+            gpfns = bitmap_to_pfns(self._bitmap_words, self.max_gpfn + 1)
+        return self.indexes_of(gpfns)
 
     # -- memory ---------------------------------------------------------
     def _validate(self, pfns: np.ndarray, buf: np.ndarray, what: str) -> np.ndarray:
@@ -281,25 +343,27 @@ class XenDomain(Domain):
         if buf.shape[0] < pfns.size:
             raise ValueError(f"{what} has {buf.shape[0]} rows for {pfns.size} pfns")
         if pfns.size and int(pfns.max()) >= self.page_count:
-            raise ValueError(f"pfn {int(pfns.max()):#x} is beyond domain {self.name}'s last frame {self.max_gpfn:#x}")
+            raise ValueError(f"frame index {int(pfns.max())} is beyond domain {self.name}'s "
+                             f"{self.page_count} frames")
         return pfns
 
     @contextmanager
-    def map_frames(self, pfns: np.ndarray, writable: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Map ``pfns`` (at most MAP_BATCH) and yield ``(pages, errs)``: a ``(n, 4096)`` view of
-        the mapping (valid only inside the ``with``) and per-frame error codes (0 = mapped, else a
-        negative errno)."""
-        n = int(pfns.size)
+    def map_frames(self, gpfns: np.ndarray, writable: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Map guest frame numbers ``gpfns`` (at most MAP_BATCH) and yield ``(pages, errs)``: a
+        ``(n, 4096)`` view of the mapping (valid only inside the ``with``) and per-frame error
+        codes (0 = mapped, else a negative errno)."""
+        self._live()
+        n = int(gpfns.size)
         if not 0 < n <= MAP_BATCH:
             raise ValueError(f"map_frames maps 1..{MAP_BATCH} frames at a time, got {n}")
-        frames = np.ascontiguousarray(pfns, dtype=np.uint64)  # xen_pfn_t is unsigned long (64-bit)
+        frames = np.ascontiguousarray(gpfns, dtype=np.uint64)  # xen_pfn_t is unsigned long (64-bit)
         errs = np.zeros(n, dtype=np.int32)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         addr = self._h.lib.fmem.xenforeignmemory_map(self._h.fmem, self.domid, prot, n,
                                                      frames.ctypes.data, errs.ctypes.data)
         if not addr:
             raise call_error("xenforeignmemory_map", f"{self.name} (id {self.domid})", ctypes.get_errno(),
-                             f"{n} frames {int(pfns[0]):#x}..{int(pfns[-1]):#x}, frames array {frames.shape}")
+                             f"{n} frames {int(gpfns[0]):#x}..{int(gpfns[-1]):#x}, frames array {frames.shape}")
         try:
             yield np.asarray(_RawMemory(addr, (n, PAGE_SIZE), writable)), errs
         finally:
@@ -307,22 +371,22 @@ class XenDomain(Domain):
                 log.warning("xenforeignmemory_unmap of %d frames of %s failed: %s", n, self.name,
                             os.strerror(ctypes.get_errno()))
 
-    def _note_holes(self, pfns: np.ndarray, errs: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
+    def _note_holes(self, idx: np.ndarray, errs: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
         bad = errs != 0
         if bad.any():
-            holes.append(pfns[bad])
-            log.debug("%s: %d frames unmappable, first %#x: %s", self.name, int(bad.sum()),
-                      int(pfns[bad][0]), os.strerror(-int(errs[bad][0])))
+            holes.append(idx[bad])
+            log.debug("%s: %d frames unmappable, first index %d: %s", self.name, int(bad.sum()),
+                      int(idx[bad][0]), os.strerror(-int(errs[bad][0])))
         return ~bad
 
     def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Copy frames into ``out``. Holes (unmappable frames) are zero-filled, skipped and
-        returned (also kept in ``last_holes``)."""
-        pfns = self._validate(pfns, out, "out")
+        """Copy frames (indexes) into ``out``. Frames that no longer map are zero-filled,
+        skipped and returned (also kept in ``last_holes``)."""
+        idx = self._validate(pfns, out, "out")
         holes: list[np.ndarray] = []
-        for start in range(0, pfns.size, MAP_BATCH):
-            batch = pfns[start : start + MAP_BATCH]
-            with self.map_frames(batch, writable=False) as (pages, errs):
+        for start in range(0, idx.size, MAP_BATCH):
+            batch = idx[start : start + MAP_BATCH]
+            with self.map_frames(self.frames[batch], writable=False) as (pages, errs):
                 ok = self._note_holes(batch, errs, holes)
                 dst = out[start : start + batch.size]
                 if ok.all():
@@ -334,12 +398,13 @@ class XenDomain(Domain):
         return self.last_holes
 
     def write_pages(self, pfns: np.ndarray, data: np.ndarray) -> np.ndarray:
-        """Copy ``data`` into frames, except this domain's own Xen pages (``own_frames``).
-        Holes are skipped and returned (also kept in ``last_holes``)."""
-        pfns = self._validate(pfns, data, "data")
+        """Copy ``data`` into frames (indexes), except this domain's own Xen pages
+        (``own_frames``) and, within a page, the bytes Xen writes for this domain
+        (``xen_written``). Frames that no longer map are skipped and returned."""
+        idx = self._validate(pfns, data, "data")
         holes: list[np.ndarray] = []
-        for start in range(0, pfns.size, MAP_BATCH):
-            batch = pfns[start : start + MAP_BATCH]
+        for start in range(0, idx.size, MAP_BATCH):
+            batch = idx[start : start + MAP_BATCH]
             rows = data[start : start + batch.size]
             if self.own_frames.size:
                 keep = ~np.isin(batch, self.own_frames)
@@ -347,46 +412,114 @@ class XenDomain(Domain):
                     batch, rows = batch[keep], rows[keep]
                     if batch.size == 0:
                         continue
-            with self.map_frames(batch, writable=True) as (pages, errs):
+            with self.map_frames(self.frames[batch], writable=True) as (pages, errs):
                 ok = self._note_holes(batch, errs, holes)
+                kept = self._save_xen_written(batch, pages, ok)
                 if ok.all():
                     pages[:] = rows
                 else:
                     pages[ok] = rows[ok]
+                for row, start_b, end_b, saved in kept:
+                    pages[row, start_b:end_b] = saved
         self.last_holes = np.concatenate(holes) if holes else np.empty(0, dtype=np.uint64)
         return self.last_holes
 
+    def _save_xen_written(self, batch: np.ndarray, pages: np.ndarray, ok: np.ndarray) -> list:
+        """This domain's own bytes in the Xen-written ranges of the mapped ``batch``."""
+        if not self.xen_written:
+            return []
+        kept = []
+        for row in np.flatnonzero(np.isin(batch, list(self.xen_written)) & ok):
+            for a, b in self.xen_written[int(batch[row])]:
+                kept.append((row, a, b, pages[row, a:b].copy()))
+        return kept
+
+    def _scan_mappable(self) -> np.ndarray:
+        """Every gpfn of 0..max_gpfn that maps (the guest's RAM plus special pages)."""
+        found = []
+        for start in range(0, self.max_gpfn + 1, MAP_BATCH):
+            batch = np.arange(start, min(start + MAP_BATCH, self.max_gpfn + 1), dtype=np.uint64)
+            with self.map_frames(batch, writable=False) as (_, errs):
+                found.append(batch[errs == 0])
+        frames = np.concatenate(found) if found else np.empty(0, np.uint64)
+        if not frames.size:
+            raise DomainError(f"domain {self.name} (id {self.domid}): no frame of 0..{self.max_gpfn:#x} maps")
+        return frames
+
     def mappable_pfns(self) -> np.ndarray:
-        """Every frame of ``range(page_count)`` that maps (the guest's RAM plus special pages).
-        Found once by mapping the whole gpfn space (seconds under TCG), then cached."""
-        if self._mappable is None:
-            found = []
+        """The guest frame number of every frame index (see :attr:`frames`)."""
+        return self.frames
+
+    def find_xen_written(self, rounds: int = 4, window_s: float = 0.3) -> dict[int, tuple[tuple[int, int], ...]]:
+        """Find each vCPU's registered vcpu_info by watching the *running* guest, and keep the
+        fields Xen writes there in :attr:`xen_written`.
+
+        Xen updates the vcpu_info a guest registered (event upcall flags, its clock) for that
+        domain alone and without marking the page dirty, and does not tell dom0 where it is.
+        So twins legitimately differ there: the secondary must keep its own values (its
+        clock, its pending events), and a memory proof must not count them. Two fingerprint
+        passes over all of memory find the pages that change; two reads of those pages
+        ``window_s`` apart show which 64-byte blocks change the way a vcpu_info does (see
+        :func:`~pipeline.xen_io.xen_ctypes.vcpu_info_blocks`). Stops when each online vCPU has
+        one, after at most ``rounds`` tries. Costs two reads of guest memory."""
+        def fingerprints() -> np.ndarray:
+            out = np.empty(self.page_count, np.uint64)
+            buf = np.empty((MAP_BATCH, PAGE_SIZE), np.uint8)
             for start in range(0, self.page_count, MAP_BATCH):
-                batch = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
-                with self.map_frames(batch, writable=False) as (_, errs):
-                    found.append(batch[errs == 0])
-            self._mappable = np.concatenate(found)
-            self._ram_words = np.unique(self._mappable >> np.uint64(6))
-        return self._mappable
+                idx = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
+                self.read_pages(idx, buf)
+                out[start:start + idx.size] = xc_.page_fingerprints(buf[:idx.size])
+            return out
+        first = fingerprints()
+        time.sleep(window_s)
+        changed = np.flatnonzero(fingerprints() != first).astype(np.uint64)
+        changed = np.setdiff1d(changed, self.own_frames)
+        found: dict[int, set[int]] = {}
+        want = max(1, self.info.nr_online_vcpus)
+        if changed.size:
+            a = np.empty((changed.size, PAGE_SIZE), np.uint8)
+            b = np.empty_like(a)
+            for _ in range(rounds):
+                self.read_pages(changed, a)
+                time.sleep(window_s)
+                self.read_pages(changed, b)
+                for row in np.flatnonzero((a != b).any(axis=1)):
+                    for block in xc_.vcpu_info_blocks(a[row], b[row]):
+                        found.setdefault(int(changed[row]), set()).add(block)
+                if sum(len(v) for v in found.values()) >= want:
+                    break
+        self.xen_written = {i: tuple((blk + lo, blk + hi) for blk in sorted(blocks)
+                                     for lo, hi in xc_.XEN_WRITTEN_VCPU_INFO)
+                            for i, blocks in found.items()}
+        where = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x}" for i, bl in found.items() for blk in sorted(bl))
+        (log.info if len(where) and sum(len(v) for v in found.values()) >= want else log.warning)(
+            "%s: vcpu_info found at %s (%d vCPUs online; %d pages changed while watched)",
+            self.name, where or "nowhere", want, changed.size)
+        return self.xen_written
 
     def memory_digest(self, batch_pages: int = MAP_BATCH) -> bytes:
-        """blake3 over every mappable frame in pfn order. This domain's own Xen frames
-        (shared_info, not replicated) count as zero pages, so two twin domains whose guest
-        memory is equal give equal digests. Pause the domain for a stable answer."""
+        """blake3 over every frame in index order. This domain's own Xen frames (shared_info)
+        count as zero pages and the bytes Xen writes itself (``xen_written``) as zeros, so two
+        twin domains whose guest memory is equal give equal digests. Pause the domain for a
+        stable answer."""
         import blake3
 
-        pfns = self.mappable_pfns()
         h = blake3.blake3()
         buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
-        for start in range(0, pfns.size, batch_pages):
-            chunk = pfns[start : start + batch_pages]
-            self.read_pages(chunk, buf)
-            buf[: chunk.size][np.isin(chunk, self.own_frames)] = 0
-            h.update(buf[: chunk.size])
+        for start in range(0, self.page_count, batch_pages):
+            idx = np.arange(start, min(start + batch_pages, self.page_count), dtype=np.uint64)
+            self.read_pages(idx, buf)
+            buf[: idx.size][np.isin(idx, self.own_frames)] = 0
+            for i in self.xen_written:
+                if start <= i < start + idx.size:
+                    for a, b in self.xen_written[i]:
+                        buf[i - start, a:b] = 0
+            h.update(buf[: idx.size])
         return h.digest()
 
     def hvm_param(self, index: int) -> int:
         """xc_hvm_param_get (e.g. HVM_PARAM_CONSOLE_PFN: the console ring frame shared with dom0)."""
+        self._live()
         value = ctypes.c_uint64(0)
         self._check(f"xc_hvm_param_get({index})",
                     self._xc.xc_hvm_param_get(self._h.xch, self.domid, index, ctypes.byref(value)))
@@ -399,6 +532,7 @@ class XenDomain(Domain):
 
     # -- vCPU / platform state -----------------------------------------
     def get_vcpu_state(self) -> bytes:
+        self._live()
         # The context size is fixed for a domain's life (vCPU count); ask Xen once, reuse the buffer.
         if self._ctx_buf is None:
             size = self._check("xc_domain_hvm_getcontext(size)",
@@ -422,6 +556,7 @@ class XenDomain(Domain):
           (the probe's method; the guest logs "NMI ... Dazed and confused").
         - ``wake="none"``: only mark the vector in the IRR (S wakes at its next event).
         """
+        self._live()
         if not blob:
             raise DomainError(f"empty HVM context for domain {self.name} (id {self.domid})")
         if self.wake != "msi":
@@ -444,7 +579,7 @@ class XenDomain(Domain):
 
     # -- lifetime -------------------------------------------------------
     def close(self) -> None:
-        if self._bitmap is not None:
+        if self._bitmap is not None and self._pid == os.getpid():
             self._bitmap_words = None
             self._xc.xc__hypercall_buffer_free_pages(self._h.xch, ctypes.byref(self._bitmap), self._bitmap_pages)
             self._bitmap = None
@@ -460,10 +595,13 @@ def open_xen_domain(
     keep_own_shared_info: bool = True,
     upcall_vector: int = DEFAULT_UPCALL_VECTOR,
     wake: str = "msi",
+    find_xen_written: bool = True,
     **other_settings: object,
 ) -> XenDomain:
     """Open the PVH/HVM ``domain`` (a name or an id; config ``guest.domain``). Refuses PV guests
-    and hosts that are not a Xen dom0.
+    and hosts that are not a Xen dom0. With ``find_xen_written`` (config
+    ``guest.xen_find_written``), watch the running guest for its vcpu_info
+    (:meth:`XenDomain.find_xen_written`).
 
     ``other_settings`` are the remaining ``[guest]`` keys meant for other backends; ignored."""
     if other_settings:
@@ -471,5 +609,12 @@ def open_xen_domain(
     handles = xen_handles(privcmd_path)
     domid = resolve_domain(domain, handles)
     name = str(domain) if not str(domain).isdigit() else f"dom{domid}"
-    return XenDomain(domid, name, handles=handles, keep_own_shared_info=keep_own_shared_info,
-                     upcall_vector=upcall_vector, wake=wake)
+    dom = XenDomain(domid, name, handles=handles, keep_own_shared_info=keep_own_shared_info,
+                    upcall_vector=upcall_vector, wake=wake, privcmd_path=privcmd_path)
+    if find_xen_written:
+        if dom.refresh_info().paused:
+            log.warning("%s is paused: its vcpu_info cannot be found by watching it "
+                        "(guest.xen_find_written); a memory proof may then differ in its clock", dom.name)
+        else:
+            dom.find_xen_written()
+    return dom

@@ -13,6 +13,7 @@ and the small public libxc buffer struct are declared; libxc's own
 from __future__ import annotations
 
 import ctypes
+import struct
 import ctypes.util
 import os
 from dataclasses import dataclass
@@ -222,6 +223,59 @@ def bitmap_to_pfns(words: np.ndarray, nbits: int, candidates: np.ndarray | None 
     set_bits = np.flatnonzero(np.unpackbits(words[hot].view(np.uint8), bitorder="little")).astype(np.uint64)
     pfns = hot[set_bits >> np.uint64(6)] * np.uint64(64) + (set_bits & np.uint64(63))
     return pfns[pfns < nbits]
+
+
+# -- bytes Xen writes itself ---------------------------------------------------------------
+#: a vcpu_info is 64 bytes; Xen writes these of them for the domain without logging the page
+#: dirty: evtchn_upcall_pending, _mask, the pending selector (0x00..0x10) and the
+#: vcpu_time_info clock record (0x20..0x40). The guest registers where it lives
+#: (VCPUOP_register_vcpu_info) and Xen does not report it to dom0.
+VCPU_INFO_SIZE = 64
+XEN_WRITTEN_VCPU_INFO = ((0x00, 0x10), (0x20, 0x40))
+_XEN_WRITTEN_OFFSETS = np.r_[tuple(slice(a, b) for a, b in XEN_WRITTEN_VCPU_INFO)]
+
+
+def page_fingerprints(pages: np.ndarray) -> np.ndarray:
+    """One 64-bit fingerprint per page (a (n, 4096) uint8 array): a multiply-add of its 512
+    words with fixed odd weights. Cheap enough to take of all of guest memory twice at start;
+    any change of one word changes it."""
+    weights = np.random.default_rng(0x5EED).integers(1, 1 << 63, 512, dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return (pages.view(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+
+
+def _time_record(page: np.ndarray, at: int) -> tuple[int, int, int, int, int]:
+    """(version, tsc_timestamp, system_time, tsc_to_system_mul, tsc_shift) of the
+    vcpu_time_info at byte ``at`` of a page."""
+    version, _, tsc, system_time, mul, shift = struct.unpack_from("<IIQQIb", page, at)
+    return version, tsc, system_time, mul, shift
+
+
+def vcpu_info_blocks(before: np.ndarray, after: np.ndarray) -> list[int]:
+    """Offsets of the 64-byte blocks of one page (two reads of it, ``before`` and ``after``)
+    that were updated the way Xen updates a vcpu_info: every changed byte of the block lies in
+    the fields Xen writes, and the clock record moved forward consistently with itself: both
+    versions even (no update in flight) and increasing, and the system time advanced by the
+    TSC delta scaled with the record's own ``tsc_to_system_mul`` and ``tsc_shift`` (within
+    2 %: Xen recalibrates the scale every second). Guest data that merely changes at those
+    offsets does not pass that."""
+    changed = np.flatnonzero(before != after)
+    found = []
+    for block in np.unique(changed // VCPU_INFO_SIZE):
+        at = changed[changed // VCPU_INFO_SIZE == block] % VCPU_INFO_SIZE
+        if not np.isin(at, _XEN_WRITTEN_OFFSETS).all():
+            continue
+        base = int(block) * VCPU_INFO_SIZE
+        v0, tsc0, sys0, _, _ = _time_record(before, base + 0x20)
+        v1, tsc1, sys1, mul, shift = _time_record(after, base + 0x20)
+        if v0 % 2 or v1 % 2 or v1 <= v0 or tsc1 <= tsc0 or sys1 <= sys0 or not mul or not -32 < shift < 32:
+            continue
+        dt = tsc1 - tsc0
+        dt = dt << shift if shift >= 0 else dt >> -shift
+        expected = (dt * mul) >> 32
+        if abs((sys1 - sys0) - expected) <= (sys1 - sys0) // 50 + 1000:
+            found.append(base)
+    return found
 
 
 # -- HVM context blob -----------------------------------------------------------------------
