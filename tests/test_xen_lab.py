@@ -1,5 +1,6 @@
-"""The Xen lab end to end: a real Xen 4.17 hypervisor booted under QEMU TCG replicates a running
-PVH guest with pipeline.xen_io.xen. Opt-in (``pytest -m xenlab``): it needs root, network access
+"""The Xen lab end to end: on a real Xen 4.17 hypervisor booted under QEMU TCG, `colo-pipeline
+primary` and `colo-pipeline secondary` (xen backend) replicate a running PVH guest, prove every
+checkpoint by both nodes' full-memory blake3, and fail over. Opt-in (``pytest -m xenlab``): it needs root, network access
 to the Debian mirrors on a clean machine, and 3-20 minutes.
 """
 from __future__ import annotations

@@ -45,6 +45,7 @@ memory = 128
 vcpus = 1
 on_crash = "preserve"
 tsc_mode = "native"
+hap = ${XENLAB_HAP:-1}
 EOC
 done
 
@@ -63,6 +64,7 @@ mkdir -p /run/xen /run/xenstored /run/lock /var/log/xen/console /var/lib/xen /va
 /usr/lib/xen-4.17/bin/xen-init-dom0
 /usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
 hostname dom0
+busybox ip link set lo up    # the nodes talk over 127.0.0.1 (minbase has no iproute2)
 echo "XENLAB-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 if grep -q 'xenlab.run=1' /proc/cmdline; then
     /usr/bin/python3 /opt/colo-pipeline/scripts/xen-lab/dom0/lab_dom0.py </dev/null >/dev/hvc0 2>&1
