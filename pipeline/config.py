@@ -111,6 +111,10 @@ class PipelineSettings:
     compress: str = _f("lz4", "Primary: compress the pages of each batch with lz4 (fewer bytes "
                        "on the wire, more CPU) or send them as they are (a fast link and "
                        "few cores).", choices=("lz4", "none"))
+    pause_priority: str = _f("realtime", "Primary: scheduling of the snapshot stage while the "
+                             "PVM is paused (the guest's downtime): real-time (SCHED_FIFO 1, "
+                             "where root or CAP_SYS_NICE allows; dropped around the proof's "
+                             "full-memory hash) or normal.", choices=("realtime", "normal"))
     ring_slots: int = _f(0, "Slots per ring; 0: 16 MiB of pages per ring (at most the guest's "
                          "size). The PVM pause copies into the snapshot buffer (twice "
                          "checkpoint.dirty_threshold_pages), not into the rings.", min=0)

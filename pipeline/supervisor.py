@@ -225,7 +225,8 @@ class Supervisor:
                               (s, dom, snap_a, send_a, table, pending, shared, hb_in)),
                     StageSpec("snapshot", snapshot.run,
                               (dom, to_digest, snap_b, snapbuf,
-                               s.run_dir if s.disk.enabled else ""))]
+                               s.run_dir if s.disk.enabled else "",
+                               s.pipeline.pause_priority == "realtime"))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress == "lz4")) for i in range(n)]

@@ -15,6 +15,7 @@ secondary never applied them, so they go out again.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -23,6 +24,30 @@ from pipeline.ring import Ring
 from pipeline.stages.common import (SLOT_BUFFERED, SLOT_DATA, SLOT_DIGEST, SLOT_END, SLOT_SYNC,
                                     PageBuffer, StageContext, write_slot)
 from pipeline.xen_io.base import Domain
+
+
+class PausePriority:
+    """Real-time scheduling (SCHED_FIFO, lowest priority) for the work inside the PVM pause,
+    where the host allows it (root or CAP_SYS_NICE): the pause is the guest's downtime. In
+    the Xen lab, with more runnable processes than CPUs, the gather was preempted inside the
+    pause. The work is bounded (the snapshot buffer), the guest is already stopped when it is
+    raised, and it is dropped around the proof's full-memory hash, which must not keep the
+    heartbeat (SCHED_RR 1) off the CPU for seconds."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.allowed = wanted and hasattr(os, "sched_setscheduler")
+        self.normal = os.sched_getparam(0) if self.allowed else None
+
+    def urgent(self, on: bool) -> None:
+        if not self.allowed:
+            return
+        try:
+            if on:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            else:
+                os.sched_setscheduler(0, os.SCHED_OTHER, self.normal)
+        except OSError:
+            self.allowed = False      # not permitted here: the pause runs at normal priority
 
 
 def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, flags: int,
@@ -84,7 +109,7 @@ def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, f
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        snapbuf: PageBuffer, disk_run_dir: str = "") -> None:
+        snapbuf: PageBuffer, disk_run_dir: str = "", pause_realtime: bool = True) -> None:
     """``disk_run_dir``: the node has a replicated disk whose stage listens there; its write
     epoch moves on while the PVM is paused, so every write is tagged with the epoch whose
     memory state it follows."""
@@ -93,6 +118,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         from pipeline.stages.disk import DiskControl
         disk = DiskControl(disk_run_dir, "primary")
     log = ctx.log
+    priority = PausePriority(pause_realtime)
     while not ctx.stopping():
         if not ctrl.poll(0.2):
             continue
@@ -125,23 +151,39 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             domain.pause()
             if disk is not None:
                 disk.set_epoch(epoch + 1)
+            t_paused = time.perf_counter_ns()
+            priority.urgent(True)
             dirty = domain.read_and_clear_dirty()
             if len(carry):
                 dirty = np.union1d(dirty, carry).astype(np.uint64)
+            t_dirty = time.perf_counter_ns()
             vcpu = domain.get_vcpu_state()
             # a verified checkpoint hashes all of memory while paused; timed apart, so the
             # pause of the checkpoint itself stays visible
             t_verify = time.perf_counter_ns()
-            digest = domain.memory_digest() if flags & SLOT_DIGEST else b""
+            digest = b""
+            if flags & SLOT_DIGEST:
+                priority.urgent(False)
+                digest = domain.memory_digest()
+                priority.urgent(True)
             verify_ns = time.perf_counter_ns() - t_verify if digest else 0
             # The pause is one gather of the dirty pages into the snapshot buffer, with
             # every core free for it: the digest workers only hear of the pages after the
             # PVM runs again. A dirty set larger than the buffer overflows into the rings.
+            t_copy = time.perf_counter_ns()
             k = min(len(dirty), len(snapbuf.pages))
             domain.read_pages(dirty[:k], snapbuf.pages[:k])
             ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch, flags)
+            t_resume = time.perf_counter_ns()
+            priority.urgent(False)
             domain.resume()
             pause_ns = time.perf_counter_ns() - t0
+            # where the pause went: the numbers to tune it by
+            log.info("epoch=%d event=paused pages=%d pause_ms=%.2f stop_ms=%.2f dirty_log_ms=%.2f "
+                     "vcpu_ms=%.2f copy_ms=%.2f resume_ms=%.2f verify_ms=%.1f", epoch, len(dirty),
+                     pause_ns / 1e6, (t_paused - t0) / 1e6, (t_dirty - t_paused) / 1e6,
+                     (t_verify - t_dirty) / 1e6, (t_resume - t_copy) / 1e6,
+                     (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, extra={"epoch": epoch})
             ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
             if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch, flags) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):

@@ -1,0 +1,46 @@
+"""The snapshot stage's real-time scheduling inside the PVM pause (pipeline.pause_priority)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.stages.snapshot import PausePriority
+
+
+def _policy() -> int:
+    return os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
+def test_urgent_switches_to_fifo_and_back():
+    before = _policy()
+    p = PausePriority(True)
+    try:
+        p.urgent(True)
+        assert _policy() == os.SCHED_FIFO and os.sched_getparam(0).sched_priority == 1
+    finally:
+        p.urgent(False)
+    assert _policy() == before == os.SCHED_OTHER
+
+
+def test_normal_priority_leaves_the_scheduler_alone():
+    before = _policy()
+    p = PausePriority(False)
+    p.urgent(True)
+    assert _policy() == before
+
+
+def test_refused_real_time_falls_back_quietly(monkeypatch):
+    """Where the host refuses real time (no CAP_SYS_NICE), the pause runs at normal priority."""
+    calls = []
+
+    def refuse(pid, policy, param):
+        calls.append(policy)
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    p = PausePriority(True)
+    p.urgent(True)
+    p.urgent(True)
+    p.urgent(False)
+    assert calls == [os.SCHED_FIFO] and not p.allowed
