@@ -67,3 +67,31 @@ def test_log_events_reads_the_nodes_json_log_lines(lab, tmp_path, monkeypatch):
     rows = lab.log_events("primary", "verified")
     assert [(r["epoch"], r["memory_equal"]) for r in rows] == [("4", "True"), ("5", "False")]
     assert lab.log_events("primary", "checkpoint")[0]["cause"] == "timer"
+
+
+@pytest.fixture(scope="module")
+def host_side():
+    spec = importlib.util.spec_from_file_location("xenlab_host", LAB_DOM0.parents[1] / "lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(**res) -> str:
+    return "boot noise\nXENLAB-RESULT " + json.dumps(res) + "\nXENLAB-DOM0-EXIT rc=1\n"
+
+
+def test_a_platform_fault_before_the_first_checkpoint_earns_one_more_boot(host_side):
+    fault = host_side.platform_fault(_result(error="RuntimeError: 'colo-pipeline check-config x' failed rc=139: "
+                                                   "Segmentation fault"))
+    assert fault.startswith("rc=139") or fault.startswith("Segmentation fault")
+
+
+@pytest.mark.parametrize("res", [
+    {"error": "RuntimeError: the primary node exited with 1 while waiting for protection: "
+              "DomainError: xc_domain_pause failed"},                         # ours: counts
+    {"error": "stage coordinator killed by signal 11", "pipeline": [{"epoch": 3}]},  # after checkpoints
+    {"pipeline": [{"epoch": 3}]},                                                    # no error at all
+])
+def test_our_faults_and_faults_during_replication_count_against_the_run(host_side, res):
+    assert host_side.platform_fault(_result(**res)) == ""
