@@ -212,6 +212,10 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
                           pause_ms=(r["pvm_pause_ns"] - r["pvm_verify_ns"]) / 1e6,
                           verify_ms=r["pvm_verify_ns"] / 1e6, commit_ms=r["commit_ns"] / 1e6,
                           equal=verified.get(int(r["epoch"]))) for r in rows]
+    epochs = {c.epoch for c in results}
+    for row in log_events("primary", "paused"):   # the snapshot stage's breakdown of each pause
+        if int(row["epoch"]) in epochs:
+            print("PAUSED " + " ".join(f"{k}={v}" for k, v in row.items() if k != "event"), flush=True)
     for c in results:
         print("PIPE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in asdict(c).items()), flush=True)
