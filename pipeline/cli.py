@@ -79,6 +79,36 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_xen_twin(args: argparse.Namespace) -> int:
+    """Make this host's half of a Xen twin pair (pipeline.xen_io.twin) from the node config."""
+    from pipeline.xen_io.twin import TwinError, restore, save_and_restore
+    settings = _load(args.config)
+    g = settings.guest
+    if g.backend != "xen":
+        raise config.ConfigError(args.config, "guest.backend", f"is {g.backend!r}; xen-twin "
+                                 "pairs Xen domains", "backend = \"xen\"")
+    base = os.path.dirname(os.path.abspath(args.config))
+    paths = {}
+    for key in ("domain", "xen_image", "xen_domain_config"):
+        value = getattr(g, key)
+        if not value:
+            raise config.ConfigError(args.config, f"guest.{key}", "missing for xen-twin",
+                                     "the domain's name" if key == "domain" else "a file path")
+        paths[key] = value if key == "domain" or os.path.isabs(value) else os.path.join(base, value)
+    try:
+        if args.action == "save":
+            domid = save_and_restore(paths["domain"], paths["xen_image"], paths["xen_domain_config"])
+            print(f"saved {paths['domain']} to {paths['xen_image']} and restored it (domain {domid}); "
+                  "restore the same image on the secondary host: colo-pipeline xen-twin restore")
+        else:
+            domid = restore(paths["xen_image"], paths["xen_domain_config"], paths["domain"])
+            print(f"restored {paths['xen_image']} as {paths['domain']} (domain {domid})")
+    except TwinError as exc:
+        print(f"colo-pipeline xen-twin {args.action}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     print(f"{args.config}: ok ({settings.node.role} {settings.node.name!r}, "
@@ -368,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", default=".", help="where to write the two files")
     sp.add_argument("--name", required=True, help="file name stem, e.g. the host name")
     sp.set_defaults(func=cmd_keygen)
+    sp = sub.add_parser("xen-twin", help="Xen: make this host's half of a twin pair from the "
+                        "node config (save+restore on the primary, restore on the secondary)")
+    sp.add_argument("action", choices=["save", "restore"])
+    sp.add_argument("--config", required=True, help="the node's TOML config file")
+    sp.set_defaults(func=cmd_xen_twin)
+
     sp = sub.add_parser("check-config", help="validate a config file without starting anything")
     sp.add_argument("config")
     sp.set_defaults(func=cmd_check_config)

@@ -76,6 +76,12 @@ class GuestSettings:
     backend: str = _f("sim", "Hypervisor backend.", choices=("sim", "xen"))
     page_count: int = _f(16384, "sim: guest RAM in pages of 4 KiB.", min=16)
     domain: str = _f("", "xen: the domain's name or id.")
+    xen_image: str = _f("", "xen: the saved image of the guest that makes the twin pair "
+                        "(`colo-pipeline xen-twin`: written on the primary, restored on both). "
+                        "Relative paths are relative to the config file.")
+    xen_domain_config: str = _f("", "xen: this node's xl domain config, with which "
+                                "`colo-pipeline xen-twin` restores the image as guest.domain. "
+                                "Relative paths are relative to the config file.")
     xen_wake: str = _f("msi", "xen, secondary: how the guest's vCPUs are woken after a "
                        "checkpoint loaded their state: an MSI carrying the event upcall vector "
                        "(quiet), an NMI (the guest logs it), or not at all (the guest wakes at "

@@ -2,8 +2,9 @@
 """The Xen lab's driver inside dom0 (run by the dom0 init when the kernel command line has
 ``xenlab.run=1``; Debian's python3 with this project on its path).
 
-1. create the PVH guest ``prim`` (memwork), wait until it ticks, ``xl save`` it once;
-2. colo-pipeline: a twin pair (``xl restore`` the image as prim and as sec), ``colo-pipeline
+1. create the PVH guest ``prim`` (memwork), wait until it ticks;
+2. colo-pipeline: a twin pair (``colo-pipeline xen-twin save`` on the primary's config saves
+   prim and restores it, ``xen-twin restore`` on the secondary's makes sec), ``colo-pipeline
    secondary`` on sec and ``colo-pipeline primary`` on prim (xen backend) until N checkpoints
    after the first, each proven by both nodes' full-memory blake3; then failover: prim's guest
    is paused and its node SIGKILLed, the secondary takes over and its guest runs on;
@@ -76,12 +77,26 @@ def wait_ticking(name: str, offset: int, timeout: float = 120) -> float:
     raise RuntimeError(f"guest {name} printed no memwork line within {timeout}s")
 
 
-def make_twin() -> tuple[int, int]:
-    """Destroy any old pair, restore the saved image twice (prim, sec). Both run the resume path."""
-    for name in ("prim", "sec"):
-        subprocess.run(f"xl destroy {name}", shell=True, check=False, capture_output=True)  # may not exist
-    sh(f"xl restore /root/prim.cfg {IMAGE}")
-    sh(f"xl restore /root/sec.cfg {IMAGE}")
+def make_twin(save_first: bool = False) -> tuple[int, int]:
+    """The product's pairing (`colo-pipeline xen-twin`, pipeline/xen_io/twin.py) from the node
+    configs: with ``save_first``, save the running prim to the image and restore it; otherwise
+    destroy any old pair and restore prim from the image; then restore sec from the same image.
+    Both domains run the guest's resume path."""
+    if save_first:
+        for attempt in range(3):  # under TCG the guest sometimes misses the suspend request's deadline
+            try:
+                sh(f"colo-pipeline xen-twin save --config {RUN}/primary.toml")
+                break
+            except RuntimeError as exc:
+                if attempt == 2:
+                    raise
+                print(f"WARNING: xen-twin save failed, retrying: {str(exc)[-200:]}", flush=True)
+                time.sleep(5)
+    else:
+        for name in ("prim", "sec"):
+            subprocess.run(f"xl destroy {name}", shell=True, check=False, capture_output=True)  # may not exist
+        sh(f"colo-pipeline xen-twin restore --config {RUN}/primary.toml")
+    sh(f"colo-pipeline xen-twin restore --config {RUN}/secondary.toml")
     time.sleep(3)  # let both finish their resume path before the first checkpoint
     return resolve_domain("prim"), resolve_domain("sec")
 
@@ -110,7 +125,8 @@ def node_config(role: str, domain: str, interval_ms: int) -> dict[str, dict[str,
     peer = "secondary" if role == "primary" else "primary"
     return {
         "node": {"name": f"lab-{role}", "role": role, "run_dir": str(RUN / role)},
-        "guest": {"backend": "xen", "domain": domain},
+        "guest": {"backend": "xen", "domain": domain, "xen_image": IMAGE,
+                  "xen_domain_config": f"/root/{domain}.cfg"},
         "peer": {"address": "tcp://127.0.0.1:7400", "connect_timeout_ms": 120000},
         "pipeline": {"digest_workers": 1, "verify_workers": 1, "batch_pages": 64},
         "checkpoint": {"max_interval_ms": interval_ms, "min_interval_ms": 100,
@@ -124,12 +140,20 @@ def node_config(role: str, domain: str, interval_ms: int) -> dict[str, dict[str,
     }
 
 
-def start_node(role: str, domain: str, interval_ms: int) -> subprocess.Popen:
+def write_configs(interval_ms: int) -> None:
+    """Both nodes' config files and CURVE keys in RUN (the pairing reads them too)."""
     from pipeline.localpair import render_toml
 
+    sh(f"rm -rf {RUN} && mkdir -p {RUN}/keys")
+    for role, domain in (("primary", "prim"), ("secondary", "sec")):
+        sh(f"colo-pipeline keygen --dir {RUN}/keys --name {role}")
+        path = RUN / f"{role}.toml"
+        path.write_text(render_toml(node_config(role, domain, interval_ms)))
+        sh(f"colo-pipeline check-config {path}")
+
+
+def start_node(role: str) -> subprocess.Popen:
     path = RUN / f"{role}.toml"
-    path.write_text(render_toml(node_config(role, domain, interval_ms)))
-    sh(f"colo-pipeline check-config {path}")
     out = open(RUN / f"{role}.log", "wb")
     # Both nodes share dom0's one vCPU here; in a real pair the secondary has a host of its
     # own. Niced, its BEGIN handling (pause S, CLEAN S, SVM_DIRTY) does not stretch the
@@ -188,11 +212,8 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
     checkpoints after the first one committed, each proven by both nodes' full-memory blake3
     (checkpoint.verify_every = 1). Then the primary host "dies": its guest is paused and its
     node SIGKILLed; the secondary must take over and its guest run on."""
-    sh(f"rm -rf {RUN} && mkdir -p {RUN}/keys")
-    for role in ("primary", "secondary"):
-        sh(f"colo-pipeline keygen --dir {RUN}/keys --name {role}")
-    procs = {"secondary": start_node("secondary", "sec", interval_ms)}
-    procs["primary"] = start_node("primary", "prim", interval_ms)
+    procs = {"secondary": start_node("secondary")}
+    procs["primary"] = start_node("primary")
     t0 = time.monotonic()
     wait_for("protection", lambda: node_info("primary").get("state") == "protected", procs, 900)
     protected_s = time.monotonic() - t0
@@ -300,21 +321,12 @@ def main() -> int:
         sh("xl create /root/prim.cfg")
         result["guest_ticking_s"] = round(time.monotonic() - t0 + wait_ticking("prim", 0), 1)
         time.sleep(2)
-        for attempt in range(3):  # under TCG the guest sometimes misses the suspend request's deadline
-            try:
-                sh(f"xl save prim {IMAGE}")
-                break
-            except RuntimeError as exc:
-                if attempt == 2:
-                    raise
-                print(f"WARNING: xl save failed, retrying: {str(exc)[-200:]}", flush=True)
-                time.sleep(5)
-
+        write_configs(interval)
         # colo-pipeline first: the C baseline then checkpoints at the pipeline's own cadence, so
         # both pause for about the same number of dirty pages (the pipeline's epochs are longer
         # than interval_ms when every checkpoint is proven by two full-memory hashes)
         marks = {n: console_size(n) for n in ("prim", "sec")}
-        make_twin()
+        make_twin(save_first=True)
         checkpoints, extra = replicate_pipeline(rounds, interval, True)
         result["pipeline"] = [asdict(c) for c in checkpoints]
         result["pipeline_extra"] = extra
