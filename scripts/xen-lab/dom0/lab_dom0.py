@@ -145,8 +145,9 @@ def write_configs(interval_ms: int) -> None:
     from pipeline.localpair import render_toml
 
     sh(f"rm -rf {RUN} && mkdir -p {RUN}/keys")
-    for role, domain in (("primary", "prim"), ("secondary", "sec")):
+    for role in ("primary", "secondary"):
         sh(f"colo-pipeline keygen --dir {RUN}/keys --name {role}")
+    for role, domain in (("primary", "prim"), ("secondary", "sec")):
         path = RUN / f"{role}.toml"
         path.write_text(render_toml(node_config(role, domain, interval_ms)))
         sh(f"colo-pipeline check-config {path}")
