@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -95,3 +96,21 @@ def test_a_platform_fault_before_the_first_checkpoint_earns_one_more_boot(host_s
 ])
 def test_our_faults_and_faults_during_replication_count_against_the_run(host_side, res):
     assert host_side.platform_fault(_result(**res)) == ""
+
+
+def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch):
+    """The lab's node configs and keys, made by the real CLI (keygen, check-config)."""
+    from pipeline import config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "colo-pipeline").write_text(f'#!/bin/sh\nexec {sys.executable} -m pipeline.cli "$@"\n')
+    (bin_dir / "colo-pipeline").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(lab, "RUN", tmp_path / "run")
+    lab.write_configs(1000)
+    for role, domain in (("primary", "prim"), ("secondary", "sec")):
+        s = config.load(str(tmp_path / "run" / f"{role}.toml"))
+        assert (s.node.role, s.guest.backend, s.guest.domain) == (role, "xen", domain)
+        assert s.guest.xen_domain_config == f"/root/{domain}.cfg" and s.guest.xen_image == lab.IMAGE
+        assert s.checkpoint.verify_every == 1 and s.security.mode == "curve"
