@@ -283,6 +283,7 @@ class Supervisor:
                                      "dirty_log": getattr(self.domain, "dirty_log_kind", "")})
             # node info has one writer at a time: the supervisor until the coordinator
             # starts (last), then the coordinator (which adds its own pid)
+            self.domain.before_fork()
             for spec in [p for p in plan if p.name != "coordinator"]:
                 self._start_stage(spec)
             info = self.node.node_info()

@@ -305,7 +305,7 @@ def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
 
     dom = object.__new__(XenDomain)
     fmem = MockForeignMemory(ram, holes, on_map)
-    dom._h = SimpleNamespace(lib=SimpleNamespace(fmem=fmem), fmem=1)
+    dom._h = SimpleNamespace(lib=SimpleNamespace(fmem=fmem, xc=None), fmem=1)
     dom._pid, dom._privcmd_path = os.getpid(), "/dev/null"
     dom.domid, dom.name, dom.max_gpfn = 9, "mock", ram.shape[0] - 1
     dom.info = SimpleNamespace(nr_online_vcpus=1)
@@ -313,6 +313,8 @@ def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
     dom.page_count = int(dom.frames.size)
     dom.own_frames = dom.indexes_of(np.array(own, dtype=np.uint64))
     dom.xen_written = {}
+    dom._bitmap = dom._bitmap_words = dom._ctx_buf = None
+    dom._paused_here = False
     fmem.holes = set()   # from here on every frame found at open maps
     return dom
 
@@ -378,7 +380,8 @@ def _vcpu_info_tick(page: np.ndarray, at: int, step: int) -> None:
 def test_find_xen_written_locates_the_vcpu_info_and_not_guest_data() -> None:
     """MOCK of a running guest and of Xen's own writes (no hypervisor in CI): the guest keeps
     rewriting pages (logged dirty in reality; here just changing), and 'Xen' ticks the
-    vcpu_info at gpfn 40 + 0x3c0. Only that block is found, and the digest then ignores it."""
+    vcpu_info at gpfn 40 + 0x3c0. Only that block is found (guest data that passed the clock
+    test in one round is not taken), and the digest then ignores it."""
     ram = np.zeros((64, 4096), np.uint8)
     step = [0]
 
@@ -386,6 +389,8 @@ def test_find_xen_written_locates_the_vcpu_info_and_not_guest_data() -> None:
         step[0] += 1
         ram[7, :64] = step[0] % 251                         # guest data in a 64-byte block
         ram[9, 0x3e8:0x3f0] = step[0] % 13                 # guest data that happens to sit at vcpu_info offsets
+        if step[0] <= 5:                                    # guest data that looks like one, once:
+            _vcpu_info_tick(ram[11], 0x80, step[0])        # the 1st watch round only (maps 4, 5)
         _vcpu_info_tick(ram[40], 0x3c0, step[0])
     dom = domain_over(ram, holes={50}, own=[], on_map=running_guest)
     found = dom.find_xen_written(window_s=0)
@@ -452,3 +457,26 @@ def test_pause_is_a_state_although_xen_counts_pauses() -> None:
     assert count[0] == 0
     dom.resume()                 # resuming a running guest changes nothing
     assert count[0] == 0
+
+
+def test_no_library_handle_crosses_the_nodes_fork(monkeypatch) -> None:
+    """MOCK of the library handles (no hypervisor in CI): after before_fork, the node's
+    process and every forked stage open their own handles at their next call."""
+    from pipeline.xen_io import xen
+
+    ram = np.arange(8 * 4096, dtype=np.uint32).view(np.uint8)[: 8 * 4096].reshape(8, 4096).copy()
+    dom = domain_over(ram, holes=set(), own=[])
+    mock_handles = dom._h
+    opened = []
+
+    def fresh_handles(privcmd_path):
+        opened.append(os.getpid())
+        return mock_handles
+    monkeypatch.setattr(xen, "xen_handles", fresh_handles)
+    dom.before_fork()
+    assert dom._pid == 0
+    out = np.empty((1, 4096), np.uint8)
+    dom.read_pages(np.array([3], np.uint64), out)
+    dom.read_pages(np.array([4], np.uint64), out)
+    np.testing.assert_array_equal(out[0], ram[4])
+    assert opened == [os.getpid()]

@@ -104,6 +104,10 @@ class Domain(abc.ABC):
         """Load a blob produced by :meth:`get_vcpu_state` of the peer domain. Guest paused."""
 
     # -- lifetime -------------------------------------------------------
+    def before_fork(self) -> None:
+        """The node is about to fork its stages, which share this object: drop what must not
+        cross a fork (the xen backend's library handles). Nothing for most backends."""
+
     def close(self) -> None:
         """Release what this object holds (mappings, handles, child processes it owns)."""
 

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: frames per xenforeignmemory_map call; the probe's C replicator used the same batch
 MAP_BATCH = 1024
+#: rounds a 64-byte block must look like an updated vcpu_info in before it is taken for one
+MIN_VCPU_INFO_ROUNDS = 2
 #: how a secondary's vCPU is woken after its HVM context was replaced
 WAKE_METHODS = ("msi", "nmi", "none")
 
@@ -107,6 +109,15 @@ def xen_handles(privcmd_path: str = PRIVCMD_PATH) -> XenHandles:
         if _handles is None or _handles_pid != os.getpid():
             _handles, _handles_pid = XenHandles(privcmd_path), os.getpid()
         return _handles
+
+
+def close_handles() -> None:
+    """Close this process's library handles (the next use opens new ones)."""
+    global _handles
+    with _handles_lock:
+        if _handles is not None and _handles_pid == os.getpid():
+            _handles.close()
+        _handles = None
 
 
 def domain_info(domid: int, handles: XenHandles | None = None) -> DomainInfo:
@@ -474,8 +485,8 @@ class XenDomain(Domain):
         time.sleep(window_s)
         changed = np.flatnonzero(fingerprints() != first).astype(np.uint64)
         changed = np.setdiff1d(changed, self.own_frames)
-        found: dict[int, set[int]] = {}
         want = max(1, self.info.nr_online_vcpus)
+        seen: dict[tuple[int, int], int] = {}      # (frame index, block) -> rounds it passed in
         if changed.size:
             a = np.empty((changed.size, PAGE_SIZE), np.uint8)
             b = np.empty_like(a)
@@ -485,16 +496,27 @@ class XenDomain(Domain):
                 self.read_pages(changed, b)
                 for row in np.flatnonzero((a != b).any(axis=1)):
                     for block in xc_.vcpu_info_blocks(a[row], b[row]):
-                        found.setdefault(int(changed[row]), set()).add(block)
-                if sum(len(v) for v in found.values()) >= want:
+                        key = (int(changed[row]), block)
+                        seen[key] = seen.get(key, 0) + 1
+                if sum(1 for n in seen.values() if n >= MIN_VCPU_INFO_ROUNDS) >= want:
                     break
-        self.xen_written = {i: tuple((blk + lo, blk + hi) for blk in sorted(blocks)
+        # A real vcpu_info passes in round after round; guest data that happened to look like
+        # one once does not. At most one per online vCPU, the most often seen first: a false
+        # block would make the secondary keep its own bytes in guest data.
+        ranked = sorted((k for k, n in seen.items() if n >= MIN_VCPU_INFO_ROUNDS), key=lambda k: -seen[k])
+        chosen = ranked[:want]
+        found: dict[int, list[int]] = {}
+        for i, block in sorted(chosen):
+            found.setdefault(i, []).append(block)
+        self.xen_written = {i: tuple((blk + lo, blk + hi) for blk in blocks
                                      for lo, hi in xc_.XEN_WRITTEN_VCPU_INFO)
                             for i, blocks in found.items()}
-        where = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x}" for i, bl in found.items() for blk in sorted(bl))
-        (log.info if len(where) and sum(len(v) for v in found.values()) >= want else log.warning)(
-            "%s: vcpu_info found at %s (%d vCPUs online; %d pages changed while watched)",
-            self.name, where or "nowhere", want, changed.size)
+        where = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x} ({seen[(i, blk)]} rounds)" for i, blk in sorted(chosen))
+        dropped = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x} ({n})" for (i, blk), n in sorted(seen.items())
+                            if (i, blk) not in chosen)
+        (log.info if len(chosen) >= want else log.warning)(
+            "%s: vcpu_info found at %s (%d vCPUs online; %d pages changed while watched; not taken: %s)",
+            self.name, where or "nowhere", want, changed.size, dropped or "none")
         return self.xen_written
 
     def memory_digest(self, batch_pages: int = MAP_BATCH) -> bytes:
@@ -578,6 +600,14 @@ class XenDomain(Domain):
                             self._xc.xc_domain_send_trigger(self._h.xch, self.domid, xc_.XEN_DOMCTL_SENDTRIGGER_NMI, vcpu))
 
     # -- lifetime -------------------------------------------------------
+    def before_fork(self) -> None:
+        """The node forks its stages after opening the domain: let no library state cross the
+        fork (libxc's handles, its hypercall buffer cache, privcmd file descriptors). Every
+        process, this one included, opens its own handles at its next call."""
+        self.close()
+        close_handles()
+        self._pid = 0
+
     def close(self) -> None:
         if self._bitmap is not None and self._pid == os.getpid():
             self._bitmap_words = None

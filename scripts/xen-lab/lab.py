@@ -105,7 +105,7 @@ def platform_fault(log: str) -> str:
 
 def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "PIPELINE", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.")):
             print(line.rstrip())
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)

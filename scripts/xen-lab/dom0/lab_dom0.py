@@ -234,6 +234,10 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
                           pause_ms=(r["pvm_pause_ns"] - r["pvm_verify_ns"]) / 1e6,
                           verify_ms=r["pvm_verify_ns"] / 1e6, commit_ms=r["commit_ns"] / 1e6,
                           equal=verified.get(int(r["epoch"]))) for r in rows]
+    for role in ("primary", "secondary"):             # where each node found its guest's vcpu_info
+        for line in (RUN / f"{role}.log").read_text(errors="replace").splitlines():
+            if "vcpu_info found" in line:
+                print(f"FOUND {role}: {json.loads(line)['msg']}", flush=True)
     epochs = {c.epoch for c in results}
     for row in log_events("primary", "paused"):   # the snapshot stage's breakdown of each pause
         if int(row["epoch"]) in epochs:
