@@ -480,3 +480,17 @@ def test_no_library_handle_crosses_the_nodes_fork(monkeypatch) -> None:
     dom.read_pages(np.array([4], np.uint64), out)
     np.testing.assert_array_equal(out[0], ram[4])
     assert opened == [os.getpid()]
+
+
+def test_a_vcpu_info_seen_in_one_round_only_is_taken_when_unambiguous() -> None:
+    """MOCK (no hypervisor in CI): Xen ticks the clock once in all the watch rounds, as the
+    Xen lab saw on a secondary; the twin's proof then never matched while the block was left out."""
+    ram = np.zeros((64, 4096), np.uint8)
+    step = [0]
+
+    def xen_ticks_once() -> None:
+        step[0] += 1
+        if step[0] <= 5:                                    # the fingerprint passes and round 1
+            _vcpu_info_tick(ram[40], 0x3c0, step[0])
+    dom = domain_over(ram, holes=set(), own=[], on_map=xen_ticks_once)
+    assert dom.find_xen_written(rounds=3, window_s=0) == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
