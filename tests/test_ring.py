@@ -274,8 +274,11 @@ def test_bad_arguments_are_rejected_with_the_value(node):
 OWNER_SCRIPT = textwrap.dedent("""
     # A supervisor-like owner: creates a ring and counters, forks a producer and a
     # consumer, waits for them, and cleans up whatever way the run ends.
-    import sys, time, multiprocessing as mp
+    import signal, sys, time, multiprocessing as mp
     from multiprocessing.connection import wait
+    # Ctrl-C reaches a terminal's foreground job even when this test runs under a background
+    # job, whose commands start with SIGINT ignored (and Python then keeps it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pipeline.ring import Ring, SlotLayout, RingClosed, RingTimeout
     from pipeline.counters import NodeCounters, STAGE_COUNTERS
     from pipeline.shm import segment_prefix
