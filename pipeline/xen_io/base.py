@@ -12,6 +12,7 @@ guest's physical memory, ``0 <= pfn < page_count``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -87,12 +88,18 @@ class Domain(abc.ABC):
         if view is not None:
             h.update(view)
             return h.digest()
+        for _, pages in self.iter_pages(batch_pages):
+            h.update(pages)
+        return h.digest()
+
+    def iter_pages(self, batch_pages: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+        """All of guest memory in pfn order, ``batch_pages`` at a time: ``(first pfn, pages)``,
+        ``pages`` a view into one buffer that the next step overwrites."""
         buf = np.empty((batch_pages, self.page_size), np.uint8)
         for start in range(0, self.page_count, batch_pages):
             pfns = np.arange(start, min(start + batch_pages, self.page_count), dtype=np.uint64)
             self.read_pages(pfns, buf)
-            h.update(buf[:len(pfns)])
-        return h.digest()
+            yield start, buf[:len(pfns)]
 
     # -- vCPU / platform state -----------------------------------------
     @abc.abstractmethod

@@ -222,8 +222,8 @@ class XenDomain(Domain):
         self._ram_words = np.unique(self.frames >> np.uint64(6))
         own = [self.shared_info_frame] if keep_own_shared_info else []
         #: frame indexes write_pages never overwrites: Xen's per-domain pages of *this* domain
-        self.own_frames = self.indexes_of(np.array([f for f in own if f in set(self.frames.tolist())],
-                                                   dtype=np.uint64))
+        own = np.array(own, dtype=np.uint64)
+        self.own_frames = self.indexes_of(own[np.isin(own, self.frames)])
         #: frame index -> byte ranges of it that Xen writes itself (the vcpu_info fields found
         #: by find_xen_written): write_pages keeps this domain's own bytes there, and
         #: memory_digest hashes them as zeros
@@ -477,11 +477,8 @@ class XenDomain(Domain):
         of guest memory and the rounds' reads of the pages that changed."""
         def fingerprints() -> np.ndarray:
             out = np.empty(self.page_count, np.uint64)
-            buf = np.empty((MAP_BATCH, PAGE_SIZE), np.uint8)
-            for start in range(0, self.page_count, MAP_BATCH):
-                idx = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
-                self.read_pages(idx, buf)
-                out[start:start + idx.size] = xc_.page_fingerprints(buf[:idx.size])
+            for start, pages in self.iter_pages(MAP_BATCH):
+                out[start:start + len(pages)] = xc_.page_fingerprints(pages)
             return out
         first = fingerprints()
         time.sleep(window_s)
@@ -535,16 +532,15 @@ class XenDomain(Domain):
         import blake3
 
         h = blake3.blake3()
-        buf = np.empty((batch_pages, PAGE_SIZE), np.uint8)
-        for start in range(0, self.page_count, batch_pages):
-            idx = np.arange(start, min(start + batch_pages, self.page_count), dtype=np.uint64)
-            self.read_pages(idx, buf)
-            buf[: idx.size][np.isin(idx, self.own_frames)] = 0
-            for i in self.xen_written:
-                if start <= i < start + idx.size:
-                    for a, b in self.xen_written[i]:
-                        buf[i - start, a:b] = 0
-            h.update(buf[: idx.size])
+        for start, pages in self.iter_pages(batch_pages):
+            end = start + len(pages)
+            for i in self.own_frames[(self.own_frames >= start) & (self.own_frames < end)]:
+                pages[int(i) - start] = 0
+            for i, ranges in self.xen_written.items():
+                if start <= i < end:
+                    for a, b in ranges:
+                        pages[i - start, a:b] = 0
+            h.update(pages)
         return h.digest()
 
     def hvm_param(self, index: int) -> int:

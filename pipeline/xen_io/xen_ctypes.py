@@ -235,13 +235,17 @@ XEN_WRITTEN_VCPU_INFO = ((0x00, 0x10), (0x20, 0x40))
 _XEN_WRITTEN_OFFSETS = np.r_[tuple(slice(a, b) for a, b in XEN_WRITTEN_VCPU_INFO)]
 
 
+#: fixed odd weights of page_fingerprints, one per 64-bit word of a page
+_FINGERPRINT_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, PAGE_SIZE // 8,
+                                                              dtype=np.uint64) | np.uint64(1)
+
+
 def page_fingerprints(pages: np.ndarray) -> np.ndarray:
     """One 64-bit fingerprint per page (a (n, 4096) uint8 array): a multiply-add of its 512
     words with fixed odd weights. Cheap enough to take of all of guest memory twice at start;
     any change of one word changes it."""
-    weights = np.random.default_rng(0x5EED).integers(1, 1 << 63, 512, dtype=np.uint64) | np.uint64(1)
     with np.errstate(over="ignore"):
-        return (pages.view(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+        return (pages.view(np.uint64) * _FINGERPRINT_WEIGHTS).sum(axis=1, dtype=np.uint64)
 
 
 def _time_record(page: np.ndarray, at: int) -> tuple[int, int, int, int, int]:
