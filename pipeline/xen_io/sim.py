@@ -508,23 +508,21 @@ class SimDomain(Domain):
     def dirty_count(self) -> int:
         """Pages written since the last read_and_clear_dirty, without clearing them (for
         the dirty-threshold trigger; approximate while the guest runs)."""
-        self._check_open()
-        if self._bitmap is not None:
-            return self._bitmap.count()
-        try:
-            return self._my_scanner().count()
-        except OSError as exc:
-            raise DomainError(f"sim domain {self.name}: reading the dirty log failed: {exc}"
-                              f" ({self._guest_problem() or 'guest alive'})") from exc
+        return self._dirty_log("count")
 
     def read_and_clear_dirty_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Pages the guest wrote since the last call, as runs (start pfns, lengths), both
         ``uint64``, sorted; and clear them. Exact when the guest is paused."""
+        return self._dirty_log("read_and_clear_runs")
+
+    def _dirty_log(self, op: str):  # type: ignore[no-untyped-def]
+        """``op`` of whichever dirty log this guest has: the bitmap it keeps, or the kernel's
+        (this process's scanner); a failing kernel read names the guest's state."""
         self._check_open()
         if self._bitmap is not None:
-            return self._bitmap.read_and_clear_runs()
+            return getattr(self._bitmap, op)()
         try:
-            return self._my_scanner().read_and_clear_runs()
+            return getattr(self._my_scanner(), op)()
         except OSError as exc:
             raise DomainError(f"sim domain {self.name}: reading the dirty log failed: {exc}"
                               f" ({self._guest_problem() or 'guest alive'})") from exc
