@@ -1,5 +1,6 @@
 """The secondary's store: overlay semantics, commit, discard, failover, bounds, and crash
-safety of the commit journal (a real child process SIGKILLed at random points)."""
+safety of the commit journal (a real child process SIGKILLed at each named point of the
+commit and of the failover merge, pipeline/faults.py)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -192,45 +192,49 @@ def test_failover_merges_the_overlay_and_drops_uncommitted_pvm_writes(tmp_path):
     s.close()
 
 
-_COMMIT_CHILD = textwrap.dedent("""
+_CHILD = textwrap.dedent("""
     import os, sys
     from pipeline.disk.store import SecondaryStore
     d, epoch, what, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     s = SecondaryStore(os.path.join(d, "disk.img"), {size}, {bs}, os.path.join(d, "state"),
                        1 << 40, 1 << 40, durable=durable)
-    print("go", flush=True)
-    s.commit(epoch) if what == "commit" else s.failover()
-    print("done", flush=True)
-""").format(size=SIZE, bs=BS)
+    if what == "failover":  # the overlay only means something inside the running process
+        import random
+        rng = random.Random(5)
+        for _ in range(300):
+            s.svm_write(rng.randrange(0, {blocks} - 4) * {bs},
+                        rng.randbytes(rng.randint(1, 4) * {bs}))
+    for attempt in (1, 2):
+        try:
+            s.commit(epoch) if what == "commit" else s.failover()
+            print("done", flush=True)
+            break
+        except OSError as e:
+            print("error", e.errno, flush=True)   # the coordinator retries; so do we
+""").format(size=SIZE, bs=BS, blocks=SIZE // BS)
 
 
-def _run_child(d: str, epoch: int, what: str, kill_after: float | None,
-               durable: bool = True) -> tuple[bool, float]:
-    """Run a commit (or failover) in a real child process; SIGKILL it ``kill_after`` seconds
-    after it starts working. Returns (finished, seconds it worked)."""
-    p = subprocess.Popen([sys.executable, "-c", _COMMIT_CHILD, d, str(epoch), what,
-                          "1" if durable else "0"],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "go"
-        t0 = time.perf_counter()
-        if kill_after is not None:
-            time.sleep(kill_after)
-            p.send_signal(signal.SIGKILL)
-        finished = p.stdout.readline().strip() == "done"
-        worked = time.perf_counter() - t0
-        p.wait(timeout=30)
-        return finished, worked
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+def _run_child(d: str, epoch: int, what: str, fault: str, durable: bool = True) -> list[str]:
+    """A commit (or failover) in a real child process with ``COLO_FAULT=fault``; returns
+    the lines it printed. A kill fault must have fired (SIGKILL, and its line on stderr)."""
+    env = dict(os.environ, COLO_FAULT=fault)
+    p = subprocess.run([sys.executable, "-c", _CHILD, d, str(epoch), what,
+                        "1" if durable else "0"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    if ":errno=" not in fault:
+        assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr)
+        assert f"COLO_FAULT fired: {fault.split(':')[0]} pass" in p.stderr, p.stderr
+    else:
+        assert p.returncode == 0, p.stderr
+    return p.stdout.split("\n")[:-1]
 
 
-def test_commit_killed_at_random_points_replays_to_exactly_the_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def commit_template(tmp_path_factory):
+    """A store with epoch 1 committed, epochs 2 and 3 buffered (two logs) and an overlay;
+    and the expected image at each epoch."""
     rng = random.Random(4)
-    template = str(tmp_path / "template")
-    os.makedirs(template)
+    template = str(tmp_path_factory.mktemp("commit-template"))
     base = bytearray(rng.randbytes(SIZE))
     with open(os.path.join(template, "disk.img"), "wb") as f:
         f.write(base)
@@ -238,90 +242,123 @@ def test_commit_killed_at_random_points_replays_to_exactly_the_checkpoint(tmp_pa
     models = {0: base}
     for e in (1, 2, 3):
         models[e] = bytearray(models[e - 1])
-        random_writes(rng, s, models[e], e, 400 if e > 1 else 20)
+        random_writes(rng, s, models[e], e, 60 if e > 1 else 20)
     s.commit(1)
     s.svm_write(0, b"S" * 64 * BS)  # an overlay that commit must drop
     s.close()
-    # how long an undisturbed commit of epochs 2..3 takes in a child
-    work = str(tmp_path / "probe")
+    return template, models
+
+
+# (point, the epoch the image is at after the restart, journal_replays at the restart).
+# A kill before the "committing" journal state is durable leaves epoch 1 and the logs; from
+# the rename of that state until the "committed" state is renamed in, the reopen redoes the
+# commit; after that the commit is done and the reopen only tidies up.
+COMMIT_POINTS = [
+    ("store.commit.log_synced:1", 1, 0),
+    ("store.commit.log_synced:2", 1, 0),
+    ("store.journal.committing.written", 1, 0),
+    ("store.journal.committing.renamed", 3, 1),
+    ("store.journal.committing.done", 3, 1),
+    ("store.commit.record:1", 3, 1),
+    ("store.commit.record:70", 3, 1),
+    ("store.commit.image_synced", 3, 1),
+    ("store.journal.committed.written", 3, 1),
+    ("store.journal.committed.renamed", 3, 0),
+    ("store.journal.committed.done", 3, 0),
+    ("store.commit.log_dropped:1", 3, 0),
+]
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "no-fsync"])
+@pytest.mark.parametrize("fault,at_epoch,replays", COMMIT_POINTS,
+                         ids=[p[0] for p in COMMIT_POINTS])
+def test_commit_killed_at_each_point_reopens_at_exactly_one_checkpoint(
+        tmp_path, commit_template, fault, at_epoch, replays, durable):
+    """SIGKILL at each named step of a commit of epochs 2..3 (the fsync-free mode must
+    survive a killed process just as well): the reopened image is exactly epoch 1 or 3,
+    the one the journal says, and the retried commit ends exactly at epoch 3."""
+    template, models = commit_template
+    work = str(tmp_path / "work")
     shutil.copytree(template, work)
-    finished, duration = _run_child(work, 3, "commit", None)
-    assert finished and image_bytes(work) == bytes(models[3])
-    fast = str(tmp_path / "probe-fast")
-    shutil.copytree(template, fast)
-    finished, fast_duration = _run_child(fast, 3, "commit", None, durable=False)
-    assert finished and image_bytes(fast) == bytes(models[3])
-    outcomes = {"before": 0, "replayed": 0, "after": 0}
-    for i in range(20):
-        work = str(tmp_path / f"run{i}")
-        shutil.copytree(template, work)
-        durable = i % 2 == 0  # the fsync-free mode must survive a kill just as well
-        finished, _ = _run_child(work, 3, "commit",
-                                 rng.uniform(0, duration if durable else fast_duration),
-                                 durable=durable)
-        c = DiskCounters()
-        s = open_store(work, c)  # the restart: replays an interrupted commit
-        assert s.committed_epoch in (1, 3)
-        assert image_bytes(work) == bytes(models[s.committed_epoch]), \
-            f"iteration {i}: image is not exactly at epoch {s.committed_epoch}"
-        outcomes["replayed" if c["journal_replays"] else
-                 "after" if s.committed_epoch == 3 else "before"] += 1
-        s.commit(3)  # the coordinator retries the commit it never heard back about
-        assert image_bytes(work) == bytes(models[3])
-        assert bytes(s.svm_read(0, BS)) == bytes(models[3][:BS])
-        assert not [n for n in os.listdir(os.path.join(work, "state")) if n.startswith("buffer")]
-        s.close()
-        shutil.rmtree(work)
-    # the kills really landed inside the commit, not only before or after it
-    print(outcomes)
-    assert outcomes["replayed"] >= 3, outcomes
+    assert _run_child(work, 3, "commit", fault, durable) == []
+    c = DiskCounters()
+    s = open_store(work, c)  # the restart: replays an interrupted commit
+    assert (s.committed_epoch, c["journal_replays"]) == (at_epoch, replays)
+    assert image_bytes(work) == bytes(models[at_epoch])
+    logs = sorted(n for n in os.listdir(os.path.join(work, "state")) if n.startswith("buffer"))
+    assert logs == ([] if at_epoch == 3 else ["buffer-2.log", "buffer-3.log"])
+    s.commit(3)  # the coordinator retries the commit it never heard back about
+    assert image_bytes(work) == bytes(models[3])
+    assert bytes(s.svm_read(0, BS)) == bytes(models[3][:BS])  # the overlay is gone
+    assert c["commits"] == (1 if at_epoch == 1 else 0)
+    s.close()
 
 
-def test_failover_killed_mid_merge_finishes_at_reopen(tmp_path):
+@pytest.mark.parametrize("fault", ["store.commit.log_synced:1:errno=EIO",
+                                   "store.journal.committing.written:errno=ENOSPC",
+                                   "store.commit.record:30:errno=EIO",
+                                   "store.journal.committed.written:errno=EIO"])
+def test_a_commit_that_fails_with_an_io_error_can_be_retried(tmp_path, commit_template, fault):
+    """A commit whose fsync, journal or image write fails raises the error; the same
+    process retries it and ends exactly at the epoch, and a reopen finds it there."""
+    template, models = commit_template
+    work = str(tmp_path / "work")
+    shutil.copytree(template, work)
+    code = "5" if "ENOSPC" not in fault else "28"
+    assert _run_child(work, 3, "commit", fault) == [f"error {code}", "done"]
+    assert image_bytes(work) == bytes(models[3])
+    c = DiskCounters()
+    s = open_store(work, c)
+    assert (s.committed_epoch, c["journal_replays"]) == (3, 0)
+    assert not [n for n in os.listdir(os.path.join(work, "state")) if n.startswith("buffer")]
+    s.close()
+
+
+def _failover_model() -> bytearray:
+    """The image after the child's failover: zeros plus the SVM's 300 writes."""
     rng = random.Random(5)
-    template = str(tmp_path / "template")
-    os.makedirs(template)
-    s = open_store(template)
     model = bytearray(SIZE)
     for _ in range(300):
         off = rng.randrange(0, SIZE // BS - 4) * BS
         data = rng.randbytes(rng.randint(1, 4) * BS)
-        model[off:off + len(data)] = data  # what the child's SVM will write
-    s.close()
-    # the overlay is only meaningful inside the running process: do it in the child
-    child = _COMMIT_CHILD.replace('print("go", flush=True)', textwrap.dedent("""
-        import random
-        rng = random.Random(5)
-        for _ in range(300):
-            off = rng.randrange(0, {n} - 4) * {bs}
-            s.svm_write(off, rng.randbytes(rng.randint(1, 4) * {bs}))
-        print("go", flush=True)""").format(n=SIZE // BS, bs=BS))
-    merged_mid = 0
-    for i in range(12):
-        work = str(tmp_path / f"run{i}")
-        shutil.copytree(template, work)
-        p = subprocess.Popen([sys.executable, "-c", child, work, "0", "failover", "1"],
-                             stdout=subprocess.PIPE, text=True)
-        try:
-            assert p.stdout.readline().strip() == "go"
-            time.sleep(rng.uniform(0, 0.03))
-            p.send_signal(signal.SIGKILL)
-            p.wait(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        c = DiskCounters()
-        s = open_store(work, c)
-        merged_mid += c["journal_replays"]
-        if s.active:
-            assert image_bytes(work) == bytes(model), f"iteration {i}: merge incomplete"
-        else:  # killed before the merge began: nothing of the overlay reached the image
-            assert image_bytes(work) == bytes(SIZE)
-        s.close()
-        shutil.rmtree(work)
-    assert merged_mid >= 1
+        model[off:off + len(data)] = data
+    return model
 
+
+# (point, active after the restart, journal_replays at the restart, merge cut short)
+MERGE_POINTS = [
+    ("store.failover.bitmap_saved", False, 0, False),
+    ("store.journal.merging.written", False, 0, False),
+    ("store.journal.merging.renamed", True, 1, False),
+    ("store.journal.merging.done", True, 1, False),
+    ("store.merge.run:1", True, 1, True),
+    ("store.merge.run:100", True, 1, True),
+    ("store.merge.image_synced", True, 1, False),
+    ("store.journal.active.written", True, 1, False),
+    ("store.journal.active.renamed", True, 0, False),
+    ("store.journal.active.done", True, 0, False),
+]
+
+
+@pytest.mark.parametrize("fault,active,replays,mid_merge", MERGE_POINTS,
+                         ids=[p[0] for p in MERGE_POINTS])
+def test_failover_killed_at_each_point_finishes_or_never_began(tmp_path, fault, active,
+                                                              replays, mid_merge):
+    """SIGKILL at each named step of the failover merge: once the "merging" journal state
+    is in place the reopen finishes the merge (the image holds all of the SVM's writes);
+    before it, nothing of the overlay reached the image."""
+    model = _failover_model()
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    open_store(work).close()
+    assert _run_child(work, 0, "failover", fault) == []
+    if mid_merge:   # the kill really landed between runs: part of the overlay is merged
+        assert image_bytes(work) not in (bytes(model), bytes(SIZE))
+    c = DiskCounters()
+    s = open_store(work, c)
+    assert (s.active, c["journal_replays"]) == (active, replays)
+    assert image_bytes(work) == bytes(model if active else SIZE)
+    s.close()
 
 
 _block = st.integers(0, 63)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile
 from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
@@ -143,6 +144,8 @@ class SecondaryStore:
 
     def _write_journal(self, **changes: object) -> None:
         state = {**self._state, **changes}
+        label = "committed" if "committed" in changes else "active" if changes.get("active") \
+            else "merging" if changes.get("merging") else "committing"   # fault point names
         path = os.path.join(self.state_dir, JOURNAL)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -152,7 +155,9 @@ class SecondaryStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point(f"store.journal.{label}.written")
         os.replace(tmp, path)  # atomic for a killed process even without the fsyncs
+        faults.point(f"store.journal.{label}.renamed")
         if self.durable:
             dfd = os.open(self.state_dir, os.O_RDONLY)
             try:
@@ -160,6 +165,7 @@ class SecondaryStore:
             finally:
                 os.close(dfd)
         self._state = state
+        faults.point(f"store.journal.{label}.done")
 
     # -- open / recovery -------------------------------------------------
     def _recover(self) -> None:
@@ -314,6 +320,7 @@ class SecondaryStore:
                 for ep, _path, _end in todo:
                     if self.durable:
                         os.fdatasync(self._logs[ep].fd)
+                    faults.point("store.commit.log_synced")
                 self._write_journal(committing=epoch)
             except BaseException:
                 self._committing = None
@@ -340,8 +347,10 @@ class SecondaryStore:
                     self.image.pwrite(off, data)
                 else:
                     self.image.zero(off, length)
+                faults.point("store.commit.record")
         if self.durable:
             self.image.sync()
+        faults.point("store.commit.image_synced")
 
     def _copy_records(self, path: str, epoch: int, end: int) -> None:
         """Apply records this process appended (verified on receipt) up to ``end``: read
@@ -358,6 +367,7 @@ class SecondaryStore:
                 pos += RECORD.size
                 if kind == KIND_ZERO:
                     self.image.zero(off, length)
+                    faults.point("store.commit.record")
                     continue
                 done = 0
                 while done < data_len:
@@ -367,6 +377,7 @@ class SecondaryStore:
                         raise StoreError(f"{path}: record at {pos} ends early")
                     done += n
                 pos += data_len
+                faults.point("store.commit.record")
         finally:
             os.close(fd)
 
@@ -379,6 +390,7 @@ class SecondaryStore:
         self._write_journal(committed=epoch, committing=None)
         for ep in [x for x in self._logs if x <= epoch]:
             self._drop_log(ep)
+            faults.point("store.commit.log_dropped")
         self._drop_overlay()
         self._update_gauges()
 
@@ -412,6 +424,7 @@ class SecondaryStore:
                 f.flush()
                 if self.durable:
                     os.fsync(f.fileno())
+            faults.point("store.failover.bitmap_saved")
             self._write_journal(merging=True)
             self._merge_overlay()
             self.counters.add("failovers")
@@ -422,8 +435,10 @@ class SecondaryStore:
             for pos in range(off, off + length, 1 << 22):
                 n = min(1 << 22, off + length - pos)
                 self.image.pwrite(pos, self.overlay.pread(pos, n))
+            faults.point("store.merge.run")
         if self.durable:
             self.image.sync()
+        faults.point("store.merge.image_synced")
         self._write_journal(merging=False, active=True)
         os.unlink(os.path.join(self.state_dir, "overlay.bitmap"))
         self._drop_overlay()

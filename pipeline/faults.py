@@ -1,0 +1,150 @@
+"""Faults at named points: kill a process, or fail a call, exactly where a test says.
+
+Tests and ``scripts/fault_matrix.py`` do not kill processes at random moments hoping
+one lands in the window that matters; they name the window. A process reads
+``COLO_FAULT`` once, when this module is imported::
+
+    COLO_FAULT=<point>[:<n>][:<action>][,<point>[:<n>][:<action>]...]
+
+``n`` (default 1) is which pass of the point fires, counted per process from 1 (a
+stage forked by the supervisor counts its own passes). ``action`` is one of
+
+* ``kill`` (default): SIGKILL this process, as a crash would;
+* ``killgroup``: SIGKILL this process's whole process group: a node started in its
+  own session (``LocalPair``, systemd) dies as a whole, like its host;
+* ``errno=<NAME>``: the call at the point fails with ``OSError(<NAME>)`` (e.g.
+  ``errno=EIO``, ``errno=ENOSPC``), as a failing disk or syscall would;
+* ``stop``: SIGSTOP this process (a hung process; SIGCONT resumes it).
+
+Before it acts, the process writes one line to stderr, ``COLO_FAULT fired: <point>
+pass <n> <action> pid <pid>``, so a test can tell the fault fired and did not merely
+fail to happen. When ``COLO_FAULT`` is unset, :func:`point` is a function that returns
+at once; :data:`ACTIVE` is False then, for a hot loop that wants to skip even the call.
+A malformed ``COLO_FAULT`` stops the process at import with an error naming it.
+
+The named points (``<k>``: the point is passed once per item; choose the item with n):
+
+Disk store, ``pipeline/disk/store.py`` (the secondary's commit and failover merge):
+
+* ``store.commit.log_synced``            after the fdatasync of buffer log <k> of the commit
+* ``store.journal.<state>.written``      the journal's temporary file written (and fsynced),
+                                         not yet renamed; ``<state>``: ``committing``,
+                                         ``committed``, ``merging``, ``active``
+* ``store.journal.<state>.renamed``      renamed over journal.json, directory not yet fsynced
+* ``store.journal.<state>.done``         the journal state is durable
+* ``store.commit.record``                after record <k> of the commit was applied to the image
+* ``store.commit.image_synced``          all records applied and the image fsynced
+* ``store.commit.log_dropped``           after buffer log <k> was dropped (committed)
+* ``store.failover.bitmap_saved``        the overlay bitmap saved (fsynced), journal untouched
+* ``store.merge.run``                    after overlay run <k> was copied into the image
+* ``store.merge.image_synced``           every run merged and the image fsynced
+
+Primary coordinator, ``pipeline/coordinator.py``:
+
+* ``primary.begin_sent``         CHECKPOINT_BEGIN(e) sent (<k>: the k-th epoch, sync = 1)
+* ``primary.acked``              the ACK of an epoch received, its outputs not yet released
+                                 (the hash table not folded, ``committed`` not published)
+* ``primary.released``           ``committed`` published for the epoch
+
+Send stage, ``pipeline/stages/send.py``:
+
+* ``send.pages``                 after PAGES record <k> went out (any epoch; the full sync's
+                                 records come first)
+* ``send.sync_pages``            after PAGES record <k> of the full sync went out
+* ``send.epoch_end``             EPOCH_END(e) sent, the secondary has not yet acked
+
+Secondary coordinator and restore stage:
+
+* ``secondary.begin``            CHECKPOINT_BEGIN handled, SVM_DIRTY sent
+* ``secondary.applied``          the epoch applied to the SVM (and the disk committed),
+                                 the ACK not yet sent
+* ``secondary.acked``            the ACK sent
+* ``restore.apply``              the restore stage in the middle of applying an epoch: the
+                                 vCPU state and <k>-th half of the staged pages written into
+                                 the SVM (k = 1: after the first half)
+
+Every stage process: ``stage.<name>.loop`` (``<name>`` without the worker index, e.g.
+``stage.digest.loop``, ``stage.heartbeat.loop``) once per turn of its main loop.
+
+``docs/testing.md`` explains how the tests use them.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import signal
+import sys
+
+ENV = "COLO_FAULT"
+
+
+class FaultSpecError(ValueError):
+    """COLO_FAULT does not parse; the message names the bad part."""
+
+
+def parse(spec: str) -> dict[str, tuple[int, str]]:
+    """``COLO_FAULT``'s value -> {point: (n, action)}."""
+    faults: dict[str, tuple[int, str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        fields = part.split(":")
+        name, n, action = fields[0], 1, "kill"
+        if not name or any(ch.isspace() for ch in name):
+            raise FaultSpecError(f"{ENV}={spec!r}: {part!r} has no point name")
+        for f in fields[1:]:
+            if f.isdigit():
+                n = int(f)
+                if n < 1:
+                    raise FaultSpecError(f"{ENV}={spec!r}: pass {f} of {name} (passes count "
+                                         f"from 1)")
+            elif f in ("kill", "killgroup", "stop"):
+                action = f
+            elif f.startswith("errno="):
+                code = f[len("errno="):]
+                if not isinstance(getattr(_errno, code, None), int):
+                    raise FaultSpecError(f"{ENV}={spec!r}: {code!r} is not an errno name "
+                                         f"(e.g. EIO, ENOSPC)")
+                action = f
+            else:
+                raise FaultSpecError(f"{ENV}={spec!r}: {f!r} in {part!r} is neither a pass "
+                                     f"number nor kill, killgroup, stop or errno=NAME")
+        if name in faults:
+            raise FaultSpecError(f"{ENV}={spec!r}: point {name!r} is named twice")
+        faults[name] = (n, action)
+    return faults
+
+
+_FAULTS = parse(os.environ.get(ENV, ""))
+_passes: dict[str, int] = {}
+ACTIVE = bool(_FAULTS)
+
+
+def _fire(name: str, n: int, action: str) -> None:
+    sys.stderr.write(f"{ENV} fired: {name} pass {n} {action} pid {os.getpid()}\n")
+    sys.stderr.flush()
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "killgroup":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        code = getattr(_errno, action[len("errno="):])
+        raise OSError(code, f"{os.strerror(code)} (injected by {ENV} at {name}, pass {n})")
+
+
+def _point(name: str) -> None:
+    want = _FAULTS.get(name)
+    if want is None:
+        return
+    k = _passes.get(name, 0) + 1
+    _passes[name] = k
+    if k == want[0]:
+        _fire(name, k, want[1])
+
+
+def _nothing(name: str) -> None:
+    return None
+
+
+#: ``point(name)``: pass the named point (see the module docstring for the names).
+point = _point if ACTIVE else _nothing
