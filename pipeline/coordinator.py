@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import sockets, wire
+from pipeline import faults, sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
@@ -260,6 +260,7 @@ class PrimaryCoordinator(_Coordinator):
             if every and self.snapshots % every == 0:
                 flags |= wire.FLAG_DIGEST
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
+        faults.point("primary.begin_sent")
         self.snap_ctrl.send((kind, e) if kind != "snapshot" else (kind, e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
         want = {"snapshotted", "svm_dirty", "sent", "ack"}
@@ -277,9 +278,11 @@ class PrimaryCoordinator(_Coordinator):
         commit_ns = int((time.monotonic() - t0) * 1e9)
         n = int(self.pending.count[0])
         if ok:
+            faults.point("primary.acked")
             self.table.update(self.pending.pfns[:n], self.pending.hashes[:n])
             self.carry = np.zeros(0, np.uint64)
             self.bus.publish("committed", e, input_seq=res.input_seq)
+            faults.point("primary.released")
             self.c.add("epochs_committed", 1)
         else:
             self.carry = np.union1d(self.carry, self.pending.pfns[:n]).astype(np.uint64)
@@ -488,6 +491,7 @@ class SecondaryCoordinator(_Coordinator):
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
         self._send(wire.encode_svm_dirty(begin.epoch, dirty))
+        faults.point("secondary.begin")
         deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
         self.begun[begin.epoch] = (begin, dirty, deadline)
 
@@ -514,9 +518,11 @@ class SecondaryCoordinator(_Coordinator):
                 self.domain.enable_dirty_log()
                 self.svm_started = True
             self.domain.resume()
+        faults.point("secondary.applied")
         self._send(wire.encode_ack(
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
             "" if committed else reason, digest))
+        faults.point("secondary.acked")
         self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
                           "applied" if committed else "discarded", applied, len(dirty),
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})

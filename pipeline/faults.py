@@ -39,32 +39,38 @@ Disk store, ``pipeline/disk/store.py`` (the secondary's commit and failover merg
 * ``store.merge.run``                    after overlay run <k> was copied into the image
 * ``store.merge.image_synced``           every run merged and the image fsynced
 
-Primary coordinator, ``pipeline/coordinator.py``:
+Primary coordinator, ``pipeline/coordinator.py`` (<k>: the k-th epoch of this coordinator;
+epoch 0 is the full sync, then pre-copy rounds, then checkpoints):
 
-* ``primary.begin_sent``         CHECKPOINT_BEGIN(e) sent (<k>: the k-th epoch, sync = 1)
-* ``primary.acked``              the ACK of an epoch received, its outputs not yet released
-                                 (the hash table not folded, ``committed`` not published)
-* ``primary.released``           ``committed`` published for the epoch
+* ``primary.begin_sent``         CHECKPOINT_BEGIN sent
+* ``primary.acked``              the secondary's ACK (committed) received; the epoch's
+                                 outputs not yet released (hash table not folded in,
+                                 ``committed`` not published to the comparators)
+* ``primary.released``           ``committed`` published
 
 Send stage, ``pipeline/stages/send.py``:
 
-* ``send.pages``                 after PAGES record <k> went out (any epoch; the full sync's
-                                 records come first)
-* ``send.sync_pages``            after PAGES record <k> of the full sync went out
-* ``send.epoch_end``             EPOCH_END(e) sent, the secondary has not yet acked
+* ``send.pages``                 after PAGES record <k> went out (records count across
+                                 epochs: the full sync's come first, so a small k is
+                                 "during the full sync")
+* ``send.epoch_end``             after EPOCH_END of the k-th epoch went out (before the ACK)
 
 Secondary coordinator and restore stage:
 
-* ``secondary.begin``            CHECKPOINT_BEGIN handled, SVM_DIRTY sent
+* ``secondary.begin``            CHECKPOINT_BEGIN handled: SVM paused, SVM_DIRTY sent
 * ``secondary.applied``          the epoch applied to the SVM (and the disk committed),
                                  the ACK not yet sent
 * ``secondary.acked``            the ACK sent
-* ``restore.apply``              the restore stage in the middle of applying an epoch: the
-                                 vCPU state and <k>-th half of the staged pages written into
-                                 the SVM (k = 1: after the first half)
+* ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
+* ``restore.pages_written``      mid-restore: the epoch's pages written into the SVM, the
+                                 SVM's own dirty pages not yet put back from the cache
 
-Every stage process: ``stage.<name>.loop`` (``<name>`` without the worker index, e.g.
-``stage.digest.loop``, ``stage.heartbeat.loop``) once per turn of its main loop.
+Every stage process: ``stage.<name>.loop`` once per turn of its main loop, ``<name>``
+its stage name without the worker index (``stage.coordinator.loop``,
+``stage.snapshot.loop``, ``stage.digest.loop``, ``stage.send.loop``,
+``stage.client.loop``, ``stage.receive.loop``, ``stage.verify.loop``,
+``stage.restore.loop``, ``stage.mirror.loop``, ``stage.heartbeat.loop``,
+``stage.disk.loop``, ``stage.net_compare.loop``).
 
 ``docs/testing.md`` explains how the tests use them.
 """

@@ -17,7 +17,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from pipeline import wire
+from pipeline import faults, wire
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
 
 # slot.kind
@@ -86,6 +86,9 @@ class StageContext:
     node: Any = None         # pipeline.counters.NodeCounters: node info, checkpoint log
 
     def stopping(self) -> bool:
+        """Called once per turn of every stage's loop: also its fault point."""
+        if faults.ACTIVE:
+            faults.point(f"stage.{self.name.split('.')[0]}.loop")
         return self.stop.is_set()
 
 
@@ -114,6 +117,8 @@ def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process) -> No
         slot = read_slot(ctx, ring_in)
         if slot is None:
             return
+        if faults.ACTIVE:
+            faults.point(f"stage.{ctx.name.split('.')[0]}.loop")
         out = write_slot(ctx, ring_out)
         if out is None:
             return

@@ -38,6 +38,7 @@ from typing import Any
 
 import zmq
 
+from pipeline import faults
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import CounterSink, DiskCounters
@@ -181,6 +182,7 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
     poller.register(checkpoints.events_in, zmq.POLLIN)
     try:
         while not stopping.is_set() and not (stop is not None and stop.is_set()):
+            faults.point("stage.disk.loop")
             events = dict(poller.poll(200))
             if checkpoints.events_in in events:
                 for ev in checkpoints.poll_events(0):

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from pipeline import faults
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.net.comparator import COUNTER_NAMES
 from pipeline.net.control import CoordinatorControl
@@ -102,6 +103,7 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
     next_sync = 0.0
     try:
         while not stopping.is_set() and not (stop is not None and stop.is_set()):
+            faults.point("stage.net_compare.loop")
             loop.run_once(scan)
             now = time.monotonic()
             if now >= next_sync:

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from pipeline import wire
+from pipeline import faults, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (SLOT_BAD, SLOT_END, SLOT_SYNC, HashTable, StageContext,
                                     ready_rings)
@@ -129,6 +129,7 @@ class Restore:
                 self.domain.set_vcpu_state(asm.vcpu)
             except ValueError as exc:
                 return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
+            faults.point("restore.vcpu_set")
         n = asm.n
         pfns = self.staged_pfns[:n]
         data = ~self.staged_from_cache[:n]
@@ -138,6 +139,7 @@ class Restore:
             data_pfns, rows = pfns[data], self.staging[:n][data]
         self.cache[data_pfns] = rows
         self.domain.write_pages(data_pfns, rows)
+        faults.point("restore.pages_written")
         # Pages the SVM wrote itself and the epoch did not bring go back to their committed
         # content; REF pages need nothing more (the SVM holds them unless it wrote them).
         from_cache = np.setdiff1d(svm_dirty, data_pfns).astype(np.uint64)

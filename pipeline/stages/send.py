@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline import faults, wire
 from pipeline.sockets import send_until_stopped
 from pipeline.ring import Ring
 from pipeline.stages.common import SLOT_END, SLOT_PACKED, StageContext, ready_rings
@@ -80,6 +80,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                     msg = wire.encode_epoch_end(e, st.pages, st.records, st.flags & 1, st.vcpu)
                     if not deliver(msg):
                         return
+                    faults.point("send.epoch_end")
                     st.bytes_wire += len(msg)
                     c.add("bytes_out", len(msg))
                     del epochs[e]
@@ -103,6 +104,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 rings[i].release_read(slot)
                 if not deliver(msg, copy=False):
                     return
+                faults.point("send.pages")
                 st.pages += n
                 st.records += 1
                 st.bytes_wire += len(msg)
