@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from pipeline import config, sockets, wire
 from pipeline.localpair import LocalPair
@@ -52,6 +53,11 @@ class HandPrimary:
         raise AssertionError(f"no {wire.RECORD_NAMES[rtype]} from the secondary in {timeout} s")
 
     def hello(self) -> None:
+        # the control socket queues only for a connected peer (ZMQ_IMMEDIATE) and a send
+        # gives up after 200 ms: wait for the CURVE handshake to finish (POLLOUT), however
+        # long a loaded machine takes, instead of hoping it is done by now
+        assert self.control.poll(30_000, zmq.POLLOUT), \
+            "the secondary's control socket never connected"
         self.control.send(wire.encode_hello(4096, wire.ROLE_PRIMARY, PAGES, "hand-primary"))
         hello = wire.decode_hello(self.recv(wire.HELLO))
         assert (hello.page_count, hello.page_size) == (PAGES, 4096)
