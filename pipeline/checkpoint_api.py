@@ -42,6 +42,7 @@ CAUSES = (
     "disk_divergence",  # the disk comparator saw different writes
     "request",          # asked for by an operator or a test
     "initial",          # the first checkpoint after the full sync
+    "net_queue_full",   # the comparator's queue bound was reached (it holds the PVM's output)
 )
 
 

@@ -280,20 +280,119 @@ def test_connection_table_is_bounded_and_evicts_idle_first():
     h.p(udp(b"b", sport=2))            # connection 2 holds a frame
     h.p(udp(b"c", sport=3))            # evicts 1
     assert h.cmp.counters["connections_evicted"] == 1
-    h.p(udp(b"d", sport=4))            # 2 and 3 both hold frames: table full
+    d = udp(b"d", sport=4)
+    h.p(d)                             # 2 and 3 both hold frames: table full
     assert h.cmp.counters["table_full"] == 1
-    assert h.cmp.counters["primary_frames_dropped"] == 1
+    assert h.cmp.counters["primary_frames_dropped"] == 0
+    assert h.cmp.blocked and h.cmp.stalled_frames() == 1
     assert len(h.cmp.connections) == 2
-    assert h.requests and "table_full" in h.requests[0][1]
+    assert h.requests == [("net_queue_full", "table_full on primary side")]
+    h.cmp.on_snapshot(0)
+    h.cmp.on_committed(0)
+    assert not h.cmp.blocked
+    assert h.released[-3:] == [udp(b"b", sport=2), udp(b"c", sport=3), d]
 
 
-def test_queue_is_bounded():
+def test_queue_bound_holds_the_pvm_back_instead_of_dropping():
     h = Harness(max_queue_frames=3)
-    for i in range(5):
-        h.p(udp(bytes([i])))
-    assert h.cmp.counters["queue_full"] == 2
-    assert h.cmp.held_frames() == 3
-    assert len(h.requests) == 1
+    frames = [udp(bytes([i])) for i in range(5)]
+    for f in frames:
+        h.p(f)
+    assert h.cmp.counters["queue_full"] == 1
+    assert h.cmp.counters["primary_frames_dropped"] == 0
+    assert h.cmp.held_frames() == 3 and h.cmp.stalled_frames() == 2
+    assert h.cmp.blocked and h.cmp.counters["held_frames_peak"] == 3
+    assert h.requests == [("net_queue_full", "queue_full on primary side")]
+    h.now = 0.25
+    h.cmp.on_snapshot(0)               # waits behind the kept frames
+    h.cmp.on_committed(0)
+    assert h.released == frames
+    assert not h.cmp.blocked and h.cmp.held_frames() == 0
+    assert h.cmp.counters["backpressure_ns"] == 250_000_000
+    assert h.cmp.counters["backpressures"] == 1
+
+
+def _proto_frames(proto: str, n: int, side: str) -> list[bytes]:
+    """``n`` PVM (or SVM) frames of one flow; the SVM's copies differ where they may."""
+    ip_id = 1 if side == "pvm" else 2
+    out = []
+    for i in range(n):
+        body = i.to_bytes(4, "big") * 10
+        if proto == "tcp":
+            out.append(seg(ISN + 40 * i, body, ip_id=ip_id + i))
+        elif proto == "udp":
+            out.append(udp(body, ip_id=ip_id + i))
+        elif proto == "icmp":
+            out.append(build.icmp_echo_frame(G, C, 7, i, body, ip_id=ip_id + i))
+        else:   # GRE: an IP protocol the comparator compares whole
+            out.append(build.ethernet(build.ipv4(G, C, 47, body, ip_id=5), 0x0800))
+    return out
+
+
+class Peer:
+    """Stands in for the coordinator and both guests: the guests emit their frames in
+    bursts, the PVM's sender stops while the comparator is blocked, every checkpoint
+    request is answered by a checkpoint, and a restored SVM goes on from the PVM's state."""
+
+    def __init__(self, h: Harness, pvm: list[bytes], svm: list[bytes]) -> None:
+        self.h, self.pvm, self.svm = h, pvm, svm
+        self.i = self.j = 0          # next PVM / SVM frame to emit
+        self.answered = 0
+
+    def checkpoint(self) -> None:
+        cmp = self.h.cmp
+        epoch = cmp.epoch
+        cmp.on_snapshot(epoch)       # the PVM had emitted frames [0, i): the SVM restarts at i
+        self.j = max(self.j, self.i)
+        cmp.on_committed(epoch)
+        self.answered += 1
+
+    def run(self, pvm_burst: int, svm_burst: int) -> None:
+        h = self.h
+        while self.i < len(self.pvm) or self.j < len(self.svm) or \
+                h.cmp.held_frames() or h.cmp.stalled_frames():
+            if len(h.requests) > self.answered:
+                self.checkpoint()
+                continue
+            progressed = False
+            for _ in range(pvm_burst):
+                if h.cmp.blocked or self.i == len(self.pvm):
+                    break
+                h.p(self.pvm[self.i])
+                self.i += 1
+                progressed = True
+            for _ in range(svm_burst):
+                if self.j == len(self.svm):
+                    break
+                h.s(self.svm[self.j])
+                self.j += 1
+                progressed = True
+            if not progressed:
+                h.cmp.check_timeouts(h.now + 3600)   # nothing left to come: ask by timeout
+                if len(h.requests) == self.answered:
+                    self.checkpoint()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmp", "other"])
+@pytest.mark.parametrize("pvm_burst, svm_burst", [(200, 1), (1, 200), (50, 50)])
+def test_bursts_far_beyond_the_bounds_lose_no_pvm_frame(proto, pvm_burst, svm_burst):
+    """Bursts 25x the queue bound on each side: every PVM frame out once, in order; no SVM
+    frame ever out."""
+    bound = 8
+    h = Harness(max_queue_frames=bound, compare_timeout_ms=1000)
+    pvm, svm = _proto_frames(proto, 200, "pvm"), _proto_frames(proto, 200, "svm")
+    Peer(h, pvm, svm).run(pvm_burst, svm_burst)
+    assert h.released == pvm
+    if proto != "other":             # GRE frames of the SVM are byte-equal to the PVM's
+        assert not set(h.released) & set(svm)
+    c = h.cmp.counters
+    assert c["frames_released"] == len(pvm) and c["primary_frames_dropped"] == 0
+    assert c["held_frames_peak"] <= bound
+    if pvm_burst > bound:
+        assert c["backpressures"] >= 1 and c["primary_frames_stalled"] > 0
+    if svm_burst > bound:
+        assert c["secondary_overflow_frames"] > 0
+    assert h.cmp.held_frames() == 0 and not h.cmp.blocked
 
 
 @pytest.mark.parametrize("frame, reason", [

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -246,3 +247,37 @@ def test_standalone_over_tcp_addresses():
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_standalone_holds_the_pvm_back_at_its_bound_and_loses_nothing(standalone):
+    """`colo-pipeline compare` with a queue bound of 16 and a PVM burst of 3000 frames
+    (TCP, UDP, ICMP, GRE) the SVM never answers: the notify peer answers every
+    DO_CHECKPOINT; every PVM frame comes out once, in order."""
+    s = standalone("--max-queue-frames", "16", "--compare-timeout-ms", "60000")
+    s.ntf.send(PROXY_INIT)
+    assert s.ntf.recv_until(1, 5) == [(PROXY_INIT_REPLY, 0)]
+    pvm = []
+    for i in range(750):
+        body = i.to_bytes(4, "big") * 8
+        pvm.append(build.tcp_frame(G, C, 80, 4000, 1 + 32 * i, 1, 0x18, body, ip_id=i))
+        pvm.append(build.udp_frame(G, C, 53, 999, body, ip_id=i))
+        pvm.append(build.icmp_echo_frame(G, C, 9, i, body, ip_id=i))
+        pvm.append(build.ethernet(build.ipv4(G, C, 47, body, ip_id=i), 0x0800))
+    sender = threading.Thread(target=s.pin.send_many, args=(pvm,), daemon=True)
+    sender.start()
+    got: list[bytes] = []
+    answered = 0
+    deadline = time.monotonic() + 90
+    while len(got) < len(pvm) and time.monotonic() < deadline:
+        for message, _ in s.ntf.recv(0.01):
+            assert message == DO_CHECKPOINT
+            s.ntf.send(COLO_CHECKPOINT)
+            answered += 1
+        got += [f for f, _ in s.out.recv(0.01)]
+    sender.join(10)
+    assert got == pvm
+    counters, _ = s.stop()
+    assert counters["primary_frames_dropped"] == 0 and counters["frames_released"] == len(pvm)
+    assert counters["backpressures"] >= 1 and counters["held_frames_peak"] <= 4 * 16
+    assert answered >= 1 and counters["checkpoint_requests"] == answered

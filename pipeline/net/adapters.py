@@ -248,8 +248,21 @@ class StreamClient:
     def send(self, frame: bytes, vnet_hdr_len: int = 0) -> None:
         self.sock.sendall(encode_frame(frame, vnet_hdr_len, self.vnet_hdr))
 
-    def send_many(self, frames: list[bytes]) -> None:
-        self.sock.sendall(b"".join(encode_frame(f, 0, self.vnet_hdr) for f in frames))
+    def send_many(self, frames: list[bytes], give_up: Callable[[], bool] | None = None) -> None:
+        """Send ``frames``; blocks while the peer does not read (back-pressure). With
+        ``give_up``, checked every 0.1 s while blocked: True abandons the rest."""
+        data = b"".join(encode_frame(f, 0, self.vnet_hdr) for f in frames)
+        if give_up is None:
+            self.sock.sendall(data)
+            return
+        view, sent = memoryview(data), 0
+        while sent < len(data):
+            try:
+                sent += self.sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if give_up():
+                    return
+                select.select([], [self.sock], [], 0.1)
 
     def recv(self, timeout: float = 0.0) -> list[Frame]:
         if not _wait_readable(self.sock.fileno(), timeout):

@@ -19,11 +19,21 @@ Frames leave through :meth:`_release_frames` and checkpoints are asked for throu
 
 Epochs: frames are tagged with the epoch they arrived in. ``on_snapshot(e)``
 starts epoch ``e + 1``; ``on_committed(e)`` releases every PVM frame of epoch
-``e`` or earlier (matched or not), forgets the SVM's side (it was restored from
-the PVM) and keeps comparing later PVM frames against the restored SVM.
-A connection that diverged is not compared again until that commit, so one
+``e`` or earlier (matched or not) in arrival order, forgets the SVM's side (it was
+restored from the PVM) and keeps comparing later PVM frames against the restored
+SVM. A connection that diverged is not compared again until that commit, so one
 divergence asks once. Not done (QEMU does it): holding a matched PVM segment
 until the SVM has acknowledged the same client bytes.
+
+Bounds (``max_queue_frames`` per connection and side, ``max_connections``) limit
+memory; they never lose a PVM frame. A PVM frame that does not fit is kept, with
+every PVM frame after it, in arrival order (:attr:`blocked`: the caller stops
+reading the PVM until a commit, so the guest's transmit path backs up as a full
+NIC ring would) and a checkpoint is requested (cause ``net_queue_full``); the
+commit empties the queues and the kept frames go on in order. SVM frames that do
+not fit are discarded until the next commit: they are never output, and the
+commit would discard them anyway; the PVM frames they would have matched are held
+until that commit instead.
 """
 from __future__ import annotations
 
@@ -59,6 +69,10 @@ COUNTER_NAMES = (
     "table_full", "queue_full", "connections_evicted", "connections_closed",
     "fragments_held", "fragments_dropped", "commits", "passthrough_frames",
     "mirror_frames_held", "mirror_frames_dropped",
+    # back-pressure: PVM frames kept out of the queues, time the PVM was not read, the
+    # most PVM frames held at once, SVM frames discarded after their side overflowed
+    "primary_frames_stalled", "backpressure_ns", "backpressures", "held_frames_peak",
+    "secondary_overflow_frames",
 )
 
 #: SVM payload bytes held per connection before the queue counts as full
@@ -75,10 +89,12 @@ class CounterSink(Protocol):
 class Held:
     """One frame (or the fragments of one datagram) waiting in a connection queue."""
 
-    __slots__ = ("arrived", "ctrl", "done", "end", "epoch", "frames", "packet", "start")
+    __slots__ = ("arrived", "ctrl", "done", "end", "epoch", "frames", "packet", "primary",
+                 "start")
 
     def __init__(self, packet: Packet, frames: tuple | list, arrived: float,
-                 epoch: int) -> None:
+                 epoch: int, primary: bool = True) -> None:
+        self.primary = primary
         self.packet = packet
         self.frames = frames
         self.arrived = arrived
@@ -169,10 +185,25 @@ class Comparator:
         self._arrivals: deque[tuple[Held, Connection]] = deque()
         self._reassembly = (Reassembler(settings.max_fragment_datagrams),
                             Reassembler(settings.max_fragment_datagrams))
+        #: the epoch new PVM frames belong to (advanced by on_snapshot)
         self.epoch = 0
+        #: the last epoch the SVM was restored to; PVM frames of it or earlier go out at once
+        self.committed = -1
+        #: the newest PVM epoch the SVM's current run can match (the SVM restored at commit
+        #: e runs on until the pause of checkpoint e + 1)
+        self.svm_epoch = 0
         self._requested_epoch = -1
         self.passthrough = False
         self._malformed_logged = 0
+        #: a PVM frame did not fit: the caller stops reading the PVM until a commit
+        self.blocked = False
+        self._blocked_since = 0.0
+        #: PVM frames (and snapshot boundaries, ``(None, epoch)``) not taken yet, in order
+        self._stalled: deque[tuple[bytes | None, int]] = deque()
+        #: the SVM's side overflowed: its frames are discarded until the next commit
+        self._svm_overflow = False
+        #: PVM frames in the connection queues now
+        self._held = 0
 
     # ------------------------------------------------------------------ input
     def push_primary(self, frame: bytes, vnet_hdr_len: int = 0, now: float | None = None) -> None:
@@ -187,7 +218,18 @@ class Comparator:
             self._count("passthrough_frames")
             self._release_frames([(frame, vnet_hdr_len)])
             return
-        self._push(PRIMARY, frame, vnet_hdr_len, self._clock() if now is None else now)
+        if self.blocked:
+            self._stalled.append((frame, vnet_hdr_len))
+            self._count("primary_frames_stalled")
+            return
+        if self.epoch <= self.committed:
+            # the SVM already holds the state after this frame (its commit was seen
+            # before the PVM's snapshot boundary): nothing to compare it with
+            self._release_frames([(frame, vnet_hdr_len)])
+            return
+        refused = self._push(PRIMARY, frame, vnet_hdr_len, self._clock() if now is None else now)
+        if refused is not None:
+            self._block(refused)
 
     def push_secondary(self, frame: bytes, vnet_hdr_len: int = 0,
                        now: float | None = None) -> None:
@@ -201,9 +243,15 @@ class Comparator:
         if self.passthrough:
             self._count("secondary_frames_dropped")
             return
+        if self._svm_overflow:
+            self._count("secondary_overflow_frames")
+            self._count("secondary_frames_dropped")
+            return
         self._push(SECONDARY, frame, vnet_hdr_len, self._clock() if now is None else now)
 
-    def _push(self, side: int, frame: bytes, vnet_hdr_len: int, now: float) -> None:
+    def _push(self, side: int, frame: bytes, vnet_hdr_len: int, now: float):
+        """Parse, queue and compare one frame. Returns the PVM frames that did not fit
+        (the frame itself, or all fragments of a datagram it completed), else None."""
         try:
             packet = parse_frame(frame, vnet_hdr_len)
         except MalformedFrame as exc:
@@ -222,18 +270,20 @@ class Comparator:
             packet, frames = done
         conn = self._connection(packet, now)
         if conn is None:
-            self._drop_for_bound(side, "table_full", packet)
-            return
-        held = Held(packet, frames, now, self.epoch)
+            return self._bound(side, "table_full", packet, frames)
+        held = Held(packet, frames, now, self.epoch if side == PRIMARY else self.svm_epoch,
+                    side == PRIMARY)
         if conn.is_tcp:
-            self._push_tcp(side, conn, held)
+            if not self._push_tcp(side, conn, held):
+                return self._bound(side, "queue_full", packet, frames)
         else:
             queue = conn.primary if side == PRIMARY else conn.secondary
             if len(queue) >= self._max_queue:
-                self._drop_for_bound(side, "queue_full", packet)
-                return
+                return self._bound(side, "queue_full", packet, frames)
             queue.append(held)
             self._arrivals.append((held, conn))
+            if side == PRIMARY:
+                self._note_held(1)
             if not conn.diverged:
                 self._compare_datagram(conn)
                 if not conn.primary and not conn.secondary:
@@ -241,6 +291,7 @@ class Comparator:
                     del self.connections[conn.key]
         if conn.closed == 3:
             self._maybe_forget(conn)
+        return None
 
     def note_malformed(self, side: int, reason: str) -> None:
         """An adapter could not even cut a frame out of its stream (e.g. a bad length)."""
@@ -258,15 +309,57 @@ class Comparator:
             log.warning("dropped malformed %s frame (%d bytes, #%d): %s; starts %s",
                         SIDE_NAMES[side], len(frame), n, reason, frame[:32].hex())
 
-    def _drop_for_bound(self, side: int, counter: str, packet: Packet) -> None:
-        """A bound was hit: drop the frame and ask for a checkpoint, which empties the queues."""
+    def _bound(self, side: int, counter: str, packet: Packet, frames):
+        """A bound was hit: ask for a checkpoint, which empties the queues. A PVM frame is
+        handed back to be kept (returned); the SVM's side is discarded until the commit."""
         self._count(counter)
-        self._count("primary_frames_dropped" if side == PRIMARY else "secondary_frames_dropped")
         n = self.counters[counter]
         if n <= 10 or n % 1000 == 0:
-            log.warning("%s (#%d): dropped %s frame of %s", counter, n, SIDE_NAMES[side],
-                        _describe(packet.key))
-        self._request("net_divergence", f"{counter} on {SIDE_NAMES[side]} side")
+            log.warning("%s (#%d) on the %s side at %s: %s", counter, n, SIDE_NAMES[side],
+                        _describe(packet.key), "holding the PVM's frames until the next "
+                        "commit" if side == PRIMARY else "SVM output discarded until the "
+                        "next commit")
+        self._request("net_queue_full", f"{counter} on {SIDE_NAMES[side]} side")
+        if side == PRIMARY:
+            return frames
+        self._svm_overflow = True
+        self._count("secondary_overflow_frames", len(frames))
+        self._count("secondary_frames_dropped", len(frames))
+        return None
+
+    def _block(self, frames) -> None:
+        """Keep ``frames`` (and every PVM frame after them) until a commit makes room."""
+        if not self.blocked:
+            self.blocked = True
+            self._blocked_since = self._clock()
+            self._count("backpressures")
+        self._stalled.extendleft(reversed(frames))
+        self._count("primary_frames_stalled", len(frames))
+
+    def _unblock(self) -> None:
+        """After a commit: feed the kept PVM frames back in order until one does not fit."""
+        if not self.blocked:
+            return
+        self.blocked = False
+        stalled = self._stalled
+        while stalled and not self.blocked:
+            frame, vnet = stalled.popleft()
+            if frame is None:
+                self.epoch = max(self.epoch, vnet + 1)     # a snapshot boundary kept in line
+            elif self.passthrough or self.epoch <= self.committed:
+                self._release_frames([(frame, vnet)])
+            else:
+                refused = self._push(PRIMARY, frame, vnet, self._clock())
+                if refused is not None:
+                    self.blocked = True
+                    stalled.extendleft(reversed(refused))
+        if not self.blocked:
+            self._count("backpressure_ns", int((self._clock() - self._blocked_since) * 1e9))
+
+    def _note_held(self, n: int) -> None:
+        self._held += n
+        if self._held > self.counters["held_frames_peak"]:
+            self._count("held_frames_peak", self._held - self.counters["held_frames_peak"])
 
     # ------------------------------------------------------------ connections
     def _connection(self, packet: Packet, now: float) -> Connection | None:
@@ -306,7 +399,8 @@ class Comparator:
             return high + delta
         return high + delta - 0x100000000
 
-    def _push_tcp(self, side: int, conn: Connection, held: Held) -> None:
+    def _push_tcp(self, side: int, conn: Connection, held: Held) -> bool:
+        """False: the frame did not fit its queue."""
         p = held.packet
         ctrl = p.flags & (TCP_SYN | TCP_FIN | TCP_RST)
         if ctrl & TCP_SYN:
@@ -322,16 +416,16 @@ class Comparator:
             if not ctrl and not p.payload:
                 # a pure ACK carries no output of the guest: nothing to compare
                 self._release_frames(held.frames)
-                return
+                return True
             if len(conn.primary) >= self._max_queue:
-                self._drop_for_bound(side, "queue_full", p)
-                return
+                return False
             conn.primary.append(held)
             self._arrivals.append((held, conn))
+            self._note_held(1)
         else:
             if not ctrl and not p.payload:
                 self._count("secondary_frames_dropped")
-                return
+                return True
             primary = conn.primary
             if primary and not conn.sec_buf and not conn.sec_ooo and not conn.diverged \
                     and conn.sec_fin is None:
@@ -354,17 +448,18 @@ class Comparator:
                     self._release_held(head)
                     if primary:
                         self._compare_tcp(conn)
-                    return
+                    return True
             if not self._absorb_secondary(conn, held):
-                return
+                return False
         if not conn.diverged:
             self._compare_tcp(conn)
+        return True
 
     def _absorb_secondary(self, conn: Connection, held: Held) -> bool:
         """Add an SVM segment's bytes and flags to the connection's SVM stream."""
         held_bytes = len(conn.sec_buf) + conn.sec_ooo_bytes
-        if held_bytes + len(held.packet.payload) > self._max_secondary_bytes:
-            self._drop_for_bound(SECONDARY, "queue_full", held.packet)
+        if held_bytes + len(held.packet.payload) > self._max_secondary_bytes \
+                or len(conn.secondary) >= self._max_queue:
             return False
         ctrl, start, end = held.ctrl, held.start, held.end
         if ctrl & TCP_SYN:
@@ -494,6 +589,10 @@ class Comparator:
         primary, secondary = conn.primary, conn.secondary
         while primary and secondary:
             held = primary[0]
+            if held.epoch > self.svm_epoch:
+                # produced after the snapshot the SVM has not been restored to yet: only
+                # the restored SVM's output (after the commit) may match it
+                return
             want = held.packet.compare
             other = secondary[0]
             if other.packet.compare == want:          # the usual case: the oldest matches
@@ -517,6 +616,7 @@ class Comparator:
     # ------------------------------------------------------ release / request
     def _release_held(self, held: Held) -> None:
         held.done = True
+        self._held -= 1
         self._release_frames(held.frames)
 
     def _release_frames(self, frames: list[tuple[bytes, int]]) -> None:
@@ -569,27 +669,50 @@ class Comparator:
             self._request("net_timeout", "PVM IPv4 fragments incomplete")
 
     def held_frames(self) -> int:
-        """PVM frames currently held (all connections)."""
+        """PVM frames currently held (all connections; not counting frames kept back)."""
         return sum(len(c.primary) for c in self.connections.values())
+
+    def stalled_frames(self) -> int:
+        """PVM frames kept back while :attr:`blocked` (not yet in any queue)."""
+        return sum(1 for frame, _ in self._stalled if frame is not None)
 
     # ------------------------------------------------------------ checkpoints
     def on_snapshot(self, epoch: int) -> None:
-        """The PVM was snapshotted at the end of ``epoch``: later frames belong to ``epoch + 1``."""
+        """The PVM was snapshotted at the end of ``epoch``: later frames belong to ``epoch + 1``.
+        In order with :meth:`push_primary`: while PVM frames are kept back it waits behind them."""
+        if self._stalled:
+            self._stalled.append((None, epoch))
+            return
         self.epoch = max(self.epoch, epoch + 1)
 
-    def on_committed(self, epoch: int) -> None:
+    def on_committed(self, epoch: int, snapshot_seen: bool = True) -> None:
         """The SVM now holds the PVM's state of ``epoch``: release the PVM frames held from it
-        (matched or not), forget the SVM's output, compare what is left against the new SVM."""
+        (matched or not) in arrival order, forget the SVM's output, compare what is left
+        against the new SVM. ``snapshot_seen=False`` (boundaries in-band): the PVM's snapshot
+        boundary of ``epoch`` may still be ahead in its stream; PVM frames before it are
+        released as they come."""
         self._count("commits")
-        for conn in list(self.connections.values()):
-            while conn.primary and conn.primary[0].epoch <= epoch:
-                held = conn.primary.popleft()
-                if conn.is_tcp and (conn.verified is None or held.end > conn.verified):
-                    conn.verified = held.end
-                self._release_held(held)
-            for held in conn.secondary:
+        if epoch > self.committed:
+            self.committed = epoch
+        keep: deque[tuple[Held, Connection]] = deque()
+        for held, conn in self._arrivals:
+            if held.done:
+                continue
+            if held.primary:
+                if held.epoch <= epoch:
+                    self._release_held(held)
+                else:
+                    keep.append((held, conn))
+            else:
                 held.done = True
                 self._count("secondary_frames_dropped", len(held.frames))
+        self._arrivals = keep
+        for conn in list(self.connections.values()):
+            primary = conn.primary
+            while primary and primary[0].done:
+                held = primary.popleft()
+                if conn.is_tcp and (conn.verified is None or held.end > conn.verified):
+                    conn.verified = held.end
             conn.reset_secondary()
             conn.diverged = False
             self._maybe_forget(conn)
@@ -597,8 +720,24 @@ class Comparator:
             self._release_frames(frames)          # incomplete PVM datagrams are output too
         for frames in self._reassembly[SECONDARY].take_until(epoch):
             self._count("fragments_dropped", len(frames))
-        if self.epoch <= epoch:
+        if snapshot_seen and self.epoch <= epoch and not self._stalled:
             self.epoch = epoch + 1
+        self.svm_epoch = max(self.svm_epoch, epoch + 1)
+        self._svm_overflow = False
+        self._unblock()
+
+    def on_rolled_back(self, epoch: int, aborted: int) -> None:
+        """The SVM was put back to committed ``epoch`` after epoch ``aborted`` was torn: its
+        output so far is forgotten; it replays from ``epoch`` up to the next checkpoint's
+        pause. Already released PVM frames are not compared again: the replay may repeat
+        their matches, which only costs a checkpoint."""
+        for conn in list(self.connections.values()):
+            for held in conn.secondary:
+                held.done = True
+                self._count("secondary_frames_dropped", len(held.frames))
+            conn.reset_secondary()
+        self.svm_epoch = max(self.svm_epoch, aborted + 1)
+        self._svm_overflow = False
 
     def flush(self) -> None:
         """Xen's/QEMU's ``COLO_CHECKPOINT``: every held PVM frame goes out, the SVM's are dropped."""
@@ -609,7 +748,9 @@ class Comparator:
     def set_passthrough(self, on: bool) -> None:
         """Stop comparing (failover, or the secondary is gone): release everything held."""
         if on and not self.passthrough:
+            self.passthrough = True
             self.flush()
+            self._unblock()
         self.passthrough = on
 
 

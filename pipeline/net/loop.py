@@ -115,7 +115,7 @@ class CompareLoop:
             if source is not None:
                 self._roles.append((source, handler))
         self._handlers = {handler for _, handler in self._roles}
-        self._plan_key: int | None = None
+        self._plan_key: tuple | None = None
         self._plan: tuple = ()
         self._next_scan = 0.0
         self.stop_event = threading.Event()
@@ -176,14 +176,17 @@ class CompareLoop:
             self.mirror.release()
 
     # ---------------------------------------------------------------- loop
-    def _watched(self) -> list[tuple[object, object]]:
-        """(pollable, what to do when it is readable) for everything the loop waits on."""
+    def _watched(self, blocked: bool) -> list[tuple[object, object]]:
+        """(pollable, what to do when it is readable) for everything the loop waits on.
+        ``blocked``: the comparator takes no PVM frames now; the PVM's source is left
+        unread (its sender backs up) until a commit."""
         watched: list[tuple[object, object]] = []
         control = self.control.pollable()
         if control is not None:
             # first: a snapshot event must be seen before frames that arrived after it
             watched.append((control, self._handle_control))
-        watched += self._roles
+        watched += [(source, handler) for source, handler in self._roles
+                    if not (blocked and handler == self._from_primary)]
         sources = [source for source, _ in self._roles]
         for adapter in self.adapters.all():
             # an outgoing listening endpoint accepts its peer as soon as it connects
@@ -193,10 +196,11 @@ class CompareLoop:
 
     def _poll_plan(self) -> tuple[zmq.Poller, list[tuple[object, object, object]], bool]:
         """The poller for the current descriptors; rebuilt only when a stream endpoint's
-        peer came or went (its descriptor changes then)."""
-        key = StreamEndpoint.peer_changes
+        peer came or went (its descriptor changes then) or the PVM side (un)blocked."""
+        blocked = self.comparator.blocked
+        key = (StreamEndpoint.peer_changes, blocked)
         if key != self._plan_key:
-            watched = self._watched()
+            watched = self._watched(blocked)
             poller = zmq.Poller()
             plan, always = [], False
             for pollable, action in watched:
@@ -222,6 +226,8 @@ class CompareLoop:
             if fd is not None and fd not in ready:
                 continue
             if action in self._handlers:
+                if action == self._from_primary and self.comparator.blocked:
+                    continue       # blocked by an earlier source in this round
                 frames = pollable.recv()
                 if frames:
                     action(frames)

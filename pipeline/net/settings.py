@@ -23,7 +23,9 @@ class NetSettings:
     max_connections: int = field(default=4096, metadata={"doc": (
         'Connections tracked at once; when full, idle connections are evicted first.')})
     max_queue_frames: int = field(default=1024, metadata={"doc": (
-        "Frames held per connection and side (QEMU's max_queue_size: 1024).")})
+        "Frames held per connection and side (QEMU's max_queue_size: 1024). At the "
+        "bound the comparator asks for a checkpoint and stops reading the PVM until it "
+        "commits (the guest's output backs up); it drops none of the PVM's frames.")})
     max_fragment_datagrams: int = field(default=256, metadata={"doc": (
         'Incomplete IPv4 datagrams held for reassembly per side.')})
     vnet_hdr: bool = field(default=False, metadata={"doc": (

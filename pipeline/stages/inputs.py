@@ -53,7 +53,10 @@ class OutputPort:
         try:
             if self.client is None:
                 self.client = StreamClient(self.address, timeout=0.5)
-            self.client.send_many([guest_output_frame(f) for _, f in outs])
+            # the comparator stops reading while it holds as much as it may (until the
+            # next commit): wait for it, as a guest's full NIC ring would, but not past a stop
+            self.client.send_many([guest_output_frame(f) for _, f in outs],
+                                  give_up=self.ctx.stopping)
         except (OSError, ConnectionError) as exc:
             # the comparator is not there (yet, or any more): the frames are lost to it,
             # which it sees as unmatched frames (a checkpoint), never as a wrong match
