@@ -126,19 +126,26 @@ class LocalPair:
         return os.path.join(self.workdir, role)
 
     # -- lifetime -------------------------------------------------------------
-    def start(self, roles: tuple[str, ...] = ("secondary", "primary")) -> "LocalPair":
+    def start(self, roles: tuple[str, ...] = ("secondary", "primary"),
+              faults: dict[str, str] | None = None) -> "LocalPair":
+        """``faults``: COLO_FAULT of a role's node (pipeline/faults.py), e.g.
+        ``{"primary": "primary.acked:5:killgroup"}``."""
         for role in roles:
-            self.start_node(role)
+            self.start_node(role, (faults or {}).get(role))
         return self
 
-    def start_node(self, role: str) -> subprocess.Popen:
+    def start_node(self, role: str, fault: str | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, role,
                "--config", self.configs[role]]
+        env = dict(os.environ)
+        env.pop("COLO_FAULT", None)
+        if fault:
+            env["COLO_FAULT"] = fault
         log_path = os.path.join(self.workdir, f"{role}.log")
         self.logs[role] = log_path
         out = open(log_path, "ab") if self.capture_logs else None
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                             start_new_session=True, preexec_fn=_die_with_parent)
+                             start_new_session=True, preexec_fn=_die_with_parent, env=env)
         if out:
             out.close()
         self.procs[role] = p
@@ -164,6 +171,26 @@ class LocalPair:
         # them at start, here nobody restarts it
         cleanup_segments(segment_prefix(self.name(role)))
         return t
+
+    def wait_exit(self, role: str, timeout: float = 120.0) -> int:
+        """Wait until a node exits by itself (e.g. killed by its COLO_FAULT); returns its
+        exit code and removes what it could not (like :meth:`kill`)."""
+        p = self.procs.pop(role)
+        try:
+            code = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.procs[role] = p
+            raise PairError(f"the {role} node did not exit within {timeout} s:\n"
+                            f"{self.log_tail(role)}") from None
+        c = self.counters.pop(role, None)
+        if c is not None:
+            c.close()
+        try:   # a fault that killed only the supervisor's children leaves none behind
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        cleanup_segments(segment_prefix(self.name(role)))
+        return code
 
     def check_alive(self) -> None:
         for role, p in self.procs.items():

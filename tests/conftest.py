@@ -1,10 +1,24 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures and helpers shared by several test modules: the one free-port helper, the one
+etcd fixture, the one CLI wrapper, and waiting for an event instead of for time.
+
+Test modules import the plain helpers with ``from conftest import ...`` (pytest puts
+this directory on sys.path)."""
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from pipeline.localpair import free_port_base
 from pipeline.shm import cleanup_segments, segment_prefix
 
 
@@ -14,3 +28,90 @@ def node():
     name = "t" + uuid.uuid4().hex[:10]
     yield name
     cleanup_segments(segment_prefix(name))
+
+
+def free_port(count: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that is free together with the next ``count - 1``. Drawn
+    below the kernel's ephemeral range (pipeline.localpair.free_port_base), so no outgoing
+    connection of another test or process can take it between this check and the bind."""
+    return free_port_base(count)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "",
+               interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something true; that value. The deadline is
+    generous on purpose: it only bounds a hang, it never decides a pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or predicate}")
+        time.sleep(interval)
+
+
+def cli(*args: str, timeout: float = 180, env: dict[str, str] | None = None,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``colo-pipeline ARGS`` (this tree's, via ``python -m pipeline.cli``) and capture
+    its output; its whole process group is killed if it outlives ``timeout``."""
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], text=True,
+                         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True, env=env)
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"colo-pipeline {' '.join(args)} still ran after {timeout} s:\n"
+                             f"{out[-2000:]}\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+class Etcd:
+    """A one-member etcd on 127.0.0.1 with its data in a temporary directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.client_port = free_port(2)
+        self.peer_port = self.client_port + 1
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.log = open(os.path.join(os.path.dirname(data_dir), "etcd.log"), "wb")
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "witness", "--data-dir", data_dir,
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"witness={peer}", "--log-level", "error"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"etcd did not become healthy at {self.url}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A running etcd (``.url``), killed afterwards."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed: scripts/install.sh --test must install the Debian "
+                    "package etcd-server")
+    server = Etcd(str(tmp_path / "etcd-data"))
+    try:
+        yield server
+    finally:
+        server.kill()

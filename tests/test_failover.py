@@ -10,16 +10,17 @@ matches, whatever checkpoint that was.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
+from conftest import wait_until
+
 from pipeline.checkpoint_api import CheckpointClient
+from pipeline.counters import STATUS_COMMITTED
 from pipeline.localpair import LocalPair
 from pipeline.stages.inputs import client_input
 from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
@@ -40,8 +41,11 @@ def replay_digest(upto_seq: int) -> bytes:
     try:
         ref.start(paused=False)
         for i in range(upto_seq):
-            ref.feed_input(client_input(SEED, i))
+            # the input log has room for ~1000 inputs: stay well behind the guest
+            wait_until(lambda: i - ref.input_seq() < 256, timeout=120, interval=0.001,
+                       what="the reference guest consuming its inputs")
             ref.trim_inputs(ref.input_seq())
+            ref.feed_input(client_input(SEED, i))
         deadline = time.monotonic() + 60
         while ref.input_seq() < upto_seq:
             assert time.monotonic() < deadline, "the reference guest did not catch up"
@@ -62,46 +66,77 @@ def active_digest(pair: LocalPair) -> tuple[bytes, int]:
     return bytes.fromhex(info["active_digest"]), info["active_input_seq"]
 
 
-def test_killing_the_primary_at_random_points(tmp_path):
-    rng = random.Random(1234)
-    outcomes = {"active": 0, "passive": 0}
-    for it in range(8):
-        pair = LocalPair(TABLES, workdir=str(tmp_path / f"run{it}"))
-        try:
-            pair.start()
-            pair.node("secondary")
-            # anywhere from the full sync to several epochs in
-            time.sleep(rng.uniform(0.2, 2.5))
-            pair.kill("primary")
-            killed = time.monotonic()
-            deadline = killed + 20
-            while True:
-                info = pair.node("secondary").node_info()
-                if info.get("role") == "active" or info.get("state") == \
-                        "primary lost before protection":
-                    break
-                if info.get("state") in ("waiting", "syncing") and time.monotonic() > killed + 3:
-                    break                     # the primary died before the SVM ever ran
-                assert time.monotonic() < deadline, f"no takeover decision: {info}"
-                time.sleep(0.02)
-            if info.get("role") != "active":
-                outcomes["passive"] += 1      # killed before the first checkpoint committed
-                continue
-            outcomes["active"] += 1
-            if info["failover_detected_by"] == "heartbeat":
-                assert info["failover_detect_ms"] < 1000
-            else:       # killed before the heartbeats met: the control channel's silence
-                outcomes["by_silence"] = outcomes.get("by_silence", 0) + 1
-            assert info["takeover_ms"] < 2000
-            time.sleep(0.3)                   # the SVM serves on by itself
-            digest, seq = active_digest(pair)
-            assert seq > 0
-            assert digest == replay_digest(seq), f"run {it}: SVM state is not a replay " \
-                                                 f"of inputs 0..{seq - 1}"
-        finally:
-            pair.stop()
-            pair.cleanup()
-    assert outcomes["active"] >= 4, outcomes
+def _wait_takeover_decision(pair: LocalPair) -> dict:
+    """The secondary's node info once it decided about the lost primary."""
+    return wait_until(lambda: (lambda i: i if i.get("role") == "active" or i.get("state") in
+                               ("primary lost before protection", "standby") else None)(
+        pair.node("secondary").node_info()), timeout=120, what="a takeover decision")
+
+
+def _svm_serves_on(pair: LocalPair, inputs: int = 20) -> None:
+    sec = pair.node("secondary")
+    n0 = sec.stage("mirror").as_dict()["outputs"]
+    wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + inputs, timeout=120,
+               what=f"the active SVM answering {inputs} more inputs")
+
+
+# Epochs of the primary: 0 the full sync, then at most PRECOPY_MAX_ROUNDS (8) pre-copy
+# rounds, then the first checkpoint: the 14th epoch (13) is always a checkpoint of a
+# protected pair. (fault on the primary, the epoch the SVM goes on from: "passive" = it
+# must not go live, "last" = the secondary's own last committed epoch, whichever that was
+# when a message the primary sent right before it died did or did not get out)
+PRIMARY_KILLS = [
+    ("send.pages:2", "passive"),            # during the full sync
+    ("primary.begin_sent:14", 12),           # epoch 13 begun, never completed
+    ("send.epoch_end:14", "last"),           # epoch 13 all sent; the ACK never heard
+    ("primary.acked:14", 13),                # acked: the secondary committed 13
+    ("primary.released:14", 13),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,expect", PRIMARY_KILLS, ids=[f for f, _ in PRIMARY_KILLS])
+def test_killing_the_primary_at_each_point(tmp_path, fault, expect):
+    """The primary node dies as a whole (its host) at a named point. Before the first
+    checkpoint the secondary stays passive; after it, the SVM goes on from exactly the
+    epoch the point implies, and its memory is a replay of the inputs it consumed (a
+    half-applied epoch could not be).
+
+    The process that reaches the point stops itself there (SIGSTOP); once the secondary's
+    heartbeat has heard the primary (else it could not tell it is gone: that needs the
+    first heartbeat) the test kills the whole primary node."""
+    pair = LocalPair(dict(TABLES, checkpoint=dict(TABLES["checkpoint"],
+                                                  epoch_timeout_ms=30000)),
+                     workdir=str(tmp_path / "pair"))
+    try:
+        pair.start(faults={"primary": fault + ":stop"})
+        pair.node("secondary")
+        wait_until(lambda: f"COLO_FAULT fired: {fault.split(':')[0]} pass"
+                   in pair.log_tail("primary", 1 << 24), timeout=180, what=f"{fault} reached")
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0,
+                   timeout=60, what="the secondary hearing the primary's heartbeat")
+        pair.kill("primary")
+        info = _wait_takeover_decision(pair)
+        if expect == "passive":
+            assert info["state"] == "primary lost before protection", info
+            assert info["role"] == "secondary"
+            return
+        assert info["role"] == "active", info
+        last = [cp["epoch"] for cp in pair.checkpoints("secondary")
+                if cp["status"] == STATUS_COMMITTED][-1]
+        assert info["active_since_epoch"] == (last if expect == "last" else expect), info
+        assert info["active_since_epoch"] == last
+        print(f"\n{fault}: active from epoch {last}, detected by "
+              f"{info['failover_detected_by']} after {info['failover_detect_ms']} ms, "
+              f"live {info['takeover_ms']} ms later")
+        _svm_serves_on(pair)
+        digest, seq = active_digest(pair)
+        assert seq > 0
+        assert digest == replay_digest(seq), f"{fault}: SVM state is not a replay of " \
+                                             f"inputs 0..{seq - 1}"
+    finally:
+        pair.stop()
+        pair.cleanup()
 
 
 def test_killing_the_secondary_leaves_the_primary_serving(tmp_path):
@@ -111,78 +146,26 @@ def test_killing_the_secondary_leaves_the_primary_serving(tmp_path):
         pair.wait_protected()
         prim = pair.node("primary")
         outputs = lambda: prim.stage("client").as_dict()["outputs"]   # noqa: E731
-        samples = []
-        t_end = time.monotonic() + 3.0
-        killed = False
-        while time.monotonic() < t_end:
-            samples.append((time.monotonic(), outputs()))
-            if not killed and time.monotonic() > t_end - 2.0:
-                pair.kill("secondary")
-                killed = True
-            time.sleep(0.01)
-        info = pair.wait_info("state", "unprotected", timeout=5)
+        pair.kill("secondary")
+        info = pair.wait_info("state", "unprotected", timeout=60)
         assert info["role"] == "primary"
-        # the PVM never stalled longer than the heartbeat timeout (300 ms) plus slack
-        gaps, last_t, last_v = [], samples[0][0], samples[0][1]
-        for t, v in samples[1:]:
-            if v != last_v:
-                gaps.append(t - last_t)
-                last_t, last_v = t, v
-        assert samples[-1][1] > samples[0][1] + 300
-        assert max(gaps) < 0.8, f"the PVM's output stalled for {max(gaps):.3f} s"
+        # the PVM goes on serving by itself (how long it stalled is a benchmark figure)
+        n0 = outputs()
+        wait_until(lambda: outputs() >= n0 + 300, timeout=120, what="the PVM serving on")
         assert prim.stage("coordinator").as_dict()["peer_lost"] == 1
         # re-protection: a new secondary joins while the guest runs
         pair.start_node("secondary")
-        pair.wait_info("state", "protected", timeout=60)
+        pair.wait_info("state", "protected", timeout=120)
         assert prim.stage("coordinator").as_dict()["reprotections"] == 1
         info = pair.prove_memory_equal()
         assert info["memory_equal"] is True
-        # the new SVM runs on its mirrored input without stalling
-        sec = pair.node("secondary")
-        n0 = sec.stage("mirror").as_dict()["outputs"]
-        time.sleep(1.0)
-        assert sec.stage("mirror").as_dict()["outputs"] > n0 + 50
+        # the new SVM runs on its mirrored input
+        _svm_serves_on(pair, 50)
     finally:
         pair.stop()
 
 
 # -- a network partition, with etcd as the witness ------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd is not installed (Debian package etcd-server)")
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    p = subprocess.Popen(["etcd", "--data-dir", str(tmp_path / "etcd"), "--name", "witness",
-                          "--listen-client-urls", url, "--advertise-client-urls", url,
-                          "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                          "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                          "--initial-cluster", f"witness=http://127.0.0.1:{peer}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import urllib.request
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if b"true" in r.read():
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "etcd did not start"
-            time.sleep(0.1)
-        yield url
-    finally:
-        p.kill()
-        p.wait()
-
-
 def _iptables(*args: str) -> None:
     subprocess.run(["iptables", *args], check=True, capture_output=True)
 
@@ -190,7 +173,7 @@ def _iptables(*args: str) -> None:
 def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
     if shutil.which("iptables") is None or os.geteuid() != 0:
         pytest.skip("needs root and iptables to cut the link between the nodes")
-    tables = dict(TABLES, failover={"witness": "etcd", "etcd_endpoints": [etcd],
+    tables = dict(TABLES, failover={"witness": "etcd", "etcd_endpoints": [etcd.url],
                                     "lease_ttl_s": 2})
     pair = LocalPair(tables, workdir=str(tmp_path / "pair"))
     ports = f"{pair.port}:{pair.port + 3}"
@@ -207,8 +190,8 @@ def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
         sec = pair.wait_info("state", "standby", role="secondary", timeout=15)
         assert sec["role"] == "secondary" and "takeover_refused" in sec
         n0 = prim.stage("client").as_dict()["outputs"]
-        time.sleep(1.0)
-        assert prim.stage("client").as_dict()["outputs"] > n0 + 100   # still serving
+        wait_until(lambda: prim.stage("client").as_dict()["outputs"] > n0 + 100,
+                   timeout=120, what="the primary serving on")
         assert pair.node("secondary").node_info()["role"] == "secondary"
     finally:
         for rule in rules:
