@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, sockets, wire
+from pipeline import faults, messages, sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
@@ -100,7 +100,7 @@ class EpochResult:
     pause_ns: int = 0
     pages_dirty: int = 0
     svm_dirty: int = -1
-    sent: dict | None = None
+    sent: messages.Sent | None = None
     ack: wire.Ack | None = None
     input_seq: int = -1
     pvm_digest: bytes = b""
@@ -150,10 +150,10 @@ class PrimaryCoordinator(_Coordinator):
         lost = False
         while self.hb_events.poll(0):
             ev = self.hb_events.recv()
-            if ev[0] == "peer_lost":
+            if isinstance(ev, messages.PeerLost):
                 lost = True
-            elif ev[0] in ("peer_up", "peer_back"):
-                gen = int(ev[2].get("generation", 0))
+            elif isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+                gen = int(ev.info.get("generation", 0))
                 if gen > self.shared.generation.value:
                     # the other side took the active role in a later generation
                     raise RoleLost(f"the peer is active in generation {gen} (ours "
@@ -195,21 +195,22 @@ class PrimaryCoordinator(_Coordinator):
                 self._progress(res, sync_total, base)
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
-                if m[0] == "snapshotted":
-                    (_, e, res.pages_dirty, res.pause_ns, res.input_seq, res.pvm_digest,
-                     res.verify_ns) = m
+                if isinstance(m, messages.Snapshotted):
+                    e = m.epoch
+                    res.pages_dirty, res.pause_ns, res.input_seq = m.pages, m.pause_ns, m.input_seq
+                    res.pvm_digest, res.verify_ns = m.digest, m.verify_ns
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
                     if self.disk is not None:
                         # writes the guest issued before the snapshot reach the
                         # secondary's buffer before it can commit this epoch
                         self.disk.wait_forwarded(e, self.settings.checkpoint.epoch_timeout_ms)
-                elif m[0] in ("synced", "precopied"):
-                    res.pages_dirty = m[2]
+                elif isinstance(m, (messages.Synced, messages.Precopied)):
+                    res.pages_dirty = m.pages
                 want.discard("snapshotted")
             if self.send_ctrl.fileno() in events:
                 m = self.send_ctrl.recv()
-                if m[1] == res.epoch:
-                    res.sent = m[2]
+                if m.epoch == res.epoch:
+                    res.sent = m
                     want.discard("sent")
             if self.control in events:
                 got = _recv_control(self.control, self.ctx, self.c)
@@ -261,7 +262,9 @@ class PrimaryCoordinator(_Coordinator):
                 flags |= wire.FLAG_DIGEST
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         faults.point("primary.begin_sent")
-        self.snap_ctrl.send((kind, e) if kind != "snapshot" else (kind, e, flags, self.carry))
+        self.snap_ctrl.send(messages.SyncCmd(e) if kind == "sync" else
+                            messages.PrecopyCmd(e) if kind == "precopy" else
+                            messages.SnapshotCmd(e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
         want = {"snapshotted", "svm_dirty", "sent", "ack"}
         try:
@@ -290,20 +293,18 @@ class PrimaryCoordinator(_Coordinator):
             self.c.add("epochs_aborted", 1)
             self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e, reason,
                                  n, extra={"epoch": e})
-        sent = res.sent or {}
+        sent = res.sent or messages.Sent.nothing(e)
         self.node.record_checkpoint(
             epoch=e, cause=CAUSES.index(cause), started_ns=res.started_ns,
             pvm_pause_ns=res.pause_ns, commit_ns=commit_ns, pages_dirty=res.pages_dirty,
-            pages_svm_dirty=max(res.svm_dirty, 0), pages_sent=sent.get("pages", 0),
-            pages_skipped_hash=sent.get("pages_ref", 0), pages_zero=sent.get("pages_zero", 0),
-            bytes_wire=sent.get("bytes_wire", 0),
-            bytes_raw=sent.get("pages", 0) * self.domain.page_size,
+            pages_svm_dirty=max(res.svm_dirty, 0), pages_sent=sent.pages,
+            pages_skipped_hash=sent.pages_ref, pages_zero=sent.pages_zero,
+            bytes_wire=sent.bytes_wire, bytes_raw=sent.pages * self.domain.page_size,
             status=STATUS_COMMITTED if ok else STATUS_ABORTED, pvm_verify_ns=res.verify_ns)
         self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
                           "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f",
                           e, "committed" if ok else "aborted", cause, res.pages_dirty,
-                          sent.get("pages", 0), sent.get("pages_ref", 0),
-                          sent.get("pages_zero", 0), sent.get("bytes_wire", 0),
+                          sent.pages, sent.pages_ref, sent.pages_zero, sent.bytes_wire,
                           res.pause_ns / 1e6, commit_ns / 1e6, extra={"epoch": e})
         self._info(epoch=e, committed=ok)
         if ok and flags & wire.FLAG_DIGEST:
@@ -500,19 +501,19 @@ class SecondaryCoordinator(_Coordinator):
         self.ready.pop(epoch, None)
         want_digest = bool(begin.flags & wire.FLAG_DIGEST)
         if ok:
-            self.restore_ctrl.send(("apply", epoch, dirty, want_digest))
+            self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
         else:
-            self.restore_ctrl.send(("abort", epoch, dirty, reason))
+            self.restore_ctrl.send(messages.AbortCmd(epoch, dirty, reason))
         reply = self.restore_ctrl.recv()
-        committed = reply[0] == "applied"
+        committed = isinstance(reply, messages.Applied)
         digest, input_seq, applied = b"", -1, 0
         if committed:
-            _, _, applied, digest, input_seq = reply
+            applied, digest, input_seq = reply.pages, reply.digest, reply.input_seq
             if self.disk is not None and not begin.flags & wire.FLAG_SYNC:
                 # the disk goes to the same checkpoint before the SVM runs on from it
                 self.disk.commit(epoch)
         else:
-            reason = reply[2]
+            reason = reply.reason
         if not begin.flags & wire.FLAG_SYNC or self.svm_started:
             if not self.svm_started:
                 self.domain.enable_dirty_log()
@@ -567,8 +568,8 @@ class SecondaryCoordinator(_Coordinator):
                 self.check_primary_silence()
                 if self.restore_ctrl.fileno() in events:
                     m = self.restore_ctrl.recv()
-                    if m[0] == "ready":
-                        self.ready[m[1]] = (m[2], m[3])
+                    if isinstance(m, messages.Ready):
+                        self.ready[m.epoch] = (m.ok, m.reason)
                 now = time.monotonic()
                 for e in sorted(self.begun):
                     if e in self.ready:
@@ -600,10 +601,10 @@ class SecondaryCoordinator(_Coordinator):
     def on_heartbeat(self) -> None:
         while self.hb_events.poll(0):
             ev = self.hb_events.recv()
-            if ev[0] in ("peer_up", "peer_back"):
-                self.peer_generation = int(ev[2].get("generation", 0))
-            elif ev[0] == "peer_lost" and not self.active:
-                self.take_over(last_seen=ev[1], detected=ev[2])
+            if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+                self.peer_generation = int(ev.info.get("generation", 0))
+            elif isinstance(ev, messages.PeerLost) and not self.active:
+                self.take_over(last_seen=ev.last_seen, detected=ev.detected)
 
     def take_over(self, last_seen: float, detected: float,
                   detected_by: str = "heartbeat") -> None:

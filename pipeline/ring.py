@@ -15,6 +15,23 @@ Layout of the segment (all little-endian, everything 64-byte aligned)::
                  header (64 B) | pfns u64[B] | hashes u8[B,32] | enc_len u32[B] | enc_kind u8[B]
                  data u8[B, page_size]   (starts on a 4 KiB boundary)
 
+The slot header (:data:`SLOT_HEADER_DTYPE`) gives every meaning its own field, so no
+stage reads a word another stage wrote with a different meaning::
+
+    0  kind u32         what the slot is (a DATA batch, an END marker; pipeline.stages.common)
+    4  count u32        pages in the batch
+    8  epoch u64        the checkpoint epoch the slot belongs to
+    16 row u64          where the batch's pages sit in the node's page buffer (the primary's
+                        snapshot buffer, the secondary's staging area)
+    24 epoch_pages u64  END marker: pages the epoch announced
+    32 data_len u32     bytes of encoded page data in ``data``
+    36 vcpu_len u32     END marker: bytes of the vCPU blob in ``data``
+    40 epoch_flags u32  wire bits of the epoch (pipeline.wire FLAG_*)
+    44 batch_flags u32  wire bits of the batch (pipeline.wire PAGES_*)
+    48 marks u32        stage-private bits, never sent (pipeline.stages.common MARK_*)
+
+Wire bits and stage bits live in different fields, so their numbers may overlap.
+
 Synchronisation uses two counting semaphores made of ``eventfd(EFD_SEMAPHORE)``:
 ``free`` (slots the producer may fill) and ``filled`` (slots the consumer may
 read). They are inherited across ``fork``; ``filled`` doubles as a pollable fd
@@ -63,11 +80,15 @@ _W_HIGH_WATER = 25   # max occupancy seen at a commit (producer)
 _W_ERRORS = 26       # out-of-order / invalid commits and releases (either side)
 
 SLOT_HEADER_DTYPE = np.dtype({
-    "names": ["kind", "epoch", "count", "seq", "aux_len", "flags"],
-    "formats": ["<u4", "<u8", "<u4", "<u8", "<u4", "<u4"],
-    "offsets": [0, 8, 4, 16, 24, 28],
+    "names": ["kind", "count", "epoch", "row", "epoch_pages", "data_len", "vcpu_len",
+              "epoch_flags", "batch_flags", "marks"],
+    "formats": ["<u4", "<u4", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "<u4", "<u4"],
+    "offsets": [0, 4, 8, 16, 24, 32, 36, 40, 44, 48],
     "itemsize": 64,
 })
+
+
+_ZERO_HEADER = bytes(SLOT_HEADER_DTYPE.itemsize)
 
 
 class RingTimeout(TimeoutError):
@@ -130,6 +151,7 @@ class Slot:
     """Numpy views into one slot of a ring. Nothing here copies or pickles."""
 
     __slots__ = (
+        "_h8",
         "_h32",
         "_h64",
         "data",
@@ -147,6 +169,7 @@ class Slot:
         self.index = index
         self.header = np.ndarray((), SLOT_HEADER_DTYPE, buf, offset)
         # plain-int access to the header words (much cheaper than numpy scalars)
+        self._h8 = buf[offset:offset + 64]
         self._h32 = buf[offset:offset + 64].cast("I")
         self._h64 = buf[offset:offset + 64].cast("Q")
         self.pfns = np.ndarray((b,), np.uint64, buf, offset + layout.pfns_offset)
@@ -161,13 +184,27 @@ class Slot:
     kind = property(lambda s: s._h32[0], lambda s, v: s._h32.__setitem__(0, v))
     count = property(lambda s: s._h32[1], lambda s, v: s._h32.__setitem__(1, v))
     epoch = property(lambda s: s._h64[1], lambda s, v: s._h64.__setitem__(1, v))
-    seq = property(lambda s: s._h64[2], lambda s, v: s._h64.__setitem__(2, v))
-    aux_len = property(lambda s: s._h32[6], lambda s, v: s._h32.__setitem__(6, v))
-    flags = property(lambda s: s._h32[7], lambda s, v: s._h32.__setitem__(7, v))
+    row = property(lambda s: s._h64[2], lambda s, v: s._h64.__setitem__(2, v))
+    epoch_pages = property(lambda s: s._h64[3], lambda s, v: s._h64.__setitem__(3, v))
+    data_len = property(lambda s: s._h32[8], lambda s, v: s._h32.__setitem__(8, v))
+    vcpu_len = property(lambda s: s._h32[9], lambda s, v: s._h32.__setitem__(9, v))
+    epoch_flags = property(lambda s: s._h32[10], lambda s, v: s._h32.__setitem__(10, v))
+    batch_flags = property(lambda s: s._h32[11], lambda s, v: s._h32.__setitem__(11, v))
+    marks = property(lambda s: s._h32[12], lambda s, v: s._h32.__setitem__(12, v))
+
+    def reset(self, kind: int, epoch: int, count: int) -> None:
+        """Start a slot: every header field zero but these three. A slot is reused, so a
+        producer that did not reset would hand on the previous batch's fields."""
+        self._h8[:] = _ZERO_HEADER
+        self._h32[0], self._h32[1], self._h64[1] = kind, count, epoch
+
+    def copy_header(self, src: Slot) -> None:
+        """This slot's header becomes ``src``'s (all fields)."""
+        self._h8[:] = src._h8
 
     def __repr__(self) -> str:
         return (f"<Slot {self.index} kind={self.kind} epoch={self.epoch} count={self.count} "
-                f"seq={self.seq}>")
+                f"row={self.row}>")
 
 
 def _make_semaphore(initial: int) -> int:
@@ -329,6 +366,7 @@ class Ring:
             return
         segment, self._segment = self._segment, None
         for slot in self._slots:   # a Slot kept past close() then fails loudly on header use
+            slot._h8.release()
             slot._h32.release()
             slot._h64.release()
         self._slots = []

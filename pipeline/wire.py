@@ -31,10 +31,12 @@ RECORD_NAMES = {
 
 # enc_kind of a page in a PAGES record
 ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF = 0, 1, 2, 3
+ENC_KINDS = (ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF)
 
 FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
 PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them back to back
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
+EPOCH_END_FLAGS = FLAG_SYNC   # the CHECKPOINT_BEGIN flags an EPOCH_END repeats
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 ACK_COMMITTED, ACK_ABORTED = 0, 1
 

@@ -59,19 +59,19 @@ def roundtrip_ring(n: int) -> float:
     def echo() -> None:
         for _ in range(n):
             got = a.acquire_read(TIMEOUT)
-            seq = got.seq
+            seq = got.row
             a.release_read(got)
             out = b.acquire_write(TIMEOUT)
-            out.seq = seq
+            out.row = seq
             b.commit_write(out)
     child = _in_child(echo)
     start = time.perf_counter()
     for i in range(n):
         out = a.acquire_write(TIMEOUT)
-        out.seq = i
+        out.row = i
         a.commit_write(out)
         got = b.acquire_read(TIMEOUT)
-        assert got.seq == i
+        assert got.row == i
         b.release_read(got)
     elapsed = time.perf_counter() - start
     _finish(child)
@@ -157,7 +157,7 @@ def stream_ring(n: int, slots: int, layout: SlotLayout) -> float:
             slot = ring.acquire_write(TIMEOUT)
             np.copyto(slot.data, source)
             slot.count = layout.batch_pages
-            slot.seq = i
+            slot.row = i
             ring.commit_write(slot)
         ring.close_write()
     child = _in_child(produce)

@@ -21,6 +21,7 @@ import time
 import pytest
 import zmq
 
+from pipeline import messages
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.failover_settings import HeartbeatSettings, heartbeat_address
 from pipeline.stages import heartbeat
@@ -71,14 +72,14 @@ class Side:
         self.proc.join(5)
         return t
 
-    def wait_event(self, kind: str, timeout: float) -> tuple:
+    def wait_event(self, kind: type, timeout: float) -> tuple:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.events.poll(left):
                 raise AssertionError(f"{self.role}: no {kind} within {timeout} s")
             ev = self.events.recv()
-            if ev[0] == kind:
+            if isinstance(ev, kind):
                 return ev
 
     def drain(self) -> list[tuple]:
@@ -118,8 +119,8 @@ def pair_factory():
         sec = Side("secondary", settings, generation=1)
         pri = Side("primary", settings, generation=1)
         sides.extend([sec, pri])
-        sec.wait_event("peer_up", 5)
-        pri.wait_event("peer_up", 5)
+        sec.wait_event(messages.PeerUp, 5)
+        pri.wait_event(messages.PeerUp, 5)
         return pri, sec, settings
 
     yield make
@@ -166,7 +167,7 @@ def test_sigkill_of_the_peer_is_noticed_within_half_a_second(pair_factory, victi
         time.sleep(random.uniform(0.3, 0.6))   # any phase of the heartbeat interval
         dead, watcher = (pri, sec) if victim == "primary" else (sec, pri)
         killed = dead.kill()
-        _, last_seen, detected = watcher.wait_event("peer_lost", 3)
+        last_seen, detected = watcher.wait_event(messages.PeerLost, 3)
         detect_ms.append((detected - killed) * 1000)
         assert last_seen <= killed + 0.01
         dead.close()
@@ -196,7 +197,7 @@ def test_no_false_loss_while_every_cpu_is_busy(pair_factory):
     print("\nunder load: " + "; ".join(
         f"{r}: max gap {c['max_gap_us'] / 1000:.0f} ms, max late {c['max_late_us'] / 1000:.0f} "
         f"ms, late wake-ups {c['late_wakeups']}, sent {c['items_out']}" for r, c in gaps.items()))
-    assert not [e for e in events if e[0] == "peer_lost"], (events, gaps)
+    assert not [e for e in events if isinstance(e, messages.PeerLost)], (events, gaps)
     for c in gaps.values():
         assert c["peer_lost"] == 0 and c["hb_bad"] == 0 and c["items_out"] >= 40
 
@@ -213,10 +214,10 @@ def test_heartbeats_keep_their_schedule(pair_factory):
 def test_peer_back_after_the_peer_restarts(pair_factory):
     pri, sec, _ = pair_factory()
     pri.kill()
-    sec.wait_event("peer_lost", 3)
+    sec.wait_event(messages.PeerLost, 3)
     pri.start()
-    ev = sec.wait_event("peer_back", 5)
-    assert ev[2]["role"] == "primary" and ev[2]["generation"] == 1 and ev[2]["seq"] <= 5
+    ev = sec.wait_event(messages.PeerBack, 5)
+    assert ev.info["role"] == "primary" and ev.info["generation"] == 1 and ev.info["seq"] <= 5
     assert sec.counters.as_dict()["peer_lost"] == 1
     assert sec.counters.as_dict()["peer_back"] == 1
 
@@ -247,7 +248,7 @@ def test_bad_records_are_counted_and_dropped(pair_factory):
     assert c["hb_bad"] == len(bad) and c["errors"] == len(bad)
     assert sec.proc.is_alive()
     time.sleep(0.5)   # still hearing the real primary, no loss
-    assert [e for e in sec.drain() if e[0] == "peer_lost"] == []
+    assert [e for e in sec.drain() if isinstance(e, messages.PeerLost)] == []
 
 
 def test_extra_connections_do_not_take_heartbeats_from_the_real_peer(pair_factory):
@@ -271,7 +272,7 @@ def test_extra_connections_do_not_take_heartbeats_from_the_real_peer(pair_factor
     c = pri.counters.as_dict()
     assert got == 0
     assert c["peer_lost"] == 0 and c["max_gap_us"] < 250_000, c
-    assert [e for e in pri.drain() if e[0] == "peer_lost"] == []
+    assert [e for e in pri.drain() if isinstance(e, messages.PeerLost)] == []
 
 
 def test_a_socket_factory_gives_the_channel_curve_keys():
@@ -293,8 +294,8 @@ def test_a_socket_factory_gives_the_channel_curve_keys():
     sec = Side("secondary", settings, 4, factory)
     pri = Side("primary", settings, 4, factory)
     try:
-        assert sec.wait_event("peer_up", 5)[2]["generation"] == 4
-        assert pri.wait_event("peer_up", 5)[2]["role"] == "secondary"
+        assert sec.wait_event(messages.PeerUp, 5).info["generation"] == 4
+        assert pri.wait_event(messages.PeerUp, 5).info["role"] == "secondary"
         # a plaintext client gets no heartbeat through
         zctx = zmq.Context()
         try:

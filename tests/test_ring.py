@@ -55,7 +55,7 @@ def _produce(ring: Ring, n: int) -> None:
         count = 1 + i % ring.layout.batch_pages
         slot.kind = i % 4
         slot.epoch = i // 100
-        slot.seq = i
+        slot.row = i
         slot.count = count
         slot.pfns[:count] = np.arange(count, dtype=np.uint64) + 1000 * i
         slot.data[:count] = _page_content(i, count, ring.layout.page_size)
@@ -76,7 +76,7 @@ def _consume(ring: Ring, results) -> None:
             break
         i, count = seen, slot.count
         if problem is None:
-            if (slot.seq, slot.epoch, slot.kind, count) != (i, i // 100, i % 4,
+            if (slot.row, slot.epoch, slot.kind, count) != (i, i // 100, i % 4,
                                                             1 + i % ring.layout.batch_pages):
                 problem = f"slot {i}: header {slot!r}"
             elif not np.array_equal(slot.pfns[:count], np.arange(count) + 1000 * i):
@@ -131,6 +131,22 @@ def test_slot_fields_are_views_into_shared_memory(ring):
     view.close()
 
 
+def test_every_header_field_has_a_word_of_its_own(ring):
+    """One meaning per field: the properties and the dtype agree, no two fields share a
+    byte, and reset() leaves nothing of the previous batch."""
+    from pipeline.ring import SLOT_HEADER_DTYPE
+    slot = ring.acquire_write(timeout=1)
+    names = SLOT_HEADER_DTYPE.names
+    for i, name in enumerate(names):
+        setattr(slot, name, 1000 + i)
+    for i, name in enumerate(names):
+        assert getattr(slot, name) == 1000 + i == int(slot.header[name]), name
+    slot.reset(2, 5, 1)
+    assert [getattr(slot, n) for n in names] == [2 if n == "kind" else 5 if n == "epoch" else
+                                                1 if n == "count" else 0 for n in names]
+    ring.commit_write(slot)
+
+
 def test_acquire_write_times_out_when_the_consumer_does_not_release(ring):
     for _ in range(ring.slots):
         ring.commit_write(ring.acquire_write(timeout=1))
@@ -157,18 +173,18 @@ def test_blocked_reader_wakes_when_another_process_publishes(ring):
     def late_producer(r: Ring) -> None:
         time.sleep(0.2)
         slot = r.acquire_write(timeout=1)
-        slot.seq = 42
+        slot.row = 42
         r.commit_write(slot)
     child = _run_child(late_producer, ring)
     slot = ring.acquire_read(timeout=10)
-    assert slot.seq == 42
+    assert slot.row == 42
     child.join(5)
 
 
 def test_close_write_gives_ring_closed_only_after_draining(ring):
     for i in range(3):
         slot = ring.acquire_write(timeout=1)
-        slot.seq = i
+        slot.row = i
         ring.commit_write(slot)
     ring.close_write()
     with pytest.raises(ValueError, match="after close_write"):
@@ -176,7 +192,7 @@ def test_close_write_gives_ring_closed_only_after_draining(ring):
     got = []
     for _ in range(3):
         slot = ring.acquire_read(timeout=1)
-        got.append(slot.seq)
+        got.append(slot.row)
         ring.release_read(slot)
     assert got == [0, 1, 2]
     for _ in range(2):  # stays closed, in both the blocking and the polling call
@@ -294,7 +310,7 @@ OWNER_SCRIPT = textwrap.dedent("""
                     slot = ring.acquire_write(timeout=0.2)
                 except RingTimeout:
                     continue
-                slot.seq, slot.count = i, 1
+                slot.row, slot.count = i, 1
                 slot.data[0, :8] = i % 256
                 ring.commit_write(slot)
                 stage.add("items_out")

@@ -17,19 +17,17 @@ from typing import Any
 import blake3
 import numpy as np
 
-from pipeline import faults, wire
+from pipeline import faults
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
 
 # slot.kind
 SLOT_DATA = 1   # a batch of pages
 SLOT_END = 2    # end of an epoch's pages on this ring; ring 0's marker carries the vCPU blob
 
-# slot.flags
-SLOT_SYNC = wire.FLAG_SYNC      # the epoch is the first full sync
-SLOT_BAD = 2                    # a verify worker found a page that failed its hash or did not decode
-SLOT_DIGEST = wire.FLAG_DIGEST  # hash all of guest memory at this checkpoint
-SLOT_PACKED = 8                 # the batch's data is one lz4 block (wire.PAGES_PACKED)
-SLOT_BUFFERED = 16              # the pages are in the snapshot buffer at row ``seq``
+# slot.marks: stage-private bits, never sent. The wire's bits have fields of their own
+# (slot.epoch_flags: wire.FLAG_*, slot.batch_flags: wire.PAGES_*), see pipeline/ring.py.
+MARK_BUFFERED = 1   # the pages are in the snapshot buffer at ``slot.row``, not in the slot
+MARK_BAD = 2        # a verify worker found a page that failed its hash or did not decode
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 
@@ -174,11 +172,10 @@ def write_slot(ctx: StageContext, ring: Ring) -> Slot | None:
 
 
 def copy_marker(src: Slot, dst: Slot) -> None:
-    """Forward an END marker (header and its aux payload) from one ring to the next."""
-    dst.kind, dst.epoch, dst.count, dst.seq = src.kind, src.epoch, src.count, src.seq
-    dst.flags, dst.aux_len = src.flags, src.aux_len
-    if src.aux_len:
-        dst.data_flat[:src.aux_len] = src.data_flat[:src.aux_len]
+    """Forward an END marker (header and its vCPU blob) from one ring to the next."""
+    dst.copy_header(src)
+    if src.vcpu_len:
+        dst.data_flat[:src.vcpu_len] = src.data_flat[:src.vcpu_len]
 
 
 def ready_rings(rings: list[Ring], extra_fds: list[int], timeout: float) -> tuple[list[int], list[int]]:

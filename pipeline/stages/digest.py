@@ -16,8 +16,8 @@ import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_BUFFERED, SLOT_PACKED, HashTable, PageBuffer,
-                                    StageContext, worker_loop, zero_page_hash)
+from pipeline.stages.common import (MARK_BUFFERED, HashTable, PageBuffer, StageContext,
+                                    worker_loop, zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
@@ -57,15 +57,15 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
 
     def process(slot, out) -> None:
         n = slot.count
+        out.reset(slot.kind, slot.epoch, n)
         out.pfns[:n] = slot.pfns[:n]
-        pages = snapbuf.pages[slot.seq:slot.seq + n] if slot.flags & SLOT_BUFFERED \
+        pages = snapbuf.pages[slot.row:slot.row + n] if slot.marks & MARK_BUFFERED \
             else slot.data[:n]
         nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table, out.hashes,
                                               out.enc_len, out.enc_kind, out.data_flat,
                                               compress)
-        out.kind, out.epoch, out.count = slot.kind, slot.epoch, n
-        out.flags = (slot.flags & ~SLOT_BUFFERED) | (SLOT_PACKED if packed else 0)
-        out.aux_len, out.seq = nbytes, 0
+        out.batch_flags = wire.PAGES_PACKED if packed else 0
+        out.data_len = nbytes
         c.add("items_in", n)
         c.add("bytes_in", n * pages.shape[1])
         c.add("items_out", n)

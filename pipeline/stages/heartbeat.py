@@ -28,11 +28,12 @@ dropped. An old or repeated ``seq`` of the same instance is counted (``hb_stale`
 and does not count as a sign of life; missing seqs are counted (``hb_missed``).
 
 Events, sent on ``events_conn`` (a ``multiprocessing`` Connection; the coordinator
-polls its fileno). Times are ``time.monotonic()`` seconds of this node::
+polls its fileno), as the types of pipeline/messages.py. Times are ``time.monotonic()``
+seconds of this node::
 
-    ("peer_up",   heard, info)          the first valid heartbeat from the peer
-    ("peer_lost", last_seen, detected)  no valid heartbeat for miss_count intervals
-    ("peer_back", heard, info)          a valid heartbeat after peer_lost
+    PeerUp(heard, info)            the first valid heartbeat from the peer
+    PeerLost(last_seen, detected)  no valid heartbeat for miss_count intervals
+    PeerBack(heard, info)          a valid heartbeat after PeerLost
 
 ``info`` is ``{"role", "generation", "epoch", "seq", "instance", "interval_ms"}`` of
 the peer's record. Nothing is reported before the peer was heard once.
@@ -51,6 +52,7 @@ from typing import Any
 
 import zmq
 
+from pipeline import messages
 from pipeline.stages.common import StageContext
 
 MAGIC = b"COHB"
@@ -203,7 +205,7 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                  "listening on" if bind else "sending to", settings.address,
                  settings.interval_ms, settings.miss_count, timeout * 1000, prio)
 
-    def emit(*event: Any) -> None:
+    def emit(event: Any) -> None:
         events_conn.send(event)
 
     def send(msg: bytes, now: float) -> None:
@@ -261,13 +263,13 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 peer.state = "up"
                 ctx.log.info("heartbeat: peer %s is up (generation %d)", hb.info()["role"],
                              hb.generation)
-                emit("peer_up", now, hb.info())
+                emit(messages.PeerUp(now, hb.info()))
             elif peer.state == "lost":
                 peer.state = "up"
                 c.add("peer_back", 1)
                 ctx.log.warning("heartbeat: peer %s is back (generation %d)",
                                 hb.info()["role"], hb.generation)
-                emit("peer_back", now, hb.info())
+                emit(messages.PeerBack(now, hb.info()))
 
     t0 = clock()
     next_send = t0
@@ -294,7 +296,7 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 c.add("peer_lost", 1)
                 ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
                                 (now - peer.last_seen) * 1000, timeout * 1000)
-                emit("peer_lost", peer.last_seen, now)
+                emit(messages.PeerLost(peer.last_seen, now))
             wake = next_send
             if peer.state == "up":
                 wake = min(wake, peer.last_seen + timeout + 0.0005)

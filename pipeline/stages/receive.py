@@ -6,7 +6,7 @@ A record that does not validate is dropped, counted and logged; it is never pass
 The epoch it belonged to then cannot be complete (EPOCH_END announces more pages than
 arrive), so the restore stage discards that epoch whole.
 
-Each batch is also given its place in the staging area (``slot.seq``: the index of its
+Each batch is also given its place in the staging area (``slot.row``: the index of its
 first page), so verify workers decode straight into staging in parallel and no stage
 copies a page twice. A record of an epoch older than the newest one seen is stale
 (the primary has moved on) and is dropped here.
@@ -20,7 +20,7 @@ import zmq
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_DATA, SLOT_END, SLOT_PACKED, StageContext, write_slot
+from pipeline.stages.common import SLOT_DATA, SLOT_END, StageContext, write_slot
 
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
@@ -64,12 +64,12 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 if slot is None:
                     return
                 n = b.count
+                slot.reset(SLOT_DATA, b.epoch, n)
                 slot.pfns[:n], slot.hashes[:n] = b.pfns, b.hashes
                 slot.enc_len[:n], slot.enc_kind[:n] = b.enc_len, b.enc_kind
                 slot.data_flat[:len(b.data)] = b.data
-                slot.kind, slot.epoch, slot.count = SLOT_DATA, b.epoch, n
-                slot.flags = SLOT_PACKED if b.packed else 0
-                slot.aux_len, slot.seq = len(b.data), staged
+                slot.batch_flags = wire.PAGES_PACKED if b.packed else 0
+                slot.data_len, slot.row = len(b.data), staged
                 staged += n
                 rings[rr].commit_write(slot)
                 rr = (rr + 1) % len(rings)
@@ -86,8 +86,9 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     if len(blob) > slot.data_flat.size:
                         raise wire.WireError(f"EPOCH_END: vCPU blob of {len(blob)} bytes is "
                                              "larger than a ring slot")
-                    slot.kind, slot.epoch, slot.count = SLOT_END, end.epoch, 0
-                    slot.seq, slot.flags, slot.aux_len = end.pages, end.flags, len(blob)
+                    slot.reset(SLOT_END, end.epoch, 0)
+                    slot.epoch_pages, slot.epoch_flags = end.pages, end.flags
+                    slot.vcpu_len = len(blob)
                     slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
                     ring.commit_write(slot)
             elif hdr.type & wire.OPTIONAL_BIT:

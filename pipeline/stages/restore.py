@@ -10,10 +10,10 @@ checkpoint, with the blake3 of each page. At commit of epoch e, with the SVM pau
 A torn epoch (bad page, missing pages, newer epoch started, coordinator abort) is
 discarded whole and the SVM is rolled back to the last committed checkpoint.
 
-Talks to the coordinator over a pipe:
-  -> ("ready", e, ok, reason)                 once all END markers of e arrived
-  <- ("apply", e, svm_dirty, want_digest)     -> ("applied", e, pages, digest, input_seq)
-  <- ("abort", e, svm_dirty, reason)          -> ("aborted", e)
+Talks to the coordinator over a pipe (the types: pipeline/messages.py):
+  -> Ready                 once all END markers of an epoch arrived
+  <- ApplyCmd              -> Applied
+  <- AbortCmd              -> Aborted
 The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
 the verify workers, which decode into it) is as large as guest memory.
 """
@@ -23,10 +23,9 @@ import time
 
 import numpy as np
 
-from pipeline import faults, wire
+from pipeline import faults, messages, wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_BAD, SLOT_END, SLOT_SYNC, HashTable, StageContext,
-                                    ready_rings)
+from pipeline.stages.common import MARK_BAD, SLOT_END, HashTable, StageContext, ready_rings
 from pipeline.xen_io.base import Domain
 
 
@@ -80,27 +79,27 @@ class Restore:
             self.asm = Assembly(epoch)
         return self.asm
 
-    def take_slot(self, slot) -> tuple | None:
-        """Stage one slot; returns a ("ready", ...) message when the epoch is assembled."""
+    def take_slot(self, slot) -> messages.Ready | None:
+        """Stage one slot; returns a Ready message when the epoch is assembled."""
         asm = self._assembly_for(slot.epoch)
         if asm is None:
             return None
         if slot.kind == SLOT_END:
             asm.markers += 1
-            asm.sync = bool(slot.flags & SLOT_SYNC)
-            if slot.aux_len:
-                asm.vcpu = slot.data_flat[:slot.aux_len].tobytes()
-            asm.announced = slot.seq
+            asm.sync = bool(slot.epoch_flags & wire.FLAG_SYNC)
+            if slot.vcpu_len:
+                asm.vcpu = slot.data_flat[:slot.vcpu_len].tobytes()
+            asm.announced = slot.epoch_pages
             if asm.markers < self.n_rings:
                 return None
             if not asm.problem and asm.n != asm.announced:
                 asm.problem = (f"{asm.n} pages arrived and verified but EPOCH_END "
                                f"announced {asm.announced}")
-            return ("ready", asm.epoch, not asm.problem, asm.problem)
+            return messages.Ready(asm.epoch, not asm.problem, asm.problem)
         n = slot.count
-        if slot.flags & SLOT_BAD:
+        if slot.marks & MARK_BAD:
             asm.problem = asm.problem or "a page failed verification"
-        if slot.seq + n > len(self.staged_pfns):
+        if slot.row + n > len(self.staged_pfns):
             asm.problem = asm.problem or "more pages than the guest has"
         if asm.problem:
             return None
@@ -109,7 +108,7 @@ class Restore:
         if refs.any() and not self.table.matches(pfns[refs], slot.hashes[:n][refs]).all():
             asm.problem = "a REF page does not match the committed copy"
             return None
-        at = slot.seq               # where the verify worker put the pages in staging
+        at = slot.row               # where the verify worker put the pages in staging
         self.staged_from_cache[at:at + n] = refs
         self.staged_pfns[at:at + n] = pfns
         self.staged_hashes[at:at + n] = slot.hashes[:n]
@@ -117,7 +116,8 @@ class Restore:
         return None
 
     # -- applying ---------------------------------------------------------
-    def apply(self, epoch: int, svm_dirty: np.ndarray, want_digest: bool) -> tuple:
+    def apply(self, epoch: int, svm_dirty: np.ndarray,
+              want_digest: bool) -> messages.Applied | messages.Aborted:
         asm = self.asm
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
@@ -156,9 +156,9 @@ class Restore:
             input_seq = self.domain.vcpu_input_seq(self.committed_vcpu)
         self.ctx.counters.add("epochs_applied", 1)
         self.ctx.counters.add("items_out", n)
-        return ("applied", epoch, n, digest, input_seq)
+        return messages.Applied(epoch, n, digest, input_seq)
 
-    def abort(self, epoch: int, svm_dirty: np.ndarray, reason: str) -> tuple:
+    def abort(self, epoch: int, svm_dirty: np.ndarray, reason: str) -> messages.Aborted:
         """Discard the epoch and put the SVM back at the last committed checkpoint."""
         if len(svm_dirty):
             self.domain.write_pages(svm_dirty, self.cache[svm_dirty])
@@ -169,7 +169,7 @@ class Restore:
         self.ctx.counters.add("epochs_aborted", 1)
         self.ctx.log.warning("epoch %d discarded: %s; the SVM stays at epoch %d", epoch, reason,
                              self.committed_epoch)
-        return ("aborted", epoch, reason)
+        return messages.Aborted(epoch, reason)
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
@@ -190,10 +190,10 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 ctrl.send(msg)
         if fds:
             cmd = ctrl.recv()
-            if cmd[0] == "apply":
-                ctrl.send(r.apply(cmd[1], cmd[2], cmd[3]))
-            elif cmd[0] == "abort":
-                ctrl.send(r.abort(cmd[1], cmd[2], cmd[3]))
+            if isinstance(cmd, messages.ApplyCmd):
+                ctrl.send(r.apply(*cmd))
+            elif isinstance(cmd, messages.AbortCmd):
+                ctrl.send(r.abort(*cmd))
             else:
-                raise ValueError(f"restore stage: unknown command {cmd[0]!r}")
+                raise ValueError(f"restore stage: unknown command {cmd!r}")
         c.add("busy_ns", time.perf_counter_ns() - t0)

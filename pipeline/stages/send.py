@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, wire
+from pipeline import faults, messages, wire
 from pipeline.sockets import send_until_stopped
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_END, SLOT_PACKED, StageContext, ready_rings
+from pipeline.stages.common import SLOT_END, StageContext, ready_rings
 
 
 @dataclass
@@ -33,10 +33,10 @@ class EpochStats:
     pages: int = 0
     records: int = 0
     bytes_wire: int = 0
-    kinds: dict[int, int] = field(default_factory=lambda: {k: 0 for k in range(4)})
+    kinds: dict[int, int] = field(default_factory=lambda: dict.fromkeys(wire.ENC_KINDS, 0))
     markers: int = 0
     vcpu: bytes = b""
-    flags: int = 0
+    epoch_flags: int = 0
 
 
 def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
@@ -68,38 +68,38 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 pending.count[0] = 0
             if slot.kind == SLOT_END:
                 st.markers += 1
-                if slot.aux_len:
-                    st.vcpu = slot.data_flat[:slot.aux_len].tobytes()
-                st.flags = slot.flags
-                announced = slot.seq
+                if slot.vcpu_len:
+                    st.vcpu = slot.data_flat[:slot.vcpu_len].tobytes()
+                st.epoch_flags = slot.epoch_flags
+                announced = slot.epoch_pages
                 rings[i].release_read(slot)
                 if st.markers == len(rings):
                     if st.pages != announced:
                         raise RuntimeError(f"epoch {e}: {st.pages} pages went through the "
                                            f"digest workers but {announced} were snapshotted")
-                    msg = wire.encode_epoch_end(e, st.pages, st.records, st.flags & 1, st.vcpu)
+                    msg = wire.encode_epoch_end(e, st.pages, st.records,
+                                                st.epoch_flags & wire.EPOCH_END_FLAGS, st.vcpu)
                     if not deliver(msg):
                         return
                     faults.point("send.epoch_end")
                     st.bytes_wire += len(msg)
                     c.add("bytes_out", len(msg))
                     del epochs[e]
-                    ctrl.send(("sent", e, {
-                        "pages": st.pages, "records": st.records, "bytes_wire": st.bytes_wire,
-                        "pages_data": st.kinds[wire.ENC_RAW] + st.kinds[wire.ENC_LZ4],
-                        "pages_zero": st.kinds[wire.ENC_ZERO], "pages_ref": st.kinds[wire.ENC_REF],
-                    }))
+                    ctrl.send(messages.Sent(
+                        e, pages=st.pages, records=st.records, bytes_wire=st.bytes_wire,
+                        pages_data=st.kinds[wire.ENC_RAW] + st.kinds[wire.ENC_LZ4],
+                        pages_zero=st.kinds[wire.ENC_ZERO], pages_ref=st.kinds[wire.ENC_REF]))
             else:
                 n = slot.count
                 msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
-                                        slot.enc_kind[:n], slot.data_flat[:slot.aux_len],
-                                        wire.PAGES_PACKED if slot.flags & SLOT_PACKED else 0)
+                                        slot.enc_kind[:n], slot.data_flat[:slot.data_len],
+                                        slot.batch_flags)
                 k = int(pending.count[0])
                 pending.pfns[k:k + n] = slot.pfns[:n]
                 pending.hashes[k:k + n] = slot.hashes[:n]
                 pending.count[0] = k + n
-                kinds = np.bincount(slot.enc_kind[:n], minlength=4)
-                for kind in range(4):
+                kinds = np.bincount(slot.enc_kind[:n], minlength=len(wire.ENC_KINDS))
+                for kind in wire.ENC_KINDS:
                     st.kinds[kind] += int(kinds[kind])
                 rings[i].release_read(slot)
                 if not deliver(msg, copy=False):

@@ -5,13 +5,12 @@ The PVM's new output is held by the comparator until this epoch commits, so resu
 before the pages are hashed, compressed or sent is safe: the PVM pause is the copy of
 the dirty set into shared memory and nothing else.
 
-Commands come from the coordinator over a pipe:
-  ("sync", epoch)                      -> ("synced", epoch, pages)
-  ("precopy", epoch)                   -> ("precopied", epoch, pages)   (live: pages written
-                                           since the last round, the PVM keeps running)
-  ("snapshot", epoch, flags, carry)    -> ("snapshotted", epoch, pages, pause_ns, input_seq, digest, verify_ns)
-``carry`` holds pages of torn epochs: they were cleared from the dirty log but the
-secondary never applied them, so they go out again.
+Commands come from the coordinator over a pipe (the types: pipeline/messages.py):
+  SyncCmd        -> Synced        all of memory, live
+  PrecopyCmd     -> Precopied     live: pages written since the last round, the PVM keeps running
+  SnapshotCmd    -> Snapshotted   the PVM paused: a checkpoint
+``SnapshotCmd.carry`` holds pages of torn epochs: they were cleared from the dirty log but
+the secondary never applied them, so they go out again.
 """
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ import time
 
 import numpy as np
 
+from pipeline import messages, wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (SLOT_BUFFERED, SLOT_DATA, SLOT_DIGEST, SLOT_END, SLOT_SYNC,
-                                    PageBuffer, StageContext, write_slot)
+from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
+                                    write_slot)
 from pipeline.xen_io.base import Domain
 
 
@@ -50,8 +50,7 @@ class PausePriority:
             self.allowed = False      # not permitted here: the pause runs at normal priority
 
 
-def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, flags: int,
-          fill) -> bool:
+def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, fill) -> bool:
     """Deal ``pfns`` in batches to the digest rings, round robin; ``fill(slot, chunk, start)``
     puts a batch's pages (or where to find them) into its slot."""
     batch = rings[0].layout.batch_pages
@@ -62,9 +61,8 @@ def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, fl
         if slot is None:
             return False
         k = len(chunk)
+        slot.reset(SLOT_DATA, epoch, k)
         slot.pfns[:k] = chunk
-        slot.kind, slot.epoch, slot.count, slot.aux_len = SLOT_DATA, epoch, k, 0
-        slot.flags = flags
         fill(slot, chunk, start)
         ring.commit_write(slot)
         ctx.counters.add("items_out", k)
@@ -72,23 +70,23 @@ def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, fl
 
 
 def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.ndarray,
-                epoch: int, flags: int) -> bool:
+                epoch: int) -> bool:
     """Copy the pages ``pfns`` themselves into the ring slots (full sync, pre-copy, and a
     dirty set that overflowed the snapshot buffer)."""
     def fill(slot, chunk, start) -> None:
         domain.read_pages(chunk, slot.data[:len(chunk)])
         ctx.counters.add("bytes_out", len(chunk) * slot.data.shape[1])
-    return _deal(ctx, rings, pfns, epoch, flags, fill)
+    return _deal(ctx, rings, pfns, epoch, fill)
 
 
-def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int,
-                       flags: int) -> bool:
+def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray,
+                       epoch: int) -> bool:
     """Hand the digest workers the pages already copied to the snapshot buffer: each slot
-    names its pfns and where they sit in the buffer (``seq``), no page data."""
+    names its pfns and where they sit in the buffer (``row``), no page data."""
     def fill(slot, chunk, start) -> None:
-        slot.seq = start
-        slot.flags = flags | SLOT_BUFFERED
-    return _deal(ctx, rings, pfns, epoch, flags, fill)
+        slot.row = start
+        slot.marks = MARK_BUFFERED
+    return _deal(ctx, rings, pfns, epoch, fill)
 
 
 def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, flags: int,
@@ -101,8 +99,8 @@ def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, f
         if len(blob) > slot.data_flat.size:
             raise ValueError(f"vCPU state of {len(blob)} bytes does not fit a ring slot "
                              f"({slot.data_flat.size} bytes); raise pipeline.batch_pages")
-        slot.kind, slot.epoch, slot.count, slot.seq, slot.flags = SLOT_END, epoch, 0, pages, flags
-        slot.aux_len = len(blob)
+        slot.reset(SLOT_END, epoch, 0)
+        slot.epoch_pages, slot.epoch_flags, slot.vcpu_len = pages, flags, len(blob)
         slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
         ring.commit_write(slot)
     return True
@@ -125,28 +123,28 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         cmd = ctrl.recv()
         t_busy = time.perf_counter_ns()
         waited = ctx.counters.as_dict()["wait_ns"]
-        if cmd[0] == "sync":
-            epoch = cmd[1]
+        if isinstance(cmd, messages.SyncCmd):
+            epoch = cmd.epoch
             # Dirty tracking starts before the first page is read: a page the PVM writes
             # while the sync streams it is sent again by the first checkpoint.
             domain.enable_dirty_log()
             pfns = np.arange(domain.page_count, dtype=np.uint64)
-            if not _copy_pages(ctx, domain, rings, pfns, epoch, SLOT_SYNC):
+            if not _copy_pages(ctx, domain, rings, pfns, epoch):
                 return
-            if not _end_markers(ctx, rings, epoch, len(pfns), SLOT_SYNC, b""):
+            if not _end_markers(ctx, rings, epoch, len(pfns), wire.FLAG_SYNC, b""):
                 return
             log.info("epoch=%d event=sync_queued pages=%d", epoch, len(pfns))
-            ctrl.send(("synced", epoch, len(pfns)))
-        elif cmd[0] == "precopy":
-            epoch = cmd[1]
+            ctrl.send(messages.Synced(epoch, len(pfns)))
+        elif isinstance(cmd, messages.PrecopyCmd):
+            epoch = cmd.epoch
             dirty = domain.read_and_clear_dirty()
-            if not _copy_pages(ctx, domain, rings, dirty, epoch, SLOT_SYNC):
+            if not _copy_pages(ctx, domain, rings, dirty, epoch):
                 return
-            if not _end_markers(ctx, rings, epoch, len(dirty), SLOT_SYNC, b""):
+            if not _end_markers(ctx, rings, epoch, len(dirty), wire.FLAG_SYNC, b""):
                 return
-            ctrl.send(("precopied", epoch, len(dirty)))
-        elif cmd[0] == "snapshot":
-            _, epoch, flags, carry = cmd
+            ctrl.send(messages.Precopied(epoch, len(dirty)))
+        elif isinstance(cmd, messages.SnapshotCmd):
+            epoch, flags, carry = cmd
             t0 = time.perf_counter_ns()
             domain.pause()
             if disk is not None:
@@ -162,7 +160,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # pause of the checkpoint itself stays visible
             t_verify = time.perf_counter_ns()
             digest = b""
-            if flags & SLOT_DIGEST:
+            if flags & wire.FLAG_DIGEST:
                 priority.urgent(False)
                 digest = domain.memory_digest()
                 priority.urgent(True)
@@ -173,7 +171,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             t_copy = time.perf_counter_ns()
             k = min(len(dirty), len(snapbuf.pages))
             domain.read_pages(dirty[:k], snapbuf.pages[:k])
-            ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch, flags)
+            ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch)
             t_resume = time.perf_counter_ns()
             domain.resume()
             pause_ns = time.perf_counter_ns() - t0
@@ -187,13 +185,14 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                      (t_verify - t_dirty) / 1e6, (t_resume - t_copy) / 1e6,
                      (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, extra={"epoch": epoch})
             ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
-            if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch, flags) or \
+            if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
                 return
             input_seq = getattr(domain, "vcpu_input_seq", lambda b: -1)(vcpu)
-            ctrl.send(("snapshotted", epoch, len(dirty), pause_ns, input_seq, digest, verify_ns))
+            ctrl.send(messages.Snapshotted(epoch, len(dirty), pause_ns, input_seq, digest,
+                                           verify_ns))
         else:
-            raise ValueError(f"snapshot stage: unknown command {cmd[0]!r}")
+            raise ValueError(f"snapshot stage: unknown command {cmd!r}")
         # busy = the command's time less what it spent waiting for ring slots
         ctx.counters.add("busy_ns", time.perf_counter_ns() - t_busy
                          - (ctx.counters.as_dict()["wait_ns"] - waited))

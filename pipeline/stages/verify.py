@@ -1,5 +1,5 @@
 """Secondary: a verify worker. Decodes every page of a batch (lz4 → page, RAW as is,
-ZERO → zeros) straight into its place in the staging area (``slot.seq``, given by the
+ZERO → zeros) straight into its place in the staging area (``slot.row``, given by the
 receive stage) and checks its blake3 against the hash the primary sent. A batch with a
 page that fails is marked BAD (and counted); the restore stage then discards its epoch.
 REF pages are checked by the restore stage, which holds the committed hashes. What goes
@@ -13,15 +13,14 @@ import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring, Slot
-from pipeline.stages.common import (SLOT_BAD, SLOT_PACKED, StageContext, worker_loop,
-                                    zero_page_hash)
+from pipeline.stages.common import MARK_BAD, StageContext, worker_loop, zero_page_hash
 
 
 def decode_batch(src: Slot, out: np.ndarray, page_size: int) -> str:
     """Decode and verify ``src`` into the rows of ``out``; returns '' or why it is bad."""
     n = src.count
     kinds, lens = src.enc_kind[:n], src.enc_len[:n]
-    if src.flags & SLOT_PACKED:
+    if src.batch_flags & wire.PAGES_PACKED:
         return _decode_packed(src, out, page_size)
     offsets = np.zeros(n, np.int64)
     np.cumsum(lens[:-1], out=offsets[1:])
@@ -50,7 +49,7 @@ def _decode_packed(src: Slot, out: np.ndarray, page_size: int) -> str:
     carry = np.flatnonzero(kinds == wire.ENC_RAW)
     size = len(carry) * page_size
     try:
-        block = lz4.block.decompress(src.data_flat[:src.aux_len], uncompressed_size=size)
+        block = lz4.block.decompress(src.data_flat[:src.data_len], uncompressed_size=size)
     except lz4.block.LZ4BlockError as exc:
         return f"pfns {src.pfns[carry[0]]}..: packed lz4 data does not decode ({exc})"
     if len(block) != size:
@@ -84,12 +83,13 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: np.ndarray) -
 
     def process(slot, out) -> None:
         n = slot.count
-        problem = decode_batch(slot, staging[slot.seq:slot.seq + n], page_size)
+        problem = decode_batch(slot, staging[slot.row:slot.row + n], page_size)
+        out.reset(slot.kind, slot.epoch, n)
         out.pfns[:n], out.hashes[:n], out.enc_kind[:n] = (slot.pfns[:n], slot.hashes[:n],
                                                           slot.enc_kind[:n])
         out.enc_len[:n] = slot.enc_len[:n]
-        out.kind, out.epoch, out.count, out.seq = slot.kind, slot.epoch, n, slot.seq
-        out.flags, out.aux_len = slot.flags | (SLOT_BAD if problem else 0), 0
+        out.row, out.batch_flags = slot.row, slot.batch_flags
+        out.marks = MARK_BAD if problem else 0
         if problem:
             c.add("errors", 1)
             ctx.log.warning("epoch %d: bad page batch: %s", slot.epoch, problem)

@@ -1,0 +1,146 @@
+"""Every message on the control pipes between stages and coordinators, as named types.
+
+The pipes are ``multiprocessing`` Connections inside one node; these types are what
+crosses them, so a stage's docstring and its code cannot disagree about a field. A
+receiver dispatches on the type (``isinstance`` or ``match``), never on a position.
+Host-to-host records are not here: they are ``pipeline/wire.py`` (the wire format).
+
+Snapshot stage (primary), asked by the coordinator::
+
+    SyncCmd(epoch)                       -> Synced(epoch, pages)
+    PrecopyCmd(epoch)                    -> Precopied(epoch, pages)
+    SnapshotCmd(epoch, flags, carry)     -> Snapshotted(epoch, pages, pause_ns, input_seq,
+                                                        digest, verify_ns)
+
+Send stage (primary), once an epoch's EPOCH_END is sent::
+
+    -> Sent(epoch, pages, records, bytes_wire, pages_data, pages_zero, pages_ref)
+
+Restore stage (secondary)::
+
+    -> Ready(epoch, ok, reason)          all END markers of the epoch arrived
+    ApplyCmd(epoch, svm_dirty, want_digest)  -> Applied(epoch, pages, digest, input_seq)
+    AbortCmd(epoch, svm_dirty, reason)       -> Aborted(epoch, reason)
+
+Heartbeat stage (both), to its coordinator; times are ``time.monotonic()`` seconds::
+
+    PeerUp(heard, info)          the first valid heartbeat from the peer
+    PeerLost(last_seen, detected)  no valid heartbeat for ``miss_count`` intervals
+    PeerBack(heard, info)        a valid heartbeat after PeerLost
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+# -- snapshot stage ----------------------------------------------------------
+
+
+class SyncCmd(NamedTuple):
+    """Stream all of guest memory, live (the first epoch)."""
+    epoch: int
+
+
+class PrecopyCmd(NamedTuple):
+    """Stream the pages written since the last round, live."""
+    epoch: int
+
+
+class SnapshotCmd(NamedTuple):
+    """Pause the PVM and take a checkpoint. ``flags`` are the epoch's CHECKPOINT_BEGIN
+    bits (wire.FLAG_*); ``carry`` the pfns of torn epochs, sent again."""
+    epoch: int
+    flags: int
+    carry: np.ndarray
+
+
+class Synced(NamedTuple):
+    epoch: int
+    pages: int
+
+
+class Precopied(NamedTuple):
+    epoch: int
+    pages: int
+
+
+class Snapshotted(NamedTuple):
+    epoch: int
+    pages: int          # dirty pages (with the carried ones)
+    pause_ns: int       # how long the PVM was paused
+    input_seq: int      # the guest's input position at the snapshot (-1: not known)
+    digest: bytes       # blake3 of all of memory when FLAG_DIGEST was asked, else b""
+    verify_ns: int      # time spent on that digest, apart from the pause
+
+
+# -- send stage ----------------------------------------------------------------
+
+
+class Sent(NamedTuple):
+    """An epoch's pages and EPOCH_END went out: how many pages, records and bytes, and
+    how the pages went (with data, as ZERO, as REF)."""
+    epoch: int
+    pages: int
+    records: int
+    bytes_wire: int
+    pages_data: int
+    pages_zero: int
+    pages_ref: int
+
+    @classmethod
+    def nothing(cls, epoch: int) -> Sent:
+        """What an epoch whose EPOCH_END never went out counts."""
+        return cls(epoch, 0, 0, 0, 0, 0, 0)
+
+
+# -- restore stage ---------------------------------------------------------------
+
+
+class Ready(NamedTuple):
+    """All END markers of ``epoch`` arrived; ``ok`` if it can be applied, else ``reason``."""
+    epoch: int
+    ok: bool
+    reason: str
+
+
+class ApplyCmd(NamedTuple):
+    epoch: int
+    svm_dirty: np.ndarray
+    want_digest: bool
+
+
+class AbortCmd(NamedTuple):
+    epoch: int
+    svm_dirty: np.ndarray
+    reason: str
+
+
+class Applied(NamedTuple):
+    epoch: int
+    pages: int
+    digest: bytes       # blake3 of all of memory when asked, else b""
+    input_seq: int      # the SVM's input position at the committed state (-1: not known)
+
+
+class Aborted(NamedTuple):
+    epoch: int
+    reason: str
+
+
+# -- heartbeat stage ---------------------------------------------------------------
+
+
+class PeerUp(NamedTuple):
+    heard: float
+    info: dict[str, Any]   # the peer's record: role, generation, epoch, seq, instance, interval_ms
+
+
+class PeerLost(NamedTuple):
+    last_seen: float
+    detected: float
+
+
+class PeerBack(NamedTuple):
+    heard: float
+    info: dict[str, Any]
