@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import blake3
@@ -18,7 +19,8 @@ from pipeline.checkpoint_api import CheckpointBus
 from pipeline.disk import wire
 from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import DiskCounters
-from pipeline.stages.disk import start_disk_pair
+from pipeline.disk.settings import DiskSettings
+from pipeline.stages.disk import PrimaryDisk, SecondaryDisk, start_disk_pair
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
                                 reason="qemu-io/qemu-img (Debian qemu-utils) are not installed")
@@ -163,7 +165,7 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
                     h[i] = fields.get(name, h[i])
                 return [wire.FORWARD_HEADER.pack(*h)] + frames[1:]
 
-            msg = wire.encode_forward(wire.KIND_WRITE, 1, 5, 0, BS, good)
+            msg = wire.encode_forward(wire.KIND_WRITE, 1, 1, 0, BS, good)
             cases = {
                 "stale epoch": tamper(msg, epoch=0),
                 "bad hash": tamper(msg, digest=b"\1" * 32),
@@ -179,23 +181,27 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
                 assert reason, name
             assert "epoch" in send(cases["stale epoch"])[2]
             assert "blake3" in send(cases["bad hash"])[2]
-            assert send(msg)[:2] == (5, 0)
+            assert send(msg)[:2] == (1, 0)
             # one message carrying several writes: each is judged on its own
-            second = wire.encode_forward(wire.KIND_WRITE, 1, 6, BS, BS, b"H" * BS)
-            bad = tamper(wire.encode_forward(wire.KIND_WRITE, 1, 7, 2 * BS, BS, b"I" * BS),
+            second = wire.encode_forward(wire.KIND_WRITE, 1, 2, BS, BS, b"H" * BS)
+            bad = tamper(wire.encode_forward(wire.KIND_WRITE, 1, 3, 2 * BS, BS, b"I" * BS),
                          digest=b"\2" * 32)
-            zero_with_data = [wire.encode_forward(wire.KIND_ZERO, 1, 8, 0, BS, None)[0], b"x"]
+            zero_with_data = [wire.encode_forward(wire.KIND_ZERO, 1, 4, 0, BS, None)[0], b"x"]
             dealer.send_multipart(second + bad + zero_with_data)
             assert dealer.poll(10_000)
             acks = wire.decode_ack(dealer.recv_multipart())
             assert [(seq, status != 0) for seq, status, _r in acks] == \
-                [(6, False), (7, True), (8, True)]
+                [(2, False), (3, True), (4, True)]
+            dealer.send(wire.SEAL_MAGIC + bytes(8))  # a seal of the wrong size
+            # epoch 1 ends at seq 4 (refused writes count as seen: they failed already)
+            dealer.send(wire.encode_seal(1, 4))
         finally:
             dealer.close(0)
         stats = pair.secondary.stats()["counters"]
         assert stats["bad_forwards"] == len(cases) + 4
         assert stats["received"] == 2
         pair.secondary.commit(1)
+        assert pair.secondary.stats()["counters"]["bad_forwards"] == len(cases) + 5
         with open(os.path.join(work, "secondary.img"), "rb") as f:
             img = f.read()
         assert img[:BS] == good and img[BS:2 * BS] == b"H" * BS
@@ -295,6 +301,7 @@ def test_nbdcopy_over_four_connections_replicates_exactly(tmp_path, rundir):
         r = subprocess.run(["nbdcopy", "--connections=4", "--requests=8", str(src),
                             pair.primary_uri], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+        pair.primary.set_epoch(2)
         assert pair.primary.wait_forwarded(1, 10_000)
         pair.secondary.commit(1)
         want = file_hash(str(src))
@@ -308,3 +315,153 @@ def test_a_stage_that_cannot_start_says_why(tmp_path):
     (work / "secondary.img").mkdir(parents=True)  # the image path is a directory
     with pytest.raises(RuntimeError, match=r"secondary stage failed to start: .*secondary\.img"):
         start_disk_pair(str(work), SIZE)
+
+
+# -- one write order, one epoch per write ------------------------------------------
+
+def _in_process_pair(tmp_path, **settings):
+    """Both stages in this process (so a test can hold a write at a named point)."""
+    sec = SecondaryDisk(DiskSettings(image=str(tmp_path / "secondary.img"), export_size=SIZE,
+                                     block_size=BS, export=f"unix:{tmp_path}/s.sock",
+                                     forward="tcp://127.0.0.1:*", compare="off", **settings))
+    pri = PrimaryDisk(DiskSettings(image=str(tmp_path / "primary.img"), export_size=SIZE,
+                                   block_size=BS, export=f"unix:{tmp_path}/p.sock",
+                                   forward=sec.forward_endpoint, compare="off", **settings))
+    return pri, sec
+
+
+def test_a_write_overtaken_by_a_checkpoint_stays_in_its_epoch_and_never_fails(tmp_path):
+    """The race of issue 18, forced: a write takes its epoch (1), then — before its forward
+    is even queued — the checkpoint's pause moves the epoch on and the secondary is told
+    to commit epoch 1. The write must neither fail nor land in another epoch: the commit
+    waits for it (the primary sealed epoch 1 at its seq), and the guest's write succeeds."""
+    pri, sec = _in_process_pair(tmp_path)
+    ordered, release = threading.Event(), threading.Event()
+    held: list[tuple[int, int]] = []
+
+    def hold_the_first_write(seq: int, epoch: int) -> None:  # the named point
+        if not held:
+            held.append((seq, epoch))
+            ordered.set()
+            assert release.wait(60)
+
+    pri.backend.after_ordering = hold_the_first_write
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 64k 64k", pri.uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    committer = None
+    try:
+        assert ordered.wait(30), "the write never reached the ordering point"
+        assert held == [(1, 1)]
+        pri.backend.set_epoch(2)                          # the checkpoint's pause
+        assert not pri.backend.wait_forwarded(1, 0)       # counted in epoch 1 already
+        errors: list[BaseException] = []
+
+        def commit():
+            try:
+                sec.commit(1)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                errors.append(e)
+        committer = threading.Thread(target=commit)
+        committer.start()
+        wait_for(lambda: sec.receiver.sealed.waiting_for == 1,
+                 what="the commit of epoch 1 to wait for its sealed write")
+        assert sec.store.committed_epoch == 0
+        release.set()
+        committer.join(60)
+        assert not committer.is_alive() and not errors, errors
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0 and "error" not in out.lower(), out
+        assert pri.backend.wait_forwarded(1, 10)
+        assert sec.store.committed_epoch == 1
+        assert file_hash(str(tmp_path / "secondary.img")) == \
+            file_hash(str(tmp_path / "primary.img"))
+        assert sec.counters["bad_forwards"] == 0 and pri.counters["forward_errors"] == 0
+    finally:
+        release.set()
+        if committer is not None:
+            committer.join(60)
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        pri.close()
+        sec.close()
+
+
+def test_the_secondary_applies_writes_in_the_primarys_order_not_their_arrival_order(
+        tmp_path, rundir):
+    """Two connections' overlapping writes arrive the other way round (seq 2 before seq
+    1, on different sockets): the commit still ends with seq 2's data, as the primary."""
+    work = str(tmp_path / "disks")
+    ctx = zmq.Context.instance()
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+        links = [ctx.socket(zmq.DEALER) for _ in range(2)]
+        try:
+            for s in links:
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(pair.forward)
+            first = wire.encode_forward(wire.KIND_WRITE, 1, 1, 0, 4 * BS, b"1" * 4 * BS)
+            second = wire.encode_forward(wire.KIND_WRITE, 1, 2, BS, BS, b"2" * BS)
+            third = wire.encode_forward(wire.KIND_ZERO, 2, 3, 3 * BS, BS, None)
+            for link, msg in ((links[1], third), (links[1], second), (links[0], first)):
+                link.send_multipart(msg)
+                assert link.poll(10_000)
+                assert all(st == 0 for _s, st, _r in wire.decode_ack(link.recv_multipart()))
+            links[0].send(wire.encode_seal(2, 3))
+            pair.secondary.commit(2)
+        finally:
+            for s in links:
+                s.close(0)
+        with open(os.path.join(work, "secondary.img"), "rb") as f:
+            got = f.read(4 * BS)
+        assert got == b"1" * BS + b"2" * BS + b"1" * BS + bytes(BS)
+
+
+def test_concurrent_overlapping_writes_on_several_connections_leave_equal_images(
+        tmp_path, rundir):
+    """Four qemu-io clients, each with its writes in flight at once (aio), hammer the same
+    1 MiB while checkpoints commit epochs continuously: after every round the secondary's
+    image is exactly the primary's."""
+    rng = random.Random(18)
+    work = str(tmp_path / "disks")
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+        stop, epoch, failures = threading.Event(), [1], []
+
+        def checkpointer():
+            try:
+                while not stop.is_set():
+                    checkpoint()
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                failures.append(e)
+
+        def checkpoint():
+            e = epoch[0]
+            pair.primary.set_epoch(e + 1)
+            pair.secondary.commit(e)
+            epoch[0] = e + 1
+
+        for round_ in range(4):
+            clients = []
+            for c in range(4):
+                cmds = []
+                for _ in range(60):
+                    length = rng.choice([4096, 16384, 65536, 300 * 1024])
+                    off = rng.randrange(0, (1 << 20) // BS) * BS
+                    cmds += ["-c", f"aio_write -P {rng.randrange(1, 256)} {off} {length}"]
+                clients.append(subprocess.Popen(
+                    ["qemu-io", "-f", "raw"] + cmds + ["-c", "aio_flush", pair.primary_uri],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            stop.clear()
+            t = threading.Thread(target=checkpointer)
+            t.start()
+            outs = [p.communicate(timeout=120)[0] for p in clients]
+            stop.set()
+            t.join(60)
+            assert not failures, failures
+            for p, out in zip(clients, outs):
+                assert p.returncode == 0 and "error" not in out.lower(), out
+            checkpoint()  # the last writes' epoch
+            assert file_hash(os.path.join(work, "secondary.img")) == \
+                file_hash(os.path.join(work, "primary.img")), f"round {round_}"
+        stats = pair.secondary.stats()["counters"]
+        assert stats["bad_forwards"] == 0 and stats["received"] == 4 * 4 * 60
+        assert pair.primary.stats()["counters"]["forward_errors"] == 0

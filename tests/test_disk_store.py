@@ -413,3 +413,17 @@ def test_store_matches_a_model_of_image_buffer_and_overlay(tmp_path_factory, ops
         assert bytes(s.svm_read(0, size)) == bytes(svm)
         assert s.overlay_bytes == len(overlay_blocks) * BS
     s.close()
+
+
+def test_a_buffer_log_without_write_order_is_refused_not_half_applied(tmp_path):
+    """Logs of the version whose records had no seq cannot be applied in the primary's
+    order: opening the store says so instead of committing some order."""
+    d = str(tmp_path)
+    s = open_store(d)
+    buffer_write(s, bytearray(SIZE), 1, 0, b"x" * BS)
+    s.close()
+    path = os.path.join(d, "state", "buffer-1.log")
+    with open(path, "r+b") as f:
+        f.write(b"CBL1")
+    with pytest.raises(StoreError, match=r"buffer-1\.log was written by an older version"):
+        open_store(d)

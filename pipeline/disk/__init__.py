@@ -4,8 +4,10 @@ its commit journal, and the disk comparator. The stage process is pipeline.stage
 Data flow::
 
     PVM ──NBD──► primary export (nbd_server + primary.PrimaryLink)
-                   │ pwrite into the primary image
+                   │ order: epoch + seq under the lock set_epoch takes in the pause
+                   │ pwrite into the primary image (overlapping writes in seq order)
                    │ FORWARD {epoch, seq, offset, length, blake3} + data   (wire.py)
+                   │ SEAL {epoch, last seq} when the pause moves the epoch on
                    ▼ ZeroMQ DEALER ─tcp─► ROUTER (secondary.ForwardReceiver)
                                             │ validate; append to buffer-<epoch>.log
                                             │ compare (comparator.py); ACK
@@ -15,7 +17,8 @@ Data flow::
     SVM ──NBD──► secondary export (nbd_server + secondary.SvmLink)
                    reads: overlay blocks, else the image; writes: overlay (store.py)
 
-    commit(e)  (coordinator, SVM paused): apply buffer logs ≤ e to the image, journalled;
+    commit(e)  (coordinator, SVM paused): wait until every seq sealed into e arrived;
+               apply buffer logs ≤ e to the image in (epoch, seq) order, journalled;
                drop the overlay.                          → image == primary at checkpoint e
     failover() (primary lost): merge the overlay into the image, journalled; the SVM then
                writes the image directly.

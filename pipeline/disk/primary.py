@@ -1,16 +1,24 @@
 """The primary's export: apply each PVM write to the primary image, forward it to the
-secondary tagged with the current epoch, and answer the guest once the secondary acked.
+secondary tagged with its epoch and its place in the write order, and answer the guest
+once the secondary acked.
 
-Epochs start at 1. The stage moves ``epoch`` to e+1 when the coordinator publishes the
-``snapshot`` event of epoch e (published while the PVM is paused, so no write of the
-guest straddles the boundary). :meth:`PrimaryBackend.wait_forwarded` lets the
-coordinator make sure every write of epoch e reached the secondary before it asks the
-secondary to commit e.
+One write order (:meth:`PrimaryBackend.order`): every write of every NBD connection
+takes its epoch and its seq (1, 2, 3... without gaps) under one lock, the same lock
+:meth:`PrimaryBackend.set_epoch` takes when the checkpoint's pause moves the epoch on
+(the snapshot stage calls it with the PVM paused). So a write is either ordered before
+the boundary (epoch e, and counted in flight before set_epoch returns) or after it
+(e+1): none is tagged with an epoch that is already being committed. Overlapping writes
+reach the primary image in seq order (each waits for the earlier ones it overlaps), and
+the secondary applies its buffered writes in seq order, so both images end the same
+whatever order the forwards arrive in. set_epoch also sends the secondary a SEAL (the
+last seq of the closed epoch), so it commits e only once every write of e arrived.
+
+Epochs start at 1. :meth:`PrimaryBackend.wait_forwarded` lets the coordinator wait
+until every write of epoch e was acknowledged by the secondary.
 """
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 import threading
@@ -58,6 +66,23 @@ class PrimaryBackend:
         self._cond = threading.Condition()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # the write order: epoch and seq of each write, and set_epoch, under one lock
+        self._order_lock = threading.Lock()
+        self.last_seq = 0
+        #: writes ordered but not yet in our image: seq → (start, end, applied event)
+        self._applying: dict[int, tuple[int, int, threading.Event]] = {}
+        #: Test hook (None in service): called on the connection's thread with
+        #: (seq, epoch) right after a write took its place in the order and before its
+        #: forward is queued — where a checkpoint can overtake the write.
+        self.after_ordering = None
+        self._seal_socket: zmq.Socket | None = None
+        if self.forward_address is not None:
+            s = self.context.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if secure is not None:
+                secure(s, False)
+            s.connect(self.forward_address)
+            self._seal_socket = s
         counters.set("epoch", self.epoch)
 
     def pool(self) -> ThreadPoolExecutor:
@@ -76,10 +101,42 @@ class PrimaryBackend:
         self.forward_address = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Tag writes from now on with ``epoch`` (never moves backwards)."""
-        if epoch > self.epoch:
+        """Tag writes from now on with ``epoch`` (never moves backwards), and seal the
+        epochs before it at the secondary. Writes ordered before this returns are counted
+        in flight (:meth:`wait_forwarded` sees them)."""
+        with self._order_lock:
+            if epoch <= self.epoch:
+                return
             self.epoch = epoch
             self.counters.set("epoch", epoch)
+            if self._seal_socket is not None and self.forward_address is not None:
+                try:  # never blocks the pause: a secondary that takes nothing is lost anyway
+                    self._seal_socket.send(wire.encode_seal(epoch - 1, self.last_seq),
+                                           zmq.NOBLOCK)
+                except zmq.Again:
+                    log.error("primary disk: the secondary takes no seal of epoch %d",
+                              epoch - 1)
+                    self.counters.add("forward_errors")
+
+    def order(self, start: int, end: int, forwarded: bool
+              ) -> tuple[int, int, list[threading.Event]]:
+        """Give a write of [start, end) its seq and epoch: (seq, epoch, the applied-events
+        of the earlier writes it overlaps that are not in our image yet — wait for them
+        before writing, then call :meth:`applied`)."""
+        with self._order_lock:
+            self.last_seq += 1
+            seq, epoch = self.last_seq, self.epoch
+            earlier = [ev for s, e, ev in self._applying.values() if s < end and start < e]
+            self._applying[seq] = (start, end, threading.Event())
+            if forwarded:
+                self._track(epoch, +1)
+        return seq, epoch, earlier
+
+    def applied(self, seq: int) -> None:
+        """The write ``seq`` is in our image (or failed): overlapping later ones may go."""
+        with self._order_lock:
+            _s, _e, ev = self._applying.pop(seq)
+        ev.set()
 
     def wait_forwarded(self, epoch: int, timeout_s: float) -> bool:
         """Wait until no write tagged ``epoch`` or earlier is still in flight. False on timeout."""
@@ -100,6 +157,8 @@ class PrimaryBackend:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._seal_socket is not None:
+            self._seal_socket.close(0)
         self.image.close()
 
 
@@ -120,17 +179,17 @@ class PrimaryLink:
     Large writes go to the primary image through a small thread pool so that writing
     our copy (page-cache block allocation is slow on a fresh sparse file) overlaps with
     reading the next request and with the forward; small writes are done inline (a
-    pool hand-off costs more than the pwrite). Overlapping writes of one connection
-    wait for each other, so the primary applies them in the order the secondary does.
+    pool hand-off costs more than the pwrite). A write waits for the earlier writes
+    (of any connection) it overlaps, so our image applies them in seq order, as the
+    secondary does.
     """
 
     def __init__(self, backend: PrimaryBackend) -> None:
         self.b = backend
         self.socket: zmq.Socket | None = None
         self.inflight = 0
-        self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._writing: dict[int, tuple[int, int, Future]] = {}  # seq → (start, end, pwrite)
+        self._writing: dict[int, Future] = {}  # seq → its pooled pwrite
         self._local_done: collections.deque[int] = collections.deque()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._timeout_ns = backend.settings.forward_timeout_ms * 1_000_000
@@ -156,24 +215,41 @@ class PrimaryLink:
         return self.b.image.pread(offset, length)
 
     def write(self, cookie: int, offset: int, data: bytearray) -> bool:
-        seq = next(self._seq)
-        p = _Pending(cookie, self.b.epoch, time.monotonic_ns())
-        # forward first: ZeroMQ's I/O thread ships the data while we write our own copy
-        p.forwarded = not self._forward(seq, p, wire.KIND_WRITE, offset, len(data), data)
-        self._wait_overlapping(offset, offset + len(data))
-        if len(data) >= POOLED_WRITE_MIN:
-            fut = self.b.pool().submit(self.b.image.pwrite, offset, data)
-            self._writing[seq] = (offset, offset + len(data), fut)
-            fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
-            return self._complete_or_hold(seq, p)
-        return self._apply_inline(seq, p, self.b.image.pwrite, offset, data)
+        return self._submit(cookie, wire.KIND_WRITE, offset, len(data), data)
 
     def zero(self, cookie: int, offset: int, length: int) -> bool:
-        seq = next(self._seq)
-        p = _Pending(cookie, self.b.epoch, time.monotonic_ns())
-        p.forwarded = not self._forward(seq, p, wire.KIND_ZERO, offset, length, None)
-        self._wait_overlapping(offset, offset + length)
-        return self._apply_inline(seq, p, self.b.image.zero, offset, length)
+        return self._submit(cookie, wire.KIND_ZERO, offset, length, None)
+
+    def _submit(self, cookie: int, kind: int, offset: int, length: int,
+                data: bytearray | None) -> bool:
+        """Order the write, queue its forward, write our copy; True if it is complete."""
+        b = self.b
+        forwarding = self.socket is not None and b.forward_address is not None
+        seq, epoch, earlier = b.order(offset, offset + length, forwarding)
+        p = _Pending(cookie, epoch, time.monotonic_ns())
+        try:
+            if b.after_ordering is not None:
+                b.after_ordering(seq, epoch)
+            # forward first: ZeroMQ's I/O thread ships the data while we write our copy
+            p.forwarded = not forwarding
+            if forwarding:
+                self._queue_forward(seq, p, kind, offset, length, data)
+            for ev in earlier:
+                ev.wait()
+        except BaseException:
+            b.applied(seq)
+            raise
+        if kind == wire.KIND_WRITE and length >= POOLED_WRITE_MIN:
+            fut = b.pool().submit(b.image.pwrite, offset, data)
+            self._writing[seq] = fut
+            fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
+            return self._complete_or_hold(seq, p)
+        try:
+            if kind == wire.KIND_WRITE:
+                return self._apply_inline(seq, p, b.image.pwrite, offset, data)
+            return self._apply_inline(seq, p, b.image.zero, offset, length)
+        finally:
+            b.applied(seq)
 
     def _apply_inline(self, seq: int, p: _Pending, op, *args) -> bool:
         """Write our copy now. If that fails after the forward went out, the failure is
@@ -200,25 +276,17 @@ class PrimaryLink:
         self.inflight += 1
         return False
 
-    def _wait_overlapping(self, start: int, end: int) -> None:
-        for s, e, fut in list(self._writing.values()):
-            if s < end and start < e:
-                fut.exception()  # waits; its outcome is reported with its own request
-
     def _pooled_done(self, seq: int) -> None:  # runs on a pool thread
+        self.b.applied(seq)
         self._local_done.append(seq)
         os.eventfd_write(self._wakeup, 1)
 
-    def _forward(self, seq: int, p: _Pending, kind: int, offset: int, length: int,
-                 data: bytearray | None) -> bool:
-        """Send the write to the secondary; False when there is no secondary to send to."""
-        if self.socket is None or self.b.forward_address is None:
-            return False
+    def _queue_forward(self, seq: int, p: _Pending, kind: int, offset: int, length: int,
+                       data: bytearray | None) -> None:
+        """Queue the write for the secondary (sent by end_of_burst); order() counted it."""
         self._outbox += wire.encode_forward(kind, p.epoch, seq, offset, length, data)
         self._outbox_seqs.append(seq)
         self._outbox_bytes += length
-        self.b._track(p.epoch, +1)
-        return True
 
     @property
     def outbox_full(self) -> bool:
@@ -260,7 +328,7 @@ class PrimaryLink:
         self._send_failed.clear()
         while self._local_done:
             seq = self._local_done.popleft()
-            fut = self._writing.pop(seq)[2]
+            fut = self._writing.pop(seq)
             p = self._pending[seq]
             p.local = True
             if fut.exception() is not None:
@@ -320,7 +388,7 @@ class PrimaryLink:
             done.append((p.cookie, p.error))
 
     def close(self) -> None:
-        for _s, _e, fut in list(self._writing.values()):
+        for fut in list(self._writing.values()):
             fut.exception()
         for p in self._pending.values():
             if not p.forwarded:

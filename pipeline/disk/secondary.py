@@ -83,6 +83,68 @@ class SvmLink:
         pass
 
 
+class SealedEpochs:
+    """Which of the primary's writes the receiver has seen, and what the primary sealed.
+
+    The primary numbers its writes 1, 2, 3... without gaps and seals epoch e with the
+    last seq tagged e or earlier (wire.SEAL). A commit of e waits here until every seq up
+    to that seal was seen (buffered, or refused — a refused write already failed at the
+    guest, and waiting for it would never end): a write of e still travelling on its
+    connection's socket when the pages of e are complete must not be refused as late."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.seen_upto = 0              # every seq ≤ this was seen
+        self._seen_above: set[int] = set()
+        self._seals: dict[int, int] = {}  # epoch → last seq tagged ≤ epoch
+        #: the epoch a commit is waiting for right now (tests watch it), else None
+        self.waiting_for: int | None = None
+
+    def seen(self, seq: int) -> None:
+        with self._cond:
+            if seq <= self.seen_upto:
+                return
+            self._seen_above.add(seq)
+            advanced = False
+            while self.seen_upto + 1 in self._seen_above:
+                self.seen_upto += 1
+                self._seen_above.discard(self.seen_upto)
+                advanced = True
+            if advanced:
+                self._cond.notify_all()
+
+    def seal(self, epoch: int, last_seq: int) -> None:
+        with self._cond:
+            self._seals[epoch] = max(last_seq, self._seals.get(epoch, 0))
+            self._cond.notify_all()
+
+    def _need(self, epoch: int) -> int | None:
+        """The seq every write of ``epoch`` is at or below (None: not sealed yet)."""
+        later = [e for e in self._seals if e >= epoch]
+        return self._seals[min(later)] if later else None
+
+    def wait(self, epoch: int, timeout_s: float) -> None:
+        """Return once every write of ``epoch`` and earlier was seen; StoreError naming
+        what is missing after ``timeout_s``."""
+        with self._cond:
+            self.waiting_for = epoch
+            try:
+                complete = self._cond.wait_for(lambda: (need := self._need(epoch)) is not None
+                                               and self.seen_upto >= need, timeout_s)
+            finally:
+                self.waiting_for = None
+            if not complete:
+                need = self._need(epoch)
+                raise StoreError(
+                    f"commit({epoch}): " + (f"the primary never sealed epoch {epoch}"
+                                            if need is None else
+                                            f"writes up to seq {need} were sealed, seen only "
+                                            f"up to {self.seen_upto}")
+                    + f" within {timeout_s * 1e3:.0f} ms")
+            for e in [e for e in self._seals if e < epoch]:
+                del self._seals[e]
+
+
 class ForwardReceiver(threading.Thread):
     """Binds the ROUTER end of the forwarding link and serves it until :meth:`stop`."""
 
@@ -93,6 +155,7 @@ class ForwardReceiver(threading.Thread):
         self.store = store
         self.comparator = comparator
         self.counters = counters
+        self.sealed = SealedEpochs()
         ctx = context or zmq.Context.instance()
         self.writes_in = ctx.socket(zmq.ROUTER)
         self.writes_in.setsockopt(zmq.LINGER, 0)
@@ -119,8 +182,11 @@ class ForwardReceiver(threading.Thread):
                             frames = self.writes_in.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        entries = acks.setdefault(frames[0].bytes, [])
                         body = frames[1:]
+                        if len(body) == 1 and wire.is_seal([body[0].buffer]):
+                            self._seal(body[0].buffer)
+                            continue
+                        entries = acks.setdefault(frames[0].bytes, [])
                         if not body or len(body) % 2:
                             entries.append(self._refuse(0, P.EINVAL, f"FORWARD message of "
                                                                      f"{len(body)} frames"))
@@ -136,9 +202,28 @@ class ForwardReceiver(threading.Thread):
         finally:
             self.writes_in.close(0)
 
+    def _seal(self, frame) -> None:
+        try:
+            epoch, last_seq = wire.decode_seal(frame)
+        except wire.ForwardError as e:
+            log.warning("secondary disk: refused a seal: %s", e)
+            self.counters.add("bad_forwards")
+            return
+        self.sealed.seal(epoch, last_seq)
+
     def _handle(self, frames: list) -> tuple[int, int, str]:
         """Validate, buffer and compare one FORWARD; its (seq, status, reason) answer."""
         body = [f.buffer for f in frames]
+        seq = 0
+        if body and len(body[0]) == wire.FORWARD_HEADER.size:
+            seq = wire.FORWARD_HEADER.unpack(body[0])[3]
+        try:
+            return self._buffer(body)
+        finally:
+            if seq:  # buffered or refused: either way no longer on its way
+                self.sealed.seen(seq)
+
+    def _buffer(self, body: list) -> tuple[int, int, str]:
         seq = 0
         try:
             if body and len(body[0]) == wire.FORWARD_HEADER.size:
@@ -146,7 +231,7 @@ class ForwardReceiver(threading.Thread):
             fw = wire.decode_forward(body, self.store.size, self.store.block,
                                      self.store.committed_epoch)
             self.store.buffer_pvm_write(fw.epoch, fw.kind, fw.offset, fw.length, fw.digest,
-                                        fw.data)
+                                        fw.data, seq=fw.seq)
         except wire.ForwardError as e:
             return self._refuse(seq, e.status, str(e))
         except StoreFull as e:

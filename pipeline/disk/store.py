@@ -6,8 +6,11 @@ the amount written):
 * ``overlay.img``   — the SVM's own writes since the last checkpoint, at their offsets;
   an in-memory bitmap (one bit per block) says which blocks are in it.
 * ``buffer-<epoch>.log`` — the PVM's forwarded writes of one epoch, in arrival order:
-  a 64-byte file header (magic, epoch, nonce), then records: 72-byte header (magic,
-  kind, epoch, nonce, offset, length, data length, blake3) and the data. This is also
+  a 64-byte file header (magic, epoch, nonce), then records: 80-byte header (magic,
+  kind, epoch, nonce, seq, offset, length, data length, blake3) and the data. ``seq``
+  is the write's place in the primary's one write order; writes arrive in another
+  order (one forwarding socket per NBD connection), so a commit applies them sorted by
+  (epoch, seq): overlapping writes end as they did on the primary. This is also
   the commit's redo journal. Emptied logs are recycled (``spare-<n>.log``) rather than
   deleted; the fresh nonce of each reuse makes stale records beyond the valid end
   unreadable as records, so the valid end is found by scanning, not by the file size.
@@ -15,8 +18,8 @@ the amount written):
   ``{"committed": e, "committing": e2|null, "merging": bool, "active": bool}``.
 * ``overlay.bitmap`` — the overlay bitmap, saved only while a failover merge runs.
 
-Commit of epoch e: fsync the logs ≤ e; journal ``committing = e``; pwrite every record
-of those logs into the image in order; fsync the image; journal ``committed = e``;
+Commit of epoch e: fsync the logs ≤ e; journal ``committing = e``; write every record
+of those logs into the image in (epoch, seq) order; fsync the image; journal ``committed = e``;
 delete the logs; drop the overlay. Redoing writes is idempotent, so a crash anywhere
 is repaired at the next open by redoing the apply (``journal_replays``): the image
 ends exactly at e, or — if the crash came before the ``committing`` record — exactly
@@ -39,7 +42,7 @@ import os
 import re
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,10 +55,13 @@ log = logging.getLogger(__name__)
 
 #: log file header: magic, epoch, nonce (fresh each time a file starts an epoch)
 LOG_HEADER = struct.Struct("<4s4xQQ40x")
-LOG_MAGIC = b"CBL1"
-#: record: magic, kind, epoch, file nonce, offset, length, data_len, blake3; then the data
-RECORD = struct.Struct("<4sB3xQQQII32s")
-RECORD_MAGIC = b"CBR1"
+LOG_MAGIC = b"CBL2"
+#: the log magic of versions whose records had no seq (their order cannot be recovered)
+OLD_LOG_MAGICS = (b"CBL1",)
+#: record: magic, kind, epoch, file nonce, seq, offset, length, data_len, blake3; then
+#: the data
+RECORD = struct.Struct("<4sB3xQQQQII32s")
+RECORD_MAGIC = b"CBR2"
 #: emptied logs kept for reuse (overwriting allocated blocks is several times faster than
 #: appending to a new file), and the size each is cut down to
 SPARE_LOGS = 2
@@ -80,6 +86,9 @@ class _EpochLog:
     fd: int
     nonce: int
     bytes: int  # end of the last valid record: appends go here
+    #: (seq, arrival, kind, offset, length, data position, data length) of each valid
+    #: record: a commit sorts this instead of reading the headers back
+    index: list = field(default_factory=list)
 
 
 class SecondaryStore:
@@ -202,10 +211,10 @@ class SecondaryStore:
         if not scan and self._spares:
             os.replace(self._spares.pop(), path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        nonce, end = 0, 0
+        nonce, end, index = 0, 0, []
         if scan:
-            for end, *_ in self._records(path, epoch):
-                pass
+            for end, *entry in self._records(path, epoch):
+                index.append(tuple(entry))
             nonce = self._log_nonce(path, epoch) or 0
             if nonce and end == 0:
                 end = LOG_HEADER.size
@@ -216,7 +225,7 @@ class SecondaryStore:
             nonce = int.from_bytes(os.urandom(8), "little") or 1
             os.pwrite(fd, LOG_HEADER.pack(LOG_MAGIC, epoch, nonce), 0)
             end = LOG_HEADER.size
-        lg = _EpochLog(epoch, path, fd, nonce, end)
+        lg = _EpochLog(epoch, path, fd, nonce, end, index)
         self._logs[epoch] = lg
         return lg
 
@@ -240,45 +249,49 @@ class SecondaryStore:
         if len(head) < LOG_HEADER.size:
             return None
         magic, ep, nonce = LOG_HEADER.unpack(head)
+        if magic in OLD_LOG_MAGICS and ep == epoch and nonce:
+            # its records carry no write order: applying them could reorder overlapping
+            # writes, and skipping them would leave a commit half-applied
+            raise StoreError(f"{path} was written by an older version (magic {magic!r}, "
+                             f"records without a write order); the secondary needs a "
+                             f"fresh image")
         return nonce if magic == LOG_MAGIC and ep == epoch and nonce else None
 
     @classmethod
-    def _records(cls, path: str, epoch: int, end: int | None = None):
-        """(end offset, kind, offset, length, data) of each valid record, stopping at the
-        first torn, corrupt or stale (other nonce) one — or, when the valid ``end`` is
-        known (records this process appended and verified on receipt), at ``end``
-        without hashing everything again."""
+    def _records(cls, path: str, epoch: int):
+        """(end offset, seq, arrival, kind, offset, length, data position, data length) of
+        each valid record, stopping at the first torn, corrupt or stale (other nonce) one."""
         nonce = cls._log_nonce(path, epoch)
         if nonce is None:
             return
         with open(path, "rb") as f:
             f.seek(LOG_HEADER.size)
             pos = LOG_HEADER.size
+            arrival = 0
             while True:
                 hdr = f.read(RECORD.size)
                 if len(hdr) < RECORD.size:
                     return
-                magic, kind, ep, n, off, length, data_len, digest = RECORD.unpack(hdr)
+                magic, kind, ep, n, seq, off, length, data_len, digest = RECORD.unpack(hdr)
                 if magic != RECORD_MAGIC or ep != epoch or n != nonce \
                         or kind not in (KIND_WRITE, KIND_ZERO):
                     return
                 data = f.read(data_len)
                 if len(data) < data_len:
                     return
-                if end is None and \
-                        (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
+                if (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
                     return
-                pos += RECORD.size + data_len
-                if end is not None and pos > end:
-                    return
-                yield pos, kind, off, length, data
-                if pos == end:
-                    return
+                data_pos = pos + RECORD.size
+                pos = data_pos + data_len
+                yield pos, seq, arrival, kind, off, length, data_pos, data_len
+                arrival += 1
 
     # -- PVM writes (from the forward receiver) ---------------------------
     def buffer_pvm_write(self, epoch: int, kind: int, offset: int, length: int,
-                         digest: bytes, data: bytes | memoryview | None) -> None:
-        """Append one validated forwarded write to its epoch's buffer log."""
+                         digest: bytes, data: bytes | memoryview | None, seq: int = 0) -> None:
+        """Append one validated forwarded write to its epoch's buffer log. ``seq``: its
+        place in the primary's write order (records of equal seq, e.g. a caller that has
+        no order, apply in arrival order)."""
         with self._lock:
             if self.active:
                 raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
@@ -293,13 +306,15 @@ class SecondaryStore:
                                 f"buffer holds {self.buffer_bytes} bytes, bound "
                                 f"{self.buffer_max_bytes}")
             lg = self._logs.get(epoch) or self._open_log(epoch)
-            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, lg.nonce, offset, length, data_len,
-                              digest)
+            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, lg.nonce, seq, offset, length,
+                              data_len, digest)
             # a short or failed write leaves at most a torn record past the valid end,
             # which the next append overwrites and a scan stops at
             n = os.pwritev(lg.fd, [hdr] if data is None else [hdr, data], lg.bytes)
             if n != RECORD.size + data_len:
                 raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
+            lg.index.append((seq, len(lg.index), kind, offset, length,
+                             lg.bytes + RECORD.size, data_len))
             lg.bytes += n
             self.counters.add("buffer_bytes", n)
 
@@ -314,7 +329,7 @@ class SecondaryStore:
                 return
             # from here on writes of epochs ≤ e are refused: the logs being applied are final
             self._committing = epoch
-            todo = [(ep, lg.path, lg.bytes) for ep, lg in sorted(self._logs.items())
+            todo = [(ep, lg.path, list(lg.index)) for ep, lg in sorted(self._logs.items())
                     if ep <= epoch]
             try:
                 for ep, _path, _end in todo:
@@ -335,55 +350,41 @@ class SecondaryStore:
             self._finish_commit(epoch)
         self.counters.add("commits")
 
-    def _apply(self, todo: list[tuple[int, str, int | None]]) -> None:
-        """Redo the writes of the given logs into the image and make it durable. ``end``
-        None (a replay): find each log's valid end by verifying every record."""
-        for ep, path, end in todo:
-            if end is not None:
-                self._copy_records(path, ep, end)
-                continue
-            for _end, kind, off, length, data in self._records(path, ep):
-                if kind == KIND_WRITE:
-                    self.image.pwrite(off, data)
-                else:
-                    self.image.zero(off, length)
-                faults.point("store.commit.record")
-        if self.durable:
-            self.image.sync()
-        faults.point("store.commit.image_synced")
-
-    def _copy_records(self, path: str, epoch: int, end: int) -> None:
-        """Apply records this process appended (verified on receipt) up to ``end``: read
-        only the headers; the kernel copies the data (copy_file_range), no user copy."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def _apply(self, todo: list[tuple[int, str, list]]) -> None:
+        """Redo the writes of the given logs (epoch, path, index) into the image in the
+        primary's order, (epoch, seq), and make it durable. The records were verified when
+        they were appended or scanned: read only the headers' index; the kernel copies the
+        data (copy_file_range), no user copy."""
+        order = sorted((ep, seq, arrival, i, kind, off, length, data_pos, data_len)
+                       for i, (ep, _path, index) in enumerate(todo)
+                       for seq, arrival, kind, off, length, data_pos, data_len in index)
+        fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for _ep, path, _index in todo]
         try:
-            pos = LOG_HEADER.size
-            while pos < end:
-                hdr = os.pread(fd, RECORD.size, pos)
-                magic, kind, ep, _nonce, off, length, data_len, _digest = RECORD.unpack(hdr)
-                if magic != RECORD_MAGIC or ep != epoch:
-                    raise StoreError(f"{path}: record at {pos} is corrupt (magic {magic!r}, "
-                                     f"epoch {ep}); the log was changed behind our back")
-                pos += RECORD.size
+            for _ep, _seq, _arrival, i, kind, off, length, data_pos, data_len in order:
                 if kind == KIND_ZERO:
                     self.image.zero(off, length)
                     faults.point("store.commit.record")
                     continue
                 done = 0
                 while done < data_len:
-                    n = os.copy_file_range(fd, self.image.fd, data_len - done, pos + done,
-                                           off + done)
+                    n = os.copy_file_range(fds[i], self.image.fd, data_len - done,
+                                           data_pos + done, off + done)
                     if n == 0:
-                        raise StoreError(f"{path}: record at {pos} ends early")
+                        raise StoreError(f"{todo[i][1]}: record at {data_pos} ends early; "
+                                         f"the log was changed behind our back")
                     done += n
-                pos += data_len
                 faults.point("store.commit.record")
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
+        if self.durable:
+            self.image.sync()
+        faults.point("store.commit.image_synced")
 
     def _apply_and_finish(self, epoch: int) -> None:
         """Replay of an interrupted commit (at open)."""
-        self._apply([(ep, self._logs[ep].path, None) for ep in sorted(self._logs) if ep <= epoch])
+        self._apply([(ep, self._logs[ep].path, self._logs[ep].index)
+                     for ep in sorted(self._logs) if ep <= epoch])
         self._finish_commit(epoch)
 
     def _finish_commit(self, epoch: int) -> None:

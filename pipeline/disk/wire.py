@@ -11,6 +11,16 @@ burst of NBD requests produced as one message), two frames each:
                         blake3(data) 32 bytes (all zero for ZERO)
     frame 2i+1: the ``length`` data bytes (empty for ZERO)
 
+``seq`` is the write's place in the primary's one write order (all NBD connections, from
+1 without gaps); ``epoch`` the checkpoint epoch it belongs to (both decided together).
+
+SEAL message (primary → secondary, on the primary's own seal socket; no answer), one
+frame of 32 bytes: magic "CDS1" | reserved u32 | epoch u64 | last_seq u64 | reserved u64.
+Sent when the checkpoint's pause moves the write epoch past ``epoch``: every write
+tagged ``epoch`` or earlier has a seq ≤ ``last_seq``, and seqs are given without gaps,
+so the secondary commits ``epoch`` only once it has seen every seq up to ``last_seq``
+(writes travel on one socket per NBD connection and may arrive after the pages).
+
 ACK message (secondary → primary): the answers to every FORWARD of one DEALER that the
 secondary handled in one burst, three frames:
 
@@ -36,6 +46,8 @@ KIND_WRITE = 1
 KIND_ZERO = 2
 ZERO_DIGEST = bytes(32)
 FORWARD_HEADER = struct.Struct("<4sB3xQQQI4x32s")
+SEAL_MAGIC = b"CDS1"
+SEAL = struct.Struct("<4s4xQQ8x")
 ACK_HEADER = struct.Struct("<4sI8x")
 ACK_ENTRY = struct.Struct("<QII")
 #: how far ahead of the last committed epoch a write may be tagged. Normally 1 or 2
@@ -107,6 +119,25 @@ def decode_forward(frames: list, export_size: int, block_size: int,
     elif digest != ZERO_DIGEST or len(frames[1]):
         raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest or data")
     return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
+
+
+def encode_seal(epoch: int, last_seq: int) -> bytes:
+    return SEAL.pack(SEAL_MAGIC, epoch, last_seq)
+
+
+def is_seal(body: list) -> bool:
+    """A SEAL message's body (buffers of its frames): one frame with the seal magic?"""
+    return len(body) == 1 and bytes(body[0][:4]) == SEAL_MAGIC
+
+
+def decode_seal(frame: bytes | memoryview) -> tuple[int, int]:
+    """(epoch, last_seq); raise ForwardError naming what is wrong."""
+    if len(frame) != SEAL.size:
+        raise ForwardError(errno.EINVAL, f"SEAL of {len(frame)} bytes, expected {SEAL.size}")
+    _magic, epoch, last_seq = SEAL.unpack(frame)
+    if epoch == 0:
+        raise ForwardError(errno.EINVAL, f"SEAL of epoch 0 (last seq {last_seq})")
+    return epoch, last_seq
 
 
 def encode_ack(entries: list[tuple[int, int, str]]) -> list[bytes]:

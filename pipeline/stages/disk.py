@@ -101,6 +101,7 @@ class SecondaryDisk:
                  checkpoints: CheckpointClient | None = None, context=None,
                  secure=None) -> None:
         self.counters = counters or DiskCounters()
+        self.settings = settings
         self.store = SecondaryStore(settings.image, settings.export_size, settings.block_size,
                                     settings.resolved_state_dir, settings.overlay_max_bytes,
                                     settings.buffer_max_bytes, self.counters,
@@ -118,6 +119,10 @@ class SecondaryDisk:
         self.uri = self.server.uri
 
     def commit(self, epoch: int) -> None:
+        # the pages of e can be complete before the last writes of e arrived (they travel
+        # on other sockets): wait for every write the primary sealed into e
+        if epoch > self.store.committed_epoch:
+            self.receiver.sealed.wait(epoch, self.settings.forward_timeout_ms / 1e3)
         self.store.commit(epoch)
         self.comparator.epoch_committed(epoch)
 
