@@ -197,10 +197,8 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
             dealer.send(wire.encode_seal(1, 4))
         finally:
             dealer.close(0)
-        stats = pair.secondary.stats()["counters"]
-        assert stats["bad_forwards"] == len(cases) + 4
-        assert stats["received"] == 2
-        pair.secondary.commit(1)
+        assert pair.secondary.stats()["counters"]["received"] == 2
+        pair.secondary.commit(1)  # so both seals were handled (they have no answer)
         assert pair.secondary.stats()["counters"]["bad_forwards"] == len(cases) + 5
         with open(os.path.join(work, "secondary.img"), "rb") as f:
             img = f.read()
