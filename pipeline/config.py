@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.disk.settings import DiskSettings
 from pipeline.net.settings import NetSettings
-from pipeline.failover_settings import FailoverSettings, HeartbeatSettings
+from pipeline.failover.settings import FailoverSettings, HeartbeatSettings
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,8 @@ from pipeline import faults, messages, sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
-from pipeline.failover import guard_takeover, make_fence, make_witness
+from pipeline.failover.guard import guard_takeover, make_fence
+from pipeline.failover.witness import make_witness
 from pipeline.stages.common import HashTable, StageContext
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain

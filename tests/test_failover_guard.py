@@ -14,17 +14,9 @@ import time
 import pytest
 from conftest import free_port, wait_until
 
-from pipeline.failover import (
-    EtcdWitness,
-    Fence,
-    FenceError,
-    LocalWitness,
-    WitnessError,
-    guard_takeover,
-    make_fence,
-    make_witness,
-)
-from pipeline.failover_settings import FailoverSettings
+from pipeline.failover.guard import Fence, FenceError, guard_takeover, make_fence
+from pipeline.failover.witness import EtcdWitness, LocalWitness, WitnessError, make_witness
+from pipeline.failover.settings import FailoverSettings
 
 FORK = multiprocessing.get_context("fork")
 TTL = 2   # etcd's smallest lease

@@ -23,7 +23,7 @@ import zmq
 
 from pipeline import messages
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
-from pipeline.failover_settings import HeartbeatSettings, heartbeat_address
+from pipeline.failover.settings import HeartbeatSettings, heartbeat_address
 from pipeline.stages import heartbeat
 from pipeline.stages.common import StageContext, new_event, stage_main
 

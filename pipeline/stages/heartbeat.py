@@ -167,7 +167,7 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     """The heartbeat stage's body (started through ``stage_main``).
 
     ``settings``: anything with ``interval_ms``, ``miss_count``, ``address`` (and
-    optionally ``priority``; :class:`pipeline.failover_settings.HeartbeatSettings`). ``role``: this node's,
+    optionally ``priority``; :class:`pipeline.failover.settings.HeartbeatSettings`). ``role``: this node's,
     "primary" (connects) or "secondary" (binds). ``generation`` and ``epoch``: ints or
     shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(kind,
     bind)``, called in this process, returns an unbound, unconnected socket of ``kind``
