@@ -212,9 +212,9 @@ def test_old_export_name_option_and_unknown_options(export):
         raw.sock = s
         assert raw._recv(18)[:8] == P.NBDMAGIC
         s.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
-        s.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_STRUCTURED_REPLY, 0))
+        s.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_STARTTLS, 0))
         _m, opt, rtype, length = P.OPTION_REPLY.unpack(raw._recv(P.OPTION_REPLY.size))
-        assert (opt, rtype, length) == (P.OPT_STRUCTURED_REPLY, P.REP_ERR_UNSUP, 0)
+        assert (opt, rtype, length) == (P.OPT_STARTTLS, P.REP_ERR_UNSUP, 0)
         s.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, 0))
         size, flags = struct.unpack(">QH", raw._recv(10))
         assert size == SIZE and flags & P.TFLAG_SEND_FLUSH and flags & P.TFLAG_SEND_TRIM
@@ -265,3 +265,156 @@ def test_a_failing_image_file_gives_eio_and_the_export_goes_on(tiny_fs):
         assert disk.counters["io_errors"] == 1 and disk.counters["bad_requests"] == 0
     finally:
         disk.close()
+
+
+# -- FUA, structured replies, block status --------------------------------------
+
+def _sparse_export_with_data(disk: PrimaryDisk) -> list[tuple[int, int]]:
+    """Write a few data runs through the export; the (offset, length) of each."""
+    runs = [(64 * 1024, 128 * 1024), (1 << 20, 4096), (3 << 20, 256 * 1024)]
+    cmds = []
+    for i, (off, n) in enumerate(runs):
+        cmds += ["-c", f"write -P {0x41 + i} {off} {n}"]
+    r = run(["qemu-io", "-f", "raw"] + cmds + [disk.uri])
+    assert r.returncode == 0, r.stderr
+    return runs
+
+
+@needs_qemu_io
+@needs_nbdinfo
+def test_block_status_reports_holes_and_data_to_nbdinfo_and_qemu_img(unix_export):
+    runs = _sparse_export_with_data(unix_export)
+    r = run(["nbdinfo", "--map", "--json", unix_export.uri])
+    assert r.returncode == 0, r.stderr
+    got = [(e["offset"], e["length"], e["type"]) for e in json.loads(r.stdout)]
+    want, pos = [], 0
+    for off, n in runs:
+        if off > pos:
+            want.append((pos, off - pos, P.STATE_HOLE | P.STATE_ZERO))
+        want.append((off, n, 0))
+        pos = off + n
+    want.append((pos, SIZE - pos, P.STATE_HOLE | P.STATE_ZERO))
+    assert got == want
+    r = run(["qemu-img", "map", "--output=json", "-f", "raw", unix_export.uri])
+    assert r.returncode == 0, r.stderr
+    data = [(m["start"], m["length"]) for m in json.loads(r.stdout) if m["data"]]
+    assert data == runs
+    assert unix_export.counters["block_status"] >= 2
+
+
+@needs_qemu_io
+@pytest.mark.skipif(shutil.which("nbdcopy") is None or shutil.which("qemu-img") is None,
+                    reason="nbdcopy (libnbd-bin) and qemu-img (qemu-utils) are needed")
+def test_qemu_img_convert_and_nbdcopy_read_only_the_allocated_extents(unix_export, tmp_path):
+    runs = _sparse_export_with_data(unix_export)
+    allocated = sum(n for _o, n in runs)
+    for name, cmd in [("qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "raw"]),
+                      ("nbdcopy", ["nbdcopy"])]:
+        out = tmp_path / f"{name}.raw"
+        before = unix_export.counters["read_bytes"]
+        r = run(cmd + [unix_export.uri, str(out)])
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == image(unix_export), name
+        read = unix_export.counters["read_bytes"] - before
+        # only the data runs crossed the wire (the holes came from block status)
+        assert allocated <= read < SIZE // 4, (name, read)
+
+
+@needs_qemu_io
+def test_fua_writes_are_accepted_counted_and_durable_before_the_reply(export):
+    # writeback: qemu-io would otherwise give every write FUA (writethrough)
+    r = run(["qemu-io", "-f", "raw", "-t", "writeback", "-c", "write -f -P 0x46 0 64k",
+             "-c", "write -f -z 64k 64k", "-c", "write -P 0x47 128k 4k",
+             "-c", "read -P 0x46 0 64k", "-c", "read -P 0 64k 64k", export.uri])
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    assert export.counters["fua_writes"] == 2 and export.counters["writes"] == 3
+    assert image(export)[:64 * 1024] == b"\x46" * 64 * 1024
+
+
+@needs_libnbd
+def test_libnbd_negotiates_structured_replies_fua_and_base_allocation(export):
+    script = textwrap.dedent("""
+        import json, sys, nbd
+        h = nbd.NBD()
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(sys.argv[1])
+        h.pwrite(b"f" * 8192, 8192, nbd.CMD_FLAG_FUA)
+        seen = []
+        h.block_status(%(size)d, 0,
+                       lambda meta, off, entries, err: seen.append((meta, entries)) or 0)
+        one = []
+        h.block_status(%(size)d, 0, lambda m, o, e, err: one.append(e) or 0,
+                       nbd.CMD_FLAG_REQ_ONE)
+        print(json.dumps({"structured": h.get_structured_replies_negotiated(),
+                          "fua": h.can_fua(), "meta": h.can_meta_context("base:allocation"),
+                          "seen": seen, "one": one, "read": h.pread(8192, 8192).decode()[:3]}))
+        h.shutdown()
+    """) % {"size": SIZE}
+    r = run([DEBIAN_PYTHON, "-c", script, export.uri])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["structured"] and got["fua"] and got["meta"]
+    hole = P.STATE_HOLE | P.STATE_ZERO
+    assert got["seen"] == [["base:allocation", [8192, hole, 8192, 0, SIZE - 16384, hole]]]
+    assert got["one"] == [[8192, hole]]
+    assert got["read"] == "fff"
+    assert export.counters["fua_writes"] == 1
+
+
+def _raw_handshake(uri: str) -> RawClient:
+    """A raw client just after the greeting and client flags (options not yet sent)."""
+    host, port = uri[len("nbd://"):].rsplit(":", 1)
+    raw = RawClient.__new__(RawClient)
+    raw.sock = socket.create_connection((host, int(port)), timeout=10)
+    assert raw._recv(18)[:8] == P.NBDMAGIC
+    raw.sock.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
+    return raw
+
+
+def _option(raw: RawClient, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+    """Send one option; its replies (type, data) up to the final one."""
+    raw.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
+    replies = []
+    while True:
+        _m, opt, rtype, length = P.OPTION_REPLY.unpack(raw._recv(P.OPTION_REPLY.size))
+        assert opt == option
+        replies.append((rtype, raw._recv(length)))
+        if rtype == P.REP_ACK or rtype & 0x80000000:
+            return replies
+
+
+def _meta_query(*queries: str) -> bytes:
+    body = struct.pack(">I", 0) + struct.pack(">I", len(queries))
+    return body + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+
+
+def test_meta_context_negotiation_and_block_status_errors(export):
+    raw = _raw_handshake(export.uri)
+    try:
+        # meta contexts before structured replies: refused, negotiation goes on
+        assert _option(raw, P.OPT_SET_META_CONTEXT, _meta_query(P.BASE_ALLOCATION))[0][0] \
+            == P.REP_ERR_INVALID
+        assert _option(raw, P.OPT_STRUCTURED_REPLY) == [(P.REP_ACK, b"")]
+        assert _option(raw, P.OPT_LIST_META_CONTEXT, b"\0\0")[0][0] == P.REP_ERR_INVALID
+        listed = _option(raw, P.OPT_LIST_META_CONTEXT, _meta_query())
+        assert listed == [(P.REP_META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"),
+                          (P.REP_ACK, b"")]
+        assert _option(raw, P.OPT_SET_META_CONTEXT, _meta_query("x-other:thing")) == \
+            [(P.REP_ACK, b"")]                                 # selects nothing
+        assert _option(raw, P.OPT_GO, bytes(6))[-1] == (P.REP_ACK, b"")
+        # no context selected: BLOCK_STATUS is an error, as an error chunk with the reason
+        raw.request(P.CMD_BLOCK_STATUS, 0, BS, cookie=21)
+        magic, flags, rtype, cookie, length = P.CHUNK.unpack(raw._recv(P.CHUNK.size))
+        body = raw._recv(length)
+        assert (magic, flags, rtype, cookie) == (P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                                 P.REPLY_TYPE_ERROR, 21)
+        assert struct.unpack(">I", body[:4])[0] == P.EINVAL and b"metadata context" in body
+        # a read is one data chunk
+        raw.request(P.CMD_READ, 0, BS, cookie=22)
+        magic, flags, rtype, cookie, length = P.CHUNK.unpack(raw._recv(P.CHUNK.size))
+        assert (rtype, cookie, length) == (P.REPLY_TYPE_OFFSET_DATA, 22, 8 + BS)
+        assert raw._recv(length) == bytes(8 + BS)
+        raw.request(P.CMD_DISC, 0, 0)
+    finally:
+        raw.sock.close()
+    assert export.counters["bad_requests"] == 1

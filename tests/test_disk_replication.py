@@ -3,6 +3,7 @@
 a real CheckpointBus."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -463,3 +464,22 @@ def test_concurrent_overlapping_writes_on_several_connections_leave_equal_images
         stats = pair.secondary.stats()["counters"]
         assert stats["bad_forwards"] == 0 and stats["received"] == 4 * 4 * 60
         assert pair.primary.stats()["counters"]["forward_errors"] == 0
+
+
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo (libnbd-bin) is not installed")
+def test_the_svm_export_maps_its_overlay_over_the_checkpoint_image(tmp_path, rundir):
+    """Block status on the SVM's export: the committed image's extents, with the SVM's
+    own writes since the checkpoint (the overlay) laid over them — data it wrote into a
+    hole, a hole where it zeroed data."""
+    work = str(tmp_path / "disks")
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+        assert qemu_io(pair.primary_uri, ["write -P 1 0 64k", "write -P 2 1M 64k"]).returncode == 0
+        pair.primary.set_epoch(2)
+        pair.secondary.commit(1)
+        r = qemu_io(pair.secondary_uri, ["write -P 3 2M 8k", "discard 1M 64k"])
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["nbdinfo", "--map", "--json", pair.secondary_uri],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        data = [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["type"] == 0]
+        assert data == [(0, 64 * 1024), (2 << 20, 8192)]

@@ -23,6 +23,8 @@ COUNTER_NAMES = {
     "writes": "NBD write/zero/trim requests applied",
     "write_bytes": "bytes written (zero/trim count their length)",
     "flushes": "NBD flush requests",
+    "fua_writes": "writes with NBD's FUA flag: made durable before the reply",
+    "block_status": "NBD block status requests served (base:allocation)",
     "forwarded": "writes acknowledged by the secondary (primary side)",
     "forward_latency_ns": "sum of forward round trips, ns (primary side)",
     "forward_latency_max_ns": "largest forward round trip, ns (primary side)",

@@ -10,7 +10,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = bytes(1 << 20)
+
+#: [start, end) byte runs, each allocated (True: data) or a hole (False)
+Runs = list[tuple[int, int, bool]]
 
 
 class ImageFile:
@@ -41,16 +45,39 @@ class ImageFile:
             view = view[n:]
             offset += n
 
-    def zero(self, offset: int, length: int) -> None:
-        """Make [offset, offset+length) read as zeros, freeing the blocks where the fs can."""
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                           offset, length) == 0:
+    def zero(self, offset: int, length: int, keep_allocated: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros, freeing the blocks where the fs can
+        (``keep_allocated``: leave them allocated, as NBD's NO_HOLE flag asks)."""
+        mode = FALLOC_FL_ZERO_RANGE if keep_allocated else \
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(self.fd, mode, offset, length) == 0:
             return
         while length:  # no hole punching here (tmpfs is fine; some fs are not)
             n = min(length, len(_ZERO_CHUNK))
             self.pwrite(offset, _ZERO_CHUNK[:n])
             offset += n
             length -= n
+
+    def extents(self, offset: int, length: int) -> Runs:
+        """Allocated runs and holes covering [offset, offset+length), from SEEK_DATA and
+        SEEK_HOLE (a filesystem without them reports everything allocated)."""
+        out: Runs = []
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                data = min(os.lseek(self.fd, pos, os.SEEK_DATA), end)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                    raise
+                data = end
+            if data > pos:
+                out.append((pos, data, False))
+                pos = data
+            if pos < end:
+                hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+                out.append((pos, hole, True))
+                pos = hole
+        return out
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -67,3 +94,46 @@ class ImageFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def paint(base: Runs, patch: Runs) -> Runs:
+    """``base`` with the contiguous range ``patch`` covers replaced by ``patch``."""
+    if not patch:
+        return base
+    lo, hi = patch[0][0], patch[-1][1]
+    out: Runs = []
+    for s, e, a in base:
+        if s < lo:
+            out.append((s, min(e, lo), a))
+    out += patch
+    for s, e, a in base:
+        if e > hi:
+            out.append((max(s, hi), e, a))
+    return out
+
+
+def block_runs(runs: Runs, block: int) -> Runs:
+    """Runs on ``block`` boundaries (a block with any data counts as data), adjacent runs
+    of the same kind merged. ``runs`` must be contiguous and start and end on boundaries."""
+    out: Runs = []
+    for s, e, allocated in runs:
+        if not allocated:  # shrink a hole to whole blocks; the cut-off parts are data
+            s2, e2 = -(-s // block) * block, e // block * block
+            if s2 >= e2:
+                allocated = True
+            else:
+                if s2 > s:
+                    _append(out, s, s2, True)
+                _append(out, s2, e2, False)
+                if e > e2:
+                    _append(out, e2, e, True)
+                continue
+        _append(out, s, e, allocated)
+    return out
+
+
+def _append(out: Runs, s: int, e: int, allocated: bool) -> None:
+    if out and out[-1][2] == allocated and out[-1][1] == s:
+        out[-1] = (out[-1][0], e, allocated)
+    else:
+        out.append((s, e, allocated))

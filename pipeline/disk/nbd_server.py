@@ -25,6 +25,7 @@ import zmq
 
 from pipeline.disk import nbd_protocol as P
 from pipeline.disk.counters import DiskCounters
+from pipeline.disk.image import block_runs
 from pipeline.disk.settings import parse_export_address
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ class ExportLink(Protocol):
     inflight: int
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
-    def write(self, cookie: int, offset: int, data: bytearray) -> bool: ...
-    def zero(self, cookie: int, offset: int, length: int) -> bool: ...
+    def write(self, cookie: int, offset: int, data: bytearray, fua: bool = False) -> bool: ...
+    def zero(self, cookie: int, offset: int, length: int, fua: bool = False,
+             keep_allocated: bool = False) -> bool: ...
+    #: (start, end, allocated) runs covering the range (pipeline.disk.image.Runs)
+    def block_status(self, offset: int, length: int) -> list: ...
     def flush(self) -> None: ...
     def completions(self, now_ns: int) -> list[tuple[int, int]]: ...
     #: True when pending work should be sent before reading more requests
@@ -67,6 +71,24 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
             raise EOFError(f"peer closed after {got} of {n} bytes")
         got += k
     return buf
+
+
+class _Session:
+    """What a client negotiated: structured replies, and the metadata contexts selected
+    (context id → name)."""
+
+    def __init__(self) -> None:
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+
+
+def _match_contexts(queries: list[str], listing: bool) -> list[str]:
+    """The contexts ``queries`` select (LIST: no query or ``base:`` means every one)."""
+    if listing and not queries:
+        return [P.BASE_ALLOCATION]
+    hits = [q for q in queries
+            if q == P.BASE_ALLOCATION or (listing and q == "base:")]
+    return [P.BASE_ALLOCATION] if hits else []
 
 
 class _BackendIOError(Exception):
@@ -231,10 +253,11 @@ class NbdServer:
     def _serve(self, conn: socket.socket, peer: object) -> None:
         link = None
         try:
-            if not self._handshake(conn):
+            session = self._handshake(conn)
+            if session is None:
                 return
             link = self.backend.connect()
-            _Connection(self, conn, link).run()
+            _Connection(self, conn, link, session).run()
         except (EOFError, ConnectionError) as e:
             if not self._stopping.is_set():
                 log.info("%s: client %s disconnected mid-request: %s", self.name, peer, e)
@@ -253,8 +276,9 @@ class NbdServer:
             conn.close()
 
     # -- handshake -------------------------------------------------------
-    def _handshake(self, conn: socket.socket) -> bool:
-        """Fixed-newstyle negotiation. True when the client entered transmission."""
+    def _handshake(self, conn: socket.socket) -> _Session | None:
+        """Fixed-newstyle negotiation: what was negotiated once the client entered
+        transmission, None if it went away."""
         conn.sendall(P.NBDMAGIC + P.IHAVEOPT.to_bytes(8, "big")
                      + (P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES).to_bytes(2, "big"))
         client_flags = int.from_bytes(_recv_exact(conn, 4), "big")
@@ -262,6 +286,7 @@ class NbdServer:
             raise P.NbdProtocolError(f"client flags {client_flags:#x}: not fixed newstyle")
         no_zeroes = bool(client_flags & P.CLIENT_FLAG_NO_ZEROES)
         b = self.backend
+        session = _Session()
         while True:
             magic, option, length = P.OPTION_HEADER.unpack(_recv_exact(conn, P.OPTION_HEADER.size))
             if magic != P.IHAVEOPT:
@@ -272,10 +297,10 @@ class NbdServer:
             if option == P.OPT_EXPORT_NAME:
                 reply = b.size.to_bytes(8, "big") + P.TRANSMISSION_FLAGS.to_bytes(2, "big")
                 conn.sendall(reply if no_zeroes else reply + bytes(124))
-                return True
+                return session
             if option == P.OPT_ABORT:
                 conn.sendall(P.option_reply(option, P.REP_ACK))
-                return False
+                return None
             if option == P.OPT_LIST:
                 conn.sendall(P.option_reply(option, P.REP_SERVER, (0).to_bytes(4, "big"))
                              + P.option_reply(option, P.REP_ACK))
@@ -292,17 +317,47 @@ class NbdServer:
                                  b.block_size, b.block_size, b.max_request))
                              + P.option_reply(option, P.REP_ACK))
                 if option == P.OPT_GO:
-                    return True
+                    return session
                 continue
-            # STARTTLS, STRUCTURED_REPLY, meta contexts and anything newer: not offered
+            if option == P.OPT_STRUCTURED_REPLY:
+                if data:
+                    conn.sendall(P.option_reply(option, P.REP_ERR_INVALID,
+                                                b"STRUCTURED_REPLY carries no data"))
+                else:
+                    session.structured = True
+                    conn.sendall(P.option_reply(option, P.REP_ACK))
+                continue
+            if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+                conn.sendall(self._meta_context(option, data, session))
+                continue
+            # STARTTLS, extended headers and anything newer: not offered
             conn.sendall(P.option_reply(option, P.REP_ERR_UNSUP))
+
+    @staticmethod
+    def _meta_context(option: int, data: bytes, session: _Session) -> bytes:
+        """The replies to LIST_META_CONTEXT / SET_META_CONTEXT (SET replaces the selection)."""
+        if not session.structured:
+            return P.option_reply(option, P.REP_ERR_INVALID,
+                                  b"meta contexts need structured replies first")
+        try:
+            queries = P.meta_context_queries(data)
+        except ValueError as e:
+            return P.option_reply(option, P.REP_ERR_INVALID, str(e).encode())
+        listing = option == P.OPT_LIST_META_CONTEXT
+        names = _match_contexts(queries, listing)
+        if not listing:
+            session.contexts = {P.BASE_ALLOCATION_ID: n for n in names}
+        return b"".join(P.meta_context_reply(option, 0 if listing else P.BASE_ALLOCATION_ID, n)
+                        for n in names) + P.option_reply(option, P.REP_ACK)
 
 
 class _Connection:
     """The transmission phase of one client."""
 
-    def __init__(self, server: NbdServer, conn: socket.socket, link: ExportLink) -> None:
+    def __init__(self, server: NbdServer, conn: socket.socket, link: ExportLink,
+                 session: _Session) -> None:
         self.server = server
+        self.session = session
         self.sock = conn
         self.reader = _BufferedReader(conn)
         self.link = link
@@ -326,7 +381,7 @@ class _Connection:
             if self.link.inflight:
                 done = self.link.completions(time.monotonic_ns())
                 if done:  # one send for the whole batch of replies
-                    self.sock.sendall(b"".join(P.simple_reply(c, e) for c, e in done))
+                    self.sock.sendall(b"".join(self._reply(c, e) for c, e in done))
             if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
                 more = self._one_request()
@@ -354,7 +409,7 @@ class _Connection:
             done = self.link.completions(time.monotonic_ns())
             if done:
                 try:
-                    self.sock.sendall(b"".join(P.simple_reply(c, e) for c, e in done))
+                    self.sock.sendall(b"".join(self._reply(c, e) for c, e in done))
                 except OSError:
                     pass  # a client that closed its end cannot hear them; keep accounting
 
@@ -369,10 +424,18 @@ class _Connection:
             raise P.NbdError(P.EINVAL, f"{name} [{offset}, +{length}) not aligned to the "
                                        f"block size {self.block}")
 
+    def _reply(self, cookie: int, error: int = 0, message: str = "") -> bytes:
+        """The reply to a request without data: simple, or an error chunk carrying the
+        reason when structured replies were negotiated."""
+        if error and self.session.structured:
+            return P.error_chunk(cookie, error, message or
+                                 "the write failed: see the disk stage's log")
+        return P.simple_reply(cookie, error)
+
     def _refuse(self, cookie: int, err: P.NbdError, counter: str = "bad_requests") -> None:
         log.warning("%s: refused: %s", self.server.name, err)
         self.counters.add(counter)
-        self.sock.sendall(P.simple_reply(cookie, err.error))
+        self.sock.sendall(self._reply(cookie, err.error, str(err)))
 
     def _one_request(self) -> bool:
         """Handle one request; False when the client ended the session."""
@@ -382,7 +445,7 @@ class _Connection:
             if "after 0 of" in str(e):
                 return False  # closed between requests: a plain (if impolite) goodbye
             raise
-        magic, _flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
+        magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
         if magic != P.REQUEST_MAGIC:
             raise P.NbdProtocolError(f"request magic {magic:#x} (cmd {cmd}, offset {offset})")
         payload = None
@@ -392,22 +455,23 @@ class _Connection:
             else:
                 payload = self.reader.read(length)
         try:
-            return self._dispatch(cmd, cookie, offset, length, payload)
+            return self._dispatch(cmd, flags, cookie, offset, length, payload)
         except P.NbdError as e:
             self._refuse(cookie, e)
         except _BackendIOError as e:
             self._refuse(cookie, P.NbdError(P.EIO, str(e)), counter="io_errors")
         return True
 
-    def _dispatch(self, cmd: int, cookie: int, offset: int, length: int,
+    def _dispatch(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
                   payload: bytearray | None) -> bool:
         name = P.CMD_NAMES.get(cmd, f"command {cmd}")
+        fua = bool(flags & P.CMD_FLAG_FUA)
         if cmd in (P.CMD_READ, P.CMD_WRITE) and length > self.max_request:
             raise P.NbdError(P.EOVERFLOW, f"{name} of {length} bytes exceeds the maximum "
                                           f"request {self.max_request}")
         if cmd == P.CMD_WRITE:
             self._check(name, offset, length)
-            done = _io(name, offset, length, self.link.write, cookie, offset, payload)
+            done = _io(name, offset, length, self.link.write, cookie, offset, payload, fua)
             self.counters.add("writes")
             self.counters.add("write_bytes", length)
             if done:
@@ -415,13 +479,16 @@ class _Connection:
         elif cmd == P.CMD_READ:
             self._check(name, offset, length)
             data = _io(name, offset, length, self.link.read, offset, length)
-            _send_parts(self.sock, [P.simple_reply(cookie), data])
+            head = P.data_chunk_header(cookie, offset, length) if self.session.structured \
+                else P.simple_reply(cookie)
+            _send_parts(self.sock, [head, data])
             self.counters.add("reads")
             self.counters.add("read_bytes", length)
         elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
             self._check(name, offset, length)
             # TRIM is served as zeroing so both replicas read back the same bytes
-            done = _io(name, offset, length, self.link.zero, cookie, offset, length)
+            keep = cmd == P.CMD_WRITE_ZEROES and bool(flags & P.CMD_FLAG_NO_HOLE)
+            done = _io(name, offset, length, self.link.zero, cookie, offset, length, fua, keep)
             self.counters.add("writes")
             self.counters.add("write_bytes", length)
             if done:
@@ -430,6 +497,20 @@ class _Connection:
             _io(name, offset, length, self.link.flush)
             self.counters.add("flushes")
             self.sock.sendall(P.simple_reply(cookie))
+        elif cmd == P.CMD_BLOCK_STATUS:
+            if not self.session.contexts:
+                raise P.NbdError(P.EINVAL, "BLOCK_STATUS without a metadata context (the "
+                                           "client selected none)")
+            self._check(name, offset, length)
+            runs = block_runs(_io(name, offset, length, self.link.block_status, offset,
+                                  length), self.block)
+            extents = [(e - s, 0 if allocated else P.STATE_HOLE | P.STATE_ZERO)
+                       for s, e, allocated in runs]
+            if flags & P.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            self.sock.sendall(b"".join(P.block_status_chunk(cookie, cid, extents)
+                                       for cid in self.session.contexts))
+            self.counters.add("block_status")
         elif cmd == P.CMD_DISC:
             return False
         else:

@@ -162,6 +162,12 @@ class PrimaryBackend:
         self.image.close()
 
 
+def _then_sync(image: ImageFile, op, *args) -> None:
+    """``op(*args)`` on the image, then make the image durable (a FUA write)."""
+    op(*args)
+    image.sync()
+
+
 class _Pending:
     """A write the client has not been answered for: waiting for the secondary's ack,
     for our own pooled pwrite, or both."""
@@ -214,15 +220,25 @@ class PrimaryLink:
     def read(self, offset: int, length: int) -> bytes:
         return self.b.image.pread(offset, length)
 
-    def write(self, cookie: int, offset: int, data: bytearray) -> bool:
-        return self._submit(cookie, wire.KIND_WRITE, offset, len(data), data)
+    def block_status(self, offset: int, length: int):
+        return self.b.image.extents(offset, length)
 
-    def zero(self, cookie: int, offset: int, length: int) -> bool:
-        return self._submit(cookie, wire.KIND_ZERO, offset, length, None)
+    def write(self, cookie: int, offset: int, data: bytearray, fua: bool = False) -> bool:
+        return self._submit(cookie, wire.KIND_WRITE, offset, len(data), data, fua)
+
+    def zero(self, cookie: int, offset: int, length: int, fua: bool = False,
+             keep_allocated: bool = False) -> bool:
+        # the secondary punches its zeroes: its image serves the guest only after a
+        # failover, when a write to the range allocates again
+        return self._submit(cookie, wire.KIND_ZERO, offset, length, None, fua, keep_allocated)
 
     def _submit(self, cookie: int, kind: int, offset: int, length: int,
-                data: bytearray | None) -> bool:
-        """Order the write, queue its forward, write our copy; True if it is complete."""
+                data: bytearray | None, fua: bool = False, keep_allocated: bool = False
+                ) -> bool:
+        """Order the write, queue its forward, write our copy (``fua``: and make our image
+        durable before the write completes); True if it is complete. The secondary's
+        copy needs no fsync for FUA: it lives on the other host, which is what survives
+        the loss of this one."""
         b = self.b
         forwarding = self.socket is not None and b.forward_address is not None
         seq, epoch, earlier = b.order(offset, offset + length, forwarding)
@@ -239,15 +255,20 @@ class PrimaryLink:
         except BaseException:
             b.applied(seq)
             raise
+        if kind == wire.KIND_WRITE:
+            op, args = b.image.pwrite, (offset, data)
+        else:
+            op, args = b.image.zero, (offset, length, keep_allocated)
+        if fua:
+            op, args = _then_sync, (b.image, op, *args)
+            b.counters.add("fua_writes")
         if kind == wire.KIND_WRITE and length >= POOLED_WRITE_MIN:
-            fut = b.pool().submit(b.image.pwrite, offset, data)
+            fut = b.pool().submit(op, *args)
             self._writing[seq] = fut
             fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
             return self._complete_or_hold(seq, p)
         try:
-            if kind == wire.KIND_WRITE:
-                return self._apply_inline(seq, p, b.image.pwrite, offset, data)
-            return self._apply_inline(seq, p, b.image.zero, offset, length)
+            return self._apply_inline(seq, p, op, *args)
         finally:
             b.applied(seq)
 

@@ -45,14 +45,24 @@ class SvmLink:
     def read(self, offset: int, length: int) -> bytes | bytearray:
         return self.b.store.svm_read(offset, length)
 
-    def write(self, cookie: int, offset: int, data: bytearray) -> bool:
+    def block_status(self, offset: int, length: int):
+        return self.b.store.svm_extents(offset, length)
+
+    def write(self, cookie: int, offset: int, data: bytearray, fua: bool = False) -> bool:
         self._apply(lambda: self.b.store.svm_write(offset, data), offset, len(data))
         self._compare(offset, len(data), wire.digest_of(data))
+        if fua:
+            self.b.store.flush()
         return True
 
-    def zero(self, cookie: int, offset: int, length: int) -> bool:
-        self._apply(lambda: self.b.store.svm_zero(offset, length), offset, length)
+    def zero(self, cookie: int, offset: int, length: int, fua: bool = False,
+             keep_allocated: bool = False) -> bool:
+        # the overlay is dropped at the next checkpoint: NO_HOLE matters once active
+        self._apply(lambda: self.b.store.svm_zero(offset, length, keep_allocated),
+                    offset, length)
         self._compare(offset, length, wire.ZERO_DIGEST)
+        if fua:
+            self.b.store.flush()
         return True
 
     def _apply(self, op, offset: int, length: int) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.disk.counters import DiskCounters
-from pipeline.disk.image import ImageFile
+from pipeline.disk.image import ImageFile, Runs, paint
 from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
 
 log = logging.getLogger(__name__)
@@ -464,6 +464,19 @@ class SecondaryStore:
                 out[lo:hi] = self.overlay.pread(offset + lo, hi - lo)
             return out
 
+    def svm_extents(self, offset: int, length: int) -> Runs:
+        """Allocated runs and holes of what the SVM reads at [offset, offset+length): the
+        image's, with the overlay's where the SVM wrote since the checkpoint."""
+        with self._lock:
+            runs = self.image.extents(offset, length)
+            if self.active:
+                return runs
+            b0 = offset // self.block
+            for start, stop in _runs(self.bitmap[b0:(offset + length) // self.block]):
+                lo, hi = (b0 + start) * self.block, (b0 + stop) * self.block
+                runs = paint(runs, self.overlay.extents(lo, hi - lo))
+            return runs
+
     def svm_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         with self._lock:
             if self.active:
@@ -475,10 +488,10 @@ class SecondaryStore:
             self._overlay_blocks += new
             self._update_gauges()
 
-    def svm_zero(self, offset: int, length: int) -> None:
+    def svm_zero(self, offset: int, length: int, keep_allocated: bool = False) -> None:
         with self._lock:
             if self.active:
-                self.image.zero(offset, length)
+                self.image.zero(offset, length, keep_allocated)
                 return
             b0, b1, new = self._reserve(offset, length)
             self.overlay.zero(offset, length)
