@@ -114,9 +114,20 @@ class PipelineSettings:
     verify_workers: int = _f(2, "Secondary: processes that decompress and verify pages.",
                              min=1, max=64)
     batch_pages: int = _f(64, "Pages per ring slot and per PAGES record.", min=1, max=1024)
-    compress: str = _f("lz4", "Primary: compress the pages of each batch with lz4 (fewer bytes "
-                       "on the wire, more CPU) or send them as they are (a fast link and "
-                       "few cores).", choices=("lz4", "none"))
+    compress: str = _f("auto", "Primary: compress the pages of each batch with lz4 (fewer bytes "
+                       "on the wire, more CPU), send them as they are, or decide while running: "
+                       "`auto` compresses only while that makes the transfer faster, judged "
+                       "from the measured link rate (how long sends block) and the digest "
+                       "workers' measured lz4 rate and ratio; the send stage logs each switch "
+                       "(event=compress) and counts it (compress_switches).",
+                       choices=("auto", "lz4", "none"))
+    verify_pages: str = _f("sample", "Secondary: which received pages the verify workers hash "
+                           "again and compare with the primary's blake3: every data page, one "
+                           "per batch at random, or none. The channel already authenticates "
+                           "every message with CURVE; with security.mode = \"plaintext\" "
+                           "choose `full`. The memory proof (checkpoint.verify_every) compares "
+                           "all of memory whatever this says.",
+                           choices=("full", "sample", "off"))
     pause_priority: str = _f("realtime", "Primary: scheduling of the snapshot stage while the "
                              "PVM is paused (the guest's downtime): real-time (SCHED_FIFO 1, "
                              "where root or CAP_SYS_NICE allows; dropped around the proof's "

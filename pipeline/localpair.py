@@ -111,7 +111,8 @@ class LocalPair:
                 sec.setdefault("peer_public_key_file", os.path.join(keys, f"{peer}.key"))
             t.setdefault("node", {}).update(name=self.name(role), role=role,
                                             run_dir=self.run_dir(role))
-            t.setdefault("peer", {}).update(address=f"tcp://127.0.0.1:{self.port}")
+            # a role table may point one node elsewhere (e.g. the primary at a relay)
+            t.setdefault("peer", {}).setdefault("address", f"tcp://127.0.0.1:{self.port}")
             # dotted tables (guest.workload) must come after their parent table
             ordered = dict(sorted(t.items(), key=lambda kv: kv[0]))
             path = os.path.join(self.workdir, f"{role}.toml")

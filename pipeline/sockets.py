@@ -117,7 +117,9 @@ def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> z
 
 
 def pages_out(nctx: NodeContext) -> zmq.Socket:
-    return _open(nctx, zmq.PUSH, 256, "pages", bind=False)
+    # a short queue (32 records of up to batch_pages pages): a send blocks soon after the
+    # link falls behind, which is how pipeline.compress = "auto" sees a saturated link
+    return _open(nctx, zmq.PUSH, 32, "pages", bind=False)
 
 
 def pages_in(nctx: NodeContext) -> zmq.Socket:

@@ -50,21 +50,25 @@ class SharedState:
                         # the client does not mirror input)
     active: Any         # secondary: 1 once it took over (the mirror becomes the client)
     hold_inputs: Any    # 1 while the coordinator wants the guest's input stream held
+    compress: Any       # primary, pipeline.compress = "auto": 1 while the digest workers
+                        # compress (decided by the send stage)
 
     @classmethod
     def create(cls) -> "SharedState":
         return cls(FORK.Value("q", 0, lock=False), FORK.Value("Q", 0, lock=False),
                    FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
-                   FORK.Value("b", 0, lock=False))
+                   FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False))
 
 
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
                     "reprotections", "memory_mismatches"),
-    "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw"),
+    "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
+               "lz4_bytes_in", "lz4_bytes_out"),
     "receive": ("skipped_optional", "stale_records"),
-    "send": ("dropped_unprotected",),
+    "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
+             "link_mb_s", "lz4_mb_s"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
     "mirror": ("outputs", "input_full", "inputs_generated"),
@@ -119,7 +123,7 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_out(nctx)
     try:
-        send.run(ctx, rings, ctrl, sock, pending, shared)
+        send.run(ctx, rings, ctrl, sock, pending, shared, settings.pipeline.compress)
     finally:
         nctx.close()
 
@@ -229,7 +233,7 @@ class Supervisor:
                                s.pipeline.pause_priority == "realtime"))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
-                                s.pipeline.compress == "lz4")) for i in range(n)]
+                                s.pipeline.compress, shared.compress)) for i in range(n)]
             plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
             if hasattr(dom, "feed_input"):     # the sim guest's clients (a real VM has its own)
                 plan.append(StageSpec("client", inputs.run_client, (s, dom, shared)))
@@ -244,14 +248,16 @@ class Supervisor:
             staging_seg = create_segment(f"{segment_prefix(self.name)}staging",
                                          dom.page_count * dom.page_size)
             self.segments.append(staging_seg)
-            staging = np.ndarray((dom.page_count, dom.page_size), np.uint8, staging_seg.buf)
+            # a PageBuffer, so each stage that maps it prefaults it at start
+            staging = PageBuffer(staging_seg, dom.page_size)
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size))]
             plan += [StageSpec(f"verify.{i}", verify.run,
-                               (to_verify[i], to_restore[i], staging)) for i in range(n)]
+                               (to_verify[i], to_restore[i], staging,
+                                s.pipeline.verify_pages)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)))
             if hasattr(dom, "feed_input"):
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))

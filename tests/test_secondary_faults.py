@@ -126,7 +126,9 @@ class HandPrimary:
 def secondary(tmp_path):
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH},
+        # every page re-hashed: the corrupt-page test sends a bad page over an authentic
+        # channel, which only the full check catches (the default samples one per batch)
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
         # the hand primary sends no heartbeats; a long interval keeps the secondary's
         # control-silence fallback from taking over between the test's steps
         "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},

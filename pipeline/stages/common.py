@@ -28,6 +28,8 @@ SLOT_END = 2    # end of an epoch's pages on this ring; ring 0's marker carries 
 # (slot.epoch_flags: wire.FLAG_*, slot.batch_flags: wire.PAGES_*), see pipeline/ring.py.
 MARK_BUFFERED = 1   # the pages are in the snapshot buffer at ``slot.row``, not in the slot
 MARK_BAD = 2        # a verify worker found a page that failed its hash or did not decode
+MARK_LZ4 = 4        # the digest worker compressed this batch's pages, or tried to (the
+                    # send stage judges pipeline.compress = "auto" by the batches' mode)
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 
@@ -40,6 +42,24 @@ def zero_page_hash(page_size: int) -> bytes:
     if h is None:
         h = ZERO_PAGE_HASH[page_size] = blake3.blake3(bytes(page_size)).digest()
     return h
+
+
+def hash_pages(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """blake3 of each row of ``pages`` (or of the rows ``rows``), as a (k, 32) uint8 array.
+
+    blake3 has no call that hashes many inputs separately, so this is one call per page,
+    but nothing else per page: a slice of one flat memoryview, the call, one join of the
+    digests and one np.frombuffer for all of them (1.5 us a page here, 0.9 of it the hash
+    itself, against 2.5 us with a numpy row, a digest and an np.frombuffer per page)."""
+    page_size = pages.shape[1]
+    if not pages.flags.c_contiguous:
+        raise ValueError("hash_pages: pages must be C-contiguous rows")
+    flat = memoryview(pages.reshape(-1))
+    starts = range(0, len(pages) * page_size, page_size) if rows is None \
+        else (np.asarray(rows, np.int64) * page_size).tolist()
+    h = blake3.blake3
+    digests = b"".join([h(flat[s:s + page_size]).digest() for s in starts])
+    return np.frombuffer(digests, np.uint8).reshape(-1, 32)
 
 
 class HashTable:

@@ -9,51 +9,66 @@ of 0.43) and costs one call instead of dozens.
 """
 from __future__ import annotations
 
+import time
 
-import blake3
 import lz4.block
 import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (MARK_BUFFERED, HashTable, PageBuffer, StageContext,
-                                    worker_loop, zero_page_hash)
+from pipeline.stages.common import (MARK_BUFFERED, MARK_LZ4, HashTable, PageBuffer, StageContext,
+                                    hash_pages, worker_loop, zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
                  out_hashes: np.ndarray, out_len: np.ndarray, out_kind: np.ndarray,
-                 out_data: np.ndarray, compress: bool = True) -> tuple[int, bool, dict[int, int]]:
+                 out_data: np.ndarray, compress: bool = True,
+                 lz4_stats: list[int] | None = None) -> tuple[int, bool, dict[int, int]]:
     """Encode ``pages`` (n, page_size) into the output arrays.
 
     Returns (bytes of data, packed, pages per kind). Pages that carry data are sent as
-    one lz4 block of all of them (``packed``) when that is smaller, else raw."""
+    one lz4 block of all of them (``packed``) when that is smaller, else raw.
+    A fixed number of numpy calls per batch; per page only the blake3 call (hash_pages).
+    ``lz4_stats``, if given, gets [ns in lz4, bytes in, bytes out] added (the auto
+    compression policy judges the compressor by them)."""
     n, page_size = pages.shape
     nonzero = pages.view(np.uint64).reshape(n, -1).any(axis=1)
-    zero_hash = np.frombuffer(zero_page_hash(page_size), np.uint8)
-    for i in range(n):
-        out_hashes[i] = np.frombuffer(blake3.blake3(pages[i]).digest(), np.uint8) \
-            if nonzero[i] else zero_hash
+    nz = np.flatnonzero(nonzero)
+    out_hashes[:n] = np.frombuffer(zero_page_hash(page_size), np.uint8)
+    if len(nz) == n:
+        out_hashes[:n] = hash_pages(pages)
+    elif len(nz):
+        out_hashes[nz] = hash_pages(pages, nz)
     ref = table.matches(src_pfns, out_hashes[:n]) & nonzero if table is not None \
         else np.zeros(n, bool)
     carry = nonzero & ~ref
     out_kind[:n] = np.where(carry, wire.ENC_RAW, np.where(ref, wire.ENC_REF, wire.ENC_ZERO))
     out_len[:n] = np.where(carry, page_size, 0)
     k = int(carry.sum())
-    counts = {wire.ENC_RAW: k, wire.ENC_ZERO: int((~nonzero).sum()), wire.ENC_REF: int(ref.sum())}
+    counts = {wire.ENC_RAW: k, wire.ENC_ZERO: n - len(nz), wire.ENC_REF: int(ref.sum())}
     if not k:
         return 0, False, counts
     block = pages if k == n else pages[carry]
-    packed = lz4.block.compress(block, store_size=False) if compress else b""
-    if packed and len(packed) < block.nbytes:
-        out_data[:len(packed)] = np.frombuffer(packed, np.uint8)
-        return len(packed), True, counts
+    if compress:
+        t0 = time.perf_counter_ns()
+        packed = lz4.block.compress(block, store_size=False)
+        if lz4_stats is not None:
+            lz4_stats[0] += time.perf_counter_ns() - t0
+            lz4_stats[1] += block.nbytes
+            lz4_stats[2] += len(packed)
+        if len(packed) < block.nbytes:
+            out_data[:len(packed)] = np.frombuffer(packed, np.uint8)
+            return len(packed), True, counts
     out_data[:block.nbytes] = block.reshape(-1)
     return block.nbytes, False, counts
 
 
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
-        snapbuf: PageBuffer, compress: bool = True) -> None:
+        snapbuf: PageBuffer, compress: str = "lz4", decision=None) -> None:
+    """``compress``: "lz4", "none", or "auto": then the shared word ``decision`` (set by
+    the send stage, pipeline/compress_policy.py) says, batch by batch."""
     c = ctx.counters
+    lz4_stats = [0, 0, 0]
 
     def process(slot, out) -> None:
         n = slot.count
@@ -61,10 +76,17 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         out.pfns[:n] = slot.pfns[:n]
         pages = snapbuf.pages[slot.row:slot.row + n] if slot.marks & MARK_BUFFERED \
             else slot.data[:n]
+        on = compress == "lz4" or (compress == "auto" and bool(decision.value))
+        lz4_stats[:] = (0, 0, 0)
         nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table, out.hashes,
                                               out.enc_len, out.enc_kind, out.data_flat,
-                                              compress)
+                                              on, lz4_stats)
+        if lz4_stats[1]:
+            c.add("lz4_ns", lz4_stats[0])
+            c.add("lz4_bytes_in", lz4_stats[1])
+            c.add("lz4_bytes_out", lz4_stats[2])
         out.batch_flags = wire.PAGES_PACKED if packed else 0
+        out.marks = MARK_LZ4 if on else 0
         out.data_len = nbytes
         c.add("items_in", n)
         c.add("bytes_in", n * pages.shape[1])

@@ -19,14 +19,25 @@ the verify workers, which decode into it) is as large as guest memory.
 """
 from __future__ import annotations
 
+import mmap
 import time
 
 import numpy as np
 
 from pipeline import faults, messages, wire
 from pipeline.ring import Ring
-from pipeline.stages.common import MARK_BAD, SLOT_END, HashTable, StageContext, ready_rings
+from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
+                                    ready_rings)
 from pipeline.xen_io.base import Domain
+
+
+def _populated(shape: tuple[int, int]) -> np.ndarray:
+    """Zeroed private memory the kernel backs in one go now (MAP_POPULATE), at stage
+    start: left to first touch, the full sync took one fault per page of the cache (0.2-1.7
+    s for 256 MiB on a loaded 2-core machine, against 0.1 s populated at start)."""
+    size = shape[0] * shape[1]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), np.uint8).reshape(shape)
 
 
 class Assembly:
@@ -47,8 +58,7 @@ class Restore:
                  staging: np.ndarray) -> None:
         self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
         pc, ps = domain.page_count, domain.page_size
-        # np.zeros of this size is an anonymous mapping: the kernel only backs what is touched
-        self.cache = np.zeros((pc, ps), np.uint8)
+        self.cache = _populated((pc, ps))
         self.table = HashTable(np.zeros((pc, 32), np.uint8), np.zeros(pc, bool))
         self.staging = staging      # shared: the verify workers decode pages into it
         self.staged_pfns = np.zeros(pc, np.uint64)
@@ -173,8 +183,8 @@ class Restore:
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        staging: np.ndarray) -> None:
-    r = Restore(ctx, domain, len(rings), staging)
+        staging: PageBuffer) -> None:
+    r = Restore(ctx, domain, len(rings), staging.pages)
     c = ctx.counters
     while not ctx.stopping():
         ready, fds = ready_rings(rings, [ctrl.fileno()], 0.2)

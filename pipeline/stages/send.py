@@ -15,9 +15,10 @@ import numpy as np
 import zmq
 
 from pipeline import faults, messages, wire
+from pipeline.compress_policy import MIN_BYTES, WINDOW_BYTES, CompressPolicy, Window
 from pipeline.sockets import send_until_stopped
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_END, StageContext, ready_rings
+from pipeline.stages.common import MARK_LZ4, SLOT_END, StageContext, ready_rings
 
 
 @dataclass
@@ -39,12 +40,96 @@ class EpochStats:
     epoch_flags: int = 0
 
 
+BLOCKED_NS = 2_000_000   # a send that took longer waited for the peer to take records
+
+
+class AutoCompress:
+    """``pipeline.compress = "auto"``: measures windows of sending, lets the policy judge
+    them and publishes its decision in the shared word the digest workers read. A window
+    holds batches of one mode (the digest worker marks the batches it compressed)."""
+
+    def __init__(self, ctx: StageContext, workers: int, page_size: int, decision) -> None:
+        self.ctx, self.page_size, self.decision = ctx, page_size, decision
+        self.policy = CompressPolicy(workers, bool(decision.value))
+        self.digests = [f"digest.{i}" for i in range(workers)]
+        self.lz4_seen = self._lz4_totals()
+        self.lz4 = self.policy.compress     # the mode of the batches in the window
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0 = 0
+        self.wire = self.pages = self.blocked_ns = 0
+
+    def _lz4_totals(self) -> list[int]:
+        tot = [0, 0, 0]
+        if self.ctx.node is None:
+            return tot
+        for name in self.digests:
+            d = self.ctx.node.stage(name).as_dict()
+            for j, key in enumerate(("lz4_ns", "lz4_bytes_in", "lz4_bytes_out")):
+                tot[j] += d.get(key, 0)
+        return tot
+
+    def sent(self, t_start: int, t_end: int, wire_bytes: int, data_pages: int,
+             lz4: bool) -> None:
+        """One PAGES record, its pages compressed (or tried) or not: the send began at
+        ``t_start`` and returned at ``t_end``."""
+        if lz4 != self.lz4:
+            self.judge(t_start)
+            self.lz4 = lz4
+        waited = t_end - t_start > BLOCKED_NS
+        if waited and not self.blocked_ns:
+            # the first send that waited for the peer: what went before filled the queues
+            # (ZeroMQ's and the kernel's) at the producer's pace, not the link's
+            self._reset()
+        if not self.t0:
+            self.t0 = t_start
+        self.wire += wire_bytes
+        self.pages += data_pages * self.page_size
+        if waited:
+            self.blocked_ns += t_end - t_start
+        if self.pages >= WINDOW_BYTES:
+            self.judge(t_end)
+
+    def judge(self, now: int) -> None:
+        """End the window (an epoch ended, it is long enough, or the batches' mode changed)
+        and act on the verdict."""
+        if not self.t0:
+            return
+        c = self.ctx.counters
+        lz4 = self._lz4_totals()
+        self.policy.observe_lz4(*(a - b for a, b in zip(lz4, self.lz4_seen)))
+        self.lz4_seen = lz4
+        window = Window(self.wire, self.pages, (now - self.t0) / 1e9, self.blocked_ns / 1e9,
+                        self.lz4)
+        self._reset()
+        if window.page_bytes < MIN_BYTES:
+            return
+        c.add("windows_lz4" if window.compressed else "windows_raw", 1)
+        if window.compressed != self.policy.compress:
+            return      # batches encoded before the last switch: they say nothing new
+        verdict = self.policy.judge(window)
+        if self.policy.link_b_s:
+            c.set("link_mb_s", int(self.policy.link_b_s / 1e6))
+        if self.policy.lz4_b_s:
+            c.set("lz4_mb_s", int(self.policy.lz4_b_s / 1e6))
+        if verdict is not None:
+            self.decision.value = int(verdict[0])
+            c.add("compress_switches", 1)
+            self.ctx.log.info("event=compress mode=%s why=%r", "lz4" if verdict[0] else "none",
+                              verdict[1])
+
+
 def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
-        pending: Pending, shared) -> None:
+        pending: Pending, shared, compress: str = "lz4") -> None:
     """While ``shared.unprotected`` is set (the secondary is lost) batches are drained and
-    dropped, so the snapshot stage never waits on a ring that nobody empties."""
+    dropped, so the snapshot stage never waits on a ring that nobody empties.
+    ``compress="auto"``: this stage decides, in ``shared.compress``, whether the digest
+    workers compress (pipeline/compress_policy.py)."""
     c = ctx.counters
     epochs: dict[int, EpochStats] = {}
+    auto = AutoCompress(ctx, len(rings), rings[0].layout.page_size, shared.compress) \
+        if compress == "auto" else None
 
     def deliver(msg, copy: bool = True) -> bool:
         if shared.unprotected.value:
@@ -85,6 +170,8 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                     st.bytes_wire += len(msg)
                     c.add("bytes_out", len(msg))
                     del epochs[e]
+                    if auto is not None:
+                        auto.judge(time.perf_counter_ns())
                     ctrl.send(messages.Sent(
                         e, pages=st.pages, records=st.records, bytes_wire=st.bytes_wire,
                         pages_data=st.kinds[wire.ENC_RAW] + st.kinds[wire.ENC_LZ4],
@@ -101,10 +188,15 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 kinds = np.bincount(slot.enc_kind[:n], minlength=len(wire.ENC_KINDS))
                 for kind in wire.ENC_KINDS:
                     st.kinds[kind] += int(kinds[kind])
+                marks = slot.marks
                 rings[i].release_read(slot)
+                t_send = time.perf_counter_ns()
                 if not deliver(msg, copy=False):
                     return
                 faults.point("send.pages")
+                if auto is not None:
+                    auto.sent(t_send, time.perf_counter_ns(), len(msg),
+                              int(kinds[wire.ENC_RAW]), bool(marks & MARK_LZ4))
                 st.pages += n
                 st.records += 1
                 st.bytes_wire += len(msg)

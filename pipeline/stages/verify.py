@@ -1,45 +1,74 @@
 """Secondary: a verify worker. Decodes every page of a batch (lz4 → page, RAW as is,
 ZERO → zeros) straight into its place in the staging area (``slot.row``, given by the
-receive stage) and checks its blake3 against the hash the primary sent. A batch with a
-page that fails is marked BAD (and counted); the restore stage then discards its epoch.
+receive stage) and checks its blake3 against the hash the primary sent (all pages, one
+per batch, or none: ``pipeline.verify_pages``). A batch with a page that fails is marked
+BAD (and counted); the restore stage then discards its epoch.
 REF pages are checked by the restore stage, which holds the committed hashes. What goes
 on to the restore stage is the batch's metadata only.
 """
 from __future__ import annotations
 
-import blake3
 import lz4.block
 import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring, Slot
-from pipeline.stages.common import MARK_BAD, StageContext, worker_loop, zero_page_hash
+from pipeline.stages.common import (MARK_BAD, PageBuffer, StageContext, hash_pages,
+                                    worker_loop, zero_page_hash)
 
 
-def decode_batch(src: Slot, out: np.ndarray, page_size: int) -> str:
-    """Decode and verify ``src`` into the rows of ``out``; returns '' or why it is bad."""
+CHECKS = ("full", "sample", "off")
+_sampler = np.random.default_rng()
+
+
+def decode_batch(src: Slot, out: np.ndarray, page_size: int, check: str = "full") -> str:
+    """Decode and verify ``src`` into the rows of ``out``; returns '' or why it is bad.
+
+    ``check``: which data pages are re-hashed and compared with the hash the primary sent:
+    all of them, one per batch chosen at random, or none (CURVE already authenticates every
+    message; the periodic memory proof, checkpoint.verify_every, still compares all of
+    memory). ZERO pages' hashes are always checked (no hashing needed)."""
     n = src.count
     kinds, lens = src.enc_kind[:n], src.enc_len[:n]
     if src.batch_flags & wire.PAGES_PACKED:
-        return _decode_packed(src, out, page_size)
+        problem = _decode_packed(src, out, page_size)
+    else:
+        problem = _decode_plain(src, out, kinds, lens, page_size)
+    return problem or _check_hashes(src, out, kinds, page_size, check)
+
+
+def _decode_plain(src: Slot, out: np.ndarray, kinds: np.ndarray, lens: np.ndarray,
+                  page_size: int) -> str:
+    """RAW pages back to back (one copy for all of them); LZ4 pages one call each."""
+    n = src.count
+    out[kinds == wire.ENC_ZERO] = 0
+    lz = np.flatnonzero(kinds == wire.ENC_LZ4)
+    raw = kinds == wire.ENC_RAW
+    if not len(lz):
+        k = int(raw.sum())
+        if k:
+            pages = src.data_flat[:k * page_size].reshape(k, page_size)
+            if k == n:
+                out[:n] = pages
+            else:
+                out[raw] = pages
+        return ""
     offsets = np.zeros(n, np.int64)
     np.cumsum(lens[:-1], out=offsets[1:])
-    for i in range(n):
-        kind, off, ln = kinds[i], offsets[i], lens[i]
-        if kind == wire.ENC_ZERO:
-            out[i] = 0
-        elif kind == wire.ENC_RAW:
+    for i in np.flatnonzero(raw | (kinds == wire.ENC_LZ4)).tolist():
+        off, ln = int(offsets[i]), int(lens[i])
+        if kinds[i] == wire.ENC_RAW:
             out[i] = src.data_flat[off:off + ln]
-        elif kind == wire.ENC_LZ4:
-            try:
-                page = lz4.block.decompress(src.data_flat[off:off + ln],
-                                            uncompressed_size=page_size)
-            except lz4.block.LZ4BlockError as exc:
-                return f"pfn {src.pfns[i]}: lz4 data does not decode ({exc})"
-            if len(page) != page_size:
-                return f"pfn {src.pfns[i]}: lz4 data decodes to {len(page)} bytes"
-            out[i] = np.frombuffer(page, np.uint8)
-    return _check_hashes(src, out, kinds, page_size)
+            continue
+        try:
+            page = lz4.block.decompress(src.data_flat[off:off + ln],
+                                        uncompressed_size=page_size)
+        except lz4.block.LZ4BlockError as exc:
+            return f"pfn {src.pfns[i]}: lz4 data does not decode ({exc})"
+        if len(page) != page_size:
+            return f"pfn {src.pfns[i]}: lz4 data decodes to {len(page)} bytes"
+        out[i] = np.frombuffer(page, np.uint8)
+    return ""
 
 
 def _decode_packed(src: Slot, out: np.ndarray, page_size: int) -> str:
@@ -60,30 +89,43 @@ def _decode_packed(src: Slot, out: np.ndarray, page_size: int) -> str:
     else:
         out[carry] = pages
     out[kinds == wire.ENC_ZERO] = 0
-    return _check_hashes(src, out, kinds, page_size)
-
-
-def _check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int) -> str:
-    zero_hash = zero_page_hash(page_size)
-    for i in range(src.count):
-        if kinds[i] == wire.ENC_REF:
-            continue
-        expect = src.hashes[i].tobytes()
-        if kinds[i] == wire.ENC_ZERO:
-            if expect != zero_hash:
-                return f"pfn {src.pfns[i]}: ZERO page sent with a non-zero hash"
-        elif blake3.blake3(out[i]).digest() != expect:
-            return f"pfn {src.pfns[i]}: blake3 mismatch"
     return ""
 
 
-def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: np.ndarray) -> None:
+def _check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int,
+                  check: str) -> str:
+    n = src.count
+    zero = np.flatnonzero(kinds == wire.ENC_ZERO)
+    if len(zero):
+        bad = (src.hashes[zero] != np.frombuffer(zero_page_hash(page_size), np.uint8)).any(1)
+        if bad.any():
+            return f"pfn {src.pfns[zero[bad.argmax()]]}: ZERO page sent with a non-zero hash"
+    if check == "off":
+        return ""
+    data = np.flatnonzero((kinds == wire.ENC_RAW) | (kinds == wire.ENC_LZ4))
+    if not len(data):
+        return ""
+    if check == "sample":
+        data = data[_sampler.integers(len(data)):][:1]
+    rows = None if len(data) == n else data
+    got = hash_pages(out[:n], rows)
+    bad = (got != src.hashes[data]).any(axis=1)
+    if bad.any():
+        return f"pfn {src.pfns[data[bad.argmax()]]}: blake3 mismatch"
+    return ""
+
+
+def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: PageBuffer,
+        check: str = "full") -> None:
+    if check not in CHECKS:
+        raise ValueError(f"verify stage: check={check!r} is not one of {CHECKS}")
+    staging = staging.pages
     page_size = staging.shape[1]
     c = ctx.counters
 
     def process(slot, out) -> None:
         n = slot.count
-        problem = decode_batch(slot, staging[slot.row:slot.row + n], page_size)
+        problem = decode_batch(slot, staging[slot.row:slot.row + n], page_size, check)
         out.reset(slot.kind, slot.epoch, n)
         out.pfns[:n], out.hashes[:n], out.enc_kind[:n] = (slot.pfns[:n], slot.hashes[:n],
                                                           slot.enc_kind[:n])

@@ -1,0 +1,135 @@
+"""pipeline.compress = "auto" under a link whose speed changes (issue 13, item 2).
+
+The primary reaches the secondary through a TCP relay in this test process that
+forwards the node's four channels; the pages channel, primary to secondary, is paced
+to a few MB/s while the test says so. Real nodes, real sockets, a real slow link: the
+auto policy must turn lz4 on while the link is the limit and off again once it is not,
+and the SVM must end equal to the PVM.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from conftest import free_port, wait_until
+
+from pipeline.localpair import LocalPair
+from pipeline.xen_io.sim import SimDomain
+
+PAGES = 16384          # 64 MiB guest: the full sync alone is several windows of pages
+SLOW = 6e6             # bytes/s on the throttled pages channel
+
+
+class Relay:
+    """Forwards 127.0.0.1:listen+i to 127.0.0.1:target+i (i = 0..3: pages, control, inputs,
+    heartbeat). Bytes from the primary on the pages channel are paced to ``rate`` bytes/s
+    while ``rate`` is set."""
+
+    def __init__(self) -> None:
+        self.listen = free_port(4)
+        self.target = 0           # the secondary's base port, set before anyone connects
+        self.rate: float | None = None
+        self.stopped = threading.Event()
+        self.socks: list[socket.socket] = []
+        for i in range(4):
+            srv = socket.create_server(("127.0.0.1", self.listen + i))
+            srv.settimeout(0.2)
+            self.socks.append(srv)
+            threading.Thread(target=self._accept, args=(srv, i), daemon=True).start()
+
+    def _accept(self, srv: socket.socket, channel: int) -> None:
+        while not self.stopped.is_set():
+            try:
+                a, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target + channel))
+            except OSError:
+                a.close()
+                continue
+            self.socks += [a, b]
+            threading.Thread(target=self._pump, args=(a, b, channel == 0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
+        try:
+            while not self.stopped.is_set():
+                data = src.recv(16384)
+                if not data:
+                    break
+                rate = self.rate if paced else None
+                if rate:
+                    time.sleep(len(data) / rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        for s in self.socks:
+            s.close()
+
+
+def _switches(pair: LocalPair) -> list[str]:
+    """The send stage's compress decisions so far, in order ("lz4" / "none")."""
+    out = []
+    for line in pair.log_tail("primary", 10_000_000).splitlines():
+        if "event=compress mode=" in line:
+            out.append(line.split("event=compress mode=")[1].split()[0])
+    return out
+
+
+def _checkpoint_of_writes(pair: LocalPair, pages: int) -> None:
+    seq = pair.stage_counter("client", "pvm_input_seq")
+    pair.inject_input(SimDomain.write_command(pages))
+    wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq, 120,
+               "the PVM consumed the write command")
+    count = len(pair.checkpoints())
+    pair.request_checkpoint()
+    pair.wait_checkpoints(count + 1, timeout=300)
+
+
+def test_auto_compresses_on_a_slow_link_and_stops_when_it_is_fast(tmp_path):
+    relay = Relay()
+    relay.rate = SLOW
+    pair = LocalPair({
+        "guest": {"backend": "sim", "page_count": PAGES},
+        "guest.workload": {"seed": 7, "input_rate_hz": 0.0},
+        "pipeline": {"compress": "auto"},
+        "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
+                       "epoch_timeout_ms": 300_000},
+    }, workdir=str(tmp_path), log_level="info",
+        # only the primary goes through the relay; the secondary listens where it always does
+        role_tables={"primary": {"peer": {"address": f"tcp://127.0.0.1:{relay.listen}"}}})
+    relay.target = pair.port
+    try:
+        with pair:
+            pair.start()
+            # slow link: the full sync's windows block on it and lz4 goes on
+            wait_until(lambda: "lz4" in _switches(pair), 600, "compress mode=lz4 on the slow "
+                       "link", interval=0.2)
+            pair.wait_protected(timeout=600)
+            assert pair.stage_counter("send", "windows_lz4") >= 1
+            # the link is fast again: checkpoints of a few MB each until raw comes back
+            relay.rate = None
+            after = len(_switches(pair))
+
+            def back_to_raw() -> bool:
+                if "none" in _switches(pair)[after:]:
+                    return True
+                _checkpoint_of_writes(pair, 3000)
+                return False
+            wait_until(back_to_raw, 600, "compress mode=none on the fast link", interval=0)
+            assert pair.stage_counter("send", "compress_switches") >= 2
+            info = pair.prove_memory_equal()
+            assert info["memory_equal"], info
+    finally:
+        relay.close()
