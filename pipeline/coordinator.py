@@ -33,6 +33,7 @@ from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
 from pipeline.failover.guard import guard_takeover, make_fence
 from pipeline.failover.witness import make_witness
+from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import HashTable, StageContext
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain
@@ -519,6 +520,11 @@ class SecondaryCoordinator(_Coordinator):
             if not self.svm_started:
                 self.domain.enable_dirty_log()
                 self.svm_started = True
+            # the SVM's epoch boundary, in order with its output (the comparator's commit)
+            if committed or self.last_epoch >= 0:
+                self.domain.mark_outputs(
+                    encode_boundary(BOUNDARY_COMMITTED, epoch) if committed else
+                    encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
             self.domain.resume()
         faults.point("secondary.applied")
         self._send(wire.encode_ack(

@@ -281,3 +281,25 @@ def test_standalone_holds_the_pvm_back_at_its_bound_and_loses_nothing(standalone
     assert counters["primary_frames_dropped"] == 0 and counters["frames_released"] == len(pvm)
     assert counters["backpressures"] >= 1 and counters["held_frames_peak"] <= 4 * 16
     assert answered >= 1 and counters["checkpoint_requests"] == answered
+
+
+def test_epoch_boundaries_decode_in_place_however_the_stream_is_cut():
+    from pipeline.net.framing import (BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK,
+                                      BOUNDARY_SNAPSHOT, Boundary, encode_boundary)
+    a, b = build.udp_frame(G, C, 1, 2, b"a"), build.udp_frame(G, C, 1, 2, b"b")
+    stream = (encode_frame(a) + encode_boundary(BOUNDARY_SNAPSHOT, 7) + encode_frame(b)
+              + encode_boundary(BOUNDARY_COMMITTED, 7) + encode_boundary(BOUNDARY_ROLLED_BACK,
+                                                                        7, 9))
+    want = [(a, 0), Boundary(BOUNDARY_SNAPSHOT, 7), (b, 0), Boundary(BOUNDARY_COMMITTED, 7),
+            Boundary(BOUNDARY_ROLLED_BACK, 7, 9)]
+    for step in (1, 3, 7, len(stream)):
+        d = FrameDecoder(False)
+        got = []
+        for i in range(0, len(stream), step):
+            got += d.feed(stream[i:i + step])
+        assert got == want and d.boundaries == 3 and d.malformed == 0
+    bad = FrameDecoder(False)
+    assert bad.feed(struct.pack("!IIQQ", 0xFFFFFFFF, 9, 1, 0) + encode_frame(a)) == [(a, 0)]
+    assert bad.malformed == 1
+    with pytest.raises(ValueError, match="unknown boundary kind"):
+        encode_boundary(9, 1)

@@ -177,3 +177,78 @@ def test_counter_mirror_fills_a_real_stage_counter_block(caplog):
     assert got["items_in"] == 5 and got["items_out"] == 3
     assert got["frames_released"] == 3 and got["primary_frames_in"] == 3
     assert caplog.text.count("has no 'commits'") == 1
+
+
+class RecordingControl:
+    """A control with no event channel: epochs come only in-band; requests are kept."""
+
+    def __init__(self):
+        self.requests = []
+
+    def pollable(self):
+        return None
+
+    def request(self, cause, detail):
+        self.requests.append(cause)
+
+    def handle(self, events):
+        pass
+
+    def close(self):
+        pass
+
+
+def _in_band_run(order: str) -> tuple[list[bytes], list[str], list[bytes]]:
+    from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_SNAPSHOT, encode_boundary, \
+        encode_frame
+    from pipeline.net.loop import CompareLoop
+    rundir = tempfile.mkdtemp(prefix="ncmp-inband-")
+    path = {r: os.path.join(rundir, f"{r}.sock") for r in ("pvm", "svm", "out")}
+    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
+                           outdev="unix:" + path["out"], compare_timeout_ms=60000)
+    control = RecordingControl()
+    loop = CompareLoop(settings, control)
+    clients = []
+    try:
+        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+        clients = [pvm, svm, out]
+        for _ in range(20):
+            loop.run_once(0.01)          # accept the three peers
+        d_pvm = build.udp_frame(G, C, 7, 8, b"the PVM's reply", ip_id=1)
+        d_svm = build.udp_frame(G, C, 7, 8, b"the SVM's reply", ip_id=2)
+        later = [build.udp_frame(G, C, 7, 8, b"after the checkpoint %d" % i, ip_id=i)
+                 for i in range(3)]
+        pvm_stream = (encode_frame(d_pvm) + encode_boundary(BOUNDARY_SNAPSHOT, 0)
+                      + b"".join(encode_frame(f) for f in later))
+        svm_stream = (encode_frame(d_svm) + encode_boundary(BOUNDARY_COMMITTED, 0)
+                      + b"".join(encode_frame(f[:18] + b"\x00\x63" + f[20:]) for f in later))
+        first, second = (pvm, svm) if order == "pvm first" else (svm, pvm)
+        streams = {pvm: pvm_stream, svm: svm_stream}
+        first.send_bytes(streams[first])
+        released: list[bytes] = []
+        while loop.comparator.counters[("primary" if first is pvm else "secondary")
+                                       + "_frames_in"] < 4:
+            loop.run_once(0.05)
+        second.send_bytes(streams[second])
+        deadline = time.monotonic() + 20
+        while len(released) < 4 and time.monotonic() < deadline:
+            loop.run_once(0.05)
+            released += [f for f, _ in out.recv(0.01)]
+        return released, control.requests, [d_pvm, *later]
+    finally:
+        for c in clients:
+            c.close()
+        loop.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_in_band_boundaries_judge_each_frame_against_its_epoch():
+    """The SVM's commit boundary and the restored SVM's frames arrive before the PVM's
+    snapshot boundary, or after every PVM frame: either way the frames after the boundary
+    are compared with the restored SVM's and the ones before it with the old SVM's."""
+    released, requests, pvm = _in_band_run("svm first")
+    assert released == pvm
+    assert requests == []           # the commit covered the PVM's differing reply
+    released, requests, pvm = _in_band_run("pvm first")
+    assert released == pvm
+    assert requests == ["net_divergence"]      # the old SVM's reply differed: one request

@@ -120,6 +120,11 @@ class StreamEndpoint(FrameSource, FrameSink):
     def connected(self) -> bool:
         return self._peer is not None
 
+    @property
+    def boundaries(self) -> int:
+        """Epoch boundaries read so far (see :mod:`pipeline.net.framing`)."""
+        return self._decoder.boundaries
+
     def accept_pending(self) -> bool:
         """Take the waiting peer, if there is one and none is connected yet."""
         if self._peer is not None:
@@ -251,7 +256,10 @@ class StreamClient:
     def send_many(self, frames: list[bytes], give_up: Callable[[], bool] | None = None) -> None:
         """Send ``frames``; blocks while the peer does not read (back-pressure). With
         ``give_up``, checked every 0.1 s while blocked: True abandons the rest."""
-        data = b"".join(encode_frame(f, 0, self.vnet_hdr) for f in frames)
+        self.send_bytes(b"".join(encode_frame(f, 0, self.vnet_hdr) for f in frames), give_up)
+
+    def send_bytes(self, data: bytes, give_up: Callable[[], bool] | None = None) -> None:
+        """Send bytes already framed (frames, epoch boundaries); see :meth:`send_many`."""
         if give_up is None:
             self.sock.sendall(data)
             return

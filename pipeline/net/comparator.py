@@ -198,7 +198,8 @@ class Comparator:
         #: a PVM frame did not fit: the caller stops reading the PVM until a commit
         self.blocked = False
         self._blocked_since = 0.0
-        #: PVM frames (and snapshot boundaries, ``(None, epoch)``) not taken yet, in order
+        #: PVM frames (and snapshot boundaries: ``(None, epoch)``, ``(None, -1 - epoch)`` when
+        #: the boundary came as an event) not taken yet, in order
         self._stalled: deque[tuple[bytes | None, int]] = deque()
         #: the SVM's side overflowed: its frames are discarded until the next commit
         self._svm_overflow = False
@@ -344,8 +345,8 @@ class Comparator:
         stalled = self._stalled
         while stalled and not self.blocked:
             frame, vnet = stalled.popleft()
-            if frame is None:
-                self.epoch = max(self.epoch, vnet + 1)     # a snapshot boundary kept in line
+            if frame is None:          # a snapshot boundary kept in line (< 0: not in-band)
+                self._snapshot(vnet if vnet >= 0 else -1 - vnet, vnet >= 0)
             elif self.passthrough or self.epoch <= self.committed:
                 self._release_frames([(frame, vnet)])
             else:
@@ -677,12 +678,21 @@ class Comparator:
         return sum(1 for frame, _ in self._stalled if frame is not None)
 
     # ------------------------------------------------------------ checkpoints
-    def on_snapshot(self, epoch: int) -> None:
+    def on_snapshot(self, epoch: int, in_band: bool = False) -> None:
         """The PVM was snapshotted at the end of ``epoch``: later frames belong to ``epoch + 1``.
-        In order with :meth:`push_primary`: while PVM frames are kept back it waits behind them."""
+        In order with :meth:`push_primary`: while PVM frames are kept back it waits behind them.
+        ``in_band``: the boundary came in the PVM's stream, so every PVM frame before it is
+        of ``epoch`` or earlier, whatever an event on another channel said before."""
         if self._stalled:
-            self._stalled.append((None, epoch))
+            self._stalled.append((None, epoch if in_band else -1 - epoch))
             return
+        self._snapshot(epoch, in_band)
+
+    def _snapshot(self, epoch: int, in_band: bool) -> None:
+        if in_band and self.epoch > epoch:
+            for held, _ in self._arrivals:
+                if held.primary and held.epoch > epoch:
+                    held.epoch = epoch
         self.epoch = max(self.epoch, epoch + 1)
 
     def on_committed(self, epoch: int, snapshot_seen: bool = True) -> None:

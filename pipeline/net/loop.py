@@ -1,6 +1,13 @@
 """The comparator's event loop: polls the adapters and the control channel, hands
 frames to the comparator (and the rewriter), flushes the sinks, runs the timeout scan.
-Used by the stage process and by the standalone drop-in alike."""
+Used by the stage process and by the standalone drop-in alike.
+
+Epoch boundaries come in-band when the senders put them in the frame streams
+(:class:`pipeline.net.framing.Boundary`; the node's output ports do): the PVM's
+snapshot boundary in the PVM's stream, the SVM's commit (or rollback) boundary in
+the SVM's stream. Once a side's stream has carried one, the control channel's
+``snapshot`` (PVM) or ``committed`` (SVM) events are ignored for that side: they
+travel on another channel and would race its frames."""
 from __future__ import annotations
 
 import gc
@@ -21,6 +28,8 @@ from pipeline.net.adapters import (
 )
 from pipeline.net.comparator import PRIMARY, SECONDARY, Comparator, CounterSink
 from pipeline.net.control import NoControl
+from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, BOUNDARY_SNAPSHOT, \
+    Boundary
 from pipeline.net.mirror import InputMirror
 from pipeline.net.rewriter import SeqRewriter
 from pipeline.net.settings import NetSettings
@@ -115,6 +124,8 @@ class CompareLoop:
             if source is not None:
                 self._roles.append((source, handler))
         self._handlers = {handler for _, handler in self._roles}
+        #: the side's epoch boundaries come in its own frame stream (see the module doc)
+        self.in_band = [False, False]
         self._plan_key: tuple | None = None
         self._plan: tuple = ()
         self._next_scan = 0.0
@@ -140,6 +151,34 @@ class CompareLoop:
                 frame = rewriter.from_secondary(frame, vnet)
             push(frame, vnet)
 
+    def _from_stream(self, handler, items) -> None:
+        """A batch with epoch boundaries in it: frames between them go to ``handler``."""
+        start = 0
+        for i, item in enumerate(items):
+            if type(item) is Boundary:
+                if start < i:
+                    handler(items[start:i])
+                self._boundary(handler, item)
+                start = i + 1
+        if start < len(items):
+            handler(items[start:])
+
+    def _boundary(self, handler, b: Boundary) -> None:
+        if handler == self._from_primary and b.kind == BOUNDARY_SNAPSHOT:
+            self.in_band[PRIMARY] = True
+            self._snapshot(b.epoch, in_band=True)
+        elif handler == self._from_secondary and b.kind == BOUNDARY_COMMITTED:
+            self.in_band[SECONDARY] = True
+            # the PVM's snapshot boundary of this epoch may still be ahead in its stream
+            self._committed(b.epoch, snapshot_seen=False)
+        elif handler == self._from_secondary and b.kind == BOUNDARY_ROLLED_BACK:
+            self.in_band[SECONDARY] = True
+            self.comparator.on_rolled_back(b.epoch, b.aborted)
+            self._svm_restored()
+        else:
+            self.comparator.note_malformed(PRIMARY if handler == self._from_primary
+                                           else SECONDARY, f"unexpected {b!r} in this stream")
+
     def _from_client(self, frames) -> None:
         for frame, vnet in frames:
             if self.primary_out is not None:
@@ -150,12 +189,20 @@ class CompareLoop:
     # ------------------------------------------------- checkpoint events
     # (called by the control: CoordinatorControl, XenNotify)
     def on_snapshot(self, epoch: int) -> None:
-        self.comparator.on_snapshot(epoch)
+        if not self.in_band[PRIMARY]:
+            self._snapshot(epoch)
+
+    def on_committed(self, epoch: int) -> None:
+        if not self.in_band[SECONDARY]:
+            self._committed(epoch, snapshot_seen=not self.in_band[PRIMARY])
+
+    def _snapshot(self, epoch: int, in_band: bool = False) -> None:
+        self.comparator.on_snapshot(epoch, in_band)
         if self.mirror is not None:
             self.mirror.hold(epoch + 1)
 
-    def on_committed(self, epoch: int) -> None:
-        self.comparator.on_committed(epoch)
+    def _committed(self, epoch: int, snapshot_seen: bool) -> None:
+        self.comparator.on_committed(epoch, snapshot_seen=snapshot_seen)
         self._svm_restored()
 
     def on_flush(self) -> None:
@@ -228,9 +275,13 @@ class CompareLoop:
             if action in self._handlers:
                 if action == self._from_primary and self.comparator.blocked:
                     continue       # blocked by an earlier source in this round
+                seen = getattr(pollable, "boundaries", 0)
                 frames = pollable.recv()
                 if frames:
-                    action(frames)
+                    if getattr(pollable, "boundaries", 0) != seen:
+                        self._from_stream(action, frames)
+                    else:
+                        action(frames)
             else:
                 action()
         now = time.monotonic()

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from pipeline import messages, wire
+from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
                                     write_slot)
@@ -149,6 +150,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             domain.pause()
             if disk is not None:
                 disk.set_epoch(epoch + 1)
+            # the network comparator's epoch boundary, in order with the PVM's output
+            domain.mark_outputs(encode_boundary(BOUNDARY_SNAPSHOT, epoch))
             t_paused = time.perf_counter_ns()
             priority.urgent(True)
             dirty = domain.read_and_clear_dirty()

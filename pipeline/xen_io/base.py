@@ -17,6 +17,10 @@ from collections.abc import Iterator
 import numpy as np
 
 
+#: the seq ``read_outputs`` gives an output mark (see :meth:`Domain.mark_outputs`)
+OUTPUT_MARK = (1 << 64) - 1
+
+
 class DomainError(RuntimeError):
     """A hypervisor call failed. The message names the call, the domain and the cause."""
 
@@ -109,6 +113,13 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     def set_vcpu_state(self, blob: bytes) -> None:
         """Load a blob produced by :meth:`get_vcpu_state` of the peer domain. Guest paused."""
+
+    # -- output stream --------------------------------------------------
+    def mark_outputs(self, tag: bytes) -> None:
+        """Put ``tag`` into the guest's output stream where it stands now (guest paused):
+        whoever reads the outputs gets it between the frames emitted before and after, so
+        an epoch boundary travels in order with the guest's output. Backends whose
+        output does not pass through the pipeline ignore it."""
 
     # -- lifetime -------------------------------------------------------
     def before_fork(self) -> None:

@@ -37,6 +37,12 @@ it); a 16-byte blake3 check closes it.
 An output frame (``read_outputs``): input seq (8 bytes LE) | blake3 over the seq, the
 input's key and the first up to 64 pages it wrote (32 bytes) | the first 16 bytes of
 the first page it wrote.
+
+Output marks (``mark_outputs``, guest paused): the guest counts the bytes it wrote to
+its output pipe; a mark records that count and its tag in a ring in the control
+mapping (it needs no room in the pipe, so it never waits for a reader that is itself
+waiting for a checkpoint), and ``read_outputs`` returns it between the frames
+written before and after it.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ from functools import lru_cache
 import blake3
 import numpy as np
 
-from .base import Domain, DomainError
+from .base import OUTPUT_MARK, Domain, DomainError
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
 from .input_log import InputLog
@@ -161,6 +167,8 @@ def _hex_columns(values: np.ndarray, width: int) -> np.ndarray:
 
 _WRITE_COMMAND = struct.Struct("<16sQ")
 _WRITE_MAGIC = b"COLO-SIM-WRITE\x00\x01"
+#: an input the guest answers with real randomness (one reply its peer cannot reproduce)
+_NONDET_COMMAND = b"COLO-SIM-NONDET\x01"
 
 
 def _command_pages(payload: bytes) -> int | None:
@@ -254,6 +262,10 @@ W_NONDET_INPUTS = 13
 W_CLAMPED_COMMANDS = 14
 W_OUTPUT_STALLS = 15
 W_BAD_PAGE_REQUESTS = 16
+W_OUT_WRITTEN = 17   # bytes the guest wrote into its output pipe
+W_OUT_READ = 18      # bytes read out of it (by whichever process reads outputs)
+W_MARKS = 19         # output marks made so far
+W_MARKS_READ = 20    # output marks returned by read_outputs so far
 _WORDS = 32
 _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
              "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
@@ -264,7 +276,9 @@ _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
 _STATUS_STARTING, _STATUS_RUNNING, _STATUS_FAILED = 0, 1, 2
 _VCPU_OFF, _VCPU_CAP = 512, 512
 _ERROR_OFF, _ERROR_CAP = 1024, 1024
-_BITMAP_OFF = 2048
+_MARKS_OFF, _MARK_SLOT, _MARK_SLOTS = 2048, 64, 256   # ring of (offset u64, len u64, tag)
+_MARK_TAG_CAP = _MARK_SLOT - 16
+_BITMAP_OFF = _MARKS_OFF + _MARK_SLOT * _MARK_SLOTS
 
 _OUTPUT_HEADER = struct.Struct("<IQ")   # frame length, input seq
 #: the output frame hashes at most this many of the pages an input wrote
@@ -698,17 +712,63 @@ class SimDomain(Domain):
                 break
             chunks.append(chunk)
         data = b"".join(chunks)
-        frames = []
+        w = self._words
+        # where data[0] sits in the guest's output stream
+        base = w[W_OUT_READ] - len(self._out_pending)
+        w[W_OUT_READ] += len(data) - len(self._out_pending)
+        marks = self._new_marks()       # read after the pipe: a mark precedes what follows it
+        frames: list[tuple[int, bytes]] = []
         pos = 0
         while len(data) - pos >= _OUTPUT_HEADER.size:
+            while marks and marks[0][0] <= base + pos:
+                frames.append((OUTPUT_MARK, marks.pop(0)[1]))
+                w[W_MARKS_READ] += 1
             length, seq = _OUTPUT_HEADER.unpack_from(data, pos)
             end = pos + _OUTPUT_HEADER.size + length
             if end > len(data):
                 break
             frames.append((seq, data[pos + _OUTPUT_HEADER.size:end]))
             pos = end
+        while marks and marks[0][0] <= base + pos:
+            frames.append((OUTPUT_MARK, marks.pop(0)[1]))
+            w[W_MARKS_READ] += 1
         self._out_pending = data[pos:]
         return frames
+
+    def _new_marks(self) -> list[tuple[int, bytes]]:
+        w = self._words
+        made, read = int(w[W_MARKS]), int(w[W_MARKS_READ])
+        if made - read > _MARK_SLOTS:
+            raise DomainError(f"sim domain {self.name}: {made - read} output marks not read; "
+                              f"the ring holds {_MARK_SLOTS}")
+        out = []
+        for n in range(read, made):
+            at = _MARKS_OFF + (n % _MARK_SLOTS) * _MARK_SLOT
+            offset, length = struct.unpack_from("<QQ", self._ctl_map, at)
+            out.append((offset, bytes(self._ctl_map[at + 16:at + 16 + length])))
+        return out
+
+    def mark_outputs(self, tag: bytes) -> None:
+        """Put ``tag`` in the output stream after every frame emitted so far (guest paused);
+        read_outputs returns it as ``(OUTPUT_MARK, tag)``."""
+        self._require_paused("mark_outputs")
+        if len(tag) > _MARK_TAG_CAP:
+            raise ValueError(f"output mark of {len(tag)} bytes exceeds {_MARK_TAG_CAP}")
+        w = self._words
+        n = int(w[W_MARKS])
+        if n - int(w[W_MARKS_READ]) >= _MARK_SLOTS:
+            raise DomainError(f"sim domain {self.name}: {_MARK_SLOTS} output marks not read "
+                              "yet (is the output reader stuck?)")
+        at = _MARKS_OFF + (n % _MARK_SLOTS) * _MARK_SLOT
+        struct.pack_into("<QQ", self._ctl_map, at, int(w[W_OUT_WRITTEN]), len(tag))
+        self._ctl_map[at + 16:at + 16 + len(tag)] = tag
+        w[W_MARKS] = n + 1              # last: a reader sees the mark only once it is whole
+
+    @staticmethod
+    def nondeterministic_command() -> bytes:
+        """An input whose reply mixes in real randomness: a peer fed the same input diverges
+        exactly once."""
+        return _NONDET_COMMAND
 
     @staticmethod
     def write_command(npages: int) -> bytes:
@@ -862,7 +922,8 @@ class _Guest:
         st = self.state
         p = self.spec.nondeterminism
         salt = bytes(16)
-        if p > 0 and int.from_bytes(os.urandom(4), "little") < p * (1 << 32):
+        if payload == _NONDET_COMMAND or (
+                p > 0 and int.from_bytes(os.urandom(4), "little") < p * (1 << 32)):
             salt = os.urandom(16)  # real randomness: a peer cannot reproduce this input
             self.w[W_NONDET_INPUTS] += 1
         # the key depends on the guest's history (acc), the input, and two pages it reads,
@@ -947,6 +1008,7 @@ class _Guest:
         while True:
             try:
                 os.write(out_w, message)  # < PIPE_BUF: all or nothing
+                self.w[W_OUT_WRITTEN] += len(message)   # before any pause: marks count it
                 self._last_digest = frame[8:40]
                 return True
             except BlockingIOError:

@@ -1,0 +1,112 @@
+"""The comparator inside a real primary/secondary pair of sim guests: epoch boundaries
+travel in-band with each guest's output, so deterministic guests never diverge under
+sustained load, and one nondeterministic reply makes exactly one checkpoint."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.checkpoint_api import CAUSES
+from pipeline.localpair import LocalPair
+from pipeline.xen_io.sim import SimDomain
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _tables(rate: float) -> dict:
+    return {
+        "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+                "secondary_in": "unix:{workdir}/net-svm.sock",
+                "compare_timeout_ms": 20000},
+        "guest": {"backend": "sim", "page_count": 4096},
+        "guest.workload": {"seed": 3, "pages_per_input": 4, "input_rate_hz": rate},
+        # short epochs: many commits while frames are in flight on both sides
+        "checkpoint": {"max_interval_ms": 40, "min_interval_ms": 10,
+                       "dirty_threshold_pages": 100000, "epoch_timeout_ms": 20000},
+    }
+
+
+def _causes(pair: LocalPair, since: int = 0) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for cp in pair.checkpoints()[since:]:
+        name = CAUSES[cp["cause"]]
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def _wait_counter(pair: LocalPair, name: str, at_least: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pair.stage_counter("net_compare", name)
+        if value >= at_least:
+            return value
+        pair.check_alive()
+        assert time.monotonic() < deadline, f"net_compare {name} = {value} < {at_least}"
+        time.sleep(0.02)
+
+
+def test_deterministic_guests_under_load_take_no_net_checkpoint(tmp_path):
+    with LocalPair(_tables(rate=800.0), workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected()
+        start = len(pair.checkpoints())
+        released = pair.stage_counter("net_compare", "frames_released")
+        # thousands of frame pairs across dozens of commits
+        _wait_counter(pair, "frames_released", released + 3000)
+        pair.wait_checkpoints(start + 40)
+        causes = _causes(pair, start)
+        assert "net_divergence" not in causes and "net_timeout" not in causes, causes
+        assert "net_queue_full" not in causes, causes
+        assert pair.stage_counter("net_compare", "mismatches") == 0
+        assert pair.stage_counter("net_compare", "timeouts") == 0
+        assert pair.stage_counter("net_compare", "malformed_frames") == 0
+
+
+def test_one_nondeterministic_reply_makes_exactly_one_net_checkpoint(tmp_path):
+    with LocalPair(_tables(rate=200.0), workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected()
+        _wait_counter(pair, "frames_released", 200)
+        assert pair.stage_counter("net_compare", "mismatches") == 0
+        pair.inject_input(SimDomain.nondeterministic_command())
+        _wait_counter(pair, "mismatches", 1)
+        # the pair goes on: many more matched frames and commits after it
+        released = pair.stage_counter("net_compare", "frames_released")
+        _wait_counter(pair, "frames_released", released + 600)
+        commits = pair.stage_counter("net_compare", "commits")
+        _wait_counter(pair, "commits", commits + 20)
+        causes = _causes(pair)
+        assert causes.get("net_divergence") == 1, causes
+        assert "net_timeout" not in causes, causes
+        assert pair.stage_counter("net_compare", "mismatches") == 1
+
+
+def test_sim_output_marks_sit_between_the_frames_before_and_after_them():
+    from pipeline.xen_io.base import OUTPUT_MARK
+    from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+    dom = open_sim_domain("marks", 256, WorkloadSpec(pages_per_input=1))
+    try:
+        dom.start(paused=False)
+        seen: list[tuple[int, bytes]] = []
+        for round_ in range(3):
+            for _ in range(5):
+                dom.feed_input(b"x")
+            dom.wait_for_input_seq(5 * (round_ + 1))
+            if round_ == 1:
+                seen += dom.read_outputs(0.0)      # some read before the mark, some after
+            dom.pause()
+            dom.mark_outputs(b"mark %d" % round_)
+            dom.mark_outputs(b"again %d" % round_)
+            dom.resume()
+        deadline = time.monotonic() + 10
+        while sum(1 for s, _ in seen if s != OUTPUT_MARK) < 15:
+            assert time.monotonic() < deadline
+            seen += dom.read_outputs(0.1)
+        order = [f.decode() if s == OUTPUT_MARK else s for s, f in seen]
+        assert order == [0, 1, 2, 3, 4, "mark 0", "again 0", 5, 6, 7, 8, 9, "mark 1",
+                         "again 1", 10, 11, 12, 13, 14, "mark 2", "again 2"]
+        with pytest.raises(Exception, match="paused"):
+            dom.mark_outputs(b"running")
+    finally:
+        dom.close()
