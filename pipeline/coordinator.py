@@ -1,20 +1,24 @@
-"""The checkpoint state machine of each side (DESIGN.md, "One checkpoint").
+"""The checkpoint protocol of each side (docs/architecture.md, "One checkpoint").
 
-Primary, per epoch e:
-  1. decide: timer, dirty threshold, or a comparator's request (never faster than
-     ``min_interval_ms``); send CHECKPOINT_BEGIN(e) to the secondary;
-  2. have the snapshot stage pause the PVM, copy its dirty pages and vCPU state into
-     the rings and resume it; publish ``snapshot``;
-  3. wait for SVM_DIRTY(e), the send stage's "sent e", and ACK(e);
-  4. committed: fold the epoch's page hashes into the hash table, publish ``committed``
-     (comparators release what they held). Aborted or timed out: the epoch's pages are
-     carried into the next epoch (they left the dirty log but never reached the SVM).
+``PrimaryCoordinator.checkpoint`` and ``SecondaryCoordinator.checkpoint`` are one epoch
+each, read top to bottom, step for step the two halves of one exchange (as QEMU's
+``colo_do_checkpoint_transaction`` and ``colo_process_incoming_thread`` are):
 
-Secondary, per epoch e:
-  1. on CHECKPOINT_BEGIN(e): pause the SVM, read and clear its dirty log, answer SVM_DIRTY;
-  2. when the restore stage says e is assembled: have it apply e (or roll back), resume
-     the SVM, answer ACK(e); a BEGIN whose epoch does not complete within
-     ``epoch_timeout_ms`` is aborted.
+  primary, epoch e                              secondary, epoch e
+  1. send CHECKPOINT_BEGIN(e)             --->  1. pause the SVM, read and clear its
+                                                   dirty log, answer SVM_DIRTY(e)
+  2. the snapshot stage pauses the PVM,         2. wait until the restore stage has
+     copies its dirty pages and vCPU state,        assembled e (every page verified), or
+     resumes it; publish ``snapshot``              e is torn (timeout, newer BEGIN,
+  3. wait for SVM_DIRTY(e), the send stage's       primary lost)
+     Sent(e) and ACK(e)                     <---  3. have e applied (or rolled back),
+                                                   resume the SVM, answer ACK(e)
+  4. committed: fold the epoch's hashes in,     4. committed: publish ``committed``;
+     publish ``committed``; torn: carry the        torn: publish ``aborted``
+     epoch's pages into the next
+
+Which node holds the active role, and the secondary's takeover when the primary is lost,
+are ``pipeline/failover/takeover.py``; the coordinators call it.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,8 +36,7 @@ from pipeline import faults, messages, sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
-from pipeline.failover.guard import guard_takeover, make_fence
-from pipeline.failover.witness import make_witness
+from pipeline.failover.takeover import PrimaryRole, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import HashTable, StageContext
 from pipeline.stages.send import Pending
@@ -51,16 +55,7 @@ class PeerLost(RuntimeError):
     """The heartbeat stage declared the peer lost."""
 
 
-class RoleLost(RuntimeError):
-    """This node may no longer act as the active side (the witness or the peer says so)."""
-
-
 PRECOPY_MAX_ROUNDS = 8   # live pre-copy rounds before the first paused checkpoint
-
-
-def witness_vm(settings: Settings) -> str:
-    """The name both nodes of a pair use for their VM at the witness."""
-    return settings.failover.witness_key or f"colo-{settings.peer.address.rsplit(':', 1)[1]}"
 
 
 def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> None:
@@ -111,11 +106,25 @@ class EpochResult:
 
 
 class _Coordinator:
-    """What both sides' coordinators share: the control channel and the node info."""
+    """What both sides' coordinators share: the control channel, the checkpoint bus, the
+    disk stage's control, and the node info. Made in ``__init__`` (in the coordinator's
+    own process), closed by :meth:`close`."""
 
     ctx: StageContext
     node: NodeCounters
-    control: zmq.Socket
+
+    def _open(self, settings: Settings, role: str) -> None:
+        self.nctx = sockets.NodeContext(settings)
+        self.control = sockets.control(self.nctx)
+        self.bus = CheckpointBus(settings.run_dir, self.nctx.ctx)
+        self.disk = None
+        if settings.disk.enabled:
+            from pipeline.stages.disk import DiskControl
+            self.disk = DiskControl(settings.run_dir, role)
+
+    def close(self) -> None:
+        self.bus.close()
+        self.nctx.close()
 
     def _send(self, msg: bytes) -> bool:
         return _send_control(self.control, msg, self.ctx, self.ctx.counters)
@@ -140,10 +149,9 @@ class PrimaryCoordinator(_Coordinator):
         self.last_checkpoint = 0.0
         self.pending_request: tuple[str, int] | None = None
         self.unprotected = False
-        self.witness = None
-        self.role_lost = ""
-        self.disk = None
+        self.role = PrimaryRole(settings, shared, self._info)
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
+        self._open(settings, "primary")
 
     # -- helpers ----------------------------------------------------------
 
@@ -151,17 +159,8 @@ class PrimaryCoordinator(_Coordinator):
         """Read the heartbeat stage's events; True if it declared the secondary lost."""
         lost = False
         while self.hb_events.poll(0):
-            ev = self.hb_events.recv()
-            if isinstance(ev, messages.PeerLost):
-                lost = True
-            elif isinstance(ev, (messages.PeerUp, messages.PeerBack)):
-                gen = int(ev.info.get("generation", 0))
-                if gen > self.shared.generation.value:
-                    # the other side took the active role in a later generation
-                    raise RoleLost(f"the peer is active in generation {gen} (ours "
-                                   f"{self.shared.generation.value})")
-        if self.role_lost:
-            raise RoleLost(self.role_lost)
+            lost = self.role.heard(self.hb_events.recv()) or lost
+        self.role.check()
         return lost
 
     def _progress(self, res: EpochResult, total: int, base: int) -> None:
@@ -233,20 +232,6 @@ class PrimaryCoordinator(_Coordinator):
                                          hdr.name, hdr.epoch, res.epoch)
 
     # -- the protocol -----------------------------------------------------
-    def take_role(self) -> None:
-        """With a witness, the primary holds the active role for a generation of its own
-        before its guest's output counts; if another node holds it, this one refuses."""
-        f = self.settings.failover
-        if f.witness == "none":
-            return
-        self.witness = make_witness(f, witness_vm(self.settings), on_lost=self._on_role_lost)
-        gen = self.witness.last_generation() + 1
-        if not self.witness.acquire(self.settings.node.name, gen):
-            raise RoleLost(f"the witness gives the active role to {self.witness.holder()}; "
-                           "this primary does not start")
-        self.shared.generation.value = gen
-        self._info(generation=gen)
-
     def checkpoint(self, cause: str, flags: int = 0, kind: str = "snapshot") -> EpochResult:
         """One epoch. ``kind``: "snapshot" (pause the PVM: a checkpoint), "sync" (all of
         memory, live) or "precopy" (what changed since the last round, live)."""
@@ -255,6 +240,7 @@ class PrimaryCoordinator(_Coordinator):
         self.shared.epoch.value = e + 1
         res = EpochResult(e, cause, time.time_ns())
         t0 = time.monotonic()
+        # 1. CHECKPOINT_BEGIN(e)
         if kind != "snapshot":
             flags |= wire.FLAG_SYNC
         else:
@@ -264,10 +250,12 @@ class PrimaryCoordinator(_Coordinator):
                 flags |= wire.FLAG_DIGEST
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         faults.point("primary.begin_sent")
+        # 2. the snapshot stage pauses the PVM, copies, resumes (Snapshotted arrives in 3.)
         self.snap_ctrl.send(messages.SyncCmd(e) if kind == "sync" else
                             messages.PrecopyCmd(e) if kind == "precopy" else
                             messages.SnapshotCmd(e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
+        # 3. wait for the snapshot, SVM_DIRTY(e), Sent(e) and ACK(e)
         want = {"snapshotted", "svm_dirty", "sent", "ack"}
         try:
             self._wait(deadline, want, res,
@@ -281,6 +269,7 @@ class PrimaryCoordinator(_Coordinator):
             # would stall its clients (the next secondary gets a fresh full sync)
             res.extra["peer_lost"] = True
         commit_ns = int((time.monotonic() - t0) * 1e9)
+        # 4. committed: the secondary holds the epoch's pages; torn: they go out again
         n = int(self.pending.count[0])
         if ok:
             faults.point("primary.acked")
@@ -398,10 +387,6 @@ class PrimaryCoordinator(_Coordinator):
         if not self.protect():
             self.go_unprotected()
 
-    def _on_role_lost(self, why: str) -> None:
-        """From the witness's keepalive thread: our lease is gone; the main loop stops."""
-        self.role_lost = f"the witness lease was lost: {why}"
-
     def next_trigger(self) -> tuple[str, int] | None:
         cp = self.settings.checkpoint
         since = (time.monotonic() - self.last_checkpoint) * 1000
@@ -431,17 +416,11 @@ class PrimaryCoordinator(_Coordinator):
         return None
 
     def run(self) -> None:
-        nctx = sockets.NodeContext(self.settings)
-        self.control = sockets.control(nctx)
-        self.bus = CheckpointBus(self.settings.run_dir, nctx.ctx)
         self._info(role="primary", state="connecting", epoch=-1,
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
-        if self.settings.disk.enabled:
-            from pipeline.stages.disk import DiskControl
-            self.disk = DiskControl(self.settings.run_dir, "primary")
         try:
-            self.take_role()
+            self.role.take()
             if not self.wait_for_secondary(self.settings.peer.connect_timeout_ms / 1000):
                 raise ProtocolError(f"no secondary answered at {self.settings.peer.address} "
                                     f"within {self.settings.peer.connect_timeout_ms} ms")
@@ -461,14 +440,12 @@ class PrimaryCoordinator(_Coordinator):
                     continue
                 self.checkpoint(*trig)
         finally:
-            if self.witness is not None:
-                self.witness.close()
+            self.role.close()
             try:
                 self.control.send(wire.encode_shutdown(self.epoch), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            self.bus.close()
-            nctx.close()
+            self.close()
 
 
 class SecondaryCoordinator(_Coordinator):
@@ -477,36 +454,39 @@ class SecondaryCoordinator(_Coordinator):
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.restore_ctrl, self.shared, self.hb_events = restore_ctrl, shared, hb_events
         self.c = ctx.counters
-        self.begun: dict[int, tuple[wire.CheckpointBegin, np.ndarray, float]] = {}
-        self.ready: dict[int, tuple[bool, str]] = {}
+        self.role = SecondaryRole(ctx, settings, domain, shared, self._info)
+        self.begins: deque[wire.CheckpointBegin] = deque()   # BEGINs not yet taken up
+        self.ready: dict[int, messages.Ready] = {}          # the restore stage's verdicts
+        self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
-        self.active = False
         self.last_epoch = -1
-        self.peer_generation = 0
-        self.peer_name = ""
-        self.witness = None
-        self.active_digests = 0
-        self.disk = None
         self.last_control: float | None = None
+        self._open(settings, "secondary")
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.restore_ctrl.fileno(), zmq.POLLIN)
+        self.poller.register(self.hb_events.fileno(), zmq.POLLIN)
 
-
-    def on_begin(self, begin: wire.CheckpointBegin) -> None:
+    # -- the protocol -----------------------------------------------------
+    def checkpoint(self, begin: wire.CheckpointBegin) -> None:
+        """One epoch, the other half of PrimaryCoordinator.checkpoint."""
+        epoch = begin.epoch
+        # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
-        self._send(wire.encode_svm_dirty(begin.epoch, dirty))
+        self._send(wire.encode_svm_dirty(epoch, dirty))
         faults.point("secondary.begin")
-        deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
-        self.begun[begin.epoch] = (begin, dirty, deadline)
-
-    def finish(self, epoch: int, ok: bool, reason: str) -> None:
-        begin, dirty, _ = self.begun.pop(epoch)
-        self.ready.pop(epoch, None)
+        # 2. wait until the restore stage has assembled e, or e is torn
+        verdict = self._wait(epoch, time.monotonic()
+                             + self.settings.checkpoint.epoch_timeout_ms / 1000)
+        if verdict is None:
+            return                  # the node is stopping
+        ok, reason = verdict
+        # 3. have e applied (or the SVM rolled back), resume the SVM, answer ACK(e)
         want_digest = bool(begin.flags & wire.FLAG_DIGEST)
-        if ok:
-            self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
-        else:
-            self.restore_ctrl.send(messages.AbortCmd(epoch, dirty, reason))
-        reply = self.restore_ctrl.recv()
+        self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest) if ok
+                               else messages.AbortCmd(epoch, dirty, reason))
+        reply = self._restore_reply(epoch)
         committed = isinstance(reply, messages.Applied)
         digest, input_seq, applied = b"", -1, 0
         if committed:
@@ -531,6 +511,7 @@ class SecondaryCoordinator(_Coordinator):
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
             "" if committed else reason, digest))
         faults.point("secondary.acked")
+        # 4. committed: the SVM goes on from e; torn: from the last committed epoch
         self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
                           "applied" if committed else "discarded", applied, len(dirty),
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
@@ -546,140 +527,87 @@ class SecondaryCoordinator(_Coordinator):
                                     pages_svm_dirty=len(dirty), pages_sent=applied,
                                     status=STATUS_COMMITTED if committed else STATUS_ABORTED)
 
+    def _wait(self, epoch: int, deadline: float) -> tuple[bool, str] | None:
+        """Until the restore stage's verdict on ``epoch``: (ok, reason). The primary lost,
+        a newer BEGIN or the deadline end the epoch torn; None when the node stops."""
+        while not self.ctx.stopping():
+            if self.lost is not None:
+                return False, "the primary was lost mid-epoch"
+            if self.begins:
+                return False, f"epoch {self.begins[0].epoch} began before it completed"
+            verdict = self.ready.pop(epoch, None)
+            if verdict is not None:
+                return verdict.ok, verdict.reason
+            left = deadline - time.monotonic()
+            if left < 0:
+                return False, (f"epoch incomplete after "
+                               f"{self.settings.checkpoint.epoch_timeout_ms} ms")
+            self._poll(min(left, 0.1))
+        return None
+
+    def _restore_reply(self, epoch: int) -> messages.Applied | messages.Aborted:
+        """The restore stage's answer to the command for ``epoch`` (a Ready of a later
+        epoch that comes first is kept for its turn)."""
+        while True:
+            reply = self.restore_ctrl.recv()
+            if isinstance(reply, messages.Ready):
+                self.ready[reply.epoch] = reply
+            elif reply.epoch == epoch:
+                return reply
+
     def run(self) -> None:
-        nctx = sockets.NodeContext(self.settings)
-        self.control = sockets.control(nctx)
-        self.bus = CheckpointBus(self.settings.run_dir, nctx.ctx)
-        if self.settings.disk.enabled:
-            from pipeline.stages.disk import DiskControl
-            self.disk = DiskControl(self.settings.run_dir, "secondary")
         self._info(role="secondary", state="waiting", epoch=-1,
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
-        poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
-        poller.register(self.restore_ctrl.fileno(), zmq.POLLIN)
-        poller.register(self.hb_events.fileno(), zmq.POLLIN)
         try:
             while not self.ctx.stopping():
-                events = dict(poller.poll(100))
-                if self.hb_events.fileno() in events:
-                    self.on_heartbeat()
-                if self.active:
-                    self.serve_requests()
-                if self.control in events:
-                    got = _recv_control(self.control, self.ctx, self.c)
-                    self.last_control = time.monotonic()
-                    if got is not None and not self.active:
-                        self.on_control(*got)
-                self.check_primary_silence()
-                if self.restore_ctrl.fileno() in events:
-                    m = self.restore_ctrl.recv()
-                    if isinstance(m, messages.Ready):
-                        self.ready[m.epoch] = (m.ok, m.reason)
-                now = time.monotonic()
-                for e in sorted(self.begun):
-                    if e in self.ready:
-                        self.finish(e, *self.ready[e])
-                    elif now > self.begun[e][2]:
-                        self.finish(e, False, f"epoch incomplete after "
-                                    f"{self.settings.checkpoint.epoch_timeout_ms} ms")
+                if self.begins:
+                    self.checkpoint(self.begins.popleft())
+                    continue
+                self._poll(0.1)
+                if self.lost is None and self.role.primary_silent(self.last_control,
+                                                                  self.svm_started):
+                    self.lost = (self.last_control, time.monotonic(), "control silence")
+                    self.last_control = None    # one decision per silence
+                    self.c.add("peer_lost", 1)
+                if self.lost is not None:
+                    last_seen, detected, by = self.lost
+                    self.lost = None
+                    self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by)
+                if self.role.active:
+                    self.role.serve(self.bus)
         finally:
-            if self.witness is not None:
-                self.witness.close()
-            self.bus.close()
-            nctx.close()
+            self.role.close()
+            self.close()
 
-    # -- failover ---------------------------------------------------------
-    def check_primary_silence(self) -> None:
-        """A second opinion beside the heartbeat: a protected secondary that hears nothing
-        on the control channel for longer than a checkpoint interval and an epoch timeout
-        together takes the primary for lost (the split-brain guard still decides)."""
-        if self.active or not self.svm_started or self.last_control is None:
-            return
-        cp = self.settings.checkpoint
-        limit = (cp.max_interval_ms + cp.epoch_timeout_ms) / 1000
-        if time.monotonic() - self.last_control > limit:
-            self.ctx.log.warning("event=primary_silent no control record for %.1f s", limit)
-            last, self.last_control = self.last_control, None   # one decision per silence
-            self.take_over(last_seen=last, detected=time.monotonic(),
-                           detected_by="control silence")
+    # -- what arrives ------------------------------------------------------
+    def _poll(self, timeout_s: float) -> None:
+        """Take in what arrived within ``timeout_s``: heartbeat events, control records,
+        the restore stage's verdicts."""
+        events = dict(self.poller.poll(timeout_s * 1000))
+        if self.hb_events.fileno() in events:
+            while self.hb_events.poll(0):
+                lost = self.role.heard(self.hb_events.recv())
+                if lost is not None:
+                    self.primary_lost(lost.last_seen, lost.detected, "heartbeat")
+        if self.control in events:
+            got = _recv_control(self.control, self.ctx, self.c)
+            self.last_control = time.monotonic()
+            if got is not None and not self.role.active:
+                self.on_control(*got)
+        if self.restore_ctrl.fileno() in events:
+            m = self.restore_ctrl.recv()
+            if isinstance(m, messages.Ready):
+                self.ready[m.epoch] = m
 
-    def on_heartbeat(self) -> None:
-        while self.hb_events.poll(0):
-            ev = self.hb_events.recv()
-            if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
-                self.peer_generation = int(ev.info.get("generation", 0))
-            elif isinstance(ev, messages.PeerLost) and not self.active:
-                self.take_over(last_seen=ev.last_seen, detected=ev.detected)
-
-    def take_over(self, last_seen: float, detected: float,
-                  detected_by: str = "heartbeat") -> None:
-        """The primary is lost: discard a torn epoch, pass the split-brain guard, and make
-        the SVM the active VM, going on from its own state."""
+    def primary_lost(self, last_seen: float, detected: float, detected_by: str) -> None:
+        """The primary is lost. Before protection there is nothing to take over from;
+        after it, an open epoch ends torn and then the takeover is tried (``run``)."""
         self.c.add("peer_lost", 1)
-        detect_ms = (detected - last_seen) * 1000
         if not self.svm_started:
-            self._info(state="primary lost before protection")
-            self.ctx.log.error("event=primary_lost the primary was lost before the first "
-                               "checkpoint committed: the SVM has no consistent state to take "
-                               "over from; staying passive")
+            self.role.refuse_unprotected()
             return
-        for e in sorted(self.begun):
-            self.finish(e, False, "the primary was lost mid-epoch")
-        f = self.settings.failover
-        vm = witness_vm(self.settings)
-        if self.witness is None and f.witness != "none":
-            self.witness = make_witness(f, vm)
-        # the next generation after any the peer or the witness knows of
-        generation = max(self.peer_generation,
-                         self.witness.last_generation() if self.witness else 0) + 1
-        ok, why = guard_takeover(make_fence(f), self.witness, self.settings.node.name,
-                                 generation, peer=self.peer_name, vm=vm)
-        if not ok:
-            self.c.add("takeovers_refused", 1)
-            self._info(state="standby", takeover_refused=why)
-            self.ctx.log.error("event=takeover_refused the SVM does not go live: %s", why)
-            return
-        self.shared.generation.value = generation
-        self.shared.active.value = 1
-        self.active = True
-        if self.domain.is_paused:
-            self.domain.resume()
-        takeover_ms = (time.monotonic() - detected) * 1000
-        self.c.add("takeovers", 1)
-        self._info(role="active", state="active", generation=generation,
-                   failover_detect_ms=round(detect_ms, 1), takeover_ms=round(takeover_ms, 1),
-                   failover_detected_by=detected_by,
-                   failover_detected_at=time.time() - (time.monotonic() - detected),
-                   active_since_epoch=self.last_epoch, takeover_guard=why)
-        self.bus.publish("role", self.last_epoch, role="active")
-        self.ctx.log.warning("epoch=%d event=takeover the SVM is the active VM (generation %d); "
-                             "detected %.0f ms after the last heartbeat, live %.0f ms later",
-                             self.last_epoch, generation, detect_ms, takeover_ms,
-                             extra={"epoch": self.last_epoch})
-
-    def serve_requests(self) -> None:
-        """Active: a "digest" request hashes all of the guest's memory between two inputs
-        (the input stream is held until the guest is idle), for checks and the demo."""
-        for cause, detail in self.bus.drain_requests():
-            if detail != "digest":
-                continue
-            self.shared.hold_inputs.value = 1
-            try:
-                deadline = time.monotonic() + 10
-                while (self.domain.input_seq() < self.domain.input_head
-                       and time.monotonic() < deadline):
-                    time.sleep(0.002)
-                self.domain.pause()
-                digest = self.domain.memory_digest()
-                seq = self.domain.vcpu_input_seq(self.domain.get_vcpu_state())
-                self.domain.resume()
-            finally:
-                self.shared.hold_inputs.value = 0
-            self.active_digests += 1
-            self._info(active_digest=digest.hex(), active_input_seq=seq,
-                       active_digests=self.active_digests)
+        self.lost = (last_seen, detected, detected_by)
 
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:
@@ -689,14 +617,11 @@ class SecondaryCoordinator(_Coordinator):
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
                                              self.domain.page_count, self.settings.node.name))
                 self.ctx.log.info("primary %r connected", hello.name)
-                self.peer_name = hello.name
+                self.role.peer_name = hello.name
                 if not self.svm_started:
                     self._info(state="syncing", peer=hello.name)
             elif hdr.type == wire.CHECKPOINT_BEGIN:
-                begin = wire.decode_checkpoint_begin(msg)
-                for e in [e for e in self.begun if e < begin.epoch]:
-                    self.finish(e, False, f"epoch {begin.epoch} began before it completed")
-                self.on_begin(begin)
+                self.begins.append(wire.decode_checkpoint_begin(msg))
             elif hdr.type == wire.SHUTDOWN:
                 self.ctx.log.info("the primary stopped on purpose")
                 self._info(state="peer stopped")

@@ -1,0 +1,197 @@
+"""The active role: who holds it, how the secondary takes it over, what it serves then.
+
+The coordinators (``pipeline/coordinator.py``) run the checkpoint protocol and call in
+here for everything about the role:
+
+- :class:`PrimaryRole`: with a witness, the primary holds the active role for a
+  generation of its own before its guest's output counts, and gives up (:class:`RoleLost`)
+  when its lease goes or the peer is active in a later generation.
+- :class:`SecondaryRole`: the secondary follows the peer's generation from the
+  heartbeat, decides that the primary is lost (heartbeat, or a silent control channel),
+  passes the split-brain guard (``guard.py``) and makes the SVM the active VM; while
+  active it answers "digest" requests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import messages
+from pipeline.failover.guard import guard_takeover, make_fence
+from pipeline.failover.witness import make_witness
+
+log = logging.getLogger(__name__)
+
+
+class RoleLost(RuntimeError):
+    """This node may no longer act as the active side (the witness or the peer says so)."""
+
+
+def witness_vm(settings: Any) -> str:
+    """The name both nodes of a pair use for their VM at the witness."""
+    return settings.failover.witness_key or f"colo-{settings.peer.address.rsplit(':', 1)[1]}"
+
+
+def peer_generation(ev: Any) -> int | None:
+    """The generation a heartbeat event reports the peer in (None: the event has none)."""
+    if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+        return int(ev.info.get("generation", 0))
+    return None
+
+
+class PrimaryRole:
+    """The primary's hold on the active role. ``shared.generation`` is the generation it
+    holds (0 without a witness); ``info(**kw)`` updates the node info."""
+
+    def __init__(self, settings: Any, shared: Any, info: Callable[..., None]) -> None:
+        self.settings, self.shared, self.info = settings, shared, info
+        self.witness = None
+        self.lost_reason = ""
+
+    def take(self) -> None:
+        """With a witness, hold the active role for a generation of our own; if another
+        node holds it, this one refuses to start."""
+        f = self.settings.failover
+        if f.witness == "none":
+            return
+        self.witness = make_witness(f, witness_vm(self.settings), on_lost=self._on_lost)
+        gen = self.witness.last_generation() + 1
+        if not self.witness.acquire(self.settings.node.name, gen):
+            raise RoleLost(f"the witness gives the active role to {self.witness.holder()}; "
+                           "this primary does not start")
+        self.shared.generation.value = gen
+        self.info(generation=gen)
+
+    def heard(self, ev: Any) -> bool:
+        """One heartbeat event: True if it says the secondary is lost. Raises RoleLost when
+        the peer is active in a later generation than ours."""
+        gen = peer_generation(ev)
+        if gen is not None and gen > self.shared.generation.value:
+            # the other side took the active role in a later generation
+            raise RoleLost(f"the peer is active in generation {gen} (ours "
+                           f"{self.shared.generation.value})")
+        return isinstance(ev, messages.PeerLost)
+
+    def check(self) -> None:
+        """Raises RoleLost once the witness lease is gone."""
+        if self.lost_reason:
+            raise RoleLost(self.lost_reason)
+
+    def _on_lost(self, why: str) -> None:
+        """From the witness's keepalive thread: our lease is gone; the main loop stops."""
+        self.lost_reason = f"the witness lease was lost: {why}"
+
+    def close(self) -> None:
+        if self.witness is not None:
+            self.witness.close()
+
+
+class SecondaryRole:
+    """The secondary's side of the role: standby until the primary is lost, then, if the
+    guard allows, active. ``info(**kw)`` updates the node info."""
+
+    def __init__(self, ctx: Any, settings: Any, domain: Any, shared: Any,
+                 info: Callable[..., None]) -> None:
+        self.ctx, self.settings, self.domain, self.shared = ctx, settings, domain, shared
+        self.info = info
+        self.c = ctx.counters
+        self.active = False
+        self.peer_generation = 0
+        self.peer_name = ""
+        self.witness = None
+        self.active_digests = 0
+
+    def heard(self, ev: Any) -> messages.PeerLost | None:
+        """One heartbeat event; the PeerLost event if it means the primary is lost."""
+        gen = peer_generation(ev)
+        if gen is not None:
+            self.peer_generation = gen
+        elif isinstance(ev, messages.PeerLost) and not self.active:
+            return ev
+        return None
+
+    def primary_silent(self, last_control: float | None, protected: bool) -> bool:
+        """A second opinion beside the heartbeat: a protected secondary that hears nothing
+        on the control channel for longer than a checkpoint interval and an epoch timeout
+        together takes the primary for lost (the split-brain guard still decides)."""
+        if self.active or not protected or last_control is None:
+            return False
+        cp = self.settings.checkpoint
+        limit = (cp.max_interval_ms + cp.epoch_timeout_ms) / 1000
+        if time.monotonic() - last_control <= limit:
+            return False
+        self.ctx.log.warning("event=primary_silent no control record for %.1f s", limit)
+        return True
+
+    def refuse_unprotected(self) -> None:
+        """The primary was lost before the first checkpoint committed."""
+        self.info(state="primary lost before protection")
+        self.ctx.log.error("event=primary_lost the primary was lost before the first "
+                           "checkpoint committed: the SVM has no consistent state to take "
+                           "over from; staying passive")
+
+    def take_over(self, bus: Any, last_epoch: int, last_seen: float, detected: float,
+                  detected_by: str) -> bool:
+        """The primary is lost and no epoch is open: pass the split-brain guard and make
+        the SVM the active VM, going on from its own state. True if it went active."""
+        detect_ms = (detected - last_seen) * 1000
+        f = self.settings.failover
+        vm = witness_vm(self.settings)
+        if self.witness is None and f.witness != "none":
+            self.witness = make_witness(f, vm)
+        # the next generation after any the peer or the witness knows of
+        generation = max(self.peer_generation,
+                         self.witness.last_generation() if self.witness else 0) + 1
+        ok, why = guard_takeover(make_fence(f), self.witness, self.settings.node.name,
+                                 generation, peer=self.peer_name, vm=vm)
+        if not ok:
+            self.c.add("takeovers_refused", 1)
+            self.info(state="standby", takeover_refused=why)
+            self.ctx.log.error("event=takeover_refused the SVM does not go live: %s", why)
+            return False
+        self.shared.generation.value = generation
+        self.shared.active.value = 1
+        self.active = True
+        if self.domain.is_paused:
+            self.domain.resume()
+        takeover_ms = (time.monotonic() - detected) * 1000
+        self.c.add("takeovers", 1)
+        self.info(role="active", state="active", generation=generation,
+                  failover_detect_ms=round(detect_ms, 1), takeover_ms=round(takeover_ms, 1),
+                  failover_detected_by=detected_by,
+                  failover_detected_at=time.time() - (time.monotonic() - detected),
+                  active_since_epoch=last_epoch, takeover_guard=why)
+        bus.publish("role", last_epoch, role="active")
+        self.ctx.log.warning("epoch=%d event=takeover the SVM is the active VM (generation %d); "
+                             "detected %.0f ms after the last heartbeat, live %.0f ms later",
+                             last_epoch, generation, detect_ms, takeover_ms,
+                             extra={"epoch": last_epoch})
+        return True
+
+    def serve(self, bus: Any) -> None:
+        """Active: a "digest" request hashes all of the guest's memory between two inputs
+        (the input stream is held until the guest is idle), for checks and the demo."""
+        for _cause, detail in bus.drain_requests():
+            if detail != "digest":
+                continue
+            self.shared.hold_inputs.value = 1
+            try:
+                deadline = time.monotonic() + 10
+                while (self.domain.input_seq() < self.domain.input_head
+                       and time.monotonic() < deadline):
+                    time.sleep(0.002)
+                self.domain.pause()
+                digest = self.domain.memory_digest()
+                seq = self.domain.vcpu_input_seq(self.domain.get_vcpu_state())
+                self.domain.resume()
+            finally:
+                self.shared.hold_inputs.value = 0
+            self.active_digests += 1
+            self.info(active_digest=digest.hex(), active_input_seq=seq,
+                      active_digests=self.active_digests)
+
+    def close(self) -> None:
+        if self.witness is not None:
+            self.witness.close()
