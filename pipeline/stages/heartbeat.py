@@ -288,7 +288,10 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 seq += 1
                 send(msg, now)
                 # the next point of the grid after now: a late wake-up does not shift it
-                next_send = t0 + (math.floor((now - t0) / interval) + 1) * interval
+                k = math.floor((now - t0) / interval) + 1
+                if t0 + k * interval <= now:   # (now - t0) / interval rounded down a slot
+                    k += 1
+                next_send = t0 + k * interval
             # what arrived while we were away counts before we judge the silence
             receive(now)
             if peer.state == "up" and now - peer.last_seen > timeout:
