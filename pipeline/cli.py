@@ -130,6 +130,10 @@ def summarize(snapshot: dict) -> dict:
     cps = [c for c in snapshot["checkpoints"] if c["status"] == 0]
     pauses = [c["pvm_pause_ns"] / 1e6 for c in cps if c["pvm_pause_ns"]]
     commits = [c["commit_ns"] / 1e6 for c in cps if c["commit_ns"]]
+    # the split of each commit (pause, transfer, apply, ACK): p50 of each part
+    split = {part: round(_percentile([c.get(f"{part}_ns", 0) / 1e6 for c in cps
+                                      if c["commit_ns"]], 50), 3)
+             for part in ("transfer", "apply", "ack")}
     causes: dict[str, int] = {}
     for c in snapshot["checkpoints"]:
         name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
@@ -142,6 +146,7 @@ def summarize(snapshot: dict) -> dict:
         "pause_ms_p99": round(_percentile(pauses, 99), 3),
         "commit_ms_p50": round(_percentile(commits, 50), 3),
         "commit_ms_p99": round(_percentile(commits, 99), 3),
+        **{f"{part}_ms_p50": v for part, v in split.items()},
         "pages_dirty": sum(c["pages_dirty"] for c in cps),
         "pages_sent": sum(c["pages_sent"] for c in cps),
         "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
@@ -174,7 +179,9 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     lines.append(f"checkpoints {s['checkpoints']} ({rate:.1f}/s, aborted {s['aborted']})  "
                  f"causes {s['causes']}")
     lines.append(f"PVM pause p50/p99 {s['pause_ms_p50']}/{s['pause_ms_p99']} ms  commit p50/p99 "
-                 f"{s['commit_ms_p50']}/{s['commit_ms_p99']} ms  wire {s['bytes_sent'] / 1e6:.1f} "
+                 f"{s['commit_ms_p50']}/{s['commit_ms_p99']} ms (p50: transfer "
+                 f"{s['transfer_ms_p50']}, apply {s['apply_ms_p50']}, ACK {s['ack_ms_p50']})  "
+                 f"wire {s['bytes_sent'] / 1e6:.1f} "
                  f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
                  f"{s['pages_skipped_hash']}, zero {s['pages_zero']}")
     return "\n".join(lines)

@@ -150,6 +150,7 @@ class PrimaryCoordinator(_Coordinator):
         self.pending_request: tuple[str, int] | None = None
         self.unprotected = False
         self.role = PrimaryRole(settings, shared, self._info)
+        self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
         self._open(settings, "primary")
 
@@ -285,18 +286,29 @@ class PrimaryCoordinator(_Coordinator):
             self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e, reason,
                                  n, extra={"epoch": e})
         sent = res.sent or messages.Sent.nothing(e)
+        # where the commit went: the PVM pause, the pages' transfer (until the secondary
+        # had them all), the secondary's apply, and the rest: the control channel's
+        # BEGIN and ACK trips with the wake-ups around them (the ACK carries the
+        # secondary's two durations, its clock is not ours)
+        ack = res.ack
+        transfer_ns = max(0, ack.assembled_ns - res.pause_ns) if ack else 0
+        apply_ns = ack.apply_ns if ack else 0
+        ack_ns = max(0, commit_ns - res.pause_ns - transfer_ns - apply_ns) if ack else 0
         self.node.record_checkpoint(
             epoch=e, cause=CAUSES.index(cause), started_ns=res.started_ns,
             pvm_pause_ns=res.pause_ns, commit_ns=commit_ns, pages_dirty=res.pages_dirty,
+            transfer_ns=transfer_ns, apply_ns=apply_ns, ack_ns=ack_ns,
             pages_svm_dirty=max(res.svm_dirty, 0), pages_sent=sent.pages,
             pages_skipped_hash=sent.pages_ref, pages_zero=sent.pages_zero,
             bytes_wire=sent.bytes_wire, bytes_raw=sent.pages * self.domain.page_size,
             status=STATUS_COMMITTED if ok else STATUS_ABORTED, pvm_verify_ns=res.verify_ns)
         self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
-                          "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f",
+                          "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f "
+                          "transfer_ms=%.1f apply_ms=%.1f ack_ms=%.1f",
                           e, "committed" if ok else "aborted", cause, res.pages_dirty,
                           sent.pages, sent.pages_ref, sent.pages_zero, sent.bytes_wire,
-                          res.pause_ns / 1e6, commit_ns / 1e6, extra={"epoch": e})
+                          res.pause_ns / 1e6, commit_ns / 1e6, transfer_ns / 1e6,
+                          apply_ns / 1e6, ack_ns / 1e6, extra={"epoch": e})
         self._info(epoch=e, committed=ok)
         if ok and flags & wire.FLAG_DIGEST:
             svm = res.ack.memory_digest
@@ -409,8 +421,13 @@ class PrimaryCoordinator(_Coordinator):
             return pend
         if since >= cp.max_interval_ms:
             return ("timer", 0)
-        if since >= cp.min_interval_ms:
+        now = time.monotonic()
+        if since >= cp.min_interval_ms and now >= self.next_dirty_check:
             count = self.domain.dirty_count()
+            # a count walks the guest's whole dirty log (PAGEMAP_SCAN on the sim): every
+            # tick it took a fifth of a core from the stages on a 256 MiB guest; look at
+            # most every 20 times what a look costs (~5% of a core)
+            self.next_dirty_check = now + max(TICK_S, 20 * (time.monotonic() - now))
             if count >= cp.dirty_threshold_pages:
                 return ("dirty_threshold", 0)
         return None
@@ -471,6 +488,7 @@ class SecondaryCoordinator(_Coordinator):
     def checkpoint(self, begin: wire.CheckpointBegin) -> None:
         """One epoch, the other half of PrimaryCoordinator.checkpoint."""
         epoch = begin.epoch
+        t_begin = time.monotonic_ns()
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
@@ -482,6 +500,8 @@ class SecondaryCoordinator(_Coordinator):
         if verdict is None:
             return                  # the node is stopping
         ok, reason = verdict
+        # the two durations the ACK carries: the primary splits its commit time by them
+        t_ready = time.monotonic_ns()
         # 3. have e applied (or the SVM rolled back), resume the SVM, answer ACK(e)
         want_digest = bool(begin.flags & wire.FLAG_DIGEST)
         self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest) if ok
@@ -509,7 +529,8 @@ class SecondaryCoordinator(_Coordinator):
         faults.point("secondary.applied")
         self._send(wire.encode_ack(
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
-            "" if committed else reason, digest))
+            "" if committed else reason, digest, assembled_ns=t_ready - t_begin,
+            apply_ns=time.monotonic_ns() - t_ready))
         faults.point("secondary.acked")
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch
         self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,

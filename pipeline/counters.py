@@ -50,7 +50,8 @@ STAGE_COUNTERS = ("items_in", "items_out", "bytes_in", "bytes_out", "busy_ns", "
                   "ring_high_water", "errors")
 CHECKPOINT_FIELDS = ("epoch", "cause", "started_ns", "pvm_pause_ns", "commit_ns",
                      "pages_dirty", "pages_svm_dirty", "pages_sent", "pages_skipped_hash",
-                     "pages_zero", "bytes_wire", "bytes_raw", "status", "pvm_verify_ns")
+                     "pages_zero", "bytes_wire", "bytes_raw", "status", "pvm_verify_ns",
+                     "transfer_ns", "apply_ns", "ack_ns")
 STATUS_COMMITTED = 0
 STATUS_ABORTED = 1
 _U64_MAX = (1 << 64) - 1

@@ -284,7 +284,7 @@ def decode_epoch_end(msg: bytes | memoryview) -> EpochEnd:
 
 
 # -- ACK -----------------------------------------------------------------
-_ACK = struct.Struct("<IIQ32s")
+_ACK = struct.Struct("<IIQ32sQQ")
 
 
 @dataclass(frozen=True)
@@ -294,25 +294,28 @@ class Ack:
     pages_applied: int
     memory_digest: bytes   # 32 zero bytes unless the checkpoint asked for FLAG_DIGEST
     reason: str
+    assembled_ns: int = 0  # secondary: from CHECKPOINT_BEGIN received to the epoch assembled
+    apply_ns: int = 0      # secondary: from the epoch assembled to this ACK (apply, resume)
 
 
 def encode_ack(epoch: int, status: int, pages_applied: int = 0, reason: str = "",
-               memory_digest: bytes = b"") -> bytes:
+               memory_digest: bytes = b"", assembled_ns: int = 0, apply_ns: int = 0) -> bytes:
     raw = reason.encode()
     return _record(ACK, epoch, _ACK.pack(status, len(raw), pages_applied,
-                                         memory_digest.ljust(32, b"\0")), raw)
+                                         memory_digest.ljust(32, b"\0"), assembled_ns,
+                                         apply_ns), raw)
 
 
 def decode_ack(msg: bytes | memoryview) -> Ack:
     hdr, body = _body(msg, ACK)
     _need("ACK", body, _ACK.size, "the fixed fields")
-    status, rlen, applied, digest = _ACK.unpack_from(body, 0)
+    status, rlen, applied, digest, assembled_ns, apply_ns = _ACK.unpack_from(body, 0)
     if len(body) != _ACK.size + rlen:
         raise WireError(f"ACK: reason_length {rlen} does not match the body")
     if status not in (ACK_COMMITTED, ACK_ABORTED):
         raise WireError(f"ACK: unknown status {status}")
     return Ack(hdr.epoch, status, applied, digest,
-               bytes(body[_ACK.size:]).decode(errors="replace"))
+               bytes(body[_ACK.size:]).decode(errors="replace"), assembled_ns, apply_ns)
 
 
 # -- INPUT ---------------------------------------------------------------

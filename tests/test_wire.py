@@ -188,6 +188,10 @@ def test_ack_round_trip():
     msg = wire.encode_ack(22, wire.ACK_ABORTED, 0, reason="epoch torn: 3 pages missing — ß")
     assert wire.decode_ack(msg) == wire.Ack(22, wire.ACK_ABORTED, 0, bytes(32),
                                             "epoch torn: 3 pages missing — ß")
+    # the secondary's two durations (the primary splits its commit time by them)
+    msg = wire.encode_ack(23, wire.ACK_COMMITTED, 5, assembled_ns=2**40 + 7, apply_ns=123)
+    assert wire.decode_ack(msg) == wire.Ack(23, wire.ACK_COMMITTED, 5, bytes(32), "",
+                                            2**40 + 7, 123)
 
 
 @pytest.mark.parametrize("payload", [b"", b"x", bytes(range(256)) * 9])
@@ -426,8 +430,9 @@ def test_ack_reason_length_mismatch(delta):
     rejects(with_body(good, body), wire.decode_ack, "ACK", "reason_length")
 
 
-def test_ack_too_short():
-    rejects(record(wire.ACK, bytes(47)), wire.decode_ack, "ACK", "too short")
+@pytest.mark.parametrize("size", [47, 63])
+def test_ack_too_short(size):
+    rejects(record(wire.ACK, bytes(size)), wire.decode_ack, "ACK", "too short")
 
 
 # -- HELLO -----------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Where each checkpoint's commit time went (issue 13, item 3): the primary's checkpoint
+log and `colo-pipeline stats` split it into PVM pause, transfer, apply and ACK, the
+secondary's two durations riding in the ACK."""
+from __future__ import annotations
+
+import json
+
+from conftest import cli, wait_until
+
+from pipeline.localpair import LocalPair
+from pipeline.xen_io.sim import SimDomain
+
+
+def test_each_commit_is_split_into_pause_transfer_apply_and_ack(tmp_path):
+    with LocalPair({
+        "guest": {"backend": "sim", "page_count": 4096},
+        "guest.workload": {"seed": 3, "input_rate_hz": 0.0},
+        "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0},
+    }, workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected(timeout=300)
+        seq = pair.stage_counter("client", "pvm_input_seq")
+        pair.inject_input(SimDomain.write_command(500))
+        wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq, 120,
+                   "the PVM consumed the write command")
+        count = len(pair.checkpoints())
+        pair.request_checkpoint()
+        cp = pair.wait_checkpoints(count + 1, timeout=300)[-1]
+        assert cp["status"] == 0 and cp["pages_dirty"] >= 500
+        # every part was measured, and they add up to no more than the commit itself
+        assert cp["pvm_pause_ns"] > 0 and cp["transfer_ns"] > 0 and cp["apply_ns"] > 0
+        parts = cp["pvm_pause_ns"] + cp["transfer_ns"] + cp["apply_ns"] + cp["ack_ns"]
+        assert parts <= cp["commit_ns"] + 1_000, (parts, cp)
+        out = cli("stats", "--config", pair.configs["primary"], "--json")
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
+        assert summary["apply_ms_p50"] > 0 and "transfer_ms_p50" in summary
