@@ -1,25 +1,28 @@
 """Node configuration: one schema in code, TOML files on disk.
 
-The schema is a tree of frozen dataclasses; every field carries its documentation
-and its constraints in ``field(metadata=...)``, so the loader, ``check-config``
-and the generated reference page (docs/config.md) all read the same source.
-Errors name the file and the dotted key: ``demo.toml:checkpoint.min_interval_ms:
-must be >= 1 (expected an integer >= 1)``.
+The schema is a tree of frozen dataclasses written in the one style of
+``pipeline/schema.py``: every field carries its documentation and its limits in its
+metadata, each section checks itself on construction, so the loader, ``check-config``
+and the generated reference page (docs/config.md) all read the same source. Errors
+name the file and the dotted key: ``demo.toml:checkpoint.max_interval_ms: 0 is too
+small (expected an integer >= 1)``.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import wire
 from pipeline.disk.settings import DiskSettings
-from pipeline.net.settings import NetSettings
 from pipeline.failover.settings import FailoverSettings, HeartbeatSettings
+from pipeline.net.settings import NetSettings
+from pipeline.schema import Section, SettingError
+from pipeline.schema import section as _section
+from pipeline.schema import setting as _f
 
 
 class ConfigError(ValueError):
@@ -32,21 +35,9 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {problem}{tail}")
 
 
-def _f(default: Any, doc: str, *, choices: tuple = (), min: float | None = None,
-       max: float | None = None, pattern: str = "", pattern_doc: str = "") -> Any:
-    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "pattern": pattern,
-            "pattern_doc": pattern_doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _section(cls: type, doc: str) -> Any:
-    return field(default_factory=cls, metadata={"doc": doc})
-
-
 @dataclass(frozen=True)
-class NodeSettings:
+class NodeSettings(Section):
+    SECTION = "node"
     name: str = _f("colo", "Name of this node; names its shared memory (`colo-<name>-*`) and "
                    "its run directory, and is how `colo-pipeline stats` finds it.",
                    pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}",
@@ -57,7 +48,8 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
-class WorkloadSettings:
+class WorkloadSettings(Section):
+    SECTION = "guest.workload"
     seed: int = _f(1, "Seed of the sim guest's deterministic workload.", min=0)
     pages_per_input: int = _f(16, "Pages the sim guest writes per input.", min=1)
     run_length: int = _f(8, "The sim guest writes pages in runs of this many consecutive pages.",
@@ -70,9 +62,17 @@ class WorkloadSettings:
     input_rate_hz: float = _f(200.0, "Primary: client inputs fed to the guest per second.",
                               min=0.0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        total = self.mix_zero + self.mix_text + self.mix_random
+        if abs(total - 1.0) > 1e-6:
+            raise SettingError("guest.workload.mix_*",
+                               f"mix_zero + mix_text + mix_random = {total:g}", "1.0")
+
 
 @dataclass(frozen=True)
-class GuestSettings:
+class GuestSettings(Section):
+    SECTION = "guest"
     backend: str = _f("sim", "Hypervisor backend.", choices=("sim", "xen"))
     page_count: int = _f(16384, "sim: guest RAM in pages of 4 KiB.", min=16)
     domain: str = _f("", "xen: the domain's name or id.")
@@ -97,18 +97,44 @@ class GuestSettings:
                         "kernel when it can.", choices=("auto", "uffd", "bitmap"))
     workload: WorkloadSettings = _section(WorkloadSettings, "The sim guest's workload.")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend == "xen" and not self.domain:
+            raise SettingError("guest.domain", "missing for backend 'xen'",
+                               "the Xen domain's name or id")
+
 
 @dataclass(frozen=True)
-class PeerSettings:
+class PeerSettings(Section):
+    SECTION = "peer"
     address: str = _f("tcp://127.0.0.1:7400", "Secondary: the address it listens on; primary: "
                       "the secondary's address. Pages use this port, control port + 1, "
-                      "mirrored input port + 2.")
+                      "mirrored input port + 2, heartbeat port + 3.",
+                      rule="tcp://HOST:PORT, the port at most "
+                      f"{65535 - max(wire.CHANNEL_PORT_OFFSETS.values())}")
     connect_timeout_ms: int = _f(10000, "How long the primary waits for the secondary's HELLO.",
                                  min=100)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        addr = self.address
+        if not addr.startswith("tcp://") or ":" not in addr[6:] or addr[6:].startswith(":"):
+            raise SettingError("peer.address", f"{addr!r} is not a tcp address with a host",
+                               "tcp://HOST:PORT")
+        try:
+            port = int(addr.rsplit(":", 1)[1])
+        except ValueError:
+            raise SettingError("peer.address", f"{addr!r} has no numeric port",
+                               "tcp://HOST:PORT") from None
+        top = 65535 - max(wire.CHANNEL_PORT_OFFSETS.values())
+        if not 1 <= port <= top:
+            raise SettingError("peer.address", f"port {port} out of range",
+                               f"a port from 1 to {top} (the next three are used too)")
+
 
 @dataclass(frozen=True)
-class PipelineSettings:
+class PipelineSettings(Section):
+    SECTION = "pipeline"
     digest_workers: int = _f(2, "Primary: processes that hash and compress pages.", min=1,
                              max=64)
     verify_workers: int = _f(2, "Secondary: processes that decompress and verify pages.",
@@ -138,7 +164,8 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True)
-class CheckpointSettings:
+class CheckpointSettings(Section):
+    SECTION = "checkpoint"
     max_interval_ms: int = _f(2000, "Checkpoint at least this often.", min=1)
     min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
@@ -155,23 +182,40 @@ class CheckpointSettings:
                            "verify_ms). A mismatch is logged and counted "
                            "(memory_mismatches). 0: never.", min=0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_interval_ms > self.max_interval_ms:
+            raise SettingError("checkpoint.min_interval_ms",
+                               f"{self.min_interval_ms} is above max_interval_ms "
+                               f"{self.max_interval_ms}", "min_interval_ms <= max_interval_ms")
+
 
 @dataclass(frozen=True)
-class SecuritySettings:
+class SecuritySettings(Section):
+    SECTION = "security"
     mode: str = _f("curve", "How host-to-host channels are protected: CurveZMQ (encrypted, and "
                    "only the peer's key may connect) or plaintext (a warning at start; only "
                    "for a trusted, isolated network).", choices=("curve", "plaintext"))
     key_file: str = _f("", "curve: this node's secret key file, as written by `colo-pipeline "
-                       "keygen` (mode 0600). Relative paths are relative to the config file.")
-    peer_public_key_file: str = _f("", "curve: the peer's public key file (`*.key`).")
+                       "keygen` (mode 0600). Relative paths are relative to the config file.",
+                       rule="curve: required, a secret key file of mode 0600")
+    peer_public_key_file: str = _f("", "curve: the peer's public key file (`*.key`).",
+                                   rule="curve: required, a public key file")
 
 
 @dataclass(frozen=True)
-class MetricsSettings:
+class MetricsSettings(Section):
+    SECTION = "metrics"
     listen: str = _f("", "Serve the node's counters for Prometheus at http://HOST:PORT/metrics "
                      "(e.g. \"0.0.0.0:9464\", IPv6 \"[::]:9464\"); empty: no endpoint.",
                      pattern=r"(|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})",
                      pattern_doc="empty, or HOST:PORT such as 0.0.0.0:9464")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.listen and not 1 <= int(self.listen.rsplit(":", 1)[1]) <= 65535:
+            raise SettingError("metrics.listen", f"port of {self.listen!r} out of range",
+                               "a port from 1 to 65535")
 
 
 @dataclass(frozen=True)
@@ -208,11 +252,9 @@ class Settings:
         return max(4, -(-pages // self.pipeline.batch_pages))
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               tuple[str, ...]: "a list of strings"}
-
-
 def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
+    """The section ``cls`` from its table: unknown keys and non-tables are errors here,
+    every value is checked by the section itself (pipeline/schema.py)."""
     if not isinstance(data, dict):
         raise ConfigError(path, prefix.rstrip("."), f"is {type(data).__name__}", "a table")
     hints = typing.get_type_hints(cls)
@@ -222,79 +264,17 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
             raise ConfigError(path, prefix + key, "unknown key",
                               "one of " + ", ".join(sorted(fields)))
     values = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in data:
             continue
-        key, value, typ = prefix + name, data[name], hints[name]
-        if dataclasses.is_dataclass(typ):
-            values[name] = _build(typ, value, path, key + ".")
-            continue
-        meta = f.metadata
-        expected = _TYPE_NAMES.get(typ, str(typ))
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if typ == tuple[str, ...]:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(path, key, f"{value!r} is not a list of strings", expected)
-            values[name] = tuple(value)
-            continue
-        if type(value) is not typ:
-            raise ConfigError(path, key, f"{value!r} is {type(value).__name__}", expected)
-        if typ is float and not math.isfinite(value):
-            raise ConfigError(path, key, f"{value!r} is not a finite number", expected)
-        pattern = meta.get("pattern")
-        if pattern and not re.fullmatch(pattern, value):
-            raise ConfigError(path, key, f"{value!r} is not allowed", meta["pattern_doc"])
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(path, key, f"{value!r} is not allowed",
-                              "one of " + ", ".join(repr(c) for c in meta["choices"]))
-        lo, hi = meta.get("min"), meta.get("max")
-        if lo is not None and value < lo:
-            raise ConfigError(path, key, f"{value} is too small", f"{expected} >= {lo}")
-        if hi is not None and value > hi:
-            raise ConfigError(path, key, f"{value} is too large", f"{expected} <= {hi}")
-        values[name] = value
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], data[name], path, prefix + name + ".")
+        else:
+            values[name] = data[name]
     try:
         return cls(**values)
-    except ValueError as exc:   # a section that checks itself names "section.key" first
-        m = re.match(r"(\w+(?:\.\w+)+):?\s*(.*)", str(exc), re.S)
-        where, problem = (m.group(1), m.group(2)) if m else (prefix.rstrip("."), str(exc))
-        problem, sep, expected = problem.rpartition(" (expected ")
-        if not sep:
-            problem, expected = expected, ""
-        raise ConfigError(path, where, problem, expected.rstrip(")")) from None
-
-
-def _check(settings: Settings, path: str) -> None:
-    """Constraints that involve more than one key."""
-    w = settings.guest.workload
-    if abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) > 1e-6:
-        raise ConfigError(path, "guest.workload.mix_*", "mix_zero + mix_text + mix_random = "
-                          f"{w.mix_zero + w.mix_text + w.mix_random:g}", "1.0")
-    c = settings.checkpoint
-    if c.min_interval_ms > c.max_interval_ms:
-        raise ConfigError(path, "checkpoint.min_interval_ms",
-                          f"{c.min_interval_ms} is above max_interval_ms {c.max_interval_ms}",
-                          "min_interval_ms <= max_interval_ms")
-    if settings.guest.backend == "xen" and not settings.guest.domain:
-        raise ConfigError(path, "guest.domain", "missing for backend 'xen'",
-                          "the Xen domain's name or id")
-    listen = settings.metrics.listen
-    if listen and not 1 <= int(listen.rsplit(":", 1)[1]) <= 65535:
-        raise ConfigError(path, "metrics.listen", f"port of {listen!r} out of range",
-                          "a port from 1 to 65535")
-    addr = settings.peer.address
-    if not addr.startswith("tcp://") or ":" not in addr[6:] or addr[6:].startswith(":"):
-        raise ConfigError(path, "peer.address", f"{addr!r} is not a tcp address with a host",
-                          "tcp://HOST:PORT")
-    try:
-        port = int(addr.rsplit(":", 1)[1])
-    except ValueError:
-        raise ConfigError(path, "peer.address", f"{addr!r} has no numeric port",
-                          "tcp://HOST:PORT") from None
-    if not 1 <= port <= 65532:
-        raise ConfigError(path, "peer.address", f"port {port} out of range",
-                          "a port from 1 to 65532 (the next three are used too)")
+    except SettingError as exc:
+        raise ConfigError(path, exc.key, exc.problem, exc.expected) from None
 
 
 def _check_key_file(path: str, key: str, file: str, secret: bool) -> None:
@@ -338,7 +318,6 @@ def _resolve_keys(settings: Settings, path: str) -> Settings:
 def from_dict(data: dict, path: str = "<dict>") -> Settings:
     settings = _build(Settings, data, path, "")
     settings = dataclasses.replace(settings, source=path)
-    _check(settings, path)
     return _resolve_keys(settings, path)
 
 
@@ -361,7 +340,7 @@ def load(path: str) -> Settings:
 
 def peer_endpoints(settings: Settings) -> dict[str, str]:
     """The host-to-host channels' addresses (pages, control, inputs, heartbeat)."""
-    base, port = settings.peer.address.rsplit(":", 1)
-    p = int(port)
-    return {"pages": f"{base}:{p}", "control": f"{base}:{p + 1}", "inputs": f"{base}:{p + 2}",
-            "heartbeat": settings.heartbeat.address or f"{base}:{p + 3}"}
+    out = {ch: wire.channel_address(settings.peer.address, ch) for ch in wire.CHANNEL_PORT_OFFSETS}
+    if settings.heartbeat.address:
+        out["heartbeat"] = settings.heartbeat.address
+    return out

@@ -38,6 +38,16 @@ PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them ba
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
 EPOCH_END_FLAGS = FLAG_SYNC   # the CHECKPOINT_BEGIN flags an EPOCH_END repeats
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
+
+# The channels between the two hosts, by their port's offset from peer.address's port.
+CHANNEL_PORT_OFFSETS = {"pages": 0, "control": 1, "inputs": 2, "heartbeat": 3}
+
+
+def channel_address(peer_address: str, channel: str) -> str:
+    """The address of ``channel`` for a pair whose ``peer.address`` is ``peer_address``
+    (``tcp://HOST:PORT``): the same host, the port plus the channel's offset."""
+    base, port = peer_address.rsplit(":", 1)
+    return f"{base}:{int(port) + CHANNEL_PORT_OFFSETS[channel]}"
 ACK_COMMITTED, ACK_ABORTED = 0, 1
 
 _HEADER = struct.Struct("<4sHHQII")

@@ -6,9 +6,10 @@
     python3 scripts/gen_config_docs.py --stdout  # print the page
 
 Everything on the page comes from the code: the tables and keys with their types,
-defaults and constraints from the dataclasses' field metadata, the rules between
-keys from the ``ConfigError`` calls in pipeline/config.py, and the example error
-messages from running the loader on bad input. Edit the schema, then run this.
+defaults and limits from the dataclasses' field metadata (pipeline/schema.py), the
+rules between keys from the ``SettingError`` calls of the settings modules and the
+``ConfigError`` calls of pipeline/config.py, and the example error messages from
+running the loader on bad input. Edit the schema, then run this.
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline import config
+from pipeline.disk import settings as disk_settings
+from pipeline.failover import settings as failover_settings
+from pipeline.net import settings as net_settings
+
+#: every module that holds sections of the config (their rules between keys are listed)
+SETTINGS_MODULES = (config, failover_settings, disk_settings, net_settings)
 
 DEFAULT_OUTPUT = os.path.join(ROOT, "docs", "config.md")
 EXIT_STALE = 1
@@ -135,9 +142,11 @@ def allowed(key: Key, rule_keys: tuple[str, ...] = ()) -> str:
         parts.append(f"≤ {_number(hi)}")
     if m.get("pattern"):
         parts.append(m.get("pattern_doc") or f"matching `{m['pattern']}`")
+    if m.get("rule"):
+        parts.append(m["rule"])
     if any(fnmatch.fnmatchcase(key.dotted, pattern) for pattern in rule_keys):
         parts.append("see the [rules between keys](#rules-between-keys)")
-    return "; ".join(parts) or "any"
+    return "; ".join(parts) or ("true or false" if key.type is bool else "any")
 
 
 def _cell(text: str) -> str:
@@ -149,10 +158,10 @@ def _code(text: str) -> str:
 
 
 def cross_key_rules() -> list[tuple[str, str]]:
-    """The messages of the checks that involve several keys: every ``ConfigError(path,
-    "<literal key>", problem, expected)`` in pipeline/config.py, with the parts of the
-    problem that depend on the values shown as ``…``."""
-    source = inspect.getsource(config)
+    """The messages of the checks beyond one key's type and limits: every
+    ``SettingError("<literal key>", problem, expected)`` of the settings modules and every
+    ``ConfigError(path, "<literal key>", problem, expected)`` of pipeline/config.py, with
+    the parts of the problem that depend on the values shown as ``…``."""
     rules: list[tuple[str, str]] = []
 
     def text(node: ast.AST) -> str | None:
@@ -165,11 +174,16 @@ def cross_key_rules() -> list[tuple[str, str]]:
             return (left or "…") + (right or "…")
         return None
 
-    for node in ast.walk(ast.parse(source)):
-        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ConfigError"
-                and len(node.args) >= 3):
-            continue
-        key = node.args[1]
+    calls = []
+    for module in SETTINGS_MODULES:
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            name = getattr(getattr(node, "func", None), "id", None)
+            if isinstance(node, ast.Call) and name == "ConfigError" and len(node.args) >= 3:
+                calls.append(node.args[1:])
+            elif isinstance(node, ast.Call) and name == "SettingError" and len(node.args) >= 2:
+                calls.append(node.args)
+    for args in calls:
+        key = args[0]
         if isinstance(key, ast.JoinedStr):     # f"security.{key}": any key of the table
             key_text = "".join(v.value if isinstance(v, ast.Constant) else "*"
                                for v in key.values)
@@ -179,8 +193,8 @@ def cross_key_rules() -> list[tuple[str, str]]:
             continue      # the loader's per-key errors (a variable key): shown above
         if not key_text:
             continue      # errors about the whole file
-        problem = text(node.args[2]) or "…"
-        expected = text(node.args[3]) if len(node.args) > 3 else None
+        problem = text(args[1]) or "…"
+        expected = text(args[2]) if len(args) > 2 else None
         line = f"`{key_text}`: {problem}" + (f" (expected {expected})" if expected else "")
         if (key_text, line) not in rules:
             rules.append((key_text, line))
@@ -243,7 +257,8 @@ def default_toml() -> str:
 def render() -> str:
     ts = list(tables())
     rules = cross_key_rules()
-    rule_keys = tuple(dict.fromkeys(key for key, _ in rules))
+    # a rule whose key is computed ("net.*") is listed, not pointed to from every key
+    rule_keys = tuple(dict.fromkeys(key for key, _ in rules if not key.endswith(".*")))
     lines = [
         "# Configuration reference",
         "",

@@ -21,9 +21,9 @@ import pytest
 import zmq
 from conftest import free_port, wait_until
 
-from pipeline import messages
+from pipeline import messages, wire
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
-from pipeline.failover.settings import HeartbeatSettings, heartbeat_address
+from pipeline.failover.settings import HeartbeatSettings
 from pipeline.stages import heartbeat
 from pipeline.stages.common import StageContext, new_event, stage_main
 
@@ -150,7 +150,7 @@ def test_settings_are_validated_naming_the_key():
                     (dict(address="127.0.0.1:7403"), "heartbeat.address")):
         with pytest.raises(ValueError, match=key):
             HeartbeatSettings(**kw)
-    assert heartbeat_address("tcp://127.0.0.1:7400") == "tcp://127.0.0.1:7403"
+    assert wire.channel_address("tcp://127.0.0.1:7400", "heartbeat") == "tcp://127.0.0.1:7403"
 
 
 def _heard(side: Side) -> int:

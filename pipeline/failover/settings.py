@@ -1,54 +1,19 @@
-"""Settings of failover: the heartbeat and the split-brain guard (DESIGN.md, "Failover").
+"""Settings of failover: the heartbeat and the split-brain guard (docs/config.md,
+``[heartbeat]`` and ``[failover]``).
 
-Two frozen dataclasses, written like the sections of :mod:`pipeline.config` (every
-field carries its documentation and bounds in ``field(metadata=...)``), so they can
-become ``[heartbeat]`` and ``[failover]`` sections of the node's config. Each
-validates itself on construction: a bad value raises ``ValueError`` naming the key,
-e.g. ``heartbeat.interval_ms: 0 is too small (expected an integer >= 10)``.
-Lists (from TOML) are accepted for the tuple fields and stored as tuples.
+Two sections in the one style of :mod:`pipeline.schema`: every field carries its
+documentation and limits in its metadata, checked on construction; a bad value raises
+``SettingError`` naming the key, e.g. ``heartbeat.interval_ms: 0 is too small (expected
+an integer >= 10)``. Lists (from TOML) are accepted for the tuple fields and stored as
+tuples.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def _f(default: Any, doc: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"doc": doc, **meta})
-
-
-def _bad(section: str, key: str, problem: str, expected: str) -> ValueError:
-    return ValueError(f"{section}.{key}: {problem} (expected {expected})")
-
-
-def _int(section: str, key: str, value: Any, lo: int, hi: int) -> None:
-    if type(value) is not int:
-        raise _bad(section, key, f"{value!r} is {type(value).__name__}", "an integer")
-    if value < lo:
-        raise _bad(section, key, f"{value} is too small", f"an integer >= {lo}")
-    if value > hi:
-        raise _bad(section, key, f"{value} is too large", f"an integer <= {hi}")
-
-
-def _number(section: str, key: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
-        raise _bad(section, key, f"{value!r} is not a finite number", "a number")
-    if not lo <= value <= hi:
-        raise _bad(section, key, f"{value} is out of range", f"a number from {lo} to {hi}")
-
-
-def _tuple_of_str(obj: Any, section: str, key: str) -> tuple[str, ...]:
-    value = getattr(obj, key)
-    if isinstance(value, list):
-        value = tuple(value)
-        object.__setattr__(obj, key, value)
-    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-        raise _bad(section, key, f"{value!r} is not a list of strings", "a list of strings")
-    return value
-
+from pipeline.schema import Section, SettingError
+from pipeline.schema import setting as _f
 
 _TCP = re.compile(r"tcp://([^:/\s]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 _HTTP = re.compile(r"https?://([^:/\s]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})/?")
@@ -58,14 +23,16 @@ PRIORITIES = ("realtime", "nice", "normal")
 
 
 @dataclass(frozen=True)
-class HeartbeatSettings:
+class HeartbeatSettings(Section):
+    SECTION = "heartbeat"
     interval_ms: int = _f(100, "Each node sends a heartbeat this often, on its own channel "
                           "(peer.address port + 3).", min=10, max=10000)
     miss_count: int = _f(3, "The peer is lost after this many intervals without a valid "
                          "heartbeat (default: noticed 200-300 ms after it stopped).",
                          min=2, max=100)
     address: str = _f("", "The heartbeat channel, tcp://HOST:PORT (the secondary binds, the "
-                      "primary connects); empty: derived from peer.address.")
+                      "primary connects); empty: derived from peer.address.",
+                      rule="empty, or tcp://HOST:PORT")
     priority: str = _f("realtime", "Scheduling of the heartbeat process: real-time (SCHED_RR "
                        "at the lowest real-time priority, as corosync does; falls back to "
                        "nice -10, then normal, where not allowed), nice -10, or normal. "
@@ -74,19 +41,12 @@ class HeartbeatSettings:
                        "real-time kept every gap under 120 ms.", choices=PRIORITIES)
 
     def __post_init__(self) -> None:
-        _int("heartbeat", "interval_ms", self.interval_ms, 10, 10000)
-        _int("heartbeat", "miss_count", self.miss_count, 2, 100)
-        if self.priority not in PRIORITIES:
-            raise _bad("heartbeat", "priority", f"{self.priority!r} is not allowed",
-                       "one of " + ", ".join(repr(p) for p in PRIORITIES))
-        if not isinstance(self.address, str):
-            raise _bad("heartbeat", "address", f"{self.address!r} is not a string",
-                       "tcp://HOST:PORT")
+        super().__post_init__()
         if self.address:
             m = _TCP.fullmatch(self.address)
             if m is None or not 1 <= int(m.group(2)) <= 65535:
-                raise _bad("heartbeat", "address", f"{self.address!r} is not a tcp address "
-                           "with a host and a port", "tcp://HOST:PORT")
+                raise SettingError("heartbeat.address", f"{self.address!r} is not a tcp "
+                                   "address with a host and a port", "tcp://HOST:PORT")
 
     @property
     def timeout_s(self) -> float:
@@ -94,17 +54,12 @@ class HeartbeatSettings:
         return self.interval_ms * self.miss_count / 1000
 
 
-def heartbeat_address(peer_address: str) -> str:
-    """The heartbeat channel's address: ``peer.address`` with its port + 3."""
-    base, port = peer_address.rsplit(":", 1)
-    return f"{base}:{int(port) + 3}"
-
-
 WITNESSES = ("none", "local", "etcd")
 
 
 @dataclass(frozen=True)
-class FailoverSettings:
+class FailoverSettings(Section):
+    SECTION = "failover"
     fence_command: tuple[str, ...] = _f((), "argv of a command that makes sure the other node "
                                         "is down (e.g. powers its host off); it must exit 0 "
                                         "before the secondary goes live. `{peer}`, `{node}`, "
@@ -116,7 +71,8 @@ class FailoverSettings:
                       "generation: an etcd cluster (production), a lock file on this machine "
                       "(the one-machine demo only), or nobody.", choices=WITNESSES)
     etcd_endpoints: tuple[str, ...] = _f(("http://127.0.0.1:2379",),
-                                         "etcd: client URLs, tried in order.")
+                                         "etcd: client URLs, tried in order.",
+                                         rule="http(s)://HOST:PORT each")
     witness_key: str = _f("", "The key (etcd) or name (local) of the protected VM's active "
                           "role; empty: `/colo/<node name of the primary>/active`.")
     witness_dir: str = _f("/tmp/colo-pipeline/witness", "local: directory of the lock files "
@@ -126,29 +82,24 @@ class FailoverSettings:
                           "can the other node take over.", min=2, max=3600)
 
     def __post_init__(self) -> None:
-        s = "failover"
-        argv = _tuple_of_str(self, s, "fence_command")
-        if argv and not argv[0]:
-            raise _bad(s, "fence_command", "the program name is empty", "a program and its "
-                       "arguments")
-        _number(s, "fence_timeout_s", self.fence_timeout_s, 0.1, 3600)
-        if self.witness not in WITNESSES:
-            raise _bad(s, "witness", f"{self.witness!r} is not allowed",
-                       "one of " + ", ".join(repr(w) for w in WITNESSES))
-        eps = _tuple_of_str(self, s, "etcd_endpoints")
-        for ep in eps:
+        super().__post_init__()
+        if self.fence_command and not self.fence_command[0]:
+            raise SettingError("failover.fence_command", "the program name is empty",
+                               "a program and its arguments")
+        for ep in self.etcd_endpoints:
             m = _HTTP.fullmatch(ep)
             if m is None or not 1 <= int(m.group(2)) <= 65535:
-                raise _bad(s, "etcd_endpoints", f"{ep!r} is not an http(s) URL with a host "
-                           "and a port", "http://HOST:PORT")
-        if self.witness == "etcd" and not eps:
-            raise _bad(s, "etcd_endpoints", "empty for witness 'etcd'", "at least one URL")
-        if not isinstance(self.witness_key, str) or "\n" in self.witness_key:
-            raise _bad(s, "witness_key", f"{self.witness_key!r} is not allowed", "a key")
-        if not isinstance(self.witness_dir, str) or (self.witness == "local"
-                                                     and not self.witness_dir):
-            raise _bad(s, "witness_dir", f"{self.witness_dir!r} is not allowed", "a directory")
-        _int(s, "lease_ttl_s", self.lease_ttl_s, 2, 3600)
+                raise SettingError("failover.etcd_endpoints", f"{ep!r} is not an http(s) URL "
+                                   "with a host and a port", "http://HOST:PORT")
+        if self.witness == "etcd" and not self.etcd_endpoints:
+            raise SettingError("failover.etcd_endpoints", "empty for witness 'etcd'",
+                               "at least one URL")
+        if "\n" in self.witness_key:
+            raise SettingError("failover.witness_key", f"{self.witness_key!r} is not allowed",
+                               "a key")
+        if self.witness == "local" and not self.witness_dir:
+            raise SettingError("failover.witness_dir", f"{self.witness_dir!r} is not allowed",
+                               "a directory")
 
     @property
     def guarded(self) -> bool:
