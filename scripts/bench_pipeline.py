@@ -6,10 +6,14 @@ In one run, on a guest of --size-mb (30% zero, 40% text-like, 30% random pages):
     (per page, as the digest workers use it) and blake3 (per page) over the mix;
   * the full sync between a real primary and secondary node on this machine, in guest
     MB/s, next to those references;
-  * checkpoints of 1k, 4k, 16k and 64k dirty pages: PVM pause (target <= 2.5x a
-    sequential memcpy of the same bytes + 2 ms), time to commit, bytes on the wire
-    (target <= 0.35x the raw dirty bytes), pages skipped by hash and zero pages.
---json prints one JSON object with every figure as the last line.
+  * checkpoints of 1k, 4k, 16k and 64k dirty pages, --reps of each: PVM pause (target
+    <= 2.5x a sequential memcpy of the same bytes + 2 ms), time to commit (p50/p99 per
+    size, issue 13's targets: 1k <= 5 ms, 16k <= 60 ms) split into pause, transfer,
+    apply and ACK, bytes on the wire, pages skipped by hash and zero pages. PVM and SVM
+    run the same inputs (the write commands are mirrored like every input); pages the
+    SVM already holds are not found and left out yet (pages_same_as_svm is 0).
+--json prints one JSON object with every figure as the last line ("by_size": one entry
+per dirty-set size).
 """
 from __future__ import annotations
 
@@ -73,34 +77,44 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 
 
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
-          threshold: int, compress: str = "lz4", dirty_log: str = "auto") -> LocalPair:
+          threshold: int, compress: str | None = None, dirty_log: str = "auto",
+          security: str = "curve") -> LocalPair:
+    """``compress``: None for the config's default (auto); ``security``: "curve" (the
+    default) or "plaintext"."""
+    pipeline = {"digest_workers": digest_workers, "verify_workers": verify_workers}
+    if compress is not None:
+        pipeline["compress"] = compress
     return LocalPair({
         "guest": {"backend": "sim", "page_count": page_count, "dirty_log": dirty_log},
         "guest.workload": {"seed": SEED, "input_rate_hz": 0.0},
-        "pipeline": {"digest_workers": digest_workers, "verify_workers": verify_workers,
-                     "compress": compress},
+        "security": {"mode": security},
+        "pipeline": pipeline,
         "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
                        "dirty_threshold_pages": threshold, "epoch_timeout_ms": 300_000},
     })
 
 
 def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int = 2,
-                  compress: str = "lz4") -> dict:
+                  compress: str | None = None, security: str = "curve") -> dict:
     """Full sync of a seed-7 sim guest between a real primary and secondary on this machine."""
-    with _pair(page_count, digest_workers, verify_workers, 16384, compress) as pair:
+    with _pair(page_count, digest_workers, verify_workers, 16384, compress,
+               security=security) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
     seconds = sync["commit_ns"] / 1e9
     return {"seconds": round(seconds, 3), "guest_mb_s": round(page_count * PAGE / 1e6 / seconds, 1),
-            "bytes_wire": sync["bytes_wire"], "pages_zero": sync["pages_zero"]}
+            "bytes_wire": sync["bytes_wire"], "pages_zero": sync["pages_zero"],
+            "security": security}
 
 
 def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, verify_workers: int,
-                    memcpy_s_per_page: float, dirty_log: str = "auto") -> tuple[dict, list[dict]]:
+                    memcpy_s_per_page: float, dirty_log: str = "auto", reps: int = 5,
+                    security: str = "curve",
+                    compress: str | None = None) -> tuple[dict, list[dict]]:
     rows = []
-    with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2,
-               dirty_log=dirty_log) as pair:
+    with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2, compress,
+               dirty_log=dirty_log, security=security) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
@@ -109,7 +123,7 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                 "guest_mb_s": round(page_count * PAGE / 1e6 / seconds, 1),
                 "bytes_wire": sync["bytes_wire"]}
         for n in sizes:
-            for _ in range(2):            # the second round also shows pages skipped by hash
+            for _ in range(reps):         # later rounds also show pages skipped by hash
                 seq = pair.stage_counter("client", "pvm_input_seq")
                 pair.inject_input(SimDomain.write_command(n))
                 deadline = time.monotonic() + 300
@@ -133,6 +147,9 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     "pause_budget_ms": round(2.5 * memcpy_ms + 2, 3),
                     "pause_ok": cp["pvm_pause_ns"] / 1e6 <= 2.5 * memcpy_ms + 2,
                     "commit_ms": round(cp["commit_ns"] / 1e6, 3),
+                    "transfer_ms": round(cp.get("transfer_ns", 0) / 1e6, 3),
+                    "apply_ms": round(cp.get("apply_ns", 0) / 1e6, 3),
+                    "ack_ms": round(cp.get("ack_ns", 0) / 1e6, 3),
                     "bytes_wire": cp["bytes_wire"],
                     "wire_ratio": round(cp["bytes_wire"] / raw, 3) if raw else None,
                     "pages_skipped_hash": cp["pages_skipped_hash"],
@@ -145,6 +162,35 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
     return full, rows
 
 
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))] if v else 0.0
+
+
+def by_size(rows: list[dict]) -> list[dict]:
+    """Per dirty-set size: commit p50/p99 and the p50 of each part of the split."""
+    out = []
+    for n in dict.fromkeys(r["dirty_target"] for r in rows):
+        rs = [r for r in rows if r["dirty_target"] == n]
+        entry = {"dirty_target": n, "checkpoints": len(rs),
+                 "pages_dirty": int(_pct([r["pages_dirty"] for r in rs], 50)),
+                 "commit_ms_p50": _pct([r["commit_ms"] for r in rs], 50),
+                 "commit_ms_p99": _pct([r["commit_ms"] for r in rs], 99)}
+        for part in ("pause", "transfer", "apply", "ack"):
+            entry[f"{part}_ms_p50"] = _pct([r[f"{part}_ms"] for r in rs], 50)
+        entry["pause_ok"] = all(r["pause_ok"] for r in rs)
+        entry["wire_ratio_p50"] = _pct([r["wire_ratio"] or 0 for r in rs], 50)
+        entry["pages_skipped_hash"] = sum(r["pages_skipped_hash"] for r in rs)
+        entry["pages_zero"] = sum(r["pages_zero"] for r in rs)
+        entry["pages_same_as_svm"] = 0          # issue 13 item 4: not built yet
+        target = {1024: 5.0, 1000: 5.0, 16384: 60.0, 16000: 60.0}.get(n)
+        if target is not None:
+            entry["commit_target_ms"] = target
+            entry["commit_target_met"] = entry["commit_ms_p50"] <= target
+        out.append(entry)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=1024)
@@ -155,19 +201,26 @@ def main() -> int:
     ap.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"],
                     help="the sim guest's dirty log (uffd: the kernel's, a PAGEMAP_SCAN walk "
                     "of all of guest memory per checkpoint; bitmap: kept by the guest)")
+    ap.add_argument("--reps", type=int, default=5, help="checkpoints per dirty-set size")
+    ap.add_argument("--security", default="curve", choices=["curve", "plaintext"])
+    ap.add_argument("--compress", default=None, choices=["auto", "lz4", "none"],
+                    help="pipeline.compress (default: the config's, auto)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     page_count = args.size_mb * 1024 * 1024 // PAGE
     sizes = [min(int(s), page_count // 2) for s in args.sizes.split(",")]
     ref = references(page_count)
     full, rows = run_checkpoints(page_count, sizes, args.digest_workers, args.verify_workers,
-                                 ref["memcpy_s_per_page"], args.dirty_log)
+                                 ref["memcpy_s_per_page"], args.dirty_log, args.reps,
+                                 args.security, args.compress)
+    sizes_out = by_size(rows)
     result = {"size_mb": args.size_mb, "dirty_log": args.dirty_log, "references": ref,
               "full_sync": full,
               "full_sync_vs_memcpy": round(full["guest_mb_s"] / ref["memcpy_mb_s"], 4),
               "full_sync_vs_lz4": round(full["guest_mb_s"] / ref["lz4_page_mb_s"], 3),
               "full_sync_vs_blake3": round(full["guest_mb_s"] / ref["blake3_page_mb_s"], 3),
-              "checkpoints": rows}
+              "security": args.security, "compress": args.compress or "auto",
+              "loadavg": list(os.getloadavg()), "by_size": sizes_out, "checkpoints": rows}
     print(f"guest {args.size_mb} MiB, {args.digest_workers} digest / {args.verify_workers} "
           f"verify workers, {os.cpu_count()} cores")
     print(f"references: memcpy {ref['memcpy_mb_s']} MB/s, lz4 per page {ref['lz4_page_mb_s']} "
@@ -182,6 +235,17 @@ def main() -> int:
         print(f"{r['pages_dirty']:>7}{r['pause_ms']:>10.2f}{r['pause_budget_ms']:>9.2f}"
               f"{r['memcpy_ms']:>9.2f}{r['commit_ms']:>11.1f}{r['wire_ratio']:>10.3f}"
               f"{r['pages_skipped_hash']:>9}{r['pages_zero']:>7}")
+    print(f"\ncommit per dirty-set size ({args.reps} checkpoints each, {args.security}), p50 "
+          "of each part:")
+    print(f"{'dirty':>7}{'p50 ms':>9}{'p99 ms':>9}{'pause':>8}{'transfer':>10}{'apply':>8}"
+          f"{'ACK':>7}{'target':>8}")
+    for e in sizes_out:
+        target = (f"{e['commit_target_ms']:.0f} " + ("met" if e["commit_target_met"] else "NOT")
+                  if "commit_target_ms" in e else "")
+        print(f"{e['pages_dirty']:>7}{e['commit_ms_p50']:>9.1f}{e['commit_ms_p99']:>9.1f}"
+              f"{e['pause_ms_p50']:>8.1f}{e['transfer_ms_p50']:>10.1f}{e['apply_ms_p50']:>8.1f}"
+              f"{e['ack_ms_p50']:>7.1f}{target:>8}")
+    print(f"(shared machine: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     if args.json:
         print(json.dumps(result))
     return 0

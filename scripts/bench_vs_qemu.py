@@ -13,11 +13,17 @@
    afterwards the destination's RAM file must have the image's blake3.
    QEMU's RAM also has its BIOS/option-ROM blocks (a few hundred KiB, not in the
    file): they are migrated too and counted in its bytes, not in guest MB/s.
+   With TLS (tls-creds-x509, a CA and server and client certificates made by the
+   script with openssl, both ends verifying the other): the same, plain and multifd.
 3. Ours: run_full_sync(page_count, digest_workers=2, verify_workers=2), a real
-   primary and secondary node on this machine.
+   primary and secondary node on this machine: once with security.mode = "plaintext"
+   (the row against QEMU's plaintext migration) and once with CURVE (the secure row,
+   against QEMU over TLS).
 
 guest MB/s = image bytes / 1e6 / seconds, for every system (the ratio uses the
-same formula, so it does not depend on units). QEMU's seconds are its
+same formula, so it does not depend on units). JSON keys of the targets:
+``ratio_vs_multifd`` (ours plaintext / QEMU multifd) and ``ratio_secure_vs_qemu_tls``
+(ours with CURVE / the faster of QEMU's two TLS runs). QEMU's seconds are its
 query-migrate total-time (migrate command to source completed); the wall time to
 the destination reporting completed (a little later: the source finishes first)
 is shown too, with the ratio against it.
@@ -69,9 +75,14 @@ def mb_s(nbytes: int, seconds: float) -> float:
     return nbytes / 1e6 / seconds if seconds > 0 else float("nan")
 
 
-def qemu_once(image: str, size_mb: int, digest: str, multifd: bool) -> dict:
+QEMU_MODES = {"qemu_plain": (False, False), "qemu_multifd": (True, False),
+              "qemu_tls": (False, True), "qemu_multifd_tls": (True, True)}
+OURS_MODES = {"ours": "plaintext", "ours_secure": "curve"}
+
+
+def qemu_once(image: str, size_mb: int, digest: str, multifd: bool, tls: bool = False) -> dict:
     r = qemu_migration.migrate_image(image, size_mb, multifd=multifd, channels=2,
-                                     max_bandwidth=100 << 30, image_digest=digest)
+                                     max_bandwidth=100 << 30, image_digest=digest, tls=tls)
     if not r["dst_equal"]:
         raise RuntimeError(f"QEMU {r['mode']}: destination RAM differs from the image")
     return r
@@ -125,38 +136,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"image: {args.size_mb} MiB, {mix['zero_pages'] / page_count:.1%} zero pages, "
                   f"blake3 {digest[:16]}…, built in {time.perf_counter() - t:.1f}s",
                   file=sys.stderr, flush=True)
-        runs: dict[str, list[dict]] = {"qemu_plain": [], "qemu_multifd": [], "ours": []}
+        runs: dict[str, list[dict]] = {k: [] for k in (*QEMU_MODES, *OURS_MODES)}
         ours_errors: list[str] = []
         for i in range(args.repeats):  # interleaved, so a load change hits all alike
             if not args.ours_only:
-                for multifd in (False, True):
-                    name = "qemu_multifd" if multifd else "qemu_plain"
-                    r = qemu_once(image, args.size_mb, digest, multifd)
+                for name, (multifd, tls) in QEMU_MODES.items():
+                    r = qemu_once(image, args.size_mb, digest, multifd, tls)
                     runs[name].append(r)
                     print(f"[{i + 1}/{args.repeats}] {name}: {r['total_time_ms'] / 1000:.3f}s "
                           f"{mb_s(image_bytes, r['total_time_ms'] / 1000):.0f} MB/s, "
                           f"{r['ram_transferred']} bytes, dst equal {r['dst_equal']}",
                           file=sys.stderr, flush=True)
             if not args.qemu_only:
-                try:
-                    kw = {} if args.compress is None else {"compress": args.compress}
-                    r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2, **kw))
-                except Exception as exc:  # noqa: BLE001 - report it, keep QEMU's figures
-                    ours_errors.append(f"{type(exc).__name__}: {exc}")
-                    print(f"[{i + 1}/{args.repeats}] ours FAILED: {ours_errors[-1]}",
-                          file=sys.stderr, flush=True)
-                    continue
-                runs["ours"].append(r)
-                print(f"[{i + 1}/{args.repeats}] ours: {float(r['seconds']):.3f}s "
-                      f"{mb_s(image_bytes, float(r['seconds'])):.0f} MB/s, "
-                      f"{r['bytes_wire']} bytes", file=sys.stderr, flush=True)
+                for name, security in OURS_MODES.items():
+                    try:
+                        kw = {} if args.compress is None else {"compress": args.compress}
+                        r = dict(run_full_sync(page_count, digest_workers=2, verify_workers=2,
+                                               security=security, **kw))
+                    except Exception as exc:  # noqa: BLE001 - report it, keep QEMU's figures
+                        ours_errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                        print(f"[{i + 1}/{args.repeats}] {name} FAILED: {ours_errors[-1]}",
+                              file=sys.stderr, flush=True)
+                        continue
+                    runs[name].append(r)
+                    print(f"[{i + 1}/{args.repeats}] {name} ({security}): "
+                          f"{float(r['seconds']):.3f}s "
+                          f"{mb_s(image_bytes, float(r['seconds'])):.0f} MB/s, "
+                          f"{r['bytes_wire']} bytes", file=sys.stderr, flush=True)
     finally:
         try:
             os.unlink(image)
         except FileNotFoundError:
             pass
 
-    for name in ("qemu_plain", "qemu_multifd"):
+    for name in QEMU_MODES:
         if not runs[name]:
             continue
         r = median_run(runs[name], "total_time_ms")
@@ -179,15 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                                     and x["source_untouched_after"] for x in runs[name]),
             "runs_total_time_ms": r["runs_total_time_ms"],
         }
-    if runs["ours"]:
-        for x in runs["ours"]:
+    for name, security in OURS_MODES.items():
+        if not runs[name]:
+            continue
+        for x in runs[name]:
             x["seconds"] = float(x["seconds"])
-        r = median_run(runs["ours"], "seconds")
+        r = median_run(runs[name], "seconds")
         secs = r["seconds"]
         ours = {"seconds": secs, "guest_mb_s": mb_s(image_bytes, secs),
                 "guest_mb_s_reported": r.get("guest_mb_s"),
                 "bytes_wire": int(r["bytes_wire"]), "runs_seconds": r["runs_seconds"],
-                "compress": args.compress or "default"}
+                "compress": args.compress or "default", "security": security}
         # anything else it reports (digests, memory equality, worker counts) goes along
         for k, v in r.items():
             if k not in ("seconds", "guest_mb_s", "bytes_wire", "runs_seconds") \
@@ -203,22 +218,32 @@ def main(argv: list[str] | None = None) -> int:
         if "pages_zero" in r and "image_zero_pages" in out:
             # a cheap cross-check that our guest started from the same image
             ours["pages_zero_equal_image"] = int(r["pages_zero"]) == out["image_zero_pages"]
-        out["ours"] = ours
-        if "qemu_multifd" in out:
-            out["ratio_ours_vs_multifd"] = ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s"]
-            out["ratio_ours_vs_plain"] = ours["guest_mb_s"] / out["qemu_plain"]["guest_mb_s"]
-            out["target_met"] = out["ratio_ours_vs_multifd"] >= 1.0
-            # QEMU's source reports completed before the destination has loaded the
-            # last pages; end to end (to the destination's completed) is the fairer peer
-            # of a full sync that ends when the secondary holds the memory
-            out["ratio_ours_vs_multifd_to_dst_completed"] = (
-                ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s_to_dst_completed"])
+        out[name] = ours
+    if "ours" in out and "qemu_multifd" in out:
+        ours = out["ours"]
+        out["ratio_vs_multifd"] = ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s"]
+        out["ratio_ours_vs_multifd"] = out["ratio_vs_multifd"]    # the key's older name
+        out["ratio_ours_vs_plain"] = ours["guest_mb_s"] / out["qemu_plain"]["guest_mb_s"]
+        out["target_met"] = out["ratio_vs_multifd"] >= 1.0
+        # QEMU's source reports completed before the destination has loaded the
+        # last pages; end to end (to the destination's completed) is the fairer peer
+        # of a full sync that ends when the secondary holds the memory
+        out["ratio_ours_vs_multifd_to_dst_completed"] = (
+            ours["guest_mb_s"] / out["qemu_multifd"]["guest_mb_s_to_dst_completed"])
+    if "ours_secure" in out and "qemu_tls" in out:
+        best = max(("qemu_tls", "qemu_multifd_tls"), key=lambda k: out[k]["guest_mb_s"])
+        out["qemu_tls_best"] = best
+        out["ratio_secure_vs_qemu_tls"] = (out["ours_secure"]["guest_mb_s"]
+                                           / out[best]["guest_mb_s"])
+        out["secure_target_met"] = out["ratio_secure_vs_qemu_tls"] >= 1.0
     if ours_errors:
         out["ours_errors"] = ours_errors
     out["loadavg_end"] = list(os.getloadavg())
 
     # side by side
-    cols = [("QEMU plain", "qemu_plain"), ("QEMU multifd×2", "qemu_multifd"), ("ours", "ours")]
+    cols = [("QEMU plain", "qemu_plain"), ("QEMU multifd×2", "qemu_multifd"),
+            ("ours plaintext", "ours"), ("QEMU TLS", "qemu_tls"),
+            ("QEMU mfd×2 TLS", "qemu_multifd_tls"), ("ours CURVE", "ours_secure")]
     cols = [(t, k) for t, k in cols if k in out]
     print(f"\n{args.size_mb} MiB RAM image (sim fill, seed {SEED}), guest MB/s = "
           f"image bytes / 1e6 / s; loadavg {out['loadavg_start'][0]:.2f} at start")
@@ -231,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     if "qemu_multifd" in out:
         print(f"{'MB/s to dst completed':22}"
               + "".join(f"{out[k]['guest_mb_s_to_dst_completed']:>16.1f}"
-                        for _, k in cols if k.startswith("qemu")))
+                        if k.startswith("qemu") else f"{'':>16}" for _, k in cols))
         print(f"QEMU destination RAM == image (blake3): plain {out['qemu_plain']['dst_equal']}, "
               f"multifd {out['qemu_multifd']['dst_equal']}")
-    if "ratio_ours_vs_multifd" in out:
-        print(f"ratio ours / QEMU multifd: {out['ratio_ours_vs_multifd']:.2f}  "
+    if "ratio_secure_vs_qemu_tls" in out:
+        print(f"ratio ours CURVE / QEMU over TLS ({out['qemu_tls_best']}): "
+              f"{out['ratio_secure_vs_qemu_tls']:.2f}  (target >= 1.0: "
+              f"{'met' if out['secure_target_met'] else 'NOT met'})")
+    if "ratio_vs_multifd" in out:
+        print(f"ratio ours plaintext / QEMU multifd: {out['ratio_vs_multifd']:.2f}  "
               f"(target >= 1.0: {'met' if out['target_met'] else 'NOT met'}); "
               f"ours / plain: {out['ratio_ours_vs_plain']:.2f}; ours / multifd to destination "
               f"completed: {out['ratio_ours_vs_multifd_to_dst_completed']:.2f}")
@@ -243,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"our full sync failed in a run: {e}")
     if args.json:
         print(json.dumps(out))
-    return 1 if (ours_errors and not runs["ours"]) else 0
+    return 1 if (ours_errors and not runs["ours"] and not runs["ours_secure"]) else 0
 
 
 if __name__ == "__main__":

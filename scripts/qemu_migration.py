@@ -113,6 +113,7 @@ class QemuVM:
     size_mb: int
     workdir: str
     incoming: bool = False
+    extra: list[str] = field(default_factory=list)   # more QEMU arguments (TLS objects)
     proc: subprocess.Popen | None = None
     qmp: Qmp | None = None
     log_path: str = ""
@@ -133,6 +134,7 @@ class QemuVM:
         ]
         if self.incoming:
             self.argv += ["-incoming", "defer"]
+        self.argv += self.extra
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,6 +171,35 @@ class QemuVM:
                 pass
 
 
+TLS_HOSTNAME = "localhost"
+
+
+def make_tls_certs(directory: str) -> str:
+    """A throwaway CA and a server and a client certificate signed by it, in the file
+    names QEMU's tls-creds-x509 reads (ca-cert.pem, server-*.pem, client-*.pem), made with
+    the openssl command. Returns ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+        "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=colo-bench-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for who, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        ext = os.path.join(directory, f"{who}.ext")
+        with open(ext, "w") as f:
+            f.write(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,"
+                    f"keyEncipherment\nextendedKeyUsage={usage}\n"
+                    f"subjectAltName=DNS:{TLS_HOSTNAME},IP:127.0.0.1\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem",
+            "-out", f"{who}.csr", "-subj", f"/CN={TLS_HOSTNAME}")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", ext)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,22 +209,32 @@ def free_port() -> int:
 def migrate_image(image_path: str, size_mb: int, *, multifd: bool = False, channels: int = 2,
                   max_bandwidth: int = 100 << 30, image_digest: str | None = None,
                   poll_s: float = 0.005, timeout_s: float = 600.0,
-                  dest_dir: str = "/dev/shm") -> dict:
+                  dest_dir: str = "/dev/shm", tls: bool = False) -> dict:
     """Migrate the guest RAM held in ``image_path`` (``size_mb`` MiB) from one QEMU to
     another on this machine; return figures from query-migrate plus checks.
 
     The image file is used in place as the source's RAM (QEMU does not write it
     at start: checked here by hashing it after the source is up); the destination
     gets a fresh, empty file in ``dest_dir`` which is removed before returning.
+    ``tls``: the migration runs over TLS (tls-creds-x509, certificates made here, the
+    destination checks the source's client certificate and the source the server's).
     """
     if image_digest is None:
         image_digest = file_blake3(image_path)
     workdir = tempfile.mkdtemp(prefix="colo-bench-qemu-")
     dst_mem = os.path.join(dest_dir, f"colo-bench-qemu-dst-{os.getpid()}-{int(multifd)}")
-    src = QemuVM("src", image_path, size_mb, workdir)
-    dst = QemuVM("dst", dst_mem, size_mb, workdir, incoming=True)
-    result: dict = {"mode": "multifd" if multifd else "plain",
-                    "channels": channels if multifd else 1}
+    src_extra: list[str] = []
+    dst_extra: list[str] = []
+    if tls:
+        certs = make_tls_certs(os.path.join(workdir, "tls"))
+        src_extra = ["-object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=client,"
+                                "verify-peer=on"]
+        dst_extra = ["-object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=server,"
+                                "verify-peer=on"]
+    src = QemuVM("src", image_path, size_mb, workdir, extra=src_extra)
+    dst = QemuVM("dst", dst_mem, size_mb, workdir, incoming=True, extra=dst_extra)
+    result: dict = {"mode": ("multifd" if multifd else "plain") + ("+tls" if tls else ""),
+                    "channels": channels if multifd else 1, "tls": tls}
     try:
         with open(dst_mem, "wb") as f:  # empty (all-zero, sparse) destination RAM
             f.truncate(size_mb << 20)
@@ -212,9 +253,17 @@ def migrate_image(image_path: str, size_mb: int, *, multifd: bool = False, chann
         params = {"max-bandwidth": int(max_bandwidth)}
         if multifd:
             params["multifd-channels"] = int(channels)
+        if tls:
+            params["tls-creds"] = "tls0"
+            params["tls-hostname"] = TLS_HOSTNAME
         src.qmp.cmd("migrate-set-parameters", **params)
+        dst_params: dict = {}
         if multifd:
-            dst.qmp.cmd("migrate-set-parameters", **{"multifd-channels": int(channels)})
+            dst_params["multifd-channels"] = int(channels)
+        if tls:
+            dst_params["tls-creds"] = "tls0"
+        if dst_params:
+            dst.qmp.cmd("migrate-set-parameters", **dst_params)
         got = src.qmp.cmd("query-migrate-parameters")
         result["max_bandwidth"] = got.get("max-bandwidth")
         if multifd:
