@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the sim guest (pipeline/xen_io/sim.py) against references measured in the same run.
+"""Benchmark the sim guest (pipeline/xen_io/sim/domain.py) against references measured in the same run.
 
 Figures (each next to its reference, with the ratio ours / reference):
   start        start() of a guest that fills all of RAM with the content mix, vs a plain
@@ -35,7 +35,7 @@ import lz4.block
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pipeline.xen_io.dirty_log import runs_to_pfns, uffd_wp_async_unsupported_reason  # noqa: E402
+from pipeline.xen_io.sim.dirty_log import runs_to_pfns, uffd_wp_async_unsupported_reason  # noqa: E402
 from pipeline.xen_io.sim import SimDomain, WorkloadSpec, open_sim_domain  # noqa: E402
 
 DIRTY_SIZES = (1024, 4096, 16384, 65536)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.xen_io.dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect,
+from pipeline.xen_io.sim.dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect,
                                        pfns_to_runs, runs_to_pfns,
                                        uffd_wp_async_unsupported_reason)
 

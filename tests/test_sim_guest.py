@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.xen_io import DomainError
-from pipeline.xen_io import sim as sim_module
-from pipeline.xen_io.dirty_log import uffd_wp_async_unsupported_reason
-from pipeline.xen_io.input_log import InputLog
+from pipeline.xen_io.sim import domain as sim_module
+from pipeline.xen_io.sim.dirty_log import uffd_wp_async_unsupported_reason
+from pipeline.xen_io.sim.input_log import InputLog
 from pipeline.xen_io.sim import BLOB_SIZE, SimDomain, WorkloadSpec, open_sim_domain
 
 pytestmark = pytest.mark.timeout(60)
@@ -671,7 +671,7 @@ def test_auto_falls_back_to_bitmap_with_a_reason_mocked_kernel(monkeypatch, capl
     # a mock: a kernel without uffd-wp async cannot be had on this machine
     monkeypatch.setattr(sim_module, "uffd_wp_async_unsupported_reason",
                         lambda: "simulated: kernel older than 6.7")
-    with caplog.at_level(logging.WARNING, logger="pipeline.xen_io.sim"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.xen_io.sim.domain"):
         dom = open_sim_domain("old-kernel", 64, dirty_log="auto")
     try:
         assert dom.dirty_log_kind == "bitmap"

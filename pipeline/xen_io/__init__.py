@@ -11,6 +11,6 @@ __all__ = ["Domain", "DomainError", "BACKENDS"]
 
 #: backend name -> "module:factory"; each factory takes keyword settings and returns a Domain
 BACKENDS = {
-    "sim": "pipeline.xen_io.sim:open_sim_domain",
+    "sim": "pipeline.xen_io.sim.domain:open_sim_domain",
     "xen": "pipeline.xen_io.xen:open_xen_domain",
 }

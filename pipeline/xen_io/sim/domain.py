@@ -2,7 +2,7 @@
 
 The guest ("the VM") is a forked process whose RAM is a memfd mapped ``MAP_SHARED``
 by the guest and by the pipeline. It runs a deterministic workload: it consumes
-inputs in seq order from an :class:`~pipeline.xen_io.input_log.InputLog`, and for
+inputs in seq order from an :class:`~pipeline.xen_io.sim.input_log.InputLog`, and for
 each input reads two pages, writes pages (in runs of consecutive pfns, with a
 configurable zero / text-like / random content mix) and emits one output frame
 derived from what it wrote. Everything it needs to continue is in a small vCPU
@@ -63,7 +63,7 @@ from functools import lru_cache
 import blake3
 import numpy as np
 
-from .base import OUTPUT_MARK, Domain, DomainError
+from ..base import OUTPUT_MARK, Domain, DomainError
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
 from .input_log import InputLog
