@@ -115,11 +115,15 @@ def _info_request_ok(data: bytes) -> bool:
     return len(data) == 6 + name_len + 2 * count
 
 
+#: buffers handed to one sendmsg (the kernel's IOV_MAX is 1024)
+_IOV_BATCH = 512
+
+
 def _send_parts(sock: socket.socket, parts: list) -> None:
     """sendmsg until every byte of ``parts`` is out (a blocking sendmsg may stop short)."""
     views = [memoryview(p).cast("B") for p in parts]
     while views:
-        sent = sock.sendmsg(views)
+        sent = sock.sendmsg(views[:_IOV_BATCH])
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
@@ -365,8 +369,39 @@ class _Connection:
         b = server.backend
         self.size, self.block, self.max_request, self.window = (
             b.size, b.block_size, b.max_request, b.window)
+        # replies of one burst go out in one sendmsg (a send per reply wakes the client
+        # once per request and cost more than the request itself)
+        self._out: list = []
+        self._out_bytes = 0
+        # counted per burst, not per request (each count takes the counters' lock)
+        self._counts = dict.fromkeys(("writes", "write_bytes", "reads", "read_bytes"), 0)
+
+    def _send(self, *parts) -> None:
+        """Queue reply bytes; sent by :meth:`_flush` (at once when much is queued)."""
+        self._out += parts
+        self._out_bytes += sum(len(p) for p in parts)
+        if self._out_bytes >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out, self._out_bytes = self._out, [], 0
+            _send_parts(self.sock, out)
+        for name, n in self._counts.items():
+            if n:
+                self.counters.add(name, n)
+                self._counts[name] = 0
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            try:
+                self._flush()
+            except OSError:
+                pass  # the client is gone: nobody to tell
+
+    def _run(self) -> None:
         poller = zmq.Poller()
         fd = self.sock.fileno()
         poller.register(fd, zmq.POLLIN)
@@ -379,9 +414,8 @@ class _Connection:
             timeout = 0 if pending_input else 100 if self.link.inflight else 1000
             events = dict(poller.poll(timeout))
             if self.link.inflight:
-                done = self.link.completions(time.monotonic_ns())
-                if done:  # one send for the whole batch of replies
-                    self.sock.sendall(b"".join(self._reply(c, e) for c, e in done))
+                for c, e in self.link.completions(time.monotonic_ns()):
+                    self._send(self._reply(c, e))
             if reading and (fd in events or pending_input):
                 # handle every request already received before polling again
                 more = self._one_request()
@@ -390,8 +424,10 @@ class _Connection:
                     more = self._one_request()
                 self.link.end_of_burst()
                 if not more:
+                    self._flush()
                     self._drain(poller)
                     return
+            self._flush()
             want_read = self.link.inflight < self.window
             if want_read != reading:
                 if want_read:
@@ -409,7 +445,7 @@ class _Connection:
             done = self.link.completions(time.monotonic_ns())
             if done:
                 try:
-                    self.sock.sendall(b"".join(self._reply(c, e) for c, e in done))
+                    _send_parts(self.sock, [self._reply(c, e) for c, e in done])
                 except OSError:
                     pass  # a client that closed its end cannot hear them; keep accounting
 
@@ -435,7 +471,7 @@ class _Connection:
     def _refuse(self, cookie: int, err: P.NbdError, counter: str = "bad_requests") -> None:
         log.warning("%s: refused: %s", self.server.name, err)
         self.counters.add(counter)
-        self.sock.sendall(self._reply(cookie, err.error, str(err)))
+        self._send(self._reply(cookie, err.error, str(err)))
 
     def _one_request(self) -> bool:
         """Handle one request; False when the client ended the session."""
@@ -472,31 +508,31 @@ class _Connection:
         if cmd == P.CMD_WRITE:
             self._check(name, offset, length)
             done = _io(name, offset, length, self.link.write, cookie, offset, payload, fua)
-            self.counters.add("writes")
-            self.counters.add("write_bytes", length)
+            self._counts["writes"] += 1
+            self._counts["write_bytes"] += length
             if done:
-                self.sock.sendall(P.simple_reply(cookie))
+                self._send(P.simple_reply(cookie))
         elif cmd == P.CMD_READ:
             self._check(name, offset, length)
             data = _io(name, offset, length, self.link.read, offset, length)
             head = P.data_chunk_header(cookie, offset, length) if self.session.structured \
                 else P.simple_reply(cookie)
-            _send_parts(self.sock, [head, data])
-            self.counters.add("reads")
-            self.counters.add("read_bytes", length)
+            self._send(head, data)
+            self._counts["reads"] += 1
+            self._counts["read_bytes"] += length
         elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
             self._check(name, offset, length)
             # TRIM is served as zeroing so both replicas read back the same bytes
             keep = cmd == P.CMD_WRITE_ZEROES and bool(flags & P.CMD_FLAG_NO_HOLE)
             done = _io(name, offset, length, self.link.zero, cookie, offset, length, fua, keep)
-            self.counters.add("writes")
-            self.counters.add("write_bytes", length)
+            self._counts["writes"] += 1
+            self._counts["write_bytes"] += length
             if done:
-                self.sock.sendall(P.simple_reply(cookie))
+                self._send(P.simple_reply(cookie))
         elif cmd == P.CMD_FLUSH:
             _io(name, offset, length, self.link.flush)
             self.counters.add("flushes")
-            self.sock.sendall(P.simple_reply(cookie))
+            self._send(P.simple_reply(cookie))
         elif cmd == P.CMD_BLOCK_STATUS:
             if not self.session.contexts:
                 raise P.NbdError(P.EINVAL, "BLOCK_STATUS without a metadata context (the "
@@ -508,8 +544,8 @@ class _Connection:
                        for s, e, allocated in runs]
             if flags & P.CMD_FLAG_REQ_ONE:
                 extents = extents[:1]
-            self.sock.sendall(b"".join(P.block_status_chunk(cookie, cid, extents)
-                                       for cid in self.session.contexts))
+            self._send(*(P.block_status_chunk(cookie, cid, extents)
+                         for cid in self.session.contexts))
             self.counters.add("block_status")
         elif cmd == P.CMD_DISC:
             return False

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: a burst's forwards are sent early once they carry this much data
 FORWARD_BATCH_BYTES = 256 * 1024
+#: writes at least this large travel as a group of their own, without a copy (below,
+#: a copy into the group is cheaper than a frame of their own: pyzmq's own advice)
+FORWARD_ZERO_COPY_MIN = 64 * 1024
 #: writes at least this large go through the pwrite pool; smaller ones are done inline
 POOLED_WRITE_MIN = 256 * 1024
 POOL_THREADS = 4
@@ -68,9 +71,11 @@ class PrimaryBackend:
         self._pool_lock = threading.Lock()
         # the write order: epoch and seq of each write, and set_epoch, under one lock
         self._order_lock = threading.Lock()
+        self._applied = threading.Condition(self._order_lock)
+        self._waiting = 0   # threads waiting in wait_applied
         self.last_seq = 0
-        #: writes ordered but not yet in our image: seq → (start, end, applied event)
-        self._applying: dict[int, tuple[int, int, threading.Event]] = {}
+        #: writes ordered but not yet in our image: seq → (start, end)
+        self._applying: dict[int, tuple[int, int]] = {}
         #: Test hook (None in service): called on the connection's thread with
         #: (seq, epoch) right after a write took its place in the order and before its
         #: forward is queued — where a checkpoint can overtake the write.
@@ -118,25 +123,35 @@ class PrimaryBackend:
                               epoch - 1)
                     self.counters.add("forward_errors")
 
-    def order(self, start: int, end: int, forwarded: bool
-              ) -> tuple[int, int, list[threading.Event]]:
-        """Give a write of [start, end) its seq and epoch: (seq, epoch, the applied-events
-        of the earlier writes it overlaps that are not in our image yet — wait for them
-        before writing, then call :meth:`applied`)."""
+    def order(self, start: int, end: int, forwarded: bool) -> tuple[int, int, list[int]]:
+        """Give a write of [start, end) its seq and epoch: (seq, epoch, the seqs of the
+        earlier writes it overlaps that are not in our image yet — pass them to
+        :meth:`wait_applied` before writing, then call :meth:`applied`)."""
         with self._order_lock:
             self.last_seq += 1
             seq, epoch = self.last_seq, self.epoch
-            earlier = [ev for s, e, ev in self._applying.values() if s < end and start < e]
-            self._applying[seq] = (start, end, threading.Event())
+            earlier = [q for q, (s, e) in self._applying.items() if s < end and start < e] \
+                if self._applying else []
+            self._applying[seq] = (start, end)
             if forwarded:
                 self._track(epoch, +1)
         return seq, epoch, earlier
 
+    def wait_applied(self, seqs: list[int]) -> None:
+        """Return once the writes ``seqs`` are in our image (or failed)."""
+        with self._applied:
+            self._waiting += 1
+            try:
+                self._applied.wait_for(lambda: not any(q in self._applying for q in seqs))
+            finally:
+                self._waiting -= 1
+
     def applied(self, seq: int) -> None:
         """The write ``seq`` is in our image (or failed): overlapping later ones may go."""
-        with self._order_lock:
-            _s, _e, ev = self._applying.pop(seq)
-        ev.set()
+        with self._applied:
+            del self._applying[seq]
+            if self._waiting:
+                self._applied.notify_all()
 
     def wait_forwarded(self, epoch: int, timeout_s: float) -> bool:
         """Wait until no write tagged ``epoch`` or earlier is still in flight. False on timeout."""
@@ -201,6 +216,8 @@ class PrimaryLink:
         self._timeout_ns = backend.settings.forward_timeout_ms * 1_000_000
         # forwards of the current burst of requests, sent as one message by end_of_burst
         self._outbox: list = []
+        self._group_headers: list[bytes] = []   # the open group of small writes
+        self._group_data: list = []
         self._outbox_seqs: list[int] = []
         self._outbox_bytes = 0
         self._send_failed: list[int] = []
@@ -250,8 +267,8 @@ class PrimaryLink:
             p.forwarded = not forwarding
             if forwarding:
                 self._queue_forward(seq, p, kind, offset, length, data)
-            for ev in earlier:
-                ev.wait()
+            if earlier:
+                b.wait_applied(earlier)
         except BaseException:
             b.applied(seq)
             raise
@@ -304,10 +321,24 @@ class PrimaryLink:
 
     def _queue_forward(self, seq: int, p: _Pending, kind: int, offset: int, length: int,
                        data: bytearray | None) -> None:
-        """Queue the write for the secondary (sent by end_of_burst); order() counted it."""
-        self._outbox += wire.encode_forward(kind, p.epoch, seq, offset, length, data)
+        """Queue the write for the secondary (sent by end_of_burst); order() counted it.
+        Small writes join the burst's open group (their data is copied once into it); a
+        large one is a group of its own, sent without a copy."""
+        header = wire.forward_header(kind, p.epoch, seq, offset, length, data)
+        if data is not None and length >= FORWARD_ZERO_COPY_MIN:
+            self._close_group()
+            self._outbox += (header, data)
+        else:
+            self._group_headers.append(header)
+            if data is not None:
+                self._group_data.append(data)
         self._outbox_seqs.append(seq)
         self._outbox_bytes += length
+
+    def _close_group(self) -> None:
+        if self._group_headers:
+            self._outbox += (b"".join(self._group_headers), b"".join(self._group_data))
+            self._group_headers, self._group_data = [], []
 
     @property
     def outbox_full(self) -> bool:
@@ -317,6 +348,7 @@ class PrimaryLink:
     def end_of_burst(self) -> None:
         """Send the forwards collected while handling one burst of requests as one message
         (one wakeup of the link and of the secondary for many small writes)."""
+        self._close_group()
         if not self._outbox:
             return
         frames, seqs = self._outbox, self._outbox_seqs
@@ -325,7 +357,7 @@ class PrimaryLink:
             for i, frame in enumerate(frames):
                 # zero-copy pays off only for large frames (pyzmq's own advice)
                 self.socket.send(frame, zmq.SNDMORE if i < len(frames) - 1 else 0,
-                                 copy=len(frame) < 65536)
+                                 copy=len(frame) < FORWARD_ZERO_COPY_MIN)
         except zmq.Again:
             log.error("primary disk: the secondary took nothing for %d ms; failing %d writes",
                       self.b.settings.forward_timeout_ms, len(seqs))

@@ -110,11 +110,9 @@ class SealedEpochs:
         #: the epoch a commit is waiting for right now (tests watch it), else None
         self.waiting_for: int | None = None
 
-    def seen(self, seq: int) -> None:
+    def seen_all(self, seqs: list[int]) -> None:
         with self._cond:
-            if seq <= self.seen_upto:
-                return
-            self._seen_above.add(seq)
+            self._seen_above.update(q for q in seqs if q > self.seen_upto)
             advanced = False
             while self.seen_upto + 1 in self._seen_above:
                 self.seen_upto += 1
@@ -202,7 +200,7 @@ class ForwardReceiver(threading.Thread):
                                                                      f"{len(body)} frames"))
                             continue
                         for i in range(0, len(body), 2):
-                            entries.append(self._handle(body[i:i + 2]))
+                            entries += self._handle_group(body[i].buffer, body[i + 1].buffer)
                     for identity, entries in acks.items():
                         self.writes_in.send_multipart([identity] + wire.encode_ack(entries))
                 now = time.monotonic_ns()
@@ -221,39 +219,37 @@ class ForwardReceiver(threading.Thread):
             return
         self.sealed.seal(epoch, last_seq)
 
-    def _handle(self, frames: list) -> tuple[int, int, str]:
-        """Validate, buffer and compare one FORWARD; its (seq, status, reason) answer."""
-        body = [f.buffer for f in frames]
-        seq = 0
-        if body and len(body[0]) == wire.FORWARD_HEADER.size:
-            seq = wire.FORWARD_HEADER.unpack(body[0])[3]
-        try:
-            return self._buffer(body)
-        finally:
-            if seq:  # buffered or refused: either way no longer on its way
-                self.sealed.seen(seq)
-
-    def _buffer(self, body: list) -> tuple[int, int, str]:
-        seq = 0
-        try:
-            if body and len(body[0]) == wire.FORWARD_HEADER.size:
-                seq = wire.FORWARD_HEADER.unpack(body[0])[3]
-            fw = wire.decode_forward(body, self.store.size, self.store.block,
-                                     self.store.committed_epoch)
-            self.store.buffer_pvm_write(fw.epoch, fw.kind, fw.offset, fw.length, fw.digest,
-                                        fw.data, seq=fw.seq)
-        except wire.ForwardError as e:
-            return self._refuse(seq, e.status, str(e))
-        except StoreFull as e:
-            self.comparator.request_checkpoint("dirty_threshold", str(e))
-            return self._refuse(seq, P.ENOSPC, str(e))
-        except StoreError as e:
-            return self._refuse(seq, P.EIO, str(e))
-        except OSError as e:  # the buffer file failed (disk full, I/O error)
-            return self._refuse(seq, P.EIO, f"buffering seq {seq}: {e}", counter="io_errors")
-        self.counters.add("received")
-        self.comparator.record(PVM, fw.epoch, fw.offset, fw.length, fw.digest)
-        return fw.seq, 0, ""
+    def _handle_group(self, headers, data) -> list[tuple[int, int, str]]:
+        """Validate, buffer and compare one group of writes of a FORWARD; the (seq, status,
+        reason) answer of each."""
+        decoded = wire.decode_forward_group([headers, data], self.store.size, self.store.block,
+                                            self.store.committed_epoch)
+        valid = [w for w in decoded if not isinstance(w, wire.ForwardError)]
+        outcome = iter(self.store.buffer_pvm_writes(valid) if valid else [])
+        answers = []
+        received = 0
+        for w in decoded:
+            if isinstance(w, wire.ForwardError):
+                answers.append(self._refuse(w.seq, w.status, str(w)))
+                continue
+            err = next(outcome)
+            if err is None:
+                received += 1
+                self.comparator.record(PVM, w.epoch, w.offset, w.length, w.digest)
+                answers.append((w.seq, 0, ""))
+            elif isinstance(err, StoreFull):
+                self.comparator.request_checkpoint("dirty_threshold", str(err))
+                answers.append(self._refuse(w.seq, P.ENOSPC, str(err)))
+            elif isinstance(err, StoreError):
+                answers.append(self._refuse(w.seq, P.EIO, str(err)))
+            else:  # the buffer file failed (disk full, I/O error)
+                answers.append(self._refuse(w.seq, P.EIO, f"buffering seq {w.seq}: {err}",
+                                            counter="io_errors"))
+        if received:
+            self.counters.add("received", received)
+        # buffered or refused: either way no longer on its way
+        self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
+        return answers
 
     def _refuse(self, seq: int, status: int, reason: str,
                 counter: str = "bad_forwards") -> tuple[int, int, str]:

@@ -49,7 +49,7 @@ import numpy as np
 from pipeline import faults
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile, Runs, paint
-from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
+from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, ForwardedWrite, digest_of
 
 log = logging.getLogger(__name__)
 
@@ -292,31 +292,75 @@ class SecondaryStore:
         """Append one validated forwarded write to its epoch's buffer log. ``seq``: its
         place in the primary's write order (records of equal seq, e.g. a caller that has
         no order, apply in arrival order)."""
+        (err,) = self.buffer_pvm_writes([ForwardedWrite(kind, epoch, seq, offset, length,
+                                                        digest, data)])
+        if err is not None:
+            raise err
+
+    def buffer_pvm_writes(self, writes: list[ForwardedWrite]
+                          ) -> list[StoreError | OSError | None]:
+        """Append validated forwarded writes to their epochs' buffer logs, one pwritev per
+        epoch for many of them. Per write: None, or the error that refused it (nothing of
+        a refused write is buffered)."""
+        out: list[StoreError | OSError | None] = [None] * len(writes)
         with self._lock:
-            if self.active:
-                raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
-                                 f"no longer takes the primary's writes")
-            if epoch <= max(self.committed_epoch, self._committing or 0):
-                raise StoreError(f"PVM write for epoch {epoch}: epoch already committed "
-                                 f"(last committed {self.committed_epoch}, committing "
-                                 f"{self._committing})")
-            data_len = 0 if data is None else len(data)
-            if self.buffer_bytes + RECORD.size + data_len > self.buffer_max_bytes:
-                raise StoreFull(f"PVM write for epoch {epoch} [{offset}, +{length}): the "
-                                f"buffer holds {self.buffer_bytes} bytes, bound "
-                                f"{self.buffer_max_bytes}")
-            lg = self._logs.get(epoch) or self._open_log(epoch)
-            hdr = RECORD.pack(RECORD_MAGIC, kind, epoch, lg.nonce, seq, offset, length,
-                              data_len, digest)
-            # a short or failed write leaves at most a torn record past the valid end,
-            # which the next append overwrites and a scan stops at
-            n = os.pwritev(lg.fd, [hdr] if data is None else [hdr, data], lg.bytes)
-            if n != RECORD.size + data_len:
-                raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} bytes)")
-            lg.index.append((seq, len(lg.index), kind, offset, length,
-                             lg.bytes + RECORD.size, data_len))
-            lg.bytes += n
-            self.counters.add("buffer_bytes", n)
+            held = self.buffer_bytes
+            by_epoch: dict[int, list[int]] = {}
+            for i, w in enumerate(writes):
+                data_len = 0 if w.data is None else len(w.data)
+                try:
+                    self._admit(w.epoch, w.offset, w.length, held, RECORD.size + data_len)
+                except StoreError as e:
+                    out[i] = e
+                    continue
+                held += RECORD.size + data_len
+                by_epoch.setdefault(w.epoch, []).append(i)
+            for epoch, todo in by_epoch.items():
+                lg = self._logs.get(epoch) or self._open_log(epoch)
+                for k in range(0, len(todo), 256):  # 2 iovecs a record, IOV_MAX 1024
+                    part = todo[k:k + 256]
+                    try:
+                        self._append(lg, [writes[i] for i in part])
+                    except OSError as e:
+                        for i in part:
+                            out[i] = e
+        return out
+
+    def _admit(self, epoch: int, offset: int, length: int, held: int, adding: int) -> None:
+        if self.active:
+            raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
+                             f"no longer takes the primary's writes")
+        if epoch <= max(self.committed_epoch, self._committing or 0):
+            raise StoreError(f"PVM write for epoch {epoch}: epoch already committed "
+                             f"(last committed {self.committed_epoch}, committing "
+                             f"{self._committing})")
+        if held + adding > self.buffer_max_bytes:
+            raise StoreFull(f"PVM write for epoch {epoch} [{offset}, +{length}): the "
+                            f"buffer holds {held} bytes, bound {self.buffer_max_bytes}")
+
+    def _append(self, lg: _EpochLog, writes: list[ForwardedWrite]) -> None:
+        """One pwritev of the records of ``writes`` at the log's valid end. A short or
+        failed write leaves at most torn records past the valid end, which the next append
+        overwrites and a scan stops at."""
+        iov: list = []
+        entries = []
+        pos = lg.bytes
+        for w in writes:
+            data_len = 0 if w.data is None else len(w.data)
+            iov.append(RECORD.pack(RECORD_MAGIC, w.kind, w.epoch, lg.nonce, w.seq, w.offset,
+                                   w.length, data_len, w.digest))
+            if data_len:
+                iov.append(w.data)
+            entries.append((w.seq, len(lg.index) + len(entries), w.kind, w.offset, w.length,
+                            pos + RECORD.size, data_len))
+            pos += RECORD.size + data_len
+        n = os.pwritev(lg.fd, iov, lg.bytes)
+        if n != pos - lg.bytes:
+            raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} of {pos - lg.bytes} "
+                                        f"bytes)")
+        lg.index += entries
+        lg.bytes = pos
+        self.counters.add("buffer_bytes", n)
 
     # -- commit / discard --------------------------------------------------
     def commit(self, epoch: int) -> None:
@@ -331,23 +375,22 @@ class SecondaryStore:
             self._committing = epoch
             todo = [(ep, lg.path, list(lg.index)) for ep, lg in sorted(self._logs.items())
                     if ep <= epoch]
-            try:
-                for ep, _path, _end in todo:
-                    if self.durable:
-                        os.fdatasync(self._logs[ep].fd)
-                    faults.point("store.commit.log_synced")
-                self._write_journal(committing=epoch)
-            except BaseException:
-                self._committing = None
-                raise
+            fds = [self._logs[ep].fd for ep, _path, _index in todo]
+        # Outside the lock: the receiver goes on buffering the next epoch meanwhile (the
+        # fsyncs take long; holding the lock would hold back every forwarded write's ack).
+        # Only this thread writes the journal; the receiver reads its state.
         try:
-            # outside the lock: the receiver goes on buffering the next epoch meanwhile
+            for fd in fds:
+                if self.durable:
+                    os.fdatasync(fd)
+                faults.point("store.commit.log_synced")
+            self._write_journal(committing=epoch)
             self._apply(todo)
+            self._write_journal(committed=epoch, committing=None)
         finally:
-            with self._lock:
-                self._committing = None
+            self._committing = None
         with self._lock:
-            self._finish_commit(epoch)
+            self._drop_committed(epoch)
         self.counters.add("commits")
 
     def _apply(self, todo: list[tuple[int, str, list]]) -> None:
@@ -389,6 +432,11 @@ class SecondaryStore:
 
     def _finish_commit(self, epoch: int) -> None:
         self._write_journal(committed=epoch, committing=None)
+        self._drop_committed(epoch)
+
+    def _drop_committed(self, epoch: int) -> None:
+        """The logs of committed epochs and the SVM's overlay go (the SVM is reset to the
+        checkpoint)."""
         for ep in [x for x in self._logs if x <= epoch]:
             self._drop_log(ep)
             faults.point("store.commit.log_dropped")

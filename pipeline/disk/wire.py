@@ -3,13 +3,20 @@
 ZeroMQ DEALER (primary, one per NBD connection, connects) ↔ ROUTER (secondary, binds).
 Fixed-width little-endian fields, reserved fields zero on write and ignored on read.
 
-FORWARD message (primary → secondary): one or more writes (the primary sends what one
-burst of NBD requests produced as one message), two frames each:
+FORWARD message (primary → secondary): the writes one burst of NBD requests produced,
+as groups of writes, two frames per group:
 
-    frame 2i, 64 bytes: magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
+    frame 2i, n × 64 bytes, one header per write of the group:
+                        magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
                         blake3(data) 32 bytes (all zero for ZERO)
-    frame 2i+1: the ``length`` data bytes (empty for ZERO)
+    frame 2i+1: the data of the group's WRITEs back to back, in header order (``length``
+                bytes each; a ZERO has none)
+
+Small writes travel many to a group (one frame pair, so one send and one receive for
+a burst of them); a large write is a group of its own, its data frame sent without a
+copy. Each write is judged on its own; a group whose data frame does not hold exactly
+the bytes its headers announce is refused whole.
 
 ``seq`` is the write's place in the primary's one write order (all NBD connections, from
 1 without gaps); ``epoch`` the checkpoint epoch it belongs to (both decided together).
@@ -62,6 +69,7 @@ class ForwardError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.seq = 0  # the refused write's seq, where known
 
 
 @dataclass(frozen=True)
@@ -79,21 +87,62 @@ def digest_of(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def forward_header(kind: int, epoch: int, seq: int, offset: int, length: int,
+                   data: bytes | bytearray | memoryview | None) -> bytes:
+    """The 64-byte header of one write (its blake3 computed here)."""
+    digest = ZERO_DIGEST if data is None else digest_of(data)
+    return FORWARD_HEADER.pack(FORWARD_MAGIC, kind, epoch, seq, offset, length, digest)
+
+
 def encode_forward(kind: int, epoch: int, seq: int, offset: int, length: int,
                    data: bytes | bytearray | memoryview | None) -> list:
-    digest = ZERO_DIGEST if data is None else digest_of(data)
-    header = FORWARD_HEADER.pack(FORWARD_MAGIC, kind, epoch, seq, offset, length, digest)
-    return [header, b"" if data is None else data]
+    """A group of one write: [header frame, data frame]."""
+    return [forward_header(kind, epoch, seq, offset, length, data),
+            b"" if data is None else data]
 
 
-def decode_forward(frames: list, export_size: int, block_size: int,
-                   committed_epoch: int) -> ForwardedWrite:
-    """Validate one write (its two frames) of a FORWARD message; raise ForwardError naming
-    what is wrong."""
-    if not frames or len(frames[0]) != FORWARD_HEADER.size:
-        raise ForwardError(errno.EINVAL, f"forward header of {len(frames[0]) if frames else 0}"
-                                         f" bytes, expected {FORWARD_HEADER.size}")
-    magic, kind, epoch, seq, offset, length, digest = FORWARD_HEADER.unpack(frames[0])
+def decode_forward_group(frames: list, export_size: int, block_size: int,
+                         committed_epoch: int) -> list[ForwardedWrite | ForwardError]:
+    """Validate one group (its two frames, as buffers) of a FORWARD message: per write, the
+    write or the ForwardError (with ``.seq``) that refuses it. A group that cannot be
+    split into writes is one ForwardError with seq 0."""
+    headers, data = frames
+    n, rest = divmod(len(headers), FORWARD_HEADER.size)
+    if n == 0 or rest:
+        return [ForwardError(errno.EINVAL, f"forward header frame of {len(headers)} bytes, "
+                                           f"not a multiple of {FORWARD_HEADER.size}")]
+    parsed = list(FORWARD_HEADER.iter_unpack(headers))
+    announced = sum(h[5] for h in parsed if h[1] == KIND_WRITE)
+    if announced != len(data):
+        msg = (f"forward group of {n} writes: a {len(data)}-byte data frame, the headers "
+               f"announce {announced}")
+        return [_refusal(errno.EINVAL, msg, h[3]) for h in parsed]
+    out: list[ForwardedWrite | ForwardError] = []
+    view = memoryview(data)
+    pos = 0
+    for magic, kind, epoch, seq, offset, length, digest in parsed:
+        chunk = None
+        if kind == KIND_WRITE:
+            chunk = view[pos:pos + length]
+            pos += length
+        try:
+            out.append(_validate(magic, kind, epoch, seq, offset, length, digest, chunk,
+                                 export_size, block_size, committed_epoch))
+        except ForwardError as e:
+            e.seq = seq
+            out.append(e)
+    return out
+
+
+def _refusal(status: int, message: str, seq: int) -> ForwardError:
+    e = ForwardError(status, message)
+    e.seq = seq
+    return e
+
+
+def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length: int,
+              digest: bytes, data: memoryview | None, export_size: int, block_size: int,
+              committed_epoch: int) -> ForwardedWrite:
     what = f"forwarded write seq {seq} epoch {epoch} [{offset}, +{length})"
     if magic != FORWARD_MAGIC:
         raise ForwardError(errno.EINVAL, f"{what}: magic {magic!r}, expected {FORWARD_MAGIC!r}")
@@ -107,17 +156,11 @@ def decode_forward(frames: list, export_size: int, block_size: int,
         raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
     if offset + length > export_size:
         raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
-    if len(frames) != 2:
-        raise ForwardError(errno.EINVAL, f"{what}: {len(frames)} frames, expected 2")
-    data = None
     if kind == KIND_WRITE:
-        data = frames[1]
-        if len(data) != length:
-            raise ForwardError(errno.EINVAL, f"{what}: {len(data)} data bytes")
         if digest_of(data) != digest:
             raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
-    elif digest != ZERO_DIGEST or len(frames[1]):
-        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest or data")
+    elif digest != ZERO_DIGEST:
+        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest")
     return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
 
 
