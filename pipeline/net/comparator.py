@@ -34,6 +34,13 @@ commit empties the queues and the kept frames go on in order. SVM frames that do
 not fit are discarded until the next commit: they are never output, and the
 commit would discard them anyway; the PVM frames they would have matched are held
 until that commit instead.
+
+Release policy (``net.release``): ``compare`` is all of the above. ``commit`` is
+Remus's output buffering: nothing is compared, the SVM's frames are dropped, and
+every PVM frame waits in one queue (``_awaiting``, in arrival order) until the epoch
+that produced it commits; ``max_queue_frames`` bounds that queue, with the same
+back-pressure. The policy sits at the two points above: what a PVM frame does on
+arrival (``_take_primary``) and what a commit releases (``on_committed``).
 """
 from __future__ import annotations
 
@@ -205,6 +212,10 @@ class Comparator:
         self._svm_overflow = False
         #: PVM frames in the connection queues now
         self._held = 0
+        #: net.release = "commit": PVM frames (epoch, frame, vnet, arrived) waiting for the
+        #: commit of their epoch, in arrival order (so their epochs never decrease)
+        self.release_on_commit = settings.release == "commit"
+        self._awaiting: deque[tuple[int, bytes, int, float]] = deque()
 
     # ------------------------------------------------------------------ input
     def push_primary(self, frame: bytes, vnet_hdr_len: int = 0, now: float | None = None) -> None:
@@ -223,14 +234,31 @@ class Comparator:
             self._stalled.append((frame, vnet_hdr_len))
             self._count("primary_frames_stalled")
             return
+        refused = self._take_primary(frame, vnet_hdr_len,
+                                     self._clock() if now is None else now)
+        if refused is not None:
+            self._block(refused)
+
+    def _take_primary(self, frame: bytes, vnet_hdr_len: int, now: float):
+        """The release policy's arrival point for a PVM frame (not blocked, not passthrough):
+        released, held, or handed back (returned) when it does not fit."""
+        if self.release_on_commit:
+            if self.epoch <= self.committed and not self._awaiting:
+                self._release_frames([(frame, vnet_hdr_len)])
+                return None
+            if len(self._awaiting) >= self._max_queue:
+                self._count("queue_full")
+                self._request("net_queue_full", "frames waiting for a commit at the bound")
+                return ((frame, vnet_hdr_len),)
+            self._awaiting.append((self.epoch, frame, vnet_hdr_len, now))
+            self._note_held(1)
+            return None
         if self.epoch <= self.committed:
             # the SVM already holds the state after this frame (its commit was seen
             # before the PVM's snapshot boundary): nothing to compare it with
             self._release_frames([(frame, vnet_hdr_len)])
-            return
-        refused = self._push(PRIMARY, frame, vnet_hdr_len, self._clock() if now is None else now)
-        if refused is not None:
-            self._block(refused)
+            return None
+        return self._push(PRIMARY, frame, vnet_hdr_len, now)
 
     def push_secondary(self, frame: bytes, vnet_hdr_len: int = 0,
                        now: float | None = None) -> None:
@@ -241,7 +269,7 @@ class Comparator:
         if self._sink is not None:
             self._sink.add("secondary_frames_in", 1)
             self._sink.add("secondary_bytes_in", len(frame))
-        if self.passthrough:
+        if self.passthrough or self.release_on_commit:
             self._count("secondary_frames_dropped")
             return
         if self._svm_overflow:
@@ -347,10 +375,10 @@ class Comparator:
             frame, vnet = stalled.popleft()
             if frame is None:          # a snapshot boundary kept in line (< 0: not in-band)
                 self._snapshot(vnet if vnet >= 0 else -1 - vnet, vnet >= 0)
-            elif self.passthrough or self.epoch <= self.committed:
+            elif self.passthrough:
                 self._release_frames([(frame, vnet)])
             else:
-                refused = self._push(PRIMARY, frame, vnet, self._clock())
+                refused = self._take_primary(frame, vnet, self._clock())
                 if refused is not None:
                     self.blocked = True
                     stalled.extendleft(reversed(refused))
@@ -670,8 +698,9 @@ class Comparator:
             self._request("net_timeout", "PVM IPv4 fragments incomplete")
 
     def held_frames(self) -> int:
-        """PVM frames currently held (all connections; not counting frames kept back)."""
-        return sum(len(c.primary) for c in self.connections.values())
+        """PVM frames currently held (all connections, or waiting for a commit; not counting
+        frames kept back)."""
+        return sum(len(c.primary) for c in self.connections.values()) + len(self._awaiting)
 
     def stalled_frames(self) -> int:
         """PVM frames kept back while :attr:`blocked` (not yet in any queue)."""
@@ -693,6 +722,10 @@ class Comparator:
             for held, _ in self._arrivals:
                 if held.primary and held.epoch > epoch:
                     held.epoch = epoch
+            awaiting = self._awaiting
+            if awaiting and awaiting[-1][0] > epoch:
+                self._awaiting = deque((min(e, epoch), f, v, t) for e, f, v, t in awaiting)
+                self._release_committed()   # the commit of ``epoch`` may have come first
         self.epoch = max(self.epoch, epoch + 1)
 
     def on_committed(self, epoch: int, snapshot_seen: bool = True) -> None:
@@ -704,6 +737,7 @@ class Comparator:
         self._count("commits")
         if epoch > self.committed:
             self.committed = epoch
+        self._release_committed()
         keep: deque[tuple[Held, Connection]] = deque()
         for held, conn in self._arrivals:
             if held.done:
@@ -735,6 +769,16 @@ class Comparator:
         self.svm_epoch = max(self.svm_epoch, epoch + 1)
         self._svm_overflow = False
         self._unblock()
+
+    def _release_committed(self) -> None:
+        """net.release = "commit": the frames of committed epochs go out, in arrival order."""
+        awaiting, committed = self._awaiting, self.committed
+        n = 0
+        while awaiting and awaiting[0][0] <= committed:
+            _, frame, vnet, _ = awaiting.popleft()
+            self._release_frames([(frame, vnet)])
+            n += 1
+        self._held -= n
 
     def on_rolled_back(self, epoch: int, aborted: int) -> None:
         """The SVM was put back to committed ``epoch`` after epoch ``aborted`` was torn: its

@@ -26,6 +26,13 @@ class NetSettings(Section):
 
     SECTION = "net"
 
+    release: str = _f("compare", (
+        "When a PVM frame may go to the client. compare: once the SVM sent the same "
+        "(COLO), or at the commit of its epoch; a divergence asks for a checkpoint. "
+        "commit: at the commit of the epoch that produced it, in order, never earlier, "
+        "nothing compared (Remus-style buffering: for a guest too nondeterministic for "
+        "COLO; every reply waits for a checkpoint, so keep checkpoint.max_interval_ms "
+        "short)."), choices=("compare", "commit"))
     compare_timeout_ms: int = _f(3000, (
         "A PVM frame unmatched this long requests a checkpoint (QEMU's default: 3000)."), min=1)
     expired_scan_ms: int = _f(100, (
@@ -35,7 +42,8 @@ class NetSettings(Section):
     max_queue_frames: int = _f(1024, (
         "Frames held per connection and side (QEMU's max_queue_size: 1024). At the "
         "bound the comparator asks for a checkpoint and stops reading the PVM until it "
-        "commits (the guest's output backs up); it drops none of the PVM's frames."), min=1)
+        "commits (the guest's output backs up); it drops none of the PVM's frames. With "
+        "release = commit the bound is on all PVM frames waiting for a commit."), min=1)
     max_fragment_datagrams: int = _f(256, (
         'Incomplete IPv4 datagrams held for reassembly per side.'), min=1)
     vnet_hdr: bool = _f(False, (
