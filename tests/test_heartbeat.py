@@ -13,8 +13,10 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -235,6 +237,9 @@ class _FakeClockSocket:
     def recv_multipart(self, *a, **kw):
         raise zmq.Again()
 
+    def get_monitor_socket(self, events):
+        return None
+
     def poll(self, timeout_ms, flags=0) -> int:
         self.polls += 1
         self.now += timeout_ms / 1000 + self.late(self.polls)
@@ -343,9 +348,7 @@ def test_extra_connections_do_not_take_heartbeats_from_the_real_peer(pair_factor
     assert [e for e in pri.drain() if isinstance(e, messages.PeerLost)] == []
 
 
-def test_a_socket_factory_gives_the_channel_curve_keys():
-    """How the node hands in its own sockets (CurveZMQ keys): the factory is called in
-    the stage process with the socket kind and whether it binds."""
+def _curve_factory():
     server_pub, server_sec = zmq.curve_keypair()
     client_pub, client_sec = zmq.curve_keypair()
 
@@ -357,7 +360,78 @@ def test_a_socket_factory_gives_the_channel_curve_keys():
             s.curve_secretkey, s.curve_publickey = client_sec, client_pub
             s.curve_serverkey = server_pub
         return s
+    return factory
 
+
+class _StaleListener:
+    """A listener at the heartbeat address that answers every connection with a ZMTP
+    greeting for another security mechanism (PLAIN), as a stale or misconfigured peer
+    would: the primary's CURVE handshake fails on its side with a protocol error."""
+
+    GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.sendall(self.GREETING)
+            self.conns.append(c)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept(): the port is free
+        except OSError:
+            pass
+        self.thread.join(10)
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_the_primary_connects_again_after_a_failed_handshake():
+    """Why a heartbeat direction could stay down for good: when a handshake fails with a
+    protocol error (here a stale listener of another mechanism at the address), libzmq's
+    connecting socket gives up on the endpoint and never reconnects, so the primary's
+    heartbeats never reach the secondary that binds there next, and the secondary, which
+    answers only connections it heard, never sends any either. The stage connects
+    again after a failed handshake: the stale listener sees it come back, and once the
+    real secondary is there both directions come up."""
+    factory = _curve_factory()
+    port = free_port()
+    settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{port}")
+    pri = Side("primary", settings, 1, factory)   # forked before the listener exists
+    stale = _StaleListener(port)
+    try:
+        wait_until(lambda: len(stale.conns) >= 2, timeout=60,
+                   what="the primary connecting again after its failed handshake")
+        stale.close()
+        sec = Side("secondary", settings, 1, factory)
+        try:
+            assert sec.wait_event(messages.PeerUp, 60).info["role"] == "primary"
+            assert pri.wait_event(messages.PeerUp, 60).info["role"] == "secondary"
+            assert pri.counters.as_dict()["hb_handshake_failed"] >= 2
+        finally:
+            sec.close()
+    finally:
+        stale.close()
+        pri.close()
+
+
+def test_a_socket_factory_gives_the_channel_curve_keys():
+    """How the node hands in its own sockets (CurveZMQ keys): the factory is called in
+    the stage process with the socket kind and whether it binds."""
+    factory = _curve_factory()
     settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{free_port()}")
     sec = Side("secondary", settings, 4, factory)
     pri = Side("primary", settings, 4, factory)

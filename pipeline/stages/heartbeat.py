@@ -15,6 +15,12 @@ wake-up sends once and goes back to the grid, so lateness never shifts or bunche
 the schedule. A send that would block (no peer connected) is dropped and counted,
 never queued: a heartbeat is only worth something when it is fresh.
 
+A connection whose handshake fails (ZMTP or CURVE: a wrong or stale peer at the
+address, a refused key) is one libzmq gives up on for good: the connecting socket
+never tries again, so that direction would never come up even after the right peer
+is there. The primary watches its socket's handshake failures and connects again
+(at most once per interval, counted in ``hb_handshake_failed``).
+
 Record HEARTBEAT (48 bytes, little-endian)::
 
     0  magic "COHB"        4  version u16      6  role u8 (1 primary, 2 secondary)
@@ -66,7 +72,11 @@ RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
 # counters of the heartbeat stage, besides pipeline.counters.STAGE_COUNTERS
 # (items_out: heartbeats sent, items_in: valid heartbeats received, errors: bad records)
 COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "send_dropped", "late_wakeups",
-            "max_late_us", "max_gap_us", "peer_lost", "peer_back")
+            "max_late_us", "max_gap_us", "peer_lost", "peer_back", "hb_handshake_failed")
+
+#: connection events after which libzmq does not reconnect by itself
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
@@ -191,10 +201,13 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     else:
         sock = socket_factory(socket_kind(role), bind)
         _options(sock, role)
+    # the connecting side: see the handshake failures libzmq would not retry after
+    monitor = None if bind else sock.get_monitor_socket(_HANDSHAKE_FAILED)
     if bind:
         sock.bind(settings.address)
     else:
         sock.connect(settings.address)
+    reconnect_at: float | None = None
     instance = random.getrandbits(32)
     seq = 0
     peer = _Peer()
@@ -294,18 +307,32 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 next_send = t0 + k * interval
             # what arrived while we were away counts before we judge the silence
             receive(now)
+            if monitor is not None and monitor.poll(0):
+                event = monitor.recv_multipart()   # (event id + value, endpoint)
+                c.add("hb_handshake_failed", 1)
+                ctx.log.warning("heartbeat: handshake with %s failed (event %#x); connecting "
+                                "again", settings.address,
+                                struct.unpack_from("<H", event[0])[0])
+                reconnect_at = reconnect_at or now + interval
+            if reconnect_at is not None and now >= reconnect_at:
+                reconnect_at = None
+                sock.disconnect(settings.address)
+                sock.connect(settings.address)
             if peer.state == "up" and now - peer.last_seen > timeout:
                 peer.state = "lost"
                 c.add("peer_lost", 1)
                 ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
                                 (now - peer.last_seen) * 1000, timeout * 1000)
                 emit(messages.PeerLost(peer.last_seen, now))
-            wake = next_send
+            wake = next_send if reconnect_at is None else min(next_send, reconnect_at)
             if peer.state == "up":
                 wake = min(wake, peer.last_seen + timeout + 0.0005)
             wait = max(0.0, min(wake - clock(), MAX_WAIT_S))
             sock.poll(math.ceil(wait * 1000), zmq.POLLIN)
     finally:
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(0)
         sock.close(0)
         if zctx is not None:
             zctx.term()
