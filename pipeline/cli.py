@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pipeline import __version__, config
+from pipeline import __version__, config, counters
 
 log = logging.getLogger("pipeline.cli")
 
@@ -117,45 +117,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- stats --------------------------------------------------------------------------
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
-
-
-def summarize(snapshot: dict) -> dict:
-    """Figures a person (or a script) wants from a node's counters."""
-    from pipeline.checkpoint_api import CAUSES
-    cps = [c for c in snapshot["checkpoints"] if c["status"] == 0]
-    pauses = [c["pvm_pause_ns"] / 1e6 for c in cps if c["pvm_pause_ns"]]
-    commits = [c["commit_ns"] / 1e6 for c in cps if c["commit_ns"]]
-    # the split of each commit (pause, transfer, apply, ACK): p50 of each part
-    split = {part: round(_percentile([c.get(f"{part}_ns", 0) / 1e6 for c in cps
-                                      if c["commit_ns"]], 50), 3)
-             for part in ("transfer", "apply", "ack")}
-    causes: dict[str, int] = {}
-    for c in snapshot["checkpoints"]:
-        name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
-        causes[name] = causes.get(name, 0) + 1
-    return {
-        "checkpoints": len(cps),
-        "aborted": sum(1 for c in snapshot["checkpoints"] if c["status"] != 0),
-        "causes": causes,
-        "pause_ms_p50": round(_percentile(pauses, 50), 3),
-        "pause_ms_p99": round(_percentile(pauses, 99), 3),
-        "commit_ms_p50": round(_percentile(commits, 50), 3),
-        "commit_ms_p99": round(_percentile(commits, 99), 3),
-        **{f"{part}_ms_p50": v for part, v in split.items()},
-        "pages_dirty": sum(c["pages_dirty"] for c in cps),
-        "pages_sent": sum(c["pages_sent"] for c in cps),
-        "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
-        "pages_zero": sum(c["pages_zero"] for c in cps),
-        "bytes_sent": sum(c["bytes_wire"] for c in snapshot["checkpoints"]),
-        "bytes_raw": sum(c["bytes_raw"] for c in snapshot["checkpoints"]),
-    }
-
-
 def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     """Per stage: throughput and busy/wait share over ``elapsed`` seconds (since ``prev``,
     or since the node started), ring high-water and errors; then the checkpoints."""
@@ -173,8 +134,8 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                      f"{per_s(c, p, 'bytes_out') / 1e6:>10.2f}"
                      f"{per_s(c, p, 'busy_ns') / 1e7:>8.1f}{per_s(c, p, 'wait_ns') / 1e7:>8.1f}"
                      f"{c['ring_high_water']:>8}{c['errors']:>8}")
-    s = summarize(snap)
-    rate = (s["checkpoints"] - (summarize(prev)["checkpoints"] if prev else 0)) / elapsed \
+    s = counters.summarize(snap)
+    rate = (s["checkpoints"] - (counters.summarize(prev)["checkpoints"] if prev else 0)) / elapsed \
         if elapsed > 0 else 0.0
     lines.append(f"checkpoints {s['checkpoints']} ({rate:.1f}/s, aborted {s['aborted']})  "
                  f"causes {s['causes']}")
@@ -201,7 +162,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             snap = node.snapshot()
             now = time.time()
             if args.json:
-                snap["summary"] = summarize(snap)
+                snap["summary"] = counters.summarize(snap)
                 print(json.dumps(snap))
                 return EXIT_OK
             if args.prometheus:
@@ -223,160 +184,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 # -- demo ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.localpair import LocalPair, PairError
-    tables = {
-        # the network comparator on the primary; both guests' outputs go to it as frames
-        "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
-                "secondary_in": "unix:{workdir}/net-svm.sock",
-                "compare_timeout_ms": args.compare_timeout_ms},
-        "guest": {"backend": "sim", "page_count": args.pages, "dirty_log": args.dirty_log},
-        "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_input,
-                           "nondeterminism": args.nondeterminism,
-                           "input_rate_hz": args.input_rate},
-        "checkpoint": {"max_interval_ms": args.interval_ms, "min_interval_ms": 10,
-                       "dirty_threshold_pages": max(64, args.pages // 4),
-                       "epoch_timeout_ms": 20000},
-    }
-    role_tables = None
-    if args.disk_mb:
-        from pipeline.localpair import free_port_base
-        disk = {"export_size": args.disk_mb << 20, "durable_commit": False,
-                "forward": f"tcp://127.0.0.1:{free_port_base()}"}
-        role_tables = {role: {"disk": {**disk, "image": f"{{workdir}}/{role}-disk.img",
-                                       "export": f"unix:{{workdir}}/{role}-disk.nbd"}}
-                       for role in ("primary", "secondary")}
-    pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose,
-                     role_tables=role_tables)
-    disk_driver = None
-    summary: dict = {"memory_equal": False}
-    code = EXIT_FAILED
-    try:
-        pair.start()
-        if not args.json:
-            print(f"primary and secondary started (configs in {pair.workdir}); full sync of "
-                  f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
-        pair.wait_protected()
-        node = pair.node("primary")
-        if args.disk_mb:
-            disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
-                                          args.disk_mb << 20)
-        t_end = time.monotonic() + args.duration
-        while time.monotonic() < t_end:
-            pair.check_alive()
-            if not args.json:
-                s = summarize(node.snapshot())
-                print(f"\r[{args.duration - (t_end - time.monotonic()):5.1f}s] checkpoints "
-                      f"{s['checkpoints']:4d}  pause p50 {s['pause_ms_p50']:6.2f} ms  "
-                      f"sent {s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}",
-                      end="", flush=True)
-            time.sleep(0.5)
-        if disk_driver is not None:
-            disk_driver.stop()
-        # The proof: one more checkpoint where both sides hash all of guest memory while
-        # paused (the PVM at its snapshot, the SVM right after applying it).
-        info = pair.prove_memory_equal()
-        summary = summarize(node.snapshot())
-        summary.update(memory_equal=info["memory_equal"], final_epoch=info["final_epoch"],
-                       pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
-                       dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
-        code = EXIT_OK if info["memory_equal"] else EXIT_FAILED
-        if disk_driver is not None:
-            # the disk committed with that checkpoint, and nothing was written since
-            images = [_file_digest(os.path.join(pair.workdir, f"{role}-disk.img"))
-                      for role in ("primary", "secondary")]
-            summary.update(disk_equal=images[0] == images[1], disk_writes=disk_driver.writes,
-                           disk_digest=images[0])
-            if not summary["disk_equal"]:
-                code = EXIT_FAILED
-        if args.kill_primary_after is not None and code == EXIT_OK:
-            summary.update(_demo_failover(pair, args))
-            code = EXIT_OK if summary.get("failover_ok") else EXIT_FAILED
-    except PairError as exc:
-        summary["error"] = str(exc)
-        print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
-    finally:
-        if disk_driver is not None:
-            disk_driver.stop()
-        codes = pair.stop()
-        if any(codes.values()) and code == EXIT_OK:
-            code = EXIT_FAILED
-            summary["error"] = f"a node did not stop cleanly: exit codes {codes}"
-        pair.cleanup()
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print()
-        print(f"checkpoints {summary.get('checkpoints')}  causes {summary.get('causes')}  "
-              f"pause p50/p99 {summary.get('pause_ms_p50')}/{summary.get('pause_ms_p99')} ms  "
-              f"bytes sent {summary.get('bytes_sent')}")
-        print(f"memory of SVM == PVM at the last committed checkpoint "
-              f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
-    return code
-
-
-def _file_digest(path: str) -> str:
-    import blake3
-    with open(path, "rb") as fh:
-        return blake3.blake3(fh.read()).hexdigest()
-
-
-class GuestDiskDriver:
-    """The demo's stand-in for the guest's disk driver: deterministic block writes to the
-    PVM's NBD export from a thread (the sim guest itself has no disk)."""
-
-    def __init__(self, socket_path: str, size: int, block: int = 4096,
-                 rate_hz: float = 100.0) -> None:
-        import threading
-        self.path, self.size, self.block, self.period = socket_path, size, block, 1 / rate_hz
-        self.writes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="guest-disk", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import random
-        from pipeline.disk.nbd_client import NbdClient
-        client = NbdClient(f"nbd+unix:///?socket={self.path}")
-        rng = random.Random(11)
-        try:
-            while not self._stop.wait(self.period):
-                nblocks = rng.randint(1, 16)
-                offset = rng.randrange(0, self.size // self.block - nblocks) * self.block
-                client.write(offset, rng.randbytes(nblocks * self.block))
-                self.writes += 1
-                if self.writes % 50 == 0:
-                    client.flush()
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
-def _demo_failover(pair, args: argparse.Namespace) -> dict:
-    """Kill the primary node (every process, SIGKILL) and watch the secondary take over."""
-    time.sleep(args.kill_primary_after)
-    sec = pair.node("secondary")
-    before = sec.stage("mirror").as_dict()["outputs"]
-    killed_at = pair.kill("primary")
-    if not args.json:
-        print("\nprimary killed (SIGKILL); waiting for the secondary to take over ...",
-              flush=True)
-    info = pair.wait_info("role", "active", role="secondary", timeout=30)
-    detect_ms = (info["failover_detected_at"] - killed_at) * 1000
-    time.sleep(1.0)                       # the SVM serves on: its output keeps coming
-    after = sec.stage("mirror").as_dict()
-    out = {"failover_detect_ms": round(detect_ms, 1), "takeover_ms": info["takeover_ms"],
-           "failover_generation": info["generation"],
-           "active_outputs_after_takeover": after["outputs"] - before,
-           "active_inputs_generated": after["inputs_generated"]}
-    out["failover_ok"] = out["active_outputs_after_takeover"] > 0
-    if not args.json:
-        print(f"secondary active (generation {info['generation']}): primary loss noticed "
-              f"{detect_ms:.0f} ms after the kill, SVM live {info['takeover_ms']:.0f} ms later; "
-              f"{out['active_outputs_after_takeover']} outputs since")
-    return out
+    from pipeline.demo import run_demo
+    return EXIT_OK if run_demo(args) else EXIT_FAILED
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -426,24 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_stats)
     sp = sub.add_parser("demo", help="a primary and a secondary with simulated guests on this "
                         "machine; ends by proving the SVM's memory equals the PVM's")
-    sp.add_argument("--duration", type=float, default=10.0, help="seconds of protected running")
-    sp.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
-    sp.add_argument("--pages", type=int, default=16384, help="guest RAM in 4 KiB pages")
-    sp.add_argument("--pages-per-input", type=int, default=16)
-    sp.add_argument("--input-rate", type=float, default=200.0, help="client inputs per second")
-    sp.add_argument("--interval-ms", type=int, default=200, help="checkpoint.max_interval_ms")
-    sp.add_argument("--nondeterminism", type=float, default=0.0)
-    sp.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"])
-    sp.add_argument("--verbose", action="store_true", help="show the nodes' logs")
-    sp.add_argument("--compare-timeout-ms", type=int, default=1000,
-                    help="net.compare_timeout_ms: a PVM output unmatched this long requests "
-                    "a checkpoint")
-    sp.add_argument("--disk-mb", type=int, default=0, metavar="N",
-                    help="give the guest a replicated disk of N MiB (served over NBD; a "
-                    "driver thread writes to it) and check both images are equal at the end")
-    sp.add_argument("--kill-primary-after", type=float, default=None, metavar="S",
-                    help="after the memory proof, wait S seconds, kill the primary node with "
-                    "SIGKILL and show the secondary taking over")
+    from pipeline.demo import add_demo_arguments
+    add_demo_arguments(sp)
     sp.set_defaults(func=cmd_demo)
     return p
 

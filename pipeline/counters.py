@@ -447,3 +447,43 @@ class NodeCounters:
     def __reduce__(self):
         raise TypeError(f"counters of node {self.node!r} cannot be pickled: create them "
                         "before forking the stages, or NodeCounters.attach() by node name")
+
+
+# -- figures ------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank on the sorted values; ``q`` from 0 to 1."""
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def summarize(snapshot: dict) -> dict:
+    """Figures a person (or a script) wants from a node's counters (``snapshot()``)."""
+    cps = [c for c in snapshot["checkpoints"] if c["status"] == 0]
+    pauses = [c["pvm_pause_ns"] / 1e6 for c in cps if c["pvm_pause_ns"]]
+    commits = [c["commit_ns"] / 1e6 for c in cps if c["commit_ns"]]
+    # the split of each commit (pause, transfer, apply, ACK): p50 of each part
+    split = {part: round(percentile([c.get(f"{part}_ns", 0) / 1e6 for c in cps
+                                     if c["commit_ns"]], 0.5), 3)
+             for part in ("transfer", "apply", "ack")}
+    causes: dict[str, int] = {}
+    for c in snapshot["checkpoints"]:
+        name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
+        causes[name] = causes.get(name, 0) + 1
+    return {
+        "checkpoints": len(cps),
+        "aborted": sum(1 for c in snapshot["checkpoints"] if c["status"] != 0),
+        "causes": causes,
+        "pause_ms_p50": round(percentile(pauses, 0.5), 3),
+        "pause_ms_p99": round(percentile(pauses, 0.99), 3),
+        "commit_ms_p50": round(percentile(commits, 0.5), 3),
+        "commit_ms_p99": round(percentile(commits, 0.99), 3),
+        **{f"{part}_ms_p50": v for part, v in split.items()},
+        "pages_dirty": sum(c["pages_dirty"] for c in cps),
+        "pages_sent": sum(c["pages_sent"] for c in cps),
+        "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
+        "pages_zero": sum(c["pages_zero"] for c in cps),
+        "bytes_sent": sum(c["bytes_wire"] for c in snapshot["checkpoints"]),
+        "bytes_raw": sum(c["bytes_raw"] for c in snapshot["checkpoints"]),
+    }

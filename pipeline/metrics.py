@@ -56,6 +56,7 @@ from pipeline.counters import (
     STATUS_COMMITTED,
     NodeCounters,
     NodeNotRunning,
+    percentile,
     _pid_alive,
 )
 
@@ -105,14 +106,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ValueError(f"metrics listen address {listen!r}: port {port_text!r} is not a "
                          "number from 0 to 65535")
     return host, int(port_text)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest rank on the sorted values, as ``colo-pipeline stats`` computes it."""
-    if not values:
-        return 0.0
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
 class _Histogram:
@@ -359,7 +352,7 @@ class NodeCollector:
             values = [r[field] / 1e9 for r in committed if r.get(field)]
             g = GaugeMetricFamily(name, doc, labels=["node", "quantile"])
             for q in QUANTILES:
-                g.add_metric([n, repr(q)], _percentile(values, q))
+                g.add_metric([n, repr(q)], percentile(values, q))
             out.append(g)
         return out
 

@@ -235,7 +235,7 @@ class Supervisor:
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress, shared.compress)) for i in range(n)]
             plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
-            if hasattr(dom, "feed_input"):     # the sim guest's clients (a real VM has its own)
+            if dom.simulated_io() is not None:   # the sim guest's clients (a real VM has its own)
                 plan.append(StageSpec("client", inputs.run_client, (s, dom, shared)))
         else:
             n = s.pipeline.verify_workers
@@ -259,7 +259,7 @@ class Supervisor:
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)))
-            if hasattr(dom, "feed_input"):
+            if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
@@ -286,7 +286,7 @@ class Supervisor:
             self.node.set_node_info({"role": s.node.role, "pid": os.getpid(),
                                      "config": s.source, "started": time.time(),
                                      "page_count": self.domain.page_count,
-                                     "dirty_log": getattr(self.domain, "dirty_log_kind", "")})
+                                     "dirty_log": self.domain.dirty_log_kind})
             # node info has one writer at a time: the supervisor until the coordinator
             # starts (last), then the coordinator (which adds its own pid)
             self.domain.before_fork()

@@ -176,15 +176,16 @@ class SecondaryRole:
         for _cause, detail in bus.drain_requests():
             if detail != "digest":
                 continue
+            io = self.domain.simulated_io()
             self.shared.hold_inputs.value = 1
             try:
                 deadline = time.monotonic() + 10
-                while (self.domain.input_seq() < self.domain.input_head
+                while (io is not None and io.input_seq() < io.input_head
                        and time.monotonic() < deadline):
                     time.sleep(0.002)
                 self.domain.pause()
                 digest = self.domain.memory_digest()
-                seq = self.domain.vcpu_input_seq(self.domain.get_vcpu_state())
+                seq = io.vcpu_input_seq(self.domain.get_vcpu_state()) if io is not None else -1
                 self.domain.resume()
             finally:
                 self.shared.hold_inputs.value = 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
+from pipeline.xen_io.base import Domain
 
 # slot.kind
 SLOT_DATA = 1   # a batch of pages
@@ -157,10 +158,8 @@ def _prefault(args: tuple) -> None:
     the copy they interrupt, so they must not land inside a PVM pause or a commit."""
     for arg in args:
         for obj in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(obj, (Ring, PageBuffer)) or hasattr(obj, "memory_view"):
-                prefault = getattr(obj, "prefault", None)
-                if prefault is not None:
-                    prefault()
+            if isinstance(obj, (Ring, PageBuffer, Domain)):
+                obj.prefault()
 
 
 def read_slot(ctx: StageContext, ring: Ring) -> Slot | None:

@@ -23,7 +23,7 @@ from pipeline import sockets, wire
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.config import Settings
 from pipeline.stages.common import StageContext
-from pipeline.xen_io.base import OUTPUT_MARK
+from pipeline.xen_io.base import OUTPUT_MARK, Domain, SimulatedIO
 
 INPUT_SIZE = 64
 INJECT_SOCKET = "client-inputs.sock"
@@ -41,8 +41,8 @@ class OutputPort:
     def __init__(self, ctx: StageContext, address: str) -> None:
         self.ctx, self.address, self.client = ctx, address, None
 
-    def deliver(self, domain, compare: bool = True) -> None:
-        outs = domain.read_outputs(0.0)
+    def deliver(self, io: SimulatedIO, compare: bool = True) -> None:
+        outs = io.read_outputs(0.0)
         if not outs:
             return
         marks = sum(1 for seq, _ in outs if seq == OUTPUT_MARK)
@@ -82,7 +82,8 @@ def inject_address(run_dir: str) -> str:
     return "ipc://" + os.path.join(run_dir, INJECT_SOCKET)
 
 
-def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
+def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) -> None:
+    io = domain.simulated_io()
     nctx = sockets.NodeContext(settings)
     out = sockets.inputs_out(nctx)
     injected = nctx.ctx.socket(zmq.PULL)
@@ -97,18 +98,18 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
     port = OutputPort(ctx, settings.net.primary_in)
     try:
         while not ctx.stopping():
-            port.deliver(domain)
-            ctx.counters.set("pvm_input_seq", domain.input_seq())
+            port.deliver(io)
+            ctx.counters.set("pvm_input_seq", io.input_seq())
             if shared.unprotected.value:
                 was_unprotected = True
             elif was_unprotected:
                 # a new secondary: it needs every input the PVM has not consumed yet (its
                 # first checkpoint may be taken before the PVM gets to them)
                 was_unprotected = False
-                for seq in range(domain.input_seq(), domain.input_head):
+                for seq in range(io.input_seq(), io.input_head):
                     sockets.send_until_stopped(
                         out, wire.encode_input(shared.epoch.value, seq,
-                                               domain.input_payload(seq)), ctx.stop)
+                                               io.input_payload(seq)), ctx.stop)
             if payload is None:
                 if injected.poll(0):
                     payload = injected.recv()
@@ -125,7 +126,7 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
                     injected.poll(int(wait * 1000))
                     continue
             try:
-                seq = domain.feed_input(payload)
+                seq = io.feed_input(payload)
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
                 continue
@@ -139,16 +140,17 @@ def run_client(ctx: StageContext, settings: Settings, domain, shared) -> None:
             ctx.counters.add("items_out", 1)
             ctx.counters.add("bytes_out", len(payload))
             payload = None
-            domain.trim_inputs(domain.input_seq())
+            io.trim_inputs(io.input_seq())
     finally:
         port.close()
         nctx.close()
 
 
-def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
+def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared) -> None:
     """Until a takeover: feed the SVM the primary's inputs. After it (``shared.active``):
     the SVM is the service, and this stage becomes its client, going on with the same
     input stream where the mirrored one stopped."""
+    io = domain.simulated_io()
     nctx = sockets.NodeContext(settings)
     inp = sockets.inputs_in(nctx)
     events = CheckpointClient(settings.run_dir, nctx.ctx)
@@ -161,7 +163,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
         while not ctx.stopping():
             # compared while the primary is there; once active the SVM's output is the
             # service's output
-            port.deliver(domain, compare=not shared.active.value)
+            port.deliver(io, compare=not shared.active.value)
             if shared.active.value:
                 if shared.hold_inputs.value or rate <= 0:
                     time.sleep(0.005)
@@ -171,19 +173,19 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
                     time.sleep(min(next_at - now, 0.05))
                     continue
                 next_at = max(next_at + 1.0 / rate, now - 1.0)
-                n = domain.input_head
+                n = io.input_head
                 try:
-                    domain.feed_input(client_input(settings.guest.workload.seed, n), seq=n)
+                    io.feed_input(client_input(settings.guest.workload.seed, n), seq=n)
                 except TimeoutError:
                     ctx.counters.add("input_full", 1)
                     continue
-                domain.trim_inputs(domain.input_seq())
+                io.trim_inputs(io.input_seq())
                 ctx.counters.add("inputs_generated", 1)
                 continue
             for ev in events.poll_events(0):
                 seq = ev.extra.get("input_seq", -1)
                 if ev.event == "committed" and seq >= 0:
-                    domain.trim_inputs(seq)
+                    io.trim_inputs(seq)
             if held is None:
                 if not inp.poll(20):
                     continue
@@ -194,11 +196,11 @@ def run_mirror(ctx: StageContext, settings: Settings, domain, shared) -> None:
                     ctx.log.warning("inputs channel: dropped a bad record: %s", exc)
                     continue
                 held = (seq, payload)
-            if fed == 0 and held[0] != domain.input_head:
+            if fed == 0 and held[0] != io.input_head:
                 # joining a primary whose input stream is already at held[0]
-                domain.start_inputs_at(held[0])
+                io.start_inputs_at(held[0])
             try:
-                domain.feed_input(held[1], seq=held[0])
+                io.feed_input(held[1], seq=held[0])
                 fed += 1
             except TimeoutError:
                 # The SVM's input log is full until a checkpoint commits and trims it; the

@@ -162,8 +162,9 @@ class Restore:
         self.asm = None
         digest = self.domain.memory_digest() if want_digest else b""
         input_seq = -1
-        if self.committed_vcpu and hasattr(self.domain, "vcpu_input_seq"):
-            input_seq = self.domain.vcpu_input_seq(self.committed_vcpu)
+        io = self.domain.simulated_io()
+        if self.committed_vcpu and io is not None:
+            input_seq = io.vcpu_input_seq(self.committed_vcpu)
         self.ctx.counters.add("epochs_applied", 1)
         self.ctx.counters.add("items_out", n)
         return messages.Applied(epoch, n, digest, input_seq)

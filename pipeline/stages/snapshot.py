@@ -191,7 +191,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
                 return
-            input_seq = getattr(domain, "vcpu_input_seq", lambda b: -1)(vcpu)
+            io = domain.simulated_io()
+            input_seq = io.vcpu_input_seq(vcpu) if io is not None else -1
             ctrl.send(messages.Snapshotted(epoch, len(dirty), pause_ns, input_seq, digest,
                                            verify_ns))
         else:

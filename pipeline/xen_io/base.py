@@ -1,10 +1,15 @@
 """The hypervisor boundary: the one interface the pipeline uses to drive a guest.
 
-The pipeline never imports a backend module directly; it calls
-:func:`pipeline.xen_io.open_domain` with the ``[guest]`` settings and gets a
-:class:`Domain`. Backends: ``sim`` (a simulated guest process whose RAM is a
-shared memfd) and ``xen`` (a real Xen domain through libxenctrl /
-libxenforeignmemory via ctypes).
+The pipeline never imports a backend module directly; the supervisor opens the backend
+named by ``guest.backend`` (:data:`pipeline.xen_io.BACKENDS`) and gets a :class:`Domain`.
+Backends: ``xen`` (a real Xen domain through libxenctrl / libxenforeignmemory via
+ctypes: ``xen.py``) and ``sim`` (a simulated guest process whose RAM is a shared memfd:
+``sim/``).
+
+:class:`Domain` is what every backend must do. :class:`SimulatedIO` is what only a
+guest whose client I/O is simulated does (the pipeline plays its clients: feeds its
+inputs, reads its outputs); the pipeline reaches it only through
+:meth:`Domain.simulated_io`, which is ``None`` for a real VM (its clients are real).
 
 Frame numbers (``pfns``) are guest frame numbers: indexes of pages of the
 guest's physical memory, ``0 <= pfn < page_count``.
@@ -34,6 +39,13 @@ class Domain(abc.ABC):
     page_count: int
     #: a human-readable name used in log lines and error messages
     name: str
+    #: how the backend tracks written pages, for the node info ("" when it has one way only)
+    dirty_log_kind: str = ""
+
+    def simulated_io(self) -> SimulatedIO | None:
+        """The guest's simulated client I/O, or None: a real VM's clients are real, and
+        the pipeline neither feeds its inputs nor reads its outputs."""
+        return None
 
     # -- execution ------------------------------------------------------
     @abc.abstractmethod
@@ -122,6 +134,11 @@ class Domain(abc.ABC):
         output does not pass through the pipeline ignore it."""
 
     # -- lifetime -------------------------------------------------------
+    def prefault(self) -> None:
+        """Called once at the start of each stage process that was handed the domain: map
+        what the backend maps (guest RAM) into this process now, so first-touch faults do
+        not land inside a pause. Nothing for backends that map in batches."""
+
     def before_fork(self) -> None:
         """The node is about to fork its stages, which share this object: drop what must not
         cross a fork (the xen backend's library handles). Nothing for most backends."""
@@ -134,3 +151,48 @@ class Domain(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SimulatedIO(abc.ABC):
+    """What only a guest with simulated client I/O does (the sim backend): an input stream
+    the pipeline feeds, numbered from 0 (``seq``), and an output stream it reads. The
+    primary's client stage feeds the PVM and mirrors each input to the secondary, whose
+    mirror stage feeds the SVM in the same order; a checkpoint's vCPU blob says how far
+    into its inputs the guest was, so a rolled-back SVM replays exactly what followed."""
+
+    #: the seq the next fed input gets
+    input_head: int
+
+    @abc.abstractmethod
+    def input_seq(self) -> int:
+        """The seq of the next input the guest will consume."""
+
+    @abc.abstractmethod
+    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
+        """Append one input (at ``seq``, which must be the head, if given); its seq."""
+
+    @abc.abstractmethod
+    def input_payload(self, seq: int) -> bytes:
+        """An input still held (not trimmed)."""
+
+    @abc.abstractmethod
+    def trim_inputs(self, below_seq: int) -> None:
+        """Inputs below ``below_seq`` will never be replayed: their room may be reused."""
+
+    @abc.abstractmethod
+    def start_inputs_at(self, seq: int) -> None:
+        """Continue the input stream at ``seq`` (a secondary joining a primary whose inputs
+        are there)."""
+
+    @abc.abstractmethod
+    def vcpu_input_seq(self, blob: bytes) -> int:
+        """The input seq a vCPU blob of this guest records."""
+
+    @abc.abstractmethod
+    def output_fileno(self) -> int:
+        """An fd that is readable when the guest wrote output."""
+
+    @abc.abstractmethod
+    def read_outputs(self, timeout: float = 0.0) -> list[tuple[int, bytes]]:
+        """Output frames ``(input seq, frame)`` written since the last call, marks
+        (:meth:`Domain.mark_outputs`) in place with seq :data:`OUTPUT_MARK`."""

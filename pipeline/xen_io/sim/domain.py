@@ -63,7 +63,7 @@ from functools import lru_cache
 import blake3
 import numpy as np
 
-from ..base import OUTPUT_MARK, Domain, DomainError
+from ..base import OUTPUT_MARK, Domain, DomainError, SimulatedIO
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
 from .input_log import InputLog
@@ -291,7 +291,7 @@ _PR_SET_NAME = 15
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
-class SimDomain(Domain):
+class SimDomain(Domain, SimulatedIO):
     """A simulated guest process; see the module docstring for who calls what."""
 
     def __init__(self, name: str, page_count: int, workload: WorkloadSpec, dirty_log_kind: str,
@@ -638,6 +638,9 @@ class SimDomain(Domain):
         self._ctl_map[_VCPU_OFF:_VCPU_OFF + BLOB_SIZE] = bytes(blob)
         self._words[W_VCPU_LEN] = BLOB_SIZE
         self._inputs.set_consumer(state.seq)
+
+    def simulated_io(self) -> SimulatedIO:
+        return self
 
     @staticmethod
     def vcpu_input_seq(blob: bytes) -> int:
