@@ -7,12 +7,10 @@ import dataclasses
 import glob
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import cli
 
 from pipeline import config
 from pipeline.cli import main as cli_main
@@ -37,19 +35,6 @@ def examples(tmp_path_factory) -> str:
     for name in ("primary", "secondary"):
         write_keypair(os.path.join(d, "keys"), name)
     return d
-
-
-def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    """Run ``colo-pipeline ARGS``; kill its whole process group if it outlives ``timeout``."""
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        raise
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def write(tmp_path, text: str, name: str = "bad.toml") -> str:
@@ -298,7 +283,7 @@ def test_check_config_invalid_toml_subprocess(tmp_path):
 def test_node_command_refuses_the_other_roles_config(examples, command, example):
     path = os.path.join(examples, example)
     t0 = time.monotonic()
-    r = cli(command, "--config", path, timeout=10)
+    r = cli(command, "--config", path, timeout=60)
     assert r.returncode == EXIT_USAGE, (r.returncode, r.stderr)
     assert_keyed_error(r.stderr, path, "node.role", repr(command))
     assert time.monotonic() - t0 < 10
@@ -325,7 +310,7 @@ def test_bad_config_starts_nothing(tmp_path, request, node_extra, rest, key):
                  "[peer]\naddress = 'tcp://127.0.0.1:47391'\nconnect_timeout_ms = 100\n"
                  "[security]\nmode = 'plaintext'\n" + rest)
     t0 = time.monotonic()
-    r = cli("primary", "--config", path, timeout=10)
+    r = cli("primary", "--config", path, timeout=60)
     elapsed = time.monotonic() - t0
     assert r.returncode == EXIT_USAGE, (r.returncode, r.stderr)
     assert_keyed_error(r.stderr, path, key)

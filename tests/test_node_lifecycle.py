@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
+from conftest import cli, wait_until
 
 from pipeline.localpair import LocalPair
 from pipeline.shm import list_segments, segment_prefix
@@ -21,16 +19,12 @@ SMALL = {
 }
 
 
-def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
 
 def test_demo_comparator_requests_checkpoints_on_divergent_output():
     """The guests' outputs go to the network comparator as frames; a nondeterministic
     guest makes it request checkpoints through the coordinator (cause net_divergence),
     and the pair still ends with equal memory."""
-    r = _cli("demo", "--duration", "3", "--pages", "2048", "--nondeterminism", "0.1",
+    r = cli("demo", "--duration", "3", "--pages", "2048", "--nondeterminism", "0.1",
              "--interval-ms", "5000", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -41,7 +35,7 @@ def test_demo_comparator_requests_checkpoints_on_divergent_output():
 
 @pytest.mark.parametrize("dirty_log", ["uffd", "bitmap"])
 def test_demo_proves_memory_equality(dirty_log):
-    r = _cli("demo", "--duration", "2", "--pages", "4096", "--dirty-log", dirty_log,
+    r = cli("demo", "--duration", "2", "--pages", "4096", "--dirty-log", dirty_log,
              "--nondeterminism", "0.3", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -63,26 +57,25 @@ def test_stats_json_agrees_between_sender_and_receiver(tmp_path):
         pair.start()
         pair.wait_protected()
         for n in range(3, 6):
-            time.sleep(0.2)
             pair.request_checkpoint()
             pair.wait_checkpoints(n)
-        r = _cli("stats", "--config", pair.configs["primary"], "--json")
+        r = cli("stats", "--config", pair.configs["primary"], "--json")
         assert r.returncode == 0, r.stderr
         prim = json.loads(r.stdout)
         assert prim["info"]["role"] == "primary" and prim["info"]["state"] == "protected"
         assert prim["summary"]["checkpoints"] == 5
         assert prim["summary"]["causes"] == {"initial": 2, "request": 3}
         assert all(prim["stages"][f"digest.{i}"]["items_in"] > 0 for i in range(2))
-        sec = json.loads(_cli("stats", "--node", pair.name("secondary"), "--json").stdout)
+        sec = json.loads(cli("stats", "--node", pair.name("secondary"), "--json").stdout)
         assert sec["info"]["role"] == "secondary"
         sent = prim["stages"]["send"]["items_in"]
         received = sum(sec["stages"][f"verify.{i}"]["items_in"] for i in range(2))
         assert sent > 2048                                   # the full sync and more
         assert sent == received == prim["summary"]["pages_sent"]
         assert sent == sum(prim["stages"][f"digest.{i}"]["items_out"] for i in range(2))
-        table = _cli("stats", "--node", pair.name("primary")).stdout
+        table = cli("stats", "--node", pair.name("primary")).stdout
         assert "snapshot" in table and "checkpoints 5" in table
-    r = _cli("stats", "--node", pair.name("primary"), "--json")
+    r = cli("stats", "--node", pair.name("primary"), "--json")
     assert r.returncode == 1 and "not running" in r.stderr.lower()
 
 
@@ -136,7 +129,7 @@ def test_killed_stage_stops_the_node_and_frees_shared_memory(tmp_path, victim):
 def test_demo_with_a_replicated_disk():
     """The guest's disk (NBD, written by the demo's driver thread) is committed with the
     checkpoints: after the final one the secondary's image equals the primary's."""
-    r = _cli("demo", "--duration", "2", "--pages", "2048", "--disk-mb", "32", "--json")
+    r = cli("demo", "--duration", "2", "--pages", "2048", "--disk-mb", "32", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["memory_equal"] is True
@@ -154,14 +147,17 @@ def test_sigterm_during_an_epoch_exits_cleanly(tmp_path):
     try:
         pair.wait_protected()
         from pipeline.xen_io.sim import SimDomain
+        client = pair.node("primary").stage("client")
+        fed = client.as_dict()["outputs"]
         pair.inject_input(SimDomain.write_command(12000))
-        time.sleep(0.3)
+        wait_until(lambda: client.as_dict()["outputs"] > fed, timeout=60,
+                   what="the guest writing its 12000 pages")
         n = len(pair.checkpoints())
+        send = pair.node("primary").stage("send")
+        sent = send.as_dict()["items_in"]
         pair.request_checkpoint()
-        deadline = time.monotonic() + 10
-        while pair.node("primary").node_info().get("epoch", -1) < 0 and \
-                time.monotonic() < deadline:
-            time.sleep(0.001)
+        # the big epoch's pages are on their way
+        wait_until(lambda: send.as_dict()["items_in"] > sent, timeout=60, interval=0.001)
         for p in pair.procs.values():          # both nodes, mid-epoch
             p.send_signal(signal.SIGTERM)
         codes = {role: p.wait(30) for role, p in pair.procs.items()}
@@ -177,11 +173,11 @@ def test_stats_table_and_prometheus_text(tmp_path):
         pair.start()
         pair.wait_protected()
         pair.wait_checkpoints(4)
-        table = _cli("stats", "--node", pair.name("primary")).stdout
+        table = cli("stats", "--node", pair.name("primary")).stdout
         for word in ("items/s", "busy %", "wait %", "ring hw", "PVM pause p50/p99",
                      "skipped by hash", "digest.0", "send"):
             assert word in table, table
-        prom = _cli("stats", "--node", pair.name("primary"), "--prometheus").stdout
+        prom = cli("stats", "--node", pair.name("primary"), "--prometheus").stdout
         assert "colo_role" in prom and "colo_checkpoints_total" in prom
 
 

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
-import time
 
 import numpy as np
-import pytest
 import zmq
 import zmq.auth
+from conftest import cli, wait_until
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline import config, wire
 from pipeline.localpair import LocalPair
 from pipeline.sockets import write_keypair
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_keygen_writes_a_private_secret_key(tmp_path):
-    r = _cli("keygen", "--dir", str(tmp_path), "--name", "hostA")
+    r = cli("keygen", "--dir", str(tmp_path), "--name", "hostA")
     assert r.returncode == 0, r.stderr
     secret = tmp_path / "hostA.key_secret"
     public = tmp_path / "hostA.key"
@@ -43,16 +36,16 @@ def test_loose_secret_key_permissions_are_refused(tmp_path):
     write_keypair(str(tmp_path), "b")
     cfg = tmp_path / "node.toml"
     cfg.write_text("[security]\nkey_file = 'a.key_secret'\npeer_public_key_file = 'b.key'\n")
-    assert _cli("check-config", str(cfg)).returncode == 0
+    assert cli("check-config", str(cfg)).returncode == 0
     os.chmod(tmp_path / "a.key_secret", 0o644)
-    r = _cli("check-config", str(cfg))
+    r = cli("check-config", str(cfg))
     assert r.returncode == 2
     assert f"{cfg}:security.key_file:" in r.stderr and "0644" in r.stderr
     assert "chmod 600" in r.stderr
     # a public key where the secret key belongs is refused too
     os.chmod(tmp_path / "b.key", 0o600)
     cfg.write_text("[security]\nkey_file = 'b.key'\npeer_public_key_file = 'a.key'\n")
-    r = _cli("check-config", str(cfg))
+    r = cli("check-config", str(cfg))
     assert r.returncode == 2 and "secret-key" in r.stderr
 
 
@@ -62,6 +55,29 @@ def _pages_record() -> bytes:
                              np.zeros(n, np.uint32), np.full(n, wire.ENC_ZERO, np.uint8), b"")
 
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
+def _try_to_send(s: zmq.Socket, endpoint: str, msg: bytes) -> None:
+    """Connect ``s``, queue ``msg`` a few times, and wait for the handshake's outcome: it
+    must fail (then nothing queued on ``s`` can ever reach the other side)."""
+    mon = s.get_monitor_socket(HANDSHAKE_FAILED)
+    try:
+        s.connect(endpoint)
+        for _ in range(5):
+            try:
+                s.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        assert mon.poll(60_000), f"no handshake outcome with {endpoint}"
+        event = recv_monitor_message(mon)["event"]
+        assert event != zmq.EVENT_HANDSHAKE_SUCCEEDED, f"an intruder got in at {endpoint}"
+    finally:
+        s.disable_monitor()
+        mon.close(0)
+
+
 def _intrude(address: str, channel_port_offset: int, curve: dict | None) -> None:
     """Connect to one of the secondary's ports and try to send a record."""
     ctx = zmq.Context()
@@ -69,22 +85,13 @@ def _intrude(address: str, channel_port_offset: int, curve: dict | None) -> None
         kind = zmq.DEALER if channel_port_offset == 1 else zmq.PUSH
         s = ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDTIMEO, 500)
         if curve:
             s.curve_publickey, s.curve_secretkey = curve["public"], curve["secret"]
             s.curve_serverkey = curve["server"]
         host, port = address.rsplit(":", 1)
-        s.connect(f"{host}:{int(port) + channel_port_offset}")
         msg = (wire.encode_hello(4096, wire.ROLE_PRIMARY, 1024, "intruder")
                if channel_port_offset == 1 else _pages_record())
-        for _ in range(5):
-            try:
-                s.send(msg)
-            except zmq.Again:
-                pass
-            time.sleep(0.05)
-        if kind == zmq.DEALER:
-            assert not s.poll(500), "the secondary answered an intruder's HELLO"
+        _try_to_send(s, f"{host}:{int(port) + channel_port_offset}", msg)
         s.close(0)
     finally:
         ctx.term()
@@ -107,7 +114,6 @@ def test_only_the_peer_key_gets_in(tmp_path):
                                        "server": server_pub})            # unknown client key
             _intrude(address, offset, {"public": rogue_pub, "secret": rogue_sec,
                                        "server": rogue_pub})             # wrong server key
-        time.sleep(0.5)
         stages = node.snapshot()["stages"]
         assert stages["receive"]["items_in"] == 0
         assert stages["mirror"]["items_in"] == 0 and stages["mirror"]["errors"] == 0
@@ -150,21 +156,15 @@ def test_disk_forwarding_link_admits_only_the_primary(tmp_path):
     try:
         pair.start(roles=("secondary",))
         node = pair.node("secondary")
-        deadline = time.time() + 20
-        while "disk" not in node.stage_names and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "disk" in node.stage_names, timeout=60, what="the disk stage")
         ctx = zmq.Context()
         try:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(f"tcp://127.0.0.1:{fwd}")          # plaintext intruder
-            for _ in range(5):
-                s.send(b"\x00" * 64, zmq.NOBLOCK) if s.poll(0, zmq.POLLOUT) else None
-                time.sleep(0.05)
+            _try_to_send(s, f"tcp://127.0.0.1:{fwd}", b"\x00" * 64)   # plaintext intruder
             s.close(0)
         finally:
             ctx.term()
-        time.sleep(0.5)
         d = node.stage("disk").as_dict()
         assert d["received"] == 0 and d["bad_forwards"] == 0   # nothing reached the stage
         pair.start_node("primary")
