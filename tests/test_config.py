@@ -7,7 +7,6 @@ import dataclasses
 import glob
 import os
 import re
-import time
 
 import pytest
 from conftest import cli
@@ -282,11 +281,9 @@ def test_check_config_invalid_toml_subprocess(tmp_path):
                                              ("primary", "secondary.toml")])
 def test_node_command_refuses_the_other_roles_config(examples, command, example):
     path = os.path.join(examples, example)
-    t0 = time.monotonic()
     r = cli(command, "--config", path, timeout=60)
     assert r.returncode == EXIT_USAGE, (r.returncode, r.stderr)
     assert_keyed_error(r.stderr, path, "node.role", repr(command))
-    assert time.monotonic() - t0 < 10
 
 
 def _shm_entries(name: str) -> list[str]:
@@ -309,12 +306,9 @@ def test_bad_config_starts_nothing(tmp_path, request, node_extra, rest, key):
     path = write(tmp_path, f"[node]\nname = '{name}'\nrun_dir = '{run_dir}'\n{node_extra}"
                  "[peer]\naddress = 'tcp://127.0.0.1:47391'\nconnect_timeout_ms = 100\n"
                  "[security]\nmode = 'plaintext'\n" + rest)
-    t0 = time.monotonic()
     r = cli("primary", "--config", path, timeout=60)
-    elapsed = time.monotonic() - t0
     assert r.returncode == EXIT_USAGE, (r.returncode, r.stderr)
     assert_keyed_error(r.stderr, path, key)
-    assert elapsed < 5, f"took {elapsed:.1f} s to refuse a bad config"
     assert _shm_entries(name) == []
     assert not os.path.exists(run_dir)
     assert not os.path.exists(os.path.join("/tmp/colo-pipeline", name))
