@@ -399,19 +399,33 @@ class PrimaryLink:
             except ValueError as e:
                 log.error("primary disk: %s from the secondary", e)
                 continue
+            # counted per ack message, not per write (each count takes a lock)
+            acked: collections.Counter = collections.Counter()   # epoch → writes
+            ok = latency_sum = latency_max = 0
+            now = time.monotonic_ns()
             for seq, status, reason in entries:
                 p = self._pending.get(seq)
                 if p is None or p.forwarded:
                     continue  # ack after we gave up on it (already answered EIO)
-                self._acked(p, now_ns)
+                p.forwarded = True
+                acked[p.epoch] += 1
+                latency = now - p.sent
+                latency_sum += latency
+                latency_max = max(latency_max, latency)
                 if status:
                     log.error("primary disk: the secondary refused write seq %d: %s",
                               seq, reason)
                     self.b.counters.add("forward_errors")
                     p.error = P.EIO
                 else:
-                    self.b.counters.add("forwarded")
+                    ok += 1
                 self._finish_if_done(seq, p, done)
+            for epoch, n in acked.items():
+                self.b._track(epoch, -n)
+            if acked:
+                self.b.counters.add("forwarded", ok)
+                self.b.counters.add("forward_latency_ns", latency_sum)
+                self.b.counters.max("forward_latency_max_ns", latency_max)
         unprotected = self.b.forward_address is None
         for seq, p in list(self._pending.items()):
             if not p.forwarded and unprotected:

@@ -202,7 +202,7 @@ class ForwardReceiver(threading.Thread):
                         for i in range(0, len(body), 2):
                             entries += self._handle_group(body[i].buffer, body[i + 1].buffer)
                     for identity, entries in acks.items():
-                        self.writes_in.send_multipart([identity] + wire.encode_ack(entries))
+                        self.writes_in.send_multipart([identity, wire.encode_ack(entries)])
                 now = time.monotonic_ns()
                 if now - last_check > 50_000_000:
                     self.comparator.check_timeouts(now)

@@ -29,11 +29,11 @@ so the secondary commits ``epoch`` only once it has seen every seq up to ``last_
 (writes travel on one socket per NBD connection and may arrive after the pages).
 
 ACK message (secondary → primary): the answers to every FORWARD of one DEALER that the
-secondary handled in one burst, three frames:
+secondary handled in one burst, one frame (a send of its own costs more than the bytes):
 
-    frame 0, 16 bytes: magic "CDA1" | count u32 | reserved u64
-    frame 1, count × 16 bytes: seq u64 | status u32 (0 ok, else an errno) | reason length u32
-    frame 2: the utf-8 reasons, concatenated in entry order (empty when all are ok)
+    16 bytes: magic "CDA2" | count u32 | reserved u64
+    count × 16 bytes: seq u64 | status u32 (0 ok, else an errno) | reason length u32
+    the utf-8 reasons, concatenated in entry order (nothing when all are ok)
 
 The secondary acks a write once it is appended to its buffer file (page cache, not
 fsync): the guest's write then survives the loss of the primary host, which is the
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import blake3
 
 FORWARD_MAGIC = b"CDW1"
-ACK_MAGIC = b"CDA1"
+ACK_MAGIC = b"CDA2"
 KIND_WRITE = 1
 KIND_ZERO = 2
 ZERO_DIGEST = bytes(32)
@@ -183,25 +183,32 @@ def decode_seal(frame: bytes | memoryview) -> tuple[int, int]:
     return epoch, last_seq
 
 
-def encode_ack(entries: list[tuple[int, int, str]]) -> list[bytes]:
-    """One ACK message for ``entries`` of (seq, status, reason)."""
+def encode_ack(entries: list[tuple[int, int, str]]) -> bytes:
+    """One ACK message (its one frame) for ``entries`` of (seq, status, reason)."""
     reasons = [r.encode() for _s, _st, r in entries]
     table = b"".join(ACK_ENTRY.pack(seq, status, len(r))
                      for (seq, status, _r), r in zip(entries, reasons))
-    return [ACK_HEADER.pack(ACK_MAGIC, len(entries)), table, b"".join(reasons)]
+    return ACK_HEADER.pack(ACK_MAGIC, len(entries)) + table + b"".join(reasons)
 
 
 def decode_ack(frames: list) -> list[tuple[int, int, str]]:
-    """[(seq, status, reason), ...]; raise ValueError on a malformed ack."""
-    if len(frames) != 3 or len(frames[0]) != ACK_HEADER.size:
-        raise ValueError(f"malformed ack: {len(frames)} frames")
-    magic, count = ACK_HEADER.unpack(frames[0])
+    """[(seq, status, reason), ...] of an ACK message (its frames); ValueError naming what
+    is malformed."""
+    if len(frames) != 1 or len(frames[0]) < ACK_HEADER.size:
+        raise ValueError(f"malformed ack: {len(frames)} frames"
+                         + (f", {len(frames[0])} bytes" if frames else ""))
+    msg = bytes(frames[0])
+    magic, count = ACK_HEADER.unpack_from(msg)
     if magic != ACK_MAGIC:
         raise ValueError(f"ack magic {magic!r}, expected {ACK_MAGIC!r}")
-    if len(frames[1]) != count * ACK_ENTRY.size:
-        raise ValueError(f"ack of {count} entries with a {len(frames[1])}-byte table")
-    out, text, pos = [], bytes(frames[2]), 0
-    for seq, status, n in ACK_ENTRY.iter_unpack(frames[1]):
-        out.append((seq, status, text[pos:pos + n].decode(errors="replace")))
+    end = ACK_HEADER.size + count * ACK_ENTRY.size
+    if len(msg) < end:
+        raise ValueError(f"ack of {count} entries in {len(msg)} bytes")
+    out, pos = [], end
+    for seq, status, n in ACK_ENTRY.iter_unpack(msg[ACK_HEADER.size:end]):
+        out.append((seq, status, msg[pos:pos + n].decode(errors="replace")))
         pos += n
+    if pos != len(msg):
+        raise ValueError(f"ack of {count} entries: reasons of {len(msg) - end} bytes, the "
+                         f"table announces {pos - end}")
     return out
