@@ -20,7 +20,9 @@ from pipeline.checkpoint_api import CheckpointBus
 from pipeline.disk import wire
 from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import DiskCounters
+from pipeline.disk.primary import InitialSync
 from pipeline.disk.settings import DiskSettings
+from pipeline.disk.store import StoreError
 from pipeline.stages.disk import PrimaryDisk, SecondaryDisk, start_disk_pair
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
@@ -146,7 +148,8 @@ def test_secondary_image_is_the_primary_at_each_checkpoint(tmp_path, rundir):
 def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rundir):
     work = str(tmp_path / "disks")
     ctx = zmq.Context.instance()
-    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+    # no initial sync: this test is the only sender of seqs
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", initial_sync=False) as pair:
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(pair.forward)
@@ -338,7 +341,7 @@ def test_a_write_overtaken_by_a_checkpoint_stays_in_its_epoch_and_never_fails(tm
     is even queued — the checkpoint's pause moves the epoch on and the secondary is told
     to commit epoch 1. The write must neither fail nor land in another epoch: the commit
     waits for it (the primary sealed epoch 1 at its seq), and the guest's write succeeds."""
-    pri, sec = _in_process_pair(tmp_path)
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False)
     ordered, release = threading.Event(), threading.Event()
     held: list[tuple[int, int]] = []
 
@@ -396,7 +399,7 @@ def test_the_secondary_applies_writes_in_the_primarys_order_not_their_arrival_or
     1, on different sockets): the commit still ends with seq 2's data, as the primary."""
     work = str(tmp_path / "disks")
     ctx = zmq.Context.instance()
-    with start_disk_pair(work, SIZE, rundir=rundir, compare="off") as pair:
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", initial_sync=False) as pair:
         links = [ctx.socket(zmq.DEALER) for _ in range(2)]
         try:
             for s in links:
@@ -487,3 +490,71 @@ def test_the_svm_export_maps_its_overlay_over_the_checkpoint_image(tmp_path, run
         assert r.returncode == 0, r.stderr
         data = [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["type"] == 0]
         assert data == [(0, 64 * 1024), (2 << 20, 8192)]
+
+
+# -- the initial sync ----------------------------------------------------------------
+
+def _fill(path, extents: dict[int, bytes]) -> None:
+    with open(path, "r+b" if os.path.exists(path) else "w+b") as f:
+        f.truncate(SIZE)
+        for off, data in extents.items():
+            f.seek(off)
+            f.write(data)
+
+
+def test_the_initial_sync_fills_an_empty_secondary_while_the_guest_writes(tmp_path,
+                                                                          monkeypatch):
+    """The secondary starts with a stale image; the primary's allocated extents (data,
+    an allocated all-zero MiB, holes between) are streamed while qemu-io writes into
+    regions already sent, not yet sent and the chunk being sent. The sync is held at a
+    named point (InitialSync.before_chunk, a test hook) so the writes land mid-sync every
+    time. A checkpoint sealed before the sync's END leaves the image 'syncing' (and the
+    commit says so); the first one after it makes the images equal."""
+    MiB = 1 << 20
+    _fill(tmp_path / "primary.img", {0: os.urandom(3 * MiB), 4 * MiB: bytes(MiB),
+                                     6 * MiB: os.urandom(MiB)})
+    _fill(tmp_path / "secondary.img", {0: os.urandom(SIZE)})   # stale: must go
+    held, release = threading.Event(), threading.Event()
+
+    def hold_at_the_third_chunk(offset: int) -> None:
+        if offset == 2 * MiB:
+            held.set()
+            assert release.wait(60)
+
+    monkeypatch.setattr(InitialSync, "before_chunk", staticmethod(hold_at_the_third_chunk))
+    pri, sec = _in_process_pair(tmp_path)
+    try:
+        assert held.wait(30), "the sync never reached its third chunk"
+        assert sec.store.syncing
+        with open(tmp_path / "secondary.img.colo" / "journal.json") as f:
+            assert json.load(f)["syncing"] is True
+        with pytest.raises(StoreError, match="initial sync"):
+            sec.store.failover()               # half an image is no disk to go on with
+        r = qemu_io(pri.uri, ["write -P 0x11 512k 64k",        # already sent
+                              "write -P 0x22 2624k 64k",       # the held chunk
+                              "write -P 0x33 6148k 8k",        # not sent yet
+                              "write -z 0 4k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        # a checkpoint now: its seal does not cover the sync, so its commit says so
+        pri.backend.set_epoch(2)
+        with pytest.raises(StoreError, match="initial disk sync was not complete"):
+            sec.commit(1)
+        assert sec.store.syncing
+        release.set()
+        assert pri.backend.wait_synced(30)
+        pri.backend.set_epoch(3)
+        sec.commit(2)
+        assert not sec.store.syncing
+        assert file_hash(str(tmp_path / "secondary.img")) == \
+            file_hash(str(tmp_path / "primary.img"))
+        allocated = 5 * MiB   # 3 + 1 (zeros) + 1; the holes were not sent
+        assert pri.counters["sync_total"] == pri.counters["sync_bytes"] == allocated
+        assert sec.counters["sync_bytes"] == allocated
+        # the all-zero MiB went without data: the secondary did not allocate it
+        blocks = os.stat(tmp_path / "secondary.img").st_blocks * 512
+        assert blocks <= 4 * MiB + 64 * 1024
+        assert sec.counters["bad_forwards"] == 0 and pri.counters["forward_errors"] == 0
+    finally:
+        release.set()
+        pri.close()
+        sec.close()

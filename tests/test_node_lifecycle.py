@@ -128,13 +128,16 @@ def test_killed_stage_stops_the_node_and_frees_shared_memory(tmp_path, victim):
 
 def test_demo_with_a_replicated_disk():
     """The guest's disk (NBD, written by the demo's driver thread) is committed with the
-    checkpoints: after the final one the secondary's image equals the primary's."""
+    checkpoints: after the final one the secondary's image equals the primary's. The
+    secondary's image starts empty: the initial disk sync sends the primary's data (one
+    MiB in four of the 32)."""
     r = cli("demo", "--duration", "2", "--pages", "2048", "--disk-mb", "32", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["memory_equal"] is True
     assert summary["disk_writes"] > 20
     assert summary["disk_equal"] is True
+    assert summary["disk_sync_bytes"] == 8 << 20
 
 
 def test_sigterm_during_an_epoch_exits_cleanly(tmp_path):

@@ -23,6 +23,15 @@ Data flow::
     failover() (primary lost): merge the overlay into the image, journalled; the SVM then
                writes the image directly.
 
+Initial sync (``disk.initial_sync``, on by default): at start the primary streams the
+allocated extents of its image (SEEK_DATA/SEEK_HOLE; all-zero chunks without data) to
+the secondary, which empties its image on the sync's BEGIN and writes the extents
+straight into it; the journal says ``syncing`` until a commit whose seal covers the
+sync's END. Sync chunks take seqs in the one write order, so guest writes go on and
+are forwarded as usual meanwhile. The snapshot stage waits for the sync's END to be
+ordered before a checkpoint's pause (``wait_synced``). Counters ``sync_total`` and
+``sync_bytes`` show the progress in ``stats``.
+
 Modules: settings (DiskSettings), counters (DiskCounters), nbd_protocol (wire constants),
 nbd_server (the NBD server), image (a sparse file with pread/pwrite/punch), wire (the
 forwarding messages), primary (PVM side), secondary (SVM side and the receiver), store

@@ -43,6 +43,8 @@ COUNTER_NAMES = {
     "checkpoint_requests": "checkpoints requested by the disk stage",
     "overlay_bytes": "bytes held in the SVM overlay (gauge)",
     "buffer_bytes": "bytes of uncommitted PVM writes buffered (gauge)",
+    "sync_bytes": "initial sync: bytes of allocated extents sent (primary) / written (secondary)",
+    "sync_total": "initial sync: bytes of allocated extents to send (primary, gauge)",
     "epoch": "current epoch (primary: tag of new writes; secondary: last committed)",
 }
 

@@ -25,12 +25,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import zmq
 
 from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
 from pipeline.disk.counters import DiskCounters
-from pipeline.disk.image import ImageFile
+from pipeline.disk.image import ImageFile, block_runs
 from pipeline.disk.settings import DiskSettings
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class PrimaryBackend:
         #: (seq, epoch) right after a write took its place in the order and before its
         #: forward is queued — where a checkpoint can overtake the write.
         self.after_ordering = None
+        self._sync: InitialSync | None = None
         self._seal_socket: zmq.Socket | None = None
         if self.forward_address is not None:
             s = self.context.socket(zmq.DEALER)
@@ -169,12 +171,149 @@ class PrimaryBackend:
     def connect(self) -> PrimaryLink:
         return PrimaryLink(self)
 
+    # -- the initial sync -------------------------------------------------------
+    def start_sync(self) -> None:
+        """Stream the image's allocated extents to the secondary (which empties its own
+        image first). Call before the export takes writes: the sync's BEGIN is ordered
+        first, so the secondary commits nothing before it has emptied its image."""
+        if self.forward_address is None or self._sync is not None:
+            return
+        self._sync = InitialSync(self)
+        self._sync.start()
+
+    def wait_synced(self, timeout_s: float) -> bool:
+        """True once the initial sync ordered its END (or there is none): a checkpoint
+        sealed after that holds the whole disk."""
+        return self._sync is None or self._sync.ordered_end.wait(timeout_s)
+
+    def forward_socket(self) -> zmq.Socket:
+        """A new DEALER to the secondary's forward receiver (CURVE when the node is)."""
+        s = self.context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, self.window * 2 + 16)
+        s.setsockopt(zmq.RCVHWM, self.window * 2 + 16)
+        s.setsockopt(zmq.SNDTIMEO, self.settings.forward_timeout_ms)
+        if self.secure is not None:
+            self.secure(s, False)
+        s.connect(self.forward_address)
+        return s
+
     def close(self) -> None:
+        if self._sync is not None:
+            self._sync.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._seal_socket is not None:
             self._seal_socket.close(0)
         self.image.close()
+
+
+class InitialSync(threading.Thread):
+    """The initial disk sync: every allocated extent of the primary's image (SEEK_DATA /
+    SEEK_HOLE; holes are not sent, all-zero chunks go as SYNC_ZERO markers without data), in
+    chunks that take their place in the one write order like writes.
+
+    Guest writes go on meanwhile and are forwarded as usual. A chunk is read only after
+    the earlier writes it overlaps are in our image, and writes ordered after it wait
+    for the read, so the secondary — which writes chunks straight into its image and
+    applies buffered writes in seq order at each commit — ends with every byte as the
+    primary has it: the last write to it, or the chunk read after all earlier writes.
+    No dirty bitmap is needed: nothing written during the sync goes unsent."""
+
+    CHUNK = 1 << 20
+    WINDOW = 8          # chunks in flight to the secondary
+    #: Test hook (None in service): called with a chunk's offset before the chunk takes
+    #: its place in the order — where guest writes can overtake the sync.
+    before_chunk = None
+
+    def __init__(self, backend: PrimaryBackend) -> None:
+        super().__init__(name="disk-initial-sync", daemon=True)
+        self.b = backend
+        self.ordered_end = threading.Event()
+        self._stopping = threading.Event()
+        self._inflight: dict[int, int] = {}  # seq → epoch
+        self.failed = ""
+        # BEGIN takes its seq now, before the export takes any write
+        self._begin = self._order_marker()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=10)
+
+    def _order_marker(self) -> tuple[int, int]:
+        seq, epoch, _ = self.b.order(0, 0, True)
+        self.b.applied(seq)
+        return seq, epoch
+
+    def run(self) -> None:
+        b = self.b
+        sock = b.forward_socket()
+        sent = 0
+        try:
+            runs = [(s, e) for s, e, allocated in
+                    block_runs(b.image.extents(0, b.size), b.block_size) if allocated]
+            total = sum(e - s for s, e in runs)
+            b.counters.set("sync_total", total)
+            log.info("primary disk: initial sync of %d allocated bytes in %d extents",
+                     total, len(runs))
+            seq, epoch = self._begin
+            self._send(sock, epoch, seq, wire.KIND_SYNC_BEGIN, 0, 0, None)
+            for start, end in runs:
+                for off in range(start, end, self.CHUNK):
+                    if self._stopping.is_set() or b.forward_address is None:
+                        return
+                    n = min(self.CHUNK, end - off)
+                    if self.before_chunk is not None:
+                        self.before_chunk(off)
+                    seq, epoch, earlier = b.order(off, off + n, True)
+                    try:
+                        if earlier:
+                            b.wait_applied(earlier)
+                        data = b.image.pread(off, n)
+                    finally:
+                        b.applied(seq)
+                    if np.frombuffer(data, np.uint64).any():
+                        self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data)
+                    else:
+                        self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None)
+                    sent += n
+                    b.counters.set("sync_bytes", sent)
+            seq, epoch = self._order_marker()
+            self.ordered_end.set()
+            self._send(sock, epoch, seq, wire.KIND_SYNC_END, 0, 0, None)
+            self._drain(sock, 0)
+            log.info("primary disk: initial sync done, %d bytes", sent)
+        except (OSError, zmq.ZMQError, RuntimeError) as e:
+            self.failed = str(e)
+            log.error("primary disk: the initial sync failed: %s", e)
+            b.counters.add("forward_errors")
+        finally:
+            self.ordered_end.set()   # a failed sync fails the first commit, loudly
+            for epoch in self._inflight.values():
+                b._track(epoch, -1)
+            sock.close(0)
+
+    def _send(self, sock, epoch: int, seq: int, kind: int, offset: int, length: int,
+              data) -> None:
+        self._drain(sock, self.WINDOW - 1)
+        frames = wire.encode_forward(kind, epoch, seq, offset, length, data)
+        sock.send(frames[0], zmq.SNDMORE)
+        sock.send(frames[1], copy=len(frames[1]) < FORWARD_ZERO_COPY_MIN)
+        self._inflight[seq] = epoch
+
+    def _drain(self, sock, most: int) -> None:
+        """Take acks until at most ``most`` chunks are in flight."""
+        timeout = self.b.settings.forward_timeout_ms
+        while len(self._inflight) > most:
+            if not sock.poll(timeout):
+                raise RuntimeError(f"no ack from the secondary within {timeout} ms")
+            for seq, status, reason in wire.decode_ack(sock.recv_multipart()):
+                epoch = self._inflight.pop(seq, None)
+                if epoch is None:
+                    continue
+                self.b._track(epoch, -1)
+                if status:
+                    raise RuntimeError(f"the secondary refused sync seq {seq}: {reason}")
 
 
 def _then_sync(image: ImageFile, op, *args) -> None:
@@ -222,15 +361,7 @@ class PrimaryLink:
         self._outbox_bytes = 0
         self._send_failed: list[int] = []
         if backend.forward_address:
-            s = backend.context.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, backend.window * 2 + 16)
-            s.setsockopt(zmq.RCVHWM, backend.window * 2 + 16)
-            s.setsockopt(zmq.SNDTIMEO, backend.settings.forward_timeout_ms)
-            if backend.secure is not None:
-                backend.secure(s, False)
-            s.connect(backend.forward_address)
-            self.socket = s
+            self.socket = backend.forward_socket()
         #: what the connection loop polls for completions
         self.poll_items: list = [self._wakeup] + ([self.socket] if self.socket else [])
 

@@ -126,6 +126,11 @@ class SealedEpochs:
             self._seals[epoch] = max(last_seq, self._seals.get(epoch, 0))
             self._cond.notify_all()
 
+    def need(self, epoch: int) -> int | None:
+        """The last seq sealed into ``epoch`` or an epoch after it (None: none sealed)."""
+        with self._cond:
+            return self._need(epoch)
+
     def _need(self, epoch: int) -> int | None:
         """The seq every write of ``epoch`` is at or below (None: not sealed yet)."""
         later = [e for e in self._seals if e >= epoch]
@@ -225,6 +230,8 @@ class ForwardReceiver(threading.Thread):
         decoded = wire.decode_forward_group([headers, data], self.store.size, self.store.block,
                                             self.store.committed_epoch)
         valid = [w for w in decoded if not isinstance(w, wire.ForwardError)]
+        if any(w.kind in wire.SYNC_KINDS for w in valid):
+            return self._handle_sync(decoded)
         outcome = iter(self.store.buffer_pvm_writes(valid) if valid else [])
         answers = []
         received = 0
@@ -248,6 +255,39 @@ class ForwardReceiver(threading.Thread):
         if received:
             self.counters.add("received", received)
         # buffered or refused: either way no longer on its way
+        self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
+        return answers
+
+    def _handle_sync(self, decoded: list) -> list[tuple[int, int, str]]:
+        """A group of the initial sync: applied one by one, in order (BEGIN empties the
+        image, extents go straight into it, END records where the sync ends)."""
+        answers = []
+        for w in decoded:
+            if isinstance(w, wire.ForwardError):
+                answers.append(self._refuse(w.seq, w.status, str(w)))
+                continue
+            try:
+                if w.kind == wire.KIND_SYNC_BEGIN:
+                    self.store.begin_sync()
+                    log.info("secondary disk: initial sync begins (seq %d)", w.seq)
+                elif w.kind == wire.KIND_SYNC:
+                    self.store.sync_write(w.offset, w.data)
+                elif w.kind == wire.KIND_SYNC_ZERO:
+                    self.store.sync_write(w.offset, None, w.length)
+                elif w.kind == wire.KIND_SYNC_END:
+                    self.store.end_sync(w.seq)
+                    log.info("secondary disk: initial sync sent (seq %d, %d bytes)", w.seq,
+                             self.counters["sync_bytes"])
+                else:
+                    raise StoreError(f"seq {w.seq}: a {w.kind} write in a sync group")
+            except StoreError as e:
+                answers.append(self._refuse(w.seq, P.EIO, str(e)))
+                continue
+            except OSError as e:
+                answers.append(self._refuse(w.seq, P.EIO, f"sync seq {w.seq}: {e}",
+                                            counter="io_errors"))
+                continue
+            answers.append((w.seq, 0, ""))
         self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
         return answers
 

@@ -79,6 +79,11 @@ class DiskSettings(Section):
         'power loss of the secondary host). false: survives a killed stage process only — '
         'a lost secondary host is replaced by a full resync in COLO anyway — and commits '
         'are cheaper.'))
+    initial_sync: bool = _f(True, (
+        "Primary: at start, stream the image's allocated extents to the secondary, which "
+        'empties its own image first (its journal says ``syncing`` until the first '
+        'checkpoint that holds them all); guest writes go on meanwhile. false: the two '
+        'images were made identical by hand.'))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -116,6 +116,7 @@ class SecondaryStore:
         self._overlay_blocks = 0  # bitmap.sum(), kept up to date (summing is O(disk size))
         self._logs: dict[int, _EpochLog] = {}
         self._committing: int | None = None  # epoch being applied right now (in memory)
+        self._sync_end_seq: int | None = None  # the initial sync's END, once it arrived
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
         self._state = self._read_journal()
@@ -141,7 +142,8 @@ class SecondaryStore:
 
     def _read_journal(self) -> dict:
         path = os.path.join(self.state_dir, JOURNAL)
-        state = {"committed": 0, "committing": None, "merging": False, "active": False}
+        state = {"committed": 0, "committing": None, "merging": False, "active": False,
+                 "syncing": False}
         if os.path.exists(path):
             with open(path) as f:
                 try:
@@ -154,7 +156,8 @@ class SecondaryStore:
     def _write_journal(self, **changes: object) -> None:
         state = {**self._state, **changes}
         label = "committed" if "committed" in changes else "active" if changes.get("active") \
-            else "merging" if changes.get("merging") else "committing"   # fault point names
+            else "merging" if changes.get("merging") else "syncing" if changes.get("syncing") \
+            else "committing"   # fault point names
         path = os.path.join(self.state_dir, JOURNAL)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -363,9 +366,47 @@ class SecondaryStore:
         self.counters.add("buffer_bytes", n)
 
     # -- commit / discard --------------------------------------------------
-    def commit(self, epoch: int) -> None:
+    @property
+    def syncing(self) -> bool:
+        """The image is being filled by the initial sync: it is no checkpoint of anything
+        until a commit covers the sync's END (journal state ``syncing``)."""
+        return self._state["syncing"]
+
+    def begin_sync(self) -> None:
+        """The primary starts the initial sync: the image is emptied (the sync sends only
+        the allocated extents) and marked ``syncing`` in the journal first, so no crash can
+        leave it looking like a checkpoint."""
+        with self._lock:
+            if self.active:
+                raise StoreError("initial sync: this node failed over; its image is the disk")
+            self._write_journal(syncing=True)
+            self._sync_end_seq = None
+            self.image.reset()
+            self.counters.set("sync_bytes", 0)
+
+    def sync_write(self, offset: int, data: bytes | memoryview | None,
+                   length: int = 0) -> None:
+        """An extent of the initial sync, straight into the image (``data`` None: ``length``
+        bytes that read as zeros — the emptied image has them already)."""
+        length = length if data is None else len(data)
+        if not self.syncing:
+            raise StoreError(f"sync extent [{offset}, +{length}): no initial sync is "
+                             f"running (no SYNC_BEGIN)")
+        if data is not None:
+            self.image.pwrite(offset, data)
+        self.counters.add("sync_bytes", length)
+
+    def end_sync(self, seq: int) -> None:
+        """Every extent was sent, the last ordered before ``seq``."""
+        if not self.syncing:
+            raise StoreError(f"SYNC_END (seq {seq}): no initial sync is running")
+        self._sync_end_seq = seq
+
+    def commit(self, epoch: int, covers_seq: int | None = None) -> None:
         """Make the image exactly the primary's disk at checkpoint ``epoch``; drop the overlay.
-        Committing an epoch at or below the last committed one does nothing."""
+        Committing an epoch at or below the last committed one does nothing.
+        ``covers_seq``: every write of the primary up to this seq is in ``epoch`` or before
+        (its seal); a commit that covers the initial sync's END ends ``syncing``."""
         with self._lock:
             if self.active:
                 raise StoreError(f"commit({epoch}): this node failed over; nothing to commit")
@@ -386,7 +427,10 @@ class SecondaryStore:
                 faults.point("store.commit.log_synced")
             self._write_journal(committing=epoch)
             self._apply(todo)
-            self._write_journal(committed=epoch, committing=None)
+            synced = self.syncing and self._sync_end_seq is not None \
+                and covers_seq is not None and covers_seq >= self._sync_end_seq
+            self._write_journal(committed=epoch, committing=None,
+                                syncing=self.syncing and not synced)
         finally:
             self._committing = None
         with self._lock:
@@ -464,6 +508,9 @@ class SecondaryStore:
     def failover(self) -> None:
         """The SVM becomes the VM: merge its overlay into the image (journalled) and drop
         the uncommitted PVM writes. Idempotent."""
+        if self.syncing:
+            raise StoreError("failover: the image is still being filled by the initial sync; "
+                             "it holds no checkpoint to go on from")
         with self._lock:
             if self.active:
                 return

@@ -7,11 +7,12 @@ FORWARD message (primary → secondary): the writes one burst of NBD requests pr
 as groups of writes, two frames per group:
 
     frame 2i, n × 64 bytes, one header per write of the group:
-                        magic "CDW1" | kind u8 (1 WRITE, 2 ZERO) | reserved 3 |
+                        magic "CDW1" | kind u8 (1 WRITE, 2 ZERO, 3 SYNC, 4 SYNC_BEGIN,
+                        5 SYNC_END, 6 SYNC_ZERO) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
                         blake3(data) 32 bytes (all zero for ZERO)
-    frame 2i+1: the data of the group's WRITEs back to back, in header order (``length``
-                bytes each; a ZERO has none)
+    frame 2i+1: the data of the group's WRITEs and SYNCs back to back, in header order
+                (``length`` bytes each; the other kinds have none)
 
 Small writes travel many to a group (one frame pair, so one send and one receive for
 a burst of them); a large write is a group of its own, its data frame sent without a
@@ -51,6 +52,19 @@ FORWARD_MAGIC = b"CDW1"
 ACK_MAGIC = b"CDA2"
 KIND_WRITE = 1
 KIND_ZERO = 2
+#: the initial sync (a secondary that starts from an empty image): BEGIN (no data; the
+#: secondary empties its image), SYNC (an allocated extent of the primary's image, with
+#: its data, written straight into the secondary's image), SYNC_ZERO (an extent that
+#: reads as zeros), END (no data; every extent was sent). They take seqs in the one write order like writes, so they are applied in
+#: their place among them.
+KIND_SYNC = 3
+KIND_SYNC_BEGIN = 4
+KIND_SYNC_END = 5
+KIND_SYNC_ZERO = 6     # an allocated extent that reads as zeros: no data sent
+SYNC_KINDS = (KIND_SYNC, KIND_SYNC_BEGIN, KIND_SYNC_END, KIND_SYNC_ZERO)
+KINDS = (KIND_WRITE, KIND_ZERO) + SYNC_KINDS
+#: kinds whose data follows in the group's data frame
+DATA_KINDS = (KIND_WRITE, KIND_SYNC)
 ZERO_DIGEST = bytes(32)
 FORWARD_HEADER = struct.Struct("<4sB3xQQQI4x32s")
 SEAL_MAGIC = b"CDS1"
@@ -112,7 +126,7 @@ def decode_forward_group(frames: list, export_size: int, block_size: int,
         return [ForwardError(errno.EINVAL, f"forward header frame of {len(headers)} bytes, "
                                            f"not a multiple of {FORWARD_HEADER.size}")]
     parsed = list(FORWARD_HEADER.iter_unpack(headers))
-    announced = sum(h[5] for h in parsed if h[1] == KIND_WRITE)
+    announced = sum(h[5] for h in parsed if h[1] in DATA_KINDS)
     if announced != len(data):
         msg = (f"forward group of {n} writes: a {len(data)}-byte data frame, the headers "
                f"announce {announced}")
@@ -122,7 +136,7 @@ def decode_forward_group(frames: list, export_size: int, block_size: int,
     pos = 0
     for magic, kind, epoch, seq, offset, length, digest in parsed:
         chunk = None
-        if kind == KIND_WRITE:
+        if kind in DATA_KINDS:
             chunk = view[pos:pos + length]
             pos += length
         try:
@@ -146,17 +160,21 @@ def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length
     what = f"forwarded write seq {seq} epoch {epoch} [{offset}, +{length})"
     if magic != FORWARD_MAGIC:
         raise ForwardError(errno.EINVAL, f"{what}: magic {magic!r}, expected {FORWARD_MAGIC!r}")
-    if kind not in (KIND_WRITE, KIND_ZERO):
+    if kind not in KINDS:
         raise ForwardError(errno.EINVAL, f"{what}: unknown kind {kind}")
     if epoch <= committed_epoch or epoch > committed_epoch + MAX_EPOCH_LEAD:
         raise ForwardError(errno.ESTALE, f"{what}: wrong epoch, the last committed is "
                                          f"{committed_epoch} (accepted: {committed_epoch + 1}.."
                                          f"{committed_epoch + MAX_EPOCH_LEAD})")
+    if kind in (KIND_SYNC_BEGIN, KIND_SYNC_END):
+        if offset or length or digest != ZERO_DIGEST:
+            raise ForwardError(errno.EINVAL, f"{what}: a sync marker with an extent")
+        return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if length == 0 or offset % block_size or length % block_size:
         raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
     if offset + length > export_size:
         raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
-    if kind == KIND_WRITE:
+    if kind in DATA_KINDS:
         if digest_of(data) != digest:
             raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
     elif digest != ZERO_DIGEST:

@@ -13,8 +13,9 @@ Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.so
 
 * secondary: ``commit(epoch)`` (call it while the SVM is paused, before acking e),
   ``discard_uncommitted()``, ``failover()``, ``stats()``
-* primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``, ``unprotect()``,
-  ``stats()``
+* primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``,
+  ``wait_synced(timeout_ms)`` (the snapshot stage, before the pause: the initial sync is
+  in the checkpoint), ``unprotect()``, ``stats()``
 
 Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are tagged
 e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
@@ -65,6 +66,8 @@ class PrimaryDisk:
         self.counters = counters or DiskCounters()
         self.backend = PrimaryBackend(settings, self.counters, context=context,
                                       forward=forward, secure=secure)
+        if settings.initial_sync:
+            self.backend.start_sync()  # its BEGIN is ordered before any guest write
         self.server = NbdServer(self.backend, settings.export, self.counters, "primary").start()
         self.uri = self.server.uri
 
@@ -75,6 +78,9 @@ class PrimaryDisk:
         if cmd == "wait_forwarded":
             return {"done": self.backend.wait_forwarded(int(args["epoch"]),
                                                         int(args.get("timeout_ms", 5000)) / 1e3)}
+        if cmd == "wait_synced":
+            return {"synced": self.backend.wait_synced(int(args.get("timeout_ms", 600_000))
+                                                       / 1e3)}
         if cmd == "unprotect":
             self.backend.unprotect()
             return {"forwarding": False}
@@ -121,10 +127,16 @@ class SecondaryDisk:
     def commit(self, epoch: int) -> None:
         # the pages of e can be complete before the last writes of e arrived (they travel
         # on other sockets): wait for every write the primary sealed into e
-        if epoch > self.store.committed_epoch:
-            self.receiver.sealed.wait(epoch, self.settings.forward_timeout_ms / 1e3)
-        self.store.commit(epoch)
+        if epoch <= self.store.committed_epoch:
+            return
+        self.receiver.sealed.wait(epoch, self.settings.forward_timeout_ms / 1e3)
+        self.store.commit(epoch, covers_seq=self.receiver.sealed.need(epoch))
         self.comparator.epoch_committed(epoch)
+        if self.store.syncing:
+            # the checkpoint holds only part of the disk: the SVM must not run on it
+            raise StoreError(f"commit({epoch}): the initial disk sync was not complete "
+                             f"before checkpoint {epoch} (the primary orders its END "
+                             f"before the first checkpoint's pause)")
 
     def command(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         if cmd == "commit":
@@ -224,13 +236,13 @@ class DiskControl:
         self.timeout_ms = timeout_ms
         self._sock: zmq.Socket | None = None
 
-    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+    def call(self, cmd: str, reply_timeout_ms: int | None = None, **args: Any) -> dict[str, Any]:
         if self._sock is None:
             self._sock = zmq.Context.instance().socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
         self._sock.send(json.dumps({"cmd": cmd, **args}).encode())
-        if not self._sock.poll(self.timeout_ms):
+        if not self._sock.poll(reply_timeout_ms or self.timeout_ms):
             self._sock.close(0)  # a REQ socket without its reply is stuck: start afresh
             self._sock = None
             raise DiskControlError(f"disk control {cmd} at {self.address}: no reply in "
@@ -254,6 +266,12 @@ class DiskControl:
 
     def unprotect(self) -> None:
         self.call("unprotect")
+
+    def wait_synced(self, timeout_ms: int = 600_000) -> bool:
+        """Wait until the initial disk sync has ordered its last extent (a checkpoint after
+        this holds the whole disk); True, or False after ``timeout_ms``."""
+        return self.call("wait_synced", reply_timeout_ms=timeout_ms + self.timeout_ms,
+                         timeout_ms=timeout_ms)["synced"]
 
     def wait_forwarded(self, epoch: int, timeout_ms: int = 5000) -> bool:
         return self.call("wait_forwarded", epoch=epoch, timeout_ms=timeout_ms)["done"]

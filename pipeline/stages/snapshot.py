@@ -146,6 +146,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             ctrl.send(messages.Precopied(epoch, len(dirty)))
         elif isinstance(cmd, messages.SnapshotCmd):
             epoch, flags, carry = cmd
+            if disk is not None:  # a checkpoint holds the whole disk: the initial sync first
+                disk.wait_synced()
             t0 = time.perf_counter_ns()
             domain.pause()
             if disk is not None:
