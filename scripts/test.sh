@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
-exec .venv/bin/python -m pytest -q "$@"
+# --durations: the 25 slowest tests, so a test that grows slow is seen in every CI log
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import cli, wait_until
 
 from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
+
+pytestmark = pytest.mark.slow  # starts real node processes
 
 
 def test_each_commit_is_split_into_pause_transfer_apply_and_ack(tmp_path):

@@ -8,6 +8,8 @@ and the SVM must end equal to the PVM.
 """
 from __future__ import annotations
 
+import pytest
+
 import socket
 import threading
 import time
@@ -16,6 +18,8 @@ from conftest import free_port, wait_until
 
 from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
+
+pytestmark = pytest.mark.slow  # starts real node processes
 
 PAGES = 16384          # 64 MiB guest: the full sync alone is several windows of pages
 SLOW = 6e6             # bytes/s on the throttled pages channel

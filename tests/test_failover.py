@@ -25,6 +25,8 @@ from pipeline.localpair import LocalPair
 from pipeline.stages.inputs import client_input
 from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
 
+pytestmark = pytest.mark.slow  # starts real node processes
+
 PAGES = 2048
 SEED = 5
 TABLES = {
@@ -94,7 +96,6 @@ PRIMARY_KILLS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault,expect", PRIMARY_KILLS, ids=[f for f, _ in PRIMARY_KILLS])
 def test_killing_the_primary_at_each_point(tmp_path, fault, expect):
     """The primary node dies as a whole (its host) at a named point. Before the first
@@ -170,6 +171,7 @@ def _iptables(*args: str) -> None:
     subprocess.run(["iptables", *args], check=True, capture_output=True)
 
 
+@pytest.mark.root
 def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
     if shutil.which("iptables") is None or os.geteuid() != 0:
         pytest.skip("needs root and iptables to cut the link between the nodes")

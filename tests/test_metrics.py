@@ -38,6 +38,7 @@ def _value(samples: dict, name: str, **labels: str) -> float:
     return found[0]
 
 
+@pytest.mark.slow
 def test_endpoint_of_a_running_pair(tmp_path):
     pair = LocalPair(SMALL, workdir=str(tmp_path))
     servers = []

@@ -11,7 +11,7 @@ from pipeline.checkpoint_api import CAUSES
 from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _tables(rate: float) -> dict:

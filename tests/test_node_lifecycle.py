@@ -12,6 +12,8 @@ from conftest import cli, wait_until
 from pipeline.localpair import LocalPair
 from pipeline.shm import list_segments, segment_prefix
 
+pytestmark = pytest.mark.slow  # starts real node processes
+
 SMALL = {
     "guest": {"backend": "sim", "page_count": 2048},
     "guest.workload": {"input_rate_hz": 300.0, "pages_per_input": 8},

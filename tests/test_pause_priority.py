@@ -13,6 +13,7 @@ def _policy() -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
+@pytest.mark.root
 def test_urgent_switches_to_fifo_and_back():
     before = _policy()
     p = PausePriority(True)

@@ -24,6 +24,8 @@ from pipeline.stages.common import HashTable
 from pipeline.stages.digest import encode_batch
 from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
 
+pytestmark = pytest.mark.slow  # starts real node processes
+
 PAGES = 1024
 BATCH = 16
 

@@ -11,6 +11,7 @@ import os
 import stat
 
 import numpy as np
+import pytest
 import zmq
 import zmq.auth
 from conftest import cli, wait_until
@@ -97,6 +98,7 @@ def _intrude(address: str, channel_port_offset: int, curve: dict | None) -> None
         ctx.term()
 
 
+@pytest.mark.slow
 def test_only_the_peer_key_gets_in(tmp_path):
     pair = LocalPair({"guest": {"backend": "sim", "page_count": 1024}},
                      workdir=str(tmp_path), log_level="info")
@@ -129,6 +131,7 @@ def test_only_the_peer_key_gets_in(tmp_path):
     assert codes.get("secondary") == 0
 
 
+@pytest.mark.slow
 def test_plaintext_mode_warns_at_start(tmp_path):
     pair = LocalPair({"guest": {"backend": "sim", "page_count": 1024},
                       "security": {"mode": "plaintext"}}, workdir=str(tmp_path))
@@ -141,6 +144,7 @@ def test_plaintext_mode_warns_at_start(tmp_path):
         assert "PLAINTEXT" in pair.log_tail(role, 50000)
 
 
+@pytest.mark.slow
 def test_disk_forwarding_link_admits_only_the_primary(tmp_path):
     """The PVM's disk writes travel over CURVE too: a peer without the primary's key
     cannot put a single write into the secondary's buffer."""

@@ -32,6 +32,7 @@ def test_dirty_count_counts_without_clearing(mode):
         dom.close()
 
 
+@pytest.mark.slow
 def test_dirty_threshold_and_min_interval(tmp_path):
     tables = {
         "guest": {"backend": "sim", "page_count": 8192},
