@@ -17,9 +17,9 @@ import pytest
 from pipeline.net import build
 from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT, PROXY_INIT, PROXY_INIT_REPLY
 from pipeline.net.packet import TCP_ACK, TCP_PSH
-from pipeline.net.qemu_peer import QEMU, collect, running_peer
+from pipeline.net.qemu_peer import QEMU, running_peer
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120),
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300),
               pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")]
 
 G, C = "10.0.0.2", "10.0.0.1"
@@ -35,16 +35,45 @@ def udp(sport, payload, ip_id=0):
     return build.udp_frame(G, C, sport, 40000, payload, ip_id=ip_id)
 
 
-def _kick(peer, n, vnet_hdr):
-    """QEMU 7.2 writes a released frame (and a notify message) out late, when the next
-    one is written. A matching sentinel datagram (and a PROXY_INIT, whose reply shares
-    the notify writer) pushes everything before it out; the sentinels are filtered."""
-    frame = udp(9, SENTINEL + b"%d" % n)
+def _send(peer, frames, vnet_hdr, side="both"):
     vlen = len(VNET) if vnet_hdr else 0
-    peer.pin.send(VNET + frame if vnet_hdr else frame, vlen)
-    time.sleep(0.02)
-    peer.sin.send(VNET + frame if vnet_hdr else frame, vlen)
+    for f in frames:
+        for sock in ((peer.pin, peer.sin) if side == "both" else
+                     (peer.pin,) if side == "pvm" else (peer.sin,)):
+            sock.send(VNET + f if vnet_hdr else f, vlen)
+
+
+def _through(client, is_marker, what: str, timeout: float = 60.0) -> list:
+    """Everything ``client`` receives up to the first item ``is_marker`` accepts (and what
+    came with it). The deadline only bounds a hang."""
+    out: list = []
+    deadline = time.monotonic() + timeout
+    while True:
+        got = client.recv(0.05)
+        out += got
+        if any(is_marker(item) for item in got):
+            return out
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s: {out}"
+
+
+def _flush_frames(peer, n, vnet_hdr):
+    """QEMU 7.2 writes a released frame out late, when the next one is written. Two
+    matching sentinel datagrams (flows of their own: one datagram in flight per flow)
+    follow everything sent so far; once the first comes out, every frame compared
+    before it did too. Returns what came out; sentinels are filtered by _strip."""
+    a, b = udp(10 + 2 * n, SENTINEL + b"%da" % n), udp(11 + 2 * n, SENTINEL + b"%db" % n)
+    _send(peer, [a, b], vnet_hdr)
+    return _through(peer.out, lambda item: SENTINEL + b"%da" % n in item[0],
+                    f"sentinel frame {n}a")
+
+
+def _flush_notify(peer):
+    """The notify channel in order up to a PROXY_INIT_REPLY: two PROXY_INITs, whose replies
+    share the notify writer, push out what was written before them (QEMU writes late
+    here too) and show the messages sent before them were handled."""
     peer.ntf.send(PROXY_INIT)
+    peer.ntf.send(PROXY_INIT)
+    return _through(peer.ntf, lambda item: item[0] == PROXY_INIT_REPLY, "PROXY_INIT_REPLY")
 
 
 def _strip(frames):
@@ -56,42 +85,42 @@ def _requests(messages):
     return any(m == DO_CHECKPOINT for m, _ in messages)
 
 
-def run_scenario(kind, pvm, svm, wait=0.0, vnet_hdr=False):
+def run_scenario(kind, pvm, svm, timeout=False, vnet_hdr=False):
     """Feed the streams; returns (released before COLO_CHECKPOINT, checkpoint requested,
-    released by COLO_CHECKPOINT)."""
-    vlen = len(VNET) if vnet_hdr else 0
+    released by COLO_CHECKPOINT). ``timeout``: a PVM frame is never matched; wait for the
+    comparator's timeout to ask for a checkpoint."""
     with running_peer(kind, timeout_ms=1000, scan_ms=100, vnet_hdr=vnet_hdr) as peer:
         if vnet_hdr:
             # QEMU reads notify_dev with a vnet length word when vnet_hdr_support is on
             # (and writes DO_CHECKPOINT without one): send with it, read without
             peer.ntf.vnet_hdr = True
-        for f in pvm:
-            peer.pin.send(VNET + f if vnet_hdr else f, vlen)
-        time.sleep(0.05)
-        for f in svm:
-            peer.sin.send(VNET + f if vnet_hdr else f, vlen)
-        time.sleep(wait + 0.1)
-        _kick(peer, 1, vnet_hdr)
-        before = _strip(collect(peer.out, quiet=0.4))
-        requests = _requests(collect(peer.ntf, quiet=0.2, limit=1.0))
+        _send(peer, pvm, vnet_hdr, "pvm")
+        time.sleep(0.05)     # the PVM's frames first, as a guest's replies race ahead
+        _send(peer, svm, vnet_hdr, "svm")
+        notes = []
+        if timeout:          # asked for once the compare timeout ran out
+            while not _requests(notes):
+                notes += _flush_notify(peer)
+                time.sleep(0.05)
+        before = _strip(_flush_frames(peer, 1, vnet_hdr))
+        requests = _requests(notes + _flush_notify(peer))
         peer.ntf.send(COLO_CHECKPOINT)
-        time.sleep(0.1)
-        _kick(peer, 2, vnet_hdr)
-        after = _strip(collect(peer.out, quiet=0.4))
+        _flush_notify(peer)  # handled in order: the checkpoint's release is done
+        after = _strip(_flush_frames(peer, 2, vnet_hdr))
     return before, requests, after
 
 
-def differential(pvm, svm, wait=0.0, vnet_hdr=False):
+def differential(pvm, svm, timeout=False, vnet_hdr=False):
     results = {}
 
     def one(kind):
-        results[kind] = run_scenario(kind, pvm, svm, wait, vnet_hdr)
+        results[kind] = run_scenario(kind, pvm, svm, timeout, vnet_hdr)
 
     threads = [threading.Thread(target=one, args=(k,)) for k in ("qemu", "ours")]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(240)
     assert set(results) == {"qemu", "ours"}, "a comparator run did not finish"
     return results["qemu"], results["ours"]
 
@@ -139,7 +168,7 @@ def test_diverging_payload_requests_a_checkpoint_and_commit_releases(which):
 def test_unmatched_pvm_frame_times_out():
     pvm = [udp(5000, b"matched"), tcp(5001, 1, b"the SVM never sends this")]
     svm = [udp(5000, b"matched")]
-    qemu, ours = differential(pvm, svm, wait=1.6)
+    qemu, ours = differential(pvm, svm, timeout=True)
     assert [f for f, _ in qemu[0]] == [f for f, _ in ours[0]] == pvm[:1]
     assert qemu[1] is ours[1] is True
     assert [f for f, _ in qemu[2]] == [f for f, _ in ours[2]] == pvm[1:]
