@@ -5,6 +5,7 @@ the witness, or whose fencing fails, does not go active and says why.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -283,7 +284,13 @@ def test_local_witness_generations_leases_and_dead_holders(tmp_path):
     sec = LocalWitness(d, "vm", TTL)
     try:
         assert sec.holder() == {"node": "pri", "generation": 1}
-        time.sleep(TTL + 1)                      # renewed by the holder's keepalive
+
+        def expires() -> float:   # the holder's claim in the witness file (monotonic)
+            with open(sec.path) as f:
+                return json.load(f)["active"]["expires"]
+        first = expires()         # renewed by the holder's keepalive past its first lease
+        wait_until(lambda: expires() >= first + TTL, timeout=60, interval=0.05,
+                   what="the holder renewing its lease")
         assert not sec.acquire("sec", 2)
         ok, reason = guard_takeover(None, sec, "sec", 2, wait_s=0.5)
         assert not ok and "pri" in reason and "demo only" in reason
