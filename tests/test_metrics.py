@@ -6,6 +6,7 @@ import socket
 import urllib.request
 
 import pytest
+from conftest import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.localpair import LocalPair
@@ -220,3 +221,35 @@ def test_totals_keep_growing_when_the_log_wraps():
         except (ValueError, FileNotFoundError):
             pass
         node.close()
+
+
+@pytest.mark.slow
+def test_endpoint_from_the_config_shows_the_secondary_going_active(tmp_path):
+    """`[metrics] listen` in a node's config starts the endpoint with the node; after the
+    primary is lost it says role="active" (the failover is driven by a named fault point:
+    the primary's coordinator stops itself once an epoch was acked, then the whole primary
+    node is killed)."""
+    port = free_port()
+    pair = LocalPair(dict(SMALL, checkpoint=dict(SMALL["checkpoint"], epoch_timeout_ms=30000)),
+                     workdir=str(tmp_path),
+                     role_tables={"secondary": {"metrics": {"listen": f"127.0.0.1:{port}"}}})
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        pair.start(faults={"primary": "primary.acked:14:stop"})
+        pair.wait_info("state", "protected", role="secondary")
+        s = _scrape(url)
+        assert _value(s, "colo_role", role="secondary") == 1
+        assert _value(s, "colo_role", role="active") == 0
+        wait_until(lambda: "COLO_FAULT fired: primary.acked" in pair.log_tail("primary", 1 << 24),
+                   timeout=180, what="the primary reaching its 14th ACK")
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0)
+        pair.kill("primary")
+        info = pair.wait_info("role", "active", role="secondary", timeout=120)
+        s = _scrape(url)
+        assert _value(s, "colo_role", role="active") == 1
+        assert _value(s, "colo_role", role="secondary") == 0
+        assert _value(s, "colo_node_info", state="active") == 1
+        assert _value(s, "colo_stage_takeovers_total", stage="coordinator") == 1
+        assert info["active_since_epoch"] == 13
+    finally:
+        pair.stop()
