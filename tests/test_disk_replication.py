@@ -525,7 +525,7 @@ def test_the_initial_sync_fills_an_empty_secondary_while_the_guest_writes(tmp_pa
     pri, sec = _in_process_pair(tmp_path)
     try:
         assert held.wait(30), "the sync never reached its third chunk"
-        assert sec.store.syncing
+        wait_for(lambda: sec.store.syncing, what="the secondary to take the sync's BEGIN")
         with open(tmp_path / "secondary.img.colo" / "journal.json") as f:
             assert json.load(f)["syncing"] is True
         with pytest.raises(StoreError, match="initial sync"):

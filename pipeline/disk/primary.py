@@ -249,6 +249,7 @@ class InitialSync(threading.Thread):
         b = self.b
         sock = b.forward_socket()
         sent = 0
+        t0 = said = time.monotonic()
         try:
             runs = [(s, e) for s, e, allocated in
                     block_runs(b.image.extents(0, b.size), b.block_size) if allocated]
@@ -278,11 +279,17 @@ class InitialSync(threading.Thread):
                         self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None)
                     sent += n
                     b.counters.set("sync_bytes", sent)
+                    if time.monotonic() - said >= 1.0:
+                        said = time.monotonic()
+                        log.info("primary disk: initial sync %.0f%% (%d of %d MiB)",
+                                 100 * sent / max(1, total), sent >> 20, total >> 20)
             seq, epoch = self._order_marker()
             self.ordered_end.set()
             self._send(sock, epoch, seq, wire.KIND_SYNC_END, 0, 0, None)
             self._drain(sock, 0)
-            log.info("primary disk: initial sync done, %d bytes", sent)
+            b.counters.set("sync_ms", max(1, round((time.monotonic() - t0) * 1e3)))
+            log.info("primary disk: initial sync done, %d bytes in %.2f s", sent,
+                     time.monotonic() - t0)
         except (OSError, zmq.ZMQError, RuntimeError) as e:
             self.failed = str(e)
             log.error("primary disk: the initial sync failed: %s", e)
