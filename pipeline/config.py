@@ -337,10 +337,3 @@ def load(path: str) -> Settings:
                           "a UTF-8 TOML file") from None
     return from_dict(data, path)
 
-
-def peer_endpoints(settings: Settings) -> dict[str, str]:
-    """The host-to-host channels' addresses (pages, control, inputs, heartbeat)."""
-    out = {ch: wire.channel_address(settings.peer.address, ch) for ch in wire.CHANNEL_PORT_OFFSETS}
-    if settings.heartbeat.address:
-        out["heartbeat"] = settings.heartbeat.address
-    return out

@@ -57,48 +57,6 @@ STATUS_ABORTED = 1
 _U64_MAX = (1 << 64) - 1
 
 
-def _metric_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
-
-
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(snapshot: dict[str, Any]) -> str:
-    """A :meth:`NodeCounters.snapshot` in the Prometheus text exposition format (0.0.4).
-
-    Stage counters become ``colo_stage_<counter>{node,stage}`` (gauges for
-    high-water marks, counters otherwise); the latest checkpoint record becomes
-    ``colo_last_checkpoint_<field>{node}`` gauges.
-    """
-    node = _label(snapshot["node"])
-    families: dict[str, list[str]] = {}
-    for stage, counters in snapshot["stages"].items():
-        for counter, value in counters.items():
-            families.setdefault(counter, []).append(
-                f'{{node="{node}",stage="{_label(stage)}"}} {value}')
-    lines = []
-    for counter, samples in families.items():
-        kind = "gauge" if "high_water" in counter else "counter"
-        name = "colo_stage_" + _metric_name(counter) + ("_total" if kind == "counter" else "")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(name + sample for sample in samples)
-    lines.append("# TYPE colo_checkpoints_recorded_total counter")
-    lines.append(f'colo_checkpoints_recorded_total{{node="{node}"}} '
-                 f'{snapshot["checkpoints_recorded"]}')
-    lines.append("# TYPE colo_node_owner_alive gauge")
-    lines.append(f'colo_node_owner_alive{{node="{node}"}} {int(snapshot["owner_alive"])}')
-    if snapshot["checkpoints"]:
-        latest = snapshot["checkpoints"][-1]
-        for field, value in latest.items():
-            if isinstance(value, int):
-                name = "colo_last_checkpoint_" + _metric_name(field)
-                lines.append(f"# TYPE {name} gauge")
-                lines.append(f'{name}{{node="{node}"}} {value}')
-    return "\n".join(lines) + "\n"
-
-
 class NodeNotRunning(LookupError):
     """No live counters segment for the node asked for."""
 

@@ -1,5 +1,10 @@
 """Every host-to-host ZeroMQ socket of a node, created in one place with its options.
 
+The channels: pages, control and inputs (``peer.address`` and the next two ports), the
+heartbeat (port + 3, or ``heartbeat.address``; :func:`heartbeat`), and the disk's write
+forwarding (``disk.forward``; :func:`disk_forward_out`, :func:`disk_forward_in`). Their
+records: docs/wire-format.md.
+
 The secondary binds, the primary connects (a primary can then be pointed at a new
 secondary). Socket names say their role and direction: ``pages_out`` is the
 primary's end of the pages channel, ``pages_in`` the secondary's.
@@ -14,12 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from pipeline.config import Settings, peer_endpoints
+from pipeline import wire
+
+# A node's settings (pipeline.config.Settings), only read here: the disk stage's modules
+# make their sockets here too, and the config module imports their settings.
+Settings = Any
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +112,15 @@ def warn_if_plaintext(settings: Settings) -> None:
                     settings.node.name, settings.peer.address)
 
 
+def peer_endpoints(settings: Settings) -> dict[str, str]:
+    """The host-to-host channels' addresses (pages, control, inputs, heartbeat)."""
+    out = {ch: wire.channel_address(settings.peer.address, ch)
+           for ch in wire.CHANNEL_PORT_OFFSETS}
+    if settings.heartbeat.address:
+        out["heartbeat"] = settings.heartbeat.address
+    return out
+
+
 def _endpoint(settings: Settings, channel: str) -> str:
     return peer_endpoints(settings)[channel]
 
@@ -138,6 +157,65 @@ def inputs_out(nctx: NodeContext) -> zmq.Socket:
 
 def inputs_in(nctx: NodeContext) -> zmq.Socket:
     return _open(nctx, zmq.PULL, 100000, "inputs", bind=True)
+
+
+def heartbeat_kind(role: str) -> int:
+    """ROUTER for the secondary (binds), DEALER for the primary (connects)."""
+    return zmq.ROUTER if role == "secondary" else zmq.DEALER
+
+
+def heartbeat_options(s: zmq.Socket, role: str) -> None:
+    """The heartbeat channel's options: a heartbeat is only worth something fresh."""
+    if role == "secondary":
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a gone peer raises instead of dropping
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 4)      # never a backlog of old heartbeats
+    s.setsockopt(zmq.RCVHWM, 1000)
+    s.setsockopt(zmq.RECONNECT_IVL, 50)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
+    if role == "primary":
+        s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+
+
+def heartbeat(nctx: NodeContext | zmq.Context, role: str) -> zmq.Socket:
+    """This node's end of the heartbeat channel, not yet bound or connected (the heartbeat
+    stage does that, to ``heartbeat.address``). With a NodeContext it is CURVE like every
+    channel; with a bare zmq.Context plaintext (the heartbeat stage's tests)."""
+    if isinstance(nctx, NodeContext):
+        s = nctx.socket(heartbeat_kind(role), 1000, bind=role == "secondary")
+    else:
+        s = nctx.socket(heartbeat_kind(role))
+    heartbeat_options(s, role)
+    return s
+
+
+def disk_forward_out(context: zmq.Context, address: str, secure=None, hwm: int = 0,
+                     send_timeout_ms: int = -1) -> zmq.Socket:
+    """The primary's end of the disk's write forwarding link: a DEALER connected to
+    ``address`` (``disk.forward``). ``secure(socket, bind)`` gives it the node's CURVE
+    keys (NodeContext.secure); ``hwm``/``send_timeout_ms`` 0/-1: ZeroMQ's defaults."""
+    s = context.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if hwm:
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
+    if send_timeout_ms >= 0:
+        s.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    if secure is not None:
+        secure(s, False)
+    s.connect(address)
+    return s
+
+
+def disk_forward_in(context: zmq.Context, address: str, secure=None) -> zmq.Socket:
+    """The secondary's end of the disk's write forwarding link: a ROUTER bound to
+    ``address``; with ``secure`` a CURVE server that admits only the primary's key."""
+    s = context.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    if secure is not None:
+        secure(s, True)
+    s.bind(address)
+    return s
 
 
 def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True,

@@ -174,7 +174,7 @@ def _heartbeat_entry(ctx: StageContext, settings: Settings, events, shared: Shar
         # one CURVE context for this process, made here (after fork)
         nonlocal nctx
         nctx = nctx or sockets.NodeContext(settings)
-        return nctx.socket(kind, 1000, bind=bind)
+        return sockets.heartbeat(nctx, settings.node.role)
     nctx = None
     try:
         heartbeat.run(ctx, hb, settings.node.role, events, shared.generation, shared.epoch,

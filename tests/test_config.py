@@ -11,7 +11,7 @@ import re
 import pytest
 from conftest import cli
 
-from pipeline import config
+from pipeline import config, sockets
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, Settings
 
@@ -61,10 +61,10 @@ def test_defaults():
     assert s.guest.backend == "sim" and s.guest.page_count == 16384
     assert s.peer.address == "tcp://127.0.0.1:7400"
     assert s.run_dir == "/tmp/colo-pipeline/colo"
-    assert config.peer_endpoints(s) == {"pages": "tcp://127.0.0.1:7400",
-                                        "control": "tcp://127.0.0.1:7401",
-                                        "inputs": "tcp://127.0.0.1:7402",
-                                        "heartbeat": "tcp://127.0.0.1:7403"}
+    assert sockets.peer_endpoints(s) == {"pages": "tcp://127.0.0.1:7400",
+                                         "control": "tcp://127.0.0.1:7401",
+                                         "inputs": "tcp://127.0.0.1:7402",
+                                         "heartbeat": "tcp://127.0.0.1:7403"}
     w = s.guest.workload
     assert abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) < 1e-9
     assert s.checkpoint.min_interval_ms <= s.checkpoint.max_interval_ms

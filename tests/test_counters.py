@@ -17,7 +17,6 @@ from pipeline.counters import (
     NodeCounters,
     NodeNotRunning,
     counters_segment_name,
-    prometheus_text,
 )
 from pipeline.shm import list_segments, segment_prefix
 
@@ -244,12 +243,14 @@ def test_bad_stage_definitions_are_rejected(node):
 
 
 def test_prometheus_text_parses_and_carries_the_values(counters):
+    """The counters through the one Prometheus renderer (pipeline.metrics.render)."""
     parser = pytest.importorskip("prometheus_client.parser",
                                  reason="prometheus-client checks our exposition format")
+    from pipeline.metrics import render
     counters.stage("digest.0").add("bytes_out", 123)
     counters.stage("digest.0").max("ring_high_water", 6)
     counters.record_checkpoint(epoch=9, cause="timer", pvm_pause_ns=1500)
-    text = prometheus_text(counters.snapshot())
+    text = render(counters.node, counters).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in parser.text_string_to_metric_families(text)
                for s in family.samples}
@@ -258,8 +259,8 @@ def test_prometheus_text_parses_and_carries_the_values(counters):
     assert samples[("colo_stage_ring_high_water", (node, digest))] == 6
     assert samples[("colo_stage_items_in_total", (node, ("stage", "snapshot")))] == 0
     assert samples[("colo_checkpoints_recorded_total", (node,))] == 1
-    assert samples[("colo_last_checkpoint_pvm_pause_ns", (node,))] == 1500
-    assert samples[("colo_node_owner_alive", (node,))] == 1
+    assert samples[("colo_checkpoint_pvm_pause_seconds_sum", (node,))] == 1500e-9
+    assert samples[("colo_node_up", (node,))] == 1
 
 
 def test_attach_to_a_node_still_creating_its_counters_says_not_running():

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import zmq
 
+from pipeline import sockets
 from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
 from pipeline.disk.counters import DiskCounters
@@ -84,12 +85,8 @@ class PrimaryBackend:
         self._sync: InitialSync | None = None
         self._seal_socket: zmq.Socket | None = None
         if self.forward_address is not None:
-            s = self.context.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if secure is not None:
-                secure(s, False)
-            s.connect(self.forward_address)
-            self._seal_socket = s
+            self._seal_socket = sockets.disk_forward_out(self.context, self.forward_address,
+                                                         secure)
         counters.set("epoch", self.epoch)
 
     def pool(self) -> ThreadPoolExecutor:
@@ -188,15 +185,9 @@ class PrimaryBackend:
 
     def forward_socket(self) -> zmq.Socket:
         """A new DEALER to the secondary's forward receiver (CURVE when the node is)."""
-        s = self.context.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, self.window * 2 + 16)
-        s.setsockopt(zmq.RCVHWM, self.window * 2 + 16)
-        s.setsockopt(zmq.SNDTIMEO, self.settings.forward_timeout_ms)
-        if self.secure is not None:
-            self.secure(s, False)
-        s.connect(self.forward_address)
-        return s
+        return sockets.disk_forward_out(self.context, self.forward_address, self.secure,
+                                        hwm=self.window * 2 + 16,
+                                        send_timeout_ms=self.settings.forward_timeout_ms)
 
     def close(self) -> None:
         if self._sync is not None:

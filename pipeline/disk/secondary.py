@@ -8,6 +8,7 @@ import time
 
 import zmq
 
+from pipeline import sockets
 from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
 from pipeline.disk.comparator import PVM, SVM, DiskComparator
@@ -170,11 +171,8 @@ class ForwardReceiver(threading.Thread):
         self.counters = counters
         self.sealed = SealedEpochs()
         ctx = context or zmq.Context.instance()
-        self.writes_in = ctx.socket(zmq.ROUTER)
-        self.writes_in.setsockopt(zmq.LINGER, 0)
-        if secure is not None:          # CURVE server: only the primary's key gets in
-            secure(self.writes_in, True)
-        self.writes_in.bind(address)
+        # with ``secure`` a CURVE server: only the primary's key gets in
+        self.writes_in = sockets.disk_forward_in(ctx, address, secure)
         #: the bound address (a ``tcp://host:*`` request resolved to its port)
         self.endpoint = self.writes_in.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop_event = threading.Event()

@@ -58,7 +58,7 @@ from typing import Any
 
 import zmq
 
-from pipeline import messages
+from pipeline import messages, sockets
 from pipeline.stages.common import StageContext
 
 MAGIC = b"COHB"
@@ -136,30 +136,6 @@ def _value(v: Any) -> int:
     return int(v.value) if hasattr(v, "value") else int(v)
 
 
-def socket_kind(role: str) -> int:
-    """ROUTER for the secondary (binds), DEALER for the primary (connects)."""
-    return zmq.ROUTER if role == "secondary" else zmq.DEALER
-
-
-def heartbeat_socket(zctx: zmq.Context, role: str) -> zmq.Socket:
-    """The default socket: plain, of :func:`socket_kind` (the caller binds or connects)."""
-    s = zctx.socket(socket_kind(role))
-    _options(s, role)
-    return s
-
-
-def _options(s: zmq.Socket, role: str) -> None:
-    if role == "secondary":
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a gone peer raises instead of dropping
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SNDHWM, 4)      # never a backlog of old heartbeats
-    s.setsockopt(zmq.RCVHWM, 1000)
-    s.setsockopt(zmq.RECONNECT_IVL, 50)
-    s.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
-    if role == "primary":
-        s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
-
-
 class _Peer:
     """What this node knows about the peer's heartbeats."""
 
@@ -181,7 +157,8 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     "primary" (connects) or "secondary" (binds). ``generation`` and ``epoch``: ints or
     shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(kind,
     bind)``, called in this process, returns an unbound, unconnected socket of ``kind``
-    (:func:`socket_kind`; e.g. with CURVE keys); default: :func:`heartbeat_socket`.
+    (:func:`pipeline.sockets.heartbeat_kind`; e.g. with CURVE keys); default: a plain
+    :func:`pipeline.sockets.heartbeat` socket.
     """
     if role not in ROLES:
         raise ValueError(f"heartbeat: role {role!r} is neither 'primary' nor 'secondary'")
@@ -197,10 +174,10 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     zctx = None
     if socket_factory is None:
         zctx = zmq.Context()
-        sock = heartbeat_socket(zctx, role)
+        sock = sockets.heartbeat(zctx, role)
     else:
-        sock = socket_factory(socket_kind(role), bind)
-        _options(sock, role)
+        sock = socket_factory(sockets.heartbeat_kind(role), bind)
+        sockets.heartbeat_options(sock, role)
     # the connecting side: see the handshake failures libzmq would not retry after
     monitor = None if bind else sock.get_monitor_socket(_HANDSHAKE_FAILED)
     if bind:

@@ -3,7 +3,7 @@
 The secondary's domain must be the primary's guest, and Xen must hold the same event-channel
 bindings for both (timer VIRQ, IPIs, console and xenstore channels). A copy made with
 ``xl save -c`` + ``xl restore -p`` never runs the guest's resume path and freezes after the
-first checkpoint (the probe's finding, ../shared/xenlab/PVH.md). So both domains are restored
+first checkpoint (docs/xen-lab.md, "Pairing: the twin method"). So both domains are restored
 from one saved image and both run the resume path:
 
 - primary host: ``colo-pipeline xen-twin save --config primary.toml`` saves the running

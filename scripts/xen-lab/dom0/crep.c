@@ -1,6 +1,6 @@
 /* crep: the lab's minimal C baseline replicator (libxenctrl + libxenforeignmemory + libxendevicemodel).
  * It does per checkpoint what the Python loop does, split the same way, so their PVM pauses compare:
- *   pause S first (DESIGN.md step 2); primary side (the PVM pause): pause P; log-dirty CLEAN on P; copy P's dirty frames into a
+ *   pause S first (docs/architecture.md, "One checkpoint", step 2); primary side (the PVM pause): pause P; log-dirty CLEAN on P; copy P's dirty frames into a
  *     checkpoint cache (indexed by frame number); read P's HVM context; unpause P.
  *   secondary side: CLEAN S; write the union of both dirty sets from the cache into S (S keeps its
  *     own shared_info frame); load the context; wake S's vCPU with an MSI carrying the event upcall
@@ -92,7 +92,7 @@ int main(int argc, char **argv) {
     xc_shadow_op_stats_t st;
     for (int r = 0; r <= rounds; r++) {
         if (r) usleep(interval * 1000);
-        /* the secondary stops first (DESIGN.md step 2), then the primary side: the PVM pause */
+        /* the secondary stops first (docs/architecture.md, "One checkpoint", step 2), then the primary side: the PVM pause */
         if (xc_domain_pause(xch, S)) DIE("pause S");
         double t0 = now_ms();
         if (xc_domain_pause(xch, P)) DIE("pause P");
