@@ -312,3 +312,49 @@ class LocalPair:
 
     def stage_counter(self, stage: str, counter: str, role: str = "primary") -> int:
         return self.node(role).stage(stage).as_dict()[counter]
+
+    def active_digest(self, timeout: float = 60.0) -> tuple[bytes, int]:
+        """The active (failed-over) SVM's full-memory digest and the input position it was
+        taken at (the secondary hashes between two inputs, on request)."""
+        node = self.node("secondary")
+        before = node.node_info().get("active_digests", 0)
+        client = CheckpointClient(self.run_dir("secondary"), subscribe=False)
+        client.requests_out.setsockopt(zmq.LINGER, 5000)   # deliver before closing
+        client.request("request", "digest")
+        client.close()
+        info = self.wait_info("active_digests", before + 1, role="secondary", timeout=timeout)
+        return bytes.fromhex(info["active_digest"]), info["active_input_seq"]
+
+
+def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input: int,
+                      timeout: float = 120.0) -> bytes:
+    """The memory digest of a sim guest that consumed client inputs 0 .. upto_seq-1 (the
+    stream the primary's client stage feeds): with no nondeterminism, a guest's memory is
+    a function of the inputs it took, so a failed-over SVM must equal this at its input
+    position; an epoch applied by halves could not."""
+    from pipeline.stages.inputs import client_input
+    from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+    ref = open_sim_domain("replay", page_count,
+                          WorkloadSpec(seed=seed, pages_per_input=pages_per_input),
+                          dirty_log="bitmap")
+    deadline = time.monotonic() + timeout
+    try:
+        ref.start(paused=False)
+        for i in range(upto_seq):
+            # the input log has room for ~1000 inputs: stay well behind the guest
+            while i - ref.input_seq() >= 256:
+                if time.monotonic() > deadline:
+                    raise PairError("the reference guest did not consume its inputs")
+                ref.trim_inputs(ref.input_seq())
+                time.sleep(0.001)
+            ref.trim_inputs(ref.input_seq())
+            ref.feed_input(client_input(seed, i))
+        while ref.input_seq() < upto_seq:
+            if time.monotonic() > deadline:
+                raise PairError("the reference guest did not catch up")
+            time.sleep(0.005)
+        ref.pause()
+        return ref.memory_digest()
+    finally:
+        ref.close()
+

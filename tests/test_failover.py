@@ -13,17 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
 from conftest import wait_until
 
-from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import STATUS_COMMITTED
-from pipeline.localpair import LocalPair
-from pipeline.stages.inputs import client_input
-from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+from pipeline.localpair import LocalPair, sim_replay_digest
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -37,35 +33,11 @@ TABLES = {
 
 
 def replay_digest(upto_seq: int) -> bytes:
-    """The memory digest of a guest that consumed client inputs 0 .. upto_seq-1."""
-    ref = open_sim_domain("replay", PAGES, WorkloadSpec(seed=SEED, pages_per_input=8),
-                          dirty_log="bitmap")
-    try:
-        ref.start(paused=False)
-        for i in range(upto_seq):
-            # the input log has room for ~1000 inputs: stay well behind the guest
-            wait_until(lambda: i - ref.input_seq() < 256, timeout=120, interval=0.001,
-                       what="the reference guest consuming its inputs")
-            ref.trim_inputs(ref.input_seq())
-            ref.feed_input(client_input(SEED, i))
-        deadline = time.monotonic() + 60
-        while ref.input_seq() < upto_seq:
-            assert time.monotonic() < deadline, "the reference guest did not catch up"
-            time.sleep(0.005)
-        ref.pause()
-        return ref.memory_digest()
-    finally:
-        ref.close()
+    return sim_replay_digest(upto_seq, PAGES, SEED, 8)
 
 
 def active_digest(pair: LocalPair) -> tuple[bytes, int]:
-    node = pair.node("secondary")
-    before = node.node_info().get("active_digests", 0)
-    client = CheckpointClient(pair.run_dir("secondary"), subscribe=False)
-    client.request("request", "digest")
-    client.close()
-    info = pair.wait_info("active_digests", before + 1, role="secondary", timeout=30)
-    return bytes.fromhex(info["active_digest"]), info["active_input_seq"]
+    return pair.active_digest()
 
 
 def _wait_takeover_decision(pair: LocalPair) -> dict:

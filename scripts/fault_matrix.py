@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Fault matrix: a primary and a secondary node with a sim guest under client load; each
+row injects one fault, each run of it checks the invariants afterwards.
+
+Rows (issue 11, item 2; what is here so far):
+
+* ``primary@<point>``: the primary node stops itself at a named point
+  (``pipeline/faults.py``), then is killed as a whole, like its host. Invariants: the
+  secondary decides (passive before the first checkpoint, else active from exactly the
+  epoch the point implies), its memory is a replay of the inputs it consumed (else the
+  run counts as data lost), only it is active.
+* ``secondary@<point>``: the same on the secondary (mid-restore, before and after its
+  ACK). Invariants: the primary runs unprotected and keeps serving; a new secondary
+  re-protects it and both memories are proven equal (else data lost).
+* ``sigstop-primary``: the whole primary node is stopped (SIGSTOP) until the secondary
+  took over, then continued (SIGCONT). Invariant: the stale primary does not come back
+  active: it gives up its role (the peer's later generation, its lost lease) and exits.
+
+Every run: nothing hung (each wait has a deadline), no /dev/shm segment of either node
+left after the nodes stopped.
+
+Not yet rows: partitions (netns/veth/nftables), packet loss/delay/duplication on the
+replication link, bandwidth limits, corrupted page bytes, a slow secondary, /dev/shm full,
+ENOSPC/EIO on the secondary's disk store inside a node, RLIMIT_NOFILE, a port in use.
+
+Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
+``--quick`` (CI): one run of a few rows. ``--json`` prints
+``{"rows": [{"name", "runs", "passed", "data_lost", "failover_ms_p50", ...}]}`` as the
+last line. Exit code 0 only if every run passed and no data was lost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline.counters import STATUS_COMMITTED  # noqa: E402
+from pipeline.localpair import LocalPair, PairError, sim_replay_digest  # noqa: E402
+from pipeline.shm import list_segments, segment_prefix  # noqa: E402
+
+PAGES = 2048
+SEED = 5
+PAGES_PER_INPUT = 8
+TABLES = {
+    "guest": {"backend": "sim", "page_count": PAGES},
+    "guest.workload": {"seed": SEED, "input_rate_hz": 250.0, "pages_per_input": PAGES_PER_INPUT},
+    "checkpoint": {"max_interval_ms": 150, "min_interval_ms": 5, "epoch_timeout_ms": 30000},
+}
+DEADLINE = 180.0
+
+
+class RunFailed(AssertionError):
+    """An invariant did not hold (the message says which)."""
+
+
+class DataLost(RunFailed):
+    """The state the surviving side went on from is not one consistent checkpoint."""
+
+
+def wait_until(predicate, what: str, timeout: float = DEADLINE, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise RunFailed(f"hung: no {what} within {timeout} s")
+        time.sleep(interval)
+
+
+def fired(pair: LocalPair, role: str, point: str) -> bool:
+    return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
+
+
+def heard(pair: LocalPair, role: str) -> bool:
+    return pair.stage_counter("heartbeat", "items_in", role) > 0
+
+
+# -- rows ------------------------------------------------------------------------------------
+def primary_at(point: str, expect) -> Callable[[LocalPair], dict]:
+    """``expect``: "passive", an epoch number, or "last" (the secondary's own last commit:
+    a record the primary sent just before it died may or may not have got out)."""
+    def run(pair: LocalPair) -> dict:
+        pair.start(faults={"primary": point + ":stop"})
+        name = point.split(":")[0]
+        wait_until(lambda: fired(pair, "primary", name), f"primary reaching {point}")
+        wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
+        pair.kill("primary")
+        info = wait_until(lambda: (lambda i: i if i.get("role") == "active" or i.get("state") in
+                                   ("primary lost before protection", "standby") else None)(
+            pair.node("secondary").node_info()), "a takeover decision")
+        if expect == "passive":
+            if info.get("role") != "secondary" or \
+                    info.get("state") != "primary lost before protection":
+                raise RunFailed(f"expected a passive secondary, got {info}")
+            return {}
+        if info.get("role") != "active":
+            raise RunFailed(f"the secondary did not go active: {info}")
+        last = [cp["epoch"] for cp in pair.checkpoints("secondary")
+                if cp["status"] == STATUS_COMMITTED][-1]
+        want = last if expect == "last" else expect
+        if info["active_since_epoch"] != want or last != want:
+            raise RunFailed(f"active from epoch {info['active_since_epoch']} (last commit "
+                            f"{last}), expected {want}")
+        sec = pair.node("secondary")
+        n0 = sec.stage("mirror").as_dict()["outputs"]
+        wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
+                   "the active SVM serving on")
+        digest, seq = pair.active_digest()
+        if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
+            raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
+        return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
+    return run
+
+
+def secondary_at(point: str) -> Callable[[LocalPair], dict]:
+    def run(pair: LocalPair) -> dict:
+        pair.start(faults={"secondary": point + ":stop"})
+        name = point.split(":")[0]
+        wait_until(lambda: fired(pair, "secondary", name), f"secondary reaching {point}")
+        wait_until(lambda: heard(pair, "primary"), "a heartbeat of the secondary")
+        pair.kill("secondary")
+        info = pair.wait_info("state", "unprotected", timeout=DEADLINE)
+        if info.get("role") != "primary":
+            raise RunFailed(f"the primary is not the primary any more: {info}")
+        client = pair.node("primary").stage("client")
+        n0 = client.as_dict()["outputs"]
+        wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100, "the PVM serving on")
+        pair.start_node("secondary")
+        pair.wait_info("state", "protected", timeout=DEADLINE)
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after re-protection the two memories differ")
+        return {}
+    return run
+
+
+def sigstop_primary(pair: LocalPair) -> dict:
+    pair.start()
+    pair.wait_protected(timeout=DEADLINE)
+    wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
+    proc = pair.procs["primary"]
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        info = pair.wait_info("role", "active", role="secondary", timeout=DEADLINE)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    try:
+        proc.wait(DEADLINE)
+    except Exception:
+        raise RunFailed("the stale primary went on after SIGCONT (two active sides)") from None
+    pair.procs.pop("primary")
+    sec = pair.node("secondary")
+    n0 = sec.stage("mirror").as_dict()["outputs"]
+    wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
+               "the active SVM serving on")
+    digest, seq = pair.active_digest()
+    if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
+        raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
+    return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
+
+
+# the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
+# full sync, then at most 8 pre-copy rounds and the first checkpoint
+ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
+    ("primary@send.pages:2", primary_at("send.pages:2", "passive"), True),
+    ("primary@primary.begin_sent:14", primary_at("primary.begin_sent:14", 12), False),
+    ("primary@send.epoch_end:14", primary_at("send.epoch_end:14", "last"), False),
+    ("primary@primary.acked:14", primary_at("primary.acked:14", 13), True),
+    ("primary@primary.released:14", primary_at("primary.released:14", 13), False),
+    ("secondary@secondary.begin:14", secondary_at("secondary.begin:14"), False),
+    ("secondary@restore.vcpu_set:12", secondary_at("restore.vcpu_set:12"), False),
+    ("secondary@restore.pages_written:12", secondary_at("restore.pages_written:12"), True),
+    ("secondary@secondary.applied:14", secondary_at("secondary.applied:14"), False),
+    ("secondary@secondary.acked:14", secondary_at("secondary.acked:14"), False),
+    ("sigstop-primary", sigstop_primary, True),
+]
+
+
+@dataclass
+class Row:
+    name: str
+    runs: int = 0
+    passed: int = 0
+    data_lost: int = 0
+    failover_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ms = sorted(self.failover_ms)
+        pct = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 1)) if ms else \
+            (lambda q: None)
+        return {"name": self.name, "runs": self.runs, "passed": self.passed,
+                "data_lost": self.data_lost, "failover_ms_p50": pct(0.5),
+                "failover_ms_p99": pct(0.99), "failures": self.failures[:5]}
+
+
+def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple[str, dict]:
+    """("ok" | "failed: why" | "data lost: why", figures)."""
+    pair = LocalPair(TABLES, workdir=workdir)
+    figures: dict = {}
+    verdict = "ok"
+    try:
+        figures = body(pair)
+    except DataLost as exc:
+        verdict = f"data lost: {exc}"
+    except (RunFailed, PairError) as exc:
+        verdict = f"failed: {exc}"
+    except Exception:
+        verdict = "failed: " + traceback.format_exc(limit=3).replace("\n", " | ")
+    finally:
+        pair.stop()
+    left = [s for r in ("primary", "secondary") for s in list_segments(
+        segment_prefix(pair.name(r)))]
+    if left and verdict == "ok":
+        verdict = f"failed: /dev/shm segments left: {left}"
+    return verdict, figures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20, help="runs per row (default 20)")
+    ap.add_argument("--quick", action="store_true", help="one run of a few rows (CI)")
+    ap.add_argument("--rows", default="", help="only rows whose name contains this")
+    ap.add_argument("--json", action="store_true", help="a JSON object as the last line")
+    args = ap.parse_args()
+    rows = [(n, b) for n, b, quick in ROWS if (quick or not args.quick) and args.rows in n]
+    runs = 1 if args.quick else args.runs
+    results: list[Row] = []
+    base = tempfile.mkdtemp(prefix="colo-fault-matrix-")
+    print(f"{'row':40} {'runs':>4} {'passed':>6} {'lost':>4} {'failover ms p50/p99':>20}",
+          flush=True)
+    for name, body in rows:
+        row = Row(name)
+        for i in range(runs):
+            verdict, figures = one_run(name, body, os.path.join(base, f"{len(results)}-{i}"))
+            row.runs += 1
+            if verdict == "ok":
+                row.passed += 1
+            else:
+                row.failures.append(verdict[:500])
+                print(f"  {name} run {i}: {verdict[:300]}", file=sys.stderr, flush=True)
+            if verdict.startswith("data lost"):
+                row.data_lost += 1
+            if "failover_ms" in figures:
+                row.failover_ms.append(figures["failover_ms"])
+        results.append(row)
+        s = row.summary()
+        ms = f"{s['failover_ms_p50']}/{s['failover_ms_p99']}" if row.failover_ms else "-"
+        print(f"{name:40} {row.runs:4} {row.passed:6} {row.data_lost:4} {ms:>20}", flush=True)
+    ok = all(r.passed == r.runs and r.data_lost == 0 for r in results)
+    if args.json:
+        print(json.dumps({"rows": [r.summary() for r in results], "all_passed": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

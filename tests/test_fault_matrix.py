@@ -1,0 +1,28 @@
+"""The quick fault matrix (scripts/fault_matrix.py --quick) runs in CI: every row's run
+passes its invariants and no data is lost."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "fault_matrix.py")
+
+
+def test_quick_fault_matrix_passes_with_no_data_lost():
+    p = subprocess.run([sys.executable, SCRIPT, "--quick", "--json"], capture_output=True,
+                       text=True, timeout=1100)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    print(p.stdout)
+    assert {r["name"] for r in result["rows"]} >= {"primary@primary.acked:14",
+                                                   "secondary@restore.pages_written:12",
+                                                   "sigstop-primary"}
+    for row in result["rows"]:
+        assert row["runs"] == row["passed"] == 1 and row["data_lost"] == 0, (row, p.stderr[-3000:])
+    assert result["all_passed"] is True and p.returncode == 0
