@@ -27,6 +27,14 @@ from pipeline.localpair import LocalPair, PairError, free_port_base
 def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
     """The options of ``colo-pipeline demo``."""
     sp.add_argument("--duration", type=float, default=10.0, help="seconds of protected running")
+    sp.add_argument("--until-checkpoints", type=int, default=0, metavar="N",
+                    help="and run on until N checkpoints were taken after protection (tests: "
+                    "an event to wait for instead of a time)")
+    sp.add_argument("--until-cause", default="", metavar="CAUSE",
+                    help="count only checkpoints of this cause for --until-checkpoints "
+                    "(e.g. net_divergence)")
+    sp.add_argument("--until-disk-writes", type=int, default=0, metavar="N",
+                    help="with --disk-mb: and run on until the driver wrote N times")
     sp.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     sp.add_argument("--pages", type=int, default=16384, help="guest RAM in 4 KiB pages")
     sp.add_argument("--pages-per-input", type=int, default=16)
@@ -89,7 +97,17 @@ def run_demo(args: argparse.Namespace) -> bool:
             disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
                                           args.disk_mb << 20)
         t_end = time.monotonic() + args.duration
-        while time.monotonic() < t_end:
+        protected_at = len(node.checkpoints())
+
+        def more_wanted() -> bool:
+            if not args.until_checkpoints and not args.until_disk_writes:
+                return False
+            cps = node.checkpoints()[protected_at:]
+            if args.until_cause:
+                cps = [c for c in cps if c["cause_name"] == args.until_cause]
+            return len(cps) < args.until_checkpoints or (
+                disk_driver is not None and disk_driver.writes < args.until_disk_writes)
+        while time.monotonic() < t_end or more_wanted():
             pair.check_alive()
             if not args.json:
                 s = counters.summarize(node.snapshot())

@@ -26,8 +26,9 @@ def test_demo_comparator_requests_checkpoints_on_divergent_output():
     """The guests' outputs go to the network comparator as frames; a nondeterministic
     guest makes it request checkpoints through the coordinator (cause net_divergence),
     and the pair still ends with equal memory."""
-    r = cli("demo", "--duration", "3", "--pages", "2048", "--nondeterminism", "0.1",
-             "--interval-ms", "5000", "--json")
+    r = cli("demo", "--duration", "0", "--until-checkpoints", "5", "--until-cause",
+            "net_divergence", "--pages", "2048", "--nondeterminism", "0.1",
+            "--interval-ms", "600000", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["causes"].get("net_divergence", 0) >= 5, summary["causes"]
@@ -37,8 +38,8 @@ def test_demo_comparator_requests_checkpoints_on_divergent_output():
 
 @pytest.mark.parametrize("dirty_log", ["uffd", "bitmap"])
 def test_demo_proves_memory_equality(dirty_log):
-    r = cli("demo", "--duration", "2", "--pages", "4096", "--dirty-log", dirty_log,
-             "--nondeterminism", "0.3", "--json")
+    r = cli("demo", "--duration", "0", "--until-checkpoints", "4", "--pages", "4096",
+            "--dirty-log", dirty_log, "--nondeterminism", "0.3", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["memory_equal"] is True
@@ -133,7 +134,8 @@ def test_demo_with_a_replicated_disk():
     checkpoints: after the final one the secondary's image equals the primary's. The
     secondary's image starts empty: the initial disk sync sends the primary's data (one
     MiB in four of the 32)."""
-    r = cli("demo", "--duration", "2", "--pages", "2048", "--disk-mb", "32", "--json")
+    r = cli("demo", "--duration", "0", "--until-checkpoints", "4", "--until-disk-writes",
+            "25", "--pages", "2048", "--disk-mb", "32", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["memory_equal"] is True
