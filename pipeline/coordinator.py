@@ -396,6 +396,7 @@ class PrimaryCoordinator(_Coordinator):
         self.carry = np.zeros(0, np.uint64)
         self.c.add("reprotections", 1)
         self.bus.publish("role", self.epoch, role="primary")
+        faults.point("primary.reprotect")
         if not self.protect():
             self.go_unprotected()
 

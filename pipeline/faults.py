@@ -47,6 +47,8 @@ epoch 0 is the full sync, then pre-copy rounds, then checkpoints):
                                  outputs not yet released (hash table not folded in,
                                  ``committed`` not published to the comparators)
 * ``primary.released``           ``committed`` published
+* ``primary.reprotect``          a new secondary answered the unprotected primary's HELLO;
+                                 its full sync (re-protection) starts next
 
 Send stage, ``pipeline/stages/send.py``:
 

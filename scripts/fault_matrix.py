@@ -12,6 +12,8 @@ Rows (issue 11, item 2; what is here so far):
 * ``secondary@<point>``: the same on the secondary (mid-restore, before and after its
   ACK). Invariants: the primary runs unprotected and keeps serving; a new secondary
   re-protects it and both memories are proven equal (else data lost).
+* ``primary@primary.reprotect``: the secondary is lost, a new one answers, and the
+  primary dies as re-protection starts: the new secondary must stay passive.
 * ``sigstop-primary``: the whole primary node is stopped (SIGSTOP) until the secondary
   took over, then continued (SIGCONT). Invariant: the stale primary does not come back
   active: it gives up its role (the peer's later generation, its lost lease) and exits.
@@ -143,6 +145,25 @@ def secondary_at(point: str) -> Callable[[LocalPair], dict]:
     return run
 
 
+def primary_during_reprotection(pair: LocalPair) -> dict:
+    """The secondary is lost; a new one answers; the primary dies as re-protection starts.
+    The new secondary never had a consistent state: it must stay passive."""
+    pair.start(faults={"primary": "primary.reprotect:stop"})
+    pair.wait_protected(timeout=DEADLINE)
+    pair.kill("secondary")
+    pair.wait_info("state", "unprotected", timeout=DEADLINE)
+    pair.start_node("secondary")
+    wait_until(lambda: fired(pair, "primary", "primary.reprotect"), "re-protection starting")
+    wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
+    pair.kill("primary")
+    info = wait_until(lambda: (lambda i: i if i.get("role") == "active" or i.get("state") in
+                               ("primary lost before protection", "standby") else None)(
+        pair.node("secondary").node_info()), "a decision of the new secondary")
+    if info.get("role") != "secondary" or info.get("state") != "primary lost before protection":
+        raise RunFailed(f"the new secondary went on without a consistent state: {info}")
+    return {}
+
+
 def sigstop_primary(pair: LocalPair) -> dict:
     pair.start()
     pair.wait_protected(timeout=DEADLINE)
@@ -181,6 +202,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("secondary@restore.pages_written:12", secondary_at("restore.pages_written:12"), True),
     ("secondary@secondary.applied:14", secondary_at("secondary.applied:14"), False),
     ("secondary@secondary.acked:14", secondary_at("secondary.acked:14"), False),
+    ("primary@primary.reprotect", primary_during_reprotection, False),
     ("sigstop-primary", sigstop_primary, True),
 ]
 
