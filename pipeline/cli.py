@@ -144,7 +144,8 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                  f"{s['transfer_ms_p50']}, apply {s['apply_ms_p50']}, ACK {s['ack_ms_p50']})  "
                  f"wire {s['bytes_sent'] / 1e6:.1f} "
                  f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
-                 f"{s['pages_skipped_hash']}, zero {s['pages_zero']}")
+                 f"{s['pages_skipped_hash']}, held by the SVM {s['pages_same_as_svm']}, zero "
+                 f"{s['pages_zero']}")
     return "\n".join(lines)
 
 

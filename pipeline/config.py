@@ -151,8 +151,10 @@ class PipelineSettings(Section):
                            "again and compare with the primary's blake3: every data page, one "
                            "per batch at random, or none. The channel already authenticates "
                            "every message with CURVE; with security.mode = \"plaintext\" "
-                           "choose `full`. The memory proof (checkpoint.verify_every) compares "
-                           "all of memory whatever this says.",
+                           "choose `full`. The same goes for pages sent as already held by the "
+                           "SVM: the restore stage hashes all, one in 64 or none of them again "
+                           "before it applies the epoch. The memory proof "
+                           "(checkpoint.verify_every) compares all of memory whatever this says.",
                            choices=("full", "sample", "off"))
     pause_priority: str = _f("realtime", "Primary: scheduling of the snapshot stage while the "
                              "PVM is paused (the guest's downtime): real-time (SCHED_FIFO 1, "

@@ -38,7 +38,7 @@ from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
 from pipeline.failover.takeover import PrimaryRole, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
-from pipeline.stages.common import HashTable, StageContext
+from pipeline.stages.common import HashTable, StageContext, SvmPages, domain_page_hashes
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain
 
@@ -101,6 +101,7 @@ class EpochResult:
     ack: wire.Ack | None = None
     input_seq: int = -1
     pvm_digest: bytes = b""
+    svm_forwarded: bool = False   # the send stage was told about SVM_DIRTY's hashes
     verify_ns: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -138,11 +139,12 @@ class _Coordinator:
 class PrimaryCoordinator(_Coordinator):
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
                  snap_ctrl, send_ctrl, table: HashTable, pending: Pending, shared,
-                 hb_events) -> None:
+                 hb_events, svm: SvmPages | None = None) -> None:
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.snap_ctrl, self.send_ctrl = snap_ctrl, send_ctrl
         self.table, self.pending, self.shared = table, pending, shared
         self.hb_events = hb_events
+        self.svm = svm      # where the SVM's page hashes go for the digest workers
         self.c = ctx.counters
         self.epoch = 0
         self.carry = np.zeros(0, np.uint64)
@@ -220,7 +222,9 @@ class PrimaryCoordinator(_Coordinator):
                     continue
                 hdr, msg = got
                 if hdr.type == wire.SVM_DIRTY and hdr.epoch == res.epoch:
-                    res.svm_dirty = len(wire.decode_svm_dirty(msg, self.domain.page_count)[1])
+                    svm = wire.decode_svm_dirty(msg, self.domain.page_count)
+                    res.svm_dirty = len(svm.pfns)
+                    self._svm_hashes(res, svm)
                     want.discard("svm_dirty")
                 elif hdr.type == wire.ACK and hdr.epoch == res.epoch:
                     res.ack = wire.decode_ack(msg)
@@ -231,6 +235,17 @@ class PrimaryCoordinator(_Coordinator):
                     self.c.add("stale_records", 1)
                     self.ctx.log.warning("control: ignored %s of epoch %d while in epoch %d",
                                          hdr.name, hdr.epoch, res.epoch)
+
+    def _svm_hashes(self, res: EpochResult, svm: wire.SvmDirty | None) -> None:
+        """Tell the digest workers what the SVM holds at its dirty pages (SVM_DIRTY's
+        hashes), or that nothing will come for this epoch: they wait for it before a
+        checkpoint's batches, to send the pages the SVM already has as SVM pages."""
+        if res.svm_forwarded:
+            return
+        res.svm_forwarded = True
+        if self.svm is not None:
+            self.svm.publish(res.epoch, None if svm is None else svm.pfns,
+                             None if svm is None else svm.hashes)
 
     # -- the protocol -----------------------------------------------------
     def checkpoint(self, cause: str, flags: int = 0, kind: str = "snapshot") -> EpochResult:
@@ -269,6 +284,10 @@ class PrimaryCoordinator(_Coordinator):
             # lost, whatever the heartbeat says: holding the guest's output any longer
             # would stall its clients (the next secondary gets a fresh full sync)
             res.extra["peer_lost"] = True
+        finally:
+            if not res.svm_forwarded:
+                # the digest workers wait for the SVM's hashes: none will come
+                self._svm_hashes(res, None)
         commit_ns = int((time.monotonic() - t0) * 1e9)
         # 4. committed: the secondary holds the epoch's pages; torn: they go out again
         n = int(self.pending.count[0])
@@ -300,13 +319,14 @@ class PrimaryCoordinator(_Coordinator):
             transfer_ns=transfer_ns, apply_ns=apply_ns, ack_ns=ack_ns,
             pages_svm_dirty=max(res.svm_dirty, 0), pages_sent=sent.pages,
             pages_skipped_hash=sent.pages_ref, pages_zero=sent.pages_zero,
-            bytes_wire=sent.bytes_wire, bytes_raw=sent.pages * self.domain.page_size,
+            pages_same_as_svm=sent.pages_svm, bytes_wire=sent.bytes_wire, bytes_raw=sent.pages * self.domain.page_size,
             status=STATUS_COMMITTED if ok else STATUS_ABORTED, pvm_verify_ns=res.verify_ns)
         self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
-                          "skipped_hash=%d zero=%d wire_bytes=%d pause_ms=%.3f commit_ms=%.1f "
-                          "transfer_ms=%.1f apply_ms=%.1f ack_ms=%.1f",
+                          "skipped_hash=%d same_as_svm=%d zero=%d wire_bytes=%d pause_ms=%.3f "
+                          "commit_ms=%.1f transfer_ms=%.1f apply_ms=%.1f ack_ms=%.1f",
                           e, "committed" if ok else "aborted", cause, res.pages_dirty,
-                          sent.pages, sent.pages_ref, sent.pages_zero, sent.bytes_wire,
+                          sent.pages, sent.pages_ref, sent.pages_svm, sent.pages_zero,
+                          sent.bytes_wire,
                           res.pause_ns / 1e6, commit_ns / 1e6, transfer_ns / 1e6,
                           apply_ns / 1e6, ack_ns / 1e6, extra={"epoch": e})
         self._info(epoch=e, committed=ok)
@@ -493,7 +513,9 @@ class SecondaryCoordinator(_Coordinator):
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
-        self._send(wire.encode_svm_dirty(epoch, dirty))
+        # what the SVM holds at those pages: the primary sends the ones its PVM has alike
+        # as SVM pages, without their content
+        self._send(wire.encode_svm_dirty(epoch, dirty, domain_page_hashes(self.domain, dirty)))
         faults.point("secondary.begin")
         # 2. wait until the restore stage has assembled e, or e is torn
         verdict = self._wait(epoch, time.monotonic()

@@ -51,7 +51,7 @@ STAGE_COUNTERS = ("items_in", "items_out", "bytes_in", "bytes_out", "busy_ns", "
 CHECKPOINT_FIELDS = ("epoch", "cause", "started_ns", "pvm_pause_ns", "commit_ns",
                      "pages_dirty", "pages_svm_dirty", "pages_sent", "pages_skipped_hash",
                      "pages_zero", "bytes_wire", "bytes_raw", "status", "pvm_verify_ns",
-                     "transfer_ns", "apply_ns", "ack_ns")
+                     "transfer_ns", "apply_ns", "ack_ns", "pages_same_as_svm")
 STATUS_COMMITTED = 0
 STATUS_ABORTED = 1
 _U64_MAX = (1 << 64) - 1
@@ -441,6 +441,7 @@ def summarize(snapshot: dict) -> dict:
         "pages_dirty": sum(c["pages_dirty"] for c in cps),
         "pages_sent": sum(c["pages_sent"] for c in cps),
         "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
+        "pages_same_as_svm": sum(c.get("pages_same_as_svm", 0) for c in cps),
         "pages_zero": sum(c["pages_zero"] for c in cps),
         "bytes_sent": sum(c["bytes_wire"] for c in snapshot["checkpoints"]),
         "bytes_raw": sum(c["bytes_raw"] for c in snapshot["checkpoints"]),

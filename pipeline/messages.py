@@ -14,7 +14,7 @@ Snapshot stage (primary), asked by the coordinator::
 
 Send stage (primary), once an epoch's EPOCH_END is sent::
 
-    -> Sent(epoch, pages, records, bytes_wire, pages_data, pages_zero, pages_ref)
+    -> Sent(epoch, pages, records, bytes_wire, pages_data, pages_zero, pages_ref, pages_svm)
 
 Restore stage (secondary)::
 
@@ -87,11 +87,13 @@ class Sent(NamedTuple):
     pages_data: int
     pages_zero: int
     pages_ref: int
+    pages_svm: int = 0      # sent as SVM: the SVM already held them
 
     @classmethod
     def nothing(cls, epoch: int) -> Sent:
         """What an epoch whose EPOCH_END never went out counts."""
-        return cls(epoch, 0, 0, 0, 0, 0, 0)
+        return cls(epoch, 0, 0, 0, 0, 0, 0, 0)
+
 
 
 # -- restore stage ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
-from pipeline.stages.common import HashTable, PageBuffer, StageContext, stage_main
+from pipeline.stages.common import HashTable, PageBuffer, StageContext, SvmPages, stage_main
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
 from pipeline.xen_io.base import Domain
@@ -65,13 +65,14 @@ EXTRA_COUNTERS = {
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
                     "reprotections", "memory_mismatches"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
-               "lz4_bytes_in", "lz4_bytes_out"),
+               "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns"),
     "receive": ("skipped_optional", "stale_records"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s"),
-    "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records"),
+    "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
+                "pages_same_as_svm", "svm_refs_refused"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
-    "mirror": ("outputs", "input_full", "inputs_generated"),
+    "mirror": ("outputs", "input_full", "inputs_generated", "svm_input_seq"),
     "heartbeat": heartbeat.COUNTERS,
     "disk": tuple(DISK_COUNTERS),
     "net_compare": tuple(NET_COUNTERS),
@@ -103,9 +104,11 @@ class StageSpec:
     args: tuple
 
 
-def _tables_segment(node: str, page_count: int) -> tuple[Segment, HashTable, Pending]:
-    """The primary's hash table and pending arrays, in one segment."""
-    sizes = [page_count * 32, page_count, page_count * 8, page_count * 32, 8]
+def _tables_segment(node: str, page_count: int, workers: int) -> tuple[Segment, HashTable,
+                                                                      Pending, SvmPages]:
+    """The primary's hash table, pending arrays and the SVM's page hashes, in one segment."""
+    sizes = [page_count * 32, page_count, page_count * 8, page_count * 32, 8,
+             page_count * 32, page_count * 8]
     offsets = np.cumsum([0] + [(s + 63) // 64 * 64 for s in sizes])
     seg = create_segment(f"{segment_prefix(node)}tables", int(offsets[-1]))
     buf = seg.buf
@@ -115,7 +118,10 @@ def _tables_segment(node: str, page_count: int) -> tuple[Segment, HashTable, Pen
     table = HashTable(view(0, np.uint8, (page_count, 32)), view(1, np.bool_, (page_count,)))
     pending = Pending(view(2, np.uint64, (page_count,)), view(3, np.uint8, (page_count, 32)),
                       view(4, np.uint64, (1,)))
-    return seg, table, pending
+    svm = SvmPages(view(5, np.uint8, (page_count, 32)), view(6, np.uint64, (page_count,)),
+                   FORK.Value("q", -1, lock=False),
+                   [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(workers)])
+    return seg, table, pending, svm
 
 
 # -- stage entry points that need sockets (ZeroMQ contexts must be made after fork) ----------
@@ -157,9 +163,9 @@ def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:
 
 
 def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
-                         shared, hb_events) -> None:
+                         shared, hb_events, svm) -> None:
     PrimaryCoordinator(ctx, settings, ctx.node, domain, snap_ctrl, send_ctrl, table, pending,
-                       shared, hb_events).run()
+                       shared, hb_events, svm).run()
 
 
 def _secondary_coordinator(ctx, settings, domain, restore_ctrl, shared, hb_events) -> None:
@@ -214,7 +220,7 @@ class Supervisor:
             n = s.pipeline.digest_workers
             to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
             to_send = [self._ring(f"digest{i}-send", slots, layout) for i in range(n)]
-            seg, table, pending = _tables_segment(self.name, dom.page_count)
+            seg, table, pending, svm = _tables_segment(self.name, dom.page_count, n)
             self.segments.append(seg)
             # room for a checkpoint's dirty set twice over (a timer checkpoint may overshoot
             # the threshold; torn epochs add their pages), never more than the guest
@@ -226,14 +232,15 @@ class Supervisor:
             snap_a, snap_b = FORK.Pipe()
             send_a, send_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _primary_coordinator,
-                              (s, dom, snap_a, send_a, table, pending, shared, hb_in)),
+                              (s, dom, snap_a, send_a, table, pending, shared, hb_in, svm)),
                     StageSpec("snapshot", snapshot.run,
                               (dom, to_digest, snap_b, snapbuf,
                                s.run_dir if s.disk.enabled else "",
                                s.pipeline.pause_priority == "realtime"))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
-                                s.pipeline.compress, shared.compress)) for i in range(n)]
+                                s.pipeline.compress, shared.compress, svm, i))
+                     for i in range(n)]
             plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
             if dom.simulated_io() is not None:   # the sim guest's clients (a real VM has its own)
                 plan.append(StageSpec("client", inputs.run_client, (s, dom, shared)))
@@ -258,7 +265,8 @@ class Supervisor:
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages)) for i in range(n)]
-            plan.append(StageSpec("restore", restore.run, (dom, to_restore, ctl_b, staging)))
+            plan.append(StageSpec("restore", restore.run,
+                                  (dom, to_restore, ctl_b, staging, s.pipeline.verify_pages)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))

@@ -30,8 +30,8 @@ RECORD_NAMES = {
 }
 
 # enc_kind of a page in a PAGES record
-ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF = 0, 1, 2, 3
-ENC_KINDS = (ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF)
+ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF, ENC_SVM = 0, 1, 2, 3, 4
+ENC_KINDS = (ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF, ENC_SVM)
 
 FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
 PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them back to back
@@ -162,21 +162,37 @@ def decode_checkpoint_begin(msg: bytes | memoryview) -> CheckpointBegin:
 
 
 # -- SVM_DIRTY -----------------------------------------------------------
-def encode_svm_dirty(epoch: int, pfns: np.ndarray) -> bytes:
+@dataclass(frozen=True)
+class SvmDirty:
+    epoch: int
+    pfns: np.ndarray      # (count,) uint64: the pages the SVM wrote since the last checkpoint
+    hashes: np.ndarray    # (count, 32) uint8: blake3 of each of them as the SVM holds it now
+
+
+def encode_svm_dirty(epoch: int, pfns: np.ndarray, hashes: np.ndarray | None = None) -> bytes:
+    """``hashes``: blake3 of the SVM's page at each pfn (None: all zero, which never
+    matches a page, so the primary refers to none of them)."""
     pfns = np.ascontiguousarray(pfns, dtype="<u8")
-    return _record(SVM_DIRTY, epoch, struct.pack("<Q", len(pfns)), pfns.tobytes())
+    if hashes is None:
+        hashes = np.zeros((len(pfns), 32), np.uint8)
+    hashes = np.ascontiguousarray(hashes, np.uint8)
+    if hashes.shape != (len(pfns), 32):
+        raise ValueError(f"SVM_DIRTY: {len(pfns)} pfns but hashes of shape {hashes.shape}")
+    return _record(SVM_DIRTY, epoch, struct.pack("<Q", len(pfns)), pfns.tobytes(),
+                   hashes.tobytes())
 
 
-def decode_svm_dirty(msg: bytes | memoryview, page_count: int) -> tuple[int, np.ndarray]:
+def decode_svm_dirty(msg: bytes | memoryview, page_count: int) -> SvmDirty:
     hdr, body = _body(msg, SVM_DIRTY)
     _need("SVM_DIRTY", body, 8, "count")
     (count,) = struct.unpack_from("<Q", body, 0)
-    if len(body) != 8 + 8 * count:
+    if count > len(body) or len(body) != 8 + 40 * count:
         raise WireError(f"SVM_DIRTY: count {count} does not match a body of {len(body)} bytes")
     pfns = np.frombuffer(body, dtype="<u8", count=count, offset=8)
+    hashes = np.frombuffer(body, np.uint8, 32 * count, 8 + 8 * count).reshape(count, 32)
     if count and int(pfns.max()) >= page_count:
         raise WireError(f"SVM_DIRTY: pfn {int(pfns.max())} beyond the guest's {page_count} pages")
-    return hdr.epoch, pfns
+    return SvmDirty(hdr.epoch, pfns, hashes)
 
 
 # -- PAGES ---------------------------------------------------------------
@@ -239,7 +255,7 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
     data = np.frombuffer(body, np.uint8, len(body) - data_at, data_at)
     if int(pfns.max()) >= page_count:
         raise WireError(f"PAGES: pfn {int(pfns.max())} beyond the guest's {page_count} pages")
-    if int(enc_kind.max()) > ENC_REF:
+    if int(enc_kind.max()) > ENC_SVM:
         raise WireError(f"PAGES: unknown enc_kind {int(enc_kind.max())}")
     raw = enc_kind == ENC_RAW
     if np.any(enc_len[raw] != page_size):
@@ -248,7 +264,8 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
     if np.any((enc_len[lz] == 0) | (enc_len[lz] >= page_size)):
         raise WireError("PAGES: enc_len of an LZ4 page is 0 or not smaller than a page")
     if np.any(enc_len[~(raw | lz)] != 0):
-        raise WireError("PAGES: enc_len of a ZERO or REF page is not 0 (they carry no data)")
+        raise WireError("PAGES: enc_len of a ZERO, REF or SVM page is not 0 (they carry no "
+                        "data)")
     total = int(enc_len.sum(dtype=np.int64))
     if flags & ~PAGES_PACKED:
         raise WireError(f"PAGES: unknown flags 0x{flags:x}")

@@ -10,8 +10,9 @@ In one run, on a guest of --size-mb (30% zero, 40% text-like, 30% random pages):
     <= 2.5x a sequential memcpy of the same bytes + 2 ms), time to commit (p50/p99 per
     size, issue 13's targets: 1k <= 5 ms, 16k <= 60 ms) split into pause, transfer,
     apply and ACK, bytes on the wire, pages skipped by hash and zero pages. PVM and SVM
-    run the same inputs (the write commands are mirrored like every input); pages the
-    SVM already holds are not found and left out yet (pages_same_as_svm is 0).
+    run the same inputs (the write commands are mirrored like every input, and a
+    checkpoint is asked for once both guests ran it); pages the SVM already holds go as
+    SVM pages, without content (pages_same_as_svm).
 --json prints one JSON object with every figure as the last line ("by_size": one entry
 per dirty-set size).
 """
@@ -127,9 +128,13 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                 seq = pair.stage_counter("client", "pvm_input_seq")
                 pair.inject_input(SimDomain.write_command(n))
                 deadline = time.monotonic() + 300
-                while pair.stage_counter("client", "pvm_input_seq") <= seq:
+                # both guests run the write (the same input): the SVM then holds the pages
+                # the PVM dirtied, and they go as SVM pages
+                while (pair.stage_counter("client", "pvm_input_seq") <= seq
+                       or pair.stage_counter("mirror", "svm_input_seq",
+                                             role="secondary") <= seq):
                     if time.monotonic() > deadline:
-                        raise RuntimeError("the PVM did not consume the write command")
+                        raise RuntimeError("the PVM or the SVM did not consume the write command")
                     time.sleep(0.005)
                 count = len(pair.checkpoints())
                 pair.request_checkpoint()
@@ -153,6 +158,7 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     "bytes_wire": cp["bytes_wire"],
                     "wire_ratio": round(cp["bytes_wire"] / raw, 3) if raw else None,
                     "pages_skipped_hash": cp["pages_skipped_hash"],
+                    "pages_same_as_svm": cp.get("pages_same_as_svm", 0),
                     "pages_zero": cp["pages_zero"],
                 })
         # the heartbeat must not have declared anyone lost during the 1 GiB sync and the
@@ -182,7 +188,10 @@ def by_size(rows: list[dict]) -> list[dict]:
         entry["wire_ratio_p50"] = _pct([r["wire_ratio"] or 0 for r in rs], 50)
         entry["pages_skipped_hash"] = sum(r["pages_skipped_hash"] for r in rs)
         entry["pages_zero"] = sum(r["pages_zero"] for r in rs)
-        entry["pages_same_as_svm"] = 0          # issue 13 item 4: not built yet
+        entry["pages_same_as_svm"] = sum(r["pages_same_as_svm"] for r in rs)
+        entry["pages_eliminated_share"] = round(
+            (entry["pages_skipped_hash"] + entry["pages_same_as_svm"])
+            / max(1, sum(r["pages_dirty"] for r in rs)), 3)
         target = {1024: 5.0, 1000: 5.0, 16384: 60.0, 16000: 60.0}.get(n)
         if target is not None:
             entry["commit_target_ms"] = target
@@ -238,13 +247,13 @@ def main() -> int:
     print(f"\ncommit per dirty-set size ({args.reps} checkpoints each, {args.security}), p50 "
           "of each part:")
     print(f"{'dirty':>7}{'p50 ms':>9}{'p99 ms':>9}{'pause':>8}{'transfer':>10}{'apply':>8}"
-          f"{'ACK':>7}{'target':>8}")
+          f"{'ACK':>7}{'target':>8}{'eliminated':>11}")
     for e in sizes_out:
         target = (f"{e['commit_target_ms']:.0f} " + ("met" if e["commit_target_met"] else "NOT")
                   if "commit_target_ms" in e else "")
         print(f"{e['pages_dirty']:>7}{e['commit_ms_p50']:>9.1f}{e['commit_ms_p99']:>9.1f}"
               f"{e['pause_ms_p50']:>8.1f}{e['transfer_ms_p50']:>10.1f}{e['apply_ms_p50']:>8.1f}"
-              f"{e['ack_ms_p50']:>7.1f}{target:>8}")
+              f"{e['ack_ms_p50']:>7.1f}{target:>8}{e['pages_eliminated_share']:>11.2f}")
     print(f"(shared machine: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     if args.json:
         print(json.dumps(result))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import blake3
 import numpy as np
 import pytest
 import zmq
@@ -89,7 +90,7 @@ class HandPrimary:
         e = self.epoch
         self.epoch += 1
         self.control.send(wire.encode_checkpoint_begin(e, 0, flags))
-        _, dirty = wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES)
+        dirty = wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES).pfns
         vcpu = b"" if flags & wire.FLAG_SYNC else self.dom.get_vcpu_state()
         msgs, _, hashes = self.records(e, pfns)
         if mutate is not None:
@@ -260,3 +261,51 @@ def test_primary_vanishing_mid_epoch_leaves_the_last_checkpoint(secondary):
     assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
     prim.close()
     assert "epoch incomplete" in pair.log_tail("secondary", 20000)
+
+
+def _svm_epoch(prim: HandPrimary, claims: list[tuple[int, bytes]]) -> wire.Ack:
+    """An epoch whose only pages are SVM pages: each (pfn, hash) says "the SVM holds this
+    page, with this blake3"; the vCPU state is the PVM's, as in any checkpoint."""
+    e = prim.epoch
+    prim.epoch += 1
+    prim.control.send(wire.encode_checkpoint_begin(e, 0, 0))
+    wire.decode_svm_dirty(prim.recv(wire.SVM_DIRTY), PAGES)
+    n = len(claims)
+    pfns = np.array([p for p, _ in claims], np.uint64)
+    hashes = np.frombuffer(b"".join(h for _, h in claims), np.uint8).reshape(n, 32)
+    prim.pages.send(wire.encode_pages(e, pfns, hashes, np.zeros(n, np.uint32),
+                                      np.full(n, wire.ENC_SVM, np.uint8), b""))
+    prim.pages.send(wire.encode_epoch_end(e, n, 1, 0, prim.dom.get_vcpu_state()))
+    ack = wire.decode_ack(prim.recv(wire.ACK, timeout=20))
+    assert ack.epoch == e
+    return ack
+
+
+def test_an_svm_page_that_no_longer_matches_tears_the_epoch(secondary):
+    """Issue 13, item 4: a page sent as SVM (the SVM holds it) is checked against the SVM's
+    page when the epoch is applied. The hand primary claims the SVM holds, at a page the
+    PVM just rewrote, the PVM's new content: the SVM's page there is the old one, as if it
+    had been changed behind the pipeline's back since SVM_DIRTY hashed it. The epoch is
+    refused whole and counted; a true claim next to it is not enough to save it."""
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    changed = prim.dirty_some(8)             # the PVM rewrites these; the SVM does not
+    same = np.setdiff1d(np.arange(PAGES, dtype=np.uint64), changed)[:4]
+
+    def pvm_hash(pfn) -> bytes:
+        page = np.empty((1, 4096), np.uint8)
+        dom.read_pages(np.array([pfn], np.uint64), page)
+        return blake3.blake3(page).digest()
+    false_claim = (int(changed[0]), pvm_hash(changed[0]))
+    true_claims = [(int(p), pvm_hash(p)) for p in same]
+    ack = _svm_epoch(prim, true_claims + [false_claim])
+    assert ack.status == wire.ACK_ABORTED, ack
+    assert "changed behind the pipeline's back" in ack.reason
+    assert counters(pair)["restore"]["svm_refs_refused"] >= 1
+    assert prim.probe() == committed         # nothing of the epoch was applied
+    # true claims alone are applied: the SVM keeps its pages, as they were
+    ack = _svm_epoch(prim, true_claims)
+    assert ack.status == wire.ACK_COMMITTED, ack.reason
+    assert counters(pair)["restore"]["pages_same_as_svm"] >= len(true_claims)
+    assert prim.probe() == committed
+    prim.close()

@@ -121,11 +121,15 @@ def test_checkpoint_begin_round_trip():
 
 @pytest.mark.parametrize("pfns", [[], [0], [1, 5, 6, PAGE_COUNT - 1]])
 def test_svm_dirty_round_trip(pfns):
-    msg = wire.encode_svm_dirty(11, np.array(pfns, np.uint64))
+    hashes = np.arange(32 * len(pfns), dtype=np.uint32).astype(np.uint8).reshape(-1, 32)
+    msg = wire.encode_svm_dirty(11, np.array(pfns, np.uint64), hashes)
     assert wire.decode_header(msg).type == wire.SVM_DIRTY
-    epoch, got = dec_svm_dirty(msg)
-    assert epoch == 11
-    assert got.dtype == np.dtype("<u8") and got.tolist() == pfns
+    got = dec_svm_dirty(msg)
+    assert got.epoch == 11
+    assert got.pfns.dtype == np.dtype("<u8") and got.pfns.tolist() == pfns
+    assert got.hashes.shape == (len(pfns), 32) and (got.hashes == hashes).all()
+    # without hashes: all zero, which matches no page
+    assert not dec_svm_dirty(wire.encode_svm_dirty(11, np.array(pfns, np.uint64))).hashes.any()
 
 
 @pytest.mark.parametrize("kinds", [
@@ -133,7 +137,9 @@ def test_svm_dirty_round_trip(pfns):
     [wire.ENC_LZ4],
     [wire.ENC_ZERO],
     [wire.ENC_REF],
-    [wire.ENC_RAW, wire.ENC_LZ4, wire.ENC_ZERO, wire.ENC_REF, wire.ENC_LZ4, wire.ENC_RAW],
+    [wire.ENC_SVM],
+    [wire.ENC_RAW, wire.ENC_LZ4, wire.ENC_ZERO, wire.ENC_REF, wire.ENC_LZ4, wire.ENC_RAW,
+     wire.ENC_SVM],
     [wire.ENC_ZERO] * MAX_BATCH,
 ])
 def test_pages_round_trip(kinds):
@@ -309,7 +315,7 @@ def test_pages_last_pfn_is_accepted():
     assert dec_pages(pages_record([wire.ENC_ZERO], pfns=[PAGE_COUNT - 1])).pfns[0] == PAGE_COUNT - 1
 
 
-@pytest.mark.parametrize("kind", [4, 5, 0xFF])
+@pytest.mark.parametrize("kind", [5, 6, 0xFF])
 def test_pages_unknown_enc_kind(kind):
     n = 2
     body = bytearray(body_of(pages_record([wire.ENC_ZERO] * n)))
@@ -333,7 +339,7 @@ def test_pages_lz4_with_bad_enc_len(enc_len):
 
 # A ZERO or REF page carrying data: the message should name the field (enc_len) like every
 # other one; it says "PAGES: a ZERO or REF page with data".
-@pytest.mark.parametrize("kind", [wire.ENC_ZERO, wire.ENC_REF])
+@pytest.mark.parametrize("kind", [wire.ENC_ZERO, wire.ENC_REF, wire.ENC_SVM])
 @pytest.mark.parametrize("enc_len", [1, PAGE_SIZE])
 def test_pages_zero_or_ref_with_data_is_rejected(kind, enc_len):
     msg = pages_record([wire.ENC_RAW, kind], enc_len=[PAGE_SIZE, enc_len],
@@ -342,7 +348,7 @@ def test_pages_zero_or_ref_with_data_is_rejected(kind, enc_len):
     assert "ZERO" in text or "REF" in text
 
 
-@pytest.mark.parametrize("kind", [wire.ENC_ZERO, wire.ENC_REF])
+@pytest.mark.parametrize("kind", [wire.ENC_ZERO, wire.ENC_REF, wire.ENC_SVM])
 def test_pages_zero_or_ref_with_data_names_enc_len(kind):
     msg = pages_record([kind], enc_len=[1], data=b"\0")
     rejects(msg, dec_pages, "PAGES", "enc_len")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import select
 import signal
 import time
@@ -63,6 +64,17 @@ def hash_pages(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     return np.frombuffer(digests, np.uint8).reshape(-1, 32)
 
 
+def domain_page_hashes(domain, pfns: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """blake3 of the guest's pages ``pfns`` as they are now, read ``chunk`` at a time."""
+    out = np.empty((len(pfns), 32), np.uint8)
+    buf = np.empty((min(chunk, max(len(pfns), 1)), domain.page_size), np.uint8)
+    for at in range(0, len(pfns), chunk):
+        part = pfns[at:at + chunk]
+        domain.read_pages(part, buf[:len(part)])
+        out[at:at + len(part)] = hash_pages(buf[:len(part)])
+    return out
+
+
 class HashTable:
     """What the secondary holds: blake3 of every page as of the last committed checkpoint.
 
@@ -81,6 +93,47 @@ class HashTable:
     def update(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
         self.hashes[pfns] = hashes
         self.valid[pfns] = True
+
+
+class SvmPages:
+    """What the SVM holds at the pages it dirtied, from this epoch's SVM_DIRTY: the primary's
+    coordinator publishes the hashes, the digest workers send pages the PVM has alike as
+    SVM pages (no content). Shared memory, one epoch at a time (the next epoch begins only
+    after this one's pages went through the digest workers)."""
+
+    def __init__(self, hashes: np.ndarray, epoch: np.ndarray, ready, wake: list[int]) -> None:
+        self.hashes = hashes    # (page_count, 32) uint8
+        self.epoch = epoch      # (page_count,) uint64: epoch + 1 whose SVM_DIRTY gave the hash
+        self.ready = ready      # shared int: the newest epoch whose hashes are published (or
+                                # that will have none)
+        self.wake = wake        # an eventfd per digest worker, posted at each publish
+
+    def publish(self, epoch: int, pfns: np.ndarray | None, hashes: np.ndarray | None) -> None:
+        """Coordinator: the SVM's hashes for ``epoch`` (None: none will come)."""
+        if pfns is not None and len(pfns):
+            self.hashes[pfns] = hashes
+            self.epoch[pfns] = epoch + 1
+        self.ready.value = epoch
+        for fd in self.wake:
+            os.eventfd_write(fd, 1)
+
+    def wait(self, epoch: int, worker: int, stopping) -> bool:
+        """Digest worker ``worker``: until ``epoch`` was published; False if the stage is
+        stopping first."""
+        fd = self.wake[worker]
+        while self.ready.value < epoch:
+            if stopping():
+                return False
+            if select.select([fd], [], [], POLL_S)[0]:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+        return True
+
+    def same(self, epoch: int, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Which of the pages (pfns, their PVM hashes) the SVM holds as they are."""
+        return (self.epoch[pfns] == epoch + 1) & (self.hashes[pfns] == hashes).all(axis=1)
 
 
 class PageBuffer:

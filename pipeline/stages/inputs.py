@@ -164,6 +164,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
             # compared while the primary is there; once active the SVM's output is the
             # service's output
             port.deliver(io, compare=not shared.active.value)
+            ctx.counters.set("svm_input_seq", io.input_seq())
             if shared.active.value:
                 if shared.hold_inputs.value or rate <= 0:
                     time.sleep(0.005)

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline import faults, messages, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    ready_rings)
+                                    hash_pages, ready_rings)
 from pipeline.xen_io.base import Domain
 
 
@@ -38,6 +38,9 @@ def _populated(shape: tuple[int, int]) -> np.ndarray:
     size = shape[0] * shape[1]
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
     return np.frombuffer(mmap.mmap(-1, size, flags=flags), np.uint8).reshape(shape)
+
+
+_sampler = np.random.default_rng()
 
 
 class Assembly:
@@ -55,8 +58,9 @@ class Assembly:
 
 class Restore:
     def __init__(self, ctx: StageContext, domain: Domain, n_rings: int,
-                 staging: np.ndarray) -> None:
+                 staging: np.ndarray, check: str = "full") -> None:
         self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
+        self.check = check          # pipeline.verify_pages, for the SVM pages
         pc, ps = domain.page_count, domain.page_size
         self.cache = _populated((pc, ps))
         self.table = HashTable(np.zeros((pc, 32), np.uint8), np.zeros(pc, bool))
@@ -64,6 +68,8 @@ class Restore:
         self.staged_pfns = np.zeros(pc, np.uint64)
         self.staged_hashes = np.zeros((pc, 32), np.uint8)
         self.staged_from_cache = np.zeros(pc, bool)
+        self.staged_from_svm = np.zeros(pc, bool)      # SVM pages: the SVM holds them
+        self.svm_buf = np.zeros((0, ps), np.uint8)     # the SVM's pages, read to check
         self.asm: Assembly | None = None
         self.committed_epoch = -1
         self.committed_vcpu = b""
@@ -120,6 +126,7 @@ class Restore:
             return None
         at = slot.row               # where the verify worker put the pages in staging
         self.staged_from_cache[at:at + n] = refs
+        self.staged_from_svm[at:at + n] = kinds == wire.ENC_SVM
         self.staged_pfns[at:at + n] = pfns
         self.staged_hashes[at:at + n] = slot.hashes[:n]
         asm.n += n
@@ -132,6 +139,32 @@ class Restore:
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
             return self.abort(epoch, svm_dirty, why)
+        n = asm.n
+        pfns = self.staged_pfns[:n]
+        # SVM pages first, while nothing has changed: the SVM must still hold each one as
+        # it was when SVM_DIRTY hashed it (paused since; a change behind the pipeline's
+        # back tears the epoch). pipeline.verify_pages says how many are hashed again:
+        # all, one in 64 at random, none. What is read here goes into the cache below.
+        svm_rows = np.flatnonzero(self.staged_from_svm[:n])
+        svm_pfns = pfns[svm_rows]
+        if len(svm_rows):
+            if len(self.svm_buf) < len(svm_rows):
+                self.svm_buf = np.empty((max(len(svm_rows), 1024), self.domain.page_size),
+                                        np.uint8)
+            held = self.svm_buf[:len(svm_rows)]
+            self.domain.read_pages(svm_pfns, held)
+            check = None if self.check == "full" else np.zeros(0, np.int64) \
+                if self.check == "off" else _sampler.choice(
+                    len(svm_rows), -(-len(svm_rows) // 64), replace=False)
+            got = hash_pages(held, check)
+            bad = (got != self.staged_hashes[svm_rows if check is None
+                                             else svm_rows[check]]).any(axis=1)
+            if bad.any():
+                self.ctx.counters.add("svm_refs_refused", int(bad.sum()))
+                first = int(svm_pfns[bad.argmax() if check is None else check[bad.argmax()]])
+                return self.abort(epoch, svm_dirty, (
+                    f"the SVM's page {first} no longer has the hash SVM_DIRTY gave for it "
+                    f"({int(bad.sum())} such pages): changed behind the pipeline's back"))
         if asm.vcpu:
             # first, because the backend checks the blob before changing anything: a blob
             # it refuses aborts the epoch while memory is still untouched
@@ -140,9 +173,7 @@ class Restore:
             except ValueError as exc:
                 return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
             faults.point("restore.vcpu_set")
-        n = asm.n
-        pfns = self.staged_pfns[:n]
-        data = ~self.staged_from_cache[:n]
+        data = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n])
         if data.all():              # the common case: no gather, copy straight from staging
             data_pfns, rows = pfns, self.staging[:n]
         else:
@@ -150,9 +181,14 @@ class Restore:
         self.cache[data_pfns] = rows
         self.domain.write_pages(data_pfns, rows)
         faults.point("restore.pages_written")
+        if len(svm_rows):
+            self.cache[svm_pfns] = held
+            self.ctx.counters.add("pages_same_as_svm", len(svm_rows))
         # Pages the SVM wrote itself and the epoch did not bring go back to their committed
-        # content; REF pages need nothing more (the SVM holds them unless it wrote them).
-        from_cache = np.setdiff1d(svm_dirty, data_pfns).astype(np.uint64)
+        # content; REF pages need nothing more (the SVM holds them unless it wrote them),
+        # nor do SVM pages (the SVM holds them as the epoch has them).
+        brought = data_pfns if not len(svm_rows) else np.concatenate((data_pfns, svm_pfns))
+        from_cache = np.setdiff1d(svm_dirty, brought).astype(np.uint64)
         if len(from_cache):
             self.domain.write_pages(from_cache, self.cache[from_cache])
         self.table.update(pfns, self.staged_hashes[:n])
@@ -184,8 +220,9 @@ class Restore:
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        staging: PageBuffer) -> None:
-    r = Restore(ctx, domain, len(rings), staging.pages)
+        staging: PageBuffer, check: str = "full") -> None:
+    """``check``: pipeline.verify_pages, how many SVM pages are hashed again at apply."""
+    r = Restore(ctx, domain, len(rings), staging.pages, check)
     c = ctx.counters
     while not ctx.stopping():
         ready, fds = ready_rings(rings, [ctrl.fileno()], 0.2)

@@ -175,7 +175,8 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                     ctrl.send(messages.Sent(
                         e, pages=st.pages, records=st.records, bytes_wire=st.bytes_wire,
                         pages_data=st.kinds[wire.ENC_RAW] + st.kinds[wire.ENC_LZ4],
-                        pages_zero=st.kinds[wire.ENC_ZERO], pages_ref=st.kinds[wire.ENC_REF]))
+                        pages_zero=st.kinds[wire.ENC_ZERO], pages_ref=st.kinds[wire.ENC_REF],
+                        pages_svm=st.kinds[wire.ENC_SVM]))
             else:
                 n = slot.count
                 msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
