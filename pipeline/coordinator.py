@@ -304,6 +304,18 @@ class PrimaryCoordinator(_Coordinator):
             self.c.add("epochs_aborted", 1)
             self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e, reason,
                                  n, extra={"epoch": e})
+        self._record(res, ok, commit_ns)
+        if ok and flags & wire.FLAG_DIGEST:
+            self._compare_digests(res)
+        self.last_checkpoint = time.monotonic()
+        res.extra["ok"] = ok
+        if res.extra.get("peer_lost"):
+            self.go_unprotected()
+        return res
+
+    def _record(self, res: EpochResult, ok: bool, commit_ns: int) -> None:
+        """The epoch's checkpoint record (counters), log line and node info."""
+        e, cause = res.epoch, res.cause
         sent = res.sent or messages.Sent.nothing(e)
         # where the commit went: the PVM pause, the pages' transfer (until the secondary
         # had them all), the secondary's apply, and the rest: the control channel's
@@ -330,22 +342,19 @@ class PrimaryCoordinator(_Coordinator):
                           res.pause_ns / 1e6, commit_ns / 1e6, transfer_ns / 1e6,
                           apply_ns / 1e6, ack_ns / 1e6, extra={"epoch": e})
         self._info(epoch=e, committed=ok)
-        if ok and flags & wire.FLAG_DIGEST:
-            svm = res.ack.memory_digest
-            equal = res.pvm_digest == svm
-            self._info(final_epoch=e, pvm_digest=res.pvm_digest.hex(), svm_digest=svm.hex(),
-                       memory_equal=equal)
-            if not equal:
-                self.c.add("memory_mismatches", 1)
-            (self.ctx.log.info if equal else self.ctx.log.error)(
-                "epoch=%d event=verified memory_equal=%s pvm_digest=%s svm_digest=%s "
-                "verify_ms=%.1f", e, equal, res.pvm_digest.hex()[:16], svm.hex()[:16],
-                res.verify_ns / 1e6, extra={"epoch": e})
-        self.last_checkpoint = time.monotonic()
-        res.extra["ok"] = ok
-        if res.extra.get("peer_lost"):
-            self.go_unprotected()
-        return res
+
+    def _compare_digests(self, res: EpochResult) -> None:
+        """A proof checkpoint (FLAG_DIGEST): both nodes' full-memory blake3, compared."""
+        e, svm = res.epoch, res.ack.memory_digest
+        equal = res.pvm_digest == svm
+        self._info(final_epoch=e, pvm_digest=res.pvm_digest.hex(), svm_digest=svm.hex(),
+                   memory_equal=equal)
+        if not equal:
+            self.c.add("memory_mismatches", 1)
+        (self.ctx.log.info if equal else self.ctx.log.error)(
+            "epoch=%d event=verified memory_equal=%s pvm_digest=%s svm_digest=%s "
+            "verify_ms=%.1f", e, equal, res.pvm_digest.hex()[:16], svm.hex()[:16],
+            res.verify_ns / 1e6, extra={"epoch": e})
 
     # -- protection, loss of the secondary, re-protection ------------------
     def protect(self) -> bool:
