@@ -43,6 +43,7 @@ CAUSES = (
     "request",          # asked for by an operator or a test
     "initial",          # the first checkpoint after the full sync
     "net_queue_full",   # the comparator's queue bound was reached (it holds the PVM's output)
+    "input_log_full",   # half the inputs the secondary can keep arrived since the last commit
 )
 
 

@@ -4,7 +4,10 @@ Primary (``run_client``): stands in for the clients of the protected service: fe
 the PVM a deterministic stream of inputs at ``guest.workload.input_rate_hz``, plus any
 input pushed to ``client-inputs.sock`` in the run directory (benchmarks and tests use
 it to make the guest do exact work), mirrors every input to the secondary tagged with
-its epoch, and drains the PVM's output.
+its epoch, and drains the PVM's output. The secondary keeps each input until a commit
+past it, in a log of ``input_capacity``: once half of that arrived since the last
+commit, the client stage asks for a checkpoint (cause ``input_log_full``); otherwise a
+fast client fills the SVM's log and the SVM, then the comparator, waits for the timer.
 Secondary (``run_mirror``): feeds the mirrored inputs to the SVM in sequence order
 and keeps them until a checkpoint past them commits, so an SVM rolled back to a
 checkpoint finds exactly the input that followed the snapshot.
@@ -96,10 +99,23 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     payload: bytes | None = None
     was_unprotected = False
     port = OutputPort(ctx, settings.net.primary_in)
+    events = CheckpointClient(settings.run_dir, nctx.ctx)
+    committed_seq = 0         # inputs below it are in a committed checkpoint: trimmed there
+    asked = False             # input_log_full asked for since the last commit
+    keep_limit = max(1, io.input_capacity // 2)
     try:
         while not ctx.stopping():
             port.deliver(io)
             ctx.counters.set("pvm_input_seq", io.input_seq())
+            for ev in events.poll_events(0):
+                if ev.event == "committed":
+                    committed_seq = max(committed_seq, ev.extra.get("input_seq", -1))
+                    asked = False
+            if io.input_head - committed_seq >= keep_limit and not asked \
+                    and not shared.unprotected.value:
+                asked = True
+                events.request("input_log_full", f"{io.input_head - committed_seq} inputs "
+                                                 f"since the last commit")
             if shared.unprotected.value:
                 was_unprotected = True
             elif was_unprotected:
@@ -125,8 +141,11 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                                                                    0.05))
                     injected.poll(int(wait * 1000))
                     continue
+            # room for the input: what the PVM consumed is kept no longer (a new secondary
+            # needs only what it has not consumed); briefly, so outputs keep being read
+            io.trim_inputs(io.input_seq())
             try:
-                seq = io.feed_input(payload)
+                seq = io.feed_input(payload, timeout=0.05)
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
                 continue
@@ -143,6 +162,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
             io.trim_inputs(io.input_seq())
     finally:
         port.close()
+        events.close()
         nctx.close()
 
 
@@ -201,7 +221,8 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 # joining a primary whose input stream is already at held[0]
                 io.start_inputs_at(held[0])
             try:
-                io.feed_input(held[1], seq=held[0])
+                # briefly: while the log is full, the commit that trims it must be seen
+                io.feed_input(held[1], seq=held[0], timeout=0.05)
                 fed += 1
             except TimeoutError:
                 # The SVM's input log is full until a checkpoint commits and trims it; the

@@ -162,6 +162,8 @@ class SimulatedIO(abc.ABC):
 
     #: the seq the next fed input gets
     input_head: int
+    #: inputs held at once (fed, not trimmed): a secondary keeps each until a commit past it
+    input_capacity: int
 
     @abc.abstractmethod
     def input_seq(self) -> int:

@@ -642,6 +642,10 @@ class SimDomain(Domain, SimulatedIO):
     def simulated_io(self) -> SimulatedIO:
         return self
 
+    @property
+    def input_capacity(self) -> int:
+        return self._inputs.slot_count
+
     @staticmethod
     def vcpu_input_seq(blob: bytes) -> int:
         """The input seq a guest in this vCPU state will consume next (or is in the middle of)."""

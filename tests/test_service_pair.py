@@ -1,0 +1,132 @@
+"""A protected service's outputs as its client sees them, on a real pair of nodes (sim
+guests, the comparator on the primary, released frames read from ``net.outdev``)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import zmq
+
+from pipeline.localpair import LocalPair
+from pipeline.net.framing import FrameDecoder
+from pipeline.stages.inputs import inject_address
+from conftest import wait_until
+
+#: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
+PAYLOAD_AT = 42
+
+
+def pair_tables(release: str, **checkpoint) -> dict:
+    return {
+        "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+                "secondary_in": "unix:{workdir}/net-svm.sock",
+                "outdev": "unix:{workdir}/client.sock", "release": release},
+        "guest": {"backend": "sim", "page_count": 2048},
+        "guest.workload": {"seed": 3, "pages_per_input": 2, "input_rate_hz": 0.0},
+        "checkpoint": {"max_interval_ms": 600_000, "min_interval_ms": 10,
+                       "dirty_threshold_pages": 1 << 30, "epoch_timeout_ms": 20000,
+                       **checkpoint},
+    }
+
+
+class Client:
+    """Reads the released frames; ``seqs`` are the input seqs they answer, in arrival order."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        wait_until(lambda: self._connect(path), 60, "the outdev socket")
+        self.sock.settimeout(0.05)
+        self.decoder = FrameDecoder(False)
+        self.seqs: list[int] = []
+
+    def _connect(self, path: str) -> bool:
+        try:
+            self.sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+    def read(self) -> list[int]:
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            return self.seqs
+        for frame, _ in self.decoder.feed(data):
+            self.seqs.append(int.from_bytes(frame[PAYLOAD_AT:PAYLOAD_AT + 8], "little"))
+        return self.seqs
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def commit_pair():
+    pair = LocalPair(pair_tables("commit"))
+    try:
+        pair.start()
+        pair.wait_protected()
+        client = Client(os.path.join(pair.workdir, "client.sock"))
+        yield pair, client
+        client.close()
+    finally:
+        pair.stop()
+        pair.cleanup()
+
+
+def net(pair: LocalPair, name: str) -> int:
+    return pair.stage_counter("net_compare", name)
+
+
+def test_buffered_outputs_wait_for_the_commit_then_go_out_in_order_and_survive_failover(
+        commit_pair):
+    pair, client = commit_pair
+    for i in range(40):
+        pair.inject_input(b"request %d" % i)
+    # the PVM answered all 40 (the comparator took the frames) and no checkpoint came since
+    wait_until(lambda: net(pair, "primary_frames_in") >= 40, 60, "40 PVM outputs")
+    assert net(pair, "frames_released") == 0
+    assert client.read() == []
+    before = len(pair.checkpoints())
+    pair.request_checkpoint()
+    wait_until(lambda: len(client.read()) >= 40, 60, "the 40 answers after the commit")
+    assert client.seqs == list(range(40))
+    assert any(c["status"] == 0 for c in pair.checkpoints()[before:])
+    # more answers held; then the secondary dies: the primary runs on unprotected and
+    # releases what it held, once, in order, and everything after it
+    for i in range(40, 70):
+        pair.inject_input(b"request %d" % i)
+    wait_until(lambda: net(pair, "primary_frames_in") >= 70, 60, "30 more PVM outputs")
+    pair.kill("secondary")
+    pair.wait_info("state", "unprotected", timeout=60)
+    for i in range(70, 80):
+        pair.inject_input(b"request %d" % i)
+    wait_until(lambda: len(client.read()) >= 80, 60, "every answer after the failover")
+    assert client.seqs == list(range(80))
+
+
+def test_a_fast_client_makes_checkpoints_before_the_secondary_input_log_fills():
+    # No timer and no dirty trigger: only the client stage's input_log_full request can
+    # checkpoint. The SVM keeps 1024 inputs until a commit; 3000 must go through.
+    pair = LocalPair(pair_tables("compare"))
+    try:
+        pair.start()
+        pair.wait_protected()
+        client = Client(os.path.join(pair.workdir, "client.sock"))
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 10_000)
+        push.connect(inject_address(pair.run_dir("primary")))
+        for i in range(3000):
+            push.send(b"request %d" % i)
+        wait_until(lambda: len(client.read()) >= 3000, 120, "3000 answers")
+        push.close()            # open until then: closing drops what was not taken yet
+        assert client.seqs == list(range(3000))
+        causes = [c["cause_name"] for c in pair.checkpoints() if c["status"] == 0]
+        assert causes.count("input_log_full") >= 2, causes
+        assert "net_divergence" not in causes
+        client.close()
+    finally:
+        pair.stop()
+        pair.cleanup()
