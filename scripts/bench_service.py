@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""Benchmark: what a protected service's clients feel, side by side with no protection and
+with Remus-style buffering.
+
+One sim guest service, three ways, each a real pair of nodes (``pipeline.localpair``):
+
+* ``unprotected``: the pair is started, then the secondary is killed; the primary runs on
+  unprotected and its comparator passes every output straight through (the same path
+  to the client as the other modes, minus the protection);
+* ``colo``: outputs released by the comparator (``net.release = "compare"``);
+* ``buffered``: the same pair with ``net.release = "commit"``: every output waits for
+  the commit of the epoch that produced it.
+
+The client is a separate process. It sends requests (guest inputs, on the primary's
+``client-inputs.sock``) and times each until its response (the guest's output frame,
+released on ``net.outdev``) reaches it. The guest answers inputs in order, so the n-th
+request's response is the frame whose input seq is ``first + n`` (``first`` learnt from a
+probe request). Open loop at ``--rates`` (latency from the moment a request was due, so
+a stalled service is not hidden by a stalled client) and closed loop with
+``--outstanding`` requests in flight. After each row's sending window the client waits
+for the backlog while answers keep coming; ``lost`` counts requests still unanswered
+``--drain`` seconds after the last answer (it must be 0). ``completed_per_s`` counts
+answers within the sending window only: below the offered rate, the backlog grew.
+
+Per row, from the nodes: checkpoints/s by cause, pages per checkpoint, commit p50/p99
+(committed checkpoints of that row) and CPU seconds of each node's process group (the
+guest included). The machine may be shared: compare modes within one run.
+
+    scripts/bench_service.py [--quick] [--json]
+
+``--json``: the last line is ``{"rows": [{"mode", "nondeterminism", "rate", "p50_ms",
+"p99_ms", "p999_ms", "completed_per_s", "lost", "checkpoints_by_cause", ...}], ...}``;
+``rate`` is requests/s offered, or ``"closed"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import select
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline.checkpoint_api import CAUSES  # noqa: E402
+from pipeline.localpair import LocalPair  # noqa: E402
+
+MODES = ("unprotected", "colo", "buffered")
+#: the comparator's counters each row reports (differences over the row)
+NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backpressures",
+               "backpressure_ns", "held_frames_peak")
+#: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
+PAYLOAD_AT = 14 + 20 + 8
+
+
+# ------------------------------------------------------------------ the client
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+class Client:
+    """Runs in its own process: one connection to the released outputs, one to the inputs."""
+
+    def __init__(self, outdev: str, inject: str) -> None:
+        import zmq
+        from pipeline.net.framing import FrameDecoder
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.sock.connect(outdev)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.setblocking(False)
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(inject)
+        self.decoder = FrameDecoder(False)
+        self.sent = 0                  # requests sent so far (the probe included)
+        self.first_seq: int | None = None
+        #: request number -> due time, for requests not answered yet
+        self.waiting: dict[int, float] = {}
+        self.on_answer = None
+
+    def send(self, due: float) -> None:
+        n = self.sent
+        self.sent += 1
+        self.waiting[n] = due
+        self.push.send(b"request %d" % n)
+
+    def poll(self, timeout: float) -> None:
+        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        if not r:
+            return
+        now = time.monotonic()
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionError("the released-output stream ended")
+            for item in self.decoder.feed(data):
+                frame = item[0]
+                seq = int.from_bytes(frame[PAYLOAD_AT:PAYLOAD_AT + 8], "little")
+                if self.first_seq is None:
+                    self.first_seq = seq          # the probe's answer
+                n = seq - self.first_seq
+                due = self.waiting.pop(n, None)
+                if due is not None and self.on_answer is not None:
+                    self.on_answer(n, now - due, now)
+
+    def probe(self) -> None:
+        self.send(time.monotonic())
+        deadline = time.monotonic() + 60
+        while self.first_seq is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer to the probe request within 60 s")
+            self.poll(0.1)
+
+    def run_phase(self, rate: float | None, outstanding: int, duration: float,
+                  drain: float) -> dict:
+        lat: list[float] = []
+        mine: set[int] = set()
+        done_in_window = [0]
+        t0 = time.monotonic()
+        end = t0 + duration
+
+        def answered(n: int, latency: float, now: float) -> None:
+            if n in mine:
+                mine.discard(n)
+                lat.append(latency)
+                if now <= end:
+                    done_in_window[0] += 1
+        self.on_answer = answered
+        sent = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if rate is not None:
+                while t0 + sent / rate <= now:
+                    mine.add(self.sent)
+                    self.send(t0 + sent / rate)
+                    sent += 1
+                self.poll(min(t0 + sent / rate, end) - time.monotonic())
+            else:
+                while len(mine) < outstanding:
+                    mine.add(self.sent)
+                    self.send(time.monotonic())
+                    sent += 1
+                self.poll(end - now)
+        # the backlog is served as long as answers keep coming; a request still unanswered
+        # ``drain`` seconds after the last answer is lost
+        last = [time.monotonic()]
+
+        def drained(n: int, latency: float, now: float) -> None:
+            answered(n, latency, now)
+            last[0] = now
+        self.on_answer = drained
+        while mine and time.monotonic() < last[0] + drain:
+            self.poll(0.05)
+        lost = len(mine)
+        for n in mine:
+            self.waiting.pop(n, None)
+        ms = [x * 1000 for x in lat]
+        return {"sent": sent, "offered_per_s": round(sent / duration, 1),
+                "completed_per_s": round(done_in_window[0] / duration, 1),
+                "completed": len(lat), "lost": lost,
+                "drain_s": round(time.monotonic() - end, 2),
+                "p50_ms": _round(_percentile(ms, 50)), "p99_ms": _round(_percentile(ms, 99)),
+                "p999_ms": _round(_percentile(ms, 99.9)), "max_ms": _round(max(ms, default=None))}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def client_process(outdev: str, inject: str, conn) -> None:
+    """Commands from the parent: ("phase", rate|None, outstanding, duration, drain) -> dict."""
+    try:
+        client = Client(outdev, inject)
+        client.probe()
+        conn.send({"ok": True})
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                return
+            conn.send(client.run_phase(*cmd[1:]))
+    except Exception as exc:                       # reported to the parent, which fails
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+# ------------------------------------------------------------------ the nodes
+def cpu_seconds(pgid: int | None) -> float:
+    """User + system CPU of every live process in a node's process group."""
+    if pgid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid:              # field 5 of stat: the process group
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+class Service:
+    """One pair of nodes serving the sim guest in one mode."""
+
+    def __init__(self, mode: str, nondeterminism: float, args: argparse.Namespace) -> None:
+        self.mode = mode
+        interval = args.buffered_interval_ms if mode == "buffered" else args.interval_ms
+        tables = {
+            "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+                    "secondary_in": "unix:{workdir}/net-svm.sock",
+                    "outdev": "unix:{workdir}/client.sock",
+                    "release": "commit" if mode == "buffered" else "compare",
+                    "compare_timeout_ms": args.compare_timeout_ms},
+            "guest": {"backend": "sim", "page_count": args.pages},
+            "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_request,
+                               "nondeterminism": nondeterminism, "input_rate_hz": 0.0},
+            "checkpoint": {"max_interval_ms": interval, "min_interval_ms": args.min_interval_ms,
+                           "dirty_threshold_pages": max(64, args.pages // 4),
+                           "epoch_timeout_ms": 20000},
+        }
+        self.pair = LocalPair(tables)
+        self.client = None
+        self.conn = None
+
+    def start(self) -> None:
+        pair = self.pair
+        pair.start()
+        pair.wait_protected()
+        if self.mode == "unprotected":
+            pair.kill("secondary")
+            pair.wait_info("state", "unprotected", timeout=60)
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.client = ctx.Process(
+            target=client_process, name="bench-client",
+            args=(os.path.join(pair.workdir, "client.sock"),
+                  "ipc://" + os.path.join(pair.run_dir("primary"), "client-inputs.sock"), child))
+        self.client.start()
+        self._answer(120)
+
+    def _answer(self, timeout: float) -> dict:
+        if not self.conn.poll(timeout):
+            self.pair.check_alive()
+            raise RuntimeError(f"the client did not answer within {timeout:.0f} s")
+        reply = self.conn.recv()
+        if "error" in reply:
+            raise RuntimeError(f"client: {reply['error']}")
+        return reply
+
+    def snapshot(self) -> dict:
+        node = self.pair.node("primary")
+        net = node.stage("net_compare").as_dict()
+        return {"t": time.monotonic(), "recorded": node.checkpoints_recorded,
+                "net": {k: net.get(k, 0) for k in NET_FIGURES},
+                "cpu": {role: cpu_seconds(p.pid if p.poll() is None else None)
+                        for role, p in self.pair.procs.items()}}
+
+    def phase(self, rate: float | None, outstanding: int, duration: float,
+              drain: float) -> dict:
+        before = self.snapshot()
+        self.conn.send(("phase", rate, outstanding, duration, drain))
+        row = self._answer(duration + drain + 120)
+        after = self.snapshot()
+        node = self.pair.node("primary")
+        cps = node.checkpoints(last=after["recorded"] - before["recorded"]) \
+            if after["recorded"] > before["recorded"] else []
+        elapsed = after["t"] - before["t"]
+        by_cause: dict[str, float] = {}
+        for c in cps:
+            name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
+            by_cause[name] = by_cause.get(name, 0) + 1
+        ok = [c for c in cps if c["status"] == 0]
+        commits = [c["commit_ns"] / 1e6 for c in ok if c["commit_ns"]]
+        row.update(
+            checkpoints_by_cause={k: round(v / elapsed, 2) for k, v in sorted(by_cause.items())},
+            checkpoints=len(cps), checkpoints_per_s=round(len(cps) / elapsed, 2),
+            aborted=sum(1 for c in cps if c["status"] != 0),
+            pages_per_checkpoint=round(sum(c["pages_dirty"] for c in ok) / len(ok), 1)
+            if ok else 0.0,
+            commit_p50_ms=_round(_percentile(commits, 50)),
+            commit_p99_ms=_round(_percentile(commits, 99)),
+            cpu_s={role: round(after["cpu"].get(role, 0.0) - before["cpu"].get(role, 0.0), 2)
+                   for role in ("primary", "secondary")},
+            comparator={k: after["net"][k] - before["net"][k] for k in NET_FIGURES},
+            loadavg_1m=round(os.getloadavg()[0], 2),
+            window_s=round(elapsed, 2))
+        return row
+
+    def close(self) -> None:
+        if self.client is not None:
+            if self.client.is_alive():
+                try:
+                    self.conn.send(("stop",))
+                except OSError:
+                    pass
+                self.client.join(10)
+            if self.client.is_alive():
+                self.client.kill()
+                self.client.join()
+        self.pair.stop()
+        self.pair.cleanup()
+
+
+# ------------------------------------------------------------------ the run
+def run(args: argparse.Namespace) -> dict:
+    rows = []
+    for nd in args.nondeterminism:
+        for mode in args.modes:
+            service = Service(mode, nd, args)
+            try:
+                service.start()
+                for rate in args.rates:
+                    rows.append({"mode": mode, "nondeterminism": nd, "rate": rate,
+                                 **service.phase(rate, 0, args.duration, args.drain)})
+                    _show(rows[-1], args)
+                if args.outstanding:
+                    best = None
+                    for k in args.outstanding:
+                        row = service.phase(None, k, args.duration, args.drain)
+                        if best is None or row["completed_per_s"] > best["completed_per_s"]:
+                            best = {**row, "outstanding": k}
+                    rows.append({"mode": mode, "nondeterminism": nd, "rate": "closed", **best})
+                    _show(rows[-1], args)
+            finally:
+                service.close()
+    return {"rows": rows, "reference": _reference(rows)}
+
+
+def _reference(rows: list[dict]) -> list[dict]:
+    """Per (nondeterminism, rate): each mode's p99 and completed/s against unprotected's."""
+    out = []
+    base = {(r["nondeterminism"], r["rate"]): r for r in rows if r["mode"] == "unprotected"}
+    for r in rows:
+        b = base.get((r["nondeterminism"], r["rate"]))
+        if r["mode"] == "unprotected" or b is None:
+            continue
+        out.append({"mode": r["mode"], "nondeterminism": r["nondeterminism"], "rate": r["rate"],
+                    "p99_minus_unprotected_ms": _round(r["p99_ms"] - b["p99_ms"])
+                    if r["p99_ms"] is not None and b["p99_ms"] is not None else None,
+                    "completed_ratio": round(r["completed_per_s"] / b["completed_per_s"], 3)
+                    if b["completed_per_s"] else None})
+    return out
+
+
+def _show(r: dict, args: argparse.Namespace) -> None:
+    if args.json:
+        return
+    rate = f"{r['rate']:>7}" if r["rate"] == "closed" else f"{r['rate']:>7.0f}"
+    extra = f" K={r['outstanding']}" if "outstanding" in r else ""
+    print(f"{r['mode']:<12}{r['nondeterminism']:>7}{rate}/s{extra}  p50 {r['p50_ms']} "
+          f"p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms  done {r['completed_per_s']}/s  "
+          f"lost {r['lost']}  ckpt/s {r['checkpoints_by_cause']}  pages/ckpt "
+          f"{r['pages_per_checkpoint']}  commit p50/p99 {r['commit_p50_ms']}/"
+          f"{r['commit_p99_ms']} ms  cpu s {r['cpu_s']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--quick", action="store_true",
+                   help="only 1000 requests/s (and the closed loop) at nondeterminism 0 "
+                   "and 0.01")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--rates", nargs="+", type=float, default=[200, 1000, 5000],
+                   help="open-loop offered rates, requests/s")
+    p.add_argument("--outstanding", nargs="*", type=int, default=[8, 64],
+                   help="closed loop: requests in flight (the best of these is reported; "
+                   "none: no closed loop)")
+    p.add_argument("--nondeterminism", nargs="+", type=float, default=[0, 0.001, 0.01, 0.1])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per row")
+    p.add_argument("--drain", type=float, default=10.0,
+                   help="a request unanswered this long after the last answer is lost")
+    p.add_argument("--pages", type=int, default=8192, help="guest RAM in 4 KiB pages")
+    p.add_argument("--pages-per-request", type=int, default=2,
+                   help="pages the guest writes per request")
+    p.add_argument("--interval-ms", type=int, default=1000,
+                   help="checkpoint.max_interval_ms of colo (and unprotected, unused)")
+    p.add_argument("--buffered-interval-ms", type=int, default=25,
+                   help="checkpoint.max_interval_ms of buffered (Remus ran at 25-40 ms)")
+    p.add_argument("--min-interval-ms", type=int, default=10)
+    p.add_argument("--compare-timeout-ms", type=int, default=1000)
+    args = p.parse_args(argv)
+    args.rates = [int(r) if r == int(r) else r for r in args.rates]
+    if args.quick:
+        args.rates, args.nondeterminism = [1000], [0, 0.01]
+    result = run(args)
+    result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    result["host"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
+                      "note": "figures from one run on this machine; compare modes within it"}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for r in result["reference"]:
+            print(f"{r['mode']:<12}{r['nondeterminism']:>7} {r['rate']}: p99 - unprotected p99 "
+                  f"= {r['p99_minus_unprotected_ms']} ms, completed x{r['completed_ratio']}")
+    return 1 if any(r["lost"] for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

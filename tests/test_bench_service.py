@@ -1,0 +1,40 @@
+"""scripts/bench_service.py runs end to end (real pairs, a client in its own process) and
+its JSON has every row and figure; no request is lost. Its timings are not checked here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_run_has_every_row_and_loses_no_request():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench_service.py"), "--quick",
+         "--json", "--duration", "1", "--pages", "2048", "--outstanding", "4"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    want = {(mode, nd, rate) for mode in ("unprotected", "colo", "buffered")
+            for nd in (0, 0.01) for rate in (1000, "closed")}
+    assert {(r["mode"], r["nondeterminism"], r["rate"]) for r in rows} == want
+    for r in rows:
+        for key in ("p50_ms", "p99_ms", "p999_ms", "completed_per_s", "checkpoints_per_s",
+                    "pages_per_checkpoint", "commit_p50_ms", "commit_p99_ms"):
+            assert key in r, (key, r)
+        assert r["lost"] == 0, r
+        assert r["completed"] == r["sent"] > 0, r
+        assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+        assert set(r["cpu_s"]) == {"primary", "secondary"}
+        if r["mode"] == "unprotected":
+            assert r["checkpoints_by_cause"] == {} and r["cpu_s"]["secondary"] == 0
+        elif r["mode"] == "buffered":
+            assert r["checkpoints"] > 0       # every answer waited for one
+    buffered = [r for r in rows if r["mode"] == "buffered"]
+    # buffering compares nothing: no divergence or timeout ever asks for a checkpoint
+    assert all(r["comparator"]["mismatches"] == 0 for r in buffered)
+    assert not any(c in r["checkpoints_by_cause"] for r in buffered
+                   for c in ("net_divergence", "net_timeout"))
