@@ -45,6 +45,7 @@ COUNTER_NAMES = {
     "buffer_bytes": "bytes of uncommitted PVM writes buffered (gauge)",
     "sync_bytes": "initial sync: bytes of allocated extents sent (primary) / written (secondary)",
     "sync_total": "initial sync: bytes of allocated extents to send (primary, gauge)",
+    "sync_checked": "incremental sync: bytes compared by blake3 instead of sent",
     "sync_ms": "initial sync: how long it took, every extent acked (primary; 0 until done)",
     "epoch": "current epoch (primary: tag of new writes; secondary: last committed)",
 }

@@ -19,6 +19,7 @@ until every write of epoch e was acknowledged by the secondary.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from pipeline.disk import wire
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile, block_runs
 from pipeline.disk.settings import DiskSettings
+from pipeline.disk.store import primary_generation
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class PrimaryBackend:
         #: forward is queued — where a checkpoint can overtake the write.
         self.after_ordering = None
         self._sync: InitialSync | None = None
+        #: the lineage of this image: a secondary holding the same one syncs incrementally
+        self.generation = primary_generation(settings.resolved_state_dir) \
+            if self.forward_address is not None else b""
         self._seal_socket: zmq.Socket | None = None
         if self.forward_address is not None:
             self._seal_socket = sockets.disk_forward_out(self.context, self.forward_address,
@@ -204,6 +209,13 @@ class InitialSync(threading.Thread):
     SEEK_HOLE; holes are not sent, all-zero chunks go as SYNC_ZERO markers without data), in
     chunks that take their place in the one write order like writes.
 
+    Incremental when the secondary holds an image of the same generation (the old host
+    of a failed-over pair, back as the secondary with its old image): every extent of
+    the disk is asked about by its blake3 (SYNC_CHECK) and only those that differ are
+    sent. That covers the blocks written since the failover and those of the torn
+    epoch — including writes the old primary applied but never got to forward, which
+    no bitmap kept by the survivor could know about.
+
     Guest writes go on meanwhile and are forwarded as usual. A chunk is read only after
     the earlier writes it overlaps are in our image, and writes ordered after it wait
     for the read, so the secondary — which writes chunks straight into its image and
@@ -223,6 +235,10 @@ class InitialSync(threading.Thread):
         self.ordered_end = threading.Event()
         self._stopping = threading.Event()
         self._inflight: dict[int, int] = {}  # seq → epoch
+        #: incremental: extents asked about, kept until answered: seq → (offset, n, data)
+        self._checking: dict[int, tuple[int, int, bytes]] = {}
+        self._begin_answer = ""
+        self._sent = 0
         self.failed = ""
         # BEGIN takes its seq now, before the export takes any write
         self._begin = self._order_marker()
@@ -239,17 +255,24 @@ class InitialSync(threading.Thread):
     def run(self) -> None:
         b = self.b
         sock = b.forward_socket()
-        sent = 0
-        t0 = said = time.monotonic()
+        self._sent = 0
+        t0 = time.monotonic()
         try:
-            runs = [(s, e) for s, e, allocated in
-                    block_runs(b.image.extents(0, b.size), b.block_size) if allocated]
+            seq, epoch = self._begin
+            self._send(sock, epoch, seq, wire.KIND_SYNC_BEGIN, 0, 0, None,
+                       digest=b.generation)
+            self._drain(sock, 0)          # its answer: "full" or "incremental"
+            incremental = self._begin_answer == "incremental"
+            if incremental:  # the secondary kept its image: compare every extent
+                runs = [(0, b.size)]
+            else:
+                runs = [(s, e) for s, e, allocated in
+                        block_runs(b.image.extents(0, b.size), b.block_size) if allocated]
             total = sum(e - s for s, e in runs)
             b.counters.set("sync_total", total)
-            log.info("primary disk: initial sync of %d allocated bytes in %d extents",
-                     total, len(runs))
-            seq, epoch = self._begin
-            self._send(sock, epoch, seq, wire.KIND_SYNC_BEGIN, 0, 0, None)
+            log.info("primary disk: %s initial sync of %d bytes in %d extents",
+                     "incremental" if incremental else "full", total, len(runs))
+            done, said = 0, time.monotonic()
             for start, end in runs:
                 for off in range(start, end, self.CHUNK):
                     if self._stopping.is_set() or b.forward_address is None:
@@ -264,22 +287,24 @@ class InitialSync(threading.Thread):
                         data = b.image.pread(off, n)
                     finally:
                         b.applied(seq)
-                    if np.frombuffer(data, np.uint64).any():
-                        self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data)
+                    if incremental:
+                        # the data waits here for the answer: it is the extent as of seq
+                        self._checking[seq] = (off, n, data)
+                        self._send(sock, epoch, seq, wire.KIND_SYNC_CHECK, off, n, None,
+                                   digest=wire.digest_of(data))
                     else:
-                        self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None)
-                    sent += n
-                    b.counters.set("sync_bytes", sent)
+                        self._send_extent(sock, epoch, seq, off, n, data)
+                    done += n
                     if time.monotonic() - said >= 1.0:
                         said = time.monotonic()
                         log.info("primary disk: initial sync %.0f%% (%d of %d MiB)",
-                                 100 * sent / max(1, total), sent >> 20, total >> 20)
+                                 100 * done / max(1, total), done >> 20, total >> 20)
             seq, epoch = self._order_marker()
             self.ordered_end.set()
             self._send(sock, epoch, seq, wire.KIND_SYNC_END, 0, 0, None)
             self._drain(sock, 0)
             b.counters.set("sync_ms", max(1, round((time.monotonic() - t0) * 1e3)))
-            log.info("primary disk: initial sync done, %d bytes in %.2f s", sent,
+            log.info("primary disk: initial sync done, %d bytes sent in %.2f s", self._sent,
                      time.monotonic() - t0)
         except (OSError, zmq.ZMQError, RuntimeError) as e:
             self.failed = str(e)
@@ -291,16 +316,28 @@ class InitialSync(threading.Thread):
                 b._track(epoch, -1)
             sock.close(0)
 
+    def _send_extent(self, sock, epoch: int, seq: int, off: int, n: int, data: bytes,
+                     drain: bool = True) -> None:
+        """The extent's data (all zeros: a SYNC_ZERO without data)."""
+        if np.frombuffer(data, np.uint64).any():
+            self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data, drain=drain)
+        else:
+            self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None, drain=drain)
+        self._sent += n
+        self.b.counters.set("sync_bytes", self._sent)
+
     def _send(self, sock, epoch: int, seq: int, kind: int, offset: int, length: int,
-              data) -> None:
-        self._drain(sock, self.WINDOW - 1)
-        frames = wire.encode_forward(kind, epoch, seq, offset, length, data)
+              data, digest: bytes | None = None, drain: bool = True) -> None:
+        if drain:
+            self._drain(sock, self.WINDOW - 1)
+        frames = wire.encode_forward(kind, epoch, seq, offset, length, data, digest)
         sock.send(frames[0], zmq.SNDMORE)
         sock.send(frames[1], copy=len(frames[1]) < FORWARD_ZERO_COPY_MIN)
         self._inflight[seq] = epoch
 
     def _drain(self, sock, most: int) -> None:
-        """Take acks until at most ``most`` chunks are in flight."""
+        """Take answers until at most ``most`` are awaited. A checked extent that differs
+        is sent (with its seq) and awaited in turn."""
         timeout = self.b.settings.forward_timeout_ms
         while len(self._inflight) > most:
             if not sock.poll(timeout):
@@ -309,10 +346,15 @@ class InitialSync(threading.Thread):
                 epoch = self._inflight.pop(seq, None)
                 if epoch is None:
                     continue
+                checked = self._checking.pop(seq, None)
+                if checked is not None and status == errno.ENODATA:
+                    self._send_extent(sock, epoch, seq, *checked, drain=False)
+                    continue
                 self.b._track(epoch, -1)
                 if status:
                     raise RuntimeError(f"the secondary refused sync seq {seq}: {reason}")
-
+                if seq == self._begin[0]:
+                    self._begin_answer = reason
 
 def _then_sync(image: ImageFile, op, *args) -> None:
     """``op(*args)`` on the image, then make the image durable (a FUA write)."""

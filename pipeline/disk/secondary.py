@@ -2,6 +2,7 @@
 PVM writes (validated, buffered, compared, acknowledged)."""
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -260,14 +261,21 @@ class ForwardReceiver(threading.Thread):
         """A group of the initial sync: applied one by one, in order (BEGIN empties the
         image, extents go straight into it, END records where the sync ends)."""
         answers = []
+        unseen = set()   # checked extents that differ: their data comes with the same seq
         for w in decoded:
             if isinstance(w, wire.ForwardError):
                 answers.append(self._refuse(w.seq, w.status, str(w)))
                 continue
+            reason = ""
             try:
                 if w.kind == wire.KIND_SYNC_BEGIN:
-                    self.store.begin_sync()
-                    log.info("secondary disk: initial sync begins (seq %d)", w.seq)
+                    reason = self.store.begin_sync(w.digest)
+                    log.info("secondary disk: %s initial sync begins (seq %d)", reason, w.seq)
+                elif w.kind == wire.KIND_SYNC_CHECK:
+                    if not self.store.sync_check(w.offset, w.length, w.digest):
+                        answers.append((w.seq, errno.ENODATA, "differs"))
+                        unseen.add(w.seq)
+                        continue
                 elif w.kind == wire.KIND_SYNC:
                     self.store.sync_write(w.offset, w.data)
                 elif w.kind == wire.KIND_SYNC_ZERO:
@@ -285,8 +293,8 @@ class ForwardReceiver(threading.Thread):
                 answers.append(self._refuse(w.seq, P.EIO, f"sync seq {w.seq}: {e}",
                                             counter="io_errors"))
                 continue
-            answers.append((w.seq, 0, ""))
-        self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
+            answers.append((w.seq, 0, reason))
+        self.sealed.seen_all([seq for seq, _st, _r in answers if seq and seq not in unseen])
         return answers
 
     def _refuse(self, seq: int, status: int, reason: str,

@@ -117,6 +117,7 @@ class SecondaryStore:
         self._logs: dict[int, _EpochLog] = {}
         self._committing: int | None = None  # epoch being applied right now (in memory)
         self._sync_end_seq: int | None = None  # the initial sync's END, once it arrived
+        self._stale_logs: set[int] = set()
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
         self._state = self._read_journal()
@@ -143,7 +144,7 @@ class SecondaryStore:
     def _read_journal(self) -> dict:
         path = os.path.join(self.state_dir, JOURNAL)
         state = {"committed": 0, "committing": None, "merging": False, "active": False,
-                 "syncing": False}
+                 "syncing": False, "generation": read_generation(self.state_dir)}
         if os.path.exists(path):
             with open(path) as f:
                 try:
@@ -195,6 +196,8 @@ class SecondaryStore:
             m = _LOG_NAME.match(name)
             if m:
                 self._open_log(int(m.group(1)), scan=True)
+        # buffered by a previous life of this stage: a new sync's BEGIN drops them
+        self._stale_logs = set(self._logs)
         if self._state["committing"] is not None:
             e = self._state["committing"]
             log.warning("store %s: replaying the interrupted commit of epoch %d",
@@ -372,28 +375,51 @@ class SecondaryStore:
         until a commit covers the sync's END (journal state ``syncing``)."""
         return self._state["syncing"]
 
-    def begin_sync(self) -> None:
-        """The primary starts the initial sync: the image is emptied (the sync sends only
-        the allocated extents) and marked ``syncing`` in the journal first, so no crash can
-        leave it looking like a checkpoint."""
+    @property
+    def generation(self) -> str | None:
+        """The lineage of this image (hex): set by the initial sync that filled it, kept
+        through commits and failover; None for an image of unknown origin."""
+        return self._state.get("generation")
+
+    def begin_sync(self, generation: bytes) -> str:
+        """The primary starts the initial sync of an image of ``generation``. An image of the
+        same generation (the old host of a failed-over pair coming back) is kept and
+        compared extent by extent ("incremental"); any other is emptied ("full": the sync
+        sends only the allocated extents). Either way the journal says ``syncing`` first,
+        so no crash can leave it looking like a checkpoint."""
         with self._lock:
             if self.active:
                 raise StoreError("initial sync: this node failed over; its image is the disk")
-            self._write_journal(syncing=True)
+            keep = self.generation == generation.hex()
+            self._write_journal(syncing=True, generation=generation.hex())
+            for ep in self._stale_logs & set(self._logs):
+                self._drop_log(ep)     # another primary's writes, of another session
+            self._stale_logs = set()
             self._sync_end_seq = None
-            self.image.reset()
+            if not keep:
+                self.image.reset()
             self.counters.set("sync_bytes", 0)
+            return "incremental" if keep else "full"
+
+    def sync_check(self, offset: int, length: int, digest: bytes) -> bool:
+        """Does our extent hold what the primary's does (``digest``)?"""
+        if not self.syncing:
+            raise StoreError(f"sync check [{offset}, +{length}): no initial sync is running")
+        self.counters.add("sync_checked", length)
+        return digest_of(self.image.pread(offset, length)) == digest
 
     def sync_write(self, offset: int, data: bytes | memoryview | None,
                    length: int = 0) -> None:
         """An extent of the initial sync, straight into the image (``data`` None: ``length``
-        bytes that read as zeros — the emptied image has them already)."""
+        bytes that read as zeros, a hole punched: a kept image may hold data there)."""
         length = length if data is None else len(data)
         if not self.syncing:
             raise StoreError(f"sync extent [{offset}, +{length}): no initial sync is "
                              f"running (no SYNC_BEGIN)")
         if data is not None:
             self.image.pwrite(offset, data)
+        else:
+            self.image.zero(offset, length)
         self.counters.add("sync_bytes", length)
 
     def end_sync(self, seq: int) -> None:
@@ -628,3 +654,38 @@ def _runs(bits: np.ndarray) -> list[tuple[int, int]]:
     padded = np.concatenate(([False], bits, [False])).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+GENERATION_FILE = "generation"
+
+
+def read_generation(state_dir: str) -> str | None:
+    """The image generation recorded in ``state_dir`` (journal first, then the primary's
+    own record), hex; None if there is none."""
+    try:
+        with open(os.path.join(state_dir, JOURNAL)) as f:
+            gen = json.load(f).get("generation")
+        if gen:
+            return gen
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(state_dir, GENERATION_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def primary_generation(state_dir: str) -> bytes:
+    """The generation of the primary's image: the recorded one (a failed-over secondary
+    going on as primary keeps its lineage), else a new one, recorded."""
+    gen = read_generation(state_dir)
+    if gen:
+        return bytes.fromhex(gen)
+    new = os.urandom(32)
+    os.makedirs(state_dir, exist_ok=True)
+    tmp = os.path.join(state_dir, GENERATION_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(new.hex())
+    os.replace(tmp, os.path.join(state_dir, GENERATION_FILE))
+    return new

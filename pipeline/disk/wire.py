@@ -8,7 +8,7 @@ as groups of writes, two frames per group:
 
     frame 2i, n × 64 bytes, one header per write of the group:
                         magic "CDW1" | kind u8 (1 WRITE, 2 ZERO, 3 SYNC, 4 SYNC_BEGIN,
-                        5 SYNC_END, 6 SYNC_ZERO) | reserved 3 |
+                        5 SYNC_END, 6 SYNC_ZERO, 7 SYNC_CHECK) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
                         blake3(data) 32 bytes (all zero for ZERO)
     frame 2i+1: the data of the group's WRITEs and SYNCs back to back, in header order
@@ -55,13 +55,19 @@ KIND_ZERO = 2
 #: the initial sync (a secondary that starts from an empty image): BEGIN (no data; the
 #: secondary empties its image), SYNC (an allocated extent of the primary's image, with
 #: its data, written straight into the secondary's image), SYNC_ZERO (an extent that
-#: reads as zeros), END (no data; every extent was sent). They take seqs in the one write order like writes, so they are applied in
-#: their place among them.
+#: reads as zeros), END (no data; every extent was sent). They take seqs in the one
+#: write order like writes, so they are applied in their place among them.
 KIND_SYNC = 3
 KIND_SYNC_BEGIN = 4
 KIND_SYNC_END = 5
 KIND_SYNC_ZERO = 6     # an allocated extent that reads as zeros: no data sent
-SYNC_KINDS = (KIND_SYNC, KIND_SYNC_BEGIN, KIND_SYNC_END, KIND_SYNC_ZERO)
+#: an incremental sync's question: does your extent have this blake3? The secondary
+#: answers 0 (same: nothing to send) or ENODATA (send it: the primary then sends SYNC or
+#: SYNC_ZERO with the same seq). BEGIN carries the primary's image generation in its
+#: digest field; its answer's reason says "full" (the secondary emptied its image) or
+#: "incremental" (same generation: it kept its image and compares extents).
+KIND_SYNC_CHECK = 7
+SYNC_KINDS = (KIND_SYNC, KIND_SYNC_BEGIN, KIND_SYNC_END, KIND_SYNC_ZERO, KIND_SYNC_CHECK)
 KINDS = (KIND_WRITE, KIND_ZERO) + SYNC_KINDS
 #: kinds whose data follows in the group's data frame
 DATA_KINDS = (KIND_WRITE, KIND_SYNC)
@@ -102,16 +108,20 @@ def digest_of(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def forward_header(kind: int, epoch: int, seq: int, offset: int, length: int,
-                   data: bytes | bytearray | memoryview | None) -> bytes:
-    """The 64-byte header of one write (its blake3 computed here)."""
-    digest = ZERO_DIGEST if data is None else digest_of(data)
+                   data: bytes | bytearray | memoryview | None,
+                   digest: bytes | None = None) -> bytes:
+    """The 64-byte header of one write (its blake3 computed here unless given: a
+    SYNC_CHECK's, a BEGIN's generation)."""
+    if digest is None:
+        digest = ZERO_DIGEST if data is None else digest_of(data)
     return FORWARD_HEADER.pack(FORWARD_MAGIC, kind, epoch, seq, offset, length, digest)
 
 
 def encode_forward(kind: int, epoch: int, seq: int, offset: int, length: int,
-                   data: bytes | bytearray | memoryview | None) -> list:
+                   data: bytes | bytearray | memoryview | None,
+                   digest: bytes | None = None) -> list:
     """A group of one write: [header frame, data frame]."""
-    return [forward_header(kind, epoch, seq, offset, length, data),
+    return [forward_header(kind, epoch, seq, offset, length, data, digest),
             b"" if data is None else data]
 
 
@@ -167,13 +177,15 @@ def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length
                                          f"{committed_epoch} (accepted: {committed_epoch + 1}.."
                                          f"{committed_epoch + MAX_EPOCH_LEAD})")
     if kind in (KIND_SYNC_BEGIN, KIND_SYNC_END):
-        if offset or length or digest != ZERO_DIGEST:
+        if offset or length or (kind == KIND_SYNC_END and digest != ZERO_DIGEST):
             raise ForwardError(errno.EINVAL, f"{what}: a sync marker with an extent")
         return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if length == 0 or offset % block_size or length % block_size:
         raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
     if offset + length > export_size:
         raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
+    if kind == KIND_SYNC_CHECK:
+        return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if kind in DATA_KINDS:
         if digest_of(data) != digest:
             raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
