@@ -347,3 +347,39 @@ def test_check_config_address_without_host():
     with pytest.raises(ConfigError) as exc_info:
         config.from_dict({"peer": {"address": "tcp://:7400"}}, "x.toml")
     assert exc_info.value.key == "peer.address"
+
+
+def test_every_section_reports_key_problem_and_expectation_apart(tmp_path):
+    """One settings style (pipeline/schema.py): every section raises SettingError with the
+    key, the problem and the expectation as attributes, and the loader passes them on as
+    they are (file:key: problem (expected ...)), without reading its own text back."""
+    from pipeline.disk.settings import DiskSettings
+    from pipeline.failover.settings import FailoverSettings, HeartbeatSettings
+    from pipeline.net.settings import NetSettings
+    from pipeline.schema import SettingError
+    cases = [
+        (lambda: DiskSettings(image="d.img", export_size=1000), "disk.export_size",
+         {"disk": {"image": "d.img", "export_size": 1000}}),
+        (lambda: DiskSettings(image="d.img", export_size=4096, forward_window=0),
+         "disk.forward_window", {"disk": {"image": "d.img", "export_size": 4096,
+                                          "forward_window": 0}}),
+        (lambda: NetSettings(compare_timeout_ms=0), "net.compare_timeout_ms",
+         {"net": {"compare_timeout_ms": 0}}),
+        (lambda: HeartbeatSettings(interval_ms=5), "heartbeat.interval_ms",
+         {"heartbeat": {"interval_ms": 5}}),
+        (lambda: FailoverSettings(witness="etcd", etcd_endpoints=[]), "failover.etcd_endpoints",
+         {"failover": {"witness": "etcd", "etcd_endpoints": []}}),
+        (lambda: config.CheckpointSettings(min_interval_ms=9, max_interval_ms=5),
+         "checkpoint.min_interval_ms", {"checkpoint": {"min_interval_ms": 9,
+                                                        "max_interval_ms": 5}}),
+    ]
+    for make, key, table in cases:
+        with pytest.raises(SettingError) as err:
+            make()
+        e = err.value
+        assert e.key == key and e.problem and e.expected, (key, str(e))
+        assert str(e) == f"{key}: {e.problem} (expected {e.expected})"
+        with pytest.raises(ConfigError) as loaded:
+            config.from_dict({**table, "security": {"mode": "plaintext"}}, "n.toml")
+        c = loaded.value
+        assert (c.path, c.key, c.problem, c.expected) == ("n.toml", key, e.problem, e.expected)

@@ -94,3 +94,18 @@ def test_check_fails_on_a_stale_or_missing_page(tmp_path):
     assert r.returncode == 1 and "missing" in r.stderr
     r = _gen("--output", str(stale))
     assert r.returncode == 0 and _gen("--check", "--output", str(stale)).returncode == 0
+
+
+def test_every_number_key_shows_its_limits():
+    """docs/config.md gives each integer and number key its range (metadata min/max)."""
+    with open(PAGE, encoding="utf-8") as fh:
+        page = fh.read()
+    rows = {m.group(1): m.group(0)
+            for m in re.finditer(r"^\| `([a-z0-9_.]+)` \|.*$", page, re.MULTILINE)}
+    keys, _ = _schema()
+    # the field types are strings (the schema modules use postponed annotations)
+    numeric = [k for k, (f, _) in keys.items() if f.type in ("int", "float", int, float)]
+    assert len(numeric) > 20
+    for key in numeric:
+        cells = [c.strip() for c in rows[key].split(" | ")]
+        assert cells[3] not in ("any", ""), f"{key}: no limits on the page: {rows[key]}"

@@ -697,3 +697,20 @@ def test_bad_settings_are_named() -> None:
         open_sim_domain("x", 0)
     with pytest.raises(ValueError, match="page_size"):
         open_sim_domain("x", 16, page_size=3000)
+
+
+def test_simulated_io_is_reached_through_the_domain_interface_only(make_domain) -> None:
+    """What only a simulated guest does (inputs, outputs, the input seq of a vCPU blob) is
+    the SimulatedIO interface, reached by Domain.simulated_io(); the Domain interface every
+    backend implements has none of it, and the Xen backend offers none (its clients are
+    real)."""
+    from pipeline.xen_io.base import Domain, SimulatedIO
+    from pipeline.xen_io.xen import XenDomain
+    dom = make_domain()
+    assert dom.simulated_io() is dom and isinstance(dom, SimulatedIO)
+    assert XenDomain.simulated_io is Domain.simulated_io
+    for name in SimulatedIO.__abstractmethods__:
+        assert not hasattr(Domain, name), name
+    dom.feed_input(b"x" * 8)
+    blob = dom.get_vcpu_state()
+    assert dom.simulated_io().vcpu_input_seq(blob) == dom.input_seq()
