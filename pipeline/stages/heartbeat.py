@@ -21,7 +21,8 @@ never tries again, so that direction would never come up even after the right pe
 is there. The primary watches its socket's handshake failures and connects again
 (at most once per interval, counted in ``hb_handshake_failed``).
 
-Record HEARTBEAT (48 bytes, little-endian)::
+Record HEARTBEAT (48 bytes, little-endian; the contract: docs/wire-format.md, "Heartbeat
+channel"; the socket: ``pipeline.sockets.heartbeat``)::
 
     0  magic "COHB"        4  version u16      6  role u8 (1 primary, 2 secondary)
     7  reserved u8 (0)     8  interval_ms u32  12 instance u32 (random per process)
