@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import time
 from typing import Any
 
 import zmq
@@ -52,6 +54,77 @@ class _OnlyThePeer:
         return ok
 
 
+class HandshakeWatch:
+    """Connects a socket again after a failed handshake.
+
+    libzmq gives up on a connected endpoint for good when its ZMTP or CURVE handshake
+    fails with a protocol error (a stale or misconfigured peer at the address, a TCP
+    self-connection while nothing listens on a port of the ephemeral range): the socket
+    never tries again, so that channel would never come up, even once the right peer is
+    there. This watches the socket's handshake failures and connects it again, at most
+    once per ``retry_s``. Call :meth:`check` from the thread that uses the socket."""
+
+    EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, retry_s: float = 0.1,
+                 logger: logging.Logger | None = None) -> None:
+        self.sock, self.endpoint, self.retry_s = sock, endpoint, retry_s
+        self.log = logger or log
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.failures = 0
+        self.reconnect_at: float | None = None
+
+    def check(self, now: float | None = None) -> bool:
+        """Note failed handshakes; connect again when one is due. True if it did."""
+        now = time.monotonic() if now is None else now
+        while self.monitor.poll(0):
+            event = self.monitor.recv_multipart()     # (event id + value, endpoint)
+            self.failures += 1
+            if self.failures <= 10 or self.failures % 1000 == 0:
+                self.log.warning("handshake with %s failed (event %#x, %d so far); "
+                                 "connecting again", self.endpoint,
+                                 struct.unpack_from("<H", event[0])[0], self.failures)
+            if self.reconnect_at is None:
+                self.reconnect_at = now + self.retry_s
+        if self.reconnect_at is None or now < self.reconnect_at:
+            return False
+        self.reconnect_at = None
+        self.sock.disconnect(self.endpoint)
+        self.sock.connect(self.endpoint)
+        return True
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
+
+
+#: the connecting sockets' watches of this process (every NodeContext), checked by
+#: :func:`check_handshakes` from the stage loops
+_WATCHES: list[HandshakeWatch] = []
+_next_check = 0.0
+CHECK_EVERY_S = 0.05
+
+
+def check_handshakes() -> None:
+    """Connect again whatever channel of this process failed its handshake (cheap: looks
+    at most every CHECK_EVERY_S; every stage loop calls it through ctx.stopping())."""
+    global _next_check
+    if not _WATCHES:
+        return
+    now = time.monotonic()
+    if now < _next_check:
+        return
+    _next_check = now + CHECK_EVERY_S
+    for w in _WATCHES:
+        w.check(now)
+
+
 class NodeContext:
     """A ZeroMQ context for one process of a node, with its CURVE keys and, on the
     secondary, the ZAP handler that admits only the primary's key."""
@@ -59,6 +132,7 @@ class NodeContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ctx = zmq.Context()
+        self.watches: list[HandshakeWatch] = []
         self.auth: ThreadAuthenticator | None = None
         self.curve = settings.security.mode == "curve"
         if self.curve:
@@ -98,7 +172,18 @@ class NodeContext:
         else:
             s.curve_serverkey = self.peer_public
 
+    def watch(self, sock: zmq.Socket, endpoint: str) -> HandshakeWatch:
+        """Connect ``sock`` to ``endpoint`` again whenever a handshake fails there."""
+        w = HandshakeWatch(sock, endpoint)
+        self.watches.append(w)
+        _WATCHES.append(w)
+        return w
+
     def close(self) -> None:
+        for w in self.watches:
+            _WATCHES.remove(w)
+            w.close()
+        self.watches.clear()
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
@@ -131,6 +216,7 @@ def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> z
     if bind:
         s.bind(addr)
     else:
+        nctx.watch(s, addr)      # before connecting: the first handshake counts too
         s.connect(addr)
     return s
 
@@ -229,6 +315,7 @@ def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True,
         except zmq.Again:
             if stop.is_set() or give_up():
                 return False
+            check_handshakes()    # a peer we would wait for forever otherwise
 
 
 def write_keypair(directory: str, name: str) -> tuple[str, str]:

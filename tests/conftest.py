@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -115,3 +117,40 @@ def etcd(tmp_path):
         yield server
     finally:
         server.kill()
+
+
+class StaleListener:
+    """A listener on 127.0.0.1:``port`` that answers every connection with a ZMTP greeting
+    for another security mechanism (PLAIN), as a stale or misconfigured peer would: a
+    CURVE client's handshake fails on its side with a protocol error (after which
+    libzmq would never connect to that endpoint again). ``conns``: connections taken."""
+
+    GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.sendall(self.GREETING)
+            self.conns.append(c)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept(): the port is free
+        except OSError:
+            pass
+        self.thread.join(10)
+        self.sock.close()
+        for c in self.conns:
+            c.close()

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import wait_until
+from conftest import StaleListener, wait_until
 
 from pipeline.counters import STATUS_COMMITTED
 from pipeline.localpair import LocalPair, sim_replay_digest
@@ -135,6 +135,36 @@ def test_killing_the_secondary_leaves_the_primary_serving(tmp_path):
         # the new SVM runs on its mirrored input
         _svm_serves_on(pair, 50)
     finally:
+        pair.stop()
+
+
+def test_stale_peers_at_every_port_do_not_keep_the_pair_apart(tmp_path):
+    """Before the secondary is up, something else answers on all four of its ports with a
+    handshake the primary's sockets refuse (a stale peer; a TCP self-connection while
+    nothing listens ends the same way). libzmq never reconnects after such a failure, so
+    without connecting again the primary could never reach the secondary that binds
+    there next: no protection, no heartbeat. Every channel is seen to connect again,
+    then the real secondary protects the guest, heartbeats both ways."""
+    pair = LocalPair(TABLES, workdir=str(tmp_path))
+    stale = [StaleListener(pair.port + i) for i in range(4)]   # pages, control, inputs, hb
+    try:
+        pair.start(roles=("primary",))
+        for i, listener in enumerate(stale):
+            wait_until(lambda: len(listener.conns) >= 2, timeout=120,
+                       what=f"the primary connecting to port +{i} again after a failed "
+                            f"handshake")
+        for listener in stale:
+            listener.close()
+        pair.start_node("secondary")
+        pair.wait_protected()
+        for role in ("primary", "secondary"):
+            n = pair.stage_counter("heartbeat", "items_in", role)
+            wait_until(lambda: pair.stage_counter("heartbeat", "items_in", role) > n,
+                       what=f"the {role} hearing heartbeats")
+        assert pair.prove_memory_equal()["memory_equal"] is True
+    finally:
+        for listener in stale:
+            listener.close()
         pair.stop()
 
 

@@ -13,15 +13,13 @@ import math
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import zmq
-from conftest import free_port, wait_until
+from conftest import StaleListener, free_port, wait_until
 
 from pipeline import messages, wire
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
@@ -237,9 +235,6 @@ class _FakeClockSocket:
     def recv_multipart(self, *a, **kw):
         raise zmq.Again()
 
-    def get_monitor_socket(self, events):
-        return None
-
     def poll(self, timeout_ms, flags=0) -> int:
         self.polls += 1
         self.now += timeout_ms / 1000 + self.late(self.polls)
@@ -363,42 +358,6 @@ def _curve_factory():
     return factory
 
 
-class _StaleListener:
-    """A listener at the heartbeat address that answers every connection with a ZMTP
-    greeting for another security mechanism (PLAIN), as a stale or misconfigured peer
-    would: the primary's CURVE handshake fails on its side with a protocol error."""
-
-    GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            c.sendall(self.GREETING)
-            self.conns.append(c)
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept(): the port is free
-        except OSError:
-            pass
-        self.thread.join(10)
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
 def test_the_primary_connects_again_after_a_failed_handshake():
     """Why a heartbeat direction could stay down for good: when a handshake fails with a
     protocol error (here a stale listener of another mechanism at the address), libzmq's
@@ -411,7 +370,7 @@ def test_the_primary_connects_again_after_a_failed_handshake():
     port = free_port()
     settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{port}")
     pri = Side("primary", settings, 1, factory)   # forked before the listener exists
-    stale = _StaleListener(port)
+    stale = StaleListener(port)
     try:
         wait_until(lambda: len(stale.conns) >= 2, timeout=60,
                    what="the primary connecting again after its failed handshake")

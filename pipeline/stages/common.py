@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
+from pipeline.sockets import check_handshakes
 from pipeline.xen_io.base import Domain
 
 # slot.kind
@@ -161,6 +162,7 @@ class StageContext:
         """Called once per turn of every stage's loop: also its fault point."""
         if faults.ACTIVE:
             faults.point(f"stage.{self.name.split('.')[0]}.loop")
+        check_handshakes()
         return self.stop.is_set()
 
 

@@ -75,10 +75,6 @@ RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
 COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "send_dropped", "late_wakeups",
             "max_late_us", "max_gap_us", "peer_lost", "peer_back", "hb_handshake_failed")
 
-#: connection events after which libzmq does not reconnect by itself
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
 
@@ -179,13 +175,13 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     else:
         sock = socket_factory(sockets.heartbeat_kind(role), bind)
         sockets.heartbeat_options(sock, role)
-    # the connecting side: see the handshake failures libzmq would not retry after
-    monitor = None if bind else sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    # the connecting side: connect again after a failed handshake (libzmq would not)
+    watch = None if bind or not hasattr(sock, "get_monitor_socket") else \
+        sockets.HandshakeWatch(sock, settings.address, interval, ctx.log)
     if bind:
         sock.bind(settings.address)
     else:
         sock.connect(settings.address)
-    reconnect_at: float | None = None
     instance = random.getrandbits(32)
     seq = 0
     peer = _Peer()
@@ -285,32 +281,25 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 next_send = t0 + k * interval
             # what arrived while we were away counts before we judge the silence
             receive(now)
-            if monitor is not None and monitor.poll(0):
-                event = monitor.recv_multipart()   # (event id + value, endpoint)
-                c.add("hb_handshake_failed", 1)
-                ctx.log.warning("heartbeat: handshake with %s failed (event %#x); connecting "
-                                "again", settings.address,
-                                struct.unpack_from("<H", event[0])[0])
-                reconnect_at = reconnect_at or now + interval
-            if reconnect_at is not None and now >= reconnect_at:
-                reconnect_at = None
-                sock.disconnect(settings.address)
-                sock.connect(settings.address)
+            if watch is not None:
+                failures = watch.failures
+                watch.check(now)
+                c.add("hb_handshake_failed", watch.failures - failures)
             if peer.state == "up" and now - peer.last_seen > timeout:
                 peer.state = "lost"
                 c.add("peer_lost", 1)
                 ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
                                 (now - peer.last_seen) * 1000, timeout * 1000)
                 emit(messages.PeerLost(peer.last_seen, now))
-            wake = next_send if reconnect_at is None else min(next_send, reconnect_at)
+            wake = next_send if watch is None or watch.reconnect_at is None else \
+                min(next_send, watch.reconnect_at)
             if peer.state == "up":
                 wake = min(wake, peer.last_seen + timeout + 0.0005)
             wait = max(0.0, min(wake - clock(), MAX_WAIT_S))
             sock.poll(math.ceil(wait * 1000), zmq.POLLIN)
     finally:
-        if monitor is not None:
-            sock.disable_monitor()
-            monitor.close(0)
+        if watch is not None:
+            watch.close()
         sock.close(0)
         if zctx is not None:
             zctx.term()
