@@ -40,7 +40,7 @@ from pipeline.failover.takeover import PrimaryRole, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import HashTable, StageContext, SvmPages, domain_page_hashes
 from pipeline.stages.send import Pending
-from pipeline.xen_io.base import Domain
+from pipeline.xen_io.base import Domain, DomainError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,16 @@ def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> N
         raise ProtocolError(
             f"peer {hello.name!r} has a guest of {hello.page_count} pages of {hello.page_size} "
             f"bytes; this node's guest has {domain.page_count} pages of {domain.page_size} bytes")
+
+
+def _agree_written(domain: Domain, hello: wire.Hello) -> None:
+    """Both nodes must leave out of the proof, and the secondary keep, the same bytes the
+    hypervisor writes itself: the secondary adopts or refuses the primary's, the primary
+    refuses an answer that differs from its own. A disagreement is an error at start."""
+    try:
+        domain.agree_hypervisor_written(hello.written, peer_is_primary=hello.role == wire.ROLE_PRIMARY)
+    except DomainError as exc:
+        raise ProtocolError(f"peer {hello.name!r}: {exc}") from None
 
 
 def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters) -> bool:
@@ -398,7 +408,8 @@ class PrimaryCoordinator(_Coordinator):
                 return False
             if time.monotonic() >= next_hello:
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
-                                             self.domain.page_count, self.settings.node.name))
+                                             self.domain.page_count, self.settings.node.name,
+                                             self.domain.hypervisor_written()))
                 next_hello = time.monotonic() + 1.0
             self._heartbeat_lost()
             if not self.control.poll(100):
@@ -413,6 +424,7 @@ class PrimaryCoordinator(_Coordinator):
                 self.ctx.log.warning("control channel: dropped a bad record: %s", exc)
                 continue
             _handshake_check(self.settings, self.domain, hello)
+            _agree_written(self.domain, hello)
             self.ctx.log.info("secondary %r connected", hello.name)
             return True
         return False
@@ -667,8 +679,14 @@ class SecondaryCoordinator(_Coordinator):
             if hdr.type == wire.HELLO:
                 hello = wire.decode_hello(msg)
                 _handshake_check(self.settings, self.domain, hello)
+                try:
+                    _agree_written(self.domain, hello)
+                except ProtocolError as exc:  # answered all the same: the primary names both and stops
+                    self.c.add("errors", 1)
+                    self.ctx.log.error("control channel: %s", exc)
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
-                                             self.domain.page_count, self.settings.node.name))
+                                             self.domain.page_count, self.settings.node.name,
+                                             self.domain.hypervisor_written()))
                 self.ctx.log.info("primary %r connected", hello.name)
                 self.role.peer_name = hello.name
                 if not self.svm_started:

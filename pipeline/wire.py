@@ -108,6 +108,7 @@ def _need(name: str, body: memoryview, size: int, what: str) -> None:
 
 # -- HELLO ---------------------------------------------------------------
 _HELLO = struct.Struct("<IB3xQII")
+_WRITTEN_RANGE = struct.Struct("<QHH")   # frame index, start, end: bytes the hypervisor writes
 
 
 @dataclass(frozen=True)
@@ -116,26 +117,36 @@ class Hello:
     role: int
     page_count: int
     name: str
+    #: (frame, start, end) byte ranges the sender's hypervisor writes itself (Domain.hypervisor_written)
+    written: tuple[tuple[int, int, int], ...] = ()
 
 
-def encode_hello(page_size: int, role: int, page_count: int, name: str) -> bytes:
+def encode_hello(page_size: int, role: int, page_count: int, name: str,
+                 written: tuple[tuple[int, int, int], ...] = ()) -> bytes:
     raw = name.encode()
-    return _record(HELLO, 0, _HELLO.pack(page_size, role, page_count, len(raw), 0), raw)
+    ranges = b"".join(_WRITTEN_RANGE.pack(f, a, b) for f, a, b in written)
+    return _record(HELLO, 0, _HELLO.pack(page_size, role, page_count, len(raw), len(written)), raw, ranges)
 
 
 def decode_hello(msg: bytes | memoryview) -> Hello:
     _, body = _body(msg, HELLO)
     _need("HELLO", body, _HELLO.size, "the fixed fields")
-    page_size, role, page_count, name_len, _ = _HELLO.unpack_from(body, 0)
-    if len(body) != _HELLO.size + name_len:
-        raise WireError(f"HELLO: name_length {name_len} does not match the body")
+    page_size, role, page_count, name_len, n_written = _HELLO.unpack_from(body, 0)
+    if len(body) != _HELLO.size + name_len + n_written * _WRITTEN_RANGE.size:
+        raise WireError(f"HELLO: name_length {name_len} and written_count {n_written} do not "
+                        f"match the body of {len(body)} bytes")
     if role not in (ROLE_PRIMARY, ROLE_SECONDARY):
         raise WireError(f"HELLO: unknown role {role}")
     try:
-        name = bytes(body[_HELLO.size:]).decode()
+        name = bytes(body[_HELLO.size:_HELLO.size + name_len]).decode()
     except UnicodeDecodeError as exc:
         raise WireError(f"HELLO: name is not UTF-8 ({exc})") from None
-    return Hello(page_size, role, page_count, name)
+    written = tuple(_WRITTEN_RANGE.iter_unpack(body[_HELLO.size + name_len:]))
+    for f, a, b in written:
+        if f >= page_count or not a < b <= page_size:
+            raise WireError(f"HELLO: written range frame {f} bytes {a}..{b} is outside "
+                            f"{page_count} pages of {page_size} bytes")
+    return Hello(page_size, role, page_count, name, written)
 
 
 # -- CHECKPOINT_BEGIN ----------------------------------------------------

@@ -600,3 +600,14 @@ def test_property_corrupted_body_word(index, value, pos):
     at = wire.HEADER_SIZE + pos % (body_len - 3)
     struct.pack_into("<I", msg, at, value)
     decode_any(bytes(msg))
+
+
+def test_hello_carries_the_hypervisor_written_ranges_and_checks_them() -> None:
+    """The primary's vcpu_info ranges go to the secondary in HELLO (docs/wire-format.md)."""
+    written = ((40, 0x3C0, 0x3D0), (40, 0x3E0, 0x400))
+    msg = wire.encode_hello(4096, wire.ROLE_PRIMARY, 32786, "prim", written)
+    assert wire.decode_hello(msg) == wire.Hello(4096, wire.ROLE_PRIMARY, 32786, "prim", written)
+    assert wire.decode_hello(wire.encode_hello(4096, 1, 5, "a")).written == ()
+    rejects(wire.encode_hello(4096, 1, 40, "p", written), wire.decode_hello, "HELLO", "frame 40", "outside")
+    rejects(wire.encode_hello(4096, 1, 50, "p", ((1, 0x20, 0x10),)), wire.decode_hello, "HELLO", "written range")
+    rejects(with_body(msg, msg[wire.HEADER_SIZE:-2]), wire.decode_hello, "HELLO", "written_count")

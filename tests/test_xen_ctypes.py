@@ -267,38 +267,64 @@ def test_libraries_load_and_prototypes_resolve() -> None:
 
 
 # -- batched copies: holes and the secondary's own frames ----------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED, _MAP_ANONYMOUS = 0x10, 0x20
+_guest_fds: dict[int, int] = {}
+
+
+def guest_ram(pages: np.ndarray) -> np.ndarray:
+    """A copy of ``pages`` as "guest RAM" in a memfd, so that the mock's mappings alias it the
+    way privcmd's foreign mappings alias a guest's frames (a write through either is seen by both)."""
+    import mmap as mmap_mod
+
+    fd = os.memfd_create("mock-guest-ram")
+    os.ftruncate(fd, pages.nbytes)
+    ram = np.frombuffer(mmap_mod.mmap(fd, pages.nbytes), np.uint8).reshape(pages.shape)
+    ram[:] = pages
+    _guest_fds[ram.ctypes.data] = fd
+    return ram
+
+
 class MockForeignMemory:
     """MOCK of libxenforeignmemory (named as such): per-frame map errors (holes) cannot be caused
-    without a hypervisor. Maps frames of a numpy "guest RAM"; frames in ``holes`` fail with -EINVAL."""
+    without a hypervisor. Maps frames of a memfd "guest RAM" (guest_ram) at consecutive
+    addresses, aliasing it like privcmd does; frames in ``holes`` fail with -EINVAL and are left
+    inaccessible (touching one faults, as privcmd's do)."""
 
     def __init__(self, ram: np.ndarray, holes: set[int], on_map=None) -> None:
-        self.ram, self.holes, self.maps, self.on_map = ram, holes, {}, on_map
+        if ram.ctypes.data not in _guest_fds:
+            ram = guest_ram(ram)
+        self.ram, self.fd, self.holes, self.maps, self.on_map = ram, _guest_fds[ram.ctypes.data], holes, {}, on_map
+        self.map_calls = 0
 
     def xenforeignmemory_map(self, fmem, domid, prot, n, frames_addr, errs_addr):
+        self.map_calls += 1
         if self.on_map is not None:
             self.on_map()
         frames = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(frames_addr))
         errs = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(errs_addr))
-        window = np.zeros((n, 4096), np.uint8)
-        for i, pfn in enumerate(frames):
-            errs[i] = -errno.EINVAL if int(pfn) in self.holes else 0
+        addr = _libc.mmap(None, n * 4096, 0, 0x02 | _MAP_ANONYMOUS, -1, 0)   # PROT_NONE, private
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        for i, pfn in enumerate(frames.tolist()):
+            errs[i] = -errno.EINVAL if pfn in self.holes else 0
             if not errs[i]:
-                window[i] = self.ram[int(pfn)]
-        self.maps[window.ctypes.data] = (window, frames.copy(), errs.copy())
-        return window.ctypes.data
+                got = _libc.mmap(addr + i * 4096, 4096, prot, 0x01 | _MAP_FIXED, self.fd, pfn * 4096)
+                assert got == addr + i * 4096
+        self.maps[addr] = n
+        return addr
 
     def xenforeignmemory_unmap(self, fmem, addr, n):
-        window, frames, errs = self.maps.pop(addr)
-        for i, pfn in enumerate(frames):  # write back what the caller changed (writable mappings)
-            if not errs[i]:
-                self.ram[int(pfn)] = window[i]
-        return 0
+        assert self.maps.pop(addr) == n
+        return _libc.munmap(addr, n * 4096)
 
 
 def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
     """A XenDomain over MockForeignMemory: its frames are the gpfns of ``ram`` outside
     ``holes`` at open (the hypervisor-side scan runs for real against the mock); ``own`` are
-    gpfns of the domain's own Xen pages. ``on_map`` runs before each map (a writer Xen would be)."""
+    gpfns of the domain's own Xen pages. ``on_map`` runs before each map."""
     from types import SimpleNamespace
 
     from pipeline.xen_io.xen import XenDomain
@@ -307,14 +333,17 @@ def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
     fmem = MockForeignMemory(ram, holes, on_map)
     dom._h = SimpleNamespace(lib=SimpleNamespace(fmem=fmem, xc=None), fmem=1)
     dom._pid, dom._privcmd_path = os.getpid(), "/dev/null"
-    dom.domid, dom.name, dom.max_gpfn = 9, "mock", ram.shape[0] - 1
+    dom.domid, dom.name, dom.max_gpfn = 9, "mock", fmem.ram.shape[0] - 1
     dom.info = SimpleNamespace(nr_online_vcpus=1)
+    dom._mapped, dom._hole_mask, dom.map_holes = None, None, np.empty(0, np.uint64)
+    dom.written_evidence = {}
     dom.frames = dom._scan_mappable()
     dom.page_count = int(dom.frames.size)
     dom.own_frames = dom.indexes_of(np.array(own, dtype=np.uint64))
     dom.xen_written = {}
     dom._bitmap = dom._bitmap_words = dom._ctx_buf = None
     dom._paused_here = False
+    dom._watch_log_dirty = lambda on: False    # no log-dirty unless a test gives one
     fmem.holes = set()   # from here on every frame found at open maps
     return dom
 
@@ -352,7 +381,7 @@ def test_read_pages_zero_fills_and_reports_holes_across_batches() -> None:
 
 
 def test_write_pages_keeps_own_frames_xen_written_bytes_and_skips_holes() -> None:
-    ram = np.zeros((64, 4096), np.uint8)
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
     dom = domain_over(ram, holes=set(), own=[0x10])
     dom._h.lib.fmem.holes = {3}
     ram[0x20, 0x3c0:0x400] = 0x77               # this domain's vcpu_info at 0x20:0x3c0
@@ -378,30 +407,150 @@ def _vcpu_info_tick(page: np.ndarray, at: int, step: int) -> None:
 
 
 def test_find_xen_written_locates_the_vcpu_info_and_not_guest_data() -> None:
-    """MOCK of a running guest and of Xen's own writes (no hypervisor in CI): the guest keeps
-    rewriting pages (logged dirty in reality; here just changing), and 'Xen' ticks the
-    vcpu_info at gpfn 40 + 0x3c0. Only that block is found (guest data that passed the clock
-    test in one round is not taken), and the digest then ignores it."""
-    ram = np.zeros((64, 4096), np.uint8)
+    """MOCK of a running guest and of Xen's own writes (no hypervisor in CI): between the
+    watch's reads the guest keeps rewriting pages, and 'Xen' ticks the vcpu_info at gpfn 40 +
+    0x3c0. Only that block is found (guest data that passed the clock test in one round is not
+    taken), and the digest then ignores it."""
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
     step = [0]
 
-    def running_guest() -> None:
+    def running_guest(_s: float) -> None:
         step[0] += 1
         ram[7, :64] = step[0] % 251                         # guest data in a 64-byte block
         ram[9, 0x3e8:0x3f0] = step[0] % 13                 # guest data that happens to sit at vcpu_info offsets
-        if step[0] <= 5:                                    # guest data that looks like one, once:
-            _vcpu_info_tick(ram[11], 0x80, step[0])        # the 1st watch round only (maps 4, 5)
+        if step[0] <= 2:                                    # guest data that looks like one, once:
+            _vcpu_info_tick(ram[11], 0x80, step[0])        # the 1st watch round only
         _vcpu_info_tick(ram[40], 0x3c0, step[0])
-    dom = domain_over(ram, holes={50}, own=[], on_map=running_guest)
-    found = dom.find_xen_written(window_s=0)
+    dom = domain_over(ram, holes={50}, own=[])
+    found = dom.find_xen_written(window_s=0, sleep=running_guest)
     assert found == {dom.indexes_of(np.array([40], np.uint64))[0]: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
-    dom._h.lib.fmem.on_map = None                          # both paused at a checkpoint
-    twin = domain_over(ram.copy(), holes={50}, own=[])
+    twin = domain_over(guest_ram(ram), holes={50}, own=[])
     twin.xen_written = dict(found)
     _vcpu_info_tick(twin._h.lib.fmem.ram[40], 0x3c0, 999)  # the twin's own clock differs
     assert dom.memory_digest() == twin.memory_digest()
     twin._h.lib.fmem.ram[40, 0x3d0] ^= 1                   # a guest byte of that block differs
     assert dom.memory_digest() != twin.memory_digest()
+
+
+def test_log_dirty_evidence_beats_guest_data_that_looks_like_a_vcpu_info_more_often() -> None:
+    """MOCK of Xen's log-dirty (no hypervisor in CI) and of the Xen lab's run-3 failure: guest
+    data on a page the guest writes (logged dirty) passes the clock test in every round, the
+    real vcpu_info, on a page the guest writes too, in fewer. In one round the guest left the
+    real one's page alone while Xen ticked it: only Xen can have written it, so it is taken."""
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
+    step, dirty = [0], [set()]
+
+    def running_guest(_s: float) -> None:
+        step[0] += 1
+        _vcpu_info_tick(ram[21], 0x540, step[0])           # guest data, every round, page dirty
+        dirty[0] = {21}
+        if step[0] % 3 == 1:                               # Xen ticks the real one every 3rd window...
+            _vcpu_info_tick(ram[40], 0x3c0, step[0])
+            if step[0] != 7:                               # ...and the guest writes that page too, but in one
+                ram[40, 0x100] = step[0]
+                dirty[0].add(40)
+    dom = domain_over(ram, holes=set(), own=[])
+    dom._watch_log_dirty = lambda on: True
+    dom.read_and_clear_dirty = lambda: dirty[0].clear() or np.empty(0, np.uint64)
+    dom.peek_dirty = lambda: np.array(sorted(dirty[0]), np.uint64)
+    step[0] = 0
+    found = dom.find_xen_written(rounds=12, window_s=0, sleep=running_guest)
+    assert found == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    assert dom.written_evidence[(40, 0x3c0)][1] is True         # certain
+    assert dom.written_evidence[(21, 0x540)] == (dom.written_evidence[(21, 0x540)][0], False)
+    assert dom.written_evidence[(21, 0x540)][0] > dom.written_evidence[(40, 0x3c0)][0]
+
+
+def test_handshake_secondary_adopts_the_primarys_vcpu_info_only_when_it_saw_it() -> None:
+    """The primary's ranges go to the secondary in HELLO. MOCK evidence (no hypervisor in CI)."""
+    sec = domain_over(guest_ram(np.zeros((64, 4096), np.uint8)), holes=set(), own=[])
+    prim_ranges = ((40, 0x3c0, 0x3d0), (40, 0x3e0, 0x400))
+    sec.written_evidence = {(40, 0x3c0): (1, False), (21, 0x540): (3, False)}
+    sec.xen_written = {21: ((0x540, 0x550), (0x560, 0x580))}   # it had taken guest data
+    sec.agree_hypervisor_written(prim_ranges, peer_is_primary=True)
+    assert sec.hypervisor_written() == prim_ranges
+    sec.agree_hypervisor_written(prim_ranges, peer_is_primary=False)   # equal: the primary accepts
+    with pytest.raises(DomainError, match=r"disagree.*secondary gpfn 0x15\+0x540.*this node gpfn 0x28\+0x3c0"):
+        sec.agree_hypervisor_written(((21, 0x540, 0x550), (21, 0x560, 0x580)), peer_is_primary=False)
+    with pytest.raises(DomainError, match=r"never saw gpfn 0x7\+0x0"):
+        sec.agree_hypervisor_written(((7, 0, 0x10), (7, 0x20, 0x40)), peer_is_primary=True)
+    with pytest.raises(DomainError, match="not whole vcpu_info field sets"):
+        sec.agree_hypervisor_written(((40, 0x3c0, 0x3d0),), peer_is_primary=True)
+    assert sec.hypervisor_written() == prim_ranges, "a refusal changes nothing"
+
+
+def test_written_ranges_set_in_a_forked_process_reach_its_siblings() -> None:
+    """The coordinator adopts the primary's ranges after the restore stage was forked: the
+    ranges live in a table shared across the node's forks."""
+    dom = domain_over(guest_ram(np.zeros((64, 4096), np.uint8)), holes=set(), own=[])
+    dom.xen_written = {}
+    pid = os.fork()
+    if pid == 0:   # the "coordinator"
+        try:
+            dom.xen_written = {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert dom.xen_written == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    with pytest.raises(DomainError, match="outside"):
+        dom.xen_written = {64: ((0, 16),)}
+
+
+def test_guest_memory_is_mapped_once_and_a_checkpoint_copy_is_one_gather() -> None:
+    """MOCK of the foreign mapping (no hypervisor in CI): many reads and writes, one map per
+    process and writability; the mapping aliases the guest (a write is seen by a read)."""
+    ram = guest_ram(np.random.default_rng(3).integers(0, 256, (3000, 4096), dtype=np.uint8))
+    dom = domain_over(ram, holes=set(), own=[])
+    fmem = dom._h.lib.fmem
+    before = fmem.map_calls
+    out = np.empty((2500, 4096), np.uint8)
+    for k in range(5):
+        pfns = np.sort(np.random.default_rng(k).choice(3000, 2500, replace=False)).astype(np.uint64)
+        dom.read_pages(pfns, out)
+        np.testing.assert_array_equal(out, ram[pfns.astype(np.int64)])
+    assert fmem.map_calls == before + 1
+    dom.write_pages(np.array([17], np.uint64), np.full((1, 4096), 9, np.uint8))
+    assert fmem.map_calls == before + 2 and (ram[17] == 9).all()   # mapped again, writable
+    dom.read_pages(np.array([17], np.uint64), out)
+    assert (out[0] == 9).all() and fmem.map_calls == before + 2
+    dom._pid = -1                      # as in a forked stage: the mapping is not inherited
+    from pipeline.xen_io import xen
+    real = xen.xen_handles
+    try:
+        xen.xen_handles = lambda path: dom._h
+        dom.read_pages(np.array([17], np.uint64), out)
+    finally:
+        xen.xen_handles = real
+    assert fmem.map_calls == before + 3
+    dom.close()
+    assert len(fmem.maps) == 1        # left: the "parent's", which only the parent unmaps
+
+
+def test_dirty_count_is_a_log_dirty_peek_without_a_bitmap() -> None:
+    """MOCK of xc_logdirty_control (no hypervisor in CI): PEEK with no bitmap and no pages
+    returns Xen's dirty_count; log-dirty off or a CLEAN in progress is 'cannot tell' (-1)."""
+    from types import SimpleNamespace
+
+    dom = domain_over(np.zeros((4, 4096), np.uint8), holes=set(), own=[])
+    calls, answer = [], [(0, 0, 123)]
+
+    def logdirty(xch, domid, op, bitmap, pages, mode, stats):
+        calls.append((op, bitmap, pages))
+        rc, err, count = answer[0]
+        ctypes.cast(stats, ctypes.POINTER(xc.XenShadowOpStats)).contents.dirty_count = count
+        ctypes.set_errno(err)
+        return rc
+    dom._h.xch = 1
+    dom._xc = SimpleNamespace(xc_logdirty_control=logdirty)
+    assert dom.dirty_count() == 123
+    assert calls == [(xc.XEN_DOMCTL_SHADOW_OP_PEEK, None, 0)]
+    answer[0] = (-1, errno.EINVAL, 0)
+    assert dom.dirty_count() == -1
+    answer[0] = (-1, errno.EBUSY, 0)
+    assert dom.dirty_count() == -1
+    answer[0] = (-1, errno.EPERM, 0)
+    with pytest.raises(DomainError, match="PEEK.*EPERM"):
+        dom.dirty_count()
 
 
 def test_vcpu_info_blocks_wants_a_clock_that_moves_forward() -> None:
@@ -485,21 +634,21 @@ def test_no_library_handle_crosses_the_nodes_fork(monkeypatch) -> None:
 def test_a_vcpu_info_seen_in_one_round_only_is_taken_when_unambiguous() -> None:
     """MOCK (no hypervisor in CI): Xen ticks the clock once in all the watch rounds, as the
     Xen lab saw on a secondary; the twin's proof then never matched while the block was left out."""
-    ram = np.zeros((64, 4096), np.uint8)
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
     step = [0]
 
-    def xen_ticks_once() -> None:
+    def xen_ticks_once(_s: float) -> None:
         step[0] += 1
-        if step[0] <= 5:                                    # the fingerprint passes and round 1
+        if step[0] <= 2:                                    # the fingerprint passes and round 1
             _vcpu_info_tick(ram[40], 0x3c0, step[0])
-    dom = domain_over(ram, holes=set(), own=[], on_map=xen_ticks_once)
-    assert dom.find_xen_written(rounds=3, window_s=0) == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    dom = domain_over(ram, holes=set(), own=[])
+    assert dom.find_xen_written(rounds=3, window_s=0, sleep=xen_ticks_once) == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
 
 
 def test_memory_digest_counts_the_own_shared_info_frame_as_zeros() -> None:
     """MOCK (no hypervisor in CI): twins keep their own shared_info frames, which differ."""
-    ram = np.random.default_rng(5).integers(0, 256, (1500, 4096), dtype=np.uint8)
-    twin_ram = ram.copy()
+    ram = guest_ram(np.random.default_rng(5).integers(0, 256, (1500, 4096), dtype=np.uint8))
+    twin_ram = guest_ram(ram)
     twin_ram[1200] ^= 0xFF                                 # the twin's own shared_info frame
     dom = domain_over(ram, holes=set(), own=[1200])
     twin = domain_over(twin_ram, holes=set(), own=[1200])

@@ -80,6 +80,22 @@ class Domain(abc.ABC):
         is then off."""
         return -1
 
+    def hypervisor_written(self) -> tuple[tuple[int, int, int], ...]:
+        """Byte ranges ``(pfn, start, end)`` the hypervisor writes into guest memory itself,
+        without logging the page dirty (Xen: each vCPU's registered vcpu_info). A secondary
+        keeps its own bytes there and the memory proof hashes them as zeros; the nodes compare
+        theirs in the handshake. Sorted; empty for backends without such bytes."""
+        return ()
+
+    def agree_hypervisor_written(self, peer: tuple[tuple[int, int, int], ...], peer_is_primary: bool) -> None:
+        """The handshake: the peer's :meth:`hypervisor_written`. A secondary may adopt the
+        primary's (when its own observation supports them); otherwise they must be equal.
+        Raises DomainError naming both when the nodes disagree."""
+        peer = tuple(sorted(tuple(int(v) for v in r) for r in peer))
+        if peer != self.hypervisor_written():
+            raise DomainError(f"{self.name}: the nodes disagree where the hypervisor writes itself: "
+                              f"peer {peer or 'none'}, this node {self.hypervisor_written() or 'none'}")
+
     # -- memory ---------------------------------------------------------
     @abc.abstractmethod
     def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> None:

@@ -214,6 +214,13 @@ class XenDomain(Domain):
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
         self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
+        #: this process's mapping of every frame: (address, view, writable), see guest_memory
+        self._mapped: tuple[int, np.ndarray, bool] | None = None
+        self._hole_mask: np.ndarray | None = None
+        #: frame indexes that did not map when guest_memory mapped them (normally none)
+        self.map_holes = np.empty(0, dtype=np.uint64)
+        #: the evidence find_xen_written gathered: (frame index, block) -> (rounds seen, certain)
+        self.written_evidence: dict[tuple[int, int], tuple[int, bool]] = {}
         #: gpfn of each frame index: every frame of 0..max_gpfn that maps, found once here
         #: (mapping the whole gpfn space: seconds under TCG)
         self.frames = self._scan_mappable()
@@ -227,7 +234,7 @@ class XenDomain(Domain):
         #: frame index -> byte ranges of it that Xen writes itself (the vcpu_info fields found
         #: by find_xen_written): write_pages keeps this domain's own bytes there, and
         #: memory_digest hashes them as zeros
-        self.xen_written: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.xen_written = {}
         log.info("opened %s domain %s (id %d): %d frames mapped of max_gpfn=%#x, shared_info_frame=%#x "
                  "vcpus=%d paging=%s", self.guest_type, name, domid, self.page_count, self.max_gpfn,
                  self.shared_info_frame, self.info.nr_online_vcpus,
@@ -241,6 +248,7 @@ class XenDomain(Domain):
             self._h = xen_handles(self._privcmd_path)
             self._xc = self._h.lib.xc
             self._bitmap, self._bitmap_words, self._ctx_buf = None, None, None
+            self._mapped = None      # the parent's mapping is not in this process (VM_DONTCOPY)
             self._paused_here = False
             self._pid = os.getpid()
 
@@ -346,6 +354,32 @@ class XenDomain(Domain):
             gpfns = bitmap_to_pfns(self._bitmap_words, self.max_gpfn + 1)
         return self.indexes_of(gpfns)
 
+    def dirty_count(self) -> int:
+        """Frames the guest wrote since the last CLEAN, without clearing (log-dirty PEEK with no
+        bitmap: Xen returns only its dirty_count, the bits it set since the CLEAN, and copies
+        nothing; paging_log_dirty_op pauses the domain for the moment it takes). -1 while
+        Xen cannot tell: log-dirty off (EINVAL) or a CLEAN of another process in progress (EBUSY)."""
+        self._live()
+        stats = XenShadowOpStats()
+        rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_PEEK,
+                                          None, 0, 0, ctypes.byref(stats))
+        if rc < 0 and ctypes.get_errno() in (errno.EINVAL, errno.EBUSY):
+            return -1
+        self._check("xc_logdirty_control(PEEK)", rc)
+        return int(stats.dirty_count)
+
+    def peek_dirty(self) -> np.ndarray:
+        """Frame indexes the guest wrote since the last CLEAN, without clearing (log-dirty PEEK)."""
+        self._live()
+        self._ensure_bitmap()
+        assert self._bitmap is not None and self._bitmap_words is not None
+        stats = XenShadowOpStats()
+        rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_PEEK,
+                                          ctypes.byref(self._bitmap), self.max_gpfn + 1, 0, ctypes.byref(stats))
+        self._check("xc_logdirty_control(PEEK)", rc, "was enable_dirty_log called?")
+        gpfns = bitmap_to_pfns(self._bitmap_words, self.max_gpfn + 1)
+        return np.flatnonzero(np.isin(self.frames, gpfns)).astype(np.uint64)
+
     # -- memory ---------------------------------------------------------
     def _validate(self, pfns: np.ndarray, buf: np.ndarray, what: str) -> np.ndarray:
         pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
@@ -353,9 +387,13 @@ class XenDomain(Domain):
             raise ValueError(f"{what} must be a (n, {PAGE_SIZE}) uint8 array, got {buf.dtype} {buf.shape}")
         if buf.shape[0] < pfns.size:
             raise ValueError(f"{what} has {buf.shape[0]} rows for {pfns.size} pfns")
-        if pfns.size and int(pfns.max()) >= self.page_count:
-            raise ValueError(f"frame index {int(pfns.max())} is beyond domain {self.name}'s "
-                             f"{self.page_count} frames")
+        if pfns.size:
+            # one reading of the largest index for the test and the message: the Xen lab once
+            # reported "frame index 32767 is beyond ... 32786 frames", a test that passed on one
+            # computation and a message printed from another (the emulated CPU under QEMU TCG)
+            top, count = int(pfns.max()), self.page_count
+            if top >= count:
+                raise ValueError(f"frame index {top} is beyond domain {self.name}'s {count} frames")
         return pfns
 
     @contextmanager
@@ -382,68 +420,93 @@ class XenDomain(Domain):
                 log.warning("xenforeignmemory_unmap of %d frames of %s failed: %s", n, self.name,
                             os.strerror(ctypes.get_errno()))
 
-    def _note_holes(self, idx: np.ndarray, errs: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
-        bad = errs != 0
-        if bad.any():
-            holes.append(idx[bad])
-            log.debug("%s: %d frames unmappable, first index %d: %s", self.name, int(bad.sum()),
-                      int(idx[bad][0]), os.strerror(-int(errs[bad][0])))
-        return ~bad
+    # -- the guest's memory, mapped once -----------------------------------
+    # Every frame is mapped once per process (and again only when the process changes: the
+    # privcmd mapping is VM_DONTCOPY, a forked stage has none), so a checkpoint's copy is one
+    # gather from memory that is already mapped: no map/unmap hypercalls in the pause. The
+    # frame set is fixed for the domain's life (indexes_of refuses a frame outside it).
+    def guest_memory(self, writable: bool = False) -> np.ndarray:
+        """All frames as a ``(page_count, 4096)`` view of one foreign mapping, row = frame
+        index; rows in :attr:`map_holes` did not map and must not be touched (privcmd faults)."""
+        self._live()
+        have = self._mapped
+        if have is not None and (have[2] or not writable):
+            return have[1]
+        if have is not None:     # read-only so far and now written: map again, writable
+            self._unmap()
+        n = self.page_count
+        frames = np.ascontiguousarray(self.frames, dtype=np.uint64)
+        errs = np.zeros(n, dtype=np.int32)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        addr = self._h.lib.fmem.xenforeignmemory_map(self._h.fmem, self.domid, prot, n,
+                                                     frames.ctypes.data, errs.ctypes.data)
+        if not addr:
+            raise call_error("xenforeignmemory_map", f"{self.name} (id {self.domid})", ctypes.get_errno(),
+                             f"all {n} frames, {'read-write' if writable else 'read-only'}")
+        view = np.asarray(_RawMemory(addr, (n, PAGE_SIZE), writable))
+        self.map_holes = np.flatnonzero(errs != 0).astype(np.uint64)
+        self._hole_mask = errs != 0 if self.map_holes.size else None
+        if self.map_holes.size:
+            log.warning("%s: %d of %d frames did not map (first index %d: %s); they read as zeros",
+                        self.name, self.map_holes.size, n, int(self.map_holes[0]),
+                        os.strerror(-int(errs[self.map_holes[0]])))
+        self._mapped = (addr, view, writable)
+        return view
+
+    def _unmap(self) -> None:
+        if self._mapped is not None:
+            addr = self._mapped[0]
+            self._mapped = None
+            if self._h.lib.fmem.xenforeignmemory_unmap(self._h.fmem, addr, self.page_count) < 0:
+                log.warning("xenforeignmemory_unmap of %s's %d frames failed: %s", self.name,
+                            self.page_count, os.strerror(ctypes.get_errno()))
+
+    def _split_holes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the indexes that mapped, the holes among ``idx``) as row masks over ``idx``."""
+        if self._hole_mask is None:
+            return np.ones(idx.size, bool), np.empty(0, np.uint64)
+        bad = self._hole_mask[idx]
+        return ~bad, idx[bad]
 
     def read_pages(self, pfns: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Copy frames (indexes) into ``out``. Frames that no longer map are zero-filled,
-        skipped and returned (also kept in ``last_holes``)."""
+        """Copy frames (indexes) into ``out``: one gather from the persistent mapping. Frames
+        that did not map are zero-filled, skipped and returned (also kept in ``last_holes``)."""
         idx = self._validate(pfns, out, "out")
-        holes: list[np.ndarray] = []
-        for start in range(0, idx.size, MAP_BATCH):
-            batch = idx[start : start + MAP_BATCH]
-            with self.map_frames(self.frames[batch], writable=False) as (pages, errs):
-                ok = self._note_holes(batch, errs, holes)
-                dst = out[start : start + batch.size]
-                if ok.all():
-                    dst[:] = pages
-                else:
-                    dst[ok] = pages[ok]
-                    dst[~ok] = 0
-        self.last_holes = np.concatenate(holes) if holes else np.empty(0, dtype=np.uint64)
-        return self.last_holes
+        mem = self.guest_memory()
+        ok, holes = self._split_holes(idx)
+        dst = out[:idx.size]
+        if not holes.size:
+            np.take(mem, idx, axis=0, out=dst, mode="clip")   # clip: unbuffered; idx validated
+        else:
+            dst[ok] = mem[idx[ok]]
+            dst[~ok] = 0
+        self.last_holes = holes
+        return holes
 
     def write_pages(self, pfns: np.ndarray, data: np.ndarray) -> np.ndarray:
         """Copy ``data`` into frames (indexes), except this domain's own Xen pages
         (``own_frames``) and, within a page, the bytes Xen writes for this domain
-        (``xen_written``). Frames that no longer map are skipped and returned."""
+        (``xen_written``). Frames that did not map are skipped and returned."""
         idx = self._validate(pfns, data, "data")
-        holes: list[np.ndarray] = []
-        for start in range(0, idx.size, MAP_BATCH):
-            batch = idx[start : start + MAP_BATCH]
-            rows = data[start : start + batch.size]
-            if self.own_frames.size:
-                keep = ~np.isin(batch, self.own_frames)
-                if not keep.all():  # rare: copies only in that case
-                    batch, rows = batch[keep], rows[keep]
-                    if batch.size == 0:
-                        continue
-            with self.map_frames(self.frames[batch], writable=True) as (pages, errs):
-                ok = self._note_holes(batch, errs, holes)
-                kept = self._save_xen_written(batch, pages, ok)
-                if ok.all():
-                    pages[:] = rows
-                else:
-                    pages[ok] = rows[ok]
-                for row, start_b, end_b, saved in kept:
-                    pages[row, start_b:end_b] = saved
-        self.last_holes = np.concatenate(holes) if holes else np.empty(0, dtype=np.uint64)
-        return self.last_holes
-
-    def _save_xen_written(self, batch: np.ndarray, pages: np.ndarray, ok: np.ndarray) -> list:
-        """This domain's own bytes in the Xen-written ranges of the mapped ``batch``."""
-        if not self.xen_written:
-            return []
+        rows = data[:idx.size]
+        mem = self.guest_memory(writable=True)
+        keep, holes = self._split_holes(idx)
+        if self.own_frames.size:
+            keep &= ~np.isin(idx, self.own_frames)
+        written = self.xen_written
         kept = []
-        for row in np.flatnonzero(np.isin(batch, list(self.xen_written)) & ok):
-            for a, b in self.xen_written[int(batch[row])]:
-                kept.append((row, a, b, pages[row, a:b].copy()))
-        return kept
+        if written:  # this domain's own bytes where Xen writes (its vcpu_info), put back after
+            for i in np.flatnonzero(np.isin(idx, list(written)) & keep):
+                frame = int(idx[i])
+                kept += [(frame, a, b, mem[frame, a:b].copy()) for a, b in written[frame]]
+        if keep.all():
+            mem[idx] = rows
+        else:
+            mem[idx[keep]] = rows[keep]
+        for frame, a, b, saved in kept:
+            mem[frame, a:b] = saved
+        self.last_holes = holes
+        return holes
 
     def _scan_mappable(self) -> np.ndarray:
         """Every gpfn of 0..max_gpfn that maps (the guest's RAM plus special pages)."""
@@ -461,53 +524,157 @@ class XenDomain(Domain):
         """The guest frame number of every frame index (see :attr:`frames`)."""
         return self.frames
 
-    def find_xen_written(self, rounds: int = 12, window_s: float = 0.3) -> dict[int, tuple[tuple[int, int], ...]]:
+    # -- bytes Xen writes itself ------------------------------------------
+    # The ranges live in a small table shared by the node and the stages it forks (an
+    # anonymous shared mapping made when the domain is opened): the coordinator may adopt the
+    # primary's ranges at the handshake, after the restore stage was forked, and the restore
+    # stage's write_pages and both sides' digests must then use the same ranges.
+    _WRITTEN_ROW = np.dtype([("frame", "<u8"), ("start", "<u4"), ("end", "<u4")])
+    _WRITTEN_ROWS = 255
+
+    def _written_table(self) -> tuple[np.ndarray, np.ndarray]:
+        shm = self.__dict__.get("_written_shm")
+        if shm is None:
+            shm = self.__dict__["_written_shm"] = mmap.mmap(-1, 16 + 16 * self._WRITTEN_ROWS)
+            self.__dict__["_written_cache"] = (-1, {})
+        head = np.frombuffer(shm, np.uint32, 2, 0)             # generation, rows
+        return head, np.frombuffer(shm, self._WRITTEN_ROW, self._WRITTEN_ROWS, 16)
+
+    @property
+    def xen_written(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        """Frame index -> byte ranges of it that Xen writes itself (each vCPU's registered
+        vcpu_info fields): write_pages keeps this domain's own bytes there and memory_digest
+        hashes them as zeros."""
+        head, rows = self._written_table()
+        gen, cached = self.__dict__["_written_cache"]
+        if gen != int(head[0]):
+            cached = {}
+            for frame, start, end in rows[:int(head[1])].tolist():
+                cached.setdefault(int(frame), []).append((int(start), int(end)))
+            cached = {f: tuple(r) for f, r in cached.items()}
+            self.__dict__["_written_cache"] = (int(head[0]), cached)
+        return cached
+
+    @xen_written.setter
+    def xen_written(self, ranges: dict[int, tuple[tuple[int, int], ...]]) -> None:
+        flat = sorted((int(f), int(a), int(b)) for f, rr in ranges.items() for a, b in rr)
+        if len(flat) > self._WRITTEN_ROWS:
+            raise DomainError(f"{self.name}: {len(flat)} Xen-written ranges, at most {self._WRITTEN_ROWS}")
+        for f, a, b in flat:
+            if not (0 <= f < self.page_count and 0 <= a < b <= PAGE_SIZE):
+                raise DomainError(f"{self.name}: Xen-written range frame {f} bytes {a}..{b} is outside "
+                                  f"its {self.page_count} frames of {PAGE_SIZE} bytes")
+        head, rows = self._written_table()
+        rows[:len(flat)] = flat
+        head[1] = len(flat)
+        head[0] += 1                  # last: readers in other processes see the rows complete
+
+    def hypervisor_written(self) -> tuple[tuple[int, int, int], ...]:
+        """The Xen-written ranges as sorted ``(frame index, start, end)`` (see Domain)."""
+        return tuple(sorted((f, a, b) for f, rr in self.xen_written.items() for a, b in rr))
+
+    def agree_hypervisor_written(self, peer: tuple[tuple[int, int, int], ...], peer_is_primary: bool) -> None:
+        """The handshake's check that both nodes leave the same bytes out of the proof and the
+        secondary keeps its own bytes exactly where the primary's Xen writes.
+
+        On the secondary (``peer_is_primary``): the primary's ranges are adopted when they are
+        whole vcpu_info field sets and this node saw every one of those blocks change the way
+        a vcpu_info does while it watched its own guest (twins hold their vcpu_info at the same
+        place; under TCG one side may see its clock move in fewer rounds). On the primary the
+        secondary's answer must equal its own. Anything else is a DomainError naming both."""
+        peer = tuple(sorted((int(f), int(a), int(b)) for f, a, b in peer))
+        mine = self.hypervisor_written()
+        if peer == mine:
+            return
+        def where(ranges: tuple) -> str:
+            return ", ".join(f"gpfn {int(self.frames[f]):#x}+{a:#x}..{b:#x}" if f < self.page_count
+                             else f"frame {f}+{a:#x}..{b:#x}" for f, a, b in ranges) or "none"
+        refusal = (f"{self.name}: the nodes disagree where Xen writes itself (vcpu_info): "
+                   f"{'primary' if peer_is_primary else 'secondary'} {where(peer)}; this node {where(mine)}")
+        if not peer_is_primary:
+            raise DomainError(refusal)
+        blocks = xc_.vcpu_info_blocks_of_ranges(peer)
+        if blocks is None:
+            raise DomainError(refusal + " (the primary's ranges are not whole vcpu_info field sets)")
+        unseen = [(f, blk) for f, blk in blocks if (f, blk) not in self.written_evidence]
+        if unseen:
+            raise DomainError(refusal + f" (this node never saw {where(tuple((f, b, b + 64) for f, b in unseen))} "
+                              "change like a vcpu_info)")
+        self.xen_written = {f: tuple(r[1:] for r in peer if r[0] == f) for f in {r[0] for r in peer}}
+        log.info("%s: adopted the primary's vcpu_info ranges %s (this node had found %s)", self.name,
+                 where(peer), where(mine))
+
+    def find_xen_written(self, rounds: int = 12, window_s: float = 0.3,
+                         sleep=time.sleep) -> dict[int, tuple[tuple[int, int], ...]]:  # type: ignore[no-untyped-def]
         """Find each vCPU's registered vcpu_info by watching the *running* guest, and keep the
         fields Xen writes there in :attr:`xen_written`.
 
         Xen updates the vcpu_info a guest registered (event upcall flags, its clock) for that
-        domain alone and without marking the page dirty, and does not tell dom0 where it is.
-        So twins legitimately differ there: the secondary must keep its own values (its
-        clock, its pending events), and a memory proof must not count them. Two fingerprint
-        passes over all of memory find the pages that change; two reads of those pages
-        ``window_s`` apart show which 64-byte blocks change the way a vcpu_info does (see
-        :func:`~pipeline.xen_io.xen_ctypes.vcpu_info_blocks`). A block counts when it passed
-        in MIN_VCPU_INFO_ROUNDS rounds (or, unambiguously, in one), at most one per online vCPU;
-        watching stops when each vCPU has one, after at most ``rounds`` rounds. Costs two reads
-        of guest memory and the rounds' reads of the pages that changed."""
+        domain alone and without marking the page dirty, and does not tell dom0 where it is
+        (only ``struct vcpu`` holds it; no domctl or HVM save record carries it in 4.17). So
+        twins legitimately differ there: the secondary must keep its own values (its clock,
+        its pending events), and a memory proof must not count them.
+
+        Two fingerprint passes over all of memory find the pages that change; then rounds of
+        two reads of those pages ``window_s`` apart show which 64-byte blocks change the way a
+        vcpu_info does (see :func:`~pipeline.xen_io.xen_ctypes.vcpu_info_blocks`). Each round
+        also runs between a log-dirty CLEAN and a PEEK: a block that changed on a page the
+        guest did not write in that round was written by Xen itself, for certain (the guest
+        cannot write a page without Xen logging it). Certain blocks are taken first, then
+        blocks that passed in MIN_VCPU_INFO_ROUNDS rounds (or, unambiguously, in one), at most
+        one per online vCPU; watching stops when each vCPU has a certain one, or after
+        ``rounds`` rounds with enough counted ones."""
         def fingerprints() -> np.ndarray:
-            out = np.empty(self.page_count, np.uint64)
-            for start, pages in self.iter_pages(MAP_BATCH):
-                out[start:start + len(pages)] = xc_.page_fingerprints(pages)
+            mem, out = self.guest_memory(), np.empty(self.page_count, np.uint64)
+            for start in range(0, self.page_count, MAP_BATCH):
+                rows = np.arange(start, min(start + MAP_BATCH, self.page_count), dtype=np.uint64)
+                ok, _ = self._split_holes(rows)
+                out[start:start + rows.size] = 0
+                out[start:start + rows.size][ok] = xc_.page_fingerprints(mem[rows[ok]])
             return out
         first = fingerprints()
-        time.sleep(window_s)
+        sleep(window_s)
         changed = np.flatnonzero(fingerprints() != first).astype(np.uint64)
         changed = np.setdiff1d(changed, self.own_frames)
         want = max(1, self.info.nr_online_vcpus)
-        seen: dict[tuple[int, int], int] = {}      # (frame index, block) -> rounds it passed in
-        if changed.size:
-            a = np.empty((changed.size, PAGE_SIZE), np.uint8)
-            b = np.empty_like(a)
-            for _ in range(rounds):
-                self.read_pages(changed, a)
-                time.sleep(window_s)
-                self.read_pages(changed, b)
-                for row in np.flatnonzero((a != b).any(axis=1)):
-                    for block in xc_.vcpu_info_blocks(a[row], b[row]):
-                        key = (int(changed[row]), block)
-                        seen[key] = seen.get(key, 0) + 1
-                if sum(1 for n in seen.values() if n >= MIN_VCPU_INFO_ROUNDS) >= want:
-                    break
-        # A real vcpu_info passes in round after round; guest data that happened to look like
-        # one once does not. At most one per online vCPU, the most often seen first: a false
+        seen: dict[tuple[int, int], tuple[int, bool]] = {}   # (frame, block) -> (rounds, certain)
+        logged = self._watch_log_dirty(True) if changed.size else False
+        try:
+            if changed.size:
+                a = np.empty((changed.size, PAGE_SIZE), np.uint8)
+                b = np.empty_like(a)
+                for _ in range(rounds):
+                    if logged:
+                        self.read_and_clear_dirty()           # the round starts with a clean log
+                    self.read_pages(changed, a)
+                    sleep(window_s)
+                    self.read_pages(changed, b)
+                    guest_wrote = self.peek_dirty() if logged else None
+                    for row in np.flatnonzero((a != b).any(axis=1)):
+                        frame = int(changed[row])
+                        certain = guest_wrote is not None and not np.isin(frame, guest_wrote)
+                        for block in xc_.vcpu_info_blocks(a[row], b[row]):
+                            n, c = seen.get((frame, block), (0, False))
+                            seen[(frame, block)] = (n + 1, c or bool(certain))
+                    if sum(1 for _, c in seen.values() if c) >= want:
+                        break
+                    if not logged and sum(1 for n, _ in seen.values() if n >= MIN_VCPU_INFO_ROUNDS) >= want:
+                        break
+        finally:
+            if logged:
+                self._watch_log_dirty(False)
+        self.written_evidence = dict(seen)
+        # Certain blocks first; then a real vcpu_info passes in round after round, guest data
+        # that happened to look like one once does not. At most one per online vCPU: a false
         # block would make the secondary keep its own bytes in guest data.
-        ranked = sorted((k for k, n in seen.items() if n >= MIN_VCPU_INFO_ROUNDS), key=lambda k: -seen[k])
-        chosen = ranked[:want]
+        certain = sorted((k for k, (_, c) in seen.items() if c), key=lambda k: -seen[k][0])
+        counted = sorted((k for k, (n, c) in seen.items() if not c and n >= MIN_VCPU_INFO_ROUNDS),
+                         key=lambda k: -seen[k][0])
+        chosen = (certain + counted)[:want]
         # Under TCG, Xen may update a vCPU's clock only once in all the rounds (measured: the
         # secondary saw its vcpu_info once in 4 rounds while the primary saw its own twice, and
         # then no proof matched). A block seen once is taken when that is unambiguous.
-        once = [k for k, n in seen.items() if n < MIN_VCPU_INFO_ROUNDS]
+        once = [k for k, (n, c) in seen.items() if not c and n < MIN_VCPU_INFO_ROUNDS]
         if len(chosen) < want and len(once) <= want - len(chosen):
             chosen += once
         found: dict[int, list[int]] = {}
@@ -516,31 +683,55 @@ class XenDomain(Domain):
         self.xen_written = {i: tuple((blk + lo, blk + hi) for blk in blocks
                                      for lo, hi in xc_.XEN_WRITTEN_VCPU_INFO)
                             for i, blocks in found.items()}
-        where = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x} ({seen[(i, blk)]} rounds)" for i, blk in sorted(chosen))
-        dropped = ", ".join(f"gpfn {int(self.frames[i]):#x}+{blk:#x} ({n})" for (i, blk), n in sorted(seen.items())
-                            if (i, blk) not in chosen)
+        def show(k: tuple[int, int]) -> str:
+            n, c = seen[k]
+            return f"gpfn {int(self.frames[k[0]]):#x}+{k[1]:#x} ({n} rounds{', certain' if c else ''})"
+        dropped = ", ".join(show(k) for k in sorted(seen) if k not in chosen)
         (log.info if len(chosen) >= want else log.warning)(
-            "%s: vcpu_info found at %s (%d vCPUs online; %d pages changed while watched; not taken: %s)",
-            self.name, where or "nowhere", want, changed.size, dropped or "none")
+            "%s: vcpu_info found at %s (%d vCPUs online; %d pages changed while watched; log-dirty "
+            "evidence %s; not taken: %s)", self.name, ", ".join(show(k) for k in sorted(chosen)) or "nowhere",
+            want, changed.size, "on" if logged else "off", dropped or "none")
         return self.xen_written
 
+    def _watch_log_dirty(self, on: bool) -> bool:
+        """Log-dirty for find_xen_written's rounds: on (True when it could be turned on), off."""
+        try:
+            if on:
+                self.enable_dirty_log()
+            else:
+                self.disable_dirty_log()
+            return True
+        except DomainError as exc:
+            log.warning("%s: log-dirty %s for the vcpu_info watch failed: %s", self.name,
+                        "on" if on else "off", exc)
+            return False
+
     def memory_digest(self, batch_pages: int = MAP_BATCH) -> bytes:
-        """blake3 over every frame in index order. This domain's own Xen frames (shared_info)
-        count as zero pages and the bytes Xen writes itself (``xen_written``) as zeros, so two
-        twin domains whose guest memory is equal give equal digests. Pause the domain for a
-        stable answer."""
+        """blake3 over every frame in index order, straight from the persistent mapping. This
+        domain's own Xen frames (shared_info) and frames that did not map count as zero pages
+        and the bytes Xen writes itself (``xen_written``) as zeros, so two twin domains whose
+        guest memory is equal give equal digests. Pause the domain for a stable answer."""
         import blake3
 
+        mem = self.guest_memory()
+        special = np.union1d(self.own_frames, self.map_holes).astype(np.int64)
+        written = self.xen_written
         h = blake3.blake3()
-        for start, pages in self.iter_pages(batch_pages):
-            end = start + len(pages)
-            for i in self.own_frames[(self.own_frames >= start) & (self.own_frames < end)]:
-                pages[int(i) - start] = 0
-            for i, ranges in self.xen_written.items():
-                if start <= i < end:
-                    for a, b in ranges:
-                        pages[i - start, a:b] = 0
-            h.update(pages)
+        fixed = np.zeros(PAGE_SIZE, np.uint8)
+        at = 0
+        for i in sorted(set(special.tolist()) | set(written)):
+            if at < i:
+                h.update(mem[at:i])
+            if i in written and i not in special:
+                fixed[:] = mem[i]
+                for a, b in written[i]:
+                    fixed[a:b] = 0
+                h.update(fixed)
+            else:
+                h.update(np.zeros(PAGE_SIZE, np.uint8))
+            at = i + 1
+        if at < self.page_count:
+            h.update(mem[at:])
         return h.digest()
 
     def hvm_param(self, index: int) -> int:
@@ -613,6 +804,8 @@ class XenDomain(Domain):
         self._pid = 0
 
     def close(self) -> None:
+        if self._mapped is not None and self._pid == os.getpid():
+            self._unmap()
         if self._bitmap is not None and self._pid == os.getpid():
             self._bitmap_words = None
             self._xc.xc__hypercall_buffer_free_pages(self._h.xch, ctypes.byref(self._bitmap), self._bitmap_pages)

@@ -235,6 +235,26 @@ XEN_WRITTEN_VCPU_INFO = ((0x00, 0x10), (0x20, 0x40))
 _XEN_WRITTEN_OFFSETS = np.r_[tuple(slice(a, b) for a, b in XEN_WRITTEN_VCPU_INFO)]
 
 
+def vcpu_info_blocks_of_ranges(ranges) -> list[tuple[int, int]] | None:  # type: ignore[no-untyped-def]
+    """``(frame, block offset)`` of each vcpu_info in ``(frame, start, end)`` ranges that are
+    whole sets of the Xen-written fields (XEN_WRITTEN_VCPU_INFO of a 64-byte aligned block),
+    or None when the ranges are anything else (a peer that sent them is not to be trusted)."""
+    ranges = sorted((int(f), int(a), int(b)) for f, a, b in ranges)
+    per = len(XEN_WRITTEN_VCPU_INFO)
+    if len(ranges) % per:
+        return None
+    blocks = []
+    for k in range(0, len(ranges), per):
+        group = ranges[k:k + per]
+        frame, block = group[0][0], group[0][1] - XEN_WRITTEN_VCPU_INFO[0][0]
+        if block % VCPU_INFO_SIZE or not 0 <= block <= PAGE_SIZE - VCPU_INFO_SIZE:
+            return None
+        if group != [(frame, block + lo, block + hi) for lo, hi in XEN_WRITTEN_VCPU_INFO]:
+            return None
+        blocks.append((frame, block))
+    return blocks
+
+
 #: fixed odd weights of page_fingerprints, one per 64-bit word of a page
 _FINGERPRINT_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, PAGE_SIZE // 8,
                                                               dtype=np.uint64) | np.uint64(1)

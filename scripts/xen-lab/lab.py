@@ -10,6 +10,7 @@ Needs the outputs of build.sh/pack.sh in $XENLAB_DIR (run.sh does both). Exit st
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 
 LAB = Path(os.environ.get("XENLAB_DIR", "/var/tmp/colo-xenlab"))
-#: the pause target of issue 6: our PVM pause at most this many times the C baseline's
-PAUSE_RATIO_TARGET = 1.5
+#: the pause target (issue 17, item 3): our PVM pause median at most the C baseline's, which maps per checkpoint
+PAUSE_RATIO_TARGET = 1.0
 
 
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str) -> list[str]:
@@ -90,9 +91,12 @@ PLATFORM_FAULTS = re.compile(r"SyntaxError: invalid syntax|Segmentation fault|un
                              r"exited with -11|killed by signal 11|guest didn't acknowledge suspend|Attempted to kill init")
 
 
-def platform_fault(log: str) -> str:
-    """The platform fault that stopped dom0's driver before colo-pipeline ran a checkpoint, or ''.
-    Only then is the boot repeated: a fault during replication counts against the run."""
+def early_fault(log: str) -> str:
+    """What stopped dom0's driver before colo-pipeline ran its first checkpoint, or ''. Any such
+    fault earns one more boot (issue 17: one boot in three faulted under QEMU 7.2 TCG, not always
+    in a form PLATFORM_FAULTS names, e.g. a comparison that was false printed as true); a fault
+    of our own repeats on the next boot and fails the run. A fault during replication counts
+    against the run."""
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
     if not m:
         return ""
@@ -100,7 +104,8 @@ def platform_fault(log: str) -> str:
     if "error" not in res or res.get("pipeline"):
         return ""
     fault = PLATFORM_FAULTS.search(res["error"])
-    return f"{fault.group(0)} in: {res['error'][:160]}" if fault else ""
+    kind = f"platform: {fault.group(0)}" if fault else "unclassified"
+    return f"{kind} in: {res['error'][:160]}"
 
 
 def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
@@ -145,7 +150,8 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
     print(f"\nguest self-check: C phase {res.get('c_phase')}  pipeline phase {res.get('pipeline_phase')}")
     print(f"pipeline: {extra}; C baseline checkpoint interval {res.get('c_interval_ms')} ms (the pipeline's cadence)")
     print(f"failover: {fo}")
-    ok = ("error" not in res and rows and equal == len(rows) and guest_errs == 0 and sec_ran and failover_ok
+    causes = dict(sorted(collections.Counter(r.get("cause", "?") for r in rows).items()))
+    ok = (causes.get("dirty_threshold", 0) > 0 and "error" not in res and rows and equal == len(rows) and guest_errs == 0 and sec_ran and failover_ok
           and len(rows) == len(c_rows) > 1 and ratio <= PAUSE_RATIO_TARGET)
     print(f"VERDICT: {'PASS' if ok else 'FAIL'} colo-pipeline xen backend: {max(len(rows) - 1, 0)} checkpoints "
           f"after the first, memory-equal={equal}/{len(rows)} (both nodes' full-memory blake3) "
@@ -154,7 +160,9 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
           f"active {extra.get('takeover_after_s')}s after the kill | PVM pause median pipeline={pipe_med:.1f}ms "
           f"C={c_med:.1f}ms ratio={ratio:.2f} (target <={PAUSE_RATIO_TARGET}) | protected after "
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
-          + (f" | boots repeated after platform faults: {len(faults)}" if faults else ""))
+          + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
+          + (f" | boots repeated after faults before the first checkpoint: {len(faults)} ({'; '.join(faults)})"
+             if faults else " | boots repeated: 0"))
     return bool(ok)
 
 
@@ -167,8 +175,8 @@ def main() -> int:
                     help="QEMU TCG threading (multi-threaded TCG corrupted dom0 memory now and then here)")
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
     ap.add_argument("--platform-retries", type=int, default=1,
-                    help="boot again this many times when the emulated platform fails before the first "
-                         "checkpoint (PLATFORM_FAULTS)")
+                    help="boot again this many times when dom0's driver fails before the first "
+                         "checkpoint, whatever the fault")
     args = ap.parse_args()
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
@@ -178,13 +186,13 @@ def main() -> int:
     while True:
         log, boot_s, total_s = boot_and_run(args)
         wall += total_s
-        fault = platform_fault(log)
+        fault = early_fault(log)
         if not fault or len(faults) >= args.platform_retries:
             break
         faults.append(fault)
         kept = LAB / f"serial-fault{len(faults)}.log"
         (LAB / "serial.log").replace(kept)
-        print(f"PLATFORM FAULT (boot {len(faults)}, before any checkpoint; log {kept}): {fault}; booting again",
+        print(f"EARLY FAULT (boot {len(faults)}, before any checkpoint; log {kept}): {fault}; booting again",
               flush=True)
     return 0 if report(log, boot_s, wall, faults) else 1
 
