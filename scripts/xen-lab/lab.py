@@ -25,10 +25,13 @@ LAB = Path(os.environ.get("XENLAB_DIR", "/var/tmp/colo-xenlab"))
 PAUSE_RATIO_TARGET = 1.0
 
 
-def qemu_command(rounds: int, interval_ms: int, tcg_thread: str) -> list[str]:
+def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
+    # spec-ctrl=eager-fpu: QEMU's "max" CPU is an AMD one, on which Xen switches the FPU lazily
+    # (CR0.TS and the #NM trap); eager switching saves and loads every vCPU's FPU state at each
+    # context switch and does not depend on the emulation raising #NM (see fpu_canary.py)
     xen_args = "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 " \
-               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0"
+               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0" + (" spec-ctrl=eager-fpu" if eager_fpu else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
                 f"xenlab.interval_ms={interval_ms}"
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
@@ -49,7 +52,7 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
         (LAB / name).unlink(missing_ok=True)
     t0 = time.monotonic()
     with open(LAB / "qemu.out", "w") as qemu_out:  # the child keeps its own copy of the descriptor
-        qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.tcg_thread)],
+        qemu = subprocess.Popen(["nice", "-n", "10", *qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -108,7 +111,7 @@ def early_fault(log: str) -> str:
     return f"{kind} in: {res['error'][:160]}"
 
 
-def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
+def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "") -> bool:
     for line in log.splitlines():
         if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.")):
@@ -150,6 +153,9 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
     print(f"\nguest self-check: C phase {res.get('c_phase')}  pipeline phase {res.get('pipeline_phase')}")
     print(f"pipeline: {extra}; C baseline checkpoint interval {res.get('c_interval_ms')} ms (the pipeline's cadence)")
     print(f"failover: {fo}")
+    canary = res.get("fpu_canary", {})
+    if canary.get("first"):
+        print(f"FPU CANARY: {canary}")
     causes = dict(sorted(collections.Counter(r.get("cause", "?") for r in rows).items()))
     ok = (causes.get("dirty_threshold", 0) > 0 and "error" not in res and rows and equal == len(rows) and guest_errs == 0 and sec_ran and failover_ok
           and len(rows) == len(c_rows) > 1 and ratio <= PAUSE_RATIO_TARGET)
@@ -161,6 +167,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str]) -> bool:
           f"C={c_med:.1f}ms ratio={ratio:.2f} (target <={PAUSE_RATIO_TARGET}) | protected after "
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
+          + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
           + (f" | boots repeated after faults before the first checkpoint: {len(faults)} ({'; '.join(faults)})"
              if faults else " | boots repeated: 0"))
     return bool(ok)
@@ -173,6 +180,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds before the lab gives up")
     ap.add_argument("--tcg-thread", choices=("single", "multi"), default="multi",
                     help="QEMU TCG threading (multi-threaded TCG corrupted dom0 memory now and then here)")
+    ap.add_argument("--eager-fpu", action=argparse.BooleanOptionalAction, default=True,
+                    help="Xen's spec-ctrl=eager-fpu (--no-eager-fpu: Xen's default, lazy on this CPU)")
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
     ap.add_argument("--platform-retries", type=int, default=1,
                     help="boot again this many times when dom0's driver fails before the first "
@@ -194,7 +203,7 @@ def main() -> int:
         (LAB / "serial.log").replace(kept)
         print(f"EARLY FAULT (boot {len(faults)}, before any checkpoint; log {kept}): {fault}; booting again",
               flush=True)
-    return 0 if report(log, boot_s, wall, faults) else 1
+    return 0 if report(log, boot_s, wall, faults, "eager" if args.eager_fpu else "lazy") else 1
 
 
 if __name__ == "__main__":

@@ -326,6 +326,8 @@ def main() -> int:
     rounds, interval = int(cfg["rounds"]), int(cfg["interval_ms"])
     result: dict[str, object] = {"settings": cfg}
     t_start = time.monotonic()
+    RUN.mkdir(parents=True, exist_ok=True)
+    canary = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fpu_canary.py")), str(RUN / "canary.json")])
     try:
         sh("mkdir -p /run/lock")
         t0 = time.monotonic()
@@ -365,6 +367,12 @@ def main() -> int:
     except Exception as exc:  # the host side reports it; dom0 stays up for a look
         log.exception("lab failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
+    canary.terminate()
+    try:
+        canary.wait(timeout=30)
+        result["fpu_canary"] = {**json.loads((RUN / "canary.json").read_text()), "rc": canary.returncode}
+    except Exception as exc:  # noqa: BLE001 - a canary that died is itself the finding
+        result["fpu_canary"] = {"error": f"{type(exc).__name__}: {exc}", "rc": canary.poll()}
     result["dom0_s"] = round(time.monotonic() - t_start, 1)
     print("XENLAB-RESULT " + json.dumps(result), flush=True)
     return 0 if "error" not in result else 1
