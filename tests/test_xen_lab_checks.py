@@ -120,3 +120,12 @@ def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch)
         assert (s.node.role, s.guest.backend, s.guest.domain) == (role, "xen", domain)
         assert s.guest.xen_domain_config == f"/root/{domain}.cfg" and s.guest.xen_image == lab.IMAGE
         assert s.checkpoint.verify_every == 1 and s.security.mode == "curve"
+
+
+def test_xen_switches_the_fpu_eagerly_unless_asked_not_to(host_side):
+    """Issue 17, item 1: Xen's lazy FPU switching on QEMU's emulated AMD CPU is the suspect of
+    the platform faults; the lab boots Xen with eager switching unless --no-eager-fpu."""
+    def xen_args(cmd: list[str]) -> str:
+        return cmd[cmd.index("-append") + 1]
+    assert "spec-ctrl=eager-fpu" in xen_args(host_side.qemu_command(6, 1000, "multi"))
+    assert "eager-fpu" not in xen_args(host_side.qemu_command(6, 1000, "multi", eager_fpu=False))
