@@ -38,7 +38,12 @@ BAD_TICK = re.compile(r"MW n=\d+ err=[1-9].*")
 IMAGE = "/tmp/prim.img"
 
 
-def sh(cmd: str, timeout: float = 120) -> str:
+#: seconds a dom0 command may take: under a loaded host (load 20-30 on 2 cores, measured) xl save
+#: of the 128 MiB guest took more than 120 s
+SH_TIMEOUT = 600
+
+
+def sh(cmd: str, timeout: float = SH_TIMEOUT) -> str:
     """Run a shell command in dom0; raise with its output if it fails."""
     r = subprocess.run(cmd, shell=True, check=False, capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -68,7 +73,7 @@ def ticks_since(name: str, offset: int) -> list[tuple[int, int]]:
     return [(int(n), int(e)) for n, e in TICK.findall(text)]
 
 
-def wait_ticking(name: str, offset: int, timeout: float = 120) -> float:
+def wait_ticking(name: str, offset: int, timeout: float = SH_TIMEOUT) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if ticks_since(name, offset):
