@@ -10,6 +10,7 @@ import pytest
 from conftest import cli, wait_until
 
 from pipeline.localpair import LocalPair
+from pipeline.xen_io.sim import SimDomain
 from pipeline.shm import list_segments, segment_prefix
 
 pytestmark = pytest.mark.slow  # starts real node processes
@@ -53,20 +54,27 @@ def test_demo_proves_memory_equality(dirty_log):
 
 
 def test_stats_json_agrees_between_sender_and_receiver(tmp_path):
-    # checkpoints only on request, so that between two of them nothing is in flight
+    # checkpoints only on request, so that between two of them nothing is in flight; no
+    # client load either (its input log filling up would ask for checkpoints): the test
+    # gives the guest its inputs
     quiet = dict(SMALL, checkpoint={"max_interval_ms": 600000, "min_interval_ms": 0,
-                                    "dirty_threshold_pages": 1 << 20})
+                                    "dirty_threshold_pages": 1 << 20},
+                 **{"guest.workload": {"input_rate_hz": 0.0}})
     with LocalPair(quiet, workdir=str(tmp_path)) as pair:
         pair.start()
         pair.wait_protected()
+        client = pair.node("primary").stage("client")
         for n in range(3, 6):
+            fed = client.as_dict()["outputs"]
+            pair.inject_input(SimDomain.write_command(100))
+            wait_until(lambda: client.as_dict()["outputs"] > fed, what="the guest's writes")
             pair.request_checkpoint()
             pair.wait_checkpoints(n)
         r = cli("stats", "--config", pair.configs["primary"], "--json")
         assert r.returncode == 0, r.stderr
         prim = json.loads(r.stdout)
         assert prim["info"]["role"] == "primary" and prim["info"]["state"] == "protected"
-        assert prim["summary"]["checkpoints"] == 5
+        assert prim["summary"]["checkpoints"] == 5, prim["summary"]
         assert prim["summary"]["causes"] == {"initial": 2, "request": 3}
         assert all(prim["stages"][f"digest.{i}"]["items_in"] > 0 for i in range(2))
         sec = json.loads(cli("stats", "--node", pair.name("secondary"), "--json").stdout)
