@@ -417,12 +417,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(snapshot: dict) -> dict:
-    """Figures a person (or a script) wants from a node's counters (``snapshot()``)."""
+    """Figures a person (or a script) wants from a node's counters (``snapshot()``).
+    Commit times and the dirty/skipped/same-as-SVM/zero page counts are those of the
+    checkpoints, not of the initial full sync and pre-copy rounds (cause "initial": seconds
+    and all of memory, which would swamp them; the checkpoint log has their records).
+    pages_sent and the bytes count everything that went to the secondary."""
     cps = [c for c in snapshot["checkpoints"] if c["status"] == 0]
+    initial = CAUSES.index("initial")
+    steady = [c for c in cps if c["cause"] != initial]
     pauses = [c["pvm_pause_ns"] / 1e6 for c in cps if c["pvm_pause_ns"]]
-    commits = [c["commit_ns"] / 1e6 for c in cps if c["commit_ns"]]
+    commits = [c["commit_ns"] / 1e6 for c in steady if c["commit_ns"]]
     # the split of each commit (pause, transfer, apply, ACK): p50 of each part
-    split = {part: round(percentile([c.get(f"{part}_ns", 0) / 1e6 for c in cps
+    split = {part: round(percentile([c.get(f"{part}_ns", 0) / 1e6 for c in steady
                                      if c["commit_ns"]], 0.5), 3)
              for part in ("transfer", "apply", "ack")}
     causes: dict[str, int] = {}
@@ -438,11 +444,11 @@ def summarize(snapshot: dict) -> dict:
         "commit_ms_p50": round(percentile(commits, 0.5), 3),
         "commit_ms_p99": round(percentile(commits, 0.99), 3),
         **{f"{part}_ms_p50": v for part, v in split.items()},
-        "pages_dirty": sum(c["pages_dirty"] for c in cps),
-        "pages_sent": sum(c["pages_sent"] for c in cps),
-        "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in cps),
-        "pages_same_as_svm": sum(c.get("pages_same_as_svm", 0) for c in cps),
-        "pages_zero": sum(c["pages_zero"] for c in cps),
+        "pages_dirty": sum(c["pages_dirty"] for c in steady),
+        "pages_sent": sum(c["pages_sent"] for c in cps),     # all that went, like bytes_sent
+        "pages_skipped_hash": sum(c["pages_skipped_hash"] for c in steady),
+        "pages_same_as_svm": sum(c.get("pages_same_as_svm", 0) for c in steady),
+        "pages_zero": sum(c["pages_zero"] for c in steady),
         "bytes_sent": sum(c["bytes_wire"] for c in snapshot["checkpoints"]),
         "bytes_raw": sum(c["bytes_raw"] for c in snapshot["checkpoints"]),
     }
