@@ -1,5 +1,5 @@
-"""The quick fault matrix (scripts/fault_matrix.py --quick) runs in CI: every row's run
-passes its invariants and no data is lost."""
+"""The quick fault matrix (scripts/fault_matrix.py --quick: the rows tests/test_failover.py
+does not cover) runs in CI: every row's run passes its invariants and no data is lost."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ def test_quick_fault_matrix_passes_with_no_data_lost():
                        text=True, timeout=1100)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     print(p.stdout)
-    assert {r["name"] for r in result["rows"]} >= {"primary@primary.acked:14",
+    assert {r["name"] for r in result["rows"]} == {"primary@primary.reprotect",
                                                    "secondary@restore.pages_written:12",
                                                    "sigstop-primary"}
     for row in result["rows"]:
