@@ -65,7 +65,10 @@ class PrimaryBackend:
         self.block_size = settings.block_size
         self.max_request = settings.max_request
         self.window = settings.forward_window
-        self.forward_address = settings.forward if forward else None
+        #: where the secondary listens (None: unreplicated); ``forward_address`` is it
+        #: while protected, None while running unprotected
+        self.forward_to = settings.forward if forward else None
+        self.forward_address = self.forward_to
         self.context = context or zmq.Context.instance()
         self.secure = secure
         self.epoch = 1
@@ -87,11 +90,10 @@ class PrimaryBackend:
         self._sync: InitialSync | None = None
         #: the lineage of this image: a secondary holding the same one syncs incrementally
         self.generation = primary_generation(settings.resolved_state_dir) \
-            if self.forward_address is not None else b""
+            if self.forward_to is not None else b""
         self._seal_socket: zmq.Socket | None = None
-        if self.forward_address is not None:
-            self._seal_socket = sockets.disk_forward_out(self.context, self.forward_address,
-                                                         secure)
+        if self.forward_to is not None:
+            self._seal_socket = sockets.disk_forward_out(self.context, self.forward_to, secure)
         counters.set("epoch", self.epoch)
 
     def pool(self) -> ThreadPoolExecutor:
@@ -103,11 +105,30 @@ class PrimaryBackend:
 
     def unprotect(self) -> None:
         """The secondary is gone: stop forwarding and answer writes waiting for its ack
-        (they are in our image; nobody else will ever have them). Cannot be undone —
-        protection comes back only with a new secondary and a full sync."""
-        if self.forward_address is not None:
-            log.warning("primary disk: running unprotected, writes are no longer forwarded")
-        self.forward_address = None
+        (they are in our image; nobody else will ever have them). :meth:`reprotect` undoes
+        it when a new secondary comes."""
+        with self._order_lock:
+            if self.forward_address is not None:
+                log.warning("primary disk: running unprotected, writes are no longer "
+                            "forwarded")
+            self.forward_address = None
+
+    def reprotect(self) -> bool:
+        """A new secondary: forward again, after a new initial sync (incremental if it holds
+        an image of our generation). Its BEGIN is ordered at the moment forwarding
+        resumes, so every write after it is forwarded and every one before is in what
+        the sync reads. False if we were protected already (or never replicate)."""
+        with self._order_lock:
+            if self.forward_address is not None or self.forward_to is None:
+                return False
+            self.forward_address = self.forward_to
+            begin = self._order_marker_locked()
+        old, self._sync = self._sync, InitialSync(self, begin)
+        if old is not None:
+            old.stop()
+        self._sync.start()
+        log.info("primary disk: re-protecting, a new initial sync (BEGIN seq %d)", begin[0])
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards), and seal the
@@ -127,19 +148,28 @@ class PrimaryBackend:
                               epoch - 1)
                     self.counters.add("forward_errors")
 
-    def order(self, start: int, end: int, forwarded: bool) -> tuple[int, int, list[int]]:
+    def order(self, start: int, end: int, can_forward: bool = True
+              ) -> tuple[int, int, list[int], bool]:
         """Give a write of [start, end) its seq and epoch: (seq, epoch, the seqs of the
         earlier writes it overlaps that are not in our image yet — pass them to
-        :meth:`wait_applied` before writing, then call :meth:`applied`)."""
+        :meth:`wait_applied` before writing, then call :meth:`applied` —, and whether it
+        is forwarded: decided here, under the lock that (un)protecting takes too)."""
         with self._order_lock:
             self.last_seq += 1
             seq, epoch = self.last_seq, self.epoch
             earlier = [q for q, (s, e) in self._applying.items() if s < end and start < e] \
                 if self._applying else []
             self._applying[seq] = (start, end)
+            forwarded = can_forward and self.forward_address is not None
             if forwarded:
                 self._track(epoch, +1)
-        return seq, epoch, earlier
+        return seq, epoch, earlier, forwarded
+
+    def _order_marker_locked(self) -> tuple[int, int]:
+        """A sync marker's (seq, epoch), counted in flight; the order lock is held."""
+        self.last_seq += 1
+        self._track(self.epoch, +1)
+        return self.last_seq, self.epoch
 
     def wait_applied(self, seqs: list[int]) -> None:
         """Return once the writes ``seqs`` are in our image (or failed)."""
@@ -178,9 +208,11 @@ class PrimaryBackend:
         """Stream the image's allocated extents to the secondary (which empties its own
         image first). Call before the export takes writes: the sync's BEGIN is ordered
         first, so the secondary commits nothing before it has emptied its image."""
-        if self.forward_address is None or self._sync is not None:
-            return
-        self._sync = InitialSync(self)
+        with self._order_lock:
+            if self.forward_address is None or self._sync is not None:
+                return
+            begin = self._order_marker_locked()
+        self._sync = InitialSync(self, begin)
         self._sync.start()
 
     def wait_synced(self, timeout_s: float) -> bool:
@@ -190,7 +222,7 @@ class PrimaryBackend:
 
     def forward_socket(self) -> zmq.Socket:
         """A new DEALER to the secondary's forward receiver (CURVE when the node is)."""
-        return sockets.disk_forward_out(self.context, self.forward_address, self.secure,
+        return sockets.disk_forward_out(self.context, self.forward_to, self.secure,
                                         hwm=self.window * 2 + 16,
                                         send_timeout_ms=self.settings.forward_timeout_ms)
 
@@ -229,7 +261,9 @@ class InitialSync(threading.Thread):
     #: its place in the order — where guest writes can overtake the sync.
     before_chunk = None
 
-    def __init__(self, backend: PrimaryBackend) -> None:
+    def __init__(self, backend: PrimaryBackend, begin: tuple[int, int]) -> None:
+        """``begin``: the (seq, epoch) the BEGIN was ordered at (before any write it
+        must precede)."""
         super().__init__(name="disk-initial-sync", daemon=True)
         self.b = backend
         self.ordered_end = threading.Event()
@@ -240,17 +274,15 @@ class InitialSync(threading.Thread):
         self._begin_answer = ""
         self._sent = 0
         self.failed = ""
-        # BEGIN takes its seq now, before the export takes any write
-        self._begin = self._order_marker()
+        self._begin = begin
 
     def stop(self) -> None:
         self._stopping.set()
         self.join(timeout=10)
 
     def _order_marker(self) -> tuple[int, int]:
-        seq, epoch, _ = self.b.order(0, 0, True)
-        self.b.applied(seq)
-        return seq, epoch
+        with self.b._order_lock:
+            return self.b._order_marker_locked()
 
     def run(self) -> None:
         b = self.b
@@ -280,7 +312,10 @@ class InitialSync(threading.Thread):
                     n = min(self.CHUNK, end - off)
                     if self.before_chunk is not None:
                         self.before_chunk(off)
-                    seq, epoch, earlier = b.order(off, off + n, True)
+                    seq, epoch, earlier, forwarded = b.order(off, off + n)
+                    if not forwarded:           # unprotected meanwhile: the sync is over
+                        b.applied(seq)
+                        return
                     try:
                         if earlier:
                             b.wait_applied(earlier)
@@ -400,7 +435,7 @@ class PrimaryLink:
         self._outbox_seqs: list[int] = []
         self._outbox_bytes = 0
         self._send_failed: list[int] = []
-        if backend.forward_address:
+        if backend.forward_to:  # also while unprotected: re-protection forwards again
             self.socket = backend.forward_socket()
         #: what the connection loop polls for completions
         self.poll_items: list = [self._wakeup] + ([self.socket] if self.socket else [])
@@ -428,8 +463,8 @@ class PrimaryLink:
         copy needs no fsync for FUA: it lives on the other host, which is what survives
         the loss of this one."""
         b = self.b
-        forwarding = self.socket is not None and b.forward_address is not None
-        seq, epoch, earlier = b.order(offset, offset + length, forwarding)
+        seq, epoch, earlier, forwarding = b.order(offset, offset + length,
+                                                  self.socket is not None)
         p = _Pending(cookie, epoch, time.monotonic_ns())
         try:
             if b.after_ordering is not None:

@@ -123,6 +123,18 @@ class SealedEpochs:
             if advanced:
                 self._cond.notify_all()
 
+    def restart_at(self, seq: int) -> None:
+        """A sync's BEGIN at ``seq``: the primary's session starts there (a primary that
+        re-protects goes on numbering; seqs before it are another session's)."""
+        with self._cond:
+            if seq - 1 > self.seen_upto:
+                self.seen_upto = seq - 1
+            self._seen_above = {q for q in self._seen_above if q > self.seen_upto}
+            while self.seen_upto + 1 in self._seen_above:
+                self.seen_upto += 1
+                self._seen_above.discard(self.seen_upto)
+            self._cond.notify_all()
+
     def seal(self, epoch: int, last_seq: int) -> None:
         with self._cond:
             self._seals[epoch] = max(last_seq, self._seals.get(epoch, 0))
@@ -171,6 +183,9 @@ class ForwardReceiver(threading.Thread):
         self.comparator = comparator
         self.counters = counters
         self.sealed = SealedEpochs()
+        #: the seq of the last sync's BEGIN: writes before it belong to another session
+        #: (a re-protecting primary's queue to its lost secondary) and are refused
+        self.session_begin = 0
         ctx = context or zmq.Context.instance()
         # with ``secure`` a CURVE server: only the primary's key gets in
         self.writes_in = sockets.disk_forward_in(ctx, address, secure)
@@ -228,6 +243,11 @@ class ForwardReceiver(threading.Thread):
         reason) answer of each."""
         decoded = wire.decode_forward_group([headers, data], self.store.size, self.store.block,
                                             self.store.committed_epoch)
+        decoded = [w if isinstance(w, wire.ForwardError) or w.seq >= self.session_begin
+                   else wire.refusal(errno.ESTALE, f"forwarded write seq {w.seq}: from "
+                                      f"before this sync (BEGIN seq {self.session_begin})",
+                                      w.seq)
+                   for w in decoded]
         valid = [w for w in decoded if not isinstance(w, wire.ForwardError)]
         if any(w.kind in wire.SYNC_KINDS for w in valid):
             return self._handle_sync(decoded)
@@ -269,7 +289,9 @@ class ForwardReceiver(threading.Thread):
             reason = ""
             try:
                 if w.kind == wire.KIND_SYNC_BEGIN:
-                    reason = self.store.begin_sync(w.digest)
+                    self.session_begin = w.seq
+                    reason = self.store.begin_sync(w.digest, w.seq)
+                    self.sealed.restart_at(w.seq)
                     log.info("secondary disk: %s initial sync begins (seq %d)", reason, w.seq)
                 elif w.kind == wire.KIND_SYNC_CHECK:
                     if not self.store.sync_check(w.offset, w.length, w.digest):

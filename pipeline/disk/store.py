@@ -381,7 +381,7 @@ class SecondaryStore:
         through commits and failover; None for an image of unknown origin."""
         return self._state.get("generation")
 
-    def begin_sync(self, generation: bytes) -> str:
+    def begin_sync(self, generation: bytes, first_seq: int = 0) -> str:
         """The primary starts the initial sync of an image of ``generation``. An image of the
         same generation (the old host of a failed-over pair coming back) is kept and
         compared extent by extent ("incremental"); any other is emptied ("full": the sync
@@ -395,6 +395,8 @@ class SecondaryStore:
             for ep in self._stale_logs & set(self._logs):
                 self._drop_log(ep)     # another primary's writes, of another session
             self._stale_logs = set()
+            for lg in self._logs.values():   # this session's start: earlier seqs are not
+                lg.index = [e for e in lg.index if e[0] >= first_seq]
             self._sync_end_seq = None
             if not keep:
                 self.image.reset()

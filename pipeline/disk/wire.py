@@ -140,7 +140,7 @@ def decode_forward_group(frames: list, export_size: int, block_size: int,
     if announced != len(data):
         msg = (f"forward group of {n} writes: a {len(data)}-byte data frame, the headers "
                f"announce {announced}")
-        return [_refusal(errno.EINVAL, msg, h[3]) for h in parsed]
+        return [refusal(errno.EINVAL, msg, h[3]) for h in parsed]
     out: list[ForwardedWrite | ForwardError] = []
     view = memoryview(data)
     pos = 0
@@ -158,7 +158,7 @@ def decode_forward_group(frames: list, export_size: int, block_size: int,
     return out
 
 
-def _refusal(status: int, message: str, seq: int) -> ForwardError:
+def refusal(status: int, message: str, seq: int) -> ForwardError:
     e = ForwardError(status, message)
     e.seq = seq
     return e

@@ -19,8 +19,9 @@ Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.so
 
 Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are tagged
 e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
-secondary are answered at once); secondary ``role active`` → failover. An ``aborted`` epoch changes nothing on
-disk: its PVM writes stay buffered and are applied by the next commit (which applies
+secondary are answered at once); primary ``role primary`` (re-protection) → a new
+initial sync to the new secondary, then forward again; secondary ``role active`` →
+failover. An ``aborted`` epoch changes nothing on disk: its PVM writes stay buffered and are applied by the next commit (which applies
 every buffered epoch ≤ its own), because the primary's image already holds them.
 
 For ``colo-pipeline demo``: :func:`start_disk_pair` runs both sides as child
@@ -94,6 +95,8 @@ class PrimaryDisk:
             self.backend.set_epoch(epoch + 1)
         elif event == "role" and extra.get("role") == "unprotected":
             self.backend.unprotect()
+        elif event == "role" and extra.get("role") == "primary":
+            self.backend.reprotect()   # a new secondary: sync it, then forward again
 
     def close(self) -> None:
         self.server.stop()
