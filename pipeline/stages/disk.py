@@ -21,8 +21,9 @@ Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are t
 e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
 secondary are answered at once); primary ``role primary`` (re-protection) → a new
 initial sync to the new secondary, then forward again; secondary ``role active`` →
-failover. An ``aborted`` epoch changes nothing on disk: its PVM writes stay buffered and are applied by the next commit (which applies
-every buffered epoch ≤ its own), because the primary's image already holds them.
+failover. An ``aborted`` epoch changes nothing on disk: its PVM writes stay buffered
+and are applied by the next commit (which applies every buffered epoch ≤ its own),
+because the primary's image already holds them.
 
 For ``colo-pipeline demo``: :func:`start_disk_pair` runs both sides as child
 processes on this machine and returns their NBD URIs.
