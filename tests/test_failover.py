@@ -9,17 +9,21 @@ matches, whatever checkpoint that was.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
 import signal
 import subprocess
 
 import pytest
 
-from conftest import StaleListener, wait_until
+from conftest import StaleListener, free_port, wait_until
 
 from pipeline.counters import STATUS_COMMITTED
+from pipeline.disk.nbd_client import NbdClient
 from pipeline.localpair import LocalPair, sim_replay_digest
+from pipeline.stages.inputs import client_input
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -200,4 +204,60 @@ def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
     finally:
         for rule in rules:
             subprocess.run(["iptables", "-D", *rule], capture_output=True)
+        pair.stop()
+
+
+def test_disk_and_memory_go_on_from_the_same_checkpoint(tmp_path):
+    """The guest has a replicated disk. Checkpoints only on request (no timer, no client
+    load), so epochs are numbered by the test: 0 the sync, 1 the first checkpoint, 2 and
+    3 requested. Disk writes A, inputs, then checkpoint 2 commits; disk writes B, then the
+    primary begins epoch 3 and its coordinator stops there (primary.begin_sent:4); the
+    whole primary node is killed. The SVM goes on from epoch 2: its memory a replay of
+    the inputs it took, its disk exactly the primary's disk at checkpoint 2 (A, not B:
+    B was buffered on the secondary for the torn epoch 3 and is dropped)."""
+    MiB = 1 << 20
+    disk = {"export_size": 8 * MiB, "durable_commit": False,
+            "forward": f"tcp://127.0.0.1:{free_port()}"}
+    roles = {r: {"disk": {**disk, "image": f"{{workdir}}/{r}.img",
+                          "export": f"unix:{{workdir}}/{r}.nbd"}}
+             for r in ("primary", "secondary")}
+    tables = dict(TABLES, checkpoint={"max_interval_ms": 600000, "min_interval_ms": 0,
+                                      "dirty_threshold_pages": 1 << 20,
+                                      "epoch_timeout_ms": 30000},
+                  **{"guest.workload": dict(TABLES["guest.workload"], input_rate_hz=0.0)})
+    pair = LocalPair(tables, workdir=str(tmp_path), role_tables=roles)
+    rng = random.Random(3)
+    try:
+        pair.start(faults={"primary": "primary.begin_sent:4:stop"})
+        pair.wait_protected()
+        assert len(pair.checkpoints()) == 2          # the sync and the first checkpoint
+        nbd = NbdClient(f"nbd+unix:///?socket={tmp_path}/primary.nbd")
+        client = pair.node("primary").stage("client")
+        for i in range(40):                          # disk writes A, and guest inputs
+            nbd.write(rng.randrange(0, 8 * MiB // 4096 - 4) * 4096, rng.randbytes(4 * 4096))
+        fed = client.as_dict()["outputs"]
+        for i in range(5):
+            pair.inject_input(client_input(SEED, i))
+        wait_until(lambda: client.as_dict()["outputs"] >= fed + 5, what="the guest's inputs")
+        pair.request_checkpoint()
+        pair.wait_checkpoints(3)                     # epoch 2: memory and disk A
+        with open(tmp_path / "primary.img", "rb") as f:
+            at_checkpoint_2 = hashlib.sha256(f.read()).hexdigest()
+        for i in range(40):                          # disk writes B: epoch 3's
+            nbd.write(rng.randrange(0, 8 * MiB // 4096 - 4) * 4096, rng.randbytes(4 * 4096))
+        nbd.close()
+        pair.request_checkpoint()                    # BEGIN(3), then the coordinator stops
+        wait_until(lambda: "COLO_FAULT fired: primary.begin_sent pass 4"
+                   in pair.log_tail("primary", 1 << 24), what="BEGIN of epoch 3")
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0)
+        pair.kill("primary")
+        info = pair.wait_info("role", "active", role="secondary")
+        assert info["active_since_epoch"] == 2, info
+        wait_until(lambda: pair.stage_counter("disk", "failovers", "secondary") == 1,
+                   what="the secondary's disk going active")
+        with open(tmp_path / "secondary.img", "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == at_checkpoint_2
+        digest, seq = active_digest(pair)
+        assert seq >= 5 and digest == replay_digest(seq)
+    finally:
         pair.stop()
