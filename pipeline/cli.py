@@ -146,6 +146,9 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                  f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
                  f"{s['pages_skipped_hash']}, held by the SVM {s['pages_same_as_svm']}, zero "
                  f"{s['pages_zero']}")
+    if "net_added_ms_p50" in s:
+        lines.append(f"comparator: {s['net_frames_released']} frames released, added latency "
+                     f"p50/p99 <= {s['net_added_ms_p50']}/{s['net_added_ms_p99']} ms")
     return "\n".join(lines)
 
 

@@ -435,7 +435,18 @@ def summarize(snapshot: dict) -> dict:
     for c in snapshot["checkpoints"]:
         name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
         causes[name] = causes.get(name, 0) + 1
+    net = snapshot.get("stages", {}).get("net_compare")
+    if net is not None:
+        # the latency the comparator added to the guest's output (held until matched or
+        # committed), from its histogram counters
+        from pipeline.net.comparator import added_latency_ms
+        net_figures = {"net_added_ms_p50": added_latency_ms(net, 0.5),
+                       "net_added_ms_p99": added_latency_ms(net, 0.99),
+                       "net_frames_released": net.get("frames_released", 0)}
+    else:
+        net_figures = {}
     return {
+        **net_figures,
         "checkpoints": len(cps),
         "aborted": sum(1 for c in snapshot["checkpoints"] if c["status"] != 0),
         "causes": causes,

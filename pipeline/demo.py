@@ -22,6 +22,8 @@ import blake3
 from pipeline import counters
 from pipeline.disk.nbd_client import NbdClient
 from pipeline.localpair import LocalPair, PairError, free_port_base
+from pipeline.service_client import ServiceClient
+from pipeline.stages.inputs import INJECT_SOCKET
 
 
 def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
@@ -59,24 +61,28 @@ def run_demo(args: argparse.Namespace) -> bool:
     served) and both nodes stopped cleanly."""
     tables = {
         # the network comparator on the primary; both guests' outputs go to it as frames
+        # released frames go to the demo's client (DemoClient) on outdev
         "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
                 "secondary_in": "unix:{workdir}/net-svm.sock",
+                "outdev": "unix:{workdir}/client.sock",
                 "compare_timeout_ms": args.compare_timeout_ms},
         "guest": {"backend": "sim", "page_count": args.pages, "dirty_log": args.dirty_log},
+        # the demo's client sends the PVM's inputs (and times the answers); a secondary
+        # that takes over generates its own at the same rate
         "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_input,
-                           "nondeterminism": args.nondeterminism,
-                           "input_rate_hz": args.input_rate},
+                           "nondeterminism": args.nondeterminism, "input_rate_hz": 0.0},
         "checkpoint": {"max_interval_ms": args.interval_ms, "min_interval_ms": 10,
                        "dirty_threshold_pages": max(64, args.pages // 4),
                        "epoch_timeout_ms": 20000},
     }
-    role_tables = None
+    role_tables: dict = {"secondary": {"guest.workload": {"input_rate_hz": args.input_rate}}}
     if args.disk_mb:
         disk = {"export_size": args.disk_mb << 20, "durable_commit": False,
                 "forward": f"tcp://127.0.0.1:{free_port_base()}"}
-        role_tables = {role: {"disk": {**disk, "image": f"{{workdir}}/{role}-disk.img",
-                                       "export": f"unix:{{workdir}}/{role}-disk.nbd"}}
-                       for role in ("primary", "secondary")}
+        for role in ("primary", "secondary"):
+            role_tables.setdefault(role, {})["disk"] = {
+                **disk, "image": f"{{workdir}}/{role}-disk.img",
+                "export": f"unix:{{workdir}}/{role}-disk.nbd"}
     pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose,
                      role_tables=role_tables)
     if args.disk_mb:
@@ -84,6 +90,7 @@ def run_demo(args: argparse.Namespace) -> bool:
         # gets it from the initial disk sync
         _prefill_disk(os.path.join(pair.workdir, "primary-disk.img"), args.disk_mb << 20)
     disk_driver = None
+    client = None
     summary: dict = {"memory_equal": False}
     ok = False
     try:
@@ -93,6 +100,7 @@ def run_demo(args: argparse.Namespace) -> bool:
                   f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
         pair.wait_protected()
         node = pair.node("primary")
+        client = DemoClient(pair, args.input_rate)
         if args.disk_mb:
             disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
                                           args.disk_mb << 20)
@@ -107,15 +115,22 @@ def run_demo(args: argparse.Namespace) -> bool:
                 cps = [c for c in cps if c["cause_name"] == args.until_cause]
             return len(cps) < args.until_checkpoints or (
                 disk_driver is not None and disk_driver.writes < args.until_disk_writes)
+        # on a terminal the progress line is redrawn in place; in a log, one line a second
+        tty = sys.stdout.isatty()
+        period = 0.5 if tty else 1.0
         while time.monotonic() < t_end or more_wanted():
             pair.check_alive()
+            client.check()
             if not args.json:
                 s = counters.summarize(node.snapshot())
-                print(f"\r[{args.duration - (t_end - time.monotonic()):5.1f}s] checkpoints "
-                      f"{s['checkpoints']:4d}  pause p50 {s['pause_ms_p50']:6.2f} ms  "
-                      f"sent {s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}",
-                      end="", flush=True)
-            time.sleep(0.5)
+                p50, p99 = client.latency_ms()
+                line = (f"[{args.duration - (t_end - time.monotonic()):5.1f}s] checkpoints "
+                        f"{s['checkpoints']:4d}  pause p50 {s['pause_ms_p50']:6.2f} ms  "
+                        f"client p50/p99 {p50:6.1f}/{p99:6.1f} ms  sent "
+                        f"{s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}")
+                print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
+            time.sleep(period)
+        client_figures = client.stop()
         if disk_driver is not None:
             disk_driver.stop()
         # The proof: one more checkpoint where both sides hash all of guest memory while
@@ -124,8 +139,10 @@ def run_demo(args: argparse.Namespace) -> bool:
         summary = counters.summarize(node.snapshot())
         summary.update(memory_equal=info["memory_equal"], final_epoch=info["final_epoch"],
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
-                       dirty_log=info.get("dirty_log", ""), duration_s=args.duration)
-        ok = info["memory_equal"]
+                       dirty_log=info.get("dirty_log", ""), duration_s=args.duration,
+                       **client_figures)
+        ok = client_figures["client_lost"] == 0
+        ok = ok and info["memory_equal"]
         if disk_driver is not None:
             # the disk committed with that checkpoint, and nothing was written since
             images = [_file_digest(os.path.join(pair.workdir, f"{role}-disk.img"))
@@ -141,6 +158,8 @@ def run_demo(args: argparse.Namespace) -> bool:
         summary["error"] = str(exc)
         print(f"\ncolo-pipeline demo: {exc}", file=sys.stderr)
     finally:
+        if client is not None:
+            client.halt()
         if disk_driver is not None:
             disk_driver.stop()
         codes = pair.stop()
@@ -155,9 +174,66 @@ def run_demo(args: argparse.Namespace) -> bool:
         print(f"checkpoints {summary.get('checkpoints')}  causes {summary.get('causes')}  "
               f"pause p50/p99 {summary.get('pause_ms_p50')}/{summary.get('pause_ms_p99')} ms  "
               f"bytes sent {summary.get('bytes_sent')}")
+        print(f"client: {summary.get('client_answers')} of {summary.get('client_requests')} "
+              f"requests answered, latency p50/p99 {summary.get('client_latency_ms_p50')}/"
+              f"{summary.get('client_latency_ms_p99')} ms (the comparator added p50/p99 <= "
+              f"{summary.get('net_added_ms_p50')}/{summary.get('net_added_ms_p99')} ms)")
         print(f"memory of SVM == PVM at the last committed checkpoint "
               f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
     return ok
+
+
+class DemoClient:
+    """The protected service's client: a thread sending requests at ``rate``/s through
+    :class:`pipeline.service_client.ServiceClient` and timing their answers."""
+
+    def __init__(self, pair: LocalPair, rate: float, drain: float = 10.0) -> None:
+        self.client = ServiceClient(os.path.join(pair.workdir, "client.sock"),
+                                    "ipc://" + os.path.join(pair.run_dir("primary"),
+                                                            INJECT_SOCKET))
+        self.rate, self.drain = rate, drain
+        self.figures: dict | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-client", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.rate <= 0:
+                return
+            self.client.probe()
+            self.figures = self.client.run_phase(self.rate, 0, float("inf"), self.drain,
+                                                 stop=self._stop)
+        except Exception as exc:             # reported by check() and stop()
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.client.close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise PairError(f"the demo's client failed: {self.error}")
+
+    def latency_ms(self) -> tuple[float, float]:
+        """p50 and p99 of the answers so far."""
+        lat = sorted(self.client.latencies)
+        if not lat:
+            return 0.0, 0.0
+        return (lat[int(0.5 * (len(lat) - 1))] * 1000, lat[int(0.99 * (len(lat) - 1))] * 1000)
+
+    def halt(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def stop(self) -> dict:
+        """Stop sending, wait for the answers still due; the figures (``client_*``)."""
+        self.halt()
+        self.check()
+        f = self.figures or {"sent": 0, "completed": 0, "lost": 0, "p50_ms": None,
+                             "p99_ms": None}
+        return {"client_requests": f["sent"], "client_answers": f["completed"],
+                "client_lost": f["lost"], "client_latency_ms_p50": f["p50_ms"],
+                "client_latency_ms_p99": f["p99_ms"]}
 
 
 def _prefill_disk(path: str, size: int) -> None:

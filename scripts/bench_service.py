@@ -38,8 +38,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import select
-import socket
 import sys
 import time
 
@@ -47,150 +45,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pipeline.checkpoint_api import CAUSES  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
+from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa: E402
 
 MODES = ("unprotected", "colo", "buffered")
 #: the comparator's counters each row reports (differences over the row)
 NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backpressures",
                "backpressure_ns", "held_frames_peak")
-#: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
-PAYLOAD_AT = 14 + 20 + 8
 
 
 # ------------------------------------------------------------------ the client
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
-
-
-class Client:
-    """Runs in its own process: one connection to the released outputs, one to the inputs."""
-
-    def __init__(self, outdev: str, inject: str) -> None:
-        import zmq
-        from pipeline.net.framing import FrameDecoder
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.sock.connect(outdev)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.setblocking(False)
-        self.ctx = zmq.Context()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.SNDHWM, 1_000_000)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.connect(inject)
-        self.decoder = FrameDecoder(False)
-        self.sent = 0                  # requests sent so far (the probe included)
-        self.first_seq: int | None = None
-        #: request number -> due time, for requests not answered yet
-        self.waiting: dict[int, float] = {}
-        self.on_answer = None
-
-    def send(self, due: float) -> None:
-        n = self.sent
-        self.sent += 1
-        self.waiting[n] = due
-        self.push.send(b"request %d" % n)
-
-    def poll(self, timeout: float) -> None:
-        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        if not r:
-            return
-        now = time.monotonic()
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            if not data:
-                raise ConnectionError("the released-output stream ended")
-            for item in self.decoder.feed(data):
-                frame = item[0]
-                seq = int.from_bytes(frame[PAYLOAD_AT:PAYLOAD_AT + 8], "little")
-                if self.first_seq is None:
-                    self.first_seq = seq          # the probe's answer
-                n = seq - self.first_seq
-                due = self.waiting.pop(n, None)
-                if due is not None and self.on_answer is not None:
-                    self.on_answer(n, now - due, now)
-
-    def probe(self) -> None:
-        self.send(time.monotonic())
-        deadline = time.monotonic() + 60
-        while self.first_seq is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no answer to the probe request within 60 s")
-            self.poll(0.1)
-
-    def run_phase(self, rate: float | None, outstanding: int, duration: float,
-                  drain: float) -> dict:
-        lat: list[float] = []
-        mine: set[int] = set()
-        done_in_window = [0]
-        t0 = time.monotonic()
-        end = t0 + duration
-
-        def answered(n: int, latency: float, now: float) -> None:
-            if n in mine:
-                mine.discard(n)
-                lat.append(latency)
-                if now <= end:
-                    done_in_window[0] += 1
-        self.on_answer = answered
-        sent = 0
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                break
-            if rate is not None:
-                while t0 + sent / rate <= now:
-                    mine.add(self.sent)
-                    self.send(t0 + sent / rate)
-                    sent += 1
-                self.poll(min(t0 + sent / rate, end) - time.monotonic())
-            else:
-                while len(mine) < outstanding:
-                    mine.add(self.sent)
-                    self.send(time.monotonic())
-                    sent += 1
-                self.poll(end - now)
-        # the backlog is served as long as answers keep coming; a request still unanswered
-        # ``drain`` seconds after the last answer is lost
-        last = [time.monotonic()]
-
-        def drained(n: int, latency: float, now: float) -> None:
-            answered(n, latency, now)
-            last[0] = now
-        self.on_answer = drained
-        while mine and time.monotonic() < last[0] + drain:
-            self.poll(0.05)
-        lost = len(mine)
-        for n in mine:
-            self.waiting.pop(n, None)
-        ms = [x * 1000 for x in lat]
-        return {"sent": sent, "offered_per_s": round(sent / duration, 1),
-                "completed_per_s": round(done_in_window[0] / duration, 1),
-                "completed": len(lat), "lost": lost,
-                "drain_s": round(time.monotonic() - end, 2),
-                "p50_ms": _round(_percentile(ms, 50)), "p99_ms": _round(_percentile(ms, 99)),
-                "p999_ms": _round(_percentile(ms, 99.9)), "max_ms": _round(max(ms, default=None))}
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
 def client_process(outdev: str, inject: str, conn) -> None:
     """Commands from the parent: ("phase", rate|None, outstanding, duration, drain) -> dict."""
     try:
-        client = Client(outdev, inject)
+        client = ServiceClient(outdev, inject)
         client.probe()
         conn.send({"ok": True})
         while True:
@@ -301,8 +168,8 @@ class Service:
             aborted=sum(1 for c in cps if c["status"] != 0),
             pages_per_checkpoint=round(sum(c["pages_dirty"] for c in ok) / len(ok), 1)
             if ok else 0.0,
-            commit_p50_ms=_round(_percentile(commits, 50)),
-            commit_p99_ms=_round(_percentile(commits, 99)),
+            commit_p50_ms=round_ms(percentile(commits, 50)),
+            commit_p99_ms=round_ms(percentile(commits, 99)),
             cpu_s={role: round(after["cpu"].get(role, 0.0) - before["cpu"].get(role, 0.0), 2)
                    for role in ("primary", "secondary")},
             comparator={k: after["net"][k] - before["net"][k] for k in NET_FIGURES},
@@ -359,7 +226,7 @@ def _reference(rows: list[dict]) -> list[dict]:
         if r["mode"] == "unprotected" or b is None:
             continue
         out.append({"mode": r["mode"], "nondeterminism": r["nondeterminism"], "rate": r["rate"],
-                    "p99_minus_unprotected_ms": _round(r["p99_ms"] - b["p99_ms"])
+                    "p99_minus_unprotected_ms": round_ms(r["p99_ms"] - b["p99_ms"])
                     if r["p99_ms"] is not None and b["p99_ms"] is not None else None,
                     "completed_ratio": round(r["completed_per_s"] / b["completed_per_s"], 3)
                     if b["completed_per_s"] else None})

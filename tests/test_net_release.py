@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.net import build
-from pipeline.net.comparator import Comparator
+from pipeline.net.comparator import RELEASE_DELAY_COUNTERS, Comparator, added_latency_ms
 from pipeline.net.packet import TCP_ACK, TCP_PSH
 from pipeline.net.settings import NetSettings
 from pipeline.schema import SettingError
@@ -149,3 +149,35 @@ def test_release_setting_is_checked():
     assert NetSettings().release == "compare"
     with pytest.raises(SettingError, match="release.*'compare', 'commit'"):
         NetSettings.from_dict({"release": "eventually"})
+
+
+def test_the_time_frames_were_held_is_counted_for_the_added_latency():
+    now = [0.0]
+    released: list[bytes] = []
+    cmp = Comparator(NetSettings(), lambda f, v: released.append(f), lambda c, d: None,
+                     clock=lambda: now[0])
+    same = frames(4)
+    for f in same[:2]:
+        cmp.push_secondary(f)
+    for f in same[:2]:
+        cmp.push_primary(f)                 # the SVM's came first: out at once
+    for f in same[2:]:
+        cmp.push_primary(f)                 # held until the SVM's come, 25 ms later
+    now[0] = 0.025
+    for f in same[2:]:
+        cmp.push_secondary(f)
+    assert released == same
+    c = cmp.counters
+    assert c["released_after_le_0.1ms"] == 2 and c["released_after_le_30ms"] == 2
+    assert sum(c[n] for n in RELEASE_DELAY_COUNTERS) == 4
+    assert added_latency_ms(c, 0.5) == 0.1 and added_latency_ms(c, 0.99) == 30
+    # frames the comparator never held (passthrough) count as no added latency
+    cmp.set_passthrough(True)
+    for f in frames(96, 10):
+        cmp.push_primary(f)
+    assert added_latency_ms(c, 0.5) == 0.0 and added_latency_ms(c, 0.99) == 30
+    h = Harness()                           # buffered: each frame's wait for its commit
+    h.p(frames(3))
+    h.cmp.on_snapshot(0)
+    h.cmp.on_committed(0)
+    assert h.cmp.counters["released_after_le_0.1ms"] == 3

@@ -2,6 +2,7 @@
 guests, the comparator on the primary, released frames read from ``net.outdev``)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -11,7 +12,7 @@ import zmq
 from pipeline.localpair import LocalPair
 from pipeline.net.framing import FrameDecoder
 from pipeline.stages.inputs import inject_address
-from conftest import wait_until
+from conftest import cli, wait_until
 
 #: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
 PAYLOAD_AT = 42
@@ -85,13 +86,17 @@ def test_buffered_outputs_wait_for_the_commit_then_go_out_in_order_and_survive_f
         pair.inject_input(b"request %d" % i)
     # the PVM answered all 40 (the comparator took the frames) and no checkpoint came since
     wait_until(lambda: net(pair, "primary_frames_in") >= 40, 60, "40 PVM outputs")
-    assert net(pair, "frames_released") == 0
-    assert client.read() == []
+    assert net(pair, "frames_released") == 0, pair.checkpoints()
+    assert client.read() == [], pair.checkpoints()
     before = len(pair.checkpoints())
     pair.request_checkpoint()
     wait_until(lambda: len(client.read()) >= 40, 60, "the 40 answers after the commit")
     assert client.seqs == list(range(40))
     assert any(c["status"] == 0 for c in pair.checkpoints()[before:])
+    # every one of them was held (for the commit): stats shows the latency that added
+    summary = json.loads(cli("stats", "--node", pair.name("primary"), "--json").stdout)["summary"]
+    assert summary["net_frames_released"] == 40 and summary["net_added_ms_p50"] > 0, summary
+    assert "added latency p50/p99" in cli("stats", "--node", pair.name("primary")).stdout
     # more answers held; then the secondary dies: the primary runs on unprotected and
     # releases what it held, once, in order, and everything after it
     for i in range(40, 70):
@@ -130,3 +135,23 @@ def test_a_fast_client_makes_checkpoints_before_the_secondary_input_log_fills():
     finally:
         pair.stop()
         pair.cleanup()
+
+
+def test_demo_reports_what_its_client_saw():
+    r = cli("demo", "--duration", "1", "--pages", "2048", "--pages-per-input", "2", "--json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["client_answers"] == summary["client_requests"] > 0
+    assert summary["client_lost"] == 0
+    assert 0 < summary["client_latency_ms_p50"] <= summary["client_latency_ms_p99"]
+    assert "net_added_ms_p99" in summary and summary["memory_equal"]
+
+
+def test_demo_progress_in_a_log_is_one_line_per_interval():
+    # stdout is a pipe here, not a terminal: no carriage returns, whole lines
+    r = cli("demo", "--duration", "1.5", "--pages", "2048", "--pages-per-input", "2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "\r" not in r.stdout
+    progress = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert progress and all("client p50/p99" in line for line in progress)
+    assert "requests answered, latency p50/p99" in r.stdout

@@ -47,6 +47,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
@@ -80,7 +81,35 @@ COUNTER_NAMES = (
     # most PVM frames held at once, SVM frames discarded after their side overflowed
     "primary_frames_stalled", "backpressure_ns", "backpressures", "held_frames_peak",
     "secondary_overflow_frames",
+    # the latency the comparator adds: PVM frames released after being held, by how long
+    # (upper bounds in RELEASE_DELAY_BOUNDS_MS; the rest of frames_released went out at once)
+    *(f"released_after_le_{b}ms" for b in ("0.1", "0.3", "1", "3", "10", "30", "100", "300",
+                                           "1000", "3000")),
+    "released_after_gt_3000ms",
 )
+
+#: upper bounds (ms) of the held-frame buckets, in COUNTER_NAMES order (inf: the last)
+RELEASE_DELAY_BOUNDS_MS = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, float("inf"))
+RELEASE_DELAY_COUNTERS = tuple(n for n in COUNTER_NAMES if n.startswith("released_after_"))
+_DELAY_BOUNDS_S = tuple(b / 1000 for b in RELEASE_DELAY_BOUNDS_MS[:-1])
+
+
+def added_latency_ms(counters: dict[str, int], q: float) -> float:
+    """The ``q`` quantile (0..1) of the time PVM frames spent in the comparator, from its
+    counters: the upper bound of the bucket it falls in (0 for frames released at once)."""
+    held = [counters.get(n, 0) for n in RELEASE_DELAY_COUNTERS]
+    total = max(counters.get("frames_released", 0), sum(held))
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = total - sum(held)                 # released at once
+    if seen >= rank:
+        return 0.0
+    for bound, n in zip(RELEASE_DELAY_BOUNDS_MS, held):
+        seen += n
+        if seen >= rank:
+            return bound
+    return RELEASE_DELAY_BOUNDS_MS[-1]
 
 #: SVM payload bytes held per connection before the queue counts as full
 BYTES_PER_QUEUED_FRAME = 1514
@@ -646,7 +675,13 @@ class Comparator:
     def _release_held(self, held: Held) -> None:
         held.done = True
         self._held -= 1
+        self._note_delay(held.arrived, len(held.frames))
         self._release_frames(held.frames)
+
+    def _note_delay(self, arrived: float, n: int = 1) -> None:
+        """How long a frame was held, into its RELEASE_DELAY_COUNTERS bucket."""
+        self._count(RELEASE_DELAY_COUNTERS[bisect_left(_DELAY_BOUNDS_S,
+                                                       self._clock() - arrived)], n)
 
     def _release_frames(self, frames: list[tuple[bytes, int]]) -> None:
         """The one place frames leave the comparator."""
@@ -775,7 +810,8 @@ class Comparator:
         awaiting, committed = self._awaiting, self.committed
         n = 0
         while awaiting and awaiting[0][0] <= committed:
-            _, frame, vnet, _ = awaiting.popleft()
+            _, frame, vnet, arrived = awaiting.popleft()
+            self._note_delay(arrived)
             self._release_frames([(frame, vnet)])
             n += 1
         self._held -= n

@@ -5,9 +5,11 @@ the PVM a deterministic stream of inputs at ``guest.workload.input_rate_hz``, pl
 input pushed to ``client-inputs.sock`` in the run directory (benchmarks and tests use
 it to make the guest do exact work), mirrors every input to the secondary tagged with
 its epoch, and drains the PVM's output. The secondary keeps each input until a commit
-past it, in a log of ``input_capacity``: once half of that arrived since the last
-commit, the client stage asks for a checkpoint (cause ``input_log_full``); otherwise a
-fast client fills the SVM's log and the SVM, then the comparator, waits for the timer.
+past it, in a log of ``input_capacity``: when the outputs are compared, once half of that
+arrived since the last commit, the client stage asks for a checkpoint (cause
+``input_log_full``); otherwise a fast client fills the SVM's log, the SVM stops, and the
+comparator holds the PVM's answers until the timer. (Without a comparator a full log
+only holds the inputs back until the next checkpoint.)
 Secondary (``run_mirror``): feeds the mirrored inputs to the SVM in sequence order
 and keeps them until a checkpoint past them commits, so an SVM rolled back to a
 checkpoint finds exactly the input that followed the snapshot.
@@ -102,7 +104,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     events = CheckpointClient(settings.run_dir, nctx.ctx)
     committed_seq = 0         # inputs below it are in a committed checkpoint: trimmed there
     asked = False             # input_log_full asked for since the last commit
-    keep_limit = max(1, io.input_capacity // 2)
+    keep_limit = max(1, io.input_capacity // 2) if settings.net.primary_in else None
     try:
         while not ctx.stopping():
             port.deliver(io)
@@ -111,8 +113,8 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 if ev.event == "committed":
                     committed_seq = max(committed_seq, ev.extra.get("input_seq", -1))
                     asked = False
-            if io.input_head - committed_seq >= keep_limit and not asked \
-                    and not shared.unprotected.value:
+            if keep_limit is not None and io.input_head - committed_seq >= keep_limit \
+                    and not asked and not shared.unprotected.value:
                 asked = True
                 events.request("input_log_full", f"{io.input_head - committed_seq} inputs "
                                                  f"since the last commit")
