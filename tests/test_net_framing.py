@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from conftest import free_port
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -214,16 +215,10 @@ def test_guest_output_frames_match_across_ip_ids_and_name_bad_input():
         build.guest_output_frame(b"x", flow=50000)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(60)
 def test_standalone_over_tcp_addresses():
-    ports = [_free_port() for _ in range(4)]
+    base = free_port(4)     # below the ephemeral range: nothing takes them before the bind
+    ports = [base + i for i in range(4)]
     addr = [f"tcp:127.0.0.1:{p}" for p in ports]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.net.standalone", "--primary-in",
                              addr[0], "--secondary-in", addr[1], "--outdev", addr[2],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "config", "systemd", "colo-pipeline@.service")
@@ -46,8 +47,7 @@ def _one(unit: dict, section: str, key: str) -> str:
 
 
 def _subcommands() -> set[str]:
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = cli("--help", timeout=60)
     assert r.returncode == 0, r.stderr
     m = re.search(r"^positional arguments:\n\s+\{([a-z0-9_,-]+)\}", r.stdout, re.MULTILINE)
     assert m, r.stdout
@@ -69,8 +69,7 @@ def test_exec_start_runs_an_existing_subcommand():
                                    "runs the role F's node.role names)")
     assert args[1:] == ["--config", "/etc/colo-pipeline/%i.toml"], argv
     # and the subcommand takes those options
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", sub, "--help"],
-                       capture_output=True, text=True, timeout=60)
+    r = cli(sub, "--help", timeout=60)
     assert r.returncode == 0 and "--config" in r.stdout, r.stderr
 
 

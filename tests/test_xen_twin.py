@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 FAKE_XL = r'''#!/bin/sh
 # MOCK xl: domains are files in $XL_STATE/domains; each call is logged
@@ -46,8 +46,7 @@ def _config(tmp_path: Path, role: str, domain: str, cfg: str) -> Path:
 
 def _run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "XL_STATE": str(tmp_path), **env}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "error", "xen-twin", *args],
-                          capture_output=True, text=True, env=environ, timeout=60)
+    return cli("--log-level", "error", "xen-twin", *args, env=environ, timeout=60)
 
 
 def test_save_then_restore_makes_both_domains_from_one_image(xl_host):
@@ -102,9 +101,8 @@ def test_bad_configs_and_a_host_without_xl(xl_host, tmp_path):
     (xl_host / "bin" / "xl").unlink()
     (xl_host / "images").mkdir()
     (xl_host / "images" / "guest.img").write_text("img")
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "xen-twin", "restore", "--config",
-                        str(_config(xl_host, "secondary", "sec", "sec.cfg"))], capture_output=True, text=True,
-                       env={**os.environ, "PATH": str(xl_host / "bin")}, timeout=60)
+    r = cli("xen-twin", "restore", "--config", str(_config(xl_host, "secondary", "sec", "sec.cfg")),
+            env={**os.environ, "PATH": str(xl_host / "bin")}, timeout=60)
     if Path("/usr/sbin/xl").exists() or Path("/usr/lib/xen-4.17/bin/xl").exists():
         pytest.skip("this host has a real xl")
     assert r.returncode == 1 and "xl not found: this host has no Xen toolstack" in r.stderr
