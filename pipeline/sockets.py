@@ -214,7 +214,12 @@ def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> z
     s = nctx.socket(kind, hwm, bind=bind)
     addr = _endpoint(nctx.settings, channel)
     if bind:
-        s.bind(addr)
+        try:
+            s.bind(addr)
+        except zmq.ZMQError as exc:
+            s.close(0)
+            raise OSError(exc.errno, f"the {channel} channel cannot listen on {addr} "
+                                     f"(peer.address): {exc.strerror}") from None
     else:
         nctx.watch(s, addr)      # before connecting: the first handshake counts too
         s.connect(addr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
 import pytest
 from conftest import cli, wait_until
@@ -217,3 +218,20 @@ def test_verify_every_proves_every_other_checkpoint_on_both_nodes():
     assert "memory_equal=False" not in log
     assert info["memory_equal"] is True and info["pvm_digest"] == info["svm_digest"]
     assert mismatches == 0
+
+
+@pytest.mark.parametrize("offset,channel", [(0, "pages"), (1, "control"), (2, "inputs")])
+def test_a_port_in_use_stops_the_node_naming_the_channel(tmp_path, offset, channel):
+    pair = LocalPair(SMALL, workdir=str(tmp_path))
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", pair.port + offset))
+        taken.listen(1)
+        code = pair.start_node("secondary").wait(120)
+        assert code == 1
+        assert f"the {channel} channel cannot listen on tcp://127.0.0.1:{pair.port + offset}" \
+            in pair.log_tail("secondary", 20000)
+        assert _node_segments(pair, "secondary") == []
+    finally:
+        taken.close()
+        pair.stop()
