@@ -190,6 +190,27 @@ def _heartbeat_entry(ctx: StageContext, settings: Settings, events, shared: Shar
             nctx.close()
 
 
+#: open files a node's processes need at least (rings' eventfds, ZeroMQ contexts and
+#: their sockets, the guest): libzmq aborts the process when epoll cannot get a file
+NOFILE_NEEDED = 256
+
+
+def ensure_open_files(needed: int = NOFILE_NEEDED) -> None:
+    """Raise RLIMIT_NOFILE's soft limit to what the node needs (as far as the hard limit
+    allows); OSError(EMFILE) naming the limit if the hard limit is lower."""
+    import errno
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise OSError(errno.EMFILE, f"RLIMIT_NOFILE is {soft} (hard limit {hard}); a node "
+                                        f"needs at least {needed} open files: raise it "
+                                        f"(ulimit -n, LimitNOFILE= in the systemd unit)")
+        new = needed if hard == resource.RLIM_INFINITY else min(hard, max(needed, 4096))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        log.info("RLIMIT_NOFILE raised from %d to %d (hard limit %s)", soft, new, hard)
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -278,6 +299,7 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
+        ensure_open_files()      # before anything is created: a refusal leaves nothing behind
         os.makedirs(s.run_dir, exist_ok=True)
         sockets.warn_if_plaintext(s)
         stale = cleanup_segments(segment_prefix(self.name))

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from conftest import cli, wait_until
@@ -234,4 +236,36 @@ def test_a_port_in_use_stops_the_node_naming_the_channel(tmp_path, offset, chann
         assert _node_segments(pair, "secondary") == []
     finally:
         taken.close()
+        pair.stop()
+
+
+def _start_with_nofile(pair: LocalPair, role: str, soft: int, hard: int) -> subprocess.Popen:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    log = open(os.path.join(pair.workdir, f"{role}.log"), "ab")
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", role,
+                          "--config", pair.configs[role]], stdout=log, stderr=subprocess.STDOUT,
+                         preexec_fn=limit, start_new_session=True)
+    log.close()
+    pair.procs[role], pair.logs[role] = p, log.name
+    return p
+
+
+def test_a_low_open_files_limit_is_raised_or_refused_by_name(tmp_path):
+    """RLIMIT_NOFILE too low: a soft limit under the hard one is raised and the pair
+    protects the guest; a hard limit too low is refused at start with a line naming it
+    (nothing created). Before, libzmq aborted a stage (epoll: too many open files)."""
+    pair = LocalPair(SMALL, workdir=str(tmp_path))
+    try:
+        _start_with_nofile(pair, "secondary", 32, 4096)
+        pair.start_node("primary")
+        pair.wait_protected()
+        assert pair.stop() == {"secondary": 0, "primary": 0}
+        p = _start_with_nofile(pair, "secondary", 32, 32)
+        assert p.wait(120) != 0
+        assert "RLIMIT_NOFILE is 32 (hard limit 32)" in pair.log_tail("secondary", 20000)
+        assert _node_segments(pair, "secondary") == []
+    finally:
         pair.stop()
