@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,3 +270,22 @@ def test_a_low_open_files_limit_is_raised_or_refused_by_name(tmp_path):
         assert _node_segments(pair, "secondary") == []
     finally:
         pair.stop()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a private /dev/shm needs root and unshare (util-linux)")
+@pytest.mark.parametrize("size", ["2m", "40m"])
+def test_a_full_dev_shm_is_refused_by_name_and_leaves_nothing(tmp_path, size):
+    """/dev/shm too small for the node's rings and staging (a private tmpfs in a mount
+    namespace of its own, so the machine's /dev/shm is not touched): the node exits 1
+    with a line naming the segment and /dev/shm, and no segment is left behind."""
+    pair = LocalPair({"guest": {"backend": "sim", "page_count": 4096}}, workdir=str(tmp_path))
+    script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm && \"$@\"; rc=$?; "
+              "echo LEFT: $(ls /dev/shm); exit $rc")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m",
+                        "pipeline.cli", "--log-level", "warning", "secondary", "--config",
+                        pair.configs["secondary"]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "No space left on device" in r.stderr and "in /dev/shm" in r.stderr, r.stderr
+    assert "LEFT: \n" in r.stdout or r.stdout.strip().endswith("LEFT:"), r.stdout
