@@ -527,6 +527,23 @@ class SecondaryCoordinator(_Coordinator):
         self.poller.register(self.hb_events.fileno(), zmq.POLLIN)
 
     # -- the protocol -----------------------------------------------------
+
+    def _commit_disk(self, epoch: int, attempts: int = 3) -> None:
+        """Commit the disk to ``epoch``; a failed commit is retried (redoing its writes is
+        idempotent: the store's journal says where it was). A disk that keeps failing
+        stops this node with the error: the primary runs on unprotected."""
+        from pipeline.stages.disk import DiskControlError
+        for attempt in range(1, attempts + 1):
+            try:
+                self.disk.commit(epoch)
+                return
+            except DiskControlError as exc:
+                self.c.add("errors", 1)
+                self.ctx.log.error("epoch=%d event=disk_commit_failed attempt=%d of %d: %s",
+                                   epoch, attempt, attempts, exc, extra={"epoch": epoch})
+                if attempt == attempts:
+                    raise
+
     def checkpoint(self, begin: wire.CheckpointBegin) -> None:
         """One epoch, the other half of PrimaryCoordinator.checkpoint."""
         epoch = begin.epoch
@@ -557,7 +574,7 @@ class SecondaryCoordinator(_Coordinator):
             applied, digest, input_seq = reply.pages, reply.digest, reply.input_seq
             if self.disk is not None and not begin.flags & wire.FLAG_SYNC:
                 # the disk goes to the same checkpoint before the SVM runs on from it
-                self.disk.commit(epoch)
+                self._commit_disk(epoch)
         else:
             reason = reply.reason
         if not begin.flags & wire.FLAG_SYNC or self.svm_started:
