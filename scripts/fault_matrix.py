@@ -14,6 +14,9 @@ Rows (issue 11, item 2; what is here so far):
   re-protects it and both memories are proven equal (else data lost).
 * ``primary@primary.reprotect``: the secondary is lost, a new one answers, and the
   primary dies as re-protection starts: the new secondary must stay passive.
+* ``slow-secondary-commit``: the secondary's coordinator stalls between applying an
+  epoch and its ACK while the PVM serves on, then continues: still protected, memories
+  proven equal.
 * ``sigstop-primary``: the whole primary node is stopped (SIGSTOP) until the secondary
   took over, then continued (SIGCONT). Invariant: the stale primary does not come back
   active: it gives up its role (the peer's later generation, its lost lease) and exits.
@@ -164,6 +167,26 @@ def primary_during_reprotection(pair: LocalPair) -> dict:
     return {}
 
 
+def slow_secondary_commit(pair: LocalPair) -> dict:
+    """The secondary's coordinator stalls after applying epoch 13, before its ACK, while the
+    PVM serves 100 more inputs; then goes on. The late ACK commits the epoch: the pair
+    stays protected and both memories are proven equal."""
+    pair.start(faults={"secondary": "secondary.applied:14:stop"})
+    wait_until(lambda: fired(pair, "secondary", "secondary.applied"), "the stalled commit")
+    client = pair.node("primary").stage("client")
+    n0 = client.as_dict()["outputs"]
+    wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100, "the PVM serving meanwhile")
+    os.kill(pair.node("secondary").node_info()["stage_pids"]["coordinator"], signal.SIGCONT)
+    done = pair.node("primary").stage("coordinator").as_dict()["epochs_committed"]
+    wait_until(lambda: pair.node("primary").stage("coordinator").as_dict()["epochs_committed"]
+               > done + 3, "checkpoints after the late ACK")
+    if pair.node("primary").node_info().get("state") != "protected":
+        raise RunFailed("a late ACK within the epoch timeout left the primary unprotected")
+    if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+        raise DataLost("after the late ACK the two memories differ")
+    return {}
+
+
 def sigstop_primary(pair: LocalPair) -> dict:
     pair.start()
     pair.wait_protected(timeout=DEADLINE)
@@ -203,6 +226,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("secondary@secondary.applied:14", secondary_at("secondary.applied:14"), False),
     ("secondary@secondary.acked:14", secondary_at("secondary.acked:14"), False),
     ("primary@primary.reprotect", primary_during_reprotection, True),
+    ("slow-secondary-commit", slow_secondary_commit, False),
     ("sigstop-primary", sigstop_primary, True),
 ]
 
