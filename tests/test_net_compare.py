@@ -1,6 +1,8 @@
 """The comparator core, fed with plain lists of frames (no sockets)."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from pipeline.net import build
@@ -507,3 +509,140 @@ def test_exact_and_split_svm_segments_mix():
     h.s(seg(ISN + 12, b"MMM"))
     h.s(seg(ISN + 21, b"VVVYYY\\\\\\___"))
     assert h.released == pvm and not h.requests
+
+
+# ------------------------------------------------------------------ streams
+def _stream_case(seed: int, n: int = 400) -> tuple[list, list]:
+    """PVM and SVM items for one run: frames of many kinds, mostly pairs the per-frame path
+    matches (some equal outside the masked fields, some differing in fields it ignores),
+    a few the SVM splits or leaves out, epoch boundaries in both streams."""
+    import random
+
+    from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_SNAPSHOT, Boundary
+    rng = random.Random(seed)
+    pvm, svm = [], []
+    seq = {sport: ISN for sport in range(80, 84)}
+    epoch = 0
+    for i in range(n):
+        kind = rng.choice(["tcp", "tcp", "tcp", "udp", "udp", "icmp", "gre", "arp", "split",
+                           "ttl", "ack"])
+        body = rng.randbytes(rng.randint(1, 300))
+        if kind in ("tcp", "split", "ttl", "ack"):
+            sport = rng.choice(list(seq))
+            p = seg(seq[sport], body, sport=sport, ip_id=i, window=100)
+            if kind == "split":
+                cut = len(body) // 2
+                s = [seg(seq[sport], body[:cut], sport=sport, ip_id=7),
+                     seg(seq[sport] + cut, body[cut:], sport=sport, ip_id=8)]
+            elif kind == "ttl":      # the IPv4 TTL is not masked: the per-frame path decides
+                f = bytearray(seg(seq[sport], body, sport=sport, ip_id=9))
+                f[22] = 17
+                s = [bytes(f)]
+            elif kind == "ack":      # a pure ACK only the PVM sends
+                pvm.append(seg(seq[sport], flags=TCP_ACK, sport=sport))
+                s = [seg(seq[sport], body, sport=sport, ip_id=i + 1, window=5)]
+            else:
+                s = [seg(seq[sport], body, sport=sport, ip_id=i + 1, window=5)]
+            seq[sport] += len(body)
+        elif kind == "udp":
+            p = udp(body, sport=1000 + i % 7, ip_id=i)
+            s = [udp(body, sport=1000 + i % 7, ip_id=i * 3)]
+        elif kind == "icmp":
+            p = build.icmp_echo_frame(G, C, 5, i, body, ip_id=i)
+            s = [build.icmp_echo_frame(G, C, 5, i, body, ip_id=i + 9)]
+        elif kind == "gre":
+            p = build.ethernet(build.ipv4(G, C, 47, body, ip_id=3), 0x0800)
+            s = [p]
+        else:
+            p = build.ethernet(bytes(28) + body[:4], 0x0806)
+            s = [p]
+        pvm.append(p)
+        svm += s
+        if rng.random() < 0.03:
+            # a checkpoint: the PVM's snapshot boundary, then the SVM's commit one
+            pvm.append(Boundary(BOUNDARY_SNAPSHOT, epoch))
+            svm.append(Boundary(BOUNDARY_COMMITTED, epoch))
+            epoch += 1
+    return pvm, svm
+
+
+def _encode(items) -> bytes:
+    from pipeline.net.framing import Boundary, encode_boundary, encode_frame
+    return b"".join(encode_boundary(i.kind, i.epoch, i.aborted) if isinstance(i, Boundary)
+                    else encode_frame(i) for i in items)
+
+
+def _per_frame(pvm, svm) -> Harness:
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    from pipeline.net.framing import Boundary
+    h = Harness(max_queue_frames=100000, compare_timeout_ms=10 ** 9)
+    for side, items in ((PRIMARY, pvm), (SECONDARY, svm)):
+        for item in items:
+            if isinstance(item, Boundary):
+                h.cmp.on_boundary(side, item)
+            elif side == PRIMARY:
+                h.p(item)
+            else:
+                h.s(item)
+    return h
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streams_compared_in_runs_release_what_frame_by_frame_does(seed):
+    """The same items as framed byte streams, cut anywhere and interleaved: the same PVM
+    frames come out (per flow in order, each once) with the same checkpoint requests as
+    frame by frame; no SVM frame comes out; runs of equal frames were used."""
+    import random
+
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    from pipeline.net.framing import FrameDecoder
+    pvm, svm = _stream_case(seed)
+    ref = _per_frame(pvm, svm)
+    rng = random.Random(seed)
+    streams = {PRIMARY: _encode(pvm), SECONDARY: _encode(svm)}
+    pos = {PRIMARY: 0, SECONDARY: 0}
+    h = Harness(max_queue_frames=100000, compare_timeout_ms=10 ** 9)
+    # runs released in one piece go into the same list, in release order
+    h.cmp._release_block_cb = lambda b: h.released.extend(f for f, _ in FrameDecoder().feed(b))
+    while pos[PRIMARY] < len(streams[PRIMARY]) or pos[SECONDARY] < len(streams[SECONDARY]):
+        # mostly the side that is behind (as two live guests), now and then the other
+        behind = min((PRIMARY, SECONDARY), key=lambda s: pos[s] / len(streams[s]))
+        side = behind if rng.random() < 0.8 else 1 - behind
+        cut = rng.choice([1, 5, 60, 700, 5000, 40000])
+        data = streams[side][pos[side]:pos[side] + cut]
+        pos[side] += len(data)
+        if data:
+            h.cmp.push_stream(side, data)
+    h.cmp.settle()
+    released = h.released
+    assert sorted(released) == sorted(ref.released)
+    frames = [f for f in pvm if isinstance(f, bytes)]
+    assert sorted(released) == sorted(frames)  # every PVM frame once (commits cover the rest)
+
+    def flows(seq):
+        """Per flow, in release order (pure ACKs go out at once, wherever they are)."""
+        out = {}
+        for f in seq:
+            if not (len(f) == 54 and f[23] == 6 and f[47] == TCP_ACK):
+                out.setdefault(f[26:38], []).append(f)
+        return out
+    assert flows(released) == flows(ref.released)
+    assert h.requests == ref.requests
+    assert not set(released) & (set(f for f in svm if isinstance(f, bytes)) - set(frames))
+    assert h.cmp.counters["run_matched_frames"] > 0
+    assert h.cmp.stream_frames() == 0
+
+
+def test_stream_with_an_oversized_frame_counts_it_and_keeps_comparing():
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    from pipeline.net.framing import encode_frame
+    h = Harness()
+    good = [udp(b"%d" % i, ip_id=i) for i in range(40)]
+    bad = struct.pack("!I", 70000) + bytes(70000)
+    h.cmp.push_stream(PRIMARY, _encode(good[:20]) + bad[:1000])
+    h.cmp.push_stream(PRIMARY, bad[1000:] + _encode(good[20:]))
+    h.cmp.push_stream(SECONDARY, b"".join(encode_frame(udp(b"%d" % i, ip_id=99))
+                                          for i in range(40)))
+    h.cmp.settle()
+    assert h.cmp.counters["malformed_frames"] == 1
+    assert h.cmp.counters["frames_released"] == 40 and h.requests == []

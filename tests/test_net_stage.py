@@ -226,8 +226,10 @@ def _in_band_run(order: str) -> tuple[list[bytes], list[str], list[bytes]]:
         streams = {pvm: pvm_stream, svm: svm_stream}
         first.send_bytes(streams[first])
         released: list[bytes] = []
-        while loop.comparator.counters[("primary" if first is pvm else "secondary")
-                                       + "_frames_in"] < 4:
+        cmp = loop.comparator
+        # all of the first stream read (compared, or waiting for the other side's frames)
+        while cmp.counters[("primary" if first is pvm else "secondary") + "_frames_in"] \
+                + cmp.stream_frames() < 4:
             loop.run_once(0.05)
         second.send_bytes(streams[second])
         deadline = time.monotonic() + 20

@@ -112,6 +112,8 @@ class StreamEndpoint(FrameSource, FrameSink):
         self._out = bytearray()
         #: frames sent while no peer was connected (they are dropped, as QEMU does)
         self.dropped_unconnected = 0
+        #: counts the peers accepted (recv_bytes users restart their framing when it changes)
+        self.generation = 0
 
     def _new_decoder(self) -> FrameDecoder:
         return FrameDecoder(self._vnet_hdr_in, self._max_frame, self._on_malformed)
@@ -144,6 +146,7 @@ class StreamEndpoint(FrameSource, FrameSink):
             peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._peer = peer
         self._decoder = self._new_decoder()
+        self.generation += 1
         StreamEndpoint.peer_changes += 1
         log.info("%s: peer connected", self.name)
         return True
@@ -183,6 +186,42 @@ class StreamEndpoint(FrameSource, FrameSink):
             self._lost("end of stream")
             return []
         return self._decoder.feed(data)
+
+    def recv_bytes(self) -> bytes:
+        """The stream's bytes available now, undecoded (the caller frames them; see
+        :attr:`generation`)."""
+        if self._peer is None:
+            self._accept()
+            return b""
+        try:
+            data = self._peer.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as exc:
+            self._lost(str(exc))
+            return b""
+        if not data:
+            self._lost("end of stream")
+        return data
+
+    def send_framed(self, data: bytes) -> None:
+        """Frames already in this endpoint's framing (a run released in one piece; ``data``
+        may be a memoryview valid during the call only)."""
+        if self._peer is None and not self._accept():
+            self.dropped_unconnected += 1
+            return
+        if not self._out:
+            try:   # straight to the socket when nothing waits before it (no copy)
+                sent = self._peer.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lost(str(exc))
+                return
+            data = data[sent:]
+        self._out += data
+        if len(self._out) >= READ_CHUNK:
+            self.flush()
 
     def send(self, frame: bytes, vnet_hdr_len: int = 0) -> None:
         if self._peer is None and not self._accept():

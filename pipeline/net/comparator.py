@@ -14,8 +14,18 @@ frames in arrival order and compares them with one function per kind:
 * UDP and ICMP (``_compare_datagram``): the bytes after the IP header.
 * Anything else (``_compare_datagram`` too, on the whole frame).
 
-Frames leave through :meth:`_release_frames` and checkpoints are asked for through
+Frames leave through :meth:`_release_frames` (one by one) and :meth:`_match_run` (a
+run of equal frames in one piece, below), and checkpoints are asked for through
 :meth:`_request`, at most once per epoch; nothing else releases or requests.
+
+Streams (``push_stream``, what the loop gives it from a ``tcp:``/``unix:`` source):
+the bytes of each side wait, uncompared, for the other side's; while nothing is held
+anywhere, the longest run of frame pairs at the same place in both streams that are
+equal outside the fields that may differ (IPv4 id and checksum, TCP window and
+checksum; valid untagged IPv4 TCP/UDP/ICMP frames only, so every such pair is one
+the per-frame path would match) is released as one piece of stream bytes: one numpy
+comparison for a thousand frames, no parsing, no connection lookup. Anything else
+goes one frame at a time through ``push_primary``/``push_secondary``.
 
 Epochs: frames are tagged with the epoch they arrived in. ``on_snapshot(e)``
 starts epoch ``e + 1``; ``on_committed(e)`` releases every PVM frame of epoch
@@ -46,13 +56,27 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from pipeline.net.fragments import Reassembler
+from pipeline.net.framing import (
+    BOUNDARY_COMMITTED,
+    BOUNDARY_KINDS,
+    BOUNDARY_RECORD,
+    BOUNDARY_ROLLED_BACK,
+    BOUNDARY_SIZE,
+    BOUNDARY_SNAPSHOT,
+    BOUNDARY_WORD,
+    Boundary,
+    FrameDecoder,
+)
 from pipeline.net.packet import (
     KIND_TCP,
     TCP_FIN,
@@ -62,7 +86,7 @@ from pipeline.net.packet import (
     Packet,
     parse_frame,
 )
-from pipeline.net.settings import NetSettings
+from pipeline.net.settings import MAX_FRAME_BYTES, NetSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +110,8 @@ COUNTER_NAMES = (
     *(f"released_after_le_{b}ms" for b in ("0.1", "0.3", "1", "3", "10", "30", "100", "300",
                                            "1000", "3000")),
     "released_after_gt_3000ms",
+    # frame pairs matched as part of a run of equal frames (compared in one piece)
+    "run_matched_frames",
 )
 
 #: upper bounds (ms) of the held-frame buckets, in COUNTER_NAMES order (inf: the last)
@@ -206,7 +232,9 @@ class Comparator:
 
     def __init__(self, settings: NetSettings, release: Release, request: Request,
                  counters: CounterSink | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 release_block: Callable[[bytes], None] | None = None,
+                 boundary: Callable[[int, Boundary], None] | None = None) -> None:
         self.settings = settings
         self._release_cb = release
         self._request_cb = request
@@ -239,12 +267,22 @@ class Comparator:
         self._stalled: deque[tuple[bytes | None, int]] = deque()
         #: the SVM's side overflowed: its frames are discarded until the next commit
         self._svm_overflow = False
-        #: PVM frames in the connection queues now
+        #: PVM frames in the connection queues now, and SVM frames
         self._held = 0
         #: net.release = "commit": PVM frames (epoch, frame, vnet, arrived) waiting for the
         #: commit of their epoch, in arrival order (so their epochs never decrease)
         self.release_on_commit = settings.release == "commit"
         self._awaiting: deque[tuple[int, bytes, int, float]] = deque()
+        self._svm_held = 0
+        #: each side's framed stream bytes not compared yet (push_stream)
+        self._streams = (_Stream(), _Stream())
+        self._pumping = False
+        #: where in-band epoch boundaries go (the loop adds its own work to them)
+        self._boundary_cb: Callable[[int, Boundary], None] = self.on_boundary
+        #: where a run of released frames goes as one piece of framed bytes
+        self._release_block_cb: Callable[[bytes], None] = release_block or self._release_block
+        if boundary is not None:
+            self._boundary_cb = boundary
 
     # ------------------------------------------------------------------ input
     def push_primary(self, frame: bytes, vnet_hdr_len: int = 0, now: float | None = None) -> None:
@@ -342,6 +380,8 @@ class Comparator:
             self._arrivals.append((held, conn))
             if side == PRIMARY:
                 self._note_held(1)
+            else:
+                self._svm_held += 1
             if not conn.diverged:
                 self._compare_datagram(conn)
                 if not conn.primary and not conn.secondary:
@@ -551,6 +591,7 @@ class Comparator:
                 conn.sec_ooo_bytes += len(payload) - len(conn.sec_ooo.get(start, b""))
                 conn.sec_ooo[start] = payload
         conn.secondary.append(held)
+        self._svm_held += 1
         self._arrivals.append((held, conn))
         return True
 
@@ -635,6 +676,7 @@ class Comparator:
         while secondary and secondary[0].end <= verified:
             held = secondary.popleft()
             held.done = True
+            self._svm_held -= 1
             dropped += len(held.frames)
         if dropped:
             self.counters["secondary_frames_dropped"] += dropped
@@ -666,6 +708,7 @@ class Comparator:
                 secondary.remove(other)
             primary.popleft()
             other.done = True
+            self._svm_held -= 1
             self.counters["secondary_frames_dropped"] += len(other.frames)
             if self._sink is not None:
                 self._sink.add("secondary_frames_dropped", len(other.frames))
@@ -694,6 +737,12 @@ class Comparator:
                 self._sink.add("bytes_released", len(frame))
             self._release_cb(frame, vnet)
 
+    def _release_block(self, block: bytes) -> None:
+        """A run of released frames in the stream framing, for a release callback per frame
+        (the counters were taken by the caller)."""
+        for frame, vnet in FrameDecoder(False).feed(block):
+            self._release_cb(frame, vnet)
+
     def _request(self, cause: str, detail: str) -> None:
         """The one place a checkpoint is requested: at most once per epoch."""
         if self._requested_epoch == self.epoch:
@@ -714,10 +763,233 @@ class Comparator:
         if self._sink is not None:
             self._sink.add(name, n)
 
+    # ------------------------------------------------------ framed streams
+    # The loop hands over a stream source's bytes as they came (QEMU's framing, epoch
+    # boundaries in-band). Whole items wait here, uncompared, until the other side's
+    # bytes are there; then, while nothing else is held, the longest run of frame pairs
+    # that are equal outside the fields that may differ is released in one piece
+    # (_match_run). The rest goes one item at a time through push_primary/push_secondary.
+
+    def push_stream(self, side: int, data: bytes, generation: int = 0) -> None:
+        """Bytes of one side's framed stream (see :mod:`pipeline.net.framing`). ``generation``
+        changes when the stream's peer changed (a partial item from the old one is dropped)."""
+        r = self._streams[side]
+        if generation != r.generation:
+            del r.buf[r.walked:]
+            r.decoder, r.generation = None, generation
+        now = self._clock()
+        if r.decoder is not None:
+            # an oversized frame is being skipped: the decoder resynchronises the stream
+            items = r.decoder.feed(data)
+            if r.decoder.idle:
+                r.decoder = None
+            self._settle(side, now)
+            self._slow_items(side, items, now)
+            self._pump()
+            return
+        if r.head:
+            r.compact()
+        buf = r.buf
+        buf += data
+        offs, pos, end = r.offs, r.walked, len(buf)
+        unpack = _WORD.unpack_from
+        walked = _STRIDE_AFTER
+        while end - pos >= 4:
+            (length,) = unpack(buf, pos)
+            if walked >= _STRIDE_AFTER and length <= MAX_FRAME_BYTES \
+                    and end - pos >= _STRIDE_MIN * (length + 4):
+                # a bulk stream's frames mostly have one length: check the length words
+                # where equal frames would put them, all at once, and take that run
+                stride = length + 4
+                at = np.arange(pos, end - stride + 1, stride)
+                equal = _words_at(buf, at) == length
+                same = len(at) if equal.all() else int(equal.argmin())
+                if same >= _STRIDE_MIN:
+                    offs.extend(at[:same].tolist())
+                    pos += same * stride
+                    continue
+                walked = 0
+            walked += 1
+            if length == BOUNDARY_WORD:
+                size = BOUNDARY_SIZE
+            elif length > MAX_FRAME_BYTES:
+                # hand the rest to a decoder, which counts and skips the bad frame
+                rest = bytes(buf[pos:])
+                del buf[pos:]
+                r.walked = pos
+                if len(offs) > r.head and r.since is None:
+                    r.since = now
+                r.decoder = FrameDecoder(False, MAX_FRAME_BYTES,
+                                         lambda why, s=side: self.note_malformed(s, why))
+                items = r.decoder.feed(rest)
+                if r.decoder.idle:
+                    r.decoder = None
+                self._settle(side, now)
+                self._slow_items(side, items, now)
+                self._pump()
+                return
+            else:
+                size = 4 + length
+            if end - pos < size:
+                break
+            if length == BOUNDARY_WORD:
+                r.boundaries += 1
+            offs.append(pos)
+            pos += size
+        if pos > r.walked:
+            r.walked = pos
+            if r.since is None:
+                r.since = now
+        self._pump()
+
+    def stream_frames(self) -> int:
+        """Items (frames, boundaries) read from the streams and not compared yet."""
+        return sum(len(r.offs) - r.head for r in self._streams)
+
+    def settle(self) -> None:
+        """Compare everything the streams brought (before an event from another channel)."""
+        for side in (PRIMARY, SECONDARY):
+            self._settle(side, self._clock())
+
+    def _settle(self, side: int, now: float) -> None:
+        r = self._streams[side]
+        while r.head < len(r.offs) and not (side == PRIMARY and self.blocked):
+            self._slow_one(side, now)
+
+    def _through_boundary(self, side: int) -> None:
+        """Items of a side through the per-frame path up to and including its next boundary."""
+        r = self._streams[side]
+        before = r.boundaries
+        now = self._clock()
+        while r.boundaries == before and r.head < len(r.offs):
+            self._slow_one(side, now)
+
+    def _slow_items(self, side: int, items, now: float) -> None:
+        for item in items:
+            if type(item) is Boundary:
+                self._boundary_cb(side, item)
+            elif side == PRIMARY:
+                self.push_primary(item[0], item[1], now)
+            else:
+                self.push_secondary(item[0], item[1], now)
+
+    def _slow_one(self, side: int, now: float) -> None:
+        """The oldest item of a side's stream through the per-frame path."""
+        r = self._streams[side]
+        buf, at = r.buf, r.offs[r.head]
+        r.head += 1
+        (length,) = _WORD.unpack_from(buf, at)
+        since = r.since if r.since is not None else now
+        if length == BOUNDARY_WORD:
+            _, kind, epoch, aborted = BOUNDARY_RECORD.unpack_from(buf, at)
+            r.boundaries -= 1
+            frame = None
+        else:
+            frame = bytes(buf[at + 4:at + 4 + length])
+        if r.head == len(r.offs):
+            r.clear()
+        if frame is None:
+            if kind in BOUNDARY_KINDS:
+                self._boundary_cb(side, Boundary(kind, epoch, aborted))
+            else:
+                self.note_malformed(side, f"unknown epoch boundary kind {kind}")
+            return
+        if side == PRIMARY:
+            self.push_primary(frame, 0, since)
+        else:
+            self.push_secondary(frame, 0, since)
+
+    def _fast_ok(self) -> bool:
+        """Nothing held anywhere: a pair of equal frames can be released without a lookup."""
+        if self.blocked or self._svm_overflow or self.passthrough or self._stalled \
+                or self.release_on_commit \
+                or not self.committed < self.epoch <= self.svm_epoch:
+            return False
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0].done:
+            arrivals.popleft()
+        return not arrivals and not self._reassembly[PRIMARY].pending \
+            and not self._reassembly[SECONDARY].pending
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return               # an in-band boundary's event: the outer pump goes on
+        self._pumping = True
+        try:
+            pvm, svm = self._streams
+            while True:
+                np_, ns = len(pvm.offs) - pvm.head, len(svm.offs) - svm.head
+                if np_ and ns:
+                    if self._fast_ok() and self._match_run():
+                        continue
+                    # one item through the per-frame path: from the SVM while PVM frames
+                    # wait for it (so both streams get back in step, e.g. after the SVM
+                    # split a segment), else from the PVM
+                    self._slow_one(SECONDARY if self._held or self.blocked else PRIMARY,
+                                   self._clock())
+                    continue
+                # one side only: while nothing is held its frames wait for the other's
+                # (to be compared as a run), unless they are more than a queue's worth;
+                # otherwise what is held may be waiting for them. The SVM's commit
+                # boundary is taken at once: held PVM frames may go out with it.
+                if ns and self._streams[SECONDARY].boundaries:
+                    self._through_boundary(SECONDARY)
+                    continue
+                if np_ and (np_ > self._max_queue or self._svm_held or self.passthrough
+                            or self.epoch <= self.committed or self._stalled
+                            or self.release_on_commit):
+                    self._settle(PRIMARY, self._clock())     # they can be judged now
+                elif ns and (ns > self._max_queue or self._held or self.passthrough
+                             or self.release_on_commit):
+                    self._settle(SECONDARY, self._clock())
+                break
+        finally:
+            self._pumping = False
+
+    def _match_run(self) -> int:
+        """Release the longest run of PVM frames equal to the SVM's at the same place in the
+        streams (outside IPv4 id and checksum, TCP window and checksum), valid untagged IPv4
+        TCP/UDP/ICMP frames all; returns how many."""
+        pvm, svm = self._streams
+        p0, s0 = pvm.offs[pvm.head], svm.offs[svm.head]
+        avail = min(pvm.walked - p0, svm.walked - s0)
+        offs = pvm.offs
+        # items whose gathered header bytes lie within what both sides have
+        many = bisect_right(offs, p0 + avail - _GATHER, pvm.head) - pvm.head
+        if many > _SMALL_RUN:
+            k, size = _match_numpy(pvm.buf, svm.buf, offs, pvm.head, many, p0, s0, avail)
+        else:
+            few = bisect_right(offs, p0 + avail - 1, pvm.head) - pvm.head
+            k, size = _match_small(pvm.buf, svm.buf, offs, pvm.head, few, p0, s0, avail)
+        if not k:
+            return 0
+        if pvm.since is not None:
+            self._note_delay(pvm.since, k)      # (from the oldest of the side's waiting frames)
+        with memoryview(pvm.buf) as view, view[p0:p0 + size] as block:
+            self._release_block_cb(block)       # valid during the call only
+        pvm.head += k
+        svm.head += k
+        for r in (pvm, svm):
+            if r.head == len(r.offs):
+                r.clear()
+        n_bytes = size - 4 * k
+        c = self.counters
+        for name, n in (("primary_frames_in", k), ("secondary_frames_in", k),
+                        ("primary_bytes_in", n_bytes), ("secondary_bytes_in", n_bytes),
+                        ("frames_released", k), ("bytes_released", n_bytes),
+                        ("secondary_frames_dropped", k), ("run_matched_frames", k)):
+            c[name] += n
+            if self._sink is not None:
+                self._sink.add(name, n)
+        return k
+
     # ---------------------------------------------------------------- timers
     def check_timeouts(self, now: float | None = None) -> None:
         """Request a checkpoint if a frame waited longer than ``compare_timeout_ms``."""
         now = self._clock() if now is None else now
+        for side, r in enumerate(self._streams):
+            if r.since is not None and now - r.since >= self._timeout:
+                self._settle(side, now)          # stream frames waiting that long count too
         arrivals = self._arrivals
         while arrivals and arrivals[0][0].done:
             arrivals.popleft()
@@ -784,6 +1056,7 @@ class Comparator:
                     keep.append((held, conn))
             else:
                 held.done = True
+                self._svm_held -= 1
                 self._count("secondary_frames_dropped", len(held.frames))
         self._arrivals = keep
         for conn in list(self.connections.values()):
@@ -804,6 +1077,19 @@ class Comparator:
         self.svm_epoch = max(self.svm_epoch, epoch + 1)
         self._svm_overflow = False
         self._unblock()
+        self._pump()          # stream frames kept back while blocked
+
+    def on_boundary(self, side: int, b: Boundary) -> None:
+        """An epoch boundary read in a side's stream, in order with its frames."""
+        if side == PRIMARY and b.kind == BOUNDARY_SNAPSHOT:
+            self.on_snapshot(b.epoch, in_band=True)
+        elif side == SECONDARY and b.kind == BOUNDARY_COMMITTED:
+            # the PVM's snapshot boundary of this epoch may still be ahead in its stream
+            self.on_committed(b.epoch, snapshot_seen=False)
+        elif side == SECONDARY and b.kind == BOUNDARY_ROLLED_BACK:
+            self.on_rolled_back(b.epoch, b.aborted)
+        else:
+            self.note_malformed(side, f"unexpected {b!r} in the {SIDE_NAMES[side]}'s stream")
 
     def _release_committed(self) -> None:
         """net.release = "commit": the frames of committed epochs go out, in arrival order."""
@@ -824,6 +1110,7 @@ class Comparator:
         for conn in list(self.connections.values()):
             for held in conn.secondary:
                 held.done = True
+                self._svm_held -= 1
                 self._count("secondary_frames_dropped", len(held.frames))
             conn.reset_secondary()
         self.svm_epoch = max(self.svm_epoch, aborted + 1)
@@ -843,6 +1130,154 @@ class Comparator:
             self._unblock()
         self.passthrough = on
 
+
+# ------------------------------------------------------------- stream runs
+_WORD = struct.Struct("!I")
+#: IPv4 total length, id, fragment field, TTL, protocol (frame offsets 16..23)
+_IPV4_FIELDS = struct.Struct("!HHHBB")
+#: runs up to this many frames are compared frame by frame, longer ones with numpy
+_SMALL_RUN = 16
+#: header bytes gathered per item (offsets from the length word): length 0-3, ethertype
+#: 16-17, version/IHL 18, total length 20-21, fragment field 24-25, protocol 27, UDP
+#: length 42-43, TCP data offset 50
+_HEADER_COLS = np.array([0, 1, 2, 3, 16, 17, 18, 20, 21, 24, 25, 27, 42, 43, 50])
+#: an item needs this many bytes for its header to be gathered
+_GATHER = 4 + 54
+#: offsets in a frame the run comparison ignores: IPv4 id and checksum; TCP window, checksum
+_IP_MASK = np.array([18, 19, 24, 25])
+_TCP_MASK = np.array([48, 49, 50, 51])
+
+
+#: the walk over a stream's length words tries a stride of equal frames after this many
+#: frames walked one by one, and takes it when at least _STRIDE_MIN frames fit it
+_STRIDE_AFTER, _STRIDE_MIN = 16, 16
+_WORD_COLS = np.arange(4)
+
+
+def _words_at(buf, at: np.ndarray) -> np.ndarray:
+    """The big-endian u32 words at byte offsets ``at`` of ``buf``."""
+    w = np.frombuffer(buf, np.uint8)[at[:, None] + _WORD_COLS].astype(np.uint32)
+    return w[:, 0] << 24 | w[:, 1] << 16 | w[:, 2] << 8 | w[:, 3]
+
+
+class _Stream:
+    """One side's stream bytes not compared yet: whole items (frames, boundaries) start at
+    ``offs[head:]`` in ``buf``; ``buf[walked:]`` is the start of an item still arriving."""
+
+    __slots__ = ("boundaries", "buf", "decoder", "generation", "head", "offs", "since",
+                 "walked")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.offs: list[int] = []
+        self.head = 0
+        self.walked = 0
+        #: when the oldest item here arrived (timeouts count from it)
+        self.since: float | None = None
+        #: a FrameDecoder while an oversized frame is skipped
+        self.decoder: FrameDecoder | None = None
+        self.generation = 0
+        #: epoch boundaries among the items
+        self.boundaries = 0
+
+    def clear(self) -> None:
+        """Every whole item was taken: keep only the partial one."""
+        del self.buf[:self.walked]
+        self.offs, self.head, self.walked, self.since = [], 0, 0, None
+
+    def compact(self) -> None:
+        start = self.offs[self.head]
+        del self.buf[:start]
+        self.offs = [o - start for o in self.offs[self.head:]]
+        self.head = 0
+        self.walked -= start
+
+
+def _equal_outside_masks(p: bytes, s: bytes) -> bool:
+    """``p`` is a valid untagged IPv4 TCP/UDP/ICMP frame (no options, not a fragment) and
+    ``s`` equals it outside the IPv4 id and checksum (and, for TCP, window and checksum):
+    the per-frame path would match them. Same length assumed."""
+    if len(p) < 38 or p[12:15] != b"\x08\x00\x45":
+        return False
+    total, _id, frag, _ttl, proto = _IPV4_FIELDS.unpack_from(p, 16)
+    if frag & 0x3FFF or total < 20 or 14 + total > len(p):
+        return False
+    if proto == 6:
+        if len(p) < 54 or total < 40 or not 20 <= (p[46] >> 4) * 4 <= total - 20:
+            return False
+        return p[:18] == s[:18] and p[20:24] == s[20:24] and p[26:48] == s[26:48] \
+            and p[52:] == s[52:]
+    if proto == 17:
+        if len(p) < 42 or total < 28 or not 8 <= (p[38] << 8 | p[39]) <= total - 20:
+            return False
+    elif proto != 1 or total < 24:
+        return False
+    return p[:18] == s[:18] and p[20:24] == s[20:24] and p[26:] == s[26:]
+
+
+def _match_small(pbuf, sbuf, offs: list[int], head: int, count: int, p0: int, s0: int,
+                 avail: int) -> tuple[int, int]:
+    """(frames, bytes) of the run at the heads of both streams, frame by frame."""
+    unpack = _WORD.unpack_from
+    k = size = 0
+    for i in range(head, head + count):
+        o = offs[i]
+        rel = o - p0
+        if rel + 4 > avail:
+            break
+        (length,) = unpack(pbuf, o)
+        end = rel + 4 + length
+        if length > MAX_FRAME_BYTES or end > avail or unpack(sbuf, s0 + rel)[0] != length:
+            break
+        if not _equal_outside_masks(pbuf[o + 4:o + 4 + length],
+                                    sbuf[s0 + rel + 4:s0 + rel + 4 + length]):
+            break
+        k, size = k + 1, end
+    return k, size
+
+
+def _match_numpy(pbuf, sbuf, offs: list[int], head: int, count: int, p0: int, s0: int,
+                 avail: int) -> tuple[int, int]:
+    """The same as _match_small for a long run: the headers of all items checked at once,
+    then one byte comparison of the whole run; the differing bytes must all be maskable."""
+    o = np.asarray(offs[head:head + count], dtype=np.int64) - p0
+    a = np.frombuffer(pbuf, np.uint8, count=avail, offset=p0)
+    b = np.frombuffer(sbuf, np.uint8, count=avail, offset=s0)
+    h = a[o[:, None] + _HEADER_COLS].astype(np.int64)      # the columns of _HEADER_COLS
+    length = h[:, 0] << 24 | h[:, 1] << 16 | h[:, 2] << 8 | h[:, 3]
+    ends = o + 4 + length
+    total = h[:, 7] << 8 | h[:, 8]
+    proto = h[:, 11]
+    tcp = proto == 6
+    doff = (h[:, 14] >> 4) * 4
+    ulen = h[:, 12] << 8 | h[:, 13]
+    valid = ((length >= 38) & (length <= MAX_FRAME_BYTES) & (ends <= avail)
+             & (h[:, 4] == 8) & (h[:, 5] == 0) & (h[:, 6] == 0x45)
+             & ((h[:, 9] & 0x3F) == 0) & (h[:, 10] == 0)
+             & (total >= 20) & (14 + total <= length)
+             & ((tcp & (length >= 54) & (total >= 40) & (doff >= 20) & (doff <= total - 20))
+                | ((proto == 17) & (length >= 42) & (total >= 28) & (ulen >= 8)
+                   & (ulen <= total - 20))
+                | ((proto == 1) & (total >= 24))))
+    bad = np.flatnonzero(~valid)
+    limit = int(bad[0]) if len(bad) else len(o)
+    if limit == 0:
+        return 0, 0
+    run_end = int(ends[limit - 1])
+    differ = np.flatnonzero(a[:run_end] != b[:run_end])
+    if len(differ):
+        starts = o[:limit] + 4                               # frame starts
+        item = np.searchsorted(starts, differ, side="right") - 1
+        at = differ - starts[item]                           # offset in its frame
+        maskable = np.isin(at, _IP_MASK) | (tcp[:limit][item] & np.isin(at, _TCP_MASK))
+        if item[0] < 0:
+            maskable[item < 0] = False                       # a length word differs
+        unmasked = np.flatnonzero(~maskable)
+        if len(unmasked):
+            first = int(differ[unmasked[0]])
+            k = int(np.searchsorted(ends[:limit], first, side="right"))
+            return k, int(ends[k - 1]) if k else 0
+    return limit, run_end
 
 def _describe(key: tuple) -> str:
     vlans, ver = key[0], key[1]

@@ -70,6 +70,11 @@ class Reassembler:
         frame += data[:part.total]
         return parse_frame(bytes(frame), first.vnet_hdr_len), part.frames
 
+    @property
+    def pending(self) -> bool:
+        """Fragments held (incomplete or evicted datagrams)."""
+        return bool(self._partials) or bool(self._evicted)
+
     def oldest(self, now: float) -> float:
         """Age in seconds of the oldest incomplete datagram (0 when none)."""
         if not self._partials:

@@ -32,7 +32,9 @@ from pipeline.net.settings import MAX_FRAME_BYTES
 LENGTH_WORD = struct.Struct("!I")
 
 BOUNDARY_WORD = 0xFFFFFFFF
-_BOUNDARY = struct.Struct("!IIQQ")
+#: the boundary record: length word, kind, epoch, aborted epoch
+BOUNDARY_RECORD = _BOUNDARY = struct.Struct("!IIQQ")
+BOUNDARY_SIZE = BOUNDARY_RECORD.size
 BOUNDARY_SNAPSHOT, BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK = 1, 2, 3
 BOUNDARY_KINDS = {BOUNDARY_SNAPSHOT: "snapshot", BOUNDARY_COMMITTED: "committed",
                   BOUNDARY_ROLLED_BACK: "rolled_back"}
@@ -84,6 +86,11 @@ class FrameDecoder:
         self.malformed = 0
         #: epoch boundaries decoded so far (feed() returns them in place, as Boundary)
         self.boundaries = 0
+
+    @property
+    def idle(self) -> bool:
+        """No partial frame and nothing to skip: the stream is at an item boundary."""
+        return not self._buf and not self._skip
 
     def _bad(self, reason: str) -> None:
         self.malformed += 1

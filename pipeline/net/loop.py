@@ -89,14 +89,20 @@ class CompareLoop:
     """Everything one comparator process runs."""
 
     def __init__(self, settings: NetSettings, control=None,
-                 counters: CounterSink | None = None) -> None:
+                 counters: CounterSink | None = None, runs: bool = True) -> None:
         self.settings = settings
         self.control = control or NoControl()
         self.adapters = Adapters(settings.vnet_hdr)
         try:
             self.outdev: FrameSink | None = self.adapters.get(settings.outdev, "outdev", "out")
             release = self.outdev.send if self.outdev is not None else (lambda f, v: None)
-            self.comparator = Comparator(settings, release, self.control.request, counters)
+            block = None
+            if isinstance(self.outdev, StreamEndpoint):
+                block = self.outdev.send_framed
+            elif self.outdev is None:
+                block = lambda data: None   # noqa: E731 - nowhere to send
+            self.comparator = Comparator(settings, release, self.control.request, counters,
+                                         release_block=block, boundary=self._stream_boundary)
             get = self.adapters.get
             self.primary_in: FrameSource | None = get(
                 settings.primary_in, "primary_in", "in", self._malformed_cb(PRIMARY))
@@ -117,13 +123,26 @@ class CompareLoop:
                 self.secondary_out,
                 self.rewriter.to_secondary if self.rewriter is not None else None,
                 settings.max_queue_frames, self.comparator.counters)
+        # A stream source's bytes go to the comparator as they come (it compares runs of
+        # frames in one piece); not with a vnet header word or the SVM's sequence rewriter,
+        # which need every frame apart, nor when ``runs`` is off (the node's stage: see
+        # pipeline/stages/net_compare.py).
+        streams = runs and not settings.vnet_hdr and self.rewriter is None
         self._roles: list[tuple[FrameSource, object]] = []
-        for source, handler in ((self.primary_in, self._from_primary),
-                                (self.secondary_in, self._from_secondary),
-                                (self.client_in, self._from_client)):
-            if source is not None:
-                self._roles.append((source, handler))
-        self._handlers = {handler for _, handler in self._roles}
+        for source, handler, stream_handler in (
+                (self.primary_in, self._from_primary, self._stream_primary),
+                (self.secondary_in, self._from_secondary, self._stream_secondary),
+                (self.client_in, self._from_client, None)):
+            if source is None:
+                continue
+            if streams and stream_handler is not None and isinstance(source, StreamEndpoint):
+                handler = stream_handler
+            self._roles.append((source, handler))
+        self._handlers = {handler for _, handler in self._roles} - {
+            self._stream_primary, self._stream_secondary}
+        self._primary_handlers = {self._from_primary, self._stream_primary}
+        self._stream_handlers = {self._stream_primary, self._stream_secondary}
+        self._sinks = [a for a in self.adapters.all() if isinstance(a, FrameSink)]
         #: the side's epoch boundaries come in its own frame stream (see the module doc)
         self.in_band = [False, False]
         self._plan_key: tuple | None = None
@@ -150,6 +169,20 @@ class CompareLoop:
             if rewriter is not None:
                 frame = rewriter.from_secondary(frame, vnet)
             push(frame, vnet)
+
+    def _stream_primary(self) -> None:
+        data = self.primary_in.recv_bytes()
+        if data:
+            self.comparator.push_stream(PRIMARY, data, self.primary_in.generation)
+
+    def _stream_secondary(self) -> None:
+        data = self.secondary_in.recv_bytes()
+        if data:
+            self.comparator.push_stream(SECONDARY, data, self.secondary_in.generation)
+
+    def _stream_boundary(self, side: int, b: Boundary) -> None:
+        """A boundary the comparator read in a stream it was given whole."""
+        self._boundary(self._from_primary if side == PRIMARY else self._from_secondary, b)
 
     def _from_stream(self, handler, items) -> None:
         """A batch with epoch boundaries in it: frames between them go to ``handler``."""
@@ -190,10 +223,12 @@ class CompareLoop:
     # (called by the control: CoordinatorControl, XenNotify)
     def on_snapshot(self, epoch: int) -> None:
         if not self.in_band[PRIMARY]:
+            self.comparator.settle()      # what came before the event is of the old epoch
             self._snapshot(epoch)
 
     def on_committed(self, epoch: int) -> None:
         if not self.in_band[SECONDARY]:
+            self.comparator.settle()
             self._committed(epoch, snapshot_seen=not self.in_band[PRIMARY])
 
     def _snapshot(self, epoch: int, in_band: bool = False) -> None:
@@ -207,11 +242,13 @@ class CompareLoop:
 
     def on_flush(self) -> None:
         """Xen's COLO_CHECKPOINT: the checkpoint is done, release everything held."""
+        self.comparator.settle()
         self.comparator.flush()
         self._svm_restored()
 
     def on_role(self, role: str) -> None:
         # active (failover) or unprotected (secondary lost): stop holding output
+        self.comparator.settle()
         self.comparator.set_passthrough(role in ("active", "unprotected"))
         if self.mirror is not None and self.mirror.holding is not None:
             self.mirror.release()
@@ -233,7 +270,7 @@ class CompareLoop:
             # first: a snapshot event must be seen before frames that arrived after it
             watched.append((control, self._handle_control))
         watched += [(source, handler) for source, handler in self._roles
-                    if not (blocked and handler == self._from_primary)]
+                    if not (blocked and handler in self._primary_handlers)]
         sources = [source for source, _ in self._roles]
         for adapter in self.adapters.all():
             # an outgoing listening endpoint accepts its peer as soon as it connects
@@ -269,11 +306,15 @@ class CompareLoop:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
+        streams = self._stream_handlers
         for pollable, action, fd in plan:
-            if fd is not None and fd not in ready:
+            # a stream source is read whenever anything woke the loop: the other side's
+            # frame usually follows at once, and a read that finds nothing costs less than
+            # another round of polling
+            if fd is not None and fd not in ready and not (ready and action in streams):
                 continue
             if action in self._handlers:
-                if action == self._from_primary and self.comparator.blocked:
+                if action in self._primary_handlers and self.comparator.blocked:
                     continue       # blocked by an earlier source in this round
                 seen = getattr(pollable, "boundaries", 0)
                 frames = pollable.recv()
@@ -282,15 +323,16 @@ class CompareLoop:
                         self._from_stream(action, frames)
                     else:
                         action(frames)
+            elif action in self._primary_handlers and self.comparator.blocked:
+                continue
             else:
                 action()
         now = time.monotonic()
         if now >= self._next_scan:
             self.comparator.check_timeouts(now)
             self._next_scan = now + self.settings.expired_scan_ms / 1000.0
-        for adapter in self.adapters.all():
-            if isinstance(adapter, FrameSink):
-                adapter.flush()
+        for sink in self._sinks:
+            sink.flush()
 
     def inputs_exhausted(self) -> bool:
         """True when every input is a pcap file that has been read to the end."""

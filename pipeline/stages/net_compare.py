@@ -89,7 +89,11 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     client = CheckpointClient(rundir)
     try:
-        loop = CompareLoop(settings, CoordinatorControl(client))
+        # frame by frame: with runs of stream bytes (colo-pipeline compare's fast path) a
+        # pair of sim nodes on a heavily loaded machine saw a spurious divergence now and
+        # then (tests/test_net_node.py), which a model of the same streams does not show;
+        # not understood yet, so the node keeps the per-frame path
+        loop = CompareLoop(settings, CoordinatorControl(client), runs=False)
     except Exception as e:
         client.close()
         if ready is not None:
