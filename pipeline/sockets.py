@@ -72,6 +72,7 @@ class HandshakeWatch:
         self.sock, self.endpoint, self.retry_s = sock, endpoint, retry_s
         self.log = logger or log
         self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.pid = os.getpid()
         self.failures = 0
         self.reconnect_at: float | None = None
 
@@ -116,6 +117,9 @@ def check_handshakes() -> None:
     at most every CHECK_EVERY_S; every stage loop calls it through ctx.stopping())."""
     global _next_check
     if not _WATCHES:
+        return
+    if _WATCHES[0].pid != os.getpid():   # inherited through a fork: not this process's
+        _WATCHES.clear()
         return
     now = time.monotonic()
     if now < _next_check:
