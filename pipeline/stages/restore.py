@@ -69,6 +69,10 @@ class Restore:
         self.staged_hashes = np.zeros((pc, 32), np.uint8)
         self.staged_from_cache = np.zeros(pc, bool)
         self.staged_from_svm = np.zeros(pc, bool)      # SVM pages: the SVM holds them
+        self.staged_written = np.zeros(pc, bool)       # already in the SVM and the cache
+        # False until the SVM may have run: a paused checkpoint's END marker arrived, one
+        # was applied, or an epoch was discarded (the coordinator resumes the SVM then)
+        self.svm_may_run = False
         self.svm_buf = np.zeros((0, ps), np.uint8)     # the SVM's pages, read to check
         self.asm: Assembly | None = None
         self.committed_epoch = -1
@@ -103,6 +107,8 @@ class Restore:
         if slot.kind == SLOT_END:
             asm.markers += 1
             asm.sync = bool(slot.epoch_flags & wire.FLAG_SYNC)
+            if not asm.sync:
+                self.svm_may_run = True
             if slot.vcpu_len:
                 asm.vcpu = slot.data_flat[:slot.vcpu_len].tobytes()
             asm.announced = slot.epoch_pages
@@ -125,10 +131,24 @@ class Restore:
             asm.problem = "a REF page does not match the committed copy"
             return None
         at = slot.row               # where the verify worker put the pages in staging
+        svm = kinds == wire.ENC_SVM
         self.staged_from_cache[at:at + n] = refs
-        self.staged_from_svm[at:at + n] = kinds == wire.ENC_SVM
+        self.staged_from_svm[at:at + n] = svm
         self.staged_pfns[at:at + n] = pfns
         self.staged_hashes[at:at + n] = slot.hashes[:n]
+        written = self.staged_written[at:at + n]
+        written[:] = False
+        if not self.svm_may_run:
+            # The SVM never ran (the full sync, pre-copy rounds): there is no checkpoint to
+            # roll it back to, so the batch's pages go into the SVM and the cache now, while
+            # the rest of the epoch streams in, instead of all at the end (a torn round's
+            # pages are sent again by the next one, whose pages then overwrite these).
+            data = ~(refs | svm)
+            if data.any():
+                rows = self.staging[at:at + n] if data.all() else self.staging[at:at + n][data]
+                self.cache[pfns[data]] = rows
+                self.domain.write_pages(pfns[data], rows)
+                written[:] = data
         asm.n += n
         return None
 
@@ -173,7 +193,7 @@ class Restore:
             except ValueError as exc:
                 return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
             faults.point("restore.vcpu_set")
-        data = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n])
+        data = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n] | self.staged_written[:n])
         if data.all():              # the common case: no gather, copy straight from staging
             data_pfns, rows = pfns, self.staging[:n]
         else:
@@ -194,6 +214,7 @@ class Restore:
         self.table.update(pfns, self.staged_hashes[:n])
         if asm.vcpu:
             self.committed_vcpu = asm.vcpu
+            self.svm_may_run = True
         self.committed_epoch = epoch
         self.asm = None
         digest = self.domain.memory_digest() if want_digest else b""
@@ -207,6 +228,7 @@ class Restore:
 
     def abort(self, epoch: int, svm_dirty: np.ndarray, reason: str) -> messages.Aborted:
         """Discard the epoch and put the SVM back at the last committed checkpoint."""
+        self.svm_may_run = True
         if len(svm_dirty):
             self.domain.write_pages(svm_dirty, self.cache[svm_dirty])
         if self.committed_vcpu:
