@@ -40,7 +40,7 @@ def main() -> int:
             json.dump({"checks": checks, "wrong": wrong, "first": first}, f)
         os.replace(out + ".tmp", out)
     while not stop:
-        for k in range(32):
+        for k in range(0, 32, 8):   # 4 checks, then a sleep: a small share of dom0's one vCPU
             lo, hi = k * 1024, min((k + 1) * 1024, frames.size)
             got = [int(frames[lo:hi].max()), hay.find(b"\xfd\xfe\xff\x00\x01", 1000), float(ones.sum()),
                    int(hay == bytes(hay))]
@@ -50,7 +50,7 @@ def main() -> int:
                 wrong += 1
                 if len(first) < 5:
                     first.append(f"{time.strftime('%H:%M:%S')} batch {k}: got {got}, want {want}")
-        time.sleep(0.02)
+        time.sleep(0.1)
         if time.monotonic() - last_write > 1:
             record()
             last_write = time.monotonic()
