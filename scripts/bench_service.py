@@ -234,15 +234,15 @@ def _reference(rows: list[dict]) -> list[dict]:
 
 
 def _show(r: dict, args: argparse.Namespace) -> None:
-    if args.json:
-        return
+    """One line per row as it is measured (on stderr with --json: stdout ends in the JSON)."""
+    out = sys.stderr if args.json else sys.stdout
     rate = f"{r['rate']:>7}" if r["rate"] == "closed" else f"{r['rate']:>7.0f}"
     extra = f" K={r['outstanding']}" if "outstanding" in r else ""
     print(f"{r['mode']:<12}{r['nondeterminism']:>7}{rate}/s{extra}  p50 {r['p50_ms']} "
           f"p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms  done {r['completed_per_s']}/s  "
           f"lost {r['lost']}  ckpt/s {r['checkpoints_by_cause']}  pages/ckpt "
           f"{r['pages_per_checkpoint']}  commit p50/p99 {r['commit_p50_ms']}/"
-          f"{r['commit_p99_ms']} ms  cpu s {r['cpu_s']}", flush=True)
+          f"{r['commit_p99_ms']} ms  cpu s {r['cpu_s']}", file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
