@@ -49,8 +49,9 @@ Release policy (``net.release``): ``compare`` is all of the above. ``commit`` is
 Remus's output buffering: nothing is compared, the SVM's frames are dropped, and
 every PVM frame waits in one queue (``_awaiting``, in arrival order) until the epoch
 that produced it commits; ``max_queue_frames`` bounds that queue, with the same
-back-pressure. The policy sits at the two points above: what a PVM frame does on
-arrival (``_take_primary``) and what a commit releases (``on_committed``).
+back-pressure. The policy is decided at two named points, ``_take_primary`` (what a
+PVM frame does on arrival) and ``_release_committed`` (what a commit releases); frames
+still leave only through ``_release_frames``.
 """
 from __future__ import annotations
 
