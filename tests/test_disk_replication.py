@@ -20,6 +20,7 @@ from pipeline.checkpoint_api import CheckpointBus
 from pipeline.disk import wire
 from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import DiskCounters
+from pipeline.disk import primary as primary_module
 from pipeline.disk.primary import InitialSync
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import StoreError
@@ -535,14 +536,16 @@ def test_the_initial_sync_fills_an_empty_secondary_while_the_guest_writes(tmp_pa
                               "write -P 0x33 6148k 8k",        # not sent yet
                               "write -z 0 4k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-        # a checkpoint now: its seal does not cover the sync, so its commit says so
+        # a checkpoint now, had set_epoch not waited for the sync's END (it gives up here
+        # at once): its seal does not cover the sync, so its commit says so
+        monkeypatch.setattr(primary_module, "SET_EPOCH_SYNC_WAIT_S", 0)
         pri.backend.set_epoch(2)
         with pytest.raises(StoreError, match="initial disk sync was not complete"):
             sec.commit(1)
         assert sec.store.syncing
         release.set()
-        assert pri.backend.wait_synced(30)
-        pri.backend.set_epoch(3)
+        monkeypatch.setattr(primary_module, "SET_EPOCH_SYNC_WAIT_S", 600)
+        pri.backend.set_epoch(3)                # waits for the sync's END to be ordered
         sec.commit(2)
         assert not sec.store.syncing
         assert file_hash(str(tmp_path / "secondary.img")) == \

@@ -44,6 +44,8 @@ FORWARD_BATCH_BYTES = 256 * 1024
 #: writes at least this large travel as a group of their own, without a copy (below,
 #: a copy into the group is cheaper than a frame of their own: pyzmq's own advice)
 FORWARD_ZERO_COPY_MIN = 64 * 1024
+#: how long set_epoch waits for a running initial sync to order its END
+SET_EPOCH_SYNC_WAIT_S = 600
 #: writes at least this large go through the pwrite pool; smaller ones are done inline
 POOLED_WRITE_MIN = 256 * 1024
 POOL_THREADS = 4
@@ -133,7 +135,14 @@ class PrimaryBackend:
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards), and seal the
         epochs before it at the secondary. Writes ordered before this returns are counted
-        in flight (:meth:`wait_forwarded` sees them)."""
+        in flight (:meth:`wait_forwarded` sees them). While an initial sync runs it first
+        waits for the sync's END to be ordered, so the sealed epoch holds the whole disk
+        (the snapshot stage waits for that before the pause: then this wait is nil)."""
+        sync = self._sync
+        if sync is not None and not sync.ordered_end.wait(SET_EPOCH_SYNC_WAIT_S):
+            log.error("primary disk: the initial sync is not done after %d s; sealing "
+                      "epoch %d without it (its commit will say so)",
+                      SET_EPOCH_SYNC_WAIT_S, epoch - 1)
         with self._order_lock:
             if epoch <= self.epoch:
                 return

@@ -103,8 +103,13 @@ class ForwardedWrite:
     data: bytes | memoryview | None  # None for ZERO
 
 
+#: from this size on a write's blake3 uses every core (1 MiB: 146 → 104 us here, idle)
+PARALLEL_HASH_MIN = 256 * 1024
+
+
 def digest_of(data: bytes | bytearray | memoryview) -> bytes:
-    return blake3.blake3(data).digest()
+    threads = blake3.blake3.AUTO if len(data) >= PARALLEL_HASH_MIN else 1
+    return blake3.blake3(data, max_threads=threads).digest()
 
 
 def forward_header(kind: int, epoch: int, seq: int, offset: int, length: int,
