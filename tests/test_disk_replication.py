@@ -542,6 +542,8 @@ def test_the_initial_sync_fills_an_empty_secondary_while_the_guest_writes(tmp_pa
         pri.backend.set_epoch(2)
         with pytest.raises(StoreError, match="initial disk sync was not complete"):
             sec.commit(1)
+        with pytest.raises(StoreError, match="initial disk sync was not complete"):
+            sec.commit(1)                       # the coordinator's retry: still not
         assert sec.store.syncing
         release.set()
         monkeypatch.setattr(primary_module, "SET_EPOCH_SYNC_WAIT_S", 600)

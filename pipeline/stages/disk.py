@@ -131,12 +131,11 @@ class SecondaryDisk:
     def commit(self, epoch: int) -> None:
         # the pages of e can be complete before the last writes of e arrived (they travel
         # on other sockets): wait for every write the primary sealed into e
-        if epoch <= self.store.committed_epoch:
-            return
-        self.receiver.sealed.wait(epoch, self.settings.forward_timeout_ms / 1e3)
-        self.store.commit(epoch, covers_seq=self.receiver.sealed.need(epoch))
-        self.comparator.epoch_committed(epoch)
-        if self.store.syncing:
+        if epoch > self.store.committed_epoch:
+            self.receiver.sealed.wait(epoch, self.settings.forward_timeout_ms / 1e3)
+            self.store.commit(epoch, covers_seq=self.receiver.sealed.need(epoch))
+            self.comparator.epoch_committed(epoch)
+        if self.store.syncing:  # (a retried commit of the same epoch says so again)
             # the checkpoint holds only part of the disk: the SVM must not run on it
             raise StoreError(f"commit({epoch}): the initial disk sync was not complete "
                              f"before checkpoint {epoch} (the primary orders its END "
