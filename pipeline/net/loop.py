@@ -141,7 +141,6 @@ class CompareLoop:
         self._handlers = {handler for _, handler in self._roles} - {
             self._stream_primary, self._stream_secondary}
         self._primary_handlers = {self._from_primary, self._stream_primary}
-        self._stream_handlers = {self._stream_primary, self._stream_secondary}
         self._sinks = [a for a in self.adapters.all() if isinstance(a, FrameSink)]
         #: the side's epoch boundaries come in its own frame stream (see the module doc)
         self.in_band = [False, False]
@@ -306,12 +305,10 @@ class CompareLoop:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
-        streams = self._stream_handlers
         for pollable, action, fd in plan:
-            # a stream source is read whenever anything woke the loop: the other side's
-            # frame usually follows at once, and a read that finds nothing costs less than
-            # another round of polling
-            if fd is not None and fd not in ready and not (ready and action in streams):
+            # only what was readable at the poll: a source read on the off chance could
+            # bring frames sent after a control message this round has already passed
+            if fd is not None and fd not in ready:
                 continue
             if action in self._handlers:
                 if action in self._primary_handlers and self.comparator.blocked:
