@@ -43,7 +43,15 @@ class NodeSettings(Section):
                    pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}",
                    pattern_doc="letters, digits, '.', '_', '-' (at most 63, not starting "
                    "with a punctuation mark)")
-    role: str = _f("primary", "What this node is.", choices=("primary", "secondary"))
+    role: str = _f("primary", "What this node is: a fixed primary or secondary, or `auto`: "
+                   "decided at every start from the witness (a node whose peer holds the "
+                   "active role becomes its secondary, otherwise it runs as primary), and the "
+                   "survivor of a failover becomes the primary; the config stays valid after "
+                   "any number of failovers (docs/deployment.md, \"After a failover\").",
+                   choices=("primary", "secondary", "auto"))
+    listen: str = _f("", "role `auto`: this host's own address, tcp://HOST:PORT, where it "
+                     "listens while it is the secondary (and the next three ports); "
+                     "`peer.address` is then the other host's.", rule="empty, or tcp://HOST:PORT")
     run_dir: str = _f("", "Directory for local sockets; default `/tmp/colo-pipeline/<name>`.")
 
 
@@ -319,6 +327,11 @@ def _resolve_keys(settings: Settings, path: str) -> Settings:
 
 def from_dict(data: dict, path: str = "<dict>") -> Settings:
     settings = _build(Settings, data, path, "")
+    from pipeline.failover.roles import check_auto
+    try:
+        check_auto(settings)
+    except SettingError as exc:
+        raise ConfigError(path, exc.key, exc.problem, exc.expected) from None
     settings = dataclasses.replace(settings, source=path)
     return _resolve_keys(settings, path)
 

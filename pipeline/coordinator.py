@@ -36,7 +36,8 @@ from pipeline import faults, messages, sockets, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
-from pipeline.failover.takeover import PrimaryRole, SecondaryRole
+from pipeline.failover.roles import record_role
+from pipeline.failover.takeover import PrimaryRole, PrimaryStart, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import HashTable, StageContext, SvmPages, domain_page_hashes
 from pipeline.stages.send import Pending
@@ -149,19 +150,22 @@ class _Coordinator:
 class PrimaryCoordinator(_Coordinator):
     def __init__(self, ctx: StageContext, settings: Settings, node: NodeCounters, domain: Domain,
                  snap_ctrl, send_ctrl, table: HashTable, pending: Pending, shared,
-                 hb_events, svm: SvmPages | None = None) -> None:
+                 hb_events, svm: SvmPages | None = None,
+                 start: PrimaryStart | None = None) -> None:
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.snap_ctrl, self.send_ctrl = snap_ctrl, send_ctrl
         self.table, self.pending, self.shared = table, pending, shared
         self.hb_events = hb_events
         self.svm = svm      # where the SVM's page hashes go for the digest workers
         self.c = ctx.counters
-        self.epoch = 0
+        self.start = start or PrimaryStart()
+        self.epoch = self.start.first_epoch
         self.carry = np.zeros(0, np.uint64)
         self.last_checkpoint = 0.0
         self.pending_request: tuple[str, int] | None = None
         self.unprotected = False
-        self.role = PrimaryRole(settings, shared, self._info)
+        self.peer_name = ""
+        self.role = PrimaryRole(settings, shared, self._info, node.node_info)
         self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
         self._open(settings, "primary")
@@ -358,7 +362,7 @@ class PrimaryCoordinator(_Coordinator):
         e, svm = res.epoch, res.ack.memory_digest
         equal = res.pvm_digest == svm
         self._info(final_epoch=e, pvm_digest=res.pvm_digest.hex(), svm_digest=svm.hex(),
-                   memory_equal=equal)
+                   memory_equal=equal, final_input_seq=res.input_seq)
         if not equal:
             self.c.add("memory_mismatches", 1)
         (self.ctx.log.info if equal else self.ctx.log.error)(
@@ -380,6 +384,7 @@ class PrimaryCoordinator(_Coordinator):
         if res.extra["ok"]:
             res = self.checkpoint("initial")
         if res.extra["ok"]:
+            self.role.protected(self.peer_name)     # before "protected": its figures with it
             self._info(state="protected", precopy_rounds=rounds)
             self.ctx.log.info("epoch=%d event=protected precopy_rounds=%d", res.epoch, rounds,
                               extra={"epoch": res.epoch})
@@ -426,6 +431,7 @@ class PrimaryCoordinator(_Coordinator):
             _handshake_check(self.settings, self.domain, hello)
             _agree_written(self.domain, hello)
             self.ctx.log.info("secondary %r connected", hello.name)
+            self.peer_name = hello.name
             return True
         return False
 
@@ -479,11 +485,19 @@ class PrimaryCoordinator(_Coordinator):
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
         try:
-            self.role.take()
-            if not self.wait_for_secondary(self.settings.peer.connect_timeout_ms / 1000):
+            self.role.take(self.start.generation)
+            if self.start.wait_for_secondary:
+                # role auto: the guest runs (unprotected) until a secondary joins
+                self.unprotected = True
+                self.shared.unprotected.value = 1
+                self._info(role="primary", state="unprotected", unprotected_since=time.time())
+                self.ctx.log.warning("epoch=%d event=unprotected waiting for a secondary at "
+                                     "%s to protect the guest", self.epoch,
+                                     self.settings.peer.address, extra={"epoch": self.epoch})
+            elif not self.wait_for_secondary(self.settings.peer.connect_timeout_ms / 1000):
                 raise ProtocolError(f"no secondary answered at {self.settings.peer.address} "
                                     f"within {self.settings.peer.connect_timeout_ms} ms")
-            if not self.protect():
+            elif not self.protect():
                 raise ProtocolError("the first full sync failed; the secondary is not protected")
             while not self.ctx.stopping():
                 if self.unprotected:
@@ -513,7 +527,7 @@ class SecondaryCoordinator(_Coordinator):
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.restore_ctrl, self.shared, self.hb_events = restore_ctrl, shared, hb_events
         self.c = ctx.counters
-        self.role = SecondaryRole(ctx, settings, domain, shared, self._info)
+        self.role = SecondaryRole(ctx, settings, domain, shared, self._info, node.node_info)
         self.begins: deque[wire.CheckpointBegin] = deque()   # BEGINs not yet taken up
         self.ready: dict[int, messages.Ready] = {}          # the restore stage's verdicts
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
@@ -641,6 +655,8 @@ class SecondaryCoordinator(_Coordinator):
         self._info(role="secondary", state="waiting", epoch=-1,
                    stage_pids={**self.node.node_info().get("stage_pids", {}),
                                "coordinator": os.getpid()})
+        record_role(self._info, self.node.node_info(), "secondary", 0,
+                    self.node.node_info().get("role_cause", "start"))
         try:
             while not self.ctx.stopping():
                 if self.begins:

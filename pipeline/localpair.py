@@ -74,6 +74,10 @@ def render_toml(tables: dict[str, dict[str, Any]]) -> str:
 
 
 class LocalPair:
+    #: the nodes' keys (configs, logs, run directories); a subclass may name hosts instead
+    HOSTS = ("primary", "secondary")
+    PORTS = 4       # consecutive free ports the pair needs
+
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None,
                  workdir: str | None = None, log_level: str = "warning",
                  capture_logs: bool = True,
@@ -85,7 +89,7 @@ class LocalPair:
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="colo-pair-")
         self.tag = f"pair{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
-        self.port = free_port_base()
+        self.port = free_port_base(self.PORTS)
         self.log_level = log_level
         self.capture_logs = capture_logs
         self.configs: dict[str, str] = {}
@@ -93,10 +97,10 @@ class LocalPair:
         self.logs: dict[str, str] = {}
         self.counters: dict[str, NodeCounters] = {}
         keys = os.path.join(self.workdir, "keys")
-        for role in ("primary", "secondary"):
+        for role in self.HOSTS:
             write_keypair(keys, role)
-        for role in ("primary", "secondary"):
-            peer = "secondary" if role == "primary" else "primary"
+        for role in self.HOSTS:
+            peer = self.HOSTS[1] if role == self.HOSTS[0] else self.HOSTS[0]
             t = {k: dict(v) for k, v in (tables or {}).items()}
             for k, v in (role_tables or {}).get(role, {}).items():
                 t.setdefault(k, {}).update(v)
@@ -109,16 +113,24 @@ class LocalPair:
             if sec.get("mode", "curve") == "curve":
                 sec.setdefault("key_file", os.path.join(keys, f"{role}.key_secret"))
                 sec.setdefault("peer_public_key_file", os.path.join(keys, f"{peer}.key"))
-            t.setdefault("node", {}).update(name=self.name(role), role=role,
-                                            run_dir=self.run_dir(role))
-            # a role table may point one node elsewhere (e.g. the primary at a relay)
-            t.setdefault("peer", {}).setdefault("address", f"tcp://127.0.0.1:{self.port}")
+            self._place(role, t)
             # dotted tables (guest.workload) must come after their parent table
             ordered = dict(sorted(t.items(), key=lambda kv: kv[0]))
             path = os.path.join(self.workdir, f"{role}.toml")
             with open(path, "w") as fh:
                 fh.write(render_toml(ordered))
             self.configs[role] = path
+
+    def _place(self, role: str, t: dict[str, dict[str, Any]]) -> None:
+        """The node's own name, role and run directory, and where its peer is."""
+        t.setdefault("node", {}).update(name=self.name(role), role=role,
+                                        run_dir=self.run_dir(role))
+        # a role table may point one node elsewhere (e.g. the primary at a relay)
+        t.setdefault("peer", {}).setdefault("address", f"tcp://127.0.0.1:{self.port}")
+
+    def primary_host(self) -> str:
+        """Which of :attr:`HOSTS` is the primary now."""
+        return "primary"
 
     def name(self, role: str) -> str:
         return f"{self.tag}-{role}"
@@ -136,7 +148,7 @@ class LocalPair:
         return self
 
     def start_node(self, role: str, fault: str | None = None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, role,
+        cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, "run",
                "--config", self.configs[role]]
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
@@ -145,12 +157,16 @@ class LocalPair:
         log_path = os.path.join(self.workdir, f"{role}.log")
         self.logs[role] = log_path
         out = open(log_path, "ab") if self.capture_logs else None
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+        p = subprocess.Popen(self._wrap(role, cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
                              start_new_session=True, preexec_fn=_die_with_parent, env=env)
         if out:
             out.close()
         self.procs[role] = p
         return p
+
+    def _wrap(self, role: str, cmd: list[str]) -> list[str]:
+        """The command line that runs a node (a subclass may run it elsewhere)."""
+        return cmd
 
     def log_tail(self, role: str, chars: int = 3000) -> str:
         try:
@@ -231,7 +247,7 @@ class LocalPair:
             time.sleep(0.02)
 
     def wait_protected(self, timeout: float = 300.0) -> dict:
-        return self.wait_info("state", "protected", timeout=timeout)
+        return self.wait_info("state", "protected", role=self.primary_host(), timeout=timeout)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM both nodes and wait; returns their exit codes."""
@@ -263,7 +279,7 @@ class LocalPair:
 
     # -- driving ------------------------------------------------------------
     def request_checkpoint(self, detail: str = "") -> None:
-        client = CheckpointClient(self.run_dir("primary"), subscribe=False)
+        client = CheckpointClient(self.run_dir(self.primary_host()), subscribe=False)
         client.requests_out.setsockopt(zmq.LINGER, 5000)   # deliver before closing
         client.request("request", detail)
         client.close()
@@ -271,7 +287,7 @@ class LocalPair:
     def prove_memory_equal(self, timeout: float = 120.0) -> dict:
         """Ask for a checkpoint where both sides hash all of guest memory; returns the
         primary's info with ``memory_equal``. Asks again if that checkpoint was torn."""
-        node = self.node("primary")
+        node = self.node(self.primary_host())
         deadline = time.monotonic() + timeout
         while True:
             before = node.node_info().get("final_epoch", -1)
@@ -291,7 +307,7 @@ class LocalPair:
         ctx = zmq.Context.instance()
         s = ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.LINGER, 2000)
-        s.connect(inject_address(self.run_dir("primary")))
+        s.connect(inject_address(self.run_dir(self.primary_host())))
         s.send(payload)
         s.close()
 
@@ -358,3 +374,57 @@ def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input
     finally:
         ref.close()
 
+
+class HostPair(LocalPair):
+    """Two hosts, ``a`` and ``b``, each with ``node.role = "auto"``: its own address
+    (``node.listen``), the other's (``peer.address``) and the witness decide which runs
+    as primary; after a takeover the survivor becomes the primary and the other host,
+    started again with the same config, its secondary (pipeline/failover/roles.py).
+
+    ``addresses`` ({"a": "tcp://IP:PORT", ...}) and ``netns`` ({"a": "ns-a", ...}) put
+    the hosts in network namespaces; by default both listen on 127.0.0.1."""
+
+    HOSTS = ("a", "b")
+    PORTS = 8
+
+    def __init__(self, tables: dict[str, dict[str, Any]] | None = None, *,
+                 addresses: dict[str, str] | None = None,
+                 netns: dict[str, str] | None = None, **kw: Any) -> None:
+        self.addresses = addresses
+        self.netns = netns or {}
+        super().__init__(tables, **kw)
+
+    def address(self, host: str) -> str:
+        if self.addresses:
+            return self.addresses[host]
+        return f"tcp://127.0.0.1:{self.port + 4 * self.HOSTS.index(host)}"
+
+    def _place(self, host: str, t: dict[str, dict[str, Any]]) -> None:
+        peer = self.HOSTS[1] if host == self.HOSTS[0] else self.HOSTS[0]
+        t.setdefault("node", {}).update(name=self.name(host), role="auto",
+                                        run_dir=self.run_dir(host), listen=self.address(host))
+        t.setdefault("peer", {})["address"] = self.address(peer)
+        t["failover"] = {"witness_key": f"/colo/{self.tag}/active", **t["failover"]}
+
+    def _wrap(self, host: str, cmd: list[str]) -> list[str]:
+        ns = self.netns.get(host)
+        return ["ip", "netns", "exec", ns, *cmd] if ns else cmd
+
+    def roles(self) -> dict[str, str]:
+        """The role each running host's node info says it has now."""
+        out = {}
+        for host in list(self.procs):
+            try:
+                out[host] = str(self.node(host, timeout=0).node_info().get("role", ""))
+            except PairError:
+                out[host] = ""
+        return out
+
+    def primary_host(self) -> str:
+        prim = [h for h, r in self.roles().items() if r in ("primary", "active")]
+        if len(prim) != 1:
+            raise PairError(f"not exactly one primary among the hosts: {self.roles()}")
+        return prim[0]
+
+    def other(self, host: str) -> str:
+        return self.HOSTS[1] if host == self.HOSTS[0] else self.HOSTS[0]

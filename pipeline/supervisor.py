@@ -24,6 +24,8 @@ import numpy as np
 from pipeline import sockets
 from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
+from pipeline.failover.roles import decide_role, effective_settings
+from pipeline.failover.takeover import PrimaryStart
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
 from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
@@ -163,9 +165,9 @@ def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:
 
 
 def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
-                         shared, hb_events, svm) -> None:
+                         shared, hb_events, svm, start) -> None:
     PrimaryCoordinator(ctx, settings, ctx.node, domain, snap_ctrl, send_ctrl, table, pending,
-                       shared, hb_events, svm).run()
+                       shared, hb_events, svm, start).run()
 
 
 def _secondary_coordinator(ctx, settings, domain, restore_ctrl, shared, hb_events) -> None:
@@ -211,9 +213,31 @@ def ensure_open_files(needed: int = NOFILE_NEEDED) -> None:
         log.info("RLIMIT_NOFILE raised from %d to %d (hard limit %s)", soft, new, hard)
 
 
+def stage_names(settings: Settings, role: str, has_inputs: bool) -> list[str]:
+    """The stages a node of ``role`` runs (what ``Supervisor._plan`` starts)."""
+    s = settings
+    if role == "primary":
+        names = ["coordinator", "snapshot",
+                 *(f"digest.{i}" for i in range(s.pipeline.digest_workers)), "send"]
+        names += ["client"] if has_inputs else []
+    else:
+        names = ["coordinator", "receive",
+                 *(f"verify.{i}" for i in range(s.pipeline.verify_workers)), "restore"]
+        names += ["mirror"] if has_inputs else []
+    names.append("heartbeat")
+    names += ["disk"] if s.disk.enabled else []
+    names += ["net_compare"] if role == "primary" and s.net.primary_in else []
+    return names
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self.config = settings          # as the file says (node.role may be "auto")
+        self.settings = settings        # this node's role now (effective_settings)
+        self.auto = settings.node.role == "auto"
+        self.shared: SharedState | None = None
+        self.stage_stops: dict[str, Any] = {}
+        self.start_as = PrimaryStart()
         self.name = settings.node.name
         self.rings: list[Ring] = []
         self.segments: list[Segment] = []
@@ -235,7 +259,9 @@ class Supervisor:
         dom = self.domain
         layout = SlotLayout(batch_pages=s.pipeline.batch_pages, page_size=dom.page_size)
         slots = s.ring_slots(dom.page_count)
-        shared = SharedState.create()
+        shared = self.shared = SharedState.create()
+        shared.generation.value = self.start_as.generation
+        shared.epoch.value = self.start_as.first_epoch
         hb_in, hb_out = FORK.Pipe(duplex=False)
         if s.node.role == "primary":
             n = s.pipeline.digest_workers
@@ -253,7 +279,8 @@ class Supervisor:
             snap_a, snap_b = FORK.Pipe()
             send_a, send_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _primary_coordinator,
-                              (s, dom, snap_a, send_a, table, pending, shared, hb_in, svm)),
+                              (s, dom, snap_a, send_a, table, pending, shared, hb_in, svm,
+                               self.start_as)),
                     StageSpec("snapshot", snapshot.run,
                               (dom, to_digest, snap_b, snapbuf,
                                s.run_dir if s.disk.enabled else "",
@@ -307,16 +334,28 @@ class Supervisor:
             log.warning("removed %d shared-memory segments left by an earlier run of node %r",
                         len(stale), self.name)
         try:
+            role, why = decide_role(self.config)
+            if self.auto:
+                log.info("node %s: runs as %s: %s", self.name, role, why)
+                s = self.settings = effective_settings(self.config, role)
+                self.start_as = PrimaryStart(wait_for_secondary=True)
             self.domain = open_domain(s)
             plan = self._plan()
+            names = [spec.name for spec in plan]
+            if self.auto:   # counters for both roles' stages: the node may change its role
+                has_inputs = self.domain.simulated_io() is not None
+                names += [n for r in ("primary", "secondary")
+                          for n in stage_names(self.config, r, has_inputs) if n not in names]
             self.node = NodeCounters.create(self.name, {
-                spec.name: STAGE_COUNTERS + tuple(
-                    c for c in EXTRA_COUNTERS.get(spec.name.split(".")[0], ())
-                    if c not in STAGE_COUNTERS) for spec in plan})
+                name: STAGE_COUNTERS + tuple(
+                    c for c in EXTRA_COUNTERS.get(name.split(".")[0], ())
+                    if c not in STAGE_COUNTERS) for name in dict.fromkeys(names)})
             self.node.set_node_info({"role": s.node.role, "pid": os.getpid(),
                                      "config": s.source, "started": time.time(),
                                      "page_count": self.domain.page_count,
-                                     "dirty_log": self.domain.dirty_log_kind})
+                                     "dirty_log": self.domain.dirty_log_kind,
+                                     "configured_role": self.config.node.role,
+                                     "role_cause": why})
             # node info has one writer at a time: the supervisor until the coordinator
             # starts (last), then the coordinator (which adds its own pid)
             self.domain.before_fork()
@@ -338,12 +377,90 @@ class Supervisor:
                  len(self.procs))
 
     def _start_stage(self, spec: StageSpec) -> None:
-        ctx = StageContext(spec.name, self.node.stage(spec.name), self.stop_event,
+        # each stage has its own stop event: a change of role stops some stages only
+        stop = self.stage_stops[spec.name] = FORK.Event()
+        if self.stop_event.is_set():
+            stop.set()
+        ctx = StageContext(spec.name, self.node.stage(spec.name), stop,
                            logging.getLogger(f"pipeline.{spec.name}"), self.node)
         p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
                          name=f"colo-{self.name}-{spec.name}", daemon=False)
         p.start()
         self.procs[spec.name] = p
+
+    def _stop_stages(self, procs: dict[str, Any], stops: dict[str, Any]) -> None:
+        """Stop these stages (their stop events, then SIGKILL after the grace period)."""
+        for name in procs:
+            stops[name].set()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for name, p in procs.items():
+            if p.is_alive():
+                log.warning("stage %s did not stop in %.0f s; killing it", name, STOP_GRACE_S)
+                p.kill()
+                p.join(1.0)
+
+    def _free(self, rings: list[Ring], segments: list[Segment]) -> None:
+        for ring in rings:
+            ring.unlink()
+            ring.close()
+        for seg in segments:
+            seg.unlink()
+            seg.close()
+
+    # -- the survivor becomes the primary (node.role = "auto") -------------------
+    def become_primary(self) -> int:
+        """The secondary took over: its guest runs (the active SVM). Start the primary's
+        stages around it, never pausing it: the secondary's data path stops; the primary's
+        stages start; the old coordinator (it holds the role at the witness) and the
+        mirror (it feeds the guest its input) run on until the new coordinator holds the
+        role in the same generation; then the client stage takes over the input stream
+        where the mirror stopped. Returns 0, or 1 if the new coordinator failed."""
+        t0 = time.monotonic()
+        info = self.node.node_info()
+        generation = int(self.shared.generation.value)
+        first_epoch = int(info.get("active_since_epoch", -1)) + 1
+        log.warning("node %s: the survivor becomes the primary (generation %d, epochs from "
+                    "%d)", self.name, generation, first_epoch)
+        retiring = {n: self.procs.pop(n) for n in ("coordinator", "mirror") if n in self.procs}
+        retiring_stops = {n: self.stage_stops.pop(n) for n in retiring}
+        self._stop_stages(self.procs, self.stage_stops)
+        self.procs.clear()
+        self._free(self.rings, self.segments)
+        self.rings, self.segments = [], []
+        self.settings = effective_settings(self.config, "primary")
+        self.start_as = PrimaryStart(wait_for_secondary=True, generation=generation,
+                                     first_epoch=first_epoch)
+        plan = self._plan()
+        self.shared.unprotected.value = 1
+        self.domain.before_fork()
+        for spec in plan:
+            if spec.name not in ("coordinator", "client"):
+                self._start_stage(spec)
+        self.node.set_node_info({**self.node.node_info(), "stage_pids": {
+            name: p.pid for name, p in self.procs.items()}})
+        self._start_stage(next(p for p in plan if p.name == "coordinator"))
+        coordinator = self.procs["coordinator"]
+        deadline = time.monotonic() + 60
+        while True:
+            info = self.node.node_info()
+            if info.get("role") == "primary" and info.get("state") == "unprotected" \
+                    and info.get("stage_pids", {}).get("coordinator") == coordinator.pid:
+                break
+            if not coordinator.is_alive() or time.monotonic() > deadline:
+                self.exit_reason = "the new primary coordinator did not take the role"
+                self._stop_stages(retiring, retiring_stops)
+                return 1
+            time.sleep(0.01)
+        self._stop_stages(retiring, retiring_stops)
+        client = [p for p in plan if p.name == "client"]
+        if client:
+            self._start_stage(client[0])
+        log.warning("node %s: primary's stages running around the guest after %.0f ms; "
+                    "waiting for a secondary at %s", self.name,
+                    (time.monotonic() - t0) * 1000, self.settings.peer.address)
+        return 0
 
     # -- watching and stopping ---------------------------------------------
     def wait(self, timeout: float | None = None) -> int:
@@ -365,6 +482,8 @@ class Supervisor:
     def stop(self) -> None:
         """Stop every stage (SIGTERM, then SIGKILL after a grace period) and free everything."""
         self.stop_event.set()
+        for ev in self.stage_stops.values():
+            ev.set()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -405,9 +524,14 @@ class Supervisor:
             self.start()
             code = 0
             while not self.stop_event.is_set():
-                code = self.wait(0.5)
+                code = self.wait(0.05 if self.auto else 0.5)
                 if code:
                     break
+                if self.auto and self.settings.node.role == "secondary" \
+                        and self.shared.active.value:
+                    code = self.become_primary()
+                    if code:
+                        break
             return code
         finally:
             self.stop()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import messages
 from pipeline.failover.guard import guard_takeover, make_fence
+from pipeline.failover.roles import record_role
 from pipeline.failover.witness import make_witness
 
 log = logging.getLogger(__name__)
@@ -41,28 +43,62 @@ def peer_generation(ev: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class PrimaryStart:
+    """How a primary coordinator starts. Fixed roles: it connects to its secondary within
+    ``peer.connect_timeout_ms`` and syncs it. ``wait_for_secondary`` (role auto): its guest
+    runs unprotected until a secondary joins, however long that takes. ``generation`` > 0:
+    the survivor of a takeover, which holds that generation already and keeps it;
+    ``first_epoch`` goes on from the epochs its SVM had."""
+    wait_for_secondary: bool = False
+    generation: int = 0
+    first_epoch: int = 0
+
+
 class PrimaryRole:
     """The primary's hold on the active role. ``shared.generation`` is the generation it
-    holds (0 without a witness); ``info(**kw)`` updates the node info."""
+    holds (0 without a witness); ``info(**kw)`` updates the node info, ``current()``
+    reads it."""
 
-    def __init__(self, settings: Any, shared: Any, info: Callable[..., None]) -> None:
-        self.settings, self.shared, self.info = settings, shared, info
+    def __init__(self, settings: Any, shared: Any, info: Callable[..., None],
+                 current: Callable[[], dict] = dict) -> None:
+        self.settings, self.shared, self.info, self.current = settings, shared, info, current
         self.witness = None
         self.lost_reason = ""
 
-    def take(self) -> None:
-        """With a witness, hold the active role for a generation of our own; if another
-        node holds it, this one refuses to start."""
+    def take(self, adopt: int = 0) -> None:
+        """With a witness, hold the active role for a generation of our own (``adopt``:
+        the generation this node's takeover was granted, kept); if another node holds
+        it, this one refuses to start."""
         f = self.settings.failover
+        cause = self.current().get("role_cause", "start")
         if f.witness == "none":
+            record_role(self.info, self.current(), "primary", 0, cause)
             return
         self.witness = make_witness(f, witness_vm(self.settings), on_lost=self._on_lost)
-        gen = self.witness.last_generation() + 1
+        gen = adopt or self.witness.last_generation() + 1
         if not self.witness.acquire(self.settings.node.name, gen):
             raise RoleLost(f"the witness gives the active role to {self.witness.holder()}; "
                            "this primary does not start")
         self.shared.generation.value = gen
         self.info(generation=gen)
+        record_role(self.info, self.current(), "primary", gen,
+                    "the survivor of the takeover becomes the primary" if adopt else cause)
+
+    def protected(self, peer: str) -> None:
+        """A secondary holds a consistent copy again: after a takeover, how long the
+        guest ran unprotected since it (``reprotected_ms``)."""
+        cur = self.current()
+        extra = {}
+        if cur.get("awaiting_reprotection"):
+            ms = round((time.time() - float(cur["took_over_at"])) * 1000, 1)
+            extra = {"reprotected_ms": ms}
+            self.info(awaiting_reprotection=False, reprotected_ms=ms,
+                      reprotections_after_takeover=int(
+                          cur.get("reprotections_after_takeover", 0)) + 1)
+            cur = self.current()
+        record_role(self.info, cur, "primary", int(self.shared.generation.value),
+                    f"protected by secondary {peer!r}", **extra)
 
     def heard(self, ev: Any) -> bool:
         """One heartbeat event: True if it says the secondary is lost. Raises RoleLost when
@@ -93,9 +129,9 @@ class SecondaryRole:
     guard allows, active. ``info(**kw)`` updates the node info."""
 
     def __init__(self, ctx: Any, settings: Any, domain: Any, shared: Any,
-                 info: Callable[..., None]) -> None:
+                 info: Callable[..., None], current: Callable[[], dict] = dict) -> None:
         self.ctx, self.settings, self.domain, self.shared = ctx, settings, domain, shared
-        self.info = info
+        self.info, self.current = info, current
         self.c = ctx.counters
         self.active = False
         self.peer_generation = 0
@@ -162,7 +198,12 @@ class SecondaryRole:
                   failover_detect_ms=round(detect_ms, 1), takeover_ms=round(takeover_ms, 1),
                   failover_detected_by=detected_by,
                   failover_detected_at=time.time() - (time.monotonic() - detected),
-                  active_since_epoch=last_epoch, takeover_guard=why)
+                  active_since_epoch=last_epoch, takeover_guard=why,
+                  took_over_at=time.time(), awaiting_reprotection=True,
+                  failovers=int(self.current().get("failovers", 0)) + 1)
+        record_role(self.info, self.current(), "active", generation,
+                    f"the primary {self.peer_name or '(peer)'} was lost ({detected_by}); "
+                    f"{why}", takeover_ms=round(takeover_ms, 1))
         bus.publish("role", last_epoch, role="active")
         self.ctx.log.warning("epoch=%d event=takeover the SVM is the active VM (generation %d); "
                              "detected %.0f ms after the last heartbeat, live %.0f ms later",

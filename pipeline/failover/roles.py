@@ -1,0 +1,125 @@
+"""Roles decided at run time (``node.role = "auto"``), and the role history.
+
+With ``auto`` each host's config names itself (``node.listen``, where it listens while
+it is the secondary) and its peer (``peer.address``, where the peer listens while *it*
+is the secondary). Nothing in either file says who is primary, so both files stay valid
+after any number of failovers:
+
+* at start, :func:`decide_role` asks the witness: a node whose peer holds the active
+  role becomes that peer's secondary; otherwise it runs as the primary (it takes the
+  next generation of the role; if the peer wins that race it gives up and a restart
+  makes it the secondary);
+* a secondary that took over (``takeover.py``) becomes the primary around its running
+  guest (``pipeline/supervisor.py``, ``Supervisor.become_primary``) and waits for a new
+  secondary to protect its guest again.
+
+:func:`effective_settings` turns the host's config into the settings of one role, in
+the terms the rest of the code uses (``node.role`` primary or secondary, ``peer.address``
+the address of whichever node is the secondary).
+
+The role history is a list in the node info (``role_history``): each change with its
+role, generation, wall time and cause; ``stats``, the node info and the metrics show it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.schema import SettingError
+
+log = logging.getLogger(__name__)
+
+HISTORY_MAX = 64      # role changes kept in the node info (the oldest go first)
+
+
+def check_auto(settings: Any) -> None:
+    """The rules between sections for ``node.role = "auto"`` (SettingError names the key)."""
+    n, f = settings.node, settings.failover
+    if n.listen:
+        _check_tcp("node.listen", n.listen)
+    if n.role != "auto":
+        return
+    if not n.listen:
+        raise SettingError("node.listen", "missing for node.role 'auto'",
+                           "this host's own address, tcp://HOST:PORT")
+    if n.listen == settings.peer.address:
+        raise SettingError("node.listen", f"{n.listen!r} is peer.address too: with role "
+                           "'auto', peer.address is the OTHER host's address",
+                           "this host's own address")
+    if f.witness == "none":
+        raise SettingError("failover.witness", "'none' with node.role 'auto': the witness "
+                           "is what says which node is active", "'etcd' (or 'local' for a "
+                           "one-machine demo)")
+    if not f.witness_key:
+        raise SettingError("failover.witness_key", "missing for node.role 'auto'",
+                           "the protected VM's name at the witness, the same on both hosts, "
+                           "e.g. '/colo/vm1/active'")
+    if settings.disk.enabled:
+        raise SettingError("disk.image", "set with node.role 'auto': re-protecting a "
+                           "replicated disk after a failover needs a full disk sync, which "
+                           "this version lacks", "no disk, or fixed roles")
+    if settings.heartbeat.address:
+        raise SettingError("heartbeat.address", "set with node.role 'auto': the heartbeat "
+                           "follows the secondary's address (port + 3)", "empty")
+
+
+def _check_tcp(key: str, addr: str) -> None:
+    from pipeline import wire
+    host, _, port = addr[6:].rpartition(":") if addr.startswith("tcp://") else ("", "", "")
+    top = 65535 - max(wire.CHANNEL_PORT_OFFSETS.values())
+    if not host or not port.isdigit() or not 1 <= int(port) <= top:
+        raise SettingError(key, f"{addr!r} is not a tcp address with a host and a port "
+                           f"from 1 to {top}", "tcp://HOST:PORT")
+
+
+def effective_settings(settings: Any, role: str) -> Any:
+    """The settings of this host in ``role`` ("primary" or "secondary"): for ``auto``,
+    ``peer.address`` becomes the secondary's address (our own ``node.listen`` while we
+    are the secondary, the peer's while we are the primary)."""
+    if settings.node.role != "auto":
+        return settings
+    if role not in ("primary", "secondary"):
+        raise ValueError(f"role {role!r} is neither 'primary' nor 'secondary'")
+    peer = dataclasses.replace(settings.peer, address=settings.node.listen
+                               if role == "secondary" else settings.peer.address)
+    return dataclasses.replace(settings, node=dataclasses.replace(settings.node, role=role),
+                               peer=peer)
+
+
+def decide_role(settings: Any) -> tuple[str, str]:
+    """(role, why) for this start. Fixed roles are what the config says; ``auto`` asks
+    the witness who holds the active role."""
+    if settings.node.role != "auto":
+        return settings.node.role, "node.role in the config"
+    from pipeline.failover.takeover import witness_vm
+    from pipeline.failover.witness import make_witness
+    witness = make_witness(settings.failover, witness_vm(settings))
+    try:
+        holder = witness.holder()
+        last = witness.last_generation()
+    finally:
+        witness.close()
+    me = settings.node.name
+    if holder is not None and holder["node"] != me:
+        return "secondary", (f"the peer {holder['node']!r} holds the active role "
+                             f"(generation {holder['generation']}) at {witness.where}")
+    if holder is not None:
+        return "primary", (f"this node holds the active role (generation "
+                           f"{holder['generation']}) at {witness.where}")
+    return "primary", (f"nobody holds the active role at {witness.where} (last generation "
+                       f"{last}): this node runs the guest as primary")
+
+
+# -- the role history ---------------------------------------------------------------------
+def record_role(info: Callable[..., None], current: dict, role: str, generation: int,
+                cause: str, **extra: Any) -> None:
+    """Append one change to the node info's ``role_history`` (through ``info(**kw)``,
+    the node info's writer; ``current`` is the node info as it is now)."""
+    entry = {"role": role, "generation": int(generation), "at": round(time.time(), 3),
+             "cause": cause, **extra}
+    history = list(current.get("role_history", []))[-(HISTORY_MAX - 1):] + [entry]
+    info(role_history=history, role_changes=int(current.get("role_changes", 0)) + 1)
+    log.info("event=role role=%s generation=%d cause=%s", role, generation, cause)
