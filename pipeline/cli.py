@@ -113,6 +113,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     print(f"{args.config}: ok ({settings.node.role} {settings.node.name!r}, "
           f"{settings.guest.backend} guest)")
+    if settings.node.role == "auto":
+        from pipeline.failover.roles import decide_role
+        from pipeline.failover.witness import WitnessError
+        print(f"role auto: the witness ({settings.failover.witness}, key "
+              f"{settings.failover.witness_key}) decides at every start. If the peer holds "
+              f"the active role this node becomes its secondary and listens on "
+              f"{settings.node.listen}; otherwise it runs the guest as primary and connects "
+              f"to the peer's {settings.peer.address}. After a takeover the survivor becomes "
+              "the primary; start the lost host again with this same file.")
+        try:
+            role, why = decide_role(settings)
+            print(f"started now, it would run as {role}: {why}")
+        except (WitnessError, ValueError) as exc:
+            print(f"the witness cannot be asked now: {exc}")
     return EXIT_OK
 
 
@@ -126,6 +140,11 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     lines = [f"node {snap['node']}  " + "  ".join(f"{k}={info[k]}" for k in
                                                  ("role", "state", "epoch", "generation")
                                                  if k in info)]
+    for h in info.get("role_history", [])[-6:]:
+        when = time.strftime("%H:%M:%S", time.localtime(h.get("at", 0)))
+        extra = "".join(f"  {k}={h[k]}" for k in ("takeover_ms", "reprotected_ms") if k in h)
+        lines.append(f"  {when} {h.get('role', '?'):<9} generation {h.get('generation', 0)}"
+                     f"  {h.get('cause', '')}{extra}")
     lines.append(f"{'stage':<13}{'items/s':>10}{'MB/s out':>10}{'busy %':>8}{'wait %':>8}"
                  f"{'ring hw':>8}{'errors':>8}")
     for name, c in snap["stages"].items():

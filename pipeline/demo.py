@@ -21,7 +21,7 @@ import blake3
 
 from pipeline import counters
 from pipeline.disk.nbd_client import NbdClient
-from pipeline.localpair import LocalPair, PairError, free_port_base
+from pipeline.localpair import HostPair, LocalPair, PairError, free_port_base
 from pipeline.service_client import ServiceClient
 from pipeline.stages.inputs import INJECT_SOCKET
 
@@ -54,11 +54,22 @@ def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--kill-primary-after", type=float, default=None, metavar="S",
                     help="after the memory proof, wait S seconds, kill the primary node with "
                     "SIGKILL and show the secondary taking over")
+    sp.add_argument("--rejoin", action="store_true",
+                    help="with --kill-primary-after: the two nodes are hosts with role auto; "
+                    "the killed primary's host is started again, joins the survivor as its "
+                    "secondary, and the demo waits until protected again and proves the "
+                    "memories equal (JSON: failovers, reprotected_ms, memory_equal)")
+    sp.add_argument("--failovers", type=int, default=1, metavar="N",
+                    help="with --rejoin: this many cycles (kill the primary, rejoin)")
 
 
 def run_demo(args: argparse.Namespace) -> bool:
     """The demo; True if every proof held (memory equal, disks equal, the takeover
     served) and both nodes stopped cleanly."""
+    if args.rejoin and (args.kill_primary_after is None or args.disk_mb):
+        raise SystemExit("colo-pipeline demo: --rejoin needs --kill-primary-after and no "
+                         "--disk-mb (re-protecting a replicated disk after a failover is not "
+                         "there yet)")
     tables = {
         # the network comparator on the primary; both guests' outputs go to it as frames
         # released frames go to the demo's client (DemoClient) on outdev
@@ -83,8 +94,16 @@ def run_demo(args: argparse.Namespace) -> bool:
             role_tables.setdefault(role, {})["disk"] = {
                 **disk, "image": f"{{workdir}}/{role}-disk.img",
                 "export": f"unix:{{workdir}}/{role}-disk.nbd"}
-    pair = LocalPair(tables, log_level=args.log_level, capture_logs=not args.verbose,
-                     role_tables=role_tables)
+    if args.rejoin:
+        # two hosts with node.role = "auto", so the lost one can come back; the same
+        # config shape on both, so the client stage of whichever is primary feeds the
+        # guest (no demo client: it would follow one host's injection socket)
+        tables["guest.workload"]["input_rate_hz"] = args.input_rate
+        del tables["net"]["outdev"]
+        role_tables = None
+    pair = (HostPair if args.rejoin else LocalPair)(
+        tables, log_level=args.log_level, capture_logs=not args.verbose,
+        role_tables=role_tables)
     if args.disk_mb:
         # the guest's disk has data before protection; the secondary's starts empty and
         # gets it from the initial disk sync
@@ -94,13 +113,18 @@ def run_demo(args: argparse.Namespace) -> bool:
     summary: dict = {"memory_equal": False}
     ok = False
     try:
-        pair.start()
+        if args.rejoin:
+            pair.start(("a",))
+            pair.wait_info("state", "unprotected", role="a")
+            pair.start_node("b")
+        else:
+            pair.start()
         if not args.json:
             print(f"primary and secondary started (configs in {pair.workdir}); full sync of "
                   f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
         pair.wait_protected()
-        node = pair.node("primary")
-        client = DemoClient(pair, args.input_rate)
+        node = pair.node(pair.primary_host())
+        client = NoClient() if args.rejoin else DemoClient(pair, args.input_rate)
         if args.disk_mb:
             disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
                                           args.disk_mb << 20)
@@ -151,7 +175,10 @@ def run_demo(args: argparse.Namespace) -> bool:
             summary.update(disk_equal=images[0] == images[1], disk_writes=disk_driver.writes,
                            disk_digest=images[0], disk_sync_bytes=disk.get("sync_bytes", 0))
             ok = ok and summary["disk_equal"]
-        if args.kill_primary_after is not None and ok:
+        if args.kill_primary_after is not None and ok and args.rejoin:
+            summary.update(_demo_rejoin(pair, args))
+            ok = summary["memory_equal"]
+        elif args.kill_primary_after is not None and ok:
             summary.update(_demo_failover(pair, args))
             ok = bool(summary.get("failover_ok"))
     except PairError as exc:
@@ -181,6 +208,23 @@ def run_demo(args: argparse.Namespace) -> bool:
         print(f"memory of SVM == PVM at the last committed checkpoint "
               f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
     return ok
+
+
+class NoClient:
+    """--rejoin: the nodes' own client stages feed the guest; nothing to time."""
+
+    def check(self) -> None:
+        pass
+
+    def latency_ms(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def halt(self) -> None:
+        pass
+
+    def stop(self) -> dict:
+        return {"client_requests": 0, "client_answers": 0, "client_lost": 0,
+                "client_latency_ms_p50": None, "client_latency_ms_p99": None}
 
 
 class DemoClient:
@@ -304,4 +348,57 @@ def _demo_failover(pair, args: argparse.Namespace) -> dict:
         print(f"secondary active (generation {info['generation']}): primary loss noticed "
               f"{detect_ms:.0f} ms after the kill, SVM live {info['takeover_ms']:.0f} ms later; "
               f"{out['active_outputs_after_takeover']} outputs since")
+    return out
+
+
+def _demo_rejoin(pair, args: argparse.Namespace) -> dict:
+    """``--failovers`` times: kill the primary host, let the secondary take over and
+    become the primary, start the lost host again (same config) as its secondary, wait
+    until the guest is protected again, and prove the memories equal."""
+    out: dict = {"failovers": 0, "cycles": []}
+    for _ in range(args.failovers):
+        time.sleep(args.kill_primary_after)
+        lost = pair.primary_host()
+        survivor = pair.other(lost)
+        node = pair.node(survivor)
+        before = node.node_info().get("failovers", 0)
+        killed_at = pair.kill(lost)
+        if not args.json:
+            print(f"\nhost {lost} (primary) killed; host {survivor} takes over ...", flush=True)
+
+        def wait(pred, what: str, timeout: float = 300.0) -> dict:
+            deadline = time.monotonic() + timeout
+            while True:
+                info = node.node_info()
+                if pred(info):
+                    return info
+                pair.check_alive()
+                if time.monotonic() > deadline:
+                    raise PairError(f"host {survivor}: not {what} within {timeout} s")
+                time.sleep(0.02)
+        info = wait(lambda i: i.get("role") == "primary" and i.get("failovers", 0) > before,
+                    "the primary")
+        pair.start_node(lost)
+        if not args.json:
+            print(f"host {survivor} is the primary (generation {info['generation']}); host "
+                  f"{lost} started again with its config, joining as secondary ...", flush=True)
+        info = wait(lambda i: i.get("state") == "protected"
+                    and not i.get("awaiting_reprotection"), "protected again")
+        proof = pair.prove_memory_equal()
+        cycle = {"lost": lost, "generation": info["generation"],
+                 "failover_detect_ms": round((info["failover_detected_at"] - killed_at) * 1000, 1),
+                 "takeover_ms": info["takeover_ms"], "reprotected_ms": info["reprotected_ms"],
+                 "memory_equal": proof["memory_equal"]}
+        out["cycles"].append(cycle)
+        out["failovers"] += 1
+        if not args.json:
+            print(f"protected again {info['reprotected_ms']:.0f} ms after the takeover; memory "
+                  f"of SVM == PVM: {proof['memory_equal']}", flush=True)
+        if not proof["memory_equal"]:
+            break
+    last = out["cycles"][-1]
+    out.update(memory_equal=all(c["memory_equal"] for c in out["cycles"]),
+               reprotected_ms=last["reprotected_ms"], takeover_ms=last["takeover_ms"],
+               failover_detect_ms=last["failover_detect_ms"],
+               failover_generation=last["generation"])
     return out

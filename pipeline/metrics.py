@@ -12,6 +12,11 @@ What is exposed (every sample carries ``node``):
 * ``colo_role{role}`` 1 for the node's current role (``primary``, ``secondary``,
   ``active``, ``unprotected``), 0 for the others; ``colo_node_info{state,dirty_log}``,
   ``colo_epoch``, ``colo_guest_pages``.
+* The role history (pipeline/failover/roles.py): ``colo_generation`` (the generation
+  of the active role this node holds or last saw), ``colo_role_changes_total``,
+  ``colo_failovers_total`` (takeovers by this node), ``colo_reprotected_seconds`` (the
+  last takeover to protected again) and ``colo_role_change_timestamp_seconds{role,cause}``
+  (when the last change happened, and why).
 * Per stage (``stage`` label, e.g. ``digest.0``): ``colo_stage_items_in_total``,
   ``..._items_out_total``, ``..._bytes_in_total``, ``..._bytes_out_total``,
   ``colo_stage_busy_seconds_total``, ``colo_stage_wait_seconds_total``,
@@ -176,6 +181,34 @@ class _CheckpointTotals:
             self.commit.observe(record["commit_ns"] / 1e9)
 
 
+def _role_history_families(n: str, info: dict) -> list[Metric]:
+    """The role history of the node info as samples (see the module doc)."""
+    out: list[Metric] = []
+    for key, name, doc, cls in (
+            ("generation", "colo_generation", "The generation of the active role this node "
+             "holds or last saw.", GaugeMetricFamily),
+            ("role_changes", "colo_role_changes", "Role changes of this node.",
+             CounterMetricFamily),
+            ("failovers", "colo_failovers", "Takeovers by this node.", CounterMetricFamily),
+            ("reprotected_ms", "colo_reprotected_seconds", "From the last takeover until a "
+             "new secondary protected the guest again.", GaugeMetricFamily)):
+        value = info.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            fam = cls(name, doc, labels=["node"])
+            fam.add_metric([n], value / 1000 if key.endswith("_ms") else value)
+            out.append(fam)
+    history = info.get("role_history")
+    if isinstance(history, list) and history and isinstance(history[-1], dict):
+        last = history[-1]
+        fam = GaugeMetricFamily("colo_role_change_timestamp_seconds", "When the node's last "
+                                "role change happened (Unix time), with the role and cause.",
+                                labels=["node", "role", "cause"])
+        fam.add_metric([n, str(last.get("role", "")), str(last.get("cause", ""))[:200]],
+                       float(last.get("at", 0)))
+        out.append(fam)
+    return out
+
+
 def _node_info(node: NodeCounters, budget_s: float = 1.0) -> dict[str, Any]:
     """``node.node_info()``, retried while the writer is in the middle of an update (a
     writer descheduled mid-write on a busy host outlasts node_info's own spinning)."""
@@ -273,6 +306,7 @@ class NodeCollector:
                                   labels=["node"])
             g.add_metric([n], info["page_count"])
             out.append(g)
+        out += _role_history_families(n, info)
         rejected = CounterMetricFamily("colo_counter_rejected_writes", "Checkpoint records "
                                        "or node info refused as bad input.", labels=["node"])
         rejected.add_metric([n], node.rejected_writes)

@@ -166,7 +166,16 @@ def test_example_pairs_match(examples, prefix):
 KEYED_ERRORS = [
     # id, file text, dotted key, part of the expectation
     ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, disk, failover, guest, heartbeat, metrics, net, node"),
-    ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of name, role, run_dir"),
+    ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of listen, name, role, run_dir"),
+    ("auto-without-listen", "[node]\nrole = 'auto'\n[failover]\nwitness = 'local'\n"
+     "witness_key = '/colo/vm/active'\n", "node.listen", "this host's own address"),
+    ("auto-listen-is-peer", "[node]\nrole = 'auto'\nlisten = 'tcp://10.0.0.1:7400'\n"
+     "[peer]\naddress = 'tcp://10.0.0.1:7400'\n", "node.listen", "own address"),
+    ("auto-without-witness", "[node]\nrole = 'auto'\nlisten = 'tcp://10.0.0.1:7400'\n",
+     "failover.witness", "'etcd'"),
+    ("auto-without-witness-key", "[node]\nrole = 'auto'\nlisten = 'tcp://10.0.0.1:7400'\n"
+     "[failover]\nwitness = 'etcd'\n", "failover.witness_key", "the same on both hosts"),
+    ("listen-bad", "[node]\nlisten = '10.0.0.1'\n", "node.listen", "tcp://HOST:PORT"),
     ("unknown-nested-2", "[guest.workload]\nmix_blue = 0.1\n", "guest.workload.mix_blue",
      "mix_random"),
     ("unknown-internal-field", "source = 'x'\n", "source", "one of"),

@@ -97,7 +97,9 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     rate = settings.guest.workload.input_rate_hz
     period = 1.0 / rate if rate > 0 else None
     next_at = time.monotonic()
-    n = 0
+    # the client's stream goes on where the guest is: a survivor of a takeover became the
+    # primary around a guest that consumed inputs 0 .. input_head - 1 already
+    n = domain.input_head
     payload: bytes | None = None
     was_unprotected = False
     port = OutputPort(ctx, settings.net.primary_in)
