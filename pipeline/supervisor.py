@@ -519,6 +519,8 @@ class Supervisor:
         def on_signal(signum, _frame):
             got_signal.append(signum)
             self.stop_event.set()
+            for ev in list(self.stage_stops.values()):   # every stage stops at once, as
+                ev.set()                                 # with one shared event
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()

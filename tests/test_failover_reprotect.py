@@ -32,6 +32,7 @@ from test_failover import SEED, TABLES, replay_digest
 
 from pipeline.localpair import HostPair
 
+pytestmark = pytest.mark.slow
 CYCLES = 3
 
 
