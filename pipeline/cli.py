@@ -123,7 +123,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"to the peer's {settings.peer.address}. After a takeover the survivor becomes "
               "the primary; start the lost host again with this same file.")
         try:
-            role, why = decide_role(settings)
+            role, why = decide_role(settings, wait=False)
             print(f"started now, it would run as {role}: {why}")
         except (WitnessError, ValueError) as exc:
             print(f"the witness cannot be asked now: {exc}")

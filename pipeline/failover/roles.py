@@ -33,6 +33,8 @@ from pipeline.schema import SettingError
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 64      # role changes kept in the node info (the oldest go first)
+GRACE_S = 2.0         # beyond the heartbeat timeout: how long a restarted node that held
+                      # the role last leaves the peer to take it over (a guard poll, slack)
 
 
 def check_auto(settings: Any) -> None:
@@ -58,9 +60,10 @@ def check_auto(settings: Any) -> None:
                            "the protected VM's name at the witness, the same on both hosts, "
                            "e.g. '/colo/vm1/active'")
     if settings.disk.enabled:
-        raise SettingError("disk.image", "set with node.role 'auto': re-protecting a "
-                           "replicated disk after a failover needs a full disk sync, which "
-                           "this version lacks", "no disk, or fixed roles")
+        raise SettingError("disk.image", "set with node.role 'auto': the survivor of a "
+                           "failover does not yet turn its disk stage into the primary's "
+                           "(re-protecting a replicated disk after a failover)",
+                           "no disk, or fixed roles")
     if settings.heartbeat.address:
         raise SettingError("heartbeat.address", "set with node.role 'auto': the heartbeat "
                            "follows the secondary's address (port + 3)", "empty")
@@ -89,28 +92,54 @@ def effective_settings(settings: Any, role: str) -> Any:
                                peer=peer)
 
 
-def decide_role(settings: Any) -> tuple[str, str]:
+def decide_role(settings: Any, poll_s: float = 0.2, wait: bool = True) -> tuple[str, str]:
     """(role, why) for this start. Fixed roles are what the config says; ``auto`` asks
-    the witness who holds the active role."""
+    the witness who holds the active role.
+
+    This node was the last to be granted the role (it restarts after a crash, its old
+    lease may still run): its guest starts afresh, so the peer's SVM, if it runs, is the
+    one to keep. It waits until its old claim lapsed and then for the peer to take over
+    (the peer's heartbeat timeout and a poll of the witness, ``GRACE_S``), and runs as
+    primary only if nobody did. ``wait=False`` (check-config): one look, no waiting."""
     if settings.node.role != "auto":
         return settings.node.role, "node.role in the config"
     from pipeline.failover.takeover import witness_vm
     from pipeline.failover.witness import make_witness
     witness = make_witness(settings.failover, witness_vm(settings))
+    me = settings.node.name
+    grace = settings.heartbeat.timeout_s + GRACE_S
+    deadline = time.monotonic() + witness.ttl_s + 2 + grace
+    free_since: float | None = None
     try:
-        holder = witness.holder()
-        last = witness.last_generation()
+        while True:
+            holder, last = witness.holder(), witness.last_grant()
+            if holder is not None and holder["node"] != me:
+                return "secondary", (f"the peer {holder['node']!r} holds the active role "
+                                     f"(generation {holder['generation']}) at {witness.where}")
+            now = time.monotonic()
+            if not wait and holder is not None:
+                return "primary", (f"this node holds the active role (generation "
+                                   f"{holder['generation']}) at {witness.where}: it runs as "
+                                   "primary, or its last run's lease has not lapsed yet")
+            if holder is None and (last is None or last["node"] != me):
+                return "primary", (f"nobody holds the active role at {witness.where} (last "
+                                   f"granted: {last}): this node runs the guest as primary")
+            if holder is None and not wait:
+                return "primary", (f"nobody holds the active role at {witness.where}; this "
+                                   f"node held it last ({last}): after waiting {grace:.1f} s "
+                                   "for the peer to take it over")
+            if holder is None:
+                free_since = free_since or now
+                if now - free_since >= grace:
+                    return "primary", (f"this node held the active role last (generation "
+                                       f"{last['generation']}) and the peer did not take it "
+                                       f"over within {grace:.1f} s at {witness.where}")
+            if now > deadline:
+                return "primary", (f"this node's earlier claim {holder} at {witness.where} "
+                                   "did not lapse; running as primary")
+            time.sleep(poll_s)
     finally:
         witness.close()
-    me = settings.node.name
-    if holder is not None and holder["node"] != me:
-        return "secondary", (f"the peer {holder['node']!r} holds the active role "
-                             f"(generation {holder['generation']}) at {witness.where}")
-    if holder is not None:
-        return "primary", (f"this node holds the active role (generation "
-                           f"{holder['generation']}) at {witness.where}")
-    return "primary", (f"nobody holds the active role at {witness.where} (last generation "
-                       f"{last}): this node runs the guest as primary")
 
 
 # -- the role history ---------------------------------------------------------------------

@@ -151,6 +151,11 @@ class Witness:
 
     def last_generation(self) -> int:
         """The highest generation ever granted for this VM (0: none yet)."""
+        grant = self.last_grant()
+        return grant["generation"] if grant else 0
+
+    def last_grant(self) -> dict | None:
+        """The last grant ({"node", "generation"}), held or not; None if none yet."""
         raise NotImplementedError
 
     # to implement ------------------------------------------------------------------------
@@ -289,9 +294,8 @@ class EtcdWitness(Witness):
     def holder(self) -> dict | None:
         return self._get(self.key)[0]
 
-    def last_generation(self) -> int:
-        rec = self._get(self.gen_key)[0]
-        return rec["generation"] if rec else 0
+    def last_grant(self) -> dict | None:
+        return self._get(self.gen_key)[0]
 
     def _grant_lease(self) -> Any:
         lease = self._call("granting a lease", lambda c: c.lease(self.ttl_s))
@@ -433,10 +437,10 @@ class LocalWitness(Witness):
             a = self._read()["active"]
         return {"node": a["node"], "generation": a["generation"]} if a else None
 
-    def last_generation(self) -> int:
+    def last_grant(self) -> dict | None:
         with self._locked():
             last = self._read()["last"]
-        return last["generation"] if last else 0
+        return {"node": last["node"], "generation": last["generation"]} if last else None
 
     def _acquire(self, node: str, generation: int) -> bool:
         with self._locked():

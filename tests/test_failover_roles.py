@@ -1,0 +1,92 @@
+"""node.role = "auto": the settings of each role, and the role a starting node takes from
+what the witness says (the demo's local witness here; the end-to-end cycles with etcd
+are tests/test_failover_reprotect.py)."""
+from __future__ import annotations
+
+import threading
+
+from conftest import cli
+
+from pipeline import config
+from pipeline.failover.roles import decide_role, effective_settings
+from pipeline.failover.witness import LocalWitness
+
+KEY = "/colo/vm1/active"
+
+
+def auto_settings(tmp_path, name: str = "a", listen: str = "tcp://10.0.0.1:7400",
+                  peer: str = "tcp://10.0.0.2:7400", **heartbeat):
+    return config.from_dict({
+        "node": {"name": name, "role": "auto", "listen": listen},
+        "peer": {"address": peer},
+        "security": {"mode": "plaintext"},
+        "heartbeat": heartbeat,
+        "failover": {"witness": "local", "witness_dir": str(tmp_path / "w"),
+                     "witness_key": KEY, "lease_ttl_s": 2}})
+
+
+def test_each_role_uses_the_secondarys_address(tmp_path):
+    s = auto_settings(tmp_path)
+    sec, prim = effective_settings(s, "secondary"), effective_settings(s, "primary")
+    assert (sec.node.role, sec.peer.address) == ("secondary", "tcp://10.0.0.1:7400")
+    assert (prim.node.role, prim.peer.address) == ("primary", "tcp://10.0.0.2:7400")
+    assert config.peer_endpoints(sec)["heartbeat"] == "tcp://10.0.0.1:7403"
+
+
+def test_a_node_whose_peer_is_active_becomes_its_secondary(tmp_path):
+    s = auto_settings(tmp_path)
+    assert decide_role(s)[0] == "primary"            # nobody holds the role
+    peer = LocalWitness(str(tmp_path / "w"), KEY, 2)
+    assert peer.acquire("b", 1)
+    try:
+        role, why = decide_role(s)
+        assert role == "secondary" and "'b'" in why
+    finally:
+        peer.release()
+    # the peer released it and held it last: nothing to wait for
+    assert decide_role(s)[0] == "primary"
+
+
+def test_a_restarted_last_holder_leaves_the_role_to_the_peer(tmp_path):
+    """Node a held the role and restarts (its old claim still runs): its guest starts
+    afresh, so it waits for its claim to lapse and for the peer to take over, and joins
+    the peer as its secondary. The grace is made long, so only the peer's takeover can
+    end the wait."""
+    s = auto_settings(tmp_path, interval_ms=10000, miss_count=100)
+    old = LocalWitness(str(tmp_path / "w"), KEY, 2)
+    assert old.acquire("a", 1)
+    assert decide_role(s, wait=False)[0] == "primary"   # check-config: one look
+    result = {}
+    t = threading.Thread(target=lambda: result.update(role=decide_role(s, poll_s=0.01)))
+    t.start()
+    peer = LocalWitness(str(tmp_path / "w"), KEY, 2)
+    try:
+        old.release()                       # a's old run is gone
+        assert peer.acquire("b", 2)         # the peer takes over
+        t.join(60)
+        assert not t.is_alive()
+        assert result["role"][0] == "secondary", result
+    finally:
+        peer.release()
+
+
+def test_check_config_explains_role_auto(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text(f"""
+[node]
+name = "a"
+role = "auto"
+listen = "tcp://127.0.0.1:7400"
+[peer]
+address = "tcp://127.0.0.1:7500"
+[security]
+mode = "plaintext"
+[failover]
+witness = "local"
+witness_dir = "{tmp_path / 'w'}"
+witness_key = "{KEY}"
+""")
+    r = cli("check-config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "role auto" in r.stdout and "becomes its secondary" in r.stdout
+    assert "would run as primary" in r.stdout
