@@ -382,22 +382,25 @@ class HostPair(LocalPair):
     started again with the same config, its secondary (pipeline/failover/roles.py).
 
     ``addresses`` ({"a": "tcp://IP:PORT", ...}) and ``netns`` ({"a": "ns-a", ...}) put
-    the hosts in network namespaces; by default both listen on 127.0.0.1."""
+    the hosts in network namespaces. By default each host listens on an address of its
+    own in 127.0.0.0/8 (127.R.S.1 and 127.R.S.2, R and S drawn per pair): a host's ports
+    stay unbound while it is the primary or down, and on 127.0.0.1 another program could
+    take them in the meantime."""
 
     HOSTS = ("a", "b")
-    PORTS = 8
 
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None, *,
                  addresses: dict[str, str] | None = None,
                  netns: dict[str, str] | None = None, **kw: Any) -> None:
         self.addresses = addresses
         self.netns = netns or {}
+        self.loopback = f"127.{random.randrange(1, 255)}.{random.randrange(0, 256)}"
         super().__init__(tables, **kw)
 
     def address(self, host: str) -> str:
         if self.addresses:
             return self.addresses[host]
-        return f"tcp://127.0.0.1:{self.port + 4 * self.HOSTS.index(host)}"
+        return f"tcp://{self.loopback}.{self.HOSTS.index(host) + 1}:{self.port}"
 
     def _place(self, host: str, t: dict[str, dict[str, Any]]) -> None:
         peer = self.HOSTS[1] if host == self.HOSTS[0] else self.HOSTS[0]

@@ -36,6 +36,15 @@ pytestmark = pytest.mark.slow
 CYCLES = 3
 
 
+def _info_when(pair: HostPair, host: str, pred, what: str, timeout: float = 240) -> dict:
+    """``host``'s node info once ``pred(info)`` holds; fails at once if a node exited."""
+    def look():
+        pair.check_alive()
+        info = pair.node(host).node_info()
+        return info if pred(info) else None
+    return wait_until(look, timeout=timeout, what=what)
+
+
 def _generations(history: list[dict]) -> list[int]:
     return [h["generation"] for h in history if h["generation"]]
 
@@ -58,19 +67,17 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
         before = pair.node(survivor).node_info()
         pair.kill(lost)
         # the survivor takes over, then runs the primary's stages, unprotected
-        info = wait_until(lambda: (lambda i: i if i.get("role") == "primary"
-                                   and i.get("failovers", 0) > before.get("failovers", 0)
-                                   else None)(pair.node(survivor).node_info()),
-                          timeout=120, what=f"cycle {cycle}: {survivor} becoming the primary")
+        info = _info_when(pair, survivor, lambda i: i.get("role") == "primary"
+                          and i.get("failovers", 0) > before.get("failovers", 0),
+                          f"cycle {cycle}: {survivor} becoming the primary")
         generation = info["generation"]
         assert generation > seen_generation, (generation, seen_generation)
         seen_generation = generation
         # the lost host comes back with its unchanged config and becomes the secondary
         pair.start_node(lost)
-        info = wait_until(lambda: (lambda i: i if i.get("state") == "protected"
-                                   and not i.get("awaiting_reprotection") else None)(
-            pair.node(survivor).node_info()), timeout=240,
-            what=f"cycle {cycle}: {survivor} protected again by {lost}")
+        info = _info_when(pair, survivor, lambda i: i.get("state") == "protected"
+                          and not i.get("awaiting_reprotection"),
+                          f"cycle {cycle}: {survivor} protected again by {lost}")
         assert pair.roles() == {survivor: "primary", lost: "secondary"}
         assert pair.node(lost).node_info()["role_history"][-1]["role"] == "secondary"
         proof = pair.prove_memory_equal()

@@ -99,7 +99,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     next_at = time.monotonic()
     # the client's stream goes on where the guest is: a survivor of a takeover became the
     # primary around a guest that consumed inputs 0 .. input_head - 1 already
-    n = domain.input_head
+    n = io.input_head
     payload: bytes | None = None
     was_unprotected = False
     port = OutputPort(ctx, settings.net.primary_in)
@@ -120,7 +120,11 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 asked = True
                 events.request("input_log_full", f"{io.input_head - committed_seq} inputs "
                                                  f"since the last commit")
-            if shared.unprotected.value:
+            # one look per input: whether it is mirrored must agree with whether the resend
+            # below covered it (a secondary that joins between two looks would otherwise
+            # get this input first and the older ones after it, which it then refuses)
+            unprotected = bool(shared.unprotected.value)
+            if unprotected:
                 was_unprotected = True
             elif was_unprotected:
                 # a new secondary: it needs every input the PVM has not consumed yet (its
@@ -155,7 +159,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 continue
             # unprotected (no secondary): nothing to mirror to; a new secondary gets the
             # guest's state by a full sync, not by replaying input
-            if not shared.unprotected.value and not sockets.send_until_stopped(
+            if not unprotected and not sockets.send_until_stopped(
                     out, wire.encode_input(shared.epoch.value, seq, payload), ctx.stop,
                     give_up=lambda: bool(shared.unprotected.value)):
                 if ctx.stopping():
