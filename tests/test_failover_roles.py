@@ -7,7 +7,7 @@ import threading
 
 from conftest import cli
 
-from pipeline import config
+from pipeline import config, sockets
 from pipeline.failover.roles import decide_role, effective_settings
 from pipeline.failover.witness import LocalWitness
 
@@ -30,7 +30,7 @@ def test_each_role_uses_the_secondarys_address(tmp_path):
     sec, prim = effective_settings(s, "secondary"), effective_settings(s, "primary")
     assert (sec.node.role, sec.peer.address) == ("secondary", "tcp://10.0.0.1:7400")
     assert (prim.node.role, prim.peer.address) == ("primary", "tcp://10.0.0.2:7400")
-    assert config.peer_endpoints(sec)["heartbeat"] == "tcp://10.0.0.1:7403"
+    assert sockets.peer_endpoints(sec)["heartbeat"] == "tcp://10.0.0.1:7403"
 
 
 def test_a_node_whose_peer_is_active_becomes_its_secondary(tmp_path):
