@@ -345,7 +345,8 @@ class PrimaryCoordinator(_Coordinator):
             transfer_ns=transfer_ns, apply_ns=apply_ns, ack_ns=ack_ns,
             pages_svm_dirty=max(res.svm_dirty, 0), pages_sent=sent.pages,
             pages_skipped_hash=sent.pages_ref, pages_zero=sent.pages_zero,
-            pages_same_as_svm=sent.pages_svm, bytes_wire=sent.bytes_wire, bytes_raw=sent.pages * self.domain.page_size,
+            pages_same_as_svm=sent.pages_svm, bytes_wire=sent.bytes_wire,
+            bytes_raw=sent.pages * self.domain.page_size,
             status=STATUS_COMMITTED if ok else STATUS_ABORTED, pvm_verify_ns=res.verify_ns)
         self.ctx.log.info("epoch=%d event=checkpoint status=%s cause=%s dirty=%d sent=%d "
                           "skipped_hash=%d same_as_svm=%d zero=%d wire_bytes=%d pause_ms=%.3f "

@@ -136,11 +136,12 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
         nctx.close()
 
 
-def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size) -> None:
+def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
+                   staging=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_in(nctx)
     try:
-        receive.run(ctx, sock, rings, page_count, page_size)
+        receive.run(ctx, sock, rings, page_count, page_size, staging)
     finally:
         nctx.close()
 
@@ -309,7 +310,7 @@ class Supervisor:
             plan = [StageSpec("coordinator", _secondary_coordinator,
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
-                              (s, to_verify, dom.page_count, dom.page_size))]
+                              (s, to_verify, dom.page_count, dom.page_size, staging))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages)) for i in range(n)]

@@ -119,21 +119,33 @@ def test_auto_compresses_on_a_slow_link_and_stops_when_it_is_fast(tmp_path):
     try:
         with pair:
             pair.start()
-            # slow link: the full sync's windows block on it and lz4 goes on
+            # slow link: the full sync's windows block on it and lz4 goes on; checkpoints
+            # on the slow link until lz4 pages went through it (the sync's last pages may
+            # all have been encoded before the switch)
             wait_until(lambda: "lz4" in _switches(pair), 600, "compress mode=lz4 on the slow "
                        "link", interval=0.2)
             pair.wait_protected(timeout=600)
-            assert pair.stage_counter("send", "windows_lz4") >= 1
-            # the link is fast again: checkpoints of a few MB each until raw comes back
-            relay.rate = None
-            after = len(_switches(pair))
 
-            def back_to_raw() -> bool:
-                if "none" in _switches(pair)[after:]:
+            def lz4_sent() -> bool:
+                if pair.stage_counter("send", "windows_lz4") >= 1:
                     return True
                 _checkpoint_of_writes(pair, 3000)
                 return False
-            wait_until(back_to_raw, 600, "compress mode=none on the fast link", interval=0)
+            wait_until(lz4_sent, 240, "lz4 pages on the slow link", interval=0)
+            # the link is fast again: checkpoints of a few MB each until raw comes back and
+            # at least one window was judged on the fast link
+            relay.rate = None
+            raw_windows = pair.stage_counter("send", "windows_raw")
+
+            def back_to_raw() -> bool:
+                if _switches(pair)[-1] == "none" and \
+                        pair.stage_counter("send", "windows_raw") > raw_windows:
+                    return True
+                _checkpoint_of_writes(pair, 3000)
+                return False
+            wait_until(back_to_raw, 240, "compress mode=none on the fast link", interval=0)
+            switches = _switches(pair)
+            assert "lz4" in switches and "none" in switches[switches.index("lz4"):], switches
             assert pair.stage_counter("send", "compress_switches") >= 2
             info = pair.prove_memory_equal()
             assert info["memory_equal"], info

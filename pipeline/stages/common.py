@@ -33,6 +33,8 @@ MARK_BUFFERED = 1   # the pages are in the snapshot buffer at ``slot.row``, not 
 MARK_BAD = 2        # a verify worker found a page that failed its hash or did not decode
 MARK_LZ4 = 4        # the digest worker compressed this batch's pages, or tried to (the
                     # send stage judges pipeline.compress = "auto" by the batches' mode)
+MARK_STAGED = 8     # the receive stage put the batch's pages in staging at ``slot.row``
+                    # already (raw pages: nothing to decode), the slot has no data
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 

@@ -3,8 +3,9 @@
 Per page, in order of cost: an all-zero page is sent as ZERO; a page whose blake3
 equals the hash of what the secondary holds at that pfn (its last committed copy)
 is sent as REF; a page whose blake3 equals the SVM's own page at that pfn (the hashes
-the secondary sent with SVM_DIRTY) is sent as SVM; the other pages carry data, and all of a batch's go as ONE lz4 block
-(PACKED) when that is smaller, else raw back to back. One block per batch instead of
+the secondary sent with SVM_DIRTY) is sent as SVM; the other pages carry data, and all
+of a batch's go as ONE lz4 block (PACKED) when that is smaller and compression is on
+(pipeline.compress), else raw back to back. One block per batch instead of
 one per page lets lz4 find repeats across pages (text-like pages: 0.28 of raw instead
 of 0.43) and costs one call instead of dozens.
 """

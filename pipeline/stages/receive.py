@@ -20,11 +20,14 @@ import zmq
 
 from pipeline import wire
 from pipeline.ring import Ring
-from pipeline.stages.common import SLOT_DATA, SLOT_END, StageContext, write_slot
+from pipeline.stages.common import (MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
+                                    write_slot)
 
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
-        page_size: int) -> None:
+        page_size: int, staging: PageBuffer | None = None) -> None:
+    """``staging``: a batch of raw pages (not lz4) goes straight from the message into its
+    place in staging, one copy, and the verify worker only checks it."""
     c = ctx.counters
     batch = rings[0].layout.batch_pages
     rr = 0
@@ -67,9 +70,24 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 slot.reset(SLOT_DATA, b.epoch, n)
                 slot.pfns[:n], slot.hashes[:n] = b.pfns, b.hashes
                 slot.enc_len[:n], slot.enc_kind[:n] = b.enc_len, b.enc_kind
-                slot.data_flat[:len(b.data)] = b.data
                 slot.batch_flags = wire.PAGES_PACKED if b.packed else 0
-                slot.data_len, slot.row = len(b.data), staged
+                slot.row = staged
+                if staging is not None and not b.packed \
+                        and not (b.enc_kind == wire.ENC_LZ4).any():
+                    rows = staging.pages[staged:staged + n]
+                    raw = b.enc_kind == wire.ENC_RAW
+                    k = int(raw.sum())
+                    if k:
+                        pages = b.data.reshape(k, page_size)
+                        if k == n:
+                            rows[:] = pages
+                        else:
+                            rows[raw] = pages
+                    rows[b.enc_kind == wire.ENC_ZERO] = 0
+                    slot.marks = MARK_STAGED
+                else:
+                    slot.data_flat[:len(b.data)] = b.data
+                    slot.data_len = len(b.data)
                 staged += n
                 rings[rr].commit_write(slot)
                 rr = (rr + 1) % len(rings)

@@ -54,6 +54,9 @@ class AutoCompress:
         self.digests = [f"digest.{i}" for i in range(workers)]
         self.lz4_seen = self._lz4_totals()
         self.lz4 = self.policy.compress     # the mode of the batches in the window
+        # after a switch the first window of the new mode is not judged: its sends also
+        # waited for the old mode's records still queued ahead of them
+        self.settling = False
         self._reset()
 
     def _reset(self) -> None:
@@ -108,6 +111,9 @@ class AutoCompress:
         c.add("windows_lz4" if window.compressed else "windows_raw", 1)
         if window.compressed != self.policy.compress:
             return      # batches encoded before the last switch: they say nothing new
+        if self.settling:
+            self.settling = False
+            return
         verdict = self.policy.judge(window)
         if self.policy.link_b_s:
             c.set("link_mb_s", int(self.policy.link_b_s / 1e6))
@@ -115,6 +121,7 @@ class AutoCompress:
             c.set("lz4_mb_s", int(self.policy.lz4_b_s / 1e6))
         if verdict is not None:
             self.decision.value = int(verdict[0])
+            self.settling = True
             c.add("compress_switches", 1)
             self.ctx.log.info("event=compress mode=%s why=%r", "lz4" if verdict[0] else "none",
                               verdict[1])

@@ -13,8 +13,8 @@ import numpy as np
 
 from pipeline import wire
 from pipeline.ring import Ring, Slot
-from pipeline.stages.common import (MARK_BAD, PageBuffer, StageContext, hash_pages,
-                                    worker_loop, zero_page_hash)
+from pipeline.stages.common import (MARK_BAD, MARK_STAGED, PageBuffer, StageContext,
+                                    hash_pages, worker_loop, zero_page_hash)
 
 
 CHECKS = ("full", "sample", "off")
@@ -30,7 +30,9 @@ def decode_batch(src: Slot, out: np.ndarray, page_size: int, check: str = "full"
     memory). ZERO pages' hashes are always checked (no hashing needed)."""
     n = src.count
     kinds, lens = src.enc_kind[:n], src.enc_len[:n]
-    if src.batch_flags & wire.PAGES_PACKED:
+    if src.marks & MARK_STAGED:
+        problem = ""            # the receive stage put the raw pages in place already
+    elif src.batch_flags & wire.PAGES_PACKED:
         problem = _decode_packed(src, out, page_size)
     else:
         problem = _decode_plain(src, out, kinds, lens, page_size)
