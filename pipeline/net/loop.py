@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import select
 import threading
 import time
 
@@ -141,6 +142,7 @@ class CompareLoop:
         self._handlers = {handler for _, handler in self._roles} - {
             self._stream_primary, self._stream_secondary}
         self._primary_handlers = {self._from_primary, self._stream_primary}
+        self._late_sides = {self._stream_primary: PRIMARY, self._stream_secondary: SECONDARY}
         self._sinks = [a for a in self.adapters.all() if isinstance(a, FrameSink)]
         #: the side's epoch boundaries come in its own frame stream (see the module doc)
         self.in_band = [False, False]
@@ -301,14 +303,24 @@ class CompareLoop:
     def _handle_control(self) -> None:
         self.control.handle(self)
 
+    def _control_waiting(self) -> bool:
+        pollable = self.control.pollable()
+        if pollable is None:
+            return False
+        if isinstance(pollable, zmq.Socket):
+            return bool(pollable.poll(0))
+        fd = pollable.fileno()
+        return fd is not None and bool(select.select([fd], [], [], 0)[0])
+
     def run_once(self, timeout: float) -> None:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
+        late = []
         for pollable, action, fd in plan:
-            # only what was readable at the poll: a source read on the off chance could
-            # bring frames sent after a control message this round has already passed
             if fd is not None and fd not in ready:
+                if ready and action in self._late_sides:
+                    late.append((pollable, action))
                 continue
             if action in self._handlers:
                 if action in self._primary_handlers and self.comparator.blocked:
@@ -324,6 +336,19 @@ class CompareLoop:
                 continue
             else:
                 action()
+        # A stream source that was not readable at the poll is read anyway when something
+        # else woke the loop: the other side's frame usually follows at once, and a read
+        # that finds nothing costs less than another round. Frames read so may have been
+        # sent after a control message that arrived meanwhile: that message goes first.
+        for source, action in late:
+            side = self._late_sides[action]
+            if side == PRIMARY and self.comparator.blocked:
+                continue
+            data = source.recv_bytes()
+            if data:
+                if self._control_waiting():
+                    self._handle_control()
+                self.comparator.push_stream(side, data, source.generation)
         now = time.monotonic()
         if now >= self._next_scan:
             self.comparator.check_timeouts(now)
