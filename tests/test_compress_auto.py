@@ -48,14 +48,24 @@ class Relay:
                 a, _ = srv.accept()
             except (TimeoutError, OSError):
                 continue
-            try:
-                b = socket.create_connection(("127.0.0.1", self.target + channel))
-            except OSError:
+            b = self._connect(channel)
+            if b is None:
                 a.close()
                 continue
             self.socks += [a, b]
             threading.Thread(target=self._pump, args=(a, b, channel == 0), daemon=True).start()
             threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _connect(self, channel: int) -> socket.socket | None:
+        """The secondary's end; it may not listen yet (the nodes start together): a relay
+        that dropped the primary's connection then would look like a broken link."""
+        deadline = time.monotonic() + 60
+        while not self.stopped.is_set() and time.monotonic() < deadline:
+            try:
+                return socket.create_connection(("127.0.0.1", self.target + channel))
+            except OSError:
+                time.sleep(0.05)
+        return None
 
     def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
         try:
