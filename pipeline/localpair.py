@@ -96,6 +96,7 @@ class LocalPair:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, str] = {}
         self.counters: dict[str, NodeCounters] = {}
+        self._inject: dict[str, zmq.Socket] = {}   # inject_input's socket per address
         keys = os.path.join(self.workdir, "keys")
         for role in self.HOSTS:
             write_keypair(keys, role)
@@ -251,6 +252,9 @@ class LocalPair:
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM both nodes and wait; returns their exit codes."""
+        for s in self._inject.values():
+            s.close()           # lingers until the injected inputs are delivered (2 s)
+        self._inject.clear()
         for c in self.counters.values():
             c.close()
         self.counters.clear()
@@ -303,13 +307,18 @@ class LocalPair:
                 raise PairError(f"no digest checkpoint completed within {timeout} s")
 
     def inject_input(self, payload: bytes) -> None:
-        """Give the PVM one client input (mirrored to the SVM like any other)."""
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 2000)
-        s.connect(inject_address(self.run_dir(self.primary_host())))
+        """Give the PVM one client input (mirrored to the SVM like any other). Inputs reach
+        it in the order of the calls: all go through one connection per primary (a socket
+        per call made a connection per input, and connections race: the PVM took inputs
+        0, 4, 1, 2, 3, which no in-order replay matches)."""
+        address = inject_address(self.run_dir(self.primary_host()))
+        s = self._inject.get(address)
+        if s is None:
+            s = zmq.Context.instance().socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.connect(address)
+            self._inject[address] = s
         s.send(payload)
-        s.close()
 
     def checkpoints(self, role: str = "primary") -> list[dict]:
         return self.node(role).checkpoints()
