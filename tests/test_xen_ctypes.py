@@ -655,3 +655,22 @@ def test_memory_digest_counts_the_own_shared_info_frame_as_zeros() -> None:
     assert dom.memory_digest(batch_pages=512) == twin.memory_digest(batch_pages=512)
     twin_ram[1199, 7] ^= 1                                 # guest memory next to it
     assert dom.memory_digest(batch_pages=512) != twin.memory_digest(batch_pages=512)
+
+
+def test_a_backend_without_hypervisor_written_bytes_refuses_a_peer_with_some() -> None:
+    """The base rule (sim and any backend without such bytes), as the coordinator applies it:
+    equal ranges pass, others are a ProtocolError at the handshake naming both."""
+    from pipeline import wire
+    from pipeline.coordinator import ProtocolError, _agree_written
+    from pipeline.xen_io.base import Domain
+
+    class Plain(Domain):   # only what the handshake calls
+        name, page_size, page_count = "plain", 4096, 8
+        pause = resume = enable_dirty_log = read_and_clear_dirty = read_pages = write_pages = None
+        get_vcpu_state = set_vcpu_state = None
+        is_paused = False
+    Plain.__abstractmethods__ = frozenset()
+    dom = Plain()
+    _agree_written(dom, wire.Hello(4096, wire.ROLE_PRIMARY, 8, "p"))
+    with pytest.raises(ProtocolError, match=r"peer 'p': plain: the nodes disagree .*\(1, 0, 16\)"):
+        _agree_written(dom, wire.Hello(4096, wire.ROLE_PRIMARY, 8, "p", ((1, 0, 16),)))
