@@ -331,8 +331,8 @@ def main() -> int:
     rounds, interval = int(cfg["rounds"]), int(cfg["interval_ms"])
     result: dict[str, object] = {"settings": cfg}
     t_start = time.monotonic()
-    RUN.mkdir(parents=True, exist_ok=True)
-    canary = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fpu_canary.py")), str(RUN / "canary.json")])
+    canary_out = Path("/run/fpu-canary.json")      # outside RUN, which write_configs makes afresh
+    canary = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fpu_canary.py")), str(canary_out)])
     try:
         sh("mkdir -p /run/lock")
         t0 = time.monotonic()
@@ -375,7 +375,7 @@ def main() -> int:
     canary.terminate()
     try:
         canary.wait(timeout=30)
-        result["fpu_canary"] = {**json.loads((RUN / "canary.json").read_text()), "rc": canary.returncode}
+        result["fpu_canary"] = {**json.loads(canary_out.read_text()), "rc": canary.returncode}
     except Exception as exc:  # noqa: BLE001 - a canary that died is itself the finding
         result["fpu_canary"] = {"error": f"{type(exc).__name__}: {exc}", "rc": canary.poll()}
     result["dom0_s"] = round(time.monotonic() - t_start, 1)
