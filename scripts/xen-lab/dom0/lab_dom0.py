@@ -279,7 +279,16 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
     extra["primary_errors"] = [e["msg"] for e in map(json.loads, filter(None, (RUN / "primary.log").read_text().splitlines()))
                                if e.get("level") in ("ERROR", "CRITICAL")][:5]
     procs_left = [p for p in procs.values() if p.poll() is None]
-    time.sleep(6)  # the secondary's guest runs on alone
+    if failover:
+        # the secondary's guest runs on alone until it is 10 ticks past the primary's last one
+        # (its counter restarts at the last committed checkpoint, which a commit of 7-12 s under
+        # a loaded host puts ~80 ticks back: a fixed 6 s did not cover that), at most 120 s
+        prim_last = max((n for n, _ in ticks_since("prim", 0)), default=0)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and max(
+                (n for n, _ in ticks_since("sec", int(extra["console_mark"]))), default=0) < prim_last + 10:
+            time.sleep(1)
+    time.sleep(2)
     for p in procs_left:
         p.terminate()
     for p in procs_left:
