@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -33,6 +33,21 @@ def _die_with_parent() -> None:
     test or demo killed by a timeout leaves no node running (Linux PR_SET_PDEATHSIG)."""
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "",
+               interval: float = 0.01, error: type[Exception] = AssertionError) -> Any:
+    """Poll ``predicate`` until it returns something true; that value. The deadline is
+    generous on purpose: it only bounds a hang, it never decides a pass. ``error`` is what
+    a hang raises (tests: AssertionError; the fault matrix: its own failure type)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise error(f"not within {timeout} s: {what or predicate}")
+        time.sleep(interval)
 
 
 class PairError(RuntimeError):

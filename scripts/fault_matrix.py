@@ -49,6 +49,7 @@ from typing import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline.counters import STATUS_COMMITTED  # noqa: E402
+from pipeline import localpair  # noqa: E402
 from pipeline.localpair import LocalPair, PairError, sim_replay_digest  # noqa: E402
 from pipeline.shm import list_segments, segment_prefix  # noqa: E402
 
@@ -71,15 +72,21 @@ class DataLost(RunFailed):
     """The state the surviving side went on from is not one consistent checkpoint."""
 
 
-def wait_until(predicate, what: str, timeout: float = DEADLINE, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise RunFailed(f"hung: no {what} within {timeout} s")
-        time.sleep(interval)
+def wait_until(predicate, what: str, timeout: float = DEADLINE):
+    return localpair.wait_until(predicate, timeout, what, interval=0.02, error=RunFailed)
+
+
+def active_svm_serves_a_replay(pair: LocalPair, info: dict) -> dict:
+    """After a takeover: the SVM serves on, and its memory is a replay of exactly the inputs
+    it consumed (the invariant "went on from one committed checkpoint"). The row's figures."""
+    sec = pair.node("secondary")
+    n0 = sec.stage("mirror").as_dict()["outputs"]
+    wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
+               "the active SVM serving on")
+    digest, seq = pair.active_digest()
+    if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
+        raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
+    return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
 
 
 def fired(pair: LocalPair, role: str, point: str) -> bool:
@@ -116,14 +123,7 @@ def primary_at(point: str, expect) -> Callable[[LocalPair], dict]:
         if info["active_since_epoch"] != want or last != want:
             raise RunFailed(f"active from epoch {info['active_since_epoch']} (last commit "
                             f"{last}), expected {want}")
-        sec = pair.node("secondary")
-        n0 = sec.stage("mirror").as_dict()["outputs"]
-        wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
-                   "the active SVM serving on")
-        digest, seq = pair.active_digest()
-        if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
-            raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
-        return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
+        return active_svm_serves_a_replay(pair, info)
     return run
 
 
@@ -202,14 +202,7 @@ def sigstop_primary(pair: LocalPair) -> dict:
     except Exception:
         raise RunFailed("the stale primary went on after SIGCONT (two active sides)") from None
     pair.procs.pop("primary")
-    sec = pair.node("secondary")
-    n0 = sec.stage("mirror").as_dict()["outputs"]
-    wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
-               "the active SVM serving on")
-    digest, seq = pair.active_digest()
-    if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
-        raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
-    return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
+    return active_svm_serves_a_replay(pair, info)
 
 
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the

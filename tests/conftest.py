@@ -15,12 +15,10 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from pipeline.localpair import free_port_base
+from pipeline.localpair import free_port_base, wait_until  # noqa: F401  (tests import it from here)
 from pipeline.shm import cleanup_segments, segment_prefix
 
 
@@ -37,20 +35,6 @@ def free_port(count: int = 1) -> int:
     below the kernel's ephemeral range (pipeline.localpair.free_port_base), so no outgoing
     connection of another test or process can take it between this check and the bind."""
     return free_port_base(count)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "",
-               interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something true; that value. The deadline is
-    generous on purpose: it only bounds a hang, it never decides a pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or predicate}")
-        time.sleep(interval)
 
 
 def cli(*args: str, timeout: float = 180, env: dict[str, str] | None = None,

@@ -781,12 +781,7 @@ class Comparator:
         now = self._clock()
         if r.decoder is not None:
             # an oversized frame is being skipped: the decoder resynchronises the stream
-            items = r.decoder.feed(data)
-            if r.decoder.idle:
-                r.decoder = None
-            self._settle(side, now)
-            self._slow_items(side, items, now)
-            self._pump()
+            self._feed_decoder(side, r, data, now)
             return
         if r.head:
             r.compact()
@@ -822,12 +817,7 @@ class Comparator:
                     r.since = now
                 r.decoder = FrameDecoder(False, MAX_FRAME_BYTES,
                                          lambda why, s=side: self.note_malformed(s, why))
-                items = r.decoder.feed(rest)
-                if r.decoder.idle:
-                    r.decoder = None
-                self._settle(side, now)
-                self._slow_items(side, items, now)
-                self._pump()
+                self._feed_decoder(side, r, rest, now)
                 return
             else:
                 size = 4 + length
@@ -851,6 +841,16 @@ class Comparator:
         """Compare everything the streams brought (before an event from another channel)."""
         for side in (PRIMARY, SECONDARY):
             self._settle(side, self._clock())
+
+    def _feed_decoder(self, side: int, r, data, now: float) -> None:
+        """Bytes for a stream whose decoder is skipping an oversized frame: the decoder
+        resynchronises; the stream goes back to the fast walk once it is idle again."""
+        items = r.decoder.feed(data)
+        if r.decoder.idle:
+            r.decoder = None
+        self._settle(side, now)
+        self._slow_items(side, items, now)
+        self._pump()
 
     def _settle(self, side: int, now: float) -> None:
         r = self._streams[side]
