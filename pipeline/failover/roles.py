@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.failover.witness import make_witness, witness_vm
 from pipeline.schema import SettingError
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,6 @@ def decide_role(settings: Any, poll_s: float = 0.2, wait: bool = True) -> tuple[
     primary only if nobody did. ``wait=False`` (check-config): one look, no waiting."""
     if settings.node.role != "auto":
         return settings.node.role, "node.role in the config"
-    from pipeline.failover.takeover import witness_vm
-    from pipeline.failover.witness import make_witness
     witness = make_witness(settings.failover, witness_vm(settings))
     me = settings.node.name
     grace = settings.heartbeat.timeout_s + GRACE_S

@@ -22,18 +22,13 @@ from typing import Any
 from pipeline import messages
 from pipeline.failover.guard import guard_takeover, make_fence
 from pipeline.failover.roles import record_role
-from pipeline.failover.witness import make_witness
+from pipeline.failover.witness import make_witness, witness_vm
 
 log = logging.getLogger(__name__)
 
 
 class RoleLost(RuntimeError):
     """This node may no longer act as the active side (the witness or the peer says so)."""
-
-
-def witness_vm(settings: Any) -> str:
-    """The name both nodes of a pair use for their VM at the witness."""
-    return settings.failover.witness_key or f"colo-{settings.peer.address.rsplit(':', 1)[1]}"
 
 
 def peer_generation(ev: Any) -> int | None:

@@ -529,6 +529,11 @@ def _claim_alive(active: dict) -> bool:
     return _start_time(pid) == int(active.get("pid_start", 0)) or not active.get("pid_start")
 
 
+def witness_vm(settings: Any) -> str:
+    """The name both nodes of a pair use for their VM at the witness."""
+    return settings.failover.witness_key or f"colo-{settings.peer.address.rsplit(':', 1)[1]}"
+
+
 def make_witness(settings: FailoverSettings, vm: str,
                  on_lost: Callable[[str], None] | None = None) -> Witness | None:
     """The witness ``settings`` name for VM ``vm`` (None for witness = "none")."""
