@@ -20,7 +20,7 @@ import blake3
 import numpy as np
 import pytest
 import zmq
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from pipeline import config, sockets, wire
 from pipeline.disk.nbd_client import NbdClient
@@ -337,7 +337,10 @@ def test_an_io_error_in_the_secondarys_disk_commit_is_retried(tmp_path):
             nbd.write(rng.randrange(0, 2000) * 4096, rng.randbytes(8192))
             pair.check_alive()
         nbd.close()
-        assert "event=disk_commit_failed attempt=1 of 3" in pair.log_tail("secondary", 1 << 24)
+        # the fault fires in the disk stage; the coordinator logs the failed attempt after
+        # the stage's reply reaches it: wait for that line, do not expect it already there
+        wait_until(lambda: "event=disk_commit_failed attempt=1 of 3"
+                   in pair.log_tail("secondary", 1 << 24), what="the retried disk commit")
         info = pair.prove_memory_equal()       # a checkpoint after the last disk write
         assert info["memory_equal"] is True
         assert pair.node("secondary").node_info()["state"] == "protected"
