@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from pipeline.checkpoint_api import CAUSES
 from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
@@ -36,14 +37,11 @@ def _causes(pair: LocalPair, since: int = 0) -> dict[str, int]:
 
 
 def _wait_counter(pair: LocalPair, name: str, at_least: int, timeout: float = 180) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pair.stage_counter("net_compare", name)
-        if value >= at_least:
-            return value
+    def reached() -> int | None:
         pair.check_alive()
-        assert time.monotonic() < deadline, f"net_compare {name} = {value} < {at_least}"
-        time.sleep(0.02)
+        value = pair.stage_counter("net_compare", name)
+        return value if value >= at_least else None
+    return wait_until(reached, timeout, f"net_compare {name} >= {at_least}", interval=0.02)
 
 
 def test_deterministic_guests_under_load_take_no_net_checkpoint(tmp_path):

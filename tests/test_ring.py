@@ -16,6 +16,7 @@ import blake3
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from pipeline.ring import Ring, RingClosed, RingTimeout, SlotLayout
 from pipeline.shm import (
     attach_segment,
@@ -413,10 +414,8 @@ def _wait_flowing(node: str) -> None:
     from pipeline.counters import NodeCounters
     c = NodeCounters.attach(node)
     try:
-        deadline = time.monotonic() + 60
-        while c.stage("consumer").as_dict()["items_in"] < 3:
-            assert time.monotonic() < deadline, "the owner's stages never ran"
-            time.sleep(0.005)
+        wait_until(lambda: c.stage("consumer").as_dict()["items_in"] >= 3, 60,
+                   "the owner's stages running", interval=0.005)
     finally:
         c.close()
 
