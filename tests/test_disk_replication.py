@@ -669,3 +669,33 @@ def test_a_primary_reprotects_with_a_new_secondary_on_the_same_address(tmp_path)
         pri.close()
         if sec2 is not None:
             sec2.close()
+
+
+def _allocated_bytes(path) -> int:
+    """Bytes the file has allocated (st_blocks: a ZERO_RANGE leaves unwritten extents,
+    which SEEK_DATA on ext4 reports as holes but which stay allocated)."""
+    return os.stat(path).st_blocks * 512
+
+
+def test_the_secondary_keeps_no_hole_zeroes_allocated_and_punches_the_others(tmp_path):
+    """NBD's NO_HOLE (qemu-io ``write -z`` without ``-u``) asks that zeroed blocks stay
+    allocated; a zero without it may punch a hole. The forward says which (ZERO_ALLOC),
+    and the secondary's commit does the same as the primary: both ranges read as zeros,
+    the NO_HOLE one still allocated on both images, the other a hole on both."""
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False)
+    try:
+        r = qemu_io(pri.uri, ["write -P 0x55 0 256k", "write -P 0x66 1M 256k"])
+        assert r.returncode == 0, r.stderr
+        _checkpoint(pri, sec, 1)
+        r = qemu_io(pri.uri, ["write -z 0 256k", "write -z -u 1M 256k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        assert pri.backend.wait_forwarded(2, 10)
+        _checkpoint(pri, sec, 2)
+        for img in (tmp_path / "primary.img", tmp_path / "secondary.img"):
+            # the NO_HOLE range still allocated, the other punched (nothing else written)
+            assert _allocated_bytes(img) == 256 * 1024, img
+        assert file_hash(str(tmp_path / "primary.img")) == \
+            file_hash(str(tmp_path / "secondary.img"))
+    finally:
+        pri.close()
+        sec.close()

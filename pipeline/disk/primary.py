@@ -460,9 +460,10 @@ class PrimaryLink:
 
     def zero(self, cookie: int, offset: int, length: int, fua: bool = False,
              keep_allocated: bool = False) -> bool:
-        # the secondary punches its zeroes: its image serves the guest only after a
-        # failover, when a write to the range allocates again
-        return self._submit(cookie, wire.KIND_ZERO, offset, length, None, fua, keep_allocated)
+        # NO_HOLE travels as its own kind: the secondary's image, which serves the guest
+        # after a failover, keeps those blocks allocated too
+        kind = wire.KIND_ZERO_ALLOC if keep_allocated else wire.KIND_ZERO
+        return self._submit(cookie, kind, offset, length, None, fua, keep_allocated)
 
     def _submit(self, cookie: int, kind: int, offset: int, length: int,
                 data: bytearray | None, fua: bool = False, keep_allocated: bool = False

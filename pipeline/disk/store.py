@@ -49,7 +49,8 @@ import numpy as np
 from pipeline import faults
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile, Runs, paint
-from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, ForwardedWrite, digest_of
+from pipeline.disk.wire import (KIND_WRITE, KIND_ZERO_ALLOC, ZERO_DIGEST, ZERO_KINDS,
+                                ForwardedWrite, digest_of)
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class SecondaryStore:
                     return
                 magic, kind, ep, n, seq, off, length, data_len, digest = RECORD.unpack(hdr)
                 if magic != RECORD_MAGIC or ep != epoch or n != nonce \
-                        or kind not in (KIND_WRITE, KIND_ZERO):
+                        or kind not in (KIND_WRITE, *ZERO_KINDS):
                     return
                 data = f.read(data_len)
                 if len(data) < data_len:
@@ -476,8 +477,8 @@ class SecondaryStore:
         fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for _ep, path, _index in todo]
         try:
             for _ep, _seq, _arrival, i, kind, off, length, data_pos, data_len in order:
-                if kind == KIND_ZERO:
-                    self.image.zero(off, length)
+                if kind in ZERO_KINDS:   # NO_HOLE (ZERO_ALLOC): the blocks stay allocated
+                    self.image.zero(off, length, keep_allocated=kind == KIND_ZERO_ALLOC)
                     faults.point("store.commit.record")
                     continue
                 done = 0

@@ -8,7 +8,7 @@ as groups of writes, two frames per group:
 
     frame 2i, n × 64 bytes, one header per write of the group:
                         magic "CDW1" | kind u8 (1 WRITE, 2 ZERO, 3 SYNC, 4 SYNC_BEGIN,
-                        5 SYNC_END, 6 SYNC_ZERO, 7 SYNC_CHECK) | reserved 3 |
+                        5 SYNC_END, 6 SYNC_ZERO, 7 SYNC_CHECK, 8 ZERO_ALLOC) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
                         blake3(data) 32 bytes (all zero for ZERO)
     frame 2i+1: the data of the group's WRITEs and SYNCs back to back, in header order
@@ -67,8 +67,12 @@ KIND_SYNC_ZERO = 6     # an allocated extent that reads as zeros: no data sent
 #: digest field; its answer's reason says "full" (the secondary emptied its image) or
 #: "incremental" (same generation: it kept its image and compares extents).
 KIND_SYNC_CHECK = 7
+#: a ZERO whose blocks stay allocated (NBD's NO_HOLE: WRITE_ZEROES without a punched hole)
+KIND_ZERO_ALLOC = 8
 SYNC_KINDS = (KIND_SYNC, KIND_SYNC_BEGIN, KIND_SYNC_END, KIND_SYNC_ZERO, KIND_SYNC_CHECK)
-KINDS = (KIND_WRITE, KIND_ZERO) + SYNC_KINDS
+#: the guest's writes that carry no data
+ZERO_KINDS = (KIND_ZERO, KIND_ZERO_ALLOC)
+KINDS = (KIND_WRITE,) + ZERO_KINDS + SYNC_KINDS
 #: kinds whose data follows in the group's data frame
 DATA_KINDS = (KIND_WRITE, KIND_SYNC)
 ZERO_DIGEST = bytes(32)
