@@ -17,9 +17,21 @@ import urllib.request
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from pipeline.localpair import free_port_base, wait_until  # noqa: F401  (tests import it from here)
 from pipeline.shm import cleanup_segments, segment_prefix
+
+# Hypothesis: "ci" (the default) draws the same examples on every run (derandomize), a
+# bounded number of them, with no per-example deadline (a loaded 2-core machine is slow,
+# not wrong). "fuzz" is for a longer hunt by hand:
+#   HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz_*.py
+# (random examples, failures kept in .hypothesis/ and replayed first on the next run).
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
