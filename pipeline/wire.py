@@ -96,7 +96,8 @@ def decode_header(msg: bytes | memoryview) -> Header:
 def _body(msg: bytes | memoryview, expected_type: int) -> tuple[Header, memoryview]:
     hdr = decode_header(msg)
     if hdr.type != expected_type:
-        raise WireError(f"expected a {RECORD_NAMES[expected_type]} record, got {hdr.name}")
+        expected = RECORD_NAMES[expected_type]
+        raise WireError(f"{expected}: record type {hdr.name}, expected {expected}")
     return hdr, memoryview(msg)[HEADER_SIZE:]
 
 
@@ -129,7 +130,7 @@ def encode_hello(page_size: int, role: int, page_count: int, name: str,
 
 
 def decode_hello(msg: bytes | memoryview) -> Hello:
-    _, body = _body(msg, HELLO)
+    hdr, body = _body(msg, HELLO)
     _need("HELLO", body, _HELLO.size, "the fixed fields")
     page_size, role, page_count, name_len, n_written = _HELLO.unpack_from(body, 0)
     if len(body) != _HELLO.size + name_len + n_written * _WRITTEN_RANGE.size:
@@ -146,6 +147,8 @@ def decode_hello(msg: bytes | memoryview) -> Hello:
         if f >= page_count or not a < b <= page_size:
             raise WireError(f"HELLO: written range frame {f} bytes {a}..{b} is outside "
                             f"{page_count} pages of {page_size} bytes")
+    if hdr.epoch != 0:
+        raise WireError(f"HELLO: epoch {hdr.epoch}, expected 0")
     return Hello(page_size, role, page_count, name, written)
 
 
@@ -352,8 +355,11 @@ def decode_ack(msg: bytes | memoryview) -> Ack:
         raise WireError(f"ACK: reason_length {rlen} does not match the body")
     if status not in (ACK_COMMITTED, ACK_ABORTED):
         raise WireError(f"ACK: unknown status {status}")
-    return Ack(hdr.epoch, status, applied, digest,
-               bytes(body[_ACK.size:]).decode(errors="replace"), assembled_ns, apply_ns)
+    try:
+        reason = bytes(body[_ACK.size:]).decode()
+    except UnicodeDecodeError as exc:
+        raise WireError(f"ACK: reason is not UTF-8 ({exc})") from None
+    return Ack(hdr.epoch, status, applied, digest, reason, assembled_ns, apply_ns)
 
 
 # -- INPUT ---------------------------------------------------------------
@@ -371,3 +377,12 @@ def decode_input(msg: bytes | memoryview) -> tuple[int, int, bytes]:
 # -- SHUTDOWN ------------------------------------------------------------
 def encode_shutdown(epoch: int) -> bytes:
     return _record(SHUTDOWN, epoch)
+
+
+def decode_shutdown(msg: bytes | memoryview) -> int:
+    """The epoch of a SHUTDOWN record (its body is empty)."""
+    hdr, _ = _body(msg, SHUTDOWN)
+    if hdr.body_length:
+        raise WireError(f"SHUTDOWN: body_length {hdr.body_length}, expected 0 (the body is "
+                        "empty)")
+    return hdr.epoch
