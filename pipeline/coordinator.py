@@ -658,6 +658,13 @@ class SecondaryCoordinator(_Coordinator):
                                "coordinator": os.getpid()})
         record_role(self._info, self.node.node_info(), "secondary", 0,
                     self.node.node_info().get("role_cause", "start"))
+        # The SVM stays paused until its first checkpoint is applied (resumed in checkpoint):
+        # the full sync writes pages into it as they arrive (stages/restore.py), before any
+        # BEGIN pauses it. A sim SVM starts paused; a Xen one runs (the twin method restores
+        # it running), and in the Xen lab a running SVM whose memory changed under it
+        # triple-faulted and was re-created by xl under a new domain id. Paused before this
+        # node answers the primary's HELLO, so before the first page of the sync.
+        self.domain.pause()
         try:
             while not self.ctx.stopping():
                 if self.begins:

@@ -608,6 +608,32 @@ def test_pause_is_a_state_although_xen_counts_pauses() -> None:
     assert count[0] == 0
 
 
+def test_a_domain_gone_from_xen_is_named_with_its_new_id(monkeypatch) -> None:
+    """MOCK of libxenctrl's pause call and of the name lookup (no hypervisor in CI): the Xen lab
+    lost its secondary domain "sec" (id 3) to a triple fault, xl re-created it as id 4, and the
+    pause failed with only "ESRCH". The error now says the domain is gone and what id its name
+    has now."""
+    from types import SimpleNamespace
+
+    from pipeline.xen_io import xen
+
+    dom = domain_over(np.zeros((4, 4096), np.uint8), holes=set(), own=[])
+    dom.name, dom.domid = "sec", 3
+
+    def pause(xch, domid):
+        ctypes.set_errno(errno.ESRCH)
+        return -1
+    dom._h.xch = 1
+    dom._xc = SimpleNamespace(xc_domain_pause=pause)
+    monkeypatch.setattr(xen, "list_domains", lambda handles=None: {"Domain-0": 0, "sec": 4})
+    with pytest.raises(DomainError, match=r"xc_domain_pause on domain sec \(id 3\).*now has id 4.*ESRCH"):
+        dom.pause()
+    monkeypatch.setattr(xen, "list_domains", lambda handles=None: {"Domain-0": 0})
+    with pytest.raises(DomainError, match=r"no domain named 'sec' exists now.*ESRCH"):
+        dom.pause()
+    assert not dom._paused_here
+
+
 def test_no_library_handle_crosses_the_nodes_fork(monkeypatch) -> None:
     """MOCK of the library handles (no hypervisor in CI): after before_fork, the node's
     process and every forked stage open their own handles at their next call."""

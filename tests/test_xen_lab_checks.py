@@ -129,3 +129,59 @@ def test_xen_switches_the_fpu_eagerly_unless_asked_not_to(host_side):
         return cmd[cmd.index("-append") + 1]
     assert "spec-ctrl=eager-fpu" in xen_args(host_side.qemu_command(6, 1000, "multi"))
     assert "eager-fpu" not in xen_args(host_side.qemu_command(6, 1000, "multi", eager_fpu=False))
+
+
+def test_xen_log_lines_of_a_dead_guest_are_named_by_the_labs_domain_names(lab, monkeypatch):
+    """The last run's boot 1: Xen logged 'd3v0 Triple fault' and the secondary's pause failed
+    with ESRCH; the lab now says which of its guests d3 was."""
+    xen_log = ("(XEN) Freed 668kB init memory\n"
+               "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1\n"
+               "(XEN) *** Dumping Dom3 vcpu#0 state: ***\n"
+               "(XEN) d4v0 Triple fault - invoking HVM shutdown action 1\n")
+    monkeypatch.setattr(lab, "sh", lambda cmd, timeout=0: xen_log)
+    monkeypatch.setattr(lab, "DOMIDS", {2: "prim", 3: "sec"})
+    assert lab.xen_guest_faults() == [
+        "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1 [sec]",
+        "(XEN) d4v0 Triple fault - invoking HVM shutdown action 1 [not made by the lab]"]
+
+
+def test_an_early_fault_names_the_guest_xen_saw_die(host_side):
+    fault = host_side.early_fault(_result(
+        error="RuntimeError: the primary node exited with 1 while waiting for protection",
+        xen_guest_faults=["(XEN) d3v0 Triple fault - invoking HVM shutdown action 1 [sec]"]))
+    assert fault.startswith("unclassified in: RuntimeError") and "Triple fault" in fault and "[sec]" in fault
+
+
+@pytest.mark.parametrize("res, problem, outcome", [
+    ({"pipeline": [{"equal": True}], "pipeline_phase": {"prim": {"err_lines": 0}, "sec": {"err_lines": 0}},
+      "xen_guest_faults": [], "fpu_canary": {"wrong": 0}}, "", "ok"),
+    ({"pipeline": [{"equal": False}], "xen_guest_faults": []}, "", "first checkpoint not proven equal"),
+    ({"pipeline": [{"equal": True}], "pipeline_phase": {"sec": {"err_lines": 2}}, "xen_guest_faults": []}, "",
+     "guest self-check errors 2"),
+    ({"pipeline": [{"equal": True}], "xen_guest_faults": ["(XEN) d3v0 Triple fault [sec]"]}, "",
+     "guest self-check errors 0, Xen: (XEN) d3v0 Triple fault"),
+    ({"error": "RuntimeError: 'x' failed rc=139: Segmentation fault"}, "", "platform: "),
+    ({"pipeline": [{"equal": True}], "fpu_canary": {"wrong": 3}}, "", "fpu canary wrong 3"),
+    (None, "timed out after 900s", "timed out after 900s"),
+    (None, "", "no result from dom0"),
+])
+def test_a_quick_boot_is_ok_only_when_its_first_checkpoint_is_proven_and_nothing_died(
+        host_side, res, problem, outcome):
+    log = "noise\n" if res is None else _result(**res)
+    got = host_side.first_checkpoint_outcome(log, problem)
+    assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
+
+
+def test_every_boot_is_recorded_and_tallied_per_tree(host_side, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "tree_version", lambda: "abc123")
+    host_side.record_boot("first-checkpoint", "ok", 20.0, 300.0, _result(pipeline=[{"equal": True}]))
+    host_side.record_boot("first-checkpoint", "platform: rc=139 in: x", 21.0, 100.0, "no result")
+    host_side.tally()
+    out = capsys.readouterr().out
+    assert "abc123: 2 boots" in out and "1 not ok" in out and "platform: rc=139" in out
+
+
+def test_quick_boots_ask_dom0_to_stop_after_the_first_checkpoint(host_side):
+    cmd = host_side.qemu_command(6, 1000, "multi", until="first")
+    assert "xenlab.until=first" in cmd[cmd.index("-initrd") + 1]

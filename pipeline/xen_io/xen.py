@@ -269,8 +269,25 @@ class XenDomain(Domain):
 
     def _check(self, call: str, rc: int, detail: str = "") -> int:
         if rc < 0:
-            raise call_error(call, f"{self.name} (id {self.domid})", ctypes.get_errno(), detail)
+            err = ctypes.get_errno()
+            if err == errno.ESRCH:
+                detail = "; ".join(filter(None, (detail, self._gone())))
+            raise call_error(call, f"{self.name} (id {self.domid})", err, detail)
         return rc
+
+    def _gone(self) -> str:
+        """Why Xen knows no domain ``domid`` any more, as far as dom0 can tell: a guest that
+        crashed or triple-faulted is shut down with "reboot" (Xen's default for HVM/PVH, see
+        hvm_triple_fault) and xl's default on_reboot re-creates it under a new id; the Xen
+        lab once lost its secondary that way (a running guest whose memory changed under it)."""
+        try:
+            now = list_domains(self._h).get(self.name)
+        except DomainError:
+            now = None
+        again = (f"a domain named {self.name!r} now has id {now}: it was re-created (crashed or "
+                 "rebooted, then restarted by its toolstack)" if now is not None and now != self.domid
+                 else f"no domain named {self.name!r} exists now")
+        return f"the domain is gone ({again}; Xen's log says why: xl dmesg)"
 
     def refresh_info(self) -> DomainInfo:
         self._live()

@@ -5,7 +5,11 @@
 last line).
 
 usage: lab.py [--rounds N] [--interval-ms MS] [--keep] [--timeout S]
+       lab.py --until-first-checkpoint [--boots N]   # quick boots that count faults
+       lab.py --tally                                # faults per boot over all recorded boots
 Needs the outputs of build.sh/pack.sh in $XENLAB_DIR (run.sh does both). Exit status 0 = PASS.
+Every boot is recorded as one JSON line in $XENLAB_DIR/boots.jsonl (the tree it ran, the mode,
+how it ended), so the fault rate is counted over boots, not over runs.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ LAB = Path(os.environ.get("XENLAB_DIR", "/var/tmp/colo-xenlab"))
 PAUSE_RATIO_TARGET = 1.0
 
 
-def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True) -> list[str]:
+def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
+                 until: str = "all") -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # spec-ctrl=eager-fpu: QEMU's "max" CPU is an AMD one, on which Xen switches the FPU lazily
     # (CR0.TS and the #NM trap); eager switching saves and loads every vCPU's FPU state at each
@@ -33,7 +38,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
     xen_args = "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 " \
                "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0" + (" spec-ctrl=eager-fpu" if eager_fpu else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
-                f"xenlab.interval_ms={interval_ms}"
+                f"xenlab.interval_ms={interval_ms} xenlab.until={until}"
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -46,8 +51,9 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
             "-initrd", f"{LAB}/vmlinuz {dom0_args},{LAB}/dom0-rootfs.cpio"]
 
 
-def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
-    """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds)."""
+def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float, str]:
+    """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds,
+    what went wrong on the host side: QEMU exited, a panic, the timeout; '' if nothing)."""
     for name in ("serial.log", "serial.sock", "mon.sock"):
         (LAB / name).unlink(missing_ok=True)
     t0 = time.monotonic()
@@ -55,11 +61,13 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
         # no nice of its own: at nice 15 (this plus the caller's nice 5) against builds and
         # test runs at nice 0, QEMU got ~3 % of a core each, dom0 logged soft lockups of 31 s and
         # a run took over 40 minutes; the caller decides how nice the lab is
-        qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu)],
+        qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
+                                               "first" if args.until_first_checkpoint else "all")],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
     log = ""
+    problem = ""
     try:
         while time.monotonic() - t0 < args.timeout:
             time.sleep(1)
@@ -70,11 +78,13 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
             if "XENLAB-DOM0-EXIT" in log:
                 break
             if qemu.poll() is not None:
-                raise SystemExit(f"qemu exited with {qemu.returncode}; see {LAB}/qemu.out and {LAB}/serial.log")
+                problem = f"qemu exited with {qemu.returncode} (see qemu.out)"
+                break
             if "Panic on CPU" in log or "Kernel panic" in log:
-                raise SystemExit(f"crash during the lab; see {LAB}/serial.log:\n{log[-3000:]}")
+                problem = "panic: " + next(line for line in log.splitlines() if "anic" in line)[:160]
+                break
         else:
-            raise SystemExit(f"lab timed out after {args.timeout}s; see {LAB}/serial.log:\n{log[-3000:]}")
+            problem = f"timed out after {args.timeout:.0f}s"
     finally:
         if args.keep and qemu.poll() is None:
             print(f"KEEP: qemu pid {qemu.pid} left running; serial socket {LAB}/serial.sock", flush=True)
@@ -85,7 +95,9 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float]:
             except subprocess.TimeoutExpired:
                 qemu.kill()
                 qemu.wait()
-    return log, boot_s, time.monotonic() - t0
+    if problem:
+        print(f"BOOT PROBLEM: {problem}; see {LAB}/serial.log:\n{log[-3000:]}", flush=True)
+    return log, boot_s, time.monotonic() - t0, problem
 
 
 #: what the emulated platform, not this project, did wrong, seen on this machine under QEMU 7.2
@@ -111,7 +123,75 @@ def early_fault(log: str) -> str:
         return ""
     fault = PLATFORM_FAULTS.search(res["error"])
     kind = f"platform: {fault.group(0)}" if fault else "unclassified"
-    return f"{kind} in: {res['error'][:160]}"
+    died = res.get("xen_guest_faults") or []
+    return f"{kind} in: {res['error'][:160]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+
+
+def result_of(log: str) -> dict | None:
+    m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
+    return json.loads(m.group(1)) if m else None
+
+
+def first_checkpoint_outcome(log: str, problem: str) -> str:
+    """How a quick boot (--until-first-checkpoint) ended: 'ok' when the pipeline's first
+    checkpoint was taken and both nodes' full-memory digests were equal, with no guest
+    self-check error and no guest death in Xen's log; else what went wrong."""
+    if problem:
+        return problem
+    res = result_of(log)
+    if res is None:
+        return "no result from dom0"
+    died = res.get("xen_guest_faults") or []
+    if "error" in res:
+        fault = PLATFORM_FAULTS.search(res["error"])
+        kind = f"platform: {fault.group(0)}" if fault else "unclassified"
+        return f"{kind} in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+    rows = res.get("pipeline") or []
+    errs = sum(d.get("err_lines", 0) for d in (res.get("pipeline_phase") or {}).values())
+    if not rows or not all(r.get("equal") for r in rows):
+        return f"first checkpoint not proven equal: {[r.get('equal') for r in rows]}"
+    if errs or died:
+        return f"guest self-check errors {errs}, Xen: {'; '.join(died)[:300]}"
+    wrong = (res.get("fpu_canary") or {}).get("wrong")
+    return "ok" if not wrong else f"fpu canary wrong {wrong}"
+
+
+def tree_version() -> str:
+    """The commit of the tree pack.sh copied into dom0, '+changes' when it had uncommitted ones."""
+    here = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (rev or "?") + ("+changes" if dirty else "")
+
+
+def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str) -> None:
+    """One line per boot in boots.jsonl: the fault count is over boots, whatever run they were in."""
+    res = result_of(log) or {}
+    row = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tree": tree_version(), "mode": mode,
+           "outcome": outcome, "boot_s": round(boot_s, 1), "wall_s": round(total_s, 1),
+           "protected_s": (res.get("pipeline_extra") or {}).get("protected_s"),
+           "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary")}
+    with open(LAB / "boots.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def tally() -> int:
+    """Boots and faults per tree version over every boot in boots.jsonl."""
+    path = LAB / "boots.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    per: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        per[r["tree"]].append(r)
+    for tree, rs in per.items():
+        bad = [r for r in rs if r["outcome"] != "ok"]
+        print(f"{tree}: {len(rs)} boots ({rs[0]['ts']} .. {rs[-1]['ts']}), {len(bad)} not ok"
+              + "".join(f"\n    {r['ts']} {r['mode']}: {r['outcome'][:200]}" for r in bad))
+    return 0
 
 
 def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "") -> bool:
@@ -171,8 +251,8 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
           + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
-          + (f" | boots repeated after faults before the first checkpoint: {len(faults)} ({'; '.join(faults)})"
-             if faults else " | boots repeated: 0"))
+          + (f" | boots {len(faults) + 1}, repeated after faults before the first checkpoint: {len(faults)} "
+             f"({'; '.join(faults)})" if faults else " | boots 1, repeated: 0"))
     return bool(ok)
 
 
@@ -189,16 +269,29 @@ def main() -> int:
     ap.add_argument("--platform-retries", type=int, default=1,
                     help="boot again this many times when dom0's driver fails before the first "
                          "checkpoint, whatever the fault")
+    ap.add_argument("--until-first-checkpoint", action="store_true",
+                    help="quick boots: stop each after the pipeline's first proven checkpoint (no "
+                         "failover, no C baseline) and count the boots that did not get there cleanly")
+    ap.add_argument("--boots", type=int, default=1, help="with --until-first-checkpoint: how many boots")
+    ap.add_argument("--tally", action="store_true", help="print boots and faults from boots.jsonl and exit")
     args = ap.parse_args()
+    if args.tally:
+        return tally()
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
+    if args.until_first_checkpoint:
+        return first_checkpoint_boots(args)
     faults: list[str] = []
     wall = 0.0
     while True:
-        log, boot_s, total_s = boot_and_run(args)
+        log, boot_s, total_s, problem = boot_and_run(args)
         wall += total_s
-        fault = early_fault(log)
+        fault = early_fault(log) or (problem if not result_of(log) else "")
+        res = result_of(log) or {}
+        record_boot("full", "ok" if not fault and "error" not in res and not problem
+                    else fault or problem or f"error after the first checkpoint: {res['error'][:200]}",
+                    boot_s, total_s, log)
         if not fault or len(faults) >= args.platform_retries:
             break
         faults.append(fault)
@@ -207,6 +300,32 @@ def main() -> int:
         print(f"EARLY FAULT (boot {len(faults)}, before any checkpoint; log {kept}): {fault}; booting again",
               flush=True)
     return 0 if report(log, boot_s, wall, faults, "eager" if args.eager_fpu else "lazy") else 1
+
+
+def first_checkpoint_boots(args: argparse.Namespace) -> int:
+    """--until-first-checkpoint: boot ``args.boots`` times, each up to the pipeline's first proven
+    checkpoint; every boot counts, none is repeated. PASS when every boot got there cleanly."""
+    outcomes = []
+    t0 = time.monotonic()
+    for k in range(1, args.boots + 1):
+        log, boot_s, total_s, problem = boot_and_run(args)
+        outcome = first_checkpoint_outcome(log, problem)
+        record_boot("first-checkpoint", outcome, boot_s, total_s, log)
+        res = result_of(log) or {}
+        if outcome != "ok":
+            kept = LAB / f"serial-quick{k}.log"
+            (LAB / "serial.log").replace(kept)
+            outcome += f" (log {kept.name})"
+        outcomes.append(outcome)
+        protected = (res.get("pipeline_extra") or {}).get("protected_s")
+        print(f"BOOT {k}/{args.boots}: {outcome} | protected after {protected}s boot={boot_s:.0f}s "
+              f"wall={total_s:.0f}s | Xen guest faults {res.get('xen_guest_faults')} | fpu-canary "
+              f"{(res.get('fpu_canary') or {}).get('wrong')}/{(res.get('fpu_canary') or {}).get('checks')}",
+              flush=True)
+    bad = [f"boot {k}: {o}" for k, o in enumerate(outcomes, 1) if o != "ok"]
+    print(f"VERDICT: {'PASS' if not bad else 'FAIL'} first-checkpoint boots: {len(outcomes)}, faults {len(bad)}"
+          f" (tree {tree_version()}, wall {time.monotonic() - t0:.0f}s)" + (f": {' | '.join(bad)}" if bad else ""))
+    return 0 if not bad else 1
 
 
 if __name__ == "__main__":

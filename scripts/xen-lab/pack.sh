@@ -44,6 +44,9 @@ extra = "console=hvc0 xen.fifo_events=0 quiet"
 memory = 128
 vcpus = 1
 on_crash = "preserve"
+# a guest that reboots here has died (a triple fault is shut down as "reboot"): gone, not re-created
+# under a new id as xl's default would (the Xen lab lost its secondary that way once)
+on_reboot = "destroy"
 tsc_mode = "native"
 hap = ${XENLAB_HAP:-1}
 EOC

@@ -13,7 +13,9 @@
    ``XENLAB-RESULT <json>`` line for the host side (scripts/xen-lab/lab.py).
 
 Settings come from the dom0 kernel command line: ``xenlab.rounds`` (default 8),
-``xenlab.interval_ms`` (1000).
+``xenlab.interval_ms`` (1000), ``xenlab.until`` (``all``; ``first``: stop after the
+pipeline's first verified checkpoint, no failover, no C baseline: the quick boot that
+counts faults, ``lab.py --until-first-checkpoint``).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def sh(cmd: str, timeout: float = SH_TIMEOUT) -> str:
 
 def settings() -> dict[str, str]:
     found = dict(re.findall(r"xenlab\.(\w+)=(\S+)", Path("/proc/cmdline").read_text()))
-    return {"rounds": "8", "interval_ms": "1000", **found}
+    return {"rounds": "8", "interval_ms": "1000", "until": "all", **found}
 
 
 # -- guest console ----------------------------------------------------------------------------
@@ -103,7 +105,32 @@ def make_twin(save_first: bool = False) -> tuple[int, int]:
         sh(f"colo-pipeline xen-twin restore --config {RUN}/primary.toml")
     sh(f"colo-pipeline xen-twin restore --config {RUN}/secondary.toml")
     time.sleep(3)  # let both finish their resume path before the first checkpoint
-    return resolve_domain("prim"), resolve_domain("sec")
+    ids = resolve_domain("prim"), resolve_domain("sec")
+    DOMIDS.update({ids[0]: "prim", ids[1]: "sec"})
+    print(f"TWIN: prim id {ids[0]}, sec id {ids[1]}", flush=True)
+    return ids
+
+
+#: every domain id the lab made, to its name: Xen's log names a guest by id only ("d3v0")
+DOMIDS: dict[int, str] = {}
+#: what Xen logs when a guest dies: a triple fault (shut down as "reboot", see hvm_triple_fault
+#: in Xen's hvm.c), a crash, a domain_crash() of Xen's own
+XEN_GUEST_FAULT = re.compile(r"\(XEN\).*(?:d(\d+)v\d+ Triple fault.*|[Dd]omain (\d+) .*crash.*|"
+                             r"domain_crash called from.*|d(\d+)v\d+ .*(?:Unhandled|unexpected).*)")
+
+
+def xen_guest_faults() -> list[str]:
+    """Xen's log lines about guests that died, each with the lab's name for the domain id."""
+    try:
+        text = sh("xl dmesg", timeout=60)
+    except Exception as exc:  # noqa: BLE001 - the finding is then that dom0 could not tell
+        return [f"xl dmesg failed: {exc}"]
+    found = []
+    for m in XEN_GUEST_FAULT.finditer(text):
+        domid = next((int(g) for g in m.groups() if g), None)
+        name = DOMIDS.get(domid, "not made by the lab" if domid is not None else "?")
+        found.append(f"{m.group(0).strip()} [{name}]")
+    return found[:8]
 
 
 # -- the replicator: colo-pipeline primary + secondary with the xen backend -----------------
@@ -239,6 +266,9 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
     wait_for(f"{rounds + 1} checkpoints", lambda: len(paused_checkpoints()) > rounds, procs,
              60 + rounds * (interval_ms / 1000 + 60))
     rows = paused_checkpoints()[: rounds + 1]
+    last = rows[-1]["epoch"]       # the primary logs the proof's verdict after the record
+    wait_for(f"the proof of epoch {last}",
+             lambda: any(int(v["epoch"]) == last for v in log_events("primary", "verified")), procs, 120)
     verified = {int(v["epoch"]): v["memory_equal"] == "True" for v in log_events("primary", "verified")}
     results = [Checkpoint(int(r["epoch"]), int(r["pages_dirty"]), int(r["pages_svm_dirty"]),
                           int(r["pages_sent"]), int(r["bytes_wire"]),
@@ -334,6 +364,10 @@ def run_c_baseline(rounds: int, interval_ms: int) -> list[dict[str, float]]:
             for line in out.splitlines() if line.startswith("CREP ")]
 
 
+class FirstCheckpointDone(Exception):
+    """xenlab.until=first: the pipeline's first checkpoint is proven; the boot ends there."""
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = settings()
@@ -354,15 +388,18 @@ def main() -> int:
         # than interval_ms when every checkpoint is proven by two full-memory hashes)
         marks = {n: console_size(n) for n in ("prim", "sec")}
         make_twin(save_first=True)
-        checkpoints, extra = replicate_pipeline(rounds, interval, True)
+        first_only = cfg["until"] == "first"
+        checkpoints, extra = replicate_pipeline(0 if first_only else rounds, interval, not first_only)
         result["pipeline"] = [asdict(c) for c in checkpoints]
         result["pipeline_extra"] = extra
         ticks = {n: ticks_since(n, marks[n]) for n in marks}
         result["pipeline_phase"] = {n: summarize(t) for n, t in ticks.items()}
-        result["failover"] = failover_summary(ticks["prim"], ticks_since("sec", int(extra["console_mark"])))
         for n, mark in marks.items():
             for line in bad_lines(n, mark):
                 print(f"GUESTERR pipeline-phase {n}: {line.strip()}", flush=True)
+        if first_only:
+            raise FirstCheckpointDone
+        result["failover"] = failover_summary(ticks["prim"], ticks_since("sec", int(extra["console_mark"])))
 
         marks = {n: console_size(n) for n in ("prim", "sec")}
         # the pipeline's primary guest runs between two checkpoints for the spacing less the
@@ -376,11 +413,18 @@ def main() -> int:
         for n, mark in marks.items():
             for line in bad_lines(n, mark):
                 print(f"GUESTERR C-phase {n}: {line.strip()}", flush=True)
-        result["xl_list"] = sh("xl list")
-        result["dmesg_tail"] = sh("xl dmesg | tail -n 15")
+    except FirstCheckpointDone:
+        pass
     except Exception as exc:  # the host side reports it; dom0 stays up for a look
         log.exception("lab failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
+    result["domids"] = {str(k): v for k, v in DOMIDS.items()}
+    result["xen_guest_faults"] = xen_guest_faults()
+    try:
+        result["xl_list"] = sh("xl list", timeout=60)
+        result["dmesg_tail"] = sh("xl dmesg | tail -n 15", timeout=60)
+    except Exception as exc:  # noqa: BLE001
+        result["xl_list"] = f"{type(exc).__name__}: {exc}"
     canary.terminate()
     try:
         canary.wait(timeout=30)
