@@ -30,15 +30,17 @@ PAUSE_RATIO_TARGET = 1.0
 
 
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
-                 until: str = "all") -> list[str]:
+                 until: str = "all", hap: str = "") -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
+    # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
+    # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
     # spec-ctrl=eager-fpu: QEMU's "max" CPU is an AMD one, on which Xen switches the FPU lazily
     # (CR0.TS and the #NM trap); eager switching saves and loads every vCPU's FPU state at each
     # context switch and does not depend on the emulation raising #NM (see fpu_canary.py)
     xen_args = "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 " \
-               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0" + (" spec-ctrl=eager-fpu" if eager_fpu else "")
+               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0 console_timestamps=datems" + (" spec-ctrl=eager-fpu" if eager_fpu else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
-                f"xenlab.interval_ms={interval_ms} xenlab.until={until}"
+                f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -51,7 +53,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
             "-initrd", f"{LAB}/vmlinuz {dom0_args},{LAB}/dom0-rootfs.cpio"]
 
 
-def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float, str]:
+def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, float, str]:
     """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds,
     what went wrong on the host side: QEMU exited, a panic, the timeout; '' if nothing)."""
     for name in ("serial.log", "serial.sock", "mon.sock"):
@@ -62,7 +64,7 @@ def boot_and_run(args: argparse.Namespace) -> tuple[str, float, float, str]:
         # test runs at nice 0, QEMU got ~3 % of a core each, dom0 logged soft lockups of 31 s and
         # a run took over 40 minutes; the caller decides how nice the lab is
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
-                                               "first" if args.until_first_checkpoint else "all")],
+                                               "first" if args.until_first_checkpoint else "all", hap)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -197,7 +199,7 @@ def tally() -> int:
 def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "") -> bool:
     for line in log.splitlines():
         if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File",
-                            "RuntimeError", "pipeline.")):
+                            "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
     if not m:
@@ -273,6 +275,9 @@ def main() -> int:
                     help="quick boots: stop each after the pipeline's first proven checkpoint (no "
                          "failover, no C baseline) and count the boots that did not get there cleanly")
     ap.add_argument("--boots", type=int, default=1, help="with --until-first-checkpoint: how many boots")
+    ap.add_argument("--hap", choices=("1", "0", "alternate"), default="",
+                    help="the guests' paging: 1 HAP (nested paging, emulated by QEMU), 0 shadow, alternate "
+                         "(quick boots: odd boots HAP, even shadow); default: pack.sh's (XENLAB_HAP, else 1)")
     ap.add_argument("--tally", action="store_true", help="print boots and faults from boots.jsonl and exit")
     args = ap.parse_args()
     if args.tally:
@@ -285,11 +290,11 @@ def main() -> int:
     faults: list[str] = []
     wall = 0.0
     while True:
-        log, boot_s, total_s, problem = boot_and_run(args)
+        log, boot_s, total_s, problem = boot_and_run(args, "1" if args.hap == "alternate" else args.hap)
         wall += total_s
         fault = early_fault(log) or (problem if not result_of(log) else "")
         res = result_of(log) or {}
-        record_boot("full", "ok" if not fault and "error" not in res and not problem
+        record_boot(f"full hap={(result_of(log) or {}).get('hap', '?')}", "ok" if not fault and "error" not in res and not problem
                     else fault or problem or f"error after the first checkpoint: {res['error'][:200]}",
                     boot_s, total_s, log)
         if not fault or len(faults) >= args.platform_retries:
@@ -308,17 +313,21 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
     outcomes = []
     t0 = time.monotonic()
     for k in range(1, args.boots + 1):
-        log, boot_s, total_s, problem = boot_and_run(args)
+        hap = ("1" if k % 2 else "0") if args.hap == "alternate" else args.hap
+        log, boot_s, total_s, problem = boot_and_run(args, hap)
         outcome = first_checkpoint_outcome(log, problem)
-        record_boot("first-checkpoint", outcome, boot_s, total_s, log)
         res = result_of(log) or {}
+        record_boot(f"first-checkpoint hap={res.get('hap', hap or '?')}", outcome, boot_s, total_s, log)
         if outcome != "ok":
+            for line in log.splitlines():
+                if line.startswith(("STEP ", "CONSOLE ", "GUESTERR")) or "Triple fault" in line:
+                    print(line.rstrip()[:400])
             kept = LAB / f"serial-quick{k}.log"
             (LAB / "serial.log").replace(kept)
             outcome += f" (log {kept.name})"
         outcomes.append(outcome)
         protected = (res.get("pipeline_extra") or {}).get("protected_s")
-        print(f"BOOT {k}/{args.boots}: {outcome} | protected after {protected}s boot={boot_s:.0f}s "
+        print(f"BOOT {k}/{args.boots} (hap={res.get('hap', hap or '?')}): {outcome} | protected after {protected}s boot={boot_s:.0f}s "
               f"wall={total_s:.0f}s | Xen guest faults {res.get('xen_guest_faults')} | fpu-canary "
               f"{(res.get('fpu_canary') or {}).get('wrong')}/{(res.get('fpu_canary') or {}).get('checks')}",
               flush=True)

@@ -13,7 +13,8 @@
    ``XENLAB-RESULT <json>`` line for the host side (scripts/xen-lab/lab.py).
 
 Settings come from the dom0 kernel command line: ``xenlab.rounds`` (default 8),
-``xenlab.interval_ms`` (1000), ``xenlab.until`` (``all``; ``first``: stop after the
+``xenlab.interval_ms`` (1000), ``xenlab.hap`` (the guests' paging, 1 = HAP, 0 = shadow;
+default: what pack.sh wrote), ``xenlab.until`` (``all``; ``first``: stop after the
 pipeline's first verified checkpoint, no failover, no C baseline: the quick boot that
 counts faults, ``lab.py --until-first-checkpoint``).
 """
@@ -43,6 +44,11 @@ IMAGE = "/tmp/prim.img"
 #: seconds a dom0 command may take: under a loaded host (load 20-30 on 2 cores, measured) xl save
 #: of the 128 MiB guest took more than 120 s
 SH_TIMEOUT = 600
+
+
+def step(what: str) -> None:
+    """A progress line with the wall time (Xen's console lines carry it too: console_timestamps)."""
+    print(f"STEP {time.strftime('%H:%M:%S', time.gmtime())}.{int(time.time() * 1000) % 1000:03d} {what}", flush=True)
 
 
 def sh(cmd: str, timeout: float = SH_TIMEOUT) -> str:
@@ -107,7 +113,7 @@ def make_twin(save_first: bool = False) -> tuple[int, int]:
     time.sleep(3)  # let both finish their resume path before the first checkpoint
     ids = resolve_domain("prim"), resolve_domain("sec")
     DOMIDS.update({ids[0]: "prim", ids[1]: "sec"})
-    print(f"TWIN: prim id {ids[0]}, sec id {ids[1]}", flush=True)
+    step(f"twin pair made: prim id {ids[0]}, sec id {ids[1]}")
     return ids
 
 
@@ -162,7 +168,9 @@ def node_config(role: str, domain: str, interval_ms: int) -> dict[str, dict[str,
         "node": {"name": f"lab-{role}", "role": role, "run_dir": str(RUN / role)},
         "guest": {"backend": "xen", "domain": domain, "xen_image": IMAGE,
                   "xen_domain_config": f"/root/{domain}.cfg"},
-        "peer": {"address": "tcp://127.0.0.1:7400", "connect_timeout_ms": 120000},
+        # the secondary's start (finding its vcpu_info by watching its guest) took over 100 s at
+        # load 9 on this host, longer than the primary waited for it at first
+        "peer": {"address": "tcp://127.0.0.1:7400", "connect_timeout_ms": 600000},
         "pipeline": {"digest_workers": 1, "verify_workers": 1, "batch_pages": 64},
         # the dirty threshold below what the guest dirties in an epoch (~2100-2400 pages, the
         # proof's hashing makes epochs long), the timer 3x the interval as a backstop: most
@@ -217,7 +225,7 @@ def log_events(role: str, event: str) -> list[dict[str, str]]:
     return rows
 
 
-def log_tails(chars: int = 2500) -> str:
+def log_tails(chars: int = 6000) -> str:
     return "".join(f"\n--- {role}.log (end) ---\n" + (RUN / f"{role}.log").read_text(errors="replace")[-chars:]
                    for role in ("secondary", "primary") if (RUN / f"{role}.log").exists())
 
@@ -253,9 +261,11 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
     node SIGKILLed; the secondary must take over and its guest run on."""
     procs = {"secondary": start_node("secondary")}
     procs["primary"] = start_node("primary")
+    step("nodes started")
     t0 = time.monotonic()
-    wait_for("protection", lambda: node_info("primary").get("state") == "protected", procs, 900)
+    wait_for("protection", lambda: node_info("primary").get("state") == "protected", procs, 1200)
     protected_s = time.monotonic() - t0
+    step("protected")
     print(f"PIPELINE: protected after {protected_s:.1f}s (full sync, pre-copy, first checkpoint)", flush=True)
     from pipeline.counters import NodeCounters
 
@@ -378,6 +388,11 @@ def main() -> int:
     canary = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fpu_canary.py")), str(canary_out)])
     try:
         sh("mkdir -p /run/lock")
+        if cfg.get("hap") in ("0", "1"):   # the guests' paging: HAP (nested paging) or shadow
+            for name in ("prim", "sec"):
+                sh(f"sed -i 's/^hap = .*/hap = {cfg['hap']}/' /root/{name}.cfg")
+        result["hap"] = sh("sed -n 's/^hap = //p' /root/prim.cfg").strip()
+        step(f"guests' paging: {'HAP' if result['hap'] == '1' else 'shadow'}")
         t0 = time.monotonic()
         sh("xl create /root/prim.cfg")
         result["guest_ticking_s"] = round(time.monotonic() - t0 + wait_ticking("prim", 0), 1)
@@ -420,6 +435,11 @@ def main() -> int:
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["domids"] = {str(k): v for k, v in DOMIDS.items()}
     result["xen_guest_faults"] = xen_guest_faults()
+    if "error" in result or result["xen_guest_faults"]:
+        for name in ("prim", "sec"):         # where each guest's own console stopped
+            path = Path(CONSOLE_LOG.format(name))
+            tail = path.read_bytes()[-400:].decode(errors="replace") if path.exists() else "(no console log)"
+            print(f"CONSOLE {name} (end): {tail!r}", flush=True)
     try:
         result["xl_list"] = sh("xl list", timeout=60)
         result["dmesg_tail"] = sh("xl dmesg | tail -n 15", timeout=60)
