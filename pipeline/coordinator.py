@@ -6,13 +6,13 @@ each, read top to bottom, step for step the two halves of one exchange (as QEMU'
 
   primary, epoch e                              secondary, epoch e
   1. send CHECKPOINT_BEGIN(e)             --->  1. pause the SVM, read and clear its
-                                                   dirty log, answer SVM_DIRTY(e)
-  2. the snapshot stage pauses the PVM,         2. wait until the restore stage has
-     copies its dirty pages and vCPU state,        assembled e (every page verified), or
-     resumes it; publish ``snapshot``              e is torn (timeout, newer BEGIN,
-  3. wait for SVM_DIRTY(e), the send stage's       primary lost)
-     Sent(e) and ACK(e)                     <---  3. have e applied (or rolled back),
-                                                   resume the SVM, answer ACK(e)
+                                                   dirty log, answer SVM_DIRTY(e); ask
+                                                   the restore stage to apply e
+  2. the snapshot stage pauses the PVM,         2. the restore stage applies e once it
+     copies its dirty pages and vCPU state,        has assembled it (every page verified);
+     resumes it; publish ``snapshot``              e torn (timeout, newer BEGIN, primary
+  3. wait for SVM_DIRTY(e), the send stage's       lost): have it rolled back instead
+     Sent(e) and ACK(e)                     <---  3. resume the SVM, answer ACK(e)
   4. committed: fold the epoch's hashes in,     4. committed: publish ``committed``;
      publish ``committed``; torn: carry the        torn: publish ``aborted``
      epoch's pages into the next
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, messages, sockets, wire
+from pipeline import faults, messages, sockets, trace, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
@@ -213,6 +213,7 @@ class PrimaryCoordinator(_Coordinator):
                 self._progress(res, sync_total, base)
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
+                trace.point("snap_msg", res.epoch)
                 if isinstance(m, messages.Snapshotted):
                     e = m.epoch
                     res.pages_dirty, res.pause_ns, res.input_seq = m.pages, m.pause_ns, m.input_seq
@@ -228,6 +229,7 @@ class PrimaryCoordinator(_Coordinator):
             if self.send_ctrl.fileno() in events:
                 m = self.send_ctrl.recv()
                 if m.epoch == res.epoch:
+                    trace.point("sent_msg", res.epoch)
                     res.sent = m
                     want.discard("sent")
             if self.control in events:
@@ -238,10 +240,13 @@ class PrimaryCoordinator(_Coordinator):
                 if hdr.type == wire.SVM_DIRTY and hdr.epoch == res.epoch:
                     svm = wire.decode_svm_dirty(msg, self.domain.page_count)
                     res.svm_dirty = len(svm.pfns)
+                    trace.point("svm_dirty_in", res.epoch)
                     self._svm_hashes(res, svm)
+                    trace.point("svm_published", res.epoch)
                     want.discard("svm_dirty")
                 elif hdr.type == wire.ACK and hdr.epoch == res.epoch:
                     res.ack = wire.decode_ack(msg)
+                    trace.point("ack_in", res.epoch)
                     want.discard("ack")
                 elif hdr.type == wire.SHUTDOWN:
                     raise ProtocolError("the secondary is shutting down")
@@ -278,6 +283,7 @@ class PrimaryCoordinator(_Coordinator):
             every = self.settings.checkpoint.verify_every
             if every and self.snapshots % every == 0:
                 flags |= wire.FLAG_DIGEST
+        trace.point("begin", e)
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         faults.point("primary.begin_sent")
         # 2. the snapshot stage pauses the PVM, copies, resumes (Snapshotted arrives in 3.)
@@ -530,7 +536,8 @@ class SecondaryCoordinator(_Coordinator):
         self.c = ctx.counters
         self.role = SecondaryRole(ctx, settings, domain, shared, self._info, node.node_info)
         self.begins: deque[wire.CheckpointBegin] = deque()   # BEGINs not yet taken up
-        self.ready: dict[int, messages.Ready] = {}          # the restore stage's verdicts
+        self.replies: dict[int, messages.Applied | messages.Aborted] = {}   # the restore
+                                                            # stage's, by epoch
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
         self.last_epoch = -1
@@ -563,26 +570,30 @@ class SecondaryCoordinator(_Coordinator):
         """One epoch, the other half of PrimaryCoordinator.checkpoint."""
         epoch = begin.epoch
         t_begin = time.monotonic_ns()
+        trace.point("begin_in", epoch)
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
         self.domain.pause()
         dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
         # what the SVM holds at those pages: the primary sends the ones its PVM has alike
         # as SVM pages, without their content
-        self._send(wire.encode_svm_dirty(epoch, dirty, domain_page_hashes(self.domain, dirty)))
+        trace.point("svm_dirty_read", epoch, str(len(dirty)))
+        hashes = domain_page_hashes(self.domain, dirty)
+        trace.point("svm_hashed", epoch)
+        self._send(wire.encode_svm_dirty(epoch, dirty, hashes))
         faults.point("secondary.begin")
-        # 2. wait until the restore stage has assembled e, or e is torn
-        verdict = self._wait(epoch, time.monotonic()
-                             + self.settings.checkpoint.epoch_timeout_ms / 1000)
-        if verdict is None:
-            return                  # the node is stopping
-        ok, reason = verdict
-        # the two durations the ACK carries: the primary splits its commit time by them
-        t_ready = time.monotonic_ns()
-        # 3. have e applied (or the SVM rolled back), resume the SVM, answer ACK(e)
+        # 2. the restore stage applies e the moment it is assembled (no round trip through
+        # here in between); a torn e is rolled back instead
         want_digest = bool(begin.flags & wire.FLAG_DIGEST)
-        self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest) if ok
-                               else messages.AbortCmd(epoch, dirty, reason))
-        reply = self._restore_reply(epoch)
+        self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
+        reply = self._outcome(epoch, dirty, time.monotonic()
+                              + self.settings.checkpoint.epoch_timeout_ms / 1000)
+        if reply is None:
+            return                  # the node is stopping
+        trace.point("reply", epoch)
+        # 3. resume the SVM, answer ACK(e); the ACK carries how long e took to arrive and to
+        # apply (the primary splits its commit time by them); e may have been assembled
+        # before this coordinator took up its BEGIN
+        t_ready = max(t_begin, getattr(reply, "assembled_ns", 0) or time.monotonic_ns())
         committed = isinstance(reply, messages.Applied)
         digest, input_seq, applied = b"", -1, 0
         if committed:
@@ -607,6 +618,7 @@ class SecondaryCoordinator(_Coordinator):
             epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
             "" if committed else reason, digest, assembled_ns=t_ready - t_begin,
             apply_ns=time.monotonic_ns() - t_ready))
+        trace.point("ack_sent", epoch)
         faults.point("secondary.acked")
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch
         self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
@@ -624,33 +636,28 @@ class SecondaryCoordinator(_Coordinator):
                                     pages_svm_dirty=len(dirty), pages_sent=applied,
                                     status=STATUS_COMMITTED if committed else STATUS_ABORTED)
 
-    def _wait(self, epoch: int, deadline: float) -> tuple[bool, str] | None:
-        """Until the restore stage's verdict on ``epoch``: (ok, reason). The primary lost,
-        a newer BEGIN or the deadline end the epoch torn; None when the node stops."""
+    def _outcome(self, epoch: int, dirty: np.ndarray,
+                 deadline: float) -> messages.Applied | messages.Aborted | None:
+        """The restore stage's reply for ``epoch``. The primary lost, a newer BEGIN or the
+        deadline tear the epoch: the restore stage is told to roll it back (if it applied
+        it meanwhile, its Applied stands). None when the node stops."""
         while not self.ctx.stopping():
-            if self.lost is not None:
-                return False, "the primary was lost mid-epoch"
-            if self.begins:
-                return False, f"epoch {self.begins[0].epoch} began before it completed"
-            verdict = self.ready.pop(epoch, None)
-            if verdict is not None:
-                return verdict.ok, verdict.reason
-            left = deadline - time.monotonic()
-            if left < 0:
-                return False, (f"epoch incomplete after "
-                               f"{self.settings.checkpoint.epoch_timeout_ms} ms")
-            self._poll(min(left, 0.1))
-        return None
-
-    def _restore_reply(self, epoch: int) -> messages.Applied | messages.Aborted:
-        """The restore stage's answer to the command for ``epoch`` (a Ready of a later
-        epoch that comes first is kept for its turn)."""
-        while True:
-            reply = self.restore_ctrl.recv()
-            if isinstance(reply, messages.Ready):
-                self.ready[reply.epoch] = reply
-            elif reply.epoch == epoch:
+            reply = self.replies.pop(epoch, None)
+            if reply is not None:
+                self.replies = {e: r for e, r in self.replies.items() if e > epoch}
                 return reply
+            reason = ("the primary was lost mid-epoch" if self.lost is not None else
+                      f"epoch {self.begins[0].epoch} began before it completed" if self.begins
+                      else f"epoch incomplete after {self.settings.checkpoint.epoch_timeout_ms}"
+                      " ms" if time.monotonic() > deadline else "")
+            if reason:
+                self.restore_ctrl.send(messages.AbortCmd(epoch, dirty, reason))
+                while True:     # its reply to ApplyCmd (Applied: it was quicker) or to this
+                    reply = self.restore_ctrl.recv()
+                    if reply.epoch == epoch:
+                        return reply
+            self._poll(max(0.0, min(deadline - time.monotonic(), 0.1)))
+        return None
 
     def run(self) -> None:
         self._info(role="secondary", state="waiting", epoch=-1,
@@ -703,8 +710,7 @@ class SecondaryCoordinator(_Coordinator):
                 self.on_control(*got)
         if self.restore_ctrl.fileno() in events:
             m = self.restore_ctrl.recv()
-            if isinstance(m, messages.Ready):
-                self.ready[m.epoch] = m
+            self.replies[m.epoch] = m
 
     def primary_lost(self, last_seen: float, detected: float, detected_by: str) -> None:
         """The primary is lost. Before protection there is nothing to take over from;

@@ -18,9 +18,14 @@ Send stage (primary), once an epoch's EPOCH_END is sent::
 
 Restore stage (secondary)::
 
-    -> Ready(epoch, ok, reason)          all END markers of the epoch arrived
-    ApplyCmd(epoch, svm_dirty, want_digest)  -> Applied(epoch, pages, digest, input_seq)
-    AbortCmd(epoch, svm_dirty, reason)       -> Aborted(epoch, reason)
+    ApplyCmd(epoch, svm_dirty, want_digest)  -> Applied(epoch, pages, digest, input_seq,
+                                                        assembled_ns) or Aborted(epoch, reason)
+    AbortCmd(epoch, svm_dirty, reason)       -> Aborted(epoch, reason), or nothing if the
+                                                epoch was applied already
+
+ApplyCmd is sent at BEGIN, before the epoch's pages arrive: the restore stage applies the
+epoch the moment it is assembled (or discards it, if it cannot be applied), with no round
+trip through the coordinator in between.
 
 Heartbeat stage (both), to its coordinator; times are ``time.monotonic()`` seconds::
 
@@ -99,14 +104,8 @@ class Sent(NamedTuple):
 # -- restore stage ---------------------------------------------------------------
 
 
-class Ready(NamedTuple):
-    """All END markers of ``epoch`` arrived; ``ok`` if it can be applied, else ``reason``."""
-    epoch: int
-    ok: bool
-    reason: str
-
-
 class ApplyCmd(NamedTuple):
+    """Apply ``epoch`` once it is assembled (the SVM is paused until the reply)."""
     epoch: int
     svm_dirty: np.ndarray
     want_digest: bool
@@ -123,6 +122,7 @@ class Applied(NamedTuple):
     pages: int
     digest: bytes       # blake3 of all of memory when asked, else b""
     input_seq: int      # the SVM's input position at the committed state (-1: not known)
+    assembled_ns: int = 0   # time.monotonic_ns() when the epoch was assembled and applying began
 
 
 class Aborted(NamedTuple):

@@ -79,10 +79,12 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
           threshold: int, compress: str | None = None, dirty_log: str = "auto",
-          security: str = "curve") -> LocalPair:
+          security: str = "curve", batch_pages: int | None = None) -> LocalPair:
     """``compress``: None for the config's default (auto); ``security``: "curve" (the
-    default) or "plaintext"."""
+    default) or "plaintext"; ``batch_pages``: None for the config's default."""
     pipeline = {"digest_workers": digest_workers, "verify_workers": verify_workers}
+    if batch_pages:
+        pipeline["batch_pages"] = batch_pages
     if compress is not None:
         pipeline["compress"] = compress
     return LocalPair({
@@ -111,11 +113,11 @@ def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int 
 
 def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, verify_workers: int,
                     memcpy_s_per_page: float, dirty_log: str = "auto", reps: int = 5,
-                    security: str = "curve",
-                    compress: str | None = None) -> tuple[dict, list[dict]]:
+                    security: str = "curve", compress: str | None = None,
+                    batch_pages: int | None = None) -> tuple[dict, list[dict]]:
     rows = []
     with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2, compress,
-               dirty_log=dirty_log, security=security) as pair:
+               dirty_log=dirty_log, security=security, batch_pages=batch_pages) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
@@ -214,6 +216,8 @@ def main() -> int:
     ap.add_argument("--security", default="curve", choices=["curve", "plaintext"])
     ap.add_argument("--compress", default=None, choices=["auto", "lz4", "none"],
                     help="pipeline.compress (default: the config's, auto)")
+    ap.add_argument("--batch-pages", type=int, default=0,
+                    help="pipeline.batch_pages (0: the config's default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     page_count = args.size_mb * 1024 * 1024 // PAGE
@@ -221,7 +225,7 @@ def main() -> int:
     ref = references(page_count)
     full, rows = run_checkpoints(page_count, sizes, args.digest_workers, args.verify_workers,
                                  ref["memcpy_s_per_page"], args.dirty_log, args.reps,
-                                 args.security, args.compress)
+                                 args.security, args.compress, args.batch_pages or None)
     sizes_out = by_size(rows)
     result = {"size_mb": args.size_mb, "dirty_log": args.dirty_log, "references": ref,
               "full_sync": full,
@@ -229,6 +233,7 @@ def main() -> int:
               "full_sync_vs_lz4": round(full["guest_mb_s"] / ref["lz4_page_mb_s"], 3),
               "full_sync_vs_blake3": round(full["guest_mb_s"] / ref["blake3_page_mb_s"], 3),
               "security": args.security, "compress": args.compress or "auto",
+              "batch_pages": args.batch_pages or "default",
               "loadavg": list(os.getloadavg()), "by_size": sizes_out, "checkpoints": rows}
     print(f"guest {args.size_mb} MiB, {args.digest_workers} digest / {args.verify_workers} "
           f"verify workers, {os.cpu_count()} cores")

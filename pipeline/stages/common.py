@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from pipeline import faults
+from pipeline import faults, trace
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
 from pipeline.sockets import check_handshakes
 from pipeline.xen_io.base import Domain
@@ -174,6 +174,7 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
     # process group, so stages ignore SIGINT and let the supervisor stop them in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
+    trace.WHO = ctx.name
     try:
         _prefault(args)
         run(ctx, *args)
@@ -199,10 +200,12 @@ def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process) -> No
         if out is None:
             return
         t0 = time.perf_counter_ns()
+        trace.point("w_in", slot.epoch)
         if slot.kind == SLOT_END:
             copy_marker(slot, out)
         else:
             process(slot, out)
+        trace.point("w_out", slot.epoch)
         ring_in.release_read(slot)
         ring_out.commit_write(out)
         c.add("busy_ns", time.perf_counter_ns() - t0)

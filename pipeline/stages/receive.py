@@ -18,7 +18,7 @@ import time
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline import trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
                                     write_slot)
@@ -52,6 +52,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         frame = pages_in.recv(copy=False)
         t0 = time.perf_counter_ns()
         msg = frame.buffer
+        trace.point("recv")
         c.add("items_in", 1)
         c.add("bytes_in", len(msg))
         try:
@@ -90,6 +91,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     slot.data_len = len(b.data)
                 staged += n
                 rings[rr].commit_write(slot)
+                trace.point("dealt", b.epoch)
                 rr = (rr + 1) % len(rings)
                 c.add("items_out", n)
             elif hdr.type == wire.EPOCH_END:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, messages, wire
+from pipeline import faults, messages, trace, wire
 from pipeline.compress_policy import MIN_BYTES, WINDOW_BYTES, CompressPolicy, Window
 from pipeline.sockets import send_until_stopped
 from pipeline.ring import Ring
@@ -173,6 +173,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                                                 st.epoch_flags & wire.EPOCH_END_FLAGS, st.vcpu)
                     if not deliver(msg):
                         return
+                    trace.point("sent_end", e)
                     faults.point("send.epoch_end")
                     st.bytes_wire += len(msg)
                     c.add("bytes_out", len(msg))
@@ -201,6 +202,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 t_send = time.perf_counter_ns()
                 if not deliver(msg, copy=False):
                     return
+                trace.point("sent_pages", e)
                 faults.point("send.pages")
                 if auto is not None:
                     auto.sent(t_send, time.perf_counter_ns(), len(msg),

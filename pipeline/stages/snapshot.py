@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from pipeline import messages, wire
+from pipeline import messages, trace, wire
 from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
@@ -122,6 +122,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         if not ctrl.poll(0.2):
             continue
         cmd = ctrl.recv()
+        trace.point("cmd", getattr(cmd, 'epoch', -1), type(cmd).__name__)
         t_busy = time.perf_counter_ns()
         waited = ctx.counters.as_dict()["wait_ns"]
         if isinstance(cmd, messages.SyncCmd):
@@ -179,6 +180,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch)
             t_resume = time.perf_counter_ns()
             domain.resume()
+            trace.point("resumed", epoch)
             pause_ns = time.perf_counter_ns() - t0
             # after the resume: dropped before it, the stage was preempted with the guest
             # still stopped (resume_ms 2-28 ms in the Xen lab instead of 0.3-0.8)
@@ -195,6 +197,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 return
             io = domain.simulated_io()
             input_seq = io.vcpu_input_seq(vcpu) if io is not None else -1
+            trace.point("dispatched", epoch)
             ctrl.send(messages.Snapshotted(epoch, len(dirty), pause_ns, input_seq, digest,
                                            verify_ns))
         else:

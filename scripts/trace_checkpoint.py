@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Where one checkpoint's commit goes: a timeline of its hand-offs between processes.
+
+Starts a real primary and secondary on this machine (sim guests, as scripts/bench_pipeline.py
+does) with COLO_TRACE set, so every stage appends a timestamp at each hand-off
+(pipeline/trace.py), takes --reps checkpoints of --pages dirty pages that PVM and SVM both
+wrote, and prints for each checkpoint, relative to CHECKPOINT_BEGIN: per stage and event,
+the first and last time it happened and how often. The clock is CLOCK_MONOTONIC, one for
+all processes of the machine. Times include whatever else the machine was doing: read them
+next to the load average printed at the end.
+
+    scripts/trace_checkpoint.py --pages 1000 --reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_pipeline",
+                                                  os.path.join(HERE, "bench_pipeline.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def timeline(lines: list[str], commit_ms: float) -> list[tuple[str, str, float, float, int]]:
+    """(process, event, first ms, last ms, count) from BEGIN, in order of first time."""
+    events = [ln.split(" ", 5) for ln in lines if ln.count(" ") >= 4]
+    t0 = next((int(e[0]) for e in events if e[3] == "begin"), None)
+    if t0 is None:
+        return []
+    seen: dict[tuple[str, str], list] = {}
+    for ns, _pid, who, event, *_ in events:
+        dt = (int(ns) - t0) / 1e6
+        if -1 <= dt <= commit_ms + 5:
+            entry = seen.setdefault((who, event), [dt, dt, 0])
+            entry[1] = dt
+            entry[2] += 1
+    return sorted(((w, e, f, last, n) for (w, e), (f, last, n) in seen.items()),
+                  key=lambda r: r[2])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", type=int, default=1000, help="dirty pages per checkpoint")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--batch-pages", type=int, default=0,
+                    help="pipeline.batch_pages (0: the config's default)")
+    args = ap.parse_args()
+    fd, path = tempfile.mkstemp(prefix="colo-trace-", suffix=".txt")
+    os.close(fd)
+    os.environ["COLO_TRACE"] = path      # inherited by both nodes' processes
+    bench = _bench()
+    from pipeline.xen_io.sim import SimDomain
+    marks = []
+    try:
+        with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
+                         batch_pages=args.batch_pages or None) as pair:
+            pair.start()
+            pair.wait_protected(timeout=900)
+            for _ in range(args.reps):
+                seq = pair.stage_counter("client", "pvm_input_seq")
+                pair.inject_input(SimDomain.write_command(args.pages))
+                deadline = time.monotonic() + 300
+                while (pair.stage_counter("client", "pvm_input_seq") <= seq
+                       or pair.stage_counter("mirror", "svm_input_seq", role="secondary") <= seq):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the guests did not run the write command")
+                    time.sleep(0.005)
+                count = len(pair.checkpoints())
+                mark = os.path.getsize(path)
+                pair.request_checkpoint()
+                marks.append((mark, pair.wait_checkpoints(count + 1, timeout=600)[-1]))
+        with open(path) as fh:
+            text = fh.read()
+    finally:
+        os.unlink(path)
+    for mark, cp in marks:
+        ms = {k: cp.get(f"{k}_ns", 0) / 1e6 for k in ("commit", "transfer", "apply", "ack")}
+        print(f"--- epoch {cp['epoch']}: {cp['pages_dirty']} dirty pages, commit "
+              f"{ms['commit']:.2f} ms = pause {cp['pvm_pause_ns'] / 1e6:.2f} + transfer "
+              f"{ms['transfer']:.2f} + apply {ms['apply']:.2f} + ACK {ms['ack']:.2f}")
+        for who, event, first, last, n in timeline(text[mark:].splitlines(), ms["commit"]):
+            print(f"  {who:12s} {event:16s} {first:8.2f} {last:8.2f}  x{n}")
+    print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
