@@ -66,7 +66,12 @@ class Reassembler:
         first = part.first
         frame = bytearray(first.frame[:first.l4_offset])
         l3 = first.l3_offset
-        struct.pack_into("!HH", frame, l3 + 2, first.l4_offset - l3 + part.total, 0)
+        total_length = first.l4_offset - l3 + part.total
+        if total_length > MAX_DATAGRAM:
+            raise MalformedFrame(f"IPv4 fragments reassemble to a total length of "
+                                 f"{total_length} bytes, more than {MAX_DATAGRAM}")
+        # total length, id 0, flags and fragment offset 0: a whole datagram again
+        struct.pack_into("!HHH", frame, l3 + 2, total_length, 0, 0)
         frame += data[:part.total]
         return parse_frame(bytes(frame), first.vnet_hdr_len), part.frames
 
