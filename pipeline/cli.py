@@ -14,6 +14,7 @@ import sys
 import time
 
 from pipeline import __version__, config, counters
+from pipeline.disk.progress import describe as describe_sync, sync_progress
 
 log = logging.getLogger("pipeline.cli")
 
@@ -122,6 +123,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"{settings.node.listen}; otherwise it runs the guest as primary and connects "
               f"to the peer's {settings.peer.address}. After a takeover the survivor becomes "
               "the primary; start the lost host again with this same file.")
+        if settings.disk.enabled:
+            from pipeline.failover.roles import disk_forward_address
+            print(f"disk {settings.disk.image}: forwarded writes go to the secondary at "
+                  f"{disk_forward_address(settings.peer.address)} (this host, as secondary: "
+                  f"{disk_forward_address(settings.node.listen)}). After a takeover the "
+                  "survivor's disk is the primary's; a host that comes back with its image "
+                  "gets only the MiBs that differ (an image of another lineage: a full "
+                  "sync).")
         try:
             role, why = decide_role(settings, wait=False)
             print(f"started now, it would run as {role}: {why}")
@@ -165,6 +174,9 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                  f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
                  f"{s['pages_skipped_hash']}, held by the SVM {s['pages_same_as_svm']}, zero "
                  f"{s['pages_zero']}")
+    disk_sync = sync_progress(snap["stages"].get("disk", {}))
+    if disk_sync is not None:
+        lines.append(describe_sync(disk_sync))
     if "net_added_ms_p50" in s:
         lines.append(f"comparator: {s['net_frames_released']} frames released, added latency "
                      f"p50/p99 <= {s['net_added_ms_p50']}/{s['net_added_ms_p99']} ms")

@@ -169,6 +169,10 @@ class PrimaryCoordinator(_Coordinator):
         self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
         self._open(settings, "primary")
+        self.disk_sync = None       # the disk sync's progress, copied into the node info
+        if self.disk is not None:
+            from pipeline.disk.progress import NodeInfoNote
+            self.disk_sync = NodeInfoNote(node.stage("disk").as_dict)
 
     # -- helpers ----------------------------------------------------------
 
@@ -211,6 +215,8 @@ class PrimaryCoordinator(_Coordinator):
                 raise PeerLost(f"epoch {res.epoch}: the secondary was lost")
             if sync_total:
                 self._progress(res, sync_total, base)
+            if self.disk_sync is not None:
+                self.disk_sync.update(self._info)
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
                 trace.point("snap_msg", res.epoch)
@@ -391,6 +397,8 @@ class PrimaryCoordinator(_Coordinator):
         if res.extra["ok"]:
             res = self.checkpoint("initial")
         if res.extra["ok"]:
+            if self.disk_sync is not None:
+                self.disk_sync.update(self._info, force=True)
             self.role.protected(self.peer_name)     # before "protected": its figures with it
             self._info(state="protected", precopy_rounds=rounds)
             self.ctx.log.info("epoch=%d event=protected precopy_rounds=%d", res.epoch, rounds,

@@ -21,6 +21,7 @@ import blake3
 
 from pipeline import counters
 from pipeline.disk.nbd_client import NbdClient
+from pipeline.disk.progress import SyncBar, sync_progress
 from pipeline.localpair import HostPair, LocalPair, PairError, free_port_base
 from pipeline.service_client import ServiceClient
 from pipeline.stages.inputs import INJECT_SOCKET
@@ -122,7 +123,8 @@ def run_demo(args: argparse.Namespace) -> bool:
         if not args.json:
             print(f"primary and secondary started (configs in {pair.workdir}); full sync of "
                   f"{args.pages * 4096 / 2**20:.0f} MiB ...", flush=True)
-        pair.wait_protected()
+        # with a disk the first checkpoint waits for its initial sync: a bar on a terminal
+        _wait_protected(pair, sys.stdout if args.disk_mb and not args.json else None)
         node = pair.node(pair.primary_host())
         client = NoClient() if args.rejoin else DemoClient(pair, args.input_rate)
         if args.disk_mb:
@@ -278,6 +280,28 @@ class DemoClient:
         return {"client_requests": f["sent"], "client_answers": f["completed"],
                 "client_lost": f["lost"], "client_latency_ms_p50": f["p50_ms"],
                 "client_latency_ms_p99": f["p99_ms"]}
+
+
+def _wait_protected(pair: LocalPair, bar_stream=None, timeout: float = 300.0) -> dict:
+    """Wait until the pair is protected; meanwhile the disk sync's progress bar on
+    ``bar_stream`` if that is a terminal (nothing at all otherwise)."""
+    bar = SyncBar(bar_stream) if bar_stream is not None else None
+    if bar is None or not bar.tty:
+        return pair.wait_protected(timeout)
+    node = pair.node(pair.primary_host())
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            info = node.node_info()
+            bar.show(sync_progress(node.stage("disk").as_dict()))
+            if info.get("state") == "protected":
+                return info
+            pair.check_alive()
+            if time.monotonic() > deadline:
+                raise PairError(f"not protected within {timeout} s (info {info})")
+            time.sleep(0.2)
+    finally:
+        bar.end()
 
 
 def _prefill_disk(path: str, size: int) -> None:

@@ -39,6 +39,13 @@ Disk store, ``pipeline/disk/store.py`` (the secondary's commit and failover merg
 * ``store.merge.run``                    after overlay run <k> was copied into the image
 * ``store.merge.image_synced``           every run merged and the image fsynced
 
+Primary disk, ``pipeline/disk/primary.py``:
+
+* ``disk.primary.applied``               guest write <k> (of this process's primary disk side)
+                                         is in the primary's image; its forward to the
+                                         secondary may not have been sent yet (a host lost
+                                         here leaves a block the secondary never saw)
+
 Primary coordinator, ``pipeline/coordinator.py`` (<k>: the k-th epoch of this coordinator;
 epoch 0 is the full sync, then pre-copy rounds, then checkpoints):
 

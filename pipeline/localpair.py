@@ -412,6 +412,7 @@ class HostPair(LocalPair):
     take them in the meantime."""
 
     HOSTS = ("a", "b")
+    PORTS = 5       # and port + 4: the disk's forwarding link (wire.DISK_FORWARD_PORT_OFFSET)
 
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None, *,
                  addresses: dict[str, str] | None = None,

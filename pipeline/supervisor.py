@@ -146,14 +146,16 @@ def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, pag
         nctx.close()
 
 
-def _disk_entry(ctx: StageContext, settings: Settings) -> None:
+def _disk_entry(ctx: StageContext, settings: Settings, protected: bool = True) -> None:
     """The replicated disk: an NBD export of this side's image, forwarding (primary) or
-    buffering and committing (secondary) the PVM's writes with the checkpoints."""
+    buffering and committing (secondary) the PVM's writes with the checkpoints.
+    ``protected=False``: a primary that waits for its first secondary (role auto)."""
     from pipeline.stages.disk import run_disk_stage
     nctx = sockets.NodeContext(settings)      # the forwarding link is CURVE like the others
     try:
         run_disk_stage(settings.node.role, settings.disk, settings.run_dir, ctx.counters,
-                       stop=ctx.stop, context=nctx.ctx, secure=nctx.secure)
+                       stop=ctx.stop, context=nctx.ctx, secure=nctx.secure,
+                       protected=protected)
     finally:
         nctx.close()
 
@@ -320,7 +322,8 @@ class Supervisor:
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
-            plan.append(StageSpec("disk", _disk_entry, (s,)))
+            plan.append(StageSpec("disk", _disk_entry,
+                                  (s, not self.start_as.wait_for_secondary)))
         if s.node.role == "primary" and s.net.primary_in:
             plan.append(StageSpec("net_compare", _net_compare_entry, (s,)))
         return plan
@@ -417,7 +420,10 @@ class Supervisor:
         stages start; the old coordinator (it holds the role at the witness) and the
         mirror (it feeds the guest its input) run on until the new coordinator holds the
         role in the same generation; then the client stage takes over the input stream
-        where the mirror stopped. Returns 0, or 1 if the new coordinator failed."""
+        where the mirror stopped. The disk stage is not stopped either: it becomes the
+        primary's in place, so the guest's disk export serves on without a gap (its
+        image, the disk since the failover, is what a new secondary is synced from).
+        Returns 0, or 1 if the new coordinator or the disk stage failed."""
         t0 = time.monotonic()
         info = self.node.node_info()
         generation = int(self.shared.generation.value)
@@ -426,18 +432,30 @@ class Supervisor:
                     "%d)", self.name, generation, first_epoch)
         retiring = {n: self.procs.pop(n) for n in ("coordinator", "mirror") if n in self.procs}
         retiring_stops = {n: self.stage_stops.pop(n) for n in retiring}
+        staying = {n: self.procs.pop(n) for n in ("disk",) if n in self.procs}
+        staying_stops = {n: self.stage_stops.pop(n) for n in staying}
         self._stop_stages(self.procs, self.stage_stops)
         self.procs.clear()
+        self.procs.update(staying)
+        self.stage_stops.update(staying_stops)
         self._free(self.rings, self.segments)
         self.rings, self.segments = [], []
         self.settings = effective_settings(self.config, "primary")
+        if "disk" in staying:
+            try:
+                self._disk_becomes_primary(first_epoch)
+            except Exception as exc:   # DiskControlError, or a reply that is not one
+                self.exit_reason = f"the disk stage did not become the primary's: {exc}"
+                log.error("node %s: %s", self.name, self.exit_reason)
+                self._stop_stages(retiring, retiring_stops)
+                return 1
         self.start_as = PrimaryStart(wait_for_secondary=True, generation=generation,
                                      first_epoch=first_epoch)
         plan = self._plan()
         self.shared.unprotected.value = 1
         self.domain.before_fork()
         for spec in plan:
-            if spec.name not in ("coordinator", "client"):
+            if spec.name not in ("coordinator", "client") and spec.name not in self.procs:
                 self._start_stage(spec)
         self.node.set_node_info({**self.node.node_info(), "stage_pids": {
             name: p.pid for name, p in self.procs.items()}})
@@ -462,6 +480,20 @@ class Supervisor:
                     "waiting for a secondary at %s", self.name,
                     (time.monotonic() - t0) * 1000, self.settings.peer.address)
         return 0
+
+    def _disk_becomes_primary(self, first_epoch: int) -> None:
+        """Tell the running disk stage (the secondary's) that it is the primary's now:
+        unprotected, writes tagged from the epoch after the survivor's last, forwarded to
+        the peer's address once a secondary joins there."""
+        import zmq
+        from pipeline.stages.disk import DiskControl
+        context = zmq.Context()     # its own: the supervisor forks stages after this
+        ctl = DiskControl(self.settings.run_dir, "secondary", context=context)
+        try:
+            ctl.become_primary(self.settings.disk.forward, first_epoch + 1)
+        finally:
+            ctl.close()
+            context.term()
 
     # -- watching and stopping ---------------------------------------------
     def wait(self, timeout: float | None = None) -> int:

@@ -41,6 +41,9 @@ ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 
 # The channels between the two hosts, by their port's offset from peer.address's port.
 CHANNEL_PORT_OFFSETS = {"pages": 0, "control": 1, "inputs": 2, "heartbeat": 3}
+#: node.role "auto" with a replicated disk: the disk's forwarding link follows the
+#: secondary's address too (fixed roles name it in disk.forward)
+DISK_FORWARD_PORT_OFFSET = 4
 
 
 def channel_address(peer_address: str, channel: str) -> str:

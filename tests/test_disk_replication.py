@@ -699,3 +699,58 @@ def test_the_secondary_keeps_no_hole_zeroes_allocated_and_punches_the_others(tmp
     finally:
         pri.close()
         sec.close()
+
+
+def test_the_control_loop_answers_while_wait_synced_waits_for_the_sync(tmp_path, rundir):
+    """The snapshot stage's wait_synced is parked, not waited for in the disk stage's
+    control loop: while the initial sync cannot end (the secondary's stage is stopped
+    with SIGSTOP, so not even the sync's BEGIN is answered) the loop answers stats, and
+    the parked wait is answered once the sync ordered its END (the secondary resumed).
+    A stop while a wait is parked ends the stage and answers the wait (not synced)."""
+    import multiprocessing
+    from pipeline.stages.disk import DiskControl, _start_stage
+    ctx = multiprocessing.get_context("spawn")
+    work = tmp_path / "disks"
+    work.mkdir()
+    _fill(work / "primary.img", {0: os.urandom(1 << 20)})
+    common = dict(export_size=SIZE, block_size=BS, compare="off", forward_timeout_ms=600_000)
+    sec_settings = DiskSettings(image=str(work / "secondary.img"), forward="tcp://127.0.0.1:*",
+                                export=f"unix:{work}/s.sock", **common)
+    sec, info = _start_stage(ctx, "secondary", sec_settings, str(work), 30)
+    os.kill(sec.pid, signal.SIGSTOP)
+    pri = None
+    waiter = DiskControl(rundir, "primary")
+    asker = DiskControl(rundir, "primary")
+    try:
+        pri, _ = _start_stage(ctx, "primary", DiskSettings(
+            image=str(work / "primary.img"), forward=info["forward"],
+            export=f"unix:{work}/p.sock", **common), rundir, 30)
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(synced=waiter.wait_synced(600_000)))
+        t.start()
+        # every stats call is answered while the wait is parked
+        wait_for(lambda: asker.stats()["parked_waits"] == 1, 60, "wait_synced parked")
+        assert asker.stats()["counters"]["sync_state"] == 1 and t.is_alive()
+        os.kill(sec.pid, signal.SIGCONT)
+        t.join(120)
+        assert not t.is_alive() and answer == {"synced": True}
+        wait_for(lambda: asker.stats()["counters"]["sync_state"] == 2, 60, "the sync done")
+        # parked again (a sync that never ends this time: the secondary stopped for
+        # good); a stop is still heard, and the parked wait gets its answer
+        asker.call("unprotect")
+        t = threading.Thread(target=lambda: answer.update(synced=waiter.wait_synced(600_000)))
+        t.start()
+        wait_for(lambda: asker.stats()["parked_waits"] == 1, 60, "wait_synced parked")
+        asker.call("stop")
+        t.join(60)
+        assert not t.is_alive() and answer == {"synced": False}
+        pri.join(60)
+        assert pri.exitcode == 0
+    finally:
+        waiter.close()
+        asker.close()
+        os.kill(sec.pid, signal.SIGCONT)
+        for p in (pri, sec):
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(30)

@@ -90,3 +90,42 @@ witness_key = "{KEY}"
     assert r.returncode == 0, r.stderr
     assert "role auto" in r.stdout and "becomes its secondary" in r.stdout
     assert "would run as primary" in r.stdout
+
+
+def test_a_replicated_disk_follows_the_secondarys_address_and_check_config_says_so(tmp_path):
+    """Role auto with a disk: each role's forwarding link is the secondary's address,
+    port + 4 (the secondary binds it, the primary connects); a disk.forward in the file
+    would be right for one role only, so it is refused naming the key."""
+    disk = {"image": str(tmp_path / "a.img"), "export_size": 1 << 20,
+            "export": f"unix:{tmp_path}/a.nbd"}
+    s = config.from_dict({
+        "node": {"name": "a", "role": "auto", "listen": "tcp://10.0.0.1:7400"},
+        "peer": {"address": "tcp://10.0.0.2:7400"}, "security": {"mode": "plaintext"},
+        "failover": {"witness": "local", "witness_dir": str(tmp_path / "w"),
+                     "witness_key": KEY}, "disk": disk})
+    assert effective_settings(s, "secondary").disk.forward == "tcp://10.0.0.1:7404"
+    assert effective_settings(s, "primary").disk.forward == "tcp://10.0.0.2:7404"
+    path = tmp_path / "a.toml"
+    path.write_text(f"""
+[node]
+name = "a"
+role = "auto"
+listen = "tcp://127.0.0.1:7400"
+[peer]
+address = "tcp://127.0.0.1:7500"
+[security]
+mode = "plaintext"
+[failover]
+witness = "local"
+witness_dir = "{tmp_path / 'w'}"
+witness_key = "{KEY}"
+[disk]
+image = "{tmp_path / 'a.img'}"
+export_size = 1048576
+""")
+    r = cli("check-config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "tcp://127.0.0.1:7504" in r.stdout and "only the MiBs that differ" in r.stdout
+    path.write_text(path.read_text() + 'forward = "tcp://127.0.0.1:9000"\n')
+    r = cli("check-config", str(path))
+    assert r.returncode == 2 and "disk.forward" in r.stderr, r.stderr

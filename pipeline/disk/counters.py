@@ -35,6 +35,8 @@ COUNTER_NAMES = {
     "bad_forwards": "forwarded writes refused (epoch, bounds, hash, malformed)",
     "io_errors": "requests failed with EIO because the image/overlay/buffer files failed",
     "client_disconnects": "NBD clients that vanished mid-request",
+    "relinks": "open NBD connections carried over to a new backend (the export changed "
+               "role without closing)",
     "commits": "epochs committed into the secondary image",
     "discards": "uncommitted epochs discarded",
     "journal_replays": "interrupted commits/merges finished at open",
@@ -47,6 +49,14 @@ COUNTER_NAMES = {
     "sync_total": "initial sync: bytes of allocated extents to send (primary, gauge)",
     "sync_checked": "incremental sync: bytes compared by blake3 instead of sent",
     "sync_ms": "initial sync: how long it took, every extent acked (primary; 0 until done)",
+    "sync_done": "initial sync: bytes of sync_total gone through so far, sent or compared "
+                 "(primary, gauge)",
+    "sync_rate_kib_s": "initial sync: KiB of sync_total gone through per second (primary, "
+                       "gauge)",
+    "sync_incremental": "initial sync: 1 while/after an incremental one, 0 a full one "
+                        "(primary, gauge)",
+    "sync_state": "initial sync: 0 none, 1 running, 2 done, 3 failed (primary, gauge)",
+    "syncs": "initial syncs started (the first protection and every re-protection; primary)",
     "epoch": "current epoch (primary: tag of new writes; secondary: last committed)",
 }
 

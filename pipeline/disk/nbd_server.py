@@ -206,6 +206,10 @@ class NbdServer:
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        #: the connections in their transmission phase (set_backend waits for them)
+        self._sessions: set[_Connection] = set()
+        #: bumped by set_backend: a connection whose link is older takes a new one
+        self.backend_version = 0
         self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"nbd-{name}-accept",
                                           daemon=True)
@@ -238,6 +242,28 @@ class NbdServer:
         if self._unix_path and os.path.exists(self._unix_path):
             os.unlink(self._unix_path)
 
+    def set_backend(self, backend: ExportBackend, name: str | None = None) -> None:
+        """Serve ``backend`` from now on, on the open connections too: the export does not
+        close, so a guest's disk stays attached while its host changes role (the survivor
+        of a failover: the SVM's export becomes the primary's). Each open connection takes
+        a link of the new backend before its next request (once nothing it sent is in
+        flight); this returns once no request is being handled by an old link any more.
+        Both backends must describe the same export (size, block size). (A connection
+        with writes in flight on its old link finishes them there before it swaps.)"""
+        if (backend.size, backend.block_size) != (self.backend.size, self.backend.block_size):
+            raise ValueError(f"{self.name}: a new backend of {backend.size} bytes in blocks "
+                             f"of {backend.block_size} for an export of {self.backend.size} "
+                             f"in blocks of {self.backend.block_size}")
+        with self._conns_lock:
+            self.backend = backend
+            self.backend_version += 1
+            self.name = name or self.name
+            sessions = list(self._sessions)
+        for conn in sessions:
+            conn.wait_relinked()
+        log.info("%s: the export is served by a new backend (%d open connections)",
+                 self.name, len(sessions))
+
     # -- accepting -------------------------------------------------------
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -260,8 +286,16 @@ class NbdServer:
             session = self._handshake(conn)
             if session is None:
                 return
-            link = self.backend.connect()
-            _Connection(self, conn, link, session).run()
+            with self._conns_lock:
+                version, link = self.backend_version, self.backend.connect()
+                served = _Connection(self, conn, link, session, version)
+                self._sessions.add(served)
+            try:
+                served.run()
+            finally:
+                with self._conns_lock:
+                    self._sessions.discard(served)
+                link = served.link
         except (EOFError, ConnectionError) as e:
             if not self._stopping.is_set():
                 log.info("%s: client %s disconnected mid-request: %s", self.name, peer, e)
@@ -359,16 +393,21 @@ class _Connection:
     """The transmission phase of one client."""
 
     def __init__(self, server: NbdServer, conn: socket.socket, link: ExportLink,
-                 session: _Session) -> None:
+                 session: _Session, version: int = 0) -> None:
         self.server = server
         self.session = session
         self.sock = conn
         self.reader = _BufferedReader(conn)
         self.link = link
+        self.version = version        # the server's backend_version ``link`` belongs to
+        #: held while a turn of the loop handles requests and completions (set_backend
+        #: waits on it); a swap of the link happens under it too
+        self.busy = threading.Lock()
         self.counters = server.counters
         b = server.backend
         self.size, self.block, self.max_request, self.window = (
             b.size, b.block_size, b.max_request, b.window)
+        self._poller: zmq.Poller | None = None
         # replies of one burst go out in one sendmsg (a send per reply wakes the client
         # once per request and cost more than the request itself)
         self._out: list = []
@@ -401,8 +440,31 @@ class _Connection:
             except OSError:
                 pass  # the client is gone: nobody to tell
 
+    def wait_relinked(self) -> None:
+        """Return once this connection handles no request through a link older than the
+        server's backend (it swaps at its next turn; an idle one is handling none)."""
+        with self.busy:
+            pass
+
+    def _relink(self) -> None:
+        """Take a link of the server's current backend (called under ``busy``, with
+        nothing in flight on the old link)."""
+        server = self.server
+        with server._conns_lock:
+            version, backend = server.backend_version, server.backend
+        old = self.link
+        for item in old.poll_items:
+            self._poller.unregister(item)
+        self.link = backend.connect()
+        self.version = version
+        self.window = backend.window
+        for item in self.link.poll_items:
+            self._poller.register(item, zmq.POLLIN)
+        old.close()
+        self.counters.add("relinks")
+
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         fd = self.sock.fileno()
         poller.register(fd, zmq.POLLIN)
         reading = True
@@ -413,22 +475,10 @@ class _Connection:
             pending_input = reading and self.reader.buffered > 0
             timeout = 0 if pending_input else 100 if self.link.inflight else 1000
             events = dict(poller.poll(timeout))
-            if self.link.inflight:
-                for c, e in self.link.completions(time.monotonic_ns()):
-                    self._send(self._reply(c, e))
-            if reading and (fd in events or pending_input):
-                # handle every request already received before polling again
-                more = self._one_request()
-                while more and self.reader.buffered and self.link.inflight < self.window \
-                        and not self.link.outbox_full:
-                    more = self._one_request()
-                self.link.end_of_burst()
-                if not more:
-                    self._flush()
-                    self._drain(poller)
+            with self.busy:
+                if not self._turn(events, fd, pending_input, reading):
                     return
-            self._flush()
-            want_read = self.link.inflight < self.window
+                want_read = self.link.inflight < self.window
             if want_read != reading:
                 if want_read:
                     poller.register(fd, zmq.POLLIN)
@@ -436,6 +486,28 @@ class _Connection:
                     poller.unregister(fd)
                     self.counters.add("forward_stalls")
                 reading = want_read
+
+    def _turn(self, events: dict, fd: int, pending_input: bool, reading: bool) -> bool:
+        """One turn of the loop: completions, then the requests that arrived; False once
+        the client said goodbye."""
+        if self.version != self.server.backend_version and not self.link.inflight:
+            self._relink()
+        if self.link.inflight:
+            for c, e in self.link.completions(time.monotonic_ns()):
+                self._send(self._reply(c, e))
+        if reading and (fd in events or pending_input):
+            # handle every request already received before polling again
+            more = self._one_request()
+            while more and self.reader.buffered and self.link.inflight < self.window \
+                    and not self.link.outbox_full:
+                more = self._one_request()
+            self.link.end_of_burst()
+            if not more:
+                self._flush()
+                self._drain(self._poller)
+                return False
+        self._flush()
+        return True
 
     def _drain(self, poller: zmq.Poller) -> None:
         """The client said goodbye (DISC or EOF): answer what is still in flight first, as

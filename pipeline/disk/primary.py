@@ -29,11 +29,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import zmq
 
-from pipeline import sockets
+from pipeline import faults, sockets
 from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile, block_runs
+from pipeline.disk.progress import SYNC_DONE, SYNC_FAILED, SYNC_RUNNING
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import primary_generation
 
@@ -57,9 +58,14 @@ class PrimaryBackend:
 
     def __init__(self, settings: DiskSettings, counters: DiskCounters,
                  context: zmq.Context | None = None, forward: bool = True,
-                 secure=None) -> None:
+                 secure=None, protected: bool = True, first_epoch: int = 1) -> None:
         """``secure(socket, bind)``, if given, puts a forwarding socket under the node's
-        CURVE keys (pipeline.sockets.NodeContext.secure) before it connects."""
+        CURVE keys (pipeline.sockets.NodeContext.secure) before it connects.
+        ``protected=False``: start unprotected (role auto: no secondary yet, or the
+        survivor of a takeover); :meth:`reprotect` syncs the first secondary that comes.
+        ``first_epoch``: the epoch new writes are tagged with until the first checkpoint
+        (the survivor goes on from its SVM's epochs: a secondary that comes back with an
+        image of this lineage has committed epochs below them)."""
         self.settings = settings
         self.counters = counters
         self.image = ImageFile(settings.image, settings.export_size)
@@ -70,10 +76,10 @@ class PrimaryBackend:
         #: where the secondary listens (None: unreplicated); ``forward_address`` is it
         #: while protected, None while running unprotected
         self.forward_to = settings.forward if forward else None
-        self.forward_address = self.forward_to
+        self.forward_address = self.forward_to if protected else None
         self.context = context or zmq.Context.instance()
         self.secure = secure
-        self.epoch = 1
+        self.epoch = max(1, first_epoch)
         self._inflight = collections.Counter()   # epoch → writes not yet acked
         self._cond = threading.Condition()
         self._pool: ThreadPoolExecutor | None = None
@@ -90,6 +96,14 @@ class PrimaryBackend:
         #: forward is queued — where a checkpoint can overtake the write.
         self.after_ordering = None
         self._sync: InitialSync | None = None
+        #: set while no sync's BEGIN is waiting for the secondary's answer: forwards of
+        #: guest writes ordered after a BEGIN are sent only once the secondary has taken
+        #: it (the BEGIN starts its session: its committed epoch, its seqs)
+        self.session_open = threading.Event()
+        self.session_open.set()
+        #: called (on the sync's thread) once the initial sync ordered its END, or failed:
+        #: the disk stage's control loop answers waiting ``wait_synced`` requests then
+        self.wakeup = None
         #: the lineage of this image: a secondary holding the same one syncs incrementally
         self.generation = primary_generation(settings.resolved_state_dir) \
             if self.forward_to is not None else b""
@@ -124,6 +138,7 @@ class PrimaryBackend:
             if self.forward_address is not None or self.forward_to is None:
                 return False
             self.forward_address = self.forward_to
+            self.session_open.clear()
             begin = self._order_marker_locked()
         old, self._sync = self._sync, InitialSync(self, begin)
         if old is not None:
@@ -220,6 +235,7 @@ class PrimaryBackend:
         with self._order_lock:
             if self.forward_address is None or self._sync is not None:
                 return
+            self.session_open.clear()
             begin = self._order_marker_locked()
         self._sync = InitialSync(self, begin)
         self._sync.start()
@@ -228,6 +244,18 @@ class PrimaryBackend:
         """True once the initial sync ordered its END (or there is none): a checkpoint
         sealed after that holds the whole disk."""
         return self._sync is None or self._sync.ordered_end.wait(timeout_s)
+
+    def ready_for_checkpoint(self) -> bool:
+        """May a checkpoint be taken now, as far as the disk goes? Unreplicated: always.
+        Unprotected: no (the checkpoint would be for a secondary that has not had its
+        sync: the coordinator's ``role primary`` comes first). Else once the sync (if
+        one runs) ordered its END. Never blocks (the disk stage's control loop asks)."""
+        if self.forward_to is None:
+            return True
+        if self.forward_address is None:
+            return False
+        sync = self._sync
+        return sync is None or sync.ordered_end.is_set()
 
     def forward_socket(self) -> zmq.Socket:
         """A new DEALER to the secondary's forward receiver (CURVE when the node is)."""
@@ -298,11 +326,17 @@ class InitialSync(threading.Thread):
         sock = b.forward_socket()
         self._sent = 0
         t0 = time.monotonic()
+        completed = False
+        for name, value in (("sync_total", 0), ("sync_done", 0), ("sync_ms", 0),
+                            ("sync_rate_kib_s", 0), ("sync_state", SYNC_RUNNING)):
+            b.counters.set(name, value)
+        b.counters.add("syncs")
         try:
             seq, epoch = self._begin
             self._send(sock, epoch, seq, wire.KIND_SYNC_BEGIN, 0, 0, None,
                        digest=b.generation)
             self._drain(sock, 0)          # its answer: "full" or "incremental"
+            b.session_open.set()          # the guest's forwards may follow it now
             incremental = self._begin_answer == "incremental"
             if incremental:  # the secondary kept its image: compare every extent
                 runs = [(0, b.size)]
@@ -311,6 +345,7 @@ class InitialSync(threading.Thread):
                         block_runs(b.image.extents(0, b.size), b.block_size) if allocated]
             total = sum(e - s for s, e in runs)
             b.counters.set("sync_total", total)
+            b.counters.set("sync_incremental", int(incremental))
             log.info("primary disk: %s initial sync of %d bytes in %d extents",
                      "incremental" if incremental else "full", total, len(runs))
             done, said = 0, time.monotonic()
@@ -339,15 +374,24 @@ class InitialSync(threading.Thread):
                     else:
                         self._send_extent(sock, epoch, seq, off, n, data)
                     done += n
+                    b.counters.set("sync_done", done)
                     if time.monotonic() - said >= 1.0:
                         said = time.monotonic()
+                        b.counters.set("sync_rate_kib_s",
+                                       round(done / 1024 / max(1e-3, said - t0)))
                         log.info("primary disk: initial sync %.0f%% (%d of %d MiB)",
                                  100 * done / max(1, total), done >> 20, total >> 20)
             seq, epoch = self._order_marker()
             self.ordered_end.set()
+            if b.wakeup is not None:
+                b.wakeup()
             self._send(sock, epoch, seq, wire.KIND_SYNC_END, 0, 0, None)
             self._drain(sock, 0)
-            b.counters.set("sync_ms", max(1, round((time.monotonic() - t0) * 1e3)))
+            elapsed = time.monotonic() - t0
+            b.counters.set("sync_rate_kib_s", round(done / 1024 / max(1e-3, elapsed)))
+            b.counters.set("sync_ms", max(1, round(elapsed * 1e3)))
+            b.counters.set("sync_state", SYNC_DONE)
+            completed = True
             log.info("primary disk: initial sync done, %d bytes sent in %.2f s", self._sent,
                      time.monotonic() - t0)
         except (OSError, zmq.ZMQError, RuntimeError) as e:
@@ -355,7 +399,12 @@ class InitialSync(threading.Thread):
             log.error("primary disk: the initial sync failed: %s", e)
             b.counters.add("forward_errors")
         finally:
+            if not completed:      # failed, or given up (stopped, unprotected meanwhile)
+                b.counters.set("sync_state", SYNC_FAILED)
             self.ordered_end.set()   # a failed sync fails the first commit, loudly
+            b.session_open.set()
+            if b.wakeup is not None:
+                b.wakeup()
             for epoch in self._inflight.values():
                 b._track(epoch, -1)
             sock.close(0)
@@ -384,8 +433,12 @@ class InitialSync(threading.Thread):
         is sent (with its seq) and awaited in turn."""
         timeout = self.b.settings.forward_timeout_ms
         while len(self._inflight) > most:
-            if not sock.poll(timeout):
-                raise RuntimeError(f"no ack from the secondary within {timeout} ms")
+            deadline = time.monotonic() + timeout / 1e3
+            while not sock.poll(min(200, timeout)):   # slices: a stop is heard meanwhile
+                if self._stopping.is_set():
+                    raise RuntimeError("the sync was stopped")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no ack from the secondary within {timeout} ms")
             for seq, status, reason in wire.decode_ack(sock.recv_multipart()):
                 epoch = self._inflight.pop(seq, None)
                 if epoch is None:
@@ -516,6 +569,9 @@ class PrimaryLink:
             log.error("primary disk: writing our image failed: %s", e)
             self.b.counters.add("io_errors")
             p.error = P.EIO
+        else:
+            if faults.ACTIVE:   # in our image; its forward not sent before the burst ends
+                faults.point("disk.primary.applied")
         p.local = True
         return self._complete_or_hold(seq, p)
 
@@ -531,6 +587,8 @@ class PrimaryLink:
         return False
 
     def _pooled_done(self, seq: int) -> None:  # runs on a pool thread
+        if faults.ACTIVE:
+            faults.point("disk.primary.applied")
         self.b.applied(seq)
         self._local_done.append(seq)
         os.eventfd_write(self._wakeup, 1)
@@ -567,6 +625,11 @@ class PrimaryLink:
         self._close_group()
         if not self._outbox:
             return
+        if not self.b.session_open.is_set():
+            # a sync's BEGIN is on its way: the secondary starts the session with it
+            # (one round trip, at re-protection only); a BEGIN that gets no answer
+            # fails the sync, which opens the session anyway
+            self.b.session_open.wait(self.b.settings.forward_timeout_ms / 1e3)
         frames, seqs = self._outbox, self._outbox_seqs
         self._outbox, self._outbox_seqs, self._outbox_bytes = [], [], 0
         try:

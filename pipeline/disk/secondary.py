@@ -290,7 +290,7 @@ class ForwardReceiver(threading.Thread):
             try:
                 if w.kind == wire.KIND_SYNC_BEGIN:
                     self.session_begin = w.seq
-                    reason = self.store.begin_sync(w.digest, w.seq)
+                    reason = self.store.begin_sync(w.digest, w.seq, w.epoch)
                     self.sealed.restart_at(w.seq)
                     log.info("secondary disk: %s initial sync begins (seq %d)", reason, w.seq)
                 elif w.kind == wire.KIND_SYNC_CHECK:

@@ -119,6 +119,9 @@ class SecondaryStore:
         self._committing: int | None = None  # epoch being applied right now (in memory)
         self._sync_end_seq: int | None = None  # the initial sync's END, once it arrived
         self._stale_logs: set[int] = set()
+        #: this store's SVM went active in this process (not merely in an earlier life:
+        #: a host that was active and comes back as a secondary syncs again)
+        self._failed_over_here = False
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
         self._state = self._read_journal()
@@ -155,11 +158,12 @@ class SecondaryStore:
                     raise StoreError(f"commit journal {path} is corrupt: {e}") from None
         return state
 
-    def _write_journal(self, **changes: object) -> None:
+    def _write_journal(self, label: str = "", **changes: object) -> None:
         state = {**self._state, **changes}
-        label = "committed" if "committed" in changes else "active" if changes.get("active") \
-            else "merging" if changes.get("merging") else "syncing" if changes.get("syncing") \
-            else "committing"   # fault point names
+        label = label or ("committed" if "committed" in changes else "active"
+                          if changes.get("active") else "merging" if changes.get("merging")
+                          else "syncing" if changes.get("syncing")
+                          else "committing")   # fault point names
         path = os.path.join(self.state_dir, JOURNAL)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -382,17 +386,22 @@ class SecondaryStore:
         through commits and failover; None for an image of unknown origin."""
         return self._state.get("generation")
 
-    def begin_sync(self, generation: bytes, first_seq: int = 0) -> str:
+    def begin_sync(self, generation: bytes, first_seq: int = 0, epoch: int = 0) -> str:
         """The primary starts the initial sync of an image of ``generation``. An image of the
         same generation (the old host of a failed-over pair coming back) is kept and
         compared extent by extent ("incremental"); any other is emptied ("full": the sync
         sends only the allocated extents). Either way the journal says ``syncing`` first,
-        so no crash can leave it looking like a checkpoint."""
+        so no crash can leave it looking like a checkpoint. An image that was active (this
+        host ran the VM, in an earlier life of the store) is a secondary's again.
+        ``epoch``: the BEGIN's; the session's writes are of it or later, so the committed
+        epoch becomes the one before (another session's epochs mean nothing here)."""
         with self._lock:
-            if self.active:
+            if self._failed_over_here:
                 raise StoreError("initial sync: this node failed over; its image is the disk")
             keep = self.generation == generation.hex()
-            self._write_journal(syncing=True, generation=generation.hex())
+            committed = {"committed": epoch - 1} if epoch else {}
+            self._write_journal("syncing", syncing=True, generation=generation.hex(),
+                                active=False, **committed)
             for ep in self._stale_logs & set(self._logs):
                 self._drop_log(ep)     # another primary's writes, of another session
             self._stale_logs = set()
@@ -541,6 +550,7 @@ class SecondaryStore:
             raise StoreError("failover: the image is still being filled by the initial sync; "
                              "it holds no checkpoint to go on from")
         with self._lock:
+            self._failed_over_here = True
             if self.active:
                 return
             path = os.path.join(self.state_dir, "overlay.bitmap")

@@ -181,7 +181,11 @@ def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length
         raise ForwardError(errno.EINVAL, f"{what}: magic {magic!r}, expected {FORWARD_MAGIC!r}")
     if kind not in KINDS:
         raise ForwardError(errno.EINVAL, f"{what}: unknown kind {kind}")
-    if epoch <= committed_epoch or epoch > committed_epoch + MAX_EPOCH_LEAD:
+    if kind == KIND_SYNC_BEGIN:
+        # a BEGIN starts a session: its epoch becomes the base of the window
+        if epoch == 0:
+            raise ForwardError(errno.EINVAL, f"{what}: a sync BEGIN of epoch 0")
+    elif epoch <= committed_epoch or epoch > committed_epoch + MAX_EPOCH_LEAD:
         raise ForwardError(errno.ESTALE, f"{what}: wrong epoch, the last committed is "
                                          f"{committed_epoch} (accepted: {committed_epoch + 1}.."
                                          f"{committed_epoch + MAX_EPOCH_LEAD})")

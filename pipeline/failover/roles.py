@@ -61,10 +61,19 @@ def check_auto(settings: Any) -> None:
                            "the protected VM's name at the witness, the same on both hosts, "
                            "e.g. '/colo/vm1/active'")
     if settings.disk.enabled:
-        raise SettingError("disk.image", "set with node.role 'auto': the survivor of a "
-                           "failover does not yet turn its disk stage into the primary's "
-                           "(re-protecting a replicated disk after a failover)",
-                           "no disk, or fixed roles")
+        from pipeline import wire
+        default = type(settings.disk)().forward
+        if settings.disk.forward != default:
+            raise SettingError("disk.forward", f"{settings.disk.forward!r} with node.role "
+                               "'auto': the disk's forwarding link follows the secondary's "
+                               f"address (port + {wire.DISK_FORWARD_PORT_OFFSET})",
+                               "not set")
+        top = 65535 - wire.DISK_FORWARD_PORT_OFFSET
+        for key, addr in (("node.listen", n.listen), ("peer.address", settings.peer.address)):
+            if int(addr.rsplit(":", 1)[1]) > top:
+                raise SettingError(key, f"{addr!r}: with a replicated disk the port + "
+                                   f"{wire.DISK_FORWARD_PORT_OFFSET} is used too",
+                                   f"a port up to {top}")
     if settings.heartbeat.address:
         raise SettingError("heartbeat.address", "set with node.role 'auto': the heartbeat "
                            "follows the secondary's address (port + 3)", "empty")
@@ -89,8 +98,18 @@ def effective_settings(settings: Any, role: str) -> Any:
         raise ValueError(f"role {role!r} is neither 'primary' nor 'secondary'")
     peer = dataclasses.replace(settings.peer, address=settings.node.listen
                                if role == "secondary" else settings.peer.address)
+    disk = settings.disk
+    if disk.enabled:   # the secondary binds its forwarding link, the primary connects to it
+        disk = dataclasses.replace(disk, forward=disk_forward_address(peer.address))
     return dataclasses.replace(settings, node=dataclasses.replace(settings.node, role=role),
-                               peer=peer)
+                               peer=peer, disk=disk)
+
+
+def disk_forward_address(secondary_address: str) -> str:
+    """Role auto: where the secondary's disk stage takes the forwarded writes."""
+    from pipeline import wire
+    base, port = secondary_address.rsplit(":", 1)
+    return f"{base}:{int(port) + wire.DISK_FORWARD_PORT_OFFSET}"
 
 
 def decide_role(settings: Any, poll_s: float = 0.2, wait: bool = True) -> tuple[str, str]:

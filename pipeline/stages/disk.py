@@ -12,10 +12,13 @@ Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.so
 — what the coordinator calls:
 
 * secondary: ``commit(epoch)`` (call it while the SVM is paused, before acking e),
-  ``discard_uncommitted()``, ``failover()``, ``stats()``
+  ``discard_uncommitted()``, ``failover()``, ``stats()``, ``become_primary(forward,
+  first_epoch)`` (the survivor of a takeover: the same stage, the same export, the
+  primary's side from now on; its control moves to the primary's address)
 * primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``,
   ``wait_synced(timeout_ms)`` (the snapshot stage, before the pause: the initial sync is
-  in the checkpoint), ``unprotect()``, ``stats()``
+  in the checkpoint; answered when it is, the control loop goes on meanwhile),
+  ``unprotect()``, ``stats()``
 
 Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are tagged
 e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
@@ -36,6 +39,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,17 +65,48 @@ def control_address(rundir: str, role: str) -> str:
 
 
 class PrimaryDisk:
-    """The primary's disk stage, in-process (the process entry is :func:`run_disk_stage`)."""
+    """The primary's disk stage, in-process (the process entry is :func:`run_disk_stage`).
+
+    ``protected=False``: no secondary yet (role auto): writes are not forwarded until the
+    coordinator's ``role primary`` (re-protection) starts a sync to the first one.
+    ``server``: an export that already serves the guest (the SVM's, on the survivor of a
+    takeover): it is handed to this side without closing (see :meth:`from_secondary`)."""
 
     def __init__(self, settings: DiskSettings, counters: DiskCounters | None = None,
-                 forward: bool = True, context=None, secure=None) -> None:
+                 forward: bool = True, context=None, secure=None, protected: bool = True,
+                 first_epoch: int = 1, server: NbdServer | None = None) -> None:
         self.counters = counters or DiskCounters()
         self.backend = PrimaryBackend(settings, self.counters, context=context,
-                                      forward=forward, secure=secure)
-        if settings.initial_sync:
+                                      forward=forward, secure=secure, protected=protected,
+                                      first_epoch=first_epoch)
+        if settings.initial_sync and protected:
             self.backend.start_sync()  # its BEGIN is ordered before any guest write
-        self.server = NbdServer(self.backend, settings.export, self.counters, "primary").start()
+        if server is None:
+            self.server = NbdServer(self.backend, settings.export, self.counters,
+                                    "primary").start()
+        else:
+            server.set_backend(self.backend, "primary")
+            self.server = server
         self.uri = self.server.uri
+
+    @classmethod
+    def from_secondary(cls, side: "SecondaryDisk", forward: str, first_epoch: int,
+                       context=None, secure=None) -> "PrimaryDisk":
+        """The survivor of a takeover: its SVM is the VM and its disk becomes the primary's,
+        unprotected, forwarding to ``forward`` once a secondary joins. The export goes on
+        serving the guest's open connections (no gap): their next request is the
+        primary's; the store's image (the disk, merged at failover) is the primary's
+        image and keeps its generation, so the old host coming back with its image gets
+        an incremental sync."""
+        side.store.failover()         # idempotent: the 'role active' event may not be in yet
+        side.receiver.stop()          # the forwarding link's secondary end
+        settings = replace(side.settings, forward=forward)
+        primary = cls(settings, side.counters, context=context, secure=secure,
+                      protected=False, first_epoch=first_epoch, server=side.server)
+        side.store.close()            # no old link uses it any more (set_backend waited)
+        log.warning("disk: the secondary's disk is the primary's now (unprotected, epochs "
+                    "from %d, forwarding to %s once a secondary joins)", first_epoch, forward)
+        return primary
 
     def command(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         if cmd == "set_epoch":
@@ -165,14 +200,52 @@ class SecondaryDisk:
         self.store.close()
 
 
+class _Requests:
+    """The control socket of a disk stage (a ROUTER, so a request can be answered later:
+    ``wait_synced`` is parked until the sync is far enough, and the loop meanwhile
+    answers every other request and sees its stop)."""
+
+    def __init__(self, rundir: str, role: str) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(control_address(rundir, role))
+        #: parked wait_synced requests: (envelope, deadline)
+        self.parked: list[tuple[list[bytes], float]] = []
+
+    def recv(self) -> tuple[list[bytes], bytes]:
+        frames = self.socket.recv_multipart()
+        return frames[:-1], frames[-1]     # the REQ envelope (identity, empty), the body
+
+    def reply(self, envelope: list[bytes], reply: dict) -> None:
+        self.socket.send_multipart(envelope + [json.dumps(reply).encode()])
+
+    def answer_parked(self, ready: bool, now: float) -> None:
+        """Answer the parked waits: synced once ``ready``, not synced past their deadline."""
+        keep = []
+        for envelope, deadline in self.parked:
+            if ready or now >= deadline:
+                self.reply(envelope, {"ok": True, "synced": ready})
+            else:
+                keep.append((envelope, deadline))
+        self.parked = keep
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
 def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
                    counters_sink: CounterSink | None = None, ready: Any = None,
                    stop: threading.Event | Any | None = None, context: Any = None,
-                   secure: Any = None) -> None:
+                   secure: Any = None, protected: bool = True) -> None:
     """Process entry of the disk stage: serve until SIGTERM, a ``stop`` command or ``stop``.
 
     ``ready`` (optional, a multiprocessing Connection) receives
     ``{"uri": ..., "forward": ...}`` once the export listens, or ``{"error": ...}``.
+    ``protected=False`` (primary, role auto): no secondary yet, see :class:`PrimaryDisk`.
+
+    A secondary's stage becomes the primary's on the ``become_primary`` command (the
+    survivor of a takeover, ``Supervisor.become_primary``): same process, same export,
+    its control socket moves to the primary's address.
     """
     if role not in ROLES:
         raise ValueError(f"disk stage role {role!r}: expected one of {ROLES}")
@@ -183,7 +256,8 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
     checkpoints = CheckpointClient(rundir)
     try:
         side: PrimaryDisk | SecondaryDisk = (
-            PrimaryDisk(settings, counters, context=context, secure=secure)
+            PrimaryDisk(settings, counters, context=context, secure=secure,
+                        protected=protected)
             if role == "primary"
             else SecondaryDisk(settings, counters, checkpoints, context=context, secure=secure))
     except Exception as e:
@@ -191,38 +265,80 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
             ready.send({"error": f"{type(e).__name__}: {e}"})
         checkpoints.close()
         raise
-    ctx = zmq.Context.instance()
-    control = ctx.socket(zmq.REP)
-    control.setsockopt(zmq.LINGER, 0)
-    control.bind(control_address(rundir, role))
+    # the sync thread wakes the loop when a parked wait_synced can be answered
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def on_sync_progress() -> None:
+        os.eventfd_write(wake, 1)
+    if isinstance(side, PrimaryDisk):
+        side.backend.wakeup = on_sync_progress
+    control = _Requests(rundir, role)
     if ready is not None:
         ready.send({"uri": side.uri, "forward": getattr(side, "forward_endpoint", None)})
     poller = zmq.Poller()
-    poller.register(control, zmq.POLLIN)
+    poller.register(control.socket, zmq.POLLIN)
     poller.register(checkpoints.events_in, zmq.POLLIN)
+    poller.register(wake, zmq.POLLIN)
     try:
         while not stopping.is_set() and not (stop is not None and stop.is_set()):
             faults.point("stage.disk.loop")
-            events = dict(poller.poll(200))
+            now = time.monotonic()
+            timeout = 200 if not control.parked else \
+                max(0, min(200, min(d for _e, d in control.parked) - now) * 1000)
+            events = dict(poller.poll(timeout))
+            if wake in events:
+                try:
+                    os.eventfd_read(wake)
+                except BlockingIOError:
+                    pass
             if checkpoints.events_in in events:
                 for ev in checkpoints.poll_events(0):
                     side.on_event(ev.event, ev.epoch, ev.extra)
-            if control in events:
-                msg = control.recv()
+            if control.socket in events:
+                envelope, msg = control.recv()
+                reply: dict | None
                 try:
                     req = json.loads(msg)
                     cmd = req.pop("cmd")
                     if cmd == "stop":
                         stopping.set()
                         reply = {"ok": True}
+                    elif cmd == "wait_synced" and isinstance(side, PrimaryDisk):
+                        # parked, never waited for here: the loop must go on answering
+                        wait_s = int(req.get("timeout_ms", 600_000)) / 1e3
+                        control.parked.append((envelope, time.monotonic() + wait_s))
+                        reply = None
+                    elif cmd == "become_primary" and isinstance(side, SecondaryDisk):
+                        side = PrimaryDisk.from_secondary(
+                            side, str(req["forward"]), int(req.get("first_epoch", 1)),
+                            context=context, secure=secure)
+                        side.backend.wakeup = on_sync_progress
+                        control.reply(envelope, {"ok": True, "role": "primary",
+                                                 "uri": side.uri})
+                        # the primary's stages call the primary's address
+                        poller.unregister(control.socket)
+                        control.close()
+                        control = _Requests(rundir, "primary")
+                        poller.register(control.socket, zmq.POLLIN)
+                        role = "primary"
+                        reply = None
                     else:
                         reply = {"ok": True, **side.command(cmd, req)}
+                        if cmd == "stats":
+                            reply["parked_waits"] = len(control.parked)
                 except (ValueError, KeyError, TypeError, StoreError, OSError) as e:
                     log.error("disk %s: control request %r failed: %s", role, msg[:200], e)
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                control.send(json.dumps(reply).encode())
+                if reply is not None:
+                    control.reply(envelope, reply)
+            if control.parked:
+                control.answer_parked(side.backend.ready_for_checkpoint()
+                                      if isinstance(side, PrimaryDisk) else True,
+                                      time.monotonic())
     finally:
-        control.close(0)
+        control.answer_parked(False, float("inf"))   # stopping: not synced, say so
+        control.close()
+        os.close(wake)
         side.close()
         checkpoints.close()
 
@@ -234,14 +350,16 @@ class DiskControlError(RuntimeError):
 class DiskControl:
     """The coordinator's handle on a disk stage process (synchronous, with a timeout)."""
 
-    def __init__(self, rundir: str, role: str, timeout_ms: int = 30_000) -> None:
+    def __init__(self, rundir: str, role: str, timeout_ms: int = 30_000,
+                 context: zmq.Context | None = None) -> None:
         self.address = control_address(rundir, role)
         self.timeout_ms = timeout_ms
+        self.context = context
         self._sock: zmq.Socket | None = None
 
     def call(self, cmd: str, reply_timeout_ms: int | None = None, **args: Any) -> dict[str, Any]:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.REQ)
+            self._sock = (self.context or zmq.Context.instance()).socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
         self._sock.send(json.dumps({"cmd": cmd, **args}).encode())
@@ -269,6 +387,12 @@ class DiskControl:
 
     def unprotect(self) -> None:
         self.call("unprotect")
+
+    def become_primary(self, forward: str, first_epoch: int) -> dict[str, Any]:
+        """Secondary side, after a takeover: become the primary's disk stage in place
+        (see :meth:`PrimaryDisk.from_secondary`); its control moves to the primary's
+        address."""
+        return self.call("become_primary", forward=forward, first_epoch=first_epoch)
 
     def wait_synced(self, timeout_ms: int = 600_000) -> bool:
         """Wait until the initial disk sync has ordered its last extent (a checkpoint after
