@@ -32,6 +32,8 @@ import pytest
 from conftest import cli, wait_until
 from test_failover import TABLES
 
+from test_failover_reprotect import NETNS_READY, EtcdNetns
+
 from pipeline.disk.nbd_client import NbdClient
 from pipeline.localpair import HostPair
 
@@ -154,12 +156,32 @@ def images_equal_at_a_checkpoint(pair: HostPair, images: dict[str, str]) -> None
     assert differing_mibs(images["a"], images["b"]) == []
 
 
-def test_failover_reprotection_and_failback_with_a_replicated_disk(tmp_path):
+def disk_tables() -> dict:
+    """Each host's own image and export (a unix socket its guest's driver connects to)."""
     disk = {"export_size": DISK, "durable_commit": False, "compare": "off"}
-    role_tables = {h: {"disk": {**disk, "image": f"{{workdir}}/{h}-disk.img",
-                                "export": f"unix:{{workdir}}/{h}-disk.nbd"}}
-                   for h in ("a", "b")}
-    pair = HostPair(TABLES, workdir=str(tmp_path / "pair"), role_tables=role_tables)
+    return {h: {"disk": {**disk, "image": f"{{workdir}}/{h}-disk.img",
+                         "export": f"unix:{{workdir}}/{h}-disk.nbd"}} for h in ("a", "b")}
+
+
+def test_failover_reprotection_and_failback_with_a_replicated_disk(tmp_path):
+    """On one machine, with the demo's local witness."""
+    pair = HostPair(TABLES, workdir=str(tmp_path / "pair"), role_tables=disk_tables())
+    run_disk_cycles(pair)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not NETNS_READY, reason="needs root, iproute2 and etcd")
+def test_failover_reprotection_and_failback_with_a_replicated_disk_netns_etcd(tmp_path):
+    """The hosts in two network namespaces (the forwarding link between them, CURVE),
+    etcd (TTL 2 s) in a third as the witness."""
+    with EtcdNetns(tmp_path) as net:
+        pair = HostPair(dict(TABLES, failover=net.failover), workdir=str(tmp_path / "pair"),
+                        role_tables=disk_tables(), addresses=net.addresses, netns=net.netns)
+        run_disk_cycles(pair)     # (stops the pair)
+
+
+def run_disk_cycles(pair: HostPair) -> None:
+    """The cycles of the module docstring; stops the pair at the end."""
     images = {h: os.path.join(pair.workdir, f"{h}-disk.img") for h in ("a", "b")}
     exports = {h: os.path.join(pair.workdir, f"{h}-disk.nbd") for h in ("a", "b")}
     rng = random.Random(11)

@@ -205,48 +205,78 @@ class Netns:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+class EtcdNetns:
+    """:class:`Netns` with etcd running in the witness namespace: ``failover`` is the
+    config table that points a node at it (TTL 2 s), ``addresses``/``netns`` what
+    HostPair takes. A context manager; it removes what it made."""
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.tag = f"rp{os.getpid() % 10000}"
+        self.net = Netns(self.tag, 10 + os.getpid() % 200)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self.port = free_port(2)
+            self.url = f"http://{self.net.ip['w']}:{self.port}"
+            peer_url = f"http://{self.net.ip['w']}:{self.port + 1}"
+            etcd_log = open(tmp_path / "etcd.log", "wb")
+            self.procs.append(subprocess.Popen(self.net.exec(
+                "w", "etcd", "--name", "witness", "--data-dir", str(tmp_path / "etcd-data"),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"witness={peer_url}", "--log-level", "error"),
+                stdout=etcd_log, stderr=subprocess.STDOUT))
+            wait_until(lambda: subprocess.run(self.net.exec("w", "curl", "-s",
+                                                            self.url + "/health"),
+                                              capture_output=True).stdout.find(b"true") >= 0,
+                       timeout=60, what="etcd healthy in the witness namespace")
+        except BaseException:
+            self.close()
+            raise
+        self.failover = {"witness": "etcd", "etcd_endpoints": [self.url], "lease_ttl_s": 2}
+        self.addresses = {h: f"tcp://{self.net.ip[h]}:7400" for h in ("a", "b")}
+        self.netns = {h: self.net.ns[h] for h in ("a", "b")}
+
+    def start(self, host: str, *cmd: str) -> subprocess.Popen:
+        """Run ``cmd`` in ``host``'s namespace until :meth:`close`."""
+        p = subprocess.Popen(self.net.exec(host, *cmd))
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+        self.procs.clear()
+        self.net.close()
+
+    def __enter__(self) -> "EtcdNetns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @pytest.mark.root
 @pytest.mark.skipif(not NETNS_READY, reason="needs root, iproute2 and etcd")
 def test_three_failovers_and_failbacks_netns_etcd(tmp_path):
     """The cycles with the hosts in network namespaces, CURVE, and etcd (TTL 2 s) on a
     third namespace as the witness."""
-    tag = f"rp{os.getpid() % 10000}"
-    net = Netns(tag, 10 + os.getpid() % 200)
-    procs: list[subprocess.Popen] = []
     pair = None
-    try:
-        port = free_port(2)
-        url = f"http://{net.ip['w']}:{port}"
-        peer_url = f"http://{net.ip['w']}:{port + 1}"
-        etcd_log = open(tmp_path / "etcd.log", "wb")
-        procs.append(subprocess.Popen(net.exec(
-            "w", "etcd", "--name", "witness", "--data-dir", str(tmp_path / "etcd-data"),
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"witness={peer_url}", "--log-level", "error"),
-            stdout=etcd_log, stderr=subprocess.STDOUT))
-        wait_until(lambda: subprocess.run(net.exec("w", "curl", "-s", url + "/health"),
-                                          capture_output=True).stdout.find(b"true") >= 0,
-                   timeout=60, what="etcd healthy in the witness namespace")
-        tables = dict(TABLES, failover={"witness": "etcd", "etcd_endpoints": [url],
-                                        "lease_ttl_s": 2})
-        pair = HostPair(tables, workdir=str(tmp_path / "pair"),
-                        addresses={h: f"tcp://{net.ip[h]}:7400" for h in ("a", "b")},
-                        netns={h: net.ns[h] for h in ("a", "b")})
-        out = tmp_path / "holders.jsonl"
-        procs.append(subprocess.Popen(net.exec(
-            "w", sys.executable, "-c", WATCHER, net.ip["w"], str(port),
-            f"/colo/{pair.tag}/active", str(out))))
+    with EtcdNetns(tmp_path) as net:
+        try:
+            pair = HostPair(dict(TABLES, failover=net.failover),
+                            workdir=str(tmp_path / "pair"), addresses=net.addresses,
+                            netns=net.netns)
+            out = tmp_path / "holders.jsonl"
+            net.start("w", sys.executable, "-c", WATCHER, net.net.ip["w"], str(net.port),
+                      f"/colo/{pair.tag}/active", str(out))
 
-        def holders() -> list[dict]:
-            return [json.loads(line) for line in out.read_text().splitlines()] \
-                if out.exists() else []
-        cycles = run_cycles(pair, holders)
-        print("\n" + json.dumps(cycles))
-    finally:
-        if pair is not None:
-            pair.stop()
-        for p in procs:
-            p.kill()
-            p.wait(10)
-        net.close()
+            def holders() -> list[dict]:
+                return [json.loads(line) for line in out.read_text().splitlines()] \
+                    if out.exists() else []
+            cycles = run_cycles(pair, holders)
+            print("\n" + json.dumps(cycles))
+        finally:
+            if pair is not None:
+                pair.stop()
