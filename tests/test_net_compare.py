@@ -646,3 +646,29 @@ def test_stream_with_an_oversized_frame_counts_it_and_keeps_comparing():
     h.cmp.settle()
     assert h.cmp.counters["malformed_frames"] == 1
     assert h.cmp.counters["frames_released"] == 40 and h.requests == []
+
+
+def test_a_stream_the_other_side_never_quite_catches_up_with_does_not_time_out():
+    """The PVM's stream one frame ahead of the SVM's for longer than the compare timeout
+    (the PVM answers first: it gets each input first), so the PVM's stream is never empty:
+    every frame waits 1 ms, none times out, and the added latency counts from each frame's
+    own arrival. (Counted from the oldest item since the stream was last empty, every frame
+    looked as old as the first: a spurious net_timeout after compare_timeout_ms.)"""
+    from pipeline.net.comparator import PRIMARY, SECONDARY, RELEASE_DELAY_COUNTERS
+    from pipeline.net.framing import encode_frame
+    h = Harness(compare_timeout_ms=1000)
+    n = 3000
+    pvm = [udp(b"answer %d" % i, sport=1000 + i % 50, ip_id=i) for i in range(n)]
+    svm = [udp(b"answer %d" % i, sport=1000 + i % 50, ip_id=7 * i) for i in range(n)]
+    h.cmp.push_stream(PRIMARY, encode_frame(pvm[0]))
+    for i in range(1, n):
+        h.now += 0.001
+        h.cmp.push_stream(PRIMARY, encode_frame(pvm[i]))
+        h.cmp.push_stream(SECONDARY, encode_frame(svm[i - 1]))
+        h.cmp.check_timeouts()
+    assert h.requests == []
+    assert h.released == pvm[:-1]
+    assert h.cmp.counters["run_matched_frames"] == n - 1
+    waited = dict(zip(RELEASE_DELAY_COUNTERS, (h.cmp.counters[c] for c in
+                                               RELEASE_DELAY_COUNTERS)))
+    assert sum(waited[f"released_after_le_{b}ms"] for b in ("0.1", "0.3", "1", "3")) == n - 1

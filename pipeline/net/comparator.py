@@ -100,7 +100,7 @@ COUNTER_NAMES = (
     "frames_released", "bytes_released", "secondary_frames_dropped", "primary_frames_dropped",
     "malformed_frames", "mismatches", "timeouts", "checkpoint_requests", "requests_coalesced",
     "table_full", "queue_full", "connections_evicted", "connections_closed",
-    "fragments_held", "fragments_dropped", "commits", "passthrough_frames",
+    "fragments_held", "fragments_dropped", "commits", "snapshots", "passthrough_frames",
     "mirror_frames_held", "mirror_frames_dropped",
     # back-pressure: PVM frames kept out of the queues, time the PVM was not read, the
     # most PVM frames held at once, SVM frames discarded after their side overflowed
@@ -813,8 +813,7 @@ class Comparator:
                 rest = bytes(buf[pos:])
                 del buf[pos:]
                 r.walked = pos
-                if len(offs) > r.head and r.since is None:
-                    r.since = now
+                r.note_arrived(now)
                 r.decoder = FrameDecoder(False, MAX_FRAME_BYTES,
                                          lambda why, s=side: self.note_malformed(s, why))
                 self._feed_decoder(side, r, rest, now)
@@ -829,8 +828,7 @@ class Comparator:
             pos += size
         if pos > r.walked:
             r.walked = pos
-            if r.since is None:
-                r.since = now
+            r.note_arrived(now)
         self._pump()
 
     def stream_frames(self) -> int:
@@ -878,17 +876,15 @@ class Comparator:
         """The oldest item of a side's stream through the per-frame path."""
         r = self._streams[side]
         buf, at = r.buf, r.offs[r.head]
-        r.head += 1
         (length,) = _WORD.unpack_from(buf, at)
-        since = r.since if r.since is not None else now
+        since = r.since if r.since is not None else now   # when this item arrived
         if length == BOUNDARY_WORD:
             _, kind, epoch, aborted = BOUNDARY_RECORD.unpack_from(buf, at)
             r.boundaries -= 1
             frame = None
         else:
             frame = bytes(buf[at + 4:at + 4 + length])
-        if r.head == len(r.offs):
-            r.clear()
+        r.take(1)
         if frame is None:
             if kind in BOUNDARY_KINDS:
                 self._boundary_cb(side, Boundary(kind, epoch, aborted))
@@ -964,15 +960,12 @@ class Comparator:
             k, size = _match_small(pvm.buf, svm.buf, offs, pvm.head, few, p0, s0, avail)
         if not k:
             return 0
-        if pvm.since is not None:
-            self._note_delay(pvm.since, k)      # (from the oldest of the side's waiting frames)
+        for arrived, n in pvm.arrivals(k):
+            self._note_delay(arrived, n)
         with memoryview(pvm.buf) as view, view[p0:p0 + size] as block:
             self._release_block_cb(block)       # valid during the call only
-        pvm.head += k
-        svm.head += k
-        for r in (pvm, svm):
-            if r.head == len(r.offs):
-                r.clear()
+        pvm.take(k)
+        svm.take(k)
         n_bytes = size - 4 * k
         c = self.counters
         for name, n in (("primary_frames_in", k), ("secondary_frames_in", k),
@@ -1034,7 +1027,9 @@ class Comparator:
             if awaiting and awaiting[-1][0] > epoch:
                 self._awaiting = deque((min(e, epoch), f, v, t) for e, f, v, t in awaiting)
                 self._release_committed()   # the commit of ``epoch`` may have come first
-        self.epoch = max(self.epoch, epoch + 1)
+        if epoch + 1 > self.epoch:
+            self._count("snapshots")        # PVM epochs ended (an event and its boundary: once)
+            self.epoch = epoch + 1
 
     def on_committed(self, epoch: int, snapshot_seen: bool = True) -> None:
         """The SVM now holds the PVM's state of ``epoch``: release the PVM frames held from it
@@ -1163,28 +1158,69 @@ def _words_at(buf, at: np.ndarray) -> np.ndarray:
 
 class _Stream:
     """One side's stream bytes not compared yet: whole items (frames, boundaries) start at
-    ``offs[head:]`` in ``buf``; ``buf[walked:]`` is the start of an item still arriving."""
+    ``offs[head:]`` in ``buf``; ``buf[walked:]`` is the start of an item still arriving.
 
-    __slots__ = ("boundaries", "buf", "decoder", "generation", "head", "offs", "since",
-                 "walked")
+    Items are numbered from the stream's start (``taken`` of them consumed); ``_arrived``
+    says when each read brought its items, so a frame's wait counts from its own arrival,
+    not from the oldest item the stream held since it was last empty (a stream that the
+    other side never quite catches up with is never empty: its frames would all have
+    looked as old as its first, and timed out)."""
+
+    __slots__ = ("_arrived", "boundaries", "buf", "decoder", "generation", "head", "offs",
+                 "taken", "walked")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.offs: list[int] = []
         self.head = 0
         self.walked = 0
-        #: when the oldest item here arrived (timeouts count from it)
-        self.since: float | None = None
+        #: items consumed since the stream began
+        self.taken = 0
+        #: (number of the first item after this read's, when it arrived), oldest first
+        self._arrived: deque[tuple[int, float]] = deque()
         #: a FrameDecoder while an oversized frame is skipped
         self.decoder: FrameDecoder | None = None
         self.generation = 0
         #: epoch boundaries among the items
         self.boundaries = 0
 
+    @property
+    def since(self) -> float | None:
+        """When the oldest item here arrived (timeouts count from it)."""
+        return self._arrived[0][1] if self._arrived else None
+
+    def note_arrived(self, now: float) -> None:
+        """The items walked so far and not noted yet arrived ``now``."""
+        end = self.taken + len(self.offs) - self.head
+        if end > (self._arrived[-1][0] if self._arrived else self.taken):
+            self._arrived.append((end, now))
+
+    def arrivals(self, k: int) -> list[tuple[float, int]]:
+        """(arrival time, how many) of the ``k`` oldest items."""
+        out, start, stop = [], self.taken, self.taken + k
+        for end, when in self._arrived:
+            n = min(end, stop) - start
+            out.append((when, n))
+            start += n
+            if start >= stop:
+                break
+        return out
+
+    def take(self, k: int) -> None:
+        """The ``k`` oldest items were consumed."""
+        self.head += k
+        self.taken += k
+        arrived = self._arrived
+        while arrived and arrived[0][0] <= self.taken:
+            arrived.popleft()
+        if self.head == len(self.offs):
+            self.clear()
+
     def clear(self) -> None:
         """Every whole item was taken: keep only the partial one."""
         del self.buf[:self.walked]
-        self.offs, self.head, self.walked, self.since = [], 0, 0, None
+        self.offs, self.head, self.walked = [], 0, 0
+        self._arrived.clear()
 
     def compact(self) -> None:
         start = self.offs[self.head]
