@@ -160,11 +160,12 @@ def _disk_entry(ctx: StageContext, settings: Settings, protected: bool = True) -
         nctx.close()
 
 
-def _net_compare_entry(ctx: StageContext, settings: Settings) -> None:
-    """The network comparator: the PVM's and the SVM's output frames, compared."""
+def _net_compare_entry(ctx: StageContext, settings: Settings, in_band: bool) -> None:
+    """The network comparator: the PVM's and the SVM's output frames, compared.
+    ``in_band``: they come from the sim guests' output ports, with every epoch boundary."""
     from pipeline.stages.net_compare import run_net_compare_stage
     run_net_compare_stage(settings.net, settings.run_dir, counters_sink=ctx.counters,
-                          stop=ctx.stop)
+                          stop=ctx.stop, in_band=in_band)
 
 
 def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
@@ -325,7 +326,8 @@ class Supervisor:
             plan.append(StageSpec("disk", _disk_entry,
                                   (s, not self.start_as.wait_for_secondary)))
         if s.node.role == "primary" and s.net.primary_in:
-            plan.append(StageSpec("net_compare", _net_compare_entry, (s,)))
+            plan.append(StageSpec("net_compare", _net_compare_entry,
+                                  (s, dom.simulated_io() is not None)))
         return plan
 
     def start(self) -> None:

@@ -60,6 +60,8 @@ def test_deterministic_guests_under_load_take_no_net_checkpoint(tmp_path):
         assert pair.stage_counter("net_compare", "mismatches") == 0
         assert pair.stage_counter("net_compare", "timeouts") == 0
         assert pair.stage_counter("net_compare", "malformed_frames") == 0
+        # the node compares runs of frames in one piece (the fast path is on)
+        assert pair.stage_counter("net_compare", "run_matched_frames") > 0
 
 
 def test_one_nondeterministic_reply_makes_exactly_one_net_checkpoint(tmp_path):

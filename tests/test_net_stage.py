@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from pipeline.checkpoint_api import CheckpointBus
 from pipeline.net import build
 from pipeline.net.adapters import StreamClient
@@ -31,6 +32,17 @@ def _stage(settings, rundir, shared, ready, stop):
     run_net_compare_stage(settings, rundir, Sink(shared), ready, stop)
 
 
+def _publish_until(bus, shared, event: str, epoch: int, counter: str) -> None:
+    """Publish ``event`` until the stage counted it (a subscriber that joined just now may
+    miss what was published before; the stage's counters reach ``shared`` 5 times a s)."""
+    before = shared.get(counter, 0)
+
+    def taken():
+        bus.publish(event, epoch)
+        return shared.get(counter, 0) > before
+    wait_until(taken, 10, f"the stage took the {event} event", interval=0.05)
+
+
 @pytest.mark.timeout(60)
 def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
     rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
@@ -48,8 +60,8 @@ def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
     proc.start()
     try:
         assert parent.poll(20) and parent.recv() == {"ok": True}
+        # (the stage accepts each peer when it first reads or writes its socket)
         pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
-        time.sleep(0.2)
         same = build.udp_frame(G, C, 1, 2, b"same")
         pvm.send(same)
         svm.send(same)
@@ -57,25 +69,16 @@ def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
         diverged = build.udp_frame(G, C, 3, 4, b"pvm")
         pvm.send(diverged)
         svm.send(build.udp_frame(G, C, 3, 4, b"svm"))
-        deadline = time.monotonic() + 5
-        requests = []
-        while not requests and time.monotonic() < deadline:
-            requests = bus.drain_requests()
-            time.sleep(0.02)
+        requests = wait_until(bus.drain_requests, 10, "a checkpoint request")
         assert [c for c, _ in requests] == ["net_divergence"]
-        bus.publish("snapshot", 0)
-        time.sleep(0.3)
+        # the snapshot event is taken (the counter says so) before the next PVM frame comes
+        _publish_until(bus, shared, "snapshot", 0, "snapshots")
         after_snapshot = build.udp_frame(G, C, 5, 6, b"epoch 1")
         pvm.send(after_snapshot)
-        time.sleep(0.1)
         bus.publish("committed", 0)
         assert [f for f, _ in out.recv_until(1, 5)] == [diverged]
         # the epoch-1 frame is still held; unmatched it times out: one request for epoch 1
-        deadline = time.monotonic() + 5
-        requests = []
-        while not requests and time.monotonic() < deadline:
-            requests = bus.drain_requests()
-            time.sleep(0.02)
+        requests = wait_until(bus.drain_requests, 10, "a checkpoint request")
         assert [c for c, _ in requests] == ["net_timeout"]
         bus.publish("role", 1, role="unprotected")
         assert [f for f, _ in out.recv_until(1, 5)] == [after_snapshot]
@@ -124,23 +127,25 @@ def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
                            secondary_out="unix:" + path["sout"])
     parent, child = ctx.Pipe()
     stop = ctx.Event()
-    proc = ctx.Process(target=run_net_compare_stage, args=(settings, rundir, None, child, stop))
+    manager = ctx.Manager()
+    shared = manager.dict()
+    proc = ctx.Process(target=_stage, args=(settings, rundir, shared, child, stop))
     proc.start()
     try:
         assert parent.poll(20) and parent.recv() == {"ok": True}
         clients = {r: StreamClient("unix:" + path[r]) for r in ("cin", "pout", "sout")}
-        time.sleep(0.2)
         before = build.udp_frame(C, G, 4444, 53, b"before the snapshot")
         clients["cin"].send(before)
         assert [f for f, _ in clients["pout"].recv_until(1, 5)] == [before]
         assert [f for f, _ in clients["sout"].recv_until(1, 5)] == [before]
-        bus.publish("snapshot", 0)
-        time.sleep(0.2)
+        _publish_until(bus, shared, "snapshot", 0, "snapshots")
         during = [build.udp_frame(C, G, 4444, 53, b"after the snapshot %d" % i) for i in range(3)]
         for f in during:
             clients["cin"].send(f)
         assert [f for f, _ in clients["pout"].recv_until(3, 5)] == during
-        assert clients["sout"].recv_until(1, 0.5) == []          # held for the restored SVM
+        # held for the restored SVM (counted as held, so not sent to it yet)
+        wait_until(lambda: shared.get("mirror_frames_held", 0) == 3, 10,
+                   "the SVM's copies held")
         bus.publish("committed", 0)
         assert [f for f, _ in clients["sout"].recv_until(3, 5)] == during
         for c in clients.values():
@@ -151,6 +156,7 @@ def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
         if proc.is_alive():
             proc.kill()
         bus.close()
+        manager.shutdown()
         shutil.rmtree(rundir, ignore_errors=True)
     assert proc.exitcode == 0
 
@@ -198,6 +204,16 @@ class RecordingControl:
         pass
 
 
+def _accept_all(loop) -> None:
+    """Run ``loop`` until it accepted the peers of its PVM, SVM and outdev endpoints."""
+    endpoints = (loop.primary_in, loop.secondary_in, loop.outdev)
+
+    def accepted():
+        loop.run_once(0.01)
+        return all(e.connected for e in endpoints)
+    wait_until(accepted, 20, "the comparator accepted its three peers")
+
+
 def _in_band_run(order: str) -> tuple[list[bytes], list[str], list[bytes]]:
     from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_SNAPSHOT, encode_boundary, \
         encode_frame
@@ -212,8 +228,7 @@ def _in_band_run(order: str) -> tuple[list[bytes], list[str], list[bytes]]:
     try:
         pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
         clients = [pvm, svm, out]
-        for _ in range(20):
-            loop.run_once(0.01)          # accept the three peers
+        _accept_all(loop)
         d_pvm = build.udp_frame(G, C, 7, 8, b"the PVM's reply", ip_id=1)
         d_svm = build.udp_frame(G, C, 7, 8, b"the SVM's reply", ip_id=2)
         later = [build.udp_frame(G, C, 7, 8, b"after the checkpoint %d" % i, ip_id=i)
@@ -254,3 +269,58 @@ def test_in_band_boundaries_judge_each_frame_against_its_epoch():
     released, requests, pvm = _in_band_run("pvm first")
     assert released == pvm
     assert requests == ["net_divergence"]      # the old SVM's reply differed: one request
+
+
+def test_node_loop_keeps_pre_snapshot_frames_in_their_epoch_when_the_event_overtakes_them():
+    """The node's start, as it made a spurious divergence with the fast path on: the
+    coordinator's ``committed`` (the sync) and ``snapshot`` events reach the comparator
+    before the PVM frame sent before that snapshot (the event overtakes it); the PVM's
+    stream (that frame, the in-band snapshot boundary, the next frame) is read and waits
+    for the SVM's, which then brings its commit boundary and the restored SVM's first
+    frame. The frame before the snapshot is covered by the commit; the one after it
+    matches the restored SVM's: no request. (Had the event ended the PVM's epoch, the
+    frame before the snapshot would have been compared with the restored SVM's output.)"""
+    from pipeline.localpair import wait_until
+    from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_SNAPSHOT, encode_boundary, \
+        encode_frame
+    from pipeline.stages.net_compare import compare_loop
+    rundir = tempfile.mkdtemp(prefix="ncmp-start-")
+    path = {r: os.path.join(rundir, f"{r}.sock") for r in ("pvm", "svm", "out")}
+    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
+                           outdev="unix:" + path["out"], compare_timeout_ms=60000)
+    control = RecordingControl()
+    loop = compare_loop(settings, control, in_band=True)
+    clients = []
+    try:
+        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+        clients = [pvm, svm, out]
+        _accept_all(loop)
+        cmp = loop.comparator
+        before = build.udp_frame(G, C, 10000, 9, b"reply to input 7", ip_id=1)
+        after = build.udp_frame(G, C, 10000, 9, b"reply to input 8", ip_id=2)
+        after_svm = build.udp_frame(G, C, 10000, 9, b"reply to input 8", ip_id=99)
+        loop.on_committed(0)             # the sync epoch
+        loop.on_snapshot(1)              # before the PVM's frames of epoch 1 were read
+        pvm.send_bytes(encode_frame(before) + encode_boundary(BOUNDARY_SNAPSHOT, 1)
+                       + encode_frame(after))
+
+        def pvm_read():
+            loop.run_once(0.01)
+            return cmp.stream_frames() == 3        # waiting for the SVM's side
+        wait_until(pvm_read, 20, "the PVM's stream read")
+        svm.send_bytes(encode_boundary(BOUNDARY_COMMITTED, 1) + encode_frame(after_svm))
+        released: list[bytes] = []
+
+        def decided():
+            loop.run_once(0.01)
+            released.extend(f for f, _ in out.recv(0.001))
+            return len(released) >= 2 or control.requests
+        wait_until(decided, 20, "both PVM frames released or a checkpoint requested")
+        assert control.requests == []
+        assert released == [before, after]
+        assert cmp.counters["run_matched_frames"] == 1       # the fast path compared it
+    finally:
+        for c in clients:
+            c.close()
+        loop.close()
+        shutil.rmtree(rundir, ignore_errors=True)

@@ -7,7 +7,16 @@ Epoch boundaries come in-band when the senders put them in the frame streams
 snapshot boundary in the PVM's stream, the SVM's commit (or rollback) boundary in
 the SVM's stream. Once a side's stream has carried one, the control channel's
 ``snapshot`` (PVM) or ``committed`` (SVM) events are ignored for that side: they
-travel on another channel and would race its frames."""
+travel on another channel and would race its frames.
+
+A sender that always puts boundaries in its stream says so up front (``in_band``: the
+node's stage, fed by its own output ports): then the events never move an epoch, not
+even before the first boundary. Learning it from the first boundary leaves a window:
+the coordinator publishes ``snapshot`` as soon as the PVM is paused, so the event
+usually overtakes the PVM frames sent before that pause; taken as the epoch's end, it
+would tag those frames with the next epoch and compare them with the restored SVM's
+output (a spurious ``net_divergence``) unless the in-band boundary behind them is read
+first, which the stream runs (frames waiting for the other side's) make unlikely."""
 from __future__ import annotations
 
 import gc
@@ -90,7 +99,8 @@ class CompareLoop:
     """Everything one comparator process runs."""
 
     def __init__(self, settings: NetSettings, control=None,
-                 counters: CounterSink | None = None, runs: bool = True) -> None:
+                 counters: CounterSink | None = None, runs: bool = True,
+                 in_band: bool = False) -> None:
         self.settings = settings
         self.control = control or NoControl()
         self.adapters = Adapters(settings.vnet_hdr)
@@ -126,8 +136,7 @@ class CompareLoop:
                 settings.max_queue_frames, self.comparator.counters)
         # A stream source's bytes go to the comparator as they come (it compares runs of
         # frames in one piece); not with a vnet header word or the SVM's sequence rewriter,
-        # which need every frame apart, nor when ``runs`` is off (the node's stage: see
-        # pipeline/stages/net_compare.py).
+        # which need every frame apart, nor when ``runs`` is off.
         streams = runs and not settings.vnet_hdr and self.rewriter is None
         self._roles: list[tuple[FrameSource, object]] = []
         for source, handler, stream_handler in (
@@ -145,7 +154,7 @@ class CompareLoop:
         self._late_sides = {self._stream_primary: PRIMARY, self._stream_secondary: SECONDARY}
         self._sinks = [a for a in self.adapters.all() if isinstance(a, FrameSink)]
         #: the side's epoch boundaries come in its own frame stream (see the module doc)
-        self.in_band = [False, False]
+        self.in_band = [in_band, in_band]
         self._plan_key: tuple | None = None
         self._plan: tuple = ()
         self._next_scan = 0.0

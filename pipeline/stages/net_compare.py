@@ -3,9 +3,10 @@
 Builds :class:`pipeline.net.loop.CompareLoop` from the ``[net]`` settings; the
 adapters named there bring the PVM's and the SVM's frames; checkpoints are
 requested through :class:`pipeline.checkpoint_api.CheckpointClient` (causes
-``net_divergence`` / ``net_timeout``) and held frames are released on the
-coordinator's ``committed`` event. A ``role`` event of ``active`` or
-``unprotected`` stops comparing and releases everything held.
+``net_divergence`` / ``net_timeout`` / ``net_queue_full``) and held frames are released
+on the SVM's commit: the boundary in its stream when the sim guests' output ports feed
+the comparator (``in_band``), else the coordinator's ``committed`` event. A ``role``
+event of ``active`` or ``unprotected`` stops comparing and releases everything held.
 """
 from __future__ import annotations
 
@@ -76,24 +77,31 @@ class CounterMirror:
                             "NET_COMPARE_COUNTERS for this stage)", name)
 
 
+def compare_loop(settings: NetSettings, control, in_band: bool) -> CompareLoop:
+    """The stage's loop: runs of stream bytes compared in one piece (the fast path).
+    ``in_band``: the streams are the node's own output ports, which carry every epoch
+    boundary, so the coordinator's ``snapshot``/``committed`` events never move an epoch
+    (taken before the first boundary, a snapshot event that overtook the PVM's frames made
+    a spurious divergence at start; see pipeline/net/loop.py)."""
+    return CompareLoop(settings, control, runs=True, in_band=in_band)
+
+
 def run_net_compare_stage(settings: NetSettings, rundir: str,
                           counters_sink: CounterSink | None = None, ready: Any = None,
-                          stop: threading.Event | Any | None = None) -> None:
+                          stop: threading.Event | Any | None = None,
+                          in_band: bool = False) -> None:
     """Process entry of net-compare: run until SIGTERM or ``stop`` is set.
 
     ``ready`` (optional, a multiprocessing Connection) receives ``{"ok": True}`` once
-    every adapter is open, or ``{"error": ...}``.
+    every adapter is open, or ``{"error": ...}``. ``in_band``: see :func:`compare_loop`
+    (the supervisor says so when the sim guest's output ports feed the comparator).
     """
     stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     client = CheckpointClient(rundir)
     try:
-        # frame by frame: with runs of stream bytes (colo-pipeline compare's fast path) a
-        # pair of sim nodes on a heavily loaded machine saw a spurious divergence now and
-        # then (tests/test_net_node.py), which a model of the same streams does not show;
-        # not understood yet, so the node keeps the per-frame path
-        loop = CompareLoop(settings, CoordinatorControl(client), runs=False)
+        loop = compare_loop(settings, CoordinatorControl(client), in_band)
     except Exception as e:
         client.close()
         if ready is not None:
