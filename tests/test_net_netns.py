@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import pytest
 
@@ -88,6 +87,10 @@ for i in range(udp_pairs):
     u.sendto(b"ping %d" % i, ("@IP@", @UDP@))
     if u.recvfrom(2048)[0] == b"udp-reply ping %d" % i:
         udp_ok += 1
+# our FIN; the server closes in turn, and its FIN reaches us once the comparator matched
+# it with the SVM's: end of stream here means the FINs went through the comparator
+s.shutdown(socket.SHUT_WR)
+got += f.read()
 s.close()
 open(out_path, "wb").write(got)
 print(json.dumps({"tcp_time": tcp_time, "udp_ok": udp_ok}), flush=True)
@@ -214,7 +217,6 @@ class Toolstack(threading.Thread):
             for message, _ in messages:
                 if message == DO_CHECKPOINT:
                     self.requests += 1
-                    time.sleep(0.05)     # "the checkpoint"
                     self.client.send(COLO_CHECKPOINT)
 
 
@@ -238,7 +240,6 @@ def run_conversation(nd_at: int) -> dict:
         out, err = client.communicate(timeout=150)
         assert client.returncode == 0, err[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
-        time.sleep(0.3)                    # the FINs go through the comparator too
         comparator.terminate()
         out, err = comparator.communicate(timeout=10)
         result["counters"] = json.loads(out.strip().splitlines()[-1])
@@ -295,16 +296,30 @@ def test_packet_socket_keeps_vlan_tags_and_skips_its_own_frames():
 import json, sys, time
 from pipeline.net import build
 from pipeline.net.adapters import PacketSocket
+from pipeline.net.packet import MalformedFrame, parse_frame
+def payload(frame):
+    try:
+        return parse_frame(frame).compare
+    except MalformedFrame:
+        return None
 a, b = PacketSocket("va"), PacketSocket("vb")
-time.sleep(0.2)
-b.recv(); a.recv()
 tagged = build.udp_frame("10.0.0.2", "10.0.0.1", 53, 99, b"tagged", vlan=42)
 plain = build.udp_frame("10.0.0.2", "10.0.0.1", 53, 99, b"plain")
+sentinel = build.udp_frame("10.0.0.1", "10.0.0.2", 99, 53, b"sentinel")
+ours = {payload(tagged), payload(plain)}
 a.send(tagged); a.send(plain)
-got, deadline = [], time.monotonic() + 5
-while len(got) < 2 and time.monotonic() < deadline:
-    got += [f.hex() for f, _ in b.recv(0.2)]
-own = [f.hex() for f, _ in a.recv(0.3)]
+# b: frames until both of ours came (other traffic on the link is skipped)
+got, deadline = [], time.monotonic() + 30
+while len(got) < 2:
+    assert time.monotonic() < deadline, got
+    got += [f.hex() for f, _ in b.recv(0.2) if payload(f) in ours]
+# a: what it reads up to a frame b sends now; a copy of a's own two frames would have
+# reached a's socket when they were sent, before this one
+b.send(sentinel)
+own = []
+while not any(payload(bytes.fromhex(h)) == payload(sentinel) for h in own):
+    assert time.monotonic() < deadline, own
+    own += [f.hex() for f, _ in a.recv(0.2)]
 print(json.dumps({"got": got, "own": own, "tagged": tagged.hex(), "plain": plain.hex()}))
 """
         proc = subprocess.run([IP, "netns", "exec", ns, sys.executable, "-c", script],

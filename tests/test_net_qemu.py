@@ -9,10 +9,14 @@ connection key is not stable (a lone matching echo reply is never compared). So
 UDP flows carry one datagram at a time here, and ICMP is left out."""
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 import threading
 import time
 
 import pytest
+from conftest import wait_until
 
 from pipeline.net import build
 from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT, PROXY_INIT, PROXY_INIT_REPLY
@@ -41,6 +45,13 @@ def _send(peer, frames, vnet_hdr, side="both"):
         for sock in ((peer.pin, peer.sin) if side == "both" else
                      (peer.pin,) if side == "pvm" else (peer.sin,)):
             sock.send(VNET + f if vnet_hdr else f, vlen)
+
+
+def _unread(client) -> int:
+    """Bytes ``client`` sent on its unix stream socket that the peer has not read yet
+    (SIOCOUTQ: a sent buffer counts until the reader consumed all of it)."""
+    return struct.unpack("i", fcntl.ioctl(client.sock.fileno(), termios.TIOCOUTQ,
+                                          b"\0\0\0\0"))[0]
 
 
 def _through(client, is_marker, what: str, timeout: float = 60.0) -> list:
@@ -94,14 +105,18 @@ def run_scenario(kind, pvm, svm, timeout=False, vnet_hdr=False):
             # QEMU reads notify_dev with a vnet length word when vnet_hdr_support is on
             # (and writes DO_CHECKPOINT without one): send with it, read without
             peer.ntf.vnet_hdr = True
+        # the PVM's frames first, as a guest's replies race ahead: the SVM's go once the
+        # comparator read all of the PVM's
         _send(peer, pvm, vnet_hdr, "pvm")
-        time.sleep(0.05)     # the PVM's frames first, as a guest's replies race ahead
+        wait_until(lambda: _unread(peer.pin) == 0, 60, f"{kind} read the PVM's frames")
         _send(peer, svm, vnet_hdr, "svm")
         notes = []
         if timeout:          # asked for once the compare timeout ran out
-            while not _requests(notes):
-                notes += _flush_notify(peer)
-                time.sleep(0.05)
+
+            def asked():
+                notes.extend(_flush_notify(peer))
+                return _requests(notes)
+            wait_until(asked, 60, f"{kind} asked for a checkpoint", interval=0.05)
         before = _strip(_flush_frames(peer, 1, vnet_hdr))
         requests = _requests(notes + _flush_notify(peer))
         peer.ntf.send(COLO_CHECKPOINT)
