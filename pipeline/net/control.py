@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pipeline.net.adapters import StreamEndpoint
+from pipeline.net.framing import Boundary
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,14 @@ class XenNotify:
         self.endpoint.send_raw(encode_notify(DO_CHECKPOINT))
 
     def handle(self, events: Events) -> None:
-        for message, _ in self.endpoint.recv():
-            message = message.rstrip(b"\0")
+        for item in self.endpoint.recv():
+            if isinstance(item, Boundary):
+                # the framing's epoch-boundary word: it means nothing on notify_dev
+                self.unknown_messages += 1
+                log.warning("notify_dev: unsupported message (an epoch boundary record, "
+                            "kind %d)", item.kind)
+                continue
+            message = item[0].rstrip(b"\0")
             if message == PROXY_INIT:
                 self.endpoint.send_raw(encode_notify(PROXY_INIT_REPLY))
             elif message == COLO_CHECKPOINT:
