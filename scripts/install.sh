@@ -29,7 +29,7 @@ if [ "$with_test" = 1 ]; then
     apt_install qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit \
         nbdkit-plugin-python iproute2 ethtool procps iptables libxen-dev gcc libc6-dev \
         etcd-server
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test,fuzz]'
 else
     .venv/bin/pip install -q .
 fi

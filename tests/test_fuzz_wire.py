@@ -271,3 +271,34 @@ def test_canonical_zeroes_only_reserved_and_padding():
     padded = bytearray(b)
     padded[-3:] = b"\x01\x02\x03"  # 8 + 45 bytes of arrays: 3 bytes of padding end the body
     assert canonical(bytes(padded)) == b
+
+
+# -- the atheris harness (scripts/fuzz_wire.py) runs a fixed amount of work in CI -----------------
+def _harness(tmp_path, *args: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "fuzz_wire.py")
+    p = subprocess.run([sys.executable, script, "--seed", "1", "--seconds", "120", "--json",
+                        "--artifacts", str(tmp_path / "artifacts"), *args],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"the fuzzer found a crash:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_atheris_harness_runs_and_finds_nothing(tmp_path):
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        pytest.fail("atheris is not installed: scripts/install.sh --test installs the "
+                    "project's [fuzz] extra")
+    got = _harness(tmp_path, "--engine", "atheris", "--runs", "20000")
+    assert (got["engine"], got["crashes"], got["crash_files"]) == ("atheris", 0, [])
+    assert got["executions"] >= 20000 and got["coverage_edges"] > 0
+
+
+def test_random_harness_runs_and_finds_nothing(tmp_path):
+    got = _harness(tmp_path, "--engine", "random", "--runs", "20000")
+    assert (got["engine"], got["crashes"], got["executions"]) == ("random", 0, 20000)
+    assert got["accepted"] and got["refused"]   # both answers are exercised
