@@ -62,10 +62,18 @@ class HandshakeWatch:
     self-connection while nothing listens on a port of the ephemeral range): the socket
     never tries again, so that channel would never come up, even once the right peer is
     there. This watches the socket's handshake failures and connects it again, at most
-    once per ``retry_s``. Call :meth:`check` from the thread that uses the socket."""
+    once per ``retry_s``. Call :meth:`check` from the thread that uses the socket.
 
-    EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    Not every failure is for good: when the peer closes the connection mid-handshake
+    (``NO_DETAIL``: a peer restarting, a listener not yet serving) libzmq connects again
+    by itself. A handshake that succeeds after the failures cancels the reconnect: done
+    anyway, it tore down a working connection, and ``disconnect`` drops what the socket
+    had queued for it (the pages channel lost up to its 32 queued PAGES records of the
+    full sync that way)."""
+
+    FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    EVENTS = FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
     def __init__(self, sock: zmq.Socket, endpoint: str, retry_s: float = 0.1,
                  logger: logging.Logger | None = None) -> None:
@@ -74,6 +82,7 @@ class HandshakeWatch:
         self.monitor = sock.get_monitor_socket(self.EVENTS)
         self.pid = os.getpid()
         self.failures = 0
+        self.recovered = 0      # reconnects called off: libzmq's own retry succeeded first
         self.reconnect_at: float | None = None
 
     def check(self, now: float | None = None) -> bool:
@@ -81,6 +90,11 @@ class HandshakeWatch:
         now = time.monotonic() if now is None else now
         while self.monitor.poll(0):
             event = self.monitor.recv_multipart()     # (event id + value, endpoint)
+            if struct.unpack_from("<H", event[0])[0] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.reconnect_at is not None:
+                    self.recovered += 1
+                    self.reconnect_at = None
+                continue
             self.failures += 1
             if self.failures <= 10 or self.failures % 1000 == 0:
                 self.log.warning("handshake with %s failed (event %#x, %d so far); "
