@@ -57,6 +57,7 @@ class PeerLost(RuntimeError):
 
 
 PRECOPY_MAX_ROUNDS = 8   # live pre-copy rounds before the first paused checkpoint
+SYNC_ATTEMPTS = 3        # full syncs tried, while the secondary answers, before giving up
 
 
 def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> None:
@@ -386,24 +387,42 @@ class PrimaryCoordinator(_Coordinator):
     # -- protection, loss of the secondary, re-protection ------------------
     def protect(self) -> bool:
         """Full sync, live pre-copy rounds until the dirty set is small, then the first
-        checkpoint. True once the secondary holds a consistent copy."""
-        self._info(state="syncing", sync_progress=0.0)
-        res = self.checkpoint("initial", kind="sync")
-        rounds = 0
-        target = self.settings.checkpoint.precopy_target_pages
-        while res.extra["ok"] and res.pages_dirty > target and rounds < PRECOPY_MAX_ROUNDS:
-            rounds += 1
-            res = self.checkpoint("initial", kind="precopy")
-        if res.extra["ok"]:
-            res = self.checkpoint("initial")
-        if res.extra["ok"]:
-            if self.disk_sync is not None:
-                self.disk_sync.update(self._info, force=True)
-            self.role.protected(self.peer_name)     # before "protected": its figures with it
-            self._info(state="protected", precopy_rounds=rounds)
-            self.ctx.log.info("epoch=%d event=protected precopy_rounds=%d", res.epoch, rounds,
-                              extra={"epoch": res.epoch})
-        return res.extra["ok"]
+        checkpoint. True once the secondary holds a consistent copy.
+
+        An epoch of these torn while the secondary still answers (records lost on the way:
+        a connection that broke and came back drops what was in flight) starts it all over
+        with a fresh full sync, up to SYNC_ATTEMPTS times. Each attempt forgets what the
+        secondary holds: a torn sync or pre-copy round may have written pages into the SVM
+        and its cache already (the SVM never ran, there is nothing to roll back to), so no
+        page may go as a REF to an older copy."""
+        for attempt in range(1, SYNC_ATTEMPTS + 1):
+            self.table.valid[:] = False
+            self.carry = np.zeros(0, np.uint64)
+            self._info(state="syncing", sync_progress=0.0)
+            res = self.checkpoint("initial", kind="sync")
+            rounds = 0
+            target = self.settings.checkpoint.precopy_target_pages
+            while res.extra["ok"] and res.pages_dirty > target and rounds < PRECOPY_MAX_ROUNDS:
+                rounds += 1
+                res = self.checkpoint("initial", kind="precopy")
+            if res.extra["ok"]:
+                res = self.checkpoint("initial")
+            if res.extra["ok"]:
+                if self.disk_sync is not None:
+                    self.disk_sync.update(self._info, force=True)
+                self.role.protected(self.peer_name)     # before "protected": its figures
+                self._info(state="protected", precopy_rounds=rounds)
+                self.ctx.log.info("epoch=%d event=protected precopy_rounds=%d attempt=%d",
+                                  res.epoch, rounds, attempt, extra={"epoch": res.epoch})
+                return True
+            if self.unprotected or self.ctx.stopping() or attempt == SYNC_ATTEMPTS:
+                return False
+            self.c.add("sync_restarts", 1)
+            reason = res.ack.reason if res.ack is not None else "no answer"
+            self.ctx.log.warning("epoch=%d event=sync_restart attempt=%d the secondary "
+                                 "discarded an epoch of the sync (%s); starting it over",
+                                 res.epoch, attempt + 1, reason, extra={"epoch": res.epoch})
+        return False
 
     def go_unprotected(self) -> None:
         """The secondary is gone: stop comparing and checkpointing, let the PVM run free."""

@@ -150,3 +150,85 @@ class StaleListener:
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class Relay:
+    """Forwards 127.0.0.1:listen+i to 127.0.0.1:target+i (i = 0..3: pages, control, inputs,
+    heartbeat): a link between the primary (pointed at ``listen``) and the secondary made of
+    real TCP connections this process can slow down or break.
+
+    ``rate``: bytes from the primary on the pages channel are paced to that many bytes/s
+    while it is set. ``cut_pages_after``: once that many bytes went from the primary on the
+    pages channel, the next chunk is dropped and the connection closed at both ends, once
+    (``cuts`` counts it): what was in flight is lost, as when a link breaks and comes back;
+    the primary's socket connects again by itself."""
+
+    def __init__(self) -> None:
+        self.listen = free_port(4)
+        self.target = 0           # the secondary's base port, set before anyone connects
+        self.rate: float | None = None
+        self.cut_pages_after: int | None = None
+        self.cuts = 0
+        self.stopped = threading.Event()
+        self.socks: list[socket.socket] = []
+        for i in range(4):
+            srv = socket.create_server(("127.0.0.1", self.listen + i))
+            srv.settimeout(0.2)
+            self.socks.append(srv)
+            threading.Thread(target=self._accept, args=(srv, i), daemon=True).start()
+
+    def _accept(self, srv: socket.socket, channel: int) -> None:
+        while not self.stopped.is_set():
+            try:
+                a, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            b = self._connect(channel)
+            if b is None:
+                a.close()
+                continue
+            self.socks += [a, b]
+            threading.Thread(target=self._pump, args=(a, b, channel == 0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _connect(self, channel: int) -> socket.socket | None:
+        """The secondary's end; it may not listen yet (the nodes start together): a relay
+        that dropped the primary's connection then would look like a broken link."""
+        deadline = time.monotonic() + 60
+        while not self.stopped.is_set() and time.monotonic() < deadline:
+            try:
+                return socket.create_connection(("127.0.0.1", self.target + channel))
+            except OSError:
+                time.sleep(0.05)
+        return None
+
+    def _pump(self, src: socket.socket, dst: socket.socket, pages: bool) -> None:
+        forwarded = 0
+        try:
+            while not self.stopped.is_set():
+                data = src.recv(16384)
+                if not data:
+                    break
+                cut = self.cut_pages_after if pages else None
+                if cut is not None and forwarded >= cut:
+                    self.cut_pages_after = None
+                    self.cuts += 1
+                    break                   # this chunk is lost, the connection closed
+                rate = self.rate if pages else None
+                if rate:
+                    time.sleep(len(data) / rate)
+                dst.sendall(data)
+                forwarded += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        for s in self.socks:
+            s.close()

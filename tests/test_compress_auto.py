@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import socket
-import threading
-import time
-
-from conftest import free_port, wait_until
+from conftest import Relay, wait_until
 
 from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
@@ -23,73 +19,6 @@ pytestmark = pytest.mark.slow  # starts real node processes
 
 PAGES = 16384          # 64 MiB guest: the full sync alone is several windows of pages
 SLOW = 6e6             # bytes/s on the throttled pages channel
-
-
-class Relay:
-    """Forwards 127.0.0.1:listen+i to 127.0.0.1:target+i (i = 0..3: pages, control, inputs,
-    heartbeat). Bytes from the primary on the pages channel are paced to ``rate`` bytes/s
-    while ``rate`` is set."""
-
-    def __init__(self) -> None:
-        self.listen = free_port(4)
-        self.target = 0           # the secondary's base port, set before anyone connects
-        self.rate: float | None = None
-        self.stopped = threading.Event()
-        self.socks: list[socket.socket] = []
-        for i in range(4):
-            srv = socket.create_server(("127.0.0.1", self.listen + i))
-            srv.settimeout(0.2)
-            self.socks.append(srv)
-            threading.Thread(target=self._accept, args=(srv, i), daemon=True).start()
-
-    def _accept(self, srv: socket.socket, channel: int) -> None:
-        while not self.stopped.is_set():
-            try:
-                a, _ = srv.accept()
-            except (TimeoutError, OSError):
-                continue
-            b = self._connect(channel)
-            if b is None:
-                a.close()
-                continue
-            self.socks += [a, b]
-            threading.Thread(target=self._pump, args=(a, b, channel == 0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
-
-    def _connect(self, channel: int) -> socket.socket | None:
-        """The secondary's end; it may not listen yet (the nodes start together): a relay
-        that dropped the primary's connection then would look like a broken link."""
-        deadline = time.monotonic() + 60
-        while not self.stopped.is_set() and time.monotonic() < deadline:
-            try:
-                return socket.create_connection(("127.0.0.1", self.target + channel))
-            except OSError:
-                time.sleep(0.05)
-        return None
-
-    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
-        try:
-            while not self.stopped.is_set():
-                data = src.recv(16384)
-                if not data:
-                    break
-                rate = self.rate if paced else None
-                if rate:
-                    time.sleep(len(data) / rate)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stopped.set()
-        for s in self.socks:
-            s.close()
 
 
 def _switches(pair: LocalPair) -> list[str]:
