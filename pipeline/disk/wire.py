@@ -220,7 +220,9 @@ def decode_seal(frame: bytes | memoryview) -> tuple[int, int]:
     """(epoch, last_seq); raise ForwardError naming what is wrong."""
     if len(frame) != SEAL.size:
         raise ForwardError(errno.EINVAL, f"SEAL of {len(frame)} bytes, expected {SEAL.size}")
-    _magic, epoch, last_seq = SEAL.unpack(frame)
+    magic, epoch, last_seq = SEAL.unpack(frame)
+    if magic != SEAL_MAGIC:
+        raise ForwardError(errno.EINVAL, f"SEAL: magic {bytes(magic)!r}, expected {SEAL_MAGIC!r}")
     if epoch == 0:
         raise ForwardError(errno.EINVAL, f"SEAL of epoch 0 (last seq {last_seq})")
     return epoch, last_seq
