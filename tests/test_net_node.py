@@ -83,6 +83,53 @@ def test_one_nondeterministic_reply_makes_exactly_one_net_checkpoint(tmp_path):
         assert pair.stage_counter("net_compare", "mismatches") == 1
 
 
+def test_answers_held_when_the_secondary_is_lost_go_out_once_in_order(tmp_path):
+    """The secondary node dies, as its host would, at the BEGIN of a checkpoint (SVM
+    paused): the PVM answers on and the comparator holds its answers (nothing matches them,
+    nothing commits) until the primary sees the secondary lost. Then every held answer goes
+    out once, in arrival order, and the primary serves on unprotected: the client gets each
+    input's answer exactly once, none missing, across the failover."""
+    import re
+
+    from pipeline.net.adapters import StreamClient
+    from pipeline.service_client import PAYLOAD_AT
+    tables = _tables(rate=200.0)
+    tables["net"]["outdev"] = "unix:{workdir}/client.sock"
+    with LocalPair(tables, workdir=str(tmp_path)) as pair:
+        # (pass 40: well after the sync and the first checkpoints, answers flowing)
+        pair.start(faults={"secondary": "secondary.begin:40:killgroup"})
+        # (attached while both nodes run: the primary's counters exist before its first
+        # BEGIN, so before the secondary can reach the fault; later reads need no peer)
+        primary = pair.node("primary")
+        client = StreamClient("unix:" + str(tmp_path / "client.sock"), timeout=60)
+        seqs: list[int] = []
+
+        def read(until):
+            """Read answers (the input seq each answers) until ``until()`` is true."""
+            def done():
+                if pair.procs["primary"].poll() is not None:
+                    raise AssertionError("the primary exited:\n" + pair.log_tail("primary"))
+                seqs.extend(int.from_bytes(f[PAYLOAD_AT:PAYLOAD_AT + 8], "little")
+                            for f, _ in client.recv(0.01))
+                return until()
+            return done
+        try:
+            wait_until(read(lambda: len(seqs) >= 100), 240, "answers while protected")
+            wait_until(read(lambda: "COLO_FAULT fired: secondary.begin" in
+                            pair.log_tail("secondary", 1 << 20)), 120, "the secondary's fault")
+            note = re.compile(r"no longer comparing: (\d+) held PVM frames released")
+            held = wait_until(read(lambda: note.search(pair.log_tail("primary", 1 << 22))),
+                              120, "the primary to stop comparing")
+            assert int(held.group(1)) > 0        # answers were held at the failover
+            last = seqs[-1]
+            wait_until(read(lambda: seqs[-1] >= last + 100), 120, "answers unprotected")
+        finally:
+            client.close()
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "lost or repeated answers"
+        assert primary.stage("net_compare").as_dict()["mismatches"] == 0
+        assert primary.node_info().get("state") == "unprotected"
+
+
 def test_sim_output_marks_sit_between_the_frames_before_and_after_them():
     from pipeline.xen_io.base import OUTPUT_MARK
     from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain

@@ -1122,8 +1122,11 @@ class Comparator:
         """Stop comparing (failover, or the secondary is gone): release everything held."""
         if on and not self.passthrough:
             self.passthrough = True
+            before = self.counters["frames_released"]
             self.flush()
             self._unblock()
+            log.warning("no longer comparing: %d held PVM frames released, in arrival order",
+                        self.counters["frames_released"] - before)
         self.passthrough = on
 
 
