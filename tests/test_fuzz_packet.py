@@ -433,6 +433,22 @@ def test_fragments_that_reassemble_past_65535_bytes_are_refused():
         r.add(parse_frame(PAST_65535[1]), 0.0, 0)
 
 
+#: two fragments of a datagram whose UDP header is refused once it is reassembled
+REFUSED_DATAGRAM = [
+    build.ethernet(build.ipv4(G, C, 17, struct.pack("!HHHH", 1, 2, 3, 0) + bytes(8), ip_id=7,
+                              frag=0x2000), 0x0800),
+    build.ethernet(build.ipv4(G, C, 17, bytes(8), ip_id=7, frag=2), 0x0800)]
+
+
+def test_a_refused_datagram_counts_every_fragment_dropped():
+    """Only the fragment that completed a refused datagram was counted; the others held
+    for it were dropped without a count (2 PVM frames in, 1 counted, none released)."""
+    cmp = Comparator(NetSettings(), lambda f, v: None, lambda c, d: None, clock=lambda: 0.0)
+    for f in REFUSED_DATAGRAM:
+        cmp.push_primary(f, 0, now=0.0)
+    assert cmp.counters["primary_frames_dropped"] == cmp.counters["malformed_frames"] == 2
+
+
 # -- the comparator counts what it refuses ---------------------------------------------------
 @given(st.lists(frames(), max_size=12))
 def test_comparator_counts_every_refused_frame(batch):
@@ -450,3 +466,23 @@ def test_comparator_counts_every_refused_frame(batch):
         cmp.push_primary(frame, vnet, now=0.0)
     assert cmp.counters["malformed_frames"] == refused
     assert cmp.counters["primary_frames_dropped"] >= refused
+
+
+@given(st.lists(st.one_of(frames(), any_fragments().map(lambda fs: [(f, 0) for f in fs])),
+                max_size=8))
+@example([[(f, 0) for f in REFUSED_DATAGRAM]])
+def test_every_pvm_frame_is_released_once_or_counted_dropped(batch):
+    """After a flush (Xen's COLO_CHECKPOINT releases all held), every PVM frame, whole or a
+    fragment, was released once or counted in primary_frames_dropped."""
+    pushed = [x for item in batch for x in (item if isinstance(item, list) else [item])]
+    released: list = []
+    cmp = Comparator(NetSettings(), lambda f, v: released.append(f), lambda c, d: None,
+                     clock=lambda: 0.0)
+    for frame, vnet in pushed:
+        cmp.push_primary(frame, vnet, now=0.0)
+    cmp.flush()
+    assert cmp.counters["primary_frames_in"] == len(pushed)
+    assert len(released) + cmp.counters["primary_frames_dropped"] == len(pushed)
+    remaining = [f for f, _ in pushed]
+    for f in released:
+        remaining.remove(f)          # each released frame was pushed, and at most once

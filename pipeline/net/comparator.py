@@ -359,7 +359,8 @@ class Comparator:
             try:
                 done = self._reassembly[side].add(packet, now, self.epoch)
             except MalformedFrame as exc:
-                self._malformed(side, frame, str(exc))
+                # a refused datagram drops every fragment of it held so far, not only this one
+                self._malformed(side, frame, str(exc), len(getattr(exc, "frames", ())) or 1)
                 return
             if done is None:
                 self._count("fragments_held")
@@ -396,12 +397,12 @@ class Comparator:
         """An adapter could not even cut a frame out of its stream (e.g. a bad length)."""
         self._malformed(side, b"", reason)
 
-    def _malformed(self, side: int, frame: bytes, reason: str) -> None:
-        self._count("malformed_frames")
+    def _malformed(self, side: int, frame: bytes, reason: str, frames: int = 1) -> None:
+        self._count("malformed_frames", frames)
         if side == PRIMARY:
-            self._count("primary_frames_dropped")
+            self._count("primary_frames_dropped", frames)
         else:
-            self._count("secondary_frames_dropped")
+            self._count("secondary_frames_dropped", frames)
         self._malformed_logged += 1
         n = self._malformed_logged
         if n <= 10 or n % 1000 == 0:

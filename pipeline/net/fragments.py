@@ -67,13 +67,17 @@ class Reassembler:
         frame = bytearray(first.frame[:first.l4_offset])
         l3 = first.l3_offset
         total_length = first.l4_offset - l3 + part.total
-        if total_length > MAX_DATAGRAM:
-            raise MalformedFrame(f"IPv4 fragments reassemble to a total length of "
-                                 f"{total_length} bytes, more than {MAX_DATAGRAM}")
-        # total length, id 0, flags and fragment offset 0: a whole datagram again
-        struct.pack_into("!HHH", frame, l3 + 2, total_length, 0, 0)
-        frame += data[:part.total]
-        return parse_frame(bytes(frame), first.vnet_hdr_len), part.frames
+        try:
+            if total_length > MAX_DATAGRAM:
+                raise MalformedFrame(f"IPv4 fragments reassemble to a total length of "
+                                     f"{total_length} bytes, more than {MAX_DATAGRAM}")
+            # total length, id 0, flags and fragment offset 0: a whole datagram again
+            struct.pack_into("!HHH", frame, l3 + 2, total_length, 0, 0)
+            frame += data[:part.total]
+            return parse_frame(bytes(frame), first.vnet_hdr_len), part.frames
+        except MalformedFrame as exc:
+            exc.frames = part.frames   # the refused datagram's frames (this one last): dropped
+            raise
 
     @property
     def pending(self) -> bool:
