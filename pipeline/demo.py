@@ -20,6 +20,7 @@ import time
 import blake3
 
 from pipeline import counters
+from pipeline.disk import nbd_protocol as P
 from pipeline.disk.nbd_client import NbdClient
 from pipeline.disk.progress import SyncBar, sync_progress
 from pipeline.localpair import HostPair, LocalPair, PairError, free_port_base
@@ -59,7 +60,10 @@ def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
                     help="with --kill-primary-after: the two nodes are hosts with role auto; "
                     "the killed primary's host is started again, joins the survivor as its "
                     "secondary, and the demo waits until protected again and proves the "
-                    "memories equal (JSON: failovers, reprotected_ms, memory_equal)")
+                    "memories equal (JSON: failovers, reprotected_ms, memory_equal); with "
+                    "--disk-mb the disk too: the survivor's guest writes on, the host that "
+                    "comes back gets an incremental disk sync, the images are compared "
+                    "(disk_equal, disk_sync_bytes per cycle)")
     sp.add_argument("--failovers", type=int, default=1, metavar="N",
                     help="with --rejoin: this many cycles (kill the primary, rejoin)")
 
@@ -67,10 +71,8 @@ def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> bool:
     """The demo; True if every proof held (memory equal, disks equal, the takeover
     served) and both nodes stopped cleanly."""
-    if args.rejoin and (args.kill_primary_after is None or args.disk_mb):
-        raise SystemExit("colo-pipeline demo: --rejoin needs --kill-primary-after and no "
-                         "--disk-mb (re-protecting a replicated disk after a failover is not "
-                         "there yet)")
+    if args.rejoin and args.kill_primary_after is None:
+        raise SystemExit("colo-pipeline demo: --rejoin needs --kill-primary-after")
     tables = {
         # the network comparator on the primary; both guests' outputs go to it as frames
         # released frames go to the demo's client (DemoClient) on outdev
@@ -102,13 +104,21 @@ def run_demo(args: argparse.Namespace) -> bool:
         tables["guest.workload"]["input_rate_hz"] = args.input_rate
         del tables["net"]["outdev"]
         role_tables = None
+        if args.disk_mb:   # each host its own image and export; the forwarding link
+            # follows the secondary's address (role auto)
+            role_tables = {h: {"disk": {"export_size": args.disk_mb << 20,
+                                        "durable_commit": False,
+                                        "image": f"{{workdir}}/{h}-disk.img",
+                                        "export": f"unix:{{workdir}}/{h}-disk.nbd"}}
+                           for h in ("a", "b")}
     pair = (HostPair if args.rejoin else LocalPair)(
         tables, log_level=args.log_level, capture_logs=not args.verbose,
         role_tables=role_tables)
     if args.disk_mb:
         # the guest's disk has data before protection; the secondary's starts empty and
         # gets it from the initial disk sync
-        _prefill_disk(os.path.join(pair.workdir, "primary-disk.img"), args.disk_mb << 20)
+        _prefill_disk(os.path.join(pair.workdir, f"{pair.HOSTS[0]}-disk.img"),
+                      args.disk_mb << 20)
     disk_driver = None
     client = None
     summary: dict = {"memory_equal": False}
@@ -128,8 +138,9 @@ def run_demo(args: argparse.Namespace) -> bool:
         node = pair.node(pair.primary_host())
         client = NoClient() if args.rejoin else DemoClient(pair, args.input_rate)
         if args.disk_mb:
-            disk_driver = GuestDiskDriver(os.path.join(pair.workdir, "primary-disk.nbd"),
-                                          args.disk_mb << 20)
+            disk_driver = GuestDiskDriver(
+                os.path.join(pair.workdir, f"{pair.primary_host()}-disk.nbd"),
+                args.disk_mb << 20)
         t_end = time.monotonic() + args.duration
         protected_at = len(node.checkpoints())
 
@@ -171,15 +182,15 @@ def run_demo(args: argparse.Namespace) -> bool:
         ok = ok and info["memory_equal"]
         if disk_driver is not None:
             # the disk committed with that checkpoint, and nothing was written since
-            images = [_file_digest(os.path.join(pair.workdir, f"{role}-disk.img"))
-                      for role in ("primary", "secondary")]
-            disk = pair.node("primary").snapshot()["stages"].get("disk", {})
+            images = [_file_digest(os.path.join(pair.workdir, f"{host}-disk.img"))
+                      for host in pair.HOSTS]
+            disk = pair.node(pair.primary_host()).snapshot()["stages"].get("disk", {})
             summary.update(disk_equal=images[0] == images[1], disk_writes=disk_driver.writes,
                            disk_digest=images[0], disk_sync_bytes=disk.get("sync_bytes", 0))
             ok = ok and summary["disk_equal"]
         if args.kill_primary_after is not None and ok and args.rejoin:
             summary.update(_demo_rejoin(pair, args))
-            ok = summary["memory_equal"]
+            ok = summary["memory_equal"] and summary.get("disk_equal", True)
         elif args.kill_primary_after is not None and ok:
             summary.update(_demo_failover(pair, args))
             ok = bool(summary.get("failover_ok"))
@@ -325,8 +336,10 @@ class GuestDiskDriver:
 
     def __init__(self, socket_path: str, size: int, block: int = 4096,
                  rate_hz: float = 100.0) -> None:
+        """``size``: the part of the disk it writes (from offset 0: a working set)."""
         self.path, self.size, self.block, self.period = socket_path, size, block, 1 / rate_hz
         self.writes = 0
+        self.errors = 0      # failed writes (the driver stops at the first)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="guest-disk", daemon=True)
         self._thread.start()
@@ -342,6 +355,10 @@ class GuestDiskDriver:
                 self.writes += 1
                 if self.writes % 50 == 0:
                     client.flush()
+        except (OSError, EOFError, P.NbdError, P.NbdProtocolError) as e:   # its host was
+            # killed (the demo's failover), or a write failed
+            self.errors += 1
+            self.error = f"{type(e).__name__}: {e}"
         finally:
             client.close()
 
@@ -406,21 +423,45 @@ def _demo_rejoin(pair, args: argparse.Namespace) -> dict:
         if not args.json:
             print(f"host {survivor} is the primary (generation {info['generation']}); host "
                   f"{lost} started again with its config, joining as secondary ...", flush=True)
+        driver = None
+        if args.disk_mb:   # the guest's disk driver on the survivor writes on meanwhile,
+            # in a working set of a quarter of the disk: the incremental sync sends that
+            # (and the MiBs of the lost host's last writes), not the disk
+            driver = GuestDiskDriver(os.path.join(pair.workdir, f"{survivor}-disk.nbd"),
+                                     args.disk_mb << 18)
         info = wait(lambda i: i.get("state") == "protected"
                     and not i.get("awaiting_reprotection"), "protected again")
+        if driver is not None:
+            driver.stop()    # nothing written after this: the proof's checkpoint has it all
         proof = pair.prove_memory_equal()
         cycle = {"lost": lost, "generation": info["generation"],
                  "failover_detect_ms": round((info["failover_detected_at"] - killed_at) * 1000, 1),
                  "takeover_ms": info["takeover_ms"], "reprotected_ms": info["reprotected_ms"],
                  "memory_equal": proof["memory_equal"]}
+        if driver is not None:
+            disk = node.stage("disk").as_dict()
+            cycle.update(disk_equal=len({_file_digest(os.path.join(pair.workdir,
+                                                                  f"{h}-disk.img"))
+                                         for h in pair.HOSTS}) == 1,
+                         disk_sync_bytes=disk["sync_bytes"],
+                         disk_sync_incremental=bool(disk["sync_incremental"]),
+                         disk_writes=driver.writes, disk_write_errors=driver.errors)
+            cycle["disk_equal"] = cycle["disk_equal"] and driver.errors == 0
         out["cycles"].append(cycle)
         out["failovers"] += 1
         if not args.json:
             print(f"protected again {info['reprotected_ms']:.0f} ms after the takeover; memory "
                   f"of SVM == PVM: {proof['memory_equal']}", flush=True)
-        if not proof["memory_equal"]:
+            if driver is not None:
+                print(f"disk: {'incremental' if cycle['disk_sync_incremental'] else 'full'} "
+                      f"sync sent {cycle['disk_sync_bytes'] / 2**20:.0f} MiB of "
+                      f"{args.disk_mb} MiB; images equal: {cycle['disk_equal']}", flush=True)
+        if not proof["memory_equal"] or not cycle.get("disk_equal", True):
             break
     last = out["cycles"][-1]
+    if args.disk_mb:
+        out.update(disk_equal=all(c["disk_equal"] for c in out["cycles"]),
+                   disk_sync_bytes=last["disk_sync_bytes"])
     out.update(memory_equal=all(c["memory_equal"] for c in out["cycles"]),
                reprotected_ms=last["reprotected_ms"], takeover_ms=last["takeover_ms"],
                failover_detect_ms=last["failover_detect_ms"],
