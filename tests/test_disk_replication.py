@@ -754,3 +754,20 @@ def test_the_control_loop_answers_while_wait_synced_waits_for_the_sync(tmp_path,
             if p is not None and p.is_alive():
                 p.terminate()
                 p.join(30)
+
+
+def test_a_sync_begin_is_judged_by_its_own_epoch_not_the_old_sessions_window():
+    """A BEGIN starts the secondary's session: one far past (or below) the epochs the
+    secondary committed before is taken; a guest write there is not; epoch 0 never is."""
+    def one(kind: int, epoch: int):
+        frames = wire.encode_forward(kind, epoch, 9, 0, 0 if kind == wire.KIND_SYNC_BEGIN
+                                     else BS, None if kind == wire.KIND_SYNC_BEGIN
+                                     else bytes(BS), digest=os.urandom(32)
+                                     if kind == wire.KIND_SYNC_BEGIN else None)
+        return wire.decode_forward_group(frames, SIZE, BS, committed_epoch=40)[0]
+    for epoch in (3, 40, 40 + wire.MAX_EPOCH_LEAD + 5):
+        assert isinstance(one(wire.KIND_SYNC_BEGIN, epoch), wire.ForwardedWrite), epoch
+    assert isinstance(one(wire.KIND_WRITE, 3), wire.ForwardError)
+    assert isinstance(one(wire.KIND_WRITE, 40 + wire.MAX_EPOCH_LEAD + 5), wire.ForwardError)
+    refused = one(wire.KIND_SYNC_BEGIN, 0)
+    assert isinstance(refused, wire.ForwardError) and "epoch 0" in str(refused)

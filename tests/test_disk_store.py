@@ -427,3 +427,37 @@ def test_a_buffer_log_without_write_order_is_refused_not_half_applied(tmp_path):
         f.write(b"CBL1")
     with pytest.raises(StoreError, match=r"buffer-1\.log was written by an older version"):
         open_store(d)
+
+
+def test_a_sync_begins_a_new_session_on_an_image_that_was_active_before(tmp_path):
+    """The old host of a failed-over pair comes back as a secondary: its store was active
+    (its journal says so) and committed epochs of another session. A sync BEGIN (same
+    generation: incremental) makes it a secondary's again, with the BEGIN's epoch as the
+    base (lower than its old committed epoch here, as after a restarted primary), so the
+    new session's writes are buffered and committed. A store that failed over in this
+    same process refuses a sync: its image is the running VM's disk."""
+    from pipeline.disk.store import StoreError
+    d = str(tmp_path)
+    gen = os.urandom(32)
+    store = open_store(d)
+    assert store.begin_sync(gen, 1, 1) == "full"
+    store.end_sync(2)
+    model = bytearray(SIZE)
+    for epoch in range(1, 41):
+        buffer_write(store, model, epoch, epoch * BS, bytes([epoch]) * BS)
+        store.commit(epoch, covers_seq=2)
+    store.failover()
+    assert store.active and store.committed_epoch == 40
+    with pytest.raises(StoreError, match="failed over"):
+        store.begin_sync(gen, 100, 5)
+    store.close()
+    store = open_store(d)                      # the host comes back
+    assert store.active                        # (as its journal says)
+    assert store.begin_sync(gen, 100, 5) == "incremental"
+    assert not store.active and store.syncing and store.committed_epoch == 4
+    store.end_sync(101)
+    buffer_write(store, model, 5, 0, b"\x55" * BS)
+    store.commit(5, covers_seq=101)
+    assert store.committed_epoch == 5 and not store.syncing
+    assert image_bytes(d) == bytes(model)
+    store.close()
