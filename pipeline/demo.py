@@ -444,6 +444,7 @@ def _demo_rejoin(pair, args: argparse.Namespace) -> dict:
                                                                   f"{h}-disk.img"))
                                          for h in pair.HOSTS}) == 1,
                          disk_sync_bytes=disk["sync_bytes"],
+                         disk_sync_total=disk["sync_total"], disk_sync_ms=disk["sync_ms"],
                          disk_sync_incremental=bool(disk["sync_incremental"]),
                          disk_writes=driver.writes, disk_write_errors=driver.errors)
             cycle["disk_equal"] = cycle["disk_equal"] and driver.errors == 0

@@ -129,6 +129,13 @@ def disk_counters(pair: HostPair, host: str) -> dict:
     return pair.node(host).stage("disk").as_dict()
 
 
+def sync_done(pair: HostPair, host: str) -> dict:
+    """``host``'s disk counters once its last sync is done (its END acknowledged: every
+    extent it sent is counted by then)."""
+    return wait_until(lambda: (c := disk_counters(pair, host))["sync_state"] == 2 and c,
+                      timeout=240, what=f"{host}'s disk sync done")
+
+
 def info_when(pair: HostPair, host: str, pred, what: str, timeout: float = 240) -> dict:
     def look():
         pair.check_alive()
@@ -201,7 +208,7 @@ def run_disk_cycles(pair: HostPair) -> None:
         pair.wait_info("state", "unprotected", role="a", timeout=120)
         pair.start_node("b", fault=f"disk.primary.applied:{kill_b}:killgroup")
         pair.wait_protected(timeout=240)
-        assert disk_counters(pair, "a")["sync_bytes"] == 7 * MiB    # the allocated MiBs
+        assert sync_done(pair, "a")["sync_bytes"] == 7 * MiB    # the allocated MiBs
         guest_a = GuestDisk(exports["a"], 1)      # the PVM's disk driver
         guest_b = GuestDisk(exports["b"], 2)      # the SVM's (its writes: the overlay)
         drivers += [guest_a, guest_b]
@@ -229,7 +236,7 @@ def run_disk_cycles(pair: HostPair) -> None:
         guest_b.wait_done(written, "b's guest writes during the re-protection")
         assert pair.roles() == {"a": "secondary", "b": "primary"}
         images_equal_at_a_checkpoint(pair, images)
-        sync = disk_counters(pair, "b")
+        sync = sync_done(pair, "b")
         assert sync["sync_incremental"] == 1 and sync["sync_total"] == DISK, sync
         assert sync["sync_bytes"] == len(differ) * MiB, (sync, differ)
         assert disk_counters(pair, "a")["sync_checked"] == DISK
@@ -273,7 +280,7 @@ def run_disk_cycles(pair: HostPair) -> None:
         guest_a2.wait_done(written, "a's guest writes during the re-protection")
         assert pair.roles() == {"a": "primary", "b": "secondary"}
         images_equal_at_a_checkpoint(pair, images)
-        sync = disk_counters(pair, "a")
+        sync = sync_done(pair, "a")
         assert sync["sync_incremental"] == 1 and sync["sync_bytes"] == len(differ) * MiB, \
             (sync, differ)
         assert disk_counters(pair, "a")["forward_errors"] == 0
