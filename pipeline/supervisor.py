@@ -492,7 +492,8 @@ class Supervisor:
         context = zmq.Context()     # its own: the supervisor forks stages after this
         ctl = DiskControl(self.settings.run_dir, "secondary", context=context)
         try:
-            ctl.become_primary(self.settings.disk.forward, first_epoch + 1)
+            ctl.become_primary(self.settings.disk.forward, first_epoch + 1,
+                               give_up=self.stop_event.is_set)
         finally:
             ctl.close()
             context.term()

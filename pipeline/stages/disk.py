@@ -357,17 +357,24 @@ class DiskControl:
         self.context = context
         self._sock: zmq.Socket | None = None
 
-    def call(self, cmd: str, reply_timeout_ms: int | None = None, **args: Any) -> dict[str, Any]:
+    def call(self, cmd: str, reply_timeout_ms: int | None = None, give_up=None,
+             **args: Any) -> dict[str, Any]:
+        """One request; its reply (DiskControlError if it failed, or none came within
+        ``reply_timeout_ms``, or ``give_up()`` became true meanwhile)."""
         if self._sock is None:
             self._sock = (self.context or zmq.Context.instance()).socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(self.address)
         self._sock.send(json.dumps({"cmd": cmd, **args}).encode())
-        if not self._sock.poll(reply_timeout_ms or self.timeout_ms):
-            self._sock.close(0)  # a REQ socket without its reply is stuck: start afresh
-            self._sock = None
-            raise DiskControlError(f"disk control {cmd} at {self.address}: no reply in "
-                                   f"{self.timeout_ms} ms")
+        wait_ms = reply_timeout_ms or self.timeout_ms
+        deadline = time.monotonic() + wait_ms / 1e3
+        while not self._sock.poll(200 if give_up is not None else wait_ms):
+            if give_up is None or time.monotonic() > deadline or give_up():
+                self._sock.close(0)  # a REQ socket without its reply is stuck: start afresh
+                self._sock = None
+                raise DiskControlError(f"disk control {cmd} at {self.address}: no reply in "
+                                       f"{wait_ms} ms" if give_up is None or not give_up()
+                                       else f"disk control {cmd}: given up (stopping)")
         reply = json.loads(self._sock.recv())
         if not reply.pop("ok"):
             raise DiskControlError(f"disk control {cmd} {args}: {reply['error']}")
@@ -388,11 +395,12 @@ class DiskControl:
     def unprotect(self) -> None:
         self.call("unprotect")
 
-    def become_primary(self, forward: str, first_epoch: int) -> dict[str, Any]:
+    def become_primary(self, forward: str, first_epoch: int, give_up=None) -> dict[str, Any]:
         """Secondary side, after a takeover: become the primary's disk stage in place
         (see :meth:`PrimaryDisk.from_secondary`); its control moves to the primary's
-        address."""
-        return self.call("become_primary", forward=forward, first_epoch=first_epoch)
+        address. Waits long: the failover's merge of a large overlay may still run."""
+        return self.call("become_primary", reply_timeout_ms=600_000, give_up=give_up,
+                         forward=forward, first_epoch=first_epoch)
 
     def wait_synced(self, timeout_ms: int = 600_000) -> bool:
         """Wait until the initial disk sync has ordered its last extent (a checkpoint after
