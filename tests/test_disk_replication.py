@@ -741,6 +741,11 @@ def test_the_control_loop_answers_while_wait_synced_waits_for_the_sync(tmp_path,
         t = threading.Thread(target=lambda: answer.update(synced=waiter.wait_synced(600_000)))
         t.start()
         wait_for(lambda: asker.stats()["parked_waits"] == 1, 60, "wait_synced parked")
+        short = DiskControl(rundir, "primary")
+        try:   # a parked wait past its own deadline is answered: not synced
+            assert short.wait_synced(200) is False
+        finally:
+            short.close()
         asker.call("stop")
         t.join(60)
         assert not t.is_alive() and answer == {"synced": False}

@@ -284,7 +284,7 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
             faults.point("stage.disk.loop")
             now = time.monotonic()
             timeout = 200 if not control.parked else \
-                max(0, min(200, min(d for _e, d in control.parked) - now) * 1000)
+                max(0.0, min(200.0, (min(d for _e, d in control.parked) - now) * 1000))
             events = dict(poller.poll(timeout))
             if wake in events:
                 try:
