@@ -120,20 +120,6 @@ class SvmPages:
         for fd in self.wake:
             os.eventfd_write(fd, 1)
 
-    def wait(self, epoch: int, worker: int, stopping) -> bool:
-        """Digest worker ``worker``: until ``epoch`` was published; False if the stage is
-        stopping first."""
-        fd = self.wake[worker]
-        while self.ready.value < epoch:
-            if stopping():
-                return False
-            if select.select([fd], [], [], POLL_S)[0]:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-        return True
-
     def same(self, epoch: int, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Which of the pages (pfns, their PVM hashes) the SVM holds as they are."""
         return (self.epoch[pfns] == epoch + 1) & (self.hashes[pfns] == hashes).all(axis=1)

@@ -11,15 +11,19 @@ of 0.43) and costs one call instead of dozens.
 """
 from __future__ import annotations
 
+import os
+import select
 import time
+from collections import deque
 
 import lz4.block
 import numpy as np
 
-from pipeline import wire
-from pipeline.ring import Ring
-from pipeline.stages.common import (MARK_BUFFERED, MARK_LZ4, HashTable, PageBuffer, StageContext,
-                                    SvmPages, hash_pages, worker_loop, zero_page_hash)
+from pipeline import faults, trace, wire
+from pipeline.ring import Ring, Slot
+from pipeline.stages.common import (MARK_BUFFERED, MARK_LZ4, POLL_S, SLOT_END, HashTable,
+                                    PageBuffer, StageContext, SvmPages, copy_marker, hash_pages,
+                                    read_slot, write_slot, zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
@@ -27,14 +31,16 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
                  out_data: np.ndarray, compress: bool = True,
                  lz4_stats: list[int] | None = None, svm: SvmPages | None = None,
                  epoch: int = 0) -> tuple[int, bool, dict[int, int]]:
-    """Encode ``pages`` (n, page_size) into the output arrays.
+    """Encode ``pages`` (n, page_size) into the output arrays: :func:`hash_batch`, then
+    :func:`encode_hashed`. Returns (bytes of data, packed, pages per kind)."""
+    nonzero = hash_batch(pages, out_hashes)
+    return encode_hashed(src_pfns, pages, nonzero, table, out_hashes, out_len, out_kind,
+                         out_data, compress, lz4_stats, svm, epoch)
 
-    Returns (bytes of data, packed, pages per kind). Pages that carry data are sent as
-    one lz4 block of all of them (``packed``) when that is smaller, else raw.
-    A fixed number of numpy calls per batch; per page only the blake3 call (hash_pages).
-    ``lz4_stats``, if given, gets [ns in lz4, bytes in, bytes out] added (the auto
-    compression policy judges the compressor by them). ``svm``: the SVM's hashes of its
-    dirty pages for ``epoch``: a page the SVM holds alike goes as SVM, with no data."""
+
+def hash_batch(pages: np.ndarray, out_hashes: np.ndarray) -> np.ndarray:
+    """blake3 of every page of ``pages`` (n, page_size) into ``out_hashes``; returns which
+    pages are not all zero (a zero page gets the zero page's hash without hashing)."""
     n, page_size = pages.shape
     nonzero = pages.view(np.uint64).reshape(n, -1).any(axis=1)
     nz = np.flatnonzero(nonzero)
@@ -43,6 +49,24 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
         out_hashes[:n] = hash_pages(pages)
     elif len(nz):
         out_hashes[nz] = hash_pages(pages, nz)
+    return nonzero
+
+
+def encode_hashed(src_pfns: np.ndarray, pages: np.ndarray, nonzero: np.ndarray,
+                  table: HashTable | None, out_hashes: np.ndarray, out_len: np.ndarray,
+                  out_kind: np.ndarray, out_data: np.ndarray, compress: bool = True,
+                  lz4_stats: list[int] | None = None, svm: SvmPages | None = None,
+                  epoch: int = 0) -> tuple[int, bool, dict[int, int]]:
+    """Encode hashed ``pages`` (:func:`hash_batch`) into the output arrays.
+
+    Returns (bytes of data, packed, pages per kind). Pages that carry data are sent as
+    one lz4 block of all of them (``packed``) when that is smaller, else raw.
+    A fixed number of numpy calls per batch.
+    ``lz4_stats``, if given, gets [ns in lz4, bytes in, bytes out] added (the auto
+    compression policy judges the compressor by them). ``svm``: the SVM's hashes of its
+    dirty pages for ``epoch``: a page the SVM holds alike goes as SVM, with no data."""
+    n, page_size = pages.shape
+    nz_count = int(nonzero.sum())
     ref = table.matches(src_pfns, out_hashes[:n]) & nonzero if table is not None \
         else np.zeros(n, bool)
     carry = nonzero & ~ref
@@ -53,7 +77,7 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
         ref, wire.ENC_REF, np.where(same, wire.ENC_SVM, wire.ENC_ZERO)))
     out_len[:n] = np.where(carry, page_size, 0)
     k = int(carry.sum())
-    counts = {wire.ENC_RAW: k, wire.ENC_ZERO: n - len(nz), wire.ENC_REF: int(ref.sum()),
+    counts = {wire.ENC_RAW: k, wire.ENC_ZERO: n - nz_count, wire.ENC_REF: int(ref.sum()),
               wire.ENC_SVM: int(same.sum())}
     if not k:
         return 0, False, counts
@@ -79,34 +103,71 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
     the send stage, pipeline/compress_policy.py) says, batch by batch.
     ``svm``: a checkpoint's batches (from the snapshot buffer) wait for the SVM's hashes
     of its dirty pages (SVM_DIRTY, published by the coordinator); other batches use them
-    if they are there."""
+    if they are there.
+
+    The pages are hashed first and the wait comes after: while the secondary hashes the
+    SVM's pages, this worker hashes the PVM's, up to ``hold`` batches ahead, and only the
+    classification (ZERO/REF/SVM/data) and compression wait (they were all behind the
+    wait before, the PVM's hashing added to the secondary's on the commit's path)."""
     c = ctx.counters
     lz4_stats = [0, 0, 0]
+    stage = ctx.name.split(".")[0]
+    wake = svm.wake[worker] if svm is not None else -1
+    # (input slot, output slot, its non-zero pages; None for an END marker): hashed,
+    # waiting for the SVM's hashes of their epoch; output slots are committed in order
+    held: deque[tuple[Slot, Slot, np.ndarray | None]] = deque()
+    hold = max(1, min(ring_in.slots, ring_out.slots) // 2)
 
-    def svm_for(epoch: int, buffered: bool) -> SvmPages | None:
-        if svm is None:
-            return None
-        if buffered and svm.ready.value < epoch:
-            t0 = time.perf_counter_ns()
-            ok = svm.wait(epoch, worker, ctx.stopping)
-            c.add("svm_wait_ns", time.perf_counter_ns() - t0)
-            return svm if ok else None
-        return svm if svm.ready.value >= epoch else None
-
-    def process(slot, out) -> None:
+    def pages_of(slot: Slot) -> np.ndarray:
         n = slot.count
-        out.reset(slot.kind, slot.epoch, n)
-        out.pfns[:n] = slot.pfns[:n]
-        pages = snapbuf.pages[slot.row:slot.row + n] if slot.marks & MARK_BUFFERED \
+        return snapbuf.pages[slot.row:slot.row + n] if slot.marks & MARK_BUFFERED \
             else slot.data[:n]
+
+    def waits(item) -> bool:
+        slot, _, nonzero = item
+        return (nonzero is not None and svm is not None and bool(slot.marks & MARK_BUFFERED)
+                and svm.ready.value < slot.epoch)
+
+    def take(slot: Slot) -> bool:
+        """Hash a new input slot into a fresh output slot and hold it."""
+        if faults.ACTIVE:
+            faults.point(f"stage.{stage}.loop")
+        out = write_slot(ctx, ring_out)
+        if out is None:
+            return False
+        t0 = time.perf_counter_ns()
+        nonzero = None
+        if slot.kind != SLOT_END:
+            n = slot.count
+            out.reset(slot.kind, slot.epoch, n)
+            out.pfns[:n] = slot.pfns[:n]
+            nonzero = hash_batch(pages_of(slot), out.hashes)
+        held.append((slot, out, nonzero))
+        trace.point("hashed", slot.epoch)
+        c.add("busy_ns", time.perf_counter_ns() - t0)
+        return True
+
+    def finish(slot: Slot, out: Slot, nonzero: np.ndarray | None) -> None:
+        t0 = time.perf_counter_ns()
+        if nonzero is None:
+            copy_marker(slot, out)
+        else:
+            encode(slot, out, nonzero)
+        ring_in.release_read(slot)
+        ring_out.commit_write(out)
+        trace.point("encoded", out.epoch)
+        c.add("busy_ns", time.perf_counter_ns() - t0)
+        c.max("ring_high_water", ring_out.high_water)
+
+    def encode(slot: Slot, out: Slot, nonzero: np.ndarray) -> None:
+        n = slot.count
+        pages = pages_of(slot)
         on = compress == "lz4" or (compress == "auto" and bool(decision.value))
         lz4_stats[:] = (0, 0, 0)
-        nbytes, packed, counts = encode_batch(slot.pfns[:n], pages, table, out.hashes,
-                                              out.enc_len, out.enc_kind, out.data_flat,
-                                              on, lz4_stats,
-                                              svm_for(slot.epoch,
-                                                      bool(slot.marks & MARK_BUFFERED)),
-                                              slot.epoch)
+        sv = svm if svm is not None and svm.ready.value >= slot.epoch else None
+        nbytes, packed, counts = encode_hashed(slot.pfns[:n], pages, nonzero, table,
+                                               out.hashes, out.enc_len, out.enc_kind,
+                                               out.data_flat, on, lz4_stats, sv, slot.epoch)
         if lz4_stats[1]:
             c.add("lz4_ns", lz4_stats[0])
             c.add("lz4_bytes_in", lz4_stats[1])
@@ -123,4 +184,29 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         c.add("pages_same_as_svm", counts[wire.ENC_SVM])
         c.add("pages_packed" if packed else "pages_raw", counts[wire.ENC_RAW])
 
-    worker_loop(ctx, ring_in, ring_out, process)
+    while True:
+        while held and not waits(held[0]):
+            finish(*held.popleft())
+        if not held:
+            slot = read_slot(ctx, ring_in)
+            if slot is None or not take(slot):
+                return
+            continue
+        # the oldest batch waits for the SVM's hashes: hash what else came meanwhile
+        if len(held) < hold:
+            slot = ring_in.try_acquire_read()
+            if slot is not None:
+                if not take(slot):
+                    return
+                continue
+        t0 = time.perf_counter_ns()
+        fds = [wake, ring_in.fileno()] if len(held) < hold else [wake]
+        readable = select.select(fds, [], [], POLL_S)[0]
+        c.add("svm_wait_ns", time.perf_counter_ns() - t0)
+        if wake in readable:
+            try:
+                os.eventfd_read(wake)
+            except BlockingIOError:
+                pass
+        if not readable and ctx.stopping():
+            return
