@@ -137,11 +137,12 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
 
 
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
-                   staging=None) -> None:
+                   staging=None, direct=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_in(nctx)
     try:
-        receive.run(ctx, sock, rings, page_count, page_size, staging)
+        receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
+                    settings.pipeline.verify_pages)
     finally:
         nctx.close()
 
@@ -304,6 +305,9 @@ class Supervisor:
             meta = SlotLayout(batch_pages=s.pipeline.batch_pages,
                               page_size=max(512, -(-VCPU_BLOB_MAX // s.pipeline.batch_pages)))
             to_restore = [self._ring(f"verify{i}-restore", slots, meta) for i in range(n)]
+            # raw batches the receive stage placed and checked itself skip the verify
+            # workers (pipeline/stages/receive.py)
+            direct = self._ring("recv-restore", slots, meta)
             staging_seg = create_segment(f"{segment_prefix(self.name)}staging",
                                          dom.page_count * dom.page_size)
             self.segments.append(staging_seg)
@@ -313,12 +317,14 @@ class Supervisor:
             plan = [StageSpec("coordinator", _secondary_coordinator,
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
-                              (s, to_verify, dom.page_count, dom.page_size, staging))]
+                              (s, to_verify, dom.page_count, dom.page_size, staging,
+                               direct))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run,
-                                  (dom, to_restore, ctl_b, staging, s.pipeline.verify_pages)))
+                                  (dom, [*to_restore, direct], ctl_b, staging,
+                                   s.pipeline.verify_pages)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))

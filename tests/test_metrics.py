@@ -110,7 +110,7 @@ def test_endpoint_of_a_running_pair(tmp_path):
         sec = _scrape(secondary.url)
         assert _value(sec, "colo_role", role="secondary") == 1
         assert _value(sec, "colo_role", role="primary") == 0
-        assert _value(sec, "colo_stage_items_in_total", stage="verify.0") > 0
+        assert _value(sec, "colo_stage_items_in_total", stage="receive") > 0
 
         # one-shot text, same families
         text = render(pair.name("primary")).decode()

@@ -69,9 +69,10 @@ class HandPrimary:
         hello = wire.decode_hello(self.recv(wire.HELLO))
         assert (hello.page_count, hello.page_size) == (PAGES, 4096)
 
-    def records(self, epoch: int, pfns: np.ndarray) -> tuple[list[bytes], list, list]:
+    def records(self, epoch: int, pfns: np.ndarray,
+                compress: bool = True) -> tuple[list[bytes], list, list]:
         """PAGES records of the PVM's current content of ``pfns``, made like the real
-        digest stage makes them (zero / ref / lz4 / raw)."""
+        digest stage makes them (zero / ref / lz4 / raw; no lz4 unless ``compress``)."""
         msgs, hashes_all = [], []
         data = np.empty((len(pfns), 4096), np.uint8)
         self.dom.read_pages(pfns, data)
@@ -83,20 +84,20 @@ class HandPrimary:
             kind = np.zeros(n, np.uint8)
             out = np.zeros(n * 4096, np.uint8)
             used, packed, _ = encode_batch(chunk, data[start:start + n], self.table, h, ln,
-                                           kind, out)
+                                           kind, out, compress)
             msgs.append(wire.encode_pages(epoch, chunk, h, ln, kind, out[:used],
                                           wire.PAGES_PACKED if packed else 0))
             hashes_all.append(h)
         return msgs, [pfns], hashes_all
 
     def checkpoint(self, pfns: np.ndarray, flags: int = 0, mutate=None, extra=(),
-                   vanish_after: int | None = None) -> wire.Ack | None:
+                   vanish_after: int | None = None, compress: bool = True) -> wire.Ack | None:
         e = self.epoch
         self.epoch += 1
         self.control.send(wire.encode_checkpoint_begin(e, 0, flags))
         dirty = wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES).pfns
         vcpu = b"" if flags & wire.FLAG_SYNC else self.dom.get_vcpu_state()
-        msgs, _, hashes = self.records(e, pfns)
+        msgs, _, hashes = self.records(e, pfns, compress)
         if mutate is not None:
             msgs = mutate(msgs)
         for m in list(extra) + msgs[:vanish_after]:
@@ -130,12 +131,14 @@ class HandPrimary:
 
 
 @pytest.fixture
-def secondary(tmp_path):
+def secondary(tmp_path, request):
+    # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
+    # page over an authentic channel, which only the full check catches for certain (the
+    # default samples one per batch)
+    verify_pages = getattr(request, "param", "full")
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
-        # every page re-hashed: the corrupt-page test sends a bad page over an authentic
-        # channel, which only the full check catches (the default samples one per batch)
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify_pages},
         # the hand primary sends no heartbeats; a long interval keeps the secondary's
         # control-silence fallback from taking over between the test's steps
         "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
@@ -196,6 +199,43 @@ def test_corrupt_page_discards_the_epoch_whole(secondary):
     assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
     prim.close()
     assert "bad page batch" in pair.log_tail("secondary", 20000)
+
+
+def _flip_every_raw_page(msgs: list[bytes]) -> list[bytes]:
+    """Flip one byte of every page of the first record whose pages go raw (no lz4)."""
+    for i, m in enumerate(msgs):
+        b = wire.decode_pages(m, PAGES, 4096, BATCH)
+        if len(b.data) and not b.packed and not (b.enc_kind == wire.ENC_LZ4).any():
+            raw = bytearray(m)
+            at = len(m) - len(b.data)
+            for page in range(len(b.data) // 4096):
+                raw[at + page * 4096 + 100] ^= 0x5A
+            return msgs[:i] + [bytes(raw)] + msgs[i + 1:]
+    raise AssertionError("no raw page in this epoch")
+
+
+@pytest.mark.parametrize("secondary", ["sample"], indirect=True)
+def test_a_corrupt_raw_batch_checked_by_the_receive_stage_tears_the_epoch(secondary):
+    """Raw batches skip the verify workers unless every page is re-hashed: the receive
+    stage checks them itself (one page each here) and hands them straight to restore. A
+    batch whose pages all differ from their hashes is caught there, and the epoch torn."""
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    dirty = prim.dirty_some(64)
+
+    def verified() -> int:
+        return sum(counters(pair)[f"verify.{i}"]["items_in"] for i in range(2))
+    before = verified()
+    ack = prim.checkpoint(dirty, mutate=_flip_every_raw_page, compress=False)
+    assert ack.status == wire.ACK_ABORTED
+    assert "verification" in ack.reason
+    assert prim.probe() == committed        # nothing of the torn epoch was applied
+    st = counters(pair)
+    assert st["receive"]["errors"] >= 1
+    assert verified() == before             # no batch went through the verify workers
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST, compress=False)
+    assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
+    prim.close()
 
 
 def test_truncated_and_unknown_records_are_dropped_and_counted(secondary):

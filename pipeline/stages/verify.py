@@ -36,7 +36,7 @@ def decode_batch(src: Slot, out: np.ndarray, page_size: int, check: str = "full"
         problem = _decode_packed(src, out, page_size)
     else:
         problem = _decode_plain(src, out, kinds, lens, page_size)
-    return problem or _check_hashes(src, out, kinds, page_size, check)
+    return problem or check_hashes(src, out, kinds, page_size, check)
 
 
 def _decode_plain(src: Slot, out: np.ndarray, kinds: np.ndarray, lens: np.ndarray,
@@ -94,8 +94,11 @@ def _decode_packed(src: Slot, out: np.ndarray, page_size: int) -> str:
     return ""
 
 
-def _check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int,
-                  check: str) -> str:
+def check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int,
+                 check: str) -> str:
+    """Why the decoded pages ``out`` of batch ``src`` are bad ('' if they are not): a ZERO
+    page with another hash, or a data page whose blake3 differs (``check``: which are
+    hashed, see decode_batch)."""
     n = src.count
     zero = np.flatnonzero(kinds == wire.ENC_ZERO)
     if len(zero):
