@@ -317,6 +317,12 @@ class InitialSync(threading.Thread):
         self._stopping.set()
         self.join(timeout=10)
 
+    def _open_session(self) -> None:
+        """Let the guest's forwards go (unless a newer sync replaced this one: its BEGIN
+        is the one they wait for)."""
+        if self.b._sync is self:
+            self.b.session_open.set()
+
     def _order_marker(self) -> tuple[int, int]:
         with self.b._order_lock:
             return self.b._order_marker_locked()
@@ -336,7 +342,7 @@ class InitialSync(threading.Thread):
             self._send(sock, epoch, seq, wire.KIND_SYNC_BEGIN, 0, 0, None,
                        digest=b.generation)
             self._drain(sock, 0)          # its answer: "full" or "incremental"
-            b.session_open.set()          # the guest's forwards may follow it now
+            self._open_session()          # the guest's forwards may follow it now
             incremental = self._begin_answer == "incremental"
             if incremental:  # the secondary kept its image: compare every extent
                 runs = [(0, b.size)]
@@ -402,7 +408,7 @@ class InitialSync(threading.Thread):
             if not completed:      # failed, or given up (stopped, unprotected meanwhile)
                 b.counters.set("sync_state", SYNC_FAILED)
             self.ordered_end.set()   # a failed sync fails the first commit, loudly
-            b.session_open.set()
+            self._open_session()
             if b.wakeup is not None:
                 b.wakeup()
             for epoch in self._inflight.values():
