@@ -17,8 +17,6 @@ from __future__ import annotations
 import re
 import struct
 
-import numpy as np
-
 from pipeline import wire
 
 #: the guest the decoders are given (small pages keep fuzzed PAGES records small)
