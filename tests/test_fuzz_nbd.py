@@ -11,6 +11,10 @@ error (EINVAL, EOVERFLOW or none) and, for a read, the bytes. Every refusal is c
 ``bad_requests``; a bad magic ends that connection and is counted; nothing else changes
 the image.
 
+The option phase is fuzzed the same way: any sequence of options (known and unknown, data
+right or wrong for each) gets the replies a model says, then GO, EXPORT_NAME, ABORT or a
+broken handshake (bad magic, an option too long), which ends the connection and is counted.
+
 The option parsers are pure functions: any bytes give ValueError naming the request or
 the parsed queries, which encode back to the same bytes when they are UTF-8 (a query
 that is not UTF-8 is read with replacement characters and then matches no context: the
@@ -172,3 +176,106 @@ def _wellformed(data: bytes) -> bool:
     n = int.from_bytes(data[:4], "big")
     return len(data) >= 6 + n and len(data) == 6 + n + 2 * int.from_bytes(data[4 + n:6 + n],
                                                                             "big")
+
+
+# -- the option phase on a real socket -------------------------------------------------------------
+def _options():
+    """(option, data) pairs: every option this export knows and some it does not, with
+    data right or wrong for it."""
+    info = st.builds(lambda n, k: struct.pack(">I", len(n)) + n + struct.pack(">H", len(k))
+                     + b"".join(struct.pack(">H", i) for i in k),
+                     st.binary(max_size=6), st.lists(st.integers(0, 4), max_size=3))
+    meta = st.builds(meta_request, st.binary(max_size=6),
+                     st.lists(st.sampled_from([b"base:allocation", b"base:", b"x-other:y",
+                                               b"\xff\xfe"]), max_size=3))
+    data = st.one_of(st.just(b""), st.binary(max_size=24), info, meta)
+    return st.tuples(st.sampled_from([P.OPT_LIST, P.OPT_STRUCTURED_REPLY,
+                                      P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT,
+                                      P.OPT_INFO, P.OPT_STARTTLS, 4, 11, 0xFFFF]), data)
+
+
+def expected_replies(option: int, data: bytes, structured: bool) -> tuple[list, bool]:
+    """(replies as (type, data), structured afterwards) by the rules the export documents."""
+    err = [(P.REP_ERR_INVALID, None)]
+    if option == P.OPT_LIST:
+        return [(P.REP_SERVER, bytes(4)), (P.REP_ACK, b"")], structured
+    if option == P.OPT_INFO:
+        if not _wellformed(data):
+            return err, structured
+        return [(P.REP_INFO, P.info_export(SIZE)),
+                (P.REP_INFO, P.info_block_size(BS, BS, MAX_REQUEST)), (P.REP_ACK, b"")], \
+            structured
+    if option == P.OPT_STRUCTURED_REPLY:
+        return (err, structured) if data else ([(P.REP_ACK, b"")], True)
+    if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+        if not structured:
+            return err, structured
+        try:
+            queries = P.meta_context_queries(data)
+        except ValueError:
+            return err, structured
+        listing = option == P.OPT_LIST_META_CONTEXT
+        hit = (listing and not queries) or any(
+            q == P.BASE_ALLOCATION or (listing and q == "base:") for q in queries)
+        ctx = struct.pack(">I", 0 if listing else P.BASE_ALLOCATION_ID) + b"base:allocation"
+        return [(P.REP_META_CONTEXT, ctx)] * hit + [(P.REP_ACK, b"")], structured
+    return [(P.REP_ERR_UNSUP, None)], structured
+
+
+@given(st.lists(_options(), max_size=8),
+       st.sampled_from(["go", "export_name", "abort", "bad_magic", "too_long"]))
+def test_every_option_gets_the_replies_the_model_says(options, end):
+    tmp = tempfile.mkdtemp(prefix="fuzz-nbdopt-")
+    disk = PrimaryDisk(DiskSettings(image=f"{tmp}/disk.img", export_size=SIZE, block_size=BS,
+                                    export=f"unix:{tmp}/nbd.sock", max_request=MAX_REQUEST),
+                       forward=False)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(30)
+        sock.connect(f"{tmp}/nbd.sock")
+        assert recv_exact(sock, 18)[:8] == P.NBDMAGIC
+        sock.sendall(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
+
+        def option(opt: int, data: bytes) -> list:
+            sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, opt, len(data)) + data)
+            out = []
+            while True:
+                magic, got_opt, rtype, n = P.OPTION_REPLY.unpack(
+                    recv_exact(sock, P.OPTION_REPLY.size))
+                assert (magic, got_opt) == (P.OPT_REPLY_MAGIC, opt)
+                out.append((rtype, recv_exact(sock, n)))
+                if rtype == P.REP_ACK or rtype & 0x80000000:
+                    return out
+
+        structured = False
+        for opt, data in options:
+            want, structured = expected_replies(opt, data, structured)
+            got = option(opt, data)
+            assert [t for t, _ in got] == [t for t, _ in want], (opt, data)
+            for (_, g), (_, w) in zip(got, want):
+                assert w is None or g == w, (opt, data)
+        if end == "go":
+            assert option(P.OPT_GO, bytes(6))[-1] == (P.REP_ACK, b"")
+            sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, BS))
+            reply = recv_exact(sock, P.CHUNK.size if structured else P.SIMPLE_REPLY.size)
+            assert struct.unpack(">I", reply[:4])[0] == (
+                P.STRUCTURED_REPLY_MAGIC if structured else P.SIMPLE_REPLY_MAGIC)
+        elif end == "export_name":
+            sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, 0))
+            assert recv_exact(sock, 10) == SIZE.to_bytes(8, "big") + \
+                P.TRANSMISSION_FLAGS.to_bytes(2, "big")
+        elif end == "abort":
+            assert option(P.OPT_ABORT, b"") == [(P.REP_ACK, b"")]
+            assert sock.recv(1) == b""
+        else:   # the peer broke the protocol: the connection ends and it is counted
+            bad = (P.OPTION_HEADER.pack(0x1234, P.OPT_LIST, 0) if end == "bad_magic"
+                   else P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_LIST, 65537))
+            sock.sendall(bad)
+            assert sock.recv(1) == b""
+            wait_until(lambda: disk.counters["bad_requests"] == 1, 60,
+                       "the broken handshake counted", interval=0.001)
+        assert disk.counters["bad_requests"] == (end in ("bad_magic", "too_long"))
+    finally:
+        sock.close()
+        disk.close()
+        shutil.rmtree(tmp, ignore_errors=True)
