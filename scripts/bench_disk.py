@@ -34,6 +34,10 @@ against ``nbdcopy`` of the same image between two ``qemu-nbd`` (the reference: i
 the holes by block status too). Our figure is the sync's own time (every extent acked,
 the ``sync_ms`` counter); the images are compared after the first checkpoint.
 
+Incremental resync (``sync_incremental_*``): then the primary's image changes in one MiB of
+64 and the pair starts again: the secondary's image has the same generation, so only the
+changed MiBs are sent; its time against the full sync's of the same run, images compared.
+
 Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--json]``; ``--json``
 prints one JSON object with every figure as the last line.
 """
@@ -304,6 +308,41 @@ def our_initial_sync(workdir: str, src: str, size: int) -> tuple[float, bool, in
         pair.stop()
 
 
+def our_incremental_resync(workdir: str, size: int) -> tuple[float, bool, int, int]:
+    """After :func:`our_initial_sync` in ``workdir``: the primary's image changes in one
+    MiB of every 64 (its host went on alone, as a survivor does), the pair starts again,
+    and the secondary, holding an image of the same generation, gets an incremental
+    sync (every MiB compared by blake3, holes without reading them; only what differs
+    sent). (seconds, images equal at the first checkpoint, bytes sent, MiB changed)."""
+    d = os.path.join(workdir, "sync-pair")
+    changed = 0
+    with open(os.path.join(d, "primary.img"), "r+b") as f:
+        for mib in range(0, size >> 20, 64):
+            f.seek((mib << 20) + 8192)
+            f.write(os.urandom(4096))
+            changed += 1
+    pair = start_disk_pair(d, size, compare="off", durable_commit=False,
+                           primary_export=f"unix:{d}-primary2.sock",
+                           secondary_export=f"unix:{d}-secondary2.sock")
+    try:
+        deadline = time.monotonic() + 900
+        while not (c := pair.primary.stats()["counters"])["sync_ms"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the incremental sync did not finish")
+            time.sleep(0.02)
+        if not c["sync_incremental"]:
+            raise RuntimeError("the resync was not incremental")
+        pair.primary.set_epoch(2)
+        pair.secondary.commit(1)
+        hashes = []
+        for name in ("primary.img", "secondary.img"):
+            with open(os.path.join(d, name), "rb") as f:
+                hashes.append(blake3.blake3(f.read()).hexdigest())
+        return c["sync_ms"] / 1e3, hashes[0] == hashes[1], c["sync_bytes"], changed
+    finally:
+        pair.stop()
+
+
 SERVERS = {"qemu_nbd": qemu_nbd, "ours_replicated": ours_replicated,
            "ours_replicated_nosync": functools.partial(ours_replicated, durable=False),
            "ours_unreplicated": ours_unreplicated}
@@ -345,7 +384,7 @@ def main() -> int:
                                  "checkpoint_ms": args.checkpoint_ms}
     if shutil.which("nbdcopy") is not None:
         sync_size = (128 if args.quick else 1024) << 20
-        best_ref = best_ours = None
+        best_ref = best_ours = best_inc = None
         equal, sync_bytes = True, 0
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(prefix="bench-disk-sync-") as tmp:
@@ -354,12 +393,19 @@ def main() -> int:
                 ref = nbdcopy_between_qemu_nbds(tmp, src, sync_size)
                 ours, same, sync_bytes = our_initial_sync(tmp, src, sync_size)
                 equal = equal and same
+                inc, same, inc_bytes, changed = our_incremental_resync(tmp, sync_size)
+                equal = equal and same
+                best_inc = inc if best_inc is None else min(best_inc, inc)
                 best_ref = ref if best_ref is None else min(best_ref, ref)
                 best_ours = ours if best_ours is None else min(best_ours, ours)
         result.update(sync_image_MiB=sync_size >> 20, sync_allocated_MiB=sync_size >> 21,
                       sync_nbdcopy_s=round(best_ref, 3), sync_ours_s=round(best_ours, 3),
                       sync_bytes=sync_bytes, sync_images_equal=equal,
-                      sync_ratio_ours_vs_nbdcopy=round(best_ref / best_ours, 3))
+                      sync_ratio_ours_vs_nbdcopy=round(best_ref / best_ours, 3),
+                      sync_incremental_s=round(best_inc, 3),
+                      sync_incremental_changed_MiB=changed,
+                      sync_incremental_sent_MiB=round(inc_bytes / 2**20, 1),
+                      sync_incremental_ratio_vs_full=round(best_ours / best_inc, 3))
     rows = []
     for w, p in workloads.items():
         for server, secs in best[w].items():

@@ -369,14 +369,18 @@ class InitialSync(threading.Thread):
                     try:
                         if earlier:
                             b.wait_applied(earlier)
-                        data = b.image.pread(off, n)
+                        # incremental: a hole (most of a sparse disk) is not read or hashed
+                        hole = incremental and not any(
+                            allocated for _s, _e, allocated in b.image.extents(off, n))
+                        data = None if hole else b.image.pread(off, n)
                     finally:
                         b.applied(seq)
                     if incremental:
                         # the data waits here for the answer: it is the extent as of seq
                         self._checking[seq] = (off, n, data)
                         self._send(sock, epoch, seq, wire.KIND_SYNC_CHECK, off, n, None,
-                                   digest=wire.digest_of(data))
+                                   digest=wire.zero_digest(n) if hole
+                                   else wire.digest_of(data))
                     else:
                         self._send_extent(sock, epoch, seq, off, n, data)
                     done += n
@@ -415,10 +419,10 @@ class InitialSync(threading.Thread):
                 b._track(epoch, -1)
             sock.close(0)
 
-    def _send_extent(self, sock, epoch: int, seq: int, off: int, n: int, data: bytes,
+    def _send_extent(self, sock, epoch: int, seq: int, off: int, n: int, data: bytes | None,
                      drain: bool = True) -> None:
-        """The extent's data (all zeros: a SYNC_ZERO without data)."""
-        if np.frombuffer(data, np.uint64).any():
+        """The extent's data (None, a hole, or all zeros: a SYNC_ZERO without data)."""
+        if data is not None and np.frombuffer(data, np.uint64).any():
             self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data, drain=drain)
         else:
             self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None, drain=drain)

@@ -50,7 +50,7 @@ from pipeline import faults
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.image import ImageFile, Runs, paint
 from pipeline.disk.wire import (KIND_WRITE, KIND_ZERO_ALLOC, ZERO_DIGEST, ZERO_KINDS,
-                                ForwardedWrite, digest_of)
+                                ForwardedWrite, digest_of, zero_digest)
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,9 @@ class SecondaryStore:
         if not self.syncing:
             raise StoreError(f"sync check [{offset}, +{length}): no initial sync is running")
         self.counters.add("sync_checked", length)
+        if digest == zero_digest(length) and not any(
+                allocated for _s, _e, allocated in self.image.extents(offset, length)):
+            return True       # a hole asked about as zeros: nothing to read or hash
         return digest_of(self.image.pread(offset, length)) == digest
 
     def sync_write(self, offset: int, data: bytes | memoryview | None,

@@ -43,6 +43,7 @@ failure COLO protects against; losing both hosts at once is outside the model.
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -114,6 +115,12 @@ PARALLEL_HASH_MIN = 256 * 1024
 def digest_of(data: bytes | bytearray | memoryview) -> bytes:
     threads = blake3.blake3.AUTO if len(data) >= PARALLEL_HASH_MIN else 1
     return blake3.blake3(data, max_threads=threads).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    """The blake3 of ``length`` zero bytes (a sync's question about a hole)."""
+    return digest_of(bytes(length))
 
 
 def forward_header(kind: int, epoch: int, seq: int, offset: int, length: int,
