@@ -56,6 +56,12 @@ class PeerLost(RuntimeError):
     """The heartbeat stage declared the peer lost."""
 
 
+class StaleSecondary(RuntimeError):
+    """A primary starts a full sync of a secondary that already ran its SVM from
+    checkpoints (it went unprotected meanwhile: a partition healed). Such a secondary
+    stops; started again it joins as a new one."""
+
+
 PRECOPY_MAX_ROUNDS = 8   # live pre-copy rounds before the first paused checkpoint
 SYNC_ATTEMPTS = 3        # full syncs tried, while the secondary answers, before giving up
 
@@ -766,7 +772,22 @@ class SecondaryCoordinator(_Coordinator):
                 if not self.svm_started:
                     self._info(state="syncing", peer=hello.name)
             elif hdr.type == wire.CHECKPOINT_BEGIN:
-                self.begins.append(wire.decode_checkpoint_begin(msg))
+                begin = wire.decode_checkpoint_begin(msg)
+                if begin.flags & wire.FLAG_SYNC and self.svm_started:
+                    # A primary that went unprotected (a partition healed) syncs whoever
+                    # answers its HELLO afresh. In place that would go wrong twice: the
+                    # mirror's input log belongs to the old input stream (it refuses the
+                    # new one, so a later takeover misses inputs), and from the sync's
+                    # first epoch on this secondary would take over from a half-synced
+                    # memory. So it stops; restarted, it joins as a new secondary.
+                    self._info(state="stale", stale_reason=f"epoch {begin.epoch}: a new "
+                               f"full sync after epoch {self.last_epoch}")
+                    raise StaleSecondary(
+                        f"epoch {begin.epoch}: the primary starts a new full sync, but this "
+                        f"secondary ran its SVM from checkpoints up to epoch "
+                        f"{self.last_epoch} already; stopping (start it again to join as a "
+                        "new secondary)")
+                self.begins.append(begin)
             elif hdr.type == wire.SHUTDOWN:
                 self.ctx.log.info("the primary stopped on purpose")
                 self._info(state="peer stopped")
