@@ -21,12 +21,29 @@ Rows (issue 11, item 2; what is here so far):
   took over, then continued (SIGCONT). Invariant: the stale primary does not come back
   active: it gives up its role (the peer's later generation, its lost lease) and exits.
 
-Every run: nothing hung (each wait has a deadline), no /dev/shm segment of either node
-left after the nodes stopped.
+Network rows (root; ``scripts/faultnet.py``: the two nodes in network namespaces, the
+local witness reachable from both, like an etcd on a third network):
 
-Not yet rows: partitions (netns/veth/nftables), packet loss/delay/duplication on the
-replication link, bandwidth limits, corrupted page bytes, a slow secondary, /dev/shm full,
-ENOSPC/EIO on the secondary's disk store inside a node, RLIMIT_NOFILE, a port in use.
+* ``partition``, ``partition-one-way-*``, ``partition-{control,heartbeat,pages}``: the
+  link, one direction of it, or one channel's port cut (nftables) while protected, healed
+  once both sides acted. Invariants: the primary keeps its role and generation and serves
+  on unprotected; the secondary never goes active; once the primary's HELLO reaches it
+  again it stops as stale (exit 1) instead of being re-synced in place; restarted, it
+  protects the guest and both memories are proven equal.
+* ``link-loss-2pct``, ``link-delay-20ms``, ``link-duplicate-2pct``, ``link-reorder-5pct``,
+  ``link-loss-dup-reorder``: every packet between the hosts through the userspace TUN
+  forwarder (this kernel has no netem), from before the full sync. Invariants: protected
+  over that link, no side declared the other lost, 20 more checkpoints after the forwarder
+  impaired 200 packets, memories proven equal. The loss rows set ``heartbeat.miss_count =
+  10``: TCP recovers a lost segment only after its RTO (200 ms or more).
+* ``link-rate-20mbit``: ``tc`` TBF on the veth, below the guest's dirty rate; the same
+  invariants, and the limit held packets back.
+
+Every run: nothing hung (each wait has a deadline), no /dev/shm segment of either node
+left after the nodes stopped, no namespace or device of a network row left.
+
+Not yet rows: corrupted page bytes, /dev/shm full, ENOSPC/EIO on the secondary's disk
+store inside a node, RLIMIT_NOFILE, a port in use.
 
 Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
 ``--quick`` (CI): one run of the rows no test covers otherwise. ``--json`` prints
@@ -38,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -47,6 +65,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import faultnet  # noqa: E402  (scripts/faultnet.py: namespaces, nftables, the TUN forwarder)
 
 from pipeline.counters import STATUS_COMMITTED  # noqa: E402
 from pipeline import localpair  # noqa: E402
@@ -62,6 +83,8 @@ TABLES = {
     "checkpoint": {"max_interval_ms": 150, "min_interval_ms": 5, "epoch_timeout_ms": 30000},
 }
 DEADLINE = 180.0
+# rows over a network link: an epoch that does not complete ends in 3 s, not 30
+NET_TABLES = {**TABLES, "checkpoint": {**TABLES["checkpoint"], "epoch_timeout_ms": 3000}}
 
 
 class RunFailed(AssertionError):
@@ -205,6 +228,124 @@ def sigstop_primary(pair: LocalPair) -> dict:
     return active_svm_serves_a_replay(pair, info)
 
 
+# -- network rows (scripts/faultnet.py: the nodes in two namespaces) ------------------------
+def took_over(pair: LocalPair) -> bool:
+    return "event=takeover the SVM is the active VM" in pair.log_tail("secondary", 1 << 24)
+
+
+def partition(direction: str, channels: tuple[str, ...] | None = None) -> Callable:
+    """The link (or only some channels, or one direction) is cut while the pair is
+    protected, and healed once both sides acted on it. Invariants: the primary keeps the
+    active role (the witness: it holds the lease) and serves on unprotected; the secondary
+    never goes active (its takeover is refused, or it never decided); once it hears the
+    primary's HELLO again it stops as stale (exit 1) instead of being re-synced in place;
+    started again it protects the guest and both memories are proven equal."""
+    def run(pair: "faultnet.NetnsPair") -> dict:
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        wait_until(lambda: heard(pair, "secondary") and heard(pair, "primary"),
+                   "heartbeats both ways")
+        gen = pair.node("primary").node_info()["generation"]
+        pair.link.partition(pair.port, direction, channels)
+        pair.wait_info("state", "unprotected", timeout=DEADLINE)
+        client = pair.node("primary").stage("client")
+        n0 = client.as_dict()["outputs"]
+        wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100,
+                   "the PVM serving on during the partition")
+        # the secondary acted on it: refused a takeover (it lost the primary), or was told
+        # to sync again (the control channel still worked) and stopped
+        sec = pair.procs["secondary"]
+        wait_until(lambda: sec.poll() is not None or pair.node("secondary").node_info()
+                   .get("state") in ("standby", "stale"), "the secondary acting on the cut")
+        pair.link.heal()
+        code = pair.wait_exit("secondary", timeout=DEADLINE)
+        log = pair.log_tail("secondary", 1 << 24)
+        if code != 1 or "StaleSecondary" not in log:
+            raise RunFailed(f"the secondary exited {code} without stopping as stale:\n"
+                            f"{log[-1500:]}")
+        if took_over(pair):
+            raise RunFailed("the secondary went active while the primary held the role")
+        info = pair.node("primary").node_info()
+        if info.get("role") != "primary" or info.get("generation") != gen:
+            raise RunFailed(f"the primary's role changed: {info.get('role')} generation "
+                            f"{info.get('generation')} (was {gen})")
+        pair.start_node("secondary")
+        pair.wait_protected(timeout=DEADLINE)
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after the partition and re-protection the memories differ")
+        return {}
+    run.link = "veth"
+    return run
+
+
+def impaired_link(impair: dict, counter: str, at_least: int = 200) -> Callable:
+    """Every IP packet between the hosts goes through the userspace forwarder, which
+    drops, delays, duplicates or reorders them (seeded), so both kernels' TCP see it.
+    Invariants: the pair gets protected over that link and stays protected (no side
+    declared the other lost, no takeover) until the forwarder impaired ``at_least``
+    packets after protection and 20 more checkpoints committed; the PVM serves on; both
+    memories are proven equal at the end."""
+    def run(pair: "faultnet.NetnsPair") -> dict:
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        stats = pair.link.forwarder_stats
+        base = sum(stats().get(f"{d}_{counter}", 0) for d in ("a2b", "b2a"))
+        wait_until(lambda: sum(stats().get(f"{d}_{counter}", 0) for d in ("a2b", "b2a"))
+                   >= base + at_least, f"{at_least} packets {counter} while protected")
+        coord = pair.node("primary").stage("coordinator")
+        done = coord.as_dict()["epochs_committed"]
+        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20,
+                   "20 checkpoints over the impaired link")
+        info = pair.node("primary").node_info()
+        lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+                for r in ("primary", "secondary")}
+        if info.get("state") != "protected" or any(lost.values()):
+            raise RunFailed(f"the impaired link broke protection: primary {info.get('state')},"
+                            f" peer_lost {lost}")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("over the impaired link the two memories differ")
+        if took_over(pair):
+            raise RunFailed("the secondary went active")
+        s = stats()
+        return {"impaired": {k: v for k, v in s.items() if v and not k.endswith("packets")}}
+    run.link = "tun"
+    run.impair = dict(impair, seed=SEED)
+    if impair.get("loss"):
+        # TCP recovers a lost heartbeat segment after 200 ms or more (RTO); with the default
+        # 300 ms (3 x 100) a 2% loss link had a false detection about once a minute
+        run.tables = {"heartbeat": {"interval_ms": 100, "miss_count": 10}}
+    return run
+
+
+def rate_limited(rate: str) -> Callable:
+    """``tc`` TBF caps each direction of the veth at ``rate`` (below the guest's dirty rate
+    of ~8 MB/s), from before the full sync. Invariants as for the impaired link; the
+    limit must have held packets back (TBF overlimits > 0)."""
+    def run(pair: "faultnet.NetnsPair") -> dict:
+        pair.link.limit_rate(rate)
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        coord = pair.node("primary").stage("coordinator")
+        done = coord.as_dict()["epochs_committed"]
+        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20,
+                   "20 checkpoints over the limited link")
+        info = pair.node("primary").node_info()
+        lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+                for r in ("primary", "secondary")}
+        if info.get("state") != "protected" or any(lost.values()):
+            raise RunFailed(f"the rate limit broke protection: primary {info.get('state')}, "
+                            f"peer_lost {lost}")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("over the limited link the two memories differ")
+        import re
+        over = re.search(r"overlimits (\d+)", pair.link.tbf_stats())
+        if not over or int(over.group(1)) == 0:
+            raise RunFailed(f"the TBF limit never held a packet back: {pair.link.tbf_stats()}")
+        return {}
+    run.link = "veth"
+    return run
+
+
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
 # full sync, then at most 8 pre-copy rounds and the first checkpoint
 ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
@@ -221,6 +362,19 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("primary@primary.reprotect", primary_during_reprotection, True),
     ("slow-secondary-commit", slow_secondary_commit, False),
     ("sigstop-primary", sigstop_primary, True),
+    ("partition", partition("both"), False),
+    ("partition-one-way-primary-to-secondary", partition("a2b"), False),
+    ("partition-one-way-secondary-to-primary", partition("b2a"), False),
+    ("partition-control", partition("both", ("control",)), False),
+    ("partition-heartbeat", partition("both", ("heartbeat",)), True),
+    ("partition-pages", partition("both", ("pages",)), False),
+    ("link-loss-2pct", impaired_link({"loss": 0.02}, "dropped"), False),
+    ("link-delay-20ms", impaired_link({"delay_ms": 20}, "delayed", 2000), False),
+    ("link-duplicate-2pct", impaired_link({"duplicate": 0.02}, "duplicated"), False),
+    ("link-reorder-5pct", impaired_link({"reorder": 0.05}, "reordered"), False),
+    ("link-loss-dup-reorder", impaired_link({"loss": 0.01, "duplicate": 0.01,
+                                             "reorder": 0.02}, "dropped", 100), False),
+    ("link-rate-20mbit", rate_limited("20mbit"), False),
 ]
 
 
@@ -231,6 +385,7 @@ class Row:
     passed: int = 0
     data_lost: int = 0
     failover_ms: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -239,14 +394,28 @@ class Row:
             (lambda q: None)
         return {"name": self.name, "runs": self.runs, "passed": self.passed,
                 "data_lost": self.data_lost, "failover_ms_p50": pct(0.5),
-                "failover_ms_p99": pct(0.99), "failures": self.failures[:5]}
+                "failover_ms_p99": pct(0.99),
+                "seconds_p50": round(sorted(self.seconds)[len(self.seconds) // 2], 1)
+                if self.seconds else None, "failures": self.failures[:5]}
 
 
 def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple[str, dict]:
-    """("ok" | "failed: why" | "data lost: why", figures)."""
-    pair = LocalPair(TABLES, workdir=workdir)
+    """("ok" | "failed: why" | "data lost: why", figures). A row whose body has ``link``
+    runs its nodes in two network namespaces (scripts/faultnet.py), removed afterwards."""
+    link = None
     figures: dict = {}
     verdict = "ok"
+    try:
+        if getattr(body, "link", None):
+            link = faultnet.NetLink(body.link, getattr(body, "impair", None), workdir=workdir)
+            tables = {**NET_TABLES, **getattr(body, "tables", {})}
+            pair = faultnet.NetnsPair(link, tables, workdir=workdir)
+        else:
+            pair = LocalPair(TABLES, workdir=workdir)
+    except Exception:
+        if link is not None:
+            link.close()
+        return "failed: " + traceback.format_exc(limit=3).replace("\n", " | "), {}
     try:
         figures = body(pair)
     except DataLost as exc:
@@ -257,10 +426,15 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
         verdict = "failed: " + traceback.format_exc(limit=3).replace("\n", " | ")
     finally:
         pair.stop()
+        if link is not None:
+            link.close()
     left = [s for r in ("primary", "secondary") for s in list_segments(
         segment_prefix(pair.name(r)))]
     if left and verdict == "ok":
         verdict = f"failed: /dev/shm segments left: {left}"
+    net_left = link.leftovers() if link is not None else []
+    if net_left and verdict == "ok":
+        verdict = f"failed: namespaces or devices left: {net_left}"
     return verdict, figures
 
 
@@ -271,16 +445,31 @@ def main() -> int:
     ap.add_argument("--rows", default="", help="only rows whose name contains this")
     ap.add_argument("--json", action="store_true", help="a JSON object as the last line")
     args = ap.parse_args()
+    # a timeout's SIGTERM unwinds like ^C: every run's finally removes its nodes,
+    # namespaces and segments
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [(n, b) for n, b, quick in ROWS if (quick or not args.quick) and args.rows in n]
     runs = 1 if args.quick else args.runs
     results: list[Row] = []
     base = tempfile.mkdtemp(prefix="colo-fault-matrix-")
-    print(f"{'row':40} {'runs':>4} {'passed':>6} {'lost':>4} {'failover ms p50/p99':>20}",
-          flush=True)
+    if any(getattr(b, "link", None) for _, b in rows):
+        if os.geteuid() != 0 and args.quick:
+            print("fault_matrix: not root: the network rows are left out", file=sys.stderr)
+            rows = [(n, b) for n, b in rows if not getattr(b, "link", None)]
+        elif os.geteuid() != 0:
+            print("fault_matrix: the network rows need root (namespaces, nftables); "
+                  "run as root or leave them out with --rows", file=sys.stderr)
+            return 2
+        else:
+            faultnet.sweep()    # what a killed run left behind
+    print(f"{'row':40} {'runs':>4} {'passed':>6} {'lost':>4} {'failover ms p50/p99':>20} "
+          f"{'s/run':>6}", flush=True)
     for name, body in rows:
         row = Row(name)
         for i in range(runs):
+            t0 = time.monotonic()
             verdict, figures = one_run(name, body, os.path.join(base, f"{len(results)}-{i}"))
+            row.seconds.append(time.monotonic() - t0)
             row.runs += 1
             if verdict == "ok":
                 row.passed += 1
@@ -294,8 +483,13 @@ def main() -> int:
         results.append(row)
         s = row.summary()
         ms = f"{s['failover_ms_p50']}/{s['failover_ms_p99']}" if row.failover_ms else "-"
-        print(f"{name:40} {row.runs:4} {row.passed:6} {row.data_lost:4} {ms:>20}", flush=True)
+        print(f"{name:40} {row.runs:4} {row.passed:6} {row.data_lost:4} {ms:>20} "
+              f"{s['seconds_p50']:6}", flush=True)
     ok = all(r.passed == r.runs and r.data_lost == 0 for r in results)
+    if ok:
+        shutil.rmtree(base, ignore_errors=True)   # else the runs' logs stay for a look
+    else:
+        print(f"fault_matrix: the runs' configs and logs are in {base}", file=sys.stderr)
     if args.json:
         print(json.dumps({"rows": [r.summary() for r in results], "all_passed": ok}))
     return 0 if ok else 1

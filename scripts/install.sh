@@ -24,11 +24,11 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv pyth
 [ -x .venv/bin/python ] || python3 -m venv .venv
 if [ "$with_test" = 1 ]; then
     # QEMU (colo-compare and migration peers), NBD clients (disk tests), iproute2 /
-    # ethtool / procps / iptables (network namespaces, offloads, partitions), the Xen
-    # headers (ctypes layout checks), etcd (the failover witness)
+    # ethtool / procps / iptables / nftables (network namespaces, offloads, partitions), the
+    # Xen headers (ctypes layout checks), etcd (the failover witness)
     apt_install qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit \
-        nbdkit-plugin-python iproute2 ethtool procps iptables libxen-dev gcc libc6-dev \
-        etcd-server
+        nbdkit-plugin-python iproute2 ethtool procps iptables nftables libxen-dev gcc \
+        libc6-dev etcd-server
     .venv/bin/pip install -q -e '.[test,fuzz]'
 else
     .venv/bin/pip install -q .
