@@ -70,6 +70,10 @@ Secondary coordinator and restore stage:
 * ``secondary.applied``          the epoch applied to the SVM (and the disk committed),
                                  the ACK not yet sent
 * ``secondary.acked``            the ACK sent
+* ``restore.assembled``          a checkpoint epoch (not the full sync or a pre-copy round)
+                                 arrived whole, nothing of it applied yet; with
+                                 ``errno=NAME`` the epoch ends torn there (rolled back, ACK
+                                 aborted), as a page failing its hash would
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
 * ``restore.pages_written``      mid-restore: the epoch's pages written into the SVM, the
                                  SVM's own dirty pages not yet put back from the cache

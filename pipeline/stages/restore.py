@@ -171,6 +171,11 @@ class Restore:
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
             return self.abort(epoch, svm_dirty, why)
+        if not asm.sync:
+            try:
+                faults.point("restore.assembled")
+            except OSError as exc:  # COLO_FAULT errno=...: the epoch ends torn here
+                return self.abort(epoch, svm_dirty, f"torn by a fault: {exc}")
         n = asm.n
         pfns = self.staged_pfns[:n]
         # SVM pages first, while nothing has changed: the SVM must still hold each one as
