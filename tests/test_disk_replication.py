@@ -16,6 +16,8 @@ import blake3
 import pytest
 import zmq
 
+from conftest import free_port
+
 from pipeline.checkpoint_api import CheckpointBus
 from pipeline.disk import wire
 from pipeline.disk.comparator import DiskComparator
@@ -776,3 +778,50 @@ def test_a_sync_begin_is_judged_by_its_own_epoch_not_the_old_sessions_window():
     assert isinstance(one(wire.KIND_WRITE, 40 + wire.MAX_EPOCH_LEAD + 5), wire.ForwardError)
     refused = one(wire.KIND_SYNC_BEGIN, 0)
     assert isinstance(refused, wire.ForwardError) and "epoch 0" in str(refused)
+
+
+def test_the_survivors_export_becomes_the_primarys_without_closing_a_connection(tmp_path):
+    """A takeover in the disk stage: the SVM's export, with a guest connection open,
+    becomes the primary's (PrimaryDisk.from_secondary). The connection is carried over,
+    not closed: a write before goes to the SVM's overlay, one after into the image,
+    unprotected (nothing forwarded); re-protection ('role primary') then syncs a new
+    secondary, and the writes on that same connection are forwarded to it."""
+    from pipeline.disk.nbd_client import NbdClient
+    MiB = 1 << 20
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    _fill(a, {0: os.urandom(MiB)})
+    pri, sec = _pair_on(tmp_path, a, b, "first")
+    guest = NbdClient(sec.uri, timeout=60)        # the SVM's disk driver
+    survivor = sec2 = None
+    try:
+        _checkpoint(pri, sec, 1)
+        guest.write(2 * MiB, b"\x01" * BS)        # the SVM's, into its overlay
+        pri.close()                                # the primary's host is lost
+        sec.on_event("role", 1, {"role": "active"})
+        address = f"tcp://127.0.0.1:{free_port()}"
+        survivor = PrimaryDisk.from_secondary(sec, address, first_epoch=5)
+        assert survivor.uri == sec.uri and survivor.backend.epoch == 5
+        guest.write(3 * MiB, b"\x02" * BS)        # same connection: the primary's now
+        assert survivor.counters["relinks"] == 1 and survivor.counters["forwarded"] == 0
+        with open(b, "rb") as f:
+            f.seek(2 * MiB)
+            assert f.read(BS) == b"\x01" * BS      # the overlay merged at failover
+            f.seek(3 * MiB)
+            assert f.read(BS) == b"\x02" * BS
+        # a new secondary where the survivor forwards to; re-protection syncs it
+        sec2 = SecondaryDisk(DiskSettings(image=str(a), export_size=SIZE, block_size=BS,
+                                          export=f"unix:{tmp_path}/s2.sock", forward=address,
+                                          compare="off"))
+        survivor.on_event("role", 5, {"role": "primary"})
+        assert survivor.backend.wait_synced(30)
+        guest.write(4 * MiB, b"\x03" * BS)
+        assert survivor.backend.wait_forwarded(5, 10)
+        assert survivor.counters["forwarded"] >= 1
+        _checkpoint(survivor, sec2, 5)
+        assert file_hash(str(a)) == file_hash(str(b))
+        assert survivor.counters["sync_incremental"] == 1
+    finally:
+        guest.close()
+        for side in (survivor, sec2):
+            if side is not None:
+                side.close()
