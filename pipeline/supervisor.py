@@ -65,7 +65,7 @@ class SharedState:
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
-                    "reprotections", "memory_mismatches", "sync_restarts"),
+                    "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns"),
     "receive": ("skipped_optional", "stale_records"),

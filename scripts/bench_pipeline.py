@@ -167,6 +167,10 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
         # big checkpoints (issue 5: no false failover under load)
         full["peer_lost"] = sum(pair.stage_counter("coordinator", "peer_lost", role=r)
                                 for r in ("primary", "secondary"))
+        # SVM pages the secondary hashed while the SVM ran, before BEGIN (off the commit's
+        # path): how much of the SVM's hashing the checkpoints above did not wait for
+        full["svm_prehashed"] = pair.stage_counter("coordinator", "svm_prehashed",
+                                                   role="secondary")
     return full, rows
 
 

@@ -1,0 +1,50 @@
+"""The secondary hashes what its SVM dirtied while the SVM runs (coordinator.SvmPrehash):
+the hashes BEGIN then sends must be those of the pages as the paused SVM holds them, also
+for pages the SVM wrote again after a round hashed them."""
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import wait_until
+
+from pipeline.coordinator import SvmPrehash
+from pipeline.stages.common import domain_page_hashes, hash_pages
+from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+
+PAGES = 1024
+
+
+def _run_input(dom, pages: int) -> None:
+    """The guest writes ``pages`` pages (one write command), then is paused again."""
+    seq = dom.feed_input(dom.write_command(pages))
+    dom.resume()
+    wait_until(lambda: dom.input_seq() > seq, timeout=60, what="the guest ran its input")
+    dom.pause()
+
+
+def test_pages_written_again_after_a_round_get_their_new_hash():
+    dom = open_sim_domain("prehash-svm", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, 600)
+        pre.round()                       # (paused here, so the test knows what it hashed)
+        first = set(pre.pfns.tolist())
+        assert len(first) >= 600
+        before = dict(zip(pre.pfns.tolist(), map(bytes, pre.hashes)))
+        _run_input(dom, 600)              # 600 + 600 > 1024: some pages written twice
+        now = dom.read_and_clear_dirty()
+        assert first & set(now.tolist()), "no page was written in both inputs"
+        pfns, hashes = pre.take(now, domain_page_hashes(dom, now))
+        assert set(pfns.tolist()) == first | set(now.tolist())
+        assert np.all(np.diff(pfns.astype(np.int64)) > 0)
+        pages = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, pages)
+        assert (hash_pages(pages) == hashes).all()      # every hash is of the page now
+        changed = [p for p, h in zip(pfns.tolist(), hashes) if p in before
+                   and bytes(h) != before[p]]
+        assert changed, "no pre-hashed page changed: the test proves nothing"
+        assert not len(pre.pfns)                        # handed over
+    finally:
+        dom.close()
