@@ -165,6 +165,8 @@ def run_atheris(args) -> dict:
         for name in os.listdir(corpus):
             os.unlink(os.path.join(corpus, name))
         os.rmdir(corpus)
+        if not os.listdir(args.artifacts):
+            os.rmdir(args.artifacts)       # made for libFuzzer; nothing found
     log = p.stderr
     executed = re.findall(r"stat::number_of_executed_units:\s+(\d+)", log)
     done = re.findall(r"Done (\d+) runs", log)
