@@ -244,14 +244,19 @@ def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> z
     return s
 
 
+def _pages_queue(nctx: NodeContext, pages: int) -> int:
+    """Records of pipeline.batch_pages pages that hold about ``pages`` pages."""
+    return max(4, pages // nctx.settings.pipeline.batch_pages)
+
+
 def pages_out(nctx: NodeContext) -> zmq.Socket:
-    # a short queue (32 records of up to batch_pages pages): a send blocks soon after the
-    # link falls behind, which is how pipeline.compress = "auto" sees a saturated link
-    return _open(nctx, zmq.PUSH, 32, "pages", bind=False)
+    # a short queue (2048 pages, 8 MiB): a send blocks soon after the link falls behind,
+    # which is how pipeline.compress = "auto" sees a saturated link
+    return _open(nctx, zmq.PUSH, _pages_queue(nctx, 2048), "pages", bind=False)
 
 
 def pages_in(nctx: NodeContext) -> zmq.Socket:
-    return _open(nctx, zmq.PULL, 256, "pages", bind=True)
+    return _open(nctx, zmq.PULL, _pages_queue(nctx, 16384), "pages", bind=True)
 
 
 def control(nctx: NodeContext) -> zmq.Socket:

@@ -68,8 +68,8 @@ def test_defaults():
     w = s.guest.workload
     assert abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) < 1e-9
     assert s.checkpoint.min_interval_ms <= s.checkpoint.max_interval_ms
-    # 16 MiB of pages per ring in slots of 64 pages; a small guest gets smaller rings
-    assert s.ring_slots() == 64 and s.ring_slots(page_count=1024) == 16
+    # 16 MiB of pages per ring in slots of 256 pages; a small guest gets smaller rings
+    assert s.ring_slots() == 16 and s.ring_slots(page_count=1024) == 4
 
 
 def test_defaults_satisfy_their_own_constraints():
