@@ -34,16 +34,27 @@ local witness reachable from both, like an etcd on a third network):
   ``link-loss-dup-reorder``: every packet between the hosts through the userspace TUN
   forwarder (this kernel has no netem), from before the full sync. Invariants: protected
   over that link, no side declared the other lost, 20 more checkpoints after the forwarder
-  impaired 200 packets, memories proven equal. The loss rows set ``heartbeat.miss_count =
-  10``: TCP recovers a lost segment only after its RTO (200 ms or more).
+  impaired 200 packets, memories proven equal.
 * ``link-rate-20mbit``: ``tc`` TBF on the veth, below the guest's dirty rate; the same
   invariants, and the limit held packets back.
+
+* ``page-stream-corrupt-plaintext``, ``page-stream-corrupt-curve``: the forwarder flips a
+  byte in TCP segments of the pages channel and fixes their checksum up. Plaintext (with
+  ``verify_pages = "full"``): each bad record or batch is refused, counted and its epoch
+  torn; the pair stays protected. CURVE: libzmq refuses the message and drops the
+  connection, the epoch never completes, the primary goes unprotected and the secondary
+  stops as stale; restarted, it protects again. Either way nothing corrupted is applied
+  (memories proven equal).
+
+The network rows run with ``heartbeat.miss_count = 10`` (1 s): TCP recovers a lost
+heartbeat segment only after its RTO (200 ms or more), and on the shared 2-core machine
+both heartbeat stages fell silent for 300 ms at once now and then under load.
 
 Every run: nothing hung (each wait has a deadline), no /dev/shm segment of either node
 left after the nodes stopped, no namespace or device of a network row left.
 
-Not yet rows: corrupted page bytes, /dev/shm full, ENOSPC/EIO on the secondary's disk
-store inside a node, RLIMIT_NOFILE, a port in use.
+Not yet rows: /dev/shm full, ENOSPC/EIO on the secondary's disk store inside a node, a
+dirty rate above the rings, RLIMIT_NOFILE, a port in use (some have tests of their own).
 
 Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
 ``--quick`` (CI): one run of the rows no test covers otherwise. ``--json`` prints
@@ -83,8 +94,12 @@ TABLES = {
     "checkpoint": {"max_interval_ms": 150, "min_interval_ms": 5, "epoch_timeout_ms": 30000},
 }
 DEADLINE = 180.0
-# rows over a network link: an epoch that does not complete ends in 3 s, not 30
-NET_TABLES = {**TABLES, "checkpoint": {**TABLES["checkpoint"], "epoch_timeout_ms": 3000}}
+# rows over a network link: an epoch that does not complete ends in 3 s, not 30; a peer
+# is lost after 1 s of silence, not 300 ms: on the shared 2-core machine both heartbeat
+# stages fell silent for 300 ms at once now and then under load, on no fault of the link
+# (issue 11 item 6), and these rows are about the link
+NET_TABLES = {**TABLES, "checkpoint": {**TABLES["checkpoint"], "epoch_timeout_ms": 3000},
+              "heartbeat": {"interval_ms": 100, "miss_count": 10}}
 
 
 class RunFailed(AssertionError):
@@ -310,10 +325,9 @@ def impaired_link(impair: dict, counter: str, at_least: int = 200) -> Callable:
         return {"impaired": {k: v for k, v in s.items() if v and not k.endswith("packets")}}
     run.link = "tun"
     run.impair = dict(impair, seed=SEED)
-    if impair.get("loss"):
-        # TCP recovers a lost heartbeat segment after 200 ms or more (RTO); with the default
-        # 300 ms (3 x 100) a 2% loss link had a false detection about once a minute
-        run.tables = {"heartbeat": {"interval_ms": 100, "miss_count": 10}}
+    # (NET_TABLES's heartbeat: TCP recovers a lost heartbeat segment after its RTO, 200 ms
+    # or more; with the default 300 ms a 2% loss link had a false detection about once a
+    # minute)
     return run
 
 
@@ -346,6 +360,68 @@ def rate_limited(rate: str) -> Callable:
     return run
 
 
+def corrupted_page_stream(security: str) -> Callable:
+    """Once the pair is protected, the forwarder flips one byte in TCP segments of the
+    pages channel (every 50th large one) and fixes their TCP checksum up, so the bytes
+    reach the secondary's sockets. Nothing corrupted may be applied: afterwards 10 more
+    checkpoints and both memories proven equal, no takeover.
+
+    ``plaintext`` (with ``pipeline.verify_pages = "full"``), 3 segments: each bad record or
+    batch is refused and counted (receive, verify or restore), its epoch torn and carried
+    into the next; the pair stays protected (no side lost the other).
+    ``curve``, 1 segment: libzmq refuses the message (it fails authentication) and drops
+    the connection, so the epoch never completes: the primary goes unprotected after the
+    epoch timeout, the secondary stops as stale (exit 1) at the new sync and, restarted,
+    protects the guest again."""
+    count = 3 if security == "plaintext" else 1
+
+    def run(pair: "faultnet.NetnsPair") -> dict:
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        link = pair.link
+        prim = pair.node("primary")
+        coord = prim.stage("coordinator")
+        link.start_corrupting()
+        wait_until(lambda: link.forwarder_stats().get("a2b_corrupted", 0) >= count,
+                   f"{count} corrupted segments on the pages channel")
+        figures = {}
+        if security == "plaintext":
+            def detected() -> int:
+                return (pair.stage_counter("receive", "errors", "secondary")
+                        + sum(pair.stage_counter(f"verify.{i}", "errors", "secondary")
+                              for i in range(2))
+                        + pair.stage_counter("restore", "svm_refs_refused", "secondary"))
+            wait_until(lambda: detected() >= 1 and coord.as_dict()["epochs_aborted"] >= 1,
+                       "the corruption refused, counted and its epoch torn")
+            done = coord.as_dict()["epochs_committed"]
+            wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 10,
+                       "10 checkpoints after the corruption")
+            lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+                    for r in ("primary", "secondary")}
+            if prim.node_info().get("state") != "protected" or any(lost.values()):
+                raise RunFailed(f"corrupted pages cost the protection: peer_lost {lost}")
+            figures = {"detected": detected(), "torn": coord.as_dict()["epochs_aborted"]}
+        else:
+            pair.wait_info("state", "unprotected", timeout=DEADLINE)
+            code = pair.wait_exit("secondary", timeout=DEADLINE)
+            if code != 1 or "StaleSecondary" not in pair.log_tail("secondary", 1 << 24):
+                raise RunFailed(f"the secondary exited {code}, not as stale")
+            pair.start_node("secondary")
+            pair.wait_protected(timeout=DEADLINE)
+        if took_over(pair):
+            raise RunFailed("the secondary went active")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("corrupted bytes on the page stream: the memories differ")
+        return figures
+    run.link = "tun"
+    run.impair = {"corrupt_dport": 0, "corrupt_count": count, "corrupt_every": 50,
+                  "seed": SEED}
+    run.tables = {"security": {"mode": security}}
+    if security == "plaintext":
+        run.tables["pipeline"] = {"verify_pages": "full"}
+    return run
+
+
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
 # full sync, then at most 8 pre-copy rounds and the first checkpoint
 ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
@@ -375,6 +451,8 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("link-loss-dup-reorder", impaired_link({"loss": 0.01, "duplicate": 0.01,
                                              "reorder": 0.02}, "dropped", 100), False),
     ("link-rate-20mbit", rate_limited("20mbit"), False),
+    ("page-stream-corrupt-plaintext", corrupted_page_stream("plaintext"), False),
+    ("page-stream-corrupt-curve", corrupted_page_stream("curve"), False),
 ]
 
 
@@ -407,9 +485,13 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
     verdict = "ok"
     try:
         if getattr(body, "link", None):
-            link = faultnet.NetLink(body.link, getattr(body, "impair", None), workdir=workdir)
+            impair = dict(getattr(body, "impair", None) or {})
+            port = faultnet.free_port_base() if "corrupt_dport" in impair else None
+            if port is not None:      # the pages channel: peer.address's port
+                impair["corrupt_dport"] = port
+            link = faultnet.NetLink(body.link, impair, workdir=workdir)
             tables = {**NET_TABLES, **getattr(body, "tables", {})}
-            pair = faultnet.NetnsPair(link, tables, workdir=workdir)
+            pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port)
         else:
             pair = LocalPair(TABLES, workdir=workdir)
     except Exception:

@@ -10,7 +10,10 @@ Test tooling, not part of the product (nothing in ``pipeline/`` imports it). Nee
   (:meth:`NetLink.limit_rate`).
 * ``kind="tun"``: each namespace gets a TUN device, and this module's ``forward`` command
   (a process of its own) carries every IP packet between the two, dropping, delaying,
-  duplicating or reordering packets as told (seeded), so the kernel's TCP sees real loss.
+  duplicating or reordering packets as told (seeded), so the kernel's TCP sees real loss;
+  or, after SIGUSR1 (:meth:`NetLink.start_corrupting`), flipping one byte in each of a
+  number of TCP segments to one port with their checksum fixed up (a faulty middlebox),
+  so the bytes reach the application.
   The kernel here has no netem; this stands in for it. The TUN devices are not persistent:
   they go when the forwarder exits.
 * :class:`NetnsPair`: ``LocalPair`` with each node run inside its namespace (``ip netns
@@ -49,7 +52,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pipeline.localpair import LocalPair  # noqa: E402
+from pipeline.localpair import LocalPair, free_port_base  # noqa: E402
 
 PREFIX = "cfm"
 NFT_TABLE = "colo_fault"
@@ -162,6 +165,10 @@ class NetLink:
                 raise NetError(f"the forwarder exited {self.forwarder.returncode}: "
                                f"{f.read()[-2000:]}")
 
+    def start_corrupting(self) -> None:
+        """The forwarder starts corrupting (``corrupt_count`` segments, see ``forward``)."""
+        self.forwarder.send_signal(signal.SIGUSR1)
+
     def forwarder_stats(self) -> dict[str, int]:
         try:
             with open(self.stats_path) as f:
@@ -257,13 +264,17 @@ class NetnsPair(LocalPair):
     """A LocalPair whose primary runs in ``link.ns["a"]`` and secondary in ``link.ns["b"]``,
     talking over the link (the secondary listens on its link address)."""
 
-    def __init__(self, link: NetLink, tables: dict, **kw: Any) -> None:
+    def __init__(self, link: NetLink, tables: dict, port: int | None = None,
+                 **kw: Any) -> None:
+        """``port``: peer.address's port (else a free one, as LocalPair draws it)."""
         self.link = link
-        role_tables = kw.pop("role_tables", {}) or {}
         self._peer_ip = link.ip["b"]
-        super().__init__(tables, role_tables=role_tables, **kw)
+        self._fixed_port = port
+        super().__init__(tables, **kw)
 
     def _place(self, role: str, t: dict) -> None:
+        if self._fixed_port is not None:
+            self.port = self._fixed_port
         t.setdefault("peer", {}).setdefault("address", f"tcp://{self._peer_ip}:{self.port}")
         super()._place(role, t)
 
@@ -297,6 +308,37 @@ def _open_tun(ns: str, dev: str) -> int:
         os.close(target)
 
 
+def _csum_adjust(cs: int, old: int, new: int) -> int:
+    """A one's complement checksum with one 16-bit word changed (RFC 1624)."""
+    x = (~cs & 0xFFFF) + (~old & 0xFFFF) + new
+    x = (x & 0xFFFF) + (x >> 16)
+    x = (x & 0xFFFF) + (x >> 16)
+    return ~x & 0xFFFF
+
+
+def corrupt_tcp_payload(pkt: bytes, dport: int, rng: random.Random) -> bytes | None:
+    """``pkt`` (IPv4) with one byte of its TCP payload flipped and the TCP checksum fixed
+    up, as a faulty middlebox would pass it; None if it is not a TCP segment to ``dport``
+    with at least 512 payload bytes."""
+    if len(pkt) < 20 or pkt[0] >> 4 != 4 or pkt[9] != 6:
+        return None
+    ihl = (pkt[0] & 0xF) * 4
+    if len(pkt) < ihl + 20 or int.from_bytes(pkt[ihl + 2:ihl + 4], "big") != dport:
+        return None
+    start = ihl + (pkt[ihl + 12] >> 4) * 4
+    if len(pkt) - start < 512:
+        return None
+    b = bytearray(pkt)
+    i = rng.randrange(start + 64, len(b))
+    w = ihl + ((i - ihl) & ~1)          # the 16-bit word holding byte i, from the TCP header
+    old = int.from_bytes(b[w:w + 2], "big")
+    b[i] ^= rng.randrange(1, 256)
+    new = int.from_bytes(b[w:w + 2], "big")
+    cs = int.from_bytes(b[ihl + 16:ihl + 18], "big")
+    b[ihl + 16:ihl + 18] = _csum_adjust(cs, old, new).to_bytes(2, "big")
+    return bytes(b)
+
+
 def forward(args: argparse.Namespace) -> int:
     fd_a = _open_tun(args.ns_a, args.dev_a)
     fd_b = _open_tun(args.ns_b, args.dev_b)
@@ -314,8 +356,22 @@ def forward(args: argparse.Namespace) -> int:
     def on_term(*_: object) -> None:
         nonlocal stop
         stop = True
+    corrupt_left = 0
+    eligible = 0
+
+    def on_usr1(*_: object) -> None:
+        nonlocal corrupt_left
+        corrupt_left = args.corrupt_count
+    signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    try:
+        # the forwarder is the network: on a loaded machine a normal-priority forwarder
+        # held heartbeats back past the 300 ms limit (the nodes' heartbeat stages are
+        # real-time already)
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(10))
+    except OSError:
+        pass
     print("ready", flush=True)
     written_at, dirty = 0.0, True
 
@@ -356,6 +412,14 @@ def forward(args: argparse.Namespace) -> int:
                 if rng.random() < args.loss:
                     stats[f"{d}_dropped"] += 1
                     continue
+                if corrupt_left and d == "a2b":
+                    bad = corrupt_tcp_payload(pkt, args.corrupt_dport, rng)
+                    if bad is not None:
+                        eligible += 1
+                        if eligible % args.corrupt_every == 0:
+                            pkt = bad
+                            corrupt_left -= 1
+                            stats["a2b_corrupted"] = stats.get("a2b_corrupted", 0) + 1
                 if args.delay_ms > 0:
                     stats[f"{d}_delayed"] += 1
                 if dst in held:          # the held packet goes after this one
@@ -404,6 +468,12 @@ def main() -> int:
     fw.add_argument("--duplicate", type=float, default=0.0, help="duplicate probability")
     fw.add_argument("--reorder", type=float, default=0.0,
                     help="probability a packet is held back behind the next one")
+    fw.add_argument("--corrupt-dport", type=int, default=0,
+                    help="flip a byte in TCP segments to this port (a->b), TCP checksum fixed")
+    fw.add_argument("--corrupt-count", type=int, default=0,
+                    help="how many segments to corrupt once SIGUSR1 arrived")
+    fw.add_argument("--corrupt-every", type=int, default=50,
+                    help="corrupt every n-th segment of >= 512 payload bytes to that port")
     fw.add_argument("--seed", type=int, default=1)
     sub.add_parser("sweep", help="remove namespaces of matrix runs that are gone")
     args = ap.parse_args()
