@@ -53,8 +53,21 @@ both heartbeat stages fell silent for 300 ms at once now and then under load.
 Every run: nothing hung (each wait has a deadline), no /dev/shm segment of either node
 left after the nodes stopped, no namespace or device of a network row left.
 
-Not yet rows: /dev/shm full, ENOSPC/EIO on the secondary's disk store inside a node, a
-dirty rate above the rings, RLIMIT_NOFILE, a port in use (some have tests of their own).
+Rows with the whole pair on this machine:
+
+* ``dirty-rate-above-the-rings``: the guest dirties ~64k pages/s while each ring holds 64
+  pages. Invariants: protected, no side lost the other, 20 checkpoints with more dirty
+  pages than a ring holds, the PVM serving, memories proven equal.
+* ``disk-commit-*@<point>``: a replicated disk (NBD export written by a seeded client);
+  the secondary's disk store fails one commit with ENOSPC or EIO at a named point inside
+  the node. Invariants: the commit is redone once (exactly one failed attempt), the pair
+  stays protected, memories and both disk images equal.
+
+Not yet rows: /dev/shm full, RLIMIT_NOFILE, a port in use (tests of their own in
+tests/test_node_lifecycle.py), ENOSPC/EIO while the secondary buffers writes (no named
+point there) and during the failover merge (a fixed-role takeover does not merge), the
+comparator and the replicated disk together in every row's pair with the client-response
+invariant.
 
 Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
 ``--quick`` (CI): one run of the rows no test covers otherwise. ``--json`` prints
@@ -422,6 +435,94 @@ def corrupted_page_stream(security: str) -> Callable:
     return run
 
 
+def dirty_rate_above_the_rings(pair: LocalPair) -> dict:
+    """The guest dirties ~64k pages/s (64 per input, 1000 inputs/s: every page of the
+    guest several times per checkpoint interval) while each ring holds 4 slots of 16
+    pages: every checkpoint passes its rings many times over. Invariants: protected, no
+    side lost the other, the PVM keeps serving, 20 more checkpoints commit with the whole
+    dirty set (a commit covers more pages than the rings hold), memories proven equal."""
+    pair.start()
+    pair.wait_protected(timeout=DEADLINE)
+    coord = pair.node("primary").stage("coordinator")
+    client = pair.node("primary").stage("client")
+    done, n0 = coord.as_dict()["epochs_committed"], client.as_dict()["outputs"]
+    wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20
+               and client.as_dict()["outputs"] >= n0 + 500,
+               "20 checkpoints and 500 outputs at a dirty rate above the rings")
+    lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+            for r in ("primary", "secondary")}
+    if pair.node("primary").node_info().get("state") != "protected" or any(lost.values()):
+        raise RunFailed(f"the dirty rate cost the protection: peer_lost {lost}")
+    biggest = max(cp.get("pages_dirty", 0) for cp in pair.checkpoints("primary")[-20:])
+    if biggest <= 4 * 16:
+        raise RunFailed(f"no checkpoint had more dirty pages ({biggest}) than a ring holds")
+    if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+        raise DataLost("at a dirty rate above the rings the memories differ")
+    return {"pages_dirty_max": biggest}
+
+
+dirty_rate_above_the_rings.tables = {
+    "pipeline": {"ring_slots": 4, "batch_pages": 16},
+    "guest.workload": {**TABLES["guest.workload"], "pages_per_input": 64,
+                       "input_rate_hz": 1000.0},
+}
+
+
+# -- the secondary's disk store failing inside a node ---------------------------------------
+DISK_MIB = 8
+
+
+def disk_role_tables() -> dict:
+    disk = {"export_size": DISK_MIB << 20, "durable_commit": False,
+            "forward": f"tcp://127.0.0.1:{localpair.free_port_base(1)}"}
+    return {r: {"disk": {**disk, "image": f"{{workdir}}/{r}.img",
+                         "export": f"unix:{{workdir}}/{r}.nbd"}}
+            for r in ("primary", "secondary")}
+
+
+def images_equal(pair: LocalPair) -> bool:
+    import hashlib
+    digests = []
+    for r in ("primary", "secondary"):
+        with open(os.path.join(pair.workdir, f"{r}.img"), "rb") as f:
+            digests.append(hashlib.sha256(f.read()).digest())
+    return digests[0] == digests[1]
+
+
+def disk_commit_fails(fault: str) -> Callable:
+    """The guest writes its disk (NBD, seeded 8 KiB writes) until the secondary's disk
+    store fails one commit at ``fault`` (an errno). Invariants: the commit is redone once
+    (journalled, idempotent: exactly one ``disk_commit_failed attempt=1``, no attempt 2),
+    the pair stays protected, and at the next checkpoint both memories and both disk
+    images are equal."""
+    def run(pair: LocalPair) -> dict:
+        import random
+        from pipeline.disk.nbd_client import NbdClient
+        pair.start(faults={"secondary": fault})
+        pair.wait_protected(timeout=DEADLINE)
+        nbd = NbdClient(f"nbd+unix:///?socket={pair.workdir}/primary.nbd")
+        rng = random.Random(SEED)
+        try:
+            while not fired(pair, "secondary", fault.split(":")[0]):
+                nbd.write(rng.randrange(0, (DISK_MIB << 8) - 2) * 4096, rng.randbytes(8192))
+                pair.check_alive()
+        finally:
+            nbd.close()
+        wait_until(lambda: "event=disk_commit_failed attempt=1 of 3"
+                   in pair.log_tail("secondary", 1 << 24), "the failed commit retried")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after the failed disk commit the memories differ")
+        log = pair.log_tail("secondary", 1 << 24)
+        if "attempt=2 of 3" in log or \
+                pair.node("secondary").node_info().get("state") != "protected":
+            raise RunFailed("the retried disk commit did not go through at once")
+        if not images_equal(pair):
+            raise DataLost("after the failed disk commit the disk images differ")
+        return {}
+    run.role_tables = disk_role_tables
+    return run
+
+
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
 # full sync, then at most 8 pre-copy rounds and the first checkpoint
 ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
@@ -438,6 +539,13 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("primary@primary.reprotect", primary_during_reprotection, True),
     ("slow-secondary-commit", slow_secondary_commit, False),
     ("sigstop-primary", sigstop_primary, True),
+    ("dirty-rate-above-the-rings", dirty_rate_above_the_rings, False),
+    ("disk-commit-enospc@store.commit.log_synced",
+     disk_commit_fails("store.commit.log_synced:1:errno=ENOSPC"), False),
+    ("disk-commit-eio@store.commit.record",
+     disk_commit_fails("store.commit.record:30:errno=EIO"), False),
+    ("disk-commit-enospc@store.journal.committed.written",
+     disk_commit_fails("store.journal.committed.written:2:errno=ENOSPC"), False),
     ("partition", partition("both"), False),
     ("partition-one-way-primary-to-secondary", partition("a2b"), False),
     ("partition-one-way-secondary-to-primary", partition("b2a"), False),
@@ -493,7 +601,9 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
             tables = {**NET_TABLES, **getattr(body, "tables", {})}
             pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port)
         else:
-            pair = LocalPair(TABLES, workdir=workdir)
+            roles = getattr(body, "role_tables", None)
+            pair = LocalPair({**TABLES, **getattr(body, "tables", {})}, workdir=workdir,
+                             role_tables=roles() if roles else None)
     except Exception:
         if link is not None:
             link.close()
@@ -544,7 +654,7 @@ def main() -> int:
             return 2
         else:
             faultnet.sweep()    # what a killed run left behind
-    print(f"{'row':40} {'runs':>4} {'passed':>6} {'lost':>4} {'failover ms p50/p99':>20} "
+    print(f"{'row':52} {'runs':>4} {'passed':>6} {'lost':>4} {'failover ms p50/p99':>20} "
           f"{'s/run':>6}", flush=True)
     for name, body in rows:
         row = Row(name)
@@ -565,7 +675,7 @@ def main() -> int:
         results.append(row)
         s = row.summary()
         ms = f"{s['failover_ms_p50']}/{s['failover_ms_p99']}" if row.failover_ms else "-"
-        print(f"{name:40} {row.runs:4} {row.passed:6} {row.data_lost:4} {ms:>20} "
+        print(f"{name:52} {row.runs:4} {row.passed:6} {row.data_lost:4} {ms:>20} "
               f"{s['seconds_p50']:6}", flush=True)
     ok = all(r.passed == r.runs and r.data_lost == 0 for r in results)
     if ok:
