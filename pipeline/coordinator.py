@@ -262,6 +262,12 @@ class PrimaryCoordinator(_Coordinator):
                     trace.point("ack_in", res.epoch)
                     want.discard("ack")
                 elif hdr.type == wire.SHUTDOWN:
+                    try:
+                        wire.decode_shutdown(msg)
+                    except wire.WireError as exc:  # a SHUTDOWN with a body: not a stop
+                        self.c.add("errors", 1)
+                        self.ctx.log.warning("control: dropped a bad record: %s", exc)
+                        continue
                     raise ProtocolError("the secondary is shutting down")
                 else:
                     self.c.add("stale_records", 1)
@@ -850,6 +856,7 @@ class SecondaryCoordinator(_Coordinator):
                         "new secondary)")
                 self.begins.append(begin)
             elif hdr.type == wire.SHUTDOWN:
+                wire.decode_shutdown(msg)  # a SHUTDOWN with a body is malformed: counted below
                 self.ctx.log.info("the primary stopped on purpose")
                 self._info(state="peer stopped")
             else:

@@ -257,6 +257,20 @@ def test_truncated_and_unknown_records_are_dropped_and_counted(secondary):
     assert "unknown mandatory record type 0x0042" in log and "bad marker" in log
 
 
+def test_a_shutdown_with_a_body_is_refused_and_counted_not_obeyed(secondary):
+    pair, dom = secondary
+    prim, committed = committed_pair(pair, dom)
+    before = counters(pair)["coordinator"]["errors"]
+    prim.control.send(wire._record(wire.SHUTDOWN, prim.epoch, b"\0" * 8))
+    wait_until(lambda: counters(pair)["coordinator"]["errors"] == before + 1, 60,
+               "the malformed SHUTDOWN counted")
+    dirty = prim.dirty_some(16)
+    ack = prim.checkpoint(dirty, wire.FLAG_DIGEST)     # still a secondary, not "peer stopped"
+    assert ack.status == wire.ACK_COMMITTED and ack.memory_digest == dom.memory_digest()
+    prim.close()
+    assert "SHUTDOWN: body_length 8" in pair.log_tail("secondary", 20000)
+
+
 def test_records_of_an_old_epoch_are_ignored(secondary):
     pair, dom = secondary
     prim, committed = committed_pair(pair, dom)
