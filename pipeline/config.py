@@ -50,7 +50,8 @@ class NodeSettings(Section):
                    "any number of failovers (docs/deployment.md, \"After a failover\").",
                    choices=("primary", "secondary", "auto"))
     listen: str = _f("", "role `auto`: this host's own address, tcp://HOST:PORT, where it "
-                     "listens while it is the secondary (and the next three ports); "
+                     "listens while it is the secondary (and the next three ports; four with "
+                     "a replicated disk); "
                      "`peer.address` is then the other host's.", rule="empty, or tcp://HOST:PORT")
     run_dir: str = _f("", "Directory for local sockets; default `/tmp/colo-pipeline/<name>`.")
 

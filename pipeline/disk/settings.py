@@ -52,7 +52,8 @@ class DiskSettings(Section):
         'Where the NBD export listens: ``HOST:PORT`` or ``unix:PATH``.'),
         rule="HOST:PORT or unix:PATH")
     forward: str = _f("tcp://127.0.0.1:10810", (
-        'ZeroMQ address of the write forwarding link (primary connects, secondary binds).'),
+        'ZeroMQ address of the write forwarding link (primary connects, secondary binds). '
+        'Role ``auto``: leave it unset; the link follows the secondary\'s address, port + 4.'),
         rule="tcp://... or ipc://...")
     forward_window: int = _f(64, (
         'Forwarded writes in flight per NBD connection before the primary stops reading '
