@@ -214,6 +214,10 @@ class XenDomain(Domain):
         #: pfns of the last read_pages/write_pages that could not be mapped (holes)
         self.last_holes = np.empty(0, dtype=np.uint64)
         self._ctx_buf: ctypes.Array[ctypes.c_char] | None = None
+        #: vCPUs up while find_xen_written watched (None: it did not run), and the length of
+        #: the last HVM context, which changes when a vCPU comes up or goes down
+        self.vcpus_watched: int | None = None
+        self._ctx_used = -1
         #: this process's mapping of every frame: (address, view, writable), see guest_memory
         self._mapped: tuple[int, np.ndarray, bool] | None = None
         self._hole_mask: np.ndarray | None = None
@@ -654,6 +658,7 @@ class XenDomain(Domain):
         changed = np.flatnonzero(fingerprints() != first).astype(np.uint64)
         changed = np.setdiff1d(changed, self.own_frames)
         want = max(1, self.info.nr_online_vcpus)
+        self.vcpus_watched = want
         seen: dict[tuple[int, int], tuple[int, bool]] = {}   # (frame, block) -> (rounds, certain)
         logged = self._watch_log_dirty(True) if changed.size else False
         try:
@@ -775,7 +780,29 @@ class XenDomain(Domain):
         buf = self._ctx_buf
         used = self._check("xc_domain_hvm_getcontext",
                            self._xc.xc_domain_hvm_getcontext(self._h.xch, self.domid, buf, len(buf)))
-        return buf.raw[:used]
+        blob = buf.raw[:used]
+        if used != self._ctx_used:            # a vCPU came up or went down (or the first call)
+            self._ctx_used = used
+            self._check_vcpus_up(blob)
+        return blob
+
+    def _check_vcpus_up(self, blob: bytes) -> None:
+        """Say so when more vCPUs are up than find_xen_written watched: each one registered a
+        vcpu_info after the pair was made, which no node knows of. In Xen 4.17 a vCPU registers
+        its vcpu_info once (map_vcpu_info refuses another while one is mapped; only a soft reset
+        unmaps them), so a vcpu_info appears later only on a vCPU first brought up later. Only
+        this domain's Xen holds that registration: the secondary's Xen has none for it, so after
+        a failover that vCPU's events would go nowhere. Logged, not raised: this runs while the
+        guest is paused for a checkpoint, which must still end with the guest running."""
+        if self.vcpus_watched is None:
+            return
+        up = xc_.vcpus_up(blob)
+        if len(up) > self.vcpus_watched:
+            log.error("%s: %d vCPUs are up (%s), %d were while its vcpu_info was found: a vCPU brought "
+                      "up since registered a vcpu_info that is not replicated (the secondary's Xen knows "
+                      "nothing of it, so after a failover that vCPU gets no events); re-pair the nodes "
+                      "(xen-twin save/restore) with every vCPU up", self.name, len(up),
+                      ", ".join(map(str, up)), self.vcpus_watched)
 
     def set_vcpu_state(self, blob: bytes) -> None:
         """Load the peer's HVM context, then make sure this domain's vCPUs see an event upcall.

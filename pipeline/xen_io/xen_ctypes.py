@@ -49,6 +49,7 @@ HVM_PARAM_CONSOLE_PFN = 17
 
 # xen/arch-x86/hvm/save.h typecodes
 HVM_SAVE_CODE_END = 0
+HVM_SAVE_CODE_CPU = 2
 HVM_SAVE_CODE_LAPIC_REGS = 6
 #: offset of the IRR (8 x 32-bit registers, each on a 16-byte stride) in the LAPIC register page
 LAPIC_IRR_OFFSET = 0x200
@@ -324,6 +325,12 @@ def iter_hvm_records(blob: bytes | bytearray | memoryview) -> list[tuple[int, in
             break
         offset = body + desc.length
     return records
+
+
+def vcpus_up(blob: bytes | bytearray | memoryview) -> list[int]:
+    """The vCPUs an HVM context holds registers for: Xen saves no CPU record for a vCPU that
+    is down (hvm_save_cpu_ctxt, Xen 4.17), so these are the vCPUs that were up."""
+    return sorted(inst for code, inst, _, _ in iter_hvm_records(blob) if code == HVM_SAVE_CODE_CPU)
 
 
 def mark_vector_pending(blob: bytes, vector: int, vcpu: int | None = None) -> bytes:

@@ -158,8 +158,19 @@ def first_checkpoint_outcome(log: str, problem: str) -> str:
     return "ok" if not wrong else f"fpu canary wrong {wrong}"
 
 
+_tree_version = ""
+
+
 def tree_version() -> str:
-    """The commit of the tree pack.sh copied into dom0, '+changes' when it had uncommitted ones."""
+    """The commit of the tree pack.sh copied into dom0, '+changes' when it had uncommitted ones
+    (read once, when the lab starts, just after run.sh packed the tree)."""
+    global _tree_version
+    if not _tree_version:
+        _tree_version = _read_tree_version()
+    return _tree_version
+
+
+def _read_tree_version() -> str:
     here = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -282,6 +293,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.tally:
         return tally()
+    print(f"TREE: {tree_version()}", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
