@@ -273,7 +273,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6, help="checkpoints after the first full copy")
     ap.add_argument("--interval-ms", type=int, default=1000, help="time between checkpoints")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds before the lab gives up")
+    ap.add_argument("--timeout", type=float, default=2400,
+                    help="seconds one boot may take before the lab gives up (a quick boot took over 900 s at load 11)")
     ap.add_argument("--tcg-thread", choices=("single", "multi"), default="multi",
                     help="QEMU TCG threading (multi-threaded TCG corrupted dom0 memory now and then here)")
     ap.add_argument("--eager-fpu", action=argparse.BooleanOptionalAction, default=True,
@@ -324,6 +325,7 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
     checkpoint; every boot counts, none is repeated. PASS when every boot got there cleanly."""
     outcomes = []
     t0 = time.monotonic()
+    batch = time.strftime("%H%M%S", time.gmtime())
     for k in range(1, args.boots + 1):
         hap = ("1" if k % 2 else "0") if args.hap == "alternate" else args.hap
         log, boot_s, total_s, problem = boot_and_run(args, hap)
@@ -334,7 +336,7 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
             for line in log.splitlines():
                 if line.startswith(("STEP ", "CONSOLE ", "GUESTERR")) or "Triple fault" in line:
                     print(line.rstrip()[:400])
-            kept = LAB / f"serial-quick{k}.log"
+            kept = LAB / f"serial-quick-{batch}-{k}.log"
             (LAB / "serial.log").replace(kept)
             outcome += f" (log {kept.name})"
         outcomes.append(outcome)

@@ -231,11 +231,16 @@ def log_tails(chars: int = 6000) -> str:
 
 
 def wait_for(what: str, check, procs: dict[str, subprocess.Popen], timeout: float):
-    t0 = time.monotonic()
+    t0 = next_note = time.monotonic()
     while time.monotonic() - t0 < timeout:
         got = check()
         if got:
             return got
+        if time.monotonic() >= next_note:     # where the primary is, for a run that takes long
+            info = node_info("primary")
+            step(f"waiting for {what}: primary {info.get('state')} epoch {info.get('epoch')} "
+                 f"sync {info.get('sync_progress')}")
+            next_note += 60
         for role, p in procs.items():
             if p.poll() is not None:
                 raise RuntimeError(f"the {role} node exited with {p.returncode} while waiting for {what}"
