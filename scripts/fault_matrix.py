@@ -42,8 +42,9 @@ local witness reachable from both, like an etcd on a third network):
   byte in TCP segments of the pages channel and fixes their checksum up. Plaintext (with
   ``verify_pages = "full"``): each bad record or batch is refused, counted and its epoch
   torn; the pair stays protected. CURVE: libzmq refuses the message and drops the
-  connection, the epoch never completes, the primary goes unprotected and the secondary
-  stops as stale; restarted, it protects again. Either way nothing corrupted is applied
+  connection; the epoch is torn for its missing pages (the pair stays protected) or, if
+  its end never comes, times out: the primary goes unprotected and the secondary stops
+  as stale; restarted, it protects again. Either way nothing corrupted is applied
   (memories proven equal).
 
 The network rows run with ``heartbeat.miss_count = 10`` (1 s): TCP recovers a lost
@@ -63,11 +64,17 @@ Rows with the whole pair on this machine:
   the node. Invariants: the commit is redone once (exactly one failed attempt), the pair
   stays protected, memories and both disk images equal.
 
+* ``client-responses@secondary-lost``, ``client-responses@partition``: the comparator on
+  the primary releases the guest's answers to a client sending 200 requests/s throughout;
+  the secondary is lost mid-checkpoint (outputs held) and replaced, or the link is cut
+  and healed. Invariant: every request got exactly one answer, in order, across the fault,
+  the unprotected run and the re-protection; memories proven equal.
+
 Not yet rows: /dev/shm full, RLIMIT_NOFILE, a port in use (tests of their own in
 tests/test_node_lifecycle.py), ENOSPC/EIO while the secondary buffers writes (no named
-point there) and during the failover merge (a fixed-role takeover does not merge), the
-comparator and the replicated disk together in every row's pair with the client-response
-invariant.
+point there) and during the failover merge (a fixed-role takeover does not merge); the
+comparator and the replicated disk are not in every row's pair, only in the
+``client-responses`` and ``disk-commit`` rows.
 
 Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
 ``--quick`` (CI): one run of the rows no test covers otherwise. ``--json`` prints
@@ -83,6 +90,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -383,7 +391,9 @@ def corrupted_page_stream(security: str) -> Callable:
     batch is refused and counted (receive, verify or restore), its epoch torn and carried
     into the next; the pair stays protected (no side lost the other).
     ``curve``, 1 segment: libzmq refuses the message (it fails authentication) and drops
-    the connection, so the epoch never completes: the primary goes unprotected after the
+    the connection. Then either the epoch's EPOCH_END comes through the reconnected
+    channel and the epoch is torn for its missing pages (the pair stays protected: 10
+    more checkpoints), or it never completes: the primary goes unprotected after the
     epoch timeout, the secondary stops as stale (exit 1) at the new sync and, restarted,
     protects the guest again."""
     count = 3 if security == "plaintext" else 1
@@ -415,12 +425,23 @@ def corrupted_page_stream(security: str) -> Callable:
                 raise RunFailed(f"corrupted pages cost the protection: peer_lost {lost}")
             figures = {"detected": detected(), "torn": coord.as_dict()["epochs_aborted"]}
         else:
-            pair.wait_info("state", "unprotected", timeout=DEADLINE)
-            code = pair.wait_exit("secondary", timeout=DEADLINE)
-            if code != 1 or "StaleSecondary" not in pair.log_tail("secondary", 1 << 24):
-                raise RunFailed(f"the secondary exited {code}, not as stale")
-            pair.start_node("secondary")
-            pair.wait_protected(timeout=DEADLINE)
+            # libzmq reconnects by itself: if the rest of the epoch (its EPOCH_END) comes
+            # through the new connection, the epoch is torn for its missing pages and the
+            # pair stays protected; if not, it times out (the stale path)
+            done = coord.as_dict()["epochs_committed"]
+            wait_until(lambda: prim.node_info().get("state") == "unprotected"
+                       or (coord.as_dict()["epochs_aborted"] >= 1
+                           and coord.as_dict()["epochs_committed"] >= done + 10),
+                       "the torn epoch and 10 checkpoints, or the primary unprotected")
+            if prim.node_info().get("state") == "unprotected":
+                code = pair.wait_exit("secondary", timeout=DEADLINE)
+                if code != 1 or "StaleSecondary" not in pair.log_tail("secondary", 1 << 24):
+                    raise RunFailed(f"the secondary exited {code}, not as stale")
+                pair.start_node("secondary")
+                pair.wait_protected(timeout=DEADLINE)
+                figures = {"reprotected": 1}
+            else:
+                figures = {"torn": coord.as_dict()["epochs_aborted"]}
         if took_over(pair):
             raise RunFailed("the secondary went active")
         if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
@@ -523,6 +544,134 @@ def disk_commit_fails(fault: str) -> Callable:
     return run
 
 
+# -- what the clients see: the comparator releases outputs to a client -----------------------
+SERVICE_TABLES = {
+    **TABLES,
+    "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+            "secondary_in": "unix:{workdir}/net-svm.sock",
+            "outdev": "unix:{workdir}/client.sock", "release": "compare"},
+    # the client is the guest's only input: its n-th request is input n, answered by one
+    # output frame that starts with n
+    "guest.workload": {"seed": SEED, "pages_per_input": PAGES_PER_INPUT,
+                       "input_rate_hz": 0.0},
+}
+
+
+class ClientLoad(threading.Thread):
+    """A client of the guest's service (pipeline/service_client.py's sockets): sends
+    requests at ``rate`` per second until told to stop and reads every released output,
+    in arrival order (``seqs``: the request each answers)."""
+
+    def __init__(self, pair: LocalPair, rate: float = 200.0) -> None:
+        super().__init__(daemon=True)
+        from pipeline.service_client import PAYLOAD_AT, ServiceClient
+        from pipeline.stages.inputs import inject_address
+        self.client = ServiceClient(os.path.join(pair.workdir, "client.sock"),
+                                    inject_address(pair.run_dir("primary")))
+        self.payload_at = PAYLOAD_AT
+        self.rate, self.sent, self.seqs = rate, 0, []
+        self.sending = threading.Event()
+        self.sending.set()
+        self.done = threading.Event()
+        self.error = ""
+
+    def run(self) -> None:
+        import select
+        c = self.client
+        t0 = time.monotonic()
+        try:
+            while not self.done.is_set():
+                if self.sending.is_set():
+                    while self.sent < (time.monotonic() - t0) * self.rate:
+                        c.push.send(b"request %d" % self.sent)
+                        self.sent += 1
+                if not select.select([c.sock], [], [], 0.01)[0]:
+                    continue
+                data = c.sock.recv(1 << 20)
+                if not data:
+                    self.error = "the released-output stream ended"
+                    return
+                for item in c.decoder.feed(data):
+                    frame = item[0]
+                    self.seqs.append(int.from_bytes(
+                        frame[self.payload_at:self.payload_at + 8], "little"))
+        except Exception as exc:      # noqa: BLE001  (reported by the row)
+            self.error = repr(exc)
+
+    def finish(self) -> list[int]:
+        """Stop sending; every request answered (or the deadline): the answers' seqs."""
+        self.sending.clear()
+        time.sleep(0.05)            # (the sender loop sees the flag between two sends)
+        sent = self.sent
+        try:
+            wait_until(lambda: self.error or len(self.seqs) >= sent,
+                       f"answers to all {sent} requests")
+        finally:
+            self.done.set()
+            self.join(10)
+            self.client.close()
+        if self.error:
+            raise RunFailed(f"the client: {self.error}")
+        return self.seqs
+
+
+def client_responses(fault: str) -> Callable:
+    """The comparator on the primary releases the guest's answers to a client sending 200
+    requests/s throughout, while a fault hits the pair. ``secondary-lost``: the secondary
+    stops in the middle of a checkpoint (``secondary.applied``, outputs held by the
+    comparator), is killed, and a new one re-protects. ``partition``: the link is cut and
+    healed, the stale secondary restarted. Invariant: every request got exactly one
+    answer, in order (the answers' seqs are exactly 0..n-1), across the fault, the
+    unprotected run and the re-protection; memories proven equal at the end."""
+    def run(pair: LocalPair) -> dict:
+        if fault == "secondary-lost":
+            pair.start(faults={"secondary": "secondary.applied:40:stop"})
+        else:
+            pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        load = ClientLoad(pair)
+        load.start()
+        try:
+            wait_until(lambda: len(load.seqs) >= 100 or load.error, "100 answers")
+            if fault == "secondary-lost":
+                wait_until(lambda: fired(pair, "secondary", "secondary.applied"),
+                           "the secondary stopped mid-checkpoint")
+                pair.kill("secondary")
+            else:
+                wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
+                pair.link.partition(pair.port, "both")
+            pair.wait_info("state", "unprotected", timeout=DEADLINE)
+            n0 = len(load.seqs)
+            wait_until(lambda: len(load.seqs) >= n0 + 100 or load.error,
+                       "100 answers while unprotected")
+            if fault != "secondary-lost":
+                sec = pair.procs["secondary"]
+                wait_until(lambda: sec.poll() is not None or pair.node("secondary")
+                           .node_info().get("state") in ("standby", "stale"),
+                           "the secondary acting on the cut")
+                pair.link.heal()
+                pair.wait_exit("secondary", timeout=DEADLINE)
+            pair.start_node("secondary")
+            pair.wait_protected(timeout=DEADLINE)
+            n1 = len(load.seqs)
+            wait_until(lambda: len(load.seqs) >= n1 + 100 or load.error,
+                       "100 answers after re-protection")
+        finally:
+            seqs = load.finish()
+        if seqs != list(range(len(seqs))) or len(seqs) != load.sent:
+            dup = len(seqs) - len(set(seqs))
+            bad = next((i for i, q in enumerate(seqs) if q != i), None)
+            raise DataLost(f"{load.sent} requests, {len(seqs)} answers, {dup} duplicated, "
+                           f"first out of place at {bad}")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after the fault the memories differ")
+        return {"requests": load.sent}
+    run.tables = SERVICE_TABLES
+    if fault == "partition":
+        run.link = "veth"
+    return run
+
+
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
 # full sync, then at most 8 pre-copy rounds and the first checkpoint
 ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
@@ -540,6 +689,8 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("slow-secondary-commit", slow_secondary_commit, False),
     ("sigstop-primary", sigstop_primary, True),
     ("dirty-rate-above-the-rings", dirty_rate_above_the_rings, False),
+    ("client-responses@secondary-lost", client_responses("secondary-lost"), False),
+    ("client-responses@partition", client_responses("partition"), False),
     ("disk-commit-enospc@store.commit.log_synced",
      disk_commit_fails("store.commit.log_synced:1:errno=ENOSPC"), False),
     ("disk-commit-eio@store.commit.record",
@@ -598,7 +749,8 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
             if port is not None:      # the pages channel: peer.address's port
                 impair["corrupt_dport"] = port
             link = faultnet.NetLink(body.link, impair, workdir=workdir)
-            tables = {**NET_TABLES, **getattr(body, "tables", {})}
+            tables = {**NET_TABLES, **{k: v for k, v in getattr(body, "tables", {}).items()
+                                       if k not in ("checkpoint", "heartbeat")}}
             pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port)
         else:
             roles = getattr(body, "role_tables", None)
