@@ -156,6 +156,13 @@ def heard(pair: LocalPair, role: str) -> bool:
     return pair.stage_counter("heartbeat", "items_in", role) > 0
 
 
+def lost_its_secondary(pair: LocalPair) -> bool:
+    """The primary gave its secondary up (went unprotected) at least once. A counter, not
+    the state: with the control channel still up, "unprotected" lasts only until the
+    secondary answers the next HELLO (the state is "syncing" then)."""
+    return pair.stage_counter("coordinator", "peer_lost", "primary") > 0
+
+
 # -- rows ------------------------------------------------------------------------------------
 def primary_at(point: str, expect) -> Callable[[LocalPair], dict]:
     """``expect``: "passive", an epoch number, or "last" (the secondary's own last commit:
@@ -283,7 +290,7 @@ def partition(direction: str, channels: tuple[str, ...] | None = None) -> Callab
                    "heartbeats both ways")
         gen = pair.node("primary").node_info()["generation"]
         pair.link.partition(pair.port, direction, channels)
-        pair.wait_info("state", "unprotected", timeout=DEADLINE)
+        wait_until(lambda: lost_its_secondary(pair), "the primary unprotected")
         client = pair.node("primary").stage("client")
         n0 = client.as_dict()["outputs"]
         wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100,
@@ -429,11 +436,11 @@ def corrupted_page_stream(security: str) -> Callable:
             # through the new connection, the epoch is torn for its missing pages and the
             # pair stays protected; if not, it times out (the stale path)
             done = coord.as_dict()["epochs_committed"]
-            wait_until(lambda: prim.node_info().get("state") == "unprotected"
+            wait_until(lambda: lost_its_secondary(pair)
                        or (coord.as_dict()["epochs_aborted"] >= 1
                            and coord.as_dict()["epochs_committed"] >= done + 10),
                        "the torn epoch and 10 checkpoints, or the primary unprotected")
-            if prim.node_info().get("state") == "unprotected":
+            if lost_its_secondary(pair):
                 code = pair.wait_exit("secondary", timeout=DEADLINE)
                 if code != 1 or "StaleSecondary" not in pair.log_tail("secondary", 1 << 24):
                     raise RunFailed(f"the secondary exited {code}, not as stale")
@@ -640,7 +647,7 @@ def client_responses(fault: str) -> Callable:
             else:
                 wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
                 pair.link.partition(pair.port, "both")
-            pair.wait_info("state", "unprotected", timeout=DEADLINE)
+            wait_until(lambda: lost_its_secondary(pair), "the primary unprotected")
             n0 = len(load.seqs)
             wait_until(lambda: len(load.seqs) >= n0 + 100 or load.error,
                        "100 answers while unprotected")
