@@ -118,6 +118,7 @@ class EpochResult:
     sent: messages.Sent | None = None
     ack: wire.Ack | None = None
     input_seq: int = -1
+    input_step: int = 0     # pages of input ``input_seq`` already written at the pause
     pvm_digest: bytes = b""
     svm_forwarded: bool = False   # the send stage was told about SVM_DIRTY's hashes
     verify_ns: int = 0
@@ -231,6 +232,7 @@ class PrimaryCoordinator(_Coordinator):
                     e = m.epoch
                     res.pages_dirty, res.pause_ns, res.input_seq = m.pages, m.pause_ns, m.input_seq
                     res.pvm_digest, res.verify_ns = m.digest, m.verify_ns
+                    res.input_step = m.input_step
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
                     if self.disk is not None:
                         # writes the guest issued before the snapshot reach the
@@ -388,7 +390,8 @@ class PrimaryCoordinator(_Coordinator):
         e, svm = res.epoch, res.ack.memory_digest
         equal = res.pvm_digest == svm
         self._info(final_epoch=e, pvm_digest=res.pvm_digest.hex(), svm_digest=svm.hex(),
-                   memory_equal=equal, final_input_seq=res.input_seq)
+                   memory_equal=equal, final_input_seq=res.input_seq,
+                   final_input_step=res.input_step)
         if not equal:
             self.c.add("memory_mismatches", 1)
         (self.ctx.log.info if equal else self.ctx.log.error)(

@@ -367,11 +367,15 @@ class LocalPair:
 
 
 def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input: int,
-                      timeout: float = 120.0) -> bytes:
+                      timeout: float = 120.0, step: int = 0) -> bytes:
     """The memory digest of a sim guest that consumed client inputs 0 .. upto_seq-1 (the
-    stream the primary's client stage feeds): with no nondeterminism, a guest's memory is
-    a function of the inputs it took, so a failed-over SVM must equal this at its input
-    position; an epoch applied by halves could not."""
+    stream the primary's client stage feeds) and then wrote the first ``step`` pages of
+    input ``upto_seq``: with no nondeterminism, a guest's memory is a function of the
+    inputs it took, so a failed-over SVM must equal this at its input position; an epoch
+    applied by halves could not. ``step`` is where a pause caught the guest inside an
+    input (a proof's ``final_input_step``): the reference stops at the same page."""
+    if step >= pages_per_input:     # all of the input's pages written, its output pending
+        upto_seq, step = upto_seq + 1, 0
     from pipeline.stages.inputs import client_input
     from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
     ref = open_sim_domain("replay", page_count,
@@ -379,8 +383,11 @@ def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input
                           dirty_log="bitmap")
     deadline = time.monotonic() + timeout
     try:
-        ref.start(paused=False)
-        for i in range(upto_seq):
+        ref.start()
+        if step > 0:
+            ref.break_at(upto_seq, step)
+        ref.resume()
+        for i in range(upto_seq + (step > 0)):
             # the input log has room for ~1000 inputs: stay well behind the guest
             while i - ref.input_seq() >= 256:
                 if time.monotonic() > deadline:
@@ -389,6 +396,8 @@ def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input
                 time.sleep(0.001)
             ref.trim_inputs(ref.input_seq())
             ref.feed_input(client_input(seed, i))
+        if step > 0:
+            ref.wait_break(max(1.0, deadline - time.monotonic()))
         while ref.input_seq() < upto_seq:
             if time.monotonic() > deadline:
                 raise PairError("the reference guest did not catch up")

@@ -77,6 +77,7 @@ class Snapshotted(NamedTuple):
     input_seq: int      # the guest's input position at the snapshot (-1: not known)
     digest: bytes       # blake3 of all of memory when FLAG_DIGEST was asked, else b""
     verify_ns: int      # time spent on that digest, apart from the pause
+    input_step: int = 0     # pages of input ``input_seq`` the guest had written (sim guest)
 
 
 # -- send stage ----------------------------------------------------------------

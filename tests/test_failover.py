@@ -36,8 +36,8 @@ TABLES = {
 }
 
 
-def replay_digest(upto_seq: int) -> bytes:
-    return sim_replay_digest(upto_seq, PAGES, SEED, 8)
+def replay_digest(upto_seq: int, step: int = 0) -> bytes:
+    return sim_replay_digest(upto_seq, PAGES, SEED, 8, step=step)
 
 
 def active_digest(pair: LocalPair) -> tuple[bytes, int]:

@@ -197,9 +197,10 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 return
             io = domain.simulated_io()
             input_seq = io.vcpu_input_seq(vcpu) if io is not None else -1
+            input_step = io.vcpu_input_step(vcpu) if io is not None else 0
             trace.point("dispatched", epoch)
             ctrl.send(messages.Snapshotted(epoch, len(dirty), pause_ns, input_seq, digest,
-                                           verify_ns))
+                                           verify_ns, input_step))
         else:
             raise ValueError(f"snapshot stage: unknown command {cmd!r}")
         # busy = the command's time less what it spent waiting for ring slots

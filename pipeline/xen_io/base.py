@@ -207,6 +207,12 @@ class SimulatedIO(abc.ABC):
         """The input seq a vCPU blob of this guest records."""
 
     @abc.abstractmethod
+    def vcpu_input_step(self, blob: bytes) -> int:
+        """How far into that input the blob's guest was: pages of it already written (0
+        between inputs). A pause may stop the guest between two page writes of one input,
+        so its memory is then the replay of the inputs before plus this many pages."""
+
+    @abc.abstractmethod
     def output_fileno(self) -> int:
         """An fd that is readable when the guest wrote output."""
 

@@ -266,6 +266,7 @@ W_OUT_WRITTEN = 17   # bytes the guest wrote into its output pipe
 W_OUT_READ = 18      # bytes read out of it (by whichever process reads outputs)
 W_MARKS = 19         # output marks made so far
 W_MARKS_READ = 20    # output marks returned by read_outputs so far
+W_BREAK = 21         # a breakpoint: (seq << 32 | page) + 1, or 0 for none (see break_at)
 _WORDS = 32
 _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
              "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
@@ -651,6 +652,35 @@ class SimDomain(Domain, SimulatedIO):
         """The input seq a guest in this vCPU state will consume next (or is in the middle of)."""
         return _GuestState.unpack(blob, None, 1 << 62).seq
 
+    @staticmethod
+    def vcpu_input_step(blob: bytes) -> int:
+        """Pages of input ``vcpu_input_seq`` the guest already wrote (0 between inputs)."""
+        state = _GuestState.unpack(blob, None, 1 << 62)
+        return state.step if state.phase == PHASE_INPUT else 0
+
+    def break_at(self, seq: int, page: int) -> None:
+        """A breakpoint: the running guest pauses itself just before it writes page
+        ``page`` (0 < page) of input ``seq``, as a pause request arriving there would stop
+        it; :meth:`wait_break` waits for that. It reproduces a state a pause caught in the
+        middle of an input (sim_replay_digest). Set it (guest started) before the guest
+        reaches it."""
+        self._check_open()
+        if seq < 0 or not 0 < page < (1 << 32):
+            raise ValueError(f"break_at: seq {seq} / page {page} out of range")
+        self._words[W_BREAK] = (seq << 32 | page) + 1
+
+    def wait_break(self, timeout: float = 60.0) -> None:
+        """Wait until the guest stopped at its breakpoint (and is paused); clears it."""
+        deadline = time.monotonic() + timeout
+        while not (self.is_paused and self._words[W_BREAK] == 0):
+            problem = self._guest_problem()
+            if problem:
+                raise DomainError(f"sim domain {self.name}: {problem}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sim domain {self.name}: breakpoint not reached after "
+                                   f"{timeout}s (guest at input seq {self.input_seq()})")
+            time.sleep(0.001)
+
     # -- inputs / outputs -----------------------------------------------------------------
     def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
         """Append one input for the guest and return its seq. ``seq`` (mirroring) must be
@@ -973,8 +1003,15 @@ class _Guest:
         w, ram, pool, bitmap = self.w, self._ram_bytes, self._pool_bytes, self._bitmap_bytes
         key, seq, ps = st.key, st.seq, self.page_size
         start = st.step
+        brk = w[W_BREAK]
+        stop_at = brk - 1 - (seq << 32) if brk else -1   # this input's breakpoint page
         for i in range(start, st.npages):
-            if w[W_PAUSE_REQ]:
+            if w[W_PAUSE_REQ] or i == stop_at:
+                if i == stop_at:
+                    # the breakpoint: pause as pause() would have us do (epoch, then request)
+                    w[W_BREAK] = 0
+                    w[W_PAUSE_EPOCH] += 1
+                    w[W_PAUSE_REQ] = 1
                 st.step = i
                 w[W_PAGES_WRITTEN] += i - start
                 return False
