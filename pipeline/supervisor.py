@@ -70,7 +70,7 @@ EXTRA_COUNTERS = {
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns"),
     "receive": ("skipped_optional", "stale_records"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
-             "link_mb_s", "lz4_mb_s"),
+             "link_mb_s", "lz4_mb_s", "stale_batches"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
                 "pages_same_as_svm", "svm_refs_refused"),
     "client": ("outputs", "input_full", "pvm_input_seq"),

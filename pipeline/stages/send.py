@@ -29,6 +29,32 @@ class Pending:
     count: np.ndarray      # (1,) uint64
 
 
+class PendingWriter:
+    """The send stage's side of :class:`Pending`: the pages of the newest epoch only. A torn
+    epoch's batches can still come out of some rings after the next epoch's first batch
+    came out of another; the coordinator settled that epoch already (it read ``pending``
+    when it tore it), so they are not added: added, they were taken for the next epoch's
+    pages, and two epochs of up to all of memory overflowed the arrays (the send stage
+    died with a broadcast error when epochs kept timing out)."""
+
+    def __init__(self, pending: Pending) -> None:
+        self.pending, self.epoch = pending, -1
+
+    def add(self, epoch: int, pfns: np.ndarray, hashes: np.ndarray) -> bool:
+        """Record a batch of ``epoch``; False (nothing recorded) for an older epoch's."""
+        if epoch < self.epoch:
+            return False
+        p = self.pending
+        if epoch > self.epoch:
+            self.epoch = epoch
+            p.count[0] = 0
+        k, n = int(p.count[0]), len(pfns)
+        p.pfns[k:k + n] = pfns
+        p.hashes[k:k + n] = hashes
+        p.count[0] = k + n
+        return True
+
+
 @dataclass
 class EpochStats:
     pages: int = 0
@@ -135,6 +161,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
     workers compress (pipeline/compress_policy.py)."""
     c = ctx.counters
     epochs: dict[int, EpochStats] = {}
+    recorded = PendingWriter(pending)
     auto = AutoCompress(ctx, len(rings), rings[0].layout.page_size, shared.compress) \
         if compress == "auto" else None
 
@@ -157,7 +184,6 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
             st = epochs.get(e)
             if st is None:
                 st = epochs[e] = EpochStats()
-                pending.count[0] = 0
             if slot.kind == SLOT_END:
                 st.markers += 1
                 if slot.vcpu_len:
@@ -190,10 +216,8 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                 msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
                                         slot.enc_kind[:n], slot.data_flat[:slot.data_len],
                                         slot.batch_flags)
-                k = int(pending.count[0])
-                pending.pfns[k:k + n] = slot.pfns[:n]
-                pending.hashes[k:k + n] = slot.hashes[:n]
-                pending.count[0] = k + n
+                if not recorded.add(e, slot.pfns[:n], slot.hashes[:n]):
+                    c.add("stale_batches", 1)
                 kinds = np.bincount(slot.enc_kind[:n], minlength=len(wire.ENC_KINDS))
                 for kind in wire.ENC_KINDS:
                     st.kinds[kind] += int(kinds[kind])
