@@ -125,6 +125,7 @@ def test_answers_held_when_the_secondary_is_lost_go_out_once_in_order(tmp_path):
             wait_until(read(lambda: seqs[-1] >= last + 100), 120, "answers unprotected")
         finally:
             client.close()
+        assert pair.wait_exit("secondary") == -9      # (and its shared memory is removed)
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "lost or repeated answers"
         assert primary.stage("net_compare").as_dict()["mismatches"] == 0
         assert primary.node_info().get("state") == "unprotected"
