@@ -111,6 +111,20 @@ def run_full_sync(page_count: int, digest_workers: int = 2, verify_workers: int 
             "security": security}
 
 
+def write_in_both_guests(pair, pages: int) -> None:
+    """Make PVM and SVM both write ``pages`` pages (one input, so the same pages and bytes)
+    and return once both guests ran it: the SVM then holds the pages the PVM dirtied, and
+    the next checkpoint sends them as SVM pages. Shared by the commit benchmarks."""
+    seq = pair.stage_counter("client", "pvm_input_seq")
+    pair.inject_input(SimDomain.write_command(pages))
+    deadline = time.monotonic() + 300
+    while (pair.stage_counter("client", "pvm_input_seq") <= seq
+           or pair.stage_counter("mirror", "svm_input_seq", role="secondary") <= seq):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the PVM or the SVM did not consume the write command")
+        time.sleep(0.005)
+
+
 def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, verify_workers: int,
                     memcpy_s_per_page: float, dirty_log: str = "auto", reps: int = 5,
                     security: str = "curve", compress: str | None = None,
@@ -127,17 +141,7 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                 "bytes_wire": sync["bytes_wire"]}
         for n in sizes:
             for _ in range(reps):         # later rounds also show pages skipped by hash
-                seq = pair.stage_counter("client", "pvm_input_seq")
-                pair.inject_input(SimDomain.write_command(n))
-                deadline = time.monotonic() + 300
-                # both guests run the write (the same input): the SVM then holds the pages
-                # the PVM dirtied, and they go as SVM pages
-                while (pair.stage_counter("client", "pvm_input_seq") <= seq
-                       or pair.stage_counter("mirror", "svm_input_seq",
-                                             role="secondary") <= seq):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the PVM or the SVM did not consume the write command")
-                    time.sleep(0.005)
+                write_in_both_guests(pair, n)
                 count = len(pair.checkpoints())
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]

@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline",
-                                                  os.path.join(HERE, "bench_pipeline.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import bench_pipeline as bench  # noqa: E402 (this script's folder is on sys.path)
 
 
 def node_work(sessions: set[int]) -> tuple[float, int, int]:
@@ -65,22 +57,13 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    bench = _bench()
-    from pipeline.xen_io.sim import SimDomain
     rows = []
     with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sessions = {os.getsid(p.pid) for p in pair.procs.values()}
         for _ in range(args.reps):
-            seq = pair.stage_counter("client", "pvm_input_seq")
-            pair.inject_input(SimDomain.write_command(args.pages))
-            deadline = time.monotonic() + 300
-            while (pair.stage_counter("client", "pvm_input_seq") <= seq
-                   or pair.stage_counter("mirror", "svm_input_seq", role="secondary") <= seq):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the guests did not run the write command")
-                time.sleep(0.005)
+            bench.write_in_both_guests(pair, args.pages)
             count = len(pair.checkpoints())
             before = node_work(sessions)
             pair.request_checkpoint()

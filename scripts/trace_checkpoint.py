@@ -14,22 +14,14 @@ next to the load average printed at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline",
-                                                  os.path.join(HERE, "bench_pipeline.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import bench_pipeline as bench  # noqa: E402 (this script's folder is on sys.path)
 
 
 def timeline(lines: list[str], commit_ms: float) -> list[tuple[str, str, float, float, int]]:
@@ -60,8 +52,6 @@ def main() -> int:
     fd, path = tempfile.mkstemp(prefix="colo-trace-", suffix=".txt")
     os.close(fd)
     os.environ["COLO_TRACE"] = path      # inherited by both nodes' processes
-    bench = _bench()
-    from pipeline.xen_io.sim import SimDomain
     marks = []
     try:
         with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
@@ -69,14 +59,7 @@ def main() -> int:
             pair.start()
             pair.wait_protected(timeout=900)
             for _ in range(args.reps):
-                seq = pair.stage_counter("client", "pvm_input_seq")
-                pair.inject_input(SimDomain.write_command(args.pages))
-                deadline = time.monotonic() + 300
-                while (pair.stage_counter("client", "pvm_input_seq") <= seq
-                       or pair.stage_counter("mirror", "svm_input_seq", role="secondary") <= seq):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the guests did not run the write command")
-                    time.sleep(0.005)
+                bench.write_in_both_guests(pair, args.pages)
                 count = len(pair.checkpoints())
                 mark = os.path.getsize(path)
                 pair.request_checkpoint()
