@@ -52,7 +52,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pipeline.localpair import LocalPair, free_port_base  # noqa: E402
+from pipeline.localpair import LocalPair  # noqa: E402
 
 PREFIX = "cfm"
 NFT_TABLE = "colo_fault"
@@ -403,7 +403,7 @@ def forward(args: argparse.Namespace) -> int:
                     pkt = os.read(fd, 65536)
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError as exc:   # EIO while the device is not up yet
+                except OSError:   # EIO while the device is not up yet
                     stats["read_errors"] = stats.get("read_errors", 0) + 1
                     break
                 d, dst = name[fd], out[fd]

@@ -13,7 +13,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 
 import pytest

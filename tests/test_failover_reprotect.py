@@ -23,12 +23,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from conftest import free_port, wait_until
-from test_failover import SEED, TABLES, replay_digest
+from test_failover import TABLES, replay_digest
 
 from pipeline.localpair import HostPair
 

@@ -95,7 +95,7 @@ class HandPrimary:
         e = self.epoch
         self.epoch += 1
         self.control.send(wire.encode_checkpoint_begin(e, 0, flags))
-        dirty = wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES).pfns
+        wire.decode_svm_dirty(self.recv(wire.SVM_DIRTY), PAGES)   # validated, not used
         vcpu = b"" if flags & wire.FLAG_SYNC else self.dom.get_vcpu_state()
         msgs, _, hashes = self.records(e, pfns, compress)
         if mutate is not None:
