@@ -52,7 +52,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pipeline.localpair import LocalPair  # noqa: E402
+from pipeline.localpair import LocalPair, free_port_base  # noqa: E402,F401 (fault_matrix uses faultnet.free_port_base)
 
 PREFIX = "cfm"
 NFT_TABLE = "colo_fault"
