@@ -138,8 +138,12 @@ class StaleListener:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            c.sendall(self.GREETING)
-            self.conns.append(c)
+            self.accepted(c)
+
+    def accepted(self, c: socket.socket) -> None:
+        """What the stale peer does with a connection it took."""
+        c.sendall(self.GREETING)
+        self.conns.append(c)
 
     def close(self) -> None:
         try:

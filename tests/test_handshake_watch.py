@@ -4,7 +4,6 @@ what the socket had queued: the full sync lost PAGES records that way)."""
 from __future__ import annotations
 
 import socket
-import threading
 
 import zmq
 
@@ -14,36 +13,16 @@ from conftest import StaleListener, free_port, wait_until
 MSG = bytes(64 << 10)
 
 
-class ClosingListener:
+class ClosingListener(StaleListener):
     """Accepts every connection on 127.0.0.1:``port`` and closes it at once, as a peer
     that is restarting would: the client's handshake fails without detail, and libzmq
-    connects again by itself."""
+    connects again by itself. ``count``: connections taken."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    count = 0
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            c.close()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(10)
-        self.sock.close()
+    def accepted(self, c: socket.socket) -> None:
+        self.count += 1
+        c.close()
 
 
 def _push(ctx: zmq.Context) -> zmq.Socket:
