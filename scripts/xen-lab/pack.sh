@@ -8,10 +8,14 @@ PROJECT=$(readlink -f "$HERE/../..")
 cd "$LAB"
 [ -x rootfs/usr/lib/xen-4.17/bin/xl ] || { echo "pack.sh: no dom0 root fs in $LAB; run build.sh first" >&2; exit 1; }
 
-# the project (working tree, not only committed files), importable by dom0's /usr/bin/python3
+# the project (working tree, not only committed files), importable by dom0's /usr/bin/python3.
+# Never the host's virtualenv or tool caches: dom0 has its own wheels, and a checkout's .venv
+# (~270 MB) made the initramfs too big to unpack in dom0's memory ("Initramfs unpacking
+# failed: write error", then no init).
 rm -rf rootfs/opt/colo-pipeline; mkdir -p rootfs/opt/colo-pipeline
 tar -C "$PROJECT" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache \
-    -cf - . | tar -C rootfs/opt/colo-pipeline -xf -
+    --exclude=./.venv --exclude=./venv --exclude=./.hypothesis --exclude=./.ruff_cache \
+    --exclude=./build --exclude=./dist -cf - . | tar -C rootfs/opt/colo-pipeline -xf -
 echo /opt/colo-pipeline > rootfs/usr/local/lib/python3.11/dist-packages/colo-pipeline.pth
 printf '#!/bin/sh\nexec /usr/bin/python3 -m pipeline.cli "$@"\n' > rootfs/usr/local/bin/colo-pipeline
 chmod +x rootfs/usr/local/bin/colo-pipeline
