@@ -70,9 +70,9 @@ def test_a_restarted_last_holder_leaves_the_role_to_the_peer(tmp_path):
         peer.release()
 
 
-def test_check_config_explains_role_auto(tmp_path):
-    path = tmp_path / "a.toml"
-    path.write_text(f"""
+def _auto_toml(tmp_path) -> str:
+    """Host a's config file with role auto and a local witness (what check-config reads)."""
+    return f"""
 [node]
 name = "a"
 role = "auto"
@@ -85,7 +85,12 @@ mode = "plaintext"
 witness = "local"
 witness_dir = "{tmp_path / 'w'}"
 witness_key = "{KEY}"
-""")
+"""
+
+
+def test_check_config_explains_role_auto(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text(_auto_toml(tmp_path))
     r = cli("check-config", str(path))
     assert r.returncode == 0, r.stderr
     assert "role auto" in r.stdout and "becomes its secondary" in r.stdout
@@ -106,20 +111,7 @@ def test_a_replicated_disk_follows_the_secondarys_address_and_check_config_says_
     assert effective_settings(s, "secondary").disk.forward == "tcp://10.0.0.1:7404"
     assert effective_settings(s, "primary").disk.forward == "tcp://10.0.0.2:7404"
     path = tmp_path / "a.toml"
-    path.write_text(f"""
-[node]
-name = "a"
-role = "auto"
-listen = "tcp://127.0.0.1:7400"
-[peer]
-address = "tcp://127.0.0.1:7500"
-[security]
-mode = "plaintext"
-[failover]
-witness = "local"
-witness_dir = "{tmp_path / 'w'}"
-witness_key = "{KEY}"
-[disk]
+    path.write_text(_auto_toml(tmp_path) + f"""[disk]
 image = "{tmp_path / 'a.img'}"
 export_size = 1048576
 """)
