@@ -321,6 +321,23 @@ def partition(direction: str, channels: tuple[str, ...] | None = None) -> Callab
     return run
 
 
+def _stays_protected(pair: "faultnet.NetnsPair", what: str) -> None:
+    """20 more checkpoints commit over a degraded link, the pair stays protected with no
+    peer lost on either side, and the two memories are proven equal."""
+    coord = pair.node("primary").stage("coordinator")
+    done = coord.as_dict()["epochs_committed"]
+    wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20,
+               f"20 checkpoints with {what}")
+    info = pair.node("primary").node_info()
+    lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+            for r in ("primary", "secondary")}
+    if info.get("state") != "protected" or any(lost.values()):
+        raise RunFailed(f"{what} broke protection: primary {info.get('state')}, "
+                        f"peer_lost {lost}")
+    if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+        raise DataLost(f"with {what} the two memories differ")
+
+
 def impaired_link(impair: dict, counter: str, at_least: int = 200) -> Callable:
     """Every IP packet between the hosts goes through the userspace forwarder, which
     drops, delays, duplicates or reorders them (seeded), so both kernels' TCP see it.
@@ -335,18 +352,7 @@ def impaired_link(impair: dict, counter: str, at_least: int = 200) -> Callable:
         base = sum(stats().get(f"{d}_{counter}", 0) for d in ("a2b", "b2a"))
         wait_until(lambda: sum(stats().get(f"{d}_{counter}", 0) for d in ("a2b", "b2a"))
                    >= base + at_least, f"{at_least} packets {counter} while protected")
-        coord = pair.node("primary").stage("coordinator")
-        done = coord.as_dict()["epochs_committed"]
-        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20,
-                   "20 checkpoints over the impaired link")
-        info = pair.node("primary").node_info()
-        lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
-                for r in ("primary", "secondary")}
-        if info.get("state") != "protected" or any(lost.values()):
-            raise RunFailed(f"the impaired link broke protection: primary {info.get('state')},"
-                            f" peer_lost {lost}")
-        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
-            raise DataLost("over the impaired link the two memories differ")
+        _stays_protected(pair, "the impaired link")
         if took_over(pair):
             raise RunFailed("the secondary went active")
         s = stats()
@@ -367,18 +373,7 @@ def rate_limited(rate: str) -> Callable:
         pair.link.limit_rate(rate)
         pair.start()
         pair.wait_protected(timeout=DEADLINE)
-        coord = pair.node("primary").stage("coordinator")
-        done = coord.as_dict()["epochs_committed"]
-        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 20,
-                   "20 checkpoints over the limited link")
-        info = pair.node("primary").node_info()
-        lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
-                for r in ("primary", "secondary")}
-        if info.get("state") != "protected" or any(lost.values()):
-            raise RunFailed(f"the rate limit broke protection: primary {info.get('state')}, "
-                            f"peer_lost {lost}")
-        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
-            raise DataLost("over the limited link the two memories differ")
+        _stays_protected(pair, "the rate limit")
         import re
         over = re.search(r"overlimits (\d+)", pair.link.tbf_stats())
         if not over or int(over.group(1)) == 0:
