@@ -29,8 +29,15 @@ LAB = Path(os.environ.get("XENLAB_DIR", "/var/tmp/colo-xenlab"))
 PAUSE_RATIO_TARGET = 1.0
 
 
+#: QEMU's CPU for the lab (see the avx=off comment in qemu_command)
+DEFAULT_CPU = "max,avx=off,avx2=off,sse4.1=off,sse4.2=off"
+#: Xen options the lab adds to its own by default (see --xen-opts)
+DEFAULT_XEN_OPTS = ""
+
+
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
-                 until: str = "all", hap: str = "") -> list[str]:
+                 until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
+                 cpu: str = DEFAULT_CPU) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -38,14 +45,15 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
     # (CR0.TS and the #NM trap); eager switching saves and loads every vCPU's FPU state at each
     # context switch and does not depend on the emulation raising #NM (see fpu_canary.py)
     xen_args = "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 " \
-               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0 console_timestamps=datems" + (" spec-ctrl=eager-fpu" if eager_fpu else "")
+               "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0 console_timestamps=datems" + (" spec-ctrl=eager-fpu" if eager_fpu else "") \
+        + (f" {xen_opts}" if xen_opts else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
                 f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
     return ["qemu-system-x86_64", "-accel", f"tcg,thread={tcg_thread}", "-machine", "pc",
-            "-cpu", "max,avx=off,avx2=off,sse4.1=off,sse4.2=off",
+            "-cpu", cpu,
             "-m", "3072", "-smp", "2", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=s0,path={LAB}/serial.sock,server=on,wait=off,logfile={LAB}/serial.log",
             "-serial", "chardev:s0", "-monitor", f"unix:{LAB}/mon.sock,server=on,wait=off",
@@ -64,7 +72,8 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         # test runs at nice 0, QEMU got ~3 % of a core each, dom0 logged soft lockups of 31 s and
         # a run took over 40 minutes; the caller decides how nice the lab is
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
-                                               "first" if args.until_first_checkpoint else "all", hap)],
+                                               "first" if args.until_first_checkpoint else "all", hap,
+                                               args.xen_opts, args.cpu)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -159,6 +168,8 @@ def first_checkpoint_outcome(log: str, problem: str) -> str:
 
 
 _tree_version = ""
+#: the platform options of this lab run (--xen-opts, --cpu), recorded with every boot
+_lab_options: dict[str, str] = {}
 
 
 def tree_version() -> str:
@@ -188,6 +199,7 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
     row = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tree": tree_version(), "mode": mode,
            "outcome": outcome, "boot_s": round(boot_s, 1), "wall_s": round(total_s, 1),
            "protected_s": (res.get("pipeline_extra") or {}).get("protected_s"),
+           "xen_opts": _lab_options.get("xen_opts"), "cpu": _lab_options.get("cpu"),
            "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary")}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -198,8 +210,9 @@ def tally() -> int:
     path = LAB / "boots.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     per: dict[str, list[dict]] = collections.defaultdict(list)
-    for r in rows:
-        per[r["tree"]].append(r)
+    for r in rows:   # boots differing in the platform options are counted apart
+        opts = " ".join(f"{k}={r[k]!r}" for k in ("xen_opts", "cpu") if r.get(k) not in (None, "", DEFAULT_CPU))
+        per[r["tree"] + (f" [{opts}]" if opts else "")].append(r)
     for tree, rs in per.items():
         bad = [r for r in rs if r["outcome"] != "ok"]
         print(f"{tree}: {len(rs)} boots ({rs[0]['ts']} .. {rs[-1]['ts']}), {len(bad)} not ok"
@@ -290,11 +303,15 @@ def main() -> int:
     ap.add_argument("--hap", choices=("1", "0", "alternate"), default="",
                     help="the guests' paging: 1 HAP (nested paging, emulated by QEMU), 0 shadow, alternate "
                          "(quick boots: odd boots HAP, even shadow); default: pack.sh's (XENLAB_HAP, else 1)")
+    ap.add_argument("--xen-opts", default=DEFAULT_XEN_OPTS,
+                    help="more Xen command-line options, e.g. 'hap_1gb=0 hap_2mb=0' (recorded per boot)")
+    ap.add_argument("--cpu", default=DEFAULT_CPU, help="QEMU's -cpu model and flags (recorded per boot)")
     ap.add_argument("--tally", action="store_true", help="print boots and faults from boots.jsonl and exit")
     args = ap.parse_args()
     if args.tally:
         return tally()
-    print(f"TREE: {tree_version()}", flush=True)
+    _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu)
+    print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu}", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
