@@ -185,3 +185,19 @@ def test_every_boot_is_recorded_and_tallied_per_tree(host_side, tmp_path, monkey
 def test_quick_boots_ask_dom0_to_stop_after_the_first_checkpoint(host_side):
     cmd = host_side.qemu_command(6, 1000, "multi", until="first")
     assert "xenlab.until=first" in cmd[cmd.index("-initrd") + 1]
+
+
+def test_xen_options_and_the_cpu_model_reach_qemu_and_each_boots_record(host_side, tmp_path, monkeypatch, capsys):
+    """Issue 17, item 1: boots under other platform options (Xen's hap_2mb=0, another -cpu)
+    are told apart in boots.jsonl and counted apart by --tally."""
+    cmd = host_side.qemu_command(6, 1000, "multi", xen_opts="hap_1gb=0 hap_2mb=0", cpu="EPYC,avx=off")
+    assert cmd[cmd.index("-append") + 1].endswith(" hap_1gb=0 hap_2mb=0") and cmd[cmd.index("-cpu") + 1] == "EPYC,avx=off"
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "tree_version", lambda: "abc123")
+    host_side.record_boot("first-checkpoint", "ok", 20.0, 300.0, "no result")
+    monkeypatch.setitem(host_side._lab_options, "xen_opts", "hap_1gb=0 hap_2mb=0")
+    host_side.record_boot("first-checkpoint", "ok", 20.0, 300.0, "no result")
+    assert json.loads((tmp_path / "boots.jsonl").read_text().splitlines()[1])["xen_opts"] == "hap_1gb=0 hap_2mb=0"
+    host_side.tally()
+    out = capsys.readouterr().out
+    assert "abc123: 1 boots" in out and "abc123 [xen_opts='hap_1gb=0 hap_2mb=0']: 1 boots" in out
