@@ -174,6 +174,13 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                  f"MB of {s['bytes_raw'] / 1e6:.1f} MB raw  pages skipped by hash "
                  f"{s['pages_skipped_hash']}, held by the SVM {s['pages_same_as_svm']}, zero "
                  f"{s['pages_zero']}")
+    hb = snap["stages"].get("heartbeat")
+    if hb is not None and "max_send_gap_us" in hb:
+        lines.append(f"heartbeat: longest gap heard {hb['max_gap_us'] / 1000:.0f} ms, sent "
+                     f"{hb['max_send_gap_us'] / 1000:.0f} ms; this process late by up to "
+                     f"{hb['max_local_pause_us'] / 1000:.0f} ms ({hb['local_pauses']} times, "
+                     f"waited for a CPU up to {hb['max_runq_us'] / 1000:.0f} ms); peer lost "
+                     f"{hb['peer_lost']}, back {hb['peer_back']}")
     disk_sync = sync_progress(snap["stages"].get("disk", {}))
     if disk_sync is not None:
         lines.append(describe_sync(disk_sync))

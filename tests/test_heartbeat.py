@@ -12,6 +12,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,9 +38,9 @@ class Side:
     _n = 0
 
     def __init__(self, role: str, settings: HeartbeatSettings, generation: int = 1,
-                 factory=None) -> None:
+                 factory=None, netns: str = "") -> None:
         Side._n += 1
-        self.factory = factory
+        self.factory, self.netns = factory, netns
         self.role, self.settings, self.generation = role, settings, generation
         self.node = NodeCounters.create(f"hbtest-{os.getpid()}-{Side._n}",
                                         {"heartbeat": STAGE_COUNTERS + heartbeat.COUNTERS})
@@ -54,7 +55,8 @@ class Side:
                            logging.getLogger(f"test.heartbeat.{self.role}"))
         # stage_main passes positional args only: the generation goes through a wrapper
         self.proc = FORK.Process(target=_stage, args=(ctx, self.settings, self.role, child,
-                                                      self.generation, self.factory),
+                                                      self.generation, self.factory,
+                                                      self.netns),
                                  daemon=True)
         self.proc.start()
         child.close()
@@ -99,7 +101,9 @@ class Side:
 PRIORITY = os.environ.get("HB_PRIORITY")   # None: the settings' (default realtime)
 
 
-def _stage(ctx, settings, role, conn, generation, factory=None) -> None:
+def _stage(ctx, settings, role, conn, generation, factory=None, netns="") -> None:
+    if netns:
+        _enter_netns(netns)
     stage_main(ctx, lambda c: heartbeat.run(c, settings, role, conn, generation,
                                             socket_factory=factory, priority=PRIORITY))
 
@@ -258,7 +262,7 @@ def test_heartbeats_keep_their_schedule(late):
                                {"heartbeat": STAGE_COUNTERS + heartbeat.COUNTERS})
     try:
         ctx = StageContext("heartbeat", node.stage("heartbeat"), stop, log)
-        heartbeat.run(ctx, HeartbeatSettings(address="tcp://127.0.0.1:1"), "primary",
+        heartbeat.run(ctx, HeartbeatSettings(address="tcp://127.0.0.1:1", paths=1), "primary",
                       FORK.Pipe()[1], socket_factory=lambda kind, bind: sock,
                       priority="normal", clock=sock.clock)
         c = node.stage("heartbeat").as_dict()
@@ -372,7 +376,8 @@ def test_the_primary_connects_again_after_a_failed_handshake():
     pri = Side("primary", settings, 1, factory)   # forked before the listener exists
     stale = StaleListener(port)
     try:
-        wait_until(lambda: len(stale.conns) >= 2, timeout=60,
+        # one connection per path, then at least one of them again
+        wait_until(lambda: len(stale.conns) >= settings.paths + 1, timeout=60,
                    what="the primary connecting again after its failed handshake")
         stale.close()
         sec = Side("secondary", settings, 1, factory)
@@ -412,6 +417,97 @@ def test_a_socket_factory_gives_the_channel_curve_keys():
         finally:
             zctx.term()
         assert sec.counters.as_dict()["hb_bad"] == 0
+    finally:
+        pri.close()
+        sec.close()
+
+
+# -- a lost packet stalls one TCP connection, not the peer (heartbeat.paths) ---------------
+def _enter_netns(name: str) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:     # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+    finally:
+        os.close(fd)
+
+
+def _ns(ns: str, *cmd: str, stdin: str | None = None) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+
+
+def _primary_ports(ns: str, port: int) -> list[int]:
+    """The local ports of the primary's heartbeat connections (one per path)."""
+    out = _ns(ns, "ss", "-tnH", "state", "established", f"( dport = :{port} )")
+    return sorted(int(line.split()[-2].rsplit(":", 1)[1]) for line in out.splitlines()
+                  if line.strip())
+
+
+def _stall(ns: str, ports: list[int]) -> None:
+    """Drop every packet of these connections, both ways (on lo, both pass ``output``): for
+    TCP that is a segment lost again and again, the connection silent until it is let go."""
+    rules = "".join(f"add rule inet hbtest out tcp sport {p} drop\n"
+                    f"add rule inet hbtest out tcp dport {p} drop\n" for p in ports)
+    _ns(ns, "nft", "-f", "-", stdin="add table inet hbtest\nadd chain inet hbtest out "
+        "{ type filter hook output priority 0; }\n" + rules)
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft", "ss")):
+        pytest.skip("needs root, ip, nft and ss (a network namespace with nftables rules)")
+    name = f"hbtest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        _ns(name, "ip", "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.root
+def test_a_stalled_connection_does_not_lose_the_peer_but_all_of_them_do(netns):
+    """The 2% loss row's false "peer lost": over TCP one lost segment holds its connection
+    silent for a retransmission timeout (>= 200 ms) with every later heartbeat behind it,
+    so with one connection a 300 ms timeout fired on a single lost packet. With two paths,
+    one connection cut dead (every packet of it dropped, both ways) costs nothing: no copy
+    comes over it any more (``hb_copies`` stands still) while both sides go on hearing
+    each other over the other one. Both cut: both sides lose the peer; healed: back."""
+    port = free_port()
+    settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{port}", paths=2)
+    sec = Side("secondary", settings, 1, netns=netns)
+    pri = Side("primary", settings, 1, netns=netns)
+    try:
+        sec.wait_event(messages.PeerUp, 60)
+        pri.wait_event(messages.PeerUp, 60)
+        ports = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(
+            _primary_ports(netns, port)), timeout=60, what="both heartbeat connections up")
+        for side in (pri, sec):    # each heartbeat comes twice, once per path
+            n = side.counters.as_dict()["hb_copies"]
+            wait_until(lambda: side.counters.as_dict()["hb_copies"] >= n + 3, timeout=60,
+                       what=f"the {side.role} hearing both paths")
+        _stall(netns, ports[:1])
+        copies = {s.role: s.counters.as_dict()["hb_copies"] for s in (pri, sec)}
+        heard = {s.role: _heard(s) for s in (pri, sec)}
+        for side in (pri, sec):   # 3 timeouts' worth of heartbeats while one path is dead
+            wait_until(lambda: _heard(side) >= heard[side.role] + 3 * settings.miss_count,
+                       timeout=60, what=f"the {side.role} hearing on over the other path")
+        for side in (pri, sec):
+            c = side.counters.as_dict()
+            # the stalled path delivered nothing (at most what was on its way at the cut)
+            assert c["hb_copies"] <= copies[side.role] + 2, (side.role, c)
+            assert c["peer_lost"] == 0, (side.role, c)
+            assert not [e for e in side.drain() if isinstance(e, messages.PeerLost)]
+        _stall(netns, ports[1:])
+        for side in (pri, sec):
+            side.wait_event(messages.PeerLost, 60)
+        _ns(netns, "nft", "delete", "table", "inet", "hbtest")
+        for side in (pri, sec):
+            side.wait_event(messages.PeerBack, 60)
+            assert side.counters.as_dict()["peer_lost"] == 1
     finally:
         pri.close()
         sec.close()

@@ -30,6 +30,11 @@ class HeartbeatSettings(Section):
     miss_count: int = _f(3, "The peer is lost after this many intervals without a valid "
                          "heartbeat (default: noticed 200-300 ms after it stopped).",
                          min=2, max=100)
+    paths: int = _f(2, "The primary sends every heartbeat over this many TCP connections "
+                    "and the peer is lost only when all of them were silent: one lost packet "
+                    "holds a TCP connection silent until its retransmission (200 ms or more), "
+                    "longer than an interval (docs/tuning.md, \"Heartbeat: how a loss is "
+                    "decided\").", min=1, max=4)
     address: str = _f("", "The heartbeat channel, tcp://HOST:PORT (the secondary binds, the "
                       "primary connects); empty: derived from peer.address.",
                       rule="empty, or tcp://HOST:PORT")

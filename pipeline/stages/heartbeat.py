@@ -6,10 +6,27 @@ coordinator, the digest workers and the page path are busy (a 1 GiB full sync or
 sockets, and this process never waits for them.
 
 Channel: ``heartbeat.address`` (``peer.address`` port + 3); the secondary binds a
-ROUTER, the primary connects a DEALER. The secondary answers every connection it
-has heard a valid heartbeat on (within the last few timeouts), so a stray or extra
-connection neither receives a share of the heartbeats nor steals them from the real
-primary (a DEALER would deal them out round-robin). Both ends send a HEARTBEAT record
+ROUTER, the primary connects ``heartbeat.paths`` DEALERs (one TCP connection each).
+The secondary answers every connection it has heard a valid heartbeat on (within the
+last few timeouts), so a stray or extra connection neither receives a share of the
+heartbeats nor steals them from the real primary (a DEALER would deal them out
+round-robin).
+
+Why several connections: over TCP a heartbeat is not lost but late. One lost segment
+holds its connection silent until TCP retransmits it (RTO, 200 ms or more on Linux)
+and every later heartbeat of that connection waits behind it, so on one connection a
+single lost packet looks like 2-3 missed heartbeats at once. Each heartbeat goes out on
+every path and the first copy to arrive counts (the others: ``hb_copies``); the peer is
+lost only when every path was silent for the whole timeout, which one lost packet can
+no longer cause (docs/tuning.md, "Heartbeat: how a loss is decided", has the figures).
+
+Silence is counted on this process's own running time: when the loop resumes later
+than it asked to (the process was not scheduled, the host stalled, the node was
+stopped), the peer's deadline moves on by that lateness (``local_pauses``,
+``max_local_pause_us``), so a node that was itself not running does not declare its
+peer lost for its own silence (both heartbeat stages of a loaded 2-core machine, or a
+stalled VM, resumed together and each declared the other lost). A late wake-up is
+logged with how much of it was spent waiting for a CPU (``/proc/thread-self/schedstat``). Both ends send a HEARTBEAT record
 every ``interval_ms`` on a grid of absolute deadlines (``t0 + k * interval``): a late
 wake-up sends once and goes back to the grid, so lateness never shifts or bunches
 the schedule. A send that would block (no peer connected) is dropped and counted,
@@ -72,11 +89,17 @@ RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
 
 # counters of the heartbeat stage, besides pipeline.counters.STAGE_COUNTERS
 # (items_out: heartbeats sent, items_in: valid heartbeats received, errors: bad records)
-COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "send_dropped", "late_wakeups",
-            "max_late_us", "max_gap_us", "peer_lost", "peer_back", "hb_handshake_failed")
+# max_gap_us: the longest silence between two valid heartbeats heard (any path);
+# max_send_gap_us: the longest time between two heartbeats this stage sent; max_runq_us:
+# the longest time it waited for a CPU within one turn of its loop; max_local_pause_us:
+# the latest it resumed from a wait (local_pauses: how often by more than half an interval)
+COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "hb_copies", "send_dropped", "late_wakeups",
+            "max_late_us", "max_gap_us", "max_send_gap_us", "max_runq_us", "local_pauses",
+            "max_local_pause_us", "peer_lost", "peer_back", "hb_handshake_failed")
 
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
+COPY_WINDOW = 64   # a seq this close below the newest one heard is another path's copy
 
 
 class HeartbeatError(ValueError):
@@ -138,9 +161,41 @@ class _Peer:
 
     def __init__(self) -> None:
         self.state = "unknown"   # -> "up" -> "lost" -> "up" ...
-        self.last_seen = 0.0
+        self.last_seen = 0.0   # when the silence started, on this process's running time
+        self.heard_at = 0.0    # when the last valid heartbeat was heard
         self.instance: int | None = None
         self.seq = -1
+
+
+class _RunQueue:
+    """How long this thread waited for a CPU (``/proc/thread-self/schedstat``'s second
+    field, run delay in ns), for telling a starved heartbeat from a blocked one."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+        self.last = self.read()
+
+    def read(self) -> int:
+        if self.fd is None:
+            return 0
+        try:
+            return int(os.pread(self.fd, 128, 0).split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def since_last(self) -> int:
+        """ns waited for a CPU since the previous call."""
+        now = self.read()
+        waited, self.last = max(0, now - self.last), now
+        return waited
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
@@ -150,10 +205,11 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     """The heartbeat stage's body (started through ``stage_main``).
 
     ``settings``: anything with ``interval_ms``, ``miss_count``, ``address`` (and
-    optionally ``priority``; :class:`pipeline.failover.settings.HeartbeatSettings`). ``role``: this node's,
-    "primary" (connects) or "secondary" (binds). ``generation`` and ``epoch``: ints or
-    shared ``multiprocessing.Value`` s, read at every send. ``socket_factory(kind,
-    bind)``, called in this process, returns an unbound, unconnected socket of ``kind``
+    optionally ``priority`` and ``paths``; :class:`pipeline.failover.settings.HeartbeatSettings`).
+    ``role``: this node's, "primary" (connects) or "secondary" (binds). ``generation`` and
+    ``epoch``: ints or shared ``multiprocessing.Value`` s, read at every send.
+    ``socket_factory(kind, bind)``, called in this process (once per path on the
+    primary), returns an unbound, unconnected socket of ``kind``
     (:func:`pipeline.sockets.heartbeat_kind`; e.g. with CURVE keys); default: a plain
     :func:`pipeline.sockets.heartbeat` socket.
     """
@@ -166,43 +222,61 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
     interval = settings.interval_ms / 1000
     timeout = interval * settings.miss_count
     bind = role == "secondary"
+    paths = 1 if bind else max(1, int(getattr(settings, "paths", 1)))
     c = ctx.counters
     prio = raise_priority(priority or getattr(settings, "priority", "realtime"))
     zctx = None
     if socket_factory is None:
         zctx = zmq.Context()
-        sock = sockets.heartbeat(zctx, role)
+        socks = [sockets.heartbeat(zctx, role) for _ in range(paths)]
     else:
-        sock = socket_factory(sockets.heartbeat_kind(role), bind)
-        sockets.heartbeat_options(sock, role)
+        socks = [socket_factory(sockets.heartbeat_kind(role), bind) for _ in range(paths)]
+        for s in socks:
+            sockets.heartbeat_options(s, role)
     # the connecting side: connect again after a failed handshake (libzmq would not)
-    watch = None if bind or not hasattr(sock, "get_monitor_socket") else \
-        sockets.HandshakeWatch(sock, settings.address, interval, ctx.log)
-    if bind:
-        sock.bind(settings.address)
-    else:
-        sock.connect(settings.address)
+    watches = [] if bind or not hasattr(socks[0], "get_monitor_socket") else \
+        [sockets.HandshakeWatch(s, settings.address, interval, ctx.log) for s in socks]
+    for s in socks:
+        if bind:
+            s.bind(settings.address)
+        else:
+            s.connect(settings.address)
+    poller = None
+    if len(socks) > 1:
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+    runq = _RunQueue()
     instance = random.getrandbits(32)
     seq = 0
     peer = _Peer()
     routes: dict[bytes, float] = {}   # secondary: connection id -> last valid heartbeat
     route_ttl = max(4 * timeout, 1.0)
     bad_logged = 0
-    ctx.log.info("heartbeat: %s %s every %d ms, peer lost after %d missed (%.0f ms), %s",
+    pauses_logged = 0
+    last_sent: float | None = None
+    ctx.log.info("heartbeat: %s %s every %d ms%s, peer lost after %d missed (%.0f ms), %s",
                  "listening on" if bind else "sending to", settings.address,
-                 settings.interval_ms, settings.miss_count, timeout * 1000, prio)
+                 settings.interval_ms, f" on {paths} connections" if paths > 1 else "",
+                 settings.miss_count, timeout * 1000, prio)
 
     def emit(event: Any) -> None:
         events_conn.send(event)
 
     def send(msg: bytes, now: float) -> None:
+        nonlocal last_sent
+        if last_sent is not None:
+            c.max("max_send_gap_us", int((now - last_sent) * 1e6))
+        last_sent = now
         if not bind:
-            try:
-                sock.send(msg, zmq.NOBLOCK)
-                c.add("items_out", 1)
-            except zmq.Again:
-                c.add("send_dropped", 1)
+            for s in socks:
+                try:
+                    s.send(msg, zmq.NOBLOCK)
+                    c.add("items_out", 1)
+                except zmq.Again:
+                    c.add("send_dropped", 1)
             return
+        sock = socks[0]
         for ident, heard in list(routes.items()):
             if now - heard > route_ttl:
                 del routes[ident]
@@ -216,6 +290,10 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                     del routes[ident]
 
     def receive(now: float) -> None:
+        for sock in socks:
+            receive_one(sock, now)
+
+    def receive_one(sock: Any, now: float) -> None:
         nonlocal bad_logged
         while True:
             try:
@@ -238,14 +316,17 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
             if bind:
                 routes[ident] = now
             if hb.instance == peer.instance and hb.seq <= peer.seq:
-                c.add("hb_stale", 1)
+                # the peer sends each heartbeat on every path: a copy (or an old one held
+                # behind a retransmit) is no news
+                c.add("hb_copies" if peer.seq - hb.seq < COPY_WINDOW else "hb_stale", 1)
                 continue
             if hb.instance == peer.instance and hb.seq > peer.seq + 1:
                 c.add("hb_missed", hb.seq - peer.seq - 1)
             c.add("items_in", 1)
             if peer.state != "unknown":
-                c.max("max_gap_us", int((now - peer.last_seen) * 1e6))
-            peer.instance, peer.seq, peer.last_seen = hb.instance, hb.seq, now
+                c.max("max_gap_us", int((now - peer.heard_at) * 1e6))
+            peer.instance, peer.seq, peer.last_seen, peer.heard_at = \
+                hb.instance, hb.seq, now, now
             if peer.state == "unknown":
                 peer.state = "up"
                 ctx.log.info("heartbeat: peer %s is up (generation %d)", hb.info()["role"],
@@ -258,11 +339,35 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                                 hb.info()["role"], hb.generation)
                 emit(messages.PeerBack(now, hb.info()))
 
+    def local_pause(now: float, resume_by: float) -> None:
+        """This loop resumed at ``now`` though it asked to by ``resume_by``: the peer's
+        silence meanwhile is (partly) this process's own, so its deadline moves on."""
+        nonlocal pauses_logged
+        late = now - resume_by
+        waited = runq.since_last()
+        c.max("max_runq_us", waited // 1000)
+        if late <= 0:
+            return
+        c.max("max_local_pause_us", int(late * 1e6))
+        if late <= interval / 2:
+            return
+        c.add("local_pauses", 1)
+        if peer.state == "up":
+            peer.last_seen = min(now, peer.last_seen + late)
+        pauses_logged += 1
+        if pauses_logged <= 10 or pauses_logged % 100 == 0:
+            ctx.log.warning("heartbeat: this process resumed %.0f ms late (%.0f ms of it "
+                            "waiting for a CPU; %d such pauses): the peer's silence "
+                            "meanwhile does not count", late * 1000, waited / 1e6,
+                            pauses_logged)
+
     t0 = clock()
     next_send = t0
+    resume_by = t0
     try:
         while not ctx.stopping():
             now = clock()
+            local_pause(now, resume_by)
             if now >= next_send:
                 late = now - next_send
                 if late > interval / 2:
@@ -281,26 +386,35 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 next_send = t0 + k * interval
             # what arrived while we were away counts before we judge the silence
             receive(now)
-            if watch is not None:
+            reconnect_at = None
+            for watch in watches:
                 failures = watch.failures
                 watch.check(now)
                 c.add("hb_handshake_failed", watch.failures - failures)
+                if watch.reconnect_at is not None:
+                    reconnect_at = min(reconnect_at or watch.reconnect_at, watch.reconnect_at)
             if peer.state == "up" and now - peer.last_seen > timeout:
                 peer.state = "lost"
                 c.add("peer_lost", 1)
                 ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
-                                (now - peer.last_seen) * 1000, timeout * 1000)
-                emit(messages.PeerLost(peer.last_seen, now))
-            wake = next_send if watch is None or watch.reconnect_at is None else \
-                min(next_send, watch.reconnect_at)
+                                (now - peer.heard_at) * 1000, timeout * 1000)
+                emit(messages.PeerLost(peer.heard_at, now))
+            wake = next_send if reconnect_at is None else min(next_send, reconnect_at)
             if peer.state == "up":
                 wake = min(wake, peer.last_seen + timeout + 0.0005)
-            wait = max(0.0, min(wake - clock(), MAX_WAIT_S))
-            sock.poll(math.ceil(wait * 1000), zmq.POLLIN)
+            before = clock()
+            wait = max(0.0, min(wake - before, MAX_WAIT_S))
+            resume_by = before + math.ceil(wait * 1000) / 1000
+            if poller is None:
+                socks[0].poll(math.ceil(wait * 1000), zmq.POLLIN)
+            else:
+                poller.poll(math.ceil(wait * 1000))
     finally:
-        if watch is not None:
+        for watch in watches:
             watch.close()
-        sock.close(0)
+        for s in socks:
+            s.close(0)
+        runq.close()
         if zctx is not None:
             zctx.term()
 
