@@ -511,3 +511,30 @@ def test_a_stalled_connection_does_not_lose_the_peer_but_all_of_them_do(netns):
     finally:
         pri.close()
         sec.close()
+
+
+def test_both_sides_stalled_together_do_not_declare_each_other_lost(pair_factory):
+    """Both heartbeat stages off the CPU at once for longer than the timeout (a stalled
+    host, a starved 2-core machine: the fault matrix saw both sides silent for 300 ms at
+    once on a healthy link). Neither was silent by the peer's fault: each resumes late,
+    sees that it was itself away (``local_pauses``) and gives the peer a timeout of its
+    own running time, in which the peer's next heartbeat comes. Before, each counted its
+    own stall against the peer and both declared it lost."""
+    pri, sec, settings = pair_factory()
+    heard = {s.role: _heard(s) for s in (pri, sec)}
+    for side in (pri, sec):
+        os.kill(side.proc.pid, signal.SIGSTOP)
+    try:
+        # the stall itself (the fault), three timeouts long: not a wait for an outcome
+        time.sleep(3 * settings.timeout_s)
+    finally:
+        for side in (pri, sec):
+            os.kill(side.proc.pid, signal.SIGCONT)
+    for side in (pri, sec):
+        wait_until(lambda: _heard(side) >= heard[side.role] + 5, timeout=60,
+                   what=f"the {side.role} hearing the peer after the stall")
+    for side in (pri, sec):
+        c = side.counters.as_dict()
+        assert c["local_pauses"] >= 1 and c["max_local_pause_us"] >= 2e6 * settings.timeout_s, c
+        assert c["peer_lost"] == 0, (side.role, c)
+        assert not [e for e in side.drain() if isinstance(e, messages.PeerLost)]
