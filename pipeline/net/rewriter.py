@@ -10,6 +10,13 @@ SYN-ACKs, ``offset = PVM ISN - SVM ISN`` and applies it:
 
 Checksums are recomputed. After a checkpoint the SVM holds the PVM's state, so
 every offset is reset to 0 (:meth:`reset`).
+
+On the secondary's host (:mod:`pipeline.net.redirector`, QEMU's filter-rewriter does the
+same) the PVM's SYN-ACK is never seen: :meth:`observe_client` learns the PVM's ISN and
+timestamp from the client's ACK that completes the handshake (it acknowledges PVM ISN + 1
+and echoes the PVM's TSval). After a failover the SVM's segments go to the client
+directly, so their TSval is moved into the PVM's space too (the client's PAWS check would
+drop a segment whose timestamp looks older than the PVM's).
 """
 from __future__ import annotations
 
@@ -27,12 +34,14 @@ M32 = 0xFFFFFFFF
 
 
 class _Flow:
-    __slots__ = ("pvm_isn", "pvm_ts", "seq_offset", "svm_isn", "svm_ts", "ts_offset")
+    __slots__ = ("client_syn", "pvm_isn", "pvm_ts", "seq_offset", "svm_isn", "svm_ts",
+                 "ts_offset")
 
     def __init__(self) -> None:
         self.pvm_isn = self.svm_isn = self.pvm_ts = self.svm_ts = None
         self.seq_offset = 0
         self.ts_offset = 0
+        self.client_syn = False     # the client's SYN seen: its next ACK ends the handshake
 
 
 def _timestamp(frame: bytes, l4: int) -> int | None:
@@ -98,8 +107,31 @@ class SeqRewriter:
         flow.pvm_isn, flow.pvm_ts = packet.seq, _timestamp(frame, packet.l4_offset)
         self._learn(flow)
 
+    def observe_client(self, frame: bytes, vnet: int = 0) -> None:
+        """A client frame on the secondary's host (the PVM's SYN-ACK is not seen there):
+        the client's ACK that completes the handshake acknowledges PVM ISN + 1 and echoes
+        the PVM's TSval; call before :meth:`to_secondary`."""
+        packet = self._parse(frame, vnet)
+        if packet is None:
+            return
+        vlans, ver, proto, src, dst, sport, dport = packet.key
+        key = (vlans, ver, proto, dst, src, dport, sport)
+        if packet.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            flow = self._flow(key, True)
+            flow.client_syn, flow.pvm_isn, flow.seq_offset, flow.ts_offset = True, None, 0, 0
+            return
+        flow = self._flow(key, False)
+        if flow is None or not flow.client_syn or not packet.flags & TCP_ACK:
+            return
+        flow.client_syn = False
+        flow.pvm_isn = (packet.ack - 1) & M32
+        for pos, kind, length in _options(frame, packet.l4_offset):
+            if kind == TCPOPT_TIMESTAMP and length == 10:
+                flow.pvm_ts = struct.unpack_from("!I", frame, pos + 6)[0]
+        self._learn(flow)
+
     def from_secondary(self, frame: bytes, vnet: int = 0) -> bytes:
-        """An SVM frame: move its sequence number into the PVM's space."""
+        """An SVM frame: move its sequence number (and TSval) into the PVM's space."""
         packet = self._parse(frame, vnet)
         if packet is None:
             return frame
@@ -109,11 +141,16 @@ class SeqRewriter:
             self._learn(flow)
         else:
             flow = self._flow(packet.key, False)
-        if flow is None or not flow.seq_offset:
+        if flow is None or not (flow.seq_offset or flow.ts_offset):
             return frame
         out = bytearray(frame)
         l4 = packet.l4_offset
         struct.pack_into("!I", out, l4 + 4, (packet.seq + flow.seq_offset) & M32)
+        if flow.ts_offset:
+            for pos, kind, length in list(_options(out, l4)):
+                if kind == TCPOPT_TIMESTAMP and length == 10:
+                    tsval = struct.unpack_from("!I", out, pos + 2)[0]
+                    struct.pack_into("!I", out, pos + 2, (tsval + flow.ts_offset) & M32)
         return self._fix_checksum(out, packet)
 
     def to_secondary(self, frame: bytes, vnet: int = 0) -> bytes:

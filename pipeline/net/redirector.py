@@ -1,0 +1,191 @@
+"""The secondary host's side of the guest's network: QEMU's filter-redirector and
+filter-rewriter on the SVM's netdev, and what COLO does with them at failover.
+
+While the pair is protected the SVM is not on the clients' network:
+
+* the client frames the primary's comparator mirrors (its ``secondary_out``) come in on
+  one stream and are injected into the SVM's interface, their ACKs (SACK edges, TSecr)
+  moved into the SVM's sequence space;
+* the SVM's frames go out on another stream to the comparator's ``secondary_in``, their
+  sequence numbers (and TSval) moved into the PVM's space.
+
+The offsets are learnt here, on the secondary's host, from what passes: the SVM's SYN-ACK
+(its ISN) and the client's ACK that completes the handshake, which acknowledges the PVM's
+ISN + 1 (:meth:`pipeline.net.rewriter.SeqRewriter.observe_client`). That is why the
+rewriting lives on this host and not in the comparator: it must outlive the primary.
+
+**Failover** (:meth:`SecondaryRedirector.failover`; the node's takeover, or an operator,
+triggers it; the standalone process takes SIGUSR1, as QEMU takes
+``x-colo-lost-heartbeat``): the SVM's interface is bridged to the clients' network
+(``uplink``): client frames for the guest's MAC go into the SVM, the SVM's frames go out
+to the clients, both through the same rewriter, so a TCP connection the client opened
+with the PVM goes on with the SVM. The guest's MAC is announced (RARP, as QEMU's
+``qemu_announce_self``) so the clients' switch learns where it is now.
+
+What the client then sees on a TCP connection (docs/deployment.md, "What clients see
+across a failover"): every byte once, in order. Segments the lost comparator held are
+retransmitted by the SVM's own TCP stack (they are in its send queue, unacknowledged);
+segments the comparator released and the SVM sends again are below the client's
+``rcv_nxt`` and dropped by the client's stack; requests the client sent into the dead
+host are retransmitted by the client's stack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import select
+import signal
+import struct
+import sys
+import threading
+
+from pipeline.net.adapters import PacketSocket, StreamClient
+from pipeline.net.rewriter import SeqRewriter
+
+log = logging.getLogger(__name__)
+
+ETH_P_RARP = 0x8035
+BROADCAST = b"\xff" * 6
+SEND_STUCK_S = 5.0
+
+COUNTERS = ("client_frames_in", "svm_frames_out", "frames_to_clients",
+            "client_frames_direct", "frames_not_for_guest", "announcements", "failovers")
+
+
+def rarp_announce(mac: bytes) -> bytes:
+    """The frame QEMU sends to announce a guest's MAC after migration or failover."""
+    return (BROADCAST + mac + struct.pack("!H", ETH_P_RARP)
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+            + bytes(18))
+
+
+class SecondaryRedirector:
+    """``svm``: the SVM's interface (``packet:IFNAME``'s name); ``mirror_from`` and
+    ``compare_to``: the primary comparator's ``secondary_out`` and ``secondary_in``
+    (``tcp:HOST:PORT``); ``uplink``: this host's interface on the clients' network, used
+    from the failover on."""
+
+    def __init__(self, svm: str, mirror_from: str, compare_to: str, uplink: str,
+                 connect_timeout: float = 30.0) -> None:
+        self.svm = PacketSocket(svm)
+        self.uplink_name = uplink
+        self.uplink: PacketSocket | None = None
+        self.rewriter = SeqRewriter()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.guest_mac: bytes | None = None
+        self.failed_over = threading.Event()
+        self._failover_asked = threading.Event()
+        self.mirror = StreamClient(mirror_from, timeout=connect_timeout)
+        self.compare = StreamClient(compare_to, timeout=connect_timeout)
+        # a comparator host that vanished without closing its end must not block the SVM's
+        # path for good: a send stuck this long counts as the stream lost
+        self.compare.sock.settimeout(SEND_STUCK_S)
+
+    # -- the two modes -----------------------------------------------------------------
+    def _from_svm(self) -> None:
+        c = self.counters
+        for frame, vnet in self.svm.recv():
+            if self.guest_mac is None:
+                self.guest_mac = frame[6:12]      # the guest's own MAC, from its first frame
+            frame = self.rewriter.from_secondary(frame, vnet)
+            if self.uplink is not None:
+                self.uplink.send(frame, vnet)
+                c["frames_to_clients"] += 1
+            elif self.compare is not None:
+                try:
+                    self.compare.send(frame, vnet)
+                except OSError as exc:
+                    # the comparator's host is gone: the frame is lost as on a dead link
+                    # (TCP retransmits it after the failover)
+                    log.warning("redirector: comparator stream lost: %s", exc)
+                    self.compare.close()
+                    self.compare = None
+            c["svm_frames_out"] += 1
+
+    def _to_svm(self, frames: list, direct: bool) -> None:
+        c = self.counters
+        for frame, vnet in frames:
+            if direct and frame[vnet:vnet + 6] not in (self.guest_mac, BROADCAST):
+                c["frames_not_for_guest"] += 1
+                continue
+            self.rewriter.observe_client(frame, vnet)
+            self.svm.send(self.rewriter.to_secondary(frame, vnet), vnet)
+            c["client_frames_direct" if direct else "client_frames_in"] += 1
+
+    def failover(self) -> None:
+        """From any thread (a signal handler too): take over at the next loop turn."""
+        self._failover_asked.set()
+
+    def _do_failover(self) -> None:
+        """Bridge the SVM to the clients' network; announce the guest's MAC there."""
+        for s in (self.mirror, self.compare):
+            if s is not None:
+                s.close()
+        self.mirror = self.compare = None
+        self.uplink = PacketSocket(self.uplink_name)
+        if self.guest_mac is not None:
+            self.uplink.send(rarp_announce(self.guest_mac))
+            self.counters["announcements"] += 1
+        self.counters["failovers"] += 1
+        self.failed_over.set()
+        log.warning("redirector: failover: the SVM's interface is bridged to %s",
+                    self.uplink_name)
+
+    def run_once(self, timeout: float) -> None:
+        if self._failover_asked.is_set() and not self.failed_over.is_set():
+            self._do_failover()
+        sources = [self.svm] + [s for s in (self.mirror, self.uplink) if s is not None]
+        ready = select.select([s.fileno() for s in sources], [], [], timeout)[0]
+        if self.svm.fileno() in ready:
+            self._from_svm()
+        if self.uplink is not None and self.uplink.fileno() in ready:
+            self._to_svm(self.uplink.recv(), direct=True)
+        if self.mirror is not None and self.mirror.fileno() in ready:
+            try:
+                self._to_svm(self.mirror.recv(), direct=False)
+            except (ConnectionError, OSError) as exc:
+                log.warning("redirector: mirror stream lost: %s", exc)
+                self.mirror.close()
+                self.mirror = None
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.run_once(0.05)
+
+    def close(self) -> None:
+        for s in (self.svm, self.uplink, self.mirror, self.compare):
+            if s is not None:
+                s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.net.redirector``: run until SIGTERM; SIGUSR1 fails over. Prints
+    ``ready`` once both streams are connected and the counters as JSON at exit."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.net.redirector",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--svm", required=True, metavar="IFNAME",
+                        help="the SVM's interface (its tap or veth on this host)")
+    parser.add_argument("--mirror-from", required=True, metavar="ADDR",
+                        help="the comparator's secondary_out (tcp:HOST:PORT)")
+    parser.add_argument("--compare-to", required=True, metavar="ADDR",
+                        help="the comparator's secondary_in (tcp:HOST:PORT)")
+    parser.add_argument("--uplink", required=True, metavar="IFNAME",
+                        help="this host's interface on the clients' network (after failover)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", stream=sys.stderr)
+    r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: r.failover())
+    print("ready", flush=True)
+    try:
+        r.run(stop)
+    finally:
+        print(json.dumps(r.counters), flush=True)
+        r.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
