@@ -17,6 +17,12 @@ each, read top to bottom, step for step the two halves of one exchange (as QEMU'
      publish ``committed``; torn: carry the        torn: publish ``aborted``
      epoch's pages into the next
 
+Early ACK: the secondary answers ACK(e) once the restore stage has checked e whole (every
+page verified and counted, the SVM pages unchanged, the vCPU state taken), while it
+writes e's pages; the SVM resumes, or a takeover goes on from e, only once they are
+written. A secondary that dies in between is stale (its SVM half-applied, never used).
+A proof checkpoint (FLAG_DIGEST) is ACKed after the apply: its ACK carries the digest.
+
 Which node holds the active role, and the secondary's takeover when the primary is lost,
 are ``pipeline/failover/takeover.py``; the coordinators call it.
 """
@@ -688,17 +694,27 @@ class SecondaryCoordinator(_Coordinator):
         if reply is None:
             return                  # the node is stopping
         trace.point("reply", epoch)
-        # 3. resume the SVM, answer ACK(e); the ACK carries how long e took to arrive and to
+        # 3. answer ACK(e), resume the SVM. The ACK carries how long e took to arrive and to
         # apply (the primary splits its commit time by them); e may have been assembled
-        # before this coordinator took up its BEGIN
+        # before this coordinator took up its BEGIN. Checked (early ACK): e is checked
+        # whole and its pages are being written; the ACK goes now, and the SVM resumes (or
+        # a takeover goes on from e) only once they are written.
         t_ready = max(t_begin, getattr(reply, "assembled_ns", 0) or time.monotonic_ns())
-        committed = isinstance(reply, messages.Applied)
+        committed = not isinstance(reply, messages.Aborted)
+        if committed and self.disk is not None and not begin.flags & wire.FLAG_SYNC:
+            # the disk goes to the same checkpoint before the ACK and before the SVM runs on
+            # from it (with an early ACK, while the restore stage writes the pages)
+            self._commit_disk(epoch)
+        early = isinstance(reply, messages.Checked)
+        if early:
+            self._ack(epoch, reply, t_begin, t_ready)
+            self.c.add("acked_early", 1)
+            reply = self._applied(epoch)
+            if reply is None:
+                return              # the node is stopping
         digest, input_seq, applied = b"", -1, 0
         if committed:
             applied, digest, input_seq = reply.pages, reply.digest, reply.input_seq
-            if self.disk is not None and not begin.flags & wire.FLAG_SYNC:
-                # the disk goes to the same checkpoint before the SVM runs on from it
-                self._commit_disk(epoch)
         else:
             reason = reply.reason
         if not begin.flags & wire.FLAG_SYNC or self.svm_started:
@@ -711,13 +727,8 @@ class SecondaryCoordinator(_Coordinator):
                     encode_boundary(BOUNDARY_COMMITTED, epoch) if committed else
                     encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
             self.domain.resume()
-        faults.point("secondary.applied")
-        self._send(wire.encode_ack(
-            epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED, applied,
-            "" if committed else reason, digest, assembled_ns=t_ready - t_begin,
-            apply_ns=time.monotonic_ns() - t_ready))
-        trace.point("ack_sent", epoch)
-        faults.point("secondary.acked")
+        if not early:
+            self._ack(epoch, reply, t_begin, t_ready)
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch
         self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
                           "applied" if committed else "discarded", applied, len(dirty),
@@ -734,11 +745,48 @@ class SecondaryCoordinator(_Coordinator):
                                     pages_svm_dirty=len(dirty), pages_sent=applied,
                                     status=STATUS_COMMITTED if committed else STATUS_ABORTED)
 
-    def _outcome(self, epoch: int, dirty: np.ndarray,
-                 deadline: float) -> messages.Applied | messages.Aborted | None:
-        """The restore stage's reply for ``epoch``. The primary lost, a newer BEGIN or the
-        deadline tear the epoch: the restore stage is told to roll it back (if it applied
-        it meanwhile, its Applied stands). None when the node stops."""
+    def _ack(self, epoch: int, reply: messages.Checked | messages.Applied | messages.Aborted,
+             t_begin: int, t_ready: int) -> None:
+        """ACK(e): committed once the restore stage checked (early) or applied it, else
+        aborted with the reason. It carries how long e took to arrive (BEGIN to
+        ``t_ready``) and to apply (``t_ready`` to now: with an early ACK, to the check)."""
+        faults.point("secondary.applied")
+        committed = not isinstance(reply, messages.Aborted)
+        self._send(wire.encode_ack(
+            epoch, wire.ACK_COMMITTED if committed else wire.ACK_ABORTED,
+            reply.pages if committed else 0, "" if committed else reply.reason,
+            getattr(reply, "digest", b""), assembled_ns=t_ready - t_begin,
+            apply_ns=time.monotonic_ns() - t_ready))
+        trace.point("ack_sent", epoch)
+        faults.point("secondary.acked")
+
+    def _applied(self, epoch: int) -> messages.Applied | None:
+        """After an early ACK: the restore stage's Applied for ``epoch``, which always
+        follows its Checked. Nothing tears the epoch now (a newer BEGIN waits, a lost
+        primary is taken over from after it); a restore stage that does not finish within
+        an epoch timeout leaves this secondary stale: it stops. None when the node stops."""
+        deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
+        while not self.ctx.stopping():
+            reply = self.replies.pop(epoch, None)
+            if isinstance(reply, messages.Applied):
+                self.replies = {e: r for e, r in self.replies.items() if e > epoch}
+                return reply
+            if reply is not None or time.monotonic() > deadline:
+                why = (f"the restore stage discarded it after its check ({reply.reason})"
+                       if reply is not None else "its pages were not written within "
+                       f"{self.settings.checkpoint.epoch_timeout_ms} ms")
+                self._info(state="stale", stale_reason=f"epoch {epoch}: acked, but {why}")
+                raise StaleSecondary(f"epoch {epoch} was acked, but {why}: this secondary's "
+                                     "SVM is half-applied; stopping (start it again to join "
+                                     "as a new secondary)")
+            self._poll(max(0.0, min(deadline - time.monotonic(), 0.1)))
+        return None
+
+    def _outcome(self, epoch: int, dirty: np.ndarray, deadline: float
+                 ) -> messages.Checked | messages.Applied | messages.Aborted | None:
+        """The restore stage's first reply for ``epoch``. The primary lost, a newer BEGIN or
+        the deadline tear the epoch: the restore stage is told to roll it back (if it
+        checked or applied it meanwhile, that stands). None when the node stops."""
         while not self.ctx.stopping():
             reply = self.replies.pop(epoch, None)
             if reply is not None:
@@ -750,7 +798,8 @@ class SecondaryCoordinator(_Coordinator):
                       " ms" if time.monotonic() > deadline else "")
             if reason:
                 self.restore_ctrl.send(messages.AbortCmd(epoch, dirty, reason))
-                while True:     # its reply to ApplyCmd (Applied: it was quicker) or to this
+                while True:     # its reply to ApplyCmd (Checked, Applied: it was quicker)
+                                # or to this
                     reply = self.restore_ctrl.recv()
                     if reply.epoch == epoch:
                         return reply

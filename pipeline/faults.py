@@ -67,16 +67,20 @@ Send stage, ``pipeline/stages/send.py``:
 Secondary coordinator and restore stage:
 
 * ``secondary.begin``            CHECKPOINT_BEGIN handled: SVM paused, SVM_DIRTY sent
-* ``secondary.applied``          the epoch applied to the SVM (and the disk committed),
-                                 the ACK not yet sent
+* ``secondary.applied``          the epoch checked whole by the restore stage (early ACK:
+                                 its pages may still be being written) or applied, and
+                                 the disk committed; the ACK not yet sent
 * ``secondary.acked``            the ACK sent
 * ``restore.assembled``          a checkpoint epoch (not the full sync or a pre-copy round)
                                  arrived whole, nothing of it applied yet; with
                                  ``errno=NAME`` the epoch ends torn there (rolled back, ACK
                                  aborted), as a page failing its hash would
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
+* ``restore.checked``            mid-restore: the epoch checked whole, the coordinator told
+                                 it may ACK (early ACK), no page written yet
 * ``restore.pages_written``      mid-restore: the epoch's pages written into the SVM, the
                                  SVM's own dirty pages not yet put back from the cache
+                                 (after the early ACK: the primary may have committed it)
 
 Every stage process: ``stage.<name>.loop`` once per turn of its main loop, ``<name>``
 its stage name without the worker index (``stage.coordinator.loop``,

@@ -18,14 +18,18 @@ Send stage (primary), once an epoch's EPOCH_END is sent::
 
 Restore stage (secondary)::
 
-    ApplyCmd(epoch, svm_dirty, want_digest)  -> Applied(epoch, pages, digest, input_seq,
+    ApplyCmd(epoch, svm_dirty, want_digest)  -> [Checked(epoch, pages, assembled_ns)]
+                                                Applied(epoch, pages, digest, input_seq,
                                                         assembled_ns) or Aborted(epoch, reason)
     AbortCmd(epoch, svm_dirty, reason)       -> Aborted(epoch, reason), or nothing if the
                                                 epoch was applied already
 
 ApplyCmd is sent at BEGIN, before the epoch's pages arrive: the restore stage applies the
 epoch the moment it is assembled (or discards it, if it cannot be applied), with no round
-trip through the coordinator in between.
+trip through the coordinator in between. Checked comes first when the epoch was checked
+whole (its SVM pages, its vCPU state) and no digest was asked for: from then on nothing
+can stop it being applied, so the coordinator ACKs it while the pages are written (early
+ACK); Applied follows when they are, and the SVM stays paused until then.
 
 Heartbeat stage (both), to its coordinator; times are ``time.monotonic()`` seconds::
 
@@ -116,6 +120,15 @@ class AbortCmd(NamedTuple):
     epoch: int
     svm_dirty: np.ndarray
     reason: str
+
+
+class Checked(NamedTuple):
+    """Everything ``epoch`` needs is here and checked (its SVM pages match, the vCPU
+    state was taken); its pages are being written. Applied always follows: the coordinator
+    may ACK the epoch now but resumes the SVM (or takes over) only after Applied."""
+    epoch: int
+    pages: int
+    assembled_ns: int   # time.monotonic_ns() when the epoch was assembled
 
 
 class Applied(NamedTuple):

@@ -32,7 +32,8 @@ from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
-from pipeline.stages.common import HashTable, PageBuffer, StageContext, SvmPages, stage_main
+from pipeline.stages.common import (HashTable, PageBuffer, StageContext, StagingGate, SvmPages,
+                                    stage_main)
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
 from pipeline.xen_io.base import Domain
@@ -65,10 +66,11 @@ class SharedState:
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
-                    "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed"),
+                    "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
+                    "acked_early"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns"),
-    "receive": ("skipped_optional", "stale_records"),
+    "receive": ("skipped_optional", "stale_records", "staging_wait_ns"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
@@ -137,12 +139,12 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
 
 
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
-                   staging=None, direct=None) -> None:
+                   staging=None, direct=None, gate=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_in(nctx)
     try:
         receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
-                    settings.pipeline.verify_pages)
+                    settings.pipeline.verify_pages, gate)
     finally:
         nctx.close()
 
@@ -313,18 +315,22 @@ class Supervisor:
             self.segments.append(staging_seg)
             # a PageBuffer, so each stage that maps it prefaults it at start
             staging = PageBuffer(staging_seg, dom.page_size)
+            # the restore stage ACKs an epoch before it wrote it out of staging: the next
+            # epoch's pages wait for it there (pipeline/stages/common.py)
+            gate = StagingGate(FORK.Value("q", -1, lock=False),
+                               os.eventfd(0, os.EFD_NONBLOCK))
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size, staging,
-                               direct))]
+                               direct, gate))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run,
                                   (dom, [*to_restore, direct], ctl_b, staging,
-                                   s.pipeline.verify_pages)))
+                                   s.pipeline.verify_pages, gate)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))

@@ -193,11 +193,20 @@ def primary_at(point: str, expect) -> Callable[[LocalPair], dict]:
     return run
 
 
-def secondary_at(point: str) -> Callable[[LocalPair], dict]:
+def secondary_at(point: str, acked_first: bool = False) -> Callable[[LocalPair], dict]:
+    """``acked_first``: the point is after the secondary's (early) ACK of the epoch it is
+    applying: the primary commits that epoch before the secondary dies half-way through
+    writing it (the row checks it did), and must re-protect with a fresh secondary."""
     def run(pair: LocalPair) -> dict:
         pair.start(faults={"secondary": point + ":stop"})
         name = point.split(":")[0]
         wait_until(lambda: fired(pair, "secondary", name), f"secondary reaching {point}")
+        if acked_first:
+            def committed(role: str) -> int:
+                return max([cp["epoch"] for cp in pair.checkpoints(role)
+                            if cp["status"] == STATUS_COMMITTED], default=-1)
+            wait_until(lambda: committed("primary") > committed("secondary"),
+                       "the primary committing the epoch the secondary is still writing")
         wait_until(lambda: heard(pair, "primary"), "a heartbeat of the secondary")
         pair.kill("secondary")
         info = pair.wait_info("state", "unprotected", timeout=DEADLINE)
@@ -684,7 +693,8 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("primary@primary.released:14", primary_at("primary.released:14", 13), False),
     ("secondary@secondary.begin:14", secondary_at("secondary.begin:14"), False),
     ("secondary@restore.vcpu_set:12", secondary_at("restore.vcpu_set:12"), False),
-    ("secondary@restore.pages_written:12", secondary_at("restore.pages_written:12"), True),
+    ("secondary@restore.pages_written:12",
+     secondary_at("restore.pages_written:12", acked_first=True), True),
     ("secondary@secondary.applied:14", secondary_at("secondary.applied:14"), False),
     ("secondary@secondary.acked:14", secondary_at("secondary.acked:14"), False),
     ("primary@primary.reprotect", primary_during_reprotection, True),

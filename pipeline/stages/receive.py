@@ -16,6 +16,11 @@ Unless every page is to be hashed again (``pipeline.verify_pages = "full"``, whi
 verify workers share between them), this stage also does the check (one page, or none)
 and hands the batch straight to the restore stage on the ``direct`` ring: one process
 hand-off less per batch on the way to the commit.
+
+The restore stage ACKs an epoch before it has written the epoch's pages out of staging
+(early ACK), so the primary's next epoch can arrive while they are still read: a newer
+epoch's first record waits here until the restore stage is done with the previous
+epoch's rows (``gate``, common.StagingGate).
 """
 from __future__ import annotations
 
@@ -27,13 +32,13 @@ import zmq
 from pipeline import trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer,
-                                    StageContext, write_slot)
+                                    StageContext, StagingGate, write_slot)
 from pipeline.stages.verify import check_hashes
 
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
         page_size: int, staging: PageBuffer | None = None, direct: Ring | None = None,
-        check: str = "full") -> None:
+        check: str = "full", gate: StagingGate | None = None) -> None:
     """``staging``: a batch of raw pages (not lz4) goes straight from the message into its
     place in staging, one copy, and the verify worker only checks it; with ``direct`` (a
     ring to the restore stage) and ``check`` (pipeline.verify_pages) other than "full",
@@ -47,7 +52,9 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
 
     def fresh(record_epoch: int, name: str) -> bool:
         """After a record validated: False (counted) if its epoch is older than the newest
-        seen; a newer epoch starts placing pages from the top of the staging area."""
+        seen; a newer epoch starts placing pages from the top of the staging area, once
+        the restore stage is done with the rows of the one before (the epochs before that
+        one were waited for when it began)."""
         nonlocal epoch, staged
         if record_epoch < epoch:
             c.add("stale_records", 1)
@@ -55,6 +62,12 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                             record_epoch, epoch)
             return False
         if record_epoch > epoch:
+            if gate is not None and staged and gate.released.value < epoch:
+                t0 = time.perf_counter_ns()
+                if not gate.wait(epoch, ctx.stopping):
+                    return False
+                c.add("staging_wait_ns", time.perf_counter_ns() - t0)
+                trace.point("staging_free", record_epoch)
             epoch, staged = record_epoch, 0
         return True
 

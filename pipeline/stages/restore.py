@@ -17,6 +17,16 @@ Talks to the coordinator over a pipe (the types: pipeline/messages.py):
                            tore it while it was being applied: the Applied stands)
 Applying as soon as the epoch is assembled, with the command already here, saves the
 round trip through the coordinator (Ready, then ApplyCmd) the stage once made per epoch.
+
+Early ACK: once the epoch is checked whole (every page verified and counted, the SVM
+pages still as SVM_DIRTY hashed them, the vCPU state taken by the backend) nothing can
+stop it being applied, so the stage says ``Checked`` before it writes the pages and the
+coordinator ACKs the epoch meanwhile (not for a proof checkpoint: its ACK carries the
+memory digest of the applied state). ``Applied`` follows; the SVM stays paused, and a
+takeover waits, until it came. A secondary that dies between the two is stale: its SVM
+is half-applied and never used (the node stops; the primary re-protects with a fresh
+one). The next epoch's pages wait in the receive stage until this stage is done with
+the staging rows (``gate``).
 The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
 the verify workers, which decode into it) is as large as guest memory.
 """
@@ -31,7 +41,7 @@ import numpy as np
 from pipeline import faults, messages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    hash_pages, ready_rings)
+                                    StagingGate, hash_pages, ready_rings)
 from pipeline.xen_io.base import Domain
 
 
@@ -70,8 +80,10 @@ class Assembly:
 
 class Restore:
     def __init__(self, ctx: StageContext, domain: Domain, n_rings: int,
-                 staging: np.ndarray, check: str = "full") -> None:
+                 staging: np.ndarray, check: str = "full",
+                 gate: StagingGate | None = None) -> None:
         self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
+        self.gate = gate
         self.check = check          # pipeline.verify_pages, for the SVM pages
         pc, ps = domain.page_count, domain.page_size
         self.cache = _populated((pc, ps))
@@ -89,6 +101,18 @@ class Restore:
         self.asm: Assembly | None = None
         self.committed_epoch = -1
         self.committed_vcpu = b""
+        self.done = -1      # every epoch <= this was answered or given up: its records are
+                            # stale, its staging rows free for the receive stage
+
+    def finish(self, epoch: int) -> None:
+        """Done with every epoch <= ``epoch`` (answered, or a newer one asked for): an
+        assembly of one is dropped, the receive stage may place pages over their rows."""
+        if self.asm is not None and self.asm.epoch <= epoch:
+            self.asm = None
+        if epoch > self.done:
+            self.done = epoch
+            if self.gate is not None:
+                self.gate.release(epoch)
 
     # -- assembling -------------------------------------------------------
     def _assembly_for(self, epoch: int) -> Assembly | None:
@@ -97,6 +121,11 @@ class Restore:
             c.add("stale_records", 1)
             self.ctx.log.warning("dropped a record of epoch %d: epoch %d is already committed",
                                  epoch, self.committed_epoch)
+            return None
+        if epoch <= self.done:
+            c.add("stale_records", 1)
+            self.ctx.log.warning("dropped a record of epoch %d: it was answered or given up "
+                                 "already", epoch)
             return None
         if self.asm is not None and epoch < self.asm.epoch:
             c.add("stale_records", 1)
@@ -166,7 +195,10 @@ class Restore:
 
     # -- applying ---------------------------------------------------------
     def apply(self, epoch: int, svm_dirty: np.ndarray, want_digest: bool,
-              assembled_ns: int = 0) -> messages.Applied | messages.Aborted:
+              assembled_ns: int = 0, on_checked=None) -> messages.Applied | messages.Aborted:
+        """``on_checked(Checked)`` is called once nothing can stop the epoch being applied,
+        before its pages are written (not when ``want_digest``: that ACK waits for the
+        digest of the applied memory)."""
         asm = self.asm
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
@@ -211,6 +243,10 @@ class Restore:
             except ValueError as exc:
                 return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
             faults.point("restore.vcpu_set")
+        if on_checked is not None and not want_digest:
+            on_checked(messages.Checked(epoch, n, assembled_ns))
+            trace.point("checked", epoch)
+            faults.point("restore.checked")
         data = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n] | self.staged_written[:n])
         if data.all():              # the common case: no gather, copy straight from staging
             data_pfns, rows = pfns, self.staging[:n]
@@ -261,9 +297,9 @@ class Restore:
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        staging: PageBuffer, check: str = "full") -> None:
+        staging: PageBuffer, check: str = "full", gate: StagingGate | None = None) -> None:
     """``check``: pipeline.verify_pages, how many SVM pages are hashed again at apply."""
-    r = Restore(ctx, domain, len(rings), staging.pages, check)
+    r = Restore(ctx, domain, len(rings), staging.pages, check, gate)
     c = ctx.counters
     wanted: messages.ApplyCmd | None = None     # the epoch to apply once assembled
     verdict: Verdict | None = None              # an assembled epoch not yet asked for
@@ -281,10 +317,11 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         cmd, v = wanted, verdict
         wanted = verdict = None
         trace.point("apply_start", cmd.epoch)
-        reply = r.apply(cmd.epoch, cmd.svm_dirty, cmd.want_digest, v.at_ns) if v.ok \
-            else r.abort(cmd.epoch, cmd.svm_dirty, v.reason)
+        reply = r.apply(cmd.epoch, cmd.svm_dirty, cmd.want_digest, v.at_ns, ctrl.send) \
+            if v.ok else r.abort(cmd.epoch, cmd.svm_dirty, v.reason)
         trace.point("applied", cmd.epoch)
         replied = cmd.epoch
+        r.finish(cmd.epoch)
         ctrl.send(reply)
 
     while not ctx.stopping():
@@ -304,6 +341,9 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         if fds:
             cmd = ctrl.recv()
             if isinstance(cmd, messages.ApplyCmd):
+                # the coordinator asks for e only after it had its answer for e - 1 (or
+                # never took e - 1 up): nothing older will be applied
+                r.finish(cmd.epoch - 1)
                 wanted = cmd
                 settle()
             elif isinstance(cmd, messages.AbortCmd):
@@ -314,7 +354,9 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                         wanted = None
                     if verdict is not None and verdict.epoch <= cmd.epoch:
                         verdict = None
-                    ctrl.send(r.abort(*cmd))
+                    reply = r.abort(*cmd)
+                    r.finish(cmd.epoch)
+                    ctrl.send(reply)
             else:
                 raise ValueError(f"restore stage: unknown command {cmd!r}")
         c.add("busy_ns", time.perf_counter_ns() - t0)
