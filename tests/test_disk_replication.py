@@ -25,7 +25,7 @@ from pipeline.disk.counters import DiskCounters
 from pipeline.disk import primary as primary_module
 from pipeline.disk.primary import InitialSync
 from pipeline.disk.settings import DiskSettings
-from pipeline.disk.store import StoreError
+from pipeline.disk.store import SecondaryStore, StoreError
 from pipeline.stages.disk import PrimaryDisk, SecondaryDisk, start_disk_pair
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
@@ -423,6 +423,40 @@ def test_the_secondary_applies_writes_in_the_primarys_order_not_their_arrival_or
         with open(os.path.join(work, "secondary.img"), "rb") as f:
             got = f.read(4 * BS)
         assert got == b"1" * BS + b"2" * BS + b"1" * BS + bytes(BS)
+
+
+def test_an_unhashed_write_is_hashed_by_the_secondary_and_survives_a_killed_stage(
+        tmp_path, rundir):
+    """The primary forwards guest writes unhashed (wire.UNHASHED); the secondary hashes
+    them itself: the comparator matches the SVM's same write, and the buffer record
+    carries the real blake3, so a stage killed before the commit reopens with the write
+    (a record with a wrong digest would end the log's scan there and be lost)."""
+    work = str(tmp_path / "disks")
+    ctx = zmq.Context.instance()
+    data = b"\x5a" * 2 * BS
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", initial_sync=False) as pair:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(pair.forward)
+        try:
+            dealer.send_multipart(wire.encode_forward(wire.KIND_WRITE, 1, 1, BS, 2 * BS, data,
+                                                      digest=wire.UNHASHED))
+            assert dealer.poll(10_000)
+            assert wire.decode_ack(dealer.recv_multipart()) == [(1, 0, "")]
+        finally:
+            dealer.close(0)
+        # the SVM writes the same bytes: no divergence (the secondary's digest is right)
+        assert qemu_io(pair.secondary_uri, [f"write -P 0x5a {BS} {2 * BS}"]).returncode == 0
+        assert pair.secondary.stats()["counters"]["divergences"] == 0
+        pair.processes[1].kill()
+        pair.processes[1].join(10)
+    store = SecondaryStore(os.path.join(work, "secondary.img"), SIZE, BS,
+                           os.path.join(work, "secondary.img.colo"), 1 << 30, 1 << 30)
+    try:
+        store.commit(1)
+        assert store.image.pread(0, 4 * BS) == bytes(BS) + data + bytes(BS)
+    finally:
+        store.close()
 
 
 def test_concurrent_overlapping_writes_on_several_connections_leave_equal_images(

@@ -423,7 +423,8 @@ class InitialSync(threading.Thread):
                      drain: bool = True) -> None:
         """The extent's data (None, a hole, or all zeros: a SYNC_ZERO without data)."""
         if data is not None and np.frombuffer(data, np.uint64).any():
-            self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data, drain=drain)
+            self._send(sock, epoch, seq, wire.KIND_SYNC, off, n, data,
+                       digest=wire.UNHASHED, drain=drain)
         else:
             self._send(sock, epoch, seq, wire.KIND_SYNC_ZERO, off, n, None, drain=drain)
         self._sent += n
@@ -608,7 +609,8 @@ class PrimaryLink:
         """Queue the write for the secondary (sent by end_of_burst); order() counted it.
         Small writes join the burst's open group (their data is copied once into it); a
         large one is a group of its own, sent without a copy."""
-        header = wire.forward_header(kind, p.epoch, seq, offset, length, data)
+        # unhashed: the secondary hashes what it needs (wire.UNHASHED)
+        header = wire.forward_header(kind, p.epoch, seq, offset, length, data, wire.UNHASHED)
         if data is not None and length >= FORWARD_ZERO_COPY_MIN:
             self._close_group()
             self._outbox += (header, data)

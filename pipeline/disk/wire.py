@@ -10,9 +10,17 @@ as groups of writes, two frames per group:
                         magic "CDW1" | kind u8 (1 WRITE, 2 ZERO, 3 SYNC, 4 SYNC_BEGIN,
                         5 SYNC_END, 6 SYNC_ZERO, 7 SYNC_CHECK, 8 ZERO_ALLOC) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
-                        blake3(data) 32 bytes (all zero for ZERO)
+                        blake3(data) 32 bytes (all zero for ZERO; may be all zero for
+                        WRITE and SYNC: UNHASHED, see below)
     frame 2i+1: the data of the group's WRITEs and SYNCs back to back, in header order
                 (``length`` bytes each; the other kinds have none)
+
+A WRITE's or SYNC's digest may be all zero (``UNHASHED``): the primary has no use for
+the digest of a guest's write, and hashing it there cost as much of the NBD connection's
+thread as receiving the write. The secondary then hashes a WRITE itself (its buffer log
+record and the disk comparator need the digest) and a SYNC not at all. The bytes in
+transit are guarded by TCP's checksums, and on a secured link by CURVE's authenticator,
+which rejects any altered message. A digest that is given is checked (EBADMSG).
 
 Small writes travel many to a group (one frame pair, so one send and one receive for
 a burst of them); a large write is a group of its own, its data frame sent without a
@@ -77,6 +85,8 @@ KINDS = (KIND_WRITE,) + ZERO_KINDS + SYNC_KINDS
 #: kinds whose data follows in the group's data frame
 DATA_KINDS = (KIND_WRITE, KIND_SYNC)
 ZERO_DIGEST = bytes(32)
+#: the digest field of a WRITE or SYNC whose data the primary did not hash
+UNHASHED = ZERO_DIGEST
 FORWARD_HEADER = struct.Struct("<4sB3xQQQI4x32s")
 SEAL_MAGIC = b"CDS1"
 SEAL = struct.Struct("<4s4xQQ8x")
@@ -207,7 +217,11 @@ def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length
     if kind == KIND_SYNC_CHECK:
         return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if kind in DATA_KINDS:
-        if digest_of(data) != digest:
+        if digest == UNHASHED:
+            # a WRITE's digest is needed here (buffer log record, comparator); a SYNC's not
+            if kind == KIND_WRITE:
+                digest = digest_of(data)
+        elif digest_of(data) != digest:
             raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
     elif digest != ZERO_DIGEST:
         raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest")
