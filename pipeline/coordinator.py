@@ -838,7 +838,8 @@ class SecondaryCoordinator(_Coordinator):
                 if self.lost is not None:
                     last_seen, detected, by = self.lost
                     self.lost = None
-                    self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by)
+                    self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by,
+                                        self.hb_events)
                 if self.role.active:
                     self.role.serve(self.bus)
         finally:

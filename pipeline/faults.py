@@ -75,6 +75,11 @@ Secondary coordinator and restore stage:
                                  arrived whole, nothing of it applied yet; with
                                  ``errno=NAME`` the epoch ends torn there (rolled back, ACK
                                  aborted), as a page failing its hash would
+* ``takeover.guard``             the primary declared lost, the takeover attempt about to ask
+                                 the split-brain guard (nothing granted yet: a primary heard
+                                 again from here on abandons the attempt)
+* ``takeover.granted``           the guard granted the active role (the witness, the fence),
+                                 the SVM not live yet (committed: the takeover goes through)
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
 * ``restore.checked``            mid-restore: the epoch checked whole, the coordinator told
                                  it may ACK (early ACK), no page written yet

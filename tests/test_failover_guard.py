@@ -312,3 +312,45 @@ def test_local_witness_generations_leases_and_dead_holders(tmp_path):
     finally:
         if holder.is_alive():
             holder.kill()
+
+
+# -- abandoning an attempt (the peer turned out to be alive) -------------------------------
+def test_an_attempt_is_abandoned_only_before_the_grant(tmp_path):
+    """``abandon`` is asked before every request to the witness, and its answer ends the
+    attempt there; once the witness granted the role it is never asked again (nor before
+    the fencing command that follows the grant): a granted takeover goes through."""
+    d = str(tmp_path)
+    parent, child = FORK.Pipe(duplex=False)
+    holder = FORK.Process(target=_local_contender,
+                          args=(d, "vm", "pri", 1, 0, child, 60), daemon=True)
+    holder.start()
+    assert parent.recv() is True
+    sec = LocalWitness(d, "vm", TTL)
+    try:
+        asked = []
+
+        def back_on_third() -> str:
+            asked.append(1)
+            return "the primary's heartbeat is back" if len(asked) == 3 else ""
+        ok, reason = guard_takeover(None, sec, "sec", 2, wait_s=600, poll_s=0.01,
+                                    abandon=back_on_third)
+        assert (ok, reason, len(asked)) == (False, "the primary's heartbeat is back", 3)
+        assert sec.holder() == {"node": "pri", "generation": 1}     # nothing taken
+        os.kill(holder.pid, signal.SIGKILL)      # the holder dies: the role can be granted
+        holder.join(5)
+        asked.clear()
+        fence = Fence(["true"], 5)
+        ok, reason = guard_takeover(fence, sec, "sec", 2, abandon=lambda: asked.append(1) or "")
+        assert ok and len(asked) == 1, reason    # asked once, before the grant; not after
+        assert sec.holder() == {"node": "sec", "generation": 2}
+    finally:
+        sec.release()
+        if holder.is_alive():
+            holder.kill()
+
+
+def test_fencing_alone_is_abandoned_before_the_command_runs(tmp_path):
+    out = tmp_path / "fenced"
+    fence = Fence(["sh", "-c", f"touch {out}"], 5)
+    ok, reason = guard_takeover(fence, None, "sec", 1, abandon=lambda: "peer is back")
+    assert (ok, reason) == (False, "peer is back") and not out.exists()

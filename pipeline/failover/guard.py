@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.failover.settings import FailoverSettings
@@ -111,13 +112,20 @@ def make_fence(settings: FailoverSettings) -> Fence | None:
 
 def guard_takeover(fence: Fence | None, witness: Witness | None, node: str, generation: int,
                    *, peer: str = "", vm: str = "", wait_s: float | None = None,
-                   poll_s: float = 0.1) -> tuple[bool, str]:
+                   poll_s: float = 0.1,
+                   abandon: Callable[[], str] | None = None) -> tuple[bool, str]:
     """May ``node`` become active in ``generation``? Runs the witness, then the fence.
 
     The witness is asked until it grants the role or ``wait_s`` passed (default: the
     lease TTL + 2 s: the longest a dead holder's lease can still run, plus etcd's
     expiry granularity); a refusal that
     waiting cannot change (the generation was granted to another node) ends at once.
+
+    ``abandon()`` is asked before each request to the witness and before the fencing
+    command: a non-empty answer (why: the peer turned out to be alive) gives the attempt
+    up there, with ``(False, that answer)``. It is never asked once the witness granted
+    the role or the fence ran: from there the takeover goes through, so the witness's
+    promise (one active node per generation) holds whatever the peer does next.
     Returns ``(True, what was done)`` or ``(False, why not)``; never raises.
     """
     if fence is None and witness is None:
@@ -127,6 +135,9 @@ def guard_takeover(fence: Fence | None, witness: Witness | None, node: str, gene
     if witness is not None:
         deadline = time.monotonic() + (witness.ttl_s + 2 if wait_s is None else wait_s)
         while True:
+            why = abandon() if abandon is not None else ""
+            if why:
+                return False, why
             try:
                 if witness.acquire(node, generation):
                     done.append(f"{witness.where} granted generation {generation} to {node}")
@@ -144,6 +155,9 @@ def guard_takeover(fence: Fence | None, witness: Witness | None, node: str, gene
                                "active")
             time.sleep(poll_s)
     if fence is not None:
+        why = abandon() if abandon is not None and witness is None else ""
+        if why:
+            return False, why
         try:
             out = fence.run(peer=peer, node=node, vm=vm, generation=generation)
         except FenceError as exc:

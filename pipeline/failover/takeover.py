@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import messages
+from pipeline import faults, messages
 from pipeline.failover.guard import guard_takeover, make_fence
 from pipeline.failover.roles import record_role
 from pipeline.failover.witness import make_witness, witness_vm
@@ -36,6 +36,29 @@ def peer_generation(ev: Any) -> int | None:
     if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
         return int(ev.info.get("generation", 0))
     return None
+
+
+class PeerBackWatch:
+    """During a takeover attempt: reads the heartbeat stage's events (the coordinator is
+    not reading them meanwhile) and says whether the primary is alive again. ``check()``
+    is the guard's ``abandon``: the reason when the last event was the primary's
+    heartbeat coming back (a PeerLost after it means lost again: the attempt goes on)."""
+
+    def __init__(self, role: "SecondaryRole", events: Any) -> None:
+        self.role, self.events = role, events
+        self.reason = ""
+
+    def check(self) -> str:
+        while self.events is not None and self.events.poll(0):
+            ev = self.events.recv()
+            self.role.heard(ev)          # follows the peer's generation
+            if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+                self.reason = (f"the primary's heartbeat is back (generation "
+                               f"{peer_generation(ev)}, seq {ev.info.get('seq')}) before the "
+                               "guard granted the active role")
+            elif isinstance(ev, messages.PeerLost):
+                self.reason = ""
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -164,9 +187,14 @@ class SecondaryRole:
                            "over from; staying passive")
 
     def take_over(self, bus: Any, last_epoch: int, last_seen: float, detected: float,
-                  detected_by: str) -> bool:
+                  detected_by: str, events: Any = None) -> bool:
         """The primary is lost and no epoch is open: pass the split-brain guard and make
-        the SVM the active VM, going on from its own state. True if it went active."""
+        the SVM the active VM, going on from its own state. True if it went active.
+
+        ``events``: the heartbeat stage's event pipe. While the guard has not granted the
+        role yet (the witness still refuses: the primary's lease runs), a heartbeat of
+        the primary that comes back abandons the attempt (:meth:`_abandon`); once granted,
+        the takeover goes through."""
         detect_ms = (detected - last_seen) * 1000
         f = self.settings.failover
         vm = witness_vm(self.settings)
@@ -175,13 +203,25 @@ class SecondaryRole:
         # the next generation after any the peer or the witness knows of
         generation = max(self.peer_generation,
                          self.witness.last_generation() if self.witness else 0) + 1
+        self.ctx.log.warning("epoch=%d event=takeover_attempt the primary was lost (%s, "
+                             "%.0f ms after its last heartbeat); asking the guard for "
+                             "generation %d", last_epoch, detected_by, detect_ms, generation,
+                             extra={"epoch": last_epoch})
+        faults.point("takeover.guard")
+        back = PeerBackWatch(self, events)
         ok, why = guard_takeover(make_fence(f), self.witness, self.settings.node.name,
-                                 generation, peer=self.peer_name, vm=vm)
+                                 generation, peer=self.peer_name, vm=vm, abandon=back.check)
+        if not ok and back.reason:
+            self._abandon(last_epoch, detected, back.reason)
+            return False
         if not ok:
             self.c.add("takeovers_refused", 1)
             self.info(state="standby", takeover_refused=why)
             self.ctx.log.error("event=takeover_refused the SVM does not go live: %s", why)
             return False
+        # committed: the witness granted the role (or the fence ran); a primary heard
+        # from now on is a stale one, which gives the role up (PrimaryRole.heard, its lease)
+        faults.point("takeover.granted")
         self.shared.generation.value = generation
         self.shared.active.value = 1
         self.active = True
@@ -205,6 +245,18 @@ class SecondaryRole:
                              last_epoch, generation, detect_ms, takeover_ms,
                              extra={"epoch": last_epoch})
         return True
+
+    def _abandon(self, last_epoch: int, detected: float, reason: str) -> None:
+        """A takeover attempt given up before it committed: the primary is alive after
+        all (a false loss: a lossy link, a stalled heartbeat). The SVM stays the standby,
+        paused at its last committed checkpoint; the primary's next BEGIN goes on."""
+        self.c.add("takeovers_abandoned", 1)
+        n = int(self.current().get("takeovers_abandoned", 0)) + 1
+        self.info(takeover_abandoned=reason, takeovers_abandoned=n)
+        self.ctx.log.warning("epoch=%d event=takeover_abandoned %.0f ms after the primary was "
+                             "declared lost: %s; the SVM stays the standby (%d abandoned)",
+                             last_epoch, (time.monotonic() - detected) * 1000, reason, n,
+                             extra={"epoch": last_epoch})
 
     def serve(self, bus: Any) -> None:
         """Active: a "digest" request hashes all of the guest's memory between two inputs
