@@ -26,6 +26,10 @@ The named points (``<k>``: the point is passed once per item; choose the item wi
 
 Disk store, ``pipeline/disk/store.py`` (the secondary's commit and failover merge):
 
+* ``store.buffer.append``                before append <k> of forwarded PVM writes to an
+                                         epoch's buffer log (one pwritev of up to 256
+                                         records); with ``errno=NAME`` that append fails,
+                                         as a full or failing disk would
 * ``store.commit.log_synced``            after the fdatasync of buffer log <k> of the commit
 * ``store.journal.<state>.written``      the journal's temporary file written (and fsynced),
                                          not yet renamed; ``<state>``: ``committing``,

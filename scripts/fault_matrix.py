@@ -140,8 +140,8 @@ def active_svm_serves_a_replay(pair: LocalPair, info: dict) -> dict:
     it consumed (the invariant "went on from one committed checkpoint"). The row's figures."""
     sec = pair.node("secondary")
     n0 = sec.stage("mirror").as_dict()["outputs"]
-    wait_until(lambda: sec.stage("mirror").as_dict()["outputs"] >= n0 + 20,
-               "the active SVM serving on")
+    wait_until(lambda: pair.check_alive() or sec.stage("mirror").as_dict()["outputs"]
+               >= n0 + 20, "the active SVM serving on")
     digest, seq = pair.active_digest()
     if digest != sim_replay_digest(seq, PAGES, SEED, PAGES_PER_INPUT):
         raise DataLost(f"the active SVM's memory is not a replay of inputs 0..{seq - 1}")
@@ -150,6 +150,18 @@ def active_svm_serves_a_replay(pair: LocalPair, info: dict) -> dict:
 
 def fired(pair: LocalPair, role: str, point: str) -> bool:
     return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
+
+
+def why_stopped(pair: LocalPair, role: str) -> str:
+    """The node's own words for why it stopped (its last ERROR line), if it did."""
+    proc = pair.procs.get(role)
+    try:            # (a node that is stopping gets the time to finish)
+        proc.wait(30)
+    except (AttributeError, Exception):
+        return f"the {role} node is running"
+    errors = [line for line in pair.log_tail(role, 1 << 20).splitlines()
+              if " ERROR " in line or line.startswith("colo-pipeline")]
+    return f"the {role} node exited {proc.returncode}: " + " / ".join(errors[-2:])
 
 
 def heard(pair: LocalPair, role: str) -> bool:
@@ -521,6 +533,211 @@ def images_equal(pair: LocalPair) -> bool:
     return digests[0] == digests[1]
 
 
+def disk_write(rng) -> tuple[int, bytes]:
+    """The next write of the guest's disk driver (seeded: a model replays the stream)."""
+    return rng.randrange(0, (DISK_MIB << 8) - 2) * 4096, rng.randbytes(8192)
+
+
+class DiskWriter(threading.Thread):
+    """The guest's disk driver: seeded 8 KiB writes through a node's NBD export, one at a
+    time (so the writes' epochs never go down: a checkpoint holds a prefix of them), at
+    ``rate`` per second. ``done``: writes completed. A write the export answered with an
+    error is what the guest would have seen: kept in ``error`` (the writer stops). The
+    connection closing (the node gone) stops it too, not counted as an error (``gone``)."""
+
+    def __init__(self, uri: str, rate: float = 100.0, first: int = 0) -> None:
+        """``first``: start at that write of the stream (another side wrote those before)."""
+        super().__init__(daemon=True)
+        self.uri, self.rate, self.first = uri, rate, first
+        self.done, self.error, self.gone = 0, "", ""
+        self.stopping = threading.Event()
+        self.limit: int | None = None     # stop after this many writes (finish())
+
+    def run(self) -> None:
+        import random
+        from pipeline.disk import nbd_protocol as P
+        from pipeline.disk.nbd_client import NbdClient
+        rng = random.Random(SEED)
+        for _ in range(self.first):
+            disk_write(rng)
+        try:
+            nbd = wait_until(lambda: _try_nbd(self.uri), f"the export at {self.uri}", 60)
+        except RunFailed as exc:
+            self.gone = str(exc)
+            return
+        t0 = time.monotonic()
+        try:
+            while not self.stopping.is_set() and (self.limit is None or self.done < self.limit):
+                ahead = t0 + self.done / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(min(ahead, 0.05))
+                    continue
+                offset, data = disk_write(rng)
+                try:
+                    nbd.write(offset, data)
+                except P.NbdError as exc:
+                    self.error = f"write {self.done} [{offset}, +8192): {exc}"
+                    return
+                except (OSError, EOFError) as exc:
+                    self.gone = f"write {self.done}: {exc!r}"
+                    return
+                self.done += 1
+        finally:
+            nbd.close()
+
+    def finish(self) -> int:
+        """Stop writing (the write in progress completes); the writes done."""
+        self.stopping.set()
+        self.join(DEADLINE)
+        if self.is_alive():
+            raise RunFailed(f"a guest disk write to {self.uri} hung")
+        return self.done
+
+
+def _try_nbd(uri: str):
+    from pipeline.disk.nbd_client import NbdClient
+    try:
+        return NbdClient(uri)
+    except OSError:
+        return None
+
+
+def disk_prefix(image: bytes, upto: int) -> int | None:
+    """The k ≤ ``upto`` such that ``image`` is exactly the disk after the guest's first k
+    writes (``disk_write``'s stream on a zeroed disk), or None: a disk that went on from
+    one checkpoint holds a prefix of the writes, never part of an epoch."""
+    import random
+    import numpy as np
+    block = 4096
+    have = np.frombuffer(image, np.uint8).reshape(-1, block)
+    model = np.zeros_like(have)
+    differ = np.any(have != model, axis=1)
+    wrong = int(differ.sum())
+    rng = random.Random(SEED)
+    for k in range(upto + 1):
+        if wrong == 0:
+            return k
+        if k == upto:
+            break
+        offset, data = disk_write(rng)
+        b0, n = offset // block, len(data) // block
+        model[b0:b0 + n] = np.frombuffer(data, np.uint8).reshape(n, block)
+        now = np.any(have[b0:b0 + n] != model[b0:b0 + n], axis=1)
+        wrong += int(now.sum()) - int(differ[b0:b0 + n].sum())
+        differ[b0:b0 + n] = now
+    return None
+
+
+def read_image(pair: LocalPair, role: str) -> bytes:
+    with open(os.path.join(pair.workdir, f"{role}.img"), "rb") as f:
+        return f.read().ljust(DISK_MIB << 20, b"\0")
+
+
+def disk_buffer_fails(fault: str) -> Callable:
+    """The guest writes its disk (NBD, 100 writes/s) while the secondary's disk store
+    fails to buffer forwarded writes (``store.buffer.append`` with an errno: its buffer
+    file system full or failing). What an HA pair must do: the guest's writes never fail
+    (the primary's own disk is fine); the secondary, which can no longer hold a
+    checkpoint of the disk, is given up cleanly: the primary goes unprotected, the
+    secondary stops (or is told to) with the error named, never commits an epoch missing
+    the write; a new secondary re-protects: memories and both disk images equal."""
+    def run(pair: LocalPair) -> dict:
+        point = fault.split(":")[0]
+        pair.start(faults={"secondary": fault})
+        pair.wait_protected(timeout=DEADLINE)
+        writer = DiskWriter(f"nbd+unix:///?socket={pair.workdir}/primary.nbd")
+        writer.start()
+        try:
+            wait_until(lambda: fired(pair, "secondary", point) or writer.error,
+                       "the failed buffering")
+            wait_until(lambda: lost_its_secondary(pair) or writer.error,
+                       "the primary giving its secondary up")
+            n = writer.done
+            wait_until(lambda: writer.done >= n + 50 or writer.error or writer.gone,
+                       "50 more guest writes while unprotected")
+        finally:
+            done = writer.finish()
+        if writer.error or writer.gone:
+            raise RunFailed(f"the guest's disk write failed: {writer.error or writer.gone}\n"
+                            f"secondary: {pair.log_tail('secondary', 1500)}")
+        sec = pair.procs["secondary"]
+        wait_until(lambda: sec.poll() is not None, "the secondary stopping")
+        pair.wait_exit("secondary", timeout=DEADLINE)
+        if took_over(pair):
+            raise RunFailed("the secondary went active")
+        pair.start_node("secondary")
+        pair.wait_protected(timeout=DEADLINE)
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after the failed buffering the memories differ")
+        if not images_equal(pair) or disk_prefix(read_image(pair, "primary"), done) != done:
+            raise DataLost("after the failed buffering and re-protection the disks differ")
+        return {"writes": done}
+    run.role_tables = disk_role_tables
+    return run
+
+
+def failover_merge(fault: str) -> Callable:
+    """A takeover that merges the SVM's own disk writes (the overlay) into its image. The
+    PVM writes 100 writes (forwarded, committed by a requested checkpoint: both images
+    equal), then the SVM writes the next 20 of the same stream into its overlay (the SVM
+    runs on between checkpoints; no timer checkpoint, the disk comparator off, so none
+    drops the overlay), and the primary host dies. The takeover merges the overlay
+    (``store.merge.run`` fires; ``fault`` is what happens there). Invariants: the SVM goes
+    active from the last checkpoint and serves on (memory a replay of its inputs), and
+    its disk, read through its export (which serves on), is exactly the stream's first
+    120 writes: the checkpoint's image with the SVM's writes since on top, none lost."""
+    def run(pair: LocalPair) -> dict:
+        point, action = fault.split(":")[0], fault.split(":")[-1]
+        pair.start(faults={"secondary": fault})
+        pair.wait_protected(timeout=DEADLINE)
+        pvm = DiskWriter(f"nbd+unix:///?socket={pair.workdir}/primary.nbd", rate=500)
+        pvm.limit = 100
+        pvm.start()
+        n = pvm.finish() if wait_until(lambda: pvm.done >= 100 or pvm.error or pvm.gone,
+                                       "100 PVM writes") else 0
+        if pvm.error or pvm.gone or n != 100:
+            raise RunFailed(f"the PVM's writes: {pvm.error or pvm.gone}")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("before the takeover the memories differ")
+        if not images_equal(pair):
+            raise DataLost("the checkpoint after the PVM's writes: the disk images differ")
+        svm = DiskWriter(f"nbd+unix:///?socket={pair.workdir}/secondary.nbd", rate=500,
+                         first=n)
+        svm.limit = 20
+        svm.start()
+        wait_until(lambda: svm.done >= 20 or svm.error or svm.gone, "20 SVM writes")
+        m = svm.finish()
+        if svm.error or svm.gone:
+            raise RunFailed(f"the SVM's writes: {svm.error or svm.gone}")
+        wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
+        pair.kill("primary")
+        wait_until(lambda: fired(pair, "secondary", point), "the takeover's merge")
+        if action == "stop":     # the disk stage stopped mid-merge (a slow disk): go on
+            os.kill(pair.node("secondary").node_info()["stage_pids"]["disk"], signal.SIGCONT)
+        info = pair.wait_info("role", "active", role="secondary", timeout=DEADLINE)
+        figures = active_svm_serves_a_replay(pair, info)
+        from pipeline.disk.nbd_client import NbdClient
+        try:
+            nbd = NbdClient(f"nbd+unix:///?socket={pair.workdir}/secondary.nbd")
+            try:
+                disk = b"".join(nbd.read(off, 1 << 20)
+                                for off in range(0, DISK_MIB << 20, 1 << 20))
+            finally:
+                nbd.close()
+        except (OSError, EOFError) as exc:
+            raise RunFailed(f"the active SVM's disk export is gone ({exc!r}): "
+                            f"{why_stopped(pair, 'secondary')}") from None
+        if disk_prefix(disk, n + m) != n + m:
+            raise DataLost(f"the active SVM's disk is not the checkpoint's plus its own "
+                           f"{m} writes (prefix {disk_prefix(disk, n + m)} of {n + m})")
+        return figures
+    run.role_tables = lambda: {r: {**t, "disk": {**t["disk"], "compare": "off"}}
+                               for r, t in disk_role_tables().items()}
+    run.tables = {"checkpoint": {**TABLES["checkpoint"], "max_interval_ms": 600000},
+                  "guest.workload": {**TABLES["guest.workload"], "input_rate_hz": 20.0}}
+    return run
+
+
 def disk_commit_fails(fault: str) -> Callable:
     """The guest writes its disk (NBD, seeded 8 KiB writes) until the secondary's disk
     store fails one commit at ``fault`` (an errno). Invariants: the commit is redone once
@@ -709,6 +926,11 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
      disk_commit_fails("store.commit.record:30:errno=EIO"), False),
     ("disk-commit-enospc@store.journal.committed.written",
      disk_commit_fails("store.journal.committed.written:2:errno=ENOSPC"), False),
+    ("disk-buffer-enospc@store.buffer.append",
+     disk_buffer_fails("store.buffer.append:20:errno=ENOSPC"), False),
+    ("failover-merge@store.merge.run", failover_merge("store.merge.run:1:stop"), False),
+    ("failover-merge-eio@store.merge.run", failover_merge("store.merge.run:1:errno=EIO"),
+     False),
     ("partition", partition("both"), False),
     ("partition-one-way-primary-to-secondary", partition("a2b"), False),
     ("partition-one-way-secondary-to-primary", partition("b2a"), False),

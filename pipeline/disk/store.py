@@ -365,6 +365,7 @@ class SecondaryStore:
             entries.append((w.seq, len(lg.index) + len(entries), w.kind, w.offset, w.length,
                             pos + RECORD.size, data_len))
             pos += RECORD.size + data_len
+        faults.point("store.buffer.append")     # (an errno here: this pwritev failed)
         n = os.pwritev(lg.fd, iov, lg.bytes)
         if n != pos - lg.bytes:
             raise OSError(errno.ENOSPC, f"{lg.path}: short append ({n} of {pos - lg.bytes} "
