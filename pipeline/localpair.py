@@ -23,7 +23,7 @@ import zmq
 
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
-from pipeline.shm import cleanup_segments, segment_prefix
+from pipeline.shm import cleanup_segments, list_segments, segment_prefix
 from pipeline.sockets import write_keypair
 from pipeline.stages.inputs import inject_address
 
@@ -48,6 +48,32 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
         if time.monotonic() > deadline:
             raise error(f"not within {timeout} s: {what or predicate}")
         time.sleep(interval)
+
+
+#: what :func:`private_shm_command` prints after its command, then the names left there
+SHM_LEFT = "private /dev/shm left:"
+
+
+def private_shm_command(cmd: list[str], size: str) -> list[str]:
+    """``cmd`` run in a mount namespace of its own whose /dev/shm is a fresh tmpfs of
+    ``size`` (e.g. "2m"), so a test can fill it without touching the machine's (needs
+    root and util-linux ``unshare``; its processes inherit the namespace). Afterwards it
+    prints :data:`SHM_LEFT` and what is left there, and exits with ``cmd``'s code."""
+    script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm || exit 99; \"$@\"; rc=$?; "
+              f"echo {SHM_LEFT} $(ls /dev/shm); exit $rc")
+    return ["unshare", "-m", "sh", "-c", script, "sh", *cmd]
+
+
+def _limits(rlimits: dict[str, tuple[int, int]]) -> Callable[[], None]:
+    """A preexec_fn: die with the parent, and the given resource limits
+    ({"NOFILE": (soft, hard)}: resource.RLIMIT_<name>)."""
+    import resource
+
+    def preexec() -> None:
+        _die_with_parent()
+        for name, (soft, hard) in rlimits.items():
+            resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (soft, hard))
+    return preexec
 
 
 class PairError(RuntimeError):
@@ -163,9 +189,17 @@ class LocalPair:
             self.start_node(role, (faults or {}).get(role))
         return self
 
-    def start_node(self, role: str, fault: str | None = None) -> subprocess.Popen:
+    def start_node(self, role: str, fault: str | None = None, *,
+                   rlimits: dict[str, tuple[int, int]] | None = None,
+                   shm_size: str | None = None) -> subprocess.Popen:
+        """``rlimits``: resource limits of the node ({"NOFILE": (soft, hard)}, names as
+        in ``resource.RLIMIT_*``); ``shm_size``: the node gets a /dev/shm of its own of
+        that size (:func:`private_shm_command`; its counters are out of this process's
+        sight: for a node that is to be refused at start)."""
         cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, "run",
                "--config", self.configs[role]]
+        if shm_size:
+            cmd = private_shm_command(cmd, shm_size)
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
         if fault:
@@ -174,7 +208,8 @@ class LocalPair:
         self.logs[role] = log_path
         out = open(log_path, "ab") if self.capture_logs else None
         p = subprocess.Popen(self._wrap(role, cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
-                             start_new_session=True, preexec_fn=_die_with_parent, env=env)
+                             start_new_session=True, env=env,
+                             preexec_fn=_limits(rlimits) if rlimits else _die_with_parent)
         if out:
             out.close()
         self.procs[role] = p
@@ -224,6 +259,24 @@ class LocalPair:
             pass
         cleanup_segments(segment_prefix(self.name(role)))
         return code
+
+    def expect_refused(self, role: str, why: str, timeout: float = 120.0) -> str:
+        """The node (just started) refuses to run: it exits 1 by itself, its log says
+        ``why``, and it left nothing behind (no /dev/shm segment: in a private /dev/shm,
+        :data:`SHM_LEFT` names none). Returns its log; PairError if not so."""
+        try:
+            self.procs[role].wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass                      # (wait_exit says so)
+        left = list_segments(segment_prefix(self.name(role)))   # before wait_exit's cleanup
+        code = self.wait_exit(role, 0)
+        log = self.log_tail(role, 1 << 20)
+        if SHM_LEFT in log:
+            left += log.rsplit(SHM_LEFT, 1)[1].split()
+        if code != 1 or why not in log or left:
+            raise PairError(f"the {role} node was to refuse to start naming {why!r}: exit "
+                            f"{code}, segments left {left}:\n{log[-3000:]}")
+        return log
 
     def check_alive(self) -> None:
         for role, p in self.procs.items():

@@ -772,6 +772,104 @@ def disk_commit_fails(fault: str) -> Callable:
     return run
 
 
+# -- a node refused at start (tests/test_node_lifecycle.py's cases, in a pair) --------------
+def refused_at_start(why: Callable[[LocalPair], str], setup: Callable | None = None,
+                     **start: object) -> Callable:
+    """A secondary started under a condition it cannot run in (``start``:
+    LocalPair.start_node's rlimits or shm_size; ``setup(pair)``: a thing that holds a
+    resource, closed afterwards) must refuse at once, with ``why(pair)`` in its log,
+    leaving nothing behind (``LocalPair.expect_refused``). Once the condition is gone the
+    pair starts and protects the guest: memories equal. (Not the primary first: a
+    fixed-role primary that hears no secondary within its HELLO timeout exits; a node
+    refused while its primary serves on is ``dev-shm-full@mid-run``.)"""
+    def run(pair: LocalPair) -> dict:
+        held = setup(pair) if setup else None
+        try:
+            pair.start_node("secondary", **start)
+            try:
+                pair.expect_refused("secondary", why(pair))
+            except PairError as exc:
+                raise RunFailed(str(exc)[:1500]) from None
+        finally:
+            if held is not None:
+                held.close()
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost("after the refused start the memories differ")
+        return {}
+    return run
+
+
+def port_taken(pair: LocalPair):
+    """Another program listens on the secondary's pages port (peer.address's)."""
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", pair.port))
+    taken.listen(1)
+    return taken
+
+
+#: a size of /dev/shm in which the pair runs (its segments take ~40 MiB) with room to fill
+PRIVATE_SHM = "256m"
+FILLER = "/dev/shm/colo-fault-matrix-filler"
+
+
+def fill_dev_shm() -> None:
+    """Append to FILLER until /dev/shm has no page left."""
+    import errno
+    fd = os.open(FILLER, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    os.write(fd, b"\xff" * chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+
+
+def dev_shm_full_mid_run(pair: LocalPair) -> dict:
+    """The whole run in a mount namespace whose /dev/shm is a tmpfs of its own
+    (``run.private_shm``): once the pair is protected a file fills /dev/shm. The running
+    pair reserved its segments at start: it stays protected for 20 checkpoints. Then the
+    secondary is lost; a new one cannot get its segments: it refuses naming /dev/shm and
+    leaves nothing; the primary serves on unprotected. The file goes, a new secondary
+    protects the guest: memories equal."""
+    pair.start()
+    pair.wait_protected(timeout=DEADLINE)
+    fill_dev_shm()
+    try:
+        _stays_protected(pair, "/dev/shm full")
+        pair.kill("secondary")
+        wait_until(lambda: lost_its_secondary(pair), "the primary unprotected")
+        fill_dev_shm()          # (the lost secondary's segments are gone: their room too)
+        pair.start_node("secondary")
+        try:
+            log = pair.expect_refused("secondary", "No space left on device")
+        except PairError as exc:
+            raise RunFailed(str(exc)[:1500]) from None
+        if "/dev/shm" not in log:
+            last = [line for line in log.splitlines() if line.strip()][-2:]
+            raise RunFailed(f"the refusal does not name /dev/shm: {' / '.join(last)}")
+        client = pair.node("primary").stage("client")
+        n0 = client.as_dict()["outputs"]
+        wait_until(lambda: pair.check_alive() or client.as_dict()["outputs"] >= n0 + 100,
+                   "the PVM serving on unprotected")
+    finally:
+        os.unlink(FILLER)
+    pair.start_node("secondary")
+    pair.wait_protected(timeout=DEADLINE)
+    if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+        raise DataLost("after /dev/shm was full the memories differ")
+    return {}
+
+
+dev_shm_full_mid_run.private_shm = PRIVATE_SHM
+
+
 # -- what the clients see: the comparator releases outputs to a client -----------------------
 SERVICE_TABLES = {
     **TABLES,
@@ -931,6 +1029,16 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("failover-merge@store.merge.run", failover_merge("store.merge.run:1:stop"), False),
     ("failover-merge-eio@store.merge.run", failover_merge("store.merge.run:1:errno=EIO"),
      False),
+    ("port-in-use@start", refused_at_start(
+        lambda p: f"the pages channel cannot listen on tcp://127.0.0.1:{p.port}",
+        setup=port_taken), False),
+    ("rlimit-nofile-too-low@start", refused_at_start(
+        lambda p: "RLIMIT_NOFILE is 32 (hard limit 32)", rlimits={"NOFILE": (32, 32)}), False),
+    ("rlimit-as-too-low@start", refused_at_start(
+        lambda p: "RLIMIT_AS", rlimits={"AS": (200 << 20, 200 << 20)}), False),
+    ("dev-shm-full@start", refused_at_start(
+        lambda p: "No space left on device", shm_size="2m"), False),
+    ("dev-shm-full@mid-run", dev_shm_full_mid_run, False),
     ("partition", partition("both"), False),
     ("partition-one-way-primary-to-secondary", partition("a2b"), False),
     ("partition-one-way-secondary-to-primary", partition("b2a"), False),
@@ -972,7 +1080,11 @@ class Row:
 
 def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple[str, dict]:
     """("ok" | "failed: why" | "data lost: why", figures). A row whose body has ``link``
-    runs its nodes in two network namespaces (scripts/faultnet.py), removed afterwards."""
+    runs its nodes in two network namespaces (scripts/faultnet.py), removed afterwards;
+    one with ``private_shm`` runs whole (this script again, ``--one-run``) in a mount
+    namespace with a /dev/shm of its own of that size (localpair.private_shm_command)."""
+    if getattr(body, "private_shm", None) and os.environ.get(IN_PRIVATE_SHM) != name:
+        return _run_in_private_shm(name, body.private_shm, workdir)
     link = None
     figures: dict = {}
     verdict = "ok"
@@ -1016,13 +1128,47 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
     return verdict, figures
 
 
+IN_PRIVATE_SHM = "COLO_FAULT_MATRIX_PRIVATE_SHM"   # (set for the row that runs in there)
+
+
+def _run_in_private_shm(name: str, size: str, workdir: str) -> tuple[str, dict]:
+    import subprocess
+    if os.geteuid() != 0:
+        return "failed: a private /dev/shm needs root (a mount namespace)", {}
+    cmd = localpair.private_shm_command(
+        [sys.executable, os.path.abspath(__file__), "--one-run", name, "--workdir", workdir],
+        size)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE * 4,
+                           env={**os.environ, IN_PRIVATE_SHM: name})
+    except subprocess.TimeoutExpired:
+        return f"failed: the run in a private /dev/shm hung ({DEADLINE * 4:.0f} s)", {}
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return f"failed: the run in a private /dev/shm exited {p.returncode}: " \
+               f"{p.stderr[-1500:]}", {}
+    out = json.loads(lines[-1])
+    left = p.stdout.rsplit(localpair.SHM_LEFT, 1)[-1].split() if localpair.SHM_LEFT in \
+        p.stdout else []
+    if left and out["verdict"] == "ok":
+        return f"failed: the private /dev/shm still holds {left}", out["figures"]
+    return out["verdict"], out["figures"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20, help="runs per row (default 20)")
     ap.add_argument("--quick", action="store_true", help="one run of the rows no test covers otherwise (CI)")
     ap.add_argument("--rows", default="", help="only rows whose name contains this")
     ap.add_argument("--json", action="store_true", help="a JSON object as the last line")
+    ap.add_argument("--one-run", help=argparse.SUPPRESS)   # (a row in a private /dev/shm)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_run:
+        body = next(b for n, b, _q in ROWS if n == args.one_run)
+        verdict, figures = one_run(args.one_run, body, args.workdir)
+        print(json.dumps({"verdict": verdict, "figures": figures}), flush=True)
+        return 0
     # a timeout's SIGTERM unwinds like ^C: every run's finally removes its nodes,
     # namespaces and segments
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
