@@ -166,7 +166,10 @@ class PipelineSettings(Section):
                            "choose `full`. The same goes for pages sent as already held by the "
                            "SVM: the restore stage hashes all, one in 64 or none of them again "
                            "before it applies the epoch. The memory proof "
-                           "(checkpoint.verify_every) compares all of memory whatever this says.",
+                           "(checkpoint.verify_every) compares all of memory whatever this says. On the "
+                           "primary: unless `full`, the pages of the full sync and pre-copy "
+                           "rounds are sent without hashes (UNHASHED) and so not checked: "
+                           "hashing them was on the sync's critical path.",
                            choices=("full", "sample", "off"))
     pause_priority: str = _f("realtime", "Primary: scheduling of the snapshot stage while the "
                              "PVM is paused (the guest's downtime): real-time (SCHED_FIFO 1, "

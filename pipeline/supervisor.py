@@ -70,7 +70,8 @@ EXTRA_COUNTERS = {
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
-               "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns"),
+               "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
+               "pages_unhashed"),
     "receive": ("skipped_optional", "stale_records", "staging_wait_ns"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches"),
@@ -295,7 +296,8 @@ class Supervisor:
                                s.pipeline.pause_priority == "realtime"))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
-                                s.pipeline.compress, shared.compress, svm, i))
+                                s.pipeline.compress, shared.compress, svm, i,
+                                s.pipeline.verify_pages == "full"))
                      for i in range(n)]
             plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
             if dom.simulated_io() is not None:   # the sim guest's clients (a real VM has its own)

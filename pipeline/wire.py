@@ -35,6 +35,8 @@ ENC_KINDS = (ENC_RAW, ENC_LZ4, ENC_ZERO, ENC_REF, ENC_SVM)
 
 FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
 PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them back to back
+PAGES_UNHASHED = 2  # PAGES flags: the data pages carry no blake3 (their hash field is zero
+                    # bytes): a full sync's or pre-copy round's, hashed by neither side
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
 EPOCH_END_FLAGS = FLAG_SYNC   # the CHECKPOINT_BEGIN flags an EPOCH_END repeats
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
@@ -227,6 +229,7 @@ class PageBatch:
     data: np.ndarray      # (sum(enc_len),) uint8, or the lz4 block when packed
     offsets: np.ndarray   # (n,) int64: where page i's encoding starts in data (not packed)
     packed: bool = False
+    unhashed: bool = False  # PAGES_UNHASHED: the data pages' hashes are zero bytes
 
     @property
     def count(self) -> int:
@@ -284,7 +287,7 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
         raise WireError("PAGES: enc_len of a ZERO, REF or SVM page is not 0 (they carry no "
                         "data)")
     total = int(enc_len.sum(dtype=np.int64))
-    if flags & ~PAGES_PACKED:
+    if flags & ~(PAGES_PACKED | PAGES_UNHASHED):
         raise WireError(f"PAGES: unknown flags 0x{flags:x}")
     packed = bool(flags & PAGES_PACKED)
     if packed:
@@ -298,7 +301,8 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
                         "data follow")
     offsets = np.zeros(n, np.int64)
     np.cumsum(enc_len[:-1], out=offsets[1:])
-    return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets, packed)
+    return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets, packed,
+                     bool(flags & PAGES_UNHASHED))
 
 
 # -- EPOCH_END -----------------------------------------------------------

@@ -611,3 +611,20 @@ def test_hello_carries_the_hypervisor_written_ranges_and_checks_them() -> None:
     rejects(wire.encode_hello(4096, 1, 40, "p", written), wire.decode_hello, "HELLO", "frame 40", "outside")
     rejects(wire.encode_hello(4096, 1, 50, "p", ((1, 0x20, 0x10),)), wire.decode_hello, "HELLO", "written range")
     rejects(with_body(msg, msg[wire.HEADER_SIZE:-2]), wire.decode_hello, "HELLO", "written_count")
+
+
+def test_pages_unhashed_flag_round_trips_and_other_bits_are_refused():
+    """PAGES_UNHASHED (a full sync's pages, sent without their hashes) is a known flag; a
+    bit beyond it is not."""
+    p = page(seed=3)
+    msg = wire.encode_pages(9, np.array([1, 2], np.uint64), np.zeros((2, 32), np.uint8),
+                            np.array([PAGE_SIZE, 0], np.uint32),
+                            np.array([wire.ENC_RAW, wire.ENC_ZERO], np.uint8), p,
+                            wire.PAGES_UNHASHED)
+    b = dec_pages(msg)
+    assert b.unhashed and not b.packed and bytes(b.data) == p
+    assert not dec_pages(pages_record([wire.ENC_RAW])).unhashed
+    bad = wire.encode_pages(9, np.array([1], np.uint64), np.zeros((1, 32), np.uint8),
+                            np.array([0], np.uint32), np.array([wire.ENC_ZERO], np.uint8),
+                            b"", 4)
+    rejects(bad, dec_pages, "PAGES", "unknown flags", "0x4")

@@ -8,6 +8,13 @@ of a batch's go as ONE lz4 block (PACKED) when that is smaller and compression i
 (pipeline.compress), else raw back to back. One block per batch instead of
 one per page lets lz4 find repeats across pages (text-like pages: 0.28 of raw instead
 of 0.43) and costs one call instead of dozens.
+
+The pages of a full sync or pre-copy round (wire.FLAG_SYNC) are not hashed unless the
+secondary is to check every page (``hash_sync``, pipeline.verify_pages = "full"): hashing
+was two thirds of this worker's CPU per page there (1.16 of 1.5 us), on the sync's
+critical path, and the hashes serve only later REF pages. Their records go UNHASHED:
+zero bytes for the hash of a data page, which no blake3 equals, so such a page is sent
+with its content (or as SVM) the next time it is dirty, and carries a hash from then on.
 """
 from __future__ import annotations
 
@@ -38,14 +45,17 @@ def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | Non
                          out_data, compress, lz4_stats, svm, epoch)
 
 
-def hash_batch(pages: np.ndarray, out_hashes: np.ndarray) -> np.ndarray:
+def hash_batch(pages: np.ndarray, out_hashes: np.ndarray, hash_data: bool = True) -> np.ndarray:
     """blake3 of every page of ``pages`` (n, page_size) into ``out_hashes``; returns which
-    pages are not all zero (a zero page gets the zero page's hash without hashing)."""
+    pages are not all zero (a zero page gets the zero page's hash without hashing).
+    Without ``hash_data`` the pages that are not zero get zero bytes (UNHASHED)."""
     n, page_size = pages.shape
     nonzero = pages.view(np.uint64).reshape(n, -1).any(axis=1)
     nz = np.flatnonzero(nonzero)
     out_hashes[:n] = np.frombuffer(zero_page_hash(page_size), np.uint8)
-    if len(nz) == n:
+    if not hash_data:
+        out_hashes[nz] = 0
+    elif len(nz) == n:
         out_hashes[:n] = hash_pages(pages)
     elif len(nz):
         out_hashes[nz] = hash_pages(pages, nz)
@@ -98,7 +108,7 @@ def encode_hashed(src_pfns: np.ndarray, pages: np.ndarray, nonzero: np.ndarray,
 
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         snapbuf: PageBuffer, compress: str = "lz4", decision=None,
-        svm: SvmPages | None = None, worker: int = 0) -> None:
+        svm: SvmPages | None = None, worker: int = 0, hash_sync: bool = True) -> None:
     """``compress``: "lz4", "none", or "auto": then the shared word ``decision`` (set by
     the send stage, pipeline/compress_policy.py) says, batch by batch.
     ``svm``: a checkpoint's batches (from the snapshot buffer) wait for the SVM's hashes
@@ -108,7 +118,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
     The pages are hashed first and the wait comes after: while the secondary hashes the
     SVM's pages, this worker hashes the PVM's, up to ``hold`` batches ahead, and only the
     classification (ZERO/REF/SVM/data) and compression wait (they were all behind the
-    wait before, the PVM's hashing added to the secondary's on the commit's path)."""
+    wait before, the PVM's hashing added to the secondary's on the commit's path).
+    ``hash_sync``: hash the pages of a full sync or pre-copy round too (else UNHASHED)."""
     c = ctx.counters
     lz4_stats = [0, 0, 0]
     stage = ctx.name.split(".")[0]
@@ -141,7 +152,11 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
             n = slot.count
             out.reset(slot.kind, slot.epoch, n)
             out.pfns[:n] = slot.pfns[:n]
-            nonzero = hash_batch(pages_of(slot), out.hashes)
+            unhashed = not hash_sync and bool(slot.epoch_flags & wire.FLAG_SYNC)
+            out.batch_flags = wire.PAGES_UNHASHED if unhashed else 0
+            nonzero = hash_batch(pages_of(slot), out.hashes, not unhashed)
+            if unhashed:
+                c.add("pages_unhashed", int(nonzero.sum()))
         held.append((slot, out, nonzero))
         trace.point("hashed", slot.epoch)
         c.add("busy_ns", time.perf_counter_ns() - t0)
@@ -165,14 +180,17 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         on = compress == "lz4" or (compress == "auto" and bool(decision.value))
         lz4_stats[:] = (0, 0, 0)
         sv = svm if svm is not None and svm.ready.value >= slot.epoch else None
-        nbytes, packed, counts = encode_hashed(slot.pfns[:n], pages, nonzero, table,
+        unhashed = out.batch_flags & wire.PAGES_UNHASHED
+        nbytes, packed, counts = encode_hashed(slot.pfns[:n], pages, nonzero,
+                                               None if unhashed else table,
                                                out.hashes, out.enc_len, out.enc_kind,
-                                               out.data_flat, on, lz4_stats, sv, slot.epoch)
+                                               out.data_flat, on, lz4_stats,
+                                               None if unhashed else sv, slot.epoch)
         if lz4_stats[1]:
             c.add("lz4_ns", lz4_stats[0])
             c.add("lz4_bytes_in", lz4_stats[1])
             c.add("lz4_bytes_out", lz4_stats[2])
-        out.batch_flags = wire.PAGES_PACKED if packed else 0
+        out.batch_flags = unhashed | (wire.PAGES_PACKED if packed else 0)
         out.marks = MARK_LZ4 if on else 0
         out.data_len = nbytes
         c.add("items_in", n)

@@ -99,7 +99,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 slot.reset(SLOT_DATA, b.epoch, n)
                 slot.pfns[:n], slot.hashes[:n] = b.pfns, b.hashes
                 slot.enc_len[:n], slot.enc_kind[:n] = b.enc_len, b.enc_kind
-                slot.batch_flags = wire.PAGES_PACKED if b.packed else 0
+                slot.batch_flags = (wire.PAGES_PACKED if b.packed else 0) | \
+                    (wire.PAGES_UNHASHED if b.unhashed else 0)
                 slot.row = staged
                 if raw:
                     rows = staging.pages[staged:staged + n]

@@ -76,6 +76,7 @@ class Assembly:
         self.announced = -1     # pages EPOCH_END announced
         self.vcpu = b""
         self.sync = False
+        self.unhashed = False   # a batch came without its pages' hashes (PAGES_UNHASHED)
 
 
 class Restore:
@@ -155,6 +156,10 @@ class Restore:
             asm.announced = slot.epoch_pages
             if asm.markers < self.n_rings:
                 return None
+            if asm.unhashed and not asm.sync:
+                # only a full sync's or pre-copy round's pages may come without hashes
+                asm.problem = asm.problem or "pages without their hashes (UNHASHED) in a " \
+                    "checkpoint"
             if not asm.problem and asm.n != asm.announced:
                 asm.problem = (f"{asm.n} pages arrived and verified but EPOCH_END "
                                f"announced {asm.announced}")
@@ -164,6 +169,8 @@ class Restore:
             asm.problem = asm.problem or "a page failed verification"
         if slot.row + n > len(self.staged_pfns):
             asm.problem = asm.problem or "more pages than the guest has"
+        if slot.batch_flags & wire.PAGES_UNHASHED:
+            asm.unhashed = True     # refused at the END markers unless the epoch is a sync
         if asm.problem:
             return None
         pfns, kinds = slot.pfns[:n], slot.enc_kind[:n]

@@ -71,10 +71,12 @@ def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, fi
 
 
 def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.ndarray,
-                epoch: int) -> bool:
+                epoch: int, flags: int = 0) -> bool:
     """Copy the pages ``pfns`` themselves into the ring slots (full sync, pre-copy, and a
-    dirty set that overflowed the snapshot buffer)."""
+    dirty set that overflowed the snapshot buffer). ``flags``: the epoch's, on every slot
+    (wire.FLAG_SYNC: the digest workers need not hash a sync's pages)."""
     def fill(slot, chunk, start) -> None:
+        slot.epoch_flags = flags
         domain.read_pages(chunk, slot.data[:len(chunk)])
         ctx.counters.add("bytes_out", len(chunk) * slot.data.shape[1])
     return _deal(ctx, rings, pfns, epoch, fill)
@@ -131,7 +133,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # while the sync streams it is sent again by the first checkpoint.
             domain.enable_dirty_log()
             pfns = np.arange(domain.page_count, dtype=np.uint64)
-            if not _copy_pages(ctx, domain, rings, pfns, epoch):
+            if not _copy_pages(ctx, domain, rings, pfns, epoch, wire.FLAG_SYNC):
                 return
             if not _end_markers(ctx, rings, epoch, len(pfns), wire.FLAG_SYNC, b""):
                 return
@@ -140,7 +142,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         elif isinstance(cmd, messages.PrecopyCmd):
             epoch = cmd.epoch
             dirty = domain.read_and_clear_dirty()
-            if not _copy_pages(ctx, domain, rings, dirty, epoch):
+            if not _copy_pages(ctx, domain, rings, dirty, epoch, wire.FLAG_SYNC):
                 return
             if not _end_markers(ctx, rings, epoch, len(dirty), wire.FLAG_SYNC, b""):
                 return
