@@ -225,6 +225,9 @@ class PrimaryCoordinator(_Coordinator):
                 raise TimeoutError(f"epoch {res.epoch}: no {', '.join(sorted(want))} within "
                                    f"{self.settings.checkpoint.epoch_timeout_ms} ms")
             events = dict(poller.poll(min(left, 0.2) * 1000))
+            # a lost lease ends the wait: the secondary that took over will not ACK, and
+            # this stale primary must give its role up now, not at the epoch timeout
+            self.role.check()
             if self.hb_events.fileno() in events and self._heartbeat_lost():
                 raise PeerLost(f"epoch {res.epoch}: the secondary was lost")
             if sync_total:
