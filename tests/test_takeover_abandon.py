@@ -65,7 +65,8 @@ def test_a_primary_heard_again_before_the_grant_abandons_the_takeover(tmp_path):
                    timeout=120, what="the takeover attempt abandoned")
         sec = pair.node("secondary").node_info()
         assert sec["role"] == "secondary" and "heartbeat is back" in sec["takeover_abandoned"]
-        assert "event=takeover_abandoned" in pair.log_tail("secondary", 1 << 24)
+        wait_until(lambda: "event=takeover_abandoned" in pair.log_tail("secondary", 1 << 24),
+                   timeout=60, what="the abandoned attempt logged")
         for counter in ("takeovers", "takeovers_refused"):
             assert pair.stage_counter("coordinator", counter, "secondary") == 0, counter
         coord = pair.node("primary").stage("coordinator")

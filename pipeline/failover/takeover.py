@@ -250,13 +250,13 @@ class SecondaryRole:
         """A takeover attempt given up before it committed: the primary is alive after
         all (a false loss: a lossy link, a stalled heartbeat). The SVM stays the standby,
         paused at its last committed checkpoint; the primary's next BEGIN goes on."""
-        self.c.add("takeovers_abandoned", 1)
         n = int(self.current().get("takeovers_abandoned", 0)) + 1
-        self.info(takeover_abandoned=reason, takeovers_abandoned=n)
         self.ctx.log.warning("epoch=%d event=takeover_abandoned %.0f ms after the primary was "
                              "declared lost: %s; the SVM stays the standby (%d abandoned)",
                              last_epoch, (time.monotonic() - detected) * 1000, reason, n,
                              extra={"epoch": last_epoch})
+        self.info(takeover_abandoned=reason, takeovers_abandoned=n)
+        self.c.add("takeovers_abandoned", 1)     # last: a reader of it finds the rest done
 
     def serve(self, bus: Any) -> None:
         """Active: a "digest" request hashes all of the guest's memory between two inputs
