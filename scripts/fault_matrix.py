@@ -102,6 +102,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faultnet  # noqa: E402  (scripts/faultnet.py: namespaces, nftables, the TUN forwarder)
 
 from pipeline.counters import STATUS_COMMITTED  # noqa: E402
+from pipeline.wire import DISK_FORWARD_PORT_OFFSET  # noqa: E402
 from pipeline import localpair  # noqa: E402
 from pipeline.localpair import LocalPair, PairError, sim_replay_digest  # noqa: E402
 from pipeline.shm import list_segments, segment_prefix  # noqa: E402
@@ -516,9 +517,12 @@ dirty_rate_above_the_rings.tables = {
 DISK_MIB = 8
 
 
-def disk_role_tables() -> dict:
+def disk_role_tables(forward: str | None = None) -> dict:
+    """Both nodes' ``disk`` tables: an 8 MiB image each, exported on a unix socket in the
+    workdir, the forwarding link at ``forward`` (the secondary binds it; default a free
+    port on 127.0.0.1)."""
     disk = {"export_size": DISK_MIB << 20, "durable_commit": False,
-            "forward": f"tcp://127.0.0.1:{localpair.free_port_base(1)}"}
+            "forward": forward or f"tcp://127.0.0.1:{localpair.free_port_base(1)}"}
     return {r: {"disk": {**disk, "image": f"{{workdir}}/{r}.img",
                          "export": f"unix:{{workdir}}/{r}.nbd"}}
             for r in ("primary", "secondary")}
@@ -870,6 +874,154 @@ def dev_shm_full_mid_run(pair: LocalPair) -> dict:
 dev_shm_full_mid_run.private_shm = PRIVATE_SHM
 
 
+# -- the comparator and the replicated disk in every row ---------------------------------
+#: the guest's outputs go through the network comparator (on the primary) to a client
+#: socket; the row's client load reads them (OutputReader)
+COMPARE_TABLES = {
+    "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
+            "secondary_in": "unix:{workdir}/net-svm.sock",
+            "outdev": "unix:{workdir}/client.sock", "release": "compare"},
+}
+
+
+class OutputReader(threading.Thread):
+    """The client side of the comparator: reads every frame it releases on the outdev
+    (``client.sock``), in arrival order; ``seqs``: the input each answers. Ends when the
+    stream does (the primary gone: ``gone``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path, self.seqs, self.gone = path, [], ""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import select
+        import socket
+        from pipeline.net.framing import FrameDecoder
+        from pipeline.service_client import PAYLOAD_AT
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + 60
+        while not self.done.is_set():
+            try:
+                sock.connect(self.path)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self.gone = f"no comparator output at {self.path}: {exc}"
+                    return
+                time.sleep(0.05)
+        decoder = FrameDecoder(False)
+        try:
+            while not self.done.is_set():
+                if not select.select([sock], [], [], 0.05)[0]:
+                    continue
+                data = sock.recv(1 << 20)
+                if not data:
+                    self.gone = "the released-output stream ended"
+                    return
+                for item in decoder.feed(data):
+                    frame = item[0]
+                    self.seqs.append(int.from_bytes(frame[PAYLOAD_AT:PAYLOAD_AT + 8], "little"))
+        except OSError as exc:
+            self.gone = repr(exc)
+        finally:
+            sock.close()
+
+
+class RowLoad:
+    """What every row runs besides its fault, where its mechanism allows: the guest's
+    outputs through the comparator to a client (``reader``), and the guest's disk
+    replicated and written throughout (``writer``, 50 writes/s on the primary's export).
+    Both start when the row starts its primary. :meth:`check` afterwards:
+
+    * frames: every released frame exactly once, in order (consecutive input seqs from
+      the first seen: outputs from before the comparator listened are lost to it); if the
+      primary still serves, every output its guest made up to now gets released;
+    * disk: no guest write failed (an error the guest would have seen); if the pair is
+      protected at the end, after one more checkpoint both images are equal and hold
+      exactly the guest's writes; after a takeover the survivor's image is exactly a
+      prefix of the writes (one checkpoint, no half-applied epoch)."""
+
+    def __init__(self, pair: LocalPair, reader: bool, writer: bool) -> None:
+        self.pair = pair
+        self.reader = OutputReader(os.path.join(pair.workdir, "client.sock")) if reader \
+            else None
+        self.writer = DiskWriter(f"nbd+unix:///?socket={pair.workdir}/primary.nbd",
+                                 rate=50) if writer else None
+        self.started = False
+
+    def begin(self) -> None:
+        if not self.started:
+            self.started = True
+            for t in (self.reader, self.writer):
+                if t is not None:
+                    t.start()
+
+    def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.done.set()
+        if self.writer is not None:
+            self.writer.stopping.set()
+
+    def _serving(self, role: str, want: str) -> dict | None:
+        p = self.pair.procs.get(role)
+        if p is None or p.poll() is not None:
+            return None
+        try:
+            info = self.pair.node(role, timeout=5).node_info()
+        except PairError:
+            return None
+        return info if info.get("role") == want else None
+
+    def check(self) -> dict:
+        pair, figures = self.pair, {}
+        if not self.started:
+            return figures
+        primary = self._serving("primary", "primary")
+        active = self._serving("secondary", "active")
+        if self.writer is not None:
+            done = self.writer.finish()
+            figures["disk_writes"] = done
+            if self.writer.error:
+                raise RunFailed(f"a guest disk write failed: {self.writer.error}")
+            if primary is not None and self.writer.gone:
+                raise RunFailed(f"the guest's disk went away while its primary serves: "
+                                f"{self.writer.gone}")
+            if primary is not None and primary.get("state") == "protected":
+                if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+                    raise DataLost("after the row's final checkpoint the memories differ")
+                if not images_equal(pair):
+                    raise DataLost("after the row's final checkpoint the disk images differ")
+            if primary is not None and disk_prefix(read_image(pair, "primary"), done) != done:
+                raise DataLost(f"the primary's disk does not hold the guest's {done} writes")
+            if active is not None and primary is None:
+                k = disk_prefix(read_image(pair, "secondary"), done + 1)
+                if k is None:
+                    raise DataLost("the survivor's disk is no prefix of the guest's writes "
+                                   "(not one checkpoint)")
+                figures["disk_writes_kept"] = k
+        if self.reader is not None:
+            r = self.reader
+            if primary is not None:
+                outputs = pair.node("primary").stage("client").as_dict()["outputs"]
+                wait_until(lambda: r.gone or (r.seqs and r.seqs[-1] + 1 >= outputs),
+                           f"the comparator releasing the guest's {outputs} outputs")
+            r.done.set()
+            r.join(10)
+            seqs = r.seqs
+            if not seqs and primary is not None:
+                raise RunFailed(f"no frame reached the client: {r.gone}")
+            first = seqs[0] if seqs else 0
+            if seqs != list(range(first, first + len(seqs))):
+                dup = len(seqs) - len(set(seqs))
+                bad = next(i for i, q in enumerate(seqs) if q != first + i)
+                raise DataLost(f"released frames: {len(seqs)} from input {first}, {dup} "
+                               f"duplicated, first out of place at {bad} "
+                               f"({seqs[max(0, bad - 2):bad + 3]})")
+            figures["frames"] = len(seqs)
+        return figures
+
+
 # -- what the clients see: the comparator releases outputs to a client -----------------------
 SERVICE_TABLES = {
     **TABLES,
@@ -1094,20 +1246,36 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
             port = faultnet.free_port_base() if "corrupt_dport" in impair else None
             if port is not None:      # the pages channel: peer.address's port
                 impair["corrupt_dport"] = port
+            if port is None:          # (the disk's forwarding link is on port + 4)
+                port = faultnet.free_port_base(5)
             link = faultnet.NetLink(body.link, impair, workdir=workdir)
-            tables = {**NET_TABLES, **{k: v for k, v in getattr(body, "tables", {}).items()
-                                       if k not in ("checkpoint", "heartbeat")}}
-            pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port)
+            tables = {**NET_TABLES, **COMPARE_TABLES,
+                      **{k: v for k, v in getattr(body, "tables", {}).items()
+                         if k not in ("checkpoint", "heartbeat")}}
+            forward = f"tcp://{link.ip['b']}:{port + DISK_FORWARD_PORT_OFFSET}"
+            pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port,
+                                      role_tables=disk_role_tables(forward))
         else:
-            roles = getattr(body, "role_tables", None)
-            pair = LocalPair({**TABLES, **getattr(body, "tables", {})}, workdir=workdir,
-                             role_tables=roles() if roles else None)
+            roles = getattr(body, "role_tables", None) or disk_role_tables
+            pair = LocalPair({**TABLES, **COMPARE_TABLES, **getattr(body, "tables", {})},
+                             workdir=workdir, role_tables=roles())
+        load = RowLoad(pair, reader=getattr(body, "tables", {}).get("net") is None,
+                       writer=getattr(body, "role_tables", None) is None)
+        start_node = pair.start_node
+
+        def start_and_load(role: str, *args, **kw):
+            proc = start_node(role, *args, **kw)
+            if role == pair.primary_host():
+                load.begin()
+            return proc
+        pair.start_node = start_and_load
     except Exception:
         if link is not None:
             link.close()
         return "failed: " + traceback.format_exc(limit=3).replace("\n", " | "), {}
     try:
         figures = body(pair)
+        figures.update(load.check())
     except DataLost as exc:
         verdict = f"data lost: {exc}"
     except (RunFailed, PairError) as exc:
@@ -1115,6 +1283,7 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
     except Exception:
         verdict = "failed: " + traceback.format_exc(limit=3).replace("\n", " | ")
     finally:
+        load.stop()
         pair.stop()
         if link is not None:
             link.close()
