@@ -70,11 +70,45 @@ Rows with the whole pair on this machine:
   and healed. Invariant: every request got exactly one answer, in order, across the fault,
   the unprotected run and the re-protection; memories proven equal.
 
-Not yet rows: /dev/shm full, RLIMIT_NOFILE, a port in use (tests of their own in
-tests/test_node_lifecycle.py), ENOSPC/EIO while the secondary buffers writes (no named
-point there) and during the failover merge (a fixed-role takeover does not merge); the
-comparator and the replicated disk are not in every row's pair, only in the
-``client-responses`` and ``disk-commit`` rows.
+* ``disk-buffer-enospc@store.buffer.append``: the secondary's store fails to buffer
+  forwarded writes (ENOSPC at the named point). What an HA pair must do: no guest write
+  fails; the secondary is given up (primary unprotected, the secondary stops naming the
+  error) and a new one re-protects: memories and images equal.
+* ``failover-merge@store.merge.run``, ``failover-merge-eio@store.merge.run``: the SVM
+  wrote its disk since the last checkpoint (its overlay), the primary dies, the takeover
+  merges the overlay: the disk stage stops at the first merged run and goes on, or the
+  merge fails once with EIO (it must be redone: the merge is journalled and idempotent).
+  Invariants: active from the last checkpoint, serving, and the survivor's disk exactly
+  the checkpoint plus the SVM's own writes.
+
+Lifecycle rows (the code of ``tests/test_node_lifecycle.py``: ``LocalPair.start_node``'s
+``rlimits`` and ``shm_size``, ``LocalPair.expect_refused``):
+
+* ``port-in-use@start``, ``rlimit-nofile-too-low@start``, ``rlimit-as-too-low@start``,
+  ``dev-shm-full@start``: a secondary started with its pages port held by another
+  program, RLIMIT_NOFILE 32/32, RLIMIT_AS 200 MiB, or a private 2 MiB /dev/shm must
+  refuse at once naming the cause (the port's channel and address, the limit, /dev/shm),
+  leaving no segment; then the pair starts and protects: memories equal.
+* ``dev-shm-full@mid-run``: the run in a mount namespace with a /dev/shm of its own,
+  filled once protected: the pair stays protected (its segments were reserved at start);
+  a lost secondary's replacement refuses naming /dev/shm; the primary serves on; with
+  room again a new secondary protects.
+
+The comparator and the replicated disk are in every row (``RowLoad``): the guest's
+outputs go through the comparator to a client that checks every released frame comes
+exactly once and in order (and all outputs are released while the primary serves); an
+NBD client writes the primary's disk throughout (no write may fail; at the end both
+images are equal and hold exactly its writes, or after a takeover the survivor's image
+is a prefix of them). Where a row's mechanism does not allow it:
+
+* takeover rows (``primary@*``, ``sigstop-primary``): frames are checked up to the
+  failover only: with fixed roles the comparator and the client socket die with the
+  primary and the active SVM's outputs reach no client (issue 16);
+* rows with no active side at the end (``primary@send.pages:2``,
+  ``primary@primary.reprotect``): no disk holds a checkpoint, so only frames;
+* ``client-responses@*``: their own client (one answer per request) instead of the
+  reader; ``disk-*`` and ``failover-merge*``: their own disk writers instead of the
+  load's (a second writer would make the written stream's order unknowable).
 
 Usage: ``python3 scripts/fault_matrix.py [--runs N] [--quick] [--rows SUBSTR] [--json]``.
 ``--quick`` (CI): one run of the rows no test covers otherwise. ``--json`` prints
