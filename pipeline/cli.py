@@ -131,6 +131,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                   "survivor's disk is the primary's; a host that comes back with its image "
                   "gets only the MiBs that differ (an image of another lineage: a full "
                   "sync).")
+        if settings.net.primary_in and not settings.net.secondary_in:
+            from pipeline.failover.roles import net_secondary_address
+            print(f"comparator: while this host is the primary it takes the SVM's frames at "
+                  f"{net_secondary_address(settings.node.listen)} and releases answers to "
+                  f"net.outdev {settings.net.outdev or '(none)'}; while secondary its SVM's "
+                  f"go to {net_secondary_address(settings.peer.address)}. After a takeover "
+                  "the survivor's guest output goes to its own comparator, which passes it "
+                  "through to net.outdev until a secondary joins.")
         try:
             role, why = decide_role(settings, wait=False)
             print(f"started now, it would run as {role}: {why}")

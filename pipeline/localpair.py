@@ -138,6 +138,7 @@ class LocalPair:
         self.logs: dict[str, str] = {}
         self.counters: dict[str, NodeCounters] = {}
         self._inject: dict[str, zmq.Socket] = {}   # inject_input's socket per address
+        self.ttys: dict[str, int] = {}   # start_node(tty=True): the terminal's master side
         keys = os.path.join(self.workdir, "keys")
         for role in self.HOSTS:
             write_keypair(keys, role)
@@ -191,11 +192,13 @@ class LocalPair:
 
     def start_node(self, role: str, fault: str | None = None, *,
                    rlimits: dict[str, tuple[int, int]] | None = None,
-                   shm_size: str | None = None) -> subprocess.Popen:
+                   shm_size: str | None = None, tty: bool = False) -> subprocess.Popen:
         """``rlimits``: resource limits of the node ({"NOFILE": (soft, hard)}, names as
         in ``resource.RLIMIT_*``); ``shm_size``: the node gets a /dev/shm of its own of
         that size (:func:`private_shm_command`; its counters are out of this process's
-        sight: for a node that is to be refused at start)."""
+        sight: for a node that is to be refused at start). ``tty``: the node's stdout and
+        stderr are a terminal (a pty) whose master side is ``self.ttys[role]`` (what an
+        operator running it by hand sees: its progress bars)."""
         cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", self.log_level, "run",
                "--config", self.configs[role]]
         if shm_size:
@@ -206,11 +209,16 @@ class LocalPair:
             env["COLO_FAULT"] = fault
         log_path = os.path.join(self.workdir, f"{role}.log")
         self.logs[role] = log_path
-        out = open(log_path, "ab") if self.capture_logs else None
+        out = open(log_path, "ab") if self.capture_logs and not tty else None
+        if tty:
+            import pty
+            self.ttys[role], out = pty.openpty()
         p = subprocess.Popen(self._wrap(role, cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
                              start_new_session=True, env=env,
                              preexec_fn=_limits(rlimits) if rlimits else _die_with_parent)
-        if out:
+        if tty:
+            os.close(out)
+        elif out:
             out.close()
         self.procs[role] = p
         return p
@@ -339,6 +347,9 @@ class LocalPair:
         return codes
 
     def cleanup(self) -> None:
+        for fd in self.ttys.values():
+            os.close(fd)
+        self.ttys.clear()
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -474,7 +485,8 @@ class HostPair(LocalPair):
     take them in the meantime."""
 
     HOSTS = ("a", "b")
-    PORTS = 5       # and port + 4: the disk's forwarding link (wire.DISK_FORWARD_PORT_OFFSET)
+    PORTS = 6       # and port + 4: the disk's forwarding link (wire.DISK_FORWARD_PORT_OFFSET),
+    #                 port + 5: the comparator's SVM stream (wire.NET_SECONDARY_PORT_OFFSET)
 
     def __init__(self, tables: dict[str, dict[str, Any]] | None = None, *,
                  addresses: dict[str, str] | None = None,

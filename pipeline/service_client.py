@@ -6,6 +6,14 @@ The guest answers its inputs in order, one frame each, and the frame starts with
 input's seq; so the n-th request's answer is the frame whose seq is ``first + n``, where
 ``first`` is learnt from a probe request. That holds while this client is the guest's
 only source of input (``guest.workload.input_rate_hz = 0`` on the primary).
+
+:class:`AnswerStream` reads the answers only, and follows the service across a failover:
+when the stream ends (the primary's host is gone) it connects to the service's address
+again, which the survivor serves now (or to the next of several addresses), and it keeps
+one answer per seq as a client's TCP stack keeps one copy of each byte: an answer the
+survivor sends again (a rolled-back SVM regenerates the answers of the inputs it replays)
+is dropped, and counted as a duplicate, or as a conflict if its bytes differ from the
+copy already received (docs/deployment.md, "What clients see across a failover").
 """
 from __future__ import annotations
 
@@ -28,22 +36,120 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
+def connect_stream(address: str, timeout: float = 60.0) -> socket.socket:
+    """A non-blocking connection to a released-output stream (``unix:PATH``, a bare path,
+    or ``tcp:HOST:PORT``), retried until ``timeout`` while nothing listens there."""
+    from pipeline.net.adapters import parse_address
+    kind, where = parse_address(address if address.startswith(("unix:", "tcp:"))
+                                else "unix:" + address)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_INET if kind == "tcp" else socket.AF_UNIX,
+                             socket.SOCK_STREAM)
+        try:
+            sock.connect(where)
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class AnswerStream:
+    """The service's answers as a client on the clients' network reads them, across
+    failovers (see the module's docstring). ``addresses``: where the service may be
+    (one address that moves with the active host, or one per host, tried in turn)."""
+
+    def __init__(self, addresses: list[str], timeout: float = 60.0) -> None:
+        self.addresses, self.timeout = list(addresses), timeout
+        self.sock: socket.socket | None = None
+        self.decoder = FrameDecoder(False)
+        self.seqs: list[int] = []             # each seq once, in the order first received
+        self.first: dict[int, bytes] = {}     # seq -> the answer's bytes as first received
+        self.duplicates = 0                   # answers received again, the same bytes
+        self.conflicts: list[int] = []        # seqs received again with other bytes
+        self.connections = 0
+        #: len(seqs) each time a stream that brought answers ended (a connection made
+        #: while the lost host's processes were still dying ends with none)
+        self.breaks: list[int] = []
+        self._at_connect = 0
+        self._next = 0
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            address = self.addresses[self._next % len(self.addresses)]
+            try:
+                self.sock = connect_stream(address, timeout=0.2)
+                self.decoder = FrameDecoder(False)
+                self.connections += 1
+                self._at_connect = len(self.seqs) + self.duplicates + len(self.conflicts)
+                return
+            except OSError:
+                self._next += 1
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"no service at {self.addresses} within "
+                                          f"{self.timeout} s") from None
+
+    def read(self, timeout: float) -> int:
+        """Take what arrives within ``timeout`` s; the number of new answers."""
+        if self.sock is None:
+            self._connect()
+        if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
+            return 0
+        new = 0
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return new
+            except OSError:
+                data = b""
+            if not data:                       # the host serving it is gone: follow
+                if len(self.seqs) + self.duplicates + len(self.conflicts) > self._at_connect:
+                    self.breaks.append(len(self.seqs))
+                self.sock.close()
+                self.sock = None
+                return new
+            for item in self.decoder.feed(data):
+                frame = bytes(item[0][PAYLOAD_AT:])
+                seq = int.from_bytes(frame[:8], "little")
+                had = self.first.get(seq)
+                if had is None:
+                    self.first[seq] = frame
+                    self.seqs.append(seq)
+                    new += 1
+                elif had == frame:
+                    self.duplicates += 1
+                else:
+                    self.conflicts.append(seq)
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """At each end of a stream: (the last seq before it, the first seq after it)."""
+        return [(self.seqs[b - 1], self.seqs[b]) for b in self.breaks
+                if 0 < b < len(self.seqs)]
+
+    def missing(self) -> list[int]:
+        """Seqs between the first and the last answer received that never came."""
+        if not self.seqs:
+            return []
+        got = set(self.seqs)
+        return [q for q in range(min(got), max(got)) if q not in got]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class ServiceClient:
     """One connection to the released outputs, one to the inputs. Not thread-safe: one
     thread uses it (the benchmark runs it in a process of its own)."""
 
     def __init__(self, outdev: str, inject: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.sock.connect(outdev)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.setblocking(False)
+        self.sock = connect_stream(outdev)
         self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 1_000_000)

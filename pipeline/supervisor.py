@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -165,12 +166,14 @@ def _disk_entry(ctx: StageContext, settings: Settings, protected: bool = True) -
         nctx.close()
 
 
-def _net_compare_entry(ctx: StageContext, settings: Settings, in_band: bool) -> None:
+def _net_compare_entry(ctx: StageContext, settings: Settings, in_band: bool,
+                       passthrough: bool = False) -> None:
     """The network comparator: the PVM's and the SVM's output frames, compared.
-    ``in_band``: they come from the sim guests' output ports, with every epoch boundary."""
+    ``in_band``: they come from the sim guests' output ports, with every epoch boundary.
+    ``passthrough``: the primary starts unprotected (role auto)."""
     from pipeline.stages.net_compare import run_net_compare_stage
     run_net_compare_stage(settings.net, settings.run_dir, counters_sink=ctx.counters,
-                          stop=ctx.stop, in_band=in_band)
+                          stop=ctx.stop, in_band=in_band, passthrough=passthrough)
 
 
 def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
@@ -256,6 +259,8 @@ class Supervisor:
         self.node: NodeCounters | None = None
         self.exit_reason = ""
         self.metrics = None
+        self.disk_bar = None            # the disk sync's bar on a terminal (primary, a disk)
+        self.disk_bars_ended = 0        # syncs whose bar was drawn to its end
 
     # -- building ---------------------------------------------------------
     def _ring(self, label: str, slots: int, layout: SlotLayout) -> Ring:
@@ -335,14 +340,15 @@ class Supervisor:
                                   (dom, [*to_restore, direct], ctl_b, staging,
                                    s.pipeline.verify_pages, gate)))
             if dom.simulated_io() is not None:
-                plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared)))
+                plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared, self.auto)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
             plan.append(StageSpec("disk", _disk_entry,
                                   (s, not self.start_as.wait_for_secondary)))
         if s.node.role == "primary" and s.net.primary_in:
             plan.append(StageSpec("net_compare", _net_compare_entry,
-                                  (s, dom.simulated_io() is not None)))
+                                  (s, dom.simulated_io() is not None,
+                                   self.start_as.wait_for_secondary)))
         return plan
 
     def start(self) -> None:
@@ -563,6 +569,32 @@ class Supervisor:
             self.domain.close()
             self.domain = None
 
+    def _draw_disk_sync(self) -> None:
+        """A primary with a disk, on a terminal: the disk sync's bar
+        (pipeline/disk/progress.py), redrawn while a sync runs. Not while the memory's full
+        sync draws its own on the same line (the coordinator's, in node info
+        ``sync_progress``)."""
+        if self.node is None or not self.settings.disk.enabled \
+                or self.settings.node.role != "primary":
+            return
+        if self.disk_bar is None:
+            from pipeline.disk.progress import SyncBar
+            self.disk_bar = SyncBar(sys.stderr)
+        if not self.disk_bar.tty or self.node.node_info().get("sync_progress", 1.0) < 1.0:
+            return
+        from pipeline.disk.progress import sync_progress
+        p = sync_progress(self.node.stage("disk").as_dict())
+        if p is None:
+            return
+        if p["state"] == "running":
+            self.disk_bar.show(p)
+        elif p["syncs"] > self.disk_bars_ended:
+            # each sync's last state (done, or failed) once, then a new line: also for a
+            # sync that ran between two looks
+            self.disk_bar.show(p)
+            self.disk_bar.end()
+            self.disk_bars_ended = p["syncs"]
+
     def run(self) -> int:
         """Start, watch until a signal or a stage failure, stop. Returns the exit code."""
         got_signal = []
@@ -580,6 +612,7 @@ class Supervisor:
                 code = self.wait(0.05 if self.auto else 0.5)
                 if code:
                     break
+                self._draw_disk_sync()
                 if self.auto and self.settings.node.role == "secondary" \
                         and self.shared.active.value:
                     code = self.become_primary()

@@ -46,6 +46,9 @@ CHANNEL_PORT_OFFSETS = {"pages": 0, "control": 1, "inputs": 2, "heartbeat": 3}
 #: node.role "auto" with a replicated disk: the disk's forwarding link follows the
 #: secondary's address too (fixed roles name it in disk.forward)
 DISK_FORWARD_PORT_OFFSET = 4
+#: node.role "auto" with a comparator: the SVM's output stream goes to the primary's
+#: address at this offset (net.secondary_in, which fixed roles name)
+NET_SECONDARY_PORT_OFFSET = 5
 
 
 def channel_address(peer_address: str, channel: str) -> str:

@@ -305,3 +305,35 @@ def test_the_demo_rejoins_with_a_disk_and_syncs_only_what_differs():
         assert cycle["disk_equal"] and cycle["disk_sync_incremental"], cycle
         assert cycle["disk_write_errors"] == 0 and cycle["disk_writes"] > 0, cycle
         assert 0 < cycle["disk_sync_bytes"] <= 32 * MiB, cycle   # (exact: the test above)
+
+
+def test_run_draws_the_disk_sync_bar_on_a_terminal(tmp_path):
+    """``colo-pipeline run`` of a primary with a disk, on a terminal: when a secondary
+    joins, the disk sync's bar (pipeline/disk/progress.py) is drawn and ends at 100%."""
+    import re
+    pair = HostPair(TABLES, workdir=str(tmp_path / "pair"), role_tables=disk_tables())
+    out = bytearray()
+
+    def read_terminal(fd: int) -> None:   # all the time: a full terminal would block the node
+        try:
+            while data := os.read(fd, 65536):
+                out.extend(data)
+        except OSError:       # the node and the test are done with it
+            pass
+    try:
+        with open(os.path.join(pair.workdir, "a-disk.img"), "wb") as f:
+            f.truncate(DISK)
+            f.seek(3 * MiB)
+            f.write(random.Random(5).randbytes(2 * MiB))
+        pair.start_node("a", tty=True)
+        threading.Thread(target=read_terminal, args=(pair.ttys["a"],), daemon=True).start()
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+        pair.start_node("b")
+        pair.wait_protected(timeout=240)
+        sync_done(pair, "a")
+        done = re.compile(rb"\rdisk sync \(full\) \[#{40}\] 100\.0%  2/2 MiB")
+        wait_until(lambda: done.search(bytes(out)), timeout=60,
+                   what="the disk sync's bar at 100%")
+    finally:
+        pair.stop()
+        pair.cleanup()

@@ -121,3 +121,35 @@ export_size = 1048576
     path.write_text(path.read_text() + 'forward = "tcp://127.0.0.1:9000"\n')
     r = cli("check-config", str(path))
     assert r.returncode == 2 and "disk.forward" in r.stderr, r.stderr
+
+
+def test_the_svm_output_stream_follows_the_primary(tmp_path):
+    """With a comparator (net.primary_in), the SVM's frames go to whichever host is the
+    primary, at its address's port + 5; a fixed tcp: net.secondary_in would be right for
+    one of the two roles only and is refused, naming the key."""
+    import pytest
+
+    from pipeline.schema import SettingError
+
+    def with_net(**net):
+        d = {"node": {"name": "a", "role": "auto", "listen": "tcp://10.0.0.1:7400"},
+             "peer": {"address": "tcp://10.0.0.2:7400"}, "security": {"mode": "plaintext"},
+             "failover": {"witness": "local", "witness_dir": str(tmp_path / "w"),
+                          "witness_key": KEY}, "net": net}
+        return config.from_dict(d)
+    s = with_net(primary_in="unix:/run/colo/pvm.sock", outdev="tcp:0.0.0.0:7000")
+    assert effective_settings(s, "primary").net.secondary_in == "tcp:10.0.0.1:7405"
+    assert effective_settings(s, "secondary").net.secondary_in == "tcp:10.0.0.2:7405"
+    one_machine = with_net(primary_in="unix:/run/pvm.sock", secondary_in="unix:/run/svm.sock")
+    assert effective_settings(one_machine, "secondary").net.secondary_in == "unix:/run/svm.sock"
+    with pytest.raises((SettingError, config.ConfigError), match="net.secondary_in"):
+        with_net(primary_in="unix:/run/pvm.sock", secondary_in="tcp:10.0.0.1:7405")
+    path = tmp_path / "a.toml"
+    path.write_text(_auto_toml(tmp_path) + '[net]\nprimary_in = "unix:/run/pvm.sock"\n'
+                    'outdev = "tcp:0.0.0.0:7000"\n')
+    r = cli("check-config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "tcp:127.0.0.1:7405" in r.stdout and "tcp:127.0.0.1:7505" in r.stdout, r.stdout
+    path.write_text(path.read_text() + 'secondary_in = "tcp:127.0.0.1:9000"\n')
+    r = cli("check-config", str(path))
+    assert r.returncode == 2 and "net.secondary_in" in r.stderr, r.stderr

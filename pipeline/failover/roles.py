@@ -77,6 +77,20 @@ def check_auto(settings: Any) -> None:
     if settings.heartbeat.address:
         raise SettingError("heartbeat.address", "set with node.role 'auto': the heartbeat "
                            "follows the secondary's address (port + 3)", "empty")
+    net = settings.net
+    from pipeline import wire
+    if net.secondary_in and not net.secondary_in.startswith("unix:"):
+        raise SettingError("net.secondary_in", f"{net.secondary_in!r} with node.role 'auto': "
+                           "the SVM's output goes to whichever host is the primary, at its "
+                           f"address's port + {wire.NET_SECONDARY_PORT_OFFSET}",
+                           "not set (or a unix: path when both hosts are one machine)")
+    if net.primary_in:
+        top = 65535 - wire.NET_SECONDARY_PORT_OFFSET
+        for key, addr in (("node.listen", n.listen), ("peer.address", settings.peer.address)):
+            if int(addr.rsplit(":", 1)[1]) > top:
+                raise SettingError(key, f"{addr!r}: with a comparator (net.primary_in) the "
+                                   f"port + {wire.NET_SECONDARY_PORT_OFFSET} is used too",
+                                   f"a port up to {top}")
 
 
 def _check_tcp(key: str, addr: str) -> None:
@@ -101,8 +115,21 @@ def effective_settings(settings: Any, role: str) -> Any:
     disk = settings.disk
     if disk.enabled:   # the secondary binds its forwarding link, the primary connects to it
         disk = dataclasses.replace(disk, forward=disk_forward_address(peer.address))
+    net = settings.net
+    if net.primary_in and not net.secondary_in:
+        # the primary's comparator listens for the SVM's output on its own address
+        primary = settings.node.listen if role == "primary" else settings.peer.address
+        net = dataclasses.replace(net, secondary_in=net_secondary_address(primary))
     return dataclasses.replace(settings, node=dataclasses.replace(settings.node, role=role),
-                               peer=peer, disk=disk)
+                               peer=peer, disk=disk, net=net)
+
+
+def net_secondary_address(primary_address: str) -> str:
+    """Role auto: where the primary's comparator takes the SVM's output frames
+    (``tcp://HOST:PORT`` -> ``tcp:HOST:PORT+5``, the comparator's address form)."""
+    from pipeline import wire
+    base, port = primary_address.rsplit(":", 1)
+    return f"tcp:{base.removeprefix('tcp://')}:{int(port) + wire.NET_SECONDARY_PORT_OFFSET}"
 
 
 def disk_forward_address(secondary_address: str) -> str:

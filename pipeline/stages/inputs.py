@@ -41,12 +41,34 @@ def client_input(seed: int, seq: int) -> bytes:
 
 class OutputPort:
     """Where a guest's output goes: to the network comparator as Ethernet/UDP frames
-    (``address`` is its primary_in or secondary_in), or nowhere but the counters."""
+    (``address`` is its primary_in or secondary_in), or nowhere but the counters.
+
+    After a takeover the survivor's guest is on the clients' network (:meth:`to_clients`):
+    its frames go to this node's own comparator, which passes them through to
+    ``net.outdev`` while no secondary protects the guest. None is dropped then: frames
+    that cannot go yet (that comparator is still starting) are kept, and no more are read
+    from the guest until they went (its output backs up, as a NIC's ring would)."""
 
     def __init__(self, ctx: StageContext, address: str) -> None:
         self.ctx, self.address, self.client = ctx, address, None
+        self.keep = False          # to_clients: keep what could not be sent
+        self.pending = b""
+        self._failing = False
+
+    def to_clients(self, address: str) -> None:
+        """The takeover: from now on the frames go to ``address`` (this node's comparator,
+        the guest's client-facing port), without the epoch boundaries of the old pair."""
+        if self.client is not None:
+            self.client.close()
+        self.client, self.address, self.keep, self._failing = None, address, True, False
+        self.ctx.log.warning("guest output: the takeover puts the guest on the clients' "
+                             "network: its frames go to %s", address)
 
     def deliver(self, io: SimulatedIO, compare: bool = True) -> None:
+        if self.pending:
+            if not self._send(self.pending):
+                return
+            self.pending = b""
         outs = io.read_outputs(0.0)
         if not outs:
             return
@@ -55,28 +77,38 @@ class OutputPort:
         self.ctx.counters.add("bytes_out", sum(len(f) for seq, f in outs if seq != OUTPUT_MARK))
         if not (compare and self.address):
             return
-        from pipeline.net.adapters import StreamClient
         from pipeline.net.build import guest_output_frame
         from pipeline.net.framing import encode_frame
         # epoch boundaries the node marked in the guest's output go in the same stream, in
-        # place (their tags are already framed): the comparator sees them in order
-        data = b"".join(f if seq == OUTPUT_MARK else encode_frame(guest_output_frame(f))
-                        for seq, f in outs)
+        # place (their tags are already framed): the comparator sees them in order. On the
+        # clients' network there are none (the old pair's would read as the PVM's).
+        data = b"".join(encode_frame(guest_output_frame(f)) if seq != OUTPUT_MARK
+                        else b"" if self.keep else f for seq, f in outs)
+        if not self._send(data) and self.keep:
+            self.pending = data
+
+    def _send(self, data: bytes) -> bool:
+        from pipeline.net.adapters import StreamClient
         try:
             if self.client is None:
                 self.client = StreamClient(self.address, timeout=0.5)
             # the comparator stops reading while it holds as much as it may (until the
             # next commit): wait for it, as a guest's full NIC ring would, but not past a stop
             self.client.send_bytes(data, give_up=self.ctx.stopping)
+            self._failing = False
+            return True
         except (OSError, ConnectionError) as exc:
-            # the comparator is not there (yet, or any more): the frames are lost to it,
-            # which it sees as unmatched frames (a checkpoint), never as a wrong match
+            # the comparator is not there (yet, or any more): compared, the frames are lost
+            # to it, which it sees as unmatched frames (a checkpoint), never as a wrong match
             self.ctx.counters.add("errors", 1)
-            self.ctx.log.warning("guest output: comparator at %s unreachable: %s",
-                                 self.address, exc)
+            if not (self.keep and self._failing):   # kept frames are retried: say it once
+                self.ctx.log.warning("guest output: comparator at %s unreachable: %s",
+                                     self.address, exc)
+            self._failing = True
             if self.client is not None:
                 self.client.close()
             self.client = None
+            return False
 
     def close(self) -> None:
         if self.client is not None:
@@ -174,10 +206,13 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
         nctx.close()
 
 
-def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared) -> None:
+def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
+               becomes_primary: bool = False) -> None:
     """Until a takeover: feed the SVM the primary's inputs. After it (``shared.active``):
     the SVM is the service, and this stage becomes its client, going on with the same
-    input stream where the mirrored one stopped."""
+    input stream where the mirrored one stopped. ``becomes_primary`` (role auto): the node
+    will run the primary's stages, its comparator among them; the guest's output goes
+    there from the takeover on (OutputPort.to_clients)."""
     io = domain.simulated_io()
     nctx = sockets.NodeContext(settings)
     inp = sockets.inputs_in(nctx)
@@ -190,8 +225,12 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     try:
         while not ctx.stopping():
             # compared while the primary is there; once active the SVM's output is the
-            # service's output
-            port.deliver(io, compare=not shared.active.value)
+            # service's output: it goes to the clients through this node's own comparator
+            # (it starts passing frames through as the node becomes the primary)
+            if shared.active.value and becomes_primary and not port.keep \
+                    and settings.net.primary_in:
+                port.to_clients(settings.net.primary_in)
+            port.deliver(io, compare=not shared.active.value or port.keep)
             ctx.counters.set("svm_input_seq", io.input_seq())
             if shared.active.value:
                 if shared.hold_inputs.value or rate <= 0:

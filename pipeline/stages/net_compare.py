@@ -89,12 +89,15 @@ def compare_loop(settings: NetSettings, control, in_band: bool) -> CompareLoop:
 def run_net_compare_stage(settings: NetSettings, rundir: str,
                           counters_sink: CounterSink | None = None, ready: Any = None,
                           stop: threading.Event | Any | None = None,
-                          in_band: bool = False) -> None:
+                          in_band: bool = False, passthrough: bool = False) -> None:
     """Process entry of net-compare: run until SIGTERM or ``stop`` is set.
 
     ``ready`` (optional, a multiprocessing Connection) receives ``{"ok": True}`` once
     every adapter is open, or ``{"error": ...}``. ``in_band``: see :func:`compare_loop`
     (the supervisor says so when the sim guest's output ports feed the comparator).
+    ``passthrough``: the node starts unprotected (role auto: a primary waiting for its
+    first secondary, or the survivor of a takeover): the PVM's frames go to the clients
+    at once until a ``role primary`` event (a secondary joined) starts the comparing.
     """
     stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -102,6 +105,8 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
     client = CheckpointClient(rundir)
     try:
         loop = compare_loop(settings, CoordinatorControl(client), in_band)
+        if passthrough:
+            loop.on_role("unprotected")
     except Exception as e:
         client.close()
         if ready is not None:
