@@ -648,6 +648,7 @@ class SecondaryCoordinator(_Coordinator):
         self.last_epoch = -1
         self.last_control: float | None = None
         self.prehashed = SvmPrehash(domain, self.c)
+        self.pages_drops = (0, 0)    # the receive stage's conn_drops at the last outcome
         self._open(settings, "secondary")
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
@@ -794,20 +795,46 @@ class SecondaryCoordinator(_Coordinator):
             reply = self.replies.pop(epoch, None)
             if reply is not None:
                 self.replies = {e: r for e, r in self.replies.items() if e > epoch}
+                self.pages_drops = self._pages_drops()
                 return reply
+            dropped = self._pages_dropped()
             reason = ("the primary was lost mid-epoch" if self.lost is not None else
+                      dropped if dropped else
                       f"epoch {self.begins[0].epoch} began before it completed" if self.begins
                       else f"epoch incomplete after {self.settings.checkpoint.epoch_timeout_ms}"
                       " ms" if time.monotonic() > deadline else "")
             if reason:
+                if reason == dropped:
+                    self.c.add("torn_by_conn_drop", 1)
+                    self.ctx.log.error("epoch=%d event=torn %s", epoch, reason,
+                                       extra={"epoch": epoch})
                 self.restore_ctrl.send(messages.AbortCmd(epoch, dirty, reason))
                 while True:     # its reply to ApplyCmd (Checked, Applied: it was quicker)
                                 # or to this
                     reply = self.restore_ctrl.recv()
                     if reply.epoch == epoch:
+                        self.pages_drops = self._pages_drops()
                         return reply
             self._poll(max(0.0, min(deadline - time.monotonic(), 0.1)))
         return None
+
+    def _pages_drops(self) -> tuple[int, int]:
+        """The receive stage's count of broken pages connections (sockets.DropWatch), and
+        of those broken by a message that failed CURVE authentication."""
+        r = self.node.stage("receive").as_dict()
+        return r.get("conn_drops", 0), r.get("conn_crypto_errors", 0)
+
+    def _pages_dropped(self) -> str:
+        """Why the epoch in flight lost records on the pages channel ("" if it did not):
+        its connection broke since the last epoch's outcome. The epoch is torn at once,
+        not at its timeout: what was in flight on that connection never comes."""
+        drops, crypto = self._pages_drops()
+        if drops == self.pages_drops[0]:
+            return ""
+        what = ("a message failed CURVE authentication (corrupted or forged on the way)"
+                if crypto > self.pages_drops[1] else "the connection was dropped")
+        return (f"the pages channel broke mid-epoch: {what}; the records in flight on it "
+                f"are lost ({drops} broken connections so far)")
 
     def run(self) -> None:
         self._info(role="secondary", state="waiting", epoch=-1,

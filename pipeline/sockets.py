@@ -119,9 +119,98 @@ class HandshakeWatch:
             self.monitor = None
 
 
-#: the connecting sockets' watches of this process (every NodeContext), checked by
-#: :func:`check_handshakes` from the stage loops
-_WATCHES: list[HandshakeWatch] = []
+class DropWatch:
+    """Notices when an established connection of a bound socket breaks mid-stream, and
+    cuts it if libzmq would not.
+
+    A message that fails its CURVE authentication (a corrupted segment that TCP's checksum
+    let through, a forged one) ends that connection's stream inside libzmq, but libzmq
+    4.3 neither closes the TCP connection nor says more than one
+    ``HANDSHAKE_FAILED_PROTOCOL`` event (ZMTP_CRYPTOGRAPHIC): the connection stays open
+    and silent, so the peer never reconnects and every record it sends from then on is
+    lost. This watch tells such a failure on an established connection (no connection is
+    in its handshake, one is established) from a stranger's failed handshake, counts it
+    (``counters``: ``conn_drops``, and ``conn_crypto_errors`` for a message that failed
+    CURVE authentication), logs it naming the cause, and unbinds and binds the socket
+    again, which resets the connections it accepted: the peer connects again at once. A
+    plain disconnect of an established connection counts as a drop too. The secondary's
+    coordinator tears the epoch in flight on a drop (its records are gone) instead of
+    waiting for the epoch timeout. Call :meth:`check` from the thread that uses the
+    socket (:func:`check_handshakes` does, from every stage loop)."""
+
+    EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+              | HandshakeWatch.FAILED)
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, channel: str, counters: Any = None,
+                 logger: logging.Logger | None = None) -> None:
+        self.sock, self.endpoint, self.channel = sock, endpoint, channel
+        self.counters, self.log = counters, logger or log
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.pid = os.getpid()
+        self.handshaking: list[int] = []     # accepted connections (fds), in order
+        self.established: set[int] = set()
+        self.drops = 0
+
+    def _count(self, name: str) -> None:
+        if self.counters is not None:
+            self.counters.add(name, 1)
+
+    def _drop(self, why: str, crypto: bool) -> None:
+        self.drops += 1
+        self._count("conn_drops")
+        if crypto:
+            self._count("conn_crypto_errors")
+        self.log.error("%s channel: the connection from the peer broke mid-stream: %s (%d "
+                       "so far); records in flight on it are lost", self.channel, why,
+                       self.drops)
+
+    def check(self, now: float | None = None) -> bool:
+        """Take in the socket's events; True if an established connection broke."""
+        broke = False
+        while self.monitor.poll(0):
+            frames = self.monitor.recv_multipart()
+            event, value = struct.unpack_from("<HI", frames[0])
+            if event == zmq.EVENT_ACCEPTED:
+                self.handshaking.append(value)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.handshaking:
+                    self.established.add(self.handshaking.pop(0))
+            elif event == zmq.EVENT_DISCONNECTED:
+                if value in self.established:
+                    self.established.discard(value)
+                    self._drop("the connection was closed", False)
+                    broke = True
+                elif value in self.handshaking:
+                    self.handshaking.remove(value)
+            elif event & HandshakeWatch.FAILED:
+                if self.handshaking:         # a stranger's (or a restarting peer's) handshake
+                    continue
+                if not self.established:
+                    continue
+                crypto = value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", 0x11000001)
+                self._drop("a message failed CURVE authentication (corrupted or forged on "
+                           "the way; ZMTP cryptographic error)" if crypto else
+                           f"protocol error {value:#x} in an established stream", crypto)
+                broke = True
+                # libzmq keeps that connection open and silent: reset it, the peer reconnects
+                self.established.clear()
+                self.sock.unbind(self.endpoint)
+                self.sock.bind(self.endpoint)
+        return broke
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
+
+
+#: the connecting sockets' watches of this process (every NodeContext), and the pages
+#: channel's DropWatch, checked by :func:`check_handshakes` from the stage loops
+_WATCHES: list[HandshakeWatch | DropWatch] = []
 _next_check = 0.0
 CHECK_EVERY_S = 0.05
 
@@ -197,6 +286,14 @@ class NodeContext:
         _WATCHES.append(w)
         return w
 
+    def watch_drops(self, sock: zmq.Socket, endpoint: str, channel: str,
+                    counters: Any) -> DropWatch:
+        """Count (and cut) broken established connections of the bound ``sock``."""
+        w = DropWatch(sock, endpoint, channel, counters)
+        self.watches.append(w)
+        _WATCHES.append(w)
+        return w
+
     def close(self) -> None:
         for w in self.watches:
             _WATCHES.remove(w)
@@ -255,8 +352,14 @@ def pages_out(nctx: NodeContext) -> zmq.Socket:
     return _open(nctx, zmq.PUSH, _pages_queue(nctx, 2048), "pages", bind=False)
 
 
-def pages_in(nctx: NodeContext) -> zmq.Socket:
-    return _open(nctx, zmq.PULL, _pages_queue(nctx, 16384), "pages", bind=True)
+def pages_in(nctx: NodeContext, counters: Any = None) -> zmq.Socket:
+    """The secondary's end of the pages channel. ``counters`` (the receive stage's): a
+    connection that breaks mid-stream is counted there (``conn_drops``,
+    ``conn_crypto_errors``; :class:`DropWatch`) and cut, so the primary reconnects."""
+    s = _open(nctx, zmq.PULL, _pages_queue(nctx, 16384), "pages", bind=True)
+    if counters is not None:
+        nctx.watch_drops(s, _endpoint(nctx.settings, "pages"), "pages", counters)
+    return s
 
 
 def control(nctx: NodeContext) -> zmq.Socket:

@@ -67,13 +67,14 @@ class SharedState:
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
-                    "takeovers_abandoned",
+                    "takeovers_abandoned", "torn_by_conn_drop",
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
                "pages_unhashed"),
-    "receive": ("skipped_optional", "stale_records", "staging_wait_ns"),
+    "receive": ("skipped_optional", "stale_records", "staging_wait_ns", "conn_drops",
+                "conn_crypto_errors"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
@@ -144,7 +145,7 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
                    staging=None, direct=None, gate=None) -> None:
     nctx = sockets.NodeContext(settings)
-    sock = sockets.pages_in(nctx)
+    sock = sockets.pages_in(nctx, ctx.counters)
     try:
         receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
                     settings.pipeline.verify_pages, gate)
