@@ -38,6 +38,12 @@ Incremental resync (``sync_incremental_*``): then the primary's image changes in
 64 and the pair starts again: the secondary's image has the same generation, so only the
 changed MiBs are sent; its time against the full sync's of the same run, images compared.
 
+Beside each throughput, the CPU time the server's processes used per MiB written
+(``*_cpu_ms_per_MiB``; ours replicated: both stages; the client's is not counted) and
+its ratio against qemu-nbd's (``*_cpu_ratio_*``: qemu-nbd's CPU per MiB over ours). On a
+shared machine the throughput ratios follow the other jobs' load; the CPU a server
+spends per MiB moves much less with it.
+
 Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--json]``; ``--json``
 prints one JSON object with every figure as the last line.
 """
@@ -66,6 +72,23 @@ from pipeline.stages.disk import DiskControl, PrimaryDisk, start_disk_pair
 STRIDE_BLOCKS = 7919
 
 
+def process_cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds the processes ``pids`` used so far (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU seconds (the in-process server; the bench's own thread only
+    waits for qemu-img meanwhile)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def qemu_img_bench(uri: str, size: int, count: int, depth: int, step: int | None) -> float:
     """Seconds qemu-img bench needed for ``count`` writes of ``size`` bytes."""
     cmd = ["qemu-img", "bench", "-f", "raw", "-w", "-s", str(size), "-c", str(count),
@@ -92,7 +115,8 @@ def qemu_nbd(workdir: str, image_size: int, checkpoint_ms: int):
             if p.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qemu-nbd did not start: {p.stderr.read().decode()}")
             time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}", {}
+        yield f"nbd+unix:///?socket={sock}", {"_cpu": functools.partial(process_cpu_seconds,
+                                                                        p.pid)}
     finally:
         p.terminate()
         p.wait(timeout=10)
@@ -147,7 +171,8 @@ def ours_replicated(workdir: str, image_size: int, checkpoint_ms: int, durable: 
     pair = start_disk_pair(d, image_size, compare="off", durable_commit=durable,
                            primary_export=f"unix:{d}-primary.sock",
                            secondary_export=f"unix:{d}-secondary.sock")
-    extra: dict = {}
+    extra: dict = {"_cpu": functools.partial(process_cpu_seconds,
+                                             *(x.pid for x in pair.processes))}
     checkpointer = Checkpointer(pair.rundir, checkpoint_ms / 1e3 if checkpoint_ms else 1e9)
     checkpointer.start()
     try:
@@ -174,7 +199,7 @@ def ours_unreplicated(workdir: str, image_size: int, checkpoint_ms: int):
                      export=f"unix:{workdir}/plain.sock")
     disk = PrimaryDisk(s, forward=False)
     try:
-        yield disk.uri, {}
+        yield disk.uri, {"_cpu": own_cpu_seconds}
     finally:
         disk.close()
 
@@ -228,7 +253,8 @@ def nbdkit_python(workdir: str, image_size: int, checkpoint_ms: int):
             if p.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nbdkit did not start: {p.stderr.read().decode()}")
             time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}", {}
+        yield f"nbd+unix:///?socket={sock}", {"_cpu": functools.partial(process_cpu_seconds,
+                                                                        p.pid)}
     finally:
         p.terminate()
         p.wait(timeout=10)
@@ -371,14 +397,19 @@ def main() -> int:
                         step=4096 * STRIDE_BLOCKS),
     }
     best: dict[str, dict[str, float]] = {w: {} for w in workloads}
+    best_cpu: dict[str, dict[str, float]] = {w: {} for w in workloads}   # s per MiB
     extras: dict[str, dict] = {}
     for _ in range(repeats):
         for server, start in SERVERS.items():  # interleaved: load changes hit all alike
             with tempfile.TemporaryDirectory(prefix="bench-disk-") as tmp:
                 with start(tmp, image_size, args.checkpoint_ms) as (uri, extra):
+                    cpu_seconds = extra.pop("_cpu")
                     for w, p in workloads.items():
+                        c0 = cpu_seconds()
                         secs = qemu_img_bench(uri, **p)
+                        cpu = (cpu_seconds() - c0) / (p["size"] * p["count"] / 2**20)
                         best[w][server] = min(best[w].get(server, secs), secs)
+                        best_cpu[w][server] = min(best_cpu[w].get(server, cpu), cpu)
                 extras.setdefault(server, {}).update(extra)
     result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": repeats,
                                  "checkpoint_ms": args.checkpoint_ms}
@@ -413,20 +444,26 @@ def main() -> int:
             iops = p["count"] / secs
             result[f"{w}_{server}_MBps"] = round(mbps, 1)
             result[f"{w}_{server}_IOPS"] = round(iops, 1)
+            result[f"{w}_{server}_cpu_ms_per_MiB"] = round(best_cpu[w][server] * 1e3, 3)
         for server in [x for x in SERVERS if x != "qemu_nbd"]:
             ratio = best[w]["qemu_nbd"] / best[w][server]
             result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(ratio, 3)
+            result[f"{w}_cpu_ratio_{server}_vs_qemu_nbd"] = round(
+                best_cpu[w]["qemu_nbd"] / max(1e-9, best_cpu[w][server]), 3)
         rows.append(w)
     for server, extra in sorted(extras.items()):
         for k, v in extra.items():
             result[f"{server}_{k}"] = round(v, 3) if isinstance(v, float) else v
-    print(f"{'workload':10} {'server':22} {'MB/s':>9} {'IOPS':>9} {'vs qemu-nbd':>12}")
+    print(f"{'workload':10} {'server':22} {'MB/s':>9} {'IOPS':>9} {'vs qemu-nbd':>12} "
+          f"{'CPU ms/MiB':>11} {'CPU vs qemu-nbd':>16}")
     for w in rows:
         for server in SERVERS:
-            ratio = "1.000 (ref)" if server == "qemu_nbd" else \
-                f"{result[f'{w}_ratio_{server}_vs_qemu_nbd']:.3f}"
+            ratio, cpu_ratio = ("1.000 (ref)", "1.000 (ref)") if server == "qemu_nbd" else (
+                f"{result[f'{w}_ratio_{server}_vs_qemu_nbd']:.3f}",
+                f"{result[f'{w}_cpu_ratio_{server}_vs_qemu_nbd']:.3f}")
             print(f"{w:10} {server:22} {result[f'{w}_{server}_MBps']:9.1f} "
-                  f"{result[f'{w}_{server}_IOPS']:9.1f} {ratio:>12}")
+                  f"{result[f'{w}_{server}_IOPS']:9.1f} {ratio:>12} "
+                  f"{result[f'{w}_{server}_cpu_ms_per_MiB']:11.2f} {cpu_ratio:>16}")
     for k, v in result.items():
         if k.startswith(("ours_replicated", "sync_")) and not k.startswith(tuple(workloads)):
             print(f"{k}: {v}")
