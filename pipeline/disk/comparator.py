@@ -50,24 +50,40 @@ class DiskComparator:
                now_ns: int | None = None) -> bool:
         """Feed one write; True if it revealed a divergence."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
-        key = (offset, length)
         with self._lock:
-            extents = self._pending.setdefault(epoch, {})
-            queue = extents.get(key)
-            if queue and queue[0].side != side:
-                other = queue.popleft()
-                other.open = False
-                if not queue:
-                    del extents[key]
-                if other.digest != digest:
-                    self._diverged(epoch, f"epoch {epoch} [{offset}, +{length}): the PVM and "
-                                          f"the SVM wrote different data")
-                    return True
-                return False
-            w = _Write(side, epoch, key, digest, now_ns)
-            extents.setdefault(key, collections.deque()).append(w)
-            self._by_age.append(w)
+            return self._record(side, epoch, (offset, length), digest, now_ns)
+
+    def record_many(self, side: str, writes, now_ns: int | None = None) -> int:
+        """Feed many writes of one side (each with ``epoch``, ``offset``, ``length``,
+        ``digest``: a forwarded group) under one lock; how many revealed a divergence."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        with self._lock:
+            return sum(self._record(side, w.epoch, (w.offset, w.length), w.digest, now_ns)
+                       for w in writes)
+
+    def _record(self, side: str, epoch: int, key: tuple[int, int], digest: bytes,
+                now_ns: int) -> bool:
+        extents = self._pending.get(epoch)
+        if extents is None:
+            extents = self._pending[epoch] = {}
+        queue = extents.get(key)
+        if queue and queue[0].side != side:
+            other = queue.popleft()
+            other.open = False
+            if not queue:
+                del extents[key]
+            if other.digest != digest:
+                self._diverged(epoch, f"epoch {epoch} [{key[0]}, +{key[1]}): the PVM and "
+                                      f"the SVM wrote different data")
+                return True
             return False
+        w = _Write(side, epoch, key, digest, now_ns)
+        if queue is None:
+            extents[key] = collections.deque((w,))
+        else:
+            queue.append(w)
+        self._by_age.append(w)
+        return False
 
     def check_timeouts(self, now_ns: int | None = None) -> int:
         """Count writes unmatched for longer than the timeout as divergences; returns how many."""

@@ -501,6 +501,9 @@ class PrimaryLink:
         self._local_done: collections.deque[int] = collections.deque()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._timeout_ns = backend.settings.forward_timeout_ms * 1_000_000
+        #: when completions() last looked through every pending write for timeouts (a
+        #: look per turn cost as much as the acks: every turn, every write in flight)
+        self._scanned_ns = 0
         # forwards of the current burst of requests, sent as one message by end_of_burst
         self._outbox: list = []
         self._group_headers: list[bytes] = []   # the open group of small writes
@@ -680,11 +683,9 @@ class PrimaryLink:
                 self.b.counters.add("io_errors")
                 p.error = P.EIO
             self._finish_if_done(seq, p, done)
-        while self.socket is not None:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        # (asking EVENTS costs less than the zmq.Again a recv with nothing to read raises)
+        while self.socket is not None and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK)
             try:
                 entries = wire.decode_ack(frames)
             except ValueError as e:
@@ -718,6 +719,9 @@ class PrimaryLink:
                 self.b.counters.add("forward_latency_ns", latency_sum)
                 self.b.counters.max("forward_latency_max_ns", latency_max)
         unprotected = self.b.forward_address is None
+        if not unprotected and now_ns - self._scanned_ns < min(self._timeout_ns, 50_000_000):
+            return done
+        self._scanned_ns = now_ns
         for seq, p in list(self._pending.items()):
             if not p.forwarded and unprotected:
                 p.forwarded = True  # no secondary any more: our own copy is the only one

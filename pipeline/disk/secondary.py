@@ -243,25 +243,32 @@ class ForwardReceiver(threading.Thread):
         reason) answer of each."""
         decoded = wire.decode_forward_group([headers, data], self.store.size, self.store.block,
                                             self.store.committed_epoch)
-        decoded = [w if isinstance(w, wire.ForwardError) or w.seq >= self.session_begin
-                   else wire.refusal(errno.ESTALE, f"forwarded write seq {w.seq}: from "
-                                      f"before this sync (BEGIN seq {self.session_begin})",
-                                      w.seq)
-                   for w in decoded]
-        valid = [w for w in decoded if not isinstance(w, wire.ForwardError)]
-        if any(w.kind in wire.SYNC_KINDS for w in valid):
+        valid, sync = [], False
+        for i, w in enumerate(decoded):
+            if isinstance(w, wire.ForwardError):
+                continue
+            if w.seq < self.session_begin:
+                decoded[i] = wire.refusal(errno.ESTALE, f"forwarded write seq {w.seq}: from "
+                                          f"before this sync (BEGIN seq "
+                                          f"{self.session_begin})", w.seq)
+                continue
+            sync = sync or w.kind in wire.SYNC_KINDS
+            valid.append(w)
+        if sync:
             return self._handle_sync(decoded)
-        outcome = iter(self.store.buffer_pvm_writes(valid) if valid else [])
+        errors = self.store.buffer_pvm_writes(valid) if valid else []
+        buffered = [w for w, err in zip(valid, errors) if err is None]
+        if buffered:   # one lock and one clock read for the group
+            self.comparator.record_many(PVM, buffered)
+            self.counters.add("received", len(buffered))
+        outcome = iter(errors)
         answers = []
-        received = 0
         for w in decoded:
             if isinstance(w, wire.ForwardError):
                 answers.append(self._refuse(w.seq, w.status, str(w)))
                 continue
             err = next(outcome)
             if err is None:
-                received += 1
-                self.comparator.record(PVM, w.epoch, w.offset, w.length, w.digest)
                 answers.append((w.seq, 0, ""))
             elif isinstance(err, StoreFull):
                 self.comparator.request_checkpoint("dirty_threshold", str(err))
@@ -271,8 +278,6 @@ class ForwardReceiver(threading.Thread):
             else:  # the buffer file failed (disk full, I/O error)
                 answers.append(self._refuse(w.seq, P.EIO, f"buffering seq {w.seq}: {err}",
                                             counter="io_errors"))
-        if received:
-            self.counters.add("received", received)
         # buffered or refused: either way no longer on its way
         self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
         return answers

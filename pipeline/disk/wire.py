@@ -53,7 +53,7 @@ from __future__ import annotations
 import errno
 import functools
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -107,8 +107,9 @@ class ForwardError(ValueError):
         self.seq = 0  # the refused write's seq, where known
 
 
-@dataclass(frozen=True)
-class ForwardedWrite:
+class ForwardedWrite(NamedTuple):
+    """One validated forwarded write (a tuple: made once per write of every group)."""
+
     kind: int
     epoch: int
     seq: int
