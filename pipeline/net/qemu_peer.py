@@ -3,6 +3,7 @@ the same four socket roles, and talk to it: used by the differential test and by
 scripts/bench_compare.py."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -11,10 +12,15 @@ import tempfile
 import time
 from contextlib import contextmanager
 
+from pipeline.net import build
 from pipeline.net.adapters import StreamClient
+from pipeline.net.control import PROXY_INIT, PROXY_INIT_REPLY
 
 QEMU = shutil.which("qemu-system-x86_64")
 ROLES = ("pin", "sin", "out", "ntf")
+#: in the payload of the frames :meth:`Peer.wait_ready` sends (callers filter them out)
+READY_PROBE = b"colo-peer-ready-probe-"
+VNET_HDR = bytes(10)     # a virtio-net header (no offloads), for vnet_hdr peers
 
 
 def qemu_command(paths: dict[str, str], timeout_ms: int, scan_ms: int, vnet_hdr: bool,
@@ -53,6 +59,44 @@ class Peer:
         self.sin = StreamClient("unix:" + paths["sin"], vnet_hdr, timeout=20)
         self.out = StreamClient("unix:" + paths["out"], vnet_hdr, timeout=20)
         self.ntf = StreamClient("unix:" + paths["ntf"], False, timeout=20)
+        # QEMU reads notify_dev with a vnet length word when vnet_hdr_support is on (and
+        # writes DO_CHECKPOINT without one): send with it, read without
+        self.ntf.vnet_hdr = vnet_hdr
+        self.vnet_hdr = vnet_hdr
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Return once the comparator took its four peers: a PROXY_INIT was answered and
+        a matching probe pair (a UDP flow of its own) came out of outdev.
+
+        A client's connect() succeeds before the server accepts it, and what it sends
+        waits; but QEMU drops a frame it releases to an outdev it has not accepted yet
+        (its chardev is not connected), which on a loaded machine happened after the
+        1 s this used to sleep. A lost probe is why one is sent again after a second of
+        silence; probes that come out late carry READY_PROBE for callers to filter."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} comparator did not take its peers within "
+                                   f"{timeout} s (exit code {self.proc.poll()})")
+            return remaining
+
+        self.ntf.send(PROXY_INIT)
+        while not any(m == PROXY_INIT_REPLY for m, _ in self.ntf.recv(min(0.1, left()))):
+            pass
+        for k in itertools.count():
+            payload = READY_PROBE + b"%d" % k
+            frame = build.udp_frame("10.255.255.2", "10.255.255.1", 1024 + k, 9, payload)
+            for sock in (self.pin, self.sin):
+                if self.vnet_hdr:
+                    sock.send(VNET_HDR + frame, len(VNET_HDR))
+                else:
+                    sock.send(frame)
+            resend = time.monotonic() + 1.0
+            while time.monotonic() < resend:
+                if any(READY_PROBE in f for f, _ in self.out.recv(min(0.1, left()))):
+                    return
 
     def close(self) -> None:
         for c in (self.pin, self.sin, self.out, self.ntf):
@@ -77,7 +121,7 @@ def running_peer(kind: str, timeout_ms: int = 1000, scan_ms: int = 100, vnet_hdr
                                    f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
             time.sleep(0.02)
         peer = Peer(kind, proc, paths, vnet_hdr)
-        time.sleep(1.0)     # let the server side accept all four peers
+        peer.wait_ready()
         yield peer
     finally:
         if peer is not None:
