@@ -3,6 +3,8 @@ travel in-band with each guest's output, so deterministic guests never diverge u
 sustained load, and one nondeterministic reply makes exactly one checkpoint."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -159,3 +161,62 @@ def test_sim_output_marks_sit_between_the_frames_before_and_after_them():
             dom.mark_outputs(b"running")
     finally:
         dom.close()
+
+
+@pytest.mark.parametrize("lost", ["host", "stage"])
+def test_answers_held_when_the_primary_is_lost_never_reach_the_client(tmp_path, lost):
+    """Outputs released only on commit (``net.release = "commit"``); the primary is lost
+    while its comparator holds answers no checkpoint has committed: its whole node killed
+    (``host``), or one of its stages (the coordinator) killed, so that its supervisor stops
+    the other stages, the comparator included, the ordinary way (``stage``). The client
+    gets every committed answer once, in order, then the end of the stream: none of the
+    held ones (the secondary never committed them; they are not the survivor's to give),
+    whether the comparator died at once or was stopped."""
+    from pipeline.net.adapters import StreamClient
+    from pipeline.service_client import PAYLOAD_AT
+    tables = _tables(rate=0.0)
+    tables["net"].update(outdev="unix:{workdir}/client.sock", release="commit")
+    # no timer: only the test's request commits
+    tables["checkpoint"].update(max_interval_ms=600_000, dirty_threshold_pages=1 << 30)
+    with LocalPair(tables, workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected()
+        client = StreamClient("unix:" + str(tmp_path / "client.sock"), timeout=60)
+        seqs: list[int] = []
+        ended = []
+
+        def read(until):
+            def done():
+                try:
+                    frames = client.recv(0.01)
+                except ConnectionError:           # the primary's end of the stream
+                    ended.append(True)
+                    frames = []
+                seqs.extend(int.from_bytes(f[PAYLOAD_AT:PAYLOAD_AT + 8], "little")
+                            for f, _ in frames)
+                return until()
+            return done
+        try:
+            net = lambda name: pair.stage_counter("net_compare", name)   # noqa: E731
+            for i in range(20):
+                pair.inject_input(b"committed %d" % i)
+            wait_until(lambda: net("primary_frames_in") >= 20, 60, "20 PVM answers")
+            pair.request_checkpoint()
+            wait_until(read(lambda: len(seqs) >= 20), 60, "the 20 committed answers")
+            for i in range(20, 40):
+                pair.inject_input(b"held %d" % i)
+            wait_until(lambda: net("primary_frames_in") >= 40, 60, "20 more PVM answers")
+            assert net("frames_released") == 20     # held: no checkpoint since
+            if lost == "host":
+                pair.kill("primary")
+            else:
+                pid = pair.node("primary").node_info()["stage_pids"]["coordinator"]
+                os.kill(pid, signal.SIGKILL)
+                assert pair.wait_exit("primary") != 0
+            wait_until(read(lambda: bool(ended)), 60, "the end of the primary's stream")
+        finally:
+            client.close()
+        assert seqs == list(range(20)), "an uncommitted answer reached the client, or a " \
+                                        "committed one was lost or repeated"
+        # the pair failed over: the secondary's guest runs on from the last commit
+        assert pair.wait_info("role", "active", role="secondary")["role"] == "active"
