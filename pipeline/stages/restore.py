@@ -41,7 +41,7 @@ import numpy as np
 from pipeline import faults, messages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagingGate, hash_pages, ready_rings)
+                                    StagingGate, domain_page_hashes, ready_rings)
 from pipeline.xen_io.base import Domain
 
 
@@ -220,19 +220,16 @@ class Restore:
         # SVM pages first, while nothing has changed: the SVM must still hold each one as
         # it was when SVM_DIRTY hashed it (paused since; a change behind the pipeline's
         # back tears the epoch). pipeline.verify_pages says how many are hashed again:
-        # all, one in 64 at random, none. What is read here goes into the cache below.
+        # all, one in 64 at random, none; hashed where they are (no copy) when the backend
+        # maps all of guest memory. They go into the cache after the ACK (below): the SVM
+        # stays paused until then and the epoch writes none of them.
         svm_rows = np.flatnonzero(self.staged_from_svm[:n])
         svm_pfns = pfns[svm_rows]
-        if len(svm_rows):
-            if len(self.svm_buf) < len(svm_rows):
-                self.svm_buf = np.empty((max(len(svm_rows), 1024), self.domain.page_size),
-                                        np.uint8)
-            held = self.svm_buf[:len(svm_rows)]
-            self.domain.read_pages(svm_pfns, held)
-            check = None if self.check == "full" else np.zeros(0, np.int64) \
-                if self.check == "off" else _sampler.choice(
-                    len(svm_rows), -(-len(svm_rows) // 64), replace=False)
-            got = hash_pages(held, check)
+        if len(svm_rows) and self.check != "off":
+            check = None if self.check == "full" else np.sort(_sampler.choice(
+                len(svm_rows), -(-len(svm_rows) // 64), replace=False))
+            got = domain_page_hashes(self.domain, svm_pfns if check is None
+                                     else svm_pfns[check])
             bad = (got != self.staged_hashes[svm_rows if check is None
                                              else svm_rows[check]]).any(axis=1)
             if bad.any():
@@ -264,7 +261,16 @@ class Restore:
         trace.point("pages_written", epoch)
         faults.point("restore.pages_written")
         if len(svm_rows):
-            self.cache[svm_pfns] = held
+            view = self.domain.memory_view()
+            if view is not None:
+                self.cache[svm_pfns] = view[svm_pfns]
+            else:
+                if len(self.svm_buf) < len(svm_rows):
+                    self.svm_buf = np.empty((max(len(svm_rows), 1024),
+                                             self.domain.page_size), np.uint8)
+                held = self.svm_buf[:len(svm_rows)]
+                self.domain.read_pages(svm_pfns, held)
+                self.cache[svm_pfns] = held
             self.ctx.counters.add("pages_same_as_svm", len(svm_rows))
         # Pages the SVM wrote itself and the epoch did not bring go back to their committed
         # content; REF pages need nothing more (the SVM holds them unless it wrote them),
