@@ -39,11 +39,13 @@ class HeartbeatSettings(Section):
                       "primary connects); empty: derived from peer.address.",
                       rule="empty, or tcp://HOST:PORT")
     priority: str = _f("realtime", "Scheduling of the heartbeat process: real-time (SCHED_RR "
-                       "at the lowest real-time priority, as corosync does; falls back to "
-                       "nice -10, then normal, where not allowed), nice -10, or normal. "
-                       "Measured with every CPU busy: normal and nice let heartbeats stall "
-                       "for up to 460 ms (false losses at the default 300 ms timeout); "
-                       "real-time kept every gap under 120 ms.", choices=PRIORITIES)
+                       "2, one above the node's own real-time work, the PVM pause at "
+                       "SCHED_FIFO 1, as corosync runs real-time; falls back to nice -10, "
+                       "then normal, where not allowed), nice -10, or normal. Measured with "
+                       "every CPU busy: normal and nice let heartbeats stall for up to 460 "
+                       "ms (false losses at the default 300 ms timeout); real-time kept every "
+                       "gap under 120 ms, and at 2 a SCHED_FIFO 1 task spinning on its CPU "
+                       "no longer holds it back (up to 400 ms at 1).", choices=PRIORITIES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
