@@ -179,7 +179,7 @@ def test_every_boot_is_recorded_and_tallied_per_tree(host_side, tmp_path, monkey
     host_side.record_boot("first-checkpoint", "platform: rc=139 in: x", 21.0, 100.0, "no result")
     host_side.tally()
     out = capsys.readouterr().out
-    assert "abc123: 2 boots" in out and "1 not ok" in out and "platform: rc=139" in out
+    assert "abc123 first-checkpoint: 2 boots" in out and "1 not ok" in out and "platform: rc=139" in out
 
 
 def test_quick_boots_ask_dom0_to_stop_after_the_first_checkpoint(host_side):
@@ -200,4 +200,22 @@ def test_xen_options_and_the_cpu_model_reach_qemu_and_each_boots_record(host_sid
     assert json.loads((tmp_path / "boots.jsonl").read_text().splitlines()[1])["xen_opts"] == "hap_1gb=0 hap_2mb=0"
     host_side.tally()
     out = capsys.readouterr().out
-    assert "abc123: 1 boots" in out and "abc123 [xen_opts='hap_1gb=0 hap_2mb=0']: 1 boots" in out
+    assert "abc123 first-checkpoint: 1 boots" in out
+    assert "abc123 [xen_opts='hap_1gb=0 hap_2mb=0'] first-checkpoint: 1 boots" in out
+
+
+@pytest.mark.parametrize("stress, died, outcome", [
+    ({"cycles": {"prim": 40, "sec": 41}, "died": {}, "guests": {"prim": {"err_lines": 0}}}, [], "ok"),
+    ({"cycles": {"prim": 3, "sec": 41}, "died": {"prim": "DomainError: ... ESRCH"}, "guests": {}},
+     ["(XEN) d2v0 Triple fault - invoking HVM shutdown action 1 [prim]"], "guest death: {'prim'"),
+    ({"cycles": {"prim": 40, "sec": 41}, "died": {}, "guests": {"sec": {"err_lines": 3}}}, [], "guest self-check errors 3"),
+    ({"cycles": {"prim": 0, "sec": 0}, "died": {}, "guests": {}}, [], "no stress cycle done"),
+])
+def test_a_dirty_log_stress_boot_is_ok_only_when_both_twins_cycled_and_nothing_died(host_side, stress, died, outcome):
+    """Issue 17, item 1: --logdirty-stress repeats what the pipeline does to a guest (log-dirty
+    on/off, CLEAN, PEEK, a paused copy) for minutes; a boot counts as a fault when a guest died,
+    reported a wrong page, or the stress did not run."""
+    got = host_side.stress_outcome(_result(stress=stress, xen_guest_faults=died), "")
+    assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
+    cmd = host_side.qemu_command(6, 1000, "multi", until="stress", stress_s=300)
+    assert "xenlab.until=stress xenlab.stress_s=300" in cmd[cmd.index("-initrd") + 1]

@@ -37,7 +37,7 @@ DEFAULT_XEN_OPTS = ""
 
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
-                 cpu: str = DEFAULT_CPU) -> list[str]:
+                 cpu: str = DEFAULT_CPU, stress_s: float = 0) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -48,7 +48,8 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                "loglvl=all guest_loglvl=warning noreboot smap=0 smep=0 console_timestamps=datems" + (" spec-ctrl=eager-fpu" if eager_fpu else "") \
         + (f" {xen_opts}" if xen_opts else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
-                f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "")
+                f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "") \
+                + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -72,8 +73,8 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         # test runs at nice 0, QEMU got ~3 % of a core each, dom0 logged soft lockups of 31 s and
         # a run took over 40 minutes; the caller decides how nice the lab is
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
-                                               "first" if args.until_first_checkpoint else "all", hap,
-                                               args.xen_opts, args.cpu)],
+                                               until_of(args), hap, args.xen_opts, args.cpu,
+                                               args.logdirty_stress)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -138,6 +139,33 @@ def early_fault(log: str) -> str:
     return f"{kind} in: {res['error'][:160]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
 
 
+def until_of(args: argparse.Namespace) -> str:
+    """Where dom0's driver stops: 'stress' (--logdirty-stress), 'first' (--until-first-checkpoint), 'all'."""
+    return "stress" if args.logdirty_stress else "first" if args.until_first_checkpoint else "all"
+
+
+def stress_outcome(log: str, problem: str) -> str:
+    """How a dirty-log stress boot (--logdirty-stress) ended: 'ok' when both twins went through
+    cycles to the end, with no guest self-check error and no guest death in Xen's log."""
+    if problem:
+        return problem
+    res = result_of(log)
+    if res is None:
+        return "no result from dom0"
+    died = res.get("xen_guest_faults") or []
+    st = res.get("stress") or {}
+    if "error" in res:
+        return f"error in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+    errs = sum(g.get("err_lines", 0) for g in (st.get("guests") or {}).values())
+    if st.get("died") or died:
+        return f"guest death: {st.get('died')} | Xen: {'; '.join(died)[:300]}"
+    if errs:
+        return f"guest self-check errors {errs}"
+    if not st.get("cycles") or not all(st["cycles"].values()):
+        return f"no stress cycle done: {st.get('cycles')}"
+    return "ok"
+
+
 def result_of(log: str) -> dict | None:
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
     return json.loads(m.group(1)) if m else None
@@ -200,7 +228,8 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "outcome": outcome, "boot_s": round(boot_s, 1), "wall_s": round(total_s, 1),
            "protected_s": (res.get("pipeline_extra") or {}).get("protected_s"),
            "xen_opts": _lab_options.get("xen_opts"), "cpu": _lab_options.get("cpu"),
-           "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary")}
+           "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary"),
+           "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -212,7 +241,7 @@ def tally() -> int:
     per: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:   # boots differing in the platform options are counted apart
         opts = " ".join(f"{k}={r[k]!r}" for k in ("xen_opts", "cpu") if r.get(k) not in (None, "", DEFAULT_CPU))
-        per[r["tree"] + (f" [{opts}]" if opts else "")].append(r)
+        per[r["tree"] + (f" [{opts}]" if opts else "") + f" {r['mode']}"].append(r)
     for tree, rs in per.items():
         bad = [r for r in rs if r["outcome"] != "ok"]
         print(f"{tree}: {len(rs)} boots ({rs[0]['ts']} .. {rs[-1]['ts']}), {len(bad)} not ok"
@@ -303,6 +332,10 @@ def main() -> int:
     ap.add_argument("--hap", choices=("1", "0", "alternate"), default="",
                     help="the guests' paging: 1 HAP (nested paging, emulated by QEMU), 0 shadow, alternate "
                          "(quick boots: odd boots HAP, even shadow); default: pack.sh's (XENLAB_HAP, else 1)")
+    ap.add_argument("--logdirty-stress", type=float, default=0, metavar="S",
+                    help="quick boots without the pipeline: S seconds of what the pipeline does to a guest "
+                         "(log-dirty on, CLEAN/PEEK rounds, paused CLEAN + copy + context, off) to both "
+                         "twins, over and over; counts guest deaths (use with --boots)")
     ap.add_argument("--xen-opts", default=DEFAULT_XEN_OPTS,
                     help="more Xen command-line options, e.g. 'hap_1gb=0 hap_2mb=0' (recorded per boot)")
     ap.add_argument("--cpu", default=DEFAULT_CPU, help="QEMU's -cpu model and flags (recorded per boot)")
@@ -315,7 +348,7 @@ def main() -> int:
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
-    if args.until_first_checkpoint:
+    if args.until_first_checkpoint or args.logdirty_stress:
         return first_checkpoint_boots(args)
     faults: list[str] = []
     wall = 0.0
@@ -346,9 +379,11 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
     for k in range(1, args.boots + 1):
         hap = ("1" if k % 2 else "0") if args.hap == "alternate" else args.hap
         log, boot_s, total_s, problem = boot_and_run(args, hap)
-        outcome = first_checkpoint_outcome(log, problem)
+        stress = bool(args.logdirty_stress)
+        outcome = (stress_outcome if stress else first_checkpoint_outcome)(log, problem)
         res = result_of(log) or {}
-        record_boot(f"first-checkpoint hap={res.get('hap', hap or '?')}", outcome, boot_s, total_s, log)
+        mode = f"logdirty-stress {args.logdirty_stress:.0f}s" if stress else "first-checkpoint"
+        record_boot(f"{mode} hap={res.get('hap', hap or '?')}", outcome, boot_s, total_s, log)
         if outcome != "ok":
             for line in log.splitlines():
                 if line.startswith(("STEP ", "CONSOLE ", "GUESTERR")) or "Triple fault" in line:
@@ -358,12 +393,16 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
             outcome += f" (log {kept.name})"
         outcomes.append(outcome)
         protected = (res.get("pipeline_extra") or {}).get("protected_s")
+        if stress:
+            st = res.get("stress") or {}
+            print(f"STRESS: {st.get('seconds')}s, cycles {st.get('cycles')} of {st.get('rounds_per_cycle')} rounds, "
+                  f"frames copied {st.get('frames_copied')}, guests {st.get('guests')}", flush=True)
         print(f"BOOT {k}/{args.boots} (hap={res.get('hap', hap or '?')}): {outcome} | protected after {protected}s boot={boot_s:.0f}s "
               f"wall={total_s:.0f}s | Xen guest faults {res.get('xen_guest_faults')} | fpu-canary "
               f"{(res.get('fpu_canary') or {}).get('wrong')}/{(res.get('fpu_canary') or {}).get('checks')}",
               flush=True)
     bad = [f"boot {k}: {o}" for k, o in enumerate(outcomes, 1) if o != "ok"]
-    print(f"VERDICT: {'PASS' if not bad else 'FAIL'} first-checkpoint boots: {len(outcomes)}, faults {len(bad)}"
+    print(f"VERDICT: {'PASS' if not bad else 'FAIL'} {'dirty-log stress' if args.logdirty_stress else 'first-checkpoint'} boots: {len(outcomes)}, faults {len(bad)}"
           f" (tree {tree_version()}, wall {time.monotonic() - t0:.0f}s)" + (f": {' | '.join(bad)}" if bad else ""))
     return 0 if not bad else 1
 
