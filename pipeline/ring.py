@@ -29,6 +29,9 @@ stage reads a word another stage wrote with a different meaning::
     40 epoch_flags u32  wire bits of the epoch (pipeline.wire FLAG_*)
     44 batch_flags u32  wire bits of the batch (pipeline.wire PAGES_*)
     48 marks u32        stage-private bits, never sent (pipeline.stages.common MARK_*)
+    52 end_markers u32  END marker: how many END markers of the epoch the consumer gets
+                        (0: one per ring); a producer that put none of an epoch's batches
+                        on a ring may leave that ring's marker out
 
 Wire bits and stage bits live in different fields, so their numbers may overlap.
 
@@ -81,9 +84,9 @@ _W_ERRORS = 26       # out-of-order / invalid commits and releases (either side)
 
 SLOT_HEADER_DTYPE = np.dtype({
     "names": ["kind", "count", "epoch", "row", "epoch_pages", "data_len", "vcpu_len",
-              "epoch_flags", "batch_flags", "marks"],
-    "formats": ["<u4", "<u4", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "<u4", "<u4"],
-    "offsets": [0, 4, 8, 16, 24, 32, 36, 40, 44, 48],
+              "epoch_flags", "batch_flags", "marks", "end_markers"],
+    "formats": ["<u4", "<u4", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "<u4", "<u4", "<u4"],
+    "offsets": [0, 4, 8, 16, 24, 32, 36, 40, 44, 48, 52],
     "itemsize": 64,
 })
 
@@ -191,6 +194,7 @@ class Slot:
     epoch_flags = property(lambda s: s._h32[10], lambda s, v: s._h32.__setitem__(10, v))
     batch_flags = property(lambda s: s._h32[11], lambda s, v: s._h32.__setitem__(11, v))
     marks = property(lambda s: s._h32[12], lambda s, v: s._h32.__setitem__(12, v))
+    end_markers = property(lambda s: s._h32[13], lambda s, v: s._h32.__setitem__(13, v))
 
     def reset(self, kind: int, epoch: int, count: int) -> None:
         """Start a slot: every header field zero but these three. A slot is reused, so a

@@ -1,6 +1,7 @@
 """Secondary: the receive stage. Validates every record from the ``pages`` channel and
 deals PAGES batches round robin to the verify workers; EPOCH_END becomes an END marker
-on every verify ring (ring 0's carries the vCPU blob).
+on every ring that carried batches of the epoch (the first one's carries the vCPU blob;
+each says how many there are, ``end_markers``).
 
 A record that does not validate is dropped, counted and logged; it is never passed on.
 The epoch it belonged to then cannot be complete (EPOCH_END announces more pages than
@@ -44,18 +45,19 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
     ring to the restore stage) and ``check`` (pipeline.verify_pages) other than "full",
     this stage checks it and it skips the verify workers."""
     c = ctx.counters
-    ends = rings if direct is None else [*rings, direct]   # every ring gets END markers
+    ends = rings if direct is None else [*rings, direct]   # the rings END markers go on
     direct_ok = direct is not None and staging is not None and check != "full"
     batch = rings[0].layout.batch_pages
     rr = 0
     epoch, staged = -1, 0     # the newest epoch seen, and pages of it placed so far
+    used: set[int] = set()    # which of ``ends`` carried batches of ``epoch``
 
     def fresh(record_epoch: int, name: str) -> bool:
         """After a record validated: False (counted) if its epoch is older than the newest
         seen; a newer epoch starts placing pages from the top of the staging area, once
         the restore stage is done with the rows of the one before (the epochs before that
         one were waited for when it began)."""
-        nonlocal epoch, staged
+        nonlocal epoch, staged, used
         if record_epoch < epoch:
             c.add("stale_records", 1)
             ctx.log.warning("dropped %s of epoch %d: epoch %d already began", name,
@@ -68,7 +70,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     return False
                 c.add("staging_wait_ns", time.perf_counter_ns() - t0)
                 trace.point("staging_free", record_epoch)
-            epoch, staged = record_epoch, 0
+            epoch, staged, used = record_epoch, 0, set()
         return True
 
     while not ctx.stopping():
@@ -124,6 +126,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     slot.data_flat[:len(b.data)] = b.data
                     slot.data_len = len(b.data)
                 staged += n
+                used.add(ends.index(ring))
                 ring.commit_write(slot)
                 trace.point("dealt", b.epoch)
                 if ring is not direct:
@@ -133,7 +136,11 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 end = wire.decode_epoch_end(msg)
                 if not fresh(end.epoch, hdr.name):
                     continue
-                for i, ring in enumerate(ends):
+                # END markers only on the rings that carried the epoch's batches: a verify
+                # worker with none of them is not woken to pass a marker on (two hand-offs
+                # off a small checkpoint's path when every batch went straight to restore)
+                targets = [r for i, r in enumerate(ends) if i in used] or ends[:1]
+                for i, ring in enumerate(targets):
                     slot = write_slot(ctx, ring)
                     if slot is None:
                         return
@@ -143,7 +150,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                                              "larger than a ring slot")
                     slot.reset(SLOT_END, end.epoch, 0)
                     slot.epoch_pages, slot.epoch_flags = end.pages, end.flags
-                    slot.vcpu_len = len(blob)
+                    slot.vcpu_len, slot.end_markers = len(blob), len(targets)
                     slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
                     ring.commit_write(slot)
             elif hdr.type & wire.OPTIONAL_BIT:

@@ -154,7 +154,7 @@ class Restore:
             if slot.vcpu_len:
                 asm.vcpu = slot.data_flat[:slot.vcpu_len].tobytes()
             asm.announced = slot.epoch_pages
-            if asm.markers < self.n_rings:
+            if asm.markers < (slot.end_markers or self.n_rings):
                 return None
             if asm.unhashed and not asm.sync:
                 # only a full sync's or pre-copy round's pages may come without hashes
