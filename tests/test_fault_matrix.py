@@ -30,7 +30,8 @@ def test_quick_fault_matrix_passes_with_no_data_lost():
     net = {"partition-heartbeat"} if os.geteuid() == 0 else set()
     assert {r["name"] for r in result["rows"]} == {"primary@primary.reprotect",
                                                    "secondary@restore.pages_written:12",
-                                                   "sigstop-primary"} | net
+                                                   "sigstop-primary",
+                                                   "failover-merge@store.merge.run"} | net
     for row in result["rows"]:
         assert row["runs"] == row["passed"] == 1 and row["data_lost"] == 0, (row, p.stderr[-3000:])
     assert result["all_passed"] is True and p.returncode == 0
