@@ -194,9 +194,12 @@ def why_stopped(pair: LocalPair, role: str) -> str:
         proc.wait(30)
     except (AttributeError, Exception):
         return f"the {role} node is running"
-    errors = [line for line in pair.log_tail(role, 1 << 20).splitlines()
-              if " ERROR " in line or line.startswith("colo-pipeline")]
-    return f"the {role} node exited {proc.returncode}: " + " / ".join(errors[-2:])
+    lines = pair.log_tail(role, 1 << 20).splitlines()
+    errors = [line[24:] if line[:2] == "20" else line for line in lines
+              if " ERROR " in line or line.startswith("colo-pipeline")
+              or (line[:1].isalpha() and ("Error" in line or "Secondary" in line)
+                  and not line.startswith("Traceback"))]
+    return f"the {role} node exited {proc.returncode}: " + " / ".join(errors[-3:])
 
 
 def heard(pair: LocalPair, role: str) -> bool:
@@ -1332,6 +1335,10 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
         verdict = f"data lost: {exc}"
     except (RunFailed, PairError) as exc:
         verdict = f"failed: {exc}"
+        import re
+        died = re.match(r"the (\w+) node exited with code", str(exc))
+        if died and died.group(1) in pair.logs:   # its own last words, not the log's tail
+            verdict = f"failed: {why_stopped(pair, died.group(1))}"
     except Exception:
         verdict = "failed: " + traceback.format_exc(limit=3).replace("\n", " | ")
     finally:
