@@ -194,9 +194,27 @@ class DropWatch:
                 broke = True
                 # libzmq keeps that connection open and silent: reset it, the peer reconnects
                 self.established.clear()
-                self.sock.unbind(self.endpoint)
-                self.sock.bind(self.endpoint)
+                self._rebind()
         return broke
+
+    REBIND_S = 5.0
+
+    def _rebind(self) -> None:
+        """Unbind (which resets the connections the listener accepted) and bind again.
+        libzmq closes the listener in its I/O thread, after unbind returned: until then
+        the address is in use, so the bind is retried for a while."""
+        self.sock.unbind(self.endpoint)
+        deadline = time.monotonic() + self.REBIND_S
+        while True:
+            try:
+                self.sock.bind(self.endpoint)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise OSError(exc.errno, f"the {self.channel} channel cannot listen on "
+                                  f"{self.endpoint} again after resetting a broken "
+                                  f"connection: {exc.strerror}") from None
+                time.sleep(0.005)
 
     def close(self) -> None:
         if self.monitor is not None:
