@@ -149,6 +149,7 @@ class DropWatch:
         self.pid = os.getpid()
         self.handshaking: list[int] = []     # accepted connections (fds), in order
         self.established: set[int] = set()
+        self.failed: tuple[int, float] | None = None   # (code, when): not judged yet
         self.drops = 0
 
     def _count(self, name: str) -> None:
@@ -165,11 +166,24 @@ class DropWatch:
                        self.drops)
 
     def check(self, now: float | None = None) -> bool:
-        """Take in the socket's events; True if an established connection broke."""
+        """Take in the socket's events; True if an established connection broke.
+
+        Which connection a failed handshake event is about, libzmq does not say. A
+        connection still in its handshake that fails is closed in the same step: its
+        DISCONNECTED is the very next event. A failure not followed by one is the
+        established connection's (libzmq leaves that one open). So a failure waits for the
+        next event (at most ``SETTLE_S``) before it is judged."""
+        now = time.monotonic() if now is None else now
         broke = False
         while self.monitor.poll(0):
             frames = self.monitor.recv_multipart()
             event, value = struct.unpack_from("<HI", frames[0])
+            if self.failed is not None:
+                code, self.failed = self.failed[0], None
+                if event == zmq.EVENT_DISCONNECTED and value in self.handshaking:
+                    self.handshaking.remove(value)     # a stranger's failed handshake
+                    continue
+                broke = self._broken(code) or broke
             if event == zmq.EVENT_ACCEPTED:
                 self.handshaking.append(value)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -183,19 +197,26 @@ class DropWatch:
                 elif value in self.handshaking:
                     self.handshaking.remove(value)
             elif event & HandshakeWatch.FAILED:
-                if self.handshaking:         # a stranger's (or a restarting peer's) handshake
-                    continue
-                if not self.established:
-                    continue
-                crypto = value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", 0x11000001)
-                self._drop("a message failed CURVE authentication (corrupted or forged on "
-                           "the way; ZMTP cryptographic error)" if crypto else
-                           f"protocol error {value:#x} in an established stream", crypto)
-                broke = True
-                # libzmq keeps that connection open and silent: reset it, the peer reconnects
-                self.established.clear()
-                self._rebind()
+                self.failed = (value, now)
+        if self.failed is not None and now - self.failed[1] >= self.SETTLE_S:
+            code, self.failed = self.failed[0], None
+            broke = self._broken(code) or broke
         return broke
+
+    SETTLE_S = 0.2
+
+    def _broken(self, code: int) -> bool:
+        """A failure that was not a handshake's: the established connection's stream
+        broke. Counted, and the connection reset (libzmq keeps it open and silent)."""
+        if not self.established:
+            return False
+        crypto = code == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", 0x11000001)
+        self._drop("a message failed CURVE authentication (corrupted or forged on the way; "
+                   "ZMTP cryptographic error)" if crypto else
+                   f"protocol error {code:#x} in an established stream", crypto)
+        self.established.clear()
+        self._rebind()
+        return True
 
     REBIND_S = 5.0
 
