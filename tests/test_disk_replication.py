@@ -19,7 +19,9 @@ import zmq
 from conftest import free_port
 
 from pipeline.checkpoint_api import CheckpointBus
+from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
+from pipeline.disk.nbd_client import NbdClient
 from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk import primary as primary_module
@@ -457,6 +459,32 @@ def test_an_unhashed_write_is_hashed_by_the_secondary_and_survives_a_killed_stag
         assert store.image.pread(0, 4 * BS) == bytes(BS) + data + bytes(BS)
     finally:
         store.close()
+
+
+def test_overlapping_writes_in_one_burst_of_one_connection_apply_in_order(tmp_path, rundir):
+    """A connection writes its small forwarded writes into the primary's image after the
+    burst's forwards are sent. Three overlapping writes sent in one packet form one
+    burst: each later one must first write the connection's held-back copies (it would
+    otherwise wait for itself), and both images end as the last writes left them."""
+    work = str(tmp_path / "disks")
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", initial_sync=False,
+                         primary_export=f"unix:{tmp_path}/p.sock") as pair:
+        c = NbdClient(pair.primary_uri, timeout=60)
+        try:
+            writes = [(1, 0, b"\1" * 2 * BS), (2, BS, b"\2" * 2 * BS), (3, 0, b"\3" * BS)]
+            c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, cookie,
+                                                   off, len(data)) + data
+                                    for cookie, off, data in writes))
+            assert sorted(c.reply()[:2] for _ in writes) == [(0, 1), (0, 2), (0, 3)]
+        finally:
+            c.close()
+        pair.primary.set_epoch(2)
+        assert pair.primary.wait_forwarded(1, 30_000)
+        pair.secondary.commit(1)
+        want = b"\3" * BS + b"\2" * 2 * BS + bytes(BS)
+        for name in ("primary.img", "secondary.img"):
+            with open(os.path.join(work, name), "rb") as f:
+                assert f.read(4 * BS) == want, name
 
 
 def test_concurrent_overlapping_writes_on_several_connections_leave_equal_images(

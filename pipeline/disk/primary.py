@@ -511,6 +511,12 @@ class PrimaryLink:
         self._outbox_seqs: list[int] = []
         self._outbox_bytes = 0
         self._send_failed: list[int] = []
+        #: small forwarded writes whose copy in our image waits for the end of the burst:
+        #: (seq, pending, op, args), in seq order
+        self._deferred: list[tuple[int, _Pending, object, tuple]] = []
+        #: deferred writes whose ack came before our copy was written (none in practice:
+        #: acks are read only after the burst's copies are written) — answered next turn
+        self._late: list[int] = []
         if backend.forward_to:  # also while unprotected: re-protection forwards again
             self.socket = backend.forward_socket()
         #: what the connection loop polls for completions
@@ -551,6 +557,9 @@ class PrimaryLink:
             if forwarding:
                 self._queue_forward(seq, p, kind, offset, length, data)
             if earlier:
+                # never wait while holding unwritten copies: the writes we wait for may
+                # belong to a connection that waits for ours (each writes its own first)
+                self._write_deferred()
                 b.wait_applied(earlier)
         except BaseException:
             b.applied(seq)
@@ -566,6 +575,11 @@ class PrimaryLink:
             fut = b.pool().submit(op, *args)
             self._writing[seq] = fut
             fut.add_done_callback(lambda _f, seq=seq: self._pooled_done(seq))
+            return self._complete_or_hold(seq, p)
+        if forwarding and not fua:
+            # written once the burst's forwards are sent (end_of_burst): the secondary
+            # buffers them while we write our copies, instead of after
+            self._deferred.append((seq, p, op, args))
             return self._complete_or_hold(seq, p)
         try:
             return self._apply_inline(seq, p, op, *args)
@@ -589,8 +603,28 @@ class PrimaryLink:
         p.local = True
         return self._complete_or_hold(seq, p)
 
+    def _write_deferred(self) -> None:
+        """Write the copies held back for the end of the burst into our image, in seq
+        order. A failure is answered with the write's ack (its forward went out)."""
+        deferred, self._deferred = self._deferred, []
+        for seq, p, op, args in deferred:
+            try:
+                op(*args)
+                if faults.ACTIVE:   # in our image; its forward maybe still in ZeroMQ
+                    faults.point("disk.primary.applied")
+            except OSError as e:
+                log.error("primary disk: writing our image failed: %s", e)
+                self.b.counters.add("io_errors")
+                p.error = P.EIO
+            finally:
+                self.b.applied(seq)
+            p.local = True
+            if p.forwarded:
+                self._late.append(seq)
+
     def flush(self) -> None:
         # acked writes are at the secondary and in our page cache: make our copy durable
+        self._write_deferred()
         self.b.image.sync()
 
     def _complete_or_hold(self, seq: int, p: _Pending) -> bool:
@@ -638,8 +672,11 @@ class PrimaryLink:
         """Send the forwards collected while handling one burst of requests as one message
         (one wakeup of the link and of the secondary for many small writes)."""
         self._close_group()
-        if not self._outbox:
-            return
+        if self._outbox:
+            self._send_outbox()
+        self._write_deferred()
+
+    def _send_outbox(self) -> None:
         if not self.b.session_open.is_set():
             # a sync's BEGIN is on its way: the secondary starts the session with it
             # (one round trip, at re-protection only); a BEGIN that gets no answer
@@ -665,6 +702,9 @@ class PrimaryLink:
             os.eventfd_read(self._wakeup)
         except BlockingIOError:
             pass
+        for seq in self._late:
+            self._finish_if_done(seq, self._pending[seq], done)
+        self._late.clear()
         for seq in self._send_failed:
             p = self._pending[seq]
             p.forwarded = True
@@ -750,6 +790,9 @@ class PrimaryLink:
             done.append((p.cookie, p.error))
 
     def close(self) -> None:
+        # ordered writes reach our image even when their client went away mid-burst (a
+        # write of another connection may wait for one of them)
+        self._write_deferred()
         for fut in list(self._writing.values()):
             fut.exception()
         for p in self._pending.values():
