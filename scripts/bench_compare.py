@@ -16,8 +16,9 @@ that run (steadier than frames/s on a shared machine) and the added latency PVM 
 out (p50/p99), measured open-loop at ``--rate`` pairs/s. QEMU's max_queue_size is
 raised to the stream length so it drops nothing.
 
-Note: QEMU 7.2 writes a released frame out only when the next one is written (its
-send coroutine), so its latency at low rates includes the gap to the next frame.
+QEMU 7.2 writes each frame out when it releases it (strace of its iothread: the length
+word and the frame go out right after the comparison; its send coroutine only queues
+while a write would block).
 
 Streams are 200 000 pairs by default: short streams flatter whichever comparator has the
 smaller start-up cost. Each figure is the median of ``--trials`` runs that alternate
@@ -125,8 +126,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _wait_quiet(rx: Receiver, timeout: float, quiet: float = 1.0) -> None:
-    """Wait until every frame came out, or none came for ``quiet`` s (QEMU 7.2 keeps its
-    last released frame until another one is written), at most ``timeout`` s."""
+    """Wait until every frame came out, or none came for ``quiet`` s (a comparator that
+    dropped some), at most ``timeout`` s."""
     end = time.monotonic() + timeout
     seen, since = rx.count, time.monotonic()
     while not rx.done.is_set() and time.monotonic() < end:
