@@ -969,12 +969,19 @@ class Comparator:
         svm.take(k)
         n_bytes = size - 4 * k
         c = self.counters
-        for name, n in (("primary_frames_in", k), ("secondary_frames_in", k),
-                        ("primary_bytes_in", n_bytes), ("secondary_bytes_in", n_bytes),
-                        ("frames_released", k), ("bytes_released", n_bytes),
-                        ("secondary_frames_dropped", k), ("run_matched_frames", k)):
-            c[name] += n
-            if self._sink is not None:
+        c["primary_frames_in"] += k
+        c["secondary_frames_in"] += k
+        c["primary_bytes_in"] += n_bytes
+        c["secondary_bytes_in"] += n_bytes
+        c["frames_released"] += k
+        c["bytes_released"] += n_bytes
+        c["secondary_frames_dropped"] += k
+        c["run_matched_frames"] += k
+        if self._sink is not None:
+            for name, n in (("primary_frames_in", k), ("secondary_frames_in", k),
+                            ("primary_bytes_in", n_bytes), ("secondary_bytes_in", n_bytes),
+                            ("frames_released", k), ("bytes_released", n_bytes),
+                            ("secondary_frames_dropped", k), ("run_matched_frames", k)):
                 self._sink.add(name, n)
         return k
 
@@ -1213,18 +1220,22 @@ class _Stream:
     def take(self, k: int) -> None:
         """The ``k`` oldest items were consumed."""
         self.head += k
-        self.taken += k
+        taken = self.taken = self.taken + k
         arrived = self._arrived
-        while arrived and arrived[0][0] <= self.taken:
+        while arrived and arrived[0][0] <= taken:
             arrived.popleft()
         if self.head == len(self.offs):
             self.clear()
 
     def clear(self) -> None:
         """Every whole item was taken: keep only the partial one."""
-        del self.buf[:self.walked]
+        if self.walked == len(self.buf):
+            self.buf.clear()
+        else:
+            del self.buf[:self.walked]
         self.offs, self.head, self.walked = [], 0, 0
-        self._arrived.clear()
+        if self._arrived:
+            self._arrived.clear()
 
     def compact(self) -> None:
         start = self.offs[self.head]
