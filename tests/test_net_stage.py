@@ -18,6 +18,9 @@ from pipeline.net.settings import NetSettings
 from pipeline.stages.net_compare import NET_COMPARE_COUNTERS, run_net_compare_stage
 
 G, C = "10.0.0.2", "10.0.0.1"
+#: how long a reply may take before a test fails: only bounds a hang (a freshly started
+#: comparator on a loaded machine can take seconds to import and answer)
+WAIT = 45
 
 
 class Sink:
@@ -40,10 +43,10 @@ def _publish_until(bus, shared, event: str, epoch: int, counter: str) -> None:
     def taken():
         bus.publish(event, epoch)
         return shared.get(counter, 0) > before
-    wait_until(taken, 10, f"the stage took the {event} event", interval=0.05)
+    wait_until(taken, WAIT, f"the stage took the {event} event", interval=0.05)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
     rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
     ctx = multiprocessing.get_context("fork")
@@ -59,29 +62,29 @@ def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
     proc = ctx.Process(target=_stage, args=(settings, rundir, shared, child, stop))
     proc.start()
     try:
-        assert parent.poll(20) and parent.recv() == {"ok": True}
+        assert parent.poll(WAIT) and parent.recv() == {"ok": True}
         # (the stage accepts each peer when it first reads or writes its socket)
         pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
         same = build.udp_frame(G, C, 1, 2, b"same")
         pvm.send(same)
         svm.send(same)
-        assert [f for f, _ in out.recv_until(1, 5)] == [same]
+        assert [f for f, _ in out.recv_until(1, WAIT)] == [same]
         diverged = build.udp_frame(G, C, 3, 4, b"pvm")
         pvm.send(diverged)
         svm.send(build.udp_frame(G, C, 3, 4, b"svm"))
-        requests = wait_until(bus.drain_requests, 10, "a checkpoint request")
+        requests = wait_until(bus.drain_requests, WAIT, "a checkpoint request")
         assert [c for c, _ in requests] == ["net_divergence"]
         # the snapshot event is taken (the counter says so) before the next PVM frame comes
         _publish_until(bus, shared, "snapshot", 0, "snapshots")
         after_snapshot = build.udp_frame(G, C, 5, 6, b"epoch 1")
         pvm.send(after_snapshot)
         bus.publish("committed", 0)
-        assert [f for f, _ in out.recv_until(1, 5)] == [diverged]
+        assert [f for f, _ in out.recv_until(1, WAIT)] == [diverged]
         # the epoch-1 frame is still held; unmatched it times out: one request for epoch 1
-        requests = wait_until(bus.drain_requests, 10, "a checkpoint request")
+        requests = wait_until(bus.drain_requests, WAIT, "a checkpoint request")
         assert [c for c, _ in requests] == ["net_timeout"]
         bus.publish("role", 1, role="unprotected")
-        assert [f for f, _ in out.recv_until(1, 5)] == [after_snapshot]
+        assert [f for f, _ in out.recv_until(1, WAIT)] == [after_snapshot]
         for c in (pvm, svm, out):
             c.close()
     finally:
@@ -114,7 +117,7 @@ def test_stage_reports_bad_settings_on_ready():
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
     rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
     ctx = multiprocessing.get_context("fork")
@@ -132,22 +135,22 @@ def test_client_input_to_the_svm_is_held_from_snapshot_until_commit():
     proc = ctx.Process(target=_stage, args=(settings, rundir, shared, child, stop))
     proc.start()
     try:
-        assert parent.poll(20) and parent.recv() == {"ok": True}
+        assert parent.poll(WAIT) and parent.recv() == {"ok": True}
         clients = {r: StreamClient("unix:" + path[r]) for r in ("cin", "pout", "sout")}
         before = build.udp_frame(C, G, 4444, 53, b"before the snapshot")
         clients["cin"].send(before)
-        assert [f for f, _ in clients["pout"].recv_until(1, 5)] == [before]
-        assert [f for f, _ in clients["sout"].recv_until(1, 5)] == [before]
+        assert [f for f, _ in clients["pout"].recv_until(1, WAIT)] == [before]
+        assert [f for f, _ in clients["sout"].recv_until(1, WAIT)] == [before]
         _publish_until(bus, shared, "snapshot", 0, "snapshots")
         during = [build.udp_frame(C, G, 4444, 53, b"after the snapshot %d" % i) for i in range(3)]
         for f in during:
             clients["cin"].send(f)
-        assert [f for f, _ in clients["pout"].recv_until(3, 5)] == during
+        assert [f for f, _ in clients["pout"].recv_until(3, WAIT)] == during
         # held for the restored SVM (counted as held, so not sent to it yet)
         wait_until(lambda: shared.get("mirror_frames_held", 0) == 3, 10,
                    "the SVM's copies held")
         bus.publish("committed", 0)
-        assert [f for f, _ in clients["sout"].recv_until(3, 5)] == during
+        assert [f for f, _ in clients["sout"].recv_until(3, WAIT)] == during
         for c in clients.values():
             c.close()
     finally:
@@ -211,7 +214,7 @@ def _accept_all(loop) -> None:
     def accepted():
         loop.run_once(0.01)
         return all(e.connected for e in endpoints)
-    wait_until(accepted, 20, "the comparator accepted its three peers")
+    wait_until(accepted, WAIT, "the comparator accepted its three peers")
 
 
 def _in_band_run(order: str) -> tuple[list[bytes], list[str], list[bytes]]:
@@ -307,7 +310,7 @@ def test_node_loop_keeps_pre_snapshot_frames_in_their_epoch_when_the_event_overt
         def pvm_read():
             loop.run_once(0.01)
             return cmp.stream_frames() == 3        # waiting for the SVM's side
-        wait_until(pvm_read, 20, "the PVM's stream read")
+        wait_until(pvm_read, WAIT, "the PVM's stream read")
         svm.send_bytes(encode_boundary(BOUNDARY_COMMITTED, 1) + encode_frame(after_svm))
         released: list[bytes] = []
 
@@ -315,7 +318,7 @@ def test_node_loop_keeps_pre_snapshot_frames_in_their_epoch_when_the_event_overt
             loop.run_once(0.01)
             released.extend(f for f, _ in out.recv(0.001))
             return len(released) >= 2 or control.requests
-        wait_until(decided, 20, "both PVM frames released or a checkpoint requested")
+        wait_until(decided, WAIT, "both PVM frames released or a checkpoint requested")
         assert control.requests == []
         assert released == [before, after]
         assert cmp.counters["run_matched_frames"] == 1       # the fast path compared it
