@@ -315,8 +315,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6, help="checkpoints after the first full copy")
     ap.add_argument("--interval-ms", type=int, default=1000, help="time between checkpoints")
-    ap.add_argument("--timeout", type=float, default=2400,
-                    help="seconds one boot may take before the lab gives up (a quick boot took over 900 s at load 11)")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="seconds one boot may take before the lab gives up (quick boots took 20-40 minutes at load 15-25)")
     ap.add_argument("--tcg-thread", choices=("single", "multi"), default="multi",
                     help="QEMU TCG threading (multi-threaded TCG corrupted dom0 memory now and then here)")
     ap.add_argument("--eager-fpu", action=argparse.BooleanOptionalAction, default=True,
