@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -105,6 +106,13 @@ def main() -> int:
             before = node_work(sessions)
             pair.request_checkpoint()
             cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
+            # the secondary ACKs before it has written the pages (early ACK): its work
+            # counts until it recorded the epoch, applied
+            deadline = time.monotonic() + 600
+            while not any(s["epoch"] == cp["epoch"] for s in pair.checkpoints("secondary")):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the secondary never recorded epoch {cp['epoch']}")
+                time.sleep(0.005)
             after = node_work(sessions)
             rows.append([a - b for a, b in zip(after, before)] + [cp["commit_ns"] / 1e6])
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "commit_ms")
