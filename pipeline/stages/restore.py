@@ -261,16 +261,14 @@ class Restore:
         trace.point("pages_written", epoch)
         faults.point("restore.pages_written")
         if len(svm_rows):
-            view = self.domain.memory_view()
-            if view is not None:
-                self.cache[svm_pfns] = view[svm_pfns]
-            else:
-                if len(self.svm_buf) < len(svm_rows):
-                    self.svm_buf = np.empty((max(len(svm_rows), 1024),
-                                             self.domain.page_size), np.uint8)
-                held = self.svm_buf[:len(svm_rows)]
-                self.domain.read_pages(svm_pfns, held)
-                self.cache[svm_pfns] = held
+            # through a buffer kept from epoch to epoch: a fresh gather (view[pfns]) took a
+            # page fault per page of it every time
+            if len(self.svm_buf) < len(svm_rows):
+                self.svm_buf = np.empty((max(len(svm_rows), 1024), self.domain.page_size),
+                                        np.uint8)
+            held = self.svm_buf[:len(svm_rows)]
+            self.domain.read_pages(svm_pfns, held)
+            self.cache[svm_pfns] = held
             self.ctx.counters.add("pages_same_as_svm", len(svm_rows))
         # Pages the SVM wrote itself and the epoch did not bring go back to their committed
         # content; REF pages need nothing more (the SVM holds them unless it wrote them),
