@@ -6,7 +6,7 @@ Fixed-width little-endian fields, reserved fields zero on write and ignored on r
 FORWARD message (primary → secondary): the writes one burst of NBD requests produced,
 as groups of writes, two frames per group:
 
-    frame 2i, n × 64 bytes, one header per write of the group:
+    frame 2i, n × 72 bytes, one header per write of the group:
                         magic "CDW1" | kind u8 (1 WRITE, 2 ZERO, 3 SYNC, 4 SYNC_BEGIN,
                         5 SYNC_END, 6 SYNC_ZERO, 7 SYNC_CHECK, 8 ZERO_ALLOC) | reserved 3 |
                         epoch u64 | seq u64 | offset u64 | length u32 | reserved u32 |
@@ -137,7 +137,7 @@ def zero_digest(length: int) -> bytes:
 def forward_header(kind: int, epoch: int, seq: int, offset: int, length: int,
                    data: bytes | bytearray | memoryview | None,
                    digest: bytes | None = None) -> bytes:
-    """The 64-byte header of one write (its blake3 computed here unless given: a
+    """The 72-byte header of one write (its blake3 computed here unless given: a
     SYNC_CHECK's, a BEGIN's generation)."""
     if digest is None:
         digest = ZERO_DIGEST if data is None else digest_of(data)
