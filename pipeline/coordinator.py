@@ -333,7 +333,7 @@ class PrimaryCoordinator(_Coordinator):
             # a secondary that does not answer for a whole epoch timeout is as good as
             # lost, whatever the heartbeat says: holding the guest's output any longer
             # would stall its clients (the next secondary gets a fresh full sync)
-            res.extra["peer_lost"] = True
+            res.extra["peer_lost"] = "heartbeat" if isinstance(exc, PeerLost) else "timeout"
         finally:
             if not res.svm_forwarded:
                 # the digest workers wait for the SVM's hashes: none will come
@@ -359,9 +359,24 @@ class PrimaryCoordinator(_Coordinator):
             self._compare_digests(res)
         self.last_checkpoint = time.monotonic()
         res.extra["ok"] = ok
-        if res.extra.get("peer_lost"):
+        lost = res.extra.get("peer_lost")
+        if lost == "timeout" or lost == "heartbeat" and self._lost_for_good():
             self.go_unprotected()
         return res
+
+    def _lost_for_good(self) -> bool:
+        """The heartbeat declared the secondary lost: True unless it is heard again within
+        one more heartbeat timeout; then the loss is abandoned (counted, logged) and the
+        pair goes on protected (a torn epoch's pages are carried as always)."""
+        faults.point("primary.peer_lost")
+        why = self.role.peer_back_within(self.hb_events, self.settings.heartbeat.timeout_s,
+                                         self.ctx.stopping)
+        if not why:
+            return True
+        self.ctx.log.warning("epoch=%d event=loss_abandoned %s: still protected",
+                             self.epoch, why, extra={"epoch": self.epoch})
+        self.c.add("losses_abandoned", 1)
+        return False
 
     def _record(self, res: EpochResult, ok: bool, commit_ns: int) -> None:
         """The epoch's checkpoint record (counters), log line and node info."""
@@ -562,7 +577,7 @@ class PrimaryCoordinator(_Coordinator):
                     if self.wait_for_secondary(timeout=None):
                         self.reprotect()
                     continue
-                if self._heartbeat_lost():
+                if self._heartbeat_lost() and self._lost_for_good():
                     self.go_unprotected()
                     continue
                 trig = self.next_trigger()

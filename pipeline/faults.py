@@ -58,6 +58,9 @@ epoch 0 is the full sync, then pre-copy rounds, then checkpoints):
                                  outputs not yet released (hash table not folded in,
                                  ``committed`` not published to the comparators)
 * ``primary.released``           ``committed`` published
+* ``primary.peer_lost``          the heartbeat declared the secondary lost; the primary not
+                                 yet unprotected (it waits one more heartbeat timeout for
+                                 the secondary to be heard again)
 * ``primary.reprotect``          a new secondary answered the unprotected primary's HELLO;
                                  its full sync (re-protection) starts next
 

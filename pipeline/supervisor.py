@@ -67,7 +67,7 @@ class SharedState:
 EXTRA_COUNTERS = {
     "coordinator": ("epochs_committed", "epochs_aborted", "requests", "stale_records",
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
-                    "takeovers_abandoned", "torn_by_conn_drop",
+                    "takeovers_abandoned", "torn_by_conn_drop", "losses_abandoned",
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",

@@ -117,3 +117,44 @@ def test_once_the_witness_granted_the_takeover_goes_through(tmp_path):
     finally:
         pair.stop()
         pair.cleanup()
+
+
+def test_a_secondary_heard_again_before_the_primary_acted_keeps_the_pair_protected(tmp_path):
+    """The same on the primary's side: its heartbeat declares the secondary lost (the
+    secondary's heartbeat stage stopped: the secondary itself alive), the primary's
+    coordinator stops at ``primary.peer_lost`` (decided, not yet unprotected), the
+    secondary's heartbeat comes back there. The primary gives the loss up (counted,
+    logged): it never went unprotected, no re-sync, the secondary never became stale,
+    checkpoints go on and both memories are equal."""
+    pair = LocalPair(TABLES, workdir=str(tmp_path / "pair"))
+    try:
+        pair.start(faults={"primary": "primary.peer_lost:stop"})
+        pair.wait_protected(timeout=300)
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "primary") > 0,
+                   timeout=60, what="the primary hearing the secondary")
+        hb = _pid(pair, "secondary", "heartbeat")
+        os.kill(hb, signal.SIGSTOP)          # the secondary alive, its heartbeat silent
+        try:
+            wait_until(lambda: _fired(pair, "primary", "primary.peer_lost"), timeout=120,
+                       what="the primary deciding its secondary is lost")
+        finally:
+            os.kill(hb, signal.SIGCONT)
+        wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "primary") >= 1,
+                   timeout=120, what="the primary's heartbeat hearing the secondary again")
+        os.kill(_pid(pair, "primary", "coordinator"), signal.SIGCONT)
+        wait_until(lambda: pair.stage_counter("coordinator", "losses_abandoned",
+                                              "primary") >= 1,
+                   timeout=120, what="the loss given up")
+        assert "event=loss_abandoned" in pair.log_tail("primary", 1 << 24)
+        coord = pair.node("primary").stage("coordinator")
+        done = coord.as_dict()["epochs_committed"]
+        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 10, timeout=180,
+                   what="10 more checkpoints after the abandoned loss")
+        assert pair.node("primary").node_info()["state"] == "protected"
+        for counter in ("peer_lost", "sync_restarts", "reprotections"):
+            assert pair.stage_counter("coordinator", counter, "primary") == 0, counter
+        assert pair.stage_counter("coordinator", "takeovers", "secondary") == 0
+        assert pair.prove_memory_equal(timeout=180).get("memory_equal") is True
+    finally:
+        pair.stop()
+        pair.cleanup()

@@ -128,6 +128,30 @@ class PrimaryRole:
                            f"{self.shared.generation.value})")
         return isinstance(ev, messages.PeerLost)
 
+    def peer_back_within(self, events: Any, grace_s: float,
+                         stopping: Callable[[], bool] = lambda: False) -> str:
+        """The heartbeat declared the secondary lost. Before the primary acts on it (goes
+        unprotected: it releases every output it holds, and any secondary needs a full
+        sync after that), the heartbeat gets ``grace_s`` more: a secondary heard again
+        meanwhile was not lost (a lossy link, a stalled heartbeat). Returns why it is not
+        lost, "" if it is. Reads ``events`` (the heartbeat stage's pipe) itself; raises
+        RoleLost as :meth:`heard` does."""
+        deadline = time.monotonic() + grace_s
+        reason = ""
+        while True:
+            while events.poll(0):
+                ev = events.recv()
+                self.heard(ev)
+                if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+                    reason = (f"the secondary's heartbeat is back (seq {ev.info.get('seq')}) "
+                              "before the primary acted on its loss")
+                elif isinstance(ev, messages.PeerLost):
+                    reason = ""
+            left = deadline - time.monotonic()
+            if reason or left <= 0 or stopping():
+                return reason
+            events.poll(min(left, 0.05))
+
     def check(self) -> None:
         """Raises RoleLost once the witness lease is gone."""
         if self.lost_reason:
