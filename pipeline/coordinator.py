@@ -745,7 +745,11 @@ class SecondaryCoordinator(_Coordinator):
                 self.domain.mark_outputs(
                     encode_boundary(BOUNDARY_COMMITTED, epoch) if committed else
                     encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
-            self.domain.resume()
+            # the primary lost mid-epoch: the SVM stays paused where this epoch left it
+            # until the takeover resumes it (or, refused, as the standby), so what it
+            # replays goes to the clients, not into the lost primary's comparator
+            if self.lost is None:
+                self.domain.resume()
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch
