@@ -152,13 +152,14 @@ def test_answers_across_failover_and_failback_netns_etcd(tmp_path):
 
 def rolled_back_survivor(pair: HostPair) -> dict:
     """The primary's host dies while the secondary is inside a checkpoint: the secondary's
-    coordinator stops at ``secondary.begin`` (SVM paused, SVM_DIRTY sent), the primary's
-    host is killed, the coordinator goes on. The epoch ends torn, so the survivor goes on
-    from its last committed checkpoint and replays the inputs since, paused until the
-    takeover so its answers go to the clients. Answers the comparator released for those
-    inputs (the SVM's first run agreed with the PVM's) come again from the survivor: every
-    such duplicate has the bytes already received (the guest is deterministic on its
-    inputs), and nothing is missing after the survivor's first answer."""
+    coordinator stops right after it handled a BEGIN (``secondary.begin``: SVM paused,
+    SVM_DIRTY sent), the primary's host is killed, the coordinator goes on. If the epoch's
+    pages had not all arrived, it ends torn (the survivor goes on from its last committed
+    checkpoint); if they had, it commits. Torn, the survivor replays the inputs since
+    that checkpoint, paused until the takeover so its answers go to the clients: answers
+    the comparator had released for them (the SVM's first run agreed with the PVM's) come
+    again, each with the bytes already received (the guest is deterministic on its
+    inputs). Either way nothing is missing after the survivor's first answer."""
     import os
     import signal
 
@@ -179,25 +180,24 @@ def rolled_back_survivor(pair: HostPair) -> dict:
         wait_until(lambda: pair.node("b").node_info().get("role") == "primary",
                    timeout=300, what="b becoming the primary")
         _more_answers(pair, reader, ANSWERS, "from the survivor")
-        # the epoch was torn on the survivor: it went on from the last committed checkpoint
-        records = pair.checkpoints("b")
-        assert records[-1]["status"] == STATUS_ABORTED, records[-3:]
+        torn = pair.checkpoints("b")[-1]["status"] == STATUS_ABORTED
     finally:
         reader.stop.set()
         reader.join(10)
         stream.close()
         pair.stop()
-    print("\n" + json.dumps({"gaps": stream.gaps(), "duplicates": stream.duplicates,
-                             "missing": stream.missing(), "answers": len(stream.seqs)}))
+    print("\n" + json.dumps({"torn": torn, "gaps": stream.gaps(),
+                             "duplicates": stream.duplicates, "missing": stream.missing(),
+                             "answers": len(stream.seqs)}))
     assert stream.conflicts == [], stream.conflicts[:20]
-    # the survivor did send again answers the client had (the SVM waited, paused, for the
-    # takeover: its replay went to the clients)
-    assert stream.duplicates > 0
+    # torn: the survivor sent again answers the client had (the SVM waited, paused, for
+    # the takeover: its replay went to the clients, not into the lost comparator)
+    assert stream.duplicates > 0 or not torn
     assert stream.seqs == sorted(stream.seqs)
     assert len(stream.breaks) == 1
     (last, first), = stream.gaps()
     assert set(stream.missing()) <= set(range(last + 1, first)), stream.missing()
-    return {"duplicates": stream.duplicates, "missing": len(stream.missing())}
+    return {"torn": torn, "duplicates": stream.duplicates, "missing": len(stream.missing())}
 
 
 #: long epochs: the SVM's first run of the torn epoch answers many inputs the comparator
