@@ -745,13 +745,10 @@ class SecondaryCoordinator(_Coordinator):
                 self.domain.mark_outputs(
                     encode_boundary(BOUNDARY_COMMITTED, epoch) if committed else
                     encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
-            # torn (the SVM rolled back), or the primary lost: the SVM stays paused at its
-            # last committed checkpoint until the primary's next BEGIN (whose end resumes
-            # it) or the takeover. A primary gone (its connection dropped, its heartbeat
-            # stopped) is not known as lost yet when its epoch tears: resumed now, the SVM
-            # would replay its inputs into the lost comparator; paused, it replays them to
-            # the clients once it is the active VM
-            if committed and self.lost is None:
+            # the primary known lost (its heartbeat): the SVM stays paused where this epoch
+            # left it until the takeover resumes it (or, refused, as the standby), so what
+            # it replays goes to the clients, not into the lost primary's comparator
+            if self.lost is None:
                 self.domain.resume()
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
