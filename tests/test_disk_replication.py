@@ -487,6 +487,56 @@ def test_overlapping_writes_in_one_burst_of_one_connection_apply_in_order(tmp_pa
                 assert f.read(4 * BS) == want, name
 
 
+def test_a_client_gone_mid_burst_still_has_its_ordered_writes_forwarded(tmp_path):
+    """A client sends a burst of writes and a request cut short, and closes: its
+    connection ends with the burst's writes ordered (seqs taken, in the primary's image)
+    but their forwards not sent. They must still reach the secondary: else the commit
+    of their epoch waits for seqs that never come, and the secondary lacks blocks the
+    primary has. The burst is one send on a unix socket (one read on the server); the
+    first write is held at its ordering until the client has closed, so the cut-short
+    request ends the very burst that ordered the writes."""
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False)
+    ordered, closed = threading.Event(), threading.Event()
+
+    def hold_until_closed(seq: int, epoch: int) -> None:  # the named point
+        ordered.set()
+        assert closed.wait(60)
+
+    pri.backend.after_ordering = hold_until_closed
+    c = NbdClient(pri.uri, timeout=60)
+    try:
+        writes = [(P.CMD_WRITE, 1, 0, b"\1" * 2 * BS), (P.CMD_WRITE, 2, BS, b"\2" * 2 * BS),
+                  (P.CMD_WRITE_ZEROES, 3, 0, BS)]
+        c.sock.sendall(b"".join(
+            P.REQUEST.pack(P.REQUEST_MAGIC, 0, cmd, cookie, off,
+                           arg if isinstance(arg, int) else len(arg))
+            + (b"" if isinstance(arg, int) else arg) for cmd, cookie, off, arg in writes)
+            # a fourth write: its header and half its data, then the client is gone
+            + P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 4, 4 * BS, BS) + b"\4" * 2048)
+        assert ordered.wait(30), "the first write never reached the ordering point"
+        c.sock.close()
+        closed.set()
+        wait_for(lambda: pri.counters["client_disconnects"] == 1, 30,
+                 "the server to see the client gone mid-request")
+        pri.backend.set_epoch(2)                      # the next checkpoint's pause
+        assert pri.backend.last_seq == 3              # the cut-short write took no seq
+        assert pri.backend.wait_forwarded(1, 30)
+        sec.commit(1)                                 # every sealed seq arrived
+        assert sec.store.committed_epoch == 1
+        want = bytes(BS) + b"\2" * 2 * BS + bytes(2 * BS)
+        for name in ("primary.img", "secondary.img"):
+            with open(tmp_path / name, "rb") as f:
+                assert f.read(5 * BS) == want, name
+        assert file_hash(str(tmp_path / "secondary.img")) == \
+            file_hash(str(tmp_path / "primary.img"))
+        assert pri.counters["forward_errors"] == 0 and sec.counters["bad_forwards"] == 0
+    finally:
+        closed.set()
+        c.sock.close()
+        pri.close()
+        sec.close()
+
+
 def test_concurrent_overlapping_writes_on_several_connections_leave_equal_images(
         tmp_path, rundir):
     """Four qemu-io clients, each with its writes in flight at once (aio), hammer the same

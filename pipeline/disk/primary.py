@@ -790,14 +790,22 @@ class PrimaryLink:
             done.append((p.cookie, p.error))
 
     def close(self) -> None:
-        # ordered writes reach our image even when their client went away mid-burst (a
-        # write of another connection may wait for one of them)
-        self._write_deferred()
+        """End the link. A client gone mid-burst (EOF inside a request, a reset) leaves
+        writes that took their seq and their epoch but whose forwards were not sent and
+        whose copies are not in our image yet: both are done here (the secondary's commit
+        of that epoch waits for every seq sealed into it, and another connection's write
+        may wait for one of them here), and their acks are waited for, as for any write
+        in flight (closing the socket drops what ZeroMQ has not sent yet), up to the
+        forward timeout after which a write counts as lost, as in :meth:`completions`."""
+        self.end_of_burst()
+        poller = zmq.Poller()
+        for item in self.poll_items:
+            poller.register(item, zmq.POLLIN)
+        while self._pending:
+            poller.poll(100)
+            self.completions(time.monotonic_ns())
         for fut in list(self._writing.values()):
             fut.exception()
-        for p in self._pending.values():
-            if not p.forwarded:
-                self.b._track(p.epoch, -1)
         self._pending.clear()
         self.inflight = 0
         os.close(self._wakeup)
