@@ -52,6 +52,8 @@ from pipeline.xen_io.base import Domain, DomainError
 log = logging.getLogger(__name__)
 
 TICK_S = 0.002   # how often the primary looks at its triggers
+#: the longest the primary's epoch loop waits in one go for the disk's forwards to be acked
+FORWARD_WAIT_SLICE_MS = 20
 
 
 class ProtocolError(RuntimeError):
@@ -224,7 +226,10 @@ class PrimaryCoordinator(_Coordinator):
             if left <= 0:
                 raise TimeoutError(f"epoch {res.epoch}: no {', '.join(sorted(want))} within "
                                    f"{self.settings.checkpoint.epoch_timeout_ms} ms")
-            events = dict(poller.poll(min(left, 0.2) * 1000))
+            if "forwarded" in want and self._forwarded(res.epoch, left):
+                want.discard("forwarded")
+            # while the disk's forwards are awaited, its wait slice was this turn's sleep
+            events = dict(poller.poll(0 if "forwarded" in want else min(left, 0.2) * 1000))
             # a lost lease ends the wait: the secondary that took over will not ACK, and
             # this stale primary must give its role up now, not at the epoch timeout
             self.role.check()
@@ -245,8 +250,9 @@ class PrimaryCoordinator(_Coordinator):
                     self.bus.publish("snapshot", e, input_seq=res.input_seq)
                     if self.disk is not None:
                         # writes the guest issued before the snapshot reach the
-                        # secondary's buffer before it can commit this epoch
-                        self.disk.wait_forwarded(e, self.settings.checkpoint.epoch_timeout_ms)
+                        # secondary's buffer before the epoch counts as committed
+                        # (awaited in slices at the top of this loop, never in one block)
+                        want.add("forwarded")
                 elif isinstance(m, (messages.Synced, messages.Precopied)):
                     res.pages_dirty = m.pages
                 want.discard("snapshotted")
@@ -284,6 +290,23 @@ class PrimaryCoordinator(_Coordinator):
                     self.c.add("stale_records", 1)
                     self.ctx.log.warning("control: ignored %s of epoch %d while in epoch %d",
                                          hdr.name, hdr.epoch, res.epoch)
+
+    def _forwarded(self, epoch: int, left_s: float) -> bool:
+        """Are the disk's writes of ``epoch`` and before acked by the secondary? Waits one
+        short slice at most: a disk path that is stuck (an initial sync that gets no acks,
+        a disk stage busy elsewhere) must not hold this loop, which hears a lost
+        heartbeat and the lease, and tears the epoch at its deadline with a clear error:
+        before the secondary's control-silence limit (epoch timeout + max interval)."""
+        from pipeline.stages.disk import DiskControlError
+        slice_ms = max(1, int(min(left_s * 1000, FORWARD_WAIT_SLICE_MS)))
+        try:
+            return self.disk.wait_forwarded(epoch, slice_ms,
+                                            reply_timeout_ms=max(1, int(left_s * 1000)))
+        except DiskControlError as exc:
+            if left_s * 1000 <= 10 * FORWARD_WAIT_SLICE_MS:
+                return False     # the epoch's last slice: the deadline says it
+            raise TimeoutError(f"epoch {epoch}: the disk stage did not say whether the "
+                               f"epoch's writes are forwarded: {exc}") from None
 
     def _svm_hashes(self, res: EpochResult, svm: wire.SvmDirty | None) -> None:
         """Tell the digest workers what the SVM holds at its dirty pages (SVM_DIRTY's
@@ -682,6 +705,13 @@ class SecondaryCoordinator(_Coordinator):
                 self.disk.commit(epoch)
                 return
             except DiskControlError as exc:
+                if "NewSyncSession:" in str(exc):   # (stages/disk.py NewSyncSession)
+                    self._info(state="stale", stale_reason=f"epoch {epoch}: a new disk sync")
+                    raise StaleSecondary(
+                        f"epoch {epoch}: the primary started a new initial sync of the disk, "
+                        f"but this secondary ran its SVM from checkpoints up to epoch "
+                        f"{self.last_epoch} already; stopping (start it again to join as a "
+                        "new secondary)") from None
                 self.c.add("errors", 1)
                 self.ctx.log.error("epoch=%d event=disk_commit_failed attempt=%d of %d: %s",
                                    epoch, attempt, attempts, exc, extra={"epoch": epoch})

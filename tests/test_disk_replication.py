@@ -26,6 +26,7 @@ from pipeline.disk.comparator import DiskComparator
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk import primary as primary_module
 from pipeline.disk.primary import InitialSync
+from pipeline.disk.progress import SYNC_FAILED
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import SecondaryStore, StoreError
 from pipeline.stages.disk import PrimaryDisk, SecondaryDisk, start_disk_pair
@@ -783,6 +784,96 @@ def test_a_primary_reprotects_with_a_new_secondary_on_the_same_address(tmp_path)
         pri.close()
         if sec2 is not None:
             sec2.close()
+
+
+def test_a_sync_cut_off_by_a_lost_secondary_leaves_no_write_in_flight(tmp_path, monkeypatch):
+    """The secondary is lost in the middle of the initial sync: a window of chunks was sent
+    and never acked, and the next chunk is ordered (counted in flight) and waits for room.
+    The pair goes unprotected: the sync ends at once (not at the forward timeout, ten
+    minutes here) and gives back the count of every chunk it ordered, sent or not. Else
+    a chunk no ack will ever come for holds every later wait_forwarded: in the
+    partition-heartbeat row of scripts/fault_matrix.py the first checkpoint after the
+    re-protection waited for it until the epoch timed out, and the pair never protected
+    the guest again. Here the re-protection's first checkpoint finds nothing in flight."""
+    MiB = 1 << 20
+    size = 16 * MiB                 # 12 allocated MiB: more chunks than the sync's window
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    with open(a, "w+b") as f:
+        f.truncate(size)
+        f.write(os.urandom(12 * MiB))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_at_the_first_chunk(offset: int) -> None:
+        if offset == 0 and not held.is_set():
+            held.set()
+            assert release.wait(60)
+
+    monkeypatch.setattr(InitialSync, "before_chunk", staticmethod(hold_at_the_first_chunk))
+    common = dict(export_size=size, block_size=BS, compare="off", forward_timeout_ms=600_000)
+    sec = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s1.sock",
+                                     forward="tcp://127.0.0.1:*", **common))
+    address = sec.forward_endpoint
+    pri = PrimaryDisk(DiskSettings(image=str(a), export=f"unix:{tmp_path}/p.sock",
+                                   forward=address, **common))
+    sec2 = None
+    try:
+        assert held.wait(30), "the sync never reached its first chunk"   # BEGIN answered
+        sync = pri.backend._sync
+        sec.close()                                   # the secondary is lost
+        release.set()
+        window = InitialSync.WINDOW
+        wait_for(lambda: len(sync._inflight) == window + 1, 60,
+                 "a window of chunks sent (never acked) and the next one ordered")
+        assert sum(pri.backend._inflight.values()) == window + 1
+        pri.on_event("role", 1, {"role": "unprotected"})
+        sync.join(60)
+        assert not sync.is_alive(), "the sync to the lost secondary did not end"
+        assert pri.counters["sync_state"] == SYNC_FAILED
+        assert pri.backend.wait_forwarded(1, 60), dict(pri.backend._inflight)
+        # a new secondary on the same address: its first checkpoint waits for nothing old
+        sec2 = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s2.sock",
+                                          forward=address, **common))
+        pri.on_event("role", 1, {"role": "primary"})
+        _checkpoint(pri, sec2, 1)
+        assert pri.backend.wait_forwarded(1, 60), dict(pri.backend._inflight)
+        assert file_hash(str(a)) == file_hash(str(b))
+    finally:
+        release.set()
+        pri.close()
+        if sec2 is not None:
+            sec2.close()
+
+
+def test_a_commit_from_before_a_new_sync_says_the_primary_started_over(tmp_path, monkeypatch):
+    """The primary seals epoch 2 and loses the secondary before it committed it (a
+    partition); healed, the primary re-protects: its new sync's BEGIN (epoch 3) reaches
+    the secondary's disk. The secondary's coordinator, still holding epoch 2's BEGIN,
+    commits it: the disk refuses as NewSyncSession (its coordinator stops as stale), not
+    as a sync that was incomplete before a first checkpoint (a failure)."""
+    from pipeline.stages.disk import NewSyncSession
+    MiB = 1 << 20
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    _fill(a, {0: os.urandom(2 * MiB)})
+    pri, sec = _pair_on(tmp_path, a, b, "first")
+    held, release = threading.Event(), threading.Event()
+    try:
+        _checkpoint(pri, sec, 1)
+        pri.backend.set_epoch(3)                       # epoch 2 sealed, not committed
+        pri.on_event("role", 3, {"role": "unprotected"})
+
+        def hold_the_new_sync(offset: int) -> None:
+            held.set()
+            assert release.wait(60)
+        monkeypatch.setattr(InitialSync, "before_chunk", staticmethod(hold_the_new_sync))
+        pri.on_event("role", 3, {"role": "primary"})   # re-protection: BEGIN at epoch 3
+        assert held.wait(30), "the new sync never reached its first chunk"
+        assert sec.store.syncing and sec.receiver.session_epoch == 3
+        with pytest.raises(NewSyncSession, match="new initial disk sync at epoch 3"):
+            sec.commit(2)
+    finally:
+        release.set()
+        pri.close()
+        sec.close()
 
 
 def _allocated_bytes(path) -> int:

@@ -101,6 +101,10 @@ class PrimaryBackend:
         #: it (the BEGIN starts its session: its committed epoch, its seqs)
         self.session_open = threading.Event()
         self.session_open.set()
+        #: the seq of the current session's BEGIN: a write ordered before it that still
+        #: waits for an ack was forwarded to a secondary that is gone (the new one refuses
+        #: it as another session's), so none will come — the sync carries it instead
+        self.session_seq = 0
         #: called (on the sync's thread) once the initial sync ordered its END, or failed:
         #: the disk stage's control loop answers waiting ``wait_synced`` requests then
         self.wakeup = None
@@ -140,6 +144,7 @@ class PrimaryBackend:
             self.forward_address = self.forward_to
             self.session_open.clear()
             begin = self._order_marker_locked()
+            self.session_seq = begin[0]
         old, self._sync = self._sync, InitialSync(self, begin)
         if old is not None:
             old.stop()
@@ -237,6 +242,7 @@ class PrimaryBackend:
                 return
             self.session_open.clear()
             begin = self._order_marker_locked()
+            self.session_seq = begin[0]
         self._sync = InitialSync(self, begin)
         self._sync.start()
 
@@ -305,7 +311,13 @@ class InitialSync(threading.Thread):
         self.b = backend
         self.ordered_end = threading.Event()
         self._stopping = threading.Event()
-        self._inflight: dict[int, int] = {}  # seq → epoch
+        #: seq → epoch of every marker and chunk this sync ordered and the secondary has not
+        #: acked: each is counted in the backend's in-flight writes from the moment it is
+        #: ordered (before it is sent), and the ``finally`` of :meth:`run` gives back the
+        #: count of each one left — a sync that ends on an error between ordering a chunk
+        #: and sending it must not leave a count that no ack will ever take back (every
+        #: later ``wait_forwarded`` would wait for it: the coordinator's epochs time out)
+        self._inflight: dict[int, int] = {begin[0]: begin[1]}
         #: incremental: extents asked about, kept until answered: seq → (offset, n, data)
         self._checking: dict[int, tuple[int, int, bytes]] = {}
         self._begin_answer = ""
@@ -366,6 +378,7 @@ class InitialSync(threading.Thread):
                     if not forwarded:           # unprotected meanwhile: the sync is over
                         b.applied(seq)
                         return
+                    self._inflight[seq] = epoch
                     try:
                         if earlier:
                             b.wait_applied(earlier)
@@ -392,6 +405,7 @@ class InitialSync(threading.Thread):
                         log.info("primary disk: initial sync %.0f%% (%d of %d MiB)",
                                  100 * done / max(1, total), done >> 20, total >> 20)
             seq, epoch = self._order_marker()
+            self._inflight[seq] = epoch
             self.ordered_end.set()
             if b.wakeup is not None:
                 b.wakeup()
@@ -432,8 +446,8 @@ class InitialSync(threading.Thread):
 
     def _send(self, sock, epoch: int, seq: int, kind: int, offset: int, length: int,
               data, digest: bytes | None = None, drain: bool = True) -> None:
-        if drain:
-            self._drain(sock, self.WINDOW - 1)
+        if drain:   # (``seq`` itself is in _inflight already: it is not sent yet)
+            self._drain(sock, self.WINDOW - 1 + (seq in self._inflight))
         frames = wire.encode_forward(kind, epoch, seq, offset, length, data, digest)
         sock.send(frames[0], zmq.SNDMORE)
         sock.send(frames[1], copy=len(frames[1]) < FORWARD_ZERO_COPY_MIN)
@@ -448,6 +462,8 @@ class InitialSync(threading.Thread):
             while not sock.poll(min(200, timeout)):   # slices: a stop is heard meanwhile
                 if self._stopping.is_set():
                     raise RuntimeError("the sync was stopped")
+                if self.b.forward_address is None:   # no ack will come from a lost one
+                    raise RuntimeError("the secondary was lost (running unprotected)")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no ack from the secondary within {timeout} ms")
             for seq, status, reason in wire.decode_ack(sock.recv_multipart()):
@@ -762,8 +778,11 @@ class PrimaryLink:
         if not unprotected and now_ns - self._scanned_ns < min(self._timeout_ns, 50_000_000):
             return done
         self._scanned_ns = now_ns
+        old_session = self.b.session_seq
         for seq, p in list(self._pending.items()):
-            if not p.forwarded and unprotected:
+            # unprotected, or re-protected since this write was forwarded to the lost one
+            # (before this turn saw the pair unprotected): no ack will ever come for it
+            if not p.forwarded and (unprotected or seq < old_session):
                 p.forwarded = True  # no secondary any more: our own copy is the only one
                 self.b._track(p.epoch, -1)
                 self._finish_if_done(seq, p, done)

@@ -186,6 +186,9 @@ class ForwardReceiver(threading.Thread):
         #: the seq of the last sync's BEGIN: writes before it belong to another session
         #: (a re-protecting primary's queue to its lost secondary) and are refused
         self.session_begin = 0
+        #: the epoch of that BEGIN: a commit of an earlier epoch while its sync runs is
+        #: of another session (the primary started over: this secondary is stale)
+        self.session_epoch = 0
         ctx = context or zmq.Context.instance()
         # with ``secure`` a CURVE server: only the primary's key gets in
         self.writes_in = sockets.disk_forward_in(ctx, address, secure)
@@ -294,7 +297,7 @@ class ForwardReceiver(threading.Thread):
             reason = ""
             try:
                 if w.kind == wire.KIND_SYNC_BEGIN:
-                    self.session_begin = w.seq
+                    self.session_begin, self.session_epoch = w.seq, w.epoch
                     reason = self.store.begin_sync(w.digest, w.seq, w.epoch)
                     self.sealed.restart_at(w.seq)
                     log.info("secondary disk: %s initial sync begins (seq %d)", reason, w.seq)

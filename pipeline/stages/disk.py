@@ -139,6 +139,11 @@ class PrimaryDisk:
         self.backend.close()
 
 
+class NewSyncSession(StoreError):
+    """A commit of an epoch from before the primary's new initial sync: the primary started
+    over with this secondary (its reply names this class: the coordinator stops as stale)."""
+
+
 class SecondaryDisk:
     """The secondary's disk stage, in-process."""
 
@@ -164,6 +169,12 @@ class SecondaryDisk:
         self.uri = self.server.uri
 
     def commit(self, epoch: int) -> None:
+        began = self.receiver.session_epoch
+        if self.store.syncing and began > epoch:
+            # an epoch of the old session, committed after a re-protecting primary's new
+            # sync began (a partition healed while this one still held the epoch's BEGIN)
+            raise NewSyncSession(f"commit({epoch}): the primary began a new initial disk "
+                                 f"sync at epoch {began}: this secondary's session is over")
         # the pages of e can be complete before the last writes of e arrived (they travel
         # on other sockets): wait for every write the primary sealed into e
         if epoch > self.store.committed_epoch:
@@ -408,8 +419,14 @@ class DiskControl:
         return self.call("wait_synced", reply_timeout_ms=timeout_ms + self.timeout_ms,
                          timeout_ms=timeout_ms)["synced"]
 
-    def wait_forwarded(self, epoch: int, timeout_ms: int = 5000) -> bool:
-        return self.call("wait_forwarded", epoch=epoch, timeout_ms=timeout_ms)["done"]
+    def wait_forwarded(self, epoch: int, timeout_ms: int = 5000,
+                       reply_timeout_ms: int | None = None) -> bool:
+        """True once every write of ``epoch`` and before was acked by the secondary, False
+        after ``timeout_ms``. ``reply_timeout_ms``: how long to wait for the stage's
+        answer at all (default: ``timeout_ms`` plus the control timeout)."""
+        return self.call("wait_forwarded", epoch=epoch, timeout_ms=timeout_ms,
+                         reply_timeout_ms=reply_timeout_ms or timeout_ms + self.timeout_ms
+                         )["done"]
 
     def stats(self) -> dict[str, Any]:
         return self.call("stats")
