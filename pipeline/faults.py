@@ -49,6 +49,9 @@ Primary disk, ``pipeline/disk/primary.py``:
                                          is in the primary's image; its forward to the
                                          secondary may not have been sent yet (a host lost
                                          here leaves a block the secondary never saw)
+* ``disk.primary.wait_forwarded``        the disk stage took the coordinator's <k>-th
+                                         ``wait_forwarded`` request, not answered yet
+                                         (with ``stop``: a disk stage that hangs)
 
 Primary coordinator, ``pipeline/coordinator.py`` (<k>: the k-th epoch of this coordinator;
 epoch 0 is the full sync, then pre-copy rounds, then checkpoints):

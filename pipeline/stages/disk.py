@@ -113,6 +113,7 @@ class PrimaryDisk:
             self.backend.set_epoch(int(args["epoch"]))
             return {"epoch": self.backend.epoch}
         if cmd == "wait_forwarded":
+            faults.point("disk.primary.wait_forwarded")
             return {"done": self.backend.wait_forwarded(int(args["epoch"]),
                                                         int(args.get("timeout_ms", 5000)) / 1e3)}
         if cmd == "wait_synced":
