@@ -1192,16 +1192,6 @@ def client_responses(fault: str) -> Callable:
     return run
 
 
-def _memory_only_in_quick(body: Callable) -> Callable:
-    """In ``--quick`` (CI) this row runs without the replicated disk: with it, the
-    re-protection after the partition fails now and then on an open bug (the primary's
-    coordinator blocks in the disk's ``wait_forwarded`` for the whole epoch timeout while
-    the disk's initial sync is stuck; the new secondary sees control silence and ends
-    stale), and CI must not flake. The full matrix runs it with the disk."""
-    body.quick_memory_only = True
-    return body
-
-
 # the primary's 14th epoch (13) is always a checkpoint of a protected pair: epoch 0 is the
 # full sync, then at most 8 pre-copy rounds and the first checkpoint
 ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
@@ -1247,7 +1237,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("partition-one-way-primary-to-secondary", partition("a2b"), False),
     ("partition-one-way-secondary-to-primary", partition("b2a"), False),
     ("partition-control", partition("both", ("control",)), False),
-    ("partition-heartbeat", _memory_only_in_quick(partition("both", ("heartbeat",))), True),
+    ("partition-heartbeat", partition("both", ("heartbeat",)), True),
     ("partition-pages", partition("both", ("pages",)), False),
     ("link-loss-2pct", impaired_link({"loss": 0.02}, "dropped"), False),
     ("link-delay-20ms", impaired_link({"delay_ms": 20}, "delayed", 2000), False),
