@@ -687,6 +687,10 @@ class SecondaryCoordinator(_Coordinator):
         self.last_control: float | None = None
         self.prehashed = SvmPrehash(domain, self.c)
         self.pages_drops = (0, 0)    # the receive stage's conn_drops at the last outcome
+        # an epoch torn by the primary's connection dropping: the rolled-back SVM waits until
+        # then (two heartbeat timeouts) for the heartbeat's verdict before it runs on
+        self.resume_at = 0.0
+        self.torn_by_drop = False
         self._open(settings, "secondary")
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
@@ -777,8 +781,14 @@ class SecondaryCoordinator(_Coordinator):
                     encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
             # the primary known lost (its heartbeat): the SVM stays paused where this epoch
             # left it until the takeover resumes it (or, refused, as the standby), so what
-            # it replays goes to the clients, not into the lost primary's comparator
-            if self.lost is None:
+            # it replays goes to the clients, not into the lost primary's comparator. Torn
+            # by the primary's connection dropping: a primary gone, or a corrupted segment
+            # (the primary reconnects); the SVM waits for the heartbeat's verdict (two
+            # timeouts: the drop is seen at once, the silence only after one)
+            self.resume_at = 0.0
+            if not committed and self.torn_by_drop and self.lost is None:
+                self.resume_at = time.monotonic() + 2 * self.settings.heartbeat.timeout_s
+            elif self.lost is None:
                 self.domain.resume()
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
@@ -853,6 +863,7 @@ class SecondaryCoordinator(_Coordinator):
                       else f"epoch incomplete after {self.settings.checkpoint.epoch_timeout_ms}"
                       " ms" if time.monotonic() > deadline else "")
             if reason:
+                self.torn_by_drop = reason == dropped
                 if reason == dropped:
                     self.c.add("torn_by_conn_drop", 1)
                     self.ctx.log.error("epoch=%d event=torn %s", epoch, reason,
@@ -914,7 +925,12 @@ class SecondaryCoordinator(_Coordinator):
                     self.lost = (self.last_control, time.monotonic(), "control silence")
                     self.last_control = None    # one decision per silence
                     self.c.add("peer_lost", 1)
+                if self.resume_at and self.lost is None and not self.role.active \
+                        and time.monotonic() >= self.resume_at:
+                    self.resume_at = 0.0         # the primary was not declared lost
+                    self.domain.resume()
                 if self.lost is not None:
+                    self.resume_at = 0.0         # the takeover resumes it (or not)
                     last_seen, detected, by = self.lost
                     self.lost = None
                     self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by,
