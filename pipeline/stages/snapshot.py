@@ -32,8 +32,9 @@ class PausePriority:
     where the host allows it (root or CAP_SYS_NICE): the pause is the guest's downtime. In
     the Xen lab, with more runnable processes than CPUs, the gather was preempted inside the
     pause. The work is bounded (the snapshot buffer), the guest is already stopped when it is
-    raised, and it is dropped around the proof's full-memory hash, which must not keep the
-    heartbeat (SCHED_RR 1) off the CPU for seconds."""
+    raised, and it is dropped around the proof's full-memory hash, which must not keep
+    other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 2,
+    stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
 
     def __init__(self, wanted: bool) -> None:
         self.allowed = wanted and hasattr(os, "sched_setscheduler")
