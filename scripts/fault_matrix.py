@@ -1219,10 +1219,10 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("disk-commit-enospc@store.journal.committed.written",
      disk_commit_fails("store.journal.committed.written:2:errno=ENOSPC"), False),
     ("disk-buffer-enospc@store.buffer.append",
-     disk_buffer_fails("store.buffer.append:20:errno=ENOSPC"), False),
+     disk_buffer_fails("store.buffer.append:20:errno=ENOSPC"), True),
     ("failover-merge@store.merge.run", failover_merge("store.merge.run:1:stop"), True),
     ("failover-merge-eio@store.merge.run", failover_merge("store.merge.run:1:errno=EIO"),
-     False),
+     True),
     ("port-in-use@start", refused_at_start(
         lambda p: f"the pages channel cannot listen on tcp://127.0.0.1:{p.port}",
         setup=port_taken), False),

@@ -461,3 +461,22 @@ def test_a_sync_begins_a_new_session_on_an_image_that_was_active_before(tmp_path
     assert store.committed_epoch == 5 and not store.syncing
     assert image_bytes(d) == bytes(model)
     store.close()
+
+
+def test_a_write_that_could_not_be_buffered_blocks_every_commit_of_its_epoch_until_a_new_sync(
+        tmp_path):
+    """The receiver acks a forwarded write its log file could not take (the guest's write
+    stands: the primary's image has it) and records it as ``unbuffered``: from then on no
+    commit of that epoch or later succeeds here (the secondary ends stale, never a copy
+    missing the write); a new sync session clears it. The whole pair: the fault matrix's
+    disk-buffer-enospc row."""
+    s = open_store(str(tmp_path))
+    s.commit(3)
+    s.unbuffered = (5, 812, "[Errno 28] No space left on device")
+    s.commit(4)                          # before the lost write: still a true checkpoint
+    for epoch in (5, 6):
+        with pytest.raises(StoreError, match=r"seq 812 of epoch 5 could not be buffered"):
+            s.commit(epoch)
+    assert s.committed_epoch == 4        # nothing half-committed
+    s.begin_sync(b"\x01" * 16, first_seq=900, epoch=7)
+    assert s.unbuffered is None

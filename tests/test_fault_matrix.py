@@ -31,7 +31,10 @@ def test_quick_fault_matrix_passes_with_no_data_lost():
     assert {r["name"] for r in result["rows"]} == {"primary@primary.reprotect",
                                                    "secondary@restore.pages_written:12",
                                                    "sigstop-primary",
-                                                   "failover-merge@store.merge.run"} | net
+                                                   "failover-merge@store.merge.run",
+                                                   "failover-merge-eio@store.merge.run",
+                                                   "disk-buffer-enospc@store.buffer.append"
+                                                   } | net
     for row in result["rows"]:
         assert row["runs"] == row["passed"] == 1 and row["data_lost"] == 0, (row, p.stderr[-3000:])
     assert result["all_passed"] is True and p.returncode == 0

@@ -278,9 +278,16 @@ class ForwardReceiver(threading.Thread):
                 answers.append(self._refuse(w.seq, P.ENOSPC, str(err)))
             elif isinstance(err, StoreError):
                 answers.append(self._refuse(w.seq, P.EIO, str(err)))
-            else:  # the buffer file failed (disk full, I/O error)
-                answers.append(self._refuse(w.seq, P.EIO, f"buffering seq {w.seq}: {err}",
-                                            counter="io_errors"))
+            else:  # the buffer file failed (disk full, I/O error): the guest's write
+                # stands (the primary's image has it); this store can no longer commit
+                # its epoch (SecondaryStore.unbuffered), so it ends stale, never wrong
+                if self.store.unbuffered is None:
+                    self.store.unbuffered = (w.epoch, w.seq, str(err))
+                log.error("secondary disk: could not buffer forwarded write seq %d of epoch "
+                          "%d (%s): no commit of that epoch will succeed here",
+                          w.seq, w.epoch, err)
+                self.counters.add("io_errors")
+                answers.append((w.seq, 0, ""))
         # buffered or refused: either way no longer on its way
         self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
         return answers

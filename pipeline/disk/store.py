@@ -53,6 +53,8 @@ from pipeline.disk.wire import (KIND_WRITE, KIND_ZERO_ALLOC, ZERO_DIGEST, ZERO_K
                                 ForwardedWrite, digest_of, zero_digest)
 
 log = logging.getLogger(__name__)
+#: tries of the failover merge before it gives up (it is idempotent)
+MERGE_ATTEMPTS = 3
 
 #: log file header: magic, epoch, nonce (fresh each time a file starts an epoch)
 LOG_HEADER = struct.Struct("<4s4xQQ40x")
@@ -122,6 +124,13 @@ class SecondaryStore:
         #: this store's SVM went active in this process (not merely in an earlier life:
         #: a host that was active and comes back as a secondary syncs again)
         self._failed_over_here = False
+        #: (epoch, seq, why) of a forwarded write this store could not buffer (its log file
+        #: failed: disk full, I/O error). The write was the guest's and the primary's image
+        #: has it: failing it would make the guest's filesystem go read-only for a fault of
+        #: the secondary's disk. Instead no commit of that epoch or later can succeed here,
+        #: so this secondary is never taken for a copy of the primary (it ends stale and is
+        #: synced again); a new sync session clears it.
+        self.unbuffered: tuple[int, int, str] | None = None
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
         self._state = self._read_journal()
@@ -400,6 +409,7 @@ class SecondaryStore:
             if self._failed_over_here:
                 raise StoreError("initial sync: this node failed over; its image is the disk")
             keep = self.generation == generation.hex()
+            self.unbuffered = None      # the new session re-sends whatever it covered
             committed = {"committed": epoch - 1} if epoch else {}
             self._write_journal("syncing", syncing=True, generation=generation.hex(),
                                 active=False, **committed)
@@ -454,6 +464,11 @@ class SecondaryStore:
                 raise StoreError(f"commit({epoch}): this node failed over; nothing to commit")
             if epoch <= self.committed_epoch:
                 return
+            if self.unbuffered is not None and epoch >= self.unbuffered[0]:
+                lost_epoch, lost_seq, why = self.unbuffered
+                raise StoreError(f"commit({epoch}): forwarded write seq {lost_seq} of epoch "
+                                 f"{lost_epoch} could not be buffered ({why}); this image "
+                                 "cannot become the primary's disk at that checkpoint")
             # from here on writes of epochs ≤ e are refused: the logs being applied are final
             self._committing = epoch
             todo = [(ep, lg.path, list(lg.index)) for ep, lg in sorted(self._logs.items())
@@ -565,7 +580,20 @@ class SecondaryStore:
                     os.fsync(f.fileno())
             faults.point("store.failover.bitmap_saved")
             self._write_journal(merging=True)
-            self._merge_overlay()
+            # The merge copies overlay runs over the image: doing it again is harmless, and
+            # the survivor's guest depends on it (an error here stops the only node serving
+            # the VM). A transient I/O error is retried; a lasting one still raises, and
+            # the journal's "merging" state finishes the merge at the next open.
+            for attempt in range(1, MERGE_ATTEMPTS + 1):
+                try:
+                    self._merge_overlay()
+                    break
+                except OSError as e:
+                    self.counters.add("io_errors")
+                    log.error("store %s: failover merge attempt %d of %d failed: %s",
+                              self.state_dir, attempt, MERGE_ATTEMPTS, e)
+                    if attempt == MERGE_ATTEMPTS:
+                        raise
             self.counters.add("failovers")
 
     def _merge_overlay(self) -> None:
