@@ -39,6 +39,25 @@ def _pid(pair: LocalPair, role: str, stage: str) -> int:
     return int(pair.node(role).node_info()["stage_pids"][stage])
 
 
+def _peer_silent_until(pair: LocalPair, deciding: str, point: str, what: str) -> None:
+    """The other node's heartbeat stage is stopped (that node alive) until ``deciding``'s
+    coordinator stopped itself at ``point`` having decided the peer is lost; the heartbeat
+    comes back there, ``deciding``'s heartbeat hears it again, and its coordinator is
+    continued. What it does then is the test's."""
+    other = "secondary" if deciding == "primary" else "primary"
+    wait_until(lambda: pair.stage_counter("heartbeat", "items_in", deciding) > 0,
+               timeout=60, what=f"the {deciding} hearing the {other}")
+    hb = _pid(pair, other, "heartbeat")
+    os.kill(hb, signal.SIGSTOP)          # the other node alive, its heartbeat silent
+    try:
+        wait_until(lambda: _fired(pair, deciding, point), timeout=120, what=what)
+    finally:
+        os.kill(hb, signal.SIGCONT)
+    wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", deciding) >= 1,
+               timeout=120, what=f"the {deciding}'s heartbeat hearing the {other} again")
+    os.kill(_pid(pair, deciding, "coordinator"), signal.SIGCONT)
+
+
 def test_a_primary_heard_again_before_the_grant_abandons_the_takeover(tmp_path):
     """The secondary declares the primary lost, then hears it again before the witness
     granted the role: the attempt is abandoned (counted, logged, named in the node info),
@@ -48,18 +67,8 @@ def test_a_primary_heard_again_before_the_grant_abandons_the_takeover(tmp_path):
     try:
         pair.start(faults={"secondary": "takeover.guard:stop"})
         pair.wait_protected(timeout=300)
-        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0,
-                   timeout=60, what="the secondary hearing the primary")
-        hb = _pid(pair, "primary", "heartbeat")
-        os.kill(hb, signal.SIGSTOP)          # the primary alive, its heartbeat silent
-        try:
-            wait_until(lambda: _fired(pair, "secondary", "takeover.guard"), timeout=120,
-                       what="the secondary deciding to take over")
-        finally:
-            os.kill(hb, signal.SIGCONT)
-        wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "secondary") >= 1,
-                   timeout=120, what="the secondary's heartbeat hearing the primary again")
-        os.kill(_pid(pair, "secondary", "coordinator"), signal.SIGCONT)
+        _peer_silent_until(pair, "secondary", "takeover.guard",
+                           "the secondary deciding to take over")
         wait_until(lambda: pair.stage_counter("coordinator", "takeovers_abandoned",
                                               "secondary") >= 1,
                    timeout=120, what="the takeover attempt abandoned")
@@ -130,18 +139,8 @@ def test_a_secondary_heard_again_before_the_primary_acted_keeps_the_pair_protect
     try:
         pair.start(faults={"primary": "primary.peer_lost:stop"})
         pair.wait_protected(timeout=300)
-        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "primary") > 0,
-                   timeout=60, what="the primary hearing the secondary")
-        hb = _pid(pair, "secondary", "heartbeat")
-        os.kill(hb, signal.SIGSTOP)          # the secondary alive, its heartbeat silent
-        try:
-            wait_until(lambda: _fired(pair, "primary", "primary.peer_lost"), timeout=120,
-                       what="the primary deciding its secondary is lost")
-        finally:
-            os.kill(hb, signal.SIGCONT)
-        wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "primary") >= 1,
-                   timeout=120, what="the primary's heartbeat hearing the secondary again")
-        os.kill(_pid(pair, "primary", "coordinator"), signal.SIGCONT)
+        _peer_silent_until(pair, "primary", "primary.peer_lost",
+                           "the primary deciding its secondary is lost")
         wait_until(lambda: pair.stage_counter("coordinator", "losses_abandoned",
                                               "primary") >= 1,
                    timeout=120, what="the loss given up")
