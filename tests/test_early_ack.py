@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from test_failover import TABLES, _svm_serves_on, _wait_takeover_decision, replay_digest
-from test_secondary_faults import BATCH, PAGES, HandPrimary, committed_pair, counters
+from test_secondary_faults import (BATCH, PAGES, HandPrimary, committed_pair, counters,
+                                   hand_pvm)
 
 from pipeline import wire
 from pipeline.counters import STATUS_COMMITTED
 from pipeline.localpair import LocalPair
-from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -55,10 +55,7 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
     }, workdir=str(tmp_path), log_level="info")
     # pass 1: the full sync; the first checkpoint asks for a digest (no early ACK); pass 2: E
     pair.start(roles=("secondary",), faults={"secondary": "restore.checked:2:stop"})
-    pair.node("secondary")
-    dom = open_sim_domain("hand-pvm", PAGES, WorkloadSpec(seed=7), dirty_log="bitmap")
-    dom.start(paused=True)
-    dom.enable_dirty_log()
+    dom = hand_pvm(pair)
     prim = None
     try:
         prim, _ = committed_pair(pair, dom)

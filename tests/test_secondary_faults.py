@@ -135,6 +135,16 @@ class HandPrimary:
         return self.dom.read_and_clear_dirty()
 
 
+def hand_pvm(pair: LocalPair):
+    """The hand primary's PVM: a paused sim guest with dirty logging on, once the pair's
+    secondary node is up (``pair.node`` waits for it)."""
+    pair.node("secondary")
+    dom = open_sim_domain("hand-pvm", PAGES, WorkloadSpec(seed=7), dirty_log="bitmap")
+    dom.start(paused=True)
+    dom.enable_dirty_log()
+    return dom
+
+
 @pytest.fixture
 def secondary(tmp_path, request):
     # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
@@ -149,10 +159,7 @@ def secondary(tmp_path, request):
         "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
     }, workdir=str(tmp_path), log_level="info")
     pair.start(roles=("secondary",))
-    pair.node("secondary")
-    dom = open_sim_domain("hand-pvm", PAGES, WorkloadSpec(seed=7), dirty_log="bitmap")
-    dom.start(paused=True)
-    dom.enable_dirty_log()
+    dom = hand_pvm(pair)
     try:
         yield pair, dom
     finally:

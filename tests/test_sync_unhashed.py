@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_secondary_faults import PAGES, committed_pair, counters
+from test_secondary_faults import PAGES, committed_pair, counters, hand_pvm
 
 from pipeline import wire
 from pipeline.localpair import LocalPair
 from pipeline.stages.common import zero_page_hash
 from pipeline.stages.digest import hash_batch
 from pipeline.stages.verify import check_hashes
-from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
 
 
 def test_hash_batch_without_data_hashes_leaves_zero_bytes_no_blake3_equals():
@@ -60,10 +59,7 @@ def test_a_checkpoint_with_unhashed_pages_is_torn(tmp_path):
         "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
     }, workdir=str(tmp_path), log_level="info")
     pair.start(roles=("secondary",))
-    pair.node("secondary")
-    dom = open_sim_domain("hand-pvm", PAGES, WorkloadSpec(seed=7), dirty_log="bitmap")
-    dom.start(paused=True)
-    dom.enable_dirty_log()
+    dom = hand_pvm(pair)
     prim = None
     try:
         prim, committed = committed_pair(pair, dom)
