@@ -54,6 +54,18 @@ class _OnlyThePeer:
         return ok
 
 
+
+def _stop_monitor(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """End a watch's socket monitor (HandshakeWatch, DropWatch): the monitored socket may
+    already be closed, which is fine."""
+    if monitor is None:
+        return
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(0)
+
 class HandshakeWatch:
     """Connects a socket again after a failed handshake.
 
@@ -110,13 +122,8 @@ class HandshakeWatch:
         return True
 
     def close(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(0)
-            self.monitor = None
+        _stop_monitor(self.sock, self.monitor)
+        self.monitor = None
 
 
 class DropWatch:
@@ -238,13 +245,8 @@ class DropWatch:
                 time.sleep(0.005)
 
     def close(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(0)
-            self.monitor = None
+        _stop_monitor(self.sock, self.monitor)
+        self.monitor = None
 
 
 #: the connecting sockets' watches of this process (every NodeContext), and the pages
