@@ -41,19 +41,8 @@ from pipeline.stages.common import StageContext, new_event, stage_main  # noqa: 
 FORK = multiprocessing.get_context("fork")
 
 
-def _enter_netns(name: str) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:     # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-    finally:
-        os.close(fd)
-
-
 def _side(ns: str, ctx: StageContext, settings: HeartbeatSettings, role: str, conn) -> None:
-    _enter_netns(ns)
+    faultnet.enter_netns(ns)
     stage_main(ctx, lambda c: heartbeat.run(c, settings, role, conn, 1))
 
 

@@ -287,6 +287,18 @@ class NetnsPair(LocalPair):
         return ["ip", "netns", "exec", ns, *cmd]
 
 
+
+def enter_netns(ns: str) -> None:
+    """Move the calling process (a forked child: setns changes the thread that calls it)
+    into network namespace ``ns`` for good."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns}")
+    finally:
+        os.close(fd)
+
 # -- the forwarder ----------------------------------------------------------------------------
 def _open_tun(ns: str, dev: str) -> int:
     """A TUN device named ``dev`` inside namespace ``ns`` (setns for the open: a device

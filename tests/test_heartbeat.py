@@ -28,6 +28,10 @@ from pipeline.failover.settings import HeartbeatSettings
 from pipeline.stages import heartbeat
 from pipeline.stages.common import StageContext, new_event, stage_main
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+import faultnet  # noqa: E402  (scripts/: the netns helpers)
+
 FORK = multiprocessing.get_context("fork")
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ PRIORITY = os.environ.get("HB_PRIORITY")   # None: the settings' (default realti
 
 def _stage(ctx, settings, role, conn, generation, factory=None, netns="", cpus=None) -> None:
     if netns:
-        _enter_netns(netns)
+        faultnet.enter_netns(netns)
     if cpus:
         os.sched_setaffinity(0, cpus)
     stage_main(ctx, lambda c: heartbeat.run(c, settings, role, conn, generation,
@@ -425,17 +429,6 @@ def test_a_socket_factory_gives_the_channel_curve_keys():
 
 
 # -- a lost packet stalls one TCP connection, not the peer (heartbeat.paths) ---------------
-def _enter_netns(name: str) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:     # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-    finally:
-        os.close(fd)
-
-
 def _ns(ns: str, *cmd: str, stdin: str | None = None) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
                           text=True, check=True, timeout=60).stdout
