@@ -765,9 +765,9 @@ class SecondaryCoordinator(_Coordinator):
             reply = self._applied(epoch)
             if reply is None:
                 return              # the node is stopping
-        digest, input_seq, applied = b"", -1, 0
+        input_seq, applied = -1, 0
         if committed:
-            applied, digest, input_seq = reply.pages, reply.digest, reply.input_seq
+            applied, input_seq = reply.pages, reply.input_seq
         else:
             reason = reply.reason
         if not begin.flags & wire.FLAG_SYNC or self.svm_started:

@@ -600,7 +600,6 @@ class DiskWriter(threading.Thread):
     def run(self) -> None:
         import random
         from pipeline.disk import nbd_protocol as P
-        from pipeline.disk.nbd_client import NbdClient
         rng = random.Random(SEED)
         for _ in range(self.first):
             disk_write(rng)

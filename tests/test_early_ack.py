@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from test_failover import TABLES, _svm_serves_on, _wait_takeover_decision, replay_digest
-from test_secondary_faults import (BATCH, PAGES, HandPrimary, committed_pair, counters,
-                                   hand_pvm)
+from test_secondary_faults import BATCH, PAGES, committed_pair, counters, hand_pvm
 
 from pipeline import wire
 from pipeline.counters import STATUS_COMMITTED
