@@ -55,8 +55,8 @@ def _load(path: str, role: str | None = None) -> config.Settings:
 def cmd_node(args: argparse.Namespace) -> int:
     settings = _load(args.config, args.command)
     from pipeline.supervisor import Supervisor
-    sup = Supervisor(settings)
     try:
+        sup = Supervisor(settings)
         code = sup.run()
     except OSError as exc:      # e.g. the metrics port is taken: say so, no traceback
         print(f"colo-pipeline {args.command}: {exc}", file=sys.stderr)

@@ -42,6 +42,16 @@ from pipeline.xen_io.base import Domain
 log = logging.getLogger(__name__)
 FORK = multiprocessing.get_context("fork")
 
+
+def _event() -> Any:
+    """A multiprocessing Event: its semaphores live in /dev/shm (sem_open), so a full
+    /dev/shm fails here, before any segment is made; say where, not only ENOSPC."""
+    try:
+        return FORK.Event()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the node's semaphores in /dev/shm: "
+                               f"{e.strerror} (is /dev/shm full?)") from None
+
 STOP_GRACE_S = 5.0
 VCPU_BLOB_MAX = 64 * 1024   # room for the vCPU blob in an END marker (Xen HVM context ~5 KiB)   # how long stages get to finish after SIGTERM before SIGKILL
 
@@ -255,7 +265,7 @@ class Supervisor:
         self.rings: list[Ring] = []
         self.segments: list[Segment] = []
         self.procs: dict[str, Any] = {}
-        self.stop_event = FORK.Event()
+        self.stop_event = _event()
         self.domain: Domain | None = None
         self.node: NodeCounters | None = None
         self.exit_reason = ""
@@ -406,7 +416,7 @@ class Supervisor:
 
     def _start_stage(self, spec: StageSpec) -> None:
         # each stage has its own stop event: a change of role stops some stages only
-        stop = self.stage_stops[spec.name] = FORK.Event()
+        stop = self.stage_stops[spec.name] = _event()
         if self.stop_event.is_set():
             stop.set()
         ctx = StageContext(spec.name, self.node.stage(spec.name), stop,
