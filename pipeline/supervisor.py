@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import sys
 import time
@@ -224,7 +225,6 @@ def ensure_open_files(needed: int = NOFILE_NEEDED) -> None:
     """Raise RLIMIT_NOFILE's soft limit to what the node needs (as far as the hard limit
     allows); OSError(EMFILE) naming the limit if the hard limit is lower."""
     import errno
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
@@ -252,6 +252,17 @@ def stage_names(settings: Settings, role: str, has_inputs: bool) -> list[str]:
     names += ["net_compare"] if role == "primary" and s.net.primary_in else []
     return names
 
+
+def _address_space_hint(code: int | None) -> str:
+    """Why a stage may have died, when the node runs under a finite RLIMIT_AS: an
+    allocation that fails there aborts (SIGABRT) or kills the process inside a C library
+    (numpy, libzmq, lz4) with nothing in the log naming the limit (the fault matrix's
+    rlimit-as-too-low row). "" when no such limit is set or the stage exited cleanly."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if code is None or code == 0 or soft == resource.RLIM_INFINITY:
+        return ""
+    return (f" (RLIMIT_AS is {soft >> 20} MiB: a stage that cannot map its memory dies "
+            "like this; raise the limit)")
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
@@ -542,7 +553,7 @@ class Supervisor:
             if not self.stop_event.is_set():
                 how = f"killed by signal {-code}" if code is not None and code < 0 \
                     else f"exited with code {code}"
-                self.exit_reason = f"stage {name} {how}"
+                self.exit_reason = f"stage {name} {how}{_address_space_hint(code)}"
                 log.error("node %s: %s; stopping the node", self.name, self.exit_reason)
                 return 1
         return 0
