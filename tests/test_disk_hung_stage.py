@@ -3,7 +3,8 @@ partition-heartbeat row of scripts/fault_matrix.py): the coordinator waits for t
 forwarded writes of an epoch in short slices inside its epoch loop, bounded by the epoch's
 deadline. A disk stage that hangs in the middle of that wait (SIGSTOPped at the named point
 ``disk.primary.wait_forwarded``, the first request) gets the epoch torn at its deadline
-with an error naming the disk stage, and the coordinator goes on. Before, it blocked in
+with an error naming the disk stage, and the coordinator goes on (to its next attempt at
+protecting the guest). Before, it blocked in
 one call for the disk control's 30 s timeout — the secondary took the silence for a lost
 primary — and then failed the coordinator stage."""
 from __future__ import annotations
@@ -41,8 +42,15 @@ def test_a_hung_disk_stage_tears_the_epoch_and_the_coordinator_goes_on(tmp_path)
                    "the epoch torn at its deadline, naming the disk stage")
         coord = pair.node("primary").stage("coordinator")
         wait_until(lambda: coord.as_dict()["epochs_aborted"] >= 1, 60, "the abort counted")
-        assert pair.procs["primary"].poll() is None, pair.log_tail("primary")
-        assert "stage coordinator failed" not in pair.log_tail("primary", 1 << 22)
+        log = pair.log_tail("primary", 1 << 22)
+        # the coordinator never died of the disk control's own timeout (the old failure);
+        # the hung stage stays hung, so the initial protection's later attempts fail too,
+        # and a fixed-role primary whose every attempt failed stops with that reason: on a
+        # slow machine that may already have happened here, and it is the right outcome
+        assert "DiskControlError" not in log, log[-3000:]
+        if "stage coordinator failed" in log:
+            assert "the first full sync failed; the secondary is not protected" in log, \
+                log[-3000:]
     finally:
         if hung is not None:
             try:
