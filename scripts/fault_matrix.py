@@ -1091,6 +1091,7 @@ class ClientLoad(threading.Thread):
         self.rate, self.sent, self.seqs = rate, 0, []
         self.sending = threading.Event()
         self.sending.set()
+        self.sender_idle = threading.Event()   # set once the loop saw ``sending`` cleared
         self.done = threading.Event()
         self.error = ""
 
@@ -1104,6 +1105,8 @@ class ClientLoad(threading.Thread):
                     while self.sent < (time.monotonic() - t0) * self.rate:
                         c.push.send(b"request %d" % self.sent)
                         self.sent += 1
+                else:
+                    self.sender_idle.set()
                 if not select.select([c.sock], [], [], 0.01)[0]:
                     continue
                 data = c.sock.recv(1 << 20)
@@ -1120,7 +1123,9 @@ class ClientLoad(threading.Thread):
     def finish(self) -> list[int]:
         """Stop sending; every request answered (or the deadline): the answers' seqs."""
         self.sending.clear()
-        time.sleep(0.05)            # (the sender loop sees the flag between two sends)
+        # ``sent`` is final once the loop has seen the flag (a thread that ended: at once)
+        wait_until(lambda: self.sender_idle.is_set() or not self.is_alive(),
+                   "the client's sender stopping")
         sent = self.sent
         try:
             wait_until(lambda: self.error or len(self.seqs) >= sent,
