@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from test_failover import TABLES, _svm_serves_on, _wait_takeover_decision, replay_digest
-from test_secondary_faults import BATCH, PAGES, committed_pair, counters, hand_pvm
+from test_secondary_faults import (BATCH, PAGES, close_hand_pair, committed_pair, counters,
+                                   hand_pvm)
 
 from pipeline import wire
 from pipeline.counters import STATUS_COMMITTED
@@ -84,11 +85,7 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
         assert prim.probe() == dom.memory_digest()
         assert counters(pair)["receive"]["staging_wait_ns"] > 0
     finally:
-        if prim is not None:
-            prim.close()
-        dom.close()
-        codes = pair.stop()
-        assert codes["secondary"] == 0, pair.log_tail("secondary")
+        close_hand_pair(pair, dom, prim)
 
 
 def test_the_primary_dying_after_the_ack_the_secondary_applies_it_all_then_goes_live(

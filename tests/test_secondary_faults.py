@@ -163,9 +163,17 @@ def secondary(tmp_path, request):
     try:
         yield pair, dom
     finally:
-        dom.close()
-        codes = pair.stop()
-        assert codes["secondary"] == 0, pair.log_tail("secondary")
+        close_hand_pair(pair, dom)
+
+
+def close_hand_pair(pair: LocalPair, dom, prim: "HandPrimary | None" = None) -> None:
+    """The end of a hand-driven pair: the hand primary's sockets, its PVM, the secondary
+    node, which must have exited cleanly."""
+    if prim is not None:
+        prim.close()
+    dom.close()
+    codes = pair.stop()
+    assert codes["secondary"] == 0, pair.log_tail("secondary")
 
 
 def committed_pair(pair, dom) -> tuple[HandPrimary, bytes]:

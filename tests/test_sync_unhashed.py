@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_secondary_faults import PAGES, committed_pair, counters, hand_pvm
+from test_secondary_faults import (PAGES, close_hand_pair, committed_pair, counters,
+                                   hand_pvm)
 
 from pipeline import wire
 from pipeline.localpair import LocalPair
@@ -79,11 +80,7 @@ def test_a_checkpoint_with_unhashed_pages_is_torn(tmp_path):
         assert counters(pair)["restore"]["epochs_aborted"] >= 1
         assert prim.probe() == committed
     finally:
-        if prim is not None:
-            prim.close()
-        dom.close()
-        codes = pair.stop()
-        assert codes["secondary"] == 0, pair.log_tail("secondary")
+        close_hand_pair(pair, dom, prim)
 
 
 def test_the_check_skips_unhashed_batches_but_not_their_zero_pages():
