@@ -1233,7 +1233,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("rlimit-nofile-too-low@start", refused_at_start(
         lambda p: "RLIMIT_NOFILE is 32 (hard limit 32)", rlimits={"NOFILE": (32, 32)}), False),
     ("rlimit-as-too-low@start", refused_at_start(
-        lambda p: "RLIMIT_AS", rlimits={"AS": (200 << 20, 200 << 20)}), False),
+        lambda p: "RLIMIT_AS", rlimits={"AS": (200 << 20, 200 << 20)}), True),
     ("dev-shm-full@start", refused_at_start(
         lambda p: "No space left on device", shm_size="2m"), False),
     ("dev-shm-full@mid-run", dev_shm_full_mid_run, False),

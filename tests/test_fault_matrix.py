@@ -33,7 +33,8 @@ def test_quick_fault_matrix_passes_with_no_data_lost():
                                                    "sigstop-primary",
                                                    "failover-merge@store.merge.run",
                                                    "failover-merge-eio@store.merge.run",
-                                                   "disk-buffer-enospc@store.buffer.append"
+                                                   "disk-buffer-enospc@store.buffer.append",
+                                                   "rlimit-as-too-low@start"
                                                    } | net
     for row in result["rows"]:
         assert row["runs"] == row["passed"] == 1 and row["data_lost"] == 0, (row, p.stderr[-3000:])
