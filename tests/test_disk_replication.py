@@ -1028,3 +1028,61 @@ def test_the_survivors_export_becomes_the_primarys_without_closing_a_connection(
         for side in (survivor, sec2):
             if side is not None:
                 side.close()
+
+
+def test_a_full_buffer_gives_the_secondary_up_and_never_fails_a_guest_write(tmp_path):
+    """The secondary's buffer bound (256 KiB here) is reached inside one epoch: qemu-io's
+    1 MiB of writes (64 KiB each, several in flight) all succeed — a replication limit
+    never fails the guest's write; the primary's image has every byte. The secondary
+    acks the writes it cannot buffer as given up (counted on both sides), and its commit
+    of that epoch fails naming the bound (GivenUp: the coordinator stops it as stale),
+    never leaving an image that lacks the writes. The pair goes unprotected, the guest
+    writes on; the secondary rejoins on the same image and state and a new sync (its
+    image is of our lineage: incremental) makes it the primary's at the next checkpoint."""
+    from pipeline.disk.store import GivenUp
+    MiB = 1 << 20
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    _fill(a, {0: os.urandom(MiB)})
+    bound = dict(buffer_max_bytes=256 * 1024)
+    sec = SecondaryDisk(DiskSettings(image=str(b), export_size=SIZE, block_size=BS,
+                                     export=f"unix:{tmp_path}/s1.sock",
+                                     forward="tcp://127.0.0.1:*", compare="off", **bound))
+    address = sec.forward_endpoint
+    pri = PrimaryDisk(DiskSettings(image=str(a), export_size=SIZE, block_size=BS,
+                                   export=f"unix:{tmp_path}/p.sock", forward=address,
+                                   compare="off", **bound))
+    sec2 = None
+    try:
+        _checkpoint(pri, sec, 1)
+        assert file_hash(str(a)) == file_hash(str(b))
+        writes = [f"aio_write -P {0x40 + i} {2 * MiB + i * 64 * 1024} 64k" for i in range(16)]
+        r = qemu_io(pri.uri, writes + ["aio_flush"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        with open(a, "rb") as f:
+            f.seek(2 * MiB)
+            assert f.read(MiB) == b"".join(bytes([0x40 + i]) * 65536 for i in range(16))
+        assert pri.counters["forward_errors"] == 0 and sec.counters["bad_forwards"] == 0
+        assert sec.counters["given_up"] >= 1 and pri.counters["given_up"] >= 1
+        assert sec.store.unbuffered is not None and "bound 262144" in sec.store.unbuffered[2]
+        pri.backend.set_epoch(3)
+        for _attempt in range(3):                  # the coordinator's retries: never
+            with pytest.raises(GivenUp, match=r"could not be buffered .*bound 262144"):
+                sec.commit(2)
+        assert sec.store.committed_epoch == 1      # still checkpoint 1, whole
+        sec.close()                                # stops as stale
+        pri.on_event("role", 3, {"role": "unprotected"})
+        r = qemu_io(pri.uri, ["write -P 0x71 5M 64k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        sec2 = SecondaryDisk(DiskSettings(image=str(b), export_size=SIZE, block_size=BS,
+                                          export=f"unix:{tmp_path}/s2.sock", forward=address,
+                                          compare="off", **bound))
+        pri.on_event("role", 3, {"role": "primary"})   # the rejoin: a new sync
+        _checkpoint(pri, sec2, 3)
+        assert file_hash(str(a)) == file_hash(str(b))
+        assert sec2.store.unbuffered is None and not sec2.store.syncing
+        assert sec2.counters["sync_checked"] == SIZE   # incremental: the same lineage
+        assert pri.counters["sync_bytes"] == 2 * MiB   # the MiBs at 2 and 5 differ
+    finally:
+        pri.close()
+        if sec2 is not None:
+            sec2.close()

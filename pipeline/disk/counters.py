@@ -31,6 +31,9 @@ COUNTER_NAMES = {
     "forward_errors": "writes failed because the secondary refused or timed out",
     "forward_stalls": "times a connection stopped reading: forward window full",
     "received": "forwarded writes accepted into the buffer (secondary side)",
+    "given_up": "forwarded writes acked without being buffered: the buffer's bound was "
+                "reached or its file failed, the replication was given up (secondary: "
+                "stale until a new sync; primary: acks saying so)",
     "bad_requests": "NBD requests refused (bounds, alignment, size, unknown command)",
     "bad_forwards": "forwarded writes refused (epoch, bounds, hash, malformed)",
     "io_errors": "requests failed with EIO because the image/overlay/buffer files failed",

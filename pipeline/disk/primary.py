@@ -105,6 +105,8 @@ class PrimaryBackend:
         #: waits for an ack was forwarded to a secondary that is gone (the new one refuses
         #: it as another session's), so none will come — the sync carries it instead
         self.session_seq = 0
+        #: the session in which the secondary last said it gave the replication up
+        self._gave_up_session = -1
         #: called (on the sync's thread) once the initial sync ordered its END, or failed:
         #: the disk stage's control loop answers waiting ``wait_synced`` requests then
         self.wakeup = None
@@ -151,6 +153,20 @@ class PrimaryBackend:
         self._sync.start()
         log.info("primary disk: re-protecting, a new initial sync (BEGIN seq %d)", begin[0])
         return True
+
+    def secondary_gave_up(self, seq: int, reason: str) -> None:
+        """The secondary acked write ``seq`` without buffering it (``reason``: its buffer's
+        bound reached, its buffer file failing): the guest's write stands, in our image
+        only; the secondary stops at its next commit and the pair goes unprotected (the
+        coordinator hears it lost). Said once per session."""
+        self.counters.add("given_up")
+        with self._order_lock:
+            first, self._gave_up_session = (self._gave_up_session != self.session_seq,
+                                            self.session_seq)
+        if first:
+            log.error("primary disk: the secondary gave the replication up at write seq %d "
+                      "(%s); it stops at its next commit and the guest runs on "
+                      "unprotected until a secondary rejoins (a new sync)", seq, reason)
 
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards), and seal the
@@ -767,6 +783,8 @@ class PrimaryLink:
                     p.error = P.EIO
                 else:
                     ok += 1
+                    if reason:   # acked, not buffered: the secondary gave the pair up
+                        self.b.secondary_gave_up(seq, reason)
                 self._finish_if_done(seq, p, done)
             for epoch, n in acked.items():
                 self.b._track(epoch, -n)

@@ -14,9 +14,13 @@ from pipeline.disk import nbd_protocol as P
 from pipeline.disk import wire
 from pipeline.disk.comparator import PVM, SVM, DiskComparator
 from pipeline.disk.counters import DiskCounters
-from pipeline.disk.store import SecondaryStore, StoreError, StoreFull
+from pipeline.disk.store import GivenUp, SecondaryStore, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
+
+#: the reason an ack of a write that was not buffered starts with (status 0: the guest's
+#: write succeeds; the primary logs why the secondary gave up)
+GIVEN_UP = "given up: "
 
 
 class SvmBackend:
@@ -189,6 +193,8 @@ class ForwardReceiver(threading.Thread):
         #: the epoch of that BEGIN: a commit of an earlier epoch while its sync runs is
         #: of another session (the primary started over: this secondary is stale)
         self.session_epoch = 0
+        #: the committed epoch at which a checkpoint was last asked for (buffer half full)
+        self._asked_at = -1
         ctx = context or zmq.Context.instance()
         # with ``secure`` a CURVE server: only the primary's key gets in
         self.writes_in = sockets.disk_forward_in(ctx, address, secure)
@@ -264,6 +270,7 @@ class ForwardReceiver(threading.Thread):
         if buffered:   # one lock and one clock read for the group
             self.comparator.record_many(PVM, buffered)
             self.counters.add("received", len(buffered))
+            self._ask_before_full()
         outcome = iter(errors)
         answers = []
         for w in decoded:
@@ -273,24 +280,48 @@ class ForwardReceiver(threading.Thread):
             err = next(outcome)
             if err is None:
                 answers.append((w.seq, 0, ""))
-            elif isinstance(err, StoreFull):
-                self.comparator.request_checkpoint("dirty_threshold", str(err))
-                answers.append(self._refuse(w.seq, P.ENOSPC, str(err)))
-            elif isinstance(err, StoreError):
+            elif isinstance(err, (StoreFull, GivenUp, OSError)):
+                answers.append(self._give_up(w, err))
+            else:
                 answers.append(self._refuse(w.seq, P.EIO, str(err)))
-            else:  # the buffer file failed (disk full, I/O error): the guest's write
-                # stands (the primary's image has it); this store can no longer commit
-                # its epoch (SecondaryStore.unbuffered), so it ends stale, never wrong
-                if self.store.unbuffered is None:
-                    self.store.unbuffered = (w.epoch, w.seq, str(err))
-                log.error("secondary disk: could not buffer forwarded write seq %d of epoch "
-                          "%d (%s): no commit of that epoch will succeed here",
-                          w.seq, w.epoch, err)
-                self.counters.add("io_errors")
-                answers.append((w.seq, 0, ""))
         # buffered or refused: either way no longer on its way
         self.sealed.seen_all([seq for seq, _st, _r in answers if seq])
         return answers
+
+    def _give_up(self, w: wire.ForwardedWrite, err: Exception) -> tuple[int, int, str]:
+        """A write this store cannot buffer: its bound is reached (StoreFull), its buffer
+        file failed (disk full, I/O error), or the replication was given up already. The
+        guest's write stands (the primary's image has it): a limit or a fault of the
+        secondary must never fail it (a guest filesystem goes read-only on an error). So
+        this secondary gives the replication up (SecondaryStore.unbuffered): no commit of
+        that epoch or later succeeds here, the coordinator stops it as stale, the primary
+        runs on unprotected, and a new sync fills it when it rejoins. Acked with status 0
+        and the reason, so the primary says why."""
+        if isinstance(err, OSError):
+            self.counters.add("io_errors")
+        if self.store.give_up(w.epoch, w.seq, str(err)):
+            log.error("secondary disk: could not buffer forwarded write seq %d of epoch %d "
+                      "(%s): replication given up, no commit of that epoch will succeed "
+                      "here (this secondary ends stale and is synced again when it rejoins)",
+                      w.seq, w.epoch, err)
+            # the commit that fails ends this secondary: the sooner, the fewer writes go
+            # to a secondary that can no longer hold them
+            self.comparator.request_checkpoint("dirty_threshold", f"disk replication "
+                                               f"given up: {err}")
+        self.counters.add("given_up")
+        return w.seq, 0, f"{GIVEN_UP}{err}"
+
+    def _ask_before_full(self) -> None:
+        """Ask for a checkpoint once the buffer holds half its bound (once per committed
+        epoch): a commit empties it, so a pair whose checkpoints keep up never reaches the
+        bound and never has to give the replication up."""
+        store = self.store
+        if store.committed_epoch != self._asked_at and \
+                store.buffer_bytes * 2 >= store.buffer_max_bytes:
+            self._asked_at = store.committed_epoch
+            self.comparator.request_checkpoint(
+                "dirty_threshold", f"disk buffer at {store.buffer_bytes} of "
+                                   f"{store.buffer_max_bytes} bytes")
 
     def _handle_sync(self, decoded: list) -> list[tuple[int, int, str]]:
         """A group of the initial sync: applied one by one, in order (BEGIN empties the

@@ -73,8 +73,11 @@ class DiskSettings(Section):
         'SVM overlay ceiling: writes to new blocks beyond it fail with ENOSPC.'),
         min=512, rule="at least disk.block_size")
     buffer_max_bytes: int = _f(4 * 1024**3, (
-        'Buffered-but-uncommitted PVM write ceiling: forwarded writes beyond it are '
-        'refused.'), min=512, rule="at least disk.block_size")
+        'Buffered-but-uncommitted PVM write ceiling (secondary). At half of it the '
+        'secondary asks for a checkpoint; a forwarded write beyond it still succeeds for the '
+        'guest, but the secondary gives the replication up: it stops as stale at its next '
+        'commit, the primary runs on unprotected, and a new disk sync fills it when it '
+        'rejoins.'), min=512, rule="at least disk.block_size")
     durable_commit: bool = _f(True, (
         'Secondary: fsync buffer logs, image and journal at every commit (survives a '
         'power loss of the secondary host). false: survives a killed stage process only — '

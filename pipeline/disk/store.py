@@ -82,6 +82,12 @@ class StoreFull(StoreError):
     """The overlay or the buffer reached its configured bound."""
 
 
+class GivenUp(StoreError):
+    """This store gave the replication up (:attr:`SecondaryStore.unbuffered`): a forwarded
+    write of the epoch named, or an earlier one, could not be buffered. No commit of that
+    epoch or a later one can succeed here: the secondary is stale until a new sync."""
+
+
 @dataclass
 class _EpochLog:
     epoch: int
@@ -125,11 +131,12 @@ class SecondaryStore:
         #: a host that was active and comes back as a secondary syncs again)
         self._failed_over_here = False
         #: (epoch, seq, why) of a forwarded write this store could not buffer (its log file
-        #: failed: disk full, I/O error). The write was the guest's and the primary's image
-        #: has it: failing it would make the guest's filesystem go read-only for a fault of
-        #: the secondary's disk. Instead no commit of that epoch or later can succeed here,
-        #: so this secondary is never taken for a copy of the primary (it ends stale and is
-        #: synced again); a new sync session clears it.
+        #: failed: disk full, I/O error; or the buffer reached ``buffer_max_bytes``). The
+        #: write was the guest's and the primary's image has it: failing it would make the
+        #: guest's filesystem go read-only for a fault or a limit of the secondary's disk.
+        #: Instead no commit of that epoch or later can succeed here, so this secondary is
+        #: never taken for a copy of the primary (it ends stale and is synced again); later
+        #: writes of those epochs are not buffered either; a new sync session clears it.
         self.unbuffered: tuple[int, int, str] | None = None
         self._spares = sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
                               if _SPARE_NAME.match(n))
@@ -346,6 +353,15 @@ class SecondaryStore:
                             out[i] = e
         return out
 
+    def give_up(self, epoch: int, seq: int, why: str) -> bool:
+        """A forwarded write of ``epoch`` (``seq``) could not be buffered (``why``): give
+        the replication up from that epoch on (:attr:`unbuffered`). True the first time."""
+        with self._lock:
+            if self.unbuffered is not None:
+                return False
+            self.unbuffered = (epoch, seq, why)
+            return True
+
     def _admit(self, epoch: int, offset: int, length: int, held: int, adding: int) -> None:
         if self.active:
             raise StoreError(f"PVM write for epoch {epoch}: this node failed over and "
@@ -354,6 +370,10 @@ class SecondaryStore:
             raise StoreError(f"PVM write for epoch {epoch}: epoch already committed "
                              f"(last committed {self.committed_epoch}, committing "
                              f"{self._committing})")
+        if self.unbuffered is not None and epoch >= self.unbuffered[0]:
+            raise GivenUp(f"PVM write for epoch {epoch}: not buffered, the replication was "
+                          f"given up at seq {self.unbuffered[1]} of epoch "
+                          f"{self.unbuffered[0]} ({self.unbuffered[2]})")
         if held + adding > self.buffer_max_bytes:
             raise StoreFull(f"PVM write for epoch {epoch} [{offset}, +{length}): the "
                             f"buffer holds {held} bytes, bound {self.buffer_max_bytes}")
@@ -466,7 +486,7 @@ class SecondaryStore:
                 return
             if self.unbuffered is not None and epoch >= self.unbuffered[0]:
                 lost_epoch, lost_seq, why = self.unbuffered
-                raise StoreError(f"commit({epoch}): forwarded write seq {lost_seq} of epoch "
+                raise GivenUp(f"commit({epoch}): forwarded write seq {lost_seq} of epoch "
                                  f"{lost_epoch} could not be buffered ({why}); this image "
                                  "cannot become the primary's disk at that checkpoint")
             # from here on writes of epochs ≤ e are refused: the logs being applied are final
