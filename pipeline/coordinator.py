@@ -716,6 +716,13 @@ class SecondaryCoordinator(_Coordinator):
                         f"but this secondary ran its SVM from checkpoints up to epoch "
                         f"{self.last_epoch} already; stopping (start it again to join as a "
                         "new secondary)") from None
+                if "GivenUp:" in str(exc):   # (disk/store.py GivenUp: no retry can help)
+                    self._info(state="stale", stale_reason=f"epoch {epoch}: the disk "
+                               "replication was given up (a write could not be buffered)")
+                    raise StaleSecondary(
+                        f"epoch {epoch}: this secondary gave the disk replication up: "
+                        f"{exc}; stopping (start it again to join as a new secondary: "
+                        "a new disk sync)") from None
                 self.c.add("errors", 1)
                 self.ctx.log.error("epoch=%d event=disk_commit_failed attempt=%d of %d: %s",
                                    epoch, attempt, attempts, exc, extra={"epoch": epoch})
