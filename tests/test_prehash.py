@@ -48,3 +48,30 @@ def test_pages_written_again_after_a_round_get_their_new_hash():
         assert not len(pre.pfns)                        # handed over
     finally:
         dom.close()
+
+
+def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
+    """A round stops hashing when a BEGIN waits (it held BEGIN back by its whole dirty
+    set); the pages it took off the log but did not hash are hashed at BEGIN, so SVM_DIRTY
+    still names every page the SVM wrote, each with its hash as the paused SVM holds it."""
+    dom = open_sim_domain("prehash-cut", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, 900)
+        asked = []
+        pre.round(lambda: asked.append(1) or True)      # a BEGIN after the first chunk
+        assert asked == [1]
+        assert len(pre.pfns) == SvmPrehash.CHUNK
+        assert len(pre.todo) >= 900 - SvmPrehash.CHUNK
+        wrote = set(pre.pfns.tolist()) | set(pre.todo.tolist())
+        _run_input(dom, 100)
+        pfns, hashes = pre.begin(dom.read_and_clear_dirty())
+        assert wrote <= set(pfns.tolist())
+        pages = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, pages)
+        assert (hash_pages(pages) == hashes).all()
+        assert not len(pre.todo) and not len(pre.pfns)
+    finally:
+        dom.close()
