@@ -174,7 +174,10 @@ class PipelineSettings(Section):
     pause_priority: str = _f("realtime", "Primary: scheduling of the snapshot stage while the "
                              "PVM is paused (the guest's downtime): real-time (SCHED_FIFO 1, "
                              "where root or CAP_SYS_NICE allows; dropped around the proof's "
-                             "full-memory hash) or normal.", choices=("realtime", "normal"))
+                             "full-memory hash) or normal. Secondary: the same for its "
+                             "coordinator's answer to BEGIN (pause the SVM, read its dirty "
+                             "log, hash those pages, send SVM_DIRTY), which the primary's "
+                             "digest workers wait for.", choices=("realtime", "normal"))
     ring_slots: int = _f(0, "Slots per ring; 0: 16 MiB of pages per ring (at most the guest's "
                          "size). The PVM pause copies into the snapshot buffer (twice "
                          "checkpoint.dirty_threshold_pages), not into the rings.", min=0)

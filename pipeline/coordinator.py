@@ -740,6 +740,10 @@ class SecondaryCoordinator(_Coordinator):
         self.last_epoch = -1
         self.last_control: float | None = None
         self.prehashed = SvmPrehash(domain, self.c)
+        # BEGIN's answer (pause, dirty log, hashes, SVM_DIRTY) is the barrier the primary's
+        # digest workers wait on: it runs at the snapshot stage's pause priority
+        from pipeline.stages.snapshot import PausePriority
+        self.priority = PausePriority(settings.pipeline.pause_priority == "realtime")
         self.pages_drops = (0, 0)    # the receive stage's conn_drops at the last outcome
         # an epoch torn by the primary's connection dropping: the rolled-back SVM waits until
         # then (two heartbeat timeouts) for the heartbeat's verdict before it runs on
@@ -789,15 +793,20 @@ class SecondaryCoordinator(_Coordinator):
         t_begin = time.monotonic_ns()
         trace.point("begin_in", epoch)
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
-        self.domain.pause()
-        dirty = self.domain.read_and_clear_dirty() if self.svm_started else np.zeros(0, np.uint64)
-        # what the SVM holds at those pages: the primary sends the ones its PVM has alike
-        # as SVM pages, without their content. Pages hashed while the SVM ran and not
-        # written since (they are not in the log again) keep that hash.
-        trace.point("svm_dirty_read", epoch, str(len(dirty)))
-        dirty, hashes = self.prehashed.begin(dirty)
-        trace.point("svm_hashed", epoch)
-        self._send(wire.encode_svm_dirty(epoch, dirty, hashes))
+        self.priority.urgent(True)
+        try:
+            self.domain.pause()
+            dirty = self.domain.read_and_clear_dirty() if self.svm_started \
+                else np.zeros(0, np.uint64)
+            # what the SVM holds at those pages: the primary sends the ones its PVM has
+            # alike as SVM pages, without their content. Pages hashed while the SVM ran and
+            # not written since (they are not in the log again) keep that hash.
+            trace.point("svm_dirty_read", epoch, str(len(dirty)))
+            dirty, hashes = self.prehashed.begin(dirty)
+            trace.point("svm_hashed", epoch)
+            self._send(wire.encode_svm_dirty(epoch, dirty, hashes))
+        finally:
+            self.priority.urgent(False)
         faults.point("secondary.begin")
         # 2. the restore stage applies e the moment it is assembled (no round trip through
         # here in between); a torn e is rolled back instead

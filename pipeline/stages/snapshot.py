@@ -159,11 +159,13 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # the network comparator's epoch boundary, in order with the PVM's output
             domain.mark_outputs(encode_boundary(BOUNDARY_SNAPSHOT, epoch))
             t_paused = time.perf_counter_ns()
+            trace.point("paused", epoch)
             priority.urgent(True)
             dirty = domain.read_and_clear_dirty()
             if len(carry):
                 dirty = np.union1d(dirty, carry).astype(np.uint64)
             t_dirty = time.perf_counter_ns()
+            trace.point("dirty_read", epoch, str(len(dirty)))
             vcpu = domain.get_vcpu_state()
             # a verified checkpoint hashes all of memory while paused; timed apart, so the
             # pause of the checkpoint itself stays visible
@@ -182,6 +184,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             domain.read_pages(dirty[:k], snapbuf.pages[:k])
             ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch)
             t_resume = time.perf_counter_ns()
+            trace.point("copied", epoch)
             domain.resume()
             trace.point("resumed", epoch)
             pause_ns = time.perf_counter_ns() - t0
