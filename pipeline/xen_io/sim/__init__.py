@@ -8,6 +8,8 @@ benchmarks' guest). Everything here is simulation; the Xen backend is ``xen_io/x
 """
 from __future__ import annotations
 
-from .domain import BLOB_SIZE, SimDomain, WorkloadSpec, open_sim_domain
+from .domain import (ANSWER_SIZE, BLOB_SIZE, REPLY_CACHE_ENTRIES, SimDomain, WorkloadSpec,
+                     answer_refused, open_sim_domain, parse_answer, request_input)
 
-__all__ = ["BLOB_SIZE", "SimDomain", "WorkloadSpec", "open_sim_domain"]
+__all__ = ["ANSWER_SIZE", "BLOB_SIZE", "REPLY_CACHE_ENTRIES", "SimDomain", "WorkloadSpec",
+           "answer_refused", "open_sim_domain", "parse_answer", "request_input"]

@@ -38,6 +38,23 @@ An output frame (``read_outputs``): input seq (8 bytes LE) | blake3 over the seq
 input's key and the first up to 64 pages it wrote (32 bytes) | the first 16 bytes of
 the first page it wrote.
 
+Requests with a reply cache (the sim service's retransmission protocol, as a real RPC
+service has one): an input made by :func:`request_input` carries a client id and the
+client's request number; its answer is the frame above followed by both (``ANSWER_SIZE``
+bytes; :func:`parse_answer`). A guest of at least ``REPLY_CACHE_MIN_PAGES`` pages keeps the
+answers of the last ``REPLY_CACHE_ENTRIES`` requests in its last ``REPLY_CACHE_PAGES``
+pages of RAM, which its workload writes no more from the first request on (a flag in the
+vCPU state; a guest that never takes a request behaves as it always did): in guest
+memory, so checkpoints replicate the cache and a rolled-back SVM has the one of its
+checkpoint. A request found
+there (a client sent it again: its answer did not come, e.g. across a failover) is not
+executed again: the guest answers with the cached bytes, and its state moves on by the
+input seq only (at-most-once execution; the client keeps one answer per request number).
+A request older than the cache holds for its client (its slot holds a later request of
+the same client) is refused: answered with a zero digest (``answer_refused``), never
+executed. PVM and SVM decide from the same replicated RAM, so a duplicate produces the
+same output on both, as the comparator needs.
+
 Output marks (``mark_outputs``, guest paused): the guest counts the bytes it wrote to
 its output pipe; a mark records that count and its tag in a ring in the control
 mapping (it needs no room in the pipe, so it never waits for a reader that is itself
@@ -171,6 +188,59 @@ _WRITE_MAGIC = b"COLO-SIM-WRITE\x00\x01"
 _NONDET_COMMAND = b"COLO-SIM-NONDET\x01"
 
 
+#: a request of the sim service: this magic, the client id and its request number (u64 LE
+#: each), then the request's body
+_REQUEST_MAGIC = b"COLO-SIM-REQ\x00\x00\x01"
+_REQUEST_HEAD = struct.Struct("<16sQQ")
+_ANSWER_ID = struct.Struct("<QQ")
+#: the answer to a request: the output frame (56 bytes) + client id + request number
+ANSWER_SIZE = 8 + 32 + 16 + _ANSWER_ID.size
+#: the reply cache: entries of _CACHE_SLOT bytes in the last REPLY_CACHE_PAGES pages of RAM
+REPLY_CACHE_PAGES = 8
+REPLY_CACHE_MIN_PAGES = 1024
+_CACHE_SLOT = 128
+_CACHE_HEAD = struct.Struct("<8sQQI")     # magic, client id, request number, answer length
+_CACHE_MAGIC = b"COLOREPL"
+
+
+def reply_cache_entries(page_count: int, page_size: int = 4096) -> int:
+    """How many answers a guest of this size keeps (0: too small for a cache; its requests
+    are executed every time they come)."""
+    if page_count < REPLY_CACHE_MIN_PAGES:
+        return 0
+    return REPLY_CACHE_PAGES * page_size // _CACHE_SLOT
+
+
+#: what a client of a 4 KiB-page guest big enough for a cache may have outstanding at most
+REPLY_CACHE_ENTRIES = reply_cache_entries(REPLY_CACHE_MIN_PAGES)
+
+
+def request_input(client: int, number: int, body: bytes = b"") -> bytes:
+    """The input that asks the sim service for request ``number`` of ``client``; the same
+    bytes each time it is sent again."""
+    return _REQUEST_HEAD.pack(_REQUEST_MAGIC, client, number) + body
+
+
+def parse_request(payload: bytes) -> tuple[int, int] | None:
+    """(client id, request number) of a request input, or None for any other input."""
+    if len(payload) >= _REQUEST_HEAD.size and payload.startswith(_REQUEST_MAGIC):
+        return _REQUEST_HEAD.unpack_from(payload)[1:]
+    return None
+
+
+def parse_answer(frame: bytes) -> tuple[int, int] | None:
+    """(client id, request number) an output frame answers, or None if it answers no
+    request (an input of another kind)."""
+    if len(frame) != ANSWER_SIZE:
+        return None
+    return _ANSWER_ID.unpack_from(frame, ANSWER_SIZE - _ANSWER_ID.size)
+
+
+def answer_refused(frame: bytes) -> bool:
+    """The guest refused the request: older than its reply cache holds (never executed)."""
+    return frame[8:40] == bytes(32)
+
+
 def _command_pages(payload: bytes) -> int | None:
     if len(payload) == _WRITE_COMMAND.size and payload.startswith(_WRITE_MAGIC):
         return _WRITE_COMMAND.unpack(payload)[1]
@@ -181,12 +251,16 @@ def _command_pages(payload: bytes) -> int | None:
 
 _BLOB_MAGIC = b"COLOSIMV"
 _BLOB_VERSION = 1
-# magic, version, reserved, workload fingerprint, seq, phase, step, npages, key, acc
+# magic, version, flags (FLAG_REPLY_CACHE), workload fingerprint, seq, phase, step, npages,
+# key, acc
 _BLOB_BODY = struct.Struct("<8sHH16sQB3xII32s32s")
 _BLOB_CHECK_LEN = 16
 BLOB_SIZE = _BLOB_BODY.size + _BLOB_CHECK_LEN
 
-PHASE_IDLE, PHASE_INPUT = 0, 1
+#: PHASE_REPLAY: the current input is a request answered from the reply cache (or refused)
+PHASE_IDLE, PHASE_INPUT, PHASE_REPLAY = 0, 1, 2
+#: the guest keeps a reply cache (set by the first request it took; see reply_cache_entries)
+FLAG_REPLY_CACHE = 1
 
 
 @dataclass
@@ -199,9 +273,11 @@ class _GuestState:
     npages: int       # pages the current input writes
     key: bytes        # the current input's key: its plan and contents derive from it
     acc: bytes        # the guest's running state; the next input's key derives from it
+    flags: int = 0    # FLAG_REPLY_CACHE
 
     def pack(self, fingerprint: bytes) -> bytes:
-        body = _BLOB_BODY.pack(_BLOB_MAGIC, _BLOB_VERSION, 0, fingerprint, self.seq, self.phase,
+        body = _BLOB_BODY.pack(_BLOB_MAGIC, _BLOB_VERSION, self.flags, fingerprint, self.seq,
+                               self.phase,
                                self.step, self.npages, self.key, self.acc)
         return body + blake3.blake3(body).digest(_BLOB_CHECK_LEN)
 
@@ -214,7 +290,7 @@ class _GuestState:
         if len(blob) != BLOB_SIZE:
             raise ValueError(f"sim vCPU blob has {len(blob)} bytes, expected {BLOB_SIZE}")
         body, check = blob[:_BLOB_BODY.size], blob[_BLOB_BODY.size:]
-        magic, version, _, fp, seq, phase, step, npages, key, acc = _BLOB_BODY.unpack(body)
+        magic, version, flags, fp, seq, phase, step, npages, key, acc = _BLOB_BODY.unpack(body)
         if magic != _BLOB_MAGIC:
             raise ValueError(f"sim vCPU blob has magic {magic!r}, expected {_BLOB_MAGIC!r}")
         if version != _BLOB_VERSION:
@@ -225,12 +301,14 @@ class _GuestState:
         if fingerprint is not None and fp != fingerprint:
             raise ValueError(f"sim vCPU blob is from a guest with another workload or size "
                              f"(fingerprint {fp.hex()}, this guest {fingerprint.hex()})")
-        if phase not in (PHASE_IDLE, PHASE_INPUT):
-            raise ValueError(f"sim vCPU blob has phase {phase}, expected 0 or 1")
+        if phase not in (PHASE_IDLE, PHASE_INPUT, PHASE_REPLAY):
+            raise ValueError(f"sim vCPU blob has phase {phase}, expected 0, 1 or 2")
         if step > npages or npages > page_count:
             raise ValueError(f"sim vCPU blob has step {step} / npages {npages} "
                              f"(page count {page_count})")
-        return cls(seq, phase, step, npages, key, acc)
+        if flags & ~FLAG_REPLY_CACHE:
+            raise ValueError(f"sim vCPU blob has unknown flags {flags:#x}")
+        return cls(seq, phase, step, npages, key, acc, flags)
 
 
 def _fingerprint(page_count: int, page_size: int, spec: WorkloadSpec) -> bytes:
@@ -267,12 +345,16 @@ W_OUT_READ = 18      # bytes read out of it (by whichever process reads outputs)
 W_MARKS = 19         # output marks made so far
 W_MARKS_READ = 20    # output marks returned by read_outputs so far
 W_BREAK = 21         # a breakpoint: (seq << 32 | page) + 1, or 0 for none (see break_at)
+W_REQUESTS = 22      # request inputs executed (their answers cached)
+W_REPLAYED = 23      # requests answered from the reply cache, not executed again
+W_REFUSED = 24       # requests older than the reply cache holds, refused
 _WORDS = 32
 _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
              "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
              "nondeterministic_inputs": W_NONDET_INPUTS,
              "clamped_write_commands": W_CLAMPED_COMMANDS, "output_stalls": W_OUTPUT_STALLS,
-             "bad_page_requests": W_BAD_PAGE_REQUESTS}
+             "bad_page_requests": W_BAD_PAGE_REQUESTS, "requests_executed": W_REQUESTS,
+             "requests_replayed": W_REPLAYED, "requests_refused": W_REFUSED}
 
 _STATUS_STARTING, _STATUS_RUNNING, _STATUS_FAILED = 0, 1, 2
 _VCPU_OFF, _VCPU_CAP = 512, 512
@@ -841,15 +923,22 @@ class _Guest:
         seed = self.spec.seed.to_bytes(8, "little")
         self.state = _GuestState(0, PHASE_IDLE, 0, 0, bytes(32),
                                  blake3.blake3(b"colo-sim-acc" + seed).digest())
-        self._plan_for: tuple[bytes, int] | None = None
+        self._plan_for: tuple[bytes, int, int] | None = None
         self._plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._plan_lists: tuple[list, list, list] = ([], [], [])
         self._ram_bytes = memoryview(self.ram.reshape(-1))
         self._pool_bytes = memoryview(self.pool)
         self._bitmap_bytes = memoryview(self.bitmap) if self.bitmap is not None else None
         self._zero_page = bytes(self.page_size)
+        # the reply cache's slots sit in the last pages; once it is set up (the first
+        # request), the workload writes only below them
+        self.cache_entries = reply_cache_entries(self.page_count, self.page_size)
+        self.cache_at = (self.page_count - REPLY_CACHE_PAGES) * self.page_size  # slot 0
+        self._request_for: tuple[int, bytes] | None = None
+        self._request: tuple[int, int] | None = None
         self._uffd: UffdWriteProtect | None = None
         self._last_digest = bytes(32)  # of the output frame just sent
+        self._last_frame = b""
 
     # -- set-up ----------------------------------------------------------------------
     def _become_guest_process(self) -> None:
@@ -957,6 +1046,14 @@ class _Guest:
     # -- one input -----------------------------------------------------------------------
     def _begin_input(self, payload: bytes) -> None:
         st = self.state
+        request = parse_request(payload)
+        if request is not None and self.cache_entries and not st.flags & FLAG_REPLY_CACHE:
+            self._set_up_cache()
+        if request is not None and self._cached(*request)[0] != "new":
+            # answered from the cache (or refused): nothing executes, nothing is written
+            st.phase, st.step, st.npages = PHASE_REPLAY, 0, 0
+            st.key = blake3.blake3(payload).digest()   # names the input (_current_request)
+            return
         p = self.spec.nondeterminism
         salt = bytes(16)
         if payload == _NONDET_COMMAND or (
@@ -977,19 +1074,21 @@ class _Guest:
         npages = _command_pages(payload)
         if npages is None:
             npages = self.spec.pages_per_input
-        if npages > self.page_count:
+        work = self._work_pages()
+        if npages > work:
             self.w[W_CLAMPED_COMMANDS] += 1
-            npages = self.page_count
+            npages = work
         st.phase, st.step, st.npages, st.key = PHASE_INPUT, 0, npages, h.digest()
 
     def _get_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(pfns, kinds, text offsets) of the current input: a pure function of its key."""
         st = self.state
-        if self._plan_for != (st.key, st.npages):
-            self._plan = make_plan(st.key, st.npages, self.page_count, self.spec.run_length,
+        work = self._work_pages()
+        if self._plan_for != (st.key, st.npages, work):
+            self._plan = make_plan(st.key, st.npages, work, self.spec.run_length,
                                    self.cdf, len(self.windows))
             self._plan_lists = tuple(a.tolist() for a in self._plan)  # for the write loop
-            self._plan_for = (st.key, st.npages)
+            self._plan_for = (st.key, st.npages, work)
         return self._plan  # type: ignore[return-value]
 
     def _write_pages(self) -> bool:
@@ -1031,8 +1130,68 @@ class _Guest:
         st.step = st.npages
         return True
 
+    # -- the reply cache -------------------------------------------------------------------
+    def _work_pages(self) -> int:
+        """The pages the workload writes: all of RAM but the reply cache's, once set up (a
+        guest that never took a request writes as it always did)."""
+        if self.state.flags & FLAG_REPLY_CACHE:
+            return self.page_count - REPLY_CACHE_PAGES
+        return self.page_count
+
+    def _set_up_cache(self) -> None:
+        """The first request: the cache's pages become empty slots and the workload's writes
+        stay below them from now on (in the state, so a peer loading it does the same)."""
+        first = self.page_count - REPLY_CACHE_PAGES
+        self.ram[first:] = 0
+        if self._bitmap_bytes is not None:
+            self._bitmap_bytes[first:self.page_count] = b"\x01" * REPLY_CACHE_PAGES
+        self.state.flags |= FLAG_REPLY_CACHE
+
+    def _current_request(self) -> tuple[int, int] | None:
+        """(client, number) if the current input is a request (from the input log: the
+        guest's own memo of it may predate a state loaded from its peer)."""
+        st = self.state
+        if self._request_for != (st.seq, st.key):
+            self._request = parse_request(self.inputs.get(st.seq))
+            self._request_for = (st.seq, st.key)
+        return self._request
+
+    def _cached(self, client: int, number: int) -> tuple[str, bytes]:
+        """("hit", the cached answer), ("refused", b"": the slot holds a later request of
+        this client), or ("new", b"")."""
+        if not self.cache_entries:
+            return "new", b""
+        at = self.cache_at + (number % self.cache_entries) * _CACHE_SLOT
+        magic, c, n, length = _CACHE_HEAD.unpack_from(self._ram_bytes, at)
+        if magic != _CACHE_MAGIC or c != client or n < number:
+            return "new", b""
+        if n > number:
+            return "refused", b""
+        start = at + _CACHE_HEAD.size
+        return "hit", bytes(self._ram_bytes[start:start + length])
+
+    def _store_answer(self, client: int, number: int, frame: bytes) -> None:
+        if not self.cache_entries:
+            return
+        at = self.cache_at + (number % self.cache_entries) * _CACHE_SLOT
+        entry = _CACHE_HEAD.pack(_CACHE_MAGIC, client, number, len(frame)) + frame
+        self._ram_bytes[at:at + len(entry)] = entry
+        if self._bitmap_bytes is not None:
+            self._bitmap_bytes[at // self.page_size] = 1  # after the write: see DirtyBitmap
+
+    def _replay_frame(self) -> bytes:
+        client, number = self._current_request()  # type: ignore[misc]
+        kind, frame = self._cached(client, number)
+        if kind == "hit":
+            return frame
+        # refused: a zero digest says so (a computed one is never all zeros)
+        return (self.state.seq.to_bytes(8, "little") + bytes(48)
+                + _ANSWER_ID.pack(client, number))
+
     def _output_frame(self) -> bytes:
         st = self.state
+        if st.phase == PHASE_REPLAY:
+            return self._replay_frame()
         pfns = self._get_plan()[0][:_OUTPUT_SAMPLE_PAGES]
         h = blake3.blake3(st.seq.to_bytes(8, "little"))
         h.update(st.key)
@@ -1041,7 +1200,9 @@ class _Guest:
             sample = self.ram[pfns[0], :16].tobytes()
         else:
             sample = bytes(16)
-        return st.seq.to_bytes(8, "little") + h.digest() + sample
+        frame = st.seq.to_bytes(8, "little") + h.digest() + sample
+        request = self._current_request()
+        return frame if request is None else frame + _ANSWER_ID.pack(*request)
 
     def _emit_output(self) -> bool:
         """Send the current input's output frame; False if a pause interrupted the wait
@@ -1054,6 +1215,7 @@ class _Guest:
                 os.write(out_w, message)  # < PIPE_BUF: all or nothing
                 self.w[W_OUT_WRITTEN] += len(message)   # before any pause: marks count it
                 self._last_digest = frame[8:40]
+                self._last_frame = frame
                 return True
             except BlockingIOError:
                 self.w[W_OUTPUT_STALLS] += 1
@@ -1065,7 +1227,16 @@ class _Guest:
 
     def _finish_input(self) -> None:
         st = self.state
-        st.acc = blake3.blake3(st.key + self._last_digest).digest()
+        if st.phase == PHASE_REPLAY:
+            # nothing executed: the guest's running state stays as it was (only the input
+            # seq moves), so a replay changes neither memory nor what follows
+            self.w[W_REFUSED if answer_refused(self._last_frame) else W_REPLAYED] += 1
+        else:
+            st.acc = blake3.blake3(st.key + self._last_digest).digest()
+            request = self._current_request()
+            if request is not None:
+                self._store_answer(*request, self._last_frame)
+                self.w[W_REQUESTS] += 1
         st.seq += 1
         st.phase, st.step, st.npages, st.key = PHASE_IDLE, 0, 0, bytes(32)
         self.w[W_INPUTS] += 1
