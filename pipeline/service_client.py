@@ -7,23 +7,34 @@ input's seq; so the n-th request's answer is the frame whose seq is ``first + n`
 ``first`` is learnt from a probe request. That holds while this client is the guest's
 only source of input (``guest.workload.input_rate_hz = 0`` on the primary).
 
-:class:`AnswerStream` reads the answers only, and follows the service across a failover:
-when the stream ends (the primary's host is gone) it connects to the service's address
-again, which the survivor serves now (or to the next of several addresses), and it keeps
-one answer per seq as a client's TCP stack keeps one copy of each byte: an answer the
-survivor sends again (a rolled-back SVM regenerates the answers of the inputs it replays)
-is dropped, and counted as a duplicate, or as a conflict if its bytes differ from the
-copy already received (docs/deployment.md, "What clients see across a failover").
+:class:`AnswerStream` follows the service across a failover: when the stream ends (the
+primary's host is gone) it connects to the service's address again, which the survivor
+serves now (or to the next of several addresses), and it keeps one answer per key as a
+client's TCP stack keeps one copy of each byte: an answer the survivor sends again (a
+rolled-back SVM regenerates the answers of the inputs it replays) is dropped, and counted
+as a duplicate, or as a conflict if its bytes differ from the copy already received
+(docs/deployment.md, "What clients see across a failover"). Without ``inject`` it only
+reads, and the key is the input seq (the node's own input stream). With ``inject`` it is
+the service's client, with the sim service's retransmission protocol, as a real RPC
+service has one: it sends requests (:func:`pipeline.xen_io.sim.request_input`, its client
+id and a request number), at most ``window`` unanswered, and sends a request again when
+its answer has not come ``retransmit_after`` seconds after it was sent, and every
+unanswered one after each reconnection (the lost comparator held their answers, or the
+lost primary never passed them on). The guest answers a request it already executed from
+its reply cache, in guest memory, with the same bytes; so every request gets exactly one
+answer after the client dropped the duplicates. The key is then the request number.
 """
 from __future__ import annotations
 
 import select
 import socket
 import time
+from collections import deque
 
 import zmq
 
 from pipeline.net.framing import FrameDecoder
+from pipeline.xen_io.sim import REPLY_CACHE_ENTRIES, answer_refused, parse_answer, request_input
 
 #: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
 PAYLOAD_AT = 14 + 20 + 8
@@ -60,10 +71,28 @@ def connect_stream(address: str, timeout: float = 60.0) -> socket.socket:
 class AnswerStream:
     """The service's answers as a client on the clients' network reads them, across
     failovers (see the module's docstring). ``addresses``: where the service may be
-    (one address that moves with the active host, or one per host, tried in turn)."""
+    (one address that moves with the active host, or one per host, tried in turn).
+    ``inject``: where requests go (every host's input socket; only the primary's is bound,
+    and a request goes only over a connection that is up). Not thread-safe: one thread
+    calls :meth:`request` and :meth:`read`."""
 
-    def __init__(self, addresses: list[str], timeout: float = 60.0) -> None:
+    def __init__(self, addresses: list[str], timeout: float = 60.0,
+                 inject: list[str] | None = None, client_id: int = 1,
+                 window: int = REPLY_CACHE_ENTRIES, retransmit_after: float = 3.0) -> None:
         self.addresses, self.timeout = list(addresses), timeout
+        self.inject = list(inject or [])
+        if self.inject and not 0 < window <= REPLY_CACHE_ENTRIES:
+            raise ValueError(f"window must be in 1..{REPLY_CACHE_ENTRIES} (the guest's reply "
+                             f"cache), got {window}")
+        self.client_id, self.window, self.retransmit_after = client_id, window, retransmit_after
+        self.sent = 0                         # requests made (numbers 0 .. sent - 1)
+        self.outstanding: dict[int, float] = {}   # request number -> when last sent
+        self.retransmits = 0                  # requests sent again
+        self.refused: list[int] = []          # requests the guest refused (older than its cache)
+        self.foreign = 0                      # answers to no request of this client
+        self._queue: deque[int] = deque()     # requests to send when a connection is up
+        self._zmq: zmq.Context | None = None
+        self._push: zmq.Socket | None = None
         self.sock: socket.socket | None = None
         self.decoder = FrameDecoder(False)
         self.seqs: list[int] = []             # each seq once, in the order first received
@@ -86,6 +115,8 @@ class AnswerStream:
                 self.decoder = FrameDecoder(False)
                 self.connections += 1
                 self._at_connect = len(self.seqs) + self.duplicates + len(self.conflicts)
+                if self.inject:
+                    self._new_push()
                 return
             except OSError:
                 self._next += 1
@@ -93,10 +124,66 @@ class AnswerStream:
                     raise ConnectionError(f"no service at {self.addresses} within "
                                           f"{self.timeout} s") from None
 
+    # -- requests (with ``inject``) --------------------------------------------------------
+    def _new_push(self) -> None:
+        """A fresh request socket at each (re)connection: requests queued towards the lost
+        host are dropped with it, and every unanswered request goes again (its answer was
+        lost with the host, or the request itself was)."""
+        if self._zmq is None:
+            self._zmq = zmq.Context()
+        if self._push is not None:
+            self._push.close(linger=0)
+        self._push = self._zmq.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.IMMEDIATE, 1)    # only over a connection that is up
+        self._push.setsockopt(zmq.SNDHWM, 100_000)
+        self._push.setsockopt(zmq.LINGER, 0)
+        for address in self.inject:
+            self._push.connect(address)
+        if self.connections > 1:
+            self._resend(lambda age: True)
+
+    def request(self) -> int | None:
+        """Send the next request; its number, or None while ``window`` are unanswered."""
+        if len(self.outstanding) >= self.window:
+            return None
+        n = self.sent
+        self.sent += 1
+        self.outstanding[n] = time.monotonic()
+        self._queue.append(n)
+        self._flush()
+        return n
+
+    def _resend(self, due) -> None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        queued = set(self._queue)
+        for n, at in self.outstanding.items():
+            if n not in queued and due(now - at):
+                self.outstanding[n] = now
+                self._queue.append(n)
+                self.retransmits += 1
+
+    def _flush(self) -> None:
+        if self._push is None:
+            return
+        while self._queue:
+            try:
+                self._push.send(request_input(self.client_id, self._queue[0]), zmq.NOBLOCK)
+            except zmq.Again:           # no connection up (the service is moving): later
+                return
+            self._queue.popleft()
+
+    def unanswered(self) -> list[int]:
+        return sorted(self.outstanding)
+
+    # -- answers ----------------------------------------------------------------------------
     def read(self, timeout: float) -> int:
-        """Take what arrives within ``timeout`` s; the number of new answers."""
+        """Take what arrives within ``timeout`` s; the number of new answers. With
+        ``inject``, requests due for sending again go first."""
         if self.sock is None:
             self._connect()
+        if self.inject:
+            self._resend(lambda age: age > self.retransmit_after)
+            self._flush()
         if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
             return 0
         new = 0
@@ -115,7 +202,16 @@ class AnswerStream:
                 return new
             for item in self.decoder.feed(data):
                 frame = bytes(item[0][PAYLOAD_AT:])
-                seq = int.from_bytes(frame[:8], "little")
+                if self.inject:
+                    answers = parse_answer(frame)
+                    if answers is None or answers[0] != self.client_id:
+                        self.foreign += 1
+                        continue
+                    seq = answers[1]
+                    if self.outstanding.pop(seq, None) is not None and answer_refused(frame):
+                        self.refused.append(seq)
+                else:
+                    seq = int.from_bytes(frame[:8], "little")
                 had = self.first.get(seq)
                 if had is None:
                     self.first[seq] = frame
@@ -142,6 +238,12 @@ class AnswerStream:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._push is not None:
+            self._push.close(linger=0)
+            self._push = None
+        if self._zmq is not None:
+            self._zmq.term()
+            self._zmq = None
 
 
 class ServiceClient:
