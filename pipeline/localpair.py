@@ -431,13 +431,16 @@ class LocalPair:
 
 
 def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input: int,
-                      timeout: float = 120.0, step: int = 0) -> bytes:
+                      timeout: float = 120.0, step: int = 0,
+                      payload: Callable[[int], bytes] | None = None) -> bytes:
     """The memory digest of a sim guest that consumed client inputs 0 .. upto_seq-1 (the
     stream the primary's client stage feeds) and then wrote the first ``step`` pages of
     input ``upto_seq``: with no nondeterminism, a guest's memory is a function of the
     inputs it took, so a failed-over SVM must equal this at its input position; an epoch
     applied by halves could not. ``step`` is where a pause caught the guest inside an
-    input (a proof's ``final_input_step``): the reference stops at the same page."""
+    input (a proof's ``final_input_step``): the reference stops at the same page.
+    ``payload(seq)``: the input at ``seq`` when it is not the client stage's stream (a
+    client's requests)."""
     if step >= pages_per_input:     # all of the input's pages written, its output pending
         upto_seq, step = upto_seq + 1, 0
     from pipeline.stages.inputs import client_input
@@ -459,7 +462,7 @@ def sim_replay_digest(upto_seq: int, page_count: int, seed: int, pages_per_input
                 ref.trim_inputs(ref.input_seq())
                 time.sleep(0.001)
             ref.trim_inputs(ref.input_seq())
-            ref.feed_input(client_input(seed, i))
+            ref.feed_input(client_input(seed, i) if payload is None else payload(i))
         if step > 0:
             ref.wait_break(max(1.0, deadline - time.monotonic()))
         while ref.input_seq() < upto_seq:

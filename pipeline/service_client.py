@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from collections import deque
 
@@ -244,6 +245,88 @@ class AnswerStream:
         if self._zmq is not None:
             self._zmq.term()
             self._zmq = None
+
+
+class RequestLoad(threading.Thread):
+    """A client of the sim service across failovers, in a thread of its own: sends
+    ``rate`` requests a second through ``stream`` (an :class:`AnswerStream` with
+    ``inject``; never more than its window unanswered, and no burst after the window was
+    full) and reads the answers, until :meth:`close`. :meth:`finish` stops the requests
+    and waits until every one was answered; :meth:`check_exactly_once` then says whether
+    each got exactly one answer."""
+
+    def __init__(self, stream: AnswerStream, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.rate = stream, rate
+        self.stop, self.sending, self.error = threading.Event(), threading.Event(), ""
+        self.sending.set()
+
+    def run(self) -> None:
+        try:
+            t0, made = time.monotonic(), 0
+            while not self.stop.is_set():
+                if self.sending.is_set():
+                    while made < (time.monotonic() - t0) * self.rate:
+                        if self.stream.request() is None:
+                            t0 = time.monotonic() - made / self.rate
+                            break
+                        made += 1
+                self.stream.read(0.02)
+        except Exception as exc:     # noqa: BLE001 (the caller reports it: count, finish)
+            self.error = repr(exc)
+
+    def count(self) -> int:
+        """Requests answered so far (ConnectionError if the client failed)."""
+        if self.error:
+            raise ConnectionError(f"the service's client failed: {self.error}")
+        return len(self.stream.seqs)
+
+    def finish(self, timeout: float = 300.0, check=None) -> None:  # type: ignore[no-untyped-def]
+        """Stop sending new requests; wait until every one was answered (the client sends
+        the unanswered ones again meanwhile). ``check()`` is called while waiting (e.g.
+        to fail at once if a node died)."""
+        self.sending.clear()
+        deadline = time.monotonic() + timeout
+        while self.stream.outstanding:
+            self.count()
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.stream.outstanding)} requests unanswered "
+                                   f"after {timeout} s: {self.stream.unanswered()[:20]}")
+            time.sleep(0.05)
+        self.count()
+
+    def check_exactly_once(self) -> list[str]:
+        """What is wrong with "every request got exactly one answer" (empty: nothing): an
+        answer received again with other bytes, a refused request, an unanswered one."""
+        s, problems = self.stream, []
+        if s.conflicts:
+            problems.append(f"answers received again with other bytes: {s.conflicts[:20]}")
+        if s.refused:
+            problems.append(f"requests refused (older than the guest's cache): {s.refused[:20]}")
+        if sorted(s.seqs) != list(range(s.sent)):
+            missing = sorted(set(range(s.sent)) - set(s.seqs))
+            problems.append(f"{len(missing)} of {s.sent} requests unanswered: {missing[:20]}")
+        return problems
+
+    def executions(self) -> dict[int, int]:
+        """Input seq -> request number, of each request the guest executed, from the
+        answers (the first 8 bytes of an answer are the seq of the input that computed
+        it; an answer from the reply cache is those same bytes). ValueError if two
+        requests name one input (an answer not from the guest's one history)."""
+        out: dict[int, int] = {}
+        for number, frame in self.stream.first.items():
+            seq = int.from_bytes(frame[:8], "little")
+            if out.setdefault(seq, number) != number:
+                raise ValueError(f"requests {out[seq]} and {number} both answered by input "
+                                 f"seq {seq}")
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(10)
+        self.stream.close()
 
 
 class ServiceClient:

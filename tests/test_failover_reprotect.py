@@ -4,12 +4,19 @@ the secondary takes over and becomes the primary around its running guest, the l
 host is started again with its unchanged config, joins as the secondary, gets a live
 full sync and the guest is protected again.
 
-After each cycle:
-- the memory proof: a checkpoint where both sides hash all of guest memory is equal;
-- every client request was consumed exactly once, in order, across all the failovers:
-  the PVM's memory at that checkpoint equals a reference guest that replayed client
-  inputs 0 .. n-1 (n: the PVM's input position then); a lost, repeated or reordered
-  input would make it differ;
+A client sends requests all along (the guest's only input), reads the answers on the
+service's moving address and sends a request again when its answer has not come (after a
+reconnection, after a timeout); the guest answers a request it already executed from its
+reply cache in guest memory (pipeline/xen_io/sim/domain.py).
+
+After each cycle, the memory proof: a checkpoint where both sides hash all of guest memory
+is equal. At the end:
+- every client request got exactly one answer (no request unanswered, no answer received
+  again with other bytes, none refused);
+- every request was executed at most once, in guest memory: the PVM's memory at each
+  proof equals a reference guest fed, at each input seq, the request whose answer names
+  that seq (and a request it already executed where no answer names the seq: answered
+  from the cache); a lost, repeated or reordered execution would make it differ;
 - the witness never showed two active holders, and generations only grew.
 
 The real-network variant puts the hosts in two network namespaces joined by a bridge in
@@ -17,6 +24,7 @@ a third, which runs etcd as the witness; the channels are CURVE as in every Loca
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -27,12 +35,38 @@ import threading
 import pytest
 
 from conftest import free_port, wait_until
-from test_failover import TABLES, replay_digest
+from test_failover import PAGES, SEED, TABLES
 
-from pipeline.localpair import HostPair
+from pipeline.localpair import HostPair, sim_replay_digest
+from pipeline.service_client import AnswerStream, RequestLoad
+from pipeline.stages.inputs import inject_address
+from pipeline.xen_io.sim import request_input
 
 pytestmark = pytest.mark.slow
 CYCLES = 3
+
+NET = {"primary_in": "unix:{workdir}/net-pvm.sock", "outdev": "unix:{workdir}/client.sock",
+       "compare_timeout_ms": 20000}
+#: the client is the guest's only source of input
+CLIENT_ONLY = {"guest.workload": dict(TABLES["guest.workload"], input_rate_hz=0.0)}
+RATE = 150.0        # requests a second
+
+
+def service_client(pair: HostPair) -> RequestLoad:
+    """The service's client (not started): answers on the moving ``net.outdev``, requests
+    to every host's input socket, RATE a second."""
+    return RequestLoad(AnswerStream(["unix:" + pair.workdir + "/client.sock"], timeout=120,
+                                    inject=[inject_address(pair.run_dir(h))
+                                            for h in pair.HOSTS]), RATE)
+
+
+def more_answers(pair: HostPair, client: RequestLoad, n: int, what: str) -> None:
+    start = client.count()
+
+    def look() -> bool:
+        pair.check_alive()
+        return client.count() >= start + n
+    wait_until(look, timeout=300, what=f"{n} answers {what}")
 
 
 def _info_when(pair: HostPair, host: str, pred, what: str, timeout: float = 240) -> dict:
@@ -54,12 +88,61 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
     record per cycle."""
     pair.start(("a",))
     pair.wait_info("state", "unprotected", role="a", timeout=120)
+    client = service_client(pair)
+    client.start()
+    try:
+        cycles, proofs, survivor, seen_generation = _cycles(pair, client)
+        client.finish(check=pair.check_alive)
+    finally:
+        client.close()
+    # every request got exactly one answer, across every failover and failback, and was
+    # executed once
+    assert client.check_exactly_once() == []
+    assert_executed_once(client, proofs)
+    _role_history_and_witness(pair, survivor, witness_log, seen_generation)
+    return cycles
+
+
+def assert_executed_once(client: RequestLoad, proofs: list[tuple[int, int, str]]) -> None:
+    """Every request was executed at most once, in guest memory: the PVM's memory at each
+    proof (final_input_seq, final_input_step, pvm_digest) equals a reference guest fed, at
+    each input seq, the request whose answer names that seq; at a seq no answer names the
+    input was a request sent again and answered from the reply cache (a no-op), so the
+    reference is fed one it executed before. A request executed twice (its first answer
+    lost, then executed again instead of answered from the cache), lost or reordered would
+    make the memories differ."""
+    executed = client.executions()
+    order = sorted(executed)
+
+    def payload(seq: int) -> bytes:
+        if seq not in executed:
+            at = bisect.bisect_right(order, seq) - 1
+            assert at >= 0, f"input {seq} comes before every executed request"
+            seq = order[at]
+        return request_input(client.stream.client_id, executed[seq])
+    for n, (seq, step, pvm) in enumerate(proofs):
+        # the proof's pause may catch the guest between two page writes of input seq:
+        # the reference then stops at the same page
+        ref = sim_replay_digest(seq, PAGES, SEED, 8, step=step, payload=payload)
+        assert ref == bytes.fromhex(pvm), (
+            f"proof {n}: the PVM's memory is not the guest's that executed each request "
+            f"once, at the input seq its answer names, up to input {seq} (page {step})")
+    print("\n" + json.dumps({"requests": client.stream.sent,
+                             "sent_again": client.stream.retransmits,
+                             "duplicates": client.stream.duplicates,
+                             "executed": len(executed), "proofs": len(proofs)}))
+
+
+def _cycles(pair: HostPair, client: RequestLoad) -> tuple[list[dict], list, str, int]:
+    more_answers(pair, client, 100, "from the unprotected primary")
     pair.start_node("b")
     pair.wait_protected(timeout=240)
     assert pair.prove_memory_equal()["memory_equal"] is True
     assert pair.roles() == {"a": "primary", "b": "secondary"}
-    cycles = []
+    cycles: list[dict] = []
+    proofs = []
     seen_generation = 0
+    survivor = ""
     for cycle in range(CYCLES):
         lost = pair.primary_host()
         survivor = pair.other(lost)
@@ -72,6 +155,7 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
         generation = info["generation"]
         assert generation > seen_generation, (generation, seen_generation)
         seen_generation = generation
+        more_answers(pair, client, 100, f"cycle {cycle}: from the survivor")
         # the lost host comes back with its unchanged config and becomes the secondary
         pair.start_node(lost)
         info = _info_when(pair, survivor, lambda i: i.get("state") == "protected"
@@ -79,20 +163,12 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
                           f"cycle {cycle}: {survivor} protected again by {lost}")
         assert pair.roles() == {survivor: "primary", lost: "secondary"}
         assert pair.node(lost).node_info()["role_history"][-1]["role"] == "secondary"
+        more_answers(pair, client, 100, f"cycle {cycle}: protected again")
         proof = pair.prove_memory_equal()
         assert proof["memory_equal"] is True, proof
-        seq = proof["final_input_seq"]
+        seq, step = proof["final_input_seq"], proof["final_input_step"]
         assert seq > 0
-        # the proof's pause may catch the guest between two page writes of input seq:
-        # the reference then stops at the same page (final_input_step)
-        step = proof["final_input_step"]
-        pvm = bytes.fromhex(proof["pvm_digest"])
-        if pvm != replay_digest(seq, step):
-            near = {d: pvm == replay_digest(seq + d) for d in (0, 1)}
-            raise AssertionError(
-                f"cycle {cycle}: the PVM's memory is not a replay of client inputs "
-                f"0..{seq - 1} and {step} pages of input {seq}; a replay of 0..{seq - 1}: "
-                f"{near[0]}, of 0..{seq}: {near[1]}; proof {proof}")
+        proofs.append((seq, step, proof["pvm_digest"]))
         history = info["role_history"]
         assert [h["role"] for h in history[-3:]] == ["active", "primary", "primary"], history
         assert history[-1]["generation"] == generation and "reprotected_ms" in history[-1]
@@ -102,6 +178,11 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
                        "takeover_ms": info["takeover_ms"],
                        "reprotected_ms": info["reprotected_ms"], "input_seq": seq,
                        "input_step": step})
+    return cycles, proofs, survivor, seen_generation
+
+
+def _role_history_and_witness(pair: HostPair, survivor: str, witness_log,
+                              seen_generation: int) -> None:
     # the role history in stats and the metrics of the last survivor
     from conftest import cli
     stats = cli("stats", "--node", pair.name(survivor))
@@ -122,12 +203,11 @@ def run_cycles(pair: HostPair, witness_log) -> list[dict]:
         last = rec["generation"]
         assert granted.setdefault(rec["generation"], rec["node"]) == rec["node"], holders
     assert last == seen_generation
-    return cycles
 
 
 def test_three_failovers_and_failbacks_one_machine(tmp_path):
     """The cycles on one machine with the demo's local witness (no root needed)."""
-    pair = HostPair(TABLES, workdir=str(tmp_path / "pair"))
+    pair = HostPair(dict(TABLES, net=NET, **CLIENT_ONLY), workdir=str(tmp_path / "pair"))
     path = os.path.join(pair.workdir, "witness")
     seen: list[dict] = []
     stop = threading.Event()
@@ -273,7 +353,7 @@ def test_three_failovers_and_failbacks_netns_etcd(tmp_path):
     pair = None
     with EtcdNetns(tmp_path) as net:
         try:
-            pair = HostPair(dict(TABLES, failover=net.failover),
+            pair = HostPair(dict(TABLES, net=NET, failover=net.failover, **CLIENT_ONLY),
                             workdir=str(tmp_path / "pair"), addresses=net.addresses,
                             netns=net.netns)
             out = tmp_path / "holders.jsonl"

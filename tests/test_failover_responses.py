@@ -20,103 +20,26 @@ see across a failover"):
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
 from conftest import wait_until
 from test_failover import TABLES
-from test_failover_reprotect import EtcdNetns, NETNS_READY
+from test_failover_reprotect import (CLIENT_ONLY, NET, NETNS_READY, EtcdNetns,
+                                     assert_executed_once, more_answers, service_client)
 
 from pipeline.localpair import HostPair
-from pipeline.service_client import AnswerStream
-from pipeline.stages.inputs import inject_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-NET = {"primary_in": "unix:{workdir}/net-pvm.sock", "outdev": "unix:{workdir}/client.sock",
-       "compare_timeout_ms": 20000}
-#: the client is the guest's only source of input
-CLIENT_ONLY = {"guest.workload": dict(TABLES["guest.workload"], input_rate_hz=0.0)}
 ANSWERS = 150       # answers to wait for in each phase
-RATE = 150.0        # requests a second
-
-
-def client_stream(pair: HostPair) -> AnswerStream:
-    """The service's client: answers on the moving ``net.outdev``, requests to every
-    host's input socket."""
-    return AnswerStream(["unix:" + pair.workdir + "/client.sock"], timeout=120,
-                        inject=[inject_address(pair.run_dir(h)) for h in pair.HOSTS])
-
-
-class Client(threading.Thread):
-    """Sends RATE requests a second (never more than the window unanswered) and reads
-    the answers, until stopped; :meth:`finish` stops the requests and waits until every
-    one was answered."""
-
-    def __init__(self, stream: AnswerStream) -> None:
-        super().__init__(daemon=True)
-        self.stream, self.stop, self.error = stream, threading.Event(), ""
-        self.sending = threading.Event()
-        self.sending.set()
-
-    def run(self) -> None:
-        try:
-            t0, made = time.monotonic(), 0
-            while not self.stop.is_set():
-                if self.sending.is_set():
-                    while made < (time.monotonic() - t0) * RATE:
-                        if self.stream.request() is None:   # the window is full: no burst later
-                            t0 = time.monotonic() - made / RATE
-                            break
-                        made += 1
-                self.stream.read(0.02)
-        except Exception as exc:     # noqa: BLE001 (reported by the test)
-            self.error = repr(exc)
-
-    def count(self) -> int:
-        if self.error:
-            raise AssertionError(f"the client: {self.error}")
-        return len(self.stream.seqs)
-
-    def finish(self, pair: HostPair) -> None:
-        self.sending.clear()
-
-        def answered() -> bool:
-            pair.check_alive()
-            self.count()
-            return not self.stream.outstanding
-        wait_until(answered, timeout=300, what="an answer to every request")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.join(10)
-        self.stream.close()
-
-
-def assert_exactly_one_answer_each(stream: AnswerStream) -> None:
-    """Every request got exactly one answer: one per request number, all copies equal."""
-    assert stream.conflicts == [], stream.conflicts[:20]
-    assert stream.refused == [], stream.refused[:20]
-    assert stream.unanswered() == [], stream.unanswered()[:20]
-    assert sorted(stream.seqs) == list(range(stream.sent)), stream.missing()[:20]
-
-
-def more_answers(pair: HostPair, client: Client, n: int, what: str) -> None:
-    start = client.count()
-
-    def look() -> bool:
-        pair.check_alive()
-        return client.count() >= start + n
-    wait_until(look, timeout=300, what=f"{n} answers {what}")
 
 
 def run_cycles(pair: HostPair, cycles: int) -> list[dict]:
     pair.start(("a",))
     pair.wait_info("state", "unprotected", role="a", timeout=120)
-    stream = client_stream(pair)
-    client = Client(stream)
+    client = service_client(pair)
+    stream = client.stream
     client.start()
     records = []
     try:
@@ -147,13 +70,13 @@ def run_cycles(pair: HostPair, cycles: int) -> list[dict]:
             records.append({"cycle": cycle, "lost": lost, "requests_before_loss": sent,
                             "answers": len(stream.seqs), "duplicates": stream.duplicates,
                             "sent_again": stream.retransmits - retransmits})
-        client.finish(pair)
+        client.finish(check=pair.check_alive)
     finally:
         client.close()
     print("\n" + json.dumps(records + [{"requests": stream.sent,
                                         "retransmits": stream.retransmits,
                                         "duplicates": stream.duplicates}]))
-    assert_exactly_one_answer_each(stream)
+    assert client.check_exactly_once() == []
     return records
 
 
@@ -197,7 +120,7 @@ def rolled_back_survivor(pair: HostPair) -> dict:
     import signal
 
     from pipeline.counters import STATUS_ABORTED
-    client = Client(client_stream(pair))
+    client = service_client(pair)
     stream = client.stream
     try:
         pair.start_node("a")
@@ -213,7 +136,7 @@ def rolled_back_survivor(pair: HostPair) -> dict:
         wait_until(lambda: pair.node("b").node_info().get("role") == "primary",
                    timeout=300, what="b becoming the primary")
         more_answers(pair, client, ANSWERS, "from the survivor")
-        client.finish(pair)
+        client.finish(check=pair.check_alive)
         torn = pair.checkpoints("b")[-1]["status"] == STATUS_ABORTED
     finally:
         client.close()
@@ -221,7 +144,7 @@ def rolled_back_survivor(pair: HostPair) -> dict:
     print("\n" + json.dumps({"torn": torn, "requests": stream.sent,
                              "retransmits": stream.retransmits,
                              "duplicates": stream.duplicates}))
-    assert_exactly_one_answer_each(stream)
+    assert client.check_exactly_once() == []
     return {"torn": torn, "duplicates": stream.duplicates}
 
 
@@ -244,3 +167,48 @@ def test_answers_regenerated_by_a_rolled_back_svm_netns_etcd(tmp_path):
         rolled_back_survivor(HostPair(dict(LONG_EPOCHS, failover=net.failover),
                                       workdir=str(tmp_path / "pair"),
                                       addresses=net.addresses, netns=net.netns))
+
+
+def test_answers_lost_with_the_primary_come_from_the_reply_cache(tmp_path):
+    """Answers released at commit (``net.release = "commit"``, Remus's buffering) wait for
+    the ACK of their epoch; the primary's host dies right as that ACK arrives
+    (``primary.acked``, the whole node), so the SVM committed the epoch (it executed the
+    requests and cached their answers) and the clients never got them. The client sends
+    them again to the survivor, which answers them from the cache in guest memory: every
+    request has exactly one answer, and the survivor's memory (after the lost host rejoined
+    and the proof) is that of a guest that executed each request once, at the input seq
+    its answer names (executed again, the requests would show at a second seq)."""
+    tables = dict(TABLES, net=dict(NET, release="commit"), **CLIENT_ONLY)
+    pair = HostPair(tables, workdir=str(tmp_path / "pair"))
+    client = service_client(pair)
+    stream = client.stream
+    try:
+        # epoch 20 of a's coordinator: a checkpoint of the protected pair (epoch 0 is the
+        # sync, then at most 8 pre-copy rounds)
+        pair.start(("a",), faults={"a": "primary.acked:20:killgroup"})
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+        client.start()
+        more_answers(pair, client, 50, "from the unprotected primary")
+        pair.start_node("b")
+        pair.wait_exit("a", timeout=300)
+        assert "COLO_FAULT fired: primary.acked" in pair.log_tail("a", 1 << 20)
+        lost_at = stream.sent
+        wait_until(lambda: pair.node("b").node_info().get("role") == "primary",
+                   timeout=300, what="b becoming the primary")
+        more_answers(pair, client, ANSWERS, "from the survivor")
+        pair.start_node("a")
+        wait_until(lambda: pair.node("b").node_info().get("state") == "protected"
+                   and not pair.node("b").node_info().get("awaiting_reprotection"),
+                   timeout=300, what="protected again")
+        more_answers(pair, client, ANSWERS, "protected again")
+        proof = pair.prove_memory_equal()
+        assert proof["memory_equal"] is True, proof
+        client.finish(check=pair.check_alive)
+    finally:
+        client.close()
+        pair.stop()
+    assert client.check_exactly_once() == []
+    # the answers of the acked epoch were lost with the host: asked again
+    assert stream.retransmits > 0, (lost_at, stream.sent)
+    assert_executed_once(client, [(proof["final_input_seq"], proof["final_input_step"],
+                                   proof["pvm_digest"])])
