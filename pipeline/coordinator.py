@@ -272,11 +272,14 @@ class PrimaryCoordinator(_Coordinator):
                 hdr, msg = got
                 if hdr.type == wire.SVM_DIRTY and hdr.epoch == res.epoch:
                     svm = wire.decode_svm_dirty(msg, self.domain.page_count)
-                    res.svm_dirty = len(svm.pfns)
-                    trace.point("svm_dirty_in", res.epoch)
+                    res.svm_dirty = max(res.svm_dirty, 0) + len(svm.pfns)
+                    trace.point("svm_dirty_in", res.epoch, str(len(svm.pfns)))
                     self._svm_hashes(res, svm)
                     trace.point("svm_published", res.epoch)
-                    want.discard("svm_dirty")
+                    if svm.more:
+                        self.c.add("svm_dirty_parts", 1)
+                    else:
+                        want.discard("svm_dirty")
                 elif hdr.type == wire.ACK and hdr.epoch == res.epoch:
                     res.ack = wire.decode_ack(msg)
                     trace.point("ack_in", res.epoch)
@@ -317,10 +320,11 @@ class PrimaryCoordinator(_Coordinator):
         checkpoint's batches, to send the pages the SVM already has as SVM pages."""
         if res.svm_forwarded:
             return
-        res.svm_forwarded = True
+        more = svm is not None and svm.more     # a part: more of them follow
+        res.svm_forwarded = not more
         if self.svm is not None:
             self.svm.publish(res.epoch, None if svm is None else svm.pfns,
-                             None if svm is None else svm.hashes)
+                             None if svm is None else svm.hashes, more)
 
     # -- the protocol -----------------------------------------------------
     def checkpoint(self, cause: str, flags: int = 0, kind: str = "snapshot") -> EpochResult:
@@ -699,10 +703,45 @@ class SvmPrehash:
     def begin(self, dirty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """BEGIN, the SVM paused: ``dirty`` (the log now) with the pages a round took off
         the log but did not hash, hashed now, joined with the rounds' (:meth:`take`)."""
+        parts = list(self.parts(dirty))
+        return (np.concatenate([p for p, _ in parts]).astype(np.uint64),
+                np.concatenate([h for _, h in parts]))
+
+    #: SVM_DIRTY's parts: the first this many pages, each next one twice as many, up to
+    #: PART_MAX (the primary's digest workers start on the pages below a part's last pfn
+    #: while the rest is hashed here; one part per record on the control channel)
+    PART_FIRST, PART_MAX = 256, 4096
+
+    def parts(self, dirty: np.ndarray):
+        """:meth:`begin` in parts, in pfn order, each hashed only when it is asked for:
+        (pfns, hashes) of sorted, disjoint, ascending pfns, at least one part. Pages hashed
+        by the rounds keep their hash unless they are dirty again (then hashed afresh)."""
+        fresh = dirty
         if len(self.todo):
-            dirty = np.union1d(dirty, self.todo).astype(np.uint64)
-            self.todo = np.zeros(0, np.uint64)
-        return self.take(dirty, domain_page_hashes(self.domain, dirty))
+            fresh = np.union1d(fresh, self.todo)
+        fresh = np.unique(fresh).astype(np.uint64)
+        held_pfns, held_hashes = self.pfns, self.hashes
+        self.pfns = np.zeros(0, np.uint64)
+        self.hashes = np.zeros((0, 32), np.uint8)
+        self.todo = np.zeros(0, np.uint64)
+        pfns = np.union1d(fresh, held_pfns).astype(np.uint64) if len(held_pfns) else fresh
+        is_fresh = np.isin(pfns, fresh, assume_unique=True) if len(held_pfns) \
+            else np.ones(len(pfns), bool)
+        at, size = 0, self.PART_FIRST
+        while True:
+            part, new = pfns[at:at + size], is_fresh[at:at + size]
+            hashes = np.empty((len(part), 32), np.uint8)
+            if not new.all():
+                old = part[~new]
+                hashes[~new] = held_hashes[np.searchsorted(held_pfns, old)]
+            if new.any():
+                hashes[new] = domain_page_hashes(self.domain, part[new]) if not new.all() \
+                    else domain_page_hashes(self.domain, part)
+            yield part, hashes
+            at += size
+            if at >= len(pfns):
+                return
+            size = min(2 * size, self.PART_MAX)
 
     def _merge(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
         """Add (pfns, hashes); a newer hash of a pfn wins over one held."""
@@ -800,11 +839,25 @@ class SecondaryCoordinator(_Coordinator):
                 else np.zeros(0, np.uint64)
             # what the SVM holds at those pages: the primary sends the ones its PVM has
             # alike as SVM pages, without their content. Pages hashed while the SVM ran and
-            # not written since (they are not in the log again) keep that hash.
+            # not written since (they are not in the log again) keep that hash. In parts,
+            # each sent once hashed: the primary's digest workers go on with the pages
+            # below a part while the rest is hashed here.
             trace.point("svm_dirty_read", epoch, str(len(dirty)))
-            dirty, hashes = self.prehashed.begin(dirty)
+            parts = self.prehashed.parts(dirty)
+            part = next(parts)
+            done = [part[0]]
+            for later in parts:
+                self._send(wire.encode_svm_dirty(epoch, *part, more=True))
+                trace.point("svm_part_sent", epoch, str(len(part[0])))
+                # the rest at normal priority: at real time, hashing a 16k-page dirty set
+                # held a core for 40 ms, and the primary's coordinator (taking the parts
+                # in) and digest workers shared the other with everything else
+                self.priority.urgent(False)
+                part = later
+                done.append(part[0])
+            self._send(wire.encode_svm_dirty(epoch, *part))
             trace.point("svm_hashed", epoch)
-            self._send(wire.encode_svm_dirty(epoch, dirty, hashes))
+            dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
         finally:
             self.priority.urgent(False)
         faults.point("secondary.begin")

@@ -184,37 +184,49 @@ def decode_checkpoint_begin(msg: bytes | memoryview) -> CheckpointBegin:
 
 
 # -- SVM_DIRTY -----------------------------------------------------------
+SVM_DIRTY_MORE = 1 << 0   # more SVM_DIRTY parts of this epoch follow (higher pfns)
+
+
 @dataclass(frozen=True)
 class SvmDirty:
     epoch: int
     pfns: np.ndarray      # (count,) uint64: the pages the SVM wrote since the last checkpoint
     hashes: np.ndarray    # (count, 32) uint8: blake3 of each of them as the SVM holds it now
+    more: bool = False    # a part: more parts follow, every pfn of them above these
 
 
-def encode_svm_dirty(epoch: int, pfns: np.ndarray, hashes: np.ndarray | None = None) -> bytes:
+def encode_svm_dirty(epoch: int, pfns: np.ndarray, hashes: np.ndarray | None = None,
+                     more: bool = False) -> bytes:
     """``hashes``: blake3 of the SVM's page at each pfn (None: all zero, which never
-    matches a page, so the primary refers to none of them)."""
+    matches a page, so the primary refers to none of them). ``more``: this is a part of
+    the epoch's SVM_DIRTY and more follow, with higher pfns (the secondary sends the
+    hashes as it has them, so the primary's digest workers start on the pages below)."""
     pfns = np.ascontiguousarray(pfns, dtype="<u8")
     if hashes is None:
         hashes = np.zeros((len(pfns), 32), np.uint8)
     hashes = np.ascontiguousarray(hashes, np.uint8)
     if hashes.shape != (len(pfns), 32):
         raise ValueError(f"SVM_DIRTY: {len(pfns)} pfns but hashes of shape {hashes.shape}")
-    return _record(SVM_DIRTY, epoch, struct.pack("<Q", len(pfns)), pfns.tobytes(),
-                   hashes.tobytes())
+    if len(pfns) >= 1 << 32:
+        raise ValueError(f"SVM_DIRTY: {len(pfns)} pfns do not fit the u32 count")
+    return _record(SVM_DIRTY, epoch, struct.pack("<II", len(pfns),
+                                                 SVM_DIRTY_MORE if more else 0),
+                   pfns.tobytes(), hashes.tobytes())
 
 
 def decode_svm_dirty(msg: bytes | memoryview, page_count: int) -> SvmDirty:
     hdr, body = _body(msg, SVM_DIRTY)
-    _need("SVM_DIRTY", body, 8, "count")
-    (count,) = struct.unpack_from("<Q", body, 0)
-    if count > len(body) or len(body) != 8 + 40 * count:
+    _need("SVM_DIRTY", body, 8, "count and flags")
+    count, flags = struct.unpack_from("<II", body, 0)
+    if flags & ~SVM_DIRTY_MORE:
+        raise WireError(f"SVM_DIRTY: unknown flags 0x{flags:08x}")
+    if len(body) != 8 + 40 * count:
         raise WireError(f"SVM_DIRTY: count {count} does not match a body of {len(body)} bytes")
     pfns = np.frombuffer(body, dtype="<u8", count=count, offset=8)
     hashes = np.frombuffer(body, np.uint8, 32 * count, 8 + 8 * count).reshape(count, 32)
     if count and int(pfns.max()) >= page_count:
         raise WireError(f"SVM_DIRTY: pfn {int(pfns.max())} beyond the guest's {page_count} pages")
-    return SvmDirty(hdr.epoch, pfns, hashes)
+    return SvmDirty(hdr.epoch, pfns, hashes, bool(flags & SVM_DIRTY_MORE))
 
 
 # -- PAGES ---------------------------------------------------------------

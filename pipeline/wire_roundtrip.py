@@ -34,7 +34,7 @@ FIELDS = {
     "record": ("header", "marker", "version", "record type"),
     "HELLO": ("body", "epoch", "name_length", "written_count", "role", "name", "written"),
     "CHECKPOINT_BEGIN": ("body",),
-    "SVM_DIRTY": ("body", "count", "pfn"),
+    "SVM_DIRTY": ("body", "count", "flags", "pfn"),
     "PAGES": ("body", "count", "pfn", "enc_kind", "enc_len", "flags", "packed", "data"),
     "EPOCH_END": ("body", "vcpu_length"),
     "ACK": ("body", "reason_length", "status", "reason"),
@@ -77,7 +77,7 @@ def reencode(decoded: tuple[int, object]) -> bytes:
     if t == wire.CHECKPOINT_BEGIN:
         return wire.encode_checkpoint_begin(v.epoch, v.cause, v.flags)
     if t == wire.SVM_DIRTY:
-        return wire.encode_svm_dirty(v.epoch, v.pfns, v.hashes)
+        return wire.encode_svm_dirty(v.epoch, v.pfns, v.hashes, v.more)
     if t == wire.PAGES:
         return wire.encode_pages(v.epoch, v.pfns, v.hashes, v.enc_len, v.enc_kind, v.data,
                                  wire.PAGES_PACKED if v.packed else 0)

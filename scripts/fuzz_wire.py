@@ -75,6 +75,7 @@ def seeds() -> list[bytes]:
                           ((1, 8, 16), (PAGE_COUNT - 1, 0, PAGE_SIZE))),
         wire.encode_checkpoint_begin(5, 1, wire.FLAG_SYNC | wire.FLAG_DIGEST),
         wire.encode_svm_dirty(5, pfns, hashes),
+        wire.encode_svm_dirty(5, pfns, hashes, more=True),
         wire.encode_pages(5, pfns, hashes, np.array([PAGE_SIZE, 10, 0], np.uint32),
                           np.array([wire.ENC_RAW, wire.ENC_LZ4, wire.ENC_ZERO], np.uint8),
                           raw + bytes(10)),

@@ -65,7 +65,7 @@ def svm_dirties(draw):
                     np.uint64)
     hashes = np.frombuffer(draw(st.binary(min_size=32 * n, max_size=32 * n)),
                            np.uint8).reshape(n, 32)
-    return wire.SvmDirty(draw(U64), pfns, hashes)
+    return wire.SvmDirty(draw(U64), pfns, hashes, draw(st.booleans()))
 
 
 @st.composite
@@ -110,7 +110,7 @@ valid_messages = st.one_of(
     hellos().map(lambda h: wire.encode_hello(h.page_size, h.role, h.page_count, h.name,
                                              h.written)),
     begins.map(lambda b: wire.encode_checkpoint_begin(b.epoch, b.cause, b.flags)),
-    svm_dirties().map(lambda s: wire.encode_svm_dirty(s.epoch, s.pfns, s.hashes)),
+    svm_dirties().map(lambda s: wire.encode_svm_dirty(s.epoch, s.pfns, s.hashes, s.more)),
     page_batches().map(encode_batch),
     epoch_ends.map(lambda e: wire.encode_epoch_end(e.epoch, e.pages, e.records, e.flags,
                                                    e.vcpu)),
@@ -136,8 +136,9 @@ def test_checkpoint_begin_round_trips(b):
 
 @given(svm_dirties())
 def test_svm_dirty_round_trips(s):
-    got = wire.decode_svm_dirty(wire.encode_svm_dirty(s.epoch, s.pfns, s.hashes), PAGE_COUNT)
-    assert got.epoch == s.epoch
+    got = wire.decode_svm_dirty(wire.encode_svm_dirty(s.epoch, s.pfns, s.hashes, s.more),
+                                PAGE_COUNT)
+    assert got.epoch == s.epoch and got.more == s.more
     assert np.array_equal(got.pfns, s.pfns) and np.array_equal(got.hashes, s.hashes)
 
 

@@ -75,3 +75,30 @@ def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
         assert not len(pre.todo) and not len(pre.pfns)
     finally:
         dom.close()
+
+
+def test_begin_answers_in_ascending_parts_that_grow():
+    """SVM_DIRTY goes in parts as they are hashed: sorted, disjoint, ascending, the first
+    PART_FIRST pages, then twice as many each time up to PART_MAX; together the whole
+    dirty set, pages the rounds hashed (and not written since) with their round's hash."""
+    dom = open_sim_domain("prehash-parts", 4096, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, 700)
+        pre.round()
+        _run_input(dom, 1500)
+        parts = list(pre.parts(dom.read_and_clear_dirty()))
+        sizes = [len(p) for p, _ in parts]
+        first, most = SvmPrehash.PART_FIRST, SvmPrehash.PART_MAX
+        assert len(parts) >= 3
+        assert sizes[:-1] == [min(first << i, most) for i in range(len(parts) - 1)]
+        pfns = np.concatenate([p for p, _ in parts])
+        assert np.all(np.diff(pfns.astype(np.int64)) > 0)     # ascending, disjoint
+        hashes = np.concatenate([h for _, h in parts])
+        pages = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, pages)
+        assert (hash_pages(pages) == hashes).all()
+    finally:
+        dom.close()

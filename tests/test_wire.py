@@ -379,11 +379,24 @@ def test_pages_truncated_arrays(n):
 
 
 # -- SVM_DIRTY ---------------------------------------------------------------------------
-@pytest.mark.parametrize("count,pfns", [(3, [1, 2]), (1, [1, 2]), (0, [4]), (2**61, [1]),
-                                        (2**64 - 1, [])])
+@pytest.mark.parametrize("count,pfns", [(3, [1, 2]), (1, [1, 2]), (0, [4]), (2**31, [1]),
+                                        (2**32 - 1, [])])
 def test_svm_dirty_count_mismatch(count, pfns):
-    body = struct.pack("<Q", count) + np.array(pfns, "<u8").tobytes()
+    body = struct.pack("<II", count, 0) + np.array(pfns, "<u8").tobytes()
     rejects(record(wire.SVM_DIRTY, body), dec_svm_dirty, "SVM_DIRTY", "count", str(count))
+
+
+@pytest.mark.parametrize("flags", [2, 1 << 31, 0xFFFFFFFF])
+def test_svm_dirty_unknown_flags(flags):
+    body = struct.pack("<II", 0, flags)
+    rejects(record(wire.SVM_DIRTY, body), dec_svm_dirty, "SVM_DIRTY", "flags", f"{flags:08x}")
+
+
+def test_svm_dirty_part_round_trip():
+    hashes = np.arange(64, dtype=np.uint8).reshape(2, 32)
+    got = dec_svm_dirty(wire.encode_svm_dirty(4, np.array([5, 9], np.uint64), hashes, more=True))
+    assert got.more and got.pfns.tolist() == [5, 9] and (got.hashes == hashes).all()
+    assert not dec_svm_dirty(wire.encode_svm_dirty(4, np.array([5], np.uint64))).more
 
 
 @pytest.mark.parametrize("body", [b"", b"\1\0\0", bytes(7)])
@@ -392,7 +405,7 @@ def test_svm_dirty_too_short_for_count(body):
 
 
 def test_svm_dirty_count_with_odd_trailing_bytes():
-    body = struct.pack("<Q", 1) + bytes(9)
+    body = struct.pack("<II", 1, 0) + bytes(9)
     rejects(record(wire.SVM_DIRTY, body), dec_svm_dirty, "SVM_DIRTY", "count")
 
 

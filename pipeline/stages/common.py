@@ -107,23 +107,46 @@ class SvmPages:
     """What the SVM holds at the pages it dirtied, from this epoch's SVM_DIRTY: the primary's
     coordinator publishes the hashes, the digest workers send pages the PVM has alike as
     SVM pages (no content). Shared memory, one epoch at a time (the next epoch begins only
-    after this one's pages went through the digest workers)."""
+    after this one's pages went through the digest workers).
 
-    def __init__(self, hashes: np.ndarray, epoch: np.ndarray, ready, wake: list[int]) -> None:
+    SVM_DIRTY may come in parts, in pfn order (the secondary sends hashes as it has them):
+    after each part, ``covered`` says up to which pfn the epoch's hashes are all here, and a
+    batch below it need not wait for the rest (:meth:`covers`)."""
+
+    PFN_BITS = 40   # covered: (epoch + 1) << PFN_BITS | the first pfn not yet covered
+
+    def __init__(self, hashes: np.ndarray, epoch: np.ndarray, ready, wake: list[int],
+                 covered=None) -> None:
         self.hashes = hashes    # (page_count, 32) uint8
         self.epoch = epoch      # (page_count,) uint64: epoch + 1 whose SVM_DIRTY gave the hash
         self.ready = ready      # shared int: the newest epoch whose hashes are published (or
                                 # that will have none)
         self.wake = wake        # an eventfd per digest worker, posted at each publish
+        # made here when not given: the supervisor makes this object before the fork
+        self.covered = covered if covered is not None else \
+            multiprocessing.get_context("fork").Value("Q", 0, lock=False)
 
-    def publish(self, epoch: int, pfns: np.ndarray | None, hashes: np.ndarray | None) -> None:
-        """Coordinator: the SVM's hashes for ``epoch`` (None: none will come)."""
+    def publish(self, epoch: int, pfns: np.ndarray | None, hashes: np.ndarray | None,
+                more: bool = False) -> None:
+        """Coordinator: the SVM's hashes for ``epoch`` (None: none will come); ``more``:
+        a part of them, more (of higher pfns) follow."""
         if pfns is not None and len(pfns):
             self.hashes[pfns] = hashes
             self.epoch[pfns] = epoch + 1
-        self.ready.value = epoch
+        if more:
+            bound = int(pfns.max()) + 1 if pfns is not None and len(pfns) else 0
+            self.covered.value = (epoch + 1) << self.PFN_BITS | bound
+        else:
+            self.ready.value = epoch
         for fd in self.wake:
             os.eventfd_write(fd, 1)
+
+    def covers(self, epoch: int, max_pfn: int) -> bool:
+        """Are all of ``epoch``'s hashes of pfns up to ``max_pfn`` here?"""
+        if self.ready.value >= epoch:
+            return True
+        c = self.covered.value
+        return c >> self.PFN_BITS == epoch + 1 and max_pfn < c & ((1 << self.PFN_BITS) - 1)
 
     def same(self, epoch: int, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Which of the pages (pfns, their PVM hashes) the SVM holds as they are."""

@@ -137,7 +137,7 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
     def waits(item) -> bool:
         slot, _, nonzero = item
         return (nonzero is not None and svm is not None and bool(slot.marks & MARK_BUFFERED)
-                and svm.ready.value < slot.epoch)
+                and not svm.covers(slot.epoch, int(slot.pfns[:slot.count].max())))
 
     def take(slot: Slot) -> bool:
         """Hash a new input slot into a fresh output slot and hold it."""
@@ -179,7 +179,11 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         pages = pages_of(slot)
         on = compress == "lz4" or (compress == "auto" and bool(decision.value))
         lz4_stats[:] = (0, 0, 0)
-        sv = svm if svm is not None and svm.ready.value >= slot.epoch else None
+        # the SVM's hashes of this epoch as far as they came (every pfn of a batch that
+        # waited; an SVM page is one whose hash came for this epoch: SvmPages.same)
+        sv = svm
+        if sv is not None and slot.marks & MARK_BUFFERED and sv.ready.value < slot.epoch:
+            c.add("svm_early_batches", 1)      # on a part of SVM_DIRTY, the rest to come
         unhashed = out.batch_flags & wire.PAGES_UNHASHED
         nbytes, packed, counts = encode_hashed(slot.pfns[:n], pages, nonzero,
                                                None if unhashed else table,
