@@ -16,8 +16,9 @@ frames to the comparator, the sequence offsets learnt on that host.
 
 The client sends requests continuously on one TCP connection. Mid-stream every process
 of the primary host is killed (the comparator and the PVM's server) and its namespaces
-are deleted (its links go down); the redirector fails over (as the node's takeover
-would tell it; here SIGUSR1, QEMU's ``x-colo-lost-heartbeat``): the SVM's interface is
+are deleted (its links go down); the redirector fails over (SIGUSR1, QEMU's
+``x-colo-lost-heartbeat``; here the test sends it, as there is no node: the node's takeover
+sending it is test_the_nodes_takeover_tells_the_redirector): the SVM's interface is
 bridged to the clients' network. The client's stream must hold every response exactly
 once, in order, nothing missing, nothing repeated, and the connection must not break.
 """
@@ -293,3 +294,101 @@ def test_a_tcp_client_gets_every_response_once_across_the_loss_of_the_primary_ho
             assert f.read() == expected        # the SVM answered every request once
     finally:
         lab.close()
+
+
+WATCH_RARP = r'''
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+frame = s.recv(2048)
+print(frame[6:12].hex(":"), flush=True)
+'''
+
+GUEST_FRAME = r'''
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+mac = bytes.fromhex(sys.argv[2].replace(":", ""))
+s.send(b"\xff" * 6 + mac + b"\x08\x00" + bytes(46))
+'''
+
+
+@_lab
+def test_the_nodes_takeover_tells_the_redirector(tmp_path):
+    """The secondary node's takeover sends the redirector its SIGUSR1 itself
+    (``failover.redirector_pid_file``): the SVM's interface goes onto the clients' network
+    and the guest's MAC is announced there (a RARP, seen on the clients' side of the
+    uplink). The redirector runs in a network namespace on real veths (svm: the SVM's
+    interface, uplink: the clients' network); the pair is two sim nodes on this machine,
+    the test plays the comparator's two streams (unix sockets)."""
+    import socket as socketlib
+
+    from test_failover import TABLES
+
+    from pipeline.localpair import LocalPair
+    ns = f"rd{os.getpid() % 10000}"
+    sh(IP, "netns", "add", ns)
+    procs: list[subprocess.Popen] = []
+    listeners = []
+    pair = None
+
+    def spawn(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen([IP, "netns", "exec", ns, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(p)
+        return p
+    try:
+        for a, b in (("g0", "s0"), ("u0", "c0")):     # guest - svm, uplink - clients
+            sh(IP, "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b)
+        sh(IP, "-n", ns, "link", "set", "g0", "address", GUEST_MAC)   # the guest's NIC
+        for a, b in (("g0", "s0"), ("u0", "c0")):
+            for dev in (a, b):
+                sh(IP, "-n", ns, "link", "set", dev, "up")
+        streams = {}
+        for name in ("mirror", "compare"):
+            path = str(tmp_path / f"{name}.sock")
+            lst = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            lst.bind(path)
+            lst.listen(1)
+            listeners.append(lst)
+            streams[name] = "unix:" + path
+        watcher = spawn(sys.executable, "-c", WATCH_RARP, "c0")
+        ready(watcher, "the RARP watcher")
+        pid_file = str(tmp_path / "redirector.pid")
+        redirector = spawn(sys.executable, "-m", "pipeline.net.redirector", "--svm", "s0",
+                           "--uplink", "u0", "--mirror-from", streams["mirror"],
+                           "--compare-to", streams["compare"], "--pid-file", pid_file)
+        conns = [lst.accept()[0] for lst in listeners]
+        ready(redirector, "redirector")
+        # the SVM's first frame: the redirector learns the guest's MAC from it and sends
+        # it to the comparator
+        subprocess.run([IP, "netns", "exec", ns, sys.executable, "-c", GUEST_FRAME, "g0",
+                        GUEST_MAC], check=True, timeout=20)
+        conns[1].settimeout(60)
+        assert conns[1].recv(4096), "the SVM's frame never reached the comparator's stream"
+        pair = LocalPair(dict(TABLES, failover={
+            "witness": "local", "witness_dir": str(tmp_path / "witness"),
+            "redirector_pid_file": pid_file}), workdir=str(tmp_path / "pair"))
+        pair.start()
+        pair.wait_protected()
+        pair.kill("primary")
+        info = pair.wait_info("role", "active", role="secondary", timeout=120)
+        assert info["redirector"] == f"SIGUSR1 sent to the redirector (pid {redirector.pid})"
+        out, _ = watcher.communicate(timeout=60)
+        assert out.split()[-1] == GUEST_MAC, out
+        redirector.send_signal(signal.SIGTERM)
+        r_out, r_err = redirector.communicate(timeout=20)
+        counters = json.loads(r_out.strip().splitlines()[-1])
+        assert counters["failovers"] == 1 and counters["announcements"] == 1, (counters, r_err)
+        assert not os.path.exists(pid_file)
+    finally:
+        if pair is not None:
+            pair.stop()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=10)
+        for lst in listeners:
+            lst.close()
+        subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)

@@ -87,6 +87,11 @@ class FailoverSettings(Section):
     lease_ttl_s: int = _f(5, "The active node's lease: it is renewed every third of this; a "
                           "node that stops renewing loses the role after it, and only then "
                           "can the other node take over.", min=2, max=3600)
+    redirector_pid_file: str = _f("", "A real guest NIC: the pid file of this host's "
+                                  "redirector (`python -m pipeline.net.redirector "
+                                  "--pid-file`); the takeover sends it SIGUSR1, which bridges "
+                                  "the SVM's interface to the clients' network. Empty: no "
+                                  "redirector (the sim guest).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

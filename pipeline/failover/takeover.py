@@ -14,6 +14,8 @@ here for everything about the role:
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,29 @@ log = logging.getLogger(__name__)
 
 class RoleLost(RuntimeError):
     """This node may no longer act as the active side (the witness or the peer says so)."""
+
+
+def signal_redirector(path: str) -> tuple[bool, str]:
+    """SIGUSR1 to the redirector whose pid file is ``path``; (sent, what happened). The
+    pid must be a running ``pipeline.net.redirector`` (a stale file's pid may be reused)."""
+    try:
+        with open(path) as fh:
+            pid = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError) as exc:
+        return False, f"no redirector pid in {path}: {exc}"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except OSError:
+        return False, f"the redirector's pid {pid} (from {path}) is not running"
+    if b"pipeline.net.redirector" not in cmdline:
+        shown = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+        return False, f"pid {pid} (from {path}) is not a redirector: {shown}"
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        return False, f"SIGUSR1 to the redirector (pid {pid}) failed: {exc}"
+    return True, f"SIGUSR1 sent to the redirector (pid {pid})"
 
 
 def peer_generation(ev: Any) -> int | None:
@@ -251,6 +276,8 @@ class SecondaryRole:
         self.active = True
         if self.domain.is_paused:
             self.domain.resume()
+        if f.redirector_pid_file:
+            self._signal_redirector(f.redirector_pid_file)
         takeover_ms = (time.monotonic() - detected) * 1000
         self.c.add("takeovers", 1)
         self.info(role="active", state="active", generation=generation,
@@ -269,6 +296,19 @@ class SecondaryRole:
                              last_epoch, generation, detect_ms, takeover_ms,
                              extra={"epoch": last_epoch})
         return True
+
+    def _signal_redirector(self, path: str) -> None:
+        """The guest is live: its interface goes onto the clients' network (the redirector
+        bridges it and announces the guest's MAC; QEMU's ``x-colo-lost-heartbeat``). A
+        redirector that cannot be told is logged and counted; the takeover stands."""
+        ok, why = signal_redirector(path)
+        self.info(redirector=why)
+        if ok:
+            self.ctx.log.warning("event=redirector_failover %s", why)
+        else:
+            self.c.add("errors", 1)
+            self.ctx.log.error("event=redirector_not_told the guest's interface stays off "
+                               "the clients' network: %s", why)
 
     def _abandon(self, last_epoch: int, detected: float, reason: str) -> None:
         """A takeover attempt given up before it committed: the primary is alive after

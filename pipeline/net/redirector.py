@@ -14,9 +14,9 @@ The offsets are learnt here, on the secondary's host, from what passes: the SVM'
 ISN + 1 (:meth:`pipeline.net.rewriter.SeqRewriter.observe_client`). That is why the
 rewriting lives on this host and not in the comparator: it must outlive the primary.
 
-**Failover** (:meth:`SecondaryRedirector.failover`; the node's takeover, or an operator,
-triggers it; the standalone process takes SIGUSR1, as QEMU takes
-``x-colo-lost-heartbeat``): the SVM's interface is bridged to the clients' network
+**Failover** (:meth:`SecondaryRedirector.failover`; the standalone process takes SIGUSR1,
+as QEMU takes ``x-colo-lost-heartbeat``: the node's takeover sends it, to the pid in
+``failover.redirector_pid_file``, which ``--pid-file`` writes; or an operator): the SVM's interface is bridged to the clients' network
 (``uplink``): client frames for the guest's MAC go into the SVM, the SVM's frames go out
 to the clients, both through the same rewriter, so a TCP connection the client opened
 with the PVM goes on with the SVM. The guest's MAC is announced (RARP, as QEMU's
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import select
 import signal
 import struct
@@ -172,18 +173,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="the comparator's secondary_in (tcp:HOST:PORT)")
     parser.add_argument("--uplink", required=True, metavar="IFNAME",
                         help="this host's interface on the clients' network (after failover)")
+    parser.add_argument("--pid-file", metavar="PATH",
+                        help="write this process's pid there once ready (removed at exit): "
+                             "the node's failover.redirector_pid_file, so its takeover "
+                             "sends the SIGUSR1")
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: r.failover())
+    if args.pid_file:
+        with open(args.pid_file + ".tmp", "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(args.pid_file + ".tmp", args.pid_file)   # whole, or not there
     print("ready", flush=True)
     try:
         r.run(stop)
     finally:
         print(json.dumps(r.counters), flush=True)
         r.close()
+        if args.pid_file:
+            try:
+                os.unlink(args.pid_file)
+            except FileNotFoundError:
+                pass
     return 0
 
 
