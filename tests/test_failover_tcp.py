@@ -26,25 +26,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from conftest import wait_until
+from netns_lab import IP, MISSING, NetnsLab, wait_ready
 from test_net_netns import CLIENT_IP, CLIENT_MAC, GUEST_IP, GUEST_MAC, SERVER, TCP_PORT
 
-IP = shutil.which("ip")
-ETHTOOL = shutil.which("ethtool")
-
 LAB = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300),
-       pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-       pytest.mark.skipif(IP is None or ETHTOOL is None, reason="needs iproute2 and ethtool")]
+       pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 REQUESTS = 3000
 KILL_AFTER = 1000
@@ -96,80 +91,33 @@ finally:
 '''
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=20)
-
-
-class TwoHostLab:
+class TwoHostLab(NetnsLab):
     """Namespaces: cli (the client), lan (the clients' switch), ph and pvm (the primary
     host and its guest), sh and svm (the secondary host and its guest)."""
 
     def __init__(self) -> None:
-        tag = f"ft{os.getpid() % 10000}"
-        self.ns = {r: f"{tag}{r}" for r in ("cli", "lan", "ph", "pvm", "sh", "svm")}
-        self.dev = {"cli": f"{tag}c", "pup": f"{tag}u", "sup": f"{tag}v",
-                    "pvm": f"{tag}p", "svm": f"{tag}s", "repl": f"{tag}r"}
-        self.procs: list[subprocess.Popen] = []
-        self.tmp = tempfile.mkdtemp(prefix="colo-ft-")
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def x(self, ns: str, *args: str) -> None:
-        sh(IP, "netns", "exec", self.ns[ns], *args)
-
-    def _veth(self, name: str, ns0: str, ns1: str) -> tuple[str, str]:
-        a, b = name + "0", name + "1"
-        sh(IP, "link", "add", a, "netns", self.ns[ns0], "type", "veth", "peer", "name", b,
-           "netns", self.ns[ns1])
-        for ns, dev in ((ns0, a), (ns1, b)):
-            self.x(ns, IP, "link", "set", dev, "up")
-            # frames are moved as read: real checksums, no merged segments
-            self.x(ns, ETHTOOL, "-K", dev, "tx", "off", "tso", "off", "gso", "off", "gro", "off")
-        return a, b
-
-    def _guest(self, ns: str, dev: str, mac: str, addr: str, peer_ip: str,
-               peer_mac: str) -> None:
-        self.x(ns, IP, "link", "set", dev, "address", mac)
-        self.x(ns, IP, "addr", "add", addr + "/24", "dev", dev)
-        # static neighbours: no ARP that only one guest would send
-        self.x(ns, IP, "neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", dev, "nud",
-               "permanent")
+        super().__init__(f"ft{os.getpid() % 10000}", ("cli", "lan", "ph", "pvm", "sh", "svm"))
 
     def _build(self) -> None:
-        for ns in self.ns.values():
-            sh(IP, "netns", "add", ns)
-        for role in self.ns:
-            self.x(role, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                   "net.ipv6.conf.default.disable_ipv6=1")
-            self.x(role, IP, "link", "set", "lo", "up")
+        t = self.tag
         self.x("lan", IP, "link", "add", "br0", "type", "bridge")
         self.x("lan", IP, "link", "set", "br0", "up")
-        cli, cli_port = self._veth(self.dev["cli"], "cli", "lan")
-        self._guest("cli", cli, CLIENT_MAC, CLIENT_IP, GUEST_IP, GUEST_MAC)
+        cli, cli_port = self.veth(t + "c", "cli", "lan", mac0=CLIENT_MAC)
+        self.guest("cli", cli, CLIENT_IP, GUEST_IP, GUEST_MAC)
         self.uplink = {}
-        for host, key in (("ph", "pup"), ("sh", "sup")):
-            up, port = self._veth(self.dev[key], host, "lan")
-            self.uplink[host] = up
-        for port in (cli_port, self.dev["pup"] + "1", self.dev["sup"] + "1"):
+        ports = [cli_port]
+        for host, key in (("ph", "u"), ("sh", "v")):
+            self.uplink[host], port = self.veth(t + key, host, "lan")
+            ports.append(port)
+        for port in ports:
             self.x("lan", IP, "link", "set", port, "master", "br0")
         self.tap = {}
-        for guest, host in (("pvm", "ph"), ("svm", "sh")):
-            inner, tap = self._veth(self.dev[guest], guest, host)
-            self._guest(guest, inner, GUEST_MAC, GUEST_IP, CLIENT_IP, CLIENT_MAC)
-            self.tap[guest] = tap
-        a, b = self._veth(self.dev["repl"], "ph", "sh")
+        for guest, host, key in (("pvm", "ph", "p"), ("svm", "sh", "s")):
+            inner, self.tap[guest] = self.veth(t + key, guest, host, mac0=GUEST_MAC)
+            self.guest(guest, inner, GUEST_IP, CLIENT_IP, CLIENT_MAC)
+        a, b = self.veth(t + "r", "ph", "sh")
         self.x("ph", IP, "addr", "add", REPL["primary"] + "/24", "dev", a)
         self.x("sh", IP, "addr", "add", REPL["secondary"] + "/24", "dev", b)
-
-    def spawn(self, ns: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([IP, "netns", "exec", self.ns[ns], *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=os.getcwd(), start_new_session=True)
-        self.procs.append(proc)
-        return proc
 
     def lose_primary_host(self, procs: list[subprocess.Popen]) -> None:
         """Every process of the primary host SIGKILLed, then its namespaces (and so its
@@ -179,25 +127,6 @@ class TwoHostLab:
             p.wait(10)
         for ns in ("ph", "pvm"):
             subprocess.run([IP, "netns", "del", self.ns[ns]], capture_output=True, timeout=20)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                proc.communicate(timeout=5)
-            except (subprocess.TimeoutExpired, ValueError):
-                pass
-        for ns in self.ns.values():
-            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def ready(proc: subprocess.Popen, what: str) -> None:
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise AssertionError(f"{what} did not start: {line!r} {proc.stderr.read()[-3000:]}")
 
 
 def _lab(test):
@@ -250,15 +179,15 @@ def test_a_tcp_client_gets_every_response_once_across_the_loss_of_the_primary_ho
         servers = {g: lab.spawn(g, sys.executable, "-c", SERVER, "-1", logs[g])
                    for g in ("pvm", "svm")}
         for g, p in servers.items():
-            ready(p, g + " server")
+            wait_ready(p, g + " server")
         comparator = lab.spawn("ph", sys.executable, "-c", COMPARATOR, lab.uplink["ph"],
                                lab.tap["pvm"], REPL["primary"])
-        ready(comparator, "comparator")
+        wait_ready(comparator, "comparator")
         redirector = lab.spawn("sh", sys.executable, "-m", "pipeline.net.redirector",
                                "--svm", lab.tap["svm"], "--uplink", lab.uplink["sh"],
                                "--mirror-from", f"tcp:{REPL['primary']}:9001",
                                "--compare-to", f"tcp:{REPL['primary']}:9000")
-        ready(redirector, "redirector")
+        wait_ready(redirector, "redirector")
         received = os.path.join(lab.tmp, "client.out")
         client = lab.spawn("cli", sys.executable, "-c", CLIENT, str(REQUESTS), received)
 
@@ -327,24 +256,13 @@ def test_the_nodes_takeover_tells_the_redirector(tmp_path):
     from test_failover import TABLES
 
     from pipeline.localpair import LocalPair
-    ns = f"rd{os.getpid() % 10000}"
-    sh(IP, "netns", "add", ns)
-    procs: list[subprocess.Popen] = []
+    # the SVM's interface g1 (its guest's NIC g0), the uplink u0 (the clients' side u1)
+    lab = NetnsLab(f"rd{os.getpid() % 10000}", ("h",))
     listeners = []
     pair = None
-
-    def spawn(*args: str) -> subprocess.Popen:
-        p = subprocess.Popen([IP, "netns", "exec", ns, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-        procs.append(p)
-        return p
     try:
-        for a, b in (("g0", "s0"), ("u0", "c0")):     # guest - svm, uplink - clients
-            sh(IP, "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b)
-        sh(IP, "-n", ns, "link", "set", "g0", "address", GUEST_MAC)   # the guest's NIC
-        for a, b in (("g0", "s0"), ("u0", "c0")):
-            for dev in (a, b):
-                sh(IP, "-n", ns, "link", "set", dev, "up")
+        lab.veth("g", "h", "h", mac0=GUEST_MAC)
+        lab.veth("u", "h", "h")
         streams = {}
         for name in ("mirror", "compare"):
             path = str(tmp_path / f"{name}.sock")
@@ -353,18 +271,17 @@ def test_the_nodes_takeover_tells_the_redirector(tmp_path):
             lst.listen(1)
             listeners.append(lst)
             streams[name] = "unix:" + path
-        watcher = spawn(sys.executable, "-c", WATCH_RARP, "c0")
-        ready(watcher, "the RARP watcher")
+        watcher = lab.spawn("h", sys.executable, "-c", WATCH_RARP, "u1")
+        wait_ready(watcher, "the RARP watcher")
         pid_file = str(tmp_path / "redirector.pid")
-        redirector = spawn(sys.executable, "-m", "pipeline.net.redirector", "--svm", "s0",
-                           "--uplink", "u0", "--mirror-from", streams["mirror"],
-                           "--compare-to", streams["compare"], "--pid-file", pid_file)
+        redirector = lab.spawn("h", sys.executable, "-m", "pipeline.net.redirector",
+                               "--svm", "g1", "--uplink", "u0", "--mirror-from", streams["mirror"],
+                               "--compare-to", streams["compare"], "--pid-file", pid_file)
         conns = [lst.accept()[0] for lst in listeners]
-        ready(redirector, "redirector")
+        wait_ready(redirector, "redirector")
         # the SVM's first frame: the redirector learns the guest's MAC from it and sends
         # it to the comparator
-        subprocess.run([IP, "netns", "exec", ns, sys.executable, "-c", GUEST_FRAME, "g0",
-                        GUEST_MAC], check=True, timeout=20)
+        lab.x("h", sys.executable, "-c", GUEST_FRAME, "g0", GUEST_MAC)
         conns[1].settimeout(60)
         assert conns[1].recv(4096), "the SVM's frame never reached the comparator's stream"
         pair = LocalPair(dict(TABLES, failover={
@@ -385,10 +302,6 @@ def test_the_nodes_takeover_tells_the_redirector(tmp_path):
     finally:
         if pair is not None:
             pair.stop()
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate(timeout=10)
         for lst in listeners:
             lst.close()
-        subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)
+        lab.close()

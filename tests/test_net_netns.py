@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
+from netns_lab import IP, MISSING, NetnsLab, wait_ready
 
 from pipeline.net.adapters import StreamClient
 from pipeline.net.control import COLO_CHECKPOINT, DO_CHECKPOINT
 
-IP = shutil.which("ip")
-ETHTOOL = shutil.which("ethtool")
-SYSCTL = shutil.which("sysctl")
-
-pytestmark = [
-    pytest.mark.root, pytest.mark.timeout(180),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(IP is None, reason="iproute2 (ip) is not installed"),
-    pytest.mark.skipif(ETHTOOL is None, reason="ethtool is needed to turn veth offloads off"),
-    pytest.mark.skipif(SYSCTL is None, reason="sysctl (procps) is needed to turn IPv6 off"),
-]
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180),
+              pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 GUEST_IP, CLIENT_IP = "10.77.0.2", "10.77.0.1"
 GUEST_MAC, CLIENT_MAC = "52:54:00:77:00:02", "52:54:00:77:00:01"
@@ -124,79 +114,21 @@ finally:
 '''
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=20)
-
-
-class Lab:
-    """The four namespaces and three veth pairs, removed again by close()."""
+class Lab(NetnsLab):
+    """cli, pvm and svm, each joined by a veth pair to mid (the comparator's namespace);
+    ``dev[role]``: (its end in role, its end in mid)."""
 
     def __init__(self) -> None:
-        tag = f"nc{os.getpid() % 100000}"
-        self.ns = {r: f"{tag}{r}" for r in ("cli", "pvm", "svm", "mid")}
-        self.dev = {"cli": (f"{tag}c0", f"{tag}c1"), "pvm": (f"{tag}p0", f"{tag}p1"),
-                    "svm": (f"{tag}s0", f"{tag}s1")}
-        self.procs: list[subprocess.Popen] = []
-        self.tmp = tempfile.mkdtemp(prefix="ncmp-netns-")
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def _exec(self, role: str, *args: str) -> None:
-        sh(IP, "netns", "exec", self.ns[role], *args)
+        super().__init__(f"nc{os.getpid() % 100000}", ("cli", "pvm", "svm", "mid"))
 
     def _build(self) -> None:
-        for ns in self.ns.values():
-            sh(IP, "netns", "add", ns)
-        for role in self.ns:
-            self._exec(role, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                       "net.ipv6.conf.default.disable_ipv6=1")
-            self._exec(role, IP, "link", "set", "lo", "up")
-        for role, (inner, outer) in self.dev.items():
-            sh(IP, "link", "add", inner, "netns", self.ns[role], "type", "veth", "peer",
-               "name", outer, "netns", self.ns["mid"])
-            mac = CLIENT_MAC if role == "cli" else GUEST_MAC
-            addr = CLIENT_IP if role == "cli" else GUEST_IP
-            peer_ip, peer_mac = (GUEST_IP, GUEST_MAC) if role == "cli" else (CLIENT_IP,
-                                                                              CLIENT_MAC)
-            self._exec(role, IP, "link", "set", inner, "address", mac, "up")
-            self._exec(role, IP, "addr", "add", addr + "/24", "dev", inner)
-            # static neighbours: no ARP probes that only one guest would send
-            self._exec(role, IP, "neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", inner,
-                       "nud", "permanent")
-            self._exec("mid", IP, "link", "set", outer, "up")
-            # full-size frames with real checksums, as a NIC would put them on the wire
-            for ns_role, dev in ((role, inner), ("mid", outer)):
-                self._exec(ns_role, ETHTOOL, "-K", dev, "tx", "off", "tso", "off", "gso",
-                           "off", "gro", "off")
-
-    def spawn(self, role: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([IP, "netns", "exec", self.ns[role], *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=os.getcwd())
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.communicate(timeout=5)
-            except (subprocess.TimeoutExpired, ValueError):
-                pass
-        for ns in self.ns.values():
-            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20, check=False)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def wait_ready(proc: subprocess.Popen, what: str) -> None:
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise RuntimeError(f"{what} did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        self.dev = {}
+        for role in ("cli", "pvm", "svm"):
+            mac, addr, peer_ip, peer_mac = ((CLIENT_MAC, CLIENT_IP, GUEST_IP, GUEST_MAC)
+                                            if role == "cli" else
+                                            (GUEST_MAC, GUEST_IP, CLIENT_IP, CLIENT_MAC))
+            self.dev[role] = self.veth(self.tag + role[0], role, "mid", mac0=mac)
+            self.guest(role, self.dev[role][0], addr, peer_ip, peer_mac)
 
 
 class Toolstack(threading.Thread):
@@ -284,14 +216,11 @@ def test_packet_socket_keeps_vlan_tags_and_skips_its_own_frames():
     # the frame (PACKET_AUXDATA); PacketSocket must put it back
     from pipeline.net.packet import parse_frame
 
-    ns = f"nc{os.getpid() % 100000}vl"
-    sh(IP, "netns", "add", ns)
+    lab = NetnsLab(f"nc{os.getpid() % 100000}", ("vl",))
     try:
-        sh(IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-           "net.ipv6.conf.default.disable_ipv6=1")
-        sh(IP, "netns", "exec", ns, IP, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        lab.x("vl", IP, "link", "add", "va", "type", "veth", "peer", "name", "vb")
         for dev in ("va", "vb"):
-            sh(IP, "netns", "exec", ns, IP, "link", "set", dev, "up")
+            lab.x("vl", IP, "link", "set", dev, "up")
         script = r"""
 import json, sys, time
 from pipeline.net import build
@@ -322,7 +251,7 @@ while not any(payload(bytes.fromhex(h)) == payload(sentinel) for h in own):
     own += [f.hex() for f, _ in a.recv(0.2)]
 print(json.dumps({"got": got, "own": own, "tagged": tagged.hex(), "plain": plain.hex()}))
 """
-        proc = subprocess.run([IP, "netns", "exec", ns, sys.executable, "-c", script],
+        proc = subprocess.run([IP, "netns", "exec", lab.ns["vl"], sys.executable, "-c", script],
                               capture_output=True, text=True, timeout=30, check=False)
         assert proc.returncode == 0, proc.stderr
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -334,4 +263,4 @@ print(json.dumps({"got": got, "own": own, "tagged": tagged.hex(), "plain": plain
         # its own injections are not read back (other traffic may be)
         assert not {r["tagged"], r["plain"]} & set(r["own"])
     finally:
-        subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20, check=False)
+        lab.close()
