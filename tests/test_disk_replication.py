@@ -207,8 +207,10 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
             dealer.send(wire.encode_seal(1, 4))
         finally:
             dealer.close(0)
+        # so both seals were handled (they have no answer), and the acked writes buffered
+        # (acked once admitted, buffered after the ack; a commit waits for that)
+        pair.secondary.commit(1)
         assert pair.secondary.stats()["counters"]["received"] == 2
-        pair.secondary.commit(1)  # so both seals were handled (they have no answer)
         assert pair.secondary.stats()["counters"]["bad_forwards"] == len(cases) + 5
         with open(os.path.join(work, "secondary.img"), "rb") as f:
             img = f.read()
@@ -448,6 +450,9 @@ def test_an_unhashed_write_is_hashed_by_the_secondary_and_survives_a_killed_stag
             assert wire.decode_ack(dealer.recv_multipart()) == [(1, 0, "")]
         finally:
             dealer.close(0)
+        # acked once admitted; hashed and buffered right after the ack
+        wait_for(lambda: pair.secondary.stats()["counters"]["received"] == 1,
+                 what="the acked write to be buffered")
         # the SVM writes the same bytes: no divergence (the secondary's digest is right)
         assert qemu_io(pair.secondary_uri, [f"write -P 0x5a {BS} {2 * BS}"]).returncode == 0
         assert pair.secondary.stats()["counters"]["divergences"] == 0
@@ -1086,3 +1091,54 @@ def test_a_full_buffer_gives_the_secondary_up_and_never_fails_a_guest_write(tmp_
         pri.close()
         if sec2 is not None:
             sec2.close()
+
+
+def test_a_write_is_acked_before_it_is_buffered_and_its_commit_waits_for_the_buffer(
+        tmp_path, monkeypatch):
+    """The secondary acks a forwarded write once it is admitted (epoch, bounds, room) and
+    buffers it (hash, append) after the ACK went, so the primary answers its guest
+    meanwhile. Held at that point (the store's append, a test hook), the guest's write
+    has completed while nothing is in the secondary's buffer; the commit of its epoch
+    waits for the append (the seal's seqs are seen only once buffered), then the images
+    are equal. Without the wait the commit would apply an epoch missing the write."""
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False)
+    held, release = threading.Event(), threading.Event()
+    append = SecondaryStore.buffer_pvm_writes
+
+    def hold_the_append(self, writes, admitted=False):
+        held.set()
+        assert release.wait(60)
+        return append(self, writes, admitted)
+
+    monkeypatch.setattr(SecondaryStore, "buffer_pvm_writes", hold_the_append)
+    committer = None
+    errors: list[BaseException] = []
+    try:
+        r = qemu_io(pri.uri, ["write -P 0x3c 128k 8k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        assert held.is_set() and sec.counters["received"] == 0   # acked, not buffered
+        assert pri.backend.wait_forwarded(1, 0)
+        pri.backend.set_epoch(2)
+
+        def commit():
+            try:
+                sec.commit(1)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                errors.append(e)
+        committer = threading.Thread(target=commit)
+        committer.start()
+        wait_for(lambda: sec.receiver.sealed.waiting_for == 1,
+                 what="the commit of epoch 1 to wait for the write's append")
+        assert sec.store.committed_epoch == 0
+        release.set()
+        committer.join(60)
+        assert not committer.is_alive() and not errors, errors
+        assert sec.store.committed_epoch == 1 and sec.counters["received"] == 1
+        assert file_hash(str(tmp_path / "secondary.img")) == \
+            file_hash(str(tmp_path / "primary.img"))
+    finally:
+        release.set()
+        if committer is not None:
+            committer.join(60)
+        pri.close()
+        sec.close()

@@ -324,23 +324,52 @@ class SecondaryStore:
         if err is not None:
             raise err
 
-    def buffer_pvm_writes(self, writes: list[ForwardedWrite]
+    def admit_pvm_writes(self, writes: list[ForwardedWrite], pending: int = 0
+                         ) -> list[StoreError | None]:
+        """Would :meth:`buffer_pvm_writes` take these writes (epoch, state, bound), as far
+        as can be told without writing them? Per write: None, or the error that refuses
+        it. Lets the receiver ack a write before its append: only the receiver appends,
+        and a commit only frees room, so an admitted write is refused later only by its
+        log file failing — which gives the replication up, acked or not. ``pending``:
+        bytes of records admitted before and not appended yet."""
+        out: list[StoreError | None] = [None] * len(writes)
+        with self._lock:
+            held = self.buffer_bytes + pending
+            for i, w in enumerate(writes):
+                adding = self.record_bytes(w)
+                try:
+                    self._admit(w.epoch, w.offset, w.length, held, adding)
+                except StoreError as e:
+                    out[i] = e
+                    continue
+                held += adding
+        return out
+
+    @staticmethod
+    def record_bytes(w: ForwardedWrite) -> int:
+        """What buffering ``w`` adds to :attr:`buffer_bytes`."""
+        return RECORD.size + (0 if w.data is None else len(w.data))
+
+    def buffer_pvm_writes(self, writes: list[ForwardedWrite], admitted: bool = False
                           ) -> list[StoreError | OSError | None]:
         """Append validated forwarded writes to their epochs' buffer logs, one pwritev per
         epoch for many of them. Per write: None, or the error that refused it (nothing of
-        a refused write is buffered)."""
+        a refused write is buffered). ``admitted``: :meth:`admit_pvm_writes` took them
+        just before (nothing but a commit, which only frees room, ran since): not checked
+        again."""
         out: list[StoreError | OSError | None] = [None] * len(writes)
         with self._lock:
             held = self.buffer_bytes
             by_epoch: dict[int, list[int]] = {}
             for i, w in enumerate(writes):
-                data_len = 0 if w.data is None else len(w.data)
-                try:
-                    self._admit(w.epoch, w.offset, w.length, held, RECORD.size + data_len)
-                except StoreError as e:
-                    out[i] = e
-                    continue
-                held += RECORD.size + data_len
+                if not admitted:
+                    data_len = 0 if w.data is None else len(w.data)
+                    try:
+                        self._admit(w.epoch, w.offset, w.length, held, RECORD.size + data_len)
+                    except StoreError as e:
+                        out[i] = e
+                        continue
+                    held += RECORD.size + data_len
                 by_epoch.setdefault(w.epoch, []).append(i)
             for epoch, todo in by_epoch.items():
                 lg = self._logs.get(epoch) or self._open_log(epoch)

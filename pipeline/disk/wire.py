@@ -153,10 +153,12 @@ def encode_forward(kind: int, epoch: int, seq: int, offset: int, length: int,
 
 
 def decode_forward_group(frames: list, export_size: int, block_size: int,
-                         committed_epoch: int) -> list[ForwardedWrite | ForwardError]:
+                         committed_epoch: int, hash_unhashed: bool = True
+                         ) -> list[ForwardedWrite | ForwardError]:
     """Validate one group (its two frames, as buffers) of a FORWARD message: per write, the
     write or the ForwardError (with ``.seq``) that refuses it. A group that cannot be
-    split into writes is one ForwardError with seq 0."""
+    split into writes is one ForwardError with seq 0. ``hash_unhashed=False``: an
+    UNHASHED write keeps that digest (hash it later with :func:`hashed`)."""
     headers, data = frames
     n, rest = divmod(len(headers), FORWARD_HEADER.size)
     if n == 0 or rest:
@@ -178,7 +180,7 @@ def decode_forward_group(frames: list, export_size: int, block_size: int,
             pos += length
         try:
             out.append(_validate(magic, kind, epoch, seq, offset, length, digest, chunk,
-                                 export_size, block_size, committed_epoch))
+                                 export_size, block_size, committed_epoch, hash_unhashed))
         except ForwardError as e:
             e.seq = seq
             out.append(e)
@@ -193,40 +195,51 @@ def refusal(status: int, message: str, seq: int) -> ForwardError:
 
 def _validate(magic: bytes, kind: int, epoch: int, seq: int, offset: int, length: int,
               digest: bytes, data: memoryview | None, export_size: int, block_size: int,
-              committed_epoch: int) -> ForwardedWrite:
-    what = f"forwarded write seq {seq} epoch {epoch} [{offset}, +{length})"
+              committed_epoch: int, hash_unhashed: bool = True) -> ForwardedWrite:
+    def what() -> str:   # (only for a refusal: formatting it per write cost a microsecond)
+        return f"forwarded write seq {seq} epoch {epoch} [{offset}, +{length})"
     if magic != FORWARD_MAGIC:
-        raise ForwardError(errno.EINVAL, f"{what}: magic {magic!r}, expected {FORWARD_MAGIC!r}")
+        raise ForwardError(errno.EINVAL, f"{what()}: magic {magic!r}, expected "
+                                         f"{FORWARD_MAGIC!r}")
     if kind not in KINDS:
-        raise ForwardError(errno.EINVAL, f"{what}: unknown kind {kind}")
+        raise ForwardError(errno.EINVAL, f"{what()}: unknown kind {kind}")
     if kind == KIND_SYNC_BEGIN:
         # a BEGIN starts a session: its epoch becomes the base of the window
         if epoch == 0:
-            raise ForwardError(errno.EINVAL, f"{what}: a sync BEGIN of epoch 0")
+            raise ForwardError(errno.EINVAL, f"{what()}: a sync BEGIN of epoch 0")
     elif epoch <= committed_epoch or epoch > committed_epoch + MAX_EPOCH_LEAD:
-        raise ForwardError(errno.ESTALE, f"{what}: wrong epoch, the last committed is "
+        raise ForwardError(errno.ESTALE, f"{what()}: wrong epoch, the last committed is "
                                          f"{committed_epoch} (accepted: {committed_epoch + 1}.."
                                          f"{committed_epoch + MAX_EPOCH_LEAD})")
     if kind in (KIND_SYNC_BEGIN, KIND_SYNC_END):
         if offset or length or (kind == KIND_SYNC_END and digest != ZERO_DIGEST):
-            raise ForwardError(errno.EINVAL, f"{what}: a sync marker with an extent")
+            raise ForwardError(errno.EINVAL, f"{what()}: a sync marker with an extent")
         return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if length == 0 or offset % block_size or length % block_size:
-        raise ForwardError(errno.EINVAL, f"{what}: not a whole number of {block_size}-byte blocks")
+        raise ForwardError(errno.EINVAL, f"{what()}: not a whole number of {block_size}-byte "
+                                         f"blocks")
     if offset + length > export_size:
-        raise ForwardError(errno.EINVAL, f"{what}: beyond the export size {export_size}")
+        raise ForwardError(errno.EINVAL, f"{what()}: beyond the export size {export_size}")
     if kind == KIND_SYNC_CHECK:
         return ForwardedWrite(kind, epoch, seq, offset, length, digest, None)
     if kind in DATA_KINDS:
         if digest == UNHASHED:
-            # a WRITE's digest is needed here (buffer log record, comparator); a SYNC's not
-            if kind == KIND_WRITE:
+            # a WRITE's digest is needed (buffer log record, comparator); a SYNC's not
+            if kind == KIND_WRITE and hash_unhashed:
                 digest = digest_of(data)
         elif digest_of(data) != digest:
-            raise ForwardError(errno.EBADMSG, f"{what}: blake3 of the data does not match")
+            raise ForwardError(errno.EBADMSG, f"{what()}: blake3 of the data does not match")
     elif digest != ZERO_DIGEST:
-        raise ForwardError(errno.EINVAL, f"{what}: ZERO with a digest")
+        raise ForwardError(errno.EINVAL, f"{what()}: ZERO with a digest")
     return ForwardedWrite(kind, epoch, seq, offset, length, digest, data)
+
+
+def hashed(w: ForwardedWrite) -> ForwardedWrite:
+    """``w`` with its blake3, if it came unhashed (decoded with ``hash_unhashed=False``)."""
+    if w.digest == UNHASHED and w.kind == KIND_WRITE:   # (_replace costs several us)
+        return ForwardedWrite(w.kind, w.epoch, w.seq, w.offset, w.length, digest_of(w.data),
+                              w.data)
+    return w
 
 
 def encode_seal(epoch: int, last_seq: int) -> bytes:
