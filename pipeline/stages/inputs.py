@@ -54,6 +54,7 @@ class OutputPort:
         self.keep = False          # to_clients: keep what could not be sent
         self.pending = b""
         self._failing = False
+        self._pollers: dict[tuple[int, bool], zmq.Poller] = {}
 
     def to_clients(self, address: str) -> None:
         """The takeover: from now on the frames go to ``address`` (this node's comparator,
@@ -86,6 +87,27 @@ class OutputPort:
                         else b"" if self.keep else f for seq, f in outs)
         if not self._send(data) and self.keep:
             self.pending = data
+
+    def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
+        """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
+        passed; whether ``sock`` is readable. A stage that slept on its input alone left
+        the guest's answers in the pipe until the next input came (at 200 requests/s, up
+        to 5 ms on every answer; the SVM's commit boundary, which releases the PVM's held
+        answers, as long). Not while frames are kept back: those are retried at the next
+        turn, not in a spin."""
+        watch = not self.pending
+        key = (id(sock), watch)
+        poller = self._pollers.get(key)
+        if poller is None:
+            poller = self._pollers[key] = zmq.Poller()
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+            if watch:
+                poller.register(io.output_fileno(), zmq.POLLIN)
+        if sock is None and not watch:
+            time.sleep(timeout_ms / 1000)
+            return False
+        return sock is not None and sock in dict(poller.poll(timeout_ms))
 
     def _send(self, data: bytes) -> bool:
         from pipeline.net.adapters import StreamClient
@@ -179,7 +201,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 else:
                     wait = 0.05 if period is None else max(0.0, min(next_at - time.monotonic(),
                                                                    0.05))
-                    injected.poll(int(wait * 1000))
+                    port.wait(io, injected, int(wait * 1000))
                     continue
             # room for the input: what the PVM consumed is kept no longer (a new secondary
             # needs only what it has not consumed); briefly, so outputs keep being read
@@ -234,11 +256,11 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
             ctx.counters.set("svm_input_seq", io.input_seq())
             if shared.active.value:
                 if shared.hold_inputs.value or rate <= 0:
-                    time.sleep(0.005)
+                    port.wait(io, None, 5)
                     continue
                 now = time.monotonic()
                 if now < next_at:
-                    time.sleep(min(next_at - now, 0.05))
+                    port.wait(io, None, max(1, int(min(next_at - now, 0.05) * 1000)))
                     continue
                 next_at = max(next_at + 1.0 / rate, now - 1.0)
                 n = io.input_head
@@ -255,7 +277,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 if ev.event == "committed" and seq >= 0:
                     io.trim_inputs(seq)
             if held is None:
-                if not inp.poll(20):
+                if not port.wait(io, inp, 20):
                     continue
                 try:
                     _epoch, seq, payload = wire.decode_input(inp.recv())
