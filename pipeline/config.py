@@ -101,6 +101,17 @@ class GuestSettings(Section):
                                 "secondary keeps its own values there and the memory proof "
                                 "(checkpoint.verify_every) skips them. Costs two reads of guest "
                                 "memory at start.")
+    input_log_slots: int = _f(16384, "sim: client inputs the guest's input log holds, "
+                              "2 KiB each, on each node (the default: 32 MiB). It stands in "
+                              "for the secondary's queue of mirrored client packets: the "
+                              "secondary keeps every input until a checkpoint past it commits "
+                              "(an SVM put back to that checkpoint replays them), and with "
+                              "outputs compared the primary asks for a checkpoint (cause "
+                              "`input_log_full`) once half of them arrived since the last "
+                              "commit: at R requests/s, every input_log_slots / 2R s. Fewer: "
+                              "those checkpoints come more often than the timer, and every "
+                              "reply produced during one waits for it.",
+                              min=16, max=1 << 17)
     dirty_log: str = _f("auto", "sim: how written pages are tracked: the kernel (userfaultfd "
                         "write-protect + PAGEMAP_SCAN), a bitmap kept by the guest, or the "
                         "kernel when it can.", choices=("auto", "uffd", "bitmap"))

@@ -110,7 +110,8 @@ def open_domain(settings: Settings) -> Domain:
                             run_length=w.run_length, mix_zero=w.mix_zero, mix_text=w.mix_text,
                             mix_random=w.mix_random, nondeterminism=w.nondeterminism,
                             fill=settings.node.role == "primary")
-        dom = make(f"{settings.node.name}-guest", g.page_count, spec, dirty_log=g.dirty_log)
+        dom = make(f"{settings.node.name}-guest", g.page_count, spec, dirty_log=g.dirty_log,
+                   input_slots=g.input_log_slots)
         dom.start(paused=settings.node.role == "secondary")
         return dom
     return make(g.domain, wake=g.xen_wake, find_xen_written=g.xen_find_written)

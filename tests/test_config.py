@@ -68,6 +68,8 @@ def test_defaults():
     w = s.guest.workload
     assert abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) < 1e-9
     assert s.checkpoint.min_interval_ms <= s.checkpoint.max_interval_ms
+    # the sim guest's input log: 16384 inputs of 2 KiB (32 MiB) on each node
+    assert s.guest.input_log_slots == 16384
     # 16 MiB of pages per ring in slots of 256 pages; a small guest gets smaller rings
     assert s.ring_slots() == 16 and s.ring_slots(page_count=1024) == 4
 
@@ -193,6 +195,10 @@ KEYED_ERRORS = [
      "an integer >= 1"),
     ("below-min-float", "[guest.workload]\ninput_rate_hz = -1.0\n",
      "guest.workload.input_rate_hz", "a number >= 0"),
+    ("input-log-too-small", "[guest]\ninput_log_slots = 8\n", "guest.input_log_slots",
+     "an integer >= 16"),
+    ("input-log-too-large", "[guest]\ninput_log_slots = 1048576\n", "guest.input_log_slots",
+     "an integer <= 131072"),
     ("above-max", "[pipeline]\nbatch_pages = 1025\n", "pipeline.batch_pages",
      "an integer <= 1024"),
     ("above-max-float", "[guest.workload]\nnondeterminism = 1.5\n",

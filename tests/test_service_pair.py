@@ -112,8 +112,11 @@ def test_buffered_outputs_wait_for_the_commit_then_go_out_in_order_and_survive_f
 
 def test_a_fast_client_makes_checkpoints_before_the_secondary_input_log_fills():
     # No timer and no dirty trigger: only the client stage's input_log_full request can
-    # checkpoint. The SVM keeps 1024 inputs until a commit; 3000 must go through.
-    pair = LocalPair(pair_tables("compare"))
+    # checkpoint. The SVM keeps 1024 inputs until a commit (guest.input_log_slots); 3000
+    # must go through.
+    tables = pair_tables("compare")
+    tables["guest"]["input_log_slots"] = 1024
+    pair = LocalPair(tables)
     try:
         pair.start()
         pair.wait_protected()
