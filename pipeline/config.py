@@ -194,6 +194,11 @@ class PipelineSettings(Section):
                          "checkpoint.dirty_threshold_pages), not into the rings.", min=0)
 
 
+#: checkpoint.max_interval_ms = 0: the timer with net.release = "compare" and "commit"
+COMPARE_TIMER_MS = 10_000
+COMMIT_TIMER_MS = 25
+
+
 @dataclass(frozen=True)
 class CheckpointSettings(Section):
     SECTION = "checkpoint"
@@ -213,9 +218,17 @@ class CheckpointSettings(Section):
                            "verify_ms). A mismatch is logged and counted "
                            "(memory_mismatches). 0: never.", min=0)
 
+    def timer_ms(self, release: str) -> int:
+        """The periodic checkpoint's interval under ``net.release`` (``max_interval_ms``,
+        or its default for that policy), never below min_interval_ms."""
+        if self.max_interval_ms:
+            return self.max_interval_ms
+        return max(self.min_interval_ms,
+                   COMMIT_TIMER_MS if release == "commit" else COMPARE_TIMER_MS)
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.min_interval_ms > self.max_interval_ms:
+        if self.max_interval_ms and self.min_interval_ms > self.max_interval_ms:
             raise SettingError("checkpoint.min_interval_ms",
                                f"{self.min_interval_ms} is above max_interval_ms "
                                f"{self.max_interval_ms}", "min_interval_ms <= max_interval_ms")
