@@ -570,7 +570,7 @@ class PrimaryCoordinator(_Coordinator):
         if pend is not None and since >= cp.min_interval_ms:
             self.pending_request = None
             return pend
-        if since >= cp.max_interval_ms:
+        if since >= cp.timer_ms(self.settings.net.release):
             return ("timer", 0)
         now = time.monotonic()
         if since >= cp.min_interval_ms and now >= self.next_dirty_check:

@@ -222,7 +222,7 @@ class SecondaryRole:
         if self.active or not protected or last_control is None:
             return False
         cp = self.settings.checkpoint
-        limit = (cp.max_interval_ms + cp.epoch_timeout_ms) / 1000
+        limit = (cp.timer_ms(self.settings.net.release) + cp.epoch_timeout_ms) / 1000
         if time.monotonic() - last_control <= limit:
             return False
         self.ctx.log.warning("event=primary_silent no control record for %.1f s", limit)
