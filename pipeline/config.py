@@ -202,7 +202,15 @@ COMMIT_TIMER_MS = 25
 @dataclass(frozen=True)
 class CheckpointSettings(Section):
     SECTION = "checkpoint"
-    max_interval_ms: int = _f(2000, "Checkpoint at least this often.", min=1)
+    max_interval_ms: int = _f(0, "Checkpoint at least this often. 0: by net.release, "
+                              f"{COMPARE_TIMER_MS} ms with \"compare\" (COLO: the outputs "
+                              "say when a checkpoint is needed; the timer bounds the dirty set, "
+                              "the disk writes the secondary buffers and the inputs an SVM "
+                              "put back to the last checkpoint replays; QEMU's COLO: 20 s), "
+                              f"{COMMIT_TIMER_MS} ms with \"commit\" (Remus-style buffering: "
+                              "every reply waits for the next commit, about half of this "
+                              "plus a commit; Remus ran at 25-40 ms). See docs/tuning.md, "
+                              "\"What clients see\".", min=0)
     min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)

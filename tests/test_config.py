@@ -67,7 +67,12 @@ def test_defaults():
                                          "heartbeat": "tcp://127.0.0.1:7403"}
     w = s.guest.workload
     assert abs(w.mix_zero + w.mix_text + w.mix_random - 1.0) < 1e-9
-    assert s.checkpoint.min_interval_ms <= s.checkpoint.max_interval_ms
+    # the timer by net.release (max_interval_ms = 0): COLO's outputs decide, buffering's
+    # replies wait for it
+    assert s.checkpoint.max_interval_ms == 0 and s.net.release == "compare"
+    assert s.checkpoint.timer_ms("compare") == config.COMPARE_TIMER_MS == 10_000
+    assert s.checkpoint.timer_ms("commit") == config.COMMIT_TIMER_MS == 25
+    assert s.checkpoint.min_interval_ms <= s.checkpoint.timer_ms("commit")
     # the sim guest's input log: 16384 inputs of 2 KiB (32 MiB) on each node
     assert s.guest.input_log_slots == 16384
     # 16 MiB of pages per ring in slots of 256 pages; a small guest gets smaller rings
@@ -191,14 +196,14 @@ KEYED_ERRORS = [
     ("wrong-type-array", "[peer]\naddress = ['tcp://a:1']\n", "peer.address", "a string"),
     ("section-not-table", "guest = 5\n", "guest", "a table"),
     ("nested-section-not-table", "[guest]\nworkload = 'x'\n", "guest.workload", "a table"),
-    ("below-min", "[checkpoint]\nmax_interval_ms = 0\n", "checkpoint.max_interval_ms",
-     "an integer >= 1"),
-    ("below-min-float", "[guest.workload]\ninput_rate_hz = -1.0\n",
-     "guest.workload.input_rate_hz", "a number >= 0"),
+    ("below-min", "[checkpoint]\nepoch_timeout_ms = 0\n", "checkpoint.epoch_timeout_ms",
+     "an integer >= 100"),
     ("input-log-too-small", "[guest]\ninput_log_slots = 8\n", "guest.input_log_slots",
      "an integer >= 16"),
     ("input-log-too-large", "[guest]\ninput_log_slots = 1048576\n", "guest.input_log_slots",
      "an integer <= 131072"),
+    ("below-min-float", "[guest.workload]\ninput_rate_hz = -1.0\n",
+     "guest.workload.input_rate_hz", "a number >= 0"),
     ("above-max", "[pipeline]\nbatch_pages = 1025\n", "pipeline.batch_pages",
      "an integer <= 1024"),
     ("above-max-float", "[guest.workload]\nnondeterminism = 1.5\n",
@@ -398,3 +403,16 @@ def test_every_section_reports_key_problem_and_expectation_apart(tmp_path):
             config.from_dict({**table, "security": {"mode": "plaintext"}}, "n.toml")
         c = loaded.value
         assert (c.path, c.key, c.problem, c.expected) == ("n.toml", key, e.problem, e.expected)
+
+
+def test_the_checkpoint_timer_follows_the_release_policy_unless_set():
+    # an explicit max_interval_ms is the timer whatever the policy
+    cp = config.CheckpointSettings(max_interval_ms=600)
+    assert cp.timer_ms("compare") == cp.timer_ms("commit") == 600
+    # 0 (the default): by policy, never below min_interval_ms, which no 0 can be under
+    cp = config.CheckpointSettings(min_interval_ms=40)
+    assert cp.timer_ms("compare") == config.COMPARE_TIMER_MS
+    assert cp.timer_ms("commit") == 40
+    s = config.from_dict({"checkpoint": {"min_interval_ms": 500}, "net": {"release": "commit"},
+                          "security": {"mode": "plaintext"}})
+    assert s.checkpoint.timer_ms(s.net.release) == 500
