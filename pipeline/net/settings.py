@@ -31,8 +31,8 @@ class NetSettings(Section):
         "(COLO), or at the commit of its epoch; a divergence asks for a checkpoint. "
         "commit: at the commit of the epoch that produced it, in order, never earlier, "
         "nothing compared (Remus-style buffering: for a guest too nondeterministic for "
-        "COLO; every reply waits for a checkpoint, so keep checkpoint.max_interval_ms "
-        "short)."), choices=("compare", "commit"))
+        "COLO; every reply waits for a checkpoint: checkpoint.max_interval_ms, 25 ms by "
+        "default with commit)."), choices=("compare", "commit"))
     compare_timeout_ms: int = _f(3000, (
         "A PVM frame unmatched this long requests a checkpoint (QEMU's default: 3000)."), min=1)
     expired_scan_ms: int = _f(100, (
