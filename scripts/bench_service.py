@@ -22,6 +22,11 @@ for the backlog while answers keep coming; ``lost`` counts requests still unansw
 ``--drain`` seconds after the last answer (it must be 0). ``completed_per_s`` counts
 answers within the sending window only: below the offered rate, the backlog grew.
 
+The nodes run with their defaults (docs/config.md; the run prints them and the JSON has
+them as ``node_settings``): colo's timer is ``checkpoint.max_interval_ms``'s default under
+``net.release = "compare"`` (10 s), buffered's the default under ``"commit"`` (25 ms);
+``--interval-ms``, ``--buffered-interval-ms``, ``--input-log-slots`` and the like override.
+
 Per row, from the nodes: checkpoints/s by cause, pages per checkpoint, commit p50/p99
 (committed checkpoints of that row) and CPU seconds of each node's process group (the
 guest included). The machine may be shared: compare modes within one run.
@@ -43,7 +48,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pipeline import config  # noqa: E402
 from pipeline.checkpoint_api import CAUSES  # noqa: E402
+from pipeline.config import COMMIT_TIMER_MS, COMPARE_TIMER_MS  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
 from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa: E402
 
@@ -90,26 +97,39 @@ def cpu_seconds(pgid: int | None) -> float:
     return total / tick
 
 
+def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -> dict:
+    """The pair's config tables in one mode: the node's defaults unless a flag overrides
+    one (a flag left at None)."""
+    interval = args.buffered_interval_ms if mode == "buffered" else args.interval_ms
+    checkpoint = {key: value for key, value in (
+        ("max_interval_ms", interval),
+        ("min_interval_ms", args.min_interval_ms),
+        ("dirty_threshold_pages", args.dirty_threshold_pages)) if value is not None}
+    guest = {"backend": "sim", "page_count": args.pages}
+    if args.input_log_slots is not None:
+        guest["input_log_slots"] = args.input_log_slots
+    net = {"primary_in": "unix:{workdir}/net-pvm.sock",
+           "secondary_in": "unix:{workdir}/net-svm.sock",
+           "outdev": "unix:{workdir}/client.sock",
+           "release": "commit" if mode == "buffered" else "compare"}
+    if args.compare_timeout_ms is not None:
+        net["compare_timeout_ms"] = args.compare_timeout_ms
+    tables = {
+        "net": net,
+        "guest": guest,
+        "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_request,
+                           "nondeterminism": nondeterminism, "input_rate_hz": 0.0},
+        "checkpoint": checkpoint,
+    }
+    return tables
+
+
 class Service:
     """One pair of nodes serving the sim guest in one mode."""
 
     def __init__(self, mode: str, nondeterminism: float, args: argparse.Namespace) -> None:
         self.mode = mode
-        interval = args.buffered_interval_ms if mode == "buffered" else args.interval_ms
-        tables = {
-            "net": {"primary_in": "unix:{workdir}/net-pvm.sock",
-                    "secondary_in": "unix:{workdir}/net-svm.sock",
-                    "outdev": "unix:{workdir}/client.sock",
-                    "release": "commit" if mode == "buffered" else "compare",
-                    "compare_timeout_ms": args.compare_timeout_ms},
-            "guest": {"backend": "sim", "page_count": args.pages},
-            "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_request,
-                               "nondeterminism": nondeterminism, "input_rate_hz": 0.0},
-            "checkpoint": {"max_interval_ms": interval, "min_interval_ms": args.min_interval_ms,
-                           "dirty_threshold_pages": max(64, args.pages // 4),
-                           "epoch_timeout_ms": 20000},
-        }
-        self.pair = LocalPair(tables)
+        self.pair = LocalPair(service_tables(mode, nondeterminism, args))
         self.client = None
         self.conn = None
 
@@ -192,6 +212,23 @@ class Service:
         self.pair.cleanup()
 
 
+def node_settings(args: argparse.Namespace) -> dict:
+    """What the nodes run with in each mode: the defaults (docs/config.md) unless a flag
+    overrides one."""
+    out = {}
+    for mode in ("colo", "buffered"):
+        tables = service_tables(mode, 0.0, args)
+        s = config.from_dict({"net": tables["net"], "guest": tables["guest"],
+                              "checkpoint": tables["checkpoint"],
+                              "security": {"mode": "plaintext"}}, f"<{mode}>")
+        out[mode] = {"timer_ms": s.checkpoint.timer_ms(s.net.release),
+                     "min_interval_ms": s.checkpoint.min_interval_ms,
+                     "dirty_threshold_pages": s.checkpoint.dirty_threshold_pages,
+                     "input_log_slots": s.guest.input_log_slots,
+                     "compare_timeout_ms": s.net.compare_timeout_ms}
+    return out
+
+
 # ------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict:
     rows = []
@@ -264,18 +301,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pages", type=int, default=8192, help="guest RAM in 4 KiB pages")
     p.add_argument("--pages-per-request", type=int, default=2,
                    help="pages the guest writes per request")
-    p.add_argument("--interval-ms", type=int, default=1000,
-                   help="checkpoint.max_interval_ms of colo (and unprotected, unused)")
-    p.add_argument("--buffered-interval-ms", type=int, default=25,
-                   help="checkpoint.max_interval_ms of buffered (Remus ran at 25-40 ms)")
-    p.add_argument("--min-interval-ms", type=int, default=10)
-    p.add_argument("--compare-timeout-ms", type=int, default=1000)
+    # every node setting below: the node's default (docs/config.md) unless given
+    p.add_argument("--interval-ms", type=int, default=None,
+                   help="checkpoint.max_interval_ms of colo (default: the node's, "
+                   f"{COMPARE_TIMER_MS} ms with net.release = compare)")
+    p.add_argument("--buffered-interval-ms", type=int, default=None,
+                   help="checkpoint.max_interval_ms of buffered (default: the node's, "
+                   f"{COMMIT_TIMER_MS} ms with net.release = commit)")
+    p.add_argument("--min-interval-ms", type=int, default=None,
+                   help="checkpoint.min_interval_ms (default: the node's)")
+    p.add_argument("--dirty-threshold-pages", type=int, default=None,
+                   help="checkpoint.dirty_threshold_pages (default: the node's)")
+    p.add_argument("--input-log-slots", type=int, default=None,
+                   help="guest.input_log_slots (default: the node's)")
+    p.add_argument("--compare-timeout-ms", type=int, default=None,
+                   help="net.compare_timeout_ms (default: the node's)")
     args = p.parse_args(argv)
     args.rates = [int(r) if r == int(r) else r for r in args.rates]
     if args.quick:
         args.rates, args.nondeterminism = [1000], [0, 0.01]
+    nodes = node_settings(args)
+    print(f"node settings: {nodes}", file=sys.stderr if args.json else sys.stdout, flush=True)
     result = run(args)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    result["node_settings"] = nodes
     result["host"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
                       "note": "figures from one run on this machine; compare modes within it"}
     if args.json:

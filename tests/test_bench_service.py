@@ -38,3 +38,15 @@ def test_quick_run_has_every_row_and_loses_no_request():
     assert all(r["comparator"]["mismatches"] == 0 for r in buffered)
     assert not any(c in r["checkpoints_by_cause"] for r in buffered
                    for c in ("net_divergence", "net_timeout"))
+    # both protected modes run with the node's defaults: each timer is the default of its
+    # release policy (colo is not given a timer the node would not have, nor buffered a
+    # longer one)
+    from pipeline.config import COMMIT_TIMER_MS, COMPARE_TIMER_MS, Settings
+    nodes = result["node_settings"]
+    assert nodes["colo"]["timer_ms"] == COMPARE_TIMER_MS
+    assert nodes["buffered"]["timer_ms"] == COMMIT_TIMER_MS
+    defaults = Settings()
+    for mode in ("colo", "buffered"):
+        assert nodes[mode]["input_log_slots"] == defaults.guest.input_log_slots
+        assert nodes[mode]["min_interval_ms"] == defaults.checkpoint.min_interval_ms
+        assert nodes[mode]["dirty_threshold_pages"] == defaults.checkpoint.dirty_threshold_pages
