@@ -849,10 +849,11 @@ class SecondaryCoordinator(_Coordinator):
             for later in parts:
                 self._send(wire.encode_svm_dirty(epoch, *part, more=True))
                 trace.point("svm_part_sent", epoch, str(len(part[0])))
-                # the rest at normal priority: at real time, hashing a 16k-page dirty set
-                # held a core for 40 ms, and the primary's coordinator (taking the parts
-                # in) and digest workers shared the other with everything else
+                # the rest boosted, not at real time: at real time, hashing a 16k-page dirty
+                # set held a core for 40 ms, and the primary's coordinator (taking the
+                # parts in) and digest workers shared the other with everything else
                 self.priority.urgent(False)
+                self.priority.boosted(True)
                 part = later
                 done.append(part[0])
             self._send(wire.encode_svm_dirty(epoch, *part))
@@ -860,6 +861,7 @@ class SecondaryCoordinator(_Coordinator):
             dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
         finally:
             self.priority.urgent(False)
+            self.priority.boosted(False)
         faults.point("secondary.begin")
         # 2. the restore stage applies e the moment it is assembled (no round trip through
         # here in between); a torn e is rolled back instead

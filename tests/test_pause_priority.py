@@ -45,3 +45,19 @@ def test_refused_real_time_falls_back_quietly(monkeypatch):
     p.urgent(True)
     p.urgent(False)
     assert calls == [os.SCHED_FIFO] and not p.allowed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice needs root or CAP_SYS_NICE")
+@pytest.mark.root
+def test_boosted_raises_the_share_and_gives_it_back():
+    """The rest of the secondary's BEGIN answer (hashing past the first part of SVM_DIRTY):
+    normal scheduling at nice BOOST_NICE, then the nice it had."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    p = PausePriority(True)
+    try:
+        p.boosted(True)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == PausePriority.BOOST_NICE
+        assert _policy() == os.SCHED_OTHER
+    finally:
+        p.boosted(False)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before

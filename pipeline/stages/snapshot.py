@@ -36,9 +36,24 @@ class PausePriority:
     other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 2,
     stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
 
+    BOOST_NICE = -10    # boosted: 9x the CPU share of a nice-0 task, never all of a core
+
     def __init__(self, wanted: bool) -> None:
         self.allowed = wanted and hasattr(os, "sched_setscheduler")
         self.normal = os.sched_getparam(0) if self.allowed else None
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0) if self.allowed else 0
+
+    def boosted(self, on: bool) -> None:
+        """Normal scheduling with a larger share (nice BOOST_NICE), for critical-path work
+        too long to hold a core at real time (the secondary hashing a large SVM dirty set:
+        at real time it starved the primary's coordinator on a 2-core machine; at normal
+        priority a loaded machine gave it a sixteenth of a core)."""
+        if not self.allowed:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, self.BOOST_NICE if on else self.nice)
+        except OSError:
+            pass
 
     def urgent(self, on: bool) -> None:
         if not self.allowed:
