@@ -248,7 +248,13 @@ def test_compare_off_counts_divergences_without_requesting():
     assert counters["divergences"] == 3 and requests == []
 
 
-def test_slow_secondary_holds_acks_a_dead_one_fails_writes_until_unprotected(tmp_path, rundir):
+def test_a_slow_secondary_holds_acks_and_a_dead_one_never_fails_a_guest_write(tmp_path, rundir):
+    """A stopped secondary holds the guest's writes (back-pressure: none is answered before
+    the secondary has it) until it runs again. One that stays stopped past the forward
+    timeout does not fail the write either (its guest's filesystem would go read-only):
+    it is answered from the primary's image alone, counted (the secondary cannot commit
+    its epoch without it); and once the coordinator unprotects, waiting writes complete
+    at once and nothing is forwarded."""
     work = str(tmp_path / "disks")
     with start_disk_pair(work, SIZE, rundir=rundir, compare="off", forward_window=2,
                          forward_timeout_ms=4000) as pair:
@@ -269,9 +275,10 @@ def test_slow_secondary_holds_acks_a_dead_one_fails_writes_until_unprotected(tmp
             assert pair.primary.stats()["counters"]["forwarded"] == 16
             os.kill(secondary.pid, signal.SIGSTOP)
             t0 = time.monotonic()
-            r = qemu_io(pair.primary_uri, ["write -P 3 0 4k"])
-            assert time.monotonic() - t0 >= 3.5
-            assert "Input/output error" in r.stdout + r.stderr
+            r = qemu_io(pair.primary_uri, ["write -P 3 0 4k", "read -P 3 0 4k"])
+            assert time.monotonic() - t0 >= 3.5      # it waited for the ack that never came
+            assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+            assert "Pattern verification failed" not in r.stdout
             assert pair.primary.stats()["counters"]["forward_errors"] >= 1
             # the coordinator declares the secondary lost: the waiting write completes
             writes = pair.primary.stats()["counters"]["writes"]
@@ -1140,5 +1147,40 @@ def test_a_write_is_acked_before_it_is_buffered_and_its_commit_waits_for_the_buf
         release.set()
         if committer is not None:
             committer.join(60)
+        pri.close()
+        sec.close()
+
+
+def test_a_write_the_secondary_never_took_succeeds_and_its_epoch_never_commits(
+        tmp_path, monkeypatch):
+    """The forwarding socket refuses a burst (zmq.Again: the secondary took nothing for the
+    forward timeout; mocked: a stand-in for PrimaryLink._send_outbox leaves the first
+    burst as its zmq.Again branch does, the one way to cause it on demand):
+    the guest's write succeeds from the primary's image (counted in forward_errors), and
+    the secondary, which never saw its seq, refuses to commit its epoch (the seal covers
+    it): it can never pass for a copy of the primary without the write."""
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False, forward_timeout_ms=500)
+    real_send = primary_module.PrimaryLink._send_outbox
+    refused: list[bool] = []
+
+    def refuse_the_first_burst(self):
+        if not refused:
+            refused.append(True)
+            self._send_failed += self._outbox_seqs     # what zmq.Again leaves behind
+            self._outbox, self._outbox_seqs, self._outbox_bytes = [], [], 0
+            return
+        real_send(self)
+
+    monkeypatch.setattr(primary_module.PrimaryLink, "_send_outbox", refuse_the_first_burst)
+    try:
+        r = qemu_io(pri.uri, ["write -P 0x2d 256k 4k", "read -P 0x2d 256k 4k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        assert refused and pri.counters["forward_errors"] == 1
+        assert pri.backend.wait_forwarded(1, 10)          # nothing left in flight
+        pri.backend.set_epoch(2)
+        with pytest.raises(StoreError, match=r"sealed, seen only up to 0"):
+            sec.commit(1)
+        assert sec.store.committed_epoch == 0
+    finally:
         pri.close()
         sec.close()

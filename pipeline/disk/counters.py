@@ -28,7 +28,9 @@ COUNTER_NAMES = {
     "forwarded": "writes acknowledged by the secondary (primary side)",
     "forward_latency_ns": "sum of forward round trips, ns (primary side)",
     "forward_latency_max_ns": "largest forward round trip, ns (primary side)",
-    "forward_errors": "writes failed because the secondary refused or timed out",
+    "forward_errors": "writes the secondary refused (failed with EIO), or did not take or "
+                      "ack within disk.forward_timeout_ms (answered from the primary's image "
+                      "alone: the secondary cannot commit their epoch without them)",
     "forward_stalls": "times a connection stopped reading: forward window full",
     "received": "forwarded writes accepted into the buffer (secondary side)",
     "given_up": "forwarded writes acked without being buffered: the buffer's bound was "

@@ -722,8 +722,9 @@ class PrimaryLink:
                 self.socket.send(frame, zmq.SNDMORE if i < len(frames) - 1 else 0,
                                  copy=len(frame) < FORWARD_ZERO_COPY_MIN)
         except zmq.Again:
-            log.error("primary disk: the secondary took nothing for %d ms; failing %d writes",
-                      self.b.settings.forward_timeout_ms, len(seqs))
+            log.error("primary disk: the secondary took nothing for %d ms; %d writes are "
+                      "answered from our image alone (the secondary cannot commit their "
+                      "epoch without them)", self.b.settings.forward_timeout_ms, len(seqs))
             self._send_failed += seqs
 
     def completions(self, now_ns: int) -> list[tuple[int, int]]:
@@ -737,12 +738,11 @@ class PrimaryLink:
         for seq in self._late:
             self._finish_if_done(seq, self._pending[seq], done)
         self._late.clear()
-        for seq in self._send_failed:
+        for seq in self._send_failed:   # (never sent: see _unreplicated)
             p = self._pending[seq]
             p.forwarded = True
             self.b._track(p.epoch, -1)
             self.b.counters.add("forward_errors")
-            p.error = P.EIO
             self._finish_if_done(seq, p, done)
         self._send_failed.clear()
         while self._local_done:
@@ -776,7 +776,11 @@ class PrimaryLink:
                 latency = now - p.sent
                 latency_sum += latency
                 latency_max = max(latency_max, latency)
-                if status:
+                if status and seq < self.b.session_seq:
+                    # another session's write, refused by the secondary of the new one:
+                    # the new session's sync reads our image after it, so carries it
+                    ok += 1
+                elif status:
                     log.error("primary disk: the secondary refused write seq %d: %s",
                               seq, reason)
                     self.b.counters.add("forward_errors")
@@ -805,13 +809,22 @@ class PrimaryLink:
                 self.b._track(p.epoch, -1)
                 self._finish_if_done(seq, p, done)
             elif not p.forwarded and now_ns - p.sent > self._timeout_ns:
-                self._acked(p, now_ns)
-                self.b.counters.add("forward_errors")
-                log.error("primary disk: no ack for write seq %d (epoch %d) within %d ms",
-                          seq, p.epoch, self.b.settings.forward_timeout_ms)
-                p.error = P.EIO
+                self._unreplicated(seq, p, now_ns)
                 self._finish_if_done(seq, p, done)
         return done
+
+    def _unreplicated(self, seq: int, p: _Pending, now_ns: int) -> None:
+        """No ack for write ``seq`` within the forward timeout: the guest's write succeeds
+        all the same (it is in our image; failing it would make the guest's filesystem go
+        read-only for a fault of the replication). Safe: the secondary commits the
+        write's epoch only once it has seen every seq sealed into it, so it either gets
+        this write late (and acks it: ignored) or never commits that epoch (it stops as
+        stale, the pair goes unprotected, a new sync carries the write)."""
+        self._acked(p, now_ns)
+        self.b.counters.add("forward_errors")
+        log.error("primary disk: no ack for write seq %d (epoch %d) within %d ms; answered "
+                  "from our image alone (the secondary cannot commit epoch %d without it)",
+                  seq, p.epoch, self.b.settings.forward_timeout_ms, p.epoch)
 
     def _acked(self, p: _Pending, now_ns: int) -> None:
         p.forwarded = True

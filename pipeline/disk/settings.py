@@ -59,8 +59,10 @@ class DiskSettings(Section):
         'Forwarded writes in flight per NBD connection before the primary stops reading '
         'new requests (back-pressure on the guest when the secondary is slow).'), min=1, max=4096)
     forward_timeout_ms: int = _f(10_000, (
-        "How long the primary waits for the secondary's ack before failing a write with "
-        'EIO.'), min=1)
+        "How long the primary waits for the secondary's ack of a write. Past it the "
+        "guest's write succeeds from the primary's image alone (counted in "
+        "forward_errors); the secondary cannot commit that write's epoch without it, so "
+        'it ends stale unless the write reaches it late.'), min=1)
     compare: str = _f("checkpoint", (
         '``"off"``: never compare write streams; ``"checkpoint"``: a divergence requests '
         'one.'), choices=COMPARE_MODES)
