@@ -24,8 +24,8 @@ from pipeline.disk import nbd_protocol as P
 from pipeline.disk.nbd_client import NbdClient
 from pipeline.disk.progress import SyncBar, sync_progress
 from pipeline.localpair import HostPair, LocalPair, PairError, free_port_base
-from pipeline.service_client import ServiceClient
-from pipeline.stages.inputs import INJECT_SOCKET
+from pipeline.service_client import AnswerStream, RequestLoad, ServiceClient
+from pipeline.stages.inputs import INJECT_SOCKET, inject_address
 
 
 def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
@@ -63,7 +63,11 @@ def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
                     "memories equal (JSON: failovers, reprotected_ms, memory_equal); with "
                     "--disk-mb the disk too: the survivor's guest writes on, the host that "
                     "comes back gets an incremental disk sync, the images are compared "
-                    "(disk_equal, disk_sync_bytes per cycle)")
+                    "(disk_equal, disk_sync_bytes per cycle). The demo's client follows the "
+                    "service to each survivor, sends the requests whose answers did not come "
+                    "again, and checks that every request got exactly one answer (JSON: "
+                    "client_requests, client_answers, client_sent_again, "
+                    "client_exactly_once)")
     sp.add_argument("--failovers", type=int, default=1, metavar="N",
                     help="with --rejoin: this many cycles (kill the primary, rejoin)")
 
@@ -99,10 +103,9 @@ def run_demo(args: argparse.Namespace) -> bool:
                 "export": f"unix:{{workdir}}/{role}-disk.nbd"}
     if args.rejoin:
         # two hosts with node.role = "auto", so the lost one can come back; the same
-        # config shape on both, so the client stage of whichever is primary feeds the
-        # guest (no demo client: it would follow one host's injection socket)
-        tables["guest.workload"]["input_rate_hz"] = args.input_rate
-        del tables["net"]["outdev"]
+        # config shape on both: the demo's client (AcrossFailoversClient) sends its
+        # requests to whichever is primary and reads the answers on the outdev path both
+        # serve in turn
         role_tables = None
         if args.disk_mb:   # each host its own image and export; the forwarding link
             # follows the secondary's address (role auto)
@@ -136,7 +139,8 @@ def run_demo(args: argparse.Namespace) -> bool:
         # with a disk the first checkpoint waits for its initial sync: a bar on a terminal
         _wait_protected(pair, sys.stdout if args.disk_mb and not args.json else None)
         node = pair.node(pair.primary_host())
-        client = NoClient() if args.rejoin else DemoClient(pair, args.input_rate)
+        client = (AcrossFailoversClient(pair, args.input_rate) if args.rejoin
+                  else DemoClient(pair, args.input_rate))
         if args.disk_mb:
             disk_driver = GuestDiskDriver(
                 os.path.join(pair.workdir, f"{pair.primary_host()}-disk.nbd"),
@@ -167,7 +171,8 @@ def run_demo(args: argparse.Namespace) -> bool:
                         f"{s['bytes_sent'] / 1e6:8.2f} MB  causes {s['causes']}")
                 print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
             time.sleep(period)
-        client_figures = client.stop()
+        # (--rejoin: the client goes on through the failovers; its figures come after them)
+        client_figures = {} if args.rejoin else client.stop()
         if disk_driver is not None:
             disk_driver.stop()
         # The proof: one more checkpoint where both sides hash all of guest memory while
@@ -178,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> bool:
                        pvm_digest=info["pvm_digest"], svm_digest=info["svm_digest"],
                        dirty_log=info.get("dirty_log", ""), duration_s=args.duration,
                        **client_figures)
-        ok = client_figures["client_lost"] == 0
+        ok = client_figures.get("client_lost", 0) == 0
         ok = ok and info["memory_equal"]
         if disk_driver is not None:
             # the disk committed with that checkpoint, and nothing was written since
@@ -191,6 +196,8 @@ def run_demo(args: argparse.Namespace) -> bool:
         if args.kill_primary_after is not None and ok and args.rejoin:
             summary.update(_demo_rejoin(pair, args))
             ok = summary["memory_equal"] and summary.get("disk_equal", True)
+            summary.update(client.stop())
+            ok = ok and summary["client_exactly_once"]
         elif args.kill_primary_after is not None and ok:
             summary.update(_demo_failover(pair, args))
             ok = bool(summary.get("failover_ok"))
@@ -214,30 +221,62 @@ def run_demo(args: argparse.Namespace) -> bool:
         print(f"checkpoints {summary.get('checkpoints')}  causes {summary.get('causes')}  "
               f"pause p50/p99 {summary.get('pause_ms_p50')}/{summary.get('pause_ms_p99')} ms  "
               f"bytes sent {summary.get('bytes_sent')}")
-        print(f"client: {summary.get('client_answers')} of {summary.get('client_requests')} "
-              f"requests answered, latency p50/p99 {summary.get('client_latency_ms_p50')}/"
-              f"{summary.get('client_latency_ms_p99')} ms (the comparator added p50/p99 <= "
-              f"{summary.get('net_added_ms_p50')}/{summary.get('net_added_ms_p99')} ms)")
+        if args.rejoin:
+            print(f"client: {summary.get('client_answers')} of "
+                  f"{summary.get('client_requests')} requests answered across the failovers "
+                  f"({summary.get('client_sent_again')} sent again, "
+                  f"{summary.get('client_duplicates')} answers received twice, the same "
+                  f"bytes); exactly one answer each: {summary.get('client_exactly_once')}")
+        else:
+            print(f"client: {summary.get('client_answers')} of "
+                  f"{summary.get('client_requests')} requests answered, latency p50/p99 "
+                  f"{summary.get('client_latency_ms_p50')}/"
+                  f"{summary.get('client_latency_ms_p99')} ms (the comparator added p50/p99 "
+                  f"<= {summary.get('net_added_ms_p50')}/{summary.get('net_added_ms_p99')} ms)")
         print(f"memory of SVM == PVM at the last committed checkpoint "
               f"(epoch {summary.get('final_epoch')}): {summary['memory_equal']}")
     return ok
 
 
-class NoClient:
-    """--rejoin: the nodes' own client stages feed the guest; nothing to time."""
+class AcrossFailoversClient:
+    """--rejoin: the service's client across the failovers
+    (:class:`pipeline.service_client.RequestLoad`, ``rate`` requests a second, the guest's
+    only input): it follows the service to each survivor and sends again the requests
+    whose answers did not come; at the end every request must have exactly one answer."""
+
+    def __init__(self, pair: HostPair, rate: float) -> None:
+        stream = AnswerStream([f"unix:{pair.workdir}/client.sock"], timeout=120,
+                              inject=[inject_address(pair.run_dir(h)) for h in pair.HOSTS])
+        self.pair, self.load = pair, RequestLoad(stream, rate)
+        self.load.start()
 
     def check(self) -> None:
-        pass
+        try:
+            self.load.count()
+        except ConnectionError as exc:
+            raise PairError(str(exc)) from None
 
     def latency_ms(self) -> tuple[float, float]:
-        return 0.0, 0.0
+        return 0.0, 0.0          # (not timed: bench_service measures the latency)
 
     def halt(self) -> None:
-        pass
+        self.load.close()
 
     def stop(self) -> dict:
-        return {"client_requests": 0, "client_answers": 0, "client_lost": 0,
-                "client_latency_ms_p50": None, "client_latency_ms_p99": None}
+        """Stop sending, wait until every request was answered; the figures."""
+        try:
+            self.load.finish(check=self.pair.check_alive)
+        except (TimeoutError, ConnectionError) as exc:
+            raise PairError(str(exc)) from None
+        finally:
+            self.halt()
+        s = self.load.stream
+        problems = self.load.check_exactly_once()
+        return {"client_requests": s.sent, "client_answers": len(s.seqs),
+                "client_lost": s.sent - len(s.seqs), "client_sent_again": s.retransmits,
+                "client_duplicates": s.duplicates, "client_exactly_once": not problems,
+                "client_problems": problems, "client_latency_ms_p50": None,
+                "client_latency_ms_p99": None}
 
 
 class DemoClient:

@@ -1163,7 +1163,8 @@ class _Guest:
             return "new", b""
         at = self.cache_at + (number % self.cache_entries) * _CACHE_SLOT
         magic, c, n, length = _CACHE_HEAD.unpack_from(self._ram_bytes, at)
-        if magic != _CACHE_MAGIC or c != client or n < number:
+        if (magic != _CACHE_MAGIC or c != client or n < number
+                or length > _CACHE_SLOT - _CACHE_HEAD.size):
             return "new", b""
         if n > number:
             return "refused", b""
