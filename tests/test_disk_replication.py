@@ -3,6 +3,7 @@
 a real CheckpointBus."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,7 +30,8 @@ from pipeline.disk.primary import InitialSync
 from pipeline.disk.progress import SYNC_FAILED
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import SecondaryStore, StoreError
-from pipeline.stages.disk import PrimaryDisk, SecondaryDisk, start_disk_pair
+from pipeline.stages.disk import (DiskControlError, PrimaryDisk, SecondaryDisk,
+                                  start_disk_pair)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,
                                 reason="qemu-io/qemu-img (Debian qemu-utils) are not installed")
@@ -152,6 +154,11 @@ def test_secondary_image_is_the_primary_at_each_checkpoint(tmp_path, rundir):
 
 
 def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rundir):
+    """Every malformed forwarded write is refused with its errno and a reason naming what is
+    wrong, counted, and nothing of it applied. The primary's image has the real write and
+    ours never will: the secondary gives the replication up (no commit from the next epoch
+    on; it ends stale) rather than commit an epoch without it. Writes after that are
+    acked as given up and not buffered."""
     work = str(tmp_path / "disks")
     ctx = zmq.Context.instance()
     # no initial sync: this test is the only sender of seqs
@@ -191,7 +198,8 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
                 assert reason, name
             assert "epoch" in send(cases["stale epoch"])[2]
             assert "blake3" in send(cases["bad hash"])[2]
-            assert send(msg)[:2] == (1, 0)
+            seq, status, reason = send(msg)       # (the replication was given up already)
+            assert (seq, status) == (1, 0) and reason.startswith("given up: "), reason
             # one message carrying several writes: each is judged on its own
             second = wire.encode_forward(wire.KIND_WRITE, 1, 2, BS, BS, b"H" * BS)
             bad = tamper(wire.encode_forward(wire.KIND_WRITE, 1, 3, 2 * BS, BS, b"I" * BS),
@@ -202,20 +210,22 @@ def test_bad_forwarded_writes_are_refused_counted_and_not_applied(tmp_path, rund
             acks = wire.decode_ack(dealer.recv_multipart())
             assert [(seq, status != 0) for seq, status, _r in acks] == \
                 [(2, False), (3, True), (4, True)]
+            assert acks[0][2].startswith("given up: ")      # (given up: not buffered)
             dealer.send(wire.SEAL_MAGIC + bytes(8))  # a seal of the wrong size
             # epoch 1 ends at seq 4 (refused writes count as seen: they failed already)
             dealer.send(wire.encode_seal(1, 4))
         finally:
             dealer.close(0)
-        # so both seals were handled (they have no answer), and the acked writes buffered
-        # (acked once admitted, buffered after the ack; a commit waits for that)
-        pair.secondary.commit(1)
-        assert pair.secondary.stats()["counters"]["received"] == 2
-        assert pair.secondary.stats()["counters"]["bad_forwards"] == len(cases) + 5
+        # both seals handled (they have no answer): the commit does not wait, it refuses
+        with pytest.raises(DiskControlError, match=r"GivenUp: commit\(1\): forwarded "
+                                                   r"write seq 1 of epoch 1 could not be "
+                                                   r"buffered \(refused: forwarded write"):
+            pair.secondary.commit(1)
+        counters = pair.secondary.stats()["counters"]
+        assert counters["received"] == 0 and counters["given_up"] == 2
+        assert counters["bad_forwards"] == len(cases) + 5
         with open(os.path.join(work, "secondary.img"), "rb") as f:
-            img = f.read()
-        assert img[:BS] == good and img[BS:2 * BS] == b"H" * BS
-        assert img[2 * BS:] == bytes(SIZE - 2 * BS)
+            assert f.read() == bytes(SIZE)       # nothing of any of them applied
 
 
 def test_divergent_svm_write_requests_a_checkpoint(tmp_path, rundir):
@@ -1179,6 +1189,42 @@ def test_a_write_the_secondary_never_took_succeeds_and_its_epoch_never_commits(
         assert pri.backend.wait_forwarded(1, 10)          # nothing left in flight
         pri.backend.set_epoch(2)
         with pytest.raises(StoreError, match=r"sealed, seen only up to 0"):
+            sec.commit(1)
+        assert sec.store.committed_epoch == 0
+    finally:
+        pri.close()
+        sec.close()
+
+
+def test_a_write_the_secondary_refuses_succeeds_and_the_secondary_gives_up(
+        tmp_path, monkeypatch):
+    """The secondary refuses a forwarded write of its session (mocked: the first write's
+    decoding says its blake3 does not match, as a corrupted forward would): the guest's
+    write succeeds from the primary's image (counted in forward_errors: EIO before), and
+    the secondary gives the replication up: its commit refuses naming the write instead
+    of committing an epoch without it."""
+    from pipeline.disk.store import GivenUp
+    pri, sec = _in_process_pair(tmp_path, initial_sync=False)
+    decode = wire.decode_forward_group
+    spoiled: list[int] = []
+
+    def spoil_the_first_write(frames, *args, **kwargs):
+        out = decode(frames, *args, **kwargs)
+        if not spoiled and out and not isinstance(out[0], wire.ForwardError):
+            spoiled.append(out[0].seq)
+            out[0] = wire.refusal(errno.EBADMSG, f"forwarded write seq {out[0].seq}: blake3 "
+                                                 f"of the data does not match", out[0].seq)
+        return out
+
+    monkeypatch.setattr(wire, "decode_forward_group", spoil_the_first_write)
+    try:
+        r = qemu_io(pri.uri, ["write -P 0x4e 512k 4k", "write -P 0x4f 1M 4k",
+                              "read -P 0x4e 512k 4k"])
+        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+        assert spoiled == [1] and pri.counters["forward_errors"] == 1
+        assert pri.backend.wait_forwarded(1, 10)
+        pri.backend.set_epoch(2)
+        with pytest.raises(GivenUp, match=r"seq 1 of epoch 1 could not be buffered \(refused"):
             sec.commit(1)
         assert sec.store.committed_epoch == 0
     finally:

@@ -781,10 +781,12 @@ class PrimaryLink:
                     # the new session's sync reads our image after it, so carries it
                     ok += 1
                 elif status:
-                    log.error("primary disk: the secondary refused write seq %d: %s",
-                              seq, reason)
+                    # the guest's write stands (our image has it); a secondary that
+                    # refuses one of its session's writes gives the replication up (it
+                    # commits no epoch from there on), so it never passes for our copy
+                    log.error("primary disk: the secondary refused write seq %d: %s; "
+                              "answered from our image alone", seq, reason)
                     self.b.counters.add("forward_errors")
-                    p.error = P.EIO
                 else:
                     ok += 1
                     if reason:   # acked, not buffered: the secondary gave the pair up

@@ -269,7 +269,7 @@ class ForwardReceiver(threading.Thread):
         # unhashed writes are hashed once acked (_buffer_group): not on the round trip
         decoded = wire.decode_forward_group([headers, data], self.store.size, self.store.block,
                                             self.store.committed_epoch, hash_unhashed=False)
-        valid, sync = [], False
+        valid, sync, other_session = [], False, set()
         for i, w in enumerate(decoded):
             if isinstance(w, wire.ForwardError):
                 continue
@@ -277,6 +277,7 @@ class ForwardReceiver(threading.Thread):
                 decoded[i] = wire.refusal(errno.ESTALE, f"forwarded write seq {w.seq}: from "
                                           f"before this sync (BEGIN seq "
                                           f"{self.session_begin})", w.seq)
+                other_session.add(w.seq)
                 continue
             sync = sync or w.kind in wire.SYNC_KINDS
             valid.append(w)
@@ -289,6 +290,8 @@ class ForwardReceiver(threading.Thread):
         for w in decoded:
             if isinstance(w, wire.ForwardError):
                 answers.append(self._refuse(w.seq, w.status, str(w)))
+                if w.seq and w.seq not in other_session:
+                    self._refused(w.seq, str(w))
                 continue
             err = next(outcome)
             if err is None:
@@ -299,8 +302,20 @@ class ForwardReceiver(threading.Thread):
                 answers.append(self._give_up(w, err))
             else:
                 answers.append(self._refuse(w.seq, P.EIO, str(err)))
+                self._refused(w.seq, str(err))
         self._admitted.append((answers, admitted))
         return answers
+
+    def _refused(self, seq: int, reason: str) -> None:
+        """A write of this session refused (malformed, or not admissible): the primary's
+        image has it, ours never will, and it counts as seen (waiting for it would hold
+        every later commit). So no commit from the next epoch on succeeds here (the
+        replication is given up: this secondary ends stale, a new sync fills it), rather
+        than one committing the epoch without the write: a silent difference."""
+        epoch = self.store.committed_epoch + 1
+        if self.store.give_up(epoch, seq, f"refused: {reason}"):
+            log.error("secondary disk: refused forwarded write seq %d (%s): replication "
+                      "given up from epoch %d (this secondary ends stale)", seq, reason, epoch)
 
     def _buffer_admitted(self) -> None:
         """Buffer (hash, append) and compare the writes :meth:`_admit_group` admitted (and
