@@ -895,7 +895,11 @@ class SecondaryCoordinator(_Coordinator):
             applied, input_seq = reply.pages, reply.input_seq
         else:
             reason = reply.reason
-        if not begin.flags & wire.FLAG_SYNC or self.svm_started:
+        # The SVM starts with the first checkpoint that commits. A torn first checkpoint
+        # leaves it paused, never run: it has no vCPU state to go on from (resumed, a sim
+        # guest asked its mirror for input 0, long trimmed: InputLogEntryGone), and the
+        # primary syncs it again (a full sync is accepted while the SVM never ran)
+        if self.svm_started or committed and not begin.flags & wire.FLAG_SYNC:
             if not self.svm_started:
                 self.domain.enable_dirty_log()
                 self.svm_started = True

@@ -95,8 +95,8 @@ class Restore:
         self.staged_from_cache = np.zeros(pc, bool)
         self.staged_from_svm = np.zeros(pc, bool)      # SVM pages: the SVM holds them
         self.staged_written = np.zeros(pc, bool)       # already in the SVM and the cache
-        # False until the SVM may have run: a paused checkpoint's END marker arrived, one
-        # was applied, or an epoch was discarded (the coordinator resumes the SVM then)
+        # False until the SVM may have run: a paused checkpoint's END marker arrived, or one
+        # was applied (a discarded epoch leaves it as the last commit left it)
         self.svm_may_run = False
         self.svm_buf = np.zeros((0, ps), np.uint8)     # the SVM's pages, read to check
         self.asm: Assembly | None = None
@@ -293,8 +293,11 @@ class Restore:
         return messages.Applied(epoch, n, digest, input_seq, assembled_ns)
 
     def abort(self, epoch: int, svm_dirty: np.ndarray, reason: str) -> messages.Aborted:
-        """Discard the epoch and put the SVM back at the last committed checkpoint."""
-        self.svm_may_run = True
+        """Discard the epoch and put the SVM back at the last committed checkpoint.
+        Before any checkpoint committed there is none: the SVM stays paused, never run
+        (the coordinator resumes it only from a committed one), and the next epoch's
+        pages may go straight into it again."""
+        self.svm_may_run = bool(self.committed_vcpu)
         if len(svm_dirty):
             self.domain.write_pages(svm_dirty, self.cache[svm_dirty])
         if self.committed_vcpu:
