@@ -108,6 +108,8 @@ class PrimaryRole:
         self.settings, self.shared, self.info, self.current = settings, shared, info, current
         self.witness = None
         self.lost_reason = ""
+        #: the heartbeat instance (random per process) of the secondary last heard
+        self.peer_instance: int | None = None
 
     def take(self, adopt: int = 0) -> None:
         """With a witness, hold the active role for a generation of our own (``adopt``:
@@ -151,6 +153,8 @@ class PrimaryRole:
             # the other side took the active role in a later generation
             raise RoleLost(f"the peer is active in generation {gen} (ours "
                            f"{self.shared.generation.value})")
+        if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+            self.peer_instance = ev.info.get("instance")
         return isinstance(ev, messages.PeerLost)
 
     def peer_back_within(self, events: Any, grace_s: float,
@@ -160,14 +164,28 @@ class PrimaryRole:
         sync after that), the heartbeat gets ``grace_s`` more: a secondary heard again
         meanwhile was not lost (a lossy link, a stalled heartbeat). Returns why it is not
         lost, "" if it is. Reads ``events`` (the heartbeat stage's pipe) itself; raises
-        RoleLost as :meth:`heard` does."""
+        RoleLost as :meth:`heard` does.
+
+        Only the same secondary process counts as back (its heartbeat's instance): a
+        new one (the lost one restarted, or another host at its address) holds nothing
+        of this pair; it joins with a HELLO and a sync of its own (memory and disk).
+        Taken for the lost one, it was sent the old sync's epochs and its disk never got
+        the disk sync's BEGIN (the fault matrix's partition rows: its first commit
+        waited for writes "seen only up to 0")."""
         deadline = time.monotonic() + grace_s
         reason = ""
+        lost_instance = self.peer_instance
         while True:
             while events.poll(0):
                 ev = events.recv()
                 self.heard(ev)
-                if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
+                if isinstance(ev, (messages.PeerUp, messages.PeerBack)) and \
+                        lost_instance is not None and ev.info.get("instance") != lost_instance:
+                    log.warning("the secondary's heartbeat comes from a new process "
+                                "(instance %s, was %s): the lost one is gone",
+                                ev.info.get("instance"), lost_instance)
+                    return ""
+                elif isinstance(ev, (messages.PeerUp, messages.PeerBack)):
                     reason = (f"the secondary's heartbeat is back (seq {ev.info.get('seq')}) "
                               "before the primary acted on its loss")
                 elif isinstance(ev, messages.PeerLost):
