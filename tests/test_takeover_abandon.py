@@ -18,7 +18,7 @@ import pytest
 
 from conftest import wait_until
 
-from pipeline.localpair import LocalPair
+from pipeline.localpair import LocalPair, free_port_base
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -154,6 +154,48 @@ def test_a_secondary_heard_again_before_the_primary_acted_keeps_the_pair_protect
             assert pair.stage_counter("coordinator", counter, "primary") == 0, counter
         assert pair.stage_counter("coordinator", "takeovers", "secondary") == 0
         assert pair.prove_memory_equal(timeout=180).get("memory_equal") is True
+    finally:
+        pair.stop()
+        pair.cleanup()
+
+
+def test_a_new_secondary_process_is_not_the_lost_one_heard_again(tmp_path):
+    """The primary's heartbeat declares the secondary lost (its node killed) and the
+    primary's coordinator stops at ``primary.peer_lost``; a new secondary node starts at
+    the same address and its heartbeat is heard there. That is not the lost secondary
+    back (another heartbeat instance): the primary goes unprotected and re-protects the
+    new one after its HELLO, with a full sync of memory and of the replicated disk. Taken
+    for the lost one (the fault matrix's partition rows), the new secondary was sent
+    checkpoints it had no sync for, and its disk, which never got the disk sync's BEGIN,
+    failed every commit ("seen only up to 0")."""
+    disk = {"export_size": 8 << 20, "durable_commit": False,
+            "forward": f"tcp://127.0.0.1:{free_port_base(1)}"}
+    pair = LocalPair(TABLES, workdir=str(tmp_path / "pair"), role_tables={
+        r: {"disk": {**disk, "image": f"{{workdir}}/{r}.img",
+                     "export": f"unix:{{workdir}}/{r}.nbd"}} for r in ("primary", "secondary")})
+    try:
+        pair.start(faults={"primary": "primary.peer_lost:stop"})
+        pair.wait_protected(timeout=300)
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "primary") > 0,
+                   timeout=60, what="the primary hearing the secondary")
+        pair.kill("secondary")
+        wait_until(lambda: _fired(pair, "primary", "primary.peer_lost"), timeout=120,
+                   what="the primary deciding its secondary is lost")
+        pair.start_node("secondary")
+        wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "primary") >= 1,
+                   timeout=120, what="the primary's heartbeat hearing the new secondary")
+        os.kill(_pid(pair, "primary", "coordinator"), signal.SIGCONT)
+        wait_until(lambda: pair.stage_counter("coordinator", "reprotections", "primary") >= 1,
+                   timeout=180, what="the primary re-protecting with the new secondary")
+        pair.wait_protected(timeout=300)
+        assert pair.stage_counter("coordinator", "losses_abandoned", "primary") == 0
+        assert "comes from a new process" in pair.log_tail("primary", 1 << 24)
+        coord = pair.node("primary").stage("coordinator")
+        done = coord.as_dict()["epochs_committed"]
+        wait_until(lambda: coord.as_dict()["epochs_committed"] >= done + 5, timeout=180,
+                   what="5 checkpoints with the new secondary (its disk commits them)")
+        assert pair.prove_memory_equal(timeout=180).get("memory_equal") is True
+        pair.check_alive()
     finally:
         pair.stop()
         pair.cleanup()
