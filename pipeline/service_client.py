@@ -18,7 +18,8 @@ reads, and the key is the input seq (the node's own input stream). With ``inject
 the service's client, with the sim service's retransmission protocol, as a real RPC
 service has one: it sends requests (:func:`pipeline.xen_io.sim.request_input`, its client
 id and a request number), at most ``window`` unanswered, and sends a request again when
-its answer has not come ``retransmit_after`` seconds after it was sent, and every
+its answer has not come ``retransmit_after`` seconds after it was sent (twice that after
+it was sent again, and so on up to 8x), and every
 unanswered one after each reconnection (the lost comparator held their answers, or the
 lost primary never passed them on). The guest answers a request it already executed from
 its reply cache, in guest memory, with the same bytes; so every request gets exactly one
@@ -88,6 +89,7 @@ class AnswerStream:
         self.client_id, self.window, self.retransmit_after = client_id, window, retransmit_after
         self.sent = 0                         # requests made (numbers 0 .. sent - 1)
         self.outstanding: dict[int, float] = {}   # request number -> when last sent
+        self._tries: dict[int, int] = {}      # request number -> times sent again
         self.retransmits = 0                  # requests sent again
         self.refused: list[int] = []          # requests the guest refused (older than its cache)
         self.foreign = 0                      # answers to no request of this client
@@ -141,7 +143,7 @@ class AnswerStream:
         for address in self.inject:
             self._push.connect(address)
         if self.connections > 1:
-            self._resend(lambda age: True)
+            self._resend(lambda n, age: True)
 
     def request(self) -> int | None:
         """Send the next request; its number, or None while ``window`` are unanswered."""
@@ -155,13 +157,21 @@ class AnswerStream:
         return n
 
     def _resend(self, due) -> None:  # type: ignore[no-untyped-def]
+        """Queue again each unanswered request for which ``due(number, seconds since it was
+        last sent)``."""
         now = time.monotonic()
         queued = set(self._queue)
         for n, at in self.outstanding.items():
-            if n not in queued and due(now - at):
+            if n not in queued and due(n, now - at):
                 self.outstanding[n] = now
+                self._tries[n] = self._tries.get(n, 0) + 1
                 self._queue.append(n)
                 self.retransmits += 1
+
+    def _timed_out(self, n: int, age: float) -> bool:
+        """The answer is overdue: ``retransmit_after``, doubled at each time the request
+        was sent again (up to 8x), so a slow service is not flooded with copies."""
+        return age > self.retransmit_after * (1 << min(self._tries.get(n, 0), 3))
 
     def _flush(self) -> None:
         if self._push is None:
@@ -183,7 +193,7 @@ class AnswerStream:
         if self.sock is None:
             self._connect()
         if self.inject:
-            self._resend(lambda age: age > self.retransmit_after)
+            self._resend(self._timed_out)
             self._flush()
         if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
             return 0
@@ -209,6 +219,7 @@ class AnswerStream:
                         self.foreign += 1
                         continue
                     seq = answers[1]
+                    self._tries.pop(seq, None)
                     if self.outstanding.pop(seq, None) is not None and answer_refused(frame):
                         self.refused.append(seq)
                 else:
