@@ -480,3 +480,20 @@ def test_a_write_that_could_not_be_buffered_blocks_every_commit_of_its_epoch_unt
     assert s.committed_epoch == 4        # nothing half-committed
     s.begin_sync(b"\x01" * 16, first_seq=900, epoch=7)
     assert s.unbuffered is None
+
+
+def test_a_commit_skips_a_write_that_a_later_one_of_the_same_extent_overwrites(tmp_path):
+    """A block rewritten within the epochs of one commit is applied once (the last write),
+    counted; partial overlaps and zeroes still apply in order: the image is the model."""
+    c = DiskCounters()
+    s = open_store(str(tmp_path), c)
+    model = bytearray(SIZE)
+    for byte in range(1, 6):                           # the same 8 KiB five times
+        buffer_write(s, model, 2 if byte > 3 else 1, 4 * BS, bytes([byte]) * 2 * BS)
+    buffer_write(s, model, 2, 5 * BS, b"\x77" * BS)    # overlaps the rewritten extent
+    buffer_write(s, model, 2, 8 * BS, None, 2 * BS)    # a ZERO, then data over it
+    buffer_write(s, model, 2, 8 * BS, b"\x99" * 2 * BS)
+    s.commit(2)
+    assert image_bytes(str(tmp_path)) == bytes(model)
+    assert c["superseded"] == 4 + 1 and c["commits"] == 1
+    s.close()

@@ -43,6 +43,8 @@ COUNTER_NAMES = {
     "relinks": "open NBD connections carried over to a new backend (the export changed "
                "role without closing)",
     "commits": "epochs committed into the secondary image",
+    "superseded": "buffered writes a commit did not apply: a later write of the same "
+                  "commit covered exactly the same extent",
     "discards": "uncommitted epochs discarded",
     "journal_replays": "interrupted commits/merges finished at open",
     "failovers": "overlay merges into the image (secondary became active)",

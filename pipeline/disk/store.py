@@ -551,9 +551,17 @@ class SecondaryStore:
         order = sorted((ep, seq, arrival, i, kind, off, length, data_pos, data_len)
                        for i, (ep, _path, index) in enumerate(todo)
                        for seq, arrival, kind, off, length, data_pos, data_len in index)
+        # A record that a later one of exactly the same extent overwrites is not applied:
+        # none of its bytes (or its allocation) survive it (a block rewritten within one
+        # checkpoint: a journal's, metadata). Partial overlaps are applied in order.
+        last = {(rec[5], rec[6]): k for k, rec in enumerate(order)}
+        superseded = len(order) - len(last)
         fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for _ep, path, _index in todo]
         try:
-            for _ep, _seq, _arrival, i, kind, off, length, data_pos, data_len in order:
+            for k, (_ep, _seq, _arrival, i, kind, off, length, data_pos, data_len) in \
+                    enumerate(order):
+                if superseded and last[off, length] != k:
+                    continue
                 if kind in ZERO_KINDS:   # NO_HOLE (ZERO_ALLOC): the blocks stay allocated
                     self.image.zero(off, length, keep_allocated=kind == KIND_ZERO_ALLOC)
                     faults.point("store.commit.record")
@@ -570,6 +578,8 @@ class SecondaryStore:
         finally:
             for fd in fds:
                 os.close(fd)
+        if superseded:
+            self.counters.add("superseded", superseded)
         if self.durable:
             self.image.sync()
         faults.point("store.commit.image_synced")
