@@ -10,6 +10,11 @@ all processes of the machine. Times include whatever else the machine was doing:
 next to the load average printed at the end.
 
     scripts/trace_checkpoint.py --pages 1000 --reps 3
+    scripts/trace_checkpoint.py --pages 16000 --reps 2 --raw   # every event, with details
+
+--raw prints every event of each checkpoint in time order with its detail (pages in the
+SVM's dirty log, the size of each SVM_DIRTY part, SVM pages checked) instead of the
+first/last summary per stage and event.
 """
 from __future__ import annotations
 
@@ -41,6 +46,17 @@ def timeline(lines: list[str], commit_ms: float) -> list[tuple[str, str, float, 
                   key=lambda r: r[2])
 
 
+def events(lines: list[str], commit_ms: float) -> list[tuple[float, str, str, str, str]]:
+    """(ms from BEGIN, process, event, epoch, detail) of every event, in time order."""
+    rows = [ln.split(" ", 5) for ln in lines if ln.count(" ") >= 4]
+    t0 = next((int(r[0]) for r in rows if r[3] == "begin"), None)
+    if t0 is None:
+        return []
+    out = [((int(r[0]) - t0) / 1e6, r[2], r[3], r[4], r[5] if len(r) > 5 else "")
+           for r in rows]
+    return sorted(e for e in out if -1 <= e[0] <= commit_ms + 5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=1000, help="dirty pages per checkpoint")
@@ -48,6 +64,8 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--batch-pages", type=int, default=0,
                     help="pipeline.batch_pages (0: the config's default)")
+    ap.add_argument("--raw", action="store_true",
+                    help="every event in time order, with its detail")
     args = ap.parse_args()
     fd, path = tempfile.mkstemp(prefix="colo-trace-", suffix=".txt")
     os.close(fd)
@@ -73,6 +91,10 @@ def main() -> int:
         print(f"--- epoch {cp['epoch']}: {cp['pages_dirty']} dirty pages, commit "
               f"{ms['commit']:.2f} ms = pause {cp['pvm_pause_ns'] / 1e6:.2f} + transfer "
               f"{ms['transfer']:.2f} + apply {ms['apply']:.2f} + ACK {ms['ack']:.2f}")
+        if args.raw:
+            for at, who, event, epoch, detail in events(text[mark:].splitlines(), ms["commit"]):
+                print(f"  {at:8.2f} {who:12s} {event:16s} {epoch:>5s} {detail}")
+            continue
         for who, event, first, last, n in timeline(text[mark:].splitlines(), ms["commit"]):
             print(f"  {who:12s} {event:16s} {first:8.2f} {last:8.2f}  x{n}")
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
