@@ -589,22 +589,23 @@ class PrimaryCoordinator(_Coordinator):
 
     def _idle_wait(self) -> None:
         """Sleep until the next trigger can fire: a checkpoint request or a heartbeat
-        event wakes it at once, the timers (max_interval_ms, a pending request's
+        event wakes it at once, the timers (the periodic one, a pending request's
         min_interval_ms, the next dirty-count look) when they are due. It used to sleep
         TICK_S and look again: 500 wake-ups a second of an idle coordinator (8% of a core
         with the dirty counts, taken from the stages of the next commit) and a request
         heard up to 2 ms late."""
         cp = self.settings.checkpoint
         now = time.monotonic()
-        due = [self.last_checkpoint + cp.max_interval_ms / 1000, now + IDLE_WAIT_S]
+        timer_s = cp.timer_ms(self.settings.net.release) / 1000  # (max_interval_ms 0: by policy)
+        due = [self.last_checkpoint + timer_s, now + IDLE_WAIT_S]
         if self.pending_request is not None:
             due.append(self.last_checkpoint + cp.min_interval_ms / 1000)
         else:
             due.append(max(self.next_dirty_check,
                            self.last_checkpoint + cp.min_interval_ms / 1000))
-        timeout_ms = max(0.0, min(due) - now) * 1000
-        if timeout_ms > 0:
-            self.idle_poller.poll(timeout_ms)
+        # at least half a millisecond: a due time that passed without a trigger (none
+        # should) must not turn this loop into a spin
+        self.idle_poller.poll(max(0.5, (min(due) - now) * 1000))
 
     def run(self) -> None:
         self.idle_poller = zmq.Poller()
