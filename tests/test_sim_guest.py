@@ -417,6 +417,28 @@ def test_a_joining_secondary_log_starts_at_the_primary_seq(make_domain) -> None:
         svm.start_inputs_at(60)  # it holds inputs a rewind may need
 
 
+def test_a_secondary_that_never_ran_may_start_its_log_over(make_domain) -> None:
+    """A new secondary mirrored a few inputs (the primary still took it for the one it
+    lost), then nothing while the primary ran unprotected, then the primary re-protects
+    it from its guest's input position: the log starts over there, since the SVM was
+    never positioned in it (the fault matrix's re-protection after a restarted secondary).
+    Once the SVM was positioned (a checkpoint's vCPU state loaded) it may not."""
+    pvm = make_domain("pvm", paused=False)
+    feed_and_wait(pvm, inputs(80))
+    svm = make_domain("svm", workload=WorkloadSpec(fill=False))
+    svm.start_inputs_at(30)
+    for i, p in enumerate(inputs(3, 30)):
+        svm.feed_input(p, seq=30 + i)
+    svm.start_inputs_at(80)                 # a gap: inputs 33..79 were never mirrored
+    assert svm.input_head == 80
+    pvm.pause()
+    svm.memory_view()[:] = pvm.memory_view()
+    svm.set_vcpu_state(pvm.get_vcpu_state())   # positioned at 80
+    svm.feed_input(inputs(1, 80)[0], seq=80)
+    with pytest.raises(ValueError, match="still needed"):
+        svm.start_inputs_at(90)
+
+
 # -- bad vCPU blobs ----------------------------------------------------------------------------
 
 def test_bad_vcpu_blob_is_refused_and_guest_state_unchanged(make_domain) -> None:

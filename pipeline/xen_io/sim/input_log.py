@@ -130,9 +130,13 @@ class InputLog:
 
     def restart_at(self, seq: int) -> None:
         """Make ``seq`` the next seq of a log that holds nothing still needed (a secondary
-        joining when the primary's inputs are already at ``seq``)."""
+        joining when the primary's inputs are already at ``seq``). A guest that never
+        consumed from the log since it restarted (its consumer below the trim point: it
+        was never positioned in it; a running guest's is at or above the last commit's
+        trim) needs none of it."""
         head = self.head
-        if seq < head or self.free_below() < head:
+        never_positioned = self.consumer_seq < self.trim_seq
+        if seq < head or not never_positioned and self.free_below() < head:
             raise ValueError(f"input log cannot restart at seq {seq}: head is {head}, and "
                              f"entries from seq {self.free_below()} are still needed")
         self._header[_TRIM] = seq
