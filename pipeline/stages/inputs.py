@@ -241,6 +241,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
     events = CheckpointClient(settings.run_dir, nctx.ctx)
     held: tuple[int, bytes] | None = None
     fed = 0
+    svm_ran = False           # a checkpoint committed here: the SVM runs from its inputs
     rate = settings.guest.workload.input_rate_hz
     next_at = 0.0
     port = OutputPort(ctx, settings.net.secondary_in)
@@ -275,6 +276,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
             for ev in events.poll_events(0):
                 seq = ev.extra.get("input_seq", -1)
                 if ev.event == "committed" and seq >= 0:
+                    svm_ran = True
                     io.trim_inputs(seq)
             if held is None:
                 if not port.wait(io, inp, 20):
@@ -286,9 +288,22 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                     ctx.log.warning("inputs channel: dropped a bad record: %s", exc)
                     continue
                 held = (seq, payload)
-            if fed == 0 and held[0] != io.input_head:
-                # joining a primary whose input stream is already at held[0]
-                io.start_inputs_at(held[0])
+            if fed == 0 and held[0] != io.input_head or not svm_ran and held[0] > io.input_head:
+                # joining a primary whose input stream is already at held[0]; or a gap
+                # before this SVM ever ran: it began mirroring to this new secondary while
+                # it still took it for the one it lost, then went unprotected (mirroring
+                # nothing) and re-protects it from its guest's input position. The SVM
+                # starts from a checkpoint of the new sync: it needs inputs from there on
+                try:
+                    io.start_inputs_at(held[0])
+                except ValueError as exc:
+                    ctx.counters.add("errors", 1)
+                    ctx.log.warning("inputs channel: refused input %d: %s", held[0], exc)
+                    held = None
+                    continue
+                if fed:
+                    ctx.log.warning("inputs channel: the input stream starts over at seq %d "
+                                    "(a gap before this secondary's SVM ever ran)", held[0])
             try:
                 # briefly: while the log is full, the commit that trims it must be seen
                 io.feed_input(held[1], seq=held[0], timeout=0.05)
