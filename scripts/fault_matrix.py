@@ -1276,9 +1276,6 @@ class Row:
                 if self.seconds else None, "failures": self.failures[:5]}
 
 
-QUICK = False     # (main: --quick)
-
-
 def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple[str, dict]:
     """("ok" | "failed: why" | "data lost: why", figures). A row whose body has ``link``
     runs its nodes in two network namespaces (scripts/faultnet.py), removed afterwards;
@@ -1305,17 +1302,14 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
                 tables["checkpoint"] = {**tables["checkpoint"],
                                         "epoch_timeout_ms": body.epoch_timeout_ms}
             forward = f"tcp://{link.ip['b']}:{port + DISK_FORWARD_PORT_OFFSET}"
-            no_disk = QUICK and getattr(body, "quick_memory_only", False)
             pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port,
-                                      role_tables=None if no_disk else
-                                      disk_role_tables(forward))
+                                      role_tables=disk_role_tables(forward))
         else:
             roles = getattr(body, "role_tables", None) or disk_role_tables
             pair = LocalPair({**TABLES, **COMPARE_TABLES, **getattr(body, "tables", {})},
                              workdir=workdir, role_tables=roles())
         load = RowLoad(pair, reader=getattr(body, "tables", {}).get("net") is None,
-                       writer=getattr(body, "role_tables", None) is None and not (
-                           QUICK and getattr(body, "quick_memory_only", False)))
+                       writer=getattr(body, "role_tables", None) is None)
         start_node = pair.start_node
 
         def start_and_load(role: str, *args, **kw):
@@ -1400,8 +1394,6 @@ def main() -> int:
     # a timeout's SIGTERM unwinds like ^C: every run's finally removes its nodes,
     # namespaces and segments
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    global QUICK
-    QUICK = args.quick
     rows = [(n, b) for n, b, quick in ROWS if (quick or not args.quick) and args.rows in n]
     runs = 1 if args.quick else args.runs
     results: list[Row] = []
