@@ -23,7 +23,7 @@ def test_quick_run_has_every_row_and_loses_no_request():
     assert {(r["mode"], r["nondeterminism"], r["rate"]) for r in rows} == want
     for r in rows:
         for key in ("p50_ms", "p99_ms", "p999_ms", "completed_per_s", "checkpoints_per_s",
-                    "pages_per_checkpoint", "commit_p50_ms", "commit_p99_ms"):
+                    "pages_per_checkpoint", "commit_p50_ms", "commit_p99_ms", "commit_share"):
             assert key in r, (key, r)
         assert r["lost"] == 0, r
         assert r["completed"] == r["sent"] > 0, r
