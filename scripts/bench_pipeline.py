@@ -12,7 +12,9 @@ In one run, on a guest of --size-mb (30% zero, 40% text-like, 30% random pages):
     apply and ACK, bytes on the wire, pages skipped by hash and zero pages. PVM and SVM
     run the same inputs (the write commands are mirrored like every input, and a
     checkpoint is asked for once both guests ran it); pages the SVM already holds go as
-    SVM pages, without content (pages_same_as_svm).
+    SVM pages, without content (pages_same_as_svm); the SVM's hashes come in parts
+    (svm_dirty_parts) and batches below a part go on before the rest came
+    (svm_early_batches).
 --json prints one JSON object with every figure as the last line ("by_size": one entry
 per dirty-set size).
 """
@@ -139,12 +141,21 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
         full = {"seconds": round(seconds, 3),
                 "guest_mb_s": round(page_count * PAGE / 1e6 / seconds, 1),
                 "bytes_wire": sync["bytes_wire"]}
+        def parts_counts() -> tuple[int, int]:
+            """SVM_DIRTY parts the primary took in (more to come), and checkpoint batches
+            the digest workers classified on a part (before the last one came)."""
+            early = sum(pair.stage_counter(f"digest.{i}", "svm_early_batches")
+                        for i in range(digest_workers))
+            return pair.stage_counter("coordinator", "svm_dirty_parts"), early
+
         for n in sizes:
             for _ in range(reps):         # later rounds also show pages skipped by hash
                 write_in_both_guests(pair, n)
                 count = len(pair.checkpoints())
+                before = parts_counts()
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
+                parts, early = (a - b for a, b in zip(parts_counts(), before))
                 if cp["status"] != 0:
                     raise RuntimeError(f"checkpoint of {n} pages aborted")
                 raw = cp["pages_dirty"] * PAGE
@@ -166,6 +177,8 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     "pages_skipped_hash": cp["pages_skipped_hash"],
                     "pages_same_as_svm": cp.get("pages_same_as_svm", 0),
                     "pages_zero": cp["pages_zero"],
+                    "svm_dirty_parts": parts + 1,
+                    "svm_early_batches": early,
                 })
         # the heartbeat must not have declared anyone lost during the 1 GiB sync and the
         # big checkpoints (issue 5: no false failover under load)
@@ -199,6 +212,9 @@ def by_size(rows: list[dict]) -> list[dict]:
         entry["pages_skipped_hash"] = sum(r["pages_skipped_hash"] for r in rs)
         entry["pages_zero"] = sum(r["pages_zero"] for r in rs)
         entry["pages_same_as_svm"] = sum(r["pages_same_as_svm"] for r in rs)
+        # SVM_DIRTY came in this many parts (p50), and so many batches went before the last
+        entry["svm_dirty_parts_p50"] = _pct([r["svm_dirty_parts"] for r in rs], 50)
+        entry["svm_early_batches"] = sum(r["svm_early_batches"] for r in rs)
         entry["pages_eliminated_share"] = round(
             (entry["pages_skipped_hash"] + entry["pages_same_as_svm"])
             / max(1, sum(r["pages_dirty"] for r in rs)), 3)
