@@ -587,23 +587,9 @@ def _per_frame(pvm, svm) -> Harness:
     return h
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_streams_compared_in_runs_release_what_frame_by_frame_does(seed):
-    """The same items as framed byte streams, cut anywhere and interleaved: the same PVM
-    frames come out (per flow in order, each once) with the same checkpoint requests as
-    frame by frame; no SVM frame comes out; runs of equal frames were used."""
-    import random
-
+def _push_cut_anywhere(h, rng, streams) -> None:
     from pipeline.net.comparator import PRIMARY, SECONDARY
-    from pipeline.net.framing import FrameDecoder
-    pvm, svm = _stream_case(seed)
-    ref = _per_frame(pvm, svm)
-    rng = random.Random(seed)
-    streams = {PRIMARY: _encode(pvm), SECONDARY: _encode(svm)}
     pos = {PRIMARY: 0, SECONDARY: 0}
-    h = Harness(max_queue_frames=100000, compare_timeout_ms=10 ** 9)
-    # runs released in one piece go into the same list, in release order
-    h.cmp._release_block_cb = lambda b: h.released.extend(f for f, _ in FrameDecoder().feed(b))
     while pos[PRIMARY] < len(streams[PRIMARY]) or pos[SECONDARY] < len(streams[SECONDARY]):
         # mostly the side that is behind (as two live guests), now and then the other
         behind = min((PRIMARY, SECONDARY), key=lambda s: pos[s] / len(streams[s]))
@@ -613,6 +599,56 @@ def test_streams_compared_in_runs_release_what_frame_by_frame_does(seed):
         pos[side] += len(data)
         if data:
             h.cmp.push_stream(side, data)
+
+
+def _push_item_by_item(h, rng, items) -> None:
+    """One whole item per read (a comparator that keeps up with two live guests): through
+    push_stream one side at a time, or push_pair with the next item of each side (either
+    may be missing), as the loop does."""
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    pos = {PRIMARY: 0, SECONDARY: 0}
+    left = lambda side: pos[side] < len(items[side])   # noqa: E731
+
+    def take(side) -> bytes:
+        if not left(side):
+            return b""
+        pos[side] += 1
+        return _encode(items[side][pos[side] - 1:pos[side]])
+    while left(PRIMARY) or left(SECONDARY):
+        roll = rng.random()
+        if roll < 0.5:
+            h.cmp.push_pair(take(PRIMARY), 0, take(SECONDARY), 0)
+        elif roll < 0.7:
+            h.cmp.push_pair(take(PRIMARY), 0, b"", 0)
+        elif roll < 0.9:
+            h.cmp.push_pair(b"", 0, take(SECONDARY), 0)
+        else:
+            side = rng.choice((PRIMARY, SECONDARY))
+            if data := take(side):
+                h.cmp.push_stream(side, data)
+
+
+@pytest.mark.parametrize("cut", ["anywhere", "items"])
+@pytest.mark.parametrize("seed", range(12))
+def test_streams_compared_in_runs_release_what_frame_by_frame_does(seed, cut):
+    """The same items as framed byte streams, cut anywhere and interleaved (or one whole
+    item per read, a pair of them at a time: the one-pair shortcut): the same PVM frames
+    come out (per flow in order, each once) with the same checkpoint requests as frame by
+    frame; no SVM frame comes out; runs of equal frames were used."""
+    import random
+
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    from pipeline.net.framing import FrameDecoder
+    pvm, svm = _stream_case(seed)
+    ref = _per_frame(pvm, svm)
+    rng = random.Random(seed)
+    h = Harness(max_queue_frames=100000, compare_timeout_ms=10 ** 9)
+    # runs released in one piece go into the same list, in release order
+    h.cmp._release_block_cb = lambda b: h.released.extend(f for f, _ in FrameDecoder().feed(b))
+    if cut == "anywhere":
+        _push_cut_anywhere(h, rng, {PRIMARY: _encode(pvm), SECONDARY: _encode(svm)})
+    else:
+        _push_item_by_item(h, rng, {PRIMARY: pvm, SECONDARY: svm})
     h.cmp.settle()
     released = h.released
     assert sorted(released) == sorted(ref.released)
@@ -672,3 +708,50 @@ def test_a_stream_the_other_side_never_quite_catches_up_with_does_not_time_out()
     waited = dict(zip(RELEASE_DELAY_COUNTERS, (h.cmp.counters[c] for c in
                                                RELEASE_DELAY_COUNTERS)))
     assert sum(waited[f"released_after_le_{b}ms"] for b in ("0.1", "0.3", "1", "3")) == n - 1
+
+
+@pytest.mark.parametrize("how", ["pair", "pvm_first", "svm_first"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_one_frame_from_each_side_goes_out_only_when_equal_outside_the_masks(proto, how):
+    """The one-pair shortcut (a frame read from each side while nothing is held: push_pair,
+    or one side's frame meeting the other's single waiting one): a pair that differs only in
+    IPv4 id/checksum (and TCP window) goes out at once; one that differs in a byte the
+    shortcut keeps but the per-frame path ignores (the TTL) goes out too, through that path;
+    one that differs in a payload byte, same length, is not released and asks for a
+    checkpoint, whose commit releases it."""
+    from pipeline.net.comparator import PRIMARY, SECONDARY
+    from pipeline.net.framing import FrameDecoder, encode_frame
+
+    def frame(i, ip_id, window=100, payload=None):
+        body = payload or b"answer %04d" % i
+        return seg(ISN + 11 * i, body, ip_id=ip_id, window=window) if proto == "tcp" \
+            else udp(body, sport=1000 + i, ip_id=ip_id)
+
+    def push(p, s):
+        if how == "pair":
+            h.cmp.push_pair(encode_frame(p), 0, encode_frame(s), 0)
+        else:
+            first, second = ((PRIMARY, p), (SECONDARY, s)) if how == "pvm_first" \
+                else ((SECONDARY, s), (PRIMARY, p))
+            h.cmp.push_stream(first[0], encode_frame(first[1]))
+            h.cmp.push_stream(second[0], encode_frame(second[1]))
+    h = Harness()
+    h.cmp._release_block_cb = lambda b: h.released.extend(f for f, _ in FrameDecoder().feed(b))
+    equal = [(frame(i, ip_id=i), frame(i, ip_id=7 * i + 1, window=9)) for i in range(3)]
+    for p, s in equal:
+        push(p, s)
+    assert h.released == [p for p, _ in equal] and not h.requests
+    assert h.cmp.counters["run_matched_frames"] == 3
+    ttl = bytearray(frame(3, ip_id=50))
+    ttl[22] = 17
+    push(frame(3, ip_id=3), bytes(ttl))
+    out = [p for p, _ in equal] + [frame(3, ip_id=3)]
+    assert h.released == out and not h.requests
+    assert h.cmp.counters["run_matched_frames"] == 3
+    differs = frame(4, ip_id=1, payload=b"answer 0004"), frame(4, ip_id=2, payload=b"answer 0005")
+    push(*differs)
+    assert h.released == out and [c for c, _ in h.requests] == ["net_divergence"]
+    h.cmp.on_snapshot(0)
+    h.cmp.on_committed(0)
+    assert h.released == out + [differs[0]]
+    assert h.cmp.counters["frames_released"] == 5

@@ -24,8 +24,10 @@ anywhere, the longest run of frame pairs at the same place in both streams that 
 equal outside the fields that may differ (IPv4 id and checksum, TCP window and
 checksum; valid untagged IPv4 TCP/UDP/ICMP frames only, so every such pair is one
 the per-frame path would match) is released as one piece of stream bytes: one numpy
-comparison for a thousand frames, no parsing, no connection lookup. Anything else
-goes one frame at a time through ``push_primary``/``push_secondary``.
+comparison for a thousand frames, no parsing, no connection lookup. A read that is one
+frame, meeting one frame of the other side (the usual round of a comparator that keeps
+up: ``push_pair``, ``_meet_waiting``), is judged the same way without being queued.
+Anything else goes one frame at a time through ``push_primary``/``push_secondary``.
 
 Epochs: frames are tagged with the epoch they arrived in. ``on_snapshot(e)``
 starts epoch ``e + 1``; ``on_committed(e)`` releases every PVM frame of epoch
@@ -779,6 +781,8 @@ class Comparator:
         if generation != r.generation:
             del r.buf[r.walked:]
             r.decoder, r.generation = None, generation
+        if not r.buf and r.decoder is None and self._meet_waiting(side, data):
+            return
         now = self._clock()
         if r.decoder is not None:
             # an oversized frame is being skipped: the decoder resynchronises the stream
@@ -831,6 +835,62 @@ class Comparator:
             r.walked = pos
             r.note_arrived(now)
         self._pump()
+
+    def push_pair(self, pvm: bytes, pvm_generation: int, svm: bytes,
+                  svm_generation: int) -> None:
+        """What one read of each side's stream brought (either may be empty), as
+        ``push_stream(PRIMARY, pvm, ...)`` then ``push_stream(SECONDARY, svm, ...)`` would
+        take it, with a shortcut for the usual round of a comparator that keeps up: one
+        frame from each side, equal, nothing waiting or held anywhere."""
+        if pvm and svm:
+            pr, sr = self._streams
+            if not pr.buf and not sr.buf and pr.decoder is None and sr.decoder is None \
+                    and pvm_generation == pr.generation and svm_generation == sr.generation \
+                    and self._release_equal(bytes(pvm), svm, None):
+                return
+        if pvm:
+            self.push_stream(PRIMARY, pvm, pvm_generation)
+        if svm:
+            self.push_stream(SECONDARY, svm, svm_generation)
+
+    def _meet_waiting(self, side: int, data) -> bool:
+        """``data`` (this side's stream is empty) against the other side's stream when that
+        holds exactly one whole frame: see _release_equal. False: nothing was done."""
+        other = self._streams[1 - side]
+        if len(other.offs) - other.head != 1 or other.walked != len(other.buf) \
+                or other.boundaries or other.decoder is not None \
+                or other.walked - other.offs[other.head] != len(data):
+            return False
+        waiting = other.buf[other.offs[other.head]:other.walked]
+        if side == PRIMARY:
+            if not self._release_equal(bytes(data), waiting, None):
+                return False
+        elif not self._release_equal(waiting, data, other.since):
+            return False
+        other.take(1)
+        return True
+
+    def _release_equal(self, pvm, svm, arrived: float | None) -> bool:
+        """The PVM's item ``pvm`` (bytes: its length word and frame) out at once if it is one
+        whole frame, ``svm`` is the same size and equal outside the fields that may differ,
+        and nothing is held anywhere (what _match_run does for a run of one, without queueing
+        either, walking a stream or parsing). ``arrived``: when the PVM's frame came (None:
+        now). False: nothing was done.
+
+        Kept this short because a comparator woken for one frame pair runs it with cold
+        caches, where every step costs several cache misses: on a busy machine a round for
+        one pair through the stream queues took ~60 us of CPU against ~17 us back to back."""
+        n = len(pvm)
+        if len(svm) != n or n < 42:
+            return False
+        (length,) = _WORD.unpack_from(pvm)
+        if length + 4 != n or length > MAX_FRAME_BYTES or _WORD.unpack_from(svm)[0] != length \
+                or not self._fast_ok() or not _equal_outside_masks(pvm[4:], bytes(svm[4:])):
+            return False
+        self._release_block_cb(pvm)
+        self._count_run(1, length)
+        self._note_delay(self._clock() if arrived is None else arrived)
+        return True
 
     def stream_frames(self) -> int:
         """Items (frames, boundaries) read from the streams and not compared yet."""
@@ -967,7 +1027,11 @@ class Comparator:
             self._release_block_cb(block)       # valid during the call only
         pvm.take(k)
         svm.take(k)
-        n_bytes = size - 4 * k
+        self._count_run(k, size - 4 * k)
+        return k
+
+    def _count_run(self, k: int, n_bytes: int) -> None:
+        """The counters of ``k`` frame pairs (``n_bytes`` a side) matched and released."""
         c = self.counters
         c["primary_frames_in"] += k
         c["secondary_frames_in"] += k
@@ -983,7 +1047,6 @@ class Comparator:
                             ("frames_released", k), ("bytes_released", n_bytes),
                             ("secondary_frames_dropped", k), ("run_matched_frames", k)):
                 self._sink.add(name, n)
-        return k
 
     # ---------------------------------------------------------------- timers
     def check_timeouts(self, now: float | None = None) -> None:

@@ -157,6 +157,7 @@ class CompareLoop:
         self.in_band = [in_band, in_band]
         self._plan_key: tuple | None = None
         self._plan: tuple = ()
+        self._pair_fds: frozenset | None = None
         self._next_scan = 0.0
         self.stop_event = threading.Event()
 
@@ -288,14 +289,17 @@ class CompareLoop:
                 watched.append((adapter, adapter.accept_pending))
         return watched
 
-    def _poll_plan(self) -> tuple[zmq.Poller, list[tuple[object, object, object]], bool]:
+    def _poll_plan(self) -> tuple[object, list[tuple[object, object, object]], bool]:
         """The poller for the current descriptors; rebuilt only when a stream endpoint's
-        peer came or went (its descriptor changes then) or the PVM side (un)blocked."""
+        peer came or went (its descriptor changes then) or the PVM side (un)blocked.
+        A ``select.poll`` unless a zmq socket is watched (the node's control channel): woken
+        with cold caches, zmq's poll took ~14 us where select.poll took ~8."""
         blocked = self.comparator.blocked
         key = (StreamEndpoint.peer_changes, blocked)
         if key != self._plan_key:
             watched = self._watched(blocked)
-            poller = zmq.Poller()
+            use_zmq = any(isinstance(pollable, zmq.Socket) for pollable, _ in watched)
+            poller = zmq.Poller() if use_zmq else select.poll()
             plan, always = [], False
             for pollable, action in watched:
                 if isinstance(pollable, zmq.Socket):
@@ -304,10 +308,23 @@ class CompareLoop:
                 elif (fd := pollable.fileno()) is None:
                     always = True                    # a pcap file: always readable
                 else:
-                    poller.register(fd, zmq.POLLIN)
+                    poller.register(fd, select.POLLIN)
                 plan.append((pollable, action, fd))
             self._plan, self._plan_key = (poller, plan, always), key
+            self._pair_fds = self._stream_pair_fds(plan, blocked)
         return self._plan
+
+    def _stream_pair_fds(self, plan, blocked: bool) -> frozenset | None:
+        """The descriptors of both guests' streams when both are connected stream sources
+        the comparator takes whole and neither is blocked (None otherwise): a round in which
+        only they are readable goes the short way (_run_pair)."""
+        actions = {action: fd for _, action, fd in plan}
+        pfd = actions.get(self._stream_primary)
+        sfd = actions.get(self._stream_secondary)
+        if blocked or pfd is None or sfd is None or not self.primary_in.connected \
+                or not self.secondary_in.connected:
+            return None
+        return frozenset((pfd, sfd))
 
     def _handle_control(self) -> None:
         self.control.handle(self)
@@ -325,6 +342,43 @@ class CompareLoop:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
         ready = dict(poller.poll(0 if always else int(timeout * 1000)))
+        if ready and self._pair_fds is not None and ready.keys() <= self._pair_fds:
+            self._run_pair(ready)
+        else:
+            self._run_plan(plan, ready)
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self.comparator.check_timeouts(now)
+            self._next_scan = now + self.settings.expired_scan_ms / 1000.0
+        for sink in self._sinks:
+            sink.flush()
+
+    def _run_pair(self, ready: dict) -> None:
+        """A round in which only the guests' streams are readable (that of a comparator that
+        keeps up): both read, then compared in one step (Comparator.push_pair). The same
+        order as _run_plan: the side that was not readable at the poll is read anyway (its
+        frame usually follows at once), after a control message that came meanwhile."""
+        pin, sin = self.primary_in, self.secondary_in
+        pvm = pin.recv_bytes()
+        svm = sin.recv_bytes()
+        pvm_late = bool(pvm) and pin.fileno() not in ready
+        svm_late = bool(svm) and sin.fileno() not in ready
+        if (pvm_late or svm_late) and self._control_waiting():
+            comparator = self.comparator
+            if pvm and not pvm_late:
+                comparator.push_stream(PRIMARY, pvm, pin.generation)
+            if svm and not svm_late:
+                comparator.push_stream(SECONDARY, svm, sin.generation)
+            self._handle_control()
+            if pvm_late:
+                comparator.push_stream(PRIMARY, pvm, pin.generation)
+            if svm_late:
+                comparator.push_stream(SECONDARY, svm, sin.generation)
+            return
+        self.comparator.push_pair(pvm, pin.generation, svm, sin.generation)
+
+    def _run_plan(self, plan, ready: dict) -> None:
+        """A round of everything readable, in the plan's order (control first)."""
         late = []
         for pollable, action, fd in plan:
             if fd is not None and fd not in ready:
@@ -358,12 +412,6 @@ class CompareLoop:
                 if self._control_waiting():
                     self._handle_control()
                 self.comparator.push_stream(side, data, source.generation)
-        now = time.monotonic()
-        if now >= self._next_scan:
-            self.comparator.check_timeouts(now)
-            self._next_scan = now + self.settings.expired_scan_ms / 1000.0
-        for sink in self._sinks:
-            sink.flush()
 
     def inputs_exhausted(self) -> bool:
         """True when every input is a pcap file that has been read to the end."""
