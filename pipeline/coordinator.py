@@ -853,8 +853,8 @@ class SecondaryCoordinator(_Coordinator):
                 # the rest boosted, not at real time: at real time, hashing a 16k-page dirty
                 # set held a core for 40 ms, and the primary's coordinator (taking the
                 # parts in) and digest workers shared the other with everything else
+                self.priority.boosted(True)      # (first: no preemption in between)
                 self.priority.urgent(False)
-                self.priority.boosted(True)
                 part = later
                 done.append(part[0])
             self._send(wire.encode_svm_dirty(epoch, *part))
