@@ -292,7 +292,8 @@ def run_disk_cycles(pair: HostPair) -> None:
 
 def test_the_demo_rejoins_with_a_disk_and_syncs_only_what_differs():
     """``colo-pipeline demo --rejoin --disk-mb``: two cycles, each ends with equal images
-    after an incremental sync, and no failed guest write.
+    after an incremental sync, and no failed guest write; the demo's client got exactly
+    one answer to each request across both.
     (The demo kills at a moment of its own; nothing here depends on that moment.)"""
     import json
     r = cli("demo", "--pages", "4096", "--duration", "1", "--disk-mb", "32",
@@ -301,6 +302,8 @@ def test_the_demo_rejoins_with_a_disk_and_syncs_only_what_differs():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["failovers"] == 2 and out["memory_equal"] and out["disk_equal"], out
+    # the demo's client across both cycles: every request exactly one answer
+    assert out["client_exactly_once"] and out["client_answers"] == out["client_requests"] > 0, out
     for cycle in out["cycles"]:
         assert cycle["disk_equal"] and cycle["disk_sync_incremental"], cycle
         assert cycle["disk_write_errors"] == 0 and cycle["disk_writes"] > 0, cycle
