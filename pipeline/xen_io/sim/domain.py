@@ -46,10 +46,10 @@ answers of the last ``REPLY_CACHE_ENTRIES`` requests in its last ``REPLY_CACHE_P
 pages of RAM, which its workload writes no more from the first request on (a flag in the
 vCPU state; a guest that never takes a request behaves as it always did): in guest
 memory, so checkpoints replicate the cache and a rolled-back SVM has the one of its
-checkpoint. A request found
-there (a client sent it again: its answer did not come, e.g. across a failover) is not
-executed again: the guest answers with the cached bytes, and its state moves on by the
-input seq only (at-most-once execution; the client keeps one answer per request number).
+checkpoint. A request found there (a client sent it again: its answer did not come, e.g.
+across a failover) is not executed again: the guest answers with the cached bytes, and
+its state moves on by the input seq only (at-most-once execution; the client keeps one
+answer per request number).
 A request older than the cache holds for its client (its slot holds a later request of
 the same client) is refused: answered with a zero digest (``answer_refused``), never
 executed. PVM and SVM decide from the same replicated RAM, so a duplicate produces the
@@ -277,8 +277,7 @@ class _GuestState:
 
     def pack(self, fingerprint: bytes) -> bytes:
         body = _BLOB_BODY.pack(_BLOB_MAGIC, _BLOB_VERSION, self.flags, fingerprint, self.seq,
-                               self.phase,
-                               self.step, self.npages, self.key, self.acc)
+                               self.phase, self.step, self.npages, self.key, self.acc)
         return body + blake3.blake3(body).digest(_BLOB_CHECK_LEN)
 
     @classmethod
