@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_until
+
 from pipeline.xen_io import DomainError
 from pipeline.xen_io.sim import domain as sim_module
 from pipeline.xen_io.sim.dirty_log import uffd_wp_async_unsupported_reason
@@ -304,6 +306,51 @@ def test_copy_of_ram_and_vcpu_makes_b_continue_exactly_as_a(make_domain, mid_inp
     b.pause()
     assert a.memory_digest() == b.memory_digest()
     assert a.get_vcpu_state() == b.get_vcpu_state()
+
+
+def test_a_guest_loaded_mid_input_waits_for_the_input_its_log_has_not_got_yet(make_domain) -> None:
+    """The primary feeds its guest an input before it mirrors it, so a checkpoint can
+    catch the PVM inside input 10 while the SVM's log holds only inputs 0..9 (at load 20
+    the mirror was seen 29 inputs behind). Loaded with that state, the SVM waits for
+    input 10 (counted) instead of failing with InputLogEntryGone (seq 10 beyond the log's
+    head: CI, test_one_nondeterministic_reply_makes_exactly_one_net_checkpoint); fed it,
+    it goes on exactly as the PVM. The interleaving is forced, not timed: the PVM stops at
+    its breakpoint (page 5 of input 10), and b's log is fed up to input 9 only."""
+    a = make_domain("a", paused=False)
+    b = make_domain("b", workload=WorkloadSpec(fill=False, seed=99))  # a fresh secondary
+    first = inputs(10) + [SimDomain.write_command(64)] + inputs(5, 11)
+    a.break_at(10, 5)
+    for p in first:
+        a.feed_input(p)
+    for p in first[:10]:
+        b.feed_input(p)                  # the mirror is behind: input 10 not in b's log yet
+    a.wait_break()
+    blob = a.get_vcpu_state()
+    assert (SimDomain.vcpu_input_seq(blob), SimDomain.vcpu_input_step(blob)) == (10, 5)
+    assert [s for s, _ in all_outputs(a, 10)] == list(range(10))
+    assert b.input_head == 10
+    b.memory_view()[:] = a.memory_view()
+    b.set_vcpu_state(blob)
+    b.resume()
+
+    def waiting() -> bool:
+        problem = b._guest_problem()     # before the fix: InputLogEntryGone, at once
+        assert problem is None, problem
+        return b.counters()["inputs_awaited_mid_input"] == 1
+    wait_until(waiting, 60, "b waiting for input 10, in the middle of it")
+    assert b.input_seq() == 10 and b.read_outputs() == []
+    for p in first[10:]:
+        b.feed_input(p)
+    a.resume()
+    a.wait_for_input_seq(len(first))
+    b.wait_for_input_seq(len(first))
+    out_b = all_outputs(b, 6)
+    assert [s for s, _ in out_b] == list(range(10, 16)) and out_b == all_outputs(a, 6)
+    a.pause()
+    b.pause()
+    assert a.memory_digest() == b.memory_digest()
+    assert a.get_vcpu_state() == b.get_vcpu_state()
+    assert b.counters()["inputs_awaited_mid_input"] == 1
 
 
 # -- input log ---------------------------------------------------------------------------------

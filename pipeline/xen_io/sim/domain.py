@@ -347,13 +347,15 @@ W_BREAK = 21         # a breakpoint: (seq << 32 | page) + 1, or 0 for none (see 
 W_REQUESTS = 22      # request inputs executed (their answers cached)
 W_REPLAYED = 23      # requests answered from the reply cache, not executed again
 W_REFUSED = 24       # requests older than the reply cache holds, refused
+W_INPUT_AWAITED = 25  # resumed in the middle of an input its log does not hold yet: waited
 _WORDS = 32
 _COUNTERS = {"inputs_consumed": W_INPUTS, "pages_written": W_PAGES_WRITTEN,
              "outputs_emitted": W_OUTPUTS, "pauses": W_PAUSES, "bad_vcpu_blobs": W_BAD_BLOBS,
              "nondeterministic_inputs": W_NONDET_INPUTS,
              "clamped_write_commands": W_CLAMPED_COMMANDS, "output_stalls": W_OUTPUT_STALLS,
              "bad_page_requests": W_BAD_PAGE_REQUESTS, "requests_executed": W_REQUESTS,
-             "requests_replayed": W_REPLAYED, "requests_refused": W_REFUSED}
+             "requests_replayed": W_REPLAYED, "requests_refused": W_REFUSED,
+             "inputs_awaited_mid_input": W_INPUT_AWAITED}
 
 _STATUS_STARTING, _STATUS_RUNNING, _STATUS_FAILED = 0, 1, 2
 _VCPU_OFF, _VCPU_CAP = 512, 512
@@ -938,6 +940,7 @@ class _Guest:
         self._uffd: UffdWriteProtect | None = None
         self._last_digest = bytes(32)  # of the output frame just sent
         self._last_frame = b""
+        self._awaited = -1             # the input seq last waited for mid-input (counted once)
 
     # -- set-up ----------------------------------------------------------------------
     def _become_guest_process(self) -> None:
@@ -1017,10 +1020,20 @@ class _Guest:
                 self._paused()
                 continue
             st = self.state
+            if not self.inputs.available(st.seq):
+                # Between inputs: wait for the next one. In the middle of one: this guest
+                # was loaded with its peer's state (a checkpoint caught the PVM inside
+                # input seq) before its own log got that input: the primary feeds its
+                # guest before it mirrors the input, and the mirror may lag by many
+                # inputs. The input's payload is needed (its output names the request),
+                # so the guest waits for it here as it would between inputs (asked for
+                # it, it failed with InputLogEntryGone: seq beyond the log's head).
+                if st.phase != PHASE_IDLE and self._awaited != st.seq:
+                    self._awaited = st.seq
+                    w[W_INPUT_AWAITED] += 1
+                os.eventfd_read(self.dom._doorbell)  # sleeps until fed, paused or resumed
+                continue
             if st.phase == PHASE_IDLE:
-                if not self.inputs.available(st.seq):
-                    os.eventfd_read(self.dom._doorbell)  # sleeps until fed, paused or resumed
-                    continue
                 self._begin_input(self.inputs.get(st.seq))
             if st.step < st.npages and not self._write_pages():
                 continue  # interrupted by a pause request
