@@ -7,6 +7,7 @@ the protocol, the demo's memory check failed); 2 bad command line or bad config
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -54,12 +55,16 @@ def _load(path: str, role: str | None = None) -> config.Settings:
 # -- primary / secondary -------------------------------------------------------------
 def cmd_node(args: argparse.Namespace) -> int:
     settings = _load(args.config, args.command)
-    from pipeline.supervisor import Supervisor
+    from pipeline.supervisor import Supervisor, address_space_hint
     try:
         sup = Supervisor(settings)
         code = sup.run()
     except OSError as exc:      # e.g. the metrics port is taken: say so, no traceback
-        print(f"colo-pipeline {args.command}: {exc}", file=sys.stderr)
+        # ENOMEM under a finite RLIMIT_AS: the limit, not the machine (the fault matrix's
+        # rlimit-as-too-low row; the node's own allocations, before any stage runs)
+        hint = address_space_hint(1 if exc.errno == errno.ENOMEM else None,
+                                  "the node could not map its memory")
+        print(f"colo-pipeline {args.command}: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILED
     if code:
         print(f"colo-pipeline {args.command}: {sup.exit_reason}", file=sys.stderr)

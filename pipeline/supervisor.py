@@ -254,16 +254,17 @@ def stage_names(settings: Settings, role: str, has_inputs: bool) -> list[str]:
     return names
 
 
-def _address_space_hint(code: int | None) -> str:
+def address_space_hint(code: int | None, what: str = "a stage that cannot map its "
+                        "memory dies like this") -> str:
     """Why a stage may have died, when the node runs under a finite RLIMIT_AS: an
     allocation that fails there aborts (SIGABRT) or kills the process inside a C library
     (numpy, libzmq, lz4) with nothing in the log naming the limit (the fault matrix's
-    rlimit-as-too-low row). "" when no such limit is set or the stage exited cleanly."""
+    rlimit-as-too-low row). "" when no such limit is set or the stage exited cleanly.
+    ``what``: the failure the limit explains (the node's own ENOMEM: cli.cmd_node)."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     if code is None or code == 0 or soft == resource.RLIM_INFINITY:
         return ""
-    return (f" (RLIMIT_AS is {soft >> 20} MiB: a stage that cannot map its memory dies "
-            "like this; raise the limit)")
+    return f" (RLIMIT_AS is {soft >> 20} MiB: {what}; raise the limit)"
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
@@ -554,7 +555,7 @@ class Supervisor:
             if not self.stop_event.is_set():
                 how = f"killed by signal {-code}" if code is not None and code < 0 \
                     else f"exited with code {code}"
-                self.exit_reason = f"stage {name} {how}{_address_space_hint(code)}"
+                self.exit_reason = f"stage {name} {how}{address_space_hint(code)}"
                 log.error("node %s: %s; stopping the node", self.name, self.exit_reason)
                 return 1
         return 0
