@@ -176,6 +176,16 @@ class Service:
         cps = node.checkpoints(last=after["recorded"] - before["recorded"]) \
             if after["recorded"] > before["recorded"] else []
         elapsed = after["t"] - before["t"]
+        # a protected mode whose secondary was lost (it exited, or the primary gave it up)
+        # measured an unprotected service from then on: say so in the row, with why
+        state = node.node_info().get("state", "?")
+        if self.mode != "unprotected" and state != "protected":
+            sec = self.pair.procs.get("secondary")
+            code = sec.poll() if sec is not None else None
+            print(f"{self.mode}: the pair is {state} after this row (secondary exit code "
+                  f"{code}); its figures are partly unprotected. Log tails:\n"
+                  f"{self.pair.log_tail('primary', 1500)}\n---\n"
+                  f"{self.pair.log_tail('secondary', 1500)}", file=sys.stderr, flush=True)
         by_cause: dict[str, float] = {}
         for c in cps:
             name = CAUSES[c["cause"]] if c["cause"] < len(CAUSES) else str(c["cause"])
@@ -199,6 +209,7 @@ class Service:
                           else None)
                    for role in ("primary", "secondary")},
             comparator={k: after["net"][k] - before["net"][k] for k in NET_FIGURES},
+            state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
             window_s=round(elapsed, 2))
         return row

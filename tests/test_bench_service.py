@@ -29,6 +29,8 @@ def test_quick_run_has_every_row_and_loses_no_request():
         assert r["completed"] == r["sent"] > 0, r
         assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
         assert set(r["cpu_s"]) == {"primary", "secondary"}
+        # a protected mode's row says whether the pair stayed protected through it
+        assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
         if r["mode"] == "unprotected":
             assert r["checkpoints_by_cause"] == {} and r["cpu_s"]["secondary"] == 0
         elif r["mode"] == "buffered":
