@@ -301,7 +301,8 @@ def slow_secondary_commit(pair: LocalPair) -> dict:
     client = pair.node("primary").stage("client")
     n0 = client.as_dict()["outputs"]
     wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100, "the PVM serving meanwhile")
-    os.kill(pair.node("secondary").node_info()["stage_pids"]["coordinator"], signal.SIGCONT)
+    localpair.continue_stopped(pair.node("secondary").node_info()["stage_pids"]["coordinator"],
+                               error=RunFailed)
     done = pair.node("primary").stage("coordinator").as_dict()["epochs_committed"]
     wait_until(lambda: pair.node("primary").stage("coordinator").as_dict()["epochs_committed"]
                > done + 3, "checkpoints after the late ACK")
@@ -756,7 +757,8 @@ def failover_merge(fault: str) -> Callable:
         pair.kill("primary")
         wait_until(lambda: fired(pair, "secondary", point), "the takeover's merge")
         if action == "stop":     # the disk stage stopped mid-merge (a slow disk): go on
-            os.kill(pair.node("secondary").node_info()["stage_pids"]["disk"], signal.SIGCONT)
+            localpair.continue_stopped(pair.node("secondary").node_info()["stage_pids"]["disk"],
+                                       error=RunFailed)
         info = pair.wait_info("role", "active", role="secondary", timeout=DEADLINE)
         figures = active_svm_serves_a_replay(pair, info)
         from pipeline.disk.nbd_client import NbdClient

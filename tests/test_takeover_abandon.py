@@ -18,7 +18,7 @@ import pytest
 
 from conftest import wait_until
 
-from pipeline.localpair import LocalPair, free_port_base
+from pipeline.localpair import LocalPair, continue_stopped, free_port_base
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -55,7 +55,7 @@ def _peer_silent_until(pair: LocalPair, deciding: str, point: str, what: str) ->
         os.kill(hb, signal.SIGCONT)
     wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", deciding) >= 1,
                timeout=120, what=f"the {deciding}'s heartbeat hearing the {other} again")
-    os.kill(_pid(pair, deciding, "coordinator"), signal.SIGCONT)
+    continue_stopped(_pid(pair, deciding, "coordinator"))
 
 
 def test_a_primary_heard_again_before_the_grant_abandons_the_takeover(tmp_path):
@@ -114,7 +114,7 @@ def test_once_the_witness_granted_the_takeover_goes_through(tmp_path):
             os.kill(hb, signal.SIGCONT)
         wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "secondary") >= 1,
                    timeout=120, what="the secondary's heartbeat hearing the primary again")
-        os.kill(_pid(pair, "secondary", "coordinator"), signal.SIGCONT)
+        continue_stopped(_pid(pair, "secondary", "coordinator"))
         info = pair.wait_info("role", "active", role="secondary", timeout=120)
         assert pair.stage_counter("coordinator", "takeovers", "secondary") == 1
         assert pair.stage_counter("coordinator", "takeovers_abandoned", "secondary") == 0
@@ -187,7 +187,7 @@ def test_a_new_secondary_process_is_not_the_lost_one_heard_again(tmp_path):
         pair.start_node("secondary")
         wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "primary") >= 1,
                    timeout=120, what="the primary's heartbeat hearing the new secondary")
-        os.kill(_pid(pair, "primary", "coordinator"), signal.SIGCONT)
+        continue_stopped(_pid(pair, "primary", "coordinator"))
         wait_until(lambda: pair.stage_counter("coordinator", "reprotections", "primary") >= 1,
                    timeout=180, what="the primary re-protecting with the new secondary")
         pair.wait_protected(timeout=300)
