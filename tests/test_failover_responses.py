@@ -128,8 +128,19 @@ def rolled_back_survivor(pair: HostPair) -> dict:
         client.start()
         # (pass 16: a checkpoint of the protected pair, answers flowing)
         pair.start_node("b", fault="secondary.begin:16:stop")
-        wait_until(lambda: "COLO_FAULT fired: secondary.begin" in pair.log_tail("b", 1 << 20),
-                   timeout=300, what="b's coordinator stopped inside a checkpoint")
+
+        def stopped_inside_a_checkpoint() -> bool:
+            # a node that died meanwhile says why at once, instead of this wait running
+            # out its deadline and saying only "not within" (CI, load 20: 308 s, where b
+            # gets here in ~20 s at load 20-25: its sync, pre-copy, 15 epochs of 1 s)
+            pair.check_alive()
+            return "COLO_FAULT fired: secondary.begin" in pair.log_tail("b", 1 << 20)
+        try:
+            wait_until(stopped_inside_a_checkpoint, timeout=300,
+                       what="b's coordinator stopped inside a checkpoint")
+        except AssertionError as exc:   # both alive, yet no 16th BEGIN: say where b is
+            raise AssertionError(f"{exc}; b's info: {pair.node('b').node_info()}\n"
+                                 f"b's log:\n{pair.log_tail('b')}") from None
         coordinator = pair.node("b").node_info()["stage_pids"]["coordinator"]
         pair.kill("a")
         os.kill(coordinator, signal.SIGCONT)
