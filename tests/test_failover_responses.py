@@ -28,7 +28,7 @@ from test_failover import TABLES
 from test_failover_reprotect import (CLIENT_ONLY, NET, NETNS_READY, EtcdNetns,
                                      assert_executed_once, more_answers, service_client)
 
-from pipeline.localpair import HostPair
+from pipeline.localpair import HostPair, continue_stopped
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -116,9 +116,6 @@ def rolled_back_survivor(pair: HostPair) -> dict:
     agreed with the PVM's) come again, each with the bytes already received (the guest
     is deterministic on its inputs), and the requests the client sends again are answered
     from the replayed guest's cache. Either way every request gets exactly one answer."""
-    import os
-    import signal
-
     from pipeline.counters import STATUS_ABORTED
     client = service_client(pair)
     stream = client.stream
@@ -143,7 +140,9 @@ def rolled_back_survivor(pair: HostPair) -> dict:
                                  f"b's log:\n{pair.log_tail('b')}") from None
         coordinator = pair.node("b").node_info()["stage_pids"]["coordinator"]
         pair.kill("a")
-        os.kill(coordinator, signal.SIGCONT)
+        # once stopped: its "fired" line comes before its SIGSTOP, and a SIGCONT that
+        # came first would leave it stopped for good ("b becoming the primary" never)
+        continue_stopped(coordinator)
         wait_until(lambda: pair.node("b").node_info().get("role") == "primary",
                    timeout=300, what="b becoming the primary")
         more_answers(pair, client, ANSWERS, "from the survivor")
