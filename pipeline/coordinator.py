@@ -399,6 +399,14 @@ class PrimaryCoordinator(_Coordinator):
         one more heartbeat timeout; then the loss is abandoned (counted, logged) and the
         pair goes on protected (a torn epoch's pages are carried as always)."""
         faults.point("primary.peer_lost")
+        if self.role.replaced:
+            # not a silence: another secondary process answers at its address (issue 11)
+            self.c.add("secondaries_replaced", 1)
+            self.ctx.log.warning("epoch=%d event=secondary_replaced %s: the secondary this "
+                                 "primary was protected by is gone; its successor joins "
+                                 "with a HELLO and a full sync", self.epoch,
+                                 self.role.replaced, extra={"epoch": self.epoch})
+            return True
         why = self.role.peer_back_within(self.hb_events, self.settings.heartbeat.timeout_s,
                                          self.ctx.stopping)
         if not why:
@@ -499,6 +507,7 @@ class PrimaryCoordinator(_Coordinator):
             return
         self.unprotected = True
         self.shared.unprotected.value = 1
+        self.role.loss_handled()
         self.c.add("peer_lost", 1)
         self.bus.publish("role", self.epoch, role="unprotected")
         self._info(state="unprotected", unprotected_since=time.time())
@@ -542,6 +551,7 @@ class PrimaryCoordinator(_Coordinator):
         """A new secondary answered: it holds nothing, so forget what the old one held."""
         self.shared.unprotected.value = 0
         self.unprotected = False
+        self.role.loss_handled()      # heard meanwhile: the one that answered the HELLO
         self.table.valid[:] = False
         self.carry = np.zeros(0, np.uint64)
         self.c.add("reprotections", 1)
@@ -777,6 +787,9 @@ class SecondaryCoordinator(_Coordinator):
                                                             # stage's, by epoch
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
+        # a full sync (a FLAG_SYNC epoch) committed: before it, this SVM's memory is no
+        # copy of anything, and an ordinary checkpoint on top of it would not make it one
+        self.synced = False
         self.last_epoch = -1
         self.last_control: float | None = None
         self.prehashed = SvmPrehash(domain, self.c)
@@ -830,6 +843,10 @@ class SecondaryCoordinator(_Coordinator):
     def checkpoint(self, begin: wire.CheckpointBegin) -> None:
         """One epoch, the other half of PrimaryCoordinator.checkpoint."""
         epoch = begin.epoch
+        if not begin.flags & wire.FLAG_SYNC and not self.synced:
+            # (here, in order: the sync's last epoch may still be being applied when the
+            # next BEGIN arrives)
+            self._refuse_unsynced(begin)
         t_begin = time.monotonic_ns()
         trace.point("begin_in", epoch)
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
@@ -928,6 +945,7 @@ class SecondaryCoordinator(_Coordinator):
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
         if committed:
             self.last_epoch = epoch
+            self.synced = self.synced or bool(begin.flags & wire.FLAG_SYNC)
             self.bus.publish("committed", epoch, input_seq=input_seq)
             self.c.add("epochs_committed", 1)
             self._info(epoch=epoch, state="protected" if self.svm_started else "syncing")
@@ -1098,6 +1116,25 @@ class SecondaryCoordinator(_Coordinator):
             self.role.refuse_unprotected()
             return
         self.lost = (last_seen, detected, detected_by)
+
+    def _refuse_unsynced(self, begin: wire.CheckpointBegin) -> None:
+        """An ordinary checkpoint for a secondary that never had a full sync: a primary
+        that took this (new) process for the one it had synced, which died within one
+        heartbeat timeout, its sockets reconnected here (issue 11). Applied, the SVM
+        would run from a memory that is no copy of the PVM (or, with a disk, the commit
+        fails). It is torn (ACK aborted with the reason), never applied, and this
+        secondary stops as stale: the primary, its epoch unanswered or the heartbeat's new
+        instance heard, goes unprotected and syncs the restarted node afresh."""
+        why = (f"epoch {begin.epoch}: an ordinary checkpoint (not a full sync), but this "
+               "secondary never received a full sync; refused, not applied")
+        self.c.add("unsynced_refused", 1)
+        self._info(state="stale", stale_reason=why)
+        self.ctx.log.error("epoch=%d event=unsynced_refused %s", begin.epoch, why,
+                           extra={"epoch": begin.epoch})
+        self._send(wire.encode_ack(begin.epoch, wire.ACK_ABORTED, 0, why, b"",
+                                   assembled_ns=0, apply_ns=0))
+        raise StaleSecondary(f"{why}; stopping (start it again to join as a new secondary: "
+                             "the primary syncs it)")
 
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:

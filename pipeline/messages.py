@@ -33,7 +33,9 @@ ACK); Applied follows when they are, and the SVM stays paused until then.
 
 Heartbeat stage (both), to its coordinator; times are ``time.monotonic()`` seconds::
 
-    PeerUp(heard, info)          the first valid heartbeat from the peer
+    PeerUp(heard, info)          the first valid heartbeat from the peer (on the primary,
+                                 also from a new secondary process while the peer was up:
+                                 its ``instance``)
     PeerLost(last_seen, detected)  no valid heartbeat for ``miss_count`` intervals
     PeerBack(heard, info)        a valid heartbeat after PeerLost
 """

@@ -298,6 +298,24 @@ def test_peer_back_after_the_peer_restarts(pair_factory):
     assert sec.counters.as_dict()["peer_back"] == 1
 
 
+def test_a_new_secondary_process_within_the_timeout_is_told_to_the_primary(pair_factory):
+    """The secondary's heartbeat process dies and a new one starts before any silence is
+    decided (a 100 s timeout): no PeerLost, but the primary is told with a PeerUp of the
+    new instance (issue 11: it took the new process for the old one), counted."""
+    pri, sec, _ = pair_factory(interval_ms=1000, miss_count=100)
+    pri.drain()
+    first = pri.counters.as_dict()["items_in"]
+    wait_until(lambda: pri.counters.as_dict()["items_in"] > first, timeout=60,
+               what="the primary hearing the first secondary process")
+    sec.kill()
+    sec.start()
+    ev = pri.wait_event(messages.PeerUp, 60)
+    assert ev.info["role"] == "secondary"
+    c = pri.counters.as_dict()
+    assert c["peer_new_instance"] == 1 and c["peer_lost"] == 0 and c["peer_back"] == 0
+    assert not any(isinstance(e, messages.PeerLost) for e in pri.drain())
+
+
 def test_bad_records_are_counted_and_dropped(pair_factory):
     _pri, sec, settings = pair_factory()
     good = heartbeat.encode_heartbeat(heartbeat.Heartbeat(heartbeat.ROLE_PRIMARY, 100, 1, 1, 0, 0))

@@ -110,6 +110,9 @@ class PrimaryRole:
         self.lost_reason = ""
         #: the heartbeat instance (random per process) of the secondary last heard
         self.peer_instance: int | None = None
+        #: why the secondary counts as lost at once ("": it does not): its heartbeat
+        #: came from another process than the one this primary was protected by
+        self.replaced = ""
 
     def take(self, adopt: int = 0) -> None:
         """With a witness, hold the active role for a generation of our own (``adopt``:
@@ -147,15 +150,33 @@ class PrimaryRole:
 
     def heard(self, ev: Any) -> bool:
         """One heartbeat event: True if it says the secondary is lost. Raises RoleLost when
-        the peer is active in a later generation than ours."""
+        the peer is active in a later generation than ours.
+
+        A heartbeat from another secondary process than the one last heard says the
+        old one is lost at once (:attr:`replaced`), silence or not: a new process that
+        started within one heartbeat timeout of the old one's death never let the
+        heartbeat go silent, and the control and pages sockets reconnect to it by
+        themselves; taken for the old one, it was sent checkpoints of epochs it never had
+        a full sync for (issue 11). It joins with a HELLO and a sync of its own."""
         gen = peer_generation(ev)
         if gen is not None and gen > self.shared.generation.value:
             # the other side took the active role in a later generation
             raise RoleLost(f"the peer is active in generation {gen} (ours "
                            f"{self.shared.generation.value})")
         if isinstance(ev, (messages.PeerUp, messages.PeerBack)):
-            self.peer_instance = ev.info.get("instance")
+            instance = ev.info.get("instance")
+            if self.peer_instance is not None and instance != self.peer_instance:
+                self.replaced = (f"the secondary's heartbeat comes from a new process "
+                                 f"(instance {instance}, was {self.peer_instance})")
+                self.peer_instance = instance
+                return True
+            self.peer_instance = instance
         return isinstance(ev, messages.PeerLost)
+
+    def loss_handled(self) -> None:
+        """The primary went unprotected, or re-protects a secondary that answered its
+        HELLO (after a full sync of its own): a replacement heard before is dealt with."""
+        self.replaced = ""
 
     def peer_back_within(self, events: Any, grace_s: float,
                          stopping: Callable[[], bool] = lambda: False) -> str:
@@ -174,16 +195,15 @@ class PrimaryRole:
         waited for writes "seen only up to 0")."""
         deadline = time.monotonic() + grace_s
         reason = ""
-        lost_instance = self.peer_instance
         while True:
+            if self.replaced:
+                log.warning("%s: the lost one is gone", self.replaced)
+                return ""
             while events.poll(0):
                 ev = events.recv()
                 self.heard(ev)
-                if isinstance(ev, (messages.PeerUp, messages.PeerBack)) and \
-                        lost_instance is not None and ev.info.get("instance") != lost_instance:
-                    log.warning("the secondary's heartbeat comes from a new process "
-                                "(instance %s, was %s): the lost one is gone",
-                                ev.info.get("instance"), lost_instance)
+                if self.replaced:
+                    log.warning("%s: the lost one is gone", self.replaced)
                     return ""
                 elif isinstance(ev, (messages.PeerUp, messages.PeerBack)):
                     reason = (f"the secondary's heartbeat is back (seq {ev.info.get('seq')}) "

@@ -55,7 +55,11 @@ Events, sent on ``events_conn`` (a ``multiprocessing`` Connection; the coordinat
 polls its fileno), as the types of pipeline/messages.py. Times are ``time.monotonic()``
 seconds of this node::
 
-    PeerUp(heard, info)            the first valid heartbeat from the peer
+    PeerUp(heard, info)            the first valid heartbeat from the peer; on the
+                                   primary also the first from another secondary process
+                                   (``instance``) while the peer was up: a new process that
+                                   started within one timeout of the old one's death (no
+                                   silence was ever decided)
     PeerLost(last_seen, detected)  no valid heartbeat for miss_count intervals
     PeerBack(heard, info)          a valid heartbeat after PeerLost
 
@@ -95,7 +99,8 @@ RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
 # the latest it resumed from a wait (local_pauses: how often by more than half an interval)
 COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "hb_copies", "send_dropped", "late_wakeups",
             "max_late_us", "max_gap_us", "max_send_gap_us", "max_runq_us", "local_pauses",
-            "max_local_pause_us", "peer_lost", "peer_back", "hb_handshake_failed")
+            "max_local_pause_us", "peer_lost", "peer_back", "hb_handshake_failed",
+            "peer_new_instance")
 
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
@@ -332,9 +337,22 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
             c.add("items_in", 1)
             if peer.state != "unknown":
                 c.max("max_gap_us", int((now - peer.heard_at) * 1e6))
+            # (the primary's side only: a secondary's takeover attempt would take a new
+            # primary process's PeerUp for the lost primary back, PeerBackWatch)
+            replaced = my_role == ROLE_PRIMARY and peer.state == "up" and \
+                hb.instance != peer.instance
             peer.instance, peer.seq, peer.last_seen, peer.heard_at = \
                 hb.instance, hb.seq, now, now
-            if peer.state == "unknown":
+            if replaced:
+                # another process at the peer's address (the old one died and a new one
+                # started within one timeout): it holds nothing of the old one's state,
+                # and no PeerLost/PeerBack will ever tell (issue 11)
+                c.add("peer_new_instance", 1)
+                ctx.log.warning("heartbeat: peer %s is a new process (instance %d, "
+                                "generation %d)", hb.info()["role"], hb.instance,
+                                hb.generation)
+                emit(messages.PeerUp(now, hb.info()))
+            elif peer.state == "unknown":
                 peer.state = "up"
                 ctx.log.info("heartbeat: peer %s is up (generation %d)", hb.info()["role"],
                              hb.generation)
