@@ -175,8 +175,11 @@ class PrimaryRole:
 
     def loss_handled(self) -> None:
         """The primary went unprotected, or re-protects a secondary that answered its
-        HELLO (after a full sync of its own): a replacement heard before is dealt with."""
+        HELLO (after a full sync of its own): a replacement heard before is dealt with, and
+        the next heartbeat instance is the one to keep (the new secondary's PeerBack can come
+        after its HELLO: taken for a replacement, it re-protected the pair a second time)."""
         self.replaced = ""
+        self.peer_instance = None
 
     def peer_back_within(self, events: Any, grace_s: float,
                          stopping: Callable[[], bool] = lambda: False) -> str:
