@@ -15,9 +15,6 @@ The secondary dying in the same window (stale, re-synced) is the fault matrix's
 """
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 from conftest import wait_until
@@ -27,7 +24,7 @@ from test_secondary_faults import (BATCH, PAGES, close_hand_pair, committed_pair
 
 from pipeline import wire
 from pipeline.counters import STATUS_COMMITTED
-from pipeline.localpair import LocalPair
+from pipeline.localpair import LocalPair, continue_stopped
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -76,7 +73,7 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
             prim.pages.send(m)
         wait_until(lambda: counters(pair)["receive"]["items_in"] > before, timeout=60,
                    what="the receive stage taking the next epoch's first record")
-        os.kill(_restore_pid(pair), signal.SIGCONT)
+        continue_stopped(_restore_pid(pair))
         wire.decode_svm_dirty(prim.recv(wire.SVM_DIRTY, timeout=60), PAGES)
         prim.pages.send(wire.encode_epoch_end(e, len(second), len(msgs), 0,
                                               dom.get_vcpu_state()))
@@ -121,7 +118,7 @@ def test_the_primary_dying_after_the_ack_the_secondary_applies_it_all_then_goes_
                    timeout=120, what="the secondary declaring the primary lost")
         assert last_committed("secondary") < acked
         assert pair.node("secondary").node_info().get("role") != "active"
-        os.kill(_restore_pid(pair), signal.SIGCONT)
+        continue_stopped(_restore_pid(pair))
         info = _wait_takeover_decision(pair)
         assert info["role"] == "active", info
         assert info["active_since_epoch"] == acked == last_committed("secondary"), info
