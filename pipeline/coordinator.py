@@ -1082,7 +1082,7 @@ class SecondaryCoordinator(_Coordinator):
                     last_seen, detected, by = self.lost
                     self.lost = None
                     self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by,
-                                        self.hb_events)
+                                        self.hb_events, self.disk)
                 if self.role.active:
                     self.role.serve(self.bus)
         finally:

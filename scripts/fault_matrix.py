@@ -720,13 +720,22 @@ def disk_buffer_fails(fault: str) -> Callable:
     return run
 
 
+def merge_journal(pair: LocalPair) -> dict:
+    """The secondary's disk store journal (``merging``, ``active``: pipeline/disk/store.py)."""
+    import json
+    with open(os.path.join(pair.workdir, "secondary.img.colo", "journal.json")) as f:
+        return json.load(f)
+
+
 def failover_merge(fault: str) -> Callable:
     """A takeover that merges the SVM's own disk writes (the overlay) into its image. The
     PVM writes 100 writes (forwarded, committed by a requested checkpoint: both images
     equal), then the SVM writes the next 20 of the same stream into its overlay (the SVM
     runs on between checkpoints; no timer checkpoint, the disk comparator off, so none
     drops the overlay), and the primary host dies. The takeover merges the overlay
-    (``store.merge.run`` fires; ``fault`` is what happens there). Invariants: the SVM goes
+    (``store.merge.run`` fires; ``fault`` is what happens there). Invariants: the node
+    says it is active only once the merge is done (the journal says ``active``; stopped
+    mid-merge, it is not active yet); the SVM goes
     active from the last checkpoint and serves on (memory a replay of its inputs), and
     its disk, read through its export (which serves on), is exactly the stream's first
     120 writes: the checkpoint's image with the SVM's writes since on top, none lost."""
@@ -757,9 +766,20 @@ def failover_merge(fault: str) -> Callable:
         pair.kill("primary")
         wait_until(lambda: fired(pair, "secondary", point), "the takeover's merge")
         if action == "stop":     # the disk stage stopped mid-merge (a slow disk): go on
-            localpair.continue_stopped(pair.node("secondary").node_info()["stage_pids"]["disk"],
-                                       error=RunFailed)
+            # the takeover waits for the merge: while the disk stage is stopped inside it,
+            # the node must not say it is active (its export would hang on every request)
+            sec = pair.node("secondary")
+            wait_until(lambda: sec.node_info().get("state") == "takeover: merging the disk"
+                       or sec.node_info().get("role") == "active", "the takeover's merge")
+            if sec.node_info().get("role") == "active":
+                raise RunFailed("the secondary went active while its disk stage was stopped "
+                                "in the failover merge")
+            localpair.continue_stopped(sec.node_info()["stage_pids"]["disk"], error=RunFailed)
         info = pair.wait_info("role", "active", role="secondary", timeout=DEADLINE)
+        journal = merge_journal(pair)
+        if not journal.get("active") or journal.get("merging"):
+            raise RunFailed(f"the secondary is active, but its disk store's journal says "
+                            f"{journal}: the failover merge had not finished")
         figures = active_svm_serves_a_replay(pair, info)
         from pipeline.disk.nbd_client import NbdClient
         try:

@@ -277,14 +277,20 @@ class SecondaryRole:
                            "over from; staying passive")
 
     def take_over(self, bus: Any, last_epoch: int, last_seen: float, detected: float,
-                  detected_by: str, events: Any = None) -> bool:
+                  detected_by: str, events: Any = None, disk: Any = None) -> bool:
         """The primary is lost and no epoch is open: pass the split-brain guard and make
         the SVM the active VM, going on from its own state. True if it went active.
 
         ``events``: the heartbeat stage's event pipe. While the guard has not granted the
         role yet (the witness still refuses: the primary's lease runs), a heartbeat of
         the primary that comes back abandons the attempt (:meth:`_abandon`); once granted,
-        the takeover goes through."""
+        the takeover goes through.
+
+        ``disk``: the disk stage's control (a replicated disk). Its failover merge (the
+        SVM's overlay into the image) is done before the SVM resumes and the node says
+        it is active: a node that said so mid-merge had an export that hung on every
+        request until the merge ended, or (a merge that fails for good) a VM live on a
+        disk that is no checkpoint plus its own writes."""
         detect_ms = (detected - last_seen) * 1000
         f = self.settings.failover
         vm = witness_vm(self.settings)
@@ -312,6 +318,8 @@ class SecondaryRole:
         # committed: the witness granted the role (or the fence ran); a primary heard
         # from now on is a stale one, which gives the role up (PrimaryRole.heard, its lease)
         faults.point("takeover.granted")
+        if disk is not None and not self._merge_disk(disk, last_epoch):
+            return False
         self.shared.generation.value = generation
         self.shared.active.value = 1
         self.active = True
@@ -336,6 +344,28 @@ class SecondaryRole:
                              "detected %.0f ms after the last heartbeat, live %.0f ms later",
                              last_epoch, generation, detect_ms, takeover_ms,
                              extra={"epoch": last_epoch})
+        return True
+
+    def _merge_disk(self, disk: Any, last_epoch: int) -> bool:
+        """The disk stage's failover merge, the SVM still paused; False (the takeover
+        refused, the SVM stays paused, counted) if it failed for good: the store's
+        journal still says ``merging`` and the merge is finished when the store is
+        opened again (pipeline/disk/store.py), never served half done."""
+        from pipeline.stages.disk import DiskControlError
+        self.info(state="takeover: merging the disk")
+        t0 = time.monotonic()
+        try:
+            # long: a large overlay takes its time; the guest's disk I/O waits for it anyway
+            disk.call("failover", reply_timeout_ms=600_000, give_up=self.ctx.stopping)
+        except DiskControlError as exc:
+            self.c.add("takeovers_refused", 1)
+            self.c.add("errors", 1)
+            why = f"the disk's failover merge failed: {exc}"
+            self.info(state="standby", takeover_refused=why)
+            self.ctx.log.error("epoch=%d event=takeover_refused the SVM does not go live: %s",
+                               last_epoch, why, extra={"epoch": last_epoch})
+            return False
+        self.info(takeover_disk_merge_ms=round((time.monotonic() - t0) * 1000, 1))
         return True
 
     def _signal_redirector(self, path: str) -> None:
