@@ -1,5 +1,5 @@
 """Fixtures and helpers shared by several test modules: the one free-port helper, the one
-etcd fixture, the one CLI wrapper, and waiting for an event instead of for time.
+etcd fixture, the one CLI wrapper, the one sim-guest factory, and waiting for an event instead of for time.
 
 Test modules import the plain helpers with ``from conftest import ...`` (pytest puts
 this directory on sys.path)."""
@@ -236,3 +236,22 @@ class Relay:
         self.stopped.set()
         for s in self.socks:
             s.close()
+
+
+@pytest.fixture
+def make_sim_domain():
+    """Open and start sim guests for a test (8 MiB each by default, paused unless asked),
+    closed at its end whatever happened: ``make_sim_domain(name, pages, workload, ...)``."""
+    from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
+    made = []
+
+    def make(name: str = "g", pages: int = 2048, workload: WorkloadSpec | None = None,
+             dirty_log: str = "auto", paused: bool = True, **kw):
+        dom = open_sim_domain(name, pages, workload or WorkloadSpec(), dirty_log, **kw)
+        made.append(dom)
+        dom.start(paused=paused)
+        return dom
+
+    yield make
+    for dom in made:
+        dom.close()

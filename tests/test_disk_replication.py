@@ -361,6 +361,21 @@ def _in_process_pair(tmp_path, **settings):
     return pri, sec
 
 
+def _commit_in_background(sec, epoch: int) -> tuple[threading.Thread, list[BaseException]]:
+    """Commit `epoch` on the secondary from a thread, so a test can hold the commit at a
+    named point and look at the state meanwhile; the errors list gets what it raised."""
+    errors: list[BaseException] = []
+
+    def commit():
+        try:
+            sec.commit(epoch)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's assertion
+            errors.append(e)
+    committer = threading.Thread(target=commit)
+    committer.start()
+    return committer, errors
+
+
 def test_a_write_overtaken_by_a_checkpoint_stays_in_its_epoch_and_never_fails(tmp_path):
     """The race of issue 18, forced: a write takes its epoch (1), then — before its forward
     is even queued — the checkpoint's pause moves the epoch on and the secondary is told
@@ -385,15 +400,7 @@ def test_a_write_overtaken_by_a_checkpoint_stays_in_its_epoch_and_never_fails(tm
         assert held == [(1, 1)]
         pri.backend.set_epoch(2)                          # the checkpoint's pause
         assert not pri.backend.wait_forwarded(1, 0)       # counted in epoch 1 already
-        errors: list[BaseException] = []
-
-        def commit():
-            try:
-                sec.commit(1)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                errors.append(e)
-        committer = threading.Thread(target=commit)
-        committer.start()
+        committer, errors = _commit_in_background(sec, 1)
         wait_for(lambda: sec.receiver.sealed.waiting_for == 1,
                  what="the commit of epoch 1 to wait for its sealed write")
         assert sec.store.committed_epoch == 0
@@ -1129,21 +1136,13 @@ def test_a_write_is_acked_before_it_is_buffered_and_its_commit_waits_for_the_buf
 
     monkeypatch.setattr(SecondaryStore, "buffer_pvm_writes", hold_the_append)
     committer = None
-    errors: list[BaseException] = []
     try:
         r = qemu_io(pri.uri, ["write -P 0x3c 128k 8k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
         assert held.is_set() and sec.counters["received"] == 0   # acked, not buffered
         assert pri.backend.wait_forwarded(1, 0)
         pri.backend.set_epoch(2)
-
-        def commit():
-            try:
-                sec.commit(1)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                errors.append(e)
-        committer = threading.Thread(target=commit)
-        committer.start()
+        committer, errors = _commit_in_background(sec, 1)
         wait_for(lambda: sec.receiver.sealed.waiting_for == 1,
                  what="the commit of epoch 1 to wait for the write's append")
         assert sec.store.committed_epoch == 0

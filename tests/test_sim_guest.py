@@ -1,6 +1,7 @@
 """The sim guest: a real forked process over a shared memfd, driven through SimDomain."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -32,19 +33,8 @@ NO_ZERO = WorkloadSpec(mix_zero=0.0, mix_text=0.5, mix_random=0.5)
 
 
 @pytest.fixture
-def make_domain():
-    made: list[SimDomain] = []
-
-    def make(name: str = "g", pages: int = PAGES, workload: WorkloadSpec = WorkloadSpec(),
-             dirty_log: str = "auto", paused: bool = True, **kw) -> SimDomain:
-        dom = open_sim_domain(name, pages, workload, dirty_log, **kw)
-        made.append(dom)
-        dom.start(paused=paused)
-        return dom
-
-    yield make
-    for dom in made:
-        dom.close()
+def make_domain(make_sim_domain):
+    return functools.partial(make_sim_domain, pages=PAGES)
 
 
 def feed_and_wait(dom: SimDomain, payloads: list[bytes]) -> None:

@@ -4,10 +4,12 @@ state (a checkpoint) carries it, and a duplicate produces the same output on two
 with the same state (what the comparator needs)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from pipeline.xen_io.sim import (ANSWER_SIZE, REPLY_CACHE_ENTRIES, SimDomain, WorkloadSpec,
-                                 answer_refused, open_sim_domain, parse_answer, request_input)
+                                 answer_refused, parse_answer, request_input)
 from pipeline.xen_io.sim.domain import REPLY_CACHE_MIN_PAGES, REPLY_CACHE_PAGES
 
 pytestmark = pytest.mark.timeout(60)
@@ -16,19 +18,10 @@ PAGES = 2048
 
 
 @pytest.fixture
-def make_domain():
-    made: list[SimDomain] = []
-
-    def make(name: str, pages: int = PAGES, workload: WorkloadSpec = WorkloadSpec(),
-             paused: bool = False) -> SimDomain:
-        dom = open_sim_domain(name, pages, workload, "bitmap")
-        made.append(dom)
-        dom.start(paused=paused)
-        return dom
-
-    yield make
-    for dom in made:
-        dom.close()
+def make_domain(make_sim_domain):
+    """These guests run (not paused) and log dirty pages in the bitmap, which every
+    kernel has."""
+    return functools.partial(make_sim_domain, pages=PAGES, dirty_log="bitmap", paused=False)
 
 
 def answers(dom: SimDomain, payloads: list[bytes]) -> list[bytes]:
