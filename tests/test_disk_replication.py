@@ -245,6 +245,32 @@ def test_divergent_svm_write_requests_a_checkpoint(tmp_path, rundir):
         bus.close()
 
 
+def test_an_svm_overlay_half_full_asks_for_a_checkpoint_before_a_write_can_fail(tmp_path,
+                                                                                rundir):
+    """The SVM's overlay (64 KiB here) reaching half its bound asks for a checkpoint once
+    (a commit empties it), so a pair whose checkpoints keep up never fails an SVM write
+    with ENOSPC; only a write past the bound itself fails, naming it."""
+    bus = CheckpointBus(rundir)
+    work = str(tmp_path / "disks")
+    try:
+        with start_disk_pair(work, SIZE, rundir=rundir, compare="off",
+                             overlay_max_bytes=64 * 1024) as pair:
+            assert qemu_io(pair.secondary_uri, ["write -P 1 0 16k"]).returncode == 0
+            assert bus.drain_requests() == []                    # a quarter: no request
+            assert qemu_io(pair.secondary_uri, ["write -P 2 64k 16k"]).returncode == 0
+            reqs = wait_for(bus.drain_requests, what="a checkpoint request")
+            assert [r[0] for r in reqs] == ["dirty_threshold"]
+            assert "SVM overlay at 32768 of 65536 bytes" in reqs[0][1]
+            assert qemu_io(pair.secondary_uri, ["write -P 3 128k 8k"]).returncode == 0
+            assert pair.secondary.stats()["counters"]["checkpoint_requests"] == 1  # once
+            r = qemu_io(pair.secondary_uri, ["write -P 4 256k 64k"])   # past the bound
+            assert "No space left" in r.stdout + r.stderr, r.stdout + r.stderr
+            assert pair.secondary.stats()["counters"]["checkpoint_requests"] == 2
+            assert qemu_io(pair.primary_uri, ["write -P 4 256k 64k"]).returncode == 0
+    finally:
+        bus.close()
+
+
 def test_compare_off_counts_divergences_without_requesting():
     counters, requests = DiskCounters(), []
     cmp = DiskComparator("off", 100, counters, lambda *a: requests.append(a))

@@ -6,6 +6,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -23,6 +24,27 @@ log = logging.getLogger(__name__)
 GIVEN_UP = "given up: "
 
 
+class HalfFullAlarm:
+    """Asks for a checkpoint once a bounded store (the SVM's overlay, the PVM writes'
+    buffer) holds half its bound, once per committed epoch: a commit empties it, so a pair
+    whose checkpoints keep up never reaches the bound — no SVM write failed with ENOSPC
+    (which a survivor's guest would keep if the primary were lost before the checkpoint),
+    no replication given up for a full buffer."""
+
+    def __init__(self, store: SecondaryStore, comparator: DiskComparator, what: str,
+                 held: Callable[[], int], bound: int) -> None:
+        self.store, self.comparator, self.what = store, comparator, what
+        self.held, self.bound = held, bound
+        self._asked_at = -1   # the committed epoch at which it last asked
+
+    def check(self) -> None:
+        store = self.store
+        if store.committed_epoch != self._asked_at and self.held() * 2 >= self.bound:
+            self._asked_at = store.committed_epoch
+            self.comparator.request_checkpoint(
+                "dirty_threshold", f"{self.what} at {self.held()} of {self.bound} bytes")
+
+
 class SvmBackend:
     """Export backend of the SVM's disk: reads see the overlay, then the image."""
 
@@ -36,6 +58,9 @@ class SvmBackend:
         self.block_size = store.block
         self.max_request = max_request
         self.counters = counters
+        self.overlay_alarm = HalfFullAlarm(store, comparator, "SVM overlay",
+                                           lambda: store.overlay_bytes,
+                                           store.overlay_max_bytes)
 
     def connect(self) -> SvmLink:
         return SvmLink(self)
@@ -75,9 +100,12 @@ class SvmLink:
         try:
             op()
         except StoreFull as e:
-            # the overlay is full: a checkpoint empties it; the guest sees ENOSPC meanwhile
+            # the overlay is full (the checkpoint asked for at half of it has not come):
+            # a checkpoint empties it; the guest sees ENOSPC meanwhile
             self.b.comparator.request_checkpoint("dirty_threshold", str(e))
             raise P.NbdError(P.ENOSPC, str(e)) from None
+        if not self.b.store.active:   # once active the overlay is gone: writes go to the image
+            self.b.overlay_alarm.check()
 
     def _compare(self, offset: int, length: int, digest: bytes) -> None:
         store = self.b.store
@@ -196,8 +224,8 @@ class ForwardReceiver(threading.Thread):
         #: (answers, admitted writes) of the groups admitted and not yet buffered
         self._admitted: list[tuple[list, list]] = []
         self._admitted_bytes = 0   # what buffering them will add
-        #: the committed epoch at which a checkpoint was last asked for (buffer half full)
-        self._asked_at = -1
+        self.buffer_alarm = HalfFullAlarm(store, comparator, "disk buffer",
+                                          lambda: store.buffer_bytes, store.buffer_max_bytes)
         ctx = context or zmq.Context.instance()
         # with ``secure`` a CURVE server: only the primary's key gets in
         self.writes_in = sockets.disk_forward_in(ctx, address, secure)
@@ -333,7 +361,7 @@ class ForwardReceiver(threading.Thread):
             if buffered:   # one lock and one clock read for the group
                 self.comparator.record_many(PVM, buffered)
                 self.counters.add("received", len(buffered))
-                self._ask_before_full()
+                self.buffer_alarm.check()
             for w, err in zip(writes, errors):
                 if err is not None:
                     self._give_up(w, err)
@@ -362,18 +390,6 @@ class ForwardReceiver(threading.Thread):
                                                f"given up: {err}")
         self.counters.add("given_up")
         return w.seq, 0, f"{GIVEN_UP}{err}"
-
-    def _ask_before_full(self) -> None:
-        """Ask for a checkpoint once the buffer holds half its bound (once per committed
-        epoch): a commit empties it, so a pair whose checkpoints keep up never reaches the
-        bound and never has to give the replication up."""
-        store = self.store
-        if store.committed_epoch != self._asked_at and \
-                store.buffer_bytes * 2 >= store.buffer_max_bytes:
-            self._asked_at = store.committed_epoch
-            self.comparator.request_checkpoint(
-                "dirty_threshold", f"disk buffer at {store.buffer_bytes} of "
-                                   f"{store.buffer_max_bytes} bytes")
 
     def _handle_sync(self, decoded: list) -> list[tuple[int, int, str]]:
         """A group of the initial sync: applied one by one, in order (BEGIN empties the

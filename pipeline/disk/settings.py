@@ -72,7 +72,8 @@ class DiskSettings(Section):
         'Directory of the overlay, the PVM write buffer and the commit journal '
         '(secondary); empty = ``<image>.colo/`` next to the image.'))
     overlay_max_bytes: int = _f(4 * 1024**3, (
-        'SVM overlay ceiling: writes to new blocks beyond it fail with ENOSPC.'),
+        'SVM overlay ceiling. At half of it the secondary asks for a checkpoint (which '
+        'empties the overlay); an SVM write to new blocks beyond it fails with ENOSPC.'),
         min=512, rule="at least disk.block_size")
     buffer_max_bytes: int = _f(4 * 1024**3, (
         'Buffered-but-uncommitted PVM write ceiling (secondary). At half of it the '
