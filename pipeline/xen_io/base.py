@@ -207,6 +207,13 @@ class SimulatedIO(abc.ABC):
         """The input seq a vCPU blob of this guest records."""
 
     @abc.abstractmethod
+    def vcpu_inputs_taken(self, blob: bytes) -> int:
+        """How many inputs a guest in this vCPU state has begun: every seq below it. One
+        more than :meth:`vcpu_input_seq` while the guest is inside an input (it read the
+        payload and reads it again, e.g. its answer names the request), the same between
+        inputs. A peer loaded with the state needs that input in its own log."""
+
+    @abc.abstractmethod
     def vcpu_input_step(self, blob: bytes) -> int:
         """How far into that input the blob's guest was: pages of it already written (0
         between inputs). A pause may stop the guest between two page writes of one input,

@@ -736,6 +736,13 @@ class SimDomain(Domain, SimulatedIO):
         return _GuestState.unpack(blob, None, 1 << 62).seq
 
     @staticmethod
+    def vcpu_inputs_taken(blob: bytes) -> int:
+        """Inputs below this seq were begun: ``vcpu_input_seq``, plus one inside an input
+        (any phase but idle: a request answered from the reply cache reads it too)."""
+        state = _GuestState.unpack(blob, None, 1 << 62)
+        return state.seq + (state.phase != PHASE_IDLE)
+
+    @staticmethod
     def vcpu_input_step(blob: bytes) -> int:
         """Pages of input ``vcpu_input_seq`` the guest already wrote (0 between inputs)."""
         state = _GuestState.unpack(blob, None, 1 << 62)
