@@ -137,6 +137,58 @@ class OutputPort:
             self.client.close()
 
 
+#: how long the secondary waits for the input a checkpoint caught the PVM inside before it
+#: discards the epoch: the primary mirrors an input right after feeding it, so only a
+#: primary that died in between (or an inputs channel that broke) leaves it missing; the
+#: coordinator tears the epoch sooner when it knows the primary is lost
+CHECKPOINT_INPUT_WAIT_S = 10.0
+
+
+def await_checkpoint_input(io: SimulatedIO, vcpu: bytes, give_up, counters=None,
+                           timeout_s: float = CHECKPOINT_INPUT_WAIT_S) -> str:
+    """Secondary, before a checkpoint's vCPU state is loaded into the SVM: wait until the
+    SVM's input log holds the input the checkpoint caught the PVM inside. The primary
+    feeds its guest an input before it mirrors it, so the log may lag; a primary that dies
+    in between never sends it, and an SVM loaded with the state waited for it for good
+    (after a takeover the new primary's client stage filled that seq, maybe with another
+    payload than the one the guest had begun). "" once the log holds it (or the PVM was
+    between inputs: nothing it began is missing), else why not: not mirrored within
+    ``timeout_s``, ``give_up()`` (the epoch torn meanwhile), or a gap in the log. A blob
+    the guest refuses is left to ``set_vcpu_state`` to refuse. ``counters``:
+    ``inputs_awaited`` counts the checkpoints that had to wait."""
+    try:
+        seq = io.vcpu_input_seq(vcpu)
+        if io.vcpu_inputs_taken(vcpu) == seq:
+            return ""
+    except ValueError:
+        return ""
+
+    def held() -> bool:
+        try:
+            io.input_payload(seq)
+            return True
+        except LookupError:
+            return False
+    if io.input_head > seq and held():
+        return ""
+    if counters is not None:
+        counters.add("inputs_awaited", 1)
+    t0 = time.monotonic()
+    delay = 0.0002
+    while io.input_head <= seq:
+        waited, torn = time.monotonic() - t0, give_up()
+        if torn or waited >= timeout_s:
+            return (f"input seq {seq}, which the checkpoint caught the PVM in the middle of, "
+                    f"is not in the SVM's input log (its head is {io.input_head}) after "
+                    f"{waited:.1f} s" + (" (the epoch was torn meanwhile)" if torn else ""))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+    if not held():
+        return (f"input seq {seq}, which the checkpoint caught the PVM in the middle of, is "
+                f"missing from the SVM's input log (a gap: head {io.input_head})")
+    return ""
+
+
 def inject_address(run_dir: str) -> str:
     return "ipc://" + os.path.join(run_dir, INJECT_SOCKET)
 
