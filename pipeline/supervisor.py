@@ -90,7 +90,7 @@ EXTRA_COUNTERS = {
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
-                "pages_same_as_svm", "svm_refs_refused"),
+                "pages_same_as_svm", "svm_refs_refused", "inputs_awaited", "inputs_missing"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
     "mirror": ("outputs", "input_full", "inputs_generated", "svm_input_seq"),
     "heartbeat": heartbeat.COUNTERS,

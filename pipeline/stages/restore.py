@@ -42,6 +42,7 @@ from pipeline import faults, messages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
                                     StagingGate, domain_page_hashes, ready_rings)
+from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.xen_io.base import Domain
 
 
@@ -202,10 +203,12 @@ class Restore:
 
     # -- applying ---------------------------------------------------------
     def apply(self, epoch: int, svm_dirty: np.ndarray, want_digest: bool,
-              assembled_ns: int = 0, on_checked=None) -> messages.Applied | messages.Aborted:
+              assembled_ns: int = 0, on_checked=None, give_up=None
+              ) -> messages.Applied | messages.Aborted:
         """``on_checked(Checked)`` is called once nothing can stop the epoch being applied,
         before its pages are written (not when ``want_digest``: that ACK waits for the
-        digest of the applied memory)."""
+        digest of the applied memory). ``give_up()``: the coordinator tore the epoch (ends
+        a wait for its input)."""
         asm = self.asm
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
@@ -239,6 +242,17 @@ class Restore:
                     f"the SVM's page {first} no longer has the hash SVM_DIRTY gave for it "
                     f"({int(bad.sum())} such pages): changed behind the pipeline's back"))
         trace.point("svm_checked", epoch, str(len(svm_rows)))
+        io = self.domain.simulated_io()
+        if asm.vcpu and io is not None:
+            # the input the PVM was inside must be in the SVM's log before the state goes
+            # in (issue 11): missing, the epoch is discarded whole, nothing of it applied
+            missing = await_checkpoint_input(io, asm.vcpu, give_up or (lambda: False),
+                                             self.ctx.counters)
+            if missing:
+                self.ctx.counters.add("inputs_missing", 1)
+                self.ctx.counters.add("errors", 1)
+                self.ctx.log.error("epoch=%d event=input_missing %s", epoch, missing)
+                return self.abort(epoch, svm_dirty, missing)
         if asm.vcpu:
             # first, because the backend checks the blob before changing anything: a blob
             # it refuses aborts the epoch while memory is still untouched
@@ -331,7 +345,9 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         cmd, v = wanted, verdict
         wanted = verdict = None
         trace.point("apply_start", cmd.epoch)
-        reply = r.apply(cmd.epoch, cmd.svm_dirty, cmd.want_digest, v.at_ns, ctrl.send) \
+        # (while it is applied, a command can only be the coordinator's AbortCmd of it)
+        reply = r.apply(cmd.epoch, cmd.svm_dirty, cmd.want_digest, v.at_ns, ctrl.send,
+                        give_up=lambda: ctrl.poll(0)) \
             if v.ok else r.abort(cmd.epoch, cmd.svm_dirty, v.reason)
         trace.point("applied", cmd.epoch)
         replied = cmd.epoch
