@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench_pipeline as bench  # noqa: E402 (this script's folder is on sys.path)
 
 
-def node_work(sessions: set[int]) -> tuple[float, int, int]:
-    """(CPU ms, voluntary, involuntary context switches) of every thread in ``sessions``."""
+def node_work(sessions: set[int], by_thread: dict | None = None) -> tuple[float, int, int]:
+    """(CPU ms, voluntary, involuntary context switches) of every thread in ``sessions``.
+    ``by_thread``, if given, gets CPU ns per (session, process name/thread name) added."""
     cpu_ns = vol = inv = 0
     for stat in glob.glob("/proc/[0-9]*/task/[0-9]*/stat"):
         task = stat[:-len("stat")]
@@ -40,7 +41,14 @@ def node_work(sessions: set[int]) -> tuple[float, int, int]:
             if int(text[text.rindex(")") + 2:].split()[3]) not in sessions:   # field 6: session
                 continue
             with open(task + "schedstat") as fh:
-                cpu_ns += int(fh.read().split()[0])
+                ns = int(fh.read().split()[0])
+            cpu_ns += ns
+            if by_thread is not None:
+                sid = int(text[text.rindex(")") + 2:].split()[3])
+                with open(os.path.dirname(os.path.dirname(task.rstrip("/"))) + "/comm") as fh:
+                    proc = fh.read().strip()
+                key = (sid, f"{proc}/{text[text.index('(') + 1:text.rindex(')')]}")
+                by_thread[key] = by_thread.get(key, 0) + ns
             with open(task + "status") as fh:
                 for line in fh:
                     if line.startswith("voluntary_ctxt_switches"):
@@ -92,6 +100,9 @@ def main() -> int:
                     help="the full sync's work (from the primary's 'syncing' to protected), "
                          "--reps pairs started afresh")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--by-thread", action="store_true",
+                    help="also print the median CPU per checkpoint of each thread (process "
+                         "name/thread name: the stages name their processes) on each node")
     args = ap.parse_args()
     if args.sync:
         return sync_work(args)
@@ -100,10 +111,13 @@ def main() -> int:
         pair.start()
         pair.wait_protected(timeout=900)
         sessions = {os.getsid(p.pid) for p in pair.procs.values()}
+        node_of = {os.getsid(p.pid): name for name, p in pair.procs.items()}
+        threads: list[dict] = []
         for _ in range(args.reps):
             bench.write_in_both_guests(pair, args.pages)
             count = len(pair.checkpoints())
-            before = node_work(sessions)
+            t_before: dict = {}
+            before = node_work(sessions, t_before)
             pair.request_checkpoint()
             cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
             # the secondary ACKs before it has written the pages (early ACK): its work
@@ -113,9 +127,17 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the secondary never recorded epoch {cp['epoch']}")
                 time.sleep(0.005)
-            after = node_work(sessions)
+            t_after: dict = {}
+            after = node_work(sessions, t_after)
             rows.append([a - b for a, b in zip(after, before)] + [cp["commit_ns"] / 1e6])
+            threads.append({k: v - t_before.get(k, 0) for k, v in t_after.items()})
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "commit_ms")
+    if args.by_thread:
+        print("CPU ms per checkpoint by thread (median of the checkpoints):")
+        for key in sorted({k for t in threads for k in t}, key=lambda k: (node_of.get(k[0], ""), k[1])):
+            ms = statistics.median(t.get(key, 0) for t in threads) / 1e6
+            if ms >= 0.05:
+                print(f"  {node_of.get(key[0], key[0]):>10} {key[1]:<34} {ms:7.2f}")
     result = {"pages": args.pages, "reps": args.reps,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
               "loadavg": round(os.getloadavg()[0], 1)}
