@@ -114,7 +114,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                             rows[:] = pages
                         else:
                             rows[carry] = pages
-                    rows[b.enc_kind == wire.ENC_ZERO] = 0
+                    # (ZERO pages' rows are left as they are: the restore stage writes
+                    # zeros for them and never reads their rows)
                     slot.marks = MARK_STAGED
                     if ring is direct:
                         problem = check_hashes(slot, rows, slot.enc_kind[:n], page_size, check)
