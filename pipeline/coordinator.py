@@ -337,7 +337,7 @@ class PrimaryCoordinator(_Coordinator):
         t0 = time.monotonic()
         # 1. CHECKPOINT_BEGIN(e)
         if kind != "snapshot":
-            flags |= wire.FLAG_SYNC
+            flags |= wire.FLAG_SYNC | (wire.FLAG_PRECOPY if kind == "precopy" else 0)
         else:
             self.snapshots += 1
             every = self.settings.checkpoint.verify_every
@@ -787,8 +787,9 @@ class SecondaryCoordinator(_Coordinator):
                                                             # stage's, by epoch
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
-        # a full sync (a FLAG_SYNC epoch) committed: before it, this SVM's memory is no
-        # copy of anything, and an ordinary checkpoint on top of it would not make it one
+        # a full sync (a FLAG_SYNC epoch, not a FLAG_PRECOPY round) committed: before it,
+        # this SVM's memory is no copy of anything, and an ordinary checkpoint or pre-copy
+        # round on top of it would not make it one
         self.synced = False
         self.last_epoch = -1
         self.last_control: float | None = None
@@ -843,7 +844,8 @@ class SecondaryCoordinator(_Coordinator):
     def checkpoint(self, begin: wire.CheckpointBegin) -> None:
         """One epoch, the other half of PrimaryCoordinator.checkpoint."""
         epoch = begin.epoch
-        if not begin.flags & wire.FLAG_SYNC and not self.synced:
+        if (not begin.flags & wire.FLAG_SYNC or begin.flags & wire.FLAG_PRECOPY) \
+                and not self.synced:
             # (here, in order: the sync's last epoch may still be being applied when the
             # next BEGIN arrives)
             self._refuse_unsynced(begin)
@@ -945,7 +947,8 @@ class SecondaryCoordinator(_Coordinator):
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
         if committed:
             self.last_epoch = epoch
-            self.synced = self.synced or bool(begin.flags & wire.FLAG_SYNC)
+            self.synced = self.synced or \
+                begin.flags & (wire.FLAG_SYNC | wire.FLAG_PRECOPY) == wire.FLAG_SYNC
             self.bus.publish("committed", epoch, input_seq=input_seq)
             self.c.add("epochs_committed", 1)
             self._info(epoch=epoch, state="protected" if self.svm_started else "syncing")
@@ -1118,15 +1121,18 @@ class SecondaryCoordinator(_Coordinator):
         self.lost = (last_seen, detected, detected_by)
 
     def _refuse_unsynced(self, begin: wire.CheckpointBegin) -> None:
-        """An ordinary checkpoint for a secondary that never had a full sync: a primary
+        """An ordinary checkpoint or a pre-copy round (FLAG_PRECOPY: as much a delta as a
+        checkpoint) for a secondary that never had a full sync: a primary
         that took this (new) process for the one it had synced, which died within one
         heartbeat timeout, its sockets reconnected here (issue 11). Applied, the SVM
         would run from a memory that is no copy of the PVM (or, with a disk, the commit
         fails). It is torn (ACK aborted with the reason), never applied, and this
         secondary stops as stale: the primary, its epoch unanswered or the heartbeat's new
         instance heard, goes unprotected and syncs the restarted node afresh."""
-        why = (f"epoch {begin.epoch}: an ordinary checkpoint (not a full sync), but this "
-               "secondary never received a full sync; refused, not applied")
+        what = ("a pre-copy round (what changed since the full sync)"
+                if begin.flags & wire.FLAG_PRECOPY else "an ordinary checkpoint (not a full sync)")
+        why = (f"epoch {begin.epoch}: {what}, but this secondary never received a full sync; "
+               "refused, not applied")
         self.c.add("unsynced_refused", 1)
         self._info(state="stale", stale_reason=why)
         self.ctx.log.error("epoch=%d event=unsynced_refused %s", begin.epoch, why,

@@ -38,6 +38,10 @@ PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them ba
 PAGES_UNHASHED = 2  # PAGES flags: the data pages carry no blake3 (their hash field is zero
                     # bytes): a full sync's or pre-copy round's, hashed by neither side
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
+FLAG_PRECOPY = 8  # CHECKPOINT_BEGIN, with FLAG_SYNC: a pre-copy round after the full sync
+                  # (only what changed since the last round: a secondary without the full
+                  # sync must not take it for one)
+BEGIN_FLAGS = FLAG_SYNC | FLAG_DIGEST | FLAG_PRECOPY
 EPOCH_END_FLAGS = FLAG_SYNC   # the CHECKPOINT_BEGIN flags an EPOCH_END repeats
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 
@@ -180,6 +184,11 @@ def decode_checkpoint_begin(msg: bytes | memoryview) -> CheckpointBegin:
     if len(body) != _BEGIN.size:
         raise WireError(f"CHECKPOINT_BEGIN: body is {len(body)} bytes, expected {_BEGIN.size}")
     cause, flags = _BEGIN.unpack_from(body, 0)
+    if flags & ~BEGIN_FLAGS:
+        raise WireError(f"CHECKPOINT_BEGIN: unknown flags 0x{flags & ~BEGIN_FLAGS:x}")
+    if flags & FLAG_PRECOPY and not flags & FLAG_SYNC:
+        raise WireError(f"CHECKPOINT_BEGIN: flags 0x{flags:x}: PRECOPY (a pre-copy round) "
+                        "without SYNC")
     return CheckpointBegin(hdr.epoch, cause, flags)
 
 

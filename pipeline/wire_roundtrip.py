@@ -33,7 +33,7 @@ _HELLO_RESERVED = slice(wire.HEADER_SIZE + 5, wire.HEADER_SIZE + 8)
 FIELDS = {
     "record": ("header", "marker", "version", "record type"),
     "HELLO": ("body", "epoch", "name_length", "written_count", "role", "name", "written"),
-    "CHECKPOINT_BEGIN": ("body",),
+    "CHECKPOINT_BEGIN": ("body", "flags"),
     "SVM_DIRTY": ("body", "count", "flags", "pfn"),
     "PAGES": ("body", "count", "pfn", "enc_kind", "enc_len", "flags", "packed", "data"),
     "EPOCH_END": ("body", "vcpu_length"),

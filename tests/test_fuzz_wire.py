@@ -96,7 +96,9 @@ def page_batches(draw):
 acks = st.builds(wire.Ack, U64, st.sampled_from([wire.ACK_COMMITTED, wire.ACK_ABORTED]), U64,
                  hashes32, st.text(max_size=40), U64, U64)
 epoch_ends = st.builds(wire.EpochEnd, U64, U64, U64, U32, st.binary(max_size=64))
-begins = st.builds(wire.CheckpointBegin, U64, U32, U32)
+begins = st.builds(wire.CheckpointBegin, U64, U32, st.sampled_from(
+    [0, wire.FLAG_SYNC, wire.FLAG_DIGEST, wire.FLAG_SYNC | wire.FLAG_PRECOPY,
+     wire.FLAG_SYNC | wire.FLAG_DIGEST, wire.BEGIN_FLAGS]))
 inputs = st.tuples(U64, U64, st.binary(max_size=64))
 
 
