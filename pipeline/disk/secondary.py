@@ -299,13 +299,20 @@ class ForwardReceiver(threading.Thread):
                                             self.store.committed_epoch, hash_unhashed=False)
         valid, sync, other_session = [], False, set()
         for i, w in enumerate(decoded):
-            if isinstance(w, wire.ForwardError):
-                continue
-            if w.seq < self.session_begin:
+            # Another session's write (the primary's queue to a lost secondary, delivered
+            # to this process when its socket reconnected): refused as such, never a
+            # give-up, and judged so before its own checks: its epoch is the old
+            # session's and may be outside this one's window (a "wrong epoch" refusal
+            # gave the replication up: the fault matrix's dev-shm-full@mid-run row).
+            # (One that comes before this process's first BEGIN is refused or buffered
+            # as it is: the BEGIN drops both.)
+            if w.seq and w.seq < self.session_begin:
                 decoded[i] = wire.refusal(errno.ESTALE, f"forwarded write seq {w.seq}: from "
                                           f"before this sync (BEGIN seq "
                                           f"{self.session_begin})", w.seq)
                 other_session.add(w.seq)
+                continue
+            if isinstance(w, wire.ForwardError):
                 continue
             sync = sync or w.kind in wire.SYNC_KINDS
             valid.append(w)
