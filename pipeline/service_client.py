@@ -35,6 +35,7 @@ from collections import deque
 
 import zmq
 
+from pipeline import trace
 from pipeline.net.framing import FrameDecoder
 from pipeline.xen_io.sim import REPLY_CACHE_ENTRIES, answer_refused, parse_answer, request_input
 
@@ -365,6 +366,8 @@ class ServiceClient:
         self.sent += 1
         self.waiting[n] = due
         self.push.send(b"request %d" % n)
+        if trace.REQUESTS and self.first_seq is not None:
+            trace.request("client_due", self.first_seq + n, "client", int(due * 1e9))
 
     def poll(self, timeout: float) -> None:
         r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
@@ -385,6 +388,8 @@ class ServiceClient:
                     self.first_seq = seq          # the probe's answer
                 n = seq - self.first_seq
                 due = self.waiting.pop(n, None)
+                if trace.REQUESTS and due is not None:
+                    trace.request("client_got", seq, "client", int(now * 1e9))
                 if due is not None and self.on_answer is not None:
                     self.on_answer(n, now - due, now)
 
@@ -451,6 +456,7 @@ class ServiceClient:
         lost = len(mine)
         for n in mine:
             self.waiting.pop(n, None)
+        trace.flush_requests()
         ms = [x * 1000 for x in lat]
         window = max(end - t0, 1e-9)
         return {"sent": sent, "offered_per_s": round(sent / window, 1),

@@ -24,7 +24,7 @@ import time
 import blake3
 import zmq
 
-from pipeline import sockets, wire
+from pipeline import sockets, trace, wire
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.config import Settings
 from pipeline.stages.common import StageContext
@@ -49,8 +49,9 @@ class OutputPort:
     that cannot go yet (that comparator is still starting) are kept, and no more are read
     from the guest until they went (its output backs up, as a NIC's ring would)."""
 
-    def __init__(self, ctx: StageContext, address: str) -> None:
+    def __init__(self, ctx: StageContext, address: str, side: str = "") -> None:
         self.ctx, self.address, self.client = ctx, address, None
+        self.side = side           # "pvm" or "svm": the request trace's name for the guest
         self.keep = False          # to_clients: keep what could not be sent
         self.pending = b""
         self._failing = False
@@ -85,8 +86,15 @@ class OutputPort:
         # clients' network there are none (the old pair's would read as the PVM's).
         data = b"".join(encode_frame(guest_output_frame(f)) if seq != OUTPUT_MARK
                         else b"" if self.keep else f for seq, f in outs)
-        if not self._send(data) and self.keep:
+        sent_ns = time.monotonic_ns() if trace.REQUESTS else 0   # (before: see run_client)
+        sent = self._send(data)
+        if not sent and self.keep:
             self.pending = data
+        if sent and trace.REQUESTS:
+            for seq, _ in outs:
+                trace.request(f"{self.side}_out" if seq != OUTPUT_MARK else
+                              f"{self.side}_mark", seq if seq != OUTPUT_MARK else -1,
+                              at_ns=sent_ns)
 
     def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
         """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
@@ -208,7 +216,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     n = io.input_head
     payload: bytes | None = None
     was_unprotected = False
-    port = OutputPort(ctx, settings.net.primary_in)
+    port = OutputPort(ctx, settings.net.primary_in, "pvm")
     events = CheckpointClient(settings.run_dir, nctx.ctx)
     committed_seq = 0         # inputs below it are in a committed checkpoint: trimmed there
     asked = False             # input_log_full asked for since the last commit
@@ -258,23 +266,31 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
             # room for the input: what the PVM consumed is kept no longer (a new secondary
             # needs only what it has not consumed); briefly, so outputs keep being read
             io.trim_inputs(io.input_seq())
+            fed_ns = time.monotonic_ns() if trace.REQUESTS else 0
             try:
                 seq = io.feed_input(payload, timeout=0.05)
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
                 continue
+            if trace.REQUESTS:
+                trace.request("pvm_fed", seq, at_ns=fed_ns)
             # unprotected (no secondary): nothing to mirror to; a new secondary gets the
             # guest's state by a full sync, not by replaying input
+            # (a hand-off is timed before it is made: its receiver may go on before we do)
+            mirrored_ns = time.monotonic_ns() if trace.REQUESTS else 0
             if not unprotected and not sockets.send_until_stopped(
                     out, wire.encode_input(shared.epoch.value, seq, payload), ctx.stop,
                     give_up=lambda: bool(shared.unprotected.value)):
                 if ctx.stopping():
                     return
+            elif trace.REQUESTS and not unprotected:
+                trace.request("mirrored", seq, at_ns=mirrored_ns)
             ctx.counters.add("items_out", 1)
             ctx.counters.add("bytes_out", len(payload))
             payload = None
             io.trim_inputs(io.input_seq())
     finally:
+        trace.flush_requests()
         port.close()
         events.close()
         nctx.close()
@@ -296,7 +312,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
     svm_ran = False           # a checkpoint committed here: the SVM runs from its inputs
     rate = settings.guest.workload.input_rate_hz
     next_at = 0.0
-    port = OutputPort(ctx, settings.net.secondary_in)
+    port = OutputPort(ctx, settings.net.secondary_in, "svm")
     try:
         while not ctx.stopping():
             # compared while the primary is there; once active the SVM's output is the
@@ -340,6 +356,8 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                     ctx.log.warning("inputs channel: dropped a bad record: %s", exc)
                     continue
                 held = (seq, payload)
+                if trace.REQUESTS:
+                    trace.request("svm_recv", seq)
             if fed == 0 and held[0] != io.input_head or not svm_ran and held[0] > io.input_head:
                 # joining a primary whose input stream is already at held[0]; or a gap
                 # before this SVM ever ran: it began mirroring to this new secondary while
@@ -358,8 +376,11 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                                     "(a gap before this secondary's SVM ever ran)", held[0])
             try:
                 # briefly: while the log is full, the commit that trims it must be seen
+                fed_ns = time.monotonic_ns() if trace.REQUESTS else 0
                 io.feed_input(held[1], seq=held[0], timeout=0.05)
                 fed += 1
+                if trace.REQUESTS:
+                    trace.request("svm_fed", held[0], at_ns=fed_ns)
             except TimeoutError:
                 # The SVM's input log is full until a checkpoint commits and trims it; the
                 # input stays held here (and back-pressure reaches the primary), never dropped.
@@ -374,6 +395,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
             ctx.counters.add("bytes_in", len(held[1]))
             held = None
     finally:
+        trace.flush_requests()
         port.close()
         events.close()
         nctx.close()

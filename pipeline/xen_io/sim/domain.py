@@ -80,6 +80,7 @@ from functools import lru_cache
 import blake3
 import numpy as np
 
+from ... import trace
 from ..base import OUTPUT_MARK, Domain, DomainError, SimulatedIO
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
@@ -948,6 +949,7 @@ class _Guest:
         self._last_digest = bytes(32)  # of the output frame just sent
         self._last_frame = b""
         self._awaited = -1             # the input seq last waited for mid-input (counted once)
+        self.who = f"guest:{dom.name}"  # in the request trace (pipeline/trace.py)
 
     # -- set-up ----------------------------------------------------------------------
     def _become_guest_process(self) -> None:
@@ -1038,10 +1040,15 @@ class _Guest:
                 if st.phase != PHASE_IDLE and self._awaited != st.seq:
                     self._awaited = st.seq
                     w[W_INPUT_AWAITED] += 1
+                if trace.REQUESTS:
+                    trace.flush_requests()     # a guest is killed, never stopped
                 os.eventfd_read(self.dom._doorbell)  # sleeps until fed, paused or resumed
                 continue
             if st.phase == PHASE_IDLE:
+                begin_ns = time.monotonic_ns() if trace.REQUESTS else 0
                 self._begin_input(self.inputs.get(st.seq))
+                if trace.REQUESTS:
+                    trace.request("guest_begin", st.seq, self.who, begin_ns)
             if st.step < st.npages and not self._write_pages():
                 continue  # interrupted by a pause request
             if not self._emit_output():
@@ -1052,6 +1059,9 @@ class _Guest:
         w = self.w
         self._save_state()
         w[W_PAUSES] += 1
+        if trace.REQUESTS:
+            trace.request("guest_paused", self.state.seq, self.who)
+            trace.flush_requests()
         while True:
             if not w[W_PAUSE_REQ]:
                 break
@@ -1061,6 +1071,8 @@ class _Guest:
                 os.eventfd_write(self.dom._ack, 1)
             os.eventfd_read(self.dom._doorbell)
         self._load_state()  # the pipeline may have loaded a peer's state meanwhile
+        if trace.REQUESTS:
+            trace.request("guest_resumed", self.state.seq, self.who)
 
     # -- one input -----------------------------------------------------------------------
     def _begin_input(self, payload: bytes) -> None:
@@ -1232,10 +1244,14 @@ class _Guest:
         out_w, doorbell = self.dom._out_w, self.dom._doorbell
         while True:
             try:
+                # (timed before the write: its reader may take the frame before we go on)
+                emit_ns = time.monotonic_ns() if trace.REQUESTS else 0
                 os.write(out_w, message)  # < PIPE_BUF: all or nothing
                 self.w[W_OUT_WRITTEN] += len(message)   # before any pause: marks count it
                 self._last_digest = frame[8:40]
                 self._last_frame = frame
+                if trace.REQUESTS:
+                    trace.request("guest_emit", self.state.seq, self.who, emit_ns)
                 return True
             except BlockingIOError:
                 self.w[W_OUTPUT_STALLS] += 1
