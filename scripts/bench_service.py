@@ -52,12 +52,13 @@ from pipeline import config  # noqa: E402
 from pipeline.checkpoint_api import CAUSES  # noqa: E402
 from pipeline.config import COMMIT_TIMER_MS, COMPARE_TIMER_MS  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
+from pipeline.net.comparator import RELEASE_DELAY_COUNTERS  # noqa: E402
 from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa: E402
 
 MODES = ("unprotected", "colo", "buffered")
 #: the comparator's counters each row reports (differences over the row)
 NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backpressures",
-               "backpressure_ns", "held_frames_peak")
+               "backpressure_ns", "held_frames_peak", *RELEASE_DELAY_COUNTERS)
 
 
 # ------------------------------------------------------------------ the client
@@ -95,6 +96,55 @@ def cpu_seconds(pgid: int | None) -> float:
         if int(fields[2]) == pgid:              # field 5 of stat: the process group
             total += int(fields[11]) + int(fields[12])
     return total / tick
+
+
+def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per node and process (its stages, its guest, the supervisor): (ns on a CPU, ns
+    runnable but waiting for one) so far, from /proc/PID/schedstat. The wait says how
+    much of a process's lag was a CPU it did not get (the machine may be shared)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for role, proc in pair.procs.items():
+        if proc.poll() is not None:
+            continue
+        pids = {"supervisor": proc.pid}
+        try:
+            pids.update(pair.node(role, timeout=5).node_info().get("stage_pids", {}))
+        except Exception:                      # noqa: BLE001 (a node going away: skip it)
+            pass
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as fh:
+                        stat = fh.read()
+                except OSError:
+                    continue
+                if stat[stat.index(b"(") + 1:stat.rindex(b")")] == b"colo-sim-guest" and \
+                        int(stat[stat.rindex(b")") + 2:].split()[2]) == proc.pid:
+                    pids["guest"] = int(entry)
+        mine = {}
+        for name, pid in pids.items():
+            try:
+                with open(f"/proc/{pid}/schedstat") as fh:
+                    run_ns, wait_ns, _ = (int(x) for x in fh.read().split())
+            except (OSError, ValueError):
+                continue
+            mine[name] = (run_ns, wait_ns)
+        out[role] = mine
+    return out
+
+
+def sched_delta(before: dict, after: dict, elapsed: float) -> dict:
+    """Per node and process: CPU and run-queue wait, in ms per second of the row."""
+    out = {}
+    for role, procs in after.items():
+        rows = {}
+        for name, (run, wait) in procs.items():
+            b = before.get(role, {}).get(name)
+            if b is not None and run >= b[0]:
+                rows[name] = {"cpu_ms_per_s": round((run - b[0]) / 1e6 / elapsed, 1),
+                              "runq_wait_ms_per_s": round((wait - b[1]) / 1e6 / elapsed, 1)}
+        out[role] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_ms_per_s"]))
+    return out
 
 
 def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -> dict:
@@ -164,7 +214,8 @@ class Service:
         return {"t": time.monotonic(), "recorded": node.checkpoints_recorded,
                 "net": {k: net.get(k, 0) for k in NET_FIGURES},
                 "cpu": {role: cpu_seconds(p.pid if p.poll() is None else None)
-                        for role, p in self.pair.procs.items()}}
+                        for role, p in self.pair.procs.items()},
+                "sched": stage_sched(self.pair)}
 
     def phase(self, rate: float | None, outstanding: int, duration: float,
               drain: float) -> dict:
@@ -209,6 +260,9 @@ class Service:
                           else None)
                    for role in ("primary", "secondary")},
             comparator={k: after["net"][k] - before["net"][k] for k in NET_FIGURES},
+            # per process: CPU and time runnable without a CPU (the SVM's lag, if any, is
+            # the guest's or its mirror's wait when the machine is short of CPU)
+            processes=sched_delta(before["sched"], after["sched"], elapsed),
             state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
             window_s=round(elapsed, 2))
@@ -251,6 +305,13 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for nd in args.nondeterminism:
         for mode in args.modes:
+            trace_file = None
+            if args.trace_requests:
+                # read by every process the pair and the client start (pipeline/trace.py)
+                trace_file = f"{args.trace_requests}-{mode}-{nd}.trace"
+                if os.path.exists(trace_file):
+                    os.unlink(trace_file)
+                os.environ["COLO_REQUEST_TRACE"] = trace_file
             service = Service(mode, nd, args)
             try:
                 service.start()
@@ -268,7 +329,19 @@ def run(args: argparse.Namespace) -> dict:
                     _show(rows[-1], args)
             finally:
                 service.close()
+                os.environ.pop("COLO_REQUEST_TRACE", None)
+            if trace_file:
+                _trace_report(trace_file, args)
     return {"rows": rows, "reference": _reference(rows)}
+
+
+def _trace_report(path: str, args: argparse.Namespace) -> None:
+    """Where the slowest requests of this mode waited (scripts/trace_requests.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_requests
+    out = sys.stderr if args.json else sys.stdout
+    print(f"request trace {path}:", file=out)
+    trace_requests.report(trace_requests.analyse(path), out)
 
 
 def _reference(rows: list[dict]) -> list[dict]:
@@ -298,6 +371,15 @@ def _show(r: dict, args: argparse.Namespace) -> None:
           f"{r['pages_per_checkpoint']}  commit p50/p99 {r['commit_p50_ms']}/"
           f"{r['commit_p99_ms']} ms ({100 * r['commit_share']:.2f} % of the time)  "
           f"cpu s {r['cpu_s']}", file=out, flush=True)
+    held = {n[len("released_after_"):]: r["comparator"][n] for n in RELEASE_DELAY_COUNTERS
+            if r["comparator"].get(n)}
+    if held:
+        print(f"    comparator: PVM frames held, by time: {held}", file=out, flush=True)
+    for role, procs in r.get("processes", {}).items():
+        top = list(procs.items())[:6]
+        print(f"    {role} cpu/runq-wait ms per s: " + ", ".join(
+            f"{n} {v['cpu_ms_per_s']}/{v['runq_wait_ms_per_s']}" for n, v in top),
+            file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="guest.input_log_slots (default: the node's)")
     p.add_argument("--compare-timeout-ms", type=int, default=None,
                    help="net.compare_timeout_ms (default: the node's)")
+    p.add_argument("--trace-requests", metavar="PREFIX", default=None,
+                   help="record every request's timeline (COLO_REQUEST_TRACE, one file "
+                   "PREFIX-MODE-NONDETERMINISM.trace per pair) and print where the slowest "
+                   "1 %% waited (scripts/trace_requests.py); costs the service some CPU")
     args = p.parse_args(argv)
     args.rates = [int(r) if r == int(r) else r for r in args.rates]
     if args.quick:
