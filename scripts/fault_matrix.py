@@ -1325,10 +1325,12 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
                                         "epoch_timeout_ms": body.epoch_timeout_ms}
             forward = f"tcp://{link.ip['b']}:{port + DISK_FORWARD_PORT_OFFSET}"
             pair = faultnet.NetnsPair(link, tables, workdir=workdir, port=port,
+                                      log_level=LOG_LEVEL,
                                       role_tables=disk_role_tables(forward))
         else:
             roles = getattr(body, "role_tables", None) or disk_role_tables
             pair = LocalPair({**TABLES, **COMPARE_TABLES, **getattr(body, "tables", {})},
+                             log_level=LOG_LEVEL,
                              workdir=workdir, role_tables=roles())
         load = RowLoad(pair, reader=getattr(body, "tables", {}).get("net") is None,
                        writer=getattr(body, "role_tables", None) is None)
@@ -1372,6 +1374,8 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
     return verdict, figures
 
 
+#: the nodes' log level (``--log-level``; "info" to see what a failing row did)
+LOG_LEVEL = os.environ.get("COLO_FAULT_MATRIX_LOG_LEVEL", "warning")
 IN_PRIVATE_SHM = "COLO_FAULT_MATRIX_PRIVATE_SHM"   # (set for the row that runs in there)
 
 
@@ -1405,9 +1409,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one run of the rows no test covers otherwise (CI)")
     ap.add_argument("--rows", default="", help="only rows whose name contains this")
     ap.add_argument("--json", action="store_true", help="a JSON object as the last line")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning"),
+                    help="the nodes' log level (default warning; info shows what a failed "
+                         "row's nodes did)")
     ap.add_argument("--one-run", help=argparse.SUPPRESS)   # (a row in a private /dev/shm)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.log_level:      # (the environment: a row re-run in a private /dev/shm too)
+        global LOG_LEVEL
+        LOG_LEVEL = os.environ["COLO_FAULT_MATRIX_LOG_LEVEL"] = args.log_level
     if args.one_run:
         body = next(b for n, b, _q in ROWS if n == args.one_run)
         verdict, figures = one_run(args.one_run, body, args.workdir)
