@@ -60,21 +60,39 @@ def node_work(sessions: set[int], by_thread: dict | None = None) -> tuple[float,
     return cpu_ns / 1e6, vol, inv
 
 
+def print_by_thread(threads: list[dict], what: str) -> None:
+    """The median CPU ms of each (node, process/thread) over ``threads`` (one dict a run)."""
+    print(f"CPU ms per {what} by thread (median of {len(threads)}):")
+    for key in sorted({k for t in threads for k in t}, key=lambda k: (str(k[0]), k[1])):
+        ms = statistics.median(t.get(key, 0) for t in threads) / 1e6
+        if ms >= 0.05:
+            print(f"  {key[0]:>10} {key[1]:<34} {ms:9.2f}")
+
+
 def sync_work(args) -> int:
     """CPU time and context switches of both nodes over the full sync of --size-mb: from
     the primary's state "syncing" (its stages have started) until it is protected (the
     sync, pre-copy rounds and the first checkpoint)."""
     rows = []
+    threads: list[dict] = []
+    node_of: dict = {}
     for _ in range(args.reps):
-        with bench._pair(args.size_mb * 256, 2, 2, 1 << 30) as pair:
+        with bench._pair(args.size_mb * 256, 2, 2, 1 << 30, security=args.security) as pair:
             pair.start()
             sessions = {os.getsid(p.pid) for p in pair.procs.values()}
+            node_of.update({os.getsid(p.pid): name for name, p in pair.procs.items()})
             pair.wait_info("state", "syncing", timeout=300)
-            before = node_work(sessions)
+            t_before: dict = {}
+            before = node_work(sessions, t_before)
             pair.wait_protected(timeout=900)
-            after = node_work(sessions)
+            t_after: dict = {}
+            after = node_work(sessions, t_after)
             sync = pair.checkpoints()[0]
             rows.append([a - b for a, b in zip(after, before)] + [sync["commit_ns"] / 1e6])
+            threads.append({(node_of[k[0]], k[1]): v - t_before.get(k, 0)
+                            for k, v in t_after.items()})
+    if args.by_thread:
+        print_by_thread(threads, "the full sync")
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "sync_ms")
     result = {"size_mb": args.size_mb, "reps": args.reps,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
@@ -99,6 +117,8 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true",
                     help="the full sync's work (from the primary's 'syncing' to protected), "
                          "--reps pairs started afresh")
+    ap.add_argument("--security", choices=("curve", "plaintext"), default="curve",
+                    help="security.mode of the pair (--sync only)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--by-thread", action="store_true",
                     help="also print the median CPU per checkpoint of each thread (process "
@@ -133,11 +153,8 @@ def main() -> int:
             threads.append({k: v - t_before.get(k, 0) for k, v in t_after.items()})
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "commit_ms")
     if args.by_thread:
-        print("CPU ms per checkpoint by thread (median of the checkpoints):")
-        for key in sorted({k for t in threads for k in t}, key=lambda k: (node_of.get(k[0], ""), k[1])):
-            ms = statistics.median(t.get(key, 0) for t in threads) / 1e6
-            if ms >= 0.05:
-                print(f"  {node_of.get(key[0], key[0]):>10} {key[1]:<34} {ms:7.2f}")
+        print_by_thread([{(node_of.get(k[0], k[0]), k[1]): v for k, v in t.items()}
+                         for t in threads], "checkpoint")
     result = {"pages": args.pages, "reps": args.reps,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
               "loadavg": round(os.getloadavg()[0], 1)}
