@@ -206,18 +206,34 @@ class Restore:
             # roll it back to, so the batch's pages go into the SVM and the cache now, while
             # the rest of the epoch streams in, instead of all at the end (a torn round's
             # pages are sent again by the next one, whose pages then overwrite these).
-            data = ~(refs | svm | zero)
-            if data.any():
-                rows = self.staging[at:at + n] if data.all() else self.staging[at:at + n][data]
-                self.cache[pfns[data]] = rows
-                self.domain.write_pages(pfns[data], rows)
-            if zero.any():
-                self._write_zeros(pfns[zero])
-            written[:] = data | zero
+            write = ~(refs | svm)
+            self._write_staged(pfns, self.staging[at:at + n], write, zero)
+            written[:] = write
         asm.n += n
         return None
 
     # -- writing ----------------------------------------------------------
+    def _write_staged(self, pfns: np.ndarray, block: np.ndarray, write: np.ndarray,
+                      zero: np.ndarray) -> None:
+        """The rows ``write`` of ``block`` (staging rows of ``pfns``) into the cache and the
+        SVM; the ``zero`` ones among them (ZERO pages: their rows hold nothing) as zeros.
+        When every row is written, the ZERO rows are cleared in staging and all go in one
+        copy (a full sync's batches: a gather of the others would copy them once more)."""
+        if write.all():
+            if zero.any():
+                block[zero] = 0
+            self.cache[pfns] = block
+            self.domain.write_pages(pfns, block)
+            return
+        data = write & ~zero
+        if data.any():
+            rows = block[data]
+            self.cache[pfns[data]] = rows
+            self.domain.write_pages(pfns[data], rows)
+        zero = write & zero
+        if zero.any():
+            self._write_zeros(pfns[zero])
+
     def _write_zeros(self, pfns: np.ndarray) -> None:
         """The pages ``pfns`` become zeros in the cache and in the SVM."""
         self.cache[pfns] = 0
@@ -298,18 +314,8 @@ class Restore:
             trace.point("checked", epoch)
             faults.point("restore.checked")
         brought = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n])
-        fresh = brought & ~self.staged_written[:n]
-        zero = fresh & self.staged_zero[:n]
-        data = fresh & ~zero
-        if data.all():              # the common case: no gather, copy straight from staging
-            data_pfns, rows = pfns, self.staging[:n]
-        else:
-            data_pfns, rows = pfns[data], self.staging[:n][data]
-        if len(data_pfns):
-            self.cache[data_pfns] = rows
-            self.domain.write_pages(data_pfns, rows)
-        if zero.any():
-            self._write_zeros(pfns[zero])
+        self._write_staged(pfns, self.staging[:n], brought & ~self.staged_written[:n],
+                           self.staged_zero[:n])
         trace.point("pages_written", epoch)
         faults.point("restore.pages_written")
         if len(svm_rows):
