@@ -60,13 +60,17 @@ def node_work(sessions: set[int], by_thread: dict | None = None) -> tuple[float,
     return cpu_ns / 1e6, vol, inv
 
 
-def print_by_thread(threads: list[dict], what: str) -> None:
-    """The median CPU ms of each (node, process/thread) over ``threads`` (one dict a run)."""
+def print_by_thread(threads: list[dict], what: str) -> dict[str, float]:
+    """Print the median CPU ms of each (node, process/thread) over ``threads`` (one dict a
+    run); returns them as {"node process/thread": ms} (the JSON's ``by_thread``)."""
     print(f"CPU ms per {what} by thread (median of {len(threads)}):")
+    out = {}
     for key in sorted({k for t in threads for k in t}, key=lambda k: (str(k[0]), k[1])):
         ms = statistics.median(t.get(key, 0) for t in threads) / 1e6
         if ms >= 0.05:
             print(f"  {key[0]:>10} {key[1]:<34} {ms:9.2f}")
+            out[f"{key[0]} {key[1]}"] = round(ms, 2)
+    return out
 
 
 def sync_work(args) -> int:
@@ -92,7 +96,7 @@ def sync_work(args) -> int:
             threads.append({(node_of[k[0]], k[1]): v - t_before.get(k, 0)
                             for k, v in t_after.items()})
     if args.by_thread:
-        print_by_thread(threads, "the full sync")
+        by_thread = print_by_thread(threads, "the full sync")
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "sync_ms")
     result = {"size_mb": args.size_mb, "reps": args.reps,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
@@ -104,6 +108,8 @@ def sync_work(args) -> int:
           f"{result['voluntary_switches']} voluntary and {result['involuntary_switches']} "
           f"involuntary context switches, sync {result['sync_ms']} ms (load average "
           f"{result['loadavg']} on {os.cpu_count()} cores)")
+    if args.by_thread:
+        result["by_thread"] = by_thread
     if args.json:
         print(json.dumps(result))
     return 0
@@ -153,8 +159,8 @@ def main() -> int:
             threads.append({k: v - t_before.get(k, 0) for k, v in t_after.items()})
     keys = ("cpu_ms", "voluntary_switches", "involuntary_switches", "commit_ms")
     if args.by_thread:
-        print_by_thread([{(node_of.get(k[0], k[0]), k[1]): v for k, v in t.items()}
-                         for t in threads], "checkpoint")
+        by_thread = print_by_thread([{(node_of.get(k[0], k[0]), k[1]): v for k, v in t.items()}
+                                     for t in threads], "checkpoint")
     result = {"pages": args.pages, "reps": args.reps,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
               "loadavg": round(os.getloadavg()[0], 1)}
@@ -162,6 +168,8 @@ def main() -> int:
           f"{result['cpu_ms']} ms, {result['voluntary_switches']} voluntary and "
           f"{result['involuntary_switches']} involuntary context switches, commit "
           f"{result['commit_ms']} ms (load average {result['loadavg']} on {os.cpu_count()} cores)")
+    if args.by_thread:
+        result["by_thread"] = by_thread
     if args.json:
         print(json.dumps(result))
     return 0
