@@ -337,6 +337,7 @@ class InitialSync(threading.Thread):
         #: incremental: extents asked about, kept until answered: seq → (offset, n, data)
         self._checking: dict[int, tuple[int, int, bytes]] = {}
         self._begin_answer = ""
+        self._extent_seqs: list[int] = []    # (for the log: the seqs of its extents)
         self._sent = 0
         self.failed = ""
         self._begin = begin
@@ -395,6 +396,7 @@ class InitialSync(threading.Thread):
                         b.applied(seq)
                         return
                     self._inflight[seq] = epoch
+                    self._extent_seqs.append(seq)
                     try:
                         if earlier:
                             b.wait_applied(earlier)
@@ -432,8 +434,10 @@ class InitialSync(threading.Thread):
             b.counters.set("sync_ms", max(1, round(elapsed * 1e3)))
             b.counters.set("sync_state", SYNC_DONE)
             completed = True
-            log.info("primary disk: initial sync done, %d bytes sent in %.2f s", self._sent,
-                     time.monotonic() - t0)
+            log.info("primary disk: initial sync done, %d bytes sent in %.2f s (seqs: BEGIN "
+                     "%d, %d extents %s, END %d)", self._sent, time.monotonic() - t0,
+                     self._begin[0], len(self._extent_seqs),
+                     _seq_ranges(self._extent_seqs), seq)
         except (OSError, zmq.ZMQError, RuntimeError) as e:
             self.failed = str(e)
             log.error("primary disk: the initial sync failed: %s", e)
@@ -495,6 +499,17 @@ class InitialSync(threading.Thread):
                     raise RuntimeError(f"the secondary refused sync seq {seq}: {reason}")
                 if seq == self._begin[0]:
                     self._begin_answer = reason
+
+def _seq_ranges(seqs: list[int]) -> str:
+    """"3..7 9 12..13": a sorted list of seqs, as runs."""
+    runs: list[list[int]] = []
+    for q in seqs:
+        if runs and q == runs[-1][1] + 1:
+            runs[-1][1] = q
+        else:
+            runs.append([q, q])
+    return " ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
+
 
 def _then_sync(image: ImageFile, op, *args) -> None:
     """``op(*args)`` on the image, then make the image durable (a FUA write)."""

@@ -194,11 +194,16 @@ class SealedEpochs:
                 self.waiting_for = None
             if not complete:
                 need = self._need(epoch)
+                missing = [] if need is None else [
+                    q for q in range(self.seen_upto + 1, need + 1)
+                    if q not in self._seen_above]
                 raise StoreError(
                     f"commit({epoch}): " + (f"the primary never sealed epoch {epoch}"
                                             if need is None else
                                             f"writes up to seq {need} were sealed, seen only "
-                                            f"up to {self.seen_upto}")
+                                            f"up to {self.seen_upto} (missing seq "
+                                            f"{', '.join(map(str, missing[:10]))}"
+                                            f"{'...' if len(missing) > 10 else ''})")
                     + f" within {timeout_s * 1e3:.0f} ms")
             for e in [e for e in self._seals if e < epoch]:
                 del self._seals[e]
