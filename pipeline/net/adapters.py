@@ -193,12 +193,44 @@ class StreamEndpoint(FrameSource, FrameSink):
         # a whole socket buffer at once: the comparator compares what comes as runs
         return self._read(SOCKET_BUFFER)
 
+    def scratch(self) -> memoryview:
+        """The buffer every read goes into (SOCKET_BUFFER bytes, made once)."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(SOCKET_BUFFER))
+        return self._scratch
+
+    def read_result(self, n: int) -> memoryview | bytes:
+        """What a read done elsewhere into :meth:`scratch` (pipeline.net.native) returned:
+        ``n`` bytes, 0 at end of stream, -errno. Its bytes as :meth:`recv_bytes` would have
+        returned them (the peer is dropped at end of stream or on an error)."""
+        if n > 0:
+            return self._scratch[:n]
+        if n == 0:
+            self._lost("end of stream")
+        elif -n not in (errno.EAGAIN, errno.EINTR):
+            self._lost(os.strerror(-n))
+        return b""
+
+    @property
+    def queued(self) -> bool:
+        """Bytes wait to be sent (flush sends them)."""
+        return bool(self._out)
+
+    def sent_partly(self, data, sent: int) -> None:
+        """A write of ``data`` done elsewhere (pipeline.net.native) took ``sent`` bytes
+        (-errno: none): the rest is queued, as :meth:`send_framed` queues what its first
+        send left (the peer is dropped on an error other than a full socket)."""
+        if sent < 0:
+            if -sent not in (errno.EAGAIN, errno.EINTR):
+                self._lost(os.strerror(-sent))
+                return
+            sent = 0
+        self._out += data[sent:]
+
     def _read(self, limit: int) -> memoryview | bytes:
         """Up to ``limit`` bytes from the peer into the endpoint's scratch buffer (a view of
         it, valid until the next read; empty when nothing waits or the peer went away)."""
-        scratch = self._scratch
-        if scratch is None:
-            scratch = self._scratch = memoryview(bytearray(SOCKET_BUFFER))
+        scratch = self.scratch()
         try:
             n = self._peer.recv_into(scratch, limit, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

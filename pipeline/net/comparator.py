@@ -774,16 +774,18 @@ class Comparator:
     # that are equal outside the fields that may differ is released in one piece
     # (_match_run). The rest goes one item at a time through push_primary/push_secondary.
 
-    def push_stream(self, side: int, data: bytes, generation: int = 0) -> None:
+    def push_stream(self, side: int, data: bytes, generation: int = 0,
+                    arrived: float | None = None) -> None:
         """Bytes of one side's framed stream (see :mod:`pipeline.net.framing`). ``generation``
-        changes when the stream's peer changed (a partial item from the old one is dropped)."""
+        changes when the stream's peer changed (a partial item from the old one is dropped).
+        ``arrived``: when they were read, if not now (the comparator's clock)."""
         r = self._streams[side]
         if generation != r.generation:
             del r.buf[r.walked:]
             r.decoder, r.generation = None, generation
-        if not r.buf and r.decoder is None and self._meet_waiting(side, data):
+        if not r.buf and r.decoder is None and self._meet_waiting(side, data, arrived):
             return
-        now = self._clock()
+        now = self._clock() if arrived is None else arrived
         if r.decoder is not None:
             # an oversized frame is being skipped: the decoder resynchronises the stream
             self._feed_decoder(side, r, data, now)
@@ -837,7 +839,7 @@ class Comparator:
         self._pump()
 
     def push_pair(self, pvm: bytes, pvm_generation: int, svm: bytes,
-                  svm_generation: int) -> None:
+                  svm_generation: int, arrived: float | None = None) -> None:
         """What one read of each side's stream brought (either may be empty), as
         ``push_stream(PRIMARY, pvm, ...)`` then ``push_stream(SECONDARY, svm, ...)`` would
         take it, with a shortcut for the usual round of a comparator that keeps up: one
@@ -846,14 +848,14 @@ class Comparator:
             pr, sr = self._streams
             if not pr.buf and not sr.buf and pr.decoder is None and sr.decoder is None \
                     and pvm_generation == pr.generation and svm_generation == sr.generation \
-                    and self._release_equal(pvm, svm, None):
+                    and self._release_equal(pvm, svm, arrived):
                 return
         if pvm:
-            self.push_stream(PRIMARY, pvm, pvm_generation)
+            self.push_stream(PRIMARY, pvm, pvm_generation, arrived)
         if svm:
-            self.push_stream(SECONDARY, svm, svm_generation)
+            self.push_stream(SECONDARY, svm, svm_generation, arrived)
 
-    def _meet_waiting(self, side: int, data) -> bool:
+    def _meet_waiting(self, side: int, data, arrived: float | None = None) -> bool:
         """``data`` (this side's stream is empty) against the other side's stream when that
         holds exactly one whole frame: see _release_equal. False: nothing was done."""
         other = self._streams[1 - side]
@@ -863,7 +865,7 @@ class Comparator:
             return False
         waiting = other.buf[other.offs[other.head]:other.walked]
         if side == PRIMARY:
-            if not self._release_equal(data, waiting, None):
+            if not self._release_equal(data, waiting, arrived):
                 return False
         elif not self._release_equal(waiting, data, other.since):
             return False
@@ -891,6 +893,25 @@ class Comparator:
         self._count_run(1, length)
         self._note_delay(self._clock() if arrived is None else arrived)
         return True
+
+    def native_ok(self, pvm_generation: int, svm_generation: int) -> bool:
+        """Rounds of one equal frame pair each may be judged outside (pipeline.net.native)
+        and counted with :meth:`count_released_pairs`: no stream bytes wait, both streams'
+        peers are the ones last seen, and nothing is held anywhere (_fast_ok). What those
+        rounds release needs no state but the counters, so this stays true through them."""
+        pr, sr = self._streams
+        return not pr.buf and not sr.buf and pr.decoder is None and sr.decoder is None \
+            and pvm_generation == pr.generation and svm_generation == sr.generation \
+            and self._fast_ok()
+
+    def count_released_pairs(self, k: int, n_bytes: int, delays) -> None:
+        """``k`` frame pairs (``n_bytes`` a side, length words not counted) were judged
+        equal and released outside (see :meth:`native_ok`); ``delays``: how many of them
+        in each RELEASE_DELAY_COUNTERS bucket."""
+        self._count_run(k, n_bytes)
+        for name, n in zip(RELEASE_DELAY_COUNTERS, delays):
+            if n:
+                self._count(name, int(n))
 
     def stream_frames(self) -> int:
         """Items (frames, boundaries) read from the streams and not compared yet."""

@@ -25,6 +25,7 @@ import select
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from pipeline.net.adapters import (
@@ -36,7 +37,13 @@ from pipeline.net.adapters import (
     StreamEndpoint,
     parse_address,
 )
-from pipeline.net.comparator import PRIMARY, SECONDARY, Comparator, CounterSink
+from pipeline.net.comparator import (
+    PRIMARY,
+    RELEASE_DELAY_BOUNDS_MS,
+    SECONDARY,
+    Comparator,
+    CounterSink,
+)
 from pipeline.net.control import NoControl
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, BOUNDARY_SNAPSHOT, \
     Boundary
@@ -45,6 +52,31 @@ from pipeline.net.rewriter import SeqRewriter
 from pipeline.net.settings import NetSettings
 
 log = logging.getLogger(__name__)
+
+#: native pair rounds (pipeline.net.native): pairs before Python gets a turn, and how
+#: long a lone side's frame waits in them (asleep) for the other side's before it goes
+#: the long way
+NATIVE_MAX_PAIRS = 256
+NATIVE_WAIT_NS = 1_000_000
+_DELAY_BOUNDS_NS = np.array([round(b * 1e6) for b in RELEASE_DELAY_BOUNDS_MS[:-1]], np.int64)
+
+_native_module: object = None
+
+
+def native_rounds():
+    """pipeline.net.native, compiled and ready (None without numba: every round then runs
+    in Python). Imported only here, by a loop that can use it: numba's import and the
+    compiled code's load take ~0.5 s of CPU once per process."""
+    global _native_module
+    if _native_module is None:
+        try:
+            from pipeline.net import native
+            native.warm_up()
+            _native_module = native
+        except ImportError as exc:
+            log.info("numba is missing (%s): every comparator round runs in Python", exc)
+            _native_module = False
+    return _native_module or None
 
 
 def tune_gc() -> None:
@@ -100,7 +132,7 @@ class CompareLoop:
 
     def __init__(self, settings: NetSettings, control=None,
                  counters: CounterSink | None = None, runs: bool = True,
-                 in_band: bool = False) -> None:
+                 in_band: bool = False, native: bool = True) -> None:
         self.settings = settings
         self.control = control or NoControl()
         self.adapters = Adapters(settings.vnet_hdr)
@@ -158,6 +190,18 @@ class CompareLoop:
         self._plan_key: tuple | None = None
         self._plan: tuple = ()
         self._pair_fds: frozenset | None = None
+        #: native pair rounds: the module when both guests' streams and outdev are stream
+        #: endpoints taken whole and no zmq socket is polled (its descriptor is not one
+        #: poll() can wait on alone); the poll array for them with the current plan (or None)
+        self._native = None
+        self._native_plan: tuple | None = None
+        #: what the native rounds did (diagnostics and tests): pairs released, waits for a
+        #: lone side's partner and how many it ended, returns to Python by status name
+        self.native_stats: dict[str, int] = {"pairs": 0, "waits": 0, "wait_hits": 0}
+        if streams and native and all(isinstance(a, StreamEndpoint) for a in (
+                self.primary_in, self.secondary_in, self.outdev)) \
+                and not isinstance(self.control.pollable(), zmq.Socket):
+            self._native = native_rounds()
         self._next_scan = 0.0
         self.stop_event = threading.Event()
 
@@ -312,7 +356,24 @@ class CompareLoop:
                 plan.append((pollable, action, fd))
             self._plan, self._plan_key = (poller, plan, always), key
             self._pair_fds = self._stream_pair_fds(plan, blocked)
+            self._native_plan = self._native_poll(plan) \
+                if self._native is not None and self._pair_fds is not None \
+                and not use_zmq and not always else None
         return self._plan
+
+    def _native_poll(self, plan) -> tuple:
+        """What native pair rounds poll (every descriptor of ``plan``, a struct pollfd
+        array: int32 fd, then events | revents << 16) and the indices of the guests'
+        streams in it; the reads' buffers; the result array."""
+        fds = [fd for _, _, fd in plan]
+        pfds = np.zeros(2 * len(fds), np.int32)
+        pfds[0::2] = fds
+        actions = [action for _, action, _ in plan]
+        return (pfds, len(fds), actions.index(self._stream_primary),
+                actions.index(self._stream_secondary),
+                np.frombuffer(self.primary_in.scratch(), np.uint8),
+                np.frombuffer(self.secondary_in.scratch(), np.uint8),
+                np.zeros(self._native.RESULT_SLOTS, np.int64))
 
     def _stream_pair_fds(self, plan, blocked: bool) -> frozenset | None:
         """The descriptors of both guests' streams when both are connected stream sources
@@ -341,11 +402,19 @@ class CompareLoop:
     def run_once(self, timeout: float) -> None:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         poller, plan, always = self._poll_plan()
-        ready = dict(poller.poll(0 if always else int(timeout * 1000)))
-        if ready and self._pair_fds is not None and ready.keys() <= self._pair_fds:
-            self._run_pair(ready)
+        if self._native_plan is not None and self._native_ok():
+            ready = self._native_rounds(self._native_plan, timeout)
+            if ready:
+                if ready.keys() <= self._pair_fds:
+                    self._run_pair(ready)
+                else:
+                    self._run_plan(plan, ready)
         else:
-            self._run_plan(plan, ready)
+            ready = dict(poller.poll(0 if always else int(timeout * 1000)))
+            if ready and self._pair_fds is not None and ready.keys() <= self._pair_fds:
+                self._run_pair(ready)
+            else:
+                self._run_plan(plan, ready)
         now = time.monotonic()
         if now >= self._next_scan:
             self.comparator.check_timeouts(now)
@@ -361,21 +430,71 @@ class CompareLoop:
         pin, sin = self.primary_in, self.secondary_in
         pvm = pin.recv_bytes()
         svm = sin.recv_bytes()
-        pvm_late = bool(pvm) and pin.fileno() not in ready
-        svm_late = bool(svm) and sin.fileno() not in ready
-        if (pvm_late or svm_late) and self._control_waiting():
+        self._judge_pair(pvm, len(pvm) if pin.fileno() in ready else 0,
+                         svm, len(svm) if sin.fileno() in ready else 0)
+
+    def _native_ok(self) -> bool:
+        """Native pair rounds may run now (see Comparator.native_ok): nothing waits in the
+        comparator nor in outdev's queue, outdev has its peer."""
+        out = self.outdev
+        return out.connected and not out.queued and self.comparator.native_ok(
+            self.primary_in.generation, self.secondary_in.generation)
+
+    def _native_rounds(self, native_plan: tuple, timeout: float) -> dict:
+        """Pair rounds in native code until one needs Python (pipeline.net.native); then
+        what it read is judged here as _run_pair would have. Returns the readiness for the
+        rest of the round: the poll's when another descriptor is readable, else empty."""
+        pfds, nfds, ip, is_, pbuf, sbuf, res = native_plan
+        nat = self._native
+        out = self.outdev
+        status = nat.pair_rounds(pfds, nfds, ip, is_, out.fileno(), pbuf, sbuf,
+                                 int(timeout * 1000), NATIVE_MAX_PAIRS, NATIVE_WAIT_NS,
+                                 _DELAY_BOUNDS_NS, res)
+        pairs = int(res[nat.PAIRS])
+        stats = self.native_stats
+        if pairs:
+            self.comparator.count_released_pairs(pairs, int(res[nat.BYTES]),
+                                                 res[nat.DELAYS:].tolist())
+            stats["pairs"] += pairs
+        if res[nat.WAITS]:
+            stats["waits"] += int(res[nat.WAITS])
+            stats["wait_hits"] += int(res[nat.WAIT_HITS])
+        name = nat.STATUS_NAMES[status]
+        stats[name] = stats.get(name, 0) + 1
+        if status == nat.ST_OTHER:
+            return dict(self._plan[0].poll(0))
+        if status == nat.ST_INPUT:
+            pvm = self.primary_in.read_result(int(res[nat.P_READ]))
+            svm = self.secondary_in.read_result(int(res[nat.S_READ]))
+            arrived = int(res[nat.ARRIVED_NS])
+            self._judge_pair(pvm, int(res[nat.P_READY]), svm, int(res[nat.S_READY]),
+                             arrived / 1e9 if arrived else None)
+        elif status == nat.ST_SEND:
+            out.sent_partly(self.primary_in.scratch()[:int(res[nat.P_READ])],
+                            int(res[nat.SENT]))
+        elif status == nat.ST_ERROR:
+            raise OSError(-int(res[nat.SENT]), "poll in the native pair rounds")
+        return {}
+
+    def _judge_pair(self, pvm, pvm_ready: int, svm, svm_ready: int,
+                    arrived: float | None = None) -> None:
+        """What the reads of each guest's stream brought: ``*_ready`` bytes at the front
+        were read while readable at the poll, the rest late (``arrived``: when the reads
+        were, if not now)."""
+        pin, sin = self.primary_in, self.secondary_in
+        if (len(pvm) > pvm_ready or len(svm) > svm_ready) and self._control_waiting():
             comparator = self.comparator
-            if pvm and not pvm_late:
-                comparator.push_stream(PRIMARY, pvm, pin.generation)
-            if svm and not svm_late:
-                comparator.push_stream(SECONDARY, svm, sin.generation)
+            if pvm_ready:
+                comparator.push_stream(PRIMARY, pvm[:pvm_ready], pin.generation, arrived)
+            if svm_ready:
+                comparator.push_stream(SECONDARY, svm[:svm_ready], sin.generation, arrived)
             self._handle_control()
-            if pvm_late:
-                comparator.push_stream(PRIMARY, pvm, pin.generation)
-            if svm_late:
-                comparator.push_stream(SECONDARY, svm, sin.generation)
+            if len(pvm) > pvm_ready:
+                comparator.push_stream(PRIMARY, pvm[pvm_ready:], pin.generation)
+            if len(svm) > svm_ready:
+                comparator.push_stream(SECONDARY, svm[svm_ready:], sin.generation)
             return
-        self.comparator.push_pair(pvm, pin.generation, svm, sin.generation)
+        self.comparator.push_pair(pvm, pin.generation, svm, sin.generation, arrived)
 
     def _run_plan(self, plan, ready: dict) -> None:
         """A round of everything readable, in the plan's order (control first)."""

@@ -1,0 +1,257 @@
+"""The comparator's native pair rounds (pipeline.net.native, numba) against its Python
+rounds: a real CompareLoop in this process, fed over its unix sockets by client threads."""
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+
+import pytest
+
+from conftest import wait_until
+from pipeline.net import build
+from pipeline.net.adapters import StreamClient
+from pipeline.net.comparator import RELEASE_DELAY_COUNTERS
+from pipeline.net.control import COLO_CHECKPOINT, XenNotify, encode_notify
+from pipeline.net.framing import FrameDecoder, encode_frame
+from pipeline.net.loop import CompareLoop, native_rounds
+from pipeline.net.packet import TCP_ACK, TCP_PSH
+from pipeline.net.settings import NetSettings
+
+pytestmark = pytest.mark.skipif(native_rounds() is None, reason="numba is not installed")
+
+G, C = "10.2.0.2", "10.2.0.1"
+#: bounds a hang only (a loaded 2-core machine)
+WAIT = 60
+
+
+class Running:
+    """A CompareLoop (with a Xen notify channel, as colo-pipeline compare has) run by a
+    thread, and a client on each socket."""
+
+    def __init__(self, native: bool, threaded: bool = True) -> None:
+        d = tempfile.mkdtemp(prefix="ncmp-native-")
+        settings = NetSettings(primary_in=f"unix:{d}/p", secondary_in=f"unix:{d}/s",
+                               outdev=f"unix:{d}/o", compare_timeout_ms=10 ** 8,
+                               max_queue_frames=100_000)
+        self.dir = d
+        self.loop = CompareLoop(settings, XenNotify(f"unix:{d}/n"), native=native)
+        self.pin, self.sin, self.out = (StreamClient(f"unix:{d}/{r}") for r in "pso")
+        self.ntf = StreamClient(f"unix:{d}/n")
+        self._decoder = FrameDecoder(False)
+        self._ahead: list[bytes] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if threaded:
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.loop.run_once(0.02)
+
+    def released(self, count: int) -> list[bytes]:
+        """The next ``count`` frames out of outdev (fails the test after WAIT s)."""
+        out, self._ahead = self._ahead, []
+        self.out.sock.settimeout(WAIT)
+        while len(out) < count:
+            data = self.out.sock.recv(1 << 20)
+            assert data, "outdev closed"
+            out += [f for f, _ in self._decoder.feed(data)]
+        out, self._ahead = out[:count], out[count:]
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(WAIT)
+        for c in (self.pin, self.sin, self.out, self.ntf):
+            c.close()
+        self.loop.close()
+
+
+def tcp(i: int, flow: int, ip_id: int, seq: int = 1, window: int = 512,
+        payload: bytes | None = None):
+    body = payload or (b"reply %06d " % i) * (1 + i % 7)
+    return build.tcp_frame(G, C, 20000 + flow, 80, seq, 1, TCP_ACK | TCP_PSH, body,
+                           window=window, ip_id=ip_id)
+
+
+def udp(i: int, ip_id: int, payload: bytes | None = None):
+    return build.udp_frame(G, C, 3000 + i % 500, 53, payload or b"answer %d" % i, ip_id=ip_id)
+
+
+def case(seed: int, n: int = 1500):
+    """PVM/SVM frame pairs equal outside the masks (IPv4 id, TCP window) on many flows,
+    and the indices of a few whose payloads differ (same length)."""
+    rng = random.Random(seed)
+    pairs, differ = [], set()
+    seq = [1] * 40
+    for i in range(n):
+        odd = rng.random() < 0.01
+        if rng.random() < 0.5:
+            flow = i % 40
+            p = tcp(i, flow, i & 0xFFFF, seq[flow])
+            s = tcp(i, flow, (7 * i) & 0xFFFF, seq[flow], window=99)
+            if odd:
+                s = tcp(i, flow, 3, seq[flow], payload=b"X" * (len(p) - 54))
+            seq[flow] += len(p) - 54
+        else:
+            p, s = udp(i, i & 0xFFFF), udp(i, (5 * i) & 0xFFFF)
+            if odd:
+                s = udp(i, 1, payload=b"different %d" % i)
+        pairs.append((p, s))
+        if odd:
+            differ.add(i)
+    return pairs, frozenset(differ)
+
+
+def per_flow(frames):
+    out: dict[bytes, list[bytes]] = {}
+    for f in frames:
+        out.setdefault(f[26:38], []).append(f)
+    return out
+
+
+def send_pairs(run: Running, chunk, pvm_first: bool) -> None:
+    """The pairs' frames as two live guests send them: all of one side, then the other's."""
+    p = b"".join(encode_frame(f) for f, _ in chunk)
+    s = b"".join(encode_frame(f) for _, f in chunk)
+    for client, data in ((run.pin, p), (run.sin, s)) if pvm_first else \
+            ((run.sin, s), (run.pin, p)):
+        client.sock.sendall(data)
+
+
+def feed(run: Running, pairs, seed: int, differ=frozenset()) -> list[bytes]:
+    """The pairs a burst at a time (mostly one pair, now and then several), either side
+    first, each burst once what came before is out. A burst with a pair that differs (index
+    in ``differ``) is followed, once the loop took it, by a checkpoint (Xen's
+    COLO_CHECKPOINT), as the toolstack answers the comparator's request. Returns what came
+    out of outdev."""
+    rng = random.Random(seed)
+    comparator = run.loop.comparator
+    out: list[bytes] = []
+    i = 0
+    while i < len(pairs):
+        k = min(rng.choice((1, 1, 1, 1, 1, 1, 2, 5, 30)), len(pairs) - i)
+        send_pairs(run, pairs[i:i + k], rng.random() < 0.6)
+        i += k
+        if differ & set(range(i - k, i)):
+            wait_until(lambda: comparator.counters["primary_frames_in"] == i
+                       and comparator.counters["secondary_frames_in"] == i
+                       and comparator.stream_frames() == 0, WAIT, "the burst taken")
+            run.ntf.sock.sendall(encode_notify(COLO_CHECKPOINT))
+        out += run.released(i - len(out))
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+@pytest.mark.parametrize("seed", range(2))
+def test_pairs_through_native_or_python_rounds_come_out_once_in_order(seed, native):
+    """Frame pairs (a few differing, each followed by a checkpoint) through the loop with
+    native rounds and without: every PVM frame out once, per flow in the order sent, none
+    of the SVM's; every release counted once; with native rounds, pairs went that way."""
+    pairs, differ = case(seed)
+    run = Running(native)
+    try:
+        out = feed(run, pairs, seed, differ)
+    finally:
+        run.close()
+    # (read once the loop stopped: native rounds add their counts when they return)
+    counters, stats = run.loop.comparator.counters, run.loop.native_stats
+    assert per_flow(out) == per_flow(p for p, _ in pairs)
+    assert len(out) == len(pairs) == counters["frames_released"]
+    assert counters["mismatches"] >= 1
+    assert sum(counters[c] for c in RELEASE_DELAY_COUNTERS) == counters["frames_released"]
+    if native:
+        # (how many depends on how soon each burst's second half follows its first)
+        assert stats["pairs"] > 0
+    else:
+        assert stats["pairs"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_full_outdev_queues_the_rest_of_a_native_write_and_loses_nothing():
+    """outdev's reader does not read: pair after pair is released by native rounds until
+    a native write takes only part of a pair (or none); the rest waits in outdev's queue,
+    whose flush blocks until the reader, started by that queue, reads. Every frame comes
+    out once, in order. (The loop runs in the test's thread: each pair is whole on both
+    sockets before the round that takes it.)"""
+    run = Running(True, threaded=False)
+    pairs = [(tcp(i, 0, i & 0xFFFF, 1 + 1400 * i, payload=bytes(1400)),
+              tcp(i, 0, 77, 1 + 1400 * i, payload=bytes(1400))) for i in range(30_000)]
+    got: list[list[bytes]] = []
+
+    def reader():
+        wait_until(lambda: run.loop.outdev.queued, WAIT, "a write outdev did not take")
+        got.append(run.released(len(pairs)))
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for pair in pairs:
+            send_pairs(run, [pair], True)
+            run.loop.run_once(0)
+        thread.join(WAIT)
+        assert got and got[0] == [p for p, _ in pairs]
+        assert run.loop.native_stats.get("send", 0) >= 1
+        assert run.loop.native_stats["pairs"] > len(pairs) // 2
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_lone_frame_goes_to_python_with_its_arrival_and_meets_its_partner_there():
+    """A PVM frame whose SVM frame does not come within the native wait goes to the
+    comparator's stream (Python); the SVM frame sent later releases it."""
+    run = Running(True)
+    try:
+        for i in range(2, 12):          # the first pairs go through Python (new peers)
+            run.pin.send(udp(i, i))
+            run.sin.send(udp(i, 3 * i))
+            run.released(1)
+        wait_until(lambda: run.loop.native_stats["pairs"] > 0, WAIT, "native rounds")
+        p, s = udp(1, 1), udp(1, 2)
+        run.pin.send(p)
+        wait_until(lambda: run.loop.comparator.stream_frames() == 1, WAIT,
+                   "the lone PVM frame in the comparator's stream")
+        assert run.loop.native_stats["waits"] >= 1
+        run.sin.send(s)
+        assert run.released(1) == [p]
+        # then pairs again go the native way
+        before = run.loop.native_stats["pairs"]
+        for i in range(12, 50):
+            run.pin.send(udp(i, i))
+            run.sin.send(udp(i, 3 * i))
+            run.released(1)
+        wait_until(lambda: run.loop.native_stats["pairs"] > before, WAIT, "native rounds")
+    finally:
+        run.close()
+    counters = run.loop.comparator.counters
+    assert counters["frames_released"] == 49
+    assert sum(counters[c] for c in RELEASE_DELAY_COUNTERS) == 49
+
+
+@pytest.mark.timeout(300)
+def test_a_side_that_hangs_up_during_native_rounds_is_listened_for_again():
+    """The PVM's sender closes its stream: the endpoint drops the peer and listens; a new
+    sender's pairs are compared (and released natively) as before."""
+    run = Running(True)
+    try:
+        for i in range(20):
+            run.pin.send(udp(i, i))
+            run.sin.send(udp(i, 2 * i))
+            run.released(1)
+        generation = run.loop.primary_in.generation
+        run.pin.close()
+        wait_until(lambda: not run.loop.primary_in.connected, WAIT, "the PVM's stream dropped")
+        run.pin = StreamClient(f"unix:{run.dir}/p")
+        wait_until(lambda: run.loop.primary_in.generation > generation, WAIT,
+                   "the new PVM sender accepted")
+        before = run.loop.native_stats["pairs"]
+        for i in range(20, 60):
+            run.pin.send(udp(i, i))
+            run.sin.send(udp(i, 2 * i))
+            assert run.released(1) == [udp(i, i)]
+        wait_until(lambda: run.loop.native_stats["pairs"] > before, WAIT, "native rounds")
+    finally:
+        run.close()
