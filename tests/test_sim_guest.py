@@ -787,3 +787,17 @@ def test_simulated_io_is_reached_through_the_domain_interface_only(make_domain) 
     dom.feed_input(b"x" * 8)
     blob = dom.get_vcpu_state()
     assert dom.simulated_io().vcpu_input_seq(blob) == dom.input_seq()
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), npages=st.integers(0, 300),
+       page_count=st.integers(1, 20000), run_length=st.sampled_from([1, 3, 8, 64]))
+def test_the_small_plan_is_make_plan_exactly(key: bytes, npages: int, page_count: int,
+                                             run_length: int) -> None:
+    """The guest makes its per-input plan in plain Python (plan_lists); a peer on either path
+    writes the same pages with the same contents, so it must be make_plan's, value for value."""
+    npages = min(npages, page_count)
+    cdf = WorkloadSpec().mix_cdf()
+    want = tuple(a.tolist() for a in sim_module.make_plan(key, npages, page_count, run_length,
+                                                          cdf, 1000))
+    assert sim_module.plan_lists(key, npages, page_count, run_length, cdf.tolist(), 1000) == want
