@@ -17,6 +17,11 @@ timestamp from the client's ACK that completes the handshake (it acknowledges PV
 and echoes the PVM's TSval). After a failover the SVM's segments go to the client
 directly, so their TSval is moved into the PVM's space too (the client's PAWS check would
 drop a segment whose timestamp looks older than the PVM's).
+
+**Re-protection** (:mod:`pipeline.net.redirector`): the survivor's guest goes on in the
+SVM's space on every connection the clients opened before the failover, and so does a
+new secondary's guest synced from it; :meth:`export_offsets` and :meth:`load_offsets`
+carry those connections' offsets to the new secondary's redirector.
 """
 from __future__ import annotations
 
@@ -189,6 +194,41 @@ class SeqRewriter:
         struct.pack_into("!H", out, l4 + 16, l4_checksum(src, dst, 6, out[l4:end]))
         self.rewritten += 1
         return bytes(out)
+
+    def export_offsets(self) -> list[dict]:
+        """The connections whose segments are moved (a non-zero offset), as JSON-ready rows
+        for :meth:`load_offsets` on another host's rewriter."""
+        rows = []
+        for (vlans, ver, proto, src, dst, sport, dport), f in self._flows.items():
+            if f.seq_offset or f.ts_offset:
+                rows.append({"vlans": list(vlans), "ip": ver, "proto": proto,
+                             "guest": bytes(src).hex(), "client": bytes(dst).hex(),
+                             "guest_port": sport, "client_port": dport,
+                             "seq_offset": f.seq_offset, "ts_offset": f.ts_offset})
+        return rows
+
+    def load_offsets(self, rows: list) -> int:
+        """Take over another rewriter's offsets (:meth:`export_offsets`): all of them or,
+        on a malformed row, none (ValueError naming the row). Returns how many."""
+        flows = []
+        for i, row in enumerate(rows):
+            try:
+                ver, length = row["ip"], {4: 4, 6: 16}.get(row["ip"])
+                src, dst = bytes.fromhex(row["guest"]), bytes.fromhex(row["client"])
+                key = (tuple(int(v) for v in row["vlans"]), ver, int(row["proto"]), src,
+                       dst, int(row["guest_port"]), int(row["client_port"]))
+                seq_offset, ts_offset = int(row["seq_offset"]), int(row["ts_offset"])
+                if length is None or len(src) != length or len(dst) != length:
+                    raise ValueError(f"IPv{ver} addresses {row['guest']}, {row['client']}")
+                if not (0 <= seq_offset <= M32 and 0 <= ts_offset <= M32):
+                    raise ValueError("offsets outside 32 bits")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ValueError(f"offsets row {i} ({row!r}) is malformed: {exc!r}") from None
+            flows.append((key, seq_offset, ts_offset))
+        for key, seq_offset, ts_offset in flows:
+            flow = self._flow(key, True)
+            flow.seq_offset, flow.ts_offset = seq_offset, ts_offset
+        return len(flows)
 
     def reset(self) -> None:
         """After a checkpoint the SVM continues from the PVM's state: no offsets any more."""
