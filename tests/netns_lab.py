@@ -87,10 +87,11 @@ class NetnsLab:
         self.x(role, IP, "neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", dev, "nud",
                "permanent")
 
-    def spawn(self, role: str, *args: str) -> subprocess.Popen:
+    def spawn(self, role: str, *args: str, stdin=None) -> subprocess.Popen:
         """A process in ``role``'s namespace, in a session of its own (close() kills it
-        with everything it started), its output piped as text."""
-        proc = subprocess.Popen([IP, "netns", "exec", self.ns[role], *args],
+        with everything it started), its output piped as text (``stdin``: e.g.
+        subprocess.PIPE to talk to it)."""
+        proc = subprocess.Popen([IP, "netns", "exec", self.ns[role], *args], stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=os.getcwd(), start_new_session=True)
         self.procs.append(proc)
@@ -107,3 +108,74 @@ class NetnsLab:
         for ns in self.ns.values():
             subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=20)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- a guest's TCP connection copied to another namespace (TCP_REPAIR, as CRIU does) --------
+# The lab's guests are kernel stacks in namespaces, which no checkpoint copies. Where a test
+# needs a new SVM that holds the survivor's connections, as a full sync of the guest's
+# memory gives a real one, it copies a quiet connection's state over with TCP_REPAIR:
+# sequence numbers, queues, window, MSS, window scale and timestamp clock.
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_OFF_NO_WP = -1          # leave repair mode without sending a window probe
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+
+
+def dump_tcp(sock) -> dict:
+    """A connected TCP socket's state (JSON-ready); the socket goes on as before."""
+    import socket
+    import struct
+    tcp = socket.IPPROTO_TCP
+    info = sock.getsockopt(tcp, socket.TCP_INFO, 8)
+    sock.setsockopt(tcp, TCP_REPAIR, 1)
+    try:
+        state = {"local": list(sock.getsockname()), "peer": list(sock.getpeername()),
+                 "mss": sock.getsockopt(tcp, socket.TCP_MAXSEG),
+                 "options": info[5], "snd_wscale": info[6] & 15, "rcv_wscale": info[6] >> 4,
+                 "timestamp": sock.getsockopt(tcp, TCP_TIMESTAMP),
+                 "window": list(struct.unpack("5I", sock.getsockopt(tcp, TCP_REPAIR_WINDOW,
+                                                                    20)))}
+        for name, queue in (("recv", TCP_RECV_QUEUE), ("send", TCP_SEND_QUEUE)):
+            sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
+            state[name + "_seq"] = struct.unpack("I", sock.getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+            try:
+                data = sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = b""
+            state[name + "_data"] = data.hex()
+    finally:
+        sock.setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    return state
+
+
+def restore_tcp(state: dict):
+    """A socket in this namespace holding the connection :func:`dump_tcp` described."""
+    import socket
+    import struct
+    tcp = socket.IPPROTO_TCP
+    sock = socket.socket()
+    sock.setsockopt(tcp, TCP_REPAIR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for name, queue in (("recv", TCP_RECV_QUEUE), ("send", TCP_SEND_QUEUE)):
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
+        sock.setsockopt(tcp, TCP_QUEUE_SEQ, struct.pack("I", state[name + "_seq"]))
+    sock.bind(tuple(state["local"]))
+    sock.connect(tuple(state["peer"]))
+    for name, queue in (("recv", TCP_RECV_QUEUE), ("send", TCP_SEND_QUEUE)):
+        if state[name + "_data"]:
+            sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
+            sock.sendall(bytes.fromhex(state[name + "_data"]))
+    options = [(TCPOPT_MSS, state["mss"])]
+    if state["options"] & TCPI_OPT_WSCALE:
+        options.append((TCPOPT_WINDOW, state["snd_wscale"] | state["rcv_wscale"] << 16))
+    if state["options"] & TCPI_OPT_SACK:
+        options.append((TCPOPT_SACK_PERM, 0))
+    if state["options"] & TCPI_OPT_TIMESTAMPS:
+        options.append((TCPOPT_TIMESTAMP, 0))
+    sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, b"".join(struct.pack("II", *o) for o in options))
+    sock.setsockopt(tcp, TCP_TIMESTAMP, state["timestamp"])
+    sock.setsockopt(tcp, TCP_REPAIR_WINDOW, struct.pack("5I", *state["window"]))
+    sock.setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    return sock

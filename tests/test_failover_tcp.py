@@ -95,8 +95,9 @@ class TwoHostLab(NetnsLab):
     """Namespaces: cli (the client), lan (the clients' switch), ph and pvm (the primary
     host and its guest), sh and svm (the secondary host and its guest)."""
 
-    def __init__(self) -> None:
-        super().__init__(f"ft{os.getpid() % 10000}", ("cli", "lan", "ph", "pvm", "sh", "svm"))
+    def __init__(self, more: tuple[str, ...] = ()) -> None:
+        super().__init__(f"ft{os.getpid() % 10000}",
+                         ("cli", "lan", "ph", "pvm", "sh", "svm") + more)
 
     def _build(self) -> None:
         t = self.tag

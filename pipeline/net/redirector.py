@@ -28,6 +28,18 @@ retransmitted by the SVM's own TCP stack (they are in its send queue, unacknowle
 segments the comparator released and the SVM sends again are below the client's
 ``rcv_nxt`` and dropped by the client's stack; requests the client sent into the dead
 host are retransmitted by the client's stack.
+
+**Re-protection** (:meth:`SecondaryRedirector.reprotect`; SIGUSR2 to the standalone
+process), after a failover, once this host's new primary comparator listens on
+``primary_in`` and ``primary_out`` (its PVM streams, on this host): the redirector stops
+bridging and hands the guest's interface over to that comparator, without a restart that
+would drop the guest's connections. It still sits between the guest and the comparator,
+because the guest goes on in the SVM's sequence space on every connection opened before
+the failover: the guest's frames go to ``primary_in`` moved into the clients' (the old
+PVM's) space, the client frames the comparator sends to ``primary_out`` go into the guest
+moved back. The comparator owns the clients' network (``uplink``) from then on. The
+offsets of those connections are written to ``offsets_out`` for the new secondary's
+redirector (``--offsets-in``): its SVM, synced from this guest, is in the same space.
 """
 from __future__ import annotations
 
@@ -51,7 +63,9 @@ BROADCAST = b"\xff" * 6
 SEND_STUCK_S = 5.0
 
 COUNTERS = ("client_frames_in", "svm_frames_out", "frames_to_clients",
-            "client_frames_direct", "frames_not_for_guest", "announcements", "failovers")
+            "client_frames_direct", "frames_not_for_guest", "announcements", "failovers",
+            "reprotections", "reprotect_refused", "offsets_loaded", "offsets_exported",
+            "frames_rewritten")
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -65,18 +79,30 @@ class SecondaryRedirector:
     """``svm``: the SVM's interface (``packet:IFNAME``'s name); ``mirror_from`` and
     ``compare_to``: the primary comparator's ``secondary_out`` and ``secondary_in``
     (``tcp:HOST:PORT``); ``uplink``: this host's interface on the clients' network, used
-    from the failover on."""
+    from the failover on; ``primary_in``, ``primary_out``: this host's new primary
+    comparator's PVM streams, from a re-protection on, and ``offsets_out``: where the
+    re-protection writes the offsets for the new secondary's redirector; ``offsets``: rows
+    of :meth:`SeqRewriter.export_offsets` to start with (this redirector serves a new
+    secondary whose SVM was synced from a survivor's guest)."""
 
     def __init__(self, svm: str, mirror_from: str, compare_to: str, uplink: str,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, primary_in: str = "", primary_out: str = "",
+                 offsets_out: str = "", offsets: list | None = None) -> None:
+        self.rewriter = SeqRewriter()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        if offsets:
+            self.counters["offsets_loaded"] = self.rewriter.load_offsets(offsets)
         self.svm = PacketSocket(svm)
         self.uplink_name = uplink
         self.uplink: PacketSocket | None = None
-        self.rewriter = SeqRewriter()
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.primary_in, self.primary_out, self.offsets_out = primary_in, primary_out, \
+            offsets_out
+        self.connect_timeout = connect_timeout
         self.guest_mac: bytes | None = None
         self.failed_over = threading.Event()
         self._failover_asked = threading.Event()
+        self.reprotected = threading.Event()
+        self._reprotect_asked = threading.Event()
         self.mirror = StreamClient(mirror_from, timeout=connect_timeout)
         self.compare = StreamClient(compare_to, timeout=connect_timeout)
         # a comparator host that vanished without closing its end must not block the SVM's
@@ -133,9 +159,61 @@ class SecondaryRedirector:
         log.warning("redirector: failover: the SVM's interface is bridged to %s",
                     self.uplink_name)
 
+    def reprotect(self) -> None:
+        """From any thread (a signal handler too): hand the guest's interface to this
+        host's new primary comparator at the next loop turn."""
+        self._reprotect_asked.set()
+
+    def _do_reprotect(self) -> None:
+        """Connect to the comparator's PVM streams, then switch: all of it, or (nothing
+        to hand over, no comparator) nothing, logged and counted; the guest stays bridged."""
+        self._reprotect_asked.clear()
+        if not self.failed_over.is_set() or self.reprotected.is_set():
+            why = ("it never failed over (its SVM is compared already)"
+                   if not self.failed_over.is_set() else "it was re-protected already")
+            log.error("redirector: re-protection refused: %s", why)
+            self.counters["reprotect_refused"] += 1
+            return
+        if not (self.primary_in and self.primary_out):
+            log.error("redirector: re-protection refused: no --primary-in/--primary-out "
+                      "(the new primary comparator's streams)")
+            self.counters["reprotect_refused"] += 1
+            return
+        try:
+            compare = StreamClient(self.primary_in, timeout=self.connect_timeout)
+        except (ConnectionError, OSError) as exc:
+            log.error("redirector: re-protection refused: the comparator's %s: %s",
+                      self.primary_in, exc)
+            self.counters["reprotect_refused"] += 1
+            return
+        try:
+            mirror = StreamClient(self.primary_out, timeout=self.connect_timeout)
+        except (ConnectionError, OSError) as exc:
+            compare.close()
+            log.error("redirector: re-protection refused: the comparator's %s: %s",
+                      self.primary_out, exc)
+            self.counters["reprotect_refused"] += 1
+            return
+        compare.sock.settimeout(SEND_STUCK_S)
+        rows = self.rewriter.export_offsets()
+        if self.offsets_out:
+            with open(self.offsets_out + ".tmp", "w") as fh:
+                json.dump(rows, fh)
+            os.replace(self.offsets_out + ".tmp", self.offsets_out)   # whole, or not there
+        self.counters["offsets_exported"] = len(rows)
+        self.uplink.close()          # the comparator reads and writes the clients' side now
+        self.uplink = None
+        self.compare, self.mirror = compare, mirror
+        self.counters["reprotections"] += 1
+        self.reprotected.set()
+        log.warning("redirector: re-protected: the guest's frames go to the comparator's %s "
+                    "(%d connections' offsets kept)", self.primary_in, len(rows))
+
     def run_once(self, timeout: float) -> None:
         if self._failover_asked.is_set() and not self.failed_over.is_set():
             self._do_failover()
+        if self._reprotect_asked.is_set():
+            self._do_reprotect()
         sources = [self.svm] + [s for s in (self.mirror, self.uplink) if s is not None]
         ready = select.select([s.fileno() for s in sources], [], [], timeout)[0]
         if self.svm.fileno() in ready:
@@ -173,16 +251,42 @@ def main(argv: list[str] | None = None) -> int:
                         help="the comparator's secondary_in (tcp:HOST:PORT)")
     parser.add_argument("--uplink", required=True, metavar="IFNAME",
                         help="this host's interface on the clients' network (after failover)")
+    parser.add_argument("--primary-in", default="", metavar="ADDR",
+                        help="after a failover, on SIGUSR2 (re-protection): this host's new "
+                             "primary comparator's primary_in, where the guest's frames go")
+    parser.add_argument("--primary-out", default="", metavar="ADDR",
+                        help="... and its primary_out, the client frames for the guest")
+    parser.add_argument("--offsets-out", default="", metavar="PATH",
+                        help="the re-protection writes the offsets of the connections "
+                             "opened before the failover there (JSON), for --offsets-in")
+    parser.add_argument("--offsets-in", default="", metavar="PATH",
+                        help="start with these offsets: a new secondary whose SVM was "
+                             "synced from a survivor's guest (the survivor's --offsets-out)")
     parser.add_argument("--pid-file", metavar="PATH",
                         help="write this process's pid there once ready (removed at exit): "
                              "the node's failover.redirector_pid_file, so its takeover "
                              "sends the SIGUSR1")
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", stream=sys.stderr)
-    r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink)
+    offsets = None
+    if args.offsets_in:
+        try:
+            with open(args.offsets_in) as fh:
+                offsets = json.load(fh)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--offsets-in {args.offsets_in}: {exc}")
+        if not isinstance(offsets, list):
+            parser.error(f"--offsets-in {args.offsets_in}: not a JSON list of offsets rows")
+    try:
+        r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink,
+                                primary_in=args.primary_in, primary_out=args.primary_out,
+                                offsets_out=args.offsets_out, offsets=offsets)
+    except ValueError as exc:
+        parser.error(f"--offsets-in {args.offsets_in}: {exc}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: r.failover())
+    signal.signal(signal.SIGUSR2, lambda *_: r.reprotect())
     if args.pid_file:
         with open(args.pid_file + ".tmp", "w") as fh:
             fh.write(f"{os.getpid()}\n")
@@ -191,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r.run(stop)
     finally:
+        r.counters["frames_rewritten"] = r.rewriter.rewritten
         print(json.dumps(r.counters), flush=True)
         r.close()
         if args.pid_file:

@@ -1,0 +1,243 @@
+"""Re-protecting a pair whose guest has a real NIC: a TCP connection the client opened
+before the failover goes on after the survivor is protected again, and the new
+secondary's frames on it are compared.
+
+The lab of tests/test_failover_tcp.py (client, the clients' switch, the primary host and
+its PVM, the secondary host and its SVM; real kernel stacks in namespaces) and a third
+host, ``nh``, with the new SVM:
+
+1. protected: the client's connection goes through the primary host's comparator; the
+   secondary host's redirector learns the connection's sequence offset (the SVM's ISN
+   differs from the PVM's);
+2. the primary host is lost, the redirector fails over (SIGUSR1): the survivor's guest
+   serves the client directly, its segments moved into the old PVM's space;
+3. re-protection: a comparator starts on the survivor's host (the clients' network, the
+   guest's streams on this host, the new secondary's over a replication link), the
+   redirector hands the guest's interface over to it (SIGUSR2, no restart: the guest's
+   connection stays up) and writes the connection's offset; the new SVM gets the guest's
+   connection (TCP_REPAIR, the lab's stand-in for the full sync of the guest's memory:
+   netns_lab.dump_tcp) and its redirector starts with the offset (``--offsets-in``).
+
+The client's stream must hold every response once, in order, and the comparator must have
+matched the new SVM's segments against the guest's, with no mismatch: without the
+carried offset the new SVM's sequence numbers (the survivor guest's own) would differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import wait_until
+from netns_lab import IP, wait_ready
+from test_failover_tcp import COMPARATOR, LAB, REPL, TwoHostLab
+from test_net_netns import CLIENT_IP, CLIENT_MAC, GUEST_IP, GUEST_MAC, TCP_PORT
+
+pytestmark = LAB
+PHASE = 300                                 # requests in each of the three phases
+REPL2 = {"survivor": "10.89.0.1", "new": "10.89.0.2"}
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+#: the guests' server: one connection, deterministic answers; "serve" accepts it (SIGUSR1
+#: writes the connection's state to STATE), "restore" takes it over from STATE
+SERVER = r'''
+import json, os, signal, socket, sys
+sys.path.insert(0, @TESTS@)
+from netns_lab import dump_tcp, restore_tcp
+mode, state = sys.argv[1:3]
+if mode == "serve":
+    ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", @TCP@)); ls.listen(1)
+    print("ready", flush=True)
+    conn, _ = ls.accept()
+else:
+    with open(state) as fh:
+        conn = restore_tcp(json.load(fh))
+    print("ready", flush=True)
+def dump(*_):
+    with open(state + ".tmp", "w") as fh:
+        json.dump(dump_tcp(conn), fh)
+    os.replace(state + ".tmp", state)
+signal.signal(signal.SIGUSR1, dump)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = conn.makefile("rb")
+while True:
+    line = f.readline()
+    if not line:
+        break
+    n = int(line.split()[1])
+    conn.sendall(b"resp %d %032d\n" % (n, n * 7919))
+conn.close()
+'''.replace("@TESTS@", repr(TESTS)).replace("@TCP@", str(TCP_PORT))
+
+#: the client: one connection; each line on stdin, N, sends the next N requests (one at a
+#: time, each answer read before the next), "end" closes it
+CLIENT = r'''
+import json, socket, sys
+out_path = sys.argv[1]
+s = socket.create_connection(("@IP@", @TCP@), timeout=120)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = s.makefile("rb")
+got, i = bytearray(), 0
+print("ready %d" % s.getsockname()[1], flush=True)
+for command in sys.stdin:
+    if command.strip() == "end":
+        break
+    for _ in range(int(command)):
+        s.sendall(b"req %d\n" % i)
+        line = f.readline()
+        if not line:
+            sys.exit("the connection closed at request %d" % i)
+        got += line
+        i += 1
+    print("answered %d" % i, flush=True)
+s.shutdown(socket.SHUT_WR)
+got += f.read()
+s.close()
+open(out_path, "wb").write(got)
+print(json.dumps({"answered": i}), flush=True)
+'''.replace("@IP@", GUEST_IP).replace("@TCP@", str(TCP_PORT))
+
+#: the survivor's new primary comparator: the clients' network, the guest's streams on
+#: this host (from the redirector), the new secondary's over the replication link
+NEW_PRIMARY_COMPARATOR = r'''
+import json, logging, signal, sys, threading
+from pipeline.net.loop import CompareLoop
+from pipeline.net.settings import NetSettings
+logging.basicConfig(level="WARNING")
+uplink, repl = sys.argv[1:3]
+settings = NetSettings(primary_in="tcp:127.0.0.1:9100", primary_out="tcp:127.0.0.1:9101",
+                       client_in="packet:" + uplink, outdev="packet:" + uplink,
+                       secondary_in="tcp:%s:9000" % repl, secondary_out="tcp:%s:9001" % repl,
+                       rewrite_secondary=False, compare_timeout_ms=3000)
+loop = CompareLoop(settings)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+print("ready", flush=True)
+try:
+    loop.run(stop)
+finally:
+    print(json.dumps(loop.comparator.counters), flush=True)
+    loop.close()
+'''
+
+
+class ReprotectLab(TwoHostLab):
+    """TwoHostLab and the new secondary host ``nh`` (on the clients' switch) with its SVM
+    ``nsvm`` and a replication link to the survivor's host."""
+
+    def __init__(self) -> None:
+        super().__init__(("nh", "nsvm"))
+
+    def _build(self) -> None:
+        super()._build()
+        t = self.tag
+        self.uplink["nh"], port = self.veth(t + "w", "nh", "lan")
+        self.x("lan", IP, "link", "set", port, "master", "br0")
+        inner, self.tap["nsvm"] = self.veth(t + "n", "nsvm", "nh", mac0=GUEST_MAC)
+        self.guest("nsvm", inner, GUEST_IP, CLIENT_IP, CLIENT_MAC)
+        a, b = self.veth(t + "q", "sh", "nh")
+        self.x("sh", IP, "addr", "add", REPL2["survivor"] + "/24", "dev", a)
+        self.x("nh", IP, "addr", "add", REPL2["new"] + "/24", "dev", b)
+
+
+def _ask(client: subprocess.Popen, command: str, answered: int | None = None) -> None:
+    client.stdin.write(command + "\n")
+    client.stdin.flush()
+    if answered is not None:
+        line = client.stdout.readline()
+        assert line.strip() == f"answered {answered}", (line, client.stderr.read()[-3000:])
+
+
+def _counters(proc: subprocess.Popen) -> dict:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip(), err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_connection_opened_before_the_failover_is_compared_again_after_reprotection():
+    lab = ReprotectLab()
+    try:
+        state = {g: os.path.join(lab.tmp, g + ".conn") for g in ("pvm", "svm")}
+        servers = {g: lab.spawn(g, sys.executable, "-c", SERVER, "serve", state[g])
+                   for g in ("pvm", "svm")}
+        for g, p in servers.items():
+            wait_ready(p, g + " server")
+        comparator = lab.spawn("ph", sys.executable, "-c", COMPARATOR, lab.uplink["ph"],
+                               lab.tap["pvm"], REPL["primary"])
+        wait_ready(comparator, "comparator")
+        offsets = os.path.join(lab.tmp, "offsets.json")
+        redirector = lab.spawn("sh", sys.executable, "-m", "pipeline.net.redirector",
+                               "--svm", lab.tap["svm"], "--uplink", lab.uplink["sh"],
+                               "--mirror-from", f"tcp:{REPL['primary']}:9001",
+                               "--compare-to", f"tcp:{REPL['primary']}:9000",
+                               "--primary-in", "tcp:127.0.0.1:9100",
+                               "--primary-out", "tcp:127.0.0.1:9101", "--offsets-out", offsets)
+        wait_ready(redirector, "redirector")
+        received = os.path.join(lab.tmp, "client.out")
+        client = lab.spawn("cli", sys.executable, "-c", CLIENT, received, stdin=subprocess.PIPE)
+        line = client.stdout.readline()
+        assert line.startswith("ready"), (line, client.stderr.read()[-3000:])
+        client_port = int(line.split()[1])
+        # 1. protected; a re-protection asked of a redirector that never failed over is
+        # refused (its SVM is compared already) and changes nothing
+        _ask(client, str(PHASE // 2), PHASE // 2)
+        redirector.send_signal(signal.SIGUSR2)
+        _ask(client, str(PHASE // 2), PHASE)
+        # 2. the primary host is lost; the survivor's guest serves the client directly
+        lab.lose_primary_host([comparator, servers["pvm"]])
+        redirector.send_signal(signal.SIGUSR1)
+        _ask(client, str(PHASE), 2 * PHASE)
+        # 3. re-protection: the survivor's new comparator, the guest handed over to it
+        new_comparator = lab.spawn("sh", sys.executable, "-c", NEW_PRIMARY_COMPARATOR,
+                                   lab.uplink["sh"], REPL2["survivor"])
+        wait_ready(new_comparator, "the new primary's comparator")
+        redirector.send_signal(signal.SIGUSR2)
+        wait_until(lambda: os.path.exists(offsets), timeout=60,
+                   what="the re-protected redirector's offsets")
+        with open(offsets) as fh:
+            rows = json.load(fh)
+        # the connection's offset: the survivor's guest is in its own sequence space
+        assert [(r["client_port"], r["seq_offset"] != 0) for r in rows] == [
+            (client_port, True)], rows
+        # the new SVM: the guest's connection (the full sync's stand-in), its redirector
+        # with the carried offset
+        servers["svm"].send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(state["svm"]), timeout=60,
+                   what="the survivor guest's connection state")
+        new_svm = lab.spawn("nsvm", sys.executable, "-c", SERVER, "restore", state["svm"])
+        wait_ready(new_svm, "the new SVM's server")
+        new_redirector = lab.spawn("nh", sys.executable, "-m", "pipeline.net.redirector",
+                                   "--svm", lab.tap["nsvm"], "--uplink", lab.uplink["nh"],
+                                   "--mirror-from", f"tcp:{REPL2['survivor']}:9001",
+                                   "--compare-to", f"tcp:{REPL2['survivor']}:9000",
+                                   "--offsets-in", offsets)
+        wait_ready(new_redirector, "the new secondary's redirector")
+        _ask(client, str(PHASE), 3 * PHASE)
+        _ask(client, "end")
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"answered": 3 * PHASE}
+        compared = _counters(new_comparator)
+        new_side = _counters(new_redirector)
+        survivor = _counters(redirector)
+        print(json.dumps({"comparator": compared, "new_redirector": new_side,
+                          "survivor_redirector": survivor}))
+        with open(received, "rb") as f:
+            got = f.read()
+        # every response once, in order, the connection never broken
+        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(3 * PHASE))
+        assert survivor["failovers"] == 1 and survivor["reprotections"] == 1, survivor
+        assert survivor["reprotect_refused"] == 1 and survivor["offsets_exported"] == 1
+        assert new_side["offsets_loaded"] == 1 and new_side["frames_rewritten"] >= PHASE
+        # the last phase's answers (and the FINs) came out of the comparator, the guest's
+        # segments matched by the new SVM's, moved by the carried offset
+        assert compared["mismatches"] == 0 and compared["timeouts"] == 0, compared
+        assert compared["primary_frames_in"] >= PHASE, compared
+        assert compared["secondary_frames_in"] >= PHASE, compared
+        assert compared["frames_released"] >= PHASE, compared
+    finally:
+        lab.close()
