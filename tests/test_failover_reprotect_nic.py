@@ -18,9 +18,13 @@ host, ``nh``, with the new SVM:
    connection (TCP_REPAIR, the lab's stand-in for the full sync of the guest's memory:
    netns_lab.dump_tcp) and its redirector starts with the offset (``--offsets-in``).
 
-The client's stream must hold every response once, in order, and the comparator must have
-matched the new SVM's segments against the guest's, with no mismatch: without the
-carried offset the new SVM's sequence numbers (the survivor guest's own) would differ.
+4. the survivor's host is lost in turn: the new secondary's redirector fails over and
+   its SVM serves the connection, moved into the clients' space by the carried offset.
+
+The client's stream must hold every response once, in order, across both failovers, and
+the comparator must have matched the new SVM's segments against the guest's, with no
+mismatch: without the carried offset the new SVM's sequence numbers (the survivor guest's
+own) would differ.
 """
 from __future__ import annotations
 
@@ -217,27 +221,39 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
                                    "--offsets-in", offsets)
         wait_ready(new_redirector, "the new secondary's redirector")
         _ask(client, str(PHASE), 3 * PHASE)
+        # 4. the survivor's host is lost (its processes end, then its namespaces go; the
+        # comparator and the redirector first, so that the guest's server's end reaches
+        # no one): the new secondary takes over
+        compared = _counters(new_comparator)
+        survivor = _counters(redirector)
+        servers["svm"].kill()
+        servers["svm"].wait(10)
+        for ns in ("sh", "svm"):
+            subprocess.run([IP, "netns", "del", lab.ns[ns]], capture_output=True, timeout=20)
+        new_redirector.send_signal(signal.SIGUSR1)
+        _ask(client, str(PHASE), 4 * PHASE)
         _ask(client, "end")
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1]) == {"answered": 3 * PHASE}
-        compared = _counters(new_comparator)
+        assert json.loads(out.strip().splitlines()[-1]) == {"answered": 4 * PHASE}
         new_side = _counters(new_redirector)
-        survivor = _counters(redirector)
         print(json.dumps({"comparator": compared, "new_redirector": new_side,
                           "survivor_redirector": survivor}))
         with open(received, "rb") as f:
             got = f.read()
         # every response once, in order, the connection never broken
-        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(3 * PHASE))
+        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(4 * PHASE))
         assert survivor["failovers"] == 1 and survivor["reprotections"] == 1, survivor
         assert survivor["reprotect_refused"] == 1 and survivor["offsets_exported"] == 1
-        assert new_side["offsets_loaded"] == 1 and new_side["frames_rewritten"] >= PHASE
-        # the last phase's answers (and the FINs) came out of the comparator, the guest's
-        # segments matched by the new SVM's, moved by the carried offset
+        # the third phase's answers came out of the comparator, the guest's segments
+        # matched by the new SVM's, moved by the carried offset
         assert compared["mismatches"] == 0 and compared["timeouts"] == 0, compared
         assert compared["primary_frames_in"] >= PHASE, compared
         assert compared["secondary_frames_in"] >= PHASE, compared
         assert compared["frames_released"] >= PHASE, compared
+        # the fourth's straight from the new SVM, still moved by it
+        assert new_side["offsets_loaded"] == 1 and new_side["failovers"] == 1, new_side
+        assert new_side["frames_to_clients"] >= PHASE and new_side["client_frames_direct"] >= PHASE
+        assert new_side["frames_rewritten"] >= 4 * PHASE, new_side
     finally:
         lab.close()
