@@ -195,6 +195,7 @@ class CompareLoop:
         #: poll() can wait on alone); the poll array for them with the current plan (or None)
         self._native = None
         self._native_plan: tuple | None = None
+        self._native_tbuf: np.ndarray | None = None
         #: what the native rounds did (diagnostics and tests): pairs released, waits for a
         #: lone side's partner and how many it ended, returns to Python by status name
         self.native_stats: dict[str, int] = {"pairs": 0, "waits": 0, "wait_hits": 0}
@@ -373,7 +374,13 @@ class CompareLoop:
                 actions.index(self._stream_secondary),
                 np.frombuffer(self.primary_in.scratch(), np.uint8),
                 np.frombuffer(self.secondary_in.scratch(), np.uint8),
-                np.zeros(self._native.RESULT_SLOTS, np.int64))
+                self._native_room(), np.zeros(self._native.RESULT_SLOTS, np.int64))
+
+    def _native_room(self) -> np.ndarray:
+        """The native comparison's copy of the SVM's bytes (as large as a read; made once)."""
+        if self._native_tbuf is None:
+            self._native_tbuf = np.empty(len(self.secondary_in.scratch()), np.uint8)
+        return self._native_tbuf
 
     def _stream_pair_fds(self, plan, blocked: bool) -> frozenset | None:
         """The descriptors of both guests' streams when both are connected stream sources
@@ -444,10 +451,10 @@ class CompareLoop:
         """Pair rounds in native code until one needs Python (pipeline.net.native); then
         what it read is judged here as _run_pair would have. Returns the readiness for the
         rest of the round: the poll's when another descriptor is readable, else empty."""
-        pfds, nfds, ip, is_, pbuf, sbuf, res = native_plan
+        pfds, nfds, ip, is_, pbuf, sbuf, tbuf, res = native_plan
         nat = self._native
         out = self.outdev
-        status = nat.pair_rounds(pfds, nfds, ip, is_, out.fileno(), pbuf, sbuf,
+        status = nat.pair_rounds(pfds, nfds, ip, is_, out.fileno(), pbuf, sbuf, tbuf,
                                  int(timeout * 1000), NATIVE_MAX_PAIRS, NATIVE_WAIT_NS,
                                  _DELAY_BOUNDS_NS, res)
         pairs = int(res[nat.PAIRS])
