@@ -14,7 +14,7 @@ delivers, in the order that failed: no timing involved.
 from __future__ import annotations
 
 import zmq
-from test_disk_replication import BS, SIZE
+from test_disk_replication import BS, SIZE, file_hash
 
 from pipeline.disk import wire
 from pipeline.disk.settings import DiskSettings
@@ -92,3 +92,75 @@ def test_an_old_sessions_write_after_the_begin_is_refused_as_such_not_given_up(t
 
 def test_an_old_sessions_write_before_the_first_begin_leaves_the_new_session_whole(tmp_path):
     _session(tmp_path, old_first=True)
+
+
+def _connections_to(port: int) -> int:
+    """TCP connections of this host to 127.0.0.1:``port`` that a process still holds
+    (ESTABLISHED, or CLOSE_WAIT: the peer closed, this side has not yet)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            if int(remote.split(":")[1], 16) == port and state in ("01", "08"):
+                n += 1
+    return n
+
+
+def test_a_new_session_forwards_on_a_new_connection_and_never_delivers_the_old_queue(
+        tmp_path):
+    """The secondary is lost while the guest writes on one NBD connection: the write's
+    forward waits in the connection's socket, queued for whoever binds the address next.
+    The primary goes unprotected; a new secondary comes up on the same address and is
+    re-protected. The same guest connection's next write goes on a new forwarding
+    socket: the new secondary never sees the old session's write (neither refused nor
+    buffered), only the new one, and the first commit leaves equal images. (On a socket
+    kept from the old session, its queue was delivered to the new secondary; and a
+    connection to a secondary that was gone without ZeroMQ having noticed swallowed what
+    was written into it: the partition rows' "sealed up to 732, seen only up to 722".)"""
+    import threading
+    from conftest import wait_until
+
+    from pipeline.disk.nbd_client import NbdClient
+    from pipeline.stages.disk import PrimaryDisk
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    settings = dict(export_size=SIZE, block_size=BS, compare="off")
+    sec = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s1.sock",
+                                     forward="tcp://127.0.0.1:*", **settings))
+    address = sec.forward_endpoint
+    port = int(address.rsplit(":", 1)[1])
+    pri = PrimaryDisk(DiskSettings(image=str(a), export=f"unix:{tmp_path}/p.sock",
+                                   forward=address, **settings))
+    guest = NbdClient(pri.uri, timeout=60)
+    sec2 = None
+    try:
+        assert pri.backend.wait_synced(30)
+        guest.write(0, b"\x01" * BS)
+        pri.backend.set_epoch(2)
+        sec.commit(1)
+        sec.close()                                  # the secondary is lost
+        wait_until(lambda: _connections_to(port) == 0, timeout=30,
+                   what="the primary's sockets noticing the lost secondary")
+        lost = threading.Thread(target=guest.write, args=(BS, b"\x02" * BS))
+        lost.start()                                 # forwarded into the socket's queue
+        wait_until(lambda: pri.backend._inflight.total() > 0, timeout=30,
+                   what="the write forwarded to the lost secondary")
+        pri.on_event("role", 2, {"role": "unprotected"})
+        lost.join(30)                                # answered from the primary's image
+        assert not lost.is_alive()
+        sec2 = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s2.sock",
+                                          forward=address, **settings))
+        pri.on_event("role", 2, {"role": "primary"})  # re-protection
+        assert pri.backend.wait_synced(30)
+        guest.write(2 * BS, b"\x03" * BS)             # the same connection, a new session
+        pri.backend.set_epoch(3)
+        sec2.commit(2)
+        assert file_hash(str(a)) == file_hash(str(b))
+        assert pri.counters["forward_reconnects"] >= 1
+        assert sec2.counters["bad_forwards"] == 0, "the old session's write was delivered"
+        assert sec2.counters["received"] == 1, "the old session's write was delivered"
+    finally:
+        guest.close()
+        pri.close()
+        if sec2 is not None:
+            sec2.close()

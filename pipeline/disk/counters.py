@@ -32,6 +32,8 @@ COUNTER_NAMES = {
                       "ack within disk.forward_timeout_ms (answered from the primary's image "
                       "alone: the secondary cannot commit their epoch without them)",
     "forward_stalls": "times a connection stopped reading: forward window full",
+    "forward_reconnects": "forwarding sockets made anew for a new session (re-protection: "
+                          "none of the old session's queue or connection is used again)",
     "received": "forwarded writes accepted into the buffer (secondary side)",
     "given_up": "forwarded writes acked without being buffered: the buffer's bound was "
                 "reached or its file failed, the replication was given up (secondary: "

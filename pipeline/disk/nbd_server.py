@@ -408,6 +408,7 @@ class _Connection:
         self.size, self.block, self.max_request, self.window = (
             b.size, b.block_size, b.max_request, b.window)
         self._poller: zmq.Poller | None = None
+        self._polled: list = []     # what _poller polls of the link's poll_items
         # replies of one burst go out in one sendmsg (a send per reply wakes the client
         # once per request and cost more than the request itself)
         self._out: list = []
@@ -453,24 +454,39 @@ class _Connection:
         with server._conns_lock:
             version, backend = server.backend_version, server.backend
         old = self.link
-        for item in old.poll_items:
+        for item in self._polled:
             self._poller.unregister(item)
         self.link = backend.connect()
         self.version = version
         self.window = backend.window
-        for item in self.link.poll_items:
+        self._polled = list(self.link.poll_items)
+        for item in self._polled:
             self._poller.register(item, zmq.POLLIN)
         old.close()
         self.counters.add("relinks")
+
+    def _repoll(self) -> None:
+        """The link changed what it is polled on (a new forwarding socket for a new
+        session, PrimaryLink._send_outbox): poll that from now on."""
+        for item in self._polled:
+            if item not in self.link.poll_items:
+                self._poller.unregister(item)
+        for item in self.link.poll_items:
+            if item not in self._polled:
+                self._poller.register(item, zmq.POLLIN)
+        self._polled = list(self.link.poll_items)
 
     def _run(self) -> None:
         poller = self._poller = zmq.Poller()
         fd = self.sock.fileno()
         poller.register(fd, zmq.POLLIN)
         reading = True
-        for item in self.link.poll_items:
+        self._polled = list(self.link.poll_items)
+        for item in self._polled:
             poller.register(item, zmq.POLLIN)
         while True:
+            if self.link.poll_items != self._polled:
+                self._repoll()
             # requests already in our read buffer count as readable: never poll on them
             pending_input = reading and self.reader.buffered > 0
             timeout = 0 if pending_input else 100 if self.link.inflight else 1000

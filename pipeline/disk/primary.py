@@ -564,6 +564,8 @@ class PrimaryLink:
         #: deferred writes whose ack came before our copy was written (none in practice:
         #: acks are read only after the burst's copies are written) — answered next turn
         self._late: list[int] = []
+        #: the session (its sync's BEGIN seq) this link's socket was made in
+        self._socket_session = backend.session_seq
         if backend.forward_to:  # also while unprotected: re-protection forwards again
             self.socket = backend.forward_socket()
         #: what the connection loop polls for completions
@@ -729,6 +731,8 @@ class PrimaryLink:
             # (one round trip, at re-protection only); a BEGIN that gets no answer
             # fails the sync, which opens the session anyway
             self.b.session_open.wait(self.b.settings.forward_timeout_ms / 1e3)
+        if self._socket_session != self.b.session_seq:
+            self._renew_socket(self.b.session_seq)
         frames, seqs = self._outbox, self._outbox_seqs
         self._outbox, self._outbox_seqs, self._outbox_bytes = [], [], 0
         try:
@@ -741,6 +745,23 @@ class PrimaryLink:
                       "answered from our image alone (the secondary cannot commit their "
                       "epoch without them)", self.b.settings.forward_timeout_ms, len(seqs))
             self._send_failed += seqs
+
+    def _renew_socket(self, session: int | None) -> None:
+        """A forwarding socket of its own for each session: made anew once the pair is
+        seen unprotected (``session`` None: its queue, the old session's forwards, is
+        dropped; ZeroMQ delivered it to whatever process bound the address next, and the
+        new secondary had to refuse it) and before the first forward of a new session
+        (the old connection may be to a secondary that is gone without ZeroMQ having
+        noticed: what was written into it was lost; the fault matrix's partition rows: the
+        new secondary never saw a guest write ordered during the BEGIN's round trip, and
+        its first commit waited for it). The old session's writes need no ack (the new
+        sync carries them: completions)."""
+        old = self.socket
+        self.socket = self.b.forward_socket()
+        self._socket_session = session
+        self.poll_items[self.poll_items.index(old)] = self.socket
+        old.close(0)
+        self.b.counters.add("forward_reconnects")
 
     def completions(self, now_ns: int) -> list[tuple[int, int]]:
         """(cookie, NBD error) of every write now complete: acked by the secondary (or
@@ -828,6 +849,8 @@ class PrimaryLink:
             elif not p.forwarded and now_ns - p.sent > self._timeout_ns:
                 self._unreplicated(seq, p, now_ns)
                 self._finish_if_done(seq, p, done)
+        if unprotected and self._socket_session is not None and self.socket is not None:
+            self._renew_socket(None)
         return done
 
     def _unreplicated(self, seq: int, p: _Pending, now_ns: int) -> None:
