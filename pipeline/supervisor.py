@@ -524,10 +524,26 @@ class Supervisor:
         client = [p for p in plan if p.name == "client"]
         if client:
             self._start_stage(client[0])
+        if self.config.failover.redirector_pid_file:
+            self._redirector_to_comparator(self.config.failover.redirector_pid_file)
         log.warning("node %s: primary's stages running around the guest after %.0f ms; "
                     "waiting for a secondary at %s", self.name,
                     (time.monotonic() - t0) * 1000, self.settings.peer.address)
         return 0
+
+    def _redirector_to_comparator(self, path: str) -> None:
+        """A real guest NIC: the redirector that bridged the guest since the takeover
+        hands its interface to this node's comparator (SIGUSR2; it connects to the
+        comparator's ``net.primary_in``/``primary_out``, its ``--primary-in``/``-out``).
+        One that cannot be told is logged; the guest stays bridged, unprotected. (Logged
+        only: the node info has one writer, the coordinator, running by now.)"""
+        from pipeline.failover.takeover import signal_redirector
+        ok, why = signal_redirector(path, signal.SIGUSR2)
+        if ok:
+            log.warning("node %s: event=redirector_reprotect %s", self.name, why)
+        else:
+            log.error("node %s: event=redirector_not_reprotected the guest's interface stays "
+                      "bridged to the clients, its output uncompared: %s", self.name, why)
 
     def _disk_becomes_primary(self, first_epoch: int) -> None:
         """Tell the running disk stage (the secondary's) that it is the primary's now:

@@ -257,3 +257,71 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
         assert new_side["frames_rewritten"] >= 4 * PHASE, new_side
     finally:
         lab.close()
+
+
+def test_the_survivor_node_hands_the_guest_to_its_comparator(tmp_path):
+    """The node's part: a survivor that becomes the primary (``node.role = "auto"``), with
+    ``failover.redirector_pid_file``, tells the redirector to fail over at the takeover
+    (SIGUSR1) and, once its primary's stages run, to hand the guest's interface to its
+    comparator (SIGUSR2): the redirector connects to the comparator's PVM streams. The
+    pair is two sim nodes on this machine; the redirector runs in a namespace on real
+    veths; the test plays the streams (unix sockets): the old primary's comparator's two
+    and the new one's two."""
+    import socket as socketlib
+
+    from test_failover import TABLES
+
+    from netns_lab import NetnsLab
+    from pipeline.localpair import HostPair
+    lab = NetnsLab(f"rp{os.getpid() % 10000}", ("h",))
+    listeners = {}
+    pair = None
+    try:
+        lab.veth("g", "h", "h", mac0=GUEST_MAC)        # the SVM's interface g1
+        lab.veth("u", "h", "h")                        # the uplink u0
+        for name in ("mirror", "compare", "pvm_in", "pvm_out"):
+            lst = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            lst.bind(str(tmp_path / f"{name}.sock"))
+            lst.listen(1)
+            lst.settimeout(180)
+            listeners[name] = lst
+        address = {name: "unix:" + str(tmp_path / f"{name}.sock") for name in listeners}
+        pid_file, offsets = str(tmp_path / "redirector.pid"), str(tmp_path / "offsets.json")
+        redirector = lab.spawn("h", sys.executable, "-m", "pipeline.net.redirector",
+                               "--svm", "g1", "--uplink", "u0",
+                               "--mirror-from", address["mirror"],
+                               "--compare-to", address["compare"],
+                               "--primary-in", address["pvm_in"],
+                               "--primary-out", address["pvm_out"],
+                               "--offsets-out", offsets, "--pid-file", pid_file)
+        conns = [listeners[n].accept()[0] for n in ("mirror", "compare")]
+        wait_ready(redirector, "redirector")
+        pair = HostPair(dict(TABLES, failover={
+            "witness": "local", "witness_dir": "{workdir}/witness",
+            "redirector_pid_file": pid_file}), workdir=str(tmp_path / "pair"))
+        pair.start(("a",))
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+        pair.start_node("b")
+        pair.wait_protected(timeout=240)
+        assert pair.roles() == {"a": "primary", "b": "secondary"}
+        pair.kill("a")
+        # the handover: the redirector connects to the new primary comparator's streams
+        conns += [listeners[n].accept()[0] for n in ("pvm_in", "pvm_out")]
+        wait_until(lambda: os.path.exists(offsets), timeout=60,
+                   what="the re-protected redirector's offsets")
+        info = pair.wait_info("role", "primary", role="b", timeout=120)
+        assert info["redirector"] == f"SIGUSR1 sent to the redirector (pid {redirector.pid})"
+        wait_until(lambda: "event=redirector_reprotect SIGUSR2 sent to the redirector "
+                           f"(pid {redirector.pid})" in pair.log_tail("b", 100_000),
+                   timeout=60, what="the survivor's log line of the SIGUSR2")
+        counters = _counters(redirector)
+        assert counters["failovers"] == 1 and counters["reprotections"] == 1, counters
+        assert counters["reprotect_refused"] == 0, counters
+        for conn in conns:
+            conn.close()
+    finally:
+        if pair is not None:
+            pair.stop()
+        for lst in listeners.values():
+            lst.close()
+        lab.close()

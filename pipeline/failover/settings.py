@@ -90,8 +90,10 @@ class FailoverSettings(Section):
     redirector_pid_file: str = _f("", "A real guest NIC: the pid file of this host's "
                                   "redirector (`python -m pipeline.net.redirector "
                                   "--pid-file`); the takeover sends it SIGUSR1, which bridges "
-                                  "the SVM's interface to the clients' network. Empty: no "
-                                  "redirector (the sim guest).")
+                                  "the SVM's interface to the clients' network, and a "
+                                  "survivor that becomes the primary (role auto) SIGUSR2 "
+                                  "once its stages run, which hands the interface to its "
+                                  "comparator. Empty: no redirector (the sim guest).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

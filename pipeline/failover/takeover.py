@@ -33,9 +33,11 @@ class RoleLost(RuntimeError):
     """This node may no longer act as the active side (the witness or the peer says so)."""
 
 
-def signal_redirector(path: str) -> tuple[bool, str]:
-    """SIGUSR1 to the redirector whose pid file is ``path``; (sent, what happened). The
-    pid must be a running ``pipeline.net.redirector`` (a stale file's pid may be reused)."""
+def signal_redirector(path: str, signum: int = signal.SIGUSR1) -> tuple[bool, str]:
+    """``signum`` (SIGUSR1: fail over, SIGUSR2: re-protect) to the redirector whose pid
+    file is ``path``; (sent, what happened). The pid must be a running
+    ``pipeline.net.redirector`` (a stale file's pid may be reused)."""
+    name = signal.Signals(signum).name
     try:
         with open(path) as fh:
             pid = int(fh.read().split()[0])
@@ -50,10 +52,10 @@ def signal_redirector(path: str) -> tuple[bool, str]:
         shown = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
         return False, f"pid {pid} (from {path}) is not a redirector: {shown}"
     try:
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signum)
     except OSError as exc:
-        return False, f"SIGUSR1 to the redirector (pid {pid}) failed: {exc}"
-    return True, f"SIGUSR1 sent to the redirector (pid {pid})"
+        return False, f"{name} to the redirector (pid {pid}) failed: {exc}"
+    return True, f"{name} sent to the redirector (pid {pid})"
 
 
 def peer_generation(ev: Any) -> int | None:

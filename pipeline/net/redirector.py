@@ -30,7 +30,8 @@ segments the comparator released and the SVM sends again are below the client's
 host are retransmitted by the client's stack.
 
 **Re-protection** (:meth:`SecondaryRedirector.reprotect`; SIGUSR2 to the standalone
-process), after a failover, once this host's new primary comparator listens on
+process: the survivor's node sends it once its primary's stages run, to the pid in
+``failover.redirector_pid_file``), after a failover, once this host's new primary comparator listens on
 ``primary_in`` and ``primary_out`` (its PVM streams, on this host): the redirector stops
 bridging and hands the guest's interface over to that comparator, without a restart that
 would drop the guest's connections. It still sits between the guest and the comparator,
