@@ -7,6 +7,7 @@ import json
 import os
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,86 @@ def test_a_dirty_log_stress_boot_is_ok_only_when_both_twins_cycled_and_nothing_d
     assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
     cmd = host_side.qemu_command(6, 1000, "multi", until="stress", stress_s=300)
     assert "xenlab.until=stress xenlab.stress_s=300" in cmd[cmd.index("-initrd") + 1]
+
+
+@pytest.mark.parametrize("res, outcome", [
+    ({"twin_check": {"crep_rows": 7, "guests": {"prim": {"err_lines": 0}, "sec": {"err_lines": 0}}},
+      "xen_guest_faults": []}, "ok"),
+    ({"twin_check": {"crep_rows": 7, "guests": {"prim": {"err_lines": 12}, "sec": {"err_lines": 0}}},
+      "xen_guest_faults": []}, "guest self-check errors {'prim': 12}"),
+    ({"twin_check": {"crep_rows": 0, "guests": {"prim": {"err_lines": 0}}}, "xen_guest_faults": []},
+     "the C baseline made no checkpoint"),
+    ({"twin_check": {"crep_rows": 7, "guests": {}}, "xen_guest_faults": ["(XEN) d2v0 Triple fault [prim]"]},
+     "guest death"),
+    ({"error": "RuntimeError: 'xl save prim /tmp/prim.img' failed rc=1"}, "error in: RuntimeError"),
+])
+def test_a_twin_check_boot_is_ok_only_when_no_twin_reported_a_wrong_page(host_side, res, outcome):
+    """Issue 17, item 1: --twin-check boots count the memwork faults (a page read back as zeros
+    right after it was written) with the C baseline alone on the twins, no Python in the loop."""
+    got = host_side.twin_check_outcome(_result(**res), "")
+    assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
+
+
+def test_twin_check_and_paused_twin_options_reach_dom0(host_side):
+    cmd = host_side.qemu_command(6, 1000, "single", until="twin", twin="paused", watch_s=90)
+    dom0 = cmd[cmd.index("-initrd") + 1]
+    assert "xenlab.until=twin" in dom0 and "xenlab.watch_s=90" in dom0 and "xenlab.twin=paused" in dom0
+    assert "tcg,thread=single" in cmd
+    plain = host_side.qemu_command(6, 1000, "multi")[-1]
+    assert "xenlab.twin" not in plain and "xenlab.watch_s" not in plain
+
+
+def test_each_boot_records_its_guest_errors_per_phase_and_its_tcg_threading(host_side, tmp_path, monkeypatch, capsys):
+    """Issue 17, item 1: the memwork fault rate is counted per boot, so every boot's line in
+    boots.jsonl carries each guest's self-check error lines per phase; boots under single-threaded
+    TCG are tallied apart."""
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "tree_version", lambda: "abc123")
+    monkeypatch.setitem(host_side._lab_options, "tcg_thread", "single")
+    host_side.record_boot("full hap=1", "ok", 20.0, 300.0, _result(
+        pipeline_phase={"prim": {"err_lines": 0}, "sec": {"err_lines": 5}},
+        c_phase={"prim": {"err_lines": 2}, "sec": {"err_lines": 0}}))
+    row = json.loads((tmp_path / "boots.jsonl").read_text())
+    assert row["guest_errors"] == {"pipeline": {"prim": 0, "sec": 5}, "c": {"prim": 2, "sec": 0}}
+    assert row["tcg_thread"] == "single"
+    host_side.tally()
+    assert "abc123 [tcg_thread='single'] full hap=1: 1 boots" in capsys.readouterr().out
+
+
+def test_guest_errors_before_the_first_checkpoint_are_a_platform_fault_that_earns_a_boot(lab, host_side, tmp_path, monkeypatch):
+    """The primary's guest is only read by the pipeline before its first checkpoint, and the
+    secondary's is paused by its node: a wrong page either printed then is the platform's, and
+    the lab boots again (the verdict names it) instead of failing the run."""
+    console = tmp_path / "guest-{}.log"
+    monkeypatch.setattr(lab, "CONSOLE_LOG", str(console))
+    Path(str(console).format("prim")).write_text("MW n=1 err=0 errtot=0\nMW n=2 err=1 errtot=1 bad=7:0/0/0!=5\n")
+    sec_text = "MW n=1 err=0 errtot=0\n"
+    Path(str(console).format("sec")).write_text(sec_text + "MW n=9 err=3 errtot=3 bad=1:0/0/0!=8\n")
+    # the secondary's error came after its node started (it is the replication's to answer for)
+    msg = lab.early_guest_errors({"prim": 0, "sec": 0}, len(sec_text))
+    assert msg.startswith("platform: guest self-check errors before the first checkpoint: prim 1 lines")
+    assert "sec" not in msg.split(":", 2)[2]
+    assert host_side.early_fault(_result(error=f"RuntimeError: {msg}")).startswith(
+        "platform: guest self-check errors before the first checkpoint")
+    Path(str(console).format("prim")).write_text("MW n=1 err=0 errtot=0\n")
+    assert lab.early_guest_errors({"prim": 0, "sec": 0}, len(sec_text)) == ""
+
+
+def test_the_survivor_wait_ends_on_its_console_line_and_a_stall_is_reported(lab, tmp_path, monkeypatch, capsys):
+    """xenlab-4 of session 6: the survivor printed 3 ticks in the lab's 120 s. The wait ends on
+    the survivor's line 10 ticks past the primary's last one; one that never comes is reported
+    as a stall with what Xen knows of the vCPU."""
+    console = tmp_path / "guest-{}.log"
+    monkeypatch.setattr(lab, "CONSOLE_LOG", str(console))
+    monkeypatch.setattr(lab, "RUN", tmp_path)
+    Path(str(console).format("prim")).write_text("".join(f"MW n={n} err=0 errtot=0\n" for n in range(1, 101)))
+    Path(str(console).format("sec")).write_text("".join(f"MW n={n} err=0 errtot=0\n" for n in range(95, 111)))
+    reports = []
+    monkeypatch.setattr(lab, "survivor_stall_report", reports.append)
+    sv = lab.wait_for_survivor(0, time.time())
+    assert sv["target"] == 110 and sv["reached_s"] is not None and sv["last_n"] == 110 and not reports
+    Path(str(console).format("sec")).write_text("MW n=95 err=0 errtot=0\nMW n=96 err=0 errtot=0\n")
+    monkeypatch.setattr(lab, "SURVIVOR_WAIT_S", 0)
+    sv = lab.wait_for_survivor(0, time.time())
+    assert sv["reached_s"] is None and sv["last_n"] == 96 and reports == ["sec"]
+    assert "SURVIVOR: did NOT reach n=110" in capsys.readouterr().out

@@ -6,6 +6,7 @@ last line).
 
 usage: lab.py [--rounds N] [--interval-ms MS] [--keep] [--timeout S]
        lab.py --until-first-checkpoint [--boots N]   # quick boots that count faults
+       lab.py --twin-check [--boots N]               # cheapest boots: twin pair + C baseline, count guest errors
        lab.py --tally                                # faults per boot over all recorded boots
 Needs the outputs of build.sh/pack.sh in $XENLAB_DIR (run.sh does both). Exit status 0 = PASS.
 Every boot is recorded as one JSON line in $XENLAB_DIR/boots.jsonl (the tree it ran, the mode,
@@ -37,7 +38,8 @@ DEFAULT_XEN_OPTS = ""
 
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
-                 cpu: str = DEFAULT_CPU, stress_s: float = 0) -> list[str]:
+                 cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
+                 watch_s: float = 60) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -49,7 +51,9 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
         + (f" {xen_opts}" if xen_opts else "")
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init quiet xenlab.run=1 xenlab.rounds={rounds} " \
                 f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "") \
-                + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "")
+                + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "") \
+                + (f" xenlab.watch_s={watch_s:.0f}" if until == "twin" else "") \
+                + (" xenlab.twin=paused" if twin == "paused" else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -74,7 +78,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         # a run took over 40 minutes; the caller decides how nice the lab is
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
-                                               args.logdirty_stress)],
+                                               args.logdirty_stress, args.twin, args.watch_s)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -118,7 +122,8 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
 #: workload killed by SIGILL, the guest not answering the suspend request of ``xl save``. A
 #: fault of our own would repeat on the second boot and fail the run.
 PLATFORM_FAULTS = re.compile(r"SyntaxError: invalid syntax|Segmentation fault|unknown opcode|rc=139|"
-                             r"exited with -11|killed by signal 11|guest didn't acknowledge suspend|Attempted to kill init")
+                             r"exited with -11|killed by signal 11|guest didn't acknowledge suspend|Attempted to kill init|"
+                             r"guest self-check errors before the first checkpoint")
 
 
 def early_fault(log: str) -> str:
@@ -140,8 +145,41 @@ def early_fault(log: str) -> str:
 
 
 def until_of(args: argparse.Namespace) -> str:
-    """Where dom0's driver stops: 'stress' (--logdirty-stress), 'first' (--until-first-checkpoint), 'all'."""
-    return "stress" if args.logdirty_stress else "first" if args.until_first_checkpoint else "all"
+    """Where dom0's driver stops: 'stress' (--logdirty-stress), 'twin' (--twin-check), 'first'
+    (--until-first-checkpoint), 'all'."""
+    return ("stress" if args.logdirty_stress else "twin" if args.twin_check
+            else "first" if args.until_first_checkpoint else "all")
+
+
+def guest_errors(res: dict) -> dict[str, dict[str, int]]:
+    """Self-check error lines per phase and guest, as dom0 counted them (boots.jsonl keeps them:
+    issue 17 counts the memwork faults per boot)."""
+    phases = {"pipeline": res.get("pipeline_phase"), "c": res.get("c_phase"),
+              "twin_check": (res.get("twin_check") or {}).get("guests"),
+              "stress": (res.get("stress") or {}).get("guests")}
+    return {ph: {n: int(d.get("err_lines", 0)) for n, d in g.items()} for ph, g in phases.items() if g}
+
+
+def twin_check_outcome(log: str, problem: str) -> str:
+    """How a --twin-check boot ended: 'ok' when the C baseline ran its checkpoints and neither
+    twin printed a self-check error or died."""
+    if problem:
+        return problem
+    res = result_of(log)
+    if res is None:
+        return "no result from dom0"
+    died = res.get("xen_guest_faults") or []
+    if "error" in res:
+        return f"error in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+    tc = res.get("twin_check") or {}
+    errs = {n: e for n, e in guest_errors(res).get("twin_check", {}).items() if e}
+    if died:
+        return f"guest death | Xen: {'; '.join(died)[:300]}"
+    if errs:
+        return f"guest self-check errors {errs}"
+    if not tc.get("crep_rows"):
+        return "the C baseline made no checkpoint"
+    return "ok"
 
 
 def stress_outcome(log: str, problem: str) -> str:
@@ -228,6 +266,8 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "outcome": outcome, "boot_s": round(boot_s, 1), "wall_s": round(total_s, 1),
            "protected_s": (res.get("pipeline_extra") or {}).get("protected_s"),
            "xen_opts": _lab_options.get("xen_opts"), "cpu": _lab_options.get("cpu"),
+           "tcg_thread": _lab_options.get("tcg_thread"), "twin": res.get("twin", _lab_options.get("twin")),
+           "guest_errors": guest_errors(res), "survivor": (res.get("pipeline_extra") or {}).get("survivor"),
            "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None}
     with open(LAB / "boots.jsonl", "a") as f:
@@ -240,7 +280,8 @@ def tally() -> int:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     per: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:   # boots differing in the platform options are counted apart
-        opts = " ".join(f"{k}={r[k]!r}" for k in ("xen_opts", "cpu") if r.get(k) not in (None, "", DEFAULT_CPU))
+        opts = " ".join(f"{k}={r[k]!r}" for k in ("xen_opts", "cpu", "tcg_thread", "twin")
+                        if r.get(k) not in (None, "", DEFAULT_CPU, "multi", "running"))
         per[r["tree"] + (f" [{opts}]" if opts else "") + f" {r['mode']}"].append(r)
     for tree, rs in per.items():
         bad = [r for r in rs if r["outcome"] != "ok"]
@@ -249,9 +290,20 @@ def tally() -> int:
     return 0
 
 
+def survivor_words(sv: dict | None) -> str:
+    """The survivor's run after the takeover, for the verdict line."""
+    if not sv:
+        return ""
+    back = ", rolled back to the last checkpoint" if sv.get("rolled_back") else ""
+    if sv.get("reached_s") is not None:
+        return f", survivor reached n={sv['target']} {sv['reached_s']}s later{back}"
+    return f", survivor STALLED at n={sv.get('last_n')} (target {sv.get('target')}{back}; see the STALL lines)"
+
+
 def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "") -> bool:
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "GUESTERR", "WARNING", "Traceback", "  File",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
+                            "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())
     m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
@@ -301,7 +353,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           f"after the first, memory-equal={equal}/{len(rows)} (both nodes' full-memory blake3) "
           f"guest-errors={guest_errs} failover: primary n={fo.get('primary_last_n')}, secondary "
           f"n={fo.get('secondary_first_n')}..{fo.get('secondary_last_n')} gapless={fo.get('gapless')} "
-          f"active {extra.get('takeover_after_s')}s after the kill | PVM pause median pipeline={pipe_med:.1f}ms "
+          f"active {extra.get('takeover_after_s')}s after the kill{survivor_words(extra.get('survivor'))} | PVM pause median pipeline={pipe_med:.1f}ms "
           f"C={c_med:.1f}ms ratio={ratio:.2f} (target <={PAUSE_RATIO_TARGET}) | protected after "
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
@@ -339,16 +391,25 @@ def main() -> int:
     ap.add_argument("--xen-opts", default=DEFAULT_XEN_OPTS,
                     help="more Xen command-line options, e.g. 'hap_1gb=0 hap_2mb=0' (recorded per boot)")
     ap.add_argument("--cpu", default=DEFAULT_CPU, help="QEMU's -cpu model and flags (recorded per boot)")
+    ap.add_argument("--twin-check", action="store_true",
+                    help="cheapest boots (use with --boots): the twin pair, the C baseline for --rounds "
+                         "checkpoints, --watch-s seconds of both guests running; counts the guests' "
+                         "self-check errors (issue 17, item 1)")
+    ap.add_argument("--watch-s", type=float, default=60, help="with --twin-check: seconds the guests run after the C baseline")
+    ap.add_argument("--twin", choices=("running", "paused"), default="running",
+                    help="how the twin pair is made: the product's xen-twin (running), or both restores "
+                         "paused and unpaused together (paused)")
     ap.add_argument("--tally", action="store_true", help="print boots and faults from boots.jsonl and exit")
     args = ap.parse_args()
     if args.tally:
         return tally()
-    _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu)
-    print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu}", flush=True)
+    _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu, tcg_thread=args.tcg_thread, twin=args.twin)
+    print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu} tcg-thread={args.tcg_thread} "
+          f"twin={args.twin}", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
-    if args.until_first_checkpoint or args.logdirty_stress:
+    if args.until_first_checkpoint or args.logdirty_stress or args.twin_check:
         return first_checkpoint_boots(args)
     faults: list[str] = []
     wall = 0.0
@@ -380,9 +441,11 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
         hap = ("1" if k % 2 else "0") if args.hap == "alternate" else args.hap
         log, boot_s, total_s, problem = boot_and_run(args, hap)
         stress = bool(args.logdirty_stress)
-        outcome = (stress_outcome if stress else first_checkpoint_outcome)(log, problem)
+        outcome = (stress_outcome if stress else twin_check_outcome if args.twin_check
+                   else first_checkpoint_outcome)(log, problem)
         res = result_of(log) or {}
-        mode = f"logdirty-stress {args.logdirty_stress:.0f}s" if stress else "first-checkpoint"
+        mode = (f"logdirty-stress {args.logdirty_stress:.0f}s" if stress else
+                f"twin-check {args.rounds} rounds + {args.watch_s:.0f}s" if args.twin_check else "first-checkpoint")
         record_boot(f"{mode} hap={res.get('hap', hap or '?')}", outcome, boot_s, total_s, log)
         if outcome != "ok":
             for line in log.splitlines():
@@ -397,12 +460,15 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
             st = res.get("stress") or {}
             print(f"STRESS: {st.get('seconds')}s, cycles {st.get('cycles')} of {st.get('rounds_per_cycle')} rounds, "
                   f"frames copied {st.get('frames_copied')}, guests {st.get('guests')}", flush=True)
+        if args.twin_check:
+            print(f"TWIN CHECK: {res.get('twin_check')}", flush=True)
         print(f"BOOT {k}/{args.boots} (hap={res.get('hap', hap or '?')}): {outcome} | protected after {protected}s boot={boot_s:.0f}s "
               f"wall={total_s:.0f}s | Xen guest faults {res.get('xen_guest_faults')} | fpu-canary "
               f"{(res.get('fpu_canary') or {}).get('wrong')}/{(res.get('fpu_canary') or {}).get('checks')}",
               flush=True)
     bad = [f"boot {k}: {o}" for k, o in enumerate(outcomes, 1) if o != "ok"]
-    print(f"VERDICT: {'PASS' if not bad else 'FAIL'} {'dirty-log stress' if args.logdirty_stress else 'first-checkpoint'} boots: {len(outcomes)}, faults {len(bad)}"
+    kind = "dirty-log stress" if args.logdirty_stress else "twin-check" if args.twin_check else "first-checkpoint"
+    print(f"VERDICT: {'PASS' if not bad else 'FAIL'} {kind} boots: {len(outcomes)}, faults {len(bad)}"
           f" (tree {tree_version()}, wall {time.monotonic() - t0:.0f}s)" + (f": {' | '.join(bad)}" if bad else ""))
     return 0 if not bad else 1
 

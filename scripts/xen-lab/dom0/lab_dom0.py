@@ -17,7 +17,10 @@ Settings come from the dom0 kernel command line: ``xenlab.rounds`` (default 8),
 default: what pack.sh wrote), ``xenlab.until`` (``all``; ``first``: stop after the
 pipeline's first verified checkpoint, no failover, no C baseline: the quick boot that
 counts faults, ``lab.py --until-first-checkpoint``; ``stress``: no pipeline, the dirty-log
-stress of both twins for ``xenlab.stress_s`` seconds, ``lab.py --logdirty-stress S``).
+stress of both twins for ``xenlab.stress_s`` seconds, ``lab.py --logdirty-stress S``;
+``twin``: no pipeline, the C baseline on the twins then ``xenlab.watch_s`` seconds of both
+guests running, ``lab.py --twin-check``), ``xenlab.twin`` (``paused``: both twins restored
+paused and unpaused together, see make_twin).
 """
 from __future__ import annotations
 
@@ -91,12 +94,27 @@ def wait_ticking(name: str, offset: int, timeout: float = SH_TIMEOUT) -> float:
     raise RuntimeError(f"guest {name} printed no memwork line within {timeout}s")
 
 
-def make_twin(save_first: bool = False) -> tuple[int, int]:
+def make_twin(save_first: bool = False, paused: bool = False) -> tuple[int, int]:
     """The product's pairing (`colo-pipeline xen-twin`, pipeline/xen_io/twin.py) from the node
     configs: with ``save_first``, save the running prim to the image and restore it; otherwise
     destroy any old pair and restore prim from the image; then restore sec from the same image.
-    Both domains run the guest's resume path."""
-    if save_first:
+    Both domains run the guest's resume path.
+
+    ``paused`` (xenlab.twin=paused, issue 17 item 1's experiment): the same with xl itself, both
+    restores made paused (``xl restore -p``) and both domains unpaused together after the second,
+    so neither twin runs while the other is being restored. (A guest paused before ``xl save``
+    cannot save: xl asks the guest to suspend itself, and a paused guest never answers.)"""
+    if paused:
+        if save_first:
+            sh(f"xl save prim {IMAGE}")
+        else:
+            for name in ("prim", "sec"):
+                subprocess.run(f"xl destroy {name}", shell=True, check=False, capture_output=True)
+        for name in ("prim", "sec"):
+            sh(f"xl restore -p /root/{name}.cfg {IMAGE}")
+        for name in ("prim", "sec"):
+            sh(f"xl unpause {name}")
+    elif save_first:
         for attempt in range(3):  # under TCG the guest sometimes misses the suspend request's deadline
             try:
                 sh(f"colo-pipeline xen-twin save --config {RUN}/primary.toml")
@@ -110,11 +128,13 @@ def make_twin(save_first: bool = False) -> tuple[int, int]:
         for name in ("prim", "sec"):
             subprocess.run(f"xl destroy {name}", shell=True, check=False, capture_output=True)  # may not exist
         sh(f"colo-pipeline xen-twin restore --config {RUN}/primary.toml")
-    sh(f"colo-pipeline xen-twin restore --config {RUN}/secondary.toml")
+    if not paused:
+        sh(f"colo-pipeline xen-twin restore --config {RUN}/secondary.toml")
     time.sleep(3)  # let both finish their resume path before the first checkpoint
     ids = resolve_domain("prim"), resolve_domain("sec")
     DOMIDS.update({ids[0]: "prim", ids[1]: "sec"})
-    step(f"twin pair made: prim id {ids[0]}, sec id {ids[1]}")
+    step(f"twin pair made{' (both restored paused, unpaused together)' if paused else ''}: "
+         f"prim id {ids[0]}, sec id {ids[1]}")
     return ids
 
 
@@ -283,12 +303,99 @@ def node_info(role: str) -> dict:
         return {}
 
 
-def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[list[Checkpoint], dict]:
+#: the survivor's deadline to run 10 ticks past the primary's last one after a failover: an
+#: event (its console line) ends the wait; at load 20 a tick took up to 1 s of the host's time,
+#: and the survivor may start ~100 ticks back (at the last committed checkpoint)
+SURVIVOR_WAIT_S = 600
+#: ticks past the primary's last one the survivor must print
+SURVIVOR_TICKS_PAST = 10
+XEN_BIN = Path("/usr/lib/xen-4.17/bin")
+
+
+def errors_between(name: str, start: int, end: int | None = None) -> list[str]:
+    """The self-check failures the guest printed between console bytes ``start`` and ``end``."""
+    path = Path(CONSOLE_LOG.format(name))
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        f.seek(start)
+        text = f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+    return BAD_TICK.findall(text)
+
+
+def early_guest_errors(marks: dict[str, int], sec_until: int) -> str:
+    """Self-check failures before the pipeline's first checkpoint that no replication can have
+    caused: the primary's guest (the pipeline only reads and pauses it) from the twin pairing
+    to now, the secondary's until its node paused it. '' when there were none."""
+    found = {"prim": errors_between("prim", marks["prim"]), "sec": errors_between("sec", marks["sec"], sec_until)}
+    if not any(found.values()):
+        return ""
+    return ("platform: guest self-check errors before the first checkpoint: "
+            + "; ".join(f"{n} {len(v)} lines, first {v[0].strip()!r}" for n, v in found.items() if v))
+
+
+def node_messages(role: str, since: float) -> list[str]:
+    """The node's log messages from wall time ``since`` on (its JSON lines carry ``ts``)."""
+    out = []
+    path = RUN / f"{role}.log"
+    for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("ts", 0) >= since:
+            out.append(f"{row.get('level', '?')} {row.get('msg', '')}"[:300])
+    return out
+
+
+def xen_key_dump(key: str) -> str:
+    """What Xen prints for debug key ``key`` (``xl debug-keys``), cut out of its console ring."""
+    before = sh("xl dmesg", timeout=60)
+    sh(f"xl debug-keys {key}", timeout=60)
+    after = sh("xl dmesg", timeout=60)
+    tail = before[-300:]
+    at = after.rfind(tail) if tail else -1
+    return after[at + len(tail):] if at >= 0 else after[-8000:]
+
+
+def survivor_stall_report(name: str) -> None:
+    """The survivor did not run on: print what Xen and dom0 know of its vCPU (lines 'STALL ...'):
+    its state (running, blocked, paused), its registers and LAPIC (xen-hvmctx), its event
+    channels' pending and mask bits (Xen key 'e'), its vCPU's upcall flags and pause count
+    (key 'q'), the timers Xen has armed (key 'a': a vCPU blocked with no singleshot timer
+    armed waits forever)."""
+    def out(what: str, text: str, limit: int = 6000) -> None:
+        for line in text[-limit:].splitlines():
+            print(f"STALL {what}: {line.rstrip()}", flush=True)
+    try:
+        domid = resolve_domain(name)
+        out("xl list", sh("xl list", timeout=60))
+        out("vcpu-list", sh(f"xl vcpu-list {name}", timeout=60))
+        if (XEN_BIN / "xen-hvmctx").exists():
+            out("hvmctx", sh(f"{XEN_BIN}/xen-hvmctx {domid}", timeout=60), 5000)
+        for key, what in (("q", "domains"), ("e", "evtchn"), ("a", "timers")):
+            dump = xen_key_dump(key)
+            if key == "e":     # one domain's ports only
+                keep, mine = [], False
+                for line in dump.splitlines():
+                    if "Event channel information for domain" in line:
+                        mine = line.rstrip().endswith(f" {domid}:") or f"domain {domid}:" in line
+                    if mine:
+                        keep.append(line)
+                dump = "\n".join(keep) or dump
+            out(f"xen-{what}", dump)
+    except Exception as exc:  # noqa: BLE001 - a report that failed says so
+        print(f"STALL report failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
+                       twin_marks: dict[str, int] | None = None) -> tuple[list[Checkpoint], dict]:
     """``colo-pipeline secondary`` (guest ``sec``) and ``colo-pipeline primary`` (guest
     ``prim``) in dom0 with the xen backend, over CURVE on 127.0.0.1, until ``rounds`` paused
     checkpoints after the first one committed, each proven by both nodes' full-memory blake3
     (checkpoint.verify_every = 1). Then the primary host "dies": its guest is paused and its
     node SIGKILLed; the secondary must take over and its guest run on."""
+    sec_at_start = console_size("sec")    # the secondary's node pauses it before its first checkpoint
     procs = {"secondary": start_node("secondary")}
     procs["primary"] = start_node("primary")
     step("nodes started")
@@ -298,6 +405,11 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
     wait_for("protection", lambda: node_info("primary").get("state") == "protected", procs, PROTECTION_WAIT_S)
     protected_s = time.monotonic() - t0
     step("protected")
+    early = early_guest_errors(twin_marks, sec_at_start) if twin_marks else ""
+    if early:       # issue 17, item 1: a fault before the first checkpoint earns another boot
+        for p in procs.values():
+            os.killpg(p.pid, signal.SIGKILL)
+        raise RuntimeError(early)
     print(f"PIPELINE: protected after {protected_s:.1f}s (full sync, pre-copy, first checkpoint)", flush=True)
     from pipeline.counters import NodeCounters
 
@@ -333,6 +445,7 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
         statistics.median(b - a for a, b in zip(starts, starts[1:])) / 1e6) if len(starts) > 1 else 0}
     if failover:
         extra["console_mark"] = console_size("sec")
+        killed_at = time.time()
         sh("xl pause prim")
         os.killpg(procs["primary"].pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -352,14 +465,7 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
                                if e.get("level") in ("ERROR", "CRITICAL")][:5]
     procs_left = [p for p in procs.values() if p.poll() is None]
     if failover:
-        # the secondary's guest runs on alone until it is 10 ticks past the primary's last one
-        # (its counter restarts at the last committed checkpoint, which a commit of 7-12 s under
-        # a loaded host puts ~80 ticks back: a fixed 6 s did not cover that), at most 120 s
-        prim_last = max((n for n, _ in ticks_since("prim", 0)), default=0)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and max(
-                (n for n, _ in ticks_since("sec", int(extra["console_mark"]))), default=0) < prim_last + 10:
-            time.sleep(1)
+        extra["survivor"] = wait_for_survivor(int(extra["console_mark"]), killed_at)
     time.sleep(2)
     for p in procs_left:
         p.terminate()
@@ -369,6 +475,43 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool) -> tuple[l
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
     return results, extra
+
+
+def wait_for_survivor(mark: int, killed_at: float) -> dict[str, object]:
+    """After the kill, the secondary's guest runs on alone until it is SURVIVOR_TICKS_PAST
+    ticks past the primary's last one (its counter restarts at the last committed checkpoint,
+    which a commit of 7-12 s under a loaded host puts ~100 ticks back). The wait ends on that
+    console line, or after SURVIVOR_WAIT_S; a progress line every 30 s says where the
+    survivor is. Not reached: the survivor stalled (xenlab-4 of session 6: it printed 3 ticks
+    in 120 s), and what Xen knows of its vCPU is printed (survivor_stall_report)."""
+    prim_last = max((n for n, _ in ticks_since("prim", 0)), default=0)
+    target = prim_last + SURVIVOR_TICKS_PAST
+    t0 = time.monotonic()
+    next_note, last_n, last_change = t0 + 30, -1, t0
+    reached = None
+    while True:
+        n = max((n for n, _ in ticks_since("sec", mark)), default=-1)
+        if n != last_n:
+            last_n, last_change = n, time.monotonic()
+        if n >= target:
+            reached = round(time.monotonic() - t0, 1)
+            break
+        if time.monotonic() - t0 >= SURVIVOR_WAIT_S:
+            break
+        if time.monotonic() >= next_note:
+            next_note += 30
+            step(f"survivor: n={n}, target {target}, last new tick {time.monotonic() - last_change:.0f}s ago")
+        time.sleep(0.5)
+    took_over = node_messages("secondary", killed_at - 1)
+    for line in took_over[:40]:
+        print(f"SURVIVOR secondary log: {line}", flush=True)
+    print(f"SURVIVOR: {'reached' if reached is not None else 'did NOT reach'} n={target} (primary's last "
+          f"{prim_last} + {SURVIVOR_TICKS_PAST}) {f'after {reached}s' if reached is not None else f'in {SURVIVOR_WAIT_S}s'}"
+          f"; its last n={last_n}, {time.monotonic() - last_change:.0f}s after its last new tick", flush=True)
+    if reached is None:
+        survivor_stall_report("sec")
+    return {"target": target, "reached_s": reached, "last_n": last_n,
+            "rolled_back": any("event=discarded" in m or "epoch discarded" in m or " discarded:" in m for m in took_over)}
 
 
 def bad_lines(name: str, offset: int, limit: int = 4) -> list[str]:
@@ -398,12 +541,30 @@ def failover_summary(prim: list[tuple[int, int]], sec_after: list[tuple[int, int
             "err_lines": sum(1 for _, e in sec_after if e)}
 
 
-def run_c_baseline(rounds: int, interval_ms: int) -> list[dict[str, float]]:
-    pd, sd = make_twin()
+def run_c_baseline(rounds: int, interval_ms: int, paused_twin: bool = False,
+                   ids: tuple[int, int] | None = None) -> list[dict[str, float]]:
+    pd, sd = ids or make_twin(paused=paused_twin)
     out = sh(f"/root/crep -r {rounds} -i {interval_ms} {pd} {sd}", timeout=600)
     print(out, end="", flush=True)
     return [{k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
             for line in out.splitlines() if line.startswith("CREP ")]
+
+
+def twin_check(marks: dict[str, int], rounds: int, interval_ms: int, watch_s: float) -> dict[str, object]:
+    """xenlab.until=twin (lab.py --twin-check): the cheapest boot that met issue 17's memwork
+    fault (a page read back as zeros right after the guest wrote it, in the C baseline's phase
+    as well as the pipeline's, first errors soon after the twin pairing): after the pairing,
+    the C baseline alone (no Python in the loop) for ``rounds`` checkpoints on the running
+    twins, then both guests run ``watch_s`` seconds more; every self-check line is counted."""
+    ids = resolve_domain("prim"), resolve_domain("sec")
+    rows = run_c_baseline(rounds, interval_ms, ids=ids)
+    step(f"twin check: C baseline done ({len(rows)} checkpoints); watching the guests {watch_s:.0f}s")
+    time.sleep(watch_s)
+    guests = {n: summarize(ticks_since(n, m)) for n, m in marks.items()}
+    for n, mark in marks.items():
+        for line in bad_lines(n, mark):
+            print(f"GUESTERR twin-check {n}: {line.strip()}", flush=True)
+    return {"crep_rows": len(rows), "watch_s": watch_s, "guests": guests}
 
 
 #: the dirty-log stress's rounds per cycle: each a CLEAN, a wait, a PEEK (the vcpu_info watch's
@@ -511,12 +672,17 @@ def main() -> int:
         # both pause for about the same number of dirty pages (the pipeline's epochs are longer
         # than interval_ms when every checkpoint is proven by two full-memory hashes)
         marks = {n: console_size(n) for n in ("prim", "sec")}
-        make_twin(save_first=True)
+        paused_twin = cfg.get("twin") == "paused"
+        result["twin"] = "paused" if paused_twin else "running"
+        make_twin(save_first=True, paused=paused_twin)
         if cfg["until"] == "stress":
             result["stress"] = logdirty_stress(float(cfg.get("stress_s", "300")))
             raise FirstCheckpointDone
+        if cfg["until"] == "twin":
+            result["twin_check"] = twin_check(marks, rounds, interval, float(cfg.get("watch_s", "60")))
+            raise FirstCheckpointDone
         first_only = cfg["until"] == "first"
-        checkpoints, extra = replicate_pipeline(0 if first_only else rounds, interval, not first_only)
+        checkpoints, extra = replicate_pipeline(0 if first_only else rounds, interval, not first_only, marks)
         result["pipeline"] = [asdict(c) for c in checkpoints]
         result["pipeline_extra"] = extra
         ticks = {n: ticks_since(n, marks[n]) for n in marks}
@@ -534,7 +700,7 @@ def main() -> int:
         verify = statistics.median(c.verify_ms for c in checkpoints) if checkpoints else 0
         c_interval = max(interval, int(extra["epoch_spacing_ms"] - verify))
         result["c_interval_ms"] = c_interval
-        result["c_baseline"] = run_c_baseline(rounds, c_interval)
+        result["c_baseline"] = run_c_baseline(rounds, c_interval, paused_twin)
         time.sleep(2)
         result["c_phase"] = {n: summarize(ticks_since(n, marks[n])) for n in marks}
         for n, mark in marks.items():
