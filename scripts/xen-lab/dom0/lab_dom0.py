@@ -502,6 +502,11 @@ def wait_for_survivor(mark: int, killed_at: float) -> dict[str, object]:
             next_note += 30
             step(f"survivor: n={n}, target {target}, last new tick {time.monotonic() - last_change:.0f}s ago")
         time.sleep(0.5)
+    with Path(CONSOLE_LOG.format("sec")).open("rb") as f:   # the guest kernel's own words (an oops, a panic)
+        f.seek(mark)
+        said = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip() and not ln.startswith("MW ")]
+    for line in said[:30]:
+        print(f"SURVIVOR console: {line[:300]}", flush=True)
     took_over = node_messages("secondary", killed_at - 1)
     for line in took_over[:40]:
         print(f"SURVIVOR secondary log: {line}", flush=True)
