@@ -139,11 +139,14 @@ def dump_tcp(sock) -> dict:
                                                                     20)))}
         for name, queue in (("recv", TCP_RECV_QUEUE), ("send", TCP_SEND_QUEUE)):
             sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
-            state[name + "_seq"] = struct.unpack("I", sock.getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+            end = struct.unpack("I", sock.getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
             try:
                 data = sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 data = b""
+            # the queue's sequence number is its end (rcv_nxt, write_seq); restore_tcp
+            # sets its start and puts the data (unread, unacknowledged) back after it
+            state[name + "_seq"] = (end - len(data)) & 0xFFFFFFFF
             state[name + "_data"] = data.hex()
     finally:
         sock.setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)

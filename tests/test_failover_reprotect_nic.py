@@ -12,11 +12,13 @@ host, ``nh``, with the new SVM:
 2. the primary host is lost, the redirector fails over (SIGUSR1): the survivor's guest
    serves the client directly, its segments moved into the old PVM's space;
 3. re-protection: a comparator starts on the survivor's host (the clients' network, the
-   guest's streams on this host, the new secondary's over a replication link), the
-   redirector hands the guest's interface over to it (SIGUSR2, no restart: the guest's
-   connection stays up) and writes the connection's offset; the new SVM gets the guest's
-   connection (TCP_REPAIR, the lab's stand-in for the full sync of the guest's memory:
-   netns_lab.dump_tcp) and its redirector starts with the offset (``--offsets-in``).
+   guest's streams on this host, the new secondary's over a replication link),
+   unprotected; the redirector hands the guest's interface over to it while the client
+   sends without a pause (SIGUSR2, no restart: the guest's connection stays up) and
+   writes the connection's offset; 200 more answers pass the comparator; the client
+   pauses, the new SVM gets the guest's connection (TCP_REPAIR, the lab's stand-in for
+   the full sync of the guest's memory: netns_lab.dump_tcp), its redirector starts with
+   the offset (``--offsets-in``) and the comparator compares from then on.
 
 4. the survivor's host is lost in turn: the new secondary's redirector fails over and
    its SVM serves the connection, moved into the clients' space by the carried offset.
@@ -77,25 +79,41 @@ conn.close()
 '''.replace("@TESTS@", repr(TESTS)).replace("@TCP@", str(TCP_PORT))
 
 #: the client: one connection; each line on stdin, N, sends the next N requests (one at a
-#: time, each answer read before the next), "end" closes it
+#: time, each answer read before the next), "go" sends them until a line "stop" comes
+#: (saying "progress I" every 50, and "marked I" when a line "mark" comes), "end" closes it
 CLIENT = r'''
-import json, socket, sys
+import json, os, select, socket, sys
 out_path = sys.argv[1]
 s = socket.create_connection(("@IP@", @TCP@), timeout=120)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 f = s.makefile("rb")
 got, i = bytearray(), 0
+def one():
+    global got, i
+    s.sendall(b"req %d\n" % i)
+    line = f.readline()
+    if not line:
+        sys.exit("the connection closed at request %d" % i)
+    got += line
+    i += 1
 print("ready %d" % s.getsockname()[1], flush=True)
-for command in sys.stdin:
-    if command.strip() == "end":
+while True:
+    command = sys.stdin.readline().strip()
+    if command == "end":
         break
-    for _ in range(int(command)):
-        s.sendall(b"req %d\n" % i)
-        line = f.readline()
-        if not line:
-            sys.exit("the connection closed at request %d" % i)
-        got += line
-        i += 1
+    if command == "go":
+        while True:
+            if select.select([sys.stdin], [], [], 0)[0]:
+                command = sys.stdin.readline().strip()
+                if command == "stop":
+                    break
+                print("marked %d" % i, flush=True)
+            one()
+            if i % 50 == 0:
+                print("progress %d" % i, flush=True)
+    else:
+        for _ in range(int(command)):
+            one()
     print("answered %d" % i, flush=True)
 s.shutdown(socket.SHUT_WR)
 got += f.read()
@@ -105,7 +123,10 @@ print(json.dumps({"answered": i}), flush=True)
 '''.replace("@IP@", GUEST_IP).replace("@TCP@", str(TCP_PORT))
 
 #: the survivor's new primary comparator: the clients' network, the guest's streams on
-#: this host (from the redirector), the new secondary's over the replication link
+#: this host (from the redirector), the new secondary's over the replication link. It
+#: starts unprotected (passing the guest's output through, as the node's does until a
+#: secondary is synced); SIGUSR1: the secondary is in place, compare (the node's role
+#: "primary")
 NEW_PRIMARY_COMPARATOR = r'''
 import json, logging, signal, sys, threading
 from pipeline.net.loop import CompareLoop
@@ -117,11 +138,18 @@ settings = NetSettings(primary_in="tcp:127.0.0.1:9100", primary_out="tcp:127.0.0
                        secondary_in="tcp:%s:9000" % repl, secondary_out="tcp:%s:9001" % repl,
                        rewrite_secondary=False, compare_timeout_ms=3000)
 loop = CompareLoop(settings)
-stop = threading.Event()
+loop.on_role("unprotected")
+stop, protect = threading.Event(), threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
+signal.signal(signal.SIGUSR1, lambda *a: protect.set())
 print("ready", flush=True)
 try:
-    loop.run(stop)
+    while not stop.is_set():
+        if protect.is_set():
+            protect.clear()
+            loop.on_role("primary")
+            print("comparing", flush=True)
+        loop.run_once(0.05)
 finally:
     print(json.dumps(loop.comparator.counters), flush=True)
     loop.close()
@@ -153,6 +181,15 @@ def _ask(client: subprocess.Popen, command: str, answered: int | None = None) ->
     if answered is not None:
         line = client.stdout.readline()
         assert line.strip() == f"answered {answered}", (line, client.stderr.read()[-3000:])
+
+
+def _progress(client: subprocess.Popen, at_least: int) -> int:
+    """The client's answers, once its progress says at least ``at_least``."""
+    while True:
+        line = client.stdout.readline()
+        assert line.startswith("progress"), (line, client.stderr.read()[-3000:])
+        if int(line.split()[1]) >= at_least:
+            return int(line.split()[1])
 
 
 def _counters(proc: subprocess.Popen) -> dict:
@@ -195,13 +232,29 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
         lab.lose_primary_host([comparator, servers["pvm"]])
         redirector.send_signal(signal.SIGUSR1)
         _ask(client, str(PHASE), 2 * PHASE)
-        # 3. re-protection: the survivor's new comparator, the guest handed over to it
+        # 3. re-protection: the survivor's new comparator (unprotected: passing the
+        # guest's output through), the guest handed over to it while the client sends
         new_comparator = lab.spawn("sh", sys.executable, "-c", NEW_PRIMARY_COMPARATOR,
                                    lab.uplink["sh"], REPL2["survivor"])
         wait_ready(new_comparator, "the new primary's comparator")
+        _ask(client, "go")
+        _progress(client, 2 * PHASE + 100)
         redirector.send_signal(signal.SIGUSR2)
         wait_until(lambda: os.path.exists(offsets), timeout=60,
                    what="the re-protected redirector's offsets")
+        _ask(client, "mark")                    # how many were answered once it was done
+        line = client.stdout.readline()
+        while line.startswith("progress"):
+            line = client.stdout.readline()
+        assert line.startswith("marked"), (line, client.stderr.read()[-3000:])
+        _progress(client, int(line.split()[1]) + 200)   # ... and 200 more through it
+        client.stdin.write("stop\n")
+        client.stdin.flush()
+        line = ""
+        while not line.startswith("answered"):
+            line = client.stdout.readline()
+            assert line, client.stderr.read()[-3000:]
+        done = int(line.split()[1])
         with open(offsets) as fh:
             rows = json.load(fh)
         # the connection's offset: the survivor's guest is in its own sequence space
@@ -220,7 +273,9 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
                                    "--compare-to", f"tcp:{REPL2['survivor']}:9000",
                                    "--offsets-in", offsets)
         wait_ready(new_redirector, "the new secondary's redirector")
-        _ask(client, str(PHASE), 3 * PHASE)
+        new_comparator.send_signal(signal.SIGUSR1)
+        assert new_comparator.stdout.readline().strip() == "comparing"
+        _ask(client, str(PHASE), done + PHASE)
         # 4. the survivor's host is lost (its processes end, then its namespaces go; the
         # comparator and the redirector first, so that the guest's server's end reaches
         # no one): the new secondary takes over
@@ -231,22 +286,25 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
         for ns in ("sh", "svm"):
             subprocess.run([IP, "netns", "del", lab.ns[ns]], capture_output=True, timeout=20)
         new_redirector.send_signal(signal.SIGUSR1)
-        _ask(client, str(PHASE), 4 * PHASE)
+        total = done + 2 * PHASE
+        _ask(client, str(PHASE), total)
         _ask(client, "end")
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1]) == {"answered": 4 * PHASE}
+        assert json.loads(out.strip().splitlines()[-1]) == {"answered": total}
         new_side = _counters(new_redirector)
         print(json.dumps({"comparator": compared, "new_redirector": new_side,
                           "survivor_redirector": survivor}))
         with open(received, "rb") as f:
             got = f.read()
         # every response once, in order, the connection never broken
-        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(4 * PHASE))
+        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(total))
         assert survivor["failovers"] == 1 and survivor["reprotections"] == 1, survivor
         assert survivor["reprotect_refused"] == 1 and survivor["offsets_exported"] == 1
-        # the third phase's answers came out of the comparator, the guest's segments
-        # matched by the new SVM's, moved by the carried offset
+        # the handover's answers went through the comparator unprotected, the next phase's
+        # came out of it with the guest's segments matched by the new SVM's, moved by the
+        # carried offset
+        assert compared["passthrough_frames"] >= 200, compared
         assert compared["mismatches"] == 0 and compared["timeouts"] == 0, compared
         assert compared["primary_frames_in"] >= PHASE, compared
         assert compared["secondary_frames_in"] >= PHASE, compared
