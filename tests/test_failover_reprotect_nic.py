@@ -82,23 +82,28 @@ conn.close()
 #: time, each answer read before the next), "go" sends them until a line "stop" comes
 #: (saying "progress I" every 50, and "marked I" when a line "mark" comes), "end" closes it
 CLIENT = r'''
-import json, os, select, socket, sys
+import json, os, select, socket, sys, time
 out_path = sys.argv[1]
+longest = {}     # the longest wait for an answer in each command (diagnostics, printed)
 s = socket.create_connection(("@IP@", @TCP@), timeout=120)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 f = s.makefile("rb")
 got, i = bytearray(), 0
-def one():
+def one(phase):
     global got, i
+    t = time.monotonic()
     s.sendall(b"req %d\n" % i)
     line = f.readline()
+    longest[phase] = max(longest.get(phase, 0), round(time.monotonic() - t, 4))
     if not line:
         sys.exit("the connection closed at request %d" % i)
     got += line
     i += 1
 print("ready %d" % s.getsockname()[1], flush=True)
+phase = 0
 while True:
     command = sys.stdin.readline().strip()
+    phase += 1
     if command == "end":
         break
     if command == "go":
@@ -108,18 +113,18 @@ while True:
                 if command == "stop":
                     break
                 print("marked %d" % i, flush=True)
-            one()
+            one(phase)
             if i % 50 == 0:
                 print("progress %d" % i, flush=True)
     else:
         for _ in range(int(command)):
-            one()
+            one(phase)
     print("answered %d" % i, flush=True)
 s.shutdown(socket.SHUT_WR)
 got += f.read()
 s.close()
 open(out_path, "wb").write(got)
-print(json.dumps({"answered": i}), flush=True)
+print(json.dumps({"answered": i, "longest_wait_s": list(longest.values())}), flush=True)
 '''.replace("@IP@", GUEST_IP).replace("@TCP@", str(TCP_PORT))
 
 #: the survivor's new primary comparator: the clients' network, the guest's streams on
@@ -291,10 +296,13 @@ def test_a_connection_opened_before_the_failover_is_compared_again_after_reprote
         _ask(client, "end")
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1]) == {"answered": total}
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["answered"] == total, result
         new_side = _counters(new_redirector)
-        print(json.dumps({"comparator": compared, "new_redirector": new_side,
-                          "survivor_redirector": survivor}))
+        # the longest wait for one answer in each client command: protected (2), the
+        # first failover, the handover under load, compared again, the second failover
+        print(json.dumps({"client": result, "comparator": compared,
+                          "new_redirector": new_side, "survivor_redirector": survivor}))
         with open(received, "rb") as f:
             got = f.read()
         # every response once, in order, the connection never broken
