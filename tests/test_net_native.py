@@ -3,6 +3,7 @@ rounds: a real CompareLoop in this process, fed over its unix sockets by client 
 from __future__ import annotations
 
 import random
+import shutil
 import struct
 import tempfile
 import threading
@@ -68,6 +69,7 @@ class Running:
         for c in (self.pin, self.sin, self.out, self.ntf):
             c.close()
         self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def tcp(i: int, flow: int, ip_id: int, seq: int = 1, window: int = 512,
