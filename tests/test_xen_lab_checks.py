@@ -303,3 +303,17 @@ def test_the_survivor_wait_ends_on_its_console_line_and_a_stall_is_reported(lab,
     sv = lab.wait_for_survivor(0, time.time())
     assert sv["reached_s"] is None and sv["last_n"] == 96 and reports == ["sec"]
     assert "SURVIVOR: did NOT reach n=110" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("res, fault, outcome", [
+    ({"pipeline_phase": {"prim": {"err_lines": 0}}, "c_phase": {"prim": {"err_lines": 0}}}, "", "ok"),
+    ({"pipeline_phase": {"prim": {"err_lines": 322}, "sec": {"err_lines": 0}}, "c_phase": {"sec": {"err_lines": 313}}},
+     "", "guest self-check errors {'pipeline prim': 322, 'c sec': 313}"),
+    ({"error": "RuntimeError: no takeover within 60s"}, "", "error after the first checkpoint: RuntimeError"),
+    ({}, "platform: rc=139 in: x", "platform: rc=139"),
+])
+def test_a_full_runs_boot_with_guest_errors_is_recorded_as_a_fault(host_side, res, fault, outcome):
+    """Session 6's c434f8d run 1 (1534 memwork errors in both phases) went into boots.jsonl as
+    'ok': the fault count per boot missed it."""
+    got = host_side.full_run_outcome(res, fault, "")
+    assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
