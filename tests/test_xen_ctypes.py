@@ -52,6 +52,13 @@ int main(void) {
     V(XEN_DOMCTL_SHADOW_OP_PEEK); V(XEN_DOMCTL_SENDTRIGGER_NMI); V(XEN_X86_EMU_LAPIC); V(XEN_X86_EMU_ALL);
     V(XTL_ERROR); V(HVM_SAVE_CODE(END)); V(HVM_SAVE_CODE(LAPIC_REGS)); V(HVM_SAVE_CODE(CPU));
     V(HVM_PARAM_STORE_PFN); V(HVM_PARAM_CONSOLE_PFN);
+    S(xc_evtchn_status_t); O(xc_evtchn_status_t, dom); O(xc_evtchn_status_t, port);
+    O(xc_evtchn_status_t, status); O(xc_evtchn_status_t, vcpu);
+    printf("xc_evtchn_status_t virq %zu\n", offsetof(xc_evtchn_status_t, u.virq));
+    V(EVTCHNSTAT_virq); V(VIRQ_TIMER);
+    printf("shared_info evtchn_pending %zu\n", offsetof(struct shared_info, evtchn_pending));
+    printf("vcpu_info evtchn_pending_sel %zu\n", offsetof(struct vcpu_info, evtchn_pending_sel));
+    printf("vcpu_info evtchn_upcall_pending %zu\n", offsetof(struct vcpu_info, evtchn_upcall_pending));
     return 0;
 }
 """
@@ -83,6 +90,7 @@ STRUCTS = [
     ("xc_hypercall_buffer_t", xc.XcHypercallBuffer),
     ("xc_shadow_op_stats_t", xc.XenShadowOpStats),
     ("struct hvm_save_descriptor", xc.HvmSaveDescriptor),
+    ("xc_evtchn_status_t", xc.EvtchnStatus),
 ]
 
 
@@ -114,6 +122,11 @@ def test_constants_match_installed_headers(header_layout) -> None:
     }
     for name, value in mine.items():
         assert value == header_layout[f"const {name}"], name
+    assert (xc.EVTCHNSTAT_VIRQ, xc.VIRQ_TIMER) == (header_layout["const EVTCHNSTAT_virq"],
+                                                   header_layout["const VIRQ_TIMER"])
+    assert xc.SHARED_INFO_EVTCHN_PENDING == header_layout["shared_info evtchn_pending"]
+    assert xc.VCPU_INFO_PENDING_SEL == header_layout["vcpu_info evtchn_pending_sel"]
+    assert xc.VCPU_INFO_UPCALL_PENDING == header_layout["vcpu_info evtchn_upcall_pending"]
 
 
 # -- bitmap decoding --------------------------------------------------------------------------
@@ -735,3 +748,95 @@ def test_a_backend_without_hypervisor_written_bytes_refuses_a_peer_with_some() -
     _agree_written(dom, wire.Hello(4096, wire.ROLE_PRIMARY, 8, "p"))
     with pytest.raises(ProtocolError, match=r"peer 'p': plain: the nodes disagree .*\(1, 0, 16\)"):
         _agree_written(dom, wire.Hello(4096, wire.ROLE_PRIMARY, 8, "p", ((1, 0, 16),)))
+
+
+def test_event_pending_bits_are_the_2_level_abis_bits_of_the_port() -> None:
+    """Port 70: word 1, bit 6 of shared_info's evtchn_pending (byte 0x808, bit 6); word 1 is
+    bit 1 of the selector (byte 8 of the vcpu_info)."""
+    assert xc.event_pending_bits(70) == ((0x800 + 8, 1 << 6), (8, 1 << 1), (0, 1))
+    assert xc.event_pending_bits(3) == ((0x800, 1 << 3), (8, 1), (0, 1))
+    for bad in (0, xc.EVTCHN_2L_PORTS):
+        with pytest.raises(ValueError, match="outside the 2-level ABI"):
+            xc.event_pending_bits(bad)
+
+
+def test_atomic_byte_or_sets_bits_and_keeps_the_others() -> None:
+    page = np.zeros(4096, np.uint8)
+    page[5] = 0b1000_0001
+    xc.AtomicByteOr()(page.ctypes.data + 5, 0b0000_0100)
+    assert page[5] == 0b1000_0101 and not page[:5].any() and not page[6:].any()
+
+
+def _timer_domain(own_shared_info: bool = True):
+    """A domain over mock guest RAM whose mock libxenctrl knows its event channels (MOCK: what
+    EVTCHNOP_status reports cannot be caused without a hypervisor): port 1 console
+    (interdomain), 2 xenstore, 3 VIRQ_TIMER of vCPU 0, 4 an IPI, 5 VIRQ_DEBUG; port 6 and up
+    are beyond the domain's (EINVAL)."""
+    from types import SimpleNamespace
+
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
+    dom = domain_over(ram, holes=set(), own=[0x10] if own_shared_info else [])
+    bound = {1: (2, 0, 0), 2: (2, 0, 0), 3: (4, 0, 0), 4: (5, 0, 0), 5: (4, 0, 1)}   # status, vcpu, virq
+    calls = []
+
+    def evtchn_status(xch, st):
+        st = st._obj
+        calls.append(st.port)
+        if st.port not in bound:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        st.status, st.vcpu, st.virq = bound[st.port]
+        return 0
+    dom._h.xch = 1
+    dom._xc = SimpleNamespace(xc_evtchn_status=evtchn_status)
+    dom._timer_port_map = None
+    return dom, ram, calls
+
+
+def test_a_loaded_context_makes_each_vcpus_timer_event_pending_in_the_domains_own_event_state() -> None:
+    """Issue 17, item 6 (session 6's stalled survivor): Xen's singleshot timer is not in the
+    HVM context, so after a load the secondary's own timer may be disarmed while the guest
+    believes the primary's deadline is armed. kick_timers marks VIRQ_TIMER pending (shared_info
+    bit, the registered vcpu_info's selector and upcall flag), so the wake-up upcall runs the
+    guest's timer handler, which arms the timer again; other bytes and pages stay as they were."""
+    dom, ram, calls = _timer_domain()
+    dom.xen_written = {0x20: ((0x3c0, 0x3d0), (0x3e0, 0x400))}    # vcpu_info at 0x20+0x3c0
+    ram[0x10, 0x800] = 0b0000_0010          # xenstore's port 1 pending already: kept
+    ram[0x20, 0x3c8] = 0b0000_0001
+    before = ram.copy()
+    assert dom.kick_timers() == 1
+    assert ram[0x10, 0x800] == 0b0000_1010                       # port 3 now pending, port 1 kept
+    assert ram[0x20, 0x3c0] == 1 and ram[0x20, 0x3c8] == 1        # upcall flag; word 0 selected
+    changed = np.argwhere(ram != before)
+    assert {tuple(x) for x in changed.tolist()} == {(0x10, 0x800), (0x20, 0x3c0)}
+    assert calls == [1, 2, 3, 4, 5, 6]                           # the scan stops where Xen said EINVAL
+    dom.kick_timers()
+    assert calls == [1, 2, 3, 4, 5, 6], "the ports are found once"
+
+
+def test_without_a_registered_vcpu_info_the_legacy_one_in_shared_info_is_marked() -> None:
+    dom, ram, _ = _timer_domain()
+    assert dom.kick_timers() == 1
+    assert ram[0x10, 0x800] == 0b1000 and ram[0x10, 0] == 1 and ram[0x10, 8] == 1
+
+
+def test_no_timer_is_marked_when_the_shared_info_frame_is_not_mapped(caplog) -> None:
+    dom, ram, _ = _timer_domain(own_shared_info=False)
+    assert dom.kick_timers() == 0 and not ram.any()
+    assert "not re-armed" in caplog.text
+
+
+def test_set_vcpu_state_marks_the_timers_before_the_wake_up_msi() -> None:
+    """MOCK of setcontext and the MSI injection: the order matters, the upcall the MSI causes
+    must find the timer pending."""
+    from types import SimpleNamespace
+
+    dom, ram, _ = _timer_domain()
+    order = []
+    dom._xc.xc_domain_hvm_setcontext = lambda xch, domid, buf, n: order.append("setcontext") or 0
+    dom._h.dmod = 1
+    dom._h.lib.dm = SimpleNamespace(xendevicemodel_inject_msi=lambda *a: order.append(("msi", ram[0x10, 0x800])) or 0)
+    dom.info = SimpleNamespace(nr_online_vcpus=1, max_vcpu_id=0)
+    dom.wake, dom.upcall_vector = "msi", xc.DEFAULT_UPCALL_VECTOR
+    dom.set_vcpu_state(b"blob")
+    assert order == ["setcontext", ("msi", 0b1000)]

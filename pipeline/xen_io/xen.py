@@ -176,6 +176,9 @@ class XenDomain(Domain):
     """
 
     page_size = PAGE_SIZE
+    #: port -> vCPU of this domain's VIRQ_TIMER channels (found once, see _timer_ports)
+    _timer_port_map: dict[int, int] | None = None
+    _atomic_or: xc_.AtomicByteOr | None = None
 
     def __init__(
         self,
@@ -816,6 +819,10 @@ class XenDomain(Domain):
         - ``wake="nmi"``: mark the vector in the IRR of the blob, then send an NMI trigger
           (the probe's method; the guest logs "NMI ... Dazed and confused").
         - ``wake="none"``: only mark the vector in the IRR (S wakes at its next event).
+
+        Before the wake (msi, nmi), each vCPU's Xen timer event is made pending in this
+        domain's own event state (:meth:`kick_timers`): the timer is not in the HVM context,
+        and the guest's handler, run by the wake-up upcall, arms it again from its own queue.
         """
         self._live()
         if not blob:
@@ -826,6 +833,8 @@ class XenDomain(Domain):
         self._check("xc_domain_hvm_setcontext",
                     self._xc.xc_domain_hvm_setcontext(self._h.xch, self.domid, buf, len(blob)),
                     f"{len(blob)}-byte context")
+        if self.wake != "none":
+            self.kick_timers()
         vcpus = range(self.info.max_vcpu_id + 1)
         if self.wake == "msi":
             for vcpu in vcpus:
@@ -837,6 +846,72 @@ class XenDomain(Domain):
             for vcpu in vcpus:
                 self._check("xc_domain_send_trigger(NMI)",
                             self._xc.xc_domain_send_trigger(self._h.xch, self.domid, xc_.XEN_DOMCTL_SENDTRIGGER_NMI, vcpu))
+
+    # -- the Xen timer across a checkpoint ----------------------------------
+    # A PVH/HVM Linux guest's clock events are Xen's per-vCPU singleshot timer (VCPUOP_set_
+    # singleshot_timer), armed by the guest and held in Xen's struct vcpu: no HVM save record
+    # carries it, so loading the primary's context leaves this domain's timer as its own last
+    # run armed it. The guest then believes the primary's deadline is armed. If this domain's
+    # timer fired and the guest took the event but was paused before it armed the next one (the
+    # SVM runs only moments between an apply and the next BEGIN when commits are slow), nothing
+    # is armed and nothing pending: the guest never gets another timer event (session 6's
+    # xenlab-4 survivor printed 3 ticks, then nothing). So after every load, each vCPU's
+    # VIRQ_TIMER is made pending: the guest's timer handler runs once at the wake-up upcall and
+    # arms this domain's timer from its own timer queue, i.e. the primary's deadlines carry over.
+    # A timer event early is harmless (nothing has expired; the handler re-arms).
+    def _timer_ports(self) -> dict[int, int]:
+        """Port -> vCPU of every channel of this domain bound to VIRQ_TIMER (EVTCHNOP_status over
+        its ports, up to the first Xen says is beyond the domain's), found once: a guest binds its
+        timer when a vCPU comes up (boot, the twin's resume) and keeps it."""
+        if self._timer_port_map is None:
+            self._live()
+            found: dict[int, int] = {}
+            st = xc_.EvtchnStatus()
+            for port in range(1, xc_.EVTCHN_2L_PORTS):
+                st.dom, st.port = self.domid, port
+                if self._xc.xc_evtchn_status(self._h.xch, ctypes.byref(st)) < 0:
+                    break
+                if st.status == xc_.EVTCHNSTAT_VIRQ and st.virq == xc_.VIRQ_TIMER:
+                    found[port] = int(st.vcpu)
+            self._timer_port_map = found
+            (log.info if found else log.warning)(
+                "%s: Xen timer event channels %s", self.name,
+                ", ".join(f"port {p} (vCPU {v})" for p, v in sorted(found.items())) or
+                "none found: a loaded context keeps this domain's own timer state")
+        return self._timer_port_map
+
+    def kick_timers(self) -> int:
+        """Make every vCPU's VIRQ_TIMER pending in this domain's own event state (2-level ABI:
+        the port's bit in shared_info, its word's selector bit and the upcall flag in each
+        registered vcpu_info, or in shared_info's legacy ones when none is registered), set
+        with atomic byte ORs. The wake-up upcall (set_vcpu_state's MSI) then runs the guest's
+        timer handler. Returns the ports marked (0: nothing to mark, said once in the log)."""
+        ports = self._timer_ports()
+        if not ports:
+            return 0
+        if not self.own_frames.size or np.isin(self.own_frames[:1], self.map_holes).any():
+            if self.__dict__.get("_kick_refused") is None:
+                self.__dict__["_kick_refused"] = True
+                log.warning("%s: its shared_info frame is not in its mapped memory: the Xen timer is "
+                            "not re-armed after a loaded context", self.name)
+            return 0
+        mem = self.guest_memory(writable=True)
+        if XenDomain._atomic_or is None:
+            XenDomain._atomic_or = xc_.AtomicByteOr()
+        atomic_or = XenDomain._atomic_or
+        shared_info = int(self.own_frames[0])
+        blocks = xc_.vcpu_info_blocks_of_ranges(self.hypervisor_written()) or \
+            [(shared_info, vcpu * xc_.VCPU_INFO_SIZE) for vcpu in sorted(set(ports.values()))]
+        for port in sorted(ports):
+            (pend_at, pend_bit), (sel_at, sel_bit), (up_at, up_bit) = xc_.event_pending_bits(port)
+            atomic_or(mem[shared_info].ctypes.data + pend_at, pend_bit)
+            # which registered vcpu_info is which vCPU's is not known here: every one gets the
+            # selector bit (a vCPU scans the word and finds only its own ports pending)
+            for frame, block in blocks:
+                base = mem[frame].ctypes.data + block
+                atomic_or(base + sel_at, sel_bit)
+                atomic_or(base + up_at, up_bit)
+        return len(ports)
 
     # -- lifetime -------------------------------------------------------
     def before_fork(self) -> None:

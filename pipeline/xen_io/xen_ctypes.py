@@ -123,6 +123,14 @@ class XenShadowOpStats(ctypes.Structure):
     _fields_ = [("fault_count", ctypes.c_uint32), ("dirty_count", ctypes.c_uint32)]
 
 
+class EvtchnStatus(ctypes.Structure):
+    """struct evtchn_status == xc_evtchn_status_t (EVTCHNOP_status): IN dom, port; OUT status,
+    vcpu and, for a channel bound to a virtual IRQ, its number (``u.virq``)."""
+
+    _fields_ = [("dom", ctypes.c_uint16), ("port", ctypes.c_uint32), ("status", ctypes.c_uint32),
+                ("vcpu", ctypes.c_uint32), ("virq", ctypes.c_uint32), ("pad_u", ctypes.c_uint32)]
+
+
 class HvmSaveDescriptor(ctypes.Structure):
     """struct hvm_save_descriptor: the header of each record in an HVM context blob."""
 
@@ -233,6 +241,55 @@ def bitmap_to_pfns(words: np.ndarray, nbits: int, candidates: np.ndarray | None 
 #: (VCPUOP_register_vcpu_info) and Xen does not report it to dom0.
 VCPU_INFO_SIZE = 64
 XEN_WRITTEN_VCPU_INFO = ((0x00, 0x10), (0x20, 0x40))
+#: EVTCHNOP_status: a channel bound to a virtual IRQ; VIRQ_TIMER, the vCPU's Xen timer
+EVTCHNSTAT_VIRQ = 4
+VIRQ_TIMER = 0
+#: ports of the 2-level event channel ABI (64 words of 64 bits on x86_64)
+EVTCHN_2L_PORTS = 64 * 64
+#: the 2-level ABI in the shared_info page (x86_64, public/xen.h): 32 legacy vcpu_info blocks,
+#: then ``unsigned long evtchn_pending[64]``; in a vcpu_info, ``evtchn_upcall_pending`` (byte 0)
+#: and ``evtchn_pending_sel`` (the word at 8: which pending words to scan)
+SHARED_INFO_EVTCHN_PENDING = 32 * VCPU_INFO_SIZE
+VCPU_INFO_UPCALL_PENDING = 0x00
+VCPU_INFO_PENDING_SEL = 0x08
+
+
+def event_pending_bits(port: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Where the 2-level ABI marks ``port`` pending, each as (byte offset, bit mask): the port's
+    bit in shared_info's ``evtchn_pending``; its word's bit in a vcpu_info's
+    ``evtchn_pending_sel``; and that vcpu_info's ``evtchn_upcall_pending`` (what Xen's
+    evtchn_2l_set_pending and vcpu_mark_events_pending set, little-endian words)."""
+    if not 0 < port < EVTCHN_2L_PORTS:
+        raise ValueError(f"event channel port {port} is outside the 2-level ABI's 1..{EVTCHN_2L_PORTS - 1}")
+    word = port // 64
+    return ((SHARED_INFO_EVTCHN_PENDING + port // 8, 1 << (port % 8)),
+            (VCPU_INFO_PENDING_SEL + word // 8, 1 << (word % 8)),
+            (VCPU_INFO_UPCALL_PENDING, 1))
+
+
+class AtomicByteOr:
+    """``lock or byte [addr], mask``: one byte of a page Xen writes too (shared_info, a
+    vcpu_info), changed without losing a bit Xen sets in the same byte at the same moment (a
+    paused domain's timer still fires; backends still notify it). Python has no atomic
+    read-modify-write on foreign memory, so this is the 5-byte x86-64 routine a C compiler
+    makes of ``__atomic_fetch_or(p, v, __ATOMIC_SEQ_CST)`` for a byte (``f0 40 08 37 c3``),
+    in an executable page of this process, called through ctypes."""
+
+    CODE = bytes.fromhex("f0400837c3")     # lock or %sil,(%rdi); ret
+
+    def __init__(self) -> None:
+        import mmap
+        import platform
+
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise DomainError(f"the xen backend's atomic byte OR is x86-64 code; this is {platform.machine()}")
+        self._page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self._page.write(self.CODE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
+        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint8)(addr)
+
+    def __call__(self, addr: int, mask: int) -> None:
+        self._fn(addr, mask)
 _XEN_WRITTEN_OFFSETS = np.r_[tuple(slice(a, b) for a, b in XEN_WRITTEN_VCPU_INFO)]
 
 
@@ -454,6 +511,7 @@ def load_libraries() -> XenLibraries:
     proto(xc.xc_domain_hvm_setcontext, i32, vp, u32, vp, u32)
     proto(xc.xc_domain_send_trigger, i32, vp, u32, u32, u32)
     proto(xc.xc_hvm_param_get, i32, vp, u32, u32, ctypes.POINTER(ctypes.c_uint64))
+    proto(xc.xc_evtchn_status, i32, vp, ctypes.POINTER(EvtchnStatus))
     proto(fmem.xenforeignmemory_open, vp, vp, ctypes.c_uint)
     proto(fmem.xenforeignmemory_close, i32, vp)
     proto(fmem.xenforeignmemory_map, vp, vp, u32, i32, ctypes.c_size_t, vp, vp)
