@@ -435,7 +435,8 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
                           equal=verified.get(int(r["epoch"])), cause=r.get("cause_name", "")) for r in rows]
     for role in ("primary", "secondary"):             # where each node found its guest's vcpu_info
         for line in (RUN / f"{role}.log").read_text(errors="replace").splitlines():
-            if "vcpu_info found" in line or "vcpu_info ranges" in line or "disagree where Xen" in line:
+            if ("vcpu_info found" in line or "vcpu_info ranges" in line or "disagree where Xen" in line
+                    or "Xen timer event channels" in line):
                 print(f"FOUND {role}: {json.loads(line)['msg']}", flush=True)
     epochs = {c.epoch for c in results}
     for row in log_events("primary", "paused"):   # the snapshot stage's breakdown of each pause
