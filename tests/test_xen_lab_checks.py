@@ -317,3 +317,13 @@ def test_a_full_runs_boot_with_guest_errors_is_recorded_as_a_fault(host_side, re
     'ok': the fault count per boot missed it."""
     got = host_side.full_run_outcome(res, fault, "")
     assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
+
+
+def test_a_guests_panic_in_its_console_tail_is_not_a_platform_panic(host_side):
+    """A guest that died has its console tail printed by dom0 ('CONSOLE prim (end): ...Kernel
+    panic...'); the boot goes on to dom0's result. Xen's or dom0's own panic ends the boot."""
+    guest = "STEP x\nCONSOLE prim (end): '[ 19.1] Kernel panic - not syncing: Fatal exception'\n"
+    assert host_side.platform_panic(guest) == ""
+    dom0 = guest + "[   13.3] Kernel panic - not syncing: No working init found.\n"
+    assert host_side.platform_panic(dom0).startswith("[   13.3] Kernel panic")
+    assert host_side.platform_panic("(XEN) ****************************************\n(XEN) Panic on CPU 0:\n")
