@@ -38,10 +38,19 @@ BATCH = 16
 class HandPrimary:
     """A primary driven step by step by the test."""
 
-    def __init__(self, pair: LocalPair, dom, first_epoch: int = 0) -> None:
+    def __init__(self, pair: LocalPair, dom, first_epoch: int = 0,
+                 keep_last_words: bool = False) -> None:
         settings = config.load(pair.configs["primary"])
         self.nctx = sockets.NodeContext(settings)     # the primary's CURVE keys
-        self.control = sockets.control(self.nctx)
+        if keep_last_words:
+            # the node's control socket queues only for a connected peer (ZMQ_IMMEDIATE),
+            # and so also drops what a secondary sent just before it stopped if it was not
+            # read yet; this one keeps it, for a test that reads a stopping node's last ACK
+            self.control = self.nctx.socket(zmq.DEALER, 1000, bind=False)
+            self.control.setsockopt(zmq.IMMEDIATE, 0)
+            self.control.connect(sockets._endpoint(settings, "control"))
+        else:
+            self.control = sockets.control(self.nctx)
         self.pages = sockets.pages_out(self.nctx)
         self.dom = dom
         self.table = HashTable(np.zeros((PAGES, 32), np.uint8), np.zeros(PAGES, bool))
