@@ -141,16 +141,32 @@ def early_fault(log: str) -> str:
     in a form PLATFORM_FAULTS names, e.g. a comparison that was false printed as true); a fault
     of our own repeats on the next boot and fails the run. A fault during replication counts
     against the run."""
-    m = re.search(r"^XENLAB-RESULT (\{.*\})\s*$", log, re.MULTILINE)
-    if not m:
+    res = result_of(log)
+    if res is None or "error" not in res or res.get("pipeline"):
         return ""
-    res = json.loads(m.group(1))
-    if "error" not in res or res.get("pipeline"):
-        return ""
-    fault = PLATFORM_FAULTS.search(res["error"])
-    kind = f"platform: {fault.group(0)}" if fault else "unclassified"
+    return describe_error(res, classify=True, width=160)
+
+
+def describe_error(res: dict, classify: bool = False, width: int = 200) -> str:
+    """dom0's error (``classify``: named as a platform fault, or unclassified) and the guests
+    Xen saw die."""
+    kind = "error"
+    if classify:
+        fault = PLATFORM_FAULTS.search(res["error"])
+        kind = f"platform: {fault.group(0)}" if fault else "unclassified"
     died = res.get("xen_guest_faults") or []
-    return f"{kind} in: {res['error'][:160]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+    return f"{kind} in: {res['error'][:width]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+
+
+def dom0_result(log: str, problem: str, classify: bool = False) -> tuple[dict | None, str]:
+    """dom0's result, and how the boot ended if that is already known: a problem the host saw,
+    no result at all, or an error in dom0's driver ('' if none of these)."""
+    if problem:
+        return None, problem
+    res = result_of(log)
+    if res is None:
+        return None, "no result from dom0"
+    return res, describe_error(res, classify) if "error" in res else ""
 
 
 def until_of(args: argparse.Namespace) -> str:
@@ -183,14 +199,10 @@ def full_run_outcome(res: dict, fault: str, problem: str) -> str:
 def twin_check_outcome(log: str, problem: str) -> str:
     """How a --twin-check boot ended: 'ok' when the C baseline ran its checkpoints and neither
     twin printed a self-check error or died."""
-    if problem:
-        return problem
-    res = result_of(log)
-    if res is None:
-        return "no result from dom0"
+    res, ended = dom0_result(log, problem)
+    if ended:
+        return ended
     died = res.get("xen_guest_faults") or []
-    if "error" in res:
-        return f"error in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
     tc = res.get("twin_check") or {}
     errs = {n: e for n, e in guest_errors(res).get("twin_check", {}).items() if e}
     if died:
@@ -205,15 +217,11 @@ def twin_check_outcome(log: str, problem: str) -> str:
 def stress_outcome(log: str, problem: str) -> str:
     """How a dirty-log stress boot (--logdirty-stress) ended: 'ok' when both twins went through
     cycles to the end, with no guest self-check error and no guest death in Xen's log."""
-    if problem:
-        return problem
-    res = result_of(log)
-    if res is None:
-        return "no result from dom0"
+    res, ended = dom0_result(log, problem)
+    if ended:
+        return ended
     died = res.get("xen_guest_faults") or []
     st = res.get("stress") or {}
-    if "error" in res:
-        return f"error in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
     errs = sum(g.get("err_lines", 0) for g in (st.get("guests") or {}).values())
     if st.get("died") or died:
         return f"guest death: {st.get('died')} | Xen: {'; '.join(died)[:300]}"
@@ -233,16 +241,10 @@ def first_checkpoint_outcome(log: str, problem: str) -> str:
     """How a quick boot (--until-first-checkpoint) ended: 'ok' when the pipeline's first
     checkpoint was taken and both nodes' full-memory digests were equal, with no guest
     self-check error and no guest death in Xen's log; else what went wrong."""
-    if problem:
-        return problem
-    res = result_of(log)
-    if res is None:
-        return "no result from dom0"
+    res, ended = dom0_result(log, problem, classify=True)
+    if ended:
+        return ended
     died = res.get("xen_guest_faults") or []
-    if "error" in res:
-        fault = PLATFORM_FAULTS.search(res["error"])
-        kind = f"platform: {fault.group(0)}" if fault else "unclassified"
-        return f"{kind} in: {res['error'][:200]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
     rows = res.get("pipeline") or []
     errs = sum(d.get("err_lines", 0) for d in (res.get("pipeline_phase") or {}).values())
     if not rows or not all(r.get("equal") for r in rows):
