@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by several test modules: the one free-port helper, the one
-etcd fixture, the one CLI wrapper, the one sim-guest factory, and waiting for an event instead of for time.
+etcd fixture, the one CLI wrapper, the one sim-guest factory, the
+hand-driven secondary, and waiting for an event instead of for time.
 
 Test modules import the plain helpers with ``from conftest import ...`` (pytest puts
 this directory on sys.path)."""
@@ -255,3 +256,30 @@ def make_sim_domain():
     yield make
     for dom in made:
         dom.close()
+
+
+@pytest.fixture
+def secondary(tmp_path, request):
+    """A real secondary node and the PVM of a hand-driven primary
+    (tests/test_secondary_faults.py's HandPrimary), closed at the end; ``indirect``
+    parametrization sets ``pipeline.verify_pages``."""
+    from test_secondary_faults import BATCH, PAGES, close_hand_pair, hand_pvm
+
+    from pipeline.localpair import LocalPair
+    # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
+    # page over an authentic channel, which only the full check catches for certain (the
+    # default samples one per batch)
+    verify_pages = getattr(request, "param", "full")
+    pair = LocalPair({
+        "guest": {"backend": "sim", "page_count": PAGES},
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify_pages},
+        # the hand primary sends no heartbeats; a long interval keeps the secondary's
+        # control-silence fallback from taking over between the test's steps
+        "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
+    }, workdir=str(tmp_path), log_level="info")
+    pair.start(roles=("secondary",))
+    dom = hand_pvm(pair)
+    try:
+        yield pair, dom
+    finally:
+        close_hand_pair(pair, dom)

@@ -6,7 +6,7 @@ epoch whose batches went both ways is still assembled whole."""
 from __future__ import annotations
 
 import pytest
-from test_secondary_faults import committed_pair, counters, secondary  # noqa: F401 (fixture)
+from test_secondary_faults import committed_pair, counters
 
 from pipeline import wire
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_secondary_faults import BATCH, PAGES, committed_pair, counters, secondary  # noqa: F401
+from test_secondary_faults import BATCH, PAGES, committed_pair, counters
 
 from pipeline import wire
 

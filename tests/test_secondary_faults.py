@@ -154,27 +154,6 @@ def hand_pvm(pair: LocalPair):
     return dom
 
 
-@pytest.fixture
-def secondary(tmp_path, request):
-    # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
-    # page over an authentic channel, which only the full check catches for certain (the
-    # default samples one per batch)
-    verify_pages = getattr(request, "param", "full")
-    pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify_pages},
-        # the hand primary sends no heartbeats; a long interval keeps the secondary's
-        # control-silence fallback from taking over between the test's steps
-        "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
-    }, workdir=str(tmp_path), log_level="info")
-    pair.start(roles=("secondary",))
-    dom = hand_pvm(pair)
-    try:
-        yield pair, dom
-    finally:
-        close_hand_pair(pair, dom)
-
-
 def close_hand_pair(pair: LocalPair, dom, prim: "HandPrimary | None" = None) -> None:
     """The end of a hand-driven pair: the hand primary's sockets, its PVM, the secondary
     node, which must have exited cleanly."""
