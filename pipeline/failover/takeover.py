@@ -353,13 +353,12 @@ class SecondaryRole:
         refused, the SVM stays paused, counted) if it failed for good: the store's
         journal still says ``merging`` and the merge is finished when the store is
         opened again (pipeline/disk/store.py), never served half done."""
-        from pipeline.stages.disk import DiskControlError
         self.info(state="takeover: merging the disk")
         t0 = time.monotonic()
         try:
             # long: a large overlay takes its time; the guest's disk I/O waits for it anyway
             disk.call("failover", reply_timeout_ms=600_000, give_up=self.ctx.stopping)
-        except DiskControlError as exc:
+        except disk.Error as exc:   # DiskControlError (pipeline/stages/disk.py)
             self.c.add("takeovers_refused", 1)
             self.c.add("errors", 1)
             why = f"the disk's failover merge failed: {exc}"

@@ -362,6 +362,10 @@ class DiskControlError(RuntimeError):
 class DiskControl:
     """The coordinator's handle on a disk stage process (synchronous, with a timeout)."""
 
+    #: what a failed call raises (named here so that a holder of the handle, such as the
+    #: takeover in pipeline/failover/, catches it without importing the stages)
+    Error = DiskControlError
+
     def __init__(self, rundir: str, role: str, timeout_ms: int = 30_000,
                  context: zmq.Context | None = None) -> None:
         self.address = control_address(rundir, role)
