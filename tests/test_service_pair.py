@@ -132,8 +132,13 @@ def test_a_fast_client_makes_checkpoints_before_the_secondary_input_log_fills():
         push.close()            # open until then: closing drops what was not taken yet
         assert client.seqs == list(range(3000))
         causes = [c["cause_name"] for c in pair.checkpoints() if c["status"] == 0]
-        assert causes.count("input_log_full") >= 2, causes
-        assert "net_divergence" not in causes
+        # 3000 inputs through a 1024-input log need at least two commits after the start;
+        # the first is the client stage's (it asks at 512 inputs, when the comparator holds
+        # at most 512 answers, half its bound); a later one may be taken for the comparator's
+        # full queue instead, when a loaded SVM lags and both ask at once
+        after_start = [c for c in causes if c != "initial"]
+        assert len(after_start) >= 2 and after_start[0] == "input_log_full", causes
+        assert set(after_start) <= {"input_log_full", "net_queue_full"}, causes
         client.close()
     finally:
         pair.stop()
