@@ -284,21 +284,19 @@ def test_compare_off_counts_divergences_without_requesting():
     assert counters["divergences"] == 3 and requests == []
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "quarantined at the end of session 7, NOT understood: fails ~1 run in 4 with 'no ack for "
-    "write seq 2 (epoch 1) within 4000 ms' although the stopped secondary was continued well "
-    "inside that time (a forward never acked; suspect 62cda24, forwarding sockets made anew); "
-    "see the session 7 closing note, issue 11"))
-def test_a_slow_secondary_holds_acks_and_a_dead_one_never_fails_a_guest_write(tmp_path, rundir):
+def test_a_stopped_secondary_holds_the_guests_writes_until_it_runs_again(tmp_path, rundir):
     """A stopped secondary holds the guest's writes (back-pressure: none is answered before
-    the secondary has it) until it runs again. One that stays stopped past the forward
-    timeout does not fail the write either (its guest's filesystem would go read-only):
-    it is answered from the primary's image alone, counted (the secondary cannot commit
-    its epoch without it); and once the coordinator unprotects, waiting writes complete
-    at once and nothing is forwarded."""
+    the secondary has it) until it runs again; then every one is forwarded and acked.
+
+    The forward timeout is far beyond the stopped window: with 4 s (as this test had until
+    session 8) a loaded machine took longer than that to start qemu-img and fill the window,
+    the first write timed out and was answered alone (forwarded 15, not 16), and the initial
+    sync, still running when the secondary was stopped, gave up. The timeout's own
+    behaviour is the next test's."""
     work = str(tmp_path / "disks")
+    # no initial sync: the bench's writes are the only forwards
     with start_disk_pair(work, SIZE, rundir=rundir, compare="off", forward_window=2,
-                         forward_timeout_ms=4000) as pair:
+                         forward_timeout_ms=300_000, initial_sync=False) as pair:
         secondary = pair.processes[1]
         os.kill(secondary.pid, signal.SIGSTOP)
         try:
@@ -312,8 +310,27 @@ def test_a_slow_secondary_holds_acks_and_a_dead_one_never_fails_a_guest_write(tm
                 assert pair.primary.stats()["counters"]["forwarded"] == 0
             finally:
                 os.kill(secondary.pid, signal.SIGCONT)
-            assert bench.wait(timeout=30) == 0
-            assert pair.primary.stats()["counters"]["forwarded"] == 16
+            assert bench.wait(timeout=60) == 0, bench.communicate()
+            counters = pair.primary.stats()["counters"]
+            assert (counters["forwarded"], counters["forward_errors"]) == (16, 0)
+        finally:
+            os.kill(secondary.pid, signal.SIGCONT)
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait()
+
+
+def test_a_secondary_stopped_past_the_forward_timeout_never_fails_a_guest_write(tmp_path,
+                                                                                  rundir):
+    """One that stays stopped past the forward timeout does not fail the write (its guest's
+    filesystem would go read-only): it is answered from the primary's image alone, counted
+    (the secondary cannot commit its epoch without it); and once the coordinator
+    unprotects, waiting writes complete at once and nothing is forwarded."""
+    work = str(tmp_path / "disks")
+    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", forward_window=2,
+                         forward_timeout_ms=4000, initial_sync=False) as pair:
+        secondary = pair.processes[1]
+        try:
             os.kill(secondary.pid, signal.SIGSTOP)
             t0 = time.monotonic()
             r = qemu_io(pair.primary_uri, ["write -P 3 0 4k", "read -P 3 0 4k"])
@@ -347,9 +364,6 @@ def test_a_slow_secondary_holds_acks_and_a_dead_one_never_fails_a_guest_write(tm
             assert pair.primary.stats()["forwarding"] is False
         finally:
             os.kill(secondary.pid, signal.SIGCONT)
-            if bench.poll() is None:
-                bench.kill()
-                bench.wait()
 
 
 @pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="nbdcopy (Debian libnbd-bin) is not installed")
