@@ -67,7 +67,8 @@ def add_demo_arguments(sp: argparse.ArgumentParser) -> None:
                     "service to each survivor, sends the requests whose answers did not come "
                     "again, and checks that every request got exactly one answer (JSON: "
                     "client_requests, client_answers, client_sent_again, "
-                    "client_exactly_once)")
+                    "client_exactly_once), and times each from its first send to its answer "
+                    "(client_latency_ms_p50/p99/max: the max is the failover's gap)")
     sp.add_argument("--failovers", type=int, default=1, metavar="N",
                     help="with --rejoin: this many cycles (kill the primary, rejoin)")
 
@@ -226,7 +227,11 @@ def run_demo(args: argparse.Namespace) -> bool:
                   f"{summary.get('client_requests')} requests answered across the failovers "
                   f"({summary.get('client_sent_again')} sent again, "
                   f"{summary.get('client_duplicates')} answers received twice, the same "
-                  f"bytes); exactly one answer each: {summary.get('client_exactly_once')}")
+                  f"bytes); exactly one answer each: {summary.get('client_exactly_once')}; "
+                  f"latency p50/p99/max {summary.get('client_latency_ms_p50')}/"
+                  f"{summary.get('client_latency_ms_p99')}/"
+                  f"{summary.get('client_latency_ms_max')} ms (each from the request's "
+                  f"first send; the max is the failover's gap)")
         else:
             print(f"client: {summary.get('client_answers')} of "
                   f"{summary.get('client_requests')} requests answered, latency p50/p99 "
@@ -257,7 +262,9 @@ class AcrossFailoversClient:
             raise PairError(str(exc)) from None
 
     def latency_ms(self) -> tuple[float, float]:
-        return 0.0, 0.0          # (not timed: bench_service measures the latency)
+        """p50 and p99 of the answers so far (each from the request's first send)."""
+        f = self.load.latency_figures()
+        return f["p50_ms"] or 0.0, f["p99_ms"] or 0.0
 
     def halt(self) -> None:
         self.load.close()
@@ -272,11 +279,14 @@ class AcrossFailoversClient:
             self.halt()
         s = self.load.stream
         problems = self.load.check_exactly_once()
+        # each request timed from its first send to its one answer: the max is the
+        # longest a client waited, a failover's gap (the request sent as the primary died)
+        f = self.load.latency_figures()
         return {"client_requests": s.sent, "client_answers": len(s.seqs),
                 "client_lost": s.sent - len(s.seqs), "client_sent_again": s.retransmits,
                 "client_duplicates": s.duplicates, "client_exactly_once": not problems,
-                "client_problems": problems, "client_latency_ms_p50": None,
-                "client_latency_ms_p99": None}
+                "client_problems": problems, "client_latency_ms_p50": f["p50_ms"],
+                "client_latency_ms_p99": f["p99_ms"], "client_latency_ms_max": f["max_ms"]}
 
 
 class DemoClient:
@@ -326,10 +336,10 @@ class DemoClient:
         self.halt()
         self.check()
         f = self.figures or {"sent": 0, "completed": 0, "lost": 0, "p50_ms": None,
-                             "p99_ms": None}
+                             "p99_ms": None, "max_ms": None}
         return {"client_requests": f["sent"], "client_answers": f["completed"],
                 "client_lost": f["lost"], "client_latency_ms_p50": f["p50_ms"],
-                "client_latency_ms_p99": f["p99_ms"]}
+                "client_latency_ms_p99": f["p99_ms"], "client_latency_ms_max": f["max_ms"]}
 
 
 def _wait_protected(pair: LocalPair, bar_stream=None, timeout: float = 300.0) -> dict:

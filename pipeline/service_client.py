@@ -23,7 +23,10 @@ it was sent again, and so on up to 8x), and every
 unanswered one after each reconnection (the lost comparator held their answers, or the
 lost primary never passed them on). The guest answers a request it already executed from
 its reply cache, in guest memory, with the same bytes; so every request gets exactly one
-answer after the client dropped the duplicates. The key is then the request number.
+answer after the client dropped the duplicates. The key is then the request number, and
+each request is timed from its first send (made while no connection is up, from when it
+was made) to its one counted answer: what the service's client waited, a failover's gap
+included (``latencies``).
 """
 from __future__ import annotations
 
@@ -90,6 +93,10 @@ class AnswerStream:
         self.client_id, self.window, self.retransmit_after = client_id, window, retransmit_after
         self.sent = 0                         # requests made (numbers 0 .. sent - 1)
         self.outstanding: dict[int, float] = {}   # request number -> when last sent
+        self._made: dict[int, float] = {}     # request number -> when first sent
+        #: request number -> seconds from its first send to its one counted answer
+        #: (only added to: another thread may copy its values while it grows)
+        self.latencies: dict[int, float] = {}
         self._tries: dict[int, int] = {}      # request number -> times sent again
         self.retransmits = 0                  # requests sent again
         self.refused: list[int] = []          # requests the guest refused (older than its cache)
@@ -152,7 +159,7 @@ class AnswerStream:
             return None
         n = self.sent
         self.sent += 1
-        self.outstanding[n] = time.monotonic()
+        self.outstanding[n] = self._made[n] = time.monotonic()
         self._queue.append(n)
         self._flush()
         return n
@@ -198,6 +205,7 @@ class AnswerStream:
             self._flush()
         if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
             return 0
+        now = time.monotonic()
         new = 0
         while True:
             try:
@@ -230,6 +238,9 @@ class AnswerStream:
                     self.first[seq] = frame
                     self.seqs.append(seq)
                     new += 1
+                    made = self._made.pop(seq, None) if self.inject else None
+                    if made is not None:
+                        self.latencies[seq] = now - made
                 elif had == frame:
                     self.duplicates += 1
                 else:
@@ -308,6 +319,11 @@ class RequestLoad(threading.Thread):
                                    f"after {timeout} s: {self.stream.unanswered()[:20]}")
             time.sleep(0.05)
         self.count()
+
+    def latency_figures(self) -> dict:
+        """p50/p99/p99.9/max in ms of the answers so far, each from the request's first
+        send (:class:`AnswerStream`); safe while the client runs."""
+        return latency_figures(list(self.stream.latencies.values()))
 
     def check_exactly_once(self) -> list[str]:
         """What is wrong with "every request got exactly one answer" (empty: nothing): an
@@ -457,16 +473,19 @@ class ServiceClient:
         for n in mine:
             self.waiting.pop(n, None)
         trace.flush_requests()
-        ms = [x * 1000 for x in lat]
         window = max(end - t0, 1e-9)
         return {"sent": sent, "offered_per_s": round(sent / window, 1),
                 "completed_per_s": round(done_in_window[0] / window, 1),
                 "completed": len(lat), "lost": lost,
-                "drain_s": round(time.monotonic() - end, 2),
-                "p50_ms": round_ms(percentile(ms, 50)), "p99_ms": round_ms(percentile(ms, 99)),
-                "p999_ms": round_ms(percentile(ms, 99.9)),
-                "max_ms": round_ms(max(ms, default=None))}
+                "drain_s": round(time.monotonic() - end, 2), **latency_figures(lat)}
 
 
 def round_ms(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
+
+
+def latency_figures(seconds: list[float]) -> dict:
+    """p50, p99, p99.9 and the largest of ``seconds``, in ms (None each without any)."""
+    ms = [x * 1000 for x in seconds]
+    return {"p50_ms": round_ms(percentile(ms, 50)), "p99_ms": round_ms(percentile(ms, 99)),
+            "p999_ms": round_ms(percentile(ms, 99.9)), "max_ms": round_ms(max(ms, default=None))}

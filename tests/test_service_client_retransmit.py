@@ -100,6 +100,15 @@ def test_answers_lost_on_the_way_are_asked_for_again_and_come_from_the_cache(tmp
     assert host.dropped == list(range(10, 20))
     assert load.check_exactly_once() == []
     assert load.stream.retransmits >= 10
+    # each request timed once, from its first send: a request whose answer was lost waited
+    # at least until it was sent again (retransmit_after) and answered from the cache
+    lat = load.stream.latencies
+    assert sorted(lat) == list(range(load.stream.sent)), sorted(lat)[:20]
+    assert all(lat[n] >= 0.3 for n in range(10, 20)), {n: lat[n] for n in range(10, 20)}
+    assert all(x > 0 for x in lat.values())
+    figures = load.latency_figures()
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
+    assert figures["max_ms"] == round(max(lat.values()) * 1000, 3) >= 300, figures
     guest.wait_for_input_seq(guest.input_head)      # (copies sent again may still be in)
     c = guest.counters()
     # each request executed once; the ten lost answers came from the cache

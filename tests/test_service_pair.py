@@ -155,6 +155,23 @@ def test_demo_reports_what_its_client_saw():
     assert "net_added_ms_p99" in summary and summary["memory_equal"]
 
 
+def test_failover_demo_times_its_clients_answers_across_the_failover():
+    """``demo --kill-primary-after --rejoin``: the retransmitting client times each request
+    from its first send to its one answer. A request sent as the primary died is answered
+    only by the survivor once it took over (nothing else serves it meanwhile), so the
+    largest latency holds the failover's gap: at least half of loss detection + takeover
+    (half: the client's thread may make its first request after the kill a little late)."""
+    r = cli("demo", "--pages", "2048", "--pages-per-input", "2", "--duration", "1",
+            "--kill-primary-after", "0.5", "--rejoin", "--json", timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["failovers"] == 1 and out["client_exactly_once"], out
+    p50, p99, top = (out[f"client_latency_ms_{k}"] for k in ("p50", "p99", "max"))
+    assert 0 < p50 <= p99 <= top, out
+    gap = out["failover_detect_ms"] + out["takeover_ms"]
+    assert top >= gap / 2, (top, gap, out)
+
+
 def test_demo_progress_in_a_log_is_one_line_per_interval():
     # stdout is a pipe here, not a terminal: no carriage returns, whole lines
     r = cli("demo", "--duration", "1.5", "--pages", "2048", "--pages-per-input", "2")
