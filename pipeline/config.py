@@ -188,7 +188,10 @@ class PipelineSettings(Section):
                              "full-memory hash) or normal. Secondary: the same for its "
                              "coordinator's answer to BEGIN (pause the SVM, read its dirty "
                              "log, hash those pages, send SVM_DIRTY), which the primary's "
-                             "digest workers wait for.", choices=("realtime", "normal"))
+                             "digest workers wait for. Both nodes: a checkpoint's control "
+                             "hops (the coordinators and their ZeroMQ I/O threads, the "
+                             "snapshot stage's command) wait at the same priority, asleep "
+                             "until their record comes.", choices=("realtime", "normal"))
     ring_slots: int = _f(0, "Slots per ring; 0: 16 MiB of pages per ring (at most the guest's "
                          "size). The PVM pause copies into the snapshot buffer (twice "
                          "checkpoint.dirty_threshold_pages), not into the rings.", min=0)

@@ -145,7 +145,8 @@ class _Coordinator:
     node: NodeCounters
 
     def _open(self, settings: Settings, role: str) -> None:
-        self.nctx = sockets.NodeContext(settings)
+        # the control records' I/O threads at the priority the checkpoint's hops run at
+        self.nctx = sockets.NodeContext(settings, io_realtime=self.priority.permitted())
         self.control = sockets.control(self.nctx)
         self.bus = CheckpointBus(settings.run_dir, self.nctx.ctx)
         self.disk = None
@@ -187,6 +188,9 @@ class PrimaryCoordinator(_Coordinator):
         self.role = PrimaryRole(settings, shared, self._info, node.node_info)
         self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
+        # a checkpoint's records are awaited at the pause's priority (below, checkpoint)
+        from pipeline.stages.snapshot import PausePriority
+        self.priority = PausePriority(settings.pipeline.pause_priority == "realtime")
         self._open(settings, "primary")
         self.disk_sync = None       # the disk sync's progress, copied into the node info
         if self.disk is not None:
@@ -343,6 +347,9 @@ class PrimaryCoordinator(_Coordinator):
             every = self.settings.checkpoint.verify_every
             if every and self.snapshots % every == 0:
                 flags |= wire.FLAG_DIGEST
+        # the checkpoint's hops at the pause's priority (3.), from here: preempted between
+        # BEGIN and the snapshot's command under load, the pause began 5 ms late
+        self.priority.urgent(kind == "snapshot")
         trace.point("begin", e)
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         faults.point("primary.begin_sent")
@@ -351,7 +358,10 @@ class PrimaryCoordinator(_Coordinator):
                             messages.PrecopyCmd(e) if kind == "precopy" else
                             messages.SnapshotCmd(e, flags, self.carry))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
-        # 3. wait for the snapshot, SVM_DIRTY(e), Sent(e) and ACK(e)
+        # 3. wait for the snapshot, SVM_DIRTY(e), Sent(e) and ACK(e). A checkpoint's are
+        # awaited at the pause's priority: each is a hop on the commit's path (SVM_DIRTY's
+        # parts go on to the digest workers) and takes little CPU here; at normal priority,
+        # under load, each wake-up waited up to a few ms for a core
         want = {"snapshotted", "svm_dirty", "sent", "ack"}
         try:
             self._wait(deadline, want, res,
@@ -364,6 +374,9 @@ class PrimaryCoordinator(_Coordinator):
             # lost, whatever the heartbeat says: holding the guest's output any longer
             # would stall its clients (the next secondary gets a fresh full sync)
             res.extra["peer_lost"] = "heartbeat" if isinstance(exc, PeerLost) else "timeout"
+        except BaseException:
+            self.priority.urgent(False)
+            raise
         finally:
             if not res.svm_forwarded:
                 # the digest workers wait for the SVM's hashes: none will come
@@ -371,19 +384,23 @@ class PrimaryCoordinator(_Coordinator):
         commit_ns = int((time.monotonic() - t0) * 1e9)
         # 4. committed: the secondary holds the epoch's pages; torn: they go out again
         n = int(self.pending.count[0])
-        if ok:
-            faults.point("primary.acked")
-            self.table.update(self.pending.pfns[:n], self.pending.hashes[:n])
-            self.carry = np.zeros(0, np.uint64)
-            self.bus.publish("committed", e, input_seq=res.input_seq)
-            faults.point("primary.released")
-            self.c.add("epochs_committed", 1)
-        else:
-            self.carry = np.union1d(self.carry, self.pending.pfns[:n]).astype(np.uint64)
-            self.bus.publish("aborted", e, reason=reason)
-            self.c.add("epochs_aborted", 1)
-            self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e, reason,
-                                 n, extra={"epoch": e})
+        try:
+            if ok:
+                faults.point("primary.acked")
+                self.table.update(self.pending.pfns[:n], self.pending.hashes[:n])
+                self.carry = np.zeros(0, np.uint64)
+                self.bus.publish("committed", e, input_seq=res.input_seq)
+                faults.point("primary.released")
+                self.c.add("epochs_committed", 1)
+            else:
+                self.carry = np.union1d(self.carry, self.pending.pfns[:n]).astype(np.uint64)
+                self.bus.publish("aborted", e, reason=reason)
+                self.c.add("epochs_aborted", 1)
+                self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e,
+                                     reason, n, extra={"epoch": e})
+        finally:
+            # (after the comparators heard: their release is the clients' wait)
+            self.priority.urgent(False)
         self._record(res, ok, commit_ns)
         if ok and flags & wire.FLAG_DIGEST:
             self._compare_digests(res)
@@ -692,6 +709,7 @@ class SvmPrehash:
         there (a round of a large dirty set held BEGIN back by its whole hashing, 1.5 us
         a page); the pages it did not hash are hashed at BEGIN (:meth:`begin`)."""
         t0 = time.monotonic()
+        trace.point("prehash_start")
         pfns = self.domain.read_and_clear_dirty()
         if len(self.todo):
             pfns = np.union1d(self.todo, pfns).astype(np.uint64)
@@ -708,6 +726,7 @@ class SvmPrehash:
             if self.c is not None:
                 self.c.add("svm_prehashed", done)
         self.todo = pfns[done:]
+        trace.point("prehash_end", -1, f"{done}/{len(pfns)}")
         now = time.monotonic()
         self.next_round = now + max(self.MIN_S, self.COST_FACTOR * (now - t0))
 
@@ -882,6 +901,18 @@ class SecondaryCoordinator(_Coordinator):
         finally:
             self.priority.urgent(False)
             self.priority.boosted(False)
+        # the rest is hops on the commit's path (the restore stage's verdict, the ACK, the
+        # SVM's resume) with little CPU of its own: at the same priority, asleep between
+        self.priority.urgent(True)
+        try:
+            self._settle(begin, epoch, dirty, t_begin)
+        finally:
+            self.priority.urgent(False)
+
+    def _settle(self, begin: wire.CheckpointBegin, epoch: int, dirty: np.ndarray,
+                t_begin: int) -> None:
+        """The epoch's second half: the restore stage applies it (or rolls it back), the
+        ACK, the SVM runs on."""
         faults.point("secondary.begin")
         # 2. the restore stage applies e the moment it is assembled (no round trip through
         # here in between); a torn e is rolled back instead
@@ -1069,8 +1100,14 @@ class SecondaryCoordinator(_Coordinator):
                     and not self.domain.hypervisor_written()
                 if running and time.monotonic() >= self.prehashed.next_round:
                     self.prehashed.round(lambda: bool(self.control.poll(0)))
+                # BEGIN is awaited at the priority its answer runs at: asleep, that takes
+                # no CPU, and the wake-up does not wait for a core (under load, at normal
+                # priority, up to a few ms on the commit's path); anything else drops it
+                self.priority.urgent(True)
                 self._poll(max(0.0, min(0.1, self.prehashed.next_round - time.monotonic()))
                            if running else 0.1)
+                if not self.begins:
+                    self.priority.urgent(False)
                 if self.lost is None and self.role.primary_silent(self.last_control,
                                                                   self.svm_started):
                     self.lost = (self.last_control, time.monotonic(), "control silence")

@@ -46,6 +46,14 @@ class PausePriority:
         # real time cost 0.3 ms of wall time on a loaded machine, on the commit's path)
         self.is_urgent = self.is_boosted = False
 
+    def permitted(self) -> bool:
+        """May this process run at real time? Tried (and undone) now: a host without
+        CAP_SYS_NICE, or a cgroup without real-time runtime, refuses it."""
+        if self.allowed and not self.is_urgent:
+            self.urgent(True)
+            self.urgent(False)
+        return self.allowed
+
     def boosted(self, on: bool) -> None:
         """Normal scheduling with a larger share (nice BOOST_NICE), for critical-path work
         too long to hold a core at real time (the secondary hashing a large SVM dirty set:
@@ -142,9 +150,16 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     log = ctx.log
     priority = PausePriority(pause_realtime)
     while not ctx.stopping():
+        # The command is awaited at the pause's priority: a checkpoint's pause starts the
+        # moment the coordinator asks for it (at normal priority, under load, the wake-up
+        # waited 2-5 ms for a core, on the commit's path). Asleep, it takes no CPU; any
+        # other command drops it at once.
+        priority.urgent(True)
         if not ctrl.poll(0.2):
             continue
         cmd = ctrl.recv()
+        if not isinstance(cmd, messages.SnapshotCmd):
+            priority.urgent(False)
         trace.point("cmd", getattr(cmd, 'epoch', -1), type(cmd).__name__)
         t_busy = time.perf_counter_ns()
         waited = ctx.counters.as_dict()["wait_ns"]
@@ -211,12 +226,6 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # after the resume: dropped before it, the stage was preempted with the guest
             # still stopped (resume_ms 2-28 ms in the Xen lab instead of 0.3-0.8)
             priority.urgent(False)
-            # where the pause went: the numbers to tune it by
-            log.info("epoch=%d event=paused pages=%d pause_ms=%.2f stop_ms=%.2f dirty_log_ms=%.2f "
-                     "vcpu_ms=%.2f copy_ms=%.2f resume_ms=%.2f verify_ms=%.1f", epoch, len(dirty),
-                     pause_ns / 1e6, (t_paused - t0) / 1e6, (t_dirty - t_paused) / 1e6,
-                     (t_verify - t_dirty) / 1e6, (t_resume - t_copy) / 1e6,
-                     (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, extra={"epoch": epoch})
             ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
             if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
@@ -227,6 +236,13 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             trace.point("dispatched", epoch)
             ctrl.send(messages.Snapshotted(epoch, len(dirty), pause_ns, input_seq, digest,
                                            verify_ns, input_step))
+            # where the pause went: the numbers to tune it by (after the hand-offs, which
+            # the digest workers and the coordinator wait for)
+            log.info("epoch=%d event=paused pages=%d pause_ms=%.2f stop_ms=%.2f dirty_log_ms=%.2f "
+                     "vcpu_ms=%.2f copy_ms=%.2f resume_ms=%.2f verify_ms=%.1f", epoch, len(dirty),
+                     pause_ns / 1e6, (t_paused - t0) / 1e6, (t_dirty - t_paused) / 1e6,
+                     (t_verify - t_dirty) / 1e6, (t_resume - t_copy) / 1e6,
+                     (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, extra={"epoch": epoch})
         else:
             raise ValueError(f"snapshot stage: unknown command {cmd!r}")
         # busy = the command's time less what it spent waiting for ring slots
