@@ -15,7 +15,7 @@ import sys
 import time
 
 from pipeline import __version__, config, counters
-from pipeline.disk.progress import describe as describe_sync, sync_progress
+from pipeline.disk.progress import describe as describe_sync, describe_given_up, sync_progress
 
 log = logging.getLogger("pipeline.cli")
 
@@ -197,6 +197,8 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     disk_sync = sync_progress(snap["stages"].get("disk", {}))
     if disk_sync is not None:
         lines.append(describe_sync(disk_sync))
+    if info.get("disk_given_up"):
+        lines.append(describe_given_up(info["disk_given_up"]))
     if "net_added_ms_p50" in s:
         lines.append(f"comparator: {s['net_frames_released']} frames released, added latency "
                      f"p50/p99 <= {s['net_added_ms_p50']}/{s['net_added_ms_p99']} ms")

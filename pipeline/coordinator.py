@@ -531,6 +531,28 @@ class PrimaryCoordinator(_Coordinator):
         self.ctx.log.warning("epoch=%d event=secondary_lost the guest runs unprotected; "
                              "waiting for a secondary to re-protect it", self.epoch,
                              extra={"epoch": self.epoch})
+        self._note_disk_given_up()
+
+    def _note_disk_given_up(self) -> None:
+        """Why the disk replication was given up, if it was (the secondary's ack said it
+        could not buffer a write, it refused one, or the initial sync failed; the secondary
+        then stops as stale and is lost here): the primary disk stage keeps the reason,
+        copied into the node info's ``disk_given_up`` (``stats`` shows it). Asked only
+        here, when the secondary is lost: one short control call."""
+        if self.disk is None:
+            return
+        from pipeline.stages.disk import DiskControlError
+        try:
+            given_up = self.disk.call("stats", reply_timeout_ms=2000).get("given_up")
+        except DiskControlError as exc:
+            self.ctx.log.warning("the disk stage did not say why its replication ended: %s",
+                                 exc)
+            return
+        if given_up and given_up != self.node.node_info().get("disk_given_up"):
+            self._info(disk_given_up=given_up)
+            self.ctx.log.warning("epoch=%d event=disk_given_up cause=%s seq=%d: %s",
+                                 self.epoch, given_up["cause"], given_up["seq"],
+                                 given_up["reason"], extra={"epoch": self.epoch})
 
     def wait_for_secondary(self, timeout: float | None) -> bool:
         """Say HELLO until a secondary answers (re-sent every second: a new secondary

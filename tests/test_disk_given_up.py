@@ -6,7 +6,8 @@ inside one epoch, so the bound is reached whatever the checkpoints' timing. The 
 succeeds (the primary's image has it); the secondary acks it as given up, its commit of
 that epoch fails naming the bound, and its coordinator stops it as stale (never an image
 without the write taken for a checkpoint, no retry that cannot help). The primary hears
-its secondary lost and runs on unprotected, the guest writing on; the secondary, started
+its secondary lost and runs on unprotected, the guest writing on (its node info and
+``stats`` say why: ``disk_given_up`` names the bound); the secondary, started
 again on its image and state, rejoins with a new disk sync: memories and both images
 equal."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from conftest import free_port, wait_until
 from test_failover import TABLES
 
+from pipeline.cli import _stats_table
 from pipeline.disk.nbd_client import NbdClient
 from pipeline.localpair import LocalPair
 
@@ -56,6 +58,15 @@ def test_a_full_secondary_buffer_unprotects_the_pair_and_the_write_succeeds(tmp_
         assert "disk_commit_failed" not in log, log[-3000:]    # no pointless retries
         wait_until(lambda: pair.stage_counter("coordinator", "peer_lost", "primary") > 0,
                    240, "the primary giving its secondary up")
+        # the primary's node info (and stats) says why the disk replication ended
+        node = pair.node("primary")
+        wait_until(lambda: "disk_given_up" in node.node_info(), 60,
+                   "the primary's node info naming the disk's give-up")
+        given_up = node.node_info()["disk_given_up"]
+        assert given_up["cause"] == "buffer" and f"bound {BOUND}" in given_up["reason"], \
+            given_up
+        table = _stats_table(node.snapshot(), None, 1.0)
+        assert "disk replication given up" in table and f"bound {BOUND}" in table, table
         plog = pair.log_tail("primary", 1 << 22)
         assert "the secondary gave the replication up" in plog, plog[-3000:]
         disk = pair.node("primary").stage("disk").as_dict()

@@ -1138,6 +1138,9 @@ def test_a_full_buffer_gives_the_secondary_up_and_never_fails_a_guest_write(tmp_
         assert pri.counters["forward_errors"] == 0 and sec.counters["bad_forwards"] == 0
         assert sec.counters["given_up"] >= 1 and pri.counters["given_up"] >= 1
         assert sec.store.unbuffered is not None and "bound 262144" in sec.store.unbuffered[2]
+        given_up = pri.command("stats", {})["given_up"]    # the node info's disk_given_up
+        assert given_up["cause"] == "buffer" and "bound 262144" in given_up["reason"] \
+            and given_up["seq"] == sec.store.unbuffered[1], given_up
         pri.backend.set_epoch(3)
         for _attempt in range(3):                  # the coordinator's retries: never
             with pytest.raises(GivenUp, match=r"could not be buffered .*bound 262144"):
@@ -1266,6 +1269,9 @@ def test_a_write_the_secondary_refuses_succeeds_and_the_secondary_gives_up(
                               "read -P 0x4e 512k 4k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
         assert spoiled == [1] and pri.counters["forward_errors"] == 1
+        given_up = pri.command("stats", {})["given_up"]    # the node info's disk_given_up
+        assert given_up["cause"] == "refused" and given_up["seq"] == 1 \
+            and "blake3 of the data does not match" in given_up["reason"], given_up
         assert pri.backend.wait_forwarded(1, 10)
         pri.backend.set_epoch(2)
         with pytest.raises(GivenUp, match=r"seq 1 of epoch 1 could not be buffered \(refused"):

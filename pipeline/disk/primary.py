@@ -105,8 +105,10 @@ class PrimaryBackend:
         #: waits for an ack was forwarded to a secondary that is gone (the new one refuses
         #: it as another session's), so none will come — the sync carries it instead
         self.session_seq = 0
-        #: the session in which the secondary last said it gave the replication up
+        #: the session in which the replication was last given up, and why
+        #: (:meth:`replication_given_up`; None: never)
         self._gave_up_session = -1
+        self.given_up: dict | None = None
         #: called (on the sync's thread) once the initial sync ordered its END, or failed:
         #: the disk stage's control loop answers waiting ``wait_synced`` requests then
         self.wakeup = None
@@ -160,13 +162,26 @@ class PrimaryBackend:
         only; the secondary stops at its next commit and the pair goes unprotected (the
         coordinator hears it lost). Said once per session."""
         self.counters.add("given_up")
-        with self._order_lock:
-            first, self._gave_up_session = (self._gave_up_session != self.session_seq,
-                                            self.session_seq)
-        if first:
+        if self.replication_given_up("buffer", seq, reason):
             log.error("primary disk: the secondary gave the replication up at write seq %d "
                       "(%s); it stops at its next commit and the guest runs on "
                       "unprotected until a secondary rejoins (a new sync)", seq, reason)
+
+    def replication_given_up(self, cause: str, seq: int, reason: str) -> bool:
+        """Record why this session's replication was given up (:attr:`given_up`, which
+        ``stats`` returns and the coordinator copies into the node info as
+        ``disk_given_up`` when it sees the secondary lost): ``cause`` "buffer" (the
+        secondary could not buffer write ``seq``), "refused" (it refused write ``seq`` of
+        its session, so it commits nothing from there on) or "sync" (the initial sync
+        failed). True the first time in a session (the first reason is the one kept)."""
+        with self._order_lock:
+            if self._gave_up_session == self.session_seq:
+                return False
+            self._gave_up_session = self.session_seq
+            self.given_up = {"cause": cause, "seq": seq, "reason": reason,
+                             "session": self.session_seq, "epoch": self.epoch,
+                             "at": round(time.time(), 3)}
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         """Tag writes from now on with ``epoch`` (never moves backwards), and seal the
@@ -442,6 +457,9 @@ class InitialSync(threading.Thread):
             self.failed = str(e)
             log.error("primary disk: the initial sync failed: %s", e)
             b.counters.add("forward_errors")
+            if not self._stopping.is_set() and b.forward_address is not None:
+                # (stopped, or the secondary lost: a consequence, not a reason)
+                b.replication_given_up("sync", 0, f"the initial sync failed: {e}")
         finally:
             if not completed:      # failed, or given up (stopped, unprotected meanwhile)
                 b.counters.set("sync_state", SYNC_FAILED)
@@ -823,6 +841,7 @@ class PrimaryLink:
                     log.error("primary disk: the secondary refused write seq %d: %s; "
                               "answered from our image alone", seq, reason)
                     self.b.counters.add("forward_errors")
+                    self.b.replication_given_up("refused", seq, reason)
                 else:
                     ok += 1
                     if reason:   # acked, not buffered: the secondary gave the pair up

@@ -44,6 +44,15 @@ def describe(p: dict[str, Any]) -> str:
     return line + (f", {p['ms']} ms" if p["ms"] else "")
 
 
+def describe_given_up(g: dict[str, Any]) -> str:
+    """One line for ``stats``: why the disk replication was last given up (the node info's
+    ``disk_given_up``, from the primary disk stage's ``given_up``)."""
+    when = time.strftime("%H:%M:%S", time.localtime(g.get("at", 0)))
+    where = f" at write seq {g['seq']}" if g.get("seq") else ""
+    return (f"disk replication given up {when} ({g.get('cause', '?')}{where}, epoch "
+            f"{g.get('epoch', '?')}): {g.get('reason', '')}")
+
+
 def bar(p: dict[str, Any], width: int = 40) -> str:
     frac = _fraction(p)
     return (f"disk sync ({p['kind']}) [{'#' * int(frac * width):<{width}}] "

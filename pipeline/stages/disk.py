@@ -18,7 +18,8 @@ Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.so
 * primary:   ``set_epoch(epoch)``, ``wait_forwarded(epoch, timeout_ms)``,
   ``wait_synced(timeout_ms)`` (the snapshot stage, before the pause: the initial sync is
   in the checkpoint; answered when it is, the control loop goes on meanwhile),
-  ``unprotect()``, ``stats()``
+  ``unprotect()``, ``stats()`` (its ``given_up``: why the replication was last given
+  up — cause, seq, reason, session, epoch, time — or None)
 
 Events (``checkpoint-events.sock``): primary ``snapshot e`` → new writes are tagged
 e+1; primary ``role unprotected`` → stop forwarding (writes waiting for the lost
@@ -124,7 +125,8 @@ class PrimaryDisk:
             return {"forwarding": False}
         if cmd == "stats":
             return {"counters": self.counters.snapshot(), "uri": self.uri,
-                    "forwarding": self.backend.forward_address is not None}
+                    "forwarding": self.backend.forward_address is not None,
+                    "given_up": self.backend.given_up}
         raise ValueError(f"unknown primary disk command {cmd!r}")
 
     def on_event(self, event: str, epoch: int, extra: dict) -> None:
