@@ -23,7 +23,7 @@ def test_lab_replicates_a_pvh_guest_and_fails_over() -> None:
         pytest.skip("the Xen lab needs root (apt-get, debootstrap, chroot)")
     if shutil.which("apt-get") is None:
         pytest.skip("the Xen lab builds its images with apt-get (Debian hosts only)")
-    r = subprocess.run([str(RUN), "--rounds", "6"], check=False, capture_output=True, text=True, timeout=7400)
+    r = subprocess.run([str(RUN), "--ci"], check=False, capture_output=True, text=True, timeout=7400)
     lines = r.stdout.strip().splitlines()
     assert lines, f"the lab printed nothing; stderr:\n{r.stderr[-3000:]}"
     verdict = lines[-1]

@@ -327,3 +327,17 @@ def test_a_guests_panic_in_its_console_tail_is_not_a_platform_panic(host_side):
     dom0 = guest + "[   13.3] Kernel panic - not syncing: No working init found.\n"
     assert host_side.platform_panic(dom0).startswith("[   13.3] Kernel panic")
     assert host_side.platform_panic("(XEN) ****************************************\n(XEN) Panic on CPU 0:\n")
+
+
+@pytest.mark.parametrize("argv, rounds", [
+    ([], 20),                                   # a full run: item 3's pause target over >= 20 checkpoints
+    (["--ci"], 3),                              # CI's shorter run, the same checks
+    (["--ci", "--rounds", "5"], 5),
+    (["--twin-check", "--boots", "10"], 6),     # the quick modes' C baseline
+    (["--until-first-checkpoint"], 6),
+    (["--rounds", "8"], 8),
+])
+def test_checkpoints_per_run_by_mode(host_side, argv, rounds):
+    args = host_side.parser().parse_args(argv)
+    assert host_side.rounds_of(args) == rounds
+    assert host_side.is_quick(args) == any(a in argv for a in ("--twin-check", "--until-first-checkpoint"))
