@@ -341,3 +341,22 @@ def test_checkpoints_per_run_by_mode(host_side, argv, rounds):
     args = host_side.parser().parse_args(argv)
     assert host_side.rounds_of(args) == rounds
     assert host_side.is_quick(args) == any(a in argv for a in ("--twin-check", "--until-first-checkpoint"))
+
+
+def test_tally_counts_faults_per_emulated_platform_across_trees_and_modes(host_side, tmp_path, monkeypatch, capsys):
+    """Item 1's count: every boot on one emulated platform (multi-threaded TCG, HAP), whatever
+    tree, mode or twin method it ran, from --since on; single-threaded boots apart."""
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    rows = [("2026-12-06T07:00:00Z", "t0", "full hap=1", "multi", "running", "boom"),      # before --since
+            ("2026-12-06T08:00:00Z", "t1", "full hap=1", "multi", "running", "ok"),
+            ("2026-12-06T08:10:00Z", "t1", "twin-check 6 rounds + 60s hap=1", "multi", "paused", "ok"),
+            ("2026-12-06T08:20:00Z", "t2", "ci 3 rounds hap=1", "multi", "running", "guest death\nmore"),
+            ("2026-12-06T08:30:00Z", "t2", "twin-check 6 rounds + 60s hap=1", "single", "running", "panic")]
+    (tmp_path / "boots.jsonl").write_text("".join(json.dumps(
+        {"ts": ts, "tree": tree, "mode": mode, "tcg_thread": tcg, "twin": twin, "outcome": out,
+         "xen_opts": "", "cpu": host_side.DEFAULT_CPU}) + "\n" for ts, tree, mode, tcg, twin, out in rows))
+    host_side.tally("2026-12-06T08:00")
+    out = capsys.readouterr().out
+    assert "PLATFORM tcg_thread='multi' hap=1: 3 boots since 2026-12-06T08:00:00Z, 1 not ok" in out
+    assert "PLATFORM tcg_thread='single' hap=1: 1 boots since 2026-12-06T08:30:00Z, 1 not ok" in out
+    assert "t0" not in out and "more" not in out     # before --since; an outcome's first line only
