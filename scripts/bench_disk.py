@@ -44,8 +44,27 @@ its ratio against qemu-nbd's (``*_cpu_ratio_*``: qemu-nbd's CPU per MiB over our
 shared machine the throughput ratios follow the other jobs' load; the CPU a server
 spends per MiB moves much less with it.
 
-Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--json]``; ``--json``
-prints one JSON object with every figure as the last line.
+How a ratio is made to mean something on a shared machine: every server runs at once (each
+on its own image in the same directory), each image is written whole once before
+anything is measured (a fresh sparse file's first writes allocate blocks: the trial
+that pays for that is slower), and ``--repeats`` trials (default 5) run every server
+once each, seconds apart, in an order reversed every other trial; before each run the
+machine's dirty pages are written back (``os.sync``), so no run pays for an earlier
+one's writeback. Each figure is the median over the trials, each ratio the median of
+the trials' own ratios (``*_range``: the lowest and highest). The initial sync's
+trials alternate which of ``nbdcopy`` and ours goes first, from the same source image
+(in the page cache for both). Why: before this, one run per server back to back (the
+best of two kept) put qemu-nbd's own 1 MiB rate anywhere in 399-1126 MB/s and the sync
+ratio in 0.53-1.17. Three causes, measured on qemu-nbd alone (1 MiB writes, load ~11,
+medians of 3 runs, twice): a fresh sparse image 279 and 310 MB/s, the same once written
+whole 353 and 453, written whole and the dirty pages written back before the run 552 and
+531 (the previous runs' hundreds of MiB of dirty pages are written back by the kernel
+during whichever run comes next); and the machine's load, which moves within seconds
+(one run's trials still range 2x on a loaded machine: hence the medians, and the CPU
+per MiB, which moves least).
+
+Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--dir DIR] [--no-sync]
+[--json]``; ``--json`` prints one JSON object with every figure as the last line.
 """
 from __future__ import annotations
 
@@ -56,6 +75,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,8 +144,10 @@ def qemu_nbd(workdir: str, image_size: int, checkpoint_ms: int):
 
 class Checkpointer(threading.Thread):
     """Plays the coordinators' part in the disk's checkpoint protocol every ``interval``
-    seconds: end epoch e at the primary, wait until its writes reached the secondary,
-    commit e there (applying the buffered writes into the secondary's image)."""
+    seconds while :attr:`active` is set: end epoch e at the primary, wait until its writes
+    reached the secondary, commit e there (applying the buffered writes into the
+    secondary's image). Idle while another server is measured (a durable commit of
+    nothing still fsyncs the journal: disk traffic under the other server's trial)."""
 
     def __init__(self, rundir: str, interval: float) -> None:
         super().__init__(name="bench-checkpointer", daemon=True)
@@ -133,15 +155,21 @@ class Checkpointer(threading.Thread):
         self.epoch = 1
         self.commit_seconds: list[float] = []
         self.stopping = threading.Event()
+        self.active = threading.Event()
+        self._lock = threading.Lock()    # one checkpoint at a time (the timer, settle)
+        self._controls: tuple[DiskControl, DiskControl] | None = None
+
+    def _control(self) -> tuple[DiskControl, DiskControl]:
+        if self._controls is None:
+            self._controls = (DiskControl(self.rundir, "primary"),
+                              DiskControl(self.rundir, "secondary"))
+        return self._controls
 
     def run(self) -> None:
-        primary, secondary = DiskControl(self.rundir, "primary"), DiskControl(self.rundir, "secondary")
-        try:
-            while not self.stopping.wait(self.interval):
-                self.checkpoint(primary, secondary)
-        finally:
-            primary.close()
-            secondary.close()
+        while not self.stopping.wait(self.interval):
+            if self.active.is_set():
+                with self._lock:
+                    self.checkpoint(*self._control())
 
     def checkpoint(self, primary: DiskControl, secondary: DiskControl) -> None:
         e = self.epoch
@@ -153,16 +181,20 @@ class Checkpointer(threading.Thread):
         self.commit_seconds.append(time.perf_counter() - t0)
         self.epoch = e + 1
 
+    def settle(self) -> None:
+        """Stop the timer and commit everything written so far (between trials: the next
+        trial starts with nothing buffered, as every trial does)."""
+        self.active.clear()
+        with self._lock:
+            self.checkpoint(*self._control())
+
     def finish(self) -> None:
-        """Stop the timer and commit everything written so far."""
+        """Stop the timer and commit everything written so far, for good."""
+        self.settle()
         self.stopping.set()
         self.join()
-        primary, secondary = DiskControl(self.rundir, "primary"), DiskControl(self.rundir, "secondary")
-        try:
-            self.checkpoint(primary, secondary)
-        finally:
-            primary.close()
-            secondary.close()
+        for ctl in self._controls or ():
+            ctl.close()
 
 
 @contextlib.contextmanager
@@ -175,12 +207,13 @@ def ours_replicated(workdir: str, image_size: int, checkpoint_ms: int, durable: 
                                              *(x.pid for x in pair.processes))}
     checkpointer = Checkpointer(pair.rundir, checkpoint_ms / 1e3 if checkpoint_ms else 1e9)
     checkpointer.start()
+    extra["_begin"], extra["_end"] = checkpointer.active.set, checkpointer.settle
     try:
         yield pair.primary_uri, extra
         checkpointer.finish()
         stats = pair.primary.stats()["counters"]
         extra["forward_latency_avg_us"] = stats["forward_latency_ns"] / max(1, stats["forwarded"]) / 1e3
-        extra["checkpoints"] = len(checkpointer.commit_seconds)
+        extra["checkpoints"] = len(checkpointer.commit_seconds)   # (settles included)
         extra["commit_avg_ms"] = 1e3 * sum(checkpointer.commit_seconds) / len(checkpointer.commit_seconds)
         extra["commit_max_ms"] = 1e3 * max(checkpointer.commit_seconds)
         hashes = []
@@ -307,6 +340,7 @@ def our_initial_sync(workdir: str, src: str, size: int) -> tuple[float, bool, in
     os.makedirs(d)
     subprocess.run(["cp", "--sparse=always", src, os.path.join(d, "primary.img")],
                    check=True)
+    settle()     # the copy's dirty pages: written back now, not during the sync
     pair = start_disk_pair(d, size, compare="off", durable_commit=False,
                            primary_export=f"unix:{d}-primary.sock",
                            secondary_export=f"unix:{d}-secondary.sock")
@@ -376,93 +410,167 @@ if nbdkit_python_available():
     SERVERS["nbdkit_python"] = nbdkit_python
 
 
+def settle() -> None:
+    """Write every dirty page of the machine back before a measured run: a run must not
+    pay for an earlier one's writeback (the kernel starts it when dirty pages pass
+    dirty_background_ratio or age past dirty_expire_centisecs, which a few runs of
+    hundreds of MiB reach). The data a run reads stays in the page cache: both sides
+    find it there."""
+    os.sync()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="runs per server, best kept (default 2, quick 1)")
+                    help="alternating trials: every server (and nbdcopy/our sync) once per "
+                         "trial, the order reversed every other trial; each figure is the "
+                         "median over the trials, each ratio the median of the trials' "
+                         "ratios (default 5, quick 2)")
     ap.add_argument("--checkpoint-ms", type=int, default=100,
                     help="replicated run: commit an epoch this often during the writes "
                          "(0: once at the end)")
+    ap.add_argument("--dir", default=None,
+                    help="where the images go (default: the system's temporary directory; "
+                         "a tmpfs such as /dev/shm takes the disk out of the figures)")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="skip the initial-sync figures (the throughput figures only)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
     for tool in ("qemu-img", "qemu-nbd"):
         if shutil.which(tool) is None:
             sys.exit(f"bench_disk: {tool} is not installed (Debian package qemu-utils)")
-    repeats = args.repeats or (1 if args.quick else 2)
+    trials = args.repeats or (2 if args.quick else 5)
     image_size = (64 if args.quick else 256) << 20
     workloads = {
         "seq_1m": dict(size=1 << 20, count=64 if args.quick else 512, depth=8, step=None),
         "rand_4k": dict(size=4096, count=2000 if args.quick else 20000, depth=16,
                         step=4096 * STRIDE_BLOCKS),
     }
-    best: dict[str, dict[str, float]] = {w: {} for w in workloads}
-    best_cpu: dict[str, dict[str, float]] = {w: {} for w in workloads}   # s per MiB
+    secs: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS} for w in workloads}
+    cpus: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS} for w in workloads}
     extras: dict[str, dict] = {}
-    for _ in range(repeats):
-        for server, start in SERVERS.items():  # interleaved: load changes hit all alike
-            with tempfile.TemporaryDirectory(prefix="bench-disk-") as tmp:
-                with start(tmp, image_size, args.checkpoint_ms) as (uri, extra):
-                    cpu_seconds = extra.pop("_cpu")
-                    for w, p in workloads.items():
-                        c0 = cpu_seconds()
-                        secs = qemu_img_bench(uri, **p)
-                        cpu = (cpu_seconds() - c0) / (p["size"] * p["count"] / 2**20)
-                        best[w][server] = min(best[w].get(server, secs), secs)
-                        best_cpu[w][server] = min(best_cpu[w].get(server, cpu), cpu)
-                extras.setdefault(server, {}).update(extra)
-    result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": repeats,
-                                 "checkpoint_ms": args.checkpoint_ms}
-    if shutil.which("nbdcopy") is not None:
+    with contextlib.ExitStack() as stack:
+        # every server up at once, each on its own image in the same place, so that the
+        # trials can alternate between them within seconds: a change of the machine's
+        # load hits qemu-nbd's run and ours alike
+        running = {}
+        for server, start in SERVERS.items():
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-disk-",
+                                                                  dir=args.dir))
+            uri, extra = stack.enter_context(start(tmp, image_size, args.checkpoint_ms))
+            extras[server] = extra
+            running[server] = (uri, extra.pop("_cpu"), extra.pop("_begin", None),
+                               extra.pop("_end", None))
+        # warm-up, not measured: each image written whole once, so that every trial
+        # overwrites allocated blocks (a fresh sparse file's first writes allocate them;
+        # the first trial would pay for that and the others not)
+        for server, (uri, _cpu, begin, end) in running.items():
+            if begin:
+                begin()
+            qemu_img_bench(uri, 1 << 20, image_size >> 20, 8, None)
+            if end:
+                end()
+        for trial in range(trials):
+            order = list(running) if trial % 2 == 0 else list(reversed(running))
+            for w, p in workloads.items():
+                for server in order:
+                    uri, cpu_seconds, begin, end = running[server]
+                    settle()
+                    if begin:
+                        begin()
+                    c0 = cpu_seconds()
+                    t = qemu_img_bench(uri, **p)
+                    cpus[w][server].append((cpu_seconds() - c0)
+                                           / (p["size"] * p["count"] / 2**20))
+                    if end:
+                        end()
+                    secs[w][server].append(t)
+    result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": trials,
+                                 "checkpoint_ms": args.checkpoint_ms,
+                                 "dir": args.dir or tempfile.gettempdir()}
+    if shutil.which("nbdcopy") is not None and not args.no_sync:
         sync_size = (128 if args.quick else 1024) << 20
-        best_ref = best_ours = best_inc = None
+        refs, ours_s, incs, ratios = [], [], [], []
         equal, sync_bytes = True, 0
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="bench-disk-sync-") as tmp:
-                src = os.path.join(tmp, "half.img")
-                half_allocated_image(src, sync_size)
-                ref = nbdcopy_between_qemu_nbds(tmp, src, sync_size)
-                ours, same, sync_bytes = our_initial_sync(tmp, src, sync_size)
+        with tempfile.TemporaryDirectory(prefix="bench-disk-sync-", dir=args.dir) as tmp:
+            src = os.path.join(tmp, "half.img")
+            half_allocated_image(src, sync_size)
+            for trial in range(trials):
+                work = os.path.join(tmp, f"trial-{trial}")
+                os.makedirs(work)
+                # alternating which goes first: the second finds the machine as the first
+                # left it (its dirty pages written back by settle(), the source cached)
+                first_ours = trial % 2 == 1
+                if first_ours:
+                    ours, same, sync_bytes = our_initial_sync(work, src, sync_size)
+                settle()
+                ref = nbdcopy_between_qemu_nbds(work, src, sync_size)
+                if not first_ours:
+                    ours, same, sync_bytes = our_initial_sync(work, src, sync_size)
                 equal = equal and same
-                inc, same, inc_bytes, changed = our_incremental_resync(tmp, sync_size)
+                settle()
+                inc, same, inc_bytes, changed = our_incremental_resync(work, sync_size)
                 equal = equal and same
-                best_inc = inc if best_inc is None else min(best_inc, inc)
-                best_ref = ref if best_ref is None else min(best_ref, ref)
-                best_ours = ours if best_ours is None else min(best_ours, ours)
+                refs.append(ref)
+                ours_s.append(ours)
+                incs.append(inc)
+                ratios.append(ref / ours)
+                shutil.rmtree(work)
         result.update(sync_image_MiB=sync_size >> 20, sync_allocated_MiB=sync_size >> 21,
-                      sync_nbdcopy_s=round(best_ref, 3), sync_ours_s=round(best_ours, 3),
+                      sync_nbdcopy_s=round(median(refs), 3), sync_ours_s=round(median(ours_s), 3),
                       sync_bytes=sync_bytes, sync_images_equal=equal,
-                      sync_ratio_ours_vs_nbdcopy=round(best_ref / best_ours, 3),
-                      sync_incremental_s=round(best_inc, 3),
+                      sync_ratio_ours_vs_nbdcopy=round(median(ratios), 3),
+                      sync_ratio_range=[round(min(ratios), 3), round(max(ratios), 3)],
+                      sync_nbdcopy_s_range=[round(min(refs), 3), round(max(refs), 3)],
+                      sync_incremental_s=round(median(incs), 3),
                       sync_incremental_changed_MiB=changed,
                       sync_incremental_sent_MiB=round(inc_bytes / 2**20, 1),
-                      sync_incremental_ratio_vs_full=round(best_ours / best_inc, 3))
+                      sync_incremental_ratio_vs_full=round(
+                          median([o / i for o, i in zip(ours_s, incs)]), 3))
     rows = []
     for w, p in workloads.items():
-        for server, secs in best[w].items():
-            mbps = p["size"] * p["count"] / secs / 1e6
-            iops = p["count"] / secs
+        for server in SERVERS:
+            t = median(secs[w][server])
+            mbps = p["size"] * p["count"] / t / 1e6
             result[f"{w}_{server}_MBps"] = round(mbps, 1)
-            result[f"{w}_{server}_IOPS"] = round(iops, 1)
-            result[f"{w}_{server}_cpu_ms_per_MiB"] = round(best_cpu[w][server] * 1e3, 3)
+            result[f"{w}_{server}_IOPS"] = round(p["count"] / t, 1)
+            result[f"{w}_{server}_cpu_ms_per_MiB"] = round(median(cpus[w][server]) * 1e3, 3)
+            rates = [p["size"] * p["count"] / x / 1e6 for x in secs[w][server]]
+            result[f"{w}_{server}_MBps_range"] = [round(min(rates), 1), round(max(rates), 1)]
         for server in [x for x in SERVERS if x != "qemu_nbd"]:
-            ratio = best[w]["qemu_nbd"] / best[w][server]
-            result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(ratio, 3)
-            result[f"{w}_cpu_ratio_{server}_vs_qemu_nbd"] = round(
-                best_cpu[w]["qemu_nbd"] / max(1e-9, best_cpu[w][server]), 3)
+            # per trial: qemu-nbd's run and this server's, seconds apart
+            ratios = [q / o for q, o in zip(secs[w]["qemu_nbd"], secs[w][server])]
+            cpu_ratios = [q / max(1e-9, o) for q, o in zip(cpus[w]["qemu_nbd"],
+                                                            cpus[w][server])]
+            result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(median(ratios), 3)
+            result[f"{w}_ratio_{server}_vs_qemu_nbd_range"] = [round(min(ratios), 3),
+                                                               round(max(ratios), 3)]
+            result[f"{w}_cpu_ratio_{server}_vs_qemu_nbd"] = round(median(cpu_ratios), 3)
         rows.append(w)
     for server, extra in sorted(extras.items()):
         for k, v in extra.items():
             result[f"{server}_{k}"] = round(v, 3) if isinstance(v, float) else v
+    print(f"{trials} alternating trials, medians (ratio range over the trials); images in "
+          f"{result['dir']}")
     print(f"{'workload':10} {'server':22} {'MB/s':>9} {'IOPS':>9} {'vs qemu-nbd':>12} "
-          f"{'CPU ms/MiB':>11} {'CPU vs qemu-nbd':>16}")
+          f"{'(range)':>13} {'CPU ms/MiB':>11} {'CPU vs qemu-nbd':>16}")
     for w in rows:
         for server in SERVERS:
-            ratio, cpu_ratio = ("1.000 (ref)", "1.000 (ref)") if server == "qemu_nbd" else (
-                f"{result[f'{w}_ratio_{server}_vs_qemu_nbd']:.3f}",
-                f"{result[f'{w}_cpu_ratio_{server}_vs_qemu_nbd']:.3f}")
+            if server == "qemu_nbd":
+                lo, hi = result[f"{w}_{server}_MBps_range"]
+                ratio, rng, cpu_ratio = "1.000 (ref)", f"{lo:.0f}-{hi:.0f}MB/s", "1.000 (ref)"
+            else:
+                lo, hi = result[f"{w}_ratio_{server}_vs_qemu_nbd_range"]
+                ratio, rng, cpu_ratio = (f"{result[f'{w}_ratio_{server}_vs_qemu_nbd']:.3f}",
+                                         f"{lo:.2f}-{hi:.2f}",
+                                         f"{result[f'{w}_cpu_ratio_{server}_vs_qemu_nbd']:.3f}")
             print(f"{w:10} {server:22} {result[f'{w}_{server}_MBps']:9.1f} "
-                  f"{result[f'{w}_{server}_IOPS']:9.1f} {ratio:>12} "
+                  f"{result[f'{w}_{server}_IOPS']:9.1f} {ratio:>12} {rng:>13} "
                   f"{result[f'{w}_{server}_cpu_ms_per_MiB']:11.2f} {cpu_ratio:>16}")
     for k, v in result.items():
         if k.startswith(("ours_replicated", "sync_")) and not k.startswith(tuple(workloads)):
