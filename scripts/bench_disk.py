@@ -64,7 +64,7 @@ during whichever run comes next); and the machine's load, which moves within sec
 per MiB, which moves least).
 
 Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--dir DIR] [--no-sync]
-[--json]``; ``--json`` prints one JSON object with every figure as the last line.
+[--servers a,b] [--json]``; ``--json`` prints one JSON object with every figure as the last line.
 """
 from __future__ import annotations
 
@@ -439,8 +439,18 @@ def main() -> int:
                          "a tmpfs such as /dev/shm takes the disk out of the figures)")
     ap.add_argument("--no-sync", action="store_true",
                     help="skip the initial-sync figures (the throughput figures only)")
+    ap.add_argument("--servers", default=None,
+                    help="comma-separated servers to run (default all; qemu_nbd always: "
+                         f"the reference): {', '.join(SERVERS)}")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
+    if args.servers:
+        wanted = {"qemu_nbd", *args.servers.split(",")}
+        unknown = wanted - set(SERVERS)
+        if unknown:
+            sys.exit(f"bench_disk: unknown servers {sorted(unknown)}; known: {list(SERVERS)}")
+        for name in [x for x in SERVERS if x not in wanted]:
+            del SERVERS[name]
     for tool in ("qemu-img", "qemu-nbd"):
         if shutil.which(tool) is None:
             sys.exit(f"bench_disk: {tool} is not installed (Debian package qemu-utils)")
