@@ -48,11 +48,12 @@ How a ratio is made to mean something on a shared machine: every server runs at 
 on its own image in the same directory), each image is written whole once before
 anything is measured (a fresh sparse file's first writes allocate blocks: the trial
 that pays for that is slower), and ``--repeats`` trials (default 5) run every server
-once each, seconds apart, in an order reversed every other trial; before each run the
-machine's dirty pages are written back (``os.sync``), so no run pays for an earlier
-one's writeback. Each figure is the median over the trials, each ratio the median of
-the trials' own ratios (``*_range``: the lowest and highest). The initial sync's
-trials alternate which of ``nbdcopy`` and ours goes first, from the same source image
+once each, in an order reversed every other trial, each run between two runs of
+qemu-nbd seconds before and after it: its ratio is to their mean rate. Before each run
+the machine's dirty pages are written back (``os.sync``), so no run pays for an
+earlier one's writeback. Each figure is the median over the trials, each ratio the
+median of the trials' own ratios (``*_range``: the lowest and highest). The initial
+sync's trials run ours between two ``nbdcopy`` runs, from the same source image
 (in the page cache for both). Why: before this, one run per server back to back (the
 best of two kept) put qemu-nbd's own 1 MiB rate anywhere in 399-1126 MB/s and the sync
 ratio in 0.53-1.17. Three causes, measured on qemu-nbd alone (1 MiB writes, load ~11,
@@ -306,6 +307,7 @@ def half_allocated_image(path: str, size: int) -> int:
 
 def nbdcopy_between_qemu_nbds(workdir: str, src: str, size: int) -> float:
     """Seconds nbdcopy needs to copy ``src`` from one qemu-nbd to another (empty) one."""
+    workdir = tempfile.mkdtemp(prefix="nbdcopy-", dir=workdir)   # its own sockets
     dst = os.path.join(workdir, "nbdcopy-dst.img")
     with open(dst, "wb") as f:
         f.truncate(size)
@@ -464,6 +466,9 @@ def main() -> int:
     secs: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS} for w in workloads}
     cpus: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS} for w in workloads}
     extras: dict[str, dict] = {}
+    ratios: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS} for w in workloads}
+    cpu_ratios: dict[str, dict[str, list[float]]] = {w: {s: [] for s in SERVERS}
+                                                     for w in workloads}
     with contextlib.ExitStack() as stack:
         # every server up at once, each on its own image in the same place, so that the
         # trials can alternate between them within seconds: a change of the machine's
@@ -485,27 +490,41 @@ def main() -> int:
             qemu_img_bench(uri, 1 << 20, image_size >> 20, 8, None)
             if end:
                 end()
+        def run(server: str, w: str, p: dict) -> float:
+            uri, cpu_seconds, begin, end = running[server]
+            settle()
+            if begin:
+                begin()
+            c0 = cpu_seconds()
+            t = qemu_img_bench(uri, **p)
+            cpus[w][server].append((cpu_seconds() - c0) / (p["size"] * p["count"] / 2**20))
+            if end:
+                end()
+            secs[w][server].append(t)
+            return t
+
+        others = [x for x in running if x != "qemu_nbd"]
         for trial in range(trials):
-            order = list(running) if trial % 2 == 0 else list(reversed(running))
+            order = others if trial % 2 == 0 else list(reversed(others))
             for w, p in workloads.items():
+                # each server's run between two runs of qemu-nbd, seconds before and after
+                # it: its ratio is to their mean rate (the machine's load moves within
+                # seconds; a reference runs further away measured another machine)
+                before = run("qemu_nbd", w, p)
                 for server in order:
-                    uri, cpu_seconds, begin, end = running[server]
-                    settle()
-                    if begin:
-                        begin()
-                    c0 = cpu_seconds()
-                    t = qemu_img_bench(uri, **p)
-                    cpus[w][server].append((cpu_seconds() - c0)
-                                           / (p["size"] * p["count"] / 2**20))
-                    if end:
-                        end()
-                    secs[w][server].append(t)
+                    t = run(server, w, p)
+                    after = run("qemu_nbd", w, p)
+                    ratios[w][server].append((1 / t) / ((1 / before + 1 / after) / 2))
+                    cpu_ratios[w][server].append(
+                        statistics.mean(cpus[w]["qemu_nbd"][-2:]) / max(1e-9,
+                                                                       cpus[w][server][-1]))
+                    before = after
     result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": trials,
                                  "checkpoint_ms": args.checkpoint_ms,
                                  "dir": args.dir or tempfile.gettempdir()}
     if shutil.which("nbdcopy") is not None and not args.no_sync:
         sync_size = (128 if args.quick else 1024) << 20
-        refs, ours_s, incs, ratios = [], [], [], []
+        refs, ours_s, incs, ratios_sync = [], [], [], []
         equal, sync_bytes = True, 0
         with tempfile.TemporaryDirectory(prefix="bench-disk-sync-", dir=args.dir) as tmp:
             src = os.path.join(tmp, "half.img")
@@ -513,29 +532,28 @@ def main() -> int:
             for trial in range(trials):
                 work = os.path.join(tmp, f"trial-{trial}")
                 os.makedirs(work)
-                # alternating which goes first: the second finds the machine as the first
-                # left it (its dirty pages written back by settle(), the source cached)
-                first_ours = trial % 2 == 1
-                if first_ours:
-                    ours, same, sync_bytes = our_initial_sync(work, src, sync_size)
+                # ours between two nbdcopy runs (each into a fresh image), its ratio to
+                # their mean rate; the source stays in the page cache for all three
                 settle()
-                ref = nbdcopy_between_qemu_nbds(work, src, sync_size)
-                if not first_ours:
-                    ours, same, sync_bytes = our_initial_sync(work, src, sync_size)
+                before = nbdcopy_between_qemu_nbds(work, src, sync_size)
+                ours, same, sync_bytes = our_initial_sync(work, src, sync_size)
                 equal = equal and same
+                settle()
+                after = nbdcopy_between_qemu_nbds(work, src, sync_size)
                 settle()
                 inc, same, inc_bytes, changed = our_incremental_resync(work, sync_size)
                 equal = equal and same
-                refs.append(ref)
+                refs += [before, after]
                 ours_s.append(ours)
                 incs.append(inc)
-                ratios.append(ref / ours)
+                ratios_sync.append((1 / ours) / ((1 / before + 1 / after) / 2))
                 shutil.rmtree(work)
         result.update(sync_image_MiB=sync_size >> 20, sync_allocated_MiB=sync_size >> 21,
                       sync_nbdcopy_s=round(median(refs), 3), sync_ours_s=round(median(ours_s), 3),
                       sync_bytes=sync_bytes, sync_images_equal=equal,
-                      sync_ratio_ours_vs_nbdcopy=round(median(ratios), 3),
-                      sync_ratio_range=[round(min(ratios), 3), round(max(ratios), 3)],
+                      sync_ratio_ours_vs_nbdcopy=round(median(ratios_sync), 3),
+                      sync_ratio_range=[round(min(ratios_sync), 3),
+                                        round(max(ratios_sync), 3)],
                       sync_nbdcopy_s_range=[round(min(refs), 3), round(max(refs), 3)],
                       sync_incremental_s=round(median(incs), 3),
                       sync_incremental_changed_MiB=changed,
@@ -553,14 +571,12 @@ def main() -> int:
             rates = [p["size"] * p["count"] / x / 1e6 for x in secs[w][server]]
             result[f"{w}_{server}_MBps_range"] = [round(min(rates), 1), round(max(rates), 1)]
         for server in [x for x in SERVERS if x != "qemu_nbd"]:
-            # per trial: qemu-nbd's run and this server's, seconds apart
-            ratios = [q / o for q, o in zip(secs[w]["qemu_nbd"], secs[w][server])]
-            cpu_ratios = [q / max(1e-9, o) for q, o in zip(cpus[w]["qemu_nbd"],
-                                                            cpus[w][server])]
-            result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(median(ratios), 3)
-            result[f"{w}_ratio_{server}_vs_qemu_nbd_range"] = [round(min(ratios), 3),
-                                                               round(max(ratios), 3)]
-            result[f"{w}_cpu_ratio_{server}_vs_qemu_nbd"] = round(median(cpu_ratios), 3)
+            r = ratios[w][server]     # per trial: to the qemu-nbd runs around this one
+            result[f"{w}_ratio_{server}_vs_qemu_nbd"] = round(median(r), 3)
+            result[f"{w}_ratio_{server}_vs_qemu_nbd_range"] = [round(min(r), 3),
+                                                               round(max(r), 3)]
+            result[f"{w}_cpu_ratio_{server}_vs_qemu_nbd"] = round(
+                median(cpu_ratios[w][server]), 3)
         rows.append(w)
     for server, extra in sorted(extras.items()):
         for k, v in extra.items():
