@@ -23,10 +23,12 @@ EPOCH_END = 0x0005
 ACK = 0x0006
 INPUT = 0x0007
 SHUTDOWN = 0x8008
+NET_OFFSETS = 0x8009
 
 RECORD_NAMES = {
     HELLO: "HELLO", CHECKPOINT_BEGIN: "CHECKPOINT_BEGIN", SVM_DIRTY: "SVM_DIRTY",
     PAGES: "PAGES", EPOCH_END: "EPOCH_END", ACK: "ACK", INPUT: "INPUT", SHUTDOWN: "SHUTDOWN",
+    NET_OFFSETS: "NET_OFFSETS",
 }
 
 # enc_kind of a page in a PAGES record
@@ -417,3 +419,27 @@ def decode_shutdown(msg: bytes | memoryview) -> int:
         raise WireError(f"SHUTDOWN: body_length {hdr.body_length}, expected 0 (the body is "
                         "empty)")
     return hdr.epoch
+
+
+# -- NET_OFFSETS ---------------------------------------------------------
+def encode_net_offsets(rows: list[dict]) -> bytes:
+    """The survivor's carried TCP sequence offsets (``SeqRewriter.export_offsets`` rows),
+    as JSON."""
+    import json
+    return _record(NET_OFFSETS, 0, json.dumps(rows, separators=(",", ":")).encode())
+
+
+def decode_net_offsets(msg: bytes | memoryview) -> list[dict]:
+    """The rows of a NET_OFFSETS record: a JSON list of objects (what each row holds is
+    the rewriter's to check: ``SeqRewriter.load_offsets``)."""
+    import json
+    hdr, body = _body(msg, NET_OFFSETS)
+    if hdr.epoch != 0:
+        raise WireError(f"NET_OFFSETS: epoch {hdr.epoch}, expected 0")
+    try:
+        rows = json.loads(bytes(body).decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError(f"NET_OFFSETS: the body is not UTF-8 JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise WireError("NET_OFFSETS: the body is not a JSON list of objects")
+    return rows
