@@ -41,6 +41,12 @@ PVM's) space, the client frames the comparator sends to ``primary_out`` go into 
 moved back. The comparator owns the clients' network (``uplink``) from then on. The
 offsets of those connections are written to ``offsets_out`` for the new secondary's
 redirector (``--offsets-in``): its SVM, synced from this guest, is in the same space.
+
+**Carried offsets** (:meth:`SecondaryRedirector.load_offsets_file`; SIGHUP to the
+standalone process): the new secondary's node receives the survivor's offsets with the
+full sync, writes them to its ``net.redirector_offsets`` and sends SIGHUP; the redirector
+then loads ``--offsets-in`` (all rows or none). At start it loads the file only if it is
+there (the node removes it when it starts: a fresh guest has none).
 """
 from __future__ import annotations
 
@@ -66,7 +72,7 @@ SEND_STUCK_S = 5.0
 COUNTERS = ("client_frames_in", "svm_frames_out", "frames_to_clients",
             "client_frames_direct", "frames_not_for_guest", "announcements", "failovers",
             "reprotections", "reprotect_refused", "offsets_loaded", "offsets_exported",
-            "frames_rewritten")
+            "offsets_refused", "frames_rewritten")
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -88,7 +94,8 @@ class SecondaryRedirector:
 
     def __init__(self, svm: str, mirror_from: str, compare_to: str, uplink: str,
                  connect_timeout: float = 30.0, primary_in: str = "", primary_out: str = "",
-                 offsets_out: str = "", offsets: list | None = None) -> None:
+                 offsets_out: str = "", offsets: list | None = None,
+                 offsets_in: str = "") -> None:
         self.rewriter = SeqRewriter()
         self.counters = dict.fromkeys(COUNTERS, 0)
         if offsets:
@@ -98,6 +105,8 @@ class SecondaryRedirector:
         self.uplink: PacketSocket | None = None
         self.primary_in, self.primary_out, self.offsets_out = primary_in, primary_out, \
             offsets_out
+        self.offsets_in = offsets_in
+        self._load_asked = threading.Event()
         self.connect_timeout = connect_timeout
         self.guest_mac: bytes | None = None
         self.failed_over = threading.Event()
@@ -210,7 +219,31 @@ class SecondaryRedirector:
         log.warning("redirector: re-protected: the guest's frames go to the comparator's %s "
                     "(%d connections' offsets kept)", self.primary_in, len(rows))
 
+    def load_offsets_file(self) -> None:
+        """From any thread (a signal handler too): load ``offsets_in`` at the next loop
+        turn (the node wrote the offsets it received with the full sync there)."""
+        self._load_asked.set()
+
+    def _do_load_offsets(self) -> None:
+        """All rows of ``offsets_in`` into the rewriter, or (unreadable, malformed) none,
+        logged and counted."""
+        self._load_asked.clear()
+        try:
+            with open(self.offsets_in) as fh:
+                rows = json.load(fh)
+            if not isinstance(rows, list):
+                raise ValueError("not a JSON list of offsets rows")
+            n = self.rewriter.load_offsets(rows)
+        except (OSError, ValueError) as exc:
+            log.error("redirector: offsets not loaded from %r: %s", self.offsets_in, exc)
+            self.counters["offsets_refused"] += 1
+            return
+        self.counters["offsets_loaded"] += n
+        log.warning("redirector: %d connections' offsets loaded from %s", n, self.offsets_in)
+
     def run_once(self, timeout: float) -> None:
+        if self._load_asked.is_set():
+            self._do_load_offsets()
         if self._failover_asked.is_set() and not self.failed_over.is_set():
             self._do_failover()
         if self._reprotect_asked.is_set():
@@ -240,8 +273,8 @@ class SecondaryRedirector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.net.redirector``: run until SIGTERM; SIGUSR1 fails over. Prints
-    ``ready`` once both streams are connected and the counters as JSON at exit."""
+    """``python -m pipeline.net.redirector``: run until SIGTERM; SIGUSR1 fails over,
+    SIGUSR2 re-protects, SIGHUP loads ``--offsets-in``. Prints ``ready`` once both streams are connected and the counters as JSON at exit."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.net.redirector",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--svm", required=True, metavar="IFNAME",
@@ -261,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the re-protection writes the offsets of the connections "
                              "opened before the failover there (JSON), for --offsets-in")
     parser.add_argument("--offsets-in", default="", metavar="PATH",
-                        help="start with these offsets: a new secondary whose SVM was "
-                             "synced from a survivor's guest (the survivor's --offsets-out)")
+                        help="start with these offsets if the file is there, and load it "
+                             "again on SIGHUP: a new secondary whose SVM was synced from a "
+                             "survivor's guest (the survivor's --offsets-out, which the "
+                             "node carries with the full sync: net.redirector_offsets)")
     parser.add_argument("--pid-file", metavar="PATH",
                         help="write this process's pid there once ready (removed at exit): "
                              "the node's failover.redirector_pid_file, so its takeover "
@@ -270,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     offsets = None
-    if args.offsets_in:
+    if args.offsets_in and os.path.exists(args.offsets_in):
         try:
             with open(args.offsets_in) as fh:
                 offsets = json.load(fh)
@@ -281,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink,
                                 primary_in=args.primary_in, primary_out=args.primary_out,
-                                offsets_out=args.offsets_out, offsets=offsets)
+                                offsets_out=args.offsets_out, offsets=offsets,
+                                offsets_in=args.offsets_in)
     except ValueError as exc:
         parser.error(f"--offsets-in {args.offsets_in}: {exc}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: r.failover())
     signal.signal(signal.SIGUSR2, lambda *_: r.reprotect())
+    signal.signal(signal.SIGHUP, lambda *_: r.load_offsets_file())
     if args.pid_file:
         with open(args.pid_file + ".tmp", "w") as fh:
             fh.write(f"{os.getpid()}\n")
