@@ -583,8 +583,30 @@ class PrimaryCoordinator(_Coordinator):
             _agree_written(self.domain, hello)
             self.ctx.log.info("secondary %r connected", hello.name)
             self.peer_name = hello.name
+            self._send_carried_offsets()
             return True
         return False
+
+    def _send_carried_offsets(self) -> None:
+        """A real guest NIC, after a takeover: the connections' offsets the redirector
+        carried go to the new secondary before its full sync (pipeline/failover/offsets.py)."""
+        from pipeline.failover.offsets import carried_offsets
+        if not self.settings.net.redirector_offsets:
+            return
+        try:
+            rows, why = carried_offsets(self.settings.net.redirector_offsets)
+        except ValueError as exc:
+            self.c.add("errors", 1)
+            self.ctx.log.error("event=net_offsets_not_sent %s: the new secondary's redirector "
+                               "will not move the connections opened before the failover",
+                               exc)
+            return
+        if rows is None:
+            self.ctx.log.info("event=net_offsets_not_sent %s", why)
+            return
+        self._send(wire.encode_net_offsets(rows))
+        self.ctx.log.warning("event=net_offsets_sent %s to the secondary %r", why,
+                             self.peer_name)
 
     def reprotect(self) -> None:
         """A new secondary answered: it holds nothing, so forget what the old one held."""
@@ -1235,6 +1257,15 @@ class SecondaryCoordinator(_Coordinator):
                         f"{self.last_epoch} already; stopping (start it again to join as a "
                         "new secondary)")
                 self.begins.append(begin)
+            elif hdr.type == wire.NET_OFFSETS:
+                from pipeline.failover.offsets import take_carried_offsets
+                try:
+                    what = take_carried_offsets(self.settings, wire.decode_net_offsets(msg))
+                except (ValueError, OSError) as exc:
+                    self._info(net_offsets=f"not taken: {exc}")
+                    raise ProtocolError(f"NET_OFFSETS not taken: {exc}") from None
+                self._info(net_offsets=what)
+                self.ctx.log.warning("event=net_offsets_received %s", what)
             elif hdr.type == wire.SHUTDOWN:
                 wire.decode_shutdown(msg)  # a SHUTDOWN with a body is malformed: counted below
                 self.ctx.log.info("the primary stopped on purpose")
