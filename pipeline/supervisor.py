@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import sockets
 from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
-from pipeline.failover.roles import decide_role, effective_settings
+from pipeline.failover.roles import decide_role, effective_settings, survivor_settings
 from pipeline.failover.takeover import PrimaryStart
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
@@ -190,6 +190,19 @@ def _net_compare_entry(ctx: StageContext, settings: Settings, in_band: bool,
                           stop=ctx.stop, in_band=in_band, passthrough=passthrough)
 
 
+def sim_ports_settings(settings: Settings) -> Settings:
+    """The settings the sim guest's input stages (client, mirror) run with. Its output
+    ports are its NIC: they feed the comparator's ``primary_in``/``secondary_in``. Not when
+    the guest has a real NIC behind the redirector (``net.redirector_in``: the
+    network-namespace lab, where a sim guest stands in for a real VM's memory and kernel
+    stacks in namespaces for its network): those streams are the real interface's and the
+    redirector's then, so the sim guest's output goes nowhere but its counters."""
+    if not settings.net.redirector_in:
+        return settings
+    return dataclasses.replace(settings, net=dataclasses.replace(
+        settings.net, primary_in="", secondary_in=""))
+
+
 def _primary_coordinator(ctx, settings, domain, snap_ctrl, send_ctrl, table, pending,
                          shared, hb_events, svm, start) -> None:
     PrimaryCoordinator(ctx, settings, ctx.node, domain, snap_ctrl, send_ctrl, table, pending,
@@ -331,7 +344,8 @@ class Supervisor:
                      for i in range(n)]
             plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
             if dom.simulated_io() is not None:   # the sim guest's clients (a real VM has its own)
-                plan.append(StageSpec("client", inputs.run_client, (s, dom, shared)))
+                plan.append(StageSpec("client", inputs.run_client,
+                                      (sim_ports_settings(s), dom, shared)))
         else:
             n = s.pipeline.verify_workers
             to_verify = [self._ring(f"recv-verify{i}", slots, layout) for i in range(n)]
@@ -365,15 +379,17 @@ class Supervisor:
                                   (dom, [*to_restore, direct], ctl_b, staging,
                                    s.pipeline.verify_pages, gate)))
             if dom.simulated_io() is not None:
-                plan.append(StageSpec("mirror", inputs.run_mirror, (s, dom, shared, self.auto)))
+                plan.append(StageSpec("mirror", inputs.run_mirror,
+                                      (sim_ports_settings(s), dom, shared, self.auto)))
         plan.append(StageSpec("heartbeat", _heartbeat_entry, (s, hb_out, shared)))
         if s.disk.enabled:
             plan.append(StageSpec("disk", _disk_entry,
                                   (s, not self.start_as.wait_for_secondary)))
         if s.node.role == "primary" and s.net.primary_in:
+            # boundaries in the streams only from the sim guest's own output ports
+            in_band = dom.simulated_io() is not None and not s.net.redirector_in
             plan.append(StageSpec("net_compare", _net_compare_entry,
-                                  (s, dom.simulated_io() is not None,
-                                   self.start_as.wait_for_secondary)))
+                                  (s, in_band, self.start_as.wait_for_secondary)))
         return plan
 
     def start(self) -> None:
@@ -381,6 +397,15 @@ class Supervisor:
         ensure_open_files()      # before anything is created: a refusal leaves nothing behind
         os.makedirs(s.run_dir, exist_ok=True)
         sockets.warn_if_plaintext(s)
+        if s.net.redirector_offsets:
+            # the carried offsets describe the connections of the guest this host ran
+            # before; a node that starts runs a fresh guest or one a sync fills
+            try:
+                os.unlink(s.net.redirector_offsets)
+                log.info("removed the carried offsets %s of an earlier guest",
+                         s.net.redirector_offsets)
+            except FileNotFoundError:
+                pass
         stale = cleanup_segments(segment_prefix(self.name))
         if stale:
             log.warning("removed %d shared-memory segments left by an earlier run of node %r",
@@ -488,7 +513,7 @@ class Supervisor:
         self.stage_stops.update(staying_stops)
         self._free(self.rings, self.segments)
         self.rings, self.segments = [], []
-        self.settings = effective_settings(self.config, "primary")
+        self.settings = survivor_settings(self.config)
         if "disk" in staying:
             try:
                 self._disk_becomes_primary(first_epoch)

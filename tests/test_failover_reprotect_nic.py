@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import wait_until
 from netns_lab import IP, wait_ready
 from test_failover_tcp import COMPARATOR, LAB, REPL, TwoHostLab
@@ -390,4 +391,219 @@ def test_the_survivor_node_hands_the_guest_to_its_comparator(tmp_path):
             pair.stop()
         for lst in listeners.values():
             lst.close()
+        lab.close()
+
+
+class NodeLab(TwoHostLab):
+    """TwoHostLab for two nodes: ``ph`` is host a, ``sh`` host b. A host's guest can be
+    made again (:meth:`new_guest`): the repaired host's new SVM, on the same interface."""
+
+    def new_guest(self, role: str, host: str, key: str) -> None:
+        """A guest namespace ``role`` on ``host``'s interface ``<tag><key>1`` (the name the
+        lost guest's had), with the guest's MAC and address."""
+        self.ns[role] = f"{self.tag}{role}"
+        subprocess.run([IP, "netns", "add", self.ns[role]], check=True, capture_output=True,
+                       timeout=20)
+        self.x(role, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
+        self.x(role, IP, "link", "set", "lo", "up")
+        # the lost guest's interface on the host: its deleted namespace lives on while the
+        # guest's orphaned TCP socket retransmits its FIN, and the veth with it
+        subprocess.run([IP, "-n", self.ns[host], "link", "del", f"{self.tag}{key}1"],
+                       capture_output=True, timeout=20)
+        inner, _ = self.veth(self.tag + key, role, host, mac0=GUEST_MAC)
+        self.guest(role, inner, GUEST_IP, CLIENT_IP, CLIENT_MAC)
+
+
+#: the nodes' ports in their hosts' namespaces: the node's own (PORT .. PORT + 5), the
+#: comparator's mirror to the secondary (PORT + 6), the redirector's streams (+ 7, + 8)
+PORT = 7100
+
+
+def _node_tables(lab: NodeLab, host: str, ns: str, guest: str) -> dict:
+    """Host ``host``'s own config tables: its guest's interface and its uplink, the
+    redirector's files and streams."""
+    return {
+        "net": {"primary_in": "packet:" + lab.tap[guest], "primary_out": "packet:" + lab.tap[guest],
+                "client_in": "packet:" + lab.uplink[ns], "outdev": "packet:" + lab.uplink[ns],
+                "secondary_out": f"tcp:0.0.0.0:{PORT + 6}",
+                "redirector_in": f"tcp:127.0.0.1:{PORT + 7}",
+                "redirector_out": f"tcp:127.0.0.1:{PORT + 8}",
+                "redirector_offsets": os.path.join(lab.tmp, f"{host}.offsets"),
+                "compare_timeout_ms": 3000},
+        "failover": {"redirector_pid_file": os.path.join(lab.tmp, f"{host}.redirector.pid")},
+    }
+
+
+def _redirector(lab: NodeLab, host: str, ns: str, guest: str, peer_ip: str):
+    """The operator's redirector on host ``host``: the SVM's interface, the uplink, the
+    peer's comparator's streams, this node's comparator's for a re-protection, the files
+    the node names (net.redirector_offsets, failover.redirector_pid_file)."""
+    offsets = os.path.join(lab.tmp, f"{host}.offsets")
+    proc = lab.spawn(ns, sys.executable, "-m", "pipeline.net.redirector",
+                     "--svm", lab.tap[guest], "--uplink", lab.uplink[ns],
+                     "--mirror-from", f"tcp:{peer_ip}:{PORT + 6}",
+                     "--compare-to", f"tcp:{peer_ip}:{PORT + 5}",
+                     "--primary-in", f"tcp:127.0.0.1:{PORT + 7}",
+                     "--primary-out", f"tcp:127.0.0.1:{PORT + 8}",
+                     "--offsets-out", offsets, "--offsets-in", offsets,
+                     "--pid-file", os.path.join(lab.tmp, f"{host}.redirector.pid"))
+    wait_ready(proc, f"host {host}'s redirector")
+    return proc
+
+
+def _compared(pair, host: str, at_least: dict | None = None) -> dict:
+    """Host ``host``'s comparator counters, once they reached ``at_least`` (the stage
+    copies them into shared memory a few times a second)."""
+    names = ("primary_frames_in", "secondary_frames_in", "frames_released", "mismatches",
+             "timeouts", "passthrough_frames")
+
+    def now() -> dict:
+        stage = pair.node(host).stage("net_compare").as_dict()
+        return {n: stage[n] for n in names}
+    wait_until(lambda: all(now()[k] >= v for k, v in (at_least or {}).items()), timeout=60,
+               what=f"host {host}'s comparator counters at {at_least}")
+    return now()
+
+
+@pytest.mark.timeout(900)
+def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
+    """Job 1 and 2 of issue 16 as an operator runs it: two nodes (``node.role = "auto"``,
+    a sim guest standing in for the VM's memory, kernel stacks in namespaces for its
+    network), and on each host the redirector the operator starts beside the node when
+    it is to be a secondary. No standalone comparator, no file copied by hand:
+
+    1. a primary, b secondary: the client's connection is compared (a's comparator on its
+       PVM's interface, b's redirector learns the offset);
+    2. host a lost: b takes over (its redirector bridges the guest) and becomes the
+       primary: its own comparator takes the guest's frames from the redirector's streams
+       (net.redirector_in/out) and the clients' network, and the node hands the guest over
+       to it (SIGUSR2); the redirector writes the offsets to net.redirector_offsets;
+    3. a repaired, with a new SVM holding the guest's connection (TCP_REPAIR, the lab's
+       stand-in for the full sync of its memory) and its redirector: node a joins as the
+       secondary; b sends the offsets with the full sync (NET_OFFSETS), node a writes them
+       and tells its redirector (SIGHUP); b's comparator compares the new SVM's segments
+       with 0 mismatches;
+    4. host b lost: a takes over with the carried offsets and becomes the primary in turn.
+
+    Every answer once, in order, on the one connection. Without the carried offsets the
+    new SVM's segments are in the wrong space and the connection stalls (the test of the
+    standalone parts above shows it)."""
+    from test_failover import TABLES
+
+    from pipeline.localpair import HostPair
+    lab = NodeLab()
+    pair = None
+    try:
+        state = os.path.join(lab.tmp, "svm.conn")
+        servers = {g: lab.spawn(g, sys.executable, "-c", SERVER, "serve",
+                                os.path.join(lab.tmp, g + ".conn")) for g in ("pvm", "svm")}
+        for g, p in servers.items():
+            wait_ready(p, g + " server")
+        tables = dict(TABLES, failover={"witness": "local", "witness_dir": "{workdir}/witness"})
+        tables["guest.workload"] = dict(TABLES["guest.workload"], input_rate_hz=0.0)
+        # no periodic checkpoint while the test runs: the comparator releases an answer only
+        # once the other guest sent the same (a commit would release unmatched ones too)
+        tables["checkpoint"] = dict(TABLES["checkpoint"], max_interval_ms=600_000)
+        pair = HostPair(tables, workdir=str(tmp_path / "pair"),
+                        addresses={"a": f"tcp://{REPL['primary']}:{PORT}",
+                                   "b": f"tcp://{REPL['secondary']}:{PORT}"},
+                        netns={"a": lab.ns["ph"], "b": lab.ns["sh"]},
+                        role_tables={"a": _node_tables(lab, "a", "ph", "pvm"),
+                                     "b": _node_tables(lab, "b", "sh", "svm")})
+        pair.start(("a",))
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+        redirectors = {"b": _redirector(lab, "b", "sh", "svm", REPL["primary"])}
+        pair.start_node("b")
+        pair.wait_protected(timeout=240)
+        assert pair.roles() == {"a": "primary", "b": "secondary"}
+        received = os.path.join(lab.tmp, "client.out")
+        client = lab.spawn("cli", sys.executable, "-c", CLIENT, received, stdin=subprocess.PIPE)
+        line = client.stdout.readline()
+        assert line.startswith("ready"), (line, client.stderr.read()[-3000:])
+        client_port = int(line.split()[1])
+        n = PHASE // 2
+        # 1. protected by the nodes: compared by a's comparator
+        _ask(client, str(n), n)
+        first = _compared(pair, "a", {"secondary_frames_in": n, "primary_frames_in": n})
+        assert first["mismatches"] == 0 and first["timeouts"] == 0, first
+        # 2. host a lost (its node and its guest; the guest's interface goes with it)
+        pair.kill("a")
+        servers["pvm"].kill()
+        servers["pvm"].wait(10)
+        subprocess.run([IP, "netns", "del", lab.ns.pop("pvm")], capture_output=True, timeout=20)
+        _ask(client, str(n), 2 * n)
+        pair.wait_info("role", "primary", role="b", timeout=120)
+        wait_until(lambda: "event=redirector_reprotect" in pair.log_tail("b", 100_000),
+                   timeout=60, what="b's SIGUSR2 to its redirector")
+        offsets_b = os.path.join(lab.tmp, "b.offsets")
+        wait_until(lambda: os.path.exists(offsets_b), timeout=60,
+                   what="b's redirector's offsets at the re-protection")
+        _ask(client, str(n), 3 * n)              # through b's own comparator, unprotected
+        with open(offsets_b) as fh:
+            rows = json.load(fh)
+        assert [(r["client_port"], r["seq_offset"] != 0) for r in rows] == [
+            (client_port, True)], rows
+        survivor = _compared(pair, "b", {"passthrough_frames": n, "primary_frames_in": n})
+        # 3. host a repaired: a new SVM with the guest's connection (the client is quiet),
+        # the operator's redirector, the node with its unchanged config
+        servers["svm"].send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(state), timeout=60,
+                   what="the survivor guest's connection state")
+        lab.new_guest("pvm2", "ph", "p")
+        servers["pvm2"] = lab.spawn("pvm2", sys.executable, "-c", SERVER, "restore", state)
+        wait_ready(servers["pvm2"], "the new SVM's server")
+        redirectors["a"] = _redirector(lab, "a", "ph", "pvm", REPL["secondary"])
+        pair.start_node("a")
+        info = pair.wait_info("net_offsets", role="a", timeout=240)
+        assert info["net_offsets"] == (
+            f"1 connections' offsets written to {os.path.join(lab.tmp, 'a.offsets')}; "
+            f"SIGHUP sent to the redirector (pid {redirectors['a'].pid})"), info
+        pair.wait_protected(timeout=240)
+        assert pair.roles() == {"a": "secondary", "b": "primary"}
+        _ask(client, str(PHASE), 3 * n + PHASE)
+        compared = _compared(pair, "b", {
+            "secondary_frames_in": PHASE,
+            "frames_released": survivor["frames_released"] + PHASE})
+        # the new SVM's segments, moved by the carried offset, matched the guest's: every
+        # answer released as matched, none held until a timeout (without the offsets each
+        # one is, and the connection crawls at one answer per compare_timeout_ms)
+        assert compared["mismatches"] == 0 and compared["timeouts"] == 0, compared
+        # 4. host b lost: a takes over with the carried offsets, and becomes the primary
+        survivor_redirector = _counters(redirectors["b"])
+        offsets_a = os.path.join(lab.tmp, "a.offsets")
+        written_by_node = os.stat(offsets_a).st_ino
+        pair.kill("b")
+        servers["svm"].kill()
+        servers["svm"].wait(10)
+        subprocess.run([IP, "netns", "del", lab.ns.pop("svm")], capture_output=True, timeout=20)
+        total = 3 * n + 2 * PHASE
+        _ask(client, str(PHASE), total)
+        pair.wait_info("role", "primary", role="a", timeout=120)
+        wait_until(lambda: "event=redirector_reprotect" in pair.log_tail("a", 100_000),
+                   timeout=60, what="a's SIGUSR2 to its redirector")
+        # the redirector re-protected: it wrote its offsets afresh (a new file)
+        wait_until(lambda: os.stat(offsets_a).st_ino != written_by_node, timeout=60,
+                   what="a's redirector's offsets at its re-protection")
+        total += n
+        _ask(client, str(n), total)              # through a's own comparator
+        _compared(pair, "a", {"passthrough_frames": n})
+        _ask(client, "end")
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        new_side = _counters(redirectors["a"])
+        print(json.dumps({"client": result, "compared_b": compared,
+                          "redirector_a": new_side, "redirector_b": survivor_redirector}))
+        with open(received, "rb") as f:
+            got = f.read()
+        assert got == b"".join(b"resp %d %032d\n" % (i, i * 7919) for i in range(total))
+        assert survivor_redirector["failovers"] == 1, survivor_redirector
+        assert survivor_redirector["reprotections"] == 1, survivor_redirector
+        assert new_side["offsets_loaded"] == 1 and new_side["offsets_refused"] == 0, new_side
+        assert new_side["failovers"] == 1 and new_side["reprotections"] == 1, new_side
+        assert new_side["frames_rewritten"] >= 2 * PHASE, new_side
+    finally:
+        if pair is not None:
+            pair.stop()
         lab.close()

@@ -64,3 +64,128 @@ def test_a_malformed_row_is_named_and_nothing_is_loaded(break_row, named):
     frame = build.tcp_frame(G, C, 80, 5555, SVM_ISN + 1, 101, TCP_ACK)
     assert other.from_secondary(frame) == frame          # not even the good row
     assert other.export_offsets() == []
+
+
+# -- carried with the full sync (pipeline/failover/offsets.py, wire NET_OFFSETS) ------------
+def _conf(tables: dict):
+    from pipeline.config import from_dict
+    return from_dict({"security": {"mode": "plaintext"}, **tables})
+
+
+def test_net_offsets_record_round_trip_and_bad_bodies():
+    from pipeline import wire
+    rows = learnt().export_offsets()
+    msg = wire.encode_net_offsets(rows)
+    assert wire.decode_header(msg).name == "NET_OFFSETS"
+    assert wire.decode_net_offsets(msg) == rows
+    for body, what in ((b"\xff", "not UTF-8 JSON"), (b"{}", "not a JSON list of objects"),
+                       (b"[1]", "not a JSON list of objects")):
+        bad = wire._record(wire.NET_OFFSETS, 0, body)
+        with pytest.raises(wire.WireError, match=what):
+            wire.decode_net_offsets(bad)
+
+
+def _settings(tmp_path, pid_file: str = ""):
+    return _conf({
+        "net": {"primary_in": "packet:eth9", "redirector_in": "tcp:127.0.0.1:9100",
+                "redirector_out": "tcp:127.0.0.1:9101",
+                "redirector_offsets": str(tmp_path / "offsets.json")},
+        "failover": {"redirector_pid_file": pid_file}})
+
+
+def test_the_secondary_writes_the_rows_whole_and_tells_the_redirector(tmp_path):
+    """The secondary node's side: all rows written (what the primary's redirector
+    exported), then SIGHUP to the redirector of the pid file; the redirector (a real
+    process) loads them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.failover.offsets import carried_offsets, take_carried_offsets
+    pid_file = str(tmp_path / "redirector.pid")
+    settings = _settings(tmp_path, pid_file)
+    # a redirector on two unix streams the test listens on and a packet-less interface:
+    # the loopback's (no frames are sent in this test)
+    import socket
+    listeners = []
+    for name in ("mirror", "compare"):
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(str(tmp_path / f"{name}.sock"))
+        lst.listen(1)
+        lst.settimeout(60)
+        listeners.append(lst)
+    if os.geteuid() != 0:
+        pytest.skip("the redirector's packet socket needs root")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.net.redirector", "--svm", "lo", "--uplink", "lo",
+         "--mirror-from", "unix:" + str(tmp_path / "mirror.sock"),
+         "--compare-to", "unix:" + str(tmp_path / "compare.sock"),
+         "--offsets-in", settings.net.redirector_offsets, "--pid-file", pid_file],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        conns = [lst.accept()[0] for lst in listeners]
+        assert proc.stdout.readline().strip() == "ready"
+        rows = learnt().export_offsets()
+        what = take_carried_offsets(settings, rows)
+        assert what == (f"1 connections' offsets written to {settings.net.redirector_offsets}; "
+                        f"SIGHUP sent to the redirector (pid {proc.pid})")
+        assert carried_offsets(settings.net.redirector_offsets)[0] == rows
+        line = proc.stderr.readline()        # (its log: warnings and errors only)
+        assert "1 connections' offsets loaded from" in line, line
+        # a malformed row: nothing written, the file keeps the good rows
+        with pytest.raises(ValueError, match="offsets row 0"):
+            take_carried_offsets(settings, [{"ip": 4}])
+        assert carried_offsets(settings.net.redirector_offsets)[0] == rows
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        counters = json.loads(out.strip().splitlines()[-1])
+        assert counters["offsets_loaded"] == 1 and counters["offsets_refused"] == 0, (counters,
+                                                                                      err)
+        for c in conns:
+            c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for lst in listeners:
+            lst.close()
+
+
+def test_offsets_without_a_place_for_them_are_refused(tmp_path):
+    from pipeline.failover.offsets import carried_offsets, take_carried_offsets
+    with pytest.raises(ValueError, match="net.redirector_offsets is not set"):
+        take_carried_offsets(_conf({}), learnt().export_offsets())
+    assert carried_offsets(str(tmp_path / "none.json"))[0] is None    # never failed over
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot be read"):
+        carried_offsets(str(tmp_path / "bad.json"))
+
+
+def test_the_redirector_settings_go_together():
+    from pipeline.config import ConfigError
+    for net, key in (({"redirector_in": "tcp:127.0.0.1:1"}, "net.redirector_out"),
+                     ({"redirector_offsets": "/x"}, "net.redirector_offsets"),
+                     ({"redirector_in": "packet:eth0", "redirector_out": "tcp:h:2"},
+                      "net.redirector_in")):
+        with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
+            _conf({"net": net})
+
+
+def test_a_survivor_s_comparator_takes_the_guest_from_the_redirector():
+    from pipeline.failover.roles import survivor_settings
+    from pipeline.supervisor import sim_ports_settings
+    s = _conf({
+        "node": {"role": "auto", "listen": "tcp://10.0.0.1:7000", "name": "a"},
+        "peer": {"address": "tcp://10.0.0.2:7000"},
+        "failover": {"witness": "local", "witness_key": "/colo/vm/active"},
+        "net": {"primary_in": "packet:tap0", "primary_out": "packet:tap0",
+                "client_in": "packet:eth0", "outdev": "packet:eth0",
+                "redirector_in": "tcp:127.0.0.1:9100", "redirector_out": "tcp:127.0.0.1:9101"}})
+    net = survivor_settings(s).net
+    assert (net.primary_in, net.primary_out) == ("tcp:127.0.0.1:9100", "tcp:127.0.0.1:9101")
+    assert (net.client_in, net.outdev) == ("packet:eth0", "packet:eth0")
+    assert net.secondary_in == "tcp:10.0.0.1:7005"
+    # a sim guest standing in for the memory: its output ports feed no comparator stream
+    ports = sim_ports_settings(survivor_settings(s)).net
+    assert ports.primary_in == "" and ports.secondary_in == ""

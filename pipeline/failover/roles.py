@@ -124,6 +124,21 @@ def effective_settings(settings: Any, role: str) -> Any:
                                peer=peer, disk=disk, net=net)
 
 
+def survivor_settings(settings: Any) -> Any:
+    """The primary's settings of a survivor of a takeover (``Supervisor.become_primary``).
+    A real guest NIC behind this host's redirector (``net.redirector_in``): since the
+    takeover the redirector holds the guest's interface and goes on holding it, so the
+    comparator takes the guest's frames from the redirector's streams, not from the
+    interface named in ``net.primary_in``; the clients' side (``client_in``, ``outdev``)
+    and the secondary's stay as configured."""
+    s = effective_settings(settings, "primary")
+    net = s.net
+    if not net.redirector_in:
+        return s
+    return dataclasses.replace(s, net=dataclasses.replace(
+        net, primary_in=net.redirector_in, primary_out=net.redirector_out))
+
+
 def net_secondary_address(primary_address: str) -> str:
     """Role auto: where the primary's comparator takes the SVM's output frames
     (``tcp://HOST:PORT`` -> ``tcp:HOST:PORT+5``, the comparator's address form)."""

@@ -59,6 +59,26 @@ class NetSettings(Section):
                           "(optional).", **_ADDRESS)
     secondary_out: str = _f("", "Where mirrored client frames go to the PVM / the SVM "
                             "(optional).", **_ADDRESS)
+    redirector_in: str = _f("", (
+        "A real guest NIC behind this host's redirector (pipeline/net/redirector.py), "
+        "node.role auto: after this host's secondary took over, the comparator of the "
+        "primary it becomes takes the guest's frames here (the redirector's --primary-in, "
+        "tcp:HOST:PORT or unix:PATH on this host) instead of at primary_in, and the node "
+        "tells the redirector to hand the guest's interface over to it (SIGUSR2 to "
+        "failover.redirector_pid_file). With a sim guest (the network-namespace lab) its "
+        "output ports are then unused: the guest's network is the real interfaces'."),
+        pattern=r"(|(tcp|unix):.*)", pattern_doc="empty, or tcp:HOST:PORT or unix:PATH")
+    redirector_out: str = _f("", (
+        "With redirector_in: where that comparator sends the clients' frames for the guest "
+        "(the redirector's --primary-out), instead of primary_out."),
+        pattern=r"(|(tcp|unix):.*)", pattern_doc="empty, or tcp:HOST:PORT or unix:PATH")
+    redirector_offsets: str = _f("", (
+        "With redirector_in: this host's file of carried TCP sequence offsets (the "
+        "connections the clients opened before a failover; the redirector's --offsets-out "
+        "and --offsets-in). As primary the node sends its content to each new secondary "
+        "with the full sync; as secondary it writes what it received there and tells the "
+        "redirector to load it (SIGHUP). Removed at the node's start: a fresh guest has "
+        "none."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +89,17 @@ class NetSettings(Section):
                 if value == other_value:
                     raise SettingError(f"net.{key}", f"{value!r} is already net.{other}",
                                        "each socket role with its own address")
+        if bool(self.redirector_in) != bool(self.redirector_out):
+            key = "net.redirector_out" if self.redirector_in else "net.redirector_in"
+            raise SettingError(key, "missing: the redirector's two streams go together",
+                               "both net.redirector_in and net.redirector_out, or neither")
+        if self.redirector_in and self.redirector_in == self.redirector_out:
+            raise SettingError("net.redirector_out", f"{self.redirector_out!r} is already "
+                               "net.redirector_in", "each stream with its own address")
+        if self.redirector_offsets and not self.redirector_in:
+            raise SettingError("net.redirector_offsets", "set without net.redirector_in",
+                               "net.redirector_in and net.redirector_out too (a real guest "
+                               "NIC behind the redirector), or leave it empty")
 
     @classmethod
     def from_dict(cls, table: dict) -> NetSettings:
