@@ -13,6 +13,7 @@ Layout of the segment (all little-endian, everything 64-byte aligned)::
                closed flag, high-water mark, misuse count
     slot i     at slots_offset + i * slot_size:
                  header (64 B) | pfns u64[B] | hashes u8[B,32] | enc_len u32[B] | enc_kind u8[B]
+                 [wire prefix: SlotLayout.wire_prefix bytes, ending where data starts]
                  data u8[B, page_size]   (starts on a 4 KiB boundary)
 
 The slot header (:data:`SLOT_HEADER_DTYPE`) gives every meaning its own field, so no
@@ -113,12 +114,19 @@ class SlotLayout:
 
     batch_pages: int = 64
     page_size: int = 4096
+    # bytes kept free right before ``data``: a consumer lays a wire record's header and
+    # arrays there and sends header and data as one buffer, without copying the data
+    # (the primary's digest-to-send rings: pipeline.wire.pages_prefix_size)
+    wire_prefix: int = 0
 
     def __post_init__(self) -> None:
         for key, value, limit in (("batch_pages", self.batch_pages, 1 << 16),
                                   ("page_size", self.page_size, 1 << 24)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
                 raise ValueError(f"SlotLayout.{key}={value!r}: must be an int in 1..{limit}")
+        if not isinstance(self.wire_prefix, int) or not 0 <= self.wire_prefix <= 1 << 24:
+            raise ValueError(f"SlotLayout.wire_prefix={self.wire_prefix!r}: must be an int in "
+                             f"0..{1 << 24}")
 
     # byte offsets inside a slot
     @property
@@ -139,7 +147,7 @@ class SlotLayout:
 
     @property
     def data_offset(self) -> int:
-        return _round_up(self.enc_kind_offset + self.batch_pages, _ALIGN)
+        return _round_up(self.enc_kind_offset + self.batch_pages + self.wire_prefix, _ALIGN)
 
     @property
     def data_size(self) -> int:
@@ -161,6 +169,7 @@ class Slot:
         "data_flat",
         "enc_kind",
         "enc_len",
+        "framed",
         "hashes",
         "header",
         "index",
@@ -182,6 +191,10 @@ class Slot:
         self.data_flat = np.ndarray((layout.data_size,), np.uint8, buf,
                                     offset + layout.data_offset)
         self.data = self.data_flat.reshape(b, layout.page_size)
+        # the wire prefix and the data after it, one buffer (None without a prefix)
+        p = layout.wire_prefix
+        self.framed = np.ndarray((p + layout.data_size,), np.uint8, buf,
+                                 offset + layout.data_offset - p) if p else None
 
     # header fields as plain ints (offsets per SLOT_HEADER_DTYPE)
     kind = property(lambda s: s._h32[0], lambda s, v: s._h32.__setitem__(0, v))

@@ -271,16 +271,43 @@ def encode_pages(epoch: int, pfns: np.ndarray, hashes: np.ndarray, enc_len: np.n
                  flags: int = 0) -> bytes:
     """``data`` holds the encoded pages back to back (``sum(enc_len)`` bytes), or with
     ``flags=PAGES_PACKED`` one lz4 block of all the RAW pages back to back."""
+    data = memoryview(data).cast("B")
+    prefix = np.empty(pages_prefix_size(len(pfns)), np.uint8)
+    start = encode_pages_prefix(prefix, epoch, pfns, hashes, enc_len, enc_kind, len(data),
+                                flags)
+    return b"".join((prefix[start:].data, data))
+
+
+def pages_prefix_size(max_batch: int) -> int:
+    """Bytes of a PAGES record before its data, at most, for up to ``max_batch`` pages."""
+    return HEADER_SIZE + _PAGES.size + max_batch * (8 + 32 + 4 + 1) + 7
+
+
+def encode_pages_prefix(out: np.ndarray, epoch: int, pfns: np.ndarray, hashes: np.ndarray,
+                        enc_len: np.ndarray, enc_kind: np.ndarray, data_len: int,
+                        flags: int = 0) -> int:
+    """What a PAGES record holds before its ``data_len`` bytes of data (encode_pages), laid
+    into the uint8 array ``out`` so that it ends at ``out``'s end; returns where it starts.
+    The data that follows ``out`` in memory then makes the record without a copy."""
     n = len(pfns)
-    return _record(
-        PAGES, epoch, _PAGES.pack(n, flags),
-        np.ascontiguousarray(pfns, "<u8").tobytes(),
-        np.ascontiguousarray(hashes, np.uint8).tobytes(),
-        np.ascontiguousarray(enc_len, "<u4").tobytes(),
-        np.ascontiguousarray(enc_kind, np.uint8).tobytes(),
-        bytes(_pad8(n * (8 + 32 + 4 + 1))),
-        data,
-    )
+    meta = n * (8 + 32 + 4 + 1)
+    body = _PAGES.size + meta + _pad8(meta)
+    start = len(out) - HEADER_SIZE - body
+    if start < 0:
+        raise ValueError(f"PAGES: {n} pages need {HEADER_SIZE + body} bytes before the data, "
+                         f"the room is {len(out)}")
+    at = start + HEADER_SIZE + _PAGES.size
+    out[start:at] = np.frombuffer(_HEADER.pack(MARKER, VERSION, PAGES, epoch, body + data_len,
+                                               0) + _PAGES.pack(n, flags), np.uint8)
+    out[at:at + 8 * n] = np.ascontiguousarray(pfns, "<u8").view(np.uint8)
+    at += 8 * n
+    out[at:at + 32 * n] = np.ascontiguousarray(hashes, np.uint8).reshape(-1)
+    at += 32 * n
+    out[at:at + 4 * n] = np.ascontiguousarray(enc_len, "<u4").view(np.uint8)
+    at += 4 * n
+    out[at:at + n] = enc_kind
+    out[at + n:] = 0
+    return start
 
 
 def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,

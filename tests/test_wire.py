@@ -179,6 +179,36 @@ def test_pages_padding_for_every_count(n):
     assert dec_pages(msg).count == n
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, MAX_BATCH])
+def test_pages_laid_before_their_data_are_the_same_record(n):
+    """The send stage lays a PAGES record's header and arrays in front of the data in a
+    ring slot (encode_pages_prefix) and sends that memory: byte for byte the record the
+    wire format defines (docs/wire-format.md), built here field by field, and what
+    encode_pages returns. A prefix that does not fit is refused, naming the sizes."""
+    rng = np.random.default_rng(n)
+    pfns = rng.integers(0, PAGE_COUNT, n).astype(np.uint64)
+    hashes = rng.integers(0, 256, (n, 32)).astype(np.uint8)
+    kinds = np.full(n, wire.ENC_RAW, np.uint8)
+    kinds[::3] = wire.ENC_ZERO
+    enc_len = np.where(kinds == wire.ENC_RAW, PAGE_SIZE, 0).astype(np.uint32)
+    data = rng.integers(0, 256, int(enc_len.sum())).astype(np.uint8)
+    meta = n * 45
+    body = (struct.pack("<II", n, wire.PAGES_UNHASHED) + pfns.astype("<u8").tobytes()
+            + hashes.tobytes() + enc_len.astype("<u4").tobytes() + kinds.tobytes()
+            + bytes(-meta % 8) + data.tobytes())
+    spec = struct.pack("<4sHHQII", b"COLO", 1, wire.PAGES, 9, len(body), 0) + body
+    assert wire.encode_pages(9, pfns, hashes, enc_len, kinds, data, wire.PAGES_UNHASHED) == spec
+    room = wire.pages_prefix_size(MAX_BATCH)
+    slot = np.full(room + len(data), 0xEE, np.uint8)    # a slot's prefix area, then data
+    slot[room:] = data
+    start = wire.encode_pages_prefix(slot[:room], 9, pfns, hashes, enc_len, kinds, len(data),
+                                     wire.PAGES_UNHASHED)
+    assert slot[start:].tobytes() == spec
+    with pytest.raises(ValueError, match="need"):
+        wire.encode_pages_prefix(slot[:wire.HEADER_SIZE], 9, pfns, hashes, enc_len, kinds,
+                                 len(data))
+
+
 @pytest.mark.parametrize("flags,vcpu", [(wire.FLAG_SYNC, b""), (0, b"\x00\x01vcpu-state" * 50)])
 def test_epoch_end_round_trip(flags, vcpu):
     msg = wire.encode_epoch_end(13, 1000, 16, flags, vcpu)

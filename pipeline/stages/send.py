@@ -9,6 +9,7 @@ secondary acknowledges the epoch, and re-sends those pfns if the epoch was torn.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,14 @@ class EpochStats:
 
 
 BLOCKED_NS = 2_000_000   # a send that took longer waited for the peer to take records
+# A record with at least this much page data goes out of its ring slot without a copy: the
+# record's header and arrays are laid in the slot's wire prefix, in front of the data, and
+# ZeroMQ sends that memory; the slot is handed back once ZeroMQ is done with it. Smaller
+# records are copied (below pyzmq's copy threshold it copies anyway, and tracking costs a
+# wake-up of pyzmq's garbage thread per record).
+ZERO_COPY_BYTES = 256 << 10
+HELD_WAIT_S = 0.005      # while ZeroMQ holds slots, the ring wait is this long at most, so
+                         # slots it is done with go back to the digest workers
 
 
 class AutoCompress:
@@ -165,20 +174,35 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
     auto = AutoCompress(ctx, len(rings), rings[0].layout.page_size, shared.compress) \
         if compress == "auto" else None
 
-    def deliver(msg, copy: bool = True) -> bool:
+    def deliver(msg, copy: bool = True, track: bool = False):
+        """True (or, with ``track``, the send's zmq.MessageTracker) once sent or dropped;
+        False when the stage stops."""
         if shared.unprotected.value:
             c.add("dropped_unprotected", 1)
             return True
         return send_until_stopped(pages_out, msg, ctx.stop, copy,
-                                  give_up=lambda: bool(shared.unprotected.value)) \
-            or not ctx.stopping()
+                                  give_up=lambda: bool(shared.unprotected.value),
+                                  track=track) or not ctx.stopping()
+
+    # per ring, the slots taken and not handed back, in the order taken (a ring takes them
+    # back in that order): [slot, the tracker of the record sent from it, or None]
+    held: list[deque[list]] = [deque() for _ in rings]
+
+    def hand_back(i: int) -> None:
+        q = held[i]
+        while q and (q[0][1] is None or q[0][1].done):
+            rings[i].release_read(q.popleft()[0])
 
     while not ctx.stopping():
-        ready, _ = ready_rings(rings, [], 0.2)
+        for i in range(len(rings)):
+            hand_back(i)
+        ready, _ = ready_rings(rings, [], HELD_WAIT_S if any(held) else 0.2)
         for i in ready:
             slot = rings[i].try_acquire_read()
             if slot is None:
                 continue
+            entry = [slot, None]
+            held[i].append(entry)
             t0 = time.perf_counter_ns()
             e = slot.epoch
             st = epochs.get(e)
@@ -190,7 +214,7 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                     st.vcpu = slot.data_flat[:slot.vcpu_len].tobytes()
                 st.epoch_flags = slot.epoch_flags
                 announced = slot.epoch_pages
-                rings[i].release_read(slot)
+                hand_back(i)
                 if st.markers == len(rings):
                     if st.pages != announced:
                         raise RuntimeError(f"epoch {e}: {st.pages} pages went through the "
@@ -213,19 +237,34 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                         pages_svm=st.kinds[wire.ENC_SVM]))
             else:
                 n = slot.count
-                msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n], slot.enc_len[:n],
-                                        slot.enc_kind[:n], slot.data_flat[:slot.data_len],
-                                        slot.batch_flags)
+                in_place = slot.framed is not None and slot.data_len >= ZERO_COPY_BYTES
+                if in_place:
+                    room = rings[i].layout.wire_prefix
+                    start = wire.encode_pages_prefix(
+                        slot.framed[:room], e, slot.pfns[:n], slot.hashes[:n],
+                        slot.enc_len[:n], slot.enc_kind[:n], slot.data_len, slot.batch_flags)
+                    msg = slot.framed[start:room + slot.data_len]
+                else:
+                    msg = wire.encode_pages(e, slot.pfns[:n], slot.hashes[:n],
+                                            slot.enc_len[:n], slot.enc_kind[:n],
+                                            slot.data_flat[:slot.data_len], slot.batch_flags)
                 if not recorded.add(e, slot.pfns[:n], slot.hashes[:n]):
                     c.add("stale_batches", 1)
                 kinds = np.bincount(slot.enc_kind[:n], minlength=len(wire.ENC_KINDS))
                 for kind in wire.ENC_KINDS:
                     st.kinds[kind] += int(kinds[kind])
                 marks = slot.marks
-                rings[i].release_read(slot)
+                if not in_place:
+                    hand_back(i)
                 t_send = time.perf_counter_ns()
-                if not deliver(msg, copy=False):
+                sent = deliver(msg, copy=False, track=in_place)
+                if not sent:
                     return
+                if in_place:
+                    c.add("records_in_place", 1)
+                    if sent is not True:
+                        entry[1] = sent      # handed back once ZeroMQ is done with it
+                    hand_back(i)
                 trace.point("sent_pages", e)
                 faults.point("send.pages")
                 if auto is not None:
