@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import sockets
+from pipeline import sockets, wire
 from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
 from pipeline.failover.roles import decide_role, effective_settings, survivor_settings
@@ -88,7 +88,7 @@ EXTRA_COUNTERS = {
     "receive": ("skipped_optional", "stale_records", "staging_wait_ns", "conn_drops",
                 "conn_crypto_errors"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
-             "link_mb_s", "lz4_mb_s", "stale_batches"),
+             "link_mb_s", "lz4_mb_s", "stale_batches", "records_in_place"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
                 "pages_same_as_svm", "svm_refs_refused", "inputs_awaited", "inputs_missing"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
@@ -318,7 +318,9 @@ class Supervisor:
         if s.node.role == "primary":
             n = s.pipeline.digest_workers
             to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
-            to_send = [self._ring(f"digest{i}-send", slots, layout) for i in range(n)]
+            framed = dataclasses.replace(layout, wire_prefix=wire.pages_prefix_size(
+                s.pipeline.batch_pages))     # the send stage sends records from the slots
+            to_send = [self._ring(f"digest{i}-send", slots, framed) for i in range(n)]
             seg, table, pending, svm = _tables_segment(self.name, dom.page_count, n)
             self.segments.append(seg)
             # room for a checkpoint's dirty set twice over (a timer checkpoint may overshoot
