@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Protocol
 
+import numpy as np
 import zmq
 
 from pipeline.disk import nbd_protocol as P
@@ -146,25 +147,30 @@ class _BufferedReader:
     def buffered(self) -> int:
         return self.end - self.start
 
-    def read(self, n: int) -> bytearray:
+    def read(self, n: int) -> bytearray | memoryview:
         """Exactly ``n`` bytes; EOFError if the peer closes first."""
         have = self.end - self.start
         if have >= n:
             out = self.buf[self.start:self.start + n]
             self.start += n
             return out
-        out = bytearray(n)
-        out[:have] = self.view[self.start:self.end]
-        self.start = self.end = 0
-        got = have
-        if n - got >= self.CHUNK:  # big payload: straight into its own buffer
-            view = memoryview(out)
+        if n - have >= self.CHUNK:  # big payload: straight into its own buffer
+            # not a bytearray, which the allocator zero-fills before recv_into overwrites
+            # every byte (~65 of a 1 MiB write's ~700 us of server CPU here)
+            view = memoryview(np.empty(n, np.uint8))
+            view[:have] = self.view[self.start:self.end]
+            self.start = self.end = 0
+            got = have
             while got < n:
                 k = self.sock.recv_into(view[got:], n - got)
                 if k == 0:
                     raise EOFError(f"peer closed after {got} of {n} bytes")
                 got += k
-            return out
+            return view
+        out = bytearray(n)
+        out[:have] = self.view[self.start:self.end]
+        self.start = self.end = 0
+        got = have
         while got < n:
             k = self.sock.recv_into(self.view, self.CHUNK)
             if k == 0:

@@ -247,6 +247,14 @@ class PrimaryBackend:
             if self._waiting:
                 self._applied.notify_all()
 
+    def applied_all(self, seqs: list[int]) -> None:
+        """:meth:`applied` for each of ``seqs`` (a burst's writes: one lock, not one each)."""
+        with self._applied:
+            for seq in seqs:
+                del self._applying[seq]
+            if self._waiting:
+                self._applied.notify_all()
+
     def wait_forwarded(self, epoch: int, timeout_s: float) -> bool:
         """Wait until no write tagged ``epoch`` or earlier is still in flight. False on timeout."""
         with self._cond:
@@ -674,20 +682,26 @@ class PrimaryLink:
         """Write the copies held back for the end of the burst into our image, in seq
         order. A failure is answered with the write's ack (its forward went out)."""
         deferred, self._deferred = self._deferred, []
-        for seq, p, op, args in deferred:
-            try:
-                op(*args)
+        if not deferred:
+            return
+        try:
+            for seq, p, op, args in deferred:
+                try:
+                    op(*args)
+                except OSError as e:
+                    log.error("primary disk: writing our image failed: %s", e)
+                    self.b.counters.add("io_errors")
+                    p.error = P.EIO
                 if faults.ACTIVE:   # in our image; its forward maybe still in ZeroMQ
+                    self.b.applied_all([seq])      # (one by one, as a fault point sees it)
                     faults.point("disk.primary.applied")
-            except OSError as e:
-                log.error("primary disk: writing our image failed: %s", e)
-                self.b.counters.add("io_errors")
-                p.error = P.EIO
-            finally:
-                self.b.applied(seq)
-            p.local = True
-            if p.forwarded:
-                self._late.append(seq)
+                p.local = True
+                if p.forwarded:
+                    self._late.append(seq)
+        finally:
+            # written (or failed, or cut short by a fault): later overlapping writes of any
+            # connection may go; one lock for the burst (only this thread removes its seqs)
+            self.b.applied_all([seq for seq, *_rest in deferred if seq in self.b._applying])
 
     def flush(self) -> None:
         # acked writes are at the secondary and in our page cache: make our copy durable
