@@ -65,7 +65,7 @@ during whichever run comes next); and the machine's load, which moves within sec
 per MiB, which moves least).
 
 Usage: ``python3 scripts/bench_disk.py [--quick] [--repeats N] [--dir DIR] [--no-sync]
-[--servers a,b] [--json]``; ``--json`` prints one JSON object with every figure as the last line.
+[--cold] [--servers a,b] [--json]``; ``--json`` prints one JSON object with every figure as the last line.
 """
 from __future__ import annotations
 
@@ -412,13 +412,36 @@ if nbdkit_python_available():
     SERVERS["nbdkit_python"] = nbdkit_python
 
 
-def settle() -> None:
+def settle(*uncache: str) -> None:
     """Write every dirty page of the machine back before a measured run: a run must not
     pay for an earlier one's writeback (the kernel starts it when dirty pages pass
     dirty_background_ratio or age past dirty_expire_centisecs, which a few runs of
-    hundreds of MiB reach). The data a run reads stays in the page cache: both sides
-    find it there."""
+    hundreds of MiB reach). With ``uncache`` directories (``--cold``: the servers'
+    images, logs) drop the page cache of every file under them too: each run starts
+    with its image's blocks allocated and none of them cached. Why it matters: a cached
+    page is in the folio the write that cached it made; since ext4 has large folios
+    (Linux 6.16; 6.18 here) a 4 KiB write into a 1 MiB folio costs 2-3x one into a page
+    of its own (qemu-nbd's CPU per 4 KiB write after 1 MiB writes: 27-50 us, on an
+    uncached image 14-20; perf of our pair: 20 % of a 4 KiB run in
+    ext4_block_write_begin). By default every image is cached whole in 1 MiB folios
+    (the warm-up and each trial's 1 MiB run write all of it before the 4 KiB run), the
+    same for every server. Data a run reads and that is not under ``uncache`` (the
+    sync's source image) stays cached: both sides find it there."""
     os.sync()
+    for top in uncache:
+        for d, _dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(d, name)
+                if not os.path.isfile(path):
+                    continue       # (sockets)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue       # (gone meanwhile)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def median(xs: list[float]) -> float:
@@ -441,6 +464,11 @@ def main() -> int:
                          "a tmpfs such as /dev/shm takes the disk out of the figures)")
     ap.add_argument("--no-sync", action="store_true",
                     help="skip the initial-sync figures (the throughput figures only)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the servers' files from the page cache before each run (each "
+                         "run starts with its image allocated, none of it cached; by default "
+                         "the image is cached as the warm-up's and the earlier runs' 1 MiB "
+                         "writes left it, in large folios: see settle())")
     ap.add_argument("--servers", default=None,
                     help="comma-separated servers to run (default all; qemu_nbd always: "
                          f"the reference): {', '.join(SERVERS)}")
@@ -474,9 +502,11 @@ def main() -> int:
         # trials can alternate between them within seconds: a change of the machine's
         # load hits qemu-nbd's run and ours alike
         running = {}
+        workdirs = []
         for server, start in SERVERS.items():
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-disk-",
                                                                   dir=args.dir))
+            workdirs.append(tmp)
             uri, extra = stack.enter_context(start(tmp, image_size, args.checkpoint_ms))
             extras[server] = extra
             running[server] = (uri, extra.pop("_cpu"), extra.pop("_begin", None),
@@ -492,7 +522,7 @@ def main() -> int:
                 end()
         def run(server: str, w: str, p: dict) -> float:
             uri, cpu_seconds, begin, end = running[server]
-            settle()
+            settle(*(workdirs if args.cold else ()))
             if begin:
                 begin()
             c0 = cpu_seconds()
@@ -520,7 +550,7 @@ def main() -> int:
                                                                        cpus[w][server][-1]))
                     before = after
     result: dict[str, object] = {"image_MiB": image_size >> 20, "repeats": trials,
-                                 "checkpoint_ms": args.checkpoint_ms,
+                                 "checkpoint_ms": args.checkpoint_ms, "cold": args.cold,
                                  "dir": args.dir or tempfile.gettempdir()}
     if shutil.which("nbdcopy") is not None and not args.no_sync:
         sync_size = (128 if args.quick else 1024) << 20
