@@ -1,11 +1,16 @@
 """The disk sync's progress: the entry node info and ``stats`` show, and the bar a command
-that waits for the sync draws on a terminal only (a pty here, a pipe for the log case)."""
+that waits for the sync draws on a terminal only (a pty here, a pipe for the log case);
+why a sync that failed gave the replication up."""
 from __future__ import annotations
 
 import os
 
+from conftest import free_port, wait_until
+
 from pipeline.disk.progress import (SYNC_DONE, SYNC_RUNNING, NodeInfoNote, SyncBar,
-                                    describe, sync_progress)
+                                    describe, describe_given_up, sync_progress)
+from pipeline.disk.settings import DiskSettings
+from pipeline.stages.disk import PrimaryDisk
 
 MiB = 1 << 20
 
@@ -68,3 +73,24 @@ def test_the_bar_is_drawn_on_a_terminal_and_nowhere_else():
         bar.end()
     with os.fdopen(r) as f:
         assert f.read() == ""
+
+
+def test_a_sync_the_secondary_never_answers_is_given_up_with_its_reason(tmp_path):
+    """The initial sync's BEGIN gets no answer (nothing listens at the secondary's
+    address) within the forward timeout: the sync fails and the primary disk stage keeps
+    why, which ``stats`` returns (the coordinator copies it into the node info as
+    ``disk_given_up`` when it sees the secondary lost) and ``stats`` prints."""
+    pri = PrimaryDisk(DiskSettings(image=str(tmp_path / "p.img"), export_size=MiB,
+                                   export=f"unix:{tmp_path}/p.sock",
+                                   forward=f"tcp://127.0.0.1:{free_port()}",
+                                   forward_timeout_ms=300))
+    try:
+        wait_until(lambda: pri.backend.given_up is not None, 60, "the sync given up")
+        given_up = pri.command("stats", {})["given_up"]
+        assert given_up["cause"] == "sync" and "no ack from the secondary within 300 ms" \
+            in given_up["reason"], given_up
+        line = describe_given_up(given_up)
+        assert line.startswith("disk replication given up") and "(sync, epoch 1)" in line \
+            and "no ack from the secondary" in line, line
+    finally:
+        pri.close()
