@@ -32,6 +32,14 @@ def _scrape(url: str) -> dict[str, list]:
     return samples
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except ConnectionRefusedError:
+        return False
+
+
 def _value(samples: dict, name: str, **labels: str) -> float:
     found = [v for lab, v in samples.get(name, []) if all(lab.get(k) == x
                                                           for k, x in labels.items())]
@@ -237,6 +245,10 @@ def test_endpoint_from_the_config_shows_the_secondary_going_active(tmp_path):
     try:
         pair.start(faults={"primary": "primary.acked:14:stop"})
         pair.wait_info("state", "protected", role="secondary")
+        # the node serves its endpoint once its stages are forked (supervisor), which
+        # a loaded machine can leave until after the pair is protected: wait for it
+        # (a clean-clone CI run at load ~12 scraped first: connection refused)
+        wait_until(lambda: _listening(port), timeout=120, what="the metrics endpoint up")
         s = _scrape(url)
         assert _value(s, "colo_role", role="secondary") == 1
         assert _value(s, "colo_role", role="active") == 0
