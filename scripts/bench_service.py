@@ -98,10 +98,32 @@ def cpu_seconds(pgid: int | None) -> float:
     return total / tick
 
 
-def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int]]]:
+def thread_schedstat(pid: int) -> tuple[int, int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one, times scheduled in) of every thread
+    of ``pid`` (its ZeroMQ I/O threads too), from /proc/PID/task/*/schedstat; None once
+    it is gone."""
+    total = [0, 0, 0]
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                values = [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+        for i in range(3):
+            total[i] += values[i]
+    return total[0], total[1], total[2]
+
+
+def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int, int]]]:
     """Per node and process (its stages, its guest, the supervisor): (ns on a CPU, ns
-    runnable but waiting for one) so far, from /proc/PID/schedstat. The wait says how
-    much of a process's lag was a CPU it did not get (the machine may be shared)."""
+    runnable but waiting for one, times scheduled in) so far, all its threads, from
+    /proc/PID/task/*/schedstat. The wait says how much of a process's lag was a CPU it
+    did not get (the machine may be shared); the times scheduled in, per request, how
+    often a request wakes the process (a wake-up, or a turn after being preempted)."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for role, proc in pair.procs.items():
         if proc.poll() is not None:
@@ -123,27 +145,45 @@ def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int]]]:
                     pids["guest"] = int(entry)
         mine = {}
         for name, pid in pids.items():
-            try:
-                with open(f"/proc/{pid}/schedstat") as fh:
-                    run_ns, wait_ns, _ = (int(x) for x in fh.read().split())
-            except (OSError, ValueError):
-                continue
-            mine[name] = (run_ns, wait_ns)
+            stat = thread_schedstat(pid)
+            if stat is not None:
+                mine[name] = stat
         out[role] = mine
     return out
 
 
-def sched_delta(before: dict, after: dict, elapsed: float) -> dict:
-    """Per node and process: CPU and run-queue wait, in ms per second of the row."""
+def sched_delta(before: dict, after: dict, elapsed: float, answered: int) -> dict:
+    """Per node and process: CPU and run-queue wait in ms per second of the row, and per
+    answered request its CPU (us) and how often it was scheduled in."""
     out = {}
     for role, procs in after.items():
         rows = {}
-        for name, (run, wait) in procs.items():
+        for name, (run, wait, runs) in procs.items():
             b = before.get(role, {}).get(name)
             if b is not None and run >= b[0]:
                 rows[name] = {"cpu_ms_per_s": round((run - b[0]) / 1e6 / elapsed, 1),
-                              "runq_wait_ms_per_s": round((wait - b[1]) / 1e6 / elapsed, 1)}
+                              "runq_wait_ms_per_s": round((wait - b[1]) / 1e6 / elapsed, 1),
+                              "cpu_us_per_request": round((run - b[0]) / 1e3 / answered, 1)
+                              if answered else None,
+                              "runs_per_request": round((runs - b[2]) / answered, 2)
+                              if answered else None}
         out[role] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_ms_per_s"]))
+    return out
+
+
+def per_request(cpu_s: dict, before: dict, after: dict, answered: int) -> dict:
+    """Per node, per answered request: its CPU (every process and thread of it, us) and
+    how often its processes were scheduled in (the wake-ups a request costs, and the
+    turns after being preempted). Less dependent on the load than a p99, though a
+    starved service batches (fewer wake-ups per request): compare at one load, or with a
+    closed loop of one request in flight (--outstanding 1), which never batches."""
+    out = {}
+    for role, cpu in cpu_s.items():
+        runs = sum(v[2] for v in after.get(role, {}).values()) - sum(
+            v[2] for name, v in before.get(role, {}).items() if name in after.get(role, {}))
+        out[role] = {"cpu_us": round(1e6 * cpu / answered, 1) if cpu is not None and answered
+                     else None,
+                     "runs": round(runs / answered, 2) if answered else None}
     return out
 
 
@@ -243,6 +283,10 @@ class Service:
             by_cause[name] = by_cause.get(name, 0) + 1
         ok = [c for c in cps if c["status"] == 0]
         commits = [c["commit_ns"] / 1e6 for c in ok if c["commit_ns"]]
+        cpu_s = {role: (round(after["cpu"].get(role, 0.0) - before["cpu"].get(role, 0.0), 2)
+                        if after["cpu"].get(role, 0.0) >= before["cpu"].get(role, 0.0)
+                        else None)
+                 for role in ("primary", "secondary")}
         row.update(
             checkpoints_by_cause={k: round(v / elapsed, 2) for k, v in sorted(by_cause.items())},
             checkpoints=len(cps), checkpoints_per_s=round(len(cps) / elapsed, 2),
@@ -255,14 +299,15 @@ class Service:
             # then waits for the SVM, so once this nears 1 % the p99 is a commit time
             commit_share=round(sum(commits) / 1000 / elapsed, 4),
             # None: a process of that node exited during the row, taking its CPU time along
-            cpu_s={role: (round(after["cpu"].get(role, 0.0) - before["cpu"].get(role, 0.0), 2)
-                          if after["cpu"].get(role, 0.0) >= before["cpu"].get(role, 0.0)
-                          else None)
-                   for role in ("primary", "secondary")},
+            cpu_s=cpu_s,
             comparator={k: after["net"][k] - before["net"][k] for k in NET_FIGURES},
             # per process: CPU and time runnable without a CPU (the SVM's lag, if any, is
             # the guest's or its mirror's wait when the machine is short of CPU)
-            processes=sched_delta(before["sched"], after["sched"], elapsed),
+            processes=sched_delta(before["sched"], after["sched"], elapsed, row["completed"]),
+            # per answered request: each node's CPU (every process and thread of it) and
+            # how often its processes were scheduled in (the wake-ups a request costs);
+            # less dependent on the load than a p99 (though a starved service batches)
+            per_request=per_request(cpu_s, before["sched"], after["sched"], row["completed"]),
             state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
             window_s=round(elapsed, 2))
@@ -380,6 +425,10 @@ def _show(r: dict, args: argparse.Namespace) -> None:
         print(f"    {role} cpu/runq-wait ms per s: " + ", ".join(
             f"{n} {v['cpu_ms_per_s']}/{v['runq_wait_ms_per_s']}" for n, v in top),
             file=out, flush=True)
+        print(f"    {role} per request: cpu {r['per_request'][role]['cpu_us']} us, "
+              f"{r['per_request'][role]['runs']} runs; " + ", ".join(
+                  f"{n} {v['cpu_us_per_request']} us/{v['runs_per_request']}"
+                  for n, v in top), file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
