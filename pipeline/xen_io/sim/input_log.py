@@ -18,6 +18,11 @@ Layout: a header of ``uint64`` words, then per slot a ``uint64`` stamp (the seq 
 slot holds, or ``EMPTY`` while it is written), a ``uint32`` length, and the payload.
 x86 stores are not reordered with each other, so writing the payload before the
 stamp and the stamp before ``head`` publishes an entry safely.
+
+The words are read and written through memoryviews, not numpy arrays: every request
+makes a dozen of these accesses in the stage feeding the guest and in the guest, and a
+numpy scalar access (and its int()) costs several times a memoryview item's; the
+payload goes in with one slice assignment into the mapping.
 """
 from __future__ import annotations
 
@@ -25,12 +30,10 @@ import logging
 import mmap
 import time
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 #: stamp of a slot that holds nothing (or is being rewritten)
-EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+EMPTY = 0xFFFF_FFFF_FFFF_FFFF
 
 # header word indexes
 _HEAD = 0            # next seq to be appended
@@ -58,31 +61,31 @@ class InputLog:
         lengths = slot_count * 4
         size = header + stamps + lengths + slot_count * slot_size
         self._map = mmap.mmap(-1, size)  # anonymous, MAP_SHARED: inherited over fork
-        self._header = np.frombuffer(self._map, dtype=np.uint64, count=_HEADER_WORDS)
-        self._stamps = np.frombuffer(self._map, dtype=np.uint64, count=slot_count, offset=header)
-        self._lengths = np.frombuffer(self._map, dtype=np.uint32, count=slot_count,
-                                      offset=header + stamps)
-        self._data = np.frombuffer(self._map, dtype=np.uint8, count=slot_count * slot_size,
-                                   offset=header + stamps + lengths).reshape(slot_count, slot_size)
-        self._stamps[:] = EMPTY
+        whole = memoryview(self._map)
+        self._header = whole[:header].cast("Q")
+        self._stamps = whole[header:header + stamps].cast("Q")
+        self._lengths = whole[header + stamps:header + stamps + lengths].cast("I")
+        self._data_at = header + stamps + lengths      # slot i's payload: + i * slot_size
+        whole.release()
+        self._map[header:header + stamps] = b"\xff" * stamps      # every stamp EMPTY
 
     # -- state --------------------------------------------------------------------
     @property
     def head(self) -> int:
         """The seq the next append gets."""
-        return int(self._header[_HEAD])
+        return self._header[_HEAD]
 
     @property
     def trim_seq(self) -> int:
-        return int(self._header[_TRIM])
+        return self._header[_TRIM]
 
     @property
     def consumer_seq(self) -> int:
-        return int(self._header[_CONSUMER])
+        return self._header[_CONSUMER]
 
     @property
     def rejected(self) -> int:
-        return int(self._header[_REJECTED])
+        return self._header[_REJECTED]
 
     def set_consumer(self, seq: int) -> None:
         """The guest (or a vCPU-state load) says which input it is on."""
@@ -90,28 +93,32 @@ class InputLog:
 
     def free_below(self) -> int:
         """Entries below this seq may be overwritten."""
-        return min(self.trim_seq, self.consumer_seq)
+        h = self._header
+        return min(h[_TRIM], h[_CONSUMER])
 
     # -- writer -------------------------------------------------------------------
     def append(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
         """Append one input and return its seq. ``seq`` (when mirroring) must be the next
         one. Blocks up to ``timeout`` seconds while the ring is full (TimeoutError)."""
-        head = self.head
-        if len(payload) > self.slot_size:
-            self._header[_REJECTED] += 1
-            raise ValueError(f"input seq {head}: payload of {len(payload)} bytes exceeds the "
+        h = self._header
+        head = h[_HEAD]
+        n = len(payload)
+        if n > self.slot_size:
+            h[_REJECTED] += 1
+            raise ValueError(f"input seq {head}: payload of {n} bytes exceeds the "
                              f"input log slot size {self.slot_size}")
         if seq is not None and seq != head:
-            self._header[_REJECTED] += 1
+            h[_REJECTED] += 1
             raise ValueError(f"input seq {seq} out of order: the input log expects seq {head}")
-        if head - self.free_below() >= self.slot_count:
+        if head - min(h[_TRIM], h[_CONSUMER]) >= self.slot_count:
             self._wait_for_room(head, timeout)
         slot = head % self.slot_count
         self._stamps[slot] = EMPTY
-        self._data[slot, :len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-        self._lengths[slot] = len(payload)
+        at = self._data_at + slot * self.slot_size
+        self._map[at:at + n] = payload
+        self._lengths[slot] = n
         self._stamps[slot] = head
-        self._header[_HEAD] = head + 1
+        h[_HEAD] = head + 1
         return head
 
     def _wait_for_room(self, head: int, timeout: float) -> None:
@@ -149,23 +156,25 @@ class InputLog:
 
     # -- reader -------------------------------------------------------------------
     def available(self, seq: int) -> bool:
-        return seq < self.head
+        return seq < self._header[_HEAD]
 
     def get(self, seq: int) -> bytes:
         """The payload of input ``seq`` (which must have been appended)."""
         slot = seq % self.slot_count
-        if seq >= self.head or self._stamps[slot] != seq:
+        if seq >= self._header[_HEAD] or self._stamps[slot] != seq:
             raise InputLogEntryGone(
                 f"input seq {seq} is not in the input log (head {self.head}, "
-                f"trim {self.trim_seq}, slot holds seq {int(self._stamps[slot])})")
-        payload = self._data[slot, :int(self._lengths[slot])].tobytes()
+                f"trim {self.trim_seq}, slot holds seq {self._stamps[slot]})")
+        at = self._data_at + slot * self.slot_size
+        payload = self._map[at:at + self._lengths[slot]]
         if self._stamps[slot] != seq:  # overwritten while we copied
             raise InputLogEntryGone(f"input seq {seq} was overwritten while being read")
         return payload
 
     def close(self) -> None:
         """Drop this process's view (the memory goes when the last process lets go)."""
-        self._header = self._stamps = self._lengths = self._data = None  # type: ignore[assignment]
+        for view in (self._header, self._stamps, self._lengths):
+            view.release()
         try:
             self._map.close()
         except BufferError:  # a caller still holds a view; it goes with that view
