@@ -367,8 +367,15 @@ _MARK_TAG_CAP = _MARK_SLOT - 16
 _BITMAP_OFF = _MARKS_OFF + _MARK_SLOT * _MARK_SLOTS
 
 _OUTPUT_HEADER = struct.Struct("<IQ")   # frame length, input seq
+#: one read of the output pipe (its size: F_SETPIPE_SZ 1 MiB)
+_OUT_READ = 1 << 20
 #: the output frame hashes at most this many of the pages an input wrote
 _OUTPUT_SAMPLE_PAGES = 64
+
+#: this process's id, kept by a fork hook: every feed and read of a guest's inputs and
+#: outputs checks which process it is in, and os.getpid() is a system call each time
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -427,7 +434,7 @@ class SimDomain(Domain, SimulatedIO):
     @property
     def guest_pid(self) -> int:
         """The guest process id (0 before start())."""
-        return int(self._words[W_GUEST_PID]) if self._closed_in != os.getpid() else 0
+        return int(self._words[W_GUEST_PID]) if self._closed_in != _PID[0] else 0
 
     def __reduce__(self) -> tuple:
         raise TypeError(f"sim domain {self.name}: a SimDomain is shared with stage processes by "
@@ -505,9 +512,9 @@ class SimDomain(Domain, SimulatedIO):
                           self.name)
 
     def _check_open(self) -> None:
-        if self._closed_in == os.getpid():
+        if self._closed_in == _PID[0]:
             raise DomainError(f"sim domain {self.name}: used after close()")
-        if not self.guest_pid:
+        if not self._words[W_GUEST_PID]:
             raise DomainError(f"sim domain {self.name}: not started")
 
     def _guest_failed(self, message: str) -> None:
@@ -827,21 +834,25 @@ class SimDomain(Domain, SimulatedIO):
         """Output frames ``(input seq, frame)`` emitted since the last call, oldest first;
         waits up to ``timeout`` seconds for the first one."""
         self._check_open()
-        if self._out_pid != os.getpid():
-            self._out_pending, self._out_pid = b"", os.getpid()
+        if self._out_pid != _PID[0]:
+            self._out_pending, self._out_pid = b"", _PID[0]
         if timeout > 0 and not self._out_pending:
             select.select([self._out_r], [], [], timeout)
         chunks = [self._out_pending]
         while True:
             try:
-                chunk = os.read(self._out_r, 1 << 20)
+                chunk = os.read(self._out_r, _OUT_READ)
             except BlockingIOError:
                 break
             if not chunk:
                 break
             chunks.append(chunk)
-        data = b"".join(chunks)
+            if len(chunk) < _OUT_READ:   # the pipe is empty now: no read that fails
+                break
         w = self._words
+        if len(chunks) == 1 and w[W_MARKS] == w[W_MARKS_READ]:
+            return []                    # nothing new (a partial frame stays pending)
+        data = b"".join(chunks)
         # where data[0] sits in the guest's output stream
         base = w[W_OUT_READ] - len(self._out_pending)
         w[W_OUT_READ] += len(data) - len(self._out_pending)
