@@ -27,6 +27,7 @@ import zmq
 from pipeline import sockets, trace, wire
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.config import Settings
+from pipeline.net.build import GuestOutputFramer
 from pipeline.stages.common import StageContext
 from pipeline.xen_io.base import OUTPUT_MARK, Domain, SimulatedIO
 
@@ -55,7 +56,10 @@ class OutputPort:
         self.keep = False          # to_clients: keep what could not be sent
         self.pending = b""
         self._failing = False
-        self._pollers: dict[tuple[int, bool], zmq.Poller] = {}
+        self._polls: dict[tuple[int, bool], list] = {}
+        self.framer = GuestOutputFramer()
+        #: the guest's output pipe was readable at the last wait (or is unknown: True)
+        self.output_ready = True
 
     def to_clients(self, address: str) -> None:
         """The takeover: from now on the frames go to ``address`` (this node's comparator,
@@ -72,6 +76,7 @@ class OutputPort:
                 return
             self.pending = b""
         outs = io.read_outputs(0.0)
+        self.output_ready = False      # read to the end: the next wait says when more came
         if not outs:
             return
         marks = sum(1 for seq, _ in outs if seq == OUTPUT_MARK)
@@ -79,13 +84,12 @@ class OutputPort:
         self.ctx.counters.add("bytes_out", sum(len(f) for seq, f in outs if seq != OUTPUT_MARK))
         if not (compare and self.address):
             return
-        from pipeline.net.build import guest_output_frame
-        from pipeline.net.framing import encode_frame
         # epoch boundaries the node marked in the guest's output go in the same stream, in
         # place (their tags are already framed): the comparator sees them in order. On the
         # clients' network there are none (the old pair's would read as the PVM's).
-        data = b"".join(encode_frame(guest_output_frame(f)) if seq != OUTPUT_MARK
-                        else b"" if self.keep else f for seq, f in outs)
+        frame = self.framer.frame
+        data = b"".join(frame(f) if seq != OUTPUT_MARK else b"" if self.keep else f
+                        for seq, f in outs)
         sent_ns = time.monotonic_ns() if trace.REQUESTS else 0   # (before: see run_client)
         sent = self._send(data)
         if not sent and self.keep:
@@ -98,24 +102,33 @@ class OutputPort:
 
     def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
         """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
-        passed; whether ``sock`` is readable. A stage that slept on its input alone left
+        passed; whether ``sock`` is readable (``output_ready``: whether the output is, or
+        the wait timed out: then a look costs nothing, and finds epoch marks that came
+        without a frame). A stage that slept on its input alone left
         the guest's answers in the pipe until the next input came (at 200 requests/s, up
         to 5 ms on every answer; the SVM's commit boundary, which releases the PVM's held
         answers, as long). Not while frames are kept back: those are retried at the next
-        turn, not in a spin."""
+        turn, not in a spin. One zmq_poll (pyzmq's Poller costs twice as much per call)."""
         watch = not self.pending
         key = (id(sock), watch)
-        poller = self._pollers.get(key)
-        if poller is None:
-            poller = self._pollers[key] = zmq.Poller()
-            if sock is not None:
-                poller.register(sock, zmq.POLLIN)
-            if watch:
-                poller.register(io.output_fileno(), zmq.POLLIN)
-        if sock is None and not watch:
+        items = self._polls.get(key)
+        if items is None:
+            items = self._polls[key] = (
+                ([(sock, zmq.POLLIN)] if sock is not None else [])
+                + ([(io.output_fileno(), zmq.POLLIN)] if watch else []))
+        if not items:
             time.sleep(timeout_ms / 1000)
+            self.output_ready = True
             return False
-        return sock is not None and sock in dict(poller.poll(timeout_ms))
+        ready = zmq.zmq_poll(items, timeout_ms)
+        sock_ready = False
+        self.output_ready = not ready
+        for what, _ in ready:
+            if what is sock:
+                sock_ready = True
+            else:
+                self.output_ready = True
+        return sock_ready
 
     def _send(self, data: bytes) -> bool:
         from pipeline.net.adapters import StreamClient
@@ -144,6 +157,11 @@ class OutputPort:
         if self.client is not None:
             self.client.close()
 
+
+#: how often the client stage and the mirror look at the checkpoint events (and the
+#: client stage at its guest's input position) while busy: a commit's trim or an
+#: input_log_full request a few ms later changes nothing (the log holds thousands)
+LOOK_S = 0.005
 
 #: how long the secondary waits for the input a checkpoint caught the PVM inside before it
 #: discards the epoch: the primary mirrors an input right after feeding it, so only a
@@ -226,14 +244,28 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     committed_seq = 0         # inputs below it are in a committed checkpoint: trimmed there
     asked = False             # input_log_full asked for since the last commit
     keep_limit = max(1, io.input_capacity // 2) if settings.net.primary_in else None
+    in_ready = True           # client-inputs.sock readable at the last wait (or unknown)
+    next_look = 0.0           # the next look at the checkpoint events
     try:
-        while not ctx.stopping():
-            port.deliver(io)
-            ctx.counters.set("pvm_input_seq", io.input_seq())
-            for ev in events.poll_events(0):
-                if ev.event == "committed":
-                    committed_seq = max(committed_seq, ev.extra.get("input_seq", -1))
-                    asked = False
+        while True:
+            # per turn only what this turn needs: the output when the wait saw it or timed
+            # out; the stop flag (ctx.stopping: this stage's turn, its fault point) before
+            # each wait and every LOOK_S, the events every LOOK_S (and the output then too:
+            # an epoch mark comes without a frame). Each of those looks is a zmq poll, a
+            # read or a lock, and a request made three turns of all of them.
+            now = time.monotonic()
+            look = now >= next_look
+            if look and ctx.stopping():
+                break
+            if port.output_ready or port.pending or look:
+                port.deliver(io)
+            if look:
+                next_look = now + LOOK_S
+                ctx.counters.set("pvm_input_seq", io.input_seq())
+                for ev in events.poll_events(0):
+                    if ev.event == "committed":
+                        committed_seq = max(committed_seq, ev.extra.get("input_seq", -1))
+                        asked = False
             if keep_limit is not None and io.input_head - committed_seq >= keep_limit \
                     and not asked and not shared.unprotected.value:
                 asked = True
@@ -254,19 +286,26 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                         out, wire.encode_input(shared.epoch.value, seq,
                                                io.input_payload(seq)), ctx.stop)
             if payload is None:
-                if injected.poll(0):
-                    payload = injected.recv()
-                elif period is not None and time.monotonic() >= next_at:
+                if in_ready:
+                    try:
+                        payload = injected.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        in_ready = False
+                    else:
+                        in_ready = False      # the wait below says whether more came
+                if payload is None and period is not None and time.monotonic() >= next_at:
                     now = time.monotonic()
                     next_at += period
                     if next_at < now - 1.0:   # fell far behind (guest paused long): no burst
                         next_at = now
                     payload = client_input(settings.guest.workload.seed, n)
                     n += 1
-                else:
+                if payload is None:
+                    if ctx.stopping():
+                        break
                     wait = 0.05 if period is None else max(0.0, min(next_at - time.monotonic(),
                                                                    0.05))
-                    port.wait(io, injected, int(wait * 1000))
+                    in_ready = port.wait(io, injected, int(wait * 1000))
                     continue
             # room for the input: what the PVM consumed is kept no longer (a new secondary
             # needs only what it has not consumed); briefly, so outputs keep being read
@@ -276,6 +315,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 seq = io.feed_input(payload, timeout=0.05)
             except TimeoutError:
                 ctx.counters.add("input_full", 1)   # the PVM is not keeping up: try again
+                port.output_ready = True            # (after reading what it answered)
                 continue
             if trace.REQUESTS:
                 trace.request("pvm_fed", seq, at_ns=fed_ns)
@@ -318,17 +358,27 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
     rate = settings.guest.workload.input_rate_hz
     next_at = 0.0
     port = OutputPort(ctx, settings.net.secondary_in, "svm")
+    next_look = 0.0           # the next look at the checkpoint events (see run_client)
     try:
-        while not ctx.stopping():
+        while True:
             # compared while the primary is there; once active the SVM's output is the
             # service's output: it goes to the clients through this node's own comparator
             # (it starts passing frames through as the node becomes the primary)
-            if shared.active.value and becomes_primary and not port.keep \
-                    and settings.net.primary_in:
+            active = shared.active.value
+            now = time.monotonic()
+            look = now >= next_look
+            # the stop flag as in run_client: every LOOK_S and before each wait for input
+            if (look or active) and ctx.stopping():
+                break
+            if active and becomes_primary and not port.keep and settings.net.primary_in:
                 port.to_clients(settings.net.primary_in)
-            port.deliver(io, compare=not shared.active.value or port.keep)
-            ctx.counters.set("svm_input_seq", io.input_seq())
-            if shared.active.value:
+            if port.output_ready or port.pending or look or active:
+                port.deliver(io, compare=not active or port.keep)
+            if look:
+                next_look = now + LOOK_S
+                ctx.counters.set("svm_input_seq", io.input_seq())
+            if active:
+                ctx.counters.set("svm_input_seq", io.input_seq())
                 if shared.hold_inputs.value or rate <= 0:
                     port.wait(io, None, 5)
                     continue
@@ -346,12 +396,14 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 io.trim_inputs(io.input_seq())
                 ctx.counters.add("inputs_generated", 1)
                 continue
-            for ev in events.poll_events(0):
+            for ev in events.poll_events(0) if look else ():
                 seq = ev.extra.get("input_seq", -1)
                 if ev.event == "committed" and seq >= 0:
                     svm_ran = True
                     io.trim_inputs(seq)
             if held is None:
+                if ctx.stopping():
+                    break
                 if not port.wait(io, inp, 20):
                     continue
                 try:
@@ -390,6 +442,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 # The SVM's input log is full until a checkpoint commits and trims it; the
                 # input stays held here (and back-pressure reaches the primary), never dropped.
                 ctx.counters.add("input_full", 1)
+                next_look = 0.0        # the commit's event, and the SVM's answers, at once
                 continue
             except ValueError as exc:
                 ctx.counters.add("errors", 1)
