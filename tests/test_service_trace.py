@@ -34,7 +34,8 @@ def test_every_answered_request_has_its_whole_timeline(tmp_path):
         # one clock for every process: each copy's hops in path order
         # (the answer may reach the client before the SVM's copy left the secondary: a
         # commit releases the PVM's answers of its epoch without their SVM copies)
-        order = " ".join(sorted(EVERY_HOP, key=ev.get))
+        order = " ".join(f"{h}={ev[h] - ev['client_due']}" for h in
+                         sorted(EVERY_HOP, key=ev.get))      # ns after client_due
         assert ev["client_due"] <= ev["pvm_fed"] <= ev["mirrored"] <= ev["svm_recv"] \
             <= ev["svm_fed"] <= ev["svm_begin"] <= ev["svm_emit"] <= ev["svm_out"], order
         assert ev["pvm_fed"] <= ev["pvm_begin"] <= ev["pvm_emit"] <= ev["pvm_out"] \
