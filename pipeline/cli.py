@@ -144,6 +144,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                   f"go to {net_secondary_address(settings.peer.address)}. After a takeover "
                   "the survivor's guest output goes to its own comparator, which passes it "
                   "through to net.outdev until a secondary joins.")
+        if settings.net.redirector_in:
+            from pipeline.failover.roles import redirector_command
+            who = ("this node runs it while it is the secondary: " + " ".join(
+                redirector_command(settings)[1:]) if settings.net.redirector_by_node
+                   else "the operator runs it while this host is the secondary")
+            print(f"redirector (a real guest NIC): {who}. After a takeover this host's "
+                  f"comparator takes the guest's frames at net.redirector_in "
+                  f"{settings.net.redirector_in}, and a new secondary gets the carried "
+                  f"offsets ({settings.net.redirector_offsets or 'none: no file set'}) with "
+                  "the full sync.")
         try:
             role, why = decide_role(settings, wait=False)
             print(f"started now, it would run as {role}: {why}")

@@ -297,6 +297,7 @@ class Supervisor:
         self.node: NodeCounters | None = None
         self.exit_reason = ""
         self.metrics = None
+        self.redirector = None          # net.redirector_by_node: its process (subprocess.Popen)
         self.disk_bar = None            # the disk sync's bar on a terminal (primary, a disk)
         self.disk_bars_ended = 0        # syncs whose bar was drawn to its end
 
@@ -418,6 +419,8 @@ class Supervisor:
                 log.info("node %s: runs as %s: %s", self.name, role, why)
                 s = self.settings = effective_settings(self.config, role)
                 self.start_as = PrimaryStart(wait_for_secondary=True)
+            if s.node.role == "secondary" and s.net.redirector_by_node:
+                self._start_redirector()
             self.domain = open_domain(s)
             plan = self._plan()
             names = [spec.name for spec in plan]
@@ -487,6 +490,49 @@ class Supervisor:
         for seg in segments:
             seg.unlink()
             seg.close()
+
+    # -- the redirector (net.redirector_by_node) -------------------------------
+    def _start_redirector(self) -> None:
+        """This host's redirector, before any stage: it must hold the guest's interface
+        and its pid file must be there before a takeover can signal it. It stays in the
+        node's process group (lost with the host, as the node is) and runs until the node
+        stops, whatever the node's role becomes. Its log lines go to the node's log."""
+        import subprocess
+        from pipeline.failover.roles import redirector_command
+        cmd = redirector_command(self.config)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()       # "ready" once both streams are connected
+        if line.strip() != "ready":
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"the redirector did not start (exit code {proc.returncode}; "
+                               f"its log is above): {' '.join(cmd)}")
+        self.redirector = proc
+        log.warning("node %s: event=redirector_started pid %d: %s", self.name, proc.pid,
+                    " ".join(cmd[1:]))
+
+    def _redirector_exited(self) -> str:
+        """Why the node must stop: its redirector ended on its own ("" while it runs)."""
+        if self.redirector is None or self.redirector.poll() is None:
+            return ""
+        return f"the redirector (pid {self.redirector.pid}) exited with code " \
+               f"{self.redirector.returncode}"
+
+    def _stop_redirector(self) -> None:
+        """SIGTERM; its counters (its last line) into the node's log."""
+        import subprocess
+        proc, self.redirector = self.redirector, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        last = (out or "").strip().splitlines()[-1:] or [""]
+        log.warning("node %s: event=redirector_stopped counters %s", self.name, last[0])
 
     # -- the survivor becomes the primary (node.role = "auto") -------------------
     def become_primary(self) -> int:
@@ -621,6 +667,7 @@ class Supervisor:
                 p.kill()
                 p.join(1.0)
         self.procs.clear()
+        self._stop_redirector()
         for ring in self.rings:
             ring.unlink()
             ring.close()
@@ -679,6 +726,12 @@ class Supervisor:
             while not self.stop_event.is_set():
                 code = self.wait(0.05 if self.auto else 0.5)
                 if code:
+                    break
+                why = self._redirector_exited()
+                if why and not self.stop_event.is_set():
+                    self.exit_reason = why
+                    log.error("node %s: %s; stopping the node", self.name, why)
+                    code = 1
                     break
                 self._draw_disk_sync()
                 if self.auto and self.settings.node.role == "secondary" \

@@ -420,9 +420,9 @@ class NodeLab(TwoHostLab):
 PORT = 7100
 
 
-def _node_tables(lab: NodeLab, host: str, ns: str, guest: str) -> dict:
+def _node_tables(lab: NodeLab, host: str, ns: str, guest: str, by_node: bool) -> dict:
     """Host ``host``'s own config tables: its guest's interface and its uplink, the
-    redirector's files and streams."""
+    redirector's files and streams (``by_node``: the node runs the redirector)."""
     return {
         "net": {"primary_in": "packet:" + lab.tap[guest], "primary_out": "packet:" + lab.tap[guest],
                 "client_in": "packet:" + lab.uplink[ns], "outdev": "packet:" + lab.uplink[ns],
@@ -430,7 +430,7 @@ def _node_tables(lab: NodeLab, host: str, ns: str, guest: str) -> dict:
                 "redirector_in": f"tcp:127.0.0.1:{PORT + 7}",
                 "redirector_out": f"tcp:127.0.0.1:{PORT + 8}",
                 "redirector_offsets": os.path.join(lab.tmp, f"{host}.offsets"),
-                "compare_timeout_ms": 3000},
+                "compare_timeout_ms": 3000, "redirector_by_node": by_node},
         "failover": {"redirector_pid_file": os.path.join(lab.tmp, f"{host}.redirector.pid")},
     }
 
@@ -466,12 +466,24 @@ def _compared(pair, host: str, at_least: dict | None = None) -> dict:
     return now()
 
 
+def _log_json(pair, host: str, marker: str) -> dict:
+    """The JSON after the last ``marker`` in the node's log."""
+    tail = pair.log_tail(host, 1_000_000)
+    assert marker in tail, tail[-3000:]
+    return json.loads(tail.rsplit(marker, 1)[1].splitlines()[0])
+
+
 @pytest.mark.timeout(900)
-def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
+@pytest.mark.parametrize("by_node", [True, False], ids=["node_runs_redirector",
+                                                        "operator_runs_redirector"])
+def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path, by_node):
     """Job 1 and 2 of issue 16 as an operator runs it: two nodes (``node.role = "auto"``,
     a sim guest standing in for the VM's memory, kernel stacks in namespaces for its
     network), and on each host the redirector the operator starts beside the node when
     it is to be a secondary. No standalone comparator, no file copied by hand:
+
+    ``by_node``: each node runs its redirector itself (``net.redirector_by_node``), else
+    the test starts it beside the node, as an operator would.
 
     1. a primary, b secondary: the client's connection is compared (a's comparator on its
        PVM's interface, b's redirector learns the offset);
@@ -509,11 +521,12 @@ def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
                         addresses={"a": f"tcp://{REPL['primary']}:{PORT}",
                                    "b": f"tcp://{REPL['secondary']}:{PORT}"},
                         netns={"a": lab.ns["ph"], "b": lab.ns["sh"]},
-                        role_tables={"a": _node_tables(lab, "a", "ph", "pvm"),
-                                     "b": _node_tables(lab, "b", "sh", "svm")})
+                        role_tables={"a": _node_tables(lab, "a", "ph", "pvm", by_node),
+                                     "b": _node_tables(lab, "b", "sh", "svm", by_node)})
         pair.start(("a",))
         pair.wait_info("state", "unprotected", role="a", timeout=120)
-        redirectors = {"b": _redirector(lab, "b", "sh", "svm", REPL["primary"])}
+        redirectors = {} if by_node else {
+            "b": _redirector(lab, "b", "sh", "svm", REPL["primary"])}
         pair.start_node("b")
         pair.wait_protected(timeout=240)
         assert pair.roles() == {"a": "primary", "b": "secondary"}
@@ -553,12 +566,16 @@ def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
         lab.new_guest("pvm2", "ph", "p")
         servers["pvm2"] = lab.spawn("pvm2", sys.executable, "-c", SERVER, "restore", state)
         wait_ready(servers["pvm2"], "the new SVM's server")
-        redirectors["a"] = _redirector(lab, "a", "ph", "pvm", REPL["secondary"])
+        if not by_node:
+            redirectors["a"] = _redirector(lab, "a", "ph", "pvm", REPL["secondary"])
         pair.start_node("a")
         info = pair.wait_info("net_offsets", role="a", timeout=240)
+        with open(os.path.join(lab.tmp, "a.redirector.pid")) as fh:
+            pid_a = int(fh.read())
+        assert by_node or pid_a == redirectors["a"].pid
         assert info["net_offsets"] == (
             f"1 connections' offsets written to {os.path.join(lab.tmp, 'a.offsets')}; "
-            f"SIGHUP sent to the redirector (pid {redirectors['a'].pid})"), info
+            f"SIGHUP sent to the redirector (pid {pid_a})"), info
         pair.wait_protected(timeout=240)
         assert pair.roles() == {"a": "secondary", "b": "primary"}
         _ask(client, str(PHASE), 3 * n + PHASE)
@@ -570,7 +587,14 @@ def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
         # one is, and the connection crawls at one answer per compare_timeout_ms)
         assert compared["mismatches"] == 0 and compared["timeouts"] == 0, compared
         # 4. host b lost: a takes over with the carried offsets, and becomes the primary
-        survivor_redirector = _counters(redirectors["b"])
+        if by_node:         # its log lines are in b's node's log (and lost with the host)
+            log_b = pair.log_tail("b", 1_000_000)
+            survivor_redirector = {
+                "failovers": log_b.count("redirector: failover: the SVM's interface is bridged"),
+                "reprotections": log_b.count("redirector: re-protected:")}
+            assert "(1 connections' offsets kept)" in log_b, log_b[-3000:]
+        else:
+            survivor_redirector = _counters(redirectors["b"])
         offsets_a = os.path.join(lab.tmp, "a.offsets")
         written_by_node = os.stat(offsets_a).st_ino
         pair.kill("b")
@@ -592,7 +616,11 @@ def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path):
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
-        new_side = _counters(redirectors["a"])
+        if by_node:
+            pair.stop()         # a's redirector stops with its node: its counters in the log
+            new_side = _log_json(pair, "a", "event=redirector_stopped counters ")
+        else:
+            new_side = _counters(redirectors["a"])
         print(json.dumps({"client": result, "compared_b": compared,
                           "redirector_a": new_side, "redirector_b": survivor_redirector}))
         with open(received, "rb") as f:

@@ -105,9 +105,13 @@ def test_the_secondary_writes_the_rows_whole_and_tells_the_redirector(tmp_path):
     from pipeline.failover.offsets import carried_offsets, take_carried_offsets
     pid_file = str(tmp_path / "redirector.pid")
     settings = _settings(tmp_path, pid_file)
-    # a redirector on two unix streams the test listens on and a packet-less interface:
-    # the loopback's (no frames are sent in this test)
+    # a redirector on two unix streams the test listens on, its interfaces a veth pair in
+    # a namespace of its own (no frames pass in this test)
     import socket
+
+    from netns_lab import IP, MISSING, NetnsLab
+    if MISSING is not None:
+        pytest.skip(MISSING)
     listeners = []
     for name in ("mirror", "compare"):
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -115,10 +119,11 @@ def test_the_secondary_writes_the_rows_whole_and_tells_the_redirector(tmp_path):
         lst.listen(1)
         lst.settimeout(60)
         listeners.append(lst)
-    if os.geteuid() != 0:
-        pytest.skip("the redirector's packet socket needs root")
+    lab = NetnsLab(f"ro{os.getpid() % 10000}", ("h",))
+    lab.veth("g", "h", "h")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.net.redirector", "--svm", "lo", "--uplink", "lo",
+        [IP, "netns", "exec", lab.ns["h"],
+         sys.executable, "-m", "pipeline.net.redirector", "--svm", "g0", "--uplink", "g1",
          "--mirror-from", "unix:" + str(tmp_path / "mirror.sock"),
          "--compare-to", "unix:" + str(tmp_path / "compare.sock"),
          "--offsets-in", settings.net.redirector_offsets, "--pid-file", pid_file],
@@ -150,6 +155,7 @@ def test_the_secondary_writes_the_rows_whole_and_tells_the_redirector(tmp_path):
             proc.wait()
         for lst in listeners:
             lst.close()
+        lab.close()
 
 
 def test_offsets_without_a_place_for_them_are_refused(tmp_path):
@@ -189,3 +195,34 @@ def test_a_survivor_s_comparator_takes_the_guest_from_the_redirector():
     # a sim guest standing in for the memory: its output ports feed no comparator stream
     ports = sim_ports_settings(survivor_settings(s)).net
     assert ports.primary_in == "" and ports.secondary_in == ""
+
+
+def test_the_node_s_redirector_command_and_its_rules():
+    """``net.redirector_by_node``: the redirector's command line from the host's config
+    (the peer the primary), and the keys it needs, each named when missing."""
+    from pipeline.config import ConfigError
+    from pipeline.failover.roles import redirector_command
+    auto = {"node": {"role": "auto", "listen": "tcp://10.0.0.1:7400", "name": "a"},
+            "peer": {"address": "tcp://10.0.0.2:7400"},
+            "failover": {"witness": "local", "witness_key": "/colo/vm/active",
+                         "redirector_pid_file": "/run/r.pid"}}
+    net = {"primary_in": "packet:tap0", "primary_out": "packet:tap0",
+           "client_in": "packet:eth0", "outdev": "packet:eth0",
+           "secondary_out": "tcp:0.0.0.0:7406", "redirector_in": "tcp:127.0.0.1:7407",
+           "redirector_out": "tcp:127.0.0.1:7408", "redirector_offsets": "/var/o.json",
+           "redirector_by_node": True}
+    cmd = redirector_command(_conf(dict(auto, net=net)))
+    assert cmd[1:] == ["-m", "pipeline.net.redirector", "--svm", "tap0", "--uplink", "eth0",
+                       "--mirror-from", "tcp:10.0.0.2:7406", "--compare-to", "tcp:10.0.0.2:7405",
+                       "--primary-in", "tcp:127.0.0.1:7407", "--primary-out",
+                       "tcp:127.0.0.1:7408", "--pid-file", "/run/r.pid",
+                       "--offsets-out", "/var/o.json", "--offsets-in", "/var/o.json"]
+    for change, key in (({"client_in": "tcp:h:1"}, "net.client_in"),
+                        ({"secondary_out": ""}, "net.secondary_out"),
+                        ({"primary_in": "unix:/x"}, "net.primary_in")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            _conf(dict(auto, net=dict(net, **change)))
+    with pytest.raises(ConfigError, match=r"failover\.redirector_pid_file"):
+        _conf(dict(auto, net=net, failover=dict(auto["failover"], redirector_pid_file="")))
+    with pytest.raises(ConfigError, match=r"net\.redirector_by_node"):
+        _conf({"net": net, "failover": {"redirector_pid_file": "/run/r.pid"}})

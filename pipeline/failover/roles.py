@@ -44,6 +44,10 @@ def check_auto(settings: Any) -> None:
     if n.listen:
         _check_tcp("node.listen", n.listen)
     if n.role != "auto":
+        if settings.net.redirector_by_node:
+            raise SettingError("net.redirector_by_node", f"true with node.role {n.role!r}: "
+                               "the node runs the redirector while it is the secondary of "
+                               "its peer, which only role 'auto' names", "node.role 'auto'")
         return
     if not n.listen:
         raise SettingError("node.listen", "missing for node.role 'auto'",
@@ -84,6 +88,8 @@ def check_auto(settings: Any) -> None:
                            "the SVM's output goes to whichever host is the primary, at its "
                            f"address's port + {wire.NET_SECONDARY_PORT_OFFSET}",
                            "not set (or a unix: path when both hosts are one machine)")
+    if net.redirector_by_node:
+        _check_redirector_by_node(settings)
     if net.primary_in:
         top = 65535 - wire.NET_SECONDARY_PORT_OFFSET
         for key, addr in (("node.listen", n.listen), ("peer.address", settings.peer.address)):
@@ -91,6 +97,42 @@ def check_auto(settings: Any) -> None:
                 raise SettingError(key, f"{addr!r}: with a comparator (net.primary_in) the "
                                    f"port + {wire.NET_SECONDARY_PORT_OFFSET} is used too",
                                    f"a port up to {top}")
+
+
+def _check_redirector_by_node(settings: Any) -> None:
+    """``net.redirector_by_node``: everything the redirector's command line is made of."""
+    net = settings.net
+    for key, value, want in (
+            ("net.redirector_in", net.redirector_in, "the redirector's --primary-in"),
+            ("net.primary_in", net.primary_in if net.primary_in.startswith("packet:") else "",
+             "packet:IFNAME, this host's guest NIC (the redirector's --svm)"),
+            ("net.client_in", net.client_in if net.client_in.startswith("packet:") else "",
+             "packet:IFNAME, the clients' network (the redirector's --uplink)"),
+            ("net.secondary_out", net.secondary_out if net.secondary_out.startswith("tcp:")
+             else "", "tcp:HOST:PORT (the peer's redirector connects to its port)"),
+            ("failover.redirector_pid_file", settings.failover.redirector_pid_file,
+             "a path: the node signals the redirector through it")):
+        if not value:
+            raise SettingError(key, "missing or not usable with net.redirector_by_node", want)
+
+
+def redirector_command(settings: Any) -> list[str]:
+    """The redirector's command line (``net.redirector_by_node``) on a host whose config
+    (as the file says, role auto) is ``settings``: this host the secondary, its peer the
+    primary whose comparator it serves."""
+    import sys
+    net, peer = settings.net, settings.peer.address
+    peer_host = peer.removeprefix("tcp://").rsplit(":", 1)[0]
+    mirror_port = net.secondary_out.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "pipeline.net.redirector",
+           "--svm", net.primary_in.split(":", 1)[1], "--uplink", net.client_in.split(":", 1)[1],
+           "--mirror-from", f"tcp:{peer_host}:{mirror_port}",
+           "--compare-to", net_secondary_address(peer),
+           "--primary-in", net.redirector_in, "--primary-out", net.redirector_out,
+           "--pid-file", settings.failover.redirector_pid_file]
+    if net.redirector_offsets:
+        cmd += ["--offsets-out", net.redirector_offsets, "--offsets-in", net.redirector_offsets]
+    return cmd
 
 
 def _check_tcp(key: str, addr: str) -> None:

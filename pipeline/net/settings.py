@@ -72,6 +72,15 @@ class NetSettings(Section):
         "With redirector_in: where that comparator sends the clients' frames for the guest "
         "(the redirector's --primary-out), instead of primary_out."),
         pattern=r"(|(tcp|unix):.*)", pattern_doc="empty, or tcp:HOST:PORT or unix:PATH")
+    redirector_by_node: bool = _f(False, (
+        "With redirector_in and node.role auto: the node runs the redirector itself "
+        "(python -m pipeline.net.redirector) from when it starts as the secondary until it "
+        "stops, across a takeover: --svm the interface of primary_in, --uplink that of "
+        "client_in (both packet:), --mirror-from the peer's secondary_out (its port on "
+        "peer.address's host), --compare-to the peer's secondary_in, --primary-in/-out "
+        "redirector_in/out, --offsets-in/-out redirector_offsets, --pid-file "
+        "failover.redirector_pid_file. Its log lines go to the node's log, its counters "
+        "too when it stops. False: the operator runs it (docs/deployment.md)."))
     redirector_offsets: str = _f("", (
         "With redirector_in: this host's file of carried TCP sequence offsets (the "
         "connections the clients opened before a failover; the redirector's --offsets-out "
