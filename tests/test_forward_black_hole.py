@@ -35,6 +35,20 @@ from pipeline.disk.settings import DiskSettings
 from pipeline.stages.disk import PrimaryDisk, SecondaryDisk
 
 
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (a bind as ZeroMQ's, SO_REUSEADDR, would work):
+    binding it again right after a ZeroMQ socket's close() failed 5 times in 30 here."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 class BlackHoleRelay(threading.Thread):
     """127.0.0.1:``port`` -> ``upstream``. :meth:`hole`: the connections open now are held
     towards the client and swallow its bytes (``swallowed``), their upstream side closed.
@@ -182,6 +196,8 @@ def test_a_new_sessions_first_forward_never_goes_into_a_connection_to_a_gone_sec
         relay.hole()                        # the partition: nothing reaches the secondary
         sec.close()                         # ... which is lost behind it
         pri.on_event("role", 2, {"role": "unprotected"})
+        wait_until(lambda: port_free(port), timeout=60, what="the lost secondary's "
+                   "listener closed (ZeroMQ closes it in its I/O thread, after close())")
         sec2 = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s2.sock",
                                           forward=f"tcp://127.0.0.1:{port}", **settings))
         before = relay.accepted
