@@ -148,6 +148,8 @@ def test_a_new_session_forwards_on_a_new_connection_and_never_delivers_the_old_q
         pri.on_event("role", 2, {"role": "unprotected"})
         lost.join(30)                                # answered from the primary's image
         assert not lost.is_alive()
+        from test_forward_black_hole import port_free   # (ZeroMQ closes a listener late)
+        wait_until(lambda: port_free(port), timeout=60, what="the lost secondary's listener closed")
         sec2 = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s2.sock",
                                           forward=address, **settings))
         pri.on_event("role", 2, {"role": "primary"})  # re-protection
