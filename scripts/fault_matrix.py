@@ -392,8 +392,13 @@ def _stays_protected(pair: "faultnet.NetnsPair", what: str) -> None:
     lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
             for r in ("primary", "secondary")}
     if info.get("state") != "protected" or any(lost.values()):
+        # (a forwarder that was itself kept off the CPU held every packet meanwhile)
+        link = getattr(pair, "link", None)
+        starved = link.forwarder_stats().get("max_run_delay_ms") if link else None
         raise RunFailed(f"{what} broke protection: primary {info.get('state')}, "
-                        f"peer_lost {lost}")
+                        f"peer_lost {lost}" + (f", the forwarder runnable but not running "
+                                               f"for up to {starved} ms at once"
+                                               if starved is not None else ""))
     if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
         raise DataLost(f"with {what} the two memories differ")
 
