@@ -394,11 +394,12 @@ def _stays_protected(pair: "faultnet.NetnsPair", what: str) -> None:
     if info.get("state") != "protected" or any(lost.values()):
         # (a forwarder that was itself kept off the CPU held every packet meanwhile)
         link = getattr(pair, "link", None)
-        starved = link.forwarder_stats().get("max_run_delay_ms") if link else None
+        fw = link.forwarder_stats() if link else {}
         raise RunFailed(f"{what} broke protection: primary {info.get('state')}, "
                         f"peer_lost {lost}" + (f", the forwarder runnable but not running "
-                                               f"for up to {starved} ms at once"
-                                               if starved is not None else ""))
+                                               f"for up to {fw['max_run_delay_ms']} ms at "
+                                               f"once, its longest turn {fw.get('max_turn_ms')}"
+                                               f" ms" if "max_run_delay_ms" in fw else ""))
     if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
         raise DataLost(f"with {what} the two memories differ")
 

@@ -46,6 +46,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -360,6 +361,7 @@ def forward(args: argparse.Namespace) -> int:
     stats: dict[str, int] = {f"{d}_{k}": 0 for d in ("a2b", "b2a")
                              for k in ("packets", "dropped", "duplicated", "reordered",
                                        "delayed")}
+    stats.update(max_run_delay_ms=0, max_turn_ms=0)
     held: dict[int, tuple[float, bytes]] = {}   # reorder: a packet waits for the next one
     timed: list[tuple[float, int, int, bytes]] = []   # delay: (due, seq, fd, packet)
     seq = 0
@@ -385,7 +387,24 @@ def forward(args: argparse.Namespace) -> int:
     except OSError:
         pass
     print("ready", flush=True)
-    written_at, dirty = 0.0, True
+
+    def write_stats() -> None:
+        """Every 50 ms, from a thread of its own: a file write (a rename waits for the
+        file system's journal on a busy disk) never holds a packet back."""
+        last = None
+        while True:
+            now_stats = dict(stats)
+            if now_stats != last:
+                tmp = args.stats + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(now_stats, f)
+                os.replace(tmp, args.stats)
+                last = now_stats
+            if stop:
+                return
+            time.sleep(0.05)
+    writer = threading.Thread(target=write_stats, name="stats", daemon=True)
+    writer.start()
     # how long this process was runnable but not running (its scheduler's run_delay) in
     # one turn of the loop: packets wait that long. A row that saw a peer lost over an
     # impaired link tells a starved forwarder from the link's own faults by it
@@ -417,6 +436,7 @@ def forward(args: argparse.Namespace) -> int:
             ready, _, _ = select.select([fd_a, fd_b], [], [], wait)
         except InterruptedError:
             continue
+        woke = time.monotonic()
         for fd in ready:
             for _ in range(64):
                 try:
@@ -428,7 +448,6 @@ def forward(args: argparse.Namespace) -> int:
                     break
                 d, dst = name[fd], out[fd]
                 stats[f"{d}_packets"] += 1
-                dirty = True
                 if rng.random() < args.loss:
                     stats[f"{d}_dropped"] += 1
                     continue
@@ -457,9 +476,10 @@ def forward(args: argparse.Namespace) -> int:
         delay = run_delay_ns()
         if (delay - last_delay) // 1_000_000 > stats.get("max_run_delay_ms", 0):
             stats["max_run_delay_ms"] = (delay - last_delay) // 1_000_000
-            dirty = True
         last_delay = delay
         now = time.monotonic()
+        if (now - woke) * 1000 > stats.get("max_turn_ms", 0):   # (packets held that long)
+            stats["max_turn_ms"] = int((now - woke) * 1000)
         for dst, (t, pkt) in list(held.items()):   # no next packet came: send it anyway
             if now - t >= 0.02:
                 del held[dst]
@@ -470,12 +490,7 @@ def forward(args: argparse.Namespace) -> int:
                 os.write(fd, pkt)
             except OSError:
                 pass
-        if dirty and now - written_at >= 0.05:
-            tmp = args.stats + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(stats, f)
-            os.replace(tmp, args.stats)
-            written_at, dirty = now, False
+    writer.join(10)
     return 0
 
 
