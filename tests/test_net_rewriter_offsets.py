@@ -226,3 +226,83 @@ def test_the_node_s_redirector_command_and_its_rules():
         _conf(dict(auto, net=net, failover=dict(auto["failover"], redirector_pid_file="")))
     with pytest.raises(ConfigError, match=r"net\.redirector_by_node"):
         _conf({"net": net, "failover": {"redirector_pid_file": "/run/r.pid"}})
+
+
+# -- checkpoints on a re-protected pair (net.redirector_control) ----------------------------
+def test_a_checkpoint_drops_the_learnt_offsets_and_keeps_the_carried():
+    """After a checkpoint the SVM holds the PVM's state: a connection opened while protected
+    (offset learnt here) is in the PVM's space, one carried from before a failover is still
+    in the survivor guest's, which the clients' differs from."""
+    carried = learnt().export_offsets()
+    rw = SeqRewriter()
+    rw.load_offsets(carried)
+    # a second connection, opened while protected: its offset learnt from the handshake
+    rw.observe_client(build.tcp_frame(C, G, 6666, 80, 100, 0, TCP_SYN))
+    rw.from_secondary(build.tcp_frame(G, C, 80, 6666, SVM_ISN, 101, TCP_SYN | TCP_ACK))
+    rw.observe_client(build.tcp_frame(C, G, 6666, 80, 101, PVM_ISN + 1, TCP_ACK))
+    assert sorted(r["client_port"] for r in rw.export_offsets()) == [5555, 6666]
+    assert rw.reset_learnt() == (1, 1)
+    assert rw.export_offsets() == carried
+    # the learnt one goes out as the SVM sends it now (in the PVM's space), the carried
+    # one still moved
+    out = rw.from_secondary(build.tcp_frame(G, C, 80, 6666, PVM_ISN + 9, 105, TCP_ACK | TCP_PSH,
+                                            b"x"))
+    assert parse_frame(out).seq == PVM_ISN + 9
+    out = rw.from_secondary(build.tcp_frame(G, C, 80, 5555, SVM_ISN + 9, 105, TCP_ACK | TCP_PSH,
+                                            b"x"))
+    assert parse_frame(out).seq == PVM_ISN + 9 and checksum_ok(out)
+
+
+def test_the_redirector_answers_a_checkpoint_on_its_control_socket(tmp_path):
+    """The secondary node's notice (CheckpointNotice) to a real redirector process:
+    answered, counted, the carried offsets kept; with no redirector there, the notice says
+    why and the caller goes on."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from netns_lab import IP, MISSING, NetnsLab
+
+    from pipeline.failover.offsets import CheckpointNotice
+    if MISSING is not None:
+        pytest.skip(MISSING)
+    control = str(tmp_path / "redirector.ctl")
+    assert "redirector.ctl" in CheckpointNotice(control).notify()     # nobody listens
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text(json.dumps(learnt().export_offsets()))
+    listeners = []
+    for name in ("mirror", "compare"):
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(str(tmp_path / f"{name}.sock"))
+        lst.listen(1)
+        lst.settimeout(60)
+        listeners.append(lst)
+    lab = NetnsLab(f"rc{os.getpid() % 10000}", ("h",))
+    notice = None
+    try:
+        lab.veth("g", "h", "h")
+        proc = lab.spawn("h", sys.executable, "-m", "pipeline.net.redirector", "--svm", "g0",
+                         "--uplink", "g1", "--mirror-from", "unix:" + str(tmp_path / "mirror.sock"),
+                         "--compare-to", "unix:" + str(tmp_path / "compare.sock"),
+                         "--offsets-in", str(offsets), "--control", control)
+        conns = [lst.accept()[0] for lst in listeners]
+        assert proc.stdout.readline().strip() == "ready"
+        notice = CheckpointNotice(control)
+        assert notice.notify() == "" and notice.notify() == ""
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        counters = json.loads(out.strip().splitlines()[-1])
+        assert counters["checkpoints"] == 2 and counters["offsets_reset"] == 0, (counters, err)
+        assert counters["offsets_loaded"] == 1, counters
+        # the redirector is gone: the next notice says so
+        assert "redirector" in notice.notify()
+        for c in conns:
+            c.close()
+    finally:
+        if notice is not None:
+            notice.close()
+        for lst in listeners:
+            lst.close()
+        lab.close()

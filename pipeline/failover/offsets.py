@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from typing import Any
 
 from pipeline.failover.takeover import signal_redirector
@@ -61,3 +62,48 @@ def take_carried_offsets(settings: Any, rows: list[dict]) -> str:
         return what + "; no failover.redirector_pid_file: the redirector must load them itself"
     ok, why = signal_redirector(pid_file, signal.SIGHUP)
     return f"{what}; {why}" if ok else f"{what}; the redirector was not told: {why}"
+
+
+class CheckpointNotice:
+    """The secondary coordinator's side of the redirector's ``--control`` socket
+    (``net.redirector_control``): after each applied or rolled-back epoch, the SVM still
+    paused, ``checkpoint`` and the redirector's answer (it drops the offsets it learnt,
+    keeps the carried ones). One connection, made again after a failure."""
+
+    TIMEOUT_S = 1.0
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+
+    def notify(self) -> str:
+        """"" once the redirector answered ``ok``, else why not (the caller logs and
+        counts it; the checkpoint stands)."""
+        why = ""
+        for _attempt in (0, 1):            # a redirector restarted since: connect again
+            try:
+                if self.sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(self.TIMEOUT_S)
+                    self.sock = sock
+                    sock.connect(self.path)
+                self.sock.sendall(b"checkpoint\n")
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = self.sock.recv(256)
+                    if not chunk:
+                        raise ConnectionError("the redirector closed its control socket")
+                    answer += chunk
+            except OSError as exc:
+                self.close()
+                why = f"the redirector's control socket {self.path}: {exc}"
+                continue
+            if not answer.startswith(b"ok "):
+                return f"the redirector answered {answer.strip()!r}"
+            return ""
+        return why
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

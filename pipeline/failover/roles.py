@@ -132,6 +132,8 @@ def redirector_command(settings: Any) -> list[str]:
            "--pid-file", settings.failover.redirector_pid_file]
     if net.redirector_offsets:
         cmd += ["--offsets-out", net.redirector_offsets, "--offsets-in", net.redirector_offsets]
+    if net.redirector_control:
+        cmd += ["--control", net.redirector_control]
     return cmd
 
 

@@ -47,6 +47,15 @@ standalone process): the new secondary's node receives the survivor's offsets wi
 full sync, writes them to its ``net.redirector_offsets`` and sends SIGHUP; the redirector
 then loads ``--offsets-in`` (all rows or none). At start it loads the file only if it is
 there (the node removes it when it starts: a fresh guest has none).
+
+**Checkpoints** (``--control PATH``, a unix socket; the secondary node's coordinator,
+``net.redirector_control``, sends ``checkpoint`` after each applied or rolled-back epoch
+while the SVM is still paused, and waits for the answer before it resumes it): the SVM now
+holds the PVM's state, in the PVM's sequence space on every connection the two guests
+opened while protected, so the offsets learnt here are dropped; the carried ones
+(``--offsets-in``) stay, both guests being in the survivor guest's space on those. The
+frames the SVM sent before the pause are read and moved first, with the old offsets.
+QEMU's filter-rewriter does the same at its checkpoint event.
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -72,7 +82,7 @@ SEND_STUCK_S = 5.0
 COUNTERS = ("client_frames_in", "svm_frames_out", "frames_to_clients",
             "client_frames_direct", "frames_not_for_guest", "announcements", "failovers",
             "reprotections", "reprotect_refused", "offsets_loaded", "offsets_exported",
-            "offsets_refused", "frames_rewritten")
+            "offsets_refused", "frames_rewritten", "checkpoints", "offsets_reset")
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -95,7 +105,7 @@ class SecondaryRedirector:
     def __init__(self, svm: str, mirror_from: str, compare_to: str, uplink: str,
                  connect_timeout: float = 30.0, primary_in: str = "", primary_out: str = "",
                  offsets_out: str = "", offsets: list | None = None,
-                 offsets_in: str = "") -> None:
+                 offsets_in: str = "", control: str = "") -> None:
         self.rewriter = SeqRewriter()
         self.counters = dict.fromkeys(COUNTERS, 0)
         if offsets:
@@ -107,6 +117,15 @@ class SecondaryRedirector:
             offsets_out
         self.offsets_in = offsets_in
         self._load_asked = threading.Event()
+        self.control: socket.socket | None = None       # the node's checkpoint notices
+        self.control_conn: socket.socket | None = None
+        self._control_buf = b""
+        if control:
+            if os.path.exists(control):
+                os.unlink(control)
+            self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.control.bind(control)
+            self.control.listen(1)
         self.connect_timeout = connect_timeout
         self.guest_mac: bytes | None = None
         self.failed_over = threading.Event()
@@ -241,6 +260,44 @@ class SecondaryRedirector:
         self.counters["offsets_loaded"] += n
         log.warning("redirector: %d connections' offsets loaded from %s", n, self.offsets_in)
 
+    def checkpoint(self) -> tuple[int, int]:
+        """The SVM is paused with the PVM's state: the frames it sent before go on with
+        the old offsets, then the learnt offsets are dropped (the carried ones kept)."""
+        while select.select([self.svm.fileno()], [], [], 0)[0]:
+            before = self.counters["svm_frames_out"]
+            self._from_svm()
+            if self.counters["svm_frames_out"] == before:
+                break
+        reset, kept = self.rewriter.reset_learnt()
+        self.counters["checkpoints"] += 1
+        self.counters["offsets_reset"] += reset
+        return reset, kept
+
+    def _on_control(self) -> None:
+        """A line from the node: ``checkpoint`` (answered ``ok RESET KEPT``); anything
+        else is answered ``error ...`` and changes nothing."""
+        try:
+            data = self.control_conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self.control_conn.close()
+            self.control_conn, self._control_buf = None, b""
+            return
+        self._control_buf += data
+        while b"\n" in self._control_buf:
+            line, self._control_buf = self._control_buf.split(b"\n", 1)
+            if line.strip() == b"checkpoint":
+                reset, kept = self.checkpoint()
+                answer = f"ok {reset} {kept}\n"
+            else:
+                log.error("redirector: unknown control line %r", line[:80])
+                answer = f"error unknown command {line[:80]!r}\n"
+            try:
+                self.control_conn.sendall(answer.encode())
+            except OSError:
+                pass
+
     def run_once(self, timeout: float) -> None:
         if self._load_asked.is_set():
             self._do_load_offsets()
@@ -248,8 +305,16 @@ class SecondaryRedirector:
             self._do_failover()
         if self._reprotect_asked.is_set():
             self._do_reprotect()
-        sources = [self.svm] + [s for s in (self.mirror, self.uplink) if s is not None]
+        sources = [self.svm] + [s for s in (self.mirror, self.uplink, self.control,
+                                            self.control_conn) if s is not None]
         ready = select.select([s.fileno() for s in sources], [], [], timeout)[0]
+        if self.control is not None and self.control.fileno() in ready:
+            conn, _ = self.control.accept()
+            if self.control_conn is not None:      # one node: the newest connection wins
+                self.control_conn.close()
+            self.control_conn, self._control_buf = conn, b""
+        elif self.control_conn is not None and self.control_conn.fileno() in ready:
+            self._on_control()
         if self.svm.fileno() in ready:
             self._from_svm()
         if self.uplink is not None and self.uplink.fileno() in ready:
@@ -267,7 +332,8 @@ class SecondaryRedirector:
             self.run_once(0.05)
 
     def close(self) -> None:
-        for s in (self.svm, self.uplink, self.mirror, self.compare):
+        for s in (self.svm, self.uplink, self.mirror, self.compare, self.control,
+                  self.control_conn):
             if s is not None:
                 s.close()
 
@@ -298,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                              "again on SIGHUP: a new secondary whose SVM was synced from a "
                              "survivor's guest (the survivor's --offsets-out, which the "
                              "node carries with the full sync: net.redirector_offsets)")
+    parser.add_argument("--control", default="", metavar="PATH",
+                        help="a unix socket where the secondary node says 'checkpoint' at "
+                             "each applied epoch, the SVM paused: the learnt offsets are "
+                             "dropped, the carried ones kept (net.redirector_control)")
     parser.add_argument("--pid-file", metavar="PATH",
                         help="write this process's pid there once ready (removed at exit): "
                              "the node's failover.redirector_pid_file, so its takeover "
@@ -317,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         r = SecondaryRedirector(args.svm, args.mirror_from, args.compare_to, args.uplink,
                                 primary_in=args.primary_in, primary_out=args.primary_out,
                                 offsets_out=args.offsets_out, offsets=offsets,
-                                offsets_in=args.offsets_in)
+                                offsets_in=args.offsets_in, control=args.control)
     except ValueError as exc:
         parser.error(f"--offsets-in {args.offsets_in}: {exc}")
     stop = threading.Event()

@@ -39,14 +39,15 @@ M32 = 0xFFFFFFFF
 
 
 class _Flow:
-    __slots__ = ("client_syn", "pvm_isn", "pvm_ts", "seq_offset", "svm_isn", "svm_ts",
-                 "ts_offset")
+    __slots__ = ("carried", "client_syn", "pvm_isn", "pvm_ts", "seq_offset", "svm_isn",
+                 "svm_ts", "ts_offset")
 
     def __init__(self) -> None:
         self.pvm_isn = self.svm_isn = self.pvm_ts = self.svm_ts = None
         self.seq_offset = 0
         self.ts_offset = 0
         self.client_syn = False     # the client's SYN seen: its next ACK ends the handshake
+        self.carried = False        # loaded (load_offsets): a connection from before a failover
 
 
 def _timestamp(frame: bytes, l4: int) -> int | None:
@@ -228,7 +229,19 @@ class SeqRewriter:
         for key, seq_offset, ts_offset in flows:
             flow = self._flow(key, True)
             flow.seq_offset, flow.ts_offset = seq_offset, ts_offset
+            flow.carried = True
         return len(flows)
+
+    def reset_learnt(self) -> tuple[int, int]:
+        """A checkpoint on a re-protected pair: the SVM now holds the PVM's state, so the
+        offsets learnt here (connections opened while protected: the two guests' ISNs
+        differ until a checkpoint) are 0 again, but the carried ones stay: both guests are
+        in the survivor guest's space on those, which the clients' differs from. Returns
+        (connections reset, connections kept)."""
+        learnt = [key for key, f in self._flows.items() if not f.carried]
+        for key in learnt:
+            del self._flows[key]
+        return len(learnt), len(self._flows)
 
     def reset(self) -> None:
         """After a checkpoint the SVM continues from the PVM's state: no offsets any more."""

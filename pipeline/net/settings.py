@@ -81,6 +81,13 @@ class NetSettings(Section):
         "redirector_in/out, --offsets-in/-out redirector_offsets, --pid-file "
         "failover.redirector_pid_file. Its log lines go to the node's log, its counters "
         "too when it stops. False: the operator runs it (docs/deployment.md)."))
+    redirector_control: str = _f("", (
+        "With redirector_in, a guest whose SVM takes the PVM's state at each checkpoint (a "
+        "real VM): the redirector's --control socket (a path on this host). The secondary "
+        "node says 'checkpoint' there after each applied or rolled-back epoch, the SVM still "
+        "paused, and the redirector drops the offsets it learnt (both guests are in the "
+        "PVM's space from then on) and keeps the carried ones. Empty: offsets are never "
+        "reset (the network-namespace lab, whose kernel-stack guests no checkpoint copies)."))
     redirector_offsets: str = _f("", (
         "With redirector_in: this host's file of carried TCP sequence offsets (the "
         "connections the clients opened before a failover; the redirector's --offsets-out "
@@ -105,6 +112,10 @@ class NetSettings(Section):
         if self.redirector_in and self.redirector_in == self.redirector_out:
             raise SettingError("net.redirector_out", f"{self.redirector_out!r} is already "
                                "net.redirector_in", "each stream with its own address")
+        if self.redirector_control and not self.redirector_in:
+            raise SettingError("net.redirector_control", "set without net.redirector_in",
+                               "net.redirector_in and net.redirector_out too, or leave it "
+                               "empty")
         if self.redirector_offsets and not self.redirector_in:
             raise SettingError("net.redirector_offsets", "set without net.redirector_in",
                                "net.redirector_in and net.redirector_out too (a real guest "
