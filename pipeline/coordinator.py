@@ -844,6 +844,7 @@ class SecondaryCoordinator(_Coordinator):
         self.ctx, self.settings, self.node, self.domain = ctx, settings, node, domain
         self.restore_ctrl, self.shared, self.hb_events = restore_ctrl, shared, hb_events
         self.c = ctx.counters
+        self.redirector_notice = None     # net.redirector_control: CheckpointNotice
         self.role = SecondaryRole(ctx, settings, domain, shared, self._info, node.node_info)
         self.begins: deque[wire.CheckpointBegin] = deque()   # BEGINs not yet taken up
         self.replies: dict[int, messages.Applied | messages.Aborted] = {}   # the restore
@@ -1003,6 +1004,8 @@ class SecondaryCoordinator(_Coordinator):
                 self.domain.mark_outputs(
                     encode_boundary(BOUNDARY_COMMITTED, epoch) if committed else
                     encode_boundary(BOUNDARY_ROLLED_BACK, self.last_epoch, epoch))
+            if self.settings.net.redirector_control:
+                self._checkpoint_redirector(epoch)
             # the primary known lost (its heartbeat): the SVM stays paused where this epoch
             # left it until the takeover resumes it (or, refused, as the standby), so what
             # it replays goes to the clients, not into the lost primary's comparator. Torn
@@ -1222,6 +1225,20 @@ class SecondaryCoordinator(_Coordinator):
                                    assembled_ns=0, apply_ns=0))
         raise StaleSecondary(f"{why}; stopping (start it again to join as a new secondary: "
                              "the primary syncs it)")
+
+    def _checkpoint_redirector(self, epoch: int) -> None:
+        """A real guest NIC: the redirector drops the offsets it learnt, the SVM still
+        paused (pipeline/net/redirector.py, "Checkpoints"). A redirector that cannot be
+        told is logged and counted; the epoch stands (its offsets stay: a mismatch, then
+        another checkpoint, follows on a connection opened since)."""
+        from pipeline.failover.offsets import CheckpointNotice
+        if self.redirector_notice is None:
+            self.redirector_notice = CheckpointNotice(self.settings.net.redirector_control)
+        why = self.redirector_notice.notify()
+        if why:
+            self.c.add("errors", 1)
+            self.ctx.log.warning("epoch=%d event=redirector_not_checkpointed %s", epoch, why,
+                                 extra={"epoch": epoch})
 
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:
