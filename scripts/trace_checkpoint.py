@@ -14,12 +14,15 @@ next to the load average printed at the end.
 
 --raw prints every event of each checkpoint in time order with its detail (pages in the
 SVM's dirty log, the size of each SVM_DIRTY part, SVM pages checked) instead of the
-first/last summary per stage and event.
+first/last summary per stage and event. At the end, the control hops (BEGIN to each
+node, each SVM_DIRTY part from coordinator to coordinator, the ACK's way back) over all
+checkpoints: median and max, the figures that say whether a hop waited for a core.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -57,6 +60,31 @@ def events(lines: list[str], commit_ms: float) -> list[tuple[float, str, str, st
     return sorted(e for e in out if -1 <= e[0] <= commit_ms + 5)
 
 
+#: the control hops of a checkpoint, each from one process's event to the next's (the
+#: primary's and the secondary's coordinator both trace as "coordinator"; their events
+#: have distinct names); an SVM_DIRTY part is matched to its arrival in order
+HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd")),
+        ("BEGIN -> secondary", ("coordinator", "begin"), ("coordinator", "begin_in")),
+        ("EPOCH_END sent -> restore applies", ("send", "sent_end"), ("restore", "apply_start")),
+        ("verdict -> ACK sent", ("coordinator", "reply"), ("coordinator", "ack_sent")),
+        ("ACK sent -> primary", ("coordinator", "ack_sent"), ("coordinator", "ack_in")))
+
+
+def hops(evs: list[tuple[float, str, str, str, str]]) -> dict[str, list[float]]:
+    """ms each control hop took in one checkpoint's events (:func:`events`)."""
+    def at(who: str, name: str) -> list[float]:
+        return [t for t, w, n, _e, _d in evs if w == who and n == name]
+    out: dict[str, list[float]] = {}
+    for label, a, b in HOPS:
+        ta, tb = at(*a), at(*b)
+        if ta and tb:
+            out[label] = [tb[0] - ta[0]]
+    sent = sorted(at("coordinator", "svm_part_sent") + at("coordinator", "svm_hashed"))
+    out["SVM_DIRTY part -> primary"] = [g - t for t, g in zip(sent, at("coordinator",
+                                                                       "svm_dirty_in"))]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=1000, help="dirty pages per checkpoint")
@@ -86,8 +114,11 @@ def main() -> int:
             text = fh.read()
     finally:
         os.unlink(path)
+    waits: dict[str, list[float]] = {}
     for mark, cp in marks:
         ms = {k: cp.get(f"{k}_ns", 0) / 1e6 for k in ("commit", "transfer", "apply", "ack")}
+        for label, took in hops(events(text[mark:].splitlines(), ms["commit"])).items():
+            waits.setdefault(label, []).extend(took)
         print(f"--- epoch {cp['epoch']}: {cp['pages_dirty']} dirty pages, commit "
               f"{ms['commit']:.2f} ms = pause {cp['pvm_pause_ns'] / 1e6:.2f} + transfer "
               f"{ms['transfer']:.2f} + apply {ms['apply']:.2f} + ACK {ms['ack']:.2f}")
@@ -97,6 +128,9 @@ def main() -> int:
             continue
         for who, event, first, last, n in timeline(text[mark:].splitlines(), ms["commit"]):
             print(f"  {who:12s} {event:16s} {first:8.2f} {last:8.2f}  x{n}")
+    print("control hops over all checkpoints, ms (median, max, count):")
+    for label, took in waits.items():
+        print(f"  {label:34s} {statistics.median(took):7.2f} {max(took):7.2f}  x{len(took)}")
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 
