@@ -27,6 +27,11 @@ The client's stream must hold every response once, in order, across both failove
 the comparator must have matched the new SVM's segments against the guest's, with no
 mismatch: without the carried offset the new SVM's sequence numbers (the survivor guest's
 own) would differ.
+
+That first test runs the parts by hand (a standalone comparator, the offsets file copied).
+``test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets`` runs the same story as
+an operator would: two nodes, the survivor's own comparator on the redirector's streams,
+the offsets carried with the full sync, the redirectors run by the nodes (or beside them).
 """
 from __future__ import annotations
 
