@@ -649,3 +649,40 @@ def test_the_nodes_reprotect_a_real_nic_pair_and_carry_the_offsets(tmp_path, by_
         if pair is not None:
             pair.stop()
         lab.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_node_whose_redirector_dies_stops_naming_it(tmp_path):
+    """``net.redirector_by_node``: the secondary node runs its redirector; if that process
+    ends on its own the node's guest is off its NIC's path, so the node stops (exit 1, its
+    log naming the redirector and its exit) and the primary runs on unprotected."""
+    from test_failover import TABLES
+
+    from pipeline.localpair import HostPair
+    lab = NodeLab()
+    pair = None
+    try:
+        tables = dict(TABLES, failover={"witness": "local", "witness_dir": "{workdir}/witness"})
+        tables["guest.workload"] = dict(TABLES["guest.workload"], input_rate_hz=0.0)
+        pair = HostPair(tables, workdir=str(tmp_path / "pair"),
+                        addresses={"a": f"tcp://{REPL['primary']}:{PORT}",
+                                   "b": f"tcp://{REPL['secondary']}:{PORT}"},
+                        netns={"a": lab.ns["ph"], "b": lab.ns["sh"]},
+                        role_tables={"a": _node_tables(lab, "a", "ph", "pvm", True),
+                                     "b": _node_tables(lab, "b", "sh", "svm", True)})
+        pair.start(("a",))
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+        pair.start_node("b")
+        pair.wait_protected(timeout=240)
+        assert "event=redirector_started" in pair.log_tail("b", 1_000_000)
+        assert "event=redirector_started" not in pair.log_tail("a", 1_000_000)
+        with open(os.path.join(lab.tmp, "b.redirector.pid")) as fh:
+            pid = int(fh.read())
+        os.kill(pid, signal.SIGKILL)
+        assert pair.wait_exit("b", timeout=120) == 1
+        assert f"the redirector (pid {pid}) exited with code -9" in pair.log_tail("b", 1_000_000)
+        pair.wait_info("state", "unprotected", role="a", timeout=120)
+    finally:
+        if pair is not None:
+            pair.stop()
+        lab.close()
