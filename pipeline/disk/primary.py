@@ -149,6 +149,15 @@ class PrimaryBackend:
             self.session_open.clear()
             begin = self._order_marker_locked()
             self.session_seq = begin[0]
+            # the seals of the new session on a connection of their own, like each NBD
+            # connection's forwards (PrimaryLink._renew_socket): the old one may be to a
+            # secondary gone unnoticed (a host replaced at its address, before a
+            # retransmit drew an RST), which swallows what is written into it: the new
+            # secondary's first commit would wait for a seal that never comes
+            old_seal, self._seal_socket = self._seal_socket, sockets.disk_forward_out(
+                self.context, self.forward_to, self.secure)
+            if old_seal is not None:
+                old_seal.close(0)
         old, self._sync = self._sync, InitialSync(self, begin)
         if old is not None:
             old.stop()
