@@ -373,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the node's failover.redirector_pid_file, so its takeover "
                              "sends the SIGUSR1")
     args = parser.parse_args(argv)
-    logging.basicConfig(level="WARNING", stream=sys.stderr)
+    # as the node logs (a node-run redirector writes into the node's log)
+    logging.basicConfig(level="WARNING", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s redirector pipeline.net.redirector: "
+                               "%(message)s")
     offsets = None
     if args.offsets_in and os.path.exists(args.offsets_in):
         try:
