@@ -29,6 +29,11 @@ def test_quick_run_has_every_row_and_loses_no_request():
         assert r["completed"] == r["sent"] > 0, r
         assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
         assert set(r["cpu_s"]) == {"primary", "secondary"}
+        # what a request cost each node, and each process of it (all its threads)
+        assert set(r["per_request"]) == {"primary", "secondary"}, r["per_request"]
+        assert r["per_request"]["primary"]["cpu_us"] > 0, r["per_request"]
+        assert r["per_request"]["primary"]["runs"] > 0, r["per_request"]
+        assert r["processes"]["primary"]["client"]["cpu_us_per_request"] > 0, r["processes"]
         # a protected mode's row says whether the pair stayed protected through it
         assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
         if r["mode"] == "unprotected":
