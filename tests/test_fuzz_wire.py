@@ -120,6 +120,8 @@ valid_messages = st.one_of(
                                        a.memory_digest, a.assembled_ns, a.apply_ns)),
     inputs.map(lambda i: wire.encode_input(*i)),
     U64.map(wire.encode_shutdown),
+    st.lists(st.dictionaries(st.text(max_size=8), U64, max_size=3), max_size=3).map(
+        wire.encode_net_offsets),
 )
 
 
