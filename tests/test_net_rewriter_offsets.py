@@ -260,10 +260,9 @@ def test_the_redirector_answers_a_checkpoint_on_its_control_socket(tmp_path):
     import os
     import signal
     import socket
-    import subprocess
     import sys
 
-    from netns_lab import IP, MISSING, NetnsLab
+    from netns_lab import MISSING, NetnsLab
 
     from pipeline.failover.offsets import CheckpointNotice
     if MISSING is not None:
