@@ -107,18 +107,10 @@ def test_the_secondary_writes_the_rows_whole_and_tells_the_redirector(tmp_path):
     settings = _settings(tmp_path, pid_file)
     # a redirector on two unix streams the test listens on, its interfaces a veth pair in
     # a namespace of its own (no frames pass in this test)
-    import socket
-
     from netns_lab import IP, MISSING, NetnsLab
     if MISSING is not None:
         pytest.skip(MISSING)
-    listeners = []
-    for name in ("mirror", "compare"):
-        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lst.bind(str(tmp_path / f"{name}.sock"))
-        lst.listen(1)
-        lst.settimeout(60)
-        listeners.append(lst)
+    listeners = _redirector_streams(tmp_path)
     lab = NetnsLab(f"ro{os.getpid() % 10000}", ("h",))
     lab.veth("g", "h", "h")
     proc = subprocess.Popen(
@@ -259,7 +251,6 @@ def test_the_redirector_answers_a_checkpoint_on_its_control_socket(tmp_path):
     why and the caller goes on."""
     import os
     import signal
-    import socket
     import sys
 
     from netns_lab import MISSING, NetnsLab
@@ -271,13 +262,7 @@ def test_the_redirector_answers_a_checkpoint_on_its_control_socket(tmp_path):
     assert "redirector.ctl" in CheckpointNotice(control).notify()     # nobody listens
     offsets = tmp_path / "offsets.json"
     offsets.write_text(json.dumps(learnt().export_offsets()))
-    listeners = []
-    for name in ("mirror", "compare"):
-        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lst.bind(str(tmp_path / f"{name}.sock"))
-        lst.listen(1)
-        lst.settimeout(60)
-        listeners.append(lst)
+    listeners = _redirector_streams(tmp_path)
     lab = NetnsLab(f"rc{os.getpid() % 10000}", ("h",))
     notice = None
     try:
@@ -305,3 +290,17 @@ def test_the_redirector_answers_a_checkpoint_on_its_control_socket(tmp_path):
         for lst in listeners:
             lst.close()
         lab.close()
+
+
+def _redirector_streams(tmp_path) -> list:
+    """The two unix streams a redirector connects to (its mirror and compare sides),
+    listening in ``tmp_path`` as mirror.sock and compare.sock."""
+    import socket
+    listeners = []
+    for name in ("mirror", "compare"):
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(str(tmp_path / f"{name}.sock"))
+        lst.listen(1)
+        lst.settimeout(60)
+        listeners.append(lst)
+    return listeners
