@@ -53,6 +53,8 @@ COUNTER_NAMES = {
     "divergences": "PVM and SVM write streams differed (counted with compare off too)",
     "checkpoint_requests": "checkpoints requested by the disk stage",
     "overlay_bytes": "bytes held in the SVM overlay (gauge)",
+    "overlay_over_bound": "SVM writes that took the overlay past disk.overlay_max_bytes "
+                          "(taken all the same; a checkpoint is asked for)",
     "buffer_bytes": "bytes of uncommitted PVM writes buffered (gauge)",
     "sync_bytes": "initial sync: bytes of allocated extents sent (primary) / written (secondary)",
     "sync_total": "initial sync: bytes of allocated extents to send (primary, gauge)",

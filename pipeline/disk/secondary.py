@@ -24,22 +24,21 @@ log = logging.getLogger(__name__)
 GIVEN_UP = "given up: "
 
 
-class HalfFullAlarm:
+class FillAlarm:
     """Asks for a checkpoint once a bounded store (the SVM's overlay, the PVM writes'
-    buffer) holds half its bound, once per committed epoch: a commit empties it, so a pair
-    whose checkpoints keep up never reaches the bound — no SVM write failed with ENOSPC
-    (which a survivor's guest would keep if the primary were lost before the checkpoint),
-    no replication given up for a full buffer."""
+    buffer) holds ``at`` of its bound (half by default), once per committed epoch: a commit
+    empties it, so a pair whose checkpoints keep up never reaches the bound — no
+    replication given up for a full buffer, no SVM overlay past its ceiling."""
 
     def __init__(self, store: SecondaryStore, comparator: DiskComparator, what: str,
-                 held: Callable[[], int], bound: int) -> None:
+                 held: Callable[[], int], bound: int, at: float = 0.5) -> None:
         self.store, self.comparator, self.what = store, comparator, what
-        self.held, self.bound = held, bound
+        self.held, self.bound, self.at = held, bound, at
         self._asked_at = -1   # the committed epoch at which it last asked
 
     def check(self) -> None:
         store = self.store
-        if store.committed_epoch != self._asked_at and self.held() * 2 >= self.bound:
+        if store.committed_epoch != self._asked_at and self.held() >= self.bound * self.at:
             self._asked_at = store.committed_epoch
             self.comparator.request_checkpoint(
                 "dirty_threshold", f"{self.what} at {self.held()} of {self.bound} bytes")
@@ -58,9 +57,13 @@ class SvmBackend:
         self.block_size = store.block
         self.max_request = max_request
         self.counters = counters
-        self.overlay_alarm = HalfFullAlarm(store, comparator, "SVM overlay",
-                                           lambda: store.overlay_bytes,
-                                           store.overlay_max_bytes)
+        self.overlay_alarm = FillAlarm(store, comparator, "SVM overlay",
+                                       lambda: store.overlay_bytes, store.overlay_max_bytes)
+        #: past the ceiling the write still goes into the overlay (see SvmLink._apply);
+        #: this asks again, once per epoch, in case the first request was lost or slow
+        self.overlay_over_alarm = FillAlarm(store, comparator, "SVM overlay (past its ceiling)",
+                                            lambda: store.overlay_bytes,
+                                            store.overlay_max_bytes, at=1.0)
 
     def connect(self) -> SvmLink:
         return SvmLink(self)
@@ -97,15 +100,18 @@ class SvmLink:
         return True
 
     def _apply(self, op, offset: int, length: int) -> None:
-        try:
-            op()
-        except StoreFull as e:
-            # the overlay is full (the checkpoint asked for at half of it has not come):
-            # a checkpoint empties it; the guest sees ENOSPC meanwhile
-            self.b.comparator.request_checkpoint("dirty_threshold", str(e))
-            raise P.NbdError(P.ENOSPC, str(e)) from None
+        """The SVM's write into its overlay. Never refused for the overlay's ceiling: the
+        SVM would keep that error if the primary were lost before the next checkpoint
+        (a guest filesystem goes read-only on it), and nothing else can be done with the
+        write — holding it until the checkpoint would hold the checkpoint's pause of the
+        SVM, after which the write belongs to a guest state that was replaced. Past the
+        ceiling the overlay takes it all the same (counted in ``overlay_over_bound``) and
+        asks for the checkpoint that empties it; only the file system itself (full, I/O
+        error) can fail it."""
+        op()
         if not self.b.store.active:   # once active the overlay is gone: writes go to the image
             self.b.overlay_alarm.check()
+            self.b.overlay_over_alarm.check()
 
     def _compare(self, offset: int, length: int, digest: bytes) -> None:
         store = self.b.store
@@ -229,7 +235,7 @@ class ForwardReceiver(threading.Thread):
         #: (answers, admitted writes) of the groups admitted and not yet buffered
         self._admitted: list[tuple[list, list]] = []
         self._admitted_bytes = 0   # what buffering them will add
-        self.buffer_alarm = HalfFullAlarm(store, comparator, "disk buffer",
+        self.buffer_alarm = FillAlarm(store, comparator, "disk buffer",
                                           lambda: store.buffer_bytes, store.buffer_max_bytes)
         ctx = context or zmq.Context.instance()
         # with ``secure`` a CURVE server: only the primary's key gets in

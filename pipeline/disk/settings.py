@@ -73,7 +73,8 @@ class DiskSettings(Section):
         '(secondary); empty = ``<image>.colo/`` next to the image.'))
     overlay_max_bytes: int = _f(4 * 1024**3, (
         'SVM overlay ceiling. At half of it the secondary asks for a checkpoint (which '
-        'empties the overlay); an SVM write to new blocks beyond it fails with ENOSPC.'),
+        'empties the overlay), and again once past it; an SVM write beyond it still '
+        'succeeds (counted in overlay_over_bound): only the file system can fail it.'),
         min=512, rule="at least disk.block_size")
     buffer_max_bytes: int = _f(4 * 1024**3, (
         'Buffered-but-uncommitted PVM write ceiling (secondary). At half of it the '

@@ -725,13 +725,13 @@ class SecondaryStore:
             self._update_gauges()
 
     def _reserve(self, offset: int, length: int) -> tuple[int, int, int]:
-        """Block range of a new overlay write and how many of its blocks are new; StoreFull
-        if those would take the overlay past its bound."""
+        """Block range of a new overlay write and how many of its blocks are new. A write
+        that takes the overlay past ``overlay_max_bytes`` is taken all the same (the SVM
+        must not see an error for a limit: SvmLink._apply) and counted."""
         b0, b1 = offset // self.block, (offset + length) // self.block
         new = int((~self.bitmap[b0:b1]).sum())
         if new and self.overlay_bytes + new * self.block > self.overlay_max_bytes:
-            raise StoreFull(f"SVM write [{offset}, +{length}): the overlay holds "
-                            f"{self.overlay_bytes} bytes, bound {self.overlay_max_bytes}")
+            self.counters.add("overlay_over_bound")
         return b0, b1, new
 
     def flush(self) -> None:
