@@ -90,6 +90,9 @@ Secondary coordinator and restore stage:
                                  again from here on abandons the attempt)
 * ``takeover.granted``           the guard granted the active role (the witness, the fence),
                                  the SVM not live yet (committed: the takeover goes through)
+* ``verify.decode``              a verify worker is about to decode (lz4) batch <k> of its
+                                 own into its rows of the staging area (raw batches, which
+                                 the receive stage copies there itself, do not count)
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
 * ``restore.checked``            mid-restore: the epoch checked whole, the coordinator told
                                  it may ACK (early ACK), no page written yet

@@ -11,7 +11,7 @@ from __future__ import annotations
 import lz4.block
 import numpy as np
 
-from pipeline import wire
+from pipeline import faults, wire
 from pipeline.ring import Ring, Slot
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, PageBuffer, StageContext,
                                     hash_pages, worker_loop, zero_page_hash)
@@ -130,6 +130,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: PageBuffer,
 
     def process(slot, out) -> None:
         n = slot.count
+        if faults.ACTIVE and not slot.marks & MARK_STAGED:
+            faults.point("verify.decode")
         problem = decode_batch(slot, staging[slot.row:slot.row + n], page_size, check)
         out.reset(slot.kind, slot.epoch, n)
         out.pfns[:n], out.hashes[:n], out.enc_kind[:n] = (slot.pfns[:n], slot.hashes[:n],
