@@ -86,7 +86,7 @@ EXTRA_COUNTERS = {
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
                "pages_unhashed", "svm_early_batches"),
     "receive": ("skipped_optional", "stale_records", "staging_wait_ns", "conn_drops",
-                "conn_crypto_errors"),
+                "conn_crypto_errors", "verify_drain_waits"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches", "records_in_place"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
