@@ -34,6 +34,7 @@ processes on this machine and returns their NBD URIs.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -247,6 +248,35 @@ class _Requests:
         self.socket.close(0)
 
 
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: buffers up to this size come from the heap and are reused once freed (glibc's ceiling
+#: for the mmap threshold; every NBD request fits: disk.max_request is at most 32 MiB)
+MALLOC_MMAP_THRESHOLD = 32 << 20
+#: free heap memory kept for reuse before any of it is given back to the kernel
+MALLOC_TRIM_THRESHOLD = 128 << 20
+
+
+def keep_freed_buffers() -> bool:
+    """Make this process reuse the memory of the request and message buffers it frees
+    (glibc). Each write's payload is a new buffer on both sides: the primary's receive
+    buffer, ZeroMQ's message buffer on the secondary. glibc served the 1 MiB ones by
+    fresh mmaps or trimmed them back to the kernel, so every write faulted its pages in
+    again and the kernel zeroed them first: 25-100 minor faults per MiB written on each
+    side. With these, 0-7; both stages' CPU per MiB of 1 MiB replicated writes 2.07 ->
+    1.96 ms (-5 %; medians of 4 runs each, alternating, load 9-11); 4 KiB writes
+    unchanged (11.5 / 11.8 ms, within noise). The cost: up to MALLOC_TRIM_THRESHOLD of
+    freed memory stays with the process. False where mallopt is not glibc's (nothing
+    changed)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
 def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
                    counters_sink: CounterSink | None = None, ready: Any = None,
                    stop: threading.Event | Any | None = None, context: Any = None,
@@ -263,6 +293,7 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
     """
     if role not in ROLES:
         raise ValueError(f"disk stage role {role!r}: expected one of {ROLES}")
+    keep_freed_buffers()
     stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
