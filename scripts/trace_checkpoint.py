@@ -15,8 +15,11 @@ next to the load average printed at the end.
 --raw prints every event of each checkpoint in time order with its detail (pages in the
 SVM's dirty log, the size of each SVM_DIRTY part, SVM pages checked) instead of the
 first/last summary per stage and event. At the end, the control hops (BEGIN to each
-node, each SVM_DIRTY part from coordinator to coordinator, the ACK's way back) over all
-checkpoints: median and max, the figures that say whether a hop waited for a core.
+node, each SVM_DIRTY part from coordinator to coordinator, the ACK's way back) and the
+data path's (the sim guest's pause answer, each hand-off of the first batch from stage to
+stage) over all checkpoints: median and max, the figures that say whether a hop waited
+for a core; and the number of hand-offs (trace events of distinct processes in a row)
+in a checkpoint.
 """
 from __future__ import annotations
 
@@ -69,14 +72,31 @@ HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd"
         ("verdict -> ACK sent", ("coordinator", "reply"), ("coordinator", "ack_sent")),
         ("ACK sent -> primary", ("coordinator", "ack_sent"), ("coordinator", "ack_in")))
 
+#: the data path's hops: from the first time one process did something to the first time
+#: the next one did something after it (a process name ending in "." stands for all the
+#: workers of that stage, "digest.0", "digest.1", ...), and the sim guest's answer to the
+#: PVM's pause
+DATA_HOPS = (("pause asked -> PVM paused", ("snapshot", "pausing"), ("snapshot", "paused")),
+             ("PVM resumed -> digest takes a batch", ("snapshot", "resumed"), ("digest.", "taken")),
+             ("digest encoded -> send sends", ("digest.", "encoded"), ("send", "sent_pages")),
+             ("send -> receive", ("send", "sent_pages"), ("receive", "recv")),
+             ("receive dealt -> verify", ("receive", "dealt"), ("verify.", "w_in")),
+             ("receive/verify -> restore", ("receive", "dealt"), ("restore", "slot")))
+
 
 def hops(evs: list[tuple[float, str, str, str, str]]) -> dict[str, list[float]]:
     """ms each control hop took in one checkpoint's events (:func:`events`)."""
     def at(who: str, name: str) -> list[float]:
-        return [t for t, w, n, _e, _d in evs if w == who and n == name]
+        return [t for t, w, n, _e, _d in evs
+                if (w.startswith(who) if who.endswith(".") else w == who) and n == name]
     out: dict[str, list[float]] = {}
     for label, a, b in HOPS:
         ta, tb = at(*a), at(*b)
+        if ta and tb:
+            out[label] = [tb[0] - ta[0]]
+    for label, a, b in DATA_HOPS:
+        ta = at(*a)
+        tb = [t for t in at(*b) if ta and t >= ta[0]]
         if ta and tb:
             out[label] = [tb[0] - ta[0]]
     sent = sorted(at("coordinator", "svm_part_sent") + at("coordinator", "svm_hashed"))
@@ -115,22 +135,30 @@ def main() -> int:
     finally:
         os.unlink(path)
     waits: dict[str, list[float]] = {}
+    handoffs: list[int] = []
     for mark, cp in marks:
         ms = {k: cp.get(f"{k}_ns", 0) / 1e6 for k in ("commit", "transfer", "apply", "ack")}
-        for label, took in hops(events(text[mark:].splitlines(), ms["commit"])).items():
+        evs = events(text[mark:].splitlines(), ms["commit"])
+        for label, took in hops(evs).items():
             waits.setdefault(label, []).extend(took)
+        # hand-offs: how often the next event in time is another process's
+        who = [w for _t, w, _n, _e, _d in evs if _t <= ms["commit"]]
+        handoffs.append(sum(a != b for a, b in zip(who, who[1:])))
         print(f"--- epoch {cp['epoch']}: {cp['pages_dirty']} dirty pages, commit "
               f"{ms['commit']:.2f} ms = pause {cp['pvm_pause_ns'] / 1e6:.2f} + transfer "
-              f"{ms['transfer']:.2f} + apply {ms['apply']:.2f} + ACK {ms['ack']:.2f}")
+              f"{ms['transfer']:.2f} + apply {ms['apply']:.2f} + ACK {ms['ack']:.2f}; "
+              f"{len(set(who))} processes, {handoffs[-1]} hand-offs")
         if args.raw:
             for at, who, event, epoch, detail in events(text[mark:].splitlines(), ms["commit"]):
                 print(f"  {at:8.2f} {who:12s} {event:16s} {epoch:>5s} {detail}")
             continue
         for who, event, first, last, n in timeline(text[mark:].splitlines(), ms["commit"]):
             print(f"  {who:12s} {event:16s} {first:8.2f} {last:8.2f}  x{n}")
-    print("control hops over all checkpoints, ms (median, max, count):")
+    print("hops over all checkpoints, ms (median, max, count):")
     for label, took in waits.items():
-        print(f"  {label:34s} {statistics.median(took):7.2f} {max(took):7.2f}  x{len(took)}")
+        print(f"  {label:36s} {statistics.median(took):7.2f} {max(took):7.2f}  x{len(took)}")
+    if handoffs:
+        print(f"hand-offs per checkpoint (median): {statistics.median(handoffs):g}")
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 

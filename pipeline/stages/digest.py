@@ -146,6 +146,7 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         out = write_slot(ctx, ring_out)
         if out is None:
             return False
+        trace.point("taken", slot.epoch)
         t0 = time.perf_counter_ns()
         nonzero = None
         if slot.kind != SLOT_END:

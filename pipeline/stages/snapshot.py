@@ -188,6 +188,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             if disk is not None:  # a checkpoint holds the whole disk: the initial sync first
                 disk.wait_synced()
             t0 = time.perf_counter_ns()
+            trace.point("pausing", epoch)
             domain.pause()
             if disk is not None:
                 disk.set_epoch(epoch + 1)
