@@ -561,6 +561,16 @@ class SimDomain(Domain, SimulatedIO):
         epoch = w[W_PAUSE_EPOCH] + 1
         w[W_PAUSE_EPOCH] = epoch  # the epoch first: the guest reads the request, then it
         w[W_PAUSE_REQ] = 1
+        # The guest answers at the pauser's priority: a pauser at real time (the PVM's
+        # pause, the SVM's at BEGIN: pipeline.pause_priority) raises the guest to it until
+        # the guest has acknowledged (it drops itself back, _Guest._paused). At normal
+        # priority the guest's answer waited for a core on a loaded machine, inside the
+        # pause.
+        if os.sched_getscheduler(0) == os.SCHED_FIFO:
+            try:
+                os.sched_setscheduler(self.guest_pid, os.SCHED_FIFO, os.sched_getparam(0))
+            except OSError:
+                pass        # (not permitted: it answers at normal priority)
         os.eventfd_write(self._doorbell, 1)
         self._wait_ack(epoch, timeout, "pause")
 
@@ -1081,6 +1091,10 @@ class _Guest:
             if w[W_PAUSE_ACK] != epoch:
                 w[W_PAUSE_ACK] = epoch
                 os.eventfd_write(self.dom._ack, 1)
+                # raised to the pauser's real-time priority for the answer (pause): the
+                # guest itself runs at normal priority
+                if os.sched_getscheduler(0) != os.SCHED_OTHER:
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             os.eventfd_read(self.dom._doorbell)
         self._load_state()  # the pipeline may have loaded a peer's state meanwhile
         if trace.REQUESTS:
