@@ -39,8 +39,9 @@ class HeartbeatSettings(Section):
                       "primary connects); empty: derived from peer.address.",
                       rule="empty, or tcp://HOST:PORT")
     priority: str = _f("realtime", "Scheduling of the heartbeat process: real-time (SCHED_RR "
-                       "2, one above the node's own real-time work, the PVM pause at "
-                       "SCHED_FIFO 1, as corosync runs real-time; falls back to nice -10, "
+                       "3, one above the node's own real-time work, a checkpoint's at "
+                       "SCHED_FIFO 1 and its hops at 2, as corosync runs real-time; falls "
+                       "back to nice -10, "
                        "then normal, where not allowed), nice -10, or normal. Measured with "
                        "every CPU busy: normal and nice let heartbeats stall for up to 460 "
                        "ms (false losses at the default 300 ms timeout); real-time kept every "

@@ -105,13 +105,13 @@ COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "hb_copies", "send_dropped", "lat
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
 COPY_WINDOW = 64   # a seq this close below the newest one heard is another path's copy
-# Real-time priority of the heartbeat: one above the node's own real-time work (the
-# snapshot stage's PVM pause runs SCHED_FIFO 1, stages/snapshot.py). At the same priority
-# a FIFO task is never preempted by it: measured with a SCHED_FIFO 1 task spinning 400 ms
+# Real-time priority of the heartbeat: one above the node's own real-time work (a
+# checkpoint's work runs SCHED_FIFO 1, its hops 2: stages/common.PausePriority). At the
+# same priority a FIFO task is never preempted by it: measured with a SCHED_FIFO 1 task spinning 400 ms
 # in every 500 on the heartbeat's CPU, a heartbeat at SCHED_RR 1 waited for that CPU up to
 # 400 ms (both sides of a pair silent at once: the fault matrix's "both heartbeat stages
 # silent for 300 ms"), at SCHED_RR 2 at most 0.2 ms (issue 11; docs/tuning.md).
-RT_PRIORITY = 2
+RT_PRIORITY = 3
 
 
 class HeartbeatError(ValueError):
