@@ -146,7 +146,8 @@ class _Coordinator:
 
     def _open(self, settings: Settings, role: str) -> None:
         # the control records' I/O threads at the priority the checkpoint's hops run at
-        self.nctx = sockets.NodeContext(settings, io_realtime=self.priority.permitted())
+        self.nctx = sockets.NodeContext(
+            settings, io_realtime=self.priority.HOP if self.priority.permitted() else 0)
         self.control = sockets.control(self.nctx)
         self.bus = CheckpointBus(settings.run_dir, self.nctx.ctx)
         self.disk = None
@@ -348,8 +349,10 @@ class PrimaryCoordinator(_Coordinator):
             if every and self.snapshots % every == 0:
                 flags |= wire.FLAG_DIGEST
         # the checkpoint's hops at the pause's priority (3.), from here: preempted between
-        # BEGIN and the snapshot's command under load, the pause began 5 ms late
-        self.priority.urgent(kind == "snapshot")
+        # BEGIN and the snapshot's command under load, the pause began 5 ms late; a live
+        # round's pages go through the data stages at normal priority (StagePriority)
+        self.priority.urgent(kind == "snapshot", self.priority.HOP)
+        self.shared.live.value = -1 if kind == "snapshot" else e
         trace.point("begin", e)
         self._send(wire.encode_checkpoint_begin(e, CAUSES.index(cause), flags))
         faults.point("primary.begin_sent")
@@ -401,6 +404,7 @@ class PrimaryCoordinator(_Coordinator):
         finally:
             # (after the comparators heard: their release is the clients' wait)
             self.priority.urgent(False)
+            self.shared.live.value = -1
         self._record(res, ok, commit_ns)
         if ok and flags & wire.FLAG_DIGEST:
             self._compare_digests(res)
@@ -778,8 +782,8 @@ class SvmPrehash:
         """BEGIN, the SVM paused: ``dirty`` (the log now) with the pages a round took off
         the log but did not hash, hashed now, joined with the rounds' (:meth:`take`)."""
         parts = list(self.parts(dirty))
-        return (np.concatenate([p for p, _ in parts]).astype(np.uint64),
-                np.concatenate([h for _, h in parts]))
+        return (np.concatenate([p for p, _, _ in parts]).astype(np.uint64),
+                np.concatenate([h for _, h, _ in parts]))
 
     #: SVM_DIRTY's parts: the first this many pages, each next one twice as many, up to
     #: PART_MAX (the primary's digest workers start on the pages below a part's last pfn
@@ -788,8 +792,10 @@ class SvmPrehash:
 
     def parts(self, dirty: np.ndarray):
         """:meth:`begin` in parts, in pfn order, each hashed only when it is asked for:
-        (pfns, hashes) of sorted, disjoint, ascending pfns, at least one part. Pages hashed
-        by the rounds keep their hash unless they are dirty again (then hashed afresh)."""
+        (pfns, hashes, more) of sorted, disjoint, ascending pfns, at least one part; ``more``:
+        another part follows (known before it is hashed, so a part can be sent before the
+        next is hashed). Pages hashed by the rounds keep their hash unless they are dirty
+        again (then hashed afresh)."""
         fresh = dirty
         if len(self.todo):
             fresh = np.union1d(fresh, self.todo)
@@ -811,8 +817,8 @@ class SvmPrehash:
             if new.any():
                 hashes[new] = domain_page_hashes(self.domain, part[new]) if not new.all() \
                     else domain_page_hashes(self.domain, part)
-            yield part, hashes
             at += size
+            yield part, hashes, at < len(pfns)
             if at >= len(pfns):
                 return
             size = min(2 * size, self.PART_MAX)
@@ -915,8 +921,11 @@ class SecondaryCoordinator(_Coordinator):
             self._refuse_unsynced(begin)
         t_begin = time.monotonic_ns()
         trace.point("begin_in", epoch)
+        # a live round's pages go through the data stages at normal priority, a
+        # checkpoint's at the pause's (common.StagePriority)
+        self.shared.live.value = epoch if begin.flags & wire.FLAG_SYNC else -1
         # 1. pause the SVM, read and clear its dirty log, answer SVM_DIRTY(e)
-        self.priority.urgent(True)
+        self.priority.urgent(True, self.priority.HOP)
         try:
             self.domain.pause()
             dirty = self.domain.read_and_clear_dirty() if self.svm_started \
@@ -927,32 +936,27 @@ class SecondaryCoordinator(_Coordinator):
             # each sent once hashed: the primary's digest workers go on with the pages
             # below a part while the rest is hashed here.
             trace.point("svm_dirty_read", epoch, str(len(dirty)))
-            parts = self.prehashed.parts(dirty)
-            part = next(parts)
-            done = [part[0]]
-            for later in parts:
-                self._send(wire.encode_svm_dirty(epoch, *part, more=True))
-                trace.point("svm_part_sent", epoch, str(len(part[0])))
-                # the rest boosted, not at real time: at real time, hashing a 16k-page dirty
-                # set held a core for 40 ms, and the primary's coordinator (taking the
-                # parts in) and digest workers shared the other with everything else
-                self.priority.boosted(True)      # (first: no preemption in between)
-                self.priority.urgent(False)
-                part = later
-                done.append(part[0])
-            self._send(wire.encode_svm_dirty(epoch, *part))
-            trace.point("svm_hashed", epoch)
+            done = []
+            # each part is sent before the next is hashed (it waited for the next one's
+            # hashing before: the digest workers' batches below it waited as long). All at
+            # the pause's priority: the data stages run at it too (common.StagePriority),
+            # and at normal priority (boosted) this hashing, the commit's critical path,
+            # got what they left of the cores (8 us a page instead of 1.8, 1k pages, on a
+            # 2-core machine with both nodes); as work (WORK), below the hops (HOP)
+            self.priority.urgent(True)
+            for pfns, hashes, more in self.prehashed.parts(dirty):
+                self._send(wire.encode_svm_dirty(epoch, pfns, hashes, more=more))
+                trace.point("svm_part_sent" if more else "svm_hashed", epoch, str(len(pfns)))
+                done.append(pfns)
             dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
-        finally:
-            self.priority.urgent(False)
-            self.priority.boosted(False)
-        # the rest is hops on the commit's path (the restore stage's verdict, the ACK, the
-        # SVM's resume) with little CPU of its own: at the same priority, asleep between
-        self.priority.urgent(True)
-        try:
+            # the rest is hops on the commit's path (the restore stage's verdict, the ACK,
+            # the SVM's resume) with little CPU of its own: at the hops' priority, asleep
+            # between
+            self.priority.urgent(True, self.priority.HOP)
             self._settle(begin, epoch, dirty, t_begin)
         finally:
             self.priority.urgent(False)
+            self.shared.live.value = -1
 
     def _settle(self, begin: wire.CheckpointBegin, epoch: int, dirty: np.ndarray,
                 t_begin: int) -> None:
@@ -1150,7 +1154,7 @@ class SecondaryCoordinator(_Coordinator):
                 # BEGIN is awaited at the priority its answer runs at: asleep, that takes
                 # no CPU, and the wake-up does not wait for a core (under load, at normal
                 # priority, up to a few ms on the commit's path); anything else drops it
-                self.priority.urgent(True)
+                self.priority.urgent(True, self.priority.HOP)
                 self._poll(max(0.0, min(0.1, self.prehashed.next_round - time.monotonic()))
                            if running else 0.1)
                 if not self.begins:

@@ -273,22 +273,43 @@ def check_handshakes() -> None:
         w.check(now)
 
 
+def io_threads(wait_s: float = 2.0) -> list[int]:
+    """Thread ids of this process's ZeroMQ I/O threads (libzmq names them ZMQbg/IO/<n>).
+    They start with a context's first socket and name themselves a moment later: looked
+    for until one has, for up to ``wait_s`` (right after the socket, the first look found
+    none)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as fh:
+                    if fh.read().startswith("ZMQbg/IO"):
+                        out.append(int(tid))
+            except OSError:
+                pass
+        if out or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.001)
+
+
 class NodeContext:
     """A ZeroMQ context for one process of a node, with its CURVE keys and, on the
     secondary, the ZAP handler that admits only the primary's key."""
 
-    def __init__(self, settings: Settings, io_realtime: bool = False) -> None:
-        """``io_realtime``: the context's I/O threads run at SCHED_FIFO 1 (the caller has
-        made sure this process may: libzmq aborts the process when it may not). For the
-        coordinators' small control records, each a hop on the commit's path: at normal
-        priority a record waited for a core, ~2 ms per SVM_DIRTY part on a loaded 2-core
-        machine, behind the very hashing the part reports."""
+    def __init__(self, settings: Settings, io_realtime: int = 0) -> None:
+        """``io_realtime``: the context's I/O threads run at SCHED_FIFO at that priority
+        (0: normal scheduling; the caller has made sure this process may: libzmq aborts the
+        process when it may not). For the coordinators' small control records, each a hop
+        on the commit's path: at normal priority a record waited for a core, ~2 ms per
+        SVM_DIRTY part on a loaded 2-core machine, behind the very hashing the part
+        reports."""
         self.settings = settings
         self.ctx = zmq.Context()
         if io_realtime:
             # before the first socket: libzmq starts its threads with it
             self.ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
-            self.ctx.set(zmq.THREAD_PRIORITY, 1)
+            self.ctx.set(zmq.THREAD_PRIORITY, io_realtime)
         self.watches: list[HandshakeWatch] = []
         self.auth: ThreadAuthenticator | None = None
         self.curve = settings.security.mode == "curve"

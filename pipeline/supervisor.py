@@ -34,8 +34,8 @@ from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
-from pipeline.stages.common import (HashTable, PageBuffer, StageContext, StagingGate, SvmPages,
-                                    stage_main)
+from pipeline.stages.common import (HashTable, PageBuffer, PausePriority, StageContext,
+                                    StagePriority, StagingGate, SvmPages, stage_main)
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
 from pipeline.xen_io.base import Domain
@@ -67,12 +67,16 @@ class SharedState:
     hold_inputs: Any    # 1 while the coordinator wants the guest's input stream held
     compress: Any       # primary, pipeline.compress = "auto": 1 while the digest workers
                         # compress (decided by the send stage)
+    live: Any           # the epoch of the live round in flight (a full sync or pre-copy
+                        # round), -1 while there is none: its pages are worked on at normal
+                        # priority, a checkpoint's at the pause's (common.StagePriority)
 
     @classmethod
     def create(cls) -> "SharedState":
         return cls(FORK.Value("q", 0, lock=False), FORK.Value("Q", 0, lock=False),
                    FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
-                   FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False))
+                   FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
+                   FORK.Value("q", -1, lock=False))
 
 
 EXTRA_COUNTERS = {
@@ -146,22 +150,23 @@ def _tables_segment(node: str, page_count: int, workers: int) -> tuple[Segment, 
 
 
 # -- stage entry points that need sockets (ZeroMQ contexts must be made after fork) ----------
-def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, shared) -> None:
+def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, shared,
+                priority=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_out(nctx)
     try:
-        send.run(ctx, rings, ctrl, sock, pending, shared, settings.pipeline.compress)
+        send.run(ctx, rings, ctrl, sock, pending, shared, settings.pipeline.compress, priority)
     finally:
         nctx.close()
 
 
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
-                   staging=None, direct=None, gate=None) -> None:
+                   staging=None, direct=None, gate=None, priority=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_in(nctx, ctx.counters)
     try:
         receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
-                    settings.pipeline.verify_pages, gate)
+                    settings.pipeline.verify_pages, gate, priority)
     finally:
         nctx.close()
 
@@ -316,6 +321,11 @@ class Supervisor:
         shared.generation.value = self.start_as.generation
         shared.epoch.value = self.start_as.first_epoch
         hb_in, hb_out = FORK.Pipe(duplex=False)
+        # the data stages' scheduling (each stage gets its own copy through the fork): the
+        # ones that hash, decode or apply pages below the ones that hand records on
+        rt = s.pipeline.pause_priority == "realtime"
+        hops = StagePriority(rt, shared.live)
+        relays = StagePriority(rt, shared.live, PausePriority.HOP)
         if s.node.role == "primary":
             n = s.pipeline.digest_workers
             to_digest = [self._ring(f"snap-digest{i}", slots, layout) for i in range(n)]
@@ -343,9 +353,10 @@ class Supervisor:
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress, shared.compress, svm, i,
-                                s.pipeline.verify_pages == "full"))
+                                s.pipeline.verify_pages == "full", hops))
                      for i in range(n)]
-            plan.append(StageSpec("send", _send_entry, (s, to_send, send_b, pending, shared)))
+            plan.append(StageSpec("send", _send_entry,
+                                  (s, to_send, send_b, pending, shared, relays)))
             if dom.simulated_io() is not None:   # the sim guest's clients (a real VM has its own)
                 plan.append(StageSpec("client", inputs.run_client,
                                       (sim_ports_settings(s), dom, shared)))
@@ -374,13 +385,13 @@ class Supervisor:
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size, staging,
-                               direct, gate))]
+                               direct, gate, relays))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
-                                s.pipeline.verify_pages)) for i in range(n)]
+                                s.pipeline.verify_pages, hops)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run,
                                   (dom, [*to_restore, direct], ctl_b, staging,
-                                   s.pipeline.verify_pages, gate)))
+                                   s.pipeline.verify_pages, gate, hops)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror,
                                       (sim_ports_settings(s), dom, shared, self.auto)))

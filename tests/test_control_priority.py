@@ -1,11 +1,14 @@
-"""A checkpoint's control hops wait at the pause's priority (pipeline.pause_priority,
-issue 13): the snapshot stage's wait for its command, the coordinators' waits for the
-epoch's records, and the coordinators' ZeroMQ I/O threads, which carry BEGIN, SVM_DIRTY's
-parts and the ACK. The pages channel's I/O threads (bulk encryption) stay at normal
-priority. Checked on a running pair, by the scheduling policy of each thread."""
+"""A checkpoint's hops wait at the pause's priority (pipeline.pause_priority, issue 13):
+the snapshot stage's wait for its command, the coordinators' waits for the epoch's
+records, and the coordinators' ZeroMQ I/O threads, which carry BEGIN, SVM_DIRTY's parts
+and the ACK; and the data path: digest, send, receive, verify and restore, and the pages
+channel's I/O threads. A live round (the full sync: seconds of bulk encryption and
+copies) goes through the data stages at normal priority. Checked on a running pair, by
+the scheduling policy of each thread."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from conftest import wait_until
@@ -34,7 +37,23 @@ def _io_threads(pid: int) -> list[int]:
     return [t for t, name in _threads(pid).items() if name.startswith("ZMQbg/IO")]
 
 
-def test_control_hops_wait_at_real_time_and_the_pages_channel_does_not(tmp_path):
+def _pages_io_thread(pid: int) -> int:
+    """The send or receive stage's pages channel I/O thread: the first ZeroMQ I/O thread of
+    the process (pyzmq's garbage collector, which in-place sends start later, has a
+    context and an I/O thread of its own, idle: its sockets are inproc)."""
+    return min(_io_threads(pid))
+
+
+#: the data stages of each node, which wait at real time between checkpoints
+DATA_STAGES = {"primary": ("digest.0", "digest.1", "send"),
+               "secondary": ("receive", "verify.0", "verify.1", "restore")}
+
+
+def test_a_checkpoints_hops_wait_at_real_time(tmp_path):
+    """Between checkpoints every process of the checkpoint's path sleeps at SCHED_FIFO: the
+    coordinators and their I/O threads, the snapshot stage, the data stages (digest, send,
+    receive, verify, restore) and the pages channel's I/O threads (issue 13, session 9:
+    the data path's wake-ups had waited for a core at normal priority)."""
     with LocalPair({
         "guest": {"backend": "sim", "page_count": 2048},
         "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0},
@@ -47,15 +66,54 @@ def test_control_hops_wait_at_real_time_and_the_pages_channel_does_not(tmp_path)
         for role in ("primary", "secondary"):
             io = _io_threads(pids[role]["coordinator"])
             assert io and all(_fifo(t) for t in io), (role, _threads(pids[role]["coordinator"]))
-        # the pages channel's I/O threads encrypt every page: never at real time
-        for role, stage in (("primary", "send"), ("secondary", "receive")):
-            io = _io_threads(pids[role][stage])
-            assert io and not any(_fifo(t) for t in io), (role, stage)
-        # the snapshot stage sleeps at real time between commands (it drops to normal
-        # priority for the digest hand-off after each resume, then waits again)
+        # the snapshot stage sleeps at real time between commands
         snapshot = pids["primary"]["snapshot"]
         wait_until(lambda: _fifo(snapshot), 60, "the snapshot stage waits at SCHED_FIFO")
+        for role, stages in DATA_STAGES.items():
+            for stage in stages:
+                pid = pids[role][stage]
+                wait_until(lambda: _fifo(pid), 60, f"the {role}'s {stage} waits at SCHED_FIFO")
+        # the pages channel's I/O threads follow their stage's
+        for role, stage in (("primary", "send"), ("secondary", "receive")):
+            io = _pages_io_thread(pids[role][stage])
+            wait_until(lambda: _fifo(io), 60,
+                       f"the {role}'s pages channel I/O thread waits at SCHED_FIFO")
         # and the pair goes on committing checkpoints
         before = len(pair.checkpoints())
         cps = pair.wait_checkpoints(before + 3, timeout=300)
         assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
+
+
+def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path):
+    """The send stage is stopped (SIGSTOP, a named fault point) after its third record of
+    the full sync: it, its pages channel I/O thread, and the secondary's receive stage and
+    its I/O thread are at normal priority then; continued, the pair is protected and they
+    wait at real time."""
+    with LocalPair({
+        "guest": {"backend": "sim", "page_count": 4096},
+        "pipeline": {"batch_pages": 64},
+        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0},
+    }, workdir=str(tmp_path)) as pair:
+        pair.start(faults={"primary": "send.pages:3:stop"})
+        send = None
+        try:
+            wait_until(lambda: "COLO_FAULT fired: send.pages pass 3 stop"
+                       in pair.log_tail("primary", 1 << 22), 240,
+                       "the send stage stopped inside the full sync")
+            pids = {role: pair.node(role).node_info()["stage_pids"]
+                    for role in ("primary", "secondary")}
+            send = pids["primary"]["send"]
+            assert not _fifo(send) and not _fifo(_pages_io_thread(send)), _threads(send)
+            receive = pids["secondary"]["receive"]
+            wait_until(lambda: not _fifo(receive), 60,
+                       "the receive stage waits at normal priority inside the sync")
+            io = _pages_io_thread(receive)
+            wait_until(lambda: not _fifo(io), 60,
+                       "the receive stage's I/O thread at normal priority inside the sync")
+        finally:
+            if send is not None:
+                os.kill(send, signal.SIGCONT)
+        pair.wait_protected(timeout=300)
+        pair.wait_checkpoints(len(pair.checkpoints()) + 2, timeout=300)
+        wait_until(lambda: _fifo(send) and _fifo(_pages_io_thread(send)), 60,
+                   "the send stage and its I/O thread wait at SCHED_FIFO after the sync")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
+from pipeline.stages.common import StagePriority
 from pipeline.stages.snapshot import PausePriority
 
 
@@ -85,3 +87,57 @@ def test_the_boost_outlasts_real_time_and_unchanged_calls_make_no_system_call(mo
         p.urgent(False)
         p.boosted(False)
     assert os.getpriority(os.PRIO_PROCESS, 0) == before and _policy() == os.SCHED_OTHER
+
+
+class _Word:
+    """A stand-in for SharedState.live (a multiprocessing Value) in this process."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
+@pytest.mark.root
+def test_a_data_stage_works_on_a_checkpoint_at_real_time_and_on_a_live_round_normally():
+    """common.StagePriority: asleep and at work on a checkpoint's pages at SCHED_FIFO, on a
+    live round's (full sync, pre-copy) and asleep while one is in flight at normal
+    priority; the threads it follows (the pages channel's I/O thread) go along."""
+    live = _Word(-1)
+    p = StagePriority(True, live)
+    done = threading.Event()
+    tids = []
+    helper = threading.Thread(target=lambda: (tids.append(threading.get_native_id()),
+                                              done.wait(60)))
+    helper.start()
+    try:
+        while not tids:
+            done.wait(0.01)
+        p.follow(tids)
+        p.waiting()
+        assert _policy() == os.SCHED_FIFO and os.sched_getscheduler(tids[0]) == os.SCHED_FIFO
+        p.working(7)
+        assert _policy() == os.SCHED_FIFO
+        live.value = 8                      # a full sync, epoch 8, begins
+        p.working(8)
+        assert _policy() == os.SCHED_OTHER and os.sched_getscheduler(tids[0]) == os.SCHED_OTHER
+        p.waiting()
+        assert _policy() == os.SCHED_OTHER
+        p.working(7)                        # a straggler of a checkpoint before it
+        assert _policy() == os.SCHED_FIFO
+        live.value = -1                     # the sync is over
+        p.working(9)
+        assert _policy() == os.SCHED_FIFO and os.sched_getscheduler(tids[0]) == os.SCHED_FIFO
+        p.normal()
+        assert _policy() == os.SCHED_OTHER and os.sched_getscheduler(tids[0]) == os.SCHED_OTHER
+    finally:
+        p.normal()
+        done.set()
+        helper.join()
+    assert _policy() == os.SCHED_OTHER
+
+
+def test_a_data_stage_at_normal_priority_leaves_the_scheduler_alone():
+    p = StagePriority(False, _Word(-1))
+    p.waiting()
+    p.working(3)
+    assert _policy() == os.SCHED_OTHER

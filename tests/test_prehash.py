@@ -90,13 +90,14 @@ def test_begin_answers_in_ascending_parts_that_grow():
         pre.round()
         _run_input(dom, 1500)
         parts = list(pre.parts(dom.read_and_clear_dirty()))
-        sizes = [len(p) for p, _ in parts]
+        sizes = [len(p) for p, _, _ in parts]
+        assert [more for _, _, more in parts] == [True] * (len(parts) - 1) + [False]
         first, most = SvmPrehash.PART_FIRST, SvmPrehash.PART_MAX
         assert len(parts) >= 3
         assert sizes[:-1] == [min(first << i, most) for i in range(len(parts) - 1)]
-        pfns = np.concatenate([p for p, _ in parts])
+        pfns = np.concatenate([p for p, _, _ in parts])
         assert np.all(np.diff(pfns.astype(np.int64)) > 0)     # ascending, disjoint
-        hashes = np.concatenate([h for _, h in parts])
+        hashes = np.concatenate([h for _, h, _ in parts])
         pages = np.empty((len(pfns), dom.page_size), np.uint8)
         dom.read_pages(pfns, pages)
         assert (hash_pages(pages) == hashes).all()

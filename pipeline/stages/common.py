@@ -200,6 +200,125 @@ class StagingGate:
         return True
 
 
+class PausePriority:
+    """Real-time scheduling (SCHED_FIFO, lowest priority) for the work inside the PVM pause,
+    where the host allows it (root or CAP_SYS_NICE): the pause is the guest's downtime. In
+    the Xen lab, with more runnable processes than CPUs, the gather was preempted inside the
+    pause. The work is bounded (the snapshot buffer), the guest is already stopped when it is
+    raised, and it is dropped around the proof's full-memory hash, which must not keep
+    other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 2,
+    stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
+
+    BOOST_NICE = -10    # boosted: 9x the CPU share of a nice-0 task, never all of a core
+    WORK = 1    # SCHED_FIFO priority of a checkpoint's work: the pause's copy, hashing,
+                # the data stages (they queue behind each other, never behind other work)
+    HOP = 2     # of a checkpoint's control hops, which do little work each (the
+                # coordinators and their ZeroMQ I/O threads): above WORK, so SVM_DIRTY's
+                # parts and the ACK never wait behind a hashing stage at real time (at the
+                # same priority a part waited 2.2 ms, p50, for a digest worker to block);
+                # the same as the heartbeat's (SCHED_RR, stages/heartbeat.RT_PRIORITY)
+
+    def __init__(self, wanted: bool) -> None:
+        self.allowed = wanted and hasattr(os, "sched_setscheduler")
+        self.normal = os.sched_getparam(0) if self.allowed else None
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0) if self.allowed else 0
+        # what is set now: a call that changes nothing makes no system call (a drop from
+        # real time cost 0.3 ms of wall time on a loaded machine, on the commit's path)
+        self.level = 0      # SCHED_FIFO priority now, 0: normal scheduling
+        self.is_boosted = False
+        self.threads: list[int] = []    # other threads of this process that follow urgent()
+
+    def follow(self, tids: list[int]) -> None:
+        """Threads of this process (a ZeroMQ context's I/O threads: sockets.io_threads) that
+        take the calling thread's urgency from now on (sched_setscheduler of 0 sets the
+        calling thread only)."""
+        self.threads = list(tids)
+        if self.level:
+            self._set(self.threads, self.level)
+
+    def permitted(self) -> bool:
+        """May this process run at real time? Tried (and undone) now: a host without
+        CAP_SYS_NICE, or a cgroup without real-time runtime, refuses it."""
+        if self.allowed and not self.level:
+            self.urgent(True)
+            self.urgent(False)
+        return self.allowed
+
+    def boosted(self, on: bool) -> None:
+        """Normal scheduling with a larger share (nice BOOST_NICE), for critical-path work
+        too long to hold a core at real time (the secondary hashing a large SVM dirty set:
+        at real time it starved the primary's coordinator on a 2-core machine; at normal
+        priority a loaded machine gave it a sixteenth of a core)."""
+        if not self.allowed or on == self.is_boosted:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, self.BOOST_NICE if on else self.nice)
+            self.is_boosted = on
+        except OSError:
+            pass
+
+    @property
+    def is_urgent(self) -> bool:
+        return self.level > 0
+
+    def urgent(self, on: bool, level: int = WORK) -> None:
+        """SCHED_FIFO at ``level`` (WORK or HOP), or back to normal scheduling."""
+        want = level if on else 0
+        if not self.allowed or want == self.level:
+            return
+        self.level = want
+        self._set([0, *self.threads], want)
+
+    def _set(self, tids: list[int], level: int) -> None:
+        try:
+            for tid in tids:
+                if level:
+                    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(level))
+                else:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, self.normal)
+        except OSError:
+            self.allowed = False      # not permitted here: the pause runs at normal priority
+
+
+class StagePriority:
+    """The scheduling of a data stage on the checkpoint's path (digest, send, receive,
+    verify, restore): asleep waiting for work, and at work on a checkpoint's pages, at the
+    pause's priority, as the control hops (:class:`PausePriority`): each hand-off between
+    two of these processes is a wake-up, and at normal priority on a loaded 2-core machine
+    a wake-up waited for a core, once per hop of the commit. A checkpoint's work is bounded
+    by the snapshot buffer. At work on a live round's pages (a full sync or a pre-copy
+    round: seconds of CPU, judged by throughput, not latency) and asleep while one is in
+    flight, normal priority: hours of ZeroMQ encryption and page copies must not keep
+    everything else off the CPU. ``live``: the shared word the coordinator sets to the epoch
+    of the live round in flight, -1 while there is none (SharedState.live).
+    Made in the supervisor, copied into each stage by the fork. ``level``: the SCHED_FIFO
+    priority, PausePriority.WORK for the stages that hash, decode or apply pages (digest,
+    verify, restore), PausePriority.HOP for the ones that hand records on, whose I/O
+    threads carry them (send, receive): at WORK a record waited 1-2 ms, p50, for a digest
+    worker or the secondary's hashing to block."""
+
+    def __init__(self, wanted: bool, live, level: int = PausePriority.WORK) -> None:
+        self.priority = PausePriority(wanted)
+        self.live = live
+        self.level = level
+
+    def follow(self, tids: list[int]) -> None:
+        self.priority.follow(tids)
+
+    def waiting(self) -> None:
+        """About to sleep until work comes."""
+        self.priority.urgent(self.live.value < 0, self.level)
+
+    def working(self, epoch: int) -> None:
+        """About to work on a record or batch of ``epoch``."""
+        self.priority.urgent(epoch != self.live.value, self.level)
+
+    def normal(self) -> None:
+        """About to do work too long for real time whatever its epoch (a proof's hash of
+        all of memory)."""
+        self.priority.urgent(False)
+
+
 @dataclass
 class StageContext:
     """Handed to every stage's ``run``: its name, counters and stop event."""
@@ -265,15 +384,20 @@ def _cpu_profile():
     return profile
 
 
-def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process) -> None:
-    """The loop of a worker between two rings (digest, verify): each DATA slot of
-    ``ring_in`` becomes one slot of ``ring_out`` through ``process(slot, out)``; END
-    markers pass through unchanged. Stops when the stage stops or ``ring_in`` closes."""
+def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process,
+                priority: StagePriority | None = None) -> None:
+    """The loop of a worker between two rings (verify): each DATA slot of ``ring_in``
+    becomes one slot of ``ring_out`` through ``process(slot, out)``; END markers pass
+    through unchanged. Stops when the stage stops or ``ring_in`` closes."""
     c = ctx.counters
     while True:
+        if priority is not None:
+            priority.waiting()
         slot = read_slot(ctx, ring_in)
         if slot is None:
             return
+        if priority is not None:
+            priority.working(slot.epoch)
         if faults.ACTIVE:
             faults.point(f"stage.{ctx.name.split('.')[0]}.loop")
         out = write_slot(ctx, ring_out)

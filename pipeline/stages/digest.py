@@ -29,8 +29,8 @@ import numpy as np
 from pipeline import faults, trace, wire
 from pipeline.ring import Ring, Slot
 from pipeline.stages.common import (MARK_BUFFERED, MARK_LZ4, POLL_S, SLOT_END, HashTable,
-                                    PageBuffer, StageContext, SvmPages, copy_marker, hash_pages,
-                                    read_slot, write_slot, zero_page_hash)
+                                    PageBuffer, StageContext, StagePriority, SvmPages, copy_marker,
+                                    hash_pages, read_slot, write_slot, zero_page_hash)
 
 
 def encode_batch(src_pfns: np.ndarray, pages: np.ndarray, table: HashTable | None,
@@ -108,7 +108,8 @@ def encode_hashed(src_pfns: np.ndarray, pages: np.ndarray, nonzero: np.ndarray,
 
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         snapbuf: PageBuffer, compress: str = "lz4", decision=None,
-        svm: SvmPages | None = None, worker: int = 0, hash_sync: bool = True) -> None:
+        svm: SvmPages | None = None, worker: int = 0, hash_sync: bool = True,
+        priority: StagePriority | None = None) -> None:
     """``compress``: "lz4", "none", or "auto": then the shared word ``decision`` (set by
     the send stage, pipeline/compress_policy.py) says, batch by batch.
     ``svm``: a checkpoint's batches (from the snapshot buffer) wait for the SVM's hashes
@@ -119,7 +120,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
     SVM's pages, this worker hashes the PVM's, up to ``hold`` batches ahead, and only the
     classification (ZERO/REF/SVM/data) and compression wait (they were all behind the
     wait before, the PVM's hashing added to the secondary's on the commit's path).
-    ``hash_sync``: hash the pages of a full sync or pre-copy round too (else UNHASHED)."""
+    ``hash_sync``: hash the pages of a full sync or pre-copy round too (else UNHASHED).
+    ``priority``: this stage's scheduling (common.StagePriority)."""
     c = ctx.counters
     lz4_stats = [0, 0, 0]
     stage = ctx.name.split(".")[0]
@@ -146,6 +148,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         out = write_slot(ctx, ring_out)
         if out is None:
             return False
+        if priority is not None:
+            priority.working(slot.epoch)
         trace.point("taken", slot.epoch)
         t0 = time.perf_counter_ns()
         nonzero = None
@@ -211,6 +215,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         while held and not waits(held[0]):
             finish(*held.popleft())
         if not held:
+            if priority is not None:
+                priority.waiting()
             slot = read_slot(ctx, ring_in)
             if slot is None or not take(slot):
                 return

@@ -33,8 +33,9 @@ import zmq
 
 from pipeline import trace, wire
 from pipeline.ring import Ring
+from pipeline.sockets import io_threads
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer,
-                                    StageContext, StagingGate, write_slot)
+                                    StageContext, StagePriority, StagingGate, write_slot)
 from pipeline.stages.verify import check_hashes
 
 
@@ -45,11 +46,14 @@ DRAIN_POLL_S = 0.0005
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
         page_size: int, staging: PageBuffer | None = None, direct: Ring | None = None,
-        check: str = "full", gate: StagingGate | None = None) -> None:
+        check: str = "full", gate: StagingGate | None = None,
+        priority: StagePriority | None = None) -> None:
     """``staging``: a batch of raw pages (not lz4) goes straight from the message into its
     place in staging, one copy, and the verify worker only checks it; with ``direct`` (a
     ring to the restore stage) and ``check`` (pipeline.verify_pages) other than "full",
-    this stage checks it and it skips the verify workers."""
+    this stage checks it and it skips the verify workers. ``priority``: this stage's
+    scheduling (common.StagePriority), followed by the pages channel's ZeroMQ I/O thread,
+    which takes every record in."""
     c = ctx.counters
     ends = rings if direct is None else [*rings, direct]   # the rings END markers go on
     direct_ok = direct is not None and staging is not None and check != "full"
@@ -100,7 +104,11 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         c.add("staging_wait_ns", time.perf_counter_ns() - t0)
         return True
 
+    if priority is not None:
+        priority.follow(io_threads())
     while not ctx.stopping():
+        if priority is not None:
+            priority.waiting()
         if not pages_in.poll(200):
             continue
         frame = pages_in.recv(copy=False)
@@ -111,6 +119,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         c.add("bytes_in", len(msg))
         try:
             hdr = wire.decode_header(msg)
+            if priority is not None:
+                priority.working(hdr.epoch)
             if hdr.type == wire.PAGES:
                 b = wire.decode_pages(msg, page_count, page_size, batch)
                 if not fresh(b.epoch, hdr.name):

@@ -41,7 +41,7 @@ import numpy as np
 from pipeline import faults, messages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagingGate, domain_page_hashes, ready_rings)
+                                    StagePriority, StagingGate, domain_page_hashes, ready_rings)
 from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.xen_io.base import Domain
 
@@ -367,8 +367,11 @@ class Restore:
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        staging: PageBuffer, check: str = "full", gate: StagingGate | None = None) -> None:
-    """``check``: pipeline.verify_pages, how many SVM pages are hashed again at apply."""
+        staging: PageBuffer, check: str = "full", gate: StagingGate | None = None,
+        priority: StagePriority | None = None) -> None:
+    """``check``: pipeline.verify_pages, how many SVM pages are hashed again at apply.
+    ``priority``: this stage's scheduling (common.StagePriority); a proof checkpoint is
+    applied at normal priority (its ACK waits for a hash of all of memory)."""
     r = Restore(ctx, domain, len(rings), staging.pages, check, gate)
     c = ctx.counters
     wanted: messages.ApplyCmd | None = None     # the epoch to apply once assembled
@@ -386,6 +389,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             return
         cmd, v = wanted, verdict
         wanted = verdict = None
+        if priority is not None and cmd.want_digest:
+            priority.normal()
         trace.point("apply_start", cmd.epoch)
         # (while it is applied, a command can only be the coordinator's AbortCmd of it)
         reply = r.apply(cmd.epoch, cmd.svm_dirty, cmd.want_digest, v.at_ns, ctrl.send,
@@ -397,12 +402,16 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         ctrl.send(reply)
 
     while not ctx.stopping():
+        if priority is not None:
+            priority.waiting()
         ready, fds = ready_rings(rings, [ctrl.fileno()], 0.2)
         t0 = time.perf_counter_ns()
         for i in ready:
             slot = rings[i].try_acquire_read()
             if slot is None:
                 continue
+            if priority is not None:
+                priority.working(slot.epoch)
             c.add("items_in", slot.count if slot.kind != SLOT_END else 0)
             trace.point("slot", slot.epoch)
             v = r.take_slot(slot)
@@ -412,6 +421,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 settle()
         if fds:
             cmd = ctrl.recv()
+            if priority is not None and hasattr(cmd, "epoch"):
+                priority.working(cmd.epoch)
             if isinstance(cmd, messages.ApplyCmd):
                 # the coordinator asks for e only after it had its answer for e - 1 (or
                 # never took e - 1 up): nothing older will be applied

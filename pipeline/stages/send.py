@@ -17,9 +17,9 @@ import zmq
 
 from pipeline import faults, messages, trace, wire
 from pipeline.compress_policy import MIN_BYTES, WINDOW_BYTES, CompressPolicy, Window
-from pipeline.sockets import send_until_stopped
+from pipeline.sockets import io_threads, send_until_stopped
 from pipeline.ring import Ring
-from pipeline.stages.common import MARK_LZ4, SLOT_END, StageContext, ready_rings
+from pipeline.stages.common import MARK_LZ4, SLOT_END, StageContext, StagePriority, ready_rings
 
 
 @dataclass
@@ -163,11 +163,14 @@ class AutoCompress:
 
 
 def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
-        pending: Pending, shared, compress: str = "lz4") -> None:
+        pending: Pending, shared, compress: str = "lz4",
+        priority: StagePriority | None = None) -> None:
     """While ``shared.unprotected`` is set (the secondary is lost) batches are drained and
     dropped, so the snapshot stage never waits on a ring that nobody empties.
     ``compress="auto"``: this stage decides, in ``shared.compress``, whether the digest
-    workers compress (pipeline/compress_policy.py)."""
+    workers compress (pipeline/compress_policy.py). ``priority``: this stage's scheduling
+    (common.StagePriority), followed by the pages channel's ZeroMQ I/O thread, which
+    carries every record."""
     c = ctx.counters
     epochs: dict[int, EpochStats] = {}
     recorded = PendingWriter(pending)
@@ -193,14 +196,20 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
         while q and (q[0][1] is None or q[0][1].done):
             rings[i].release_read(q.popleft()[0])
 
+    if priority is not None:
+        priority.follow(io_threads())
     while not ctx.stopping():
         for i in range(len(rings)):
             hand_back(i)
+        if priority is not None:
+            priority.waiting()
         ready, _ = ready_rings(rings, [], HELD_WAIT_S if any(held) else 0.2)
         for i in ready:
             slot = rings[i].try_acquire_read()
             if slot is None:
                 continue
+            if priority is not None:
+                priority.working(slot.epoch)
             entry = [slot, None]
             held[i].append(entry)
             t0 = time.perf_counter_ns()

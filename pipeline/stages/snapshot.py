@@ -22,62 +22,9 @@ import numpy as np
 from pipeline import messages, trace, wire
 from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
-from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer, StageContext,
-                                    write_slot)
+from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer,
+                                    PausePriority, StageContext, write_slot)
 from pipeline.xen_io.base import Domain
-
-
-class PausePriority:
-    """Real-time scheduling (SCHED_FIFO, lowest priority) for the work inside the PVM pause,
-    where the host allows it (root or CAP_SYS_NICE): the pause is the guest's downtime. In
-    the Xen lab, with more runnable processes than CPUs, the gather was preempted inside the
-    pause. The work is bounded (the snapshot buffer), the guest is already stopped when it is
-    raised, and it is dropped around the proof's full-memory hash, which must not keep
-    other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 2,
-    stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
-
-    BOOST_NICE = -10    # boosted: 9x the CPU share of a nice-0 task, never all of a core
-
-    def __init__(self, wanted: bool) -> None:
-        self.allowed = wanted and hasattr(os, "sched_setscheduler")
-        self.normal = os.sched_getparam(0) if self.allowed else None
-        self.nice = os.getpriority(os.PRIO_PROCESS, 0) if self.allowed else 0
-        # what is set now: a call that changes nothing makes no system call (a drop from
-        # real time cost 0.3 ms of wall time on a loaded machine, on the commit's path)
-        self.is_urgent = self.is_boosted = False
-
-    def permitted(self) -> bool:
-        """May this process run at real time? Tried (and undone) now: a host without
-        CAP_SYS_NICE, or a cgroup without real-time runtime, refuses it."""
-        if self.allowed and not self.is_urgent:
-            self.urgent(True)
-            self.urgent(False)
-        return self.allowed
-
-    def boosted(self, on: bool) -> None:
-        """Normal scheduling with a larger share (nice BOOST_NICE), for critical-path work
-        too long to hold a core at real time (the secondary hashing a large SVM dirty set:
-        at real time it starved the primary's coordinator on a 2-core machine; at normal
-        priority a loaded machine gave it a sixteenth of a core)."""
-        if not self.allowed or on == self.is_boosted:
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, self.BOOST_NICE if on else self.nice)
-            self.is_boosted = on
-        except OSError:
-            pass
-
-    def urgent(self, on: bool) -> None:
-        if not self.allowed or on == self.is_urgent:
-            return
-        self.is_urgent = on
-        try:
-            if on:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            else:
-                os.sched_setscheduler(0, os.SCHED_OTHER, self.normal)
-        except OSError:
-            self.allowed = False      # not permitted here: the pause runs at normal priority
 
 
 def _deal(ctx: StageContext, rings: list[Ring], pfns: np.ndarray, epoch: int, fill) -> bool:
@@ -224,9 +171,12 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             domain.resume()
             trace.point("resumed", epoch)
             pause_ns = time.perf_counter_ns() - t0
-            # after the resume: dropped before it, the stage was preempted with the guest
-            # still stopped (resume_ms 2-28 ms in the Xen lab instead of 0.3-0.8)
-            priority.urgent(False)
+            # still at the pause's priority for the hand-off to the digest workers (a few
+            # ring slots of metadata), who wait at it too (common.StagePriority): at normal
+            # priority the stage was preempted by the first of them woken, and the other
+            # batches and the END markers waited for a core; dropped before the resume,
+            # the stage was preempted with the guest still stopped (resume_ms 2-28 ms in
+            # the Xen lab instead of 0.3-0.8)
             ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
             if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):

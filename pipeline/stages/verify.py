@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import faults, wire
 from pipeline.ring import Ring, Slot
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, PageBuffer, StageContext,
-                                    hash_pages, worker_loop, zero_page_hash)
+                                    StagePriority, hash_pages, worker_loop, zero_page_hash)
 
 
 CHECKS = ("full", "sample", "off")
@@ -121,7 +121,8 @@ def check_hashes(src: Slot, out: np.ndarray, kinds: np.ndarray, page_size: int,
 
 
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: PageBuffer,
-        check: str = "full") -> None:
+        check: str = "full", priority: StagePriority | None = None) -> None:
+    """``priority``: this stage's scheduling (common.StagePriority)."""
     if check not in CHECKS:
         raise ValueError(f"verify stage: check={check!r} is not one of {CHECKS}")
     staging = staging.pages
@@ -147,4 +148,4 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, staging: PageBuffer,
         c.add("bytes_in", int(slot.enc_len[:n].sum()))
         c.add("bytes_out", n * page_size)
 
-    worker_loop(ctx, ring_in, ring_out, process)
+    worker_loop(ctx, ring_in, ring_out, process, priority)
