@@ -31,15 +31,18 @@ class Running:
     """A CompareLoop (with a Xen notify channel, as colo-pipeline compare has) run by a
     thread, and a client on each socket."""
 
-    def __init__(self, native: bool, threaded: bool = True) -> None:
+    def __init__(self, native: bool, threaded: bool = True, control=None,
+                 round_s: float = 0.02) -> None:
         d = tempfile.mkdtemp(prefix="ncmp-native-")
         settings = NetSettings(primary_in=f"unix:{d}/p", secondary_in=f"unix:{d}/s",
                                outdev=f"unix:{d}/o", compare_timeout_ms=10 ** 8,
                                max_queue_frames=100_000)
         self.dir = d
-        self.loop = CompareLoop(settings, XenNotify(f"unix:{d}/n"), native=native)
+        self.round_s = round_s
+        self.loop = CompareLoop(settings, control(d) if control is not None
+                                else XenNotify(f"unix:{d}/n"), native=native)
         self.pin, self.sin, self.out = (StreamClient(f"unix:{d}/{r}") for r in "pso")
-        self.ntf = StreamClient(f"unix:{d}/n")
+        self.ntf = StreamClient(f"unix:{d}/n") if control is None else None
         self._decoder = FrameDecoder(False)
         self._ahead: list[bytes] = []
         self.stop = threading.Event()
@@ -49,7 +52,7 @@ class Running:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.loop.run_once(0.02)
+            self.loop.run_once(self.round_s)
 
     def released(self, count: int) -> list[bytes]:
         """The next ``count`` frames out of outdev (fails the test after WAIT s)."""
@@ -67,7 +70,8 @@ class Running:
         if self.thread.is_alive():
             self.thread.join(WAIT)
         for c in (self.pin, self.sin, self.out, self.ntf):
-            c.close()
+            if c is not None:
+                c.close()
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -258,6 +262,50 @@ def test_a_side_that_hangs_up_during_native_rounds_is_listened_for_again():
         wait_until(lambda: run.loop.native_stats["pairs"] > before, WAIT, "native rounds")
     finally:
         run.close()
+
+
+@pytest.mark.timeout(300)
+def test_native_rounds_run_beside_the_coordinators_zmq_events_and_wake_for_them():
+    """The node's comparator hears its coordinator on a zmq SUB socket: pairs still go the
+    native way, and an event published while the loop sleeps in a native round's poll (its
+    rounds far longer than the test waits) is handled at once, through the socket's zmq.FD
+    (or, published as a round begins, the ZMQ_EVENTS look before it): a role event that
+    stops comparing lets a lone PVM frame out."""
+    from pipeline.checkpoint_api import CheckpointBus, CheckpointClient
+    from pipeline.net.control import CoordinatorControl
+    bus: list[CheckpointBus] = []
+
+    def control(d: str) -> CoordinatorControl:
+        bus.append(CheckpointBus(d))
+        return CoordinatorControl(CheckpointClient(d))
+    # rounds of 10 * WAIT s: only the events' descriptor (or a frame) ends one in time
+    run = Running(True, threaded=False, control=control, round_s=10 * WAIT)
+    events = run.loop.control.client.events_in
+    try:
+        # the subscription is through once a published event arrives (before the loop runs)
+        wait_until(lambda: bus[0].publish("hello", 0) or events.poll(50), WAIT,
+                   "the events subscription")
+        run.loop.control.client.poll_events(0)
+        run.thread.start()
+        for i in range(40):
+            run.pin.send(udp(i, i))
+            run.sin.send(udp(i, 3 * i))
+            assert run.released(1) == [udp(i, i)]
+        bus[0].publish("role", 0, role="unprotected")
+        wait_until(lambda: run.loop.comparator.passthrough, WAIT,
+                   "the role event handled while native rounds run")
+        p = udp(99, 99)
+        run.pin.send(p)
+        assert run.released(1) == [p]
+    finally:
+        run.stop.set()
+        bus[0].publish("wake", 0)          # the loop's round ends on it
+        run.close()
+        bus[0].close()
+    # (counted as each native round returns: the last one on the role event)
+    assert run.loop.native_stats["pairs"] > 0
+    assert run.loop.comparator.counters["native_matched_frames"] == \
+        run.loop.native_stats["pairs"]
 
 
 def _items(frames) -> bytes:

@@ -180,3 +180,36 @@ def test_demo_progress_in_a_log_is_one_line_per_interval():
     progress = [line for line in r.stdout.splitlines() if line.startswith("[")]
     assert progress and all("client p50/p99" in line for line in progress)
     assert "requests answered, latency p50/p99" in r.stdout
+
+
+def test_the_nodes_comparator_releases_answer_pairs_in_native_rounds():
+    """With numba: the primary's comparator loads its native pair rounds beside its first
+    (Python) rounds, then releases the guests' answer pairs there, beside its coordinator's
+    zmq events; every answer still reaches the client once, in order."""
+    from pipeline.net.loop import native_rounds
+    if native_rounds() is None:
+        pytest.skip("numba is not installed")
+    pair = LocalPair(pair_tables("compare"))
+    try:
+        pair.start()
+        pair.wait_protected()
+        client = Client(os.path.join(pair.workdir, "client.sock"))
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(inject_address(pair.run_dir("primary")))
+        sent = 0
+
+        def one_more_answered_and_native() -> bool:
+            nonlocal sent
+            push.send(b"request %d" % sent)
+            sent += 1
+            wait_until(lambda: len(client.read()) >= sent, 60, f"answer {sent}")
+            return net(pair, "native_matched_frames") > 0
+        wait_until(one_more_answered_and_native, 240, "an answer pair released natively")
+        push.close()
+        assert client.seqs == list(range(sent))
+        assert net(pair, "mismatches") == 0
+        client.close()
+    finally:
+        pair.stop()
+        pair.cleanup()

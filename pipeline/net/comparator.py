@@ -115,6 +115,8 @@ COUNTER_NAMES = (
     "released_after_gt_3000ms",
     # frame pairs matched as part of a run of equal frames (compared in one piece)
     "run_matched_frames",
+    # of those, pairs judged and released by the native rounds (pipeline.net.native)
+    "native_matched_frames",
 )
 
 #: upper bounds (ms) of the held-frame buckets, in COUNTER_NAMES order (inf: the last)
@@ -909,6 +911,7 @@ class Comparator:
         equal and released outside (see :meth:`native_ok`); ``delays``: how many of them
         in each RELEASE_DELAY_COUNTERS bucket."""
         self._count_run(k, n_bytes)
+        self._count("native_matched_frames", k)
         for name, n in zip(RELEASE_DELAY_COUNTERS, delays):
             if n:
                 self._count(name, int(n))

@@ -147,7 +147,10 @@ class CompareLoop:
 
     def __init__(self, settings: NetSettings, control=None,
                  counters: CounterSink | None = None, runs: bool = True,
-                 in_band: bool = False, native: bool = True) -> None:
+                 in_band: bool = False, native: bool | str = True) -> None:
+        """``native``: run pair rounds in native code where they apply (True: loaded now;
+        ``"background"``: once :meth:`load_native_in_background` loaded them; False:
+        never)."""
         self.settings = settings
         self.control = control or NoControl()
         self.adapters = Adapters(settings.vnet_hdr)
@@ -206,20 +209,48 @@ class CompareLoop:
         self._plan: tuple = ()
         self._pair_fds: frozenset | None = None
         #: native pair rounds: the module when both guests' streams and outdev are stream
-        #: endpoints taken whole and no zmq socket is polled (its descriptor is not one
-        #: poll() can wait on alone); the poll array for them with the current plan (or None)
+        #: endpoints taken whole; the poll array for them with the current plan (or None)
         self._native = None
         self._native_plan: tuple | None = None
         self._native_tbuf: np.ndarray | None = None
         #: what the native rounds did (diagnostics and tests): pairs released, waits for a
         #: lone side's partner and how many it ended, returns to Python by status name
         self.native_stats: dict[str, int] = {"pairs": 0, "waits": 0, "wait_hits": 0}
-        if streams and native and all(isinstance(a, StreamEndpoint) for a in (
-                self.primary_in, self.secondary_in, self.outdev)) \
-                and not isinstance(self.control.pollable(), zmq.Socket):
+        #: the control channel when it is a zmq socket (the node's coordinator events): native
+        #: rounds poll its zmq.FD, which is edge-triggered: readable when the socket got
+        #: commands since ZMQ_EVENTS was last read, not while a message waits. So EVENTS is
+        #: read right before each native round (a waiting message goes to Python first);
+        #: after that read any new message makes the FD readable, which ends the round.
+        pollable = self.control.pollable()
+        self._zmq_control = pollable if isinstance(pollable, zmq.Socket) else None
+        #: native rounds may run here (both guests' streams and outdev stream endpoints
+        #: taken whole); the module is loaded now, or by load_native_in_background
+        self.native_possible = bool(streams and native and all(
+            isinstance(a, StreamEndpoint) for a in (self.primary_in, self.secondary_in,
+                                                     self.outdev)))
+        self._native_loaded = None          # set by the background loader, taken by run_once
+        self._native_loader: threading.Thread | None = None
+        if self.native_possible and native != "background":
             self._native = native_rounds()
         self._next_scan = 0.0
         self.stop_event = threading.Event()
+
+    def load_native_in_background(self) -> None:
+        """Load the native rounds (numba's import and the cached compiled code: ~0.3 s of
+        CPU) in a thread while this loop runs its rounds in Python; run_once takes them up
+        once loaded. For the node's comparator, which must pass frames from its first
+        moment (a takeover's survivor) rather than wait for numba."""
+        if not self.native_possible or self._native is not None \
+                or self._native_loader is not None:
+            return
+
+        def load() -> None:
+            module = native_rounds()
+            gc.freeze()        # numba's objects: no garbage collection walks them again
+            self._native_loaded = module
+        self._native_loader = threading.Thread(target=load, name="native-rounds-loader",
+                                               daemon=True)
+        self._native_loader.start()
 
     def _malformed_cb(self, side: int):
         return lambda reason: self.comparator.note_malformed(side, reason)
@@ -321,6 +352,8 @@ class CompareLoop:
         # active (failover) or unprotected (secondary lost): stop holding output
         self.comparator.settle()
         self.comparator.set_passthrough(role in ("active", "unprotected"))
+        if role == "primary":
+            self.load_native_in_background()     # comparing again (if not loaded yet)
         if self.mirror is not None and self.mirror.holding is not None:
             self.mirror.release()
 
@@ -372,16 +405,19 @@ class CompareLoop:
                 plan.append((pollable, action, fd))
             self._plan, self._plan_key = (poller, plan, always), key
             self._pair_fds = self._stream_pair_fds(plan, blocked)
+            # (a zmq socket only as the control channel: its zmq.FD, see __init__)
             self._native_plan = self._native_poll(plan) \
-                if self._native is not None and self._pair_fds is not None \
-                and not use_zmq and not always else None
+                if self._native is not None and self._pair_fds is not None and not always \
+                and all(not isinstance(p, zmq.Socket) or p is self._zmq_control
+                        for p, _, _ in plan) else None
         return self._plan
 
     def _native_poll(self, plan) -> tuple:
         """What native pair rounds poll (every descriptor of ``plan``, a struct pollfd
         array: int32 fd, then events | revents << 16) and the indices of the guests'
         streams in it; the reads' buffers; the result array."""
-        fds = [fd for _, _, fd in plan]
+        fds = [fd.getsockopt(zmq.FD) if isinstance(fd, zmq.Socket) else fd
+               for _, _, fd in plan]
         pfds = np.zeros(2 * len(fds), np.int32)
         pfds[0::2] = fds
         actions = [action for _, action, _ in plan]
@@ -423,6 +459,8 @@ class CompareLoop:
 
     def run_once(self, timeout: float) -> None:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
+        if self._native_loaded is not None:      # loaded in the background: re-plan
+            self._native, self._native_loaded, self._plan_key = self._native_loaded, None, None
         poller, plan, always = self._poll_plan()
         if self._native_plan is not None and self._native_ok():
             ready = self._native_rounds(self._native_plan, timeout)
@@ -457,10 +495,13 @@ class CompareLoop:
 
     def _native_ok(self) -> bool:
         """Native pair rounds may run now (see Comparator.native_ok): nothing waits in the
-        comparator nor in outdev's queue, outdev has its peer."""
+        comparator nor in outdev's queue, outdev has its peer, no control message waits
+        (read last: reading ZMQ_EVENTS arms the zmq control's FD for the native poll)."""
         out = self.outdev
         return out.connected and not out.queued and self.comparator.native_ok(
-            self.primary_in.generation, self.secondary_in.generation)
+            self.primary_in.generation, self.secondary_in.generation) \
+            and not (self._zmq_control is not None
+                     and self._zmq_control.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def _native_rounds(self, native_plan: tuple, timeout: float) -> dict:
         """Pair rounds in native code until one needs Python (pipeline.net.native); then

@@ -82,8 +82,10 @@ def compare_loop(settings: NetSettings, control, in_band: bool) -> CompareLoop:
     ``in_band``: the streams are the node's own output ports, which carry every epoch
     boundary, so the coordinator's ``snapshot``/``committed`` events never move an epoch
     (taken before the first boundary, a snapshot event that overtook the PVM's frames made
-    a spurious divergence at start; see pipeline/net/loop.py)."""
-    return CompareLoop(settings, control, runs=True, in_band=in_band)
+    a spurious divergence at start; see pipeline/net/loop.py). Pair rounds in native code
+    once loaded in the background (CompareLoop.load_native_in_background: the stage passes
+    frames from its start, a takeover's survivor at once, not after numba's import)."""
+    return CompareLoop(settings, control, runs=True, in_band=in_band, native="background")
 
 
 def run_net_compare_stage(settings: NetSettings, rundir: str,
@@ -115,6 +117,9 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
     if ready is not None:
         ready.send({"ok": True})
     tune_gc()
+    if not passthrough:
+        # (passing through, nothing is compared: loaded once a secondary joins, on_role)
+        loop.load_native_in_background()
     mirror = CounterMirror(loop.comparator.counters, counters_sink)
     scan = settings.expired_scan_ms / 1000.0
     next_sync = 0.0
