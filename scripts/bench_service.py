@@ -58,7 +58,8 @@ from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa:
 MODES = ("unprotected", "colo", "buffered")
 #: the comparator's counters each row reports (differences over the row)
 NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backpressures",
-               "backpressure_ns", "held_frames_peak", *RELEASE_DELAY_COUNTERS)
+               "backpressure_ns", "held_frames_peak", "native_matched_frames",
+               *RELEASE_DELAY_COUNTERS)
 
 
 # ------------------------------------------------------------------ the client
