@@ -38,6 +38,12 @@ never tries again, so that direction would never come up even after the right pe
 is there. The primary watches its socket's handshake failures and connects again
 (at most once per interval, counted in ``hb_handshake_failed``).
 
+Once the primary has lost the peer it sends on new connections (every timeout, at most
+every 250 ms, while the peer stays lost: ``hb_redials``). The old ones may still be up for
+TCP, the heartbeats queued behind a segment the kernel retransmits with exponential
+backoff: a healed partition was heard 4-6 s late. (The control and pages channels are
+still heard again only when TCP retransmits.)
+
 Record HEARTBEAT (48 bytes, little-endian; the contract: docs/wire-format.md, "Heartbeat
 channel"; the socket: ``pipeline.sockets.heartbeat``)::
 
@@ -100,10 +106,11 @@ RECORD_SIZE = _RECORD.size + _TAIL.size    # 48
 COUNTERS = ("hb_bad", "hb_stale", "hb_missed", "hb_copies", "send_dropped", "late_wakeups",
             "max_late_us", "max_gap_us", "max_send_gap_us", "max_runq_us", "local_pauses",
             "max_local_pause_us", "peer_lost", "peer_back", "hb_handshake_failed",
-            "peer_new_instance")
+            "peer_new_instance", "hb_redials")
 
 _U64_MAX, _I64_MAX = (1 << 64) - 1, (1 << 63) - 1
 MAX_WAIT_S = 0.2   # how often an idle loop looks at its stop event
+REDIAL_MIN_S = 0.25  # the primary, its peer lost: new connections at most this often
 COPY_WINDOW = 64   # a seq this close below the newest one heard is another path's copy
 # Real-time priority of the heartbeat: one above the node's own real-time work (a
 # checkpoint's work runs SCHED_FIFO 1, its hops 2: stages/common.PausePriority). At the
@@ -386,9 +393,28 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                             "meanwhile does not count", late * 1000, waited / 1e6,
                             pauses_logged)
 
+    def redial(now: float) -> None:
+        """The primary, the peer lost: every path on a new TCP connection. The old ones may
+        be alive for TCP with heartbeats queued behind a segment it retransmits with
+        exponential backoff: after a partition heals, the first retransmit came 4-6 s
+        later (the fault matrix's partition rows), every heartbeat of that connection
+        waiting behind it. A new connection's SYN goes through as soon as the path does
+        (one every timeout while the peer is lost; ZeroMQ's own retries when it is gone)."""
+        for s in socks:
+            try:
+                s.disconnect(settings.address)
+            except zmq.ZMQError:     # (not connected: nothing to let go)
+                pass
+            s.connect(settings.address)
+        c.add("hb_redials", 1)
+        if c.as_dict()["hb_redials"] in (1, 10) or c.as_dict()["hb_redials"] % 100 == 0:
+            ctx.log.info("heartbeat: the peer is lost: heartbeats on new connections to %s "
+                         "(%d times so far)", settings.address, c.as_dict()["hb_redials"])
+
     t0 = clock()
     next_send = t0
     resume_by = t0
+    redial_at = t0
     try:
         while not ctx.stopping():
             now = clock()
@@ -424,7 +450,13 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 ctx.log.warning("heartbeat: peer lost: nothing valid for %.0f ms (limit %.0f)",
                                 (now - peer.heard_at) * 1000, timeout * 1000)
                 emit(messages.PeerLost(peer.heard_at, now))
+                redial_at = now
+            if not bind and peer.state == "lost" and now >= redial_at:
+                redial(now)
+                redial_at = now + max(timeout, REDIAL_MIN_S)
             wake = next_send if reconnect_at is None else min(next_send, reconnect_at)
+            if not bind and peer.state == "lost":
+                wake = min(wake, redial_at)
             if peer.state == "up":
                 wake = min(wake, peer.last_seen + timeout + 0.0005)
             before = clock()
