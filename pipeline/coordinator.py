@@ -942,17 +942,16 @@ class SecondaryCoordinator(_Coordinator):
             # the pause's priority: the data stages run at it too (common.StagePriority),
             # and at normal priority (boosted) this hashing, the commit's critical path,
             # got what they left of the cores (8 us a page instead of 1.8, 1k pages, on a
-            # 2-core machine with both nodes); as work (WORK), below the hops (HOP)
-            self.priority.urgent(True)
+            # 2-core machine with both nodes). At the hops' priority (HOP), above the
+            # digest workers (WORK): the last part is what their classification waits for
+            # (at WORK it shared the cores with their hashing, 4-7 us a page at load 17)
             for pfns, hashes, more in self.prehashed.parts(dirty):
                 self._send(wire.encode_svm_dirty(epoch, pfns, hashes, more=more))
                 trace.point("svm_part_sent" if more else "svm_hashed", epoch, str(len(pfns)))
                 done.append(pfns)
             dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
             # the rest is hops on the commit's path (the restore stage's verdict, the ACK,
-            # the SVM's resume) with little CPU of its own: at the hops' priority, asleep
-            # between
-            self.priority.urgent(True, self.priority.HOP)
+            # the SVM's resume) with little CPU of its own, asleep between
             self._settle(begin, epoch, dirty, t_begin)
         finally:
             self.priority.urgent(False)
