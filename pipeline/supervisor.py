@@ -322,7 +322,9 @@ class Supervisor:
         shared.epoch.value = self.start_as.first_epoch
         hb_in, hb_out = FORK.Pipe(duplex=False)
         # the data stages' scheduling (each stage gets its own copy through the fork): the
-        # ones that hash, decode or apply pages below the ones that hand records on
+        # ones that hash or decode pages below the ones that hand records on; the restore
+        # stage with the latter (each batch it takes is a hop of the commit, 0.9 ms p50 at
+        # the workers' level, 0.12 at the hops', load 24; its apply is bounded by the epoch)
         rt = s.pipeline.pause_priority == "realtime"
         hops = StagePriority(rt, shared.live)
         relays = StagePriority(rt, shared.live, PausePriority.HOP)
@@ -391,7 +393,7 @@ class Supervisor:
                                 s.pipeline.verify_pages, hops)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run,
                                   (dom, [*to_restore, direct], ctl_b, staging,
-                                   s.pipeline.verify_pages, gate, hops)))
+                                   s.pipeline.verify_pages, gate, relays)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror,
                                       (sim_ports_settings(s), dom, shared, self.auto)))

@@ -292,10 +292,10 @@ class StagePriority:
     everything else off the CPU. ``live``: the shared word the coordinator sets to the epoch
     of the live round in flight, -1 while there is none (SharedState.live).
     Made in the supervisor, copied into each stage by the fork. ``level``: the SCHED_FIFO
-    priority, PausePriority.WORK for the stages that hash, decode or apply pages (digest,
-    verify, restore), PausePriority.HOP for the ones that hand records on, whose I/O
-    threads carry them (send, receive): at WORK a record waited 1-2 ms, p50, for a digest
-    worker or the secondary's hashing to block."""
+    priority, PausePriority.WORK for the stages that hash or decode pages (digest,
+    verify), PausePriority.HOP for the ones that hand records on, whose I/O threads carry
+    them (send, receive), and for the restore stage: at WORK a record waited 1-2 ms, p50,
+    for a digest worker or the secondary's hashing to block."""
 
     def __init__(self, wanted: bool, live, level: int = PausePriority.WORK) -> None:
         self.priority = PausePriority(wanted)
