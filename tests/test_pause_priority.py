@@ -49,46 +49,6 @@ def test_refused_real_time_falls_back_quietly(monkeypatch):
     assert calls == [os.SCHED_FIFO] and not p.allowed
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice needs root or CAP_SYS_NICE")
-@pytest.mark.root
-def test_boosted_raises_the_share_and_gives_it_back():
-    """The rest of the secondary's BEGIN answer (hashing past the first part of SVM_DIRTY):
-    normal scheduling at nice BOOST_NICE, then the nice it had."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    p = PausePriority(True)
-    try:
-        p.boosted(True)
-        assert os.getpriority(os.PRIO_PROCESS, 0) == PausePriority.BOOST_NICE
-        assert _policy() == os.SCHED_OTHER
-    finally:
-        p.boosted(False)
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
-@pytest.mark.root
-def test_the_boost_outlasts_real_time_and_unchanged_calls_make_no_system_call(monkeypatch):
-    """The secondary's BEGIN answer: real time up to SVM_DIRTY's first part, then boosted
-    (set first, so nothing preempts it in between); a call that changes nothing is free."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    p = PausePriority(True)
-    try:
-        p.urgent(True)
-        p.boosted(True)
-        p.urgent(False)
-        assert _policy() == os.SCHED_OTHER
-        assert os.getpriority(os.PRIO_PROCESS, 0) == PausePriority.BOOST_NICE
-        calls = []
-        monkeypatch.setattr(os, "sched_setscheduler", lambda *a: calls.append(a))
-        p.urgent(False)
-        assert not calls
-    finally:
-        monkeypatch.undo()
-        p.urgent(False)
-        p.boosted(False)
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before and _policy() == os.SCHED_OTHER
-
-
 class _Word:
     """A stand-in for SharedState.live (a multiprocessing Value) in this process."""
 

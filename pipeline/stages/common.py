@@ -206,26 +206,23 @@ class PausePriority:
     the Xen lab, with more runnable processes than CPUs, the gather was preempted inside the
     pause. The work is bounded (the snapshot buffer), the guest is already stopped when it is
     raised, and it is dropped around the proof's full-memory hash, which must not keep
-    other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 2,
+    other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 3,
     stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
 
-    BOOST_NICE = -10    # boosted: 9x the CPU share of a nice-0 task, never all of a core
     WORK = 1    # SCHED_FIFO priority of a checkpoint's work: the pause's copy, hashing,
                 # the data stages (they queue behind each other, never behind other work)
     HOP = 2     # of a checkpoint's control hops, which do little work each (the
                 # coordinators and their ZeroMQ I/O threads): above WORK, so SVM_DIRTY's
                 # parts and the ACK never wait behind a hashing stage at real time (at the
                 # same priority a part waited 2.2 ms, p50, for a digest worker to block);
-                # the same as the heartbeat's (SCHED_RR, stages/heartbeat.RT_PRIORITY)
+                # below the heartbeat's (SCHED_RR 3, stages/heartbeat.RT_PRIORITY)
 
     def __init__(self, wanted: bool) -> None:
         self.allowed = wanted and hasattr(os, "sched_setscheduler")
         self.normal = os.sched_getparam(0) if self.allowed else None
-        self.nice = os.getpriority(os.PRIO_PROCESS, 0) if self.allowed else 0
         # what is set now: a call that changes nothing makes no system call (a drop from
         # real time cost 0.3 ms of wall time on a loaded machine, on the commit's path)
         self.level = 0      # SCHED_FIFO priority now, 0: normal scheduling
-        self.is_boosted = False
         self.threads: list[int] = []    # other threads of this process that follow urgent()
 
     def follow(self, tids: list[int]) -> None:
@@ -243,23 +240,6 @@ class PausePriority:
             self.urgent(True)
             self.urgent(False)
         return self.allowed
-
-    def boosted(self, on: bool) -> None:
-        """Normal scheduling with a larger share (nice BOOST_NICE), for critical-path work
-        too long to hold a core at real time (the secondary hashing a large SVM dirty set:
-        at real time it starved the primary's coordinator on a 2-core machine; at normal
-        priority a loaded machine gave it a sixteenth of a core)."""
-        if not self.allowed or on == self.is_boosted:
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, self.BOOST_NICE if on else self.nice)
-            self.is_boosted = on
-        except OSError:
-            pass
-
-    @property
-    def is_urgent(self) -> bool:
-        return self.level > 0
 
     def urgent(self, on: bool, level: int = WORK) -> None:
         """SCHED_FIFO at ``level`` (WORK or HOP), or back to normal scheduling."""

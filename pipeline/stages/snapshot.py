@@ -14,7 +14,6 @@ the secondary never applied them, so they go out again.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
