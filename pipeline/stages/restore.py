@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import faults, messages, trace, wire
+from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
                                     StagePriority, StagingGate, domain_page_hashes, ready_rings)
@@ -340,6 +340,8 @@ class Restore:
         self.committed_epoch = epoch
         self.asm = None
         digest = self.domain.memory_digest() if want_digest else b""
+        if want_digest:
+            proof_pages.record(self.domain, "svm", epoch)    # (only when a test asks)
         input_seq = -1
         io = self.domain.simulated_io()
         if self.committed_vcpu and io is not None:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from pipeline import messages, trace, wire
+from pipeline import messages, proof_pages, trace, wire
 from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer,
@@ -156,6 +156,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             if flags & wire.FLAG_DIGEST:
                 priority.urgent(False)
                 digest = domain.memory_digest()
+                proof_pages.record(domain, "pvm", epoch)    # (only when a test asks)
                 priority.urgent(True)
             verify_ns = time.perf_counter_ns() - t_verify if digest else 0
             # The pause is one gather of the dirty pages into the snapshot buffer, with
