@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import zmq
 
+from pipeline import proof_pages
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
 from pipeline.shm import cleanup_segments, list_segments, segment_prefix
@@ -152,6 +153,10 @@ class LocalPair:
         self.counters: dict[str, NodeCounters] = {}
         self._inject: dict[str, zmq.Socket] = {}   # inject_input's socket per address
         self.ttys: dict[str, int] = {}   # start_node(tty=True): the terminal's master side
+        # each proof's page hashes, both sides (pipeline/proof_pages.py): an unequal proof
+        # names the pages that differ
+        self.proof_dir = os.path.join(self.workdir, "proof")
+        os.makedirs(self.proof_dir, exist_ok=True)
         keys = os.path.join(self.workdir, "keys")
         for role in self.HOSTS:
             write_keypair(keys, role)
@@ -218,6 +223,7 @@ class LocalPair:
             cmd = private_shm_command(cmd, shm_size)
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
+        env[proof_pages.ENV] = self.proof_dir
         if fault:
             env["COLO_FAULT"] = fault
         log_path = os.path.join(self.workdir, f"{role}.log")
@@ -382,7 +388,9 @@ class LocalPair:
 
     def prove_memory_equal(self, timeout: float = 120.0) -> dict:
         """Ask for a checkpoint where both sides hash all of guest memory; returns the
-        primary's info with ``memory_equal``. Asks again if that checkpoint was torn."""
+        primary's info with ``memory_equal``. Asks again if that checkpoint was torn.
+        Unequal, the info starts with ``differing_pages`` (their count and the first pfns;
+        pipeline/proof_pages.py), and that proof's page hashes stay in ``proof_dir``."""
         node = self.node(self.primary_host())
         deadline = time.monotonic() + timeout
         while True:
@@ -392,6 +400,12 @@ class LocalPair:
             while time.monotonic() < min(retry_at, deadline):
                 info = node.node_info()
                 if info.get("final_epoch", -1) > before:
+                    epoch = info["final_epoch"]
+                    if info.get("memory_equal") is False:
+                        # first: a failed assertion shows the start of a long dict only
+                        return {"differing_pages": proof_pages.differing_pages(
+                            self.proof_dir, epoch), **info}
+                    proof_pages.forget(self.proof_dir, epoch)
                     return info
                 self.check_alive()
                 time.sleep(0.02)
