@@ -547,7 +547,11 @@ class SecondaryStore:
         """Redo the writes of the given logs (epoch, path, index) into the image in the
         primary's order, (epoch, seq), and make it durable. The records were verified when
         they were appended or scanned: read only the headers' index; the kernel copies the
-        data (copy_file_range), no user copy."""
+        data (copy_file_range), no user copy. Kept over a pwrite from a mapping of the log
+        (session 9), which cost the commit's thread less for 1 MiB records (0.33-0.39 ms
+        CPU per MiB against 0.43-0.51) but left the image's page cache in 1 MiB folios,
+        into which later 4 KiB records cost 8.6-11.4 ms per MiB against 2.6-2.9 (ext4
+        splices copy_file_range one 4 KiB page at a time: small folios)."""
         order = sorted((ep, seq, arrival, i, kind, off, length, data_pos, data_len)
                        for i, (ep, _path, index) in enumerate(todo)
                        for seq, arrival, kind, off, length, data_pos, data_len in index)
