@@ -57,6 +57,8 @@ TICK_S = 0.002   # the shortest gap between two looks at the PVM's dirty count
 IDLE_WAIT_S = 0.02
 #: the longest the primary's epoch loop waits in one go for the disk's forwards to be acked
 FORWARD_WAIT_SLICE_MS = 20
+#: an unprotected primary dials the control channel anew after this many unanswered HELLOs
+CONTROL_REDIAL_HELLOS = 3
 
 
 class ProtocolError(RuntimeError):
@@ -560,9 +562,14 @@ class PrimaryCoordinator(_Coordinator):
 
     def wait_for_secondary(self, timeout: float | None) -> bool:
         """Say HELLO until a secondary answers (re-sent every second: a new secondary
-        binds the same address and the control socket reconnects to it by itself)."""
+        binds the same address and the control socket reconnects to it by itself).
+        Every CONTROL_REDIAL_HELLOS unanswered ones the control channel is dialled anew:
+        its connection may be alive for TCP with the HELLOs queued behind a segment the
+        kernel retransmits with exponential backoff (a healed partition: seconds, more
+        the longer it lasted), while a new connection goes through at once."""
         deadline = None if timeout is None else time.monotonic() + timeout
         next_hello = 0.0
+        hellos = 0
         while not self.ctx.stopping():
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -571,6 +578,9 @@ class PrimaryCoordinator(_Coordinator):
                                              self.domain.page_count, self.settings.node.name,
                                              self.domain.hypervisor_written()))
                 next_hello = time.monotonic() + 1.0
+                hellos += 1
+                if hellos % CONTROL_REDIAL_HELLOS == 0:
+                    self._redial_control()     # (after a HELLO: the next finds it up)
             self._heartbeat_lost()
             if not self.control.poll(100):
                 continue
@@ -590,6 +600,16 @@ class PrimaryCoordinator(_Coordinator):
             self._send_carried_offsets()
             return True
         return False
+
+    def _redial_control(self) -> None:
+        """The control channel on a new TCP connection (wait_for_secondary)."""
+        address = sockets.peer_endpoints(self.settings)["control"]
+        try:
+            self.control.disconnect(address)
+        except zmq.ZMQError:        # (not connected: nothing to let go)
+            pass
+        self.control.connect(address)
+        self.c.add("control_redials", 1)
 
     def _send_carried_offsets(self) -> None:
         """A real guest NIC, after a takeover: the connections' offsets the redirector

@@ -85,7 +85,7 @@ EXTRA_COUNTERS = {
                     "takeovers_abandoned", "torn_by_conn_drop", "losses_abandoned",
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early", "svm_dirty_parts", "secondaries_replaced",
-                    "unsynced_refused"),
+                    "unsynced_refused", "control_redials"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
                "pages_unhashed", "svm_early_batches"),
