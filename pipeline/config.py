@@ -23,6 +23,7 @@ from pipeline.net.settings import NetSettings
 from pipeline.schema import Section, SettingError
 from pipeline.schema import section as _section
 from pipeline.schema import setting as _f
+from pipeline.xen_io.xen_ctypes import VCPU_INFO_ITEM
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,15 @@ class GuestSettings(Section):
                                 "secondary keeps its own values there and the memory proof "
                                 "(checkpoint.verify_every) skips them. Costs two reads of guest "
                                 "memory at start.")
+    xen_vcpu_info: str = _f("", "xen: where the guest registered each vCPU's vcpu_info "
+                            "(VCPUOP_register_vcpu_info's frame and offset), as the guest itself "
+                            "reports it, e.g. `0:0x7a31+0x3c0`. When given, the node takes these "
+                            "instead of watching the guest (guest.xen_find_written is then not "
+                            "used), after checking each on its own domain (in its frames, a clock "
+                            "record Xen wrote); the nodes compare theirs in the handshake and a "
+                            "difference stops the start. Empty: watch the guest.",
+                            pattern=f"({VCPU_INFO_ITEM})(,{VCPU_INFO_ITEM})*|",
+                            pattern_doc="empty, or VCPU:0xGFN+0xOFFSET items separated by commas")
     input_log_slots: int = _f(16384, "sim: client inputs the guest's input log holds, "
                               "2 KiB each, on each node (the default: 32 MiB). It stands in "
                               "for the secondary's queue of mirrored client packets: the "

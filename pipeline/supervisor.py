@@ -119,7 +119,7 @@ def open_domain(settings: Settings) -> Domain:
                    input_slots=g.input_log_slots)
         dom.start(paused=settings.node.role == "secondary")
         return dom
-    return make(g.domain, wake=g.xen_wake, find_xen_written=g.xen_find_written)
+    return make(g.domain, wake=g.xen_wake, find_xen_written=g.xen_find_written, vcpu_info=g.xen_vcpu_info)
 
 
 @dataclass

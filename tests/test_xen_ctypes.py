@@ -840,3 +840,88 @@ def test_set_vcpu_state_marks_the_timers_before_the_wake_up_msi() -> None:
     dom.wake, dom.upcall_vector = "msi", xc.DEFAULT_UPCALL_VECTOR
     dom.set_vcpu_state(b"blob")
     assert order == ["setcontext", ("msi", 0b1000)]
+
+
+# -- where Xen writes, from the guest's own registration (issue 17, item 5) ----------------------
+def test_vcpu_info_registrations_parse_and_bad_items_are_named() -> None:
+    assert xc.parse_vcpu_info_registrations("0:0x7a31+0x3c0, 1:0x10+0x40") == {0: (0x7a31, 0x3c0), 1: (0x10, 0x40)}
+    assert xc.parse_vcpu_info_registrations("") == {}
+    for text, why in (("0:7a31+0x3c0", r"'0:7a31\+0x3c0' is not VCPU:0xGFN\+0xOFFSET"),
+                      ("0:0x1+0x0,0:0x2+0x40", "vCPU 0 given twice"),
+                      ("1:0x1+0x3c8", r"offset 0x3c8: Xen registers a vcpu_info only at a 64-byte aligned"),
+                      ("1:0x1+0x1000", "offset 0x1000")):
+        with pytest.raises(ValueError, match=why):
+            xc.parse_vcpu_info_registrations(text)
+
+
+def test_the_config_takes_vcpu_info_items_and_names_a_bad_one(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load
+
+    good = tmp_path / "good.toml"
+    good.write_text('[security]\nmode = "plaintext"\n[guest]\nbackend = "xen"\ndomain = "prim"\n'
+                    'xen_vcpu_info = "0:0x7a31+0x3c0"\n')
+    assert load(str(good)).guest.xen_vcpu_info == "0:0x7a31+0x3c0"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[security]\nmode = "plaintext"\n[guest]\nbackend = "xen"\ndomain = "prim"\n'
+                   'xen_vcpu_info = "0:7a31"\n')
+    with pytest.raises(ConfigError, match=r"guest.xen_vcpu_info: '0:7a31' is not allowed .*VCPU:0xGFN\+0xOFFSET"):
+        load(str(bad))
+
+
+def _registered_domain(ram: np.ndarray, vcpus: int = 1):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    dom = domain_over(ram, holes=set(), own=[0x10])
+    dom.shared_info_frame = 0x10
+    dom.info = SimpleNamespace(nr_online_vcpus=vcpus, max_vcpu_id=vcpus - 1)
+    return dom
+
+
+def test_the_guests_registration_is_taken_without_watching_and_checked_on_the_domain() -> None:
+    """MOCK of guest RAM (no hypervisor in CI): the registered block holds a clock Xen wrote;
+    the node takes its fields as Xen-written with no watch at all (the guest does not run here:
+    a watch would find nothing), and the twins' proof then ignores their own clocks there."""
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
+    _vcpu_info_tick(ram[40], 0x3c0, 5)
+    dom = _registered_domain(ram)
+    dom.find_xen_written = lambda *a, **k: pytest.fail("a registration given must not be searched for")
+    assert dom.use_registered_vcpu_info({0: (40, 0x3c0)}) == {40: ((0x3c0, 0x3d0), (0x3e0, 0x400))}
+    assert dom.vcpus_watched == 1 and dom.written_registered
+    twin = _registered_domain(guest_ram(ram))
+    _vcpu_info_tick(twin._h.lib.fmem.ram[40], 0x3c0, 9)    # the twin's own clock
+    twin.use_registered_vcpu_info({0: (40, 0x3c0)})
+    assert dom.memory_digest() == twin.memory_digest()
+
+
+def test_a_registration_that_is_not_this_domains_is_refused_naming_it() -> None:
+    """MOCK of guest RAM (no hypervisor in CI). Nothing is taken from a refused list."""
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
+    _vcpu_info_tick(ram[40], 0x3c0, 5)
+    _vcpu_info_tick(ram[41], 0x0, 5)
+    dom = _registered_domain(ram, vcpus=2)
+    for regs, why in (({0: (40, 0x3c0), 1: (99, 0)}, r"vCPU 1 at gpfn 0x63\+0x0: no such frame"),
+                      ({0: (40, 0x3c0), 1: (40, 0x380)}, r"vCPU 1 at gpfn 0x28\+0x380: its clock record is not one Xen wrote"),
+                      ({0: (40, 0x3c0), 1: (0x10, 0)}, "shared_info frame"),
+                      ({0: (40, 0x3c0), 2: (41, 0)}, "highest vCPU is 1"),
+                      ({0: (40, 0x3c0)}, r"2 vCPUs are online, guest.xen_vcpu_info gives a vcpu_info for 1 \(0\)"),
+                      ({0: (40, 0x3c0), 1: (40, 0x3c0)}, "same vcpu_info block")):
+        with pytest.raises(DomainError, match=why):
+            dom.use_registered_vcpu_info(regs)
+        assert dom.xen_written == {} and not dom.written_registered
+    dom.use_registered_vcpu_info({0: (40, 0x3c0), 1: (41, 0)})
+    assert dom.hypervisor_written() == ((40, 0x3c0, 0x3d0), (40, 0x3e0, 0x400), (41, 0, 0x10), (41, 0x20, 0x40))
+
+
+def test_a_secondary_with_its_guests_registration_refuses_a_different_primary_at_start() -> None:
+    """The handshake with facts on both sides: equal ranges pass; the secondary never adopts
+    the primary's differing ones (even where it saw a block change), the start stops naming both."""
+    ram = guest_ram(np.zeros((64, 4096), np.uint8))
+    _vcpu_info_tick(ram[40], 0x3c0, 5)
+    sec = _registered_domain(ram)
+    sec.use_registered_vcpu_info({0: (40, 0x3c0)})
+    sec.agree_hypervisor_written(((40, 0x3c0, 0x3d0), (40, 0x3e0, 0x400)), peer_is_primary=True)
+    sec.written_evidence[(21, 0x540)] = (5, True)
+    with pytest.raises(DomainError, match=r"disagree .*primary gpfn 0x15\+0x540.*this node gpfn 0x28\+0x3c0.*"
+                                          r"its guest's own registration"):
+        sec.agree_hypervisor_written(((21, 0x540, 0x550), (21, 0x560, 0x580)), peer_is_primary=True)
+    assert sec.hypervisor_written() == ((40, 0x3c0, 0x3d0), (40, 0x3e0, 0x400))

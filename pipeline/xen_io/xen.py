@@ -178,6 +178,9 @@ class XenDomain(Domain):
     page_size = PAGE_SIZE
     #: port -> vCPU of this domain's VIRQ_TIMER channels (found once, see _timer_ports)
     _timer_port_map: dict[int, int] | None = None
+    #: xen_written came from the guest's own registration (use_registered_vcpu_info), a fact
+    #: a peer's differing ranges cannot overrule
+    written_registered = False
     _atomic_or: xc_.AtomicByteOr | None = None
 
     def __init__(
@@ -617,6 +620,9 @@ class XenDomain(Domain):
                    f"{'primary' if peer_is_primary else 'secondary'} {where(peer)}; this node {where(mine)}")
         if not peer_is_primary:
             raise DomainError(refusal)
+        if self.written_registered:
+            raise DomainError(refusal + " (this node's are its guest's own registration, "
+                              "guest.xen_vcpu_info: give both nodes their guest's)")
         blocks = xc_.vcpu_info_blocks_of_ranges(peer)
         if blocks is None:
             raise DomainError(refusal + " (the primary's ranges are not whole vcpu_info field sets)")
@@ -627,6 +633,52 @@ class XenDomain(Domain):
         self.xen_written = {f: tuple(r[1:] for r in peer if r[0] == f) for f in {r[0] for r in peer}}
         log.info("%s: adopted the primary's vcpu_info ranges %s (this node had found %s)", self.name,
                  where(peer), where(mine))
+
+    def use_registered_vcpu_info(self, registrations: dict[int, tuple[int, int]]) -> dict[int, tuple[tuple[int, int], ...]]:
+        """Take each vCPU's vcpu_info from the guest's own registration (``{vcpu: (gfn,
+        offset)}``, config ``guest.xen_vcpu_info``: what the guest passed to
+        VCPUOP_register_vcpu_info, as it reports it) instead of watching for it: a fact, not
+        a search (issue 17, item 5). Checked on this domain before it is used: every online
+        vCPU has one, each lies in this domain's frames and outside its shared_info, and holds
+        a clock record Xen wrote. DomainError naming the first item that fails; nothing is
+        taken then."""
+        self._live()
+        want = max(1, self.info.nr_online_vcpus)
+        top = self.info.max_vcpu_id
+        where = {}
+        for vcpu, (gfn, offset) in sorted(registrations.items()):
+            item = f"vCPU {vcpu} at gpfn {gfn:#x}+{offset:#x}"
+            if vcpu > top:
+                raise DomainError(f"{self.name}: vcpu_info of {item}: the domain's highest vCPU is {top}")
+            try:
+                frame = int(self.indexes_of(np.array([gfn], np.uint64))[0])
+            except DomainError:
+                raise DomainError(f"{self.name}: vcpu_info of {item}: no such frame in the domain's "
+                                  f"{self.page_count} (is it this guest's registration?)") from None
+            if np.isin(frame, self.own_frames) or gfn == self.shared_info_frame:
+                raise DomainError(f"{self.name}: vcpu_info of {item}: that is the domain's shared_info "
+                                  "frame (a vCPU without a registration needs no entry)")
+            if np.isin(frame, self.map_holes):
+                raise DomainError(f"{self.name}: vcpu_info of {item}: the frame does not map")
+            bad = xc_.vcpu_info_looks_live(self.guest_memory()[frame], offset)
+            if bad:
+                raise DomainError(f"{self.name}: vcpu_info of {item}: {bad}")
+            where[vcpu] = (frame, offset)
+        if len(where) < want:
+            raise DomainError(f"{self.name}: {want} vCPUs are online, guest.xen_vcpu_info gives a vcpu_info "
+                              f"for {len(where)} ({', '.join(map(str, sorted(where))) or 'none'})")
+        if len(set(where.values())) < len(where):
+            raise DomainError(f"{self.name}: two vCPUs given the same vcpu_info block: {where}")
+        found: dict[int, list[tuple[int, int]]] = {}
+        for frame, block in where.values():
+            found.setdefault(frame, []).extend((block + lo, block + hi) for lo, hi in xc_.XEN_WRITTEN_VCPU_INFO)
+        self.xen_written = {f: tuple(sorted(r)) for f, r in found.items()}
+        self.written_evidence = {blk: (0, True) for blk in where.values()}
+        self.written_registered = True
+        self.vcpus_watched = len(where)
+        log.info("%s: vcpu_info ranges from the guest's registration: %s", self.name,
+                 ", ".join(f"vCPU {v} gpfn {int(self.frames[f]):#x}+{b:#x}" for v, (f, b) in sorted(where.items())))
+        return self.xen_written
 
     def find_xen_written(self, rounds: int = 12, window_s: float = 0.3,
                          sleep=time.sleep) -> dict[int, tuple[tuple[int, int], ...]]:  # type: ignore[no-untyped-def]
@@ -942,12 +994,14 @@ def open_xen_domain(
     upcall_vector: int = DEFAULT_UPCALL_VECTOR,
     wake: str = "msi",
     find_xen_written: bool = True,
+    vcpu_info: str = "",
     **other_settings: object,
 ) -> XenDomain:
     """Open the PVH/HVM ``domain`` (a name or an id; config ``guest.domain``). Refuses PV guests
-    and hosts that are not a Xen dom0. With ``find_xen_written`` (config
-    ``guest.xen_find_written``), watch the running guest for its vcpu_info
-    (:meth:`XenDomain.find_xen_written`).
+    and hosts that are not a Xen dom0. Where Xen writes each vCPU's vcpu_info: from the guest's
+    own registration when ``vcpu_info`` (config ``guest.xen_vcpu_info``) gives it
+    (:meth:`XenDomain.use_registered_vcpu_info`); else, with ``find_xen_written`` (config
+    ``guest.xen_find_written``), by watching the running guest (:meth:`XenDomain.find_xen_written`).
 
     ``other_settings`` are the remaining ``[guest]`` keys meant for other backends; ignored."""
     if other_settings:
@@ -957,7 +1011,13 @@ def open_xen_domain(
     name = str(domain) if not str(domain).isdigit() else f"dom{domid}"
     dom = XenDomain(domid, name, handles=handles, keep_own_shared_info=keep_own_shared_info,
                     upcall_vector=upcall_vector, wake=wake, privcmd_path=privcmd_path)
-    if find_xen_written:
+    if vcpu_info.strip():
+        try:
+            registrations = xc_.parse_vcpu_info_registrations(vcpu_info)
+        except ValueError as exc:
+            raise DomainError(f"{dom.name}: guest.xen_vcpu_info: {exc}") from None
+        dom.use_registered_vcpu_info(registrations)
+    elif find_xen_written:
         if dom.refresh_info().paused:
             log.warning("%s is paused: its vcpu_info cannot be found by watching it "
                         "(guest.xen_find_written); a memory proof may then differ in its clock", dom.name)

@@ -16,6 +16,7 @@ import ctypes
 import struct
 import ctypes.util
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,6 +312,42 @@ def vcpu_info_blocks_of_ranges(ranges) -> list[tuple[int, int]] | None:  # type:
             return None
         blocks.append((frame, block))
     return blocks
+
+
+#: guest.xen_vcpu_info: ``VCPU:0xGFN+0xOFFSET`` items separated by commas
+VCPU_INFO_ITEM = r"\s*(\d+)\s*:\s*(0x[0-9a-fA-F]+)\s*\+\s*(0x[0-9a-fA-F]+)\s*"
+
+
+def parse_vcpu_info_registrations(text: str) -> dict[int, tuple[int, int]]:
+    """``{vcpu: (gfn, offset)}`` of a ``guest.xen_vcpu_info`` value: where the guest says it
+    registered each vCPU's vcpu_info (VCPUOP_register_vcpu_info's frame and offset). Raises
+    ValueError naming the item that is malformed, repeated, or not where Xen accepts a
+    vcpu_info (map_vcpu_info: a 64-byte aligned block inside the page)."""
+    found: dict[int, tuple[int, int]] = {}
+    for item in filter(str.strip, text.split(",")):
+        m = re.fullmatch(VCPU_INFO_ITEM, item)
+        if not m:
+            raise ValueError(f"vcpu_info item {item.strip()!r} is not VCPU:0xGFN+0xOFFSET")
+        vcpu, gfn, offset = int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)
+        if vcpu in found:
+            raise ValueError(f"vcpu_info of vCPU {vcpu} given twice")
+        if offset % VCPU_INFO_SIZE or offset > PAGE_SIZE - VCPU_INFO_SIZE:
+            raise ValueError(f"vcpu_info of vCPU {vcpu} at offset {offset:#x}: Xen registers a vcpu_info only "
+                             f"at a {VCPU_INFO_SIZE}-byte aligned offset of at most {PAGE_SIZE - VCPU_INFO_SIZE:#x}")
+        found[vcpu] = (gfn, offset)
+    return found
+
+
+def vcpu_info_looks_live(page: np.ndarray, block: int) -> str:
+    """'' when the 64-byte block at ``block`` of ``page`` holds a clock record Xen has written
+    (a registered vcpu_info: Xen copies the vCPU's previous vcpu_info there at registration and
+    updates it at every schedule), else what is wrong with it: a scale of zero is a block Xen
+    never wrote, i.e. not where this domain's vCPU is registered."""
+    version, tsc, system_time, mul, shift = _time_record(page, block + 0x20)
+    if not mul or not -32 < shift < 32 or not system_time:
+        return (f"its clock record is not one Xen wrote (version {version}, system_time {system_time}, "
+                f"tsc_to_system_mul {mul:#x}, tsc_shift {shift})")
+    return ""
 
 
 #: fixed odd weights of page_fingerprints, one per 64-bit word of a page
