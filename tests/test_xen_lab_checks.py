@@ -360,3 +360,32 @@ def test_tally_counts_faults_per_emulated_platform_across_trees_and_modes(host_s
     assert "PLATFORM tcg_thread='multi' hap=1: 3 boots since 2026-12-06T08:00:00Z, 1 not ok" in out
     assert "PLATFORM tcg_thread='single' hap=1: 1 boots since 2026-12-06T08:30:00Z, 1 not ok" in out
     assert "t0" not in out and "more" not in out     # before --since; an outcome's first line only
+
+
+def test_each_twins_vcpu_info_is_its_own_guests_first_report_after_the_pairing(lab, tmp_path, monkeypatch):
+    """issue 17, item 5: the node is given what its guest's kernel says it registered (the
+    guest's vcpuinfo lines among memwork's); a report begun before the mark is skipped, the
+    first whole one after it is taken, every vCPU of it."""
+    monkeypatch.setattr(lab, "CONSOLE_LOG", str(tmp_path / "guest-{}.log"))
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    console = tmp_path / "guest-sec.log"
+    before = "MW n=1 err=0 errtot=0\nVCPUINFO cpu=0 vcpu=0 gfn=0x1111 offset=0x0 registered=1\nVCPU"
+    console.write_text(before + "INFO cpu=1 vcpu=1 gfn=0x1111 offset=0x40 registered=1\nMW n=2 err=0 errtot=0\n"
+                       "VCPUINFO cpu=0 vcpu=0 gfn=0x7a31 offset=0x3c0 registered=1\r\n"
+                       "VCPUINFO cpu=1 vcpu=1 gfn=0x7a32 offset=0x3c0 registered=1\r\nMW n=3 err=0 errtot=0\n"
+                       "VCPUINFO cpu=0 vcpu=0 gfn=0x9999 offset=0x0 registered=1\n")
+    assert lab.guest_vcpu_info("sec", len(before)) == "0:0x7a31+0x3c0,1:0x7a32+0x3c0"
+    console.write_text("VCPUINFO cpu=0 vcpu=0 gfn=0x3 offset=0x0 registered=0\n")
+    with pytest.raises(RuntimeError, match="guest sec: vcpuinfo said .*registered=0.*no registered vcpu_info"):
+        lab.guest_vcpu_info("sec", 0)
+    console.write_text("VCPUINFO error=kcore (cannot read /proc/kcore)\n")
+    with pytest.raises(RuntimeError, match=r"error=kcore"):
+        lab.guest_vcpu_info("sec", 0)
+    console.write_text("MW n=1 err=0 errtot=0\n")
+    with pytest.raises(RuntimeError, match="guest sec printed no VCPUINFO line within 0s"):
+        lab.guest_vcpu_info("sec", 0, timeout=0)
+
+
+def test_a_nodes_config_carries_its_guests_vcpu_info_only_when_given(lab):
+    assert "xen_vcpu_info" not in lab.node_config("primary", "prim", 1000)["guest"]
+    assert lab.node_config("secondary", "sec", 1000, "0:0x7a31+0x3c0")["guest"]["xen_vcpu_info"] == "0:0x7a31+0x3c0"

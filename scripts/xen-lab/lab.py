@@ -50,7 +50,7 @@ DEFAULT_XEN_OPTS = ""
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
                  cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
-                 watch_s: float = 60) -> list[str]:
+                 watch_s: float = 60, vcpu_info: str = "guest") -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -64,7 +64,8 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                 f"xenlab.interval_ms={interval_ms} xenlab.until={until}" + (f" xenlab.hap={hap}" if hap else "") \
                 + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "") \
                 + (f" xenlab.watch_s={watch_s:.0f}" if until == "twin" else "") \
-                + (" xenlab.twin=paused" if twin == "paused" else "")
+                + (" xenlab.twin=paused" if twin == "paused" else "") \
+                + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -97,7 +98,8 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         # a run took over 40 minutes; the caller decides how nice the lab is
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
-                                               args.logdirty_stress, args.twin, args.watch_s)],
+                                               args.logdirty_stress, args.twin, args.watch_s,
+                                               args.vcpu_info)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -302,7 +304,8 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "tcg_thread": _lab_options.get("tcg_thread"), "twin": res.get("twin", _lab_options.get("twin")),
            "guest_errors": guest_errors(res), "survivor": (res.get("pipeline_extra") or {}).get("survivor"),
            "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary"),
-           "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None}
+           "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
+           "vcpu_info": res.get("vcpu_info")}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -407,6 +410,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           f"C={c_med:.1f}ms ratio={ratio:.2f} (target <={PAUSE_RATIO_TARGET}) | protected after "
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
+          + f" | vcpu_info {'from the guests: ' + str(res['vcpu_info']) if res.get('vcpu_info') else 'watched by the nodes'}"
           + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
           + (f" | boots {len(faults) + 1}, repeated after faults before the first checkpoint: {len(faults)} "
              f"({'; '.join(faults)})" if faults else " | boots 1, repeated: 0"))
@@ -468,6 +472,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--twin", choices=("running", "paused"), default="running",
                     help="how the twin pair is made: the product's xen-twin (running), or both restores "
                          "paused and unpaused together (paused)")
+    ap.add_argument("--vcpu-info", choices=("guest", "watch"), default="guest",
+                    help="how each node learns where its guest's vcpu_info is: the guest's own report of "
+                         "its registration, given as guest.xen_vcpu_info (guest), or the node watching "
+                         "the running guest (watch: the search that picked wrong 1 run in 3 before the "
+                         "log-dirty evidence, and took 16 minutes of a loaded CI run)")
     ap.add_argument("--tally", action="store_true", help="print boots and faults from boots.jsonl and exit")
     ap.add_argument("--since", default="", help="with --tally: only boots from this UTC time on (e.g. 2026-12-06T08:00)")
     return ap

@@ -28,10 +28,14 @@ rm -rf pvh-initrd; mkdir -p pvh-initrd/{bin,proc,sys,dev,tmp}
 cp /bin/busybox pvh-initrd/bin/
 for a in sh mount echo sleep cat; do ln -sf busybox pvh-initrd/bin/$a; done
 gcc -O2 -Wall -static -o pvh-initrd/bin/memwork "$HERE/guest/memwork.c"
+gcc -O2 -Wall -static -o pvh-initrd/bin/vcpuinfo "$HERE/guest/vcpuinfo.c"
+# vcpuinfo every 5 s: the guest's own word on where each vCPU's vcpu_info is registered, which
+# dom0 gives each node (guest.xen_vcpu_info); a restored twin says it again within 5 s
 cat > pvh-initrd/init <<'EOI'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "PVH-GUEST-UP $(cat /proc/cmdline)" > /dev/hvc0
+(while :; do /bin/vcpuinfo; sleep 5; done) > /dev/hvc0 2>&1 &
 exec /bin/memwork > /dev/hvc0 2>&1
 EOI
 chmod +x pvh-initrd/init

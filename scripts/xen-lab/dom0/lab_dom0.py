@@ -185,14 +185,17 @@ PROTECTION_WAIT_S = 2700
 DIRTY_THRESHOLD_PAGES = 1024
 
 
-def node_config(role: str, domain: str, interval_ms: int) -> dict[str, dict[str, object]]:
+def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "") -> dict[str, dict[str, object]]:
     """The lab's node config: the xen backend, one worker per side (dom0 has one vCPU), every
-    checkpoint proven (verify_every = 1), timeouts for a hypervisor emulated by TCG."""
+    checkpoint proven (verify_every = 1), timeouts for a hypervisor emulated by TCG;
+    ``vcpu_info``: where its guest says it registered its vcpu_info (guest.xen_vcpu_info,
+    from guest_vcpu_info), '' to let the node watch for it."""
     peer = "secondary" if role == "primary" else "primary"
     return {
         "node": {"name": f"lab-{role}", "role": role, "run_dir": str(RUN / role)},
         "guest": {"backend": "xen", "domain": domain, "xen_image": IMAGE,
-                  "xen_domain_config": f"/root/{domain}.cfg"},
+                  "xen_domain_config": f"/root/{domain}.cfg",
+                  **({"xen_vcpu_info": vcpu_info} if vcpu_info else {})},
         # the secondary's start (finding its vcpu_info by watching its guest) took over 100 s at
         # load 9 on this host, longer than the primary waited for it at first
         # (and at load 24 the primary's own took 12 minutes: the secondary, niced, may take longer)
@@ -222,15 +225,62 @@ def node_config(role: str, domain: str, interval_ms: int) -> dict[str, dict[str,
 
 def write_configs(interval_ms: int) -> None:
     """Both nodes' config files and CURVE keys in RUN (the pairing reads them too)."""
-    from pipeline.localpair import render_toml
-
     sh(f"rm -rf {RUN} && mkdir -p {RUN}/keys")
     for role in ("primary", "secondary"):
         sh(f"colo-pipeline keygen --dir {RUN}/keys --name {role}")
     for role, domain in (("primary", "prim"), ("secondary", "sec")):
-        path = RUN / f"{role}.toml"
-        path.write_text(render_toml(node_config(role, domain, interval_ms)))
+        write_node_config(role, domain, interval_ms)
+
+
+def write_node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "", check: bool = True) -> None:
+    """One node's config file (``check``: and `colo-pipeline check-config` on it; the node's
+    own start checks it too, so a rewrite skips that Python start under TCG)."""
+    from pipeline.localpair import render_toml
+
+    path = RUN / f"{role}.toml"
+    path.write_text(render_toml(node_config(role, domain, interval_ms, vcpu_info)))
+    if check:
         sh(f"colo-pipeline check-config {path}")
+
+
+#: the lab guest's vcpuinfo line (scripts/xen-lab/guest/vcpuinfo.c), every 5 s of guest time
+VCPUINFO = re.compile(r"VCPUINFO cpu=(\d+) vcpu=(\d+) gfn=(0x[0-9a-f]+) offset=(0x[0-9a-f]+) registered=([01])")
+VCPUINFO_ANY = re.compile(r"VCPUINFO [^\r\n]*")
+#: seconds to wait for a guest's vcpuinfo line (every 5 s of its time; a loaded host slows it)
+VCPUINFO_WAIT_S = 300
+
+
+def guest_vcpu_info(name: str, offset: int, timeout: float = VCPUINFO_WAIT_S) -> str:
+    """Where guest ``name`` says it registered each vCPU's vcpu_info, as guest.xen_vcpu_info
+    (``VCPU:0xGFN+0xOFFSET,...``), from its first vcpuinfo report after console byte
+    ``offset``: the domain's own kernel's word (issue 17, item 5), read for each twin from
+    its own console. RuntimeError when the guest reports an error or no registration."""
+    path = Path(CONSOLE_LOG.format(name))
+
+    def reports() -> list[str]:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return VCPUINFO_ANY.findall(f.read().decode(errors="replace"))
+    t0 = time.monotonic()
+    while not reports():
+        if time.monotonic() - t0 >= timeout:
+            raise RuntimeError(f"guest {name} printed no VCPUINFO line within {timeout:.0f}s")
+        time.sleep(1)
+    time.sleep(2)            # the report's other CPUs' lines follow its first at once
+    lines = [ln.strip() for ln in reports()]
+    while len(lines) > 1 and lines[0].startswith("VCPUINFO cpu=") and not lines[0].startswith("VCPUINFO cpu=0 "):
+        lines = lines[1:]    # the tail of a report begun before the offset
+    ends = [i for i, ln in enumerate(lines) if i and ln.startswith("VCPUINFO cpu=0 ")]
+    report = lines[:ends[0] if ends else len(lines)]
+    items = []
+    for line in report:
+        m = VCPUINFO.fullmatch(line)
+        if not m or m.group(5) != "1":
+            raise RuntimeError(f"guest {name}: vcpuinfo said {line!r} (no registered vcpu_info)")
+        items.append(f"{m.group(2)}:{m.group(3)}+{m.group(4)}")
+    if not items:
+        raise RuntimeError(f"guest {name}: no complete vcpuinfo report: {lines[:4]}")
+    return ",".join(items)
 
 
 def start_node(role: str) -> subprocess.Popen:
@@ -574,7 +624,14 @@ def twin_check(marks: dict[str, int], rounds: int, interval_ms: int, watch_s: fl
     for n, mark in marks.items():
         for line in bad_lines(n, mark):
             print(f"GUESTERR twin-check {n}: {line.strip()}", flush=True)
-    return {"crep_rows": len(rows), "watch_s": watch_s, "guests": guests}
+    reported = {}
+    for n, mark in marks.items():       # each twin's own word on its vcpu_info (issue 17, item 5)
+        try:
+            reported[n] = guest_vcpu_info(n, mark, timeout=60)
+        except RuntimeError as exc:
+            reported[n] = f"error: {exc}"
+    step(f"twin check: vcpu_info the guests report: {reported}")
+    return {"crep_rows": len(rows), "watch_s": watch_s, "guests": guests, "vcpu_info": reported}
 
 
 #: the dirty-log stress's rounds per cycle: each a CLEAN, a wait, a PEEK (the vcpu_info watch's
@@ -685,6 +742,7 @@ def main() -> int:
         paused_twin = cfg.get("twin") == "paused"
         result["twin"] = "paused" if paused_twin else "running"
         make_twin(save_first=True, paused=paused_twin)
+        paired = {n: console_size(n) for n in ("prim", "sec")}
         if cfg["until"] == "stress":
             result["stress"] = logdirty_stress(float(cfg.get("stress_s", "300")))
             raise FirstCheckpointDone
@@ -692,6 +750,14 @@ def main() -> int:
             result["twin_check"] = twin_check(marks, rounds, interval, float(cfg.get("watch_s", "60")))
             raise FirstCheckpointDone
         first_only = cfg["until"] == "first"
+        if cfg.get("vcpu_info", "guest") == "guest":
+            # each node is told where its own guest registered its vcpu_info, from that twin's
+            # own report after the pairing (a fact; xenlab.vcpu_info=watch: the nodes watch)
+            result["vcpu_info"] = {}
+            for role, name in (("primary", "prim"), ("secondary", "sec")):
+                result["vcpu_info"][name] = guest_vcpu_info(name, paired[name])
+                write_node_config(role, name, interval, result["vcpu_info"][name], check=False)
+            step(f"vcpu_info from the guests' own registrations: {result['vcpu_info']}")
         checkpoints, extra = replicate_pipeline(0 if first_only else rounds, interval, not first_only, marks)
         result["pipeline"] = [asdict(c) for c in checkpoints]
         result["pipeline_extra"] = extra
