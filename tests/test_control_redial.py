@@ -19,8 +19,6 @@ import sys
 
 import pytest
 
-from conftest import wait_until
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "scripts"))
 

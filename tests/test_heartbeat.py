@@ -482,13 +482,9 @@ def netns():
 
 
 @pytest.mark.root
-def test_a_stalled_connection_does_not_lose_the_peer_but_all_of_them_do(netns):
-    """The 2% loss row's false "peer lost": over TCP one lost segment holds its connection
-    silent for a retransmission timeout (>= 200 ms) with every later heartbeat behind it,
-    so with one connection a 300 ms timeout fired on a single lost packet. With two paths,
-    one connection cut dead (every packet of it dropped, both ways) costs nothing: no copy
-    comes over it any more (``hb_copies`` stands still) while both sides go on hearing
-    each other over the other one. Both cut: the primary loses the peer; healed: back."""
+def _two_paths_up(netns):
+    """A primary and a secondary heartbeat stage over two paths in ``netns``, both paths
+    up: (port, settings, primary, secondary, the primary's two connections' ports)."""
     port = free_port()
     settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{port}", paths=2)
     sec = Side("secondary", settings, 1, netns=netns)
@@ -498,6 +494,22 @@ def test_a_stalled_connection_does_not_lose_the_peer_but_all_of_them_do(netns):
         pri.wait_event(messages.PeerUp, 60)
         ports = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(
             _primary_ports(netns, port)), timeout=60, what="both heartbeat connections up")
+    except BaseException:
+        pri.close()
+        sec.close()
+        raise
+    return port, settings, pri, sec, ports
+
+
+def test_a_stalled_connection_does_not_lose_the_peer_but_all_of_them_do(netns):
+    """The 2% loss row's false "peer lost": over TCP one lost segment holds its connection
+    silent for a retransmission timeout (>= 200 ms) with every later heartbeat behind it,
+    so with one connection a 300 ms timeout fired on a single lost packet. With two paths,
+    one connection cut dead (every packet of it dropped, both ways) costs nothing: no copy
+    comes over it any more (``hb_copies`` stands still) while both sides go on hearing
+    each other over the other one. Both cut: the primary loses the peer; healed: back."""
+    port, settings, pri, sec, ports = _two_paths_up(netns)
+    try:
         for side in (pri, sec):    # each heartbeat comes twice, once per path
             n = side.counters.as_dict()["hb_copies"]
             wait_until(lambda: side.counters.as_dict()["hb_copies"] >= n + 3, timeout=60,
@@ -539,15 +551,8 @@ def test_after_a_loss_the_primary_sends_on_new_connections(netns):
     back over new connections (``hb_redials``), on other local ports, which the rules do
     not drop; the secondary hears them (it may have lost the primary meanwhile, then it
     has it back). Before, neither side ever heard the other again."""
-    port = free_port()
-    settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{port}", paths=2)
-    sec = Side("secondary", settings, 1, netns=netns)
-    pri = Side("primary", settings, 1, netns=netns)
+    port, settings, pri, sec, ports = _two_paths_up(netns)
     try:
-        sec.wait_event(messages.PeerUp, 60)
-        pri.wait_event(messages.PeerUp, 60)
-        ports = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(
-            _primary_ports(netns, port)), timeout=60, what="both heartbeat connections up")
         _stall(netns, ports)
         pri.wait_event(messages.PeerLost, 60)
         pri.wait_event(messages.PeerBack, 60)
