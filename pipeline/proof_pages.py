@@ -20,13 +20,14 @@ DIR = os.environ.get(ENV, "")
 KEEP = 4    # proofs kept per side (a failed one is looked at right after it)
 
 
-def record(domain, side: str, epoch: int) -> None:
+def record(domain, side: str, epoch: int, page_hashes) -> None:
     """The proof of ``epoch`` on ``side`` ("pvm" or "svm"): every page's blake3 into DIR
-    (the guest paused). Nothing when COLO_PROOF_PAGES is unset."""
+    (the guest paused). Nothing when COLO_PROOF_PAGES is unset. ``page_hashes(domain,
+    pfns)`` is the stages' own hasher (``stages.common.domain_page_hashes``), passed in
+    so this module, below the stages, does not import them."""
     if not DIR:
         return
-    from pipeline.stages.common import domain_page_hashes
-    hashes = domain_page_hashes(domain, np.arange(domain.page_count, dtype=np.uint64))
+    hashes = page_hashes(domain, np.arange(domain.page_count, dtype=np.uint64))
     tmp = os.path.join(DIR, f".{side}-{epoch}.npy")
     try:
         np.save(tmp, hashes)

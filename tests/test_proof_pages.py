@@ -17,6 +17,7 @@ from conftest import wait_until
 
 from pipeline import proof_pages
 from pipeline.localpair import LocalPair
+from pipeline.stages.common import domain_page_hashes
 
 
 class _Memory:
@@ -37,8 +38,8 @@ def test_the_differing_pages_are_named(tmp_path, monkeypatch):
     svm.ram[3, 100] = 8
     svm.ram[11, 4095] = 0
     for epoch in range(proof_pages.KEEP + 2):
-        proof_pages.record(pvm, "pvm", epoch)
-        proof_pages.record(svm, "svm", epoch)
+        proof_pages.record(pvm, "pvm", epoch, domain_page_hashes)
+        proof_pages.record(svm, "svm", epoch, domain_page_hashes)
     last = proof_pages.KEEP + 1
     assert proof_pages.differing_pages(str(tmp_path), last) == {"count": 2, "first": [3, 11]}
     # only the newest KEEP proofs of each side stay

@@ -341,7 +341,8 @@ class Restore:
         self.asm = None
         digest = self.domain.memory_digest() if want_digest else b""
         if want_digest:
-            proof_pages.record(self.domain, "svm", epoch)    # (only when a test asks)
+            # (only when a test asks)
+            proof_pages.record(self.domain, "svm", epoch, domain_page_hashes)
         input_seq = -1
         io = self.domain.simulated_io()
         if self.committed_vcpu and io is not None:

@@ -22,7 +22,8 @@ from pipeline import messages, proof_pages, trace, wire
 from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer,
-                                    PausePriority, StageContext, write_slot)
+                                    PausePriority, StageContext, domain_page_hashes,
+                                    write_slot)
 from pipeline.xen_io.base import Domain
 
 
@@ -156,7 +157,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             if flags & wire.FLAG_DIGEST:
                 priority.urgent(False)
                 digest = domain.memory_digest()
-                proof_pages.record(domain, "pvm", epoch)    # (only when a test asks)
+                # (only when a test asks)
+                proof_pages.record(domain, "pvm", epoch, domain_page_hashes)
                 priority.urgent(True)
             verify_ns = time.perf_counter_ns() - t_verify if digest else 0
             # The pause is one gather of the dirty pages into the snapshot buffer, with
