@@ -302,6 +302,50 @@ class Ring:
             ctl[_W_HIGH_WATER] = occupancy
         os.eventfd_write(self._filled_fd, 1)
 
+    def wait_empty(self, timeout: float | None = None) -> None:
+        """Producer: wait until the consumer has released every slot committed so far.
+        Raises RingTimeout after ``timeout`` s (the slots it still holds are named).
+
+        It sleeps on the ``free`` semaphore, which the consumer posts at every release: the
+        producer is that semaphore's only reader, so it takes every token there is (each
+        read is one free slot; while any slot is out, a read blocks until the next
+        release), and gives them all back before it returns. Not while this producer holds
+        acquired slots (they could never come back)."""
+        self._check_open()
+        if self._writing:
+            raise ValueError(f"ring {self.name}: wait_empty while {self._writing} acquired "
+                             "slot(s) are not committed")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"ring {self.name}: timeout={timeout!r} must be >= 0 or None")
+        ctl = self._ctl
+        if ctl[_W_HEAD] == ctl[_W_TAIL]:
+            return                   # the common case: one look, no syscall
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken = 0
+        try:
+            while True:
+                try:
+                    while True:      # every token there is now (at most ``slots``)
+                        os.eventfd_read(self._free_fd)
+                        taken += 1
+                except BlockingIOError:
+                    pass
+                if ctl[_W_HEAD] == ctl[_W_TAIL]:
+                    return
+                # a slot is still out, so its release is still to be posted: sleep on it
+                if deadline is None:
+                    ready = self._free_poll.poll()
+                else:
+                    ready = self._free_poll.poll(
+                        max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+                if not ready:
+                    raise RingTimeout(f"ring {self.name}: waited {timeout}s for the consumer "
+                                      f"to release every slot (occupancy "
+                                      f"{self.occupancy}/{self.slots})")
+        finally:
+            if taken:
+                os.eventfd_write(self._free_fd, taken)
+
     def close_write(self) -> None:
         """No more slots will come. The consumer gets RingClosed once it has drained the rest."""
         if self._ctl[_W_CLOSED]:

@@ -252,6 +252,41 @@ def test_out_of_order_or_foreign_slots_are_refused_counted_and_not_published(rin
     assert ring.errors == 4
 
 
+def test_wait_empty_sleeps_until_the_consumer_released_every_slot(ring):
+    """The producer's wait for a drained ring (the receive stage's, after a torn epoch)
+    returns once the last slot is released by another process, not before, and leaves
+    every free slot to acquire again."""
+    ring.wait_empty(timeout=0)            # empty: at once
+    for i in range(3):
+        slot = ring.acquire_write(timeout=1)
+        slot.row = i
+        ring.commit_write(slot)
+    with pytest.raises(RingTimeout, match=f"{ring.name}.*release every slot.*3/4"):
+        ring.wait_empty(timeout=0.05)
+    assert ring.occupancy == 3
+    producer = os.getpid()
+
+    def release_one_at_a_time(r: Ring) -> None:
+        for _ in range(3):
+            _wait_until_blocked(producer)     # release only while the producer sleeps
+            r.release_read(r.acquire_read(timeout=10))
+    child = _run_child(release_one_at_a_time, ring)
+    ring.wait_empty(timeout=60)
+    assert ring.occupancy == 0
+    child.join(10)
+    assert child.exitcode == 0
+    for _ in range(ring.slots):           # every free-slot token was given back
+        ring.commit_write(ring.acquire_write(timeout=0))
+    with pytest.raises(RingTimeout):
+        ring.acquire_write(timeout=0)
+
+
+def test_wait_empty_refuses_a_producer_holding_a_slot(ring):
+    ring.acquire_write(timeout=1)
+    with pytest.raises(ValueError, match="wait_empty while 1 acquired"):
+        ring.wait_empty(timeout=0)
+
+
 def test_fileno_lets_a_consumer_wait_on_several_rings(node):
     rings = [Ring.create(segment_prefix(node) + f"r{i}", 2, SMALL) for i in range(2)]
 

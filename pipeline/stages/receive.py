@@ -32,16 +32,16 @@ import numpy as np
 import zmq
 
 from pipeline import trace, wire
-from pipeline.ring import Ring
+from pipeline.ring import Ring, RingTimeout
 from pipeline.sockets import io_threads
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer,
                                     StageContext, StagePriority, StagingGate, write_slot)
 from pipeline.stages.verify import check_hashes
 
 
-#: how often a receive stage waiting for the verify workers to drain looks again (rare: only
-#: after a torn epoch, for the few batches still queued there)
-DRAIN_POLL_S = 0.0005
+#: how long a receive stage waiting for the verify workers to drain sleeps on one ring before
+#: it looks whether the stage is stopping (the wait ends at the verify worker's release)
+DRAIN_WAIT_S = 0.2
 
 
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
@@ -97,10 +97,15 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
             return True
         c.add("verify_drain_waits", 1)
         t0 = time.perf_counter_ns()
-        while any(r.occupancy for r in rings):
-            if ctx.stopping():
-                return False
-            time.sleep(DRAIN_POLL_S)
+        for ring in rings:
+            while True:
+                if ctx.stopping():
+                    return False
+                try:
+                    ring.wait_empty(DRAIN_WAIT_S)   # asleep until the worker releases
+                    break
+                except RingTimeout:
+                    continue
         c.add("staging_wait_ns", time.perf_counter_ns() - t0)
         return True
 
