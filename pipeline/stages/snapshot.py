@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from pipeline import messages, proof_pages, trace, wire
+from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.net.framing import BOUNDARY_SNAPSHOT, encode_boundary
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BUFFERED, SLOT_DATA, SLOT_END, PageBuffer,
@@ -147,6 +147,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             dirty = domain.read_and_clear_dirty()
             if len(carry):
                 dirty = np.union1d(dirty, carry).astype(np.uint64)
+            faults.point("snapshot.dirty_read")
             t_dirty = time.perf_counter_ns()
             trace.point("dirty_read", epoch, str(len(dirty)))
             vcpu = domain.get_vcpu_state()
