@@ -67,6 +67,12 @@ epoch 0 is the full sync, then pre-copy rounds, then checkpoints):
 * ``primary.reprotect``          a new secondary answered the unprotected primary's HELLO;
                                  its full sync (re-protection) starts next
 
+Snapshot stage, ``pipeline/stages/snapshot.py``:
+
+* ``snapshot.dirty_read``        checkpoint <k>'s pause: the PVM paused, its dirty log read
+                                 and cleared, no page copied or dispatched yet (with
+                                 ``stop``: its pages are off the log and nowhere else)
+
 Send stage, ``pipeline/stages/send.py``:
 
 * ``send.pages``                 after PAGES record <k> went out (records count across
