@@ -355,7 +355,7 @@ def survivor_words(sv: dict | None) -> str:
 
 def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "") -> bool:
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
                             "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())

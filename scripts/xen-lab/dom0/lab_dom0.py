@@ -390,6 +390,11 @@ def early_guest_errors(marks: dict[str, int], sec_until: int) -> str:
             + "; ".join(f"{n} {len(v)} lines, first {v[0].strip()!r}" for n, v in found.items() if v))
 
 
+#: the nodes' log events printed as EVENT lines after the checkpoints (replicate_pipeline)
+EPOCH_EVENTS = ("aborted", "discarded", "loss_abandoned", "secondary_lost", "sync_restart",
+                "takeover_attempt", "takeover_abandoned", "torn", "secondary_replaced")
+
+
 def node_messages(role: str, since: float) -> list[str]:
     """The node's log messages from wall time ``since`` on (its JSON lines carry ``ts``)."""
     out = []
@@ -494,6 +499,13 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     for row in log_events("primary", "paused"):   # the snapshot stage's breakdown of each pause
         if int(row["epoch"]) in epochs:
             print("PAUSED " + " ".join(f"{k}={v}" for k, v in row.items() if k != "event"), flush=True)
+    # every epoch given up, loss declared or given up, takeover tried: why a checkpoint is
+    # missing from the PIPE lines (session 9's loaded run gave epoch 10 up and only its
+    # absence was seen)
+    for role in ("primary", "secondary"):
+        for msg in node_messages(role, 0):
+            if any(f"event={e}" in msg for e in EPOCH_EVENTS) or "peer lost" in msg:
+                print(f"EVENT {role}: {msg}", flush=True)
     for c in results:
         print("PIPE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in asdict(c).items()), flush=True)
