@@ -183,7 +183,9 @@ class PrimaryCoordinator(_Coordinator):
         self.c = ctx.counters
         self.start = start or PrimaryStart()
         self.epoch = self.start.first_epoch
-        self.carry = np.zeros(0, np.uint64)
+        # the last checkpoint was torn: the snapshot stage takes the pages it took off the
+        # PVM's dirty log for it again (SnapshotCmd.retake)
+        self.retake = False
         self.last_checkpoint = 0.0
         self.pending_request: tuple[str, int] | None = None
         self.unprotected = False
@@ -361,7 +363,7 @@ class PrimaryCoordinator(_Coordinator):
         # 2. the snapshot stage pauses the PVM, copies, resumes (Snapshotted arrives in 3.)
         self.snap_ctrl.send(messages.SyncCmd(e) if kind == "sync" else
                             messages.PrecopyCmd(e) if kind == "precopy" else
-                            messages.SnapshotCmd(e, flags, self.carry))
+                            messages.SnapshotCmd(e, flags, self.retake))
         deadline = t0 + self.settings.checkpoint.epoch_timeout_ms / 1000
         # 3. wait for the snapshot, SVM_DIRTY(e), Sent(e) and ACK(e). A checkpoint's are
         # awaited at the pause's priority: each is a hop on the commit's path (SVM_DIRTY's
@@ -387,22 +389,28 @@ class PrimaryCoordinator(_Coordinator):
                 # the digest workers wait for the SVM's hashes: none will come
                 self._svm_hashes(res, None)
         commit_ns = int((time.monotonic() - t0) * 1e9)
-        # 4. committed: the secondary holds the epoch's pages; torn: they go out again
+        # 4. committed: the secondary holds the epoch's pages; torn: they go out again.
+        # Which pages those are only the snapshot stage knows: a torn epoch's pages left
+        # the PVM's dirty log when it paused the PVM, and the pages in flight here
+        # (``pending``) are only those the send stage had when the epoch was given up (a
+        # secondary lost and heard again can tear it before the pause's pages were
+        # dispatched, or before the pause: the Xen lab lost an epoch's pages for good so)
         n = int(self.pending.count[0])
+        if kind == "snapshot":
+            self.retake = not ok
         try:
             if ok:
                 faults.point("primary.acked")
                 self.table.update(self.pending.pfns[:n], self.pending.hashes[:n])
-                self.carry = np.zeros(0, np.uint64)
                 self.bus.publish("committed", e, input_seq=res.input_seq)
                 faults.point("primary.released")
                 self.c.add("epochs_committed", 1)
             else:
-                self.carry = np.union1d(self.carry, self.pending.pfns[:n]).astype(np.uint64)
                 self.bus.publish("aborted", e, reason=reason)
                 self.c.add("epochs_aborted", 1)
-                self.ctx.log.warning("epoch=%d event=aborted reason=%r carried_pages=%d", e,
-                                     reason, n, extra={"epoch": e})
+                self.ctx.log.warning("epoch=%d event=aborted reason=%r: its pages go again "
+                                     "with the next checkpoint", e, reason,
+                                     extra={"epoch": e})
         finally:
             # (after the comparators heard: their release is the clients' wait)
             self.priority.urgent(False)
@@ -497,7 +505,7 @@ class PrimaryCoordinator(_Coordinator):
         page may go as a REF to an older copy."""
         for attempt in range(1, SYNC_ATTEMPTS + 1):
             self.table.valid[:] = False
-            self.carry = np.zeros(0, np.uint64)
+            self.retake = False     # (the full sync sends every page)
             self._info(state="syncing", sync_progress=0.0)
             res = self.checkpoint("initial", kind="sync")
             rounds = 0
@@ -638,7 +646,7 @@ class PrimaryCoordinator(_Coordinator):
         self.unprotected = False
         self.role.loss_handled()      # heard meanwhile: the one that answered the HELLO
         self.table.valid[:] = False
-        self.carry = np.zeros(0, np.uint64)
+        self.retake = False
         self.c.add("reprotections", 1)
         self.bus.publish("role", self.epoch, role="primary")
         faults.point("primary.reprotect")

@@ -9,7 +9,7 @@ Snapshot stage (primary), asked by the coordinator::
 
     SyncCmd(epoch)                       -> Synced(epoch, pages)
     PrecopyCmd(epoch)                    -> Precopied(epoch, pages)
-    SnapshotCmd(epoch, flags, carry)     -> Snapshotted(epoch, pages, pause_ns, input_seq,
+    SnapshotCmd(epoch, flags, retake)    -> Snapshotted(epoch, pages, pause_ns, input_seq,
                                                         digest, verify_ns)
 
 Send stage (primary), once an epoch's EPOCH_END is sent::
@@ -60,10 +60,11 @@ class PrecopyCmd(NamedTuple):
 
 class SnapshotCmd(NamedTuple):
     """Pause the PVM and take a checkpoint. ``flags`` are the epoch's CHECKPOINT_BEGIN
-    bits (wire.FLAG_*); ``carry`` the pfns of torn epochs, sent again."""
+    bits (wire.FLAG_*); ``retake``: the previous checkpoint was torn, so its pages (which
+    left the PVM's dirty log at its pause) go again with this one."""
     epoch: int
     flags: int
-    carry: np.ndarray
+    retake: bool
 
 
 class Synced(NamedTuple):

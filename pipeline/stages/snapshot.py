@@ -9,8 +9,11 @@ Commands come from the coordinator over a pipe (the types: pipeline/messages.py)
   SyncCmd        -> Synced        all of memory, live
   PrecopyCmd     -> Precopied     live: pages written since the last round, the PVM keeps running
   SnapshotCmd    -> Snapshotted   the PVM paused: a checkpoint
-``SnapshotCmd.carry`` holds pages of torn epochs: they were cleared from the dirty log but
-the secondary never applied them, so they go out again.
+A checkpoint's pages leave the PVM's dirty log at its pause, so the stage keeps them
+(``taken``) until the next SnapshotCmd says whether that checkpoint committed: torn
+(``retake``), they go out again with the next one. Only this stage knows them all: the
+coordinator can give an epoch up (its secondary lost, then heard again) before the pause
+or before every page was dispatched.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         disk = DiskControl(disk_run_dir, "primary")
     log = ctx.log
     priority = PausePriority(pause_realtime)
+    # the pages the last checkpoint took off the PVM's dirty log (its carried ones too)
+    taken = np.zeros(0, np.uint64)
     while not ctx.stopping():
         # The command is awaited at the pause's priority: a checkpoint's pause starts the
         # moment the coordinator asks for it (at normal priority, under load, the wake-up
@@ -115,6 +120,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # Dirty tracking starts before the first page is read: a page the PVM writes
             # while the sync streams it is sent again by the first checkpoint.
             domain.enable_dirty_log()
+            taken = np.zeros(0, np.uint64)      # (the sync sends every page)
             pfns = np.arange(domain.page_count, dtype=np.uint64)
             if not _copy_pages(ctx, domain, rings, pfns, epoch, wire.FLAG_SYNC):
                 return
@@ -131,7 +137,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 return
             ctrl.send(messages.Precopied(epoch, len(dirty)))
         elif isinstance(cmd, messages.SnapshotCmd):
-            epoch, flags, carry = cmd
+            epoch, flags, retake = cmd
             if disk is not None:  # a checkpoint holds the whole disk: the initial sync first
                 disk.wait_synced()
             t0 = time.perf_counter_ns()
@@ -145,8 +151,9 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             trace.point("paused", epoch)
             priority.urgent(True)
             dirty = domain.read_and_clear_dirty()
-            if len(carry):
-                dirty = np.union1d(dirty, carry).astype(np.uint64)
+            if retake and len(taken):
+                dirty = np.union1d(dirty, taken).astype(np.uint64)
+            taken = dirty
             faults.point("snapshot.dirty_read")
             t_dirty = time.perf_counter_ns()
             trace.point("dirty_read", epoch, str(len(dirty)))
