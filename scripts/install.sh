@@ -22,6 +22,12 @@ apt_install() {
 # Debian's python3 needs python3-venv for `python3 -m venv`
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv python3-pip
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# pip compiles pipeline._pagehash (setup.py: csrc/, blake3 of many pages in one call): a C
+# compiler and Python's headers
+command -v cc >/dev/null || apt_install gcc libc6-dev
+.venv/bin/python -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || apt_install python3-dev
 if [ "$with_test" = 1 ]; then
     # QEMU (colo-compare and migration peers), NBD clients (disk tests), iproute2 /
     # ethtool / procps / iptables / nftables (network namespaces, offloads, partitions), the

@@ -49,13 +49,38 @@ def zero_page_hash(page_size: int) -> bytes:
     return h
 
 
+try:
+    from pipeline import _pagehash     # csrc/pagehash.c, built by pip install (setup.py)
+except ImportError:                    # a source tree nobody built: one blake3 call a page
+    _pagehash = None
+
+#: the page size the compiled many-page kernel hashes (blake3's four 1 KiB chunks)
+MANY_PAGE_SIZE = 4096
+
+
 def hash_pages(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """blake3 of each row of ``pages`` (or of the rows ``rows``), as a (k, 32) uint8 array.
 
-    blake3 has no call that hashes many inputs separately, so this is one call per page,
-    but nothing else per page: a slice of one flat memoryview, the call, one join of the
-    digests and one np.frombuffer for all of them (1.5 us a page here, 0.9 of it the hash
-    itself, against 2.5 us with a numpy row, a digest and an np.frombuffer per page)."""
+    One call for all of them (``pipeline._pagehash``, csrc/pagehash.c): the chunks of many
+    pages go through blake3's SIMD kernel side by side (16 with AVX-512), where the blake3
+    package, one call per page, filled 4 of its lanes and cost a Python call a page besides
+    (scripts/bench_hash_many.py measures both). Without the compiled module, or for pages
+    other than 4 KiB, :func:`hash_pages_each`."""
+    if not pages.flags.c_contiguous:
+        raise ValueError("hash_pages: pages must be C-contiguous rows")
+    if _pagehash is None or pages.shape[1] != MANY_PAGE_SIZE:
+        return hash_pages_each(pages, rows)
+    idx = None if rows is None else np.ascontiguousarray(rows, np.int64)
+    out = np.empty((len(pages) if idx is None else len(idx), 32), np.uint8)
+    _pagehash.hash_pages(pages, idx, out)
+    return out
+
+
+def hash_pages_each(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """:func:`hash_pages` with the blake3 package, one call per page, but nothing else per
+    page: a slice of one flat memoryview, the call, one join of the digests and one
+    np.frombuffer for all of them (1.5 us a page here, 0.9 of it the hash itself, against
+    2.5 us with a numpy row, a digest and an np.frombuffer per page)."""
     page_size = pages.shape[1]
     if not pages.flags.c_contiguous:
         raise ValueError("hash_pages: pages must be C-contiguous rows")
