@@ -51,16 +51,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
         time.sleep(interval)
 
 
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (its main thread) from /proc/PID/stat: R
+    running, S asleep (in a poll, a sleep), T stopped (SIGSTOP), t traced, Z a zombie."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
 def continue_stopped(pid: int, timeout: float = 60.0,
                      error: type[Exception] = AssertionError) -> None:
     """SIGCONT a process that stops itself at a named fault point (COLO_FAULT ``stop``),
     once it is stopped. Its "COLO_FAULT fired" line is written before its SIGSTOP: a
     SIGCONT sent on seeing the line can come first, and the SIGSTOP after it would leave
     the process stopped for good (the fault matrix's failover-merge row, once)."""
-    def stopped() -> bool:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    wait_until(stopped, timeout, f"process {pid} stopped at its fault point", error=error)
+    wait_until(lambda: process_state(pid) in ("T", "t"), timeout,
+               f"process {pid} stopped at its fault point", error=error)
     os.kill(pid, signal.SIGCONT)
 
 

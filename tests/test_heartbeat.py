@@ -25,6 +25,7 @@ from conftest import StaleListener, free_port, wait_until
 from pipeline import messages, wire
 from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.failover.settings import HeartbeatSettings
+from pipeline.localpair import process_state
 from pipeline.stages import heartbeat
 from pipeline.stages.common import StageContext, new_event, stage_main
 
@@ -42,9 +43,11 @@ class Side:
     _n = 0
 
     def __init__(self, role: str, settings: HeartbeatSettings, generation: int = 1,
-                 factory=None, netns: str = "", cpus: set[int] | None = None) -> None:
+                 factory=None, netns: str = "", cpus: set[int] | None = None,
+                 stop_at_peer_up: tuple[int, ...] | None = None) -> None:
         Side._n += 1
         self.factory, self.netns, self.cpus = factory, netns, cpus
+        self.stop_at_peer_up = stop_at_peer_up
         self.role, self.settings, self.generation = role, settings, generation
         self.node = NodeCounters.create(f"hbtest-{os.getpid()}-{Side._n}",
                                         {"heartbeat": STAGE_COUNTERS + heartbeat.COUNTERS})
@@ -58,7 +61,9 @@ class Side:
         ctx = StageContext(f"heartbeat-{self.role}", self.counters, self.stop_event,
                            logging.getLogger(f"test.heartbeat.{self.role}"))
         # stage_main passes positional args only: the generation goes through a wrapper
-        self.proc = FORK.Process(target=_stage, args=(ctx, self.settings, self.role, child,
+        conn = child if self.stop_at_peer_up is None else \
+            _StopAfterPeerUp(child, self.stop_at_peer_up)
+        self.proc = FORK.Process(target=_stage, args=(ctx, self.settings, self.role, conn,
                                                       self.generation, self.factory,
                                                       self.netns, self.cpus),
                                  daemon=True)
@@ -100,6 +105,25 @@ class Side:
         self.node.unlink()
         self.node.close()
         self.node = None
+
+
+class _StopAfterPeerUp:
+    """The stage's end of its events pipe, which stops the ``others`` and then the stage's
+    own process (real SIGSTOPs) right after it sent its first PeerUp: in the middle of a
+    turn of its loop, between the turn's clock read and its poll. There the official CI's
+    stall fell (a fast machine: the test stopped the primary the moment it read its
+    PeerUp)."""
+
+    def __init__(self, conn, others: tuple[int, ...]) -> None:
+        self.conn, self.others, self.stopped = conn, others, False
+
+    def send(self, event) -> None:
+        self.conn.send(event)
+        if isinstance(event, messages.PeerUp) and not self.stopped:
+            self.stopped = True
+            for pid in self.others:
+                os.kill(pid, signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 PRIORITY = os.environ.get("HB_PRIORITY")   # None: the settings' (default realtime)
@@ -573,31 +597,54 @@ def test_after_a_loss_the_primary_sends_on_new_connections(netns):
         sec.close()
 
 
-def test_both_sides_stalled_together_do_not_declare_each_other_lost(pair_factory):
+@pytest.mark.parametrize("where", ["in its wait", "mid-turn"])
+def test_both_sides_stalled_together_do_not_declare_each_other_lost(where):
     """Both heartbeat stages off the CPU at once for longer than the timeout (a stalled
     host, a starved 2-core machine: the fault matrix saw both sides silent for 300 ms at
     once on a healthy link). Neither was silent by the peer's fault: each resumes late,
     sees that it was itself away (``local_pauses``) and gives the peer a timeout of its
     own running time, in which the peer's next heartbeat comes. Before, each counted its
-    own stall against the peer and both declared it lost."""
-    pri, sec, settings = pair_factory()
-    heard = {s.role: _heard(s) for s in (pri, sec)}
-    for side in (pri, sec):
-        os.kill(side.proc.pid, signal.SIGSTOP)
+    own stall against the peer and both declared it lost.
+
+    Where the primary is stopped: "in its wait" (asleep in its poll: the usual case) or
+    "mid-turn" (it stops itself right after it reported PeerUp, before its poll: the
+    official CI's failure, local_pauses 0, when a turn's lateness was measured from the
+    poll's start instead of the turn's)."""
+    settings = HeartbeatSettings(address=f"tcp://127.0.0.1:{free_port()}")
+    sec = Side("secondary", settings)
+    # mid-turn: the primary stops the secondary, then itself, right after its PeerUp
+    pri = Side("primary", settings,
+               stop_at_peer_up=(sec.proc.pid,) if where == "mid-turn" else None)
     try:
-        # the stall itself (the fault), three timeouts long: not a wait for an outcome
-        time.sleep(3 * settings.timeout_s)
-    finally:
+        sec.wait_event(messages.PeerUp, 60)
+        pri.wait_event(messages.PeerUp, 60)
+        # (the PeerUp each heard once: the count the "hearing again" below starts from)
+        heard = {s.role: _heard(s) for s in (pri, sec)}
+        state = "T" if where == "mid-turn" else "S"
         for side in (pri, sec):
-            os.kill(side.proc.pid, signal.SIGCONT)
-    for side in (pri, sec):
-        wait_until(lambda: _heard(side) >= heard[side.role] + 5, timeout=60,
-                   what=f"the {side.role} hearing the peer after the stall")
-    for side in (pri, sec):
-        c = side.counters.as_dict()
-        assert c["local_pauses"] >= 1 and c["max_local_pause_us"] >= 2e6 * settings.timeout_s, c
-        assert c["peer_lost"] == 0, (side.role, c)
-        assert not [e for e in side.drain() if isinstance(e, messages.PeerLost)]
+            wait_until(lambda: process_state(side.proc.pid) == state, timeout=60,
+                       what=f"the {side.role} {'stopped' if state == 'T' else 'asleep'}")
+        try:
+            if where == "in its wait":
+                for side in (pri, sec):
+                    os.kill(side.proc.pid, signal.SIGSTOP)
+            # the stall itself (the fault), three timeouts long: not a wait for an outcome
+            time.sleep(3 * settings.timeout_s)
+        finally:
+            for side in (pri, sec):
+                os.kill(side.proc.pid, signal.SIGCONT)
+        for side in (pri, sec):
+            wait_until(lambda: _heard(side) >= heard[side.role] + 5, timeout=60,
+                       what=f"the {side.role} hearing the peer after the stall")
+        for side in (pri, sec):
+            c = side.counters.as_dict()
+            assert c["local_pauses"] >= 1 and \
+                c["max_local_pause_us"] >= 2e6 * settings.timeout_s, (side.role, c)
+            assert c["peer_lost"] == 0, (side.role, c)
+            assert not [e for e in side.drain() if isinstance(e, messages.PeerLost)]
+    finally:
+        pri.close()
+        sec.close()
 
 
 _SPIN_FIFO1 = """

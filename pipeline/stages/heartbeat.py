@@ -20,9 +20,10 @@ every path and the first copy to arrive counts (the others: ``hb_copies``); the 
 lost only when every path was silent for the whole timeout, which one lost packet can
 no longer cause (docs/tuning.md, "Heartbeat: how a loss is decided", has the figures).
 
-Silence is counted on this process's own running time: when the loop resumes later
-than it asked to (the process was not scheduled, the host stalled, the node was
-stopped), the peer's deadline moves on by that lateness (``local_pauses``,
+Silence is counted on this process's own running time: when a turn of the loop ends
+later than it asked to (the process was not scheduled, the host stalled, the node was
+stopped, in its wait or in the turn's own work), the peer's deadline moves on by that
+lateness (``local_pauses``,
 ``max_local_pause_us``), so a node that was itself not running does not declare its
 peer lost for its own silence (both heartbeat stages of a loaded 2-core machine, or a
 stalled VM, resumed together and each declared the other lost). A late wake-up is
@@ -461,7 +462,12 @@ def run(ctx: StageContext, settings: Any, role: str, events_conn: Any,
                 wake = min(wake, peer.last_seen + timeout + 0.0005)
             before = clock()
             wait = max(0.0, min(wake - before, MAX_WAIT_S))
-            resume_by = before + math.ceil(wait * 1000) / 1000
+            # from this turn's start, not from ``before``: the turn's own work counts as
+            # time away, so a stop anywhere in it (between ``now`` and the poll: in an
+            # event's send, a receive) shows as lateness at the next turn. Measured from
+            # ``before``, a node stopped right after it reported PeerUp never knew it was
+            # stopped (the official CI: local_pauses 0 after a 0.9 s SIGSTOP)
+            resume_by = now + math.ceil(wait * 1000) / 1000
             if poller is None:
                 socks[0].poll(math.ceil(wait * 1000), zmq.POLLIN)
             else:
