@@ -190,6 +190,12 @@ class SimulatedIO(abc.ABC):
         """Append one input (at ``seq``, which must be the head, if given); its seq."""
 
     @abc.abstractmethod
+    def input_limit(self) -> int:
+        """The first seq the input log cannot take until room is freed: it keeps every
+        input from the last trim (a secondary's last commit) or the guest's own position,
+        whichever is lower, ``input_capacity`` of them."""
+
+    @abc.abstractmethod
     def input_payload(self, seq: int) -> bytes:
         """An input still held (not trimmed)."""
 

@@ -749,6 +749,9 @@ class SimDomain(Domain, SimulatedIO):
     def input_capacity(self) -> int:
         return self._inputs.slot_count
 
+    def input_limit(self) -> int:
+        return self._inputs.free_below() + self._inputs.slot_count
+
     @staticmethod
     def vcpu_input_seq(blob: bytes) -> int:
         """The input seq a guest in this vCPU state will consume next (or is in the middle of)."""
