@@ -197,10 +197,15 @@ def await_checkpoint_input(io: SimulatedIO, vcpu: bytes, give_up, counters=None,
             return False
     if io.input_head > seq and held():
         return ""
-    if seq >= io.input_seq() + io.input_capacity:
-        # the log cannot hold it before a commit trims it (the SVM, paused, still needs
-        # everything from its own position on): waiting would tear every epoch from now
-        # on. Applied as before: the SVM waits for it once the commit made room.
+    if seq >= io.input_limit():
+        # the log cannot take it before this commit trims it: it keeps every input since
+        # the last commit (a rollback replays them) and the SVM, paused, moves past none.
+        # The mirror holds it back meanwhile; waiting would only tear the epoch after
+        # timeout_s, the SVM paused and the PVM's answers held all that time (a fast
+        # client: a checkpoint asked for at half the log caught the PVM beyond it). Applied
+        # as before: the SVM waits for it once the commit made room. (The bound is the
+        # log's, the last commit's position on, not the SVM's own position on: that let
+        # every such checkpoint wait the whole timeout and be torn.)
         return ""
     if counters is not None:
         counters.add("inputs_awaited", 1)
