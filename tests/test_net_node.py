@@ -229,6 +229,10 @@ def test_answers_held_when_the_primary_is_lost_never_reach_the_client(tmp_path, 
             wait_until(lambda: net("primary_frames_in") >= 20, 60, "20 PVM answers")
             pair.request_checkpoint()
             wait_until(read(lambda: len(seqs) >= 20), 60, "the 20 committed answers")
+            # (the stage publishes its counters every 0.2 s: on a fast machine the 20 more
+            # below can come in the same publication as this release, primary_frames_in
+            # written first, and a look between the two saw frames_released 0)
+            wait_until(lambda: net("frames_released") >= 20, 60, "the release counted")
             for i in range(20, 40):
                 pair.inject_input(b"held %d" % i)
             wait_until(lambda: net("primary_frames_in") >= 40, 60, "20 more PVM answers")
