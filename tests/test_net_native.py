@@ -380,3 +380,44 @@ def test_the_native_comparison_takes_exactly_the_pairs_the_python_one_does(seed)
         assert k == _python_judges(pvm, bytes(svm)), (pvm.hex(), bytes(svm).hex())
         verdicts[k > 0] += 1
     assert min(verdicts.values()) > 40          # both verdicts, many times
+
+
+def test_native_rounds_give_python_its_turn_while_pairs_trickle_in():
+    """Pairs that keep coming, each well before the poll's timeout: the native rounds come
+    back to Python once the round's time (run_once's timeout) is up, not only after
+    NATIVE_MAX_PAIRS pairs, so the stage's counters (what ``stats`` shows), the timeout
+    scan and the stop flag get their turn. Before, at 20 requests/s a node's ``stats``
+    showed none of 256 pairs for 13 s."""
+    from pipeline.net.loop import NATIVE_MAX_PAIRS
+    run = Running(native=True, threaded=False)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        i = 0
+        run.out.sock.setblocking(False)
+        while not stop.is_set():
+            send_pairs(run, [(udp(i, i & 0xFFFF), udp(i, (3 * i) & 0xFFFF))], pvm_first=True)
+            i += 1
+            try:
+                while run.out.sock.recv(1 << 20):       # (what came out: nobody reads it)
+                    pass
+            except BlockingIOError:
+                pass
+            stop.wait(0.005)
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    stats = run.loop.native_stats
+    turns: list[tuple[int, int]] = []          # (pairs, ended by its budget) of each call
+
+    def a_turn_on_time() -> bool:
+        pairs, budget = stats["pairs"], stats.get("max", 0)
+        run.loop.run_once(0.1)
+        turns.append((stats["pairs"] - pairs, stats.get("max", 0) - budget))
+        # a native call that released pairs and ended on its budget before max_pairs
+        return any(0 < n < NATIVE_MAX_PAIRS and ended for n, ended in turns)
+    try:
+        wait_until(a_turn_on_time, WAIT, "a native call ended by its time, before max_pairs")
+    finally:
+        stop.set()
+        feeder.join(WAIT)
+        run.close()

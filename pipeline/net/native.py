@@ -17,8 +17,10 @@ while nothing is held or queued anywhere (``Comparator.native_ok``), and it come
 to Python for everything else, with what it read: another descriptor readable (the
 control channel first, as always), reads that are not such a run (a partial frame, a
 lone side, a boundary, a mismatch, end of stream), a write that did not take the whole
-run, a signal, the poll's timeout, or ``max_pairs`` pairs (the caller's counters and
-stop flag get their turn).
+run, a signal, the poll's timeout, or ``max_pairs`` pairs or ``timeout_ms`` of rounds,
+whichever comes first (the caller's counters, timeouts and stop flag get their turn: pairs
+that kept coming, each well before the poll's timeout, kept them away for ``max_pairs``
+pairs, at 20 requests/s 13 s of ``stats`` showing none of them).
 
 When one side's frame came alone, the loop waits for the other side's, asleep in the
 poll, for up to ``wait_ns`` (every other descriptor still watched): the second frame of
@@ -45,7 +47,7 @@ ST_OTHER = 1     # another descriptor is readable: nothing was read in this roun
 ST_INPUT = 2     # res[P_READ]/res[S_READ] hold this round's reads: not a pair it releases
 ST_SEND = 3      # the last pair's write took res[SENT] bytes (or -errno) of res[P_READ]
 ST_SIGNAL = 4    # the poll was interrupted (a signal handler is due)
-ST_MAX = 5       # max_pairs rounds done
+ST_MAX = 5       # max_pairs rounds done, or timeout_ms passed since the call
 ST_ERROR = 6     # the poll failed: res[SENT] = -errno
 STATUS_NAMES = ("idle", "other", "input", "send", "signal", "max", "error")
 
@@ -182,6 +184,7 @@ def pair_rounds(pfds, nfds, ip, is_, out_fd, pbuf, sbuf, tbuf, timeout_ms, max_p
     pairs = 0
     nbytes = 0
     status = ST_MAX
+    budget_end = now_ns(ts) + np.int64(timeout_ms) * 1_000_000
     while pairs < max_pairs:
         for j in range(nfds):
             pfds[2 * j + 1] = POLLIN
@@ -276,6 +279,8 @@ def pair_rounds(pfds, nfds, ip, is_, out_fd, pbuf, sbuf, tbuf, timeout_ms, max_p
             res[SENT] = sent if sent >= 0 else -np.int64(errno_location()[0])
             status = ST_SEND
             break
+        if timeout_ms >= 0 and now_ns(ts) >= budget_end:
+            break                                  # (ST_MAX) the round's time is up
     res[ST], res[PAIRS], res[BYTES] = status, pairs, nbytes
     return status
 
