@@ -571,7 +571,8 @@ class PrimaryCoordinator(_Coordinator):
     def wait_for_secondary(self, timeout: float | None) -> bool:
         """Say HELLO until a secondary answers (re-sent every second: a new secondary
         binds the same address and the control socket reconnects to it by itself).
-        Every CONTROL_REDIAL_HELLOS unanswered ones the control channel is dialled anew:
+        After every CONTROL_REDIAL_HELLOS unanswered ones the control channel is dialled
+        anew (before the next HELLO):
         its connection may be alive for TCP with the HELLOs queued behind a segment the
         kernel retransmits with exponential backoff (a healed partition: seconds, more
         the longer it lasted), while a new connection goes through at once."""
@@ -582,13 +583,20 @@ class PrimaryCoordinator(_Coordinator):
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if time.monotonic() >= next_hello:
+                if hellos and hellos % CONTROL_REDIAL_HELLOS == 0:
+                    # before a HELLO, never right after one: the HELLO the secondary answers
+                    # must have gone on the connection the sync then uses. Dropped right
+                    # after it, the answer still came back, but the secondary's SVM_DIRTY
+                    # and ACK of the sync went to the dropped connection: the epoch timed
+                    # out and the pair was re-protected twice (the clean-clone CI's
+                    # test_killing_the_secondary: reprotections 2). The HELLO after a
+                    # redial waits for the new connection (SNDTIMEO) or is dropped
+                    self._redial_control()
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
                                              self.domain.page_count, self.settings.node.name,
                                              self.domain.hypervisor_written()))
                 next_hello = time.monotonic() + 1.0
                 hellos += 1
-                if hellos % CONTROL_REDIAL_HELLOS == 0:
-                    self._redial_control()     # (after a HELLO: the next finds it up)
             self._heartbeat_lost()
             if not self.control.poll(100):
                 continue
