@@ -180,8 +180,10 @@ def _iptables(*args: str) -> None:
 def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
     if shutil.which("iptables") is None or os.geteuid() != 0:
         pytest.skip("needs root and iptables to cut the link between the nodes")
+    # (TTL 5 s, the default: at 2 s a primary starved for 2 s on a loaded machine loses its
+    # lease and stops itself, test_failover_reprotect.LEASE_TTL_S)
     tables = dict(TABLES, failover={"witness": "etcd", "etcd_endpoints": [etcd.url],
-                                    "lease_ttl_s": 2})
+                                    "lease_ttl_s": 5})
     pair = LocalPair(tables, workdir=str(tmp_path / "pair"))
     ports = f"{pair.port}:{pair.port + 3}"
     rules = [("INPUT", "-i", "lo", "-p", "tcp", "--dport", ports, "-j", "DROP"),
@@ -192,9 +194,9 @@ def test_partition_leaves_exactly_one_active_side(tmp_path, etcd):
         for rule in rules:                       # the link between the nodes goes down
             _iptables("-I", *rule)
         prim = pair.node("primary")
-        pair.wait_info("state", "unprotected", timeout=10)
+        pair.wait_info("state", "unprotected", timeout=120)
         # the secondary noticed too, asked etcd, and was refused: the primary holds the role
-        sec = pair.wait_info("state", "standby", role="secondary", timeout=15)
+        sec = pair.wait_info("state", "standby", role="secondary", timeout=120)
         assert sec["role"] == "secondary" and "takeover_refused" in sec
         n0 = prim.stage("client").as_dict()["outputs"]
         wait_until(lambda: prim.stage("client").as_dict()["outputs"] > n0 + 100,
