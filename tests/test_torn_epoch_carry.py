@@ -95,12 +95,12 @@ def test_pages_taken_off_the_dirty_log_of_a_checkpoint_given_up_go_with_the_next
         # the next checkpoint's BEGIN tears the epoch on the secondary (the SVM rolled back)
         # while the snapshot stage still holds its pages
         sec_aborted = pair.stage_counter("coordinator", "epochs_aborted", role="secondary")
+        committed = coord.as_dict()["epochs_committed"]
         pair.request_checkpoint()
         wait_until(lambda: pair.stage_counter("coordinator", "epochs_aborted",
                                               role="secondary") > sec_aborted, 120,
                    "the secondary discarding the torn epoch")
         continue_stopped(snapshot)
-        committed = coord.as_dict()["epochs_committed"]
         wait_until(lambda: coord.as_dict()["epochs_committed"] > committed, 300,
                    "the next checkpoint committed")
         info = pair.prove_memory_equal(timeout=300)
