@@ -254,6 +254,16 @@ class PrimaryCoordinator(_Coordinator):
             if self.snap_ctrl.fileno() in events:
                 m = self.snap_ctrl.recv()
                 trace.point("snap_msg", res.epoch)
+                if m.epoch != res.epoch:
+                    # a torn epoch's answer, late: the snapshot stage went on with it after
+                    # the epoch was given up. Not this epoch's figures (its PVM digest was
+                    # compared with the next epoch's SVM digest, its input_seq published
+                    # as the next one's commit)
+                    self.c.add("stale_records", 1)
+                    self.ctx.log.warning("epoch=%d event=stale_snapshot the snapshot stage's "
+                                         "answer for epoch %d came late: ignored", res.epoch,
+                                         m.epoch, extra={"epoch": res.epoch})
+                    continue
                 if isinstance(m, messages.Snapshotted):
                     e = m.epoch
                     res.pages_dirty, res.pause_ns, res.input_seq = m.pages, m.pause_ns, m.input_seq

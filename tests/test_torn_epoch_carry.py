@@ -109,6 +109,9 @@ def test_pages_taken_off_the_dirty_log_of_a_checkpoint_given_up_go_with_the_next
         for counter in ("peer_lost", "sync_restarts", "reprotections"):
             assert pair.stage_counter("coordinator", counter) == 0, counter
         assert coord.as_dict()["epochs_aborted"] == 1
+        # the torn epoch's Snapshotted came during the next epoch: not taken for its own
+        assert "event=stale_snapshot the snapshot stage's answer for epoch" in \
+            pair.log_tail("primary", 1 << 24)
     finally:
         pair.stop()
         pair.cleanup()
