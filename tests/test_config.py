@@ -75,8 +75,9 @@ def test_defaults():
     assert s.checkpoint.min_interval_ms <= s.checkpoint.timer_ms("commit")
     # the sim guest's input log: 16384 inputs of 2 KiB (32 MiB) on each node
     assert s.guest.input_log_slots == 16384
-    # 16 MiB of pages per ring in slots of 256 pages; a small guest gets smaller rings
-    assert s.ring_slots() == 16 and s.ring_slots(page_count=1024) == 4
+    # 16 MiB of pages per ring in slots of 1024 pages, at least 4 slots
+    assert s.pipeline.batch_pages == 1024
+    assert s.ring_slots() == 4 and s.ring_slots(page_count=1024) == 4
 
 
 def test_defaults_satisfy_their_own_constraints():
