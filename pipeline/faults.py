@@ -165,8 +165,18 @@ _passes: dict[str, int] = {}
 ACTIVE = bool(_FAULTS)
 
 
+def fired_line(point: str, n: int | None = None, action: str = "") -> str:
+    """The start of the line a process writes to stderr when ``point`` fires: what a test
+    looks for in its output or log. ``n`` None: any pass; ``action`` (with ``n``) narrows it
+    to one action. Ends with a space, so pass 3 is not pass 30."""
+    line = f"{ENV} fired: {point} pass "
+    if n is not None:
+        line += f"{n} " + (f"{action} " if action else "")
+    return line
+
+
 def _fire(name: str, n: int, action: str) -> None:
-    sys.stderr.write(f"{ENV} fired: {name} pass {n} {action} pid {os.getpid()}\n")
+    sys.stderr.write(f"{fired_line(name, n, action)}pid {os.getpid()}\n")
     sys.stderr.flush()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

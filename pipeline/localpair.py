@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pipeline import proof_pages
+from pipeline import faults, proof_pages
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
 from pipeline.shm import cleanup_segments, list_segments, segment_prefix
@@ -257,6 +257,20 @@ class LocalPair:
                 return fh.read().decode(errors="replace")[-chars:]
         except (KeyError, OSError):
             return ""
+
+    def fault_fired(self, role: str, point: str, n: int | None = None) -> bool:
+        """Did ``role``'s node fire the named fault point (pass ``n``; any pass when None)?
+        Its "COLO_FAULT fired" line is in the node's log (pipeline/faults.py)."""
+        return faults.fired_line(point, n) in self.log_tail(role, 1 << 24)
+
+    def wait_fault_fired(self, role: str, point: str, n: int | None = None,
+                         timeout: float = 120.0, what: str = "",
+                         error: type[Exception] = AssertionError) -> None:
+        """Wait until :meth:`fault_fired`; ``what`` names the moment for the error."""
+        wait_until(lambda: self.fault_fired(role, point, n), timeout,
+                   what or f"the {role}'s fault point {point}"
+                           + (f" firing at pass {n}" if n is not None else " firing"),
+                   error=error)
 
     def kill(self, role: str) -> float:
         """SIGKILL every process of a node (its process group); returns the wall time."""

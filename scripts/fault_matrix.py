@@ -183,10 +183,6 @@ def active_svm_serves_a_replay(pair: LocalPair, info: dict) -> dict:
     return {"failover_ms": info["failover_detect_ms"] + info["takeover_ms"]}
 
 
-def fired(pair: LocalPair, role: str, point: str) -> bool:
-    return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
-
-
 def why_stopped(pair: LocalPair, role: str) -> str:
     """The node's own words for why it stopped (its last ERROR line), if it did."""
     proc = pair.procs.get(role)
@@ -220,7 +216,7 @@ def primary_at(point: str, expect) -> Callable[[LocalPair], dict]:
     def run(pair: LocalPair) -> dict:
         pair.start(faults={"primary": point + ":stop"})
         name = point.split(":")[0]
-        wait_until(lambda: fired(pair, "primary", name), f"primary reaching {point}")
+        wait_until(lambda: pair.fault_fired("primary", name), f"primary reaching {point}")
         wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
         pair.kill("primary")
         info = wait_until(lambda: (lambda i: i if i.get("role") == "active" or i.get("state") in
@@ -250,7 +246,7 @@ def secondary_at(point: str, acked_first: bool = False) -> Callable[[LocalPair],
     def run(pair: LocalPair) -> dict:
         pair.start(faults={"secondary": point + ":stop"})
         name = point.split(":")[0]
-        wait_until(lambda: fired(pair, "secondary", name), f"secondary reaching {point}")
+        wait_until(lambda: pair.fault_fired("secondary", name), f"secondary reaching {point}")
         if acked_first:
             def committed(role: str) -> int:
                 return max([cp["epoch"] for cp in pair.checkpoints(role)
@@ -281,7 +277,7 @@ def primary_during_reprotection(pair: LocalPair) -> dict:
     pair.kill("secondary")
     pair.wait_info("state", "unprotected", timeout=DEADLINE)
     pair.start_node("secondary")
-    wait_until(lambda: fired(pair, "primary", "primary.reprotect"), "re-protection starting")
+    wait_until(lambda: pair.fault_fired("primary", "primary.reprotect"), "re-protection starting")
     wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
     pair.kill("primary")
     info = wait_until(lambda: (lambda i: i if i.get("role") == "active" or i.get("state") in
@@ -297,7 +293,7 @@ def slow_secondary_commit(pair: LocalPair) -> dict:
     PVM serves 100 more inputs; then goes on. The late ACK commits the epoch: the pair
     stays protected and both memories are proven equal."""
     pair.start(faults={"secondary": "secondary.applied:14:stop"})
-    wait_until(lambda: fired(pair, "secondary", "secondary.applied"), "the stalled commit")
+    wait_until(lambda: pair.fault_fired("secondary", "secondary.applied"), "the stalled commit")
     client = pair.node("primary").stage("client")
     n0 = client.as_dict()["outputs"]
     wait_until(lambda: client.as_dict()["outputs"] >= n0 + 100, "the PVM serving meanwhile")
@@ -698,7 +694,7 @@ def disk_buffer_fails(fault: str) -> Callable:
         writer = DiskWriter(f"nbd+unix:///?socket={pair.workdir}/primary.nbd")
         writer.start()
         try:
-            wait_until(lambda: fired(pair, "secondary", point) or writer.error,
+            wait_until(lambda: pair.fault_fired("secondary", point) or writer.error,
                        "the failed buffering")
             wait_until(lambda: lost_its_secondary(pair) or writer.error,
                        "the primary giving its secondary up")
@@ -770,7 +766,7 @@ def failover_merge(fault: str) -> Callable:
             raise RunFailed(f"the SVM's writes: {svm.error or svm.gone}")
         wait_until(lambda: heard(pair, "secondary"), "a heartbeat of the primary")
         pair.kill("primary")
-        wait_until(lambda: fired(pair, "secondary", point), "the takeover's merge")
+        wait_until(lambda: pair.fault_fired("secondary", point), "the takeover's merge")
         if action == "stop":     # the disk stage stopped mid-merge (a slow disk): go on
             # the takeover waits for the merge: while the disk stage is stopped inside it,
             # the node must not say it is active (its export would hang on every request)
@@ -823,7 +819,7 @@ def disk_commit_fails(fault: str) -> Callable:
         nbd = NbdClient(f"nbd+unix:///?socket={pair.workdir}/primary.nbd")
         rng = random.Random(SEED)
         try:
-            while not fired(pair, "secondary", fault.split(":")[0]):
+            while not pair.fault_fired("secondary", fault.split(":")[0]):
                 nbd.write(rng.randrange(0, (DISK_MIB << 8) - 2) * 4096, rng.randbytes(8192))
                 pair.check_alive()
         finally:
@@ -1190,7 +1186,7 @@ def client_responses(fault: str) -> Callable:
         try:
             wait_until(lambda: len(load.seqs) >= 100 or load.error, "100 answers")
             if fault == "secondary-lost":
-                wait_until(lambda: fired(pair, "secondary", "secondary.applied"),
+                wait_until(lambda: pair.fault_fired("secondary", "secondary.applied"),
                            "the secondary stopped mid-checkpoint")
                 pair.kill("secondary")
             else:

@@ -101,9 +101,8 @@ def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path)
         pair.start(faults={"primary": "send.pages:3:stop"})
         send = None
         try:
-            wait_until(lambda: "COLO_FAULT fired: send.pages pass 3 stop"
-                       in pair.log_tail("primary", 1 << 22), 240,
-                       "the send stage stopped inside the full sync")
+            pair.wait_fault_fired("primary", "send.pages", 3, 240,
+                                  "the send stage stopped inside the full sync")
             pids = {role: pair.node(role).node_info()["stage_pids"]
                     for role in ("primary", "secondary")}
             send = pids["primary"]["send"]

@@ -33,9 +33,6 @@ def _restore_pid(pair: LocalPair) -> int:
     return pair.node("secondary").node_info()["stage_pids"]["restore"]
 
 
-def _fired(pair: LocalPair, role: str, point: str) -> bool:
-    return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
-
 
 def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
     """Epoch E is ACKed while the restore stage is stopped before writing it; the hand
@@ -60,7 +57,7 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
         ack = prim.checkpoint(first, compress=False)
         # the ACK came while the restore stage is stopped before the first page write
         assert ack.status == wire.ACK_COMMITTED, ack.reason
-        assert _fired(pair, "secondary", "restore.checked")
+        assert pair.fault_fired("secondary", "restore.checked")
         assert counters(pair)["coordinator"]["acked_early"] >= 1
         second = prim.dirty_some(64)
         assert len(np.setdiff1d(first, second)), "E+1 must leave some of E's pages alone"
@@ -99,8 +96,8 @@ def test_the_primary_dying_after_the_ack_the_secondary_applies_it_all_then_goes_
         # the 14th checked epoch is a checkpoint of a protected pair (sync, at most 8
         # pre-copy rounds, then checkpoints; none asks for a digest here)
         pair.start(faults={"secondary": "restore.checked:14:stop"})
-        wait_until(lambda: _fired(pair, "secondary", "restore.checked"), timeout=180,
-                   what="the restore stage stopped after checking an epoch")
+        pair.wait_fault_fired("secondary", "restore.checked", timeout=180,
+                              what="the restore stage stopped after checking an epoch")
 
         def last_committed(role: str) -> int:
             done = [cp["epoch"] for cp in pair.checkpoints(role)

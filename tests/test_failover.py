@@ -87,8 +87,8 @@ def test_killing_the_primary_at_each_point(tmp_path, fault, expect):
     try:
         pair.start(faults={"primary": fault + ":stop"})
         pair.node("secondary")
-        wait_until(lambda: f"COLO_FAULT fired: {fault.split(':')[0]} pass"
-                   in pair.log_tail("primary", 1 << 24), timeout=180, what=f"{fault} reached")
+        pair.wait_fault_fired("primary", fault.split(":")[0], timeout=180,
+                              what=f"{fault} reached")
         wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0,
                    timeout=60, what="the secondary hearing the primary's heartbeat")
         pair.kill("primary")
@@ -248,8 +248,7 @@ def test_disk_and_memory_go_on_from_the_same_checkpoint(tmp_path):
             nbd.write(rng.randrange(0, 8 * MiB // 4096 - 4) * 4096, rng.randbytes(4 * 4096))
         nbd.close()
         pair.request_checkpoint()                    # BEGIN(3), then the coordinator stops
-        wait_until(lambda: "COLO_FAULT fired: primary.begin_sent pass 4"
-                   in pair.log_tail("primary", 1 << 24), what="BEGIN of epoch 3")
+        pair.wait_fault_fired("primary", "primary.begin_sent", 4, what="BEGIN of epoch 3")
         wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0)
         pair.kill("primary")
         info = pair.wait_info("role", "active", role="secondary")

@@ -131,7 +131,7 @@ def rolled_back_survivor(pair: HostPair) -> dict:
             # out its deadline and saying only "not within" (CI, load 20: 308 s, where b
             # gets here in ~20 s at load 20-25: its sync, pre-copy, 15 epochs of 1 s)
             pair.check_alive()
-            return "COLO_FAULT fired: secondary.begin" in pair.log_tail("b", 1 << 20)
+            return pair.fault_fired("b", "secondary.begin")
         try:
             wait_until(stopped_inside_a_checkpoint, timeout=300,
                        what="b's coordinator stopped inside a checkpoint")
@@ -201,7 +201,7 @@ def test_answers_lost_with_the_primary_come_from_the_reply_cache(tmp_path):
         more_answers(pair, client, 50, "from the unprotected primary")
         pair.start_node("b")
         pair.wait_exit("a", timeout=300)
-        assert "COLO_FAULT fired: primary.acked" in pair.log_tail("a", 1 << 20)
+        assert pair.fault_fired("a", "primary.acked")
         lost_at = stream.sent
         wait_until(lambda: pair.node("b").node_info().get("role") == "primary",
                    timeout=300, what="b becoming the primary")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+from pipeline import faults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
@@ -68,7 +70,7 @@ def test_store_buffer_append_fails_one_append_with_the_errno():
         p = subprocess.run([sys.executable, "-c", _CHILD, d], capture_output=True,
                            text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "COLO_FAULT fired: store.buffer.append pass 2 errno=ENOSPC" in p.stderr
+    assert faults.fired_line("store.buffer.append", 2, "errno=ENOSPC") in p.stderr
     lines = p.stdout.splitlines()
     assert lines[0] == "NoneType NoneType"
     assert lines[1] == f"OSError({errno.ENOSPC}) OSError({errno.ENOSPC})"

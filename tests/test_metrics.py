@@ -252,8 +252,8 @@ def test_endpoint_from_the_config_shows_the_secondary_going_active(tmp_path):
         s = _scrape(url)
         assert _value(s, "colo_role", role="secondary") == 1
         assert _value(s, "colo_role", role="active") == 0
-        wait_until(lambda: "COLO_FAULT fired: primary.acked" in pair.log_tail("primary", 1 << 24),
-                   timeout=180, what="the primary reaching its 14th ACK")
+        pair.wait_fault_fired("primary", "primary.acked", timeout=180,
+                              what="the primary reaching its 14th ACK")
         wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0)
         pair.kill("primary")
         info = pair.wait_info("role", "active", role="secondary", timeout=120)

@@ -46,9 +46,6 @@ TABLES = {
 }
 
 
-def _fired(pair: LocalPair, role: str, point: str) -> bool:
-    return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
-
 
 def _pid(pair: LocalPair, role: str, stage: str) -> int:
     return int(pair.node(role).node_info()["stage_pids"][stage])
@@ -70,8 +67,8 @@ def _stopped_between_checkpoints(pair: LocalPair) -> None:
     pair.wait_protected(timeout=300)
     wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "primary") > 0,
                timeout=60, what="the primary hearing the secondary")
-    wait_until(lambda: _fired(pair, "primary", "primary.released"), timeout=300,
-               what="the primary's coordinator stopping between two checkpoints")
+    pair.wait_fault_fired("primary", "primary.released", timeout=300,
+                          what="the primary's coordinator stopping between two checkpoints")
 
 
 def _protected_again(pair: LocalPair, new_log: int) -> None:

@@ -39,8 +39,7 @@ def test_outputs_of_a_torn_epoch_wait_for_the_next_commit_and_go_out_once_in_ord
         pair.request_checkpoint()
         wait_until(lambda: coord.as_dict()["epochs_aborted"] == aborted + 1, 120,
                    "the requested epoch torn on the secondary")
-        assert "COLO_FAULT fired: restore.assembled pass 2 errno=EIO" in \
-            pair.log_tail("secondary", 1 << 20)
+        assert pair.fault_fired("secondary", "restore.assembled", 2)
         for i in range(40, 50):
             pair.inject_input(b"request %d" % i)
         wait_until(lambda: counter("primary_frames_in") >= 50, 60, "10 more PVM outputs")

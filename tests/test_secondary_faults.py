@@ -403,7 +403,7 @@ def test_an_io_error_in_the_secondarys_disk_commit_is_retried(tmp_path):
         pair.wait_protected()
         nbd = NbdClient(f"nbd+unix:///?socket={tmp_path}/primary.nbd")
         rng = random.Random(2)
-        while "COLO_FAULT fired" not in pair.log_tail("secondary", 1 << 24):
+        while not pair.fault_fired("secondary", "store.commit.record", 30):
             nbd.write(rng.randrange(0, 2000) * 4096, rng.randbytes(8192))
             pair.check_alive()
         nbd.close()

@@ -31,9 +31,6 @@ TABLES = {
 }
 
 
-def _fired(pair: LocalPair, role: str, point: str) -> bool:
-    return f"COLO_FAULT fired: {point} pass" in pair.log_tail(role, 1 << 24)
-
 
 def _pid(pair: LocalPair, role: str, stage: str) -> int:
     return int(pair.node(role).node_info()["stage_pids"][stage])
@@ -50,7 +47,7 @@ def _peer_silent_until(pair: LocalPair, deciding: str, point: str, what: str) ->
     hb = _pid(pair, other, "heartbeat")
     os.kill(hb, signal.SIGSTOP)          # the other node alive, its heartbeat silent
     try:
-        wait_until(lambda: _fired(pair, deciding, point), timeout=120, what=what)
+        pair.wait_fault_fired(deciding, point, what=what)
     finally:
         os.kill(hb, signal.SIGCONT)
     wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", deciding) >= 1,
@@ -108,8 +105,8 @@ def test_once_the_witness_granted_the_takeover_goes_through(tmp_path):
         os.kill(coord, signal.SIGSTOP)       # no lease renewal, no checkpoints
         os.kill(hb, signal.SIGSTOP)          # no heartbeat
         try:
-            wait_until(lambda: _fired(pair, "secondary", "takeover.granted"), timeout=120,
-                       what="the witness granting the secondary the role")
+            pair.wait_fault_fired("secondary", "takeover.granted",
+                                  what="the witness granting the secondary the role")
         finally:
             os.kill(hb, signal.SIGCONT)
         wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "secondary") >= 1,
@@ -182,8 +179,8 @@ def test_a_new_secondary_process_is_not_the_lost_one_heard_again(tmp_path):
         wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "primary") > 0,
                    timeout=60, what="the primary hearing the secondary")
         pair.kill("secondary")
-        wait_until(lambda: _fired(pair, "primary", "primary.peer_lost"), timeout=120,
-                   what="the primary deciding its secondary is lost")
+        pair.wait_fault_fired("primary", "primary.peer_lost",
+                              what="the primary deciding its secondary is lost")
         pair.start_node("secondary")
         wait_until(lambda: pair.stage_counter("heartbeat", "peer_back", "primary") >= 1,
                    timeout=120, what="the primary's heartbeat hearing the new secondary")
