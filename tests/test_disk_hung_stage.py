@@ -34,9 +34,9 @@ def test_a_hung_disk_stage_tears_the_epoch_and_the_coordinator_goes_on(tmp_path)
     pair.start(faults={"primary": "disk.primary.wait_forwarded:1:stop"})
     hung = None
     try:
-        wait_until(lambda: "COLO_FAULT fired: disk.primary.wait_forwarded pass 1 stop"
-                   in pair.log_tail("primary", 1 << 22), 240,
-                   "the disk stage hung in the first checkpoint's wait for its forwards")
+        pair.wait_fault_fired("primary", "disk.primary.wait_forwarded", 1, 240,
+                              "the disk stage hung in the first checkpoint's wait for its "
+                              "forwards")
         hung = pair.node("primary").node_info()["stage_pids"]["disk"]
         wait_until(lambda: TORN in pair.log_tail("primary", 1 << 22), 120,
                    "the epoch torn at its deadline, naming the disk stage")

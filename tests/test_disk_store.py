@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import faults
 from pipeline.disk.counters import DiskCounters
 from pipeline.disk.store import SecondaryStore, StoreError, StoreFull
 from pipeline.disk.wire import KIND_WRITE, KIND_ZERO, ZERO_DIGEST, digest_of
@@ -226,7 +227,7 @@ def _run_child(d: str, epoch: int, what: str, fault: str, durable: bool = True) 
                        timeout=120)
     if ":errno=" not in fault:
         assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr)
-        assert f"COLO_FAULT fired: {fault.split(':')[0]} pass" in p.stderr, p.stderr
+        assert faults.fired_line(fault.split(":")[0]) in p.stderr, p.stderr
     else:
         assert p.returncode == 0, p.stderr
     return p.stdout.split("\n")[:-1]

@@ -140,8 +140,8 @@ def test_answers_held_when_the_secondary_is_lost_go_out_once_in_order(tmp_path):
             # checkpoints before the fault at the 40th BEGIN (max_interval_ms 40)
             note = re.compile(r"no longer comparing: (\d+) held PVM frames released")
             before = len(note.findall(pair.log_tail("primary", 1 << 22)))
-            wait_until(read(lambda: "COLO_FAULT fired: secondary.begin" in
-                            pair.log_tail("secondary", 1 << 20)), 120, "the secondary's fault")
+            wait_until(read(lambda: pair.fault_fired("secondary", "secondary.begin")), 120,
+                       "the secondary's fault")
 
             def released_since_the_fault():
                 found = note.findall(pair.log_tail("primary", 1 << 22))

@@ -80,9 +80,8 @@ def test_a_torn_epochs_late_decode_does_not_overwrite_the_next_epochs_pages(tmp_
         assert len(msgs) == 1 and wire.decode_pages(msgs[0], PAGES, 4096, BATCH).packed
         prim.pages.send(msgs[0])
         prim.pages.send(wire.encode_epoch_end(a, BATCH, 1, 0, dom.get_vcpu_state()))
-        wait_until(lambda: "COLO_FAULT fired: verify.decode pass 1"
-                   in pair.log_tail("secondary", 1 << 24), 120,
-                   "a verify worker stopping before it decodes epoch A's batch")
+        pair.wait_fault_fired("secondary", "verify.decode", 1, 120,
+                              "a verify worker stopping before it decodes epoch A's batch")
         pids = pair.node("secondary").node_info()["stage_pids"]
         verify_pids = [int(pids[f"verify.{i}"]) for i in range(2)]
         stopped = wait_until(lambda: next((p for p in verify_pids if _stopped(p)), None),
