@@ -96,13 +96,20 @@ def _agree_written(domain: Domain, hello: wire.Hello) -> None:
         raise ProtocolError(f"peer {hello.name!r}: {exc}") from None
 
 
-def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters) -> bool:
-    """Send on the control channel; when the peer is gone the record is dropped (counted):
+def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters,
+                  route: bytes | None = None) -> bool:
+    """Send on the control channel (the secondary's ROUTER: to ``route``, the connection
+    the primary spoke on last); when the peer is gone the record is dropped (counted):
     the protocol recovers by timeouts and a fresh HELLO, never by blocking a coordinator."""
     try:
-        sock.send(msg)
+        if route is None:
+            sock.send(msg)
+        else:
+            sock.send_multipart((route, msg))
         return True
-    except zmq.Again:
+    except zmq.ZMQError as exc:     # EAGAIN: no connection; EHOSTUNREACH: the route is gone
+        if exc.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+            raise
         counters.add("control_dropped", 1)
         ctx.log.warning("control channel: peer not reachable, dropped a %s record",
                         wire.decode_header(msg).name)
@@ -920,6 +927,9 @@ class SecondaryCoordinator(_Coordinator):
         self.resume_at = 0.0
         self.torn_by_drop = False
         self._open(settings, "secondary")
+        # the connection the primary's last valid control record came on: where this
+        # side's records go (sockets.control: the secondary's end is a ROUTER)
+        self.route: bytes | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.restore_ctrl.fileno(), zmq.POLLIN)
@@ -1236,13 +1246,35 @@ class SecondaryCoordinator(_Coordinator):
                 if lost is not None:
                     self.primary_lost(lost.last_seen, lost.detected, "heartbeat")
         if self.control in events:
-            got = _recv_control(self.control, self.ctx, self.c)
+            got = self._recv()
             self.last_control = time.monotonic()
             if got is not None and not self.role.active:
                 self.on_control(*got)
         if self.restore_ctrl.fileno() in events:
             m = self.restore_ctrl.recv()
             self.replies[m.epoch] = m
+
+    def _recv(self) -> tuple[wire.Header, bytes] | None:
+        """One validated control record (the ROUTER's route frame taken off and kept as
+        :attr:`route`), or None; bad records are counted and dropped."""
+        frames = self.control.recv_multipart()
+        try:
+            if len(frames) != 2:
+                raise wire.WireError(f"{len(frames) - 1} frames on the control channel, "
+                                     "expected 1")
+            hdr = wire.decode_header(frames[1])
+        except wire.WireError as exc:
+            self.c.add("errors", 1)
+            self.ctx.log.warning("control channel: dropped a bad record: %s", exc)
+            return None
+        self.route = frames[0]
+        return hdr, frames[1]
+
+    def _send(self, msg: bytes) -> bool:
+        if self.route is None:      # (nothing heard yet: nobody to answer)
+            self.c.add("control_dropped", 1)
+            return False
+        return _send_control(self.control, msg, self.ctx, self.c, self.route)
 
     def primary_lost(self, last_seen: float, detected: float, detected_by: str) -> None:
         """The primary is lost. Before protection there is nothing to take over from;

@@ -434,9 +434,16 @@ def pages_in(nctx: NodeContext, counters: Any = None) -> zmq.Socket:
 
 
 def control(nctx: NodeContext) -> zmq.Socket:
-    """Both ways: checkpoint begin/acks and hello. DEALER on both ends (one peer each)."""
-    return _open(nctx, zmq.DEALER, 1000, "control",
-                 bind=nctx.settings.node.role == "secondary")
+    """Both ways: checkpoint begin/acks and hello. The primary connects a DEALER; the
+    secondary binds a ROUTER and sends each record to the connection the primary's last
+    one came on (its coordinator keeps that route). A DEALER there dealt its records
+    round-robin over every connection it had, one the primary had already dropped
+    (dialled anew: ``control_redials``) included, where they were lost."""
+    if nctx.settings.node.role != "secondary":
+        return _open(nctx, zmq.DEALER, 1000, "control", bind=False)
+    s = _open(nctx, zmq.ROUTER, 1000, "control", bind=True)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)     # a gone route raises instead of dropping
+    return s
 
 
 def inputs_out(nctx: NodeContext) -> zmq.Socket:

@@ -73,3 +73,39 @@ def test_the_answered_hello_and_the_sync_share_one_connection(tmp_path):
     finally:
         pair.stop()
         nctx.close()
+
+
+def test_the_secondary_answers_on_the_connection_the_primary_spoke_on(tmp_path):
+    """A primary that dialled its control channel anew leaves its old connection behind;
+    after a partition the secondary may not see it close for minutes (its FIN is lost
+    too). The secondary's records must go where the primary now speaks: here the old
+    connection stays open and unread, and all six HELLOs said on a new one are answered
+    on the new one. Before (a DEALER at the secondary) its records were dealt round-robin
+    over both connections: half of the answers went to the old one."""
+    pair = LocalPair(TABLES, workdir=str(tmp_path))
+    nctx = sockets.NodeContext(config.load(pair.configs["primary"]))   # the primary's keys
+    try:
+        pair.start(roles=("secondary",))
+        pair.node("secondary")
+        old, new = sockets.control(nctx), sockets.control(nctx)   # two connections
+        for s in (old, new):
+            assert s.poll(60_000, zmq.POLLOUT), "no control connection to the secondary"
+        hello = wire.encode_hello(4096, wire.ROLE_PRIMARY, 1024, pair.name("primary"))
+        old.send(hello)                          # the primary spoke on the old one first
+        assert old.poll(60_000) and wire.decode_header(old.recv()).type == wire.HELLO
+        for _ in range(6):
+            new.send(hello)
+        answers = {"old": 0, "new": 0}
+
+        def six_answers() -> bool:
+            for name, s in (("old", old), ("new", new)):
+                while s.poll(0):
+                    assert wire.decode_header(s.recv()).type == wire.HELLO
+                    answers[name] += 1
+            pair.check_alive()
+            return sum(answers.values()) >= 6
+        wait_until(six_answers, timeout=120, what="six answers to six HELLOs")
+        assert answers == {"old": 0, "new": 6}, answers
+    finally:
+        pair.stop()
+        nctx.close()
