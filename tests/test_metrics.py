@@ -55,6 +55,9 @@ def test_endpoint_of_a_running_pair(tmp_path):
         pair.start()
         pair.wait_protected()
         pair.wait_checkpoints(5)
+        # (committed ones: a record may be of an aborted epoch, on a loaded machine)
+        wait_until(lambda: pair.stage_counter("coordinator", "epochs_committed") >= 5,
+                   timeout=120, what="five committed epochs")
         servers.append(serve_metrics(pair.name("primary"), "127.0.0.1:0"))
         servers.append(serve_metrics(pair.name("secondary"), "127.0.0.1:0"))
         primary, secondary = servers
