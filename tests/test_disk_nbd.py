@@ -164,7 +164,7 @@ def test_client_vanishing_mid_request_is_counted_and_others_are_served(export):
     c = RawClient(export.uri)
     c.request(P.CMD_WRITE, 0, 64 * 1024, b"h" * 1000)  # payload cut short
     c.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60      # (a generous deadline: a loaded machine)
     while export.counters["client_disconnects"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert export.counters["client_disconnects"] == 1

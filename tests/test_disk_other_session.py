@@ -134,7 +134,7 @@ def test_a_new_session_forwards_on_a_new_connection_and_never_delivers_the_old_q
     guest = NbdClient(pri.uri, timeout=60)
     sec2 = None
     try:
-        assert pri.backend.wait_synced(30)
+        assert pri.backend.wait_synced(120)
         guest.write(0, b"\x01" * BS)
         pri.backend.set_epoch(2)
         sec.commit(1)
@@ -153,7 +153,7 @@ def test_a_new_session_forwards_on_a_new_connection_and_never_delivers_the_old_q
         sec2 = SecondaryDisk(DiskSettings(image=str(b), export=f"unix:{tmp_path}/s2.sock",
                                           forward=address, **settings))
         pri.on_event("role", 2, {"role": "primary"})  # re-protection
-        assert pri.backend.wait_synced(30)
+        assert pri.backend.wait_synced(120)
         guest.write(2 * BS, b"\x03" * BS)             # the same connection, a new session
         pri.backend.set_epoch(3)
         sec2.commit(2)

@@ -80,7 +80,7 @@ def random_workload(rng: random.Random, n: int) -> list[str]:
     return cmds + ["flush"]
 
 
-def wait_for(pred, timeout: float = 10, what: str = "condition"):
+def wait_for(pred, timeout: float = 60, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
@@ -462,7 +462,7 @@ def test_a_write_overtaken_by_a_checkpoint_stays_in_its_epoch_and_never_fails(tm
         assert not committer.is_alive() and not errors, errors
         out, _ = writer.communicate(timeout=60)
         assert writer.returncode == 0 and "error" not in out.lower(), out
-        assert pri.backend.wait_forwarded(1, 10)
+        assert pri.backend.wait_forwarded(1, 60)
         assert sec.store.committed_epoch == 1
         assert file_hash(str(tmp_path / "secondary.img")) == \
             file_hash(str(tmp_path / "primary.img"))
@@ -603,7 +603,7 @@ def test_a_client_gone_mid_burst_still_has_its_ordered_writes_forwarded(tmp_path
                  "the server to see the client gone mid-request")
         pri.backend.set_epoch(2)                      # the next checkpoint's pause
         assert pri.backend.last_seq == 3              # the cut-short write took no seq
-        assert pri.backend.wait_forwarded(1, 30)
+        assert pri.backend.wait_forwarded(1, 60)
         sec.commit(1)                                 # every sealed seq arrived
         assert sec.store.committed_epoch == 1
         want = bytes(BS) + b"\2" * 2 * BS + bytes(2 * BS)
@@ -773,7 +773,7 @@ def _pair_on(tmp_path, primary_img, secondary_img, tag: str):
 
 
 def _checkpoint(pri, sec, epoch: int) -> None:
-    assert pri.backend.wait_synced(30)
+    assert pri.backend.wait_synced(120)
     pri.backend.set_epoch(epoch + 1)
     sec.commit(epoch)
 
@@ -854,7 +854,7 @@ def test_a_primary_reprotects_with_a_new_secondary_on_the_same_address(tmp_path)
                                           export=f"unix:{tmp_path}/s2.sock", forward=address,
                                           compare="off"))
         pri.on_event("role", 2, {"role": "primary"})  # re-protection
-        assert pri.backend.wait_synced(30)   # (a write mid-sync may add a MiB to send)
+        assert pri.backend.wait_synced(120)   # (a write mid-sync may add a MiB to send)
         r = qemu_io(pri.uri, ["write -P 0x73 64k 4k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
         _checkpoint(pri, sec2, 2)
@@ -976,7 +976,7 @@ def test_the_secondary_keeps_no_hole_zeroes_allocated_and_punches_the_others(tmp
         _checkpoint(pri, sec, 1)
         r = qemu_io(pri.uri, ["write -z 0 256k", "write -z -u 1M 256k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-        assert pri.backend.wait_forwarded(2, 10)
+        assert pri.backend.wait_forwarded(2, 60)
         _checkpoint(pri, sec, 2)
         for img in (tmp_path / "primary.img", tmp_path / "secondary.img"):
             # the NO_HOLE range still allocated, the other punched (nothing else written)
@@ -1098,9 +1098,9 @@ def test_the_survivors_export_becomes_the_primarys_without_closing_a_connection(
                                           export=f"unix:{tmp_path}/s2.sock", forward=address,
                                           compare="off"))
         survivor.on_event("role", 5, {"role": "primary"})
-        assert survivor.backend.wait_synced(30)
+        assert survivor.backend.wait_synced(120)
         guest.write(4 * MiB, b"\x03" * BS)
-        assert survivor.backend.wait_forwarded(5, 10)
+        assert survivor.backend.wait_forwarded(5, 60)
         assert survivor.counters["forwarded"] >= 1
         _checkpoint(survivor, sec2, 5)
         assert file_hash(str(a)) == file_hash(str(b))
@@ -1243,7 +1243,7 @@ def test_a_write_the_secondary_never_took_succeeds_and_its_epoch_never_commits(
         r = qemu_io(pri.uri, ["write -P 0x2d 256k 4k", "read -P 0x2d 256k 4k"])
         assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
         assert refused and pri.counters["forward_errors"] == 1
-        assert pri.backend.wait_forwarded(1, 10)          # nothing left in flight
+        assert pri.backend.wait_forwarded(1, 60)          # nothing left in flight
         pri.backend.set_epoch(2)
         with pytest.raises(StoreError, match=r"sealed, seen only up to 0"):
             sec.commit(1)
@@ -1282,7 +1282,7 @@ def test_a_write_the_secondary_refuses_succeeds_and_the_secondary_gives_up(
         given_up = pri.command("stats", {})["given_up"]    # the node info's disk_given_up
         assert given_up["cause"] == "refused" and given_up["seq"] == 1 \
             and "blake3 of the data does not match" in given_up["reason"], given_up
-        assert pri.backend.wait_forwarded(1, 10)
+        assert pri.backend.wait_forwarded(1, 60)
         pri.backend.set_epoch(2)
         with pytest.raises(GivenUp, match=r"seq 1 of epoch 1 could not be buffered \(refused"):
             sec.commit(1)
