@@ -504,7 +504,7 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     # absence was seen)
     for role in ("primary", "secondary"):
         for msg in node_messages(role, 0):
-            if any(f"event={e}" in msg for e in EPOCH_EVENTS) or "peer lost" in msg:
+            if any(f"event={e}" in msg for e in EPOCH_EVENTS) or "peer lost:" in msg:
                 print(f"EVENT {role}: {msg}", flush=True)
     for c in results:
         print("PIPE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
