@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -601,6 +602,9 @@ class Supervisor:
             if info.get("role") == "primary" and info.get("state") == "unprotected" \
                     and info.get("stage_pids", {}).get("coordinator") == coordinator.pid:
                 break
+            if self.stop_event.is_set():    # the node is told to stop: no role to wait for
+                self._stop_stages(retiring, retiring_stops)
+                return 0
             if not coordinator.is_alive() or time.monotonic() > deadline:
                 self.exit_reason = "the new primary coordinator did not take the role"
                 self._stop_stages(retiring, retiring_stops)
@@ -725,14 +729,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start, watch until a signal or a stage failure, stop. Returns the exit code."""
-        got_signal = []
-
-        def on_signal(signum, _frame):
-            got_signal.append(signum)
-            self.stop_event.set()
-            for ev in list(self.stage_stops.values()):   # every stage stops at once, as
-                ev.set()                                 # with one shared event
-        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        restore_signals = self._stop_on_signal()
         try:
             self.start()
             code = 0
@@ -755,5 +752,43 @@ class Supervisor:
             return code
         finally:
             self.stop()
+            restore_signals()
+
+    def _stop_on_signal(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM stop the node: the stop event and every stage's, from a thread.
+        The handler itself takes no lock: Python runs it in the main thread between two
+        bytecodes, and a multiprocessing Event's set() takes the lock that the main thread
+        may hold right then, inside the watch loop's ``stop_event.is_set()`` (every 50 ms)
+        or any other use of an event: the node deadlocked in its own handler, ignored every
+        later SIGTERM and never stopped its stages (fault matrix, session 10: a secondary
+        that got SIGTERM took over 300 ms later and was SIGKILLed 30 s on, its segments
+        left). So the handler writes one byte to a pipe (async-signal-safe) and a thread
+        sets the events. Returns the function that restores the old handlers."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+
+        def on_signal(_signum, _frame):
+            try:
+                os.write(wfd, b"s")
+            except BlockingIOError:     # the pipe is full of earlier signals: stopping already
+                pass
+
+        def stopper():
+            while os.read(rfd, 1) == b"s":
+                self.stop_event.set()
+                for ev in list(self.stage_stops.values()):   # every stage stops at once, as
+                    ev.set()                                 # with one shared event
+
+        thread = threading.Thread(target=stopper, name="stop-on-signal", daemon=True)
+        thread.start()
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            os.set_blocking(wfd, True)
+            os.write(wfd, b"q")
+            thread.join(STOP_GRACE_S)
+            os.close(rfd)
+            os.close(wfd)
+        return restore
