@@ -117,6 +117,30 @@ def test_write_command_dirties_exactly_n_distinct_pages_in_runs(make_domain, mod
     assert len(starts) <= 1000 // 8 + 1  # runs of 8 (some merge), one cut short
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_fill_command_gives_pages_back_their_earlier_content(make_domain, mode: str) -> None:
+    """fill_command(first, n, v): exactly those pages, every byte v, and in the dirty log;
+    the same command again restores them exactly (the torn-epoch REF test needs a page back
+    at its earlier content); cut at the last page."""
+    dom = make_domain(dirty_log=mode, paused=False)
+    dom.enable_dirty_log()
+    feed_and_wait(dom, [SimDomain.fill_command(100, 20, 0x11)])
+    dom.pause()
+    assert np.array_equal(dom.read_and_clear_dirty(), np.arange(100, 120, dtype=np.uint64))
+    first = dom.memory_view().copy()
+    assert (first[100:120] == 0x11).all()
+    dom.resume()
+    feed_and_wait(dom, [SimDomain.fill_command(100, 20, 0x22), inputs(1)[0],
+                        SimDomain.fill_command(100, 20, 0x11)])
+    dom.pause()
+    assert np.array_equal(dom.memory_view()[100:120], first[100:120])
+    dom.resume()
+    feed_and_wait(dom, [SimDomain.fill_command(PAGES - 4, 10, 0x33)])
+    dom.pause()
+    assert (dom.memory_view()[PAGES - 4:] == 0x33).all()
+    assert dom.counters()["clamped_write_commands"] == 1
+
+
 @pytest.mark.skipif(not UFFD_OK, reason="needs both dirty-log modes")
 def test_uffd_and_bitmap_modes_report_the_same_pfns(make_domain) -> None:
     a = make_domain("a", dirty_log="uffd", paused=False)

@@ -130,6 +130,8 @@ class WorkloadSpec:
 
 
 KIND_ZERO, KIND_TEXT, KIND_RANDOM = 0, 1, 2
+#: a page of a fill command (SimDomain.fill_command): every byte the command's value
+KIND_FILL = 3
 
 # -- text-like content -------------------------------------------------------------
 
@@ -186,6 +188,9 @@ def _hex_columns(values: np.ndarray, width: int) -> np.ndarray:
 
 _WRITE_COMMAND = struct.Struct("<16sQ")
 _WRITE_MAGIC = b"COLO-SIM-WRITE\x00\x01"
+#: magic, first pfn, pages, byte value
+_FILL_COMMAND = struct.Struct("<16sQQB")
+_FILL_MAGIC = b"COLO-SIM-FILL\x00\x00\x01"
 #: an input the guest answers with real randomness (one reply its peer cannot reproduce)
 _NONDET_COMMAND = b"COLO-SIM-NONDET\x01"
 
@@ -246,6 +251,14 @@ def answer_refused(frame: bytes) -> bool:
 def _command_pages(payload: bytes) -> int | None:
     if len(payload) == _WRITE_COMMAND.size and payload.startswith(_WRITE_MAGIC):
         return _WRITE_COMMAND.unpack(payload)[1]
+    fill = _fill_command(payload)
+    return fill[1] if fill is not None else None
+
+
+def _fill_command(payload: bytes) -> tuple[int, int, int] | None:
+    """(first pfn, pages, byte value) of a fill command, or None for any other input."""
+    if len(payload) == _FILL_COMMAND.size and payload.startswith(_FILL_MAGIC):
+        return _FILL_COMMAND.unpack(payload)[1:]
     return None
 
 
@@ -930,6 +943,17 @@ class SimDomain(Domain, SimulatedIO):
             raise ValueError(f"write_command: npages must be >= 0, got {npages}")
         return _WRITE_COMMAND.pack(_WRITE_MAGIC, npages)
 
+    @staticmethod
+    def fill_command(first: int, npages: int, value: int) -> bytes:
+        """An input that makes the guest fill the pages ``first`` .. ``first + npages - 1``
+        with the byte ``value`` (cut at the workload's last page): the same command again
+        gives those pages back exactly their earlier content (no other input does: the
+        workload's pages derive from the guest's history)."""
+        if first < 0 or npages < 0 or not 0 <= value < 256:
+            raise ValueError(f"fill_command: first and npages must be >= 0 and value a byte, "
+                             f"got {first}, {npages}, {value}")
+        return _FILL_COMMAND.pack(_FILL_MAGIC, first, npages, value)
+
     def counters(self) -> dict[str, int]:
         """Guest counters (inputs, pages written, outputs, pauses, rejected blobs/inputs)."""
         out = {name: int(self._words[i]) for name, i in _COUNTERS.items()}
@@ -1135,6 +1159,9 @@ class _Guest:
         if npages is None:
             npages = self.spec.pages_per_input
         work = self._work_pages()
+        fill = _fill_command(payload)
+        if fill is not None:
+            work = max(0, work - fill[0])      # its pages start at its first pfn
         if npages > work:
             self.w[W_CLAMPED_COMMANDS] += 1
             npages = work
@@ -1142,12 +1169,19 @@ class _Guest:
 
     def _get_plan(self) -> tuple[list, list, list]:
         """(pfns, kinds, text offsets) of the current input, as lists (for the write loop):
-        a pure function of its key."""
+        a pure function of its key; a fill command's: its pages, KIND_FILL, its value (as
+        the offset), from the input itself (in the log: the loop waited for it)."""
         st = self.state
         work = self._work_pages()
         if self._plan_for != (st.key, st.npages, work):
-            self._plan_lists = plan_lists(st.key, st.npages, work, self.spec.run_length,
-                                          self._cdf_list, len(self.windows))
+            fill = _fill_command(self.inputs.get(st.seq)) if st.npages else None
+            if fill is not None:
+                first, _, value = fill
+                self._plan_lists = (list(range(first, first + st.npages)),
+                                    [KIND_FILL] * st.npages, [value] * st.npages)
+            else:
+                self._plan_lists = plan_lists(st.key, st.npages, work, self.spec.run_length,
+                                              self._cdf_list, len(self.windows))
             self._plan_for = (st.key, st.npages, work)
         return self._plan_lists
 
@@ -1181,6 +1215,8 @@ class _Guest:
                 ram[at:at + ps] = pool[offsets[i]:offsets[i] + ps]
                 stamp = b"@%010x.%08x " % (seq, i)  # a log-line prefix unique to this write
                 ram[at:at + len(stamp)] = stamp
+            elif kind == KIND_FILL:
+                ram[at:at + ps] = bytes((offsets[i],)) * ps
             else:
                 ram[at:at + ps] = blake3.blake3(key + i.to_bytes(4, "little")).digest(ps)
             if bitmap is not None:
