@@ -423,6 +423,14 @@ class PrimaryCoordinator(_Coordinator):
                 faults.point("primary.released")
                 self.c.add("epochs_committed", 1)
             else:
+                if res.ack is None:
+                    # given up unanswered: the secondary may still apply the epoch (its
+                    # ACK then comes to this primary as stale) and hold its pages, not
+                    # what the table says. A page back at its committed content would go
+                    # as a REF to a copy it no longer holds, be refused, and tear every
+                    # retry until the page changed. Forget the table: pages go in full
+                    # (or as SVM pages) once, until a commit hashes them in again
+                    self.table.valid[:] = False
                 self.bus.publish("aborted", e, reason=reason)
                 self.c.add("epochs_aborted", 1)
                 self.ctx.log.warning("epoch=%d event=aborted reason=%r: its pages go again "

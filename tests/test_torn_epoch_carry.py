@@ -28,6 +28,9 @@ from pipeline.xen_io.sim import SimDomain
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # starts real node processes
 
 WRITTEN = 300       # pages the guest writes before the torn checkpoint, never again after
+#: pages the REF test fills with one byte value (SimDomain.fill_command): FILL_A in the
+#: committed checkpoint before the torn one, FILL_B in the torn one, FILL_A again after
+FILL_FIRST, FILL_PAGES, FILL_A, FILL_B = 1000, 32, 0x11, 0x22
 
 TABLES = {
     "guest": {"backend": "sim", "page_count": 4096},
@@ -50,18 +53,30 @@ def _pid(pair: LocalPair, role: str, stage: str) -> int:
 
 def _write(pair: LocalPair, pages: int) -> None:
     """Both guests write ``pages`` pages (the SVM runs the mirrored input too)."""
+    _run(pair, SimDomain.write_command(pages), f"both guests wrote {pages} pages")
+
+
+def _fill(pair: LocalPair, value: int) -> None:
+    """Both guests fill the REF test's pages with ``value``."""
+    _run(pair, SimDomain.fill_command(FILL_FIRST, FILL_PAGES, value),
+         f"both guests filled {FILL_PAGES} pages with {value:#x}")
+
+
+def _run(pair: LocalPair, command: bytes, what: str) -> None:
     seq = pair.stage_counter("client", "pvm_input_seq")
-    pair.inject_input(SimDomain.write_command(pages))
+    pair.inject_input(command)
     wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq
                and pair.stage_counter("mirror", "svm_input_seq", role="secondary") > seq,
-               120, f"both guests wrote {pages} pages")
+               120, what)
 
 
-def _give_up_mid_pause(pair: LocalPair) -> int:
+def _give_up_mid_pause(pair: LocalPair, fill: bool = False) -> int:
     """Protected pair, then a checkpoint of a few pages, then ``WRITTEN`` pages written and
     a checkpoint the primary gives up while the snapshot stage holds them off the dirty log
     (stopped at ``snapshot.dirty_read``): the secondary declared lost, then heard again (the
-    loss given up, still protected). Returns the snapshot stage's pid, still stopped."""
+    loss given up, still protected). Returns the snapshot stage's pid, still stopped.
+    ``fill``: the few pages' checkpoint also has the fill pages at FILL_A, the given-up
+    one has them at FILL_B."""
     # pass 1 of snapshot.dirty_read is the first checkpoint (protection), pass 2 a small
     # one, pass 3 the one given up
     pair.start(faults={"primary": "snapshot.dirty_read:3:stop,primary.peer_lost:stop"})
@@ -71,11 +86,15 @@ def _give_up_mid_pause(pair: LocalPair) -> int:
     # a committed checkpoint of a few pages first: the pages in flight when the next one is
     # given up are its (as in the lab), not the full sync's (all of memory)
     _write(pair, 8)
+    if fill:
+        _fill(pair, FILL_A)
     committed = coord.as_dict()["epochs_committed"]
     pair.request_checkpoint()
     wait_until(lambda: coord.as_dict()["epochs_committed"] > committed, 120,
                "a checkpoint of a few pages committed")
     _write(pair, WRITTEN)
+    if fill:
+        _fill(pair, FILL_B)
     pair.request_checkpoint()
     wait_until(lambda: _fired(pair, "primary", "snapshot.dirty_read"), 120,
                "the snapshot stage holding the checkpoint's pages, off the dirty log")
@@ -158,6 +177,40 @@ def test_a_checkpoint_given_up_by_the_primary_and_applied_by_the_secondary(tmp_p
         info = pair.prove_memory_equal(timeout=300)
         assert info["memory_equal"] is True, info
         _still_protected(pair)
+    finally:
+        pair.stop()
+        pair.cleanup()
+
+
+def test_a_page_back_at_its_committed_content_after_a_given_up_epoch_the_secondary_applied(
+        tmp_path):
+    """The second test's ending, and then pages go back to the content they had at the
+    last checkpoint the primary saw committed. The secondary applied the given-up epoch, so
+    it holds them as that epoch had them (FILL_B), not as the primary's REF table says
+    (FILL_A): sent as REF, they were refused, the checkpoint torn, and every retry torn the
+    same way until the pages changed (the pair stopped checkpointing; clients' packets
+    waited). An epoch given up without an ACK now makes the primary forget the table: the
+    pages go in full (here as SVM pages: the SVM wrote them alike) once."""
+    pair = LocalPair(TABLES, workdir=str(tmp_path / "pair"))
+    try:
+        snapshot = _give_up_mid_pause(pair, fill=True)
+        sec_committed = pair.stage_counter("coordinator", "epochs_committed", role="secondary")
+        continue_stopped(snapshot)
+        wait_until(lambda: pair.stage_counter("coordinator", "epochs_committed",
+                                              role="secondary") > sec_committed, 120,
+                   "the secondary applying the epoch the primary gave up")
+        _fill(pair, FILL_A)          # back at the content of the last committed checkpoint
+        records = len(pair.checkpoints())
+        pair.request_checkpoint()
+        cp = pair.wait_checkpoints(records + 1, timeout=300)[records]
+        # on the old table: status aborted, pages_skipped_hash >= FILL_PAGES (the REFs), the
+        # secondary's reason "a REF page does not match the committed copy"
+        assert cp["status"] == 0 and cp["pages_dirty"] >= WRITTEN, cp
+        assert cp["pages_skipped_hash"] == 0, cp
+        info = pair.prove_memory_equal(timeout=300)
+        assert info["memory_equal"] is True, info
+        _still_protected(pair)
+        assert "a REF page does not match" not in pair.log_tail("secondary", 1 << 24)
     finally:
         pair.stop()
         pair.cleanup()
