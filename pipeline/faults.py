@@ -52,6 +52,13 @@ Primary disk, ``pipeline/disk/primary.py``:
 * ``disk.primary.wait_forwarded``        the disk stage took the coordinator's <k>-th
                                          ``wait_forwarded`` request, not answered yet
                                          (with ``stop``: a disk stage that hangs)
+* ``disk.primary.seal``                  the <k>-th seal: the epoch moved on (writes are
+                                         tagged with the next one; the snapshot stage's
+                                         set_epoch, in the pause), the closed epoch's SEAL
+                                         not sent yet; with ``errno=NAME`` it is never sent
+                                         (lost on the way, as in a primary killed with it
+                                         still queued): the secondary gets the epoch's
+                                         pages and END but cannot commit its disk
 
 Primary coordinator, ``pipeline/coordinator.py`` (<k>: the k-th epoch of this coordinator;
 epoch 0 is the full sync, then pre-copy rounds, then checkpoints):

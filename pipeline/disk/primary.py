@@ -209,6 +209,12 @@ class PrimaryBackend:
             self.epoch = epoch
             self.counters.set("epoch", epoch)
             if self._seal_socket is not None and self.forward_address is not None:
+                try:
+                    faults.point("disk.primary.seal")
+                except OSError as exc:   # COLO_FAULT errno=...: this seal is lost on the way
+                    log.error("primary disk: the seal of epoch %d was lost: %s", epoch - 1, exc)
+                    self.counters.add("forward_errors")
+                    return
                 try:  # never blocks the pause: a secondary that takes nothing is lost anyway
                     self._seal_socket.send(wire.encode_seal(epoch - 1, self.last_seq),
                                            zmq.NOBLOCK)

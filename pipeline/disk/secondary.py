@@ -133,6 +133,11 @@ class SvmLink:
         pass
 
 
+#: a seal awaited this long is logged (once an epoch): the primary's seal goes out in its
+#: pause, normally long before the epoch's last page
+LATE_SEAL_LOG_S = 1.0
+
+
 class SealedEpochs:
     """Which of the primary's writes the receiver has seen, and what the primary sealed.
 
@@ -149,6 +154,8 @@ class SealedEpochs:
         self._seals: dict[int, int] = {}  # epoch → last seq tagged ≤ epoch
         #: the epoch a commit is waiting for right now (tests watch it), else None
         self.waiting_for: int | None = None
+        #: the epoch whose seal was last awaited in vain, since when, and whether said
+        self._late: tuple[int, float, bool] = (-1, 0.0, False)
 
     def seen_all(self, seqs: list[int]) -> None:
         with self._cond:
@@ -188,17 +195,36 @@ class SealedEpochs:
         later = [e for e in self._seals if e >= epoch]
         return self._seals[min(later)] if later else None
 
+    def complete(self, epoch: int, timeout_s: float) -> bool:
+        """Whether every write of ``epoch`` and earlier was seen (sealed and arrived),
+        waiting up to ``timeout_s`` for it."""
+        with self._cond:
+            return self._complete(epoch, timeout_s)
+
+    def _complete(self, epoch: int, timeout_s: float) -> bool:
+        self.waiting_for = epoch
+        try:
+            if self._cond.wait_for(lambda: (need := self._need(epoch)) is not None
+                                   and self.seen_upto >= need, timeout_s):
+                return True
+            # said once an epoch (the coordinator asks in short slices), once it is late
+            now = time.monotonic()
+            if self._late[0] != epoch:
+                self._late = (epoch, now - timeout_s, False)
+            if not self._late[2] and now - self._late[1] >= LATE_SEAL_LOG_S:
+                self._late = (epoch, self._late[1], True)
+                log.warning("secondary disk: waiting for the primary's seal of epoch %d "
+                            "(sealed: %s, seen up to seq %d) for %.0f ms", epoch,
+                            self._need(epoch), self.seen_upto, (now - self._late[1]) * 1e3)
+            return False
+        finally:
+            self.waiting_for = None
+
     def wait(self, epoch: int, timeout_s: float) -> None:
         """Return once every write of ``epoch`` and earlier was seen; StoreError naming
         what is missing after ``timeout_s``."""
         with self._cond:
-            self.waiting_for = epoch
-            try:
-                complete = self._cond.wait_for(lambda: (need := self._need(epoch)) is not None
-                                               and self.seen_upto >= need, timeout_s)
-            finally:
-                self.waiting_for = None
-            if not complete:
+            if not self._complete(epoch, timeout_s):
                 need = self._need(epoch)
                 missing = [] if need is None else [
                     q for q in range(self.seen_upto + 1, need + 1)
