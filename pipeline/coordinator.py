@@ -57,6 +57,9 @@ TICK_S = 0.002   # the shortest gap between two looks at the PVM's dirty count
 IDLE_WAIT_S = 0.02
 #: the longest the primary's epoch loop waits in one go for the disk's forwards to be acked
 FORWARD_WAIT_SLICE_MS = 20
+#: the secondary's wait for an epoch's disk seal, in slices of this (heartbeat events and
+#: control records are taken in between: a primary lost before its seal ends the wait)
+SEAL_SLICE_MS = 20
 #: an unprotected primary dials the control channel anew after this many unanswered HELLOs
 CONTROL_REDIAL_HELLOS = 3
 
@@ -1027,11 +1030,19 @@ class SecondaryCoordinator(_Coordinator):
         ACK, the SVM runs on."""
         faults.point("secondary.begin")
         # 2. the restore stage applies e the moment it is assembled (no round trip through
-        # here in between); a torn e is rolled back instead
+        # here in between; with a disk, once e is sealed too); a torn e is rolled back
         want_digest = bool(begin.flags & wire.FLAG_DIGEST)
-        self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
-        reply = self._outcome(epoch, dirty, time.monotonic()
-                              + self.settings.checkpoint.epoch_timeout_ms / 1000)
+        deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
+        # A checkpoint's disk commits with its memory: the memory is applied only once the
+        # primary sealed the epoch's disk writes and all of them arrived. Applied first, a
+        # primary lost before its seal left an epoch that could be neither committed (no
+        # seal ever comes) nor rolled back (its memory was in): the node stopped.
+        if self.disk is not None and not begin.flags & wire.FLAG_SYNC \
+                and not self._disk_sealed(epoch, deadline):
+            reply = self._outcome(epoch, dirty, deadline, torn=True)
+        else:
+            self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
+            reply = self._outcome(epoch, dirty, deadline)
         if reply is None:
             return                  # the node is stopping
         trace.point("reply", epoch)
@@ -1141,11 +1152,32 @@ class SecondaryCoordinator(_Coordinator):
             self._poll(max(0.0, min(deadline - time.monotonic(), 0.1)))
         return None
 
-    def _outcome(self, epoch: int, dirty: np.ndarray, deadline: float
+    def _disk_sealed(self, epoch: int, deadline: float) -> bool:
+        """Wait until the disk stage has every write the primary sealed into ``epoch``;
+        False when the epoch is torn first (the primary lost, its pages channel broken, a
+        newer BEGIN, the deadline; :meth:`_outcome` then says which) or the node stops.
+        Asked in short slices: heartbeat events and control records are taken in between."""
+        from pipeline.stages.disk import DiskControlError
+        while not self.ctx.stopping():
+            try:
+                if self.disk.wait_sealed(epoch, SEAL_SLICE_MS):
+                    return True
+            except DiskControlError as exc:
+                self.c.add("errors", 1)
+                self.ctx.log.error("epoch=%d event=seal_wait_failed %s", epoch, exc,
+                                   extra={"epoch": epoch})
+            self._poll(0)
+            if self.lost is not None or self.begins or self._pages_dropped() \
+                    or time.monotonic() > deadline:
+                return False
+        return False
+
+    def _outcome(self, epoch: int, dirty: np.ndarray, deadline: float, torn: bool = False
                  ) -> messages.Checked | messages.Applied | messages.Aborted | None:
         """The restore stage's first reply for ``epoch``. The primary lost, a newer BEGIN or
         the deadline tear the epoch: the restore stage is told to roll it back (if it
-        checked or applied it meanwhile, that stands). None when the node stops."""
+        checked or applied it meanwhile, that stands). ``torn``: the epoch's disk was
+        never sealed (it was not asked to apply it): torn now. None when the node stops."""
         while not self.ctx.stopping():
             reply = self.replies.pop(epoch, None)
             if reply is not None:
@@ -1153,11 +1185,14 @@ class SecondaryCoordinator(_Coordinator):
                 self.pages_drops = self._pages_drops()
                 return reply
             dropped = self._pages_dropped()
-            reason = ("the primary was lost mid-epoch" if self.lost is not None else
+            reason = ("the primary was lost mid-epoch" + (" (before its disk seal)" if torn
+                                                          else "")
+                      if self.lost is not None else
                       dropped if dropped else
                       f"epoch {self.begins[0].epoch} began before it completed" if self.begins
                       else f"epoch incomplete after {self.settings.checkpoint.epoch_timeout_ms}"
-                      " ms" if time.monotonic() > deadline else "")
+                      " ms" if time.monotonic() > deadline else
+                      "the primary never sealed its disk writes" if torn else "")
             if reason:
                 self.torn_by_drop = reason == dropped
                 if reason == dropped:

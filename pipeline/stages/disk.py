@@ -11,7 +11,9 @@ disk comparator (requests checkpoints with cause ``disk_divergence``).
 Control (:class:`DiskControl`, a REQ socket to ``<rundir>/disk-<role>-control.sock``)
 — what the coordinator calls:
 
-* secondary: ``commit(epoch)`` (call it while the SVM is paused, before acking e),
+* secondary: ``wait_sealed(epoch, timeout_ms)`` (every write sealed into e arrived: the
+  coordinator applies e's memory only then), ``commit(epoch)`` (call it while the SVM is
+  paused, before acking e),
   ``discard_uncommitted()``, ``failover()``, ``stats()``, ``become_primary(forward,
   first_epoch)`` (the survivor of a takeover: the same stage, the same export, the
   primary's side from now on; its control moves to the primary's address)
@@ -191,7 +193,19 @@ class SecondaryDisk:
                              f"before checkpoint {epoch} (the primary orders its END "
                              f"before the first checkpoint's pause)")
 
+    def sealed(self, epoch: int, timeout_s: float) -> bool:
+        """Whether every write the primary sealed into ``epoch`` (and before) arrived,
+        waiting up to ``timeout_s``: the coordinator applies the epoch's memory only then.
+        True for an epoch committed already, or of an old session (its commit says why)."""
+        if epoch <= self.store.committed_epoch or \
+                self.store.syncing and self.receiver.session_epoch > epoch:
+            return True
+        return self.receiver.sealed.complete(epoch, timeout_s)
+
     def command(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        if cmd == "wait_sealed":
+            return {"sealed": self.sealed(int(args["epoch"]),
+                                          int(args.get("timeout_ms", 0)) / 1e3)}
         if cmd == "commit":
             self.commit(int(args["epoch"]))
             return {"committed": self.store.committed_epoch}
@@ -431,6 +445,11 @@ class DiskControl:
 
     def commit(self, epoch: int) -> None:
         self.call("commit", epoch=epoch)
+
+    def wait_sealed(self, epoch: int, timeout_ms: int) -> bool:
+        """Secondary: True once every write the primary sealed into ``epoch`` arrived,
+        False after ``timeout_ms`` (a short slice: the caller looks at its peer between)."""
+        return self.call("wait_sealed", epoch=epoch, timeout_ms=timeout_ms)["sealed"]
 
     def discard_uncommitted(self) -> int:
         return self.call("discard_uncommitted")["discarded_epochs"]
