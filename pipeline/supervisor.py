@@ -17,7 +17,6 @@ import os
 import resource
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,6 +33,7 @@ from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
 from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
+from pipeline.signals import stop_on_signals
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
 from pipeline.stages.common import (HashTable, PageBuffer, PausePriority, StageContext,
                                     StagePriority, StagingGate, SvmPages, stage_main)
@@ -729,7 +729,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Start, watch until a signal or a stage failure, stop. Returns the exit code."""
-        restore_signals = self._stop_on_signal()
+        restore_signals = stop_on_signals((signal.SIGINT, signal.SIGTERM), self._stop_all,
+                                          STOP_GRACE_S)
         try:
             self.start()
             code = 0
@@ -754,41 +755,12 @@ class Supervisor:
             self.stop()
             restore_signals()
 
-    def _stop_on_signal(self) -> Callable[[], None]:
-        """SIGINT/SIGTERM stop the node: the stop event and every stage's, from a thread.
-        The handler itself takes no lock: Python runs it in the main thread between two
-        bytecodes, and a multiprocessing Event's set() takes the lock that the main thread
-        may hold right then, inside the watch loop's ``stop_event.is_set()`` (every 50 ms)
-        or any other use of an event: the node deadlocked in its own handler, ignored every
-        later SIGTERM and never stopped its stages (fault matrix, session 10: a secondary
-        that got SIGTERM took over 300 ms later and was SIGKILLed 30 s on, its segments
-        left). So the handler writes one byte to a pipe (async-signal-safe) and a thread
-        sets the events. Returns the function that restores the old handlers."""
-        rfd, wfd = os.pipe()
-        os.set_blocking(wfd, False)
-
-        def on_signal(_signum, _frame):
-            try:
-                os.write(wfd, b"s")
-            except BlockingIOError:     # the pipe is full of earlier signals: stopping already
-                pass
-
-        def stopper():
-            while os.read(rfd, 1) == b"s":
-                self.stop_event.set()
-                for ev in list(self.stage_stops.values()):   # every stage stops at once, as
-                    ev.set()                                 # with one shared event
-
-        thread = threading.Thread(target=stopper, name="stop-on-signal", daemon=True)
-        thread.start()
-        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            os.set_blocking(wfd, True)
-            os.write(wfd, b"q")
-            thread.join(STOP_GRACE_S)
-            os.close(rfd)
-            os.close(wfd)
-        return restore
+    def _stop_all(self) -> None:
+        """Set the stop event and every stage's (SIGINT/SIGTERM, through
+        :func:`pipeline.signals.stop_on_signals`, from its thread, never from the handler:
+        the watch loop's ``stop_event.is_set()`` holds the lock ``set()`` takes; fault
+        matrix, session 10: the node deadlocked in its own handler, a secondary that got
+        SIGTERM took over and was SIGKILLed 30 s on with its segments left)."""
+        self.stop_event.set()
+        for ev in list(self.stage_stops.values()):   # every stage stops at once, as
+            ev.set()                                 # with one shared event

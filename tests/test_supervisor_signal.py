@@ -14,6 +14,14 @@ handling, its watch loop); its ``start``/``wait``/``stop`` are replaced (a mock,
 one) by a ``wait`` that takes the stop event's lock and sends the process SIGTERM while
 it holds it. The old handler deadlocked there; the node must instead stop its stages
 (their events set) and return.
+
+Every stage process has the same hazard (``stage_main``: its loops call
+``ctx.stop.is_set()``, a multiprocessing Event, each turn; a SIGTERM straight to a stage,
+systemd signalling the whole control group, lands there), and so has the disk stage, whose
+main thread sets its threading.Event itself on the "stop" command (its set() holds the lock
+a handler's set() would wait for). All of them go through ``pipeline.signals``; the tests
+below make the same moment for ``stage_main`` (for real: the stage's run function is the
+one taking the lock) and for ``stop_on_signals`` with a threading.Event.
 """
 import os
 import subprocess
@@ -51,18 +59,65 @@ print("run returned", code, "stop called", bool(stopped),
 '''
 
 
-def test_sigterm_while_the_main_thread_holds_the_stop_events_lock_stops_the_node():
+STAGE_CHILD = r'''
+import logging, multiprocessing, os, signal
+from pipeline.stages.common import StageContext, stage_main
+
+def run(ctx):
+    with ctx.stop._cond:                    # the lock is_set()/set() take
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("SIGTERM sent while the stop event's lock is held", flush=True)
+    print("stop set", ctx.stop.wait(60), flush=True)
+
+stop = multiprocessing.get_context("fork").Event()
+stage_main(StageContext("signal-test", None, stop, logging.getLogger("signal-test")), run)
+print("stage_main returned", flush=True)
+'''
+
+THREADING_EVENT_CHILD = r'''
+import os, signal, threading
+from pipeline.signals import stop_on_signals
+
+stopping = threading.Event()                # as the disk stage's
+restore = stop_on_signals((signal.SIGTERM,), stopping.set)
+with stopping._cond:                        # held by the disk stage's own stopping.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("SIGTERM sent while the stop event's lock is held", flush=True)
+print("stop set", stopping.wait(60), flush=True)
+restore()
+print("handler", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+'''
+
+
+def run_child(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter with this tree first on the path; its output,
+    once it exits 0 (a generous deadline: a child deadlocked in its handler never does)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        out, _ = proc.communicate(timeout=60)     # a generous deadline for the exit
+        out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()                               # SIGTERM is what it fails to act on
         out, _ = proc.communicate()
-        raise AssertionError(f"the node did not stop on SIGTERM (deadlocked in its handler); "
-                             f"its output: {out!r}") from None
+        raise AssertionError(f"the process did not stop on SIGTERM (deadlocked in its "
+                             f"handler); its output: {out!r}") from None
     assert proc.returncode == 0, out
     assert "SIGTERM sent while the stop event's lock is held" in out, out
+    return out
+
+
+def test_sigterm_while_the_main_thread_holds_the_stop_events_lock_stops_the_node():
+    out = run_child(CHILD)
     assert "run returned 0 stop called True stages told ['coordinator', 'heartbeat'] " \
            "handler True" in out, out
+
+
+def test_sigterm_while_a_stage_holds_its_stop_events_lock_stops_the_stage():
+    out = run_child(STAGE_CHILD)
+    assert "stop set True" in out and "stage_main returned" in out, out
+
+
+def test_sigterm_while_the_main_thread_holds_a_threading_events_lock_sets_it():
+    out = run_child(THREADING_EVENT_CHILD)
+    assert "stop set True" in out and "handler True" in out, out

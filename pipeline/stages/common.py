@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import faults, trace
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
+from pipeline.signals import stop_on_signals
 from pipeline.sockets import check_handshakes
 from pipeline.xen_io.base import Domain
 
@@ -356,7 +357,12 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
     # The supervisor decides when stages stop; a Ctrl-C on the terminal reaches the whole
     # process group, so stages ignore SIGINT and let the supervisor stop them in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
+    # SIGTERM straight to a stage (systemd signals the whole control group) sets its stop
+    # event from a thread: ctx.stop is a multiprocessing Event whose lock the stage's loop
+    # holds inside ctx.stop.is_set() every turn, so a handler calling set() could wait
+    # for its own thread forever (pipeline.signals). Never put back: the handler it
+    # replaces is the supervisor's, inherited through fork, which would stop the node.
+    stop_on_signals((signal.SIGTERM,), ctx.stop.set)
     trace.WHO = ctx.name
     _name_process(ctx.name)
     profile = _cpu_profile()

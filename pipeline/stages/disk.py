@@ -58,6 +58,7 @@ from pipeline.disk.primary import PrimaryBackend
 from pipeline.disk.secondary import ForwardReceiver, SvmBackend
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import SecondaryStore, StoreError
+from pipeline.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,10 @@ def run_disk_stage(role: str, settings: DiskSettings, rundir: str,
     keep_freed_buffers()
     stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        # Not a handler calling stopping.set(): the "stop" command below sets it in this
+        # thread, holding its lock, and a SIGTERM landing then would wait for that lock
+        # forever. Kept until the process ends, as the handler it replaces was.
+        stop_on_signals((signal.SIGTERM,), stopping.set)
     counters = DiskCounters(counters_sink)
     checkpoints = CheckpointClient(rundir)
     try:

@@ -1,0 +1,63 @@
+"""Stop on a signal without taking a lock in the signal handler.
+
+Python runs a signal handler in the main thread, between two bytecodes of whatever that
+thread is doing. A handler that takes a lock the main thread may hold right then waits
+for itself forever:
+
+- a multiprocessing Event's ``is_set()``, ``set()``, ``clear()`` and ``wait()`` all take
+  its Condition's lock (a non-reentrant semaphore), and every loop that polls the event
+  calls one of them: a SIGTERM landing inside ``is_set()`` deadlocked the supervisor
+  (fault matrix, session 10, fixed in 1b17283) and could deadlock every stage
+  (``stage_main``, whose loops call ``ctx.stop.is_set()`` each turn);
+- a threading.Event's ``set()``, ``clear()`` and ``wait()`` take its Condition's lock (a
+  non-reentrant ``threading.Lock``); only ``is_set()`` reads the flag without it. So a
+  handler that sets a threading.Event is safe only while the main thread never calls
+  anything but ``is_set()`` on it.
+
+:func:`stop_on_signals` is the one way the project does it: the handler writes one byte to
+a non-blocking pipe (async-signal-safe, no lock) and a thread calls ``set_stop``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable, Iterable
+
+_SIGNALLED = b"s"
+_QUIT = b"q"
+
+
+def stop_on_signals(signals: Iterable[int], set_stop: Callable[[], None],
+                    join_timeout_s: float = 5.0) -> Callable[[], None]:
+    """Install handlers for ``signals`` (call from the main thread) that make a thread call
+    ``set_stop()``, once per signal received. Returns the function that puts the old
+    handlers back and ends the thread (waiting up to ``join_timeout_s`` for a
+    ``set_stop`` under way)."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+
+    def on_signal(_signum, _frame) -> None:
+        try:
+            os.write(wfd, _SIGNALLED)
+        except BlockingIOError:     # the pipe is full of earlier signals: stopping already
+            pass
+
+    def stopper() -> None:
+        while os.read(rfd, 1) == _SIGNALLED:
+            set_stop()
+
+    thread = threading.Thread(target=stopper, name="stop-on-signal", daemon=True)
+    thread.start()
+    old = {sig: signal.signal(sig, on_signal) for sig in signals}
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        # blocking now: the quit byte must get in behind any signal bytes still unread
+        os.set_blocking(wfd, True)
+        os.write(wfd, _QUIT)
+        thread.join(join_timeout_s)
+        os.close(rfd)
+        os.close(wfd)
+    return restore
