@@ -119,11 +119,17 @@ def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters,
         return False
 
 
-def _recv_control(sock: zmq.Socket, ctx: StageContext, counters) -> tuple[wire.Header, bytes] | None:
-    """One validated control record, or None; bad records are counted and dropped."""
-    msg = sock.recv()
+def _recv_control(sock: zmq.Socket, ctx: StageContext, counters, routed: bool = False
+                  ) -> tuple[bytes | None, wire.Header, bytes] | None:
+    """One validated control record as (route, header, record), or None; bad records are
+    counted and dropped. ``routed``: the secondary's ROUTER, whose first frame names the
+    connection the record came on (the route; None on the primary's DEALER)."""
+    frames = sock.recv_multipart() if routed else [sock.recv()]
     try:
-        return wire.decode_header(msg), msg
+        if len(frames) != 1 + routed:
+            raise wire.WireError(f"{len(frames) - 1} frames on the control channel, "
+                                 "expected 1")
+        return (frames[0] if routed else None), wire.decode_header(frames[-1]), frames[-1]
     except wire.WireError as exc:
         counters.add("errors", 1)
         ctx.log.warning("control channel: dropped a bad record: %s", exc)
@@ -298,7 +304,7 @@ class PrimaryCoordinator(_Coordinator):
                 got = _recv_control(self.control, self.ctx, self.c)
                 if got is None:
                     continue
-                hdr, msg = got
+                _, hdr, msg = got
                 if hdr.type == wire.SVM_DIRTY and hdr.epoch == res.epoch:
                     svm = wire.decode_svm_dirty(msg, self.domain.page_count)
                     res.svm_dirty = max(res.svm_dirty, 0) + len(svm.pfns)
@@ -1300,18 +1306,11 @@ class SecondaryCoordinator(_Coordinator):
     def _recv(self) -> tuple[wire.Header, bytes] | None:
         """One validated control record (the ROUTER's route frame taken off and kept as
         :attr:`route`), or None; bad records are counted and dropped."""
-        frames = self.control.recv_multipart()
-        try:
-            if len(frames) != 2:
-                raise wire.WireError(f"{len(frames) - 1} frames on the control channel, "
-                                     "expected 1")
-            hdr = wire.decode_header(frames[1])
-        except wire.WireError as exc:
-            self.c.add("errors", 1)
-            self.ctx.log.warning("control channel: dropped a bad record: %s", exc)
+        got = _recv_control(self.control, self.ctx, self.c, routed=True)
+        if got is None:
             return None
-        self.route = frames[0]
-        return hdr, frames[1]
+        self.route, hdr, msg = got
+        return hdr, msg
 
     def _send(self, msg: bytes) -> bool:
         if self.route is None:      # (nothing heard yet: nobody to answer)
