@@ -205,7 +205,6 @@ class AnswerStream:
             self._flush()
         if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
             return 0
-        now = time.monotonic()
         new = 0
         while True:
             try:
@@ -214,6 +213,7 @@ class AnswerStream:
                 return new
             except OSError:
                 data = b""
+            now = time.monotonic()    # after each read: see ServiceClient.poll
             if not data:                       # the host serving it is gone: follow
                 if len(self.seqs) + self.duplicates + len(self.conflicts) > self._at_connect:
                     self.breaks.append(len(self.seqs))
@@ -389,12 +389,19 @@ class ServiceClient:
         r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
         if not r:
             return
-        now = time.monotonic()
         while True:
             try:
                 data = self.sock.recv(1 << 20)
             except BlockingIOError:
                 return
+            # the answers in ``data`` were in the socket by now, and no earlier stamp is
+            # certain: a time taken once before the first read was earlier than the
+            # answers this loop reads later (they came while the earlier ones were being
+            # handled, or while this process waited for a CPU), which then seemed to
+            # arrive before they were sent (client_got < pvm_out in the request trace)
+            # and were timed short
+            now_ns = time.monotonic_ns()
+            now = now_ns / 1e9
             if not data:
                 raise ConnectionError("the released-output stream ended")
             for item in self.decoder.feed(data):
@@ -405,7 +412,7 @@ class ServiceClient:
                 n = seq - self.first_seq
                 due = self.waiting.pop(n, None)
                 if trace.REQUESTS and due is not None:
-                    trace.request("client_got", seq, "client", int(now * 1e9))
+                    trace.request("client_got", seq, "client", now_ns)
                 if due is not None and self.on_answer is not None:
                     self.on_answer(n, now - due, now)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import trace_requests  # noqa: E402
+
+from pipeline import trace  # noqa: E402
+from pipeline.net.build import GuestOutputFramer  # noqa: E402
+from pipeline.service_client import ServiceClient  # noqa: E402
 
 EVERY_HOP = ("client_due", "pvm_fed", "pvm_begin", "pvm_emit", "pvm_out", "mirrored",
              "svm_recv", "svm_fed", "svm_begin", "svm_emit", "svm_out", "client_got")
@@ -34,9 +40,14 @@ def test_every_answered_request_has_its_whole_timeline(tmp_path):
     assert row["lost"] == 0 and len(answered) == row["sent"] >= 200, row
     for ev in answered:
         assert set(EVERY_HOP) <= set(ev), sorted(ev)
-        # one clock for every process: each copy's hops in path order
-        # (the answer may reach the client before the SVM's copy left the secondary: a
-        # commit releases the PVM's answers of its epoch without their SVM copies)
+        # one clock for every process (CLOCK_MONOTONIC), and each stamp of a hand-off
+        # taken by its sender before it hands over, or by its receiver once it has it: so
+        # each copy's hops are in path order, always. Not the SVM's copy before the
+        # client's: a commit releases the PVM's answers of its epoch without their SVM
+        # copies, so the answer may reach the client before the SVM's copy left the
+        # secondary. (client_got < pvm_out by 3 us, once: the client stamped answers it
+        # read late in one poll with the time of the poll's first read; see
+        # test_an_answer_read_later_in_one_poll_is_stamped_after_it_was_sent)
         order = " ".join(f"{h}={ev[h] - ev['client_due']}" for h in
                          sorted(EVERY_HOP, key=ev.get))      # ns after client_due
         assert ev["client_due"] <= ev["pvm_fed"] <= ev["mirrored"] <= ev["svm_recv"] \
@@ -45,6 +56,55 @@ def test_every_answered_request_has_its_whole_timeline(tmp_path):
             <= ev["client_got"], order
     res = trace_requests.analyse(f"{prefix}-colo-0.0.trace")
     assert res["requests"] == len(answered)
+
+
+def test_an_answer_read_later_in_one_poll_is_stamped_after_it_was_sent(tmp_path, monkeypatch):
+    """The client reads the released answers until the stream is empty, and an answer
+    may come while it handles the ones before (or while it waits for a CPU): that one
+    is timed, and stamped client_got, no earlier than it was sent. Made certain with a
+    real stream: the answer to request 2 is sent (its send time taken before, as
+    pvm_out is) from inside the handling of request 1's answer, within one poll."""
+    monkeypatch.setattr(trace, "REQUESTS", True)
+    monkeypatch.setattr(trace, "_REQ_PATH", str(tmp_path / "t.trace"))
+    monkeypatch.setattr(trace, "_req_fd", -1)      # (restored after this test's own is closed)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "client.sock"))
+    listener.listen(1)
+    client = ServiceClient(str(tmp_path / "client.sock"),
+                           "ipc://" + str(tmp_path / "client-inputs.sock"))
+    server, _ = listener.accept()
+    framer = GuestOutputFramer()
+
+    def answer(seq: int) -> bytes:
+        return framer.frame(seq.to_bytes(8, "little") + bytes(40))
+    try:
+        for _ in range(3):                  # the probe (the answer of seq 100), 1, 2
+            client.send(time.monotonic())
+        sent_ns, got = {}, {}
+
+        def on_answer(n: int, latency: float, now: float) -> None:
+            got[n] = now
+            if n == 1:                      # the next answer comes while this one is handled
+                sent_ns[2] = time.monotonic_ns()
+                server.sendall(answer(102))
+        client.on_answer = on_answer
+        server.sendall(answer(100) + answer(101))
+        deadline = time.monotonic() + 60
+        while 2 not in got and time.monotonic() < deadline:
+            client.poll(1.0)
+        assert 2 in got, got
+        assert got[2] * 1e9 >= sent_ns[2] - 1, (got, sent_ns)   # (a float's rounding)
+        trace.flush_requests()
+        stamps = {int(seq): int(ns) for ns, who, event, seq in
+                  (line.split() for line in open(tmp_path / "t.trace"))
+                  if event == "client_got"}
+        assert stamps[102] >= sent_ns[2], (stamps, sent_ns)
+    finally:
+        if trace._req_fd >= 0:
+            os.close(trace._req_fd)
+        client.close()
+        server.close()
+        listener.close()
 
 
 def _write(path, rows):
