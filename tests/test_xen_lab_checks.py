@@ -71,6 +71,22 @@ def test_log_events_reads_the_nodes_json_log_lines(lab, tmp_path, monkeypatch):
     assert lab.log_events("primary", "checkpoint")[0]["cause"] == "timer"
 
 
+def test_dom0_counts_the_proofs_so_far_from_the_primarys_log(lab, tmp_path, monkeypatch):
+    """Every result carries the primary's proofs (``proofs``), read from its log, which outlives
+    a node that stopped: session 10's run stopped after 14 of them with no ``pipeline`` rows."""
+    fmt = JsonLogFormatter()
+
+    def line(msg: str) -> str:
+        return fmt.format(logging.LogRecord("pipeline.coordinator", logging.INFO, __file__, 1, msg, None, None))
+    monkeypatch.setattr(lab, "RUN", tmp_path)
+    assert lab.proofs_logged() == {"equal": 0, "unequal": 0, "last_epoch": -1}     # no node started
+    (tmp_path / "primary.log").write_text("\n".join(
+        [line(f"epoch={e} event=verified memory_equal=True pvm_digest=ab svm_digest=ab") for e in range(9, 23)]
+        + [line("epoch=23 event=checkpoint status=committed cause=dirty_threshold"),
+           line("epoch=23 event=verified memory_equal=False pvm_digest=ab svm_digest=cd")]) + "\n")
+    assert lab.proofs_logged() == {"equal": 14, "unequal": 1, "last_epoch": 23}
+
+
 @pytest.fixture(scope="module")
 def host_side():
     spec = importlib.util.spec_from_file_location("xenlab_host", LAB_DOM0.parents[1] / "lab.py")
@@ -103,6 +119,90 @@ def test_any_fault_before_the_first_checkpoint_earns_one_more_boot_and_is_named(
 ])
 def test_faults_during_replication_count_against_the_run(host_side, res):
     assert host_side.early_fault(_result(**res)) == ""
+
+
+#: session 10's full run on 8d0461e: the PVM triple-faulted at about epoch 23 after 14 proven
+#: checkpoints, the snapshot stage failed on the dead domain and the primary node stopped; dom0's
+#: driver was still waiting for its 21 checkpoints, so its result had no ``pipeline`` rows
+SESSION10_PVM_DEATH = dict(
+    error="RuntimeError: the primary node exited with 1 while waiting for 21 checkpoints: stage snapshot "
+          "failed: xc_domain_hvm_getcontext(size) on prim (id 2) failed: EINVAL",
+    proofs={"equal": 14, "unequal": 0, "last_epoch": 22},
+    xen_guest_faults=["(XEN) d2v0 Triple fault - invoking HVM shutdown action 1 [prim]"])
+
+
+def test_a_pvm_death_after_proven_checkpoints_is_not_an_early_fault(host_side):
+    """Session 10 filed that run as 'EARLY FAULT ... before any checkpoint': it is a fault after
+    14 proven checkpoints, named so, with the guest Xen saw die."""
+    log = _result(**SESSION10_PVM_DEATH)
+    assert host_side.early_fault(log) == ""
+    what, platform = host_side.fault_after_checkpoints(log)
+    assert what.startswith("after 14 proven checkpoints, the PVM prim died") and "Triple fault" in what
+    assert "while waiting for 21 checkpoints" in what and platform
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"xen_guest_faults": ["(XEN) d3v0 Triple fault - invoking HVM shutdown action 1 [sec]"]},
+     "guests Xen saw die: ['sec']"),                                  # the SVM, which the secondary writes
+    ({"xen_guest_faults": ["(XEN) d2v0 Triple fault [prim]", "(XEN) d3v0 Triple fault [sec]"]},
+     "guests Xen saw die: ['prim', 'sec']"),
+    ({"proofs": {"equal": 14, "unequal": 2, "last_epoch": 22}}, "after 14 proven checkpoints and 2 unequal"),
+    ({"xen_guest_faults": []}, "no guest died"),                      # our own error, nothing died
+])
+def test_a_fault_after_proven_checkpoints_fails_the_run_unless_only_the_pvm_died(host_side, change, named):
+    what, platform = host_side.fault_after_checkpoints(_result(**{**SESSION10_PVM_DEATH, **change}))
+    assert what.startswith("after 14 proven checkpoints") and named in what and not platform
+    assert host_side.early_fault(_result(**{**SESSION10_PVM_DEATH, **change})) == ""
+
+
+def test_a_fault_before_any_proven_checkpoint_is_still_early(host_side):
+    res = {**SESSION10_PVM_DEATH, "proofs": {"equal": 0, "unequal": 0, "last_epoch": -1}}
+    assert host_side.early_fault(_result(**res)).startswith("unclassified in: RuntimeError")
+    assert host_side.fault_after_checkpoints(_result(**res)) == ("", False)
+
+
+@pytest.fixture
+def lab_boots(host_side, tmp_path, monkeypatch):
+    """The full run's boot loop with its boots given (a stand-in for QEMU, named so: a guest
+    that dies after N checkpoints cannot be caused on purpose); returns main's exit status and
+    its output."""
+    for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
+        (tmp_path / need).write_text("placeholder")
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "tree_version", lambda: "abc123")
+    monkeypatch.setattr(host_side.signal, "signal", lambda *a: None)
+
+    def run(logs: list[str], capsys) -> tuple[int, str]:
+        boots = iter(logs)
+
+        def boot(args, hap=""):
+            log = next(boots)
+            (tmp_path / "serial.log").write_text(log)
+            return log, 30.0, 600.0, ""
+        monkeypatch.setattr(host_side, "boot_and_run", boot)
+        monkeypatch.setattr(sys, "argv", ["lab.py"])
+        rc = host_side.main()
+        return rc, capsys.readouterr().out
+    return run
+
+
+def test_a_pvm_death_after_checkpoints_earns_one_more_boot_and_the_verdict_says_so(lab_boots, capsys, tmp_path):
+    rc, out = lab_boots([_result(**SESSION10_PVM_DEATH), _passing_run_with_pause_ratio(0.8)], capsys)
+    verdict = [ln for ln in out.splitlines() if ln.startswith("VERDICT:")][-1]
+    assert rc == 0 and "PLATFORM FAULT (boot 1, the PVM died" in out and "EARLY FAULT" not in out
+    assert "boots 2, repeated after platform faults: 1 (after 14 proven checkpoints, the PVM prim died" in verdict
+    rows = [json.loads(line) for line in (tmp_path / "boots.jsonl").read_text().splitlines()]
+    assert rows[0]["outcome"].startswith("after 14 proven checkpoints, the PVM prim died") and rows[1]["outcome"] == "ok"
+
+
+def test_an_svm_death_after_checkpoints_fails_the_run_at_once_and_names_it(lab_boots, capsys):
+    sec_died = {**SESSION10_PVM_DEATH, "xen_guest_faults": ["(XEN) d3v0 Triple fault - invoking HVM shutdown action 1 [sec]"]}
+    rc, out = lab_boots([_result(**sec_died), _passing_run_with_pause_ratio(0.8)], capsys)
+    verdict = [ln for ln in out.splitlines() if ln.startswith("VERDICT:")][-1]
+    assert rc == 1 and verdict.startswith("VERDICT: FAIL") and "FAULT AFTER CHECKPOINTS (boot 1)" in out
+    assert "EARLY FAULT" not in out and "PLATFORM FAULT" not in out
+    assert "STOPPED after 14 proven checkpoints: error in: RuntimeError" in verdict and "[sec]" in verdict
+    assert "boots 1, repeated: 0" in verdict
 
 
 def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch):
@@ -309,7 +409,8 @@ def test_the_survivor_wait_ends_on_its_console_line_and_a_stall_is_reported(lab,
     ({"pipeline_phase": {"prim": {"err_lines": 0}}, "c_phase": {"prim": {"err_lines": 0}}}, "", "ok"),
     ({"pipeline_phase": {"prim": {"err_lines": 322}, "sec": {"err_lines": 0}}, "c_phase": {"sec": {"err_lines": 313}}},
      "", "guest self-check errors {'pipeline prim': 322, 'c sec': 313}"),
-    ({"error": "RuntimeError: no takeover within 60s"}, "", "error after the first checkpoint: RuntimeError"),
+    ({"error": "RuntimeError: no takeover within 60s", "pipeline": [{"equal": True}] * 4},
+     "", "error after 4 proven checkpoints: error in: RuntimeError"),
     ({}, "platform: rc=139 in: x", "platform: rc=139"),
 ])
 def test_a_full_runs_boot_with_guest_errors_is_recorded_as_a_fault(host_side, res, fault, outcome):

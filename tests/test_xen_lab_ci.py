@@ -103,6 +103,17 @@ def test_a_pass_verdict_passes_and_the_lab_ran_in_ci_mode(lab) -> None:
     assert r.stdout.strip().splitlines()[-1].startswith("VERDICT: PASS")
 
 
+def test_a_boot_repeated_for_the_platform_is_shown_in_cis_output(lab) -> None:
+    """A PVM that died after proven checkpoints earns one more boot (lab.py,
+    fault_after_checkpoints); CI's output of a PASS (no log tail) says why the lab booted twice."""
+    lab.make_build()
+    r = lab(STANDIN_OUT="PLATFORM FAULT (boot 1, the PVM died; log x): after 14 proven checkpoints, the PVM "
+                        "prim died\\nBOOT: dom0 ready after 31.0s\\nVERDICT: PASS colo-pipeline xen backend: "
+                        "3 checkpoints | boots 2, repeated after platform faults: 1\\n")
+    assert r.returncode == 0, r.stdout
+    assert "PLATFORM FAULT (boot 1, the PVM died" in r.stdout
+
+
 @pytest.mark.parametrize("out, rc", [
     ("VERDICT: FAIL colo-pipeline xen backend: memory-equal=3/4\\n", 1),   # the lab's own verdict
     ("Traceback (most recent call last):\\n", 1),                           # no verdict: the lab broke

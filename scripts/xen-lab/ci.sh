@@ -58,7 +58,7 @@ took=$((SECONDS - t0))
 [ "$rc" != 75 ] || skip "another Xen lab run holds $XENLAB_DIR.lock"
 verdict=$(grep '^VERDICT:' "$out" | tail -n 1)
 echo "XENLAB-CI: build reused=$reused, ${took}s of a ${BUDGET}s budget; log $out"
-grep -E '^(BUILD|TREE|BOOT|EARLY FAULT|PIPELINE|FAILOVER|SURVIVOR:)' "$out"
+grep -E '^(BUILD|TREE|BOOT|EARLY FAULT|PLATFORM FAULT|FAULT AFTER|PIPELINE|FAILOVER|SURVIVOR:)' "$out"
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     skip "the lab did not finish within the ${BUDGET}s left of CI's budget"
 fi

@@ -148,16 +148,56 @@ PLATFORM_FAULTS = re.compile(r"SyntaxError: invalid syntax|Segmentation fault|un
                              r"guest self-check errors before the first checkpoint")
 
 
+def proven_checkpoints(res: dict) -> int:
+    """Checkpoints the pipeline proved memory-equal before the run ended or stopped: dom0's count
+    from the primary's log (``proofs``, given with every result), or the rows of a run that got
+    all its checkpoints, whichever is more (a result from an older dom0 has no ``proofs``)."""
+    rows = sum(1 for r in res.get("pipeline") or [] if r.get("equal"))
+    return max(rows, int((res.get("proofs") or {}).get("equal", 0)))
+
+
 def early_fault(log: str) -> str:
-    """What stopped dom0's driver before colo-pipeline ran its first checkpoint, or ''. Any such
+    """What stopped dom0's driver before colo-pipeline proved its first checkpoint, or ''. Any such
     fault earns one more boot (issue 17: one boot in three faulted under QEMU 7.2 TCG, not always
     in a form PLATFORM_FAULTS names, e.g. a comparison that was false printed as true); a fault
-    of our own repeats on the next boot and fails the run. A fault during replication counts
-    against the run."""
+    of our own repeats on the next boot and fails the run. A fault after a proven checkpoint is
+    fault_after_checkpoints'."""
     res = result_of(log)
-    if res is None or "error" not in res or res.get("pipeline"):
+    if res is None or "error" not in res or res.get("pipeline") or proven_checkpoints(res):
         return ""
     return describe_error(res, classify=True, width=160)
+
+
+def dead_guests(res: dict) -> set[str]:
+    """The lab's names of the guests Xen's log saw die (dom0 names each death line's domain:
+    ``... Triple fault ... [prim]``)."""
+    return {m.group(1) for line in res.get("xen_guest_faults") or []
+            for m in [re.search(r"\[([^\]]+)\]$", line)] if m}
+
+
+def fault_after_checkpoints(log: str) -> tuple[str, bool]:
+    """A fault that stopped dom0's driver after the pipeline proved N checkpoints: (what it was,
+    with N and the guests Xen saw die; whether it is the platform's), or ('', False).
+
+    The platform's, and worth one more boot, is exactly this: Xen's log names the PVM (``prim``)
+    and no other guest dead, and every proof before was equal. colo-pipeline's primary never
+    writes to its guest (it pauses and unpauses it, runs log-dirty CLEAN/PEEK, maps its frames
+    read-only, reads its HVM context; the restore stage, setcontext, the timer kick and the
+    wake-up MSI run on the secondary only), and the same death struck ``prim`` with no pipeline
+    copying from it (docs/xen-lab.md). A dead SVM (which the secondary writes), a proof found
+    unequal, or any other error after a checkpoint fails the run."""
+    res = result_of(log)
+    if res is None or "error" not in res:
+        return "", False
+    n = proven_checkpoints(res)
+    if n == 0 and not res.get("pipeline"):
+        return "", False
+    unequal = int((res.get("proofs") or {}).get("unequal", 0))
+    platform = dead_guests(res) == {"prim"} and unequal == 0
+    what = ("the PVM prim died (Xen), which colo-pipeline only reads: platform" if platform
+            else f"guests Xen saw die: {sorted(dead_guests(res))}" if dead_guests(res) else "no guest died")
+    return (f"after {n} proven checkpoints{f' and {unequal} unequal' if unequal else ''}, {what}; "
+            + describe_error(res, width=160)), platform
 
 
 def describe_error(res: dict, classify: bool = False, width: int = 200) -> str:
@@ -204,7 +244,7 @@ def full_run_outcome(res: dict, fault: str, problem: str) -> str:
     if fault or problem:
         return fault or problem
     if "error" in res:
-        return f"error after the first checkpoint: {res['error'][:200]}"
+        return f"error after {proven_checkpoints(res)} proven checkpoints: {describe_error(res)}"
     errs = {f"{ph} {n}": e for ph, g in guest_errors(res).items() for n, e in g.items() if e}
     return f"guest self-check errors {errs}" if errs else "ok"
 
@@ -418,7 +458,9 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
           + f" | vcpu_info {'from the guests: ' + str(res['vcpu_info']) if res.get('vcpu_info') else 'watched by the nodes'}"
           + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
-          + (f" | boots {len(faults) + 1}, repeated after faults before the first checkpoint: {len(faults)} "
+          + (f" | STOPPED after {proven_checkpoints(res)} proven checkpoints: {describe_error(res, width=160)}"
+             if "error" in res else "")
+          + (f" | boots {len(faults) + 1}, repeated after platform faults: {len(faults)} "
              f"({'; '.join(faults)})" if faults else " | boots 1, repeated: 0"))
     return bool(ok)
 
@@ -455,7 +497,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
     ap.add_argument("--platform-retries", type=int, default=1,
                     help="boot again this many times when dom0's driver fails before the first "
-                         "checkpoint, whatever the fault")
+                         "proven checkpoint, whatever the fault, or the PVM alone dies after it "
+                         "(fault_after_checkpoints)")
     ap.add_argument("--until-first-checkpoint", action="store_true",
                     help="quick boots: stop each after the pipeline's first proven checkpoint (no "
                          "failover, no C baseline) and count the boots that did not get there cleanly")
@@ -510,18 +553,25 @@ def main() -> int:
     while True:
         log, boot_s, total_s, problem = boot_and_run(args, "1" if args.hap == "alternate" else args.hap)
         wall += total_s
-        fault = early_fault(log) or (problem if not result_of(log) else "")
+        early = early_fault(log)
+        lost = problem if not result_of(log) else ""      # QEMU exited, a panic, the timeout
+        fault = early or lost
+        late, platform = fault_after_checkpoints(log)
         res = result_of(log) or {}
         record_boot(f"{'ci' if args.ci else 'full'} {args.rounds} rounds hap={res.get('hap', '?')}",
-                    full_run_outcome(res, fault, problem),
+                    full_run_outcome(res, fault or late, problem),
                     boot_s, total_s, log)
-        if not fault or len(faults) >= args.platform_retries:
+        if late:
+            print(f"FAULT AFTER CHECKPOINTS (boot {len(faults) + 1}): {late}", flush=True)
+        again = fault or (late if platform else "")
+        if not again or len(faults) >= args.platform_retries:
             break
-        faults.append(fault)
+        faults.append(again)
         kept = LAB / f"serial-fault{len(faults)}.log"
         (LAB / "serial.log").replace(kept)
-        print(f"EARLY FAULT (boot {len(faults)}, before any checkpoint; log {kept}): {fault}; booting again",
-              flush=True)
+        kind = ("EARLY FAULT (boot {}, before any proven checkpoint" if early else
+                "BOOT LOST (boot {}, no result from dom0" if lost else "PLATFORM FAULT (boot {}, the PVM died")
+        print(f"{kind.format(len(faults))}; log {kept}): {again}; booting again", flush=True)
     return 0 if report(log, boot_s, wall, faults, "eager" if args.eager_fpu else "lazy",
                        gate_pause=not args.ci) else 1
 

@@ -350,6 +350,19 @@ def wait_for(what: str, check, procs: dict[str, subprocess.Popen], timeout: floa
     raise RuntimeError(f"no {what} within {timeout}s" + log_tails())
 
 
+def proofs_logged() -> dict[str, int]:
+    """The primary's proofs so far, from its log (which outlives the node): how many epochs were
+    proven memory-equal, how many unequal, the last one proven. dom0 gives them with every
+    result, so a run that stopped says how far it got (session 10: a PVM that died after 14
+    proven checkpoints was taken for a fault "before any checkpoint", because ``pipeline`` is
+    filled only when the checkpoints asked for are all in)."""
+    if not (RUN / "primary.log").exists():
+        return {"equal": 0, "unequal": 0, "last_epoch": -1}
+    verdicts = {int(v["epoch"]): v.get("memory_equal") == "True" for v in log_events("primary", "verified")}
+    return {"equal": sum(verdicts.values()), "unequal": sum(not ok for ok in verdicts.values()),
+            "last_epoch": max(verdicts, default=-1)}
+
+
 def node_info(role: str) -> dict:
     from pipeline.counters import NodeCounters, NodeNotRunning
 
@@ -802,6 +815,7 @@ def main() -> int:
         log.exception("lab failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["domids"] = {str(k): v for k, v in DOMIDS.items()}
+    result["proofs"] = proofs_logged()
     result["xen_guest_faults"] = xen_guest_faults()
     if "error" in result or result["xen_guest_faults"]:
         for name in ("prim", "sec"):         # where each guest's own console stopped
