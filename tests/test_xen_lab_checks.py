@@ -246,6 +246,26 @@ def test_xen_log_lines_of_a_dead_guest_are_named_by_the_labs_domain_names(lab, m
         "(XEN) d4v0 Triple fault - invoking HVM shutdown action 1 [not made by the lab]"]
 
 
+def test_a_dying_guests_registers_are_named_as_its_kernels_symbols(lab, monkeypatch):
+    """Session 10's PVM died at guest RIP ffffffff81171dce; Xen's dump of the vCPU (Xen 4.17's
+    vcpu_show_execution_state, as hvm_triple_fault prints it) is read back to the guest
+    kernel's function through dom0's kallsyms (the same kernel image, not relocated)."""
+    xen_log = ("(XEN) [2026-12-05 21:02:03.118] d2v0 Triple fault - invoking HVM shutdown action 1\n"
+               "(XEN) [2026-12-05 21:02:03.118] *** Dumping Dom2 vcpu#0 state: ***\n"
+               "(XEN) [2026-12-05 21:02:03.119] RIP:    e008:[<ffffffff81171dce>]\n"
+               "(XEN) [2026-12-05 21:02:03.119] RFLAGS: 0000000000010046   CONTEXT: hvm guest (d2v0)\n"
+               "(XEN) [2026-12-05 21:02:03.119] rbp: 0000000000000000   rsp: ffffc90000003f58   r8:  0000000000000000\n"
+               "(XEN) [2026-12-05 21:02:03.119] cr3: 0000000003e0a000   cr2: fffffe0000001ff8\n"
+               "(XEN) [2026-12-05 21:02:04.000] *** Dumping Dom9 vcpu#1 state: ***\n(XEN) no registers here\n")
+    kallsyms = ("ffffffff81000000 T _text\nffffffff81171d70 T do_idle_thing\nffffffff81171dc0 t irq_thing\n"
+                "ffffffff81171e00 T after_it\nffffffff81171da0 t in_a_module\t[xen_evtchn]\n")
+    monkeypatch.setattr(lab, "DOMIDS", {2: "prim", 3: "sec"})
+    assert lab.guest_death_registers(xen_log, kallsyms) == [
+        "d2v0 [prim] RIP ffffffff81171dce = irq_thing+0xe rsp ffffc90000003f58 cr2 fffffe0000001ff8"]
+    assert lab.kernel_symbol(0x1000, kallsyms) == "?"
+    assert lab.kernel_symbol(0xffffffff81171dce, "0000000000000000 T _text\n") == "?"   # kptr_restrict
+
+
 def test_an_early_fault_names_the_guest_xen_saw_die(host_side):
     fault = host_side.early_fault(_result(
         error="RuntimeError: the primary node exited with 1 while waiting for protection",

@@ -208,7 +208,9 @@ def describe_error(res: dict, classify: bool = False, width: int = 200) -> str:
         fault = PLATFORM_FAULTS.search(res["error"])
         kind = f"platform: {fault.group(0)}" if fault else "unclassified"
     died = res.get("xen_guest_faults") or []
-    return f"{kind} in: {res['error'][:width]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+    rips = res.get("xen_guest_rips") or []
+    return (f"{kind} in: {res['error'][:width]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
+            + (f" | guest registers: {'; '.join(rips)[:300]}" if rips else ""))
 
 
 def dom0_result(log: str, problem: str, classify: bool = False) -> tuple[dict | None, str]:
@@ -343,7 +345,8 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "xen_opts": _lab_options.get("xen_opts"), "cpu": _lab_options.get("cpu"),
            "tcg_thread": _lab_options.get("tcg_thread"), "twin": res.get("twin", _lab_options.get("twin")),
            "guest_errors": guest_errors(res), "survivor": (res.get("pipeline_extra") or {}).get("survivor"),
-           "xen_guest_faults": res.get("xen_guest_faults"), "fpu_canary": res.get("fpu_canary"),
+           "xen_guest_faults": res.get("xen_guest_faults"), "xen_guest_rips": res.get("xen_guest_rips"),
+           "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
            "vcpu_info": res.get("vcpu_info")}
     with open(LAB / "boots.jsonl", "a") as f:

@@ -146,6 +146,43 @@ XEN_GUEST_FAULT = re.compile(r"\(XEN\).*(?:d(\d+)v\d+ Triple fault.*|[Dd]omain (
                              r"domain_crash called from.*|d(\d+)v\d+ .*(?:Unhandled|unexpected).*)")
 
 
+#: where Xen's dump of a dying vCPU begins (vcpu_show_execution_state, which hvm_triple_fault
+#: calls): the registers that follow are the guest's (RIP, rsp, cr2; the cs printed is Xen's)
+XEN_VCPU_DUMP = re.compile(r"\*\*\* Dumping Dom(\d+) vcpu#(\d+) state: \*\*\*")
+XEN_DUMP_REGS = re.compile(r"RIP:\s+[0-9a-f]{4}:\[<([0-9a-f]{16})>\].*?rsp: ([0-9a-f]{16}).*?cr2: ([0-9a-f]{16})", re.S)
+
+
+def kernel_symbol(addr: int, kallsyms: str) -> str:
+    """``function+0xoff`` of a kernel text address, from ``/proc/kallsyms`` text: dom0 boots the
+    same kernel image as the guests, and neither PV dom0 nor a PVH guest (entered past the
+    decompressor) is relocated by KASLR, so dom0's symbol addresses are the guests' too
+    (Debian's System.map is a stub). '?' when no text symbol is at or below it."""
+    best = (-1, "?")
+    for line in kallsyms.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":      # not a module's (a 4th field)
+            at = int(parts[0], 16)
+            if best[0] < at <= addr:
+                best = (at, parts[2])
+    return "?" if best[0] <= 0 else f"{best[1]}+{addr - best[0]:#x}"
+
+
+def guest_death_registers(xen_log: str, kallsyms: str) -> list[str]:
+    """Each vCPU dump in Xen's log (one per guest death): the lab's name of the domain, RIP as a
+    guest kernel symbol, rsp and cr2, e.g. ``d2v0 [prim] RIP ffffffff81171dce =
+    handle_mm_fault+0x5e rsp ... cr2 ...``."""
+    out = []
+    for m in XEN_VCPU_DUMP.finditer(xen_log):
+        regs = XEN_DUMP_REGS.search(xen_log, m.end(), m.end() + 3000)
+        if not regs:
+            continue
+        domid = int(m.group(1))
+        rip = int(regs.group(1), 16)
+        out.append(f"d{domid}v{m.group(2)} [{DOMIDS.get(domid, 'not made by the lab')}] RIP {rip:016x} = "
+                   f"{kernel_symbol(rip, kallsyms)} rsp {regs.group(2)} cr2 {regs.group(3)}")
+    return out[:8]
+
+
 def xen_guest_faults() -> list[str]:
     """Xen's log lines about guests that died, each with the lab's name for the domain id."""
     try:
@@ -817,6 +854,12 @@ def main() -> int:
     result["domids"] = {str(k): v for k, v in DOMIDS.items()}
     result["proofs"] = proofs_logged()
     result["xen_guest_faults"] = xen_guest_faults()
+    if result["xen_guest_faults"]:        # where each dying guest was, as its kernel's symbol
+        try:
+            result["xen_guest_rips"] = guest_death_registers(sh("xl dmesg", timeout=60),
+                                                             Path("/proc/kallsyms").read_text())
+        except Exception as exc:  # noqa: BLE001 - the finding is then that dom0 could not tell
+            result["xen_guest_rips"] = [f"not read: {type(exc).__name__}: {exc}"]
     if "error" in result or result["xen_guest_faults"]:
         for name in ("prim", "sec"):         # where each guest's own console stopped
             path = Path(CONSOLE_LOG.format(name))
