@@ -30,6 +30,10 @@ local witness reachable from both, like an etcd on a third network):
   on unprotected; the secondary never goes active; once the primary's HELLO reaches it
   again it stops as stale (exit 1) instead of being re-synced in place; restarted, it
   protects the guest and both memories are proven equal.
+* ``partition-pages-healed``, ``partition-inputs-healed``: one data channel cut until it
+  dropped a packet, then healed (30 s epoch timeout). Invariants: the pair checkpoints on
+  without a restart (same secondary process, 20 checkpoints, no peer lost), memories
+  proven equal.
 * ``link-loss-2pct``, ``link-delay-20ms``, ``link-duplicate-2pct``, ``link-reorder-5pct``,
   ``link-loss-dup-reorder``: every packet between the hosts through the userspace TUN
   forwarder (this kernel has no netem), from before the full sync. Invariants: protected
@@ -374,6 +378,53 @@ def partition(direction: str, channels: tuple[str, ...] | None = None) -> Callab
             raise DataLost("after the partition and re-protection the memories differ")
         return {}
     run.link = "veth"
+    return run
+
+
+def partition_healed(channel: str) -> Callable:
+    """Only ``channel``'s port is cut (both ways) while the pair is protected, until the
+    cut dropped a packet of it, then healed at once, long before the epoch timeout (30 s
+    here, the default). The channel's TCP connection outlives the cut: the lost segments
+    go again at TCP's retransmit backoff once the link is back. Invariants: the pair gets
+    back to checkpointing without a restart (the same secondary process, 20 more
+    checkpoints, no side lost the other, protected), the secondary never goes active,
+    memories proven equal.
+
+    The backoff doubles while the cut lasts (200 ms, 400 ms, ...): a cut of t seconds can
+    leave the connection silent for up to about 2t, so a cut longer than about half the
+    epoch timeout ends the epoch first, and the pair goes the ``partition-<channel>`` way
+    (the primary unprotected, the secondary stopped as stale and restarted). Held until
+    10 packets of a checkpoint's pages were dropped (a window's worth, then one per
+    retransmit), the cut lasted long enough for that: 30 s of silence, epoch timed out."""
+    def run(pair: "faultnet.NetnsPair") -> dict:
+        pair.start()
+        pair.wait_protected(timeout=DEADLINE)
+        sec = pair.procs["secondary"]
+        coord = pair.node("primary").stage("coordinator")
+        pair.link.partition(pair.port, "both", (channel,))
+        try:
+            wait_until(lambda: pair.check_alive() or pair.link.dropped() >= 1,
+                       f"a packet of the {channel} channel dropped")
+            dropped = pair.link.dropped()
+        finally:
+            pair.link.heal()
+        done = coord.as_dict()["epochs_committed"]
+        wait_until(lambda: pair.check_alive() or coord.as_dict()["epochs_committed"]
+                   >= done + 20, f"20 checkpoints after the {channel} channel healed")
+        lost = {r: pair.stage_counter("coordinator", "peer_lost", r)
+                for r in ("primary", "secondary")}
+        state = pair.node("primary").node_info().get("state")
+        if state != "protected" or any(lost.values()) or sec.poll() is not None \
+                or pair.procs["secondary"] is not sec:
+            raise RunFailed(f"after the {channel} channel healed: primary {state}, peer_lost "
+                            f"{lost}, the secondary {'exited' if sec.poll() is not None else 'runs'}")
+        if took_over(pair):
+            raise RunFailed("the secondary went active")
+        if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
+            raise DataLost(f"after the {channel} channel healed the memories differ")
+        return {"dropped": dropped, "torn": coord.as_dict()["epochs_aborted"]}
+    run.link = "veth"
+    run.epoch_timeout_ms = 30000
     return run
 
 
@@ -1271,6 +1322,8 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("partition-control", partition("both", ("control",)), False),
     ("partition-heartbeat", partition("both", ("heartbeat",)), True),
     ("partition-pages", partition("both", ("pages",)), False),
+    ("partition-pages-healed", partition_healed("pages"), False),
+    ("partition-inputs-healed", partition_healed("inputs"), False),
     ("link-loss-2pct", impaired_link({"loss": 0.02}, "dropped"), False),
     ("link-delay-20ms", impaired_link({"delay_ms": 20}, "delayed", 2000), False),
     ("link-duplicate-2pct", impaired_link({"duplicate": 0.02}, "duplicated"), False),

@@ -193,9 +193,9 @@ class NetLink:
             out_match = in_match = ""
         rules = []
         if direction in ("both", "a2b"):
-            rules.append(f"add rule inet {NFT_TABLE} out ip daddr {peer} {out_match} drop")
+            rules.append(f"add rule inet {NFT_TABLE} out ip daddr {peer} {out_match} counter drop")
         if direction in ("both", "b2a"):
-            rules.append(f"add rule inet {NFT_TABLE} in ip saddr {peer} {in_match} drop")
+            rules.append(f"add rule inet {NFT_TABLE} in ip saddr {peer} {in_match} counter drop")
         if not rules:
             raise ValueError(f"partition direction {direction!r}: both, a2b or b2a")
         script = "\n".join([
@@ -207,6 +207,17 @@ class NetLink:
                            input=script, capture_output=True, text=True, timeout=60)
         if p.returncode != 0:
             raise NetError(f"nft in {self.ns['a']}: {p.stderr.strip()}\n{script}")
+
+    def dropped(self) -> int:
+        """Packets the partition's rules dropped so far (their nft counters); 0 if there
+        is no partition (healed)."""
+        out = sh("nft", "-j", "list", "table", "inet", NFT_TABLE, ns=self.ns["a"], check=False)
+        try:
+            items = json.loads(out)["nftables"] if out.strip() else []
+        except (ValueError, KeyError):
+            return 0
+        return sum(e["counter"]["packets"] for item in items for e in
+                   item.get("rule", {}).get("expr", []) if isinstance(e, dict) and "counter" in e)
 
     def partitioned(self) -> bool:
         return NFT_TABLE in sh("nft", "list", "tables", ns=self.ns["a"], check=False)
