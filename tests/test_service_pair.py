@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import zmq
@@ -193,6 +198,45 @@ def test_demo_progress_in_a_log_is_one_line_per_interval():
     progress = [line for line in r.stdout.splitlines() if line.startswith("[")]
     assert progress and all("client p50/p99" in line for line in progress)
     assert "requests answered, latency p50/p99" in r.stdout
+
+
+def test_demo_progress_on_a_terminal_is_redrawn_in_place():
+    """The same demo with its stdout on a terminal (a pty): the progress line is redrawn
+    in place (a carriage return before each redraw, no line feed between them), and the
+    summary comes after it on lines of its own."""
+    master, slave = os.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "2",
+                          "--pages", "2048", "--pages-per-input", "2"],
+                         stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:      # EIO: the child's end closed and everything was read
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            elif p.poll() is not None:
+                break
+        else:
+            os.killpg(p.pid, signal.SIGKILL)
+        code, err = p.wait(60), p.stderr.read().decode()
+    finally:
+        os.close(master)
+        p.stderr.close()
+    out = b"".join(chunks).decode()
+    assert code == 0, out[-2000:] + err[-2000:]
+    lines = out.split("\r\n")                  # a terminal ends each line with CR LF
+    progress = [line for line in lines if "client p50/p99" in line]
+    # one line on the screen, drawn again and again (every 0.5 s: 4 times in 2 s, but a
+    # starved demo may draw only once; with no terminal it is never drawn after a "\r")
+    assert len(progress) == 1 and progress[0].count("\r[") >= 1, out
+    assert any(line.startswith("client: ") and "latency p50/p99" in line for line in lines), out
 
 
 def test_the_nodes_comparator_releases_answer_pairs_in_native_rounds():
