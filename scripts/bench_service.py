@@ -35,7 +35,11 @@ guest included). The machine may be shared: compare modes within one run.
 
 ``--json``: the last line is ``{"rows": [{"mode", "nondeterminism", "rate", "p50_ms",
 "p99_ms", "p999_ms", "completed_per_s", "lost", "checkpoints_by_cause", ...}], ...}``;
-``rate`` is requests/s offered, or ``"closed"``.
+``rate`` is requests/s offered, or ``"closed"``. ``targets``: issue 15's targets, met or
+not, for each open-loop rate of deterministic guests (COLO's p99 against unprotected's
+plus 5 ms and a tenth of buffered's, kept pace, none lost, no ``net_divergence``), with
+whether the unprotected service itself was within that tenth (when not, this machine's
+scheduling delays alone exceed it).
 """
 from __future__ import annotations
 
@@ -56,6 +60,14 @@ from pipeline.net.comparator import RELEASE_DELAY_COUNTERS  # noqa: E402
 from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa: E402
 
 MODES = ("unprotected", "colo", "buffered")
+#: issue 15's targets, judged on each open-loop row of deterministic guests (the issue
+#: names 1000 requests/s): COLO's p99 at most unprotected's plus this, and at most this
+#: share of the buffered mode's; every offered request completed within the window (no
+#: backlog growth: this share of the offered rate, the last requests' answers still on
+#: their way as it ends), none lost, no net_divergence checkpoint
+TARGET_MARGIN_MS = 5.0
+TARGET_BUFFERED_SHARE = 0.1
+TARGET_KEPT_PACE = 0.99
 #: the comparator's counters each row reports (differences over the row)
 NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backpressures",
                "backpressure_ns", "held_frames_peak", "native_matched_frames",
@@ -378,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
                 os.environ.pop("COLO_REQUEST_TRACE", None)
             if trace_file:
                 _trace_report(trace_file, args)
-    return {"rows": rows, "reference": _reference(rows)}
+    return {"rows": rows, "reference": _reference(rows), "targets": _targets(rows)}
 
 
 def _trace_report(path: str, args: argparse.Namespace) -> None:
@@ -403,6 +415,40 @@ def _reference(rows: list[dict]) -> list[dict]:
                     if r["p99_ms"] is not None and b["p99_ms"] is not None else None,
                     "completed_ratio": round(r["completed_per_s"] / b["completed_per_s"], 3)
                     if b["completed_per_s"] else None})
+    return out
+
+
+def _targets(rows: list[dict]) -> list[dict]:
+    """Issue 15's targets for each open-loop rate of deterministic guests that has a COLO
+    row: each one met or not (None: its reference mode was not run). And whether the
+    unprotected service itself stayed within a tenth of buffering's p99: when it did not,
+    the machine's own scheduling delays (every mode's requests wait for CPUs; buffering
+    hides them inside its hold for the commit) are above that bound, and the tenth-of-
+    buffered target says nothing about COLO in that run."""
+    by = {(r["mode"], r["nondeterminism"], r["rate"]): r for r in rows}
+    out = []
+    for (mode, nd, rate), colo in by.items():
+        if mode != "colo" or nd != 0 or rate == "closed":
+            continue
+        un, buf = by.get(("unprotected", nd, rate)), by.get(("buffered", nd, rate))
+
+        def at_most(a: float | None, b: float | None) -> bool | None:
+            return None if a is None or b is None else a <= b
+        tenth = None if buf is None or buf["p99_ms"] is None \
+            else round_ms(buf["p99_ms"] * TARGET_BUFFERED_SHARE)
+        margin = None if un is None or un["p99_ms"] is None \
+            else round_ms(un["p99_ms"] + TARGET_MARGIN_MS)
+        out.append({
+            "nondeterminism": nd, "rate": rate, "colo_p99_ms": colo["p99_ms"],
+            "unprotected_p99_plus_margin_ms": margin, "buffered_p99_share_ms": tenth,
+            "p99_within_unprotected_margin": at_most(colo["p99_ms"], margin),
+            "p99_within_buffered_share": at_most(colo["p99_ms"], tenth),
+            "kept_pace": colo["completed_per_s"] >= TARGET_KEPT_PACE * colo["offered_per_s"],
+            "none_lost": colo["lost"] == 0,
+            "no_net_divergence": not colo["checkpoints_by_cause"].get("net_divergence"),
+            "unprotected_within_buffered_share": at_most(None if un is None else un["p99_ms"],
+                                                         tenth),
+            "loadavg_1m": colo["loadavg_1m"]})
     return out
 
 
@@ -483,6 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     result["node_settings"] = nodes
     result["host"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
                       "note": "figures from one run on this machine; compare modes within it"}
+    out = sys.stderr if args.json else sys.stdout
+    for t in result["targets"]:
+        print(f"targets at nondeterminism 0, {t['rate']}/s (load {t['loadavg_1m']}): COLO p99 "
+              f"{t['colo_p99_ms']} ms <= unprotected p99 + {TARGET_MARGIN_MS:g} = "
+              f"{t['unprotected_p99_plus_margin_ms']}: {t['p99_within_unprotected_margin']}; "
+              f"<= buffered p99 x {TARGET_BUFFERED_SHARE:g} = {t['buffered_p99_share_ms']}: "
+              f"{t['p99_within_buffered_share']} (unprotected within it: "
+              f"{t['unprotected_within_buffered_share']}); kept pace {t['kept_pace']}, none "
+              f"lost {t['none_lost']}, no net_divergence {t['no_net_divergence']}",
+              file=out, flush=True)
     if args.json:
         print(json.dumps(result))
     else:

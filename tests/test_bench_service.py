@@ -40,6 +40,14 @@ def test_quick_run_has_every_row_and_loses_no_request():
             assert r["checkpoints_by_cause"] == {} and r["cpu_s"]["secondary"] == 0
         elif r["mode"] == "buffered":
             assert r["checkpoints"] > 0       # every answer waited for one
+    # issue 15's targets, judged in the run (the figures are not checked: the machine's)
+    (targets,) = result["targets"]
+    assert (targets["nondeterminism"], targets["rate"]) == (0, 1000), targets
+    for key in ("p99_within_unprotected_margin", "p99_within_buffered_share", "kept_pace",
+                "none_lost", "no_net_divergence", "unprotected_within_buffered_share"):
+        assert targets[key] in (True, False), (key, targets)
+    assert targets["none_lost"]
+    assert "targets at nondeterminism 0, 1000/s" in proc.stderr
     buffered = [r for r in rows if r["mode"] == "buffered"]
     # buffering compares nothing: no divergence or timeout ever asks for a checkpoint
     assert all(r["comparator"]["mismatches"] == 0 for r in buffered)
