@@ -39,7 +39,11 @@ class ImageFile:
         return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        n = os.pwrite(self.fd, data, offset)
+        if n == len(data):   # (nearly always: no view to make, no loop)
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]

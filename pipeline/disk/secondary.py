@@ -399,7 +399,7 @@ class ForwardReceiver(threading.Thread):
 
     def _buffer_group(self, answers: list[tuple[int, int, str]], writes: list) -> None:
         if writes:
-            writes = [wire.hashed(w) for w in writes]
+            writes = wire.hashed_all(writes)
             errors = self.store.buffer_pvm_writes(writes, admitted=True)
             buffered = [w for w, err in zip(writes, errors) if err is None]
             if buffered:   # one lock and one clock read for the group

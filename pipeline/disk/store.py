@@ -335,8 +335,16 @@ class SecondaryStore:
         out: list[StoreError | None] = [None] * len(writes)
         with self._lock:
             held = self.buffer_bytes + pending
+            bound = self.buffer_max_bytes
+            # the checks of _admit without a call per write; _admit itself only for a
+            # write that may fail one of them (it names which)
+            floor = max(self.committed_epoch, self._committing or 0)
+            may_take = not self.active and self.unbuffered is None
             for i, w in enumerate(writes):
-                adding = self.record_bytes(w)
+                adding = RECORD.size + (0 if w.data is None else len(w.data))
+                if may_take and w.epoch > floor and held + adding <= bound:
+                    held += adding
+                    continue
                 try:
                     self._admit(w.epoch, w.offset, w.length, held, adding)
                 except StoreError as e:

@@ -56,6 +56,12 @@ import struct
 from typing import NamedTuple
 
 import blake3
+import numpy as np
+
+try:
+    from pipeline import _pagehash     # csrc/pagehash.c: many 4 KiB pages in one call
+except ImportError:                    # (not built: hashed one by one)
+    _pagehash = None
 
 FORWARD_MAGIC = b"CDW1"
 ACK_MAGIC = b"CDA2"
@@ -242,6 +248,34 @@ def hashed(w: ForwardedWrite) -> ForwardedWrite:
     return w
 
 
+#: the size whose writes :func:`hashed_all` hashes together (pipeline._pagehash's page)
+PAGE = 4096
+
+
+def hashed_all(writes: list[ForwardedWrite]) -> list[ForwardedWrite]:
+    """:func:`hashed` of each of ``writes``. The unhashed 4 KiB WRITEs among them (a burst
+    of small writes) are hashed in one call (pipeline._pagehash, each digest the page's
+    blake3), not in one blake3 call each: 1.4 against 2.6 us per write here."""
+    pages = [w.data for w in writes
+             if w.length == PAGE and w.digest == UNHASHED and w.kind == KIND_WRITE]
+    if len(pages) < 2 or _pagehash is None:
+        return [hashed(w) for w in writes]
+    digests = np.empty((len(pages), 32), np.uint8)
+    _pagehash.hash_pages(np.frombuffer(b"".join(pages), np.uint8).reshape(-1, PAGE), None,
+                         digests)
+    raw = digests.tobytes()
+    out, at = [], 0
+    for w in writes:
+        if w.digest == UNHASHED and w.kind == KIND_WRITE:
+            if w.length == PAGE:
+                digest, at = raw[at:at + 32], at + 32
+            else:
+                digest = digest_of(w.data)
+            w = ForwardedWrite(w.kind, w.epoch, w.seq, w.offset, w.length, digest, w.data)
+        out.append(w)
+    return out
+
+
 def encode_seal(epoch: int, last_seq: int) -> bytes:
     return SEAL.pack(SEAL_MAGIC, epoch, last_seq)
 
@@ -265,6 +299,10 @@ def decode_seal(frame: bytes | memoryview) -> tuple[int, int]:
 
 def encode_ack(entries: list[tuple[int, int, str]]) -> bytes:
     """One ACK message (its one frame) for ``entries`` of (seq, status, reason)."""
+    pack = ACK_ENTRY.pack
+    if not any([r for _s, _st, r in entries]):     # (nearly always: every write taken)
+        return ACK_HEADER.pack(ACK_MAGIC, len(entries)) + b"".join(
+            [pack(seq, status, 0) for seq, status, _r in entries])
     reasons = [r.encode() for _s, _st, r in entries]
     table = b"".join(ACK_ENTRY.pack(seq, status, len(r))
                      for (seq, status, _r), r in zip(entries, reasons))
@@ -284,11 +322,16 @@ def decode_ack(frames: list) -> list[tuple[int, int, str]]:
     end = ACK_HEADER.size + count * ACK_ENTRY.size
     if len(msg) < end:
         raise ValueError(f"ack of {count} entries in {len(msg)} bytes")
+    table = list(ACK_ENTRY.iter_unpack(msg[ACK_HEADER.size:end]))
+    if len(msg) == end and not any([n for _seq, _status, n in table]):
+        # no reasons (nearly always): no slicing and decoding for each entry
+        return [(seq, status, "") for seq, status, _n in table]
     out, pos = [], end
-    for seq, status, n in ACK_ENTRY.iter_unpack(msg[ACK_HEADER.size:end]):
+    for seq, status, n in table:
         out.append((seq, status, msg[pos:pos + n].decode(errors="replace")))
         pos += n
     if pos != len(msg):
         raise ValueError(f"ack of {count} entries: reasons of {len(msg) - end} bytes, the "
                          f"table announces {pos - end}")
     return out
+
