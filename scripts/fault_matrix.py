@@ -1322,7 +1322,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("partition-control", partition("both", ("control",)), False),
     ("partition-heartbeat", partition("both", ("heartbeat",)), True),
     ("partition-pages", partition("both", ("pages",)), False),
-    ("partition-pages-healed", partition_healed("pages"), False),
+    ("partition-pages-healed", partition_healed("pages"), True),
     ("partition-inputs-healed", partition_healed("inputs"), False),
     ("link-loss-2pct", impaired_link({"loss": 0.02}, "dropped"), False),
     ("link-delay-20ms", impaired_link({"delay_ms": 20}, "delayed", 2000), False),
