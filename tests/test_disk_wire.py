@@ -53,7 +53,7 @@ def test_a_burst_of_pages_is_hashed_in_one_call(monkeypatch):
     real = wire._pagehash.hash_pages
     monkeypatch.setattr(wire._pagehash, "hash_pages",
                         lambda *a: (calls.append(len(a[0])), real(*a))[1], raising=False)
-    monkeypatch.setattr(wire, "digest_of", lambda data: (_ for _ in ()).throw(
+    monkeypatch.setattr(wire, "digest_of", lambda data, parallel=True: (_ for _ in ()).throw(
         AssertionError("a 4 KiB write hashed on its own")))
     frame = memoryview(os.urandom(16 * wire.PAGE))
     writes = [wire.ForwardedWrite(wire.KIND_WRITE, 3, i + 1, i * wire.PAGE, wire.PAGE,
