@@ -50,7 +50,7 @@ def hash_batch(pages: np.ndarray, out_hashes: np.ndarray, hash_data: bool = True
     pages are not all zero (a zero page gets the zero page's hash without hashing).
     Without ``hash_data`` the pages that are not zero get zero bytes (UNHASHED)."""
     n, page_size = pages.shape
-    nonzero = pages.view(np.uint64).reshape(n, -1).any(axis=1)
+    nonzero = nonzero_pages(pages)
     nz = np.flatnonzero(nonzero)
     out_hashes[:n] = np.frombuffer(zero_page_hash(page_size), np.uint8)
     if not hash_data:
@@ -59,6 +59,18 @@ def hash_batch(pages: np.ndarray, out_hashes: np.ndarray, hash_data: bool = True
         out_hashes[:n] = hash_pages(pages)
     elif len(nz):
         out_hashes[nz] = hash_pages(pages, nz)
+    return nonzero
+
+
+def nonzero_pages(pages: np.ndarray) -> np.ndarray:
+    """Which rows of ``pages`` (n, page_size) are not all zero. A page whose first word is
+    not zero is not read further (most pages that carry data); only the others are read
+    whole (152 against 288 ns a page on the sim guest's mix, one core)."""
+    words = pages.view(np.uint64).reshape(len(pages), -1)
+    nonzero = words[:, 0] != 0
+    maybe = np.flatnonzero(~nonzero)
+    if len(maybe):
+        nonzero[maybe] = words[maybe].any(axis=1)
     return nonzero
 
 
@@ -91,17 +103,25 @@ def encode_hashed(src_pfns: np.ndarray, pages: np.ndarray, nonzero: np.ndarray,
               wire.ENC_SVM: int(same.sum())}
     if not k:
         return 0, False, counts
+    if not compress:
+        # the pages that carry data straight into the record, one copy (a gather into a
+        # block and a copy of the block cost 670 against 390 ns a page with the zero check)
+        if k == n:
+            out_data[:pages.nbytes] = pages.reshape(-1)
+        else:
+            np.take(pages, np.flatnonzero(carry), axis=0, mode="clip",
+                    out=out_data[:k * page_size].reshape(k, page_size))
+        return k * page_size, False, counts
     block = pages if k == n else pages[carry]
-    if compress:
-        t0 = time.perf_counter_ns()
-        packed = lz4.block.compress(block, store_size=False)
-        if lz4_stats is not None:
-            lz4_stats[0] += time.perf_counter_ns() - t0
-            lz4_stats[1] += block.nbytes
-            lz4_stats[2] += len(packed)
-        if len(packed) < block.nbytes:
-            out_data[:len(packed)] = np.frombuffer(packed, np.uint8)
-            return len(packed), True, counts
+    t0 = time.perf_counter_ns()
+    packed = lz4.block.compress(block, store_size=False)
+    if lz4_stats is not None:
+        lz4_stats[0] += time.perf_counter_ns() - t0
+        lz4_stats[1] += block.nbytes
+        lz4_stats[2] += len(packed)
+    if len(packed) < block.nbytes:
+        out_data[:len(packed)] = np.frombuffer(packed, np.uint8)
+        return len(packed), True, counts
     out_data[:block.nbytes] = block.reshape(-1)
     return block.nbytes, False, counts
 
