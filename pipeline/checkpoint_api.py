@@ -44,6 +44,7 @@ CAUSES = (
     "initial",          # the first checkpoint after the full sync
     "net_queue_full",   # the comparator's queue bound was reached (it holds the PVM's output)
     "input_log_full",   # half the inputs the secondary can keep arrived since the last commit
+                        # (and the PVM consumed a quarter: stages/inputs.py)
 )
 
 

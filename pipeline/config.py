@@ -118,7 +118,9 @@ class GuestSettings(Section):
                               "(an SVM put back to that checkpoint replays them), and with "
                               "outputs compared the primary asks for a checkpoint (cause "
                               "`input_log_full`) once half of them arrived since the last "
-                              "commit: at R requests/s, every input_log_slots / 2R s. Fewer: "
+                              "commit and the PVM consumed a quarter (a checkpoint frees the "
+                              "log only up to the PVM's position): at R requests/s, every "
+                              "input_log_slots / 2R s. Fewer: "
                               "those checkpoints come more often than the timer, and every "
                               "reply produced during one waits for it.",
                               min=16, max=1 << 17)

@@ -74,3 +74,23 @@ def test_a_checkpoint_inside_an_input_beyond_the_full_log_commits_at_once(tmp_pa
                    "the SVM finishing the input it was loaded inside")
     finally:
         close_hand_pair(pair, dom, prim)
+
+
+def test_input_log_checkpoints_wait_until_the_pvm_consumed_what_a_commit_can_free():
+    """The client stage's input_log_full request (inputs.input_log_checkpoint_due): half
+    the log arrived since the last commit, and the PVM consumed a quarter of it since. A
+    PVM with a backlog of half the log or more made every commit ask for the next one (at
+    5000 requests/s, 12-15 checkpoints a second), though a checkpoint frees the SVM's log
+    only up to the PVM's position at its snapshot."""
+    from pipeline.stages.inputs import input_log_checkpoint_due as due
+    keep = 8192                         # half of 16384 slots
+    # keeping pace: the PVM consumed nearly all that arrived: due at half the log
+    assert not due(head=8191, consumed=8190, committed=0, keep_limit=keep)
+    assert due(head=8192, consumed=8190, committed=0, keep_limit=keep)
+    # a backlog of the whole log right after a commit: not due until the PVM consumed a
+    # quarter of the log since (the old rule: due at once, after every commit)
+    assert not due(head=30000, consumed=13616, committed=13616, keep_limit=keep)
+    assert not due(head=30000, consumed=13616 + 4095, committed=13616, keep_limit=keep)
+    assert due(head=30000, consumed=13616 + 4096, committed=13616, keep_limit=keep)
+    # the smallest logs still ask
+    assert due(head=1, consumed=1, committed=0, keep_limit=1)
