@@ -94,10 +94,6 @@ Secondary coordinator and restore stage:
                                  its pages may still be being written) or applied, and
                                  the disk committed; the ACK not yet sent
 * ``secondary.acked``            the ACK sent
-* ``restore.started``            the restore stage populated its cache (all of guest
-                                 memory), it has not said it started up yet (with ``stop``:
-                                 a restore stage slow to start; the coordinator starts only
-                                 once it did)
 * ``restore.assembled``          a checkpoint epoch (not the full sync or a pre-copy round)
                                  arrived whole, nothing of it applied yet; with
                                  ``errno=NAME`` the epoch ends torn there (rolled back, ACK

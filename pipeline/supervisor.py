@@ -55,7 +55,6 @@ def _event() -> Any:
                                f"{e.strerror} (is /dev/shm full?)") from None
 
 STOP_GRACE_S = 5.0
-STARTUP_WAIT_S = 120.0      # the coordinator waits this long at most for the stages' startup
 VCPU_BLOB_MAX = 64 * 1024   # room for the vCPU blob in an END marker (Xen HVM context ~5 KiB)   # how long stages get to finish after SIGTERM before SIGKILL
 
 @dataclass
@@ -294,7 +293,6 @@ class Supervisor:
         self.auto = settings.node.role == "auto"
         self.shared: SharedState | None = None
         self.stage_stops: dict[str, Any] = {}
-        self.stage_ready: dict[str, Any] = {}   # each stage's StageContext.ready
         self.start_as = PrimaryStart()
         self.name = settings.node.name
         self.rings: list[Ring] = []
@@ -462,7 +460,6 @@ class Supervisor:
             info = self.node.node_info()
             info["stage_pids"] = {name: p.pid for name, p in self.procs.items()}
             self.node.set_node_info(info)
-            self.wait_started(list(self.procs))
             self._start_stage(next(p for p in plan if p.name == "coordinator"))
             # after the forks, or every stage would inherit the listening socket
             if s.metrics.listen:
@@ -480,41 +477,12 @@ class Supervisor:
         stop = self.stage_stops[spec.name] = _event()
         if self.stop_event.is_set():
             stop.set()
-        ready = self.stage_ready[spec.name] = _event()
         ctx = StageContext(spec.name, self.node.stage(spec.name), stop,
-                           logging.getLogger(f"pipeline.{spec.name}"), self.node, ready)
+                           logging.getLogger(f"pipeline.{spec.name}"), self.node)
         p = FORK.Process(target=stage_main, args=(ctx, spec.target, *spec.args),
                          name=f"colo-{self.name}-{spec.name}", daemon=False)
         p.start()
         self.procs[spec.name] = p
-
-    def wait_started(self, names: list[str]) -> None:
-        """Wait until the stages ``names`` have started up (StageContext.started: rings,
-        staging, guest memory and the restore stage's cache mapped), at most
-        STARTUP_WAIT_S; a stage that exits meanwhile ends the wait (the watch loop then
-        stops the node). The coordinator starts after this, so the first epoch (a full
-        sync) does not run into stages still mapping memory: the secondary's restore stage
-        populates its cache (all of guest memory) besides prefaulting staging and the
-        guest, and took the sync's first page 1.2-1.5 s after its BEGIN (512 MiB, load
-        17-23 on 2 cores); every page queued behind it, the primary's sends blocked (which
-        `compress = "auto"` reads as a slow link) and the sync was timed with that
-        startup in it."""
-        t0 = time.monotonic()
-        deadline = t0 + STARTUP_WAIT_S
-        for name in names:
-            ready, proc = self.stage_ready.get(name), self.procs.get(name)
-            if ready is None or proc is None:
-                continue
-            while not ready.wait(0.05):
-                if not proc.is_alive() or self.stop_event.is_set():
-                    return
-                if time.monotonic() > deadline:
-                    log.warning("node %s: stage %s has not started up after %.0f s; "
-                                "starting the coordinator anyway", self.name, name,
-                                STARTUP_WAIT_S)
-                    return
-        log.info("node %s: stages started up in %.0f ms", self.name,
-                 (time.monotonic() - t0) * 1e3)
 
     def _stop_stages(self, procs: dict[str, Any], stops: dict[str, Any]) -> None:
         """Stop these stages (their stop events, then SIGKILL after the grace period)."""

@@ -333,15 +333,6 @@ class StageContext:
     stop: Any                # multiprocessing.Event
     log: logging.Logger
     node: Any = None         # pipeline.counters.NodeCounters: node info, checkpoint log
-    ready: Any = None        # multiprocessing.Event: set once the stage has started up
-                             # (Supervisor.wait_started)
-
-    def started(self) -> None:
-        """The stage has mapped and set up what it works on and can take work at full
-        speed (stage_main calls it after the prefault; a stage that sets up more in its
-        ``run`` says so itself: ``run.reports_started``)."""
-        if self.ready is not None and not self.ready.is_set():
-            self.ready.set()
 
     def stopping(self) -> bool:
         """Called once per turn of every stage's loop: also its fault point."""
@@ -377,8 +368,6 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
     profile = _cpu_profile()
     try:
         _prefault(args)
-        if not getattr(run, "reports_started", False):
-            ctx.started()
         run(ctx, *args)
     except (KeyboardInterrupt, RingClosed):
         pass

@@ -376,8 +376,6 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     ``priority``: this stage's scheduling (common.StagePriority); a proof checkpoint is
     applied at normal priority (its ACK waits for a hash of all of memory)."""
     r = Restore(ctx, domain, len(rings), staging.pages, check, gate)
-    faults.point("restore.started")
-    ctx.started()       # the cache is populated: the stage can take a full sync's pages
     c = ctx.counters
     wanted: messages.ApplyCmd | None = None     # the epoch to apply once assembled
     verdict: Verdict | None = None              # an assembled epoch not yet asked for
@@ -448,7 +446,3 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             else:
                 raise ValueError(f"restore stage: unknown command {cmd!r}")
         c.add("busy_ns", time.perf_counter_ns() - t0)
-
-
-# started once its cache is populated (Restore: all of guest memory), not at the prefault
-run.reports_started = True
