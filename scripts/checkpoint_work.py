@@ -82,7 +82,7 @@ def sync_work(args) -> int:
     node_of: dict = {}
     for _ in range(args.reps):
         with bench._pair(args.size_mb * 256, 2, 2, 1 << 30, security=args.security) as pair:
-            pair.start()
+            bench.start_ready(pair)
             sessions = {os.getsid(p.pid) for p in pair.procs.values()}
             node_of.update({os.getsid(p.pid): name for name, p in pair.procs.items()})
             pair.wait_info("state", "syncing", timeout=300)
