@@ -155,7 +155,9 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                         if k == n:
                             rows[:] = pages
                         else:
-                            rows[carry] = pages
+                            # by index: a boolean mask's assignment cost 3x (316
+                            # against 106 ns a page, one core)
+                            rows[np.flatnonzero(carry)] = pages
                     # (ZERO pages' rows are left as they are: the restore stage writes
                     # zeros for them and never reads their rows)
                     slot.marks = MARK_STAGED

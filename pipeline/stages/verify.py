@@ -53,7 +53,7 @@ def _decode_plain(src: Slot, out: np.ndarray, kinds: np.ndarray, lens: np.ndarra
             if k == n:
                 out[:n] = pages
             else:
-                out[raw] = pages
+                out[np.flatnonzero(raw)] = pages     # (by index: 3x a boolean mask)
         return ""
     offsets = np.zeros(n, np.int64)
     np.cumsum(lens[:-1], out=offsets[1:])
