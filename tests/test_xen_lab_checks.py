@@ -531,3 +531,26 @@ def test_the_pause_ratio_fails_a_full_run_but_is_only_reported_in_ci(host_side, 
     verdict = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("VERDICT:")][-1]
     assert verdict.startswith("VERDICT: PASS" if passed else "VERDICT: FAIL") and f"ratio={ratio:.2f}" in verdict
     assert ("not gated with --ci" in verdict) is (not gate)
+
+
+def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monkeypatch):
+    """This session's `run.sh --ci --keep`: boot 1 faulted early, its QEMU was kept and boot 2's
+    ran beside it. A boot after a kept one stops the kept one first. (A stand-in process for
+    QEMU, named so: the lab's decision is what is tested.)"""
+    import argparse
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "qemu_command", lambda *a: ["sleep", "600"])
+    monkeypatch.setattr(host_side, "_kept_qemu", None)
+    args = argparse.Namespace(keep=True, timeout=0, rounds=3, interval_ms=1000, tcg_thread="multi", eager_fpu=True,
+                              logdirty_stress=0, twin_check=False, until_first_checkpoint=False, xen_opts="",
+                              cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest")
+    host_side.boot_and_run(args)
+    first = host_side._kept_qemu
+    assert first is not None and first.poll() is None
+    host_side.boot_and_run(args)
+    second = host_side._kept_qemu
+    try:
+        assert first.wait(timeout=60) is not None and second.poll() is None
+    finally:
+        second.kill()
+        second.wait()

@@ -86,9 +86,29 @@ def platform_panic(log: str) -> str:
                  and not line.startswith("CONSOLE ")), "")
 
 
+#: the QEMU of the last boot, left running by --keep
+_kept_qemu: subprocess.Popen | None = None
+
+
+def _stop(qemu: subprocess.Popen) -> None:
+    qemu.terminate()
+    try:
+        qemu.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        qemu.kill()
+        qemu.wait()
+
+
 def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, float, str]:
     """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds,
     what went wrong on the host side: QEMU exited, a panic, the timeout; '' if nothing)."""
+    global _kept_qemu
+    if _kept_qemu is not None and _kept_qemu.poll() is None:
+        # --keep is for a look at the last boot: a boot before one more (after a fault) is
+        # stopped, not left running beside it (this session's --ci --keep ran two QEMUs at once)
+        print(f"KEEP: stopping the previous boot's qemu (pid {_kept_qemu.pid}): another boot follows", flush=True)
+        _stop(_kept_qemu)
+    _kept_qemu = None
     for name in ("serial.log", "serial.sock", "mon.sock"):
         (LAB / name).unlink(missing_ok=True)
     t0 = time.monotonic()
@@ -126,13 +146,9 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
     finally:
         if args.keep and qemu.poll() is None:
             print(f"KEEP: qemu pid {qemu.pid} left running; serial socket {LAB}/serial.sock", flush=True)
+            _kept_qemu = qemu
         elif qemu.poll() is None:
-            qemu.terminate()
-            try:
-                qemu.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                qemu.kill()
-                qemu.wait()
+            _stop(qemu)
     if problem:
         print(f"BOOT PROBLEM: {problem}; see {LAB}/serial.log:\n{log[-3000:]}", flush=True)
     return log, boot_s, time.monotonic() - t0, problem
