@@ -615,11 +615,39 @@ def disk_role_tables(forward: str | None = None) -> dict:
     """Both nodes' ``disk`` tables: an 8 MiB image each, exported on a unix socket in the
     workdir, the forwarding link at ``forward`` (the secondary binds it; default a free
     port on 127.0.0.1)."""
-    disk = {"export_size": DISK_MIB << 20, "durable_commit": False,
-            "forward": forward or f"tcp://127.0.0.1:{localpair.free_port_base(1)}"}
+    if forward is None:
+        forward = f"tcp://127.0.0.1:{_held_port()}"
+    disk = {"export_size": DISK_MIB << 20, "durable_commit": False, "forward": forward}
     return {r: {"disk": {**disk, "image": f"{{workdir}}/{r}.img",
                          "export": f"unix:{{workdir}}/{r}.nbd"}}
             for r in ("primary", "secondary")}
+
+
+#: ports drawn for a pair that is not made yet, kept bound until it is (one_run releases
+#: them): LocalPair draws its own 4 ports only then, and a free port nobody holds could be
+#: among them (a full run failed once so: the disk's forward port was the pair's heartbeat
+#: port, "Address already in use" in the secondary's disk stage)
+_HELD: list = []
+
+
+def _held_port() -> int:
+    import socket
+    for _ in range(100):
+        port = localpair.free_port_base(1)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:          # (taken between the look and the bind)
+            s.close()
+            continue
+        _HELD.append(s)
+        return port
+    raise PairError("no free TCP port on 127.0.0.1 for the disk's forwarding link")
+
+
+def _release_held() -> None:
+    while _HELD:
+        _HELD.pop().close()
 
 
 def images_equal(pair: LocalPair) -> bool:
@@ -1388,9 +1416,12 @@ def one_run(name: str, body: Callable[[LocalPair], dict], workdir: str) -> tuple
                                       role_tables=disk_role_tables(forward))
         else:
             roles = getattr(body, "role_tables", None) or disk_role_tables
-            pair = LocalPair({**TABLES, **COMPARE_TABLES, **getattr(body, "tables", {})},
-                             log_level=LOG_LEVEL,
-                             workdir=workdir, role_tables=roles())
+            try:
+                pair = LocalPair({**TABLES, **COMPARE_TABLES, **getattr(body, "tables", {})},
+                                 log_level=LOG_LEVEL,
+                                 workdir=workdir, role_tables=roles())
+            finally:
+                _release_held()
         load = RowLoad(pair, reader=getattr(body, "tables", {}).get("net") is None,
                        writer=getattr(body, "role_tables", None) is None)
         start_node = pair.start_node

@@ -42,3 +42,34 @@ def test_quick_fault_matrix_passes_with_no_data_lost():
     if net:     # every namespace the network row made is gone (names: cfm<matrix pid>p<n>)
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert f"cfm{proc.pid}p" not in names, names
+
+
+def test_the_disk_forward_port_is_none_of_the_pairs_ports(monkeypatch, tmp_path):
+    """The disk's forwarding port (drawn first, for the role tables) stays bound until the
+    pair drew its own 4 ports, so they cannot include it (a full matrix run failed once:
+    the forward port was the pair's heartbeat port, 'Address already in use' in the
+    secondary's disk stage). Free ports are drawn deterministically here, lowest first,
+    so the old code draws the same port twice."""
+    import socket
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import fault_matrix
+    from pipeline import localpair
+
+    def lowest(count: int = 4) -> int:
+        for base in range(31000, 32000):
+            try:
+                for p in range(base, base + count):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", p))
+                return base
+            except OSError:
+                continue
+        raise AssertionError("no free ports")
+    monkeypatch.setattr(localpair, "free_port_base", lowest)
+    tables = fault_matrix.disk_role_tables()
+    try:
+        pair = localpair.LocalPair({}, workdir=str(tmp_path), role_tables=tables)
+    finally:
+        getattr(fault_matrix, "_release_held", lambda: None)()
+    forward = int(tables["secondary"]["disk"]["forward"].rsplit(":", 1)[1])
+    assert forward not in range(pair.port, pair.port + pair.PORTS), (forward, pair.port)
