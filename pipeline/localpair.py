@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -99,13 +99,16 @@ class PairError(RuntimeError):
     """A node of the pair failed or did not do what was asked in time."""
 
 
-def free_port_base(count: int = 4) -> int:
+def free_port_base(count: int = 4, bases: Iterable[int] | None = None) -> int:
     """A TCP port on 127.0.0.1 such that it and the next ``count - 1`` are free (a node uses
     peer.address's port and the next three). Drawn below the kernel's ephemeral range, so
-    the outgoing connections of other tests cannot take them between check and bind."""
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randrange(20000, 32000 - count)
+    the outgoing connections of other tests cannot take them between check and bind.
+    ``bases``: the candidates in order (a test draws lowest first, to be deterministic);
+    default 500 random ones."""
+    if bases is None:
+        rng = random.Random()
+        bases = (rng.randrange(20000, 32000 - count) for _ in range(500))
+    for base in bases:
         try:
             for p in range(base, base + count):
                 with socket.socket() as s:

@@ -50,21 +50,14 @@ def test_the_disk_forward_port_is_none_of_the_pairs_ports(monkeypatch, tmp_path)
     the forward port was the pair's heartbeat port, 'Address already in use' in the
     secondary's disk stage). Free ports are drawn deterministically here, lowest first,
     so the old code draws the same port twice."""
-    import socket
     sys.path.insert(0, os.path.dirname(SCRIPT))
     import fault_matrix
     from pipeline import localpair
 
+    lowest_first = localpair.free_port_base
+
     def lowest(count: int = 4) -> int:
-        for base in range(31000, 32000):
-            try:
-                for p in range(base, base + count):
-                    with socket.socket() as s:
-                        s.bind(("127.0.0.1", p))
-                return base
-            except OSError:
-                continue
-        raise AssertionError("no free ports")
+        return lowest_first(count, bases=range(31000, 32000))
     monkeypatch.setattr(localpair, "free_port_base", lowest)
     tables = fault_matrix.disk_role_tables()
     try:
