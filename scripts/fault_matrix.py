@@ -39,8 +39,9 @@ local witness reachable from both, like an etcd on a third network):
   forwarder (this kernel has no netem), from before the full sync. Invariants: protected
   over that link, no side declared the other lost, 20 more checkpoints after the forwarder
   impaired 200 packets, memories proven equal.
-* ``link-rate-20mbit``: ``tc`` TBF on the veth, below the guest's dirty rate; the same
-  invariants, and the limit held packets back.
+* ``link-rate-20mbit``: ``tc`` TBF on the veth, below the guest's dirty rate, with a
+  100 ms queue (a heartbeat waits behind it: docs/tuning.md); the same invariants, and
+  the limit held packets back.
 
 * ``page-stream-corrupt-plaintext``, ``page-stream-corrupt-curve``: the forwarder flips a
   byte in TCP segments of the pages channel and fixes their checksum up. Plaintext (with
@@ -440,13 +441,20 @@ def _stays_protected(pair: "faultnet.NetnsPair", what: str) -> None:
             for r in ("primary", "secondary")}
     if info.get("state") != "protected" or any(lost.values()):
         # (a forwarder that was itself kept off the CPU held every packet meanwhile)
+        # (a shaped link's queue delayed heartbeats behind the pages: its backlog says how
+        # much; the heartbeat's longest silence heard says how close to its timeout)
         link = getattr(pair, "link", None)
         fw = link.forwarder_stats() if link else {}
+        gaps = {r: pair.stage_counter("heartbeat", "max_gap_us", r) // 1000
+                for r in ("primary", "secondary")}
         raise RunFailed(f"{what} broke protection: primary {info.get('state')}, "
-                        f"peer_lost {lost}" + (f", the forwarder runnable but not running "
-                                               f"for up to {fw['max_run_delay_ms']} ms at "
-                                               f"once, its longest turn {fw.get('max_turn_ms')}"
-                                               f" ms" if "max_run_delay_ms" in fw else ""))
+                        f"peer_lost {lost}, longest heartbeat silence heard {gaps} ms"
+                        + (f", the forwarder runnable but not running "
+                           f"for up to {fw['max_run_delay_ms']} ms at "
+                           f"once, its longest turn {fw.get('max_turn_ms')}"
+                           f" ms" if "max_run_delay_ms" in fw else "")
+                        + (f", the TBF: {' '.join(link.tbf_stats().split())}"
+                           if link is not None and link.limited else ""))
     if pair.prove_memory_equal(timeout=DEADLINE).get("memory_equal") is not True:
         raise DataLost(f"with {what} the two memories differ")
 
@@ -478,12 +486,27 @@ def impaired_link(impair: dict, counter: str, at_least: int = 200) -> Callable:
     return run
 
 
+#: The rate row's queue: the most delay the shaped link holds a packet for. Heartbeats
+#: share the link with the pages, so a packet of one waits behind every checkpoint byte
+#: queued before it: the default heartbeat (a loss after 3 x 100 ms of silence) needs the
+#: queue's delay well below its 300 ms (docs/tuning.md, "Heartbeat on a shared link"). At
+#: 500 ms (tc's usual example, this row until session 12) one full run of 17 lost the peer
+#: for a 301 ms silence (5.5 MB checkpoints in the queue, the heartbeat process 89 ms late
+#: at load 20); 100 ms is a WAN router's usual buffer at this rate.
+RATE_ROW_QUEUE_MS = 100
+
+
+def shape(link: "faultnet.NetLink", rate: str) -> None:
+    """The rate row's link: at most ``rate`` each way, a queue of RATE_ROW_QUEUE_MS."""
+    link.limit_rate(rate, latency=f"{RATE_ROW_QUEUE_MS}ms")
+
+
 def rate_limited(rate: str) -> Callable:
     """``tc`` TBF caps each direction of the veth at ``rate`` (below the guest's dirty rate
-    of ~8 MB/s), from before the full sync. Invariants as for the impaired link; the
-    limit must have held packets back (TBF overlimits > 0)."""
+    of ~8 MB/s) with a queue of RATE_ROW_QUEUE_MS, from before the full sync. Invariants as
+    for the impaired link; the limit must have held packets back (TBF overlimits > 0)."""
     def run(pair: "faultnet.NetnsPair") -> dict:
-        pair.link.limit_rate(rate)
+        shape(pair.link, rate)
         pair.start()
         pair.wait_protected(timeout=DEADLINE)
         _stays_protected(pair, "the rate limit")

@@ -66,3 +66,30 @@ def test_the_disk_forward_port_is_none_of_the_pairs_ports(monkeypatch, tmp_path)
         getattr(fault_matrix, "_release_held", lambda: None)()
     forward = int(tables["secondary"]["disk"]["forward"].rsplit(":", 1)[1])
     assert forward not in range(pair.port, pair.port + pair.PORTS), (forward, pair.port)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="a veth pair and tc need root")
+def test_the_rate_rows_queue_delays_a_heartbeat_less_than_its_timeout():
+    """A heartbeat shares the shaped link with the pages: it waits behind the whole queue.
+    The rate row's real TBF (read back from the kernel) must delay a packet by less than
+    the default heartbeat's timeout minus one interval, or the row tests the queue, not
+    the product (a full run lost the peer for a 301 ms silence at tc's 500 ms)."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import re
+
+    import fault_matrix
+    import faultnet
+    from pipeline.failover.settings import HeartbeatSettings
+
+    link = faultnet.NetLink("veth", workdir="/tmp")
+    try:
+        fault_matrix.shape(link, "20mbit")
+        shown = link.tbf_stats()
+    finally:
+        link.close()
+    queue = re.search(r"\blat (\d+(?:\.\d+)?)(us|ms|s)\b", shown)
+    assert queue, shown
+    queue_ms = float(queue.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[queue.group(2)]
+    hb = HeartbeatSettings()
+    assert queue_ms + hb.interval_ms < hb.interval_ms * hb.miss_count, shown
