@@ -115,6 +115,39 @@ def test_discard_uncommitted_drops_buffered_writes_only(tmp_path):
     s.close()
 
 
+@pytest.mark.parametrize("path", ["admit", "buffer"])
+def test_one_batch_is_judged_write_by_write_and_a_refused_write_holds_no_room(tmp_path, path):
+    """The receiver's admission before its ACK (admit_pvm_writes) and an unadmitted
+    buffering judge a batch alike, each write on its own: a stale epoch and a write past
+    the bound are refused with the check that failed, and the room a refused write would
+    have taken stays free for the writes after it."""
+    from pipeline.disk.wire import ForwardedWrite
+    d = str(tmp_path)
+    record = SecondaryStore.record_bytes(ForwardedWrite(KIND_WRITE, 2, 0, 0, BS, b"", b"x" * BS))
+    s = open_store(d, buffer_max=3 * record)
+    s.buffer_pvm_write(1, KIND_WRITE, 0, BS, digest_of(b"a" * BS), b"a" * BS)
+    s.commit(1)
+
+    def fw(seq: int, epoch: int, blocks: int, fill: bytes) -> ForwardedWrite:
+        data = fill * (blocks * BS)
+        return ForwardedWrite(KIND_WRITE, epoch, seq, seq * BS, len(data), digest_of(data), data)
+
+    batch = [fw(1, 2, 1, b"b"), fw(2, 1, 1, b"c"), fw(3, 2, 4, b"d"), fw(4, 2, 1, b"e"),
+             fw(5, 2, 1, b"f"), fw(6, 2, 1, b"g")]
+    verdicts = (s.admit_pvm_writes(batch) if path == "admit" else s.buffer_pvm_writes(batch))
+    assert verdicts[0] is None and verdicts[3] is None and verdicts[4] is None
+    assert isinstance(verdicts[1], StoreError) and "already committed" in str(verdicts[1])
+    assert isinstance(verdicts[2], StoreFull) and isinstance(verdicts[5], StoreFull)
+    if path == "admit":         # judged, not written
+        assert s.buffer_bytes == 0
+    else:                       # exactly the three admitted writes land at the commit
+        s.commit(2)
+        image = image_bytes(d)
+        assert [image[i * BS:(i + 1) * BS] for i in range(7)] == [
+            b"a" * BS, b"b" * BS, bytes(BS), bytes(BS), b"e" * BS, b"f" * BS, bytes(BS)]
+    s.close()
+
+
 def test_a_recycled_log_never_replays_stale_records_even_of_the_same_epoch(tmp_path):
     """Emptied logs are reused; after a discard the same epoch number can come back. A
     reopen (which finds the valid end by scanning) must not pick up the old records."""

@@ -334,23 +334,7 @@ class SecondaryStore:
         bytes of records admitted before and not appended yet."""
         out: list[StoreError | None] = [None] * len(writes)
         with self._lock:
-            held = self.buffer_bytes + pending
-            bound = self.buffer_max_bytes
-            # the checks of _admit without a call per write; _admit itself only for a
-            # write that may fail one of them (it names which)
-            floor = max(self.committed_epoch, self._committing or 0)
-            may_take = not self.active and self.unbuffered is None
-            for i, w in enumerate(writes):
-                adding = RECORD.size + (0 if w.data is None else len(w.data))
-                if may_take and w.epoch > floor and held + adding <= bound:
-                    held += adding
-                    continue
-                try:
-                    self._admit(w.epoch, w.offset, w.length, held, adding)
-                except StoreError as e:
-                    out[i] = e
-                    continue
-                held += adding
+            self._check_admission(writes, self.buffer_bytes + pending, out)
         return out
 
     @staticmethod
@@ -367,18 +351,12 @@ class SecondaryStore:
         again."""
         out: list[StoreError | OSError | None] = [None] * len(writes)
         with self._lock:
-            held = self.buffer_bytes
+            if not admitted:
+                self._check_admission(writes, self.buffer_bytes, out)
             by_epoch: dict[int, list[int]] = {}
             for i, w in enumerate(writes):
-                if not admitted:
-                    data_len = 0 if w.data is None else len(w.data)
-                    try:
-                        self._admit(w.epoch, w.offset, w.length, held, RECORD.size + data_len)
-                    except StoreError as e:
-                        out[i] = e
-                        continue
-                    held += RECORD.size + data_len
-                by_epoch.setdefault(w.epoch, []).append(i)
+                if out[i] is None:
+                    by_epoch.setdefault(w.epoch, []).append(i)
             for epoch, todo in by_epoch.items():
                 lg = self._logs.get(epoch) or self._open_log(epoch)
                 for k in range(0, len(todo), 256):  # 2 iovecs a record, IOV_MAX 1024
@@ -398,6 +376,28 @@ class SecondaryStore:
                 return False
             self.unbuffered = (epoch, seq, why)
             return True
+
+    def _check_admission(self, writes: list[ForwardedWrite], held: int,
+                         out: list) -> None:
+        """Whether each of ``writes`` may be buffered (epoch, state, bound) with ``held``
+        bytes buffered or admitted before it: its error in ``out``, or None left there.
+        The caller holds ``_lock``. What decides it is taken once per batch (the epoch floor,
+        whether this node takes the primary's writes at all), so a passing write costs a
+        comparison; :meth:`_admit`, which names the check that failed, runs only for a
+        write that may fail one. Both the receiver's admission before its ACK and an
+        unadmitted buffering use it."""
+        floor = max(self.committed_epoch, self._committing or 0)
+        takes_writes = not self.active and self.unbuffered is None
+        bound = self.buffer_max_bytes
+        for i, w in enumerate(writes):
+            adding = RECORD.size + (0 if w.data is None else len(w.data))
+            if not (takes_writes and w.epoch > floor and held + adding <= bound):
+                try:
+                    self._admit(w.epoch, w.offset, w.length, held, adding)
+                except StoreError as e:
+                    out[i] = e
+                    continue
+            held += adding
 
     def _admit(self, epoch: int, offset: int, length: int, held: int, adding: int) -> None:
         if self.active:
