@@ -111,11 +111,13 @@ def cpu_seconds(pgid: int | None) -> float:
     return total / tick
 
 
-def thread_schedstat(pid: int) -> tuple[int, int, int] | None:
+def thread_schedstat(pid: int) -> tuple[int, int, int, int, int] | None:
     """(ns on a CPU, ns runnable but waiting for one, times scheduled in) of every thread
-    of ``pid`` (its ZeroMQ I/O threads too), from /proc/PID/task/*/schedstat; None once
-    it is gone."""
-    total = [0, 0, 0]
+    of ``pid`` (its ZeroMQ I/O threads too), from /proc/PID/task/*/schedstat, then the ns
+    on a CPU and times scheduled in of its ZeroMQ I/O threads alone (libzmq names them
+    ZMQbg/IO/<n>): a message a stage sends or receives wakes one of those as well as the
+    stage; None once it is gone."""
+    total = [0, 0, 0, 0, 0]
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -124,11 +126,16 @@ def thread_schedstat(pid: int) -> tuple[int, int, int] | None:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
                 values = [int(x) for x in fh.read().split()]
+            with open(f"/proc/{pid}/task/{tid}/comm") as fh:
+                io_thread = fh.read().startswith("ZMQbg/IO")
         except (OSError, ValueError):
             continue
         for i in range(3):
             total[i] += values[i]
-    return total[0], total[1], total[2]
+        if io_thread:
+            total[3] += values[0]
+            total[4] += values[2]
+    return total[0], total[1], total[2], total[3], total[4]
 
 
 def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -171,7 +178,7 @@ def sched_delta(before: dict, after: dict, elapsed: float, answered: int) -> dic
     out = {}
     for role, procs in after.items():
         rows = {}
-        for name, (run, wait, runs) in procs.items():
+        for name, (run, wait, runs, io_run, io_runs) in procs.items():
             b = before.get(role, {}).get(name)
             if b is not None and run >= b[0]:
                 rows[name] = {"cpu_ms_per_s": round((run - b[0]) / 1e6 / elapsed, 1),
@@ -180,6 +187,12 @@ def sched_delta(before: dict, after: dict, elapsed: float, answered: int) -> dic
                               if answered else None,
                               "runs_per_request": round((runs - b[2]) / answered, 2)
                               if answered else None}
+                if io_runs > b[4] and answered:
+                    # of those, its ZeroMQ I/O threads' (thread_schedstat)
+                    rows[name]["io_thread_cpu_us_per_request"] = round(
+                        (io_run - b[3]) / 1e3 / answered, 1)
+                    rows[name]["io_thread_runs_per_request"] = round(
+                        (io_runs - b[4]) / answered, 2)
         out[role] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_ms_per_s"]))
     return out
 
@@ -475,6 +488,9 @@ def _show(r: dict, args: argparse.Namespace) -> None:
         print(f"    {role} per request: cpu {r['per_request'][role]['cpu_us']} us, "
               f"{r['per_request'][role]['runs']} runs; " + ", ".join(
                   f"{n} {v['cpu_us_per_request']} us/{v['runs_per_request']}"
+                  + (f" (io {v['io_thread_cpu_us_per_request']}/"
+                     f"{v['io_thread_runs_per_request']})"
+                     if "io_thread_runs_per_request" in v else "")
                   for n, v in top), file=out, flush=True)
 
 

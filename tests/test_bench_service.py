@@ -34,6 +34,9 @@ def test_quick_run_has_every_row_and_loses_no_request():
         assert r["per_request"]["primary"]["cpu_us"] > 0, r["per_request"]
         assert r["per_request"]["primary"]["runs"] > 0, r["per_request"]
         assert r["processes"]["primary"]["client"]["cpu_us_per_request"] > 0, r["processes"]
+        # of which its ZeroMQ I/O thread's: a request reaches the stage through one
+        assert r["processes"]["primary"]["client"]["io_thread_runs_per_request"] > 0, \
+            r["processes"]
         # a protected mode's row says whether the pair stayed protected through it
         assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
         if r["mode"] == "unprotected":
