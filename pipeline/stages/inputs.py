@@ -61,6 +61,9 @@ class OutputPort:
         self.framer = GuestOutputFramer()
         #: the guest's output pipe was readable at the last wait (or is unknown: True)
         self.output_ready = True
+        #: outputs and their bytes read since the last :meth:`count` (the counters are
+        #: shared memory: written once per look, not per answer)
+        self._outputs = self._bytes_out = 0
 
     def to_clients(self, address: str) -> None:
         """The takeover: from now on the frames go to ``address`` (this node's comparator,
@@ -80,17 +83,23 @@ class OutputPort:
         self.output_ready = False      # read to the end: the next wait says when more came
         if not outs:
             return
-        marks = sum(1 for seq, _ in outs if seq == OUTPUT_MARK)
-        self.ctx.counters.add("outputs", len(outs) - marks)
-        self.ctx.counters.add("bytes_out", sum(len(f) for seq, f in outs if seq != OUTPUT_MARK))
-        if not (compare and self.address):
+        # one pass: counted, and framed for the comparator. Epoch boundaries the node
+        # marked in the guest's output go in the same stream, in place (their tags are
+        # already framed): the comparator sees them in order. On the clients' network
+        # there are none (the old pair's would read as the PVM's).
+        send = compare and bool(self.address)
+        frame, keep, parts = self.framer.frame, self.keep, []
+        for seq, f in outs:
+            if seq != OUTPUT_MARK:
+                self._outputs += 1
+                self._bytes_out += len(f)
+                if send:
+                    parts.append(frame(f))
+            elif send and not keep:
+                parts.append(f)
+        if not send:
             return
-        # epoch boundaries the node marked in the guest's output go in the same stream, in
-        # place (their tags are already framed): the comparator sees them in order. On the
-        # clients' network there are none (the old pair's would read as the PVM's).
-        frame = self.framer.frame
-        data = b"".join(frame(f) if seq != OUTPUT_MARK else b"" if self.keep else f
-                        for seq, f in outs)
+        data = b"".join(parts)
         sent_ns = time.monotonic_ns() if trace.REQUESTS else 0   # (before: see run_client)
         sent = self._send(data)
         if not sent and self.keep:
@@ -100,6 +109,13 @@ class OutputPort:
                 trace.request(f"{self.side}_out" if seq != OUTPUT_MARK else
                               f"{self.side}_mark", seq if seq != OUTPUT_MARK else -1,
                               at_ns=sent_ns)
+
+    def count(self) -> None:
+        """Add the outputs read since the last call to the stage's counters."""
+        if self._outputs:
+            self.ctx.counters.add("outputs", self._outputs)
+            self.ctx.counters.add("bytes_out", self._bytes_out)
+            self._outputs = self._bytes_out = 0
 
     def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
         """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
@@ -155,6 +171,7 @@ class OutputPort:
             return False
 
     def close(self) -> None:
+        self.count()
         if self.client is not None:
             self.client.close()
 
@@ -271,13 +288,16 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     keep_limit = max(1, io.input_capacity // 2) if settings.net.primary_in else None
     in_ready = True           # client-inputs.sock readable at the last wait (or unknown)
     next_look = 0.0           # the next look at the checkpoint events
+    items = nbytes = 0        # inputs fed (and their bytes) since the last look's count
     try:
         while True:
             # per turn only what this turn needs: the output when the wait saw it or timed
-            # out; the stop flag (ctx.stopping: this stage's turn, its fault point) before
-            # each wait and every LOOK_S, the events every LOOK_S (and the output then too:
-            # an epoch mark comes without a frame). Each of those looks is a zmq poll, a
-            # read or a lock, and a request made three turns of all of them.
+            # out; every LOOK_S the stop flag (ctx.stopping: this stage's turn, its fault
+            # point; a lock), the events (and the output then too: an epoch mark comes
+            # without a frame), the counters (shared memory) and whether the SVM's input
+            # log asks for a checkpoint. Each of those looks is a zmq poll, a read or a
+            # lock, and a request made three turns of all of them. (Not before each wait
+            # either: a wait ends within 50 ms, and the turn after it looks.)
             now = time.monotonic()
             look = now >= next_look
             if look and ctx.stopping():
@@ -286,18 +306,24 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 port.deliver(io)
             if look:
                 next_look = now + LOOK_S
+                port.count()
+                if items:
+                    ctx.counters.add("items_out", items)
+                    ctx.counters.add("bytes_out", nbytes)
+                    items = nbytes = 0
                 ctx.counters.set("pvm_input_seq", io.input_seq())
                 for ev in events.poll_events(0):
                     if ev.event == "committed":
                         committed_seq = max(committed_seq, ev.extra.get("input_seq", -1))
                         asked = False
-            if keep_limit is not None and not asked and input_log_checkpoint_due(
-                    io.input_head, io.input_seq(), committed_seq, keep_limit) \
-                    and not shared.unprotected.value:
-                asked = True
-                events.request("input_log_full", f"{io.input_head - committed_seq} inputs "
-                                                 f"since the last commit, "
-                                                 f"{io.input_seq() - committed_seq} consumed")
+                # (the log takes thousands: a look every LOOK_S is soon enough to ask)
+                if keep_limit is not None and not asked and input_log_checkpoint_due(
+                        io.input_head, io.input_seq(), committed_seq, keep_limit) \
+                        and not shared.unprotected.value:
+                    asked = True
+                    events.request("input_log_full",
+                                   f"{io.input_head - committed_seq} inputs since the last "
+                                   f"commit, {io.input_seq() - committed_seq} consumed")
             # one look per input: whether it is mirrored must agree with whether the resend
             # below covered it (a secondary that joins between two looks would otherwise
             # get this input first and the older ones after it, which it then refuses)
@@ -328,8 +354,6 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                     payload = client_input(settings.guest.workload.seed, n)
                     n += 1
                 if payload is None:
-                    if ctx.stopping():
-                        break
                     wait = 0.05 if period is None else max(0.0, min(next_at - time.monotonic(),
                                                                    0.05))
                     in_ready = port.wait(io, injected, int(wait * 1000))
@@ -357,11 +381,13 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                     return
             elif trace.REQUESTS and not unprotected:
                 trace.request("mirrored", seq, at_ns=mirrored_ns)
-            ctx.counters.add("items_out", 1)
-            ctx.counters.add("bytes_out", len(payload))
+            items += 1
+            nbytes += len(payload)
             payload = None
-            io.trim_inputs(io.input_seq())
     finally:
+        if items:
+            ctx.counters.add("items_out", items)
+            ctx.counters.add("bytes_out", nbytes)
         trace.flush_requests()
         port.close()
         events.close()
@@ -386,6 +412,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
     next_at = 0.0
     port = OutputPort(ctx, settings.net.secondary_in, "svm")
     next_look = 0.0           # the next look at the checkpoint events (see run_client)
+    items = nbytes = 0        # inputs fed (and their bytes) since the last look's count
     try:
         while True:
             # compared while the primary is there; once active the SVM's output is the
@@ -394,7 +421,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
             active = shared.active.value
             now = time.monotonic()
             look = now >= next_look
-            # the stop flag as in run_client: every LOOK_S and before each wait for input
+            # the stop flag as in run_client: every LOOK_S (and every turn once active)
             if (look or active) and ctx.stopping():
                 break
             if active and becomes_primary and not port.keep and settings.net.primary_in:
@@ -403,6 +430,11 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 port.deliver(io, compare=not active or port.keep)
             if look:
                 next_look = now + LOOK_S
+                port.count()
+                if items:
+                    ctx.counters.add("items_in", items)
+                    ctx.counters.add("bytes_in", nbytes)
+                    items = nbytes = 0
                 ctx.counters.set("svm_input_seq", io.input_seq())
             if active:
                 ctx.counters.set("svm_input_seq", io.input_seq())
@@ -429,8 +461,6 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                     svm_ran = True
                     io.trim_inputs(seq)
             if held is None:
-                if ctx.stopping():
-                    break
                 if not port.wait(io, inp, 20):
                     continue
                 try:
@@ -476,10 +506,13 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 ctx.log.warning("inputs channel: refused input %d: %s", held[0], exc)
                 held = None
                 continue
-            ctx.counters.add("items_in", 1)
-            ctx.counters.add("bytes_in", len(held[1]))
+            items += 1
+            nbytes += len(held[1])
             held = None
     finally:
+        if items:
+            ctx.counters.add("items_in", items)
+            ctx.counters.add("bytes_in", nbytes)
         trace.flush_requests()
         port.close()
         events.close()
