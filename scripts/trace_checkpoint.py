@@ -18,8 +18,11 @@ first/last summary per stage and event. At the end, the control hops (BEGIN to e
 node, each SVM_DIRTY part from coordinator to coordinator, the ACK's way back) and the
 data path's (the sim guest's pause answer, each hand-off of the first batch from stage to
 stage) over all checkpoints: median and max, the figures that say whether a hop waited
-for a core; and the number of hand-offs (trace events of distinct processes in a row)
-in a checkpoint.
+for a core; the number of hand-offs (trace events of distinct processes in a row) in a
+checkpoint; and the stages' wake-ups per checkpoint (voluntary context switches of every
+thread of both nodes' stage processes, less their rate without checkpoints) and their
+CPU time per checkpoint (schedstat): figures the machine's load moves far less than the
+times, to compare two trees by.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -105,6 +109,35 @@ def hops(evs: list[tuple[float, str, str, str, str]]) -> dict[str, list[float]]:
     return out
 
 
+def wakeups(pids: list[int]) -> tuple[int, int]:
+    """(voluntary context switches, ns on a CPU) so far of every thread of ``pids``. Each
+    switch is a wait that blocked, so each hand-off that woke a sleeper counts one (and
+    each sleep after it); the CPU time is the kernel's (schedstat), to the nanosecond."""
+    switches = cpu_ns = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            switches += int(line.split()[1])
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    cpu_ns += int(fh.read().split()[0])
+            except OSError:
+                pass
+    return switches, cpu_ns
+
+
+def stage_pids(pair) -> list[int]:
+    """Every stage process of both nodes (not the guests, not the supervisors)."""
+    return [pid for role in ("primary", "secondary")
+            for pid in pair.node(role).node_info().get("stage_pids", {}).values()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=1000, help="dirty pages per checkpoint")
@@ -119,17 +152,30 @@ def main() -> int:
     os.close(fd)
     os.environ["COLO_TRACE"] = path      # inherited by both nodes' processes
     marks = []
+    woke: list[float] = []
+    cpu: list[float] = []
     try:
         with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
                          batch_pages=args.batch_pages or None) as pair:
             pair.start()
             pair.wait_protected(timeout=900)
+            pids = stage_pids(pair)
+            # the stages' wake-ups without a checkpoint (heartbeats, timeouts), per second
+            w0, t0 = wakeups(pids), time.monotonic()
+            time.sleep(2)
+            w1, t1 = wakeups(pids), time.monotonic()
+            idle = [(b - a) / (t1 - t0) for a, b in zip(w0, w1)]   # per second
             for _ in range(args.reps):
                 bench.write_in_both_guests(pair, args.pages)
                 count = len(pair.checkpoints())
                 mark = os.path.getsize(path)
+                w0, t0 = wakeups(pids), time.monotonic()
                 pair.request_checkpoint()
-                marks.append((mark, pair.wait_checkpoints(count + 1, timeout=600)[-1]))
+                cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
+                w1, dt = wakeups(pids), time.monotonic() - t0
+                woke.append(w1[0] - w0[0] - idle[0] * dt)
+                cpu.append((w1[1] - w0[1] - idle[1] * dt) / 1e6)
+                marks.append((mark, cp))
         with open(path) as fh:
             text = fh.read()
     finally:
@@ -159,6 +205,13 @@ def main() -> int:
         print(f"  {label:36s} {statistics.median(took):7.2f} {max(took):7.2f}  x{len(took)}")
     if handoffs:
         print(f"hand-offs per checkpoint (median): {statistics.median(handoffs):g}")
+    if woke:
+        print(f"stage wake-ups per checkpoint (voluntary context switches of both nodes' "
+              f"stage threads, less their idle rate; median, min, max): "
+              f"{statistics.median(woke):.0f} {min(woke):.0f} {max(woke):.0f}")
+        print(f"stage CPU per checkpoint, ms (both nodes' stage threads, less their idle "
+              f"rate; median, min, max): {statistics.median(cpu):.2f} {min(cpu):.2f} "
+              f"{max(cpu):.2f}")
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 
