@@ -186,8 +186,15 @@ class SimulatedIO(abc.ABC):
         """The seq of the next input the guest will consume."""
 
     @abc.abstractmethod
-    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
-        """Append one input (at ``seq``, which must be the head, if given); its seq."""
+    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0,
+                   wake: bool = True) -> int:
+        """Append one input (at ``seq``, which must be the head, if given); its seq.
+        ``wake=False``: the guest is not woken for it yet (a running guest still finds
+        it), :meth:`wake_guest` does that."""
+
+    @abc.abstractmethod
+    def wake_guest(self) -> None:
+        """Wake the guest for the inputs fed with ``wake=False``."""
 
     @abc.abstractmethod
     def input_limit(self) -> int:

@@ -807,13 +807,23 @@ class SimDomain(Domain, SimulatedIO):
             time.sleep(0.001)
 
     # -- inputs / outputs -----------------------------------------------------------------
-    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0) -> int:
+    def feed_input(self, payload: bytes, seq: int | None = None, timeout: float = 5.0,
+                   wake: bool = True) -> int:
         """Append one input for the guest and return its seq. ``seq`` (mirroring) must be
-        the next expected one (ValueError). Blocks while the log is full (TimeoutError)."""
+        the next expected one (ValueError). Blocks while the log is full (TimeoutError).
+        ``wake=False``: no doorbell yet (:meth:`wake_guest`); a guest already running
+        finds the input anyway, one asleep sleeps on."""
         self._check_open()
         seq = self._inputs.append(payload, seq, timeout)
-        os.eventfd_write(self._doorbell, 1)
+        if wake:
+            os.eventfd_write(self._doorbell, 1)
         return seq
+
+    def wake_guest(self) -> None:
+        """The doorbell for inputs fed with ``wake=False``. The woken guest often takes
+        the caller's CPU at once (the kernel's wake-up preemption), so a caller with more
+        to do for the input first (the primary's client stage mirrors it) rings after."""
+        os.eventfd_write(self._doorbell, 1)
 
     def trim_inputs(self, below_seq: int) -> None:
         """Inputs below ``below_seq`` may be overwritten (after a commit)."""
