@@ -507,16 +507,21 @@ def test_the_secondary_applies_writes_in_the_primarys_order_not_their_arrival_or
         assert got == b"1" * BS + b"2" * BS + b"1" * BS + bytes(BS)
 
 
+@pytest.mark.parametrize("compare", ["checkpoint", "off"])
 def test_an_unhashed_write_is_hashed_by_the_secondary_and_survives_a_killed_stage(
-        tmp_path, rundir):
-    """The primary forwards guest writes unhashed (wire.UNHASHED); the secondary hashes
-    them itself: the comparator matches the SVM's same write, and the buffer record
-    carries the real blake3, so a stage killed before the commit reopens with the write
-    (a record with a wrong digest would end the log's scan there and be lost)."""
+        tmp_path, rundir, compare):
+    """The primary forwards guest writes unhashed (wire.UNHASHED); with the comparator on
+    the secondary hashes them itself: the comparator matches the SVM's same write, and the
+    buffer record carries the real blake3 (a record with a wrong digest would end the
+    log's scan there and be lost). With ``disk.compare = "off"`` nothing needs the digest:
+    the record says UNHASHED (no blake3 of the write on the receiver). Either way a stage
+    killed before the commit reopens with the write."""
+    from pipeline.disk.store import LOG_HEADER, RECORD
     work = str(tmp_path / "disks")
     ctx = zmq.Context.instance()
     data = b"\x5a" * 2 * BS
-    with start_disk_pair(work, SIZE, rundir=rundir, compare="off", initial_sync=False) as pair:
+    with start_disk_pair(work, SIZE, rundir=rundir, compare=compare,
+                         initial_sync=False) as pair:
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(pair.forward)
@@ -535,8 +540,12 @@ def test_an_unhashed_write_is_hashed_by_the_secondary_and_survives_a_killed_stag
         assert pair.secondary.stats()["counters"]["divergences"] == 0
         pair.processes[1].kill()
         pair.processes[1].join(10)
-    store = SecondaryStore(os.path.join(work, "secondary.img"), SIZE, BS,
-                           os.path.join(work, "secondary.img.colo"), 1 << 30, 1 << 30)
+    state = os.path.join(work, "secondary.img.colo")
+    with open(os.path.join(state, "buffer-1.log"), "rb") as f:
+        record = RECORD.unpack(f.read(LOG_HEADER.size + RECORD.size)[LOG_HEADER.size:])
+    assert record[-1] == (wire.digest_of(data) if compare == "checkpoint" else wire.UNHASHED)
+    store = SecondaryStore(os.path.join(work, "secondary.img"), SIZE, BS, state,
+                           1 << 30, 1 << 30)
     try:
         store.commit(1)
         assert store.image.pread(0, 4 * BS) == bytes(BS) + data + bytes(BS)

@@ -7,7 +7,11 @@ the amount written):
   an in-memory bitmap (one bit per block) says which blocks are in it.
 * ``buffer-<epoch>.log`` — the PVM's forwarded writes of one epoch, in arrival order:
   a 64-byte file header (magic, epoch, nonce), then records: 80-byte header (magic,
-  kind, epoch, nonce, seq, offset, length, data length, blake3) and the data. ``seq``
+  kind, epoch, nonce, seq, offset, length, data length, blake3) and the data. A WRITE's
+  blake3 is all zero when it was not hashed (``disk.compare = "off"``: only the
+  comparator needs it; every log a commit or a replay applies was fdatasynced before
+  its ``committing`` state, or — not durable — is in the page cache, so no torn record
+  of it needs the digest to be found); a given one is checked by the scan. ``seq``
   is the write's place in the primary's one write order; writes arrive in another
   order (one forwarding socket per NBD connection), so a commit applies them sorted by
   (epoch, seq): overlapping writes end as they did on the primary. This is also
@@ -306,8 +310,8 @@ class SecondaryStore:
                 data = f.read(data_len)
                 if len(data) < data_len:
                     return
-                if (digest_of(data) if kind == KIND_WRITE else ZERO_DIGEST) != digest:
-                    return
+                if digest != ZERO_DIGEST and (kind != KIND_WRITE or digest_of(data) != digest):
+                    return     # (all zero: a ZERO, or a WRITE not hashed)
                 data_pos = pos + RECORD.size
                 pos = data_pos + data_len
                 yield pos, seq, arrival, kind, off, length, data_pos, data_len

@@ -17,8 +17,9 @@ as groups of writes, two frames per group:
 
 A WRITE's or SYNC's digest may be all zero (``UNHASHED``): the primary has no use for
 the digest of a guest's write, and hashing it there cost as much of the NBD connection's
-thread as receiving the write. The secondary then hashes a WRITE itself (its buffer log
-record and the disk comparator need the digest) and a SYNC not at all. The bytes in
+thread as receiving the write. The secondary then hashes a WRITE itself when its disk
+comparator is on (the comparator needs the digest, and the buffer log record then
+carries it; with ``disk.compare = "off"`` neither) and a SYNC not at all. The bytes in
 transit are guarded by TCP's checksums, and on a secured link by CURVE's authenticator,
 which rejects any altered message. A digest that is given is checked (EBADMSG).
 
