@@ -115,6 +115,13 @@ Secondary coordinator and restore stage:
                                  SVM's own dirty pages not yet put back from the cache
                                  (after the early ACK: the primary may have committed it)
 
+Demo witness, ``pipeline/failover/witness.py`` (``LocalWitness``):
+
+* ``witness.local.swap``         state change <k> of this process (a grant, a renewal, a
+                                 release) written to its temporary file, not yet linked
+                                 as the next version (with ``stop``: a holder frozen in
+                                 the middle of renewing its lease)
+
 Every stage process: ``stage.<name>.loop`` once per turn of its main loop, ``<name>``
 its stage name without the worker index (``stage.coordinator.loop``,
 ``stage.snapshot.loop``, ``stage.digest.loop``, ``stage.send.loop``,

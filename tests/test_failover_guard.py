@@ -354,3 +354,61 @@ def test_fencing_alone_is_abandoned_before_the_command_runs(tmp_path):
     fence = Fence(["sh", "-c", f"touch {out}"], 5)
     ok, reason = guard_takeover(fence, None, "sec", 1, abandon=lambda: "peer is back")
     assert (ok, reason) == (False, "peer is back") and not out.exists()
+
+
+_FROZEN_HOLDER = """
+import sys, threading
+from pipeline.failover.witness import LocalWitness
+lost = threading.Event()
+w = LocalWitness(sys.argv[1], "vm", int(sys.argv[2]),
+                 on_lost=lambda why: (print("lost:", why, flush=True), lost.set()))
+print("held" if w.acquire("pri", 1) else "refused", flush=True)
+lost.wait(300)
+"""
+
+
+def test_a_holder_frozen_mid_renewal_blocks_no_one_and_loses_its_role_when_it_wakes(tmp_path):
+    """A holder stopped (SIGSTOP, a frozen host) in the middle of renewing its lease, at
+    the named point ``witness.local.swap`` (its new state written, not yet in place): the
+    other node reads the witness at once, is granted the next generation once the frozen
+    lease expired, and the holder, continued, finds its role gone (``on_lost``) instead of
+    renewing over the grant. With the old fcntl lock held across the renewal, the
+    secondary's takeover waited on the lock until the primary was continued (a full
+    fault-matrix run: 180 s)."""
+    import subprocess
+    import sys
+    d = str(tmp_path)
+    env = dict(os.environ, COLO_FAULT="witness.local.swap:2:stop",   # 1: the grant
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = subprocess.Popen([sys.executable, "-c", _FROZEN_HOLDER, d, str(TTL)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        fired = child.stderr.readline()          # written just before it stops itself
+        assert "COLO_FAULT fired: witness.local.swap pass 2 stop" in fired, fired
+        def state() -> str:
+            with open(f"/proc/{child.pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0]
+        wait_until(lambda: state() == "T", timeout=30, interval=0.01, what="the holder stopped")
+        sec = LocalWitness(d, "vm", TTL)
+        answers: list = []
+        asker = threading.Thread(target=lambda: answers.append(
+            (sec.holder(), guard_takeover(None, sec, "sec", 2))), daemon=True)
+        asker.start()
+        asker.join(60)          # the frozen lease runs out after TTL; nothing else to wait for
+        assert not asker.is_alive(), "the witness made the other node wait for the frozen one"
+        (seen, (ok, why)), = answers
+        assert seen == {"node": "pri", "generation": 1}
+        assert ok, why
+        assert state() == "T"   # granted while the holder was still frozen mid-renewal
+        os.kill(child.pid, signal.SIGCONT)
+        line = child.stdout.readline()
+        assert line.startswith("lost:") and "no longer this node's" in line, line
+        assert child.wait(30) == 0
+        assert sec.holder() == {"node": "sec", "generation": 2}
+        sec.release()
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait()

@@ -76,14 +76,14 @@ class FailoverSettings(Section):
     fence_timeout_s: float = _f(10, "The fencing command is killed and counts as failed after "
                                 "this many seconds.", min=0.1, max=3600)
     witness: str = _f("none", "Who grants the active role, to exactly one node per "
-                      "generation: an etcd cluster (production), a lock file on this machine "
+                      "generation: an etcd cluster (production), state files on this machine "
                       "(the one-machine demo only), or nobody.", choices=WITNESSES)
     etcd_endpoints: tuple[str, ...] = _f(("http://127.0.0.1:2379",),
                                          "etcd: client URLs, tried in order.",
                                          rule="http(s)://HOST:PORT each")
     witness_key: str = _f("", "The key (etcd) or name (local) of the protected VM's active "
                           "role; empty: `/colo/<node name of the primary>/active`.")
-    witness_dir: str = _f("/tmp/colo-pipeline/witness", "local: directory of the lock files "
+    witness_dir: str = _f("/tmp/colo-pipeline/witness", "local: directory of the state files "
                           "(one machine only).")
     lease_ttl_s: int = _f(5, "The active node's lease: it is renewed every third of this; a "
                           "node that stops renewing loses the role after it, and only then "

@@ -19,7 +19,8 @@ starts before the last successful renewal was sent), sets :attr:`Witness.lost` a
 calls ``on_lost``: an active node that can no longer prove its role must stop
 releasing output.
 
-:class:`LocalWitness` is the same API on a lock file: for the one-machine demo ONLY.
+:class:`LocalWitness` is the same API on files (a compare-and-swap of numbered state
+files): for the one-machine demo ONLY.
 It protects nothing across hosts (both sides must see the same directory and the same
 clock).
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline import faults
 from pipeline.failover.settings import FailoverSettings
 
 log = logging.getLogger(__name__)
@@ -378,16 +379,27 @@ def _cause(exc: BaseException) -> str:
 
 
 class LocalWitness(Witness):
-    """DEMO ONLY: the witness API on a JSON file guarded by an fcntl lock, for two nodes
-    on ONE machine. It cannot arbitrate between hosts (it knows nothing of a network
-    partition); use :class:`EtcdWitness` for that.
+    """DEMO ONLY: the witness API on files, for two nodes on ONE machine. It cannot
+    arbitrate between hosts (it knows nothing of a network partition); use
+    :class:`EtcdWitness` for that.
 
-    The file ``<directory>/<name>.json`` holds the active claim (node, generation,
-    lease token, expiry on CLOCK_MONOTONIC, holder pid) and the last grant. A claim
-    expires after ``ttl_s`` without renewal, or at once when its holder process is gone.
+    The state (the active claim: node, generation, lease token, expiry on
+    CLOCK_MONOTONIC, holder pid; and the last grant) is a series of files
+    ``<directory>/<name>.<n>.json``: the highest n is the state. A change is a
+    compare-and-swap, as etcd's transaction is: the new state is written to a temporary
+    file and hard-linked as n + 1, which fails if n + 1 exists (another process changed
+    the state since this one read n); the loser reads again and decides again. So no
+    process ever waits for another. (It was an fcntl lock around read-modify-write: a
+    primary SIGSTOPped while holding it for its renewal's fsync left the secondary's
+    takeover waiting on the lock until the primary was continued, 180 s in a fault-matrix
+    run of ``sigstop-primary``. Now the stopped holder's claim simply expires, the
+    secondary takes the next version, and the holder's renewal, when it resumes, finds
+    that version taken and its role gone.) A claim expires after ``ttl_s`` without
+    renewal, or at once when its holder process is gone.
     """
 
     kind = "local"
+    KEEP_VERSIONS = 4     # older state files are removed (a reader that lost one reads again)
 
     def __init__(self, directory: str, key: str, ttl_s: int = 5, *,
                  on_lost: Callable[[str], None] | None = None) -> None:
@@ -397,105 +409,138 @@ class LocalWitness(Witness):
             raise ValueError(f"local witness: key {key!r} gives no file name")
         os.makedirs(directory, exist_ok=True)
         self.key = key
-        self.path = os.path.join(directory, name + ".json")
-        self._lock_path = os.path.join(directory, name + ".lock")
+        self.directory, self._name = directory, name
         self._token = secrets.token_hex(8)
 
     @property
     def where(self) -> str:
-        return f"local witness {self.path} (demo only)"
+        return f"local witness {os.path.join(self.directory, self._name)}.*.json (demo only)"
 
-    def _locked(self):
-        return _FileLock(self._lock_path, self.where)
+    @property
+    def path(self) -> str:
+        """The file of the current state (the newest version)."""
+        versions = self._versions()
+        return self._file(versions[-1] if versions else 0)
 
-    def _read(self) -> dict:
+    def _file(self, version: int) -> str:
+        return os.path.join(self.directory, f"{self._name}.{version}.json")
+
+    def _versions(self) -> list[int]:
+        prefix = self._name + "."
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                state = json.load(fh)
-        except FileNotFoundError:
-            return {"active": None, "last": None}
-        except (OSError, ValueError) as exc:
-            raise WitnessError(f"{self.where}: cannot read: {exc}") from None
-        active = state.get("active")
-        if active is not None and not _claim_alive(active):
-            state["active"] = None
-        return state
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            raise WitnessError(f"{self.where}: cannot list: {exc}") from None
+        return sorted(int(n[len(prefix):-5]) for n in names
+                      if n.startswith(prefix) and n.endswith(".json")
+                      and n[len(prefix):-5].isdigit())
 
-    def _write(self, state: dict) -> None:
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    def _read(self) -> tuple[int, dict]:
+        """(version, state) of the newest state; a claim that is no longer alive reads as
+        none."""
+        for _ in range(20):
+            versions = self._versions()
+            if not versions:
+                return 0, {"active": None, "last": None}
+            try:
+                with open(self._file(versions[-1]), encoding="utf-8") as fh:
+                    state = json.load(fh)
+            except FileNotFoundError:
+                continue          # removed as old meanwhile: a newer version exists
+            except (OSError, ValueError) as exc:
+                raise WitnessError(f"{self.where}: cannot read version {versions[-1]}: "
+                                   f"{exc}") from None
+            active = state.get("active")
+            if active is not None and not _claim_alive(active):
+                state["active"] = None
+            return versions[-1], state
+        raise WitnessError(f"{self.where}: the state changed under 20 reads in a row")
+
+    def _swap(self, version: int, state: dict) -> bool:
+        """Write ``state`` as version + 1, unless another process wrote it first (False:
+        read again). The file is complete (fsynced) before it is linked into place."""
+        tmp = os.path.join(self.directory,
+                           f".{self._name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            faults.point("witness.local.swap")
+            try:
+                os.link(tmp, self._file(version + 1))
+            except FileExistsError:
+                return False
         except OSError as exc:
-            raise WitnessError(f"{self.where}: cannot write: {exc}") from None
+            raise WitnessError(f"{self.where}: cannot write version {version + 1}: "
+                               f"{exc}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        for old in range(version + 1 - self.KEEP_VERSIONS, 0, -1):
+            try:
+                os.unlink(self._file(old))
+            except FileNotFoundError:
+                break             # removed up to here already
+            except OSError:
+                pass
+        return True
+
+    def _change(self, decide: Callable[[dict], dict | None]) -> dict | None:
+        """Read-decide-swap until a swap wins. ``decide(state)``: the new state, or None
+        to change nothing. Returns the state written, or None."""
+        for _ in range(100):
+            version, state = self._read()
+            new = decide(state)
+            if new is None or self._swap(version, new):
+                return new
+        raise WitnessError(f"{self.where}: lost 100 swaps in a row to other processes")
 
     def holder(self) -> dict | None:
-        with self._locked():
-            a = self._read()["active"]
+        a = self._read()[1]["active"]
         return {"node": a["node"], "generation": a["generation"]} if a else None
 
     def last_grant(self) -> dict | None:
-        with self._locked():
-            last = self._read()["last"]
+        last = self._read()[1]["last"]
         return {"node": last["node"], "generation": last["generation"]} if last else None
 
     def _acquire(self, node: str, generation: int) -> bool:
-        with self._locked():
-            state = self._read()
+        def grant(state: dict) -> dict | None:
             cur, last = state["active"], state["last"]
             if cur is not None:
                 if cur["node"] != node or generation < cur["generation"]:
-                    return False
+                    return None
             elif last is not None and (generation < last["generation"] or (
                     generation == last["generation"] and last["node"] != node)):
-                return False
+                return None
             claim = {"node": node, "generation": generation}
-            state["active"] = dict(claim, token=self._token, pid=os.getpid(),
+            return {"active": dict(claim, token=self._token, pid=os.getpid(),
                                    pid_start=_start_time(os.getpid()),
-                                   expires=time.monotonic() + self.ttl_s)
-            state["last"] = claim
-            self._write(state)
-            return True
+                                   expires=time.monotonic() + self.ttl_s),
+                    "last": claim}
+        return self._change(grant) is not None
 
     def _renew(self) -> None:
-        with self._locked():
-            state = self._read()
+        def extend(state: dict) -> dict:
             cur = state["active"]
             if cur is None or cur.get("token") != self._token:
                 raise RoleGone(f"{self.where}: the role is no longer this node's "
-                                   f"(now {cur and {k: cur[k] for k in ('node', 'generation')}})")
+                               f"(now {cur and {k: cur[k] for k in ('node', 'generation')}})")
             cur["expires"] = time.monotonic() + self.ttl_s
             cur["pid"], cur["pid_start"] = os.getpid(), _start_time(os.getpid())
-            self._write(state)
+            return state
+        self._change(extend)
 
     def _release(self, claim: dict) -> None:
-        with self._locked():
-            state = self._read()
+        def drop(state: dict) -> dict | None:
             cur = state["active"]
-            if cur is not None and cur.get("token") == self._token:
-                state["active"] = None
-                self._write(state)
-
-
-class _FileLock:
-    def __init__(self, path: str, where: str) -> None:
-        self.path, self.where, self.fd = path, where, -1
-
-    def __enter__(self) -> _FileLock:
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if self.fd >= 0:
-                os.close(self.fd)
-            raise WitnessError(f"{self.where}: cannot lock {self.path}: {exc}") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)     # drops the lock
+            if cur is None or cur.get("token") != self._token:
+                return None
+            state["active"] = None
+            return state
+        self._change(drop)
 
 
 def _start_time(pid: int) -> int:
