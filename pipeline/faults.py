@@ -84,9 +84,7 @@ Send stage, ``pipeline/stages/send.py``:
 
 * ``send.pages``                 after PAGES record <k> went out (records count across
                                  epochs: the full sync's come first, so a small k is
-                                 "during the full sync"); records sent as one ZeroMQ
-                                 message (an epoch's last ones with its EPOCH_END) reach
-                                 it once the whole message went, in their order
+                                 "during the full sync")
 * ``send.epoch_end``             after EPOCH_END of the k-th epoch went out (before the ACK)
 
 Secondary coordinator and restore stage:

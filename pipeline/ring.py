@@ -285,28 +285,22 @@ class Ring:
         self._writing += 1
         return self._slots[position % self.slots]
 
-    def commit_write(self, *slots: Slot) -> None:
-        """Publish ``slots`` to the consumer. Slots must be committed in the order acquired.
-        Several at once are published together, with one post: a consumer woken by it finds
-        them all (a batch and the END marker behind it: one wake-up of the next stage, not
-        two)."""
+    def commit_write(self, slot: Slot) -> None:
+        """Publish ``slot`` to the consumer. Slots must be committed in the order acquired."""
         ctl = self._ctl
         head = ctl[_W_HEAD]
-        for k, slot in enumerate(slots):
-            self._check_turn(slot, head + k, self._writing - k, "commit_write")
-            if slot.count > self.layout.batch_pages:
-                ctl[_W_ERRORS] += 1
-                raise ValueError(f"ring {self.name}: slot {slot.index} has count={slot.count} "
-                                 f"> batch_pages={self.layout.batch_pages}; not published")
-        if not slots:
-            return
-        head += len(slots)
+        self._check_turn(slot, head, self._writing, "commit_write")
+        if slot.count > self.layout.batch_pages:
+            ctl[_W_ERRORS] += 1
+            raise ValueError(f"ring {self.name}: slot {slot.index} has count={slot.count} > "
+                             f"batch_pages={self.layout.batch_pages}; not published")
+        head += 1
         ctl[_W_HEAD] = head          # publish before posting the token (see module doc)
-        self._writing -= len(slots)
+        self._writing -= 1
         occupancy = head - ctl[_W_TAIL]
         if occupancy > ctl[_W_HIGH_WATER]:
             ctl[_W_HIGH_WATER] = occupancy
-        os.eventfd_write(self._filled_fd, len(slots))
+        os.eventfd_write(self._filled_fd, 1)
 
     def wait_empty(self, timeout: float | None = None) -> None:
         """Producer: wait until the consumer has released every slot committed so far.
@@ -381,13 +375,6 @@ class Ring:
         except BlockingIOError:
             return None   # head moved but the token is a few instructions behind
         return self._take_published()
-
-    def published(self) -> list[Slot]:
-        """The published slots not yet acquired, oldest first, to look at (their headers)
-        without taking them: acquire them with try_acquire_read in that order."""
-        self._check_open()
-        position = self._ctl[_W_TAIL] + self._reading
-        return [self._slots[p % self.slots] for p in range(position, self._ctl[_W_HEAD])]
 
     def release_read(self, slot: Slot) -> None:
         """Give ``slot`` back to the producer. Slots must be released in the order acquired."""

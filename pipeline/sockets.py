@@ -514,16 +514,14 @@ def disk_forward_in(context: zmq.Context, address: str, secure=None) -> zmq.Sock
 
 
 def send_until_stopped(sock: zmq.Socket, msg, stop, copy: bool = True,
-                       give_up=lambda: False, track: bool = False, more: bool = False):
+                       give_up=lambda: False, track: bool = False):
     """Send, retrying while the peer is slow or away; False if ``stop`` was set (or
     ``give_up()`` became true, e.g. the peer was declared lost) first. ``track`` (with
     ``copy=False``): returns the zmq.MessageTracker that says when ZeroMQ is done with
-    ``msg``'s memory, instead of True. ``more``: a frame of a multipart message, more
-    follow (zmq.SNDMORE)."""
-    flags = zmq.SNDMORE if more else 0
+    ``msg``'s memory, instead of True."""
     while True:
         try:
-            sent = sock.send(msg, flags, copy=copy, track=track)
+            sent = sock.send(msg, copy=copy, track=track)
             return sent if track else True
         except zmq.Again:
             if stop.is_set() or give_up():

@@ -187,25 +187,17 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         c.add("busy_ns", time.perf_counter_ns() - t0)
         return True
 
-    def finish(slot: Slot, out: Slot, nonzero: np.ndarray | None) -> Slot:
-        """Encode (or copy the marker) into ``out``, to be committed by the caller."""
+    def finish(slot: Slot, out: Slot, nonzero: np.ndarray | None) -> None:
         t0 = time.perf_counter_ns()
         if nonzero is None:
             copy_marker(slot, out)
         else:
             encode(slot, out, nonzero)
         ring_in.release_read(slot)
+        ring_out.commit_write(out)
         trace.point("encoded", out.epoch)
         c.add("busy_ns", time.perf_counter_ns() - t0)
-        return out
-
-    def end_follows(out: Slot) -> bool:
-        """The input's next published slot is the END marker of ``out``'s epoch (nothing
-        else held): the batch is this worker's last of the epoch."""
-        if held or out.kind == SLOT_END or ring_out.slots < 2:
-            return False
-        nxt = ring_in.published()[:1]
-        return bool(nxt) and nxt[0].kind == SLOT_END and nxt[0].epoch == out.epoch
+        c.max("ring_high_water", ring_out.high_water)
 
     def encode(slot: Slot, out: Slot, nonzero: np.ndarray) -> None:
         n = slot.count
@@ -241,18 +233,7 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
 
     while True:
         while held and not waits(held[0]):
-            done = [finish(*held.popleft())]
-            # An epoch's last batch goes out with the END marker behind it, published at
-            # once: the send stage wakes once for both and can send the epoch's last PAGES
-            # record and EPOCH_END as one message.
-            if end_follows(done[0]):
-                marker = ring_in.try_acquire_read()
-                if marker is not None:
-                    if not take(marker):
-                        return
-                    done.append(finish(*held.popleft()))
-            ring_out.commit_write(*done)
-            c.max("ring_high_water", ring_out.high_water)
+            finish(*held.popleft())
         if not held:
             if priority is not None:
                 priority.waiting()

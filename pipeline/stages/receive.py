@@ -18,11 +18,6 @@ verify workers share between them), this stage also does the check (one page, or
 and hands the batch straight to the restore stage on the ``direct`` ring: one process
 hand-off less per batch on the way to the commit.
 
-An epoch's last PAGES record and its EPOCH_END can come as frames of one ZeroMQ message
-(the send stage joins what it has at once): each frame is still a record validated alone;
-the batch is published on its ring together with the END marker behind it, so the restore
-stage (or verify worker) wakes once for both.
-
 The restore stage ACKs an epoch before it has written the epoch's pages out of staging
 (early ACK), so the primary's next epoch can arrive while they are still read: a newer
 epoch's first record waits here until the restore stage is done with the previous
@@ -114,25 +109,12 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         c.add("staging_wait_ns", time.perf_counter_ns() - t0)
         return True
 
-    # A batch whose record came in a message with more frames behind it, not committed yet:
-    # when the next frame is its epoch's EPOCH_END (the primary sends an epoch's last PAGES
-    # record and EPOCH_END as one message), the batch and the END marker on its ring are
-    # published together, one wake-up of the stage behind. Any other frame commits it first.
-    deferred: tuple[Ring, object] | None = None
-
-    def flush() -> None:
-        nonlocal deferred
-        if deferred is not None:
-            deferred[0].commit_write(deferred[1])
-            deferred = None
-
     if priority is not None:
         priority.follow(io_threads())
     while not ctx.stopping():
         if priority is not None:
             priority.waiting()
         if not pages_in.poll(200):
-            flush()
             continue
         frame = pages_in.recv(copy=False)
         t0 = time.perf_counter_ns()
@@ -142,8 +124,6 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         c.add("bytes_in", len(msg))
         try:
             hdr = wire.decode_header(msg)
-            if hdr.type != wire.EPOCH_END:
-                flush()
             if priority is not None:
                 priority.working(hdr.epoch)
             if hdr.type == wire.PAGES:
@@ -192,18 +172,13 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     slot.data_len = len(b.data)
                 staged += n
                 used.add(ends.index(ring))
-                if frame.more and ring.slots >= 2:
-                    deferred = (ring, slot)
-                else:
-                    ring.commit_write(slot)
+                ring.commit_write(slot)
                 trace.point("dealt", b.epoch)
                 if ring is not direct:
                     rr = (rr + 1) % len(rings)
                 c.add("items_out", n)
             elif hdr.type == wire.EPOCH_END:
                 end = wire.decode_epoch_end(msg)
-                if deferred is not None and deferred[1].epoch != end.epoch:
-                    flush()
                 if not fresh(end.epoch, hdr.name):
                     continue
                 # END markers only on the rings that carried the epoch's batches: a verify
@@ -222,12 +197,7 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     slot.epoch_pages, slot.epoch_flags = end.pages, end.flags
                     slot.vcpu_len, slot.end_markers = len(blob), len(targets)
                     slot.data_flat[:len(blob)] = np.frombuffer(blob, np.uint8)
-                    if deferred is not None and deferred[0] is ring:
-                        ring.commit_write(deferred[1], slot)
-                        deferred = None
-                    else:
-                        ring.commit_write(slot)
-                flush()
+                    ring.commit_write(slot)
             elif hdr.type & wire.OPTIONAL_BIT:
                 c.add("skipped_optional", 1)
             else:
@@ -235,8 +205,5 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
         except wire.WireError as exc:
             c.add("errors", 1)
             ctx.log.warning("pages channel: dropped a bad record: %s", exc)
-        finally:
-            if not frame.more:      # the message's last frame: nothing of it stays back
-                flush()
         c.add("busy_ns", time.perf_counter_ns() - t0)
         c.max("ring_high_water", max(r.high_water for r in ends))
