@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
+    # a native crash of the node (its supervisor) or the demo names its Python frames in
+    # the log; the stages it forks enable it again themselves (stage_main)
+    from pipeline.signals import report_fatal_signals
+    report_fatal_signals()
     try:
         return args.func(args)
     except config.ConfigError as exc:

@@ -14,7 +14,12 @@ stage forked by the supervisor counts its own passes). ``action`` is one of
   own session (``LocalPair``, systemd) dies as a whole, like its host;
 * ``errno=<NAME>``: the call at the point fails with ``OSError(<NAME>)`` (e.g.
   ``errno=EIO``, ``errno=ENOSPC``), as a failing disk or syscall would;
-* ``stop``: SIGSTOP this process (a hung process; SIGCONT resumes it).
+* ``stop``: SIGSTOP this process (a hung process; SIGCONT resumes it);
+* ``segv``: a real SIGSEGV raised in this process, as a crash in native code would
+  (numpy, the C module ``_pagehash``, lz4, libzmq): ``faulthandler`` prints the Python
+  frames of every thread into the process's log (``pipeline.signals.report_fatal_signals``)
+  and the process dies of signal 11. No core file is written for it (``faulthandler``
+  sets this process's core limit to 0 first: a test's crash is not evidence).
 
 Before it acts, the process writes one line to stderr, ``COLO_FAULT fired: <point>
 pass <n> <action> pid <pid>``, so a test can tell the fault fired and did not merely
@@ -157,7 +162,7 @@ def parse(spec: str) -> dict[str, tuple[int, str]]:
                 if n < 1:
                     raise FaultSpecError(f"{ENV}={spec!r}: pass {f} of {name} (passes count "
                                          f"from 1)")
-            elif f in ("kill", "killgroup", "stop"):
+            elif f in ("kill", "killgroup", "stop", "segv"):
                 action = f
             elif f.startswith("errno="):
                 code = f[len("errno="):]
@@ -167,7 +172,7 @@ def parse(spec: str) -> dict[str, tuple[int, str]]:
                 action = f
             else:
                 raise FaultSpecError(f"{ENV}={spec!r}: {f!r} in {part!r} is neither a pass "
-                                     f"number nor kill, killgroup, stop or errno=NAME")
+                                     f"number nor kill, killgroup, stop, segv or errno=NAME")
         if name in faults:
             raise FaultSpecError(f"{ENV}={spec!r}: point {name!r} is named twice")
         faults[name] = (n, action)
@@ -198,6 +203,9 @@ def _fire(name: str, n: int, action: str) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     elif action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "segv":
+        import faulthandler
+        faulthandler._sigsegv()     # raise(SIGSEGV) from C, core dump suppressed
     else:
         code = getattr(_errno, action[len("errno="):])
         raise OSError(code, f"{os.strerror(code)} (injected by {ENV} at {name}, pass {n})")

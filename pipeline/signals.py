@@ -61,3 +61,29 @@ def stop_on_signals(signals: Iterable[int], set_stop: Callable[[], None],
         os.close(rfd)
         os.close(wfd)
     return restore
+
+
+def report_fatal_signals(stream=None) -> bool:
+    """Make a native crash of this process name itself: on SIGSEGV, SIGBUS, SIGFPE,
+    SIGABRT or SIGILL, ``faulthandler`` writes the Python frames of every thread to
+    ``stream`` (default ``sys.stderr``: where the process's log goes) and the process then
+    dies of the same signal, so the supervisor's "killed by signal N" stays. Pure Python
+    cannot segfault; native code (numpy views over shared memory, the C module
+    ``_pagehash``, lz4, blake3, libzmq) can, and without this it dies without a word
+    (issue 13: the restore stage "killed by signal 11" twice, no line saying where).
+
+    Every process the pipeline starts calls it at its entry: the launcher (``cli.main``:
+    the node's supervisor, the demo), every stage (``stage_main``; the handlers would also
+    survive the fork, but a stage started by another parent, a test's, gets them too) and
+    the redirector. Returns False, enabling nothing, when the stream has no file
+    descriptor (a test's captured stderr) and ``sys.__stderr__`` has none either."""
+    import faulthandler
+    import sys
+    for candidate in (stream if stream is not None else sys.stderr, sys.__stderr__):
+        try:
+            if candidate is not None and candidate.fileno() >= 0:
+                faulthandler.enable(file=candidate, all_threads=True)
+                return True
+        except (AttributeError, ValueError, OSError):
+            continue
+    return False

@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s redirector pipeline.net.redirector: "
                                "%(message)s")
+    from pipeline.signals import report_fatal_signals
+    report_fatal_signals()      # a native crash names its frames in the node's log
     offsets = None
     if args.offsets_in and os.path.exists(args.offsets_in):
         try:

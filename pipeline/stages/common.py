@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import faults, trace
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
-from pipeline.signals import stop_on_signals
+from pipeline.signals import report_fatal_signals, stop_on_signals
 from pipeline.sockets import check_handshakes
 from pipeline.xen_io.base import Domain
 
@@ -357,6 +357,9 @@ def stage_main(ctx: StageContext, run, *args: Any) -> None:
     # The supervisor decides when stages stop; a Ctrl-C on the terminal reaches the whole
     # process group, so stages ignore SIGINT and let the supervisor stop them in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a native crash (SIGSEGV in numpy, _pagehash, lz4, libzmq...) prints every thread's
+    # Python frames into the stage's log before the stage dies of it (issue 13)
+    report_fatal_signals()
     # SIGTERM straight to a stage (systemd signals the whole control group) sets its stop
     # event from a thread: ctx.stop is a multiprocessing Event whose lock the stage's loop
     # holds inside ctx.stop.is_set() every turn, so a handler calling set() could wait
