@@ -41,6 +41,28 @@ def client_input(seed: int, seq: int) -> bytes:
     return blake3.blake3(b"input %d %d" % (seed, seq)).digest(length=INPUT_SIZE)
 
 
+class Tally:
+    """Items and their bytes since the last :meth:`flush`, added to the stage's shared
+    counters ``items_name`` and ``bytes_name`` only then: the counters are shared memory,
+    written once per look (LOOK_S), not per item."""
+
+    __slots__ = ("ctx", "items_name", "bytes_name", "items", "nbytes")
+
+    def __init__(self, ctx: StageContext, items_name: str, bytes_name: str) -> None:
+        self.ctx, self.items_name, self.bytes_name = ctx, items_name, bytes_name
+        self.items = self.nbytes = 0
+
+    def add(self, items: int, nbytes: int) -> None:
+        self.items += items
+        self.nbytes += nbytes
+
+    def flush(self) -> None:
+        if self.items:
+            self.ctx.counters.add(self.items_name, self.items)
+            self.ctx.counters.add(self.bytes_name, self.nbytes)
+            self.items = self.nbytes = 0
+
+
 class OutputPort:
     """Where a guest's output goes: to the network comparator as Ethernet/UDP frames
     (``address`` is its primary_in or secondary_in), or nowhere but the counters.
@@ -61,9 +83,8 @@ class OutputPort:
         self.framer = GuestOutputFramer()
         #: the guest's output pipe was readable at the last wait (or is unknown: True)
         self.output_ready = True
-        #: outputs and their bytes read since the last :meth:`count` (the counters are
-        #: shared memory: written once per look, not per answer)
-        self._outputs = self._bytes_out = 0
+        #: outputs and their bytes read (flushed to the counters once per look)
+        self.tally = Tally(ctx, "outputs", "bytes_out")
 
     def to_clients(self, address: str) -> None:
         """The takeover: from now on the frames go to ``address`` (this node's comparator,
@@ -89,14 +110,16 @@ class OutputPort:
         # there are none (the old pair's would read as the PVM's).
         send = compare and bool(self.address)
         frame, keep, parts = self.framer.frame, self.keep, []
+        n = nbytes = 0
         for seq, f in outs:
             if seq != OUTPUT_MARK:
-                self._outputs += 1
-                self._bytes_out += len(f)
+                n += 1
+                nbytes += len(f)
                 if send:
                     parts.append(frame(f))
             elif send and not keep:
                 parts.append(f)
+        self.tally.add(n, nbytes)
         if not send:
             return
         data = b"".join(parts)
@@ -109,13 +132,6 @@ class OutputPort:
                 trace.request(f"{self.side}_out" if seq != OUTPUT_MARK else
                               f"{self.side}_mark", seq if seq != OUTPUT_MARK else -1,
                               at_ns=sent_ns)
-
-    def count(self) -> None:
-        """Add the outputs read since the last call to the stage's counters."""
-        if self._outputs:
-            self.ctx.counters.add("outputs", self._outputs)
-            self.ctx.counters.add("bytes_out", self._bytes_out)
-            self._outputs = self._bytes_out = 0
 
     def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
         """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
@@ -171,7 +187,7 @@ class OutputPort:
             return False
 
     def close(self) -> None:
-        self.count()
+        self.tally.flush()
         if self.client is not None:
             self.client.close()
 
@@ -288,7 +304,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     keep_limit = max(1, io.input_capacity // 2) if settings.net.primary_in else None
     in_ready = True           # client-inputs.sock readable at the last wait (or unknown)
     next_look = 0.0           # the next look at the checkpoint events
-    items = nbytes = 0        # inputs fed (and their bytes) since the last look's count
+    tally = Tally(ctx, "items_out", "bytes_out")   # inputs fed to the PVM
     try:
         while True:
             # per turn only what this turn needs: the output when the wait saw it or timed
@@ -306,11 +322,8 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 port.deliver(io)
             if look:
                 next_look = now + LOOK_S
-                port.count()
-                if items:
-                    ctx.counters.add("items_out", items)
-                    ctx.counters.add("bytes_out", nbytes)
-                    items = nbytes = 0
+                port.tally.flush()
+                tally.flush()
                 ctx.counters.set("pvm_input_seq", io.input_seq())
                 for ev in events.poll_events(0):
                     if ev.event == "committed":
@@ -389,13 +402,10 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                     return
             elif trace.REQUESTS and not unprotected:
                 trace.request("mirrored", seq, at_ns=mirrored_ns)
-            items += 1
-            nbytes += len(payload)
+            tally.add(1, len(payload))
             payload = None
     finally:
-        if items:
-            ctx.counters.add("items_out", items)
-            ctx.counters.add("bytes_out", nbytes)
+        tally.flush()
         trace.flush_requests()
         port.close()
         events.close()
@@ -420,7 +430,7 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
     next_at = 0.0
     port = OutputPort(ctx, settings.net.secondary_in, "svm")
     next_look = 0.0           # the next look at the checkpoint events (see run_client)
-    items = nbytes = 0        # inputs fed (and their bytes) since the last look's count
+    tally = Tally(ctx, "items_in", "bytes_in")   # inputs fed to the SVM
     try:
         while True:
             # compared while the primary is there; once active the SVM's output is the
@@ -438,11 +448,8 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 port.deliver(io, compare=not active or port.keep)
             if look:
                 next_look = now + LOOK_S
-                port.count()
-                if items:
-                    ctx.counters.add("items_in", items)
-                    ctx.counters.add("bytes_in", nbytes)
-                    items = nbytes = 0
+                port.tally.flush()
+                tally.flush()
                 ctx.counters.set("svm_input_seq", io.input_seq())
             if active:
                 ctx.counters.set("svm_input_seq", io.input_seq())
@@ -514,13 +521,10 @@ def run_mirror(ctx: StageContext, settings: Settings, domain: Domain, shared,
                 ctx.log.warning("inputs channel: refused input %d: %s", held[0], exc)
                 held = None
                 continue
-            items += 1
-            nbytes += len(held[1])
+            tally.add(1, len(held[1]))
             held = None
     finally:
-        if items:
-            ctx.counters.add("items_in", items)
-            ctx.counters.add("bytes_in", nbytes)
+        tally.flush()
         trace.flush_requests()
         port.close()
         events.close()
