@@ -58,6 +58,7 @@ from pipeline.config import COMMIT_TIMER_MS, COMPARE_TIMER_MS  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
 from pipeline.net.comparator import RELEASE_DELAY_COUNTERS  # noqa: E402
 from pipeline.service_client import ServiceClient, percentile, round_ms  # noqa: E402
+from threadstat import ThreadTimes, thread_times  # noqa: E402 (this script's folder)
 
 MODES = ("unprotected", "colo", "buffered")
 #: issue 15's targets, judged on each open-loop row of deterministic guests (the issue
@@ -111,40 +112,14 @@ def cpu_seconds(pgid: int | None) -> float:
     return total / tick
 
 
-def thread_schedstat(pid: int) -> tuple[int, int, int, int, int] | None:
-    """(ns on a CPU, ns runnable but waiting for one, times scheduled in) of every thread
-    of ``pid`` (its ZeroMQ I/O threads too), from /proc/PID/task/*/schedstat, then the ns
-    on a CPU and times scheduled in of its ZeroMQ I/O threads alone (libzmq names them
-    ZMQbg/IO/<n>): a message a stage sends or receives wakes one of those as well as the
-    stage; None once it is gone."""
-    total = [0, 0, 0, 0, 0]
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                values = [int(x) for x in fh.read().split()]
-            with open(f"/proc/{pid}/task/{tid}/comm") as fh:
-                io_thread = fh.read().startswith("ZMQbg/IO")
-        except (OSError, ValueError):
-            continue
-        for i in range(3):
-            total[i] += values[i]
-        if io_thread:
-            total[3] += values[0]
-            total[4] += values[2]
-    return total[0], total[1], total[2], total[3], total[4]
-
-
-def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int, int]]]:
-    """Per node and process (its stages, its guest, the supervisor): (ns on a CPU, ns
-    runnable but waiting for one, times scheduled in) so far, all its threads, from
-    /proc/PID/task/*/schedstat. The wait says how much of a process's lag was a CPU it
-    did not get (the machine may be shared); the times scheduled in, per request, how
-    often a request wakes the process (a wake-up, or a turn after being preempted)."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
+def stage_sched(pair: LocalPair) -> dict[str, dict[str, ThreadTimes]]:
+    """Per node and process (its stages, its guest, the supervisor): its threads' times so
+    far (scripts/threadstat.py: ns on a CPU, ns runnable but waiting for one, times
+    scheduled in, its ZeroMQ I/O threads' share). The wait says how much of a process's
+    lag was a CPU it did not get (the machine may be shared); the times scheduled in, per
+    request, how often a request wakes the process (a wake-up, or a turn after being
+    preempted)."""
+    out: dict[str, dict[str, ThreadTimes]] = {}
     for role, proc in pair.procs.items():
         if proc.poll() is not None:
             continue
@@ -165,7 +140,7 @@ def stage_sched(pair: LocalPair) -> dict[str, dict[str, tuple[int, int, int]]]:
                     pids["guest"] = int(entry)
         mine = {}
         for name, pid in pids.items():
-            stat = thread_schedstat(pid)
+            stat = thread_times(pid)
             if stat is not None:
                 mine[name] = stat
         out[role] = mine
@@ -178,21 +153,23 @@ def sched_delta(before: dict, after: dict, elapsed: float, answered: int) -> dic
     out = {}
     for role, procs in after.items():
         rows = {}
-        for name, (run, wait, runs, io_run, io_runs) in procs.items():
+        for name, t in procs.items():
             b = before.get(role, {}).get(name)
-            if b is not None and run >= b[0]:
-                rows[name] = {"cpu_ms_per_s": round((run - b[0]) / 1e6 / elapsed, 1),
-                              "runq_wait_ms_per_s": round((wait - b[1]) / 1e6 / elapsed, 1),
-                              "cpu_us_per_request": round((run - b[0]) / 1e3 / answered, 1)
+            if b is not None and t.cpu_ns >= b.cpu_ns:
+                rows[name] = {"cpu_ms_per_s": round((t.cpu_ns - b.cpu_ns) / 1e6 / elapsed, 1),
+                              "runq_wait_ms_per_s": round((t.wait_ns - b.wait_ns) / 1e6
+                                                          / elapsed, 1),
+                              "cpu_us_per_request": round((t.cpu_ns - b.cpu_ns) / 1e3
+                                                          / answered, 1)
                               if answered else None,
-                              "runs_per_request": round((runs - b[2]) / answered, 2)
+                              "runs_per_request": round((t.runs - b.runs) / answered, 2)
                               if answered else None}
-                if io_runs > b[4] and answered:
-                    # of those, its ZeroMQ I/O threads' (thread_schedstat)
+                if t.io_runs > b.io_runs and answered:
+                    # of those, its ZeroMQ I/O threads'
                     rows[name]["io_thread_cpu_us_per_request"] = round(
-                        (io_run - b[3]) / 1e3 / answered, 1)
+                        (t.io_cpu_ns - b.io_cpu_ns) / 1e3 / answered, 1)
                     rows[name]["io_thread_runs_per_request"] = round(
-                        (io_runs - b[4]) / answered, 2)
+                        (t.io_runs - b.io_runs) / answered, 2)
         out[role] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_ms_per_s"]))
     return out
 
@@ -205,8 +182,8 @@ def per_request(cpu_s: dict, before: dict, after: dict, answered: int) -> dict:
     closed loop of one request in flight (--outstanding 1), which never batches."""
     out = {}
     for role, cpu in cpu_s.items():
-        runs = sum(v[2] for v in after.get(role, {}).values()) - sum(
-            v[2] for name, v in before.get(role, {}).items() if name in after.get(role, {}))
+        runs = sum(v.runs for v in after.get(role, {}).values()) - sum(
+            v.runs for name, v in before.get(role, {}).items() if name in after.get(role, {}))
         out[role] = {"cpu_us": round(1e6 * cpu / answered, 1) if cpu is not None and answered
                      else None,
                      "runs": round(runs / answered, 2) if answered else None}

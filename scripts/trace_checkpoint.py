@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import bench_pipeline as bench  # noqa: E402 (this script's folder is on sys.path)
+import threadstat  # noqa: E402
 
 
 def timeline(lines: list[str], commit_ms: float) -> list[tuple[str, str, float, float, int]]:
@@ -113,23 +114,8 @@ def wakeups(pids: list[int]) -> tuple[int, int]:
     """(voluntary context switches, ns on a CPU) so far of every thread of ``pids``. Each
     switch is a wait that blocked, so each hand-off that woke a sleeper counts one (and
     each sleep after it); the CPU time is the kernel's (schedstat), to the nanosecond."""
-    switches = cpu_ns = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            switches += int(line.split()[1])
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                    cpu_ns += int(fh.read().split()[0])
-            except OSError:
-                pass
-    return switches, cpu_ns
+    times = [t for t in (threadstat.thread_times(pid, switches=True) for pid in pids) if t]
+    return sum(t.switches for t in times), sum(t.cpu_ns for t in times)
 
 
 def stage_pids(pair) -> list[int]:
