@@ -19,7 +19,11 @@ Each request of the sim service is followed by its input seq through the hops it
 and the guests' pauses (checkpoints). For all requests and for the slowest 1 % it prints
 each hop's median and 90th percentile, which side's answer reached the comparator last,
 how many slow requests overlapped a pause of either guest, and the slowest requests'
-timelines. The clock is CLOCK_MONOTONIC, one for every process of the machine.
+timelines. Then the split (:func:`split`): for all requests and for those at or above the
+95th and the 99th percentile, the mean ms of each segment of their critical path
+(:data:`PATH`) and what each one waited for most (a checkpoint, the guest busy with an
+earlier request, a guest that woke late, ...). The clock is CLOCK_MONOTONIC, one for
+every process of the machine.
 
     scripts/trace_requests.py FILE [--slowest 0.01] [--show 10] [--json]
 """
@@ -48,6 +52,38 @@ HOPS = (
 #: the whole way of each side's copy, from the request being due
 SIDES = (("pvm_out", "client_due", "pvm_out"), ("svm_out", "client_due", "svm_out"),
          ("svm_lag", "pvm_out", "svm_out"))
+
+
+#: a request's critical path: from the request being due to its answer at the client, over
+#: the copy whose answer reached the comparator last (the one the release waited for),
+#: in consecutive segments that add up to its latency:
+#:   client       due -> pvm_fed: the client's send, the inject channel, the client stage
+#:   mirror       pvm_fed -> svm_fed: the inputs channel and the mirror (0 on the PVM's copy)
+#:   guest_queue  fed -> begin: waiting for the guest (busy with earlier requests, paused,
+#:                or not yet woken / not on a CPU)
+#:   guest_work   begin -> emit: the guest's work (and any CPU it lost meanwhile)
+#:   answer_out   emit -> out: the stage reading the answer and handing it to the comparator
+#:   release      out -> client_got: the comparator's match and release, the client's read
+PATH = ("client", "mirror", "guest_queue", "guest_work", "answer_out", "release")
+
+
+def critical_path(reqs: dict[int, dict[str, int]], seq: int) -> dict[str, float] | None:
+    """ms of each :data:`PATH` segment of request ``seq`` (None if a stamp is missing),
+    with ``side`` (the copy that came last) and ``behind`` (True: the guest was still
+    busy with an earlier request when this one was fed, so its guest_queue was a queue)."""
+    ev = reqs[seq]
+    side = "svm" if ev.get("svm_out", 0) > ev.get("pvm_out", 0) else "pvm"
+    fed = f"{side}_fed"
+    stamps = ["client_due", "pvm_fed", fed, f"{side}_begin", f"{side}_emit", f"{side}_out",
+              "client_got"]
+    if any(s not in ev for s in stamps):
+        return None
+    out: dict = {name: max(0.0, (ev[b] - ev[a]) / 1e6)
+                 for name, a, b in zip(PATH, stamps, stamps[1:])}
+    prev = reqs.get(seq - 1, {})
+    out["side"] = side
+    out["behind"] = prev.get(f"{side}_emit", 0) > ev[fed]
+    return out
 
 
 def _side(who: str) -> str:
@@ -200,6 +236,48 @@ def analyse(path: str, slowest: float = 0.01, show: int = 10) -> dict:
                        "with_pause": sum(1 for p, z in eps.values() if p >= 10 and z),
                        "max_behind": max((p for p, _ in eps.values()), default=0)}
     out["backlog"] = peaks
+    out["split"] = split(reqs, pauses, done)
+    return out
+
+
+def split(reqs: dict[int, dict[str, int]], pauses: dict[str, list[tuple[int, int]]],
+          done: list[tuple[int, int]]) -> dict:
+    """Where the time of all requests, of those at or above the 95th and of those at or
+    above the 99th percentile went: the mean ms of each :data:`PATH` segment; how many
+    of them the SVM's copy came last for, overlapped a pause of either guest (a
+    checkpoint), found their guest busy with an earlier request; and each one's cause:
+    ``checkpoint`` if it overlapped a pause, else its longest segment (``guest_queue``
+    as ``behind_request`` when the guest was busy with an earlier one, ``guest_wake``
+    when it was not)."""
+    starts = {side: [s for s, _ in p] for side, p in pauses.items()}
+    out = {}
+    for name, q in (("all", 0.0), ("p95", 0.95), ("p99", 0.99)):
+        cut = min(len(done) - 1, int(q * len(done)))
+        rows, causes = [], defaultdict(int)
+        for lat, seq in done[cut:]:
+            path = critical_path(reqs, seq)
+            if path is None:
+                continue
+            ev = reqs[seq]
+            paused = any(_overlaps(pauses[side], starts[side], ev["client_due"],
+                                   ev["client_got"]) > 0 for side in pauses)
+            rows.append((path, paused))
+            if paused:
+                causes["checkpoint"] += 1
+            else:
+                top = max(PATH, key=lambda k: path[k])
+                if top == "guest_queue":
+                    top = "behind_request" if path["behind"] else "guest_wake"
+                causes[top] += 1
+        n = len(rows)
+        out[name] = {
+            "from_ms": round(done[cut][0] / 1e6, 3), "n": n,
+            "mean_ms": {k: round(sum(p[k] for p, _ in rows) / n, 3) if n else None
+                        for k in PATH},
+            "svm_last": sum(1 for p, _ in rows if p["side"] == "svm"),
+            "in_pause": sum(1 for _, z in rows if z),
+            "behind_request": sum(1 for p, _ in rows if p["behind"]),
+            "causes": dict(sorted(causes.items(), key=lambda kv: -kv[1]))}
     return out
 
 
@@ -222,6 +300,16 @@ def report(res: dict, out=sys.stdout) -> None:
               f" of {r['n']}; overlapping a guest pause: {r['overlapping_a_pause']}", file=out)
     print(f"slow requests by cause: {res['slow_causes']}; backlogs (>= 10 inputs behind): "
           f"{res['backlog']}", file=out)
+    print("where the time went (critical path: the copy the release waited for), mean ms:",
+          file=out)
+    print(f"{'':<5}{'n':>6}{'from':>8}" + "".join(f"{k:>12}" for k in PATH)
+          + "  svm_last in_pause behind", file=out)
+    for name, r in res["split"].items():
+        print(f"{name:<5}{r['n']:>6}{r['from_ms']:>8}"
+              + "".join(f"{r['mean_ms'][k]!s:>12}" for k in PATH)
+              + f"  {r['svm_last']:>8} {r['in_pause']:>8} {r['behind_request']:>6}", file=out)
+    for name in ("p95", "p99"):
+        print(f"{name} causes: {res['split'][name]['causes']}", file=out)
     print("slowest requests (ms from due):", file=out)
     for t in res["slowest_timelines"]:
         print("  " + " ".join(f"{k}={v}" for k, v in t.items()), file=out)

@@ -141,3 +141,41 @@ def test_a_slow_request_behind_a_checkpoint_is_told_from_one_behind_a_slow_svm(t
     assert res["slow_causes"] == {"svm behind after a pause": 5, "svm behind, no pause": 1}
     assert res["slowest"]["svm_answer_last"] == 6
     assert res["pauses"] == {"pvm": 0, "svm": 1}
+
+
+def test_the_split_tells_a_checkpoint_a_late_wake_a_queue_a_slow_guest_and_a_slow_release(
+        tmp_path):
+    """scripts/trace_requests.py's split: each slow request's critical path (the copy the
+    release waited for) in segments, and its cause. Five slow requests among 500, one of
+    each kind; the rest take 0.8 ms."""
+    ms = 1_000_000
+    pvm, svm = "guest:p-primary-guest", "guest:p-secondary-guest"
+    normal = {"client_due": 0, "pvm_fed": 0.1, "mirrored": 0.1, "pvm_begin": 0.2,
+              "pvm_emit": 0.3, "pvm_out": 0.35, "svm_recv": 0.3, "svm_fed": 0.3,
+              "svm_begin": 0.4, "svm_emit": 0.5, "svm_out": 0.6, "client_got": 0.8}
+    late = {100: {"svm_begin": 30.0, "svm_emit": 30.1, "svm_out": 30.2, "client_got": 30.4},
+            200: {"svm_begin": 25.0, "svm_emit": 25.1, "svm_out": 25.2, "client_got": 25.4},
+            299: {"svm_emit": 22.0, "svm_out": 22.1, "client_got": 22.6},
+            300: {"svm_begin": 20.1, "svm_emit": 20.2, "svm_out": 20.3, "client_got": 20.6},
+            350: {"client_got": 28.0}}
+    # request 100 waits for a checkpoint: the SVM is paused from its due time for 30 ms
+    rows = [(200 * ms, svm, "guest_paused", 0), (230 * ms, svm, "guest_resumed", 0)]
+    for seq in range(500):
+        t = seq * 2 * ms
+        for event, at in {**normal, **late.get(seq, {})}.items():
+            who, name = {"pvm_begin": (pvm, "guest_begin"), "pvm_emit": (pvm, "guest_emit"),
+                         "svm_begin": (svm, "guest_begin"),
+                         "svm_emit": (svm, "guest_emit")}.get(event, ("stage", event))
+            rows.append((t + round(at * ms), who, name, seq))
+    _write(tmp_path / "t.trace", rows)
+    split = trace_requests.analyse(str(tmp_path / "t.trace"))["split"]
+    p99 = split["p99"]
+    assert p99["n"] == 5 and p99["svm_last"] == 5 and p99["in_pause"] == 1, p99
+    # 300 came while the SVM still worked on 299 (a queue); 200 found it idle (a late wake)
+    assert p99["causes"] == {"checkpoint": 1, "release": 1, "guest_wake": 1,
+                             "guest_work": 1, "behind_request": 1}, p99
+    assert p99["behind_request"] == 1
+    # the segments add up to each request's latency: their means to the mean latency
+    lat = [30.4, 25.4, 22.6, 20.6, 28.0]
+    assert abs(sum(p99["mean_ms"].values()) - sum(lat) / 5) < 0.01, p99
+    assert split["all"]["n"] == 500 and split["all"]["mean_ms"]["mirror"] > 0
