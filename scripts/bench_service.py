@@ -29,7 +29,9 @@ them as ``node_settings``): colo's timer is ``checkpoint.max_interval_ms``'s def
 
 Per row, from the nodes: checkpoints/s by cause, pages per checkpoint, commit p50/p99
 (committed checkpoints of that row) and CPU seconds of each node's process group (the
-guest included). The machine may be shared: compare modes within one run.
+guest included); per process, its CPU and wake-ups per request, and the client process's
+own (``client_process``: it shares the machine's CPUs with the nodes, as a real client
+would not). The machine may be shared: compare modes within one run.
 
     scripts/bench_service.py [--quick] [--json]
 
@@ -258,7 +260,10 @@ class Service:
                 "net": {k: net.get(k, 0) for k in NET_FIGURES},
                 "cpu": {role: cpu_seconds(p.pid if p.poll() is None else None)
                         for role, p in self.pair.procs.items()},
-                "sched": stage_sched(self.pair)}
+                "sched": stage_sched(self.pair),
+                # the client process: on this machine it shares the nodes' CPUs (a real
+                # client would not), so what it costs a request is part of every mode's load
+                "client": thread_times(self.client.pid) if self.client is not None else None}
 
     def phase(self, rate: float | None, outstanding: int, duration: float,
               drain: float) -> dict:
@@ -311,6 +316,10 @@ class Service:
             # how often its processes were scheduled in (the wake-ups a request costs);
             # less dependent on the load than a p99 (though a starved service batches)
             per_request=per_request(cpu_s, before["sched"], after["sched"], row["completed"]),
+            client_process=sched_delta({"client": {"bench_client": before["client"]}},
+                                       {"client": {"bench_client": after["client"]}},
+                                       elapsed, row["completed"])["client"].get("bench_client")
+            if before["client"] is not None and after["client"] is not None else None,
             state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
             window_s=round(elapsed, 2))
@@ -469,6 +478,12 @@ def _show(r: dict, args: argparse.Namespace) -> None:
                      f"{v['io_thread_runs_per_request']})"
                      if "io_thread_runs_per_request" in v else "")
                   for n, v in top), file=out, flush=True)
+    c = r.get("client_process")
+    if c:
+        print(f"    the client process per request: cpu {c['cpu_us_per_request']} us, "
+              f"{c['runs_per_request']} runs (io {c.get('io_thread_cpu_us_per_request')}/"
+              f"{c.get('io_thread_runs_per_request')}); runq-wait {c['runq_wait_ms_per_s']} "
+              "ms per s", file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

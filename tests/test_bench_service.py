@@ -37,6 +37,8 @@ def test_quick_run_has_every_row_and_loses_no_request():
         # of which its ZeroMQ I/O thread's: a request reaches the stage through one
         assert r["processes"]["primary"]["client"]["io_thread_runs_per_request"] > 0, \
             r["processes"]
+        # and the client process's own (it shares this machine's CPUs with the nodes)
+        assert r["client_process"]["cpu_us_per_request"] > 0, r.get("client_process")
         # a protected mode's row says whether the pair stayed protected through it
         assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
         if r["mode"] == "unprotected":
