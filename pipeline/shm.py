@@ -94,17 +94,21 @@ class Segment:
         return True
 
     def close(self) -> None:
-        """Drop this process's mapping. Views made from ``buf`` must be dropped first;
-        if some are still alive the mapping goes away when the last one does."""
+        """Drop this process's mapping: it goes away at once if nothing else refers to it,
+        else when the last view made from ``buf`` does.
+
+        The mmap is not closed here, only this reference to it dropped. A numpy array made
+        with ``np.ndarray(shape, dtype, seg.buf, offset)`` (ring slots, page buffers,
+        counters) keeps the mmap object as its base but holds no buffer export on it, so
+        ``mmap.close()`` succeeded under it and unmapped memory the array still pointed
+        at: its next use was a SIGSEGV in numpy, with no traceback (issue 13). Nothing
+        leaks in /dev/shm either way; only the owner's unlink matters."""
         if self._mmap is None:
             return
-        mapping, self._mmap = self._mmap, None
+        self._mmap = None
         try:
             self.buf.release()
-            mapping.close()
-        except BufferError:
-            # numpy views still reference the mapping: it is unmapped when they are
-            # garbage-collected. Nothing leaks in /dev/shm; only the owner's unlink matters.
+        except BufferError:     # a buffer exported from ``buf`` itself: it goes with it
             log.debug("segment %s: views still alive, unmapping deferred", self.name)
 
     def unlink(self) -> None:

@@ -534,3 +534,37 @@ def test_prefault_spares_a_forked_stage_the_first_pass_page_faults(node):
     assert (ring._slots[3].data[:, 1] == 7).all()
     ring.unlink()
     ring.close()
+
+
+def test_a_slot_array_kept_past_close_points_at_mapped_memory(node):
+    """A ring slot's numpy arrays are made with ``np.ndarray(shape, dtype, seg.buf,
+    offset)``: they keep the segment's mmap object but hold no buffer export on it, so a
+    close that called ``mmap.close()`` unmapped the memory under them and their next use
+    was a SIGSEGV in numpy (no traceback: a stage "killed by signal 11", issue 13).
+    Segment.close now only drops this process's reference: the mapping goes with the
+    last view. In a child process, so the old code's crash is an exit status here."""
+    name = segment_prefix(node) + "ring"
+    child = textwrap.dedent(f"""
+        import numpy as np
+        from pipeline.ring import Ring, SlotLayout
+        from pipeline.shm import create_segment
+        ring = Ring.create({name!r}, 2, SlotLayout(batch_pages=4, page_size=4096))
+        slot = ring.acquire_write()
+        pfns, data = slot.pfns, slot.data
+        ring.unlink()
+        ring.close()
+        pfns[:] = 7
+        data[1, 5] = 9
+        print("slot arrays", int(pfns.sum()), int(data.sum()), flush=True)
+        seg = create_segment({name!r} + "-seg", 4096)
+        words = np.ndarray((8,), np.uint64, seg.buf, 64)
+        seg.unlink()
+        seg.close()
+        words[3] = 11
+        print("segment view", int(words.sum()), flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert p.stdout.split("\n")[:2] == ["slot arrays 28 9", "segment view 11"]
+    assert not list_segments(segment_prefix(node))
