@@ -231,6 +231,13 @@ class CheckpointSettings(Section):
     min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)
+    prescan_ms: int = _f(5, "Primary: read (and clear) the PVM's dirty log while it runs, "
+                         "at most this often (and at most every 40 times what a read costs; "
+                         "less often while the PVM writes nothing, down to every 100 ms), so "
+                         "that a checkpoint's pause reads only what was written since: "
+                         "re-protecting each written page is most of a read of the log. The "
+                         "pages taken early go with the next checkpoint and count toward "
+                         "dirty_threshold_pages. 0: the log is read only in the pause.", min=0)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
                                min=100)
     precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "

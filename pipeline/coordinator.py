@@ -208,6 +208,7 @@ class PrimaryCoordinator(_Coordinator):
         self.peer_name = ""
         self.role = PrimaryRole(settings, shared, self._info, node.node_info)
         self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
+        self._snapshot_counters = None  # (prescan_held)
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
         # a checkpoint's records are awaited at the pause's priority (below, checkpoint)
         from pipeline.stages.snapshot import PausePriority
@@ -720,6 +721,10 @@ class PrimaryCoordinator(_Coordinator):
         now = time.monotonic()
         if since >= cp.min_interval_ms and now >= self.next_dirty_check:
             count = self.domain.dirty_count()
+            if count >= 0:
+                # and the pages the snapshot stage took off the log while the PVM ran
+                # (snapshot.Prescan): they go with the next checkpoint too
+                count += self.prescan_held()
             # a count walks the guest's whole dirty log (PAGEMAP_SCAN on the sim): every
             # tick it took a fifth of a core from the stages on a 256 MiB guest; look at
             # most every 20 times what a look costs (~5% of a core), and while the count is
@@ -731,6 +736,12 @@ class PrimaryCoordinator(_Coordinator):
             if count >= cp.dirty_threshold_pages:
                 return ("dirty_threshold", 0)
         return None
+
+    def prescan_held(self) -> int:
+        if self._snapshot_counters is None:
+            self._snapshot_counters = self.node.stage("snapshot")
+        c = self._snapshot_counters
+        return int(c.values[c.index("prescan_held")])
 
     def _idle_wait(self) -> None:
         """Sleep until the next trigger can fire: a checkpoint request or a heartbeat

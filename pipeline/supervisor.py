@@ -87,6 +87,7 @@ EXTRA_COUNTERS = {
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early", "svm_dirty_parts", "secondaries_replaced",
                     "unsynced_refused", "control_redials"),
+    "snapshot": ("prescans", "pages_prescanned", "prescan_held"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
                "pages_unhashed", "svm_early_batches"),
@@ -353,7 +354,8 @@ class Supervisor:
                     StageSpec("snapshot", snapshot.run,
                               (dom, to_digest, snap_b, snapbuf,
                                s.run_dir if s.disk.enabled else "",
-                               s.pipeline.pause_priority == "realtime"))]
+                               s.pipeline.pause_priority == "realtime",
+                               s.checkpoint.prescan_ms))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress, shared.compress, svm, i,

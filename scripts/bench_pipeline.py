@@ -166,13 +166,20 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                         for i in range(digest_workers))
             return pair.stage_counter("coordinator", "svm_dirty_parts"), early
 
+        def prescanned() -> int:
+            """Pages the snapshot stage took off the PVM's dirty log while it ran (before
+            the pause: snapshot.Prescan)."""
+            return pair.stage_counter("snapshot", "pages_prescanned")
+
         for n in sizes:
             for _ in range(reps):         # later rounds also show pages skipped by hash
+                early = prescanned()
                 write_in_both_guests(pair, n)
                 count = len(pair.checkpoints())
                 before = parts_counts()
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
+                early_pages = prescanned() - early
                 parts, early = (a - b for a, b in zip(parts_counts(), before))
                 if cp["status"] != 0:
                     raise RuntimeError(f"checkpoint of {n} pages aborted")
@@ -197,6 +204,8 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     "pages_zero": cp["pages_zero"],
                     "svm_dirty_parts": parts + 1,
                     "svm_early_batches": early,
+                    # (the rounds after the previous checkpoint and before this one's pause)
+                    "pages_prescanned": early_pages,
                 })
         # the heartbeat must not have declared anyone lost during the 1 GiB sync and the
         # big checkpoints (issue 5: no false failover under load)
@@ -233,6 +242,7 @@ def by_size(rows: list[dict]) -> list[dict]:
         # SVM_DIRTY came in this many parts (p50), and so many batches went before the last
         entry["svm_dirty_parts_p50"] = _pct([r["svm_dirty_parts"] for r in rs], 50)
         entry["svm_early_batches"] = sum(r["svm_early_batches"] for r in rs)
+        entry["pages_prescanned_p50"] = _pct([r["pages_prescanned"] for r in rs], 50)
         entry["pages_eliminated_share"] = round(
             (entry["pages_skipped_hash"] + entry["pages_same_as_svm"])
             / max(1, sum(r["pages_dirty"] for r in rs)), 3)

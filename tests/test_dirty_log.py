@@ -160,3 +160,31 @@ def test_bitmap_reads_and_clears_marked_pages_as_runs() -> None:
     assert bitmap.read_and_clear_runs()[0].size == 0
     del bitmap
     region.close()
+
+
+@needs_uffd
+def test_uffd_log_read_in_parts_gives_each_page_once_and_says_where_it_stopped() -> None:
+    """read_and_clear_part (the snapshot stage's prescan of a running PVM): at most
+    ``max_pages`` written pages a call, from where the last one stopped; together every
+    written page once, and the log clean after."""
+    region = _SharedRegion(2048)
+    wp = UffdWriteProtect(region.addr, region.size)
+    scanner = PagemapScanner("self", region.addr, region.size, PAGE)
+    try:
+        written = np.unique(np.r_[np.arange(0, 300), np.arange(500, 2048, 7), [2047]])
+        region.view[written, 0] = 1
+        parts, at = [], 0
+        while at < 2048:
+            starts, lengths, stop = scanner.read_and_clear_part(at, 64)
+            part = runs_to_pfns(starts, lengths)
+            assert len(part) <= 64 and at < stop <= 2048
+            assert (part >= at).all() and (part < stop).all()
+            parts.append(part)
+            at = stop
+        assert len(parts) == -(-len(written) // 64)
+        assert np.array_equal(np.concatenate(parts), written)
+        assert scanner.read_and_clear_runs()[0].size == 0
+    finally:
+        scanner.close()
+        wp.close()
+        region.close()

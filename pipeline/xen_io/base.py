@@ -17,7 +17,7 @@ guest's physical memory, ``0 <= pfn < page_count``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -73,6 +73,13 @@ class Domain(abc.ABC):
         Xen log-dirty CLEAN semantics. Returns a sorted, duplicate-free
         ``uint64`` array of pfns. Call it with the guest paused for an exact set.
         """
+
+    def prescan_dirty(self, interrupted: Callable[[], bool] | None = None) -> np.ndarray:
+        """:meth:`read_and_clear_dirty` with the guest running (the snapshot stage's prescan:
+        what it takes off the log is not read again in the pause). A backend may read in
+        parts and stop early when ``interrupted()`` says so: the pages it did not reach stay
+        in the log, for the next read. Xen: one CLEAN, as live migration does."""
+        return self.read_and_clear_dirty()
 
     def dirty_count(self) -> int:
         """How many pages were written since the last read_and_clear_dirty, without clearing

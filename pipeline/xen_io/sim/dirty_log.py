@@ -275,36 +275,54 @@ class PagemapScanner:
 
     def read_and_clear_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Runs of pages written since the last call, as (start pfns, lengths); re-protects them."""
-        return self._scan(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+        starts, lengths, _ = self._scan(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+        return starts, lengths
+
+    def read_and_clear_part(self, from_pfn: int, max_pages: int
+                            ) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`read_and_clear_runs` of at most ``max_pages`` written pages from page
+        ``from_pfn`` on: (start pfns, lengths, the page the walk stopped at, page_count
+        when it reached the end). The pages after it stay in the log. Reading a running
+        guest's log in parts lets the reader look for other work between them."""
+        return self._scan(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, from_pfn, max_pages)
 
     def count(self) -> int:
         """Pages written since the last read_and_clear_runs, without clearing them."""
-        _, lengths = self._scan(PM_SCAN_CHECK_WPASYNC)
+        _, lengths, _ = self._scan(PM_SCAN_CHECK_WPASYNC)
         return int(lengths.sum())
 
-    def _scan(self, flags: int) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(self, flags: int, from_pfn: int = 0, max_pages: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, int]:
         self._arg.flags = flags
         end = self.addr + self.size
-        start = self.addr
+        start = self.addr + from_pfn * self.page_size
         pieces = []
         arg = self._arg
+        arg.max_pages = max_pages       # (0: no limit)
+        shift = self.page_size.bit_length() - 1
+        stopped = end
         while start < end:
             arg.start, arg.end, arg.walk_end = start, end, 0
             n = _check(_libc.ioctl(self.fd, PAGEMAP_SCAN, ctypes.byref(arg)),
                        f"PAGEMAP_SCAN on {self.path} [{start:#x}, {end:#x})")
             if n:
                 pieces.append(self._vec[:n, :2].copy())
+            if max_pages:
+                # one call only: it stops at max_pages pages (walk_end: where), at a full
+                # vector, or at the end
+                stopped = min(end, arg.walk_end or end)
+                break
             if n < arg.vec_len or arg.walk_end >= end:
                 break
             start = arg.walk_end  # the vector filled up: go on where the walk stopped
+        next_pfn = (stopped - self.addr) >> shift
         if not pieces:
             empty = np.empty(0, dtype=np.uint64)
-            return empty, empty.copy()
+            return empty, empty.copy(), next_pfn
         ranges = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        shift = self.page_size.bit_length() - 1
         starts = (ranges[:, 0] - np.uint64(self.addr)) >> np.uint64(shift)
         ends = (ranges[:, 1] - np.uint64(self.addr)) >> np.uint64(shift)
-        return _merge_adjacent(starts, ends)
+        return (*_merge_adjacent(starts, ends), next_pfn)
 
     def close(self) -> None:
         if self.fd >= 0:

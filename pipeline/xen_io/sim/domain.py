@@ -660,6 +660,33 @@ class SimDomain(Domain, SimulatedIO):
     def read_and_clear_dirty(self) -> np.ndarray:
         return runs_to_pfns(*self.read_and_clear_dirty_runs())
 
+    #: pages a prescan takes off the kernel's log between two looks at ``interrupted``
+    #: (re-protecting them is most of a read: ~0.3-0.5 ms for 1 024 on this 2-core machine)
+    PRESCAN_PART_PAGES = 1024
+
+    def prescan_dirty(self, interrupted=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        """The kernel's log in parts of PRESCAN_PART_PAGES written pages, ``interrupted()``
+        asked between two (a checkpoint waiting: the pause reads the rest); the bitmap
+        (a copy and a clear) at once."""
+        if self._bitmap is not None or interrupted is None:
+            return self.read_and_clear_dirty()
+        self._check_open()
+        pieces, at = [], 0
+        try:
+            while at < self.page_count:
+                starts, lengths, at = self._my_scanner().read_and_clear_part(
+                    at, self.PRESCAN_PART_PAGES)
+                if len(starts):
+                    pieces.append(runs_to_pfns(starts, lengths))
+                if at < self.page_count and interrupted():
+                    break
+        except OSError as exc:
+            raise DomainError(f"sim domain {self.name}: reading the dirty log failed: {exc}"
+                              f" ({self._guest_problem() or 'guest alive'})") from exc
+        if not pieces:
+            return np.empty(0, np.uint64)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
     def _my_scanner(self) -> PagemapScanner:
         me = os.getpid()
         if self._scanner is None or self._scanner_pid != me:

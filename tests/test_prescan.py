@@ -1,0 +1,137 @@
+"""The primary's snapshot stage reads the PVM's dirty log while the PVM runs (issue 13:
+snapshot.Prescan), so that a checkpoint's pause reads only what was written since. A page
+written after a round, even one the round took, must be in the pause's read, and the
+checkpoint must send every page of both; the dirty-threshold trigger counts the pages
+taken early. Sim guests with the kernel's dirty log (and the bitmap), real node processes
+for the last test."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from pipeline.checkpoint_api import CAUSES
+from pipeline.localpair import LocalPair
+from pipeline.stages.snapshot import Prescan
+from pipeline.xen_io.sim import SimDomain, WorkloadSpec, open_sim_domain
+
+PAGES = 4096
+
+
+class _Counters:
+    """The snapshot stage's counters, in this process."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + n
+
+    def set(self, name: str, value: int) -> None:
+        self.values[name] = value
+
+
+def _run(dom, command: bytes) -> None:
+    """The guest runs one input, then is paused again (the test knows what it wrote)."""
+    seq = dom.feed_input(command)
+    dom.resume()
+    wait_until(lambda: dom.input_seq() > seq, timeout=60, what="the guest ran its input")
+    dom.pause()
+
+
+@pytest.mark.parametrize("mode", ["auto", "bitmap"])
+def test_a_page_written_after_the_prescan_is_in_the_pause_and_copied_as_it_is_then(mode):
+    dom = open_sim_domain(f"prescan-{mode}", PAGES, WorkloadSpec(seed=7), dirty_log=mode)
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        c = _Counters()
+        pre = Prescan(dom, c, prescan_ms=5)
+        pre.start()
+        _run(dom, SimDomain.fill_command(100, 300, 0x11))      # pages 100-399
+        pre.round(lambda: False)
+        first = set(np.flatnonzero(pre.held).tolist())
+        assert set(range(100, 400)) <= first
+        assert c.values["prescan_held"] == len(first) == c.values["pages_prescanned"]
+        # written again after the round (300-399, taken by it) and for the first time
+        # (400-599): the log has them again, the pause reads them
+        _run(dom, SimDomain.fill_command(300, 300, 0x22))
+        after = dom.read_and_clear_dirty()
+        assert set(range(300, 600)) <= set(after.tolist())
+        dirty = pre.take(after)
+        assert set(dirty.tolist()) == first | set(after.tolist())
+        assert dirty.dtype == np.uint64 and np.all(np.diff(dirty.astype(np.int64)) > 0)
+        assert c.values["prescan_held"] == 0 and not pre.held.any()
+        # the pause copies them as they are now
+        pages = np.empty((len(dirty), dom.page_size), np.uint8)
+        dom.read_pages(dirty, pages)
+        at = {int(p): i for i, p in enumerate(dirty)}
+        assert all((pages[at[p]] == 0x11).all() for p in range(100, 300))
+        assert all((pages[at[p]] == 0x22).all() for p in range(300, 600))
+        # handed over: the next pause has only its own pages
+        _run(dom, SimDomain.fill_command(700, 5, 0x33))
+        assert set(range(700, 705)) <= set(pre.take(dom.read_and_clear_dirty()).tolist())
+        assert not {100, 300, 599} & set(pre.take(dom.read_and_clear_dirty()).tolist())
+    finally:
+        dom.close()
+
+
+def test_a_prescan_stopped_by_a_waiting_command_leaves_the_rest_in_the_log():
+    """A round reads the kernel's log in parts and stops when the snapshot stage's command
+    waits: the pages it did not reach stay in the log, and the pause reads them."""
+    dom = open_sim_domain("prescan-cut", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = Prescan(dom, _Counters(), prescan_ms=5)
+        pre.start()
+        _run(dom, SimDomain.fill_command(0, 3000, 0x44))
+        asked = []
+        pre.round(lambda: asked.append(1) or True)       # a command after the first part
+        assert asked == [1]
+        taken = set(np.flatnonzero(pre.held).tolist())
+        assert len(taken) == SimDomain.PRESCAN_PART_PAGES
+        rest = set(dom.read_and_clear_dirty().tolist())
+        assert not taken & rest
+        assert set(range(3000)) <= taken | rest
+    finally:
+        dom.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pages_taken_early_count_for_the_threshold_and_reach_the_secondary(tmp_path):
+    """Real nodes: the pages a round took count toward checkpoint.dirty_threshold_pages
+    (without them the log alone never reaches it: the rounds keep emptying it), and the
+    checkpoint sends them and the ones written after the round: memory proof equal."""
+    tables = {
+        "guest": {"backend": "sim", "page_count": PAGES},
+        "guest.workload": {"seed": 5, "input_rate_hz": 0.0},
+        "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
+                       "dirty_threshold_pages": 700, "epoch_timeout_ms": 300_000,
+                       "prescan_ms": 5},
+    }
+
+    def run(command: bytes, what: str) -> None:
+        seq = pair.stage_counter("client", "pvm_input_seq")
+        pair.inject_input(command)
+        wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq
+                   and pair.stage_counter("mirror", "svm_input_seq", role="secondary") > seq,
+                   120, what)
+
+    with LocalPair(tables, workdir=str(tmp_path)) as pair:
+        pair.start()
+        pair.wait_protected(timeout=300)
+        n = len(pair.checkpoints())
+        run(SimDomain.fill_command(100, 400, 0x55), "both guests filled 400 pages")
+        wait_until(lambda: pair.stage_counter("snapshot", "prescan_held") >= 400, 120,
+                   "a prescan taking the 400 pages off the PVM's dirty log")
+        # 100 of these again (already taken), 300 new: 700 distinct pages
+        run(SimDomain.fill_command(400, 400, 0x66), "both guests filled 400 more pages")
+        cps = pair.wait_checkpoints(n + 1, timeout=120)
+        cp = cps[n]
+        assert CAUSES[cp["cause"]] == "dirty_threshold", cp
+        assert cp["status"] == 0 and cp["pages_dirty"] >= 700, cp
+        assert pair.stage_counter("snapshot", "pages_prescanned") >= 400
+        info = pair.prove_memory_equal(timeout=240)
+        assert info["memory_equal"] is True, info
