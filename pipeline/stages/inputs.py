@@ -282,6 +282,22 @@ def inject_address(run_dir: str) -> str:
     return "ipc://" + os.path.join(run_dir, INJECT_SOCKET)
 
 
+def resend_unconsumed(out: zmq.Socket, io: SimulatedIO, epoch: int, stop, give_up) -> bool:
+    """Send a secondary that just joined every input the PVM has not consumed yet, in
+    order; False if ``stop`` was set or ``give_up()`` became true (the secondary was lost
+    again) first. The inputs channel queues only for a connected peer, so a send to a
+    secondary that went away waits until one of the two: a resend that waited for ``stop``
+    alone kept the client stage, and so the PVM's service, stalled for as long as the
+    node ran (fault matrix, partition-pages: the re-joining secondary stopped as stale
+    mid-resend and the PVM served nothing more)."""
+    for seq in range(io.input_seq(), io.input_head):
+        if not sockets.send_until_stopped(out, wire.encode_input(epoch, seq,
+                                                                 io.input_payload(seq)),
+                                          stop, give_up=give_up):
+            return False
+    return True
+
+
 def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) -> None:
     io = domain.simulated_io()
     nctx = sockets.NodeContext(settings)
@@ -345,12 +361,14 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 was_unprotected = True
             elif was_unprotected:
                 # a new secondary: it needs every input the PVM has not consumed yet (its
-                # first checkpoint may be taken before the PVM gets to them)
-                was_unprotected = False
-                for seq in range(io.input_seq(), io.input_head):
-                    sockets.send_until_stopped(
-                        out, wire.encode_input(shared.epoch.value, seq,
-                                               io.input_payload(seq)), ctx.stop)
+                # first checkpoint may be taken before the PVM gets to them). If it is lost
+                # again during the resend, the guest goes on unprotected and the next
+                # secondary gets the whole resend.
+                was_unprotected = not resend_unconsumed(
+                    out, io, shared.epoch.value, ctx.stop,
+                    give_up=lambda: bool(shared.unprotected.value))
+                if was_unprotected and ctx.stopping():
+                    return
             if payload is None:
                 if in_ready:
                     try:
