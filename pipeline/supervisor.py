@@ -288,6 +288,20 @@ def address_space_hint(code: int | None, what: str = "a stage that cannot map it
         return ""
     return f" (RLIMIT_AS is {soft >> 20} MiB: {what}; raise the limit)"
 
+#: signals faulthandler reports (pipeline.signals.report_fatal_signals): a stage dead of one
+#: wrote its threads' Python frames into the log first
+FATAL_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT, signal.SIGILL)
+
+
+def fatal_signal_note(signum: int) -> str:
+    """After "killed by signal N": for a crash in native code, which signal, and that the
+    stage's Python frames are above in the log (faulthandler's "Fatal Python error")."""
+    if signum not in FATAL_SIGNALS:
+        return ""
+    return f" ({signal.Signals(signum).name}: a crash in native code; the Python frames " \
+           f"of its threads are above in this log, after 'Fatal Python error')"
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.config = settings          # as the file says (node.role may be "auto")
@@ -663,8 +677,8 @@ class Supervisor:
             self.procs[name].join(1.0)   # exitcode is only known once the child is reaped
             code = self.procs[name].exitcode
             if not self.stop_event.is_set():
-                how = f"killed by signal {-code}" if code is not None and code < 0 \
-                    else f"exited with code {code}"
+                how = f"killed by signal {-code}{fatal_signal_note(-code)}" \
+                    if code is not None and code < 0 else f"exited with code {code}"
                 self.exit_reason = f"stage {name} {how}{address_space_hint(code)}"
                 log.error("node %s: %s; stopping the node", self.name, self.exit_reason)
                 return 1

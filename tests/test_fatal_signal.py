@@ -40,7 +40,8 @@ def test_a_stage_killed_by_sigsegv_leaves_its_python_frames_in_the_node_log(tmp_
     assert "COLO_FAULT fired: stage.restore.loop pass 2 segv pid" in log, log[-3000:]
     # the supervisor still says which stage died and how, and stops the node
     assert code == 1, log[-3000:]
-    assert "stage restore killed by signal 11" in log, log[-3000:]
+    assert "stage restore killed by signal 11 (SIGSEGV: a crash in native code; the Python " \
+           "frames of its threads are above in this log" in log, log[-3000:]
     # faulthandler's dump: the crashing thread names the restore stage's function ...
     assert "Fatal Python error: Segmentation fault" in log, log[-3000:]
     crash = log[log.index("Fatal Python error: Segmentation fault"):]
