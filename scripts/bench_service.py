@@ -12,8 +12,9 @@ One sim guest service, three ways, each a real pair of nodes (``pipeline.localpa
   the commit of the epoch that produced it.
 
 The client is a separate process. It sends requests (guest inputs, on the primary's
-``client-inputs.sock``) and times each until its response (the guest's output frame,
-released on ``net.outdev``) reaches it. The guest answers inputs in order, so the n-th
+``client-inputs.sock``, written by its own thread: ``pipeline.service_client.ZmtpPush``,
+no ZeroMQ I/O thread woken per request on the CPUs the nodes share) and times each until
+its response (the guest's output frame, released on ``net.outdev``) reaches it. The guest answers inputs in order, so the n-th
 request's response is the frame whose input seq is ``first + n`` (``first`` learnt from a
 probe request). Open loop at ``--rates`` (latency from the moment a request was due, so
 a stalled service is not hidden by a stalled client) and closed loop with
@@ -81,7 +82,7 @@ NET_FIGURES = ("frames_released", "mismatches", "timeouts", "queue_full", "backp
 def client_process(outdev: str, inject: str, conn) -> None:
     """Commands from the parent: ("phase", rate|None, outstanding, duration, drain) -> dict."""
     try:
-        client = ServiceClient(outdev, inject)
+        client = ServiceClient(outdev, inject, direct=True)   # (its requests: no I/O thread)
         client.probe()
         conn.send({"ok": True})
         while True:
