@@ -302,10 +302,10 @@ def report(res: dict, out=sys.stdout) -> None:
           f"{res['backlog']}", file=out)
     print("where the time went (critical path: the copy the release waited for), mean ms:",
           file=out)
-    print(f"{'':<5}{'n':>6}{'from':>8}" + "".join(f"{k:>12}" for k in PATH)
+    print(f"{'':<5}{'n':>7}{'from':>10}" + "".join(f"{k:>12}" for k in PATH)
           + "  svm_last in_pause behind", file=out)
     for name, r in res["split"].items():
-        print(f"{name:<5}{r['n']:>6}{r['from_ms']:>8}"
+        print(f"{name:<5}{r['n']:>7}{r['from_ms']:>10}"
               + "".join(f"{r['mean_ms'][k]!s:>12}" for k in PATH)
               + f"  {r['svm_last']:>8} {r['in_pause']:>8} {r['behind_request']:>6}", file=out)
     for name in ("p95", "p99"):
