@@ -232,12 +232,15 @@ class CheckpointSettings(Section):
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)
     prescan_ms: int = _f(5, "Primary: read (and clear) the PVM's dirty log while it runs, "
-                         "at most this often (and at most every 40 times what a read costs; "
-                         "less often while the PVM writes nothing, down to every 100 ms), so "
-                         "that a checkpoint's pause reads only what was written since: "
-                         "re-protecting each written page is most of a read of the log. The "
-                         "pages taken early go with the next checkpoint and count toward "
-                         "dirty_threshold_pages. 0: the log is read only in the pause.", min=0)
+                         "at most this often (and at most every 40 times what a round costs; "
+                         "less often while the PVM writes nothing, down to every 100 ms), and "
+                         "copy those pages into the snapshot buffer once the digest workers "
+                         "are done with the last checkpoint's, so that a checkpoint's pause "
+                         "reads and copies only what was written since (re-protecting each "
+                         "written page is most of a read of the log, the copy most of the "
+                         "pause). The pages taken early go with the next checkpoint and count "
+                         "toward dirty_threshold_pages. 0: the log is read and the pages "
+                         "copied only in the pause.", min=0)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
                                min=100)
     precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "

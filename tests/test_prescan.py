@@ -58,7 +58,8 @@ def test_a_page_written_after_the_prescan_is_in_the_pause_and_copied_as_it_is_th
         _run(dom, SimDomain.fill_command(300, 300, 0x22))
         after = dom.read_and_clear_dirty()
         assert set(range(300, 600)) <= set(after.tolist())
-        dirty = pre.take(after)
+        dirty, copied = pre.take(after)
+        assert copied == 0                   # (no snapshot buffer: the pause copies all)
         assert set(dirty.tolist()) == first | set(after.tolist())
         assert dirty.dtype == np.uint64 and np.all(np.diff(dirty.astype(np.int64)) > 0)
         assert c.values["prescan_held"] == 0 and not pre.held.any()
@@ -70,8 +71,75 @@ def test_a_page_written_after_the_prescan_is_in_the_pause_and_copied_as_it_is_th
         assert all((pages[at[p]] == 0x22).all() for p in range(300, 600))
         # handed over: the next pause has only its own pages
         _run(dom, SimDomain.fill_command(700, 5, 0x33))
-        assert set(range(700, 705)) <= set(pre.take(dom.read_and_clear_dirty()).tolist())
-        assert not {100, 300, 599} & set(pre.take(dom.read_and_clear_dirty()).tolist())
+        assert set(range(700, 705)) <= set(pre.take(dom.read_and_clear_dirty())[0].tolist())
+        assert not {100, 300, 599} & set(pre.take(dom.read_and_clear_dirty())[0].tolist())
+    finally:
+        dom.close()
+
+
+class _Buffer:
+    """The snapshot buffer (stages.common.PageBuffer's rows), in this process."""
+
+    def __init__(self, rows: int) -> None:
+        self.pages = np.zeros((rows, 4096), np.uint8)
+
+
+class _Ring:
+    """A digest ring as the prescan sees it: how many slots the workers still hold."""
+
+    def __init__(self) -> None:
+        self.occupancy = 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "bitmap"])
+def test_pages_copied_early_are_copied_again_if_written_after_and_the_buffer_holds_the_pause(
+        mode):
+    """With the snapshot buffer, a round also copies what it took; the pause copies again
+    those written since (the log has them again), and only the pages no round took are
+    left to copy: the rows then hold every page as the paused PVM has it."""
+    dom = open_sim_domain(f"precopy-{mode}", PAGES, WorkloadSpec(seed=7), dirty_log=mode)
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        c, buf, ring = _Counters(), _Buffer(2048), _Ring()
+        pre = Prescan(dom, c, prescan_ms=5, snapbuf=buf, rings=[ring])
+        pre.start()
+        _run(dom, SimDomain.fill_command(100, 300, 0x11))       # 100-399
+        pre.round(lambda: False)
+        early = set(np.flatnonzero(pre.held).tolist())
+        assert set(range(100, 400)) <= early and c.values["pages_precopied"] == len(early)
+        # the digest workers hold a slot of the last checkpoint: a round copies nothing
+        ring.occupancy = 1
+        _run(dom, SimDomain.fill_command(1000, 10, 0x77))       # 1000-1009
+        pre.round(lambda: False)
+        assert not pre.held[1000:1010].any() and c.values["pages_precopied"] == len(early)
+        ring.occupancy = 0
+        _run(dom, SimDomain.fill_command(350, 100, 0x22))       # 350-449: some again
+        pre.round(lambda: False)            # 350-399 to their rows, 400-449 and the
+        assert pre.held[1000:1010].all()    # pages the last round left to new ones
+        _run(dom, SimDomain.fill_command(380, 40, 0x33))        # 380-419 after the round
+        _run(dom, SimDomain.fill_command(1500, 5, 0x44))        # 1500-1504: only now
+        now = dom.read_and_clear_dirty()
+        assert set(range(380, 420)) | set(range(1500, 1505)) <= set(now.tolist())
+        pfns, copied = pre.take(now)
+        assert len(set(pfns.tolist())) == len(pfns)
+        every = set(range(100, 450)) | set(range(1000, 1010)) | set(range(1500, 1505))
+        assert every <= set(pfns.tolist())
+        assert set(range(100, 450)) | set(range(1000, 1010)) <= set(pfns[:copied].tolist())
+        assert not set(range(1500, 1505)) & set(pfns[:copied].tolist())
+        # the pause copies the rest (snapshot.run: rows copied.. of the buffer)
+        dom.read_pages(pfns[copied:], buf.pages[copied:len(pfns)])
+        want = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, want)
+        assert (buf.pages[:len(pfns)] == want).all()
+        value = {**{p: 0x11 for p in range(100, 350)}, **{p: 0x22 for p in range(350, 450)},
+                 **{p: 0x33 for p in range(380, 420)}, **{p: 0x77 for p in range(1000, 1010)},
+                 **{p: 0x44 for p in range(1500, 1505)}}
+        at = {int(p): i for i, p in enumerate(pfns)}
+        assert all((buf.pages[at[p]] == v).all() for p, v in value.items())
+        assert c.values["pages_recopied"] >= 40
+        # handed over: rows start again at 0 with the next round
+        assert pre.rows == 0 and (pre.row_of == -1).all() and not pre.held.any()
     finally:
         dom.close()
 

@@ -31,19 +31,29 @@ from pipeline.xen_io.base import Domain
 
 
 class Prescan:
-    """The PVM's dirty log read (and cleared) while the PVM runs, so that a checkpoint's
-    pause reads only what was written since the last round (issue 13: re-protecting each
-    written page, 0.3-0.5 us a page, was most of the pause's read of the log; the walk
-    itself ~0.1 ms), as the secondary's SvmPrehash does for the SVM.
+    """The PVM's dirty log read (and cleared) while the PVM runs, and the pages it names
+    copied into the snapshot buffer then, so that a checkpoint's pause reads and copies
+    only what was written since the last round (issue 13: re-protecting each written
+    page, 0.3-0.5 us a page, was most of the pause's read of the log, and the copy of the
+    dirty set from the guest's 4 KiB-mapped memory the largest part of the pause), as
+    live migration's pre-copy does, and the secondary's SvmPrehash for the SVM's hashes.
 
-    Nothing is missed: a round takes a page off the log and re-protects it in one step (the
-    kernel's PAGEMAP_SCAN per page table entry, Xen's CLEAN under its paging lock, the
-    bitmap's clear of what its copy saw), so a write after that is in the log again and
-    in the pause's read; a write before it is in the round's pages. The pause copies
-    every page of both (:meth:`take`) with the PVM stopped, so the copy holds each page's
-    last content whichever read found it. The pages held here count as the PVM's dirty
-    ones for the coordinator's threshold (the counter ``prescan_held``; a page written
-    again after a round counts twice there until the pause: the trigger errs early).
+    Nothing is missed, nothing stale is sent: a round takes a page off the log and
+    re-protects it in one step (the kernel's PAGEMAP_SCAN per page table entry, Xen's
+    CLEAN under its paging lock, the bitmap's clear of what its copy saw) and copies it
+    after that, so a write after the re-protection, during the copy or later, puts the
+    page in the log again and in the pause's read, which copies it again (:meth:`take`)
+    with the PVM stopped; a page not in the pause's read was not written since its
+    round's copy. The pages held here count as the PVM's dirty ones for the coordinator's
+    threshold (the counter ``prescan_held``; a page written again after a round counts
+    twice there until the pause: the trigger errs early).
+
+    The buffer's rows are the digest workers' until they released every slot of the last
+    checkpoint: a round waits for that (every digest ring empty), copying nothing before.
+    A page gets a row at its first round and keeps it; a checkpoint's pages go to the
+    digest workers in row order (the rounds' pages, then the pause's new ones), not pfn
+    order. Not copied early on a guest with bytes the hypervisor writes without marking
+    their page dirty (Xen's vcpu_info, Domain.hypervisor_written): the pause copies all.
 
     A round runs at the pause's priority, where the stage waits for its command, and reads
     the log in parts (Domain.prescan_dirty), stopping when a command waits: the pause
@@ -55,14 +65,22 @@ class Prescan:
     AFTER_PAUSE = 4     # the first round after a pause waits this many prescan_ms: the
                         # checkpoint's stages have the cores first
 
-    def __init__(self, domain: Domain, counters, prescan_ms: int) -> None:
+    def __init__(self, domain: Domain, counters, prescan_ms: int,
+                 snapbuf: PageBuffer | None = None, rings: list[Ring] | tuple = ()) -> None:
         self.domain, self.c = domain, counters
         self.min_s = prescan_ms / 1000
+        n = domain.page_count if prescan_ms else 0
         # the pages the rounds took, a flag per page: joining them with the pause's read
         # is a mask and one flatnonzero (0.2-0.4 ms for 16k pages at load 20), where
         # np.union1d's sort took 2-3 ms, in the pause
-        self.held = np.zeros(domain.page_count if prescan_ms else 0, bool)
+        self.held = np.zeros(n, bool)
         self.count = 0
+        # copied early: a page's row in the snapshot buffer (-1: none), the rows' pages
+        self.buf = snapbuf if prescan_ms and not domain.hypervisor_written() else None
+        self.rings = rings
+        self.row_of = np.full(n if self.buf is not None else 0, -1, np.int64)
+        self.order = np.zeros(len(self.buf.pages) if self.buf is not None else 0, np.uint64)
+        self.rows = 0
         self.on = False             # only once the dirty log is on (a full sync started it)
         self.wait_s = self.min_s
         self.next_at = 0.0
@@ -71,6 +89,7 @@ class Prescan:
         """The dirty log was (re)started: every page counts as clean, nothing is held."""
         self.on = self.min_s > 0
         self.held[:] = False
+        self.row_of[:] = -1
         self._handed_over()
 
     def timeout(self, longest: float) -> float:
@@ -83,14 +102,21 @@ class Prescan:
         return self.on and time.monotonic() >= self.next_at
 
     def round(self, interrupted) -> None:
+        if self.buf is not None and any(r.occupancy for r in self.rings):
+            # the digest workers still read the last checkpoint's rows: later
+            self.next_at = time.monotonic() + self.min_s
+            return
         t0 = time.monotonic()
         trace.point("prescan_start")
         got = self.domain.prescan_dirty(interrupted)
+        if len(got):
+            self.held[got] = True
+            self.count = int(np.count_nonzero(self.held))
+            if self.buf is not None:
+                self._copy(got)
         cost = time.monotonic() - t0
         if len(got):
             self.wait_s = max(self.min_s, self.COST_FACTOR * cost)
-            self.held[got] = True
-            self.count = int(np.count_nonzero(self.held))
         else:
             self.wait_s = min(self.IDLE_MAX_S, max(self.min_s, 2 * self.wait_s,
                                                    self.COST_FACTOR * cost))
@@ -100,18 +126,77 @@ class Prescan:
         trace.point("prescan_end", -1, f"{len(got)}/{self.count}")
         self.next_at = time.monotonic() + self.wait_s
 
-    def take(self, dirty: np.ndarray) -> np.ndarray:
-        """``dirty`` (what the log holds now, read with the PVM paused) with the pages the
-        rounds took, sorted; they are handed over."""
-        if self.count:
+    def _copy(self, pfns: np.ndarray) -> None:
+        """Copy ``pfns`` (just taken off the log) into their rows, new rows for new pages
+        while the buffer has any (the rest the pause copies)."""
+        rows = self.row_of[pfns]
+        had = rows >= 0
+        if had.any():
+            self._copy_to_rows(pfns[had], rows[had])
+        new = pfns[~had][:len(self.order) - self.rows]
+        if len(new):
+            at = self.rows
+            self.domain.read_pages(new, self.buf.pages[at:at + len(new)])
+            self.row_of[new] = np.arange(at, at + len(new))
+            self.order[at:at + len(new)] = new
+            self.rows += len(new)
+        self.c.add("pages_precopied", int(had.sum()) + len(new))
+
+    def _copy_to_rows(self, pfns: np.ndarray, rows: np.ndarray) -> None:
+        """Pages that have a row already (written again since it was copied): a gather,
+        then into their rows (few: those written between two reads of the log)."""
+        pages = np.empty((len(pfns), self.buf.pages.shape[1]), np.uint8)
+        self.domain.read_pages(pfns, pages)
+        self.buf.pages[rows] = pages
+
+    def take(self, dirty: np.ndarray, extra: np.ndarray | None = None
+             ) -> tuple[np.ndarray, int]:
+        """The pause: ``dirty`` (what the log holds now, read with the PVM stopped) and
+        ``extra`` (pages to send again), with the pages the rounds took; they are handed
+        over. Returns (pfns, copied): the first ``copied`` pfns are in the snapshot
+        buffer's rows 0..copied-1 already, as the PVM holds them now (``dirty`` is copied
+        again here); the rest are to be copied. Without early copies: the pfns sorted,
+        copied 0."""
+        if extra is not None and len(extra):
+            dirty = np.union1d(dirty, extra).astype(np.uint64)
+        if not self.count:
+            self._handed_over()
+            return dirty, 0
+        copied = self.rows
+        if copied == self.count:
+            # every page the rounds took has its row (the common case): the pause's work
+            # is in the size of its own read, not of the guest
+            early = self.order[:copied].copy()
+            rows = self.row_of[dirty]
+            again = rows >= 0
+            if again.any():
+                self._copy_to_rows(dirty[again], rows[again])
+            self.c.add("pages_recopied", int(again.sum()))
+            pfns = np.concatenate((early, dirty[~again])).astype(np.uint64)
+            self.held[early] = False
+            self.row_of[early] = -1
+        else:
+            # pages the rounds took but had no row for (the buffer was full) or could not
+            # copy: all of them, the copied ones first
             self.held[dirty] = True
-            dirty = np.flatnonzero(self.held).astype(np.uint64)
-            self.held[dirty] = False
+            pfns = np.flatnonzero(self.held).astype(np.uint64)
+            self.held[pfns] = False
+            if copied:
+                rows = self.row_of[dirty]
+                again = rows >= 0
+                if again.any():
+                    self._copy_to_rows(dirty[again], rows[again])
+                self.c.add("pages_recopied", int(again.sum()))
+                early = self.order[:copied].copy()
+                rest = pfns[self.row_of[pfns] < 0]
+                self.row_of[early] = -1
+                pfns = np.concatenate((early, rest))
         self._handed_over()
-        return dirty
+        return pfns, copied
 
     def _handed_over(self) -> None:
         self.count = 0
+        self.rows = 0
         self.c.set("prescan_held", 0)
         self.wait_s = self.min_s
         self.next_at = time.monotonic() + self.AFTER_PAUSE * self.min_s
@@ -201,7 +286,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     priority = PausePriority(pause_realtime)
     # the pages the last checkpoint took off the PVM's dirty log (its carried ones too)
     taken = np.zeros(0, np.uint64)
-    prescan = Prescan(domain, ctx.counters, prescan_ms)
+    prescan = Prescan(domain, ctx.counters, prescan_ms, snapbuf, rings)
     while not ctx.stopping():
         # The command is awaited at the pause's priority: a checkpoint's pause starts the
         # moment the coordinator asks for it (at normal priority, under load, the wake-up
@@ -234,7 +319,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             ctrl.send(messages.Synced(epoch, len(pfns)))
         elif isinstance(cmd, messages.PrecopyCmd):
             epoch = cmd.epoch
-            dirty = prescan.take(domain.read_and_clear_dirty())
+            dirty, _ = prescan.take(domain.read_and_clear_dirty())
             if not _copy_pages(ctx, domain, rings, dirty, epoch, wire.FLAG_SYNC):
                 return
             if not _end_markers(ctx, rings, epoch, len(dirty), wire.FLAG_SYNC, b""):
@@ -254,10 +339,10 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             t_paused = time.perf_counter_ns()
             trace.point("paused", epoch)
             priority.urgent(True)
-            # what was written since the last prescan, and the pages the rounds took
-            dirty = prescan.take(domain.read_and_clear_dirty())
-            if retake and len(taken):
-                dirty = np.union1d(dirty, taken).astype(np.uint64)
+            # what was written since the last prescan, and the pages the rounds took (the
+            # first ``copied`` of them in the snapshot buffer already)
+            dirty, copied = prescan.take(domain.read_and_clear_dirty(),
+                                         taken if retake else None)
             taken = dirty
             faults.point("snapshot.dirty_read")
             t_dirty = time.perf_counter_ns()
@@ -279,7 +364,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # PVM runs again. A dirty set larger than the buffer overflows into the rings.
             t_copy = time.perf_counter_ns()
             k = min(len(dirty), len(snapbuf.pages))
-            domain.read_pages(dirty[:k], snapbuf.pages[:k])
+            domain.read_pages(dirty[copied:k], snapbuf.pages[copied:k])
             ok = _copy_pages(ctx, domain, rings, dirty[k:], epoch)
             t_resume = time.perf_counter_ns()
             trace.point("copied", epoch)
@@ -304,11 +389,14 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                                            verify_ns, input_step))
             # where the pause went: the numbers to tune it by (after the hand-offs, which
             # the digest workers and the coordinator wait for)
+            # (copied_early: pages the prescan had copied already, Prescan)
             log.info("epoch=%d event=paused pages=%d pause_ms=%.2f stop_ms=%.2f dirty_log_ms=%.2f "
-                     "vcpu_ms=%.2f copy_ms=%.2f resume_ms=%.2f verify_ms=%.1f", epoch, len(dirty),
+                     "vcpu_ms=%.2f copy_ms=%.2f resume_ms=%.2f verify_ms=%.1f copied_early=%d",
+                     epoch, len(dirty),
                      pause_ns / 1e6, (t_paused - t0) / 1e6, (t_dirty - t_paused) / 1e6,
                      (t_verify - t_dirty) / 1e6, (t_resume - t_copy) / 1e6,
-                     (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, extra={"epoch": epoch})
+                     (t0 + pause_ns - t_resume) / 1e6, verify_ns / 1e6, copied,
+                     extra={"epoch": epoch})
         else:
             raise ValueError(f"snapshot stage: unknown command {cmd!r}")
         # busy = the command's time less what it spent waiting for ring slots
