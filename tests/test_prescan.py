@@ -144,6 +144,37 @@ def test_pages_copied_early_are_copied_again_if_written_after_and_the_buffer_hol
         dom.close()
 
 
+def test_a_copy_stopped_by_a_waiting_command_leaves_its_rewritten_pages_to_the_pause(
+        monkeypatch):
+    """A round copies in parts and stops when a command waits: pages it took off the log
+    again but did not copy again (their rows hold an older content, and the log no longer
+    has them) are copied again by the pause; new pages it did not reach, too."""
+    monkeypatch.setattr(Prescan, "COPY_PART", 100)
+    monkeypatch.setattr(SimDomain, "PRESCAN_PART_PAGES", 1 << 20)    # (the log in one part)
+    dom = open_sim_domain("precopy-cut", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        buf = _Buffer(2048)
+        pre = Prescan(dom, _Counters(), prescan_ms=5, snapbuf=buf, rings=[_Ring()])
+        pre.start()
+        _run(dom, SimDomain.fill_command(100, 300, 0x11))        # 100-399 get rows
+        pre.round(lambda: False)
+        _run(dom, SimDomain.fill_command(100, 300, 0x22))        # written again, and
+        _run(dom, SimDomain.fill_command(2000, 500, 0x33))       # 2000-2499 new
+        asked = []
+        pre.round(lambda: asked.append(1) or True)               # stops after 100 pages
+        assert asked == [1] and pre.rows == 300
+        pfns, copied = pre.take(dom.read_and_clear_dirty())
+        assert set(range(100, 400)) | set(range(2000, 2500)) <= set(pfns.tolist())
+        dom.read_pages(pfns[copied:], buf.pages[copied:len(pfns)])
+        at = {int(p): i for i, p in enumerate(pfns)}
+        assert all((buf.pages[at[p]] == 0x22).all() for p in range(100, 400))
+        assert all((buf.pages[at[p]] == 0x33).all() for p in range(2000, 2500))
+    finally:
+        dom.close()
+
+
 def test_a_prescan_stopped_by_a_waiting_command_leaves_the_rest_in_the_log():
     """A round reads the kernel's log in parts and stops when the snapshot stage's command
     waits: the pages it did not reach stay in the log, and the pause reads them."""
