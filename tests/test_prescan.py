@@ -230,7 +230,10 @@ def test_pages_taken_early_count_for_the_threshold_and_reach_the_secondary(tmp_p
         cps = pair.wait_checkpoints(n + 1, timeout=120)
         cp = cps[n]
         assert CAUSES[cp["cause"]] == "dirty_threshold", cp
-        assert cp["status"] == 0 and cp["pages_dirty"] >= 700, cp
+        # the trigger may fire while the second fill is under way, and it counts a page
+        # taken by a round and written again twice (100 here): at least 600 distinct,
+        # more than the log alone ever held (the rounds keep taking its pages)
+        assert cp["status"] == 0 and cp["pages_dirty"] >= 600, cp
         assert pair.stage_counter("snapshot", "pages_prescanned") >= 400
         info = pair.prove_memory_equal(timeout=240)
         assert info["memory_equal"] is True, info
