@@ -6,13 +6,20 @@ taken early. Sim guests with the kernel's dirty log (and the bitmap), real node 
 for the last test."""
 from __future__ import annotations
 
+import logging
+import os
+import threading
+
 import numpy as np
 import pytest
 from conftest import wait_until
 
 from pipeline.checkpoint_api import CAUSES
 from pipeline.localpair import LocalPair
-from pipeline.stages.snapshot import Prescan
+from pipeline.ring import Ring, SlotLayout
+from pipeline.shm import segment_prefix
+from pipeline.stages.common import MARK_BUFFERED, StageContext
+from pipeline.stages.snapshot import Prescan, _dispatch_buffered
 from pipeline.xen_io.sim import SimDomain, WorkloadSpec, open_sim_domain
 
 PAGES = 4096
@@ -237,3 +244,33 @@ def test_pages_taken_early_count_for_the_threshold_and_reach_the_secondary(tmp_p
         assert pair.stage_counter("snapshot", "pages_prescanned") >= 400
         info = pair.prove_memory_equal(timeout=240)
         assert info["memory_equal"] is True, info
+
+
+def test_batches_of_pages_copied_in_several_rounds_go_out_in_order_of_their_highest_pfn():
+    """Pages copied early sit in the buffer in sorted runs, one per round: each batch is
+    cut from one run, and the batches go to the digest workers in the order of their
+    highest pfn (a worker classifies a batch once SVM_DIRTY's parts, ascending, reach it)."""
+    layout = SlotLayout(batch_pages=4, page_size=4096)
+    name = f"prescan-order-{os.getpid()}"
+    rings = [Ring.create(segment_prefix(name) + f"r{i}", 8, layout) for i in range(2)]
+    try:
+        ctx = StageContext("snapshot", _Counters(), threading.Event(),
+                           logging.getLogger("test.prescan"))
+        # round 1 took 10-17 (rows 0-7), round 2 took 2-5 and 40-41 (rows 8-13), the
+        # pause 1 and 30 (rows 14-15)
+        pfns = np.array([10, 11, 12, 13, 14, 15, 16, 17, 2, 3, 4, 5, 40, 41, 1, 30],
+                        np.uint64)
+        assert _dispatch_buffered(ctx, rings, pfns, 7, [0, 8, 14])
+        got = []
+        for n in range(5):
+            slot = rings[n % 2].acquire_read(timeout=5)
+            assert slot.marks & MARK_BUFFERED and slot.epoch == 7
+            batch = slot.pfns[:slot.count].tolist()
+            assert batch == pfns[slot.row:slot.row + slot.count].tolist()
+            got.append(batch)
+            rings[n % 2].release_read(slot)
+        assert got == [[2, 3, 4, 5], [10, 11, 12, 13], [14, 15, 16, 17], [1, 30], [40, 41]]
+    finally:
+        for r in rings:
+            r.unlink()
+            r.close()

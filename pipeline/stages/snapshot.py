@@ -82,6 +82,9 @@ class Prescan:
         self.order = np.zeros(len(self.buf.pages) if self.buf is not None else 0, np.uint64)
         self.rows = 0
         self.stale: list[np.ndarray] = []   # pages whose row is older than their last write
+        self.run_starts: list[int] = []     # the rows where each round's pages start
+        #: the last take's pfns are in sorted runs starting at these indexes
+        self.runs: list[int] = [0]
         self.on = False             # only once the dirty log is on (a full sync started it)
         self.wait_s = self.min_s
         self.next_at = 0.0
@@ -149,6 +152,8 @@ class Prescan:
                 self.stale.append(again[done:])
                 self.c.add("pages_precopied", done)
                 return
+        if len(new):
+            self.run_starts.append(self.rows)   # (each round's new pages: sorted by pfn)
         for at in range(0, len(new), self.COPY_PART):
             part = new[at:at + self.COPY_PART]
             row = self.rows
@@ -175,16 +180,19 @@ class Prescan:
         over. Returns (pfns, copied): the first ``copied`` pfns are in the snapshot
         buffer's rows 0..copied-1 already, as the PVM holds them now (``dirty`` is copied
         again here); the rest are to be copied. Without early copies: the pfns sorted,
-        copied 0."""
+        copied 0. ``runs`` then says where the pfns' sorted runs start (one per round that
+        copied, then the rest)."""
         if extra is not None and len(extra):
             dirty = np.union1d(dirty, extra).astype(np.uint64)
         if self.stale:
             # taken off the log by a round that was stopped before it copied them again
             dirty = np.union1d(dirty, np.concatenate(self.stale)).astype(np.uint64)
         if not self.count:
+            self.runs = [0]
             self._handed_over()
             return dirty, 0
         copied = self.rows
+        self.runs = self.run_starts + [copied]
         if copied == self.count:
             # every page the rounds took has its row (the common case): the pause's work
             # is in the size of its own read, not of the guest
@@ -220,6 +228,7 @@ class Prescan:
         self.count = 0
         self.rows = 0
         self.stale = []
+        self.run_starts = []
         self.c.set("prescan_held", 0)
         self.wait_s = self.min_s
         self.next_at = time.monotonic() + self.AFTER_PAUSE * self.min_s
@@ -268,14 +277,39 @@ def _copy_pages(ctx: StageContext, domain: Domain, rings: list[Ring], pfns: np.n
 
 
 def _dispatch_buffered(ctx: StageContext, rings: list[Ring], pfns: np.ndarray,
-                       epoch: int) -> bool:
+                       epoch: int, runs: list[int] | tuple = ()) -> bool:
     """Hand the digest workers the pages already copied to the snapshot buffer: each slot
-    names its pfns and where they sit in the buffer (``row``), no page data."""
-    def fill(slot, chunk, start) -> None:
+    names its pfns and where they sit in the buffer (``row``), no page data.
+
+    ``runs``: where the sorted runs of ``pfns`` start (the prescan's rounds, Prescan.runs).
+    Each batch is cut from one run and the batches go out in the order of their highest
+    pfn: a digest worker classifies a batch once SVM_DIRTY's parts (ascending pfns) reach
+    its highest pfn, and its batches leave in order, so one batch cut across runs (its
+    highest pfn near the top) held the worker's others back until the last part came
+    (svm_early_batches of 16k pages 9-18 -> 1-4 before this order)."""
+    batch = checkpoint_batch(len(pfns), len(rings), rings[0].layout.batch_pages)
+    bounds = sorted({0, len(pfns), *(r for r in runs if 0 < r < len(pfns))})
+    if len(bounds) <= 2:
+        def fill(slot, chunk, start) -> None:
+            slot.row = start
+            slot.marks = MARK_BUFFERED
+        return _deal(ctx, rings, pfns, epoch, fill, batch)
+    pieces = [(at, min(at + batch, end)) for start, end in zip(bounds, bounds[1:])
+              for at in range(start, end, batch)]
+    pieces.sort(key=lambda p: int(pfns[p[1] - 1]))      # (a run is sorted: its last)
+    for n, (start, end) in enumerate(pieces):
+        ring = rings[n % len(rings)]
+        slot = write_slot(ctx, ring)
+        if slot is None:
+            return False
+        k = end - start
+        slot.reset(SLOT_DATA, epoch, k)
+        slot.pfns[:k] = pfns[start:end]
         slot.row = start
         slot.marks = MARK_BUFFERED
-    return _deal(ctx, rings, pfns, epoch, fill,
-                 checkpoint_batch(len(pfns), len(rings), rings[0].layout.batch_pages))
+        ring.commit_write(slot)
+        ctx.counters.add("items_out", k)
+    return True
 
 
 def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, flags: int,
@@ -401,7 +435,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
             # the stage was preempted with the guest still stopped (resume_ms 2-28 ms in
             # the Xen lab instead of 0.3-0.8)
             ctx.counters.add("bytes_out", k * snapbuf.pages.shape[1])
-            if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch) or \
+            if not ok or not _dispatch_buffered(ctx, rings, dirty[:k], epoch, prescan.runs) or \
                     not _end_markers(ctx, rings, epoch, len(dirty), flags, vcpu):
                 return
             io = domain.simulated_io()
