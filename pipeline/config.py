@@ -231,7 +231,7 @@ class CheckpointSettings(Section):
     min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)
-    prescan_ms: int = _f(5, "Primary: read (and clear) the PVM's dirty log while it runs, "
+    prescan_ms: int = _f(0, "Primary: read (and clear) the PVM's dirty log while it runs, "
                          "at most this often (and at most every 40 times what a round costs; "
                          "less often while the PVM writes nothing, down to every 100 ms), and "
                          "copy those pages into the snapshot buffer once the digest workers "
@@ -239,8 +239,10 @@ class CheckpointSettings(Section):
                          "reads and copies only what was written since (re-protecting each "
                          "written page is most of a read of the log, the copy most of the "
                          "pause). The pages taken early go with the next checkpoint and count "
-                         "toward dirty_threshold_pages. 0: the log is read and the pages "
-                         "copied only in the pause.", min=0)
+                         "toward dirty_threshold_pages. 0 (the default): the log is read and "
+                         "the pages copied only in the pause; on, the pause is 2-6x shorter but "
+                         "a 1k-4k commit was no faster and a COLO service's p99.9 worse in the "
+                         "quiet runs of docs/tuning.md (Session 13).", min=0)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
                                min=100)
     precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "
