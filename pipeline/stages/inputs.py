@@ -367,8 +367,8 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 was_unprotected = not resend_unconsumed(
                     out, io, shared.epoch.value, ctx.stop,
                     give_up=lambda: bool(shared.unprotected.value))
-                if was_unprotected and ctx.stopping():
-                    return
+                if was_unprotected and ctx.stop.is_set():
+                    return      # (not stopping(): once per turn, it is the stage's fault point)
             if payload is None:
                 if in_ready:
                     try:
