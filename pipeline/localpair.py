@@ -25,15 +25,9 @@ from pipeline import faults, proof_pages
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.counters import NodeCounters, NodeNotRunning
 from pipeline.shm import cleanup_segments, list_segments, segment_prefix
+from pipeline.signals import die_with_parent
 from pipeline.sockets import write_keypair
 from pipeline.stages.inputs import inject_address
-
-
-def _die_with_parent() -> None:
-    """In the node's child process: SIGTERM it when the process that started it dies, so a
-    test or demo killed by a timeout leaves no node running (Linux PR_SET_PDEATHSIG)."""
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "",
@@ -89,7 +83,7 @@ def _limits(rlimits: dict[str, tuple[int, int]]) -> Callable[[], None]:
     import resource
 
     def preexec() -> None:
-        _die_with_parent()
+        die_with_parent()
         for name, (soft, hard) in rlimits.items():
             resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (soft, hard))
     return preexec
@@ -242,7 +236,7 @@ class LocalPair:
             self.ttys[role], out = pty.openpty()
         p = subprocess.Popen(self._wrap(role, cmd), stdout=out, stderr=subprocess.STDOUT if out else None,
                              start_new_session=True, env=env,
-                             preexec_fn=_limits(rlimits) if rlimits else _die_with_parent)
+                             preexec_fn=_limits(rlimits) if rlimits else die_with_parent)
         if tty:
             os.close(out)
         elif out:

@@ -63,6 +63,21 @@ def stop_on_signals(signals: Iterable[int], set_stop: Callable[[], None],
     return restore
 
 
+def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGTERM) -> None:
+    """In a child process (a preexec_fn, or a spawned child's first call): get ``sig`` when
+    the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so a test, benchmark or
+    demo killed by a timeout or a signal leaves nothing of its own running. ``parent_pid``
+    (the starter's pid, read before the start) closes the race of a parent that died
+    before this call: the child then signals itself at once.
+
+    The signal comes when the parent *thread* that started the child ends, not the process:
+    start children that must outlive a worker thread from the main thread."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, sig)     # PR_SET_PDEATHSIG = 1
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
 def report_fatal_signals(stream=None) -> bool:
     """Make a native crash of this process name itself: on SIGSEGV, SIGBUS, SIGFPE,
     SIGABRT or SIGILL, ``faulthandler`` writes the Python frames of every thread to

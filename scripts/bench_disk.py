@@ -76,6 +76,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,7 @@ import blake3
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline.disk.settings import DiskSettings
+from pipeline.signals import die_with_parent
 from pipeline.stages.disk import DiskControl, PrimaryDisk, start_disk_pair
 
 STRIDE_BLOCKS = 7919
@@ -129,7 +131,8 @@ def qemu_nbd(workdir: str, image_size: int, checkpoint_ms: int):
     with open(img, "wb") as f:
         f.truncate(image_size)
     p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-k", sock, img],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
@@ -280,7 +283,8 @@ def nbdkit_python(workdir: str, image_size: int, checkpoint_ms: int):
     with open(img, "wb") as f:
         f.truncate(image_size)
     p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "python", plugin, f"file={img}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
@@ -313,7 +317,8 @@ def nbdcopy_between_qemu_nbds(workdir: str, src: str, size: int) -> float:
         f.truncate(size)
     socks = [os.path.join(workdir, n) for n in ("src.sock", "dst.sock")]
     procs = [subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-k", sock, img],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=die_with_parent)
              for sock, img in zip(socks, (src, dst))]
     try:
         deadline = time.monotonic() + 10
@@ -474,6 +479,9 @@ def main() -> int:
                          f"the reference): {', '.join(SERVERS)}")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
+    # a SIGTERM ends the run as Ctrl-C does: the servers stop and the images go (before,
+    # a benchmark stopped by SIGTERM left its disk pair and qemu-nbd serving, session 13)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.servers:
         wanted = {"qemu_nbd", *args.servers.split(",")}
         unknown = wanted - set(SERVERS)

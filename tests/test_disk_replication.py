@@ -401,6 +401,48 @@ def test_a_stage_that_cannot_start_says_why(tmp_path):
         start_disk_pair(str(work), SIZE)
 
 
+def test_a_disk_pair_ends_with_the_process_that_started_it(tmp_path):
+    """A benchmark killed without a chance to clean up (SIGKILL) leaves no disk stage
+    serving: each side dies with its starter (session 13: a bench_disk.py stopped by a
+    signal left both stages and their images running for half an hour)."""
+    import sys
+    from pipeline.localpair import wait_until
+    starter = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pipeline.stages.disk import start_disk_pair\n"
+         f"pair = start_disk_pair({str(tmp_path / 'disks')!r}, {SIZE}, compare='off')\n"
+         "print(*(p.pid for p in pair.processes), flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    pids: list[int] = []
+    try:
+        pids = [int(x) for x in starter.stdout.readline().split()]
+        assert len(pids) == 2, "the starter did not report its two disk stages"
+        assert all(_alive(pid) for pid in pids)
+        starter.kill()
+        starter.wait()
+        wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=60,
+                   what="both disk stages gone after their starter was killed")
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+        for pid in pids:        # a failed run leaves no stage behind either
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (a dead stage stays a zombie of nobody's until
+    init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # -- one write order, one epoch per write ------------------------------------------
 
 def _in_process_pair(tmp_path, **settings):

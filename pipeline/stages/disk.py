@@ -58,7 +58,7 @@ from pipeline.disk.primary import PrimaryBackend
 from pipeline.disk.secondary import ForwardReceiver, SvmBackend
 from pipeline.disk.settings import DiskSettings
 from pipeline.disk.store import SecondaryStore, StoreError
-from pipeline.signals import stop_on_signals
+from pipeline.signals import die_with_parent, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -529,9 +529,17 @@ class DiskPair:
         self.stop()
 
 
+def _disk_child(parent_pid: int, role: str, settings: DiskSettings, rundir: str,
+                ready: Any) -> None:
+    """A :func:`start_disk_pair` side: ends when the process that started it dies (a
+    benchmark killed by SIGTERM or SIGKILL left both sides serving, with their images)."""
+    die_with_parent(parent_pid)
+    run_disk_stage(role, settings, rundir, None, ready)
+
+
 def _start_stage(ctx, role: str, settings: DiskSettings, rundir: str, timeout: float):
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=run_disk_stage, args=(role, settings, rundir, None, child),
+    proc = ctx.Process(target=_disk_child, args=(os.getpid(), role, settings, rundir, child),
                        name=f"colo-disk-{role}", daemon=True)
     proc.start()
     child.close()
