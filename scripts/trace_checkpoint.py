@@ -11,6 +11,7 @@ next to the load average printed at the end.
 
     scripts/trace_checkpoint.py --pages 1000 --reps 3
     scripts/trace_checkpoint.py --pages 16000 --reps 2 --raw   # every event, with details
+    scripts/trace_checkpoint.py --pages 1000 --reps 6 --by-stage   # CPU and wake-ups per stage
 
 --raw prints every event of each checkpoint in time order with its detail (pages in the
 SVM's dirty log, the size of each SVM_DIRTY part, SVM pages checked) instead of the
@@ -120,8 +121,13 @@ def wakeups(pids: list[int]) -> tuple[int, int]:
 
 def stage_pids(pair) -> list[int]:
     """Every stage process of both nodes (not the guests, not the supervisors)."""
-    return [pid for role in ("primary", "secondary")
-            for pid in pair.node(role).node_info().get("stage_pids", {}).values()]
+    return list(named_stage_pids(pair).values())
+
+
+def named_stage_pids(pair) -> dict[str, int]:
+    """{"primary:snapshot": pid, ...}: every stage process of both nodes by name."""
+    return {f"{role}:{name}": pid for role in ("primary", "secondary")
+            for name, pid in pair.node(role).node_info().get("stage_pids", {}).items()}
 
 
 def main() -> int:
@@ -133,6 +139,8 @@ def main() -> int:
                     help="pipeline.batch_pages (0: the config's default)")
     ap.add_argument("--raw", action="store_true",
                     help="every event in time order, with its detail")
+    ap.add_argument("--by-stage", action="store_true",
+                    help="also each stage's CPU time and wake-ups per checkpoint (median)")
     args = ap.parse_args()
     fd, path = tempfile.mkstemp(prefix="colo-trace-", suffix=".txt")
     os.close(fd)
@@ -140,25 +148,36 @@ def main() -> int:
     marks = []
     woke: list[float] = []
     cpu: list[float] = []
+    per_stage: dict[str, list[tuple[float, float]]] = {}    # name: [(wake-ups, CPU ms)]
     try:
         with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
                          batch_pages=args.batch_pages or None) as pair:
             pair.start()
             pair.wait_protected(timeout=900)
-            pids = stage_pids(pair)
+            named = named_stage_pids(pair)
+            pids = list(named.values())
             # the stages' wake-ups without a checkpoint (heartbeats, timeouts), per second
             w0, t0 = wakeups(pids), time.monotonic()
+            s0 = {n: wakeups([p]) for n, p in named.items()}
             time.sleep(2)
             w1, t1 = wakeups(pids), time.monotonic()
+            s1 = {n: wakeups([p]) for n, p in named.items()}
             idle = [(b - a) / (t1 - t0) for a, b in zip(w0, w1)]   # per second
+            idle_of = {n: [(b - a) / (t1 - t0) for a, b in zip(s0[n], s1[n])] for n in named}
             for _ in range(args.reps):
                 bench.write_in_both_guests(pair, args.pages)
                 count = len(pair.checkpoints())
                 mark = os.path.getsize(path)
                 w0, t0 = wakeups(pids), time.monotonic()
+                s0 = {n: wakeups([p]) for n, p in named.items()} if args.by_stage else {}
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
                 w1, dt = wakeups(pids), time.monotonic() - t0
+                for n, a in s0.items():
+                    b = wakeups([named[n]])
+                    per_stage.setdefault(n, []).append(
+                        (b[0] - a[0] - idle_of[n][0] * dt,
+                         (b[1] - a[1] - idle_of[n][1] * dt) / 1e6))
                 woke.append(w1[0] - w0[0] - idle[0] * dt)
                 cpu.append((w1[1] - w0[1] - idle[1] * dt) / 1e6)
                 marks.append((mark, cp))
@@ -198,6 +217,12 @@ def main() -> int:
         print(f"stage CPU per checkpoint, ms (both nodes' stage threads, less their idle "
               f"rate; median, min, max): {statistics.median(cpu):.2f} {min(cpu):.2f} "
               f"{max(cpu):.2f}")
+    if per_stage:
+        print("per stage process, per checkpoint (median): wake-ups, CPU ms")
+        for n, vals in sorted(per_stage.items(), key=lambda kv: -statistics.median(
+                v[1] for v in kv[1])):
+            print(f"  {n:28s} {statistics.median(v[0] for v in vals):6.1f} "
+                  f"{statistics.median(v[1] for v in vals):7.2f}")
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 
