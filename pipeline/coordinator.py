@@ -868,8 +868,16 @@ class SvmPrehash:
 
     #: SVM_DIRTY's parts: the first this many pages, each next one twice as many, up to
     #: PART_MAX (the primary's digest workers start on the pages below a part's last pfn
-    #: while the rest is hashed here; one part per record on the control channel)
-    PART_FIRST, PART_MAX = 256, 4096
+    #: while the rest is hashed here; one part per record on the control channel). The
+    #: first part is a digest batch (pipeline.batch_pages, 1024): a batch waits for the
+    #: part that reaches its highest pfn, and a first part of 256 covered no whole batch
+    #: (at 4k pages the first batch waited for the third part, 1792 pages hashed), while
+    #: each part is a record each coordinator and both ZeroMQ I/O threads wake for, in
+    #: the PVM's pause (the PVM's pause and the SVM's BEGIN run at once on both nodes).
+    #: 1k pages: one part, not three (trace_checkpoint.py at load 15-22, alternated with
+    #: 256: commit p50 6.1-6.8 against 5.9-8.2 ms, pause 1.8-2.0 against 2.1-2.9, 33-34
+    #: stage wake-ups a checkpoint against 38-46; docs/tuning.md, Session 14)
+    PART_FIRST, PART_MAX = 1024, 4096
 
     def parts(self, dirty: np.ndarray):
         """:meth:`begin` in parts, in pfn order, each hashed only when it is asked for:

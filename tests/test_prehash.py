@@ -7,6 +7,7 @@ import numpy as np
 
 from conftest import wait_until
 
+from pipeline.config import PipelineSettings
 from pipeline.coordinator import SvmPrehash
 from pipeline.stages.common import domain_page_hashes, hash_pages
 from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
@@ -81,18 +82,19 @@ def test_begin_answers_in_ascending_parts_that_grow():
     """SVM_DIRTY goes in parts as they are hashed: sorted, disjoint, ascending, the first
     PART_FIRST pages, then twice as many each time up to PART_MAX; together the whole
     dirty set, pages the rounds hashed (and not written since) with their round's hash."""
-    dom = open_sim_domain("prehash-parts", 4096, WorkloadSpec(seed=7), dirty_log="auto")
+    first = SvmPrehash.PART_FIRST
+    dom = open_sim_domain("prehash-parts", 16384, WorkloadSpec(seed=7), dirty_log="auto")
     dom.start(paused=True)
     try:
         dom.enable_dirty_log()
         pre = SvmPrehash(dom)
         _run_input(dom, 700)
         pre.round()
-        _run_input(dom, 1500)
+        _run_input(dom, first * 3 + 200)         # more than the first two parts
         parts = list(pre.parts(dom.read_and_clear_dirty()))
         sizes = [len(p) for p, _, _ in parts]
         assert [more for _, _, more in parts] == [True] * (len(parts) - 1) + [False]
-        first, most = SvmPrehash.PART_FIRST, SvmPrehash.PART_MAX
+        most = SvmPrehash.PART_MAX
         assert len(parts) >= 3
         assert sizes[:-1] == [min(first << i, most) for i in range(len(parts) - 1)]
         pfns = np.concatenate([p for p, _, _ in parts])
@@ -101,5 +103,27 @@ def test_begin_answers_in_ascending_parts_that_grow():
         pages = np.empty((len(pfns), dom.page_size), np.uint8)
         dom.read_pages(pfns, pages)
         assert (hash_pages(pages) == hashes).all()
+    finally:
+        dom.close()
+
+
+def test_a_dirty_set_of_one_digest_batch_goes_in_one_part():
+    """A digest batch (pipeline.batch_pages, the default) waits for the part that reaches
+    its highest pfn, and each part is a record both coordinators and their I/O threads
+    wake for while the PVM is paused: a dirty set of one batch goes in one part (it went in
+    three, 256 + 512 + the rest, and the first batch of a larger set waited for the third)."""
+    batch = PipelineSettings().batch_pages
+    dom = open_sim_domain("prehash-one-part", 8192, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, batch)
+        dirty = dom.read_and_clear_dirty()
+        assert len(dirty) >= batch
+        parts = list(pre.parts(dirty[:batch]))
+        assert [(len(p), more) for p, _, more in parts] == [(batch, False)]
+        parts = list(pre.parts(dirty))            # more than a batch: the first part is one
+        assert len(parts[0][0]) == batch
     finally:
         dom.close()

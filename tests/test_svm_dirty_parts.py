@@ -37,7 +37,7 @@ def test_a_part_covers_the_pfns_up_to_its_last():
 
 @pytest.mark.slow   # starts real node processes
 def test_a_dirty_set_of_several_parts_goes_as_svm_pages_and_the_memory_proof_holds(tmp_path):
-    pages = SvmPrehash.PART_FIRST * 3 + 100    # 256 + 512 + the rest: three parts or more
+    pages = SvmPrehash.PART_FIRST * 3 + 100    # first, twice that, the rest: three parts
     with LocalPair({
         "guest": {"backend": "sim", "page_count": 8192},
         "guest.workload": {"seed": 5, "input_rate_hz": 0.0},
