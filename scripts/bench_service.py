@@ -34,7 +34,12 @@ guest included); per process, its CPU and wake-ups per request, and the client p
 own (``client_process``: it shares the machine's CPUs with the nodes, as a real client
 would not). The machine may be shared: compare modes within one run.
 
-    scripts/bench_service.py [--quick] [--json]
+    scripts/bench_service.py [--quick] [--json] [--keep DIR]
+
+``--keep DIR``: each pair's directory stays in DIR/MODE-NONDETERMINISM: its nodes' logs at
+level info (one line per checkpoint: pause, transfer, apply, ACK, commit_ms) and each
+row's checkpoint records of both nodes (``row-RATE.json``, with the row's window on the
+request trace's clock), to name the epoch a slow run's requests waited on.
 
 ``--json``: the last line is ``{"rows": [{"mode", "nondeterminism", "rate", "p50_ms",
 "p99_ms", "p999_ms", "completed_per_s", "lost", "checkpoints_by_cause", ...}], ...}``;
@@ -50,7 +55,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -225,7 +232,16 @@ class Service:
 
     def __init__(self, mode: str, nondeterminism: float, args: argparse.Namespace) -> None:
         self.mode = mode
-        self.pair = LocalPair(service_tables(mode, nondeterminism, args))
+        workdir = self.keep = None
+        if args.keep:
+            # kept after the run: the nodes' logs at level info (each checkpoint's line:
+            # its split into pause, transfer, apply and ACK) and every row's records. The
+            # pair runs in a short path (its unix sockets' names are limited to 107
+            # bytes) and goes to DIR when it stopped
+            self.keep = os.path.join(args.keep, f"{mode}-{float(nondeterminism)}")
+            workdir = tempfile.mkdtemp(prefix="colo-keep-")
+        self.pair = LocalPair(service_tables(mode, nondeterminism, args), workdir=workdir,
+                              log_level="info" if workdir else "warning")
         self.client = None
         self.conn = None
 
@@ -276,6 +292,8 @@ class Service:
         cps = node.checkpoints(last=after["recorded"] - before["recorded"]) \
             if after["recorded"] > before["recorded"] else []
         elapsed = after["t"] - before["t"]
+        if self.keep:
+            self._keep_records(node, cps, before, after, rate, outstanding)
         # a protected mode whose secondary was lost (it exited, or the primary gave it up)
         # measured an unprotected service from then on: say so in the row, with why
         state = node.node_info().get("state", "?")
@@ -326,6 +344,21 @@ class Service:
             window_s=round(elapsed, 2))
         return row
 
+    def _keep_records(self, node, cps: list[dict], before: dict, after: dict,
+                      rate: float | None, outstanding: int) -> None:
+        """The row's checkpoint records of both nodes (the primary's: one per epoch, with
+        its commit split; the secondary's, if it keeps any) beside the nodes' logs, with
+        the row's window on CLOCK_MONOTONIC (the request trace's clock)."""
+        name = f"row-{rate if rate is not None else f'closed{outstanding}'}.json"
+        records = {"window_monotonic_ns": [int(before["t"] * 1e9), int(after["t"] * 1e9)],
+                   "primary": cps}
+        try:
+            records["secondary"] = self.pair.node("secondary", timeout=5).checkpoints()
+        except Exception as exc:                # noqa: BLE001 (unprotected: no secondary)
+            records["secondary"] = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(self.pair.workdir, name), "w") as fh:
+            json.dump(records, fh)
+
     def close(self) -> None:
         if self.client is not None:
             if self.client.is_alive():
@@ -338,7 +371,11 @@ class Service:
                 self.client.kill()
                 self.client.join()
         self.pair.stop()
-        self.pair.cleanup()
+        self.pair.cleanup()      # (a kept workdir stays: LocalPair removes only its own)
+        if self.keep:
+            shutil.rmtree(self.keep, ignore_errors=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self.keep)), exist_ok=True)
+            shutil.move(self.pair.workdir, self.keep)
 
 
 def node_settings(args: argparse.Namespace) -> dict:
@@ -527,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="record every request's timeline (COLO_REQUEST_TRACE, one file "
                    "PREFIX-MODE-NONDETERMINISM.trace per pair) and print where the slowest "
                    "1 %% waited (scripts/trace_requests.py); costs the service some CPU")
+    p.add_argument("--keep", metavar="DIR", default=None,
+                   help="keep each pair's directory under DIR/MODE-NONDETERMINISM: the "
+                   "nodes' logs at level info (a line per checkpoint with its split) and "
+                   "each row's checkpoint records of both nodes (row-RATE.json)")
     args = p.parse_args(argv)
     args.rates = [int(r) if r == int(r) else r for r in args.rates]
     if args.quick:
