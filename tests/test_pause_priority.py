@@ -101,3 +101,53 @@ def test_a_data_stage_at_normal_priority_leaves_the_scheduler_alone():
     p.waiting()
     p.working(3)
     assert _policy() == os.SCHED_OTHER
+
+
+def _guest_policy(dom) -> int:
+    return os.sched_getscheduler(dom.guest_pid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
+@pytest.mark.root
+def test_a_sim_guest_raised_after_its_answer_serves_its_requests_at_normal_priority(
+        make_sim_domain):
+    """Issue 15, the bimodal p99: a real-time pauser raised the guest after posting the
+    pause request, so a guest running on the other core could answer first, still at
+    normal priority, and the raise landed after its drop: the guest then served its
+    clients at SCHED_FIFO until its next pause (seconds under COLO), above the stages that
+    feed it and read its answers. Here that interleaving exactly: paused and answered at
+    normal priority, then raised (the late raise), then resumed and fed one input."""
+    dom = make_sim_domain(paused=False)
+    dom.feed_input(b"before the pause")
+    dom.wait_for_input_seq(dom.input_head)
+    dom.pause()                            # (this test runs at normal priority: no raise)
+    assert _guest_policy(dom) == os.SCHED_OTHER
+    os.sched_setscheduler(dom.guest_pid, os.SCHED_FIFO, os.sched_param(1))   # the late raise
+    dom.resume()
+    dom.feed_input(b"after the pause")
+    dom.wait_for_input_seq(dom.input_head)  # it ran: past its pause, into the request
+    assert _guest_policy(dom) == os.SCHED_OTHER
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root or CAP_SYS_NICE")
+@pytest.mark.root
+def test_a_real_time_pauser_leaves_a_busy_sim_guest_at_normal_priority(make_sim_domain):
+    """pause() from a SCHED_FIFO pauser (the snapshot stage, the secondary coordinator),
+    the guest busy writing on the other core, many times: each time the guest is back at
+    normal priority once it answered, and after the resume."""
+    from pipeline.xen_io.sim import SimDomain
+    dom = make_sim_domain(paused=False)
+    p = PausePriority(True)
+    try:
+        for _ in range(20):
+            dom.feed_input(SimDomain.write_command(200))     # keep the guest busy writing
+            p.urgent(True)
+            dom.pause()
+            p.urgent(False)
+            assert dom.is_paused and _guest_policy(dom) == os.SCHED_OTHER
+            dom.resume()
+            dom.feed_input(b"a request")
+            dom.wait_for_input_seq(dom.input_head)
+            assert _guest_policy(dom) == os.SCHED_OTHER
+    finally:
+        p.urgent(False)

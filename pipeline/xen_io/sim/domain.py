@@ -571,19 +571,22 @@ class SimDomain(Domain, SimulatedIO):
         w = self._words
         if w[W_PAUSE_REQ] and w[W_PAUSE_ACK] == w[W_PAUSE_EPOCH]:
             return
-        epoch = w[W_PAUSE_EPOCH] + 1
-        w[W_PAUSE_EPOCH] = epoch  # the epoch first: the guest reads the request, then it
-        w[W_PAUSE_REQ] = 1
         # The guest answers at the pauser's priority: a pauser at real time (the PVM's
         # pause, the SVM's at BEGIN: pipeline.pause_priority) raises the guest to it until
         # the guest has acknowledged (it drops itself back, _Guest._paused). At normal
         # priority the guest's answer waited for a core on a loaded machine, inside the
-        # pause.
+        # pause. Raised before the request is posted: raised after it, a guest running on
+        # the other core could see the request and acknowledge first, still at normal
+        # priority, and the raise then came after its drop: it served its clients at
+        # SCHED_FIFO until its next pause (issue 15: the bimodal p99).
         if os.sched_getscheduler(0) == os.SCHED_FIFO:
             try:
                 os.sched_setscheduler(self.guest_pid, os.SCHED_FIFO, os.sched_getparam(0))
             except OSError:
                 pass        # (not permitted: it answers at normal priority)
+        epoch = w[W_PAUSE_EPOCH] + 1
+        w[W_PAUSE_EPOCH] = epoch  # the epoch first: the guest reads the request, then it
+        w[W_PAUSE_REQ] = 1
         os.eventfd_write(self._doorbell, 1)
         self._wait_ack(epoch, timeout, "pause")
 
@@ -1157,12 +1160,20 @@ class _Guest:
                 os.eventfd_write(self.dom._ack, 1)
                 # raised to the pauser's real-time priority for the answer (pause): the
                 # guest itself runs at normal priority
-                if os.sched_getscheduler(0) != os.SCHED_OTHER:
-                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                self._normal_priority()
             os.eventfd_read(self.dom._doorbell)
+        # and once more on the way out: whatever raised it while it was paused (a pauser
+        # whose raise came after the answer), it runs its clients' requests at normal
+        # priority, never above the stages that feed it and read its answers
+        self._normal_priority()
         self._load_state()  # the pipeline may have loaded a peer's state meanwhile
         if trace.REQUESTS:
             trace.request("guest_resumed", self.state.seq, self.who)
+
+    @staticmethod
+    def _normal_priority() -> None:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
     # -- one input -----------------------------------------------------------------------
     def _begin_input(self, payload: bytes) -> None:
