@@ -81,21 +81,26 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
           threshold: int, compress: str | None = None, dirty_log: str = "auto",
-          security: str = "curve", batch_pages: int | None = None) -> LocalPair:
+          security: str = "curve", batch_pages: int | None = None,
+          prescan_ms: int | None = None) -> LocalPair:
     """``compress``: None for the config's default (auto); ``security``: "curve" (the
-    default) or "plaintext"; ``batch_pages``: None for the config's default."""
+    default) or "plaintext"; ``batch_pages``, ``prescan_ms`` (checkpoint.prescan_ms): None
+    for the config's default."""
     pipeline = {"digest_workers": digest_workers, "verify_workers": verify_workers}
     if batch_pages:
         pipeline["batch_pages"] = batch_pages
     if compress is not None:
         pipeline["compress"] = compress
+    checkpoint = {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
+                  "dirty_threshold_pages": threshold, "epoch_timeout_ms": 300_000}
+    if prescan_ms is not None:
+        checkpoint["prescan_ms"] = prescan_ms
     return LocalPair({
         "guest": {"backend": "sim", "page_count": page_count, "dirty_log": dirty_log},
         "guest.workload": {"seed": SEED, "input_rate_hz": 0.0},
         "security": {"mode": security},
         "pipeline": pipeline,
-        "checkpoint": {"max_interval_ms": 3_600_000, "min_interval_ms": 0,
-                       "dirty_threshold_pages": threshold, "epoch_timeout_ms": 300_000},
+        "checkpoint": checkpoint,
     })
 
 
@@ -148,10 +153,12 @@ def write_in_both_guests(pair, pages: int) -> None:
 def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, verify_workers: int,
                     memcpy_s_per_page: float, dirty_log: str = "auto", reps: int = 5,
                     security: str = "curve", compress: str | None = None,
-                    batch_pages: int | None = None) -> tuple[dict, list[dict]]:
+                    batch_pages: int | None = None,
+                    prescan_ms: int | None = None) -> tuple[dict, list[dict]]:
     rows = []
     with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2, compress,
-               dirty_log=dirty_log, security=security, batch_pages=batch_pages) as pair:
+               dirty_log=dirty_log, security=security, batch_pages=batch_pages,
+               prescan_ms=prescan_ms) as pair:
         start_ready(pair)
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
@@ -270,6 +277,8 @@ def main() -> int:
                     help="pipeline.compress (default: the config's, auto)")
     ap.add_argument("--batch-pages", type=int, default=0,
                     help="pipeline.batch_pages (0: the config's default)")
+    ap.add_argument("--prescan-ms", type=int, default=None,
+                    help="checkpoint.prescan_ms (default: the config's; 0 = off)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     page_count = args.size_mb * 1024 * 1024 // PAGE
@@ -277,7 +286,8 @@ def main() -> int:
     ref = references(page_count)
     full, rows = run_checkpoints(page_count, sizes, args.digest_workers, args.verify_workers,
                                  ref["memcpy_s_per_page"], args.dirty_log, args.reps,
-                                 args.security, args.compress, args.batch_pages or None)
+                                 args.security, args.compress, args.batch_pages or None,
+                                 args.prescan_ms)
     sizes_out = by_size(rows)
     result = {"size_mb": args.size_mb, "dirty_log": args.dirty_log, "references": ref,
               "full_sync": full,
@@ -286,6 +296,7 @@ def main() -> int:
               "full_sync_vs_blake3": round(full["guest_mb_s"] / ref["blake3_page_mb_s"], 3),
               "security": args.security, "compress": args.compress or "auto",
               "batch_pages": args.batch_pages or "default",
+              "prescan_ms": "default" if args.prescan_ms is None else args.prescan_ms,
               "loadavg": list(os.getloadavg()), "by_size": sizes_out, "checkpoints": rows}
     print(f"guest {args.size_mb} MiB, {args.digest_workers} digest / {args.verify_workers} "
           f"verify workers, {os.cpu_count()} cores")
