@@ -58,6 +58,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -99,6 +100,53 @@ def client_process(outdev: str, inject: str, conn) -> None:
             conn.send(client.run_phase(*cmd[1:]))
     except Exception as exc:                       # reported to the parent, which fails
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+# ------------------------------------------------------------------ the machine
+def machine_ticks() -> tuple[int, int]:
+    """The whole machine's CPU ticks since boot (/proc/stat): busy (user, nice, system,
+    irq, softirq) and stolen (the hypervisor ran something else on our virtual CPUs)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:9]]
+    return f[0] + f[1] + f[2] + f[5] + f[6], f[7]
+
+
+class MachineWatch:
+    """What held the whole machine during a row, beside the service: a thread at
+    SCHED_FIFO 90 (above every stage) sleeps :data:`PERIOD_S` at a time and notes each
+    wake-up at least :data:`NOTE_S` late. Every process waited that long too: the
+    hypervisor did not run this virtual CPU (steal), or the kernel did not switch (this
+    kernel may not preempt itself). A quiet run's slow p99 with such holds (and steal) is
+    the host's, not a stall of the pipeline; one without them is the pipeline's. Costs
+    ~200 wake-ups a second of a few us."""
+
+    PERIOD_S = 0.005
+    NOTE_S = 0.002
+
+    def __init__(self) -> None:
+        self.late: list[tuple[float, float]] = []   # (monotonic at sleep, seconds late)
+        self.real_time = False
+        threading.Thread(target=self._run, name="machine-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(90))   # (this thread)
+            self.real_time = True
+        except (OSError, AttributeError):
+            pass                       # (not permitted: a normal thread's view, noisier)
+        while True:
+            t = time.monotonic()
+            time.sleep(self.PERIOD_S)
+            late = time.monotonic() - t - self.PERIOD_S
+            if late >= self.NOTE_S:
+                self.late.append((t, late))
+
+    def between(self, t0: float, t1: float) -> dict:
+        held = [late for t, late in list(self.late) if t0 <= t < t1]
+        return {"probe_real_time": self.real_time,
+                "held_max_ms": round(max(held, default=0.0) * 1000, 1),
+                "held_over_10ms": sum(1 for h in held if h >= 0.010),
+                "held_over_50ms": sum(1 for h in held if h >= 0.050)}
 
 
 # ------------------------------------------------------------------ the nodes
@@ -230,8 +278,10 @@ def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -
 class Service:
     """One pair of nodes serving the sim guest in one mode."""
 
-    def __init__(self, mode: str, nondeterminism: float, args: argparse.Namespace) -> None:
+    def __init__(self, mode: str, nondeterminism: float, args: argparse.Namespace,
+                 watch: MachineWatch | None = None) -> None:
         self.mode = mode
+        self.watch = watch
         workdir = self.keep = None
         if args.keep:
             # kept after the run: the nodes' logs at level info (each checkpoint's line:
@@ -280,7 +330,8 @@ class Service:
                 "sched": stage_sched(self.pair),
                 # the client process: on this machine it shares the nodes' CPUs (a real
                 # client would not), so what it costs a request is part of every mode's load
-                "client": thread_times(self.client.pid) if self.client is not None else None}
+                "client": thread_times(self.client.pid) if self.client is not None else None,
+                "machine": machine_ticks()}
 
     def phase(self, rate: float | None, outstanding: int, duration: float,
               drain: float) -> dict:
@@ -341,8 +392,27 @@ class Service:
             if before["client"] is not None and after["client"] is not None else None,
             state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
+            machine=self._machine(before, after, elapsed),
             window_s=round(elapsed, 2))
         return row
+
+    def _machine(self, before: dict, after: dict, elapsed: float) -> dict:
+        """The whole machine during the row: its busy CPU, what of it was neither node nor
+        the client (other processes: a quiet run has ~none), the time the hypervisor stole,
+        and how long the machine held a real-time thread (MachineWatch)."""
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        busy = (after["machine"][0] - before["machine"][0]) * tick_ms
+        steal = (after["machine"][1] - before["machine"][1]) * tick_ms
+        ours = 1000 * sum(after["cpu"].get(r, 0.0) - before["cpu"].get(r, 0.0)
+                          for r in ("primary", "secondary"))
+        if before["client"] is not None and after["client"] is not None:
+            ours += (after["client"].cpu_ns - before["client"].cpu_ns) / 1e6
+        out = {"busy_ms_per_s": round(busy / elapsed, 1),
+               "others_cpu_ms_per_s": round(max(0.0, busy - ours) / elapsed, 1),
+               "steal_ms_per_s": round(steal / elapsed, 1)}
+        if self.watch is not None:
+            out.update(self.watch.between(before["t"], after["t"]))
+        return out
 
     def _keep_records(self, node, cps: list[dict], before: dict, after: dict,
                       rate: float | None, outstanding: int) -> None:
@@ -398,6 +468,7 @@ def node_settings(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict:
     rows = []
+    watch = MachineWatch()
     for nd in args.nondeterminism:
         for mode in args.modes:
             trace_file = None
@@ -407,7 +478,7 @@ def run(args: argparse.Namespace) -> dict:
                 if os.path.exists(trace_file):
                     os.unlink(trace_file)
                 os.environ["COLO_REQUEST_TRACE"] = trace_file
-            service = Service(mode, nd, args)
+            service = Service(mode, nd, args, watch)
             try:
                 service.start()
                 for rate in args.rates:
@@ -485,7 +556,10 @@ def _targets(rows: list[dict]) -> list[dict]:
             "no_net_divergence": not colo["checkpoints_by_cause"].get("net_divergence"),
             "unprotected_within_buffered_share": at_most(None if un is None else un["p99_ms"],
                                                          tenth),
-            "loadavg_1m": colo["loadavg_1m"]})
+            "loadavg_1m": colo["loadavg_1m"],
+            # what else held the machine during COLO's row (Service._machine): a slow p99
+            # with steal or long holds there is the host's, not the pipeline's
+            "colo_machine": colo.get("machine")})
     return out
 
 
@@ -516,6 +590,12 @@ def _show(r: dict, args: argparse.Namespace) -> None:
                      f"{v['io_thread_runs_per_request']})"
                      if "io_thread_runs_per_request" in v else "")
                   for n, v in top), file=out, flush=True)
+    m = r.get("machine")
+    if m:
+        print(f"    machine: busy {m['busy_ms_per_s']} ms per s, of which others "
+              f"{m['others_cpu_ms_per_s']}; stolen by the host {m['steal_ms_per_s']} ms per s;"
+              f" held a real-time thread up to {m.get('held_max_ms')} ms "
+              f"({m.get('held_over_10ms')} times >= 10 ms)", file=out, flush=True)
     c = r.get("client_process")
     if c:
         print(f"    the client process per request: cpu {c['cpu_us_per_request']} us, "
@@ -589,6 +669,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['unprotected_within_buffered_share']}); kept pace {t['kept_pace']}, none "
               f"lost {t['none_lost']}, no net_divergence {t['no_net_divergence']}",
               file=out, flush=True)
+        m = t.get("colo_machine")
+        if m:
+            print(f"  during COLO's row the machine: others' CPU {m['others_cpu_ms_per_s']} ms "
+                  f"per s, stolen by the host {m['steal_ms_per_s']} ms per s, a real-time "
+                  f"thread held up to {m.get('held_max_ms')} ms ({m.get('held_over_10ms')} "
+                  "times >= 10 ms)", file=out, flush=True)
     if args.json:
         print(json.dumps(result))
     else:

@@ -41,6 +41,12 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
             r["processes"]
         # and the client process's own (it shares this machine's CPUs with the nodes)
         assert r["client_process"]["cpu_us_per_request"] > 0, r.get("client_process")
+        # what else the machine did meanwhile (others' CPU, the host's steal, how long a
+        # real-time thread was held): a slow quiet run names the host or clears it
+        m = r["machine"]
+        assert m["busy_ms_per_s"] > 0 and m["others_cpu_ms_per_s"] >= 0, m
+        assert m["steal_ms_per_s"] >= 0 and m["held_max_ms"] >= 0, m
+        assert m["held_over_10ms"] >= m["held_over_50ms"] >= 0, m
         # a protected mode's row says whether the pair stayed protected through it
         assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
         if r["mode"] == "unprotected":
@@ -54,6 +60,7 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
                 "none_lost", "no_net_divergence", "unprotected_within_buffered_share"):
         assert targets[key] in (True, False), (key, targets)
     assert targets["none_lost"]
+    assert targets["colo_machine"]["steal_ms_per_s"] >= 0, targets
     assert "targets at nondeterminism 0, 1000/s" in proc.stderr
     buffered = [r for r in rows if r["mode"] == "buffered"]
     # buffering compares nothing: no divergence or timeout ever asks for a checkpoint
