@@ -559,7 +559,13 @@ def _targets(rows: list[dict]) -> list[dict]:
             "loadavg_1m": colo["loadavg_1m"],
             # what else held the machine during COLO's row (Service._machine): a slow p99
             # with steal or long holds there is the host's, not the pipeline's
-            "colo_machine": colo.get("machine")})
+            "colo_machine": colo.get("machine"),
+            # and how long the pair's highest-priority thread (the heartbeat, SCHED_RR 3)
+            # waited for a CPU: in session 13's quiet runs each of the 4 with a COLO p99
+            # over 50 ms had 8-168 ms per s on both nodes, each of the 22 others <= 1.7
+            "colo_heartbeat_wait_ms_per_s": {
+                role: procs.get("heartbeat", {}).get("runq_wait_ms_per_s")
+                for role, procs in colo.get("processes", {}).items()}})
     return out
 
 
@@ -674,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  during COLO's row the machine: others' CPU {m['others_cpu_ms_per_s']} ms "
                   f"per s, stolen by the host {m['steal_ms_per_s']} ms per s, a real-time "
                   f"thread held up to {m.get('held_max_ms')} ms ({m.get('held_over_10ms')} "
-                  "times >= 10 ms)", file=out, flush=True)
+                  f"times >= 10 ms); the heartbeat (SCHED_RR 3) waited for a CPU "
+                  f"{t.get('colo_heartbeat_wait_ms_per_s')} ms per s", file=out, flush=True)
     if args.json:
         print(json.dumps(result))
     else:

@@ -61,6 +61,7 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
         assert targets[key] in (True, False), (key, targets)
     assert targets["none_lost"]
     assert targets["colo_machine"]["steal_ms_per_s"] >= 0, targets
+    assert set(targets["colo_heartbeat_wait_ms_per_s"]) == {"primary", "secondary"}, targets
     assert "targets at nondeterminism 0, 1000/s" in proc.stderr
     buffered = [r for r in rows if r["mode"] == "buffered"]
     # buffering compares nothing: no divergence or timeout ever asks for a checkpoint
