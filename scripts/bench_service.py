@@ -58,7 +58,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -111,42 +110,67 @@ def machine_ticks() -> tuple[int, int]:
     return f[0] + f[1] + f[2] + f[5] + f[6], f[7]
 
 
+def watch_machine(conn) -> None:
+    """MachineWatch's process: at SCHED_FIFO 90 (when permitted), sleep PERIOD_S at a time
+    and send (monotonic at the sleep, seconds late) for each wake-up NOTE_S late or more."""
+    real_time = True
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(90))
+    except (OSError, AttributeError):
+        real_time = False              # (not permitted: a normal process's view, noisier)
+    conn.send(("real_time", real_time))
+    period, note = MachineWatch.PERIOD_S, MachineWatch.NOTE_S
+    while True:
+        t = time.monotonic()
+        time.sleep(period)
+        late = time.monotonic() - t - period
+        if late >= note:
+            conn.send((t, late))
+
+
 class MachineWatch:
-    """What held the whole machine during a row, beside the service: a thread at
-    SCHED_FIFO 90 (above every stage) sleeps :data:`PERIOD_S` at a time and notes each
-    wake-up at least :data:`NOTE_S` late. Every process waited that long too: the
-    hypervisor did not run this virtual CPU (steal), or the kernel did not switch (this
-    kernel may not preempt itself). A quiet run's slow p99 with such holds (and steal) is
-    the host's, not a stall of the pipeline; one without them is the pipeline's. Costs
-    ~200 wake-ups a second of a few us."""
+    """What held the whole machine during a row, beside the service: a process of its own
+    at SCHED_FIFO 90 (above every stage; not a thread of this one, whose GIL the row's
+    snapshots hold for tens of ms) sleeps :data:`PERIOD_S` at a time and notes each wake-up
+    at least :data:`NOTE_S` late. Every process waited that long too: the hypervisor did
+    not run this virtual CPU (steal), the kernel did not switch (this one may not preempt
+    itself in a system call), or its fair server ran normal tasks above real-time ones. A
+    quiet run's slow p99 with such holds is the machine's, not a stall of the pipeline; one
+    without them is the pipeline's. Costs ~200 wake-ups a second of a few us."""
 
     PERIOD_S = 0.005
     NOTE_S = 0.002
 
     def __init__(self) -> None:
         self.late: list[tuple[float, float]] = []   # (monotonic at sleep, seconds late)
-        self.real_time = False
-        threading.Thread(target=self._run, name="machine-watch", daemon=True).start()
+        self.real_time = None
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=watch_machine, args=(child,), name="machine-watch",
+                                daemon=True)
+        self.proc.start()
+        child.close()
 
-    def _run(self) -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(90))   # (this thread)
-            self.real_time = True
-        except (OSError, AttributeError):
-            pass                       # (not permitted: a normal thread's view, noisier)
-        while True:
-            t = time.monotonic()
-            time.sleep(self.PERIOD_S)
-            late = time.monotonic() - t - self.PERIOD_S
-            if late >= self.NOTE_S:
-                self.late.append((t, late))
+    def _drain(self) -> None:
+        while self.conn.poll(0):
+            item = self.conn.recv()
+            if item[0] == "real_time":
+                self.real_time = item[1]
+            else:
+                self.late.append(item)
 
     def between(self, t0: float, t1: float) -> dict:
-        held = [late for t, late in list(self.late) if t0 <= t < t1]
+        self._drain()
+        held = [late for t, late in self.late if t0 <= t < t1]
         return {"probe_real_time": self.real_time,
                 "held_max_ms": round(max(held, default=0.0) * 1000, 1),
                 "held_over_10ms": sum(1 for h in held if h >= 0.010),
                 "held_over_50ms": sum(1 for h in held if h >= 0.050)}
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
 
 
 # ------------------------------------------------------------------ the nodes
@@ -467,8 +491,15 @@ def node_settings(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict:
-    rows = []
     watch = MachineWatch()
+    try:
+        return _run(args, watch)
+    finally:
+        watch.close()
+
+
+def _run(args: argparse.Namespace, watch: MachineWatch) -> dict:
+    rows = []
     for nd in args.nondeterminism:
         for mode in args.modes:
             trace_file = None
