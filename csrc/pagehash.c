@@ -17,8 +17,18 @@
 #define CHUNKS (PAGE / BLAKE3_CHUNK_LEN)
 #define GROUP 64        // pages per round: their chunk CVs stay in the core's cache
 
+// blake3_hash_many_avx2, for the inputs left over from its groups of eight, loads 32
+// bytes where it wants the last 16 of a block (the upper half is then replaced): it reads
+// up to 16 bytes past a chunk's end. Inside a buffer that is the next chunk; past a
+// buffer's last page it is whatever follows, and where the buffer ends its mapping (the
+// SVM's memory, hashed in place by the restore stage and the secondary coordinator) that
+// was unmapped: SIGSEGV (the fault matrix, session 14: the core shows that load at the
+// mapping's last 16 bytes). So a buffer's last page is hashed from a copy with room after
+// it (``last``, ``last_copy``); the other pages are read where they are.
+#define OVERREAD 64
+
 static void hash_group(const uint8_t *base, const int64_t *rows, size_t at, size_t g,
-                       uint8_t *out) {
+                       size_t last, const uint8_t *last_copy, uint8_t *out) {
   const uint8_t *inputs[2 * GROUP];
   uint8_t cv[CHUNKS][GROUP * BLAKE3_OUT_LEN];       // chunk k of each page
   uint8_t blocks[2 * GROUP * BLAKE3_BLOCK_LEN];     // two parent blocks per page
@@ -26,7 +36,8 @@ static void hash_group(const uint8_t *base, const int64_t *rows, size_t at, size
   for (size_t k = 0; k < CHUNKS; k++) {
     for (size_t i = 0; i < g; i++) {
       size_t r = rows ? (size_t)rows[at + i] : at + i;
-      inputs[i] = base + r * PAGE + k * BLAKE3_CHUNK_LEN;
+      const uint8_t *page = r == last && last_copy ? last_copy : base + r * PAGE;
+      inputs[i] = page + k * BLAKE3_CHUNK_LEN;
     }
     // chunk k of every page: chunk counter k, no increment between inputs
     blake3_hash_many(inputs, g, BLAKE3_CHUNK_LEN / BLAKE3_BLOCK_LEN, IV, k, false, 0,
@@ -87,17 +98,23 @@ static PyObject *hash_pages(PyObject *self, PyObject *args) {
     goto done;
   }
   const int64_t *idx = have_rows ? (const int64_t *)rows.buf : NULL;
+  int wants_last = !have_rows && n > 0;
   for (size_t i = 0; have_rows && i < n; i++) {
     if (idx[i] < 0 || (size_t)idx[i] >= total) {
       PyErr_Format(PyExc_IndexError, "hash_pages: row %lld out of range (%zu pages)",
                    (long long)idx[i], total);
       goto done;
     }
+    wants_last |= (size_t)idx[i] == total - 1;
   }
   Py_BEGIN_ALLOW_THREADS
+  // (aligned as a page row is; OVERREAD bytes after it for the kernel to read past)
+  _Alignas(64) uint8_t last_copy[PAGE + OVERREAD];
+  if (wants_last)
+    memcpy(last_copy, (const uint8_t *)pages.buf + (total - 1) * PAGE, PAGE);
   for (size_t at = 0; at < n; at += GROUP)
     hash_group((const uint8_t *)pages.buf, idx, at, n - at < GROUP ? n - at : GROUP,
-               (uint8_t *)out.buf);
+               total - 1, wants_last ? last_copy : NULL, (uint8_t *)out.buf);
   Py_END_ALLOW_THREADS
   result = Py_None;
   Py_INCREF(result);
