@@ -17,7 +17,10 @@ as a duplicate, or as a conflict if its bytes differ from the copy already recei
 reads, and the key is the input seq (the node's own input stream). With ``inject`` it is
 the service's client, with the sim service's retransmission protocol, as a real RPC
 service has one: it sends requests (:func:`pipeline.xen_io.sim.request_input`, its client
-id and a request number), at most ``window`` unanswered, and sends a request again when
+id and a request number), none numbered ``window`` or more past the oldest unanswered one
+(the guest keeps the answer of request n in slot n mod its cache: a request that far on
+would take the slot of one still unanswered, and that one, sent again, would be refused),
+and sends a request again when
 its answer has not come ``retransmit_after`` seconds after it was sent (twice that after
 it was sent again, and so on up to 8x), and every
 unanswered one after each reconnection (the lost comparator held their answers, or the
@@ -262,8 +265,12 @@ class AnswerStream:
             self._resend(lambda n, age: True)
 
     def request(self) -> int | None:
-        """Send the next request; its number, or None while ``window`` are unanswered."""
-        if len(self.outstanding) >= self.window:
+        """Send the next request; its number, or None while the oldest unanswered one is
+        ``window`` requests back (the dict's first key: numbers go in in order, a resend
+        only updates its time). A count of unanswered requests is not enough: one answer
+        lost with the primary, asked for again only ``retransmit_after`` later, while the
+        others come: the client went 256 on and the guest refused the resend (CI, load 14)."""
+        if self.outstanding and self.sent - next(iter(self.outstanding)) >= self.window:
             return None
         n = self.sent
         self.sent += 1

@@ -18,7 +18,7 @@ from conftest import wait_until
 from pipeline.net.build import guest_output_frame
 from pipeline.net.framing import encode_frame
 from pipeline.service_client import AnswerStream, RequestLoad
-from pipeline.xen_io.sim import SimDomain, open_sim_domain, parse_answer
+from pipeline.xen_io.sim import REPLY_CACHE_ENTRIES, SimDomain, open_sim_domain, parse_answer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,6 +146,40 @@ def test_after_the_host_is_gone_every_unanswered_request_goes_to_the_next(tmp_pa
     c = guest.counters()
     assert c["requests_executed"] == load.stream.sent
     assert c["requests_replayed"] >= len(first.dropped)
+
+
+def test_no_request_goes_a_window_past_the_oldest_unanswered_one(tmp_path, guest):
+    """Request 10's answer is lost and not asked for again for now; every other answer comes.
+    The client stops at request 10 + window - 1: one more would take request 10's slot in
+    the guest's reply cache (slot n mod its size), and request 10, sent again, would be
+    refused (the old client counted unanswered requests: one of them, it went on for ever,
+    and a CI run at load 14 saw request 1274 refused)."""
+    window = 32
+    host = Host(guest, "ipc://" + str(tmp_path / "in.sock"), str(tmp_path / "out.sock"),
+                drop=[10])
+    host.start()
+    load = client(tmp_path, window=window, retransmit_after=600.0)
+    stream = load.stream
+    load.start()
+    try:
+        # either it went a cache past request 10 (the old client) or it stopped where it
+        # must, with every other answer in
+        wait_until(lambda: stream.sent > 10 + REPLY_CACHE_ENTRIES
+                   or (stream.sent == 10 + window and load.count() == stream.sent - 1),
+                   timeout=60, what="the client at its window or past the guest's cache")
+        assert stream.sent == 10 + window, stream.sent
+        assert stream.unanswered() == [10]
+        assert stream.request() is None             # (the load thread's call, once more)
+        stream.retransmit_after = 0.2               # now ask for it again
+        wait_until(lambda: load.count() >= 10 + 2 * window, timeout=60,
+                   what="the window moving on once request 10 was answered")
+        load.finish(timeout=60)
+    finally:
+        load.close()
+        host.close()
+    assert host.dropped == [10]
+    assert stream.refused == []
+    assert load.check_exactly_once() == []
 
 
 def test_a_request_sent_again_waits_twice_as_long_each_time(tmp_path):
