@@ -29,15 +29,25 @@ _QUIT = b"q"
 
 
 def stop_on_signals(signals: Iterable[int], set_stop: Callable[[], None],
-                    join_timeout_s: float = 5.0) -> Callable[[], None]:
+                    join_timeout_s: float = 5.0,
+                    noted: Callable[[], None] | None = None) -> Callable[[], None]:
     """Install handlers for ``signals`` (call from the main thread) that make a thread call
     ``set_stop()``, once per signal received. Returns the function that puts the old
     handlers back and ends the thread (waiting up to ``join_timeout_s`` for a
-    ``set_stop`` under way)."""
+    ``set_stop`` under way).
+
+    ``noted`` (optional) is called in the handler itself, before the main thread goes on:
+    it must take no lock (a plain assignment, e.g. ``self.signalled = True``). For a main
+    thread that must know at once that it was signalled, before the thread's ``set_stop``
+    ran: the supervisor, whose stages get the same SIGTERM when a whole process group is
+    signalled (systemd, a test's killpg) and may exit before the stop event is set (a CI
+    run at load 14: a stage's clean exit read as a failure, the node exited 1)."""
     rfd, wfd = os.pipe()
     os.set_blocking(wfd, False)
 
     def on_signal(_signum, _frame) -> None:
+        if noted is not None:
+            noted()
         try:
             os.write(wfd, _SIGNALLED)
         except BlockingIOError:     # the pipe is full of earlier signals: stopping already

@@ -316,6 +316,7 @@ class Supervisor:
         self.segments: list[Segment] = []
         self.procs: dict[str, Any] = {}
         self.stop_event = _event()
+        self.signalled = False      # SIGINT/SIGTERM received (set in the handler: _signalled)
         self.domain: Domain | None = None
         self.node: NodeCounters | None = None
         self.exit_reason = ""
@@ -677,7 +678,7 @@ class Supervisor:
             name = sentinels[sentinel]
             self.procs[name].join(1.0)   # exitcode is only known once the child is reaped
             code = self.procs[name].exitcode
-            if not self.stop_event.is_set():
+            if not (self.stop_event.is_set() or self.signalled):
                 how = f"killed by signal {-code}{fatal_signal_note(-code)}" \
                     if code is not None and code < 0 else f"exited with code {code}"
                 self.exit_reason = f"stage {name} {how}{address_space_hint(code)}"
@@ -748,16 +749,16 @@ class Supervisor:
     def run(self) -> int:
         """Start, watch until a signal or a stage failure, stop. Returns the exit code."""
         restore_signals = stop_on_signals((signal.SIGINT, signal.SIGTERM), self._stop_all,
-                                          STOP_GRACE_S)
+                                          STOP_GRACE_S, noted=self._signalled)
         try:
             self.start()
             code = 0
-            while not self.stop_event.is_set():
+            while not (self.stop_event.is_set() or self.signalled):
                 code = self.wait(0.05 if self.auto else 0.5)
                 if code:
                     break
                 why = self._redirector_exited()
-                if why and not self.stop_event.is_set():
+                if why and not (self.stop_event.is_set() or self.signalled):
                     self.exit_reason = why
                     log.error("node %s: %s; stopping the node", self.name, why)
                     code = 1
@@ -772,6 +773,13 @@ class Supervisor:
         finally:
             self.stop()
             restore_signals()
+
+    def _signalled(self) -> None:
+        """In the signal handler itself (no lock: a plain assignment). A SIGTERM to the
+        node's whole process group reaches its stages too, and one may exit before the
+        stop-on-signal thread has set the stop event: the watch loop must not read that
+        clean exit as a stage failure."""
+        self.signalled = True
 
     def _stop_all(self) -> None:
         """Set the stop event and every stage's (SIGINT/SIGTERM, through

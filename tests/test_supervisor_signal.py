@@ -33,6 +33,7 @@ from pipeline import supervisor
 
 sup = supervisor.Supervisor.__new__(supervisor.Supervisor)   # no stages: the mock below
 sup.stop_event = supervisor._event()
+sup.signalled = False
 sup.stage_stops = {"heartbeat": supervisor._event(), "coordinator": supervisor._event()}
 sup.auto, sup.redirector, sup.name = False, None, "signal-test"
 sup.start = lambda: None
@@ -89,6 +90,48 @@ print("handler", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
 '''
 
 
+LATE_STOPPER_CHILD = r'''
+import multiprocessing, os, signal, threading, time
+from pipeline import supervisor
+
+def stage():
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))   # a stage stops cleanly on it
+    print("stage up", flush=True)
+    while True:
+        signal.pause()
+
+sup = supervisor.Supervisor.__new__(supervisor.Supervisor)   # one stage: the mock below
+sup.stop_event = supervisor._event()
+sup.signalled = False
+sup.stage_stops = {"mirror": supervisor._event()}
+sup.auto, sup.redirector, sup.name, sup.exit_reason = False, None, "signal-test", ""
+late = threading.Event()
+real_stop_all = sup._stop_all
+def stop_all():                 # the stop-on-signal thread, late: held until stop()
+    late.wait()
+    real_stop_all()
+sup._stop_all = stop_all
+def start():
+    p = multiprocessing.get_context("fork").Process(target=stage)
+    p.start()
+    sup.procs = {"mirror": p}
+sup.start = start
+stopped = []
+sup.stop = lambda: (stopped.append(True), late.set())
+signalled = []
+def group_sigterm():            # systemd or a test's killpg: the stage and the node at once
+    if not signalled:
+        signalled.append(True)
+        os.kill(sup.procs["mirror"].pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("SIGTERM sent to the stage and the node", flush=True)
+sup._draw_disk_sync = group_sigterm
+code = sup.run()
+print("run returned", code, "reason", repr(sup.exit_reason), "stop called", bool(stopped),
+      flush=True)
+'''
+
+
 def run_child(code: str) -> str:
     """Runs ``code`` in a fresh interpreter with this tree first on the path; its output,
     once it exits 0 (a generous deadline: a child deadlocked in its handler never does)."""
@@ -103,21 +146,36 @@ def run_child(code: str) -> str:
         raise AssertionError(f"the process did not stop on SIGTERM (deadlocked in its "
                              f"handler); its output: {out!r}") from None
     assert proc.returncode == 0, out
-    assert "SIGTERM sent while the stop event's lock is held" in out, out
     return out
 
 
 def test_sigterm_while_the_main_thread_holds_the_stop_events_lock_stops_the_node():
     out = run_child(CHILD)
+    assert "SIGTERM sent while the stop event's lock is held" in out, out
     assert "run returned 0 stop called True stages told ['coordinator', 'heartbeat'] " \
            "handler True" in out, out
 
 
 def test_sigterm_while_a_stage_holds_its_stop_events_lock_stops_the_stage():
     out = run_child(STAGE_CHILD)
+    assert "SIGTERM sent while the stop event's lock is held" in out, out
     assert "stop set True" in out and "stage_main returned" in out, out
 
 
 def test_sigterm_while_the_main_thread_holds_a_threading_events_lock_sets_it():
     out = run_child(THREADING_EVENT_CHILD)
+    assert "SIGTERM sent while the stop event's lock is held" in out, out
     assert "stop set True" in out and "handler True" in out, out
+
+
+def test_a_stage_that_exits_on_the_groups_sigterm_before_the_stop_event_is_set_is_no_failure():
+    """A SIGTERM to the node's whole process group (systemd's stop, a test's killpg) reaches
+    a stage too; it exits 0 at once, and the watch loop may see that exit before the
+    stop-on-signal thread has set the stop event. That is a stop, not a stage failure:
+    the node exits 0 (a CI run at load 14: test_run_config_on_two_hosts_over_curve's
+    secondary exited 1, "stage mirror exited with code 0; stopping the node"). Here the
+    stop-on-signal thread is held until ``stop()`` (a mock, named as one, of a thread that
+    a loaded machine runs late), so the old loop always saw the exit first."""
+    out = run_child(LATE_STOPPER_CHILD)
+    assert "SIGTERM sent to the stage and the node" in out, out
+    assert "run returned 0 reason '' stop called True" in out, out
