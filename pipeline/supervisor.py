@@ -678,7 +678,7 @@ class Supervisor:
             name = sentinels[sentinel]
             self.procs[name].join(1.0)   # exitcode is only known once the child is reaped
             code = self.procs[name].exitcode
-            if not (self.stop_event.is_set() or self.signalled):
+            if not self._stopping():
                 how = f"killed by signal {-code}{fatal_signal_note(-code)}" \
                     if code is not None and code < 0 else f"exited with code {code}"
                 self.exit_reason = f"stage {name} {how}{address_space_hint(code)}"
@@ -753,12 +753,12 @@ class Supervisor:
         try:
             self.start()
             code = 0
-            while not (self.stop_event.is_set() or self.signalled):
+            while not self._stopping():
                 code = self.wait(0.05 if self.auto else 0.5)
                 if code:
                     break
                 why = self._redirector_exited()
-                if why and not (self.stop_event.is_set() or self.signalled):
+                if why and not self._stopping():
                     self.exit_reason = why
                     log.error("node %s: %s; stopping the node", self.name, why)
                     code = 1
@@ -773,6 +773,11 @@ class Supervisor:
         finally:
             self.stop()
             restore_signals()
+
+    def _stopping(self) -> bool:
+        """Told to stop: the stop event, or a signal whose handler ran before the
+        stop-on-signal thread set the event (the flag first: it takes no lock)."""
+        return self.signalled or self.stop_event.is_set()
 
     def _signalled(self) -> None:
         """In the signal handler itself (no lock: a plain assignment). A SIGTERM to the
