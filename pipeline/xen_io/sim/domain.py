@@ -82,6 +82,7 @@ import blake3
 import numpy as np
 
 from ... import trace
+from ...signals import die_with_parent
 from ..base import OUTPUT_MARK, Domain, DomainError, SimulatedIO
 from .dirty_log import (DirtyBitmap, PagemapScanner, UffdWriteProtect, runs_to_pfns,
                         uffd_wp_async_unsupported_reason)
@@ -392,7 +393,6 @@ os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
@@ -1048,10 +1048,9 @@ class _Guest:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # dies with its creator (SIGKILL: nothing of it to tidy), also one that died first
+        die_with_parent(self.dom._owner_pid, signal.SIGKILL)
         _libc.prctl(_PR_SET_NAME, b"colo-sim-guest", 0, 0, 0)  # what ps/top show
-        if os.getppid() != self.dom._owner_pid:  # the creator died before prctl
-            os._exit(1)
         # Keep only our fds: copies of the creator's sockets and pipes held here would
         # keep its ports bound and its pipes open after it closed them.
         keep = {0, 1, 2, self.dom._doorbell, self.dom._ack, self.dom._out_w}
