@@ -119,15 +119,15 @@ def wakeups(pids: list[int]) -> tuple[int, int]:
     return sum(t.switches for t in times), sum(t.cpu_ns for t in times)
 
 
-def stage_pids(pair) -> list[int]:
-    """Every stage process of both nodes (not the guests, not the supervisors)."""
-    return list(named_stage_pids(pair).values())
-
-
 def named_stage_pids(pair) -> dict[str, int]:
     """{"primary:snapshot": pid, ...}: every stage process of both nodes by name."""
     return {f"{role}:{name}": pid for role in ("primary", "secondary")
             for name, pid in pair.node(role).node_info().get("stage_pids", {}).items()}
+
+
+def stage_counts(named: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """:func:`wakeups` of each stage process, by name (the totals are their sums)."""
+    return {n: wakeups([p]) for n, p in named.items()}
 
 
 def main() -> int:
@@ -155,31 +155,26 @@ def main() -> int:
             pair.start()
             pair.wait_protected(timeout=900)
             named = named_stage_pids(pair)
-            pids = list(named.values())
-            # the stages' wake-ups without a checkpoint (heartbeats, timeouts), per second
-            w0, t0 = wakeups(pids), time.monotonic()
-            s0 = {n: wakeups([p]) for n, p in named.items()}
+            # each stage's wake-ups and CPU without a checkpoint (heartbeats, timeouts),
+            # per second
+            s0, t0 = stage_counts(named), time.monotonic()
             time.sleep(2)
-            w1, t1 = wakeups(pids), time.monotonic()
-            s1 = {n: wakeups([p]) for n, p in named.items()}
-            idle = [(b - a) / (t1 - t0) for a, b in zip(w0, w1)]   # per second
+            s1, t1 = stage_counts(named), time.monotonic()
             idle_of = {n: [(b - a) / (t1 - t0) for a, b in zip(s0[n], s1[n])] for n in named}
             for _ in range(args.reps):
                 bench.write_in_both_guests(pair, args.pages)
                 count = len(pair.checkpoints())
                 mark = os.path.getsize(path)
-                w0, t0 = wakeups(pids), time.monotonic()
-                s0 = {n: wakeups([p]) for n, p in named.items()} if args.by_stage else {}
+                s0, t0 = stage_counts(named), time.monotonic()
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
-                w1, dt = wakeups(pids), time.monotonic() - t0
-                for n, a in s0.items():
-                    b = wakeups([named[n]])
-                    per_stage.setdefault(n, []).append(
-                        (b[0] - a[0] - idle_of[n][0] * dt,
-                         (b[1] - a[1] - idle_of[n][1] * dt) / 1e6))
-                woke.append(w1[0] - w0[0] - idle[0] * dt)
-                cpu.append((w1[1] - w0[1] - idle[1] * dt) / 1e6)
+                s1, dt = stage_counts(named), time.monotonic() - t0
+                took = {n: (s1[n][0] - s0[n][0] - idle_of[n][0] * dt,
+                            (s1[n][1] - s0[n][1] - idle_of[n][1] * dt) / 1e6) for n in named}
+                for n, v in took.items():
+                    per_stage.setdefault(n, []).append(v)
+                woke.append(sum(v[0] for v in took.values()))
+                cpu.append(sum(v[1] for v in took.values()))
                 marks.append((mark, cp))
         with open(path) as fh:
             text = fh.read()
@@ -217,7 +212,7 @@ def main() -> int:
         print(f"stage CPU per checkpoint, ms (both nodes' stage threads, less their idle "
               f"rate; median, min, max): {statistics.median(cpu):.2f} {min(cpu):.2f} "
               f"{max(cpu):.2f}")
-    if per_stage:
+    if args.by_stage and per_stage:
         print("per stage process, per checkpoint (median): wake-ups, CPU ms")
         for n, vals in sorted(per_stage.items(), key=lambda kv: -statistics.median(
                 v[1] for v in kv[1])):
