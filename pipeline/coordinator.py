@@ -821,10 +821,18 @@ class SvmPrehash:
     (Xen's vcpu_info, Domain.hypervisor_written): a page hashed while the guest runs could
     change under its hash, and the apply's check would tear the epoch for it."""
 
-    MIN_S = 0.005       # a round at most this often, and at most every COST_FACTOR times
-    COST_FACTOR = 40    # its cost (the log read walks all of the guest's memory on the
-                        # sim: at 20x, an idle secondary coordinator took 9% of a core)
+    MIN_S = 0.005       # a round at most this often, at most every COST_FACTOR times its
+    COST_FACTOR = 40    # log read's cost (it walks all of the guest's memory on the sim:
+                        # at 20x, an idle secondary coordinator took 9% of a core), and
+    HASH_FACTOR = 2     # at most every HASH_FACTOR times its hashing's. The hashing is
+                        # work BEGIN would do otherwise (but for pages written again), so
+                        # it is not held to the log read's 40x: counted in, a round that
+                        # hashed 1000 pages (2.5 ms) put the next one 100 ms off, and in
+                        # scripts/bench_pipeline.py 4.7k of 15k SVM pages were hashed
+                        # before BEGIN; at 2x a round hashes a third of a core at most
     CHUNK = 256         # pages hashed between two looks for a BEGIN (~0.4 ms)
+    ROUND_MAX = 1024    # pages hashed in one round at most (1.5 ms, at real time: see
+                        # round); the rest wait for the next round, or BEGIN
 
     def __init__(self, domain: Domain, counters=None) -> None:
         self.domain, self.c = domain, counters
@@ -836,20 +844,25 @@ class SvmPrehash:
     def round(self, interrupted=None) -> None:
         """``interrupted()``, asked between chunks: a BEGIN is waiting. The round stops
         there (a round of a large dirty set held BEGIN back by its whole hashing, 1.5 us
-        a page); the pages it did not hash are hashed at BEGIN (:meth:`begin`)."""
+        a page); the pages it did not hash, and those beyond ROUND_MAX, are hashed by the
+        next round or at BEGIN (:meth:`begin`). The caller runs it at real time
+        (SecondaryCoordinator.run): at normal priority a loaded machine's real-time work
+        kept it from its next look for BEGIN for up to 9 ms."""
         t0 = time.monotonic()
         trace.point("prehash_start")
         pfns = self.domain.read_and_clear_dirty()
+        t_read = time.monotonic()
         if len(self.todo):
             pfns = np.union1d(self.todo, pfns).astype(np.uint64)
-        done = 0
-        if len(pfns):
-            hashes = np.empty((len(pfns), 32), np.uint8)
-            while done < len(pfns):
-                part = pfns[done:done + self.CHUNK]
+        faults.point("secondary.prehash")
+        done, most = 0, min(len(pfns), self.ROUND_MAX)
+        if most:
+            hashes = np.empty((most, 32), np.uint8)
+            while done < most:
+                part = pfns[done:min(done + self.CHUNK, most)]
                 hashes[done:done + len(part)] = domain_page_hashes(self.domain, part)
                 done += len(part)
-                if interrupted is not None and done < len(pfns) and interrupted():
+                if interrupted is not None and done < most and interrupted():
                     break
             self._merge(pfns[:done], hashes[:done])
             if self.c is not None:
@@ -857,7 +870,8 @@ class SvmPrehash:
         self.todo = pfns[done:]
         trace.point("prehash_end", -1, f"{done}/{len(pfns)}")
         now = time.monotonic()
-        self.next_round = now + max(self.MIN_S, self.COST_FACTOR * (now - t0))
+        self.next_round = now + max(self.MIN_S, self.COST_FACTOR * (t_read - t0),
+                                    self.HASH_FACTOR * (now - t_read))
 
     def begin(self, dirty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """BEGIN, the SVM paused: ``dirty`` (the log now) with the pages a round took off
@@ -1273,6 +1287,13 @@ class SecondaryCoordinator(_Coordinator):
                 running = self.svm_started and not self.role.active \
                     and not self.domain.hypervisor_written()
                 if running and time.monotonic() >= self.prehashed.next_round:
+                    # at real time, as BEGIN's own hashing (WORK: below the hops, the
+                    # data stages' level), its I/O threads at the hops' (they carry the
+                    # BEGIN that stops it): at normal priority the round's next look for a
+                    # BEGIN waited for a core behind real-time work, BEGIN was taken up
+                    # 5-9 ms late in ~1 checkpoint in 100 (docs/tuning.md, Session 15).
+                    # At most ROUND_MAX pages, at most a third of a core (HASH_FACTOR)
+                    self.priority.urgent(True, self.priority.WORK, threads=self.priority.HOP)
                     self.prehashed.round(lambda: bool(self.control.poll(0)))
                 # BEGIN is awaited at the priority its answer runs at: asleep, that takes
                 # no CPU, and the wake-up does not wait for a core (under load, at normal

@@ -119,3 +119,39 @@ def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path)
         pair.wait_checkpoints(len(pair.checkpoints()) + 2, timeout=300)
         wait_until(lambda: _fifo(send) and _pages_io_fifo(send), 60,
                    "the send stage and its I/O thread wait at SCHED_FIFO after the sync")
+
+
+def test_the_secondarys_prehash_round_runs_at_real_time_with_its_io_threads_above_it(tmp_path):
+    """The secondary's prehash round (coordinator.SvmPrehash.round: the SVM's dirty pages
+    hashed while it runs) looks for a BEGIN between its chunks. At normal priority a loaded
+    machine's real-time work kept it from that look, and BEGIN was taken up 5-9 ms late in
+    ~1 checkpoint in 100 (issue 13, session 14). Stopped (SIGSTOP, a named fault point)
+    inside its first round: the coordinator's thread is at SCHED_FIFO WORK, as BEGIN's own
+    hashing, and its ZeroMQ I/O threads, which carry the BEGIN that stops the round, at
+    HOP, above it. Continued, the pair goes on committing and the coordinator waits at HOP."""
+    from pipeline.stages.common import PausePriority
+    with LocalPair({
+        "guest": {"backend": "sim", "page_count": 2048},
+        # the stopped round must outlast the checks: the epoch in flight waits for it
+        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0,
+                       "epoch_timeout_ms": 600_000},
+    }, workdir=str(tmp_path)) as pair:
+        pair.start(faults={"secondary": "secondary.prehash:1:stop"})
+        coordinator = None
+        try:
+            pair.wait_fault_fired("secondary", "secondary.prehash", 1, 300,
+                                  "the secondary coordinator stopped inside a prehash round")
+            coordinator = pair.node("secondary").node_info()["stage_pids"]["coordinator"]
+            assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
+            assert os.sched_getparam(coordinator).sched_priority == PausePriority.WORK
+            io = _io_threads(coordinator)
+            assert io and all(_fifo(t) and os.sched_getparam(t).sched_priority
+                              == PausePriority.HOP for t in io), _threads(coordinator)
+        finally:
+            if coordinator is not None:
+                os.kill(coordinator, signal.SIGCONT)
+        before = len(pair.checkpoints())
+        cps = pair.wait_checkpoints(before + 3, timeout=300)
+        assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
+        wait_until(lambda: os.sched_getparam(coordinator).sched_priority == PausePriority.HOP,
+                   60, "the secondary coordinator waits at the hops' priority again")

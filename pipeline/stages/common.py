@@ -250,14 +250,15 @@ class PausePriority:
         # real time cost 0.3 ms of wall time on a loaded machine, on the commit's path)
         self.level = 0      # SCHED_FIFO priority now, 0: normal scheduling
         self.threads: list[int] = []    # other threads of this process that follow urgent()
+        self.threads_level = 0          # theirs (urgent's ``threads``)
 
     def follow(self, tids: list[int]) -> None:
         """Threads of this process (a ZeroMQ context's I/O threads: sockets.io_threads) that
         take the calling thread's urgency from now on (sched_setscheduler of 0 sets the
         calling thread only)."""
         self.threads = list(tids)
-        if self.level:
-            self._set(self.threads, self.level)
+        if self.threads_level:
+            self._set(self.threads, self.threads_level)
 
     def permitted(self) -> bool:
         """May this process run at real time? Tried (and undone) now: a host without
@@ -267,13 +268,20 @@ class PausePriority:
             self.urgent(False)
         return self.allowed
 
-    def urgent(self, on: bool, level: int = WORK) -> None:
-        """SCHED_FIFO at ``level`` (WORK or HOP), or back to normal scheduling."""
+    def urgent(self, on: bool, level: int = WORK, threads: int | None = None) -> None:
+        """SCHED_FIFO at ``level`` (WORK or HOP), or back to normal scheduling; the
+        followed threads at ``threads`` if given (the secondary's prehash round hashes at
+        WORK while its I/O threads stay at HOP: the BEGIN they carry is what stops it)."""
         want = level if on else 0
-        if not self.allowed or want == self.level:
+        want_threads = (level if threads is None else threads) if on else 0
+        if not self.allowed or (want, want_threads) == (self.level, self.threads_level):
             return
-        self.level = want
-        self._set([0, *self.threads], want)
+        if want != self.level:
+            self.level = want
+            self._set([0], want)
+        if want_threads != self.threads_level:
+            self.threads_level = want_threads
+            self._set(self.threads, want_threads)
 
     def _set(self, tids: list[int], level: int) -> None:
         try:
