@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--batch-pages", type=int, default=0,
                     help="pipeline.batch_pages (0: the config's default)")
+    ap.add_argument("--prescan-ms", type=int, default=None,
+                    help="checkpoint.prescan_ms (default: the config's; 0 = off)")
     ap.add_argument("--raw", action="store_true",
                     help="every event in time order, with its detail")
     ap.add_argument("--by-stage", action="store_true",
@@ -151,7 +153,8 @@ def main() -> int:
     per_stage: dict[str, list[tuple[float, float]]] = {}    # name: [(wake-ups, CPU ms)]
     try:
         with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
-                         batch_pages=args.batch_pages or None) as pair:
+                         batch_pages=args.batch_pages or None,
+                         prescan_ms=args.prescan_ms) as pair:
             pair.start()
             pair.wait_protected(timeout=900)
             named = named_stage_pids(pair)
