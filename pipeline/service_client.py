@@ -502,9 +502,14 @@ class ServiceClient:
         n = self.sent
         self.sent += 1
         self.waiting[n] = due
-        self.push.send(b"request %d" % n)
         if trace.REQUESTS and self.first_seq is not None:
+            # due: when the open loop meant to send it (its latency counts from there);
+            # sent: when this process, which shares the CPUs with the nodes it measures,
+            # got to hand it to the socket (a request sent late waited for the client).
+            # Stamped before the send: the client stage may take it (and this CPU) first
             trace.request("client_due", self.first_seq + n, "client", int(due * 1e9))
+            trace.request("client_sent", self.first_seq + n, "client")
+        self.push.send(b"request %d" % n)
 
     def poll(self, timeout: float) -> None:
         queued = isinstance(self.push, ZmtpPush) and bool(self.push.pending)

@@ -6,6 +6,7 @@ trace (``COLO_REQUEST_TRACE=file``, pipeline/trace.py; ``scripts/bench_service.p
 Each request of the sim service is followed by its input seq through the hops it takes:
 
     client_due    the client's request was due (its latency counts from here)
+    client_sent   the client handed it to the socket (late: the client waited for a CPU)
     pvm_fed       the primary's client stage fed it to the PVM
     pvm_begin     the PVM started it            pvm_emit   the PVM wrote its answer
     pvm_out       the client stage handed the PVM's answer to the comparator
@@ -38,6 +39,8 @@ from collections import defaultdict
 #: hops in path order: (name, from event, to event)
 HOPS = (
     ("client->pvm_fed", "client_due", "pvm_fed"),
+    ("client_due->client_sent", "client_due", "client_sent"),
+    ("client_sent->pvm_fed", "client_sent", "pvm_fed"),
     ("pvm_fed->pvm_begin", "pvm_fed", "pvm_begin"),
     ("pvm_begin->pvm_emit", "pvm_begin", "pvm_emit"),
     ("pvm_emit->pvm_out", "pvm_emit", "pvm_out"),
@@ -57,14 +60,17 @@ SIDES = (("pvm_out", "client_due", "pvm_out"), ("svm_out", "client_due", "svm_ou
 #: a request's critical path: from the request being due to its answer at the client, over
 #: the copy whose answer reached the comparator last (the one the release waited for),
 #: in consecutive segments that add up to its latency:
-#:   client       due -> pvm_fed: the client's send, the inject channel, the client stage
+#:   client       due -> client_sent: the client process getting to send it (it shares the
+#:                CPUs with the nodes; a real client is on another machine)
+#:   inject       client_sent -> pvm_fed: client-inputs.sock and the client stage taking it
+#:                (traces without client_sent: client is due -> pvm_fed, inject 0)
 #:   mirror       pvm_fed -> svm_fed: the inputs channel and the mirror (0 on the PVM's copy)
 #:   guest_queue  fed -> begin: waiting for the guest (busy with earlier requests, paused,
 #:                or not yet woken / not on a CPU)
 #:   guest_work   begin -> emit: the guest's work (and any CPU it lost meanwhile)
 #:   answer_out   emit -> out: the stage reading the answer and handing it to the comparator
 #:   release      out -> client_got: the comparator's match and release, the client's read
-PATH = ("client", "mirror", "guest_queue", "guest_work", "answer_out", "release")
+PATH = ("client", "inject", "mirror", "guest_queue", "guest_work", "answer_out", "release")
 
 
 def critical_path(reqs: dict[int, dict[str, int]], seq: int) -> dict[str, float] | None:
@@ -74,10 +80,12 @@ def critical_path(reqs: dict[int, dict[str, int]], seq: int) -> dict[str, float]
     ev = reqs[seq]
     side = "svm" if ev.get("svm_out", 0) > ev.get("pvm_out", 0) else "pvm"
     fed = f"{side}_fed"
-    stamps = ["client_due", "pvm_fed", fed, f"{side}_begin", f"{side}_emit", f"{side}_out",
-              "client_got"]
-    if any(s not in ev for s in stamps):
+    sent = ev.get("client_sent", ev.get("pvm_fed"))
+    stamps = ["client_due", "client_sent", "pvm_fed", fed, f"{side}_begin", f"{side}_emit",
+              f"{side}_out", "client_got"]
+    if any(s not in ev for s in stamps if s != "client_sent") or sent is None:
         return None
+    ev = {**ev, "client_sent": min(max(sent, ev["client_due"]), ev["pvm_fed"])}
     out: dict = {name: max(0.0, (ev[b] - ev[a]) / 1e6)
                  for name, a, b in zip(PATH, stamps, stamps[1:])}
     prev = reqs.get(seq - 1, {})
@@ -240,35 +248,62 @@ def analyse(path: str, slowest: float = 0.01, show: int = 10) -> dict:
     return out
 
 
+def classify(reqs: dict[int, dict[str, int]], pauses: dict[str, list[tuple[int, int]]],
+             seqs) -> dict[int, tuple[dict[str, float], bool, str, str]]:
+    """seq -> (its :func:`critical_path`, whether it overlapped a pause, its cause, the
+    checkpoint's phase or ""), for each of ``seqs`` with a whole critical path. The cause:
+    ``checkpoint`` if it overlapped a pause of either guest (phase ``pvm_paused`` if the
+    PVM's pause was in it, else ``svm_paused``: only the SVM's was, from the primary's
+    BEGIN until its pages were written and it resumed); ``catch_up`` if its guest was
+    still busy with an earlier request, in a backlog a pause began
+    (:func:`backlog_episodes`); else its longest segment (``guest_queue`` as
+    ``behind_request`` when the guest was busy with an earlier one, ``guest_wake`` when
+    it was not)."""
+    starts = {side: [s for s, _ in p] for side, p in pauses.items()}
+    episodes = {side: backlog_episodes(reqs, pauses[side], side) for side in ("pvm", "svm")}
+    out = {}
+    for seq in seqs:
+        path = critical_path(reqs, seq)
+        if path is None:
+            continue
+        ev = reqs[seq]
+        overlap = {side: _overlaps(pauses[side], starts[side], ev["client_due"],
+                                   ev["client_got"]) > 0 for side in pauses}
+        ep = episodes[path["side"]].get(seq)
+        phase = ""
+        if any(overlap.values()):
+            cause = "checkpoint"
+            phase = "pvm_paused" if overlap.get("pvm") else "svm_paused"
+        elif path["behind"] and ep is not None and ep[2]:
+            cause = "catch_up"
+        else:
+            cause = max(PATH, key=lambda k: path[k])
+            if cause == "guest_queue":
+                cause = "behind_request" if path["behind"] else "guest_wake"
+        out[seq] = (path, bool(phase), cause, phase)
+    return out
+
+
 def split(reqs: dict[int, dict[str, int]], pauses: dict[str, list[tuple[int, int]]],
           done: list[tuple[int, int]]) -> dict:
     """Where the time of all requests, of those at or above the 95th and of those at or
     above the 99th percentile went: the mean ms of each :data:`PATH` segment; how many
     of them the SVM's copy came last for, overlapped a pause of either guest (a
-    checkpoint), found their guest busy with an earlier request; and each one's cause:
-    ``checkpoint`` if it overlapped a pause, else its longest segment (``guest_queue``
-    as ``behind_request`` when the guest was busy with an earlier one, ``guest_wake``
-    when it was not)."""
-    starts = {side: [s for s, _ in p] for side, p in pauses.items()}
+    checkpoint), found their guest busy with an earlier request; and how many had each
+    cause (:func:`classify`), the checkpoints' by phase."""
+    each = classify(reqs, pauses, [seq for _, seq in done])
     out = {}
     for name, q in (("all", 0.0), ("p95", 0.95), ("p99", 0.99)):
         cut = min(len(done) - 1, int(q * len(done)))
-        rows, causes = [], defaultdict(int)
-        for lat, seq in done[cut:]:
-            path = critical_path(reqs, seq)
-            if path is None:
+        rows, causes, phases = [], defaultdict(int), defaultdict(int)
+        for _, seq in done[cut:]:
+            if seq not in each:
                 continue
-            ev = reqs[seq]
-            paused = any(_overlaps(pauses[side], starts[side], ev["client_due"],
-                                   ev["client_got"]) > 0 for side in pauses)
+            path, paused, cause, phase = each[seq]
             rows.append((path, paused))
-            if paused:
-                causes["checkpoint"] += 1
-            else:
-                top = max(PATH, key=lambda k: path[k])
-                if top == "guest_queue":
-                    top = "behind_request" if path["behind"] else "guest_wake"
-                causes[top] += 1
+            causes[cause] += 1
+            if phase:
+                phases[phase] += 1
         n = len(rows)
         out[name] = {
             "from_ms": round(done[cut][0] / 1e6, 3), "n": n,
@@ -277,7 +312,8 @@ def split(reqs: dict[int, dict[str, int]], pauses: dict[str, list[tuple[int, int
             "svm_last": sum(1 for p, _ in rows if p["side"] == "svm"),
             "in_pause": sum(1 for _, z in rows if z),
             "behind_request": sum(1 for p, _ in rows if p["behind"]),
-            "causes": dict(sorted(causes.items(), key=lambda kv: -kv[1]))}
+            "causes": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
+            "checkpoint_phase": dict(phases)}
     return out
 
 
@@ -309,7 +345,8 @@ def report(res: dict, out=sys.stdout) -> None:
               + "".join(f"{r['mean_ms'][k]!s:>12}" for k in PATH)
               + f"  {r['svm_last']:>8} {r['in_pause']:>8} {r['behind_request']:>6}", file=out)
     for name in ("p95", "p99"):
-        print(f"{name} causes: {res['split'][name]['causes']}", file=out)
+        print(f"{name} causes: {res['split'][name]['causes']}; the checkpoint ones by phase: "
+              f"{res['split'][name]['checkpoint_phase']}", file=out)
     print("slowest requests (ms from due):", file=out)
     for t in res["slowest_timelines"]:
         print("  " + " ".join(f"{k}={v}" for k, v in t.items()), file=out)

@@ -19,7 +19,7 @@ from pipeline import trace  # noqa: E402
 from pipeline.net.build import GuestOutputFramer  # noqa: E402
 from pipeline.service_client import ServiceClient  # noqa: E402
 
-EVERY_HOP = ("client_due", "pvm_fed", "pvm_begin", "pvm_emit", "pvm_out", "mirrored",
+EVERY_HOP = ("client_due", "client_sent", "pvm_fed", "pvm_begin", "pvm_emit", "pvm_out", "mirrored",
              "svm_recv", "svm_fed", "svm_begin", "svm_emit", "svm_out", "client_got")
 
 
@@ -50,7 +50,7 @@ def test_every_answered_request_has_its_whole_timeline(tmp_path):
         # test_an_answer_read_later_in_one_poll_is_stamped_after_it_was_sent)
         order = " ".join(f"{h}={ev[h] - ev['client_due']}" for h in
                          sorted(EVERY_HOP, key=ev.get))      # ns after client_due
-        assert ev["client_due"] <= ev["pvm_fed"] <= ev["mirrored"] <= ev["svm_recv"] \
+        assert ev["client_due"] <= ev["client_sent"] <= ev["pvm_fed"] <= ev["mirrored"] <= ev["svm_recv"] \
             <= ev["svm_fed"] <= ev["svm_begin"] <= ev["svm_emit"] <= ev["svm_out"], order
         assert ev["pvm_fed"] <= ev["pvm_begin"] <= ev["pvm_emit"] <= ev["pvm_out"] \
             <= ev["client_got"], order
@@ -179,3 +179,60 @@ def test_the_split_tells_a_checkpoint_a_late_wake_a_queue_a_slow_guest_and_a_slo
     lat = [30.4, 25.4, 22.6, 20.6, 28.0]
     assert abs(sum(p99["mean_ms"].values()) - sum(lat) / 5) < 0.01, p99
     assert split["all"]["n"] == 500 and split["all"]["mean_ms"]["mirror"] > 0
+
+
+def test_the_split_tells_the_client_from_the_inject_hop_a_checkpoint_s_phase_and_a_catch_up(
+        tmp_path):
+    """The client's own lateness (due -> client_sent: it shares the CPUs with the nodes)
+    is told from the inject hop (client_sent -> pvm_fed: client-inputs.sock and the client
+    stage); a request that overlapped the PVM's pause from one that overlapped only the
+    SVM's (the commit's transfer, apply and the SVM's resume); and a request that came
+    after the SVM resumed but still waited behind the backlog the pause left (catch_up)
+    from one behind a backlog no pause began (behind_request)."""
+    ms = 1_000_000
+    pvm, svm = "guest:p-primary-guest", "guest:p-secondary-guest"
+    normal = {"client_due": 0, "client_sent": 0.05, "pvm_fed": 0.1, "mirrored": 0.1,
+              "pvm_begin": 0.2, "pvm_emit": 0.3, "pvm_out": 0.35, "svm_recv": 0.3,
+              "svm_fed": 0.3, "svm_begin": 0.4, "svm_emit": 0.5, "svm_out": 0.6,
+              "client_got": 0.8}
+    # a request every 2 ms. 100: the client sent it 20 ms late; 150: client-inputs.sock
+    # and the client stage took 20 ms. A checkpoint pauses the PVM 400-402 ms and the
+    # SVM 400-420 ms; from 420 the SVM answers what waited, 1 ms each (200 due at 400,
+    # in the PVM's pause; 201-209 in the SVM's alone; 210-219 after it resumed, behind
+    # the backlog it left: catch-ups). 299 takes the SVM 15 ms with no pause; 300 is
+    # fed meanwhile and waits behind it
+    late = {100: {k: v + 20 for k, v in normal.items() if k != "client_due"},
+            150: {k: v + 20 for k, v in normal.items() if k not in ("client_due",
+                                                                     "client_sent")},
+            299: {"svm_emit": 15.0, "svm_out": 15.1, "client_got": 15.3},
+            300: {"svm_begin": 13.1, "svm_emit": 13.2, "svm_out": 13.3, "client_got": 13.5}}
+    for seq in range(200, 220):
+        at = 420 + (seq - 200) - 2 * seq       # ms after its due time
+        late[seq] = {"svm_begin": at, "svm_emit": at + 0.9, "svm_out": at + 1.0,
+                     "client_got": at + 1.2}
+    rows = [(400 * ms, pvm, "guest_paused", 0), (402 * ms, pvm, "guest_resumed", 0),
+            (400 * ms, svm, "guest_paused", 0), (420 * ms, svm, "guest_resumed", 0)]
+    for seq in range(1000):
+        t = seq * 2 * ms
+        for event, at in {**normal, **late.get(seq, {})}.items():
+            who, name = {"pvm_begin": (pvm, "guest_begin"), "pvm_emit": (pvm, "guest_emit"),
+                         "svm_begin": (svm, "guest_begin"),
+                         "svm_emit": (svm, "guest_emit")}.get(event, ("stage", event))
+            rows.append((t + round(at * ms), who, name, seq))
+    _write(tmp_path / "t.trace", rows)
+    reqs, pauses = trace_requests.load(str(tmp_path / "t.trace"))
+    each = trace_requests.classify(reqs, pauses, [100, 150, 200, 205, 215, 299, 300])
+    causes = {seq: (cause, phase) for seq, (_, _, cause, phase) in each.items()}
+    assert causes == {100: ("client", ""), 150: ("inject", ""),
+                      200: ("checkpoint", "pvm_paused"), 205: ("checkpoint", "svm_paused"),
+                      215: ("catch_up", ""), 299: ("guest_work", ""),
+                      300: ("behind_request", "")}, causes
+    # the client's lateness and the inject hop are segments of their own, which with the
+    # others still add up to the latency
+    path = each[150][0]
+    assert path["client"] == 0.05 and abs(path["inject"] - 20.05) < 1e-6, path
+    assert abs(sum(path[k] for k in trace_requests.PATH) - 20.8) < 1e-6, path
+    split = trace_requests.analyse(str(tmp_path / "t.trace"))["split"]["p99"]
+    # (the 10 slowest: 200-206 behind the pause, 100, 150, 299)
+    assert split["checkpoint_phase"] == {"pvm_paused": 1, "svm_paused": 6}, split
+    assert split["causes"] == {"checkpoint": 7, "client": 1, "inject": 1, "guest_work": 1}
