@@ -1103,7 +1103,7 @@ class SecondaryCoordinator(_Coordinator):
             reply = self._applied(epoch)
             if reply is None:
                 return              # the node is stopping
-        input_seq, applied = -1, 0
+        input_seq, applied, resumed_ns = -1, 0, 0
         if committed:
             applied, input_seq = reply.pages, reply.input_seq
         else:
@@ -1134,11 +1134,16 @@ class SecondaryCoordinator(_Coordinator):
                 self.resume_at = time.monotonic() + 2 * self.settings.heartbeat.timeout_s
             elif self.lost is None:
                 self.domain.resume()
+                resumed_ns = time.monotonic_ns()
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
-        # 4. committed: the SVM goes on from e; torn: from the last committed epoch
-        self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d%s", epoch,
+        # 4. committed: the SVM goes on from e; torn: from the last committed epoch.
+        # resume_ms: BEGIN to the SVM running again, how long e held the SVM's answers
+        # (and so the release of the PVM's): with an early ACK the primary's commit_ms
+        # ends before the pages are written and the SVM resumes
+        self.ctx.log.info("epoch=%d event=%s pages=%d svm_dirty=%d resume_ms=%s%s", epoch,
                           "applied" if committed else "discarded", applied, len(dirty),
+                          f"{(resumed_ns - t_begin) / 1e6:.1f}" if resumed_ns else "-",
                           "" if committed else f" reason={reason!r}", extra={"epoch": epoch})
         if committed:
             self.last_epoch = epoch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,3 +94,8 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
         start, end = records["window_monotonic_ns"]
         assert 0 < start < end
     assert (keep / "unprotected-0.0" / "primary.log").exists()
+    # the secondary's line per applied epoch says how long it kept the SVM paused, BEGIN
+    # to resume (the early ACK ends the primary's commit_ms before the SVM runs again)
+    resumes = re.findall(r"event=applied .*resume_ms=(\S+)",
+                         (keep / "buffered-0.0" / "secondary.log").read_text())
+    assert any(v != "-" and float(v) > 0 for v in resumes), resumes
