@@ -127,3 +127,36 @@ def test_a_dirty_set_of_one_digest_batch_goes_in_one_part():
         assert len(parts[0][0]) == batch
     finally:
         dom.close()
+
+
+def test_begin_with_every_page_hashed_by_the_rounds_sends_their_hashes_in_parts():
+    """The rounds kept up: BEGIN's log is empty, and SVM_DIRTY is the rounds' pages and
+    hashes as they are (no union with an empty set), still in parts of PART_FIRST, twice
+    as many, ...; the rounds start afresh after it."""
+    first = SvmPrehash.PART_FIRST
+    dom = open_sim_domain("prehash-kept-up", 16384, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, first * 3 + 100)     # three parts: 1024, 2048, the rest
+        while True:                          # (ROUND_MAX pages a round)
+            pre.round()
+            if not len(pre.todo):
+                break
+        held = pre.pfns.copy()
+        parts = list(pre.parts(dom.read_and_clear_dirty()))
+        assert [len(p) for p, _, _ in parts] == [first, 2 * first, len(held) - 3 * first]
+        assert [more for _, _, more in parts] == [True, True, False]
+        pfns = np.concatenate([p for p, _, _ in parts])
+        assert (pfns == held).all()
+        hashes = np.concatenate([h for _, h, _ in parts])
+        pages = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, pages)
+        assert (hash_pages(pages) == hashes).all()
+        assert not len(pre.pfns) and not len(pre.todo)
+        # nothing held, nothing dirty: one empty part
+        assert [(len(p), more) for p, _, more in pre.parts(np.zeros(0, np.uint64))] \
+            == [(0, False)]
+    finally:
+        dom.close()
