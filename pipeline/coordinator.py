@@ -842,12 +842,15 @@ class SvmPrehash:
         self.next_round = 0.0
 
     def round(self, interrupted=None) -> None:
-        """``interrupted()``, asked between chunks: a BEGIN is waiting. The round stops
-        there (a round of a large dirty set held BEGIN back by its whole hashing, 1.5 us
-        a page); the pages it did not hash, and those beyond ROUND_MAX, are hashed by the
+        """``interrupted()``, asked before the round and before each chunk: a BEGIN is
+        waiting. The round stops there (a round of a large dirty set held BEGIN back by
+        its whole hashing, 1.5 us a page); the pages it took off the log but did not
+        hash, and those beyond ROUND_MAX, are hashed by the
         next round or at BEGIN (:meth:`begin`). The caller runs it at real time
         (SecondaryCoordinator.run): at normal priority a loaded machine's real-time work
         kept it from its next look for BEGIN for up to 9 ms."""
+        if interrupted is not None and interrupted():
+            return                              # (not due again: the loop takes BEGIN)
         t0 = time.monotonic()
         trace.point("prehash_start")
         pfns = self.domain.read_and_clear_dirty()
@@ -858,12 +861,13 @@ class SvmPrehash:
         done, most = 0, min(len(pfns), self.ROUND_MAX)
         if most:
             hashes = np.empty((most, 32), np.uint8)
-            while done < most:
+            # asked before each chunk, the first too: a round of up to a chunk (most of
+            # them, once they keep up) never asked, and held a BEGIN back by its read
+            # and its hashing
+            while done < most and not (interrupted is not None and interrupted()):
                 part = pfns[done:min(done + self.CHUNK, most)]
                 hashes[done:done + len(part)] = domain_page_hashes(self.domain, part)
                 done += len(part)
-                if interrupted is not None and done < most and interrupted():
-                    break
             self._merge(pfns[:done], hashes[:done])
             if self.c is not None:
                 self.c.add("svm_prehashed", done)
@@ -1073,7 +1077,7 @@ class SecondaryCoordinator(_Coordinator):
             # the SVM's resume) with little CPU of its own, asleep between
             self._settle(begin, epoch, dirty, t_begin)
         finally:
-            self.priority.urgent(False)
+            # (the priority stays: the loop (run) waits for the next BEGIN at it)
             self.shared.live.value = -1
 
     def _settle(self, begin: wire.CheckpointBegin, epoch: int, dirty: np.ndarray,
@@ -1315,12 +1319,14 @@ class SecondaryCoordinator(_Coordinator):
                     self.prehashed.round(lambda: bool(self.control.poll(0)))
                 # BEGIN is awaited at the priority its answer runs at: asleep, that takes
                 # no CPU, and the wake-up does not wait for a core (under load, at normal
-                # priority, up to a few ms on the commit's path); anything else drops it
+                # priority, up to a few ms on the commit's path). The loop's own checks
+                # stay at it too: dropped after every wake-up without a BEGIN, a BEGIN
+                # that came just after waited for a core behind real-time work, and then
+                # for the round that began when the loop got one (4.3 ms, load 4.7); the
+                # takeover and an active role's serving drop it (below)
                 self.priority.urgent(True, self.priority.HOP)
                 self._poll(max(0.0, min(0.1, self.prehashed.next_round - time.monotonic()))
                            if running else 0.1)
-                if not self.begins:
-                    self.priority.urgent(False)
                 if self.lost is None and self.role.primary_silent(self.last_control,
                                                                   self.svm_started):
                     self.lost = (self.last_control, time.monotonic(), "control silence")
@@ -1330,13 +1336,16 @@ class SecondaryCoordinator(_Coordinator):
                         and time.monotonic() >= self.resume_at:
                     self.resume_at = 0.0         # the primary was not declared lost
                     self.domain.resume()
+                faults.point("secondary.turn")
                 if self.lost is not None:
                     self.resume_at = 0.0         # the takeover resumes it (or not)
                     last_seen, detected, by = self.lost
                     self.lost = None
+                    self.priority.urgent(False)
                     self.role.take_over(self.bus, self.last_epoch, last_seen, detected, by,
                                         self.hb_events, self.disk)
                 if self.role.active:
+                    self.priority.urgent(False)
                     self.role.serve(self.bus)
         finally:
             self.role.close()

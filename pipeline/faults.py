@@ -97,6 +97,8 @@ Secondary coordinator and restore stage:
 * ``secondary.begin``            CHECKPOINT_BEGIN handled: SVM paused, SVM_DIRTY sent
 * ``secondary.prehash``          prehash round <k> (the SVM running) read and cleared the
                                  SVM's dirty log, none of its pages hashed yet
+* ``secondary.turn``             turn <k> of the secondary coordinator's wait for a BEGIN
+                                 (woken, its checks done), before a takeover or the next wait
 * ``secondary.applied``          the epoch checked whole by the restore stage (early ACK:
                                  its pages may still be being written) or applied, and
                                  the disk committed; the ACK not yet sent

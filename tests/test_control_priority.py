@@ -155,3 +155,32 @@ def test_the_secondarys_prehash_round_runs_at_real_time_with_its_io_threads_abov
         assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
         wait_until(lambda: os.sched_getparam(coordinator).sched_priority == PausePriority.HOP,
                    60, "the secondary coordinator waits at the hops' priority again")
+
+
+def test_the_secondary_coordinator_stays_at_the_hops_priority_between_its_waits(tmp_path):
+    """Woken without a BEGIN (a heartbeat event, a timeout), the secondary coordinator ran
+    its loop's checks at normal priority and only then waited at HOP again: a BEGIN that
+    came meanwhile waited for a core behind real-time work, then for the prehash round that
+    began when the loop got one (BEGIN taken up 4.3 ms late at load 4.7). Stopped (SIGSTOP,
+    a named fault point) at the end of such a turn, its thread is at SCHED_FIFO HOP."""
+    from pipeline.stages.common import PausePriority
+    with LocalPair({
+        "guest": {"backend": "sim", "page_count": 2048},
+        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0,
+                       "epoch_timeout_ms": 600_000},
+    }, workdir=str(tmp_path)) as pair:
+        pair.start(faults={"secondary": "secondary.turn:2:stop"})
+        coordinator = None
+        try:
+            pair.wait_fault_fired("secondary", "secondary.turn", 2, 300,
+                                  "the secondary coordinator stopped after a turn")
+            coordinator = pair.node("secondary").node_info()["stage_pids"]["coordinator"]
+            assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
+            assert os.sched_getparam(coordinator).sched_priority == PausePriority.HOP
+        finally:
+            if coordinator is not None:
+                os.kill(coordinator, signal.SIGCONT)
+        pair.wait_protected(timeout=300)
+        before = len(pair.checkpoints())
+        cps = pair.wait_checkpoints(before + 3, timeout=300)
+        assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]

@@ -62,8 +62,9 @@ def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
         pre = SvmPrehash(dom)
         _run_input(dom, 900)
         asked = []
-        pre.round(lambda: asked.append(1) or True)      # a BEGIN after the first chunk
-        assert asked == [1]
+        # asked before the round and before each chunk: a BEGIN after the first chunk
+        pre.round(lambda: asked.append(1) or len(asked) > 2)
+        assert asked == [1, 1, 1]
         assert len(pre.pfns) == SvmPrehash.CHUNK
         assert len(pre.todo) >= 900 - SvmPrehash.CHUNK
         wrote = set(pre.pfns.tolist()) | set(pre.todo.tolist())
@@ -74,6 +75,31 @@ def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
         dom.read_pages(pfns, pages)
         assert (hash_pages(pages) == hashes).all()
         assert not len(pre.todo) and not len(pre.pfns)
+    finally:
+        dom.close()
+
+
+def test_a_begin_waiting_stops_a_round_before_its_first_chunk():
+    """A round that finds a BEGIN waiting after its log read hashes nothing (a round of up
+    to a chunk never asked, and held the BEGIN back by its hashing); one that finds it
+    before it begins does not read the log either: BEGIN gets every page."""
+    dom = open_sim_domain("prehash-first", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        pre = SvmPrehash(dom)
+        _run_input(dom, 100)                  # less than a chunk
+        pre.round(lambda: True)               # waiting before the round: not begun
+        assert not len(pre.pfns) and not len(pre.todo)
+        asked = []
+        pre.round(lambda: asked.append(1) or len(asked) > 1)   # came during the read
+        assert asked == [1, 1]
+        assert not len(pre.pfns) and len(pre.todo) >= 100
+        pfns, hashes = pre.begin(dom.read_and_clear_dirty())
+        assert len(pfns) >= 100
+        pages = np.empty((len(pfns), dom.page_size), np.uint8)
+        dom.read_pages(pfns, pages)
+        assert (hash_pages(pages) == hashes).all()
     finally:
         dom.close()
 
