@@ -43,6 +43,7 @@ import zmq
 
 from pipeline import trace
 from pipeline.net.framing import FrameDecoder
+from pipeline.net.zmtp import ZmtpPush, connect_stream  # noqa: F401  (this module's API too)
 from pipeline.xen_io.sim import REPLY_CACHE_ENTRIES, answer_refused, parse_answer, request_input
 
 #: Ethernet + IPv4 + UDP headers before the guest's output (pipeline.net.build)
@@ -54,135 +55,6 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     v = sorted(values)
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
-
-
-def connect_stream(address: str, timeout: float = 60.0) -> socket.socket:
-    """A non-blocking connection to a released-output stream (``unix:PATH``, a bare path,
-    or ``tcp:HOST:PORT``), retried until ``timeout`` while nothing listens there."""
-    from pipeline.net.adapters import parse_address
-    kind, where = parse_address(address if address.startswith(("unix:", "tcp:"))
-                                else "unix:" + address)
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_INET if kind == "tcp" else socket.AF_UNIX,
-                             socket.SOCK_STREAM)
-        try:
-            sock.connect(where)
-            sock.setblocking(False)
-            return sock
-        except OSError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-class ZmtpPush:
-    """The sending end of a ZeroMQ PUSH/PULL connection over ``ipc://PATH``, written on a
-    plain unix stream socket by this thread (ZMTP 3.0, the NULL mechanism: what libzmq
-    speaks on an ipc endpoint without CURVE, as ``client-inputs.sock`` is bound).
-
-    Why: a libzmq socket hands every message to its I/O thread, which wakes to write it;
-    for the benchmark's client, one message per request, that was one more wake-up and
-    ~28 us of CPU per request on the two CPUs it shares with the nodes it measures (a real
-    client is on another machine), and one more hop before the request reaches the
-    service. The receiving end stays libzmq's (the client stage's PULL). No reconnection:
-    a connection that breaks raises (the benchmark's client stops with an error then), so
-    ``ServiceClient`` uses this only when asked (``direct``). A send never blocks: what
-    the socket does not take yet is kept (``pending``) and goes out first at the next
-    :meth:`send` or :meth:`flush`, as a PUSH socket queues up to its high-water mark (a
-    client blocked in a send would stop reading the answers the service waits to hand it
-    out, and the service, backed up, would stop taking requests)."""
-
-    SIGNATURE = b"\xff" + bytes(8) + b"\x7f"
-
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
-        if not address.startswith("ipc://"):
-            raise ValueError(f"ZmtpPush: {address!r} is not an ipc:// endpoint")
-        self.address = address
-        self.sock = connect_stream(address[len("ipc://"):], timeout)
-        self.sock.setblocking(True)
-        self.sock.settimeout(timeout)
-        try:
-            # greeting (signature, version 3.0, mechanism NULL, not the server, filler),
-            # then READY, in one write
-            self.sock.sendall(self.SIGNATURE + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
-                              + bytes(32) + self._command(b"READY", {b"Socket-Type": b"PUSH"}))
-            peer = self._read(64)
-            if peer[:1] != b"\xff" or peer[9:10] != b"\x7f" or peer[10] < 3 \
-                    or peer[12:32].rstrip(b"\x00") != b"NULL":
-                raise ConnectionError(f"ZmtpPush: {address} did not answer with a ZMTP 3 "
-                                      f"NULL greeting (got {peer[:16]!r}...)")
-            name, props = self._read_command()
-            if name != b"READY" or props.get(b"Socket-Type") != b"PULL":
-                raise ConnectionError(f"ZmtpPush: {address} is not a PULL socket "
-                                      f"(command {name!r}, properties {props!r})")
-        except OSError as exc:
-            self.sock.close()
-            if isinstance(exc, ConnectionError) and str(exc).startswith("ZmtpPush"):
-                raise
-            raise ConnectionError(f"ZmtpPush: the ZMTP handshake with {address} failed "
-                                  f"({exc}): is it a ZeroMQ PULL socket?") from None
-        except BaseException:
-            self.sock.close()
-            raise
-        self.sock.setblocking(False)
-        self.pending = bytearray()
-
-    @staticmethod
-    def _command(name: bytes, props: dict[bytes, bytes]) -> bytes:
-        body = bytes([len(name)]) + name + b"".join(
-            bytes([len(k)]) + k + len(v).to_bytes(4, "big") + v for k, v in props.items())
-        return bytes([0x04, len(body)]) + body          # a short command frame
-
-    def _read(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError(f"ZmtpPush: {self.address} closed the connection during "
-                                      "the handshake (a ZeroMQ socket closes it unless it "
-                                      "is a PULL one)")
-            data += chunk
-        return data
-
-    def _read_command(self) -> tuple[bytes, dict[bytes, bytes]]:
-        flags = self._read(1)[0]
-        if not flags & 0x04:
-            raise ConnectionError(f"ZmtpPush: expected a command frame, got flags {flags:#x}")
-        size = int.from_bytes(self._read(8 if flags & 0x02 else 1), "big")
-        body = self._read(size)
-        name, at, props = body[1:1 + body[0]], 1 + body[0], {}
-        while at < len(body):
-            k = body[at + 1:at + 1 + body[at]]
-            at += 1 + body[at]
-            vlen = int.from_bytes(body[at:at + 4], "big")
-            props[k] = body[at + 4:at + 4 + vlen]
-            at += 4 + vlen
-        return name, props
-
-    def send(self, msg: bytes) -> None:
-        """Queue one single-frame message (a short or a long frame) and send what the
-        socket takes now."""
-        n = len(msg)
-        self.pending += (bytes([0x00, n]) if n < 256 else b"\x02" + n.to_bytes(8, "big"))
-        self.pending += msg
-        self.flush()
-
-    def flush(self) -> None:
-        """Send as much of what is queued as the socket takes now."""
-        while self.pending:
-            try:
-                sent = self.sock.send(self.pending)
-            except BlockingIOError:
-                return
-            del self.pending[:sent]
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class AnswerStream:

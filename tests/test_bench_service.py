@@ -37,9 +37,14 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
         assert r["per_request"]["primary"]["cpu_us"] > 0, r["per_request"]
         assert r["per_request"]["primary"]["runs"] > 0, r["per_request"]
         assert r["processes"]["primary"]["client"]["cpu_us_per_request"] > 0, r["processes"]
-        # of which its ZeroMQ I/O thread's: a request reaches the stage through one
-        assert r["processes"]["primary"]["client"]["io_thread_runs_per_request"] > 0, \
-            r["processes"]
+        # of which its ZeroMQ I/O thread's: not woken by the requests, which the stage's
+        # own thread reads from client-inputs.sock (pipeline/net/zmtp.py); only by the
+        # inputs it mirrors to a secondary (libzmq's PULL there: >= 1 run per request)
+        client_io = r["processes"]["primary"]["client"]["io_thread_runs_per_request"]
+        if r["mode"] == "unprotected":
+            assert client_io < 0.5, r["processes"]
+        else:
+            assert client_io > 0, r["processes"]
         # and the client process's own (it shares this machine's CPUs with the nodes)
         assert r["client_process"]["cpu_us_per_request"] > 0, r.get("client_process")
         # what else the machine did meanwhile (others' CPU, the host's steal, how long a

@@ -20,6 +20,8 @@ Modules, from the wire inwards:
 * ``settings``  — ``NetSettings`` (the ``[net]`` config table).
 * ``standalone`` — ``colo-pipeline compare``, a drop-in for QEMU's colo-compare.
 * ``build``     — frame builders and checksums (rewriter, demo, tests, benchmark).
+* ``zmtp``      — ZeroMQ's PUSH/PULL wire protocol on a unix socket, both ends run by the
+  calling thread: the client stage's ``client-inputs.sock``, the benchmark's client.
 * ``qemu_peer`` — runs QEMU's colo-compare (or ours) as a reference process.
 
 The stage process entry is :mod:`pipeline.stages.net_compare`.

@@ -29,6 +29,7 @@ from pipeline import sockets, trace, wire
 from pipeline.checkpoint_api import CheckpointClient
 from pipeline.config import Settings
 from pipeline.net.build import GuestOutputFramer
+from pipeline.net.zmtp import ZmtpPull
 from pipeline.stages.common import StageContext
 from pipeline.xen_io.base import OUTPUT_MARK, Domain, SimulatedIO
 
@@ -133,7 +134,8 @@ class OutputPort:
                               f"{self.side}_mark", seq if seq != OUTPUT_MARK else -1,
                               at_ns=sent_ns)
 
-    def wait(self, io: SimulatedIO, sock: zmq.Socket | None, timeout_ms: int) -> bool:
+    def wait(self, io: SimulatedIO, sock: zmq.Socket | ZmtpPull | None,
+             timeout_ms: int) -> bool:
         """Sleep until ``sock`` has a message, the guest wrote output, or ``timeout_ms``
         passed; whether ``sock`` is readable (``output_ready``: whether the output is, or
         the wait timed out: then a look costs nothing, and finds epoch marks that came
@@ -141,13 +143,19 @@ class OutputPort:
         the guest's answers in the pipe until the next input came (at 200 requests/s, up
         to 5 ms on every answer; the SVM's commit boundary, which releases the PVM's held
         answers, as long). Not while frames are kept back: those are retried at the next
-        turn, not in a spin. One zmq_poll (pyzmq's Poller costs twice as much per call)."""
+        turn, not in a spin. One zmq_poll (pyzmq's Poller costs twice as much per call).
+        A :class:`ZmtpPull` is read in this same wait (its peers' descriptors are in the
+        poll): True once it holds a message."""
         watch = not self.pending
-        key = (id(sock), watch)
+        pull = sock if isinstance(sock, ZmtpPull) else None
+        key = (id(sock), pull.generation if pull is not None else 0, watch)
         items = self._polls.get(key)
         if items is None:
+            if pull is not None:
+                self._polls = {k: v for k, v in self._polls.items() if k[0] != id(sock)}
             items = self._polls[key] = (
-                ([(sock, zmq.POLLIN)] if sock is not None else [])
+                (pull.poll_items() if pull is not None else
+                 [(sock, zmq.POLLIN)] if sock is not None else [])
                 + ([(io.output_fileno(), zmq.POLLIN)] if watch else []))
         if not items:
             time.sleep(timeout_ms / 1000)
@@ -156,11 +164,18 @@ class OutputPort:
         ready = zmq.zmq_poll(items, timeout_ms)
         sock_ready = False
         self.output_ready = not ready
+        out_fd = io.output_fileno() if watch else -1
+        pulled = []
         for what, _ in ready:
             if what is sock:
                 sock_ready = True
-            else:
+            elif what == out_fd:
                 self.output_ready = True
+            else:
+                pulled.append(what)
+        if pulled:
+            pull.take_ready(pulled)
+            sock_ready = bool(pull.messages)
         return sock_ready
 
     def _send(self, data: bytes) -> bool:
@@ -302,9 +317,11 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     io = domain.simulated_io()
     nctx = sockets.NodeContext(settings)
     out = sockets.inputs_out(nctx)
-    injected = nctx.ctx.socket(zmq.PULL)
-    injected.setsockopt(zmq.LINGER, 0)
-    injected.bind(inject_address(settings.run_dir))
+    # client-inputs.sock, read by this thread in its own wait (pipeline/net/zmtp.py: as
+    # a libzmq PULL socket it was read by the context's I/O thread, which then woke this
+    # one: a wake-up and a hop more on every request's way to the guest)
+    injected = ZmtpPull(inject_address(settings.run_dir), on_error=lambda why: (
+        ctx.counters.add("errors", 1), ctx.log.warning("client inputs: %s", why)))
     rate = settings.guest.workload.input_rate_hz
     period = 1.0 / rate if rate > 0 else None
     next_at = time.monotonic()
@@ -318,7 +335,6 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
     committed_seq = 0         # inputs below it are in a committed checkpoint: trimmed there
     asked = False             # input_log_full asked for since the last commit
     keep_limit = max(1, io.input_capacity // 2) if settings.net.primary_in else None
-    in_ready = True           # client-inputs.sock readable at the last wait (or unknown)
     next_look = 0.0           # the next look at the checkpoint events
     tally = Tally(ctx, "items_out", "bytes_out")   # inputs fed to the PVM
     try:
@@ -370,13 +386,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 if was_unprotected and ctx.stop.is_set():
                     return      # (not stopping(): once per turn, it is the stage's fault point)
             if payload is None:
-                if in_ready:
-                    try:
-                        payload = injected.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        in_ready = False
-                    else:
-                        in_ready = False      # the wait below says whether more came
+                payload = injected.recv()     # what the last wait read (no system call)
                 if payload is None and period is not None and time.monotonic() >= next_at:
                     now = time.monotonic()
                     next_at += period
@@ -387,7 +397,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
                 if payload is None:
                     wait = 0.05 if period is None else max(0.0, min(next_at - time.monotonic(),
                                                                    0.05))
-                    in_ready = port.wait(io, injected, int(wait * 1000))
+                    port.wait(io, injected, int(wait * 1000))
                     continue
             # room for the input: what the PVM consumed is kept no longer (a new secondary
             # needs only what it has not consumed); briefly, so outputs keep being read
@@ -427,6 +437,7 @@ def run_client(ctx: StageContext, settings: Settings, domain: Domain, shared) ->
         trace.flush_requests()
         port.close()
         events.close()
+        injected.close()
         nctx.close()
 
 
