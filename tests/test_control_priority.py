@@ -7,6 +7,7 @@ copies) goes through the data stages at normal priority. Checked on a running pa
 the scheduling policy of each thread."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -121,6 +122,36 @@ def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path)
                    "the send stage and its I/O thread wait at SCHED_FIFO after the sync")
 
 
+
+@contextlib.contextmanager
+def _secondary_coordinator_stopped(tmp_path, point: str, n: int, what: str):
+    """A pair whose secondary coordinator is stopped (SIGSTOP) at the named fault point
+    ``point``, pass ``n``: yields (pair, the coordinator's pid); continued after, the pair
+    is protected, commits three more checkpoints, and the coordinator waits at HOP."""
+    from pipeline.stages.common import PausePriority
+    with LocalPair({
+        "guest": {"backend": "sim", "page_count": 2048},
+        # the stopped coordinator must outlast the checks: the epoch in flight waits
+        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0,
+                       "epoch_timeout_ms": 600_000},
+    }, workdir=str(tmp_path)) as pair:
+        pair.start(faults={"secondary": f"{point}:{n}:stop"})
+        coordinator = None
+        try:
+            pair.wait_fault_fired("secondary", point, n, 300, what)
+            coordinator = pair.node("secondary").node_info()["stage_pids"]["coordinator"]
+            yield pair, coordinator
+        finally:
+            if coordinator is not None:
+                os.kill(coordinator, signal.SIGCONT)
+        pair.wait_protected(timeout=300)
+        before = len(pair.checkpoints())
+        cps = pair.wait_checkpoints(before + 3, timeout=300)
+        assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
+        wait_until(lambda: os.sched_getparam(coordinator).sched_priority == PausePriority.HOP,
+                   60, "the secondary coordinator waits at the hops' priority again")
+
+
 def test_the_secondarys_prehash_round_runs_at_real_time_with_its_io_threads_above_it(tmp_path):
     """The secondary's prehash round (coordinator.SvmPrehash.round: the SVM's dirty pages
     hashed while it runs) looks for a BEGIN between its chunks. At normal priority a loaded
@@ -130,31 +161,14 @@ def test_the_secondarys_prehash_round_runs_at_real_time_with_its_io_threads_abov
     hashing, and its ZeroMQ I/O threads, which carry the BEGIN that stops the round, at
     HOP, above it. Continued, the pair goes on committing and the coordinator waits at HOP."""
     from pipeline.stages.common import PausePriority
-    with LocalPair({
-        "guest": {"backend": "sim", "page_count": 2048},
-        # the stopped round must outlast the checks: the epoch in flight waits for it
-        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0,
-                       "epoch_timeout_ms": 600_000},
-    }, workdir=str(tmp_path)) as pair:
-        pair.start(faults={"secondary": "secondary.prehash:1:stop"})
-        coordinator = None
-        try:
-            pair.wait_fault_fired("secondary", "secondary.prehash", 1, 300,
-                                  "the secondary coordinator stopped inside a prehash round")
-            coordinator = pair.node("secondary").node_info()["stage_pids"]["coordinator"]
-            assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
-            assert os.sched_getparam(coordinator).sched_priority == PausePriority.WORK
-            io = _io_threads(coordinator)
-            assert io and all(_fifo(t) and os.sched_getparam(t).sched_priority
-                              == PausePriority.HOP for t in io), _threads(coordinator)
-        finally:
-            if coordinator is not None:
-                os.kill(coordinator, signal.SIGCONT)
-        before = len(pair.checkpoints())
-        cps = pair.wait_checkpoints(before + 3, timeout=300)
-        assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
-        wait_until(lambda: os.sched_getparam(coordinator).sched_priority == PausePriority.HOP,
-                   60, "the secondary coordinator waits at the hops' priority again")
+    with _secondary_coordinator_stopped(
+            tmp_path, "secondary.prehash", 1,
+            "the secondary coordinator stopped inside a prehash round") as (_, coordinator):
+        assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
+        assert os.sched_getparam(coordinator).sched_priority == PausePriority.WORK
+        io = _io_threads(coordinator)
+        assert io and all(_fifo(t) and os.sched_getparam(t).sched_priority
+                          == PausePriority.HOP for t in io), _threads(coordinator)
 
 
 def test_the_secondary_coordinator_stays_at_the_hops_priority_between_its_waits(tmp_path):
@@ -164,23 +178,8 @@ def test_the_secondary_coordinator_stays_at_the_hops_priority_between_its_waits(
     began when the loop got one (BEGIN taken up 4.3 ms late at load 4.7). Stopped (SIGSTOP,
     a named fault point) at the end of such a turn, its thread is at SCHED_FIFO HOP."""
     from pipeline.stages.common import PausePriority
-    with LocalPair({
-        "guest": {"backend": "sim", "page_count": 2048},
-        "checkpoint": {"max_interval_ms": 50, "min_interval_ms": 0,
-                       "epoch_timeout_ms": 600_000},
-    }, workdir=str(tmp_path)) as pair:
-        pair.start(faults={"secondary": "secondary.turn:2:stop"})
-        coordinator = None
-        try:
-            pair.wait_fault_fired("secondary", "secondary.turn", 2, 300,
-                                  "the secondary coordinator stopped after a turn")
-            coordinator = pair.node("secondary").node_info()["stage_pids"]["coordinator"]
-            assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
-            assert os.sched_getparam(coordinator).sched_priority == PausePriority.HOP
-        finally:
-            if coordinator is not None:
-                os.kill(coordinator, signal.SIGCONT)
-        pair.wait_protected(timeout=300)
-        before = len(pair.checkpoints())
-        cps = pair.wait_checkpoints(before + 3, timeout=300)
-        assert all(cp["status"] == 0 for cp in cps[before:]), cps[before:]
+    with _secondary_coordinator_stopped(
+            tmp_path, "secondary.turn", 2,
+            "the secondary coordinator stopped after a turn") as (_, coordinator):
+        assert os.sched_getscheduler(coordinator) == os.SCHED_FIFO, _threads(coordinator)
+        assert os.sched_getparam(coordinator).sched_priority == PausePriority.HOP

@@ -23,6 +23,13 @@ def _run_input(dom, pages: int) -> None:
     dom.pause()
 
 
+def _assert_hashes_of_the_pages_now(dom, pfns: np.ndarray, hashes: np.ndarray) -> None:
+    """Every hash is blake3 of its page as the guest holds it now."""
+    pages = np.empty((len(pfns), dom.page_size), np.uint8)
+    dom.read_pages(pfns, pages)
+    assert (hash_pages(pages) == hashes).all()
+
+
 def test_pages_written_again_after_a_round_get_their_new_hash():
     dom = open_sim_domain("prehash-svm", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
     dom.start(paused=True)
@@ -40,9 +47,7 @@ def test_pages_written_again_after_a_round_get_their_new_hash():
         pfns, hashes = pre.take(now, domain_page_hashes(dom, now))
         assert set(pfns.tolist()) == first | set(now.tolist())
         assert np.all(np.diff(pfns.astype(np.int64)) > 0)
-        pages = np.empty((len(pfns), dom.page_size), np.uint8)
-        dom.read_pages(pfns, pages)
-        assert (hash_pages(pages) == hashes).all()      # every hash is of the page now
+        _assert_hashes_of_the_pages_now(dom, pfns, hashes)
         changed = [p for p, h in zip(pfns.tolist(), hashes) if p in before
                    and bytes(h) != before[p]]
         assert changed, "no pre-hashed page changed: the test proves nothing"
@@ -71,9 +76,7 @@ def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
         _run_input(dom, 100)
         pfns, hashes = pre.begin(dom.read_and_clear_dirty())
         assert wrote <= set(pfns.tolist())
-        pages = np.empty((len(pfns), dom.page_size), np.uint8)
-        dom.read_pages(pfns, pages)
-        assert (hash_pages(pages) == hashes).all()
+        _assert_hashes_of_the_pages_now(dom, pfns, hashes)
         assert not len(pre.todo) and not len(pre.pfns)
     finally:
         dom.close()
@@ -97,9 +100,7 @@ def test_a_begin_waiting_stops_a_round_before_its_first_chunk():
         assert not len(pre.pfns) and len(pre.todo) >= 100
         pfns, hashes = pre.begin(dom.read_and_clear_dirty())
         assert len(pfns) >= 100
-        pages = np.empty((len(pfns), dom.page_size), np.uint8)
-        dom.read_pages(pfns, pages)
-        assert (hash_pages(pages) == hashes).all()
+        _assert_hashes_of_the_pages_now(dom, pfns, hashes)
     finally:
         dom.close()
 
@@ -126,9 +127,7 @@ def test_begin_answers_in_ascending_parts_that_grow():
         pfns = np.concatenate([p for p, _, _ in parts])
         assert np.all(np.diff(pfns.astype(np.int64)) > 0)     # ascending, disjoint
         hashes = np.concatenate([h for _, h, _ in parts])
-        pages = np.empty((len(pfns), dom.page_size), np.uint8)
-        dom.read_pages(pfns, pages)
-        assert (hash_pages(pages) == hashes).all()
+        _assert_hashes_of_the_pages_now(dom, pfns, hashes)
     finally:
         dom.close()
 
@@ -177,9 +176,7 @@ def test_begin_with_every_page_hashed_by_the_rounds_sends_their_hashes_in_parts(
         pfns = np.concatenate([p for p, _, _ in parts])
         assert (pfns == held).all()
         hashes = np.concatenate([h for _, h, _ in parts])
-        pages = np.empty((len(pfns), dom.page_size), np.uint8)
-        dom.read_pages(pfns, pages)
-        assert (hash_pages(pages) == hashes).all()
+        _assert_hashes_of_the_pages_now(dom, pfns, hashes)
         assert not len(pre.pfns) and not len(pre.todo)
         # nothing held, nothing dirty: one empty part
         assert [(len(p), more) for p, _, more in pre.parts(np.zeros(0, np.uint64))] \
