@@ -180,3 +180,35 @@ def test_a_peer_that_is_not_a_push_end_is_disconnected_counted_and_named(tmp_pat
         other.close()
         pull.close()
         ctx.term()
+
+
+def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order(tmp_path):
+    """A read of whole short frames is taken as it is; one that ends inside a frame (or
+    inside its size) keeps the rest for the next read: the messages are the same however
+    the peer's bytes were cut."""
+    address = "ipc://" + str(tmp_path / "client-inputs.sock")
+    pull = ZmtpPull(address)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        peer.connect(str(tmp_path / "client-inputs.sock"))
+        msgs = [b"abc", b"de", b"", b"x" * 300, b"fghij", b"y" * 255]
+        wire = b"".join(bytes([0, len(m)]) + m if len(m) < 256 else
+                        bytes([2]) + len(m).to_bytes(8, "big") + m for m in msgs)
+        stream = greeting() + command(b"READY", {b"Socket-Type": b"PUSH"}) + wire
+        got: list[bytes] = []
+        # cut the stream at every few bytes, each piece read before the next is sent
+        for at in range(0, len(stream), 7):
+            peer.sendall(stream[at:at + 7])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ready = zmq.zmq_poll(pull.poll_items(), 50)
+                if ready:
+                    pull.take_ready([fd for fd, _ in ready])
+                    break
+            while (m := pull.recv()) is not None:
+                got.append(m)
+        got += _pump(pull, len(msgs) - len(got), timeout=5)
+        assert got == msgs and pull.errors == 0, (got, pull.last_error)
+    finally:
+        peer.close()
+        pull.close()

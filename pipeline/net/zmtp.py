@@ -292,6 +292,16 @@ class ZmtpPull:
         if not data:
             self._drop(fd)                # the peer closed: its partial frame goes with it
             return
+        if peer.ready and not peer.buf:
+            # the common case, a request per read: whole short message frames, taken from
+            # the read itself (no copy into the peer's buffer and out again)
+            at, n = 0, len(data)
+            while at + 2 <= n and data[at] == 0 and at + 2 + data[at + 1] <= n:
+                self.messages.append(data[at + 2:at + 2 + data[at + 1]])
+                at += 2 + data[at + 1]
+            if at == n:
+                return
+            data = data[at:]
         peer.buf += data
         try:
             self._parse(peer)
