@@ -113,6 +113,22 @@ def _write(path, rows):
             fh.write(f"{ns} {who} {event} {seq}\n")
 
 
+def _write_requests(path, rows, n, normal, late):
+    """``rows`` and requests 0 .. n - 1, one every 2 ms: each event at ``normal``'s ms
+    after its due time, or at ``late[seq]``'s; the guests' events under their names."""
+    ms = 1_000_000
+    pvm, svm = "guest:p-primary-guest", "guest:p-secondary-guest"
+    names = {"pvm_begin": (pvm, "guest_begin"), "pvm_emit": (pvm, "guest_emit"),
+             "svm_begin": (svm, "guest_begin"), "svm_emit": (svm, "guest_emit")}
+    rows = list(rows)
+    for seq in range(n):
+        t = seq * 2 * ms
+        for event, at in {**normal, **late.get(seq, {})}.items():
+            who, name = names.get(event, ("stage", event))
+            rows.append((t + round(at * ms), who, name, seq))
+    _write(path, rows)
+
+
 def test_a_slow_request_behind_a_checkpoint_is_told_from_one_behind_a_slow_svm(tmp_path):
     ms = 1_000_000
     rows = []
@@ -149,7 +165,7 @@ def test_the_split_tells_a_checkpoint_a_late_wake_a_queue_a_slow_guest_and_a_slo
     release waited for) in segments, and its cause. Five slow requests among 500, one of
     each kind; the rest take 0.8 ms."""
     ms = 1_000_000
-    pvm, svm = "guest:p-primary-guest", "guest:p-secondary-guest"
+    svm = "guest:p-secondary-guest"
     normal = {"client_due": 0, "pvm_fed": 0.1, "mirrored": 0.1, "pvm_begin": 0.2,
               "pvm_emit": 0.3, "pvm_out": 0.35, "svm_recv": 0.3, "svm_fed": 0.3,
               "svm_begin": 0.4, "svm_emit": 0.5, "svm_out": 0.6, "client_got": 0.8}
@@ -160,14 +176,7 @@ def test_the_split_tells_a_checkpoint_a_late_wake_a_queue_a_slow_guest_and_a_slo
             350: {"client_got": 28.0}}
     # request 100 waits for a checkpoint: the SVM is paused from its due time for 30 ms
     rows = [(200 * ms, svm, "guest_paused", 0), (230 * ms, svm, "guest_resumed", 0)]
-    for seq in range(500):
-        t = seq * 2 * ms
-        for event, at in {**normal, **late.get(seq, {})}.items():
-            who, name = {"pvm_begin": (pvm, "guest_begin"), "pvm_emit": (pvm, "guest_emit"),
-                         "svm_begin": (svm, "guest_begin"),
-                         "svm_emit": (svm, "guest_emit")}.get(event, ("stage", event))
-            rows.append((t + round(at * ms), who, name, seq))
-    _write(tmp_path / "t.trace", rows)
+    _write_requests(tmp_path / "t.trace", rows, 500, normal, late)
     split = trace_requests.analyse(str(tmp_path / "t.trace"))["split"]
     p99 = split["p99"]
     assert p99["n"] == 5 and p99["svm_last"] == 5 and p99["in_pause"] == 1, p99
@@ -212,14 +221,7 @@ def test_the_split_tells_the_client_from_the_inject_hop_a_checkpoint_s_phase_and
                      "client_got": at + 1.2}
     rows = [(400 * ms, pvm, "guest_paused", 0), (402 * ms, pvm, "guest_resumed", 0),
             (400 * ms, svm, "guest_paused", 0), (420 * ms, svm, "guest_resumed", 0)]
-    for seq in range(1000):
-        t = seq * 2 * ms
-        for event, at in {**normal, **late.get(seq, {})}.items():
-            who, name = {"pvm_begin": (pvm, "guest_begin"), "pvm_emit": (pvm, "guest_emit"),
-                         "svm_begin": (svm, "guest_begin"),
-                         "svm_emit": (svm, "guest_emit")}.get(event, ("stage", event))
-            rows.append((t + round(at * ms), who, name, seq))
-    _write(tmp_path / "t.trace", rows)
+    _write_requests(tmp_path / "t.trace", rows, 1000, normal, late)
     reqs, pauses = trace_requests.load(str(tmp_path / "t.trace"))
     each = trace_requests.classify(reqs, pauses, [100, 150, 200, 205, 215, 299, 300])
     causes = {seq: (cause, phase) for seq, (_, _, cause, phase) in each.items()}
