@@ -1118,6 +1118,7 @@ class SecondaryCoordinator(_Coordinator):
             self._ack(epoch, reply, t_begin, t_ready)
             self.c.add("acked_early", 1)
             reply = self._applied(epoch)
+            trace.point("applied_in", epoch)
             if reply is None:
                 return              # the node is stopping
         input_seq, applied, resumed_ns = -1, 0, 0
@@ -1152,6 +1153,7 @@ class SecondaryCoordinator(_Coordinator):
             elif self.lost is None:
                 self.domain.resume()
                 resumed_ns = time.monotonic_ns()
+                trace.point("svm_resumed", epoch)
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch.

@@ -50,7 +50,7 @@ def timeline(lines: list[str], commit_ms: float) -> list[tuple[str, str, float, 
     seen: dict[tuple[str, str], list] = {}
     for ns, _pid, who, event, *_ in events:
         dt = (int(ns) - t0) / 1e6
-        if -1 <= dt <= commit_ms + 5:
+        if -1 <= dt <= commit_ms + 15:
             entry = seen.setdefault((who, event), [dt, dt, 0])
             entry[1] = dt
             entry[2] += 1
@@ -66,7 +66,9 @@ def events(lines: list[str], commit_ms: float) -> list[tuple[float, str, str, st
         return []
     out = [((int(r[0]) - t0) / 1e6, r[2], r[3], r[4], r[5] if len(r) > 5 else "")
            for r in rows]
-    return sorted(e for e in out if -1 <= e[0] <= commit_ms + 5)
+    # (to 15 ms past the commit: the SVM resumes after it, an early ACK's epoch is applied
+    # and the SVM resumed after the ACK)
+    return sorted(e for e in out if -1 <= e[0] <= commit_ms + 15)
 
 
 #: the control hops of a checkpoint, each from one process's event to the next's (the
@@ -76,7 +78,17 @@ HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd"
         ("BEGIN -> secondary", ("coordinator", "begin"), ("coordinator", "begin_in")),
         ("EPOCH_END sent -> restore applies", ("send", "sent_end"), ("restore", "apply_start")),
         ("verdict -> ACK sent", ("coordinator", "reply"), ("coordinator", "ack_sent")),
-        ("ACK sent -> primary", ("coordinator", "ack_sent"), ("coordinator", "ack_in")))
+        ("ACK sent -> primary", ("coordinator", "ack_sent"), ("coordinator", "ack_in")),
+        # the SVM's pause after the early ACK (it resumes once the epoch is applied)
+        ("checked -> pages written", ("restore", "checked"), ("restore", "pages_written")),
+        ("pages written -> SVM pages cached", ("restore", "pages_written"),
+         ("restore", "svm_cached")),
+        ("SVM pages cached -> Applied", ("restore", "svm_cached"), ("restore", "applied")),
+        ("Applied -> secondary", ("restore", "applied"), ("coordinator", "applied_in")),
+        ("secondary -> SVM resumed", ("coordinator", "applied_in"),
+         ("coordinator", "svm_resumed")),
+        ("checked -> SVM resumed", ("restore", "checked"), ("coordinator", "svm_resumed")),
+        ("BEGIN in -> SVM resumed", ("coordinator", "begin_in"), ("coordinator", "svm_resumed")))
 
 #: the data path's hops: from the first time one process did something to the first time
 #: the next one did something after it (a process name ending in "." stands for all the

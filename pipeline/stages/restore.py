@@ -321,6 +321,7 @@ class Restore:
         if len(svm_rows):
             self._cache_svm_pages(svm_pfns)
             self.ctx.counters.add("pages_same_as_svm", len(svm_rows))
+        trace.point("svm_cached", epoch)
         # Pages the SVM wrote itself and the epoch did not bring go back to their committed
         # content; REF pages need nothing more (the SVM holds them unless it wrote them),
         # nor do SVM pages (the SVM holds them as the epoch has them). Every page the
@@ -333,6 +334,7 @@ class Restore:
         from_cache = from_cache.astype(np.uint64)
         if len(from_cache):
             self.domain.write_pages(from_cache, self.cache[from_cache])
+        trace.point("svm_rolled", epoch, str(len(from_cache)))
         self.table.update(pfns, self.staged_hashes[:n])
         if asm.vcpu:
             self.committed_vcpu = asm.vcpu
