@@ -242,9 +242,18 @@ class Restore:
             self.domain.write_pages(part, self.zeros[:len(part)])
 
     def _cache_svm_pages(self, pfns: np.ndarray) -> None:
-        """The SVM's pages ``pfns`` (as it holds them) into the cache, a chunk at a time."""
+        """The SVM's pages ``pfns`` (as it holds them) into the cache, a chunk at a time:
+        straight from guest memory when the backend maps it all (sim). This is on the SVM's
+        pause after the early ACK (the SVM may run only once they are cached); through
+        read_pages each page was copied twice, the gather by np.take: 2.0 ms of CPU for
+        700 pages against 0.9 ms straight (a 1k checkpoint's SVM pages; the service
+        bench's checkpoints have ~1430)."""
+        view = self.domain.memory_view()     # (prefaulted at the stage's start)
         for at in range(0, len(pfns), CHUNK_PAGES):
             part = pfns[at:at + CHUNK_PAGES]
+            if view is not None:
+                self.cache[part] = view[part]
+                continue
             held = self.chunk[:len(part)]
             self.domain.read_pages(part, held)
             self.cache[part] = held
