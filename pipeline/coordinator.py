@@ -19,8 +19,9 @@ each, read top to bottom, step for step the two halves of one exchange (as QEMU'
 
 Early ACK: the secondary answers ACK(e) once the restore stage has checked e whole (every
 page verified and counted, the SVM pages unchanged, the vCPU state taken), while it
-writes e's pages; the SVM resumes, or a takeover goes on from e, only once they are
-written. A secondary that dies in between is stale (its SVM half-applied, never used).
+writes e's pages; the SVM resumes once they are written (its memory is e's: Written), a
+takeover goes on from e only once the restore stage's cache has them too (Applied). A
+secondary that dies in between is stale (its SVM half-applied, never used).
 A proof checkpoint (FLAG_DIGEST) is ACKed after the apply: its ACK carries the digest.
 
 Which node holds the active role, and the secondary's takeover when the primary is lost,
@@ -973,8 +974,9 @@ class SecondaryCoordinator(_Coordinator):
         self.redirector_notice = None     # net.redirector_control: CheckpointNotice
         self.role = SecondaryRole(ctx, settings, domain, shared, self._info, node.node_info)
         self.begins: deque[wire.CheckpointBegin] = deque()   # BEGINs not yet taken up
-        self.replies: dict[int, messages.Applied | messages.Aborted] = {}   # the restore
-                                                            # stage's, by epoch
+        # the restore stage's replies, by epoch
+        self.replies: dict[int, messages.Checked | messages.Written | messages.Applied
+                           | messages.Aborted] = {}
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
         # a full sync (a FLAG_SYNC epoch, not a FLAG_PRECOPY round) committed: before it,
@@ -1105,26 +1107,28 @@ class SecondaryCoordinator(_Coordinator):
         # 3. answer ACK(e), resume the SVM. The ACK carries how long e took to arrive and to
         # apply (the primary splits its commit time by them); e may have been assembled
         # before this coordinator took up its BEGIN. Checked (early ACK): e is checked
-        # whole and its pages are being written; the ACK goes now, and the SVM resumes (or
-        # a takeover goes on from e) only once they are written.
+        # whole and its pages are being written; the ACK goes now, and the SVM resumes once
+        # they are in it (Written), a takeover goes on from e once they are applied.
         t_ready = max(t_begin, getattr(reply, "assembled_ns", 0) or time.monotonic_ns())
         committed = not isinstance(reply, messages.Aborted)
         if committed and self.disk is not None and not begin.flags & wire.FLAG_SYNC:
             # the disk goes to the same checkpoint before the ACK and before the SVM runs on
             # from it (with an early ACK, while the restore stage writes the pages)
             self._commit_disk(epoch)
-        early = isinstance(reply, messages.Checked)
+        # (Written: the restore stage was on before this took Checked up)
+        early = isinstance(reply, (messages.Checked, messages.Written))
         if early:
             self._ack(epoch, reply, t_begin, t_ready)
             self.c.add("acked_early", 1)
-            reply = self._applied(epoch)
-            trace.point("applied_in", epoch)
-            if reply is None:
-                return              # the node is stopping
-        input_seq, applied, resumed_ns = -1, 0, 0
-        if committed:
-            applied, input_seq = reply.pages, reply.input_seq
-        else:
+            # the SVM runs on once its memory is e's (Written); the restore stage's cache
+            # takes e's pages meanwhile, and Applied comes (below) before anything else
+            if isinstance(reply, messages.Checked):
+                reply = self._applied(epoch, messages.Written)
+                if reply is None:
+                    return              # the node is stopping
+            trace.point("written_in", epoch)
+        resumed_ns = 0
+        if not committed:
             reason = reply.reason
         # The SVM starts with the first checkpoint that commits. A torn first checkpoint
         # leaves it paused, never run: it has no vCPU state to go on from (resumed, a sim
@@ -1154,8 +1158,14 @@ class SecondaryCoordinator(_Coordinator):
                 self.domain.resume()
                 resumed_ns = time.monotonic_ns()
                 trace.point("svm_resumed", epoch)
+                self.c.add("svm_resumes", 1)
         if not early:
             self._ack(epoch, reply, t_begin, t_ready)
+        elif not isinstance(reply, messages.Applied):
+            reply = self._applied(epoch)
+            if reply is None:
+                return              # the node is stopping
+        input_seq, applied = (reply.input_seq, reply.pages) if committed else (-1, 0)
         # 4. committed: the SVM goes on from e; torn: from the last committed epoch.
         # resume_ms: BEGIN to the SVM running again, how long e held the SVM's answers
         # (and so the release of the PVM's): with an early ACK the primary's commit_ms
@@ -1193,15 +1203,17 @@ class SecondaryCoordinator(_Coordinator):
         trace.point("ack_sent", epoch)
         faults.point("secondary.acked")
 
-    def _applied(self, epoch: int) -> messages.Applied | None:
+    def _applied(self, epoch: int, until: type = messages.Applied
+                 ) -> messages.Written | messages.Applied | None:
         """After an early ACK: the restore stage's Applied for ``epoch``, which always
-        follows its Checked. Nothing tears the epoch now (a newer BEGIN waits, a lost
+        follows its Checked and Written (``until=Written``: its Written, or the Applied
+        that came first). Nothing tears the epoch now (a newer BEGIN waits, a lost
         primary is taken over from after it); a restore stage that does not finish within
         an epoch timeout leaves this secondary stale: it stops. None when the node stops."""
         deadline = time.monotonic() + self.settings.checkpoint.epoch_timeout_ms / 1000
         while not self.ctx.stopping():
             reply = self.replies.pop(epoch, None)
-            if isinstance(reply, messages.Applied):
+            if isinstance(reply, (messages.Applied, until)):
                 self.replies = {e: r for e, r in self.replies.items() if e > epoch}
                 return reply
             if reply is not None or time.monotonic() > deadline:

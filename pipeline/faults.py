@@ -118,9 +118,13 @@ Secondary coordinator and restore stage:
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
 * ``restore.checked``            mid-restore: the epoch checked whole, the coordinator told
                                  it may ACK (early ACK), no page written yet
-* ``restore.pages_written``      mid-restore: the epoch's pages written into the SVM, the
-                                 SVM's own dirty pages not yet put back from the cache
-                                 (after the early ACK: the primary may have committed it)
+* ``restore.pages_written``      mid-restore: the epoch's pages written into the SVM (not
+                                 yet into the cache), the SVM's own dirty pages not yet put
+                                 back from the cache (after the early ACK: the primary may
+                                 have committed it)
+* ``restore.written``            mid-restore, early ACK: the SVM's memory is the epoch's and
+                                 the coordinator told (Written: it resumes the SVM); the
+                                 epoch's pages not yet in the restore stage's cache
 
 Demo witness, ``pipeline/failover/witness.py`` (``LocalWitness``):
 

@@ -18,7 +18,8 @@ Send stage (primary), once an epoch's EPOCH_END is sent::
 
 Restore stage (secondary)::
 
-    ApplyCmd(epoch, svm_dirty, want_digest)  -> [Checked(epoch, pages, assembled_ns)]
+    ApplyCmd(epoch, svm_dirty, want_digest)  -> [Checked(epoch, pages, assembled_ns),
+                                                 Written(epoch, pages, assembled_ns)]
                                                 Applied(epoch, pages, digest, input_seq,
                                                         assembled_ns) or Aborted(epoch, reason)
     AbortCmd(epoch, svm_dirty, reason)       -> Aborted(epoch, reason), or nothing if the
@@ -29,7 +30,8 @@ epoch the moment it is assembled (or discards it, if it cannot be applied), with
 trip through the coordinator in between. Checked comes first when the epoch was checked
 whole (its SVM pages, its vCPU state) and no digest was asked for: from then on nothing
 can stop it being applied, so the coordinator ACKs it while the pages are written (early
-ACK); Applied follows when they are, and the SVM stays paused until then.
+ACK); Written follows once the SVM's memory is the epoch's (the coordinator resumes the
+SVM then), and Applied once the stage's cache is too.
 
 Heartbeat stage (both), to its coordinator; times are ``time.monotonic()`` seconds::
 
@@ -127,8 +129,19 @@ class AbortCmd(NamedTuple):
 
 class Checked(NamedTuple):
     """Everything ``epoch`` needs is here and checked (its SVM pages match, the vCPU
-    state was taken); its pages are being written. Applied always follows: the coordinator
-    may ACK the epoch now but resumes the SVM (or takes over) only after Applied."""
+    state was taken); its pages are being written. Written and Applied always follow: the
+    coordinator may ACK the epoch now but resumes the SVM only after Written (takes over
+    only after Applied)."""
+    epoch: int
+    pages: int
+    assembled_ns: int   # time.monotonic_ns() when the epoch was assembled
+
+
+class Written(NamedTuple):
+    """After Checked: the SVM's memory is ``epoch``'s (its pages written, its SVM pages
+    cached, the pages it wrote itself restored); the coordinator may resume the SVM now.
+    The stage then writes the epoch's pages into its cache (from staging); Applied follows,
+    and a takeover or the next epoch waits for it."""
     epoch: int
     pages: int
     assembled_ns: int   # time.monotonic_ns() when the epoch was assembled

@@ -86,7 +86,7 @@ EXTRA_COUNTERS = {
                     "takeovers_abandoned", "torn_by_conn_drop", "losses_abandoned",
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
                     "acked_early", "svm_dirty_parts", "secondaries_replaced",
-                    "unsynced_refused", "control_redials"),
+                    "unsynced_refused", "control_redials", "svm_resumes"),
     "snapshot": ("prescans", "pages_prescanned", "prescan_held", "pages_precopied",
                  "pages_recopied"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",

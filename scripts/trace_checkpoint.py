@@ -83,9 +83,9 @@ HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd"
         ("checked -> pages written", ("restore", "checked"), ("restore", "pages_written")),
         ("pages written -> SVM pages cached", ("restore", "pages_written"),
          ("restore", "svm_cached")),
-        ("SVM pages cached -> Applied", ("restore", "svm_cached"), ("restore", "applied")),
-        ("Applied -> secondary", ("restore", "applied"), ("coordinator", "applied_in")),
-        ("secondary -> SVM resumed", ("coordinator", "applied_in"),
+        ("SVM pages cached -> Written", ("restore", "svm_cached"), ("restore", "written")),
+        ("Written -> secondary", ("restore", "written"), ("coordinator", "written_in")),
+        ("secondary -> SVM resumed", ("coordinator", "written_in"),
          ("coordinator", "svm_resumed")),
         ("checked -> SVM resumed", ("restore", "checked"), ("coordinator", "svm_resumed")),
         ("BEGIN in -> SVM resumed", ("coordinator", "begin_in"), ("coordinator", "svm_resumed")))

@@ -10,6 +10,9 @@ ACKed, and not one of its pages is written. From there:
 - the primary dies: the secondary must write the whole epoch before it goes live, so its
   memory is a replay of exactly the inputs it consumed.
 
+Stopped at ``restore.written`` instead (the SVM's memory is the epoch's, the stage's cache
+not yet), the SVM runs on before the epoch is applied.
+
 The secondary dying in the same window (stale, re-synced) is the fault matrix's
 ``secondary@restore.pages_written`` row.
 """
@@ -78,6 +81,47 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
         assert ack.epoch == e and ack.status == wire.ACK_COMMITTED, ack
         assert prim.probe() == dom.memory_digest()
         assert counters(pair)["receive"]["staging_wait_ns"] > 0
+    finally:
+        close_hand_pair(pair, dom, prim)
+
+
+def test_the_svm_runs_on_once_its_memory_is_the_epoch_s_while_the_cache_takes_it(
+        tmp_path):
+    """The restore stage is stopped at ``restore.written``: the SVM's memory is epoch E's
+    (its pages written, its SVM pages cached), E's pages not yet in the stage's cache. The
+    SVM must run on from there (issue 15: it stayed paused until the cache had them too,
+    4-7 ms past the primary's commit), and E is applied (Applied) only once the stage goes
+    on: the next epoch is applied on top, and a proof checkpoint then finds the SVM's
+    memory the PVM's."""
+    pair = LocalPair({
+        "guest": {"backend": "sim", "page_count": PAGES},
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
+        "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
+    }, workdir=str(tmp_path), log_level="info")
+    # pass 1: the full sync; the first checkpoint asks for a digest (no early ACK); pass 2: E
+    pair.start(roles=("secondary",), faults={"secondary": "restore.written:2:stop"})
+    dom = hand_pvm(pair)
+    prim = None
+    try:
+        prim, _ = committed_pair(pair, dom)
+        before = counters(pair)
+        ack = prim.checkpoint(prim.dirty_some(64), compress=False)
+        assert ack.status == wire.ACK_COMMITTED, ack.reason
+        pair.wait_fault_fired("secondary", "restore.written", timeout=60,
+                              what="the restore stage stopped once the SVM's memory was E's")
+        wait_until(lambda: counters(pair)["coordinator"]["svm_resumes"]
+                   > before["coordinator"]["svm_resumes"], timeout=60,
+                   what="the SVM resumed while the restore stage's cache lacks E")
+        assert counters(pair)["restore"]["epochs_applied"] == \
+            before["restore"]["epochs_applied"], "E was applied with the stage stopped"
+        continue_stopped(_restore_pid(pair))
+        ack = prim.checkpoint(prim.dirty_some(64), compress=False)
+        assert ack.status == wire.ACK_COMMITTED, ack.reason
+        ack = prim.checkpoint(prim.dirty_some(40), wire.FLAG_DIGEST)
+        assert ack.status == wire.ACK_COMMITTED, ack.reason
+        assert ack.memory_digest == dom.memory_digest()
+        assert counters(pair)["restore"]["epochs_applied"] == \
+            before["restore"]["epochs_applied"] + 3
     finally:
         close_hand_pair(pair, dom, prim)
 

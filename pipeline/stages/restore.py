@@ -12,7 +12,8 @@ discarded whole and the SVM is rolled back to the last committed checkpoint.
 
 Talks to the coordinator over a pipe (the types: pipeline/messages.py):
   <- ApplyCmd(e)           sent at BEGIN: once all END markers of e arrived, e is applied
-                           (-> Applied) or, if it cannot be, discarded (-> Aborted) at once
+                           (-> [Checked, Written,] Applied) or, if it cannot be, discarded
+                           (-> Aborted) at once
   <- AbortCmd(e)           -> Aborted; nothing if e was applied already (the coordinator
                            tore it while it was being applied: the Applied stands)
 Applying as soon as the epoch is assembled, with the command already here, saves the
@@ -22,10 +23,11 @@ Early ACK: once the epoch is checked whole (every page verified and counted, the
 pages still as SVM_DIRTY hashed them, the vCPU state taken by the backend) nothing can
 stop it being applied, so the stage says ``Checked`` before it writes the pages and the
 coordinator ACKs the epoch meanwhile (not for a proof checkpoint: its ACK carries the
-memory digest of the applied state). ``Applied`` follows; the SVM stays paused, and a
-takeover waits, until it came. A secondary that dies between the two is stale: its SVM
-is half-applied and never used (the node stops; the primary re-protects with a fresh
-one). The next epoch's pages wait in the receive stage until this stage is done with
+memory digest of the applied state). ``Written`` follows once the SVM's memory is the
+epoch's: the SVM stays paused until then, and the stage then copies the epoch's pages from
+staging into its cache while the SVM runs. ``Applied`` follows; a takeover waits for it.
+A secondary that dies between Checked and Applied is stale: its SVM is half-applied and
+never used (the node stops; the primary re-protects with a fresh one). The next epoch's pages wait in the receive stage until this stage is done with
 the staging rows (``gate``).
 The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
 the verify workers, which decode into it) is as large as guest memory.
@@ -214,30 +216,36 @@ class Restore:
 
     # -- writing ----------------------------------------------------------
     def _write_staged(self, pfns: np.ndarray, block: np.ndarray, write: np.ndarray,
-                      zero: np.ndarray) -> None:
-        """The rows ``write`` of ``block`` (staging rows of ``pfns``) into the cache and the
-        SVM; the ``zero`` ones among them (ZERO pages: their rows hold nothing) as zeros.
-        When every row is written, the ZERO rows are cleared in staging and all go in one
-        copy (a full sync's batches: a gather of the others would copy them once more)."""
+                      zero: np.ndarray, svm: bool = True, cache: bool = True) -> None:
+        """The rows ``write`` of ``block`` (staging rows of ``pfns``) into the SVM (``svm``)
+        and the cache (``cache``); the ``zero`` ones among them (ZERO pages: their rows hold
+        nothing) as zeros. When every row is written, the ZERO rows are cleared in staging
+        and all go in one copy (a full sync's batches: a gather of the others would copy
+        them once more)."""
         if write.all():
             if zero.any():
                 block[zero] = 0
-            self.cache[pfns] = block
-            self.domain.write_pages(pfns, block)
+            if cache:
+                self.cache[pfns] = block
+            if svm:
+                self.domain.write_pages(pfns, block)
             return
         data = write & ~zero
         if data.any():
             rows = block[data]
-            self.cache[pfns[data]] = rows
-            self.domain.write_pages(pfns[data], rows)
+            if cache:
+                self.cache[pfns[data]] = rows
+            if svm:
+                self.domain.write_pages(pfns[data], rows)
         zero = write & zero
         if zero.any():
-            self._write_zeros(pfns[zero])
+            self._write_zeros(pfns[zero], svm, cache)
 
-    def _write_zeros(self, pfns: np.ndarray) -> None:
-        """The pages ``pfns`` become zeros in the cache and in the SVM."""
-        self.cache[pfns] = 0
-        for at in range(0, len(pfns), CHUNK_PAGES):
+    def _write_zeros(self, pfns: np.ndarray, svm: bool = True, cache: bool = True) -> None:
+        """The pages ``pfns`` become zeros in the SVM (``svm``) and the cache (``cache``)."""
+        if cache:
+            self.cache[pfns] = 0
+        for at in range(0, len(pfns) if svm else 0, CHUNK_PAGES):
             part = pfns[at:at + CHUNK_PAGES]
             self.domain.write_pages(part, self.zeros[:len(part)])
 
@@ -264,8 +272,10 @@ class Restore:
               ) -> messages.Applied | messages.Aborted:
         """``on_checked(Checked)`` is called once nothing can stop the epoch being applied,
         before its pages are written (not when ``want_digest``: that ACK waits for the
-        digest of the applied memory). ``give_up()``: the coordinator tore the epoch (ends
-        a wait for its input)."""
+        digest of the applied memory), and ``on_checked(Written)`` once the SVM's memory is
+        the epoch's: the SVM may run on, while this stage fills its cache with the pages
+        the epoch brought (from staging: what the SVM does then changes nothing of them).
+        ``give_up()``: the coordinator tore the epoch (ends a wait for its input)."""
         asm = self.asm
         if asm is None or asm.epoch != epoch or asm.problem:
             why = asm.problem if asm is not None and asm.epoch == epoch else "not assembled"
@@ -318,13 +328,17 @@ class Restore:
             except ValueError as exc:
                 return self.abort(epoch, svm_dirty, f"vCPU state refused: {exc}")
             faults.point("restore.vcpu_set")
-        if on_checked is not None and not want_digest:
+        early = on_checked is not None and not want_digest
+        if early:
             on_checked(messages.Checked(epoch, n, assembled_ns))
             trace.point("checked", epoch)
             faults.point("restore.checked")
+        # Into the SVM first, into the cache once the SVM's memory is whole (Written): the
+        # SVM's pause after the early ACK holds only the writes the SVM needs (the SVM
+        # pages' copy into the cache among them: they change once it runs)
         brought = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n])
-        self._write_staged(pfns, self.staging[:n], brought & ~self.staged_written[:n],
-                           self.staged_zero[:n])
+        write = brought & ~self.staged_written[:n]
+        self._write_staged(pfns, self.staging[:n], write, self.staged_zero[:n], cache=False)
         trace.point("pages_written", epoch)
         faults.point("restore.pages_written")
         if len(svm_rows):
@@ -344,6 +358,12 @@ class Restore:
         if len(from_cache):
             self.domain.write_pages(from_cache, self.cache[from_cache])
         trace.point("svm_rolled", epoch, str(len(from_cache)))
+        if early:
+            on_checked(messages.Written(epoch, n, assembled_ns))
+            trace.point("written", epoch)
+            faults.point("restore.written")
+        self._write_staged(pfns, self.staging[:n], write, self.staged_zero[:n], svm=False)
+        trace.point("cache_written", epoch)
         self.table.update(pfns, self.staged_hashes[:n])
         if asm.vcpu:
             self.committed_vcpu = asm.vcpu
