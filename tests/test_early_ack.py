@@ -36,13 +36,10 @@ def _restore_pid(pair: LocalPair) -> int:
     return pair.node("secondary").node_info()["stage_pids"]["restore"]
 
 
-
-def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
-    """Epoch E is ACKed while the restore stage is stopped before writing it; the hand
-    primary then sends all of E+1's pages at once (other pages, so staging rows E's pages
-    are still in would get E+1's content). Once the restore stage goes on, both epochs
-    are applied and the SVM's memory is the PVM's exactly. Without the staging gate the
-    receive stage writes E+1 over E's rows and E is applied with the wrong content."""
+def _secondary_stopped_at(tmp_path, point: str):
+    """A secondary node alone (a hand primary drives it) whose restore stage stops
+    (SIGSTOP) at ``point`` in the first checkpoint that is ACKed early, and the hand
+    primary's PVM."""
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
         "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
@@ -51,8 +48,17 @@ def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
         "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
     }, workdir=str(tmp_path), log_level="info")
     # pass 1: the full sync; the first checkpoint asks for a digest (no early ACK); pass 2: E
-    pair.start(roles=("secondary",), faults={"secondary": "restore.checked:2:stop"})
-    dom = hand_pvm(pair)
+    pair.start(roles=("secondary",), faults={"secondary": f"{point}:2:stop"})
+    return pair, hand_pvm(pair)
+
+
+def test_the_next_epoch_waits_until_the_acked_one_left_staging(tmp_path):
+    """Epoch E is ACKed while the restore stage is stopped before writing it; the hand
+    primary then sends all of E+1's pages at once (other pages, so staging rows E's pages
+    are still in would get E+1's content). Once the restore stage goes on, both epochs
+    are applied and the SVM's memory is the PVM's exactly. Without the staging gate the
+    receive stage writes E+1 over E's rows and E is applied with the wrong content."""
+    pair, dom = _secondary_stopped_at(tmp_path, "restore.checked")
     prim = None
     try:
         prim, _ = committed_pair(pair, dom)
@@ -93,14 +99,7 @@ def test_the_svm_runs_on_once_its_memory_is_the_epoch_s_while_the_cache_takes_it
     4-7 ms past the primary's commit), and E is applied (Applied) only once the stage goes
     on: the next epoch is applied on top, and a proof checkpoint then finds the SVM's
     memory the PVM's."""
-    pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
-        "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
-    }, workdir=str(tmp_path), log_level="info")
-    # pass 1: the full sync; the first checkpoint asks for a digest (no early ACK); pass 2: E
-    pair.start(roles=("secondary",), faults={"secondary": "restore.written:2:stop"})
-    dom = hand_pvm(pair)
+    pair, dom = _secondary_stopped_at(tmp_path, "restore.written")
     prim = None
     try:
         prim, _ = committed_pair(pair, dom)
