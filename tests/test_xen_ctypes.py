@@ -359,7 +359,7 @@ def domain_over(ram: np.ndarray, holes: set[int], own: list[int], on_map=None):
     dom.xen_written = {}
     dom._bitmap = dom._bitmap_words = dom._ctx_buf = None
     dom._paused_here = False
-    dom.vcpus_watched, dom._ctx_used = None, -1
+    dom.vcpus_watched, dom._ctx_used, dom._loaded_len = None, -1, -1
     dom._watch_log_dirty = lambda on: False    # no log-dirty unless a test gives one
     fmem.holes = set()   # from here on every frame found at open maps
     return dom
@@ -767,16 +767,19 @@ def test_atomic_byte_or_sets_bits_and_keeps_the_others() -> None:
     assert page[5] == 0b1000_0101 and not page[:5].any() and not page[6:].any()
 
 
-def _timer_domain(own_shared_info: bool = True):
+def _timer_domain(own_shared_info: bool = True, vcpus: int = 1):
     """A domain over mock guest RAM whose mock libxenctrl knows its event channels (MOCK: what
     EVTCHNOP_status reports cannot be caused without a hypervisor): port 1 console
-    (interdomain), 2 xenstore, 3 VIRQ_TIMER of vCPU 0, 4 an IPI, 5 VIRQ_DEBUG; port 6 and up
-    are beyond the domain's (EINVAL)."""
+    (interdomain), 2 xenstore, 3 VIRQ_TIMER of vCPU 0, 4 an IPI, 5 VIRQ_DEBUG; with ``vcpus``
+    2, port 6 VIRQ_TIMER of vCPU 1 (bound when that vCPU came up); the next port and up are
+    beyond the domain's (EINVAL)."""
     from types import SimpleNamespace
 
     ram = guest_ram(np.zeros((64, 4096), np.uint8))
     dom = domain_over(ram, holes=set(), own=[0x10] if own_shared_info else [])
     bound = {1: (2, 0, 0), 2: (2, 0, 0), 3: (4, 0, 0), 4: (5, 0, 0), 5: (4, 0, 1)}   # status, vcpu, virq
+    if vcpus == 2:
+        bound[6] = (4, 1, 0)
     calls = []
 
     def evtchn_status(xch, st):
@@ -840,6 +843,34 @@ def test_set_vcpu_state_marks_the_timers_before_the_wake_up_msi() -> None:
     dom.wake, dom.upcall_vector = "msi", xc.DEFAULT_UPCALL_VECTOR
     dom.set_vcpu_state(b"blob")
     assert order == ["setcontext", ("msi", 0b1000)]
+
+
+def test_a_two_vcpu_guests_load_wakes_both_vcpus_with_both_timers_pending(caplog) -> None:
+    """Issue 17, item 4: MOCK of setcontext, the MSI injection and EVTCHNOP_status (no
+    hypervisor in CI). Each vCPU's own VIRQ_TIMER port is made pending, each registered
+    vcpu_info gets its selector and upcall flag (a vCPU scans only its own ports), an MSI goes
+    to each vCPU's LAPIC (Xen's APIC id = 2 x vCPU), and the backend says once which vCPUs the
+    loaded context held."""
+    import logging
+    from types import SimpleNamespace
+
+    dom, ram, _ = _timer_domain(vcpus=2)
+    dom.xen_written = {0x20: ((0x3c0, 0x3d0), (0x3e0, 0x400)), 0x21: ((0x0, 0x10), (0x20, 0x40))}
+    msis = []
+    dom._xc.xc_domain_hvm_setcontext = lambda xch, domid, buf, n: 0
+    dom._h.dmod = 1
+    dom._h.lib.dm = SimpleNamespace(xendevicemodel_inject_msi=lambda h, domid, addr, data: msis.append((addr, data)) or 0)
+    dom.info = SimpleNamespace(nr_online_vcpus=2, max_vcpu_id=1)
+    dom.wake, dom.upcall_vector = "msi", xc.DEFAULT_UPCALL_VECTOR
+    with caplog.at_level(logging.INFO, logger="pipeline.xen_io.xen"):
+        dom.set_vcpu_state(fabricated_context(vcpus=2))
+        dom.set_vcpu_state(fabricated_context(vcpus=2))
+    assert ram[0x10, 0x800] == 0b0100_1000                          # ports 3 and 6 pending
+    for frame, block in ((0x20, 0x3c0), (0x21, 0x0)):              # both vcpu_infos: upcall, word 0
+        assert ram[frame, block] == 1 and ram[frame, block + 8] == 1
+    assert msis == [(0xFEE00000, 0xF3), (0xFEE02000, 0xF3)] * 2
+    loaded = [r.getMessage() for r in caplog.records if "loaded HVM context" in r.getMessage()]
+    assert len(loaded) == 1 and "loaded HVM context with vCPUs 0, 1 (of vCPUs 0..1" in loaded[0]
 
 
 # -- where Xen writes, from the guest's own registration (issue 17, item 5) ----------------------

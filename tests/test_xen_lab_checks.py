@@ -27,29 +27,88 @@ def lab():
     del sys.modules["lab_dom0"]
 
 
+def ticks(lab, ns, cpu: int = 0, err: int = 0, t0: float = 100.0):
+    """memwork's ticks on ``cpu`` with counters ``ns``, 0.1 s apart on the guest's clock, each
+    logged by xenconsoled in the second it was printed (the lab's clock is in step with dom0's)."""
+    return [lab.Tick(cpu, n, err, t0 + 0.1 * i, cpu, float(int(t0 + 0.1 * i))) for i, n in enumerate(ns)]
+
+
+def mw(cpu: int, n: int, err: int = 0, mono: float = 0.0, stamp: str = "", bad: str = "") -> str:
+    """One console line of memwork as the guest prints it and xenconsoled logs it."""
+    return (f"[{stamp}] " if stamp else "") + \
+        f"MW cpu={cpu} n={n} err={err} errtot={err} mono={mono:.6f} on={cpu}{' bad=' + bad if bad else ''}\r\n"
+
+
 def test_failover_passes_when_the_secondary_covers_the_primary_without_gaps(lab):
-    prim = [(n, 0) for n in range(100, 161)]
+    prim = ticks(lab, range(100, 161))
     # the secondary was behind (paused during epochs), then ran on past the primary's last tick
-    sec_after = [(n, 0) for n in range(150, 175)] + [(152, 0)]   # a repeat after a rollback is fine
+    sec_after = ticks(lab, list(range(150, 175)) + [152])   # a repeat after a rollback is fine
     fo = lab.failover_summary(prim, sec_after)
-    assert fo["gapless"] and fo["covers_primary"] and fo["err_lines"] == 0
+    assert fo["gapless"] and fo["covers_primary"] and fo["err_lines"] == 0 and fo["ahead"] == 0
     assert (fo["primary_last_n"], fo["secondary_first_n"], fo["secondary_last_n"]) == (160, 150, 174)
+    assert fo["cpus"]["0"]["counter_steps"] == [(174, 152)]
 
 
 @pytest.mark.parametrize("sec_after, broken", [
-    ([(n, 0) for n in range(150, 161)], "covers_primary"),            # stopped where the primary did
-    ([(n, 0) for n in range(163, 175)], "covers_primary"),            # skipped ticks 161, 162
-    ([(n, 0) for n in list(range(150, 158)) + list(range(159, 175))], "gapless"),
+    (range(150, 161), "covers_primary"),            # stopped where the primary did
+    (range(163, 175), "covers_primary"),            # skipped ticks 161, 162
+    (list(range(150, 158)) + list(range(159, 175)), "gapless"),
     ([], "gapless"),
 ])
 def test_failover_fails_when_the_secondary_stops_skips_or_has_gaps(lab, sec_after, broken):
-    fo = lab.failover_summary([(n, 0) for n in range(100, 161)], sec_after)
+    fo = lab.failover_summary(ticks(lab, range(100, 161)), ticks(lab, sec_after))
     assert not fo[broken]
 
 
 def test_failover_counts_self_check_errors_after_the_kill(lab):
-    fo = lab.failover_summary([(1, 0)], [(2, 0), (3, 1), (4, 0)])
+    fo = lab.failover_summary(ticks(lab, [1]), ticks(lab, [2]) + ticks(lab, [3], err=1) + ticks(lab, [4]))
     assert fo["err_lines"] == 1
+
+
+def test_failover_is_judged_on_every_vcpu(lab):
+    """Issue 17, item 4: each vCPU's memwork counts on its own; a survivor whose vCPU 1 stopped
+    (its timer lost, say) fails although vCPU 0 ran on, and a counter that jumps past the
+    primary's last tick (a state the primary never had) fails too."""
+    prim = ticks(lab, range(100, 161), cpu=0) + ticks(lab, range(90, 151), cpu=1)
+    good = ticks(lab, range(150, 175), cpu=0) + ticks(lab, range(140, 165), cpu=1)
+    fo = lab.failover_summary(prim, good)
+    assert fo["gapless"] and fo["covers_primary"] and fo["cpus"]["1"]["primary_last_n"] == 150
+    stalled = ticks(lab, range(150, 175), cpu=0) + ticks(lab, range(140, 149), cpu=1)
+    fo = lab.failover_summary(prim, stalled)
+    assert not fo["covers_primary"] and fo["cpus"]["0"]["covers_primary"] and not fo["cpus"]["1"]["covers_primary"]
+    ahead = ticks(lab, range(150, 175), cpu=0) + ticks(lab, list(range(140, 145)) + list(range(153, 170)), cpu=1)
+    assert lab.failover_summary(prim, ahead)["ahead"] == 1
+
+
+def test_memwork_lines_are_read_per_vcpu_with_the_guests_clock_and_dom0s_stamp(lab):
+    text = ("[2026-12-07 07:00:01] PVH-GUEST-UP cpus=2\n" + mw(1, 7, mono=12.5, stamp="2026-12-07 07:00:02")
+            + mw(0, 9, err=2, mono=12.25, bad="3:0/0/0!=5") + "[2026-12-07 07:00:02] VCPUINFO cpu=0 vcpu=0\n")
+    got = lab.parse_ticks(text)
+    assert got == [lab.Tick(1, 7, 0, 12.5, 1, 1796626802.0), lab.Tick(0, 9, 2, 12.25, 0, None)]
+    assert list(lab.by_cpu(got)) == [0, 1]
+    assert lab.BAD_TICK.findall(text) == ["MW cpu=0 n=9 err=2 errtot=2 mono=12.250000 on=0 bad=3:0/0/0!=5\r"]
+    assert lab.summarize(got)["cpus"] == {"0": {"lines": 1, "max_n": 9}, "1": {"lines": 1, "max_n": 7}}
+
+
+def test_the_guests_clock_may_neither_step_back_nor_run_ahead_of_real_time(lab):
+    """Issue 17, item 6: per vCPU, the guest's CLOCK_MONOTONIC between two of its lines must go
+    forward (also where a rollback takes the counter back) and by no more than the time dom0
+    saw pass between them (xenconsoled's stamps) plus CLOCK_SLACK_S; a pause of 30 s is fine
+    when 30 s passed. Lines printed from another CPU than their pinning, or without stamps,
+    fail the check too."""
+    T = lab.Tick
+    paused = [T(0, 1, 0, 10.0, 0, 1000.0), T(0, 2, 0, 40.1, 0, 1030.0), T(0, 3, 0, 40.2, 0, 1030.0)]
+    rolled_back = [T(1, 50, 0, 10.0, 1, 1000.0), T(1, 45, 0, 14.0, 1, 1004.0)]
+    ok = lab.clock_check(paused + rolled_back)
+    assert ok["ok"] and ok["cpus"]["0"]["max_step_s"] == 30.1 and ok["cpus"]["0"]["max_real_s"] == 30.0
+    back = lab.clock_check([T(1, 50, 0, 10.0, 1, 1000.0), T(1, 45, 0, 9.5, 1, 1004.0)])
+    assert not back["ok"] and back["cpus"]["1"]["backward"] == 1 and back["cpus"]["1"]["first_bad"].startswith("back")
+    ahead = lab.clock_check([T(0, 1, 0, 10.0, 0, 1000.0), T(0, 2, 0, 13.1, 0, 1001.0)])
+    assert not ahead["ok"] and ahead["cpus"]["0"]["jumps"] == 1 and "jump" in ahead["cpus"]["0"]["first_bad"]
+    assert lab.clock_check([T(0, 1, 0, 10.0, 0, 1000.0), T(0, 2, 0, 12.9, 0, 1001.0)])["ok"]   # within the slack
+    assert not lab.clock_check([T(0, 1, 0, 10.0, 1, 1000.0), T(0, 2, 0, 10.1, 0, 1000.0)])["ok"]   # off its vCPU
+    assert not lab.clock_check([T(0, 1, 0, 10.0, 0, None), T(0, 2, 0, 10.1, 0, None)])["ok"]
+    assert not lab.clock_check([])["ok"]
 
 
 def test_log_events_reads_the_nodes_json_log_lines(lab, tmp_path, monkeypatch):
@@ -308,6 +367,13 @@ def test_quick_boots_ask_dom0_to_stop_after_the_first_checkpoint(host_side):
     assert "xenlab.until=first" in cmd[cmd.index("-initrd") + 1]
 
 
+def test_the_guests_vcpu_count_reaches_dom0(host_side):
+    assert " xenlab.vcpus=1" in host_side.qemu_command(6, 1000, "multi")[-1]
+    args = host_side.parser().parse_args(["--ci", "--vcpus", "2"])
+    assert args.vcpus == 2
+    assert " xenlab.vcpus=2" in host_side.qemu_command(3, 1000, "multi", vcpus=args.vcpus)[-1]
+
+
 def test_xen_options_and_the_cpu_model_reach_qemu_and_each_boots_record(host_side, tmp_path, monkeypatch, capsys):
     """Issue 17, item 1: boots under other platform options (Xen's hap_2mb=0, another -cpu)
     are told apart in boots.jsonl and counted apart by --tally."""
@@ -392,16 +458,16 @@ def test_guest_errors_before_the_first_checkpoint_are_a_platform_fault_that_earn
     the lab boots again (the verdict names it) instead of failing the run."""
     console = tmp_path / "guest-{}.log"
     monkeypatch.setattr(lab, "CONSOLE_LOG", str(console))
-    Path(str(console).format("prim")).write_text("MW n=1 err=0 errtot=0\nMW n=2 err=1 errtot=1 bad=7:0/0/0!=5\n")
-    sec_text = "MW n=1 err=0 errtot=0\n"
-    Path(str(console).format("sec")).write_text(sec_text + "MW n=9 err=3 errtot=3 bad=1:0/0/0!=8\n")
+    Path(str(console).format("prim")).write_text(mw(0, 1) + mw(0, 2, err=1, bad="7:0/0/0!=5"))
+    sec_text = mw(0, 1)
+    Path(str(console).format("sec")).write_text(sec_text + mw(1, 9, err=3, bad="1:0/0/0!=8"))
     # the secondary's error came after its node started (it is the replication's to answer for)
     msg = lab.early_guest_errors({"prim": 0, "sec": 0}, len(sec_text))
     assert msg.startswith("platform: guest self-check errors before the first checkpoint: prim 1 lines")
     assert "sec" not in msg.split(":", 2)[2]
     assert host_side.early_fault(_result(error=f"RuntimeError: {msg}")).startswith(
         "platform: guest self-check errors before the first checkpoint")
-    Path(str(console).format("prim")).write_text("MW n=1 err=0 errtot=0\n")
+    Path(str(console).format("prim")).write_text(mw(0, 1))
     assert lab.early_guest_errors({"prim": 0, "sec": 0}, len(sec_text)) == ""
 
 
@@ -412,17 +478,19 @@ def test_the_survivor_wait_ends_on_its_console_line_and_a_stall_is_reported(lab,
     console = tmp_path / "guest-{}.log"
     monkeypatch.setattr(lab, "CONSOLE_LOG", str(console))
     monkeypatch.setattr(lab, "RUN", tmp_path)
-    Path(str(console).format("prim")).write_text("".join(f"MW n={n} err=0 errtot=0\n" for n in range(1, 101)))
-    Path(str(console).format("sec")).write_text("".join(f"MW n={n} err=0 errtot=0\n" for n in range(95, 111)))
+    Path(str(console).format("prim")).write_text("".join(mw(0, n) + mw(1, n - 3) for n in range(1, 101)))
+    Path(str(console).format("sec")).write_text("".join(mw(0, n) + mw(1, n - 3) for n in range(95, 111)))
     reports = []
     monkeypatch.setattr(lab, "survivor_stall_report", reports.append)
     sv = lab.wait_for_survivor(0, time.time())
-    assert sv["target"] == 110 and sv["reached_s"] is not None and sv["last_n"] == 110 and not reports
-    Path(str(console).format("sec")).write_text("MW n=95 err=0 errtot=0\nMW n=96 err=0 errtot=0\n")
+    assert sv["target"] == {"0": 110, "1": 107} and sv["reached_s"] is not None and not reports
+    assert sv["last_n"] == {"0": 110, "1": 107}
+    # vCPU 0 ran on, vCPU 1 stopped (its timer lost): the survivor stalled
+    Path(str(console).format("sec")).write_text("".join(mw(0, n) for n in range(95, 111)) + mw(1, 95) + mw(1, 96))
     monkeypatch.setattr(lab, "SURVIVOR_WAIT_S", 0)
     sv = lab.wait_for_survivor(0, time.time())
-    assert sv["reached_s"] is None and sv["last_n"] == 96 and reports == ["sec"]
-    assert "SURVIVOR: did NOT reach n=110" in capsys.readouterr().out
+    assert sv["reached_s"] is None and sv["last_n"] == {"0": 110, "1": 96} and reports == ["sec"]
+    assert "SURVIVOR: did NOT reach n={0: 110, 1: 107} per vCPU" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("res, fault, outcome", [
@@ -512,15 +580,61 @@ def test_a_nodes_config_carries_its_guests_vcpu_info_only_when_given(lab):
     assert lab.node_config("secondary", "sec", 1000, "0:0x7a31+0x3c0")["guest"]["xen_vcpu_info"] == "0:0x7a31+0x3c0"
 
 
-def _passing_run_with_pause_ratio(ratio: float) -> str:
-    """A lab result that passes every correctness check, the pipeline's pauses `ratio` times C's."""
+def _passing_res(ratio: float = 0.8, vcpus: int = 1) -> dict:
+    """A lab result that passes every correctness check, on every one of ``vcpus`` vCPUs, the
+    pipeline's pauses ``ratio`` times C's."""
     rows = [dict(epoch=e, pause_ms=20.0 * ratio, dirty_p=100, dirty_s=10, sent=100, wire_bytes=4096,
                  commit_ms=50.0, verify_ms=10.0, equal=True, cause="initial" if e == 3 else "dirty_threshold")
             for e in range(3, 7)]
     c_rows = [dict(pause_ms=20.0, dirty_p=100, copied=100) for _ in range(4)]
-    phase = {"prim": {"lines": 10, "err_lines": 0}, "sec": {"lines": 10, "err_lines": 0}}
-    return _result(pipeline=rows, c_baseline=c_rows, c_phase=phase, pipeline_phase=phase,
-                   failover={"covers_primary": True, "gapless": True, "lines": 20, "err_lines": 0})
+    cpus = [str(c) for c in range(vcpus)]
+    def phase() -> dict:
+        return {g: {"lines": 10 * vcpus, "err_lines": 0, "cpus": {c: {"lines": 10, "max_n": 50} for c in cpus}}
+                for g in ("prim", "sec")}
+    fo_cpu = {"covers_primary": True, "gapless": True, "lines": 20, "err_lines": 0, "ahead": 0,
+              "primary_last_n": 160, "secondary_first_n": 150, "secondary_last_n": 175}
+    clock = {"ok": True, "cpus": {c: {"lines": 20, "max_step_s": 4.5, "max_real_s": 5.0, "backward": 0, "jumps": 0,
+                                      "off_cpu": 0, "first_bad": ""} for c in cpus}}
+    return dict(pipeline=rows, c_baseline=c_rows, c_phase=phase(), pipeline_phase=phase(), vcpus=vcpus,
+                failover={**fo_cpu, "cpus": {c: fo_cpu for c in cpus}},
+                pipeline_extra={"svm_context_vcpus": list(range(vcpus))},
+                clock={"prim": {**clock, "counter_steps": []}, "sec": clock, "survivor": clock})
+
+
+def _passing_run_with_pause_ratio(ratio: float) -> str:
+    return _result(**_passing_res(ratio))
+
+
+def _verdict(out: str) -> str:
+    return [ln for ln in out.splitlines() if ln.startswith("VERDICT:")][-1]
+
+
+def test_a_two_vcpu_run_passes_only_when_every_vcpu_passes_every_check(host_side, capsys):
+    """Issue 17, items 4 and 6: the verdict says per vCPU what was checked, and one vCPU failing
+    any of it fails the run: its memwork silent in a phase, its registers missing from the
+    contexts the SVM loaded, its survivor stalled, its clock stepping back or running ahead."""
+    assert host_side.report(_result(**_passing_res(vcpus=2)), 30, 250, [])
+    verdict = _verdict(capsys.readouterr().out)
+    assert verdict.startswith("VERDICT: PASS") and "vCPUs 2: vCPU0 context loaded=True" in verdict
+    assert "vCPU1 context loaded=True survivor n=150..175 (primary's 160) gapless=True clock back/ahead=0" in verdict
+    assert "largest survivor step 4.5s (stamps 5.0s apart)" in verdict
+
+    def broken(change) -> str:
+        res = _passing_res(vcpus=2)
+        change(res)
+        assert not host_side.report(_result(**res), 30, 250, [])
+        verdict = _verdict(capsys.readouterr().out)
+        assert verdict.startswith("VERDICT: FAIL")
+        return verdict.split("FAILED: ", 1)[1]
+    assert broken(lambda r: r["pipeline_phase"]["sec"].update(cpus={"0": {"lines": 10}})).startswith(
+        "vCPU 1: sec printed no tick in pipeline_phase")
+    assert "vCPU 1: not in the contexts the SVM loaded ([0])" in broken(
+        lambda r: r["pipeline_extra"].update(svm_context_vcpus=[0]))
+    assert "vCPU 1: failover" in broken(lambda r: r["failover"]["cpus"].update({"1": {"covers_primary": False}}))
+    assert "vCPU 0: survivor's clock" in broken(lambda r: r["clock"].update(
+        survivor={"ok": False, "cpus": {"0": {"lines": 9, "backward": 1}, "1": r["clock"]["sec"]["cpus"]["1"]}}))
+    assert "the PVM's counter did not go on by one" in broken(lambda r: r["clock"]["prim"].update(counter_steps=[[5, 9]]))
+    assert "no clock check from dom0" in broken(lambda r: r.pop("clock"))
 
 
 @pytest.mark.parametrize("ratio, gate, passed", [(0.9, True, True), (1.18, True, False), (1.18, False, True)])
@@ -543,7 +657,7 @@ def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monke
     monkeypatch.setattr(host_side, "_kept_qemu", None)
     args = argparse.Namespace(keep=True, timeout=0, rounds=3, interval_ms=1000, tcg_thread="multi", eager_fpu=True,
                               logdirty_stress=0, twin_check=False, until_first_checkpoint=False, xen_opts="",
-                              cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest")
+                              cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest", vcpus=1)
     host_side.boot_and_run(args)
     first = host_side._kept_qemu
     assert first is not None and first.poll() is None

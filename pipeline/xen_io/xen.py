@@ -224,6 +224,8 @@ class XenDomain(Domain):
         #: the last HVM context, which changes when a vCPU comes up or goes down
         self.vcpus_watched: int | None = None
         self._ctx_used = -1
+        #: length of the last HVM context set_vcpu_state loaded (it changes with its vCPU set)
+        self._loaded_len = -1
         #: this process's mapping of every frame: (address, view, writable), see guest_memory
         self._mapped: tuple[int, np.ndarray, bool] | None = None
         self._hole_mask: np.ndarray | None = None
@@ -885,6 +887,11 @@ class XenDomain(Domain):
         self._check("xc_domain_hvm_setcontext",
                     self._xc.xc_domain_hvm_setcontext(self._h.xch, self.domid, buf, len(blob)),
                     f"{len(blob)}-byte context")
+        if len(blob) != self._loaded_len:     # the first load, or a vCPU came up or went down
+            self._loaded_len = len(blob)
+            log.info("%s: loaded HVM context with vCPUs %s (of vCPUs 0..%d; each is woken, its timer "
+                     "event made pending)", self.name, ", ".join(map(str, xc_.vcpus_up(blob))) or "none",
+                     self.info.max_vcpu_id)
         if self.wake != "none":
             self.kick_timers()
         vcpus = range(self.info.max_vcpu_id + 1)

@@ -50,7 +50,7 @@ DEFAULT_XEN_OPTS = ""
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
                  cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
-                 watch_s: float = 60, vcpu_info: str = "guest") -> list[str]:
+                 watch_s: float = 60, vcpu_info: str = "guest", vcpus: int = 1) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -65,7 +65,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                 + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "") \
                 + (f" xenlab.watch_s={watch_s:.0f}" if until == "twin" else "") \
                 + (" xenlab.twin=paused" if twin == "paused" else "") \
-                + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "")
+                + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "") + f" xenlab.vcpus={vcpus}"
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -119,7 +119,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
                                                args.logdirty_stress, args.twin, args.watch_s,
-                                               args.vcpu_info)],
+                                               args.vcpu_info, args.vcpus)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -406,10 +406,56 @@ def survivor_words(sv: dict | None) -> str:
     """The survivor's run after the takeover, for the verdict line."""
     if not sv:
         return ""
+    def per_vcpu(v: object) -> str:     # one counter per vCPU since issue 17's item 4
+        return ", ".join(f"vCPU{c} {n}" for c, n in v.items()) if isinstance(v, dict) else str(v)
     back = ", rolled back to the last checkpoint" if sv.get("rolled_back") else ""
     if sv.get("reached_s") is not None:
-        return f", survivor reached n={sv['target']} {sv['reached_s']}s later{back}"
-    return f", survivor STALLED at n={sv.get('last_n')} (target {sv.get('target')}{back}; see the STALL lines)"
+        return f", survivor reached n={per_vcpu(sv['target'])} {sv['reached_s']}s later{back}"
+    return (f", survivor STALLED at n={per_vcpu(sv.get('last_n'))} (target {per_vcpu(sv.get('target'))}{back}; "
+            "see the STALL lines)")
+
+
+def vcpu_checks(res: dict) -> tuple[int, dict[str, object]]:
+    """What a full run checks per vCPU (issue 17, items 4 and 6), from dom0's result: the guests'
+    vCPU count; for each vCPU, that its memwork ran in both guests in both phases, that the SVM
+    loaded a context holding it (the secondary's backend names the vCPUs of what it loads), the
+    failover (the survivor covers the primary's last tick on that vCPU, gapless, never ahead),
+    and its clock: the PVM's from protection to the kill (its counter on by one), the SVM's
+    through every load and the takeover, the survivor's from the kill on, each never stepping
+    back nor ahead of the time that passed (lab_dom0.clock_check). Returns (vCPUs, {"bad": the
+    failed checks, "words": one verdict clause per vCPU})."""
+    vcpus = int(res.get("vcpus") or 1)
+    extra = res.get("pipeline_extra") or {}
+    fo_cpus = (res.get("failover") or {}).get("cpus") or {}
+    clock = res.get("clock") or {}
+    loaded = extra.get("svm_context_vcpus") or []
+    bad: list[str] = []
+    words = []
+    for cpu in map(str, range(vcpus)):
+        for phase in ("pipeline_phase", "c_phase"):
+            for guest, d in (res.get(phase) or {}).items():
+                if not ((d.get("cpus") or {}).get(cpu) or {}).get("lines"):
+                    bad.append(f"vCPU {cpu}: {guest} printed no tick in {phase}")
+        if int(cpu) not in loaded:
+            bad.append(f"vCPU {cpu}: not in the contexts the SVM loaded ({loaded})")
+        fo = fo_cpus.get(cpu) or {}
+        if not (fo.get("covers_primary") and fo.get("gapless") and not fo.get("ahead") and not fo.get("err_lines")):
+            bad.append(f"vCPU {cpu}: failover {fo or 'not seen'}")
+        for who in ("prim", "sec", "survivor"):
+            c = ((clock.get(who) or {}).get("cpus") or {}).get(cpu) or {}
+            if not c.get("lines") or c.get("backward") or c.get("jumps") or c.get("off_cpu"):
+                bad.append(f"vCPU {cpu}: {who}'s clock {c or 'not seen'}")
+        sv = ((clock.get("survivor") or {}).get("cpus") or {}).get(cpu) or {}
+        words.append(f"vCPU{cpu} context loaded={int(cpu) in loaded} survivor n={fo.get('secondary_first_n')}.."
+                     f"{fo.get('secondary_last_n')} (primary's {fo.get('primary_last_n')}) gapless={fo.get('gapless')}"
+                     f" clock back/ahead={sum(int(((clock.get(w) or {}).get('cpus') or {}).get(cpu, {}).get(k, 0)) for w in clock for k in ('backward', 'jumps'))}"
+                     f" largest survivor step {sv.get('max_step_s')}s (stamps {sv.get('max_real_s')}s apart)")
+    if (clock.get("prim") or {}).get("counter_steps"):
+        bad.append(f"the PVM's counter did not go on by one: {clock['prim']['counter_steps']}")
+    if not clock:
+        bad.append("no clock check from dom0")
+    words_s = "; ".join(words) + (f"; FAILED: {'; '.join(bad)[:400]}" if bad else "")
+    return vcpus, {"bad": bad, "words": words_s}
 
 
 def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str = "",
@@ -419,7 +465,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
     official CI failed one run at 1.18 over 3 checkpoints of different dirty sizes, where full
     runs of 20 measured 0.71-0.84); speed is judged by the full run, correctness by every run."""
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "CLOCK ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
                             "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())
@@ -456,7 +502,9 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
     phases = [res.get("c_phase", {}), res.get("pipeline_phase", {})]
     guest_errs = sum(d.get("err_lines", 1) for ph in phases for d in ph.values()) if all(phases) else -1
     sec_ran = all(ph.get("sec", {}).get("lines", 0) > 0 for ph in phases) if all(phases) else False
-    failover_ok = bool(fo) and fo["covers_primary"] and fo["gapless"] and fo["lines"] >= 10 and fo["err_lines"] == 0
+    failover_ok = bool(fo) and fo["covers_primary"] and fo["gapless"] and fo["lines"] >= 10 and fo["err_lines"] == 0 \
+        and not fo.get("ahead")
+    vcpus, per_vcpu = vcpu_checks(res)
     print(f"\nguest self-check: C phase {res.get('c_phase')}  pipeline phase {res.get('pipeline_phase')}")
     print(f"pipeline: {extra}; C baseline checkpoint interval {res.get('c_interval_ms')} ms (the pipeline's cadence)")
     print(f"failover: {fo}")
@@ -465,12 +513,14 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
         print(f"FPU CANARY: {canary}")
     causes = dict(sorted(collections.Counter(r.get("cause", "?") for r in rows).items()))
     ok = (causes.get("dirty_threshold", 0) > 0 and "error" not in res and rows and equal == len(rows) and guest_errs == 0 and sec_ran and failover_ok
+          and not per_vcpu["bad"]
           and len(rows) == len(c_rows) > 1 and (ratio <= PAUSE_RATIO_TARGET or not gate_pause))
     print(f"VERDICT: {'PASS' if ok else 'FAIL'} colo-pipeline xen backend: {max(len(rows) - 1, 0)} checkpoints "
           f"after the first, memory-equal={equal}/{len(rows)} (both nodes' full-memory blake3) "
           f"guest-errors={guest_errs} failover: primary n={fo.get('primary_last_n')}, secondary "
           f"n={fo.get('secondary_first_n')}..{fo.get('secondary_last_n')} gapless={fo.get('gapless')} "
-          f"active {extra.get('takeover_after_s')}s after the kill{survivor_words(extra.get('survivor'))} | PVM pause median pipeline={pipe_med:.1f}ms "
+          f"active {extra.get('takeover_after_s')}s after the kill{survivor_words(extra.get('survivor'))}"
+          f" | vCPUs {vcpus}: {per_vcpu['words']} | PVM pause median pipeline={pipe_med:.1f}ms "
           f"C={c_med:.1f}ms ratio={ratio:.2f} (target <={PAUSE_RATIO_TARGET}"
           f"{'' if gate_pause else '; reported, not gated with --ci: judged on full runs'}) | protected after "
           f"{extra.get('protected_s')}s boot={boot_s:.0f}s wall={total_s:.0f}s"
@@ -537,6 +587,9 @@ def parser() -> argparse.ArgumentParser:
                          "checkpoints, --watch-s seconds of both guests running; counts the guests' "
                          "self-check errors (issue 17, item 1)")
     ap.add_argument("--watch-s", type=float, default=60, help="with --twin-check: seconds the guests run after the C baseline")
+    ap.add_argument("--vcpus", type=int, default=1,
+                    help="vCPUs per guest (issue 17, item 4): the workload runs on each, pinned; both twins "
+                         "get the same count")
     ap.add_argument("--twin", choices=("running", "paused"), default="running",
                     help="how the twin pair is made: the product's xen-twin (running), or both restores "
                          "paused and unpaused together (paused)")
@@ -577,7 +630,8 @@ def main() -> int:
         fault = early or lost
         late, platform = fault_after_checkpoints(log)
         res = result_of(log) or {}
-        record_boot(f"{'ci' if args.ci else 'full'} {args.rounds} rounds hap={res.get('hap', '?')}",
+        record_boot(f"{'ci' if args.ci else 'full'} {args.rounds} rounds hap={res.get('hap', '?')}"
+                    + (f" vcpus={res['vcpus']}" if res.get("vcpus", 1) != 1 else ""),
                     full_run_outcome(res, fault or late, problem),
                     boot_s, total_s, log)
         if late:
@@ -610,7 +664,8 @@ def first_checkpoint_boots(args: argparse.Namespace) -> int:
         res = result_of(log) or {}
         mode = (f"logdirty-stress {args.logdirty_stress:.0f}s" if stress else
                 f"twin-check {args.rounds} rounds + {args.watch_s:.0f}s" if args.twin_check else "first-checkpoint")
-        record_boot(f"{mode} hap={res.get('hap', hap or '?')}", outcome, boot_s, total_s, log)
+        record_boot(f"{mode} hap={res.get('hap', hap or '?')}" + (f" vcpus={res['vcpus']}" if res.get("vcpus", 1) != 1 else ""),
+                    outcome, boot_s, total_s, log)
         if outcome != "ok":
             for line in log.splitlines():
                 if line.startswith(("STEP ", "CONSOLE ", "GUESTERR")) or "Triple fault" in line:

@@ -26,17 +26,19 @@ gcc -O2 -Wall -o rootfs/root/crep "$HERE/dom0/crep.c" -lxenctrl -lxenforeignmemo
 # the PVH guest: Debian's kernel + a busybox initrd whose init runs memwork
 rm -rf pvh-initrd; mkdir -p pvh-initrd/{bin,proc,sys,dev,tmp}
 cp /bin/busybox pvh-initrd/bin/
-for a in sh mount echo sleep cat; do ln -sf busybox pvh-initrd/bin/$a; done
+for a in sh mount echo sleep cat nproc seq; do ln -sf busybox pvh-initrd/bin/$a; done
 gcc -O2 -Wall -static -o pvh-initrd/bin/memwork "$HERE/guest/memwork.c"
 gcc -O2 -Wall -static -o pvh-initrd/bin/vcpuinfo "$HERE/guest/vcpuinfo.c"
 # vcpuinfo every 5 s: the guest's own word on where each vCPU's vcpu_info is registered, which
-# dom0 gives each node (guest.xen_vcpu_info); a restored twin says it again within 5 s
+# dom0 gives each node (guest.xen_vcpu_info); a restored twin says it again within 5 s.
+# memwork on every vCPU, each pinned to its own (issue 17, item 4: xl's vcpus, lab.py --vcpus)
 cat > pvh-initrd/init <<'EOI'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-echo "PVH-GUEST-UP $(cat /proc/cmdline)" > /dev/hvc0
+echo "PVH-GUEST-UP cpus=$(nproc) $(cat /proc/cmdline)" > /dev/hvc0
 (while :; do /bin/vcpuinfo; sleep 5; done) > /dev/hvc0 2>&1 &
-exec /bin/memwork > /dev/hvc0 2>&1
+for cpu in $(seq 1 $(($(nproc) - 1))); do /bin/memwork "$cpu" > /dev/hvc0 2>&1 & done
+exec /bin/memwork 0 > /dev/hvc0 2>&1
 EOI
 chmod +x pvh-initrd/init
 (cd pvh-initrd && find . | cpio -o -H newc 2>/dev/null | gzip -1) > rootfs/root/pvh-initrd.gz
@@ -73,7 +75,9 @@ mount -t xenfs xenfs /proc/xen
 mkdir -p /run/xen /run/xenstored /run/lock /var/log/xen/console /var/lib/xen /var/lib/xenstored /var/run
 /usr/lib/xen-4.17/bin/oxenstored --pid-file /run/xenstored.pid || /usr/lib/xen-4.17/bin/xenstored --pid-file /run/xenstored.pid
 /usr/lib/xen-4.17/bin/xen-init-dom0
-/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+# --timestamp=guest: each guest console line starts with dom0's wall time ("[YYYY-mm-dd HH:MM:SS] "):
+# the lab checks the guest's own clock (memwork's mono=) against the time that really passed
+/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console --timestamp=guest
 hostname dom0
 busybox ip link set lo up    # the nodes talk over 127.0.0.1 (minbase has no iproute2)
 echo "XENLAB-DOM0-READY uptime=$(cut -d' ' -f1 /proc/uptime)"

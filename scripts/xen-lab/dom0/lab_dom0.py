@@ -24,6 +24,7 @@ paused and unpaused together, see make_twin).
 """
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import os
@@ -40,8 +41,12 @@ from pipeline.xen_io.xen import resolve_domain
 
 log = logging.getLogger("xenlab")
 CONSOLE_LOG = "/var/log/xen/console/guest-{}.log"
-TICK = re.compile(r"MW n=(\d+) err=(\d+)")
-BAD_TICK = re.compile(r"MW n=\d+ err=[1-9].*")
+#: memwork's line (scripts/xen-lab/guest/memwork.c), one per tick on each vCPU
+TICK = re.compile(r"MW cpu=(\d+) n=(\d+) err=(\d+) errtot=\d+ mono=(\d+\.\d+) on=(\d+)")
+BAD_TICK = re.compile(r"MW cpu=\d+ n=\d+ err=[1-9].*")
+#: xenconsoled's stamp at the start of each guest console line (dom0's init runs it with
+#: --timestamp=guest): dom0's wall time, whole seconds
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] ")
 IMAGE = "/tmp/prim.img"
 
 
@@ -74,15 +79,94 @@ def console_size(name: str) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def ticks_since(name: str, offset: int) -> list[tuple[int, int]]:
-    """(n, err) of every memwork line the guest printed after byte ``offset`` of its console log."""
+@dataclass(frozen=True)
+class Tick:
+    """One memwork line: the vCPU its instance is pinned to, its counter, the pages it found
+    wrong, the guest's CLOCK_MONOTONIC (s), the CPU it printed from, and dom0's wall time when
+    xenconsoled logged it (whole seconds; None on a console without stamps)."""
+    cpu: int
+    n: int
+    err: int
+    mono: float
+    on: int
+    stamp: float | None = None
+
+
+def parse_ticks(text: str) -> list[Tick]:
+    """The memwork lines of a guest's console log, in the order the guest printed them."""
+    out = []
+    for line in text.splitlines():
+        m = TICK.search(line)
+        if not m:
+            continue
+        st = STAMP.match(line)
+        stamp = float(calendar.timegm(time.strptime(st.group(1), "%Y-%m-%d %H:%M:%S"))) if st else None
+        out.append(Tick(int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4)), int(m.group(5)), stamp))
+    return out
+
+
+def console_text(name: str, start: int = 0, end: int | None = None) -> str:
+    """Guest ``name``'s console log from byte ``start`` (to ``end``), '' when there is none."""
     path = Path(CONSOLE_LOG.format(name))
     if not path.exists():
-        return []
+        return ""
     with path.open("rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    return [(int(n), int(e)) for n, e in TICK.findall(text)]
+        f.seek(start)
+        return f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+
+
+def ticks_since(name: str, offset: int, end: int | None = None) -> list[Tick]:
+    """Every memwork line the guest printed after byte ``offset`` of its console log (to ``end``)."""
+    return parse_ticks(console_text(name, offset, end))
+
+
+def by_cpu(ticks: list[Tick]) -> dict[int, list[Tick]]:
+    """The ticks of each vCPU's memwork, each in printed order."""
+    out: dict[int, list[Tick]] = {}
+    for t in ticks:
+        out.setdefault(t.cpu, []).append(t)
+    return dict(sorted(out.items()))
+
+
+#: how far the guest's clock may step past the time dom0 saw pass between two of its lines
+#: (issue 17, item 6): xenconsoled stamps whole seconds (up to 1 s more really passed than the
+#: stamps say) and logs a line a moment after the guest printed it (up to 1 s allowed for the
+#: earlier line's delay, dom0 being busy); a clock that jumps by more went ahead of real time
+CLOCK_SLACK_S = 2.0
+
+
+def clock_check(ticks: list[Tick], slack_s: float = CLOCK_SLACK_S) -> dict[str, object]:
+    """Per vCPU, over consecutive lines of its memwork (printed order): the guest's
+    CLOCK_MONOTONIC must step forward every time (a clock loaded or rolled back with the memory
+    must not go back, even where the counter does) and never by more than the real time between
+    the two lines, as xenconsoled's stamps give it, plus ``slack_s``: the only gap a checkpoint's
+    or a failover's pause may leave is the time it really took. Also whether every line was
+    printed from its own vCPU (the pinning held). Returns ``{"ok", "cpus": {cpu: {lines,
+    max_step_s, max_real_s, backward, jumps, off_cpu, first_bad}}}``; lines without stamps
+    fail the check (nothing to compare with)."""
+    cpus: dict[str, dict[str, object]] = {}
+    for cpu, ts in by_cpu(ticks).items():
+        backward = jumps = 0
+        first_bad = ""
+        max_step = max_real = 0.0
+        for a, b in zip(ts, ts[1:]):
+            step_s = b.mono - a.mono
+            real = None if a.stamp is None or b.stamp is None else b.stamp - a.stamp
+            max_step = max(max_step, step_s)
+            if real is not None:
+                max_real = max(max_real, real)
+            bad = ("back" if step_s <= 0 else "no stamp" if real is None
+                   else "jump" if step_s > real + slack_s else "")
+            if bad:
+                backward += bad == "back"
+                jumps += bad != "back"
+                first_bad = first_bad or (f"{bad}: n={a.n} mono={a.mono:.6f} -> n={b.n} mono={b.mono:.6f} "
+                                          f"({step_s:+.3f}s, stamps {real}s apart)")
+        cpus[str(cpu)] = {"lines": len(ts), "max_step_s": round(max_step, 3), "max_real_s": max_real,
+                          "backward": backward, "jumps": jumps, "off_cpu": sum(t.on != t.cpu for t in ts),
+                          "first_bad": first_bad}
+    ok = bool(cpus) and all(c["backward"] == 0 and c["jumps"] == 0 and c["off_cpu"] == 0 for c in cpus.values())
+    return {"ok": ok, "slack_s": slack_s, "cpus": cpus}
 
 
 def wait_ticking(name: str, offset: int, timeout: float = SH_TIMEOUT) -> float:
@@ -420,13 +504,7 @@ XEN_BIN = Path("/usr/lib/xen-4.17/bin")
 
 def errors_between(name: str, start: int, end: int | None = None) -> list[str]:
     """The self-check failures the guest printed between console bytes ``start`` and ``end``."""
-    path = Path(CONSOLE_LOG.format(name))
-    if not path.exists():
-        return []
-    with path.open("rb") as f:
-        f.seek(start)
-        text = f.read(None if end is None else max(0, end - start)).decode(errors="replace")
-    return BAD_TICK.findall(text)
+    return BAD_TICK.findall(console_text(name, start, end))
 
 
 def early_guest_errors(marks: dict[str, int], sec_until: int) -> str:
@@ -499,6 +577,21 @@ def survivor_stall_report(name: str) -> None:
         print(f"STALL report failed: {type(exc).__name__}: {exc}", flush=True)
 
 
+#: what the secondary's backend logs when the HVM contexts it loads change their vCPU set
+#: (XenDomain.set_vcpu_state): "... loaded HVM context with vCPUs 0, 1 ..."
+LOADED_CONTEXT = "loaded HVM context with vCPUs"
+
+
+def loaded_context_vcpus() -> list[int]:
+    """The vCPUs of the last HVM context the secondary's backend said it loaded ([] if none)."""
+    found: list[int] = []
+    for msg in node_messages("secondary", 0):
+        m = re.search(LOADED_CONTEXT + r" ([\d, ]+)", msg)
+        if m:
+            found = [int(v) for v in m.group(1).replace(" ", "").split(",") if v]
+    return found
+
+
 def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
                        twin_marks: dict[str, int] | None = None) -> tuple[list[Checkpoint], dict]:
     """``colo-pipeline secondary`` (guest ``sec``) and ``colo-pipeline primary`` (guest
@@ -515,6 +608,10 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     # guest's vcpu_info) took 12-20 minutes; a loaded host is not a fault of the pipeline
     wait_for("protection", lambda: node_info("primary").get("state") == "protected", procs, PROTECTION_WAIT_S)
     protected_s = time.monotonic() - t0
+    # the guests' clocks are checked from here on (issue 17, item 6): before the first checkpoint
+    # the SVM's clock is its own restore's, seconds behind the PVM's, and its first load takes
+    # it to the PVM's; from then on both run on one clock
+    protected_marks = {n: console_size(n) for n in ("prim", "sec")}
     step("protected")
     early = early_guest_errors(twin_marks, sec_at_start) if twin_marks else ""
     if early:       # issue 17, item 1: a fault before the first checkpoint earns another boot
@@ -543,7 +640,7 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     for role in ("primary", "secondary"):             # where each node found its guest's vcpu_info
         for line in (RUN / f"{role}.log").read_text(errors="replace").splitlines():
             if ("vcpu_info found" in line or "vcpu_info ranges" in line or "disagree where Xen" in line
-                    or "Xen timer event channels" in line):
+                    or "Xen timer event channels" in line or LOADED_CONTEXT in line):
                 print(f"FOUND {role}: {json.loads(line)['msg']}", flush=True)
     epochs = {c.epoch for c in results}
     for row in log_events("primary", "paused"):   # the snapshot stage's breakdown of each pause
@@ -560,7 +657,8 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
         print("PIPE " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in asdict(c).items()), flush=True)
     starts = [r["started_ns"] for r in rows]
-    extra: dict[str, object] = {"protected_s": round(protected_s, 1), "epoch_spacing_ms": round(
+    extra: dict[str, object] = {"protected_s": round(protected_s, 1), "protected_marks": protected_marks,
+                                "svm_context_vcpus": loaded_context_vcpus(), "epoch_spacing_ms": round(
         statistics.median(b - a for a, b in zip(starts, starts[1:])) / 1e6) if len(starts) > 1 else 0}
     if failover:
         extra["console_mark"] = console_size("sec")
@@ -597,72 +695,101 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
 
 
 def wait_for_survivor(mark: int, killed_at: float) -> dict[str, object]:
-    """After the kill, the secondary's guest runs on alone until it is SURVIVOR_TICKS_PAST
-    ticks past the primary's last one (its counter restarts at the last committed checkpoint,
-    which a commit of 7-12 s under a loaded host puts ~100 ticks back). The wait ends on that
-    console line, or after SURVIVOR_WAIT_S; a progress line every 30 s says where the
-    survivor is. Not reached: the survivor stalled (xenlab-4 of session 6: it printed 3 ticks
-    in 120 s), and what Xen knows of its vCPU is printed (survivor_stall_report)."""
-    prim_last = max((n for n, _ in ticks_since("prim", 0)), default=0)
-    target = prim_last + SURVIVOR_TICKS_PAST
+    """After the kill, the secondary's guest runs on alone until every vCPU's memwork is
+    SURVIVOR_TICKS_PAST ticks past the primary's last one on that vCPU (its counter restarts at
+    the last committed checkpoint, which a commit of 7-12 s under a loaded host puts ~100 ticks
+    back). Progress is each vCPU's latest line (not its highest: before the takeover's rollback
+    the SVM may have run ahead of the primary). The wait ends on that console line, or after
+    SURVIVOR_WAIT_S; a progress line every 30 s says where the survivor is. Not reached: the
+    survivor stalled (xenlab-4 of session 6: it printed 3 ticks in 120 s; with 2 vCPUs a vCPU
+    whose timer was lost stalls alone), and what Xen knows of its vCPUs is printed
+    (survivor_stall_report)."""
+    prim_last = {cpu: max(t.n for t in ts) for cpu, ts in by_cpu(ticks_since("prim", 0)).items()} or {0: 0}
+    target = {cpu: n + SURVIVOR_TICKS_PAST for cpu, n in prim_last.items()}
     t0 = time.monotonic()
-    next_note, last_n, last_change = t0 + 30, -1, t0
+    next_note, last_n, last_change = t0 + 30, {cpu: -1 for cpu in target}, t0
     reached = None
     while True:
-        n = max((n for n, _ in ticks_since("sec", mark)), default=-1)
-        if n != last_n:
-            last_n, last_change = n, time.monotonic()
-        if n >= target:
+        latest = {cpu: ts[-1].n for cpu, ts in by_cpu(ticks_since("sec", mark)).items()}
+        now_n = {cpu: latest.get(cpu, -1) for cpu in target}
+        if now_n != last_n:
+            last_n, last_change = now_n, time.monotonic()
+        if all(now_n[cpu] >= target[cpu] for cpu in target):
             reached = round(time.monotonic() - t0, 1)
             break
         if time.monotonic() - t0 >= SURVIVOR_WAIT_S:
             break
         if time.monotonic() >= next_note:
             next_note += 30
-            step(f"survivor: n={n}, target {target}, last new tick {time.monotonic() - last_change:.0f}s ago")
+            step(f"survivor: n per vCPU {now_n}, target {target}, last new tick "
+                 f"{time.monotonic() - last_change:.0f}s ago")
         time.sleep(0.5)
-    with Path(CONSOLE_LOG.format("sec")).open("rb") as f:   # the guest kernel's own words (an oops, a panic)
-        f.seek(mark)
-        said = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip() and not ln.startswith("MW ")]
+    # the guest kernel's own words (an oops, a panic)
+    said = [ln for ln in console_text("sec", mark).splitlines() if ln.strip() and not TICK.search(ln)]
     for line in said[:30]:
         print(f"SURVIVOR console: {line[:300]}", flush=True)
     took_over = node_messages("secondary", killed_at - 1)
     for line in took_over[:40]:
         print(f"SURVIVOR secondary log: {line}", flush=True)
-    print(f"SURVIVOR: {'reached' if reached is not None else 'did NOT reach'} n={target} (primary's last "
+    print(f"SURVIVOR: {'reached' if reached is not None else 'did NOT reach'} n={target} per vCPU (primary's last "
           f"{prim_last} + {SURVIVOR_TICKS_PAST}) {f'after {reached}s' if reached is not None else f'in {SURVIVOR_WAIT_S}s'}"
           f"; its last n={last_n}, {time.monotonic() - last_change:.0f}s after its last new tick", flush=True)
     if reached is None:
         survivor_stall_report("sec")
-    return {"target": target, "reached_s": reached, "last_n": last_n,
+    return {"target": {str(c): n for c, n in target.items()}, "reached_s": reached,
+            "last_n": {str(c): n for c, n in last_n.items()},
             "rolled_back": any("event=discarded" in m or "epoch discarded" in m or " discarded:" in m for m in took_over)}
 
 
 def bad_lines(name: str, offset: int, limit: int = 4) -> list[str]:
     """The first self-check failures the guest printed after ``offset`` (with the bad page)."""
-    path = Path(CONSOLE_LOG.format(name))
-    with path.open("rb") as f:
-        f.seek(offset)
-        return BAD_TICK.findall(f.read().decode(errors="replace"))[:limit]
+    return BAD_TICK.findall(console_text(name, offset))[:limit]
 
 
-def summarize(ticks: list[tuple[int, int]]) -> dict[str, int]:
-    """Lines printed, lines with a self-check error, highest counter."""
-    return {"lines": len(ticks), "err_lines": sum(1 for _, e in ticks if e), "max_n": max((n for n, _ in ticks), default=-1)}
+def summarize(ticks: list[Tick]) -> dict[str, object]:
+    """Lines printed, lines with a self-check error, highest counter; per vCPU, its lines and
+    highest counter (a vCPU whose memwork printed nothing is missing from ``cpus``)."""
+    return {"lines": len(ticks), "err_lines": sum(1 for t in ticks if t.err),
+            "max_n": max((t.n for t in ticks), default=-1),
+            "cpus": {str(c): {"lines": len(ts), "max_n": max(t.n for t in ts)} for c, ts in by_cpu(ticks).items()}}
 
 
-def failover_summary(prim: list[tuple[int, int]], sec_after: list[tuple[int, int]]) -> dict[str, object]:
-    """Did the secondary's guest go on where the primary's stopped? The primary died between
-    checkpoints, so the secondary (running since the last one) may repeat a few counters the
-    primary printed; its counters after the kill must cover the primary's last one, run on
-    without gaps, and report no self-check error."""
-    last = max((n for n, _ in prim), default=-1)
-    ns = sorted({n for n, _ in sec_after})
-    return {"primary_last_n": last, "secondary_first_n": ns[0] if ns else -1,
-            "secondary_last_n": ns[-1] if ns else -1, "lines": len(ns),
-            "gapless": ns == list(range(ns[0], ns[0] + len(ns))) if ns else False,
-            "covers_primary": bool(ns) and ns[0] <= last + 1 and ns[-1] > last,
-            "err_lines": sum(1 for _, e in sec_after if e)}
+def counter_steps(ticks: list[Tick]) -> list[tuple[int, int]]:
+    """(n, next n) wherever a vCPU's counter did not go on by one, in printed order: a load of a
+    checkpoint or the takeover's rollback, which set the memory, and so the counter, to a
+    checkpoint's (the primary's guest has none: it is never loaded)."""
+    return [(a.n, b.n) for ts in by_cpu(ticks).values() for a, b in zip(ts, ts[1:]) if b.n != a.n + 1]
+
+
+def failover_summary(prim: list[Tick], sec_after: list[Tick]) -> dict[str, object]:
+    """Did the secondary's guest go on where the primary's stopped, on every vCPU? The primary
+    died between checkpoints, so the secondary (running since the last one) may repeat a few
+    counters the primary printed; per vCPU, its counters after the kill must cover the primary's
+    last one, run on without gaps, report no self-check error, and every place the counter did
+    not go on by one (the takeover's rollback, a checkpoint's load) must land on a state the
+    primary had (at most its last counter + 1: a tick under way when it was paused): the
+    survivor never jumps ahead. The top-level figures are vCPU 0's; ``cpus`` has each one's,
+    and the booleans hold for all."""
+    sec = by_cpu(sec_after)
+    cpus: dict[str, dict[str, object]] = {}
+    for cpu, pts in (by_cpu(prim) or {0: []}).items():
+        last = max((t.n for t in pts), default=-1)
+        st = sec.get(cpu, [])
+        ns = sorted({t.n for t in st})
+        steps = counter_steps(st)
+        cpus[str(cpu)] = {"primary_last_n": last, "secondary_first_n": ns[0] if ns else -1,
+                          "secondary_last_n": ns[-1] if ns else -1, "lines": len(ns),
+                          "gapless": ns == list(range(ns[0], ns[0] + len(ns))) if ns else False,
+                          "covers_primary": bool(ns) and ns[0] <= last + 1 and ns[-1] > last,
+                          "counter_steps": steps[:4], "ahead": sum(b > last + 1 for _, b in steps),
+                          "err_lines": sum(1 for t in st if t.err)}
+    first = next(iter(cpus.values()))
+    return {**{k: first[k] for k in ("primary_last_n", "secondary_first_n", "secondary_last_n")},
+            "lines": min(c["lines"] for c in cpus.values()),
+            "gapless": all(c["gapless"] for c in cpus.values()),
+            "covers_primary": all(c["covers_primary"] for c in cpus.values()),
+            "ahead": sum(c["ahead"] for c in cpus.values()),
+            "err_lines": sum(c["err_lines"] for c in cpus.values()), "cpus": cpus}
 
 
 def run_c_baseline(rounds: int, interval_ms: int, paused_twin: bool = False,
@@ -793,6 +920,11 @@ def main() -> int:
             for name in ("prim", "sec"):
                 sh(f"sed -i 's/^hap = .*/hap = {cfg['hap']}/' /root/{name}.cfg")
         result["hap"] = sh("sed -n 's/^hap = //p' /root/prim.cfg").strip()
+        if cfg.get("vcpus", "").isdigit():   # vCPUs per guest (issue 17, item 4; lab.py --vcpus)
+            for name in ("prim", "sec"):
+                sh(f"sed -i 's/^vcpus = .*/vcpus = {int(cfg['vcpus'])}/' /root/{name}.cfg")
+        result["vcpus"] = int(sh("sed -n 's/^vcpus = //p' /root/prim.cfg").strip())
+        step(f"guests' vCPUs: {result['vcpus']}")
         step(f"guests' paging: {'HAP' if result['hap'] == '1' else 'shadow'}")
         t0 = time.monotonic()
         sh("xl create /root/prim.cfg")
@@ -833,6 +965,17 @@ def main() -> int:
         if first_only:
             raise FirstCheckpointDone
         result["failover"] = failover_summary(ticks["prim"], ticks_since("sec", int(extra["console_mark"])))
+        # issue 17, item 6, per vCPU: the PVM's clock from protection to the kill (never loaded:
+        # its counter goes on by one), the SVM's through every load and the takeover, and the
+        # survivor's from the kill on (its largest step is the failover's gap)
+        pm = extra["protected_marks"]
+        prim_after = ticks_since("prim", int(pm["prim"]))
+        result["clock"] = {"prim": {**clock_check(prim_after), "counter_steps": counter_steps(prim_after)[:4]},
+                           "sec": clock_check(ticks_since("sec", int(pm["sec"]))),
+                           "survivor": clock_check(ticks_since("sec", int(extra["console_mark"])))}
+        for who, c in result["clock"].items():
+            print(f"CLOCK {who}: ok={c['ok']} {c['cpus']}" + (f" counter steps {c['counter_steps']}"
+                                                              if c.get("counter_steps") else ""), flush=True)
 
         marks = {n: console_size(n) for n in ("prim", "sec")}
         # the pipeline's primary guest runs between two checkpoints for the spacing less the
