@@ -305,6 +305,18 @@ def test_xen_log_lines_of_a_dead_guest_are_named_by_the_labs_domain_names(lab, m
         "(XEN) d4v0 Triple fault - invoking HVM shutdown action 1 [not made by the lab]"]
 
 
+def test_a_guest_whose_kernel_panicked_is_named_dead(lab, host_side):
+    """A guest kernel's panic (this session's 2-vCPU twins: a BUG in the PV spinlock kicker's
+    handler after xl restore) leaves no line in Xen's log; ``xl list`` shows the domain crashed."""
+    listing = ("Name                                        ID   Mem VCPUs\tState\tTime(s)\n"
+               "Domain-0                                     0  1536     1     r-----     123.6\n"
+               "prim                                         2   128     1     ---sc-      16.7\n"
+               "sec                                          3   128     2     -b----       2.0\n")
+    dead = lab.crashed_domains(listing)
+    assert dead == ["xl list: domain 2 crashed (state ---sc-) [prim]"]
+    assert host_side.dead_guests({"xen_guest_faults": dead}) == {"prim"}
+
+
 def test_a_dying_guests_registers_are_named_as_its_kernels_symbols(lab, monkeypatch):
     """Session 10's PVM died at guest RIP ffffffff81171dce; Xen's dump of the vCPU (Xen 4.17's
     vcpu_show_execution_state, as hvm_triple_fault prints it) is read back to the guest
@@ -409,7 +421,7 @@ def test_a_dirty_log_stress_boot_is_ok_only_when_both_twins_cycled_and_nothing_d
 
 
 @pytest.mark.parametrize("res, outcome", [
-    ({"twin_check": {"crep_rows": 7, "guests": {"prim": {"err_lines": 0}, "sec": {"err_lines": 0}}},
+    ({"twin_check": {"crep_rows": 7, "guests": {g: {"err_lines": 0, "cpus": {"0": {"lines": 5}}} for g in ("prim", "sec")}},
       "xen_guest_faults": []}, "ok"),
     ({"twin_check": {"crep_rows": 7, "guests": {"prim": {"err_lines": 12}, "sec": {"err_lines": 0}}},
       "xen_guest_faults": []}, "guest self-check errors {'prim': 12}"),
@@ -424,6 +436,15 @@ def test_a_twin_check_boot_is_ok_only_when_no_twin_reported_a_wrong_page(host_si
     right after it was written) with the C baseline alone on the twins, no Python in the loop."""
     got = host_side.twin_check_outcome(_result(**res), "")
     assert got == "ok" if outcome == "ok" else got.startswith(outcome), got
+
+
+def test_a_twin_check_boot_of_two_vcpu_guests_needs_ticks_from_every_vcpu(host_side):
+    both = {"lines": 20, "err_lines": 0, "cpus": {"0": {"lines": 10}, "1": {"lines": 10}}}
+    one = {"lines": 10, "err_lines": 0, "cpus": {"0": {"lines": 10}}}
+    res = {"vcpus": 2, "twin_check": {"crep_rows": 4, "guests": {"prim": both, "sec": both}}}
+    assert host_side.twin_check_outcome(_result(**res), "") == "ok"
+    res["twin_check"]["guests"]["sec"] = one
+    assert host_side.twin_check_outcome(_result(**res), "") == "no tick from sec vCPU 1"
 
 
 def test_twin_check_and_paused_twin_options_reach_dom0(host_side):

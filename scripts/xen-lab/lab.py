@@ -282,6 +282,10 @@ def twin_check_outcome(log: str, problem: str) -> str:
         return f"guest self-check errors {errs}"
     if not tc.get("crep_rows"):
         return "the C baseline made no checkpoint"
+    silent = [f"{g} vCPU {c}" for g, d in (tc.get("guests") or {}).items()
+              for c in map(str, range(int(res.get("vcpus") or 1))) if not ((d.get("cpus") or {}).get(c) or {}).get("lines")]
+    if silent:      # each vCPU runs a memwork (issue 17, item 4): one that printed nothing stopped
+        return f"no tick from {', '.join(silent)}"
     return "ok"
 
 

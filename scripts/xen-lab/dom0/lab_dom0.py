@@ -278,7 +278,22 @@ def xen_guest_faults() -> list[str]:
         domid = next((int(g) for g in m.groups() if g), None)
         name = DOMIDS.get(domid, "not made by the lab" if domid is not None else "?")
         found.append(f"{m.group(0).strip()} [{name}]")
+    try:   # a guest kernel's own panic leaves no line in Xen's log: the domain is only "crashed"
+        found += crashed_domains(sh("xl list", timeout=60))
+    except Exception as exc:  # noqa: BLE001
+        found.append(f"xl list failed: {exc}")
     return found[:8]
+
+
+def crashed_domains(xl_list: str) -> list[str]:
+    """The lab's domains ``xl list`` shows crashed (state flag ``c``: a guest kernel that panicked,
+    kept by the lab's on_crash = "preserve"), named like Xen's death lines (``... [prim]``)."""
+    out = []
+    for line in xl_list.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1].isdigit() and "c" in parts[4]:
+            out.append(f"xl list: domain {parts[1]} crashed (state {parts[4]}) [{parts[0]}]")
+    return out
 
 
 # -- the replicator: colo-pipeline primary + secondary with the xen backend -----------------
@@ -1006,7 +1021,10 @@ def main() -> int:
     if "error" in result or result["xen_guest_faults"]:
         for name in ("prim", "sec"):         # where each guest's own console stopped
             path = Path(CONSOLE_LOG.format(name))
-            tail = path.read_bytes()[-400:].decode(errors="replace") if path.exists() else "(no console log)"
+            # the guest kernel's last words without memwork's lines: a panic's trace is ~3000 bytes
+            said = [ln for ln in path.read_bytes()[-200000:].decode(errors="replace").splitlines()
+                    if not TICK.search(ln)] if path.exists() else ["(no console log)"]
+            tail = "\n".join(said)[-3000:]
             print(f"CONSOLE {name} (end): {tail!r}", flush=True)
     try:
         result["xl_list"] = sh("xl list", timeout=60)
