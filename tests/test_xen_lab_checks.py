@@ -596,6 +596,20 @@ def test_each_twins_vcpu_info_is_its_own_guests_first_report_after_the_pairing(l
         lab.guest_vcpu_info("sec", 0, timeout=0)
 
 
+def test_a_line_the_saved_twin_began_and_the_restored_one_ended_is_read_whole(lab, tmp_path, monkeypatch):
+    """This session's 2-vCPU run: xenconsoled stamps a restored domain's first output, which
+    finished a line its saved self had begun: "... registered=1[2026-12-07 07:27:36] \\r\\n".
+    A stamp begins a line wherever it is, so the report and the ticks around it are read whole."""
+    monkeypatch.setattr(lab, "CONSOLE_LOG", str(tmp_path / "guest-{}.log"))
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    (tmp_path / "guest-prim.log").write_text(
+        "[2026-12-07 07:27:30] VCPUINFO cpu=0 vcpu=0 gfn=0x7a31 offset=0x3c0 registered=1[2026-12-07 07:27:36] \r\n"
+        "[2026-12-07 07:27:36] VCPUINFO cpu=1 vcpu=1 gfn=0x7b31 offset=0x3c0 registered=1\r\n"
+        "[2026-12-07 07:27:36] MW cpu=1 n=4 err=0 errtot=0 mono=9.000000 on=1[2026-12-07 07:27:37] \r\n")
+    assert lab.guest_vcpu_info("prim", 0) == "0:0x7a31+0x3c0,1:0x7b31+0x3c0"
+    assert [(t.cpu, t.n, t.stamp) for t in lab.ticks_since("prim", 0)] == [(1, 4, 1796628456.0)]
+
+
 def test_a_nodes_config_carries_its_guests_vcpu_info_only_when_given(lab):
     assert "xen_vcpu_info" not in lab.node_config("primary", "prim", 1000)["guest"]
     assert lab.node_config("secondary", "sec", 1000, "0:0x7a31+0x3c0")["guest"]["xen_vcpu_info"] == "0:0x7a31+0x3c0"

@@ -47,6 +47,7 @@ BAD_TICK = re.compile(r"MW cpu=\d+ n=\d+ err=[1-9].*")
 #: xenconsoled's stamp at the start of each guest console line (dom0's init runs it with
 #: --timestamp=guest): dom0's wall time, whole seconds
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] ")
+STAMP_ANYWHERE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
 IMAGE = "/tmp/prim.img"
 
 
@@ -112,7 +113,11 @@ def console_text(name: str, start: int = 0, end: int | None = None) -> str:
         return ""
     with path.open("rb") as f:
         f.seek(start)
-        return f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+        text = f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+    # a stamp always begins a line: xenconsoled stamps a domain's first output, and a twin's
+    # first output after xl restore may finish a line its saved self began (seen: "...
+    # registered=1[2026-12-07 07:27:36] \r\n"), which would otherwise glue the two together
+    return STAMP_ANYWHERE.sub(lambda m: "\n" + m.group(0), text)
 
 
 def ticks_since(name: str, offset: int, end: int | None = None) -> list[Tick]:
@@ -393,12 +398,8 @@ def guest_vcpu_info(name: str, offset: int, timeout: float = VCPUINFO_WAIT_S) ->
     (``VCPU:0xGFN+0xOFFSET,...``), from its first vcpuinfo report after console byte
     ``offset``: the domain's own kernel's word (issue 17, item 5), read for each twin from
     its own console. RuntimeError when the guest reports an error or no registration."""
-    path = Path(CONSOLE_LOG.format(name))
-
     def reports() -> list[str]:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return VCPUINFO_ANY.findall(f.read().decode(errors="replace"))
+        return VCPUINFO_ANY.findall(console_text(name, offset))
     t0 = time.monotonic()
     while not reports():
         if time.monotonic() - t0 >= timeout:
