@@ -630,7 +630,11 @@ def _passing_res(ratio: float = 0.8, vcpus: int = 1) -> dict:
               "primary_last_n": 160, "secondary_first_n": 150, "secondary_last_n": 175}
     clock = {"ok": True, "cpus": {c: {"lines": 20, "max_step_s": 4.5, "max_real_s": 5.0, "backward": 0, "jumps": 0,
                                       "off_cpu": 0, "first_bad": ""} for c in cpus}}
+    xl_list = ("Name                                        ID   Mem VCPUs\tState\tTime(s)\n"
+               "Domain-0                                     0  1536     1     r-----     528.9\n"
+               "prim                                         2   128     2     r-----     371.6\n")
     return dict(pipeline=rows, c_baseline=c_rows, c_phase=phase(), pipeline_phase=phase(), vcpus=vcpus,
+                xl_list=xl_list, dom0_s=661.7,
                 failover={**fo_cpu, "cpus": {c: fo_cpu for c in cpus}},
                 pipeline_extra={"svm_context_vcpus": list(range(vcpus))},
                 clock={"prim": {**clock, "counter_steps": []}, "sec": clock, "survivor": clock})
@@ -653,6 +657,7 @@ def test_a_two_vcpu_run_passes_only_when_every_vcpu_passes_every_check(host_side
     assert verdict.startswith("VERDICT: PASS") and "vCPUs 2: vCPU0 context loaded=True" in verdict
     assert "vCPU1 context loaded=True survivor n=150..175 (primary's 160) gapless=True clock back/ahead=0" in verdict
     assert "largest survivor step 4.5s (stamps 5.0s apart)" in verdict
+    assert "CPU s (xl list) {'Domain-0': 528.9, 'prim': 371.6, 'dom0_wall': 661.7}" in verdict
 
     def broken(change) -> str:
         res = _passing_res(vcpus=2)

@@ -368,7 +368,7 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "xen_guest_faults": res.get("xen_guest_faults"), "xen_guest_rips": res.get("xen_guest_rips"),
            "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
-           "vcpu_info": res.get("vcpu_info")}
+           "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res)}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -417,6 +417,23 @@ def survivor_words(sv: dict | None) -> str:
         return f", survivor reached n={per_vcpu(sv['target'])} {sv['reached_s']}s later{back}"
     return (f", survivor STALLED at n={per_vcpu(sv.get('last_n'))} (target {per_vcpu(sv.get('target'))}{back}; "
             "see the STALL lines)")
+
+
+def cpu_times(res: dict) -> dict[str, float]:
+    """Each domain's CPU seconds at the end of the boot (dom0's ``xl list``, Time(s)) and dom0's
+    driver's wall seconds (``dom0_s``): whether the guests' vCPUs starved dom0's one vCPU, which
+    runs both nodes (issue 17, item 4: 2+2 guest vCPUs on the host's 2 pCPUs)."""
+    out: dict[str, float] = {}
+    for line in str(res.get("xl_list") or "").splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6:
+            try:
+                out[parts[0]] = float(parts[5])
+            except ValueError:
+                continue
+    if res.get("dom0_s") is not None:
+        out["dom0_wall"] = float(res["dom0_s"])
+    return out
 
 
 def vcpu_checks(res: dict) -> tuple[int, dict[str, object]]:
@@ -531,6 +548,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           + f" | checkpoint causes {causes} (dirty_threshold from log-dirty PEEK)"
           + f" | vcpu_info {'from the guests: ' + str(res['vcpu_info']) if res.get('vcpu_info') else 'watched by the nodes'}"
           + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
+          + f" | CPU s (xl list) {cpu_times(res)}"
           + (f" | STOPPED after {proven_checkpoints(res)} proven checkpoints: {describe_error(res, width=160)}"
              if "error" in res else "")
           + (f" | boots {len(faults) + 1}, repeated after platform faults: {len(faults)} "

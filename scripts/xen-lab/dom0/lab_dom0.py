@@ -507,6 +507,10 @@ def node_info(role: str) -> dict:
         return NodeCounters.attach(f"lab-{role}").node_info()
     except NodeNotRunning:
         return {}
+    except TimeoutError:
+        # the node was descheduled for over a second mid-update of its info (this session's
+        # 2-vCPU run at host load 8: dom0's one vCPU shared by both nodes): not known this poll
+        return {}
 
 
 #: the survivor's deadline to run 10 ticks past the primary's last one after a failover: an
