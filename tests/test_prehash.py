@@ -3,6 +3,8 @@ the hashes BEGIN then sends must be those of the pages as the paused SVM holds t
 for pages the SVM wrote again after a round hashed them."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from conftest import wait_until
@@ -13,6 +15,18 @@ from pipeline.stages.common import domain_page_hashes, hash_pages
 from pipeline.xen_io.sim import WorkloadSpec, open_sim_domain
 
 PAGES = 1024
+
+
+@contextlib.contextmanager
+def _svm_and_its_rounds(name: str, pages: int):
+    """A paused sim SVM with its dirty log on and the prehash rounds over it."""
+    dom = open_sim_domain(name, pages, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        yield dom, SvmPrehash(dom)
+    finally:
+        dom.close()
 
 
 def _run_input(dom, pages: int) -> None:
@@ -31,11 +45,7 @@ def _assert_hashes_of_the_pages_now(dom, pfns: np.ndarray, hashes: np.ndarray) -
 
 
 def test_pages_written_again_after_a_round_get_their_new_hash():
-    dom = open_sim_domain("prehash-svm", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-svm", PAGES) as (dom, pre):
         _run_input(dom, 600)
         pre.round()                       # (paused here, so the test knows what it hashed)
         first = set(pre.pfns.tolist())
@@ -52,19 +62,13 @@ def test_pages_written_again_after_a_round_get_their_new_hash():
                    and bytes(h) != before[p]]
         assert changed, "no pre-hashed page changed: the test proves nothing"
         assert not len(pre.pfns)                        # handed over
-    finally:
-        dom.close()
 
 
 def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
     """A round stops hashing when a BEGIN waits (it held BEGIN back by its whole dirty
     set); the pages it took off the log but did not hash are hashed at BEGIN, so SVM_DIRTY
     still names every page the SVM wrote, each with its hash as the paused SVM holds it."""
-    dom = open_sim_domain("prehash-cut", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-cut", PAGES) as (dom, pre):
         _run_input(dom, 900)
         asked = []
         # asked before the round and before each chunk: a BEGIN after the first chunk
@@ -78,19 +82,13 @@ def test_a_round_interrupted_by_a_begin_leaves_its_pages_to_begin():
         assert wrote <= set(pfns.tolist())
         _assert_hashes_of_the_pages_now(dom, pfns, hashes)
         assert not len(pre.todo) and not len(pre.pfns)
-    finally:
-        dom.close()
 
 
 def test_a_begin_waiting_stops_a_round_before_its_first_chunk():
     """A round that finds a BEGIN waiting after its log read hashes nothing (a round of up
     to a chunk never asked, and held the BEGIN back by its hashing); one that finds it
     before it begins does not read the log either: BEGIN gets every page."""
-    dom = open_sim_domain("prehash-first", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-first", PAGES) as (dom, pre):
         _run_input(dom, 100)                  # less than a chunk
         pre.round(lambda: True)               # waiting before the round: not begun
         assert not len(pre.pfns) and not len(pre.todo)
@@ -101,8 +99,6 @@ def test_a_begin_waiting_stops_a_round_before_its_first_chunk():
         pfns, hashes = pre.begin(dom.read_and_clear_dirty())
         assert len(pfns) >= 100
         _assert_hashes_of_the_pages_now(dom, pfns, hashes)
-    finally:
-        dom.close()
 
 
 def test_begin_answers_in_ascending_parts_that_grow():
@@ -110,11 +106,7 @@ def test_begin_answers_in_ascending_parts_that_grow():
     PART_FIRST pages, then twice as many each time up to PART_MAX; together the whole
     dirty set, pages the rounds hashed (and not written since) with their round's hash."""
     first = SvmPrehash.PART_FIRST
-    dom = open_sim_domain("prehash-parts", 16384, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-parts", 16384) as (dom, pre):
         _run_input(dom, 700)
         pre.round()
         _run_input(dom, first * 3 + 200)         # more than the first two parts
@@ -128,8 +120,6 @@ def test_begin_answers_in_ascending_parts_that_grow():
         assert np.all(np.diff(pfns.astype(np.int64)) > 0)     # ascending, disjoint
         hashes = np.concatenate([h for _, h, _ in parts])
         _assert_hashes_of_the_pages_now(dom, pfns, hashes)
-    finally:
-        dom.close()
 
 
 def test_a_dirty_set_of_one_digest_batch_goes_in_one_part():
@@ -138,11 +128,7 @@ def test_a_dirty_set_of_one_digest_batch_goes_in_one_part():
     wake for while the PVM is paused: a dirty set of one batch goes in one part (it went in
     three, 256 + 512 + the rest, and the first batch of a larger set waited for the third)."""
     batch = PipelineSettings().batch_pages
-    dom = open_sim_domain("prehash-one-part", 8192, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-one-part", 8192) as (dom, pre):
         _run_input(dom, batch)
         dirty = dom.read_and_clear_dirty()
         assert len(dirty) >= batch
@@ -150,8 +136,6 @@ def test_a_dirty_set_of_one_digest_batch_goes_in_one_part():
         assert [(len(p), more) for p, _, more in parts] == [(batch, False)]
         parts = list(pre.parts(dirty))            # more than a batch: the first part is one
         assert len(parts[0][0]) == batch
-    finally:
-        dom.close()
 
 
 def test_begin_with_every_page_hashed_by_the_rounds_sends_their_hashes_in_parts():
@@ -159,11 +143,7 @@ def test_begin_with_every_page_hashed_by_the_rounds_sends_their_hashes_in_parts(
     hashes as they are (no union with an empty set), still in parts of PART_FIRST, twice
     as many, ...; the rounds start afresh after it."""
     first = SvmPrehash.PART_FIRST
-    dom = open_sim_domain("prehash-kept-up", 16384, WorkloadSpec(seed=7), dirty_log="auto")
-    dom.start(paused=True)
-    try:
-        dom.enable_dirty_log()
-        pre = SvmPrehash(dom)
+    with _svm_and_its_rounds("prehash-kept-up", 16384) as (dom, pre):
         _run_input(dom, first * 3 + 100)     # three parts: 1024, 2048, the rest
         while True:                          # (ROUND_MAX pages a round)
             pre.round()
@@ -181,5 +161,3 @@ def test_begin_with_every_page_hashed_by_the_rounds_sends_their_hashes_in_parts(
         # nothing held, nothing dirty: one empty part
         assert [(len(p), more) for p, _, more in pre.parts(np.zeros(0, np.uint64))] \
             == [(0, False)]
-    finally:
-        dom.close()
