@@ -56,11 +56,23 @@ def test_libzmq_push_sockets_deliver_every_message_in_order(tmp_path):
         msgs = {0: [b"a %d" % i for i in range(3000)] + [b"x" * 255, b"y" * 256,
                                                          b"z" * 70000, b""],
                 1: [b"b %d" % i for i in range(3000)]}
+        # sent without blocking, the pull read whenever a push is full: a blocking send
+        # waits for the PULL end to read, and only this thread reads it (the pushes' high-
+        # water mark plus the kernel's socket buffers is all that may be in flight; CI hung
+        # here once, 300 s, in a blocking send)
+        got: list[bytes] = []
         for i, p in enumerate(pushes):
             for m in msgs[i]:
-                p.send(m)
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        p.send(m, zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        assert time.monotonic() < deadline, "the push stayed full for 60 s"
+                        got += _pump(pull, 1 << 30, timeout=0.05)
         # plus the hellos that went while the handshakes finished
-        got = _pump(pull, sum(len(m) for m in msgs.values()) + hellos)
+        got += _pump(pull, sum(len(m) for m in msgs.values()) + hellos - len(got))
         got = [m for m in got if m != b"hello"]
         # each peer's messages in its order (the peers interleave)
         assert [m for m in got if not m.startswith(b"b ")] == msgs[0]
