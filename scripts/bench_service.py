@@ -26,7 +26,8 @@ answers within the sending window only: below the offered rate, the backlog grew
 The nodes run with their defaults (docs/config.md; the run prints them and the JSON has
 them as ``node_settings``): colo's timer is ``checkpoint.max_interval_ms``'s default under
 ``net.release = "compare"`` (10 s), buffered's the default under ``"commit"`` (25 ms);
-``--interval-ms``, ``--buffered-interval-ms``, ``--input-log-slots`` and the like override.
+``--interval-ms``, ``--buffered-interval-ms``, ``--input-log-slots``, ``--prescan-ms`` and the
+like override (each row names its ``prescan_ms``).
 
 Per row, from the nodes: checkpoints/s by cause, pages per checkpoint, commit p50/p99
 (committed checkpoints of that row) and CPU seconds of each node's process group (the
@@ -279,7 +280,8 @@ def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -
     checkpoint = {key: value for key, value in (
         ("max_interval_ms", interval),
         ("min_interval_ms", args.min_interval_ms),
-        ("dirty_threshold_pages", args.dirty_threshold_pages)) if value is not None}
+        ("dirty_threshold_pages", args.dirty_threshold_pages),
+        ("prescan_ms", args.prescan_ms)) if value is not None}
     guest = {"backend": "sim", "page_count": args.pages}
     if args.input_log_slots is not None:
         guest["input_log_slots"] = args.input_log_slots
@@ -472,21 +474,32 @@ class Service:
             shutil.move(self.pair.workdir, self.keep)
 
 
+def mode_settings(mode: str, args: argparse.Namespace) -> dict:
+    """What the nodes run with in one mode: the defaults (docs/config.md) unless a flag
+    overrides one (the config the pair gets, read back through the node's own parser)."""
+    tables = service_tables(mode, 0.0, args)
+    s = config.from_dict({"net": tables["net"], "guest": tables["guest"],
+                          "checkpoint": tables["checkpoint"],
+                          "security": {"mode": "plaintext"}}, f"<{mode}>")
+    return {"timer_ms": s.checkpoint.timer_ms(s.net.release),
+            "min_interval_ms": s.checkpoint.min_interval_ms,
+            "dirty_threshold_pages": s.checkpoint.dirty_threshold_pages,
+            "prescan_ms": s.checkpoint.prescan_ms,
+            "input_log_slots": s.guest.input_log_slots,
+            "compare_timeout_ms": s.net.compare_timeout_ms}
+
+
 def node_settings(args: argparse.Namespace) -> dict:
-    """What the nodes run with in each mode: the defaults (docs/config.md) unless a flag
-    overrides one."""
-    out = {}
-    for mode in ("colo", "buffered"):
-        tables = service_tables(mode, 0.0, args)
-        s = config.from_dict({"net": tables["net"], "guest": tables["guest"],
-                              "checkpoint": tables["checkpoint"],
-                              "security": {"mode": "plaintext"}}, f"<{mode}>")
-        out[mode] = {"timer_ms": s.checkpoint.timer_ms(s.net.release),
-                     "min_interval_ms": s.checkpoint.min_interval_ms,
-                     "dirty_threshold_pages": s.checkpoint.dirty_threshold_pages,
-                     "input_log_slots": s.guest.input_log_slots,
-                     "compare_timeout_ms": s.net.compare_timeout_ms}
-    return out
+    """Each protected mode's :func:`mode_settings` (unprotected runs colo's pair)."""
+    return {mode: mode_settings(mode, args) for mode in ("colo", "buffered")}
+
+
+def row_head(mode: str, nondeterminism: float, rate, args: argparse.Namespace) -> dict:
+    """The keys that name a row, and the node settings an A/B of one run varies (each row
+    says what its pair ran with: runs with and without the prescan are compared row by
+    row)."""
+    return {"mode": mode, "nondeterminism": nondeterminism, "rate": rate,
+            "prescan_ms": mode_settings(mode, args)["prescan_ms"]}
 
 
 # ------------------------------------------------------------------ the run
@@ -513,7 +526,7 @@ def _run(args: argparse.Namespace, watch: MachineWatch) -> dict:
             try:
                 service.start()
                 for rate in args.rates:
-                    rows.append({"mode": mode, "nondeterminism": nd, "rate": rate,
+                    rows.append({**row_head(mode, nd, rate, args),
                                  **service.phase(rate, 0, args.duration, args.drain)})
                     _show(rows[-1], args)
                 if args.outstanding:
@@ -522,7 +535,7 @@ def _run(args: argparse.Namespace, watch: MachineWatch) -> dict:
                         row = service.phase(None, k, args.duration, args.drain)
                         if best is None or row["completed_per_s"] > best["completed_per_s"]:
                             best = {**row, "outstanding": k}
-                    rows.append({"mode": mode, "nondeterminism": nd, "rate": "closed", **best})
+                    rows.append({**row_head(mode, nd, "closed", args), **best})
                     _show(rows[-1], args)
             finally:
                 service.close()
@@ -641,7 +654,7 @@ def _show(r: dict, args: argparse.Namespace) -> None:
               "ms per s", file=out, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--quick", action="store_true",
@@ -673,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoint.min_interval_ms (default: the node's)")
     p.add_argument("--dirty-threshold-pages", type=int, default=None,
                    help="checkpoint.dirty_threshold_pages (default: the node's)")
+    p.add_argument("--prescan-ms", type=int, default=None,
+                   help="checkpoint.prescan_ms, both nodes (default: the node's; 0 = off); "
+                   "each row's JSON has the value its pair ran with")
     p.add_argument("--input-log-slots", type=int, default=None,
                    help="guest.input_log_slots (default: the node's)")
     p.add_argument("--compare-timeout-ms", type=int, default=None,
@@ -689,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
     args.rates = [int(r) if r == int(r) else r for r in args.rates]
     if args.quick:
         args.rates, args.nondeterminism = [1000], [0, 0.01]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     nodes = node_settings(args)
     print(f"node settings: {nodes}", file=sys.stderr if args.json else sys.stdout, flush=True)
     result = run(args)

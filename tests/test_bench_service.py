@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,6 +88,9 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
         assert nodes[mode]["input_log_slots"] == defaults.guest.input_log_slots
         assert nodes[mode]["min_interval_ms"] == defaults.checkpoint.min_interval_ms
         assert nodes[mode]["dirty_threshold_pages"] == defaults.checkpoint.dirty_threshold_pages
+        assert nodes[mode]["prescan_ms"] == defaults.checkpoint.prescan_ms
+    # each row names the prescan its pair ran with (the default here)
+    assert {r["prescan_ms"] for r in rows} == {defaults.checkpoint.prescan_ms}
     # --keep: each pair's directory stays, with its nodes' logs (a line per checkpoint, its
     # split) and each row's checkpoint records of both nodes, on the request trace's clock
     for mode in ("colo", "buffered"):
@@ -104,3 +109,31 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
     resumes = re.findall(r"event=applied .*resume_ms=(\S+)",
                          (keep / "buffered-0.0" / "secondary.log").read_text())
     assert any(v != "-" and float(v) > 0 for v in resumes), resumes
+
+
+def test_prescan_flag_reaches_both_nodes_config_and_every_row():
+    """--prescan-ms sets checkpoint.prescan_ms in the pair's config (read back through the
+    node's own parser) and each row names the value its pair ran with; without the flag the
+    nodes keep their default and the rows say which. Plumbing only: no pair is started."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_service
+    from pipeline.config import ConfigError, Settings
+
+    default = Settings().checkpoint.prescan_ms
+    for argv, want in ((["--quick", "--prescan-ms", "5"], 5), (["--prescan-ms", "0"], 0),
+                       (["--quick"], default)):
+        args = bench_service.parse_args(argv)
+        for mode in bench_service.MODES:
+            checkpoint = bench_service.service_tables(mode, 0.01, args)["checkpoint"]
+            # a flag left out leaves the node's default (not written into its config)
+            assert checkpoint.get("prescan_ms", default) == want, (argv, mode, checkpoint)
+            assert ("prescan_ms" in checkpoint) == ("--prescan-ms" in argv), (argv, checkpoint)
+            assert bench_service.mode_settings(mode, args)["prescan_ms"] == want, (argv, mode)
+            head = bench_service.row_head(mode, 0.01, "closed", args)
+            assert head == {"mode": mode, "nondeterminism": 0.01, "rate": "closed",
+                            "prescan_ms": want}, head
+        assert {m: s["prescan_ms"] for m, s in bench_service.node_settings(args).items()} \
+            == {"colo": want, "buffered": want}
+    # a bad value is refused by the node's parser with the key named, before any pair starts
+    with pytest.raises(ConfigError, match="checkpoint.prescan_ms"):
+        bench_service.mode_settings("colo", bench_service.parse_args(["--prescan-ms", "-1"]))
