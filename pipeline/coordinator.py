@@ -46,7 +46,8 @@ from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
 from pipeline.failover.roles import record_role
 from pipeline.failover.takeover import PrimaryRole, PrimaryStart, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
-from pipeline.stages.common import HashTable, StageContext, SvmPages, domain_page_hashes
+from pipeline.stages.common import (HashTable, StageContext, SvmPages, domain_page_hashes,
+                                    zero_page_hash)
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain, DomainError
 
@@ -1062,6 +1063,10 @@ class SecondaryCoordinator(_Coordinator):
             # below a part while the rest is hashed here.
             trace.point("svm_dirty_read", epoch, str(len(dirty)))
             done = []
+            # the pages the SVM holds as zeros can be no SVM page (the primary sends a zero
+            # page as ZERO): the restore stage's copy of the SVM's pages leaves them out
+            zero = np.frombuffer(zero_page_hash(self.domain.page_size), np.uint8)
+            held = []
             # each part is sent before the next is hashed (it waited for the next one's
             # hashing before: the digest workers' batches below it waited as long). All at
             # the pause's priority: the data stages run at it too (common.StagePriority),
@@ -1074,18 +1079,21 @@ class SecondaryCoordinator(_Coordinator):
                 self._send(wire.encode_svm_dirty(epoch, pfns, hashes, more=more))
                 trace.point("svm_part_sent" if more else "svm_hashed", epoch, str(len(pfns)))
                 done.append(pfns)
+                held.append(pfns[(hashes != zero).any(axis=1)])
             dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
             # the rest is hops on the commit's path (the restore stage's verdict, the ACK,
             # the SVM's resume) with little CPU of its own, asleep between
-            self._settle(begin, epoch, dirty, t_begin)
+            self._settle(begin, epoch, dirty, t_begin,
+                         np.concatenate(held).astype(np.uint64) if len(held) > 1 else held[0])
         finally:
             # (the priority stays: the loop (run) waits for the next BEGIN at it)
             self.shared.live.value = -1
 
     def _settle(self, begin: wire.CheckpointBegin, epoch: int, dirty: np.ndarray,
-                t_begin: int) -> None:
+                t_begin: int, nonzero: np.ndarray | None = None) -> None:
         """The epoch's second half: the restore stage applies it (or rolls it back), the
-        ACK, the SVM runs on."""
+        ACK, the SVM runs on. ``nonzero``: the pages of ``dirty`` the SVM does not hold as
+        zeros (the restore stage copies them while the epoch is in transit)."""
         faults.point("secondary.begin")
         # 2. the restore stage applies e the moment it is assembled (no round trip through
         # here in between; with a disk, once e is sealed too); a torn e is rolled back
@@ -1099,7 +1107,7 @@ class SecondaryCoordinator(_Coordinator):
                 and not self._disk_sealed(epoch, deadline):
             reply = self._outcome(epoch, dirty, deadline, torn=True)
         else:
-            self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest))
+            self.restore_ctrl.send(messages.ApplyCmd(epoch, dirty, want_digest, nonzero))
             reply = self._outcome(epoch, dirty, deadline)
         if reply is None:
             return                  # the node is stopping

@@ -125,6 +125,11 @@ Secondary coordinator and restore stage:
 * ``restore.written``            mid-restore, early ACK: the SVM's memory is the epoch's and
                                  the coordinator told (Written: it resumes the SVM); the
                                  epoch's pages not yet in the restore stage's cache
+* ``restore.svm_copied``         the SVM's dirty pages of a checkpoint copied (<k>-th time)
+                                 into the restore stage's side buffer while the epoch is
+                                 in transit, the SVM paused, the cache untouched; the epoch
+                                 not yet applied (its SVM pages go into the cache from that
+                                 copy after the SVM resumed)
 
 Demo witness, ``pipeline/failover/witness.py`` (``LocalWitness``):
 

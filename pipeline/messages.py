@@ -115,10 +115,14 @@ class Sent(NamedTuple):
 
 
 class ApplyCmd(NamedTuple):
-    """Apply ``epoch`` once it is assembled (the SVM is paused until the reply)."""
+    """Apply ``epoch`` once it is assembled (the SVM is paused until the reply).
+    ``svm_nonzero``: the pages of ``svm_dirty`` the SVM does not hold as zeros (their
+    SVM_DIRTY hash), the only ones that can be SVM pages: the restore stage copies them
+    while the epoch is in transit (None: all of ``svm_dirty``)."""
     epoch: int
     svm_dirty: np.ndarray
     want_digest: bool
+    svm_nonzero: np.ndarray | None = None
 
 
 class AbortCmd(NamedTuple):

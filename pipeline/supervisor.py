@@ -98,7 +98,7 @@ EXTRA_COUNTERS = {
              "link_mb_s", "lz4_mb_s", "stale_batches", "records_in_place"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
                 "pages_same_as_svm", "svm_refs_refused", "inputs_awaited", "inputs_missing",
-                "cache_populated"),
+                "cache_populated", "svm_copied_in_transit", "svm_cached_paused"),
     "client": ("outputs", "input_full", "pvm_input_seq"),
     "mirror": ("outputs", "input_full", "inputs_generated", "svm_input_seq"),
     "heartbeat": heartbeat.COUNTERS,

@@ -327,6 +327,13 @@ class StagePriority:
         """About to work on a record or batch of ``epoch``."""
         self.priority.urgent(epoch != self.live.value, self.level)
 
+    def background(self, epoch: int) -> None:
+        """About to do work of ``epoch`` that nothing waits for yet (the restore stage's
+        copy of the SVM's pages while the epoch is in transit): at WORK whatever this
+        stage's level, so the hops of the checkpoint's path (SVM_DIRTY's parts, the
+        records) are not held behind it."""
+        self.priority.urgent(epoch != self.live.value, PausePriority.WORK)
+
     def normal(self) -> None:
         """About to do work too long for real time whatever its epoch (a proof's hash of
         all of memory)."""
