@@ -88,6 +88,12 @@ HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd"
         ("secondary -> SVM resumed", ("coordinator", "written_in"),
          ("coordinator", "svm_resumed")),
         ("checked -> SVM resumed", ("restore", "checked"), ("coordinator", "svm_resumed")),
+        # the SVM's pages copied while the epoch is in transit (none past its arrival: the
+        # rest are copied in the pause, "pages written -> SVM pages cached"), and the cache
+        # filled beside the resumed SVM
+        ("ApplyCmd -> SVM's pages copied", ("restore", "svm_copy_start"),
+         ("restore", "svm_copied")),
+        ("Written -> cache written", ("restore", "written"), ("restore", "cache_written")),
         ("BEGIN in -> SVM resumed", ("coordinator", "begin_in"), ("coordinator", "svm_resumed")))
 
 #: the data path's hops: from the first time one process did something to the first time
