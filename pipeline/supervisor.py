@@ -371,7 +371,7 @@ class Supervisor:
                               (dom, to_digest, snap_b, snapbuf,
                                s.run_dir if s.disk.enabled else "",
                                s.pipeline.pause_priority == "realtime",
-                               s.checkpoint.prescan_ms))]
+                               s.checkpoint.prescan_ms, shared.unprotected))]
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress, shared.compress, svm, i,

@@ -274,3 +274,57 @@ def test_batches_of_pages_copied_in_several_rounds_go_out_in_order_of_their_high
         for r in rings:
             r.unlink()
             r.close()
+
+
+def test_the_rounds_come_as_often_as_the_pvm_writes_enough_to_take():
+    """The cadence (Prescan._next_wait): a burst is taken every prescan_ms, a steady
+    trickle about LEFT_PAGES pages at a time (a service writing ~2000 pages a second: one
+    round per ~100 ms, not one per 5-20 ms for ~10 pages each, at real time above its
+    request path), a few pages after a long wait are looked at again soon (a burst may have
+    begun), an idle PVM less and less often."""
+    dom = open_sim_domain("prescan-cadence", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    try:
+        pre = Prescan(dom, _Counters(), prescan_ms=5)
+        floor, cheap = 0.005, 0.00001
+        # a burst: as often as allowed, and never more often than 40x a round's cost
+        assert pre._next_wait(Prescan.LEFT_PAGES, 0.005, cheap) == floor
+        assert pre._next_wait(1000, 0.005, 0.001) == pytest.approx(0.040)
+        # a trickle of 2000 pages/s seen over a short wait: ~LEFT_PAGES at a time, at most
+        # IDLE_MAX_S apart
+        assert pre._next_wait(10, 0.005, cheap) == Prescan.IDLE_MAX_S
+        assert pre._next_wait(40, 0.005, cheap) == pytest.approx(0.032)
+        # the same few pages after a long wait: a look again soon, then the trickle's pace
+        assert pre._next_wait(200, 0.1, cheap) == floor
+        pre.wait_s = floor
+        assert pre._next_wait(10, floor, cheap) == Prescan.IDLE_MAX_S
+        # nothing: twice the last wait, up to IDLE_MAX_S
+        pre.wait_s = 0.02
+        assert pre._next_wait(0, 0.02, cheap) == pytest.approx(0.04)
+        pre.wait_s = 0.08
+        assert pre._next_wait(0, 0.08, cheap) == Prescan.IDLE_MAX_S
+    finally:
+        dom.close()
+
+
+def test_no_rounds_while_no_secondary_protects_the_guest():
+    """While the node's ``unprotected`` word is 1 no checkpoint will take the rounds'
+    pages (the next protection starts with a full sync): no round is due and the stage
+    waits for its commands only; once protected again, the rounds go on."""
+    import multiprocessing
+    unprotected = multiprocessing.get_context("fork").Value("i", 1, lock=False)
+    dom = open_sim_domain("prescan-unprot", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        c = _Counters()
+        pre = Prescan(dom, c, prescan_ms=5, unprotected=unprotected)
+        pre.start()
+        pre.next_at = 0.0           # (the round's time came)
+        assert not pre.due() and pre.timeout(0.2) == 0.2
+        unprotected.value = 0
+        assert pre.due() and pre.timeout(0.2) == 0.0
+        _run(dom, SimDomain.fill_command(0, 30, 0x21))
+        pre.round(lambda: False)
+        assert c.values["prescans"] == 1 and c.values["prescan_held"] == 30
+    finally:
+        dom.close()

@@ -57,17 +57,32 @@ class Prescan:
 
     A round runs at the pause's priority, where the stage waits for its command, and reads
     the log in parts (Domain.prescan_dirty), stopping when a command waits: the pause
-    reads the rest."""
+    reads the rest.
+
+    The cadence follows what the rounds take (:meth:`_next_wait`): every ``prescan_ms``
+    (and 40x a round's cost) while the PVM writes fast (a burst: a checkpoint's worth of
+    pages taken before its pause), but a steady trickle is taken about LEFT_PAGES pages at
+    a time (a service writing 2 pages a request at 1000 requests/s: every ~100 ms, not
+    every 5-20 ms for ~10 pages: each round is a wake-up at real time above the request
+    path and a walk of the whole log, for pages the pause would copy in microseconds).
+    No rounds while no secondary protects the guest (``unprotected``, the node's shared
+    word): no checkpoint will take their pages (the next protection starts with a full
+    sync, :meth:`start`)."""
 
     COST_FACTOR = 40    # a round at most every this many times its cost (the walk of all
                         # of memory: ~0.1-0.2 ms on a 256 MiB sim guest)
-    IDLE_MAX_S = 0.1    # rounds that found nothing come less often, down to this
+    IDLE_MAX_S = 0.1    # rounds that found nothing (or little) come less often, down to this
     AFTER_PAUSE = 4     # the first round after a pause waits this many prescan_ms: the
                         # checkpoint's stages have the cores first
+    LEFT_PAGES = 256    # at the rate the PVM writes, a round when about this many pages were
+                        # written since the last: what the pause may have left to read and
+                        # copy (~0.3-0.5 ms) when it comes between two rounds
 
     def __init__(self, domain: Domain, counters, prescan_ms: int,
-                 snapbuf: PageBuffer | None = None, rings: list[Ring] | tuple = ()) -> None:
+                 snapbuf: PageBuffer | None = None, rings: list[Ring] | tuple = (),
+                 unprotected=None) -> None:
         self.domain, self.c = domain, counters
+        self.unprotected = unprotected      # a shared int: 1 while no secondary protects
         self.min_s = prescan_ms / 1000
         n = domain.page_count if prescan_ms else 0
         # the pages the rounds took, a flag per page: joining them with the pause's read
@@ -88,6 +103,7 @@ class Prescan:
         self.on = False             # only once the dirty log is on (a full sync started it)
         self.wait_s = self.min_s
         self.next_at = 0.0
+        self.last_at = 0.0          # when the last round (or the hand-over) began
 
     def start(self) -> None:
         """The dirty log was (re)started: every page counts as clean, nothing is held."""
@@ -96,14 +112,17 @@ class Prescan:
         self.row_of[:] = -1
         self._handed_over()
 
+    def _active(self) -> bool:
+        return self.on and not (self.unprotected is not None and self.unprotected.value)
+
     def timeout(self, longest: float) -> float:
         """How long the stage may wait for a command before the next round is due."""
-        if not self.on:
+        if not self._active():
             return longest
         return max(0.0, min(longest, self.next_at - time.monotonic()))
 
     def due(self) -> bool:
-        return self.on and time.monotonic() >= self.next_at
+        return self._active() and time.monotonic() >= self.next_at
 
     def round(self, interrupted) -> None:
         if self.buf is not None and any(r.occupancy for r in self.rings):
@@ -119,16 +138,31 @@ class Prescan:
             if self.buf is not None:
                 self._copy(got, interrupted)
         cost = time.monotonic() - t0
-        if len(got):
-            self.wait_s = max(self.min_s, self.COST_FACTOR * cost)
-        else:
-            self.wait_s = min(self.IDLE_MAX_S, max(self.min_s, 2 * self.wait_s,
-                                                   self.COST_FACTOR * cost))
+        self.wait_s = self._next_wait(len(got), t0 - self.last_at, cost)
+        self.last_at = t0
         self.c.add("prescans", 1)
         self.c.add("pages_prescanned", len(got))
         self.c.set("prescan_held", self.count)
         trace.point("prescan_end", -1, f"{len(got)}/{self.count}")
         self.next_at = time.monotonic() + self.wait_s
+
+    def _next_wait(self, got: int, since: float, cost: float) -> float:
+        """Seconds to the next round, after one that took ``got`` pages written in the
+        ``since`` seconds before it and cost ``cost``. Never sooner than prescan_ms nor
+        than COST_FACTOR times the cost, never later than IDLE_MAX_S:
+
+        * nothing: twice the last wait (an idle PVM is looked at less and less often);
+        * a burst (LEFT_PAGES or more): at once, as often as allowed;
+        * a few, after a long wait: soon (prescan_ms), to see whether a burst began (its
+          first pages alone say nothing of its rate; a 1k-page write takes 10-60 ms);
+        * a few, after a short one: when LEFT_PAGES more should be written at that rate."""
+        floor = max(self.min_s, self.COST_FACTOR * cost)
+        if not got:
+            return min(self.IDLE_MAX_S, max(floor, 2 * self.wait_s))
+        if got >= self.LEFT_PAGES or since > 2 * floor:
+            return floor
+        rate = got / max(since, 1e-6)
+        return min(self.IDLE_MAX_S, max(floor, self.LEFT_PAGES / rate))
 
     #: pages copied between two looks at ``interrupted`` (a command waiting): 16k pages
     #: in one go held a checkpoint's command back by their whole copy (~27 ms at load 25)
@@ -231,7 +265,8 @@ class Prescan:
         self.run_starts = []
         self.c.set("prescan_held", 0)
         self.wait_s = self.min_s
-        self.next_at = time.monotonic() + self.AFTER_PAUSE * self.min_s
+        self.last_at = time.monotonic()
+        self.next_at = self.last_at + self.AFTER_PAUSE * self.min_s
 
 
 def checkpoint_batch(pages: int, workers: int, batch_pages: int) -> int:
@@ -331,10 +366,11 @@ def _end_markers(ctx: StageContext, rings: list[Ring], epoch: int, pages: int, f
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         snapbuf: PageBuffer, disk_run_dir: str = "", pause_realtime: bool = True,
-        prescan_ms: int = 0) -> None:
+        prescan_ms: int = 0, unprotected=None) -> None:
     """``disk_run_dir``: the node has a replicated disk whose stage listens there; its write
     epoch moves on while the PVM is paused, so every write is tagged with the epoch whose
-    memory state it follows. ``prescan_ms``: checkpoint.prescan_ms (:class:`Prescan`)."""
+    memory state it follows. ``prescan_ms``: checkpoint.prescan_ms (:class:`Prescan`), whose
+    rounds stop while ``unprotected`` (the node's shared word) is 1."""
     disk = None
     if disk_run_dir:
         from pipeline.stages.disk import DiskControl
@@ -343,7 +379,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     priority = PausePriority(pause_realtime)
     # the pages the last checkpoint took off the PVM's dirty log (its carried ones too)
     taken = np.zeros(0, np.uint64)
-    prescan = Prescan(domain, ctx.counters, prescan_ms, snapbuf, rings)
+    prescan = Prescan(domain, ctx.counters, prescan_ms, snapbuf, rings, unprotected)
     while not ctx.stopping():
         # The command is awaited at the pause's priority: a checkpoint's pause starts the
         # moment the coordinator asks for it (at normal priority, under load, the wake-up
