@@ -232,8 +232,10 @@ class CheckpointSettings(Section):
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)
     prescan_ms: int = _f(0, "Primary: read (and clear) the PVM's dirty log while it runs, "
-                         "at most this often (and at most every 40 times what a round costs; "
-                         "less often while the PVM writes nothing, down to every 100 ms), and "
+                         "at most this often (and at most every 40 times what a round costs) "
+                         "while it writes fast; a slower writer's pages about 256 at a time, "
+                         "an idle PVM less and less often, at least every 100 ms; never while "
+                         "unprotected), and "
                          "copy those pages into the snapshot buffer once the digest workers "
                          "are done with the last checkpoint's, so that a checkpoint's pause "
                          "reads and copies only what was written since (re-protecting each "
