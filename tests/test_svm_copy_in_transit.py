@@ -35,10 +35,10 @@ SVM_PAGES = (100, 64, 0x5A)     # first, count, byte: pages both guests fill ali
 ZERO_PAGES = (300, 16, 0)       # pages both guests fill with zeros (ZERO, never copied)
 
 
-def _pair(tmp_path) -> LocalPair:
+def _pair(tmp_path, verify: str = "full") -> LocalPair:
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
+        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify},
         # the hand primary sends no heartbeats; a long interval keeps the secondary's
         # control-silence fallback from taking over between the test's steps
         "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
@@ -88,6 +88,38 @@ def _begin(pair, prim: HandPrimary, flags: int = 0) -> tuple[int, wire.SvmDirty]
     return e, svm
 
 
+def _send_epoch(prim: HandPrimary, dom, e: int, svm: wire.SvmDirty
+                ) -> tuple[wire.Ack, int, int]:
+    """The PVM's dirty pages as epoch ``e``: those the PVM has as the SVM does as SVM pages
+    (the digest stage's rule: a zero page goes as ZERO), the rest with their content. The
+    ACK, the number of SVM pages, and of ZERO pages the SVM holds as zeros."""
+    dirty = dom.read_and_clear_dirty()
+    pvm = np.empty((len(dirty), 4096), np.uint8)
+    dom.read_pages(dirty, pvm)
+    hashes = np.frombuffer(b"".join(blake3.blake3(p).digest() for p in pvm),
+                           np.uint8).reshape(-1, 32)
+    svm_hash = dict(zip(svm.pfns.tolist(), map(bytes, svm.hashes)))
+    zero = zero_page_hash(4096)
+    same = np.array([svm_hash.get(p) == bytes(h) != zero
+                     for p, h in zip(dirty.tolist(), hashes)], bool)
+    zero_held = sum(svm_hash.get(p) == bytes(h) == zero
+                    for p, h in zip(dirty.tolist(), hashes))
+    msgs, _, _ = prim.records(e, dirty[~same], compress=False)
+    n = int(same.sum())
+    for at in range(0, n, BATCH):      # (a record holds a batch at most)
+        k = min(BATCH, n - at)
+        msgs.append(wire.encode_pages(e, dirty[same][at:at + k], hashes[same][at:at + k],
+                                      np.zeros(k, np.uint32),
+                                      np.full(k, wire.ENC_SVM, np.uint8), b""))
+    for m in msgs:
+        prim.pages.send(m)
+    prim.pages.send(wire.encode_epoch_end(e, len(dirty), len(msgs), 0, dom.get_vcpu_state()))
+    ack = wire.decode_ack(prim.recv(wire.ACK, timeout=60))
+    if ack.status == wire.ACK_COMMITTED:
+        prim.table.update(dirty, hashes)
+    return ack, n, zero_held
+
+
 def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
     """Both guests fill the same pages (and some with zeros); the epoch's pages are sent
     only once the restore stage copied the SVM's (not its zero pages): every SVM page then
@@ -103,39 +135,18 @@ def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
         before = counters(pair)["restore"]
         _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*SVM_PAGES))
         _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*ZERO_PAGES))
-        dirty = dom.read_and_clear_dirty()
         e, svm = _begin(pair, prim)
-        # the pages the PVM has as the SVM does go as SVM pages (the digest stage's rule:
-        # a zero page goes as ZERO), the rest with their content
-        pvm = np.empty((len(dirty), 4096), np.uint8)
-        dom.read_pages(dirty, pvm)
-        hashes = np.frombuffer(b"".join(blake3.blake3(p).digest() for p in pvm),
-                               np.uint8).reshape(-1, 32)
-        svm_hash = dict(zip(svm.pfns.tolist(), map(bytes, svm.hashes)))
-        zero = zero_page_hash(4096)
-        same = np.array([svm_hash.get(p) == bytes(h) != zero
-                         for p, h in zip(dirty.tolist(), hashes)], bool)
-        assert same.sum() >= SVM_PAGES[1]
-        msgs, _, _ = prim.records(e, dirty[~same], compress=False)
-        n = int(same.sum())
-        for at in range(0, n, BATCH):      # (a record holds a batch at most)
-            k = min(BATCH, n - at)
-            msgs.append(wire.encode_pages(e, dirty[same][at:at + k], hashes[same][at:at + k],
-                                          np.zeros(k, np.uint32),
-                                          np.full(k, wire.ENC_SVM, np.uint8), b""))
-        for m in msgs:
-            prim.pages.send(m)
-        prim.pages.send(wire.encode_epoch_end(e, len(dirty), len(msgs), 0,
-                                              dom.get_vcpu_state()))
-        ack = wire.decode_ack(prim.recv(wire.ACK, timeout=60))
+        ack, n, _ = _send_epoch(prim, dom, e, svm)
         assert (ack.epoch, ack.status) == (e, wire.ACK_COMMITTED), ack
-        prim.table.update(dirty, hashes)
+        assert n >= SVM_PAGES[1]
         wait_until(lambda: counters(pair)["restore"]["epochs_applied"]
                    > before["epochs_applied"], timeout=60, what="the epoch applied")
         after = counters(pair)["restore"]
         assert after["pages_same_as_svm"] - before["pages_same_as_svm"] == n
         assert after["svm_cached_paused"] == before["svm_cached_paused"], \
             "SVM pages were copied from the SVM in its pause"
+        # (every page checked: the ZERO pages are written, whatever the SVM held)
+        assert after["zero_pages_held"] == before["zero_pages_held"]
         # the SVM alone rewrites the SVM pages: the next checkpoint brings none of them,
         # so they go back from the cache
         first, count, byte = SVM_PAGES
@@ -174,5 +185,35 @@ def test_an_epoch_torn_after_the_copy_leaves_the_cache_the_last_checkpoint_s(tmp
         ack = wire.decode_ack(prim.recv(wire.ACK, timeout=60))
         assert (ack.epoch, ack.status) == (proof, wire.ACK_COMMITTED), ack
         assert ack.memory_digest == dom.memory_digest()
+    finally:
+        close_hand_pair(pair, dom, prim)
+
+
+def test_zero_pages_the_svm_holds_as_zeros_are_not_written_in_its_pause(tmp_path):
+    """With the SVM pages sampled (the default), a ZERO page the SVM holds as zeros (its
+    SVM_DIRTY hash) is left as it is in the SVM's pause, as an SVM page is, and goes into
+    the cache as zeros: the SVM then rewrites those pages on its own, the next checkpoint
+    puts them back from the cache, and the SVM's memory is the PVM's exactly."""
+    pair = _pair(tmp_path, verify="sample")
+    dom = hand_pvm(pair)
+    prim = None
+    try:
+        prim, _ = committed_pair(pair, dom)
+        inputs = _inputs(prim)
+        before = counters(pair)["restore"]
+        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*SVM_PAGES))
+        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*ZERO_PAGES))
+        e, svm = _begin(pair, prim)
+        ack, _, held = _send_epoch(prim, dom, e, svm)
+        assert (ack.epoch, ack.status) == (e, wire.ACK_COMMITTED), ack
+        assert held >= ZERO_PAGES[1]
+        wait_until(lambda: counters(pair)["restore"]["epochs_applied"]
+                   > before["epochs_applied"], timeout=60, what="the epoch applied")
+        assert counters(pair)["restore"]["zero_pages_held"] - before["zero_pages_held"] \
+            == held
+        first, count, _ = ZERO_PAGES
+        _svm_runs(pair, inputs, prim.epoch, dom.input_head,
+                  SimDomain.fill_command(first, count, 0x77))
+        assert prim.probe() == dom.memory_digest()
     finally:
         close_hand_pair(pair, dom, prim)

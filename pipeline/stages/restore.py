@@ -49,7 +49,8 @@ import numpy as np
 from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagePriority, StagingGate, domain_page_hashes, ready_rings)
+                                    StagePriority, StagingGate, domain_page_hashes, ready_rings,
+                                    zero_page_hash)
 from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.xen_io.base import Domain
 
@@ -91,11 +92,13 @@ class Verdict(NamedTuple):
 class SvmCopy:
     """The SVM's dirty pages of ``epoch`` being copied, while the epoch is in transit, into
     the restore stage's side buffer (``Restore.svm_copy``, row i = ``pfns[i]``): the first
-    ``done`` of them are there."""
+    ``done`` of them are there. ``zeros``: the SVM's dirty pages it holds as zeros (their
+    SVM_DIRTY hash), never copied."""
 
-    def __init__(self, epoch: int, pfns: np.ndarray) -> None:
+    def __init__(self, epoch: int, pfns: np.ndarray, zeros: np.ndarray) -> None:
         self.epoch = epoch
         self.pfns = pfns        # sorted, unique
+        self.zeros = zeros      # sorted, unique
         self.done = 0
 
     def pending(self) -> bool:
@@ -313,14 +316,19 @@ class Restore:
             self.cache[part] = held
 
     # -- the SVM's pages, while the epoch is in transit ---------------------
-    def start_svm_copy(self, epoch: int, svm_dirty: np.ndarray) -> None:
+    def start_svm_copy(self, epoch: int, svm_dirty: np.ndarray,
+                       nonzero: np.ndarray | None = None) -> None:
         """The coordinator asked for ``epoch`` (the SVM paused since its BEGIN, its dirty
-        pages ``svm_dirty``) and its pages are not all here: copy the SVM's dirty pages
-        while they come (:meth:`copy_svm_step`, when nothing else is to be done). The SVM
-        stays paused until this stage answered the epoch (Written, Aborted), which ends the
-        copy, so every page copied is the SVM's page as the epoch's apply finds it."""
-        pfns = np.unique(np.asarray(svm_dirty, np.uint64))
-        self.transit = SvmCopy(epoch, pfns) if len(pfns) else None
+        pages ``svm_dirty``, those of them it does not hold as zeros ``nonzero``, None: not
+        known) and its pages are not all here: copy the SVM's dirty pages that are not
+        zeros while they come (:meth:`copy_svm_step`, when nothing else is to be done). The
+        SVM stays paused until this stage answered the epoch (Written, Aborted), which ends
+        the copy, so every page copied is the SVM's page as the epoch's apply finds it."""
+        dirty = np.unique(np.asarray(svm_dirty, np.uint64))
+        pfns = dirty if nonzero is None else np.unique(np.asarray(nonzero, np.uint64))
+        zeros = np.zeros(0, np.uint64) if nonzero is None else \
+            np.setdiff1d(dirty, pfns, assume_unique=True)
+        self.transit = SvmCopy(epoch, pfns, zeros) if len(dirty) else None
         trace.point("svm_copy_start", epoch, str(len(pfns)))
 
     def copy_svm_step(self) -> bool:
@@ -345,13 +353,12 @@ class Restore:
         faults.point("restore.svm_copied")
         return False
 
-    def _svm_copied(self, epoch: int, svm_pfns: np.ndarray
+    def _svm_copied(self, t: SvmCopy | None, svm_pfns: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The SVM pages ``svm_pfns`` of ``epoch`` copied in transit (their pfns, their rows
-        in the side buffer), and those that were not (copied from the SVM, paused)."""
-        t, self.transit = self.transit, None
+        """The SVM pages ``svm_pfns`` copied in transit (``t``: their pfns, their rows in
+        the side buffer), and those that were not (copied from the SVM, paused)."""
         none = np.zeros(0, np.uint64)
-        if t is None or t.epoch != epoch or not t.done or not len(svm_pfns):
+        if t is None or not t.done or not len(svm_pfns):
             return none, none.astype(np.intp), svm_pfns
         copied = t.pfns[:t.done]
         rows = np.searchsorted(copied, svm_pfns)
@@ -395,6 +402,17 @@ class Restore:
                 return self.abort(epoch, svm_dirty, f"torn by a fault: {exc}")
         n = asm.n
         pfns = self.staged_pfns[:n]
+        transit, self.transit = self.transit, None
+        if transit is not None and transit.epoch != epoch:
+            transit = None
+        # ZERO pages the SVM holds as zeros already (SVM_DIRTY's hash, the SVM paused
+        # since) are not written into it in its pause, as SVM pages are not: checked like
+        # them (below), unless every page is to be checked (hashing costs more than the
+        # write), and written into the cache as zeros after Written
+        held_zero = np.zeros(n, bool)
+        if transit is not None and len(transit.zeros) and self.check != "full":
+            zero_rows = np.flatnonzero(self.staged_zero[:n])
+            held_zero[zero_rows[np.isin(pfns[zero_rows], transit.zeros)]] = True
         # SVM pages first, while nothing has changed: the SVM must still hold each one as
         # it was when SVM_DIRTY hashed it (paused since; a change behind the pipeline's
         # back tears the epoch). pipeline.verify_pages says how many are hashed again:
@@ -416,6 +434,17 @@ class Restore:
                 return self.abort(epoch, svm_dirty, (
                     f"the SVM's page {first} no longer has the hash SVM_DIRTY gave for it "
                     f"({int(bad.sum())} such pages): changed behind the pipeline's back"))
+        if held_zero.any() and self.check == "sample":
+            rows = np.flatnonzero(held_zero)
+            rows = np.sort(_sampler.choice(rows, -(-len(rows) // 64), replace=False))
+            zero = np.frombuffer(zero_page_hash(self.domain.page_size), np.uint8)
+            bad = (domain_page_hashes(self.domain, pfns[rows]) != zero).any(axis=1)
+            if bad.any():
+                self.ctx.counters.add("svm_refs_refused", int(bad.sum()))
+                return self.abort(epoch, svm_dirty, (
+                    f"the SVM's page {int(pfns[rows[bad.argmax()]])} is no longer zeros as "
+                    f"SVM_DIRTY's hash said ({int(bad.sum())} such pages): changed behind "
+                    "the pipeline's back"))
         trace.point("svm_checked", epoch, str(len(svm_rows)))
         io = self.domain.simulated_io()
         if asm.vcpu and io is not None:
@@ -446,14 +475,17 @@ class Restore:
         # pages' copy into the cache among them: they change once it runs)
         brought = ~(self.staged_from_cache[:n] | self.staged_from_svm[:n])
         write = brought & ~self.staged_written[:n]
-        self._write_staged(pfns, self.staging[:n], write, self.staged_zero[:n], cache=False)
-        trace.point("pages_written", epoch)
+        self._write_staged(pfns, self.staging[:n], write & ~held_zero, self.staged_zero[:n],
+                           cache=False)
+        if held_zero.any():
+            self.ctx.counters.add("zero_pages_held", int(held_zero.sum()))
+        trace.point("pages_written", epoch, str(int(held_zero.sum())))
         faults.point("restore.pages_written")
         # The SVM pages into the cache: the ones copied while the epoch was in transit go
         # from that copy once the SVM runs (below, beside the brought pages); the rest (the
         # epoch came whole before the copy was done, an SVM page outside the SVM's dirty
         # set) from the SVM now, while it is paused: it changes them once it runs
-        copied_pfns, copied_rows, late = self._svm_copied(epoch, svm_pfns)
+        copied_pfns, copied_rows, late = self._svm_copied(transit, svm_pfns)
         if len(late):
             self._cache_svm_pages(late)
         if len(svm_rows):
@@ -598,8 +630,7 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 settle()
                 if wanted is not None:
                     # its pages are still on their way: the SVM's pages meanwhile
-                    r.start_svm_copy(cmd.epoch, cmd.svm_dirty if cmd.svm_nonzero is None
-                                     else cmd.svm_nonzero)
+                    r.start_svm_copy(cmd.epoch, cmd.svm_dirty, cmd.svm_nonzero)
             elif isinstance(cmd, messages.AbortCmd):
                 # an epoch answered already (applied, or found torn here) keeps its reply
                 if cmd.epoch > replied:
