@@ -232,7 +232,8 @@ class CheckpointSettings(Section):
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
                                     "(bounds the snapshot buffer).", min=1)
     prescan_ms: int = _f(0, "Primary: read (and clear) the PVM's dirty log while it runs, "
-                         "at most this often (and at most every 40 times what a round costs) "
+                         "at most this often (and at most every 40 times what a round's read of the log costs and "
+                         "2 times its copy) "
                          "while it writes fast; a slower writer's pages about 256 at a time, "
                          "an idle PVM less and less often, at least every 100 ms; never while "
                          "unprotected), and "

@@ -286,9 +286,13 @@ def test_the_rounds_come_as_often_as_the_pvm_writes_enough_to_take():
     try:
         pre = Prescan(dom, _Counters(), prescan_ms=5)
         floor, cheap = 0.005, 0.00001
-        # a burst: as often as allowed, and never more often than 40x a round's cost
+        # a burst: as often as allowed, and never more often than 40x a round's read of
+        # the log and 2x its copy (work the pause would do anyway: a round that copied half
+        # of a 1k burst must not put the next one past the pause)
         assert pre._next_wait(Prescan.LEFT_PAGES, 0.005, cheap) == floor
         assert pre._next_wait(1000, 0.005, 0.001) == pytest.approx(0.040)
+        assert pre._next_wait(500, 0.005, 0.0001, 0.001) == floor
+        assert pre._next_wait(16000, 0.005, 0.0001, 0.03) == pytest.approx(0.06)
         # a trickle of 2000 pages/s seen over a short wait: ~LEFT_PAGES at a time, at most
         # IDLE_MAX_S apart
         assert pre._next_wait(10, 0.005, cheap) == Prescan.IDLE_MAX_S

@@ -60,7 +60,7 @@ class Prescan:
     reads the rest.
 
     The cadence follows what the rounds take (:meth:`_next_wait`): every ``prescan_ms``
-    (and 40x a round's cost) while the PVM writes fast (a burst: a checkpoint's worth of
+    (and 40x a round's read of the log, 2x its copy) while the PVM writes fast (a burst: a checkpoint's worth of
     pages taken before its pause), but a steady trickle is taken about LEFT_PAGES pages at
     a time (a service writing 2 pages a request at 1000 requests/s: every ~100 ms, not
     every 5-20 ms for ~10 pages: each round is a wake-up at real time above the request
@@ -69,8 +69,13 @@ class Prescan:
     word): no checkpoint will take their pages (the next protection starts with a full
     sync, :meth:`start`)."""
 
-    COST_FACTOR = 40    # a round at most every this many times its cost (the walk of all
-                        # of memory: ~0.1-0.2 ms on a 256 MiB sim guest)
+    COST_FACTOR = 40    # a round at most every this many times its read of the log (the
+                        # walk of all of memory: ~0.1-0.2 ms on a 256 MiB sim guest, ~0.3
+                        # more when it re-protects pages)
+    COPY_FACTOR = 2     # and this many times its copy: work the pause would do anyway (as
+                        # the secondary's SvmPrehash hashing), so at most a third of a core;
+                        # at 40x, a round that copied the first 500 pages of a 1k burst
+                        # (~1 ms) put the next one 40 ms off, past the checkpoint's pause
     IDLE_MAX_S = 0.1    # rounds that found nothing (or little) come less often, down to this
     AFTER_PAUSE = 4     # the first round after a pause waits this many prescan_ms: the
                         # checkpoint's stages have the cores first
@@ -132,13 +137,14 @@ class Prescan:
         t0 = time.monotonic()
         trace.point("prescan_start")
         got = self.domain.prescan_dirty(interrupted)
+        t_read = time.monotonic()
         if len(got):
             self.held[got] = True
             self.count = int(np.count_nonzero(self.held))
             if self.buf is not None:
                 self._copy(got, interrupted)
-        cost = time.monotonic() - t0
-        self.wait_s = self._next_wait(len(got), t0 - self.last_at, cost)
+        self.wait_s = self._next_wait(len(got), t0 - self.last_at, t_read - t0,
+                                      time.monotonic() - t_read)
         self.last_at = t0
         self.c.add("prescans", 1)
         self.c.add("pages_prescanned", len(got))
@@ -146,17 +152,18 @@ class Prescan:
         trace.point("prescan_end", -1, f"{len(got)}/{self.count}")
         self.next_at = time.monotonic() + self.wait_s
 
-    def _next_wait(self, got: int, since: float, cost: float) -> float:
+    def _next_wait(self, got: int, since: float, read: float, copy: float = 0.0) -> float:
         """Seconds to the next round, after one that took ``got`` pages written in the
-        ``since`` seconds before it and cost ``cost``. Never sooner than prescan_ms nor
-        than COST_FACTOR times the cost, never later than IDLE_MAX_S:
+        ``since`` seconds before it, its read of the log taking ``read`` seconds and its copy
+        ``copy``. Never sooner than prescan_ms, COST_FACTOR times the read and COPY_FACTOR
+        times the copy; never later than IDLE_MAX_S but for those:
 
         * nothing: twice the last wait (an idle PVM is looked at less and less often);
         * a burst (LEFT_PAGES or more): at once, as often as allowed;
         * a few, after a long wait: soon (prescan_ms), to see whether a burst began (its
           first pages alone say nothing of its rate; a 1k-page write takes 10-60 ms);
         * a few, after a short one: when LEFT_PAGES more should be written at that rate."""
-        floor = max(self.min_s, self.COST_FACTOR * cost)
+        floor = max(self.min_s, self.COST_FACTOR * read, self.COPY_FACTOR * copy)
         if not got:
             return min(self.IDLE_MAX_S, max(floor, 2 * self.wait_s))
         if got >= self.LEFT_PAGES or since > 2 * floor:
