@@ -235,10 +235,13 @@ class PausePriority:
     other work off the CPU for seconds. The heartbeat runs above it (SCHED_RR 3,
     stages/heartbeat.RT_PRIORITY): at equal priority this FIFO work kept it off the CPU."""
 
-    WORK = 1    # SCHED_FIFO priority of a checkpoint's work: the pause's copy, hashing,
-                # the data stages (they queue behind each other, never behind other work)
+    WORK = 1    # SCHED_FIFO priority of a checkpoint's work: hashing, the data stages,
+                # the prescan's rounds (they queue behind each other, never behind other
+                # work)
     HOP = 2     # of a checkpoint's control hops, which do little work each (the
-                # coordinators and their ZeroMQ I/O threads): above WORK, so SVM_DIRTY's
+                # coordinators and their ZeroMQ I/O threads), and of the PVM's pause (its
+                # read of the log and copy: the guest is stopped; snapshot.run): above WORK,
+                # so SVM_DIRTY's
                 # parts and the ACK never wait behind a hashing stage at real time (at the
                 # same priority a part waited 2.2 ms, p50, for a digest worker to block);
                 # below the heartbeat's (SCHED_RR 3, stages/heartbeat.RT_PRIORITY)
