@@ -243,9 +243,12 @@ class CheckpointSettings(Section):
                          "written page is most of a read of the log, the copy most of the "
                          "pause). The pages taken early go with the next checkpoint and count "
                          "toward dirty_threshold_pages. 0 (the default): the log is read and "
-                         "the pages copied only in the pause; on, the pause is 2-6x shorter but "
-                         "a 1k-4k commit was no faster and a COLO service's p99.9 worse in the "
-                         "quiet runs of docs/tuning.md (Session 13).", min=0)
+                         "the pages copied only in the pause. On, the pause is 2-10x shorter and "
+                         "the 4k-16k commit shorter (the 1k one mostly) in the loaded A/Bs of "
+                         "docs/tuning.md (Session 16), for ~1 % of a core at real time under a "
+                         "steady trickle of writes; a COLO service's p99.9 was worse with it in "
+                         "Session 13's quiet runs and has not been measured quietly since.",
+                         min=0)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
                                min=100)
     precopy_target_pages: int = _f(4096, "After the full sync, live pre-copy rounds send what "
