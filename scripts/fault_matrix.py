@@ -1338,6 +1338,8 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("secondary@restore.vcpu_set:12", secondary_at("restore.vcpu_set:12"), False),
     ("secondary@restore.pages_written:12",
      secondary_at("restore.pages_written:12", acked_first=True), True),
+    # the SVM's dirty pages copied while their epoch is in transit, the epoch not applied
+    ("secondary@restore.svm_copied:3", secondary_at("restore.svm_copied:3"), False),
     ("secondary@secondary.applied:14", secondary_at("secondary.applied:14"), False),
     ("secondary@secondary.acked:14", secondary_at("secondary.acked:14"), False),
     ("primary@primary.reprotect", primary_during_reprotection, True),
