@@ -697,7 +697,8 @@ def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monke
     monkeypatch.setattr(host_side, "_kept_qemu", None)
     args = argparse.Namespace(keep=True, timeout=0, rounds=3, interval_ms=1000, tcg_thread="multi", eager_fpu=True,
                               logdirty_stress=0, twin_check=False, until_first_checkpoint=False, xen_opts="",
-                              cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest", vcpus=1)
+                              cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest", vcpus=1,
+                              x2apic=False)
     host_side.boot_and_run(args)
     first = host_side._kept_qemu
     assert first is not None and first.poll() is None

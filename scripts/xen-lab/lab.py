@@ -50,7 +50,8 @@ DEFAULT_XEN_OPTS = ""
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
                  cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
-                 watch_s: float = 60, vcpu_info: str = "guest", vcpus: int = 1) -> list[str]:
+                 watch_s: float = 60, vcpu_info: str = "guest", vcpus: int = 1,
+                 x2apic: bool = False) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -65,7 +66,8 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                 + (f" xenlab.stress_s={stress_s:.0f}" if until == "stress" else "") \
                 + (f" xenlab.watch_s={watch_s:.0f}" if until == "twin" else "") \
                 + (" xenlab.twin=paused" if twin == "paused" else "") \
-                + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "") + f" xenlab.vcpus={vcpus}"
+                + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "") + f" xenlab.vcpus={vcpus}" \
+                + (" xenlab.x2apic=1" if x2apic else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -119,7 +121,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
                                                args.logdirty_stress, args.twin, args.watch_s,
-                                               args.vcpu_info, args.vcpus)],
+                                               args.vcpu_info, args.vcpus, args.x2apic)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -368,12 +370,20 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "xen_guest_faults": res.get("xen_guest_faults"), "xen_guest_rips": res.get("xen_guest_rips"),
            "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
-           "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res)}
+           "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res),
+           "x2apic": guest_x2apic(res), "guest_apic": res.get("guest_apic")}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin")) -> str:
+def guest_x2apic(res: dict) -> str | None:
+    """'off' when the guests booted with nox2apic (issue 17, item 1; pack.sh's default since
+    session 16), 'on' without it, None when dom0 did not say (boots before session 16: 'on')."""
+    extra = res.get("guest_extra")
+    return None if extra is None else "off" if "nox2apic" in extra.split() else "on"
+
+
+def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin", "x2apic")) -> str:
     """A boot's options (of ``keys``) that differ from the lab's defaults ('' for the defaults):
     boots on different platforms are counted apart."""
     return " ".join(f"{k}={row[k]!r}" for k in keys if row.get(k) not in (None, "", DEFAULT_CPU, "multi", "running"))
@@ -398,7 +408,7 @@ def tally(since: str = "") -> int:
     for r in rows:
         hap = re.search(r"hap=(\S+)", r["mode"])
         # the emulated platform only: how the twin was made is the lab's procedure, not the platform
-        emulated = platform_of(r, ("xen_opts", "cpu", "tcg_thread")) or "tcg_thread='multi'"
+        emulated = platform_of(r, ("xen_opts", "cpu", "tcg_thread", "x2apic")) or "tcg_thread='multi'"
         platforms[f"{emulated} hap={hap.group(1) if hap else '?'}"].append(r)
     for name, rs in platforms.items():
         print(f"PLATFORM {name}: {len(rs)} boots since {rs[0]['ts']}, "
@@ -612,6 +622,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vcpus", type=int, default=1,
                     help="vCPUs per guest (issue 17, item 4): the workload runs on each, pinned; both twins "
                          "get the same count")
+    ap.add_argument("--x2apic", action="store_true",
+                    help="boot the guests without nox2apic (their EOI then an x2APIC MSR write: the "
+                         "#VMEXIT at which session 15's triple faults came; issue 17, item 1)")
     ap.add_argument("--twin", choices=("running", "paused"), default="running",
                     help="how the twin pair is made: the product's xen-twin (running), or both restores "
                          "paused and unpaused together (paused)")

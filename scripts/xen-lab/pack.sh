@@ -26,7 +26,7 @@ gcc -O2 -Wall -o rootfs/root/crep "$HERE/dom0/crep.c" -lxenctrl -lxenforeignmemo
 # the PVH guest: Debian's kernel + a busybox initrd whose init runs memwork
 rm -rf pvh-initrd; mkdir -p pvh-initrd/{bin,proc,sys,dev,tmp}
 cp /bin/busybox pvh-initrd/bin/
-for a in sh mount echo sleep cat nproc seq; do ln -sf busybox pvh-initrd/bin/$a; done
+for a in sh mount echo sleep cat nproc seq grep dmesg head; do ln -sf busybox pvh-initrd/bin/$a; done
 gcc -O2 -Wall -static -o pvh-initrd/bin/memwork "$HERE/guest/memwork.c"
 gcc -O2 -Wall -static -o pvh-initrd/bin/vcpuinfo "$HERE/guest/vcpuinfo.c"
 # vcpuinfo every 5 s: the guest's own word on where each vCPU's vcpu_info is registered, which
@@ -36,6 +36,10 @@ cat > pvh-initrd/init <<'EOI'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "PVH-GUEST-UP cpus=$(nproc) $(cat /proc/cmdline)" > /dev/hvc0
+# the guest's APIC mode, for dom0 (issue 17, item 1: nox2apic): the CPU flag Linux keeps (it clears
+# x2apic under nox2apic) and its own APIC lines from the kernel log
+echo "GUEST-APIC x2apic_flag=$(grep -c -w x2apic /proc/cpuinfo)" > /dev/hvc0
+dmesg | grep -i -e x2apic -e 'apic routing' -e 'apic mode' | head -n 6 | while read -r l; do echo "GUEST-APIC $l"; done > /dev/hvc0
 (while :; do /bin/vcpuinfo; sleep 5; done) > /dev/hvc0 2>&1 &
 for cpu in $(seq 1 $(($(nproc) - 1))); do /bin/memwork "$cpu" > /dev/hvc0 2>&1 & done
 exec /bin/memwork 0 > /dev/hvc0 2>&1
@@ -55,7 +59,7 @@ name = "$n"
 type = "pvh"
 kernel = "/root/vmlinuz"
 ramdisk = "/root/pvh-initrd.gz"
-extra = "console=hvc0 xen.fifo_events=0 xen_nopvspin quiet"
+extra = "console=hvc0 xen.fifo_events=0 xen_nopvspin nox2apic quiet"
 memory = 128
 vcpus = 1
 on_crash = "preserve"

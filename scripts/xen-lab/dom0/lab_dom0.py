@@ -944,11 +944,20 @@ def main() -> int:
             for name in ("prim", "sec"):
                 sh(f"sed -i 's/^vcpus = .*/vcpus = {int(cfg['vcpus'])}/' /root/{name}.cfg")
         result["vcpus"] = int(sh("sed -n 's/^vcpus = //p' /root/prim.cfg").strip())
+        if cfg.get("x2apic") == "1":         # lab.py --x2apic: the guests' APIC as before session 16
+            for name in ("prim", "sec"):
+                sh(f"sed -i '/^extra = /s/ nox2apic//' /root/{name}.cfg")
+        result["guest_extra"] = sh("sed -n 's/^extra = //p' /root/prim.cfg").strip().strip('"')
+        step(f"guests' kernel command line: {result['guest_extra']}")
         step(f"guests' vCPUs: {result['vcpus']}")
         step(f"guests' paging: {'HAP' if result['hap'] == '1' else 'shadow'}")
         t0 = time.monotonic()
         sh("xl create /root/prim.cfg")
         result["guest_ticking_s"] = round(time.monotonic() - t0 + wait_ticking("prim", 0), 1)
+        # the guest's own word on its APIC mode (pack.sh's init prints it before memwork starts)
+        result["guest_apic"] = [ln.split("GUEST-APIC ", 1)[1].strip()
+                                for ln in console_text("prim").splitlines() if "GUEST-APIC " in ln]
+        step(f"guest prim's APIC: {result['guest_apic']}")
         time.sleep(2)
         write_configs(interval)
         # colo-pipeline first: the C baseline then checkpoints at the pipeline's own cadence, so
