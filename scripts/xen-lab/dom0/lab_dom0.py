@@ -389,28 +389,42 @@ def write_node_config(role: str, domain: str, interval_ms: int, vcpu_info: str =
 #: the lab guest's vcpuinfo line (scripts/xen-lab/guest/vcpuinfo.c), every 5 s of guest time
 VCPUINFO = re.compile(r"VCPUINFO cpu=(\d+) vcpu=(\d+) gfn=(0x[0-9a-f]+) offset=(0x[0-9a-f]+) registered=([01])")
 VCPUINFO_ANY = re.compile(r"VCPUINFO [^\r\n]*")
-#: seconds to wait for a guest's vcpuinfo line (every 5 s of its time; a loaded host slows it)
+#: the line vcpuinfo prints after a report, with the number of lines the report had (session
+#: 16): dom0 takes a report once it has ended, where it slept 2 s after the first line before
+VCPUINFO_END = re.compile(r"VCPUINFO end lines=(\d+)")
+#: seconds to wait for a guest's vcpuinfo report (every 5 s of its time; a loaded host slows it)
 VCPUINFO_WAIT_S = 300
+
+
+def vcpuinfo_report(text: str) -> list[str] | None:
+    """The lines of the first whole vcpuinfo report in console ``text`` (without its end line), or
+    None while no report in it has ended. A report is whole when its end line counts as many lines
+    as came since the previous end (or the start of ``text``): the tail of a report begun before
+    ``text`` has fewer, and is skipped."""
+    lines = [ln.strip() for ln in VCPUINFO_ANY.findall(text)]
+    begun = 0
+    for i, line in enumerate(lines):
+        end = VCPUINFO_END.fullmatch(line)
+        if end:
+            if i - begun == int(end.group(1)):
+                return lines[begun:i]
+            begun = i + 1
+    return None
 
 
 def guest_vcpu_info(name: str, offset: int, timeout: float = VCPUINFO_WAIT_S) -> str:
     """Where guest ``name`` says it registered each vCPU's vcpu_info, as guest.xen_vcpu_info
-    (``VCPU:0xGFN+0xOFFSET,...``), from its first vcpuinfo report after console byte
-    ``offset``: the domain's own kernel's word (issue 17, item 5), read for each twin from
-    its own console. RuntimeError when the guest reports an error or no registration."""
-    def reports() -> list[str]:
-        return VCPUINFO_ANY.findall(console_text(name, offset))
+    (``VCPU:0xGFN+0xOFFSET,...``), from its first whole vcpuinfo report after console byte
+    ``offset`` (waited for until its end line, ``timeout`` s at most): the domain's own kernel's
+    word (issue 17, item 5), read for each twin from its own console. RuntimeError when the
+    guest reports an error or no registration, or no report ends in time."""
     t0 = time.monotonic()
-    while not reports():
+    while (report := vcpuinfo_report(console_text(name, offset))) is None:
         if time.monotonic() - t0 >= timeout:
-            raise RuntimeError(f"guest {name} printed no VCPUINFO line within {timeout:.0f}s")
+            seen = VCPUINFO_ANY.findall(console_text(name, offset))
+            raise RuntimeError(f"guest {name} printed no whole VCPUINFO report (its end line) within "
+                               f"{timeout:.0f}s" + (f"; seen {seen[-4:]}" if seen else ""))
         time.sleep(1)
-    time.sleep(2)            # the report's other CPUs' lines follow its first at once
-    lines = [ln.strip() for ln in reports()]
-    while len(lines) > 1 and lines[0].startswith("VCPUINFO cpu=") and not lines[0].startswith("VCPUINFO cpu=0 "):
-        lines = lines[1:]    # the tail of a report begun before the offset
-    ends = [i for i, ln in enumerate(lines) if i and ln.startswith("VCPUINFO cpu=0 ")]
-    report = lines[:ends[0] if ends else len(lines)]
     items = []
     for line in report:
         m = VCPUINFO.fullmatch(line)
@@ -418,7 +432,7 @@ def guest_vcpu_info(name: str, offset: int, timeout: float = VCPUINFO_WAIT_S) ->
             raise RuntimeError(f"guest {name}: vcpuinfo said {line!r} (no registered vcpu_info)")
         items.append(f"{m.group(2)}:{m.group(3)}+{m.group(4)}")
     if not items:
-        raise RuntimeError(f"guest {name}: no complete vcpuinfo report: {lines[:4]}")
+        raise RuntimeError(f"guest {name}: an empty vcpuinfo report (no online CPU)")
     return ",".join(items)
 
 

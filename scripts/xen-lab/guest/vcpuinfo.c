@@ -1,7 +1,9 @@
 /* vcpuinfo: the lab guest's own word on where it registered each vCPU's vcpu_info with Xen
  * (VCPUOP_register_vcpu_info: a guest frame and an offset in it), printed for dom0:
  *     VCPUINFO cpu=<linux cpu> vcpu=<xen vcpu id> gfn=<hex> offset=<hex> registered=<0|1>
- * one line per online CPU (or "VCPUINFO error=..." when it cannot tell). issue 17, item 5:
+ * one line per online CPU (or "VCPUINFO error=..." when it cannot tell), then always
+ *     VCPUINFO end lines=<the lines before it>
+ * so dom0 knows when a report is whole (and a report it sees the tail of is not). issue 17, item 5:
  * Xen 4.17 tells dom0 nothing of a vCPU's registration (only struct vcpu holds it), so the lab
  * asks the guest, which knows for certain, instead of dom0 guessing by watching memory.
  *
@@ -22,6 +24,14 @@
 
 static Elf64_Phdr seg[256];
 static int nseg, kcore = -1;
+static int printed;   /* report lines so far, for the end line */
+
+#define say(...) (printed++, printf(__VA_ARGS__))
+
+static int end_report(int rc) {
+    printf("VCPUINFO end lines=%d\n", printed);
+    return rc;
+}
 
 static int symbol(const char *name, uint64_t *value) {
     FILE *f = fopen("/proc/kallsyms", "r");
@@ -70,32 +80,32 @@ int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (symbol("__per_cpu_offset", &pco) || symbol("xen_vcpu", &off_vcpu) ||
         symbol("xen_vcpu_info", &off_info) || symbol("xen_vcpu_id", &off_id) || symbol("this_cpu_off", &off_self)) {
-        printf("VCPUINFO error=symbols (need /proc/kallsyms with __per_cpu_offset, xen_vcpu, xen_vcpu_info, "
-               "xen_vcpu_id, this_cpu_off)\n");
-        return 1;
+        say("VCPUINFO error=symbols (need /proc/kallsyms with __per_cpu_offset, xen_vcpu, xen_vcpu_info, "
+            "xen_vcpu_id, this_cpu_off)\n");
+        return end_report(1);
     }
-    if (open_kcore()) { printf("VCPUINFO error=kcore (cannot read /proc/kcore)\n"); return 1; }
+    if (open_kcore()) { say("VCPUINFO error=kcore (cannot read /proc/kcore)\n"); return end_report(1); }
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     for (long cpu = 0; cpu < cpus; cpu++) {
         uint64_t base, self, ptr;
         uint32_t vcpu;
         if (read_kernel(pco + 8 * cpu, &base, 8) || read_kernel(base + off_self, &self, 8) || self != base) {
-            printf("VCPUINFO cpu=%ld error=percpu (base %#llx, its this_cpu_off %#llx)\n", cpu,
-                   (unsigned long long)base, (unsigned long long)self);
+            say("VCPUINFO cpu=%ld error=percpu (base %#llx, its this_cpu_off %#llx)\n", cpu,
+                (unsigned long long)base, (unsigned long long)self);
             continue;
         }
         if (read_kernel(base + off_vcpu, &ptr, 8) || read_kernel(base + off_id, &vcpu, 4)) {
-            printf("VCPUINFO cpu=%ld error=read\n", cpu);
+            say("VCPUINFO cpu=%ld error=read\n", cpu);
             continue;
         }
         const Elf64_Phdr *s = segment_of(ptr);
         if (!s || s->p_paddr == (Elf64_Addr)-1) {
-            printf("VCPUINFO cpu=%ld vcpu=%u error=nophys (xen_vcpu %#llx)\n", cpu, vcpu, (unsigned long long)ptr);
+            say("VCPUINFO cpu=%ld vcpu=%u error=nophys (xen_vcpu %#llx)\n", cpu, vcpu, (unsigned long long)ptr);
             continue;
         }
         uint64_t phys = s->p_paddr + (ptr - s->p_vaddr);
-        printf("VCPUINFO cpu=%ld vcpu=%u gfn=%#llx offset=%#llx registered=%d\n", cpu, vcpu,
-               (unsigned long long)(phys >> 12), (unsigned long long)(phys & 0xfff), ptr == base + off_info);
+        say("VCPUINFO cpu=%ld vcpu=%u gfn=%#llx offset=%#llx registered=%d\n", cpu, vcpu,
+            (unsigned long long)(phys >> 12), (unsigned long long)(phys & 0xfff), ptr == base + off_info);
     }
-    return 0;
+    return end_report(0);
 }
