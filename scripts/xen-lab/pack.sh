@@ -39,7 +39,7 @@ echo "PVH-GUEST-UP cpus=$(nproc) $(cat /proc/cmdline)" > /dev/hvc0
 # the guest's APIC mode, for dom0 (issue 17, item 1: nox2apic): the CPU flag Linux keeps (it clears
 # x2apic under nox2apic) and its own APIC lines from the kernel log
 echo "GUEST-APIC x2apic_flag=$(grep -c -w x2apic /proc/cpuinfo)" > /dev/hvc0
-dmesg | grep -i -e x2apic -e 'apic routing' -e 'apic mode' | head -n 6 | while read -r l; do echo "GUEST-APIC $l"; done > /dev/hvc0
+dmesg | grep -i apic | grep -v -i 'command line' | head -n 8 | while read -r l; do echo "GUEST-APIC $l"; done > /dev/hvc0
 (while :; do /bin/vcpuinfo; sleep 5; done) > /dev/hvc0 2>&1 &
 for cpu in $(seq 1 $(($(nproc) - 1))); do /bin/memwork "$cpu" > /dev/hvc0 2>&1 & done
 exec /bin/memwork 0 > /dev/hvc0 2>&1
