@@ -572,6 +572,32 @@ def test_tally_counts_faults_per_emulated_platform_across_trees_and_modes(host_s
     assert "t0" not in out and "more" not in out     # before --since; an outcome's first line only
 
 
+def test_nox2apic_and_another_qemu_are_counted_as_platforms_of_their_own(host_side, tmp_path, monkeypatch, capsys):
+    """Session 16 (issue 17, item 1): boots whose guests ran with nox2apic, and boots on another
+    QEMU than 7.2, are counted apart from the boots before them (which recorded neither: x2APIC
+    on, QEMU 7.2); a boot recording 7.2 counts with those."""
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    rows = [("2026-12-07T08:00:00Z", {}, "ok"),
+            ("2026-12-07T08:10:00Z", {"x2apic": "on", "qemu": "7.2.19"}, "triple fault"),
+            ("2026-12-07T10:00:00Z", {"x2apic": "off", "qemu": "7.2.19"}, "ok"),
+            ("2026-12-07T10:10:00Z", {"x2apic": "off", "qemu": "7.2.19"}, "ok"),
+            ("2026-12-07T10:20:00Z", {"x2apic": "off", "qemu": "10.0.2"}, "ok")]
+    (tmp_path / "boots.jsonl").write_text("".join(json.dumps(
+        {"ts": ts, "tree": "t", "mode": "ci 3 rounds hap=1", "tcg_thread": "multi", "twin": "running",
+         "outcome": out, "xen_opts": "", "cpu": host_side.DEFAULT_CPU, **extra}) + "\n" for ts, extra, out in rows))
+    host_side.tally()
+    out = capsys.readouterr().out
+    assert "PLATFORM tcg_thread='multi' hap=1: 2 boots since 2026-12-07T08:00:00Z, 1 not ok" in out
+    assert "PLATFORM x2apic='off' hap=1: 2 boots since 2026-12-07T10:00:00Z, 0 not ok" in out
+    assert "PLATFORM x2apic='off' qemu='10.0.2' hap=1: 1 boots since 2026-12-07T10:20:00Z, 0 not ok" in out
+    assert host_side.guest_x2apic({"guest_extra": "console=hvc0 xen_nopvspin nox2apic quiet"}) == "off"
+    assert host_side.guest_x2apic({"guest_extra": "console=hvc0 xen_nopvspin quiet"}) == "on"
+    assert host_side.guest_x2apic({}) is None
+    cmd = host_side.qemu_command(3, 1000, "multi", x2apic=True, qemu="/opt/q10/qemu-system-x86_64")
+    assert cmd[0] == "/opt/q10/qemu-system-x86_64" and "xenlab.x2apic=1" in cmd[-1]
+    assert "xenlab.x2apic" not in host_side.qemu_command(3, 1000, "multi")[-1]
+
+
 def test_each_twins_vcpu_info_is_its_own_guests_first_report_after_the_pairing(lab, tmp_path, monkeypatch):
     """issue 17, item 5: the node is given what its guest's kernel says it registered (the
     guest's vcpuinfo lines among memwork's); a report begun before the mark is skipped, the
@@ -710,7 +736,7 @@ def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monke
     args = argparse.Namespace(keep=True, timeout=0, rounds=3, interval_ms=1000, tcg_thread="multi", eager_fpu=True,
                               logdirty_stress=0, twin_check=False, until_first_checkpoint=False, xen_opts="",
                               cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest", vcpus=1,
-                              x2apic=False)
+                              x2apic=False, qemu="qemu-system-x86_64")
     host_side.boot_and_run(args)
     first = host_side._kept_qemu
     assert first is not None and first.poll() is None

@@ -45,13 +45,17 @@ QUICK_ROUNDS = 6
 DEFAULT_CPU = "max,avx=off,avx2=off,sse4.1=off,sse4.2=off"
 #: Xen options the lab adds to its own by default (see --xen-opts)
 DEFAULT_XEN_OPTS = ""
+#: the QEMU the lab boots by default (--qemu, XENLAB_QEMU: another binary, e.g. a newer one
+#: unpacked beside the system's), and the version of it every boot before session 16 ran
+DEFAULT_QEMU = "qemu-system-x86_64"
+DEFAULT_QEMU_VERSION = "7.2"
 
 
 def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool = True,
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
                  cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
                  watch_s: float = 60, vcpu_info: str = "guest", vcpus: int = 1,
-                 x2apic: bool = False) -> list[str]:
+                 x2apic: bool = False, qemu: str = DEFAULT_QEMU) -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -71,7 +75,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
-    return ["qemu-system-x86_64", "-accel", f"tcg,thread={tcg_thread}", "-machine", "pc",
+    return [qemu, "-accel", f"tcg,thread={tcg_thread}", "-machine", "pc",
             "-cpu", cpu,
             "-m", "3072", "-smp", "2", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=s0,path={LAB}/serial.sock,server=on,wait=off,logfile={LAB}/serial.log",
@@ -121,7 +125,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
                                                args.logdirty_stress, args.twin, args.watch_s,
-                                               args.vcpu_info, args.vcpus, args.x2apic)],
+                                               args.vcpu_info, args.vcpus, args.x2apic, args.qemu)],
                                 stdout=qemu_out, stderr=subprocess.STDOUT)
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -371,7 +375,7 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
            "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res),
-           "x2apic": guest_x2apic(res), "guest_apic": res.get("guest_apic")}
+           "x2apic": guest_x2apic(res), "guest_apic": res.get("guest_apic"), "qemu": _lab_options.get("qemu")}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -383,10 +387,23 @@ def guest_x2apic(res: dict) -> str | None:
     return None if extra is None else "off" if "nox2apic" in extra.split() else "on"
 
 
-def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin", "x2apic")) -> str:
-    """A boot's options (of ``keys``) that differ from the lab's defaults ('' for the defaults):
-    boots on different platforms are counted apart."""
-    return " ".join(f"{k}={row[k]!r}" for k in keys if row.get(k) not in (None, "", DEFAULT_CPU, "multi", "running"))
+def qemu_version(qemu: str) -> str:
+    """The version QEMU binary ``qemu`` says it is ('7.2.x', '10.0.2'), or why not."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError as exc:
+        return f"unknown ({exc})"
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else f"unknown ({out[:60]!r})"
+
+
+def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin", "x2apic", "qemu")) -> str:
+    """A boot's options (of ``keys``) that differ from the platform every boot before session 16
+    ran ('' for that one): boots on different platforms are counted apart. Its guests' x2APIC on
+    and QEMU 7.2 are that platform's, which those boots did not record."""
+    return " ".join(f"{k}={row[k]!r}" for k in keys if row.get(k) not in (None, "", DEFAULT_CPU, "multi", "running")
+                    and not (k == "x2apic" and row[k] == "on")
+                    and not (k == "qemu" and str(row[k]).startswith(DEFAULT_QEMU_VERSION)))
 
 
 def tally(since: str = "") -> int:
@@ -408,7 +425,7 @@ def tally(since: str = "") -> int:
     for r in rows:
         hap = re.search(r"hap=(\S+)", r["mode"])
         # the emulated platform only: how the twin was made is the lab's procedure, not the platform
-        emulated = platform_of(r, ("xen_opts", "cpu", "tcg_thread", "x2apic")) or "tcg_thread='multi'"
+        emulated = platform_of(r, ("xen_opts", "cpu", "tcg_thread", "x2apic", "qemu")) or "tcg_thread='multi'"
         platforms[f"{emulated} hap={hap.group(1) if hap else '?'}"].append(r)
     for name, rs in platforms.items():
         print(f"PLATFORM {name}: {len(rs)} boots since {rs[0]['ts']}, "
@@ -622,6 +639,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vcpus", type=int, default=1,
                     help="vCPUs per guest (issue 17, item 4): the workload runs on each, pinned; both twins "
                          "get the same count")
+    ap.add_argument("--qemu", default=os.environ.get("XENLAB_QEMU", DEFAULT_QEMU),
+                    help="the QEMU binary to boot (XENLAB_QEMU; its version is recorded per boot)")
     ap.add_argument("--x2apic", action="store_true",
                     help="boot the guests without nox2apic (their EOI then an x2APIC MSR write: the "
                          "#VMEXIT at which session 15's triple faults came; issue 17, item 1)")
@@ -647,9 +666,10 @@ def main() -> int:
     # a SIGTERM (ci.sh's timeout, a stop by hand) ends the lab through its finally blocks, which
     # stop QEMU; Python's default would exit at once and leave QEMU to the signal sent to the group
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu, tcg_thread=args.tcg_thread, twin=args.twin)
+    _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu, tcg_thread=args.tcg_thread, twin=args.twin,
+                        qemu=qemu_version(args.qemu))
     print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu} tcg-thread={args.tcg_thread} "
-          f"twin={args.twin}", flush=True)
+          f"twin={args.twin} qemu={args.qemu} ({_lab_options['qemu']})", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
