@@ -111,6 +111,23 @@ def test_the_guests_clock_may_neither_step_back_nor_run_ahead_of_real_time(lab):
     assert not lab.clock_check([])["ok"]
 
 
+def test_a_line_without_its_stamp_is_bounded_by_the_stamped_lines_around_it(lab):
+    """Session 16's run 1 failed the SVM's clock on a line without a stamp (+0.277 s from n=4527
+    to 4528: the first line after a console mark taken mid-line). Such a line is bounded by the
+    nearest stamped lines of its vCPU around it; a real jump across it is still caught, and a
+    vCPU none of whose lines has a stamp still fails."""
+    T = lab.Tick
+    first_unstamped = [T(0, 4527, 0, 696.527934, 0, None), T(0, 4528, 0, 696.805174, 0, 1000.0),
+                       T(0, 4529, 0, 696.9, 0, 1000.0)]
+    assert lab.clock_check(first_unstamped)["ok"]
+    middle = [T(0, 1, 0, 10.0, 0, 1000.0), T(0, 2, 0, 10.1, 0, None), T(0, 3, 0, 10.2, 0, 1001.0)]
+    assert lab.clock_check(middle)["ok"]
+    jumped = [T(0, 1, 0, 10.0, 0, 1000.0), T(0, 2, 0, 50.0, 0, None), T(0, 3, 0, 50.1, 0, 1001.0)]
+    bad = lab.clock_check(jumped)["cpus"]["0"]
+    assert bad["jumps"] == 1 and bad["first_bad"].startswith("jump: n=1 mono=10.000000 -> n=2")
+    assert not lab.clock_check([T(0, 1, 0, 10.0, 0, None), T(0, 2, 0, 10.1, 0, None)])["ok"]
+
+
 def test_log_events_reads_the_nodes_json_log_lines(lab, tmp_path, monkeypatch):
     """The fields the lab takes from the primary's log, written by the CLI's own formatter."""
     fmt = JsonLogFormatter()
