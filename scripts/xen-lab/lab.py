@@ -375,7 +375,9 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
            "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res),
-           "x2apic": guest_x2apic(res), "guest_apic": res.get("guest_apic"), "qemu": _lab_options.get("qemu")}
+           # a boot lost before dom0's result still counts on the platform it was booted on
+           "x2apic": guest_x2apic(res) or _lab_options.get("x2apic"), "guest_apic": res.get("guest_apic"),
+           "qemu": _lab_options.get("qemu")}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -667,7 +669,7 @@ def main() -> int:
     # stop QEMU; Python's default would exit at once and leave QEMU to the signal sent to the group
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _lab_options.update(xen_opts=args.xen_opts, cpu=args.cpu, tcg_thread=args.tcg_thread, twin=args.twin,
-                        qemu=qemu_version(args.qemu))
+                        qemu=qemu_version(args.qemu), x2apic="on" if args.x2apic else "off")
     print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu} tcg-thread={args.tcg_thread} "
           f"twin={args.twin} qemu={args.qemu} ({_lab_options['qemu']})", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
