@@ -584,15 +584,15 @@ def test_tally_counts_faults_per_emulated_platform_across_trees_and_modes(host_s
          "xen_opts": "", "cpu": host_side.DEFAULT_CPU}) + "\n" for ts, tree, mode, tcg, twin, out in rows))
     host_side.tally("2026-12-06T08:00")
     out = capsys.readouterr().out
-    assert "PLATFORM tcg_thread='multi' hap=1: 3 boots since 2026-12-06T08:00:00Z, 1 not ok" in out
-    assert "PLATFORM tcg_thread='single' hap=1: 1 boots since 2026-12-06T08:30:00Z, 1 not ok" in out
+    assert "PLATFORM x2apic='on' hap=1: 3 boots since 2026-12-06T08:00:00Z, 1 not ok" in out
+    assert "PLATFORM tcg_thread='single' x2apic='on' hap=1: 1 boots since 2026-12-06T08:30:00Z, 1 not ok" in out
     assert "t0" not in out and "more" not in out     # before --since; an outcome's first line only
 
 
 def test_nox2apic_and_another_qemu_are_counted_as_platforms_of_their_own(host_side, tmp_path, monkeypatch, capsys):
-    """Session 16 (issue 17, item 1): boots whose guests ran with nox2apic, and boots on another
-    QEMU than 7.2, are counted apart from the boots before them (which recorded neither: x2APIC
-    on, QEMU 7.2); a boot recording 7.2 counts with those."""
+    """Session 16 (issue 17, item 1): boots whose guests ran with nox2apic (the default since),
+    and boots on another QEMU than 7.2, are counted apart from the boots before them (which
+    recorded neither: x2APIC on, QEMU 7.2); a boot recording 7.2 counts with those."""
     monkeypatch.setattr(host_side, "LAB", tmp_path)
     rows = [("2026-12-07T08:00:00Z", {}, "ok"),
             ("2026-12-07T08:10:00Z", {"x2apic": "on", "qemu": "7.2.19"}, "triple fault"),
@@ -604,9 +604,9 @@ def test_nox2apic_and_another_qemu_are_counted_as_platforms_of_their_own(host_si
          "outcome": out, "xen_opts": "", "cpu": host_side.DEFAULT_CPU, **extra}) + "\n" for ts, extra, out in rows))
     host_side.tally()
     out = capsys.readouterr().out
-    assert "PLATFORM tcg_thread='multi' hap=1: 2 boots since 2026-12-07T08:00:00Z, 1 not ok" in out
-    assert "PLATFORM x2apic='off' hap=1: 2 boots since 2026-12-07T10:00:00Z, 0 not ok" in out
-    assert "PLATFORM x2apic='off' qemu='10.0.2' hap=1: 1 boots since 2026-12-07T10:20:00Z, 0 not ok" in out
+    assert "PLATFORM x2apic='on' hap=1: 2 boots since 2026-12-07T08:00:00Z, 1 not ok" in out
+    assert "PLATFORM tcg_thread='multi' hap=1: 2 boots since 2026-12-07T10:00:00Z, 0 not ok" in out
+    assert "PLATFORM qemu='10.0.2' hap=1: 1 boots since 2026-12-07T10:20:00Z, 0 not ok" in out
     assert host_side.guest_x2apic({"guest_extra": "console=hvc0 xen_nopvspin nox2apic quiet"}) == "off"
     assert host_side.guest_x2apic({"guest_extra": "console=hvc0 xen_nopvspin quiet"}) == "on"
     assert host_side.guest_x2apic({}) is None

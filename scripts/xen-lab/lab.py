@@ -400,11 +400,12 @@ def qemu_version(qemu: str) -> str:
 
 
 def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin", "x2apic", "qemu")) -> str:
-    """A boot's options (of ``keys``) that differ from the platform every boot before session 16
-    ran ('' for that one): boots on different platforms are counted apart. Its guests' x2APIC on
-    and QEMU 7.2 are that platform's, which those boots did not record."""
+    """A boot's options (of ``keys``) that differ from the lab's defaults ('' for the defaults):
+    boots on different platforms are counted apart. A boot that did not record its guests'
+    x2APIC mode or its QEMU ran before session 16: x2APIC on, QEMU 7.2."""
+    row = {**row, "x2apic": row.get("x2apic") or "on"}
     return " ".join(f"{k}={row[k]!r}" for k in keys if row.get(k) not in (None, "", DEFAULT_CPU, "multi", "running")
-                    and not (k == "x2apic" and row[k] == "on")
+                    and not (k == "x2apic" and row[k] == "off")
                     and not (k == "qemu" and str(row[k]).startswith(DEFAULT_QEMU_VERSION)))
 
 
