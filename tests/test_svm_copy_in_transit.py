@@ -120,6 +120,21 @@ def _send_epoch(prim: HandPrimary, dom, e: int, svm: wire.SvmDirty
     return ack, n, zero_held
 
 
+def _commit_filled_epoch(pair, dom, prim: HandPrimary, inputs) -> tuple[dict, int, int]:
+    """Both guests fill SVM_PAGES and ZERO_PAGES alike; the next epoch commits and is
+    applied. The restore stage's counters before it, the number of SVM pages and of ZERO
+    pages the SVM held as zeros."""
+    before = counters(pair)["restore"]
+    _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*SVM_PAGES))
+    _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*ZERO_PAGES))
+    e, svm = _begin(pair, prim)
+    ack, n, held = _send_epoch(prim, dom, e, svm)
+    assert (ack.epoch, ack.status) == (e, wire.ACK_COMMITTED), ack
+    wait_until(lambda: counters(pair)["restore"]["epochs_applied"]
+               > before["epochs_applied"], timeout=60, what="the epoch applied")
+    return before, n, held
+
+
 def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
     """Both guests fill the same pages (and some with zeros); the epoch's pages are sent
     only once the restore stage copied the SVM's (not its zero pages): every SVM page then
@@ -132,15 +147,8 @@ def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
     try:
         prim, _ = committed_pair(pair, dom)
         inputs = _inputs(prim)
-        before = counters(pair)["restore"]
-        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*SVM_PAGES))
-        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*ZERO_PAGES))
-        e, svm = _begin(pair, prim)
-        ack, n, _ = _send_epoch(prim, dom, e, svm)
-        assert (ack.epoch, ack.status) == (e, wire.ACK_COMMITTED), ack
+        before, n, _ = _commit_filled_epoch(pair, dom, prim, inputs)
         assert n >= SVM_PAGES[1]
-        wait_until(lambda: counters(pair)["restore"]["epochs_applied"]
-                   > before["epochs_applied"], timeout=60, what="the epoch applied")
         after = counters(pair)["restore"]
         assert after["pages_same_as_svm"] - before["pages_same_as_svm"] == n
         assert after["svm_cached_paused"] == before["svm_cached_paused"], \
@@ -200,15 +208,8 @@ def test_zero_pages_the_svm_holds_as_zeros_are_not_written_in_its_pause(tmp_path
     try:
         prim, _ = committed_pair(pair, dom)
         inputs = _inputs(prim)
-        before = counters(pair)["restore"]
-        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*SVM_PAGES))
-        _both_run(pair, dom, inputs, prim.epoch, SimDomain.fill_command(*ZERO_PAGES))
-        e, svm = _begin(pair, prim)
-        ack, _, held = _send_epoch(prim, dom, e, svm)
-        assert (ack.epoch, ack.status) == (e, wire.ACK_COMMITTED), ack
+        before, _, held = _commit_filled_epoch(pair, dom, prim, inputs)
         assert held >= ZERO_PAGES[1]
-        wait_until(lambda: counters(pair)["restore"]["epochs_applied"]
-                   > before["epochs_applied"], timeout=60, what="the epoch applied")
         assert counters(pair)["restore"]["zero_pages_held"] - before["zero_pages_held"] \
             == held
         first, count, _ = ZERO_PAGES
