@@ -241,10 +241,10 @@ class PausePriority:
     HOP = 2     # of a checkpoint's control hops, which do little work each (the
                 # coordinators and their ZeroMQ I/O threads), and of the PVM's pause (its
                 # read of the log and copy: the guest is stopped; snapshot.run): above WORK,
-                # so SVM_DIRTY's
-                # parts and the ACK never wait behind a hashing stage at real time (at the
-                # same priority a part waited 2.2 ms, p50, for a digest worker to block);
-                # below the heartbeat's (SCHED_RR 3, stages/heartbeat.RT_PRIORITY)
+                # so SVM_DIRTY's parts and the ACK never wait behind a hashing stage at
+                # real time (at the same priority a part waited 2.2 ms, p50, for a digest
+                # worker to block); below the heartbeat's (SCHED_RR 3,
+                # stages/heartbeat.RT_PRIORITY)
 
     def __init__(self, wanted: bool) -> None:
         self.allowed = wanted and hasattr(os, "sched_setscheduler")
