@@ -16,6 +16,8 @@ compares the SVM's whole memory with the PVM's.
 """
 from __future__ import annotations
 
+import contextlib
+
 import blake3
 import numpy as np
 import pytest
@@ -51,6 +53,20 @@ def _inputs(prim: HandPrimary):
     inputs = sockets.inputs_out(prim.nctx)
     assert inputs.poll(30_000, zmq.POLLOUT), "the secondary's inputs socket never connected"
     return inputs
+
+
+@contextlib.contextmanager
+def _hand_secondary(tmp_path, verify: str = "full"):
+    """A real secondary node driven by a hand primary, with a committed first checkpoint:
+    (the pair, the hand PVM, the hand primary, its inputs socket to the SVM); closed after."""
+    pair = _pair(tmp_path, verify)
+    dom = hand_pvm(pair)
+    prim = None
+    try:
+        prim, _ = committed_pair(pair, dom)
+        yield pair, dom, prim, _inputs(prim)
+    finally:
+        close_hand_pair(pair, dom, prim)
 
 
 def _svm_runs(pair, inputs, epoch: int, seq: int, payload: bytes) -> None:
@@ -141,12 +157,7 @@ def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
     goes into the cache from that copy, none from the SVM in its pause. The SVM then
     rewrites those pages on its own: the next checkpoint puts them back from the cache, and
     the SVM's memory is the PVM's exactly (the cache had the epoch's SVM pages)."""
-    pair = _pair(tmp_path)
-    dom = hand_pvm(pair)
-    prim = None
-    try:
-        prim, _ = committed_pair(pair, dom)
-        inputs = _inputs(prim)
+    with _hand_secondary(tmp_path) as (pair, dom, prim, inputs):
         before, n, _ = _commit_filled_epoch(pair, dom, prim, inputs)
         assert n >= SVM_PAGES[1]
         after = counters(pair)["restore"]
@@ -161,8 +172,6 @@ def test_the_svm_pages_reach_the_cache_from_the_copy_made_in_transit(tmp_path):
         _svm_runs(pair, inputs, prim.epoch, dom.input_head,
                   SimDomain.fill_command(first, count, byte ^ 0xFF))
         assert prim.probe() == dom.memory_digest()
-    finally:
-        close_hand_pair(pair, dom, prim)
 
 
 def test_an_epoch_torn_after_the_copy_leaves_the_cache_the_last_checkpoint_s(tmp_path):
@@ -171,12 +180,7 @@ def test_an_epoch_torn_after_the_copy_leaves_the_cache_the_last_checkpoint_s(tmp
     too: the coordinator's AbortCmd). The SVM is put back from the cache, which the copy
     never touched: a proof checkpoint right after finds the SVM's memory the PVM's, which
     never had those pages filled."""
-    pair = _pair(tmp_path)
-    dom = hand_pvm(pair)
-    prim = None
-    try:
-        prim, _ = committed_pair(pair, dom)
-        inputs = _inputs(prim)
+    with _hand_secondary(tmp_path) as (pair, dom, prim, inputs):
         aborted = counters(pair)["restore"]["epochs_aborted"]
         _svm_runs(pair, inputs, prim.epoch, dom.input_head,
                   SimDomain.fill_command(*SVM_PAGES))
@@ -193,8 +197,6 @@ def test_an_epoch_torn_after_the_copy_leaves_the_cache_the_last_checkpoint_s(tmp
         ack = wire.decode_ack(prim.recv(wire.ACK, timeout=60))
         assert (ack.epoch, ack.status) == (proof, wire.ACK_COMMITTED), ack
         assert ack.memory_digest == dom.memory_digest()
-    finally:
-        close_hand_pair(pair, dom, prim)
 
 
 def test_zero_pages_the_svm_holds_as_zeros_are_not_written_in_its_pause(tmp_path):
@@ -202,12 +204,7 @@ def test_zero_pages_the_svm_holds_as_zeros_are_not_written_in_its_pause(tmp_path
     SVM_DIRTY hash) is left as it is in the SVM's pause, as an SVM page is, and goes into
     the cache as zeros: the SVM then rewrites those pages on its own, the next checkpoint
     puts them back from the cache, and the SVM's memory is the PVM's exactly."""
-    pair = _pair(tmp_path, verify="sample")
-    dom = hand_pvm(pair)
-    prim = None
-    try:
-        prim, _ = committed_pair(pair, dom)
-        inputs = _inputs(prim)
+    with _hand_secondary(tmp_path, verify="sample") as (pair, dom, prim, inputs):
         before, _, held = _commit_filled_epoch(pair, dom, prim, inputs)
         assert held >= ZERO_PAGES[1]
         assert counters(pair)["restore"]["zero_pages_held"] - before["zero_pages_held"] \
@@ -216,5 +213,3 @@ def test_zero_pages_the_svm_holds_as_zeros_are_not_written_in_its_pause(tmp_path
         _svm_runs(pair, inputs, prim.epoch, dom.input_head,
                   SimDomain.fill_command(first, count, 0x77))
         assert prim.probe() == dom.memory_digest()
-    finally:
-        close_hand_pair(pair, dom, prim)
