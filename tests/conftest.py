@@ -258,26 +258,37 @@ def make_sim_domain():
         dom.close()
 
 
-@pytest.fixture
-def secondary(tmp_path, request):
-    """A real secondary node and the PVM of a hand-driven primary
-    (tests/test_secondary_faults.py's HandPrimary), closed at the end; ``indirect``
-    parametrization sets ``pipeline.verify_pages``."""
-    from test_secondary_faults import BATCH, PAGES, close_hand_pair, hand_pvm
+def start_hand_secondary(tmp_path, verify_pages: str, epoch_timeout_ms: int,
+                         max_interval_ms: int):
+    """A real secondary node alone (its primary is a test's HandPrimary,
+    tests/test_secondary_faults.py), started; the caller closes it."""
+    from test_secondary_faults import BATCH, PAGES
 
     from pipeline.localpair import LocalPair
-    # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
-    # page over an authentic channel, which only the full check catches for certain (the
-    # default samples one per batch)
-    verify_pages = getattr(request, "param", "full")
     pair = LocalPair({
         "guest": {"backend": "sim", "page_count": PAGES},
         "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify_pages},
         # the hand primary sends no heartbeats; a long interval keeps the secondary's
         # control-silence fallback from taking over between the test's steps
-        "checkpoint": {"epoch_timeout_ms": 1500, "max_interval_ms": 30000},
+        "checkpoint": {"epoch_timeout_ms": epoch_timeout_ms,
+                       "max_interval_ms": max_interval_ms},
     }, workdir=str(tmp_path), log_level="info")
     pair.start(roles=("secondary",))
+    return pair
+
+
+@pytest.fixture
+def secondary(tmp_path, request):
+    """A real secondary node and the PVM of a hand-driven primary
+    (tests/test_secondary_faults.py's HandPrimary), closed at the end; ``indirect``
+    parametrization sets ``pipeline.verify_pages``."""
+    from test_secondary_faults import close_hand_pair, hand_pvm
+
+    # every page re-hashed unless a test asks otherwise: the corrupt-page test sends a bad
+    # page over an authentic channel, which only the full check catches for certain (the
+    # default samples one per batch)
+    pair = start_hand_secondary(tmp_path, getattr(request, "param", "full"),
+                                epoch_timeout_ms=1500, max_interval_ms=30000)
     dom = hand_pvm(pair)
     try:
         yield pair, dom

@@ -22,7 +22,7 @@ import blake3
 import numpy as np
 import pytest
 import zmq
-from conftest import wait_until
+from conftest import start_hand_secondary, wait_until
 from test_secondary_faults import (BATCH, PAGES, HandPrimary, close_hand_pair,
                                    committed_pair, counters, hand_pvm)
 
@@ -38,15 +38,9 @@ ZERO_PAGES = (300, 16, 0)       # pages both guests fill with zeros (ZERO, never
 
 
 def _pair(tmp_path, verify: str = "full") -> LocalPair:
-    pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify},
-        # the hand primary sends no heartbeats; a long interval keeps the secondary's
-        # control-silence fallback from taking over between the test's steps
-        "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
-    }, workdir=str(tmp_path), log_level="info")
-    pair.start(roles=("secondary",))
-    return pair
+    # (long timeouts: the test steps between BEGIN and the epoch's pages wait for events)
+    return start_hand_secondary(tmp_path, verify, epoch_timeout_ms=60000,
+                                max_interval_ms=60000)
 
 
 def _inputs(prim: HandPrimary):
