@@ -172,6 +172,11 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     lines = [f"node {snap['node']}  " + "  ".join(f"{k}={info[k]}" for k in
                                                  ("role", "state", "epoch", "generation")
                                                  if k in info)]
+    wake = info.get("cpu_latency")      # node.cpu_latency_us (pipeline/cpu_latency.py)
+    if wake:
+        lines.append(f"CPU wake-up latency held at {wake['requested_us']} us (in force at "
+                     f"start: {wake.get('in_force_us', '?')} us)" if wake["held"] else
+                     f"CPU wake-up latency not held: {wake.get('why_not', '')}")
     for h in info.get("role_history", [])[-6:]:
         when = time.strftime("%H:%M:%S", time.localtime(h.get("at", 0)))
         extra = "".join(f"  {k}={h[k]}" for k in ("takeover_ms", "reprotected_ms") if k in h)

@@ -55,6 +55,20 @@ class NodeSettings(Section):
                      "a replicated disk); "
                      "`peer.address` is then the other host's.", rule="empty, or tcp://HOST:PORT")
     run_dir: str = _f("", "Directory for local sockets; default `/tmp/colo-pipeline/<name>`.")
+    cpu_latency_us: int = _f(0, "The CPUs' wake-up latency limit the node holds for as long "
+                             "as it runs (the kernel's PM QoS request, /dev/cpu_dma_latency: "
+                             "idle CPUs take no idle state slower to leave than this, in "
+                             "microseconds; the request ends with the node). 0: idle CPUs "
+                             "poll instead of halting, so each of a checkpoint's ~40 "
+                             "wake-ups of a stage process costs microseconds, not tens of "
+                             "them (on a VM a halted vCPU's wake-up goes through the host); "
+                             "the cost is CPU time (a VM's idle vCPUs look busy to the host) "
+                             "or power (bare metal), as with tuned's latency-performance "
+                             "profile. -1: not held (the kernel's default). Needs root (or "
+                             "write access to the device); where it cannot be held the node "
+                             "runs on and logs why (event=cpu_latency_not_held), and "
+                             "`stats` shows it. See docs/tuning.md, \"Session 17 (wake)\".",
+                             min=-1, max=2_000_000_000)
 
 
 @dataclass(frozen=True)

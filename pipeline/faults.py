@@ -138,6 +138,12 @@ Demo witness, ``pipeline/failover/witness.py`` (``LocalWitness``):
                                  as the next version (with ``stop``: a holder frozen in
                                  the middle of renewing its lease)
 
+Supervisor, ``pipeline/cpu_latency.py`` (``node.cpu_latency_us``):
+
+* ``cpu_latency.open``           before the node opens /dev/cpu_dma_latency to hold its
+                                 CPU wake-up latency limit; with ``errno=NAME`` the open
+                                 fails so (the node runs on without the hold)
+
 Every stage process: ``stage.<name>.loop`` once per turn of its main loop, ``<name>``
 its stage name without the worker index (``stage.coordinator.loop``,
 ``stage.snapshot.loop``, ``stage.digest.loop``, ``stage.send.loop``,

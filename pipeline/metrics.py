@@ -11,7 +11,8 @@ What is exposed (every sample carries ``node``):
   when it is not, that is the only sample (besides ``colo_role`` being absent).
 * ``colo_role{role}`` 1 for the node's current role (``primary``, ``secondary``,
   ``active``, ``unprotected``), 0 for the others; ``colo_node_info{state,dirty_log}``,
-  ``colo_epoch``, ``colo_guest_pages``.
+  ``colo_epoch``, ``colo_guest_pages``, ``colo_cpu_latency_held`` (1 while the node
+  holds its CPU wake-up latency limit, ``node.cpu_latency_us``).
 * The role history (pipeline/failover/roles.py): ``colo_generation`` (the generation
   of the active role this node holds or last saw), ``colo_role_changes_total``,
   ``colo_failovers_total`` (takeovers by this node), ``colo_reprotected_seconds`` (the
@@ -305,6 +306,13 @@ class NodeCollector:
             g = GaugeMetricFamily("colo_guest_pages", "Guest RAM in pages of 4 KiB.",
                                   labels=["node"])
             g.add_metric([n], info["page_count"])
+            out.append(g)
+        wake = info.get("cpu_latency")
+        if isinstance(wake, dict):
+            g = GaugeMetricFamily("colo_cpu_latency_held", "1 while the node holds its CPU "
+                                  "wake-up latency limit (node.cpu_latency_us), else 0.",
+                                  labels=["node"])
+            g.add_metric([n], 1 if wake.get("held") else 0)
             out.append(g)
         out += _role_history_families(n, info)
         rejected = CounterMetricFamily("colo_counter_rejected_writes", "Checkpoint records "

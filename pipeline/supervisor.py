@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import sockets, wire
+from pipeline import cpu_latency, sockets, wire
 from pipeline.config import Settings
 from pipeline.coordinator import PrimaryCoordinator, SecondaryCoordinator
 from pipeline.failover.roles import decide_role, effective_settings, survivor_settings
@@ -325,6 +325,8 @@ class Supervisor:
         self.redirector = None          # net.redirector_by_node: its process (subprocess.Popen)
         self.disk_bar = None            # the disk sync's bar on a terminal (primary, a disk)
         self.disk_bars_ended = 0        # syncs whose bar was drawn to its end
+        # node.cpu_latency_us: the CPUs' wake-up latency request, held from start to stop
+        self.cpu_latency: cpu_latency.CpuLatencyHold | None = None
 
     # -- building ---------------------------------------------------------
     def _ring(self, label: str, slots: int, layout: SlotLayout) -> Ring:
@@ -433,6 +435,7 @@ class Supervisor:
         s = self.settings
         ensure_open_files()      # before anything is created: a refusal leaves nothing behind
         os.makedirs(s.run_dir, exist_ok=True)
+        self._hold_cpu_latency()
         sockets.warn_if_plaintext(s)
         if s.net.redirector_offsets:
             # the carried offsets describe the connections of the guest this host ran
@@ -471,7 +474,8 @@ class Supervisor:
                                      "page_count": self.domain.page_count,
                                      "dirty_log": self.domain.dirty_log_kind,
                                      "configured_role": self.config.node.role,
-                                     "role_cause": why})
+                                     "role_cause": why,
+                                     "cpu_latency": self._cpu_latency_status()})
             # node info has one writer at a time: the supervisor until the coordinator
             # starts (last), then the coordinator (which adds its own pid)
             self.domain.before_fork()
@@ -720,6 +724,33 @@ class Supervisor:
         if self.domain is not None:
             self.domain.close()
             self.domain = None
+        if self.cpu_latency is not None and self.cpu_latency.held:
+            self.cpu_latency.release()      # last: the stages ran with it to their end
+            log.info("node %s: event=cpu_latency_released", self.name)
+        self.cpu_latency = None
+
+    def _hold_cpu_latency(self) -> None:
+        """node.cpu_latency_us: hold the CPUs' wake-up latency limit for the node's life
+        (pipeline/cpu_latency.py). The supervisor holds it, the one process that lives as
+        long as the node, whatever its role becomes; its stages do not inherit it. Where
+        it cannot be held the node runs on: one line says why, node info shows it."""
+        us = self.config.node.cpu_latency_us
+        if us < 0:
+            return
+        h = self.cpu_latency = cpu_latency.hold(us)
+        if h.held:
+            log.info("node %s: event=cpu_latency_held %d us on %s (in force: %s us)",
+                     self.name, us, h.device, h.in_force_us)
+        else:
+            log.warning("node %s: event=cpu_latency_not_held %s; the node runs on, its "
+                        "stages' wake-ups may be slower (node.cpu_latency_us)", self.name,
+                        h.why_not)
+
+    def _cpu_latency_status(self) -> dict[str, Any]:
+        if self.cpu_latency is None:
+            return {"held": False, "requested_us": self.config.node.cpu_latency_us,
+                    "why_not": "off (node.cpu_latency_us = -1)"}
+        return self.cpu_latency.status()
 
     def _draw_disk_sync(self) -> None:
         """A primary with a disk, on a terminal: the disk sync's bar

@@ -174,7 +174,7 @@ def test_example_pairs_match(examples, prefix):
 KEYED_ERRORS = [
     # id, file text, dotted key, part of the expectation
     ("unknown-top-level", "colour = 1\n", "colour", "one of checkpoint, disk, failover, guest, heartbeat, metrics, net, node"),
-    ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of listen, name, role, run_dir"),
+    ("unknown-nested", "[node]\nnmae = 'x'\n", "node.nmae", "one of cpu_latency_us, listen, name, role, run_dir"),
     ("auto-without-listen", "[node]\nrole = 'auto'\n[failover]\nwitness = 'local'\n"
      "witness_key = '/colo/vm/active'\n", "node.listen", "this host's own address"),
     ("auto-listen-is-peer", "[node]\nrole = 'auto'\nlisten = 'tcp://10.0.0.1:7400'\n"

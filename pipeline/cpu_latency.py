@@ -1,0 +1,128 @@
+"""The CPUs' wake-up latency limit, held for as long as a node runs (the kernel's PM QoS).
+
+What it does: a process that opens ``/dev/cpu_dma_latency``, writes a native int32 (a
+latency in microseconds) and keeps the file open asks every CPU's idle governor not to
+enter an idle state that takes longer than that to leave. The request lives as long as
+the open file: closing it (or the process's death, however it dies: the kernel closes
+its files) drops it. Reading the file gives the value in force, the lowest request of
+all processes (2000000000 while nobody asks). At 0 an idle CPU polls instead of halting.
+
+Why a node holds it: a checkpoint is about 40 wake-ups of the node's stage processes
+(BEGIN, the pause, each batch's hand-offs, the ACK: docs/tuning.md, "Session 14
+(commit)"), most of them of a process asleep on an idle CPU. When that CPU halts, each
+wake-up costs the CPU's exit from its idle state; in a VM (cpuidle driver ``haltpoll``
+with polling off, as on the project's 2-core VM) a halted vCPU is a VM exit, and its
+wake-up an IPI through the host and the host's scheduling: a pipe ping-pong between two
+processes on two CPUs took 77 us round trip (p50; p99 190) with the CPUs halting, 6.7 us
+(p99 31) with the limit held at 0 (session 17). On a loaded pair the 1k-page commit fell
+from ~9.5 to ~7.4-8 ms and the 4k one from ~20 to ~15-16 ms (docs/tuning.md, "Session 17
+(wake)").
+
+What it costs: an idle CPU polls (runs) instead of sleeping. On a VM the host sees the
+vCPUs busy all the time: it cannot give that CPU time to other guests, nor save it. On
+bare metal the cores stay out of their deep C-states: more power and heat, and less
+turbo headroom for the busy cores. That is the same trade as tuned's
+``latency-performance`` profile (``force_latency``) and the low-latency setups of
+real-time and packet-processing systems; a node that protects a service for its
+clients' latency makes it by default (``node.cpu_latency_us = 0``), ``-1`` leaves the
+CPUs to the kernel's default.
+
+Only the process that holds the request keeps it: a child forked by it closes its copy
+of the file at once (:func:`os.register_at_fork`), so the node's stages never carry the
+request past their supervisor, and the supervisor's exit alone ends it.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import faults
+
+DEVICE = "/dev/cpu_dma_latency"
+#: what the device reads while no process holds a request (PM_QOS_CPU_LATENCY_DEFAULT_VALUE)
+NOBODY_US = 2_000_000_000
+_INT32 = struct.Struct("=i")        # native byte order, as the kernel reads it
+
+#: the files of the holds this process made, closed in every child it forks
+_held_fds: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def in_force_us(device: str = DEVICE) -> int:
+    """The limit in force now, for the whole machine (every process's request counts)."""
+    with open(device, "rb") as fh:
+        return _INT32.unpack(fh.read(_INT32.size))[0]
+
+
+@dataclass
+class CpuLatencyHold:
+    """One request on the device: ``held`` while its file is open. ``why_not`` says why a
+    request could not be made (the device missing, no permission, ...)."""
+    requested_us: int
+    device: str = DEVICE
+    fd: int = -1
+    in_force_us: int | None = None      # read back right after the request was made
+    why_not: str = ""
+
+    @property
+    def held(self) -> bool:
+        return self.fd >= 0
+
+    def status(self) -> dict[str, Any]:
+        """For the node info (``colo-pipeline stats``, the Prometheus endpoint)."""
+        out: dict[str, Any] = {"held": self.held, "requested_us": self.requested_us,
+                               "device": self.device}
+        if self.in_force_us is not None:
+            out["in_force_us"] = self.in_force_us
+        if self.why_not:
+            out["why_not"] = self.why_not
+        return out
+
+    def release(self) -> None:
+        """Close the file: the kernel drops the request (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _held_fds.discard(fd)
+            os.close(fd)
+
+
+def hold(us: int, device: str = DEVICE) -> CpuLatencyHold:
+    """Ask for a wake-up latency of at most ``us`` microseconds and keep asking until
+    :meth:`CpuLatencyHold.release`. Never raises for a request the system refuses: the
+    hold comes back not held, ``why_not`` naming the file and the error. Fault point
+    ``cpu_latency.open`` (with ``errno=NAME``: the open fails so)."""
+    h = CpuLatencyHold(us, device)
+    fd = -1
+    try:
+        faults.point("cpu_latency.open")
+        fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, _INT32.pack(us))
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        h.why_not = f"cannot hold {device} at {us} us: {exc.strerror or exc}" + (
+            " (the kernel has no PM QoS device: no CONFIG_CPU_IDLE, or a dom0 kernel "
+            "without it)" if isinstance(exc, FileNotFoundError) else
+            " (root or write access to it is needed)" if isinstance(exc, PermissionError)
+            else "")
+        return h
+    h.fd = fd
+    _held_fds.add(fd)
+    try:
+        h.in_force_us = in_force_us(device)
+    except OSError:
+        pass        # held all the same; the value in force is only shown
+    return h

@@ -1,0 +1,136 @@
+"""node.cpu_latency_us: a node holds the CPUs' wake-up latency limit (the kernel's PM QoS
+request on /dev/cpu_dma_latency) for as long as it runs (pipeline/cpu_latency.py).
+
+Real device, real nodes. Another process on this machine (a benchmark, another pair) may
+hold the device at the same time, and the value in force is the lowest of all requests:
+so the tests assert on what THIS node holds (its supervisor's open file in /proc, what its
+node info says it wrote) and only that the machine's value is at most it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import cli
+
+from pipeline import config, cpu_latency
+from pipeline.localpair import LocalPair
+
+pytestmark = [
+    pytest.mark.slow, pytest.mark.root,     # real nodes; the device is root's (mode 0600)
+    pytest.mark.skipif(not os.path.exists(cpu_latency.DEVICE),
+                       reason=f"this kernel has no {cpu_latency.DEVICE} (PM QoS)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason=f"{cpu_latency.DEVICE} is root's"),
+]
+
+SMALL = {
+    "guest": {"backend": "sim", "page_count": 1024},
+    "guest.workload": {"input_rate_hz": 100.0, "pages_per_input": 4},
+    "checkpoint": {"max_interval_ms": 100, "min_interval_ms": 5},
+}
+
+
+def holders(pid: int) -> list[str]:
+    """The fds of process ``pid`` open on the PM QoS device."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == cpu_latency.DEVICE:
+                out.append(fd)
+        except FileNotFoundError:       # closed while we looked
+            pass
+    return out
+
+
+def test_a_node_holds_its_limit_for_its_life_and_its_stages_do_not():
+    """The primary (cpu_latency_us = 7) holds the device from start to stop, in its
+    supervisor only (its stages, forked after the hold, closed their copies); the
+    secondary (-1) holds nothing; stats and node info say so; the stop releases it."""
+    with LocalPair({**SMALL, "node": {"cpu_latency_us": 7}}, log_level="info",
+                   role_tables={"secondary": {"node": {"cpu_latency_us": -1}}}) as pair:
+        pair.start()
+        pair.wait_protected(timeout=120)
+        info = pair.node("primary").node_info()
+        supervisor = pair.procs["primary"].pid
+        assert info["pid"] == supervisor
+        wake = info["cpu_latency"]
+        assert wake["held"] is True and wake["requested_us"] == 7, wake
+        assert wake["device"] == cpu_latency.DEVICE and wake["in_force_us"] <= 7, wake
+        assert len(holders(supervisor)) == 1, "the supervisor holds one request"
+        assert cpu_latency.in_force_us() <= 7       # the machine's: ours, or lower
+        stages = info["stage_pids"]
+        assert stages and all(not holders(pid) for pid in stages.values()), \
+            {name: holders(pid) for name, pid in stages.items()}
+
+        sec = pair.node("secondary").node_info()
+        assert sec["cpu_latency"]["held"] is False
+        assert "-1" in sec["cpu_latency"]["why_not"]
+        assert not holders(pair.procs["secondary"].pid)
+
+        r = cli("stats", "--node", pair.name("primary"))
+        assert r.returncode == 0, r.stderr
+        assert "CPU wake-up latency held at 7 us" in r.stdout, r.stdout
+        codes = pair.stop()
+        assert codes == {"primary": 0, "secondary": 0}, codes
+        log = pair.log_tail("primary", 200_000)
+        assert "event=cpu_latency_held 7 us" in log
+        assert "event=cpu_latency_released" in log, log[-3000:]
+
+
+def test_a_node_that_cannot_hold_it_runs_on_and_says_why():
+    """The open fails (fault point ``cpu_latency.open`` with errno EACCES, as for a node
+    that is not root): one line names the device and the error, node info shows
+    held = false with the reason, and the node runs on: the pair gets protected."""
+    with LocalPair(SMALL) as pair:
+        pair.start(faults={"primary": "cpu_latency.open:errno=EACCES"})
+        pair.wait_protected(timeout=120)
+        assert pair.fault_fired("primary", "cpu_latency.open", 1)
+        info = pair.node("primary").node_info()
+        wake = info["cpu_latency"]
+        assert wake["held"] is False and wake["requested_us"] == 0, wake
+        assert cpu_latency.DEVICE in wake["why_not"], wake
+        assert "Permission denied" in wake["why_not"], wake
+        assert not holders(pair.procs["primary"].pid)
+        lines = [ln for ln in pair.log_tail("primary", 200_000).splitlines()
+                 if "event=cpu_latency_not_held" in ln]
+        assert len(lines) == 1, lines
+        assert f"cannot hold {cpu_latency.DEVICE} at 0 us: Permission denied" in lines[0]
+        # the secondary, without the fault, holds the default (0)
+        sec = pair.node("secondary").node_info()["cpu_latency"]
+        assert sec["held"] is True and sec["requested_us"] == 0, sec
+        r = cli("stats", "--node", pair.name("primary"))
+        assert "CPU wake-up latency not held: cannot hold" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("value", [-2, 2_000_000_001, "0", 1.5, True])
+def test_a_bad_value_is_refused_naming_the_key(value, tmp_path):
+    with pytest.raises(config.ConfigError, match=r"node\.cpu_latency_us"):
+        config.from_dict({"node": {"cpu_latency_us": value},
+                          "security": {"mode": "plaintext"}}, "x.toml")
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[node]\ncpu_latency_us = {value!r}\n".replace("True", "true")
+                    + "[security]\nmode = \"plaintext\"\n")
+    r = cli("check-config", str(path))
+    assert r.returncode == 2 and f"{path}:node.cpu_latency_us" in r.stderr + r.stdout, \
+        (r.stdout, r.stderr)
+
+
+def test_the_hold_in_one_process_is_released_on_close_and_not_inherited():
+    """The module alone: a request is in force while its file is open, a forked child
+    has no copy, and release() closes it."""
+    h = cpu_latency.hold(5)
+    try:
+        assert h.held and h.in_force_us <= 5 and cpu_latency.in_force_us() <= 5
+        assert len(holders(os.getpid())) == 1
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, str(len(holders(os.getpid()))).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(r, 16) == b"0", "a forked child inherited the request"
+        os.close(r)
+        os.close(w)
+    finally:
+        h.release()
+    assert not h.held and not holders(os.getpid())
+    h.release()     # idempotent
