@@ -126,3 +126,46 @@ def hold(us: int, device: str = DEVICE) -> CpuLatencyHold:
     except OSError:
         pass        # held all the same; the value in force is only shown
     return h
+
+
+class InForceWatch:
+    """The value in force, sampled every ``interval_s`` in a thread while a benchmark runs:
+    the limit is the whole machine's (any process's request counts), so an A/B of it is
+    valid only where each arm's runs had the value the arm says throughout. ``summary()``:
+    ``None`` where the device cannot be read (not root), else the lowest and highest value
+    seen, the samples and the share of them with some process holding a limit."""
+
+    def __init__(self, interval_s: float = 0.1, device: str = DEVICE) -> None:
+        import threading
+        self.interval_s, self.device = interval_s, device
+        self.values: list[int] = []
+        self.unreadable = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-latency-watch",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.values.append(in_force_us(self.device))
+            except OSError as exc:
+                self.unreadable = f"{self.device}: {exc.strerror or exc}"
+                return
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "InForceWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.values:
+            return None
+        return {"min_us": min(self.values), "max_us": max(self.values),
+                "samples": len(self.values),
+                "share_held": round(sum(v < NOBODY_US for v in self.values)
+                                    / len(self.values), 3)}

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline import cpu_latency  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
 from pipeline.xen_io.sim import SimDomain, WorkloadSpec, open_sim_domain  # noqa: E402
 
@@ -83,7 +84,7 @@ def references(page_count: int, sample_pages: int = 16384) -> dict:
 def _pair(page_count: int, digest_workers: int, verify_workers: int,
           threshold: int, compress: str | None = None, dirty_log: str = "auto",
           security: str = "curve", batch_pages: int | None = None,
-          prescan_ms: int | None = None) -> LocalPair:
+          prescan_ms: int | None = None, cpu_latency_us: int | None = None) -> LocalPair:
     """``compress``: None for the config's default (auto); ``security``: "curve" (the
     default) or "plaintext"; ``batch_pages``, ``prescan_ms`` (checkpoint.prescan_ms): None
     for the config's default."""
@@ -97,6 +98,7 @@ def _pair(page_count: int, digest_workers: int, verify_workers: int,
     if prescan_ms is not None:
         checkpoint["prescan_ms"] = prescan_ms
     return LocalPair({
+        **({"node": {"cpu_latency_us": cpu_latency_us}} if cpu_latency_us is not None else {}),
         "guest": {"backend": "sim", "page_count": page_count, "dirty_log": dirty_log},
         "guest.workload": {"seed": SEED, "input_rate_hz": 0.0},
         "security": {"mode": security},
@@ -155,11 +157,12 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     memcpy_s_per_page: float, dirty_log: str = "auto", reps: int = 5,
                     security: str = "curve", compress: str | None = None,
                     batch_pages: int | None = None,
-                    prescan_ms: int | None = None) -> tuple[dict, list[dict]]:
+                    prescan_ms: int | None = None,
+                    cpu_latency_us: int | None = None) -> tuple[dict, list[dict]]:
     rows = []
     with _pair(page_count, digest_workers, verify_workers, max(sizes) * 2, compress,
                dirty_log=dirty_log, security=security, batch_pages=batch_pages,
-               prescan_ms=prescan_ms) as pair:
+               prescan_ms=prescan_ms, cpu_latency_us=cpu_latency_us) as pair:
         start_ready(pair)
         pair.wait_protected(timeout=900)
         sync = pair.checkpoints()[0]
@@ -293,15 +296,20 @@ def main() -> int:
                     help="pipeline.batch_pages (0: the config's default)")
     ap.add_argument("--prescan-ms", type=int, default=None,
                     help="checkpoint.prescan_ms (default: the config's; 0 = off)")
+    ap.add_argument("--cpu-latency-us", type=int, default=None,
+                    help="node.cpu_latency_us, both nodes (default: the config's, 0; -1: "
+                    "not held); the JSON says what was in force during the run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     page_count = args.size_mb * 1024 * 1024 // PAGE
     sizes = [min(int(s), page_count // 2) for s in args.sizes.split(",")]
     ref = references(page_count)
-    full, rows = run_checkpoints(page_count, sizes, args.digest_workers, args.verify_workers,
-                                 ref["memcpy_s_per_page"], args.dirty_log, args.reps,
-                                 args.security, args.compress, args.batch_pages or None,
-                                 args.prescan_ms)
+    with cpu_latency.InForceWatch() as in_force:   # the machine's: anyone may hold it
+        full, rows = run_checkpoints(page_count, sizes, args.digest_workers,
+                                     args.verify_workers, ref["memcpy_s_per_page"],
+                                     args.dirty_log, args.reps, args.security, args.compress,
+                                     args.batch_pages or None, args.prescan_ms,
+                                     args.cpu_latency_us)
     sizes_out = by_size(rows)
     result = {"size_mb": args.size_mb, "dirty_log": args.dirty_log, "references": ref,
               "full_sync": full,
@@ -311,6 +319,8 @@ def main() -> int:
               "security": args.security, "compress": args.compress or "auto",
               "batch_pages": args.batch_pages or "default",
               "prescan_ms": "default" if args.prescan_ms is None else args.prescan_ms,
+              "cpu_latency_us": "default" if args.cpu_latency_us is None
+              else args.cpu_latency_us, "cpu_latency_in_force": in_force.summary(),
               "loadavg": list(os.getloadavg()), "by_size": sizes_out, "checkpoints": rows}
     print(f"guest {args.size_mb} MiB, {args.digest_workers} digest / {args.verify_workers} "
           f"verify workers, {os.cpu_count()} cores")

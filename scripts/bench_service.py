@@ -26,8 +26,9 @@ answers within the sending window only: below the offered rate, the backlog grew
 The nodes run with their defaults (docs/config.md; the run prints them and the JSON has
 them as ``node_settings``): colo's timer is ``checkpoint.max_interval_ms``'s default under
 ``net.release = "compare"`` (10 s), buffered's the default under ``"commit"`` (25 ms);
-``--interval-ms``, ``--buffered-interval-ms``, ``--input-log-slots``, ``--prescan-ms`` and the
-like override (each row names its ``prescan_ms``).
+``--interval-ms``, ``--buffered-interval-ms``, ``--input-log-slots``, ``--prescan-ms``,
+``--cpu-latency-us`` and the like override (each row names its ``prescan_ms`` and
+``cpu_latency_us``; ``cpu_latency_in_force`` what the machine had in force meanwhile).
 
 Per row, from the nodes: checkpoints/s by cause, pages per checkpoint, commit p50/p99
 (committed checkpoints of that row) and CPU seconds of each node's process group (the
@@ -63,7 +64,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import config  # noqa: E402
+from pipeline import config, cpu_latency  # noqa: E402
 from pipeline.checkpoint_api import CAUSES  # noqa: E402
 from pipeline.config import COMMIT_TIMER_MS, COMPARE_TIMER_MS  # noqa: E402
 from pipeline.localpair import LocalPair  # noqa: E402
@@ -292,6 +293,7 @@ def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -
     if args.compare_timeout_ms is not None:
         net["compare_timeout_ms"] = args.compare_timeout_ms
     tables = {
+        "node": {} if args.cpu_latency_us is None else {"cpu_latency_us": args.cpu_latency_us},
         "net": net,
         "guest": guest,
         "guest.workload": {"seed": 7, "pages_per_input": args.pages_per_request,
@@ -478,13 +480,14 @@ def mode_settings(mode: str, args: argparse.Namespace) -> dict:
     """What the nodes run with in one mode: the defaults (docs/config.md) unless a flag
     overrides one (the config the pair gets, read back through the node's own parser)."""
     tables = service_tables(mode, 0.0, args)
-    s = config.from_dict({"net": tables["net"], "guest": tables["guest"],
+    s = config.from_dict({"node": tables["node"], "net": tables["net"], "guest": tables["guest"],
                           "checkpoint": tables["checkpoint"],
                           "security": {"mode": "plaintext"}}, f"<{mode}>")
     return {"timer_ms": s.checkpoint.timer_ms(s.net.release),
             "min_interval_ms": s.checkpoint.min_interval_ms,
             "dirty_threshold_pages": s.checkpoint.dirty_threshold_pages,
             "prescan_ms": s.checkpoint.prescan_ms,
+            "cpu_latency_us": s.node.cpu_latency_us,
             "input_log_slots": s.guest.input_log_slots,
             "compare_timeout_ms": s.net.compare_timeout_ms}
 
@@ -498,8 +501,9 @@ def row_head(mode: str, nondeterminism: float, rate, args: argparse.Namespace) -
     """The keys that name a row, and the node settings an A/B of one run varies (each row
     says what its pair ran with: runs with and without the prescan are compared row by
     row)."""
+    settings = mode_settings(mode, args)
     return {"mode": mode, "nondeterminism": nondeterminism, "rate": rate,
-            "prescan_ms": mode_settings(mode, args)["prescan_ms"]}
+            "prescan_ms": settings["prescan_ms"], "cpu_latency_us": settings["cpu_latency_us"]}
 
 
 # ------------------------------------------------------------------ the run
@@ -689,6 +693,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prescan-ms", type=int, default=None,
                    help="checkpoint.prescan_ms, both nodes (default: the node's; 0 = off); "
                    "each row's JSON has the value its pair ran with")
+    p.add_argument("--cpu-latency-us", type=int, default=None,
+                   help="node.cpu_latency_us, both nodes (default: the node's, 0; -1: not "
+                   "held); the JSON's cpu_latency_in_force says what was in force (the "
+                   "machine's: any process may hold it)")
     p.add_argument("--input-log-slots", type=int, default=None,
                    help="guest.input_log_slots (default: the node's)")
     p.add_argument("--compare-timeout-ms", type=int, default=None,
@@ -712,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     nodes = node_settings(args)
     print(f"node settings: {nodes}", file=sys.stderr if args.json else sys.stdout, flush=True)
-    result = run(args)
+    with cpu_latency.InForceWatch() as in_force:
+        result = run(args)
+    result["cpu_latency_in_force"] = in_force.summary()
     result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
     result["node_settings"] = nodes
     result["host"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],

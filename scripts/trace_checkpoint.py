@@ -157,6 +157,9 @@ def main() -> int:
                     help="pipeline.batch_pages (0: the config's default)")
     ap.add_argument("--prescan-ms", type=int, default=None,
                     help="checkpoint.prescan_ms (default: the config's; 0 = off)")
+    ap.add_argument("--cpu-latency-us", type=int, default=None,
+                    help="node.cpu_latency_us, both nodes (default: the config's, 0; -1: "
+                    "not held); the last line says what was in force during the run")
     ap.add_argument("--raw", action="store_true",
                     help="every event in time order, with its detail")
     ap.add_argument("--by-stage", action="store_true",
@@ -172,7 +175,9 @@ def main() -> int:
     try:
         with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2,
                          batch_pages=args.batch_pages or None,
-                         prescan_ms=args.prescan_ms) as pair:
+                         prescan_ms=args.prescan_ms,
+                         cpu_latency_us=args.cpu_latency_us) as pair, \
+                bench.cpu_latency.InForceWatch() as in_force:
             pair.start()
             pair.wait_protected(timeout=900)
             named = named_stage_pids(pair)
@@ -239,7 +244,8 @@ def main() -> int:
                 v[1] for v in kv[1])):
             print(f"  {n:28s} {statistics.median(v[0] for v in vals):6.1f} "
                   f"{statistics.median(v[1] for v in vals):7.2f}")
-    print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU wake-up "
+          f"latency limit asked {args.cpu_latency_us}, in force {in_force.summary()})")
     return 0
 
 

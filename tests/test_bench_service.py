@@ -131,7 +131,8 @@ def test_prescan_flag_reaches_both_nodes_config_and_every_row():
             assert bench_service.mode_settings(mode, args)["prescan_ms"] == want, (argv, mode)
             head = bench_service.row_head(mode, 0.01, "closed", args)
             assert head == {"mode": mode, "nondeterminism": 0.01, "rate": "closed",
-                            "prescan_ms": want}, head
+                            "prescan_ms": want,
+                            "cpu_latency_us": Settings().node.cpu_latency_us}, head
         assert {m: s["prescan_ms"] for m, s in bench_service.node_settings(args).items()} \
             == {"colo": want, "buffered": want}
     # a bad value is refused by the node's parser with the key named, before any pair starts

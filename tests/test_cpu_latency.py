@@ -15,12 +15,11 @@ from conftest import cli
 from pipeline import config, cpu_latency
 from pipeline.localpair import LocalPair
 
-pytestmark = [
-    pytest.mark.slow, pytest.mark.root,     # real nodes; the device is root's (mode 0600)
-    pytest.mark.skipif(not os.path.exists(cpu_latency.DEVICE),
-                       reason=f"this kernel has no {cpu_latency.DEVICE} (PM QoS)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason=f"{cpu_latency.DEVICE} is root's"),
-]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the tests that hold the real device (it is root's, mode 0600)
+device = pytest.mark.skipif(not os.path.exists(cpu_latency.DEVICE),
+                            reason=f"this kernel has no {cpu_latency.DEVICE} (PM QoS)")
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason=f"{cpu_latency.DEVICE} is root's")
 
 SMALL = {
     "guest": {"backend": "sim", "page_count": 1024},
@@ -41,6 +40,10 @@ def holders(pid: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
+@device
+@pytest.mark.root
+@as_root
 def test_a_node_holds_its_limit_for_its_life_and_its_stages_do_not():
     """The primary (cpu_latency_us = 7) holds the device from start to stop, in its
     supervisor only (its stages, forked after the hold, closed their copies); the
@@ -76,6 +79,10 @@ def test_a_node_holds_its_limit_for_its_life_and_its_stages_do_not():
         assert "event=cpu_latency_released" in log, log[-3000:]
 
 
+@pytest.mark.slow
+@device
+@pytest.mark.root
+@as_root
 def test_a_node_that_cannot_hold_it_runs_on_and_says_why():
     """The open fails (fault point ``cpu_latency.open`` with errno EACCES, as for a node
     that is not root): one line names the device and the error, node info shows
@@ -114,6 +121,9 @@ def test_a_bad_value_is_refused_naming_the_key(value, tmp_path):
         (r.stdout, r.stderr)
 
 
+@device
+@pytest.mark.root
+@as_root
 def test_the_hold_in_one_process_is_released_on_close_and_not_inherited():
     """The module alone: a request is in force while its file is open, a forked child
     has no copy, and release() closes it."""
@@ -134,3 +144,39 @@ def test_the_hold_in_one_process_is_released_on_close_and_not_inherited():
         h.release()
     assert not h.held and not holders(os.getpid())
     h.release()     # idempotent
+
+
+def test_the_bench_flag_reaches_both_nodes_and_every_row():
+    """--cpu-latency-us of bench_service sets node.cpu_latency_us in both nodes' config (read
+    back through the node's parser) and each row names it; without it the default. The
+    benchmarks' JSON says what was in force during the run (cpu_latency_in_force). Plumbing
+    only: no pair is started."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_service
+    default = config.Settings().node.cpu_latency_us
+    for argv, want in ((["--quick", "--cpu-latency-us", "-1"], -1), (["--quick"], default)):
+        args = bench_service.parse_args(argv)
+        for mode in bench_service.MODES:
+            assert bench_service.mode_settings(mode, args)["cpu_latency_us"] == want
+            assert bench_service.row_head(mode, 0, 1000, args)["cpu_latency_us"] == want
+    with pytest.raises(config.ConfigError, match=r"node\.cpu_latency_us"):
+        bench_service.mode_settings("colo", bench_service.parse_args(
+            ["--cpu-latency-us", "-2"]))
+
+
+def test_the_watch_of_the_value_in_force_says_what_it_saw(tmp_path):
+    """InForceWatch (the benchmarks' record of the machine's value): reads the device's
+    int32 until stopped; a device it cannot read gives no summary, not an error."""
+    fake = tmp_path / "latency"
+    fake.write_bytes((12).to_bytes(4, "little", signed=True))
+    with cpu_latency.InForceWatch(0.001, str(fake)) as watch:
+        import time
+        deadline = time.monotonic() + 30
+        while len(watch.values) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    s = watch.summary()
+    assert s["min_us"] == s["max_us"] == 12 and s["share_held"] == 1.0, s
+    with cpu_latency.InForceWatch(0.001, str(tmp_path / "none")) as missing:
+        pass
+    assert missing.summary() is None and "none" in missing.unreadable
