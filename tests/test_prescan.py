@@ -276,6 +276,56 @@ def test_batches_of_pages_copied_in_several_rounds_go_out_in_order_of_their_high
             r.close()
 
 
+def test_a_trickle_taken_by_many_rounds_goes_to_the_digest_workers_in_few_batches():
+    """A service writes a few pages a request: each prescan round takes a few new ones, so
+    the buffer holds one short sorted run per round. A checkpoint's pages still go out as
+    one batch per digest worker (each batch is a hand-off at every stage of the commit's
+    path; cut at every round, a service's 2048 pages went as 46-80 batches and its commit
+    took 32-63 ms against 10-19 without the prescan), every page once, its row the page's,
+    in the order of the batches' highest pfn."""
+    layout = SlotLayout(batch_pages=1024, page_size=4096)
+    name = f"prescan-trickle-{os.getpid()}"
+    rings = [Ring.create(segment_prefix(name) + f"r{i}", 64, layout) for i in range(2)]
+    dom = open_sim_domain("prescan-trickle", PAGES, WorkloadSpec(seed=7), dirty_log="auto")
+    dom.start(paused=True)
+    try:
+        dom.enable_dirty_log()
+        c, buf = _Counters(), _Buffer(2048)
+        pre = Prescan(dom, c, prescan_ms=5, snapbuf=buf, rings=rings)
+        pre.start()
+        # 30 rounds, each taking 16 new pages (spread over memory) and some old ones again
+        for n in range(30):
+            _run(dom, SimDomain.fill_command(64 * n + 7, 16, n + 1))
+            if n:
+                _run(dom, SimDomain.fill_command(64 * (n - 1) + 7, 4, 0x80 + n))
+            pre.round(lambda: False)
+        _run(dom, SimDomain.fill_command(3000, 8, 0x55))        # only the pause's
+        pfns, copied = pre.take(dom.read_and_clear_dirty())
+        assert copied == 30 * 16 and len(pre.runs) >= 30
+        ctx = StageContext("snapshot", _Counters(), threading.Event(),
+                           logging.getLogger("test.prescan"))
+        dom.read_pages(pfns[copied:], buf.pages[copied:len(pfns)])
+        assert _dispatch_buffered(ctx, rings, pfns, 9, pre.runs)
+        batches = []
+        for ring in rings:
+            while ring.occupancy:
+                slot = ring.acquire_read(timeout=5)
+                assert slot.marks & MARK_BUFFERED and slot.epoch == 9
+                got = slot.pfns[:slot.count].copy()
+                assert (got == pfns[slot.row:slot.row + slot.count]).all()
+                batches.append(got)
+                ring.release_read(slot)
+        assert len(batches) == len(rings)
+        assert batches[0].max() < batches[1].max()      # (dealt round robin from ring 0)
+        assert sorted(np.concatenate(batches).tolist()) == sorted(pfns.tolist())
+        assert len(set(pfns.tolist())) == len(pfns) == 30 * 16 + 8
+    finally:
+        dom.close()
+        for r in rings:
+            r.unlink()
+            r.close()
+
+
 def test_the_rounds_come_as_often_as_the_pvm_writes_enough_to_take():
     """The cadence (Prescan._next_wait): a burst is taken every prescan_ms, a steady
     trickle about LEFT_PAGES pages at a time (a service writing ~2000 pages a second: one
