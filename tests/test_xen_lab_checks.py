@@ -329,9 +329,51 @@ def test_a_guest_whose_kernel_panicked_is_named_dead(lab, host_side):
                "Domain-0                                     0  1536     1     r-----     123.6\n"
                "prim                                         2   128     1     ---sc-      16.7\n"
                "sec                                          3   128     2     -b----       2.0\n")
-    dead = lab.crashed_domains(listing)
+    dead = lab.dead_domains(listing)
     assert dead == ["xl list: domain 2 crashed (state ---sc-) [prim]"]
     assert host_side.dead_guests({"xen_guest_faults": dead}) == {"prim"}
+
+
+def test_a_guest_that_shut_itself_down_is_named_dead(lab, host_side):
+    """QEMU 10.0.2 with HAP (issue 17, session 17): the guest halted with interrupts off in its
+    early boot, Xen powered it off without a line in its log, and on_poweroff = "preserve" keeps
+    it: ``xl list`` shows it shut down with no vCPU up. A running or paused guest is alive."""
+    listing = ("Name                                        ID   Mem VCPUs\tState\tTime(s)\n"
+               "Domain-0                                     0  1536     1     r-----      65.3\n"
+               "prim                                         1   128     0     ---s--       0.2\n"
+               "sec                                          3   128     1     --p---       2.0\n"
+               "other                                        4   128     1     -b----       1.0\n")
+    dead = lab.dead_domains(listing)
+    assert dead == ["xl list: domain 1 shut down by itself (state ---s--, 0 vCPUs up) [prim]"]
+    assert host_side.dead_guests({"xen_guest_faults": dead}) == {"prim"}
+    assert lab.dead_domains(listing, only="sec") == []
+
+
+def test_waiting_for_the_first_tick_stops_at_once_when_the_guest_died(lab, monkeypatch):
+    """The lab waited 600 s for a guest that had powered itself off in its first second (session
+    16's QEMU 10 boot); now dom0 looks at ``xl list`` while it waits and names the death."""
+    listing = ("Name                                        ID   Mem VCPUs\tState\tTime(s)\n"
+               "prim                                         1   128     0     ---s--       0.2\n")
+    monkeypatch.setattr(lab, "ticks_since", lambda name, offset: [])
+    monkeypatch.setattr(lab, "sh", lambda cmd, timeout=0: listing)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"guest prim died before its first memwork line: "
+                                           r"xl list: domain 1 shut down by itself"):
+        lab.wait_ticking("prim", 0, timeout=600, look_every_s=0)
+    assert time.monotonic() - t0 < 60
+
+
+def test_waiting_for_the_first_tick_goes_on_while_the_guest_lives(lab, monkeypatch):
+    """A guest that is still booting (running, no tick yet) is waited for, however often dom0
+    looks at it, until its first tick."""
+    listing = ("Name                                        ID   Mem VCPUs\tState\tTime(s)\n"
+               "prim                                         1   128     1     r-----       3.0\n")
+    calls = []
+    monkeypatch.setattr(lab, "ticks_since", lambda name, offset: calls.append(1) or ([] if len(calls) < 3 else ["tick"]))
+    monkeypatch.setattr(lab, "sh", lambda cmd, timeout=0: listing)
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    assert lab.wait_ticking("prim", 0, timeout=600, look_every_s=0) >= 0
+    assert len(calls) == 3
 
 
 def test_a_dying_guests_registers_are_named_as_its_kernels_symbols(lab, monkeypatch):

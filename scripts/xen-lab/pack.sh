@@ -66,6 +66,9 @@ on_crash = "preserve"
 # a guest that reboots here has died (a triple fault is shut down as "reboot"): gone, not re-created
 # under a new id as xl's default would (the Xen lab lost its secondary that way once)
 on_reboot = "destroy"
+# a guest whose vCPUs all went down (a HLT with interrupts off: an early-boot exception) is
+# powered off by Xen without a line in its log; kept, dom0 sees it shut down (issue 17, session 17)
+on_poweroff = "preserve"
 tsc_mode = "native"
 hap = ${XENLAB_HAP:-1}
 EOC

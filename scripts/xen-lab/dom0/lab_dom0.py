@@ -187,11 +187,21 @@ def clock_check(ticks: list[Tick], slack_s: float = CLOCK_SLACK_S) -> dict[str, 
     return {"ok": ok, "slack_s": slack_s, "cpus": cpus}
 
 
-def wait_ticking(name: str, offset: int, timeout: float = SH_TIMEOUT) -> float:
+def wait_ticking(name: str, offset: int, timeout: float = SH_TIMEOUT, look_every_s: float = 10.0) -> float:
+    """Seconds until guest ``name`` printed its first memwork line. A guest that died first
+    (``xl list`` shows it shut down or crashed) fails at once, saying how, instead of after
+    ``timeout``: on QEMU 10.0.2 with HAP the guest halted in its early boot and Xen powered it
+    off silently, and the lab waited its 600 s for nothing (issue 17, session 17)."""
     t0 = time.monotonic()
+    looked = t0
     while time.monotonic() - t0 < timeout:
         if ticks_since(name, offset):
             return time.monotonic() - t0
+        if time.monotonic() - looked >= look_every_s:
+            looked = time.monotonic()
+            dead = dead_domains(sh("xl list", timeout=60), only=name)
+            if dead:
+                raise RuntimeError(f"guest {name} died before its first memwork line: {dead[0]}")
         time.sleep(0.5)
     raise RuntimeError(f"guest {name} printed no memwork line within {timeout}s")
 
@@ -297,20 +307,28 @@ def xen_guest_faults() -> list[str]:
         name = DOMIDS.get(domid, "not made by the lab" if domid is not None else "?")
         found.append(f"{m.group(0).strip()} [{name}]")
     try:   # a guest kernel's own panic leaves no line in Xen's log: the domain is only "crashed"
-        found += crashed_domains(sh("xl list", timeout=60))
+        found += dead_domains(sh("xl list", timeout=60))
     except Exception as exc:  # noqa: BLE001
         found.append(f"xl list failed: {exc}")
     return found[:8]
 
 
-def crashed_domains(xl_list: str) -> list[str]:
-    """The lab's domains ``xl list`` shows crashed (state flag ``c``: a guest kernel that panicked,
-    kept by the lab's on_crash = "preserve"), named like Xen's death lines (``... [prim]``)."""
+def dead_domains(xl_list: str, only: str = "") -> list[str]:
+    """The lab's domains ``xl list`` shows dead, named like Xen's death lines (``... [prim]``):
+    crashed (state flag ``c``: a guest kernel that panicked, kept by the lab's on_crash =
+    "preserve") or shut down by itself (flag ``s``, kept by on_poweroff = "preserve": a guest
+    whose vCPUs all went down, e.g. a HLT with interrupts off after an early-boot exception,
+    which a non-debug Xen powers off without a line in its log). ``only``: that domain alone."""
     out = []
     for line in xl_list.splitlines()[1:]:
         parts = line.split()
-        if len(parts) >= 6 and parts[1].isdigit() and "c" in parts[4]:
+        if len(parts) < 6 or not parts[1].isdigit() or (only and parts[0] != only):
+            continue
+        if "c" in parts[4]:
             out.append(f"xl list: domain {parts[1]} crashed (state {parts[4]}) [{parts[0]}]")
+        elif "s" in parts[4]:
+            out.append(f"xl list: domain {parts[1]} shut down by itself (state {parts[4]}, "
+                       f"{parts[3]} vCPUs up) [{parts[0]}]")
     return out
 
 
