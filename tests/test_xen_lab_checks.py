@@ -806,3 +806,19 @@ def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monke
     finally:
         second.kill()
         second.wait()
+
+
+def test_a_qemu_that_checks_cr_reads_against_the_cr0_intercept_gets_shadow_paging(host_side):
+    """QEMU 10.0.2's guest never ran on HAP (issue 17, session 17): since 9.1 QEMU checks a nested
+    guest's CR2/CR3 reads against the CR0-read intercept, and Xen's emulated CR2 is stale under
+    HAP. Such a QEMU boots the guests on shadow paging unless --hap says otherwise, and a HAP boot
+    on it is warned about; QEMU 7.2 (and any version the lab cannot read) keeps the default."""
+    assert host_side.hap_for_qemu("7.2.19", "") == ("", "")
+    assert host_side.hap_for_qemu("9.0.4", "1") == ("1", "")
+    assert host_side.hap_for_qemu("unknown (no such file)", "") == ("", "")
+    hap, note = host_side.hap_for_qemu("10.0.2", "")
+    assert hap == "0" and "shadow paging (--hap 0)" in note and "CR0-read intercept" in note
+    assert host_side.hap_for_qemu("9.1.0", "0") == ("0", "")
+    hap, note = host_side.hap_for_qemu("10.0.2", "1")
+    assert hap == "1" and note.startswith("WARNING: QEMU 10.0.2 with HAP")
+    assert host_side.hap_for_qemu("10.0.2", "alternate")[0] == "alternate"

@@ -399,6 +399,29 @@ def qemu_version(qemu: str) -> str:
     return m.group(1) if m else f"unknown ({out[:60]!r})"
 
 
+#: the first QEMU whose x86 decoder checks a nested guest's CR reads against the CR0-read
+#: intercept alone (a1af7fba5a00, "convert MOV from/to CR and DR to new decoder", in 9.1)
+QEMU_CR_READ_INTERCEPT_BUG = (9, 1)
+
+
+def hap_for_qemu(version: str, hap: str) -> tuple[str, str]:
+    """The guests' paging for a boot on QEMU ``version`` ('' = pack.sh's default) and a note to
+    print. From QEMU 9.1 on, a nested guest's ``mov %cr2`` exits to Xen as a CR0 read (Xen
+    intercepts those), Xen emulates it, and under HAP its copy of the guest's CR2 is stale: the
+    guest dies in its first page fault (issue 17, session 17: QEMU 10.0.2's guest that never ran).
+    Shadow paging keeps Xen's copy right, so such a QEMU gets --hap 0 unless told otherwise."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m or (int(m.group(1)), int(m.group(2))) < QEMU_CR_READ_INTERCEPT_BUG:
+        return hap, ""
+    why = "its decoder checks a nested guest's CR2 reads against the CR0-read intercept, and Xen's " \
+          "emulated CR2 is stale under HAP"
+    if hap == "":
+        return "0", f"QEMU {version}: the guests on shadow paging (--hap 0): {why}"
+    if hap != "0":
+        return hap, f"WARNING: QEMU {version} with HAP (--hap {hap}): {why}; the guests die in their first page fault"
+    return hap, ""
+
+
 def platform_of(row: dict, keys: tuple[str, ...] = ("xen_opts", "cpu", "tcg_thread", "twin", "x2apic", "qemu")) -> str:
     """A boot's options (of ``keys``) that differ from the lab's defaults ('' for the defaults):
     boots on different platforms are counted apart. A boot that did not record its guests'
@@ -673,6 +696,9 @@ def main() -> int:
                         qemu=qemu_version(args.qemu), x2apic="on" if args.x2apic else "off")
     print(f"TREE: {tree_version()} xen-opts={args.xen_opts!r} cpu={args.cpu} tcg-thread={args.tcg_thread} "
           f"twin={args.twin} qemu={args.qemu} ({_lab_options['qemu']})", flush=True)
+    args.hap, note = hap_for_qemu(_lab_options["qemu"], args.hap)
+    if note:
+        print(f"PLATFORM: {note}", flush=True)
     for need in ("xen-shadow", "vmlinuz", "dom0-rootfs.cpio"):
         if not (LAB / need).exists():
             raise SystemExit(f"{LAB / need} is missing: run scripts/xen-lab/run.sh (builds it)")
