@@ -351,6 +351,15 @@ def test_the_rounds_come_as_often_as_the_pvm_writes_enough_to_take():
         assert pre._next_wait(200, 0.1, cheap) == floor
         pre.wait_s = floor
         assert pre._next_wait(10, floor, cheap) == Prescan.IDLE_MAX_S
+        # a steady trickle (a service: ~3300 pages/s into the same pages) is taken at its
+        # pace, whether a round after the long wait took LEFT_PAGES or more (not a burst)
+        # or fewer (not a burst's first pages): not every other round a look at floor
+        pre.rate = 0.0
+        assert pre._next_wait(30, 0.009, cheap) == pytest.approx(0.0768)    # (a first look)
+        assert pre._next_wait(300, 0.09, cheap) == pytest.approx(0.0768)
+        assert pre._next_wait(230, 0.075, cheap) == pytest.approx(0.0835, abs=1e-4)
+        # ... and a burst beginning in it (4x the rate) gets the floor again
+        assert pre._next_wait(1200, 0.08, cheap) == floor
         # nothing: twice the last wait, up to IDLE_MAX_S
         pre.wait_s = 0.02
         assert pre._next_wait(0, 0.02, cheap) == pytest.approx(0.04)

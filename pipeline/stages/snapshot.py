@@ -107,6 +107,7 @@ class Prescan:
         self.runs: list[int] = [0]
         self.on = False             # only once the dirty log is on (a full sync started it)
         self.wait_s = self.min_s
+        self.rate = 0.0             # pages/s the last round that took any saw
         self.next_at = 0.0
         self.last_at = 0.0          # when the last round (or the hand-over) began
 
@@ -159,17 +160,28 @@ class Prescan:
         times the copy; never later than IDLE_MAX_S but for those:
 
         * nothing: twice the last wait (an idle PVM is looked at less and less often);
+        * as fast as the last round that took any saw (within 2x either way): a steady
+          writer, when LEFT_PAGES more should be written at that rate, however many this
+          one took (a service's trickle: a round every ~80 ms, not every ~80 then ~15);
         * a burst (LEFT_PAGES or more): at once, as often as allowed;
         * a few, after a long wait: soon (prescan_ms), to see whether a burst began (its
           first pages alone say nothing of its rate; a 1k-page write takes 10-60 ms);
         * a few, after a short one: when LEFT_PAGES more should be written at that rate."""
         floor = max(self.min_s, self.COST_FACTOR * read, self.COPY_FACTOR * copy)
         if not got:
+            self.rate = 0.0     # (idle: the next pages may be a burst's first)
             return min(self.IDLE_MAX_S, max(floor, 2 * self.wait_s))
+        rate = got / max(since, 1e-6)
+        last, self.rate = self.rate, rate
+        paced = min(self.IDLE_MAX_S, max(floor, self.LEFT_PAGES / rate))
+        if last and last / 2 <= rate <= 2 * last:
+            # as fast as the last round saw: a steady writer, at its pace (a trickle that
+            # reached LEFT_PAGES after a long wait counted as a burst, or as a few pages
+            # after a long wait: every other round a look at floor, twice the rounds)
+            return paced
         if got >= self.LEFT_PAGES or since > 2 * floor:
             return floor
-        rate = got / max(since, 1e-6)
-        return min(self.IDLE_MAX_S, max(floor, self.LEFT_PAGES / rate))
+        return paced
 
     #: pages copied between two looks at ``interrupted`` (a command waiting): 16k pages
     #: in one go held a checkpoint's command back by their whole copy (~27 ms at load 25)
