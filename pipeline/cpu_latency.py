@@ -14,9 +14,10 @@ wake-up costs the CPU's exit from its idle state; in a VM (cpuidle driver ``halt
 with polling off, as on the project's 2-core VM) a halted vCPU is a VM exit, and its
 wake-up an IPI through the host and the host's scheduling: a pipe ping-pong between two
 processes on two CPUs took 77 us round trip (p50; p99 190) with the CPUs halting, 6.7 us
-(p99 31) with the limit held at 0 (session 17). On a loaded pair the 1k-page commit fell
-from ~9.5 to ~7.4-8 ms and the 4k one from ~20 to ~15-16 ms (docs/tuning.md, "Session 17
-(wake)").
+(p99 31) with the limit held at 0; a benchmark pair at load ~1.5 committed 1k dirty pages in
+~7.4-8 ms instead of ~9.5 and 4k in ~15-16 instead of ~20 (session 17's start). It acts on
+idle CPUs only: at load 4-10, where the CPUs never idled, it changed nothing either way
+(docs/tuning.md, "Session 17 (wake)").
 
 What it costs: an idle CPU polls (runs) instead of sleeping. On a VM the host sees the
 vCPUs busy all the time: it cannot give that CPU time to other guests, nor save it. On
