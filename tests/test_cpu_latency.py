@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import cli
+from conftest import cli, wait_until
 
 from pipeline import config, cpu_latency
 from pipeline.localpair import LocalPair
@@ -106,6 +106,31 @@ def test_a_node_that_cannot_hold_it_runs_on_and_says_why():
         assert sec["held"] is True and sec["requested_us"] == 0, sec
         r = cli("stats", "--node", pair.name("primary"))
         assert "CPU wake-up latency not held: cannot hold" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+@device
+@pytest.mark.root
+@as_root
+def test_the_survivor_of_a_failover_holds_on_and_a_dead_stage_releases_it():
+    """The hold's other ways: the secondary that takes over (the primary node killed whole,
+    as a lost host) still holds its request in its supervisor; a node stopped by a dead
+    stage (fault point stage.snapshot.loop, SIGKILL) releases it before it exits."""
+    with LocalPair({**SMALL, "node": {"cpu_latency_us": 9}}, log_level="info") as pair:
+        pair.start()
+        pair.wait_protected(timeout=120)
+        wait_until(lambda: pair.stage_counter("heartbeat", "items_in", "secondary") > 0,
+                   timeout=60, what="the secondary hearing the primary's heartbeat")
+        pair.kill("primary")
+        info = pair.wait_info("role", "active", role="secondary")
+        assert info["cpu_latency"]["held"] is True, info["cpu_latency"]
+        assert len(holders(pair.procs["secondary"].pid)) == 1
+    with LocalPair(SMALL, log_level="info") as pair:
+        pair.start(faults={"primary": "stage.snapshot.loop:20:kill"})
+        assert pair.wait_exit("primary") == 1
+        log = pair.log_tail("primary", 200_000)
+        assert "stage snapshot killed by signal 9" in log, log[-3000:]
+        assert "event=cpu_latency_released" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("value", [-2, 2_000_000_001, "0", 1.5, True])
