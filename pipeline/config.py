@@ -262,9 +262,9 @@ class CheckpointSettings(Section):
                          "docs/tuning.md (Sessions 16, 17). A COLO service's checkpoints no "
                          "longer take 4x longer with it on (Session 17: its pages went to the "
                          "digest workers in a batch per round), but its rounds cost the "
-                         "service's primary 13-17 ms of CPU a second at real time under a "
+                         "service's primary 10-12 ms of CPU a second at real time under a "
                          "steady trickle of writes (2000 pages/s), for a pause ~1 ms shorter "
-                         "every few seconds, and its p99 was worse with it on in 4 of 4 "
+                         "every few seconds, and its p99 was worse with it on in 6 of 7 "
                          "loaded pairs: off by default.",
                          min=0)
     epoch_timeout_ms: int = _f(30000, "A checkpoint not acknowledged within this time is torn.",
