@@ -570,6 +570,41 @@ def test_dirty_count_is_a_log_dirty_peek_without_a_bitmap() -> None:
         dom.dirty_count()
 
 
+def test_log_dirty_already_on_is_restarted_not_an_error() -> None:
+    """MOCK of xc_logdirty_control (no hypervisor in CI). Xen 4.17 answers ENABLE_LOGDIRTY with
+    EINVAL when log-dirty is already on (paging_log_dirty_enable): a primary whose secondary was
+    lost and came back syncs again, and its snapshot stage died on that (issue 17, session 17's
+    lab run 1, shadow paging). Already on is restarted (off, then on); an error that stays is
+    raised, and a hypervisor without log-dirty is named."""
+    from types import SimpleNamespace
+
+    dom = domain_over(np.zeros((4, 4096), np.uint8), holes=set(), own=[])
+    calls, answers = [], []
+
+    def logdirty(xch, domid, op, bitmap, pages, mode, stats):
+        calls.append(op)
+        rc, err = answers.pop(0) if answers else (0, 0)
+        ctypes.set_errno(err)
+        return rc
+    dom._h.xch = 1
+    dom._ensure_bitmap = lambda: None
+    dom._xc = SimpleNamespace(xc_logdirty_control=logdirty)
+    on, off = xc.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, xc.XEN_DOMCTL_SHADOW_OP_OFF
+    for already_on in (errno.EINVAL, errno.EBUSY):
+        calls.clear()
+        answers[:] = [(-1, already_on)]
+        dom.enable_dirty_log()
+        assert calls == [on, off, on]
+    calls.clear()
+    answers[:] = [(-1, errno.EINVAL), (0, 0), (-1, errno.EINVAL)]
+    with pytest.raises(DomainError, match="ENABLE_LOGDIRTY.*EINVAL"):
+        dom.enable_dirty_log()
+    assert calls == [on, off, on]
+    answers[:] = [(-1, errno.EOPNOTSUPP)]
+    with pytest.raises(DomainError, match="CONFIG_SHADOW_PAGING"):
+        dom.enable_dirty_log()
+
+
 def test_vcpu_info_blocks_wants_a_clock_that_moves_forward() -> None:
     before = np.zeros(4096, np.uint8)
     _vcpu_info_tick(before, 0x80, 3)

@@ -333,7 +333,10 @@ class XenDomain(Domain):
         self._ensure_bitmap()
         rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
                                           None, 0, 0, None)
-        if rc < 0 and ctypes.get_errno() == errno.EBUSY:  #: already on (e.g. a previous run); restart it
+        # Already on (a previous run, or this node's own sync before the secondary was lost and
+        # came back): restart it. Xen 4.17 says EINVAL for that (paging_log_dirty_enable); a
+        # domain whose p2m is shared with an IOMMU says EINVAL too, and then says it again below.
+        if rc < 0 and ctypes.get_errno() in (errno.EBUSY, errno.EINVAL):
             self.disable_dirty_log()
             rc = self._xc.xc_logdirty_control(self._h.xch, self.domid, xc_.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
                                               None, 0, 0, None)
