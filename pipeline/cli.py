@@ -195,6 +195,13 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
         if elapsed > 0 else 0.0
     lines.append(f"checkpoints {s['checkpoints']} ({rate:.1f}/s, aborted {s['aborted']})  "
                  f"causes {s['causes']}")
+    snap_c = snap["stages"].get("snapshot", {})
+    if snap_c.get("checkpoints_dealt"):
+        # one batch per digest worker is the aim (snapshot.checkpoint_batch); many more
+        # means many hand-offs on every commit's path (a prescan bug of session 17)
+        n, m = snap_c["checkpoint_batches"], snap_c["checkpoints_dealt"]
+        lines.append(f"batches to the digest workers per checkpoint {n / m:.1f} ({n} in {m} "
+                     f"checkpoints)")
     lines.append(f"PVM pause p50/p99 {s['pause_ms_p50']}/{s['pause_ms_p99']} ms  commit p50/p99 "
                  f"{s['commit_ms_p50']}/{s['commit_ms_p99']} ms (p50: transfer "
                  f"{s['transfer_ms_p50']}, apply {s['apply_ms_p50']}, ACK {s['ack_ms_p50']})  "

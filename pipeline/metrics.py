@@ -90,6 +90,9 @@ _STAGE_DOCS = {
     "wait": "Time the stage spent waiting for input or for room downstream.",
     "ring_high_water": "Most slots ever occupied in the stage's input ring(s).",
     "errors": "Errors the stage counted (bad records, failed checks).",
+    "checkpoint_batches": "Batches of a checkpoint's pages the snapshot stage dealt to the "
+                          "digest workers (per checkpoint: over checkpoints_dealt).",
+    "checkpoints_dealt": "Checkpoints whose pages the snapshot stage dealt.",
 }
 
 

@@ -88,7 +88,7 @@ EXTRA_COUNTERS = {
                     "acked_early", "svm_dirty_parts", "secondaries_replaced",
                     "unsynced_refused", "control_redials", "svm_resumes"),
     "snapshot": ("prescans", "pages_prescanned", "prescan_held", "pages_precopied",
-                 "pages_recopied"),
+                 "pages_recopied", "checkpoint_batches", "checkpoints_dealt"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
                "pages_unhashed", "svm_early_batches"),

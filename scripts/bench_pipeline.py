@@ -15,7 +15,9 @@ In one run, on a guest of --size-mb (30% zero, 40% text-like, 30% random pages):
     SVM pages, without content (pages_same_as_svm); the SVM's hashes come in parts
     (svm_dirty_parts) and batches below a part go on before the rest came
     (svm_early_batches); the share of the SVM's dirty pages the secondary hashed while the
-    SVM ran, before BEGIN (svm_prehashed_share).
+    SVM ran, before BEGIN (svm_prehashed_share); the batches the snapshot stage dealt each
+    checkpoint's pages in to the digest workers (batches_per_checkpoint: one per worker is
+    the aim).
 --json prints one JSON object with every figure as the last line ("by_size": one entry
 per dirty-set size).
 """
@@ -182,6 +184,10 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
             the pause: snapshot.Prescan)."""
             return pair.stage_counter("snapshot", "pages_prescanned")
 
+        def batches() -> int:
+            """Batches the snapshot stage dealt the digest workers checkpoints' pages in."""
+            return pair.stage_counter("snapshot", "checkpoint_batches")
+
         def svm_prehashed() -> int:
             """SVM pages the secondary hashed while the SVM ran (coordinator.SvmPrehash)."""
             return pair.stage_counter("coordinator", "svm_prehashed", role="secondary")
@@ -190,12 +196,14 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
             for _ in range(reps):         # later rounds also show pages skipped by hash
                 early = prescanned()
                 svm_early = svm_prehashed()
+                dealt = batches()
                 write_in_both_guests(pair, n)
                 count = len(pair.checkpoints())
                 before = parts_counts()
                 pair.request_checkpoint()
                 cp = pair.wait_checkpoints(count + 1, timeout=600)[-1]
                 early_pages = prescanned() - early
+                dealt = batches() - dealt
                 svm_early = svm_prehashed() - svm_early
                 parts, early = (a - b for a, b in zip(parts_counts(), before))
                 if cp["status"] != 0:
@@ -226,6 +234,8 @@ def run_checkpoints(page_count: int, sizes: list[int], digest_workers: int, veri
                     # SVM pages hashed by the secondary's rounds from the write to the
                     # commit (before BEGIN, but for a round after the SVM resumed)
                     "svm_prehashed": svm_early,
+                    # one per digest worker is the aim (snapshot.checkpoint_batch)
+                    "batches": dealt,
                 })
         # the heartbeat must not have declared anyone lost during the 1 GiB sync and the
         # big checkpoints (issue 5: no false failover under load)
@@ -263,6 +273,7 @@ def by_size(rows: list[dict]) -> list[dict]:
         entry["svm_dirty_parts_p50"] = _pct([r["svm_dirty_parts"] for r in rs], 50)
         entry["svm_early_batches"] = sum(r["svm_early_batches"] for r in rs)
         entry["pages_prescanned_p50"] = _pct([r["pages_prescanned"] for r in rs], 50)
+        entry["batches_per_checkpoint"] = round(sum(r["batches"] for r in rs) / len(rs), 2)
         # the share of the SVM's dirty pages its BEGIN did not have to hash (at most 1)
         entry["svm_prehashed_share"] = round(min(1.0, sum(r["svm_prehashed"] for r in rs)
                                                  / max(1, sum(r["pages_svm_dirty"]
