@@ -163,6 +163,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- stats --------------------------------------------------------------------------
+def _cpu_latency_line(wake: dict, pid: int | None) -> str:
+    """What the node asked at start, beside the machine's value in force now (read when
+    stats runs: another process may hold less, or the node may have lost its hold)."""
+    from pipeline import cpu_latency
+    device = wake.get("device", cpu_latency.DEVICE)
+    try:
+        now, unreadable = cpu_latency.in_force_us(device), ""
+    except OSError as exc:
+        now, unreadable = None, f"cannot read {device}: {exc.strerror or exc}"
+    still = cpu_latency.holds(pid, device) if wake.get("held") and pid else None
+    return cpu_latency.describe(wake, now, unreadable, still)
+
+
 def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
     """Per stage: throughput and busy/wait share over ``elapsed`` seconds (since ``prev``,
     or since the node started), ring high-water and errors; then the checkpoints."""
@@ -174,9 +187,7 @@ def _stats_table(snap: dict, prev: dict | None, elapsed: float) -> str:
                                                  if k in info)]
     wake = info.get("cpu_latency")      # node.cpu_latency_us (pipeline/cpu_latency.py)
     if wake:
-        lines.append(f"CPU wake-up latency held at {wake['requested_us']} us (in force at "
-                     f"start: {wake.get('in_force_us', '?')} us)" if wake["held"] else
-                     f"CPU wake-up latency not held: {wake.get('why_not', '')}")
+        lines.append(_cpu_latency_line(wake, info.get("pid")))
     for h in info.get("role_history", [])[-6:]:
         when = time.strftime("%H:%M:%S", time.localtime(h.get("at", 0)))
         extra = "".join(f"  {k}={h[k]}" for k in ("takeover_ms", "reprotected_ms") if k in h)

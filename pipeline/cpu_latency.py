@@ -68,6 +68,50 @@ def in_force_us(device: str = DEVICE) -> int:
         return _INT32.unpack(fh.read(_INT32.size))[0]
 
 
+def holds(pid: int, device: str = DEVICE) -> bool | None:
+    """Whether process ``pid`` has ``device`` open now (a request lives as long as its open
+    file); ``None`` where its files cannot be looked at (another user's process, not root)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False            # the process is gone, and its request with it
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == device:
+                return True
+        except OSError:         # closed while we looked, or not ours to read
+            pass
+    return False
+
+
+def describe(status: dict[str, Any], now_us: int | None, unreadable: str = "",
+             still_holds: bool | None = None) -> str:
+    """One line for ``colo-pipeline stats``: what the node asked at start (``status``, its
+    node info's ``cpu_latency``) and the machine's value in force now (``now_us``, None
+    with ``unreadable`` saying why): another process may hold a lower value, and a node that
+    held it may have lost it (``still_holds``: its process's open file, :func:`holds`)."""
+    if now_us is None:
+        now = f"in force now: unknown ({unreadable or 'cannot read ' + DEVICE})"
+    elif now_us >= NOBODY_US:
+        now = f"in force now: none ({now_us}: nobody holds it)"
+    else:
+        now = f"in force now: {now_us} us"
+    if not status.get("held"):
+        return f"CPU wake-up latency not held: {status.get('why_not', '')}; {now}"
+    asked = status["requested_us"]
+    line = (f"CPU wake-up latency held at {asked} us (in force at start: "
+            f"{status.get('in_force_us', '?')} us); {now}")
+    if still_holds is False or (now_us is not None and now_us > asked):
+        return line + " -- this node's hold is LOST: " + (
+            "its process has the device open no more" if still_holds is False
+            else "the value in force is above what it asked")
+    if now_us is not None and now_us < asked:
+        return line + " (another process asks for less)"
+    return line
+
+
 @dataclass
 class CpuLatencyHold:
     """One request on the device: ``held`` while its file is open. ``why_not`` says why a
