@@ -12,7 +12,9 @@ What is exposed (every sample carries ``node``):
 * ``colo_role{role}`` 1 for the node's current role (``primary``, ``secondary``,
   ``active``, ``unprotected``), 0 for the others; ``colo_node_info{state,dirty_log}``,
   ``colo_epoch``, ``colo_guest_pages``, ``colo_cpu_latency_held`` (1 while the node
-  holds its CPU wake-up latency limit, ``node.cpu_latency_us``).
+  holds its CPU wake-up latency limit, ``node.cpu_latency_us``: 0 once its process has
+  the device open no more), ``colo_cpu_latency_in_force_us`` (the machine's value at the
+  scrape, every process's request counted; absent where the device cannot be read).
 * The role history (pipeline/failover/roles.py): ``colo_generation`` (the generation
   of the active role this node holds or last saw), ``colo_role_changes_total``,
   ``colo_failovers_total`` (takeovers by this node), ``colo_reprotected_seconds`` (the
@@ -56,6 +58,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest, start_http_server
 
+from pipeline import cpu_latency
 from pipeline.checkpoint_api import CAUSES
 from pipeline.counters import (
     STATUS_ABORTED,
@@ -312,11 +315,25 @@ class NodeCollector:
             out.append(g)
         wake = info.get("cpu_latency")
         if isinstance(wake, dict):
+            device = wake.get("device", cpu_latency.DEVICE)
             g = GaugeMetricFamily("colo_cpu_latency_held", "1 while the node holds its CPU "
                                   "wake-up latency limit (node.cpu_latency_us), else 0.",
                                   labels=["node"])
-            g.add_metric([n], 1 if wake.get("held") else 0)
+            lost = wake.get("held") and isinstance(info.get("pid"), int) and \
+                cpu_latency.holds(info["pid"], device) is False
+            g.add_metric([n], 1 if wake.get("held") and not lost else 0)
             out.append(g)
+            try:
+                now = cpu_latency.in_force_us(device)
+            except OSError:
+                pass            # (not root: the device is root's)
+            else:
+                g = GaugeMetricFamily("colo_cpu_latency_in_force_us", "The CPU wake-up "
+                                      "latency limit in force on the machine now (the "
+                                      "lowest of every process's request; 2000000000: "
+                                      "nobody holds one).", labels=["node"])
+                g.add_metric([n], now)
+                out.append(g)
         out += _role_history_families(n, info)
         rejected = CounterMetricFamily("colo_counter_rejected_writes", "Checkpoint records "
                                        "or node info refused as bad input.", labels=["node"])

@@ -78,12 +78,18 @@ def test_a_node_holds_its_limit_for_its_life_and_its_stages_do_not():
         try:
             assert mine.held
             r = cli("stats", "--node", pair.name("primary"))
+            prom = cli("stats", "--node", pair.name("primary"), "--prometheus").stdout
         finally:
             mine.release()
         line = next(ln for ln in r.stdout.splitlines() if "wake-up latency" in ln)
         now = int(line.split("in force now: ")[1].split()[0])
         assert now <= 3 and line.endswith("(another process asks for less)"), line
         assert "LOST" not in line, line
+        node = pair.name("primary")
+        assert f'colo_cpu_latency_held{{node="{node}"}} 1.0' in prom, prom
+        gauge = [ln for ln in prom.splitlines()
+                 if ln.startswith(f'colo_cpu_latency_in_force_us{{node="{node}"}}')]
+        assert len(gauge) == 1 and float(gauge[0].split()[-1]) <= 3, gauge
         codes = pair.stop()
         assert codes == {"primary": 0, "secondary": 0}, codes
         log = pair.log_tail("primary", 200_000)
