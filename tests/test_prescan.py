@@ -261,6 +261,7 @@ def test_batches_of_pages_copied_in_several_rounds_go_out_in_order_of_their_high
         pfns = np.array([10, 11, 12, 13, 14, 15, 16, 17, 2, 3, 4, 5, 40, 41, 1, 30],
                         np.uint64)
         assert _dispatch_buffered(ctx, rings, pfns, 7, [0, 8, 14])
+        assert ctx.counters.values["checkpoint_batches"] == 5
         got = []
         for n in range(5):
             slot = rings[n % 2].acquire_read(timeout=5)
@@ -316,6 +317,8 @@ def test_a_trickle_taken_by_many_rounds_goes_to_the_digest_workers_in_few_batche
                 batches.append(got)
                 ring.release_read(slot)
         assert len(batches) == len(rings)
+        # counted as stats shows them (checkpoint_batches): 31 before the fix
+        assert ctx.counters.values["checkpoint_batches"] == len(batches)
         assert batches[0].max() < batches[1].max()      # (dealt round robin from ring 0)
         assert sorted(np.concatenate(batches).tolist()) == sorted(pfns.tolist())
         assert len(set(pfns.tolist())) == len(pfns) == 30 * 16 + 8
