@@ -32,6 +32,10 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
             assert key in r, (key, r)
         assert r["lost"] == 0, r
         assert r["completed"] == r["sent"] > 0, r
+        # the batches the snapshot stage dealt a checkpoint's pages in (at most one per
+        # digest worker for these few pages; None: no checkpoint in the row)
+        if r["mode"] == "colo" and r["checkpoints"]:
+            assert 0 <= r["batches_per_checkpoint"] <= 2, r
         assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
         assert set(r["cpu_s"]) == {"primary", "secondary"}
         # what a request cost each node, and each process of it (all its threads)
