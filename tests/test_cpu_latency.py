@@ -219,10 +219,7 @@ def test_the_watch_of_the_value_in_force_says_what_it_saw(tmp_path):
     fake = tmp_path / "latency"
     fake.write_bytes((12).to_bytes(4, "little", signed=True))
     with cpu_latency.InForceWatch(0.001, str(fake)) as watch:
-        import time
-        deadline = time.monotonic() + 30
-        while len(watch.values) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(watch.values) >= 3, 30, "three samples of the value in force")
     s = watch.summary()
     assert s["min_us"] == s["max_us"] == 12 and s["share_held"] == 1.0, s
     with cpu_latency.InForceWatch(0.001, str(tmp_path / "none")) as missing:
