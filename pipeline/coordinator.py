@@ -47,7 +47,7 @@ from pipeline.failover.roles import record_role
 from pipeline.failover.takeover import PrimaryRole, PrimaryStart, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import (HashTable, StageContext, SvmPages, domain_page_hashes,
-                                    zero_page_hash)
+                                    in_sorted_pfns, union_pfns, unique_pfns, zero_page_hash)
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain, DomainError
 
@@ -858,7 +858,7 @@ class SvmPrehash:
         pfns = self.domain.read_and_clear_dirty()
         t_read = time.monotonic()
         if len(self.todo):
-            pfns = np.union1d(self.todo, pfns).astype(np.uint64)
+            pfns = union_pfns(self.todo, pfns)
         faults.point("secondary.prehash")
         done, most = 0, min(len(pfns), self.ROUND_MAX)
         if most:
@@ -905,10 +905,7 @@ class SvmPrehash:
         another part follows (known before it is hashed, so a part can be sent before the
         next is hashed). Pages hashed by the rounds keep their hash unless they are dirty
         again (then hashed afresh)."""
-        fresh = dirty
-        if len(self.todo):
-            fresh = np.union1d(fresh, self.todo)
-        fresh = np.unique(fresh).astype(np.uint64)
+        fresh = union_pfns(dirty, self.todo) if len(self.todo) else unique_pfns(dirty)
         held_pfns, held_hashes = self.pfns, self.hashes
         self.pfns = np.zeros(0, np.uint64)
         self.hashes = np.zeros((0, 32), np.uint8)
@@ -920,8 +917,8 @@ class SvmPrehash:
             for a, b in self._bounds(len(held_pfns)):
                 yield held_pfns[a:b], held_hashes[a:b], b < len(held_pfns)
             return
-        pfns = np.union1d(fresh, held_pfns).astype(np.uint64) if len(held_pfns) else fresh
-        is_fresh = np.isin(pfns, fresh, assume_unique=True) if len(held_pfns) \
+        pfns = union_pfns(fresh, held_pfns) if len(held_pfns) else fresh
+        is_fresh = in_sorted_pfns(pfns, fresh) if len(held_pfns) \
             else np.ones(len(pfns), bool)
         for a, b in self._bounds(len(pfns)):
             part, new = pfns[a:b], is_fresh[a:b]

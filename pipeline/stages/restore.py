@@ -49,8 +49,8 @@ import numpy as np
 from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.ring import Ring
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagePriority, StagingGate, domain_page_hashes, ready_rings,
-                                    zero_page_hash)
+                                    StagePriority, StagingGate, domain_page_hashes,
+                                    in_sorted_pfns, ready_rings, unique_pfns, zero_page_hash)
 from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.xen_io.base import Domain
 
@@ -324,10 +324,10 @@ class Restore:
         zeros while they come (:meth:`copy_svm_step`, when nothing else is to be done). The
         SVM stays paused until this stage answered the epoch (Written, Aborted), which ends
         the copy, so every page copied is the SVM's page as the epoch's apply finds it."""
-        dirty = np.unique(np.asarray(svm_dirty, np.uint64))
-        pfns = dirty if nonzero is None else np.unique(np.asarray(nonzero, np.uint64))
+        dirty = unique_pfns(svm_dirty)
+        pfns = dirty if nonzero is None else unique_pfns(nonzero)
         zeros = np.zeros(0, np.uint64) if nonzero is None else \
-            np.setdiff1d(dirty, pfns, assume_unique=True)
+            dirty[~in_sorted_pfns(dirty, pfns)]
         self.transit = SvmCopy(epoch, pfns, zeros) if len(dirty) else None
         trace.point("svm_copy_start", epoch, str(len(pfns)))
 
@@ -412,7 +412,7 @@ class Restore:
         held_zero = np.zeros(n, bool)
         if transit is not None and len(transit.zeros) and self.check != "full":
             zero_rows = np.flatnonzero(self.staged_zero[:n])
-            held_zero[zero_rows[np.isin(pfns[zero_rows], transit.zeros)]] = True
+            held_zero[zero_rows[in_sorted_pfns(pfns[zero_rows], transit.zeros)]] = True
         # SVM pages first, while nothing has changed: the SVM must still hold each one as
         # it was when SVM_DIRTY hashed it (paused since; a change behind the pipeline's
         # back tears the epoch). pipeline.verify_pages says how many are hashed again:
