@@ -163,6 +163,49 @@ def test_dom0_counts_the_proofs_so_far_from_the_primarys_log(lab, tmp_path, monk
     assert lab.proofs_logged() == {"equal": 14, "unequal": 1, "last_epoch": 23}
 
 
+def test_each_nodes_start_is_timed_from_its_log_and_recorded_per_boot(lab, host_side, tmp_path, monkeypatch):
+    """Issue 17, session 18: where the time to protection goes (shadow paging's against HAP's, for
+    CI's budget): seconds from the nodes' start to each node's first log line, its domain opened,
+    the peer connected, the full sync queued, the first commit, protection; the first line of each
+    kind counts, a milestone not reached is left out, and each boot's record carries them."""
+    fmt = JsonLogFormatter()
+
+    def line(at: float, msg: str, *args) -> str:
+        rec = logging.LogRecord("pipeline.coordinator", logging.INFO, __file__, 1, msg, args, None)
+        rec.created = at
+        return fmt.format(rec)
+    t0 = 1000.0
+    (tmp_path / "primary.log").write_text("\n".join([
+        line(1012.0, "node lab-primary: event=cpu_latency_held 0 us on /dev/cpu_dma_latency"),
+        line(1030.5, "opened %s domain %s (id %d): %d frames mapped", "hvm", "prim", 2, 32786),
+        "not json at all",
+        line(1100.0, "secondary %r connected", "lab-secondary"),
+        line(1160.0, "epoch=%d event=sync_queued pages=%d", 0, 32786),
+        line(1161.0, "epoch=0 event=checkpoint status=committed cause=initial dirty=32786"),
+        line(1170.0, "epoch=1 event=checkpoint status=committed cause=initial dirty=8868"),
+        line(1190.0, "epoch=%d event=protected precopy_rounds=%d attempt=%d", 3, 2, 1),
+    ]) + "\n")
+    (tmp_path / "secondary.log").write_text("\n".join([
+        line(1020.0, "node lab-secondary: event=cpu_latency_held 0 us"),
+        line(1090.0, "opened %s domain %s (id %d): %d frames mapped", "hvm", "sec", 3, 32786),
+        line(1100.2, "primary %r connected", "lab-primary"),
+    ]) + "\n")
+    monkeypatch.setattr(lab, "RUN", tmp_path)
+    monkeypatch.setattr(lab, "NODES_STARTED_AT", None)
+    assert lab.node_start_phases() == {}                # the nodes were never started
+    monkeypatch.setattr(lab, "NODES_STARTED_AT", t0)
+    phases = lab.node_start_phases()
+    assert phases["primary"] == {"up": 12.0, "domain_opened": 30.5, "connected": 100.0,
+                                 "full_sync_queued": 160.0, "first_commit": 161.0, "protected": 190.0}
+    assert phases["secondary"] == {"up": 20.0, "domain_opened": 90.0, "connected": 100.2}   # no epoch applied
+    monkeypatch.setattr(host_side, "LAB", tmp_path)
+    monkeypatch.setattr(host_side, "tree_version", lambda: "abc123")
+    host_side.record_boot("ci 3 rounds hap=0", "ok", 20.0, 300.0,
+                          _result(guest_ticking_s=49.0, twin_s=121.5, node_start=phases))
+    row = json.loads((tmp_path / "boots.jsonl").read_text())
+    assert row["phases"] == {"guest_ticking_s": 49.0, "twin_s": 121.5, **phases}
+
+
 @pytest.fixture(scope="module")
 def host_side():
     spec = importlib.util.spec_from_file_location("xenlab_host", LAB_DOM0.parents[1] / "lab.py")

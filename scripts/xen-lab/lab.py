@@ -368,6 +368,10 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
     row = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tree": tree_version(), "mode": mode,
            "outcome": outcome, "boot_s": round(boot_s, 1), "wall_s": round(total_s, 1),
            "protected_s": (res.get("pipeline_extra") or {}).get("protected_s"),
+           # where the time to protection went: the guest's first tick after xl create, the twin
+           # pair's save and restores, each node's start milestones (lab_dom0.START_MILESTONES)
+           "phases": {"guest_ticking_s": res.get("guest_ticking_s"), "twin_s": res.get("twin_s"),
+                      **{role: ms for role, ms in (res.get("node_start") or {}).items()}},
            "xen_opts": _lab_options.get("xen_opts"), "cpu": _lab_options.get("cpu"),
            "tcg_thread": _lab_options.get("tcg_thread"), "twin": res.get("twin", _lab_options.get("twin")),
            "guest_errors": guest_errors(res), "survivor": (res.get("pipeline_extra") or {}).get("survivor"),
@@ -539,7 +543,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
     official CI failed one run at 1.18 over 3 checkpoints of different dirty sizes, where full
     runs of 20 measured 0.71-0.84); speed is judged by the full run, correctness by every run."""
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "CLOCK ", "PIPELINE", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "CLOCK ", "PIPELINE", "START ", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
                             "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())

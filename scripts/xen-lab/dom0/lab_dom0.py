@@ -480,6 +480,48 @@ def start_node(role: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+#: each node's start, as milestones: (name, what its first log line that marks it contains; ''
+#: = any line, the node's Python is up and logging). Where the time to protection goes, per boot
+#: (issue 17, session 18: shadow paging's protection time against HAP's, for CI's budget)
+START_MILESTONES = {
+    "primary": (("up", ""), ("domain_opened", "domain prim (id"), ("connected", "secondary 'lab-secondary' connected"),
+                ("full_sync_queued", "event=sync_queued "), ("first_commit", "event=checkpoint status=committed "),
+                ("protected", "event=protected ")),
+    "secondary": (("up", ""), ("domain_opened", "domain sec (id"), ("connected", "primary 'lab-primary' connected"),
+                  ("first_applied", "event=applied ")),
+}
+#: time.time() when replicate_pipeline started the nodes (None: not yet)
+NODES_STARTED_AT: float | None = None
+
+
+def start_milestones(role: str, log_text: str, t0: float) -> dict[str, float]:
+    """Seconds from ``t0`` (time.time() when the nodes were started) to the first line of
+    ``role``'s json log (``log_text``) that marks each of START_MILESTONES[role]; a milestone not
+    reached is left out."""
+    out: dict[str, float] = {}
+    todo = list(START_MILESTONES[role])
+    for line in log_text.splitlines():
+        try:
+            rec = json.loads(line)
+            ts, msg = float(rec["ts"]), str(rec["msg"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        for name, marker in [m for m in todo if m[1] in msg]:
+            out[name] = round(ts - t0, 1)
+            todo.remove((name, marker))
+        if not todo:
+            break
+    return out
+
+
+def node_start_phases() -> dict[str, dict[str, float]]:
+    """start_milestones of both nodes' logs, {} before the nodes were started."""
+    if NODES_STARTED_AT is None:
+        return {}
+    return {role: start_milestones(role, (RUN / f"{role}.log").read_text(errors="replace"), NODES_STARTED_AT)
+            for role in START_MILESTONES if (RUN / f"{role}.log").exists()}
+
+
 def log_events(role: str, event: str) -> list[dict[str, str]]:
     """``key=value`` fields of the node's log lines that say ``event=<event>``."""
     rows = []
@@ -664,7 +706,9 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     checkpoints after the first one committed, each proven by both nodes' full-memory blake3
     (checkpoint.verify_every = 1). Then the primary host "dies": its guest is paused and its
     node SIGKILLed; the secondary must take over and its guest run on."""
+    global NODES_STARTED_AT
     sec_at_start = console_size("sec")    # the secondary's node pauses it before its first checkpoint
+    NODES_STARTED_AT = time.time()
     procs = {"secondary": start_node("secondary")}
     procs["primary"] = start_node("primary")
     step("nodes started")
@@ -684,6 +728,9 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
             os.killpg(p.pid, signal.SIGKILL)
         raise RuntimeError(early)
     print(f"PIPELINE: protected after {protected_s:.1f}s (full sync, pre-copy, first checkpoint)", flush=True)
+    for role, phases in node_start_phases().items():
+        print(f"START {role} (s after the nodes started): "
+              + " ".join(f"{k}={v}" for k, v in phases.items()), flush=True)
     from pipeline.counters import NodeCounters
 
     primary = NodeCounters.attach("lab-primary")
@@ -1011,7 +1058,9 @@ def main() -> int:
         marks = {n: console_size(n) for n in ("prim", "sec")}
         paused_twin = cfg.get("twin") == "paused"
         result["twin"] = "paused" if paused_twin else "running"
+        t0 = time.monotonic()
         make_twin(save_first=True, paused=paused_twin)
+        result["twin_s"] = round(time.monotonic() - t0, 1)
         paired = {n: console_size(n) for n in ("prim", "sec")}
         if cfg["until"] == "stress":
             result["stress"] = logdirty_stress(float(cfg.get("stress_s", "300")))
@@ -1068,6 +1117,7 @@ def main() -> int:
     except Exception as exc:  # the host side reports it; dom0 stays up for a look
         log.exception("lab failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
+    result["node_start"] = node_start_phases()      # also when the start failed: how far each got
     result["domids"] = {str(k): v for k, v in DOMIDS.items()}
     result["proofs"] = proofs_logged()
     result["xen_guest_faults"] = xen_guest_faults()
