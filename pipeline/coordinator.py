@@ -30,6 +30,7 @@ are ``pipeline/failover/takeover.py``; the coordinators call it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -64,6 +65,17 @@ FORWARD_WAIT_SLICE_MS = 20
 SEAL_SLICE_MS = 20
 #: an unprotected primary dials the control channel anew after this many unanswered HELLOs
 CONTROL_REDIAL_HELLOS = 3
+
+
+def poll_ms(seconds: float) -> int:
+    """A wait of ``seconds`` as zmq's poll timeout: whole milliseconds, rounded up.
+    pyzmq's ``Poller.poll`` cuts a float to its whole ms, so a wait of 0.7 ms polled
+    without waiting and the loop around it spun until its due time, at real-time priority
+    (the secondary's loop between prehash rounds, at PausePriority.HOP: up to a
+    millisecond before each round, ~60 ms of a core a second at 1000 requests/s, taken
+    from the SVM and the request path; the primary's idle wait as often before each
+    dirty-count look). Rounded up, the wait ends at most a millisecond late instead."""
+    return max(0, math.ceil(seconds * 1000))
 
 
 class ProtocolError(RuntimeError):
@@ -761,9 +773,9 @@ class PrimaryCoordinator(_Coordinator):
         else:
             due.append(max(self.next_dirty_check,
                            self.last_checkpoint + cp.min_interval_ms / 1000))
-        # at least half a millisecond: a due time that passed without a trigger (none
-        # should) must not turn this loop into a spin
-        self.idle_poller.poll(max(0.5, (min(due) - now) * 1000))
+        # at least a millisecond: a due time that passed without a trigger (none should)
+        # must not turn this loop into a spin (poll_ms: a float is cut to whole ms)
+        self.idle_poller.poll(max(1, poll_ms(min(due) - now)))
 
     def run(self) -> None:
         self.idle_poller = zmq.Poller()
@@ -1374,7 +1386,7 @@ class SecondaryCoordinator(_Coordinator):
     def _poll(self, timeout_s: float) -> None:
         """Take in what arrived within ``timeout_s``: heartbeat events, control records,
         the restore stage's verdicts."""
-        events = dict(self.poller.poll(timeout_s * 1000))
+        events = dict(self.poller.poll(poll_ms(timeout_s)))
         if self.hb_events.fileno() in events:
             while self.hb_events.poll(0):
                 lost = self.role.heard(self.hb_events.recv())
