@@ -54,6 +54,7 @@ scheduling delays alone exceed it).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -303,6 +304,10 @@ def service_tables(mode: str, nondeterminism: float, args: argparse.Namespace) -
     return tables
 
 
+#: how long a pair's start waits for its comparator's native rounds (Service.start)
+NATIVE_LOAD_TIMEOUT_S = 120.0
+
+
 class Service:
     """One pair of nodes serving the sim guest in one mode."""
 
@@ -322,11 +327,13 @@ class Service:
                               log_level="info" if workdir else "warning")
         self.client = None
         self.conn = None
+        self.native_wait_s: float | None = None
 
     def start(self) -> None:
         pair = self.pair
         pair.start()
         pair.wait_protected()
+        self.native_wait_s = self._wait_native_rounds()
         if self.mode == "unprotected":
             pair.kill("secondary")
             pair.wait_info("state", "unprotected", timeout=60)
@@ -338,6 +345,27 @@ class Service:
                   "ipc://" + os.path.join(pair.run_dir("primary"), "client-inputs.sock"), child))
         self.client.start()
         self._answer(120)
+
+    def _wait_native_rounds(self, timeout: float = NATIVE_LOAD_TIMEOUT_S) -> float | None:
+        """Seconds waited until the primary's comparator had loaded its native rounds (None:
+        numba is not installed here, or they were not loaded within ``timeout``, said on
+        stderr). The comparator loads them in a thread from its start (numba's import: 0.5-0.7
+        s of CPU, 1-2 s at load 7); that thread holds the GIL for tens of ms at a time and the
+        comparator's rounds wait as long. A row begun ~1 s after the pair started measured that
+        (one COLO row's first 250 ms: replies 80 ms late on average, 129 of the row's 300
+        slowest), not the protected service."""
+        if importlib.util.find_spec("numba") is None:
+            return None
+        t0 = time.monotonic()
+        net = self.pair.node("primary").stage("net_compare")
+        while not net.as_dict().get("native_rounds_loaded", 0):
+            if time.monotonic() - t0 > timeout:
+                print(f"{self.mode}: the comparator's native rounds were not loaded within "
+                      f"{timeout:.0f} s; the rows begin anyway", file=sys.stderr, flush=True)
+                return None
+            self.pair.check_alive()
+            time.sleep(0.05)
+        return round(time.monotonic() - t0, 3)
 
     def _answer(self, timeout: float) -> dict:
         if not self.conn.poll(timeout):
@@ -398,6 +426,9 @@ class Service:
                         else None)
                  for role in ("primary", "secondary")}
         row.update(
+            # how long the pair's start waited for its comparator's native rounds (None:
+            # not loaded; see Service._wait_native_rounds)
+            native_wait_s=self.native_wait_s,
             checkpoints_by_cause={k: round(v / elapsed, 2) for k, v in sorted(by_cause.items())},
             checkpoints=len(cps), checkpoints_per_s=round(len(cps) / elapsed, 2),
             aborted=sum(1 for c in cps if c["status"] != 0),

@@ -421,3 +421,33 @@ def test_native_rounds_give_python_its_turn_while_pairs_trickle_in():
         stop.set()
         feeder.join(WAIT)
         run.close()
+
+
+def test_native_rounds_loaded_counts_a_background_load_once_taken_up():
+    """``native_rounds_loaded`` (what scripts/bench_service.py waits for before a row: a
+    background load holds the GIL for tens of ms at a time) is 0 until the loop has taken up
+    the rounds a background load brought, then 1; a loop that loaded them at its start says
+    1 at once."""
+    run = Running(native="background", threaded=False)
+    try:
+        counters = run.loop.comparator.counters
+        assert counters["native_rounds_loaded"] == 0
+        run.loop.run_once(0.001)
+        assert counters["native_rounds_loaded"] == 0      # no load asked for yet
+        run.loop.load_native_in_background()
+        wait_until(lambda: (run.loop.run_once(0.001), counters["native_rounds_loaded"])[1]
+                   == 1, WAIT, "the background load taken up")
+        # and the pairs then go the native way
+        pairs, differ = case(3, n=300)
+        run.thread.start()
+        out = feed(run, pairs, 3, differ)
+    finally:
+        run.close()
+    # (read once the loop stopped: native rounds add their counts when they return)
+    assert per_flow(out) == per_flow(p for p, _ in pairs)
+    assert run.loop.native_stats["pairs"] > 0
+    eager = Running(native=True, threaded=False)
+    try:
+        assert eager.loop.comparator.counters["native_rounds_loaded"] == 1
+    finally:
+        eager.close()

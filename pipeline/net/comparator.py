@@ -117,6 +117,10 @@ COUNTER_NAMES = (
     "run_matched_frames",
     # of those, pairs judged and released by the native rounds (pipeline.net.native)
     "native_matched_frames",
+    # 1 once this comparator's native rounds are loaded (pipeline.net.loop): until then
+    # every round runs in Python, and while a background load runs, beside a thread that
+    # holds the GIL for tens of ms at a time (scripts/bench_service.py waits for it)
+    "native_rounds_loaded",
 )
 
 #: upper bounds (ms) of the held-frame buckets, in COUNTER_NAMES order (inf: the last)

@@ -236,14 +236,19 @@ class CompareLoop:
         self._native_loader: threading.Thread | None = None
         if self.native_possible and native != "background":
             self._native = native_rounds()
+            if self._native is not None:
+                self.comparator.counters["native_rounds_loaded"] = 1
         self._next_scan = 0.0
         self.stop_event = threading.Event()
 
     def load_native_in_background(self) -> None:
         """Load the native rounds (numba's import and the cached compiled code: ~0.3 s of
         CPU) in a thread while this loop runs its rounds in Python; run_once takes them up
-        once loaded. For the node's comparator, which must pass frames from its first
-        moment (a takeover's survivor) rather than wait for numba."""
+        once loaded (counter ``native_rounds_loaded``). For the node's comparator, which
+        must pass frames from its first moment (a takeover's survivor) rather than wait for
+        numba. Not free meanwhile: the loading thread holds the GIL for tens of ms at a time
+        (at load 7, a 1 ms loop beside it stalled up to 85 ms, 8-20 times over 20 ms in its
+        1-2 s), and the loop's rounds wait as long (docs/tuning.md, Session 18 (svc))."""
         if not self.native_possible or self._native is not None \
                 or self._native_loader is not None:
             return
@@ -465,6 +470,7 @@ class CompareLoop:
         """One round: wait up to ``timeout`` s for input, then handle what is ready."""
         if self._native_loaded is not None:      # loaded in the background: re-plan
             self._native, self._native_loaded, self._plan_key = self._native_loaded, None, None
+            self.comparator.counters["native_rounds_loaded"] = 1
         poller, plan, always = self._poll_plan()
         if self._native_plan is not None and self._native_ok():
             ready = self._native_rounds(self._native_plan, timeout)
