@@ -19,8 +19,8 @@ Each request of the sim service is followed by its input seq through the hops it
 
 and the guests' pauses (checkpoints). For all requests and for the slowest 1 % it prints
 each hop's median and 90th percentile, which side's answer reached the comparator last,
-how many slow requests overlapped a pause of either guest, and the slowest requests'
-timelines. Then the split (:func:`split`): for all requests and for those at or above the
+how many slow requests overlapped a pause of either guest, when in the row they came (by
+second), and the slowest requests' timelines. Then the split (:func:`split`): for all requests and for those at or above the
 95th and the 99th percentile, the mean ms of each segment of their critical path
 (:data:`PATH`) and what each one waited for most (a checkpoint, the guest busy with an
 earlier request, a guest that woke late, ...). The clock is CLOCK_MONOTONIC, one for
@@ -34,7 +34,7 @@ import argparse
 import bisect
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 #: hops in path order: (name, from event, to event)
 HOPS = (
@@ -235,6 +235,13 @@ def analyse(path: str, slowest: float = 0.01, show: int = 10) -> dict:
         else:
             why[f"{side} behind after a pause" if ep[2] else f"{side} behind, no pause"] += 1
     out["slow_causes"] = dict(why)
+    # when in the row they came, by whole seconds since its first request was due: the
+    # slow 1 % of a loaded machine comes in bursts of a second or less, and a row begun
+    # while a stage was still starting shows them in its first second (session 18: the
+    # comparator loading its native rounds)
+    first = min(reqs[s]["client_due"] for _, s in done)
+    out["slow_by_second"] = dict(sorted(Counter(
+        int((reqs[s]["client_due"] - first) // 1_000_000_000) for s in slow).items()))
     peaks = {}
     for side in ("pvm", "svm"):
         eps = {}
@@ -336,6 +343,8 @@ def report(res: dict, out=sys.stdout) -> None:
               f" of {r['n']}; overlapping a guest pause: {r['overlapping_a_pause']}", file=out)
     print(f"slow requests by cause: {res['slow_causes']}; backlogs (>= 10 inputs behind): "
           f"{res['backlog']}", file=out)
+    print(f"slow requests by second of the row (since its first request was due): "
+          f"{res['slow_by_second']}", file=out)
     print("where the time went (critical path: the copy the release waited for), mean ms:",
           file=out)
     print(f"{'':<5}{'n':>7}{'from':>10}" + "".join(f"{k:>12}" for k in PATH)

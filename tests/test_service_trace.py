@@ -238,3 +238,23 @@ def test_the_split_tells_the_client_from_the_inject_hop_a_checkpoint_s_phase_and
     # (the 10 slowest: 200-206 behind the pause, 100, 150, 299)
     assert split["checkpoint_phase"] == {"pvm_paused": 1, "svm_paused": 6}, split
     assert split["causes"] == {"checkpoint": 7, "client": 1, "inject": 1, "guest_work": 1}
+
+
+def test_the_slow_requests_are_counted_by_second_of_the_row(tmp_path):
+    """``slow_by_second``: the slowest requests by whole seconds since the row's first
+    request was due (a burst in the row's first second: a stage still starting)."""
+    ms = 1_000_000
+    rows = []
+    # 300 requests over 3 s (one every 10 ms, due from 5 s on the clock); 3 slow ones in
+    # the first second, 1 in the third, the rest answered in 1 ms
+    slow = {2: 40, 7: 45, 50: 30, 260: 35}
+    for seq in range(300):
+        t = 5000 * ms + seq * 10 * ms
+        took = slow.get(seq, 1) * ms
+        rows += [(t, "client", "client_due", seq), (t, "client", "pvm_fed", seq),
+                 (t + took // 2, "client", "pvm_out", seq),
+                 (t + took, "client", "client_got", seq)]
+    _write(tmp_path / "t.trace", rows)
+    res = trace_requests.analyse(str(tmp_path / "t.trace"), slowest=4 / 300)
+    assert res["slow"] == 4
+    assert res["slow_by_second"] == {0: 3, 2: 1}
