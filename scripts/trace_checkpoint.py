@@ -12,6 +12,7 @@ next to the load average printed at the end.
     scripts/trace_checkpoint.py --pages 1000 --reps 3
     scripts/trace_checkpoint.py --pages 16000 --reps 2 --raw   # every event, with details
     scripts/trace_checkpoint.py --pages 1000 --reps 6 --by-stage   # CPU and wake-ups per stage
+    scripts/trace_checkpoint.py --pages 1000 --reps 20 --cpu   # the CPU map, hand-off to hand-off
 
 --raw prints every event of each checkpoint in time order with its detail (pages in the
 SVM's dirty log, the size of each SVM_DIRTY part, SVM pages checked) instead of the
@@ -24,6 +25,15 @@ checkpoint; and the stages' wake-ups per checkpoint (voluntary context switches 
 thread of both nodes' stage processes, less their rate without checkpoints) and their
 CPU time per checkpoint (schedstat): figures the machine's load moves far less than the
 times, to compare two trees by.
+
+--cpu (COLO_TRACE_CPU=1: each event carries its thread's and process's CPU time so far)
+prints where the CPU of the commit went: for each process, the CPU it spent between two
+of its own events, summed over the commit (BEGIN to the primary taking the ACK in) and
+after it (the apply's second half, the cache, the prehash), median over the checkpoints;
+and each such segment ("restore: apply_start -> svm_checked") by its mean CPU per
+checkpoint, with the tracing thread's share beside the process's (the rest: its ZeroMQ
+I/O threads). A process's CPU from its last event of one checkpoint to its first of the
+next (its wake-up, up to its first event) is in neither.
 """
 from __future__ import annotations
 
@@ -129,6 +139,70 @@ def hops(evs: list[tuple[float, str, str, str, str]]) -> dict[str, list[float]]:
     return out
 
 
+def cpu_map(lines: list[str], names: dict[int, str]) -> tuple[dict, dict, dict, float]:
+    """One checkpoint's CPU by process and by segment (--cpu): ({process: CPU ms before
+    the ACK}, {process: after}, {"process: event -> event": (process ms, thread ms)}, ms
+    of the commit by the trace) from its COLO_TRACE_CPU lines."""
+    rows = []
+    for ln in lines:
+        f = ln.split(" ")
+        cpu = [x for x in f[5:] if x.startswith("cpu=")] if len(f) > 5 else []
+        if cpu:
+            thread_ns, process_ns = map(int, cpu[-1][4:].split("/"))
+            rows.append((int(f[0]), int(f[1]), f[2], f[3], thread_ns, process_ns))
+    rows.sort()
+    t0 = next((r[0] for r in rows if r[3] == "begin"), None)
+    ack = next((r[0] for r in rows if r[3] == "ack_in"), None)
+    if t0 is None or ack is None:
+        return {}, {}, {}, 0.0
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    segments: dict[str, tuple[float, float]] = {}
+    last: dict[int, tuple[str, int, int]] = {}
+    for ns, pid, who, event, thread_ns, process_ns in rows:
+        name = names.get(pid, who)
+        if pid in last:
+            prev, p_thread, p_process = last[pid]
+            ms = (process_ns - p_process) / 1e6
+            side = before if ns <= ack else after
+            side[name] = side.get(name, 0.0) + ms
+            if ns <= ack:
+                key = f"{name}: {prev} -> {event}"
+                got = segments.get(key, (0.0, 0.0))
+                segments[key] = (got[0] + ms, got[1] + (thread_ns - p_thread) / 1e6)
+        last[pid] = (event, thread_ns, process_ns)
+    return before, after, segments, (ack - t0) / 1e6
+
+
+def print_cpu_map(maps: list[tuple[dict, dict, dict, float]]) -> None:
+    """--cpu's summary over the checkpoints (:func:`cpu_map` of each)."""
+    maps = [m for m in maps if m[3]]
+    if not maps:
+        print("CPU map: no checkpoint had CPU times in its trace (COLO_TRACE_CPU)")
+        return
+    print(f"CPU map over {len(maps)} checkpoints: each process's CPU between its own events, "
+          "ms per checkpoint (median): before the ACK / after it")
+    names = sorted({n for m in maps for n in (*m[0], *m[1])},
+                   key=lambda n: -statistics.median(m[0].get(n, 0.0) for m in maps))
+    total = 0.0
+    for n in names:
+        b = statistics.median(m[0].get(n, 0.0) for m in maps)
+        a = statistics.median(m[1].get(n, 0.0) for m in maps)
+        total += b
+        if b >= 0.01 or a >= 0.01:
+            print(f"  {n:28s} {b:6.2f} {a:6.2f}")
+    print(f"  {'(sum of the medians)':28s} {total:6.2f}")
+    print("segments before the ACK, ms per checkpoint (mean): the process's CPU (its tracing "
+          "thread's), in how many checkpoints")
+    keys = {k for m in maps for k in m[2]}
+    rows = sorted(((sum(m[2].get(k, (0, 0))[0] for m in maps) / len(maps),
+                    sum(m[2].get(k, (0, 0))[1] for m in maps) / len(maps),
+                    sum(k in m[2] for m in maps), k) for k in keys), reverse=True)
+    for ms, thread_ms, n, k in rows:
+        if ms >= 0.03:
+            print(f"  {ms:6.2f} ({thread_ms:5.2f}) x{n:<3d} {k}")
+
+
 def wakeups(pids: list[int]) -> tuple[int, int]:
     """(voluntary context switches, ns on a CPU) so far of every thread of ``pids``. Each
     switch is a wait that blocked, so each hand-off that woke a sleeper counts one (and
@@ -172,10 +246,15 @@ def main() -> int:
                     help="every event in time order, with its detail")
     ap.add_argument("--by-stage", action="store_true",
                     help="also each stage's CPU time and wake-ups per checkpoint (median)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also the CPU map: each process's CPU between its hand-offs, "
+                    "before and after the ACK (COLO_TRACE_CPU)")
     args = ap.parse_args()
     fd, path = tempfile.mkstemp(prefix="colo-trace-", suffix=".txt")
     os.close(fd)
     os.environ["COLO_TRACE"] = path      # inherited by both nodes' processes
+    if args.cpu:
+        os.environ["COLO_TRACE_CPU"] = "1"
     marks = []
     in_force: list[tuple[int | None, int | None]] = []
     woke: list[float] = []
@@ -189,6 +268,7 @@ def main() -> int:
             pair.start()
             pair.wait_protected(timeout=900)
             named = named_stage_pids(pair)
+            names = {pid: name for name, pid in named.items()}
             # each stage's wake-ups and CPU without a checkpoint (heartbeats, timeouts),
             # per second
             s0, t0 = stage_counts(named), time.monotonic()
@@ -219,9 +299,13 @@ def main() -> int:
         os.unlink(path)
     waits: dict[str, list[float]] = {}
     handoffs: list[int] = []
-    for (mark, cp), limit in zip(marks, in_force):
+    maps = []
+    ends = [m for m, _ in marks[1:]] + [len(text)]
+    for (mark, cp), limit, end in zip(marks, in_force, ends):
         ms = {k: cp.get(f"{k}_ns", 0) / 1e6 for k in ("commit", "transfer", "apply", "ack")}
         evs = events(text[mark:].splitlines(), ms["commit"])
+        if args.cpu:
+            maps.append(cpu_map(text[mark:end].splitlines(), names))
         for label, took in hops(evs).items():
             waits.setdefault(label, []).extend(took)
         # hand-offs: how often the next event in time is another process's
@@ -256,6 +340,8 @@ def main() -> int:
                 v[1] for v in kv[1])):
             print(f"  {n:28s} {statistics.median(v[0] for v in vals):6.1f} "
                   f"{statistics.median(v[1] for v in vals):7.2f}")
+    if args.cpu:
+        print_cpu_map(maps)
     held = sum(a == b == 0 for a, b in in_force)
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU wake-up "
           f"latency limit asked {args.cpu_latency_us}: 0 in force around {held} of "
