@@ -206,6 +206,28 @@ def test_each_nodes_start_is_timed_from_its_log_and_recorded_per_boot(lab, host_
     assert row["phases"] == {"guest_ticking_s": 49.0, "twin_s": 121.5, **phases}
 
 
+def test_a_nodes_cpu_is_summed_over_its_session_from_proc(lab, tmp_path):
+    """Which node took dom0's one vCPU while a start was slow: the CPU of every process in a
+    node's session (its stages, forked into it), read from /proc/PID/stat, a name with spaces
+    and parentheses included; other sessions' processes are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int, name: str, session: int, utime: int, stime: int) -> None:
+        (tmp_path / str(pid)).mkdir()
+        fields = ["S", "1", str(session), str(session), "0", "-1", "4194304"] + ["0"] * 4 + [str(utime), str(stime)] + ["0"] * 30
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
+    stat(700, "colo-pipeline", 700, 2 * tick, tick)
+    stat(701, "colo-digest (0) x", 700, 10 * tick, 0)
+    stat(702, "colo-restore", 700, tick // 2, 0)
+    stat(703, "colo-send", 700, 0, 0)
+    stat(800, "colo-pipeline", 800, 50 * tick, 0)           # the other node
+    (tmp_path / "self").mkdir()                             # not a pid
+    total, top = lab.session_cpu(700, tmp_path)
+    assert total == 13.5
+    assert top == [("colo-digest (0) x", 10.0), ("colo-pipeline", 3.0), ("colo-restore", 0.5)]
+    assert lab.session_cpu(999, tmp_path) == (0, [])
+
+
 @pytest.fixture(scope="module")
 def host_side():
     spec = importlib.util.spec_from_file_location("xenlab_host", LAB_DOM0.parents[1] / "lab.py")

@@ -555,6 +555,35 @@ def last_log_lines(chars: int = 160) -> str:
     return "; ".join(out)
 
 
+def session_cpu(sid: int, proc: Path = Path("/proc")) -> tuple[float, list[tuple[str, float]]]:
+    """CPU seconds (user + system) of the processes alive in session ``sid`` (a node started with
+    start_new_session: its stages and workers), and the three that used most, as (name, s):
+    which side of dom0's one vCPU a slow start went to (issue 17, session 18: a niced secondary
+    that took minutes to log its first line while the primary ran)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    per: list[tuple[str, float]] = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:           # gone meanwhile
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        # after the name: state ppid pgrp session ... utime (the 14th field) stime (15th)
+        if int(rest[3]) == sid:
+            per.append((name, (int(rest[11]) + int(rest[12])) / tick))
+    per.sort(key=lambda x: -x[1])
+    return round(sum(s for _, s in per), 1), [(n, round(s, 1)) for n, s in per[:3]]
+
+
+def nodes_cpu(procs: dict[str, subprocess.Popen]) -> str:
+    """session_cpu of each node, for the STEP lines of a start that takes long."""
+    out = []
+    for role, p in procs.items():
+        total, top = session_cpu(p.pid)
+        out.append(f"{role} {total}s (" + ", ".join(f"{n} {s}s" for n, s in top) + ")")
+    return "; ".join(out)
+
+
 def wait_for(what: str, check, procs: dict[str, subprocess.Popen], timeout: float):
     t0 = next_note = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -564,7 +593,7 @@ def wait_for(what: str, check, procs: dict[str, subprocess.Popen], timeout: floa
         if time.monotonic() >= next_note:     # where the primary is, for a run that takes long
             info = node_info("primary")
             step(f"waiting for {what}: primary {info.get('state')} epoch {info.get('epoch')} "
-                 f"sync {info.get('sync_progress')} | {last_log_lines()}")
+                 f"sync {info.get('sync_progress')} | dom0 CPU so far: {nodes_cpu(procs)} | {last_log_lines()}")
             next_note += 60
         for role, p in procs.items():
             if p.poll() is not None:
@@ -731,6 +760,7 @@ def replicate_pipeline(rounds: int, interval_ms: int, failover: bool,
     for role, phases in node_start_phases().items():
         print(f"START {role} (s after the nodes started): "
               + " ".join(f"{k}={v}" for k, v in phases.items()), flush=True)
+    print(f"START dom0 CPU until protection: {nodes_cpu(procs)}", flush=True)
     from pipeline.counters import NodeCounters
 
     primary = NodeCounters.attach("lab-primary")
