@@ -48,7 +48,8 @@ from pipeline.failover.roles import record_role
 from pipeline.failover.takeover import PrimaryRole, PrimaryStart, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
 from pipeline.stages.common import (HashTable, StageContext, SvmPages, domain_page_hashes,
-                                    in_sorted_pfns, union_pfns, unique_pfns, zero_page_hash)
+                                    in_sorted_pfns, rows_unlike, union_pfns, unique_pfns,
+                                    zero_page_hash)
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain, DomainError
 
@@ -1088,7 +1089,7 @@ class SecondaryCoordinator(_Coordinator):
                 self._send(wire.encode_svm_dirty(epoch, pfns, hashes, more=more))
                 trace.point("svm_part_sent" if more else "svm_hashed", epoch, str(len(pfns)))
                 done.append(pfns)
-                held.append(pfns[(hashes != zero).any(axis=1)])
+                held.append(pfns[rows_unlike(hashes, zero)])
             dirty = np.concatenate(done).astype(np.uint64) if len(done) > 1 else done[0]
             # the rest is hops on the commit's path (the restore stage's verdict, the ACK,
             # the SVM's resume) with little CPU of its own, asleep between
