@@ -441,6 +441,48 @@ def test_waiting_for_the_first_tick_goes_on_while_the_guest_lives(lab, monkeypat
     assert len(calls) == 3
 
 
+class _Node:
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+def _clock(lab, monkeypatch) -> list[float]:
+    """A clock that only the waits' own sleeps move: no real time passes in these tests."""
+    now = [0.0]
+    monkeypatch.setattr(lab.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(lab.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(lab, "step", lambda what: None)
+    monkeypatch.setattr(lab, "node_info", lambda role: {})
+    monkeypatch.setattr(lab, "nodes_cpu", lambda procs: "")
+    monkeypatch.setattr(lab, "log_tails", lambda: "")
+    return now
+
+
+def test_waiting_for_checkpoints_goes_on_while_they_keep_coming(lab, monkeypatch):
+    """A slow run that keeps making checkpoints (one every 200 s against a 243 s wait) is waited
+    for until it has them all: the wait counts from the last checkpoint, not from its start."""
+    now = _clock(lab, monkeypatch)
+    made = lambda: int(now[0] // 200)      # noqa: E731 - checkpoints made by the (fake) time now
+    assert lab.wait_for("4 checkpoints", lambda: made() >= 4, {"primary": _Node()}, 243, progress=made)
+    assert 800 <= now[0] < 801
+
+
+def test_waiting_for_checkpoints_stops_when_they_stall(lab, monkeypatch):
+    """One that stops making them fails one wait after its last, naming it; without ``progress``
+    the wait is counted from its start, as before."""
+    now = _clock(lab, monkeypatch)
+    made = lambda: min(2, int(now[0] // 100))    # noqa: E731 - two checkpoints, then nothing
+    with pytest.raises(RuntimeError, match=r"no 4 checkpoints within 243s of the last progress \(2\)"):
+        lab.wait_for("4 checkpoints", lambda: made() >= 4, {"primary": _Node()}, 243, progress=made)
+    assert 443 <= now[0] < 444
+    now[0] = 0.0
+    with pytest.raises(RuntimeError, match=r"no 4 checkpoints within 243s$"):
+        lab.wait_for("4 checkpoints", lambda: made() >= 4, {"primary": _Node()}, 243)
+    assert 243 <= now[0] < 244
+
+
 def test_a_dying_guests_registers_are_named_as_its_kernels_symbols(lab, monkeypatch):
     """Session 10's PVM died at guest RIP ffffffff81171dce; Xen's dump of the vCPU (Xen 4.17's
     vcpu_show_execution_state, as hvm_triple_fault prints it) is read back to the guest
