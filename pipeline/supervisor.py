@@ -480,11 +480,18 @@ class Supervisor:
             # starts (last), then the coordinator (which adds its own pid)
             self.domain.before_fork()
             for spec in [p for p in plan if p.name != "coordinator"]:
+                if spec.name == "net_compare":
+                    self._load_native_rounds(s.net, "its start")
                 self._start_stage(spec)
             info = self.node.node_info()
             info["stage_pids"] = {name: p.pid for name, p in self.procs.items()}
             self.node.set_node_info(info)
             self._start_stage(next(p for p in plan if p.name == "coordinator"))
+            if self.auto and s.node.role == "secondary" and s.net.primary_in:
+                # a takeover forks the survivor's comparator (become_primary) while its
+                # guest serves on: it inherits them loaded now, at the secondary's start
+                self._load_native_rounds(survivor_settings(self.config).net,
+                                         "a takeover (the survivor's comparator)")
             # after the forks, or every stage would inherit the listening socket
             if s.metrics.listen:
                 from pipeline.metrics import serve_metrics
@@ -495,6 +502,20 @@ class Supervisor:
             raise
         log.info("node %s (%s) started %d stage processes", self.name, s.node.role,
                  len(self.procs))
+
+    def _load_native_rounds(self, net, why: str) -> None:
+        """Load the comparator's native pair rounds (numba) in this process, before it
+        forks the comparator, which then has them compiled and loaded from its first frame
+        (pipeline.net.loop.preload_native_rounds: numba starts no thread, the child's first
+        call runs the inherited code). Loaded beside the comparator's first rounds instead,
+        a thread held its GIL for tens of ms at a time: a live service's answers stalled up
+        to ~85 ms for 1-2 s (docs/tuning.md, Session 18 (native))."""
+        from pipeline.net.loop import preload_native_rounds
+        t0, cpu0 = time.monotonic(), time.process_time()
+        if preload_native_rounds(net):
+            log.info("node %s: the comparator's native rounds loaded for %s in %.0f ms "
+                     "(%.0f ms of CPU)", self.name, why, (time.monotonic() - t0) * 1000,
+                     (time.process_time() - cpu0) * 1000)
 
     def _start_stage(self, spec: StageSpec) -> None:
         # each stage has its own stop event: a change of role stops some stages only

@@ -2,6 +2,7 @@
 rounds: a real CompareLoop in this process, fed over its unix sockets by client threads."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import struct
@@ -16,7 +17,8 @@ from pipeline.net.adapters import StreamClient
 from pipeline.net.comparator import RELEASE_DELAY_COUNTERS
 from pipeline.net.control import COLO_CHECKPOINT, XenNotify, encode_notify
 from pipeline.net.framing import FrameDecoder, encode_frame
-from pipeline.net.loop import CompareLoop, native_rounds
+from pipeline.net import loop as loop_module
+from pipeline.net.loop import CompareLoop, native_rounds, preload_native_rounds
 from pipeline.net.packet import TCP_ACK, TCP_PSH
 from pipeline.net.settings import NetSettings
 
@@ -423,11 +425,14 @@ def test_native_rounds_give_python_its_turn_while_pairs_trickle_in():
         run.close()
 
 
-def test_native_rounds_loaded_counts_a_background_load_once_taken_up():
+def test_native_rounds_loaded_counts_a_background_load_once_taken_up(monkeypatch):
     """``native_rounds_loaded`` (what scripts/bench_service.py waits for before a row: a
     background load holds the GIL for tens of ms at a time) is 0 until the loop has taken up
     the rounds a background load brought, then 1; a loop that loaded them at its start says
-    1 at once."""
+    1 at once. (A process that has not loaded them: this one's loaded module forgotten, as
+    in a comparator forked by a supervisor that did not load them; the background load
+    then finds numba imported already.)"""
+    monkeypatch.setattr(loop_module, "_native_module", None)
     run = Running(native="background", threaded=False)
     try:
         counters = run.loop.comparator.counters
@@ -451,3 +456,35 @@ def test_native_rounds_loaded_counts_a_background_load_once_taken_up():
         assert eager.loop.comparator.counters["native_rounds_loaded"] == 1
     finally:
         eager.close()
+
+
+def test_a_loop_in_a_process_with_the_rounds_loaded_takes_them_at_once():
+    """The node's comparator is forked by a supervisor that loaded the rounds
+    (preload_native_rounds): with ``native="background"`` it takes them at its start,
+    counts them loaded before its first round, and starts no loading thread; its pairs go
+    the native way."""
+    run = Running(native="background", threaded=False)
+    try:
+        assert preload_native_rounds(run.loop.settings)         # (loaded in this process)
+        assert run.loop.comparator.counters["native_rounds_loaded"] == 1
+        run.loop.load_native_in_background()
+        assert run.loop._native_loader is None
+        pairs, _ = case(4, n=100)
+        run.thread.start()
+        out = feed(run, pairs, 4)
+    finally:
+        run.close()
+    assert per_flow(out) == per_flow(p for p, _ in pairs)
+    assert run.loop.native_stats["pairs"] > 0
+
+
+def test_the_supervisor_loads_the_rounds_only_for_a_comparator_that_can_use_them():
+    """preload_native_rounds says False (and loads nothing) for settings whose streams the
+    comparator cannot take whole: a packet socket, a vnet header word, the SVM's rewriter."""
+    d = "/nonexistent"
+    ok = NetSettings(primary_in=f"unix:{d}/p", secondary_in="tcp:127.0.0.1:9",
+                     outdev=f"unix:{d}/o")
+    assert preload_native_rounds(ok)
+    for bad in (dict(primary_in="packet:eth0"), dict(outdev=f"pcap:{d}/o.pcap"),
+                dict(vnet_hdr=True), dict(rewrite_secondary=True), dict(secondary_in="")):
+        assert not preload_native_rounds(dataclasses.replace(ok, **bad)), bad

@@ -327,3 +327,77 @@ def test_node_loop_keeps_pre_snapshot_frames_in_their_epoch_when_the_event_overt
             c.close()
         loop.close()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _stage_without_numba(settings, rundir, shared, ready, stop):
+    """The stage in a process without numba: its import fails as when it is not installed
+    (this test process may have imported it, and the fork inherited the loaded rounds)."""
+    import sys
+
+    import pipeline.net
+    from pipeline.net import loop
+    sys.modules["numba"] = None
+    sys.modules["pipeline.net.native"] = None
+    if hasattr(pipeline.net, "native"):       # (else 'from pipeline.net import native' finds it)
+        del pipeline.net.native
+    loop._native_module = None
+    assert loop.native_rounds() is None
+    _stage(settings, rundir, shared, ready, stop)
+
+
+def _one_pair_through_a_forked_stage(target) -> tuple[dict, dict]:
+    """Fork the stage (``target``), pass one equal frame pair; the counters it had copied
+    out when it said ready, and its counters at the end."""
+    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    shared = manager.dict()
+    bus = CheckpointBus(rundir)
+    path = {r: os.path.join(rundir, f"net-{r}.sock") for r in ("pvm", "svm", "out")}
+    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
+                           outdev="unix:" + path["out"])
+    parent, child = ctx.Pipe()
+    stop = ctx.Event()
+    proc = ctx.Process(target=target, args=(settings, rundir, shared, child, stop))
+    proc.start()
+    try:
+        assert parent.poll(WAIT) and parent.recv() == {"ok": True}
+        at_ready = dict(shared)
+        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+        same = build.udp_frame(G, C, 1, 2, b"same")
+        pvm.send(same)
+        svm.send(same)
+        assert [f for f, _ in out.recv_until(1, WAIT)] == [same]
+        for c in (pvm, svm, out):
+            c.close()
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        bus.close()
+        at_end = dict(shared)
+        manager.shutdown()
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert proc.exitcode == 0
+    return at_ready, at_end
+
+
+@pytest.mark.timeout(240)
+def test_a_stage_forked_with_the_native_rounds_loaded_has_them_before_its_first_frame():
+    """The supervisor loads the rounds before it forks the stage
+    (pipeline.net.loop.preload_native_rounds): the stage counts them loaded in the first
+    counters it copies out, before it says ready, not once a background load is done."""
+    from pipeline.net.loop import native_rounds
+    if native_rounds() is None:          # (loads them in this process: the fork inherits)
+        pytest.skip("numba is not installed")
+    at_ready, at_end = _one_pair_through_a_forked_stage(_stage)
+    assert at_ready.get("native_rounds_loaded") == 1, at_ready
+    assert at_end["native_rounds_loaded"] == 1 and at_end["frames_released"] == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_stage_without_numba_compares_in_python():
+    at_ready, at_end = _one_pair_through_a_forked_stage(_stage_without_numba)
+    assert at_end.get("native_rounds_loaded", 0) == 0, at_end
+    assert at_end.get("native_matched_frames", 0) == 0 and at_end["frames_released"] == 1

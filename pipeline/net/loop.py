@@ -69,8 +69,10 @@ _native_module: object = None
 
 def native_rounds():
     """pipeline.net.native, compiled and ready (None without numba: every round then runs
-    in Python). Imported only here, by a loop that can use it: numba's import and the
-    compiled code's load take ~0.5 s of CPU once per process."""
+    in Python). Imported only here, by a loop that can use it, or by the node's supervisor
+    before it forks the comparator (:func:`preload_native_rounds`): numba's import and the
+    compiled code's load take ~0.5 s of CPU once per process, and a forked child inherits
+    them loaded."""
     global _native_module
     if _native_module is None:
         try:
@@ -81,6 +83,40 @@ def native_rounds():
             log.info("numba is missing (%s): every comparator round runs in Python", exc)
             _native_module = False
     return _native_module or None
+
+
+def native_rounds_here():
+    """The native rounds if this process has them loaded already (by itself, or by the
+    process it was forked from: the node's supervisor), else None, without loading them."""
+    return _native_module or None
+
+
+def native_may_run(settings: NetSettings, runs: bool = True) -> bool:
+    """A comparator with these settings can use native pair rounds: both guests' streams
+    and outdev are stream endpoints (tcp:, unix:) taken whole (runs of stream bytes, no
+    vnet header word, no sequence rewriter for the SVM)."""
+    return runs and not settings.vnet_hdr and not settings.rewrite_secondary and all(
+        address and parse_address(address)[0] in ("tcp", "unix")
+        for address in (settings.primary_in, settings.secondary_in, settings.outdev))
+
+
+def preload_native_rounds(settings: NetSettings) -> bool:
+    """For the node's supervisor, before it forks a comparator with these settings: load
+    the native rounds in this process (numba's import and its cached compiled code; no
+    thread is started by either, so the forks that follow are safe), so that the forked
+    comparator has them from its first frame: not loaded beside its Python rounds by a
+    thread that holds the GIL for tens of ms at a time (docs/tuning.md, Session 18
+    (native)). Then the collector's generations are frozen: numba's ~78 000 objects are
+    never walked by this process's collections nor by those of the stages forked after.
+    True when the rounds are loaded (False: the settings cannot use them, or no numba)."""
+    if not native_may_run(settings):
+        return False
+    if native_rounds_here() is not None:
+        return True
+    loaded = native_rounds() is not None
+    gc.collect()
+    gc.freeze()
+    return loaded
 
 
 def tune_gc() -> None:
@@ -153,8 +189,10 @@ class CompareLoop:
                  counters: CounterSink | None = None, runs: bool = True,
                  in_band: bool = False, native: bool | str = True) -> None:
         """``native``: run pair rounds in native code where they apply (True: loaded now;
-        ``"background"``: once :meth:`load_native_in_background` loaded them; False:
-        never)."""
+        ``"background"``: at once if this process has them loaded already, as the node's
+        comparator does, forked by a supervisor that loaded them
+        (:func:`preload_native_rounds`), else once :meth:`load_native_in_background`
+        loaded them; False: never)."""
         self.settings = settings
         self.control = control or NoControl()
         self.adapters = Adapters(settings.vnet_hdr)
@@ -228,27 +266,30 @@ class CompareLoop:
         pollable = self.control.pollable()
         self._zmq_control = pollable if isinstance(pollable, zmq.Socket) else None
         #: native rounds may run here (both guests' streams and outdev stream endpoints
-        #: taken whole); the module is loaded now, or by load_native_in_background
-        self.native_possible = bool(streams and native and all(
-            isinstance(a, StreamEndpoint) for a in (self.primary_in, self.secondary_in,
-                                                     self.outdev)))
+        #: taken whole); the module is loaded now (``"background"``: if this process has
+        #: it already, inherited from the supervisor), or by load_native_in_background
+        self.native_possible = bool(native and native_may_run(settings, runs))
         self._native_loaded = None          # set by the background loader, taken by run_once
         self._native_loader: threading.Thread | None = None
-        if self.native_possible and native != "background":
-            self._native = native_rounds()
+        if self.native_possible:
+            self._native = native_rounds() if native != "background" \
+                else native_rounds_here()
             if self._native is not None:
                 self.comparator.counters["native_rounds_loaded"] = 1
         self._next_scan = 0.0
         self.stop_event = threading.Event()
 
     def load_native_in_background(self) -> None:
-        """Load the native rounds (numba's import and the cached compiled code: ~0.3 s of
+        """Load the native rounds (numba's import and the cached compiled code: ~0.5 s of
         CPU) in a thread while this loop runs its rounds in Python; run_once takes them up
-        once loaded (counter ``native_rounds_loaded``). For the node's comparator, which
-        must pass frames from its first moment (a takeover's survivor) rather than wait for
-        numba. Not free meanwhile: the loading thread holds the GIL for tens of ms at a time
-        (at load 7, a 1 ms loop beside it stalled up to 85 ms, 8-20 times over 20 ms in its
-        1-2 s), and the loop's rounds wait as long (docs/tuning.md, Session 18 (svc))."""
+        once loaded (counter ``native_rounds_loaded``). Nothing to do when they are loaded
+        already: the node's comparator has them from its fork (the supervisor loaded them
+        first, :func:`preload_native_rounds`), so this is the fallback of a comparator
+        forked without them, which must pass frames from its first moment rather than wait
+        for numba. Not free meanwhile: the loading thread holds the GIL for tens of ms at a
+        time (at load 7, a 1 ms loop beside it stalled up to 85 ms, 8-20 times over 20 ms
+        in its 1-2 s), and the loop's rounds wait as long (docs/tuning.md, Session 18
+        (svc))."""
         if not self.native_possible or self._native is not None \
                 or self._native_loader is not None:
             return

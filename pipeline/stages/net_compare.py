@@ -83,8 +83,11 @@ def compare_loop(settings: NetSettings, control, in_band: bool) -> CompareLoop:
     boundary, so the coordinator's ``snapshot``/``committed`` events never move an epoch
     (taken before the first boundary, a snapshot event that overtook the PVM's frames made
     a spurious divergence at start; see pipeline/net/loop.py). Pair rounds in native code
-    once loaded in the background (CompareLoop.load_native_in_background: the stage passes
-    frames from its start, a takeover's survivor at once, not after numba's import)."""
+    from the first frame when this process has them loaded: the node's supervisor loads
+    them before it forks this stage (pipeline.net.loop.preload_native_rounds; for a role
+    auto secondary at its start, for its comparator after a takeover). Else (a stage forked
+    without them) they are loaded in the background (CompareLoop.load_native_in_background:
+    the stage passes frames from its start, in Python rounds, meanwhile)."""
     return CompareLoop(settings, control, runs=True, in_band=in_band, native="background")
 
 
@@ -114,13 +117,20 @@ def run_net_compare_stage(settings: NetSettings, rundir: str,
         if ready is not None:
             ready.send({"error": f"{type(e).__name__}: {e}"})
         raise
+    mirror = CounterMirror(loop.comparator.counters, counters_sink)
+    mirror.sync()            # from the start: native_rounds_loaded (inherited, or not yet)
     if ready is not None:
         ready.send({"ok": True})
     tune_gc()
+    if loop.native_possible:
+        log.info("net-compare: native pair rounds %s", "loaded from the start (inherited)"
+                 if loop.comparator.counters["native_rounds_loaded"] else
+                 "not loaded before the fork: loading them beside the Python rounds"
+                 if not passthrough else "not loaded: loaded once a secondary joins")
     if not passthrough:
-        # (passing through, nothing is compared: loaded once a secondary joins, on_role)
+        # (passing through, nothing is compared: loaded once a secondary joins, on_role;
+        # nothing to do when inherited loaded)
         loop.load_native_in_background()
-    mirror = CounterMirror(loop.comparator.counters, counters_sink)
     scan = settings.expired_scan_ms / 1000.0
     next_sync = 0.0
     try:
