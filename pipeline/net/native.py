@@ -29,10 +29,14 @@ comparator took the sender's CPU, and judged here it costs no trip through Pytho
 lone frame that waited so and goes to Python after all carries its read time
 (``res[ARRIVED_NS]``), so its hold time and timeout count from then.
 
-Imported only by a loop that can use it (numba's import is ~0.3 s of CPU; see
-``pipeline.net.loop.native_rounds``, which also runs every round in Python when numba
-is missing). The compiled code is cached (numba's ``cache=True``): only the first
-process after an install compiles it.
+Imported only where a loop can use it (numba's import and the cached code's load: ~0.45 s
+of CPU; see ``pipeline.net.loop.native_rounds``, which also runs every round in Python
+when numba is missing): by the node's supervisor before it forks the comparator
+(``preload_native_rounds``: neither the import nor a call of the cached functions starts a
+thread, and the forked child calls the inherited code without compiling it again, its
+first call ~0.2 ms), else by the comparator itself. The compiled code is cached (numba's
+``cache=True``, beside this file): only the first process after an install (or in a new
+checkout) compiles it, ~3 s of CPU.
 """
 from __future__ import annotations
 
