@@ -362,6 +362,9 @@ def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch)
         assert (s.node.role, s.guest.backend, s.guest.domain) == (role, "xen", domain)
         assert s.guest.xen_domain_config == f"/root/{domain}.cfg" and s.guest.xen_image == lab.IMAGE
         assert s.checkpoint.verify_every == 1 and s.security.mode == "curve"
+        # a lost peer after 4 s, from heartbeats every 500 ms: at every 100 ms (40 missed) the
+        # two heartbeat processes took half of dom0's one vCPU under TCG (session 18)
+        assert (s.heartbeat.interval_ms, s.heartbeat.interval_ms * s.heartbeat.miss_count) == (500, 4000)
 
 
 def test_xen_switches_the_fpu_eagerly_unless_asked_not_to(host_side):

@@ -386,7 +386,11 @@ def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "") -
         # ~35 % of a core) dom0's processes went 2-2.5 s without running, and the primary gave
         # the first full sync up ("the secondary was lost") before any checkpoint (this
         # session's run 1, boot 1). A failover is then detected ~4 s after the kill.
-        "heartbeat": {"interval_ms": 100, "miss_count": 40},
+        # Every 500 ms, not 100 (the same 4 s): under TCG each heartbeat turn (send, receive,
+        # CURVE in the ZeroMQ thread) costs tens of ms, and at 100 ms the two nodes' heartbeat
+        # processes took ~50 % of dom0's one vCPU (issue 17, session 18: 26 % and 23 % measured
+        # per node from /proc during a full sync), starving the niced secondary's apply
+        "heartbeat": {"interval_ms": 500, "miss_count": 8},
         "security": {"mode": "curve", "key_file": str(RUN / "keys" / f"{role}.key_secret"),
                      "peer_public_key_file": str(RUN / "keys" / f"{peer}.key")},
         # the lease renewed every 40 s, not every 1.7 s: at load 24 on the host, dom0's primary
