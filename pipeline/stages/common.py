@@ -122,7 +122,7 @@ class HashTable:
         self.valid = valid     # (page_count,) bool
 
     def matches(self, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        return self.valid[pfns] & (self.hashes[pfns] == hashes).all(axis=1)
+        return self.valid[pfns] & held_hashes_equal(self.hashes, pfns, hashes)
 
     def update(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
         self.hashes[pfns] = hashes
@@ -176,7 +176,7 @@ class SvmPages:
 
     def same(self, epoch: int, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Which of the pages (pfns, their PVM hashes) the SVM holds as they are."""
-        return (self.epoch[pfns] == epoch + 1) & (self.hashes[pfns] == hashes).all(axis=1)
+        return (self.epoch[pfns] == epoch + 1) & held_hashes_equal(self.hashes, pfns, hashes)
 
 
 class PageBuffer:
@@ -555,3 +555,19 @@ def rows_unlike(rows: np.ndarray, row: np.ndarray) -> np.ndarray:
         return np.zeros(len(rows), bool)
     whole = np.dtype((np.void, rows.shape[1]))
     return rows.view(whole)[:, 0] != row.view(whole)[0]
+
+
+def held_hashes_equal(held: np.ndarray, pfns: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Which of ``hashes`` (k, 32) are the hashes ``held`` (page_count, 32) has at ``pfns``:
+    ``(held[pfns] == hashes).all(axis=1)`` as four 64-bit words a row, xor-ed and or-ed
+    together, not 32 byte compares and a reduction over each row: the digest workers'
+    classification makes two a batch before the ACK (a table's REFs, the SVM's pages), 22
+    against 12 us on 500 pages, 42 against 15 on 1000."""
+    if held.shape[1:] != hashes.shape[1:] or held.shape[1] % 8 or not held.flags.c_contiguous:
+        return (held[pfns] == hashes).all(axis=1)
+    x = np.take(held.view(np.uint64), pfns, axis=0)
+    x ^= np.ascontiguousarray(hashes, np.uint8).view(np.uint64)
+    differ = x[:, 0].copy()
+    for j in range(1, x.shape[1]):
+        differ |= x[:, j]
+    return differ == 0
