@@ -188,3 +188,41 @@ def test_uffd_log_read_in_parts_gives_each_page_once_and_says_where_it_stopped()
         scanner.close()
         wp.close()
         region.close()
+
+
+@needs_uffd
+@pytest.mark.parametrize("max_regions", [7, 1 << 16])
+def test_uffd_log_read_as_pfns_gives_the_written_pages_sorted_once(max_regions) -> None:
+    """read_and_clear_pfns (SimDomain.read_and_clear_dirty, both nodes' pauses) expands the
+    kernel's ranges as they come, unmerged: the same pfns as the runs, each once, sorted,
+    also when a full region vector splits a run of pages between two ioctls."""
+    region = _SharedRegion(2048)
+    wp = UffdWriteProtect(region.addr, region.size)
+    scanner = PagemapScanner("self", region.addr, region.size, PAGE, max_regions=max_regions)
+    try:
+        rng = np.random.default_rng(max_regions)
+        blocks = rng.choice(256, 40, replace=False)
+        written = np.unique(np.concatenate([np.arange(b * 8, b * 8 + 8) for b in blocks]
+                                           + [rng.choice(2048, 100, replace=False)]))
+        region.view[written, 5] = 1
+        got = scanner.read_and_clear_pfns()
+        assert got.dtype == np.uint64 and got.tolist() == written.tolist()
+        assert scanner.read_and_clear_pfns().size == 0       # cleared
+        region.view[written[:3], 0] = 2
+        assert scanner.read_and_clear_pfns().tolist() == written[:3].tolist()
+    finally:
+        scanner.close()
+        wp.close()
+        region.close()
+
+
+def test_bitmap_reads_and_clears_marked_pages_as_pfns() -> None:
+    region = mmap.mmap(-1, 1000)
+    bitmap = DirtyBitmap(region, 1000)
+    for pfn in (3, 4, 5, 999, 10):
+        bitmap.mark(pfn)
+    pfns = bitmap.read_and_clear_pfns()
+    assert pfns.dtype == np.uint64 and pfns.tolist() == [3, 4, 5, 10, 999]
+    assert bitmap.read_and_clear_pfns().size == 0
+    del bitmap, pfns
+    region.close()

@@ -278,6 +278,13 @@ class PagemapScanner:
         starts, lengths, _ = self._scan(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
         return starts, lengths
 
+    def read_and_clear_pfns(self) -> np.ndarray:
+        """:meth:`read_and_clear_runs` as a sorted ``uint64`` array of pfns: the kernel's
+        ranges expanded as they come (merged first, then expanded, cost ~15 us more a read
+        of 1000 pages, on each node's pause, for the same pfns)."""
+        starts, ends, _ = self._scan_ranges(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+        return runs_to_pfns(starts, ends - starts)
+
     def read_and_clear_part(self, from_pfn: int, max_pages: int
                             ) -> tuple[np.ndarray, np.ndarray, int]:
         """:meth:`read_and_clear_runs` of at most ``max_pages`` written pages from page
@@ -293,6 +300,15 @@ class PagemapScanner:
 
     def _scan(self, flags: int, from_pfn: int = 0, max_pages: int = 0
               ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(start pfns, lengths) of the written runs, adjacent ones merged, and where the
+        walk stopped (:meth:`_scan_ranges`)."""
+        starts, ends, next_pfn = self._scan_ranges(flags, from_pfn, max_pages)
+        return (*_merge_adjacent(starts, ends), next_pfn)
+
+    def _scan_ranges(self, flags: int, from_pfn: int = 0, max_pages: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+        """The kernel's ranges of written pages as (start pfns, end pfns), sorted and
+        disjoint, and the page the walk stopped at."""
         self._arg.flags = flags
         end = self.addr + self.size
         start = self.addr + from_pfn * self.page_size
@@ -322,7 +338,7 @@ class PagemapScanner:
         ranges = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         starts = (ranges[:, 0] - np.uint64(self.addr)) >> np.uint64(shift)
         ends = (ranges[:, 1] - np.uint64(self.addr)) >> np.uint64(shift)
-        return (*_merge_adjacent(starts, ends), next_pfn)
+        return starts, ends, next_pfn
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -354,9 +370,12 @@ class DirtyBitmap:
         return int(np.count_nonzero(self.bytes))
 
     def read_and_clear_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        return pfns_to_runs(self.read_and_clear_pfns())
+
+    def read_and_clear_pfns(self) -> np.ndarray:
         # a copy first: numpy refuses to count non-zeros in a buffer another process is
         # writing. A mark set again between the copy and the clear is lost, but harmless:
         # the caller reads the page's content after this returns, so that write is in it.
         pfns = np.flatnonzero(self.bytes.copy()).astype(np.uint64)
         self.bytes[pfns] = 0
-        return pfns_to_runs(pfns)
+        return pfns
