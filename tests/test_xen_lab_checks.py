@@ -367,6 +367,16 @@ def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch)
         assert (s.heartbeat.interval_ms, s.heartbeat.interval_ms * s.heartbeat.miss_count) == (500, 4000)
 
 
+def test_the_guests_are_shadow_paged_unless_asked_and_the_help_says_so(host_side):
+    """Issue 17, session 18: pack.sh's guest configs default to shadow paging (hap = 0, after 10
+    boots on it without a guest death), XENLAB_HAP still chooses, and lab.py's --hap help names
+    the same default."""
+    pack = (LAB_DOM0.parents[1] / "pack.sh").read_text()
+    assert "hap = ${XENLAB_HAP:-0}" in pack.splitlines()
+    helps = {a.dest: a.help for a in host_side.parser()._actions}
+    assert "default: pack.sh's (XENLAB_HAP, else 0" in helps["hap"]
+
+
 def test_xen_switches_the_fpu_eagerly_unless_asked_not_to(host_side):
     """Issue 17, item 1: Xen's lazy FPU switching on QEMU's emulated AMD CPU is the suspect of
     the platform faults; the lab boots Xen with eager switching unless --no-eager-fpu."""

@@ -653,7 +653,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--boots", type=int, default=1, help="with --until-first-checkpoint: how many boots")
     ap.add_argument("--hap", choices=("1", "0", "alternate"), default="",
                     help="the guests' paging: 1 HAP (nested paging, emulated by QEMU), 0 shadow, alternate "
-                         "(quick boots: odd boots HAP, even shadow); default: pack.sh's (XENLAB_HAP, else 1)")
+                         "(quick boots: odd boots HAP, even shadow); default: pack.sh's (XENLAB_HAP, else 0: "
+                         "no guest death on shadow paging, 3 triple faults in 10 HAP boots on QEMU 7.2; "
+                         "docs/xen-lab.md, issue 17, session 18)")
     ap.add_argument("--logdirty-stress", type=float, default=0, metavar="S",
                     help="quick boots without the pipeline: S seconds of what the pipeline does to a guest "
                          "(log-dirty on, CLEAN/PEEK rounds, paused CLEAN + copy + context, off) to both "
