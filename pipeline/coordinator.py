@@ -47,9 +47,9 @@ from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
 from pipeline.failover.roles import record_role
 from pipeline.failover.takeover import PrimaryRole, PrimaryStart, SecondaryRole
 from pipeline.net.framing import BOUNDARY_COMMITTED, BOUNDARY_ROLLED_BACK, encode_boundary
+from pipeline.pfns import in_sorted_pfns, union_pfns, unique_pfns
 from pipeline.stages.common import (HashTable, StageContext, SvmPages, domain_page_hashes,
-                                    in_sorted_pfns, rows_unlike, union_pfns, unique_pfns,
-                                    zero_page_hash)
+                                    rows_unlike, zero_page_hash)
 from pipeline.stages.send import Pending
 from pipeline.xen_io.base import Domain, DomainError
 

@@ -1,11 +1,11 @@
-"""The page path's pfn set helpers (stages/common.py: unique_pfns, union_pfns,
+"""The page path's pfn set helpers (pipeline/pfns.py: unique_pfns, union_pfns,
 in_sorted_pfns) give numpy's np.unique / np.union1d / np.isin results, which they replace on
 the commit's path (numpy 2.4's cost 80-160 us on 1k pfns, the helpers 9-15)."""
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.stages.common import in_sorted_pfns, union_pfns, unique_pfns
+from pipeline.pfns import in_sorted_pfns, union_pfns, unique_pfns
 
 pfn_lists = st.lists(st.integers(0, 2**40), max_size=300)
 

@@ -48,9 +48,10 @@ import numpy as np
 
 from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.ring import Ring
+from pipeline.pfns import in_sorted_pfns, unique_pfns
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
                                     StagePriority, StagingGate, domain_page_hashes,
-                                    in_sorted_pfns, ready_rings, unique_pfns, zero_page_hash)
+                                    ready_rings, zero_page_hash)
 from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.xen_io.base import Domain
 

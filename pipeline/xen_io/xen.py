@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from pipeline.stages.common import in_sorted_pfns
+from pipeline.pfns import in_sorted_pfns
 
 from . import xen_ctypes as xc_
 from .base import Domain, DomainError
