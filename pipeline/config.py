@@ -298,14 +298,21 @@ class CheckpointSettings(Section):
 @dataclass(frozen=True)
 class SecuritySettings(Section):
     SECTION = "security"
-    mode: str = _f("curve", "How host-to-host channels are protected: CurveZMQ (encrypted, and "
-                   "only the peer's key may connect) or plaintext (a warning at start; only "
-                   "for a trusted, isolated network).", choices=("curve", "plaintext"))
-    key_file: str = _f("", "curve: this node's secret key file, as written by `colo-pipeline "
-                       "keygen` (mode 0600). Relative paths are relative to the config file.",
-                       rule="curve: required, a secret key file of mode 0600")
-    peer_public_key_file: str = _f("", "curve: the peer's public key file (`*.key`).",
-                                   rule="curve: required, a public key file")
+    mode: str = _f("curve", "How host-to-host channels are protected: CurveZMQ on every "
+                   "channel (encrypted, and only the peer's key may connect); `sealed`: "
+                   "CurveZMQ on every channel but the pages channel, whose records' page data "
+                   "and vCPU state are sealed with AES-256-GCM by the digest workers and "
+                   "opened by the verify workers (in parallel, not in one ZeroMQ I/O thread "
+                   "per socket), under a key the two nodes agree over the CURVE control "
+                   "channel at each HELLO (both nodes must say `sealed`); or plaintext (a "
+                   "warning at start; only for a trusted, isolated network).",
+                   choices=("curve", "sealed", "plaintext"))
+    key_file: str = _f("", "curve, sealed: this node's secret key file, as written by "
+                       "`colo-pipeline keygen` (mode 0600). Relative paths are relative to the "
+                       "config file.",
+                       rule="curve, sealed: required, a secret key file of mode 0600")
+    peer_public_key_file: str = _f("", "curve, sealed: the peer's public key file (`*.key`).",
+                                   rule="curve, sealed: required, a public key file")
 
 
 @dataclass(frozen=True)
@@ -404,14 +411,16 @@ def _check_key_file(path: str, key: str, file: str, secret: bool) -> None:
 
 def _resolve_keys(settings: Settings, path: str) -> Settings:
     sec = settings.security
-    if sec.mode != "curve":
+    if sec.mode == "plaintext":
         return settings
     base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else os.getcwd()
     files = {}
     for key, secret in (("key_file", True), ("peer_public_key_file", False)):
         value = getattr(sec, key)
         if not value:
-            raise ConfigError(path, f"security.{key}", "missing for mode 'curve'",
+            raise ConfigError(path, f"security.{key}", f"missing for mode {sec.mode!r} (its "
+                              "control channel is CURVE: the seal key is agreed over it)"
+                              if sec.mode == "sealed" else "missing for mode 'curve'",
                               "a key file path (make one with `colo-pipeline keygen`), or "
                               "security.mode = 'plaintext'")
         full = value if os.path.isabs(value) else os.path.join(base, value)

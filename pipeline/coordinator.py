@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, messages, sockets, trace, wire
+from pipeline import faults, messages, seal, sockets, trace, wire
 from pipeline.checkpoint_api import CAUSES, CheckpointBus
 from pipeline.config import Settings
 from pipeline.counters import STATUS_ABORTED, STATUS_COMMITTED, NodeCounters
@@ -112,6 +112,26 @@ def _agree_written(domain: Domain, hello: wire.Hello) -> None:
         domain.agree_hypervisor_written(hello.written, peer_is_primary=hello.role == wire.ROLE_PRIMARY)
     except DomainError as exc:
         raise ProtocolError(f"peer {hello.name!r}: {exc}") from None
+
+
+def _agree_seal(settings: Settings, shared, hello: wire.Hello, primary_share: bytes | None,
+                secondary_share: bytes | None) -> int | None:
+    """security.mode = "sealed": the session's key from both HELLOs' shares, installed for
+    this node's stages (pipeline/seal.py); returns its key id (None if not sealed). A peer
+    whose HELLO disagrees about sealing is an error naming both modes."""
+    sealed = settings.security.mode == "sealed"
+    if (hello.seal_share is not None) != sealed:
+        raise ProtocolError(
+            f"peer {hello.name!r} " + ("does not seal the pages channel; this node's "
+                                       "security.mode is 'sealed'" if sealed else
+                                       "seals the pages channel (security.mode = 'sealed'); "
+                                       f"this node's is {settings.security.mode!r}")
+            + ": both nodes must have the same security.mode")
+    if not sealed:
+        return None
+    key_id, key = seal.derive_key(primary_share, secondary_share)
+    shared.seal.install(key_id, key)
+    return key_id
 
 
 def _send_control(sock: zmq.Socket, msg: bytes, ctx: StageContext, counters,
@@ -629,6 +649,9 @@ class PrimaryCoordinator(_Coordinator):
         deadline = None if timeout is None else time.monotonic() + timeout
         next_hello = 0.0
         hellos = 0
+        # sealed: one share for all of this wait's HELLOs, so whichever the secondary
+        # answers, both derive the same key (a new wait, a new key)
+        share = seal.new_share() if self.settings.security.mode == "sealed" else None
         while not self.ctx.stopping():
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -644,7 +667,7 @@ class PrimaryCoordinator(_Coordinator):
                     self._redial_control()
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_PRIMARY,
                                              self.domain.page_count, self.settings.node.name,
-                                             self.domain.hypervisor_written()))
+                                             self.domain.hypervisor_written(), share))
                 next_hello = time.monotonic() + 1.0
                 hellos += 1
             self._heartbeat_lost()
@@ -661,6 +684,10 @@ class PrimaryCoordinator(_Coordinator):
                 continue
             _handshake_check(self.settings, self.domain, hello)
             _agree_written(self.domain, hello)
+            key_id = _agree_seal(self.settings, self.shared, hello, share, hello.seal_share)
+            if key_id is not None:
+                self.ctx.log.info("event=seal_key key_id=%#010x: pages sealed under a new "
+                                  "key", key_id)
             self.ctx.log.info("secondary %r connected", hello.name)
             self.peer_name = hello.name
             self._send_carried_offsets()
@@ -990,6 +1017,9 @@ class SecondaryCoordinator(_Coordinator):
                            | messages.Aborted] = {}
         self.lost: tuple[float, float, str] | None = None   # primary lost: last seen, when, by
         self.svm_started = False
+        # sealed: (the primary's share, this node's answer) of the last HELLO answered: the
+        # primary's resent HELLOs of one wait get the same answer, so the same key
+        self.seal_shares: tuple[bytes, bytes] | None = None
         # a full sync (a FLAG_SYNC epoch, not a FLAG_PRECOPY round) committed: before it,
         # this SVM's memory is no copy of anything, and an ordinary checkpoint or pre-copy
         # round on top of it would not make it one
@@ -1462,6 +1492,25 @@ class SecondaryCoordinator(_Coordinator):
             self.ctx.log.warning("epoch=%d event=redirector_not_checkpointed %s", epoch, why,
                                  extra={"epoch": epoch})
 
+    def _seal_hello(self, hello: wire.Hello) -> bytes | None:
+        """This node's seal share for its answer to ``hello`` (None unless sealed), the key
+        installed. A primary that does not seal is answered all the same (it then stops,
+        naming both modes); this node counts and logs it."""
+        if self.settings.security.mode != "sealed":
+            return None
+        if self.seal_shares is not None and self.seal_shares[0] == hello.seal_share:
+            return self.seal_shares[1]
+        share = seal.new_share()
+        try:
+            key_id = _agree_seal(self.settings, self.shared, hello, hello.seal_share, share)
+        except ProtocolError as exc:
+            self.c.add("errors", 1)
+            self.ctx.log.error("control channel: %s", exc)
+            return share
+        self.seal_shares = (hello.seal_share, share)
+        self.ctx.log.info("event=seal_key key_id=%#010x: pages sealed under a new key", key_id)
+        return share
+
     def on_control(self, hdr: wire.Header, msg: bytes) -> None:
         try:
             if hdr.type == wire.HELLO:
@@ -1474,7 +1523,8 @@ class SecondaryCoordinator(_Coordinator):
                     self.ctx.log.error("control channel: %s", exc)
                 self._send(wire.encode_hello(self.domain.page_size, wire.ROLE_SECONDARY,
                                              self.domain.page_count, self.settings.node.name,
-                                             self.domain.hypervisor_written()))
+                                             self.domain.hypervisor_written(),
+                                             self._seal_hello(hello)))
                 self.ctx.log.info("primary %r connected", hello.name)
                 self.role.peer_name = hello.name
                 if not self.svm_started:

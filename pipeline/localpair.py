@@ -173,7 +173,7 @@ class LocalPair:
             t.setdefault("failover", {"witness": "local",
                                       "witness_dir": os.path.join(self.workdir, "witness")})
             sec = t.setdefault("security", {})
-            if sec.get("mode", "curve") == "curve":
+            if sec.get("mode", "curve") in ("curve", "sealed"):
                 sec.setdefault("key_file", os.path.join(keys, f"{role}.key_secret"))
                 sec.setdefault("peer_public_key_file", os.path.join(keys, f"{peer}.key"))
             self._place(role, t)

@@ -104,6 +104,11 @@ class RingClosed(Exception):
     """The producer closed the ring and every published slot has been consumed."""
 
 
+#: bytes of a slot's data area after its pages, per page and per slot: room for a sealed
+#: batch's sealed hashes and its seal header and tags (wire.sealed_pages_extra)
+DATA_TAIL_PER_PAGE, DATA_TAIL = 32, 64
+
+
 def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
@@ -154,8 +159,14 @@ class SlotLayout:
         return self.batch_pages * self.page_size
 
     @property
+    def data_room(self) -> int:
+        """``data_size`` and the tail: a sealed batch (pipeline/seal.py) is its pages, its
+        hashes, a seal header and tags."""
+        return self.data_size + DATA_TAIL_PER_PAGE * self.batch_pages + DATA_TAIL
+
+    @property
     def slot_size(self) -> int:
-        return _round_up(self.data_offset + self.data_size, _ALIGN)
+        return _round_up(self.data_offset + self.data_room, _ALIGN)
 
 
 class Slot:
@@ -188,12 +199,12 @@ class Slot:
         self.hashes = np.ndarray((b, HASH_SIZE), np.uint8, buf, offset + layout.hashes_offset)
         self.enc_len = np.ndarray((b,), np.uint32, buf, offset + layout.enc_len_offset)
         self.enc_kind = np.ndarray((b,), np.uint8, buf, offset + layout.enc_kind_offset)
-        self.data_flat = np.ndarray((layout.data_size,), np.uint8, buf,
+        self.data_flat = np.ndarray((layout.data_room,), np.uint8, buf,
                                     offset + layout.data_offset)
-        self.data = self.data_flat.reshape(b, layout.page_size)
+        self.data = self.data_flat[:layout.data_size].reshape(b, layout.page_size)
         # the wire prefix and the data after it, one buffer (None without a prefix)
         p = layout.wire_prefix
-        self.framed = np.ndarray((p + layout.data_size,), np.uint8, buf,
+        self.framed = np.ndarray((p + layout.data_room,), np.uint8, buf,
                                  offset + layout.data_offset - p) if p else None
 
     # header fields as plain ints (offsets per SLOT_HEADER_DTYPE)

@@ -13,6 +13,11 @@ Security (``[security]``): with ``mode = "curve"`` every channel is CurveZMQ. Th
 secondary is the CURVE server and a ZAP handler in each of its processes lets in
 exactly one client key, the primary's; the primary checks the secondary's key. A peer
 without the right key cannot connect, so not one of its messages reaches a stage.
+``mode = "sealed"``: the same, but for the pages channel, which carries no CURVE: its
+records' page data and vCPU state are sealed with AES-GCM by the stages that encode them
+(pipeline/seal.py) under a key agreed over the CURVE control channel, so no single I/O
+thread encrypts the page stream. A stranger can connect to the secondary's pages port
+then, but nothing it sends opens: it is refused and counted (``seal_refused``).
 ``mode = "plaintext"`` must be chosen explicitly and logs a warning.
 """
 from __future__ import annotations
@@ -312,7 +317,9 @@ class NodeContext:
             self.ctx.set(zmq.THREAD_PRIORITY, io_realtime)
         self.watches: list[HandshakeWatch] = []
         self.auth: ThreadAuthenticator | None = None
-        self.curve = settings.security.mode == "curve"
+        self.curve = settings.security.mode in ("curve", "sealed")
+        # sealed: the pages channel's records are sealed by the stages, not by CURVE
+        self.curve_pages = settings.security.mode == "curve"
         if self.curve:
             self.public, self.secret = zmq.auth.load_certificate(settings.security.key_file)
             self.peer_public, _ = zmq.auth.load_certificate(
@@ -325,13 +332,15 @@ class NodeContext:
                 self.auth.configure_curve_callback(
                     domain="*", credentials_provider=_OnlyThePeer(self.peer_public))
 
-    def socket(self, kind: int, hwm: int, bind: bool) -> zmq.Socket:
+    def socket(self, kind: int, hwm: int, bind: bool, curve: bool = True) -> zmq.Socket:
+        """``curve=False``: no CURVE whatever the mode (the pages channel when sealed)."""
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
         s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        self.secure(s, bind)
+        if curve:
+            self.secure(s, bind)
         if not bind:
             # queue only for a connected peer: a secondary that dies takes what was queued
             # for it along, so a new secondary at the same address never gets an old
@@ -397,7 +406,7 @@ def _endpoint(settings: Settings, channel: str) -> str:
 
 
 def _open(nctx: NodeContext, kind: int, hwm: int, channel: str, bind: bool) -> zmq.Socket:
-    s = nctx.socket(kind, hwm, bind=bind)
+    s = nctx.socket(kind, hwm, bind=bind, curve=channel != "pages" or nctx.curve_pages)
     addr = _endpoint(nctx.settings, channel)
     if bind:
         try:

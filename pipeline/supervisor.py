@@ -32,6 +32,7 @@ from pipeline.counters import STAGE_COUNTERS, NodeCounters
 from pipeline.disk.counters import COUNTER_NAMES as DISK_COUNTERS
 from pipeline.net.comparator import COUNTER_NAMES as NET_COUNTERS
 from pipeline.ring import Ring, SlotLayout
+from pipeline.seal import SealKeys
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.signals import stop_on_signals
 from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
@@ -71,13 +72,15 @@ class SharedState:
     live: Any           # the epoch of the live round in flight (a full sync or pre-copy
                         # round), -1 while there is none: its pages are worked on at normal
                         # priority, a checkpoint's at the pause's (common.StagePriority)
+    seal: Any = None    # security.mode = "sealed": the session's key (seal.SealKeys; the
+                        # coordinator installs it at HELLO, the data stages read it)
 
     @classmethod
-    def create(cls) -> "SharedState":
+    def create(cls, sealed: bool = False) -> "SharedState":
         return cls(FORK.Value("q", 0, lock=False), FORK.Value("Q", 0, lock=False),
                    FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
                    FORK.Value("b", 0, lock=False), FORK.Value("b", 0, lock=False),
-                   FORK.Value("q", -1, lock=False))
+                   FORK.Value("q", -1, lock=False), SealKeys() if sealed else None)
 
 
 EXTRA_COUNTERS = {
@@ -91,9 +94,10 @@ EXTRA_COUNTERS = {
                  "pages_recopied", "checkpoint_batches", "checkpoints_dealt"),
     "digest": ("pages_zero", "pages_ref", "pages_packed", "pages_raw", "lz4_ns",
                "lz4_bytes_in", "lz4_bytes_out", "pages_same_as_svm", "svm_wait_ns",
-               "pages_unhashed", "svm_early_batches"),
+               "pages_unhashed", "svm_early_batches", "seal_ns"),
     "receive": ("skipped_optional", "stale_records", "staging_wait_ns", "conn_drops",
-                "conn_crypto_errors", "verify_drain_waits"),
+                "conn_crypto_errors", "verify_drain_waits", "seal_refused"),
+    "verify": ("seal_refused", "open_ns"),
     "send": ("dropped_unprotected", "compress_switches", "windows_lz4", "windows_raw",
              "link_mb_s", "lz4_mb_s", "stale_batches", "records_in_place"),
     "restore": ("epochs_applied", "epochs_aborted", "torn_epochs", "stale_records",
@@ -160,18 +164,20 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_out(nctx)
     try:
-        send.run(ctx, rings, ctrl, sock, pending, shared, settings.pipeline.compress, priority)
+        send.run(ctx, rings, ctrl, sock, pending, shared, settings.pipeline.compress, priority,
+                 shared.seal)
     finally:
         nctx.close()
 
 
 def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
-                   staging=None, direct=None, gate=None, priority=None) -> None:
+                   staging=None, direct=None, gate=None, priority=None,
+                   seal_keys=None) -> None:
     nctx = sockets.NodeContext(settings)
     sock = sockets.pages_in(nctx, ctx.counters)
     try:
         receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
-                    settings.pipeline.verify_pages, gate, priority)
+                    settings.pipeline.verify_pages, gate, priority, seal_keys)
     finally:
         nctx.close()
 
@@ -339,7 +345,7 @@ class Supervisor:
         dom = self.domain
         layout = SlotLayout(batch_pages=s.pipeline.batch_pages, page_size=dom.page_size)
         slots = s.ring_slots(dom.page_count)
-        shared = self.shared = SharedState.create()
+        shared = self.shared = SharedState.create(s.security.mode == "sealed")
         shared.generation.value = self.start_as.generation
         shared.epoch.value = self.start_as.first_epoch
         hb_in, hb_out = FORK.Pipe(duplex=False)
@@ -378,7 +384,7 @@ class Supervisor:
             plan += [StageSpec(f"digest.{i}", digest.run,
                                (to_digest[i], to_send[i], table, snapbuf,
                                 s.pipeline.compress, shared.compress, svm, i,
-                                s.pipeline.verify_pages == "full", hops))
+                                s.pipeline.verify_pages == "full", hops, shared.seal))
                      for i in range(n)]
             plan.append(StageSpec("send", _send_entry,
                                   (s, to_send, send_b, pending, shared, relays)))
@@ -410,10 +416,10 @@ class Supervisor:
                               (s, dom, ctl_a, shared, hb_in)),
                     StageSpec("receive", _receive_entry,
                               (s, to_verify, dom.page_count, dom.page_size, staging,
-                               direct, gate, relays))]
+                               direct, gate, relays, shared.seal))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
-                                s.pipeline.verify_pages, hops)) for i in range(n)]
+                                s.pipeline.verify_pages, hops, shared.seal)) for i in range(n)]
             plan.append(StageSpec("restore", restore.run,
                                   (dom, [*to_restore, direct], ctl_b, staging,
                                    s.pipeline.verify_pages, gate, relays)))

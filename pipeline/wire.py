@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import seal
+
 MARKER = b"COLO"
 VERSION = 1
 OPTIONAL_BIT = 0x8000
@@ -39,12 +41,17 @@ FLAG_SYNC = 1     # CHECKPOINT_BEGIN / EPOCH_END: the first full sync
 PAGES_PACKED = 1  # PAGES flags: the RAW pages' data is one lz4 block of them back to back
 PAGES_UNHASHED = 2  # PAGES flags: the data pages carry no blake3 (their hash field is zero
                     # bytes): a full sync's or pre-copy round's, hashed by neither side
+PAGES_SEALED = 4  # PAGES flags: sealed (security.mode = "sealed", pipeline/seal.py): the
+                  # data is a seal of two parts, the pages' hashes and the encoded data; the
+                  # hashes field is zero bytes
+SEALED_PAGES_PARTS = 2
 FLAG_DIGEST = 4   # CHECKPOINT_BEGIN: both sides hash all of guest memory at this checkpoint
 FLAG_PRECOPY = 8  # CHECKPOINT_BEGIN, with FLAG_SYNC: a pre-copy round after the full sync
                   # (only what changed since the last round: a secondary without the full
                   # sync must not take it for one)
 BEGIN_FLAGS = FLAG_SYNC | FLAG_DIGEST | FLAG_PRECOPY
 EPOCH_END_FLAGS = FLAG_SYNC   # the CHECKPOINT_BEGIN flags an EPOCH_END repeats
+EPOCH_END_SEALED = 1 << 16    # EPOCH_END flags: the vcpu field is sealed (pipeline/seal.py)
 ROLE_PRIMARY, ROLE_SECONDARY = 1, 2
 
 # The channels between the two hosts, by their port's offset from peer.address's port.
@@ -70,6 +77,12 @@ HEADER_SIZE = _HEADER.size  # 24
 
 class WireError(ValueError):
     """A record that does not follow the wire format; the message says which field."""
+
+
+class SealRefused(WireError):
+    """A record refused for its seal (security.mode = "sealed", pipeline/seal.py): not
+    sealed, sealed where nothing is, under another key, out of its place, or a tag that
+    does not verify. Counted apart (``seal_refused``)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,8 @@ def _need(name: str, body: memoryview, size: int, what: str) -> None:
 
 
 # -- HELLO ---------------------------------------------------------------
-_HELLO = struct.Struct("<IB3xQII")
+_HELLO = struct.Struct("<IBB2xQII")
+HELLO_SEAL = 1     # HELLO flags: a 32-byte seal key share follows (security.mode = "sealed")
 _WRITTEN_RANGE = struct.Struct("<QHH")   # frame index, start, end: bytes the hypervisor writes
 
 
@@ -134,36 +148,48 @@ class Hello:
     name: str
     #: (frame, start, end) byte ranges the sender's hypervisor writes itself (Domain.hypervisor_written)
     written: tuple[tuple[int, int, int], ...] = ()
+    #: security.mode = "sealed": this side's random share of the session's seal key
+    seal_share: bytes | None = None
 
 
 def encode_hello(page_size: int, role: int, page_count: int, name: str,
-                 written: tuple[tuple[int, int, int], ...] = ()) -> bytes:
+                 written: tuple[tuple[int, int, int], ...] = (),
+                 seal_share: bytes | None = None) -> bytes:
     raw = name.encode()
     ranges = b"".join(_WRITTEN_RANGE.pack(f, a, b) for f, a, b in written)
-    return _record(HELLO, 0, _HELLO.pack(page_size, role, page_count, len(raw), len(written)), raw, ranges)
+    if seal_share is not None and len(seal_share) != seal.SHARE_SIZE:
+        raise ValueError(f"HELLO: a seal share of {len(seal_share)} bytes")
+    flags = HELLO_SEAL if seal_share is not None else 0
+    return _record(HELLO, 0, _HELLO.pack(page_size, role, flags, page_count, len(raw),
+                                         len(written)), raw, ranges, seal_share or b"")
 
 
 def decode_hello(msg: bytes | memoryview) -> Hello:
     hdr, body = _body(msg, HELLO)
     _need("HELLO", body, _HELLO.size, "the fixed fields")
-    page_size, role, page_count, name_len, n_written = _HELLO.unpack_from(body, 0)
-    if len(body) != _HELLO.size + name_len + n_written * _WRITTEN_RANGE.size:
-        raise WireError(f"HELLO: name_length {name_len} and written_count {n_written} do not "
-                        f"match the body of {len(body)} bytes")
+    page_size, role, flags, page_count, name_len, n_written = _HELLO.unpack_from(body, 0)
+    if flags & ~HELLO_SEAL:
+        raise WireError(f"HELLO: unknown flags 0x{flags:x}")
+    share_len = seal.SHARE_SIZE if flags & HELLO_SEAL else 0
+    end = _HELLO.size + name_len + n_written * _WRITTEN_RANGE.size
+    if len(body) != end + share_len:
+        raise WireError(f"HELLO: name_length {name_len}, written_count {n_written} and flags "
+                        f"0x{flags:x} do not match the body of {len(body)} bytes")
     if role not in (ROLE_PRIMARY, ROLE_SECONDARY):
         raise WireError(f"HELLO: unknown role {role}")
     try:
         name = bytes(body[_HELLO.size:_HELLO.size + name_len]).decode()
     except UnicodeDecodeError as exc:
         raise WireError(f"HELLO: name is not UTF-8 ({exc})") from None
-    written = tuple(_WRITTEN_RANGE.iter_unpack(body[_HELLO.size + name_len:]))
+    written = tuple(_WRITTEN_RANGE.iter_unpack(body[_HELLO.size + name_len:end]))
     for f, a, b in written:
         if f >= page_count or not a < b <= page_size:
             raise WireError(f"HELLO: written range frame {f} bytes {a}..{b} is outside "
                             f"{page_count} pages of {page_size} bytes")
     if hdr.epoch != 0:
         raise WireError(f"HELLO: epoch {hdr.epoch}, expected 0")
-    return Hello(page_size, role, page_count, name, written)
+    return Hello(page_size, role, page_count, name, written,
+                 bytes(body[end:]) if share_len else None)
 
 
 # -- CHECKPOINT_BEGIN ----------------------------------------------------
@@ -256,6 +282,9 @@ class PageBatch:
     offsets: np.ndarray   # (n,) int64: where page i's encoding starts in data (not packed)
     packed: bool = False
     unhashed: bool = False  # PAGES_UNHASHED: the data pages' hashes are zero bytes
+    #: PAGES_SEALED: the seal header; ``data`` is then the whole sealed field (header,
+    #: ciphertext, tag), opened by the verify worker (pipeline/seal.py)
+    sealed: seal.SealHeader | None = None
 
     @property
     def count(self) -> int:
@@ -301,7 +330,10 @@ def encode_pages_prefix(out: np.ndarray, epoch: int, pfns: np.ndarray, hashes: n
                                                0) + _PAGES.pack(n, flags), np.uint8)
     out[at:at + 8 * n] = np.ascontiguousarray(pfns, "<u8").view(np.uint8)
     at += 8 * n
-    out[at:at + 32 * n] = np.ascontiguousarray(hashes, np.uint8).reshape(-1)
+    if flags & PAGES_SEALED:
+        out[at:at + 32 * n] = 0        # they ride in the seal
+    else:
+        out[at:at + 32 * n] = np.ascontiguousarray(hashes, np.uint8).reshape(-1)
     at += 32 * n
     out[at:at + 4 * n] = np.ascontiguousarray(enc_len, "<u4").view(np.uint8)
     at += 4 * n
@@ -374,23 +406,78 @@ def decode_pages(msg: bytes | memoryview, page_count: int, page_size: int,
                             "no data)")
     # with no LZ4 page every data page is a RAW page of page_size bytes (checked above)
     total = raws * page_size if not lz4s else int(enc_len.sum(dtype=np.int64))
-    if flags & ~(PAGES_PACKED | PAGES_UNHASHED):
+    if flags & ~(PAGES_PACKED | PAGES_UNHASHED | PAGES_SEALED):
         raise WireError(f"PAGES: unknown flags 0x{flags:x}")
     packed = bool(flags & PAGES_PACKED)
+    sealed = None
+    plain = len(data)
+    if flags & PAGES_SEALED:
+        extra = sealed_pages_extra(n)
+        if plain < extra:
+            raise WireError(f"PAGES: sealed data of {plain} bytes is shorter than the seal "
+                            f"of {n} pages' hashes ({extra})")
+        if hashes.any():
+            raise SealRefused("PAGES: sealed, but the hashes field is not zero bytes (the "
+                              "hashes ride in the seal)")
+        sealed = seal.read_header(data)
+        plain -= extra
     if packed:
         if lz4s or not raws:
             raise WireError("PAGES: a packed record must have RAW pages and no LZ4 page")
-        if not 0 < len(data) <= total:
-            raise WireError(f"PAGES: packed data of {len(data)} bytes for {total} bytes of "
+        if not 0 < plain <= total:
+            raise WireError(f"PAGES: packed data of {plain} bytes for {total} bytes of "
                             "RAW pages")
-    elif total != len(data):
-        raise WireError(f"PAGES: enc_len adds up to {total} bytes but {len(data)} bytes of "
-                        "data follow")
+    elif total != plain:
+        raise WireError(f"PAGES: enc_len adds up to {total} bytes but {plain} bytes of "
+                        "data follow" + (" (sealed)" if sealed else ""))
     offsets = np.empty(n, np.int64)
     offsets[0] = 0
     np.cumsum(enc_len[:-1], dtype=np.int64, out=offsets[1:])
     return PageBatch(hdr.epoch, pfns, hashes, enc_len, enc_kind, data, offsets, packed,
-                     bool(flags & PAGES_UNHASHED))
+                     bool(flags & PAGES_UNHASHED), sealed)
+
+
+def sealed_pages_extra(n: int) -> int:
+    """Bytes a sealed PAGES record of ``n`` pages has in its data beyond the encoded pages:
+    the seal's header and tags, and the hashes."""
+    return seal.overhead(SEALED_PAGES_PARTS) + 32 * n
+
+
+def pages_aad(scratch: np.ndarray, epoch: int, pfns: np.ndarray, hashes: np.ndarray,
+              enc_len: np.ndarray, enc_kind: np.ndarray, sealed_len: int,
+              flags: int) -> np.ndarray:
+    """A sealed PAGES record's bytes before its data (what the seal's tags cover besides
+    the seal header: pipeline/seal.py), laid into ``scratch`` (``pages_prefix_size``
+    bytes or more) as :func:`encode_pages_prefix` lays them for the wire (the hashes field
+    zero bytes). ``sealed_len``: the record's data, the whole seal. The digest worker seals
+    and the verify worker opens with the same bytes."""
+    start = encode_pages_prefix(scratch, epoch, pfns, hashes, enc_len, enc_kind, sealed_len,
+                                flags | PAGES_SEALED)
+    return scratch[start:]
+
+
+class SealPosition:
+    """The receive stage's check that each sealed record of an epoch comes at its place:
+    every sealer's records of an epoch carry indexes 0, 1, 2, ... in the order it sealed
+    them, and the channel keeps that order. A record sent again (a replay) or one after a
+    lost one is refused, naming the record and field; an epoch with a refused record is
+    torn (it lacks pages, or its EPOCH_END). The tag itself (that the index is the one
+    sealed) is the verify worker's to check."""
+
+    def __init__(self) -> None:
+        self.epoch, self.next = -1, {}
+
+    def check(self, name: str, epoch: int, header: seal.SealHeader) -> None:
+        """Raises SealRefused naming the record, epoch, sealer and index."""
+        if epoch != self.epoch:
+            self.epoch, self.next = epoch, {}
+        want = self.next.get(header.sealer, 0)
+        if header.index != want:
+            raise SealRefused(f"{name}: epoch {epoch} sealer {header.sealer}: seal index "
+                            f"{header.index}, expected {want} ("
+                            + ("sent again: a replay" if header.index < want else
+                               "a record before it was lost") + ")")
+        self.next[header.sealer] = want + 1
 
 
 # -- EPOCH_END -----------------------------------------------------------
@@ -406,17 +493,51 @@ class EpochEnd:
     vcpu: bytes
 
 
-def encode_epoch_end(epoch: int, pages: int, records: int, flags: int, vcpu: bytes) -> bytes:
-    return _record(EPOCH_END, epoch, _END.pack(pages, records, flags, len(vcpu)), vcpu)
+def encode_epoch_end(epoch: int, pages: int, records: int, flags: int, vcpu: bytes,
+                     sealer: "seal.Sealer | None" = None) -> bytes:
+    """``sealer`` (security.mode = "sealed"): the vcpu field goes sealed, the record's
+    fields before it bound to the seal (pipeline/seal.py)."""
+    if sealer is None:
+        return _record(EPOCH_END, epoch, _END.pack(pages, records, flags, len(vcpu)), vcpu)
+    n = len(vcpu) + seal.OVERHEAD
+    prefix = _HEADER.pack(MARKER, VERSION, EPOCH_END, epoch, _END.size + n, 0) + \
+        _END.pack(pages, records, flags | EPOCH_END_SEALED, n)
+    out = bytearray(len(prefix) + n)
+    out[:len(prefix)] = prefix
+    sealer.seal(epoch, prefix, [vcpu], memoryview(out)[len(prefix):])
+    return bytes(out)
 
 
-def decode_epoch_end(msg: bytes | memoryview) -> EpochEnd:
+def decode_epoch_end(msg: bytes | memoryview, opener: "seal.Opener | None" = None,
+                     position: SealPosition | None = None) -> EpochEnd:
+    """``opener`` (security.mode = "sealed"): the record must be sealed, at its place
+    (``position``), and open; its vcpu comes out opened and its flags without the seal's
+    bit. Without an opener a sealed record is refused (no key to open it)."""
     hdr, body = _body(msg, EPOCH_END)
     _need("EPOCH_END", body, _END.size, "the fixed fields")
     pages, records, flags, vlen = _END.unpack_from(body, 0)
     if len(body) != _END.size + vlen:
         raise WireError(f"EPOCH_END: vcpu_length {vlen} does not match the body")
-    return EpochEnd(hdr.epoch, pages, records, flags, bytes(body[_END.size:]))
+    vcpu = body[_END.size:]
+    if bool(flags & EPOCH_END_SEALED) != (opener is not None):
+        raise SealRefused("EPOCH_END: " + ("flags say sealed, but this node's security.mode "
+                                         "is not 'sealed'" if opener is None else
+                                         "flags say not sealed, and security.mode = "
+                                         "'sealed' takes no plaintext"))
+    if opener is not None:
+        if vlen < seal.OVERHEAD:
+            raise SealRefused(f"EPOCH_END: sealed vcpu of {vlen} bytes is shorter than the "
+                            f"seal's {seal.OVERHEAD}")
+        out = bytearray(vlen - seal.OVERHEAD)
+        try:
+            opener.open(memoryview(msg)[:HEADER_SIZE + _END.size], vcpu, [out],
+                        "EPOCH_END vcpu")
+        except seal.SealError as exc:
+            raise SealRefused(str(exc)) from None
+        if position is not None:     # after the tag: a forged one does not move it on
+            position.check("EPOCH_END", hdr.epoch, seal.read_header(vcpu))
+        return EpochEnd(hdr.epoch, pages, records, flags & ~EPOCH_END_SEALED, bytes(out))
+    return EpochEnd(hdr.epoch, pages, records, flags, bytes(vcpu))
 
 
 # -- ACK -----------------------------------------------------------------

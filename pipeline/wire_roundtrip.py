@@ -26,17 +26,19 @@ MAX_BATCH = 64
 
 _HDR = struct.Struct("<4sHHQII")
 _RESERVED = slice(20, 24)            # header: reserved
-_HELLO_RESERVED = slice(wire.HEADER_SIZE + 5, wire.HEADER_SIZE + 8)
+_HELLO_RESERVED = slice(wire.HEADER_SIZE + 6, wire.HEADER_SIZE + 8)   # (5 is its flags)
 
 #: what a refusal may name: the fields of each record (docs/wire-format.md), "body" for a
 #: body of the wrong size, and "record type" for a record given to another's decoder
 FIELDS = {
     "record": ("header", "marker", "version", "record type"),
-    "HELLO": ("body", "epoch", "name_length", "written_count", "role", "name", "written"),
+    "HELLO": ("body", "epoch", "name_length", "written_count", "role", "name", "written",
+              "flags"),
     "CHECKPOINT_BEGIN": ("body", "flags"),
     "SVM_DIRTY": ("body", "count", "flags", "pfn"),
-    "PAGES": ("body", "count", "pfn", "enc_kind", "enc_len", "flags", "packed", "data"),
-    "EPOCH_END": ("body", "vcpu_length"),
+    "PAGES": ("body", "count", "pfn", "enc_kind", "enc_len", "flags", "packed", "data",
+              "hashes"),
+    "EPOCH_END": ("body", "vcpu_length", "flags"),
     "ACK": ("body", "reason_length", "status", "reason"),
     "INPUT": ("body",),
     "SHUTDOWN": ("body",),
@@ -78,14 +80,17 @@ def reencode(decoded: tuple[int, object]) -> bytes:
     """The bytes the record's encoder makes of a decoded value."""
     t, v = decoded
     if t == wire.HELLO:
-        return wire.encode_hello(v.page_size, v.role, v.page_count, v.name, v.written)
+        return wire.encode_hello(v.page_size, v.role, v.page_count, v.name, v.written,
+                                 v.seal_share)
     if t == wire.CHECKPOINT_BEGIN:
         return wire.encode_checkpoint_begin(v.epoch, v.cause, v.flags)
     if t == wire.SVM_DIRTY:
         return wire.encode_svm_dirty(v.epoch, v.pfns, v.hashes, v.more)
     if t == wire.PAGES:
         return wire.encode_pages(v.epoch, v.pfns, v.hashes, v.enc_len, v.enc_kind, v.data,
-                                 wire.PAGES_PACKED if v.packed else 0)
+                                 (wire.PAGES_PACKED if v.packed else 0)
+                                 | (wire.PAGES_UNHASHED if v.unhashed else 0)
+                                 | (wire.PAGES_SEALED if v.sealed is not None else 0))
     if t == wire.EPOCH_END:
         return wire.encode_epoch_end(v.epoch, v.pages, v.records, v.flags, v.vcpu)
     if t == wire.ACK:
@@ -107,7 +112,7 @@ def canonical(msg: bytes) -> bytes:
     out[_RESERVED] = bytes(4)
     rtype = struct.unpack_from("<H", out, 6)[0]
     if rtype == wire.HELLO and len(out) >= _HELLO_RESERVED.stop:
-        out[_HELLO_RESERVED] = bytes(3)
+        out[_HELLO_RESERVED] = bytes(2)
     if rtype == wire.PAGES and len(out) >= wire.HEADER_SIZE + 8:
         n = struct.unpack_from("<I", out, wire.HEADER_SIZE)[0]
         meta_end = wire.HEADER_SIZE + 8 + n * (8 + 32 + 4 + 1)

@@ -658,7 +658,7 @@ def test_hello_carries_the_hypervisor_written_ranges_and_checks_them() -> None:
 
 def test_pages_unhashed_flag_round_trips_and_other_bits_are_refused():
     """PAGES_UNHASHED (a full sync's pages, sent without their hashes) is a known flag; a
-    bit beyond it is not."""
+    bit beyond the known ones (PAGES_SEALED is tests/test_seal.py's) is not."""
     p = page(seed=3)
     msg = wire.encode_pages(9, np.array([1, 2], np.uint64), np.zeros((2, 32), np.uint8),
                             np.array([PAGE_SIZE, 0], np.uint32),
@@ -669,5 +669,5 @@ def test_pages_unhashed_flag_round_trips_and_other_bits_are_refused():
     assert not dec_pages(pages_record([wire.ENC_RAW])).unhashed
     bad = wire.encode_pages(9, np.array([1], np.uint64), np.zeros((1, 32), np.uint8),
                             np.array([0], np.uint32), np.array([wire.ENC_ZERO], np.uint8),
-                            b"", 4)
-    rejects(bad, dec_pages, "PAGES", "unknown flags", "0x4")
+                            b"", 8)
+    rejects(bad, dec_pages, "PAGES", "unknown flags", "0x8")

@@ -15,6 +15,10 @@ was two thirds of this worker's CPU per page there (1.16 of 1.5 us), on the sync
 critical path, and the hashes serve only later REF pages. Their records go UNHASHED:
 zero bytes for the hash of a data page, which no blake3 equals, so such a page is sent
 with its content (or as SVM) the next time it is dirty, and carries a hash from then on.
+
+With security.mode = "sealed" this worker also seals each batch's hashes and data for the
+wire (:func:`seal_batch`, pipeline/seal.py): the pages are encoded into a buffer of its
+own, then sealed into the slot, so sealing costs no copy of its own.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from collections import deque
 import lz4.block
 import numpy as np
 
-from pipeline import faults, trace, wire
+from pipeline import faults, seal, trace, wire
 from pipeline.ring import Ring, Slot
 from pipeline.stages.common import (MARK_BUFFERED, MARK_LZ4, POLL_S, SLOT_END, HashTable,
                                     PageBuffer, StageContext, StagePriority, SvmPages, copy_marker,
@@ -126,10 +130,22 @@ def encode_hashed(src_pfns: np.ndarray, pages: np.ndarray, nonzero: np.ndarray,
     return block.nbytes, False, counts
 
 
+def seal_batch(sealer: seal.Sealer, out: Slot, n: int, data: np.ndarray,
+               aad: np.ndarray) -> int:
+    """Seal the encoded batch in ``out`` for the wire: its hashes and ``data`` (its encoded
+    pages, laid out of the slot) go sealed into the slot's data, the record's fields bound
+    to them (wire.pages_aad). Returns the slot's new data length."""
+    out.batch_flags |= wire.PAGES_SEALED
+    prefix = wire.pages_aad(aad, out.epoch, out.pfns[:n], out.hashes[:n], out.enc_len[:n],
+                            out.enc_kind[:n], len(data) + wire.sealed_pages_extra(n),
+                            out.batch_flags)
+    return sealer.seal(out.epoch, prefix, [out.hashes[:n], data], out.data_flat)
+
+
 def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         snapbuf: PageBuffer, compress: str = "lz4", decision=None,
         svm: SvmPages | None = None, worker: int = 0, hash_sync: bool = True,
-        priority: StagePriority | None = None) -> None:
+        priority: StagePriority | None = None, seal_keys: seal.SealKeys | None = None) -> None:
     """``compress``: "lz4", "none", or "auto": then the shared word ``decision`` (set by
     the send stage, pipeline/compress_policy.py) says, batch by batch.
     ``svm``: a checkpoint's batches (from the snapshot buffer) wait for the SVM's hashes
@@ -141,9 +157,15 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
     classification (ZERO/REF/SVM/data) and compression wait (they were all behind the
     wait before, the PVM's hashing added to the secondary's on the commit's path).
     ``hash_sync``: hash the pages of a full sync or pre-copy round too (else UNHASHED).
-    ``priority``: this stage's scheduling (common.StagePriority)."""
+    ``priority``: this stage's scheduling (common.StagePriority). ``seal_keys``
+    (security.mode = "sealed"): every batch goes sealed (:func:`seal_batch`)."""
     c = ctx.counters
     lz4_stats = [0, 0, 0]
+    sealer = plain = aad = None
+    if seal_keys is not None:
+        sealer = seal.Sealer(seal_keys, worker)
+        plain = np.empty(ring_out.layout.data_size, np.uint8)   # a batch encoded, unsealed
+        aad = np.empty(wire.pages_prefix_size(ring_out.layout.batch_pages), np.uint8)
     stage = ctx.name.split(".")[0]
     wake = svm.wake[worker] if svm is not None else -1
     # (input slot, output slot, its non-zero pages; None for an END marker): hashed,
@@ -213,7 +235,8 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         nbytes, packed, counts = encode_hashed(slot.pfns[:n], pages, nonzero,
                                                None if unhashed else table,
                                                out.hashes, out.enc_len, out.enc_kind,
-                                               out.data_flat, on, lz4_stats,
+                                               out.data_flat if sealer is None else plain,
+                                               on, lz4_stats,
                                                None if unhashed else sv, slot.epoch)
         if lz4_stats[1]:
             c.add("lz4_ns", lz4_stats[0])
@@ -222,6 +245,10 @@ def run(ctx: StageContext, ring_in: Ring, ring_out: Ring, table: HashTable,
         out.batch_flags = unhashed | (wire.PAGES_PACKED if packed else 0)
         out.marks = MARK_LZ4 if on else 0
         out.data_len = nbytes
+        if sealer is not None:
+            t0 = time.perf_counter_ns()
+            out.data_len = seal_batch(sealer, out, n, plain[:nbytes], aad)
+            c.add("seal_ns", time.perf_counter_ns() - t0)
         c.add("items_in", n)
         c.add("bytes_in", n * pages.shape[1])
         c.add("items_out", n)

@@ -23,6 +23,12 @@ The restore stage ACKs an epoch before it has written the epoch's pages out of s
 epoch's first record waits here until the restore stage is done with the previous
 epoch's rows (``gate``, common.StagingGate) and the verify workers have decoded every
 batch dealt to them (a torn epoch's can still be queued there).
+
+With security.mode = "sealed" (pipeline/seal.py) every record must be sealed under this
+session's key and come at its place (wire.SealPosition); this stage opens each EPOCH_END
+(its vCPU state) itself and deals every PAGES record to the verify workers, which open
+them. A record refused for its seal is counted (``seal_refused``) and dropped: its epoch
+is then short of pages, or of its END, and torn.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import time
 import numpy as np
 import zmq
 
-from pipeline import trace, wire
+from pipeline import seal, trace, wire
 from pipeline.ring import Ring, RingTimeout
 from pipeline.sockets import io_threads
 from pipeline.stages.common import (MARK_BAD, MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer,
@@ -47,14 +53,16 @@ DRAIN_WAIT_S = 0.2
 def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: int,
         page_size: int, staging: PageBuffer | None = None, direct: Ring | None = None,
         check: str = "full", gate: StagingGate | None = None,
-        priority: StagePriority | None = None) -> None:
+        priority: StagePriority | None = None, seal_keys: seal.SealKeys | None = None) -> None:
     """``staging``: a batch of raw pages (not lz4) goes straight from the message into its
     place in staging, one copy, and the verify worker only checks it; with ``direct`` (a
     ring to the restore stage) and ``check`` (pipeline.verify_pages) other than "full",
     this stage checks it and it skips the verify workers. ``priority``: this stage's
     scheduling (common.StagePriority), followed by the pages channel's ZeroMQ I/O thread,
-    which takes every record in."""
+    which takes every record in. ``seal_keys``: security.mode = "sealed"."""
     c = ctx.counters
+    opener = seal.Opener(seal_keys) if seal_keys is not None else None
+    position = wire.SealPosition()
     ends = rings if direct is None else [*rings, direct]   # the rings END markers go on
     direct_ok = direct is not None and staging is not None and check != "full"
     batch = rings[0].layout.batch_pages
@@ -130,10 +138,21 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 b = wire.decode_pages(msg, page_count, page_size, batch)
                 if not fresh(b.epoch, hdr.name):
                     continue
+                if (b.sealed is None) != (opener is None):
+                    raise wire.SealRefused(
+                        "PAGES: not sealed, and security.mode = 'sealed' takes no plaintext "
+                        "page" if opener is not None else
+                        "PAGES: sealed, but this node's security.mode is not 'sealed'")
+                if opener is not None:
+                    try:
+                        opener.check_key(b.sealed.key_id, "PAGES")
+                    except seal.SealError as exc:
+                        raise wire.SealRefused(str(exc)) from None
+                    position.check("PAGES", b.epoch, b.sealed)
                 if staged + b.count > page_count:
                     raise wire.WireError(f"PAGES: epoch {b.epoch} carries more than the "
                                          f"guest's {page_count} pages")
-                raw = staging is not None and not b.packed \
+                raw = staging is not None and not b.packed and b.sealed is None \
                     and not (b.enc_kind == wire.ENC_LZ4).any()
                 ring = direct if raw and direct_ok else rings[rr]
                 slot = write_slot(ctx, ring)
@@ -144,7 +163,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 slot.pfns[:n], slot.hashes[:n] = b.pfns, b.hashes
                 slot.enc_len[:n], slot.enc_kind[:n] = b.enc_len, b.enc_kind
                 slot.batch_flags = (wire.PAGES_PACKED if b.packed else 0) | \
-                    (wire.PAGES_UNHASHED if b.unhashed else 0)
+                    (wire.PAGES_UNHASHED if b.unhashed else 0) | \
+                    (wire.PAGES_SEALED if b.sealed is not None else 0)
                 slot.row = staged
                 if raw:
                     rows = staging.pages[staged:staged + n]
@@ -178,7 +198,10 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                     rr = (rr + 1) % len(rings)
                 c.add("items_out", n)
             elif hdr.type == wire.EPOCH_END:
-                end = wire.decode_epoch_end(msg)
+                if hdr.epoch < epoch:        # stale: dropped by fresh() before it is opened
+                    fresh(hdr.epoch, hdr.name)
+                    continue
+                end = wire.decode_epoch_end(msg, opener, position if opener else None)
                 if not fresh(end.epoch, hdr.name):
                     continue
                 # END markers only on the rings that carried the epoch's batches: a verify
@@ -204,6 +227,8 @@ def run(ctx: StageContext, pages_in: zmq.Socket, rings: list[Ring], page_count: 
                 raise wire.WireError(f"{hdr.name} record on the pages channel")
         except wire.WireError as exc:
             c.add("errors", 1)
+            if isinstance(exc, wire.SealRefused):
+                c.add("seal_refused", 1)
             ctx.log.warning("pages channel: dropped a bad record: %s", exc)
         c.add("busy_ns", time.perf_counter_ns() - t0)
         c.max("ring_high_water", max(r.high_water for r in ends))

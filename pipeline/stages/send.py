@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from pipeline import faults, messages, trace, wire
+from pipeline import faults, messages, seal, trace, wire
 from pipeline.compress_policy import MIN_BYTES, WINDOW_BYTES, CompressPolicy, Window
 from pipeline.sockets import io_threads, send_until_stopped
 from pipeline.ring import Ring
@@ -164,14 +164,16 @@ class AutoCompress:
 
 def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
         pending: Pending, shared, compress: str = "lz4",
-        priority: StagePriority | None = None) -> None:
+        priority: StagePriority | None = None, seal_keys: seal.SealKeys | None = None) -> None:
     """While ``shared.unprotected`` is set (the secondary is lost) batches are drained and
     dropped, so the snapshot stage never waits on a ring that nobody empties.
     ``compress="auto"``: this stage decides, in ``shared.compress``, whether the digest
     workers compress (pipeline/compress_policy.py). ``priority``: this stage's scheduling
     (common.StagePriority), followed by the pages channel's ZeroMQ I/O thread, which
-    carries every record."""
+    carries every record. ``seal_keys`` (security.mode = "sealed"): each EPOCH_END's vCPU
+    state goes sealed (the digest workers sealed the PAGES records)."""
     c = ctx.counters
+    sealer = seal.Sealer(seal_keys, seal.SEND_SEALER) if seal_keys is not None else None
     epochs: dict[int, EpochStats] = {}
     recorded = PendingWriter(pending)
     auto = AutoCompress(ctx, len(rings), rings[0].layout.page_size, shared.compress) \
@@ -229,7 +231,8 @@ def run(ctx: StageContext, rings: list[Ring], ctrl, pages_out: zmq.Socket,
                         raise RuntimeError(f"epoch {e}: {st.pages} pages went through the "
                                            f"digest workers but {announced} were snapshotted")
                     msg = wire.encode_epoch_end(e, st.pages, st.records,
-                                                st.epoch_flags & wire.EPOCH_END_FLAGS, st.vcpu)
+                                                st.epoch_flags & wire.EPOCH_END_FLAGS, st.vcpu,
+                                                sealer)
                     if not deliver(msg):
                         return
                     trace.point("sent_end", e)
