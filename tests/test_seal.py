@@ -424,3 +424,41 @@ def test_two_nodes_sealed_a_tampered_record_tears_its_epoch_a_replay_is_refused(
             assert info["memory_equal"], info
     finally:
         relay.close()
+
+
+def _key_ids(pair: LocalPair, role: str) -> list[str]:
+    """The key ids a node's coordinator installed, in order (event=seal_key)."""
+    return [line.split("key_id=")[1].split(":")[0]
+            for line in pair.log_tail(role, 1 << 24).splitlines() if "event=seal_key" in line]
+
+
+@pytest.mark.slow
+def test_a_new_secondary_gets_a_new_key(tmp_path):
+    """Keys are per session: a secondary killed and started again is re-protected under a
+    key agreed at its HELLO, and the new session's records open."""
+    pair = LocalPair({
+        "guest": {"backend": "sim", "page_count": 2048},
+        "guest.workload": {"seed": 3, "input_rate_hz": 250.0, "pages_per_input": 8},
+        "checkpoint": {"max_interval_ms": 150, "min_interval_ms": 5, "epoch_timeout_ms": 5000},
+        "security": {"mode": "sealed"},
+    }, workdir=str(tmp_path), log_level="info")
+    try:
+        pair.start()
+        pair.wait_protected(timeout=300)
+        first = _key_ids(pair, "primary")
+        assert len(first) == 1 and _key_ids(pair, "secondary") == first
+        pair.kill("secondary")
+        pair.wait_info("state", "unprotected", timeout=120)
+        pair.start_node("secondary")
+        pair.wait_info("state", "protected", timeout=300)
+        keys = _key_ids(pair, "primary")
+        assert len(keys) == 2 and keys[1] != keys[0], keys
+        # the new secondary's log (appended to the old one's) ends with the same key
+        assert _key_ids(pair, "secondary")[-1] == keys[1]
+        done = pair.stage_counter("coordinator", "epochs_committed")
+        wait_until(lambda: pair.stage_counter("coordinator", "epochs_committed") >= done + 5,
+                   120, "checkpoints under the new key")
+        assert pair.stage_counter("receive", "seal_refused", "secondary") == 0
+        assert pair.prove_memory_equal(timeout=180)["memory_equal"] is True
+    finally:
+        pair.stop()
