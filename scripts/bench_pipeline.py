@@ -88,7 +88,7 @@ def _pair(page_count: int, digest_workers: int, verify_workers: int,
           security: str = "curve", batch_pages: int | None = None,
           prescan_ms: int | None = None, cpu_latency_us: int | None = None) -> LocalPair:
     """``compress``: None for the config's default (auto); ``security``: "curve" (the
-    default) or "plaintext"; ``batch_pages``, ``prescan_ms`` (checkpoint.prescan_ms): None
+    default), "sealed" or "plaintext"; ``batch_pages``, ``prescan_ms`` (checkpoint.prescan_ms): None
     for the config's default."""
     pipeline = {"digest_workers": digest_workers, "verify_workers": verify_workers}
     if batch_pages:
@@ -300,7 +300,7 @@ def main() -> int:
                     help="the sim guest's dirty log (uffd: the kernel's, a PAGEMAP_SCAN walk "
                     "of all of guest memory per checkpoint; bitmap: kept by the guest)")
     ap.add_argument("--reps", type=int, default=5, help="checkpoints per dirty-set size")
-    ap.add_argument("--security", default="curve", choices=["curve", "plaintext"])
+    ap.add_argument("--security", default="curve", choices=["curve", "sealed", "plaintext"])
     ap.add_argument("--compress", default=None, choices=["auto", "lz4", "none"],
                     help="pipeline.compress (default: the config's, auto)")
     ap.add_argument("--batch-pages", type=int, default=0,

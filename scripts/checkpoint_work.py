@@ -123,8 +123,8 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true",
                     help="the full sync's work (from the primary's 'syncing' to protected), "
                          "--reps pairs started afresh")
-    ap.add_argument("--security", choices=("curve", "plaintext"), default="curve",
-                    help="security.mode of the pair (--sync only)")
+    ap.add_argument("--security", choices=("curve", "sealed", "plaintext"), default="curve",
+                    help="security.mode of the pair")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--by-thread", action="store_true",
                     help="also print the median CPU per checkpoint of each thread (process "
@@ -133,7 +133,7 @@ def main() -> int:
     if args.sync:
         return sync_work(args)
     rows = []
-    with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2) as pair:
+    with bench._pair(args.size_mb * 256, 2, 2, args.pages * 2, security=args.security) as pair:
         pair.start()
         pair.wait_protected(timeout=900)
         sessions = {os.getsid(p.pid) for p in pair.procs.values()}
@@ -161,7 +161,7 @@ def main() -> int:
     if args.by_thread:
         by_thread = print_by_thread([{(node_of.get(k[0], k[0]), k[1]): v for k, v in t.items()}
                                      for t in threads], "checkpoint")
-    result = {"pages": args.pages, "reps": args.reps,
+    result = {"pages": args.pages, "reps": args.reps, "security": args.security,
               **{k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(keys)},
               "loadavg": round(os.getloadavg()[0], 1)}
     print(f"{args.pages} dirty pages, median of {args.reps} checkpoints: CPU "
