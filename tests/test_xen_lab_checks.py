@@ -915,7 +915,7 @@ def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monke
     args = argparse.Namespace(keep=True, timeout=0, rounds=3, interval_ms=1000, tcg_thread="multi", eager_fpu=True,
                               logdirty_stress=0, twin_check=False, until_first_checkpoint=False, xen_opts="",
                               cpu=host_side.DEFAULT_CPU, twin="running", watch_s=60, vcpu_info="guest", vcpus=1,
-                              x2apic=False, qemu="qemu-system-x86_64")
+                              x2apic=False, qemu="qemu-system-x86_64", silent_probe_s=0)
     host_side.boot_and_run(args)
     first = host_side._kept_qemu
     assert first is not None and first.poll() is None
@@ -942,3 +942,53 @@ def test_a_qemu_that_checks_cr_reads_against_the_cr0_intercept_gets_shadow_pagin
     hap, note = host_side.hap_for_qemu("10.0.2", "1")
     assert hap == "1" and note.startswith("WARNING: QEMU 10.0.2 with HAP")
     assert host_side.hap_for_qemu("10.0.2", "alternate")[0] == "alternate"
+
+
+def test_a_silence_probe_names_where_each_emulated_cpu_is(host_side):
+    """Session 18's 2-vCPU run went silent for 29 minutes and nothing said whether Xen, dom0's
+    kernel or a program ran: the probe reads each emulated CPU's RIP from QEMU's monitor (``info
+    registers -a``, QEMU 7.2's layout) and names Xen's text, a kernel's, or user space."""
+    dump = ("CPU#0\nRAX=0000000000000000 RBX=ffff830000000000 RCX=0 RDX=0\n"
+            "RIP=ffff82d040204505 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\nES =0000 ...\n"
+            "CPU#1\nRAX=0000000000000001\n"
+            "RIP=ffffffff81c0a5d6 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\n"
+            "CPU#2\nRIP=00007f3a1c2b4e10 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\n")
+    assert host_side.emulated_cpus(dump) == (
+        "CPU#0 RIP=ffff82d040204505 (xen) CPL=0 HLT=1 | CPU#1 RIP=ffffffff81c0a5d6 (kernel) CPL=3 HLT=0"
+        " | CPU#2 RIP=00007f3a1c2b4e10 (user) CPL=3 HLT=0")
+    assert host_side.emulated_cpus("(qemu) info registers -a\nunknown command") == ""
+
+
+def test_the_watchdog_reads_each_threads_scheduling_policy_and_cpu():
+    """dom0's WATCH lines (scripts/xen-lab/dom0/watchdog.py) name the threads that used the CPU
+    with their policy, to tell real-time work from the rest: read from /proc, on a thread of this
+    process moved to SCHED_IDLE (no privilege needed) after it spun a little."""
+    import threading
+
+    spec = importlib.util.spec_from_file_location("xenlab_watchdog", LAB_DOM0.with_name("watchdog.py"))
+    watchdog = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(watchdog)
+    ready, done = threading.Event(), threading.Event()
+    tid = []
+
+    def spin() -> None:
+        tid.append(threading.get_native_id())
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        ready.set()
+        done.wait(60)
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert ready.wait(60)
+        seen = watchdog.threads()
+        comm, state, policy, ticks = seen[tid[0]]
+        assert policy == "IDLE" and state in "RS" and ticks >= 0
+        assert threading.get_native_id() in seen
+    finally:
+        done.set()
+        t.join()
+    cpu = watchdog.cpu_line()
+    assert len(cpu) >= 8 and cpu[3] > 0       # user nice system idle iowait irq softirq steal

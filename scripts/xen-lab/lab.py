@@ -131,10 +131,19 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
     boot_s = -1.0
     log = ""
     problem = ""
+    grew_at, probed_at = time.monotonic(), 0.0
     try:
         while time.monotonic() - t0 < args.timeout:
             time.sleep(1)
+            size = len(log)
             log = (LAB / "serial.log").read_bytes().decode(errors="replace") if (LAB / "serial.log").exists() else ""
+            if len(log) != size:
+                grew_at = time.monotonic()
+            silent = time.monotonic() - grew_at
+            if boot_s >= 0 and args.silent_probe_s and silent >= args.silent_probe_s \
+                    and time.monotonic() - probed_at >= max(args.silent_probe_s, SILENT_REPROBE_S):
+                probe_silence(qemu, silent)
+                probed_at = time.monotonic()
             if boot_s < 0 and "XENLAB-DOM0-READY" in log:
                 boot_s = time.monotonic() - t0
                 print(f"BOOT: dom0 ready after {boot_s:.1f}s", flush=True)
@@ -158,6 +167,112 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
     if problem:
         print(f"BOOT PROBLEM: {problem}; see {LAB}/serial.log:\n{log[-3000:]}", flush=True)
     return log, boot_s, time.monotonic() - t0, problem
+
+
+#: seconds between two probes of one long silence (probe_silence)
+SILENT_REPROBE_S = 600
+#: Xen's debug keys a probe sends (Xen 4.17's keyhandler.c): '0' dom0's vCPU registers and
+#: stack, 'r' the scheduler's run queues, 'q' each domain's vCPUs (state, pause counts,
+#: pending events), 'd' each physical CPU's registers and stack
+SILENT_XEN_KEYS = "0rqd"
+
+
+def emulated_cpus(text: str) -> str:
+    """Each emulated CPU's RIP, privilege level and halt state from QEMU's ``info registers -a``,
+    with where the RIP is: Xen's text (``xen``: 0xffff82d0...), a Linux kernel's (``kernel``:
+    0xffffffff8...: dom0's PV kernel runs in ring 3 under Xen, a guest's in ring 0), or user
+    space."""
+    def where(rip: int) -> str:
+        return "xen" if rip >> 32 == 0xffff82d0 else "kernel" if rip >= 0xffffffff80000000 else "user"
+    return " | ".join(f"CPU#{i} RIP={rip} ({where(int(rip, 16))}) CPL={cpl} HLT={hlt}" for i, (rip, cpl, hlt)
+                      in enumerate(re.findall(r"RIP=([0-9a-f]+) .*?CPL=(\d) .*?HLT=(\d)", text, re.S)))
+
+
+def probe_silence(qemu: subprocess.Popen, silent_s: float) -> None:
+    """Nothing came on the serial console for ``silent_s`` although dom0's watchdog prints every
+    20 s at SCHED_FIFO 99 (watchdog.py): look from the host, which needs nothing of dom0 (issue
+    17, session 19: session 18's 2-vCPU run was silent for 29 minutes and no one could tell
+    whether dom0, its scheduling or Xen had stopped). Prints ``PROBE`` lines: the host's load;
+    each QEMU thread's CPU over 5 s (the emulated CPUs spinning or idle); each emulated CPU's
+    RIP/CPL/HLT twice, 5 s apart, from QEMU's monitor (Xen's text is at ffff82d0..., dom0's PV
+    kernel at ffffffff8... in ring 3, its user space below); then Xen's debug keys over the
+    serial line (CTRL-a three times switches its input to Xen and back), whose answers Xen
+    writes to the serial log, printed here."""
+    print(f"PROBE {time.strftime('%H:%M:%S', time.gmtime())}: no serial output for {silent_s:.0f}s; "
+          f"host load {os.getloadavg()[0]:.1f}", flush=True)
+
+    def qemu_threads() -> dict[str, float]:
+        out = {}
+        for stat in Path(f"/proc/{qemu.pid}/task").glob("*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            f = text[text.rindex(")") + 2:].split()
+            out[f"{text[text.index('(') + 1:text.rindex(')')]}/{stat.parent.name}"] = \
+                (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+
+    def monitor(cmd: str) -> str:
+        import socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(LAB / "mon.sock"))
+            s.sendall(cmd.encode() + b"\n")
+            buf, end = b"", time.monotonic() + 5
+            while time.monotonic() < end:
+                try:
+                    got = s.recv(65536)
+                except TimeoutError:
+                    break
+                if not got:
+                    break
+                buf += got
+                if buf.rstrip().endswith(b"(qemu)") and cmd.encode() in buf:
+                    break
+            return buf.decode(errors="replace")
+
+    def cpus() -> str:
+        return emulated_cpus(monitor("info registers -a"))
+    try:
+        before = qemu_threads()
+        regs = cpus()
+        time.sleep(5)
+        after = qemu_threads()
+        print("PROBE QEMU threads' CPU in 5 s: " + " ".join(f"{k}:{after[k] - before.get(k, 0):.1f}s"
+                                                          for k in after if after[k] - before.get(k, 0) > 0.05),
+              flush=True)
+        print(f"PROBE emulated CPUs: {regs}", flush=True)
+        print(f"PROBE emulated CPUs 5 s later: {cpus()}", flush=True)
+    except OSError as exc:
+        print(f"PROBE QEMU: {type(exc).__name__}: {exc}", flush=True)
+    import socket
+    mark = (LAB / "serial.log").stat().st_size if (LAB / "serial.log").exists() else 0
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(LAB / "serial.sock"))
+            s.settimeout(0.1)
+
+            def drain(seconds: float) -> None:
+                # a connected client that does not read stalls QEMU's serial output, the log
+                # file's included (QEMU logs what its socket took), and Xen then drops it
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    try:
+                        if not s.recv(65536):
+                            return
+                    except TimeoutError:
+                        pass
+            # slowly: Xen's serial receive ring is small (serial_sh.py)
+            for key in "\x01\x01\x01" + SILENT_XEN_KEYS + "\x01\x01\x01":
+                s.sendall(key.encode())
+                drain(0.3 if key == "\x01" else 3)
+            drain(5)
+    except OSError as exc:
+        print(f"PROBE Xen keys: {type(exc).__name__}: {exc}", flush=True)
+    answer = (LAB / "serial.log").read_bytes()[mark:].decode(errors="replace")
+    for line in answer.splitlines()[:400]:
+        print(f"PROBE xen: {line.rstrip()[:240]}", flush=True)
 
 
 #: what the emulated platform, not this project, did wrong, seen on this machine under QEMU 7.2
@@ -543,7 +658,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
     official CI failed one run at 1.18 over 3 checkpoints of different dirty sizes, where full
     runs of 20 measured 0.71-0.84); speed is judged by the full run, correctness by every run."""
     for line in log.splitlines():
-        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "CLOCK ", "PIPELINE", "START ", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR",
+        if line.startswith(("CREP ", "PIPE ", "PAUSED ", "FOUND ", "EVENT ", "CLOCK ", "PIPELINE", "START ", "FAILOVER", "SURVIVOR", "STALL ", "GUESTERR", "WATCH ",
                             "WARNING", "Traceback", "  File",
                             "RuntimeError", "pipeline.", "STEP ", "CONSOLE ")):
             print(line.rstrip())
@@ -643,6 +758,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eager-fpu", action=argparse.BooleanOptionalAction, default=True,
                     help="Xen's spec-ctrl=eager-fpu (--no-eager-fpu: Xen's default, lazy on this CPU)")
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
+    ap.add_argument("--silent-probe-s", type=float, default=180,
+                    help="after this many seconds without serial output (dom0's watchdog prints every 20 s), "
+                         "look at QEMU's CPUs and send Xen's debug keys (probe_silence); 0: never")
     ap.add_argument("--platform-retries", type=int, default=1,
                     help="boot again this many times when dom0's driver fails before the first "
                          "proven checkpoint, whatever the fault, or the PVM alone dies after it "

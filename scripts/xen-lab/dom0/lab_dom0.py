@@ -51,6 +51,8 @@ STAMP_ANYWHERE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
 IMAGE = "/tmp/prim.img"
 
 
+#: seconds between dom0's WATCH lines (watchdog.py; xenlab.watch_every_s, 0: no watchdog)
+WATCH_EVERY_S = 20.0
 #: seconds a dom0 command may take: under a loaded host (load 20-30 on 2 cores, measured) xl save
 #: of the 128 MiB guest took more than 120 s
 SH_TIMEOUT = 600
@@ -1059,6 +1061,11 @@ def main() -> int:
     t_start = time.monotonic()
     canary_out = Path("/run/fpu-canary.json")      # outside RUN, which write_configs makes afresh
     canary = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fpu_canary.py")), str(canary_out)])
+    # the WATCH lines (watchdog.py, at SCHED_FIFO 99): what dom0 does when the driver goes
+    # silent (session 18's 2-vCPU run printed nothing for 29 minutes); xenlab.watch_every_s=0: none
+    every = float(cfg.get("watch_every_s", WATCH_EVERY_S))
+    watchdog = subprocess.Popen([sys.executable, str(Path(__file__).with_name("watchdog.py")), str(every)]) \
+        if every > 0 else None
     try:
         sh("mkdir -p /run/lock")
         # dom0 first: at load 10-18 on this host (QEMU got ~30 % of a core) the nodes, sharing
@@ -1184,6 +1191,8 @@ def main() -> int:
         result["dmesg_tail"] = sh("xl dmesg | tail -n 15", timeout=60)
     except Exception as exc:  # noqa: BLE001
         result["xl_list"] = f"{type(exc).__name__}: {exc}"
+    if watchdog is not None:
+        watchdog.terminate()
     canary.terminate()
     try:
         canary.wait(timeout=30)
