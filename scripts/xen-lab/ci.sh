@@ -52,7 +52,7 @@ mkdir -p "$XENLAB_DIR"
 out="$XENLAB_DIR/ci-run.log"
 t0=$SECONDS
 # one lab at a time on a machine; a run already going is not waited for (it may be a long one)
-timeout --kill-after=30 "$BUDGET" flock -n -E 75 "$XENLAB_DIR.lock" "$RUN" --ci >"$out" 2>&1
+XENLAB_LOCK_HELD=1 timeout --kill-after=30 "$BUDGET" flock -n -E 75 "$XENLAB_DIR.lock" "$RUN" --ci >"$out" 2>&1
 rc=$?
 took=$((SECONDS - t0))
 [ "$rc" != 75 ] || skip "another Xen lab run holds $XENLAB_DIR.lock"

@@ -105,6 +105,19 @@ def _stop(qemu: subprocess.Popen) -> None:
         qemu.wait()
 
 
+#: the descriptor on which run.sh holds the lab's lock ($XENLAB_DIR.lock)
+LOCK_FD = 9
+
+
+def lock_fds() -> tuple[int, ...]:
+    """(LOCK_FD,) when this process holds run.sh's lock on it, for each QEMU it boots: a QEMU
+    left running (--keep) keeps the lab busy for the next run.sh; () otherwise."""
+    try:
+        return (LOCK_FD,) if os.readlink(f"/proc/self/fd/{LOCK_FD}") == f"{LAB}.lock" else ()
+    except OSError:
+        return ()
+
+
 def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, float, str]:
     """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds,
     what went wrong on the host side: QEMU exited, a panic, the timeout; '' if nothing)."""
@@ -126,7 +139,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
                                                until_of(args), hap, args.xen_opts, args.cpu,
                                                args.logdirty_stress, args.twin, args.watch_s,
                                                args.vcpu_info, args.vcpus, args.x2apic, args.qemu)],
-                                stdout=qemu_out, stderr=subprocess.STDOUT)
+                                stdout=qemu_out, stderr=subprocess.STDOUT, pass_fds=lock_fds())
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
     log = ""
@@ -190,7 +203,7 @@ def emulated_cpus(text: str) -> str:
 
 def probe_silence(qemu: subprocess.Popen, silent_s: float) -> None:
     """Nothing came on the serial console for ``silent_s`` although dom0's watchdog prints every
-    20 s at SCHED_FIFO 99 (watchdog.py): look from the host, which needs nothing of dom0 (issue
+    30 s at SCHED_FIFO 99 (watchdog.py): look from the host, which needs nothing of dom0 (issue
     17, session 19: session 18's 2-vCPU run was silent for 29 minutes and no one could tell
     whether dom0, its scheduling or Xen had stopped). Prints ``PROBE`` lines: the host's load;
     each QEMU thread's CPU over 5 s (the emulated CPUs spinning or idle); each emulated CPU's
@@ -759,7 +772,7 @@ def parser() -> argparse.ArgumentParser:
                     help="Xen's spec-ctrl=eager-fpu (--no-eager-fpu: Xen's default, lazy on this CPU)")
     ap.add_argument("--keep", action="store_true", help="leave QEMU running for a look over the serial socket")
     ap.add_argument("--silent-probe-s", type=float, default=180,
-                    help="after this many seconds without serial output (dom0's watchdog prints every 20 s), "
+                    help="after this many seconds without serial output (dom0's watchdog prints every 30 s), "
                          "look at QEMU's CPUs and send Xen's debug keys (probe_silence); 0: never")
     ap.add_argument("--platform-retries", type=int, default=1,
                     help="boot again this many times when dom0's driver fails before the first "

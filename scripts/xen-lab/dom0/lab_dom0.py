@@ -52,7 +52,7 @@ IMAGE = "/tmp/prim.img"
 
 
 #: seconds between dom0's WATCH lines (watchdog.py; xenlab.watch_every_s, 0: no watchdog)
-WATCH_EVERY_S = 20.0
+WATCH_EVERY_S = 30.0
 #: seconds a dom0 command may take: under a loaded host (load 20-30 on 2 cores, measured) xl save
 #: of the 128 MiB guest took more than 120 s
 SH_TIMEOUT = 600
