@@ -55,7 +55,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                  until: str = "all", hap: str = "", xen_opts: str = DEFAULT_XEN_OPTS,
                  cpu: str = DEFAULT_CPU, stress_s: float = 0, twin: str = "running",
                  watch_s: float = 60, vcpu_info: str = "guest", vcpus: int = 1,
-                 x2apic: bool = False, qemu: str = DEFAULT_QEMU) -> list[str]:
+                 x2apic: bool = False, qemu: str = DEFAULT_QEMU, pin: str = "auto") -> list[str]:
     # smap=0: dom0 crashes at boot under TCG with -cpu max otherwise. No KVM here: TCG, 2 threads.
     # console_timestamps=datems: Xen's lines (a guest's triple fault) get the wall time the
     # nodes' JSON logs and dom0's STEP lines carry, so a guest's death can be placed in the run
@@ -71,7 +71,7 @@ def qemu_command(rounds: int, interval_ms: int, tcg_thread: str, eager_fpu: bool
                 + (f" xenlab.watch_s={watch_s:.0f}" if until == "twin" else "") \
                 + (" xenlab.twin=paused" if twin == "paused" else "") \
                 + (f" xenlab.vcpu_info={vcpu_info}" if vcpu_info != "guest" else "") + f" xenlab.vcpus={vcpus}" \
-                + (" xenlab.x2apic=1" if x2apic else "")
+                + (" xenlab.x2apic=1" if x2apic else "") + (f" xenlab.pin={pin}" if pin != "auto" else "")
     # avx=off: under QEMU 7.2 TCG with Xen, a PVH guest's static glibc took #UD on an AVX
     # instruction (memwork killed by SIGILL after its first tick, twice in a row); without AVX
     # glibc, numpy and the kernels use their SSE paths
@@ -138,7 +138,8 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         qemu = subprocess.Popen([*qemu_command(args.rounds, args.interval_ms, args.tcg_thread, args.eager_fpu,
                                                until_of(args), hap, args.xen_opts, args.cpu,
                                                args.logdirty_stress, args.twin, args.watch_s,
-                                               args.vcpu_info, args.vcpus, args.x2apic, args.qemu)],
+                                               args.vcpu_info, args.vcpus, args.x2apic, args.qemu,
+                                               getattr(args, "pin", "auto"))],
                                 stdout=qemu_out, stderr=subprocess.STDOUT, pass_fds=lock_fds())
     (LAB / "qemu.pid").write_text(str(qemu.pid))
     boot_s = -1.0
@@ -506,7 +507,7 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "xen_guest_faults": res.get("xen_guest_faults"), "xen_guest_rips": res.get("xen_guest_rips"),
            "fpu_canary": res.get("fpu_canary"),
            "stress": {k: v for k, v in (res.get("stress") or {}).items() if k != "guests"} or None,
-           "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res),
+           "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res), "pinned": res.get("pinned"),
            # a boot lost before dom0's result still counts on the platform it was booted on
            "x2apic": guest_x2apic(res) or _lab_options.get("x2apic"), "guest_apic": res.get("guest_apic"),
            "qemu": _lab_options.get("qemu")}
@@ -802,6 +803,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vcpus", type=int, default=1,
                     help="vCPUs per guest (issue 17, item 4): the workload runs on each, pinned; both twins "
                          "get the same count")
+    ap.add_argument("--pin", choices=("auto", "1", "0"), default="auto",
+                    help="dom0's vCPU alone on pCPU 0 and the guests' vCPUs on pCPU 1 (1), shared pCPUs (0), "
+                         "or pinned with 2+ guest vCPUs only (auto): with 2-vCPU guests on shadow paging, dom0 "
+                         "sharing the pCPUs got 9-38 %% of its time (steal 62-91 %%; issue 17, session 19)")
     ap.add_argument("--qemu", default=os.environ.get("XENLAB_QEMU", DEFAULT_QEMU),
                     help="the QEMU binary to boot (XENLAB_QEMU; its version is recorded per boot)")
     ap.add_argument("--x2apic", action="store_true",
