@@ -875,6 +875,17 @@ class SvmPrehash:
     CHUNK = 256         # pages hashed between two looks for a BEGIN (~0.4 ms)
     ROUND_MAX = 1024    # pages hashed in one round at most (1.5 ms, at real time: see
                         # round); the rest wait for the next round, or BEGIN
+    #: A round whose log held mostly pages an earlier round of this epoch had hashed (the
+    #: SVM writes them again: a service's working set) wasted that hashing, and most of
+    #: its own will be wasted too: the next round waits twice as long as this one did, up
+    #: to GAP_MAX_S; a round that finds more fresh pages than written-again ones, and
+    #: BEGIN, bring the spacing back to MIN_S. A sim service at 1000 requests/s (2 pages a
+    #: request, 2048 pages written over and over, a checkpoint every 8 s) took 90-118
+    #: rounds a second, 37-40 ms of a core at SCHED_FIFO beside its SVM and mirror
+    #: (docs/tuning.md, Session 19 (svc)). What BEGIN hashes itself grows by at most the
+    #: pages written in GAP_MAX_S (the service: ~100, 0.15 ms); a guest writing fresh
+    #: pages (a burst before a checkpoint) keeps MIN_S.
+    GAP_MAX_S = 0.05
 
     def __init__(self, domain: Domain, counters=None) -> None:
         self.domain, self.c = domain, counters
@@ -882,6 +893,7 @@ class SvmPrehash:
         self.hashes = np.zeros((0, 32), np.uint8)
         self.todo = np.zeros(0, np.uint64)      # off the log, not hashed yet
         self.next_round = 0.0
+        self.gap = self.MIN_S                   # the spacing by what the rounds found
 
     def round(self, interrupted=None) -> None:
         """``interrupted()``, asked before the round and before each chunk: a BEGIN is
@@ -897,6 +909,17 @@ class SvmPrehash:
         trace.point("prehash_start")
         pfns = self.domain.read_and_clear_dirty()
         t_read = time.monotonic()
+        if len(pfns):
+            # written again since a round hashed them (an empty log leaves the spacing:
+            # a burst of fresh pages after an idle spell must find the rounds at MIN_S)
+            again = int(np.count_nonzero(in_sorted_pfns(pfns, self.pfns))) \
+                if len(self.pfns) else 0
+            self.gap = min(self.GAP_MAX_S, 2 * self.gap) \
+                if 2 * again >= len(pfns) and not len(self.todo) else self.MIN_S
+            if self.c is not None and again:
+                self.c.add("svm_prehashed_again", again)
+        if self.c is not None:
+            self.c.add("svm_prehash_rounds", 1)
         if len(self.todo):
             pfns = union_pfns(self.todo, pfns)
         faults.point("secondary.prehash")
@@ -916,7 +939,7 @@ class SvmPrehash:
         self.todo = pfns[done:]
         trace.point("prehash_end", -1, f"{done}/{len(pfns)}")
         now = time.monotonic()
-        self.next_round = now + max(self.MIN_S, self.COST_FACTOR * (t_read - t0),
+        self.next_round = now + max(self.gap, self.COST_FACTOR * (t_read - t0),
                                     self.HASH_FACTOR * (now - t_read))
 
     def begin(self, dirty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -947,6 +970,7 @@ class SvmPrehash:
         again (then hashed afresh)."""
         fresh = union_pfns(dirty, self.todo) if len(self.todo) else unique_pfns(dirty)
         held_pfns, held_hashes = self.pfns, self.hashes
+        self.gap = self.MIN_S           # a new epoch: nothing hashed yet is wasted
         self.pfns = np.zeros(0, np.uint64)
         self.hashes = np.zeros((0, 32), np.uint8)
         self.todo = np.zeros(0, np.uint64)
@@ -994,6 +1018,7 @@ class SvmPrehash:
     def take(self, dirty: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """BEGIN, the SVM paused: ``dirty`` (the log now) and its fresh ``hashes`` joined
         with what the rounds hashed, sorted by pfn; the rounds start afresh."""
+        self.gap = self.MIN_S
         if not len(self.pfns):
             return dirty, hashes
         self._merge(dirty, hashes)

@@ -88,6 +88,7 @@ EXTRA_COUNTERS = {
                     "control_dropped", "peer_lost", "takeovers", "takeovers_refused",
                     "takeovers_abandoned", "torn_by_conn_drop", "losses_abandoned",
                     "reprotections", "memory_mismatches", "sync_restarts", "svm_prehashed",
+                    "svm_prehash_rounds", "svm_prehashed_again",
                     "acked_early", "svm_dirty_parts", "secondaries_replaced",
                     "unsynced_refused", "control_redials", "svm_resumes"),
     "snapshot": ("prescans", "pages_prescanned", "prescan_held", "pages_precopied",
