@@ -97,6 +97,16 @@ PRECOPY_MAX_ROUNDS = 8   # live pre-copy rounds before the first paused checkpoi
 SYNC_ATTEMPTS = 3        # full syncs tried, while the secondary answers, before giving up
 
 
+def dirty_threshold_reachable(cp, page_count: int) -> bool:
+    """Whether the PVM's dirty count can reach ``cp.dirty_threshold_pages`` on a guest of
+    ``page_count`` pages: a count is at most the guest's pages (twice as many with the
+    prescan: its pages and the log's are counted apart). Where it cannot, the primary
+    coordinator never looks: at 1000 requests/s an 8192-page guest's looks (the default
+    threshold is 16384) were 5-7 of its 14-17 us a request, at normal priority beside the
+    client stage, the PVM and the comparator (docs/tuning.md, Session 19 (svc))."""
+    return cp.dirty_threshold_pages <= page_count * (2 if cp.prescan_ms else 1)
+
+
 def _handshake_check(settings: Settings, domain: Domain, hello: wire.Hello) -> None:
     if hello.page_size != domain.page_size or hello.page_count != domain.page_count:
         raise ProtocolError(
@@ -243,6 +253,8 @@ class PrimaryCoordinator(_Coordinator):
         self.peer_name = ""
         self.role = PrimaryRole(settings, shared, self._info, node.node_info)
         self.next_dirty_check = 0.0   # monotonic time of the next dirty-count look
+        self.dirty_countable = dirty_threshold_reachable(settings.checkpoint,
+                                                         domain.page_count)
         self._snapshot_counters = None  # (prescan_held)
         self.snapshots = 0          # paused checkpoints taken (checkpoint.verify_every counts them)
         # a checkpoint's records are awaited at the pause's priority (below, checkpoint)
@@ -761,7 +773,8 @@ class PrimaryCoordinator(_Coordinator):
         if since >= cp.timer_ms(self.settings.net.release):
             return ("timer", 0)
         now = time.monotonic()
-        if since >= cp.min_interval_ms and now >= self.next_dirty_check:
+        if self.dirty_countable and since >= cp.min_interval_ms \
+                and now >= self.next_dirty_check:
             count = self.domain.dirty_count()
             if count >= 0:
                 # and the pages the snapshot stage took off the log while the PVM ran
@@ -798,7 +811,7 @@ class PrimaryCoordinator(_Coordinator):
         due = [self.last_checkpoint + timer_s, now + IDLE_WAIT_S]
         if self.pending_request is not None:
             due.append(self.last_checkpoint + cp.min_interval_ms / 1000)
-        else:
+        elif self.dirty_countable:
             due.append(max(self.next_dirty_check,
                            self.last_checkpoint + cp.min_interval_ms / 1000))
         # at least a millisecond: a due time that passed without a trigger (none should)
