@@ -391,7 +391,18 @@ class Service:
                 # the client process: on this machine it shares the nodes' CPUs (a real
                 # client would not), so what it costs a request is part of every mode's load
                 "client": thread_times(self.client.pid) if self.client is not None else None,
-                "machine": machine_ticks()}
+                "machine": machine_ticks(),
+                "prehash": self._prehash()}
+
+    #: the secondary coordinator's SVM prehash rounds (coordinator.SvmPrehash), counted
+    PREHASH = ("svm_prehash_rounds", "svm_prehashed", "svm_prehashed_again")
+
+    def _prehash(self) -> dict | None:
+        """The secondary coordinator's prehash counters (None unprotected: no secondary)."""
+        if self.mode == "unprotected":
+            return None
+        c = self.pair.node("secondary").stage("coordinator").as_dict()
+        return {k: c.get(k, 0) for k in self.PREHASH}
 
     def phase(self, rate: float | None, outstanding: int, duration: float,
               drain: float) -> dict:
@@ -456,6 +467,11 @@ class Service:
                                        {"client": {"bench_client": after["client"]}},
                                        elapsed, row["completed"])["client"].get("bench_client")
             if before["client"] is not None and after["client"] is not None else None,
+            # the SVM's pages hashed while it ran, per s: rounds, pages, pages a round
+            # found written again since an earlier one hashed them (their hash wasted)
+            svm_prehash={k: round((after["prehash"][k] - before["prehash"][k]) / elapsed, 1)
+                         for k in self.PREHASH}
+            if before["prehash"] is not None and after["prehash"] is not None else None,
             state=state,
             loadavg_1m=round(os.getloadavg()[0], 2),
             machine=self._machine(before, after, elapsed),
@@ -670,6 +686,8 @@ def _show(r: dict, args: argparse.Namespace) -> None:
             if r["comparator"].get(n)}
     if held:
         print(f"    comparator: PVM frames held, by time: {held}", file=out, flush=True)
+    if r.get("svm_prehash"):
+        print(f"    the SVM's prehash per s: {r['svm_prehash']}", file=out, flush=True)
     for role, procs in r.get("processes", {}).items():
         top = list(procs.items())[:6]
         print(f"    {role} cpu/runq-wait ms per s: " + ", ".join(

@@ -61,6 +61,12 @@ def test_quick_run_has_every_row_and_loses_no_request(tmp_path):
         assert m["held_over_10ms"] >= m["held_over_50ms"] >= 0, m
         # a protected mode's row says whether the pair stayed protected through it
         assert r["state"] == ("unprotected" if r["mode"] == "unprotected" else "protected"), r
+        # the secondary's prehash rounds over the SVM's dirty pages (coordinator.SvmPrehash)
+        if r["mode"] == "unprotected":
+            assert r["svm_prehash"] is None
+        else:
+            assert r["svm_prehash"]["svm_prehash_rounds"] > 0, r["svm_prehash"]
+            assert r["svm_prehash"]["svm_prehashed_again"] >= 0, r["svm_prehash"]
         if r["mode"] == "unprotected":
             assert r["checkpoints_by_cause"] == {} and r["cpu_s"]["secondary"] == 0
         elif r["mode"] == "buffered":
