@@ -244,7 +244,9 @@ class CheckpointSettings(Section):
                               "\"What clients see\".", min=0)
     min_interval_ms: int = _f(20, "Never checkpoint more often than this.", min=0)
     dirty_threshold_pages: int = _f(16384, "Checkpoint once the PVM has dirtied this many pages "
-                                    "(bounds the snapshot buffer).", min=1)
+                                    "(bounds the snapshot buffer). Beyond the guest's pages "
+                                    "(twice them with prescan_ms) it is never reached, and "
+                                    "the dirty count is never looked at.", min=1)
     prescan_ms: int = _f(0, "Primary: read (and clear) the PVM's dirty log while it runs, "
                          "at most this often (and at most every 40 times what a round's read of the log costs and "
                          "2 times its copy) "
