@@ -49,8 +49,10 @@ local witness reachable from both, like an etcd on a third network):
   torn; the pair stays protected. CURVE: libzmq refuses the message and drops the
   connection; the epoch is torn for its missing pages (the pair stays protected) or, if
   its end never comes, times out: the primary goes unprotected and the secondary stops
-  as stale; restarted, it protects again. Either way nothing corrupted is applied
-  (memories proven equal).
+  as stale; restarted, it protects again. Sealed (no CURVE on the pages channel): a
+  flipped byte fails a seal's tag, key id or place, the validator, or ZeroMQ's framing;
+  refused and counted, the epoch torn; the pair stays protected. Either way nothing
+  corrupted is applied (memories proven equal).
 
 The network rows run with the default heartbeat (300 ms, ``heartbeat.paths = 2``): each
 heartbeat goes over two TCP connections, so one segment waiting for its retransmit
@@ -536,8 +538,13 @@ def corrupted_page_stream(security: str) -> Callable:
     channel and the epoch is torn for its missing pages (the pair stays protected: 10
     more checkpoints), or it never completes: the primary goes unprotected after the
     epoch timeout, the secondary stops as stale (exit 1) at the new sync and, restarted,
-    protects the guest again."""
-    count = 3 if security == "plaintext" else 1
+    protects the guest again.
+    ``sealed`` (no CURVE on the pages channel, its records sealed: pipeline/seal.py), 3
+    segments: a flipped byte in a sealed field fails its tag (verify) or its key id or
+    place (receive), one in a record's fields fails the validator or the tag, one in
+    ZeroMQ's framing breaks the connection (DropWatch): refused and counted, the epoch
+    torn and carried; the pair stays protected."""
+    count = 1 if security == "curve" else 3
 
     def run(pair: "faultnet.NetnsPair") -> dict:
         pair.start()
@@ -549,9 +556,10 @@ def corrupted_page_stream(security: str) -> Callable:
         wait_until(lambda: link.forwarder_stats().get("a2b_corrupted", 0) >= count,
                    f"{count} corrupted segments on the pages channel")
         figures = {}
-        if security == "plaintext":
+        if security != "curve":
             def detected() -> int:
                 return (pair.stage_counter("receive", "errors", "secondary")
+                        + pair.stage_counter("receive", "conn_drops", "secondary")
                         + sum(pair.stage_counter(f"verify.{i}", "errors", "secondary")
                               for i in range(2))
                         + pair.stage_counter("restore", "svm_refs_refused", "secondary"))
@@ -565,6 +573,11 @@ def corrupted_page_stream(security: str) -> Callable:
             if prim.node_info().get("state") != "protected" or any(lost.values()):
                 raise RunFailed(f"corrupted pages cost the protection: peer_lost {lost}")
             figures = {"detected": detected(), "torn": coord.as_dict()["epochs_aborted"]}
+            if security == "sealed":
+                figures["seal_refused"] = (
+                    pair.stage_counter("receive", "seal_refused", "secondary")
+                    + sum(pair.stage_counter(f"verify.{i}", "seal_refused", "secondary")
+                          for i in range(2)))
         else:
             # libzmq reconnects by itself: if the rest of the epoch (its EPOCH_END) comes
             # through the new connection, the epoch is torn for its missing pages and the
@@ -1386,6 +1399,7 @@ ROWS: list[tuple[str, Callable[[LocalPair], dict], bool]] = [
     ("link-rate-20mbit", rate_limited("20mbit"), False),
     ("page-stream-corrupt-plaintext", corrupted_page_stream("plaintext"), False),
     ("page-stream-corrupt-curve", corrupted_page_stream("curve"), False),
+    ("page-stream-corrupt-sealed", corrupted_page_stream("sealed"), False),
 ]
 
 
