@@ -83,10 +83,35 @@ def seeds() -> list[bytes]:
                           np.array([wire.ENC_RAW, wire.ENC_REF, wire.ENC_SVM], np.uint8),
                           raw[:20], wire.PAGES_PACKED),
         wire.encode_epoch_end(5, 3, 1, wire.FLAG_SYNC, b"vcpu-state"),
+        *sealed_seeds(pfns),
         wire.encode_ack(5, wire.ACK_ABORTED, 3, "torn epoch", bytes(range(32)), 10, 20),
         wire.encode_input(5, 42, b"input payload"),
         wire.encode_shutdown(5),
         struct.pack("<4sHHQII", wire.MARKER, wire.VERSION, 0x8009, 5, 3, 0) + b"opt",
+    ]
+
+
+def sealed_seeds(pfns: np.ndarray) -> list[bytes]:
+    """security.mode = "sealed" (pipeline/seal.py): a HELLO with its share, a sealed PAGES
+    record and a sealed EPOCH_END (which a decoder without the key refuses, naming it)."""
+    from pipeline import seal
+    keys = seal.SealKeys()
+    keys.install(*seal.derive_key(bytes(32), bytes(range(32))))
+    sealer = seal.Sealer(keys, 0)
+    n = len(pfns)
+    hashes = np.arange(32 * n, dtype=np.uint8).reshape(n, 32)
+    enc_len = np.array([PAGE_SIZE, 0, 0], np.uint32)
+    kinds = np.array([wire.ENC_RAW, wire.ENC_ZERO, wire.ENC_SVM], np.uint8)
+    data = bytes(range(PAGE_SIZE))
+    sealed_len = len(data) + wire.sealed_pages_extra(n)
+    prefix = wire.pages_aad(np.empty(wire.pages_prefix_size(n), np.uint8), 5, pfns, hashes,
+                            enc_len, kinds, sealed_len, wire.PAGES_SEALED)
+    out = bytearray(sealed_len)
+    sealer.seal(5, prefix, [hashes, data], out)
+    return [
+        wire.encode_hello(PAGE_SIZE, wire.ROLE_SECONDARY, PAGE_COUNT, "s", (), bytes(32)),
+        wire.encode_pages(5, pfns, hashes, enc_len, kinds, out, wire.PAGES_SEALED),
+        wire.encode_epoch_end(5, 3, 1, 0, b"vcpu-state", seal.Sealer(keys, seal.SEND_SEALER)),
     ]
 
 
