@@ -46,25 +46,55 @@ def _publish_until(bus, shared, event: str, epoch: int, counter: str) -> None:
     wait_until(taken, WAIT, f"the stage took the {event} event", interval=0.05)
 
 
+class ForkedStage:
+    """A net-compare stage forked with ``target`` on unix sockets in a fresh run directory,
+    a real CheckpointBus and counters shared with this process. As a context manager it
+    stops the stage and cleans up whatever the test did; ``exitcode`` and ``counters``
+    (the stage's last copy) are read after the ``with``."""
+
+    def __init__(self, target=None, **settings):
+        self.rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
+        ctx = multiprocessing.get_context("fork")
+        self.manager = ctx.Manager()
+        self.shared = self.manager.dict()
+        self.bus = CheckpointBus(self.rundir)
+        self.path = {r: os.path.join(self.rundir, f"net-{r}.sock") for r in ("pvm", "svm", "out")}
+        net = NetSettings(primary_in="unix:" + self.path["pvm"],
+                          secondary_in="unix:" + self.path["svm"],
+                          outdev="unix:" + self.path["out"], **settings)
+        self.parent, child = ctx.Pipe()
+        self.stop = ctx.Event()
+        self.proc = ctx.Process(target=target or _stage,
+                                args=(net, self.rundir, self.shared, child, self.stop))
+        self.exitcode = self.counters = None
+
+    def client(self, role: str) -> StreamClient:
+        return StreamClient("unix:" + self.path[role])
+
+    def __enter__(self) -> "ForkedStage":
+        self.proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        self.exitcode = self.proc.exitcode
+        self.bus.close()
+        self.counters = dict(self.shared)
+        self.manager.shutdown()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
 @pytest.mark.timeout(240)
 def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
-    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
-    ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    shared = manager.dict()
-    bus = CheckpointBus(rundir)
-    path = {r: os.path.join(rundir, f"net-{r}.sock") for r in ("pvm", "svm", "out")}
-    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
-                           outdev="unix:" + path["out"], compare_timeout_ms=300,
-                           expired_scan_ms=50)
-    parent, child = ctx.Pipe()
-    stop = ctx.Event()
-    proc = ctx.Process(target=_stage, args=(settings, rundir, shared, child, stop))
-    proc.start()
-    try:
+    with ForkedStage(compare_timeout_ms=300, expired_scan_ms=50) as st:
+        bus, shared, parent = st.bus, st.shared, st.parent
         assert parent.poll(WAIT) and parent.recv() == {"ok": True}
         # (the stage accepts each peer when it first reads or writes its socket)
-        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+        pvm, svm, out = (st.client(r) for r in ("pvm", "svm", "out"))
         same = build.udp_frame(G, C, 1, 2, b"same")
         pvm.send(same)
         svm.send(same)
@@ -87,16 +117,8 @@ def test_stage_requests_checkpoint_through_coordinator_and_releases_on_commit():
         assert [f for f, _ in out.recv_until(1, WAIT)] == [after_snapshot]
         for c in (pvm, svm, out):
             c.close()
-    finally:
-        stop.set()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-        bus.close()
-        counters = dict(shared)
-        manager.shutdown()
-        shutil.rmtree(rundir, ignore_errors=True)
-    assert proc.exitcode == 0
+    assert st.exitcode == 0
+    counters = st.counters
     assert counters["checkpoint_requests"] == 2 and counters["mismatches"] == 1
     assert counters["items_out"] == counters["frames_released"] == 3
     assert set(counters) <= set(NET_COMPARE_COUNTERS) | {"items_in", "items_out", "bytes_in",
@@ -348,39 +370,18 @@ def _stage_without_numba(settings, rundir, shared, ready, stop):
 def _one_pair_through_a_forked_stage(target) -> tuple[dict, dict]:
     """Fork the stage (``target``), pass one equal frame pair; the counters it had copied
     out when it said ready, and its counters at the end."""
-    rundir = tempfile.mkdtemp(prefix="ncmp-stage-")
-    ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    shared = manager.dict()
-    bus = CheckpointBus(rundir)
-    path = {r: os.path.join(rundir, f"net-{r}.sock") for r in ("pvm", "svm", "out")}
-    settings = NetSettings(primary_in="unix:" + path["pvm"], secondary_in="unix:" + path["svm"],
-                           outdev="unix:" + path["out"])
-    parent, child = ctx.Pipe()
-    stop = ctx.Event()
-    proc = ctx.Process(target=target, args=(settings, rundir, shared, child, stop))
-    proc.start()
-    try:
-        assert parent.poll(WAIT) and parent.recv() == {"ok": True}
-        at_ready = dict(shared)
-        pvm, svm, out = (StreamClient("unix:" + path[r]) for r in ("pvm", "svm", "out"))
+    with ForkedStage(target) as st:
+        assert st.parent.poll(WAIT) and st.parent.recv() == {"ok": True}
+        at_ready = dict(st.shared)
+        pvm, svm, out = (st.client(r) for r in ("pvm", "svm", "out"))
         same = build.udp_frame(G, C, 1, 2, b"same")
         pvm.send(same)
         svm.send(same)
         assert [f for f, _ in out.recv_until(1, WAIT)] == [same]
         for c in (pvm, svm, out):
             c.close()
-    finally:
-        stop.set()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-        bus.close()
-        at_end = dict(shared)
-        manager.shutdown()
-        shutil.rmtree(rundir, ignore_errors=True)
-    assert proc.exitcode == 0
-    return at_ready, at_end
+    assert st.exitcode == 0
+    return at_ready, st.counters
 
 
 @pytest.mark.timeout(240)
