@@ -114,7 +114,7 @@ Secondary coordinator and restore stage:
                                  the SVM not live yet (committed: the takeover goes through)
 * ``verify.decode``              a verify worker is about to decode (lz4) batch <k> of its
                                  own into its rows of the staging area (raw batches, which
-                                 the receive stage copies there itself, do not count)
+                                 the receive side copies there itself, do not count)
 * ``restore.vcpu_set``           mid-restore: the epoch's vCPU state set, no page written yet
 * ``restore.checked``            mid-restore: the epoch checked whole, the coordinator told
                                  it may ACK (early ACK), no page written yet
@@ -147,9 +147,10 @@ Supervisor, ``pipeline/cpu_latency.py`` (``node.cpu_latency_us``):
 Every stage process: ``stage.<name>.loop`` once per turn of its main loop, ``<name>``
 its stage name without the worker index (``stage.coordinator.loop``,
 ``stage.snapshot.loop``, ``stage.digest.loop``, ``stage.send.loop``,
-``stage.client.loop``, ``stage.receive.loop``, ``stage.verify.loop``,
-``stage.restore.loop``, ``stage.mirror.loop``, ``stage.heartbeat.loop``,
-``stage.disk.loop``, ``stage.net_compare.loop``).
+``stage.client.loop``, ``stage.verify.loop``, ``stage.restore.loop``,
+``stage.mirror.loop``, ``stage.heartbeat.loop``, ``stage.disk.loop``,
+``stage.net_compare.loop``); and ``stage.receive.loop`` once per record the restore
+stage's process takes off the pages channel (it does the receive stage's work).
 
 ``docs/testing.md`` explains how the tests use them.
 """

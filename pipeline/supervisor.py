@@ -35,9 +35,9 @@ from pipeline.ring import Ring, SlotLayout
 from pipeline.seal import SealKeys
 from pipeline.shm import Segment, cleanup_segments, create_segment, segment_prefix
 from pipeline.signals import stop_on_signals
-from pipeline.stages import digest, heartbeat, inputs, receive, restore, send, snapshot, verify
+from pipeline.stages import digest, heartbeat, inputs, restore, send, snapshot, verify
 from pipeline.stages.common import (HashTable, PageBuffer, PausePriority, StageContext,
-                                    StagePriority, StagingGate, SvmPages, stage_main)
+                                    StagePriority, SvmPages, stage_main)
 from pipeline.stages.send import Pending
 from pipeline.xen_io import BACKENDS
 from pipeline.xen_io.base import Domain
@@ -137,6 +137,8 @@ class StageSpec:
     name: str
     target: Callable[..., None]
     args: tuple
+    also: tuple[str, ...] = ()      # counter blocks it keeps besides its own (its process
+                                    # does another stage's work: restore's "receive")
 
 
 def _tables_segment(node: str, page_count: int, workers: int) -> tuple[Segment, HashTable,
@@ -171,14 +173,19 @@ def _send_entry(ctx: StageContext, settings: Settings, rings, ctrl, pending, sha
         nctx.close()
 
 
-def _receive_entry(ctx: StageContext, settings: Settings, rings, page_count, page_size,
-                   staging=None, direct=None, gate=None, priority=None,
-                   seal_keys=None) -> None:
+def _restore_entry(ctx: StageContext, settings: Settings, domain, to_verify, from_verify,
+                   direct, ctrl, staging, priority=None, seal_keys=None) -> None:
+    """The restore stage, which also reads the pages channel and does the receive stage's
+    work (pipeline/stages/receive.py), counted in the ``receive`` block."""
+    rctx = StageContext("receive", ctx.node.stage("receive"), ctx.stop,
+                        logging.getLogger("pipeline.receive"), ctx.node)
     nctx = sockets.NodeContext(settings)
-    sock = sockets.pages_in(nctx, ctx.counters)
+    sock = sockets.pages_in(nctx, rctx.counters)
     try:
-        receive.run(ctx, sock, rings, page_count, page_size, staging, direct,
-                    settings.pipeline.verify_pages, gate, priority, seal_keys)
+        restore.run(ctx, domain, [*from_verify, direct], ctrl, staging,
+                    settings.pipeline.verify_pages, priority, pages_in=sock,
+                    receive_ctx=rctx, to_verify=to_verify, direct=direct,
+                    seal_keys=seal_keys)
     finally:
         nctx.close()
 
@@ -269,7 +276,8 @@ def ensure_open_files(needed: int = NOFILE_NEEDED) -> None:
 
 
 def stage_names(settings: Settings, role: str, has_inputs: bool) -> list[str]:
-    """The stages a node of ``role`` runs (what ``Supervisor._plan`` starts)."""
+    """The stages a node of ``role`` runs, by their counter blocks (what ``Supervisor._plan``
+    starts; the secondary's "receive" is done in its restore stage's process)."""
     s = settings
     if role == "primary":
         names = ["coordinator", "snapshot",
@@ -400,30 +408,25 @@ class Supervisor:
             meta = SlotLayout(batch_pages=s.pipeline.batch_pages,
                               page_size=max(512, -(-VCPU_BLOB_MAX // s.pipeline.batch_pages)))
             to_restore = [self._ring(f"verify{i}-restore", slots, meta) for i in range(n)]
-            # raw batches the receive stage placed and checked itself skip the verify
-            # workers (pipeline/stages/receive.py)
+            # raw batches the receive side placed and checked itself skip the verify
+            # workers (pipeline/stages/receive.py), and END markers of an epoch without
+            # lz4 batches: both its ends are the restore stage's process
             direct = self._ring("recv-restore", slots, meta)
             staging_seg = create_segment(f"{segment_prefix(self.name)}staging",
                                          dom.page_count * dom.page_size)
             self.segments.append(staging_seg)
             # a PageBuffer, so each stage that maps it prefaults it at start
             staging = PageBuffer(staging_seg, dom.page_size)
-            # the restore stage ACKs an epoch before it wrote it out of staging: the next
-            # epoch's pages wait for it there (pipeline/stages/common.py)
-            gate = StagingGate(FORK.Value("q", -1, lock=False),
-                               os.eventfd(0, os.EFD_NONBLOCK))
             ctl_a, ctl_b = FORK.Pipe()
             plan = [StageSpec("coordinator", _secondary_coordinator,
-                              (s, dom, ctl_a, shared, hb_in)),
-                    StageSpec("receive", _receive_entry,
-                              (s, to_verify, dom.page_count, dom.page_size, staging,
-                               direct, gate, relays, shared.seal))]
+                              (s, dom, ctl_a, shared, hb_in))]
             plan += [StageSpec(f"verify.{i}", verify.run,
                                (to_verify[i], to_restore[i], staging,
                                 s.pipeline.verify_pages, hops, shared.seal)) for i in range(n)]
-            plan.append(StageSpec("restore", restore.run,
-                                  (dom, [*to_restore, direct], ctl_b, staging,
-                                   s.pipeline.verify_pages, gate, relays)))
+            # the restore stage's process reads the pages channel (the receive stage's work)
+            plan.append(StageSpec("restore", _restore_entry,
+                                  (s, dom, to_verify, to_restore, direct, ctl_b, staging,
+                                   relays, shared.seal), also=("receive",)))
             if dom.simulated_io() is not None:
                 plan.append(StageSpec("mirror", inputs.run_mirror,
                                       (sim_ports_settings(s), dom, shared, self.auto)))
@@ -467,7 +470,7 @@ class Supervisor:
                 self._start_redirector()
             self.domain = open_domain(s)
             plan = self._plan()
-            names = [spec.name for spec in plan]
+            names = [n for spec in plan for n in (spec.name, *spec.also)]
             if self.auto:   # counters for both roles' stages: the node may change its role
                 has_inputs = self.domain.simulated_io() is not None
                 names += [n for r in ("primary", "secondary")

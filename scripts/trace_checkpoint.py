@@ -113,9 +113,11 @@ HOPS = (("BEGIN -> snapshot stage", ("coordinator", "begin"), ("snapshot", "cmd"
 DATA_HOPS = (("pause asked -> PVM paused", ("snapshot", "pausing"), ("snapshot", "paused")),
              ("PVM resumed -> digest takes a batch", ("snapshot", "resumed"), ("digest.", "taken")),
              ("digest encoded -> send sends", ("digest.", "encoded"), ("send", "sent_pages")),
-             ("send -> receive", ("send", "sent_pages"), ("receive", "recv")),
-             ("receive dealt -> verify", ("receive", "dealt"), ("verify.", "w_in")),
-             ("receive/verify -> restore", ("receive", "dealt"), ("restore", "slot")))
+             # (the receive stage's work is done in the restore stage's process: its
+             # events are the restore stage's, session 19)
+             ("send -> receive", ("send", "sent_pages"), ("restore", "recv")),
+             ("receive dealt -> verify", ("restore", "dealt"), ("verify.", "w_in")),
+             ("receive/verify -> restore", ("restore", "dealt"), ("restore", "slot")))
 
 
 def hops(evs: list[tuple[float, str, str, str, str]]) -> dict[str, list[float]]:

@@ -48,7 +48,7 @@ def _pages_io_fifo(pid: int) -> bool:
 
 #: the data stages of each node, which wait at real time between checkpoints
 DATA_STAGES = {"primary": ("digest.0", "digest.1", "send"),
-               "secondary": ("receive", "verify.0", "verify.1", "restore")}
+               "secondary": ("verify.0", "verify.1", "restore")}   # (restore: receive's too)
 
 
 def test_a_checkpoints_hops_wait_at_real_time(tmp_path):
@@ -76,7 +76,7 @@ def test_a_checkpoints_hops_wait_at_real_time(tmp_path):
                 pid = pids[role][stage]
                 wait_until(lambda: _fifo(pid), 60, f"the {role}'s {stage} waits at SCHED_FIFO")
         # the pages channel's I/O threads follow their stage's
-        for role, stage in (("primary", "send"), ("secondary", "receive")):
+        for role, stage in (("primary", "send"), ("secondary", "restore")):
             pid = pids[role][stage]
             wait_until(lambda: _pages_io_fifo(pid), 60,
                        f"the {role}'s pages channel I/O thread waits at SCHED_FIFO")
@@ -88,8 +88,8 @@ def test_a_checkpoints_hops_wait_at_real_time(tmp_path):
 
 def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path):
     """The send stage is stopped (SIGSTOP, a named fault point) after its third record of
-    the full sync: it, its pages channel I/O thread, and the secondary's receive stage and
-    its I/O thread are at normal priority then; continued, the pair is protected and they
+    the full sync: it, its pages channel I/O thread, and the secondary's restore stage
+    (which reads the pages channel) and its I/O thread are at normal priority then; continued, the pair is protected and they
     wait at real time."""
     with LocalPair({
         "guest": {"backend": "sim", "page_count": 4096},
@@ -108,11 +108,11 @@ def test_the_full_sync_goes_through_the_data_stages_at_normal_priority(tmp_path)
                     for role in ("primary", "secondary")}
             send = pids["primary"]["send"]
             assert not _fifo(send) and not _pages_io_fifo(send), _threads(send)
-            receive = pids["secondary"]["receive"]
+            receive = pids["secondary"]["restore"]     # (which does the receive's work)
             wait_until(lambda: not _fifo(receive), 60,
-                       "the receive stage waits at normal priority inside the sync")
+                       "the restore stage waits at normal priority inside the sync")
             wait_until(lambda: not _pages_io_fifo(receive), 60,
-                       "the receive stage's I/O thread at normal priority inside the sync")
+                       "the restore stage's I/O thread at normal priority inside the sync")
         finally:
             if send is not None:
                 os.kill(send, signal.SIGCONT)

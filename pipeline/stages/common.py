@@ -191,41 +191,6 @@ class PageBuffer:
         self.segment.prefault()
 
 
-class StagingGate:
-    """Which epochs' rows of the secondary's staging area the restore stage is done with.
-
-    The restore stage ACKs an epoch before it has written the epoch's pages out of staging
-    (early ACK, pipeline/stages/restore.py), so the primary's next epoch can arrive while
-    they are still being read. The receive stage places the next epoch's pages from the
-    top of staging again only once the restore stage says it is done with the previous
-    epoch (:meth:`wait`); the restore stage says so after it applied or discarded an epoch
-    and when the coordinator asks for a newer one (:meth:`release`). Made by the
-    supervisor before the fork: a shared int and an eventfd to wake the receive stage."""
-
-    WAIT_S = 0.2    # a waiting receive stage looks at its stop flag this often
-
-    def __init__(self, released, wake: int) -> None:
-        self.released = released    # shared int: every epoch <= this is done with
-        self.wake = wake
-
-    def release(self, epoch: int) -> None:
-        if epoch > self.released.value:
-            self.released.value = epoch
-            os.eventfd_write(self.wake, 1)
-
-    def wait(self, epoch: int, stopping) -> bool:
-        """Until the restore stage is done with ``epoch`` (True), or ``stopping()``."""
-        while self.released.value < epoch:
-            if stopping():
-                return False
-            if select.select([self.wake], [], [], self.WAIT_S)[0]:
-                try:
-                    os.eventfd_read(self.wake)
-                except BlockingIOError:     # another wake-up took it
-                    pass
-        return True
-
-
 class PausePriority:
     """Real-time scheduling (SCHED_FIFO, lowest priority) for the work inside the PVM pause,
     where the host allows it (root or CAP_SYS_NICE): the pause is the guest's downtime. In
@@ -334,8 +299,9 @@ class StagePriority:
         """About to do work of ``epoch`` that nothing waits for yet (the restore stage's
         copy of the SVM's pages while the epoch is in transit): at WORK whatever this
         stage's level, so the hops of the checkpoint's path (SVM_DIRTY's parts, the
-        records) are not held behind it."""
-        self.priority.urgent(epoch != self.live.value, PausePriority.WORK)
+        records) are not held behind it; the followed threads stay at this stage's level
+        (the pages channel's I/O thread takes the epoch's records in meanwhile)."""
+        self.priority.urgent(epoch != self.live.value, PausePriority.WORK, threads=self.level)
 
     def normal(self) -> None:
         """About to do work too long for real time whatever its epoch (a proof's hash of

@@ -32,8 +32,16 @@ memory digest of the applied state). ``Written`` follows once the SVM's memory i
 epoch's: the SVM stays paused until then, and the stage then copies the epoch's pages from
 staging (and its SVM pages from the side buffer) into its cache while the SVM runs. ``Applied`` follows; a takeover waits for it.
 A secondary that dies between Checked and Applied is stale: its SVM is half-applied and
-never used (the node stops; the primary re-protects with a fresh one). The next epoch's pages wait in the receive stage until this stage is done with
-the staging rows (``gate``).
+never used (the node stops; the primary re-protects with a fresh one).
+
+The receive stage's work runs in this process (pipeline/stages/receive.py, ``Receiver``):
+the loop reads the pages channel itself, and the batches of raw pages the receive side
+placed in staging come to the restore side on the ``direct`` ring of this same process, as
+does every END marker of an epoch that had no lz4 batch: no process hand-off and no
+wake-up between a record's arrival and its assembly (two records and an EPOCH_END at 1k
+pages: session 19). The next epoch's pages are placed in staging only once this side is
+done with the rows of the one before (``Restore.done``): with the early ACK that is after
+its pages were written out of staging, in this loop, before it reads the next record.
 The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
 the verify workers, which decode into it) is as large as guest memory.
 """
@@ -45,14 +53,16 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import zmq
 
 from pipeline import faults, messages, proof_pages, trace, wire
-from pipeline.ring import Ring
 from pipeline.pfns import in_sorted_pfns, unique_pfns
+from pipeline.ring import Ring
+from pipeline.sockets import io_threads
 from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagePriority, StagingGate, domain_page_hashes,
-                                    ready_rings, zero_page_hash)
+                                    StagePriority, domain_page_hashes, zero_page_hash)
 from pipeline.stages.inputs import await_checkpoint_input
+from pipeline.stages.receive import Receiver
 from pipeline.xen_io.base import Domain
 
 
@@ -122,10 +132,8 @@ class Assembly:
 
 class Restore:
     def __init__(self, ctx: StageContext, domain: Domain, n_rings: int,
-                 staging: np.ndarray, check: str = "full",
-                 gate: StagingGate | None = None) -> None:
+                 staging: np.ndarray, check: str = "full") -> None:
         self.ctx, self.domain, self.n_rings = ctx, domain, n_rings
-        self.gate = gate
         self.check = check          # pipeline.verify_pages, for the SVM pages
         pc, ps = domain.page_count, domain.page_size
         self.cache = _populated((pc, ps))
@@ -170,8 +178,6 @@ class Restore:
             self.transit = None
         if epoch > self.done:
             self.done = epoch
-            if self.gate is not None:
-                self.gate.release(epoch)
 
     # -- assembling -------------------------------------------------------
     def _assembly_for(self, epoch: int) -> Assembly | None:
@@ -552,12 +558,20 @@ class Restore:
 
 
 def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
-        staging: PageBuffer, check: str = "full", gate: StagingGate | None = None,
-        priority: StagePriority | None = None) -> None:
-    """``check``: pipeline.verify_pages, how many SVM pages are hashed again at apply.
-    ``priority``: this stage's scheduling (common.StagePriority); a proof checkpoint is
-    applied at normal priority (its ACK waits for a hash of all of memory)."""
-    r = Restore(ctx, domain, len(rings), staging.pages, check, gate)
+        staging: PageBuffer, check: str = "full", priority: StagePriority | None = None, *,
+        pages_in: zmq.Socket, receive_ctx: StageContext, to_verify: list[Ring],
+        direct: Ring | None = None, seal_keys=None) -> None:
+    """``rings``: the verify workers' rings to this stage and ``direct``, the ring the
+    receive side (this process) puts raw batches and END markers on. ``pages_in``: the
+    pages channel, read here (``receive_ctx``: the receive counters and log; ``to_verify``:
+    the rings to the verify workers; ``seal_keys``: security.mode = "sealed"). ``check``: pipeline.verify_pages, how many SVM pages
+    are hashed again at apply. ``priority``: this stage's scheduling
+    (common.StagePriority), followed by the pages channel's ZeroMQ I/O thread, which takes
+    every record in; a proof checkpoint is applied at normal priority (its ACK waits for a
+    hash of all of memory)."""
+    r = Restore(ctx, domain, len(rings), staging.pages, check)
+    receiver = Receiver(receive_ctx, to_verify, domain.page_count, domain.page_size,
+                        lambda: r.done, staging, direct, check, priority, seal_keys)
     # up to here the stage maps staging and guest memory and populates its cache (all of
     # guest memory): a full sync's pages wait for it (benchmarks wait for this counter)
     ctx.counters.set("cache_populated", 1)
@@ -565,6 +579,13 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     wanted: messages.ApplyCmd | None = None     # the epoch to apply once assembled
     verdict: Verdict | None = None              # an assembled epoch not yet asked for
     replied = -1                                # the newest epoch answered (one reply each)
+    # the pages channel, the rings and the commands; without the channel while the receive
+    # side holds a record (no other is read meanwhile)
+    reading, holding = zmq.Poller(), zmq.Poller()
+    reading.register(pages_in, zmq.POLLIN)
+    for fd in [ring.fileno() for ring in rings] + [ctrl.fileno()]:
+        reading.register(fd, zmq.POLLIN)
+        holding.register(fd, zmq.POLLIN)
 
     def settle() -> None:
         """Apply (or discard) the epoch asked for once it is assembled."""
@@ -589,6 +610,26 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
         r.finish(cmd.epoch)
         ctrl.send(reply)
 
+    def assemble() -> None:
+        """Every slot published on the rings to this stage, in each ring's order."""
+        nonlocal verdict
+        for ring in rings:
+            while True:
+                slot = ring.try_acquire_read()
+                if slot is None:
+                    break
+                if priority is not None:
+                    priority.working(slot.epoch)
+                c.add("items_in", slot.count if slot.kind != SLOT_END else 0)
+                trace.point("slot", slot.epoch)
+                v = r.take_slot(slot)
+                ring.release_read(slot)
+                if v is not None:
+                    verdict = v
+                    settle()
+
+    if priority is not None:
+        priority.follow(io_threads())
     while not ctx.stopping():
         copying = r.transit is not None and r.transit.pending()
         if priority is not None:
@@ -596,30 +637,25 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                 priority.background(r.transit.epoch)
             else:
                 priority.waiting()
-        ready, fds = ready_rings(rings, [ctrl.fileno()], 0 if copying else 0.2)
+        held = receiver.held is not None
+        ready = dict((holding if held else reading).poll(0 if copying else 200))
         t0 = time.perf_counter_ns()
-        if copying and not ready and not fds:
-            # nothing came: the next chunk of the SVM's pages (the epoch's batches and
-            # commands go first, each waits for one chunk at most), then any digest or
+        received = 0
+        if copying and not ready:
+            # nothing came: the next chunk of the SVM's pages (the epoch's records, batches
+            # and commands go first, each waits for one chunk at most), then any digest or
             # verify worker waiting for this core at the same real-time priority
             r.copy_svm_step()
             os.sched_yield()
             c.add("busy_ns", time.perf_counter_ns() - t0)
             continue
-        for i in ready:
-            slot = rings[i].try_acquire_read()
-            if slot is None:
-                continue
-            if priority is not None:
-                priority.working(slot.epoch)
-            c.add("items_in", slot.count if slot.kind != SLOT_END else 0)
-            trace.point("slot", slot.epoch)
-            v = r.take_slot(slot)
-            rings[i].release_read(slot)
-            if v is not None:
-                verdict = v
-                settle()
-        if fds:
+        if pages_in in ready:
+            frame = pages_in.recv(copy=False)
+            t1 = time.perf_counter_ns()
+            held = not receiver.take(frame.buffer)
+            received += time.perf_counter_ns() - t1
+        assemble()
+        if ctrl.fileno() in ready:
             cmd = ctrl.recv()
             if priority is not None and hasattr(cmd, "epoch"):
                 priority.working(cmd.epoch)
@@ -645,4 +681,12 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
                     ctrl.send(reply)
             else:
                 raise ValueError(f"restore stage: unknown command {cmd!r}")
-        c.add("busy_ns", time.perf_counter_ns() - t0)
+        if held:
+            # offered again after whatever this turn did (a verify worker's batch taken, an
+            # epoch answered or given up): what it waited for may be done
+            t1 = time.perf_counter_ns()
+            if receiver.retry():
+                assemble()
+            received += time.perf_counter_ns() - t1
+        # (the receive side's time is in its own counters)
+        c.add("busy_ns", time.perf_counter_ns() - t0 - received)
