@@ -992,3 +992,19 @@ def test_the_watchdog_reads_each_threads_scheduling_policy_and_cpu():
         t.join()
     cpu = watchdog.cpu_line()
     assert len(cpu) >= 8 and cpu[3] > 0       # user nice system idle iowait irq softirq steal
+
+
+def test_a_pvm_line_printed_again_from_the_svms_console_ring_is_not_an_svm_tick(lab):
+    """Session 19's boot 04: prim's tick n=4280 (mono 565.145137) was still in its console ring
+    at the checkpoint; after the takeover's rollback sec's xenconsoled printed it from the SVM's
+    copy of the ring, after the survivor's own n=4291, and the clock check took it for the
+    survivor's clock going back 26.6 s. A line with the PVM's counter and clock to the
+    microsecond is the PVM's, left out of the SVM's check; the SVM's own ticks all stay."""
+    pvm = [lab.Tick(0, 4279, 0, 565.043001, 0, 100.0), lab.Tick(0, 4280, 0, 565.145137, 0, 100.0)]
+    svm = [lab.Tick(0, 4290, 0, 591.617001, 0, 126.0), lab.Tick(0, 4291, 0, 591.718038, 0, 126.0),
+           lab.Tick(0, 4280, 0, 565.145137, 0, 126.0), lab.Tick(0, 4281, 0, 591.9, 0, 126.0)]
+    assert not lab.clock_check(svm)["ok"]
+    own = lab.own_ticks(svm, pvm)
+    assert [t.n for t in own] == [4290, 4291, 4281] and lab.clock_check(own)["ok"]
+    # the SVM's own n=4280 after a load has its own clock: kept
+    assert lab.own_ticks([lab.Tick(0, 4280, 0, 565.2, 0, 126.0)], pvm) == [lab.Tick(0, 4280, 0, 565.2, 0, 126.0)]
