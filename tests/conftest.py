@@ -157,6 +157,28 @@ class StaleListener:
             c.close()
 
 
+def shutdown_both(*socks: socket.socket) -> None:
+    """Shut down both directions of each relayed connection (either end may be gone)."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def checkpoint_of_writes(pair, pages: int) -> None:
+    """The PVM of a running ``pair`` writes ``pages`` pages (one sim input), then one
+    requested checkpoint commits."""
+    from pipeline.xen_io.sim import SimDomain
+    seq = pair.stage_counter("client", "pvm_input_seq")
+    pair.inject_input(SimDomain.write_command(pages))
+    wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq, 120,
+               "the PVM consumed the write command")
+    count = len(pair.checkpoints())
+    pair.request_checkpoint()
+    pair.wait_checkpoints(count + 1, timeout=300)
+
+
 class Relay:
     """Forwards 127.0.0.1:listen+i to 127.0.0.1:target+i (i = 0..3: pages, control, inputs,
     heartbeat): a link between the primary (pointed at ``listen``) and the secondary made of
@@ -227,11 +249,7 @@ class Relay:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_both(src, dst)
 
     def close(self) -> None:
         self.stopped.set()
@@ -259,14 +277,16 @@ def make_sim_domain():
 
 
 def start_hand_secondary(tmp_path, verify_pages: str, epoch_timeout_ms: int,
-                         max_interval_ms: int):
+                         max_interval_ms: int, input_log_slots: int | None = None):
     """A real secondary node alone (its primary is a test's HandPrimary,
-    tests/test_secondary_faults.py), started; the caller closes it."""
+    tests/test_secondary_faults.py), started; the caller closes it. ``input_log_slots``:
+    the SVM's input log (the schema's default when None)."""
     from test_secondary_faults import BATCH, PAGES
 
     from pipeline.localpair import LocalPair
     pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES},
+        "guest": {"backend": "sim", "page_count": PAGES,
+                  **({} if input_log_slots is None else {"input_log_slots": input_log_slots})},
         "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": verify_pages},
         # the hand primary sends no heartbeats; a long interval keeps the secondary's
         # control-silence fallback from taking over between the test's steps

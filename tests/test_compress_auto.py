@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Relay, wait_until
+from conftest import Relay, checkpoint_of_writes, wait_until
 
 from pipeline.localpair import LocalPair
-from pipeline.xen_io.sim import SimDomain
 
 pytestmark = pytest.mark.slow  # starts real node processes
 
@@ -30,14 +29,6 @@ def _switches(pair: LocalPair) -> list[str]:
     return out
 
 
-def _checkpoint_of_writes(pair: LocalPair, pages: int) -> None:
-    seq = pair.stage_counter("client", "pvm_input_seq")
-    pair.inject_input(SimDomain.write_command(pages))
-    wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq, 120,
-               "the PVM consumed the write command")
-    count = len(pair.checkpoints())
-    pair.request_checkpoint()
-    pair.wait_checkpoints(count + 1, timeout=300)
 
 
 def test_auto_compresses_on_a_slow_link_and_stops_when_it_is_fast(tmp_path):
@@ -73,7 +64,7 @@ def test_auto_compresses_on_a_slow_link_and_stops_when_it_is_fast(tmp_path):
             def lz4_sent() -> bool:
                 if pair.stage_counter("send", "windows_lz4") >= 1:
                     return True
-                _checkpoint_of_writes(pair, 3000)
+                checkpoint_of_writes(pair, 3000)
                 return False
             wait_until(lz4_sent, 240, "lz4 pages on the slow link", interval=0)
             # the link is fast again: checkpoints of a few MB each until raw comes back and
@@ -85,7 +76,7 @@ def test_auto_compresses_on_a_slow_link_and_stops_when_it_is_fast(tmp_path):
                 if _switches(pair)[-1] == "none" and \
                         pair.stage_counter("send", "windows_raw") > raw_windows:
                     return True
-                _checkpoint_of_writes(pair, 3000)
+                checkpoint_of_writes(pair, 3000)
                 return False
             wait_until(back_to_raw, 240, "compress mode=none on the fast link", interval=0)
             switches = _switches(pair)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import pytest
 import zmq
-from conftest import wait_until
-from test_secondary_faults import (BATCH, PAGES, close_hand_pair, committed_pair, counters,
+from conftest import start_hand_secondary, wait_until
+from test_secondary_faults import (close_hand_pair, committed_pair, counters,
                                    hand_pvm)
 
 from pipeline import sockets, wire
-from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
 
 pytestmark = pytest.mark.slow  # starts a real node
@@ -31,14 +30,10 @@ SLOTS = 16
 
 
 def test_a_checkpoint_inside_an_input_beyond_the_full_log_commits_at_once(tmp_path):
-    pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES, "input_log_slots": SLOTS},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
-        # the hand primary sends no heartbeats; a long interval keeps the secondary's
-        # control-silence fallback from taking over between the test's steps
-        "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
-    }, workdir=str(tmp_path), log_level="info")
-    pair.start(roles=("secondary",))
+    # the hand primary sends no heartbeats: long intervals keep the secondary's
+    # control-silence fallback from taking over between the test's steps
+    pair = start_hand_secondary(tmp_path, "full", epoch_timeout_ms=60000,
+                                max_interval_ms=60000, input_log_slots=SLOTS)
     dom = hand_pvm(pair)
     prim = None
     try:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import zmq
-from conftest import wait_until
-from test_secondary_faults import (BATCH, PAGES, close_hand_pair, committed_pair, counters,
+from conftest import start_hand_secondary, wait_until
+from test_secondary_faults import (close_hand_pair, committed_pair, counters,
                                    hand_pvm)
 
 from pipeline import sockets, wire
-from pipeline.localpair import LocalPair
 from pipeline.xen_io.sim import SimDomain
 
 pytestmark = pytest.mark.slow  # starts a real node
@@ -22,12 +21,10 @@ N = 320
 
 
 def test_a_burst_of_inputs_is_fed_in_order_and_a_bad_record_in_it_is_dropped(tmp_path):
-    pair = LocalPair({
-        "guest": {"backend": "sim", "page_count": PAGES, "input_log_slots": 4 * N},
-        "pipeline": {"verify_workers": 2, "batch_pages": BATCH, "verify_pages": "full"},
-        "checkpoint": {"epoch_timeout_ms": 60000, "max_interval_ms": 60000},
-    }, workdir=str(tmp_path), log_level="info")
-    pair.start(roles=("secondary",))
+    # the hand primary sends no heartbeats: long intervals keep the secondary's
+    # control-silence fallback from taking over between the test's steps
+    pair = start_hand_secondary(tmp_path, "full", epoch_timeout_ms=60000,
+                                max_interval_ms=60000, input_log_slots=4 * N)
     dom = hand_pvm(pair)
     prim = None
     try:

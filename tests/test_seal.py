@@ -19,7 +19,8 @@ import lz4.block
 import numpy as np
 import pytest
 
-from conftest import Relay, cli, wait_until
+from conftest import Relay, cli, shutdown_both, wait_until
+from conftest import checkpoint_of_writes as conftest_checkpoint_of_writes
 
 from pipeline import config, seal, wire
 from pipeline.counters import STATUS_COMMITTED
@@ -307,11 +308,7 @@ class PagesWire(Relay):
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_both(src, dst)
 
     def _record(self, frame: bytearray, hl: int) -> bytes:
         body = memoryview(frame)[hl:]
@@ -353,16 +350,9 @@ def test_two_nodes_sealed_a_tampered_record_tears_its_epoch_a_replay_is_refused(
     }, workdir=str(tmp_path), log_level="info",
         role_tables={"primary": {"peer": {"address": f"tcp://127.0.0.1:{relay.listen}"}}})
     relay.target = pair.port
-    from pipeline.xen_io.sim import SimDomain
 
     def checkpoint_of_writes(pages: int) -> None:
-        seq = pair.stage_counter("client", "pvm_input_seq")
-        pair.inject_input(SimDomain.write_command(pages))
-        wait_until(lambda: pair.stage_counter("client", "pvm_input_seq") > seq, 120,
-                   "the PVM consumed the write command")
-        count = len(pair.checkpoints())
-        pair.request_checkpoint()
-        pair.wait_checkpoints(count + 1, timeout=300)
+        conftest_checkpoint_of_writes(pair, pages)
 
     try:
         with pair:
