@@ -346,7 +346,8 @@ def test_an_svm_death_after_checkpoints_fails_the_run_at_once_and_names_it(lab_b
     assert "boots 1, repeated: 0" in verdict
 
 
-def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch):
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch, vcpus):
     """The lab's node configs and keys, made by the real CLI (keygen, check-config)."""
     from pipeline import config
 
@@ -356,9 +357,16 @@ def test_the_lab_writes_node_configs_the_cli_accepts(lab, tmp_path, monkeypatch)
     (bin_dir / "colo-pipeline").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setattr(lab, "RUN", tmp_path / "run")
-    lab.write_configs(1000)
+    lab.write_configs(1000, vcpus)
     for role, domain in (("primary", "prim"), ("secondary", "sec")):
         s = config.load(str(tmp_path / "run" / f"{role}.toml"))
+        # 1 vCPU: checkpoints from the dirty count at ~2 000 pages an epoch (item 7); 2 vCPUs:
+        # the primary's snapshot buffer (twice the threshold) holds what the memworks dirty
+        # (4096 pages each; a proven 2-vCPU epoch carried 4 800-6 700 pages, once 8 399, in
+        # session 19's runs, overflowing a 4096-page buffer into the rings while the PVM was
+        # paused: issue 17, session 20)
+        assert s.checkpoint.dirty_threshold_pages == {1: 1024, 2: 4096}[vcpus]
+        assert 2 * s.checkpoint.dirty_threshold_pages >= 4096 * (vcpus if vcpus > 1 else 0)
         assert (s.node.role, s.guest.backend, s.guest.domain) == (role, "xen", domain)
         assert s.guest.xen_domain_config == f"/root/{domain}.cfg" and s.guest.xen_image == lab.IMAGE
         assert s.checkpoint.verify_every == 1 and s.security.mode == "curve"

@@ -358,15 +358,34 @@ DOM0_WEIGHT = 1024
 GUEST_PCPUS = "1"
 #: seconds the lab waits for the pipeline's protection after starting the nodes
 PROTECTION_WAIT_S = 2700
-#: the lab's checkpoint.dirty_threshold_pages (see node_config)
+#: the lab's checkpoint.dirty_threshold_pages for 1-vCPU guests (see node_config)
 DIRTY_THRESHOLD_PAGES = 1024
+#: ... and per vCPU of a guest with 2+ (dirty_threshold_pages): half of what one memwork
+#: dirties at most in an epoch (its 16 MiB buffer, 4096 pages), so the snapshot buffer (twice
+#: the threshold, supervisor.py) holds a 2-vCPU checkpoint's dirty set
+DIRTY_THRESHOLD_PAGES_PER_VCPU = 2048
 
 
-def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "") -> dict[str, dict[str, object]]:
+def dirty_threshold_pages(vcpus: int) -> int:
+    """The lab's checkpoint.dirty_threshold_pages for guests of ``vcpus`` vCPUs. The primary's
+    snapshot buffer holds twice the threshold (at least 4096 pages); a larger dirty set overflows
+    into the rings while the PVM is paused, batch by batch (supervisor.py, snapshot.py). In the
+    lab every checkpoint is proven (two full-memory hashes: commits of 16-24 s with 2-vCPU
+    guests), so a 2-vCPU epoch carries 4 800-8 400 pages whatever the threshold, and at 1024
+    (buffer 4096) its overflow cost ~16-21 us a page against ~3 in the buffer: session 19's
+    2-vCPU --ci pauses of 77-97 ms against C's 55 (issue 17, session 20). 1-vCPU epochs
+    (~2 000 pages) keep 1024, whose checkpoints come from the dirty count (item 7); with 2+
+    vCPUs the count is past 2048 per vCPU when a checkpoint may start (after the last commit)."""
+    return DIRTY_THRESHOLD_PAGES if vcpus <= 1 else DIRTY_THRESHOLD_PAGES_PER_VCPU * vcpus
+
+
+def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "",
+                vcpus: int = 1) -> dict[str, dict[str, object]]:
     """The lab's node config: the xen backend, one worker per side (dom0 has one vCPU), every
     checkpoint proven (verify_every = 1), timeouts for a hypervisor emulated by TCG;
     ``vcpu_info``: where its guest says it registered its vcpu_info (guest.xen_vcpu_info,
-    from guest_vcpu_info), '' to let the node watch for it."""
+    from guest_vcpu_info), '' to let the node watch for it; ``vcpus``: the guests' vCPUs (the
+    dirty threshold, dirty_threshold_pages)."""
     peer = "secondary" if role == "primary" else "primary"
     return {
         "node": {"name": f"lab-{role}", "role": role, "run_dir": str(RUN / role)},
@@ -385,7 +404,7 @@ def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "") -
         # full sync of the 128 MiB guest ran past 120 s and the start failed (session 9)
         "checkpoint": {"max_interval_ms": 3 * interval_ms, "min_interval_ms": interval_ms,
                        "epoch_timeout_ms": 600000, "precopy_target_pages": 2048,
-                       "dirty_threshold_pages": DIRTY_THRESHOLD_PAGES,
+                       "dirty_threshold_pages": dirty_threshold_pages(vcpus),
                        "verify_every": 1},
         # 4 s without a heartbeat before the peer is lost (was 1 s): at host load 8-12 (QEMU at
         # ~35 % of a core) dom0's processes went 2-2.5 s without running, and the primary gave
@@ -406,22 +425,23 @@ def node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "") -
     }
 
 
-def write_configs(interval_ms: int) -> None:
+def write_configs(interval_ms: int, vcpus: int = 1) -> None:
     """Both nodes' config files and CURVE keys in RUN (the pairing reads them too)."""
     sh(f"rm -rf {RUN} && mkdir -p {RUN}/keys")
     for role in ("primary", "secondary"):
         sh(f"colo-pipeline keygen --dir {RUN}/keys --name {role}")
     for role, domain in (("primary", "prim"), ("secondary", "sec")):
-        write_node_config(role, domain, interval_ms)
+        write_node_config(role, domain, interval_ms, vcpus=vcpus)
 
 
-def write_node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "", check: bool = True) -> None:
+def write_node_config(role: str, domain: str, interval_ms: int, vcpu_info: str = "", check: bool = True,
+                      vcpus: int = 1) -> None:
     """One node's config file (``check``: and `colo-pipeline check-config` on it; the node's
     own start checks it too, so a rewrite skips that Python start under TCG)."""
     from pipeline.localpair import render_toml
 
     path = RUN / f"{role}.toml"
-    path.write_text(render_toml(node_config(role, domain, interval_ms, vcpu_info)))
+    path.write_text(render_toml(node_config(role, domain, interval_ms, vcpu_info, vcpus)))
     if check:
         sh(f"colo-pipeline check-config {path}")
 
@@ -1128,7 +1148,7 @@ def main() -> int:
                                 for ln in console_text("prim").splitlines() if "GUEST-APIC " in ln]
         step(f"guest prim's APIC: {result['guest_apic']}")
         time.sleep(2)
-        write_configs(interval)
+        write_configs(interval, result["vcpus"])
         # colo-pipeline first: the C baseline then checkpoints at the pipeline's own cadence, so
         # both pause for about the same number of dirty pages (the pipeline's epochs are longer
         # than interval_ms when every checkpoint is proven by two full-memory hashes)
@@ -1152,7 +1172,8 @@ def main() -> int:
             result["vcpu_info"] = {}
             for role, name in (("primary", "prim"), ("secondary", "sec")):
                 result["vcpu_info"][name] = guest_vcpu_info(name, paired[name])
-                write_node_config(role, name, interval, result["vcpu_info"][name], check=False)
+                write_node_config(role, name, interval, result["vcpu_info"][name], check=False,
+                                  vcpus=result["vcpus"])
             step(f"vcpu_info from the guests' own registrations: {result['vcpu_info']}")
         checkpoints, extra = replicate_pipeline(0 if first_only else rounds, interval, not first_only, marks)
         result["pipeline"] = [asdict(c) for c in checkpoints]
