@@ -220,11 +220,13 @@ def test_a_nodes_cpu_is_summed_over_its_session_from_proc(lab, tmp_path):
     stat(701, "colo-digest (0) x", 700, 10 * tick, 0)
     stat(702, "colo-restore", 700, tick // 2, 0)
     stat(703, "colo-send", 700, 0, 0)
+    stat(704, "colo-heartbeat", 700, tick // 5, 0)          # named below the three largest too
     stat(800, "colo-pipeline", 800, 50 * tick, 0)           # the other node
     (tmp_path / "self").mkdir()                             # not a pid
     total, top = lab.session_cpu(700, tmp_path)
-    assert total == 13.5
-    assert top == [("colo-digest (0) x", 10.0), ("colo-pipeline", 3.0), ("colo-restore", 0.5)]
+    assert total == 13.7
+    assert top == [("colo-digest (0) x", 10.0), ("colo-pipeline", 3.0), ("colo-restore", 0.5),
+                   ("colo-heartbeat", 0.2)]
     assert lab.session_cpu(999, tmp_path) == (0, [])
 
 
