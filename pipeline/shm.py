@@ -29,6 +29,24 @@ MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 
 
+def prefault_array(arr) -> bool:
+    """Map the whole shared mapping behind ``arr`` (a numpy view made from a
+    :class:`Segment`'s ``buf``, as the primary's tables are) into this process's page
+    tables now, as :meth:`Segment.prefault` does for a segment in hand. An array that is
+    not in an mmap (the secondary's own hash table) is left as it is: False."""
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or base.closed:
+        return False
+    try:
+        base.madvise(MADV_POPULATE_WRITE)
+    except OSError as e:
+        log.debug("prefault of a shared array not supported (%s)", e)
+        return False
+    return True
+
+
 def segment_prefix(node_name: str) -> str:
     """The prefix every segment name of node ``node_name`` starts with."""
     _check_name(node_name, what="node name")

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import faults, trace
 from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
+from pipeline.shm import prefault_array
 from pipeline.signals import report_fatal_signals, stop_on_signals
 from pipeline.sockets import check_handshakes
 from pipeline.xen_io.base import Domain
@@ -128,6 +129,10 @@ class HashTable:
         self.hashes[pfns] = hashes
         self.valid[pfns] = True
 
+    def prefault(self) -> None:
+        """(The primary's: the tables segment, :func:`_prefault`.)"""
+        prefault_array(self.hashes)
+
 
 class SvmPages:
     """What the SVM holds at the pages it dirtied, from this epoch's SVM_DIRTY: the primary's
@@ -166,6 +171,10 @@ class SvmPages:
             self.ready.value = epoch
         for fd in self.wake:
             os.eventfd_write(fd, 1)
+
+    def prefault(self) -> None:
+        """The tables segment into this process's page tables (:func:`_prefault`)."""
+        prefault_array(self.hashes)
 
     def covers(self, epoch: int, max_pfn: int) -> bool:
         """Are all of ``epoch``'s hashes of pfns up to ``max_pfn`` here?"""
@@ -415,12 +424,19 @@ def worker_loop(ctx: StageContext, ring_in: Ring, ring_out: Ring, process,
 
 
 def _prefault(args: tuple) -> None:
-    """Map the rings and guest memory a stage was handed into its page tables now: a
-    forked process starts with none of them, and first-touch faults cost several times
-    the copy they interrupt, so they must not land inside a PVM pause or a commit."""
+    """Map the rings, guest memory and shared tables a stage was handed into its page
+    tables now: a forked process starts with none of them, and first-touch faults cost
+    several times the copy they interrupt, so they must not land inside a PVM pause or a
+    commit. The primary's tables segment (HashTable, SvmPages, send.Pending) was not
+    mapped before session 20: the first checkpoints' SVM_DIRTY, scattered into SvmPages by
+    the coordinator and read by the digest workers, took a fault per page of the table it
+    touched (the coordinator's SVM_DIRTY in -> published up to 1.66 ms of CPU against
+    ~0.15 warm; docs/tuning.md, Session 20 (prim)). Anything handed to a stage that has a
+    ``prefault`` method is prefaulted."""
     for arg in args:
         for obj in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(obj, (Ring, PageBuffer, Domain)):
+            if isinstance(obj, (Ring, PageBuffer, Domain)) or \
+                    callable(getattr(type(obj), "prefault", None)):
                 obj.prefault()
 
 

@@ -19,6 +19,7 @@ from pipeline import faults, messages, seal, trace, wire
 from pipeline.compress_policy import MIN_BYTES, WINDOW_BYTES, CompressPolicy, Window
 from pipeline.sockets import io_threads, send_until_stopped
 from pipeline.ring import Ring
+from pipeline.shm import prefault_array
 from pipeline.stages.common import MARK_LZ4, SLOT_END, StageContext, StagePriority, ready_rings
 
 
@@ -28,6 +29,10 @@ class Pending:
     pfns: np.ndarray       # (page_count,) uint64
     hashes: np.ndarray     # (page_count, 32) uint8
     count: np.ndarray      # (1,) uint64
+
+    def prefault(self) -> None:
+        """The tables segment into this process's page tables (common._prefault)."""
+        prefault_array(self.pfns)
 
 
 class PendingWriter:
