@@ -689,6 +689,41 @@ def test_dead_guest_gives_a_clear_error_not_a_hang(make_domain) -> None:
         dom.pause(timeout=3600)
 
 
+def _pause_in_a_stage(dom, out) -> None:
+    """(A forked process, as a stage is: it does not own the guest.)"""
+    try:
+        dom.pause(timeout=3600)
+        out.send("paused")
+    except DomainError as exc:
+        out.send(str(exc))
+
+
+def test_a_stage_pausing_a_dead_guest_gets_a_clear_error_not_a_hang(make_domain) -> None:
+    """A stage (not the guest's owner) asks whether the guest process is there only once
+    the answer is late (reading /proc before every pause's first wait cost each pause ~30 us
+    of CPU, the PVM's inside its downtime): a dead guest is still named, not waited for."""
+    import multiprocessing
+    dom = make_domain(paused=False)
+    fork = multiprocessing.get_context("fork")
+    a, b = fork.Pipe()
+    p = fork.Process(target=_pause_in_a_stage, args=(dom, b))
+    p.start()
+    try:
+        assert a.poll(60) and a.recv() == "paused"      # alive: answered
+        p.join(30)
+        dom.resume()
+        os.kill(dom.guest_pid, signal.SIGKILL)
+        wait_until(lambda: open(f"/proc/{dom.guest_pid}/stat", "rb").read()
+                   .rsplit(b")", 1)[1].split()[0] == b"Z", what="the guest's death")
+        p = fork.Process(target=_pause_in_a_stage, args=(dom, b))
+        p.start()
+        assert a.poll(60), "the stage's pause of a dead guest did not return"
+        assert a.recv() == f"sim domain {dom.name}: pause failed: guest process " \
+            f"{dom.guest_pid} is dead"
+    finally:
+        p.join(30)
+
+
 def _shm_entries_of_others_excluded(before: set[str]) -> set[str]:
     """/dev/shm entries made since ``before`` by this process: on a shared machine other
     processes (a node of another test run) make segments at any time; theirs carry their

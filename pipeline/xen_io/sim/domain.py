@@ -541,11 +541,14 @@ class SimDomain(Domain, SimulatedIO):
         except OSError:
             pass
 
-    def _guest_problem(self) -> str | None:
-        """Why the guest cannot answer, or None if it is alive and not failed."""
+    def _guest_problem(self, alive: bool = True) -> str | None:
+        """Why the guest cannot answer, or None if it is alive and not failed. ``alive``:
+        also whether its process is still there (else only its status word)."""
         if self._words[W_GUEST_STATUS] == _STATUS_FAILED:
             n = self._words[W_ERROR_LEN]
             return self._ctl_map[_ERROR_OFF:_ERROR_OFF + n].decode("utf-8", "replace")
+        if not alive:
+            return None
         if os.getpid() == self._owner_pid:
             if self._exit_status is None:
                 try:
@@ -597,8 +600,15 @@ class SimDomain(Domain, SimulatedIO):
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._ack, select.POLLIN)
+        waited = False
         while w[W_PAUSE_ACK] != epoch:
-            problem = self._guest_problem()
+            # whether the guest process is still there (a stage reads /proc/<pid>/stat: ~30
+            # us of CPU) only after a wait that brought no answer: asked before the first
+            # wait too, it was in every pause of both nodes, the PVM's inside its downtime
+            # (docs/tuning.md, Session 20 (prim)); a dead guest is named after one wait
+            # (0.1 s), a failed one (its status word) at once
+            problem = self._guest_problem(alive=waited)
+            waited = True
             if problem:
                 raise DomainError(f"sim domain {self.name}: {what} failed: {problem}")
             left = deadline - time.monotonic()
