@@ -37,6 +37,8 @@ MARK_LZ4 = 4        # the digest worker compressed this batch's pages, or tried 
                     # send stage judges pipeline.compress = "auto" by the batches' mode)
 MARK_STAGED = 8     # the receive stage put the batch's pages in staging at ``slot.row``
                     # already (raw pages: nothing to decode), the slot has no data
+MARK_UNSTAGED = 16  # with MARK_STAGED: a live round's raw batch whose pages the restore
+                    # stage takes from the record itself (Receiver.unstaged), not staging
 
 POLL_S = 0.2     # how often a blocked stage looks at its stop event
 

@@ -15,7 +15,11 @@ first page), so verify workers decode straight into staging in parallel and no s
 copies a page twice. A record of an epoch older than the newest one seen is stale
 (the primary has moved on) and is dropped here.
 
-A batch of raw pages (no lz4) is copied into staging here, with nothing left to decode.
+A batch of raw pages (no lz4) is copied into staging here, with nothing left to decode;
+but for a live round's (a full sync's, a pre-copy round's: ``PAGES_UNHASHED``) on the
+``direct`` ring, whose pages the restore side writes into the SVM and its cache as soon as
+it takes the slot, in this same turn of the loop: those it takes from the record itself
+(``unstaged``), and staging is not written at all (a copy of every page less in a sync).
 Unless every page is to be hashed again (``pipeline.verify_pages = "full"``, which the
 verify workers share between them), this stage also does the check (one page, or none)
 and hands the batch to the restore stage's own side on the ``direct`` ring, which the
@@ -48,8 +52,8 @@ import numpy as np
 
 from pipeline import faults, seal, trace, wire
 from pipeline.ring import Ring
-from pipeline.stages.common import (MARK_BAD, MARK_STAGED, SLOT_DATA, SLOT_END, PageBuffer,
-                                    StageContext, StagePriority)
+from pipeline.stages.common import (MARK_BAD, MARK_STAGED, MARK_UNSTAGED, SLOT_DATA, SLOT_END,
+                                    PageBuffer, StageContext, StagePriority)
 from pipeline.stages.verify import check_hashes
 
 
@@ -61,19 +65,23 @@ class Receiver:
     is checked here and skips the verify workers. ``done()``: the newest epoch whose
     staging rows the restore side is done with (Restore.done). ``ctx``: the receive
     counters and log. ``priority``: the process's scheduling (common.StagePriority).
-    ``seal_keys``: security.mode = "sealed"."""
+    ``seal_keys``: security.mode = "sealed". ``unstaged``: the restore side's (Restore.
+    unstaged), where a live round's raw batch on the ``direct`` ring leaves its pages: the
+    slot's row -> (the rows of its RAW pages, those pages in the record)."""
 
     def __init__(self, ctx: StageContext, rings: list[Ring], page_count: int, page_size: int,
                  done: Callable[[], int], staging: PageBuffer | None = None,
                  direct: Ring | None = None, check: str = "full",
                  priority: StagePriority | None = None,
-                 seal_keys: seal.SealKeys | None = None) -> None:
+                 seal_keys: seal.SealKeys | None = None,
+                 unstaged: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.ctx, self.c = ctx, ctx.counters
         self.rings, self.direct = rings, direct
         self.ends = rings if direct is None else [*rings, direct]   # where END markers go
         self.direct_ok = direct is not None and staging is not None and check != "full"
         self.staging, self.check, self.done, self.priority = staging, check, done, priority
         self.opener = seal.Opener(seal_keys) if seal_keys is not None else None
+        self.unstaged = unstaged
         self.position = wire.SealPosition()
         self.page_count, self.page_size = page_count, page_size
         self.batch = rings[0].layout.batch_pages
@@ -221,7 +229,15 @@ class Receiver:
             rows = self.staging.pages[staged:staged + n]
             carry = b.enc_kind == wire.ENC_RAW
             k = int(carry.sum())
-            if k:
+            slot.marks = MARK_STAGED
+            if ring is self.direct and b.unhashed and self.unstaged is not None:
+                # written from the record by the restore side in this turn (the record is
+                # kept alive by the arrays); nothing to hash: unhashed
+                slot.marks |= MARK_UNSTAGED
+                self.unstaged[staged] = (
+                    np.flatnonzero(carry), b.data.reshape(k, self.page_size) if k else
+                    np.zeros((0, self.page_size), np.uint8))
+            elif k:
                 pages = b.data.reshape(k, self.page_size)
                 if k == n:
                     rows[:] = pages
@@ -231,7 +247,6 @@ class Receiver:
                     rows[np.flatnonzero(carry)] = pages
             # (ZERO pages' rows are left as they are: the restore stage writes zeros for
             # them and never reads their rows)
-            slot.marks = MARK_STAGED
             if ring is self.direct:
                 problem = check_hashes(slot, rows, slot.enc_kind[:n], self.page_size,
                                        self.check)

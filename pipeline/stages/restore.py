@@ -42,8 +42,10 @@ wake-up between a record's arrival and its assembly (two records and an EPOCH_EN
 pages: session 19). The next epoch's pages are placed in staging only once this side is
 done with the rows of the one before (``Restore.done``): with the early ACK that is after
 its pages were written out of staging, in this loop, before it reads the next record.
-The first epoch (SYNC, all of memory) goes the same way; the staging area (shared with
-the verify workers, which decode into it) is as large as guest memory.
+The first epoch (SYNC, all of memory) goes the same way, but for its raw batches on the
+direct ring: their pages go from the record into the SVM and the cache (``unstaged``), not
+through staging; the staging area (shared with the verify workers, which decode into it) is
+as large as guest memory.
 """
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ from pipeline import faults, messages, proof_pages, trace, wire
 from pipeline.pfns import in_sorted_pfns, unique_pfns
 from pipeline.ring import Ring
 from pipeline.sockets import io_threads
-from pipeline.stages.common import (MARK_BAD, SLOT_END, HashTable, PageBuffer, StageContext,
-                                    StagePriority, domain_page_hashes, zero_page_hash)
+from pipeline.stages.common import (MARK_BAD, MARK_UNSTAGED, SLOT_END, HashTable, PageBuffer,
+                                    StageContext, StagePriority, domain_page_hashes,
+                                    zero_page_hash)
 from pipeline.stages.inputs import await_checkpoint_input
 from pipeline.stages.receive import Receiver
 from pipeline.xen_io.base import Domain
@@ -162,6 +165,10 @@ class Restore:
         self.svm_copy = _populated((pc, ps), populate=False)
         self.svm_copy[:min(pc, SVM_COPY_PREFAULT)].fill(0)
         self.transit: SvmCopy | None = None
+        # a live round's raw batches the receive side left in their records (a copy into
+        # staging less for each of a full sync's pages): slot.row -> (the rows of its RAW
+        # pages, those pages); each taken by take_slot in the loop's turn that placed it
+        self.unstaged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.zeros = np.zeros((CHUNK_PAGES, ps), np.uint8)   # stays zero: ZERO pages' source
         self.asm: Assembly | None = None
         self.committed_epoch = -1
@@ -207,6 +214,8 @@ class Restore:
 
     def take_slot(self, slot) -> Verdict | None:
         """Stage one slot; returns the Verdict when the epoch is assembled."""
+        unstaged = self.unstaged.pop(slot.row, None) if slot.kind != SLOT_END \
+            and slot.marks & MARK_UNSTAGED else None
         asm = self._assembly_for(slot.epoch)
         if asm is None:
             return None
@@ -258,8 +267,16 @@ class Restore:
             # the rest of the epoch streams in, instead of all at the end (a torn round's
             # pages are sent again by the next one, whose pages then overwrite these).
             write = ~(refs | svm)
-            self._write_staged(pfns, self.staging[at:at + n], write, zero)
+            if unstaged is not None:
+                self._write_unstaged(pfns, *unstaged, write, zero)
+            else:
+                self._write_staged(pfns, self.staging[at:at + n], write, zero)
             written[:] = write
+        elif unstaged is not None:
+            # (an unhashed batch after the SVM ran: its epoch is refused at its END; its
+            # pages go where the apply would read them all the same)
+            rows, pages = unstaged
+            self.staging[at:at + n][rows] = pages
         asm.n += n
         return None
 
@@ -289,6 +306,22 @@ class Restore:
         zero = write & zero
         if zero.any():
             self._write_zeros(pfns[zero], svm, cache)
+
+    def _write_unstaged(self, pfns: np.ndarray, rows: np.ndarray, pages: np.ndarray,
+                        write: np.ndarray, zero: np.ndarray) -> None:
+        """The batch's pages ``write`` into the SVM and the cache, its RAW pages from the
+        record (``pages``, those of the batch's ``rows``), its ZERO pages as zeros: staging
+        is not read (the receive side did not write it, Receiver.unstaged)."""
+        keep = write[rows]
+        if not keep.all():
+            rows, pages = rows[keep], pages[keep]
+        if len(rows):
+            at = pfns[rows]
+            self.cache[at] = pages
+            self.domain.write_pages(at, pages)
+        zero = write & zero
+        if zero.any():
+            self._write_zeros(pfns[zero])
 
     def _write_zeros(self, pfns: np.ndarray, svm: bool = True, cache: bool = True) -> None:
         """The pages ``pfns`` become zeros in the SVM (``svm``) and the cache (``cache``):
@@ -571,7 +604,8 @@ def run(ctx: StageContext, domain: Domain, rings: list[Ring], ctrl,
     hash of all of memory)."""
     r = Restore(ctx, domain, len(rings), staging.pages, check)
     receiver = Receiver(receive_ctx, to_verify, domain.page_count, domain.page_size,
-                        lambda: r.done, staging, direct, check, priority, seal_keys)
+                        lambda: r.done, staging, direct, check, priority, seal_keys,
+                        r.unstaged)
     # up to here the stage maps staging and guest memory and populates its cache (all of
     # guest memory): a full sync's pages wait for it (benchmarks wait for this counter)
     ctx.counters.set("cache_populated", 1)
