@@ -1018,3 +1018,37 @@ def test_a_pvm_line_printed_again_from_the_svms_console_ring_is_not_an_svm_tick(
     assert [t.n for t in own] == [4290, 4291, 4281] and lab.clock_check(own)["ok"]
     # the SVM's own n=4280 after a load has its own clock: kept
     assert lab.own_ticks([lab.Tick(0, 4280, 0, 565.2, 0, 126.0)], pvm) == [lab.Tick(0, 4280, 0, 565.2, 0, 126.0)]
+
+
+def test_the_host_watch_gives_each_compared_phase_qemus_cores_and_the_hosts_load(host_side, tmp_path):
+    """The pipeline's checkpoints and the C baseline run minutes apart; what the host gave QEMU in
+    each is read from QEMU's /proc stat and the load as the serial log reaches each phase's
+    marks (issue 17, session 20: boot 03's ratio 1.09, its pipeline phase at load 7-8, C's at 5)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    (tmp_path / "4242").mkdir()
+    stat = tmp_path / "4242" / "stat"
+
+    def cpu(seconds: float) -> None:        # utime and stime are fields 14 and 15
+        stat.write_text("4242 (qemu-system-x86) S " + " ".join(["0"] * 10) + f" {int(seconds * tick)} 0"
+                        + " 0" * 30 + "\n")
+    watch = host_side.HostWatch(4242, tmp_path)
+    log = "boot\nSTEP twin pair made: prim id 2, sec id 3\n"
+    for t, qemu_s, load, more in [(0, 0, 3.0, ""), (10, 15, 3.0, "PIPELINE: protected after 90s\n"),
+                                  (20, 23, 8.0, ""), (30, 31, 8.0, "FAILOVER: primary guest paused\n"),
+                                  (40, 45, 5.0, "STEP twin pair made: prim id 4, sec id 5\n"),
+                                  (60, 81, 5.0, ""), (70, 99, 4.0, "XENLAB-RESULT {}\n")]:
+        log += more
+        cpu(qemu_s)
+        watch.sample(log, now=float(t), load=load)
+    phases = watch.phases()
+    assert phases == {"pipeline": {"s": 20.0, "qemu_cores": 0.8, "load": 6.3},
+                      "c": {"s": 30.0, "qemu_cores": 1.8, "load": 4.7}}
+    assert host_side.host_words(phases) == "pipeline 20s QEMU 0.8 cores load 6.3, c 30s QEMU 1.8 cores load 4.7"
+    stat.unlink()                           # QEMU gone: its last CPU reading stands
+    watch.sample(log, now=80.0, load=1.0)
+    assert watch.samples[-1][1] == 99.0
+    # a boot that ended before the C baseline: only the phases seen whole
+    early = host_side.HostWatch(4242, tmp_path)
+    early.sample("PIPELINE: protected\n", now=0.0, load=1.0)
+    early.sample("PIPELINE: protected\nFAILOVER: primary guest paused\n", now=5.0, load=1.0)
+    assert list(early.phases()) == ["pipeline"]

@@ -95,6 +95,62 @@ def platform_panic(log: str) -> str:
 #: the QEMU of the last boot, left running by --keep
 _kept_qemu: subprocess.Popen | None = None
 
+#: where each phase whose PVM pauses the verdict compares opens and closes in the serial log
+#: (a line's text, and which of its occurrences): the pipeline's checkpoints, from protection
+#: to the kill, then the C baseline, from its own twin pair to dom0's result
+HOST_PHASE_MARKS = {"pipeline": (("PIPELINE: protected", 1), ("FAILOVER: primary guest paused", 1)),
+                    "c": (("twin pair made", 2), ("XENLAB-RESULT ", 1))}
+
+
+class HostWatch:
+    """What the host gave the emulated machine in each phase (HOST_PHASE_MARKS): QEMU's CPU
+    (its threads' user + system time: cores of the host's it ran on) and the host's load. The
+    two phases whose pauses the verdict compares run minutes apart, so a host busier in one of
+    them moves the ratio (issue 17, session 20, boot 03: the pipeline's copy took 10-18 us a page
+    while the host was at load 7-8, 3.3 us before and after, and the C phase ran at load 4.5-5)."""
+
+    def __init__(self, pid: int, proc: Path = Path("/proc")):
+        self.stat = proc / str(pid) / "stat"
+        self.samples: list[tuple[float, float, float]] = []     # (monotonic s, QEMU CPU s, load)
+        self.marks: dict[tuple[str, int], int] = {}             # mark -> index of its first sample
+
+    def cpu_s(self) -> float:
+        try:
+            text = self.stat.read_text()
+        except OSError:
+            return self.samples[-1][1] if self.samples else 0.0
+        f = text[text.rindex(")") + 2:].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    def sample(self, log: str, now: float | None = None, load: float | None = None) -> None:
+        self.samples.append((time.monotonic() if now is None else now, self.cpu_s(),
+                             os.getloadavg()[0] if load is None else load))
+        for marks in HOST_PHASE_MARKS.values():
+            for text, nth in marks:
+                if (text, nth) not in self.marks and log.count(text) >= nth:
+                    self.marks[(text, nth)] = len(self.samples) - 1
+
+    def phases(self) -> dict[str, dict[str, float]]:
+        """Per phase seen whole: its seconds, QEMU's cores and the host's mean 1-minute load."""
+        out = {}
+        for name, (opens, closes) in HOST_PHASE_MARKS.items():
+            if opens in self.marks and closes in self.marks and self.marks[closes] > self.marks[opens]:
+                run = self.samples[self.marks[opens]:self.marks[closes] + 1]
+                secs = run[-1][0] - run[0][0]
+                out[name] = {"s": round(secs, 1), "qemu_cores": round((run[-1][1] - run[0][1]) / secs, 2),
+                             "load": round(statistics.mean(x[2] for x in run), 1)}
+        return out
+
+
+def host_words(phases: dict[str, dict[str, float]]) -> str:
+    """HostWatch.phases for the verdict line ('' when none was seen whole)."""
+    return ", ".join(f"{name} {p['s']:.0f}s QEMU {p['qemu_cores']} cores load {p['load']}"
+                     for name, p in phases.items())
+
+
+#: the last boot's HostWatch.phases (boot_and_run), for its verdict and its boots.jsonl line
+_host_phases: dict[str, dict[str, float]] = {}
+
 
 def _stop(qemu: subprocess.Popen) -> None:
     qemu.terminate()
@@ -121,7 +177,7 @@ def lock_fds() -> tuple[int, ...]:
 def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, float, str]:
     """Boot, wait for the driver's exit line; returns (serial log, boot seconds, total seconds,
     what went wrong on the host side: QEMU exited, a panic, the timeout; '' if nothing)."""
-    global _kept_qemu
+    global _kept_qemu, _host_phases
     if _kept_qemu is not None and _kept_qemu.poll() is None:
         # --keep is for a look at the last boot: a boot before one more (after a fault) is
         # stopped, not left running beside it (this session's --ci --keep ran two QEMUs at once)
@@ -142,6 +198,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
                                                getattr(args, "pin", "auto"))],
                                 stdout=qemu_out, stderr=subprocess.STDOUT, pass_fds=lock_fds())
     (LAB / "qemu.pid").write_text(str(qemu.pid))
+    host = HostWatch(qemu.pid)
     boot_s = -1.0
     log = ""
     problem = ""
@@ -153,6 +210,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
             log = (LAB / "serial.log").read_bytes().decode(errors="replace") if (LAB / "serial.log").exists() else ""
             if len(log) != size:
                 grew_at = time.monotonic()
+            host.sample(log)
             silent = time.monotonic() - grew_at
             if boot_s >= 0 and args.silent_probe_s and silent >= args.silent_probe_s \
                     and time.monotonic() - probed_at >= max(args.silent_probe_s, SILENT_REPROBE_S):
@@ -173,6 +231,7 @@ def boot_and_run(args: argparse.Namespace, hap: str = "") -> tuple[str, float, f
         else:
             problem = f"timed out after {args.timeout:.0f}s"
     finally:
+        _host_phases = host.phases()
         if args.keep and qemu.poll() is None:
             print(f"KEEP: qemu pid {qemu.pid} left running; serial socket {LAB}/serial.sock", flush=True)
             _kept_qemu = qemu
@@ -510,7 +569,7 @@ def record_boot(mode: str, outcome: str, boot_s: float, total_s: float, log: str
            "vcpu_info": res.get("vcpu_info"), "cpu_s": cpu_times(res), "pinned": res.get("pinned"),
            # a boot lost before dom0's result still counts on the platform it was booted on
            "x2apic": guest_x2apic(res) or _lab_options.get("x2apic"), "guest_apic": res.get("guest_apic"),
-           "qemu": _lab_options.get("qemu")}
+           "qemu": _lab_options.get("qemu"), "host": _host_phases or None}
     with open(LAB / "boots.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -735,6 +794,7 @@ def report(log: str, boot_s: float, total_s: float, faults: list[str], fpu: str 
           + f" | vcpu_info {'from the guests: ' + str(res['vcpu_info']) if res.get('vcpu_info') else 'watched by the nodes'}"
           + f" | fpu-canary wrong={canary.get('wrong')}/{canary.get('checks')} (Xen FPU switching {fpu or '?'})"
           + f" | CPU s (xl list) {cpu_times(res)}"
+          + (f" | host: {host_words(_host_phases)}" if _host_phases else "")
           + (f" | STOPPED after {proven_checkpoints(res)} proven checkpoints: {describe_error(res, width=160)}"
              if "error" in res else "")
           + (f" | boots {len(faults) + 1}, repeated after platform faults: {len(faults)} "
