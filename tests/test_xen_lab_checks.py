@@ -914,6 +914,21 @@ def test_the_pause_ratio_fails_a_full_run_but_is_only_reported_in_ci(host_side, 
     assert ("not gated with --ci" in verdict) is (not gate)
 
 
+def test_a_run_whose_checkpoints_none_came_from_the_dirty_count_fails(host_side, capsys, monkeypatch):
+    """Issue 17, item 7: at least one checkpoint triggered by the dirty threshold (Xen's
+    log-dirty PEEK count); a run of timer checkpoints only, all else passing, fails. The host's
+    figures per phase (HostWatch) are in the verdict when the boot had them."""
+    res = _passing_res()
+    for row in res["pipeline"][1:]:
+        row["cause"] = "timer"
+    monkeypatch.setattr(host_side, "_host_phases", {"pipeline": {"s": 20.0, "qemu_cores": 0.8, "load": 6.3}})
+    assert not host_side.report(_result(**res), 30, 250, [])
+    verdict = _verdict(capsys.readouterr().out)
+    assert verdict.startswith("VERDICT: FAIL") and "checkpoint causes {'initial': 1, 'timer': 3}" in verdict
+    assert "| host: pipeline 20s QEMU 0.8 cores load 6.3" in verdict
+    assert host_side.report(_passing_run_with_pause_ratio(0.8), 30, 250, [])
+
+
 def test_keep_leaves_only_the_last_boots_qemu_running(host_side, tmp_path, monkeypatch):
     """This session's `run.sh --ci --keep`: boot 1 faulted early, its QEMU was kept and boot 2's
     ran beside it. A boot after a kept one stops the kept one first. (A stand-in process for
