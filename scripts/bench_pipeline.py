@@ -299,7 +299,10 @@ def main() -> int:
     ap.add_argument("--dirty-log", default="auto", choices=["auto", "uffd", "bitmap"],
                     help="the sim guest's dirty log (uffd: the kernel's, a PAGEMAP_SCAN walk "
                     "of all of guest memory per checkpoint; bitmap: kept by the guest)")
-    ap.add_argument("--reps", type=int, default=5, help="checkpoints per dirty-set size")
+    # 15, not 5: the first checkpoints after the full sync are the slowest (the tables and
+    # caches warm up: 1k medians of checkpoints 1-5, 6-10, 11-15 were 5.06, 4.49, 4.29 ms,
+    # docs/tuning.md Session 20 (prim)), so a p50 of 5 reported the warm-up, not the run
+    ap.add_argument("--reps", type=int, default=15, help="checkpoints per dirty-set size")
     ap.add_argument("--security", default="curve", choices=["curve", "sealed", "plaintext"])
     ap.add_argument("--compress", default=None, choices=["auto", "lz4", "none"],
                     help="pipeline.compress (default: the config's, auto)")
