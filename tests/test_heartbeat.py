@@ -360,7 +360,7 @@ def test_bad_records_are_counted_and_dropped(pair_factory):
                    what="every bad record counted")
         s.close()
     finally:
-        zctx.term()
+        zctx.destroy(linger=0)   # term() would hang on a socket a failed assert left open
     c = sec.counters.as_dict()
     assert c["hb_bad"] == len(bad) and c["errors"] == len(bad)
     assert sec.proc.is_alive()
@@ -388,7 +388,7 @@ def test_extra_connections_do_not_take_heartbeats_from_the_real_peer(pair_factor
         for s in extra:
             s.close()
     finally:
-        zctx.term()
+        zctx.destroy(linger=0)   # term() would hang on a socket a failed assert left open
     c = pri.counters.as_dict()
     assert got == 0
     assert c["peer_lost"] == 0 and c["hb_missed"] == 0, c   # none went to another connection
@@ -463,7 +463,7 @@ def test_a_socket_factory_gives_the_channel_curve_keys():
             assert not s.poll(0)
             s.close()
         finally:
-            zctx.term()
+            zctx.destroy(linger=0)   # term() would hang on a socket a failed assert left open
         assert sec.counters.as_dict()["hb_bad"] == 0
     finally:
         pri.close()
