@@ -39,10 +39,16 @@ def prefault_array(arr) -> bool:
         base = getattr(base, "base", None)
     if base is None or base.closed:
         return False
+    return _populate(base, MADV_POPULATE_WRITE, "a shared array")
+
+
+def _populate(mm: mmap.mmap, advice: int, what: str) -> bool:
+    """``madvise(advice)`` on the whole of ``mm``; False where the kernel lacks
+    MADV_POPULATE_* (the faults then simply happen on first use)."""
     try:
-        base.madvise(MADV_POPULATE_WRITE)
+        mm.madvise(advice)
     except OSError as e:
-        log.debug("prefault of a shared array not supported (%s)", e)
+        log.debug("%s: prefault not supported (%s)", what, e)
         return False
     return True
 
@@ -104,12 +110,8 @@ class Segment:
         """
         if self._mmap is None:
             raise ValueError(f"segment {self.name!r} is closed in this process")
-        try:
-            self._mmap.madvise(MADV_POPULATE_READ if self.readonly else MADV_POPULATE_WRITE)
-        except OSError as e:
-            log.debug("segment %s: prefault not supported (%s)", self.name, e)
-            return False
-        return True
+        return _populate(self._mmap, MADV_POPULATE_READ if self.readonly else
+                         MADV_POPULATE_WRITE, f"segment {self.name}")
 
     def close(self) -> None:
         """Drop this process's mapping: it goes away at once if nothing else refers to it,

@@ -23,7 +23,6 @@ from pipeline.ring import Ring, RingClosed, RingTimeout, Slot
 from pipeline.shm import prefault_array
 from pipeline.signals import report_fatal_signals, stop_on_signals
 from pipeline.sockets import check_handshakes
-from pipeline.xen_io.base import Domain
 
 # slot.kind
 SLOT_DATA = 1   # a batch of pages
@@ -437,9 +436,8 @@ def _prefault(args: tuple) -> None:
     ``prefault`` method is prefaulted."""
     for arg in args:
         for obj in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(obj, (Ring, PageBuffer, Domain)) or \
-                    callable(getattr(type(obj), "prefault", None)):
-                obj.prefault()
+            if callable(getattr(type(obj), "prefault", None)):   # (Ring, PageBuffer,
+                obj.prefault()                                   # Domain and the tables)
 
 
 def read_slot(ctx: StageContext, ring: Ring) -> Slot | None:
