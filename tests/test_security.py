@@ -95,7 +95,10 @@ def _intrude(address: str, channel_port_offset: int, curve: dict | None) -> None
         _try_to_send(s, f"{host}:{int(port) + channel_port_offset}", msg)
         s.close(0)
     finally:
-        ctx.term()
+        # destroy, not term: term waits for every socket to be closed, and a failed assert
+        # in _try_to_send (an intruder let in) leaves ``s`` open: the suite would hang
+        # there instead of failing
+        ctx.destroy(linger=0)
 
 
 @pytest.mark.slow
@@ -168,7 +171,7 @@ def test_disk_forwarding_link_admits_only_the_primary(tmp_path):
             _try_to_send(s, f"tcp://127.0.0.1:{fwd}", b"\x00" * 64)   # plaintext intruder
             s.close(0)
         finally:
-            ctx.term()
+            ctx.destroy(linger=0)      # (as in _intrude: a failed assert leaves s open)
         d = node.stage("disk").as_dict()
         assert d["received"] == 0 and d["bad_forwards"] == 0   # nothing reached the stage
         pair.start_node("primary")
