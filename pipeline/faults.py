@@ -138,6 +138,13 @@ Demo witness, ``pipeline/failover/witness.py`` (``LocalWitness``):
                                  as the next version (with ``stop``: a holder frozen in
                                  the middle of renewing its lease)
 
+Shared-memory rings, ``pipeline/ring.py`` (<k>: this process's k-th release):
+
+* ``ring.release_read.tail_moved``  a consumer's release <k>: the ring's tail moved (the
+                                 slot shows as free in the shared counters), its ``free``
+                                 token not yet posted (with ``stop``: a consumer preempted
+                                 in that window, as on a one-vCPU dom0)
+
 Supervisor, ``pipeline/cpu_latency.py`` (``node.cpu_latency_us``):
 
 * ``cpu_latency.open``           before the node opens /dev/cpu_dma_latency to hold its

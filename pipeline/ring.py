@@ -49,7 +49,16 @@ directly when the shared head/tail show a token must be there (one syscall)
 and only polls when it has to block.
 
 Ordering: ``commit_write`` stores ``head`` before posting ``filled``, so a
-consumer that took a token always finds the slot published. ``close_write``
+consumer that took a token always finds the slot published; ``release_read``
+stores ``tail`` before posting ``free``. So the shared counters can show a slot
+before its token is there: a wait that the counters say must succeed (a caller
+that looked at :attr:`Ring.occupancy` first and asks with ``timeout=0``) waits up to
+:data:`POST_LAG_S` for the token instead of failing at once. The window is a few
+instructions, but a poster preempted in it is late by its whole wait for a CPU: in
+the Xen lab (session 21) the secondary's restore stage died on
+``acquire_write(0)`` at occupancy 63/64 while a verify worker, on dom0's one vCPU,
+had moved the tail and not yet posted (the fault point
+``ring.release_read.tail_moved`` reproduces it). ``close_write``
 posts one extra token; a consumer that takes a token and finds no unread slot
 knows the ring is closed and drained, puts the token back (so every later
 call, and ``fileno()``, keep reporting it) and raises :class:`RingClosed`.
@@ -68,6 +77,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.shm import Segment, create_segment
 
 MAGIC = b"COLORING"
@@ -75,6 +85,10 @@ VERSION = 1
 HASH_SIZE = 32
 CONTROL_SIZE = 4096
 _ALIGN = 4096
+#: how long a wait that the shared counters say must succeed gives the other side to post
+#: its token (module doc, "Ordering"): far above any preemption of a live poster; past it
+#: the poster is stopped or dead, and the usual RingTimeout names the ring
+POST_LAG_S = 10.0
 
 # uint64 word indexes in the control block (each mutable word on its own 64-byte line)
 _W_HEAD = 8          # byte 64: slots committed so far (producer)
@@ -393,6 +407,8 @@ class Ring:
         self._check_turn(slot, tail, self._reading, "release_read")
         self._ctl[_W_TAIL] = tail + 1
         self._reading -= 1
+        if faults.ACTIVE:
+            faults.point("ring.release_read.tail_moved")
         os.eventfd_write(self._free_fd, 1)
 
     def fileno(self) -> int:
@@ -473,7 +489,8 @@ class Ring:
 
         When the shared counters show a token must be there, read it straight away:
         one syscall. Otherwise, or if the poster has moved the counter but not yet
-        posted, block in poll() with the timeout and read when it is readable.
+        posted, block in poll() with the timeout (at least POST_LAG_S in the latter case)
+        and read when it is readable.
         """
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"ring {self.name}: timeout={timeout!r} must be >= 0 or None")
@@ -482,7 +499,10 @@ class Ring:
                 os.eventfd_read(fd)
                 return
             except BlockingIOError:
-                pass
+                # the other side moved its counter and has not posted yet (module doc,
+                # "Ordering"): the token comes, so even a caller that would not wait does
+                if timeout is not None:
+                    timeout = max(timeout, POST_LAG_S)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None:

@@ -1,6 +1,7 @@
 """The shared-memory ring and segment ownership, with real forked processes and /dev/shm."""
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import blake3
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
+from pipeline import faults
 from pipeline.ring import Ring, RingClosed, RingTimeout, SlotLayout
 from pipeline.shm import (
     attach_segment,
@@ -157,6 +160,58 @@ def test_acquire_write_times_out_when_the_consumer_does_not_release(ring):
     assert time.monotonic() - start >= 0.09   # it waited (how much longer: the scheduler)
     ring.release_read(ring.acquire_read(timeout=1))
     ring.acquire_write(timeout=1)  # a release frees exactly one slot
+
+
+def _release_and_stop_in_the_window(ring: Ring) -> None:
+    """A consumer that stops (SIGSTOP, by its fault point) inside its first release: the
+    tail moved, the free token not posted."""
+    os.environ[faults.ENV] = "ring.release_read.tail_moved:1:stop"
+    importlib.reload(faults)      # (COLO_FAULT is read at import; this fork imports it again)
+    ring.release_read(ring.acquire_read(timeout=10))
+
+
+def _thread_state(tid: int) -> tuple[str, int]:
+    """A thread of this process: its state letter and, while it sleeps, its syscall."""
+    state = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
+    call = open(f"/proc/self/task/{tid}/syscall").read().split()[0]
+    return state, int(call) if call.lstrip("-").isdigit() else -1
+
+
+def test_a_slot_the_counters_show_free_is_waited_for_when_its_token_is_late(ring):
+    """The shared tail moves before the consumer posts the free token (module doc,
+    "Ordering"). A producer that saw the slot free and asked for it without waiting, as
+    the receive side does, waits for the token: in the Xen lab a verify worker preempted
+    in that window made the restore stage die on ``acquire_write(0)`` (occupancy 63/64)."""
+    for _ in range(ring.slots):
+        ring.commit_write(ring.acquire_write(timeout=1))
+    consumer = _run_child(_release_and_stop_in_the_window, ring)
+    try:
+        _, status = os.waitpid(consumer.pid, os.WUNTRACED)   # stopped at the fault point
+        assert os.WIFSTOPPED(status), f"the consumer ended instead: status {status:#x}"
+        assert ring.occupancy == ring.slots - 1     # the slot shows as free...
+        # ...and its token is not there: let the consumer go on only once this thread
+        # sleeps in poll() for it (before the fix, acquire_write(0) raised at once)
+        main = threading.get_native_id()
+        polls = {7, 271}                            # x86-64 poll, ppoll
+
+        def resume_when_waiting() -> None:
+            try:
+                wait_until(lambda: _thread_state(main)[0] == "S"
+                           and _thread_state(main)[1] in polls,
+                           timeout=60, what="the producer asleep in poll() for the token")
+            finally:
+                os.kill(consumer.pid, signal.SIGCONT)
+        waker = threading.Thread(target=resume_when_waiting, daemon=True)
+        waker.start()
+        slot = ring.acquire_write(0)
+        waker.join(60)
+        assert slot is not None and ring.occupancy == ring.slots - 1
+        ring.commit_write(slot)
+        assert ring.occupancy == ring.slots
+    finally:
+        os.kill(consumer.pid, signal.SIGCONT)
+        consumer.join(30)
+    assert consumer.exitcode == 0
 
 
 def test_acquire_read_times_out_when_nothing_is_published(ring):
