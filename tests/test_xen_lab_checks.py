@@ -256,6 +256,22 @@ def test_any_fault_before_the_first_checkpoint_earns_one_more_boot_and_is_named(
     assert fault.startswith("unclassified in: RuntimeError") and "32767" in fault
 
 
+def test_an_early_fault_of_a_colo_pipeline_stage_is_named_as_its_own(host_side):
+    """Session 21, boot 08's first boot: the restore stage died of a ring race before the first
+    proven checkpoint; the boot was repeated as the issue's rule says, but named 'unclassified',
+    as if it could be the platform's."""
+    error = ('RuntimeError: the secondary node exited with 1 while waiting for protection\n'
+             '--- secondary.log (end) ---\n{"ts": 1796694497.456085, "level": "ERROR", "process": '
+             '"colo-lab-secondary-restore", "logger": "pipeline.restore", "msg": "stage restore failed", '
+             '"exc": "Traceback (most recent call last): ... RingTimeout: ring '
+             'colo-lab-secondary-recv-verify0: waited 0s for a free slot to write (occupancy 63/64)"}')
+    fault = host_side.early_fault(_result(error=error))
+    assert fault.startswith("colo-pipeline's own: stage restore failed in: RuntimeError"), fault
+    # a node that died without a stage's exception stays unclassified
+    assert host_side.early_fault(_result(error=error.replace("stage restore failed", "x"))) \
+        .startswith("unclassified in:")
+
+
 @pytest.mark.parametrize("res", [
     {"error": "stage coordinator killed by signal 11", "pipeline": [{"epoch": 3}]},  # after checkpoints
     {"pipeline": [{"epoch": 3}]},                                                    # no error at all
@@ -333,7 +349,7 @@ def test_a_pvm_death_after_checkpoints_earns_one_more_boot_and_the_verdict_says_
     rc, out = lab_boots([_result(**SESSION10_PVM_DEATH), _passing_run_with_pause_ratio(0.8)], capsys)
     verdict = [ln for ln in out.splitlines() if ln.startswith("VERDICT:")][-1]
     assert rc == 0 and "PLATFORM FAULT (boot 1, the PVM died" in out and "EARLY FAULT" not in out
-    assert "boots 2, repeated after platform faults: 1 (after 14 proven checkpoints, the PVM prim died" in verdict
+    assert "boots 2, repeated after early or platform faults: 1 (after 14 proven checkpoints, the PVM prim died" in verdict
     rows = [json.loads(line) for line in (tmp_path / "boots.jsonl").read_text().splitlines()]
     assert rows[0]["outcome"].startswith("after 14 proven checkpoints, the PVM prim died") and rows[1]["outcome"] == "ok"
 

@@ -109,7 +109,7 @@ def test_a_boot_repeated_for_the_platform_is_shown_in_cis_output(lab) -> None:
     lab.make_build()
     r = lab(STANDIN_OUT="PLATFORM FAULT (boot 1, the PVM died; log x): after 14 proven checkpoints, the PVM "
                         "prim died\\nBOOT: dom0 ready after 31.0s\\nVERDICT: PASS colo-pipeline xen backend: "
-                        "3 checkpoints | boots 2, repeated after platform faults: 1\\n")
+                        "3 checkpoints | boots 2, repeated after early or platform faults: 1\\n")
     assert r.returncode == 0, r.stdout
     assert "PLATFORM FAULT (boot 1, the PVM died" in r.stdout
 
