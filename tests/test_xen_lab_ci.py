@@ -80,7 +80,7 @@ def test_too_little_of_cis_budget_left_after_the_suite_skips(lab) -> None:
     # the suite took 18 of CI's 20 minutes
     r = lab(COLO_CI_START_S=str(int(time.time()) - 18 * 60))
     assert r.returncode == 0
-    assert "left of CI's budget, less than the lab's 480s" in r.stdout
+    assert "left of CI's budget, less than the lab's 300s" in r.stdout
     assert lab.ran() is None
 
 

@@ -5,7 +5,7 @@
 # gated: 3 samples), reusing the build in $XENLAB_DIR. It runs only where it can and says why not otherwise; a machine without
 # the facility never fails CI for lacking it:
 #   - COLO_CI_XENLAB=0, not root, no build in $XENLAB_DIR (see below), no QEMU    -> SKIP, exit 0
-#   - less than COLO_CI_XENLAB_MIN_S (default 480) left of CI's budget            -> SKIP, exit 0
+#   - less than COLO_CI_XENLAB_MIN_S (default 300) left of CI's budget            -> SKIP, exit 0
 #   - another lab run holds the lab's lock ($XENLAB_DIR.lock)                      -> SKIP, exit 0
 #   - the run did not end within what is left of the budget                       -> SKIP, exit 0
 #     (a loaded host, not a verdict: under load 10-24 one boot took 20-40 minutes)
@@ -24,7 +24,7 @@ export XENLAB_DIR=${XENLAB_DIR:-/var/tmp/colo-xenlab}
 now=$(date +%s)
 START=${COLO_CI_START_S:-$now}
 BUDGET=${COLO_CI_XENLAB_BUDGET_S:-$(( START + ${COLO_CI_BUDGET_S:-1200} - now ))}
-MIN=${COLO_CI_XENLAB_MIN_S:-480}
+MIN=${COLO_CI_XENLAB_MIN_S:-300}
 RUN=${COLO_CI_XENLAB_RUN:-$HERE/run.sh}
 skip() { echo "XENLAB-CI: SKIP $* (the suite's result stands)"; exit 0; }
 
