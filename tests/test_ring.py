@@ -20,6 +20,7 @@ import pytest
 
 from conftest import wait_until
 from pipeline import faults
+from pipeline.localpair import process_state
 from pipeline.ring import Ring, RingClosed, RingTimeout, SlotLayout
 from pipeline.shm import (
     attach_segment,
@@ -170,11 +171,12 @@ def _release_and_stop_in_the_window(ring: Ring) -> None:
     ring.release_read(ring.acquire_read(timeout=10))
 
 
-def _thread_state(tid: int) -> tuple[str, int]:
-    """A thread of this process: its state letter and, while it sleeps, its syscall."""
-    state = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
+def _asleep_in(tid: int, calls: set[int]) -> bool:
+    """Whether thread ``tid`` of this process sleeps in one of the syscalls ``calls``."""
+    if process_state(tid) != "S":        # (/proc/TID/stat: a thread's own, like a process's)
+        return False
     call = open(f"/proc/self/task/{tid}/syscall").read().split()[0]
-    return state, int(call) if call.lstrip("-").isdigit() else -1
+    return call.isdigit() and int(call) in calls
 
 
 def test_a_slot_the_counters_show_free_is_waited_for_when_its_token_is_late(ring):
@@ -194,18 +196,20 @@ def test_a_slot_the_counters_show_free_is_waited_for_when_its_token_is_late(ring
         main = threading.get_native_id()
         polls = {7, 271}                            # x86-64 poll, ppoll
 
+        saw_it_wait: list[bool] = []
+
         def resume_when_waiting() -> None:
             try:
-                wait_until(lambda: _thread_state(main)[0] == "S"
-                           and _thread_state(main)[1] in polls,
-                           timeout=60, what="the producer asleep in poll() for the token")
+                saw_it_wait.append(wait_until(lambda: _asleep_in(main, polls), timeout=60,
+                                              what="the producer asleep in poll() for the token"))
             finally:
                 os.kill(consumer.pid, signal.SIGCONT)
         waker = threading.Thread(target=resume_when_waiting, daemon=True)
         waker.start()
         slot = ring.acquire_write(0)
         waker.join(60)
-        assert slot is not None and ring.occupancy == ring.slots - 1
+        assert saw_it_wait == [True], "the producer got its slot without waiting for the token"
+        assert ring.occupancy == ring.slots - 1
         ring.commit_write(slot)
         assert ring.occupancy == ring.slots
     finally:

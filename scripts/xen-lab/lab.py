@@ -359,7 +359,7 @@ PLATFORM_FAULTS = re.compile(r"SyntaxError: invalid syntax|Segmentation fault|un
 #: a stage of colo-pipeline that died of a Python exception (``stage_main``'s log line): the
 #: project's own fault, named so, whatever the rule does with the boot (session 21: a ring race
 #: in the restore stage looked "unclassified", as the platform's own faults do)
-OWN_FAULTS = re.compile(r'"msg": "stage [\w.-]+ failed"')
+OWN_FAULTS = re.compile(r'"msg": "(stage [\w.-]+ failed)"')
 
 
 def proven_checkpoints(res: dict) -> int:
@@ -423,7 +423,7 @@ def describe_error(res: dict, classify: bool = False, width: int = 200) -> str:
         fault = PLATFORM_FAULTS.search(res["error"])
         own = OWN_FAULTS.search(res["error"])
         kind = (f"platform: {fault.group(0)}" if fault else
-                f"colo-pipeline's own: {own.group(0)[8:-1]}" if own else "unclassified")
+                f"colo-pipeline's own: {own.group(1)}" if own else "unclassified")
     died = res.get("xen_guest_faults") or []
     rips = res.get("xen_guest_rips") or []
     return (f"{kind} in: {res['error'][:width]}" + (f" | Xen: {'; '.join(died)[:300]}" if died else "")
